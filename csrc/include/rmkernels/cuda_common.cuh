@@ -1,0 +1,81 @@
+// Torch-free helpers shared by the CUDA kernels: dtype tags, conversions, block reductions.
+// Only CUDA headers here, so every kernel file compiles with plain nvcc (no torch).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace rmkernels {
+namespace cuda {
+
+// dtype of a floating tensor as seen by the launchers. Arithmetic is float32 for
+// fp32/bf16/fp16 and float64 for fp64.
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename A> __device__ __forceinline__ A to_acc(float v) { return v; }
+template <typename A> __device__ __forceinline__ A to_acc(double v) { return static_cast<A>(v); }
+template <typename A> __device__ __forceinline__ A to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename A> __device__ __forceinline__ A to_acc(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
+template <typename T> __device__ __forceinline__ T from_acc(double v);
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+
+template <typename A> __device__ __forceinline__ A quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double quiet_nan<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
+
+// Threads per block of the row kernels: 256 = 8 warps, enough loads in flight per SM with
+// a few blocks resident; every kernel here is memory- or latency-bound.
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+
+template <typename T> __device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <typename T> __device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    T other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+// Sum over the block; the result is valid in every thread. `shared` holds kThreads/kWarp T.
+template <typename T> __device__ __forceinline__ T block_sum(T v, T* shared) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();  // shared may still be read by a previous reduction
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  const int nwarps = (blockDim.x + kWarp - 1) / kWarp;
+  v = lane < nwarps ? shared[lane] : T(0);
+  return warp_sum(v);
+}
+
+template <typename T> __device__ __forceinline__ T block_max(T v, T* shared, T lowest) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  const int nwarps = (blockDim.x + kWarp - 1) / kWarp;
+  v = lane < nwarps ? shared[lane] : lowest;
+  return warp_max(v);
+}
+
+inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
+
+}  // namespace cuda
+}  // namespace rmkernels

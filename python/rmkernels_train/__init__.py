@@ -1,0 +1,1 @@
+"""Training loops of rmkernels (reward model, PPO)."""

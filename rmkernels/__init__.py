@@ -1,0 +1,26 @@
+"""rmkernels: fused, exact kernels for RLHF reward models and PPO.
+
+    import rmkernels as rmk
+    rewards = rmk.last_token_reward(hidden, head.weight, head.bias, attention_mask=mask)
+
+Every public function takes ``backend=None`` (``"reference"``, ``"cpu"``, ``"cuda"``,
+``"triton"`` or auto) and is backed by a ``torch.ops.rmkernels.*`` op.
+"""
+from rmkernels._version import __version__
+from rmkernels import _ext  # noqa: F401  (loads the compiled kernels, warns once if absent)
+from rmkernels._backend import BACKENDS, available_backends, backend_report, use_backend
+from rmkernels._checks import checks
+from rmkernels.ops.pooling import last_token_index, last_token_reward
+from rmkernels.modules import LastTokenRewardHead
+
+__all__ = [
+    "__version__",
+    "BACKENDS",
+    "available_backends",
+    "backend_report",
+    "use_backend",
+    "checks",
+    "last_token_index",
+    "last_token_reward",
+    "LastTokenRewardHead",
+]

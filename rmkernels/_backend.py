@@ -1,0 +1,130 @@
+"""Backend selection.
+
+Every public function takes ``backend=None``: one of ``"reference"`` (pure PyTorch, always
+available), ``"cpu"`` (C++), ``"cuda"`` (CUDA C++), ``"triton"``, or ``None``/``"auto"``
+for the fastest available one for the tensors' device. The default comes from
+``rmk.use_backend(name)`` (innermost wins), else the ``RMKERNELS_BACKEND`` environment
+variable, else ``"auto"``.
+"""
+import contextlib
+import functools
+import os
+
+import torch
+
+from rmkernels import _ext
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+_AUTO = ("auto", None)
+
+_override_stack = []  # set by use_backend
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    """(importable, interpreter on, why not) for the Triton backend."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, False, f"triton is not installed ({e})"
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return True, interp, ""
+
+
+def _check_name(name, what):
+    if name in _AUTO:
+        return None
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS} or 'auto'/None, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager that sets the default backend of every rmkernels op inside it."""
+    _check_name(name, "use_backend(name)")
+    _override_stack.append(name)
+    try:
+        yield
+    finally:
+        _override_stack.pop()
+
+
+def default_backend():
+    if _override_stack:
+        return _override_stack[-1]
+    return os.environ.get("RMKERNELS_BACKEND") or "auto"
+
+
+def _why_not(name, device_type):
+    """Why backend `name` cannot run on `device_type` tensors, or None if it can."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if not _ext.CPP_AVAILABLE:
+            return f"the C++ extension is not loaded ({_ext.LOAD_ERROR})"
+        if device_type != "cpu":
+            return f"it runs on CPU tensors, the tensors are on {device_type}"
+        return None
+    if name == "cuda":
+        if not _ext.CPP_AVAILABLE:
+            return f"the C++ extension is not loaded ({_ext.LOAD_ERROR})"
+        if not _ext.CUDA_BUILT:
+            return "the extension was built without CUDA (CPU-only torch, no nvcc, or RMKERNELS_SKIP_CUDA_BUILD)"
+        if device_type != "cuda":
+            return f"it runs on CUDA tensors, the tensors are on {device_type}"
+        return None
+    if name == "triton":
+        ok, interp, why = _triton_status()
+        if not ok:
+            return why
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and interp:
+            return None
+        return (f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
+                f"the tensors are on {device_type}")
+    return f"unknown backend {name!r}"
+
+
+def available_backends(device="cpu"):
+    """The backends that can run on tensors of `device` here, fastest first."""
+    device_type = torch.device(device).type
+    order = ("cuda", "triton", "cpu", "reference") if device_type == "cuda" else ("cpu", "triton", "reference")
+    return [b for b in order if _why_not(b, device_type) is None]
+
+
+def backend_report(device="cpu"):
+    """{backend: None if available else the reason} for tensors of `device`."""
+    device_type = torch.device(device).type
+    return {b: _why_not(b, device_type) for b in BACKENDS}
+
+
+def resolve(backend, device):
+    """The backend to run for tensors on `device`, given the user's `backend` argument.
+
+    Raises RuntimeError naming the available backends and why the others are not, when the
+    requested one cannot run.
+    """
+    name = _check_name(backend, "backend")
+    if name is None and backend is None:
+        name = _check_name(default_backend(), "the default backend (use_backend / RMKERNELS_BACKEND)")
+    device_type = device.type
+    if name is None:  # auto: the fastest available; triton under the interpreter is never auto
+        if device_type == "cuda":
+            for b in ("cuda", "triton"):
+                if _why_not(b, device_type) is None:
+                    return b
+        elif device_type == "cpu" and _ext.CPP_AVAILABLE:
+            return "cpu"
+        return "reference"
+    why = _why_not(name, device_type)
+    if why is not None:
+        report = backend_report(device)
+        avail = [b for b, w in report.items() if w is None]
+        others = "; ".join(f"{b}: {w}" for b, w in report.items() if w is not None)
+        raise RuntimeError(
+            f"rmkernels backend {name!r} is not available for {device_type} tensors: {why}. "
+            f"Available: {', '.join(avail)}. Others: {others}."
+        )
+    return name

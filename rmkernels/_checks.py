@@ -1,0 +1,109 @@
+"""Argument validation shared by the ops: every error names the argument, what was
+expected and what was given, and is raised before any kernel runs.
+
+``checks(True)`` / ``RMKERNELS_CHECK=1`` also turns on the data-dependent checks that need
+a device-to-host copy on a GPU (rows with no valid token, malformed lengths/cu_seqlens).
+Those always run for CPU tensors, and never while ``torch.compile`` traces.
+"""
+import contextlib
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+_checks_override = []
+
+
+@contextlib.contextmanager
+def _checks_ctx(enabled):
+    _checks_override.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _checks_override.pop()
+
+
+class checks:
+    """``rmk.checks(True)`` turns the data checks on for GPU tensors; usable as a context
+    manager (``with rmk.checks(True): ...``) or as a plain call that sets the default."""
+
+    def __init__(self, enabled=True):
+        self._enabled = bool(enabled)
+        self._prev = list(_checks_override)
+        _checks_override.append(self._enabled)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _checks_override[:] = self._prev
+        return False
+
+
+def data_checks_enabled(device):
+    """Whether the data-dependent checks run for tensors on `device`."""
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cpu":
+        return True
+    if _checks_override:
+        return _checks_override[-1]
+    return os.environ.get("RMKERNELS_CHECK", "0") == "1"
+
+
+def _dtype_name(t):
+    return str(t).replace("torch.", "")
+
+
+def check_tensor(name, t, *, ndims=None, dtypes=None, device=None, allow_none=False):
+    """Type, rank, dtype and device check of one tensor argument."""
+    if t is None:
+        if allow_none:
+            return
+        raise TypeError(f"{name} must be a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndims is not None:
+        ndims = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+        if t.dim() not in ndims:
+            want = " or ".join(f"{n}-D" for n in ndims)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(
+            f"{name} must have dtype in ({', '.join(_dtype_name(d) for d in dtypes)}), got {_dtype_name(t.dtype)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def check_size(name, t, dim, expected, what):
+    if t.size(dim) != expected:
+        raise ValueError(f"{name} must have size {expected} ({what}) in dim {dim}, got shape {tuple(t.shape)}")
+
+
+def check_float(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False):
+    """A Python number in [lo, hi] (open ends where asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    bad = (v != v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (
+        hi is not None and (v >= hi if hi_open else v > hi))
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+    return v
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def rows_str(rows, limit=10):
+    rows = [int(r) for r in rows]
+    s = ", ".join(str(r) for r in rows[:limit])
+    return s + (f", ... ({len(rows)} rows)" if len(rows) > limit else "")

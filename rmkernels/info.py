@@ -1,0 +1,46 @@
+"""``python -m rmkernels.info``: what this installation was built with and can run."""
+import platform
+import sys
+
+
+def info():
+    import torch
+
+    import rmkernels as rmk
+    from rmkernels import _backend, _ext
+
+    try:
+        from rmkernels._build_config import BUILD_CONFIG
+    except ImportError:
+        BUILD_CONFIG = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    lines = [
+        f"rmkernels {rmk.__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"triton {triton_version}",
+        f"build config (setup.py): {BUILD_CONFIG}",
+        f"extension _C loaded: {_ext.CPP_AVAILABLE}" + (f" ({_ext.LOAD_ERROR})" if _ext.LOAD_ERROR else ""),
+        f"CUDA kernels built: {_ext.CUDA_BUILT}" + (f", archs {_ext.CUDA_ARCHS}" if _ext.CUDA_BUILT else ""),
+        f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
+    ]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        lines.append(f"backends for {dev} tensors (fastest first): {', '.join(_backend.available_backends(dev))}")
+        for name, why in _backend.backend_report(dev).items():
+            if why is not None:
+                lines.append(f"  {name}: unavailable: {why}")
+    return "\n".join(lines)
+
+
+def main():
+    print(info())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

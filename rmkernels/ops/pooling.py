@@ -1,0 +1,364 @@
+"""Last-token value-head pooling (SPEC section 1).
+
+``rmk.last_token_reward`` applies a linear value head to the last valid token of each
+sequence: B rows, never all B*T tokens (which is what HF ``*ForSequenceClassification``
+does before gathering). ``rmk.last_token_index`` gives the index of that token.
+
+Ops (``torch.ops.rmkernels.*``):
+
+=================================  ======================================================
+``last_token_index(mask, backend)``  rightmost non-zero of each mask row, -1 if none
+``last_token_reward(hidden, weight, bias, index, backend)``  rewards [B, K]
+``last_token_reward_backward(...)``  (grad_hidden, grad_weight, grad_bias)
+``*_kernel``                         the C++ CPU / CUDA kernels behind ``cpu``/``cuda``
+=================================  ======================================================
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from rmkernels import _backend, _checks
+from rmkernels._library import acc_dtype, define_kernel_op
+
+# ---------------------------------------------------------------------------------------
+# Kernel ops (C++ CPU / CUDA implementations in csrc/)
+# ---------------------------------------------------------------------------------------
+_index_kernel = define_kernel_op("last_token_index_kernel(Tensor mask) -> Tensor")
+_fwd_kernel = define_kernel_op(
+    "last_token_reward_fwd_kernel(Tensor hidden, Tensor weight, Tensor? bias, Tensor index) -> Tensor")
+_bwd_kernel = define_kernel_op(
+    "last_token_reward_bwd_kernel(Tensor grad, Tensor hidden, Tensor weight, Tensor index, "
+    "bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.register_fake("rmkernels::last_token_index_kernel")
+def _index_kernel_fake(mask):
+    return mask.new_empty(mask.shape[0], dtype=torch.int64)
+
+
+@torch.library.register_fake("rmkernels::last_token_reward_fwd_kernel")
+def _fwd_kernel_fake(hidden, weight, bias, index):
+    return hidden.new_empty(index.shape[0], weight.shape[0], dtype=weight.dtype)
+
+
+def _bwd_fake_impl(hidden, weight, need_hidden, need_weight, need_bias):
+    g_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    g_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
+    g_bias = weight.new_empty(weight.shape[0]) if need_bias else weight.new_empty(0)
+    return g_hidden, g_weight, g_bias
+
+
+@torch.library.register_fake("rmkernels::last_token_reward_bwd_kernel")
+def _bwd_kernel_fake(grad, hidden, weight, index, need_hidden, need_weight, need_bias):
+    return _bwd_fake_impl(hidden, weight, need_hidden, need_weight, need_bias)
+
+
+# ---------------------------------------------------------------------------------------
+# Reference implementation (pure PyTorch, the ground truth)
+# ---------------------------------------------------------------------------------------
+def _valid_rows(hidden, index):
+    n_tokens = hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
+    valid = (index >= 0) & (index < n_tokens)
+    return valid, index.clamp(0, max(n_tokens - 1, 0))
+
+
+def _gather_rows(hidden, index):
+    """hidden[b, index[b]] (or hidden[index[b]] for packed input) as [B, H]; rows with no
+    valid token are zero (and never read out of bounds)."""
+    valid, safe = _valid_rows(hidden, index)
+    B, H = index.shape[0], hidden.shape[-1]
+    n_tokens = hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
+    if n_tokens == 0:
+        return hidden.new_zeros(B, H), valid
+    rows = hidden[torch.arange(B, device=hidden.device), safe] if hidden.dim() == 3 else hidden[safe]
+    return torch.where(valid[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device)), valid
+
+
+def _reference_index(mask):
+    B, T = mask.shape
+    if T == 0:
+        return torch.full((B,), -1, dtype=torch.int64, device=mask.device)
+    pos = torch.arange(T, device=mask.device).expand(B, T)
+    return torch.where(mask != 0, pos, torch.full_like(pos, -1)).amax(dim=1)
+
+
+def _reference_fwd(hidden, weight, bias, index):
+    rows, valid = _gather_rows(hidden, index)
+    out = rows.to(weight.dtype) @ weight.t()
+    if bias is not None:
+        out = out + bias
+    return torch.where(valid[:, None], out, torch.full_like(out, float("nan")))
+
+
+def _reference_bwd(grad, hidden, weight, index, need_hidden, need_weight, need_bias):
+    rows, valid = _gather_rows(hidden, index)
+    g = torch.where(valid[:, None], grad, torch.zeros_like(grad))  # invalid rows give nothing
+    g_hidden, g_weight, g_bias = _bwd_fake_impl(hidden, weight, False, False, False)
+    if need_hidden:
+        g_hidden = torch.zeros_like(hidden)
+        g_rows = (g @ weight).to(hidden.dtype)
+        b_idx = torch.nonzero(valid).flatten()
+        if hidden.dim() == 3:
+            g_hidden[b_idx, index[b_idx]] = g_rows[b_idx]
+        else:
+            g_hidden[index[b_idx]] = g_rows[b_idx]
+    if need_weight:
+        g_weight = g.t() @ rows.to(weight.dtype)
+    if need_bias:
+        g_bias = g.sum(0)
+    return g_hidden, g_weight, g_bias
+
+
+# ---------------------------------------------------------------------------------------
+# Public ops: route to the backend
+# ---------------------------------------------------------------------------------------
+def _triton():
+    from rmkernels.triton import pooling
+
+    return pooling
+
+
+@torch.library.custom_op("rmkernels::last_token_index", mutates_args=())
+def last_token_index_op(mask: Tensor, backend: str) -> Tensor:
+    """Rightmost position of each row of ``mask`` [B, T] (bool/int) that is non-zero; -1 if
+    none. int64 [B]."""
+    if backend == "reference":
+        return _reference_index(mask)
+    if backend == "triton":
+        return _triton().last_token_index(mask)
+    return _index_kernel(mask)
+
+
+@last_token_index_op.register_fake
+def _(mask, backend):
+    return mask.new_empty(mask.shape[0], dtype=torch.int64)
+
+
+def _head_params(hidden, weight, bias):
+    acc = acc_dtype(hidden.dtype)
+    w = weight.to(acc).contiguous()
+    b = bias.to(acc).contiguous() if bias is not None else None
+    return w, b
+
+
+@torch.library.custom_op("rmkernels::last_token_reward", mutates_args=())
+def last_token_reward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], index: Tensor,
+                         backend: str) -> Tensor:
+    """rewards[b, k] = hidden[b, index[b]] . weight[k] + bias[k] (NaN where index[b] is not a
+    valid token). hidden [B, T, H] or packed [N, H] (index then holds global rows)."""
+    w, b = _head_params(hidden, weight, bias)
+    if backend == "reference":
+        return _reference_fwd(hidden, w, b, index)
+    if backend == "triton":
+        return _triton().last_token_reward_fwd(hidden, w, b, index)
+    return _fwd_kernel(hidden, w, b, index)
+
+
+@last_token_reward_op.register_fake
+def _(hidden, weight, bias, index, backend):
+    return hidden.new_empty(index.shape[0], weight.shape[0], dtype=acc_dtype(hidden.dtype))
+
+
+@torch.library.custom_op("rmkernels::last_token_reward_backward", mutates_args=())
+def last_token_reward_backward_op(grad: Tensor, hidden: Tensor, weight: Tensor, index: Tensor,
+                                  need_hidden: bool, need_weight: bool, need_bias: bool,
+                                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden in hidden's dtype and layout, zero but at the picked rows; grad_weight
+    [K, H] and grad_bias [K] in the arithmetic dtype). A gradient that is not needed comes
+    back as an empty tensor."""
+    w, _ = _head_params(hidden, weight, None)
+    g = grad.to(w.dtype).contiguous()
+    if backend == "reference":
+        return _reference_bwd(g, hidden, w, index, need_hidden, need_weight, need_bias)
+    if backend == "triton":
+        return _triton().last_token_reward_bwd(g, hidden, w, index, need_hidden, need_weight, need_bias)
+    return _bwd_kernel(g, hidden, w, index, need_hidden, need_weight, need_bias)
+
+
+@last_token_reward_backward_op.register_fake
+def _(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend):
+    return _bwd_fake_impl(hidden, weight.new_empty(weight.shape, dtype=acc_dtype(hidden.dtype)),
+                          need_hidden, need_weight, need_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, index, backend = inputs
+    ctx.save_for_backward(hidden, weight, index)
+    ctx.backend = backend
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad):
+    hidden, weight, index = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    g_h, g_w, g_b = torch.ops.rmkernels.last_token_reward_backward(
+        grad, hidden, weight, index, need_h, need_w, need_b, ctx.backend)
+    return (g_h if need_h else None, g_w.to(weight.dtype) if need_w else None,
+            g_b.to(ctx.bias_dtype) if need_b else None, None, None)
+
+
+last_token_reward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------
+def _count_given(**sources):
+    given = [k for k, v in sources.items() if v is not None]
+    if len(given) != 1:
+        names = ", ".join(sources)
+        raise ValueError(f"give exactly one of {names}; got {', '.join(given) if given else 'none'}")
+    return given[0]
+
+
+def _mask_index(mask, name, n_rows, n_tokens, device, backend, strict):
+    _checks.check_tensor(name, mask, ndims=2, device=device)
+    if mask.shape[0] != n_rows or mask.shape[1] != n_tokens:
+        raise ValueError(f"{name} must have shape [B, T] = [{n_rows}, {n_tokens}] (from hidden_states), "
+                         f"got {tuple(mask.shape)}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        mask = mask != 0  # the kernels test integer/bool elements against zero
+    index = torch.ops.rmkernels.last_token_index(mask, backend)
+    if strict and n_tokens > 0 and _checks.data_checks_enabled(index.device):
+        bad = torch.nonzero(index < 0).flatten()
+        if bad.numel():
+            raise ValueError(f"{name}: rows {_checks.rows_str(bad)} have no valid token (all zero)")
+    return index
+
+
+def _lengths_index(lengths, n_rows, n_tokens, device, strict):
+    _checks.check_tensor("lengths", lengths, ndims=1, dtypes=_checks.INDEX_DTYPES, device=device)
+    if n_rows is not None and lengths.shape[0] != n_rows:
+        raise ValueError(f"lengths must have shape [B] = [{n_rows}] (from hidden_states), got {tuple(lengths.shape)}")
+    lengths = lengths.long()
+    ok = lengths >= 1
+    if n_tokens is not None:
+        ok &= lengths <= n_tokens
+    if strict and _checks.data_checks_enabled(lengths.device):
+        bad = torch.nonzero(~ok).flatten()
+        if bad.numel():
+            limit = f"[1, {n_tokens}]" if n_tokens is not None else ">= 1"
+            vals = ", ".join(str(int(lengths[i])) for i in bad[:10])
+            raise ValueError(f"lengths must be in {limit}: rows {_checks.rows_str(bad)} have {vals}")
+    return torch.where(ok, lengths - 1, torch.full_like(lengths, -1))
+
+
+def _cu_seqlens_index(cu_seqlens, n_rows, n_tokens, device, strict):
+    _checks.check_tensor("cu_seqlens", cu_seqlens, ndims=1, dtypes=_checks.INDEX_DTYPES, device=device)
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError("cu_seqlens must have shape [B + 1] (starting at 0), got shape (0,)")
+    if n_rows is not None and cu_seqlens.shape[0] != n_rows + 1:
+        raise ValueError(f"cu_seqlens must have shape [B + 1] = [{n_rows + 1}], got {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.long()
+    start, end = cu[:-1], cu[1:]
+    ok = (end > start) & (start >= 0)
+    if n_tokens is not None:
+        ok &= end <= n_tokens
+    if strict and _checks.data_checks_enabled(cu.device):
+        if int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])}")
+        if n_tokens is not None and int(cu[-1]) != n_tokens:
+            raise ValueError(f"cu_seqlens must end at N = {n_tokens} (hidden_states rows), got {int(cu[-1])}")
+        bad = torch.nonzero(end < start).flatten()
+        if bad.numel():
+            raise ValueError(f"cu_seqlens must be non-decreasing: rows {_checks.rows_str(bad)} end before they start")
+        bad = torch.nonzero(~ok).flatten()
+        if bad.numel():
+            raise ValueError(f"cu_seqlens: rows {_checks.rows_str(bad)} have no valid token (empty sequences)")
+    return torch.where(ok, end - 1, torch.full_like(end, -1))
+
+
+def resolve_index(hidden_states, *, attention_mask=None, lengths=None, cu_seqlens=None, backend="reference",
+                  strict=True):
+    """Validate the pooling inputs' position arguments against ``hidden_states`` and return
+    the int64 [B] index of each row's last valid token (global rows for packed input).
+
+    Shared by every op that pools (``last_token_reward``, ``pairwise_reward_loss``)."""
+    source = _count_given(attention_mask=attention_mask, lengths=lengths, cu_seqlens=cu_seqlens)
+    dev = hidden_states.device
+    if hidden_states.dim() == 2:
+        if source != "cu_seqlens":
+            raise ValueError(f"packed hidden_states [N, H] needs cu_seqlens, got {source}")
+        return _cu_seqlens_index(cu_seqlens, None, hidden_states.shape[0], dev, strict)
+    if source == "cu_seqlens":
+        raise ValueError(f"cu_seqlens goes with packed hidden_states [N, H], got shape {tuple(hidden_states.shape)}")
+    B, T = hidden_states.shape[:2]
+    if source == "lengths":
+        return _lengths_index(lengths, B, T, dev, strict)
+    return _mask_index(attention_mask, "attention_mask", B, T, dev, backend, strict)
+
+
+def check_head(hidden_states, weight, bias):
+    """Checks of a value head (weight [K, H], bias [K] or None) against hidden_states."""
+    _checks.check_tensor("hidden_states", hidden_states, ndims=(2, 3), dtypes=_checks.FLOAT_DTYPES)
+    dev = hidden_states.device
+    _checks.check_tensor("weight", weight, ndims=2, dtypes=_checks.FLOAT_DTYPES, device=dev)
+    if weight.shape[1] != hidden_states.shape[-1]:
+        raise ValueError(f"weight must be [K, H] with H = {hidden_states.shape[-1]} (hidden_states' last dim), "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have K >= 1 rows, got {tuple(weight.shape)}")
+    _checks.check_tensor("bias", bias, ndims=1, dtypes=_checks.FLOAT_DTYPES, device=dev, allow_none=True)
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [K] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if hidden_states.shape[-1] > 1 and hidden_states.stride(-1) != 1:
+        hidden_states = hidden_states.contiguous()  # the kernels need a unit stride on H
+    return hidden_states
+
+
+def last_token_reward(hidden_states, weight, bias=None, *, attention_mask=None, lengths=None, cu_seqlens=None,
+                      backend=None):
+    """Value head on the last valid token of each sequence: float32 ``[B, K]`` rewards.
+
+    Args:
+        hidden_states: ``[B, T, H]`` (any strides with a unit stride on H: no copy), or packed
+            ``[N, H]`` with ``cu_seqlens``. fp32/bf16/fp16 (fp64 computes in fp64 and returns
+            fp64, for gradcheck).
+        weight: ``[K, H]`` (an ``nn.Linear(H, K)`` weight); bias: ``[K]`` or None.
+        attention_mask: ``[B, T]`` bool/int; the picked token is the rightmost non-zero
+            position (right or left padding, pad == eos, masks with holes).
+        lengths: ``[B]`` int, right padding: the picked token is ``length - 1``.
+        cu_seqlens: ``[B + 1]`` int32/int64 offsets into packed ``[N, H]`` hidden states.
+        backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None/``"auto"``.
+
+    A row with no valid token gives NaN rewards (no out-of-bounds read). For CPU tensors, and
+    on a GPU with ``rmk.checks(True)``/``RMKERNELS_CHECK=1``, such a row, an out-of-range length
+    or a malformed ``cu_seqlens`` raises ``ValueError`` naming the rows instead. T = 0 gives
+    NaN rewards ``[B, K]`` without raising. Gradients flow to hidden_states (at the picked
+    rows only), weight and bias; rows with no valid token contribute nothing.
+    """
+    hidden_states = check_head(hidden_states, weight, bias)
+    be = _backend.resolve(backend, hidden_states.device)
+    index = resolve_index(hidden_states, attention_mask=attention_mask, lengths=lengths, cu_seqlens=cu_seqlens,
+                          backend=be)
+    return torch.ops.rmkernels.last_token_reward(hidden_states, weight, bias, index, be)
+
+
+def last_token_index(attention_mask=None, *, input_ids=None, pad_token_id=None, lengths=None, cu_seqlens=None,
+                     backend=None):
+    """int64 ``[B]`` index of each sequence's last valid token.
+
+    Exactly one of: ``attention_mask`` ``[B, T]`` (rightmost non-zero), ``input_ids`` with
+    ``pad_token_id`` (rightmost non-pad token: HF ``*ForSequenceClassification``'s rule),
+    ``lengths`` ``[B]`` (``length - 1``), ``cu_seqlens`` ``[B + 1]`` (the global row
+    ``cu_seqlens[b + 1] - 1`` of the packed batch). A row with no valid token gets -1; for CPU
+    tensors (and with ``rmk.checks(True)`` on a GPU) it raises ``ValueError`` naming the rows.
+    """
+    source = _count_given(attention_mask=attention_mask, input_ids=input_ids, lengths=lengths,
+                          cu_seqlens=cu_seqlens)
+    if source == "lengths":
+        return _lengths_index(lengths, None, None, lengths.device if isinstance(lengths, Tensor) else None, True)
+    if source == "cu_seqlens":
+        dev = cu_seqlens.device if isinstance(cu_seqlens, Tensor) else None
+        return _cu_seqlens_index(cu_seqlens, None, None, dev, True)
+    if source == "input_ids":
+        if pad_token_id is None:
+            raise ValueError("input_ids needs pad_token_id (the rightmost non-pad token is picked)")
+        _checks.check_tensor("input_ids", input_ids, ndims=2)
+        mask, name = input_ids != pad_token_id, "input_ids"
+    else:
+        _checks.check_tensor("attention_mask", attention_mask, ndims=2)
+        mask, name = attention_mask, "attention_mask"
+    be = _backend.resolve(backend, mask.device)
+    return _mask_index(mask, name, mask.shape[0], mask.shape[1], mask.device, be, True)

@@ -1,0 +1,148 @@
+"""Build rmkernels and its C++/CUDA extension ``rmkernels._C``.
+
+Build against the torch that is already installed (never a second torch in an isolated
+build environment)::
+
+    pip install --no-build-isolation .        # or -e .
+
+Environment switches
+--------------------
+RMKERNELS_BUILD_EXT=0        build no extension at all (reference + triton backends only)
+RMKERNELS_SKIP_CUDA_BUILD=1  build the C++ CPU kernels only, even if CUDA is available
+RMKERNELS_FORCE_CUDA_BUILD=1 fail the build unless the CUDA kernels are built
+RMKERNELS_CUDA_ARCHS="8.0;9.0"  architectures, turned into explicit -gencode flags
+                             (default "8.0;9.0"; append "+PTX" to one to embed PTX)
+MAX_JOBS                     parallel compile jobs (default: from cores and free memory)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _read_version():
+    about = {}
+    with open(os.path.join(ROOT, "rmkernels", "_version.py")) as f:
+        exec(f.read(), about)
+    return about["__version__"]
+
+
+def _env_flag(name, default="0"):
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _gencode_flags(archs):
+    flags = []
+    for arch in archs.replace(",", ";").split(";"):
+        arch = arch.strip()
+        if not arch:
+            continue
+        ptx = arch.endswith("+PTX")
+        num = arch.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def _default_max_jobs():
+    # Each torch translation unit needs ~1.5 GiB of memory to compile.
+    cores = os.cpu_count() or 1
+    try:
+        free_gib = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        return str(max(1, min(cores, int(free_gib // 1.5))))
+    except (ValueError, OSError, AttributeError):
+        return str(cores)
+
+
+def _extensions():
+    if not _env_flag("RMKERNELS_BUILD_EXT", "1"):
+        print("rmkernels: RMKERNELS_BUILD_EXT=0, building no C++/CUDA extension")
+        return [], {}, {"cpp": False, "cuda": False, "archs": ""}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError as e:  # pragma: no cover - only without torch
+        sys.exit(
+            "rmkernels: building the extension needs torch installed in this environment "
+            f"({e}). Install torch first, then `pip install --no-build-isolation .`; "
+            "or set RMKERNELS_BUILD_EXT=0 to install the pure-Python backends only."
+        )
+
+    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    has_nvcc = bool(nvcc and os.path.exists(nvcc))
+    want_cuda = not _env_flag("RMKERNELS_SKIP_CUDA_BUILD")
+    force_cuda = _env_flag("RMKERNELS_FORCE_CUDA_BUILD")
+    with_cuda = want_cuda and torch.version.cuda is not None and has_nvcc
+    if force_cuda and not with_cuda:
+        sys.exit(
+            "rmkernels: RMKERNELS_FORCE_CUDA_BUILD=1 but the CUDA kernels cannot be built "
+            f"(torch.version.cuda={torch.version.cuda}, nvcc found={has_nvcc}, "
+            f"RMKERNELS_SKIP_CUDA_BUILD={os.environ.get('RMKERNELS_SKIP_CUDA_BUILD', '0')})"
+        )
+    archs = os.environ.get("RMKERNELS_CUDA_ARCHS", "8.0;9.0")
+    cxx = ["-O3", "-std=c++17", "-fopenmp"] if sys.platform != "win32" else ["/O2", "/std:c++17"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if with_cuda:
+        print(f"rmkernels: building C++ CPU + CUDA kernels for archs {archs}")
+        ext = CUDAExtension(
+            "rmkernels._C",
+            cpu_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("RMKERNELS_WITH_CUDA", "1"), ("RMKERNELS_CUDA_ARCHS", f'"{archs}"')],
+            extra_compile_args={
+                "cxx": cxx,
+                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _gencode_flags(archs),
+            },
+            extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
+        )
+    else:
+        why = "skipped by RMKERNELS_SKIP_CUDA_BUILD" if not want_cuda else (
+            "torch has no CUDA" if torch.version.cuda is None else "nvcc not found")
+        print(f"rmkernels: building C++ CPU kernels only (CUDA: {why})")
+        ext = CppExtension(
+            "rmkernels._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            define_macros=[("RMKERNELS_CUDA_ARCHS", '""')],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, {
+        "cpp": True, "cuda": with_cuda, "archs": archs if with_cuda else ""}
+
+
+ext_modules, cmdclass, build_config = _extensions()
+
+# Record what was asked for at build time; `python -m rmkernels.info` compares it with what loads.
+with open(os.path.join(ROOT, "rmkernels", "_build_config.py"), "w") as f:
+    f.write("# generated by setup.py\n")
+    f.write(f"BUILD_CONFIG = {build_config!r}\n")
+
+setup(
+    name="rmkernels",
+    version=_read_version(),
+    description="Fused, exact kernels for RLHF: last-token reward pooling, Bradley-Terry loss, PPO GAE",
+    packages=find_packages(include=["rmkernels", "rmkernels.*"])
+    + find_packages("python", include=["rmkernels_train", "rmkernels_train.*"]),
+    package_dir={"rmkernels_train": "python/rmkernels_train"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton==3.6.0"],
+        "train": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "safetensors", "tqdm",
+                 "matplotlib", "pandas"],
+    },
+    entry_points={"console_scripts": ["rmkernels-train=rmkernels_train.cli:main"]},
+    zip_safe=False,
+)
