@@ -97,12 +97,13 @@ def _reward_bwd_params_kernel(
     acc = tl.zeros([BLOCK_K, BLOCK_H], dtype=acc_ty)
     acc_b = tl.zeros([BLOCK_K], dtype=acc_ty)
     for b in range(0, B):  # fixed order over the batch: deterministic
-        t = tl.load(index_ptr + b)
+        b64 = tl.zeros([], tl.int64) + b  # 64-bit offsets (a plain loop index is 32-bit)
+        t = tl.load(index_ptr + b64)
         valid = (t >= 0) & (t < T)
-        g = tl.load(grad_ptr + b * K + offs_k, mask=in_k & valid, other=0.0)
+        g = tl.load(grad_ptr + b64 * K + offs_k, mask=in_k & valid, other=0.0)
         acc_b += g
         if NEED_WEIGHT:
-            row = hidden_ptr + b.to(tl.int64) * stride_b + tl.where(valid, t, 0) * stride_t
+            row = hidden_ptr + b64 * stride_b + tl.where(valid, t, 0) * stride_t
             x = tl.load(row + offs_h, mask=in_h & valid, other=0.0).to(acc_ty)
             acc += g[:, None] * x[None, :]
     if NEED_WEIGHT:
