@@ -154,10 +154,12 @@ def _reference_ranking_bwd(grad_rows, rewards, num_candidates):
     pos = torch.arange(K, device=r.device)
     pair = (pos[:, None] < pos[None, :]) & (pos[None, None, :] < n[:, None, None])
     n_pairs = (n * (n - 1) // 2).to(r.dtype).clamp(min=1)
+    # rows with no pair get no gradient (also when "mean" over no ranked row divides by 0)
+    scale = torch.where(n >= 2, grad_rows.to(r.dtype) / n_pairs, torch.zeros((), dtype=r.dtype, device=r.device))
     # d/dx of -logsigmoid(x) is -sigmoid(-x), with x = r_i - r_j: +1 on r_i, -1 on r_j
     s = torch.where(pair, -torch.sigmoid(r[:, None, :] - r[:, :, None]), torch.zeros((), dtype=r.dtype,
                                                                                         device=r.device))
-    s = s * (grad_rows.to(r.dtype) / n_pairs)[:, None, None]
+    s = s * scale[:, None, None]
     return (s.sum(2) - s.sum(1)).to(rewards.dtype)
 
 
