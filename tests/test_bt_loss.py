@@ -768,3 +768,29 @@ def test_ranking_bad_inputs():
         rmk.ranking_loss(x, num_candidates=torch.tensor([3, 4, -1, 0]))
     with pytest.raises(ValueError, match="reduction"):
         rmk.ranking_loss(x, reduction="batchmean")
+
+
+def test_wrapper_adds_no_copies():
+    """Forward and backward of bradley_terry_loss on [B, 1] fp32 inputs with a fp32 margin
+    dispatch the loss op and its backward op and nothing but views around them (each op is
+    one kernel launch on the GPU paths)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    c = torch.randn(16, 1, requires_grad=True)
+    r = torch.randn(16, 1, requires_grad=True)
+    m, seed = torch.rand(16), torch.ones(())
+    with Log() as log:
+        loss = rmk.bradley_terry_loss(c, r, margin=m, center_coef=0.01, backend="cpu")
+        torch.autograd.grad(loss, (c, r), seed)
+    views = {"aten.squeeze", "aten.unsqueeze", "aten.view", "aten.detach", "aten.alias", "aten.promote_types"}
+    heavy = [op for op in log.ops if op not in views]
+    assert heavy == ["rmkernels.bradley_terry_loss", "rmkernels.bradley_terry_loss_backward"], str(log.ops)

@@ -421,7 +421,7 @@ def _check_pair_rewards(chosen, rejected):
         raise ValueError(f"rejected must have the same batch size B as chosen, got chosen {tuple(chosen.shape)} "
                          f"and rejected {tuple(rejected.shape)}")
     dtype = torch.promote_types(chosen.dtype, rejected.dtype)
-    flat = [t.select(1, 0) if t.dim() == 2 else t for t in (chosen, rejected)]
+    flat = [t.squeeze(1) if t.dim() == 2 else t for t in (chosen, rejected)]  # views both ways
     return [t.to(dtype) for t in flat]
 
 

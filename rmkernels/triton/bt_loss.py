@@ -8,6 +8,11 @@ the same and writes 2B gradients. One launch each way: for ``"mean"``/``"sum"`` 
 is a single program that walks B in chunks (a fixed-order reduction: deterministic, no
 atomics), and so is the backward of a weighted ``"mean"``, which needs ``sum(w)`` first.
 The ranking kernels run one program per row over tiles of the [K, K] pair matrix.
+
+The scalar options (margin_value, weight_value, label_smoothing, center_coef) are kernel
+arguments, which compiled Triton passes as float32: with float64 inputs on a GPU they are
+rounded to float32 (the tensors are not). float64 is for gradcheck, which runs on the
+reference and cpu backends.
 """
 import torch
 import triton
