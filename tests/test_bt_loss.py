@@ -284,10 +284,6 @@ def test_triton_large_batch():
 # ---------------------------------------------------------------------------------------
 # gradcheck (fp64), opcheck, torch.compile
 # ---------------------------------------------------------------------------------------
-def _fp64_backends():
-    return ["reference", "cpu"] + (["triton"] if TRITON_INTERPRET else [])
-
-
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(backend, reduction):
@@ -710,6 +706,10 @@ def _bt_bad_cases():
         (dict(chosen=c, rejected=r, margin=float("inf")), ValueError, "margin"),
         (dict(chosen=c.tolist(), rejected=r), TypeError, "chosen must be a torch.Tensor"),
         (dict(chosen=c, rejected=r, backend="gpu"), ValueError, "backend"),
+        # device mismatch (a meta tensor stands in for another device on a CPU-only machine)
+        (dict(chosen=c, rejected=torch.randn(B, device="meta")), ValueError, "rejected is on meta"),
+        (dict(chosen=c, rejected=r, margin=torch.rand(B, device="meta")), ValueError, "margin is on meta"),
+        (dict(chosen=c, rejected=r, weights=torch.rand(B, device="meta")), ValueError, "weights is on meta"),
     ]
 
 
@@ -752,6 +752,10 @@ def test_pairwise_bad_inputs():
         rmk.pairwise_reward_loss(h, torch.randn(1, 7), lengths=lengths)
     with pytest.raises(TypeError, match="hidden_states must have dtype"):
         rmk.pairwise_reward_loss(h.long(), W, lengths=lengths)
+    with pytest.raises(ValueError, match="weights is on meta"):
+        rmk.pairwise_reward_loss(h, W, b, lengths=lengths, weights=torch.rand(3, device="meta"))
+    with pytest.raises(ValueError, match=r"weights must be a float or a \[B\] = \[3\]"):
+        rmk.pairwise_reward_loss(h, W, b, lengths=lengths, weights=torch.rand(3, 1))
 
 
 def test_ranking_bad_inputs():
@@ -768,6 +772,8 @@ def test_ranking_bad_inputs():
         rmk.ranking_loss(x, num_candidates=torch.tensor([3, 4, -1, 0]))
     with pytest.raises(ValueError, match="reduction"):
         rmk.ranking_loss(x, reduction="batchmean")
+    with pytest.raises(ValueError, match="num_candidates is on meta"):
+        rmk.ranking_loss(x, num_candidates=torch.ones(4, dtype=torch.long, device="meta"))
 
 
 def test_wrapper_adds_no_copies():

@@ -430,9 +430,9 @@ def _per_pair_arg(name, value, B, device, acc, default):
     if value is None:
         return None, default
     if isinstance(value, torch.Tensor):
-        _checks.check_tensor(name, value, ndims=1, dtypes=_checks.FLOAT_DTYPES, device=device)
-        if value.shape[0] != B:
+        if value.dim() != 1 or value.shape[0] != B:  # never broadcast a [B, 1] against [B]
             raise ValueError(f"{name} must be a float or a [B] = [{B}] tensor, got shape {tuple(value.shape)}")
+        _checks.check_tensor(name, value, dtypes=_checks.FLOAT_DTYPES, device=device)
         return value.detach().to(acc).contiguous(), default  # data: no gradient flows to it
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
