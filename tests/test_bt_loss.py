@@ -23,7 +23,6 @@ if TRITON_INTERPRET:
     RANK_DTYPES = [torch.float32, torch.bfloat16]
 
 
-
 def _skip(backend, device):
     """skip_unless_available, and a skip of every backend (the reference too) on a CUDA device
     that is not there."""
