@@ -1,0 +1,297 @@
+"""GPU readiness without a GPU: what can be proven on a CPU-only machine about the GPU paths.
+
+1. Triton ahead-of-time compile. Every public function is driven with backend="triton" on CPU
+   tensors while ``JITFunction.run`` is replaced by a recorder: the host wrappers run for real
+   (shape logic, allocation, argument packing), and each launch they make is captured with
+   the exact signature, constexprs and specialization attributes that Triton's own binder
+   computes for a CUDA target (pointer dtypes, int32/int64 scalars, ints equal to 1,
+   16-divisibility). Each distinct launch is then compiled with ``triton.compile`` for sm_90
+   through cubin (the ptxas bundled in the triton wheel) and a covering subset also for sm_80.
+   No driver is touched, and this process must not have TRITON_INTERPRET=1. This catches the
+   type errors the interpreter lets through (int32/int64 mixes, fp64 scalars, dtype
+   constexprs, loops with runtime bounds) and the launch grids are checked against CUDA's
+   limits (y, z <= 65535).
+   Adding a kernel: give its op's public functions a few calls in ``_drive_<module>`` below;
+   ``test_every_triton_kernel_is_launched`` fails until every @triton.jit function of
+   ``rmkernels/triton/*.py`` is reached by a recorded launch.
+2. The torch bindings of the CUDA kernels (csrc/cuda/*_binding.cpp, compiled only in a CUDA
+   build) compile with the host compiler against this torch's headers and the CUDA toolkit's.
+"""
+import glob
+import importlib
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRITON_MODULES = sorted(os.path.splitext(os.path.basename(p))[0]
+                        for p in glob.glob(os.path.join(ROOT, "rmkernels", "triton", "*.py"))
+                        if not p.endswith("__init__.py"))
+# CUDA's launch limits (compute capability >= 3.0).
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
+                                reason="the AOT compile needs the compiled (non-interpreted) Triton: "
+                                       "run it in the main pytest process, without TRITON_INTERPRET=1")
+
+
+# ---------------------------------------------------------------------------------------
+# Recording the launches of the host wrappers
+# ---------------------------------------------------------------------------------------
+class Launch:
+    def __init__(self, fn, signature, constexprs, attrs, options, grid):
+        self.fn, self.signature, self.constexprs, self.attrs = fn, signature, constexprs, attrs
+        self.options, self.grid = options, grid
+
+    @property
+    def name(self):
+        return f"{self.fn.module}.{self.fn.__name__}"
+
+    def key(self):
+        return (self.name, repr(self.signature), repr(sorted(self.constexprs.items())),
+                repr(sorted(self.attrs.items())))
+
+    def describe(self):
+        sig = ", ".join(f"{k}: {v}" for k, v in self.signature.items() if v != "constexpr")
+        cst = ", ".join(f"{self.fn.arg_names[p[0]]}={v}" for p, v in self.constexprs.items())
+        return f"{self.name}({sig}; {cst}) grid={self.grid}"
+
+
+def _recorder(launches):
+    import triton.runtime.jit as jit
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binders = {}
+
+    def run(self, *args, grid, warmup, **kwargs):
+        # What JITFunction.run does before it asks the driver for anything.
+        kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        if self not in binders:
+            binders[self] = jit.create_function_from_signature(self.signature, self.params, backend)
+        bound_args, specialization, options = binders[self](*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
+        if callable(grid):
+            grid = grid(bound_args)
+        grid = tuple(int(g) for g in grid)
+        launches.append(Launch(self, signature, constexprs, attrs, options, grid))
+        return None
+
+    return run
+
+
+def _drive_pooling(rmk):
+    """Every launch configuration of rmkernels/triton/pooling.py."""
+    B, T, H = 3, 37, 80
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for packed, has_bias, grads in itertools.product((False, True), (False, True),
+                                                         ((True, True, True), (True, False, False),
+                                                          (False, True, False), (False, False, True))):
+            gh, gw, gb = grads
+            if gb and not has_bias:
+                continue
+            h = torch.randn(7 * B if packed else B, *(() if packed else (T,)), H, dtype=dt, requires_grad=gh)
+            w = torch.randn(2, H, dtype=dt, requires_grad=gw)
+            bias = torch.randn(2, dtype=dt, requires_grad=gb) if has_bias else None
+            if packed:
+                r = rmk.last_token_reward(h, w, bias, cu_seqlens=torch.tensor([0, 5, 12, 21]), backend="triton")
+            else:
+                r = rmk.last_token_reward(h, w, bias, lengths=torch.tensor([T, 5, 1]), backend="triton")
+            r.sum().backward()
+    for mdt in (torch.bool, torch.int64, torch.int32, torch.uint8, torch.float32):
+        mask = torch.ones(B, T, dtype=mdt)
+        rmk.last_token_index(mask, backend="triton")
+        rmk.last_token_reward(torch.randn(B, T, H), torch.randn(1, H), attention_mask=mask, backend="triton")
+    # Strided hidden states (a view: stride_t = 2H), K > 65535 (a last-token LM head).
+    big = torch.randn(B, T, 2 * H)[:, :, :H]
+    rmk.last_token_reward(big, torch.randn(1, H), lengths=torch.tensor([T, 1, 2]), backend="triton")
+    h = torch.randn(B, T, 16, requires_grad=True)
+    w = torch.randn(70000, 16, requires_grad=True)
+    rmk.last_token_reward(h, w, torch.randn(70000, requires_grad=True), lengths=torch.tensor([T, 1, 2]),
+                          backend="triton").sum().backward()
+
+
+def _drive_bt_loss(rmk):
+    """Every launch configuration of rmkernels/triton/bt_loss.py."""
+    B = 41
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for reduction, margin, weights, center, grads in itertools.product(
+                ("none", "mean", "sum"), (None, 0.5, "tensor"), (None, "tensor"), (0.0, 0.01),
+                ((True, True), (True, False), (False, True))):
+            c = torch.randn(B, dtype=dt, requires_grad=grads[0])
+            r = torch.randn(B, dtype=dt, requires_grad=grads[1])
+            m = torch.rand(B, dtype=dt) if margin == "tensor" else margin
+            w = torch.rand(B, dtype=dt) if weights == "tensor" else None
+            loss = rmk.bradley_terry_loss(c, r, margin=m, weights=w, center_coef=center, label_smoothing=0.1,
+                                          reduction=reduction, backend="triton")
+            loss.sum().backward()
+        # [B, 1] columns of a [B, 2] tensor: strided chosen / rejected.
+        both = torch.randn(B, 2, dtype=dt, requires_grad=True)
+        rmk.bradley_terry_loss(both[:, :1], both[:, 1:], backend="triton").backward()
+        for nc in (None, torch.tensor([4, 2, 0, 1, 3])):
+            x = torch.randn(5, 4, dtype=dt, requires_grad=True)
+            rmk.ranking_loss(x, num_candidates=nc, backend="triton").backward()
+        x = torch.randn(3, 40, dtype=dt, requires_grad=True)  # K > MAX_BLOCK_K: several tiles
+        rmk.ranking_loss(x, backend="triton").backward()
+        h = torch.randn(2 * B, 9, 48, dtype=dt, requires_grad=True)
+        w = torch.randn(1, 48, dtype=dt, requires_grad=True)
+        loss, _, _ = rmk.pairwise_reward_loss(h, w, lengths=torch.full((2 * B,), 9), backend="triton")
+        loss.backward()
+
+
+def _drive(module, rmk):
+    driver = globals().get(f"_drive_{module}")
+    assert driver is not None, (
+        f"rmkernels/triton/{module}.py has no launch driver: add _drive_{module}(rmk) to "
+        f"tests/test_gpu_readiness.py, calling the op's public functions with backend='triton' on every "
+        f"dtype and option that selects a different kernel or constexpr")
+    driver(rmk)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """{module: [Launch]} of every triton module, recorded with the data checks off (the
+    recorder runs nothing, so the outputs hold garbage)."""
+    pytest.importorskip("triton")
+    import triton.runtime.jit as jit
+
+    import rmkernels as rmk
+    from rmkernels import _backend, _checks
+
+    mp = pytest.MonkeyPatch()
+    launches = {}
+    try:
+        real_why_not = _backend._why_not
+        mp.setattr(_backend, "_why_not",
+                   lambda name, dev: None if name == "triton" else real_why_not(name, dev))
+        mp.setattr(_checks, "data_checks_enabled", lambda device: False)
+        for module in TRITON_MODULES:
+            launches[module] = []
+            mp.setattr(jit.JITFunction, "run", _recorder(launches[module]))
+            _drive(module, rmk)
+    finally:
+        mp.undo()
+    return launches
+
+
+def _jit_functions(module):
+    import triton.runtime.jit as jit
+
+    mod = importlib.import_module(f"rmkernels.triton.{module}")
+    return {name: fn for name, fn in vars(mod).items() if isinstance(fn, jit.JITFunction)}
+
+
+def _reached(launched, fns):
+    """Names of the jit functions reached from the launched kernels (helpers they call)."""
+    import triton.runtime.jit as jit
+
+    seen, todo = set(), list(launched)
+    while todo:
+        fn = todo.pop()
+        if fn.__name__ in seen:
+            continue
+        seen.add(fn.__name__)
+        for name in fn.fn.__code__.co_names:
+            callee = fn.fn.__globals__.get(name)
+            if isinstance(callee, jit.JITFunction):
+                todo.append(callee)
+    return seen & set(fns)
+
+
+def test_there_are_triton_modules():
+    assert TRITON_MODULES, "no rmkernels/triton/*.py found"
+
+
+def test_every_triton_kernel_is_launched(recorded):
+    for module in TRITON_MODULES:
+        fns = _jit_functions(module)
+        launched = {l.fn for ls in recorded.values() for l in ls}
+        missing = set(fns) - _reached(launched, fns)
+        assert not missing, (f"rmkernels/triton/{module}.py: @triton.jit functions {sorted(missing)} are never "
+                             f"launched by _drive_{module} (and not called by a launched kernel): extend it")
+
+
+def test_launch_grids_fit_cuda_limits(recorded):
+    bad = [l.describe() for ls in recorded.values() for l in ls
+           if len(l.grid) > 3 or any(g > m for g, m in zip(l.grid, MAX_GRID)) or any(g < 1 for g in l.grid)]
+    assert not bad, "launch grids outside CUDA's limits (x < 2^31, y, z <= 65535, each >= 1):\n" + "\n".join(bad)
+
+
+def _features(launch, pairwise):
+    """What a compile of `launch` exercises: each parameter's type, each constexpr's value, and
+    with `pairwise` each constexpr flag value together with the pointer dtypes (fp64 + a
+    flag...); block sizes are not paired (they change layouts, not types)."""
+    cst = {launch.fn.arg_names[p[0]]: repr(v) for p, v in launch.constexprs.items()}
+    f = {("sig", k, v) for k, v in launch.signature.items() if v != "constexpr"} | {("cst", k, v) for k, v in cst.items()}
+    if pairwise:
+        ptrs = tuple(sorted({v for v in launch.signature.values() if v.startswith("*") and v != "*i64"}))
+        f |= {("ptrs+cst", ptrs, k, v) for k, v in cst.items() if not k.startswith("BLOCK")}
+    return f
+
+
+def _covering(launches, pairwise):
+    """A few launches per kernel such that every feature seen (see _features) is compiled."""
+    by_kernel = {}
+    for l in launches:
+        by_kernel.setdefault(l.name, []).append(l)
+    chosen = []
+    for ls in by_kernel.values():
+        need = set().union(*(_features(l, pairwise) for l in ls))
+        while need:
+            best = max(ls, key=lambda l: len(_features(l, pairwise) & need))
+            chosen.append(best)
+            need -= _features(best, pairwise)
+    return chosen
+
+
+def _unique(launches):
+    out = {}
+    for l in launches:
+        out.setdefault(l.key(), l)
+    return list(out.values())
+
+
+def _compile(launch, arch, tmp_cache):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch.options.__dict__)
+
+
+@pytest.mark.parametrize("module", TRITON_MODULES)
+def test_triton_kernels_compile_for_sm80_and_sm90(module, recorded, tmp_path, monkeypatch):
+    """Through cubin: for sm_90 launches that cover every parameter type and every constexpr
+    value with every combination of pointer dtypes; for sm_80 every parameter type and
+    constexpr value. RMKERNELS_AOT_ALL=1 compiles every distinct launch for both (minutes)."""
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # compile for real, not from a cache
+    # The launches of this module's kernels, whichever driver made them (pairwise_reward_loss
+    # launches the pooling kernels).
+    launches = _unique([l for ls in recorded.values() for l in ls if l.fn.module == f"rmkernels.triton.{module}"])
+    assert launches, f"no launches recorded for {module}"
+    failures, t0 = [], time.time()
+    if os.environ.get("RMKERNELS_AOT_ALL", "0") == "1":
+        plan = [(l, arch) for arch in (90, 80) for l in launches]
+    else:
+        plan = [(l, 90) for l in _covering(launches, True)] + [(l, 80) for l in _covering(launches, False)]
+    for launch, arch in plan:
+        try:
+            k = _compile(launch, arch, tmp_path)
+            assert k.asm.get("cubin"), "no cubin produced"
+            assert f".target sm_{arch}" in k.asm["ptx"], "PTX for the wrong target"
+        except Exception as e:  # noqa: BLE001 - every failure is reported below
+            failures.append(f"sm_{arch}: {launch.describe()}\n    {type(e).__name__}: {str(e)[:1500]}")
+    assert not failures, f"{len(failures)}/{len(plan)} Triton compiles failed:\n" + "\n".join(failures)
+    print(f"{module}: {len(plan)} compiles of {len(launches)} distinct launches in {time.time() - t0:.1f} s")
