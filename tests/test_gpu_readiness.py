@@ -48,9 +48,13 @@ needs_compiled_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0
 # Recording the launches of the host wrappers
 # ---------------------------------------------------------------------------------------
 class Launch:
-    def __init__(self, fn, signature, constexprs, attrs, options, grid):
+    def __init__(self, fn, signature, constexprs, attrs, kwargs, grid):
         self.fn, self.signature, self.constexprs, self.attrs = fn, signature, constexprs, attrs
-        self.options, self.grid = options, grid
+        # The launch options given (num_warps...): parsed again by each target's backend,
+        # since parsed options name the arch (sm90 options would make sm_80 code use sm_90
+        # instructions).
+        self.kwargs = {k: v for k, v in kwargs.items() if k not in signature}
+        self.grid = grid
 
     @property
     def name(self):
@@ -86,7 +90,7 @@ def _recorder(launches):
         if callable(grid):
             grid = grid(bound_args)
         grid = tuple(int(g) for g in grid)
-        launches.append(Launch(self, signature, constexprs, attrs, options, grid))
+        launches.append(Launch(self, signature, constexprs, attrs, kwargs, grid))
         return None
 
     return run
@@ -265,39 +269,64 @@ def _unique(launches):
     return list(out.values())
 
 
-def _compile(launch, arch, tmp_cache):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch.options.__dict__)
+# Runs in a child process: an LLVM error aborts the process (no exception), which must not
+# take pytest down with it. Reads [(module, kernel, signature, constexprs, attrs, kwargs,
+# arch)] pickled on stdin; prints one line per compile.
+_COMPILE_CHILD = r"""
+import importlib, pickle, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+for i, (module, name, signature, constexprs, attrs, kwargs, arch) in enumerate(pickle.load(sys.stdin.buffer)):
+    print(f"START {i}", flush=True)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+        target = GPUTarget("cuda", arch, 32)
+        options = make_backend(target).parse_options(dict(kwargs))
+        k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        assert f".target sm_{arch}" in k.asm["ptx"], "PTX for the wrong target"
+        assert k.asm.get("cubin"), "no cubin"
+        print(f"OK {i}", flush=True)
+    except Exception as e:
+        msg = (type(e).__name__ + ": " + str(e)[:1500]).replace(chr(10), chr(10) + "      ")
+        print(f"FAIL {i} {msg}", flush=True)
+"""
 
 
 @needs_compiled_triton
 @pytest.mark.parametrize("module", TRITON_MODULES)
-def test_triton_kernels_compile_for_sm80_and_sm90(module, recorded, tmp_path, monkeypatch):
-    """Through cubin: for sm_90 launches that cover every parameter type and every constexpr
-    value with every combination of pointer dtypes; for sm_80 every parameter type and
-    constexpr value. RMKERNELS_AOT_ALL=1 compiles every distinct launch for both (minutes)."""
-    assert os.environ.get("TRITON_INTERPRET", "0") != "1"
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # compile for real, not from a cache
+def test_triton_kernels_compile_for_sm80_and_sm90(module, recorded, tmp_path):
+    """Through cubin (ptxas from the triton wheel), in a child process without
+    TRITON_INTERPRET and with an empty cache: for sm_90 launches that cover every parameter
+    type and every constexpr flag value with every combination of pointer dtypes; for sm_80
+    every parameter type and constexpr value. RMKERNELS_AOT_ALL=1 compiles every distinct
+    launch for both (minutes)."""
+    import pickle
+
     # The launches of this module's kernels, whichever driver made them (pairwise_reward_loss
     # launches the pooling kernels).
     launches = _unique([l for ls in recorded.values() for l in ls if l.fn.module == f"rmkernels.triton.{module}"])
     assert launches, f"no launches recorded for {module}"
-    failures, t0 = [], time.time()
     if os.environ.get("RMKERNELS_AOT_ALL", "0") == "1":
         plan = [(l, arch) for arch in (90, 80) for l in launches]
     else:
         plan = [(l, 90) for l in _covering(launches, True)] + [(l, 80) for l in _covering(launches, False)]
-    for launch, arch in plan:
-        try:
-            k = _compile(launch, arch, tmp_path)
-            assert k.asm.get("cubin"), "no cubin produced"
-            assert f".target sm_{arch}" in k.asm["ptx"], "PTX for the wrong target"
-        except Exception as e:  # noqa: BLE001 - every failure is reported below
-            failures.append(f"sm_{arch}: {launch.describe()}\n    {type(e).__name__}: {str(e)[:1500]}")
+    jobs = [(l.fn.module, l.fn.__name__, l.signature, l.constexprs, l.attrs, l.kwargs, arch) for l, arch in plan]
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))  # compile for real, not from a cache
+    env.pop("TRITON_INTERPRET", None)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHILD], input=pickle.dumps(jobs), capture_output=True,
+                          cwd=ROOT, env=env)
+    out = proc.stdout.decode(errors="replace")
+    done = {int(line.split()[1]) for line in out.splitlines() if line.startswith(("OK ", "FAIL "))}
+    failures = [f"sm_{plan[int(line.split()[1])][1]}: {plan[int(line.split()[1])][0].describe()}\n    "
+                + line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("FAIL ")]
+    if len(done) < len(plan):
+        started = [int(line.split()[1]) for line in out.splitlines() if line.startswith("START ")]
+        crashed = plan[started[-1]] if started and started[-1] not in done else None
+        failures.append(f"the compiler process died (exit {proc.returncode})"
+                        + (f" compiling sm_{crashed[1]}: {crashed[0].describe()}" if crashed else "")
+                        + "\n    " + proc.stderr.decode(errors="replace")[-3000:])
     assert not failures, f"{len(failures)}/{len(plan)} Triton compiles failed:\n" + "\n".join(failures)
     print(f"{module}: {len(plan)} compiles of {len(launches)} distinct launches in {time.time() - t0:.1f} s")
 
