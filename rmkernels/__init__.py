@@ -12,6 +12,8 @@ from rmkernels._backend import BACKENDS, available_backends, backend_report, use
 from rmkernels._checks import checks
 from rmkernels.ops.pooling import last_token_index, last_token_reward
 from rmkernels.modules import LastTokenRewardHead
+from rmkernels.ops.ppo import PPOAdvantages, masked_whiten, ppo_advantages
+from rmkernels.kl_control import AdaptiveKLController, FixedKLController
 
 __all__ = [
     "__version__",
@@ -23,4 +25,9 @@ __all__ = [
     "last_token_index",
     "last_token_reward",
     "LastTokenRewardHead",
+    "PPOAdvantages",
+    "ppo_advantages",
+    "masked_whiten",
+    "AdaptiveKLController",
+    "FixedKLController",
 ]
