@@ -253,6 +253,39 @@ def test_backend_lengths(backend, device, T):
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("B,T", [(2, 32768), (4096, 33)])
+def test_backend_long_rows_and_wide_batches(backend, device, B, T):
+    skip_unless_available(backend, device)
+    if backend == "triton" and device == "cpu":
+        pytest.skip("too large for the interpreter: test_triton_segmented_rows covers the long-row path")
+    inputs = make_inputs(B, T, device=device)
+    mask = make_mask("mixed", B, T, device)
+    out, ref = run_both(backend, device, inputs, mask, kl_coef=0.05, gamma=0.999, lam=0.95, kl_estimator="k3")
+    check_outputs(out, ref, torch.float32, f"B={B}, T={T}", rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("T", [20, 45, 96])
+def test_triton_segmented_rows(device, kind, T, monkeypatch):
+    """The long-row path of the Triton backend (rows split into segments: aggregates, a
+    carry kernel, then each segment with its carries), forced onto short rows."""
+    skip_unless_available("triton", device)
+    from rmkernels.triton import ppo as tppo
+
+    monkeypatch.setattr(tppo, "FORCE_SEGMENT_T", 32 if TRITON_INTERPRET else 1024)
+    if not TRITON_INTERPRET:
+        T = T * 100
+    B = 5
+    inputs = make_inputs(B, T, device=device)
+    mask = make_mask(kind, B, T, device)
+    for opts in (dict(kl_estimator="k1"), dict(kl_estimator="k3", gamma=0.9, lam=0.0, score_clip=1.0)):
+        out, ref = run_both("triton", device, inputs, mask, kl_coef=0.1, **opts)
+        check_outputs(out, ref, torch.float32, f"segmented {kind} T={T} {opts}", rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_backend_dtypes(backend, device, dtype):
     skip_unless_available(backend, device)
