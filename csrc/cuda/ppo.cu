@@ -123,6 +123,19 @@ __device__ __forceinline__ float exp_acc<float>(float x) { return expf(x); }
 template <>
 __device__ __forceinline__ double exp_acc<double>(double x) { return exp(x); }
 
+// x^n for n >= 0 by squaring (no powf: under --use_fast_math it is exp2(n * log2(x)), which
+// gives 0^0 = NaN).
+template <typename A>
+__device__ __forceinline__ A ipow(A x, int64_t n) {
+  A r = A(1);
+  while (n > 0) {
+    if (n & 1) r *= x;
+    x *= x;
+    n >>= 1;
+  }
+  return r;
+}
+
 template <typename A>
 __device__ __forceinline__ A kl_value(A x, int est, A x_clamp, A kl_clamp) {
   x = clamp_sym(x, x_clamp);
@@ -136,24 +149,50 @@ __device__ __forceinline__ A kl_value(A x, int est, A x_clamp, A kl_clamp) {
   return clamp_sym(k, kl_clamp);
 }
 
-template <typename S, typename A>
+// Modes of the GAE kernel. Grid (B, n_seg): one block per row (kRow, n_seg = 1), or per
+// (row, segment of seg_len positions) for long rows in a batch too small to fill the GPU.
+constexpr int kRow = 0;               // the whole row, carries start at 0: writes everything
+constexpr int kSegmentAggregate = 1;  // a segment with zero carries: writes its aggregate only
+constexpr int kSegmentFinal = 2;      // a segment with the carries of the segments to its right
+
+// What a segment does to the carried state (C, D) entering at its right end, C = A and
+// D = V of the nearest valid position to the right:
+//   C(t_lo) = alpha * C_in + gamma * e * D_in + c0 (+ e * score if it holds the row's last
+//   valid position), D(t_lo) = v_first if it has a valid position, else D_in.
+// alpha = (gamma lam)^k and e = (gamma lam)^(k - 1) for its k valid positions.
+
+template <int kMode, typename S, typename A>
 __global__ void __launch_bounds__(kGaeThreads)
     ppo_gae_kernel(const S* __restrict__ lp, int64_t lp0, int64_t lp1, const S* __restrict__ rf, int64_t rf0,
                    int64_t rf1, const S* __restrict__ val, int64_t v0, int64_t v1, const A* __restrict__ scores,
-                   const bool* __restrict__ mask, int64_t m0, int64_t m1, int64_t T, PPOGaeParams p,
-                   A* __restrict__ adv, A* __restrict__ ret, A* __restrict__ rew, A* __restrict__ kl,
-                   double* __restrict__ row_stats) {
+                   const bool* __restrict__ mask, int64_t m0, int64_t m1, int64_t T, int64_t seg_len,
+                   PPOGaeParams p, A* __restrict__ adv, A* __restrict__ ret, A* __restrict__ rew,
+                   A* __restrict__ kl, double* __restrict__ stats, A* __restrict__ agg,
+                   int64_t* __restrict__ seg_last_out, const A* __restrict__ carry,
+                   const int64_t* __restrict__ row_last) {
   __shared__ Affine<A> warp_tot[kGaeWarps];
   __shared__ int64_t s_max[kGaeWarps];
   __shared__ double s_sum[kGaeWarps];
-  const int64_t b = blockIdx.x;
+  const int64_t b = blockIdx.x, seg = blockIdx.y, n_seg = gridDim.y;
+  const int64_t t_lo = seg * seg_len;
+  const int64_t t_hi = t_lo + seg_len < T ? t_lo + seg_len : T;  // this block covers [t_lo, t_hi)
   const bool* mrow = mask + b * m0;
 
-  int64_t best = -1;
-  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-    if (mrow[t * m1]) best = t;  // t grows per thread, so the last hit is its max
+  int64_t last = -1;  // the position that gets the score (none in an aggregate)
+  int64_t seg_last = -1;
+  A carry_v = 0, carry_a = 0;  // D and C just right of the current chunk
+  if (kMode == kSegmentFinal) {
+    last = row_last[b];
+    carry_a = carry[(b * n_seg + seg) * 2];
+    carry_v = carry[(b * n_seg + seg) * 2 + 1];
+  } else {
+    int64_t best = -1;
+    for (int64_t t = t_lo + threadIdx.x; t < t_hi; t += blockDim.x) {
+      if (mrow[t * m1]) best = t;  // t grows per thread, so the last hit is its max
+    }
+    seg_last = block_max<int64_t>(best, s_max, -1);
+    if (kMode == kRow) last = seg_last;
   }
-  const int64_t last = block_max<int64_t>(best, s_max, -1);
 
   const A kl_coef = static_cast<A>(p.kl_coef), gamma = static_cast<A>(p.gamma);
   const A gl = static_cast<A>(p.gamma * p.lam);
@@ -167,18 +206,18 @@ __global__ void __launch_bounds__(kGaeThreads)
   A* o_rew = rew + b * T;
   A* o_kl = kl + b * T;
 
-  A carry_v = 0, carry_a = 0;  // D and C just right of the current chunk
   double cnt = 0, sum = 0;
+  A v_first = 0;
   constexpr int64_t kChunk = static_cast<int64_t>(kGaeThreads) * kGaeItems;
-  const int64_t n_chunks = (T + kChunk - 1) / kChunk;
+  const int64_t n_chunks = (t_hi - t_lo + kChunk - 1) / kChunk;
   for (int64_t c = n_chunks - 1; c >= 0; --c) {
-    const int64_t base = c * kChunk + static_cast<int64_t>(threadIdx.x) * kGaeItems;
+    const int64_t base = t_lo + c * kChunk + static_cast<int64_t>(threadIdx.x) * kGaeItems;
     bool m[kGaeItems];
     A v[kGaeItems], r[kGaeItems], k[kGaeItems];
 #pragma unroll
     for (int j = 0; j < kGaeItems; ++j) {
       const int64_t t = base + j;
-      m[j] = t < T && mrow[t * m1];
+      m[j] = t < t_hi && mrow[t * m1];
       v[j] = r[j] = k[j] = A(0);
       if (m[j]) {
         const A x = to_acc<A>(lrow[t * lp1]) - to_acc<A>(rrow[t * rf1]);
@@ -205,6 +244,7 @@ __global__ void __launch_bounds__(kGaeThreads)
       delta[j] = r[j] + gamma * d - v[j];  // d = V_next(base + j)
       if (m[j]) d = v[j];
     }
+    if (c == 0) v_first = d;  // thread 0: D(t_lo)
     // A: scan of C.
     Affine<A> ma = identity<A>();
 #pragma unroll
@@ -217,7 +257,7 @@ __global__ void __launch_bounds__(kGaeThreads)
 #pragma unroll
     for (int j = kGaeItems - 1; j >= 0; --j) {
       const int64_t t = base + j;
-      if (t >= T) continue;
+      if (t >= t_hi) continue;
       A a_out = A(0), ret_out = A(0);
       if (m[j]) {
         cA = delta[j] + gl * cA;
@@ -226,17 +266,58 @@ __global__ void __launch_bounds__(kGaeThreads)
         cnt += 1.0;
         sum += static_cast<double>(cA);
       }
-      o_adv[t] = a_out;
-      o_ret[t] = ret_out;
-      o_rew[t] = r[j];
-      o_kl[t] = k[j];
+      if (kMode != kSegmentAggregate) {
+        o_adv[t] = a_out;
+        o_ret[t] = ret_out;
+        o_rew[t] = r[j];
+        o_kl[t] = k[j];
+      }
     }
   }
   cnt = block_sum(cnt, s_sum);
+  if (kMode == kSegmentAggregate) {
+    if (threadIdx.x == 0) {
+      A* g = agg + (b * n_seg + seg) * 4;
+      const int64_t kv = static_cast<int64_t>(cnt);
+      g[0] = ipow(gl, kv);                                   // alpha
+      g[1] = kv > 0 ? ipow(gl, kv - 1) : A(0);               // e
+      g[2] = carry_a;                                        // c0 = C(t_lo) with zero carries
+      g[3] = v_first;                                        // D(t_lo) with D_in = 0
+      seg_last_out[b * n_seg + seg] = seg_last;
+    }
+    return;
+  }
   sum = block_sum(sum, s_sum);
   if (threadIdx.x == 0) {
-    row_stats[2 * b] = cnt;
-    row_stats[2 * b + 1] = sum;
+    stats[(b * n_seg + seg) * 2] = cnt;
+    stats[(b * n_seg + seg) * 2 + 1] = sum;
+  }
+}
+
+// One thread per row: the row's last valid position, and from the right the carries (C, D)
+// entering each segment, composed from the segments' aggregates.
+template <typename A>
+__global__ void gae_carry_kernel(const A* __restrict__ agg, const int64_t* __restrict__ seg_last,
+                                 const A* __restrict__ scores, int64_t B, int64_t n_seg, PPOGaeParams p,
+                                 A* __restrict__ carry, int64_t* __restrict__ row_last) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= B) return;
+  const A gamma = static_cast<A>(p.gamma);
+  const A score = clamp_sym(scores[b], static_cast<A>(p.score_clip));
+  int64_t last = -1;
+  for (int64_t s = 0; s < n_seg; ++s) last = seg_last[b * n_seg + s] > last ? seg_last[b * n_seg + s] : last;
+  row_last[b] = last;
+  A c = 0, d = 0;
+  for (int64_t s = n_seg - 1; s >= 0; --s) {
+    carry[(b * n_seg + s) * 2] = c;
+    carry[(b * n_seg + s) * 2 + 1] = d;
+    const int64_t sl = seg_last[b * n_seg + s];
+    if (sl < 0) continue;  // no valid position: the state passes through
+    const A* g = agg + (b * n_seg + s) * 4;
+    A c0 = g[2];
+    if (sl == last) c0 = c0 + g[1] * score;
+    c = g[0] * c + gamma * g[1] * d + c0;
+    d = g[3];
   }
 }
 
@@ -326,20 +407,40 @@ constexpr int64_t kApplyBlocksPerRow = 8;
 
 cudaError_t launch_ppo_gae(DType dtype, Strided2D logprobs, Strided2D ref_logprobs, Strided2D values,
                            const void* scores, Strided2D mask, int64_t B, int64_t T, PPOGaeParams p,
-                           void* advantages, void* returns, void* rewards, void* kl, double* row_stats,
-                           cudaStream_t stream) {
+                           void* advantages, void* returns, void* rewards, void* kl, double* stats,
+                           PPOSegments segments, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (p.estimator < 0 || p.estimator > 3) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned int>(B));
+  const int64_t n_seg = segments.n_seg;
+  if (n_seg < 1 || n_seg > 65535 || (n_seg > 1 && (segments.seg_len < 1 || segments.agg == nullptr ||
+                                                   segments.seg_last == nullptr || segments.carry == nullptr ||
+                                                   segments.last == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t seg_len = n_seg > 1 ? segments.seg_len : (T > 0 ? T : 1);
+  const dim3 grid(static_cast<unsigned int>(B), static_cast<unsigned int>(n_seg));
   return dispatch(dtype, [&](auto* sp, auto* ap) {
     using S = std::remove_pointer_t<decltype(sp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
-    ppo_gae_kernel<S, A><<<grid, kGaeThreads, 0, stream>>>(
-        static_cast<const S*>(logprobs.ptr), logprobs.s0, logprobs.s1, static_cast<const S*>(ref_logprobs.ptr),
-        ref_logprobs.s0, ref_logprobs.s1, static_cast<const S*>(values.ptr), values.s0, values.s1,
-        static_cast<const A*>(scores), static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T, p,
-        static_cast<A*>(advantages), static_cast<A*>(returns), static_cast<A*>(rewards), static_cast<A*>(kl),
-        row_stats);
+    auto launch = [&](auto mode) {
+      ppo_gae_kernel<decltype(mode)::value, S, A><<<grid, kGaeThreads, 0, stream>>>(
+          static_cast<const S*>(logprobs.ptr), logprobs.s0, logprobs.s1, static_cast<const S*>(ref_logprobs.ptr),
+          ref_logprobs.s0, ref_logprobs.s1, static_cast<const S*>(values.ptr), values.s0, values.s1,
+          static_cast<const A*>(scores), static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T, seg_len, p,
+          static_cast<A*>(advantages), static_cast<A*>(returns), static_cast<A*>(rewards), static_cast<A*>(kl),
+          stats, static_cast<A*>(segments.agg), segments.seg_last, static_cast<const A*>(segments.carry),
+          segments.last);
+    };
+    if (n_seg == 1) {
+      launch(std::integral_constant<int, kRow>{});
+      return;
+    }
+    launch(std::integral_constant<int, kSegmentAggregate>{});
+    constexpr int kCarryThreads = 128;
+    gae_carry_kernel<A><<<ceil_div(B, kCarryThreads), kCarryThreads, 0, stream>>>(
+        static_cast<const A*>(segments.agg), segments.seg_last, static_cast<const A*>(scores), B, n_seg, p,
+        static_cast<A*>(segments.carry), segments.last);
+    launch(std::integral_constant<int, kSegmentFinal>{});
   });
 }
 

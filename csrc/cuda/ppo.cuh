@@ -27,14 +27,30 @@ struct PPOGaeParams {
   double x_clamp, kl_clamp, score_clip;  // clamps to [-c, c]; 0 = none
 };
 
-// One block per row: kl, rewards (score at the row's last valid position), GAE advantages
-// over the valid positions (a block-wide reverse scan of the recurrence, walking the row
-// from the right in chunks), returns = A + V, and row_stats[b] = (count, sum of A) for the
-// whitening. Everything is 0 at masked positions and in rows with no valid token.
+// Long rows in a batch too small to fill the GPU: split each row into n_seg segments of
+// seg_len positions, one block each. Three launches: each segment's aggregate (what it does
+// to the carried state, affine in the carries from its right), one thread per row composing
+// them into each segment's carries, each segment with its carries. n_seg = 1: one launch,
+// one block per row, and the scratch pointers may be null. Scratch (device, caller-owned):
+//   agg [B, n_seg, 4] and carry [B, n_seg, 2] in the arithmetic dtype, seg_last [B, n_seg]
+//   and last [B] int64.
+struct PPOSegments {
+  int64_t n_seg, seg_len;
+  void* agg;
+  int64_t* seg_last;
+  void* carry;
+  int64_t* last;
+};
+
+// kl, rewards (score at the row's last valid position), GAE advantages over the valid
+// positions (a block-wide reverse scan of the recurrence, walking the row from the right
+// in chunks), returns = A + V, and stats[b, seg] = (count, sum of A) of each row's
+// segment ([B, n_seg, 2] float64; sum over seg for the whitening). Everything is 0 at
+// masked positions and in rows with no valid token.
 cudaError_t launch_ppo_gae(DType dtype, Strided2D logprobs, Strided2D ref_logprobs, Strided2D values,
                            const void* scores, Strided2D mask, int64_t B, int64_t T, PPOGaeParams p,
-                           void* advantages, void* returns, void* rewards, void* kl, double* row_stats,
-                           cudaStream_t stream);
+                           void* advantages, void* returns, void* rewards, void* kl, double* stats,
+                           PPOSegments segments, cudaStream_t stream);
 
 // stats[b] = (number of valid positions of row b, sum of x over them).
 cudaError_t launch_masked_row_stats(DType dtype, Strided2D x, Strided2D mask, int64_t B, int64_t T, double* stats,

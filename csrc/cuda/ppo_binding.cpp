@@ -8,6 +8,19 @@
 namespace rmkernels {
 namespace {
 
+// Long rows are split into segments of this many positions (one block each) when the batch
+// has fewer than 2 rows per SM: gae-xl (B = 32, T = 32768) then runs 256 blocks, not 32.
+// 4096 positions = 4 chunks of the block walk, enough to amortise the 3 launches.
+constexpr int64_t kSegmentT = 4096;
+
+int64_t num_segments(int64_t B, int64_t T, const at::Device& dev) {
+  if (T < 2 * kSegmentT) return 1;
+  int sms = 0;  // a device attribute query: no synchronisation, allowed during graph capture
+  RMK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev.index()));
+  if (B >= 2 * static_cast<int64_t>(sms)) return 1;
+  return (T + kSegmentT - 1) / kSegmentT;
+}
+
 cuda::Strided2D strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
 
 at::ScalarType acc_type_of(const at::Tensor& t) {
@@ -49,12 +62,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
   auto opts = values.options().dtype(acc);
   auto adv = at::empty({B, T}, opts), ret = at::empty({B, T}, opts);
   auto rew = at::empty({B, T}, opts), kl = at::empty({B, T}, opts);
-  auto stats = at::empty({B, 2}, values.options().dtype(at::kDouble));
+  const int64_t n_seg = num_segments(B, T, dev);
+  auto stats = at::empty({B, n_seg, 2}, values.options().dtype(at::kDouble));
+  cuda::PPOSegments seg{n_seg, kSegmentT, nullptr, nullptr, nullptr, nullptr};
+  at::Tensor agg, seg_last, carry, last;
+  if (n_seg > 1) {
+    agg = at::empty({B, n_seg, 4}, opts);
+    carry = at::empty({B, n_seg, 2}, opts);
+    seg_last = at::empty({B, n_seg}, values.options().dtype(at::kLong));
+    last = at::empty({B}, values.options().dtype(at::kLong));
+    seg = {n_seg, kSegmentT, agg.data_ptr(), seg_last.data_ptr<int64_t>(), carry.data_ptr(), last.data_ptr<int64_t>()};
+  }
   const cuda::PPOGaeParams p{kl_coef, gamma, lam, static_cast<int>(estimator), x_clamp, kl_clamp, score_clip};
   RMK_CUDA_CHECK(cuda::launch_ppo_gae(cuda_dtype(values), strided(logprobs), strided(ref_logprobs), strided(values),
                                       scores.data_ptr(), strided(mask), B, T, p, adv.data_ptr(), ret.data_ptr(),
-                                      rew.data_ptr(), kl.data_ptr(), stats.data_ptr<double>(),
+                                      rew.data_ptr(), kl.data_ptr(), stats.data_ptr<double>(), seg,
                                       c10::cuda::getCurrentCUDAStream()));
+  if (n_seg > 1) stats = stats.sum(1);  // per-row partials for the whitening (deterministic)
+  else stats = stats.view({B, 2});
   return {adv, ret, rew, kl, stats};
 }
 
