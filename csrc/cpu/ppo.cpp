@@ -14,7 +14,9 @@
 // every output written once.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "rmkernels/cpu_common.h"
 
@@ -34,15 +36,18 @@ inline acc clamp_sym(acc v, acc c) {
   return c > 0 ? std::min(std::max(v, -c), c) : v;  // NaN stays NaN (min/max keep the first)
 }
 
-template <typename acc>
-inline acc kl_value(acc x, int64_t est, acc x_clamp, acc kl_clamp) {
-  if (x_clamp > 0) x = clamp_sym(x, x_clamp);
+template <int64_t kEst, typename acc>
+inline acc kl_of(acc x, acc x_clamp, acc kl_clamp) {
+  x = clamp_sym(x, x_clamp);
   acc k;
-  switch (est) {
-    case kK1: k = x; break;
-    case kAbs: k = std::abs(x); break;
-    case kK2: k = acc(0.5) * x * x; break;
-    default: k = std::exp(-x) - acc(1) + x; break;
+  if constexpr (kEst == kK1) {
+    k = x;
+  } else if constexpr (kEst == kAbs) {
+    k = std::abs(x);
+  } else if constexpr (kEst == kK2) {
+    k = acc(0.5) * x * x;
+  } else {
+    k = std::exp(-x) - acc(1) + x;
   }
   return clamp_sym(k, kl_clamp);
 }
@@ -51,7 +56,73 @@ struct Strides2 {
   int64_t s0, s1;
 };
 
-template <typename scalar_t>
+// Per group of kLanes rows: pass 1, per row, the element-wise part (KL and rewards;
+// no dependence between positions), then the score at the last valid
+// position; pass 2, the recurrence over T from the right, the kLanes rows interleaved
+// position by position: A_t = delta_t + gamma * lam * A_next is a chain of dependent
+// multiply-adds within a row, so one row at a time is bound by their latency, while
+// independent rows overlap. Each row gets exactly the sequential arithmetic (masked
+// positions compute a value that is selected away), so results do not depend on grouping.
+constexpr int64_t kLanes = 4;
+
+// Pass 1 of one row. kUnit: every position stride is 1 (the usual layout), so the compiler
+// can drop the stride multiplications. (GCC 12 does not vectorise these bool-mask select
+// loops: "control flow in loop"; they run scalar, branch-free.)
+template <int64_t kEst, bool kUnit, typename scalar_t>
+void kl_rewards_row(const scalar_t* lpr, int64_t slp, const scalar_t* rfr, int64_t srf, const bool* mr, int64_t sm,
+                    int64_t T, acc_t<scalar_t> kl_coef, acc_t<scalar_t> x_clamp, acc_t<scalar_t> kl_clamp,
+                    acc_t<scalar_t>* __restrict__ o_kl, acc_t<scalar_t>* __restrict__ o_rew) {
+  using acc = acc_t<scalar_t>;
+  if (kUnit) slp = srf = sm = 1;
+#pragma omp simd
+  for (int64_t t = 0; t < T; ++t) {
+    const acc x = static_cast<acc>(lpr[t * slp]) - static_cast<acc>(rfr[t * srf]);
+    const acc k = kl_of<kEst>(x, x_clamp, kl_clamp);
+    const bool valid = mr[t * sm];
+    o_kl[t] = valid ? k : acc(0);
+    o_rew[t] = valid ? -kl_coef * k : acc(0);
+  }
+}
+
+// Pass 2 of L rows b0 .. b0 + L - 1, interleaved (fully unrolled: the carries stay in
+// registers).
+template <int L, typename scalar_t>
+void gae_recurrence(const scalar_t* val, Strides2 sv, const bool* mask, Strides2 sm, int64_t b0, int64_t T,
+                    acc_t<scalar_t> gamma, acc_t<scalar_t> gl, const acc_t<scalar_t>* rew, acc_t<scalar_t>* adv,
+                    acc_t<scalar_t>* ret, double* stats) {
+  using acc = acc_t<scalar_t>;
+  acc next_v[L], next_a[L];
+  double count[L], sum[L];
+#pragma GCC unroll 8
+  for (int l = 0; l < L; ++l) {
+    next_v[l] = next_a[l] = acc(0);
+    count[l] = sum[l] = 0.0;
+  }
+  for (int64_t t = T - 1; t >= 0; --t) {
+#pragma GCC unroll 8
+    for (int l = 0; l < L; ++l) {
+      const int64_t b = b0 + l;
+      const int64_t o = b * T + t;
+      const bool valid = mask[b * sm.s0 + t * sm.s1];
+      const acc v = static_cast<acc>(val[b * sv.s0 + t * sv.s1]);
+      const acc delta = rew[o] + gamma * next_v[l] - v;
+      const acc a = delta + gl * next_a[l];
+      adv[o] = valid ? a : acc(0);
+      ret[o] = valid ? a + v : acc(0);
+      next_v[l] = valid ? v : next_v[l];
+      next_a[l] = valid ? a : next_a[l];
+      count[l] += valid ? 1.0 : 0.0;
+      sum[l] += valid ? static_cast<double>(a) : 0.0;
+    }
+  }
+#pragma GCC unroll 8
+  for (int l = 0; l < L; ++l) {
+    stats[2 * (b0 + l)] = count[l];
+    stats[2 * (b0 + l) + 1] = sum[l];
+  }
+}
+
+template <int64_t kEst, typename scalar_t>
 void gae_rows(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf, const scalar_t* val, Strides2 sv,
               const acc_t<scalar_t>* scores, const bool* mask, Strides2 sm, int64_t B, int64_t T, const GaeParams& p,
               acc_t<scalar_t>* adv, acc_t<scalar_t>* ret, acc_t<scalar_t>* rew, acc_t<scalar_t>* kl, double* stats) {
@@ -60,46 +131,36 @@ void gae_rows(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf
   const acc gl = static_cast<acc>(p.gamma * p.lam);
   const acc x_clamp = static_cast<acc>(p.x_clamp), kl_clamp = static_cast<acc>(p.kl_clamp);
   const acc score_clip = static_cast<acc>(p.score_clip);
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      const bool* m = mask + b * sm.s0;
-      int64_t last = -1;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        if (m[t * sm.s1]) { last = t; break; }
-      }
-      const scalar_t* lpr = lp + b * slp.s0;
-      const scalar_t* rfr = rf + b * srf.s0;
-      const scalar_t* vr = val + b * sv.s0;
-      acc* o_adv = adv + b * T;
-      acc* o_ret = ret + b * T;
-      acc* o_rew = rew + b * T;
-      acc* o_kl = kl + b * T;
-      const acc score = clamp_sym(scores[b], score_clip);
-      acc next_v = 0, next_a = 0;
-      double count = 0, sum = 0;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        if (!m[t * sm.s1]) {
-          o_adv[t] = o_ret[t] = o_rew[t] = o_kl[t] = acc(0);
-          continue;
+  const bool unit = slp.s1 == 1 && srf.s1 == 1 && sm.s1 == 1;
+  const int64_t n_groups = (B + kLanes - 1) / kLanes;
+  at::parallel_for(0, n_groups, 1, [&](int64_t g_lo, int64_t g_hi) {
+    for (int64_t g = g_lo; g < g_hi; ++g) {
+      const int64_t b0 = g * kLanes;
+      const int64_t nl = std::min(kLanes, B - b0);
+      // Pass 1: kl and rewards of each row, then the score at its last valid position.
+      for (int64_t b = b0; b < b0 + nl; ++b) {
+        const scalar_t* lpr = lp + b * slp.s0;
+        const scalar_t* rfr = rf + b * srf.s0;
+        const bool* mr = mask + b * sm.s0;
+        if (unit) {
+          kl_rewards_row<kEst, true>(lpr, 1, rfr, 1, mr, 1, T, kl_coef, x_clamp, kl_clamp, kl + b * T, rew + b * T);
+        } else {
+          kl_rewards_row<kEst, false>(lpr, slp.s1, rfr, srf.s1, mr, sm.s1, T, kl_coef, x_clamp, kl_clamp, kl + b * T,
+                                      rew + b * T);
         }
-        const acc x = static_cast<acc>(lpr[t * slp.s1]) - static_cast<acc>(rfr[t * srf.s1]);
-        const acc k = kl_value(x, p.estimator, x_clamp, kl_clamp);
-        acc r = -kl_coef * k;
-        if (t == last) r = r + score;
-        const acc v = static_cast<acc>(vr[t * sv.s1]);
-        const acc delta = r + gamma * next_v - v;
-        const acc a = delta + gl * next_a;
-        o_kl[t] = k;
-        o_rew[t] = r;
-        o_adv[t] = a;
-        o_ret[t] = a + v;
-        next_v = v;
-        next_a = a;
-        count += 1;
-        sum += static_cast<double>(a);
+        for (int64_t t = T - 1; t >= 0; --t) {
+          if (mr[t * sm.s1]) {
+            rew[b * T + t] = rew[b * T + t] + clamp_sym(scores[b], score_clip);
+            break;
+          }
+        }
       }
-      stats[2 * b] = count;
-      stats[2 * b + 1] = sum;
+      // Pass 2: the recurrence, rows interleaved.
+      if (nl == kLanes) {
+        gae_recurrence<kLanes>(val, sv, mask, sm, b0, T, gamma, gl, rew, adv, ret, stats);
+      } else {
+        for (int64_t b = b0; b < b0 + nl; ++b) gae_recurrence<1>(val, sv, mask, sm, b, T, gamma, gl, rew, adv, ret, stats);
+      }
     }
   });
 }
@@ -135,10 +196,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
   const GaeParams p{kl_coef, gamma, lam, estimator, x_clamp, kl_clamp, score_clip};
   RMK_DISPATCH_FLOATS(values.scalar_type(), "ppo_gae_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    gae_rows<scalar_t>(logprobs.data_ptr<scalar_t>(), strides_of(logprobs), ref_logprobs.data_ptr<scalar_t>(),
-                       strides_of(ref_logprobs), values.data_ptr<scalar_t>(), strides_of(values),
-                       scores.data_ptr<acc>(), mask.data_ptr<bool>(), strides_of(mask), B, T, p, adv.data_ptr<acc>(),
-                       ret.data_ptr<acc>(), rew.data_ptr<acc>(), kl.data_ptr<acc>(), stats.data_ptr<double>());
+    auto run = [&](auto est) {
+      gae_rows<decltype(est)::value, scalar_t>(
+          logprobs.data_ptr<scalar_t>(), strides_of(logprobs), ref_logprobs.data_ptr<scalar_t>(),
+          strides_of(ref_logprobs), values.data_ptr<scalar_t>(), strides_of(values), scores.data_ptr<acc>(),
+          mask.data_ptr<bool>(), strides_of(mask), B, T, p, adv.data_ptr<acc>(), ret.data_ptr<acc>(),
+          rew.data_ptr<acc>(), kl.data_ptr<acc>(), stats.data_ptr<double>());
+    };
+    switch (estimator) {
+      case kK1: run(std::integral_constant<int64_t, kK1>{}); break;
+      case kAbs: run(std::integral_constant<int64_t, kAbs>{}); break;
+      case kK2: run(std::integral_constant<int64_t, kK2>{}); break;
+      default: run(std::integral_constant<int64_t, kK3>{}); break;
+    }
   });
   return {adv, ret, rew, kl, stats};
 }
@@ -146,17 +216,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
 // ---------------------------------------------------------------------------------------
 // Whitening: per-row partials, then the element-wise apply.
 // ---------------------------------------------------------------------------------------
+// The row loops are branch-free selects under `#pragma omp simd` (GCC 12 vectorises the
+// row statistics, not the others); the reductions' order is fixed by the build, so results
+// are deterministic.
 template <typename scalar_t>
 void row_stats_impl(const scalar_t* x, Strides2 sx, const bool* mask, Strides2 sm, int64_t B, int64_t T,
                     double* stats) {
   at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
+      const scalar_t* xr = x + b * sx.s0;
+      const bool* mr = mask + b * sm.s0;
       double count = 0, sum = 0;
+#pragma omp simd reduction(+ : count, sum)
       for (int64_t t = 0; t < T; ++t) {
-        if (mask[b * sm.s0 + t * sm.s1]) {
-          count += 1;
-          sum += static_cast<double>(static_cast<acc_t<scalar_t>>(x[b * sx.s0 + t * sx.s1]));
-        }
+        const bool valid = mr[t * sm.s1];
+        count += valid ? 1.0 : 0.0;
+        sum += valid ? static_cast<double>(static_cast<acc_t<scalar_t>>(xr[t * sx.s1])) : 0.0;
       }
       stats[2 * b] = count;
       stats[2 * b + 1] = sum;
@@ -172,12 +247,13 @@ void centered_sq_impl(const scalar_t* x, Strides2 sx, const bool* mask, Strides2
                       double mean, double* out) {
   at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
+      const scalar_t* xr = x + b * sx.s0;
+      const bool* mr = mask + b * sm.s0;
       double s = 0;
+#pragma omp simd reduction(+ : s)
       for (int64_t t = 0; t < T; ++t) {
-        if (mask[b * sm.s0 + t * sm.s1]) {
-          const double d = static_cast<double>(static_cast<acc_t<scalar_t>>(x[b * sx.s0 + t * sx.s1])) - mean;
-          s += d * d;
-        }
+        const double d = static_cast<double>(static_cast<acc_t<scalar_t>>(xr[t * sx.s1])) - mean;
+        s += mr[t * sm.s1] ? d * d : 0.0;
       }
       out[b] = s;
     }
@@ -190,21 +266,23 @@ void whiten_apply_impl(const scalar_t* x, Strides2 sx, const bool* mask, Strides
                        acc_t<scalar_t>* out) {
   using acc = acc_t<scalar_t>;
   const double n = totals[0];
-  const bool ok = n > 1;  // n <= 1: all zeros, never NaN
-  const double mean = mean_of(totals);
-  const double var = ok ? sq[0] / (unbiased ? n - 1 : n) : 0.0;
+  if (!(n > 1)) {  // n <= 1: all zeros, never NaN
+    std::fill(out, out + B * T, acc(0));
+    return;
+  }
+  const double var = sq[0] / (unbiased ? n - 1 : n);
   const acc rstd = static_cast<acc>(1.0 / std::sqrt(var + eps));
-  const acc mean_a = static_cast<acc>(mean);
+  const acc mean_a = static_cast<acc>(mean_of(totals));
+  const acc add_back = shift_mean ? acc(0) : mean_a;
   at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
+      const scalar_t* xr = x + b * sx.s0;
+      const bool* mr = mask + b * sm.s0;
       acc* o = out + b * T;
+#pragma omp simd
       for (int64_t t = 0; t < T; ++t) {
-        acc y = 0;
-        if (ok && mask[b * sm.s0 + t * sm.s1]) {
-          y = (static_cast<acc>(x[b * sx.s0 + t * sx.s1]) - mean_a) * rstd;
-          if (!shift_mean) y = y + mean_a;
-        }
-        o[t] = y;
+        const acc y = (static_cast<acc>(xr[t * sx.s1]) - mean_a) * rstd + add_back;
+        o[t] = mr[t * sm.s1] ? y : acc(0);
       }
     }
   });
