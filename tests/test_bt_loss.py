@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import rmkernels as rmk
 from rmkernels.ops import bt_loss as bt
-from utils import (HAS_CUDA, TRITON_INTERPRET, assert_close, assert_close_vs_lowp, backend_params,
+from utils import (TRITON_INTERPRET, assert_close, assert_close_vs_lowp, backend_params,
                    skip_unless_available, tolerance)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -21,14 +21,6 @@ if TRITON_INTERPRET:
     SIZES = [1, 7, 97]
     RANK_SHAPES = [(1, 2), (7, 4), (3, 37)]
     RANK_DTYPES = [torch.float32, torch.bfloat16]
-
-
-def _skip(backend, device):
-    """skip_unless_available, and a skip of every backend (the reference too) on a CUDA device
-    that is not there."""
-    if device == "cuda" and not HAS_CUDA:
-        pytest.skip("no CUDA device here")
-    skip_unless_available(backend, device)
 
 
 # Loss options that change the arithmetic: each term of the formula alone, then all of them.
@@ -136,7 +128,7 @@ def _check_bt_vs_reference(backend, device, B, dtype, reduction, opt):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", SIZES)
 def test_bt_matches_reference(backend, device, B, dtype, reduction):
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     _check_bt_vs_reference(backend, device, B, dtype, reduction, "all")
 
 
@@ -144,7 +136,7 @@ def test_bt_matches_reference(backend, device, B, dtype, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("opt", list(OPTION_SETS))
 def test_bt_options_match_reference(backend, device, opt, reduction):
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     _check_bt_vs_reference(backend, device, 97, torch.float32, reduction, opt)
 
 
@@ -152,7 +144,7 @@ def test_bt_options_match_reference(backend, device, opt, reduction):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_bt_low_precision_error(backend, device, dtype):
     """flash-attention's rule: error vs fp64 at most 2x that of plain PyTorch in the low dtype."""
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     B = 257
     c, r = _pair(B, dtype, device)
     m = torch.rand(B, device=device)
@@ -175,7 +167,7 @@ def test_bt_low_precision_error(backend, device, dtype):
 def test_bt_huge_margins_are_finite(backend, device, dtype, smoothing):
     """|d| up to 1e30: finite loss and gradients (chosen + rejected = 0 keeps the centering
     term itself finite), equal to the asymptotes."""
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     big = torch.tensor([5e29, -5e29, 5e20, -5e20, 3.0, -1e10], device=device)
     c = big.to(dtype).requires_grad_()
     r = (-big).to(dtype).requires_grad_()
@@ -197,7 +189,7 @@ def test_bt_huge_margins_are_finite(backend, device, dtype, smoothing):
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_bt_nan_stays_in_its_row(backend, device):
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     c, r = _pair(9, torch.float32, device)
     with torch.no_grad():
         c[3] = float("nan")
@@ -215,7 +207,7 @@ def test_bt_nan_stays_in_its_row(backend, device):
 def test_bt_layouts(backend, device):
     """[B, 1] inputs, strided [B] views and mixed dtypes give the [B] result, with grads in the
     inputs' own shapes and dtypes."""
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     B = 33
     both = torch.randn(B, 2, device=device, requires_grad=True)  # rewards[:, 0] has stride 2
     c1 = torch.randn(B, 1, device=device, requires_grad=True)
@@ -238,7 +230,7 @@ def test_bt_layouts(backend, device):
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_bt_empty_batch(backend, device):
     """B = 0: "sum" is 0, "mean" is NaN (an empty mean, as torch.mean), "none" is [0]."""
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     c, r = _pair(0, torch.float32, device)
     s = rmk.bradley_terry_loss(c, r, reduction="sum", backend=backend)
     m = rmk.bradley_terry_loss(c, r, reduction="mean", backend=backend)
@@ -263,7 +255,7 @@ def test_cpu_reduction_is_deterministic():
 @pytest.mark.triton
 def test_triton_large_batch():
     """B = 65536 in one program: the chunked loop of the reduction kernels."""
-    _skip("triton", "cpu")
+    skip_unless_available("triton", "cpu")
     B = 65536
     c, r = _pair(B, torch.float32, "cpu")
     w = torch.rand(B)
@@ -285,7 +277,7 @@ def test_triton_large_batch():
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(backend, reduction):
-    _skip(backend, "cpu")
+    skip_unless_available(backend, "cpu")
     B = 6
     c, r = _pair(B, torch.float64, "cpu", scale=1.0)
     m, w = torch.rand(B, dtype=torch.float64), torch.rand(B, dtype=torch.float64) + 0.5
@@ -348,14 +340,14 @@ def _opcheck_cases(device, backend):
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_opcheck_public_ops(backend, device):
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     for op, args in _opcheck_cases(device, backend):
         torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_opcheck_kernel_ops(device):
-    _skip("cpu" if device == "cpu" else "cuda", device)
+    skip_unless_available("cpu" if device == "cpu" else "cuda", device)
     B = 7
     c, r = torch.randn(B, device=device), torch.randn(B, device=device)
     m, w = torch.rand(B, device=device), torch.rand(B, device=device)
@@ -380,7 +372,7 @@ def test_opcheck_kernel_ops(device):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_torch_compile_fullgraph(backend):
-    _skip(backend, "cpu")
+    skip_unless_available(backend, "cpu")
     B, T, H = 4, 6, 8
 
     def bt_fn(c, r, m, w):
@@ -414,7 +406,7 @@ def test_torch_compile_fullgraph(backend):
 
 def test_torch_compile_inductor():
     """The default backend (Inductor) over the fused head + loss, forward and backward."""
-    _skip("cpu", "cpu")
+    skip_unless_available("cpu", "cpu")
     h = torch.randn(6, 5, 8, requires_grad=True)
     W = torch.randn(1, 8, requires_grad=True)
     lengths = torch.tensor([5, 3, 1, 2, 5, 4])
@@ -447,7 +439,7 @@ def _rm_batch(B, T, H, dtype, device, *, bias=True):
 def test_pairwise_equals_composed(backend, device, reduction, dtype):
     """pairwise_reward_loss == last_token_reward followed by bradley_terry_loss (loss, rewards
     and every gradient)."""
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     B, T, H = (7, 9, 24) if TRITON_INTERPRET else (33, 17, 40)
     h, W, b, _, mask = _rm_batch(B, T, H, dtype, device)
     m, w = torch.rand(B, device=device), torch.rand(B, device=device) + 0.1
@@ -473,7 +465,7 @@ def test_pairwise_equals_composed(backend, device, reduction, dtype):
 def test_pairwise_equals_hf_path(backend, device):
     """Same numbers as the HF path on the same weights: the head on every token, a gather at
     the last token, TRL's loss (float64 so the two paths agree to rounding)."""
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     B, T, H = 6, 11, 16
     dtype = torch.float64 if backend != "triton" or TRITON_INTERPRET else torch.float32
     h, W, b, lengths, mask = _rm_batch(B, T, H, dtype, device)
@@ -499,7 +491,7 @@ def test_pairwise_equals_hf_path(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_pairwise_packed_equals_padded(backend, device):
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     B, T, H = 5, 7, 12
     h, W, b, lengths, mask = _rm_batch(B, T, H, torch.float32, device)
     packed = torch.cat([h[i, : lengths[i]] for i in range(2 * B)]).detach().requires_grad_()
@@ -518,7 +510,7 @@ def test_pairwise_packed_equals_padded(backend, device):
 def test_pairwise_saves_no_score_tensor(backend, device):
     """Autograd keeps the inputs, the [2B] index and [2B]/[B] per-pair tensors only: no
     [2B, T] score tensor, no [2B, H] rows."""
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     B, T, H = 4, 9, 16
     h, W, b, _, mask = _rm_batch(B, T, H, torch.float32, device)
     saved = []
@@ -541,7 +533,7 @@ def test_pairwise_saves_no_score_tensor(backend, device):
 def test_pairwise_empty_row_is_nan(backend, device):
     """A sequence with no valid token: NaN reward and loss (GPU without checks), ValueError on
     CPU tensors (the data checks of last_token_reward)."""
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     h, W, b, _, mask = _rm_batch(3, 5, 8, torch.float32, device)
     mask[4] = 0
     if device == "cpu":
@@ -554,7 +546,7 @@ def test_pairwise_empty_row_is_nan(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_pairwise_empty_batch(backend, device):
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     h, W, b, _, mask = _rm_batch(0, 5, 8, torch.float32, device)
     loss, rc, rr = rmk.pairwise_reward_loss(h, W, b, attention_mask=mask, reduction="sum", backend=backend)
     assert loss.shape == () and loss.item() == 0 and rc.shape == (0,) and rr.shape == (0,)
@@ -593,7 +585,7 @@ def test_ranking_reference_is_the_loop():
 @pytest.mark.parametrize("B,K", RANK_SHAPES)
 @pytest.mark.parametrize("ragged", [False, True])
 def test_ranking_matches_reference(backend, device, B, K, dtype, reduction, ragged):
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     x = (torch.randn(B, K, device=device) * 2).to(dtype).requires_grad_()
     nc = torch.randint(0, K + 1, (B,), device=device) if ragged else None
     out, grads, proj = _loss_and_grads(rmk.ranking_loss, (x,), num_candidates=nc, reduction=reduction,
@@ -611,7 +603,7 @@ def test_ranking_matches_reference(backend, device, B, K, dtype, reduction, ragg
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_ranking_k2_equals_bradley_terry(backend, device):
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     x = torch.randn(31, 2, device=device, requires_grad=True)
     for reduction in REDUCTIONS:
         out, (g,), proj = _loss_and_grads(rmk.ranking_loss, (x,), reduction=reduction, backend=backend)
@@ -625,7 +617,7 @@ def test_ranking_k2_equals_bradley_terry(backend, device):
 def test_ranking_edge_cases(backend, device):
     """B = 0, K = 0 / 1, rows with < 2 candidates: 0 loss, left out of the mean; a batch with
     no ranked row has a NaN mean (an empty mean)."""
-    _skip(backend, device)
+    skip_unless_available(backend, device)
     assert rmk.ranking_loss(torch.randn(0, 4, device=device), reduction="none", backend=backend).shape == (0,)
     assert rmk.ranking_loss(torch.randn(0, 4, device=device), reduction="sum", backend=backend).item() == 0
     x = torch.randn(3, 1, device=device, requires_grad=True)
