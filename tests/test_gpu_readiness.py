@@ -155,6 +155,33 @@ def _drive_bt_loss(rmk):
         loss.backward()
 
 
+def _drive_ppo(rmk):
+    """Every launch configuration of rmkernels/triton/ppo.py: each KL estimator, whitening
+    options, the segmented long-row path (FORCE_SEGMENT_T, which on a GPU short batches of
+    long rows take), 2-D and 3-D masked_whiten."""
+    from rmkernels.triton import ppo as tppo
+
+    B, T = 3, 40
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        lp, ref, v = (torch.randn(B, T, dtype=dt) for _ in range(3))
+        scores, mask = torch.randn(B), torch.rand(B, T) > 0.3
+        for est, (whiten, shift, unbiased), seg in itertools.product(
+                ("k1", "abs", "k2", "k3"), ((True, True, True), (True, False, False), (False, True, True)),
+                (None, 16)):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(tppo, "FORCE_SEGMENT_T", seg)
+                rmk.ppo_advantages(lp, ref, v, scores, mask, kl_coef=0.05, gamma=0.99, lam=0.95, kl_estimator=est,
+                                   kl_clamp=10.0, score_clip=5.0, whiten=whiten, shift_mean=shift,
+                                   unbiased=unbiased, backend="triton")
+        # Strided inputs (columns of a wider tensor), an int mask.
+        wide = torch.randn(B, 2 * T, dtype=dt)
+        rmk.ppo_advantages(wide[:, :T], wide[:, T:], v, scores, mask.long(), kl_coef=0.1, backend="triton")
+        for shift, unbiased in itertools.product((True, False), (True, False)):
+            rmk.masked_whiten(torch.randn(B, T, dtype=dt), mask, shift_mean=shift, unbiased=unbiased,
+                              backend="triton")
+        rmk.masked_whiten(torch.randn(2, 5, 7, dtype=dt), torch.ones(2, 5, 7), backend="triton")
+
+
 def _drive(module, rmk):
     driver = globals().get(f"_drive_{module}")
     assert driver is not None, (
@@ -237,13 +264,17 @@ def test_launch_grids_fit_cuda_limits(recorded):
 
 def _features(launch, pairwise):
     """What a compile of `launch` exercises: each parameter's type, each constexpr's value, and
-    with `pairwise` each constexpr flag value together with the pointer dtypes (fp64 + a
-    flag...); block sizes are not paired (they change layouts, not types)."""
+    with `pairwise` each constexpr flag value together with the class of the pointer dtypes
+    (fp64 + a flag...); block sizes are not paired (they change layouts, not types)."""
     cst = {launch.fn.arg_names[p[0]]: repr(v) for p, v in launch.constexprs.items()}
     f = {("sig", k, v) for k, v in launch.signature.items() if v != "constexpr"} | {("cst", k, v) for k, v in cst.items()}
     if pairwise:
-        ptrs = tuple(sorted({v for v in launch.signature.values() if v.startswith("*") and v != "*i64"}))
-        f |= {("ptrs+cst", ptrs, k, v) for k, v in cst.items() if not k.startswith("BLOCK")}
+        # The dtype class of the float pointers: fp64 (fp64 arithmetic meets fp32 scalars),
+        # 16-bit (conversions on load/store; bf16 and fp16 each still appear in a single
+        # feature), or fp32.
+        ptrs = {v for v in launch.signature.values() if v in ("*fp64", "*bf16", "*fp16")}
+        cls = "fp64" if "*fp64" in ptrs else "16-bit" if ptrs else "fp32"
+        f |= {("class+cst", cls, k, v) for k, v in cst.items() if not k.startswith("BLOCK")}
     return f
 
 
@@ -298,7 +329,7 @@ for i, (module, name, signature, constexprs, attrs, kwargs, arch) in enumerate(p
 def test_triton_kernels_compile_for_sm80_and_sm90(module, recorded, tmp_path):
     """Through cubin (ptxas from the triton wheel), in a child process without
     TRITON_INTERPRET and with an empty cache: for sm_90 launches that cover every parameter
-    type and every constexpr flag value with every combination of pointer dtypes; for sm_80
+    type and every constexpr flag value with each class of pointer dtypes; for sm_80
     every parameter type and constexpr value. RMKERNELS_AOT_ALL=1 compiles every distinct
     launch for both (minutes)."""
     import pickle
