@@ -12,6 +12,7 @@ from rmkernels._backend import BACKENDS, available_backends, backend_report, use
 from rmkernels._checks import checks
 from rmkernels.ops.pooling import last_token_index, last_token_reward
 from rmkernels.modules import LastTokenRewardHead
+from rmkernels.integrations.hf import patch_hf_reward_model, unpatch_hf_reward_model
 
 __all__ = [
     "__version__",
@@ -23,4 +24,6 @@ __all__ = [
     "last_token_index",
     "last_token_reward",
     "LastTokenRewardHead",
+    "patch_hf_reward_model",
+    "unpatch_hf_reward_model",
 ]
