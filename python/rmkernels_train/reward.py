@@ -108,6 +108,8 @@ def check_args(args):
         raise TrainingError(f"--center-coef must be >= 0, got {args.center_coef}")
     if not args.lr > 0 or not args.epochs > 0:
         raise TrainingError("--lr and --epochs must be > 0")
+    if args.model is not None and not os.path.isdir(args.model):
+        raise TrainingError(f"--model {args.model}: not a directory (give a local HF checkpoint directory)")
     if args.eval_data is None and args.data is not None and not 0 < args.eval_fraction < 1:
         raise TrainingError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
 
@@ -321,13 +323,14 @@ def train(args, dist, log):
                 "elapsed_s": elapsed_before + time.time() - t_start,
                 "args": {**vars(args), "world_size": dist.world_size}}
 
-    last_ckpt = list_checkpoints(out_dir)[-1][1] if (state and dist.is_main) else None
+    last_ckpt = resume_from  # known on every rank (only rank 0 writes)
 
     def checkpoint():
         nonlocal last_ckpt
         if dist.is_main:
-            last_ckpt = save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, run_state(),
-                                        args.save_total_limit)
+            save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, run_state(),
+                            args.save_total_limit)
+        last_ckpt = os.path.join(out_dir, f"checkpoint-{step}")
         dist.barrier()
 
     def do_eval():
@@ -368,13 +371,17 @@ def train(args, dist, log):
             loss_sum, correct, margin_sum, n = dist.sum(sums)
             rec = {"split": "train", "step": step + 1, "loss": loss_sum / n, "accuracy": correct / n,
                    "margin": margin_sum / n, "lr": scheduler.get_last_lr()[0]}
-            if not math.isfinite(rec["loss"]):
-                where = (f"the last good checkpoint is {last_ckpt}, resume with --resume" if last_ckpt else
+            # The gradient norm (after DDP's all-reduce: the same on every rank), clipped if asked.
+            rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                    args.max_grad_norm or float("inf")))
+            bad = "loss" if not math.isfinite(rec["loss"]) else "grad_norm" if not math.isfinite(rec["grad_norm"]) \
+                else None
+            if bad is not None:  # stop before the optimizer step: the weights and checkpoints stay good
+                where = (f"the last good checkpoint is {last_ckpt} (resume with --resume)" if last_ckpt else
                          "no checkpoint had been written yet")
-                raise TrainingError(f"loss is {rec['loss']} at step {step + 1} (epoch {epoch}); stopped before "
-                                    f"the optimizer step; {where}. Try a lower --lr.")
-            if args.max_grad_norm:
-                rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+                what = "loss" if bad == "loss" else f"gradient norm (loss {rec['loss']:.4g})"
+                raise TrainingError(f"{what} is {rec[bad]} at step {step + 1} (epoch {epoch}); stopped before the "
+                                    f"optimizer step; {where}. Try a lower --lr.")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -400,7 +407,7 @@ def train(args, dist, log):
         bar.close()
     if last_eval_step != step:
         ev = do_eval()
-    if last_ckpt is None or not last_ckpt.endswith(f"checkpoint-{step}"):
+    if last_ckpt != os.path.join(out_dir, f"checkpoint-{step}"):
         checkpoint()
     digests = dist.gather_object(param_digest(model))
     if len(set(digests)) != 1:
