@@ -57,7 +57,7 @@ def build_parser():
                    "(tokens)")
     g.add_argument("--margin-column", default="margin", help="JSONL field with each pair's BT margin (used when "
                    "present)")
-    g.add_argument("--default-train-pairs", type=int, default=24000, help="size of the built-in training set")
+    g.add_argument("--default-train-pairs", type=int, default=16000, help="size of the built-in training set")
     g.add_argument("--hidden-size", type=int, default=M.DEFAULT_SIZE["hidden_size"],
                    help="built-in model: hidden size")
     g.add_argument("--layers", type=int, default=M.DEFAULT_SIZE["num_hidden_layers"],
@@ -87,7 +87,9 @@ def build_parser():
     g.add_argument("--eval-batch-size", type=int, default=100)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights); meant for GPUs")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the built-in "
+                   "model, which is too small to gain from intra-op threads and loses much to OpenMP contention "
+                   "on a shared CPU; torch's choice with --model)")
     g.add_argument("--backend", default=None, help="rmkernels backend (default: the fastest available)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="no curves.png at the end")
@@ -346,6 +348,9 @@ def train(args, dist, log):
     steps_this_run = 0
     last_eval_step = None
     ev = None
+    if state is None:  # the untrained model's numbers: the curves start at chance
+        ev = do_eval()
+        last_eval_step = 0
     while step < total and (args.stop_after is None or steps_this_run < args.stop_after):
         micro = list(D.batches(train_pairs, args.batch_size, seed=args.seed, epoch=epoch, rank=dist.rank,
                                world_size=dist.world_size))
@@ -440,8 +445,9 @@ def main(argv=None):
     dist = None
     try:
         check_args(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        threads = args.threads or (1 if args.model is None else None)
+        if threads:
+            torch.set_num_threads(threads)
         dist = setup_distributed(args.device)
         from transformers.utils import logging as hf_logging
 
