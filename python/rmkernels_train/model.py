@@ -53,10 +53,11 @@ def load_tokenizer(path):
     return tok
 
 
-def load_reward_model(path, *, dtype=None):
+def load_reward_model(path, *, dtype=torch.float32):
     """An HF checkpoint directory as a reward model: a ``*ForSequenceClassification``
     checkpoint loads as is (it must have one label); a causal-LM checkpoint gets a new,
-    randomly initialised ``score`` head (transformers says which weights are new)."""
+    randomly initialised ``score`` head (transformers says which weights are new). The
+    weights are loaded in float32 (the optimizer's master copy; ``--bf16`` is autocast)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if not os.path.isdir(path):

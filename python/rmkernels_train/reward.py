@@ -42,7 +42,9 @@ RESUME_FIXED = ("data", "eval_data", "batch_size", "grad_accum", "seed", "world_
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description="Train a reward model with the fused Bradley-Terry op "
+                                "(rmk.pairwise_reward_loss). With no options: the built-in default (generated "
+                                "data, a tiny random-init Llama), no network needed.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", metavar="DIR", help="local HF checkpoint (causal LM or *ForSequenceClassification); "
@@ -65,7 +67,8 @@ def build_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=32, help="preference pairs per device per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 for the built-in "
+                   "model, 1e-5 with --model)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-steps", type=int, default=30)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -108,6 +111,8 @@ def check_args(args):
         raise TrainingError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if args.center_coef < 0:
         raise TrainingError(f"--center-coef must be >= 0, got {args.center_coef}")
+    if args.lr is None:
+        args.lr = 1e-3 if args.model is None else 1e-5
     if not args.lr > 0 or not args.epochs > 0:
         raise TrainingError("--lr and --epochs must be > 0")
     if args.model is not None and not os.path.isdir(args.model):
