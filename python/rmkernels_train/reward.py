@@ -269,18 +269,20 @@ def train(args, dist, log):
                 raise TrainingError(f"--resume: {k} was {saved.get(k)!r} in the checkpoint's run and is {now!r} "
                                     f"now; it must stay the same")
         tokenizer = M.load_tokenizer(resume_from)
-        model = M.load_reward_model(resume_from)
-        log(f"resuming from {resume_from} (step {state['step']})")
     else:
         tokenizer = make_tokenizer(args, train_recs, held_recs)
-        if args.model is not None:
-            model = M.load_reward_model(args.model)
-        else:
-            model = M.build_tiny_reward_model(tokenizer, hidden_size=args.hidden_size,
-                                              num_hidden_layers=args.layers,
-                                              intermediate_size=2 * args.hidden_size)
     train_pairs = tokenize(args, train_recs, tokenizer, "train", log)
     held_pairs = tokenize(args, held_recs, tokenizer, "eval", log)
+    if state is not None:
+        model = M.load_reward_model(resume_from)
+        log(f"resuming from {resume_from} (step {state['step']})")
+    elif args.model is not None:
+        model = M.load_reward_model(args.model)
+    else:
+        longest = max(len(p[k]) for p in train_pairs + held_pairs for k in ("chosen_ids", "rejected_ids"))
+        model = M.build_tiny_reward_model(tokenizer, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                                          intermediate_size=2 * args.hidden_size,
+                                          max_position_embeddings=max(128, longest))
     M.prepare_reward_model(model, tokenizer, backend=args.backend)
     model.to(dist.device)
     model.train()
