@@ -1,6 +1,8 @@
 """rmk.patch_hf_reward_model: the patched HF *ForSequenceClassification model gives the
 outputs and gradients of the unpatched one, with the head applied to B rows only."""
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -204,3 +206,11 @@ def test_patched_model_saves_and_reloads(tmp_path):
     ids, mask = _batch(B=3, T=6)
     assert_close(again(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits,
                  rtol=1e-5, atol=1e-6)
+
+
+def test_import_rmkernels_needs_neither_transformers_nor_trl():
+    code = ("import sys, rmkernels as rmk; rmk.patch_hf_reward_model; "
+            "bad = [m for m in ('transformers', 'trl') if m in sys.modules]; assert not bad, bad")
+    root = __file__.rsplit("/tests/", 1)[0]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]

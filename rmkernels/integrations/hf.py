@@ -32,6 +32,7 @@ from rmkernels.ops.pooling import last_token_reward
 logger = logging.getLogger(__name__)
 
 LAST_TOKEN_RULES = ("pad_id", "attention_mask")
+_warned_embeds = []  # HF warns once about padding it cannot see in inputs_embeds; so do we
 _PAIRWISE_KEYS = ("margin", "label_smoothing", "center_coef", "weights", "reduction")
 
 
@@ -152,7 +153,8 @@ def _patched_forward(self, *args, **kwargs):
     # HF's own checks and rule (transformers' GenericForSequenceClassification.forward).
     if pad_id is None and batch_size != 1:
         raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
-    if pad_id is not None and input_ids is None and inputs_embeds is not None:
+    if pad_id is not None and input_ids is None and inputs_embeds is not None and not _warned_embeds:
+        _warned_embeds.append(True)
         logger.warning("%s will not detect padding tokens in `inputs_embeds`. Results may be unexpected if using "
                        "padding tokens in conjunction with `inputs_embeds.`", type(self).__name__)
     mask = named.get("attention_mask")
