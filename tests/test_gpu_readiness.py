@@ -5,8 +5,10 @@
    (shape logic, allocation, argument packing), and each launch they make is captured with
    the exact signature, constexprs and specialization attributes that Triton's own binder
    computes for a CUDA target (pointer dtypes, int32/int64 scalars, ints equal to 1,
-   16-divisibility). Each distinct launch is then compiled with ``triton.compile`` for sm_90
-   through cubin (the ptxas bundled in the triton wheel) and a covering subset also for sm_80.
+   16-divisibility). A covering subset of the distinct launches is then compiled with
+   ``triton.compile`` through cubin (the ptxas bundled in the triton wheel) for sm_90 and
+   sm_80, plus each kernel once with every int argument as int64 (tensors past 2^31
+   elements); RMKERNELS_AOT_ALL=1 compiles every distinct launch.
    No driver is touched, and this process must not have TRITON_INTERPRET=1. This catches the
    type errors the interpreter lets through (int32/int64 mixes, fp64 scalars, dtype
    constexprs, loops with runtime bounds) and the launch grids are checked against CUDA's
@@ -262,6 +264,17 @@ def test_launch_grids_fit_cuda_limits(recorded):
     assert not bad, "launch grids outside CUDA's limits (x < 2^31, y, z <= 65535, each >= 1):\n" + "\n".join(bad)
 
 
+class _Wide(Launch):
+    """`launch` with every int32 argument passed as int64, as Triton does for values >= 2^31."""
+
+    def __init__(self, launch):
+        super().__init__(launch.fn, {k: ("i64" if v == "i32" else v) for k, v in launch.signature.items()},
+                         launch.constexprs, launch.attrs, launch.kwargs, launch.grid)
+
+    def describe(self):
+        return super().describe() + " [every int argument as i64: tensors past 2^31 elements]"
+
+
 def _features(launch, pairwise):
     """What a compile of `launch` exercises: each parameter's type, each constexpr's value, and
     with `pairwise` each constexpr flag value together with the class of the pointer dtypes
@@ -342,6 +355,15 @@ def test_triton_kernels_compile_for_sm80_and_sm90(module, recorded, tmp_path):
         plan = [(l, arch) for arch in (90, 80) for l in launches]
     else:
         plan = [(l, 90) for l in _covering(launches, True)] + [(l, 80) for l in _covering(launches, False)]
+    # Huge tensors: an int argument >= 2^31 (a size, a stride, an offset) is passed as i64.
+    # Every kernel once with all its int arguments i64 (the sm_90 covering launch with the
+    # most of them), which catches loop-carried int32/int64 mismatches that only huge inputs
+    # reach.
+    for name in sorted({l.name for l in launches}):
+        ls = [l for l in _covering(launches, True) if l.name == name]
+        base = max(ls, key=lambda l: sum(v == "i32" for v in l.signature.values()))
+        if any(v == "i32" for v in base.signature.values()):
+            plan.append((_Wide(base), 90))
     jobs = [(l.fn.module, l.fn.__name__, l.signature, l.constexprs, l.attrs, l.kwargs, arch) for l, arch in plan]
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))  # compile for real, not from a cache
     env.pop("TRITON_INTERPRET", None)
