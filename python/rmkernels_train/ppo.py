@@ -89,7 +89,7 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint")
     g.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per process (the tiny default models run fastest on one; 0 = torch's "
                         "default)")
@@ -173,19 +173,34 @@ def encode_prompts(prompts, tokenizer):
     return [bos + x for x in ids]
 
 
-def train_default_reward_model(out_dir, dist):
-    """``rmkernels-train reward`` with its defaults, into ``out_dir`` (rank 0; the others wait)."""
-    final = os.path.join(out_dir, "reward_model")
-    if dist.is_main and not os.path.isdir(final):
-        from rmkernels_train.reward import main as reward_main
+def train_default_reward_model(out_dir, dist, threads):
+    """``rmkernels-train reward`` with its defaults, into ``<out_dir>/reward_model``, run once
+    (rank 0, in a single-process subprocess; the other ranks wait). Returns the final
+    checkpoint directory it reports in ``final.json``. An earlier finished run is reused."""
+    rm_dir = os.path.join(out_dir, "reward_model")
+    summary_path = os.path.join(rm_dir, "final.json")
+    if dist.is_main and not os.path.isfile(summary_path):
+        import subprocess
 
-        print(f"rmkernels-train ppo: no --reward-model given; training the default reward model into {final}",
-              flush=True)
-        rc = reward_main(["--output-dir", final, "--no-progress"])
-        if rc not in (0, None):
-            raise TrainingError(f"training the default reward model failed (exit status {rc})")
+        print(f"rmkernels-train ppo: no --reward-model given: training the default reward model "
+              f"(rmkernels-train reward) into {rm_dir}", file=sys.stderr, flush=True)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
+        cmd = [sys.executable, "-m", "rmkernels_train", "reward", "--output-dir", rm_dir, "--no-progress"]
+        if threads > 0:
+            cmd += ["--threads", str(threads)]
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0:
+            raise TrainingError(f"training the default reward model failed (exit status {rc}); see the messages "
+                                f"above, or pass --reward-model DIR")
     dist.barrier()
-    return final
+    try:
+        with open(summary_path) as f:
+            ckpt = json.load(f)["checkpoint"]
+    except (OSError, ValueError, KeyError) as e:
+        raise TrainingError(f"cannot read the default reward model's summary {summary_path}: {e}") from None
+    return ckpt
 
 
 def load_models(a, dist, reward_dir):
@@ -278,6 +293,9 @@ def run(a):
 
     if a.threads > 0:
         torch.set_num_threads(a.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars
     dist = setup_distributed(a.device)
     try:
         return _run(a, rmk, core, dist, MetricsWriter, plot_curves)
@@ -290,7 +308,7 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
 
     t_start = time.time()
     os.makedirs(a.output_dir, exist_ok=True)
-    reward_dir = a.reward_model or train_default_reward_model(a.output_dir, dist)
+    reward_dir = a.reward_model or train_default_reward_model(a.output_dir, dist, a.threads)
     tokenizer, policy, ref, value_model, reward_model = load_models(a, dist, reward_dir)
     prompts = load_prompts(a.prompts) if a.prompts else default_prompts()
     prompt_ids = encode_prompts(prompts, tokenizer)
@@ -320,7 +338,6 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
         from tqdm import tqdm
 
         pbar = tqdm(total=a.steps, initial=start_step, desc="ppo", dynamic_ncols=True, file=sys.stderr)
-    history = []
     head = reward_model.score
     backbone_rm = reward_model.base_model
     n_prompts = len(prompt_ids)
@@ -376,6 +393,14 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
                 stats["clipfrac"] += clipfrac.item()
                 stats["approx_kl"] += approx_kl.item()
                 n_updates += 1
+        # Whitening diagnostics: over the whole batch (every rank) the whitened advantages have mean
+        # 0 and variance 1; one rank's share alone does not, when the statistics were all-reduced.
+        m = mask.double()
+        n_loc, s1_loc = m.sum().item(), (adv.advantages.double() * m).sum().item()
+        n_all, s1_all, s2_all = dist.sum([n_loc, s1_loc, (adv.advantages.double() ** 2 * m).sum().item()])
+        adv_mean = s1_all / max(n_all, 1.0)
+        adv_var = (s2_all - n_all * adv_mean ** 2) / max(n_all - 1.0, 1.0)
+        rank_means = dist.gather_object(s1_loc / max(n_loc, 1.0))
         local = [raw_scores.mean().item(), seq_kl.mean().item(), mask.float().sum(1).mean().item()] + \
                 [v / max(n_updates, 1) for v in stats.values()]
         score, kl, resp_len, pg, vf, cf, akl = dist.mean(local)
@@ -385,8 +410,8 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
         kl_ctl.update(kl, a.batch_size * dist.world_size)
         rec = {"step": step + 1, "split": "train", "score": score, "kl": kl, "kl_coef": coef_used,
                "pg_loss": pg, "vf_loss": vf, "clipfrac": cf, "policy_kl": akl, "response_length": resp_len,
+               "adv_mean": adv_mean, "adv_var": adv_var, "adv_mean_per_rank": rank_means,
                "time": time.time() - t0}
-        history.append(rec)
         if writer is not None:
             writer.write(rec)
         if pbar is not None:
@@ -398,6 +423,11 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
             dist.barrier()
     if pbar is not None:
         pbar.close()
+    from rmkernels_train.utils import param_digest
+
+    digests = dist.gather_object((param_digest(policy), param_digest(value_model)))
+    if len(set(digests)) != 1:
+        raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
     if dist.is_main:
         from rmkernels_train.utils import atomic_dir, read_metrics
 
@@ -414,7 +444,8 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
         print(f"rmkernels-train ppo: {len(recs)} steps in {time.time() - t_start:.0f}s; mean reward-model score "
               f"of the policy's responses: first {k} steps {first:.3f} -> last {k} steps {last:.3f} "
               f"({last - first:+.3f}); KL to the reference {recs[-1]['kl']:.3f}, kl_coef "
-              f"{recs[-1]['kl_coef']:.4f}. Outputs in {a.output_dir}", flush=True)
+              f"{recs[-1]['kl_coef']:.4f}; {dist.world_size} process(es), parameters identical on every rank. "
+              f"Outputs in {a.output_dir}", flush=True)
     return 0
 
 
