@@ -266,6 +266,22 @@ def test_verl_kl_penalty_shapes_dtypes_errors():
         verl.kl_penalty(lp, ref[:, :2], "k1")
 
 
+def test_verl_kl_controllers():
+    from types import SimpleNamespace
+
+    ctl = verl.get_kl_controller(SimpleNamespace(type="adaptive", kl_coef=0.2, target_kl=6.0, horizon=10000))
+    value = 0.2
+    for kl, n in [(12.0, 256), (1.0, 512), (6.3, 64), (100.0, 10000)]:
+        ctl.update(kl, n)
+        value *= 1 + min(max(kl / 6.0 - 1, -0.2), 0.2) * n / 10000  # Ziegler et al. 2019
+        assert ctl.value == pytest.approx(value, rel=1e-12)
+    fixed = verl.get_kl_controller(SimpleNamespace(type="fixed", kl_coef=0.05))
+    fixed.update(50.0, 100)
+    assert fixed.value == 0.05
+    with pytest.raises(NotImplementedError):
+        verl.get_kl_controller(SimpleNamespace(type="pid", kl_coef=0.05))
+
+
 # ---------------------------------------------------------------------------------------
 # OpenRLHF
 # ---------------------------------------------------------------------------------------

@@ -22,10 +22,12 @@ Where the numbers differ from verl's, on purpose:
 """
 import torch
 
+import rmkernels as rmk
 from rmkernels.integrations._rl import (as_float, check_2d, check_same_shape, fused_kl, needs_grad,
                                         straight_through, token_reward_gae)
 
-__all__ = ["compute_gae_advantage_return", "kl_penalty", "kl_penalty_forward", "KL_PENALTIES"]
+__all__ = ["compute_gae_advantage_return", "kl_penalty", "kl_penalty_forward", "KL_PENALTIES",
+           "AdaptiveKLController", "FixedKLController", "get_kl_controller"]
 
 # verl's names -> the fused op's estimator. verl's "k3" is its "low_var_kl" (k3 of the log
 # ratio clamped to +-20, the result clamped to +-10); the fused op's "low_var_kl" is exactly that.
@@ -120,3 +122,25 @@ def _kl(logprob, ref_logprob, base, *, straight):
     else:
         g = _torch_forward(logprob, ref_logprob, base)
     return straight_through(value, g)
+
+
+class AdaptiveKLController(rmk.AdaptiveKLController):
+    """verl's ``AdaptiveKLController(init_kl_coef, target_kl, horizon)`` (Ziegler et al.):
+    ``rmk.AdaptiveKLController`` under verl's argument names; ``.value`` is the coefficient."""
+
+    def __init__(self, init_kl_coef, target_kl, horizon):
+        super().__init__(init_kl_coef, target_kl, horizon)
+
+
+class FixedKLController(rmk.FixedKLController):
+    """verl's ``FixedKLController(kl_coef)``."""
+
+
+def get_kl_controller(kl_ctrl):
+    """verl's factory: ``kl_ctrl.type`` is ``"fixed"`` (``kl_coef``) or ``"adaptive"``
+    (``kl_coef``, ``target_kl``, ``horizon``)."""
+    if kl_ctrl.type == "fixed":
+        return FixedKLController(kl_coef=kl_ctrl.kl_coef)
+    if kl_ctrl.type == "adaptive":
+        return AdaptiveKLController(init_kl_coef=kl_ctrl.kl_coef, target_kl=kl_ctrl.target_kl, horizon=kl_ctrl.horizon)
+    raise NotImplementedError(f"kl_ctrl.type must be 'fixed' or 'adaptive', got {kl_ctrl.type!r}")
