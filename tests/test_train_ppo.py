@@ -3,6 +3,7 @@ score with a finite KL, resume continues exactly, bad input stops with a message
 2-process torchrun (gloo) run whitens the advantages across ranks and ends in sync."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -88,9 +89,11 @@ def test_short_run_raises_the_score(reward_model, tmp_path, capsys):
     assert rc == 0, printed.err
     recs = _records(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == list(range(1, 31))
-    first = sum(r["score"] for r in recs[:6]) / 6
-    last = sum(r["score"] for r in recs[-6:]) / 6
-    assert last > first + 0.5, f"the score did not rise: first 6 steps {first:.3f}, last 6 steps {last:.3f}"
+    first, last = [r["score"] for r in recs[:6]], [r["score"] for r in recs[-6:]]
+    rise = statistics.mean(last) - statistics.mean(first)
+    noise = (statistics.stdev(first) + statistics.stdev(last)) / 2  # step-to-step spread of the mean score
+    assert rise > max(0.2, 3 * noise), (f"the score did not rise: first 6 steps {first}, last 6 steps {last} "
+                                        f"(rise {rise:.3f}, step-to-step spread {noise:.3f})")
     assert all(torch.isfinite(torch.tensor([r["kl"], r["kl_coef"], r["vf_loss"], r["pg_loss"]])).all() for r in recs)
     assert recs[-1]["kl"] > 0
     assert len({round(r["kl_coef"], 8) for r in recs}) > 1  # the adaptive controller moved

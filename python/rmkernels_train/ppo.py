@@ -306,7 +306,6 @@ def run(a):
 def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    t_start = time.time()
     os.makedirs(a.output_dir, exist_ok=True)
     reward_dir = a.reward_model or train_default_reward_model(a.output_dir, dist, a.threads)
     tokenizer, policy, ref, value_model, reward_model = load_models(a, dist, reward_dir)
@@ -315,6 +314,7 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
     if any(len(p) == 0 for p in prompt_ids):
         raise TrainingError("a prompt tokenizes to no tokens")
 
+    t_start = time.time()  # PPO time (after the reward model is trained and every model loaded)
     params = [{"params": list(policy.parameters()), "lr": a.lr},
               {"params": list(value_model.parameters()), "lr": a.value_lr}]
     optimizer = torch.optim.AdamW(params, weight_decay=0.0)
@@ -441,7 +441,7 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
         k = max(1, min(10, len(recs) // 4))
         first = sum(r["score"] for r in recs[:k]) / k
         last = sum(r["score"] for r in recs[-k:]) / k
-        print(f"rmkernels-train ppo: {len(recs)} steps in {time.time() - t_start:.0f}s; mean reward-model score "
+        print(f"rmkernels-train ppo: {len(recs)} steps (PPO {time.time() - t_start:.0f}s in this run); mean reward-model score "
               f"of the policy's responses: first {k} steps {first:.3f} -> last {k} steps {last:.3f} "
               f"({last - first:+.3f}); KL to the reference {recs[-1]['kl']:.3f}, kl_coef "
               f"{recs[-1]['kl_coef']:.4f}; {dist.world_size} process(es), parameters identical on every rank. "
