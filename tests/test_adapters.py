@@ -22,6 +22,8 @@ from rmkernels.integrations import openrlhf, trl_ppo, verl
 from tests.utils import assert_close
 
 RTOL = ATOL = 2e-5
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the adapters on the cuda backend)")])]
 
 
 # ---------------------------------------------------------------------------------------
@@ -50,8 +52,8 @@ def batch(B=7, T=23, **mask_kw):
     return lp, ref, values, scores, ragged_mask(B, T, **mask_kw)
 
 
-def f32(*ts):
-    return [t.float() for t in ts]
+def f32(*ts, device="cpu"):
+    return [t.float().to(device) for t in ts]
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,12 +191,14 @@ def at(t, mask):
 # ---------------------------------------------------------------------------------------
 # verl
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("left_pad", [False, True])
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0)])
-def test_verl_gae_matches(gamma, lam, left_pad):
+def test_verl_gae_matches(gamma, lam, left_pad, device):
     lp, ref, values, scores, mask = batch(9, 31, left_pad=left_pad)
     rewards = torch.randn_like(values)
-    adv, ret = verl.compute_gae_advantage_return(*f32(rewards, values), mask.float(), gamma, lam)
+    adv, ret = verl.compute_gae_advantage_return(*f32(rewards, values, mask, device=device), gamma, lam)
+    assert adv.device.type == device
     e_adv, e_ret = ref_verl_gae(rewards, values, mask, gamma, lam)
     assert adv.dtype == ret.dtype == torch.float32
     assert_close(adv, at(e_adv, mask), rtol=RTOL, atol=ATOL, name="advantages")
@@ -217,25 +221,27 @@ def test_verl_gae_tensor_gamma_and_degenerate_batches():
         verl.compute_gae_advantage_return(r.float(), values[:, :5].float(), mask, 1.0, 0.95)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", verl.KL_PENALTIES)
-def test_verl_kl_penalty_values_and_gradients(name):
+def test_verl_kl_penalty_values_and_gradients(name, device):
     B, T = 5, 17
     lp = (-torch.rand(B, T, dtype=torch.float64) * 4)
     ref = lp + torch.randn(B, T, dtype=torch.float64) * 2
     ref[0, :3] = lp[0, :3] + torch.tensor([25.0, -25.0, 13.0], dtype=torch.float64)  # the clamps of k3
-    lp32, ref32 = lp.float().requires_grad_(), ref.float().requires_grad_()
+    lp32, ref32 = lp.float().to(device).requires_grad_(), ref.float().to(device).requires_grad_()
     lp64, ref64 = lp.clone().requires_grad_(), ref.clone().requires_grad_()
     out = verl.kl_penalty(lp32, ref32, name)
     exp = ref_verl_kl_penalty(lp64, ref64, name)
     assert out.dtype == torch.float32 and out.shape == (B, T)
     assert_close(out, exp, rtol=RTOL, atol=ATOL, name=f"{name} value")
     w = torch.randn(B, T, dtype=torch.float64)
-    (out * w.float()).sum().backward()
+    (out * w.float().to(device)).sum().backward()
     (exp * w).sum().backward()
     assert_close(lp32.grad, lp64.grad, rtol=1e-4, atol=1e-4, name=f"{name} d/dlogprob")
     assert_close(ref32.grad, ref64.grad, rtol=1e-4, atol=1e-4, name=f"{name} d/dref")
     with torch.no_grad():
-        assert_close(verl.kl_penalty(lp.float(), ref.float(), name), exp.detach(), rtol=RTOL, atol=ATOL)
+        assert_close(verl.kl_penalty(lp.float().to(device), ref.float().to(device), name), exp.detach(),
+                     rtol=RTOL, atol=ATOL)
 
 
 def test_verl_kl_penalty_straight_through_differs_from_plain_k3():
@@ -377,14 +383,16 @@ def test_openrlhf_normalize_advantages(std_norm):
 # ---------------------------------------------------------------------------------------
 # TRL PPO
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("est", ["k1", "k3"])
 @pytest.mark.parametrize("whiten_rewards", [False, True])
-def test_trl_ppo_block(est, whiten_rewards):
+def test_trl_ppo_block(est, whiten_rewards, device):
     B, T = 9, 15
     lp, ref, values, scores, _ = batch(B, T)
     seq_len = torch.randint(-1, T, (B,))
     seq_len[0], seq_len[1], seq_len[2] = T - 1, T - 2, -1  # full length, score at the end, empty response
-    out = trl_ppo.compute_rewards_and_advantages(*f32(lp, ref, values, scores), seq_len, kl_coef=0.07,
+    out = trl_ppo.compute_rewards_and_advantages(*f32(lp, ref, values, scores, device=device),
+                                                 seq_len.to(device), kl_coef=0.07,
                                                  kl_estimator=est, gamma=0.99, lam=0.9,
                                                  whiten_rewards=whiten_rewards)
     e_adv, e_ret, e_rew, e_kl = ref_trl(lp, ref, values, scores, seq_len, 0.07, est, 0.99, 0.9, whiten_rewards)
