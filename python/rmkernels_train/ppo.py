@@ -248,7 +248,12 @@ def load_models(a, dist, reward_dir):
 # ---------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------
-def save_checkpoint(path, step, policy, ref, value_model, optimizer, kl_ctl, tokenizer, args):
+# Options that fix what each step samples: they must not change on --resume.
+RESUME_FIXED = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy", "world_size",
+                "ppo_epochs", "minibatches")
+
+
+def save_checkpoint(path, step, policy, ref, value_model, optimizer, kl_ctl, tokenizer, args, world_size):
     from rmkernels_train.utils import atomic_dir
 
     with atomic_dir(path) as tmp:
@@ -258,7 +263,21 @@ def save_checkpoint(path, step, policy, ref, value_model, optimizer, kl_ctl, tok
         torch.save({"value_model": value_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "kl_coef": kl_ctl.value, "step": step}, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1, sort_keys=True)
+            json.dump({**vars(args), "world_size": world_size}, f, indent=1, sort_keys=True)
+
+
+def check_resume_args(path, args, world_size):
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"--resume: cannot read {path}/args.json: {e}") from None
+    now = {**vars(args), "world_size": world_size}
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIXED
+               if saved.get(k) != now[k]]
+    if changed:
+        raise TrainingError("--resume: these options differ from the checkpoint's run, which would change what "
+                            "each step samples: " + "; ".join(changed))
 
 
 def load_checkpoint(path, policy, ref, value_model, optimizer):
@@ -321,6 +340,8 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
     ckpt = os.path.join(a.output_dir, "checkpoint")
     start_step, kl_coef = 0, a.kl_coef
     if a.resume:
+        if os.path.isdir(ckpt):
+            check_resume_args(ckpt, a, dist.world_size)
         start_step, kl_coef = load_checkpoint(ckpt, policy, ref, value_model, optimizer)
         if start_step >= a.steps:
             raise TrainingError(f"--resume: the checkpoint is at step {start_step}, --steps is {a.steps}: "
@@ -419,7 +440,8 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
             pbar.update(1)
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
             if dist.is_main:
-                save_checkpoint(ckpt, step + 1, policy, ref, value_model, optimizer, kl_ctl, tokenizer, a)
+                save_checkpoint(ckpt, step + 1, policy, ref, value_model, optimizer, kl_ctl, tokenizer, a,
+                                dist.world_size)
             dist.barrier()
     if pbar is not None:
         pbar.close()
