@@ -19,7 +19,7 @@ import torch
 
 import rmkernels as rmk
 from rmkernels.integrations import openrlhf, trl_ppo, verl
-from tests.utils import assert_close
+from utils import assert_close
 
 RTOL = ATOL = 2e-5
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
