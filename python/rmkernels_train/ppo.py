@@ -51,7 +51,7 @@ def build_parser():
                         "default: a random-init tiny Llama")
     g.add_argument("--prompts", metavar="FILE", default=None,
                    help='JSONL file with a "prompt" string per line; default: the built-in sorting prompts')
-    g.add_argument("--output-dir", default="rmk-ppo", help="metrics, curves, checkpoints")
+    g.add_argument("--output-dir", default="runs/ppo", help="metrics, curves, checkpoints")
     g.add_argument("--policy-layers", type=int, default=2, help="layers of the default tiny policy")
     g.add_argument("--policy-hidden", type=int, default=64, help="hidden size of the default tiny policy")
     g = p.add_argument_group("rollouts")
