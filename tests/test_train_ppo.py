@@ -142,6 +142,7 @@ def test_default_reward_model_dir_is_reused(reward_model, tmp_path, capsys):
     (["--kl-coef", "-1"], "--kl-coef must be"),
     (["--minibatches", "64", "--batch-size", "8"], "--minibatches"),
     (["--prompts", "/nonexistent.jsonl"], "no such file"),
+    (["--backend", "fast"], "--backend must be one of"),
 ])
 def test_bad_options_stop_with_a_message(argv, message, capsys):
     assert main(argv) == 1

@@ -120,6 +120,11 @@ def check_args(a):
         raise TrainingError(f"--gamma must be >= 0, got {a.gamma}")
     if not 0.0 <= a.lam <= 1.0:
         raise TrainingError(f"--lam must be in [0, 1], got {a.lam}")
+    if a.backend is not None:
+        import rmkernels as rmk
+
+        if a.backend not in tuple(rmk.BACKENDS) + ("auto",):
+            raise TrainingError(f"--backend must be one of {', '.join(rmk.BACKENDS)} or auto, got {a.backend!r}")
     if a.threads < 0:
         raise TrainingError(f"--threads must be >= 0, got {a.threads}")
     for name in ("kl_clamp", "score_clip"):
@@ -376,7 +381,8 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
             old_logprobs = core.policy_logprobs(policy, roll, a.temperature)
             ref_logprobs = core.policy_logprobs(ref, roll, a.temperature)
             old_values = value_model(roll)
-            scores = core.reward_scores(backbone_rm, head.weight, getattr(head, "bias", None), roll)
+            scores = core.reward_scores(backbone_rm, head.weight, getattr(head, "bias", None), roll,
+                                        backend=a.backend)
             raw_scores = scores
             if a.missing_eos_penalty is not None:
                 has_eos = (roll.sequences[:, roll.prompt_len:] == tokenizer.eos_token_id).any(dim=1)
@@ -401,8 +407,11 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
                 vf_loss, _ = core.ppo_value_loss(new_values, old_values[mb], adv.returns[mb], mask[mb],
                                                  a.clip_range_value)
                 loss = pg_loss + a.vf_coef * vf_loss
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"step {step + 1}: the PPO loss is {loss.item()} (not finite); lower "
+                finite = torch.isfinite(loss.detach()).double().reshape(1)
+                if dist.enabled:  # every rank stops together (no rank left waiting in an all-reduce)
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                if not bool(finite.item()):
+                    raise TrainingError(f"step {step + 1}: the PPO loss is not finite (here {loss.item()}); lower "
                                         f"--lr or --kl-coef, or set --score-clip")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -104,13 +104,14 @@ class ValueModel(nn.Module):
 
 
 @torch.no_grad()
-def reward_scores(backbone, head_weight, head_bias, rollout):
+def reward_scores(backbone, head_weight, head_bias, rollout, backend=None):
     """The reward model's score of each full sequence: its value head on the hidden state of the
     last valid token (the EOS, or the last generated token when there is none), with
     ``rmk.last_token_reward`` -- B rows, never the head on every token. Float32 [B]."""
     h = backbone(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
                  position_ids=position_ids(rollout.attention_mask), use_cache=False).last_hidden_state
-    return rmk.last_token_reward(h, head_weight, head_bias, attention_mask=rollout.attention_mask)[:, 0]
+    return rmk.last_token_reward(h, head_weight, head_bias, attention_mask=rollout.attention_mask,
+                                 backend=backend)[:, 0]
 
 
 def masked_mean(x, mask):
