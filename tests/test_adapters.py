@@ -429,3 +429,14 @@ def test_trl_utils_agree_with_installed_trl():
     responses = torch.tensor([[5, 6, 7, 0, 0], [0, 0, 0, 0, 0], [4, 4, 4, 4, 4]])
     seq = utils.first_true_indices(responses == pad) - 1
     assert seq.tolist() == [2, -1, 4]
+
+
+@pytest.mark.parametrize("B,T", [(0, 5), (3, 0)])
+def test_empty_batches_give_empty_results(B, T):
+    z, m = torch.zeros(B, T), torch.ones(B, T)
+    for out in (*verl.compute_gae_advantage_return(z, z, m, 1.0, 0.95), verl.kl_penalty(z, z, "k3+"),
+                openrlhf.compute_approx_kl(z, z, "k3"), *openrlhf.get_advantages_and_returns(z, z, m, 1.0, 0.95),
+                openrlhf.normalize_advantages(z, m), openrlhf.compute_reward(torch.zeros(B), 0.1, z, action_mask=m),
+                *trl_ppo.compute_rewards_and_advantages(z, z, z, torch.zeros(B), torch.zeros(B, dtype=torch.long),
+                                                        kl_coef=0.1)[:5]):
+        assert out.shape == (B, T)
