@@ -49,9 +49,12 @@ template <typename A> struct BTParams {
 };
 
 // l = -(1 - e) logsigmoid(d) - e logsigmoid(-d) + coef (c + r)^2, d = c - r - m.
+// logsigmoid(+-d) = min(+-d, 0) - log1p(exp(-|d|)): the transcendental part is shared by both
+// terms, so it is computed once (the same bits as two log_sigmoid calls, half the exp/log1p).
 template <typename A> inline A pair_loss(A c, A r, A m, A e, A coef) {
   const A d = c - r - m;
-  A l = -(A(1) - e) * log_sigmoid(d) - e * log_sigmoid(-d);
+  const A lp = std::log1p(std::exp(-std::abs(d)));
+  A l = -(A(1) - e) * ((d < A(0) ? d : A(0)) - lp) - e * ((-d < A(0) ? -d : A(0)) - lp);
   if (coef != A(0)) l += coef * (c + r) * (c + r);  // never 0 * inf when the coefficient is 0
   return l;
 }
@@ -148,7 +151,11 @@ void bt_bwd_impl(const acc_t<S>* grad, const S* c, int64_t sc, const S* r, int64
       const A ci = static_cast<A>(c[i * sc]), ri = static_cast<A>(r[i * sr]);
       const A d = ci - ri - p.m(i);
       // dl/dd = -(1 - e) sigmoid(-d) + e sigmoid(d); the centering term adds 2 coef (c + r) to both.
-      const A dl_dd = -(A(1) - p.e) * sigmoid(-d) + p.e * sigmoid(d);
+      // sigmoid(d) and sigmoid(-d) from one exp of a non-positive number
+      const A z = std::exp(-std::abs(d));
+      const A s_pos = d >= A(0) ? A(1) / (A(1) + z) : z / (A(1) + z);   // sigmoid(d)
+      const A s_neg = -d >= A(0) ? A(1) / (A(1) + z) : z / (A(1) + z);  // sigmoid(-d)
+      const A dl_dd = -(A(1) - p.e) * s_neg + p.e * s_pos;
       const A center = p.coef != A(0) ? A(2) * p.coef * (ci + ri) : A(0);
       const A g = (reduction == kReduceNone ? grad[i] : scale) * p.w(i);
       if (g_c) g_c[i] = static_cast<S>(g * (dl_dd + center));
