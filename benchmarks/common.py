@@ -177,8 +177,8 @@ def bench_shape(op, shape, providers, inputs, *, grad_idx=(), reference=None, de
     timed = {k: v for k, v in providers.items() if ok[k]}
 
     # 2. timing, all providers of a mode side by side
-    reps = 5 if quick else 15
-    max_time = 3.0 if quick else 25.0
+    reps = 3 if quick else 15
+    max_time = 1.0 if quick else 25.0
     for mode in modes:
         calls = {}
         for name, fn in timed.items():

@@ -1,0 +1,6 @@
+"""pytest configuration of the benchmark suite (``pytest benchmarks/ --benchmark-only``).
+
+Not collected by ``pytest tests`` (CI): pyproject's testpaths is ``tests``."""
+import pytest
+
+pytest.importorskip("pytest_benchmark")
