@@ -121,7 +121,7 @@ def resolve(backend, device):
     why = _why_not(name, device_type)
     if why is not None:
         report = backend_report(device)
-        avail = [b for b, w in report.items() if w is None]
+        avail = available_backends(device)
         others = "; ".join(f"{b}: {w}" for b, w in report.items() if w is not None)
         raise RuntimeError(
             f"rmkernels backend {name!r} is not available for {device_type} tensors: {why}. "

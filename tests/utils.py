@@ -23,6 +23,8 @@ def skip_unless_available(backend, device):
     """pytest.skip with the reason when `backend` cannot run on `device` here."""
     import pytest
 
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip(f"{backend} on CUDA tensors needs a GPU (none here)")
     why = rmk.backend_report(device)[backend]
     if why is None:
         return

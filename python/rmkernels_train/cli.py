@@ -1,0 +1,30 @@
+"""``rmkernels-train {reward,ppo} [options]`` (also ``python -m rmkernels_train``)."""
+import sys
+
+USAGE = """usage: rmkernels-train {reward,ppo} [options]
+
+  reward   train a reward model with the fused Bradley-Terry head (rmk.pairwise_reward_loss)
+  ppo      PPO against a reward model with the fused advantages (rmk.ppo_advantages)
+
+With no options each runs on a built-in default (generated data, a small random-init
+model) that needs no network. `rmkernels-train reward --help` lists the options."""
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "reward":
+        from rmkernels_train.reward import main as run
+    elif cmd == "ppo":
+        from rmkernels_train.ppo import main as run
+    else:
+        print(f"rmkernels-train: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
