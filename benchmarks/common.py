@@ -11,7 +11,7 @@ import torch
 from benchmarks import timing
 
 FIELDS = ["op", "shape", "dims", "dtype", "provider", "mode", "metric", "median", "p20", "p80", "unit",
-          "bytes", "device", "device_name", "threads", "torch", "rmkernels", "date", "run_id", "note"]
+          "bytes", "device", "device_name", "threads", "clock", "torch", "rmkernels", "date", "run_id", "note"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -58,6 +58,7 @@ def rmk_version():
 def env_fields(device):
     now = datetime.datetime.now(datetime.timezone.utc)
     return dict(device=device, device_name=device_name(device), threads=torch.get_num_threads(),
+                clock=timing.clock(device)[1],
                 torch=torch.__version__, rmkernels=rmk_version(), date=now.strftime("%Y-%m-%d %H:%M UTC"))
 
 

@@ -91,8 +91,8 @@ def markdown(rows, title=None):
         out += [f"# {title}", ""]
     if rows:
         r0 = rows[0]
-        out += [f"Device: **{r0['device_name']}** ({r0['device']}, {r0['threads']} threads); torch {r0['torch']}; "
-                f"rmkernels {r0['rmkernels']}; {r0['date']}.", ""]
+        out += [f"Device: **{r0['device_name']}** ({r0['device']}, {r0['threads']} threads, clock: "
+                f"{r0.get('clock', 'wall')}); torch {r0['torch']}; rmkernels {r0['rmkernels']}; {r0['date']}.", ""]
     copy_gbps, launch_ms = floors(rows)
     gpu = not math.isnan(copy_gbps)
     if gpu:
@@ -270,3 +270,47 @@ def plots(rows, outdir, slug):
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def summary(rows):
+    """The compact table for the README: per named shape and mode, the median ms/call of
+    each provider and the speedups of the rmkernels backends vs hf and vs compile."""
+    rows = [r for r in sorted(rows, key=_key) if r["metric"] == "call_ms" and not r["shape"].endswith("-t")]
+    if not rows:
+        return ""
+    provs = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in rows)]
+    ours = [p for p in provs if p.startswith("rmk-")]
+    head = "| op | shape (as run) | mode | " + " | ".join(f"{p} ms" for p in provs)
+    head += "".join(f" | {p} vs hf | {p} vs compile" for p in ours) + " |"
+    out = [head, "|" + "---|" * (3 + len(provs) + 2 * len(ours))]
+    for g in dict.fromkeys((r["op"], r["shape"], r["mode"]) for r in rows):
+        gr = [r for r in rows if (r["op"], r["shape"], r["mode"]) == g]
+        c = gr[0]
+        ms = {p: _val(gr, provider=p) for p in provs}
+        line = f"| {g[0]} | {g[1]} [{c['dims']}, {c['dtype']}] | {g[2]} | " + " | ".join(_fmt_ms(ms[p]) for p in provs)
+        for p in ours:
+            line += f" | {_fmt_x(ms['hf'] / ms[p])} | {_fmt_x(ms['compile'] / ms[p])}"
+        out.append(line + " |")
+    r0 = rows[0]
+    out.append("")
+    out.append(f"Measured on {r0['device_name']}, {r0['threads']} thread(s) (clock: {r0.get('clock', 'wall')}), "
+               f"torch {r0['torch']}, "
+               f"rmkernels {r0['rmkernels']}, {r0['date']}. Median of interleaved samples; "
+               "ratios are same-run ratios.")
+    return "\n".join(out)
+
+
+README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def update_readme(path, rows, results_md):
+    """Rewrite the block between the README markers with `summary(rows)`."""
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{README_START}\n{summary(rows)}\n\nFull table, peak memory and plots: [{results_md}]({results_md}).\n{README_END}"
+    if README_START in text and README_END in text:
+        a, b = text.index(README_START), text.index(README_END) + len(README_END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip() + "\n\n## Benchmarks\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)

@@ -48,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-merge", action="store_true", help="overwrite the CSV instead of merging groups")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--readme", metavar="README.md",
+                    help="rewrite this README's benchmarks block with the summary table of the CSV")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -85,6 +87,10 @@ def main(argv=None):
     written = [csv_path, os.path.join(args.out, f"{slug}.md")]
     if not args.no_plots:
         written += report.plots(allrows, args.out, slug)
+    if args.readme:
+        rel = os.path.relpath(os.path.join(args.out, f"{slug}.md"), os.path.dirname(os.path.abspath(args.readme)))
+        report.update_readme(args.readme, allrows, rel)
+        written.append(args.readme)
     common.log(f"done in {time.time() - t0:.0f} s: " + ", ".join(written))
     print(report.markdown(rows))
     return 0

@@ -1,6 +1,7 @@
 """Timers and floors.
 
-CPU: ``time.perf_counter`` around a sample of ``n`` calls (``n`` calibrated so a sample
+CPU: the thread CPU time with one torch thread, else ``time.perf_counter`` (see ``clock``),
+around a sample of ``n`` calls (``n`` calibrated so a sample
 takes >= ``min_sample_s``), warm-up first, then median / p20 / p80 of the per-call time over
 the samples. Providers of one (op, shape, mode) are measured **interleaved**, one sample of
 each in turn (``measure_interleaved``), so a burst of load from the other users of a shared
@@ -8,20 +9,18 @@ machine hits all of them alike and their ratios stay meaningful.
 
 GPU: device time from ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls;
 a CUDA-event loop when triton is absent) and full-call time = wall time of one call plus
-``torch.cuda.synchronize()`` (what a caller pays: Python, dispatch, launches and the kernels).
+``torch.cuda.synchronize()``, each call synchronised (what a caller pays: Python, dispatch,
+launches and the kernels).
 Floors measured in the same run: the bandwidth of a large device-to-device copy (bytes read +
 written) and the time of an empty kernel launch.
 
 Peak memory: the bytes a call allocates above what is live before it. On a GPU,
-``torch.cuda.max_memory_allocated``; on the CPU, the process's peak RSS (``VmHWM``, reset
-through ``/proc/self/clear_refs``) with glibc told to ``mmap`` every block >= 64 KiB, so a
-freed tensor goes back to the OS and the high-water mark sees each call's own peak.
+``torch.cuda.max_memory_allocated``; on the CPU, the running sum of the allocation and free
+events of torch's CPU allocator recorded by ``torch.profiler`` (``profile_memory=True``) in
+one extra, untimed call.
 """
-import ctypes
 import gc
 import math
-import os
-import re
 import statistics
 import time
 
@@ -46,6 +45,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def clock(device="cpu"):
+    """(seconds function, name) of the clock the timings use.
+
+    On the CPU with one torch thread every instruction of a call runs on the calling thread,
+    so its thread CPU time (``time.thread_time``: user + system, page faults included) is the
+    call's cost with the time other processes held the core left out: on a shared machine
+    that is the figure that does not move with their load (it equals the wall time on an
+    idle machine). With more threads, or on a GPU, wall time (``time.perf_counter``)."""
+    if device == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time, "thread-cpu-time"
+    return time.perf_counter, "wall"
+
+
 def _as_pair(f):
     """A benchmark callable is `fn` or `(setup, fn)`: `setup()` runs untimed before each call
     and its result is passed to `fn` (e.g. a fresh forward before a timed backward)."""
@@ -55,21 +67,22 @@ def _as_pair(f):
 def _timed_calls(f, n, device):
     """Seconds spent in `n` calls of `f` (setup excluded)."""
     setup, fn = _as_pair(f)
+    now = clock(device)[0]
     if setup is None:
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = now()
         for _ in range(n):
             fn()
-        _sync(device)
-        return time.perf_counter() - t0
+            _sync(device)  # on a GPU: one call + synchronize, what a caller waits for
+        return now() - t0
     total = 0.0
     for _ in range(n):
         arg = setup()
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = now()
         fn(arg)
         _sync(device)
-        total += time.perf_counter() - t0
+        total += now() - t0
         del arg
     return total
 
@@ -89,7 +102,7 @@ def measure_interleaved(fns, device="cpu", reps=15, warmup=3, min_sample_s=2e-3,
         _timed_calls(f, warmup, device)
     ns = {k: calibrate(f, device, min_sample_s) for k, f in fns.items()}
     samples = {k: [] for k in fns}
-    start = time.perf_counter()
+    start = time.perf_counter()  # the time budget is wall time
     for r in range(reps):
         for k, f in fns.items():
             samples[k].append(_timed_calls(f, ns[k], device) / ns[k] * 1e3)
@@ -170,35 +183,31 @@ def empty_launch_ms():
 # ---------------------------------------------------------------------------------------
 # Peak memory
 # ---------------------------------------------------------------------------------------
-_MMAP_SET = False
-
-
-def _cpu_mmap_small_threshold():
-    global _MMAP_SET
-    if _MMAP_SET:
-        return True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        _MMAP_SET = bool(libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024))
-    except OSError:
-        _MMAP_SET = False
-    return _MMAP_SET
-
-
-def _status_mib(key):
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
-    return int(m.group(1)) / 1024 if m else float("nan")
+def _cpu_peak_bytes(fn):
+    """Peak of the bytes torch's CPU allocator holds during `fn()` above what it held before,
+    from the profiler's allocation events (every alloc and free, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    evs = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    evs.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in evs:
+        if str(e.device_type()).endswith("CPU"):
+            cur += e.nbytes()
+            peak = max(peak, cur)
+    return peak
 
 
 def peak_memory_mib(fn, device="cpu"):
     """MiB a call to `fn` allocates above what is live before it (its peak), or NaN where
-    it cannot be measured. The call's result is dropped before returning."""
+    it cannot be measured. `fn` is a callable or `(setup, fn)` (the setup's memory is live
+    before the call: not counted). The call's result is dropped before returning."""
     setup, call = _as_pair(fn)
     if setup is not None:
         arg = setup()
-        fn = lambda: call(arg)  # noqa: E731  (the setup's own memory is live before: not counted)
+        fn = lambda: call(arg)  # noqa: E731
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -209,20 +218,38 @@ def peak_memory_mib(fn, device="cpu"):
         peak = torch.cuda.max_memory_allocated()
         del out
         return (peak - base) / 2**20
-    if not (_cpu_mmap_small_threshold() and os.path.exists("/proc/self/clear_refs")):
-        return float("nan")
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
+        return _cpu_peak_bytes(fn) / 2**20
+    except Exception:  # profiler unavailable: report nothing rather than a wrong figure
         return float("nan")
-    base = _status_mib("VmRSS")
-    out = fn()
-    peak = _status_mib("VmHWM")
-    del out
-    return max(peak - base, 0.0)
+
+
+_ALLOCATOR_SET = None
+
+
+def steady_allocator():
+    """Put glibc malloc in the state a warmed-up training process reaches anyway, and keep
+    it there: blocks up to 32 MiB come from the heap (``M_MMAP_THRESHOLD`` = 32 MiB, glibc's
+    own ceiling for its dynamic threshold) and freed heap memory is kept
+    (``M_TRIM_THRESHOLD`` = 1 GiB). Without this, whether a 16 MiB gradient buffer is
+    recycled or freshly mmapped (4096 page faults) depends on the allocation history of the
+    process, and that, not the op, decides CPU timings of the backward passes. Blocks over
+    32 MiB are mmapped (and faulted in) on every call, for every provider alike, as glibc
+    always does. Returns True if it was applied (glibc only)."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET is None:
+        try:
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6")
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+            _ALLOCATOR_SET = bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and \
+                bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+        except (OSError, AttributeError):
+            _ALLOCATOR_SET = False
+    return _ALLOCATOR_SET
 
 
 def enable_cpu_peak_memory():
-    """Call once, early (before the big inputs are allocated)."""
-    return _cpu_mmap_small_threshold()
+    """Set-up of a CPU benchmark process: the steady allocator (see ``steady_allocator``).
+    CPU peak memory itself needs nothing (it reads the profiler's allocation events)."""
+    return steady_allocator()
