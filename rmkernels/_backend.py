@@ -7,7 +7,7 @@ for the fastest available one for the tensors' device. The default comes from
 variable, else ``"auto"``.
 """
 import contextlib
-import functools
+import importlib.util
 import os
 
 import torch
@@ -20,15 +20,14 @@ _AUTO = ("auto", None)
 _override_stack = []  # set by use_backend
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_status():
-    """(importable, interpreter on, why not) for the Triton backend."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return False, False, f"triton is not installed ({e})"
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return True, interp, ""
+def _probe_triton():
+    """(installed, why not) for the Triton backend, found without importing triton."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton==3.6.0)"
+    return True, ""
+
+
+_TRITON_INSTALLED, _TRITON_WHY = _probe_triton()
 
 
 def _check_name(name, what):
@@ -75,12 +74,11 @@ def _why_not(name, device_type):
             return f"it runs on CUDA tensors, the tensors are on {device_type}"
         return None
     if name == "triton":
-        ok, interp, why = _triton_status()
-        if not ok:
-            return why
+        if not _TRITON_INSTALLED:
+            return _TRITON_WHY
         if device_type == "cuda":
             return None
-        if device_type == "cpu" and interp:
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
             return None
         return (f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
                 f"the tensors are on {device_type}")

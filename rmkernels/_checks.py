@@ -5,7 +5,6 @@ expected and what was given, and is raised before any kernel runs.
 a device-to-host copy on a GPU (rows with no valid token, malformed lengths/cu_seqlens).
 Those always run for CPU tensors, and never while ``torch.compile`` traces.
 """
-import contextlib
 import os
 
 import torch
@@ -14,15 +13,6 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 _checks_override = []
-
-
-@contextlib.contextmanager
-def _checks_ctx(enabled):
-    _checks_override.append(bool(enabled))
-    try:
-        yield
-    finally:
-        _checks_override.pop()
 
 
 class checks:
