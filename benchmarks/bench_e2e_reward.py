@@ -104,7 +104,8 @@ def run(op="e2e", device="cpu", shapes=None, quick=False, tiny=False, only=None,
 
     # correctness: same weights -> same first loss
     losses = {k: float(fn(models[k], ids, mask).detach()) for k, fn in paths.items()}
-    ok = all(abs(v - losses.get("hf", v)) <= 1e-3 * max(1.0, abs(v)) for v in losses.values())
+    tol = 1e-3 if dtype == "fp32" else 2e-2  # hf rounds the head's output to bf16, rmk keeps fp32
+    ok = all(abs(v - losses.get("hf", v)) <= tol * max(1.0, abs(v)) for v in losses.values())
     if not ok:
         log(f"  !! e2e {name}: first losses differ: {losses}")
 

@@ -37,7 +37,8 @@ GPU_SHAPES = {
     "pool-l": Shape("pool-l", "pooling", dict(B=16, T=4096, H=4096, K=1), "bf16"),
     "bt-s": Shape("bt-s", "bt", dict(B=64), "fp32"),
     "bt-l": Shape("bt-l", "bt", dict(B=65536), "fp32"),
-    "pair-l": Shape("pair-l", "pair", dict(B=8, T=2048, H=4096, K=1), "bf16"),
+    "pair-l": Shape("pair-l", "pair", dict(B=8, T=2048, H=4096, K=1), "bf16",
+                    note="B pairs: hidden is [2B, T, H]"),
     "gae-s": Shape("gae-s", "gae", dict(B=64, T=1024), "fp32", dict(kl_estimator="k1")),
     "gae-l": Shape("gae-l", "gae", dict(B=256, T=4096), "fp32", dict(kl_estimator="k3")),
     "gae-xl": Shape("gae-xl", "gae", dict(B=32, T=32768), "fp32", dict(kl_estimator="k1")),
@@ -51,7 +52,7 @@ SCALED_ON_CPU = {
     "pool-l": dict(dims=dict(B=16, T=1024, H=4096, K=1),
                    note="CPU: T 4096 -> 1024, bf16 -> fp32"),
     "pair-l": dict(dims=dict(B=8, T=512, H=4096, K=1),
-                   note="CPU: T 2048 -> 512, bf16 -> fp32"),
+                   note="B pairs: hidden is [2B, T, H]; CPU: T 2048 -> 512, bf16 -> fp32"),
 }
 
 TINY_SHAPES = {
