@@ -7,5 +7,11 @@ pytest.importorskip("pytest_benchmark")
 
 
 def pytest_configure(config):
+    import os
+
+    import torch
+
     from benchmarks import timing
     timing.steady_allocator()
+    if os.environ.get("RMKERNELS_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["RMKERNELS_BENCH_THREADS"]))

@@ -1,7 +1,11 @@
 """Quick side-by-side comparisons with pytest-benchmark, on the small named shapes:
 
     pytest benchmarks/ --benchmark-only                     # all
-    pytest benchmarks/ --benchmark-only -k gae --benchmark-group-by=param:case
+    pytest benchmarks/ --benchmark-only -k gae
+
+On a shared CPU machine (see NOTES.md) pin one thread and time the thread's CPU time:
+
+    RMKERNELS_BENCH_THREADS=1 pytest benchmarks/ --benchmark-only --benchmark-timer=time.thread_time
 
 Each test checks once that the provider's output matches the reference, then times the
 full call (forward + backward for the differentiable ops). Nothing asserts on a timing.
