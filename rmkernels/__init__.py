@@ -12,6 +12,8 @@ from rmkernels._backend import BACKENDS, available_backends, backend_report, use
 from rmkernels._checks import checks
 from rmkernels.ops.pooling import last_token_index, last_token_reward
 from rmkernels.modules import LastTokenRewardHead
+from rmkernels.ops.bt_loss import bradley_terry_loss, pairwise_reward_loss, ranking_loss
+from rmkernels.modules import BradleyTerryLoss, PairwiseRewardLoss, RankingLoss
 
 __all__ = [
     "__version__",
@@ -23,4 +25,10 @@ __all__ = [
     "last_token_index",
     "last_token_reward",
     "LastTokenRewardHead",
+    "bradley_terry_loss",
+    "pairwise_reward_loss",
+    "ranking_loss",
+    "BradleyTerryLoss",
+    "PairwiseRewardLoss",
+    "RankingLoss",
 ]

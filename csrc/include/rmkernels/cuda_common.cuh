@@ -17,6 +17,9 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
+// Device code only where nvcc compiles (the torch bindings are .cpp files built by the host
+// compiler and include this header for DType).
+#ifdef __CUDACC__
 template <typename A> __device__ __forceinline__ A to_acc(float v) { return v; }
 template <typename A> __device__ __forceinline__ A to_acc(double v) { return static_cast<A>(v); }
 template <typename A> __device__ __forceinline__ A to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -33,11 +36,14 @@ template <typename A> __device__ __forceinline__ A quiet_nan();
 template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
 template <> __device__ __forceinline__ double quiet_nan<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
 
+#endif  // __CUDACC__
+
 // Threads per block of the row kernels: 256 = 8 warps, enough loads in flight per SM with
 // a few blocks resident; every kernel here is memory- or latency-bound.
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 
+#ifdef __CUDACC__
 template <typename T> __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -74,6 +80,8 @@ template <typename T> __device__ __forceinline__ T block_max(T v, T* shared, T l
   v = lane < nwarps ? shared[lane] : lowest;
   return warp_max(v);
 }
+
+#endif  // __CUDACC__
 
 inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
 

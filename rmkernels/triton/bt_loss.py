@@ -1,0 +1,288 @@
+"""Triton kernels of the Bradley-Terry and K-wise ranking losses (SPEC section 2).
+
+Host functions have the signatures of the kernel ops in ``rmkernels/ops/bt_loss.py``.
+
+Bytes moved: the Bradley-Terry forward reads the B chosen and B rejected rewards (+ B margins
+and B weights when given) and writes one float (or B for ``"none"``); the backward reads
+the same and writes 2B gradients. One launch each way: for ``"mean"``/``"sum"`` the forward
+is a single program that walks B in chunks (a fixed-order reduction: deterministic, no
+atomics), and so is the backward of a weighted ``"mean"``, which needs ``sum(w)`` first.
+The ranking kernels run one program per row over tiles of the [K, K] pair matrix.
+
+The scalar options (margin_value, weight_value, label_smoothing, center_coef) are kernel
+arguments, which compiled Triton passes as float32: with float64 inputs on a GPU they are
+rounded to float32 (the tensors are not). float64 is for gradcheck, which runs on the
+reference and cpu backends.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Pairs per step of the Bradley-Terry kernels: 1024 fp32 per operand keeps 4 warps busy
+# with 8 elements each; small batches get a smaller power of two.
+MAX_BLOCK_B = 1024
+# Side of the square tile of the [K, K] pair matrix in the ranking kernels: 32 x 32 = 1024
+# pairs per step, the same register budget as a Bradley-Terry step.
+MAX_BLOCK_K = 32
+
+
+def _block(n, cap, floor=16):
+    return max(floor, min(cap, triton.next_power_of_2(max(int(n), 1))))
+
+
+@triton.jit
+def _log1p(z):
+    """log(1 + z) for z >= 0, accurate for tiny z without libdevice (the interpreter has none):
+    log(u) * z / (u - 1) with u = 1 + z corrects the rounding of u."""
+    u = 1.0 + z
+    one = u == 1.0
+    return tl.where(one, z, tl.log(u) * (z / tl.where(one, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _log_sigmoid(x):
+    """min(x, 0) - log1p(exp(-|x|)): no overflow for any x."""
+    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    z = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+
+@triton.jit
+def _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stride_c, stride_r,
+                margin_value, weight_value, acc_ty: tl.constexpr,
+                HAS_MARGIN: tl.constexpr, HAS_WEIGHTS: tl.constexpr):
+    """(in_b, c, r, m, w) of the pairs at `offs`, upcast to the arithmetic dtype."""
+    in_b = offs < B
+    offs64 = offs.to(tl.int64)
+    c = tl.load(chosen_ptr + offs64 * stride_c, mask=in_b, other=0.0).to(acc_ty)
+    r = tl.load(rejected_ptr + offs64 * stride_r, mask=in_b, other=0.0).to(acc_ty)
+    if HAS_MARGIN:
+        m = tl.load(margin_ptr + offs64, mask=in_b, other=0.0)
+    else:
+        m = tl.zeros_like(c) + margin_value
+    if HAS_WEIGHTS:
+        w = tl.load(weights_ptr + offs64, mask=in_b, other=0.0)
+    else:
+        w = tl.where(in_b, tl.zeros_like(c) + weight_value, 0.0)
+    return in_b, c, r, m, w
+
+
+@triton.jit
+def _bt_fwd_kernel(
+    chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, out_ptr,  # pointers ([B] each; out [] or [B])
+    B, stride_c, stride_r,  # size and the strides of chosen / rejected, in elements
+    margin_value, weight_value, label_smoothing, center_coef,  # scalars
+    HAS_MARGIN: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CENTER: tl.constexpr,
+    REDUCTION: tl.constexpr,  # 0 none (grid over B), 1 mean, 2 sum (one program)
+    BLOCK: tl.constexpr,
+):
+    acc_ty = out_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
+    if REDUCTION == 0:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        in_b, c, r, m, w = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stride_c,
+                                       stride_r, margin_value, weight_value, acc_ty, HAS_MARGIN, HAS_WEIGHTS)
+        d = c - r - m
+        loss = -(1.0 - label_smoothing) * _log_sigmoid(d) - label_smoothing * _log_sigmoid(-d)
+        if HAS_CENTER:
+            loss += center_coef * (c + r) * (c + r)
+        tl.store(out_ptr + offs.to(tl.int64), w * loss, mask=in_b)
+    else:
+        acc_l = tl.zeros([BLOCK], dtype=acc_ty)
+        acc_w = tl.zeros([BLOCK], dtype=acc_ty)
+        for start in range(0, B, BLOCK):  # fixed order: deterministic
+            offs = start + tl.arange(0, BLOCK)
+            in_b, c, r, m, w = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stride_c,
+                                           stride_r, margin_value, weight_value, acc_ty, HAS_MARGIN, HAS_WEIGHTS)
+            d = c - r - m
+            loss = -(1.0 - label_smoothing) * _log_sigmoid(d) - label_smoothing * _log_sigmoid(-d)
+            if HAS_CENTER:
+                loss += center_coef * (c + r) * (c + r)
+            acc_l += tl.where(in_b, w * loss, 0.0)
+            acc_w += w
+        total = tl.sum(acc_l, axis=0)
+        if REDUCTION == 1:
+            total = total / tl.sum(acc_w, axis=0)  # B = 0: 0 / 0 = NaN, as an empty mean
+        tl.store(out_ptr, total)
+
+
+@triton.jit
+def _bt_bwd_block(
+    start, grad_ptr, chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, grad_c_ptr, grad_r_ptr,
+    B, stride_c, stride_r, scale, margin_value, weight_value, label_smoothing, center_coef,
+    HAS_MARGIN: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CENTER: tl.constexpr, PER_PAIR_GRAD: tl.constexpr,
+    NEED_C: tl.constexpr, NEED_R: tl.constexpr, BLOCK: tl.constexpr,
+):
+    acc_ty = grad_ptr.dtype.element_ty
+    offs = start + tl.arange(0, BLOCK)
+    in_b, c, r, m, w = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stride_c, stride_r,
+                                   margin_value, weight_value, acc_ty, HAS_MARGIN, HAS_WEIGHTS)
+    d = c - r - m
+    dl_dd = -(1.0 - label_smoothing) * _sigmoid(-d) + label_smoothing * _sigmoid(d)
+    if HAS_CENTER:
+        center = 2.0 * center_coef * (c + r)
+    else:
+        center = tl.zeros_like(c)
+    if PER_PAIR_GRAD:
+        g = tl.load(grad_ptr + offs.to(tl.int64), mask=in_b, other=0.0) * w
+    else:
+        g = scale * w
+    if NEED_C:
+        tl.store(grad_c_ptr + offs.to(tl.int64), (g * (dl_dd + center)).to(grad_c_ptr.dtype.element_ty), mask=in_b)
+    if NEED_R:
+        tl.store(grad_r_ptr + offs.to(tl.int64), (g * (center - dl_dd)).to(grad_r_ptr.dtype.element_ty), mask=in_b)
+
+
+@triton.jit
+def _bt_bwd_kernel(
+    grad_ptr, chosen_ptr, rejected_ptr, margin_ptr, weights_ptr,  # inputs (grad: [] or [B])
+    grad_c_ptr, grad_r_ptr,  # outputs [B], in the dtype of chosen
+    B, stride_c, stride_r,  # size and strides of chosen / rejected
+    margin_value, weight_value, label_smoothing, center_coef,  # scalars
+    HAS_MARGIN: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CENTER: tl.constexpr,
+    REDUCTION: tl.constexpr, NEED_C: tl.constexpr, NEED_R: tl.constexpr,
+    SINGLE_PROGRAM: tl.constexpr,  # weighted mean: one program computes sum(w), then every pair
+    BLOCK: tl.constexpr,
+):
+    acc_ty = grad_ptr.dtype.element_ty
+    scale = tl.load(grad_ptr)  # the upstream gradient of a reduced loss (unused for "none")
+    if REDUCTION == 1:
+        if HAS_WEIGHTS:
+            acc_w = tl.zeros([BLOCK], dtype=acc_ty)
+            for start in range(0, B, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                acc_w += tl.load(weights_ptr + offs.to(tl.int64), mask=offs < B, other=0.0)
+            scale = scale / tl.sum(acc_w, axis=0)
+        else:
+            scale = scale / (B * weight_value)
+    if SINGLE_PROGRAM:
+        for start in range(0, B, BLOCK):
+            _bt_bwd_block(start, grad_ptr, chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, grad_c_ptr, grad_r_ptr,
+                          B, stride_c, stride_r, scale, margin_value, weight_value, label_smoothing, center_coef,
+                          HAS_MARGIN, HAS_WEIGHTS, HAS_CENTER, REDUCTION == 0, NEED_C, NEED_R, BLOCK)
+    else:
+        _bt_bwd_block(tl.program_id(0) * BLOCK, grad_ptr, chosen_ptr, rejected_ptr, margin_ptr, weights_ptr,
+                      grad_c_ptr, grad_r_ptr, B, stride_c, stride_r, scale, margin_value, weight_value,
+                      label_smoothing, center_coef, HAS_MARGIN, HAS_WEIGHTS, HAS_CENTER, REDUCTION == 0, NEED_C,
+                      NEED_R, BLOCK)
+
+
+def _flags(margin, weights, center_coef):
+    return dict(HAS_MARGIN=margin is not None, HAS_WEIGHTS=weights is not None, HAS_CENTER=center_coef != 0)
+
+
+def bt_loss_fwd(chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing, center_coef,
+                reduction):
+    B = chosen.shape[0]
+    acc = torch.float64 if chosen.dtype == torch.float64 else torch.float32
+    out = torch.empty((B,) if reduction == 0 else (), dtype=acc, device=chosen.device)
+    if reduction == 0 and B == 0:
+        return out
+    block = _block(B, MAX_BLOCK_B)
+    grid = (triton.cdiv(B, block),) if reduction == 0 else (1,)
+    _bt_fwd_kernel[grid](
+        chosen, rejected, margin if margin is not None else out, weights if weights is not None else out, out,
+        B, chosen.stride(0), rejected.stride(0), float(margin_value), float(weight_value), float(label_smoothing),
+        float(center_coef), REDUCTION=reduction, BLOCK=block, **_flags(margin, weights, center_coef))
+    return out
+
+
+def bt_loss_bwd(grad, chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing, center_coef,
+                reduction, need_chosen, need_rejected):
+    B = chosen.shape[0]
+    g_c = torch.empty(B if need_chosen else 0, dtype=chosen.dtype, device=chosen.device)
+    g_r = torch.empty(B if need_rejected else 0, dtype=chosen.dtype, device=chosen.device)
+    if B == 0 or not (need_chosen or need_rejected):
+        return g_c, g_r
+    block = _block(B, MAX_BLOCK_B)
+    single = reduction == 1 and weights is not None
+    grid = (1,) if single else (triton.cdiv(B, block),)
+    _bt_bwd_kernel[grid](
+        grad, chosen, rejected, margin if margin is not None else grad, weights if weights is not None else grad,
+        g_c if need_chosen else grad, g_r if need_rejected else grad,
+        B, chosen.stride(0), rejected.stride(0), float(margin_value), float(weight_value), float(label_smoothing),
+        float(center_coef), REDUCTION=reduction, NEED_C=need_chosen, NEED_R=need_rejected, SINGLE_PROGRAM=single,
+        BLOCK=block, **_flags(margin, weights, center_coef))
+    return g_c, g_r
+
+
+@triton.jit
+def _ranking_fwd_kernel(
+    rewards_ptr, nc_ptr, out_ptr,  # rewards [B, K], num_candidates [B] int64, row losses [B]
+    K, stride_b, stride_k,  # sizes and strides of rewards
+    HAS_NC: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    acc_ty = out_ptr.dtype.element_ty
+    n = K + tl.zeros([], tl.int64)
+    if HAS_NC:
+        n = tl.minimum(tl.maximum(tl.load(nc_ptr + b), 0), K)
+    row = rewards_ptr + b * stride_b
+    acc = tl.zeros([BLOCK_K, BLOCK_K], dtype=acc_ty)
+    for i0 in range(0, n, BLOCK_K):
+        offs_i = i0 + tl.arange(0, BLOCK_K)
+        ri = tl.load(row + offs_i.to(tl.int64) * stride_k, mask=offs_i < n, other=0.0).to(acc_ty)
+        for j0 in range(i0, n, BLOCK_K):  # tiles on or above the diagonal hold every pair i < j
+            offs_j = j0 + tl.arange(0, BLOCK_K)
+            rj = tl.load(row + offs_j.to(tl.int64) * stride_k, mask=offs_j < n, other=0.0).to(acc_ty)
+            pair = (offs_i[:, None] < offs_j[None, :]) & (offs_j[None, :] < n)
+            acc += tl.where(pair, -_log_sigmoid(ri[:, None] - rj[None, :]), 0.0)
+    total = tl.sum(tl.sum(acc, axis=1), axis=0)
+    n_pairs = (n * (n - 1) // 2).to(acc_ty)
+    tl.store(out_ptr + b, tl.where(n >= 2, total / tl.maximum(n_pairs, 1.0), 0.0))
+
+
+@triton.jit
+def _ranking_bwd_kernel(
+    grad_ptr, rewards_ptr, nc_ptr, out_ptr,  # grad_rows [B], rewards [B, K], num_candidates, grad [B, K]
+    K, stride_b, stride_k,  # sizes and strides of rewards (out is contiguous)
+    HAS_NC: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    acc_ty = grad_ptr.dtype.element_ty
+    n = K + tl.zeros([], tl.int64)
+    if HAS_NC:
+        n = tl.minimum(tl.maximum(tl.load(nc_ptr + b), 0), K)
+    n_pairs = (n * (n - 1) // 2).to(acc_ty)
+    scale = tl.where(n >= 2, tl.load(grad_ptr + b) / tl.maximum(n_pairs, 1.0), 0.0)
+    row = rewards_ptr + b * stride_b
+    for i0 in range(0, K, BLOCK_K):
+        offs_i = i0 + tl.arange(0, BLOCK_K)
+        ri = tl.load(row + offs_i.to(tl.int64) * stride_k, mask=offs_i < n, other=0.0).to(acc_ty)
+        g = tl.zeros([BLOCK_K], dtype=acc_ty)
+        for j0 in range(0, n, BLOCK_K):
+            offs_j = j0 + tl.arange(0, BLOCK_K)
+            rj = tl.load(row + offs_j.to(tl.int64) * stride_k, mask=offs_j < n, other=0.0).to(acc_ty)
+            x = ri[:, None] - rj[None, :]
+            valid = (offs_i[:, None] < n) & (offs_j[None, :] < n)
+            # j < i: d/dr_i -logsigmoid(r_j - r_i) = sigmoid(x); j > i: -sigmoid(-x)
+            term = tl.where(offs_j[None, :] < offs_i[:, None], _sigmoid(x), -_sigmoid(-x))
+            term = tl.where(valid & (offs_j[None, :] != offs_i[:, None]), term, 0.0)
+            g += tl.sum(term, axis=1)
+        tl.store(out_ptr + b * K + offs_i, (scale * g).to(out_ptr.dtype.element_ty), mask=offs_i < K)
+
+
+def ranking_loss_fwd(rewards, num_candidates):
+    B, K = rewards.shape
+    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    out = torch.empty(B, dtype=acc, device=rewards.device)
+    if B == 0:
+        return out
+    _ranking_fwd_kernel[(B,)](
+        rewards, num_candidates if num_candidates is not None else out, out, K, rewards.stride(0), rewards.stride(1),
+        HAS_NC=num_candidates is not None, BLOCK_K=_block(K, MAX_BLOCK_K, floor=2))
+    return out
+
+
+def ranking_loss_bwd(grad_rows, rewards, num_candidates):
+    B, K = rewards.shape
+    out = torch.empty(B, K, dtype=rewards.dtype, device=rewards.device)
+    if B == 0 or K == 0:
+        return out
+    _ranking_bwd_kernel[(B,)](
+        grad_rows, rewards, num_candidates if num_candidates is not None else grad_rows, out, K, rewards.stride(0),
+        rewards.stride(1), HAS_NC=num_candidates is not None, BLOCK_K=_block(K, MAX_BLOCK_K, floor=2))
+    return out
