@@ -64,11 +64,36 @@ def run(op="pooling", device="cpu", shapes=None, quick=False, tiny=False, only=N
         inputs = make_inputs(shape, device)
         rows += common.bench_shape(op, shape, prov, inputs, grad_idx=(0, 1), reference=ref, device=device,
                                    bytes_per_mode=bytes_moved(shape), quick=quick, log=log)
+        if not only or FLOOR in only:
+            rows += write_floor(op, shape, inputs[0], device, quick)
         del inputs
     return rows
 
 
 shapes_mod = shapes
+FLOOR = "floor-write-grad"
+
+
+def write_floor(op, shape, hidden, device, quick):
+    """The time to allocate and write grad_hidden once (``torch.zeros_like(hidden)``): what
+    every backward must at least do (BENCHMARKS.md: pool-l fwd+bwd within 1.2x of it).
+    Rows with provider ``floor-write-grad``, modes backward and full."""
+    from benchmarks import timing
+    call = {FLOOR: lambda: torch.zeros_like(hidden)}
+    med, p20, p80 = timing.measure_interleaved(call, device=device, reps=3 if quick else 15,
+                                               max_time_s=1.0 if quick else 10.0)[FLOOR]
+    e = hidden.element_size()
+    nbytes = hidden.numel() * e
+    base = dict(op=op, shape=shape.name, dims=shape.dims_str(), dtype=shape.dtype, provider=FLOOR, unit="ms",
+                bytes=nbytes, note="torch.zeros_like(hidden): allocate + write grad_hidden once",
+                **common.env_fields(device))
+    rows = []
+    for mode in ("backward", "full"):
+        rows.append(dict(base, mode=mode, metric="call_ms", median=med, p20=p20, p80=p80))
+        if device == "cuda":
+            d = timing.device_time(call[FLOOR])
+            rows.append(dict(base, mode=mode, metric="device_ms", median=d[0], p20=d[1], p80=d[2]))
+    return rows
 
 if __name__ == "__main__":
     common.standalone_main(__import__(__name__))
