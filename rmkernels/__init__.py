@@ -14,6 +14,8 @@ from rmkernels.ops.pooling import last_token_index, last_token_reward
 from rmkernels.modules import LastTokenRewardHead
 from rmkernels.ops.bt_loss import bradley_terry_loss, pairwise_reward_loss, ranking_loss
 from rmkernels.modules import BradleyTerryLoss, PairwiseRewardLoss, RankingLoss
+from rmkernels.ops.ppo import PPOAdvantages, masked_whiten, ppo_advantages
+from rmkernels.kl_control import AdaptiveKLController, FixedKLController
 
 __all__ = [
     "__version__",
@@ -31,4 +33,9 @@ __all__ = [
     "BradleyTerryLoss",
     "PairwiseRewardLoss",
     "RankingLoss",
+    "PPOAdvantages",
+    "ppo_advantages",
+    "masked_whiten",
+    "AdaptiveKLController",
+    "FixedKLController",
 ]

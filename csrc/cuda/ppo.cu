@@ -1,0 +1,488 @@
+// CUDA kernels of the PPO rewards / GAE / whitening (torch-free; see ppo.cuh).
+//
+// GAE: one block per row. The block finds the row's last valid position (a block max over
+// the mask), then walks the row from the right in chunks of kGaeThreads * kGaeItems
+// positions. Each thread owns kGaeItems consecutive positions. Both recurrences are affine
+// maps of a carried state, composed from the right:
+//
+//   D(t) = V of the nearest valid position >= t:  (a, b) = (0, V_t) valid, (1, 0) masked
+//   C(t) = A of the nearest valid position >= t:  (a, b) = (gamma*lam, delta_t) valid,
+//                                                 (1, 0) masked
+//
+// so that V_next(t) = D(t + 1) and A_t = C(t) at valid t. A thread composes the maps of its
+// items, a block-wide reverse exclusive scan (warp shuffles, then the warp totals) gives
+// each thread the composition of everything to its right, applied to the carry of the
+// chunk to the right; then the thread walks its items sequentially. The state passes from
+// chunk to chunk in registers: the recurrence is a scan inside one kernel, never a loop of
+// launches.
+//
+// Bytes moved: logprobs, ref_logprobs, values and the mask read once (plus one more read
+// of the mask for the last valid position), four [B, T] outputs written once, 16 B of
+// statistics per row. The whitening reads the advantages twice and writes them once.
+//
+// Limits of this version (documented, measured on no GPU yet): one block per row, so a
+// batch of few very long rows (gae-xl: B = 32, T = 32768) uses only B SMs; a multi-block
+// decoupled look-back over T would be the next step. Each thread's kGaeItems consecutive
+// loads are not vectorised (they are served by L1 within a warp's 4 KiB span).
+#include "ppo.cuh"
+
+#include <algorithm>
+#include <type_traits>
+
+namespace rmkernels {
+namespace cuda {
+namespace {
+
+// 256 threads x 4 consecutive items = 1024 positions per chunk: the per-thread sequential
+// part stays short (4 steps), the scan over 8 warps is cheap, and a B = 4096 batch still
+// gives 4096 blocks.
+constexpr int kGaeThreads = 256;
+constexpr int kGaeItems = 4;
+constexpr int kGaeWarps = kGaeThreads / kWarp;
+
+template <typename A>
+struct Affine {
+  A a, b;  // x -> a * x + b
+};
+
+template <typename A>
+__device__ __forceinline__ Affine<A> identity() {
+  return {A(1), A(0)};
+}
+
+// l after r: x -> l(r(x)). r is the part to the right (applied first). Plain IEEE
+// arithmetic, like the sequential recurrence (gamma * lam = 0 times a NaN A_next is NaN).
+template <typename A>
+__device__ __forceinline__ Affine<A> after(Affine<A> l, Affine<A> r) {
+  return {l.a * r.a, l.a * r.b + l.b};
+}
+
+// The V_next scan selects a value rather than computing one: a valid position (a = 0)
+// forgets everything to its right exactly, so an inf V there cannot turn into 0 * inf = NaN.
+template <typename A>
+__device__ __forceinline__ Affine<A> after_select(Affine<A> l, Affine<A> r) {
+  return l.a == A(0) ? l : Affine<A>{l.a * r.a, l.a * r.b + l.b};
+}
+
+template <typename A>
+__device__ __forceinline__ A apply(Affine<A> f, A x) {
+  return f.a * x + f.b;
+}
+
+template <typename A>
+__device__ __forceinline__ A apply_select(Affine<A> f, A x) {
+  return f.a == A(0) ? f.b : f.a * x + f.b;
+}
+
+// Reverse exclusive scan of the threads' maps over the block (kSelect: the V_next scan):
+// thread i gets the composition of the maps of threads i+1 .. blockDim-1 (identity for the
+// last thread); `total` is the composition of all of them (the same in every thread).
+// Every thread of the block must call it; `warp_tot` holds kGaeWarps maps in shared memory.
+template <bool kSelect, typename A>
+__device__ __forceinline__ Affine<A> compose(Affine<A> l, Affine<A> r) {
+  return kSelect ? after_select(l, r) : after(l, r);
+}
+
+template <bool kSelect, typename A>
+__device__ __forceinline__ Affine<A> block_rscan_exclusive(Affine<A> mine, Affine<A>* warp_tot, Affine<A>& total) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  Affine<A> inc = mine;  // inclusive over lanes lane .. 31 of this warp
+#pragma unroll
+  for (int o = 1; o < kWarp; o <<= 1) {
+    const A oa = __shfl_down_sync(0xffffffffu, inc.a, o);
+    const A ob = __shfl_down_sync(0xffffffffu, inc.b, o);
+    if (lane + o < kWarp) inc = compose<kSelect>(inc, Affine<A>{oa, ob});
+  }
+  const A ea = __shfl_down_sync(0xffffffffu, inc.a, 1);
+  const A eb = __shfl_down_sync(0xffffffffu, inc.b, 1);
+  const Affine<A> excl = lane == kWarp - 1 ? identity<A>() : Affine<A>{ea, eb};
+  __syncthreads();  // warp_tot may still be read by the previous scan
+  if (lane == 0) warp_tot[warp] = inc;
+  __syncthreads();
+  Affine<A> right = identity<A>();  // warps warp+1 .. end
+  Affine<A> all = identity<A>();
+#pragma unroll
+  for (int w = kGaeWarps - 1; w >= 0; --w) {
+    if (w > warp) right = compose<kSelect>(warp_tot[w], right);
+    all = compose<kSelect>(warp_tot[w], all);
+  }
+  total = all;
+  return compose<kSelect>(excl, right);
+}
+
+template <typename A>
+__device__ __forceinline__ A clamp_sym(A x, A c) {
+  // NaN stays NaN: comparisons with NaN are false.
+  return c > A(0) ? (x < -c ? -c : (x > c ? c : x)) : x;
+}
+
+template <typename A>
+__device__ __forceinline__ A exp_acc(A x);
+template <>
+__device__ __forceinline__ float exp_acc<float>(float x) { return expf(x); }
+template <>
+__device__ __forceinline__ double exp_acc<double>(double x) { return exp(x); }
+
+// x^n for n >= 0 by squaring (no powf: under --use_fast_math it is exp2(n * log2(x)), which
+// gives 0^0 = NaN).
+template <typename A>
+__device__ __forceinline__ A ipow(A x, int64_t n) {
+  A r = A(1);
+  while (n > 0) {
+    if (n & 1) r *= x;
+    x *= x;
+    n >>= 1;
+  }
+  return r;
+}
+
+template <typename A>
+__device__ __forceinline__ A kl_value(A x, int est, A x_clamp, A kl_clamp) {
+  x = clamp_sym(x, x_clamp);
+  A k;
+  switch (est) {
+    case 0: k = x; break;
+    case 1: k = x < A(0) ? -x : x; break;
+    case 2: k = A(0.5) * x * x; break;
+    default: k = exp_acc(-x) - A(1) + x; break;
+  }
+  return clamp_sym(k, kl_clamp);
+}
+
+// Modes of the GAE kernel. Grid (B, n_seg): one block per row (kRow, n_seg = 1), or per
+// (row, segment of seg_len positions) for long rows in a batch too small to fill the GPU.
+constexpr int kRow = 0;               // the whole row, carries start at 0: writes everything
+constexpr int kSegmentAggregate = 1;  // a segment with zero carries: writes its aggregate only
+constexpr int kSegmentFinal = 2;      // a segment with the carries of the segments to its right
+
+// What a segment does to the carried state (C, D) entering at its right end, C = A and
+// D = V of the nearest valid position to the right:
+//   C(t_lo) = alpha * C_in + gamma * e * D_in + c0 (+ e * score if it holds the row's last
+//   valid position), D(t_lo) = v_first if it has a valid position, else D_in.
+// alpha = (gamma lam)^k and e = (gamma lam)^(k - 1) for its k valid positions.
+
+template <int kMode, typename S, typename A>
+__global__ void __launch_bounds__(kGaeThreads)
+    ppo_gae_kernel(const S* __restrict__ lp, int64_t lp0, int64_t lp1, const S* __restrict__ rf, int64_t rf0,
+                   int64_t rf1, const S* __restrict__ val, int64_t v0, int64_t v1, const A* __restrict__ scores,
+                   const bool* __restrict__ mask, int64_t m0, int64_t m1, int64_t T, int64_t seg_len,
+                   PPOGaeParams p, A* __restrict__ adv, A* __restrict__ ret, A* __restrict__ rew,
+                   A* __restrict__ kl, double* __restrict__ stats, A* __restrict__ agg,
+                   int64_t* __restrict__ seg_last_out, const A* __restrict__ carry,
+                   const int64_t* __restrict__ row_last) {
+  __shared__ Affine<A> warp_tot[kGaeWarps];
+  __shared__ int64_t s_max[kGaeWarps];
+  __shared__ double s_sum[kGaeWarps];
+  const int64_t b = blockIdx.x, seg = blockIdx.y, n_seg = gridDim.y;
+  const int64_t t_lo = seg * seg_len;
+  const int64_t t_hi = t_lo + seg_len < T ? t_lo + seg_len : T;  // this block covers [t_lo, t_hi)
+  const bool* mrow = mask + b * m0;
+
+  int64_t last = -1;  // the position that gets the score (none in an aggregate)
+  int64_t seg_last = -1;
+  A carry_v = 0, carry_a = 0;  // D and C just right of the current chunk
+  if (kMode == kSegmentFinal) {
+    last = row_last[b];
+    carry_a = carry[(b * n_seg + seg) * 2];
+    carry_v = carry[(b * n_seg + seg) * 2 + 1];
+  } else {
+    int64_t best = -1;
+    for (int64_t t = t_lo + threadIdx.x; t < t_hi; t += blockDim.x) {
+      if (mrow[t * m1]) best = t;  // t grows per thread, so the last hit is its max
+    }
+    seg_last = block_max<int64_t>(best, s_max, -1);
+    if (kMode == kRow) last = seg_last;
+  }
+
+  const A kl_coef = static_cast<A>(p.kl_coef), gamma = static_cast<A>(p.gamma);
+  const A gl = static_cast<A>(p.gamma * p.lam);
+  const A x_clamp = static_cast<A>(p.x_clamp), kl_clamp = static_cast<A>(p.kl_clamp);
+  const A score = clamp_sym(scores[b], static_cast<A>(p.score_clip));
+  const S* lrow = lp + b * lp0;
+  const S* rrow = rf + b * rf0;
+  const S* vrow = val + b * v0;
+  A* o_adv = adv + b * T;
+  A* o_ret = ret + b * T;
+  A* o_rew = rew + b * T;
+  A* o_kl = kl + b * T;
+
+  double cnt = 0, sum = 0;
+  A v_first = 0;
+  constexpr int64_t kChunk = static_cast<int64_t>(kGaeThreads) * kGaeItems;
+  const int64_t n_chunks = (t_hi - t_lo + kChunk - 1) / kChunk;
+  for (int64_t c = n_chunks - 1; c >= 0; --c) {
+    const int64_t base = t_lo + c * kChunk + static_cast<int64_t>(threadIdx.x) * kGaeItems;
+    bool m[kGaeItems];
+    A v[kGaeItems], r[kGaeItems], k[kGaeItems];
+#pragma unroll
+    for (int j = 0; j < kGaeItems; ++j) {
+      const int64_t t = base + j;
+      m[j] = t < t_hi && mrow[t * m1];
+      v[j] = r[j] = k[j] = A(0);
+      if (m[j]) {
+        const A x = to_acc<A>(lrow[t * lp1]) - to_acc<A>(rrow[t * rf1]);
+        k[j] = kl_value(x, p.estimator, x_clamp, kl_clamp);
+        A rr = -kl_coef * k[j];
+        if (t == last) rr = rr + score;
+        r[j] = rr;
+        v[j] = to_acc<A>(vrow[t * v1]);
+      }
+    }
+    // V_next: scan of D.
+    Affine<A> mv = identity<A>();
+#pragma unroll
+    for (int j = kGaeItems - 1; j >= 0; --j) {
+      if (m[j]) mv = Affine<A>{A(0), v[j]};  // a valid position resets D: (0, V) after anything
+    }
+    Affine<A> tot;
+    Affine<A> ev = block_rscan_exclusive<true>(mv, warp_tot, tot);
+    A d = apply_select(ev, carry_v);  // D at base + kGaeItems
+    carry_v = apply_select(tot, carry_v);
+    A delta[kGaeItems];
+#pragma unroll
+    for (int j = kGaeItems - 1; j >= 0; --j) {
+      delta[j] = r[j] + gamma * d - v[j];  // d = V_next(base + j)
+      if (m[j]) d = v[j];
+    }
+    if (c == 0) v_first = d;  // thread 0: D(t_lo)
+    // A: scan of C.
+    Affine<A> ma = identity<A>();
+#pragma unroll
+    for (int j = kGaeItems - 1; j >= 0; --j) {
+      if (m[j]) ma = after(Affine<A>{gl, delta[j]}, ma);
+    }
+    Affine<A> ea = block_rscan_exclusive<false>(ma, warp_tot, tot);
+    A cA = apply(ea, carry_a);  // C at base + kGaeItems
+    carry_a = apply(tot, carry_a);
+#pragma unroll
+    for (int j = kGaeItems - 1; j >= 0; --j) {
+      const int64_t t = base + j;
+      if (t >= t_hi) continue;
+      A a_out = A(0), ret_out = A(0);
+      if (m[j]) {
+        cA = delta[j] + gl * cA;
+        a_out = cA;
+        ret_out = cA + v[j];
+        cnt += 1.0;
+        sum += static_cast<double>(cA);
+      }
+      if (kMode != kSegmentAggregate) {
+        o_adv[t] = a_out;
+        o_ret[t] = ret_out;
+        o_rew[t] = r[j];
+        o_kl[t] = k[j];
+      }
+    }
+  }
+  cnt = block_sum(cnt, s_sum);
+  if (kMode == kSegmentAggregate) {
+    if (threadIdx.x == 0) {
+      A* g = agg + (b * n_seg + seg) * 4;
+      const int64_t kv = static_cast<int64_t>(cnt);
+      g[0] = ipow(gl, kv);                                   // alpha
+      g[1] = kv > 0 ? ipow(gl, kv - 1) : A(0);               // e
+      g[2] = carry_a;                                        // c0 = C(t_lo) with zero carries
+      g[3] = v_first;                                        // D(t_lo) with D_in = 0
+      seg_last_out[b * n_seg + seg] = seg_last;
+    }
+    return;
+  }
+  sum = block_sum(sum, s_sum);
+  if (threadIdx.x == 0) {
+    stats[(b * n_seg + seg) * 2] = cnt;
+    stats[(b * n_seg + seg) * 2 + 1] = sum;
+  }
+}
+
+// One thread per row: the row's last valid position, and from the right the carries (C, D)
+// entering each segment, composed from the segments' aggregates.
+template <typename A>
+__global__ void gae_carry_kernel(const A* __restrict__ agg, const int64_t* __restrict__ seg_last,
+                                 const A* __restrict__ scores, int64_t B, int64_t n_seg, PPOGaeParams p,
+                                 A* __restrict__ carry, int64_t* __restrict__ row_last) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= B) return;
+  const A gamma = static_cast<A>(p.gamma);
+  const A score = clamp_sym(scores[b], static_cast<A>(p.score_clip));
+  int64_t last = -1;
+  for (int64_t s = 0; s < n_seg; ++s) last = seg_last[b * n_seg + s] > last ? seg_last[b * n_seg + s] : last;
+  row_last[b] = last;
+  A c = 0, d = 0;
+  for (int64_t s = n_seg - 1; s >= 0; --s) {
+    carry[(b * n_seg + s) * 2] = c;
+    carry[(b * n_seg + s) * 2 + 1] = d;
+    const int64_t sl = seg_last[b * n_seg + s];
+    if (sl < 0) continue;  // no valid position: the state passes through
+    const A* g = agg + (b * n_seg + s) * 4;
+    A c0 = g[2];
+    if (sl == last) c0 = c0 + g[1] * score;
+    c = g[0] * c + gamma * g[1] * d + c0;
+    d = g[3];
+  }
+}
+
+template <typename S>
+__global__ void row_stats_kernel(const S* __restrict__ x, int64_t x0, int64_t x1, const bool* __restrict__ mask,
+                                 int64_t m0, int64_t m1, int64_t T, double* __restrict__ stats) {
+  __shared__ double shared[kThreads / kWarp];
+  const int64_t b = blockIdx.x;
+  double cnt = 0, sum = 0;
+  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
+    if (mask[b * m0 + t * m1]) {
+      cnt += 1.0;
+      sum += static_cast<double>(to_acc<typename Acc<S>::type>(x[b * x0 + t * x1]));
+    }
+  }
+  cnt = block_sum(cnt, shared);
+  sum = block_sum(sum, shared);
+  if (threadIdx.x == 0) {
+    stats[2 * b] = cnt;
+    stats[2 * b + 1] = sum;
+  }
+}
+
+__device__ __forceinline__ double mean_of(const double* totals) {
+  const double n = totals[0];
+  return n > 0 ? totals[1] / n : 0.0;
+}
+
+template <typename S>
+__global__ void centered_sq_kernel(const S* __restrict__ x, int64_t x0, int64_t x1, const bool* __restrict__ mask,
+                                   int64_t m0, int64_t m1, int64_t T, const double* __restrict__ totals,
+                                   double* __restrict__ out) {
+  __shared__ double shared[kThreads / kWarp];
+  const int64_t b = blockIdx.x;
+  const double mean = mean_of(totals);
+  double s = 0;
+  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
+    if (mask[b * m0 + t * m1]) {
+      const double d = static_cast<double>(to_acc<typename Acc<S>::type>(x[b * x0 + t * x1])) - mean;
+      s += d * d;
+    }
+  }
+  s = block_sum(s, shared);
+  if (threadIdx.x == 0) out[b] = s;
+}
+
+template <typename S, typename A>
+__global__ void whiten_apply_kernel(const S* __restrict__ x, int64_t x0, int64_t x1, const bool* __restrict__ mask,
+                                    int64_t m0, int64_t m1, int64_t T, const double* __restrict__ totals,
+                                    const double* __restrict__ sq, bool shift_mean, bool unbiased, double eps,
+                                    A* __restrict__ out) {
+  const int64_t b = blockIdx.x;
+  const double n = totals[0];
+  const bool ok = n > 1;  // n <= 1: all zeros, never NaN
+  const double var = ok ? sq[0] / (unbiased ? n - 1 : n) : 0.0;
+  const A rstd = static_cast<A>(1.0 / sqrt(var + eps));
+  const A mean = static_cast<A>(mean_of(totals));
+  for (int64_t t = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < T;
+       t += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    A y = A(0);
+    if (ok && mask[b * m0 + t * m1]) {
+      y = (to_acc<A>(x[b * x0 + t * x1]) - mean) * rstd;
+      if (!shift_mean) y = y + mean;
+    }
+    out[b * T + t] = y;
+  }
+}
+
+// Calls f with a typed null pointer of the storage type of `dtype` and its accumulator.
+template <typename F>
+cudaError_t dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(static_cast<float*>(nullptr), static_cast<float*>(nullptr)); break;
+    case DType::kFloat64: f(static_cast<double*>(nullptr), static_cast<double*>(nullptr)); break;
+    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr), static_cast<float*>(nullptr)); break;
+    case DType::kFloat16: f(static_cast<__half*>(nullptr), static_cast<float*>(nullptr)); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+// Blocks per row of the element-wise apply: a 32768-long row in 8 blocks of 256 threads
+// (16 elements each); short rows use fewer.
+constexpr int64_t kApplyBlocksPerRow = 8;
+
+}  // namespace
+
+cudaError_t launch_ppo_gae(DType dtype, Strided2D logprobs, Strided2D ref_logprobs, Strided2D values,
+                           const void* scores, Strided2D mask, int64_t B, int64_t T, PPOGaeParams p,
+                           void* advantages, void* returns, void* rewards, void* kl, double* stats,
+                           PPOSegments segments, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if (p.estimator < 0 || p.estimator > 3) return cudaErrorInvalidValue;
+  const int64_t n_seg = segments.n_seg;
+  if (n_seg < 1 || n_seg > 65535 || (n_seg > 1 && (segments.seg_len < 1 || segments.agg == nullptr ||
+                                                   segments.seg_last == nullptr || segments.carry == nullptr ||
+                                                   segments.last == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t seg_len = n_seg > 1 ? segments.seg_len : (T > 0 ? T : 1);
+  const dim3 grid(static_cast<unsigned int>(B), static_cast<unsigned int>(n_seg));
+  return dispatch(dtype, [&](auto* sp, auto* ap) {
+    using S = std::remove_pointer_t<decltype(sp)>;
+    using A = std::remove_pointer_t<decltype(ap)>;
+    auto launch = [&](auto mode) {
+      ppo_gae_kernel<decltype(mode)::value, S, A><<<grid, kGaeThreads, 0, stream>>>(
+          static_cast<const S*>(logprobs.ptr), logprobs.s0, logprobs.s1, static_cast<const S*>(ref_logprobs.ptr),
+          ref_logprobs.s0, ref_logprobs.s1, static_cast<const S*>(values.ptr), values.s0, values.s1,
+          static_cast<const A*>(scores), static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T, seg_len, p,
+          static_cast<A*>(advantages), static_cast<A*>(returns), static_cast<A*>(rewards), static_cast<A*>(kl),
+          stats, static_cast<A*>(segments.agg), segments.seg_last, static_cast<const A*>(segments.carry),
+          segments.last);
+    };
+    if (n_seg == 1) {
+      launch(std::integral_constant<int, kRow>{});
+      return;
+    }
+    launch(std::integral_constant<int, kSegmentAggregate>{});
+    constexpr int kCarryThreads = 128;
+    gae_carry_kernel<A><<<ceil_div(B, kCarryThreads), kCarryThreads, 0, stream>>>(
+        static_cast<const A*>(segments.agg), segments.seg_last, static_cast<const A*>(scores), B, n_seg, p,
+        static_cast<A*>(segments.carry), segments.last);
+    launch(std::integral_constant<int, kSegmentFinal>{});
+  });
+}
+
+cudaError_t launch_masked_row_stats(DType dtype, Strided2D x, Strided2D mask, int64_t B, int64_t T, double* stats,
+                                    cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned int>(B));
+  return dispatch(dtype, [&](auto* sp, auto*) {
+    using S = std::remove_pointer_t<decltype(sp)>;
+    row_stats_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(x.ptr), x.s0, x.s1,
+                                                       static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T,
+                                                       stats);
+  });
+}
+
+cudaError_t launch_masked_centered_sq(DType dtype, Strided2D x, Strided2D mask, int64_t B, int64_t T,
+                                      const double* totals, double* out, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned int>(B));
+  return dispatch(dtype, [&](auto* sp, auto*) {
+    using S = std::remove_pointer_t<decltype(sp)>;
+    centered_sq_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(x.ptr), x.s0, x.s1,
+                                                         static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T,
+                                                         totals, out);
+  });
+}
+
+cudaError_t launch_masked_whiten_apply(DType dtype, Strided2D x, Strided2D mask, int64_t B, int64_t T,
+                                       const double* totals, const double* sq, bool shift_mean, bool unbiased,
+                                       double eps, void* out, cudaStream_t stream) {
+  if (B == 0 || T == 0) return cudaSuccess;
+  const unsigned int gy = static_cast<unsigned int>(std::min<int64_t>(kApplyBlocksPerRow, ceil_div(T, kThreads)));
+  const dim3 grid(static_cast<unsigned int>(B), gy);
+  return dispatch(dtype, [&](auto* sp, auto* ap) {
+    using S = std::remove_pointer_t<decltype(sp)>;
+    using A = std::remove_pointer_t<decltype(ap)>;
+    whiten_apply_kernel<S, A><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(x.ptr), x.s0, x.s1,
+                                                             static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T,
+                                                             totals, sq, shift_mean, unbiased, eps,
+                                                             static_cast<A*>(out));
+  });
+}
+
+}  // namespace cuda
+}  // namespace rmkernels

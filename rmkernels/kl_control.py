@@ -1,0 +1,75 @@
+"""KL-coefficient controllers of PPO for RLHF (Ziegler et al. 2019, "Fine-Tuning Language
+Models from Human Preferences", section 2.2).
+
+The coefficient ``value`` is the ``kl_coef`` of :func:`rmkernels.ppo_advantages`::
+
+    ctl = rmk.AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    out = rmk.ppo_advantages(..., kl_coef=ctl.value)
+    ctl.update(current_kl=mean_kl_of_the_batch, n_steps=batch_size)
+
+They are plain Python (the update is one scalar per PPO step): pass ``current_kl`` as a
+Python float (a 0-d tensor is accepted and read with ``float()``).
+"""
+import math
+
+
+def _number(name, value):
+    if hasattr(value, "item") and callable(value.item):  # 0-d tensor / numpy scalar
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+class FixedKLController:
+    """A constant KL coefficient; ``update`` does nothing (same interface as the adaptive one)."""
+
+    def __init__(self, kl_coef):
+        kl_coef = _number("kl_coef", kl_coef)
+        if not math.isfinite(kl_coef) or kl_coef < 0:
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+        self.value = kl_coef
+
+    def update(self, current_kl, n_steps):
+        _number("current_kl", current_kl)
+        _number("n_steps", n_steps)
+
+    def __repr__(self):
+        return f"FixedKLController(kl_coef={self.value})"
+
+
+class AdaptiveKLController:
+    """Ziegler et al.'s proportional controller of the KL coefficient:
+
+        error = clip(current_kl / target - 1, -0.2, 0.2)
+        value *= 1 + error * n_steps / horizon
+
+    ``target``: the KL (nats per sequence, as measured by the caller) to hold;
+    ``horizon``: how many samples it takes to correct the coefficient by a factor ~e^0.2.
+    """
+
+    def __init__(self, init_kl_coef, target, horizon):
+        init_kl_coef = _number("init_kl_coef", init_kl_coef)
+        target = _number("target", target)
+        horizon = _number("horizon", horizon)
+        if not math.isfinite(init_kl_coef) or init_kl_coef < 0:
+            raise ValueError(f"init_kl_coef must be a finite number >= 0, got {init_kl_coef!r}")
+        if not math.isfinite(target) or target <= 0:
+            raise ValueError(f"target must be a finite number > 0, got {target!r}")
+        if not math.isfinite(horizon) or horizon <= 0:
+            raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl, n_steps):
+        current_kl = _number("current_kl", current_kl)
+        n_steps = _number("n_steps", n_steps)
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps!r}")
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return self.value
+
+    def __repr__(self):
+        return f"AdaptiveKLController(value={self.value}, target={self.target}, horizon={self.horizon})"
