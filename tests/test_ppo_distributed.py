@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import rmkernels as rmk
-from tests.utils import assert_close
+from utils import assert_close
 
 WORLD = 2
 

@@ -57,7 +57,7 @@ struct Strides2 {
 };
 
 // Per group of kLanes rows: pass 1, per row, the element-wise part (KL and rewards;
-// vectorisable, no dependence between positions), then the score at the last valid
+// no dependence between positions), then the score at the last valid
 // position; pass 2, the recurrence over T from the right, the kLanes rows interleaved
 // position by position: A_t = delta_t + gamma * lam * A_next is a chain of dependent
 // multiply-adds within a row, so one row at a time is bound by their latency, while
@@ -66,7 +66,8 @@ struct Strides2 {
 constexpr int64_t kLanes = 4;
 
 // Pass 1 of one row. kUnit: every position stride is 1 (the usual layout), so the compiler
-// vectorises the loop.
+// can drop the stride multiplications. (GCC 12 does not vectorise these bool-mask select
+// loops: "control flow in loop"; they run scalar, branch-free.)
 template <int64_t kEst, bool kUnit, typename scalar_t>
 void kl_rewards_row(const scalar_t* lpr, int64_t slp, const scalar_t* rfr, int64_t srf, const bool* mr, int64_t sm,
                     int64_t T, acc_t<scalar_t> kl_coef, acc_t<scalar_t> x_clamp, acc_t<scalar_t> kl_clamp,
@@ -215,8 +216,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
 // ---------------------------------------------------------------------------------------
 // Whitening: per-row partials, then the element-wise apply.
 // ---------------------------------------------------------------------------------------
-// The row loops are branch-free selects (`#pragma omp simd`: vectorised when the rows are
-// contiguous); the reductions' order is fixed by the build, so results are deterministic.
+// The row loops are branch-free selects under `#pragma omp simd` (GCC 12 vectorises the
+// row statistics, not the others); the reductions' order is fixed by the build, so results
+// are deterministic.
 template <typename scalar_t>
 void row_stats_impl(const scalar_t* x, Strides2 sx, const bool* mask, Strides2 sm, int64_t B, int64_t T,
                     double* stats) {
