@@ -139,9 +139,10 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton==3.6.0"],
-        "train": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "safetensors", "tqdm",
-                 "matplotlib", "pandas"],
+        "train": ["transformers>=4.56.2", "safetensors", "tqdm", "matplotlib"],
+        "trl": ["trl>=1.16"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.56.2", "safetensors", "tqdm",
+                 "matplotlib", "pandas", "trl==1.16.0"],
     },
     entry_points={"console_scripts": ["rmkernels-train=rmkernels_train.cli:main"]},
     zip_safe=False,

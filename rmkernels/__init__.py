@@ -16,6 +16,7 @@ from rmkernels.ops.bt_loss import bradley_terry_loss, pairwise_reward_loss, rank
 from rmkernels.modules import BradleyTerryLoss, PairwiseRewardLoss, RankingLoss
 from rmkernels.ops.ppo import PPOAdvantages, masked_whiten, ppo_advantages
 from rmkernels.kl_control import AdaptiveKLController, FixedKLController
+from rmkernels.integrations.hf import patch_hf_reward_model, unpatch_hf_reward_model
 
 __all__ = [
     "__version__",
@@ -38,4 +39,6 @@ __all__ = [
     "masked_whiten",
     "AdaptiveKLController",
     "FixedKLController",
+    "patch_hf_reward_model",
+    "unpatch_hf_reward_model",
 ]

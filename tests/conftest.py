@@ -1,7 +1,14 @@
 import os
+import sys
 
 import pytest
 import torch
+
+# In-tree runs (python setup.py build_ext --inplace) find the training package too; CI
+# installs the project with `pip install -e .`, where this changes nothing.
+_PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+if _PYTHON_DIR not in sys.path:
+    sys.path.insert(0, _PYTHON_DIR)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,107 @@
+"""Reward models: the built-in tiny Llama, loading a local HF checkpoint, and the forward
+that goes through the fused ops.
+
+Every reward model here is an HF ``*ForSequenceClassification`` model (``num_labels=1``)
+patched with ``rmk.patch_hf_reward_model``: its ``score`` head runs at the last token only,
+and ``model(input_ids=..., attention_mask=..., pairwise_loss={...})`` returns the fused
+``rmk.pairwise_reward_loss`` of a TRL-layout batch. The saved checkpoint is a plain HF one
+(``AutoModelForSequenceClassification.from_pretrained`` loads it).
+"""
+import os
+
+import torch
+
+import rmkernels as rmk
+from rmkernels_train.utils import TrainingError
+
+# The built-in default: a Llama-style model, random init, small enough for a 2-core CPU.
+DEFAULT_SIZE = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128}
+
+
+def tiny_llama_config(tokenizer, *, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      intermediate_size=128, max_position_embeddings=128):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                       num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                       num_key_value_heads=num_attention_heads, max_position_embeddings=max_position_embeddings,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, num_labels=1, tie_word_embeddings=False)
+
+
+def build_tiny_reward_model(tokenizer, **size):
+    """A random-init ``LlamaForSequenceClassification`` over ``tokenizer``'s vocabulary
+    (initialised from the current torch RNG: seed first)."""
+    from transformers import LlamaForSequenceClassification
+
+    cfg = tiny_llama_config(tokenizer, **{**DEFAULT_SIZE, **size})
+    return LlamaForSequenceClassification(cfg)
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types (OSError, ValueError, ...)
+        raise TrainingError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise TrainingError(f"the tokenizer in {path} has neither a pad nor an eos token; add a pad token")
+        tok.pad_token = tok.eos_token  # pooling follows the attention mask, so pad == eos is fine
+    tok.padding_side = "right"
+    return tok
+
+
+def load_reward_model(path, *, dtype=torch.float32):
+    """An HF checkpoint directory as a reward model: a ``*ForSequenceClassification``
+    checkpoint loads as is (it must have one label); a causal-LM checkpoint gets a new,
+    randomly initialised ``score`` head (transformers says which weights are new). The
+    weights are loaded in float32 (the optimizer's master copy; ``--bf16`` is autocast)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if not os.path.isdir(path):
+        raise TrainingError(f"--model {path}: not a directory (give a local HF checkpoint directory)")
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise TrainingError(f"--model {path}: cannot read its config.json: {str(e).splitlines()[0]}") from None
+    archs = getattr(cfg, "architectures", None) or []
+    is_seq_cls = any(a.endswith("ForSequenceClassification") for a in archs)
+    if is_seq_cls and cfg.num_labels != 1:
+        raise TrainingError(f"--model {path}: a reward model has one output, this checkpoint has num_labels="
+                            f"{cfg.num_labels}")
+    kwargs = {} if is_seq_cls else {"num_labels": 1}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kwargs)
+    except Exception as e:
+        raise TrainingError(f"--model {path}: cannot load it as a sequence-classification model: "
+                            f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def prepare_reward_model(model, tokenizer, *, backend=None):
+    """Set the pad id the HF head needs and patch the model to pool with the attention mask
+    through the rmkernels ops. Returns the model."""
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if hasattr(model, "generation_config") and model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    try:
+        rmk.patch_hf_reward_model(model, last_token="attention_mask", backend=backend)
+    except TypeError as e:
+        raise TrainingError(f"this model cannot be used: {e}") from None
+    return model
+
+
+def pairwise_forward(model, batch, *, label_smoothing=0.0, center_coef=0.0, device=None):
+    """Run a TRL-layout batch (from :func:`rmkernels_train.data.collate`) through a prepared
+    reward model (or its DDP wrapper). Returns ``(loss, chosen_rewards, rejected_rewards)``."""
+    device = device or next(model.parameters()).device
+    margin = batch.get("margin")
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+                pairwise_loss={"margin": margin.to(device) if margin is not None else None,
+                               "label_smoothing": label_smoothing, "center_coef": center_coef})
+    rewards = out.logits.squeeze(-1)
+    B = rewards.shape[0] // 2
+    return out.loss, rewards[:B], rewards[B:]

@@ -1,0 +1,38 @@
+"""A character-level tokenizer built locally (no download), saved with every checkpoint.
+
+It is a ``tokenizers`` model wrapped in ``transformers.PreTrainedTokenizerFast``, so
+``AutoTokenizer.from_pretrained(checkpoint_dir)`` loads it back like any HF tokenizer.
+Every character of the alphabet is one token; ``<bos>`` / ``<eos>`` are added around each
+text, ``<pad>`` is a separate id (never equal to ``<eos>``), and characters outside the
+alphabet map to ``<unk>``. A small chat template (``role: content`` lines) lets it render
+TRL's conversational preference format.
+"""
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def build_char_tokenizer(alphabet):
+    """A ``PreTrainedTokenizerFast`` whose vocabulary is the special tokens followed by the
+    sorted distinct characters of ``alphabet`` (a string or an iterable of texts)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(alphabet, str):
+        alphabet = "".join(alphabet)
+    chars = sorted(set(alphabet) - {"\r"})
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    bos, eos = vocab["<bos>"], vocab["<eos>"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", pair="<bos> $A $B <eos>", special_tokens=[("<bos>", bos), ("<eos>", eos)])
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="right", truncation_side="left",
+                                   model_max_length=1 << 20)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

@@ -1,0 +1,222 @@
+"""Pieces shared by the training loops: errors, seeding, atomic saves, metrics, plots, DDP."""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+
+import torch
+
+
+class TrainingError(Exception):
+    """A problem the user can fix (bad data, bad option, NaN loss): the CLI prints the
+    message on one line and exits with status 1, without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------
+# Seeding and RNG state
+# ---------------------------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_dir(final_path):
+    """Yield a temporary directory next to ``final_path``; on success it is renamed to
+    ``final_path`` with ``os.replace`` (an existing one is replaced), so a reader never sees
+    a half-written directory. On error the temporary directory is removed."""
+    parent = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_path)}-", dir=parent)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(final_path):  # os.replace cannot replace a non-empty directory
+            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(final_path)}-", dir=parent)
+            os.replace(final_path, os.path.join(old, "d"))
+        os.replace(tmp, final_path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics and plots
+# ---------------------------------------------------------------------------------------
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl``. When resuming, lines from
+    steps after the checkpoint (written by the run that is being resumed) are dropped first,
+    so the file describes one consistent history."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        if resume_step is None:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(metrics_path, png_path, keys=("loss", "accuracy", "margin"), title=None):
+    """One panel per key: the train curve (records with ``split == "train"``) and the eval
+    points (``split == "eval"``) against the optimizer step. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    for ax, key in zip(axes, keys):
+        for split, style in (("train", "-"), ("eval", "o-")):
+            pts = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, label=split, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def is_finite(x):
+    return math.isfinite(float(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Distributed (torchrun) setup
+# ---------------------------------------------------------------------------------------
+class Dist:
+    """The process's place in a torchrun job (a single process when not under torchrun)."""
+
+    def __init__(self, rank=0, world_size=1, local_rank=0, device=torch.device("cpu")):
+        self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def mean(self, values):
+        """Mean over ranks of a list of floats (each rank's value weighted equally)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+            t /= self.world_size
+        return t.tolist()
+
+    def sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def gather_object(self, obj):
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup_distributed(device=None):
+    """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1): NCCL on
+    GPUs, gloo on CPU. Returns a :class:`Dist`. ``device``: "cpu", "cuda" or None (a GPU
+    when there is one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device in (None, "auto") else str(device).startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but torch sees no CUDA GPU")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def teardown_distributed():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def param_digest(model):
+    """sha256 of every parameter's name and bytes (as float32): equal digests mean equal
+    weights. Used to check that DDP ranks end with identical parameters."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,191 @@
+"""Hugging Face ``*ForSequenceClassification`` reward models with the head applied at the
+last token only.
+
+HF's sequence-classification models run ``self.score`` (an ``nn.Linear(H, K)``) on every one
+of the ``B * T`` hidden states and then keep one row per sequence. ::
+
+    import rmkernels as rmk
+    rmk.patch_hf_reward_model(model)     # rebinds model.forward (this instance only)
+    out = model(input_ids=ids, attention_mask=mask)   # same logits, loss and gradients
+    rmk.unpatch_hf_reward_model(model)   # back to the original forward
+
+After :func:`patch_hf_reward_model` the same forward runs the backbone, picks each row's
+token with HF's own rule and applies ``score`` to those ``B`` rows only through
+``rmk.last_token_reward``. The patched forward also takes an optional ``pairwise_loss=``
+dict; with it, the batch is read in TRL's layout (rows ``0..B-1`` chosen, ``B..2B-1``
+rejected) and the returned ``loss`` is ``rmk.pairwise_reward_loss`` (the fused
+Bradley-Terry op), ``logits`` the ``[2B, 1]`` rewards. Going through ``model(...)`` keeps DDP
+and accelerate wrappers working.
+
+Supported: every model built on transformers' ``GenericForSequenceClassification``
+(Llama, Qwen2, Qwen3, Mistral, Gemma, Phi3, ...) and ``GPT2ForSequenceClassification``.
+"""
+import functools
+import inspect
+import logging
+
+import torch
+from torch import nn
+
+from rmkernels.ops.pooling import last_token_reward
+
+logger = logging.getLogger(__name__)
+
+LAST_TOKEN_RULES = ("pad_id", "attention_mask")
+_warned_embeds = []  # HF warns once about padding it cannot see in inputs_embeds; so do we
+_PAIRWISE_KEYS = ("margin", "label_smoothing", "center_coef", "weights", "reduction")
+
+
+def _supported_classes():
+    from transformers.modeling_layers import GenericForSequenceClassification
+    from transformers.models.gpt2.modeling_gpt2 import GPT2ForSequenceClassification
+
+    return GenericForSequenceClassification, GPT2ForSequenceClassification
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(cls):
+    return inspect.signature(cls.forward)
+
+
+def is_patched(model):
+    return "_rmk_original_forward" in model.__dict__
+
+
+def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
+    """Make ``model`` (an HF ``*ForSequenceClassification`` instance) apply its ``score``
+    head at the last token only, through ``rmk.last_token_reward``. Returns the model.
+
+    Args:
+        model: a ``GenericForSequenceClassification`` subclass (Llama, Qwen2, Mistral, ...)
+            or ``GPT2ForSequenceClassification``, with an ``nn.Linear`` ``score``.
+        last_token: ``"pad_id"`` (default) reproduces HF exactly: the rightmost token that is
+            not ``config.pad_token_id``; a row of pads only picks position 0; with no pad id
+            (batch size 1 only) or with ``inputs_embeds`` the last position. ``"attention_mask"``
+            picks the rightmost position whose ``attention_mask`` is non-zero instead, which is
+            right when pad == eos (HF's rule then skips a trailing eos); without a mask it
+            falls back to the HF rule.
+        backend: the rmkernels backend (None = fastest available).
+
+    The outputs are those of the original forward (logits in the dtype ``score`` would give,
+    loss with ``labels``, ``return_dict=False`` tuples, hidden states / attentions when asked)
+    and so are the gradients. Patching twice is a no-op; :func:`unpatch_hf_reward_model`
+    reverts it.
+    """
+    if last_token not in LAST_TOKEN_RULES:
+        raise ValueError(f"last_token must be one of {LAST_TOKEN_RULES}, got {last_token!r}")
+    supported = _supported_classes()
+    if not isinstance(model, supported):
+        raise TypeError(f"patch_hf_reward_model supports HF *ForSequenceClassification models built on "
+                        f"GenericForSequenceClassification (Llama, Qwen2, Mistral, ...) and GPT-2, got "
+                        f"{type(model).__name__}")
+    if not isinstance(getattr(model, "score", None), nn.Linear):
+        raise TypeError(f"{type(model).__name__}.score must be an nn.Linear, got {type(getattr(model, 'score', None))}")
+    if is_patched(model):
+        model._rmk_options = {"last_token": last_token, "backend": backend}
+        return model
+    model._rmk_original_forward = model.__dict__.get("forward")  # None: the class's forward
+    model._rmk_options = {"last_token": last_token, "backend": backend}
+    model.forward = _patched_forward.__get__(model, type(model))
+    return model
+
+
+def unpatch_hf_reward_model(model):
+    """Undo :func:`patch_hf_reward_model` (a no-op on a model that is not patched)."""
+    if not is_patched(model):
+        return model
+    original = model.__dict__.pop("_rmk_original_forward")
+    del model.__dict__["forward"]
+    if original is not None:
+        model.forward = original
+    model.__dict__.pop("_rmk_options", None)
+    return model
+
+
+def hf_last_token_index(input_ids, pad_token_id, batch_size, seq_len, device):
+    """Index of the token HF ``*ForSequenceClassification`` pools, int64 ``[B]``: the
+    rightmost non-pad token (0 for a row of pads only), or the last position when there is
+    no pad id or no ``input_ids``."""
+    if pad_token_id is None or input_ids is None:
+        return torch.full((batch_size,), seq_len - 1, dtype=torch.int64, device=device)
+    non_pad = (input_ids != pad_token_id).to(device)
+    pos = torch.arange(input_ids.shape[-1], device=device, dtype=torch.int64)
+    return (pos * non_pad).amax(-1)
+
+
+def _bind(model, args, kwargs):
+    bound = _signature(type(model)).bind(model, *args, **kwargs)
+    named = dict(bound.arguments)
+    named.pop("self", None)
+    for p in _signature(type(model)).parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(p.name, {}))
+        elif p.kind is inspect.Parameter.VAR_POSITIONAL and named.get(p.name):
+            raise TypeError(f"{type(model).__name__}.forward got unexpected positional arguments")
+    return named
+
+
+def _logits_dtype(hidden, weight):
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _patched_forward(self, *args, **kwargs):
+    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    pairwise = kwargs.pop("pairwise_loss", None)
+    named = _bind(self, args, kwargs)
+    labels = named.pop("labels", None)
+    if pairwise is not None and labels is not None:
+        raise ValueError("pairwise_loss and labels cannot be given together")
+    opts = self._rmk_options
+
+    outputs = self.base_model(**named)
+    hidden = outputs.last_hidden_state
+    input_ids, inputs_embeds = named.get("input_ids"), named.get("inputs_embeds")
+    batch_size, seq_len = hidden.shape[:2]
+    pad_id = self.config.get_text_config().pad_token_id
+    # HF's own checks and rule (transformers' GenericForSequenceClassification.forward).
+    if pad_id is None and batch_size != 1:
+        raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+    if pad_id is not None and input_ids is None and inputs_embeds is not None and not _warned_embeds:
+        _warned_embeds.append(True)
+        logger.warning("%s will not detect padding tokens in `inputs_embeds`. Results may be unexpected if using "
+                       "padding tokens in conjunction with `inputs_embeds.`", type(self).__name__)
+    mask = named.get("attention_mask")
+    pool = {}
+    if opts["last_token"] == "attention_mask" and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        pool["attention_mask"] = mask[:, -seq_len:].to(hidden.device)
+    else:
+        pool["lengths"] = hf_last_token_index(input_ids, pad_id, batch_size, seq_len, hidden.device) + 1
+
+    weight, bias = self.score.weight, self.score.bias
+    if pairwise is not None:
+        from rmkernels import pairwise_reward_loss  # the fused Bradley-Terry op (SPEC section 2)
+
+        unknown = set(pairwise) - set(_PAIRWISE_KEYS)
+        if unknown:
+            raise ValueError(f"pairwise_loss: unknown keys {sorted(unknown)} (allowed: {list(_PAIRWISE_KEYS)})")
+        if batch_size % 2:
+            raise ValueError(f"pairwise_loss needs an even batch (B chosen rows then B rejected rows), got "
+                             f"{batch_size} rows")
+        loss, chosen, rejected = pairwise_reward_loss(hidden, weight, bias, backend=opts["backend"], **pool,
+                                                      **{k: v for k, v in pairwise.items() if v is not None})
+        logits = torch.cat([chosen, rejected]).unsqueeze(-1)
+    else:
+        logits = last_token_reward(hidden, weight, bias, backend=opts["backend"], **pool)
+        logits = logits.to(_logits_dtype(hidden, weight))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+
+    out = SequenceClassifierOutputWithPast(loss=loss, logits=logits,
+                                           past_key_values=getattr(outputs, "past_key_values", None),
+                                           hidden_states=getattr(outputs, "hidden_states", None),
+                                           attentions=getattr(outputs, "attentions", None))
+    return out if return_dict else out.to_tuple()

@@ -1,0 +1,84 @@
+"""TRL's ``RewardTrainer`` with the fused Bradley-Terry op.
+
+    from rmkernels.integrations.trl import RewardTrainer   # instead of: from trl import RewardTrainer
+
+    trainer = RewardTrainer(model=model, args=RewardConfig(...), train_dataset=ds, processing_class=tok)
+    trainer.train()
+
+It is ``trl.RewardTrainer`` with one change: ``compute_loss`` runs the backbone and then
+``rmk.pairwise_reward_loss`` (``score`` head at the last token of the ``2B`` sequences and
+the Bradley-Terry loss, forward and backward in one op) instead of the head on all ``2B*T``
+tokens followed by ``-logsigmoid(chosen - rejected - margin).mean()``. Data handling,
+collator, metrics and logging are TRL's.
+
+Same numbers as TRL: the token each sequence is pooled at is the one TRL's model picks (HF's
+rule: the rightmost token that is not ``pad_token_id``), the optional ``margin`` column and
+``center_rewards_coefficient`` enter the loss as in TRL, and the logged ``accuracy``,
+``margin``, ``min/mean/max_reward`` are computed from the same rewards. Extra: the
+``label_smoothing=`` argument (0 = TRL's loss).
+
+The model is patched with :func:`rmkernels.integrations.hf.patch_hf_reward_model` (a
+``GenericForSequenceClassification`` model: Llama, Qwen2, Mistral, ...; or GPT-2). The
+patch goes through ``model(...)``, so accelerate/DDP wrappers keep working.
+"""
+import trl
+
+from rmkernels.integrations.hf import patch_hf_reward_model
+
+
+def _hf_model(model):
+    """The ``*ForSequenceClassification`` inside PEFT / accelerate wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+class RewardTrainer(trl.RewardTrainer):
+    """``trl.RewardTrainer`` whose loss is ``rmk.pairwise_reward_loss`` (see the module
+    docstring). Takes TRL's arguments, plus ``label_smoothing`` (default 0) and ``backend``
+    (the rmkernels backend, default: the fastest available)."""
+
+    def __init__(self, *args, label_smoothing=0.0, backend=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+        try:
+            patch_hf_reward_model(_hf_model(self.model), last_token="pad_id", backend=backend)
+        except TypeError as e:
+            raise TypeError(f"rmkernels RewardTrainer: {e}") from None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        margin = inputs.pop("margin", None)
+        coef = self.args.center_rewards_coefficient
+        outputs = model(**inputs, use_cache=False,
+                        pairwise_loss={"margin": margin, "center_coef": float(coef or 0.0),
+                                       "label_smoothing": self.label_smoothing})
+        loss = outputs.loss
+        self._record_metrics(mode, inputs, outputs.logits.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_metrics(self, mode, inputs, rewards):
+        """The statistics trl.RewardTrainer logs (same keys), from the fused op's rewards."""
+        acc = self.accelerator
+        if mode == "train":
+            tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        everyone = acc.gather(rewards)
+        chosen, rejected = rewards.squeeze(-1).chunk(2)
+        stats = self._metrics[mode]
+        stats["min_reward"].append(everyone.min().item())
+        stats["mean_reward"].append(everyone.mean().item())
+        stats["max_reward"].append(everyone.max().item())
+        stats["accuracy"].append(acc.gather_for_metrics((chosen > rejected).float().mean()).mean().item())
+        stats["margin"].append(acc.gather_for_metrics((chosen - rejected).mean()).mean().item())
+
+
+RMKRewardTrainer = RewardTrainer
+
+__all__ = ["RewardTrainer", "RMKRewardTrainer"]

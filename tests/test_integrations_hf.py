@@ -1,0 +1,216 @@
+"""rmk.patch_hf_reward_model: the patched HF *ForSequenceClassification model gives the
+outputs and gradients of the unpatched one, with the head applied to B rows only."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rmkernels as rmk
+from tests.utils import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+PAD = 0
+VOCAB = 61
+
+
+def _tiny(family, num_labels=1, pad_token_id=PAD):
+    common = dict(vocab_size=VOCAB, num_labels=num_labels, pad_token_id=pad_token_id)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                                      eos_token_id=2, **common)
+        return transformers.GPT2ForSequenceClassification(cfg).eval()  # eval: no dropout
+    llama_like = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, **common)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForSequenceClassification),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForSequenceClassification),
+           "mistral": (transformers.MistralConfig, transformers.MistralForSequenceClassification)}[family]
+    return cls[1](cls[0](**llama_like)).eval()
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+def _batch(B=5, T=11, left=False):
+    """Ragged right- (or left-) padded ids with an all-pad row and a full row."""
+    ids = torch.randint(1, VOCAB, (B, T))
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0], lengths[-1] = T, 0
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        if left:
+            mask[b, T - n:] = 1
+        else:
+            mask[b, :n] = 1
+    mask[-1, 0] = 1  # HF still attends somewhere in the all-pad row
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, PAD))
+    ids[-1, 0] = PAD
+    return ids, mask
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    target = out.loss if out.loss is not None else (out.logits.float() * torch.linspace(-1, 2, out.logits.numel()).view_as(out.logits)).sum()
+    target.backward()
+    return out, _grads(model)
+
+
+def _compare(ref, got, ref_grads, got_grads, rtol=1e-5, atol=1e-6):
+    assert got.logits.dtype == ref.logits.dtype
+    assert_close(got.logits, ref.logits, rtol=rtol, atol=atol, name="logits")
+    if ref.loss is not None:
+        assert_close(got.loss, ref.loss, rtol=rtol, atol=atol, name="loss")
+    assert set(got_grads) == set(ref_grads)
+    for n in ref_grads:
+        assert_close(got_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, name=f"grad {n}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("left,labels", [(False, "none"), (True, "regression"), (False, "classes")],
+                         ids=["right-pad", "left-pad-regression", "right-pad-classes"])
+def test_patched_equals_unpatched(family, left, labels):
+    num_labels = 3 if labels == "classes" else 1
+    ref_model = _tiny(family, num_labels=num_labels)
+    model = copy.deepcopy(ref_model)
+    rmk.patch_hf_reward_model(model)
+    ids, mask = _batch(left=left)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if labels == "regression":
+        inputs["labels"] = torch.randn(ids.shape[0])
+    elif labels == "classes":
+        inputs["labels"] = torch.randint(0, 3, (ids.shape[0],))
+    ref, ref_grads = _run(ref_model, **inputs)
+    got, got_grads = _run(model, **inputs)
+    _compare(ref, got, ref_grads, got_grads)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_head_applied_to_B_rows_only(family):
+    model = _tiny(family)
+    seen = []
+    model.score.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    ids, mask = _batch(B=3, T=7)
+    model(input_ids=ids, attention_mask=mask)
+    assert seen == [(3, 7, 32)]  # HF: the head over all B*T tokens
+    seen.clear()
+    rmk.patch_hf_reward_model(model)
+    calls = []
+    orig = torch.ops.rmkernels.last_token_reward
+
+    class Spy:
+        def __call__(self, hidden, weight, bias, index, backend):
+            calls.append((tuple(hidden.shape), tuple(index.shape)))
+            return orig(hidden, weight, bias, index, backend)
+
+    torch.ops.rmkernels.last_token_reward = Spy()
+    try:
+        out = model(input_ids=ids, attention_mask=mask)
+    finally:
+        torch.ops.rmkernels.last_token_reward = orig
+    assert seen == []  # the nn.Linear never runs on the hidden states
+    assert calls == [((3, 7, 32), (3,))]
+    assert out.logits.shape == (3, 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tuple_output_positional_args_and_embeds(family):
+    ref_model = _tiny(family)
+    model = rmk.patch_hf_reward_model(copy.deepcopy(ref_model))
+    ids, mask = _batch(B=4, T=6)
+    ref = ref_model(ids, return_dict=False)
+    got = model(ids, return_dict=False)
+    assert isinstance(got, tuple) and len(got) == len(ref)
+    assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6, name="logits (tuple)")
+    # inputs_embeds: HF cannot see the pads and takes the last position; so does the patch.
+    emb = ref_model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    emb2 = emb.detach().clone().requires_grad_(True)
+    ref = ref_model(inputs_embeds=emb, attention_mask=mask)
+    got = model(inputs_embeds=emb2, attention_mask=mask)
+    assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-6, name="logits (inputs_embeds)")
+    ref.logits.sum().backward()
+    got.logits.sum().backward()
+    assert_close(emb2.grad, emb.grad, rtol=1e-4, atol=1e-6, name="grad inputs_embeds")
+
+
+def test_no_pad_token_id():
+    ref_model = _tiny("llama", pad_token_id=None)
+    model = rmk.patch_hf_reward_model(copy.deepcopy(ref_model))
+    ids = torch.randint(1, VOCAB, (1, 8))
+    assert_close(model(input_ids=ids).logits, ref_model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    ids = torch.randint(1, VOCAB, (2, 8))
+    with pytest.raises(ValueError) as ref_err:
+        ref_model(input_ids=ids)
+    with pytest.raises(ValueError) as got_err:
+        model(input_ids=ids)
+    assert str(got_err.value) == str(ref_err.value)
+
+
+def test_bf16_logits_dtype():
+    ref_model = _tiny("qwen2").to(torch.bfloat16)
+    model = rmk.patch_hf_reward_model(copy.deepcopy(ref_model))
+    ids, mask = _batch(B=4, T=9)
+    ref, got = ref_model(input_ids=ids, attention_mask=mask), model(input_ids=ids, attention_mask=mask)
+    assert got.logits.dtype == torch.bfloat16
+    assert_close(got.logits.float(), ref.logits.float(), rtol=2e-2, atol=2e-2, name="bf16 logits")
+
+
+def test_attention_mask_rule_with_pad_equal_eos():
+    """pad == eos: HF's pad-id rule skips the trailing eos; last_token="attention_mask" keeps it."""
+    EOS = 5
+    model = _tiny("llama", pad_token_id=EOS)
+    ids = torch.randint(6, VOCAB, (3, 8))
+    lengths = [8, 5, 3]
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, n - 1:] = EOS  # each sequence ends with eos, then eos-padding
+        mask[b, :n] = 1
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    expected = torch.stack([hidden[b, n - 1] for b, n in enumerate(lengths)]) @ model.score.weight.t()
+    before_eos = torch.stack([hidden[b, n - 2] for b, n in enumerate(lengths)]) @ model.score.weight.t()
+    rmk.patch_hf_reward_model(model, last_token="attention_mask")
+    assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-5, atol=1e-6)
+    rmk.patch_hf_reward_model(model)  # back to the HF rule
+    assert_close(model(input_ids=ids, attention_mask=mask).logits, before_eos, rtol=1e-5, atol=1e-6)
+
+
+def test_unpatch_and_errors():
+    model = _tiny("llama")
+    cls_forward = type(model).forward
+    rmk.patch_hf_reward_model(model)
+    rmk.patch_hf_reward_model(model)  # twice: still one level of patching
+    assert model.forward.__func__ is not cls_forward
+    rmk.unpatch_hf_reward_model(model)
+    assert "forward" not in model.__dict__ and model.forward.__func__ is cls_forward
+    rmk.unpatch_hf_reward_model(model)  # no-op
+    with pytest.raises(ValueError, match="last_token"):
+        rmk.patch_hf_reward_model(model, last_token="eos")
+    causal = transformers.LlamaForCausalLM(model.config)
+    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+        rmk.patch_hf_reward_model(causal)
+
+
+def test_patched_model_saves_and_reloads(tmp_path):
+    model = rmk.patch_hf_reward_model(_tiny("llama"))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    again = type(model).from_pretrained(tmp_path)
+    assert "forward" not in again.__dict__  # the patch is not saved with the weights
+    for (n, p), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert n == n2 and torch.equal(p, p2), n
+    ids, mask = _batch(B=3, T=6)
+    assert_close(again(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits,
+                 rtol=1e-5, atol=1e-6)
+
+
+def test_import_rmkernels_needs_neither_transformers_nor_trl():
+    code = ("import sys, rmkernels as rmk; rmk.patch_hf_reward_model; "
+            "bad = [m for m in ('transformers', 'trl') if m in sys.modules]; assert not bad, bad")
+    root = __file__.rsplit("/tests/", 1)[0]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]

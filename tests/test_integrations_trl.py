@@ -1,0 +1,118 @@
+"""rmkernels.integrations.trl.RewardTrainer against trl.RewardTrainer itself on a tiny model:
+the same loss, gradients and logged metrics for a batch; and a short train() runs."""
+import copy
+import math
+
+import pytest
+import torch
+
+from tests.utils import assert_close
+
+trl = pytest.importorskip("trl", reason="trl is in requirements-test.txt; install it to run these tests")
+datasets = pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+
+from rmkernels.integrations.trl import RewardTrainer  # noqa: E402
+from rmkernels_train.tokenizer import build_char_tokenizer  # noqa: E402
+
+
+def _tiny_model(tok):
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   pad_token_id=tok.pad_token_id, num_labels=1)
+    return transformers.LlamaForSequenceClassification(cfg)
+
+
+def _dataset(n, with_margin, conversational=False):
+    g = torch.Generator().manual_seed(n)
+    rows = []
+    for i in range(n):
+        a = "".join(str(int(d)) for d in torch.randint(0, 10, (int(torch.randint(2, 9, (1,), generator=g)),),
+                                                           generator=g))
+        b = a[::-1] + str(i % 10)
+        if conversational:
+            row = {"prompt": [{"role": "user", "content": f"sort {a}"}],
+                   "chosen": [{"role": "assistant", "content": "".join(sorted(a))}],
+                   "rejected": [{"role": "assistant", "content": b}]}
+        else:
+            row = {"prompt": f"sort {a}: ", "chosen": "".join(sorted(a)), "rejected": b}
+        if with_margin:
+            row["margin"] = float(i % 3) * 0.5
+        rows.append(row)
+    return datasets.Dataset.from_list(rows)
+
+
+def _config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                max_steps=2, learning_rate=1e-3, report_to=[], logging_steps=1, save_strategy="no",
+                use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+                bf16=False)  # RewardConfig's default is bf16 autocast; fp32 to compare at fp32 tolerances
+    base.update(kw)
+    return trl.RewardConfig(**base)
+
+
+def _trainers(tmp_path, dataset, trainer_kw=None, **config_kw):
+    tok = build_char_tokenizer("0123456789 sort:assistantuser\n")
+    model = _tiny_model(tok)
+    ref = trl.RewardTrainer(model=copy.deepcopy(model), args=_config(tmp_path / "trl", **config_kw),
+                            train_dataset=dataset, processing_class=tok)
+    ours = RewardTrainer(model=copy.deepcopy(model), args=_config(tmp_path / "rmk", **config_kw),
+                         train_dataset=dataset, processing_class=tok, **(trainer_kw or {}))
+    return ref, ours
+
+
+def _loss_and_grads(trainer, batch):
+    model = trainer.model
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("with_margin,coef,conversational", [(False, None, False), (True, 0.01, False),
+                                                             (False, None, True)],
+                         ids=["plain", "margin+center", "conversational"])
+def test_same_loss_and_grads_as_trl(tmp_path, with_margin, coef, conversational):
+    ref, ours = _trainers(tmp_path, _dataset(12, with_margin, conversational), center_rewards_coefficient=coef)
+    batch = next(iter(ref.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8 and ("margin" in batch) == with_margin
+    # ragged: some rows are padded, so the pick of the last token matters
+    assert (batch["input_ids"] == ref.processing_class.pad_token_id).any()
+    ref_loss, ref_grads = _loss_and_grads(ref, batch)
+    loss, grads = _loss_and_grads(ours, batch)
+    assert math.isfinite(float(ref_loss))
+    assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, name="loss")
+    assert set(grads) == set(ref_grads)
+    for n in ref_grads:
+        assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, name=f"grad {n}")
+    for key in ("accuracy", "margin", "min_reward", "mean_reward", "max_reward", "num_tokens"):
+        assert_close(torch.tensor(ours._metrics["train"][key]), torch.tensor(ref._metrics["train"][key]),
+                     rtol=1e-5, atol=1e-6, name=f"logged {key}")
+
+
+def test_label_smoothing_changes_the_loss(tmp_path):
+    ref, ours = _trainers(tmp_path, _dataset(8, False), trainer_kw={"label_smoothing": 0.2})
+    batch = next(iter(ref.get_train_dataloader()))
+    ref_loss, _ = _loss_and_grads(ref, batch)
+    loss, _ = _loss_and_grads(ours, batch)
+    with torch.no_grad():
+        r = ref.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    d = r[:4] - r[4:]
+    expected = (-(0.8) * torch.nn.functional.logsigmoid(d) - 0.2 * torch.nn.functional.logsigmoid(-d)).mean()
+    assert_close(loss, expected, rtol=1e-5, atol=1e-6, name="label-smoothed loss")
+    assert abs(float(loss) - float(ref_loss)) > 1e-4
+
+
+def test_train_runs_like_trl(tmp_path):
+    """Two optimizer steps through Trainer.train(): the same weights and logged losses as TRL (SGD: Adam
+    would turn float-rounding differences in near-zero gradients into visible weight differences)."""
+    ref, ours = _trainers(tmp_path, _dataset(8, True), max_steps=2, optim="sgd", learning_rate=0.1)
+    ref.train()
+    ours.train()
+    ref_logs = [h["loss"] for h in ref.state.log_history if "loss" in h]
+    logs = [h["loss"] for h in ours.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    assert_close(torch.tensor(logs), torch.tensor(ref_logs), rtol=1e-4, atol=1e-6, name="logged loss")
+    for (n, p), (_, q) in zip(ref.model.named_parameters(), ours.model.named_parameters()):
+        assert_close(q, p, rtol=1e-4, atol=1e-6, name=f"weights {n} after 2 steps")

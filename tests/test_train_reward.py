@@ -1,0 +1,319 @@
+"""End-to-end tests of `rmkernels-train reward` on CPU: the default run learns, the checkpoint
+is a plain HF one, resume continues exactly, bad data and NaN losses stop with a message,
+and a 2-process torchrun (DDP, gloo) run agrees across ranks and with one process."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from rmkernels_train import data as D  # noqa: E402
+from rmkernels_train.reward import main  # noqa: E402
+from rmkernels_train.tokenizer import build_char_tokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small model and data set for the tests that check mechanics rather than learning.
+TINY = ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "640", "--batch-size", "16",
+        "--threads", "1", "--no-progress", "--no-plot"]
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.err
+
+
+def _records(path, split):
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def _weights(ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(ckpt, "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------
+# Data and tokenizer
+# ---------------------------------------------------------------------------------------
+def test_default_data_is_deterministic_correct_and_disjoint():
+    train, held = D.default_datasets(n_train=2000, n_eval=300)
+    train2, held2 = D.default_datasets(n_train=2000, n_eval=300)
+    assert train == train2 and held == held2
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    kinds = set()
+    for r in train + held:
+        digits = r["prompt"][len("sort "):-2]
+        assert r["prompt"] == f"sort {digits}: "
+        assert r["chosen"] == "".join(sorted(digits))
+        assert r["rejected"] != r["chosen"]
+        kinds.add(r["kind"])
+    assert kinds == set(D.REJECT_KINDS)
+    assert D.default_datasets(n_train=50, n_eval=10, seed=7)[0] != train[:50]
+
+
+def test_char_tokenizer_saves_and_loads(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_char_tokenizer(D.SORT_ALPHABET)
+    assert tok.pad_token_id != tok.eos_token_id
+    text = "sort 4180: 0148"
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text) + 2 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert D._encode(tok, [text], True) == [ids]  # the fast path gives the same ids
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text)["input_ids"] == ids and again.pad_token_id == tok.pad_token_id
+    assert tok("sort é")["input_ids"][-2] == tok.unk_token_id
+
+
+@pytest.mark.parametrize("fmt", ["standard", "implicit", "conversational"])
+def test_jsonl_formats(tmp_path, fmt):
+    rows = []
+    for i in range(6):
+        if fmt == "standard":
+            rows.append({"prompt": f"q{i} ", "chosen": "good", "rejected": "bad", "margin": i / 2})
+        elif fmt == "implicit":
+            rows.append({"chosen": f"q{i} good", "rejected": f"q{i} bad"})
+        else:
+            rows.append({"prompt": [{"role": "user", "content": f"q{i}"}],
+                         "chosen": [{"role": "assistant", "content": "good"}],
+                         "rejected": [{"role": "assistant", "content": "bad"}]})
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    recs = D.load_jsonl(str(path))
+    assert len(recs) == 6 and recs[0]["where"].endswith("d.jsonl:1")
+    tok = build_char_tokenizer([D.render(r, f, build_char_tokenizer("")) for r in recs for f in ("chosen", "rejected")])
+    pairs, dropped = D.tokenize_pairs(recs, tok)
+    assert dropped == 0
+    text = tok.decode(pairs[1]["chosen_ids"], skip_special_tokens=True)
+    assert text == {"standard": "q1 good", "implicit": "q1 good", "conversational": "user: q1\nassistant: good\n"}[fmt]
+    assert (pairs[2]["margin"] == 1.0) if fmt == "standard" else pairs[2]["margin"] is None
+    batch = D.collate(pairs[:3], tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 6
+    assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([len(p["chosen_ids"]) for p in pairs[:3]] +
+                                                                     [len(p["rejected_ids"]) for p in pairs[:3]]))
+    _, dropped = D.tokenize_pairs(recs, tok, max_length=5)
+    assert dropped == 6
+
+
+BAD_FILES = {
+    "missing field": ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "a", "chosen": "b"}\n',
+                      ":3: missing field 'rejected'"),
+    "wrong type": ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b", "rejected": 3}\n',
+                   ":2: field 'rejected' must be a string"),
+    "bad json": ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"\n',
+                 ":2: not valid JSON"),
+    "bad message": ('{"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user"}]}\n',
+                    ":1: field 'rejected': message 0 must be an object"),
+    "bad margin": ('{"chosen": "x", "rejected": "y", "margin": 1}\n{"chosen": "x", "rejected": "y", "margin": "big"}\n',
+                   ":2: field 'margin' must be a finite number"),
+    "margin on some lines": ('{"chosen": "x", "rejected": "y", "margin": 1}\n{"chosen": "x", "rejected": "y"}\n',
+                             ":2: missing field 'margin'"),
+    "not an object": ('[1, 2]\n', ":1: expected a JSON object"),
+    "empty chosen": ('{"chosen": "", "rejected": "y"}\n', ":1: field 'chosen' is an empty string"),
+    "empty file": ("\n\n", ": no preference pairs"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_jsonl_stops_with_file_line_field(tmp_path, capsys, case):
+    text, expected = BAD_FILES[case]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(text)
+    rc, err = _run(capsys, "--data", path, "--output-dir", tmp_path / "out", *TINY)
+    assert rc == 1
+    assert "Traceback" not in err
+    assert f"rmkernels-train reward: error: {path}{expected}" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_options_and_missing_paths(tmp_path, capsys):
+    rc, err = _run(capsys, "--data", tmp_path / "nope.jsonl", "--output-dir", tmp_path / "o")
+    assert rc == 1 and f"cannot read data file {tmp_path / 'nope.jsonl'}" in err
+    rc, err = _run(capsys, "--model", tmp_path / "no-model", "--output-dir", tmp_path / "o")
+    assert rc == 1 and "not a directory" in err
+    rc, err = _run(capsys, "--label-smoothing", "0.5", "--output-dir", tmp_path / "o")
+    assert rc == 1 and "--label-smoothing must be in [0, 0.5)" in err
+    rc, err = _run(capsys, "--resume", "--output-dir", tmp_path / "o")
+    assert rc == 1 and "no checkpoint-<step>" in err
+
+
+# ---------------------------------------------------------------------------------------
+# End-to-end runs
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_run_learns_and_checkpoint_loads_in_hf(tmp_path, capsys):
+    """A short run of the default (built-in data, default model): held-out accuracy rises
+    clearly above chance; the checkpoint is a plain HF one that gives the same accuracy."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "run"
+    rc, err = _run(capsys, "--output-dir", out, "--max-steps", 120, "--eval-every", 40, "--save-every", 60,
+                   "--default-train-pairs", 3840, "--threads", 1)
+    assert rc == 0, err
+    evals = _records(out / "metrics.jsonl", "eval")
+    train = _records(out / "metrics.jsonl", "train")
+    assert [r["step"] for r in train] == list(range(1, 121))
+    assert [r["step"] for r in evals] == [0, 40, 80, 120]
+    assert abs(evals[0]["accuracy"] - 0.5) < 0.1  # the untrained model is at chance
+    for r in train + evals:
+        assert {"loss", "accuracy", "margin"} <= set(r)
+    final = json.loads((out / "final.json").read_text())
+    acc = final["eval"]["accuracy"]
+    assert final["eval"]["pairs"] == 500 and acc == evals[-1]["accuracy"]
+    assert acc >= 0.7 and acc > evals[0]["accuracy"] + 0.15, f"held-out accuracy {acc} after 120 steps"
+    assert evals[-1]["loss"] < 0.65 < train[0]["loss"]  # ln 2 = 0.693 at the start
+    assert f"held-out pairwise accuracy {acc:.4f}" in err
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(out)) == ["checkpoint-120", "checkpoint-60", "curves.png", "final.json", "metrics.jsonl"]
+
+    # The checkpoint, loaded by plain transformers (no rmkernels patch), scores the held-out
+    # pairs with the accuracy the run reported.
+    ckpt = out / "checkpoint-120"
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    _, held = D.default_datasets()
+    pairs, _ = D.tokenize_pairs(held, tok)
+    batch = D.collate(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        r = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    hf_acc = (r[:500] > r[500:]).float().mean().item()
+    assert abs(hf_acc - acc) <= 2 / 500, (hf_acc, acc)
+
+
+def test_resume_continues_exactly(tmp_path, capsys):
+    """Stopping after 4 steps and resuming ends with the weights and metrics of an
+    uninterrupted 8-step run."""
+    common = [*TINY, "--max-steps", 8, "--save-every", 4, "--eval-every", 4, "--seed", 3]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    rc, err = _run(capsys, "--output-dir", full, *common)
+    assert rc == 0, err
+    rc, err = _run(capsys, "--output-dir", parts, *common, "--stop-after", 4)
+    assert rc == 0, err
+    assert sorted(os.listdir(parts)) == ["checkpoint-4", "final.json", "metrics.jsonl"]
+    assert "--resume goes on" in err
+    rc, err = _run(capsys, "--output-dir", parts, *common)
+    assert rc == 1 and "pass --resume" in err
+    rc, err = _run(capsys, "--output-dir", parts, *common[:-2], "--seed", 4, "--resume")
+    assert rc == 1 and "seed was 3" in err
+    rc, err = _run(capsys, "--output-dir", parts, *common, "--resume")
+    assert rc == 0, err
+    assert "resuming from" in err and "checkpoint-4 (step 4)" in err
+    a, b = _weights(full / "checkpoint-8"), _weights(parts / "checkpoint-8")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = [(r["step"], r["loss"]) for r in _records(full / "metrics.jsonl", "train")]
+    mb = [(r["step"], r["loss"]) for r in _records(parts / "metrics.jsonl", "train")]
+    assert ma == mb and len(ma) == 8
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    """An exploding lr: the run stops at the first step whose loss or gradient is not finite,
+    before the optimizer step, and the checkpoint before it stays good."""
+    out = tmp_path / "nan"
+    rc, err = _run(capsys, "--output-dir", out, *TINY, "--max-steps", 20, "--save-every", 1, "--lr", 1e6,
+                   "--warmup-steps", 0, "--max-grad-norm", 0)
+    assert rc == 1
+    line = err.strip().splitlines()[-1]
+    m = re.search(r"(loss|gradient norm \(loss \S+\)) is (nan|inf) at step (\d+)", line)
+    assert "Traceback" not in err and m, err
+    bad_step = int(m.group(3))
+    assert bad_step >= 2, "the first steps should still be finite (else the test checks nothing)"
+    last_good = out / f"checkpoint-{bad_step - 1}"
+    assert f"the last good checkpoint is {last_good}" in line
+    assert not (out / f"checkpoint-{bad_step}").exists()
+    assert json.loads((last_good / "trainer_state.json").read_text())["step"] == bad_step - 1
+    assert all(torch.isfinite(w).all() for w in _weights(last_good).values())
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]  # no half-written checkpoint
+
+
+def _save_tiny_hf(path, causal, nan_head=False):
+    import transformers
+
+    tok = build_char_tokenizer("abcdefgh ")
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, num_labels=1,
+                                   pad_token_id=tok.pad_token_id)
+    cls = transformers.LlamaForCausalLM if causal else transformers.LlamaForSequenceClassification
+    model = cls(cfg)
+    if nan_head:
+        with torch.no_grad():
+            model.score.weight[0, 0] = float("nan")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _write_prefs(path, n):
+    rows = [{"prompt": "ab ", "chosen": "cd" * (1 + i % 3), "rejected": "ef" * (1 + i % 2), "margin": 0.5}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_nan_loss_from_the_first_step(tmp_path, capsys):
+    _save_tiny_hf(tmp_path / "m", causal=False, nan_head=True)
+    _write_prefs(tmp_path / "p.jsonl", 40)
+    rc, err = _run(capsys, "--model", tmp_path / "m", "--data", tmp_path / "p.jsonl", "--output-dir",
+                   tmp_path / "o", *TINY[4:], "--max-steps", 3)
+    assert rc == 1 and "Traceback" not in err
+    assert "loss is nan at step 1 (epoch 0); stopped before the optimizer step; no checkpoint had been written" in err
+
+
+def test_model_dir_causal_lm_and_jsonl(tmp_path, capsys):
+    """--model with a causal-LM checkpoint gets a new score head; --data/--eval-data JSONL with
+    margins, label smoothing, centering and gradient accumulation; the result loads as a
+    sequence-classification model."""
+    from transformers import AutoModelForSequenceClassification
+
+    _save_tiny_hf(tmp_path / "m", causal=True)
+    _write_prefs(tmp_path / "train.jsonl", 48)
+    _write_prefs(tmp_path / "eval.jsonl", 10)
+    rc, err = _run(capsys, "--model", tmp_path / "m", "--data", tmp_path / "train.jsonl", "--eval-data",
+                   tmp_path / "eval.jsonl", "--output-dir", tmp_path / "o", "--batch-size", 4, "--grad-accum", 2,
+                   "--max-steps", 3, "--label-smoothing", 0.1, "--center-coef", 0.01, "--max-length", 64,
+                   "--threads", 1, "--no-progress", "--no-plot")
+    assert rc == 0, err
+    final = json.loads((tmp_path / "o" / "final.json").read_text())
+    assert final["step"] == 3 and final["eval"]["pairs"] == 10
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "o" / "checkpoint-3")
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): the ranks end with identical parameters, and the
+    run matches one process that takes both ranks' pairs in each batch."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                         os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    steps = ["--max-steps", "6", "--eval-every", "3", "--save-every", "6", "--seed", "5"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "rmkernels_train", "reward", "--output-dir", str(tmp_path / "ddp"), *TINY, *steps],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    final = json.loads((tmp_path / "ddp" / "final.json").read_text())
+    assert final["world_size"] == 2 and len(final["param_digests"]) == 2
+    assert final["param_digests"][0] == final["param_digests"][1]
+
+    tiny_2x = [a if a != "16" else "32" for a in TINY]  # --batch-size 32 = 2 ranks x 16
+    one = subprocess.run([sys.executable, "-m", "rmkernels_train", "reward", "--output-dir", str(tmp_path / "one"),
+                          *tiny_2x, *steps], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for split in ("train", "eval"):
+        a = _records(tmp_path / "ddp" / "metrics.jsonl", split)
+        b = _records(tmp_path / "one" / "metrics.jsonl", split)
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        for ra, rb in zip(a, b):
+            assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=0.05)  # a near-tie may flip
+            assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6)
+    wa, wb = _weights(tmp_path / "ddp" / "checkpoint-6"), _weights(tmp_path / "one" / "checkpoint-6")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5, msg=k)
