@@ -393,3 +393,19 @@ def test_cuda_no_valid_token_nan_without_checks_and_raise_with():
         rmk.last_token_reward(h, w, attention_mask=m)
     r = rmk.last_token_reward(h, w, lengths=torch.tensor([4, 9, 0], device="cuda"))  # out of range: NaN, no read
     assert torch.isnan(r[1:]).all() and torch.isfinite(r[0]).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_wide_head_tiles_k(backend, device):
+    """K = 150 outputs (more than one K tile of the Triton grad_weight kernel, MAX_PARAM_BLOCK_K
+    = 64; the forward's (b, k) pairs on a 1-D grid): forward and every gradient vs reference."""
+    skip_unless_available(backend, device)
+    B, T, H, K = 3, 5, 24, 150
+    hidden = torch.randn(B, T, H, device=device)
+    w, b = _head(K, H, device)
+    lengths = torch.tensor([5, 1, 3], device=device)
+    r, grads, g_out = _run(backend, hidden, w, b, lengths=lengths)
+    r_ref, grads_ref, _ = _run("reference", hidden, w, b, g_out=g_out, lengths=lengths)
+    assert_close(r, r_ref, rtol=2e-5, atol=2e-5, name="rewards")
+    for name, g, g_ref in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, grads_ref):
+        assert_close(g, g_ref, rtol=2e-5, atol=2e-5, name=name)

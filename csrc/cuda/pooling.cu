@@ -26,24 +26,29 @@ __global__ void last_token_index_kernel(const I* __restrict__ mask, int64_t T, i
   if (threadIdx.x == 0) index[b] = best;
 }
 
+// One block per (b, k) pair, b-major (blocks of one row share its hidden row in L2), in a
+// block-uniform grid-stride loop: a 1-D grid, so K is not bound by gridDim.y <= 65535 (a
+// last-token LM head has K = vocabulary size).
 template <typename T, typename A>
 __global__ void reward_fwd_kernel(const T* __restrict__ hidden, const A* __restrict__ weight,
                                   const A* __restrict__ bias, const int64_t* __restrict__ index,
-                                  A* __restrict__ rewards, int64_t Tlen, int64_t H, int64_t K,
+                                  A* __restrict__ rewards, int64_t B, int64_t Tlen, int64_t H, int64_t K,
                                   int64_t sB, int64_t sT) {
   __shared__ A shared[kThreads / kWarp];
-  const int64_t b = blockIdx.x, k = blockIdx.y;
-  const int64_t t = index[b];
-  if (t < 0 || t >= Tlen) {  // no valid token: NaN, and no read
-    if (threadIdx.x == 0) rewards[b * K + k] = quiet_nan<A>();
-    return;
+  for (int64_t bk = blockIdx.x; bk < B * K; bk += gridDim.x) {
+    const int64_t b = bk / K, k = bk % K;
+    const int64_t t = index[b];
+    if (t < 0 || t >= Tlen) {  // no valid token: NaN, and no read (uniform over the block)
+      if (threadIdx.x == 0) rewards[bk] = quiet_nan<A>();
+      continue;
+    }
+    const T* row = hidden + b * sB + t * sT;
+    const A* w = weight + k * H;
+    A acc = 0;
+    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) acc += to_acc<A>(row[h]) * w[h];
+    acc = block_sum(acc, shared);  // starts with a barrier: shared is free to reuse
+    if (threadIdx.x == 0) rewards[bk] = acc + (bias ? bias[k] : A(0));
   }
-  const T* row = hidden + b * sB + t * sT;
-  const A* w = weight + k * H;
-  A acc = 0;
-  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) acc += to_acc<A>(row[h]) * w[h];
-  acc = block_sum(acc, shared);
-  if (threadIdx.x == 0) rewards[b * K + k] = acc + (bias ? bias[k] : A(0));
 }
 
 template <typename T, typename A>
@@ -106,6 +111,10 @@ template <typename F> cudaError_t dispatch(DType dtype, F&& f) {
 // pass while keeping B * this many blocks small for the usual B.
 constexpr unsigned int kHiddenBlocksY = 4;
 
+// Cap of the forward grid: beyond 2^20 (b, k) pairs (hundreds of waves on any GPU) blocks
+// loop; the 1-D grid limit is 2^31 - 1.
+constexpr int64_t kMaxFwdBlocks = int64_t(1) << 20;
+
 }  // namespace
 
 cudaError_t launch_last_token_index(const void* mask, int mask_elem_bytes, int64_t B, int64_t T,
@@ -126,13 +135,13 @@ cudaError_t launch_last_token_reward_fwd(DType dtype, const void* hidden, const 
                                          const int64_t* index, void* rewards, int64_t B, int64_t T, int64_t H,
                                          int64_t K, int64_t sB, int64_t sT, cudaStream_t stream) {
   if (B == 0 || K == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned int>(B), static_cast<unsigned int>(K));
+  const dim3 grid(static_cast<unsigned int>(std::min<int64_t>(B * K, kMaxFwdBlocks)));
   return dispatch(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     reward_fwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(
         static_cast<const S*>(hidden), static_cast<const A*>(weight), static_cast<const A*>(bias), index,
-        static_cast<A*>(rewards), T, H, K, sB, sT);
+        static_cast<A*>(rewards), B, T, H, K, sB, sT);
   });
 }
 

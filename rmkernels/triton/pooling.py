@@ -13,8 +13,11 @@ import triton.language as tl
 MAX_BLOCK_H = 1024
 # Mask elements per step of the index scan.
 MAX_BLOCK_T = 1024
-# Registers of the [BLOCK_K, BLOCK_H] accumulator of the grad_weight kernel are capped here.
+# Registers of the [BLOCK_K, BLOCK_H] accumulator of the grad_weight kernel are capped here,
+# and K is tiled by at most MAX_PARAM_BLOCK_K rows (a value head has K = 1..a few; a
+# vocabulary-sized K must not become one tile: Triton caps a tensor at 2^20 elements).
 MAX_PARAM_TILE = 4096
+MAX_PARAM_BLOCK_K = 64
 
 
 def _block(n, cap):
@@ -42,8 +45,11 @@ def _reward_fwd_kernel(
     T, H, K, stride_b, stride_t,  # sizes; hidden strides (unit stride on H)
     HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
+    # One program per (b, k), b-major, on a 1-D grid: grid axis 1 is limited to 65535 on
+    # CUDA, and K can be a vocabulary (a last-token LM head).
+    bk = tl.program_id(0).to(tl.int64)
+    b = bk // K
+    k = bk % K
     t = tl.load(index_ptr + b)
     valid = (t >= 0) & (t < T)
     row = hidden_ptr + b * stride_b + tl.where(valid, t, 0) * stride_t
@@ -59,7 +65,7 @@ def _reward_fwd_kernel(
     if HAS_BIAS:
         r += tl.load(bias_ptr + k)
     r = tl.where(valid, r, float("nan"))
-    tl.store(out_ptr + b * K + k, r)
+    tl.store(out_ptr + bk, r)
 
 
 @triton.jit
@@ -75,8 +81,9 @@ def _reward_bwd_hidden_kernel(
     valid = (t >= 0) & (t < T)
     acc = tl.zeros([BLOCK_H], dtype=weight_ptr.dtype.element_ty)
     for k in range(0, K):
-        g = tl.load(grad_ptr + b * K + k)
-        acc += g * tl.load(weight_ptr + k * H + offs, mask=in_h, other=0.0)
+        k64 = tl.zeros([], tl.int64) + k  # k * H passes 2^31 for a large head (a plain loop index is 32-bit)
+        g = tl.load(grad_ptr + b * K + k64)
+        acc += g * tl.load(weight_ptr + k64 * H + offs, mask=in_h, other=0.0)
     out = grad_hidden_ptr + b * gstride_b + tl.where(valid, t, 0) * gstride_t
     tl.store(out + offs, acc.to(grad_hidden_ptr.dtype.element_ty), mask=in_h & valid)
 
@@ -88,9 +95,10 @@ def _reward_bwd_params_kernel(
     NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, BLOCK_K)
+    pid_k = tl.program_id(0)  # K tiles on axis 0 (no 65535 limit), H tiles on axis 1
+    pid_h = tl.program_id(1)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     in_h = offs_h < H
     in_k = offs_k < K
     acc_ty = grad_ptr.dtype.element_ty
@@ -110,7 +118,7 @@ def _reward_bwd_params_kernel(
         ptrs = grad_weight_ptr + offs_k[:, None].to(tl.int64) * H + offs_h[None, :]
         tl.store(ptrs, acc, mask=in_k[:, None] & in_h[None, :])
     if NEED_BIAS:
-        if pid == 0:
+        if pid_h == 0:
             tl.store(grad_bias_ptr + offs_k, acc_b, mask=in_k)
 
 
@@ -136,7 +144,7 @@ def last_token_reward_fwd(hidden, weight, bias, index):
     out = torch.empty(B, K, dtype=weight.dtype, device=hidden.device)
     if B == 0 or K == 0:
         return out
-    _reward_fwd_kernel[(B, K)](
+    _reward_fwd_kernel[(B * K,)](
         hidden, weight, bias if bias is not None else weight, index, out,
         T, H, K, sb, st, HAS_BIAS=bias is not None, BLOCK_H=_block(H, MAX_BLOCK_H))
     return out
@@ -154,9 +162,9 @@ def last_token_reward_bwd(grad, hidden, weight, index, need_hidden, need_weight,
         _reward_bwd_hidden_kernel[(B, triton.cdiv(H, block_h))](
             grad, weight, index, g_hidden, T, H, K, gsb, gst, BLOCK_H=block_h)
     if need_weight or need_bias:
-        block_k = triton.next_power_of_2(max(K, 1))
+        block_k = min(triton.next_power_of_2(max(K, 1)), MAX_PARAM_BLOCK_K)
         block_h = _block(min(H, max(MAX_PARAM_TILE // block_k, 16)), MAX_BLOCK_H)
-        grid = (max(1, triton.cdiv(H, block_h)),)
+        grid = (max(1, triton.cdiv(K, block_k)), max(1, triton.cdiv(H, block_h)))
         _reward_bwd_params_kernel[grid](
             grad, hidden, index, g_weight if need_weight else grad, g_bias if need_bias else grad,
             B, T, H, K, sb, st, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,

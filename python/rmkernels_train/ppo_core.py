@@ -1,0 +1,154 @@
+"""PPO building blocks: rollouts with ``generate``, per-token log-probs and values, the
+reward model's score through ``rmk.last_token_reward``, and the clipped PPO losses.
+
+Layout of a rollout batch (``B`` sequences)::
+
+    sequences       [B, P + R]   left-padded prompt | response (pad after the first EOS)
+    attention_mask  [B, P + R]   1 on prompt tokens and on response tokens up to the EOS
+    response_mask   [B, R]       the response part of attention_mask: the actions
+    logprobs        [B, R]       log pi(response_t | prefix) of the policy, ref_logprobs of
+                                 the frozen reference; values [B, R] are the value model's
+                                 estimates of the state before each action
+
+Positions are ``cumsum(attention_mask) - 1``, as ``generate`` numbers left-padded prompts, so
+a forward pass over the finished sequence sees each token where generation saw it.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rmkernels as rmk
+
+
+def position_ids(attention_mask):
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_len: int
+
+
+def left_pad(prompts, pad_token_id, device=None):
+    """Token-id lists -> (input_ids, attention_mask) [B, P], left-padded (generation appends
+    on the right, so every prompt must end at the same column)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id, temperature=1.0,
+             top_k=0, generator_seed=None):
+    """Sample responses with ``policy.generate`` and build the masks. The response ends at the
+    first EOS (included); tokens after it are padding (mask 0)."""
+    was_training = policy.training
+    policy.eval()
+    kwargs = dict(do_sample=True, temperature=temperature, top_k=top_k if top_k > 0 else None, top_p=1.0,
+                  max_new_tokens=max_new_tokens, min_new_tokens=1, eos_token_id=eos_token_id,
+                  pad_token_id=pad_token_id)
+    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    policy.train(was_training)
+    P = prompt_ids.shape[1]
+    response = out[:, P:]
+    if response.shape[1] < max_new_tokens:  # every row stopped early: pad to a fixed width
+        response = F.pad(response, (0, max_new_tokens - response.shape[1]), value=pad_token_id)
+    is_eos = response == eos_token_id
+    # 1 up to and including the first EOS
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    response_mask = (~after_eos).long()
+    response = torch.where(after_eos, torch.full_like(response, pad_token_id), response)
+    sequences = torch.cat([prompt_ids, response], dim=1)
+    attention_mask = torch.cat([prompt_mask.long(), response_mask], dim=1)
+    return Rollout(sequences, attention_mask, response_mask, P)
+
+
+def response_logprobs(logits, sequences, prompt_len, temperature=1.0):
+    """log pi(token_t) of the response tokens [B, R] from causal-LM logits [B, P + R, V]."""
+    logits = logits[:, prompt_len - 1:-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    labels = sequences[:, prompt_len:]
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_logprobs(policy, rollout, temperature=1.0):
+    out = policy(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                 position_ids=position_ids(rollout.attention_mask), use_cache=False)
+    return response_logprobs(out.logits, rollout.sequences, rollout.prompt_len, temperature)
+
+
+class ValueModel(nn.Module):
+    """A transformer backbone with a per-token value head: ``values[b, t]`` estimates the return
+    from the state before response token t (read at the position of the previous token)."""
+
+    def __init__(self, backbone, hidden_size):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(hidden_size, 1)
+
+    def forward(self, rollout):
+        h = self.backbone(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                          position_ids=position_ids(rollout.attention_mask), use_cache=False).last_hidden_state
+        P = rollout.prompt_len
+        return self.value_head(h[:, P - 1:-1].float()).squeeze(-1)
+
+
+@torch.no_grad()
+def reward_scores(backbone, head_weight, head_bias, rollout, backend=None):
+    """The reward model's score of each full sequence: its value head on the hidden state of the
+    last valid token (the EOS, or the last generated token when there is none), with
+    ``rmk.last_token_reward`` -- B rows, never the head on every token. Float32 [B]."""
+    h = backbone(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                 position_ids=position_ids(rollout.attention_mask), use_cache=False).last_hidden_state
+    return rmk.last_token_reward(h, head_weight, head_bias, attention_mask=rollout.attention_mask,
+                                 backend=backend)[:, 0]
+
+
+def masked_mean(x, mask):
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+    """The clipped surrogate: ``max(-A r, -A clip(r, 1 - eps, 1 + eps))`` with ``r = exp(logp -
+    logp_old)``, masked mean. Returns (loss, clip fraction, approx KL(old || new))."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(loss1, loss2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((loss2 > loss1).float(), mask)
+        approx_kl = masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask)
+    return loss, clipfrac, approx_kl
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_range_value):
+    """The clipped value loss: ``0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``,
+    masked mean. Returns (loss, clip fraction)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    l1 = (values - returns) ** 2
+    l2 = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((l2 > l1).float(), mask)
+    return loss, clipfrac
+
+
+def minibatch_indices(n, n_minibatches, generator):
+    perm = torch.randperm(n, generator=generator)
+    size = max(1, n // n_minibatches)
+    return [perm[i:i + size] for i in range(0, n - size + 1, size)]
+
+
+def select(rollout, idx):
+    return Rollout(rollout.sequences[idx], rollout.attention_mask[idx], rollout.response_mask[idx], rollout.prompt_len)

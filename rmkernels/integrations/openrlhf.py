@@ -1,0 +1,211 @@
+"""OpenRLHF's PPO reward shaping, KL and GAE, backed by the fused ops.
+
+Replace the import and keep the calls::
+
+    # from openrlhf.models.utils import compute_approx_kl, compute_reward
+    from rmkernels.integrations.openrlhf import compute_approx_kl, compute_reward
+
+and for the experience maker's GAE and its batch normalisation of the advantages::
+
+    from rmkernels.integrations.openrlhf import get_advantages_and_returns, normalize_advantages
+    NaiveExperienceMaker.get_advantages_and_returns = staticmethod(get_advantages_and_returns)
+
+Same names, arguments and numbers as OpenRLHF's (``openrlhf.models.utils``,
+``openrlhf.trainer.ppo_utils.experience_maker``), computed with
+:func:`rmkernels.ppo_advantages` / :func:`rmkernels.masked_whiten`.
+``import rmkernels.integrations.openrlhf`` does not import OpenRLHF.
+
+OpenRLHF's conventions, kept:
+
+* ``compute_approx_kl`` computes in float32 (``.float()``); ``k3`` has no clamp.
+* ``compute_reward`` adds the score at the last position whose ``action_mask`` is non-zero
+  (a row with no valid position gets it at the last column, as OpenRLHF's ``argmax`` of an
+  all-zero row does) and leaves ``-kl_coef * kl`` at every other position, masked or not.
+* ``get_advantages_and_returns`` is **not** mask-aware: values and rewards are multiplied by
+  the mask, then the plain recurrence runs over every position (a hole in the mask is a
+  zero-value, zero-reward step). Returns are ``A + mask * V``.
+* the batch normalisation of the advantages divides by the biased standard deviation.
+
+Where the numbers differ, on purpose: ``normalize_advantages`` returns 0 at masked positions
+(OpenRLHF shifts and scales them too; its losses mask them), and it adds ``eps = 1e-8`` to the
+variance where OpenRLHF clamps the variance at 1e-8 (relative difference ``5e-9 / var``).
+"""
+import torch
+
+import rmkernels as rmk
+from rmkernels.integrations._rl import (as_float, check_2d, check_same_shape, fused_kl, needs_grad,
+                                        straight_through, token_reward_gae)
+
+__all__ = ["compute_approx_kl", "compute_reward", "get_advantages_and_returns", "normalize_advantages"]
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def compute_approx_kl(log_probs, log_probs_base, kl_estimator="k1", action_mask=None, use_kl_estimator_k3=False):
+    """Per-token KL estimate between the actor and the initial model, float32.
+
+    ``kl_estimator``: ``"k1"`` = log p - log q, ``"k2"`` = (log p - log q)^2 / 2, ``"k3"`` =
+    exp(log q - log p) - 1 - (log q - log p). ``action_mask`` (older OpenRLHF): 0 at masked
+    positions. The older positional order ``(log_probs, log_probs_base, action_mask)`` and the
+    older flag ``use_kl_estimator_k3=True`` are accepted too.
+
+    The value comes from the fused op; when an input requires grad (OpenRLHF's
+    ``use_kl_loss``), the gradient is that of OpenRLHF's formula.
+    """
+    if isinstance(kl_estimator, torch.Tensor):  # the older signature (log_probs, base, action_mask, ...)
+        kl_estimator, action_mask = "k1", kl_estimator
+    if use_kl_estimator_k3:
+        kl_estimator = "k3"
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if not isinstance(log_probs, torch.Tensor) or not isinstance(log_probs_base, torch.Tensor):
+        raise TypeError("log_probs and log_probs_base must be torch.Tensors, got "
+                        f"{type(log_probs).__name__} and {type(log_probs_base).__name__}")
+    check_same_shape("log_probs", log_probs, log_probs_base=log_probs_base, action_mask=action_mask)
+    value = fused_kl(log_probs, log_probs_base, kl_estimator, mask=action_mask).float()
+    if not needs_grad(log_probs, log_probs_base):
+        return value
+    x = log_probs.float() - log_probs_base.float()
+    if action_mask is not None:
+        x = x * action_mask
+    g = x if kl_estimator == "k1" else (x * x / 2.0 if kl_estimator == "k2" else (-x).exp() - 1 + x)
+    return straight_through(value, g)
+
+
+def _eos_score_rows(r, kl, action_mask, kl_coef):
+    """OpenRLHF's rewards of one padded batch [B, T]."""
+    out = rmk.ppo_advantages(kl, torch.zeros((), dtype=kl.dtype, device=kl.device).expand(kl.shape),
+                             torch.zeros((), dtype=torch.float32, device=kl.device).expand(kl.shape),
+                             r.reshape(-1), action_mask, kl_coef=kl_coef, gamma=1.0, lam=1.0,
+                             kl_estimator="k1", whiten=False)
+    valid = action_mask != 0
+    rewards = torch.where(valid, out.rewards, -kl_coef * kl.float())
+    if kl.shape[1] > 0:  # a row with no valid action: OpenRLHF's argmax(all zeros) puts r at the end
+        empty = ~valid.any(dim=1)
+        rewards[:, -1] += torch.where(empty, r.reshape(-1).float(), torch.zeros_like(rewards[:, -1]))
+    return rewards.to(kl.dtype)
+
+
+def compute_reward(r, kl_coef, kl, action_mask=None, num_actions=None, reward_clip_range=None):
+    """Per-token rewards ``-kl_coef * kl`` plus the score ``r`` at each row's last action.
+
+    Args:
+        r: ``[B]`` scores (a float is broadcast).
+        kl_coef: the KL coefficient; values <= 0 mean no penalty.
+        kl: ``[B, A]`` per-token KL, or (packed samples, older OpenRLHF) a list of 1-D tensors
+            with ``num_actions`` their lengths (the score goes at ``num_actions[i] - 1``).
+        action_mask: ``[B, A]`` (required with a tensor ``kl``).
+        reward_clip_range: ``(lo, hi)``: ``r`` is clamped to it first.
+
+    Returns a tensor of ``kl``'s shape and dtype (or a list, for a list ``kl``).
+    """
+    kl_coef = as_float("kl_coef", kl_coef)
+    if kl_coef <= 0.0:
+        kl_coef = 0.0
+    if isinstance(kl, (list, tuple)):
+        return _compute_reward_packed(r, kl_coef, kl, num_actions, reward_clip_range)
+    check_2d("kl", kl)
+    if not isinstance(r, torch.Tensor):
+        r = torch.full((kl.shape[0],), float(r), dtype=torch.float32, device=kl.device)
+    if reward_clip_range:
+        r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
+    if action_mask is None:
+        raise ValueError("compute_reward needs action_mask with a [B, A] kl tensor (num_actions goes with a list kl)")
+    check_same_shape("kl", kl, action_mask=action_mask)
+    if r.numel() != kl.shape[0]:
+        raise ValueError(f"r must have one score per row of kl ({kl.shape[0]}), got shape {tuple(r.shape)}")
+    return _eos_score_rows(r, kl, action_mask, kl_coef)
+
+
+def _compute_reward_packed(r, kl_coef, kl, num_actions, reward_clip_range):
+    if num_actions is None or len(num_actions) != len(kl):
+        raise ValueError("a list kl needs num_actions, one length per sequence")
+    if reward_clip_range:
+        r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
+    lengths = [int(n) for n in num_actions]
+    if not kl:
+        return []
+    T = max(k.shape[0] for k in kl)
+    dev, dtype = kl[0].device, kl[0].dtype
+    padded = torch.zeros(len(kl), T, dtype=dtype, device=dev)
+    mask = torch.zeros(len(kl), T, dtype=torch.bool, device=dev)
+    for i, (k, n) in enumerate(zip(kl, lengths)):
+        if not 1 <= n <= k.shape[0]:
+            raise ValueError(f"num_actions[{i}] = {n} must be in [1, {k.shape[0]}] (the length of kl[{i}])")
+        padded[i, :k.shape[0]] = k
+        mask[i, :n] = True
+    rows = _eos_score_rows(r, padded, mask, kl_coef)
+    return [rows[i, :k.shape[0]] for i, k in enumerate(kl)]
+
+
+def get_advantages_and_returns(values, rewards, action_mask, gamma, lambd):
+    """OpenRLHF's GAE (``advantage_estimator="gae"``), unwhitened.
+
+    ``values``, ``rewards``, ``action_mask``: ``[B, A]`` (or, packed samples, lists of 1-D
+    tensors, the mask then unused as in OpenRLHF). Values and rewards are multiplied by the
+    mask, then ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lambd *
+    A_{t+1}`` over every position. Returns ``(advantages, returns)`` float32, ``returns = A + V``.
+    """
+    gamma, lambd = as_float("gamma", gamma), as_float("lambd", lambd)
+    if isinstance(values, (list, tuple)):
+        if not isinstance(rewards, (list, tuple)) or len(rewards) != len(values):
+            raise ValueError("packed samples: values and rewards must be lists of the same length")
+        if not values:
+            return [], []
+        T = max(v.shape[0] for v in values)
+        dev = values[0].device
+        V = torch.zeros(len(values), T, dtype=torch.float32, device=dev)
+        R = torch.zeros(len(values), T, dtype=torch.float32, device=dev)
+        for i, (v, r) in enumerate(zip(values, rewards)):
+            check_same_shape(f"values[{i}]", v, **{f"rewards[{i}]": r})
+            V[i, :v.shape[0]] = v
+            R[i, :r.shape[0]] = r
+        # trailing zero rewards and values leave the earlier positions unchanged
+        out = token_reward_gae(R, V, torch.ones((), dtype=torch.bool, device=dev).expand(V.shape),
+                               gamma=gamma, lam=lambd, whiten=False)
+        n = [v.shape[0] for v in values]
+        return [out.advantages[i, :k] for i, k in enumerate(n)], [out.returns[i, :k] for i, k in enumerate(n)]
+    check_2d("values", values)
+    check_same_shape("values", values, rewards=rewards, action_mask=action_mask)
+    if action_mask is not None:
+        values = action_mask * values
+        rewards = action_mask * rewards
+    everywhere = torch.ones((), dtype=torch.bool, device=values.device).expand(values.shape)
+    out = token_reward_gae(rewards, values, everywhere, gamma=gamma, lam=lambd, whiten=False)
+    return out.advantages, out.returns
+
+
+def normalize_advantages(advantages, action_mask, *, no_advantage_std_norm=False, eps=1e-8, process_group=None):
+    """OpenRLHF's normalisation of the GAE/REINFORCE advantages over the whole rollout batch.
+
+    ``advantages``, ``action_mask``: ``[B, A]`` tensors, or lists of them (one per experience,
+    possibly of different lengths: the statistics are over all of them together).
+    ``mean = sum(m A) / n``, ``var = sum(m (A - mean)^2) / n`` (biased), ``A = (A - mean) *
+    rsqrt(var + eps)``; ``no_advantage_std_norm=True`` only subtracts the mean. With
+    ``process_group`` the statistics are those of every rank (all-reduced on the device).
+    Returns the same structure, float32, 0 at masked positions.
+    """
+    is_list = isinstance(advantages, (list, tuple))
+    advs = list(advantages) if is_list else [advantages]
+    masks = list(action_mask) if is_list else [action_mask]
+    if len(advs) != len(masks):
+        raise ValueError(f"{len(advs)} advantage tensors but {len(masks)} action masks")
+    if not advs:
+        return []
+    for i, (a, m) in enumerate(zip(advs, masks)):
+        check_same_shape(f"advantages[{i}]", a, **{f"action_mask[{i}]": m})
+    flat = torch.cat([a.reshape(-1).float() for a in advs])
+    fmask = torch.cat([(m.reshape(-1) != 0) for m in masks])
+    if no_advantage_std_norm:
+        stats = torch.stack([(flat * fmask).sum(), fmask.sum().float()]).double()
+        if process_group is not None:
+            torch.distributed.all_reduce(stats, group=process_group)
+        mean = (stats[0] / stats[1].clamp(min=1)).float()
+        out = torch.where(fmask, flat - mean, torch.zeros_like(flat))
+    else:
+        out = rmk.masked_whiten(flat, fmask, shift_mean=True, unbiased=False, eps=eps, process_group=process_group)
+    pieces, start = [], 0
+    for a in advs:
+        pieces.append(out[start:start + a.numel()].reshape(a.shape))
+        start += a.numel()
+    return pieces if is_list else pieces[0]

@@ -1,0 +1,146 @@
+"""verl's PPO advantage and KL functions, backed by the fused ops.
+
+Replace the import and keep the calls::
+
+    # from verl.trainer.ppo.core_algos import compute_gae_advantage_return, kl_penalty
+    from rmkernels.integrations.verl import compute_gae_advantage_return, kl_penalty
+
+Same names, arguments and numbers as ``verl.trainer.ppo.core_algos`` (v0.9), computed by
+:func:`rmkernels.ppo_advantages` in one fused pass (no Python loop over the response
+length). ``import rmkernels.integrations.verl`` does not import verl.
+
+Where the numbers differ from verl's, on purpose:
+
+* positions where ``response_mask`` is 0 get advantage 0 and return 0. verl leaves
+  don't-care values there (the whitened advantage carried over from the next valid
+  token, and that advantage plus the value); every verl loss masks those positions.
+* a batch with at most one valid token gets zero advantages, where verl's
+  ``masked_whiten`` raises ``ValueError`` (the fused op never synchronises with the host
+  to look at the count).
+* outputs are float32 whatever the input dtype (verl keeps the input dtype); ``kl_penalty``
+  returns the inputs' dtype, as verl does.
+"""
+import torch
+
+import rmkernels as rmk
+from rmkernels.integrations._rl import (as_float, check_2d, check_same_shape, fused_kl, needs_grad,
+                                        straight_through, token_reward_gae)
+
+__all__ = ["compute_gae_advantage_return", "kl_penalty", "kl_penalty_forward", "KL_PENALTIES",
+           "AdaptiveKLController", "FixedKLController", "get_kl_controller"]
+
+# verl's names -> the fused op's estimator. verl's "k3" is its "low_var_kl" (k3 of the log
+# ratio clamped to +-20, the result clamped to +-10); the fused op's "low_var_kl" is exactly that.
+_FUSED_ESTIMATOR = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "low_var_kl",
+                    "k3": "low_var_kl"}
+KL_PENALTIES = tuple(_FUSED_ESTIMATOR) + tuple(k + "+" for k in _FUSED_ESTIMATOR)
+
+
+def compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam):
+    """verl's GAE (``AdvantageEstimator.GAE``): mask-aware recurrence, whitened advantages.
+
+    Args:
+        token_level_rewards: ``[bs, response_length]`` per-token rewards (the score at the
+            last valid token minus the KL penalty, as verl's ``apply_kl_penalty`` builds them).
+        values: ``[bs, response_length]`` critic values.
+        response_mask: ``[bs, response_length]``, 1 at tokens the policy generated; 0 after
+            EOS and at observation/tool tokens inside a multi-turn response (skipped: the
+            recurrence goes from one valid token to the next).
+        gamma, lam: floats (or 1-element tensors).
+
+    Returns:
+        ``(advantages, returns)``, float32 ``[bs, response_length]``: the advantages whitened
+        over every valid token of the batch (unbiased variance, eps 1e-8), the returns
+        ``A + V`` before whitening; both 0 where ``response_mask`` is 0.
+    """
+    check_2d("token_level_rewards", token_level_rewards)
+    check_same_shape("token_level_rewards", token_level_rewards, values=values, response_mask=response_mask)
+    out = token_reward_gae(token_level_rewards, values, response_mask, gamma=as_float("gamma", gamma),
+                           lam=as_float("lam", lam), whiten=True, unbiased=True, shift_mean=True)
+    return out.advantages, out.returns
+
+
+def _parse(kl_penalty):
+    if not isinstance(kl_penalty, str):
+        raise TypeError(f"kl_penalty must be a str, one of {KL_PENALTIES}, got {type(kl_penalty).__name__}")
+    straight = kl_penalty.endswith("+")
+    base = kl_penalty[:-1] if straight else kl_penalty
+    if base == "full":
+        raise NotImplementedError("kl_penalty='full' needs the logits of the whole vocabulary (verl does not "
+                                  "implement it either)")
+    if base not in _FUSED_ESTIMATOR:
+        raise NotImplementedError(f"kl_penalty must be one of {KL_PENALTIES}, got {kl_penalty!r}")
+    return base, straight
+
+
+def _torch_forward(logprob, ref_logprob, base):
+    """verl's forward estimators as differentiable torch ops (the gradient path)."""
+    if base in ("kl", "k1"):
+        return logprob - ref_logprob
+    if base == "abs":
+        return (logprob - ref_logprob).abs()
+    if base in ("mse", "k2"):
+        return 0.5 * (logprob - ref_logprob).square()
+    kl = torch.clamp(ref_logprob - logprob, min=-20, max=20)
+    return torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+
+
+def kl_penalty_forward(logprob, ref_logprob, kl_penalty):
+    """verl's ``kl_penalty_forward``: the value of the estimator (``"+"`` suffix ignored), with
+    the gradient of that estimator."""
+    base, _ = _parse(kl_penalty)
+    return _kl(logprob, ref_logprob, base, straight=False)
+
+
+def kl_penalty(logprob, ref_logprob, kl_penalty):
+    """verl's per-token KL estimate between the policy and the reference, any shape.
+
+    ``kl_penalty``: ``"kl"``/``"k1"`` = log p - log q; ``"abs"``; ``"mse"``/``"k2"`` =
+    0.5 (log p - log q)^2; ``"low_var_kl"``/``"k3"`` = Schulman's k3 with the log ratio
+    clamped to +-20 and the result to +-10. A trailing ``"+"`` (``"k3+"``, ``"k1+"``,
+    ``"abs+"``, ...) is verl's straight-through form: the value of the estimator, the gradient
+    of k2 (unbiased for the KL's gradient) -- for use as a loss (``use_kl_loss``).
+
+    The value comes from the fused op; when an input requires grad, the gradient is that of
+    verl's formula (of k2 for the ``"+"`` forms), so the KL loss trains as in verl.
+    """
+    base, straight = _parse(kl_penalty)
+    return _kl(logprob, ref_logprob, base, straight=straight and base not in ("mse", "k2"))
+
+
+def _kl(logprob, ref_logprob, base, *, straight):
+    if not isinstance(logprob, torch.Tensor) or not isinstance(ref_logprob, torch.Tensor):
+        raise TypeError("logprob and ref_logprob must be torch.Tensors, got "
+                        f"{type(logprob).__name__} and {type(ref_logprob).__name__}")
+    check_same_shape("logprob", logprob, ref_logprob=ref_logprob)
+    dtype = torch.result_type(logprob, ref_logprob)
+    value = fused_kl(logprob, ref_logprob, _FUSED_ESTIMATOR[base]).to(dtype)
+    if not needs_grad(logprob, ref_logprob):
+        return value
+    if straight:
+        g = 0.5 * (logprob - ref_logprob).square()
+    else:
+        g = _torch_forward(logprob, ref_logprob, base)
+    return straight_through(value, g)
+
+
+class AdaptiveKLController(rmk.AdaptiveKLController):
+    """verl's ``AdaptiveKLController(init_kl_coef, target_kl, horizon)`` (Ziegler et al.):
+    ``rmk.AdaptiveKLController`` under verl's argument names; ``.value`` is the coefficient."""
+
+    def __init__(self, init_kl_coef, target_kl, horizon):
+        super().__init__(init_kl_coef, target_kl, horizon)
+
+
+class FixedKLController(rmk.FixedKLController):
+    """verl's ``FixedKLController(kl_coef)``."""
+
+
+def get_kl_controller(kl_ctrl):
+    """verl's factory: ``kl_ctrl.type`` is ``"fixed"`` (``kl_coef``) or ``"adaptive"``
+    (``kl_coef``, ``target_kl``, ``horizon``)."""
+    if kl_ctrl.type == "fixed":
+        return FixedKLController(kl_coef=kl_ctrl.kl_coef)
+    if kl_ctrl.type == "adaptive":
+        return AdaptiveKLController(init_kl_coef=kl_ctrl.kl_coef, target_kl=kl_ctrl.target_kl, horizon=kl_ctrl.horizon)
+    raise NotImplementedError(f"kl_ctrl.type must be 'fixed' or 'adaptive', got {kl_ctrl.type!r}")

@@ -1,0 +1,452 @@
+"""GPU readiness without a GPU: what can be proven on a CPU-only machine about the GPU paths.
+
+1. Triton ahead-of-time compile. Every public function is driven with backend="triton" on CPU
+   tensors while ``JITFunction.run`` is replaced by a recorder: the host wrappers run for real
+   (shape logic, allocation, argument packing), and each launch they make is captured with
+   the exact signature, constexprs and specialization attributes that Triton's own binder
+   computes for a CUDA target (pointer dtypes, int32/int64 scalars, ints equal to 1,
+   16-divisibility). A covering subset of the distinct launches is then compiled with
+   ``triton.compile`` through cubin (the ptxas bundled in the triton wheel) for sm_90 and
+   sm_80, plus each kernel once with every int argument as int64 (tensors past 2^31
+   elements); RMKERNELS_AOT_ALL=1 compiles every distinct launch.
+   No driver is touched, and this process must not have TRITON_INTERPRET=1. This catches the
+   type errors the interpreter lets through (int32/int64 mixes, fp64 scalars, dtype
+   constexprs, loops with runtime bounds) and the launch grids are checked against CUDA's
+   limits (y, z <= 65535).
+   Adding a kernel: give its op's public functions a few calls in ``_drive_<module>`` below;
+   ``test_every_triton_kernel_is_launched`` fails until every @triton.jit function of
+   ``rmkernels/triton/*.py`` is reached by a recorded launch.
+2. The torch bindings of the CUDA kernels (csrc/cuda/*_binding.cpp, compiled only in a CUDA
+   build) compile with the host compiler against this torch's headers and the CUDA toolkit's.
+"""
+import glob
+import importlib
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRITON_MODULES = sorted(os.path.splitext(os.path.basename(p))[0]
+                        for p in glob.glob(os.path.join(ROOT, "rmkernels", "triton", "*.py"))
+                        if not p.endswith("__init__.py"))
+# CUDA's launch limits (compute capability >= 3.0).
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+# Under TRITON_INTERPRET=1 (set before import) @triton.jit makes interpreted functions that
+# cannot be compiled: .ci/run runs this file in the main process, where it is not set.
+needs_compiled_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
+                                           reason="the AOT compile needs the compiled (non-interpreted) Triton: "
+                                       "run it in the main pytest process, without TRITON_INTERPRET=1")
+
+
+# ---------------------------------------------------------------------------------------
+# Recording the launches of the host wrappers
+# ---------------------------------------------------------------------------------------
+class Launch:
+    def __init__(self, fn, signature, constexprs, attrs, kwargs, grid):
+        self.fn, self.signature, self.constexprs, self.attrs = fn, signature, constexprs, attrs
+        # The launch options given (num_warps...): parsed again by each target's backend,
+        # since parsed options name the arch (sm90 options would make sm_80 code use sm_90
+        # instructions).
+        self.kwargs = {k: v for k, v in kwargs.items() if k not in signature}
+        self.grid = grid
+
+    @property
+    def name(self):
+        return f"{self.fn.module}.{self.fn.__name__}"
+
+    def key(self):
+        return (self.name, repr(self.signature), repr(sorted(self.constexprs.items())),
+                repr(sorted(self.attrs.items())))
+
+    def describe(self):
+        sig = ", ".join(f"{k}: {v}" for k, v in self.signature.items() if v != "constexpr")
+        cst = ", ".join(f"{self.fn.arg_names[p[0]]}={v}" for p, v in self.constexprs.items())
+        return f"{self.name}({sig}; {cst}) grid={self.grid}"
+
+
+def _recorder(launches):
+    import triton.runtime.jit as jit
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binders = {}
+
+    def run(self, *args, grid, warmup, **kwargs):
+        # What JITFunction.run does before it asks the driver for anything.
+        kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        if self not in binders:
+            binders[self] = jit.create_function_from_signature(self.signature, self.params, backend)
+        bound_args, specialization, options = binders[self](*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
+        if callable(grid):
+            grid = grid(bound_args)
+        grid = tuple(int(g) for g in grid)
+        launches.append(Launch(self, signature, constexprs, attrs, kwargs, grid))
+        return None
+
+    return run
+
+
+def _drive_pooling(rmk):
+    """Every launch configuration of rmkernels/triton/pooling.py."""
+    B, T, H = 3, 37, 80
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for packed, has_bias, grads in itertools.product((False, True), (False, True),
+                                                         ((True, True, True), (True, False, False),
+                                                          (False, True, False), (False, False, True))):
+            gh, gw, gb = grads
+            if gb and not has_bias:
+                continue
+            h = torch.randn(7 * B if packed else B, *(() if packed else (T,)), H, dtype=dt, requires_grad=gh)
+            w = torch.randn(2, H, dtype=dt, requires_grad=gw)
+            bias = torch.randn(2, dtype=dt, requires_grad=gb) if has_bias else None
+            if packed:
+                r = rmk.last_token_reward(h, w, bias, cu_seqlens=torch.tensor([0, 5, 12, 21]), backend="triton")
+            else:
+                r = rmk.last_token_reward(h, w, bias, lengths=torch.tensor([T, 5, 1]), backend="triton")
+            r.sum().backward()
+    for mdt in (torch.bool, torch.int64, torch.int32, torch.uint8, torch.float32):
+        mask = torch.ones(B, T, dtype=mdt)
+        rmk.last_token_index(mask, backend="triton")
+        rmk.last_token_reward(torch.randn(B, T, H), torch.randn(1, H), attention_mask=mask, backend="triton")
+    # Strided hidden states (a view: stride_t = 2H), K > 65535 (a last-token LM head).
+    big = torch.randn(B, T, 2 * H)[:, :, :H]
+    rmk.last_token_reward(big, torch.randn(1, H), lengths=torch.tensor([T, 1, 2]), backend="triton")
+    h = torch.randn(B, T, 16, requires_grad=True)
+    w = torch.randn(70000, 16, requires_grad=True)
+    rmk.last_token_reward(h, w, torch.randn(70000, requires_grad=True), lengths=torch.tensor([T, 1, 2]),
+                          backend="triton").sum().backward()
+
+
+def _drive_bt_loss(rmk):
+    """Every launch configuration of rmkernels/triton/bt_loss.py."""
+    B = 41
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for reduction, margin, weights, center, grads in itertools.product(
+                ("none", "mean", "sum"), (None, 0.5, "tensor"), (None, "tensor"), (0.0, 0.01),
+                ((True, True), (True, False), (False, True))):
+            c = torch.randn(B, dtype=dt, requires_grad=grads[0])
+            r = torch.randn(B, dtype=dt, requires_grad=grads[1])
+            m = torch.rand(B, dtype=dt) if margin == "tensor" else margin
+            w = torch.rand(B, dtype=dt) if weights == "tensor" else None
+            loss = rmk.bradley_terry_loss(c, r, margin=m, weights=w, center_coef=center, label_smoothing=0.1,
+                                          reduction=reduction, backend="triton")
+            loss.sum().backward()
+        # [B, 1] columns of a [B, 2] tensor: strided chosen / rejected.
+        both = torch.randn(B, 2, dtype=dt, requires_grad=True)
+        rmk.bradley_terry_loss(both[:, :1], both[:, 1:], backend="triton").backward()
+        for nc in (None, torch.tensor([4, 2, 0, 1, 3])):
+            x = torch.randn(5, 4, dtype=dt, requires_grad=True)
+            rmk.ranking_loss(x, num_candidates=nc, backend="triton").backward()
+        x = torch.randn(3, 40, dtype=dt, requires_grad=True)  # K > MAX_BLOCK_K: several tiles
+        rmk.ranking_loss(x, backend="triton").backward()
+        h = torch.randn(2 * B, 9, 48, dtype=dt, requires_grad=True)
+        w = torch.randn(1, 48, dtype=dt, requires_grad=True)
+        loss, _, _ = rmk.pairwise_reward_loss(h, w, lengths=torch.full((2 * B,), 9), backend="triton")
+        loss.backward()
+
+
+def _drive_ppo(rmk):
+    """Every launch configuration of rmkernels/triton/ppo.py: each KL estimator, whitening
+    options, the segmented long-row path (FORCE_SEGMENT_T, which on a GPU short batches of
+    long rows take), 2-D and 3-D masked_whiten."""
+    from rmkernels.triton import ppo as tppo
+
+    B, T = 3, 40
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        lp, ref, v = (torch.randn(B, T, dtype=dt) for _ in range(3))
+        scores, mask = torch.randn(B), torch.rand(B, T) > 0.3
+        for est, (whiten, shift, unbiased), seg in itertools.product(
+                ("k1", "abs", "k2", "k3"), ((True, True, True), (True, False, False), (False, True, True)),
+                (None, 16)):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(tppo, "FORCE_SEGMENT_T", seg)
+                rmk.ppo_advantages(lp, ref, v, scores, mask, kl_coef=0.05, gamma=0.99, lam=0.95, kl_estimator=est,
+                                   kl_clamp=10.0, score_clip=5.0, whiten=whiten, shift_mean=shift,
+                                   unbiased=unbiased, backend="triton")
+        # Strided inputs (columns of a wider tensor), an int mask.
+        wide = torch.randn(B, 2 * T, dtype=dt)
+        rmk.ppo_advantages(wide[:, :T], wide[:, T:], v, scores, mask.long(), kl_coef=0.1, backend="triton")
+        for shift, unbiased in itertools.product((True, False), (True, False)):
+            rmk.masked_whiten(torch.randn(B, T, dtype=dt), mask, shift_mean=shift, unbiased=unbiased,
+                              backend="triton")
+        rmk.masked_whiten(torch.randn(2, 5, 7, dtype=dt), torch.ones(2, 5, 7), backend="triton")
+
+
+def _drive(module, rmk):
+    driver = globals().get(f"_drive_{module}")
+    assert driver is not None, (
+        f"rmkernels/triton/{module}.py has no launch driver: add _drive_{module}(rmk) to "
+        f"tests/test_gpu_readiness.py, calling the op's public functions with backend='triton' on every "
+        f"dtype and option that selects a different kernel or constexpr")
+    driver(rmk)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """{module: [Launch]} of every triton module, recorded with the data checks off (the
+    recorder runs nothing, so the outputs hold garbage)."""
+    pytest.importorskip("triton")
+    import triton.runtime.jit as jit
+
+    import rmkernels as rmk
+    from rmkernels import _backend, _checks
+
+    mp = pytest.MonkeyPatch()
+    launches = {}
+    try:
+        real_why_not = _backend._why_not
+        mp.setattr(_backend, "_why_not",
+                   lambda name, dev: None if name == "triton" else real_why_not(name, dev))
+        mp.setattr(_checks, "data_checks_enabled", lambda device: False)
+        for module in TRITON_MODULES:
+            launches[module] = []
+            mp.setattr(jit.JITFunction, "run", _recorder(launches[module]))
+            _drive(module, rmk)
+    finally:
+        mp.undo()
+    return launches
+
+
+def _jit_functions(module):
+    import triton.runtime.jit as jit
+
+    mod = importlib.import_module(f"rmkernels.triton.{module}")
+    return {name: fn for name, fn in vars(mod).items() if isinstance(fn, jit.JITFunction)}
+
+
+def _reached(launched, fns):
+    """Names of the jit functions reached from the launched kernels (helpers they call)."""
+    import triton.runtime.jit as jit
+
+    seen, todo = set(), list(launched)
+    while todo:
+        fn = todo.pop()
+        if fn.__name__ in seen:
+            continue
+        seen.add(fn.__name__)
+        for name in fn.fn.__code__.co_names:
+            callee = fn.fn.__globals__.get(name)
+            if isinstance(callee, jit.JITFunction):
+                todo.append(callee)
+    return seen & set(fns)
+
+
+def test_there_are_triton_modules():
+    assert TRITON_MODULES, "no rmkernels/triton/*.py found"
+
+
+@needs_compiled_triton
+def test_every_triton_kernel_is_launched(recorded):
+    for module in TRITON_MODULES:
+        fns = _jit_functions(module)
+        launched = {l.fn for ls in recorded.values() for l in ls}
+        missing = set(fns) - _reached(launched, fns)
+        assert not missing, (f"rmkernels/triton/{module}.py: @triton.jit functions {sorted(missing)} are never "
+                             f"launched by _drive_{module} (and not called by a launched kernel): extend it")
+
+
+@needs_compiled_triton
+def test_launch_grids_fit_cuda_limits(recorded):
+    bad = [l.describe() for ls in recorded.values() for l in ls
+           if len(l.grid) > 3 or any(g > m for g, m in zip(l.grid, MAX_GRID)) or any(g < 1 for g in l.grid)]
+    assert not bad, "launch grids outside CUDA's limits (x < 2^31, y, z <= 65535, each >= 1):\n" + "\n".join(bad)
+
+
+class _Wide(Launch):
+    """`launch` with every int32 argument passed as int64, as Triton does for values >= 2^31."""
+
+    def __init__(self, launch):
+        super().__init__(launch.fn, {k: ("i64" if v == "i32" else v) for k, v in launch.signature.items()},
+                         launch.constexprs, launch.attrs, launch.kwargs, launch.grid)
+
+    def describe(self):
+        return super().describe() + " [every int argument as i64: tensors past 2^31 elements]"
+
+
+def _features(launch, pairwise):
+    """What a compile of `launch` exercises: each parameter's type, each constexpr's value, and
+    with `pairwise` each constexpr flag value together with the class of the pointer dtypes
+    (fp64 + a flag...); block sizes are not paired (they change layouts, not types)."""
+    cst = {launch.fn.arg_names[p[0]]: repr(v) for p, v in launch.constexprs.items()}
+    f = {("sig", k, v) for k, v in launch.signature.items() if v != "constexpr"} | {("cst", k, v) for k, v in cst.items()}
+    if pairwise:
+        # The dtype class of the float pointers: fp64 (fp64 arithmetic meets fp32 scalars),
+        # 16-bit (conversions on load/store; bf16 and fp16 each still appear in a single
+        # feature), or fp32.
+        ptrs = {v for v in launch.signature.values() if v in ("*fp64", "*bf16", "*fp16")}
+        cls = "fp64" if "*fp64" in ptrs else "16-bit" if ptrs else "fp32"
+        f |= {("class+cst", cls, k, v) for k, v in cst.items() if not k.startswith("BLOCK")}
+    return f
+
+
+def _covering(launches, pairwise):
+    """A few launches per kernel such that every feature seen (see _features) is compiled."""
+    by_kernel = {}
+    for l in launches:
+        by_kernel.setdefault(l.name, []).append(l)
+    chosen = []
+    for ls in by_kernel.values():
+        need = set().union(*(_features(l, pairwise) for l in ls))
+        while need:
+            best = max(ls, key=lambda l: len(_features(l, pairwise) & need))
+            chosen.append(best)
+            need -= _features(best, pairwise)
+    return chosen
+
+
+def _unique(launches):
+    out = {}
+    for l in launches:
+        out.setdefault(l.key(), l)
+    return list(out.values())
+
+
+# Runs in a child process: an LLVM error aborts the process (no exception), which must not
+# take pytest down with it. Reads [(module, kernel, signature, constexprs, attrs, kwargs,
+# arch)] pickled on stdin; prints one line per compile.
+_COMPILE_CHILD = r"""
+import importlib, pickle, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+for i, (module, name, signature, constexprs, attrs, kwargs, arch) in enumerate(pickle.load(sys.stdin.buffer)):
+    print(f"START {i}", flush=True)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+        target = GPUTarget("cuda", arch, 32)
+        options = make_backend(target).parse_options(dict(kwargs))
+        k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        assert f".target sm_{arch}" in k.asm["ptx"], "PTX for the wrong target"
+        assert k.asm.get("cubin"), "no cubin"
+        print(f"OK {i}", flush=True)
+    except Exception as e:
+        msg = (type(e).__name__ + ": " + str(e)[:1500]).replace(chr(10), chr(10) + "      ")
+        print(f"FAIL {i} {msg}", flush=True)
+"""
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("module", TRITON_MODULES)
+def test_triton_kernels_compile_for_sm80_and_sm90(module, recorded, tmp_path):
+    """Through cubin (ptxas from the triton wheel), in a child process without
+    TRITON_INTERPRET and with an empty cache: for sm_90 launches that cover every parameter
+    type and every constexpr flag value with each class of pointer dtypes; for sm_80
+    every parameter type and constexpr value. RMKERNELS_AOT_ALL=1 compiles every distinct
+    launch for both (minutes)."""
+    import pickle
+
+    # The launches of this module's kernels, whichever driver made them (pairwise_reward_loss
+    # launches the pooling kernels).
+    launches = _unique([l for ls in recorded.values() for l in ls if l.fn.module == f"rmkernels.triton.{module}"])
+    assert launches, f"no launches recorded for {module}"
+    if os.environ.get("RMKERNELS_AOT_ALL", "0") == "1":
+        plan = [(l, arch) for arch in (90, 80) for l in launches]
+    else:
+        plan = [(l, 90) for l in _covering(launches, True)] + [(l, 80) for l in _covering(launches, False)]
+    # Huge tensors: an int argument >= 2^31 (a size, a stride, an offset) is passed as i64.
+    # Every kernel once with all its int arguments i64 (the sm_90 covering launch with the
+    # most of them), which catches loop-carried int32/int64 mismatches that only huge inputs
+    # reach.
+    for name in sorted({l.name for l in launches}):
+        ls = [l for l in _covering(launches, True) if l.name == name]
+        base = max(ls, key=lambda l: sum(v == "i32" for v in l.signature.values()))
+        if any(v == "i32" for v in base.signature.values()):
+            plan.append((_Wide(base), 90))
+    jobs = [(l.fn.module, l.fn.__name__, l.signature, l.constexprs, l.attrs, l.kwargs, arch) for l, arch in plan]
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))  # compile for real, not from a cache
+    env.pop("TRITON_INTERPRET", None)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHILD], input=pickle.dumps(jobs), capture_output=True,
+                          cwd=ROOT, env=env)
+    out = proc.stdout.decode(errors="replace")
+    done = {int(line.split()[1]) for line in out.splitlines() if line.startswith(("OK ", "FAIL "))}
+    failures = [f"sm_{plan[int(line.split()[1])][1]}: {plan[int(line.split()[1])][0].describe()}\n    "
+                + line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("FAIL ")]
+    if len(done) < len(plan):
+        started = [int(line.split()[1]) for line in out.splitlines() if line.startswith("START ")]
+        crashed = plan[started[-1]] if started and started[-1] not in done else None
+        failures.append(f"the compiler process died (exit {proc.returncode})"
+                        + (f" compiling sm_{crashed[1]}: {crashed[0].describe()}" if crashed else "")
+                        + "\n    " + proc.stderr.decode(errors="replace")[-3000:])
+    assert not failures, f"{len(failures)}/{len(plan)} Triton compiles failed:\n" + "\n".join(failures)
+    print(f"{module}: {len(plan)} compiles of {len(launches)} distinct launches in {time.time() - t0:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------
+# The torch bindings of the CUDA kernels, compiled with the host compiler
+# ---------------------------------------------------------------------------------------
+CUDA_HOME = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+CUDA_INCLUDE = os.path.join(CUDA_HOME, "include")
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+BINDINGS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_binding.cpp")))
+# module.cpp has a branch only the CUDA build compiles (RMKERNELS_WITH_CUDA).
+CUDA_BUILD_CPP = BINDINGS + [os.path.join(ROOT, "csrc", "module.cpp")]
+# Generated by torch's CMake only in CUDA builds, so a CPU-only wheel lacks it (c10/cuda/
+# CUDAMacros.h includes it). Its content in the CUDA wheels is exactly this one define
+# (shared-library exports); nothing the bindings use depends on it.
+CUDA_CMAKE_MACROS = ("#pragma once\n"
+                     "// Stub of the header torch's CMake generates in CUDA builds (absent from CPU-only wheels).\n"
+                     "#define C10_CUDA_BUILD_SHARED_LIBS\n")
+
+
+def test_there_are_cuda_bindings():
+    assert BINDINGS, "no csrc/cuda/*_binding.cpp found"
+
+
+def _binding_cmd(src, stub_dir):
+    from torch.utils.cpp_extension import include_paths
+
+    incs = [stub_dir, *include_paths(), CUDA_INCLUDE, os.path.join(ROOT, "csrc", "include"),
+            os.path.join(ROOT, "csrc", "cuda"), sysconfig.get_paths()["include"]]
+    # The flags and macros setup.py gives the .cpp files of the CUDA build (cxx: -O3
+    # -std=c++17 -fopenmp; RMKERNELS_WITH_CUDA, RMKERNELS_CUDA_ARCHS), minus code generation,
+    # plus warnings (reported for our files only: torch's own are not ours).
+    return ([CXX, "-std=c++17", "-fopenmp", "-fsyntax-only", "-Wall", "-DTORCH_API_INCLUDE_EXTENSION_H",
+             "-DTORCH_EXTENSION_NAME=_C", "-DRMKERNELS_WITH_CUDA=1", '-DRMKERNELS_CUDA_ARCHS="8.0;9.0"']
+            + [f"-I{p}" for p in incs] + [src])
+
+
+def _our_diagnostics(stderr):
+    csrc = os.path.join(ROOT, "csrc")
+    return [line for line in stderr.splitlines()
+            if (": error" in line or ": fatal error" in line) or (line.startswith(csrc) and ": warning" in line)]
+
+
+@pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++/c++) found")
+@pytest.mark.skipif(not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime_api.h")),
+                    reason=f"CUDA toolkit headers not found in {CUDA_INCLUDE} (set CUDA_HOME): the bindings include them")
+def test_cuda_bindings_compile_with_host_compiler(tmp_path):
+    """csrc/cuda/*_binding.cpp (and module.cpp's CUDA branch), which only a CUDA build
+    compiles, parse and type-check with
+    g++ against this torch's headers + the CUDA toolkit's: every at::/c10::cuda:: call, the
+    launcher signatures of the .cuh files, the op registrations. All files in one
+    translation unit first (torch's headers are parsed once); if that fails, each file alone,
+    so that a name shared by two files' anonymous namespaces is not mistaken for an error."""
+    stub = tmp_path / "stub"
+    (stub / "c10" / "cuda" / "impl").mkdir(parents=True)
+    (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text(CUDA_CMAKE_MACROS)
+    together = tmp_path / "all_bindings.cpp"
+    together.write_text("".join(f'#include "{p}"\n' for p in CUDA_BUILD_CPP))
+    proc = subprocess.run(_binding_cmd(str(together), str(stub)), capture_output=True, text=True)
+    if proc.returncode == 0 and not _our_diagnostics(proc.stderr):
+        return
+    failures = []
+    for src in CUDA_BUILD_CPP:
+        proc = subprocess.run(_binding_cmd(src, str(stub)), capture_output=True, text=True)
+        diags = _our_diagnostics(proc.stderr)
+        if proc.returncode != 0 or diags:
+            failures.append(f"{os.path.basename(src)} (exit {proc.returncode}):\n" + "\n".join(diags[:30])
+                            + ("" if diags else proc.stderr[-3000:]))
+    assert not failures, "CUDA bindings do not compile with the host compiler:\n" + "\n\n".join(failures)

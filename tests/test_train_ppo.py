@@ -1,0 +1,181 @@
+"""End-to-end tests of `rmkernels-train ppo` on CPU: a short run raises the reward model's
+score with a finite KL, resume continues exactly, bad input stops with a message, and a
+2-process torchrun (gloo) run whitens the advantages across ranks and ends in sync."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from rmkernels_train import ppo_core as core  # noqa: E402
+from rmkernels_train.ppo import main  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--threads", "1", "--no-progress", "--no-plot"]
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def reward_model(tmp_path_factory):
+    """A small reward model trained by `rmkernels-train reward` on the built-in sorting task."""
+    from rmkernels_train.reward import main as reward_main
+
+    out = tmp_path_factory.mktemp("rm")
+    rc = reward_main(["--output-dir", str(out), "--hidden-size", "32", "--layers", "2",
+                      "--default-train-pairs", "1600", "--batch-size", "32", "--threads", "1",
+                      "--no-progress", "--no-plot", "--eval-every", "1000", "--seed", "1"])
+    assert rc == 0
+    with open(out / "final.json") as f:
+        return json.load(f)["checkpoint"]
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------
+def test_ppo_losses_match_their_formulas():
+    B, T = 5, 7
+    lp, old, adv, mask = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T), torch.rand(B, T) > 0.3
+    loss, clipfrac, _ = core.ppo_policy_loss(lp, old, adv, mask, 0.2)
+    r = (lp - old).exp()
+    per = torch.maximum(-adv * r, -adv * r.clamp(0.8, 1.2))
+    assert torch.allclose(loss, per[mask].mean())
+    assert torch.allclose(clipfrac, ((-adv * r.clamp(0.8, 1.2)) > (-adv * r))[mask].float().mean())
+    v, v_old, ret = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
+    vloss, _ = core.ppo_value_loss(v, v_old, ret, mask, 0.1)
+    vc = v_old + (v - v_old).clamp(-0.1, 0.1)
+    assert torch.allclose(vloss, 0.5 * torch.maximum((v - ret) ** 2, (vc - ret) ** 2)[mask].mean())
+
+
+def test_generate_masks_stop_at_first_eos():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    policy = LlamaForCausalLM(cfg)
+    ids, mask = core.left_pad([[2, 3, 4], [2, 5]], 0)
+    assert ids.tolist() == [[2, 3, 4], [0, 2, 5]] and mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    for _ in range(5):
+        roll = core.generate(policy, ids, mask, max_new_tokens=6, eos_token_id=1, pad_token_id=0)
+        resp = roll.sequences[:, 3:]
+        assert resp.shape == (2, 6)
+        for b in range(2):
+            row, m = resp[b].tolist(), roll.response_mask[b].tolist()
+            end = row.index(1) + 1 if 1 in row else 6
+            assert m == [1] * end + [0] * (6 - end)
+            assert all(t == 0 for t in row[end:])
+    # log-probs from one forward pass over the finished sequences (positions as generate numbers them)
+    lp = core.policy_logprobs(policy, roll)
+    assert lp.shape == (2, 6) and (lp <= 0).all()
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+def test_short_run_raises_the_score(reward_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["--reward-model", reward_model, "--output-dir", str(out), "--steps", "30", "--batch-size", "24",
+               "--adaptive-kl", "--kl-target", "4", "--kl-horizon", "500", "--threads", "1", "--no-progress"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    recs = _records(out / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, 31))
+    first, last = [r["score"] for r in recs[:6]], [r["score"] for r in recs[-6:]]
+    rise = statistics.mean(last) - statistics.mean(first)
+    noise = (statistics.stdev(first) + statistics.stdev(last)) / 2  # step-to-step spread of the mean score
+    assert rise > max(0.2, 3 * noise), (f"the score did not rise: first 6 steps {first}, last 6 steps {last} "
+                                        f"(rise {rise:.3f}, step-to-step spread {noise:.3f})")
+    assert all(torch.isfinite(torch.tensor([r["kl"], r["kl_coef"], r["vf_loss"], r["pg_loss"]])).all() for r in recs)
+    assert recs[-1]["kl"] > 0
+    assert len({round(r["kl_coef"], 8) for r in recs}) > 1  # the adaptive controller moved
+    assert "mean reward-model score" in printed.out and "->" in printed.out
+    assert (out / "curves.png").stat().st_size > 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out / "policy")
+    AutoTokenizer.from_pretrained(out / "policy")
+
+
+def test_resume_continues_exactly(reward_model, tmp_path, capsys):
+    common = ["--reward-model", reward_model, "--batch-size", "8", "--max-new-tokens", "5", "--ppo-epochs", "2",
+              "--save-every", "100"] + FAST
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    assert main(common + ["--output-dir", str(a), "--steps", "4"]) == 0
+    assert main(common + ["--output-dir", str(b), "--steps", "2"]) == 0
+    assert main(common + ["--output-dir", str(b), "--steps", "4", "--resume"]) == 0
+    capsys.readouterr()
+    ra, rb = _records(a / "metrics.jsonl"), _records(b / "metrics.jsonl")
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb):
+        for k in ("score", "kl", "kl_coef", "pg_loss", "vf_loss"):
+            assert x[k] == y[k], f"step {x['step']}: {k} {x[k]} (straight) != {y[k]} (resumed)"
+    from safetensors.torch import load_file
+
+    wa = load_file(a / "checkpoint" / "policy" / "model.safetensors")
+    wb = load_file(b / "checkpoint" / "policy" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert main(common + ["--output-dir", str(b), "--steps", "6", "--resume", "--seed", "5"]) == 1
+    assert "--seed 0 -> 5" in capsys.readouterr().err
+
+
+def test_default_reward_model_dir_is_reused(reward_model, tmp_path, capsys):
+    """Without --reward-model the loop uses <output-dir>/reward_model (training it when absent)."""
+    out = tmp_path / "run"
+    (out / "reward_model").mkdir(parents=True)
+    (out / "reward_model" / "final.json").write_text(json.dumps({"checkpoint": reward_model}))
+    assert main(["--output-dir", str(out), "--steps", "1", "--batch-size", "4", "--ppo-epochs", "1"] + FAST) == 0
+    assert len(_records(out / "metrics.jsonl")) == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--reward-model", "/nonexistent"], "--reward-model /nonexistent: not a directory"),
+    (["--lam", "1.5"], "--lam must be in [0, 1]"),
+    (["--kl-coef", "-1"], "--kl-coef must be"),
+    (["--minibatches", "64", "--batch-size", "8"], "--minibatches"),
+    (["--prompts", "/nonexistent.jsonl"], "no such file"),
+    (["--backend", "fast"], "--backend must be one of"),
+])
+def test_bad_options_stop_with_a_message(argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_prompts_and_resume_without_checkpoint(reward_model, tmp_path, capsys):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "sort 12: "}\n{"text": "x"}\n')
+    assert main(["--reward-model", reward_model, "--prompts", str(bad), "--output-dir", str(tmp_path / "o")] + FAST) == 1
+    assert f"{bad}:2: each line needs" in capsys.readouterr().err
+    assert main(["--reward-model", reward_model, "--output-dir", str(tmp_path / "none"), "--resume"] + FAST) == 1
+    assert "--resume: no checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--kl-estimator", "k7"])
+
+
+def test_two_processes_whiten_across_ranks(reward_model, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rmkernels_train", "ppo", "--reward-model", reward_model, "--output-dir", str(out),
+           "--steps", "3", "--batch-size", "6", "--max-new-tokens", "5", "--ppo-epochs", "1"] + FAST
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es), parameters identical on every rank" in proc.stdout
+    recs = _records(out / "metrics.jsonl")
+    assert len(recs) == 3
+    for r in recs:
+        # whitened with the statistics of both ranks: mean 0 and (unbiased) variance 1 over the
+        # whole batch, while each rank's own share is off-centre
+        assert abs(r["adv_mean"]) < 1e-4 and abs(r["adv_var"] - 1) < 1e-3, r
+        assert len(r["adv_mean_per_rank"]) == 2
+    assert max(abs(m) for r in recs for m in r["adv_mean_per_rank"]) > 1e-3
