@@ -158,18 +158,6 @@ __global__ void ranking_bwd_kernel(const A* __restrict__ grad, const S* __restri
   }
 }
 
-// Calls f with a typed null pointer of the storage type of `dtype` and its accumulator.
-template <typename F> cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(static_cast<float*>(nullptr), static_cast<float*>(nullptr)); break;
-    case DType::kFloat64: f(static_cast<double*>(nullptr), static_cast<double*>(nullptr)); break;
-    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr), static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: f(static_cast<__half*>(nullptr), static_cast<float*>(nullptr)); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
-
 // Cap of the grid-stride launches: 8 blocks per SM on a 132-SM H100 covers B in one wave
 // up to ~270k pairs; beyond that each thread takes several pairs.
 constexpr int64_t kMaxBlocks = 1056;
@@ -184,7 +172,7 @@ cudaError_t launch_bt_loss_fwd(DType dtype, const BTPairs& pairs, Reduction redu
                                cudaStream_t stream) {
   if (reduction == Reduction::kNone && pairs.B == 0) return cudaSuccess;
   const unsigned int grid = reduction == Reduction::kNone ? stride_grid(pairs.B) : 1u;
-  return dispatch(dtype, [&](auto* tp, auto* ap) {
+  return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     bt_fwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(typed<S, A>(pairs), reduction, static_cast<A*>(loss));
@@ -196,7 +184,7 @@ cudaError_t launch_bt_loss_bwd(DType dtype, const BTPairs& pairs, Reduction redu
   if (pairs.B == 0 || (grad_chosen == nullptr && grad_rejected == nullptr)) return cudaSuccess;
   const bool single = reduction == Reduction::kMean && pairs.weights != nullptr;
   const unsigned int grid = single ? 1u : stride_grid(pairs.B);
-  return dispatch(dtype, [&](auto* tp, auto* ap) {
+  return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     bt_bwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(typed<S, A>(pairs), reduction, static_cast<const A*>(grad),
@@ -208,7 +196,7 @@ cudaError_t launch_ranking_loss_fwd(DType dtype, const void* rewards, const int6
                                     int64_t K, int64_t sB, int64_t sK, void* row_loss, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   const unsigned int grid = ceil_div(B, kRowsPerBlock);
-  return dispatch(dtype, [&](auto* tp, auto* ap) {
+  return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     ranking_fwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(rewards), num_candidates,
@@ -221,7 +209,7 @@ cudaError_t launch_ranking_loss_bwd(DType dtype, const void* grad_rows, const vo
                                     void* grad_rewards, cudaStream_t stream) {
   if (B == 0 || K == 0) return cudaSuccess;
   const unsigned int grid = ceil_div(B, kRowsPerBlock);
-  return dispatch(dtype, [&](auto* tp, auto* ap) {
+  return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     ranking_bwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(static_cast<const A*>(grad_rows),

@@ -95,18 +95,6 @@ __global__ void reward_bwd_params_kernel(const A* __restrict__ grad, const T* __
   }
 }
 
-// Calls f with a typed null pointer of the storage type of `dtype` and its accumulator.
-template <typename F> cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(static_cast<float*>(nullptr), static_cast<float*>(nullptr)); break;
-    case DType::kFloat64: f(static_cast<double*>(nullptr), static_cast<double*>(nullptr)); break;
-    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr), static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: f(static_cast<__half*>(nullptr), static_cast<float*>(nullptr)); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
-
 // Blocks along H in the grad_hidden kernel: enough to cover H = 8192 with 256 threads in one
 // pass while keeping B * this many blocks small for the usual B.
 constexpr unsigned int kHiddenBlocksY = 4;
@@ -136,7 +124,7 @@ cudaError_t launch_last_token_reward_fwd(DType dtype, const void* hidden, const 
                                          int64_t K, int64_t sB, int64_t sT, cudaStream_t stream) {
   if (B == 0 || K == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned int>(std::min<int64_t>(B * K, kMaxFwdBlocks)));
-  return dispatch(dtype, [&](auto* tp, auto* ap) {
+  return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     reward_fwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(
@@ -151,7 +139,7 @@ cudaError_t launch_last_token_reward_bwd_hidden(DType dtype, const void* grad, c
   if (B == 0 || H == 0) return cudaSuccess;
   const unsigned int gy = std::min<unsigned int>(kHiddenBlocksY, ceil_div(H, kThreads));
   const dim3 grid(static_cast<unsigned int>(B), gy);
-  return dispatch(dtype, [&](auto* tp, auto* ap) {
+  return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     reward_bwd_hidden_kernel<S, A><<<grid, kThreads, 0, stream>>>(
@@ -166,7 +154,7 @@ cudaError_t launch_last_token_reward_bwd_params(DType dtype, const void* grad, c
                                                 cudaStream_t stream) {
   if (grad_weight == nullptr && grad_bias == nullptr) return cudaSuccess;
   const dim3 grid(std::max(1u, ceil_div(H, kThreads)));
-  return dispatch(dtype, [&](auto* tp, auto* ap) {
+  return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     reward_bwd_params_kernel<S, A><<<grid, kThreads, 0, stream>>>(

@@ -386,19 +386,6 @@ __global__ void whiten_apply_kernel(const S* __restrict__ x, int64_t x0, int64_t
   }
 }
 
-// Calls f with a typed null pointer of the storage type of `dtype` and its accumulator.
-template <typename F>
-cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(static_cast<float*>(nullptr), static_cast<float*>(nullptr)); break;
-    case DType::kFloat64: f(static_cast<double*>(nullptr), static_cast<double*>(nullptr)); break;
-    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr), static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: f(static_cast<__half*>(nullptr), static_cast<float*>(nullptr)); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
-
 // Blocks per row of the element-wise apply: a 32768-long row in 8 blocks of 256 threads
 // (16 elements each); short rows use fewer.
 constexpr int64_t kApplyBlocksPerRow = 8;
@@ -419,7 +406,7 @@ cudaError_t launch_ppo_gae(DType dtype, Strided2D logprobs, Strided2D ref_logpro
   }
   const int64_t seg_len = n_seg > 1 ? segments.seg_len : (T > 0 ? T : 1);
   const dim3 grid(static_cast<unsigned int>(B), static_cast<unsigned int>(n_seg));
-  return dispatch(dtype, [&](auto* sp, auto* ap) {
+  return dispatch_dtype(dtype, [&](auto* sp, auto* ap) {
     using S = std::remove_pointer_t<decltype(sp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     auto launch = [&](auto mode) {
@@ -448,7 +435,7 @@ cudaError_t launch_masked_row_stats(DType dtype, Strided2D x, Strided2D mask, in
                                     cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned int>(B));
-  return dispatch(dtype, [&](auto* sp, auto*) {
+  return dispatch_dtype(dtype, [&](auto* sp, auto*) {
     using S = std::remove_pointer_t<decltype(sp)>;
     row_stats_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(x.ptr), x.s0, x.s1,
                                                        static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T,
@@ -460,7 +447,7 @@ cudaError_t launch_masked_centered_sq(DType dtype, Strided2D x, Strided2D mask, 
                                       const double* totals, double* out, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned int>(B));
-  return dispatch(dtype, [&](auto* sp, auto*) {
+  return dispatch_dtype(dtype, [&](auto* sp, auto*) {
     using S = std::remove_pointer_t<decltype(sp)>;
     centered_sq_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(x.ptr), x.s0, x.s1,
                                                          static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T,
@@ -474,7 +461,7 @@ cudaError_t launch_masked_whiten_apply(DType dtype, Strided2D x, Strided2D mask,
   if (B == 0 || T == 0) return cudaSuccess;
   const unsigned int gy = static_cast<unsigned int>(std::min<int64_t>(kApplyBlocksPerRow, ceil_div(T, kThreads)));
   const dim3 grid(static_cast<unsigned int>(B), gy);
-  return dispatch(dtype, [&](auto* sp, auto* ap) {
+  return dispatch_dtype(dtype, [&](auto* sp, auto* ap) {
     using S = std::remove_pointer_t<decltype(sp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     whiten_apply_kernel<S, A><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(x.ptr), x.s0, x.s1,

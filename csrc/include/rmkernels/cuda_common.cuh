@@ -81,6 +81,19 @@ template <typename T> __device__ __forceinline__ T block_max(T v, T* shared, T l
   return warp_max(v);
 }
 
+// Calls f with a typed null pointer of the storage type of `dtype` and one of its
+// accumulator type (float, double for kFloat64), then returns the launch's error.
+template <typename F> cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(static_cast<float*>(nullptr), static_cast<float*>(nullptr)); break;
+    case DType::kFloat64: f(static_cast<double*>(nullptr), static_cast<double*>(nullptr)); break;
+    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr), static_cast<float*>(nullptr)); break;
+    case DType::kFloat16: f(static_cast<__half*>(nullptr), static_cast<float*>(nullptr)); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 #endif  // __CUDACC__
 
 inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
