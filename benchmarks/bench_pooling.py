@@ -1,0 +1,99 @@
+"""Benchmark last-token value-head pooling (``rmk.last_token_reward``) against hf / torch /
+compile, forward, backward and full, on the named pooling shapes.
+
+    python benchmarks/bench_pooling.py [--shapes pool-s pool-l] [--quick]
+"""
+try:
+    from benchmarks import _path  # noqa: F401
+except ImportError:  # run as a script: benchmarks/ is sys.path[0]
+    import _path  # noqa: F401
+
+import torch
+
+from benchmarks import baselines, common, shapes
+
+OPS = ("pooling",)
+
+
+def make_inputs(shape, device, seed=0):
+    """hidden [B, T, H] and head weight [K, H] (requires grad, in the shape's dtype: HF keeps
+    the score head in the model dtype), no bias (Llama's score head has none), an int64
+    right-padded attention mask with lengths in [T/2, T] (row 0 full)."""
+    d = shape.dims
+    B, T, H, K = d["B"], d["T"], d["H"], d["K"]
+    g = torch.Generator().manual_seed(seed)
+    dt = shape.torch_dtype
+    hidden = torch.randn(B, T, H, generator=g).to(device, dt).requires_grad_()
+    weight = (torch.randn(K, H, generator=g) / H ** 0.5).to(device, dt).requires_grad_()
+    lengths = torch.randint(max(T // 2, 1), T + 1, (B,), generator=g)
+    lengths[0] = T
+    mask = (torch.arange(T)[None] < lengths[:, None]).long().to(device)
+    return (hidden, weight, None, mask)
+
+
+def bytes_moved(shape):
+    """The fewest bytes each mode must move: forward reads the B picked rows (not B*T*H),
+    the mask and the head, writes B*K rewards; backward writes grad_hidden once (B*T*H, zero
+    but at the picked rows), reads the picked rows again and writes grad_weight."""
+    d = shape.dims
+    B, T, H, K = d["B"], d["T"], d["H"], d["K"]
+    e = torch.tensor([], dtype=shape.torch_dtype).element_size()
+    fwd = B * H * e + B * T * 8 + K * H * e + B * K * 4
+    bwd = B * T * H * e + B * H * e + 2 * K * H * e + B * K * 4
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}
+
+
+def providers(device):
+    import rmkernels as rmk
+
+    def rmk_fn(be):
+        return lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m, backend=be)
+
+    p = {"hf": baselines.pooling_hf, "torch": baselines.pooling_torch, "compile": baselines.compiled("pooling")}
+    for be in common.rmk_backends(device):
+        p[f"rmk-{be}"] = rmk_fn(be)
+    reference = rmk_fn("reference")
+    return p, reference
+
+
+def run(op="pooling", device="cpu", shapes=None, quick=False, tiny=False, only=None, log=common.log):
+    rows = []
+    for shape in shapes_mod.for_op(op, device, shapes, tiny):
+        prov, ref = providers(device)  # fresh compile per shape
+        prov = common.select(prov, only)
+        inputs = make_inputs(shape, device)
+        rows += common.bench_shape(op, shape, prov, inputs, grad_idx=(0, 1), reference=ref, device=device,
+                                   bytes_per_mode=bytes_moved(shape), quick=quick, log=log)
+        if not only or FLOOR in only:
+            rows += write_floor(op, shape, inputs[0], device, quick)
+        del inputs
+    return rows
+
+
+shapes_mod = shapes
+FLOOR = "floor-write-grad"
+
+
+def write_floor(op, shape, hidden, device, quick):
+    """The time to allocate and write grad_hidden once (``torch.zeros_like(hidden)``): what
+    every backward must at least do (BENCHMARKS.md: pool-l fwd+bwd within 1.2x of it).
+    Rows with provider ``floor-write-grad``, modes backward and full."""
+    from benchmarks import timing
+    call = {FLOOR: lambda: torch.zeros_like(hidden)}
+    med, p20, p80 = timing.measure_interleaved(call, device=device, reps=3 if quick else 15,
+                                               max_time_s=1.0 if quick else 10.0)[FLOOR]
+    e = hidden.element_size()
+    nbytes = hidden.numel() * e
+    base = dict(op=op, shape=shape.name, dims=shape.dims_str(), dtype=shape.dtype, provider=FLOOR, unit="ms",
+                bytes=nbytes, note="torch.zeros_like(hidden): allocate + write grad_hidden once",
+                **common.env_fields(device))
+    rows = []
+    for mode in ("backward", "full"):
+        rows.append(dict(base, mode=mode, metric="call_ms", median=med, p20=p20, p80=p80))
+        if device == "cuda":
+            d = timing.device_time(call[FLOOR])
+            rows.append(dict(base, mode=mode, metric="device_ms", median=d[0], p20=d[1], p80=d[2]))
+    return rows
+
+if __name__ == "__main__":
+    common.standalone_main(__import__(__name__))

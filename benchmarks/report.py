@@ -1,0 +1,326 @@
+"""Tidy CSV in, markdown table and PNG plots out (everything drawn from the CSV rows)."""
+import csv
+import math
+import os
+
+from benchmarks.common import FIELDS
+
+PROVIDER_ORDER = ["hf", "torch", "compile", "rmk-cpu", "rmk-cuda", "rmk-triton", "floor-write-grad"]
+OP_ORDER = ["pooling", "bt", "pair", "gae", "e2e", "floor"]
+MODE_ORDER = ["forward", "backward", "full", "step", "check"]
+SHAPE_ORDER = ["pool-s", "pool-l", "bt-s", "bt-l", "pair-l", "gae-s", "gae-l", "gae-xl"]
+
+
+def _key(r):
+    def idx(lst, x):
+        return lst.index(x) if x in lst else len(lst)
+    return (idx(OP_ORDER, r["op"]), idx(SHAPE_ORDER, r["shape"]), r["shape"], idx(MODE_ORDER, r["mode"]),
+            idx(PROVIDER_ORDER, r["provider"]), r["provider"], r["metric"])
+
+
+def _num(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def read_csv(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("median", "p20", "p80", "bytes"):
+            r[k] = _num(r.get(k))
+    return rows
+
+
+def write_csv(rows, path, merge=True):
+    """Write `rows`; with `merge`, keep the rows of the file whose (op, shape) groups this run
+    did not measure (a group is always replaced whole, so its ratios stay same-run ratios)."""
+    old = read_csv(path) if merge else []
+    groups = {(r["op"], r["shape"]) for r in rows}
+    keep = [r for r in old if (r["op"], r["shape"]) not in groups]
+    allrows = sorted(keep + list(rows), key=_key)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in allrows:
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in FIELDS})
+    return allrows
+
+
+def _get(rows, **kw):
+    return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+
+
+def _val(rows, **kw):
+    m = _get(rows, **kw)
+    return m[0]["median"] if m else float("nan")
+
+
+def _fmt_ms(x):
+    if math.isnan(x):
+        return "-"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    if x >= 0.01:
+        return f"{x:.3f}"
+    return f"{x * 1e3:.1f} us"
+
+
+def _fmt_f(x, digits):
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _fmt_x(x):
+    if math.isnan(x) or math.isinf(x):
+        return "-"
+    return f"{x:.0f}x" if x >= 100 else f"{x:.1f}x" if x >= 10 else f"{x:.2f}x"
+
+
+def floors(rows):
+    """(copy GB/s, empty-launch ms) measured in the run, or (nan, nan) on a CPU."""
+    return _val(rows, op="floor", metric="copy_GBps"), _val(rows, op="floor", metric="launch_ms")
+
+
+def markdown(rows, title=None):
+    rows = sorted(rows, key=_key)
+    out = []
+    if title:
+        out += [f"# {title}", ""]
+    if rows:
+        r0 = rows[0]
+        out += [f"Device: **{r0['device_name']}** ({r0['device']}, {r0['threads']} threads, clock: "
+                f"{r0.get('clock', 'wall')}); torch {r0['torch']}; rmkernels {r0['rmkernels']}; {r0['date']}.", ""]
+    copy_gbps, launch_ms = floors(rows)
+    gpu = not math.isnan(copy_gbps)
+    if gpu:
+        out += [f"Floors measured in this run: device-to-device copy **{copy_gbps:.0f} GB/s** (read + write), "
+                f"empty kernel launch **{launch_ms * 1e3:.1f} us**.", ""]
+    out += targets(rows)
+    groups = []
+    for r in rows:
+        if r["op"] in ("floor", "e2e") or r["mode"] == "check":
+            continue
+        g = (r["op"], r["shape"], r["mode"])
+        if g not in groups:
+            groups.append(g)
+    if groups:
+        out += ["## Per op, shape and mode", "",
+                "Median time per full call (p20-p80), speedups are same-run ratios of medians. "
+                "`peak` = MiB allocated by one call above its inputs. GB/s from the fewest bytes the op must move.",
+                ""]
+        head = "| op | shape (as run) | mode | provider | ms/call | p20-p80 | vs hf | vs compile | peak MiB | GB/s |"
+        sep = "|---|---|---|---|---:|---|---:|---:|---:|---:|"
+        if gpu:
+            head += " device ms | device GB/s | % copy BW | x floor |"
+            sep += "---:|---:|---:|---:|"
+        out += [head, sep]
+        for op, shape, mode in groups:
+            g = _get(rows, op=op, shape=shape, mode=mode)
+            hf = _val(g, provider="hf", metric="call_ms")
+            comp = _val(g, provider="compile", metric="call_ms")
+            provs = []
+            for r in g:
+                if r["provider"] not in provs:
+                    provs.append(r["provider"])
+            for p in provs:
+                ms = _val(g, provider=p, metric="call_ms")
+                cr = _get(g, provider=p, metric="call_ms")
+                if not cr:
+                    continue
+                c = cr[0]
+                desc = f"{shape} [{c['dims']}, {c['dtype']}]"
+                line = (f"| {op} | {desc} | {mode} | {p} | {_fmt_ms(ms)} | {_fmt_ms(c['p20'])}-{_fmt_ms(c['p80'])} | "
+                        f"{_fmt_x(hf / ms)} | {_fmt_x(comp / ms)} | {_fmt_f(_val(g, provider=p, metric='peak_MiB'), 1)} | "
+                        f"{_fmt_f(_val(g, provider=p, metric='call_GBps'), 2)} |")
+                if gpu:
+                    dms = _val(g, provider=p, metric="device_ms")
+                    nbytes = c["bytes"]
+                    floor_ms = max(nbytes / (copy_gbps * 1e6), launch_ms) if nbytes else launch_ms
+                    dgb = _val(g, provider=p, metric="device_GBps")
+                    line += (f" {_fmt_ms(dms)} | {dgb:.0f} | {100 * dgb / copy_gbps:.0f}% | "
+                             f"{_fmt_x(dms / floor_ms)} |")
+                out.append(line)
+        out.append("")
+    e2e = _get(rows, op="e2e")
+    if e2e:
+        out += ["## End-to-end reward-model step (forward + backward + AdamW)", "",
+                "| config | provider | ms/step | p20-p80 | vs hf | peak MiB |", "|---|---|---:|---|---:|---:|"]
+        for shape in dict.fromkeys(r["shape"] for r in e2e):
+            g = _get(e2e, shape=shape)
+            hf = _val(g, provider="hf", metric="step_ms")
+            for p in dict.fromkeys(r["provider"] for r in g):
+                c = _get(g, provider=p, metric="step_ms")
+                if not c:
+                    continue
+                c = c[0]
+                out.append(f"| {shape} [{c['dims']}, {c['dtype']}] | {p} | {_fmt_ms(c['median'])} | "
+                           f"{_fmt_ms(c['p20'])}-{_fmt_ms(c['p80'])} | {_fmt_x(hf / c['median'])} | "
+                           f"{_val(g, provider=p, metric='peak_MiB'):.0f} |")
+        out.append("")
+    bad = [r for r in rows if r["mode"] == "check" and r["median"] != 1.0]
+    if bad:
+        out += ["## Providers that failed the correctness check (not timed)", ""]
+        out += [f"- {r['op']}/{r['shape']}/{r['provider']}: {r['note']}" for r in bad]
+        out.append("")
+    return "\n".join(out)
+
+
+def targets(rows):
+    """The BENCHMARKS.md targets that this run can judge, met or not."""
+    out = []
+    dev = rows[0]["device"] if rows else "cpu"
+    gae_x = 1000 if dev == "cuda" else 100
+    lines = []
+    for r in _get(rows, op="gae", shape="gae-s", mode="forward", metric="call_ms"):
+        if not r["provider"].startswith("rmk-"):
+            continue
+        hf = _val(rows, op="gae", shape="gae-s", mode="forward", metric="call_ms", provider="hf")
+        x = hf / r["median"]
+        lines.append(f"| gae-s full call >= {gae_x}x faster than the hf loop | {r['provider']} | {_fmt_x(x)} | "
+                     f"{'met' if x >= gae_x else 'MISSED'} |")
+    for (op, shape, mode) in dict.fromkeys((r["op"], r["shape"], r["mode"]) for r in rows
+                                           if r["metric"] == "call_ms" and r["provider"].startswith("rmk-")):
+        if shape.endswith("-t"):
+            continue
+        comp = _val(rows, op=op, shape=shape, mode=mode, metric="call_ms", provider="compile")
+        if math.isnan(comp):
+            continue
+        for r in _get(rows, op=op, shape=shape, mode=mode, metric="call_ms"):
+            if not r["provider"].startswith("rmk-"):
+                continue
+            x = comp / r["median"]
+            lines.append(f"| faster than compile: {op} {shape} {mode} | {r['provider']} | {_fmt_x(x)} | "
+                         f"{'met' if x > 1 else 'MISSED'} |")
+    if dev == "cuda":
+        copy_gbps, launch_ms = floors(rows)
+        for shape in ("gae-l", "gae-xl"):
+            for r in _get(rows, op="gae", shape=shape, mode="forward", metric="device_ms"):
+                if not r["provider"].startswith("rmk-") or not r["bytes"]:
+                    continue
+                x = r["median"] / (r["bytes"] / (copy_gbps * 1e6))
+                lines.append(f"| {shape} device time <= 1.25x memory floor | {r['provider']} | {x:.2f}x | "
+                             f"{'met' if x <= 1.25 else 'MISSED'} |")
+        for r in _get(rows, op="pooling", shape="pool-l", mode="forward", metric="device_ms"):
+            if r["provider"].startswith("rmk-"):
+                hf = _val(rows, op="pooling", shape="pool-l", mode="forward", metric="device_ms", provider="hf")
+                x = hf / r["median"]
+                lines.append(f"| pool-l forward >= 50x faster than hf | {r['provider']} | {_fmt_x(x)} | "
+                             f"{'met' if x >= 50 else 'MISSED'} |")
+        floor = _val(rows, op="pooling", shape="pool-l", mode="full", metric="device_ms", provider="floor-write-grad")
+        for r in _get(rows, op="pooling", shape="pool-l", mode="full", metric="device_ms"):
+            if r["provider"].startswith("rmk-") and not math.isnan(floor):
+                x = r["median"] / floor
+                lines.append(f"| pool-l fwd+bwd within 1.2x of writing grad_hidden once | {r['provider']} | "
+                             f"{x:.2f}x | {'met' if x <= 1.2 else 'MISSED'} |")
+        for r in _get(rows, op="bt", shape="bt-l", mode="full", metric="device_ms"):
+            if r["provider"].startswith("rmk-") and r["bytes"]:
+                x = r["median"] / max(r["bytes"] / (copy_gbps * 1e6), 2 * launch_ms)
+                lines.append(f"| bt-l fwd+bwd <= 1.5x memory floor | {r['provider']} | {x:.2f}x | "
+                             f"{'met' if x <= 1.5 else 'MISSED'} |")
+    if lines:
+        out += ["## Targets (BENCHMARKS.md) judged by this run", "",
+                "| target | provider | measured | |", "|---|---|---:|---|"] + lines + [""]
+    return out
+
+
+def plots(rows, outdir, slug):
+    """One PNG per op: time per call by shape and provider (log scale), a panel per mode.
+    Returns the written paths (none if matplotlib is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for op in [o for o in OP_ORDER if _get(rows, op=o)]:
+        if op == "floor":
+            continue
+        metric = "step_ms" if op == "e2e" else "call_ms"
+        data = [r for r in rows if r["op"] == op and r["metric"] == metric]
+        if not data:
+            continue
+        modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in data)]
+        fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.8), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            d = [r for r in data if r["mode"] == mode]
+            shp = list(dict.fromkeys(r["shape"] for r in sorted(d, key=_key)))
+            provs = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in d)]
+            provs += sorted({r["provider"] for r in d} - set(provs))
+            w = 0.8 / max(len(provs), 1)
+            for i, p in enumerate(provs):
+                xs, ys, lo, hi = [], [], [], []
+                for j, s in enumerate(shp):
+                    m = [r for r in d if r["shape"] == s and r["provider"] == p]
+                    if m:
+                        xs.append(j + i * w - 0.4 + w / 2)
+                        ys.append(m[0]["median"])
+                        lo.append(m[0]["median"] - m[0]["p20"])
+                        hi.append(m[0]["p80"] - m[0]["median"])
+                ax.bar(xs, ys, w, yerr=[lo, hi], label=p, capsize=2)
+            ax.set_xticks(range(len(shp)))
+            ax.set_xticklabels(shp)
+            ax.set_yscale("log")
+            ax.set_title(f"{op} - {mode}")
+            ax.set_ylabel("ms per step" if op == "e2e" else "ms per call (median, p20-p80)")
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][-1].legend(fontsize=8)
+        dev = data[0]["device_name"]
+        fig.suptitle(f"{op} on {dev}", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(outdir, f"{slug}-{op}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def summary(rows):
+    """The compact table for the README: per named shape and mode, the median ms/call of
+    each provider and the speedups of the rmkernels backends vs hf and vs compile."""
+    rows = [r for r in sorted(rows, key=_key) if r["metric"] == "call_ms" and not r["shape"].endswith("-t")]
+    if not rows:
+        return ""
+    provs = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in rows)]
+    ours = [p for p in provs if p.startswith("rmk-")]
+    head = "| op | shape (as run) | mode | " + " | ".join(f"{p} ms" for p in provs)
+    head += "".join(f" | {p} vs hf | {p} vs compile" for p in ours) + " |"
+    out = [head, "|" + "---|" * (3 + len(provs) + 2 * len(ours))]
+    for g in dict.fromkeys((r["op"], r["shape"], r["mode"]) for r in rows):
+        gr = [r for r in rows if (r["op"], r["shape"], r["mode"]) == g]
+        c = gr[0]
+        ms = {p: _val(gr, provider=p) for p in provs}
+        line = f"| {g[0]} | {g[1]} [{c['dims']}, {c['dtype']}] | {g[2]} | " + " | ".join(_fmt_ms(ms[p]) for p in provs)
+        for p in ours:
+            line += f" | {_fmt_x(ms['hf'] / ms[p])} | {_fmt_x(ms['compile'] / ms[p])}"
+        out.append(line + " |")
+    r0 = rows[0]
+    out.append("")
+    out.append(f"Measured on {r0['device_name']}, {r0['threads']} thread(s) (clock: {r0.get('clock', 'wall')}), "
+               f"torch {r0['torch']}, "
+               f"rmkernels {r0['rmkernels']}, {r0['date']}. Median of interleaved samples; "
+               "ratios are same-run ratios.")
+    return "\n".join(out)
+
+
+README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def update_readme(path, rows, results_md):
+    """Rewrite the block between the README markers with `summary(rows)`."""
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{README_START}\n{summary(rows)}\n\nFull table, peak memory and plots: [{results_md}]({results_md}).\n{README_END}"
+    if README_START in text and README_END in text:
+        a, b = text.index(README_START), text.index(README_END) + len(README_END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip() + "\n\n## Benchmarks\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)

@@ -1,0 +1,91 @@
+"""The named shapes of BENCHMARKS.md, so results can be compared over time.
+
+Each shape has its GPU form (the one in BENCHMARKS.md) and, where the GPU form is too big
+for a development CPU, a scaled-down CPU form. The scaling is never silent: every CSV row
+records the dims and dtype that actually ran, and ``SCALED_ON_CPU`` lists what was changed.
+
+The ``*-t`` shapes are tiny smoke-test shapes (not in BENCHMARKS.md): they exist so that
+``tests/`` and ``--quick`` can run the whole machinery in seconds.
+"""
+from dataclasses import dataclass, field, replace
+from typing import Dict, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    op: str              # "pooling", "bt", "pair", "gae"
+    dims: Dict[str, int] = field(default_factory=dict)
+    dtype: str = "fp32"  # element type of the big inputs (hidden states / log-probs)
+    opts: Dict[str, object] = field(default_factory=dict)  # op options (kl estimator, ...)
+    note: str = ""
+
+    def dims_str(self):
+        return ",".join(f"{k}={v}" for k, v in self.dims.items())
+
+    @property
+    def torch_dtype(self):
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                "fp64": torch.float64}[self.dtype]
+
+
+# BENCHMARKS.md, GPU form.
+GPU_SHAPES = {
+    "pool-s": Shape("pool-s", "pooling", dict(B=8, T=512, H=1024, K=1), "bf16"),
+    "pool-l": Shape("pool-l", "pooling", dict(B=16, T=4096, H=4096, K=1), "bf16"),
+    "bt-s": Shape("bt-s", "bt", dict(B=64), "fp32"),
+    "bt-l": Shape("bt-l", "bt", dict(B=65536), "fp32"),
+    "pair-l": Shape("pair-l", "pair", dict(B=8, T=2048, H=4096, K=1), "bf16",
+                    note="B pairs: hidden is [2B, T, H]"),
+    "gae-s": Shape("gae-s", "gae", dict(B=64, T=1024), "fp32", dict(kl_estimator="k1")),
+    "gae-l": Shape("gae-l", "gae", dict(B=256, T=4096), "fp32", dict(kl_estimator="k3")),
+    "gae-xl": Shape("gae-xl", "gae", dict(B=32, T=32768), "fp32", dict(kl_estimator="k1")),
+}
+
+# On the CPU: fp32 everywhere (BENCHMARKS.md: pool-s is fp32 on the CPU), and the two giant
+# hidden-state shapes scaled down along T (a 1 GiB fp32 hidden tensor, its 1 GiB gradient and
+# the hf baseline's 1 GiB full-sequence head gradient do not fit a shared 2-core box's
+# timing budget). The scaled shapes keep B and H, so the per-row work is the same.
+SCALED_ON_CPU = {
+    "pool-l": dict(dims=dict(B=16, T=1024, H=4096, K=1),
+                   note="CPU: T 4096 -> 1024, bf16 -> fp32"),
+    "pair-l": dict(dims=dict(B=8, T=512, H=4096, K=1),
+                   note="B pairs: hidden is [2B, T, H]; CPU: T 2048 -> 512, bf16 -> fp32"),
+}
+
+TINY_SHAPES = {
+    "pool-t": Shape("pool-t", "pooling", dict(B=3, T=17, H=32, K=1), "fp32", note="smoke test"),
+    "bt-t": Shape("bt-t", "bt", dict(B=7), "fp32", note="smoke test"),
+    "pair-t": Shape("pair-t", "pair", dict(B=3, T=17, H=32, K=1), "fp32", note="smoke test"),
+    "gae-t": Shape("gae-t", "gae", dict(B=3, T=37), "fp32", dict(kl_estimator="k1"), note="smoke test"),
+}
+
+NAMED = tuple(GPU_SHAPES)   # the BENCHMARKS.md order
+OPS = ("pooling", "bt", "pair", "gae")
+
+
+def get(name: str, device: str) -> Shape:
+    """The shape that runs on `device` ("cpu" or "cuda") under `name`."""
+    if name in TINY_SHAPES:
+        return TINY_SHAPES[name]
+    if name not in GPU_SHAPES:
+        raise KeyError(f"unknown shape {name!r}; named: {', '.join(NAMED + tuple(TINY_SHAPES))}")
+    s = GPU_SHAPES[name]
+    if device == "cuda":
+        return s
+    s = replace(s, dtype="fp32", note="CPU: bf16 -> fp32" if s.dtype != "fp32" else "")
+    if name in SCALED_ON_CPU:
+        s = replace(s, **SCALED_ON_CPU[name])
+    return s
+
+
+def for_op(op: str, device: str, names: Optional[list] = None, tiny: bool = False):
+    pool = names or (list(TINY_SHAPES) if tiny else list(NAMED))
+    out = []
+    for n in pool:
+        s = get(n, device)
+        if s.op == op:
+            out.append(s)
+    return out
