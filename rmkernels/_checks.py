@@ -67,11 +67,6 @@ def check_tensor(name, t, *, ndims=None, dtypes=None, device=None, allow_none=Fa
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
 
 
-def check_size(name, t, dim, expected, what):
-    if t.size(dim) != expected:
-        raise ValueError(f"{name} must have size {expected} ({what}) in dim {dim}, got shape {tuple(t.shape)}")
-
-
 def check_float(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False):
     """A Python number in [lo, hi] (open ends where asked)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -85,6 +80,12 @@ def check_float(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False):
         rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
         raise ValueError(f"{name} must be in {rng}, got {value!r}")
     return v
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def check_choice(name, value, choices):

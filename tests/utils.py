@@ -9,10 +9,6 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
 
 
-def devices():
-    return ["cpu"] + (["cuda"] if HAS_CUDA else [])
-
-
 def kernel_backends(device):
     """The non-reference backends that the tests compare with the reference on `device`:
     each is either run, or skipped with the reason it cannot run here."""

@@ -334,12 +334,6 @@ def _check_mask(name, mask, shape, device):
     return mask if mask.dtype == torch.bool else mask != 0  # the kernels read bool masks
 
 
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 def _check_optional_positive(name, value):
     if value is None:
         return None
@@ -442,9 +436,9 @@ def ppo_advantages(logprobs, ref_logprobs, values, scores, mask, *, kl_coef, gam
     _checks.check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     kl_clamp = _check_optional_positive("kl_clamp", kl_clamp)
     score_clip = _check_optional_positive("score_clip", score_clip)
-    whiten = _check_bool("whiten", whiten)
-    shift_mean = _check_bool("shift_mean", shift_mean)
-    unbiased = _check_bool("unbiased", unbiased)
+    whiten = _checks.check_bool("whiten", whiten)
+    shift_mean = _checks.check_bool("shift_mean", shift_mean)
+    unbiased = _checks.check_bool("unbiased", unbiased)
     eps = _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True)
     process_group = _check_process_group(process_group)
     be = _backend.resolve(backend, dev)
@@ -482,8 +476,8 @@ def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=DEFAULT_WHITEN
     if x.dim() < 1:
         raise ValueError(f"x must be at least 1-D, got shape {list(x.shape)}")
     mask = _check_mask("mask", mask, x.shape, x.device)
-    shift_mean = _check_bool("shift_mean", shift_mean)
-    unbiased = _check_bool("unbiased", unbiased)
+    shift_mean = _checks.check_bool("shift_mean", shift_mean)
+    unbiased = _checks.check_bool("unbiased", unbiased)
     eps = _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True)
     process_group = _check_process_group(process_group)
     be = _backend.resolve(backend, x.device)
