@@ -133,18 +133,23 @@ def ref_openrlhf_reward(r, kl_coef, kl, mask, clip=None):
     return out
 
 
-def ref_openrlhf_gae(values, rewards, mask, gamma, lambd):
-    """OpenRLHF: values and rewards multiplied by the mask, then plain GAE over every position."""
-    if mask is not None:
-        values, rewards = values * mask, rewards * mask
+def _plain_gae(rewards, values, gamma, lam):
+    """The published GAE loop over every position (no mask): (advantages, returns), fp64."""
     B, T = values.shape
     adv = torch.zeros(B, T, dtype=torch.float64)
     last = torch.zeros(B, dtype=torch.float64)
     for t in reversed(range(T)):
         nv = values[:, t + 1] if t < T - 1 else torch.zeros(B, dtype=torch.float64)
-        last = rewards[:, t] + gamma * nv - values[:, t] + gamma * lambd * last
+        last = rewards[:, t] + gamma * nv - values[:, t] + gamma * lam * last
         adv[:, t] = last
     return adv, adv + values
+
+
+def ref_openrlhf_gae(values, rewards, mask, gamma, lambd):
+    """OpenRLHF: values and rewards multiplied by the mask, then plain GAE over every position."""
+    if mask is not None:
+        values, rewards = values * mask, rewards * mask
+    return _plain_gae(rewards, values, gamma, lambd)
 
 
 def ref_openrlhf_normalize(advs, masks, std_norm=True):
@@ -173,13 +178,7 @@ def ref_trl(lp, ref, values, scores, seq_len, kl_coef, est, gamma, lam, whiten_r
         rewards[b, end] += scores[b]
     if whiten_rewards:
         rewards = ref_masked_whiten(rewards, ~pad1, unbiased=True, shift_mean=False).masked_fill(pad1, 0)
-    adv = torch.zeros(B, T, dtype=torch.float64)
-    last = torch.zeros(B, dtype=torch.float64)
-    for t in reversed(range(T)):
-        nv = values[:, t + 1] if t < T - 1 else torch.zeros(B, dtype=torch.float64)
-        last = rewards[:, t] + gamma * nv - values[:, t] + gamma * lam * last
-        adv[:, t] = last
-    returns = adv + values
+    adv, returns = _plain_gae(rewards, values, gamma, lam)
     adv = ref_masked_whiten(adv, ~pad, unbiased=True).masked_fill(pad, 0)
     return adv, returns, rewards, kl
 

@@ -210,6 +210,15 @@ def bt_loss_bwd(grad, chosen, rejected, margin, weights, margin_value, weight_va
 
 
 @triton.jit
+def _candidates(nc_ptr, b, K, HAS_NC: tl.constexpr):
+    """Columns ranked in row b: num_candidates[b] clamped to [0, K], or K (int64)."""
+    n = K + tl.zeros([], tl.int64)
+    if HAS_NC:
+        n = tl.minimum(tl.maximum(tl.load(nc_ptr + b), 0), K)
+    return n
+
+
+@triton.jit
 def _ranking_fwd_kernel(
     rewards_ptr, nc_ptr, out_ptr,  # rewards [B, K], num_candidates [B] int64, row losses [B]
     K, stride_b, stride_k,  # sizes and strides of rewards
@@ -217,9 +226,7 @@ def _ranking_fwd_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     acc_ty = out_ptr.dtype.element_ty
-    n = K + tl.zeros([], tl.int64)
-    if HAS_NC:
-        n = tl.minimum(tl.maximum(tl.load(nc_ptr + b), 0), K)
+    n = _candidates(nc_ptr, b, K, HAS_NC)
     row = rewards_ptr + b * stride_b
     acc = tl.zeros([BLOCK_K, BLOCK_K], dtype=acc_ty)
     for i0 in range(0, n, BLOCK_K):
@@ -243,9 +250,7 @@ def _ranking_bwd_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     acc_ty = grad_ptr.dtype.element_ty
-    n = K + tl.zeros([], tl.int64)
-    if HAS_NC:
-        n = tl.minimum(tl.maximum(tl.load(nc_ptr + b), 0), K)
+    n = _candidates(nc_ptr, b, K, HAS_NC)
     n_pairs = (n * (n - 1) // 2).to(acc_ty)
     scale = tl.where(n >= 2, tl.load(grad_ptr + b) / tl.maximum(n_pairs, 1.0), 0.0)
     row = rewards_ptr + b * stride_b
