@@ -88,7 +88,12 @@ def _extensions():
             f"RMKERNELS_SKIP_CUDA_BUILD={os.environ.get('RMKERNELS_SKIP_CUDA_BUILD', '0')})"
         )
     archs = os.environ.get("RMKERNELS_CUDA_ARCHS", "8.0;9.0")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] if sys.platform != "win32" else ["/O2", "/std:c++17"]
+    # -fno-trapping-math: the kernels never read floating-point exception flags; without it
+    # GCC will not turn a float comparison inside a loop into a select, so the `#pragma omp
+    # simd` loops with clamps and masks stay scalar ("control flow in loop"). Results are
+    # unchanged (unlike -ffast-math: NaN, inf and rounding keep IEEE semantics).
+    cxx = (["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"] if sys.platform != "win32"
+           else ["/O2", "/std:c++17"])
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
         print(f"rmkernels: building C++ CPU + CUDA kernels for archs {archs}")

@@ -187,6 +187,34 @@ def test_bt_huge_margins_are_finite(backend, device, dtype, smoothing):
                  rtol=1e-5, atol=0, name="asymptote")
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_bt_transcendentals_over_the_whole_range(backend, device, smoothing):
+    """Per-pair losses and gradients for d swept over [-100, 100] in fp32 (the exp underflow
+    at -87 included), against the fp64 reference. Where |d| < 80 each loss is checked
+    relatively, 1e-6: the tiny losses log1p(exp(-d)) ~ 1e-35 of a confident pair too (the CPU
+    kernel's own vectorised exp / log1p must keep log1p's relative precision)."""
+    skip_unless_available(backend, device)
+    d = torch.linspace(-100, 100, 40001, device=device)
+    d = torch.cat([d, torch.tensor([-87.5, -87.0, -86.9, 86.9, 87.0, 87.5, 0.0, -0.0, 1e-7, -1e-7], device=device)])
+    c = (d / 2).requires_grad_()
+    r = (-d / 2).requires_grad_()
+    out, grads, proj = _loss_and_grads(rmk.bradley_terry_loss, (c, r), label_smoothing=smoothing, reduction="none",
+                                       backend=backend)
+    c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    exp = rmk.bradley_terry_loss(c64, r64, label_smoothing=smoothing, reduction="none", backend="reference")
+    exp_grads = torch.autograd.grad((exp * proj.double()).sum(), (c64, r64))
+    inner = (c - r).detach().abs() < 80
+    assert_close(out[inner], exp[inner], rtol=1e-6, atol=0, name="loss, |d| < 80")
+    assert_close(out, exp, rtol=1e-6, atol=1e-30, name="loss")
+    # dl/dd = -(1 - e) sigmoid(-d) + e sigmoid(d) cancels where the two terms meet: fp32
+    # rounding of terms of size ~|proj| is the absolute floor there.
+    for g, e, n in zip(grads, exp_grads, ("grad_chosen", "grad_rejected")):
+        assert_close(g[inner], e[inner], rtol=1e-6, atol=0 if smoothing == 0 else 2e-7 * proj.abs().max().item(),
+                     name=f"{n}, |d| < 80")
+        assert_close(g, e, rtol=1e-6, atol=1e-30 if smoothing == 0 else 2e-7 * proj.abs().max().item(), name=n)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_bt_nan_stays_in_its_row(backend, device):
     skip_unless_available(backend, device)

@@ -15,8 +15,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "rmkernels/cpu_common.h"
+#include "rmkernels/cpu_vec_math.h"
 
 namespace rmkernels {
 namespace {
@@ -48,31 +50,91 @@ template <typename A> struct BTParams {
   A w(int64_t i) const { return weights ? weights[i] : weight_value; }
 };
 
-// l = -(1 - e) logsigmoid(d) - e logsigmoid(-d) + coef (c + r)^2, d = c - r - m.
-// logsigmoid(+-d) = min(+-d, 0) - log1p(exp(-|d|)): the transcendental part is shared by both
-// terms, so it is computed once (the same bits as two log_sigmoid calls, half the exp/log1p).
-template <typename A> inline A pair_loss(A c, A r, A m, A e, A coef) {
-  const A d = c - r - m;
-  const A lp = std::log1p(std::exp(-std::abs(d)));
-  A l = -(A(1) - e) * ((d < A(0) ? d : A(0)) - lp) - e * ((-d < A(0) ? -d : A(0)) - lp);
-  if (coef != A(0)) l += coef * (c + r) * (c + r);  // never 0 * inf when the coefficient is 0
-  return l;
+// The Bradley-Terry loops run over blocks of kBlock pairs. Each block first gets its
+// chosen / rejected rewards as contiguous arrays in the arithmetic dtype (the inputs
+// themselves when they already are: fp32 with unit stride), then one `#pragma omp simd`
+// loop computes the block with the branch-free exp / log1p of cpu_vec_math.h (libm for
+// fp64), so the transcendental part is vectorised. Sums are taken per block in 8 fixed lanes,
+// then over blocks in order: deterministic whatever the number of threads or the vector width.
+constexpr int64_t kBlock = kSumChunk;
+
+// n elements of p (stride s) as a contiguous array in the arithmetic dtype: p itself when it
+// already is one, else converted into buf.
+template <typename S> const acc_t<S>* as_acc(const S* p, int64_t s, int64_t n, acc_t<S>* buf) {
+  if constexpr (std::is_same_v<S, acc_t<S>>) {
+    if (s == 1) return p;
+  }
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t<S>>(p[i * s]);
+  return buf;
 }
 
-// (sum_i f(i)) over [0, B) in chunks of kSumChunk summed in order: deterministic.
-template <typename A, typename F> A chunked_sum(int64_t B, F&& f) {
-  const int64_t n_chunks = (B + kSumChunk - 1) / kSumChunk;
-  std::vector<A> partial(n_chunks, A(0));
-  at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      A s = 0;
-      const int64_t end = std::min(B, (k + 1) * kSumChunk);
-      for (int64_t i = k * kSumChunk; i < end; ++i) s += f(i);
-      partial[k] = s;
-    }
-  });
+// sum of x[0..n) in 8 lanes (x[i] goes to lane i % 8), the lanes added pairwise: a fixed order.
+template <typename A> A lane_sum(const A* x, int64_t n) {
+  A lane[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) lane[j] += x[i + j];
+  }
+  for (int j = 0; i < n; ++i, ++j) lane[j] += x[i];
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// w_i l_i of n pairs, l = -(1 - e) logsigmoid(d) - e logsigmoid(-d) + coef (c + r)^2 with
+// d = c - r - m. logsigmoid(+-d) = min(+-d, 0) - log1p(exp(-|d|)): one exp and one log1p
+// serve both terms. kM / kW: per-pair margin / weights arrays, else the scalars mv / wv.
+template <bool kM, bool kW, typename A>
+RMK_SIMD_CLONES void pair_losses(const A* c, const A* r, const A* m, const A* w, A mv, A wv, A e, A coef, int64_t n,
+                 A* __restrict__ out) {
+  const bool center = coef != A(0);  // never 0 * inf when the coefficient is 0
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const A d = c[i] - r[i] - (kM ? m[i] : mv);
+    const A lp = vecmath::log1p_unit(vecmath::exp_nonpos(-std::abs(d)));
+    const A l = -(A(1) - e) * ((d < A(0) ? d : A(0)) - lp) - e * ((-d < A(0) ? -d : A(0)) - lp);
+    const A s = c[i] + r[i];
+    out[i] = (kW ? w[i] : wv) * (center ? l + coef * s * s : l);
+  }
+}
+
+// Gradients of n pairs: with dl/dd = -(1 - e) sigmoid(-d) + e sigmoid(d) and the centering
+// term 2 coef (c + r), g_c = g (dl/dd + center), g_r = g (center - dl/dd), where g is the
+// upstream gradient (grad[i] for "none", else scale) times the pair's weight.
+template <bool kM, bool kW, bool kNone, typename A>
+RMK_SIMD_CLONES void pair_grads(const A* c, const A* r, const A* m, const A* w, const A* grad, A mv, A wv, A e, A coef, A scale,
+                int64_t n, A* __restrict__ g_c, A* __restrict__ g_r) {
+  const bool center_on = coef != A(0);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const A d = c[i] - r[i] - (kM ? m[i] : mv);
+    // sigmoid(d) and sigmoid(-d) from one exp of a non-positive number
+    const A z = vecmath::exp_nonpos(-std::abs(d));
+    const A inv = A(1) / (A(1) + z);
+    const A zinv = z * inv;
+    const A s_pos = d >= A(0) ? inv : zinv;   // sigmoid(d)
+    const A s_neg = d >= A(0) ? zinv : inv;   // sigmoid(-d)
+    const A dl_dd = -(A(1) - e) * s_neg + e * s_pos;
+    const A center = center_on ? A(2) * coef * (c[i] + r[i]) : A(0);
+    const A g = (kNone ? grad[i] : scale) * (kW ? w[i] : wv);
+    g_c[i] = g * (dl_dd + center);
+    g_r[i] = g * (center - dl_dd);
+  }
+}
+
+// Calls f(std::bool_constant<margin != null>, std::bool_constant<weights != null>).
+template <typename A, typename F> void with_mw(const BTParams<A>& p, F&& f) {
+  if (p.margin) {
+    if (p.weights) f(std::true_type{}, std::true_type{}); else f(std::true_type{}, std::false_type{});
+  } else {
+    if (p.weights) f(std::false_type{}, std::true_type{}); else f(std::false_type{}, std::false_type{});
+  }
+}
+
+template <typename A> A weight_sum(const BTParams<A>& p, int64_t B) {
+  if (!p.weights) return static_cast<A>(B) * p.weight_value;
+  const int64_t n_blocks = (B + kBlock - 1) / kBlock;
   A s = 0;
-  for (A p : partial) s += p;
+  for (int64_t k = 0; k < n_blocks; ++k) s += lane_sum(p.weights + k * kBlock, std::min(kBlock, B - k * kBlock));
   return s;
 }
 
@@ -80,23 +142,27 @@ template <typename S>
 void bt_fwd_impl(const S* c, int64_t sc, const S* r, int64_t sr, const BTParams<acc_t<S>>& p, int64_t B,
                  int64_t reduction, acc_t<S>* out) {
   using A = acc_t<S>;
-  auto wl = [&](int64_t i) {
-    return p.w(i) * pair_loss<A>(static_cast<A>(c[i * sc]), static_cast<A>(r[i * sr]), p.m(i), p.e, p.coef);
-  };
-  if (reduction == kReduceNone) {
-    at::parallel_for(0, B, kElemGrain, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) out[i] = wl(i);
-    });
-    return;
-  }
-  const A total = chunked_sum<A>(B, wl);
-  if (reduction == kReduceMean) {
-    const A wsum = p.weights ? chunked_sum<A>(B, [&](int64_t i) { return p.weights[i]; })
-                             : static_cast<A>(B) * p.weight_value;
-    out[0] = total / wsum;  // B = 0: 0 / 0 = NaN, as an empty mean
-  } else {
-    out[0] = total;
-  }
+  const int64_t n_blocks = (B + kBlock - 1) / kBlock;
+  std::vector<A> partial(reduction == kReduceNone ? 0 : n_blocks);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t lo, int64_t hi) {
+    A cb[kBlock], rb[kBlock], lb[kBlock];
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t i0 = k * kBlock, n = std::min(kBlock, B - i0);
+      const A* cc = as_acc(c + i0 * sc, sc, n, cb);
+      const A* rr = as_acc(r + i0 * sr, sr, n, rb);
+      A* o = reduction == kReduceNone ? out + i0 : lb;
+      with_mw(p, [&](auto has_m, auto has_w) {
+        pair_losses<decltype(has_m)::value, decltype(has_w)::value, A>(
+            cc, rr, p.margin ? p.margin + i0 : nullptr, p.weights ? p.weights + i0 : nullptr, p.margin_value,
+            p.weight_value, p.e, p.coef, n, o);
+      });
+      if (reduction != kReduceNone) partial[k] = lane_sum(lb, n);
+    }
+  });
+  if (reduction == kReduceNone) return;
+  A total = 0;
+  for (A s : partial) total += s;
+  out[0] = reduction == kReduceMean ? total / weight_sum(p, B) : total;  // B = 0, mean: 0 / 0 = NaN
 }
 
 template <typename A> BTParams<A> bt_params(const std::optional<at::Tensor>& margin,
@@ -140,26 +206,38 @@ template <typename S>
 void bt_bwd_impl(const acc_t<S>* grad, const S* c, int64_t sc, const S* r, int64_t sr,
                  const BTParams<acc_t<S>>& p, int64_t B, int64_t reduction, S* g_c, S* g_r) {
   using A = acc_t<S>;
+  constexpr bool kDirect = std::is_same_v<S, A>;  // gradients written in place, no conversion
   A scale = reduction == kReduceNone ? A(1) : grad[0];
-  if (reduction == kReduceMean) {
-    const A wsum = p.weights ? chunked_sum<A>(B, [&](int64_t i) { return p.weights[i]; })
-                             : static_cast<A>(B) * p.weight_value;
-    scale /= wsum;
-  }
-  at::parallel_for(0, B, kElemGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const A ci = static_cast<A>(c[i * sc]), ri = static_cast<A>(r[i * sr]);
-      const A d = ci - ri - p.m(i);
-      // dl/dd = -(1 - e) sigmoid(-d) + e sigmoid(d); the centering term adds 2 coef (c + r) to both.
-      // sigmoid(d) and sigmoid(-d) from one exp of a non-positive number
-      const A z = std::exp(-std::abs(d));
-      const A s_pos = d >= A(0) ? A(1) / (A(1) + z) : z / (A(1) + z);   // sigmoid(d)
-      const A s_neg = -d >= A(0) ? A(1) / (A(1) + z) : z / (A(1) + z);  // sigmoid(-d)
-      const A dl_dd = -(A(1) - p.e) * s_neg + p.e * s_pos;
-      const A center = p.coef != A(0) ? A(2) * p.coef * (ci + ri) : A(0);
-      const A g = (reduction == kReduceNone ? grad[i] : scale) * p.w(i);
-      if (g_c) g_c[i] = static_cast<S>(g * (dl_dd + center));
-      if (g_r) g_r[i] = static_cast<S>(g * (center - dl_dd));
+  if (reduction == kReduceMean) scale /= weight_sum(p, B);
+  const int64_t n_blocks = (B + kBlock - 1) / kBlock;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t lo, int64_t hi) {
+    A cb[kBlock], rb[kBlock], gcb[kBlock], grb[kBlock];
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t i0 = k * kBlock, n = std::min(kBlock, B - i0);
+      const A* cc = as_acc(c + i0 * sc, sc, n, cb);
+      const A* rr = as_acc(r + i0 * sr, sr, n, rb);
+      A* oc = gcb;
+      A* orr = grb;
+      if constexpr (kDirect) {
+        if (g_c) oc = g_c + i0;
+        if (g_r) orr = g_r + i0;
+      }
+      with_mw(p, [&](auto has_m, auto has_w) {
+        constexpr bool kM = decltype(has_m)::value, kW = decltype(has_w)::value;
+        const A* m = p.margin ? p.margin + i0 : nullptr;
+        const A* w = p.weights ? p.weights + i0 : nullptr;
+        if (reduction == kReduceNone) {
+          pair_grads<kM, kW, true, A>(cc, rr, m, w, grad + i0, p.margin_value, p.weight_value, p.e, p.coef, scale,
+                                      n, oc, orr);
+        } else {
+          pair_grads<kM, kW, false, A>(cc, rr, m, w, nullptr, p.margin_value, p.weight_value, p.e, p.coef, scale,
+                                       n, oc, orr);
+        }
+      });
+      if constexpr (!kDirect) {
+        if (g_c) for (int64_t i = 0; i < n; ++i) g_c[i0 + i] = static_cast<S>(gcb[i]);
+        if (g_r) for (int64_t i = 0; i < n; ++i) g_r[i0 + i] = static_cast<S>(grb[i]);
+      }
     }
   });
 }

@@ -1,0 +1,68 @@
+// Branch-free float32 exp / log1p for the C++ CPU kernels' element loops.
+//
+// glibc's expf / log1pf are scalar calls: a loop that calls them runs one element at a time
+// (~10-30 ns per element for the Bradley-Terry loss). These are straight-line float
+// arithmetic (one select, one float -> int conversion, one shift), so GCC and Clang
+// vectorise a `#pragma omp simd` loop that uses them, at the vector width the file is
+// compiled for (RMK_SIMD_CLONES in cpu_common.h: AVX-512 / AVX2 / baseline). float64 keeps the libm functions (the fp64 path exists for gradcheck, where
+// the last ulp matters more than speed).
+//
+// Accuracy (float32): exp_nonpos within 1 ulp of exp on [-87, 0]; log1p_unit within 3 ulp
+// of log1p on [0, 1] (measured against the fp64 functions over 2e7 points each), relative
+// precision kept for tiny arguments. Both propagate NaN.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace rmkernels {
+namespace vecmath {
+
+inline float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+// exp(x) for x <= 0 (or NaN). Below -87 (where expf goes subnormal) it returns 0.
+// x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2 split into an exact high part and a
+// low part), exp(r) by the Cephes expf polynomial, 2^n built in the exponent bits.
+inline float exp_nonpos(float x) {
+  const float kLog2e = 1.44269504088896341f;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: x + kRound - kRound rounds x to an integer
+  const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  const float xc = x < -87.0f ? -87.0f : x;  // NaN compares false and stays NaN
+  const float n = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);  // n in [-126, 0]
+  return x < -87.0f ? 0.0f : y * scale;
+}
+
+// log1p(z) for z in [0, 1] (or NaN): 2 atanh(s) with s = z / (2 + z) in [0, 1/3], by its
+// odd series to s^15 (the next term is below 2^-26 relative), so tiny z keep full precision.
+inline float log1p_unit(float z) {
+  const float s = z / (2.0f + z);
+  const float s2 = s * s;
+  float p = 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+
+inline double exp_nonpos(double x) { return std::exp(x); }
+inline double log1p_unit(double z) { return std::log1p(z); }
+
+}  // namespace vecmath
+}  // namespace rmkernels
