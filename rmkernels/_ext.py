@@ -12,6 +12,7 @@ import torch  # noqa: F401  (_C links against libtorch: load it first)
 CPP_AVAILABLE = False  # the C++ CPU kernels are registered
 CUDA_BUILT = False  # the CUDA kernels are registered
 CUDA_ARCHS = ""
+CPU_ISA = ""  # the variant of the C++ CPU loop kernels in use (csrc/include/rmkernels/cpu_simd.h)
 LOAD_ERROR = None  # why _C is not there, as a string
 
 try:
@@ -20,6 +21,7 @@ try:
     CPP_AVAILABLE = True
     CUDA_BUILT = bool(_C.WITH_CUDA)
     CUDA_ARCHS = _C.CUDA_ARCHS
+    CPU_ISA = _C.CPU_ISA
 except ImportError as e:  # not built (no compiler, RMKERNELS_BUILD_EXT=0) or a failed load
     LOAD_ERROR = f"{type(e).__name__}: {e}"
     warnings.warn(

@@ -25,6 +25,7 @@ def info():
         f"triton {triton_version}",
         f"build config (setup.py): {BUILD_CONFIG}",
         f"extension _C loaded: {_ext.CPP_AVAILABLE}" + (f" ({_ext.LOAD_ERROR})" if _ext.LOAD_ERROR else ""),
+        f"C++ CPU loop kernels: {_ext.CPU_ISA or 'none'} (RMKERNELS_CPU_ISA=base|v3 caps it)",
         f"CUDA kernels built: {_ext.CUDA_BUILT}" + (f", archs {_ext.CUDA_ARCHS}" if _ext.CUDA_BUILT else ""),
         f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
     ]

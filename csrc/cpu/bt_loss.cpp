@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "rmkernels/cpu_common.h"
+#include "rmkernels/cpu_simd.h"
 #include "rmkernels/cpu_vec_math.h"
 
 namespace rmkernels {
@@ -53,8 +54,9 @@ template <typename A> struct BTParams {
 // The Bradley-Terry loops run over blocks of kBlock pairs. Each block first gets its
 // chosen / rejected rewards as contiguous arrays in the arithmetic dtype (the inputs
 // themselves when they already are: fp32 with unit stride), then one `#pragma omp simd`
-// loop computes the block with the branch-free exp / log1p of cpu_vec_math.h (libm for
-// fp64), so the transcendental part is vectorised. Sums are taken per block in 8 fixed lanes,
+// loop (bt_loss_loops.h, in the CPU's variant: RMK_SIMD) computes the block with the
+// branch-free exp / log1p of cpu_vec_math.h (libm for fp64), so the transcendental part is
+// vectorised. Sums are taken per block in 8 fixed lanes,
 // then over blocks in order: deterministic whatever the number of threads or the vector width.
 constexpr int64_t kBlock = kSumChunk;
 
@@ -80,46 +82,8 @@ template <typename A> A lane_sum(const A* x, int64_t n) {
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-// w_i l_i of n pairs, l = -(1 - e) logsigmoid(d) - e logsigmoid(-d) + coef (c + r)^2 with
-// d = c - r - m. logsigmoid(+-d) = min(+-d, 0) - log1p(exp(-|d|)): one exp and one log1p
-// serve both terms. kM / kW: per-pair margin / weights arrays, else the scalars mv / wv.
-template <bool kM, bool kW, typename A>
-RMK_SIMD_CLONES void pair_losses(const A* c, const A* r, const A* m, const A* w, A mv, A wv, A e, A coef, int64_t n,
-                 A* __restrict__ out) {
-  const bool center = coef != A(0);  // never 0 * inf when the coefficient is 0
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const A d = c[i] - r[i] - (kM ? m[i] : mv);
-    const A lp = vecmath::log1p_unit(vecmath::exp_nonpos(-std::abs(d)));
-    const A l = -(A(1) - e) * ((d < A(0) ? d : A(0)) - lp) - e * ((-d < A(0) ? -d : A(0)) - lp);
-    const A s = c[i] + r[i];
-    out[i] = (kW ? w[i] : wv) * (center ? l + coef * s * s : l);
-  }
-}
-
-// Gradients of n pairs: with dl/dd = -(1 - e) sigmoid(-d) + e sigmoid(d) and the centering
-// term 2 coef (c + r), g_c = g (dl/dd + center), g_r = g (center - dl/dd), where g is the
-// upstream gradient (grad[i] for "none", else scale) times the pair's weight.
-template <bool kM, bool kW, bool kNone, typename A>
-RMK_SIMD_CLONES void pair_grads(const A* c, const A* r, const A* m, const A* w, const A* grad, A mv, A wv, A e, A coef, A scale,
-                int64_t n, A* __restrict__ g_c, A* __restrict__ g_r) {
-  const bool center_on = coef != A(0);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const A d = c[i] - r[i] - (kM ? m[i] : mv);
-    // sigmoid(d) and sigmoid(-d) from one exp of a non-positive number
-    const A z = vecmath::exp_nonpos(-std::abs(d));
-    const A inv = A(1) / (A(1) + z);
-    const A zinv = z * inv;
-    const A s_pos = d >= A(0) ? inv : zinv;   // sigmoid(d)
-    const A s_neg = d >= A(0) ? zinv : inv;   // sigmoid(-d)
-    const A dl_dd = -(A(1) - e) * s_neg + e * s_pos;
-    const A center = center_on ? A(2) * coef * (c[i] + r[i]) : A(0);
-    const A g = (kNone ? grad[i] : scale) * (kW ? w[i] : wv);
-    g_c[i] = g * (dl_dd + center);
-    g_r[i] = g * (center - dl_dd);
-  }
-}
+#define RMK_LOOPS_HEADER "bt_loss_loops.h"
+#include "simd_variants.h"  // pair_losses, pair_grads: simd_base / simd_v3 / simd_v4
 
 // Calls f(std::bool_constant<margin != null>, std::bool_constant<weights != null>).
 template <typename A, typename F> void with_mw(const BTParams<A>& p, F&& f) {
@@ -152,7 +116,7 @@ void bt_fwd_impl(const S* c, int64_t sc, const S* r, int64_t sr, const BTParams<
       const A* rr = as_acc(r + i0 * sr, sr, n, rb);
       A* o = reduction == kReduceNone ? out + i0 : lb;
       with_mw(p, [&](auto has_m, auto has_w) {
-        pair_losses<decltype(has_m)::value, decltype(has_w)::value, A>(
+        RMK_SIMD(pair_losses<decltype(has_m)::value, decltype(has_w)::value, A>)(
             cc, rr, p.margin ? p.margin + i0 : nullptr, p.weights ? p.weights + i0 : nullptr, p.margin_value,
             p.weight_value, p.e, p.coef, n, o);
       });
@@ -227,11 +191,11 @@ void bt_bwd_impl(const acc_t<S>* grad, const S* c, int64_t sc, const S* r, int64
         const A* m = p.margin ? p.margin + i0 : nullptr;
         const A* w = p.weights ? p.weights + i0 : nullptr;
         if (reduction == kReduceNone) {
-          pair_grads<kM, kW, true, A>(cc, rr, m, w, grad + i0, p.margin_value, p.weight_value, p.e, p.coef, scale,
-                                      n, oc, orr);
+          RMK_SIMD(pair_grads<kM, kW, true, A>)(cc, rr, m, w, grad + i0, p.margin_value, p.weight_value, p.e,
+                                                p.coef, scale, n, oc, orr);
         } else {
-          pair_grads<kM, kW, false, A>(cc, rr, m, w, nullptr, p.margin_value, p.weight_value, p.e, p.coef, scale,
-                                       n, oc, orr);
+          RMK_SIMD(pair_grads<kM, kW, false, A>)(cc, rr, m, w, nullptr, p.margin_value, p.weight_value, p.e,
+                                                 p.coef, scale, n, oc, orr);
         }
       });
       if constexpr (!kDirect) {

@@ -10,8 +10,8 @@
 // may have any strides; mask is bool [B, T] (any strides); scores arrive as a contiguous
 // [B] tensor in the arithmetic dtype. Outputs are contiguous [B, T] in the arithmetic dtype
 // (float32, float64 for double input). A clamp of 0 means no clamp. The recurrence over T is
-// one sequential pass per row from the right (rows in parallel): every input is read once and
-// every output written once.
+// one sequential pass per row from the right (rows in parallel); the element-wise parts are
+// vectorised loops (ppo_loops.h, in the CPU's variant: RMK_SIMD).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,6 +19,8 @@
 #include <type_traits>
 
 #include "rmkernels/cpu_common.h"
+#include "rmkernels/cpu_simd.h"
+#include "rmkernels/cpu_vec_math.h"
 
 namespace rmkernels {
 namespace {
@@ -47,7 +49,7 @@ inline acc kl_of(acc x, acc x_clamp, acc kl_clamp) {
   } else if constexpr (kEst == kK2) {
     k = acc(0.5) * x * x;
   } else {
-    k = std::exp(-x) - acc(1) + x;
+    k = vecmath::exp_any(-x) - acc(1) + x;
   }
   return clamp_sym(k, kl_clamp);
 }
@@ -56,75 +58,32 @@ struct Strides2 {
   int64_t s0, s1;
 };
 
-// Per group of kLanes rows: pass 1, per row, the element-wise part (KL and rewards;
-// no dependence between positions), then the score at the last valid
-// position; pass 2, the recurrence over T from the right, the kLanes rows interleaved
-// position by position: A_t = delta_t + gamma * lam * A_next is a chain of dependent
-// multiply-adds within a row, so one row at a time is bound by their latency, while
-// independent rows overlap. Each row gets exactly the sequential arithmetic (masked
-// positions compute a value that is selected away), so results do not depend on grouping.
+// Per group of kLanes rows: pass 1, per row, the element-wise part (KL and rewards; no
+// dependence between positions: vectorised), then the score at the last valid position;
+// pass 2, the recurrence over T from the right, the kLanes rows interleaved position by
+// position: A_t = delta_t + gamma * lam * A_next is a chain of dependent multiply-adds
+// within a row, so one row at a time is bound by their latency, while independent rows
+// overlap; pass 3, per row, the whitening partials (count, sum of A) over the row just
+// written (still in cache; vectorised). Each row gets exactly the sequential arithmetic
+// (masked positions compute a value that is selected away), so results do not depend on
+// grouping.
 constexpr int64_t kLanes = 4;
 
-// Pass 1 of one row. kUnit: every position stride is 1 (the usual layout), so the compiler
-// can drop the stride multiplications. (GCC 12 does not vectorise these bool-mask select
-// loops: "control flow in loop"; they run scalar, branch-free.)
-template <int64_t kEst, bool kUnit, typename scalar_t>
-void kl_rewards_row(const scalar_t* lpr, int64_t slp, const scalar_t* rfr, int64_t srf, const bool* mr, int64_t sm,
-                    int64_t T, acc_t<scalar_t> kl_coef, acc_t<scalar_t> x_clamp, acc_t<scalar_t> kl_clamp,
-                    acc_t<scalar_t>* __restrict__ o_kl, acc_t<scalar_t>* __restrict__ o_rew) {
-  using acc = acc_t<scalar_t>;
-  if (kUnit) slp = srf = sm = 1;
-#pragma omp simd
-  for (int64_t t = 0; t < T; ++t) {
-    const acc x = static_cast<acc>(lpr[t * slp]) - static_cast<acc>(rfr[t * srf]);
-    const acc k = kl_of<kEst>(x, x_clamp, kl_clamp);
-    const bool valid = mr[t * sm];
-    o_kl[t] = valid ? k : acc(0);
-    o_rew[t] = valid ? -kl_coef * k : acc(0);
-  }
-}
+#define RMK_LOOPS_HEADER "ppo_loops.h"
+#include "simd_variants.h"  // kl_rewards_row, gae_recurrence, masked_count_sum, centered_sq_row, whiten_row
 
-// Pass 2 of L rows b0 .. b0 + L - 1, interleaved (fully unrolled: the carries stay in
-// registers).
-template <int L, typename scalar_t>
-void gae_recurrence(const scalar_t* val, Strides2 sv, const bool* mask, Strides2 sm, int64_t b0, int64_t T,
-                    acc_t<scalar_t> gamma, acc_t<scalar_t> gl, const acc_t<scalar_t>* rew, acc_t<scalar_t>* adv,
-                    acc_t<scalar_t>* ret, double* stats) {
-  using acc = acc_t<scalar_t>;
-  acc next_v[L], next_a[L];
-  double count[L], sum[L];
-#pragma GCC unroll 8
-  for (int l = 0; l < L; ++l) {
-    next_v[l] = next_a[l] = acc(0);
-    count[l] = sum[l] = 0.0;
-  }
-  for (int64_t t = T - 1; t >= 0; --t) {
-#pragma GCC unroll 8
-    for (int l = 0; l < L; ++l) {
-      const int64_t b = b0 + l;
-      const int64_t o = b * T + t;
-      const bool valid = mask[b * sm.s0 + t * sm.s1];
-      const acc v = static_cast<acc>(val[b * sv.s0 + t * sv.s1]);
-      const acc delta = rew[o] + gamma * next_v[l] - v;
-      const acc a = delta + gl * next_a[l];
-      adv[o] = valid ? a : acc(0);
-      ret[o] = valid ? a + v : acc(0);
-      next_v[l] = valid ? v : next_v[l];
-      next_a[l] = valid ? a : next_a[l];
-      count[l] += valid ? 1.0 : 0.0;
-      sum[l] += valid ? static_cast<double>(a) : 0.0;
-    }
-  }
-#pragma GCC unroll 8
-  for (int l = 0; l < L; ++l) {
-    stats[2 * (b0 + l)] = count[l];
-    stats[2 * (b0 + l) + 1] = sum[l];
+template <typename scalar_t>
+void row_count_sum(const scalar_t* x, int64_t sx, const uint8_t* m, int64_t sm, int64_t T, double* out) {
+  if (sx == 1 && sm == 1) {
+    RMK_SIMD(masked_count_sum<true, scalar_t>)(x, 1, m, 1, T, out);
+  } else {
+    RMK_SIMD(masked_count_sum<false, scalar_t>)(x, sx, m, sm, T, out);
   }
 }
 
 template <int64_t kEst, typename scalar_t>
 void gae_rows(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf, const scalar_t* val, Strides2 sv,
-              const acc_t<scalar_t>* scores, const bool* mask, Strides2 sm, int64_t B, int64_t T, const GaeParams& p,
+              const acc_t<scalar_t>* scores, const uint8_t* mask, Strides2 sm, int64_t B, int64_t T, const GaeParams& p,
               acc_t<scalar_t>* adv, acc_t<scalar_t>* ret, acc_t<scalar_t>* rew, acc_t<scalar_t>* kl, double* stats) {
   using acc = acc_t<scalar_t>;
   const acc kl_coef = static_cast<acc>(p.kl_coef), gamma = static_cast<acc>(p.gamma);
@@ -132,6 +91,7 @@ void gae_rows(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf
   const acc x_clamp = static_cast<acc>(p.x_clamp), kl_clamp = static_cast<acc>(p.kl_clamp);
   const acc score_clip = static_cast<acc>(p.score_clip);
   const bool unit = slp.s1 == 1 && srf.s1 == 1 && sm.s1 == 1;
+  const bool unit2 = sv.s1 == 1 && sm.s1 == 1;
   const int64_t n_groups = (B + kLanes - 1) / kLanes;
   at::parallel_for(0, n_groups, 1, [&](int64_t g_lo, int64_t g_hi) {
     for (int64_t g = g_lo; g < g_hi; ++g) {
@@ -141,12 +101,13 @@ void gae_rows(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf
       for (int64_t b = b0; b < b0 + nl; ++b) {
         const scalar_t* lpr = lp + b * slp.s0;
         const scalar_t* rfr = rf + b * srf.s0;
-        const bool* mr = mask + b * sm.s0;
+        const uint8_t* mr = mask + b * sm.s0;
         if (unit) {
-          kl_rewards_row<kEst, true>(lpr, 1, rfr, 1, mr, 1, T, kl_coef, x_clamp, kl_clamp, kl + b * T, rew + b * T);
+          RMK_SIMD(kl_rewards_row<kEst, true, scalar_t>)(lpr, 1, rfr, 1, mr, 1, T, kl_coef, x_clamp, kl_clamp,
+                                                         kl + b * T, rew + b * T);
         } else {
-          kl_rewards_row<kEst, false>(lpr, slp.s1, rfr, srf.s1, mr, sm.s1, T, kl_coef, x_clamp, kl_clamp, kl + b * T,
-                                      rew + b * T);
+          RMK_SIMD(kl_rewards_row<kEst, false, scalar_t>)(lpr, slp.s1, rfr, srf.s1, mr, sm.s1, T, kl_coef,
+                                                          x_clamp, kl_clamp, kl + b * T, rew + b * T);
         }
         for (int64_t t = T - 1; t >= 0; --t) {
           if (mr[t * sm.s1]) {
@@ -157,15 +118,29 @@ void gae_rows(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf
       }
       // Pass 2: the recurrence, rows interleaved.
       if (nl == kLanes) {
-        gae_recurrence<kLanes>(val, sv, mask, sm, b0, T, gamma, gl, rew, adv, ret, stats);
+        if (unit2) {
+          RMK_SIMD(gae_recurrence<kLanes, true, scalar_t>)(val, sv, mask, sm, b0, T, gamma, gl, rew, adv, ret);
+        } else {
+          RMK_SIMD(gae_recurrence<kLanes, false, scalar_t>)(val, sv, mask, sm, b0, T, gamma, gl, rew, adv, ret);
+        }
       } else {
-        for (int64_t b = b0; b < b0 + nl; ++b) gae_recurrence<1>(val, sv, mask, sm, b, T, gamma, gl, rew, adv, ret, stats);
+        for (int64_t b = b0; b < b0 + nl; ++b) {
+          RMK_SIMD(gae_recurrence<1, false, scalar_t>)(val, sv, mask, sm, b, T, gamma, gl, rew, adv, ret);
+        }
+      }
+      // Pass 3: the whitening partials of each row.
+      for (int64_t b = b0; b < b0 + nl; ++b) {
+        row_count_sum<acc>(adv + b * T, 1, mask + b * sm.s0, sm.s1, T, stats + 2 * b);
       }
     }
   });
 }
 
 Strides2 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
+
+// A bool mask as bytes (0 / 1): the loops test `!= 0` on uint8_t, which GCC vectorises
+// (a select on a loaded `bool` it does not).
+const uint8_t* mask_bytes(const at::Tensor& mask) { return reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()); }
 
 void check_bt(const at::Tensor& t, const char* name, int64_t B, int64_t T) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == T, name, " must be [B, T] = [", B, ", ", T, "], got ",
@@ -200,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
       gae_rows<decltype(est)::value, scalar_t>(
           logprobs.data_ptr<scalar_t>(), strides_of(logprobs), ref_logprobs.data_ptr<scalar_t>(),
           strides_of(ref_logprobs), values.data_ptr<scalar_t>(), strides_of(values), scores.data_ptr<acc>(),
-          mask.data_ptr<bool>(), strides_of(mask), B, T, p, adv.data_ptr<acc>(), ret.data_ptr<acc>(),
+          mask_bytes(mask), strides_of(mask), B, T, p, adv.data_ptr<acc>(), ret.data_ptr<acc>(),
           rew.data_ptr<acc>(), kl.data_ptr<acc>(), stats.data_ptr<double>());
     };
     switch (estimator) {
@@ -216,25 +191,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
 // ---------------------------------------------------------------------------------------
 // Whitening: per-row partials, then the element-wise apply.
 // ---------------------------------------------------------------------------------------
-// The row loops are branch-free selects under `#pragma omp simd` (GCC 12 vectorises the
-// row statistics, not the others); the reductions' order is fixed by the build, so results
-// are deterministic.
+// The row loops are branch-free selects, vectorised (RMK_SIMD, ppo_loops.h); each row's sums are
+// taken by one thread and summed over rows in order by the caller: results do not depend on
+// the number of threads. (The float64 lane split of a row's sum follows the vector width of
+// the CPU: across CPUs the statistics may differ in their last float64 bits.)
 template <typename scalar_t>
-void row_stats_impl(const scalar_t* x, Strides2 sx, const bool* mask, Strides2 sm, int64_t B, int64_t T,
+void row_stats_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Strides2 sm, int64_t B, int64_t T,
                     double* stats) {
   at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
-      const scalar_t* xr = x + b * sx.s0;
-      const bool* mr = mask + b * sm.s0;
-      double count = 0, sum = 0;
-#pragma omp simd reduction(+ : count, sum)
-      for (int64_t t = 0; t < T; ++t) {
-        const bool valid = mr[t * sm.s1];
-        count += valid ? 1.0 : 0.0;
-        sum += valid ? static_cast<double>(static_cast<acc_t<scalar_t>>(xr[t * sx.s1])) : 0.0;
-      }
-      stats[2 * b] = count;
-      stats[2 * b + 1] = sum;
+      row_count_sum<scalar_t>(x + b * sx.s0, sx.s1, mask + b * sm.s0, sm.s1, T, stats + 2 * b);
     }
   });
 }
@@ -243,25 +209,20 @@ void row_stats_impl(const scalar_t* x, Strides2 sx, const bool* mask, Strides2 s
 inline double mean_of(const double* totals) { return totals[0] > 0 ? totals[1] / totals[0] : 0.0; }
 
 template <typename scalar_t>
-void centered_sq_impl(const scalar_t* x, Strides2 sx, const bool* mask, Strides2 sm, int64_t B, int64_t T,
+void centered_sq_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Strides2 sm, int64_t B, int64_t T,
                       double mean, double* out) {
   at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const scalar_t* xr = x + b * sx.s0;
-      const bool* mr = mask + b * sm.s0;
-      double s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t t = 0; t < T; ++t) {
-        const double d = static_cast<double>(static_cast<acc_t<scalar_t>>(xr[t * sx.s1])) - mean;
-        s += mr[t * sm.s1] ? d * d : 0.0;
-      }
-      out[b] = s;
+      const uint8_t* mr = mask + b * sm.s0;
+      out[b] = sx.s1 == 1 && sm.s1 == 1 ? RMK_SIMD(centered_sq_row<true, scalar_t>)(xr, 1, mr, 1, T, mean)
+                                        : RMK_SIMD(centered_sq_row<false, scalar_t>)(xr, sx.s1, mr, sm.s1, T, mean);
     }
   });
 }
 
 template <typename scalar_t>
-void whiten_apply_impl(const scalar_t* x, Strides2 sx, const bool* mask, Strides2 sm, int64_t B, int64_t T,
+void whiten_apply_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Strides2 sm, int64_t B, int64_t T,
                        const double* totals, const double* sq, bool shift_mean, bool unbiased, double eps,
                        acc_t<scalar_t>* out) {
   using acc = acc_t<scalar_t>;
@@ -274,15 +235,15 @@ void whiten_apply_impl(const scalar_t* x, Strides2 sx, const bool* mask, Strides
   const acc rstd = static_cast<acc>(1.0 / std::sqrt(var + eps));
   const acc mean_a = static_cast<acc>(mean_of(totals));
   const acc add_back = shift_mean ? acc(0) : mean_a;
+  const bool unit = sx.s1 == 1 && sm.s1 == 1;
   at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const scalar_t* xr = x + b * sx.s0;
-      const bool* mr = mask + b * sm.s0;
-      acc* o = out + b * T;
-#pragma omp simd
-      for (int64_t t = 0; t < T; ++t) {
-        const acc y = (static_cast<acc>(xr[t * sx.s1]) - mean_a) * rstd + add_back;
-        o[t] = mr[t * sm.s1] ? y : acc(0);
+      const uint8_t* mr = mask + b * sm.s0;
+      if (unit) {
+        RMK_SIMD(whiten_row<true, scalar_t>)(xr, 1, mr, 1, T, mean_a, rstd, add_back, out + b * T);
+      } else {
+        RMK_SIMD(whiten_row<false, scalar_t>)(xr, sx.s1, mr, sm.s1, T, mean_a, rstd, add_back, out + b * T);
       }
     }
   });
@@ -305,7 +266,7 @@ at::Tensor masked_row_stats_cpu(const at::Tensor& x, const at::Tensor& mask) {
   auto stats = at::empty({B, 2}, x.options().dtype(at::kDouble));
   if (B == 0) return stats;
   RMK_DISPATCH_FLOATS(x.scalar_type(), "masked_row_stats_cpu", [&] {
-    row_stats_impl<scalar_t>(x.data_ptr<scalar_t>(), strides_of(x), mask.data_ptr<bool>(), strides_of(mask), B, T,
+    row_stats_impl<scalar_t>(x.data_ptr<scalar_t>(), strides_of(x), mask_bytes(mask), strides_of(mask), B, T,
                              stats.data_ptr<double>());
   });
   return stats;
@@ -320,7 +281,7 @@ at::Tensor masked_centered_sq_cpu(const at::Tensor& x, const at::Tensor& mask, c
   const auto tot = totals.contiguous();
   const double mean = mean_of(tot.data_ptr<double>());
   RMK_DISPATCH_FLOATS(x.scalar_type(), "masked_centered_sq_cpu", [&] {
-    centered_sq_impl<scalar_t>(x.data_ptr<scalar_t>(), strides_of(x), mask.data_ptr<bool>(), strides_of(mask), B, T,
+    centered_sq_impl<scalar_t>(x.data_ptr<scalar_t>(), strides_of(x), mask_bytes(mask), strides_of(mask), B, T,
                                mean, out.data_ptr<double>());
   });
   return out;
@@ -338,7 +299,7 @@ at::Tensor masked_whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, 
   const auto tot = totals.contiguous();
   const auto sqc = sq.contiguous();
   RMK_DISPATCH_FLOATS(x.scalar_type(), "masked_whiten_apply_cpu", [&] {
-    whiten_apply_impl<scalar_t>(x.data_ptr<scalar_t>(), strides_of(x), mask.data_ptr<bool>(), strides_of(mask), B, T,
+    whiten_apply_impl<scalar_t>(x.data_ptr<scalar_t>(), strides_of(x), mask_bytes(mask), strides_of(mask), B, T,
                                 tot.data_ptr<double>(), sqc.data_ptr<double>(), shift_mean, unbiased, eps,
                                 out.data_ptr<acc_t<scalar_t>>());
   });

@@ -24,18 +24,6 @@ constexpr int64_t kElemGrain = 4096;
 
 }  // namespace rmkernels
 
-// RMK_SIMD_CLONES on a function with `#pragma omp simd` loops compiles it three times, for
-// x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline, and picks the one the CPU
-// runs at load time (GCC function multiversioning, an ifunc): the wheel stays portable and
-// the loops get the machine's vector width. Every clone does the same operations in the
-// same order (no FMA contraction under -std=c++17), so the results are bitwise identical on
-// every CPU. Elsewhere (Clang, other architectures) it is a no-op.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
-#define RMK_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RMK_SIMD_CLONES
-#endif
-
 // Every floating dtype the kernels take: fp32, fp64, bf16, fp16.
 #define RMK_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)

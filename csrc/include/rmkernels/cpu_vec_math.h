@@ -2,18 +2,19 @@
 //
 // glibc's expf / log1pf are scalar calls: a loop that calls them runs one element at a time
 // (~10-30 ns per element for the Bradley-Terry loss). These are straight-line float
-// arithmetic (one select, one float -> int conversion, one shift), so GCC and Clang
-// vectorise a `#pragma omp simd` loop that uses them, at the vector width the file is
-// compiled for (RMK_SIMD_CLONES in cpu_common.h: AVX-512 / AVX2 / baseline). float64 keeps the libm functions (the fp64 path exists for gradcheck, where
-// the last ulp matters more than speed).
+// arithmetic (selects, one float -> int conversion, one shift), so GCC and Clang vectorise a
+// `#pragma omp simd` loop that uses them, at the vector width the function is compiled for
+// (RMK_SIMD_CLONES in cpu_common.h: AVX-512 / AVX2 / baseline). float64 keeps the libm
+// functions (the fp64 path exists for gradcheck, where the last ulp matters more than speed).
 //
-// Accuracy (float32): exp_nonpos within 1 ulp of exp on [-87, 0]; log1p_unit within 3 ulp
-// of log1p on [0, 1] (measured against the fp64 functions over 2e7 points each), relative
-// precision kept for tiny arguments. Both propagate NaN.
+// Accuracy (float32, measured against the fp64 functions over 2e7 points each): exp_nonpos /
+// exp_any within 1 ulp of exp on [-87, 88] (2.4 ulp above 88); log1p_unit within 3 ulp of
+// log1p on [0, 1], relative precision kept for tiny arguments. All propagate NaN.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace rmkernels {
 namespace vecmath {
@@ -24,16 +25,15 @@ inline float bits_to_float(int32_t i) {
   return f;
 }
 
-// exp(x) for x <= 0 (or NaN). Below -87 (where expf goes subnormal) it returns 0.
-// x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2 split into an exact high part and a
-// low part), exp(r) by the Cephes expf polynomial, 2^n built in the exponent bits.
-inline float exp_nonpos(float x) {
+// exp(x) for x in [-87, 88] (or NaN): x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2
+// split into an exact high part and a low part), exp(r) by the Cephes expf polynomial, 2^n
+// (n in [-126, 127]) built in the exponent bits.
+inline float exp_core(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kRound = 12582912.0f;  // 1.5 * 2^23: x + kRound - kRound rounds x to an integer
   const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  const float xc = x < -87.0f ? -87.0f : x;  // NaN compares false and stays NaN
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  const float n = (x * kLog2e + kRound) - kRound;
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -41,8 +41,19 @@ inline float exp_nonpos(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * (r * r) + r + 1.0f;
-  const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);  // n in [-126, 0]
-  return x < -87.0f ? 0.0f : y * scale;
+  return y * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+}
+
+// exp(x) for x <= 0 (or NaN). Below -87 (where expf goes subnormal) it returns 0.
+inline float exp_nonpos(float x) {
+  return x < -87.0f ? 0.0f : exp_core(x < -87.0f ? -87.0f : x);  // NaN compares false: NaN
+}
+
+// exp(x) for any x: 0 below -87, exp(x / 2)^2 above 88 (inf past FLT_MAX), NaN for NaN.
+inline float exp_any(float x) {
+  const float h = exp_core(0.5f * (x > 89.0f ? 89.0f : x));
+  const float y = x > 88.0f ? h * h : exp_core(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
+  return x < -87.0f ? 0.0f : y;
 }
 
 // log1p(z) for z in [0, 1] (or NaN): 2 atanh(s) with s = z / (2 + z) in [0, 1/3], by its
@@ -62,6 +73,7 @@ inline float log1p_unit(float z) {
 }
 
 inline double exp_nonpos(double x) { return std::exp(x); }
+inline double exp_any(double x) { return std::exp(x); }
 inline double log1p_unit(double z) { return std::log1p(z); }
 
 }  // namespace vecmath
