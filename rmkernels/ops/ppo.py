@@ -238,6 +238,20 @@ def _whiten_local(x, mask, row_stats, shift_mean, unbiased, eps, backend):
     return _apply_dispatch(x, mask, totals, sq, shift_mean, unbiased, eps, backend)
 
 
+def _ppo_advantages_forward(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, kl_estimator,
+                            kl_clamp, score_clip, whiten, shift_mean, unbiased, eps, backend):
+    adv, ret, rew, kl, rows = _gae_dispatch(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam,
+                                            kl_estimator, kl_clamp, score_clip, backend)
+    if whiten:
+        adv = _whiten_local(adv, mask, rows, shift_mean, unbiased, eps, backend)
+    return adv, ret, rew, kl
+
+
+def _masked_whiten_forward(x, mask, shift_mean, unbiased, eps, backend):
+    rows = _row_stats_dispatch(x, mask, backend)
+    return _whiten_local(x, mask, rows, shift_mean, unbiased, eps, backend)
+
+
 @torch.library.custom_op("rmkernels::ppo_gae", mutates_args=())
 def ppo_gae_op(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, scores: Tensor, mask: Tensor,
                kl_coef: float, gamma: float, lam: float, kl_estimator: str, kl_clamp: Optional[float],
@@ -297,11 +311,8 @@ def ppo_advantages_op(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, sc
                       score_clip: Optional[float], whiten: bool, shift_mean: bool, unbiased: bool, eps: float,
                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused op of one process: (advantages, returns, rewards, kl), each [B, T]."""
-    adv, ret, rew, kl, rows = _gae_dispatch(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam,
-                                            kl_estimator, kl_clamp, score_clip, backend)
-    if whiten:
-        adv = _whiten_local(adv, mask, rows, shift_mean, unbiased, eps, backend)
-    return adv, ret, rew, kl
+    return _ppo_advantages_forward(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, kl_estimator,
+                                   kl_clamp, score_clip, whiten, shift_mean, unbiased, eps, backend)
 
 
 @ppo_advantages_op.register_fake
@@ -313,8 +324,7 @@ def _(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, kl_esti
 @torch.library.custom_op("rmkernels::masked_whiten", mutates_args=())
 def masked_whiten_op(x: Tensor, mask: Tensor, shift_mean: bool, unbiased: bool, eps: float, backend: str) -> Tensor:
     """The fused whitening of one process, x and mask [B, T] (mask bool)."""
-    rows = _row_stats_dispatch(x, mask, backend)
-    return _whiten_local(x, mask, rows, shift_mean, unbiased, eps, backend)
+    return _masked_whiten_forward(x, mask, shift_mean, unbiased, eps, backend)
 
 
 @masked_whiten_op.register_fake
