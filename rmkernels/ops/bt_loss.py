@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype, define_kernel_op
+from rmkernels._library import acc_dtype, define_kernel_op, eager_fast_path
 from rmkernels.ops import pooling as _pool
 
 # Integer codes of the reductions, as the kernels see them.
@@ -412,6 +412,15 @@ def _rank_autograd_backward(rank_backward, ctx, grad):
 ranking_loss_op.register_autograd(partial(_rank_autograd_backward, torch.ops.rmkernels.ranking_loss_backward),
                                   setup_context=_rank_setup_context)
 
+# What the public functions call: the public ops, or their bodies in plain eager mode
+_bradley_terry_loss = eager_fast_path(torch.ops.rmkernels.bradley_terry_loss, _bt_forward, _bt_setup_context,
+                                      partial(_bt_autograd_backward, _bt_backward))
+_pairwise_reward_loss = eager_fast_path(
+    torch.ops.rmkernels.pairwise_reward_loss, _pairwise_forward, _pairwise_setup_context,
+    partial(_pairwise_autograd_backward, _pairwise_backward))
+_ranking_loss = eager_fast_path(torch.ops.rmkernels.ranking_loss, _rank_forward, _rank_setup_context,
+                                partial(_rank_autograd_backward, _rank_backward))
+
 
 # ---------------------------------------------------------------------------------------
 # Public functions
@@ -486,7 +495,7 @@ def bradley_terry_loss(chosen, rejected, *, margin=None, label_smoothing=0.0, ce
     B, device = c.shape[0], c.device
     opts = _loss_options(margin, weights, label_smoothing, center_coef, reduction, B, device, acc_dtype(c.dtype))
     be = _backend.resolve(backend, device)
-    return torch.ops.rmkernels.bradley_terry_loss(c, r, *opts, be)
+    return _bradley_terry_loss(c, r, *opts, be)
 
 
 def pairwise_reward_loss(hidden_states, weight, bias=None, *, attention_mask=None, lengths=None, cu_seqlens=None,
@@ -526,7 +535,7 @@ def pairwise_reward_loss(hidden_states, weight, bias=None, *, attention_mask=Non
     be = _backend.resolve(backend, device)
     index = _pool.resolve_index(hidden_states, attention_mask=attention_mask, lengths=lengths, cu_seqlens=cu_seqlens,
                                 backend=be)
-    loss, rewards = torch.ops.rmkernels.pairwise_reward_loss(hidden_states, weight, bias, index, *opts, be)
+    loss, rewards = _pairwise_reward_loss(hidden_states, weight, bias, index, *opts, be)
     return loss, rewards[:B], rewards[B:]
 
 
@@ -565,4 +574,4 @@ def ranking_loss(rewards, *, num_candidates=None, reduction="mean", backend=None
         num_candidates = num_candidates.to(torch.int64).contiguous()  # the kernels read int64
     _checks.check_choice("reduction", reduction, tuple(REDUCTIONS))
     be = _backend.resolve(backend, rewards.device)
-    return torch.ops.rmkernels.ranking_loss(rewards, num_candidates, reduction, be)
+    return _ranking_loss(rewards, num_candidates, reduction, be)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype, define_kernel_op
+from rmkernels._library import acc_dtype, define_kernel_op, eager_fast_path
 
 # ---------------------------------------------------------------------------------------
 # Kernel ops (C++ CPU / CUDA implementations in csrc/)
@@ -215,6 +215,11 @@ def _backward(pool_backward, ctx, grad):
 last_token_reward_op.register_autograd(partial(_backward, torch.ops.rmkernels.last_token_reward_backward),
                                        setup_context=_setup_context)
 
+# What the public functions call: the public ops, or their bodies in plain eager mode
+_last_token_index = eager_fast_path(torch.ops.rmkernels.last_token_index, _index_forward)
+_last_token_reward = eager_fast_path(torch.ops.rmkernels.last_token_reward, _pool_forward, _setup_context,
+                                     partial(_backward, _pool_backward))
+
 
 # ---------------------------------------------------------------------------------------
 # Public functions
@@ -234,7 +239,7 @@ def _mask_index(mask, name, n_rows, n_tokens, device, backend, strict):
                          f"got {tuple(mask.shape)}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         mask = mask != 0  # the kernels test integer/bool elements against zero
-    index = torch.ops.rmkernels.last_token_index(mask, backend)
+    index = _last_token_index(mask, backend)
     if strict and n_tokens > 0 and _checks.data_checks_enabled(index.device):
         bad = torch.nonzero(index < 0).flatten()
         if bad.numel():
@@ -347,7 +352,7 @@ def last_token_reward(hidden_states, weight, bias=None, *, attention_mask=None, 
     be = _backend.resolve(backend, hidden_states.device)
     index = resolve_index(hidden_states, attention_mask=attention_mask, lengths=lengths, cu_seqlens=cu_seqlens,
                           backend=be)
-    return torch.ops.rmkernels.last_token_reward(hidden_states, weight, bias, index, be)
+    return _last_token_reward(hidden_states, weight, bias, index, be)
 
 
 def last_token_index(attention_mask=None, *, input_ids=None, pad_token_id=None, lengths=None, cu_seqlens=None,
