@@ -26,6 +26,7 @@ and any stride; ``margin``/``weights`` are None or contiguous ``[B]`` tensors in
 dtype (float32, float64 for float64 inputs); when None, the scalars ``margin_value`` /
 ``weight_value`` stand for every pair. ``reduction`` is an int code there (``REDUCTIONS``).
 """
+from functools import partial
 from typing import Optional, Tuple
 
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype, define_kernel_op
+from rmkernels._library import acc_dtype, define_kernel_op, eager_fast_path
 from rmkernels.ops import pooling as _pool
 
 # Integer codes of the reductions, as the kernels see them.
@@ -234,25 +235,39 @@ def _bt_setup_context(ctx, inputs, output):
     ctx.scalars = inputs[4:]  # margin_value, weight_value, label_smoothing, center_coef, reduction, backend
 
 
-def _bt_autograd_backward(ctx, grad):
+def _bt_autograd_backward(bt_backward, ctx, grad):
+    """Autograd backward; ``bt_backward`` is the public backward op, or its body (the eager
+    path). So for the other ops' ``*_autograd_backward``."""
     chosen, rejected, margin, weights = ctx.saved_tensors
     need_c, need_r = ctx.needs_input_grad[:2]
     *scalars, backend = ctx.scalars
-    g_c, g_r = torch.ops.rmkernels.bradley_terry_loss_backward(grad, chosen, rejected, margin, weights, *scalars,
-                                                               need_c, need_r, backend)
+    g_c, g_r = bt_backward(grad, chosen, rejected, margin, weights, *scalars, need_c, need_r, backend)
     return (g_c if need_c else None, g_r if need_r else None) + (None,) * 8
 
 
-bradley_terry_loss_op.register_autograd(_bt_autograd_backward, setup_context=_bt_setup_context)
+bradley_terry_loss_op.register_autograd(partial(_bt_autograd_backward, torch.ops.rmkernels.bradley_terry_loss_backward),
+                                        setup_context=_bt_setup_context)
 
 
-def _pool_forward(hidden, weight, bias, index, backend):
-    w, b = _pool._head_params(hidden, weight, bias)
-    if backend == "reference":
-        return _pool._reference_fwd(hidden, w, b, index)
-    if backend == "triton":
-        return _pool._triton().last_token_reward_fwd(hidden, w, b, index)
-    return _pool._fwd_kernel(hidden, w, b, index)
+def _pairwise_forward(hidden, weight, bias, index, margin, weights, margin_value, weight_value, label_smoothing,
+                      center_coef, reduction, backend):
+    rewards = _pool._pool_forward(hidden, weight, bias, index, backend).reshape(-1)
+    B = rewards.shape[0] // 2
+    loss = _bt_forward(rewards[:B], rewards[B:], margin, weights, margin_value, weight_value, label_smoothing,
+                       center_coef, reduction, backend)
+    return loss, rewards
+
+
+def _pairwise_backward(grad_loss, grad_rewards, rewards, hidden, weight, index, margin, weights, margin_value,
+                       weight_value, label_smoothing, center_coef, reduction, need_hidden, need_weight, need_bias,
+                       backend):
+    B = rewards.shape[0] // 2
+    g_c, g_r = _bt_backward(grad_loss, rewards[:B], rewards[B:], margin, weights, margin_value, weight_value,
+                            label_smoothing, center_coef, reduction, True, True, backend)
+    g = torch.cat([g_c, g_r])
+    if grad_rewards is not None:
+        g = g + grad_rewards
+    return _pool._pool_backward(g[:, None], hidden, weight, index, need_hidden, need_weight, need_bias, backend)
 
 
 @torch.library.custom_op("rmkernels::pairwise_reward_loss", mutates_args=())
@@ -263,11 +278,8 @@ def pairwise_reward_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
     """(loss, rewards [2B]): the value head ``weight`` [1, H] on the token ``index[b]`` of each
     of the 2B rows of ``hidden`` (rows 0..B-1 chosen, B..2B-1 rejected), then the
     Bradley-Terry loss of the two halves."""
-    rewards = _pool_forward(hidden, weight, bias, index, backend).reshape(-1)
-    B = rewards.shape[0] // 2
-    loss = _bt_forward(rewards[:B], rewards[B:], margin, weights, margin_value, weight_value, label_smoothing,
-                       center_coef, reduction, backend)
-    return loss, rewards
+    return _pairwise_forward(hidden, weight, bias, index, margin, weights, margin_value, weight_value,
+                             label_smoothing, center_coef, reduction, backend)
 
 
 @pairwise_reward_loss_op.register_fake
@@ -288,23 +300,9 @@ def pairwise_reward_loss_backward_op(grad_loss: Tensor, grad_rewards: Optional[T
     """(grad_hidden, grad_weight, grad_bias) of ``pairwise_reward_loss``, from the gradient of
     the loss and (optionally) of the returned rewards. ``rewards`` is the forward's [2B]
     output: the only thing the backward keeps besides the inputs and the index."""
-    B = rewards.shape[0] // 2
-    g_c, g_r = _bt_backward(grad_loss, rewards[:B], rewards[B:], margin, weights, margin_value, weight_value,
-                            label_smoothing, center_coef, reduction, True, True, backend)
-    g = torch.cat([g_c, g_r])
-    if grad_rewards is not None:
-        g = g + grad_rewards
-    return _pool_backward(g[:, None], hidden, weight, index, need_hidden, need_weight, need_bias, backend)
-
-
-def _pool_backward(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend):
-    w, _ = _pool._head_params(hidden, weight, None)
-    g = grad.to(w.dtype).contiguous()
-    if backend == "reference":
-        return _pool._reference_bwd(g, hidden, w, index, need_hidden, need_weight, need_bias)
-    if backend == "triton":
-        return _pool._triton().last_token_reward_bwd(g, hidden, w, index, need_hidden, need_weight, need_bias)
-    return _pool._bwd_kernel(g, hidden, w, index, need_hidden, need_weight, need_bias)
+    return _pairwise_backward(grad_loss, grad_rewards, rewards, hidden, weight, index, margin, weights,
+                              margin_value, weight_value, label_smoothing, center_coef, reduction, need_hidden,
+                              need_weight, need_bias, backend)
 
 
 @pairwise_reward_loss_backward_op.register_fake
@@ -321,25 +319,24 @@ def _pairwise_setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _pairwise_autograd_backward(ctx, grad_loss, grad_rewards):
+def _pairwise_autograd_backward(pairwise_backward, ctx, grad_loss, grad_rewards):
     hidden, weight, index, margin, weights, rewards = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     *scalars, backend = ctx.scalars
     if grad_loss is None:
         grad_loss = torch.zeros_like(rewards[: rewards.shape[0] // 2] if scalars[-1] == "none" else rewards[0])
-    g_h, g_w, g_b = torch.ops.rmkernels.pairwise_reward_loss_backward(
-        grad_loss, grad_rewards, rewards, hidden, weight, index, margin, weights, *scalars, need_h, need_w, need_b,
-        backend)
+    g_h, g_w, g_b = pairwise_backward(grad_loss, grad_rewards, rewards, hidden, weight, index, margin, weights,
+                                      *scalars, need_h, need_w, need_b, backend)
     return (g_h if need_h else None, g_w.to(weight.dtype) if need_w else None,
             g_b.to(ctx.bias_dtype) if need_b else None) + (None,) * 9
 
 
-pairwise_reward_loss_op.register_autograd(_pairwise_autograd_backward, setup_context=_pairwise_setup_context)
+pairwise_reward_loss_op.register_autograd(
+    partial(_pairwise_autograd_backward, torch.ops.rmkernels.pairwise_reward_loss_backward),
+    setup_context=_pairwise_setup_context)
 
 
-@torch.library.custom_op("rmkernels::ranking_loss", mutates_args=())
-def ranking_loss_op(rewards: Tensor, num_candidates: Optional[Tensor], reduction: str, backend: str) -> Tensor:
-    """K-wise ranking loss of ``rewards`` [B, K] (column 0 the best); see ``ranking_loss``."""
+def _rank_forward(rewards, num_candidates, reduction, backend):
     if backend == "reference":
         rows = _reference_ranking_fwd(rewards, num_candidates)
     elif backend == "triton":
@@ -351,6 +348,28 @@ def ranking_loss_op(rewards: Tensor, num_candidates: Optional[Tensor], reduction
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / _ranked_rows(rewards, num_candidates).to(rows.dtype)
+
+
+def _rank_backward(grad, rewards, num_candidates, reduction, backend):
+    acc = acc_dtype(rewards.dtype)
+    if reduction == "none":
+        g_rows = grad.to(acc).contiguous()
+    else:
+        g = grad.to(acc)
+        if reduction == "mean":
+            g = g / _ranked_rows(rewards, num_candidates).to(acc)
+        g_rows = g.expand(rewards.shape[0]).contiguous()
+    if backend == "reference":
+        return _reference_ranking_bwd(g_rows, rewards, num_candidates)
+    if backend == "triton":
+        return _triton().ranking_loss_bwd(g_rows, rewards, num_candidates)
+    return _rank_bwd_kernel(g_rows, rewards, num_candidates)
+
+
+@torch.library.custom_op("rmkernels::ranking_loss", mutates_args=())
+def ranking_loss_op(rewards: Tensor, num_candidates: Optional[Tensor], reduction: str, backend: str) -> Tensor:
+    """K-wise ranking loss of ``rewards`` [B, K] (column 0 the best); see ``ranking_loss``."""
+    return _rank_forward(rewards, num_candidates, reduction, backend)
 
 
 def _ranked_rows(rewards, num_candidates):
@@ -370,19 +389,7 @@ def _(rewards, num_candidates, reduction, backend):
 def ranking_loss_backward_op(grad: Tensor, rewards: Tensor, num_candidates: Optional[Tensor], reduction: str,
                              backend: str) -> Tensor:
     """grad_rewards [B, K] (contiguous, rewards' dtype) of ``ranking_loss``."""
-    acc = acc_dtype(rewards.dtype)
-    if reduction == "none":
-        g_rows = grad.to(acc).contiguous()
-    else:
-        g = grad.to(acc)
-        if reduction == "mean":
-            g = g / _ranked_rows(rewards, num_candidates).to(acc)
-        g_rows = g.expand(rewards.shape[0]).contiguous()
-    if backend == "reference":
-        return _reference_ranking_bwd(g_rows, rewards, num_candidates)
-    if backend == "triton":
-        return _triton().ranking_loss_bwd(g_rows, rewards, num_candidates)
-    return _rank_bwd_kernel(g_rows, rewards, num_candidates)
+    return _rank_backward(grad, rewards, num_candidates, reduction, backend)
 
 
 @ranking_loss_backward_op.register_fake
@@ -396,13 +403,23 @@ def _rank_setup_context(ctx, inputs, output):
     ctx.reduction, ctx.backend = reduction, backend
 
 
-def _rank_autograd_backward(ctx, grad):
+def _rank_autograd_backward(rank_backward, ctx, grad):
     rewards, num_candidates = ctx.saved_tensors
-    g = torch.ops.rmkernels.ranking_loss_backward(grad, rewards, num_candidates, ctx.reduction, ctx.backend)
+    g = rank_backward(grad, rewards, num_candidates, ctx.reduction, ctx.backend)
     return g, None, None, None
 
 
-ranking_loss_op.register_autograd(_rank_autograd_backward, setup_context=_rank_setup_context)
+ranking_loss_op.register_autograd(partial(_rank_autograd_backward, torch.ops.rmkernels.ranking_loss_backward),
+                                  setup_context=_rank_setup_context)
+
+# What the public functions call: the public ops, or their bodies in plain eager mode
+_bradley_terry_loss = eager_fast_path(torch.ops.rmkernels.bradley_terry_loss, _bt_forward, _bt_setup_context,
+                                      partial(_bt_autograd_backward, _bt_backward))
+_pairwise_reward_loss = eager_fast_path(
+    torch.ops.rmkernels.pairwise_reward_loss, _pairwise_forward, _pairwise_setup_context,
+    partial(_pairwise_autograd_backward, _pairwise_backward))
+_ranking_loss = eager_fast_path(torch.ops.rmkernels.ranking_loss, _rank_forward, _rank_setup_context,
+                                partial(_rank_autograd_backward, _rank_backward))
 
 
 # ---------------------------------------------------------------------------------------
@@ -478,7 +495,7 @@ def bradley_terry_loss(chosen, rejected, *, margin=None, label_smoothing=0.0, ce
     B, device = c.shape[0], c.device
     opts = _loss_options(margin, weights, label_smoothing, center_coef, reduction, B, device, acc_dtype(c.dtype))
     be = _backend.resolve(backend, device)
-    return torch.ops.rmkernels.bradley_terry_loss(c, r, *opts, be)
+    return _bradley_terry_loss(c, r, *opts, be)
 
 
 def pairwise_reward_loss(hidden_states, weight, bias=None, *, attention_mask=None, lengths=None, cu_seqlens=None,
@@ -518,7 +535,7 @@ def pairwise_reward_loss(hidden_states, weight, bias=None, *, attention_mask=Non
     be = _backend.resolve(backend, device)
     index = _pool.resolve_index(hidden_states, attention_mask=attention_mask, lengths=lengths, cu_seqlens=cu_seqlens,
                                 backend=be)
-    loss, rewards = torch.ops.rmkernels.pairwise_reward_loss(hidden_states, weight, bias, index, *opts, be)
+    loss, rewards = _pairwise_reward_loss(hidden_states, weight, bias, index, *opts, be)
     return loss, rewards[:B], rewards[B:]
 
 
@@ -557,4 +574,4 @@ def ranking_loss(rewards, *, num_candidates=None, reduction="mean", backend=None
         num_candidates = num_candidates.to(torch.int64).contiguous()  # the kernels read int64
     _checks.check_choice("reduction", reduction, tuple(REDUCTIONS))
     be = _backend.resolve(backend, rewards.device)
-    return torch.ops.rmkernels.ranking_loss(rewards, num_candidates, reduction, be)
+    return _ranking_loss(rewards, num_candidates, reduction, be)

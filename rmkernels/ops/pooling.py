@@ -13,13 +13,14 @@ Ops (``torch.ops.rmkernels.*``):
 ``*_kernel``                         the C++ CPU / CUDA kernels behind ``cpu``/``cuda``
 =================================  ======================================================
 """
+from functools import partial
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype, define_kernel_op
+from rmkernels._library import acc_dtype, define_kernel_op, eager_fast_path
 
 # ---------------------------------------------------------------------------------------
 # Kernel ops (C++ CPU / CUDA implementations in csrc/)
@@ -119,15 +120,19 @@ def _triton():
     return pooling
 
 
-@torch.library.custom_op("rmkernels::last_token_index", mutates_args=())
-def last_token_index_op(mask: Tensor, backend: str) -> Tensor:
-    """Rightmost position of each row of ``mask`` [B, T] (bool/int) that is non-zero; -1 if
-    none. int64 [B]."""
+def _index_forward(mask, backend):
     if backend == "reference":
         return _reference_index(mask)
     if backend == "triton":
         return _triton().last_token_index(mask)
     return _index_kernel(mask)
+
+
+@torch.library.custom_op("rmkernels::last_token_index", mutates_args=())
+def last_token_index_op(mask: Tensor, backend: str) -> Tensor:
+    """Rightmost position of each row of ``mask`` [B, T] (bool/int) that is non-zero; -1 if
+    none. int64 [B]."""
+    return _index_forward(mask, backend)
 
 
 @last_token_index_op.register_fake
@@ -142,17 +147,31 @@ def _head_params(hidden, weight, bias):
     return w, b
 
 
-@torch.library.custom_op("rmkernels::last_token_reward", mutates_args=())
-def last_token_reward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], index: Tensor,
-                         backend: str) -> Tensor:
-    """rewards[b, k] = hidden[b, index[b]] . weight[k] + bias[k] (NaN where index[b] is not a
-    valid token). hidden [B, T, H] or packed [N, H] (index then holds global rows)."""
+def _pool_forward(hidden, weight, bias, index, backend):
     w, b = _head_params(hidden, weight, bias)
     if backend == "reference":
         return _reference_fwd(hidden, w, b, index)
     if backend == "triton":
         return _triton().last_token_reward_fwd(hidden, w, b, index)
     return _fwd_kernel(hidden, w, b, index)
+
+
+def _pool_backward(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend):
+    w, _ = _head_params(hidden, weight, None)
+    g = grad.to(w.dtype).contiguous()
+    if backend == "reference":
+        return _reference_bwd(g, hidden, w, index, need_hidden, need_weight, need_bias)
+    if backend == "triton":
+        return _triton().last_token_reward_bwd(g, hidden, w, index, need_hidden, need_weight, need_bias)
+    return _bwd_kernel(g, hidden, w, index, need_hidden, need_weight, need_bias)
+
+
+@torch.library.custom_op("rmkernels::last_token_reward", mutates_args=())
+def last_token_reward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], index: Tensor,
+                         backend: str) -> Tensor:
+    """rewards[b, k] = hidden[b, index[b]] . weight[k] + bias[k] (NaN where index[b] is not a
+    valid token). hidden [B, T, H] or packed [N, H] (index then holds global rows)."""
+    return _pool_forward(hidden, weight, bias, index, backend)
 
 
 @last_token_reward_op.register_fake
@@ -167,13 +186,7 @@ def last_token_reward_backward_op(grad: Tensor, hidden: Tensor, weight: Tensor, 
     """(grad_hidden in hidden's dtype and layout, zero but at the picked rows; grad_weight
     [K, H] and grad_bias [K] in the arithmetic dtype). A gradient that is not needed comes
     back as an empty tensor."""
-    w, _ = _head_params(hidden, weight, None)
-    g = grad.to(w.dtype).contiguous()
-    if backend == "reference":
-        return _reference_bwd(g, hidden, w, index, need_hidden, need_weight, need_bias)
-    if backend == "triton":
-        return _triton().last_token_reward_bwd(g, hidden, w, index, need_hidden, need_weight, need_bias)
-    return _bwd_kernel(g, hidden, w, index, need_hidden, need_weight, need_bias)
+    return _pool_backward(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend)
 
 
 @last_token_reward_backward_op.register_fake
@@ -189,16 +202,23 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, grad):
+def _backward(pool_backward, ctx, grad):
+    """Autograd backward; ``pool_backward`` is the public backward op, or its body (the
+    eager path)."""
     hidden, weight, index = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    g_h, g_w, g_b = torch.ops.rmkernels.last_token_reward_backward(
-        grad, hidden, weight, index, need_h, need_w, need_b, ctx.backend)
+    g_h, g_w, g_b = pool_backward(grad, hidden, weight, index, need_h, need_w, need_b, ctx.backend)
     return (g_h if need_h else None, g_w.to(weight.dtype) if need_w else None,
             g_b.to(ctx.bias_dtype) if need_b else None, None, None)
 
 
-last_token_reward_op.register_autograd(_backward, setup_context=_setup_context)
+last_token_reward_op.register_autograd(partial(_backward, torch.ops.rmkernels.last_token_reward_backward),
+                                       setup_context=_setup_context)
+
+# What the public functions call: the public ops, or their bodies in plain eager mode
+_last_token_index = eager_fast_path(torch.ops.rmkernels.last_token_index, _index_forward)
+_last_token_reward = eager_fast_path(torch.ops.rmkernels.last_token_reward, _pool_forward, _setup_context,
+                                     partial(_backward, _pool_backward))
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,7 +239,7 @@ def _mask_index(mask, name, n_rows, n_tokens, device, backend, strict):
                          f"got {tuple(mask.shape)}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         mask = mask != 0  # the kernels test integer/bool elements against zero
-    index = torch.ops.rmkernels.last_token_index(mask, backend)
+    index = _last_token_index(mask, backend)
     if strict and n_tokens > 0 and _checks.data_checks_enabled(index.device):
         bad = torch.nonzero(index < 0).flatten()
         if bad.numel():
@@ -332,7 +352,7 @@ def last_token_reward(hidden_states, weight, bias=None, *, attention_mask=None, 
     be = _backend.resolve(backend, hidden_states.device)
     index = resolve_index(hidden_states, attention_mask=attention_mask, lengths=lengths, cu_seqlens=cu_seqlens,
                           backend=be)
-    return torch.ops.rmkernels.last_token_reward(hidden_states, weight, bias, index, be)
+    return _last_token_reward(hidden_states, weight, bias, index, be)
 
 
 def last_token_index(attention_mask=None, *, input_ids=None, pad_token_id=None, lengths=None, cu_seqlens=None,

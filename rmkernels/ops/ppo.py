@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype, define_kernel_op
+from rmkernels._library import acc_dtype, define_kernel_op, eager_fast_path
 
 PPOAdvantages = namedtuple("PPOAdvantages", ["advantages", "returns", "rewards", "kl"])
 
@@ -238,6 +238,20 @@ def _whiten_local(x, mask, row_stats, shift_mean, unbiased, eps, backend):
     return _apply_dispatch(x, mask, totals, sq, shift_mean, unbiased, eps, backend)
 
 
+def _ppo_advantages_forward(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, kl_estimator,
+                            kl_clamp, score_clip, whiten, shift_mean, unbiased, eps, backend):
+    adv, ret, rew, kl, rows = _gae_dispatch(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam,
+                                            kl_estimator, kl_clamp, score_clip, backend)
+    if whiten:
+        adv = _whiten_local(adv, mask, rows, shift_mean, unbiased, eps, backend)
+    return adv, ret, rew, kl
+
+
+def _masked_whiten_forward(x, mask, shift_mean, unbiased, eps, backend):
+    rows = _row_stats_dispatch(x, mask, backend)
+    return _whiten_local(x, mask, rows, shift_mean, unbiased, eps, backend)
+
+
 @torch.library.custom_op("rmkernels::ppo_gae", mutates_args=())
 def ppo_gae_op(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, scores: Tensor, mask: Tensor,
                kl_coef: float, gamma: float, lam: float, kl_estimator: str, kl_clamp: Optional[float],
@@ -297,11 +311,8 @@ def ppo_advantages_op(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, sc
                       score_clip: Optional[float], whiten: bool, shift_mean: bool, unbiased: bool, eps: float,
                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused op of one process: (advantages, returns, rewards, kl), each [B, T]."""
-    adv, ret, rew, kl, rows = _gae_dispatch(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam,
-                                            kl_estimator, kl_clamp, score_clip, backend)
-    if whiten:
-        adv = _whiten_local(adv, mask, rows, shift_mean, unbiased, eps, backend)
-    return adv, ret, rew, kl
+    return _ppo_advantages_forward(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, kl_estimator,
+                                   kl_clamp, score_clip, whiten, shift_mean, unbiased, eps, backend)
 
 
 @ppo_advantages_op.register_fake
@@ -313,13 +324,22 @@ def _(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, kl_esti
 @torch.library.custom_op("rmkernels::masked_whiten", mutates_args=())
 def masked_whiten_op(x: Tensor, mask: Tensor, shift_mean: bool, unbiased: bool, eps: float, backend: str) -> Tensor:
     """The fused whitening of one process, x and mask [B, T] (mask bool)."""
-    rows = _row_stats_dispatch(x, mask, backend)
-    return _whiten_local(x, mask, rows, shift_mean, unbiased, eps, backend)
+    return _masked_whiten_forward(x, mask, shift_mean, unbiased, eps, backend)
 
 
 @masked_whiten_op.register_fake
 def _(x, mask, shift_mean, unbiased, eps, backend):
     return x.new_empty(x.shape, dtype=acc_dtype(x.dtype))
+
+
+# What the public functions call: the public ops, or their bodies in plain eager mode (no
+# gradients: the inputs are used detached)
+_ppo_advantages = eager_fast_path(torch.ops.rmkernels.ppo_advantages, _ppo_advantages_forward)
+_masked_whiten = eager_fast_path(torch.ops.rmkernels.masked_whiten, _masked_whiten_forward)
+_ppo_gae = eager_fast_path(torch.ops.rmkernels.ppo_gae, _gae_dispatch)
+_masked_row_stats = eager_fast_path(torch.ops.rmkernels.masked_row_stats, _row_stats_dispatch)
+_masked_centered_sq = eager_fast_path(torch.ops.rmkernels.masked_centered_sq, _centered_sq_dispatch)
+_masked_whiten_apply = eager_fast_path(torch.ops.rmkernels.masked_whiten_apply, _apply_dispatch)
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,9 +384,9 @@ def _whiten_distributed(x, mask, row_stats, shift_mean, unbiased, eps, backend, 
     """Whitening with the statistics of every rank: the float64 partials are all-reduced
     on the device, between the ops (no host synchronisation)."""
     totals = _all_reduce(row_stats.sum(0), process_group)
-    sq = torch.ops.rmkernels.masked_centered_sq(x, mask, totals, backend).sum(0, keepdim=True)
+    sq = _masked_centered_sq(x, mask, totals, backend).sum(0, keepdim=True)
     sq = _all_reduce(sq, process_group)
-    return torch.ops.rmkernels.masked_whiten_apply(x, mask, totals, sq, shift_mean, unbiased, eps, backend)
+    return _masked_whiten_apply(x, mask, totals, sq, shift_mean, unbiased, eps, backend)
 
 
 def _common_float_dtype(**tensors):
@@ -449,12 +469,11 @@ def ppo_advantages(logprobs, ref_logprobs, values, scores, mask, *, kl_coef, gam
     if common is not None:  # mixed dtypes: the kernels read one storage dtype
         logprobs, ref_logprobs, values = (t.to(common) for t in (logprobs, ref_logprobs, values))
     if process_group is None:
-        out = torch.ops.rmkernels.ppo_advantages(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam,
-                                                 kl_estimator, kl_clamp, score_clip, whiten, shift_mean, unbiased,
-                                                 eps, be)
+        out = _ppo_advantages(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, kl_estimator,
+                              kl_clamp, score_clip, whiten, shift_mean, unbiased, eps, be)
         return PPOAdvantages(*out)
-    adv, ret, rew, kl, rows = torch.ops.rmkernels.ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef,
-                                                          gamma, lam, kl_estimator, kl_clamp, score_clip, be)
+    adv, ret, rew, kl, rows = _ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam,
+                                       kl_estimator, kl_clamp, score_clip, be)
     if whiten:
         adv = _whiten_distributed(adv, mask, rows, shift_mean, unbiased, eps, be, process_group)
     return PPOAdvantages(adv, ret, rew, kl)
@@ -485,8 +504,8 @@ def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=DEFAULT_WHITEN
     x2 = x.detach().reshape(math.prod(shape[:-1]), shape[-1])  # rows = all leading dims
     m2 = mask.reshape(x2.shape)
     if process_group is None:
-        out = torch.ops.rmkernels.masked_whiten(x2, m2, shift_mean, unbiased, eps, be)
+        out = _masked_whiten(x2, m2, shift_mean, unbiased, eps, be)
     else:
-        rows = torch.ops.rmkernels.masked_row_stats(x2, m2, be)
+        rows = _masked_row_stats(x2, m2, be)
         out = _whiten_distributed(x2, m2, rows, shift_mean, unbiased, eps, be, process_group)
     return out.reshape(shape)
