@@ -794,11 +794,15 @@ def test_ranking_bad_inputs():
         rmk.ranking_loss(x, num_candidates=torch.ones(4, dtype=torch.long, device="meta"))
 
 
-def test_wrapper_adds_no_copies():
+@pytest.mark.parametrize("path", ["op", "eager"])
+def test_wrapper_adds_no_copies(path, monkeypatch):
     """Forward and backward of bradley_terry_loss on [B, 1] fp32 inputs with a fp32 margin
-    dispatch the loss op and its backward op and nothing but views around them (each op is
-    one kernel launch on the GPU paths)."""
+    dispatch the loss op and its backward op (path "op") or, on the eager fast path (forced on
+    under the logging mode, which otherwise turns it off), the two kernel ops, and nothing but
+    views around them (each is one kernel launch on the GPU paths)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rmkernels import _library
 
     class Log(TorchDispatchMode):
         def __init__(self):
@@ -809,6 +813,9 @@ def test_wrapper_adds_no_copies():
             self.ops.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
+    if path == "eager":
+        skip_unless_available("cpu", "cpu")
+        monkeypatch.setattr(_library, "use_eager_path", lambda *a: True)
     c = torch.randn(16, 1, requires_grad=True)
     r = torch.randn(16, 1, requires_grad=True)
     m, seed = torch.rand(16), torch.ones(())
@@ -817,4 +824,6 @@ def test_wrapper_adds_no_copies():
         torch.autograd.grad(loss, (c, r), seed)
     views = {"aten.squeeze", "aten.unsqueeze", "aten.view", "aten.detach", "aten.alias", "aten.promote_types"}
     heavy = [op for op in log.ops if op not in views]
-    assert heavy == ["rmkernels.bradley_terry_loss", "rmkernels.bradley_terry_loss_backward"], str(log.ops)
+    expected = {"op": ["rmkernels.bradley_terry_loss", "rmkernels.bradley_terry_loss_backward"],
+                "eager": ["rmkernels.bt_loss_fwd_kernel", "rmkernels.bt_loss_bwd_kernel"]}[path]
+    assert heavy == expected, str(log.ops)
