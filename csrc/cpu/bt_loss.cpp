@@ -28,9 +28,6 @@ namespace {
 constexpr int64_t kReduceNone = 0;
 constexpr int64_t kReduceMean = 1;
 
-// Pairs per partial sum of the reductions: the rounding error of a sum grows with
-// kSumChunk + B / kSumChunk instead of B.
-constexpr int64_t kSumChunk = 1024;
 
 // logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)): no overflow for any x (finite at |x| = 1e30).
 template <typename A> inline A log_sigmoid(A x) {
@@ -47,8 +44,6 @@ template <typename A> struct BTParams {
   const A* margin;   // [B] or null: margin_value
   const A* weights;  // [B] or null: weight_value
   A margin_value, weight_value, e, coef;
-  A m(int64_t i) const { return margin ? margin[i] : margin_value; }
-  A w(int64_t i) const { return weights ? weights[i] : weight_value; }
 };
 
 // The Bradley-Terry loops run over blocks of kBlock pairs. Each block first gets its
@@ -56,9 +51,10 @@ template <typename A> struct BTParams {
 // themselves when they already are: fp32 with unit stride), then one `#pragma omp simd`
 // loop (bt_loss_loops.h, in the CPU's variant: RMK_SIMD) computes the block with the
 // branch-free exp / log1p of cpu_vec_math.h (libm for fp64), so the transcendental part is
-// vectorised. Sums are taken per block in 8 fixed lanes,
-// then over blocks in order: deterministic whatever the number of threads or the vector width.
-constexpr int64_t kBlock = kSumChunk;
+// vectorised. Sums are taken per block in 8 fixed lanes, then over blocks in order:
+// deterministic whatever the number of threads or the vector width, and the rounding error
+// of a sum grows with kBlock + B / kBlock instead of B.
+constexpr int64_t kBlock = 1024;
 
 // n elements of p (stride s) as a contiguous array in the arithmetic dtype: p itself when it
 // already is one, else converted into buf.

@@ -72,6 +72,16 @@ def _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stri
 
 
 @triton.jit
+def _pair_loss(c, r, m, label_smoothing, center_coef, HAS_CENTER: tl.constexpr):
+    """-(1 - e) logsigmoid(d) - e logsigmoid(-d) (+ coef (c + r)^2), d = c - r - m, per pair."""
+    d = c - r - m
+    loss = -(1.0 - label_smoothing) * _log_sigmoid(d) - label_smoothing * _log_sigmoid(-d)
+    if HAS_CENTER:
+        loss += center_coef * (c + r) * (c + r)
+    return loss
+
+
+@triton.jit
 def _bt_fwd_kernel(
     chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, out_ptr,  # pointers ([B] each; out [] or [B])
     B, stride_c, stride_r,  # size and the strides of chosen / rejected, in elements
@@ -85,10 +95,7 @@ def _bt_fwd_kernel(
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         in_b, c, r, m, w = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stride_c,
                                        stride_r, margin_value, weight_value, acc_ty, HAS_MARGIN, HAS_WEIGHTS)
-        d = c - r - m
-        loss = -(1.0 - label_smoothing) * _log_sigmoid(d) - label_smoothing * _log_sigmoid(-d)
-        if HAS_CENTER:
-            loss += center_coef * (c + r) * (c + r)
+        loss = _pair_loss(c, r, m, label_smoothing, center_coef, HAS_CENTER)
         tl.store(out_ptr + offs.to(tl.int64), w * loss, mask=in_b)
     else:
         acc_l = tl.zeros([BLOCK], dtype=acc_ty)
@@ -97,10 +104,7 @@ def _bt_fwd_kernel(
             offs = start + tl.arange(0, BLOCK)
             in_b, c, r, m, w = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stride_c,
                                            stride_r, margin_value, weight_value, acc_ty, HAS_MARGIN, HAS_WEIGHTS)
-            d = c - r - m
-            loss = -(1.0 - label_smoothing) * _log_sigmoid(d) - label_smoothing * _log_sigmoid(-d)
-            if HAS_CENTER:
-                loss += center_coef * (c + r) * (c + r)
+            loss = _pair_loss(c, r, m, label_smoothing, center_coef, HAS_CENTER)
             acc_l += tl.where(in_b, w * loss, 0.0)
             acc_w += w
         total = tl.sum(acc_l, axis=0)
