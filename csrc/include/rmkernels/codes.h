@@ -1,0 +1,29 @@
+// Option codes shared by the C++ CPU and CUDA kernels. The mirror of rmkernels/_codes.py,
+// where every code is defined and documented; tests/test_codes.py fails when the two drift.
+// Plain C++ (no torch, no CUDA): included by .cpp and .cu files alike.
+#pragma once
+#include <cstdint>
+
+namespace rmkernels {
+namespace codes {
+
+enum Reduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
+
+enum KLEstimator : int64_t { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
+
+enum GaeSegmentMode : int64_t { kRow = 0, kSegmentAggregate = 1, kSegmentFinal = 2 };
+
+enum GroupEstimator : int64_t {
+  kGrpo = 0,
+  kDrGrpo = 1,
+  kRloo = 2,
+  kOpo = 3,
+  kGpg = 4,
+  kReinforcePPBaseline = 5,
+};
+
+// Segment policy of the GPU GAE kernels (rmkernels/_codes.py: SEGMENT_T).
+constexpr int64_t kSegmentT = 4096;
+
+}  // namespace codes
+}  // namespace rmkernels
