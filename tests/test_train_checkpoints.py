@@ -199,6 +199,17 @@ def test_reward_resume_with_no_intact_checkpoint_is_one_line(run_copy, capsys, c
     assert f"checkpoint-4: {reason}" in last and f"checkpoint-2: {reason}" in last
 
 
+def test_rotation_never_keeps_a_damaged_newer_checkpoint_instead_of_the_new_one(run_copy, capsys):
+    """--save-total-limit 1 after resuming from checkpoint-2 past a damaged checkpoint-4: the
+    new checkpoint-3 is kept, the abandoned checkpoint-4 goes."""
+    _truncate(run_copy / "checkpoint-4" / "model.safetensors")
+    rc, err = _reward(capsys, *REWARD_RUN[:-4], "--save-total-limit", 1, "--save-every", 1, "--seed", 3,
+                      "--stop-after", 1, "--output-dir", run_copy, "--resume")
+    assert rc == 0, err
+    assert [s for s, _ in T.list_checkpoints(str(run_copy))[0]] == [3]
+    _weights(run_copy / "checkpoint-3")
+
+
 def test_bad_checkpoint_names_and_leftovers(run_copy, capsys):
     """checkpoint-abc / checkpoint--3 / checkpoint-007 are refused with a message (never
     read); .tmp-checkpoint-* and .old-checkpoint-* leftovers are removed at start."""

@@ -315,13 +315,17 @@ def atomic_dir(final_path):
 
 def save_checkpoint(output_dir, step, write, keep):
     """Write ``checkpoint-<step>/`` atomically (:func:`atomic_dir`): ``write(tmp_dir)`` fills
-    the temporary directory; then all but the newest ``keep`` checkpoints are deleted. A
-    reader never sees a half-written checkpoint. Returns the path."""
+    the temporary directory; then all but the newest ``keep`` checkpoints up to ``step`` are
+    deleted, and any past ``step``. A reader never sees a half-written checkpoint. Returns
+    the path."""
     final = checkpoint_path(output_dir, step)
     with atomic_dir(final) as tmp:
         write(tmp)
     good, _ = list_checkpoints(output_dir)
-    for _, path in good[:-keep]:
+    # Checkpoints past this step belong to a history this run left (a resume from an older
+    # checkpoint when the newer ones were damaged): never keep them instead of this one.
+    older = [path for s, path in good if s <= step]
+    for path in older[:-keep] + [path for s, path in good if s > step]:
         shutil.rmtree(path, ignore_errors=True)
     return final
 
