@@ -370,3 +370,4 @@ def test_killed_at_random_moments_then_resumed_equals_an_uninterrupted_run(tmp_p
 
     assert train_curve(out) == train_curve(tmp_path / "straight"), log
     assert not [n for n in os.listdir(out) if n.startswith(".")], log
+

@@ -312,16 +312,19 @@ def test_model_dir_causal_lm_and_jsonl(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ddp_two_processes_agree(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo): the ranks end with identical parameters, and the
-    run matches one process that takes both ranks' pairs in each batch."""
+    """torchrun --nproc_per_node 2 (gloo), stopped after 3 steps and resumed (every rank
+    picks the same checkpoint): the ranks end with identical parameters, and the run matches
+    one process that takes both ranks' pairs in each batch."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
                                                          os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     steps = ["--max-steps", "6", "--eval-every", "3", "--save-every", "6", "--seed", "5"]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "rmkernels_train", "reward", "--output-dir", str(tmp_path / "ddp"), *TINY, *steps],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "rmkernels_train", "reward", "--output-dir", str(tmp_path / "ddp"), *TINY, *steps]
+    for extra in (["--stop-after", "3"], ["--resume"]):
+        ddp = subprocess.run(torchrun + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "resuming from" in ddp.stderr and "checkpoint-3 (step 3)" in ddp.stderr, ddp.stderr[-3000:]
     final = json.loads((tmp_path / "ddp" / "final.json").read_text())
     assert final["world_size"] == 2 and len(final["param_digests"]) == 2
     assert final["param_digests"][0] == final["param_digests"][1]

@@ -346,7 +346,7 @@ class PPOTrainer:
         if a.resume:
             self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(
                 self.out_dir, lambda p: load_checkpoint(p, self.policy, self.ref, self.value_model,
-                                                        self.make_optimizer), self.log)
+                                                        self.make_optimizer), self.log, dist)
             T.check_resume_args(loaded[0]["args"], a, RESUME_FIXED, dist.world_size)
             apply_checkpoint(loaded, self.policy, self.ref, self.value_model, self.optimizer)
             kl_coef = loaded[0]["kl_coef"]

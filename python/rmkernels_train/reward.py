@@ -296,7 +296,7 @@ class RewardTrainer:
         resumed = None
         if args.resume:
             _, self.last_ckpt, resumed = T.find_resume_checkpoint(self.out_dir, lambda p: load_checkpoint(p, args),
-                                                                  log)
+                                                                  log, dist)
             T.check_resume_args(resumed["state"]["args"], args, RESUME_FIXED, dist.world_size)
         elif T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
