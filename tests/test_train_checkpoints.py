@@ -371,3 +371,28 @@ def test_killed_at_random_moments_then_resumed_equals_an_uninterrupted_run(tmp_p
     assert train_curve(out) == train_curve(tmp_path / "straight"), log
     assert not [n for n in os.listdir(out) if n.startswith(".")], log
 
+
+
+def test_ppo_default_reward_model_dir_never_unpickles_code(ppo_run, tmp_path, capsys):
+    """Without --reward-model the PPO run reads <output-dir>/reward_model/final.json and the
+    checkpoint it names: a payload planted there (or a pickled pytorch_model.bin beside a
+    missing model.safetensors) never runs; the run stops with one line."""
+    rm, _ = ppo_run
+    for name in ("final.json", "checkpoint-3/config.json", "checkpoint-3/model.safetensors",
+                 "checkpoint-3/tokenizer.json", "checkpoint-3/pytorch_model.bin"):
+        out = tmp_path / name.replace("/", "_")
+        shutil.copytree(os.path.dirname(rm), out / "reward_model")
+        (out / "reward_model" / "final.json").write_text(json.dumps({"checkpoint": str(out / "reward_model" /
+                                                                                       "checkpoint-3")}))
+        marker = str(tmp_path / f"PWNED-{name.replace('/', '_')}")
+        if name.endswith(".bin"):
+            os.remove(out / "reward_model" / "checkpoint-3" / "model.safetensors")
+            torch.save({"score.weight": Payload(marker)}, out / "reward_model" / name)
+        else:
+            plant(str(out / "reward_model" / name), marker)
+        rc, err = _ppo(capsys, "--output-dir", out, "--steps", 1, *PPO_FAST)
+        assert not os.path.exists(marker), f"loading reward_model/{name} ran code"
+        assert rc == 1 and "Traceback" not in err, (name, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("rmkernels-train ppo: error: "), (name, err)
+        assert "reward_model" in last and "--model" not in last and "--reward-model " not in last, last

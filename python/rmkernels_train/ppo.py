@@ -217,7 +217,10 @@ def load_models(a, dist, reward_dir):
     tokenizer = load_tokenizer(reward_dir)
     if tokenizer.eos_token_id is None:
         raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-    reward_model = load_reward_model(reward_dir, what="--reward-model")
+    if a.reward_model is not None:
+        reward_model = load_reward_model(reward_dir, what="--reward-model")
+    else:  # the default one lives in the output directory: safetensors only, nothing there can run code
+        reward_model = load_reward_model(reward_dir, what="the default reward model", use_safetensors=True)
     backbone_rm = reward_model.base_model
     head = getattr(reward_model, "score", None)
     if head is None or not hasattr(head, "weight"):
