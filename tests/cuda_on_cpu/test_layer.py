@@ -96,3 +96,53 @@ def test_divergent_barrier_fails_not_hangs(variant):
     msg = str(e.value)
     assert "divergent_barrier_kernel" in msg and "__syncthreads is not reached by every thread" in msg, msg
     assert "threads 0-31: waiting at __syncthreads" in msg and "threads 32-63: exited" in msg, msg
+
+
+# ---- every kernel file is covered ----------------------------------------------------------
+def _cuda_files():
+    import glob
+    import os
+
+    from . import build
+
+    return build, sorted(glob.glob(os.path.join(build.CSRC, "cuda", "*.cu")))
+
+
+def test_every_launch_goes_through_the_hook():
+    """A `kernel<<<...>>>` written directly would not run on the CPU: RMK_LAUNCH only."""
+    _, files = _cuda_files()
+    bad = []
+    for path in files:
+        for i, line in enumerate(open(path), 1):
+            if "<<<" in line:
+                bad.append(f"{path}:{i}: {line.strip()}")
+    assert not bad, "launch with RMK_LAUNCH(grid, block, smem, stream, kernel)(args...):\n" + "\n".join(bad)
+
+
+def test_every_launcher_has_a_shim_and_a_test():
+    """Each launch_* declared in csrc/cuda/<file>.cuh is forwarded by shims/<file>.cpp, and its
+    shim rmk_* is called by a test of this directory (CONTRIBUTING.md: adding a .cu file)."""
+    import glob
+    import os
+    import re
+
+    build, files = _cuda_files()
+    tests = "".join(open(p).read() for p in glob.glob(os.path.join(build.HERE, "test_*.py")))
+    missing = []
+    for cu in files:
+        stem = os.path.splitext(os.path.basename(cu))[0]
+        header = os.path.join(os.path.dirname(cu), stem + ".cuh")
+        shim = os.path.join(build.HERE, "shims", stem + ".cpp")
+        if not os.path.exists(shim):
+            missing.append(f"{stem}: no tests/cuda_on_cpu/shims/{stem}.cpp")
+            continue
+        shim_text = open(shim).read()
+        launchers = re.findall(r"cudaError_t\s+(launch_\w+)\s*\(", open(header).read()) if os.path.exists(header) else []
+        assert launchers or not os.path.exists(header), f"no launch_* found in {header}"
+        for name in launchers:
+            if name + "(" not in shim_text:
+                missing.append(f"{stem}: {name} is not called in shims/{stem}.cpp")
+        for shim_fn in re.findall(r"int64_t\s+(rmk_\w+)\s*\(", shim_text):
+            if f'"{shim_fn}"' not in tests:
+                missing.append(f"{stem}: {shim_fn} is called by no test in tests/cuda_on_cpu")
+    assert not missing, "\n".join(missing)

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <math.h>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -89,7 +90,15 @@ template <typename T> inline T from_bits(uint64_t u) {
   return v;
 }
 
-template <auto Kernel> const char* kernel_name() { return __PRETTY_FUNCTION__; }
+// "ns::kernel<float, float>" from the function pointer's template argument.
+template <auto Kernel> const char* kernel_name() {
+  static const std::string name = [](std::string s) {
+    const size_t p = s.find("Kernel = ");
+    if (p != std::string::npos) s = s.substr(p + 9, s.size() - p - 10);
+    return s;
+  }(__PRETTY_FUNCTION__);
+  return name.c_str();
+}
 
 template <auto Kernel> struct Launch {
   dim3 grid, block;
