@@ -169,6 +169,13 @@ def test_gae_segment_mode(seg_len, T, kind):
     check_gae(inputs, mask, f"seg_len={seg_len}", seg_len=seg_len, gamma=0.99, lam=0.95, kl_estimator="k2")
 
 
+def test_gae_segment_mode_many_rows():
+    """More rows than the 128 threads of one carry block: the carry kernel's grid has 2 blocks
+    (and the last one exits threads past B)."""
+    B, T = 129, 4
+    check_gae(make_inputs(B, T), make_mask("mixed", B, T), "carry grid", seg_len=2)
+
+
 def test_gae_wide_batch():
     """Many one-block rows (the binding's launch for wide batches, scaled down from 4096)."""
     B, T = 200, 33
