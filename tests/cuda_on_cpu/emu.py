@@ -168,7 +168,7 @@ class Worker:
                 self.proc.stdin.write(json.dumps({"dir": d}) + "\n")
                 self.proc.stdin.flush()
             except BrokenPipeError:
-                raise self._report(f"worker died before the request (exit {self.proc.poll()})")
+                raise self._report(f"worker died before the request (exit {self.proc.poll()})") from None
             ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
             if not ready:
                 raise self._report(f"timed out after {timeout} s (a hang: a barrier or a loop that never ends)")

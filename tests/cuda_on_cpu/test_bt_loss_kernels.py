@@ -5,9 +5,9 @@ grid cap (grid-stride loop); the ranking loss for ragged (B, K), candidate count
 rewards; forward and backward."""
 import pytest
 import torch
+from utils import assert_close, tolerance
 
 import rmkernels as rmk
-from utils import assert_close, tolerance
 
 from .emu import DTYPE_CODE, Program
 

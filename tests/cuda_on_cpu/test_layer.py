@@ -18,10 +18,9 @@ def test_warp_shuffles_and_ballot():
     assert res.rcs == [0]
     o = res[out]
     for t in range(n):
-        lane, base = t % 32, t - t % 32
-        v = lambda lane_: 1000 + base + lane_  # noqa: E731
-        want = [v(lane ^ 1), v(lane ^ 16), v(lane + 3 if lane + 3 < 32 else lane), v(lane - 5 if lane >= 5 else lane),
-                v(7), 0xAAAAAAAA]
+        lane, base = t % 32, 1000 + t - t % 32  # the value of lane l of this warp: base + l
+        want = [base + (lane ^ 1), base + (lane ^ 16), base + (lane + 3 if lane + 3 < 32 else lane),
+                base + (lane - 5 if lane >= 5 else lane), base + 7, 0xAAAAAAAA]
         assert o[t].tolist() == want, (t, o[t].tolist(), want)
 
 
@@ -137,7 +136,9 @@ def test_every_launcher_has_a_shim_and_a_test():
             missing.append(f"{stem}: no tests/cuda_on_cpu/shims/{stem}.cpp")
             continue
         shim_text = open(shim).read()
-        launchers = re.findall(r"cudaError_t\s+(launch_\w+)\s*\(", open(header).read()) if os.path.exists(header) else []
+        launchers = []
+        if os.path.exists(header):
+            launchers = re.findall(r"cudaError_t\s+(launch_\w+)\s*\(", open(header).read())
         assert launchers or not os.path.exists(header), f"no launch_* found in {header}"
         for name in launchers:
             if name + "(" not in shim_text:

@@ -3,9 +3,9 @@ backend: every dtype, mask kind and mask width, strided and packed hidden states
 no valid token, B = 0 / T = 0, forward and backward."""
 import pytest
 import torch
+from utils import assert_close, tolerance
 
 import rmkernels as rmk
-from utils import assert_close, tolerance
 
 from .emu import DTYPE_CODE, Program
 

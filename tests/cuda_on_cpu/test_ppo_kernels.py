@@ -5,10 +5,10 @@ mode (3 launches) at the bindings' segment length and scaled down, B = 0 / T = 0
 three whitening launchers chained as the bindings chain them."""
 import pytest
 import torch
+from utils import assert_close, tolerance
 
 import rmkernels as rmk
 from rmkernels import _codes
-from utils import assert_close, tolerance
 
 from .emu import DTYPE_CODE, Program
 
