@@ -1,6 +1,7 @@
 """GPU parts of scripts/gpu_check.sh that are Python: one small call of every public op.
 
-    python scripts/gpu_check_ops.py list                 # the ops and backends it covers
+    python scripts/gpu_check_ops.py list                 # the ops and backends it covers (each
+                                                         # call checked once on CPU, reference)
     python scripts/gpu_check_ops.py sanitize             # small forward + backward of each op on
                                                          # each CUDA backend (run under compute-sanitizer)
     python scripts/gpu_check_ops.py graphs OUT.json      # CUDA-graph capture + replay of each op,
@@ -37,6 +38,7 @@ def _cases(dev):
     w, b = rnd(K, H).requires_grad_(True), rnd(K).requires_grad_(True)
     mask = (torch.arange(T)[None] < torch.tensor([37, 5, 20, 1])[:, None]).to(dev)
     pair_h = rnd(2 * B, T, H).requires_grad_(True)
+    w1, b1 = rnd(1, H).requires_grad_(True), rnd(1).requires_grad_(True)  # one reward per sequence
     pair_mask = torch.cat([mask, mask.flip(1)])
     c, r = rnd(64).requires_grad_(True), rnd(64).requires_grad_(True)
     rank = rnd(9, 5).requires_grad_(True)
@@ -50,8 +52,8 @@ def _cases(dev):
                               [hidden, w, b]),
         "bradley_terry_loss": (lambda be: (rmk.bradley_terry_loss(c, r, margin=0.1, label_smoothing=0.1,
                                                                   center_coef=0.01, backend=be),), [c, r]),
-        "pairwise_reward_loss": (lambda be: rmk.pairwise_reward_loss(pair_h, w, b, attention_mask=pair_mask,
-                                                                     backend=be), [pair_h, w, b]),
+        "pairwise_reward_loss": (lambda be: rmk.pairwise_reward_loss(pair_h, w1, b1, attention_mask=pair_mask,
+                                                                     backend=be), [pair_h, w1, b1]),
         "ranking_loss": (lambda be: (rmk.ranking_loss(rank, backend=be),), [rank]),
         "ppo_advantages": (lambda be: tuple(rmk.ppo_advantages(lp, ref, vals, scores, mask, kl_coef=0.05,
                                                                kl_estimator="k3", backend=be)), []),
@@ -76,13 +78,21 @@ def _run(fn, be, needs_grad):
 
 
 def cmd_list():
+    """The ops the GPU stages cover, each called once on CPU tensors with the reference
+    backend, so that a broken call is found before the GPU window."""
+    failed = 0
     cases = _cases("cpu")
-    for name in cases:
-        print(f"{name}: backends {', '.join(BACKENDS)}")
+    for name, (fn, needs) in cases.items():
+        try:
+            _run(fn, "reference", needs)
+            print(f"{name}: backends {', '.join(BACKENDS)} (the call runs on cpu/reference)")
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            print(f"FAIL {name}: the call fails on cpu/reference: {type(e).__name__}: {e}")
     for absent in ("gae", "kl_estimate"):
         if absent not in cases:
             print(f"{absent}: absent from this checkout")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_sanitize():
