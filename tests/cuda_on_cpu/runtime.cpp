@@ -1,7 +1,8 @@
 // CUDA-on-CPU execution layer: the scheduler behind RMK_LAUNCH (see include/rmk_emu/emu.h).
 //
 // A launch runs the blocks of its grid one after another on the calling OS thread. The
-// threads of a block are fibers (ucontext, one stack each) that run until they reach a
+// threads of a block are fibers (one stack each; a 20-instruction register switch on x86-64,
+// ucontext elsewhere) that run until they reach a
 // __syncthreads, a warp operation (__shfl_*_sync, __ballot_sync, __syncwarp) or the end of
 // the kernel, then hand over to the next fiber. When every fiber of the block is parked, the
 // scheduler releases what CUDA would release: a warp whose lanes (those of the mask) all wait
@@ -20,6 +21,10 @@
 // thread's access since the last barrier is reported as a data race.
 #include <sys/mman.h>
 #include <ucontext.h>
+
+#if defined(__x86_64__) && !defined(RMK_EMU_UCONTEXT)
+#define RMK_EMU_ASM_SWITCH 1
+#endif
 #include <unistd.h>
 
 #include <cstdio>
@@ -49,6 +54,43 @@ extern "C" void __tsan_acquire(void* addr);
 extern "C" void __tsan_release(void* addr);
 #endif
 
+#ifdef RMK_EMU_ASM_SWITCH
+// rmk_emu_switch(&save_sp, next_sp): saves the callee-saved registers and the FP control
+// words on the current stack, stores the stack pointer in *save_sp, and resumes the stack
+// next_sp (saved the same way, or a new fiber's initial frame; see run_block).
+extern "C" void rmk_emu_switch(void** save_sp, void* next_sp);
+asm(R"(
+  .text
+  .globl rmk_emu_switch
+  .type rmk_emu_switch, @function
+rmk_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size rmk_emu_switch, .-rmk_emu_switch
+  .section .note.GNU-stack,"",@progbits
+  .text
+)");
+#endif
+
 namespace rmk_emu {
 cudaError_t g_last = cudaSuccess;
 namespace {
@@ -59,7 +101,11 @@ constexpr size_t kStackBytes = 256 * 1024;
 enum State { kRunnable, kWaitBlock, kWaitWarp, kDone };
 
 struct Fiber {
+#ifdef RMK_EMU_ASM_SWITCH
+  void* sp = nullptr;  // saved stack pointer (rmk_emu_switch)
+#else
   ucontext_t ctx;
+#endif
   char* stack = nullptr;
   State state = kDone;
   uint3 tid;
@@ -78,7 +124,11 @@ Fiber* g_fibers = nullptr;
 int g_nfibers = 0;  // created
 int g_n = 0;        // threads of the running block
 int g_current = -1;
+#ifdef RMK_EMU_ASM_SWITCH
+void* g_sched_sp = nullptr;
+#else
 ucontext_t g_sched;
+#endif
 const char* g_kernel = "";
 Body g_body = nullptr;
 void* g_ctx = nullptr;
@@ -201,7 +251,11 @@ void to_scheduler(bool finished) {
 #ifdef RMK_EMU_TSAN
   __tsan_switch_to_fiber(g_tsan_main, 1 /* no synchronisation */);
 #endif
+#ifdef RMK_EMU_ASM_SWITCH
+  rmk_emu_switch(&f.sp, g_sched_sp);
+#else
   swapcontext(&f.ctx, &g_sched);
+#endif
 #ifdef RMK_EMU_ASAN
   __sanitizer_finish_switch_fiber(f.asan_fake, nullptr, nullptr);
 #endif
@@ -229,7 +283,11 @@ void resume(int t) {
 #ifdef RMK_EMU_TSAN
   __tsan_switch_to_fiber(f.tsan, 1 /* no synchronisation */);
 #endif
+#ifdef RMK_EMU_ASM_SWITCH
+  rmk_emu_switch(&g_sched_sp, f.sp);
+#else
   swapcontext(&g_sched, &f.ctx);
+#endif
 #ifdef RMK_EMU_ASAN
   __sanitizer_finish_switch_fiber(g_main_fake, nullptr, nullptr);
 #endif
@@ -325,6 +383,16 @@ bool release_block() {
 void run_block() {
   for (int t = 0; t < g_n; ++t) {
     Fiber& f = g_fibers[t];
+#ifdef RMK_EMU_ASM_SWITCH
+    // The frame rmk_emu_switch pops: FP control words, r15..r12, rbx, rbp, then it returns
+    // into fiber_entry with the stack aligned as after a call.
+    uint64_t* top = reinterpret_cast<uint64_t*>(f.stack + kStackBytes);
+    top[-1] = 0;  // fiber_entry's return address: it never returns
+    top[-2] = reinterpret_cast<uint64_t>(&fiber_entry);
+    for (int r = 3; r <= 8; ++r) top[-r] = 0;  // rbp, rbx, r12..r15
+    top[-9] = 0x1F80ull | (0x037Full << 32);      // MXCSR, x87 control word: the defaults
+    f.sp = top - 9;
+#else
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStackBytes;
@@ -333,6 +401,7 @@ void run_block() {
     // swapcontext never reads uc_stack again; a zero size keeps ASan's swapcontext
     // interceptor from clearing the shadow (the redzones) of a parked fiber's stack.
     f.ctx.uc_stack.ss_size = 0;
+#endif
     f.state = kRunnable;
     f.linear = t;
     f.tid = uint3{static_cast<unsigned>(t % blockDim.x), static_cast<unsigned>((t / blockDim.x) % blockDim.y),
