@@ -106,7 +106,9 @@ def _extensions():
             define_macros=[("RMKERNELS_WITH_CUDA", "1"), ("RMKERNELS_CUDA_ARCHS", f'"{archs}"')],
             extra_compile_args={
                 "cxx": cxx,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _gencode_flags(archs),
+                # No --use_fast_math: the kernels are exact (IEEE division, sqrt, expf/log1pf
+                # of libdevice, denormals kept), as the README promises.
+                "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + _gencode_flags(archs),
             },
             extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
         )

@@ -175,7 +175,7 @@ cudaError_t launch_bt_loss_fwd(DType dtype, const BTPairs& pairs, Reduction redu
   return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
-    bt_fwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(typed<S, A>(pairs), reduction, static_cast<A*>(loss));
+    RMK_LAUNCH(grid, kThreads, 0, stream, bt_fwd_kernel<S, A>)(typed<S, A>(pairs), reduction, static_cast<A*>(loss));
   });
 }
 
@@ -187,7 +187,7 @@ cudaError_t launch_bt_loss_bwd(DType dtype, const BTPairs& pairs, Reduction redu
   return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
-    bt_bwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(typed<S, A>(pairs), reduction, static_cast<const A*>(grad),
+    RMK_LAUNCH(grid, kThreads, 0, stream, bt_bwd_kernel<S, A>)(typed<S, A>(pairs), reduction, static_cast<const A*>(grad),
                                                        static_cast<S*>(grad_chosen), static_cast<S*>(grad_rejected));
   });
 }
@@ -199,7 +199,7 @@ cudaError_t launch_ranking_loss_fwd(DType dtype, const void* rewards, const int6
   return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
-    ranking_fwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(rewards), num_candidates,
+    RMK_LAUNCH(grid, kThreads, 0, stream, ranking_fwd_kernel<S, A>)(static_cast<const S*>(rewards), num_candidates,
                                                             static_cast<A*>(row_loss), B, K, sB, sK);
   });
 }
@@ -212,7 +212,7 @@ cudaError_t launch_ranking_loss_bwd(DType dtype, const void* grad_rows, const vo
   return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
-    ranking_bwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(static_cast<const A*>(grad_rows),
+    RMK_LAUNCH(grid, kThreads, 0, stream, ranking_bwd_kernel<S, A>)(static_cast<const A*>(grad_rows),
                                                             static_cast<const S*>(rewards), num_candidates,
                                                             static_cast<S*>(grad_rewards), B, K, sB, sK);
   });

@@ -110,10 +110,10 @@ cudaError_t launch_last_token_index(const void* mask, int mask_elem_bytes, int64
   if (B == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned int>(B));
   switch (mask_elem_bytes) {
-    case 1: last_token_index_kernel<uint8_t><<<grid, kThreads, 0, stream>>>(static_cast<const uint8_t*>(mask), T, s0, s1, index); break;
-    case 2: last_token_index_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(static_cast<const uint16_t*>(mask), T, s0, s1, index); break;
-    case 4: last_token_index_kernel<uint32_t><<<grid, kThreads, 0, stream>>>(static_cast<const uint32_t*>(mask), T, s0, s1, index); break;
-    case 8: last_token_index_kernel<uint64_t><<<grid, kThreads, 0, stream>>>(static_cast<const uint64_t*>(mask), T, s0, s1, index); break;
+    case 1: RMK_LAUNCH(grid, kThreads, 0, stream, last_token_index_kernel<uint8_t>)(static_cast<const uint8_t*>(mask), T, s0, s1, index); break;
+    case 2: RMK_LAUNCH(grid, kThreads, 0, stream, last_token_index_kernel<uint16_t>)(static_cast<const uint16_t*>(mask), T, s0, s1, index); break;
+    case 4: RMK_LAUNCH(grid, kThreads, 0, stream, last_token_index_kernel<uint32_t>)(static_cast<const uint32_t*>(mask), T, s0, s1, index); break;
+    case 8: RMK_LAUNCH(grid, kThreads, 0, stream, last_token_index_kernel<uint64_t>)(static_cast<const uint64_t*>(mask), T, s0, s1, index); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -127,7 +127,7 @@ cudaError_t launch_last_token_reward_fwd(DType dtype, const void* hidden, const 
   return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
-    reward_fwd_kernel<S, A><<<grid, kThreads, 0, stream>>>(
+    RMK_LAUNCH(grid, kThreads, 0, stream, reward_fwd_kernel<S, A>)(
         static_cast<const S*>(hidden), static_cast<const A*>(weight), static_cast<const A*>(bias), index,
         static_cast<A*>(rewards), B, T, H, K, sB, sT);
   });
@@ -142,7 +142,7 @@ cudaError_t launch_last_token_reward_bwd_hidden(DType dtype, const void* grad, c
   return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
-    reward_bwd_hidden_kernel<S, A><<<grid, kThreads, 0, stream>>>(
+    RMK_LAUNCH(grid, kThreads, 0, stream, reward_bwd_hidden_kernel<S, A>)(
         static_cast<const A*>(grad), static_cast<const A*>(weight), index, static_cast<S*>(grad_hidden), T, H, K,
         gsB, gsT);
   });
@@ -157,7 +157,7 @@ cudaError_t launch_last_token_reward_bwd_params(DType dtype, const void* grad, c
   return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
-    reward_bwd_params_kernel<S, A><<<grid, kThreads, 0, stream>>>(
+    RMK_LAUNCH(grid, kThreads, 0, stream, reward_bwd_params_kernel<S, A>)(
         static_cast<const A*>(grad), static_cast<const S*>(hidden), index, static_cast<A*>(grad_weight),
         static_cast<A*>(grad_bias), B, T, H, K, sB, sT);
   });

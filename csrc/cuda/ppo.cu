@@ -410,7 +410,7 @@ cudaError_t launch_ppo_gae(DType dtype, Strided2D logprobs, Strided2D ref_logpro
     using S = std::remove_pointer_t<decltype(sp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     auto launch = [&](auto mode) {
-      ppo_gae_kernel<decltype(mode)::value, S, A><<<grid, kGaeThreads, 0, stream>>>(
+      RMK_LAUNCH(grid, kGaeThreads, 0, stream, ppo_gae_kernel<decltype(mode)::value, S, A>)(
           static_cast<const S*>(logprobs.ptr), logprobs.s0, logprobs.s1, static_cast<const S*>(ref_logprobs.ptr),
           ref_logprobs.s0, ref_logprobs.s1, static_cast<const S*>(values.ptr), values.s0, values.s1,
           static_cast<const A*>(scores), static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T, seg_len, p,
@@ -424,7 +424,7 @@ cudaError_t launch_ppo_gae(DType dtype, Strided2D logprobs, Strided2D ref_logpro
     }
     launch(std::integral_constant<int, kSegmentAggregate>{});
     constexpr int kCarryThreads = 128;
-    gae_carry_kernel<A><<<ceil_div(B, kCarryThreads), kCarryThreads, 0, stream>>>(
+    RMK_LAUNCH(ceil_div(B, kCarryThreads), kCarryThreads, 0, stream, gae_carry_kernel<A>)(
         static_cast<const A*>(segments.agg), segments.seg_last, static_cast<const A*>(scores), B, n_seg, p,
         static_cast<A*>(segments.carry), segments.last);
     launch(std::integral_constant<int, kSegmentFinal>{});
@@ -437,7 +437,7 @@ cudaError_t launch_masked_row_stats(DType dtype, Strided2D x, Strided2D mask, in
   const dim3 grid(static_cast<unsigned int>(B));
   return dispatch_dtype(dtype, [&](auto* sp, auto*) {
     using S = std::remove_pointer_t<decltype(sp)>;
-    row_stats_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(x.ptr), x.s0, x.s1,
+    RMK_LAUNCH(grid, kThreads, 0, stream, row_stats_kernel<S>)(static_cast<const S*>(x.ptr), x.s0, x.s1,
                                                        static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T,
                                                        stats);
   });
@@ -449,7 +449,7 @@ cudaError_t launch_masked_centered_sq(DType dtype, Strided2D x, Strided2D mask, 
   const dim3 grid(static_cast<unsigned int>(B));
   return dispatch_dtype(dtype, [&](auto* sp, auto*) {
     using S = std::remove_pointer_t<decltype(sp)>;
-    centered_sq_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(x.ptr), x.s0, x.s1,
+    RMK_LAUNCH(grid, kThreads, 0, stream, centered_sq_kernel<S>)(static_cast<const S*>(x.ptr), x.s0, x.s1,
                                                          static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T,
                                                          totals, out);
   });
@@ -464,7 +464,7 @@ cudaError_t launch_masked_whiten_apply(DType dtype, Strided2D x, Strided2D mask,
   return dispatch_dtype(dtype, [&](auto* sp, auto* ap) {
     using S = std::remove_pointer_t<decltype(sp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
-    whiten_apply_kernel<S, A><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(x.ptr), x.s0, x.s1,
+    RMK_LAUNCH(grid, kThreads, 0, stream, whiten_apply_kernel<S, A>)(static_cast<const S*>(x.ptr), x.s0, x.s1,
                                                              static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T,
                                                              totals, sq, shift_mean, unbiased, eps,
                                                              static_cast<A*>(out));

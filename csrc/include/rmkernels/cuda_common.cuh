@@ -7,6 +7,13 @@
 
 #include <cstdint>
 
+// Every kernel launch is written RMK_LAUNCH(grid, block, smem, stream, kernel)(args...). With
+// nvcc it is kernel<<<grid, block, smem, stream>>>(args...); the CUDA-on-CPU test layer
+// (tests/cuda_on_cpu) defines it first, to run the same kernel on the CPU.
+#ifndef RMK_LAUNCH
+#define RMK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace rmkernels {
 namespace cuda {
 

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The one GPU check (issue 13): run it first whenever a CUDA machine is available.
+#
+#   bash scripts/gpu_check.sh OUT_DIR
+#
+# On a CUDA machine, in at most ~8 minutes on an H100/H200 (each stage has a time cap, so the
+# script always finishes and says which stage ran out of time):
+#   1. build   the extension for the GPU's own architecture only (RMKERNELS_CUDA_ARCHS=<cc>)
+#   2. gpu     the GPU tests of the suite (pytest -m cuda: cuda and triton backends on device)
+#   3. memcheck / racecheck   compute-sanitizer on a small forward+backward of every public
+#              op on the cuda and triton backends (scripts/gpu_check_ops.py sanitize)
+#   4. graphs  CUDA-graph capture + replay of every public op, compared with eager
+#   5. bench   benchmarks/run.py at the named shapes of BENCHMARKS.md (--quick), op by op
+#   6. suite   the rest of the test suite (not GPU, not CUDA-on-CPU, not slow) in the time left;
+#              reaching its cap is reported, not a failure (CI runs these on CPU)
+# Every log and result goes to OUT_DIR; OUT_DIR/summary.md is the table of stages.
+#
+# On a machine without a CUDA GPU it runs to completion in seconds: every GPU stage is
+# marked "skipped: no CUDA GPU" in the summary (tests/test_gpu_check.py runs this mode).
+# Exit status: 0 when no stage failed (skipped stages do not fail).
+set -uo pipefail
+
+OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SUMMARY="$OUT/summary.md"
+START=$(date +%s)
+FAILED=0
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+# Per-stage time caps in seconds (sum ~ 460 s, under 8 minutes with the start-up).
+CAP_BUILD=${CAP_BUILD:-150}
+CAP_GPU=${CAP_GPU:-120}
+CAP_SANITIZER=${CAP_SANITIZER:-45}
+CAP_GRAPHS=${CAP_GRAPHS:-30}
+CAP_BENCH=${CAP_BENCH:-60}
+CAP_SUITE=${CAP_SUITE:-60}
+
+{
+  echo "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)')"
+  echo
+  echo "| stage | status | seconds | log |"
+  echo "|---|---|---|---|"
+} > "$SUMMARY"
+
+record() {  # stage status seconds log
+  echo "| $1 | $2 | $3 | $4 |" >> "$SUMMARY"
+  echo "[gpu_check] $1: $2 ($3 s)"
+}
+
+# run_stage NAME CAP LOGFILE CMD...: runs CMD with a time limit, records the outcome.
+run_stage() {
+  local name=$1 cap=$2 log=$3
+  shift 3
+  local t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=10 "$cap" "$@" > "$OUT/$log" 2>&1
+  rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 0 ]; then
+    record "$name" "ok" "$dt" "$log"
+  elif { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && [ "${SOFT_CAP:-0}" = 1 ]; then
+    record "$name" "stopped at its ${cap} s cap (not a failure: CI runs these on CPU)" "$dt" "$log"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    record "$name" "**TIMEOUT** after ${cap} s" "$dt" "$log"
+    FAILED=1
+  else
+    record "$name" "**FAILED** (exit $rc)" "$dt" "$log"
+    FAILED=1
+  fi
+  return $rc
+}
+
+# ---- environment -----------------------------------------------------------------------
+$PY - > "$OUT/env.txt" 2>&1 <<'EOF'
+import platform, shutil, subprocess, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+print("cuda available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        print(f"device {i}: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+for tool in ("nvcc", "compute-sanitizer", "ncu", "nvidia-smi", "ninja"):
+    print(f"{tool}: {shutil.which(tool)}")
+if shutil.which("nvidia-smi"):
+    print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
+c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+print("native arch:", f"{c[0]}.{c[1]}" if c else "none")
+EOF
+CC=$(sed -n 's/^native arch: \([0-9][0-9.]*\)$/\1/p' "$OUT/env.txt")
+
+if [ -z "$CC" ]; then
+  SKIP="skipped: no CUDA GPU (torch.cuda.is_available() is False)"
+  for s in build gpu memcheck racecheck graphs bench suite; do record "$s" "$SKIP" 0 "-"; done
+  # The cheap part that runs anywhere: the op list the GPU stages cover imports and resolves.
+  run_stage "ops-list (cpu)" 60 ops-list.txt $PY scripts/gpu_check_ops.py list
+  echo >> "$SUMMARY"
+  echo "CPU-only machine: the GPU stages did not run. Total $(( $(date +%s) - START )) s." >> "$SUMMARY"
+  cat "$SUMMARY"
+  exit $FAILED
+fi
+
+# ---- 1. build for the native architecture ------------------------------------------------
+if run_stage build "$CAP_BUILD" build.log env RMKERNELS_CUDA_ARCHS="$CC" RMKERNELS_FORCE_CUDA_BUILD=1 \
+     MAX_JOBS="${MAX_JOBS:-$(nproc)}" $PY setup.py build_ext --inplace; then
+  $PY -m rmkernels.info > "$OUT/info.txt" 2>&1
+else
+  echo "build failed: the GPU stages that need the extension still run (cuda backend unavailable)" >> "$SUMMARY"
+fi
+
+# ---- 2. GPU tests ----------------------------------------------------------------------
+run_stage gpu "$CAP_GPU" pytest-gpu.log $PY -m pytest tests -q -p no:cacheprovider -m "cuda and not cuda_on_cpu" \
+  -rfEs --junitxml="$OUT/pytest-gpu.xml"
+
+# ---- 3. compute-sanitizer ------------------------------------------------------------------
+if command -v compute-sanitizer > /dev/null; then
+  for tool in memcheck racecheck; do
+    run_stage "$tool" "$CAP_SANITIZER" "sanitizer-$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      --target-processes all $PY scripts/gpu_check_ops.py sanitize
+  done
+else
+  record memcheck "skipped: compute-sanitizer not found" 0 "-"
+  record racecheck "skipped: compute-sanitizer not found" 0 "-"
+fi
+
+# ---- 4. CUDA graphs ----------------------------------------------------------------------
+run_stage graphs "$CAP_GRAPHS" graphs.log $PY scripts/gpu_check_ops.py graphs "$OUT/graphs.json"
+
+# ---- 5. benchmarks, op by op (what finishes is kept) -----------------------------------------
+BENCH_END=$(( $(date +%s) + CAP_BENCH ))
+for op in gae bt pooling pair e2e; do
+  left=$(( BENCH_END - $(date +%s) ))
+  if [ $left -le 5 ]; then
+    record "bench $op" "skipped: the bench stage's ${CAP_BENCH} s were used up" 0 "-"
+    continue
+  fi
+  run_stage "bench $op" "$left" "bench-$op.log" $PY benchmarks/run.py --device cuda --quick --ops "$op" \
+    --out "$OUT/bench"
+done
+
+# ---- 6. the rest of the suite --------------------------------------------------------------
+SOFT_CAP=1 run_stage suite "$CAP_SUITE" pytest-rest.log $PY -m pytest tests -q -p no:cacheprovider \
+  -m "not cuda and not cuda_on_cpu and not triton and not slow" --junitxml="$OUT/pytest-rest.xml"
+
+echo >> "$SUMMARY"
+echo "Total $(( $(date +%s) - START )) s on $(grep '^device 0' "$OUT/env.txt" || echo 'an unknown device')." >> "$SUMMARY"
+cat "$SUMMARY"
+exit $FAILED
