@@ -15,6 +15,7 @@ from rmkernels.modules import LastTokenRewardHead
 from rmkernels.ops.bt_loss import bradley_terry_loss, pairwise_reward_loss, ranking_loss
 from rmkernels.modules import BradleyTerryLoss, PairwiseRewardLoss, RankingLoss
 from rmkernels.ops.ppo import PPOAdvantages, masked_whiten, ppo_advantages
+from rmkernels.ops.group_adv import GroupAdvantages, group_advantages, group_ids, reinforce_pp_returns
 from rmkernels.kl_control import AdaptiveKLController, FixedKLController
 from rmkernels.integrations.hf import patch_hf_reward_model, unpatch_hf_reward_model
 
@@ -37,6 +38,10 @@ __all__ = [
     "PPOAdvantages",
     "ppo_advantages",
     "masked_whiten",
+    "GroupAdvantages",
+    "group_advantages",
+    "group_ids",
+    "reinforce_pp_returns",
     "AdaptiveKLController",
     "FixedKLController",
     "patch_hf_reward_model",
