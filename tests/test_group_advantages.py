@@ -15,10 +15,10 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+from utils import assert_close, backend_params, skip_unless_available, tolerance
 
 import rmkernels as rmk
 from rmkernels.ops import group_adv as gops
-from utils import assert_close, backend_params, skip_unless_available, tolerance
 
 ESTIMATORS = ["grpo", "dr_grpo", "rloo", "opo", "gpg", "reinforce_pp_baseline"]
 SINGLES = ["zero", "self"]
@@ -372,6 +372,12 @@ def test_eager_path_same_bits_as_the_op(backend, monkeypatch):
 def test_group_ids():
     uids = np.array(["b", "a", "b", "c", "a"], dtype=object)
     assert rmk.group_ids(uids).tolist() == [0, 1, 0, 2, 1]  # first-seen order
+    # runs of equal neighbours (verl's layout) and any order give the dict pass's ids
+    labels = np.array([f"u{int(i)}" for i in torch.randint(0, 30, (200,)).sort().values], dtype=object)
+    for arr in (labels, labels[np.random.permutation(200)], labels[::-1]):
+        expect = {}
+        assert rmk.group_ids(arr).tolist() == [expect.setdefault(u, len(expect)) for u in arr]
+        assert rmk.group_ids(list(arr)).tolist() == rmk.group_ids(arr).tolist()
     assert rmk.group_ids(["x", ("t", 1), "x", ("t", 1)]).tolist() == [0, 1, 0, 1]
     assert rmk.group_ids(np.array([7, 3, 7])).tolist() == [1, 0, 1]
     assert rmk.group_ids(torch.tensor([9, 2, 9, 4])).tolist() == [2, 0, 2, 1]

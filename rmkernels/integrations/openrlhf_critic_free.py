@@ -24,7 +24,7 @@ import torch
 
 import rmkernels as rmk
 
-__all__ = ["shape_rewards", "SHAPED_ESTIMATORS"]
+__all__ = ["SHAPED_ESTIMATORS", "shape_rewards"]
 
 # OpenRLHF's estimator -> (group_advantages estimator, eps)
 _SHAPING = {"rloo": ("rloo", 0.0), "reinforce_baseline": ("dr_grpo", 0.0), "dr_grpo": ("dr_grpo", 0.0),

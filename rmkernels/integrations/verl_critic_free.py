@@ -31,10 +31,17 @@ import torch
 import rmkernels as rmk
 from rmkernels.integrations._rl import as_float, check_2d, check_same_shape
 
-__all__ = ["compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage",
-           "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage",
-           "compute_reinforce_plus_plus_outcome_advantage", "compute_reinforce_plus_plus_baseline_outcome_advantage",
-           "compute_remax_outcome_advantage", "compute_opo_outcome_advantage", "compute_gpg_outcome_advantage"]
+__all__ = [
+    "compute_gpg_outcome_advantage",
+    "compute_grpo_outcome_advantage",
+    "compute_grpo_vectorized_outcome_advantage",
+    "compute_opo_outcome_advantage",
+    "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "compute_reinforce_plus_plus_outcome_advantage",
+    "compute_remax_outcome_advantage",
+    "compute_rloo_outcome_advantage",
+    "compute_rloo_vectorized_outcome_advantage",
+]
 
 
 def _ids(index, rewards):

@@ -183,7 +183,7 @@ def _returns_kernel(
     acc_ty = out_ptr.dtype.element_ty
     g = _scalar(gamma, gamma_lo, acc_ty)
     run = tl.zeros([BLOCK_B], acc_ty)
-    for i in range(0, T):
+    for i in range(T):
         t = T - 1 - (tl.zeros([], tl.int64) + i)
         m = tl.load(mask_ptr + offs * s_m0 + t * s_m1, mask=inb, other=0) != 0
         x = tl.load(r_ptr + offs * s_r0 + t * s_r1, mask=inb, other=0.0).to(acc_ty)
