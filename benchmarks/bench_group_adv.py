@@ -9,7 +9,8 @@ last valid token), a bool ``response_mask`` [B, T] and ``index``, a numpy object
 strings (one uuid4-style string per prompt, repeated for its G consecutive responses), and
 the full call is timed, the uid -> group-id mapping included. One more row, ``write-once``,
 times allocating and writing the float32 [B, T] output once (``torch.empty(...).fill_``):
-the floor of BENCHMARKS.md's "<= 1.3x writing [B, T] once" target. verl's loop is left out
+the floor of BENCHMARKS.md's "<= 1.3x writing [B, T] once" target. ``rmk-<backend>-op`` is
+the op alone (group ids and summed scores given), to compare with that floor. verl's loop is left out
 above 100k responses (it takes ~15 s a call at 1M).
 """
 try:
@@ -66,8 +67,19 @@ def providers(device, B):
                 ids = rmk.group_ids(i).to(r.device)
                 return rmk.group_advantages(r, ids, m, estimator="grpo", eps=EPS, backend=be).advantages
             return f
+        def op_only(be):
+            cache = {}
+
+            def f(r, m, i):  # the op alone: ids and summed scores computed once, outside the timing
+                key = (id(r), id(i))
+                if key not in cache:
+                    cache[key] = (rmk.group_ids(i).to(r.device), r.sum(-1))
+                ids, s = cache[key]
+                return rmk.group_advantages(s, ids, m, estimator="grpo", eps=EPS, backend=be).advantages
+            return f
         for be in common.rmk_backends(device):
             p[f"rmk-{be}"] = rmk_fn(be)
+            p[f"rmk-{be}-op"] = op_only(be)
         reference = rmk_fn("reference")
     return p, reference or p["torch"]
 
