@@ -48,38 +48,15 @@ from torch import Tensor
 
 from rmkernels import _backend, _checks
 from rmkernels._codes import GROUP_ESTIMATORS, GROUP_SINGLES, GroupEstimator, GroupSingle
-from rmkernels._library import acc_dtype, define_kernel_op, eager_fast_path
-from rmkernels.ops import ppo as _ppo
+from rmkernels._library import acc_dtype
+from rmkernels._registry import Kernel, Op
+from rmkernels.ops.gae import check_2d, check_mask, gae_recurrence
+from rmkernels.ops.ppo import centered_sq_kernel, row_stats_kernel, whiten_apply_kernel
 
 GroupAdvantages = namedtuple("GroupAdvantages", ["seq_advantages", "advantages"])
 
 DEFAULT_EPS = 1e-6  # verl's epsilon of the GRPO std
 DEFAULT_WHITEN_EPS = 1e-8  # verl's masked_whiten (reinforce_pp_baseline)
-
-# ---------------------------------------------------------------------------------------
-# Kernel ops (C++ CPU / CUDA implementations: csrc/cpu/group_adv.cpp, csrc/cuda/group_adv*)
-# ---------------------------------------------------------------------------------------
-_group_kernel = define_kernel_op(
-    "group_advantages_kernel(Tensor scores, Tensor group_ids, Tensor mask, int estimator, float eps, "
-    "bool unbiased, int single, float f_norm) -> (Tensor, Tensor)")
-_returns_kernel = define_kernel_op("reinforce_pp_returns_kernel(Tensor rewards, Tensor mask, float gamma) -> Tensor")
-
-
-def _group_fake(scores, mask):
-    B, T = mask.shape
-    acc = acc_dtype(scores.dtype)
-    return scores.new_empty(B, dtype=acc), scores.new_empty(B, T, dtype=acc)
-
-
-@torch.library.register_fake("rmkernels::group_advantages_kernel")
-def _(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm):
-    return _group_fake(scores, mask)
-
-
-@torch.library.register_fake("rmkernels::reinforce_pp_returns_kernel")
-def _(rewards, mask, gamma):
-    return rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards.dtype))
-
 
 # ---------------------------------------------------------------------------------------
 # Reference implementation (pure PyTorch, vectorised over groups: index_add_ by group id)
@@ -122,98 +99,89 @@ def _reference_group(scores, group_ids, mask, code, eps, unbiased, single, f_nor
 
 
 def _reference_returns(rewards, mask, gamma):
-    """REINFORCE++'s return, a recurrence over T from the right (vectorised over rows):
-    R_t = r_t + gamma R_next at valid positions, R_next carried unchanged over masked ones."""
+    """REINFORCE++'s return: the GAE recurrence of ops/gae.py with V = 0 and lam = 1
+    (``R_t = r_t + gamma R_next`` over the valid positions, carried over masked ones)."""
     acc = acc_dtype(rewards.dtype)
-    B, T = rewards.shape
     r = rewards.to(acc)
-    out = torch.zeros(B, T, dtype=acc, device=rewards.device)
-    run = torch.zeros(B, dtype=acc, device=rewards.device)
-    zero = torch.zeros((), dtype=acc, device=rewards.device)
-    for t in reversed(range(T)):
-        m = mask[:, t]
-        new = r[:, t] + gamma * run
-        out[:, t] = torch.where(m, new, zero)
-        run = torch.where(m, new, run)
-    return out
+    return gae_recurrence(r, torch.zeros_like(r), mask, gamma, 1.0)[0]
 
 
 # ---------------------------------------------------------------------------------------
-# Public ops: route to the backend
+# Kernels and ops (C++ CPU / CUDA: csrc/cpu/group_adv.cpp, csrc/cuda/group_adv*; Triton:
+# rmkernels/triton/group_adv.py)
 # ---------------------------------------------------------------------------------------
-def _triton():
-    from rmkernels.triton import group_adv
+def _group_fake(scores, group_ids, mask, *_):
+    B, T = mask.shape
+    acc = acc_dtype(scores.dtype)
+    return scores.new_empty(B, dtype=acc), scores.new_empty(B, T, dtype=acc)
 
-    return group_adv
+
+def _returns_fake(rewards, *_):
+    return rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards.dtype))
 
 
-def _group_dispatch(scores, group_ids, mask, code, eps, unbiased, single, f_norm, backend):
-    args = (scores, group_ids, mask, int(code), float(eps), bool(unbiased), int(single), float(f_norm))
-    if backend == "reference":
-        return _reference_group(*args)
-    if backend == "triton":
-        return _triton().group_advantages(*args)
-    return _group_kernel(*args)
+group_advantages_kernel = Kernel("group_advantages_kernel", reference=_reference_group,
+                                 triton="group_adv:group_advantages", fake=_group_fake)
+reinforce_pp_returns_kernel = Kernel("reinforce_pp_returns_kernel", reference=_reference_returns,
+                                     triton="group_adv:reinforce_pp_returns", fake=_returns_fake)
 
 
 def _whiten_rows(seq, adv, mask, unbiased, eps, backend):
-    """reinforce_pp_baseline: masked_whiten's statistics over the valid tokens of ``adv``
-    (its building blocks in ops/ppo.py: row partials, centred squares, apply), applied to the
-    [B, T] advantages and to the per-sequence values (0 for rows with no valid token)."""
-    rows = _ppo._row_stats_dispatch(adv, mask, backend)
+    """reinforce_pp_baseline: masked_whiten's statistics over the valid tokens of ``adv`` (its
+    kernels in ops/ppo.py: row partials, centred squares, apply), applied to the [B, T]
+    advantages and to the per-sequence values (0 for rows with no valid token)."""
+    rows = row_stats_kernel(backend, adv, mask)
     totals = rows.sum(0)
-    sq = _ppo._centered_sq_dispatch(adv, mask, totals, backend).sum(0, keepdim=True)
-    adv_w = _ppo._apply_dispatch(adv, mask, totals, sq, True, unbiased, eps, backend)
+    sq = centered_sq_kernel(backend, adv, mask, totals).sum(0, keepdim=True)
+    adv_w = whiten_apply_kernel(backend, adv, mask, totals, sq, True, unbiased, eps)
     has = (rows[:, 0] > 0)[:, None]
-    seq_w = _ppo._apply_dispatch(seq[:, None], has, totals, sq, True, unbiased, eps, backend)[:, 0]
+    seq_w = whiten_apply_kernel(backend, seq[:, None], has, totals, sq, True, unbiased, eps)[:, 0]
     return seq_w, adv_w
 
 
-def _group_advantages_forward(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps,
-                              backend):
+def _group_advantages_body(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, backend):
     code = GROUP_ESTIMATORS[estimator]
-    seq, adv = _group_dispatch(scores, group_ids, mask, code, eps, unbiased, GROUP_SINGLES[single], f_norm, backend)
+    seq, adv = group_advantages_kernel(backend, scores, group_ids, mask, int(code), float(eps), bool(unbiased),
+                                       int(GROUP_SINGLES[single]), float(f_norm))
     if code == GroupEstimator.REINFORCE_PP_BASELINE:
-        seq, adv = _whiten_rows(seq, adv, mask, unbiased, whiten_eps, backend)
+        seq, adv = _whiten_rows(seq, adv, mask, unbiased, float(whiten_eps), backend)
     return seq, adv
 
 
-def _returns_dispatch(rewards, mask, gamma, backend):
-    if backend == "reference":
-        return _reference_returns(rewards, mask, float(gamma))
-    if backend == "triton":
-        return _triton().reinforce_pp_returns(rewards, mask, float(gamma))
-    return _returns_kernel(rewards, mask, float(gamma))
+def _check_ids_range(group_ids, B):
+    """The data check of the ids (CPU tensors; GPU tensors with rmk.checks(True))."""
+    if B > 0 and _checks.data_checks_enabled(group_ids.device):
+        bad = (group_ids < 0) | (group_ids >= B)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).flatten().tolist()
+            raise ValueError(f"group_ids must lie in [0, B) = [0, {B}) (rmk.group_ids makes such ids from any "
+                             f"labels); rows {_checks.rows_str(rows)} are out of range")
 
 
-@torch.library.custom_op("rmkernels::group_advantages", mutates_args=())
-def group_advantages_op(scores: Tensor, group_ids: Tensor, mask: Tensor, estimator: str, eps: float,
-                        unbiased: bool, single: str, f_norm: float, whiten_eps: float,
-                        backend: str) -> tuple[Tensor, Tensor]:
-    """(seq_advantages [B], advantages [B, T]) from scores [B] (float32/64), int64 group ids
-    in [0, B) and a bool mask [B, T]."""
-    return _group_advantages_forward(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps,
-                                     backend)
+def _check_group_op(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, backend):
+    _checks.check_tensor("scores", scores, ndims=1, dtypes=(torch.float32, torch.float64))
+    B = scores.shape[0]
+    _checks.check_tensor("group_ids", group_ids, ndims=1, dtypes=(torch.int64,), device=scores.device)
+    _checks.check_tensor("mask", mask, ndims=2, dtypes=(torch.bool,), device=scores.device)
+    if group_ids.shape[0] != B or mask.shape[0] != B:
+        raise ValueError(f"group_ids [B] and mask [B, T] must have B = {B} rows (from scores), got "
+                         f"{list(group_ids.shape)} and {list(mask.shape)}")
+    _checks.check_choice("estimator", estimator, tuple(GROUP_ESTIMATORS))
+    _checks.check_choice("single", single, tuple(GROUP_SINGLES))
+    _check_ids_range(group_ids, B)
 
 
-@group_advantages_op.register_fake
-def _(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, backend):
-    return _group_fake(scores, mask)
+def _check_returns_op(token_rewards, mask, gamma, backend):
+    check_2d("token_rewards", token_rewards)
+    check_2d("mask", mask, token_rewards.shape, token_rewards.device, (torch.bool,))
 
 
-@torch.library.custom_op("rmkernels::reinforce_pp_returns", mutates_args=())
-def reinforce_pp_returns_op(token_rewards: Tensor, mask: Tensor, gamma: float, backend: str) -> Tensor:
-    """REINFORCE++ returns [B, T] of token rewards [B, T] (any float dtype) and a bool mask."""
-    return _returns_dispatch(token_rewards, mask, gamma, backend)
-
-
-@reinforce_pp_returns_op.register_fake
-def _(token_rewards, mask, gamma, backend):
-    return token_rewards.new_empty(token_rewards.shape, dtype=acc_dtype(token_rewards.dtype))
-
-
-_group_advantages = eager_fast_path(torch.ops.rmkernels.group_advantages, _group_advantages_forward)
-_reinforce_pp_returns = eager_fast_path(torch.ops.rmkernels.reinforce_pp_returns, _returns_dispatch)
+# What the public functions call: the public ops, or their bodies in plain eager mode (no
+# gradients: the inputs are used detached)
+_group_advantages = Op("group_advantages", body=_group_advantages_body, fake=_group_fake, check=_check_group_op)
+_reinforce_pp_returns = Op("reinforce_pp_returns", kernel=reinforce_pp_returns_kernel,
+                           prepare=lambda r, m, gamma: (r, m, float(gamma)), fake=_returns_fake,
+                           check=_check_returns_op)
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,12 +245,7 @@ def _check_group_ids(group_ids, B, dev):
     _checks.check_tensor("group_ids", group_ids, ndims=1, dtypes=_checks.INDEX_DTYPES, device=dev)
     if group_ids.shape[0] != B:
         raise ValueError(f"group_ids must have shape [B] = [{B}] (from scores), got {list(group_ids.shape)}")
-    if _checks.data_checks_enabled(dev) and B > 0:
-        bad = (group_ids < 0) | (group_ids >= B)
-        if bool(bad.any()):
-            rows = torch.nonzero(bad).flatten().tolist()
-            raise ValueError(f"group_ids must lie in [0, B) = [0, {B}) (rmk.group_ids makes such ids from any "
-                             f"labels); rows {_checks.rows_str(rows)} are out of range")
+    _check_ids_range(group_ids, B)
     return group_ids.long().contiguous()
 
 
@@ -343,7 +306,7 @@ def group_advantages(scores, group_ids, mask=None, *, estimator="grpo", eps=DEFA
         if mask.shape[0] != B or (scores.dim() == 2 and mask.shape != scores.shape):
             want = list(scores.shape) if scores.dim() == 2 else f"[{B}, T]"
             raise ValueError(f"mask must have shape {want} (from scores), got {list(mask.shape)}")
-        mask = _ppo._check_mask("mask", mask, mask.shape, dev)
+        mask = check_mask("mask", mask, mask.shape, dev)
     gids = _check_group_ids(group_ids, B, dev)
     be = _backend.resolve(backend, dev)
     scores = scores.detach()
@@ -369,7 +332,7 @@ def reinforce_pp_returns(token_rewards, mask=None, *, gamma=1.0, backend=None):
     if mask is None:
         mask = torch.ones((), dtype=torch.bool, device=dev).expand(token_rewards.shape)
     else:
-        mask = _ppo._check_mask("mask", mask, token_rewards.shape, dev)
+        mask = check_mask("mask", mask, token_rewards.shape, dev)
     gamma = _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
     be = _backend.resolve(backend, dev)
     return _reinforce_pp_returns(token_rewards.detach(), mask, gamma, be)
