@@ -6,11 +6,12 @@
 //
 // group_advantages: scores arrive as a contiguous [B] tensor in the arithmetic dtype (float32,
 // float64 for double input: the Python layer sums token rewards), group_ids as contiguous int64
-// [B] with ids in [0, B) (checked here), mask as bool [B, T] with any strides. Three sequential
-// passes over the B scores gather the float64 group statistics into buffers indexed by group id
-// (count and sum; opo's lengths; grpo's centred squares from the mean; gpg's nonzero count),
-// a pass writes the per-sequence values (the formula of rmkernels/group_adv_math.h, shared with
-// CUDA), and the [B, T] broadcast runs over rows in parallel, vectorised (group_adv_loops.h).
+// [B] with ids in [0, B) (checked here), mask as bool [B, T] with any strides. Sequential passes
+// over the B scores gather the float64 group statistics into buffers indexed by group id (count
+// and sum; opo's lengths; grpo's centred squares from the mean, turned into the std once per
+// group; gpg's nonzero count), a pass writes the per-sequence values (the formula of
+// rmkernels/group_adv_math.h, shared with CUDA), and the [B, T] broadcast runs over rows in
+// parallel, vectorised (group_adv_loops.h).
 // The passes over B touch 8-40 bytes per response; the [B, T] write is the cost.
 //
 // reinforce_pp_returns: R_t = r_t + gamma R_next over the valid positions of a row from the
@@ -39,10 +40,13 @@ void group_impl(const acc* r, const int64_t* ids, const uint8_t* mask, int64_t s
                 int64_t T, int64_t est, double eps, bool unbiased, int64_t single, double f_norm, acc* seq, acc* adv) {
   using group_adv::GroupStats;
   const bool unit = sm1 == 1;
-  std::vector<GroupStats> st(static_cast<size_t>(B), GroupStats{0, 0, 0, 0, 0});
-  std::vector<double> len;
-  if (est == codes::kOpo) {
-    len.resize(static_cast<size_t>(B));
+  const bool grpo = est == codes::kGrpo, opo = est == codes::kOpo;
+  // Per group slot: count, sum; grpo: the centred squares, then the std; opo: sums of len, len r.
+  std::vector<double> n(static_cast<size_t>(B), 0.0), s(static_cast<size_t>(B), 0.0);
+  std::vector<double> sq(grpo ? static_cast<size_t>(B) : 0, 0.0);
+  std::vector<double> ls(opo ? static_cast<size_t>(B) : 0, 0.0), lrs(opo ? static_cast<size_t>(B) : 0, 0.0);
+  std::vector<double> len(opo ? static_cast<size_t>(B) : 0);
+  if (opo) {
     at::parallel_for(0, B, 256, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
         const uint8_t* mr = mask + b * sm0;
@@ -55,25 +59,30 @@ void group_impl(const acc* r, const int64_t* ids, const uint8_t* mask, int64_t s
     const int64_t g = ids[b];
     TORCH_CHECK(g >= 0 && g < B, "group_ids must lie in [0, B) = [0, ", B, "), got ", g, " at row ", b);
     const double x = static_cast<double>(r[b]);
-    st[g].n += 1;
-    st[g].s += x;
-    if (est == codes::kOpo) {
-      st[g].ls += len[b];
-      st[g].lrs += len[b] * x;
+    n[g] += 1;
+    s[g] += x;
+    if (opo) {
+      ls[g] += len[b];
+      lrs[g] += len[b] * x;
     }
     nonzero += x != 0;  // NaN counts, as torch.count_nonzero
   }
-  if (est == codes::kGrpo) {
+  if (grpo) {
     for (int64_t b = 0; b < B; ++b) {
-      GroupStats& s = st[ids[b]];
-      const double d = static_cast<double>(r[b]) - s.s / s.n;
-      s.sq += d * d;
+      const int64_t g = ids[b];
+      const double d = static_cast<double>(r[b]) - s[g] / n[g];
+      sq[g] += d * d;
+    }
+    for (int64_t g = 0; g < B; ++g) {  // once per group: sq becomes the std
+      if (n[g] > 0) sq[g] = group_adv::sigma_of(GroupStats{n[g], s[g], sq[g], 0, 0}, unbiased);
     }
   }
   const double alpha = static_cast<double>(B) / static_cast<double>(std::max<int64_t>(nonzero, 1));
   for (int64_t b = 0; b < B; ++b) {
-    seq[b] = static_cast<acc>(
-        group_adv::value(static_cast<double>(r[b]), st[ids[b]], est, eps, unbiased, single, f_norm, alpha));
+    const int64_t g = ids[b];
+    const GroupStats gs{n[g], s[g], 0, opo ? ls[g] : 0, opo ? lrs[g] : 0};
+    seq[b] = static_cast<acc>(group_adv::value(static_cast<double>(r[b]), gs, grpo ? sq[g] : 1.0, est, eps, single,
+                                               f_norm, alpha));
   }
   if (T == 0) return;
   at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {

@@ -94,7 +94,8 @@ __global__ void group_write_kernel(const A* __restrict__ r, const int64_t* __res
     if (g >= 0 && g < B) {
       const double* st = stats + g * kStats;
       const group_adv::GroupStats gs{st[0], st[1], st[2], st[3], st[4]};
-      v = static_cast<A>(group_adv::value(static_cast<double>(r[b]), gs, est, eps, unbiased, single, f_norm, alpha));
+      const double sigma = est == codes::kGrpo ? group_adv::sigma_of(gs, unbiased) : 1.0;
+      v = static_cast<A>(group_adv::value(static_cast<double>(r[b]), gs, sigma, est, eps, single, f_norm, alpha));
     } else {
       v = quiet_nan<A>();
     }

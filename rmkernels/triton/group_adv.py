@@ -85,7 +85,7 @@ def _group_sq_kernel(
 @triton.jit
 def _group_value(r, n, s, sq, ls, lrs, alpha, eps, f_norm,
                  EST: tl.constexpr, UNBIASED: tl.constexpr, SINGLE: tl.constexpr):
-    """rmkernels/group_adv_math.h's value(), float64."""
+    """rmkernels/group_adv_math.h's sigma_of() and value(), float64."""
     one = n <= 1.0
     if SINGLE == _SELF:
         mu1 = r

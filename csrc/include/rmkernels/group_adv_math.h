@@ -24,20 +24,24 @@ struct GroupStats {
   double n, s, sq, ls, lrs;
 };
 
-// The advantage of a response with score r in its group. alpha = B / max(count_nonzero, 1)
-// (gpg only). A group of one (n <= 1): mean 0 (kSingleZero) or r (kSingleSelf), std 1, zero
-// baselines; NaN scores propagate to their group.
-RMK_HD double value(double r, GroupStats g, int64_t estimator, double eps, bool unbiased, int64_t single,
+// The std of a group of n >= 2 members from its centred sum of squares (grpo); 1 for a group
+// of one. A kernel may evaluate it once per group or once per response: the same bits.
+RMK_HD double sigma_of(GroupStats g, bool unbiased) {
+  return g.n > 1 ? sqrt(g.sq / (unbiased ? g.n - 1 : g.n)) : 1.0;
+}
+
+// The advantage of a response with score r in its group (sigma = sigma_of(g, unbiased), used
+// by grpo only). alpha = B / max(count_nonzero, 1) (gpg only). A group of one (n <= 1): mean 0
+// (kSingleZero) or r (kSingleSelf), std 1, zero baselines; NaN scores propagate to their group.
+RMK_HD double value(double r, GroupStats g, double sigma, int64_t estimator, double eps, int64_t single,
                     double f_norm, double alpha) {
   using namespace codes;
   const bool one = !(g.n > 1);
   const double mu = one ? (single == kSingleSelf ? r : 0.0) : g.s / g.n;
   const double base = r - mu;
   switch (estimator) {
-    case kGrpo: {
-      const double sigma = one ? 1.0 : sqrt(g.sq / (unbiased ? g.n - 1 : g.n));
+    case kGrpo:
       return base / (sigma + eps);
-    }
     case kRloo:
       return one ? base : (g.n * r - g.s) / (g.n - 1);
     case kOpo:
