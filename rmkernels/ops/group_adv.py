@@ -18,7 +18,9 @@ the ``single`` rule: ``"zero"`` (verl's loops) takes mu = 0, sigma = 1 and a zer
 leave-one-out / length baseline, so the response keeps its score (``grpo``: r / (1 + eps),
 ``gpg``: alpha r / f_norm); ``"self"`` makes the response its own baseline (mu = r), so its
 advantage is 0 (verl's ``rloo_vectorized``; OpenRLHF's ``r - mean`` of a group of one).
-``rmk.reinforce_pp_returns`` is REINFORCE++'s masked discounted return.
+``rmk.reinforce_pp_returns`` is REINFORCE++'s masked discounted return: the GAE recurrence of
+``ops/gae.py`` with V = 0 and lam = 1 (its reference calls ``gae_recurrence``; its kernels write
+the one output instead of GAE's two, and may route to ``gae_kernel`` once those are built).
 
 Ops (``torch.ops.rmkernels.*``):
 
