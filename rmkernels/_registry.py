@@ -129,7 +129,10 @@ class Op:
                 check_backend(args[-1])
             if check is not None:
                 check(*args)
-            return body(*args)
+            out = body(*args)
+            if isinstance(out, torch.Tensor) and any(out is a for a in args):
+                out = out.clone()  # an op's output never aliases its input (a body may return one)
+            return out
 
         op_body.__name__ = name
         op_body.__signature__ = inspect.Signature(

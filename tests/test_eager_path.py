@@ -258,6 +258,13 @@ def test_ops_without_gradients_same_bits(backend, device):
             fast, op = _on_both_paths(
                 lambda x, mask=mask, kw=kw: rmk.masked_whiten(x, mask.int(), backend=backend, **kw), (v,), use=())
             _assert_same(fast, op, f"masked_whiten {dtype} {kw}")
+        fast, op = _on_both_paths(
+            lambda r, v, mask=mask: rmk.gae(r, v, mask, gamma=0.9, lam=0.8, backend=backend), (lp, v), use=())
+        _assert_same(fast, op, f"gae {dtype}")
+        for kw in ({}, {"estimator": "low_var_kl", "clamp": 3.0}, {"estimator": "k2", "mask": mask}):
+            fast, op = _on_both_paths(
+                lambda lp, ref, kw=kw: rmk.kl_estimate(lp, ref, backend=backend, **kw), (lp, ref), use=())
+            _assert_same(fast, op, f"kl_estimate {dtype} {kw}")
     mask = _ragged_mask(5, 17, device)
     ids = torch.randint(1, 9, (5, 17), device=device)
     ids[:, -3:] = 0

@@ -196,3 +196,17 @@ def test_gpu_data_checks_need_no_sync_unless_enabled(monkeypatch):
     assert real(torch.device("cuda")) is False  # no checks (no sync) for GPU tensors by default
     with rmk.checks(True):
         assert real(torch.device("cuda")) is True
+
+
+def test_opcheck_index_ops():
+    """The index ops (which hold the data checks) pass opcheck: fake, schema, autograd
+    registration, and no output aliasing an input (check_mask_index's body returns its input
+    on the eager fast path; the op returns a copy)."""
+    ops = torch.ops.rmkernels
+    torch.library.opcheck(ops.lengths_index.default, (torch.tensor([1, 4, 2]), 4))
+    torch.library.opcheck(ops.lengths_index.default, (torch.tensor([1, 4, 2], dtype=torch.int32), -1))
+    torch.library.opcheck(ops.cu_seqlens_index.default, (torch.tensor([0, 1, 3, 7]), 7))
+    torch.library.opcheck(ops.cu_seqlens_index.default, (torch.tensor([0, 1, 3, 7], dtype=torch.int32), -1))
+    torch.library.opcheck(ops.check_mask_index.default, (torch.tensor([0, 3, 2]), 4, "attention_mask"))
+    index = torch.tensor([0, 3])
+    assert ops.check_mask_index(index, 4, "m") is not index

@@ -122,3 +122,14 @@ def test_schemas_unchanged():
         packet = ops[name]
         assert packet.overloads() == ["default"], f"rmkernels::{name} has overloads {packet.overloads()}"
         assert str(packet.default._schema) == f"rmkernels::{schema}", name
+
+
+def test_every_schema_is_declared_once():
+    """ops/_schemas.py holds every schema, and each has exactly one declaration in the registry
+    (a Kernel for KERNEL_OPS, an Op for PUBLIC_OPS): no stale or missing entry."""
+    from rmkernels import _registry
+    from rmkernels.ops import _schemas
+
+    assert sorted(_registry.KERNELS) == sorted(_schemas.KERNEL_OPS)
+    assert sorted(_registry.OPS) == sorted(_schemas.PUBLIC_OPS)
+    assert sorted(set(_schemas.KERNEL_OPS) | set(_schemas.PUBLIC_OPS)) == sorted(SCHEMAS)

@@ -1,20 +1,16 @@
 """Shared pieces of the RL-framework adapters (verl, OpenRLHF, TRL PPO).
 
-Every adapter computes its numbers with the fused ops :func:`rmkernels.ppo_advantages`
-and :func:`rmkernels.masked_whiten`. Two small devices let one op serve every framework:
+Every adapter computes its numbers with the public ops: :func:`rmkernels.ppo_advantages`,
+:func:`rmkernels.gae` (GAE over any per-token rewards: verl's ``token_level_rewards``,
+OpenRLHF's shaped rewards), :func:`rmkernels.kl_estimate` and :func:`rmkernels.masked_whiten`.
 
-* **Token-level rewards through the fused GAE.** ``ppo_advantages`` builds the rewards
-  as ``-kl_coef * kl + score``. With ``logprobs = 0``, ``ref_logprobs = R``, the ``k1``
-  estimator, ``kl_coef = 1`` and zero scores, ``kl = -R`` and the rewards are exactly
-  ``R`` (a negation is exact), so any per-token reward tensor (verl's
-  ``token_level_rewards``, OpenRLHF's shaped rewards) runs through the fused recurrence.
-* **KL estimators with a gradient.** The fused op gives values, never gradients (its
-  outputs are targets). Where a framework's KL estimate is used inside a loss, the
-  adapter returns ``g - g.detach() + value``: the value of the fused op, the gradient of
-  ``g``, the framework's own differentiable formula (or k2's, for verl's ``"+"`` forms).
-  ``g`` is only built when autograd is recording and an input requires grad.
+**KL estimators with a gradient.** ``kl_estimate`` gives values, never gradients. Where a
+framework's KL estimate is used inside a loss, the adapter returns ``g - g.detach() +
+value``: the value of the fused op, the gradient of ``g``, the framework's own differentiable
+formula (or k2's, for verl's ``"+"`` forms). ``g`` is only built when autograd is recording
+and an input requires grad.
 """
-import math
+from collections import namedtuple
 
 import torch
 
@@ -50,36 +46,27 @@ def check_same_shape(ref_name, ref, **others):
             raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
 
 
-def zeros_like_2d(t):
-    """A [B, T] float32 zero tensor that costs no memory (stride 0)."""
-    return torch.zeros((), dtype=torch.float32, device=t.device).expand(t.shape)
+GAEResult = namedtuple("GAEResult", ["advantages", "returns"])
 
 
 def token_reward_gae(rewards, values, mask, *, gamma, lam, whiten, unbiased=True, shift_mean=True,
                      process_group=None):
-    """GAE of arbitrary per-token ``rewards`` [B, T] with ``rmk.ppo_advantages`` (the mask-aware
-    recurrence of SPEC 3 over the positions where ``mask`` is non-zero). Returns the
-    ``PPOAdvantages`` of the fused op (its ``rewards`` equal the given ones at valid positions)."""
-    B = rewards.shape[0]
-    return rmk.ppo_advantages(
-        zeros_like_2d(rewards), rewards, values, torch.zeros(B, dtype=torch.float32, device=rewards.device), mask,
-        kl_coef=1.0, gamma=gamma, lam=lam, kl_estimator="k1", whiten=whiten, unbiased=unbiased,
-        shift_mean=shift_mean, process_group=process_group)
+    """GAE of arbitrary per-token ``rewards`` [B, T] (``rmk.gae``: the mask-aware recurrence
+    over the positions where ``mask`` is non-zero), the advantages whitened over the valid
+    positions when ``whiten`` (``rmk.masked_whiten``, over every rank of ``process_group``).
+    Returns ``GAEResult(advantages, returns)``."""
+    adv, ret = rmk.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    if whiten:
+        adv = rmk.masked_whiten(adv, mask, shift_mean=shift_mean, unbiased=unbiased, process_group=process_group)
+    return GAEResult(adv, ret)
 
 
 def fused_kl(logprob, ref_logprob, estimator, mask=None, kl_clamp=None):
-    """The fused op's per-token KL estimate of two same-shape tensors of any rank (>= 1);
-    0 where ``mask`` is 0. Computed in float32 (float64 for float64 inputs)."""
-    shape = logprob.shape
+    """``rmk.kl_estimate`` of two same-shape tensors of any rank (>= 1); 0 where ``mask`` is 0.
+    Computed in float32 (float64 for float64 inputs)."""
     if logprob.dim() == 0:
         raise ValueError("log-probabilities must be at least 1-D, got a 0-d tensor")
-    lp = logprob.detach().reshape(math.prod(shape[:-1]), shape[-1])
-    ref = ref_logprob.detach().reshape(lp.shape)
-    m = torch.ones((), dtype=torch.bool, device=lp.device).expand(lp.shape) if mask is None else mask.reshape(lp.shape)
-    out = rmk.ppo_advantages(lp, ref, zeros_like_2d(lp), torch.zeros(lp.shape[0], dtype=torch.float32, device=lp.device),
-                             m, kl_coef=0.0, gamma=1.0, lam=1.0, kl_estimator=estimator, kl_clamp=kl_clamp,
-                             whiten=False)
-    return out.kl.reshape(shape)
+    return rmk.kl_estimate(logprob, ref_logprob, mask, estimator=estimator, clamp=kl_clamp)
 
 
 def needs_grad(*tensors):

@@ -245,7 +245,7 @@ def _check_mask_index_body(index, n_tokens, name):
         bad = torch.nonzero(index < 0).flatten()
         if bad.numel():
             raise ValueError(f"{name}: rows {_checks.rows_str(bad)} have no valid token (all zero)")
-    return index.clone()  # an op's output never aliases its input
+    return index  # the op path clones it (an op's output never aliases an input)
 
 
 def _check_lengths_arg(lengths, n_tokens):
