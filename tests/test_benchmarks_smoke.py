@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_benchmark_modules_import(monkeypatch):
     monkeypatch.syspath_prepend(ROOT)
     import importlib
-    for m in ("run", "bench_pooling", "bench_bt_loss", "bench_gae", "bench_group_adv", "bench_e2e_reward", "report", "test_bench"):
+    for m in ("run", "bench_pooling", "bench_bt_loss", "bench_gae", "bench_group_adv", "bench_e2e_reward", "report",
+              "test_bench"):
         importlib.import_module(f"benchmarks.{m}")
 
 

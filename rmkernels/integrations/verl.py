@@ -25,6 +25,7 @@ import torch
 import rmkernels as rmk
 from rmkernels.integrations._rl import (as_float, check_2d, check_same_shape, fused_kl, needs_grad,
                                         straight_through, token_reward_gae)
+from rmkernels.integrations.verl_critic_free import *  # noqa: F403  (the critic-free estimators)
 
 __all__ = ["compute_gae_advantage_return", "kl_penalty", "kl_penalty_forward", "KL_PENALTIES",
            "AdaptiveKLController", "FixedKLController", "get_kl_controller"]
@@ -144,4 +145,3 @@ def get_kl_controller(kl_ctrl):
     if kl_ctrl.type == "adaptive":
         return AdaptiveKLController(init_kl_coef=kl_ctrl.kl_coef, target_kl=kl_ctrl.target_kl, horizon=kl_ctrl.horizon)
     raise NotImplementedError(f"kl_ctrl.type must be 'fixed' or 'adaptive', got {kl_ctrl.type!r}")
-from rmkernels.integrations.verl_critic_free import *  # noqa: F401,F403  (critic-free estimators)
