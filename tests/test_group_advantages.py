@@ -433,3 +433,21 @@ def test_bad_returns_inputs():
         rmk.reinforce_pp_returns(torch.zeros(3, 4), torch.ones(3, 5))
     with pytest.raises(ValueError, match="gamma"):
         rmk.reinforce_pp_returns(torch.zeros(3, 4), torch.ones(3, 4), gamma=-0.5)
+
+
+def test_direct_op_calls_check_their_arguments():
+    """torch.ops.rmkernels.group_advantages / reinforce_pp_returns called directly: the check hook
+    names the bad argument on every path (the ids range is a data check of CPU tensors)."""
+    op = torch.ops.rmkernels.group_advantages
+    s, ids, m = torch.randn(4), torch.tensor([0, 0, 1, 1]), torch.ones(4, 3, dtype=torch.bool)
+    args = (s, ids, m, "grpo", 1e-6, True, "zero", 1.0, 1e-8, "cpu")
+    op(*args)
+    for i, bad, exc, name in [(1, ids.float(), TypeError, "group_ids"), (1, torch.tensor([0, 4, 1, 1]), ValueError,
+                                                                         "group_ids"),
+                              (2, m.float(), TypeError, "mask"), (0, torch.randn(5), ValueError, "group_ids"),
+                              (3, "ppo", ValueError, "estimator"), (6, "one", ValueError, "single"),
+                              (9, "gpu", ValueError, "backend")]:
+        with pytest.raises(exc, match=name):
+            op(*args[:i], bad, *args[i + 1:])
+    with pytest.raises(TypeError, match="mask"):
+        torch.ops.rmkernels.reinforce_pp_returns(torch.randn(2, 3), torch.ones(2, 3), 1.0, "cpu")
