@@ -23,7 +23,7 @@ import torch
 
 from benchmarks import common, report, timing
 
-ALL_OPS = ("pooling", "bt", "pair", "gae", "e2e")
+ALL_OPS = ("pooling", "bt", "pair", "gae", "grpo", "e2e")
 
 
 def floor_rows(device):
@@ -72,6 +72,8 @@ def main(argv=None):
             from benchmarks import bench_bt_loss as mod
         elif op == "gae":
             from benchmarks import bench_gae as mod
+        elif op == "grpo":
+            from benchmarks import bench_group_adv as mod
         else:
             from benchmarks import bench_e2e_reward as mod
         rows += mod.run(op, device=device, shapes=args.shapes, quick=args.quick, tiny=args.tiny,

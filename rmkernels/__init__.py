@@ -15,6 +15,7 @@ from rmkernels.kl_control import AdaptiveKLController, FixedKLController
 from rmkernels.modules import BradleyTerryLoss, LastTokenRewardHead, PairwiseRewardLoss, RankingLoss
 from rmkernels.ops.bt_loss import bradley_terry_loss
 from rmkernels.ops.gae import gae, kl_estimate
+from rmkernels.ops.group_adv import GroupAdvantages, group_advantages, group_ids, reinforce_pp_returns
 from rmkernels.ops.pairwise import pairwise_reward_loss
 from rmkernels.ops.pooling import last_token_index, last_token_reward
 from rmkernels.ops.ppo import PPOAdvantages, masked_whiten, ppo_advantages
@@ -41,6 +42,10 @@ __all__ = [
     "masked_whiten",
     "gae",
     "kl_estimate",
+    "GroupAdvantages",
+    "group_advantages",
+    "group_ids",
+    "reinforce_pp_returns",
     "AdaptiveKLController",
     "FixedKLController",
     "patch_hf_reward_model",

@@ -43,6 +43,12 @@ class GroupEstimator(enum.IntEnum):
     REINFORCE_PP_BASELINE = 5  # r - mean, whitened over all valid tokens afterwards
 
 
+class GroupSingle(enum.IntEnum):
+    """What a group of one response gets (SPEC section 5, ``single=``)."""
+    ZERO = 0  # mean 0, std 1, leave-one-out / length baseline 0: the response keeps its score (verl's loops)
+    SELF = 1  # the response is its own baseline: advantage 0 (verl's rloo_vectorized, OpenRLHF's r - mean)
+
+
 REDUCTIONS = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
 
 # Names the public functions accept, aliases included (verl / OpenRLHF spellings).
@@ -55,6 +61,7 @@ LOW_VAR_KL_CLAMP = 10.0
 GROUP_ESTIMATORS = {"grpo": GroupEstimator.GRPO, "dr_grpo": GroupEstimator.DR_GRPO, "rloo": GroupEstimator.RLOO,
                     "opo": GroupEstimator.OPO, "gpg": GroupEstimator.GPG,
                     "reinforce_pp_baseline": GroupEstimator.REINFORCE_PP_BASELINE}
+GROUP_SINGLES = {"zero": GroupSingle.ZERO, "self": GroupSingle.SELF}
 
 # Segment policy of the GPU GAE kernels (CUDA and Triton): rows of at least 2 * SEGMENT_T
 # positions are split into segments of SEGMENT_T when the batch has fewer than 2 rows per SM.

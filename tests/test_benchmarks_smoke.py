@@ -12,12 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_benchmark_modules_import(monkeypatch):
     monkeypatch.syspath_prepend(ROOT)
     import importlib
-    for m in ("run", "bench_pooling", "bench_bt_loss", "bench_gae", "bench_e2e_reward", "report", "test_bench"):
+    for m in ("run", "bench_pooling", "bench_bt_loss", "bench_gae", "bench_group_adv", "bench_e2e_reward", "report",
+              "test_bench"):
         importlib.import_module(f"benchmarks.{m}")
 
 
 def test_runner_quick_tiny(tmp_path):
-    ops = ["bt", "gae"]
+    ops = ["bt", "gae", "grpo"]
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--tiny", "--quick", "--ops", *ops,
            "--providers", "hf", "torch", "rmk-cpu", "--threads", "1", "--out", str(tmp_path), "--no-merge"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -88,6 +88,16 @@ SCHEMAS = {
     "kl_estimate_kernel": (
         "kl_estimate_kernel(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, int estimator, float x_clamp, "
         "float kl_clamp) -> Tensor"),
+    # critic-free group advantages (ops/group_adv.py)
+    "group_advantages": (
+        "group_advantages(Tensor scores, Tensor group_ids, Tensor mask, str estimator, float eps, bool unbiased, "
+        "str single, float f_norm, float whiten_eps, str backend) -> (Tensor, Tensor)"),
+    "group_advantages_kernel": (
+        "group_advantages_kernel(Tensor scores, Tensor group_ids, Tensor mask, int estimator, float eps, "
+        "bool unbiased, int single, float f_norm) -> (Tensor, Tensor)"),
+    "reinforce_pp_returns": (
+        "reinforce_pp_returns(Tensor token_rewards, Tensor mask, float gamma, str backend) -> Tensor"),
+    "reinforce_pp_returns_kernel": "reinforce_pp_returns_kernel(Tensor rewards, Tensor mask, float gamma) -> Tensor",
 }
 
 

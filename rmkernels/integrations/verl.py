@@ -25,6 +25,7 @@ import torch
 import rmkernels as rmk
 from rmkernels.integrations._rl import (as_float, check_2d, check_same_shape, fused_kl, needs_grad,
                                         straight_through, token_reward_gae)
+from rmkernels.integrations.verl_critic_free import *  # noqa: F403  (the critic-free estimators)
 
 __all__ = ["compute_gae_advantage_return", "kl_penalty", "kl_penalty_forward", "KL_PENALTIES",
            "AdaptiveKLController", "FixedKLController", "get_kl_controller"]

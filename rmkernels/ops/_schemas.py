@@ -40,6 +40,10 @@ KERNEL_OPS = {
     "gae_kernel": "(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)",
     "kl_estimate_kernel": ("(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, int estimator, float x_clamp, "
                            "float kl_clamp) -> Tensor"),
+    # critic-free group advantages (ops/group_adv.py)
+    "group_advantages_kernel": ("(Tensor scores, Tensor group_ids, Tensor mask, int estimator, float eps, "
+                                "bool unbiased, int single, float f_norm) -> (Tensor, Tensor)"),
+    "reinforce_pp_returns_kernel": "(Tensor rewards, Tensor mask, float gamma) -> Tensor",
 }
 
 PUBLIC_OPS = {
@@ -87,6 +91,10 @@ PUBLIC_OPS = {
     "gae": "(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)",
     "kl_estimate": ("(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, str estimator, float? clamp) "
                     "-> Tensor"),
+    # critic-free group advantages (ops/group_adv.py)
+    "group_advantages": ("(Tensor scores, Tensor group_ids, Tensor mask, str estimator, float eps, bool unbiased, "
+                         "str single, float f_norm, float whiten_eps) -> (Tensor, Tensor)"),
+    "reinforce_pp_returns": "(Tensor token_rewards, Tensor mask, float gamma) -> Tensor",
 }
 
 # Public ops without a backend argument.
