@@ -15,6 +15,8 @@ from rmkernels.modules import LastTokenRewardHead
 from rmkernels.ops.bt_loss import bradley_terry_loss, pairwise_reward_loss, ranking_loss
 from rmkernels.modules import BradleyTerryLoss, PairwiseRewardLoss, RankingLoss
 from rmkernels.ops.ppo import PPOAdvantages, masked_whiten, ppo_advantages
+from rmkernels.ops.token_logprobs import token_logprobs
+from rmkernels.causal_lm import causal_lm_logprobs
 from rmkernels.kl_control import AdaptiveKLController, FixedKLController
 from rmkernels.integrations.hf import patch_hf_reward_model, unpatch_hf_reward_model
 
@@ -37,6 +39,8 @@ __all__ = [
     "PPOAdvantages",
     "ppo_advantages",
     "masked_whiten",
+    "token_logprobs",
+    "causal_lm_logprobs",
     "AdaptiveKLController",
     "FixedKLController",
     "patch_hf_reward_model",
