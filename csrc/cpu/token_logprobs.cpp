@@ -44,6 +44,8 @@ struct CpuTiles {
 
   template <typename acc>
   static void grad_logits(const lp::GradArgs<acc>& a) {
+    const std::vector<acc> no_bias(a.bias ? 0 : a.cols, acc(0));
+    const acc* bias = a.bias ? a.bias : no_bias.data();
     at::parallel_for(0, a.rows, kTileRowGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         acc* row = a.tile + i * a.cols;
@@ -53,7 +55,7 @@ struct CpuTiles {
           continue;
         }
         const acc gl = a.gl[i], ge = a.ge ? a.ge[i] : acc(0);
-        RMK_SIMD(lp_grad_row<acc>)(row, a.bias, a.cols, a.inv_temp, a.lse[i], a.entropy[i], gl, ge);
+        RMK_SIMD(lp_grad_row<acc>)(row, bias, a.cols, a.inv_temp, a.lse[i], a.entropy[i], gl, ge);
         const int64_t j = t - a.v0;
         if (j >= 0 && j < a.cols) row[j] += gl * a.inv_temp;
       }

@@ -53,22 +53,15 @@ void lp_stats_row(const acc* __restrict__ raw, const acc* __restrict__ bias, int
 }
 
 // Backward: raw logits -> dz / temperature in place (the target's +gl added by the caller).
+// bias is never null here (the caller passes zeros): GCC 12 vectorises this loop with the bias
+// load and not without it ("control flow in loop").
 template <typename acc>
 void lp_grad_row(acc* __restrict__ row, const acc* __restrict__ bias, int64_t cols, acc inv_temp, acc lse, acc ent,
                  acc gl, acc ge) {
-  if (bias) {
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      const acc lp = (row[j] + bias[j]) * inv_temp - lse;
-      const acc p = vecmath::exp_any(lp);
-      row[j] = -(p * (gl + ge * (lp + ent))) * inv_temp;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      const acc lp = row[j] * inv_temp - lse;
-      const acc p = vecmath::exp_any(lp);
-      row[j] = -(p * (gl + ge * (lp + ent))) * inv_temp;
-    }
+  for (int64_t j = 0; j < cols; ++j) {
+    const acc lp = (row[j] + bias[j]) * inv_temp - lse;
+    const acc p = vecmath::exp_nonpos(lp < acc(0) ? lp : acc(0));  // p <= 1: lp > 0 only by rounding
+    row[j] = -(p * (gl + ge * (lp + ent))) * inv_temp;
   }
 }

@@ -253,6 +253,7 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, temperature, ignore_index, backend = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+    ctx.set_materialize_grads(False)  # an unused entropy output costs its backward nothing
     ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
     ctx.bias_dtype = bias.dtype if bias is not None else None
 

@@ -123,6 +123,16 @@ def _acc_torch(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _mm(a, b, acc):
+    """a @ b in the arithmetic dtype: bf16/fp16 operands go to cuBLAS as they are, with float32
+    output (tensor cores); CPU tensors (the interpreter) have no such GEMM and are upcast."""
+    if a.dtype == acc:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=acc)
+    return a.to(acc) @ b.to(acc)
+
+
 def _flat(hidden):
     """hidden [B, T, H] as [N, H] with a row stride (a copy only for rows at uneven strides)."""
     return hidden.reshape(-1, hidden.shape[-1])
@@ -183,10 +193,10 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
                     BN=bn, BV=bv, BH=_block(H, BLOCK_H))
                 op = tile.to(hidden.dtype) if lowp else tile
                 if need_hidden:
-                    g_h[n0:n0 + rows] += torch.mm(op, w, out_dtype=acc) if lowp else op @ w
+                    g_h[n0:n0 + rows] += _mm(op, w, acc)
                 if need_weight:
                     x = h[n0:n0 + rows]
-                    g_wc += torch.mm(op.t(), x, out_dtype=acc) if lowp else op.t() @ x
+                    g_wc += _mm(op.t(), x, acc)
                 if need_bias:
                     g_b[v0:v0 + vl] += tile.sum(0)
             if need_weight:
