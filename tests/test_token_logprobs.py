@@ -310,3 +310,18 @@ def test_eager_path_matches_op():
         outs.append((lp, ent, h.grad))
     for a, e in zip(*outs):
         assert torch.equal(a, e)
+
+
+def test_benchmark_smoke(monkeypatch):
+    """benchmarks/bench_token_logprobs.py runs end to end on its tiny shape and every provider
+    (naive, chunked PyTorch, rmk-cpu) matches the reference; no timing is asserted."""
+    import os
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import bench_token_logprobs as bench
+
+    rows = bench.run(device="cpu", shapes=["lp-t"], quick=True, only=["naive", "chunked-torch", "rmk-cpu"],
+                     log=lambda *a: None)
+    checks = {r["provider"]: r for r in rows if r["mode"] == "check"}
+    assert set(checks) == {"naive", "chunked-torch", "rmk-cpu"}
+    assert all(r["median"] == 1.0 for r in checks.values()), [r["note"] for r in checks.values()]
+    assert {r["metric"] for r in rows} >= {"call_ms", "peak_MiB"}
