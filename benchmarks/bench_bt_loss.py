@@ -29,8 +29,9 @@ def make_inputs(shape, device, seed=0):
         chosen = (torch.randn(B, generator=g) + 0.5).to(device, shape.torch_dtype).requires_grad_()
         rejected = torch.randn(B, generator=g).to(device, shape.torch_dtype).requires_grad_()
         return (chosen, rejected, margin, CENTER_COEF)
-    from benchmarks.bench_pooling import make_inputs as pool_inputs
     from dataclasses import replace
+
+    from benchmarks.bench_pooling import make_inputs as pool_inputs
     hidden, weight, bias, mask = pool_inputs(replace(shape, dims=dict(d, B=2 * B)), device, seed)
     return (hidden, weight, bias, mask, margin, CENTER_COEF)
 
@@ -43,8 +44,9 @@ def bytes_moved(shape):
         fwd = 2 * B * e + B * 4 + 4          # chosen, rejected, margin in; loss out
         bwd = 2 * B * e + B * 4 + 4 + 2 * B * e  # the same in (+ grad), two gradients out
         return {"forward": fwd, "backward": bwd, "full": fwd + bwd}
-    from benchmarks.bench_pooling import bytes_moved as pool_bytes
     from dataclasses import replace
+
+    from benchmarks.bench_pooling import bytes_moved as pool_bytes
     b = pool_bytes(replace(shape, dims=dict(d, B=2 * B)))
     return {k: v + 3 * B * 4 for k, v in b.items()}
 

@@ -158,7 +158,7 @@ def copy_bandwidth_gbps(nbytes=1 << 30):
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
     ms = device_time(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None  # free both before emptying the cache
     torch.cuda.empty_cache()
     return tuple(2 * nbytes / (t * 1e-3) / 1e9 for t in ms), ms
 

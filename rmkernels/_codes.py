@@ -34,7 +34,7 @@ class GaeSegmentMode(enum.IntEnum):
 
 
 class GroupEstimator(enum.IntEnum):
-    """Critic-free group advantage estimators (SPEC section 5)."""
+    """Critic-free group advantage estimators (docs/ops.md, critic-free advantages)."""
     GRPO = 0  # (r - mean) / (std + eps)
     DR_GRPO = 1  # r - mean
     RLOO = 2  # (n r - sum r) / (n - 1)

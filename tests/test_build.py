@@ -35,7 +35,8 @@ def test_cuda_layer_is_torch_free():
     for path in CU_FILES + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")):
         text = open(path).read()
         for banned in ("<torch/", "<ATen/", "<c10/"):
-            assert banned not in text, f"{os.path.basename(path)} includes {banned}: the kernel layer must stay torch-free"
+            assert banned not in text, (f"{os.path.basename(path)} includes {banned}: the kernel layer must stay "
+                                        "torch-free")
 
 
 def _run_py(code, env_extra=None):

@@ -2,10 +2,10 @@
 and the verl-compatible linear_cross_entropy."""
 import pytest
 import torch
+from utils import assert_close
 
 import rmkernels as rmk
 from rmkernels.integrations.verl_linear_ce import linear_cross_entropy
-from utils import assert_close
 
 transformers = pytest.importorskip("transformers")
 

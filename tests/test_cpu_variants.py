@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from utils import assert_close, skip_unless_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -269,7 +269,7 @@ def test_there_are_triton_modules():
 def test_every_triton_kernel_is_launched(recorded):
     for module in TRITON_MODULES:
         fns = _jit_functions(module)
-        launched = {l.fn for ls in recorded.values() for l in ls}
+        launched = {la.fn for ls in recorded.values() for la in ls}
         missing = set(fns) - _reached(launched, fns)
         assert not missing, (f"rmkernels/triton/{module}.py: @triton.jit functions {sorted(missing)} are never "
                              f"launched by _drive_{module} (and not called by a launched kernel): extend it")
@@ -277,8 +277,8 @@ def test_every_triton_kernel_is_launched(recorded):
 
 @needs_compiled_triton
 def test_launch_grids_fit_cuda_limits(recorded):
-    bad = [l.describe() for ls in recorded.values() for l in ls
-           if len(l.grid) > 3 or any(g > m for g, m in zip(l.grid, MAX_GRID)) or any(g < 1 for g in l.grid)]
+    bad = [la.describe() for ls in recorded.values() for la in ls
+           if len(la.grid) > 3 or any(g > m for g, m in zip(la.grid, MAX_GRID)) or any(g < 1 for g in la.grid)]
     assert not bad, "launch grids outside CUDA's limits (x < 2^31, y, z <= 65535, each >= 1):\n" + "\n".join(bad)
 
 
@@ -298,7 +298,8 @@ def _features(launch, pairwise):
     with `pairwise` each constexpr flag value together with the class of the pointer dtypes
     (fp64 + a flag...); block sizes are not paired (they change layouts, not types)."""
     cst = {launch.fn.arg_names[p[0]]: repr(v) for p, v in launch.constexprs.items()}
-    f = {("sig", k, v) for k, v in launch.signature.items() if v != "constexpr"} | {("cst", k, v) for k, v in cst.items()}
+    f = ({("sig", k, v) for k, v in launch.signature.items() if v != "constexpr"}
+         | {("cst", k, v) for k, v in cst.items()})
     if pairwise:
         # The dtype class of the float pointers: fp64 (fp64 arithmetic meets fp32 scalars),
         # 16-bit (conversions on load/store; bf16 and fp16 each still appear in a single
@@ -312,13 +313,13 @@ def _features(launch, pairwise):
 def _covering(launches, pairwise):
     """A few launches per kernel such that every feature seen (see _features) is compiled."""
     by_kernel = {}
-    for l in launches:
-        by_kernel.setdefault(l.name, []).append(l)
+    for la in launches:
+        by_kernel.setdefault(la.name, []).append(la)
     chosen = []
     for ls in by_kernel.values():
-        need = set().union(*(_features(l, pairwise) for l in ls))
+        need = set().union(*(_features(la, pairwise) for la in ls))
         while need:
-            best = max(ls, key=lambda l: len(_features(l, pairwise) & need))
+            best = max(ls, key=lambda la: len(_features(la, pairwise) & need))
             chosen.append(best)
             need -= _features(best, pairwise)
     return chosen
@@ -326,8 +327,8 @@ def _covering(launches, pairwise):
 
 def _unique(launches):
     out = {}
-    for l in launches:
-        out.setdefault(l.key(), l)
+    for la in launches:
+        out.setdefault(la.key(), la)
     return list(out.values())
 
 
@@ -367,22 +368,22 @@ def test_triton_kernels_compile_for_sm80_and_sm90(module, recorded, tmp_path):
 
     # The launches of this module's kernels, whichever driver made them (pairwise_reward_loss
     # launches the pooling kernels).
-    launches = _unique([l for ls in recorded.values() for l in ls if l.fn.module == f"rmkernels.triton.{module}"])
+    launches = _unique([la for ls in recorded.values() for la in ls if la.fn.module == f"rmkernels.triton.{module}"])
     assert launches, f"no launches recorded for {module}"
     if os.environ.get("RMKERNELS_AOT_ALL", "0") == "1":
-        plan = [(l, arch) for arch in (90, 80) for l in launches]
+        plan = [(la, arch) for arch in (90, 80) for la in launches]
     else:
-        plan = [(l, 90) for l in _covering(launches, True)] + [(l, 80) for l in _covering(launches, False)]
+        plan = [(la, 90) for la in _covering(launches, True)] + [(la, 80) for la in _covering(launches, False)]
     # Huge tensors: an int argument >= 2^31 (a size, a stride, an offset) is passed as i64.
     # Every kernel once with all its int arguments i64 (the sm_90 covering launch with the
     # most of them), which catches loop-carried int32/int64 mismatches that only huge inputs
     # reach.
-    for name in sorted({l.name for l in launches}):
-        ls = [l for l in _covering(launches, True) if l.name == name]
-        base = max(ls, key=lambda l: sum(v == "i32" for v in l.signature.values()))
+    for name in sorted({la.name for la in launches}):
+        ls = [la for la in _covering(launches, True) if la.name == name]
+        base = max(ls, key=lambda la: sum(v == "i32" for v in la.signature.values()))
         if any(v == "i32" for v in base.signature.values()):
             plan.append((_Wide(base), 90))
-    jobs = [(l.fn.module, l.fn.__name__, l.signature, l.constexprs, l.attrs, l.kwargs, arch) for l, arch in plan]
+    jobs = [(la.fn.module, la.fn.__name__, la.signature, la.constexprs, la.attrs, la.kwargs, arch) for la, arch in plan]
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))  # compile for real, not from a cache
     env.pop("TRITON_INTERPRET", None)
     t0 = time.time()
@@ -444,7 +445,8 @@ def _our_diagnostics(stderr):
 
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++/c++) found")
 @pytest.mark.skipif(not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime_api.h")),
-                    reason=f"CUDA toolkit headers not found in {CUDA_INCLUDE} (set CUDA_HOME): the bindings include them")
+                    reason=f"CUDA toolkit headers not found in {CUDA_INCLUDE} (set CUDA_HOME): the bindings "
+                           "include them")
 def test_cuda_bindings_compile_with_host_compiler(tmp_path):
     """csrc/cuda/*_binding.cpp (and module.cpp's CUDA branch), which only a CUDA build
     compiles, parse and type-check with

@@ -1,13 +1,11 @@
-"""Last-token value-head pooling (SPEC section 1): every backend against the reference."""
-import os
+"""Last-token value-head pooling (docs/ops.md): every backend against the reference."""
 
 import pytest
 import torch
+from utils import TRITON_INTERPRET, assert_close, assert_close_vs_lowp, backend_params, skip_unless_available, tolerance
 
 import rmkernels as rmk
 from rmkernels.ops import pooling
-from utils import (TRITON_INTERPRET, assert_close, assert_close_vs_lowp, backend_params,
-                   skip_unless_available, tolerance)
 
 LOWP = (torch.bfloat16, torch.float16)
 
@@ -257,15 +255,18 @@ def test_opcheck(backend, device):
     torch.library.opcheck(ops.last_token_index.default, (mask, backend))
     torch.library.opcheck(ops.last_token_reward.default, (hidden, w, b, index, backend))
     torch.library.opcheck(ops.last_token_reward.default, (hidden, w, None, index, backend))
-    torch.library.opcheck(ops.last_token_reward.default, (hidden.reshape(-1, H), w, b, index + T * torch.arange(B, device=device), backend))
+    torch.library.opcheck(ops.last_token_reward.default,
+                          (hidden.reshape(-1, H), w, b, index + T * torch.arange(B, device=device), backend))
     g = torch.randn(B, K, device=device)
     for needs in [(True, True, True), (False, True, False), (True, False, False)]:
-        torch.library.opcheck(ops.last_token_reward_backward.default, (g, hidden.detach(), w.detach(), index, *needs, backend))
+        torch.library.opcheck(ops.last_token_reward_backward.default,
+                              (g, hidden.detach(), w.detach(), index, *needs, backend))
     if backend in ("cpu", "cuda"):
         w32 = w.detach().float().contiguous()
         torch.library.opcheck(ops.last_token_index_kernel.default, (mask,))
         torch.library.opcheck(ops.last_token_reward_fwd_kernel.default, (hidden.detach(), w32, b.detach(), index))
-        torch.library.opcheck(ops.last_token_reward_bwd_kernel.default, (g, hidden.detach(), w32, index, True, True, True))
+        torch.library.opcheck(ops.last_token_reward_bwd_kernel.default,
+                              (g, hidden.detach(), w32, index, True, True, True))
 
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
@@ -307,25 +308,39 @@ def test_empty_batch_and_empty_time():
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda h, w, b, m: rmk.last_token_reward(h[0, 0], w, b, attention_mask=m), ValueError, r"hidden_states must be 2-D or 3-D"),
-    (lambda h, w, b, m: rmk.last_token_reward(h.long(), w, b, attention_mask=m), TypeError, r"hidden_states must have dtype"),
-    (lambda h, w, b, m: rmk.last_token_reward(h, w[:, :-1], b, attention_mask=m), ValueError, r"weight must be \[K, H\] with H = 16"),
+    (lambda h, w, b, m: rmk.last_token_reward(h[0, 0], w, b, attention_mask=m),
+     ValueError, r"hidden_states must be 2-D or 3-D"),
+    (lambda h, w, b, m: rmk.last_token_reward(h.long(), w, b, attention_mask=m),
+     TypeError, r"hidden_states must have dtype"),
+    (lambda h, w, b, m: rmk.last_token_reward(h, w[:, :-1], b, attention_mask=m),
+     ValueError, r"weight must be \[K, H\] with H = 16"),
     (lambda h, w, b, m: rmk.last_token_reward(h, w[0], b, attention_mask=m), ValueError, r"weight must be 2-D"),
-    (lambda h, w, b, m: rmk.last_token_reward(h, w, b[:1], attention_mask=m), ValueError, r"bias must be \[K\] = \[2\]"),
-    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m[:, :-1]), ValueError, r"attention_mask must have shape \[B, T\] = \[3, 5\]"),
+    (lambda h, w, b, m: rmk.last_token_reward(h, w, b[:1], attention_mask=m),
+     ValueError, r"bias must be \[K\] = \[2\]"),
+    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m[:, :-1]),
+     ValueError, r"attention_mask must have shape \[B, T\] = \[3, 5\]"),
     (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m[0]), ValueError, r"attention_mask must be 2-D"),
     (lambda h, w, b, m: rmk.last_token_reward(h, w, b, lengths=torch.ones(3)), TypeError, r"lengths must have dtype"),
-    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, lengths=torch.ones(4, dtype=torch.long)), ValueError, r"lengths must have shape \[B\] = \[3\]"),
-    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m, lengths=torch.ones(3, dtype=torch.long)), ValueError, r"give exactly one of"),
+    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, lengths=torch.ones(4, dtype=torch.long)),
+     ValueError, r"lengths must have shape \[B\] = \[3\]"),
+    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m, lengths=torch.ones(3, dtype=torch.long)),
+     ValueError, r"give exactly one of"),
     (lambda h, w, b, m: rmk.last_token_reward(h, w, b), ValueError, r"got none"),
-    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, cu_seqlens=torch.tensor([0, 5])), ValueError, r"cu_seqlens goes with packed"),
-    (lambda h, w, b, m: rmk.last_token_reward(h[0], w, b, attention_mask=m), ValueError, r"packed hidden_states \[N, H\] needs cu_seqlens"),
-    (lambda h, w, b, m: rmk.last_token_reward(h[0], w, b, cu_seqlens=torch.tensor([0, 2, 5.0])), TypeError, r"cu_seqlens must have dtype"),
+    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, cu_seqlens=torch.tensor([0, 5])),
+     ValueError, r"cu_seqlens goes with packed"),
+    (lambda h, w, b, m: rmk.last_token_reward(h[0], w, b, attention_mask=m),
+     ValueError, r"packed hidden_states \[N, H\] needs cu_seqlens"),
+    (lambda h, w, b, m: rmk.last_token_reward(h[0], w, b, cu_seqlens=torch.tensor([0, 2, 5.0])),
+     TypeError, r"cu_seqlens must have dtype"),
     (lambda h, w, b, m: rmk.last_token_reward(h, w.to("meta"), b, attention_mask=m), ValueError, r"weight is on meta"),
-    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m.to("meta")), ValueError, r"attention_mask is on meta"),
-    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m, backend="fast"), ValueError, r"backend must be one of"),
-    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m, backend="cuda"), RuntimeError, r"'cuda' is not available for cpu tensors.*Available: cpu, reference"),
-    (lambda h, w, b, m: rmk.last_token_reward(h, "w", b, attention_mask=m), TypeError, r"weight must be a torch.Tensor"),
+    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m.to("meta")),
+     ValueError, r"attention_mask is on meta"),
+    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m, backend="fast"),
+     ValueError, r"backend must be one of"),
+    (lambda h, w, b, m: rmk.last_token_reward(h, w, b, attention_mask=m, backend="cuda"),
+     RuntimeError, r"'cuda' is not available for cpu tensors.*Available: cpu, reference"),
+    (lambda h, w, b, m: rmk.last_token_reward(h, "w", b, attention_mask=m),
+     TypeError, r"weight must be a torch.Tensor"),
 ])
 def test_bad_input(call, exc, match):
     h = torch.randn(3, 5, 16)

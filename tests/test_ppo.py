@@ -1,21 +1,19 @@
-"""PPO KL-penalized rewards, GAE advantages and whitening (SPEC section 3).
+"""PPO KL-penalized rewards, GAE advantages and whitening (docs/ops.md).
 
 Each backend against the reference (itself checked against the plain TRL/OpenRLHF loop
 written from their published formulas), every estimator and option, random masks
 (contiguous, left-padded, with holes, empty and single-token rows), opcheck,
-torch.compile, bad inputs, the KL controllers.
+torch.compile, bad inputs (the KL controllers: test_kl_control.py).
 
 Triton tests run under TRITON_INTERPRET=1 in their own process (``-m triton``); there the
 block of the row walk is shrunk so that short rows still cross several blocks.
 """
-import math
 
 import pytest
 import torch
+from utils import TRITON_INTERPRET, assert_close, backend_params, poison_, skip_unless_available, tolerance
 
 import rmkernels as rmk
-from rmkernels.ops import ppo as ppo_ops
-from utils import TRITON_INTERPRET, assert_close, backend_params, poison_, skip_unless_available, tolerance
 
 ESTIMATORS = ["k1", "abs", "k2", "k3", "kl", "mse", "low_var_kl"]
 MASK_KINDS = ["right", "left", "holes", "mixed"]
@@ -588,33 +586,3 @@ def test_kernel_op_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="estimator"):
         torch.ops.rmkernels.ppo_gae_kernel(lp, ref, values, scores, torch.ones(2, 3, dtype=torch.bool), 0.1, 1.0, 0.9,
                                            7, 0.0, 0.0, 0.0)
-
-
-# ---------------------------------------------------------------------------------------
-# KL controllers
-# ---------------------------------------------------------------------------------------
-def test_adaptive_kl_controller():
-    ctl = rmk.AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
-    assert ctl.value == 0.2
-    ctl.update(current_kl=6.0 * 1.1, n_steps=256)  # 10% over target: error 0.1
-    assert math.isclose(ctl.value, 0.2 * (1 + 0.1 * 256 / 10000))
-    v = ctl.value
-    ctl.update(current_kl=100.0, n_steps=512)  # clipped to +0.2
-    assert math.isclose(ctl.value, v * (1 + 0.2 * 512 / 10000))
-    v = ctl.value
-    ctl.update(current_kl=torch.tensor(0.0), n_steps=512)  # clipped to -0.2, tensors accepted
-    assert math.isclose(ctl.value, v * (1 - 0.2 * 512 / 10000))
-    with pytest.raises(ValueError, match="target"):
-        rmk.AdaptiveKLController(0.1, 0.0, 100)
-    with pytest.raises(ValueError, match="horizon"):
-        rmk.AdaptiveKLController(0.1, 1.0, -5)
-    with pytest.raises(TypeError, match="current_kl"):
-        ctl.update("big", 1)
-
-
-def test_fixed_kl_controller():
-    ctl = rmk.FixedKLController(0.05)
-    ctl.update(current_kl=100.0, n_steps=1000)
-    assert ctl.value == 0.05
-    with pytest.raises(ValueError, match="kl_coef"):
-        rmk.FixedKLController(-1.0)

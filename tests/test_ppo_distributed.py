@@ -1,4 +1,4 @@
-"""Whitening across data-parallel ranks (SPEC section 3): with ``process_group`` every rank
+"""Whitening across data-parallel ranks (docs/ops.md): with ``process_group`` every rank
 whitens with the statistics of the whole batch, so two processes holding half the rows
 each get exactly what one process gets on the full batch.
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from utils import assert_close
 
 import rmkernels as rmk
-from utils import assert_close
 
 WORLD = 2
 

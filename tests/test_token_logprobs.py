@@ -2,11 +2,10 @@
 independent fp64 full-logits computation and against the reference, forward and backward."""
 import pytest
 import torch
+from utils import TRITON_INTERPRET, assert_close, assert_close_vs_lowp, backend_params, skip_unless_available, tolerance
 
 import rmkernels as rmk
 from rmkernels.ops import token_logprobs as tlp
-from utils import (TRITON_INTERPRET, assert_close, assert_close_vs_lowp, backend_params, skip_unless_available,
-                   tolerance)
 
 LOWP = (torch.bfloat16, torch.float16)
 
@@ -325,3 +324,21 @@ def test_benchmark_smoke(monkeypatch):
     assert set(checks) == {"naive", "chunked-torch", "rmk-cpu"}
     assert all(r["median"] == 1.0 for r in checks.values()), [r["note"] for r in checks.values()]
     assert {r["metric"] for r in rows} >= {"call_ms", "peak_MiB"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_direct_op_call_checks(backend):
+    """A direct torch.ops.rmkernels.token_logprobs call runs the same checks (the registry's
+    check hook) on every backend, before any kernel."""
+    h, w = torch.randn(2, 3, 8), torch.randn(10, 8)
+    op = torch.ops.rmkernels.token_logprobs
+    with pytest.raises(ValueError, match="targets must be in"):
+        op(h, w, None, torch.tensor([[0, 1, 2], [3, 10, 4]]), 1.0, -100, backend)
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+        op(h, w.double(), None, torch.zeros(2, 3, dtype=torch.long), 1.0, -100, backend)
+    with pytest.raises(ValueError, match="unit stride"):
+        op(torch.randn(2, 3, 16)[:, :, ::2], w, None, torch.zeros(2, 3, dtype=torch.long), 1.0, -100, backend)
+    with pytest.raises(ValueError, match="temperature"):
+        op(h, w, None, torch.zeros(2, 3, dtype=torch.long), 0.0, -100, backend)
+    with pytest.raises(ValueError, match="backend"):
+        op(h, w, None, torch.zeros(2, 3, dtype=torch.long), 1.0, -100, "nope")

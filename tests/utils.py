@@ -67,7 +67,8 @@ def assert_close(actual, expected, *, rtol, atol, name="output", equal_nan=True)
         msgs.append(f"NaN mismatch at {bad.shape[0]} positions, first {bad[:5].tolist()}")
     inf_mismatch = torch.isinf(a) != torch.isinf(e)
     if inf_mismatch.any():
-        msgs.append(f"inf mismatch at {int(inf_mismatch.sum())} positions, first {torch.nonzero(inf_mismatch)[:5].tolist()}")
+        msgs.append(f"inf mismatch at {int(inf_mismatch.sum())} positions, "
+                    f"first {torch.nonzero(inf_mismatch)[:5].tolist()}")
     both = ~(nan_a | nan_e)
     diff = (a - e).abs()
     tol = atol + rtol * e.abs()
@@ -77,7 +78,8 @@ def assert_close(actual, expected, *, rtol, atol, name="output", equal_nan=True)
         first = tuple(where[0].tolist())
         msgs.append(
             f"{int(bad.sum())}/{a.numel()} elements differ beyond rtol={rtol}, atol={atol}; max abs diff "
-            f"{diff[both].max().item():.3e}; first at {first}: actual {a[first].item():.6g}, expected {e[first].item():.6g}")
+            f"{diff[both].max().item():.3e}; first at {first}: actual {a[first].item():.6g}, "
+            f"expected {e[first].item():.6g}")
     assert not msgs, f"{name}: " + "; ".join(msgs)
 
 

@@ -33,14 +33,11 @@ associative), and the backward needs only the global ``lse``/``entropy``, which 
 arguments of the backward kernels. So the addition is a ``vocab_start`` argument of the
 kernels (targets outside the shard contribute nothing) and the two all-reduces here.
 """
-from functools import partial
-from typing import Optional, Tuple
-
 import torch
-from torch import Tensor
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype, define_kernel_op, eager_fast_path
+from rmkernels._library import acc_dtype
+from rmkernels._registry import Autograd, Kernel, Op
 
 # ---------------------------------------------------------------------------------------
 # Size policy (one place, used by every chunked backend)
@@ -65,32 +62,23 @@ def chunk_sizes(n_tokens, vocab, device_type):
 
 
 # ---------------------------------------------------------------------------------------
-# Kernel ops (C++ CPU / CUDA implementations in csrc/)
+# Kernels (schemas in ops/_schemas.py; C++ CPU / CUDA implementations in csrc/)
 # ---------------------------------------------------------------------------------------
-# hidden [B, T, H] (unit stride on H; a 2-D [N, H] input is passed as [1, N, H]); weight [V, H]
-# in hidden's dtype; bias [V] in the arithmetic dtype or None; targets int64 [B, T] contiguous.
-# Outputs: logprobs, entropy, lse [B, T] contiguous in the arithmetic dtype. A target outside
-# [0, V) other than ignore_index is an error in the CPU kernel (TORCH_CHECK) and NaN in the CUDA
-# kernel (no sync); it is never read.
-_fwd_kernel = define_kernel_op(
-    "token_logprobs_fwd_kernel(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
-    "int ignore_index, int token_chunk, int vocab_chunk) -> (Tensor, Tensor, Tensor)")
-# grad_logprobs / grad_entropy [B, T] contiguous in the arithmetic dtype (grad_entropy None: 0).
-# Returns grad_hidden [B, T, H] contiguous in hidden's dtype, grad_weight [V, H] in weight's
-# dtype, grad_bias [V] in the arithmetic dtype; a gradient not needed is an empty tensor.
-_bwd_kernel = define_kernel_op(
-    "token_logprobs_bwd_kernel(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
-    "Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index, "
-    "int token_chunk, int vocab_chunk, bool need_hidden, bool need_weight, bool need_bias) "
-    "-> (Tensor, Tensor, Tensor)")
-
-
-def _fwd_fake(hidden, targets):
+# hidden [N, H] or [B, T, H] (unit stride on H); weight [V, H] in hidden's dtype; bias [V] in the
+# arithmetic dtype or None; targets int64 contiguous, hidden's leading shape. Outputs: logprobs,
+# entropy, lse shaped like targets, contiguous, in the arithmetic dtype. A target outside [0, V)
+# other than ignore_index is an error in the CPU kernel (TORCH_CHECK) and NaN in the CUDA / Triton
+# kernels (no sync); it is never read. token_chunk / vocab_chunk: chunk_sizes (the Triton forward,
+# one fused pass, does not use them).
+# Backward: grad_logprobs / grad_entropy (None: 0) shaped like targets, contiguous, arithmetic
+# dtype. Returns grad_hidden (hidden's shape, contiguous, hidden's dtype), grad_weight (weight's
+# dtype), grad_bias [V] (arithmetic dtype); a gradient not needed is an empty tensor.
+def _fwd_fake(hidden, weight, bias, targets, temperature, ignore_index, *rest):
     acc = acc_dtype(hidden.dtype)
     return tuple(hidden.new_empty(targets.shape, dtype=acc) for _ in range(3))
 
 
-def _bwd_fake(hidden, weight, need_hidden, need_weight, need_bias):
+def _grads_fake(hidden, weight, need_hidden, need_weight, need_bias):
     acc = acc_dtype(hidden.dtype)
     g_hidden = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
     g_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
@@ -98,15 +86,11 @@ def _bwd_fake(hidden, weight, need_hidden, need_weight, need_bias):
     return g_hidden, g_weight, g_bias
 
 
-@torch.library.register_fake("rmkernels::token_logprobs_fwd_kernel")
-def _fwd_kernel_fake(hidden, weight, bias, targets, temperature, ignore_index, token_chunk, vocab_chunk):
-    return _fwd_fake(hidden, targets)
-
-
-@torch.library.register_fake("rmkernels::token_logprobs_bwd_kernel")
-def _bwd_kernel_fake(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
-                     ignore_index, token_chunk, vocab_chunk, need_hidden, need_weight, need_bias):
-    return _bwd_fake(hidden, weight, need_hidden, need_weight, need_bias)
+def _bwd_fake(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
+              *rest):
+    # the kernel op ends with (..., need_hidden, need_weight, need_bias), the public op with backend
+    need_hidden, need_weight, need_bias = rest[-4:-1] if isinstance(rest[-1], str) else rest[-3:]
+    return _grads_fake(hidden, weight, need_hidden, need_weight, need_bias)
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,8 +109,8 @@ def _valid_targets(targets, vocab, ignore_index):
     return valid, torch.where(valid, targets, torch.zeros_like(targets))
 
 
-def _reference_fwd(hidden, weight, bias, targets, temperature, ignore_index):
-    z = _reference_logits(hidden, weight, bias, temperature)  # [B, T, V]
+def _reference_fwd(hidden, weight, bias, targets, temperature, ignore_index, token_chunk=0, vocab_chunk=0):
+    z = _reference_logits(hidden, weight, bias, temperature)  # [..., V]
     V = weight.shape[0]
     lse = torch.logsumexp(z, dim=-1)
     logp = z - lse[..., None]
@@ -141,7 +125,7 @@ def _reference_fwd(hidden, weight, bias, targets, temperature, ignore_index):
 
 
 def _reference_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
-                   ignore_index, need_hidden, need_weight, need_bias):
+                   ignore_index, token_chunk, vocab_chunk, need_hidden, need_weight, need_bias):
     z = _reference_logits(hidden, weight, bias, temperature)
     V = weight.shape[0]
     valid, safe = _valid_targets(targets, V, ignore_index)
@@ -155,7 +139,7 @@ def _reference_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, targets, l
         g_ent = torch.where(valid, grad_entropy, zero)
         dz = dz - g_ent[..., None] * p * (logp + entropy[..., None])
     dz = dz / temperature
-    g_hidden, g_weight, g_bias = _bwd_fake(hidden, weight, False, False, False)
+    g_hidden, g_weight, g_bias = _grads_fake(hidden, weight, False, False, False)
     if need_hidden:
         g_hidden = (dz @ weight.to(z.dtype)).to(hidden.dtype)
     if need_weight:
@@ -165,88 +149,56 @@ def _reference_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, targets, l
     return g_hidden, g_weight, g_bias
 
 
+fwd_kernel = Kernel("token_logprobs_fwd_kernel", reference=_reference_fwd, triton="token_logprobs:token_logprobs_fwd",
+                    fake=_fwd_fake)
+bwd_kernel = Kernel("token_logprobs_bwd_kernel", reference=_reference_bwd, triton="token_logprobs:token_logprobs_bwd",
+                    fake=_bwd_fake)
+
+
 # ---------------------------------------------------------------------------------------
-# Public ops: route to the backend
+# Public ops (declared once: the registry builds the custom ops, autograd and eager path)
 # ---------------------------------------------------------------------------------------
-def _triton():
-    from rmkernels.triton import token_logprobs
-
-    return token_logprobs
-
-
-def _as_3d(hidden):
-    return hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
-
-
 def _bias_acc(hidden, bias):
     return bias.to(acc_dtype(hidden.dtype)).contiguous() if bias is not None else None
 
 
-def _lp_forward(hidden, weight, bias, targets, temperature, ignore_index, backend):
-    h3, t2 = _as_3d(hidden), targets.reshape(_as_3d(hidden).shape[:2])
-    b = _bias_acc(hidden, bias)
-    if backend == "reference":
-        out = _reference_fwd(h3, weight, b, t2, temperature, ignore_index)
-    elif backend == "triton":
-        out = _triton().token_logprobs_fwd(h3, weight, b, t2, temperature, ignore_index)
-    else:
-        tc, vc = chunk_sizes(t2.numel(), weight.shape[0], hidden.device.type)
-        out = _fwd_kernel(h3, weight, b, t2, temperature, ignore_index, tc, vc)
-    return tuple(o.reshape(targets.shape) for o in out)
+def _chunks(hidden, targets, weight):
+    return chunk_sizes(targets.numel(), weight.shape[0], hidden.device.type)
 
 
-def _lp_backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
-                 ignore_index, need_hidden, need_weight, need_bias, backend):
-    h3 = _as_3d(hidden)
-    shape2 = h3.shape[:2]
+def _prepare_forward(hidden, weight, bias, targets, temperature, ignore_index):
+    return (hidden, weight, _bias_acc(hidden, bias), targets.contiguous(), temperature, ignore_index,
+            *_chunks(hidden, targets, weight))
+
+
+def _prepare_backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
+                      ignore_index, need_hidden, need_weight, need_bias):
     acc = acc_dtype(hidden.dtype)
-    t2, lse2, ent2 = targets.reshape(shape2), lse.reshape(shape2), entropy.reshape(shape2)
-    g_lp = grad_logprobs.to(acc).reshape(shape2).contiguous()
-    g_ent = grad_entropy.to(acc).reshape(shape2).contiguous() if grad_entropy is not None else None
-    b = _bias_acc(hidden, bias)
-    args = (g_lp, g_ent, h3, weight, b, t2, lse2, ent2, temperature, ignore_index)
-    if backend == "reference":
-        g_h, g_w, g_b = _reference_bwd(*args, need_hidden, need_weight, need_bias)
-    elif backend == "triton":
-        g_h, g_w, g_b = _triton().token_logprobs_bwd(*args, need_hidden, need_weight, need_bias)
-    else:
-        tc, vc = chunk_sizes(t2.numel(), weight.shape[0], hidden.device.type)
-        g_h, g_w, g_b = _bwd_kernel(*args, tc, vc, need_hidden, need_weight, need_bias)
-    if need_hidden:
-        g_h = g_h.reshape(hidden.shape)
-    return g_h, g_w, g_b
+    g_lp = grad_logprobs.to(acc).contiguous()
+    g_ent = grad_entropy.to(acc).contiguous() if grad_entropy is not None else None
+    return (g_lp, g_ent, hidden, weight, _bias_acc(hidden, bias), targets.contiguous(), lse.contiguous(),
+            entropy.contiguous(), temperature, ignore_index, *_chunks(hidden, targets, weight), need_hidden,
+            need_weight, need_bias)
 
 
-@torch.library.custom_op("rmkernels::token_logprobs", mutates_args=())
-def token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                      temperature: float, ignore_index: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logprobs, entropy, lse) shaped like ``targets``, float32 (float64 for float64 hidden):
-    ``log_softmax((hidden @ weight.T + bias) / temperature)`` at the targets, the entropy of
-    that distribution and its log-sum-exp. Ignored targets give logprob 0 and entropy 0."""
-    return _lp_forward(hidden, weight, bias, targets, temperature, ignore_index, backend)
+def _check_forward_args(hidden, weight, bias, targets, temperature, ignore_index, backend):
+    """The check hook of direct op calls: the same checks as the public function."""
+    if hidden.dim() in (2, 3) and hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
+        raise ValueError(f"hidden needs a unit stride on H, got strides {hidden.stride()}")
+    check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must have dtype int64, got {_checks._dtype_name(targets.dtype)}")
 
 
-@token_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, backend):
-    return _fwd_fake(hidden, targets)
-
-
-@torch.library.custom_op("rmkernels::token_logprobs_backward", mutates_args=())
-def token_logprobs_backward_op(grad_logprobs: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor,
-                               weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
-                               entropy: Tensor, temperature: float, ignore_index: int, need_hidden: bool,
-                               need_weight: bool, need_bias: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad_hidden in hidden's dtype and shape, grad_weight in weight's dtype, grad_bias [V] in
-    the arithmetic dtype) from the upstream gradients of the log-probs and of the entropy
-    (None: no entropy gradient). A gradient that is not needed comes back empty."""
-    return _lp_backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
-                        ignore_index, need_hidden, need_weight, need_bias, backend)
-
-
-@token_logprobs_backward_op.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
-      need_hidden, need_weight, need_bias, backend):
-    return _bwd_fake(hidden, weight, need_hidden, need_weight, need_bias)
+def _check_backward_args(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
+                         ignore_index, need_hidden, need_weight, need_bias, backend):
+    _check_forward_args(hidden, weight, bias, targets, temperature, ignore_index, backend)
+    for name, t in (("grad_logprobs", grad_logprobs), ("grad_entropy", grad_entropy), ("lse", lse),
+                    ("entropy", entropy)):
+        _checks.check_tensor(name, t, dtypes=_checks.FLOAT_DTYPES, device=hidden.device,
+                             allow_none=name == "grad_entropy")
+        if t is not None and tuple(t.shape) != tuple(targets.shape):
+            raise ValueError(f"{name} must have targets' shape {tuple(targets.shape)}, got {tuple(t.shape)}")
 
 
 def _setup_context(ctx, inputs, output):
@@ -271,11 +223,11 @@ def _backward(lp_backward, ctx, grad_logprobs, grad_entropy, _grad_lse):
             None, None, None, None)
 
 
-token_logprobs_op.register_autograd(partial(_backward, torch.ops.rmkernels.token_logprobs_backward),
-                                    setup_context=_setup_context)
-
-_token_logprobs = eager_fast_path(torch.ops.rmkernels.token_logprobs, _lp_forward, _setup_context,
-                                  partial(_backward, _lp_backward))
+_token_logprobs_backward = Op("token_logprobs_backward", kernel=bwd_kernel, prepare=_prepare_backward,
+                              fake=_bwd_fake, check=_check_backward_args)
+_token_logprobs = Op("token_logprobs", kernel=fwd_kernel, prepare=_prepare_forward, fake=_fwd_fake,
+                     check=_check_forward_args,
+                     autograd=Autograd("token_logprobs_backward", _setup_context, _backward))
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Backward: a Triton kernel recomputes one [token_chunk, vocab_chunk] tile of logi
 ``tl.dot``) and writes dz / temperature into it; the two products with it (grad_hidden +=
 tile @ W_chunk, grad_W_chunk += tile^T @ hidden) are cuBLAS GEMMs through ``torch.mm``. The
 chunk sizes are ``rmkernels.ops.token_logprobs.chunk_sizes`` (the policy every chunked backend
-uses).
+uses; the host passes them in).
 """
 import torch
 import triton
@@ -110,7 +110,8 @@ def _lp_grad_tile_kernel(
         ge = tl.zeros([BN], ACC)
     logp = z - lse[:, None]
     p = tl.exp(logp)
-    dz = tl.where(offs_v[None, :] == tgt[:, None], gl[:, None], 0.0) - p * (gl[:, None] + ge[:, None] * (logp + ent[:, None]))
+    dz = p * (gl[:, None] + ge[:, None] * (logp + ent[:, None]))
+    dz = tl.where(offs_v[None, :] == tgt[:, None], gl[:, None], 0.0) - dz
     dz = tl.where(valid[:, None], dz, 0.0) * inv_temp
     tl.store(out_ptr + offs_n[:, None] * cols + offs_c[None, :], dz, mask=n_ok[:, None] & c_ok[None, :])
 
@@ -138,12 +139,13 @@ def _flat(hidden):
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index):
-    """(logprobs, entropy, lse) [B, T]; same contract as the ``token_logprobs_fwd_kernel`` op."""
-    B, T, H = hidden.shape
-    N, V = B * T, weight.shape[0]
+def token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, token_chunk, vocab_chunk):
+    """(logprobs, entropy, lse) shaped like targets; same contract as the
+    ``token_logprobs_fwd_kernel`` op (one fused pass: the chunk sizes are not used)."""
+    H = hidden.shape[-1]
+    N, V = targets.numel(), weight.shape[0]
     acc = _acc_torch(hidden.dtype)
-    outs = [torch.empty(B, T, dtype=acc, device=hidden.device) for _ in range(3)]
+    outs = [torch.empty(targets.shape, dtype=acc, device=hidden.device) for _ in range(3)]
     if N == 0:
         return tuple(outs)
     h = _flat(hidden)
@@ -158,12 +160,11 @@ def token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index)
 
 
 def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
-                       need_hidden, need_weight, need_bias):
-    """(grad_hidden, grad_weight, grad_bias); same contract as the ``token_logprobs_bwd_kernel`` op."""
-    from rmkernels.ops.token_logprobs import chunk_sizes
-
-    B, T, H = hidden.shape
-    N, V = B * T, weight.shape[0]
+                       token_chunk, vocab_chunk, need_hidden, need_weight, need_bias):
+    """(grad_hidden, grad_weight, grad_bias); same contract as the ``token_logprobs_bwd_kernel``
+    op: [token_chunk, vocab_chunk] tiles of dz from the Triton kernel, GEMMs by torch.mm."""
+    H = hidden.shape[-1]
+    N, V = targets.numel(), weight.shape[0]
     acc = _acc_torch(hidden.dtype)
     dev = hidden.device
     g_h = torch.zeros(N, H, dtype=acc, device=dev) if need_hidden else hidden.new_empty(0)
@@ -174,7 +175,7 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
         t, lse1, ent1, gl = targets.reshape(N), lse.reshape(N), entropy.reshape(N), grad_lp.reshape(N)
         ge = grad_ent.reshape(N) if grad_ent is not None else None
         lowp = hidden.dtype != acc  # bf16/fp16: the GEMMs take the tile rounded to that dtype
-        tc, vc = chunk_sizes(N, V, dev.type)
+        tc, vc = token_chunk, vocab_chunk
         buf = torch.empty(min(tc, N) * min(vc, V), dtype=acc, device=dev)
         for v0 in range(0, V, vc):
             vl = min(vc, V - v0)
@@ -202,5 +203,5 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
             if need_weight:
                 g_w[v0:v0 + vl] = g_wc.to(weight.dtype)
     if need_hidden:
-        g_h = g_h.view(B, T, H).to(hidden.dtype)
+        g_h = g_h.view(hidden.shape).to(hidden.dtype)
     return g_h, g_w, g_b

@@ -92,11 +92,16 @@ inline std::vector<TokenChunk> token_chunks(const at::Tensor& h3, int64_t tc) {
 
 inline at::ScalarType acc_scalar(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// hidden [N, H] as a [1, N, H] view; [B, T, H] as it is.
+inline at::Tensor as_3d(const at::Tensor& hidden) { return hidden.dim() == 2 ? hidden.unsqueeze(0) : hidden; }
+
 inline void check_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& targets, double temperature, int64_t tc, int64_t vc) {
-  TORCH_CHECK(hidden.dim() == 3, "token_logprobs kernels: hidden must be [B, T, H], got ", hidden.sizes());
-  TORCH_CHECK(hidden.size(2) <= 1 || hidden.stride(2) == 1, "token_logprobs kernels: hidden needs a unit stride on H");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(2) && weight.scalar_type() == hidden.scalar_type(),
+  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "token_logprobs kernels: hidden must be [N, H] or [B, T, H], got ",
+              hidden.sizes());
+  const int64_t H = hidden.size(-1);
+  TORCH_CHECK(H <= 1 || hidden.stride(-1) == 1, "token_logprobs kernels: hidden needs a unit stride on H");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == H && weight.scalar_type() == hidden.scalar_type(),
               "token_logprobs kernels: weight must be [V, H] in hidden's dtype, got ", weight.sizes(), " ",
               weight.scalar_type());
   TORCH_CHECK(weight.size(0) >= 1, "token_logprobs kernels: weight must have V >= 1 rows");
@@ -104,9 +109,10 @@ inline void check_args(const at::Tensor& hidden, const at::Tensor& weight, const
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous() &&
                                     bias->scalar_type() == acc),
               "token_logprobs kernels: bias must be a contiguous [V] tensor in the arithmetic dtype");
-  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == hidden.size(0) && targets.size(1) == hidden.size(1) &&
-                  targets.scalar_type() == at::kLong && targets.is_contiguous(),
-              "token_logprobs kernels: targets must be a contiguous int64 [B, T] tensor");
+  TORCH_CHECK(targets.sizes() == hidden.sizes().slice(0, hidden.dim() - 1) && targets.scalar_type() == at::kLong &&
+                  targets.is_contiguous(),
+              "token_logprobs kernels: targets must be a contiguous int64 tensor of hidden's leading shape, got ",
+              targets.sizes());
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "token_logprobs kernels: temperature must be > 0");
   TORCH_CHECK(tc >= 1 && vc >= 1, "token_logprobs kernels: chunk sizes must be >= 1");
 }
@@ -137,11 +143,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
   check_args(hidden, weight, bias, targets, temperature, tc, vc);
   const Gemm<Tiles> g(hidden.scalar_type());
   const auto opts = hidden.options().dtype(g.acc);
-  const int64_t B = hidden.size(0), T = hidden.size(1), N = B * T, V = weight.size(0);
+  const int64_t N = targets.numel(), V = weight.size(0);
   at::Tensor m = at::empty({N}, opts), s = at::empty({N}, opts), u = at::empty({N}, opts);
   at::Tensor zt = at::zeros({N}, opts);
   if (N > 0) {
-    const at::Tensor x = g.operand(hidden);
+    const at::Tensor x = g.operand(as_3d(hidden));
     const auto chunks = token_chunks(x, tc);
     at::Tensor buf = at::empty({std::min(tc, N) * std::min(vc, V)}, opts);
     for (int64_t v0 = 0; v0 < V; v0 += vc) {
@@ -171,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
   at::Tensor lp = at::where(valid, (zt - lse).clamp_max_(0),
                             at::where(ignored, zero, at::full({}, std::numeric_limits<double>::quiet_NaN(), opts)));
   at::Tensor ent = at::where(ignored, zero, (log_s - u / s).clamp_min_(0));
-  return {lp.view({B, T}), ent.view({B, T}), lse.view({B, T})};
+  return {lp.view(targets.sizes()), ent.view(targets.sizes()), lse.view(targets.sizes())};
 }
 
 template <class Tiles>
@@ -183,23 +189,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   check_args(hidden, weight, bias, targets, temperature, tc, vc);
   const Gemm<Tiles> g(hidden.scalar_type());
   const auto opts = hidden.options().dtype(g.acc);
-  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2), N = B * T, V = weight.size(0);
+  const int64_t H = hidden.size(-1), N = targets.numel(), V = weight.size(0);
   for (const at::Tensor* a : {&grad_lp, &lse, &entropy}) {
-    TORCH_CHECK(a->dim() == 2 && a->size(0) == B && a->size(1) == T && a->is_contiguous() && a->scalar_type() == g.acc,
-                "token_logprobs_bwd_kernel: grad_logprobs / lse / entropy must be contiguous [B, T] in the "
-                "arithmetic dtype");
+    TORCH_CHECK(a->sizes() == targets.sizes() && a->is_contiguous() && a->scalar_type() == g.acc,
+                "token_logprobs_bwd_kernel: grad_logprobs / lse / entropy must be contiguous, shaped like targets, "
+                "in the arithmetic dtype");
   }
   TORCH_CHECK(!grad_ent.has_value() || (grad_ent->sizes() == grad_lp.sizes() && grad_ent->is_contiguous() &&
                                         grad_ent->scalar_type() == g.acc),
-              "token_logprobs_bwd_kernel: grad_entropy must be contiguous [B, T] in the arithmetic dtype");
+              "token_logprobs_bwd_kernel: grad_entropy must be contiguous, shaped like targets, in the arithmetic dtype");
   // grad_hidden accumulates over the vocabulary chunks in the arithmetic dtype.
-  at::Tensor gx = need_hidden ? at::zeros({B, T, H}, opts) : at::empty({0}, hidden.options());
+  at::Tensor gx = need_hidden ? at::zeros(hidden.sizes(), opts) : at::empty({0}, hidden.options());
   at::Tensor gw = need_weight ? at::empty({V, H}, weight.options()) : at::empty({0}, weight.options());
   at::Tensor gb = need_bias ? at::zeros({V}, opts) : at::empty({0}, opts);
   const bool gw_direct = weight.scalar_type() == g.acc;  // else a [vc, H] accumulator per chunk
   if (need_weight && N == 0) gw.zero_();
   if (N > 0 && (need_hidden || need_weight || need_bias)) {
-    const at::Tensor x = g.operand(hidden);
+    const at::Tensor x = g.operand(as_3d(hidden));
     const auto chunks = token_chunks(x, tc);
     const at::Tensor gx2 = need_hidden ? gx.view({N, H}) : gx;
     at::Tensor buf = at::empty({std::min(tc, N) * std::min(vc, V)}, opts);

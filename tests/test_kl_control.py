@@ -1,0 +1,35 @@
+"""The KL controllers (``rmk.AdaptiveKLController``, ``rmk.FixedKLController``): Ziegler et al.
+2019, as TRL and OpenRLHF implement them."""
+import math
+
+import pytest
+import torch
+
+import rmkernels as rmk
+
+
+def test_adaptive_kl_controller():
+    ctl = rmk.AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    assert ctl.value == 0.2
+    ctl.update(current_kl=6.0 * 1.1, n_steps=256)  # 10% over target: error 0.1
+    assert math.isclose(ctl.value, 0.2 * (1 + 0.1 * 256 / 10000))
+    v = ctl.value
+    ctl.update(current_kl=100.0, n_steps=512)  # clipped to +0.2
+    assert math.isclose(ctl.value, v * (1 + 0.2 * 512 / 10000))
+    v = ctl.value
+    ctl.update(current_kl=torch.tensor(0.0), n_steps=512)  # clipped to -0.2, tensors accepted
+    assert math.isclose(ctl.value, v * (1 - 0.2 * 512 / 10000))
+    with pytest.raises(ValueError, match="target"):
+        rmk.AdaptiveKLController(0.1, 0.0, 100)
+    with pytest.raises(ValueError, match="horizon"):
+        rmk.AdaptiveKLController(0.1, 1.0, -5)
+    with pytest.raises(TypeError, match="current_kl"):
+        ctl.update("big", 1)
+
+
+def test_fixed_kl_controller():
+    ctl = rmk.FixedKLController(0.05)
+    ctl.update(current_kl=100.0, n_steps=1000)
+    assert ctl.value == 0.05
+    with pytest.raises(ValueError, match="kl_coef"):
+        rmk.FixedKLController(-1.0)
