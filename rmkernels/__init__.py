@@ -10,6 +10,7 @@ from rmkernels import _ext  # noqa: F401  (loads the compiled kernels, warns onc
 from rmkernels._backend import BACKENDS, available_backends, backend_report, use_backend
 from rmkernels._checks import checks
 from rmkernels._version import __version__
+from rmkernels.causal_lm import causal_lm_logprobs
 from rmkernels.integrations.hf import patch_hf_reward_model, unpatch_hf_reward_model
 from rmkernels.kl_control import AdaptiveKLController, FixedKLController
 from rmkernels.modules import BradleyTerryLoss, LastTokenRewardHead, PairwiseRewardLoss, RankingLoss
@@ -20,6 +21,7 @@ from rmkernels.ops.pairwise import pairwise_reward_loss
 from rmkernels.ops.pooling import last_token_index, last_token_reward
 from rmkernels.ops.ppo import PPOAdvantages, masked_whiten, ppo_advantages
 from rmkernels.ops.ranking import ranking_loss
+from rmkernels.ops.token_logprobs import token_logprobs
 
 __all__ = [
     "__version__",
@@ -46,6 +48,8 @@ __all__ = [
     "group_advantages",
     "group_ids",
     "reinforce_pp_returns",
+    "token_logprobs",
+    "causal_lm_logprobs",
     "AdaptiveKLController",
     "FixedKLController",
     "patch_hf_reward_model",

@@ -199,6 +199,22 @@ def _drive_group_adv(rmk):
         rmk.group_advantages(torch.randn(B, T, dtype=dt), ids, mask.t().contiguous().t(), backend="triton")
         wide = torch.randn(B, 2 * T, dtype=dt)
         rmk.reinforce_pp_returns(wide[:, :T], mask, gamma=0.99, backend="triton")
+def _drive_token_logprobs(rmk):
+    """Every launch configuration of rmkernels/triton/token_logprobs.py: each dtype, bias or
+    not, entropy gradient or not, strided 3-D hidden, several vocabulary chunks."""
+    from rmkernels.ops import token_logprobs as tlp
+
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for has_bias, with_ent in itertools.product((False, True), (False, True)):
+            h = torch.randn(3, 9, 2 * 40, dtype=dt)[:, :, :40].requires_grad_(True)
+            w = torch.randn(300, 40, dtype=dt, requires_grad=True)
+            b = torch.randn(300, dtype=dt, requires_grad=True) if has_bias else None
+            t = torch.randint(0, 300, (3, 9))
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(tlp, "VOCAB_CHUNK", {"cpu": 128, "cuda": 128})
+                lp, ent = rmk.token_logprobs(h, w, t, bias=b, temperature=0.7, return_entropy=True,
+                                             backend="triton")
+                (lp.sum() + ent.sum() if with_ent else lp.sum()).backward()
 
 
 def _drive(module, rmk):

@@ -98,6 +98,22 @@ SCHEMAS = {
     "reinforce_pp_returns": (
         "reinforce_pp_returns(Tensor token_rewards, Tensor mask, float gamma, str backend) -> Tensor"),
     "reinforce_pp_returns_kernel": "reinforce_pp_returns_kernel(Tensor rewards, Tensor mask, float gamma) -> Tensor",
+    # token log-probs / entropy from hidden states (ops/token_logprobs.py)
+    "token_logprobs": (
+        "token_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
+        "int ignore_index, str backend) -> (Tensor, Tensor, Tensor)"),
+    "token_logprobs_backward": (
+        "token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+        "Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index, "
+        "bool need_hidden, bool need_weight, bool need_bias, str backend) -> (Tensor, Tensor, Tensor)"),
+    "token_logprobs_fwd_kernel": (
+        "token_logprobs_fwd_kernel(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
+        "int ignore_index, int token_chunk, int vocab_chunk) -> (Tensor, Tensor, Tensor)"),
+    "token_logprobs_bwd_kernel": (
+        "token_logprobs_bwd_kernel(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+        "Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index, "
+        "int token_chunk, int vocab_chunk, bool need_hidden, bool need_weight, bool need_bias) "
+        "-> (Tensor, Tensor, Tensor)"),
 }
 
 

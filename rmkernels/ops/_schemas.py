@@ -44,6 +44,13 @@ KERNEL_OPS = {
     "group_advantages_kernel": ("(Tensor scores, Tensor group_ids, Tensor mask, int estimator, float eps, "
                                 "bool unbiased, int single, float f_norm) -> (Tensor, Tensor)"),
     "reinforce_pp_returns_kernel": "(Tensor rewards, Tensor mask, float gamma) -> Tensor",
+    # token log-probs / entropy (ops/token_logprobs.py)
+    "token_logprobs_fwd_kernel": ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
+                                  "int ignore_index, int token_chunk, int vocab_chunk) -> (Tensor, Tensor, Tensor)"),
+    "token_logprobs_bwd_kernel": ("(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+                                  "Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, float temperature, "
+                                  "int ignore_index, int token_chunk, int vocab_chunk, bool need_hidden, "
+                                  "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)"),
 }
 
 PUBLIC_OPS = {
@@ -95,6 +102,13 @@ PUBLIC_OPS = {
     "group_advantages": ("(Tensor scores, Tensor group_ids, Tensor mask, str estimator, float eps, bool unbiased, "
                          "str single, float f_norm, float whiten_eps) -> (Tensor, Tensor)"),
     "reinforce_pp_returns": "(Tensor token_rewards, Tensor mask, float gamma) -> Tensor",
+    # token log-probs / entropy (ops/token_logprobs.py)
+    "token_logprobs": ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
+                       "int ignore_index) -> (Tensor, Tensor, Tensor)"),
+    "token_logprobs_backward": ("(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+                                "Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, float temperature, "
+                                "int ignore_index, bool need_hidden, bool need_weight, bool need_bias) "
+                                "-> (Tensor, Tensor, Tensor)"),
 }
 
 # Public ops without a backend argument.

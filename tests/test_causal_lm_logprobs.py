@@ -1,0 +1,98 @@
+"""rmk.causal_lm_logprobs on a tiny random LlamaForCausalLM against log_softmax(model(...).logits),
+and the verl-compatible linear_cross_entropy."""
+import pytest
+import torch
+from utils import assert_close
+
+import rmkernels as rmk
+from rmkernels.integrations.verl_linear_ce import linear_cross_entropy
+
+transformers = pytest.importorskip("transformers")
+
+
+def _model(bias=False, tie=False):
+    cfg = transformers.LlamaConfig(vocab_size=211, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    return model
+
+
+def _batch(B=3, T=13, V=211, left=True):
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    lengths = torch.tensor([T, T - 4, T - 7])[:B]
+    for b, n in enumerate(lengths.tolist()):
+        if left:
+            mask[b, :T - n] = 0
+        else:
+            mask[b, n:] = 0
+    return ids, mask
+
+
+def _expected(model, ids, mask, temperature, R):
+    logits = model(input_ids=ids, attention_mask=mask).logits.double() / temperature
+    T = ids.shape[1]
+    logp = torch.log_softmax(logits[:, T - R - 1:T - 1], -1)
+    lp = logp.gather(-1, ids[:, T - R:, None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    keep = mask[:, T - R:] != 0
+    return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_matches_model_logits(backend, tie):
+    model = _model(tie=tie)
+    ids, mask = _batch(left=True)
+    for R, temperature in ((None, 1.0), (5, 0.7)):
+        lp, ent = rmk.causal_lm_logprobs(model, ids, mask, response_length=R, temperature=temperature,
+                                         return_entropy=True, backend=backend)
+        exp_lp, exp_ent = _expected(model, ids, mask, temperature, ids.shape[1] - 1 if R is None else R)
+        assert lp.shape == exp_lp.shape
+        assert_close(lp, exp_lp, rtol=1e-4, atol=1e-4, name="causal_lm logprobs")
+        assert_close(ent, exp_ent, rtol=1e-4, atol=1e-4, name="causal_lm entropy")
+
+
+def test_gradients_reach_the_model():
+    model = _model()
+    ids, mask = _batch(left=False)
+    lp, ent = rmk.causal_lm_logprobs(model, ids, mask, return_entropy=True, backend="cpu")
+    (lp.sum() + 0.1 * ent.sum()).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    exp_lp, exp_ent = _expected(model, ids, mask, 1.0, ids.shape[1] - 1)
+    (exp_lp.sum() + 0.1 * exp_ent.sum()).backward()
+    for n, p in model.named_parameters():
+        assert_close(ours[n], p.grad, rtol=1e-3, atol=1e-5, name=f"grad {n}")
+
+
+def test_bad_arguments():
+    model = _model()
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="response_length"):
+        rmk.causal_lm_logprobs(model, ids, mask, response_length=ids.shape[1])
+    with pytest.raises(ValueError, match="attention_mask"):
+        rmk.causal_lm_logprobs(model, ids, mask[:, 1:])
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_verl_linear_cross_entropy(reduction):
+    """verl's contract: (-cross_entropy, entropy) of softmax(hidden @ weight.T / temperature)."""
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(77, 16, requires_grad=True)
+    labels = torch.randint(0, 77, (2, 9))
+    lp, ent = linear_cross_entropy(hidden, weight, labels, 0.8, reduction)
+    logits = (hidden.reshape(-1, 16) @ weight.t()) / 0.8
+    exp_lp = -torch.nn.functional.cross_entropy(logits, labels.reshape(-1), reduction=reduction)
+    p = logits.softmax(-1)
+    exp_ent = torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+    assert_close(lp, exp_lp, rtol=1e-5, atol=1e-5, name="logprobs")
+    assert_close(ent, exp_ent, rtol=1e-5, atol=1e-5, name="entropy")
+    g = torch.autograd.grad(lp.sum() + ent.sum(), [hidden, weight])
+    g2 = torch.autograd.grad(exp_lp.sum() + exp_ent.sum(), [hidden, weight])
+    for a, e in zip(g, g2):
+        assert_close(a, e, rtol=1e-4, atol=1e-5, name="grad")
+    with pytest.raises(NotImplementedError):
+        linear_cross_entropy(hidden, weight, labels, 1.0, "none", dist_process_group=object())

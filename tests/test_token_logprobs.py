@@ -1,0 +1,344 @@
+"""Token log-probs / entropy from hidden states (SPEC section 6): every backend against an
+independent fp64 full-logits computation and against the reference, forward and backward."""
+import pytest
+import torch
+from utils import TRITON_INTERPRET, assert_close, assert_close_vs_lowp, backend_params, skip_unless_available, tolerance
+
+import rmkernels as rmk
+from rmkernels.ops import token_logprobs as tlp
+
+LOWP = (torch.bfloat16, torch.float16)
+
+
+def _dtypes(backend, device):
+    # numpy (the Triton interpreter's engine) has no bfloat16: the interpreter runs fp32/fp64.
+    if backend == "triton" and device == "cpu":
+        return (torch.float32, torch.float64)
+    return (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _shapes():
+    # (leading shape, H, V): ragged; V = 1025 and 97 are not multiples of any chunk
+    if TRITON_INTERPRET:
+        return [((97,), 59, 97), ((3, 7), 33, 130)]
+    return [((97,), 59, 1025), ((3, 41), 59, 1025), ((5, 7), 16, 97), ((1,), 8, 3)]
+
+
+@pytest.fixture(params=["default", "small"])
+def chunks(request, monkeypatch):
+    """The default chunk policy and a tiny one (many token and vocabulary chunks, ragged
+    last ones), so that the chunk loops are exercised at test sizes."""
+    if request.param == "small":
+        monkeypatch.setattr(tlp, "VOCAB_CHUNK", {"cpu": 96, "cuda": 96})
+        monkeypatch.setattr(tlp, "TILE_ELEMS", {"cpu": 96 * 40, "cuda": 96 * 40})
+    return request.param
+
+
+def _inputs(lead, H, V, dtype, device, bias, layout, seed_scale=1.0):
+    """hidden in the asked layout ('contig', or 'strided': a [B, T, H] view hidden[:, 1:] of a
+    larger tensor, whose rows are not one matrix), weight, bias, targets with ignored ones."""
+    if layout == "strided":
+        B, T = (lead if len(lead) == 2 else (1, lead[0]))
+        big = torch.randn(B, T + 1, H + 3, device=device) * seed_scale
+        hidden = big[:, 1:, :H]
+    else:
+        hidden = torch.randn(*lead, H, device=device) * seed_scale
+    hidden = hidden.to(dtype)
+    weight = (torch.randn(V, H, device=device) / H ** 0.5).to(dtype)
+    b = torch.randn(V, device=device).to(dtype) if bias else None
+    targets = torch.randint(0, V, hidden.shape[:-1], device=device)
+    ign = torch.rand(targets.shape, device=device) < 0.2
+    targets[ign] = -100
+    return hidden, weight, b, targets
+
+
+def _naive64(hidden, weight, bias, targets, temperature, ignore_index=-100):
+    """fp64 full logits, log_softmax, gather; independent of the package."""
+    z = hidden.double() @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    logp = torch.log_softmax(z / temperature, dim=-1)
+    keep = targets != ignore_index
+    lp = logp.gather(-1, torch.where(keep, targets, 0)[..., None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
+
+
+def _run(backend, hidden, weight, bias, targets, temperature, g_lp, g_ent, **kw):
+    leaves = [hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)]
+    b = bias.detach().clone().requires_grad_(True) if bias is not None else None
+    if b is not None:
+        leaves.append(b)
+    lp, ent = rmk.token_logprobs(leaves[0], leaves[1], targets, bias=b, temperature=temperature,
+                                 return_entropy=True, backend=backend, **kw)
+    grads = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), leaves)
+    return lp, ent, grads
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["contig", "strided"])
+def test_forward_backward_vs_reference(backend, device, bias, layout, chunks):
+    skip_unless_available(backend, device)
+    if chunks == "small" and backend == "reference":
+        pytest.skip("the reference has no chunks")
+    for i, (lead, H, V) in enumerate(_shapes()):
+        for j, dtype in enumerate(_dtypes(backend, device)):
+            for temperature in ((1.0, 0.7)[(i + j) % 2],):  # both temperatures over the loop
+                hidden, weight, b, targets = _inputs(lead, H, V, dtype, device, bias, layout)
+                g_lp, g_ent = torch.randn(targets.shape, device=device), torch.randn(targets.shape, device=device)
+                lp, ent, grads = _run(backend, hidden, weight, b, targets, temperature, g_lp, g_ent)
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                assert lp.dtype == acc and ent.dtype == acc and lp.shape == targets.shape
+                assert bool((lp <= 0).all()) and bool((ent >= 0).all())
+                exp_lp, exp_ent = _naive64(hidden, weight, b, targets, temperature)
+                # fp64 reference on the same (rounded) inputs: ground truth for values and grads
+                r_lp, r_ent, r_grads = _run("reference", hidden.double(), weight.double(),
+                                            b.double() if b is not None else None, targets, temperature, g_lp, g_ent)
+                assert_close(r_lp, exp_lp, rtol=1e-10, atol=1e-10, name="reference logprobs vs naive")
+                assert_close(r_ent, exp_ent, rtol=1e-10, atol=1e-10, name="reference entropy vs naive")
+                tag = f"{backend} {dtype} {lead}x{H}x{V} T={temperature}"
+                if dtype in LOWP:
+                    # plain PyTorch at the same precision: the bar (flash-attention's rule)
+                    p_lp, p_ent, p_grads = _run("reference", hidden.float(), weight.float(),
+                                                b.float() if b is not None else None, targets, temperature,
+                                                g_lp, g_ent)
+                    lp_lowp = _naive64(hidden, weight, b, targets, temperature)  # same rounded inputs
+                    assert_close(lp, lp_lowp[0], rtol=0, atol=5e-4 * (1 + lp_lowp[0].abs().max().item()),
+                                 name=f"{tag} logprobs")
+                    assert_close(ent, lp_lowp[1], rtol=0, atol=5e-4 * (1 + lp_lowp[1].abs().max().item()),
+                                 name=f"{tag} entropy")
+                    for g, rg, pg, name in zip(grads, r_grads, p_grads, ("hidden", "weight", "bias")):
+                        assert g.dtype == dtype
+                        lowp_torch = pg.to(dtype)  # fp32 math, rounded to the input dtype
+                        assert_close_vs_lowp(g, rg, lowp_torch, name=f"{tag} grad_{name}", factor=2.0, floor=1e-5)
+                else:
+                    rtol, atol = tolerance(dtype)
+                    atol = atol * 10 if dtype == torch.float32 else atol
+                    assert_close(lp, exp_lp, rtol=rtol, atol=atol, name=f"{tag} logprobs")
+                    assert_close(ent, exp_ent, rtol=rtol, atol=atol, name=f"{tag} entropy")
+                    for g, rg, name in zip(grads, r_grads, ("hidden", "weight", "bias")):
+                        assert g.dtype == dtype
+                        assert_close(g, rg, rtol=rtol, atol=atol * 5, name=f"{tag} grad_{name}")
+                    # ignored positions: exactly 0, and no gradient from them
+                    ign = targets == -100
+                    assert bool((lp[ign] == 0).all()) and bool((ent[ign] == 0).all())
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_only_logprobs_or_only_entropy_gradient(backend, device, chunks):
+    """Gradients from the log-probs alone (no entropy output used) and from the entropy alone."""
+    skip_unless_available(backend, device)
+    hidden, weight, b, targets = _inputs((4, 9), 24, 131, torch.float64, device, True, "contig")
+    for which in ("lp", "ent"):
+        outs = {}
+        for be in (backend, "reference"):
+            h = hidden.clone().requires_grad_(True)
+            lp, ent = rmk.token_logprobs(h, weight, targets, bias=b, return_entropy=True, backend=be)
+            (lp if which == "lp" else ent).sum().backward()
+            outs[be] = h.grad
+        assert_close(outs[backend], outs["reference"], rtol=1e-9, atol=1e-9, name=f"grad_hidden from {which} only")
+    h = hidden.clone().requires_grad_(True)
+    rmk.token_logprobs(h, weight, targets, bias=b, backend=backend).sum().backward()  # one output
+    assert torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_gradcheck_fp64(backend, device, chunks):
+    skip_unless_available(backend, device)
+    if chunks == "small" and backend == "reference":
+        pytest.skip("the reference has no chunks")
+    if chunks == "small":  # several chunks of tokens and of the vocabulary at this size
+        tlp.VOCAB_CHUNK = {"cpu": 4, "cuda": 4}
+        tlp.TILE_ELEMS = {"cpu": 12, "cuda": 12}
+    hidden, weight, b, targets = _inputs((2, 4), 5, 11, torch.float64, device, True, "strided")
+    hidden = hidden.detach().requires_grad_(True)
+    weight.requires_grad_(True)
+    b.requires_grad_(True)
+
+    def f(h, w, bb):
+        return rmk.token_logprobs(h, w, targets, bias=bb, temperature=0.8, return_entropy=True, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, b), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_never_positive_never_nan(backend, device):
+    """Peaked distributions (logits ~ 1e3, the target the argmax): log-prob 0, never > 0 and
+    never NaN; entropy 0, never < 0 (verl #2656)."""
+    skip_unless_available(backend, device)
+    H, V = 16, 300
+    hidden = torch.randn(64, H, device=device) * 30
+    weight = torch.randn(V, H, device=device) * 3
+    targets = (hidden @ weight.t()).argmax(-1)
+    lp, ent = rmk.token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    assert bool((lp <= 0).all()) and bool((ent >= 0).all())
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_custom_ignore_index_and_empty(backend, device):
+    skip_unless_available(backend, device)
+    hidden, weight, _, targets = _inputs((2, 6), 16, 50, torch.float32, device, False, "contig")
+    targets = torch.where(targets == -100, 7, targets)  # 7 is a real token id, ignored here
+    lp, ent = rmk.token_logprobs(hidden, weight, targets, return_entropy=True, ignore_index=7, backend=backend)
+    exp_lp, exp_ent = _naive64(hidden, weight, None, targets, 1.0, ignore_index=7)
+    assert_close(lp, exp_lp, rtol=1e-4, atol=1e-4, name="logprobs")
+    assert_close(ent, exp_ent, rtol=1e-4, atol=1e-4, name="entropy")
+    for lead in ((0,), (2, 0), (0, 5)):
+        h = torch.randn(*lead, 16, device=device, requires_grad=True)
+        t = torch.zeros(lead, dtype=torch.long, device=device)
+        lp, ent = rmk.token_logprobs(h, weight, t, return_entropy=True, backend=backend)
+        assert lp.shape == lead and ent.shape == lead
+        (lp.sum() + ent.sum()).backward()
+        assert h.grad.shape == h.shape
+
+
+def test_bad_inputs():
+    h = torch.randn(4, 8)
+    w = torch.randn(10, 8)
+    t = torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="targets must be in"):
+        rmk.token_logprobs(h, w, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="targets must be in"):
+        rmk.token_logprobs(h, w, torch.tensor([0, -1, 3, 2]))
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+        rmk.token_logprobs(h, w.double(), t)
+    with pytest.raises(ValueError, match="weight must be"):
+        rmk.token_logprobs(h, torch.randn(10, 7), t)
+    with pytest.raises(ValueError, match="hidden must be"):
+        rmk.token_logprobs(torch.randn(8), w, t)
+    with pytest.raises(TypeError, match="hidden must have dtype"):
+        rmk.token_logprobs(h.long(), w, t)
+    with pytest.raises(ValueError, match="targets must have hidden's leading shape"):
+        rmk.token_logprobs(h, w, t[:3])
+    with pytest.raises(TypeError, match="targets must have dtype"):
+        rmk.token_logprobs(h, w, t.float())
+    with pytest.raises(ValueError, match="bias must be"):
+        rmk.token_logprobs(h, w, t, bias=torch.randn(9))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            rmk.token_logprobs(h, w, t, temperature=bad)
+    with pytest.raises(TypeError, match="ignore_index"):
+        rmk.token_logprobs(h, w, t, ignore_index=1.5)
+    with pytest.raises(TypeError, match="return_entropy"):
+        rmk.token_logprobs(h, w, t, return_entropy=1)
+    with pytest.raises(ValueError, match="backend"):
+        rmk.token_logprobs(h, w, t, backend="nope")
+
+
+def test_cpu_kernel_op_refuses_out_of_range_targets():
+    """The kernel op itself never reads outside the vocabulary (verl #5349)."""
+    if not rmk._ext.CPP_AVAILABLE:
+        pytest.fail("the C++ extension is not built")
+    h, w = torch.randn(1, 3, 8), torch.randn(10, 8)
+    for bad in (10, -5):
+        t = torch.tensor([[0, bad, 2]])
+        with pytest.raises(RuntimeError, match="targets must be in"):
+            torch.ops.rmkernels.token_logprobs_fwd_kernel(h, w, None, t, 1.0, -100, 4, 4)
+
+
+def _opcheck_samples(device):
+    hidden, weight, b, targets = _inputs((3, 5), 12, 37, torch.float32, device, True, "strided")
+    return hidden, weight, b, targets
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_opcheck(backend, device):
+    skip_unless_available(backend, device)
+    hidden, weight, b, targets = _opcheck_samples(device)
+    hidden, weight = hidden.requires_grad_(True), weight.requires_grad_(True)
+    b = b.requires_grad_(True)
+    torch.library.opcheck(torch.ops.rmkernels.token_logprobs.default,
+                          (hidden, weight, b, targets, 0.9, -100, backend))
+    lp, ent, lse = torch.ops.rmkernels.token_logprobs(hidden, weight, b, targets, 0.9, -100, backend)
+    g = torch.randn_like(lp)
+    torch.library.opcheck(torch.ops.rmkernels.token_logprobs_backward.default,
+                          (g, g.clone(), hidden.detach(), weight.detach(), b.detach(), targets, lse.detach(),
+                           ent.detach(), 0.9, -100, True, True, True, backend))
+    torch.library.opcheck(torch.ops.rmkernels.token_logprobs_backward.default,
+                          (g, None, hidden.detach(), weight.detach(), None, targets, lse.detach(), ent.detach(), 0.9,
+                           -100, True, False, False, backend))
+
+
+def test_opcheck_kernel_ops():
+    if not rmk._ext.CPP_AVAILABLE:
+        pytest.fail("the C++ extension is not built")
+    hidden, weight, b, targets = _opcheck_samples("cpu")
+    args = (hidden, weight, b, targets, 0.9, -100, 4, 16)
+    torch.library.opcheck(torch.ops.rmkernels.token_logprobs_fwd_kernel.default, args)
+    lp, ent, lse = torch.ops.rmkernels.token_logprobs_fwd_kernel(*args)
+    g = torch.randn_like(lp)
+    torch.library.opcheck(torch.ops.rmkernels.token_logprobs_bwd_kernel.default,
+                          (g, g.clone(), hidden, weight, b, targets, lse, ent, 0.9, -100, 4, 16, True, True, True))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_compile_fullgraph(backend, device):
+    skip_unless_available(backend, device)
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile cannot trace interpreted Triton kernels (TRITON_INTERPRET); runs on a GPU")
+    hidden, weight, b, targets = _inputs((3, 5), 12, 37, torch.float32, device, True, "contig")
+
+    def f(h, w, bb):
+        lp, ent = rmk.token_logprobs(h, w, targets, bias=bb, temperature=0.9, return_entropy=True, backend=backend)
+        return (lp * 2).sum() + ent.sum()
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, b)]
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    leaves2 = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, b)]
+    out2 = f(*leaves2)
+    grads2 = torch.autograd.grad(out2, leaves2)
+    assert_close(out, out2, rtol=1e-6, atol=1e-6, name="compiled output")
+    for g, g2 in zip(grads, grads2):
+        assert_close(g, g2, rtol=1e-6, atol=1e-6, name="compiled grad")
+
+
+def test_eager_path_matches_op():
+    """The eager fast path and the custom op give the same bits."""
+    hidden, weight, b, targets = _inputs((3, 5), 12, 37, torch.float32, "cpu", True, "contig")
+    outs = []
+    for fast in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        if fast:
+            lp, ent = rmk.token_logprobs(h, weight, targets, bias=b, return_entropy=True, backend="cpu")
+        else:
+            lp, ent, _ = torch.ops.rmkernels.token_logprobs(h, weight, b, targets, 1.0, -100, "cpu")
+        (lp.sum() + ent.sum()).backward()
+        outs.append((lp, ent, h.grad))
+    for a, e in zip(*outs):
+        assert torch.equal(a, e)
+
+
+def test_benchmark_smoke(monkeypatch):
+    """benchmarks/bench_token_logprobs.py runs end to end on its tiny shape and every provider
+    (naive, chunked PyTorch, rmk-cpu) matches the reference; no timing is asserted."""
+    import os
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import bench_token_logprobs as bench
+
+    rows = bench.run(device="cpu", shapes=["lp-t"], quick=True, only=["naive", "chunked-torch", "rmk-cpu"],
+                     log=lambda *a: None)
+    checks = {r["provider"]: r for r in rows if r["mode"] == "check"}
+    assert set(checks) == {"naive", "chunked-torch", "rmk-cpu"}
+    assert all(r["median"] == 1.0 for r in checks.values()), [r["note"] for r in checks.values()]
+    assert {r["metric"] for r in rows} >= {"call_ms", "peak_MiB"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_direct_op_call_checks(backend):
+    """A direct torch.ops.rmkernels.token_logprobs call runs the same checks (the registry's
+    check hook) on every backend, before any kernel."""
+    h, w = torch.randn(2, 3, 8), torch.randn(10, 8)
+    op = torch.ops.rmkernels.token_logprobs
+    with pytest.raises(ValueError, match="targets must be in"):
+        op(h, w, None, torch.tensor([[0, 1, 2], [3, 10, 4]]), 1.0, -100, backend)
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+        op(h, w.double(), None, torch.zeros(2, 3, dtype=torch.long), 1.0, -100, backend)
+    with pytest.raises(ValueError, match="unit stride"):
+        op(torch.randn(2, 3, 16)[:, :, ::2], w, None, torch.zeros(2, 3, dtype=torch.long), 1.0, -100, backend)
+    with pytest.raises(ValueError, match="temperature"):
+        op(h, w, None, torch.zeros(2, 3, dtype=torch.long), 0.0, -100, backend)
+    with pytest.raises(ValueError, match="backend"):
+        op(h, w, None, torch.zeros(2, 3, dtype=torch.long), 1.0, -100, "nope")
