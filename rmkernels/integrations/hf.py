@@ -48,6 +48,7 @@ _OWN_CLASS_HEADS = {"biogpt": "score", "bloom": "score", "ctrl": "classifier", "
                     "gpt_bigcode": "score", "gpt_neo": "score", "gpt_neox": "score", "modernbert-decoder": "classifier",
                     "mpt": "score", "openai-gpt": "score", "opt": "score", "zamba": "score", "zamba2": "score"}
 _PRE_HEAD = {"modernbert-decoder": lambda model, h: model.drop(model.head(h))}
+_NO_CACHE_OUTPUT = ("ctrl", "openai-gpt")  # return SequenceClassifierOutput (no cache field)
 
 
 def _supported_classes():
@@ -174,7 +175,7 @@ def _logits_dtype(hidden, weight):
 
 
 def _patched_forward(self, *args, **kwargs):
-    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+    from transformers.modeling_outputs import SequenceClassifierOutput, SequenceClassifierOutputWithPast
 
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
@@ -245,7 +246,10 @@ def _patched_forward(self, *args, **kwargs):
     # the backbone's cache under its current name (``cache=``): ``past_key_values=`` is deprecated in
     # transformers 5 and warns on every call; ``.get`` reads the outputs without the deprecated alias
     get = outputs.get if hasattr(outputs, "get") else (lambda key: None)
-    cache_key = "cache" if "cache" in SequenceClassifierOutputWithPast.__dataclass_fields__ else "past_key_values"
-    out = SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=get("hidden_states"),
-                                           attentions=get("attentions"), **{cache_key: get(cache_key)})
+    fields = {"loss": loss, "logits": logits, "hidden_states": get("hidden_states"), "attentions": get("attentions")}
+    if getattr(self.config, "model_type", None) in _NO_CACHE_OUTPUT:
+        out = SequenceClassifierOutput(**fields)
+    else:
+        cache_key = "cache" if "cache" in SequenceClassifierOutputWithPast.__dataclass_fields__ else "past_key_values"
+        out = SequenceClassifierOutputWithPast(**fields, **{cache_key: get(cache_key)})
     return out if return_dict else out.to_tuple()
