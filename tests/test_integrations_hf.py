@@ -217,18 +217,20 @@ def test_import_rmkernels_needs_neither_transformers_nor_trl():
 # Every decoder *ForSequenceClassification transformers ships (tiny random configs, offline)
 # ---------------------------------------------------------------------------------------
 # Small values for whichever of these settings a config has; the rest stay the defaults.
-_SMALL = dict(hidden_size=16, n_embd=16, d_model=16, word_embed_proj_dim=16, num_hidden_layers=2, n_layer=2,
-              num_layers=2, n_layers=2, num_attention_heads=2, n_head=2, n_heads=2, num_key_value_heads=2,
-              num_kv_heads=2, head_dim=8, intermediate_size=32, ffn_dim=32, n_inner=32, dff=32, ffn_hidden_size=32,
-              moe_intermediate_size=16, shared_expert_intermediate_size=16, attention_hidden_size=32, vocab_size=64,
-              max_position_embeddings=64, n_positions=64, n_ctx=64, max_seq_len=64, kv_lora_rank=8, q_lora_rank=16,
-              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts=4,
-              num_local_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, index_head_dim=8, index_topk=4,
-              linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
-              mamba_d_state=8, mamba_dt_rank=4, chunk_size=16, kv_channels=8, adapter_rank=4, rotary_dim=4,
-              attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1, expert_layer_period=2, image_size=32,
-              patch_size=8, mm_tokens_per_image=4, sliding_window=16, pad_token_id=PAD, bos_token_id=1,
-              eos_token_id=2)
+_SMALL = {"hidden_size": 16, "n_embd": 16, "d_model": 16, "word_embed_proj_dim": 16, "num_hidden_layers": 2,
+          "n_layer": 2, "num_layers": 2, "n_layers": 2, "num_attention_heads": 2, "n_head": 2, "n_heads": 2,
+          "num_key_value_heads": 2, "num_kv_heads": 2, "head_dim": 8, "intermediate_size": 32, "ffn_dim": 32,
+          "n_inner": 32, "dff": 32, "ffn_hidden_size": 32, "moe_intermediate_size": 16,
+          "shared_expert_intermediate_size": 16, "attention_hidden_size": 32, "vocab_size": 64,
+          "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64, "max_seq_len": 64, "kv_lora_rank": 8,
+          "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "n_routed_experts": 4,
+          "num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+          "index_head_dim": 8, "index_topk": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+          "linear_num_key_heads": 2, "linear_num_value_heads": 2, "mamba_d_state": 8, "mamba_dt_rank": 4,
+          "chunk_size": 16, "kv_channels": 8, "adapter_rank": 4, "rotary_dim": 4, "attn_layer_offset": 1,
+          "attn_layer_period": 2, "expert_layer_offset": 1, "expert_layer_period": 2, "image_size": 32,
+          "patch_size": 8, "mm_tokens_per_image": 4, "sliding_window": 16, "pad_token_id": PAD, "bos_token_id": 1,
+          "eos_token_id": 2}
 _KEEP_DEFAULT = {"zamba2": ("head_dim", "attention_hidden_size", "kv_channels"), "mistral4": ("head_dim",)}
 
 

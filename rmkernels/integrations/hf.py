@@ -74,12 +74,12 @@ def _head_name(model):
     return _OWN_CLASS_HEADS[model_type] if cls is not None and isinstance(model, cls) else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(cls):
     return inspect.signature(cls.forward)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_accepts(cls):
     """The keyword names the backbone's forward takes (None: any, it has ``**kwargs``)."""
     params = _signature(cls).parameters.values()
@@ -175,7 +175,10 @@ def _logits_dtype(hidden, weight):
 
 
 def _patched_forward(self, *args, **kwargs):
-    from transformers.modeling_outputs import SequenceClassifierOutput, SequenceClassifierOutputWithPast
+    from transformers.modeling_outputs import (
+        SequenceClassifierOutput,
+        SequenceClassifierOutputWithPast,
+    )
 
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
