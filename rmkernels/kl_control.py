@@ -9,8 +9,14 @@ The coefficient ``value`` is the ``kl_coef`` of :func:`rmkernels.ppo_advantages`
 
 They are plain Python (the update is one scalar per PPO step): pass ``current_kl`` as a
 Python float (a 0-d tensor is accepted and read with ``float()``).
+
+A NaN ``current_kl`` (a batch whose KL came out NaN) leaves the coefficient unchanged and
+warns (``RuntimeWarning``): one bad batch must not make the coefficient NaN for the rest of
+the run, as ``value *= 1 + clip(nan) * ...`` would. An infinite KL is a valid reading: the
+error is clipped to +-0.2 as for any large KL.
 """
 import math
+import warnings
 
 
 def _number(name, value):
@@ -46,6 +52,9 @@ class AdaptiveKLController:
 
     ``target``: the KL (nats per sequence, as measured by the caller) to hold;
     ``horizon``: how many samples it takes to correct the coefficient by a factor ~e^0.2.
+
+    ``update`` returns the new coefficient; a NaN ``current_kl`` is skipped with a
+    ``RuntimeWarning`` (the coefficient stays as it was).
     """
 
     def __init__(self, init_kl_coef, target, horizon):
@@ -65,8 +74,12 @@ class AdaptiveKLController:
     def update(self, current_kl, n_steps):
         current_kl = _number("current_kl", current_kl)
         n_steps = _number("n_steps", n_steps)
-        if n_steps < 0:
-            raise ValueError(f"n_steps must be >= 0, got {n_steps!r}")
+        if not math.isfinite(n_steps) or n_steps < 0:
+            raise ValueError(f"n_steps must be a finite number >= 0, got {n_steps!r}")
+        if math.isnan(current_kl):
+            warnings.warn(f"{type(self).__name__}.update: current_kl is NaN; the KL coefficient is left at "
+                          f"{self.value!r}", RuntimeWarning, stacklevel=2)
+            return self.value
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
         return self.value

@@ -1,13 +1,16 @@
 """The verl / OpenRLHF / TRL-PPO adapters against the frameworks' published formulas.
 
-verl and OpenRLHF cannot be installed here next to torch 2.13 + transformers 5 without a GPU
-or replacing packages, and TRL 1.x no longer ships its PPO trainer; so each framework's
-semantics is written below as a plain per-element reference (float64 loops over the
-response, as the frameworks' own code reads), from their documentation and source:
+The frameworks are not installed in CI (verl and OpenRLHF pull ray, deepspeed, vllm, ...;
+TRL 1.x no longer ships its PPO trainer), so each framework's semantics is written below as a
+plain per-element reference (float64, as the frameworks' own code reads), from the source of
+the versions the adapters were compared against, function by function, with the real
+packages installed (pip, outside the repository):
 
-- verl ``trainer/ppo/core_algos.py`` (v0.9): ``compute_gae_advantage_return``,
-  ``kl_penalty`` / ``kl_penalty_forward``, ``utils/torch_functional.masked_whiten``;
-- OpenRLHF ``models/utils.py`` and ``trainer/ppo_utils/experience_maker.py``;
+- verl 0.9.1 ``trainer/ppo/core_algos.py``: ``compute_gae_advantage_return``,
+  ``kl_penalty`` / ``kl_penalty_forward``, the KL controllers,
+  ``utils/torch_functional.masked_whiten``;
+- OpenRLHF 0.11.2 ``models/utils.py`` (``compute_approx_kl`` with its clamps,
+  ``compute_reward``) and ``trainer/ppo_utils/experience_maker.py`` (GAE, normalisation);
 - TRL ``trainer/ppo_trainer.py`` (0.12 - 0.2x), steps 3-6 of ``train``.
 
 Inputs are random, with masks that have holes, left and right padding and empty rows.
@@ -16,10 +19,10 @@ import math
 
 import pytest
 import torch
+from utils import assert_close
 
 import rmkernels as rmk
 from rmkernels.integrations import openrlhf, trl_ppo, verl
-from utils import assert_close
 
 RTOL = ATOL = 2e-5
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -110,15 +113,26 @@ def ref_verl_kl_penalty(lp, ref, name):
     return k2 - k2.detach() + fwd.detach()
 
 
-def ref_openrlhf_kl(lp, base, est, mask=None):
+def ref_openrlhf_kl(lp, base, est, mask=None, *, old=None, unbiased_gradient=False):
+    """OpenRLHF 0.11.2 compute_approx_kl: k3's log-ratio clamped at -10, every estimate to
+    [-10, 10]; unbiased_gradient: the value, the gradient of w * x^2 / 2 (w = exp(lp - old)
+    clamped at 10, detached)."""
     x = lp.double() - base.double()
     if mask is not None:
         x = x * mask
     if est == "k1":
-        return x
-    if est == "k2":
-        return x * x / 2
-    return (-x).exp() - 1 + x
+        v = x
+    elif est == "k2":
+        v = x * x / 2
+    else:
+        xc = x.clamp(min=-10)
+        v = (-xc).exp() - 1 + xc
+    v = v.clamp(-10, 10)
+    if not unbiased_gradient:
+        return v
+    w = 1.0 if old is None else (lp.double() - old.double()).exp().clamp(max=10).detach()
+    s = w * (x * x / 2)
+    return v.detach() + s - s.detach()
 
 
 def ref_openrlhf_reward(r, kl_coef, kl, mask, clip=None):
@@ -287,36 +301,167 @@ def test_verl_kl_controllers():
         verl.get_kl_controller(SimpleNamespace(type="pid", kl_coef=0.05))
 
 
+def test_verl_kl_controller_settings_and_nan():
+    """The settings verl 0.9.1 accepts (negative coefficients and targets, numpy scalars, a
+    fractional horizon), its refusals (horizon <= 0 in the factory), and a NaN KL that must not
+    poison the coefficient (verl's would be NaN for the rest of the run)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    def verl_update(value, target, horizon, kl, n):  # verl: np.clip(kl / target - 1, -.2, .2)
+        return value * (1 + min(max(kl / target - 1, -0.2), 0.2) * n / horizon)
+
+    for coef, target, horizon in [(-0.1, 6.0, 100), (0.2, -6.0, 100), (0.2, 6.0, 0.5), (0, 6, 1),
+                                  (np.float32(0.05), np.float64(3.0), np.int64(500))]:
+        ctl = verl.get_kl_controller(SimpleNamespace(type="adaptive", kl_coef=coef, target_kl=target, horizon=horizon))
+        value = float(coef)
+        for kl, n in [(12.0, 256), (1.0, 512), (np.float64(6.3), np.int64(64))]:
+            ctl.update(kl, n)
+            value = verl_update(value, float(target), float(horizon), float(kl), float(n))
+            assert ctl.value == pytest.approx(value, rel=1e-12)
+        with pytest.warns(RuntimeWarning, match="NaN"):
+            ctl.update(float("nan"), 64)
+        assert ctl.value == pytest.approx(value, rel=1e-12)
+        ctl.update(float("inf"), 10)  # an infinite KL is a reading: the error clips at +0.2
+        assert ctl.value == pytest.approx(value * (1 + (0.2 if target > 0 else -0.2) * 10 / float(horizon)))
+    for kl_coef in (-0.05, 0, np.float32(0.05)):
+        assert verl.get_kl_controller(SimpleNamespace(type="fixed", kl_coef=kl_coef)).value == float(kl_coef)
+    for horizon in (0, -5):
+        with pytest.raises(ValueError, match="horizon"):
+            verl.get_kl_controller(SimpleNamespace(type="adaptive", kl_coef=0.1, target_kl=6.0, horizon=horizon))
+    with pytest.raises(ValueError, match="target_kl"):
+        verl.AdaptiveKLController(0.1, 0.0, 100)
+    rmk_ctl = rmk.AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=100)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        assert rmk_ctl.update(float("nan"), 64) == 0.2
+    assert rmk_ctl.value == 0.2
+    with pytest.raises(ValueError, match="n_steps"):
+        rmk_ctl.update(1.0, float("nan"))
+
+
+def test_verl_accepts_what_verl_accepts():
+    """0-d tensors, broadcastable shapes, numpy scalars for gamma/lam (verl 0.9.1 takes them all)."""
+    import numpy as np
+
+    lp, ref, values, scores, mask = batch(3, 17)
+    r = torch.randn(3, 17, dtype=torch.float64)
+    v1 = values[:1]  # [1, 17] values broadcast over the batch
+    exp_adv, exp_ret = ref_verl_gae(r, v1.expand(3, 17), mask, 0.9, 0.8)
+    for gamma, lam in [(np.float32(0.9), np.float64(0.8)), (torch.tensor(0.9), torch.tensor([0.8])), (0.9, 0.8)]:
+        adv, ret = verl.compute_gae_advantage_return(r.float(), v1.float(), mask, gamma, lam)
+        assert adv.shape == (3, 17)
+        assert_close(adv, at(exp_adv, mask), rtol=1e-4, atol=1e-4, name="advantages")
+        assert_close(ret, at(exp_ret, mask), rtol=1e-4, atol=1e-4, name="returns")
+    with pytest.raises(TypeError, match="gamma"):
+        verl.compute_gae_advantage_return(r.float(), v1.float(), mask, "0.9", 0.8)
+    with pytest.raises(ValueError, match="2-D"):
+        verl.compute_gae_advantage_return(r[0].float(), values[0].float(), mask[0], 0.9, 0.8)
+    for name in verl.KL_PENALTIES:
+        a = torch.tensor(-1.5, requires_grad=True)
+        out = verl.kl_penalty(a, torch.tensor(-0.25), name)
+        exp = ref_verl_kl_penalty(torch.tensor(-1.5, dtype=torch.float64, requires_grad=True),
+                                  torch.tensor(-0.25, dtype=torch.float64), name)
+        assert out.shape == () and out.item() == pytest.approx(exp.item(), rel=1e-6)
+        lp32, ref1 = lp.float().requires_grad_(), ref[:1].float().requires_grad_()
+        lp64, ref64 = lp.clone().requires_grad_(), ref[:1].clone().requires_grad_()
+        out, exp = verl.kl_penalty(lp32, ref1, name), ref_verl_kl_penalty(lp64, ref64, name)
+        assert out.shape == lp.shape
+        assert_close(out, exp, rtol=RTOL, atol=ATOL, name=f"{name} broadcast value")
+        out.sum().backward()
+        exp.sum().backward()
+        assert_close(ref1.grad, ref64.grad, rtol=1e-4, atol=1e-4, name=f"{name} broadcast gradient")
+
+
+@pytest.mark.parametrize("name", verl.KL_PENALTIES)
+def test_verl_kl_penalty_on_infinite_inputs(name):
+    """log p or log q = -inf: the estimator's value (verl's "+" forms give NaN there, its own
+    inf - inf; documented), and verl's gradient (k2's for "+": infinite where x is)."""
+    inf = math.inf
+    lp = torch.tensor([[-inf, -1.0, -2.0, -inf, -0.5]], dtype=torch.float64)
+    ref = torch.tensor([[-1.0, -inf, -2.0, -inf, -3.0]], dtype=torch.float64)
+    a, e = lp.float().requires_grad_(), lp.clone().requires_grad_()
+    out = verl.kl_penalty(a, ref.float(), name)
+    value = ref_verl_kl(e, ref, name)  # the estimator (what verl's non-"+" form returns)
+    assert torch.equal(out.isnan(), value.isnan())
+    finite = ~value.isnan()
+    assert_close(out[finite], value[finite].detach(), rtol=1e-6, atol=0, name=f"{name} value")
+    grad_src = 0.5 * (e - ref) ** 2 if name.endswith("+") and name not in ("mse+", "k2+") else value
+    (g,) = torch.autograd.grad(out[finite].sum(), a)
+    (ge,) = torch.autograd.grad(grad_src[finite].sum(), e)
+    assert torch.equal(g.double().isnan(), ge.isnan())
+    ok = ~ge.isnan()
+    assert torch.equal(g[ok].isinf(), ge[ok].isinf())
+    assert_close(g[ok], ge[ok], rtol=1e-6, atol=0, name=f"{name} gradient")
+
+
 # ---------------------------------------------------------------------------------------
 # OpenRLHF
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("est", ["k1", "k2", "k3"])
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_openrlhf_compute_approx_kl(est, with_mask):
-    lp, ref, values, scores, mask = batch(6, 19)
-    m = mask.float() if with_mask else None
+@pytest.mark.parametrize("grad_mode", ["plain", "unbiased", "unbiased_old"])
+@pytest.mark.parametrize("call", ["positional", "keyword"])
+def test_openrlhf_compute_approx_kl(est, grad_mode, call):
+    """Log-ratios ~N(0, 2) (and a few far out): the clamps are active on a few % of the
+    elements; values and gradients equal OpenRLHF 0.11.2's, positional and keyword calls."""
+    B, T = 6, 19
+    lp = -torch.rand(B, T, dtype=torch.float64) * 3
+    base = lp - torch.randn(B, T, dtype=torch.float64) * 2
+    base[0, :4] = lp[0, :4] - torch.tensor([30.0, -30.0, 11.0, -11.0], dtype=torch.float64)
+    old = lp + torch.randn(B, T, dtype=torch.float64)
+    old[1, :2] = lp[1, :2] - 5.0  # the importance weight's clamp at 10
+    unbiased = grad_mode != "plain"
+    o = old.float() if grad_mode == "unbiased_old" else None
     a = lp.float().requires_grad_()
     e = lp.clone().requires_grad_()
-    out = openrlhf.compute_approx_kl(a, ref.float(), kl_estimator=est, action_mask=m)
-    exp = ref_openrlhf_kl(e, ref, est, None if m is None else m.double())
+    if call == "positional":
+        out = openrlhf.compute_approx_kl(a, base.float(), o, est, unbiased)
+    else:
+        out = openrlhf.compute_approx_kl(log_probs=a, log_probs_base=base.float(), log_probs_old=o,
+                                         kl_estimator=est, unbiased_gradient=unbiased)
+    exp = ref_openrlhf_kl(e, base.float().double(), est, old=None if o is None else o.double(),
+                          unbiased_gradient=unbiased)
     assert out.dtype == torch.float32
+    if est != "k1":
+        assert (exp.detach().abs() == 10).sum() >= 2  # the clamp is exercised
     assert_close(out, exp, rtol=RTOL, atol=ATOL, name=f"{est} value")
     w = torch.randn_like(exp)
     (out * w.float()).sum().backward()
     (exp * w).sum().backward()
     assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-4, name=f"{est} gradient")
+    with torch.no_grad():  # the values alone (the experience maker's call)
+        assert_close(openrlhf.compute_approx_kl(lp.float(), base.float(), kl_estimator=est), exp.detach(),
+                     rtol=RTOL, atol=ATOL)
 
 
-def test_openrlhf_compute_approx_kl_older_signatures():
+def test_openrlhf_compute_approx_kl_signature_and_edges():
     lp, ref, values, scores, mask = batch(3, 8)
-    m = mask.float()
-    exp = ref_openrlhf_kl(lp, ref, "k3", m.double())
-    assert_close(openrlhf.compute_approx_kl(lp.float(), ref.float(), m, use_kl_estimator_k3=True), exp,
-                 rtol=RTOL, atol=ATOL)
-    assert_close(openrlhf.compute_approx_kl(lp.bfloat16(), ref.bfloat16(), "k1"),
+    # the third positional argument is log_probs_old (used only with unbiased_gradient)
+    plain = openrlhf.compute_approx_kl(lp.float(), ref.float())
+    assert torch.equal(openrlhf.compute_approx_kl(lp.float(), ref.float(), mask.float()), plain)
+    assert torch.equal(openrlhf.compute_approx_kl(lp.float(), ref.float(), None, "k1", False), plain)
+    # older OpenRLHF's action_mask, keyword only
+    assert_close(openrlhf.compute_approx_kl(lp.float(), ref.float(), kl_estimator="k3", action_mask=mask.float()),
+                 ref_openrlhf_kl(lp, ref, "k3", mask.double()), rtol=RTOL, atol=ATOL)
+    assert_close(openrlhf.compute_approx_kl(lp.bfloat16(), ref.bfloat16(), kl_estimator="k1"),
                  lp.bfloat16().double() - ref.bfloat16().double(), rtol=RTOL, atol=ATOL)
+    # infinite log-probabilities: the clamps hold (k3 of -inf is 10, as in OpenRLHF)
+    inf = math.inf
+    x = torch.tensor([[-inf, 0.0, -1.0, -inf]])
+    y = torch.tensor([[0.0, -inf, -1.0, -inf]])
+    for est, exp in [("k1", [-10, 10, 0, math.nan]), ("k2", [10, 10, 0, math.nan]), ("k3", [10, 10, 0, math.nan])]:
+        out = openrlhf.compute_approx_kl(x, y, kl_estimator=est)
+        assert torch.equal(out.isnan(), torch.tensor([[False, False, False, True]]))
+        assert out[0, :3].tolist() == exp[:3], est
+    # 0-d and broadcast shapes, as OpenRLHF's arithmetic accepts
+    assert openrlhf.compute_approx_kl(torch.tensor(-1.0), torch.tensor(-2.0), kl_estimator="k2").item() == 0.5
+    assert openrlhf.compute_approx_kl(lp.float(), ref[:1].float()).shape == lp.shape
     with pytest.raises(ValueError, match="kl_estimator"):
-        openrlhf.compute_approx_kl(lp, ref, "k9")
+        openrlhf.compute_approx_kl(lp, ref, kl_estimator="k9")
+    with pytest.raises(TypeError, match="log_probs_old"):  # the older positional order
+        openrlhf.compute_approx_kl(lp, ref, "k3")
+    with pytest.raises(ValueError, match="broadcast"):
+        openrlhf.compute_approx_kl(lp, ref[:, :3])
 
 
 @pytest.mark.parametrize("kl_coef,clip", [(0.05, None), (0.2, (-1.0, 0.5)), (-0.3, None), (0.0, (-10, 10))])
@@ -327,6 +472,8 @@ def test_openrlhf_compute_reward(kl_coef, clip):
     exp = ref_openrlhf_reward(scores.float().double(), kl_coef, kl, mask, clip)
     assert out.dtype == kl.dtype and out.shape == kl.shape
     assert_close(out, exp, rtol=RTOL, atol=ATOL, name="rewards")
+    # OpenRLHF 0.11.2's positional order: (r, kl_coef, kl, action_mask, reward_clip_range)
+    assert torch.equal(openrlhf.compute_reward(scores.float(), kl_coef, kl, mask, clip), out)
 
 
 def test_openrlhf_compute_reward_packed_list():
@@ -374,6 +521,10 @@ def test_openrlhf_normalize_advantages(std_norm):
     exp = ref_openrlhf_normalize(advs, masks, std_norm)
     for o, e, m in zip(out, exp, masks):
         assert_close(o, at(e, m), rtol=RTOL, atol=ATOL, name="normalized advantages")
+    # whatever a masked position holds (NaN, inf) stays out of the statistics
+    poisoned = [a.masked_fill(~m, v) for a, m, v in zip(advs, masks, (math.nan, math.inf))]
+    for o, e, m in zip(openrlhf.normalize_advantages(poisoned, masks, no_advantage_std_norm=not std_norm), exp, masks):
+        assert_close(o, at(e, m), rtol=RTOL, atol=ATOL, name="normalized advantages, NaN/inf at masked positions")
     single = openrlhf.normalize_advantages(advs[0], masks[0], no_advantage_std_norm=not std_norm)
     assert_close(single, at(ref_openrlhf_normalize(advs[:1], masks[:1], std_norm)[0], masks[0]),
                  rtol=RTOL, atol=ATOL)
@@ -434,7 +585,7 @@ def test_trl_utils_agree_with_installed_trl():
 def test_empty_batches_give_empty_results(B, T):
     z, m = torch.zeros(B, T), torch.ones(B, T)
     for out in (*verl.compute_gae_advantage_return(z, z, m, 1.0, 0.95), verl.kl_penalty(z, z, "k3+"),
-                openrlhf.compute_approx_kl(z, z, "k3"), *openrlhf.get_advantages_and_returns(z, z, m, 1.0, 0.95),
+                openrlhf.compute_approx_kl(z, z, kl_estimator="k3"), *openrlhf.get_advantages_and_returns(z, z, m, 1.0, 0.95),
                 openrlhf.normalize_advantages(z, m), openrlhf.compute_reward(torch.zeros(B), 0.1, z, action_mask=m),
                 *trl_ppo.compute_rewards_and_advantages(z, z, z, torch.zeros(B), torch.zeros(B, dtype=torch.long),
                                                         kl_coef=0.1)[:5]):

@@ -211,3 +211,139 @@ def test_import_rmkernels_needs_neither_transformers_nor_trl():
     root = __file__.rsplit("/tests/", 1)[0]
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# Every decoder *ForSequenceClassification transformers ships (tiny random configs, offline)
+# ---------------------------------------------------------------------------------------
+# Small values for whichever of these settings a config has; the rest stay the defaults.
+_SMALL = {"hidden_size": 16, "n_embd": 16, "d_model": 16, "word_embed_proj_dim": 16, "num_hidden_layers": 2,
+          "n_layer": 2, "num_layers": 2, "n_layers": 2, "num_attention_heads": 2, "n_head": 2, "n_heads": 2,
+          "num_key_value_heads": 2, "num_kv_heads": 2, "head_dim": 8, "intermediate_size": 32, "ffn_dim": 32,
+          "n_inner": 32, "dff": 32, "ffn_hidden_size": 32, "moe_intermediate_size": 16,
+          "shared_expert_intermediate_size": 16, "attention_hidden_size": 32, "vocab_size": 64,
+          "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64, "max_seq_len": 64, "kv_lora_rank": 8,
+          "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "n_routed_experts": 4,
+          "num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+          "index_head_dim": 8, "index_topk": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+          "linear_num_key_heads": 2, "linear_num_value_heads": 2, "mamba_d_state": 8, "mamba_dt_rank": 4,
+          "chunk_size": 16, "kv_channels": 8, "adapter_rank": 4, "rotary_dim": 4, "attn_layer_offset": 1,
+          "attn_layer_period": 2, "expert_layer_offset": 1, "expert_layer_period": 2, "image_size": 32,
+          "patch_size": 8, "mm_tokens_per_image": 4, "sliding_window": 16, "pad_token_id": PAD, "bos_token_id": 1,
+          "eos_token_id": 2}
+_KEEP_DEFAULT = {"zamba2": ("head_dim", "attention_hidden_size", "kv_channels"), "mistral4": ("head_dim",)}
+
+
+def _small_kwargs(cls, default, model_type):
+    kw = {k: v for k, v in _SMALL.items() if (k in default.to_dict() or hasattr(default, k))
+          and not isinstance(getattr(cls, k, None), property) and k not in _KEEP_DEFAULT.get(model_type, ())}
+    layer_types = getattr(default, "layer_types", None)
+    if layer_types and not isinstance(getattr(cls, "layer_types", None), property):
+        kw["layer_types"] = list(dict.fromkeys(layer_types)) * 2  # every kind of layer (hybrids), twice
+        kw["num_hidden_layers"] = len(kw["layer_types"])
+        if getattr(default, "hybrid_layer_ids", None):
+            kw["hybrid_layer_ids"] = [i for i, t in enumerate(kw["layer_types"]) if t == "hybrid"]
+    if getattr(default, "attention_types", None):  # GPT-Neo
+        kw["attention_types"] = [[["global", "local"], 1]]
+    return kw
+
+
+def _tiny_config(model_type):
+    cls = type(transformers.AutoConfig.for_model(model_type))
+    default = cls()
+    kw = _small_kwargs(cls, default, model_type)
+    for sub in ("text_config", "vision_config"):  # multimodal wrappers (Gemma3, Qwen3.5)
+        sub_cfg = getattr(default, sub, None)
+        if hasattr(sub_cfg, "to_dict"):
+            kw[sub] = type(sub_cfg)(**_small_kwargs(type(sub_cfg), sub_cfg, model_type))
+    cfg = cls(**kw)
+    cfg.num_labels = 1
+    if getattr(cfg, "rope_parameters", None) == {} and getattr(cfg, "layer_types", None):
+        # cohere_compass_text's default config has none for its layer types (it does not build as shipped)
+        cfg.rope_parameters = {t: {"rope_type": "default", "rope_theta": 10000.0} for t in set(cfg.layer_types)}
+    return cfg
+
+
+def _decoder_model_types():
+    """Every model type whose *ForSequenceClassification patch_hf_reward_model must support: the
+    GenericForSequenceClassification subclasses, GPT-2, and the own-class decoders (pooling
+    the rightmost non-pad token)."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as names,
+    )
+
+    from rmkernels.integrations.hf import _OWN_CLASS_HEADS
+
+    out = []
+    for model_type, cls_name in names.items():
+        cls = getattr(transformers, cls_name, None)
+        if cls is not None and (issubclass(cls, (GenericForSequenceClassification,
+                                                 transformers.GPT2ForSequenceClassification))
+                                or model_type in _OWN_CLASS_HEADS):
+            out.append(model_type)
+    return out
+
+
+def test_every_decoder_class_is_covered():
+    """The decoders of this transformers that are not supported: none. A class with the HF
+    last-non-pad-token rule that is neither Generic nor listed would show up here."""
+    import inspect
+
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as names,
+    )
+
+    covered = set(_decoder_model_types())
+    missed = []
+    for model_type, cls_name in names.items():
+        cls = getattr(transformers, cls_name, None)
+        if cls is None or model_type in covered:
+            continue
+        src = inspect.getsource(cls.forward)
+        if "last_non_pad_token" in src and "decoder_input_ids" not in src:  # encoder-decoders (T5Gemma) pool decoder ids
+            missed.append(model_type)
+    assert not missed, f"decoder *ForSequenceClassification classes patch_hf_reward_model refuses: {missed}"
+    if transformers.__version__.startswith("5.24."):
+        assert len(covered) == 64
+
+
+@pytest.mark.parametrize("model_type", _decoder_model_types())
+def test_every_decoder_model_type(model_type):
+    """Logits and every parameter's gradient of the patched model equal the unpatched one's,
+    with ragged right padding (and an all-pad row), and no deprecation warning from the
+    patched forward."""
+    import logging
+    import warnings
+
+    cfg = _tiny_config(model_type)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params < 400_000, f"{model_type}: the tiny config still has {n_params} parameters"
+    ids, mask = _batch(B=3, T=7)
+    ids = ids.clamp(max=cfg.get_text_config().vocab_size - 1)
+    expected, exp_grads = _run(model, input_ids=ids, attention_mask=mask)
+    rmk.patch_hf_reward_model(model, backend="cpu")
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf_logger = logging.getLogger("transformers")
+    tf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got, got_grads = _run(model, input_ids=ids, attention_mask=mask)
+    finally:
+        tf_logger.removeHandler(handler)
+    deprecations = [r.getMessage() for r in records if "deprecat" in r.getMessage()]
+    deprecations += [str(w.message) for w in caught if "deprecat" in str(w.message).lower()]
+    assert not deprecations, f"{model_type}: {deprecations}"
+    assert type(got) is type(expected)
+    assert [k for k, v in got.items() if v is not None] == [k for k, v in expected.items() if v is not None]
+    assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5, name=f"{model_type} logits")
+    assert set(got_grads) == set(exp_grads)
+    for name, g in exp_grads.items():
+        assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, name=f"{model_type} grad {name}")
+

@@ -2,6 +2,7 @@
 the same loss, gradients and logged metrics for a batch; and a short train() runs."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -120,3 +121,35 @@ def test_train_runs_like_trl(tmp_path):
     assert_close(torch.tensor(logs), torch.tensor(ref_logs), rtol=1e-4, atol=1e-6, name="logged loss")
     for (n, p), (_, q) in zip(ref.model.named_parameters(), ours.model.named_parameters()):
         assert_close(q, p, rtol=1e-4, atol=1e-6, name=f"weights {n} after 2 steps")
+
+
+def _readme_trl_snippet():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"<!-- trl-snippet -->\s*```python\n(.*?)```", readme, re.S)
+    assert m, "README.md: the TRL snippet (after <!-- trl-snippet -->) is missing"
+    return m.group(1)
+
+
+def test_readme_trl_snippet_runs_on_cpu(tmp_path, monkeypatch):
+    """The README's TRL example, executed as written on this CPU machine; only the checkpoint
+    name (a tiny local Llama and tokenizer saved here: no network) and the output directory
+    are replaced."""
+    code = _readme_trl_snippet()
+    name = re.search(r'model_name = "([^"]+)"', code).group(1)
+    tok = build_char_tokenizer("0123456789 +=ThecapitalofFranceisPRm")
+    model_dir = tmp_path / "tiny-rm"
+    _tiny_model(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    code = code.replace(f'"{name}"', repr(str(model_dir))).replace('output_dir="rm"', f"output_dir={str(tmp_path / 'rm')!r}")
+    code = code.replace("max_steps=10", "max_steps=2")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md (TRL snippet)", "exec"), scope)  # noqa: S102 (the project's own README)
+    trainer = scope["trainer"]
+    assert isinstance(trainer, RewardTrainer)
+    assert trainer.state.global_step == 2
+    assert trainer.args.bf16 == torch.cuda.is_available()
+    losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
+    assert len(losses) == 1 and math.isfinite(losses[0])

@@ -11,6 +11,8 @@ formula (or k2's, for verl's ``"+"`` forms). ``g`` is only built when autograd i
 and an input requires grad.
 """
 from collections import namedtuple
+import math
+import numbers
 
 import torch
 
@@ -18,12 +20,13 @@ import rmkernels as rmk
 
 
 def as_float(name, value):
-    """A Python float from a number or a 0-d tensor (verl types gamma/lam as tensors)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
+    """A Python float from a real number (numpy scalars included) or a 1-element tensor / numpy
+    array (verl types gamma/lam as tensors; its configs hand out numpy scalars)."""
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy" and hasattr(value, "size"):
+        if value.size != 1 if not isinstance(value, torch.Tensor) else value.numel() != 1:
             raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
-        return float(value.item())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     return float(value)
 
@@ -73,8 +76,25 @@ def needs_grad(*tensors):
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(value, grad_source):
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
 def straight_through(value, grad_source):
-    """``value`` in the forward pass, the gradient of ``grad_source`` in the backward pass."""
+    """``value`` in the forward pass, the gradient of ``grad_source`` in the backward pass.
+
+    Unlike the frameworks' ``g - g.detach() + value``, an infinite ``g`` does not turn the
+    value into NaN (inf - inf); its gradient still flows as autograd's of ``g``."""
     if grad_source is None:
         return value
-    return grad_source - grad_source.detach() + value.to(grad_source.dtype)
+    return _StraightThrough.apply(value.to(grad_source.dtype).expand(grad_source.shape), grad_source)

@@ -17,8 +17,12 @@ rejected) and the returned ``loss`` is ``rmk.pairwise_reward_loss`` (the fused
 Bradley-Terry op), ``logits`` the ``[2B, 1]`` rewards. Going through ``model(...)`` keeps DDP
 and accelerate wrappers working.
 
-Supported: every model built on transformers' ``GenericForSequenceClassification``
-(Llama, Qwen2, Qwen3, Mistral, Gemma, Phi3, ...) and ``GPT2ForSequenceClassification``.
+Supported: every decoder ``*ForSequenceClassification`` of transformers 5.24 (checked over
+all 64 of them, tiny random configs: logits and gradients equal the unpatched model's): those
+built on ``GenericForSequenceClassification`` (Llama, Qwen2/3, Mistral, Gemma, Phi3, ...),
+GPT-2, and the 13 with their own class and the same pooling rule (``_OWN_CLASS_HEADS``:
+GPT-NeoX/Pythia, OPT, BLOOM, Falcon, GPT-BigCode, GPT-Neo, MPT, BioGPT, CTRL, OpenAI-GPT,
+Zamba, Zamba2, ModernBERT-decoder).
 """
 import functools
 import inspect
@@ -36,6 +40,17 @@ _warned_embeds = []  # HF warns once about padding it cannot see in inputs_embed
 _PAIRWISE_KEYS = ("margin", "label_smoothing", "center_coef", "weights", "reduction")
 
 
+# Decoder *ForSequenceClassification classes of transformers 5.24 not built on
+# GenericForSequenceClassification that pool the same way (the rightmost non-pad token):
+# model_type -> the attribute holding the nn.Linear head. ModernBERT-decoder runs
+# ``drop(head(h))`` (a per-token MLP) before its classifier: ``_PRE_HEAD``.
+_OWN_CLASS_HEADS = {"biogpt": "score", "bloom": "score", "ctrl": "classifier", "falcon": "score",
+                    "gpt_bigcode": "score", "gpt_neo": "score", "gpt_neox": "score", "modernbert-decoder": "classifier",
+                    "mpt": "score", "openai-gpt": "score", "opt": "score", "zamba": "score", "zamba2": "score"}
+_PRE_HEAD = {"modernbert-decoder": lambda model, h: model.drop(model.head(h))}
+_NO_CACHE_OUTPUT = ("ctrl", "openai-gpt")  # return SequenceClassifierOutput (no cache field)
+
+
 def _supported_classes():
     from transformers.modeling_layers import GenericForSequenceClassification
     from transformers.models.gpt2.modeling_gpt2 import GPT2ForSequenceClassification
@@ -43,9 +58,34 @@ def _supported_classes():
     return GenericForSequenceClassification, GPT2ForSequenceClassification
 
 
-@functools.lru_cache(maxsize=None)
+def _head_name(model):
+    """The attribute name of ``model``'s linear head, or None if the class is not supported."""
+    if isinstance(model, _supported_classes()):
+        return "score"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _OWN_CLASS_HEADS:
+        return None
+    import transformers
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    cls = getattr(transformers, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type, ""), None)
+    return _OWN_CLASS_HEADS[model_type] if cls is not None and isinstance(model, cls) else None
+
+
+@functools.cache
 def _signature(cls):
     return inspect.signature(cls.forward)
+
+
+@functools.cache
+def _base_accepts(cls):
+    """The keyword names the backbone's forward takes (None: any, it has ``**kwargs``)."""
+    params = _signature(cls).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
 
 
 def is_patched(model):
@@ -57,8 +97,10 @@ def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
     head at the last token only, through ``rmk.last_token_reward``. Returns the model.
 
     Args:
-        model: a ``GenericForSequenceClassification`` subclass (Llama, Qwen2, Mistral, ...)
-            or ``GPT2ForSequenceClassification``, with an ``nn.Linear`` ``score``.
+        model: a decoder ``*ForSequenceClassification`` of transformers (every
+            ``GenericForSequenceClassification`` subclass -- Llama, Qwen2, Mistral, ... --,
+            GPT-2, and the 13 own-class decoders listed in the module docstring), whose head
+            (``score``, or ``classifier``) is an ``nn.Linear``.
         last_token: ``"pad_id"`` (default) reproduces HF exactly: the rightmost token that is
             not ``config.pad_token_id``; a row of pads only picks position 0; with no pad id
             (batch size 1 only) or with ``inputs_embeds`` the last position. ``"attention_mask"``
@@ -74,18 +116,18 @@ def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
     """
     if last_token not in LAST_TOKEN_RULES:
         raise ValueError(f"last_token must be one of {LAST_TOKEN_RULES}, got {last_token!r}")
-    supported = _supported_classes()
-    if not isinstance(model, supported):
-        raise TypeError(f"patch_hf_reward_model supports HF *ForSequenceClassification models built on "
-                        f"GenericForSequenceClassification (Llama, Qwen2, Mistral, ...) and GPT-2, got "
-                        f"{type(model).__name__}")
-    if not isinstance(getattr(model, "score", None), nn.Linear):
-        raise TypeError(f"{type(model).__name__}.score must be an nn.Linear, got {type(getattr(model, 'score', None))}")
+    head = _head_name(model)
+    if head is None:
+        raise TypeError(f"patch_hf_reward_model supports the decoder *ForSequenceClassification models of transformers "
+                        f"(GenericForSequenceClassification: Llama, Qwen2, Mistral, ...; GPT-2; "
+                        f"{', '.join(sorted(_OWN_CLASS_HEADS))}), got {type(model).__name__}")
+    if not isinstance(getattr(model, head, None), nn.Linear):
+        raise TypeError(f"{type(model).__name__}.{head} must be an nn.Linear, got {type(getattr(model, head, None))}")
     if is_patched(model):
-        model._rmk_options = {"last_token": last_token, "backend": backend}
+        model._rmk_options = {"last_token": last_token, "backend": backend, "head": head}
         return model
     model._rmk_original_forward = model.__dict__.get("forward")  # None: the class's forward
-    model._rmk_options = {"last_token": last_token, "backend": backend}
+    model._rmk_options = {"last_token": last_token, "backend": backend, "head": head}
     model.forward = _patched_forward.__get__(model, type(model))
     return model
 
@@ -133,7 +175,10 @@ def _logits_dtype(hidden, weight):
 
 
 def _patched_forward(self, *args, **kwargs):
-    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+    from transformers.modeling_outputs import (
+        SequenceClassifierOutput,
+        SequenceClassifierOutputWithPast,
+    )
 
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
@@ -145,8 +190,14 @@ def _patched_forward(self, *args, **kwargs):
         raise ValueError("pairwise_loss and labels cannot be given together")
     opts = self._rmk_options
 
-    outputs = self.base_model(**named)
-    hidden = outputs.last_hidden_state
+    base = self.base_model
+    accepts = _base_accepts(type(base))
+    if accepts is not None:  # the own-class models' forwards take a few arguments their backbone does not
+        named = {k: v for k, v in named.items() if k in accepts}
+        if "return_dict" in accepts:
+            named["return_dict"] = True
+    outputs = base(**named)
+    hidden = outputs[0]
     input_ids, inputs_embeds = named.get("input_ids"), named.get("inputs_embeds")
     batch_size, seq_len = hidden.shape[:2]
     pad_id = self.config.get_text_config().pad_token_id
@@ -164,9 +215,20 @@ def _patched_forward(self, *args, **kwargs):
     else:
         pool["lengths"] = hf_last_token_index(input_ids, pad_id, batch_size, seq_len, hidden.device) + 1
 
-    weight, bias = self.score.weight, self.score.bias
+    head = getattr(self, opts["head"])
+    pre_head = _PRE_HEAD.get(getattr(self.config, "model_type", None))
+    if pre_head is not None:
+        # a per-token MLP before the linear head: pick the rows first, run it on B rows only
+        from rmkernels.ops.pooling import last_token_index
+
+        idx = last_token_index(**pool, backend=opts["backend"])
+        hidden = pre_head(self, hidden[torch.arange(batch_size, device=hidden.device), idx]).unsqueeze(1)
+        pool = {"lengths": torch.ones(batch_size, dtype=torch.int64, device=hidden.device)}
+    weight, bias = head.weight, head.bias
     if pairwise is not None:
-        from rmkernels import pairwise_reward_loss  # the fused Bradley-Terry op (SPEC section 2)
+        from rmkernels import (
+            pairwise_reward_loss,  # the fused Bradley-Terry op (SPEC section 2)
+        )
 
         unknown = set(pairwise) - set(_PAIRWISE_KEYS)
         if unknown:
@@ -184,8 +246,13 @@ def _patched_forward(self, *args, **kwargs):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
 
-    out = SequenceClassifierOutputWithPast(loss=loss, logits=logits,
-                                           past_key_values=getattr(outputs, "past_key_values", None),
-                                           hidden_states=getattr(outputs, "hidden_states", None),
-                                           attentions=getattr(outputs, "attentions", None))
+    # the backbone's cache under its current name (``cache=``): ``past_key_values=`` is deprecated in
+    # transformers 5 and warns on every call; ``.get`` reads the outputs without the deprecated alias
+    get = outputs.get if hasattr(outputs, "get") else (lambda key: None)
+    fields = {"loss": loss, "logits": logits, "hidden_states": get("hidden_states"), "attentions": get("attentions")}
+    if getattr(self.config, "model_type", None) in _NO_CACHE_OUTPUT:
+        out = SequenceClassifierOutput(**fields)
+    else:
+        cache_key = "cache" if "cache" in SequenceClassifierOutputWithPast.__dataclass_fields__ else "past_key_values"
+        out = SequenceClassifierOutputWithPast(**fields, **{cache_key: get(cache_key)})
     return out if return_dict else out.to_tuple()

@@ -8,67 +8,130 @@ Replace the import and keep the calls::
 and for the experience maker's GAE and its batch normalisation of the advantages::
 
     from rmkernels.integrations.openrlhf import get_advantages_and_returns, normalize_advantages
-    NaiveExperienceMaker.get_advantages_and_returns = staticmethod(get_advantages_and_returns)
+    RemoteExperienceMaker.get_advantages_and_returns = staticmethod(get_advantages_and_returns)
 
-Same names, arguments and numbers as OpenRLHF's (``openrlhf.models.utils``,
-``openrlhf.trainer.ppo_utils.experience_maker``), computed with
-:func:`rmkernels.ppo_advantages` / :func:`rmkernels.masked_whiten`.
+Same names, arguments (positional and keyword, same defaults) and numbers as **OpenRLHF
+0.11.2** (``openrlhf.models.utils``, ``openrlhf.trainer.ppo_utils.experience_maker``; the
+version compared, function by function, on random inputs with holes, empty rows, infinities
+and every option), computed with :func:`rmkernels.ppo_advantages` / :func:`rmkernels.masked_whiten`.
 ``import rmkernels.integrations.openrlhf`` does not import OpenRLHF.
 
 OpenRLHF's conventions, kept:
 
-* ``compute_approx_kl`` computes in float32 (``.float()``); ``k3`` has no clamp.
+* ``compute_approx_kl`` computes in float32 (``.float()``), clamps every estimate to
+  [-10, 10] and, for ``k3``, the log-ratio at -10 first; ``unbiased_gradient=True`` keeps the
+  value and takes the gradient of ``w * k2`` (``w = exp(log_probs - log_probs_old)`` clamped
+  at 10, detached).
 * ``compute_reward`` adds the score at the last position whose ``action_mask`` is non-zero
   (a row with no valid position gets it at the last column, as OpenRLHF's ``argmax`` of an
   all-zero row does) and leaves ``-kl_coef * kl`` at every other position, masked or not.
 * ``get_advantages_and_returns`` is **not** mask-aware: values and rewards are multiplied by
   the mask, then the plain recurrence runs over every position (a hole in the mask is a
   zero-value, zero-reward step). Returns are ``A + mask * V``.
-* the batch normalisation of the advantages divides by the biased standard deviation.
+* the batch normalisation of the advantages divides by the biased standard deviation,
+  ``rsqrt(max(var, 1e-8))``.
 
 Where the numbers differ, on purpose: ``normalize_advantages`` returns 0 at masked positions
-(OpenRLHF shifts and scales them too; its losses mask them), and it adds ``eps = 1e-8`` to the
-variance where OpenRLHF clamps the variance at 1e-8 (relative difference ``5e-9 / var``).
+(OpenRLHF shifts and scales them too; its losses mask them), and ignores whatever value a
+masked position holds (OpenRLHF's ``sum(A * mask)`` turns a NaN or inf there into NaN
+everywhere). ``compute_approx_kl`` where ``log_probs - log_probs_base`` is infinite with
+``unbiased_gradient=True``: OpenRLHF's straight-through ``v + s - s.detach()`` gives NaN
+(``inf - inf``), the adapter the clamped value. ``normalize_advantages`` adds ``eps = 1e-8`` to the variance
+where OpenRLHF clamps it at 1e-8 (relative difference ``5e-9 / var``; up to a factor sqrt(2)
+for a batch whose variance is below 1e-8).
 """
+import math
+
 import torch
 
 import rmkernels as rmk
-from rmkernels.integrations._rl import (as_float, check_2d, check_same_shape, fused_kl, needs_grad,
-                                        straight_through, token_reward_gae)
+from rmkernels.integrations._rl import (
+    as_float,
+    check_2d,
+    check_same_shape,
+    fused_kl,
+    needs_grad,
+    straight_through,
+    token_reward_gae,
+)
 
 __all__ = ["compute_approx_kl", "compute_reward", "get_advantages_and_returns", "normalize_advantages"]
 
+OPENRLHF_VERSION_CHECKED = "0.11.2"
 KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_CLAMP = 10.0  # OpenRLHF clamps every estimate to [-10, 10] ...
+K3_LOG_RATIO_MIN = -10.0  # ... and the k3 log-ratio at -10 before the exp
+KL_IS_WEIGHT_CLIP = 10.0  # unbiased_gradient: the importance weight's upper bound
 
 
-def compute_approx_kl(log_probs, log_probs_base, kl_estimator="k1", action_mask=None, use_kl_estimator_k3=False):
-    """Per-token KL estimate between the actor and the initial model, float32.
+def _openrlhf_kl_formula(log_ratio, kl_estimator):
+    """OpenRLHF's differentiable estimate of a float32 log-ratio (the gradient path)."""
+    if kl_estimator == "k1":
+        value = log_ratio
+    elif kl_estimator == "k2":
+        value = log_ratio ** 2 / 2.0
+    else:
+        x = log_ratio.clamp(min=K3_LOG_RATIO_MIN)
+        value = (-x).exp() - 1 + x
+    return value.clamp(min=-KL_CLAMP, max=KL_CLAMP)
 
-    ``kl_estimator``: ``"k1"`` = log p - log q, ``"k2"`` = (log p - log q)^2 / 2, ``"k3"`` =
-    exp(log q - log p) - 1 - (log q - log p). ``action_mask`` (older OpenRLHF): 0 at masked
-    positions. The older positional order ``(log_probs, log_probs_base, action_mask)`` and the
-    older flag ``use_kl_estimator_k3=True`` are accepted too.
+
+def compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1", unbiased_gradient=False,
+                      *, action_mask=None):
+    """OpenRLHF's per-token KL estimate between the actor and the initial model, float32.
+
+    ``kl_estimator``: ``"k1"`` = x, ``"k2"`` = x^2 / 2, ``"k3"`` = exp(-x) - 1 + x with
+    x = log_probs - log_probs_base clamped at -10 (k3 only); every estimate is clamped to
+    [-10, 10]. ``unbiased_gradient=True``: the same value, the gradient of ``w * x^2 / 2`` with
+    ``w = exp(log_probs - log_probs_old)`` clamped at 10 and detached (1 without
+    ``log_probs_old``). The tensors may broadcast, as in OpenRLHF.
+
+    ``action_mask`` (keyword only; older OpenRLHF): the log-ratio is multiplied by it first.
+    A ``log_probs_old`` that is not a tensor (``compute_approx_kl(lp, base, "k3")``, the older
+    positional order) is a ``TypeError``; OpenRLHF ignores it and computes k1.
 
     The value comes from the fused op; when an input requires grad (OpenRLHF's
-    ``use_kl_loss``), the gradient is that of OpenRLHF's formula.
+    ``use_kl_loss``), the gradient is that of OpenRLHF's formula, clamps included.
     """
-    if isinstance(kl_estimator, torch.Tensor):  # the older signature (log_probs, base, action_mask, ...)
-        kl_estimator, action_mask = "k1", kl_estimator
-    if use_kl_estimator_k3:
-        kl_estimator = "k3"
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if not isinstance(log_probs, torch.Tensor) or not isinstance(log_probs_base, torch.Tensor):
-        raise TypeError("log_probs and log_probs_base must be torch.Tensors, got "
-                        f"{type(log_probs).__name__} and {type(log_probs_base).__name__}")
-    check_same_shape("log_probs", log_probs, log_probs_base=log_probs_base, action_mask=action_mask)
-    value = fused_kl(log_probs, log_probs_base, kl_estimator, mask=action_mask).float()
+    if log_probs_old is not None and not isinstance(log_probs_old, torch.Tensor):
+        # OpenRLHF ignores it without unbiased_gradient, so compute_approx_kl(lp, base, "k3") silently
+        # computes k1 there: refused here
+        raise TypeError(f"log_probs_old (the third positional argument) must be a torch.Tensor or None, got "
+                        f"{type(log_probs_old).__name__}; pass kl_estimator= by keyword")
+    for name, t in (("log_probs", log_probs), ("log_probs_base", log_probs_base), ("action_mask", action_mask)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    try:
+        shape = torch.broadcast_shapes(log_probs.shape, log_probs_base.shape,
+                                       *(() if action_mask is None else (action_mask.shape,)))
+    except RuntimeError:
+        raise ValueError(f"log_probs {tuple(log_probs.shape)}, log_probs_base {tuple(log_probs_base.shape)}"
+                         + ("" if action_mask is None else f" and action_mask {tuple(action_mask.shape)}")
+                         + " do not broadcast together") from None
+    flat = (1, 1) if len(shape) == 0 else (math.prod(shape[:-1]), shape[-1])
+    lp, base = log_probs.detach().float(), log_probs_base.detach().float()
+    if kl_estimator == "k3" or action_mask is not None:
+        # the clamp (and the older mask) act on the float32 log-ratio: one pass to build it
+        x = lp - base
+        if action_mask is not None:
+            x = x * action_mask
+        lp, base = x.clamp(min=K3_LOG_RATIO_MIN) if kl_estimator == "k3" else x, torch.zeros((), device=x.device)
+    lp, base = lp.expand(shape).reshape(flat), base.expand(shape).reshape(flat)
+    value = fused_kl(lp, base, kl_estimator, kl_clamp=KL_CLAMP).reshape(shape)
     if not needs_grad(log_probs, log_probs_base):
         return value
-    x = log_probs.float() - log_probs_base.float()
+    log_ratio = log_probs.float() - log_probs_base.float()
     if action_mask is not None:
-        x = x * action_mask
-    g = x if kl_estimator == "k1" else (x * x / 2.0 if kl_estimator == "k2" else (-x).exp() - 1 + x)
+        log_ratio = log_ratio * action_mask
+    if not unbiased_gradient:
+        g = _openrlhf_kl_formula(log_ratio, kl_estimator)
+    else:
+        w = 1.0
+        if log_probs_old is not None:
+            w = (log_probs.float() - log_probs_old.float()).exp().clamp(max=KL_IS_WEIGHT_CLIP).detach()
+        g = w * (log_ratio ** 2 / 2.0)
     return straight_through(value, g)
 
 
@@ -86,8 +149,10 @@ def _eos_score_rows(r, kl, action_mask, kl_coef):
     return rewards.to(kl.dtype)
 
 
-def compute_reward(r, kl_coef, kl, action_mask=None, num_actions=None, reward_clip_range=None):
-    """Per-token rewards ``-kl_coef * kl`` plus the score ``r`` at each row's last action.
+def compute_reward(r, kl_coef, kl, action_mask=None, reward_clip_range=None, *, num_actions=None):
+    """Per-token rewards ``-kl_coef * kl`` plus the score ``r`` at each row's last action
+    (OpenRLHF 0.11.2's signature; ``num_actions``, keyword only, serves the packed lists of
+    older OpenRLHF).
 
     Args:
         r: ``[B]`` scores (a float is broadcast).
@@ -96,6 +161,7 @@ def compute_reward(r, kl_coef, kl, action_mask=None, num_actions=None, reward_cl
             with ``num_actions`` their lengths (the score goes at ``num_actions[i] - 1``).
         action_mask: ``[B, A]`` (required with a tensor ``kl``).
         reward_clip_range: ``(lo, hi)``: ``r`` is clamped to it first.
+        num_actions: keyword only, with a list ``kl``.
 
     Returns a tensor of ``kl``'s shape and dtype (or a list, for a list ``kl``).
     """
@@ -183,7 +249,8 @@ def normalize_advantages(advantages, action_mask, *, no_advantage_std_norm=False
     ``mean = sum(m A) / n``, ``var = sum(m (A - mean)^2) / n`` (biased), ``A = (A - mean) *
     rsqrt(var + eps)``; ``no_advantage_std_norm=True`` only subtracts the mean. With
     ``process_group`` the statistics are those of every rank (all-reduced on the device).
-    Returns the same structure, float32, 0 at masked positions.
+    Returns the same structure, float32, 0 at masked positions; the values at masked
+    positions (NaN, inf, anything) never reach the statistics.
     """
     is_list = isinstance(advantages, (list, tuple))
     advs = list(advantages) if is_list else [advantages]
@@ -197,7 +264,8 @@ def normalize_advantages(advantages, action_mask, *, no_advantage_std_norm=False
     flat = torch.cat([a.reshape(-1).float() for a in advs])
     fmask = torch.cat([(m.reshape(-1) != 0) for m in masks])
     if no_advantage_std_norm:
-        stats = torch.stack([(flat * fmask).sum(), fmask.sum().float()]).double()
+        # where(), not flat * fmask: a NaN or inf at a masked position must not reach the sum
+        stats = torch.stack([torch.where(fmask, flat, torch.zeros_like(flat)).sum(), fmask.sum().float()]).double()
         if process_group is not None:
             torch.distributed.all_reduce(stats, group=process_group)
         mean = (stats[0] / stats[1].clamp(min=1)).float()

@@ -17,8 +17,8 @@ rule: the rightmost token that is not ``pad_token_id``), the optional ``margin``
 ``margin``, ``min/mean/max_reward`` are computed from the same rewards. Extra: the
 ``label_smoothing=`` argument (0 = TRL's loss).
 
-The model is patched with :func:`rmkernels.integrations.hf.patch_hf_reward_model` (a
-``GenericForSequenceClassification`` model: Llama, Qwen2, Mistral, ...; or GPT-2). The
+The model is patched with :func:`rmkernels.integrations.hf.patch_hf_reward_model` (any
+decoder ``*ForSequenceClassification`` of transformers: Llama, Qwen2, Pythia, OPT, GPT-2, ...). The
 patch goes through ``model(...)``, so accelerate/DDP wrappers keep working.
 """
 import trl

@@ -5,9 +5,13 @@ Replace the import and keep the calls::
     # from verl.trainer.ppo.core_algos import compute_gae_advantage_return, kl_penalty
     from rmkernels.integrations.verl import compute_gae_advantage_return, kl_penalty
 
-Same names, arguments and numbers as ``verl.trainer.ppo.core_algos`` (v0.9), computed by
+Same names, arguments (positional and keyword, same defaults) and numbers as
+``verl.trainer.ppo.core_algos`` of **verl 0.9.1** (the version compared, function by function,
+on random inputs with holes, empty rows, infinities and every option), computed by
 :func:`rmkernels.ppo_advantages` in one fused pass (no Python loop over the response
-length). ``import rmkernels.integrations.verl`` does not import verl.
+length). ``import rmkernels.integrations.verl`` does not import verl. As in verl, the
+tensors may have any shapes that broadcast together (``[B, T]`` with ``[1, T]``; 0-d tensors
+for ``kl_penalty``), and ``gamma``/``lam`` may be floats, numpy scalars or 1-element tensors.
 
 Where the numbers differ from verl's, on purpose:
 
@@ -18,23 +22,55 @@ Where the numbers differ from verl's, on purpose:
   ``masked_whiten`` raises ``ValueError`` (the fused op never synchronises with the host
   to look at the count).
 * outputs are float32 whatever the input dtype (verl keeps the input dtype); ``kl_penalty``
-  returns the inputs' dtype, as verl does.
+  returns the inputs' dtype, as verl does (bf16/fp16 inputs: computed in float32 and rounded
+  once, where verl rounds after every step).
+* a ``response_mask`` that broadcasts (``[1, T]`` for ``[B, T]`` rewards): verl's whitening
+  divides by the un-broadcast mask's count (``mask.sum()``), so its mean and variance are off
+  by the broadcast factor; the adapter counts every valid position of the broadcast batch.
+* the ``"+"`` KL forms where ``logprob - ref_logprob`` is infinite: verl returns NaN there
+  (``inf - inf`` in its straight-through ``b - b.detach() + f``), the adapter the estimator's
+  value (with k2's gradient, infinite there as in verl).
+* a NaN ``current_kl`` given to ``AdaptiveKLController.update`` leaves the coefficient as it
+  was (with a ``RuntimeWarning``); verl's becomes NaN for the rest of the run.
 """
+import math
+
 import torch
 
 import rmkernels as rmk
-from rmkernels.integrations._rl import (as_float, check_2d, check_same_shape, fused_kl, needs_grad,
-                                        straight_through, token_reward_gae)
+from rmkernels.integrations._rl import (
+    as_float,
+    fused_kl,
+    needs_grad,
+    straight_through,
+    token_reward_gae,
+)
 from rmkernels.integrations.verl_critic_free import *  # noqa: F403  (the critic-free estimators)
+from rmkernels.kl_control import _number
 
 __all__ = ["compute_gae_advantage_return", "kl_penalty", "kl_penalty_forward", "KL_PENALTIES",
            "AdaptiveKLController", "FixedKLController", "get_kl_controller"]
+
+VERL_VERSION_CHECKED = "0.9.1"
 
 # verl's names -> the fused op's estimator. verl's "k3" is its "low_var_kl" (k3 of the log
 # ratio clamped to +-20, the result clamped to +-10); the fused op's "low_var_kl" is exactly that.
 _FUSED_ESTIMATOR = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "low_var_kl",
                     "k3": "low_var_kl"}
 KL_PENALTIES = tuple(_FUSED_ESTIMATOR) + tuple(k + "+" for k in _FUSED_ESTIMATOR)
+
+
+def _broadcast(**tensors):
+    """verl's arithmetic broadcasts its arguments: so do we (views, no copies)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    try:
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors.values()))
+    except RuntimeError:
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items())
+        raise ValueError(f"the shapes of {shapes} do not broadcast together") from None
+    return [t.expand(shape) for t in tensors.values()]
 
 
 def compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam):
@@ -47,17 +83,23 @@ def compute_gae_advantage_return(token_level_rewards, values, response_mask, gam
         response_mask: ``[bs, response_length]``, 1 at tokens the policy generated; 0 after
             EOS and at observation/tool tokens inside a multi-turn response (skipped: the
             recurrence goes from one valid token to the next).
-        gamma, lam: floats (or 1-element tensors).
+        gamma, lam: floats, numpy scalars or 1-element tensors.
+
+    The three tensors may broadcast (``values`` ``[1, T]``, ...) as in verl; the broadcast
+    shape must be 2-D.
 
     Returns:
         ``(advantages, returns)``, float32 ``[bs, response_length]``: the advantages whitened
         over every valid token of the batch (unbiased variance, eps 1e-8), the returns
         ``A + V`` before whitening; both 0 where ``response_mask`` is 0.
     """
-    check_2d("token_level_rewards", token_level_rewards)
-    check_same_shape("token_level_rewards", token_level_rewards, values=values, response_mask=response_mask)
-    out = token_reward_gae(token_level_rewards, values, response_mask, gamma=as_float("gamma", gamma),
-                           lam=as_float("lam", lam), whiten=True, unbiased=True, shift_mean=True)
+    rewards, values, mask = _broadcast(token_level_rewards=token_level_rewards, values=values,
+                                       response_mask=response_mask)
+    if rewards.dim() != 2:
+        raise ValueError(f"token_level_rewards, values and response_mask must broadcast to 2-D [bs, response_length], "
+                         f"got {tuple(rewards.shape)}")
+    out = token_reward_gae(rewards, values, mask, gamma=as_float("gamma", gamma), lam=as_float("lam", lam),
+                           whiten=True, unbiased=True, shift_mean=True)
     return out.advantages, out.returns
 
 
@@ -87,20 +129,23 @@ def _torch_forward(logprob, ref_logprob, base):
 
 
 def kl_penalty_forward(logprob, ref_logprob, kl_penalty):
-    """verl's ``kl_penalty_forward``: the value of the estimator (``"+"`` suffix ignored), with
-    the gradient of that estimator."""
+    """verl's ``kl_penalty_forward``: the value of the estimator (a ``"+"`` suffix is ignored),
+    with the gradient of that estimator."""
     base, _ = _parse(kl_penalty)
     return _kl(logprob, ref_logprob, base, straight=False)
 
 
 def kl_penalty(logprob, ref_logprob, kl_penalty):
-    """verl's per-token KL estimate between the policy and the reference, any shape.
+    """verl's per-token KL estimate between the policy and the reference, any (broadcastable)
+    shapes, 0-d included.
 
     ``kl_penalty``: ``"kl"``/``"k1"`` = log p - log q; ``"abs"``; ``"mse"``/``"k2"`` =
     0.5 (log p - log q)^2; ``"low_var_kl"``/``"k3"`` = Schulman's k3 with the log ratio
     clamped to +-20 and the result to +-10. A trailing ``"+"`` (``"k3+"``, ``"k1+"``,
     ``"abs+"``, ...) is verl's straight-through form: the value of the estimator, the gradient
-    of k2 (unbiased for the KL's gradient) -- for use as a loss (``use_kl_loss``).
+    of k2 (unbiased for the KL's gradient) -- for use as a loss (``use_kl_loss``). Where
+    ``logprob - ref_logprob`` is infinite, verl's ``"+"`` forms give NaN (its ``inf - inf``);
+    the adapter gives the estimator's value.
 
     The value comes from the fused op; when an input requires grad, the gradient is that of
     verl's formula (of k2 for the ``"+"`` forms), so the KL loss trains as in verl.
@@ -110,12 +155,11 @@ def kl_penalty(logprob, ref_logprob, kl_penalty):
 
 
 def _kl(logprob, ref_logprob, base, *, straight):
-    if not isinstance(logprob, torch.Tensor) or not isinstance(ref_logprob, torch.Tensor):
-        raise TypeError("logprob and ref_logprob must be torch.Tensors, got "
-                        f"{type(logprob).__name__} and {type(ref_logprob).__name__}")
-    check_same_shape("logprob", logprob, ref_logprob=ref_logprob)
+    lp, ref = _broadcast(logprob=logprob, ref_logprob=ref_logprob)
     dtype = torch.result_type(logprob, ref_logprob)
-    value = fused_kl(logprob, ref_logprob, _FUSED_ESTIMATOR[base]).to(dtype)
+    shape = lp.shape
+    flat = (1, 1) if lp.dim() == 0 else (math.prod(shape[:-1]), shape[-1])
+    value = fused_kl(lp.reshape(flat), ref.reshape(flat), _FUSED_ESTIMATOR[base]).reshape(shape).to(dtype)
     if not needs_grad(logprob, ref_logprob):
         return value
     if straight:
@@ -127,21 +171,42 @@ def _kl(logprob, ref_logprob, base, *, straight):
 
 class AdaptiveKLController(rmk.AdaptiveKLController):
     """verl's ``AdaptiveKLController(init_kl_coef, target_kl, horizon)`` (Ziegler et al.):
-    ``rmk.AdaptiveKLController`` under verl's argument names; ``.value`` is the coefficient."""
+    ``rmk.AdaptiveKLController``'s update under verl's argument names; ``.value`` is the
+    coefficient. Accepts the settings verl's accepts (any finite real numbers; a negative
+    coefficient or target included) except those that make verl's ``update`` divide by zero
+    (``target_kl == 0``, ``horizon == 0``), refused here with a ``ValueError``. A NaN
+    ``current_kl`` is skipped with a warning (verl's coefficient would become NaN)."""
 
     def __init__(self, init_kl_coef, target_kl, horizon):
-        super().__init__(init_kl_coef, target_kl, horizon)
+        values = {"init_kl_coef": init_kl_coef, "target_kl": target_kl, "horizon": horizon}
+        for name, v in values.items():
+            v = values[name] = _number(name, v)
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        for name in ("target_kl", "horizon"):
+            if values[name] == 0:
+                raise ValueError(f"{name} must be non-zero (verl's update divides by it)")
+        self.value, self.target, self.horizon = values["init_kl_coef"], values["target_kl"], values["horizon"]
 
 
 class FixedKLController(rmk.FixedKLController):
-    """verl's ``FixedKLController(kl_coef)``."""
+    """verl's ``FixedKLController(kl_coef)``: any finite real coefficient (verl checks none)."""
+
+    def __init__(self, kl_coef):
+        kl_coef = _number("kl_coef", kl_coef)
+        if not math.isfinite(kl_coef):
+            raise ValueError(f"kl_coef must be a finite number, got {kl_coef!r}")
+        self.value = kl_coef
 
 
 def get_kl_controller(kl_ctrl):
     """verl's factory: ``kl_ctrl.type`` is ``"fixed"`` (``kl_coef``) or ``"adaptive"``
-    (``kl_coef``, ``target_kl``, ``horizon``)."""
+    (``kl_coef``, ``target_kl``, ``horizon`` > 0)."""
     if kl_ctrl.type == "fixed":
         return FixedKLController(kl_coef=kl_ctrl.kl_coef)
     if kl_ctrl.type == "adaptive":
+        horizon = _number("kl_ctrl.horizon", kl_ctrl.horizon)
+        if not horizon > 0:
+            raise ValueError(f"kl_ctrl.horizon must be > 0, got {kl_ctrl.horizon!r}")
         return AdaptiveKLController(init_kl_coef=kl_ctrl.kl_coef, target_kl=kl_ctrl.target_kl, horizon=kl_ctrl.horizon)
     raise NotImplementedError(f"kl_ctrl.type must be 'fixed' or 'adaptive', got {kl_ctrl.type!r}")
