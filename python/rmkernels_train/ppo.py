@@ -55,15 +55,20 @@ def build_parser():
     g.add_argument("--policy-layers", type=int, default=2, help="layers of the default tiny policy")
     g.add_argument("--policy-hidden", type=int, default=64, help="hidden size of the default tiny policy")
     g = p.add_argument_group("rollouts")
-    g.add_argument("--steps", type=int, default=80, help="PPO steps (rollout + update)")
-    g.add_argument("--batch-size", type=int, default=32, help="rollouts per step per process")
+    g.add_argument("--steps", type=int, default=None,
+                   help="RL steps (rollout + update); default 400 critic-free, 80 with --advantage gae")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="critic-free: prompts per step (each sampled --num-generations times), default 16; "
+                        "--advantage gae: rollouts per step per process, default 32")
     g.add_argument("--max-new-tokens", type=int, default=8)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtracted from the score of a response with no EOS (TRL's option)")
     g = p.add_argument_group("advantages (rmk.ppo_advantages)")
-    g.add_argument("--kl-estimator", choices=KL_ESTIMATORS, default="k1")
-    g.add_argument("--kl-coef", type=float, default=0.05, help="initial KL coefficient")
+    g.add_argument("--kl-estimator", choices=KL_ESTIMATORS, default=None,
+                   help="default k3 (critic-free, a loss term), k1 (--advantage gae, in the reward)")
+    g.add_argument("--kl-coef", type=float, default=None,
+                   help="(initial) KL coefficient; default 0.5 critic-free, 0.05 with --advantage gae")
     g.add_argument("--adaptive-kl", action="store_true", help="adapt the KL coefficient (Ziegler et al.)")
     g.add_argument("--kl-target", type=float, default=1.0, help="target KL (nats per response) of --adaptive-kl")
     g.add_argument("--kl-horizon", type=float, default=2000.0, help="horizon (samples) of --adaptive-kl")
@@ -79,7 +84,8 @@ def build_parser():
     g = p.add_argument_group("PPO update")
     g.add_argument("--ppo-epochs", type=int, default=4)
     g.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the policy")
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the policy; default 3e-4 critic-free, 1e-3 with --advantage gae")
     g.add_argument("--value-lr", type=float, default=1e-3, help="learning rate of the value model")
     g.add_argument("--clip-range", type=float, default=0.2)
     g.add_argument("--clip-range-value", type=float, default=0.2)
@@ -96,10 +102,25 @@ def build_parser():
     g.add_argument("--backend", default=None, help="rmkernels backend (reference, cpu, cuda, triton; default auto)")
     g.add_argument("--no-plot", dest="plot", action="store_false", help="do not write curves.png")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    from rmkernels_train import rl
+
+    rl.add_arguments(p)
     return p
 
 
+# PPO-with-GAE defaults of the options whose default depends on --advantage
+GAE_DEFAULTS = {"steps": 80, "lr": 1e-3, "kl_coef": 0.05, "kl_estimator": "k1", "batch_size": 32}
+
+
 def check_args(a):
+    from rmkernels_train import rl
+
+    rl.resolve_defaults(a)
+    for k, v in GAE_DEFAULTS.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    rl.check_args(a)
+
     def positive(name, v):
         if not v > 0:
             raise TrainingError(f"--{name} must be > 0, got {v}")
@@ -484,6 +505,20 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     try:
         check_args(a)
+        if a.advantage != "gae":
+            from rmkernels_train import rl
+            from rmkernels_train.utils import setup_distributed, teardown_distributed
+
+            if a.threads > 0:
+                torch.set_num_threads(a.threads)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            dist = setup_distributed(a.device)
+            try:
+                return rl.run(a, dist)
+            finally:
+                teardown_distributed()
         return run(a)
     except TrainingError as e:
         print(f"rmkernels-train ppo: error: {e}", file=sys.stderr)
