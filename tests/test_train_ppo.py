@@ -121,11 +121,11 @@ def test_resume_continues_exactly(reward_model, tmp_path, capsys):
             assert x[k] == y[k], f"step {x['step']}: {k} {x[k]} (straight) != {y[k]} (resumed)"
     from safetensors.torch import load_file
 
-    wa = load_file(a / "checkpoint" / "policy" / "model.safetensors")
-    wb = load_file(b / "checkpoint" / "policy" / "model.safetensors")
+    wa = load_file(a / "checkpoint-4" / "policy" / "model.safetensors")
+    wb = load_file(b / "checkpoint-4" / "policy" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert main(common + ["--output-dir", str(b), "--steps", "6", "--resume", "--seed", "5"]) == 1
-    assert "--seed 0 -> 5" in capsys.readouterr().err
+    assert "--seed was 0 in the checkpoint's run and is 5 now" in capsys.readouterr().err
 
 
 def test_default_reward_model_dir_is_reused(reward_model, tmp_path, capsys):

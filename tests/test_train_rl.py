@@ -152,7 +152,9 @@ def test_bad_rl_options_stop_with_a_message(argv, message, capsys):
 
 def test_together_says_when_score_and_success_part():
     assert "rose together" in rl.together(1.0, 0.2)
-    assert "reward hacking" in rl.together(1.0, -0.1)
+    assert "WARNING" in rl.together(1.0, -0.1) and "reward hacking" in rl.together(1.0, -0.1)
+    assert "noise" in rl.together(1.0, 0.01) and "WARNING" not in rl.together(1.0, -0.01)
+    assert abs(rl.noise(0.3, 0.3, 500) - 2 * (2 * 0.21 / 500) ** 0.5) < 1e-12
     assert "checker" in rl.together(1.0, 0.2, reward="checker")
 
 

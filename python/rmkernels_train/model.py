@@ -53,29 +53,49 @@ def load_tokenizer(path):
     return tok
 
 
-def load_reward_model(path, *, dtype=torch.float32):
+def max_positions(path):
+    """The longest sequence the HF model in ``path`` takes (``max_position_embeddings`` or
+    its other names in the config), or None when the config does not say."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception:  # load_reward_model reports a bad config with its own message
+        return None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetensors=None):
     """An HF checkpoint directory as a reward model: a ``*ForSequenceClassification``
     checkpoint loads as is (it must have one label); a causal-LM checkpoint gets a new,
     randomly initialised ``score`` head (transformers says which weights are new). The
-    weights are loaded in float32 (the optimizer's master copy; ``--bf16`` is autocast)."""
+    weights are loaded in float32 (the optimizer's master copy; ``--bf16`` is autocast).
+    ``what`` names the directory in error messages (``--model``, ``checkpoint``, ...);
+    ``use_safetensors=True`` loads ``model.safetensors`` only."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if not os.path.isdir(path):
-        raise TrainingError(f"--model {path}: not a directory (give a local HF checkpoint directory)")
+        raise TrainingError(f"{what} {path}: not a directory (give a local HF checkpoint directory)")
     try:
         cfg = AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise TrainingError(f"--model {path}: cannot read its config.json: {str(e).splitlines()[0]}") from None
+        raise TrainingError(f"{what} {path}: cannot read its config.json: {str(e).splitlines()[0]}") from None
     archs = getattr(cfg, "architectures", None) or []
     is_seq_cls = any(a.endswith("ForSequenceClassification") for a in archs)
     if is_seq_cls and cfg.num_labels != 1:
-        raise TrainingError(f"--model {path}: a reward model has one output, this checkpoint has num_labels="
+        raise TrainingError(f"{what} {path}: a reward model has one output, this checkpoint has num_labels="
                             f"{cfg.num_labels}")
     kwargs = {} if is_seq_cls else {"num_labels": 1}
+    if use_safetensors is not None:
+        kwargs["use_safetensors"] = use_safetensors
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception as e:
-        raise TrainingError(f"--model {path}: cannot load it as a sequence-classification model: "
+        raise TrainingError(f"{what} {path}: cannot load it as a sequence-classification model: "
                             f"{str(e).splitlines()[0]}") from None
     return model
 

@@ -18,9 +18,13 @@ Llama policy, all on CPU in a few minutes; the mean score of the policy's respon
 and the run prints it.
 
 Outputs in ``--output-dir``: ``metrics.jsonl`` (one line per step), ``curves.png``,
-``checkpoint/`` (written atomically every ``--save-every`` steps and at the end; ``--resume``
-continues from it exactly: the sampling of each step is seeded from (seed, step, rank)), and
-``policy/`` (the final policy as an HF checkpoint with its tokenizer).
+``checkpoint-<step>/`` (written atomically every ``--save-every`` steps and at the end, the
+last ``--save-total-limit`` kept; ``--resume`` continues from the newest intact one exactly:
+the sampling of each step is seeded from (seed, step, rank)), and ``policy/`` (the final
+policy as an HF checkpoint with its tokenizer). A checkpoint holds ``policy/`` and
+``ref_policy/`` (HF, safetensors), ``value_model.safetensors``, ``optimizer.pt`` (read back
+with ``weights_only=True``) and ``trainer_state.json``. The options, checkpoints and resume
+come from the shared skeleton, :mod:`rmkernels_train.trainer`.
 """
 import argparse
 import copy
@@ -32,16 +36,19 @@ import time
 
 import torch
 
+from rmkernels._codes import KL_ESTIMATORS
+from rmkernels_train import trainer as T
 from rmkernels_train.utils import TrainingError
 
-KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "kl", "mse", "low_var_kl")
+PROG = "rmkernels-train ppo"
 
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="rmkernels-train ppo",
-        description="PPO against a reward model with the fused advantages (rmk.ppo_advantages).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog=PROG,
+        description="PPO against a reward model with the fused advantages (rmk.ppo_advantages). With no options: "
+                    "the built-in default (the default reward model, trained first; a tiny random-init policy).",
+        formatter_class=T.HelpFormatter)
     g = p.add_argument_group("models and data")
     g.add_argument("--reward-model", metavar="DIR", default=None,
                    help="reward model trained by `rmkernels-train reward` (an HF *ForSequenceClassification "
@@ -51,7 +58,6 @@ def build_parser():
                         "default: a random-init tiny Llama")
     g.add_argument("--prompts", metavar="FILE", default=None,
                    help='JSONL file with a "prompt" string per line; default: the built-in sorting prompts')
-    g.add_argument("--output-dir", default="runs/ppo", help="metrics, curves, checkpoints")
     g.add_argument("--policy-layers", type=int, default=2, help="layers of the default tiny policy")
     g.add_argument("--policy-hidden", type=int, default=64, help="hidden size of the default tiny policy")
     g = p.add_argument_group("rollouts")
@@ -60,51 +66,42 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=None,
                    help="critic-free: prompts per step (each sampled --num-generations times), default 16; "
                         "--advantage gae: rollouts per step per process, default 32")
-    g.add_argument("--max-new-tokens", type=int, default=8)
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=8, help="longest response (tokens)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     g.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtracted from the score of a response with no EOS (TRL's option)")
     g = p.add_argument_group("advantages (rmk.ppo_advantages)")
-    g.add_argument("--kl-estimator", choices=KL_ESTIMATORS, default=None,
-                   help="default k3 (critic-free, a loss term), k1 (--advantage gae, in the reward)")
+    g.add_argument("--kl-estimator", choices=tuple(KL_ESTIMATORS), default=None,
+                   help="per-token KL estimator (k1 = kl, abs, k2 = mse, k3, low_var_kl); default k3 critic-free "
+                        "(a loss term: k1, k2 or k3), k1 with --advantage gae (the penalty in the reward)")
     g.add_argument("--kl-coef", type=float, default=None,
                    help="(initial) KL coefficient; default 0.5 critic-free, 0.05 with --advantage gae")
     g.add_argument("--adaptive-kl", action="store_true", help="adapt the KL coefficient (Ziegler et al.)")
     g.add_argument("--kl-target", type=float, default=1.0, help="target KL (nats per response) of --adaptive-kl")
     g.add_argument("--kl-horizon", type=float, default=2000.0, help="horizon (samples) of --adaptive-kl")
     g.add_argument("--kl-clamp", type=float, default=None, help="clamp the per-token KL to [-c, c]")
-    g.add_argument("--gamma", type=float, default=1.0)
-    g.add_argument("--lam", type=float, default=0.95)
+    g.add_argument("--gamma", type=float, default=1.0, help="discount of GAE")
+    g.add_argument("--lam", type=float, default=0.95, help="lambda of GAE")
     g.add_argument("--score-clip", type=float, default=None, help="clamp the scores to [-c, c]")
     g.add_argument("--no-whiten", dest="whiten", action="store_false", help="do not whiten the advantages")
     g.add_argument("--no-shift-mean", dest="shift_mean", action="store_false",
-                   help="whitening keeps the advantages' mean")
+                   help="whitening divides by the std but keeps the advantages' mean")
     g.add_argument("--biased-whiten", dest="unbiased", action="store_false",
                    help="whitening divides the variance by n, not n - 1")
     g = p.add_argument_group("PPO update")
-    g.add_argument("--ppo-epochs", type=int, default=4)
+    g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each step's rollouts")
     g.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate of the policy; default 3e-4 critic-free, 1e-3 with --advantage gae")
     g.add_argument("--value-lr", type=float, default=1e-3, help="learning rate of the value model")
-    g.add_argument("--clip-range", type=float, default=0.2)
-    g.add_argument("--clip-range-value", type=float, default=0.2)
-    g.add_argument("--vf-coef", type=float, default=0.5)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint")
-    g.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads per process (the tiny default models run fastest on one; 0 = torch's "
-                        "default)")
-    g.add_argument("--backend", default=None, help="rmkernels backend (reference, cpu, cuda, triton; default auto)")
-    g.add_argument("--no-plot", dest="plot", action="store_false", help="do not write curves.png")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--clip-range", type=float, default=0.2, help="PPO ratio clip epsilon")
+    g.add_argument("--clip-range-value", type=float, default=0.2, help="value clip range")
+    g.add_argument("--vf-coef", type=float, default=0.5, help="weight of the value loss")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this")
     from rmkernels_train import rl
 
     rl.add_arguments(p)
+    T.add_run_args(p, output_dir="runs/ppo", save_every=20)
     return p
 
 
@@ -125,8 +122,8 @@ def check_args(a):
         if not v > 0:
             raise TrainingError(f"--{name} must be > 0, got {v}")
 
-    for name in ("steps", "batch_size", "max_new_tokens", "ppo_epochs", "minibatches", "save_every",
-                 "policy_layers", "policy_hidden"):
+    for name in ("steps", "batch_size", "max_new_tokens", "ppo_epochs", "minibatches", "policy_layers",
+                 "policy_hidden"):
         positive(name.replace("_", "-"), getattr(a, name))
     for name in ("temperature", "lr", "value_lr", "clip_range", "clip_range_value", "kl_target", "kl_horizon",
                  "max_grad_norm"):
@@ -141,13 +138,6 @@ def check_args(a):
         raise TrainingError(f"--gamma must be >= 0, got {a.gamma}")
     if not 0.0 <= a.lam <= 1.0:
         raise TrainingError(f"--lam must be in [0, 1], got {a.lam}")
-    if a.backend is not None:
-        import rmkernels as rmk
-
-        if a.backend not in tuple(rmk.BACKENDS) + ("auto",):
-            raise TrainingError(f"--backend must be one of {', '.join(rmk.BACKENDS)} or auto, got {a.backend!r}")
-    if a.threads < 0:
-        raise TrainingError(f"--threads must be >= 0, got {a.threads}")
     for name in ("kl_clamp", "score_clip"):
         v = getattr(a, name)
         if v is not None and not v > 0:
@@ -167,18 +157,21 @@ def check_args(a):
 # ---------------------------------------------------------------------------------------
 def load_prompts(path):
     """Prompt strings of a JSONL file (``{"prompt": str}`` per line, blank lines skipped)."""
+    from rmkernels_train.data import check_text, parse_json_line
+
     prompts = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainingError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
-                raise TrainingError(f"{path}:{i}: each line needs a non-empty string field \"prompt\"")
-            prompts.append(rec["prompt"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rec = parse_json_line(line, f"{path}:{i}")
+                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
+                    raise TrainingError(f"{path}:{i}: each line needs a non-empty string field \"prompt\"")
+                check_text(rec["prompt"], f"{path}:{i}", "prompt")
+                prompts.append(rec["prompt"])
+    except UnicodeDecodeError as e:
+        raise TrainingError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
     if not prompts:
         raise TrainingError(f"{path}: no prompts")
     return prompts
@@ -213,9 +206,10 @@ def train_default_reward_model(out_dir, dist, threads):
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
-        cmd = [sys.executable, "-m", "rmkernels_train", "reward", "--output-dir", rm_dir, "--no-progress"]
-        if threads > 0:
-            cmd += ["--threads", str(threads)]
+        cmd = [sys.executable, "-m", "rmkernels_train", "reward", "--output-dir", rm_dir, "--no-progress",
+               "--threads", str(threads)]
+        if T.list_checkpoints(rm_dir)[0]:  # an earlier, interrupted run: continue it
+            cmd.append("--resume")
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
             raise TrainingError(f"training the default reward model failed (exit status {rc}); see the messages "
@@ -224,7 +218,9 @@ def train_default_reward_model(out_dir, dist, threads):
     try:
         with open(summary_path) as f:
             ckpt = json.load(f)["checkpoint"]
-    except (OSError, ValueError, KeyError) as e:
+        if not isinstance(ckpt, str):
+            raise ValueError(f"'checkpoint' is {ckpt!r}, not a path")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise TrainingError(f"cannot read the default reward model's summary {summary_path}: {e}") from None
     return ckpt
 
@@ -232,13 +228,17 @@ def train_default_reward_model(out_dir, dist, threads):
 def load_models(a, dist, reward_dir):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from rmkernels_train.model import load_reward_model, load_tokenizer, tiny_llama_config
+    from rmkernels_train.model import (
+        load_reward_model,
+        load_tokenizer,
+        tiny_llama_config,
+    )
     from rmkernels_train.ppo_core import ValueModel
 
     tokenizer = load_tokenizer(reward_dir)
     if tokenizer.eos_token_id is None:
         raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-    reward_model = load_reward_model(reward_dir)
+    reward_model = load_reward_model(reward_dir, what="--reward-model")
     backbone_rm = reward_model.base_model
     head = getattr(reward_model, "score", None)
     if head is None or not hasattr(head, "weight"):
@@ -279,153 +279,159 @@ RESUME_FIXED = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts"
                 "ppo_epochs", "minibatches")
 
 
-def save_checkpoint(path, step, policy, ref, value_model, optimizer, kl_ctl, tokenizer, args, world_size):
-    from rmkernels_train.utils import atomic_dir
+def write_checkpoint(tmp, policy, ref, value_model, optimizer, tokenizer, state):
+    """The files of one checkpoint, into the temporary directory ``tmp``."""
+    from safetensors.torch import save_file
 
-    with atomic_dir(path) as tmp:
-        policy.save_pretrained(os.path.join(tmp, "policy"))
-        ref.save_pretrained(os.path.join(tmp, "ref_policy"))
-        tokenizer.save_pretrained(os.path.join(tmp, "policy"))
-        torch.save({"value_model": value_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "kl_coef": kl_ctl.value, "step": step}, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "args.json"), "w") as f:
-            json.dump({**vars(args), "world_size": world_size}, f, indent=1, sort_keys=True)
-
-
-def check_resume_args(path, args, world_size):
-    try:
-        with open(os.path.join(path, "args.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise TrainingError(f"--resume: cannot read {path}/args.json: {e}") from None
-    now = {**vars(args), "world_size": world_size}
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIXED
-               if saved.get(k) != now[k]]
-    if changed:
-        raise TrainingError("--resume: these options differ from the checkpoint's run, which would change what "
-                            "each step samples: " + "; ".join(changed))
+    policy.save_pretrained(os.path.join(tmp, "policy"))
+    T.fault_point("checkpoint-write")
+    tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+    ref.save_pretrained(os.path.join(tmp, "ref_policy"))
+    save_file({k: v.contiguous() for k, v in value_model.state_dict().items()},
+              os.path.join(tmp, "value_model.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(state, f, indent=1, sort_keys=True)
 
 
-def load_checkpoint(path, policy, ref, value_model, optimizer):
-    from safetensors.torch import load_file
+def load_checkpoint(path, policy, ref, value_model, make_optimizer):
+    """Read and check every file of the checkpoint ``path`` against the models (nothing is
+    changed yet); a damaged or missing file raises
+    :class:`~rmkernels_train.trainer.CheckpointError`. Returns ``(state, tensors)`` for
+    :func:`apply_checkpoint`."""
+    state = T.read_trainer_state(path)
+    kl_coef = state.get("kl_coef")
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) \
+            or kl_coef < 0:
+        raise T.CheckpointError(f"trainer_state.json: 'kl_coef' is {kl_coef!r}, not a finite number >= 0")
+    tensors = {}
+    for name, module, file in (("policy", policy, "policy/model.safetensors"),
+                               ("ref_policy", ref, "ref_policy/model.safetensors"),
+                               ("value_model", value_model, "value_model.safetensors")):
+        tensors[name] = T.load_safetensors(os.path.join(path, file))
+        T.check_state_dict(module, tensors[name], file)
+    tensors["optimizer"] = T.load_torch_state(os.path.join(path, "optimizer.pt"))
+    T.check_optimizer_state(make_optimizer, tensors["optimizer"])
+    return state, tensors
 
-    if not os.path.isdir(path):
-        raise TrainingError(f"--resume: no checkpoint at {path}")
-    try:
-        for model, sub in ((policy, "policy"), (ref, "ref_policy")):
-            state = load_file(os.path.join(path, sub, "model.safetensors"))
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            # tied / non-persistent buffers aside, every parameter must come back
-            missing = [k for k in missing if k in dict(model.named_parameters())]
-            if missing or unexpected:
-                raise TrainingError(f"--resume: {path}/{sub} does not match the model (missing {missing[:3]}, "
-                                    f"unexpected {unexpected[:3]})")
-        st = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
-        value_model.load_state_dict(st["value_model"])
-        optimizer.load_state_dict(st["optimizer"])
-    except (OSError, KeyError, RuntimeError) as e:
-        raise TrainingError(f"--resume: cannot read the checkpoint in {path}: {str(e).splitlines()[0]}") from None
-    return st["step"], st["kl_coef"]
+
+def apply_checkpoint(loaded, policy, ref, value_model, optimizer):
+    """Put a checked checkpoint (:func:`load_checkpoint`) into the models and optimizer."""
+    _, tensors = loaded
+    for name, module in (("policy", policy), ("ref_policy", ref), ("value_model", value_model)):
+        module.load_state_dict(tensors[name], strict=False)
+    optimizer.load_state_dict(tensors["optimizer"])
 
 
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
-def run(a):
-    import rmkernels as rmk
-    from rmkernels_train import ppo_core as core
-    from rmkernels_train.utils import (MetricsWriter, plot_curves, setup_distributed, teardown_distributed)
+class PPOTrainer:
+    """One invocation of ``rmkernels-train ppo``: :meth:`setup` (models, prompts, optimizer,
+    resume), then per step :meth:`rollout` (sample, score, advantages), :meth:`update` (PPO
+    epochs) and :meth:`record`; checkpoints on the way and :meth:`finish` at the end."""
 
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    from transformers.utils import logging as hf_logging
+    def __init__(self, args, dist, log):
+        import rmkernels as rmk
+        from rmkernels_train import ppo_core as core
 
-    hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars
-    dist = setup_distributed(a.device)
-    try:
-        return _run(a, rmk, core, dist, MetricsWriter, plot_curves)
-    finally:
-        teardown_distributed()
+        self.a, self.dist, self.log = args, dist, log
+        self.rmk, self.core = rmk, core
+        self.out_dir = args.output_dir
+        self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        self.step = 0
+        self.steps_this_run = 0
+        self.last_ckpt = None
 
+    # -- set-up ---------------------------------------------------------------------------
+    def setup(self):
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
-    from torch.nn.parallel import DistributedDataParallel as DDP
+        from rmkernels_train.utils import MetricsWriter
 
-    os.makedirs(a.output_dir, exist_ok=True)
-    reward_dir = a.reward_model or train_default_reward_model(a.output_dir, dist, a.threads)
-    tokenizer, policy, ref, value_model, reward_model = load_models(a, dist, reward_dir)
-    prompts = load_prompts(a.prompts) if a.prompts else default_prompts()
-    prompt_ids = encode_prompts(prompts, tokenizer)
-    if any(len(p) == 0 for p in prompt_ids):
-        raise TrainingError("a prompt tokenizes to no tokens")
+        a, dist = self.a, self.dist
+        if dist.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
+        if not a.resume and T.list_checkpoints(self.out_dir)[0]:
+            raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
+                                f"--output-dir")
+        reward_dir = a.reward_model or train_default_reward_model(self.out_dir, dist, T.threads_for(a, True))
+        self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir)
+        prompts = load_prompts(a.prompts) if a.prompts else default_prompts()
+        self.prompt_ids = encode_prompts(prompts, self.tokenizer)
+        if any(len(p) == 0 for p in self.prompt_ids):
+            raise TrainingError("a prompt tokenizes to no tokens")
+        self.optimizer = self.make_optimizer()
+        kl_coef = a.kl_coef
+        if a.resume:
+            self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(
+                self.out_dir, lambda p: load_checkpoint(p, self.policy, self.ref, self.value_model,
+                                                        self.make_optimizer), self.log)
+            T.check_resume_args(loaded[0]["args"], a, RESUME_FIXED, dist.world_size)
+            apply_checkpoint(loaded, self.policy, self.ref, self.value_model, self.optimizer)
+            kl_coef = loaded[0]["kl_coef"]
+            self.log(f"resuming from {self.last_ckpt} (step {self.step})")
+        self.kl_ctl = (self.rmk.AdaptiveKLController(kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl
+                       else self.rmk.FixedKLController(kl_coef))
+        self.group = torch.distributed.group.WORLD if dist.enabled else None
+        self.policy_ddp = DDP(self.policy) if dist.enabled else self.policy
+        self.value_ddp = DDP(self.value_model) if dist.enabled else self.value_model
+        self.writer = MetricsWriter(self.metrics_path, resume_step=self.step if a.resume else None) \
+            if dist.is_main else None
 
-    t_start = time.time()  # PPO time (after the reward model is trained and every model loaded)
-    params = [{"params": list(policy.parameters()), "lr": a.lr},
-              {"params": list(value_model.parameters()), "lr": a.value_lr}]
-    optimizer = torch.optim.AdamW(params, weight_decay=0.0)
-    ckpt = os.path.join(a.output_dir, "checkpoint")
-    start_step, kl_coef = 0, a.kl_coef
-    if a.resume:
-        if os.path.isdir(ckpt):
-            check_resume_args(ckpt, a, dist.world_size)
-        start_step, kl_coef = load_checkpoint(ckpt, policy, ref, value_model, optimizer)
-        if start_step >= a.steps:
-            raise TrainingError(f"--resume: the checkpoint is at step {start_step}, --steps is {a.steps}: "
-                                f"nothing left to do (raise --steps)")
-    kl_ctl = (rmk.AdaptiveKLController(kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl
-              else rmk.FixedKLController(kl_coef))
-    group = torch.distributed.group.WORLD if dist.enabled else None
-    policy_ddp = DDP(policy) if dist.enabled else policy
-    value_ddp = DDP(value_model) if dist.enabled else value_model
-    metrics_path = os.path.join(a.output_dir, "metrics.jsonl")
-    writer = MetricsWriter(metrics_path, resume_step=start_step if a.resume else None) if dist.is_main else None
+    def make_optimizer(self):
+        params = [{"params": list(self.policy.parameters()), "lr": self.a.lr},
+                  {"params": list(self.value_model.parameters()), "lr": self.a.value_lr}]
+        return torch.optim.AdamW(params, weight_decay=0.0)
 
-    pbar = None
-    if dist.is_main and a.progress:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=a.steps, initial=start_step, desc="ppo", dynamic_ncols=True, file=sys.stderr)
-    head = reward_model.score
-    backbone_rm = reward_model.base_model
-    n_prompts = len(prompt_ids)
-    for step in range(start_step, a.steps):
-        t0 = time.time()
+    # -- one step -------------------------------------------------------------------------
+    def rollout(self, step):
+        """Sample this step's responses and compute their log-probs, values, scores and the
+        advantages. Returns a dict of tensors."""
+        a, dist, core, tok = self.a, self.dist, self.core, self.tokenizer
         # Every step's randomness comes from (seed, step, rank): a resumed run samples what the
         # uninterrupted run would have sampled.
         torch.manual_seed(a.seed * 1_000_003 + step * dist.world_size + dist.rank)
-        idx = torch.randint(0, n_prompts, (a.batch_size,)).tolist()
-        p_ids, p_mask = core.left_pad([prompt_ids[i] for i in idx], tokenizer.pad_token_id, dist.device)
-        roll = core.generate(policy, p_ids, p_mask, max_new_tokens=a.max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             temperature=a.temperature)
+        idx = torch.randint(0, len(self.prompt_ids), (a.batch_size,)).tolist()
+        p_ids, p_mask = core.left_pad([self.prompt_ids[i] for i in idx], tok.pad_token_id, dist.device)
+        roll = core.generate(self.policy, p_ids, p_mask, max_new_tokens=a.max_new_tokens,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=a.temperature)
+        head = self.reward_model.score
         with torch.no_grad():
-            old_logprobs = core.policy_logprobs(policy, roll, a.temperature)
-            ref_logprobs = core.policy_logprobs(ref, roll, a.temperature)
-            old_values = value_model(roll)
-            scores = core.reward_scores(backbone_rm, head.weight, getattr(head, "bias", None), roll,
-                                        backend=a.backend)
-            raw_scores = scores
+            old_logprobs = core.policy_logprobs(self.policy, roll, a.temperature)
+            ref_logprobs = core.policy_logprobs(self.ref, roll, a.temperature)
+            old_values = self.value_model(roll)
+            raw_scores = core.reward_scores(self.reward_model.base_model, head.weight, getattr(head, "bias", None),
+                                            roll, backend=a.backend)
+            scores = raw_scores
             if a.missing_eos_penalty is not None:
-                has_eos = (roll.sequences[:, roll.prompt_len:] == tokenizer.eos_token_id).any(dim=1)
+                has_eos = (roll.sequences[:, roll.prompt_len:] == tok.eos_token_id).any(dim=1)
                 scores = scores - a.missing_eos_penalty * (~has_eos).float()
-            adv = rmk.ppo_advantages(old_logprobs, ref_logprobs, old_values, scores, roll.response_mask,
-                                     kl_coef=kl_ctl.value, gamma=a.gamma, lam=a.lam, kl_estimator=a.kl_estimator,
-                                     kl_clamp=a.kl_clamp, score_clip=a.score_clip, whiten=a.whiten,
-                                     shift_mean=a.shift_mean, unbiased=a.unbiased, process_group=group,
-                                     backend=a.backend)
-        mask = roll.response_mask
-        seq_kl = adv.kl.sum(dim=1)  # the estimator's KL per response (0 at masked tokens)
+            adv = self.rmk.ppo_advantages(old_logprobs, ref_logprobs, old_values, scores, roll.response_mask,
+                                          kl_coef=self.kl_ctl.value, gamma=a.gamma, lam=a.lam,
+                                          kl_estimator=a.kl_estimator, kl_clamp=a.kl_clamp, score_clip=a.score_clip,
+                                          whiten=a.whiten, shift_mean=a.shift_mean, unbiased=a.unbiased,
+                                          process_group=self.group, backend=a.backend)
+        return {"roll": roll, "old_logprobs": old_logprobs, "old_values": old_values, "raw_scores": raw_scores,
+                "adv": adv}
+
+    def update(self, step, r):
+        """The PPO epochs over minibatches of the rollouts. Returns the mean losses."""
+        a, dist, core = self.a, self.dist, self.core
+        roll, adv, mask = r["roll"], r["adv"], r["roll"].response_mask
         stats = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
         n_updates = 0
         gen = torch.Generator().manual_seed(a.seed * 7919 + step * dist.world_size + dist.rank)
+        params = list(self.policy.parameters()) + list(self.value_model.parameters())
         for _ in range(a.ppo_epochs):
             for mb in core.minibatch_indices(a.batch_size, a.minibatches, gen):
                 sub = core.select(roll, mb)
-                new_logprobs = core.policy_logprobs(policy_ddp, sub, a.temperature)
-                new_values = value_ddp(sub)
-                pg_loss, clipfrac, approx_kl = core.ppo_policy_loss(new_logprobs, old_logprobs[mb],
+                new_logprobs = core.policy_logprobs(self.policy_ddp, sub, a.temperature)
+                new_values = self.value_ddp(sub)
+                pg_loss, clipfrac, approx_kl = core.ppo_policy_loss(new_logprobs, r["old_logprobs"][mb],
                                                                     adv.advantages[mb], mask[mb], a.clip_range)
-                vf_loss, _ = core.ppo_value_loss(new_values, old_values[mb], adv.returns[mb], mask[mb],
+                vf_loss, _ = core.ppo_value_loss(new_values, r["old_values"][mb], adv.returns[mb], mask[mb],
                                                  a.clip_range_value)
                 loss = pg_loss + a.vf_coef * vf_loss
                 finite = torch.isfinite(loss.detach()).double().reshape(1)
@@ -434,16 +440,22 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
                 if not bool(finite.item()):
                     raise TrainingError(f"step {step + 1}: the PPO loss is not finite (here {loss.item()}); lower "
                                         f"--lr or --kl-coef, or set --score-clip")
-                optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()),
-                                               a.max_grad_norm)
-                optimizer.step()
+                torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+                self.optimizer.step()
                 stats["pg_loss"] += pg_loss.item()
                 stats["vf_loss"] += vf_loss.item()
                 stats["clipfrac"] += clipfrac.item()
                 stats["approx_kl"] += approx_kl.item()
                 n_updates += 1
+        return {k: v / max(n_updates, 1) for k, v in stats.items()}
+
+    def step_record(self, step, r, stats, t0):
+        """The metrics of one step (means over every rank); updates the KL controller."""
+        a, dist = self.a, self.dist
+        mask, adv = r["roll"].response_mask, r["adv"]
+        seq_kl = adv.kl.sum(dim=1)  # the estimator's KL per response (0 at masked tokens)
         # Whitening diagnostics: over the whole batch (every rank) the whitened advantages have mean
         # 0 and variance 1; one rank's share alone does not, when the statistics were all-reduced.
         m = mask.double()
@@ -452,77 +464,101 @@ def _run(a, rmk, core, dist, MetricsWriter, plot_curves):
         adv_mean = s1_all / max(n_all, 1.0)
         adv_var = (s2_all - n_all * adv_mean ** 2) / max(n_all - 1.0, 1.0)
         rank_means = dist.gather_object(s1_loc / max(n_loc, 1.0))
-        local = [raw_scores.mean().item(), seq_kl.mean().item(), mask.float().sum(1).mean().item()] + \
-                [v / max(n_updates, 1) for v in stats.values()]
+        local = [r["raw_scores"].mean().item(), seq_kl.mean().item(), mask.float().sum(1).mean().item()] + \
+            [stats[k] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl")]
         score, kl, resp_len, pg, vf, cf, akl = dist.mean(local)
         if not math.isfinite(kl):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {kl}; lower --lr")
-        coef_used = kl_ctl.value
-        kl_ctl.update(kl, a.batch_size * dist.world_size)
-        rec = {"step": step + 1, "split": "train", "score": score, "kl": kl, "kl_coef": coef_used,
-               "pg_loss": pg, "vf_loss": vf, "clipfrac": cf, "policy_kl": akl, "response_length": resp_len,
-               "adv_mean": adv_mean, "adv_var": adv_var, "adv_mean_per_rank": rank_means,
-               "time": time.time() - t0}
-        if writer is not None:
-            writer.write(rec)
-        if pbar is not None:
-            pbar.set_postfix(score=f"{score:.3f}", kl=f"{kl:.3f}", kl_coef=f"{coef_used:.4f}")
-            pbar.update(1)
-        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            if dist.is_main:
-                save_checkpoint(ckpt, step + 1, policy, ref, value_model, optimizer, kl_ctl, tokenizer, a,
-                                dist.world_size)
-            dist.barrier()
-    if pbar is not None:
-        pbar.close()
-    from rmkernels_train.utils import param_digest
+        coef_used = self.kl_ctl.value
+        self.kl_ctl.update(kl, a.batch_size * dist.world_size)
+        return {"step": step + 1, "split": "train", "score": score, "kl": kl, "kl_coef": coef_used,
+                "pg_loss": pg, "vf_loss": vf, "clipfrac": cf, "policy_kl": akl, "response_length": resp_len,
+                "adv_mean": adv_mean, "adv_var": adv_var, "adv_mean_per_rank": rank_means, "time": time.time() - t0}
 
-    digests = dist.gather_object((param_digest(policy), param_digest(value_model)))
-    if len(set(digests)) != 1:
-        raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
-    if dist.is_main:
-        from rmkernels_train.utils import atomic_dir, read_metrics
+    def checkpoint(self):
+        a = self.a
+        state = {"step": self.step, "kl_coef": self.kl_ctl.value,
+                 "args": {**vars(a), "world_size": self.dist.world_size}}
+        if self.dist.is_main:
+            T.save_checkpoint(self.out_dir, self.step,
+                              lambda tmp: write_checkpoint(tmp, self.policy, self.ref, self.value_model, self.optimizer,
+                                                           self.tokenizer, state),
+                              a.save_total_limit)
+        self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
+        self.dist.barrier()
 
-        with atomic_dir(os.path.join(a.output_dir, "policy")) as tmp:
-            policy.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+    # -- the run ----------------------------------------------------------------------------
+    def run(self):
+        self.setup()
+        a = self.a
+        self.t_start = time.time()  # PPO time (after the reward model is trained and every model loaded)
+        bar = self.log.bar = T.progress_bar(a, self.dist, total=a.steps, initial=self.step, desc="ppo")
+        try:
+            while self.step < a.steps and (a.stop_after is None or self.steps_this_run < a.stop_after):
+                t0 = time.time()
+                r = self.rollout(self.step)
+                stats = self.update(self.step, r)
+                rec = self.step_record(self.step, r, stats, t0)
+                self.step += 1
+                self.steps_this_run += 1
+                T.fault_point("step")
+                if self.writer is not None:
+                    self.writer.write(rec)
+                if bar is not None:
+                    bar.set_postfix(score=f"{rec['score']:.3f}", kl=f"{rec['kl']:.3f}",
+                                    kl_coef=f"{rec['kl_coef']:.4f}")
+                    bar.update(1)
+                if self.step % a.save_every == 0 or self.step == a.steps:
+                    self.checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.bar = None
+        return self.finish()
+
+    def finish(self):
+        from rmkernels_train.utils import param_digest, plot_curves, read_metrics
+
+        a, dist = self.a, self.dist
+        if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):  # --stop-after
+            self.checkpoint()
+        digests = dist.gather_object((param_digest(self.policy), param_digest(self.value_model)))
+        if len(set(digests)) != 1:
+            raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
+        if not dist.is_main:
+            return 0
+        with T.atomic_dir(os.path.join(a.output_dir, "policy")) as tmp:
+            self.policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
         if a.plot:
-            plot_curves(metrics_path, os.path.join(a.output_dir, "curves.png"),
-                        keys=("score", "kl", "kl_coef", "vf_loss"), title="rmkernels-train ppo")
-        recs = [r for r in read_metrics(metrics_path) if r.get("split") == "train"]
+            plot_curves(self.metrics_path, os.path.join(a.output_dir, "curves.png"),
+                        keys=("score", "kl", "kl_coef", "vf_loss"), title=PROG)
+        recs = [r for r in read_metrics(self.metrics_path) if r.get("split") == "train"]
+        if not recs:
+            return 0
         k = max(1, min(10, len(recs) // 4))
         first = sum(r["score"] for r in recs[:k]) / k
         last = sum(r["score"] for r in recs[-k:]) / k
-        print(f"rmkernels-train ppo: {len(recs)} steps (PPO {time.time() - t_start:.0f}s in this run); mean reward-model score "
-              f"of the policy's responses: first {k} steps {first:.3f} -> last {k} steps {last:.3f} "
-              f"({last - first:+.3f}); KL to the reference {recs[-1]['kl']:.3f}, kl_coef "
+        status = ("" if self.step >= a.steps else
+                  f"stopped after {self.steps_this_run} steps (--stop-after; --resume goes on); ")
+        print(f"{PROG}: {status}{len(recs)} steps (PPO {time.time() - self.t_start:.0f}s in this run); mean "
+              f"reward-model score of the policy's responses: first {k} steps {first:.3f} -> last {k} steps "
+              f"{last:.3f} ({last - first:+.3f}); KL to the reference {recs[-1]['kl']:.3f}, kl_coef "
               f"{recs[-1]['kl_coef']:.4f}; {dist.world_size} process(es), parameters identical on every rank. "
               f"Outputs in {a.output_dir}", flush=True)
-    return 0
+        return 0
+
+
+def train(args, dist, log):
+    if args.advantage != "gae":  # critic-free: the default RL run (rmkernels_train.rl)
+        from rmkernels_train.rl import CriticFreeTrainer
+
+        return CriticFreeTrainer(args, dist, log).run()
+    return PPOTrainer(args, dist, log).run()
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
-    try:
-        check_args(a)
-        if a.advantage != "gae":
-            from rmkernels_train import rl
-            from rmkernels_train.utils import setup_distributed, teardown_distributed
-
-            if a.threads > 0:
-                torch.set_num_threads(a.threads)
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-            dist = setup_distributed(a.device)
-            try:
-                return rl.run(a, dist)
-            finally:
-                teardown_distributed()
-        return run(a)
-    except TrainingError as e:
-        print(f"rmkernels-train ppo: error: {e}", file=sys.stderr)
-        return 1
+    return T.cli_main(PROG, build_parser(), check_args, train, argv, built_in=lambda a: a.policy is None)
 
 
 if __name__ == "__main__":

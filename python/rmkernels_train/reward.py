@@ -13,39 +13,50 @@ the loss, the pairwise accuracy (chosen reward > rejected reward) and the mean r
 
 Output directory: ``metrics.jsonl``, ``curves.png``, ``final.json`` and
 ``checkpoint-<step>/`` (an HF checkpoint: ``config.json``, ``model.safetensors``, the
-tokenizer; plus ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` and
-``trainer_state.json``), each written under a temporary name and renamed.
+tokenizer; plus ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` -- read back with
+``weights_only=True`` -- and ``trainer_state.json``), written atomically (see
+:mod:`rmkernels_train.trainer`, the skeleton this command is built on).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
-import re
-import shutil
-import sys
+import random
 import time
 
 import torch
 
 from rmkernels_train import data as D
 from rmkernels_train import model as M
+from rmkernels_train import trainer as T
 from rmkernels_train.tokenizer import build_char_tokenizer
-from rmkernels_train.utils import (MetricsWriter, TrainingError, atomic_dir, atomic_write_text, param_digest,
-                                   plot_curves, rng_state, seed_everything, set_rng_state, setup_distributed,
-                                   teardown_distributed)
+from rmkernels_train.utils import (
+    MetricsWriter,
+    TrainingError,
+    atomic_write_text,
+    param_digest,
+    plot_curves,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 PROG = "rmkernels-train reward"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Arguments that must not change on --resume: they fix which pairs each step sees.
 RESUME_FIXED = ("data", "eval_data", "batch_size", "grad_accum", "seed", "world_size", "max_length",
                 "default_train_pairs")
+# --max-length when not given: TRL's RewardConfig default, lowered to the model's maximum
+# position count when that is smaller. One very long line must not make a batch allocate
+# gigabytes: longer pairs are dropped (and counted), as TRL does.
+DEFAULT_MAX_LENGTH = 1024
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog=PROG, description="Train a reward model with the fused Bradley-Terry op "
                                 "(rmk.pairwise_reward_loss). With no options: the built-in default (generated "
                                 "data, a tiny random-init Llama), no network needed.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=T.HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", metavar="DIR", help="local HF checkpoint (causal LM or *ForSequenceClassification); "
                    "default: a random-init tiny Llama over a character tokenizer")
@@ -55,11 +66,13 @@ def build_parser():
                    "--data, or the built-in held-out pairs)")
     g.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out when there is no "
                    "--eval-data")
-    g.add_argument("--max-length", type=int, default=None, help="drop pairs with a sequence longer than this "
-                   "(tokens)")
-    g.add_argument("--margin-column", default="margin", help="JSONL field with each pair's BT margin (used when "
-                   "present)")
-    g.add_argument("--default-train-pairs", type=int, default=16000, help="size of the built-in training set")
+    g.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
+                   help=f"drop pairs with a sequence longer than this, and say how many (default: "
+                        f"{DEFAULT_MAX_LENGTH}, or the model's max_position_embeddings when smaller)")
+    g.add_argument("--margin-column", default="margin", metavar="FIELD",
+                   help="JSONL field with each pair's BT margin (used when present)")
+    g.add_argument("--default-train-pairs", type=int, default=16000, metavar="N",
+                   help="size of the built-in training set")
     g.add_argument("--hidden-size", type=int, default=M.DEFAULT_SIZE["hidden_size"],
                    help="built-in model: hidden size")
     g.add_argument("--layers", type=int, default=M.DEFAULT_SIZE["num_hidden_layers"],
@@ -69,41 +82,28 @@ def build_parser():
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 for the built-in "
                    "model, 1e-5 with --model)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=30)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N optimizer steps in this "
-                   "invocation, with a checkpoint (for time-limited jobs; continue with --resume)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up steps (then cosine to 10%% of --lr)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
+    g.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps (overrides --epochs)")
     g = p.add_argument_group("loss (rmk.pairwise_reward_loss)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="e in -(1-e) logsig(d) - e logsig(-d)")
     g.add_argument("--center-coef", type=float, default=0.0, help="center_coef * (chosen + rejected)^2 "
                    "(TRL's center_rewards_coefficient)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/reward")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    g.add_argument("--eval-every", type=int, default=100, help="optimizer steps between evaluations")
-    g.add_argument("--save-every", type=int, default=250, help="optimizer steps between checkpoints")
-    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (oldest deleted first)")
-    g.add_argument("--eval-batch-size", type=int, default=100)
+    g = p.add_argument_group("evaluation and precision")
+    g.add_argument("--eval-every", type=int, default=100, metavar="N", help="optimizer steps between evaluations")
+    g.add_argument("--eval-batch-size", type=int, default=100, help="held-out pairs per device per batch")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights); meant for GPUs")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the built-in "
-                   "model, which is too small to gain from intra-op threads and loses much to OpenMP contention "
-                   "on a shared CPU; torch's choice with --model)")
-    g.add_argument("--backend", default=None, help="rmkernels backend (default: the fastest available)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-plot", action="store_true", help="no curves.png at the end")
+    T.add_run_args(p, output_dir="runs/reward", save_every=250)
     return p
 
 
 def check_args(args):
-    for name in ("batch_size", "grad_accum", "eval_every", "save_every", "eval_batch_size", "save_total_limit"):
+    for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "stop_after", "max_length", "threads"):
+    for name in ("max_steps", "max_length"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -124,32 +124,49 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------
-def list_checkpoints(output_dir):
-    """[(step, path)] of complete checkpoints, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    out = []
-    for name in os.listdir(output_dir):
-        m = CHECKPOINT_RE.match(name)
-        path = os.path.join(output_dir, name)
-        if m and os.path.exists(os.path.join(path, "trainer_state.json")):
-            out.append((int(m.group(1)), path))
-    return sorted(out)
+def make_optimizer(model, args):
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
-def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, state, keep):
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        torch.save(rng_state(), os.path.join(tmp, "rng_state.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=1)
-    for _, old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def write_checkpoint(tmp, model, tokenizer, optimizer, scheduler, state):
+    """The files of one checkpoint, into the temporary directory ``tmp``."""
+    model.save_pretrained(tmp, safe_serialization=True)
+    T.fault_point("checkpoint-write")
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    torch.save(rng_state(), os.path.join(tmp, "rng_state.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+
+
+def load_checkpoint(path, args):
+    """Read every file a resume uses and check it; a damaged or missing one raises
+    :class:`~rmkernels_train.trainer.CheckpointError`. Returns a dict: ``state`` (the trainer
+    state), ``model``, ``tokenizer``, ``optimizer`` (an AdamW over the model with its saved
+    state), ``scheduler`` (the scheduler's state dict) and ``rng``."""
+    state = T.read_trainer_state(path, int_keys=("epoch", "batch_in_epoch"))
+    T.read_json(os.path.join(path, "config.json"))
+    T.load_safetensors(os.path.join(path, "model.safetensors"), tensors=False)  # complete? (read below)
+    try:
+        tokenizer = M.load_tokenizer(path)
+        model = M.load_reward_model(path, what="checkpoint", use_safetensors=True)
+    except TrainingError as e:
+        raise T.CheckpointError(str(e)) from None
+    optimizer_state = T.load_torch_state(os.path.join(path, "optimizer.pt"))
+    T.check_optimizer_state(lambda: make_optimizer(model, args), optimizer_state)
+    scheduler = T.load_torch_state(os.path.join(path, "scheduler.pt"))
+    if not (isinstance(scheduler, dict) and isinstance(scheduler.get("last_epoch"), int)
+            and isinstance(scheduler.get("base_lrs"), list)):
+        raise T.CheckpointError("scheduler.pt is not a learning-rate scheduler's state")
+    rng = T.load_torch_state(os.path.join(path, "rng_state.pt"))
+    try:
+        random.Random().setstate(rng["python"])
+        torch.Generator().set_state(rng["torch"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise T.CheckpointError(f"rng_state.pt is not a saved RNG state ({T.first_line(e)})") from None
+    return {"state": state, "model": model, "tokenizer": tokenizer, "optimizer": optimizer_state,
+            "scheduler": scheduler, "rng": rng}
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,8 +189,6 @@ def load_records(args, log):
                 r["margin"] = None
     else:
         order = list(range(len(train)))
-        import random
-
         random.Random(args.seed).shuffle(order)
         n_eval = max(1, int(round(len(train) * args.eval_fraction)))
         if len(train) - n_eval < 1:
@@ -194,12 +209,27 @@ def make_tokenizer(args, train, held):
     return build_char_tokenizer(texts)
 
 
-def tokenize(args, records, tokenizer, what, log):
-    pairs, dropped = D.tokenize_pairs(records, tokenizer, args.max_length)
+def max_length(args, model_dir):
+    """``(limit, description)``: ``--max-length``, or the default (see DEFAULT_MAX_LENGTH)."""
+    if args.max_length is not None:
+        return args.max_length, f"--max-length {args.max_length}"
+    positions = M.max_positions(model_dir) if model_dir is not None else None
+    if positions is not None and positions < DEFAULT_MAX_LENGTH:
+        return positions, f"the model's max_position_embeddings ({positions}; set --max-length to change)"
+    return DEFAULT_MAX_LENGTH, f"the default --max-length {DEFAULT_MAX_LENGTH}"
+
+
+def tokenize(records, tokenizer, limit, limit_text, what, log):
+    pairs, dropped = D.tokenize_pairs(records, tokenizer, limit)
     if dropped:
-        log(f"{what}: dropped {dropped} of {len(records)} pairs longer than --max-length {args.max_length}")
+        log(f"{what}: dropped {dropped} of {len(records)} pairs with a sequence longer than {limit} tokens "
+            f"({limit_text})")
     if not pairs:
-        raise TrainingError(f"{what}: no pairs left (all are longer than --max-length {args.max_length})")
+        raise TrainingError(f"{what}: no pairs left (all are longer than {limit} tokens: {limit_text})")
+    same = D.count_identical(pairs)
+    if same:
+        log(f"warning: {what}: {same} of {len(pairs)} pairs have chosen == rejected (the same tokens): they "
+            f"cannot be ranked, teach nothing and count as wrong in the accuracy")
     return pairs
 
 
@@ -241,241 +271,260 @@ def evaluate(model, pairs, args, dist, pad_id, autocast):
 # ---------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------
-def train(args, dist, log):
-    t_start = time.time()
-    out_dir = args.output_dir
-    resume_from = None
-    if args.resume:
-        ckpts = list_checkpoints(out_dir)
-        if not ckpts:
-            raise TrainingError(f"--resume: no checkpoint-<step> directory with a trainer_state.json in {out_dir}")
-        resume_from = ckpts[-1][1]
-    elif list_checkpoints(out_dir):
-        raise TrainingError(f"{out_dir} already has checkpoints: pass --resume to continue, or another "
-                            f"--output-dir")
-    dist.barrier()
+class RewardTrainer:
+    """One invocation of ``rmkernels-train reward``: :meth:`setup` (resume, data, model,
+    optimizer), :meth:`run` (the step loop with evaluations and checkpoints) and
+    :meth:`finish` (final evaluation, checkpoint, summary)."""
 
-    seed_everything(args.seed)
-    train_recs, held_recs, what = load_records(args, log)
-    log(what)
-    state = None
-    if resume_from is not None:
-        with open(os.path.join(resume_from, "trainer_state.json")) as f:
-            state = json.load(f)
-        saved = state["args"]
-        for k in RESUME_FIXED:
-            now = dist.world_size if k == "world_size" else getattr(args, k)
-            if saved.get(k) != now:
-                raise TrainingError(f"--resume: {k} was {saved.get(k)!r} in the checkpoint's run and is {now!r} "
-                                    f"now; it must stay the same")
-        tokenizer = M.load_tokenizer(resume_from)
-    else:
-        tokenizer = make_tokenizer(args, train_recs, held_recs)
-    train_pairs = tokenize(args, train_recs, tokenizer, "train", log)
-    held_pairs = tokenize(args, held_recs, tokenizer, "eval", log)
-    if state is not None:
-        model = M.load_reward_model(resume_from)
-        log(f"resuming from {resume_from} (step {state['step']})")
-    elif args.model is not None:
-        model = M.load_reward_model(args.model)
-    else:
-        longest = max(len(p[k]) for p in train_pairs + held_pairs for k in ("chosen_ids", "rejected_ids"))
-        model = M.build_tiny_reward_model(tokenizer, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                                          intermediate_size=2 * args.hidden_size,
-                                          max_position_embeddings=max(128, longest))
-    M.prepare_reward_model(model, tokenizer, backend=args.backend)
-    model.to(dist.device)
-    model.train()
-    if dist.world_size * args.batch_size > len(train_pairs):
-        raise TrainingError(f"{len(train_pairs)} training pairs are fewer than one step's batch "
-                            f"({dist.world_size} ranks x --batch-size {args.batch_size})")
+    def __init__(self, args, dist, log):
+        self.args, self.dist, self.log = args, dist, log
+        self.out_dir = args.output_dir
+        self.t_start = time.time()
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.elapsed_before = 0.0
+        self.steps_this_run = 0
+        self.last_eval_step, self.ev = None, None
+        self.last_ckpt = None  # known on every rank (only rank 0 writes)
+        self.metrics = None
+        self.bar = None
 
-    steps_per_epoch = len(train_pairs) // (args.batch_size * dist.world_size) // args.grad_accum
-    if steps_per_epoch < 1:
-        raise TrainingError(f"{len(train_pairs)} training pairs give no full optimizer step with --batch-size "
-                            f"{args.batch_size} x --grad-accum {args.grad_accum} x {dist.world_size} ranks")
-    total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-
-    ddp_model = model
-    if dist.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total))
-    step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
-    if state is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=False))
-        scheduler.load_state_dict(torch.load(os.path.join(resume_from, "scheduler.pt"), weights_only=False))
-        set_rng_state(torch.load(os.path.join(resume_from, "rng_state.pt"), weights_only=False))
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        elapsed_before = state.get("elapsed_s", 0.0)
-
-    if dist.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-    metrics = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), resume_step=step if state else None) \
-        if dist.is_main else None
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters; {total} optimizer steps of "
-        f"{args.batch_size * args.grad_accum * dist.world_size} pairs ({dist.world_size} rank(s), device "
-        f"{dist.device}); output in {out_dir}")
-
-    autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16)) if args.bf16 else \
-        (lambda: torch.autocast(dist.device.type, enabled=False))
-    bar = None
-    if dist.is_main and not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=step, desc="reward", dynamic_ncols=True, file=sys.stderr)
-
-    def run_state():
-        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": total,
-                "elapsed_s": elapsed_before + time.time() - t_start,
-                "args": {**vars(args), "world_size": dist.world_size}}
-
-    last_ckpt = resume_from  # known on every rank (only rank 0 writes)
-
-    def checkpoint():
-        nonlocal last_ckpt
+    # -- set-up ---------------------------------------------------------------------------
+    def setup(self):
+        args, dist, log = self.args, self.dist, self.log
         if dist.is_main:
-            save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, run_state(),
-                            args.save_total_limit)
-        last_ckpt = os.path.join(out_dir, f"checkpoint-{step}")
+            T.remove_stale_checkpoint_dirs(self.out_dir, log)
+        resumed = None
+        if args.resume:
+            _, self.last_ckpt, resumed = T.find_resume_checkpoint(self.out_dir, lambda p: load_checkpoint(p, args),
+                                                                  log)
+            T.check_resume_args(resumed["state"]["args"], args, RESUME_FIXED, dist.world_size)
+        elif T.list_checkpoints(self.out_dir)[0]:
+            raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
+                                f"--output-dir")
         dist.barrier()
 
-    def do_eval():
-        ev = evaluate(model, held_pairs, args, dist, tokenizer.pad_token_id, autocast)
+        seed_everything(args.seed)
+        train_recs, held_recs, self.what = load_records(args, log)
+        log(self.what)
+        if resumed is not None:
+            tokenizer = resumed["tokenizer"]
+            limit, limit_text = max_length(args, self.last_ckpt)
+        else:
+            tokenizer = make_tokenizer(args, train_recs, held_recs)
+            limit, limit_text = max_length(args, args.model)
+        self.train_pairs = tokenize(train_recs, tokenizer, limit, limit_text, "train", log)
+        self.held_pairs = tokenize(held_recs, tokenizer, limit, limit_text, "eval", log)
+        self.tokenizer = tokenizer
+        if resumed is not None:
+            model = resumed["model"]
+            log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']})")
+        elif args.model is not None:
+            model = M.load_reward_model(args.model)
+        else:
+            longest = max(len(p[k]) for p in self.train_pairs + self.held_pairs for k in ("chosen_ids", "rejected_ids"))
+            model = M.build_tiny_reward_model(tokenizer, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                                              intermediate_size=2 * args.hidden_size,
+                                              max_position_embeddings=max(128, longest))
+        M.prepare_reward_model(model, tokenizer, backend=args.backend)
+        model.to(dist.device)
+        model.train()
+        self.model = model
+        self._setup_schedule()
+        self.ddp_model = model
+        if dist.enabled:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+        self.optimizer = make_optimizer(model, args)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args.warmup_steps, self.total))
+        if resumed is not None:
+            self.optimizer.load_state_dict(resumed["optimizer"])
+            self.scheduler.load_state_dict(resumed["scheduler"])
+            set_rng_state(resumed["rng"])
+            st = resumed["state"]
+            self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+            self.elapsed_before = float(st.get("elapsed_s", 0.0))
         if dist.is_main:
-            metrics.write({"split": "eval", "step": step, "epoch": round(epoch + batch_in_epoch /
-                                                                        max(1, steps_per_epoch), 4), **ev})
-            msg = (f"eval step {step}: loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}  "
-                   f"margin {ev['margin']:.3f}  ({ev['pairs']} held-out pairs)")
-            bar.write(msg, file=sys.stderr) if bar else log(msg)
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.metrics = MetricsWriter(os.path.join(self.out_dir, "metrics.jsonl"),
+                                         resume_step=self.step if resumed is not None else None)
+        if resumed is not None:
+            # The resumed run's evaluation at this step is in metrics.jsonl already: not again.
+            kept = dist.broadcast_object(self.metrics.records if dist.is_main else None)
+            evals = [r for r in kept if r.get("split") == "eval" and r.get("step") == self.step]
+            if evals:
+                self.last_eval_step = self.step
+                self.ev = {k: evals[-1][k] for k in ("loss", "accuracy", "margin", "pairs") if k in evals[-1]}
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters; {self.total} optimizer steps of "
+            f"{args.batch_size * args.grad_accum * dist.world_size} pairs ({dist.world_size} rank(s), device "
+            f"{dist.device}); output in {self.out_dir}")
+        self.autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16)) if args.bf16 else \
+            (lambda: torch.autocast(dist.device.type, enabled=False))
+
+    def _setup_schedule(self):
+        args, dist = self.args, self.dist
+        if dist.world_size * args.batch_size > len(self.train_pairs):
+            raise TrainingError(f"{len(self.train_pairs)} training pairs are fewer than one step's batch "
+                                f"({dist.world_size} ranks x --batch-size {args.batch_size})")
+        self.steps_per_epoch = len(self.train_pairs) // (args.batch_size * dist.world_size) // args.grad_accum
+        if self.steps_per_epoch < 1:
+            raise TrainingError(f"{len(self.train_pairs)} training pairs give no full optimizer step with "
+                                f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x "
+                                f"{dist.world_size} ranks")
+        self.total = args.max_steps or max(1, int(args.epochs * self.steps_per_epoch))
+
+    # -- pieces of the loop ---------------------------------------------------------------
+    def elapsed(self):
+        return self.elapsed_before + time.time() - self.t_start
+
+    def run_state(self):
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "total_steps": self.total, "elapsed_s": self.elapsed(),
+                "args": {**vars(self.args), "world_size": self.dist.world_size}}
+
+    def checkpoint(self):
+        if self.dist.is_main:
+            T.save_checkpoint(self.out_dir, self.step,
+                              lambda tmp: write_checkpoint(tmp, self.model, self.tokenizer, self.optimizer,
+                                                           self.scheduler, self.run_state()),
+                              self.args.save_total_limit)
+        self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
+        self.dist.barrier()
+
+    def evaluate(self):
+        ev = evaluate(self.model, self.held_pairs, self.args, self.dist, self.tokenizer.pad_token_id, self.autocast)
+        if self.dist.is_main:
+            epoch = round(self.epoch + self.batch_in_epoch / max(1, self.steps_per_epoch), 4)
+            self.metrics.write({"split": "eval", "step": self.step, "epoch": epoch, **ev})
+            self.log(f"eval step {self.step}: loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}  "
+                     f"margin {ev['margin']:.3f}  ({ev['pairs']} held-out pairs)")
+        self.ev, self.last_eval_step = ev, self.step
         return ev
 
-    steps_this_run = 0
-    last_eval_step = None
-    ev = None
-    if state is None:  # the untrained model's numbers: the curves start at chance
-        ev = do_eval()
-        last_eval_step = 0
-    while step < total and (args.stop_after is None or steps_this_run < args.stop_after):
-        micro = list(D.batches(train_pairs, args.batch_size, seed=args.seed, epoch=epoch, rank=dist.rank,
-                               world_size=dist.world_size))
-        micro = micro[:steps_per_epoch * args.grad_accum]
-        while batch_in_epoch < steps_per_epoch and step < total and \
-                (args.stop_after is None or steps_this_run < args.stop_after):
-            group = micro[batch_in_epoch * args.grad_accum:(batch_in_epoch + 1) * args.grad_accum]
-            sums = [0.0, 0.0, 0.0, 0.0]
-            for i, bt in enumerate(group):
-                batch = D.collate(bt, tokenizer.pad_token_id)
-                sync = i == len(group) - 1 or not dist.enabled
-                ctx = ddp_model.no_sync() if not sync else _nullcontext()
-                with ctx:
-                    with autocast():
-                        loss, c, r = M.pairwise_forward(ddp_model, batch, label_smoothing=args.label_smoothing,
-                                                        center_coef=args.center_coef, device=dist.device)
-                    (loss / len(group)).backward()
-                n = len(bt)
-                sums[0] += float(loss.detach()) * n
-                sums[1] += float((c.detach() > r.detach()).sum())
-                sums[2] += float((c.detach() - r.detach()).sum())
-                sums[3] += n
-            loss_sum, correct, margin_sum, n = dist.sum(sums)
-            rec = {"split": "train", "step": step + 1, "loss": loss_sum / n, "accuracy": correct / n,
-                   "margin": margin_sum / n, "lr": scheduler.get_last_lr()[0]}
-            # The gradient norm (after DDP's all-reduce: the same on every rank), clipped if asked.
-            rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                    args.max_grad_norm or float("inf")))
-            bad = "loss" if not math.isfinite(rec["loss"]) else "grad_norm" if not math.isfinite(rec["grad_norm"]) \
-                else None
-            if bad is not None:  # stop before the optimizer step: the weights and checkpoints stay good
-                where = (f"the last good checkpoint is {last_ckpt} (resume with --resume)" if last_ckpt else
-                         "no checkpoint had been written yet")
-                what = "loss" if bad == "loss" else f"gradient norm (loss {rec['loss']:.4g})"
-                raise TrainingError(f"{what} is {rec[bad]} at step {step + 1} (epoch {epoch}); stopped before the "
-                                    f"optimizer step; {where}. Try a lower --lr.")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_this_run += 1
-            batch_in_epoch += 1
-            rec["epoch"] = round(epoch + batch_in_epoch / steps_per_epoch, 4)
-            rec["time_s"] = round(elapsed_before + time.time() - t_start, 2)
-            if dist.is_main:
-                metrics.write(rec)
-                if bar:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
-                                    margin=f"{rec['margin']:.2f}", refresh=False)
-                    bar.update(1)
-            if step % args.eval_every == 0 or step == total:
-                ev = do_eval()
-                last_eval_step = step
-            if step % args.save_every == 0 or step == total:
-                checkpoint()
-        if batch_in_epoch >= steps_per_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
-    if bar:
-        bar.close()
-    if last_eval_step != step:
-        ev = do_eval()
-    if last_ckpt != os.path.join(out_dir, f"checkpoint-{step}"):
-        checkpoint()
-    digests = dist.gather_object(param_digest(model))
-    if len(set(digests)) != 1:
-        raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
-    summary = {"step": step, "total_steps": total, "done": step >= total, "eval": ev, "world_size": dist.world_size,
-               "param_digests": digests, "checkpoint": last_ckpt,
-               "train_time_s": round(elapsed_before + time.time() - t_start, 1)}
-    if dist.is_main:
-        atomic_write_text(os.path.join(out_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
-        if not args.no_plot:
-            plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"),
-                        title=f"reward model: {what.split(':')[0]}")
-        status = "done" if step >= total else f"stopped after {steps_this_run} steps (--stop-after); --resume goes on"
-        log(f"{status}: step {step}/{total} in {summary['train_time_s']:.0f} s; held-out pairwise accuracy "
-            f"{ev['accuracy']:.4f}, loss {ev['loss']:.4f}, margin {ev['margin']:.3f} ({ev['pairs']} pairs); "
-            f"checkpoint {last_ckpt}")
-    return summary
+    def train_step(self, group):
+        """Forward and backward of the micro-batches of one optimizer step, then the optimizer
+        step. Returns the step's metrics record. A non-finite loss or gradient norm stops the
+        run before the optimizer step (weights and checkpoints stay good)."""
+        args, dist = self.args, self.dist
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, correct, margin sum, n
+        for i, bt in enumerate(group):
+            batch = D.collate(bt, self.tokenizer.pad_token_id)
+            sync = i == len(group) - 1 or not dist.enabled
+            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                with self.autocast():
+                    loss, c, r = M.pairwise_forward(self.ddp_model, batch, label_smoothing=args.label_smoothing,
+                                                    center_coef=args.center_coef, device=dist.device)
+                (loss / len(group)).backward()
+            c, r = c.detach(), r.detach()
+            sums[0] += float(loss.detach()) * len(bt)
+            sums[1] += float((c > r).sum())
+            sums[2] += float((c - r).sum())
+            sums[3] += len(bt)
+        loss_sum, correct, margin_sum, n = dist.sum(sums)
+        rec = {"split": "train", "step": self.step + 1, "loss": loss_sum / n, "accuracy": correct / n,
+               "margin": margin_sum / n, "lr": self.scheduler.get_last_lr()[0]}
+        # The gradient norm (after DDP's all-reduce: the same on every rank), clipped if asked.
+        rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                args.max_grad_norm or float("inf")))
+        for key in ("loss", "grad_norm"):
+            if not math.isfinite(rec[key]):
+                where = (f"the last good checkpoint is {self.last_ckpt} (resume with --resume)" if self.last_ckpt
+                         else "no checkpoint had been written yet")
+                what = "loss" if key == "loss" else f"gradient norm (loss {rec['loss']:.4g})"
+                raise TrainingError(f"{what} is {rec[key]} at step {self.step + 1} (epoch {self.epoch}); stopped "
+                                    f"before the optimizer step; {where}. Try a lower --lr.")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.steps_this_run += 1
+        self.batch_in_epoch += 1
+        rec["epoch"] = round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4)
+        rec["time_s"] = round(self.elapsed(), 2)
+        T.fault_point("step")
+        return rec
+
+    def record(self, rec):
+        if not self.dist.is_main:
+            return
+        self.metrics.write(rec)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
+                                 margin=f"{rec['margin']:.2f}", refresh=False)
+            self.bar.update(1)
+
+    def may_continue(self):
+        stop = self.args.stop_after
+        return self.step < self.total and (stop is None or self.steps_this_run < stop)
+
+    def epoch_groups(self):
+        """This rank's micro-batches of the current epoch, grouped per optimizer step."""
+        args = self.args
+        micro = list(D.batches(self.train_pairs, args.batch_size, seed=args.seed, epoch=self.epoch,
+                               rank=self.dist.rank, world_size=self.dist.world_size))
+        return [micro[i * args.grad_accum:(i + 1) * args.grad_accum] for i in range(self.steps_per_epoch)]
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self):
+        self.setup()
+        args = self.args
+        if self.step == 0 and self.last_eval_step is None:  # the untrained model: the curves start at chance
+            self.evaluate()
+        self.bar = self.log.bar = T.progress_bar(args, self.dist, total=self.total, initial=self.step, desc="reward")
+        try:
+            while self.may_continue():
+                groups = self.epoch_groups()
+                while self.batch_in_epoch < self.steps_per_epoch and self.may_continue():
+                    self.record(self.train_step(groups[self.batch_in_epoch]))
+                    if self.step % args.eval_every == 0 or self.step == self.total:
+                        self.evaluate()
+                    if self.step % args.save_every == 0 or self.step == self.total:
+                        self.checkpoint()
+                if self.batch_in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = self.log.bar = None
+        return self.finish()
+
+    def finish(self):
+        args, dist = self.args, self.dist
+        if self.last_eval_step != self.step:
+            self.evaluate()
+        if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):
+            self.checkpoint()
+        digests = dist.gather_object(param_digest(self.model))
+        if len(set(digests)) != 1:
+            raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
+        ev = self.ev
+        summary = {"step": self.step, "total_steps": self.total, "done": self.step >= self.total, "eval": ev,
+                   "world_size": dist.world_size, "param_digests": digests, "checkpoint": self.last_ckpt,
+                   "train_time_s": round(self.elapsed(), 1)}
+        if dist.is_main:
+            atomic_write_text(os.path.join(self.out_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
+            if args.plot:
+                plot_curves(os.path.join(self.out_dir, "metrics.jsonl"), os.path.join(self.out_dir, "curves.png"),
+                            title=f"reward model: {self.what.split(':')[0]}")
+            status = ("done" if self.step >= self.total else
+                      f"stopped after {self.steps_this_run} steps (--stop-after); --resume goes on")
+            self.log(f"{status}: step {self.step}/{self.total} in {summary['train_time_s']:.0f} s; held-out pairwise "
+                     f"accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}, margin {ev['margin']:.3f} "
+                     f"({ev['pairs']} pairs); checkpoint {self.last_ckpt}")
+        return summary
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def train(args, dist, log):
+    """Run ``rmkernels-train reward`` with parsed and checked ``args``; returns the summary
+    written to ``final.json``."""
+    return RewardTrainer(args, dist, log).run()
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    dist = None
-    try:
-        check_args(args)
-        threads = args.threads or (1 if args.model is None else None)
-        if threads:
-            torch.set_num_threads(threads)
-        dist = setup_distributed(args.device)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # no "Writing model shards" bars inside ours
-
-        def log(msg):
-            if dist.is_main:
-                print(f"[{PROG}] {msg}", file=sys.stderr, flush=True)
-
-        train(args, dist, log)
-        return 0
-    except TrainingError as e:
-        rank = f" (rank {dist.rank})" if dist is not None and dist.enabled else ""
-        print(f"{PROG}: error{rank}: {e}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        teardown_distributed()
+    return T.cli_main(PROG, build_parser(), check_args, train, argv, built_in=lambda a: a.model is None)
 
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

@@ -19,7 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rmkernels_train.utils import TrainingError, atomic_dir
+from rmkernels_train.trainer import atomic_dir
+from rmkernels_train.utils import TrainingError
 
 # The warm start of the default run (issue 17's measured recipe).
 DEFAULTS = {"steps": 100, "batch_size": 32, "lr": 1e-3, "layers": 2, "hidden": 64, "seed": 0}

@@ -1,12 +1,9 @@
 """Pieces shared by the training loops: errors, seeding, atomic saves, metrics, plots, DDP."""
-import contextlib
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
 
 import torch
 
@@ -47,28 +44,6 @@ def set_rng_state(state):
 # ---------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_dir(final_path):
-    """Yield a temporary directory next to ``final_path``; on success it is renamed to
-    ``final_path`` with ``os.replace`` (an existing one is replaced), so a reader never sees
-    a half-written directory. On error the temporary directory is removed."""
-    parent = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_path)}-", dir=parent)
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(final_path):  # os.replace cannot replace a non-empty directory
-            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(final_path)}-", dir=parent)
-            os.replace(final_path, os.path.join(old, "d"))
-        os.replace(tmp, final_path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def atomic_write_text(path, text):
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -84,15 +59,17 @@ def atomic_write_text(path, text):
 class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl``. When resuming, lines from
     steps after the checkpoint (written by the run that is being resumed) are dropped first,
-    so the file describes one consistent history."""
+    so the file describes one consistent history; ``records`` holds the lines kept (a line
+    cut short by a killed process is dropped too)."""
 
     def __init__(self, path, resume_step=None):
         self.path = path
+        self.records = []
         if resume_step is None:
             open(path, "w").close()
         elif os.path.exists(path):
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.records = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -100,8 +77,20 @@ class MetricsWriter:
 
 
 def read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The JSON objects of a metrics file, one a line; a line that is not one (the last line
+    of a killed run, cut short) is skipped."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
 
 
 def plot_curves(metrics_path, png_path, keys=("loss", "accuracy", "margin"), title=None):

@@ -1,0 +1,478 @@
+"""The skeleton every ``rmkernels-train`` command is built on, each piece implemented once:
+
+- the options every trainer shares (:func:`add_run_args`: ``--output-dir``, ``--resume``,
+  ``--seed``, ``--save-every``, ``--save-total-limit``, ``--stop-after``, ``--device``,
+  ``--threads``, ``--backend``, ``--no-progress``, ``--no-plot``), their checks and a help
+  formatter that prints a default only where it says something;
+- start-up checks made before any data is read or model built: the output directory is a
+  usable place (:func:`check_output_dir`) and the optional dependencies of the ``[train]``
+  extra are installed (:func:`check_optional_deps`); the thread count (:func:`setup_threads`);
+- :func:`cli_main`: option parsing, the distributed set-up and tear-down, and user errors
+  (:class:`TrainingError`) printed on one line with exit status 1, never a traceback;
+- checkpoints: ``<output-dir>/checkpoint-<step>/`` written atomically (a temporary
+  ``.tmp-checkpoint-*`` directory renamed into place) with the permissions the umask gives,
+  the last ``--save-total-limit`` kept (:func:`save_checkpoint`); leftovers of a killed
+  write removed at start (:func:`remove_stale_checkpoint_dirs`); ``--resume`` takes the newest
+  checkpoint whose every file loads (:func:`find_resume_checkpoint`), saying which ones it
+  skipped and why; the options that must not change checked once
+  (:func:`check_resume_args`);
+- nothing under an output directory can run code when it is read: JSON, safetensors, and
+  :func:`load_torch_state` (``torch.load(..., weights_only=True)``) only;
+- the progress bar (:func:`progress_bar`) and the log (:class:`Log`).
+
+A fault-injection hook for tests, :func:`fault_point`: with ``RMKERNELS_TRAIN_FAULT=NAME:N``
+in the environment the process kills itself (SIGKILL) the N-th time it reaches the point
+``NAME`` (``checkpoint-write``: inside a checkpoint write, after the model files;
+``dir-rename``: a checkpoint (or other atomic directory) is complete and not yet renamed
+into place; ``step``: after an optimizer step, before anything about it is saved). Unset, it
+does nothing.
+"""
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+
+import torch
+
+from rmkernels_train.utils import TrainingError, setup_distributed, teardown_distributed
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
+STALE_PREFIXES = (".tmp-checkpoint-", ".old-checkpoint-")
+# Files a trainer writes at the top of its output directory: each must be a file if it exists.
+OUTPUT_FILES = ("metrics.jsonl", "final.json", "curves.png")
+TRAIN_EXTRA = "pip install 'rmkernels[train]'"
+
+
+# ---------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help only when X says something: not for
+    flags (``store_true`` / ``store_false``: the help says what they do), not for ``None``,
+    and not when the help text already speaks of the default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS or
+                action.nargs == 0 or "default" in text.lower() or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def add_run_args(parser, *, output_dir, save_every, save_total_limit=2):
+    """The options every trainer shares, in an argument group "run"."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--output-dir", default=output_dir, metavar="DIR",
+                   help="where metrics.jsonl, curves.png, final.json and checkpoint-<step>/ go")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint-<step>/ in --output-dir (damaged ones are "
+                        "skipped, with the reason)")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything random (the same seed gives the same run)")
+    g.add_argument("--save-every", type=int, default=save_every, metavar="N",
+                   help="write a checkpoint every N steps (and at the end)")
+    g.add_argument("--save-total-limit", type=int, default=save_total_limit, metavar="K",
+                   help="keep the newest K checkpoints (older ones are deleted)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N steps in this invocation, with a checkpoint (for time-limited jobs; "
+                        "continue with --resume)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: a CUDA GPU when there is one")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads per process; 0 = torch's default (one per core). Default: 1 with the "
+                        "built-in tiny models (too small to gain from threads, and they lose much to OpenMP "
+                        "contention on a shared CPU), 0 with a model of your own")
+    g.add_argument("--backend", default=None,
+                   help="rmkernels backend (reference, cpu, cuda, triton); default: the fastest available")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="do not show a progress bar")
+    g.add_argument("--no-plot", dest="plot", action="store_false", help="do not write curves.png at the end")
+    return g
+
+
+def check_run_args(args):
+    """Checks of the shared options (no side effects)."""
+    for name in ("save_every", "save_total_limit"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise TrainingError(f"--stop-after must be >= 1, got {args.stop_after}")
+    if args.threads is not None and args.threads < 0:
+        raise TrainingError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    if args.backend is not None:
+        import rmkernels as rmk
+
+        if args.backend not in tuple(rmk.BACKENDS) + ("auto",):
+            raise TrainingError(f"--backend must be one of {', '.join(rmk.BACKENDS)} or auto, got {args.backend!r}")
+
+
+def threads_for(args, built_in):
+    """What ``--threads`` means: N > 0 threads, 0 = torch's default; unset, 1 for the
+    built-in tiny models (``built_in``) and 0 otherwise."""
+    return args.threads if args.threads is not None else (1 if built_in else 0)
+
+
+def setup_threads(args, built_in):
+    """Set torch's intra-op threads as ``--threads`` says (:func:`threads_for`). Returns the
+    number (0 = torch's default)."""
+    threads = threads_for(args, built_in)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def check_optional_deps(args, extra_modules=()):
+    """The ``[train]`` extra's modules this run will need, checked before any work:
+    transformers, safetensors and tokenizers always, tqdm for the progress bar, matplotlib for
+    curves.png."""
+    need = [("transformers", None), ("safetensors", None), ("tokenizers", None), *extra_modules]
+    if getattr(args, "progress", False):
+        need.append(("tqdm", "--no-progress"))
+    if getattr(args, "plot", False):
+        need.append(("matplotlib", "--no-plot"))
+    for module, flag in need:
+        if importlib.util.find_spec(module) is None:
+            without = f", or run with {flag}" if flag else ""
+            raise TrainingError(f"the Python package {module!r} is not installed: {TRAIN_EXTRA} "
+                                f"(the extra with the trainers' dependencies){without}")
+
+
+def check_output_dir(path, files=OUTPUT_FILES):
+    """Refuse an output directory that cannot work, before anything is loaded or built: a
+    file, a path under a file, a place that cannot be written, or one where an output file
+    name (``metrics.jsonl``, ...) is taken by something that is not a file. Creates nothing."""
+    p = os.path.abspath(path)
+    if os.path.exists(p):
+        if not os.path.isdir(p):
+            raise TrainingError(f"--output-dir {path}: exists and is not a directory")
+        for name in files:
+            f = os.path.join(p, name)
+            if os.path.lexists(f) and not os.path.isfile(f):
+                raise TrainingError(f"--output-dir {path}: {name} is there and is not a regular file "
+                                    f"(the run writes {name}); remove it or choose another --output-dir")
+        probe_in = p
+    else:
+        probe_in = os.path.dirname(p)
+        while not os.path.exists(probe_in):
+            probe_in = os.path.dirname(probe_in)
+        if not os.path.isdir(probe_in):
+            raise TrainingError(f"--output-dir {path}: cannot be created, {probe_in} is a file")
+    try:  # a real write: os.access() says yes to root on read-only mounts and /proc
+        probe = tempfile.mkdtemp(prefix=".rmk-write-probe-", dir=probe_in)
+        os.rmdir(probe)
+    except OSError as e:
+        raise TrainingError(f"--output-dir {path}: cannot write in {probe_in} ({e.strerror})") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The command around a trainer
+# ---------------------------------------------------------------------------------------
+class Log:
+    """Messages of rank 0 on stderr, prefixed with the command's name. While a progress bar
+    is shown, messages go through it so that they do not break its line."""
+
+    def __init__(self, prog, dist):
+        self.prog, self.dist, self.bar = prog, dist, None
+
+    def __call__(self, msg):
+        if self.dist is not None and not self.dist.is_main:
+            return
+        line = f"[{self.prog}] {msg}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def progress_bar(args, dist, *, total, initial, desc):
+    """A tqdm bar on rank 0 (None with --no-progress and on other ranks)."""
+    if not (dist.is_main and args.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+
+def cli_main(prog, parser, check_args, run, argv, *, built_in):
+    """Parse ``argv``, check the options, the output directory and the optional dependencies
+    (before any data is read or model built), set the threads and the distributed group, and
+    call ``run(args, dist, log)``. A :class:`TrainingError` becomes one line on stderr and exit
+    status 1. ``built_in(args)`` says whether the run uses the built-in tiny models."""
+    args = parser.parse_args(argv)
+    dist = None
+    try:
+        check_run_args(args)
+        check_args(args)
+        check_output_dir(args.output_dir)
+        check_optional_deps(args)
+        setup_threads(args, built_in(args))
+        dist = setup_distributed(args.device)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars inside ours
+        rc = run(args, dist, Log(prog, dist))
+        return rc if isinstance(rc, int) else 0
+    except TrainingError as e:
+        rank = f" (rank {dist.rank})" if dist is not None and dist.enabled else ""
+        print(f"{prog}: error{rank}: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        teardown_distributed()
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------
+def checkpoint_path(output_dir, step):
+    return os.path.join(output_dir, f"checkpoint-{step}")
+
+
+def list_checkpoints(output_dir):
+    """``([(step, path)] oldest first, [(name, why refused)])`` of the ``checkpoint-*``
+    directories in ``output_dir``. The step must be a non-negative integer written plainly
+    (``checkpoint-abc``, ``checkpoint--3``, ``checkpoint-007`` are refused)."""
+    if not os.path.isdir(output_dir):
+        return [], []
+    good, refused = [], []
+    for name in sorted(os.listdir(output_dir)):
+        if not name.startswith("checkpoint-"):
+            continue
+        path = os.path.join(output_dir, name)
+        m = CHECKPOINT_RE.match(name)
+        if not m:
+            refused.append((name, "the step after 'checkpoint-' is not a non-negative integer"))
+        elif not os.path.isdir(path):
+            refused.append((name, "not a directory"))
+        else:
+            good.append((int(m.group(1)), path))
+    return sorted(good), refused
+
+
+def remove_stale_checkpoint_dirs(output_dir, log):
+    """Remove what a killed checkpoint write leaves behind (``.tmp-checkpoint-*`` and
+    ``.old-checkpoint-*``): with large models they would fill the disk."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in sorted(os.listdir(output_dir)):
+        if name.startswith(STALE_PREFIXES):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            log(f"removed {name} (left by an interrupted checkpoint write)")
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path):
+    """Give a tree the permissions the umask gives new files (``mkdtemp`` makes 0700 and
+    some writers 0600): directories ``0777 & ~umask``, files ``0666 & ~umask``."""
+    mask = _umask()
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            fp = os.path.join(root, f)
+            if not os.path.islink(fp):
+                exec_bits = os.stat(fp).st_mode & stat.S_IXUSR
+                os.chmod(fp, (0o777 if exec_bits else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_dir(final_path):
+    """Yield a temporary directory ``.tmp-<name>-*`` next to ``final_path``; on success it
+    gets the umask's permissions and is renamed to ``final_path`` (an existing one is
+    replaced), so a reader never sees a half-written directory. On error it is removed."""
+    parent = os.path.dirname(os.path.abspath(final_path))
+    name = os.path.basename(final_path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    try:
+        yield tmp
+        apply_umask(tmp)
+        fault_point("dir-rename")
+        old = None
+        if os.path.exists(final_path):  # os.replace cannot replace a non-empty directory
+            old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
+            os.replace(final_path, os.path.join(old, "d"))
+        os.replace(tmp, final_path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(output_dir, step, write, keep):
+    """Write ``checkpoint-<step>/`` atomically (:func:`atomic_dir`): ``write(tmp_dir)`` fills
+    the temporary directory; then all but the newest ``keep`` checkpoints are deleted. A
+    reader never sees a half-written checkpoint. Returns the path."""
+    final = checkpoint_path(output_dir, step)
+    with atomic_dir(final) as tmp:
+        write(tmp)
+    good, _ = list_checkpoints(output_dir)
+    for _, path in good[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing or damaged (the message says which and how)."""
+
+
+def read_json(path, what=None):
+    """A JSON file's content, or :class:`CheckpointError` naming the file."""
+    name = what or os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{name} is missing") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{name} is not readable JSON ({type(e).__name__}: {first_line(e)})") from None
+
+
+def load_torch_state(path):
+    """A ``torch.save``'d state (optimizer, scheduler, RNG) loaded with ``weights_only=True``:
+    tensors and plain containers only, so a planted pickle cannot run code. A missing or
+    damaged file raises :class:`CheckpointError`."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{name} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (refused object), RuntimeError / EOFError (truncated), ...
+        raise CheckpointError(f"{name} cannot be loaded safely ({type(e).__name__}: {first_line(e)})") from None
+
+
+def load_safetensors(path, *, tensors=True):
+    """A safetensors file's tensors (no code can run); ``tensors=False`` only checks that
+    the file is complete (its header and size agree) without reading the tensors.
+    :class:`CheckpointError` if missing or damaged."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    name = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{name} is missing")
+    try:
+        if tensors:
+            return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+        return None
+    except Exception as e:  # SafetensorError, OSError
+        raise CheckpointError(f"{name} is damaged ({type(e).__name__}: {first_line(e)})") from None
+
+
+def read_trainer_state(path, int_keys=("step",)):
+    """``trainer_state.json`` of the checkpoint ``path``, checked: a JSON object whose
+    ``step`` is the directory's, whose ``int_keys`` are integers >= 0 and whose ``args``
+    (the options of the run that wrote it) is an object."""
+    step = int(os.path.basename(path).rsplit("-", 1)[1])
+    state = read_json(os.path.join(path, "trainer_state.json"))
+    if not isinstance(state, dict):
+        raise CheckpointError("trainer_state.json is not a JSON object")
+    for key in ("step", *int_keys):
+        v = state.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise CheckpointError(f"trainer_state.json: {key!r} is {v!r}, not an integer >= 0")
+    if state["step"] != step:
+        raise CheckpointError(f"trainer_state.json says step {state['step']}, the directory name {step}")
+    if not isinstance(state.get("args"), dict):
+        raise CheckpointError("trainer_state.json has no 'args' object")
+    return state
+
+
+def check_state_dict(module, tensors, name):
+    """``tensors`` (a loaded state dict) must hold every parameter of ``module`` (a tied
+    weight, saved once, counts once) with its shape, and nothing the module does not have."""
+    allowed = module.state_dict()
+    required = dict(module.named_parameters())
+    missing = sorted(set(required) - set(tensors))
+    unexpected = sorted(set(tensors) - set(allowed))
+    if missing or unexpected:
+        raise CheckpointError(f"{name} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor) or v.shape != allowed[k].shape:
+            raise CheckpointError(f"{name} does not fit the model ({k} has the wrong shape)")
+
+
+def check_optimizer_state(make_optimizer, state):
+    """Load a saved optimizer state into a probe optimizer (``make_optimizer()``, over the
+    model's parameters: their values are not touched) and check every state tensor's shape;
+    a state that does not fit raises :class:`CheckpointError`."""
+    probe = make_optimizer()
+    try:
+        probe.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"optimizer.pt does not fit the model ({first_line(e)})") from None
+    for group in probe.param_groups:
+        for p in group["params"]:
+            for k, v in probe.state.get(p, {}).items():
+                if k != "step" and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
+                    raise CheckpointError("optimizer.pt does not fit the model (a state tensor has the wrong shape)")
+
+
+def first_line(e):
+    s = str(e).strip()
+    return s.splitlines()[0][:200] if s else type(e).__name__
+
+
+def find_resume_checkpoint(output_dir, load, log):
+    """The newest checkpoint of ``output_dir`` that ``load(path)`` reads completely:
+    returns ``(step, path, loaded)`` with what ``load`` returned. ``load`` must read every
+    file a resume uses (so that a damaged one is found before anything is changed) and raise
+    :class:`CheckpointError` for a damaged one; each skipped checkpoint is logged with the
+    reason. No intact checkpoint: :class:`TrainingError` listing the reasons."""
+    good, refused = list_checkpoints(output_dir)
+    skipped = [f"{name}: {why}" for name, why in refused]
+    for name_why in skipped:
+        log(f"--resume: skipping {name_why}")
+    for step, path in reversed(good):
+        try:
+            loaded = load(path)
+        except CheckpointError as e:
+            msg = f"{os.path.basename(path)}: {e}"
+            log(f"--resume: skipping {msg}")
+            skipped.append(msg)
+            continue
+        return step, path, loaded
+    if not skipped:
+        raise TrainingError(f"--resume: no checkpoint-<step> directory in {output_dir}")
+    raise TrainingError(f"--resume: no intact checkpoint in {output_dir} ({'; '.join(skipped)})")
+
+
+def check_resume_args(saved, args, fixed, world_size):
+    """The options in ``fixed`` (which decide what each step sees) must be those of the
+    checkpoint's run (``saved``: its ``args`` dict, with ``world_size``)."""
+    now = {**vars(args), "world_size": world_size}
+    changed = [f"--{k.replace('_', '-')} was {saved.get(k)!r} in the checkpoint's run and is {now.get(k)!r} now"
+               for k in fixed if saved.get(k) != now.get(k)]
+    if changed:
+        raise TrainingError("--resume: " + "; ".join(changed) + " (these options must stay the same: they decide "
+                            "what each step sees)")
+
+
+def fault_point(name):
+    """The test hook described in the module docstring."""
+    spec = os.environ.get("RMKERNELS_TRAIN_FAULT")
+    if not spec or not spec.startswith(name + ":"):
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(spec.rsplit(":", 1)[1]):
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_COUNTS = {}
