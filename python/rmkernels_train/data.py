@@ -24,6 +24,7 @@ pair. Blank lines are skipped. Anything else stops with a :class:`TrainingError`
 names the file, the line and the field.
 """
 import json
+import math
 import random
 
 import torch
@@ -93,31 +94,66 @@ def default_datasets(n_train=6000, n_eval=500, seed=1234, **kw):
 # ---------------------------------------------------------------------------------------
 # JSONL loading
 # ---------------------------------------------------------------------------------------
+def parse_json_line(line, where):
+    """One line of a JSONL file as a Python value; anything that is not JSON Python can hold
+    (bad syntax, nesting deeper than the parser's recursion limit, an integer of more digits
+    than Python converts) raises :class:`TrainingError` starting with ``where``."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TrainingError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise TrainingError(f"{where}: not valid JSON here (nested too deeply to parse)") from None
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise TrainingError(f"{where}: not valid JSON here ({str(e).splitlines()[0][:120]})") from None
+
+
+def check_text(value, where, field):
+    """A string that is valid Unicode text (JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which no tokenizer can encode)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TrainingError(f"{where}: field {field!r} is not valid Unicode text (a lone surrogate "
+                            f"{value[e.start]!r} at character {e.start})") from None
+
+
 def _check_messages(value, where, field):
     if not isinstance(value, list) or not value:
-        raise TrainingError(f"{where}: field {field!r} must be a non-empty string or a non-empty list of "
-                            f"messages, got {_describe(value)}")
+        raise TrainingError(f"{where}: field {field!r} must be a non-empty list of messages like 'chosen' is, got "
+                            f"{_describe(value)}")
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise TrainingError(f"{where}: field {field!r}: message {i} must be an object with string 'role' and "
                                 f"'content', got {_describe(m)}")
+        check_text(m["role"], where, f"{field}[{i}].role")
+        check_text(m["content"], where, f"{field}[{i}].content")
 
 
 def _describe(v):
-    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    try:
+        s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    except (ValueError, RecursionError):  # an integer too long for str(), a deep nesting
+        s = "..."
     return f"{type(v).__name__} {s[:60]}{'...' if len(s) > 60 else ''}"
 
 
 def validate_record(rec, where, margin_field="margin"):
     """Check one parsed record of a preference file; returns it normalised to
-    ``{"prompt": str | list | None, "chosen", "rejected", "margin": float | None}``."""
+    ``{"prompt": str | list | None, "chosen", "rejected", "margin": float | None}``. The
+    format (plain text or conversational) is the one of ``chosen``; an error names the field
+    that is wrong."""
     if not isinstance(rec, dict):
         raise TrainingError(f"{where}: expected a JSON object with 'chosen' and 'rejected', got {_describe(rec)}")
     for field in ("chosen", "rejected"):
         if field not in rec:
             raise TrainingError(f"{where}: missing field {field!r} (keys present: {sorted(rec)})")
-    conversational = not isinstance(rec["chosen"], str)
-    for field in ("prompt", "chosen", "rejected"):
+    chosen = rec["chosen"]
+    if not isinstance(chosen, (str, list)):
+        raise TrainingError(f"{where}: field 'chosen' must be a string or a list of messages, got "
+                            f"{_describe(chosen)}")
+    conversational = isinstance(chosen, list)
+    for field in ("chosen", "rejected", "prompt"):
         if field not in rec or (field == "prompt" and rec[field] is None):
             continue
         v = rec[field]
@@ -125,14 +161,21 @@ def validate_record(rec, where, margin_field="margin"):
             _check_messages(v, where, field)
         elif not isinstance(v, str):
             raise TrainingError(f"{where}: field {field!r} must be a string like 'chosen' is, got {_describe(v)}")
-        elif field != "prompt" and not v:
-            raise TrainingError(f"{where}: field {field!r} is an empty string")
+        else:
+            check_text(v, where, field)
+            if field != "prompt" and not v:
+                raise TrainingError(f"{where}: field {field!r} is an empty string")
     margin = rec.get(margin_field)
     if margin is not None:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin \
-                or margin in (float("inf"), float("-inf")):
-            raise TrainingError(f"{where}: field {margin_field!r} must be a finite number, got {_describe(margin)}")
-        margin = float(margin)
+        bad = isinstance(margin, bool) or not isinstance(margin, (int, float))
+        if not bad:
+            try:
+                margin = float(margin)  # a 400-digit integer overflows here
+            except OverflowError:
+                bad = True
+        if bad or not math.isfinite(margin):
+            raise TrainingError(f"{where}: field {margin_field!r} must be a finite number (a float64), got "
+                                f"{_describe(rec.get(margin_field))}")
     return {"prompt": rec.get("prompt"), "chosen": rec["chosen"], "rejected": rec["rejected"], "margin": margin}
 
 
@@ -150,11 +193,7 @@ def load_jsonl(path, margin_field="margin"):
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
-                try:
-                    rec = json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    raise TrainingError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                rec = validate_record(rec, where, margin_field)
+                rec = validate_record(parse_json_line(line.rstrip("\r\n"), where), where, margin_field)
                 rec["where"] = where
                 out.append(rec)
         except UnicodeDecodeError as e:
@@ -216,6 +255,11 @@ def tokenize_pairs(records, tokenizer, max_length=None):
                                 f"tokenizes to no tokens")
         pairs.append({"chosen_ids": c, "rejected_ids": r, "margin": rec.get("margin")})
     return pairs, dropped
+
+
+def count_identical(pairs):
+    """How many tokenized pairs have chosen == rejected (they cannot be ranked)."""
+    return sum(p["chosen_ids"] == p["rejected_ids"] for p in pairs)
 
 
 def collate(pairs, pad_token_id):

@@ -308,7 +308,7 @@ def load_checkpoint(path, policy, ref, value_model, make_optimizer):
     for name, module, file in (("policy", policy, "policy/model.safetensors"),
                                ("ref_policy", ref, "ref_policy/model.safetensors"),
                                ("value_model", value_model, "value_model.safetensors")):
-        tensors[name] = T.load_safetensors(os.path.join(path, file))
+        tensors[name] = T.load_safetensors(os.path.join(path, file), name=file)
         T.check_state_dict(module, tensors[name], file)
     tensors["optimizer"] = T.load_torch_state(os.path.join(path, "optimizer.pt"))
     T.check_optimizer_state(make_optimizer, tensors["optimizer"])

@@ -355,14 +355,15 @@ def load_torch_state(path):
         raise CheckpointError(f"{name} cannot be loaded safely ({type(e).__name__}: {first_line(e)})") from None
 
 
-def load_safetensors(path, *, tensors=True):
+def load_safetensors(path, *, tensors=True, name=None):
     """A safetensors file's tensors (no code can run); ``tensors=False`` only checks that
     the file is complete (its header and size agree) without reading the tensors.
-    :class:`CheckpointError` if missing or damaged."""
+    :class:`CheckpointError` (naming the file ``name``, default its base name) if missing or
+    damaged."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    name = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
+    name = name or os.path.basename(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{name} is missing")
     try:

@@ -1,0 +1,356 @@
+"""Checkpoints and resume of both trainers under attack and faults: a planted pickle never
+runs; a damaged newest checkpoint is skipped (with the reason) for the newest intact one; no
+intact one is a one-line error; bad checkpoint names and leftovers of killed writes are
+handled; a finished run resumes without a second final evaluation; checkpoints follow the
+umask; and a run killed (SIGKILL) at random moments, inside checkpoint writes too, then
+resumed, ends with the parameters of an uninterrupted run."""
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from rmkernels_train import trainer as T  # noqa: E402
+from rmkernels_train.ppo import main as ppo_main  # noqa: E402
+from rmkernels_train.reward import main as reward_main  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "640", "--batch-size", "16",
+        "--threads", "1", "--no-progress", "--no-plot"]
+# checkpoint-2 and checkpoint-4, an evaluation at each
+REWARD_RUN = [*TINY, "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--save-total-limit", "3",
+              "--seed", "3"]
+PPO_FAST = ["--threads", "1", "--no-progress", "--no-plot", "--batch-size", "4", "--max-new-tokens", "4",
+            "--ppo-epochs", "1", "--save-every", "1", "--save-total-limit", "3"]
+
+
+class Payload:
+    """Unpickling this calls os.mkdir(marker): if the marker directory appears, a load ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def plant(path, marker):
+    """Replace a file with a pickle that would create ``marker``: in torch.save's format for
+    ``.pt`` files, a plain pickle for the others."""
+    if path.endswith(".pt"):
+        torch.save({"state": Payload(marker)}, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(Payload(marker), f)
+
+
+def _files(ckpt):
+    return sorted(os.path.relpath(os.path.join(d, f), ckpt) for d, _, fs in os.walk(ckpt) for f in fs)
+
+
+def _weights(ckpt, name="model.safetensors"):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(ckpt, name))
+
+
+def _reward(capsys, *argv):
+    rc = reward_main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def _ppo(capsys, *argv):
+    rc = ppo_main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.err + out.out
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    """A finished tiny reward run with checkpoint-2 and checkpoint-4."""
+    out = tmp_path_factory.mktemp("reward") / "run"
+    assert reward_main([*REWARD_RUN, "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(reward_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(reward_run, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------
+# Code execution from a checkpoint (issue 12.1)
+# ---------------------------------------------------------------------------------------
+# The files a reward resume reads: each damaged one must make the checkpoint be skipped.
+REWARD_READ = ("trainer_state.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "optimizer.pt", "scheduler.pt", "rng_state.pt")
+
+
+def test_reward_resume_never_unpickles_code(reward_run, tmp_path, capsys):
+    """A pickle payload planted into each file of the newest checkpoint in turn: the payload
+    never runs; the checkpoint is skipped for the older intact one (or, for a file resume
+    does not need, resume goes on from it). With no older checkpoint: a one-line error."""
+    files = _files(reward_run / "checkpoint-4")
+    assert set(REWARD_READ) <= set(files), files
+    for name in files:
+        run = tmp_path / name.replace("/", "_")
+        shutil.copytree(reward_run, run)
+        marker = str(tmp_path / f"PWNED-{name.replace('/', '_')}")
+        plant(str(run / "checkpoint-4" / name), marker)
+        rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run, "--resume")
+        assert not os.path.exists(marker), f"loading {name} ran code"
+        assert rc == 0, (name, err)
+        if name in REWARD_READ:
+            assert "--resume: skipping checkpoint-4: " in err, (name, err)
+            assert f"resuming from {run / 'checkpoint-2'} (step 2)" in err, (name, err)
+        # resumed from 2 (or finished at 4): the run ends at step 4 with a loadable checkpoint
+        assert json.loads((run / "final.json").read_text())["step"] == 4
+        _weights(run / "checkpoint-4")
+    # The only checkpoint carries the payload: refused with one line, no traceback.
+    run = tmp_path / "only"
+    shutil.copytree(reward_run, run)
+    shutil.rmtree(run / "checkpoint-2")
+    marker = str(tmp_path / "PWNED-only")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
+        plant(str(run / "checkpoint-4" / name), marker)
+    rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run, "--resume")
+    assert rc == 1 and not os.path.exists(marker)
+    assert "Traceback" not in err and "--model" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("rmkernels-train reward: error: --resume: no intact checkpoint in"), err
+    assert "optimizer.pt cannot be loaded safely" in last
+
+
+# ---------------------------------------------------------------------------------------
+# Damaged checkpoints (issue 12.5)
+# ---------------------------------------------------------------------------------------
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _garbage(path):
+    with open(path, "wb") as f:
+        f.write(b"\x00garbage\xff" * 10)
+
+
+DAMAGE = {
+    "truncated weights": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors is damaged"),
+    "missing optimizer": (lambda c: os.remove(c / "optimizer.pt"), "optimizer.pt is missing"),
+    "truncated optimizer": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt cannot be loaded"),
+    "garbage trainer state": (lambda c: _garbage(c / "trainer_state.json"), "trainer_state.json is not readable JSON"),
+    "trainer state of another step": (
+        lambda c: (c / "trainer_state.json").write_text(
+            json.dumps({**json.loads((c / "trainer_state.json").read_text()), "step": 7})),
+        "trainer_state.json says step 7"),
+    "negative epoch": (
+        lambda c: (c / "trainer_state.json").write_text(
+            json.dumps({**json.loads((c / "trainer_state.json").read_text()), "epoch": -1})),
+        "'epoch' is -1"),
+    "garbage rng": (lambda c: _garbage(c / "rng_state.pt"), "rng_state.pt cannot be loaded"),
+    "rng of the wrong kind": (lambda c: torch.save({"python": 5, "torch": torch.zeros(3)}, c / "rng_state.pt"),
+                              "rng_state.pt is not a saved RNG state"),
+    "optimizer of another model": (
+        lambda c: torch.save(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]).state_dict(), c / "optimizer.pt"),
+        "optimizer.pt does not fit the model"),
+    "scheduler garbage": (lambda c: torch.save({"a": 1}, c / "scheduler.pt"), "scheduler.pt is not"),
+    "missing config": (lambda c: os.remove(c / "config.json"), "config.json is missing"),
+    "tokenizer garbage": (lambda c: _garbage(c / "tokenizer.json"), "cannot load a tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_reward_resume_skips_a_damaged_checkpoint(run_copy, capsys, case):
+    damage, reason = DAMAGE[case]
+    damage(run_copy / "checkpoint-4")
+    rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")
+    assert rc == 0, err
+    assert "Traceback" not in err
+    assert "--resume: skipping checkpoint-4: " in err and reason in err, err
+    assert f"resuming from {run_copy / 'checkpoint-2'} (step 2)" in err
+    # the rewritten checkpoint-4 is intact again and equals the undamaged run's
+    assert json.loads((run_copy / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("case", ["truncated weights", "garbage trainer state", "missing optimizer"])
+def test_reward_resume_with_no_intact_checkpoint_is_one_line(run_copy, capsys, case):
+    damage, reason = DAMAGE[case]
+    for c in ("checkpoint-2", "checkpoint-4"):
+        damage(run_copy / c)
+    rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")
+    assert rc == 1 and "Traceback" not in err and "--model" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"rmkernels-train reward: error: --resume: no intact checkpoint in {run_copy}")
+    assert f"checkpoint-4: {reason}" in last and f"checkpoint-2: {reason}" in last
+
+
+def test_bad_checkpoint_names_and_leftovers(run_copy, capsys):
+    """checkpoint-abc / checkpoint--3 / checkpoint-007 are refused with a message (never
+    read); .tmp-checkpoint-* and .old-checkpoint-* leftovers are removed at start."""
+    for name in ("checkpoint-abc", "checkpoint--3", "checkpoint-007"):
+        shutil.copytree(run_copy / "checkpoint-4", run_copy / name)
+    (run_copy / "checkpoint-9.json").write_text("{}")
+    (run_copy / ".tmp-checkpoint-6-abcd").mkdir()
+    (run_copy / ".tmp-checkpoint-6-abcd" / "model.safetensors").write_bytes(b"x" * 1000)
+    (run_copy / ".old-checkpoint-4-efgh").mkdir()
+    good, refused = T.list_checkpoints(str(run_copy))
+    assert [s for s, _ in good] == [2, 4]
+    assert sorted(n for n, _ in refused) == ["checkpoint--3", "checkpoint-007", "checkpoint-9.json", "checkpoint-abc"]
+    rc, err = _reward(capsys, *REWARD_RUN[:-2], "--max-steps", 6, "--seed", 3, "--output-dir", run_copy,
+                      "--resume")
+    assert rc == 0, err
+    for name in ("checkpoint-abc", "checkpoint--3", "checkpoint-007"):
+        assert f"--resume: skipping {name}: the step after 'checkpoint-' is not a non-negative integer" in err
+    assert "removed .tmp-checkpoint-6-abcd" in err and "removed .old-checkpoint-4-efgh" in err
+    assert not [n for n in os.listdir(run_copy) if n.startswith(".")]
+    assert f"resuming from {run_copy / 'checkpoint-4'} (step 4)" in err
+
+
+def test_resuming_a_finished_run_adds_no_second_evaluation(run_copy, capsys):
+    before = (run_copy / "metrics.jsonl").read_text()
+    rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")
+    assert rc == 0, err
+    assert (run_copy / "metrics.jsonl").read_text() == before
+    final = json.loads((run_copy / "final.json").read_text())
+    assert final["done"] and final["step"] == 4
+    assert final["eval"]["accuracy"] == [json.loads(x) for x in before.splitlines()][-1]["accuracy"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoints_follow_the_umask(tmp_path, capsys, umask):
+    old = os.umask(umask)
+    try:
+        rc, err = _reward(capsys, *TINY, "--max-steps", 1, "--output-dir", tmp_path / "o")
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    ckpt = tmp_path / "o" / "checkpoint-1"
+    assert os.stat(ckpt).st_mode & 0o777 == 0o777 & ~umask
+    for name in _files(ckpt):
+        assert os.stat(ckpt / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+# ---------------------------------------------------------------------------------------
+# The PPO trainer
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+    """A tiny reward model and a 2-step PPO run on it with checkpoint-1 and checkpoint-2."""
+    base = tmp_path_factory.mktemp("ppo")
+    assert reward_main([*TINY, "--max-steps", "3", "--output-dir", str(base / "rm")]) == 0
+    rm = str(base / "rm" / "checkpoint-3")
+    assert ppo_main(["--reward-model", rm, "--output-dir", str(base / "run"), "--steps", "2", *PPO_FAST]) == 0
+    return rm, base / "run"
+
+
+PPO_READ = ("trainer_state.json", "optimizer.pt", "value_model.safetensors", "policy/model.safetensors",
+            "ref_policy/model.safetensors")
+
+
+def test_ppo_resume_never_unpickles_code(ppo_run, tmp_path, capsys):
+    rm, src = ppo_run
+    files = _files(src / "checkpoint-2")
+    assert set(PPO_READ) <= set(files), files
+    for name in files:
+        run = tmp_path / name.replace("/", "_")
+        shutil.copytree(src, run)
+        marker = str(tmp_path / f"PWNED-{name.replace('/', '_')}")
+        plant(str(run / "checkpoint-2" / name), marker)
+        rc, err = _ppo(capsys, "--reward-model", rm, "--output-dir", run, "--steps", 2, *PPO_FAST, "--resume")
+        assert not os.path.exists(marker), f"loading {name} ran code"
+        assert rc == 0 and "Traceback" not in err, (name, err)
+        if name in PPO_READ:
+            assert "skipping checkpoint-2: " in err and f"resuming from {run / 'checkpoint-1'} (step 1)" in err, err
+
+
+@pytest.mark.parametrize("case", ["truncated policy", "garbage trainer state", "truncated value model"])
+def test_ppo_resume_skips_a_damaged_checkpoint(ppo_run, tmp_path, capsys, case):
+    rm, src = ppo_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    file, reason = {"truncated policy": ("policy/model.safetensors", "policy/model.safetensors is damaged"),
+                    "garbage trainer state": ("trainer_state.json", "trainer_state.json is not readable JSON"),
+                    "truncated value model": ("value_model.safetensors", "value_model.safetensors is damaged")}[case]
+    (_garbage if case == "garbage trainer state" else _truncate)(run / "checkpoint-2" / file)
+    rc, err = _ppo(capsys, "--reward-model", rm, "--output-dir", run, "--steps", 3, *PPO_FAST, "--resume")
+    assert rc == 0 and "Traceback" not in err, err
+    assert f"--resume: skipping checkpoint-2: {reason}" in err, err
+    assert f"resuming from {run / 'checkpoint-1'} (step 1)" in err
+    # none intact: one line
+    (_garbage if case == "garbage trainer state" else _truncate)(run / "checkpoint-1" / file)
+    for c in ("checkpoint-2", "checkpoint-3"):
+        shutil.rmtree(run / c, ignore_errors=True)
+    rc, err = _ppo(capsys, "--reward-model", rm, "--output-dir", run, "--steps", 3, *PPO_FAST, "--resume")
+    assert rc == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("rmkernels-train ppo: error: --resume: no intact checkpoint"), err
+
+
+# ---------------------------------------------------------------------------------------
+# Killed at random moments (issue 12.5)
+# ---------------------------------------------------------------------------------------
+KILL_RUN = [*TINY, "--max-steps", "6", "--save-every", "2", "--eval-every", "6", "--seed", "11"]
+
+
+def _launch(out, env_extra, resume):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                         os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", **env_extra}
+    cmd = [sys.executable, "-m", "rmkernels_train", "reward", *KILL_RUN, "--output-dir", str(out)]
+    return subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_killed_at_random_moments_then_resumed_equals_an_uninterrupted_run(tmp_path, capsys):
+    """SIGKILL inside a checkpoint write (after the model files), between a complete
+    checkpoint and its rename, and right after an optimizer step or at a random time; after
+    each kill the run is resumed (or restarted when no checkpoint is left). The final
+    parameters and the metrics equal those of an uninterrupted run of the same seed."""
+    rc, err = _reward(capsys, *KILL_RUN, "--output-dir", tmp_path / "straight")
+    assert rc == 0, err
+    rng = random.Random(torch.initial_seed())  # the test's seed (printed on failure)
+    faults = [f"checkpoint-write:{rng.randint(1, 2)}", f"dir-rename:{rng.randint(1, 2)}",
+              rng.choice([f"step:{rng.randint(1, 3)}", "timer"])]
+    rng.shuffle(faults)
+    out = tmp_path / "killed"
+    log = []
+    for fault in faults + [None]:
+        resume = bool(T.list_checkpoints(str(out))[0])
+        env = {"RMKERNELS_TRAIN_FAULT": fault} if fault not in (None, "timer") else {}
+        proc = _launch(out, env, resume)
+        if fault == "timer":
+            delay = rng.uniform(2.0, 12.0)
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+        log.append((fault, resume, proc.returncode, stderr[-600:]))
+        assert proc.returncode in (0, -signal.SIGKILL), log
+        assert "Traceback" not in stderr, log
+        if fault is None:
+            assert proc.returncode == 0, log
+    assert sum(rc == -signal.SIGKILL for _, _, rc, _ in log) >= 2, log  # the hooks did kill
+    final = json.loads((out / "final.json").read_text())
+    assert final["done"] and final["step"] == 6, log
+    a, b = _weights(tmp_path / "straight" / "checkpoint-6"), _weights(out / "checkpoint-6")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, log)
+
+    def train_curve(d):
+        recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in recs if r["split"] == "train"]
+
+    assert train_curve(out) == train_curve(tmp_path / "straight"), log
+    assert not [n for n in os.listdir(out) if n.startswith(".")], log
