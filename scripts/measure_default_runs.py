@@ -11,14 +11,15 @@ process and its children (user + system: what the run costs without the other pr
 on a shared machine), the machine's load average before and after, and the figures the run
 printed (reward-model accuracy, task success before/after, the reward-model score). With
 ``--build`` it first times ``pip wheel --no-build-isolation --no-deps .`` (the extension
-build of the README's first command) in a scratch directory.
+build of the README's first command) in a scratch directory; with ``--ci`` it times the
+README's second command, ``bash .ci/run`` (the whole test suite: long; run it on a quiet
+machine).
 """
 import argparse
 import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -49,14 +50,20 @@ def load():
 
 
 def timed(cmd, cwd=ROOT, env=None):
-    """(return code, wall s, children CPU s, stderr+stdout tail) of a subprocess."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.time()
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return res.returncode, wall, cpu, (res.stdout + res.stderr)[-4000:]
+    """(return code, wall s, CPU s, output tail) of a subprocess. The CPU time (user + system)
+    is that of the process and of the processes it waited for (``os.wait4``), so runs timed at
+    the same time do not mix."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.time() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        tail = log.read()[-4000:]
+    return proc.returncode, wall, usage.ru_utime + usage.ru_stime, tail
 
 
 def measure_build(scratch):
@@ -71,10 +78,18 @@ def measure_build(scratch):
             "--no-deps . (the same build, without installing)", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
-def measure_seed(seed, scratch):
+def measure_ci():
+    rc, wall, cpu, tail = timed(["bash", os.path.join(ROOT, ".ci", "run")])
+    if rc != 0:
+        raise SystemExit(f"bash .ci/run failed (exit {rc}):\n{tail}")
+    return {"command": "bash .ci/run", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+
+
+def measure_seed(seed, scratch, extra=()):
     out = os.path.join(scratch, f"seed-{seed}")
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "rmkernels_train", "ppo", "--seed", str(seed), "--output-dir", out, "--no-progress"]
+    cmd = [sys.executable, "-m", "rmkernels_train", "ppo", "--seed", str(seed), "--output-dir", out, "--no-progress",
+           *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"), ROOT,
                                                         os.environ.get("PYTHONPATH", "")])}
     load0 = load()
@@ -83,9 +98,10 @@ def measure_seed(seed, scratch):
         raise SystemExit(f"seed {seed}: rmkernels-train ppo failed (exit {rc}):\n{tail}")
     with open(os.path.join(out, "final.json")) as f:
         fin = json.load(f)
-    with open(os.path.join(out, "reward_model", "final.json")) as f:
+    rm_dir = os.path.dirname(fin["reward_model"])  # <rm output dir>/checkpoint-<step>
+    with open(os.path.join(rm_dir, "final.json")) as f:
         rm = json.load(f)
-    with open(os.path.join(out, "reward_model", "metrics.jsonl")) as f:
+    with open(os.path.join(rm_dir, "metrics.jsonl")) as f:
         rm_evals = {r["step"]: r["accuracy"] for r in map(json.loads, f) if r.get("split") == "eval"}
     b, a = fin["before"], fin["after"]
     return {"seed": seed, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_before": load0, "load_after": load(),
@@ -101,27 +117,54 @@ def measure_seed(seed, scratch):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                    help="seeds of the default run (none: keep the runs already in --out)")
     ap.add_argument("--build", action="store_true", help="also time the extension build")
+    ap.add_argument("--ci", action="store_true", help="also time `bash .ci/run` (the whole test suite)")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--scratch", default=os.path.join(ROOT, "runs", "measure"))
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the seeds at the same time, one process each (on a machine with a core per seed)")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                    help="more options of rmkernels-train ppo (recorded in the command; for trying the script)")
     a = ap.parse_args(argv)
     import torch
 
-    result = {"generated_by": "python scripts/measure_default_runs.py " + " ".join(argv or sys.argv[1:]),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    command = "python scripts/measure_default_runs.py " + " ".join(argv or sys.argv[1:])
+    old = {}
+    if os.path.isfile(a.out):  # parts this invocation does not measure are kept
+        with open(a.out) as f:
+            old = json.load(f)
+    result = {"generated_by": command,
+              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "torch": torch.__version__, "python": platform.python_version(),
-              "command": "rmkernels-train ppo --seed S", "clock": "wall time start to end (time.time) and the "
-              "CPU time (user + system) of the process and its children (getrusage)"}
+              "command": " ".join(["rmkernels-train ppo --seed S", *a.extra]), "clock": "wall time start to end (time.time) and the "
+              "CPU time (user + system) of the process and of the processes it waited for (os.wait4)"}
     if a.build:
-        result["build"] = measure_build(a.scratch)
+        result["build"] = {**measure_build(a.scratch), "generated_by": command, "date": result["date"],
+                           "load_before": load()}
         print(f"build: {result['build']['wall_s']} s wall", file=sys.stderr, flush=True)
-    runs = []
-    for s in a.seeds:
-        r = measure_seed(s, a.scratch)
-        print(f"seed {s}: task success {r['task_success_before']:.3f} -> {r['task_success_after']:.3f}, "
+    if a.ci:
+        result["ci"] = {**measure_ci(), "generated_by": command, "date": result["date"]}
+        print(f"bash .ci/run: {result['ci']['wall_s']} s wall", file=sys.stderr, flush=True)
+    for key in ("build", "ci"):
+        if key not in result and key in old:
+            result[key] = old[key]
+    if not a.seeds:
+        for key in ("runs", "generated_by", "date", "command"):
+            result[key] = old[key]
+    if not a.seeds:
+        runs = result["runs"]
+    elif a.parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(a.seeds)) as ex:
+            runs = list(ex.map(lambda s: measure_seed(s, a.scratch, a.extra), a.seeds))
+    else:
+        runs = [measure_seed(s, a.scratch, a.extra) for s in a.seeds]
+    for r in runs if a.seeds else []:
+        print(f"seed {r['seed']}: task success {r['task_success_before']:.3f} -> {r['task_success_after']:.3f}, "
               f"{r['wall_s']} s wall, {r['cpu_s']} s CPU, load {r['load_before']}", file=sys.stderr, flush=True)
-        runs.append(r)
     result["runs"] = runs
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from rmkernels_train import grpo, rl, task  # noqa: E402
-from rmkernels_train.ppo import build_parser, check_args, main  # noqa: E402
+from rmkernels_train import grpo, rl, task
+from rmkernels_train.ppo import build_parser, check_args, main
 
 FAST = ["--threads", "1", "--no-progress", "--no-plot"]
 

@@ -122,7 +122,8 @@ def evaluate(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_n
     ref_logp = core.policy_logprobs(ref, sampled, temperature)
     m = sampled.response_mask.float()
     kl = ((logp - ref_logp) * m).sum(1).mean()  # k1 per response: unbiased for KL(policy || ref)
-    return {"task_success": ok_g.float().mean().item(), "task_success_sampled": ok_s.float().mean().item(),
+    n = len(prompts)
+    return {"task_success": int(ok_g.sum()) / n, "task_success_sampled": int(ok_s.sum()) / n,
             "score": s_sampled.mean().item(), "score_greedy": s_greedy.mean().item(), "kl": kl.item(),
             "ended_sampled": ended(sampled, tokenizer.eos_token_id).float().mean().item(),
             "rm_auc": auc(s_sampled, ok_s),

@@ -62,7 +62,7 @@ def build_parser():
     g.add_argument("--policy-hidden", type=int, default=64, help="hidden size of the default tiny policy")
     g = p.add_argument_group("rollouts")
     g.add_argument("--steps", type=int, default=None,
-                   help="RL steps (rollout + update); default 400 critic-free, 80 with --advantage gae")
+                   help="RL steps (rollout + update); default 1000 critic-free, 80 with --advantage gae")
     g.add_argument("--batch-size", type=int, default=None,
                    help="critic-free: prompts per step (each sampled --num-generations times), default 16; "
                         "--advantage gae: rollouts per step per process, default 32")
