@@ -13,6 +13,9 @@ from rmkernels_train import grpo, rl, task
 from rmkernels_train.ppo import build_parser, check_args, main
 
 FAST = ["--threads", "1", "--no-progress", "--no-plot"]
+# A fall of the held-out task success (300 prompts) larger than this is a collapse: about two
+# standard errors of the difference of two success rates near 0.35.
+FALL_TOL = 0.05
 
 
 def _records(path):
@@ -30,17 +33,19 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
-    """A small reward model of `rmkernels-train reward` on the built-in task (seconds, not the
-    default's 40 s)."""
+    """The default reward model of `rmkernels-train reward`, trained for 200 steps instead of
+    500 (~15 s of CPU): it must be a usable judge (held-out accuracy > 0.85), or the runs below
+    test nothing."""
     from rmkernels_train.reward import main as reward_main
 
     out = tmp_path_factory.mktemp("rm")
-    rc = reward_main(["--output-dir", str(out), "--hidden-size", "32", "--layers", "2",
-                      "--default-train-pairs", "3200", "--batch-size", "32", "--threads", "1",
-                      "--no-progress", "--no-plot", "--eval-every", "1000", "--seed", "1"])
+    rc = reward_main(["--output-dir", str(out), "--default-train-pairs", "6400", "--threads", "1",
+                      "--no-progress", "--no-plot", "--eval-every", "1000"])
     assert rc == 0
     with open(out / "final.json") as f:
-        return json.load(f)["checkpoint"]
+        fin = json.load(f)
+    assert fin["eval"]["accuracy"] > 0.85, fin["eval"]
+    return fin["checkpoint"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,8 +195,7 @@ def test_short_default_run_does_not_collapse(reward_model, tmp_path, capsys):
     evals, fin = _check_run(out, 40, 20)
     before, after = evals[0]["task_success"], evals[-1]["task_success"]
     assert 0.1 < before < 0.7, f"the warm start should be mediocre, solved {before}"
-    # 300 prompts: one standard error of a success rate near 0.35 is ~0.028
-    assert after >= before - 0.03, f"the held-out task success fell: {before} -> {after}"
+    assert after >= before - FALL_TOL, f"the held-out task success fell: {before} -> {after}"
     assert evals[-1]["kl"] > 0
     assert "Held-out task success (greedy)" in printed.out and f"{before:.3f} -> {after:.3f}" in printed.out
     assert fin["warm_start"]["cached"] is False
@@ -211,7 +215,8 @@ def test_collapse_is_detected(reward_model, tmp_path, capsys):
                  "--eval-prompts", "300", "--lr", "1e-2", "--kl-coef", "0"] + FAST) == 0
     capsys.readouterr()
     evals, _ = _check_run(out, 40, 40)
-    assert evals[-1]["task_success"] < evals[0]["task_success"] - 0.03, evals
+    before, after = evals[0]["task_success"], evals[-1]["task_success"]
+    assert after < before - FALL_TOL, f"the reckless run did not collapse: {before} -> {after}"
 
 
 @pytest.mark.slow
@@ -222,4 +227,5 @@ def test_checker_reward_control(reward_model, tmp_path, capsys):
     assert "checker was the reward" in capsys.readouterr().out
     evals, fin = _check_run(out, 40, 40)
     assert fin["reward"] == "checker"
-    assert evals[-1]["task_success_sampled"] >= evals[0]["task_success_sampled"] - 0.03, evals
+    before, after = evals[0]["task_success_sampled"], evals[-1]["task_success_sampled"]
+    assert after >= before - FALL_TOL, f"the sampled task success fell with the checker as reward: {before} -> {after}"
