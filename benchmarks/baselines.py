@@ -21,7 +21,9 @@ GAE over valid positions only, zeros at masked positions), so every benchmark ca
 provider's output against ``backend="reference"`` before it times it.
 """
 import functools
+from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -229,8 +231,85 @@ def gae_torch(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam,
 # =======================================================================================
 # torch.compile of the torch versions
 # =======================================================================================
-TORCH_FNS = {"pooling": pooling_torch, "bt": bt_torch, "pair": pair_torch, "gae": gae_torch}
-HF_FNS = {"pooling": pooling_hf, "bt": bt_hf, "pair": pair_hf, "gae": gae_hf}
+# =======================================================================================
+# 5. Critic-free GRPO advantages:  fn(token_level_rewards [B,T], response_mask [B,T], index, eps)
+#    index: verl's uid column, a numpy object array of uid strings (one per response)
+# =======================================================================================
+def grpo_hf(token_level_rewards, response_mask, index, eps=1e-6):
+    """verl 0.9 ``compute_grpo_outcome_advantage`` (the default): a Python loop over the
+    responses filling uid -> list dictionaries, torch.mean / torch.std per group, a second
+    loop writing each advantage, then ``scores.unsqueeze(-1) * response_mask``."""
+    scores = token_level_rewards.sum(dim=-1)
+    id2score, id2mean, id2std = defaultdict(list), {}, {}
+    with torch.no_grad():
+        bsz = scores.shape[0]
+        for i in range(bsz):
+            id2score[index[i]].append(scores[i])
+        for idx in id2score:
+            if len(id2score[idx]) == 1:
+                id2mean[idx], id2std[idx] = torch.tensor(0.0), torch.tensor(1.0)
+            else:
+                st = torch.stack(id2score[idx])
+                id2mean[idx], id2std[idx] = torch.mean(st), torch.std(st)
+        for i in range(bsz):
+            scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + eps)
+        return scores.unsqueeze(-1) * response_mask
+
+
+def grpo_verl_vectorized(token_level_rewards, response_mask, index, eps=1e-6):
+    """verl 0.9 ``compute_grpo_vectorized_outcome_advantage``: ``as_torch_index`` (a failed
+    numeric coercion of the strings, then ``np.unique(..., return_inverse=True)``, a sort of
+    the uid strings) and ``group_mean_std`` (index_add_ sums, singletons mean 0 / std 1,
+    variance floor 0 since verl PR 6348)."""
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        arr = np.asarray(index, dtype=object).reshape(-1)
+        try:
+            g = torch.from_numpy(arr.astype(np.int64))
+        except (ValueError, TypeError):
+            g = torch.from_numpy(np.unique(arr, return_inverse=True)[1].astype(np.int64, copy=False))
+        G = int(torch.max(g).item()) + 1 if g.numel() else 0
+        count = torch.zeros(G).index_add_(0, g, torch.ones_like(scores))
+        s1 = torch.zeros(G).index_add_(0, g, scores)
+        mean = s1 / count.clamp_min(1.0)
+        centered = scores - mean[g]
+        var = torch.zeros(G).index_add_(0, g, centered * centered) / (count - 1.0).clamp_min(1.0)
+        std = torch.sqrt(torch.clamp(var, min=0.0))
+        single = count <= 1.0
+        if torch.any(single):
+            mean, std = mean.clone(), std.clone()
+            mean[single], std[single] = 0.0, 1.0
+        scalars = (scores - mean[g]) / (std[g] + eps)
+        return scalars.unsqueeze(-1) * response_mask
+
+
+def uid_ids(index):
+    """uid labels -> int64 ids in first-seen order, one dict pass (no sort)."""
+    first = dict.fromkeys(index)
+    code = dict(zip(first, range(len(first))))
+    return torch.from_numpy(np.fromiter(map(code.__getitem__, index), dtype=np.int64, count=len(index)))
+
+
+def grpo_torch_core(token_level_rewards, ids, response_mask, eps=1e-6):
+    """The tensor part of the best eager GRPO we could write: index_add_ statistics over ids
+    in [0, B) (no host sync for G), two-pass variance, one ``where`` for the [B, T] write."""
+    scores = token_level_rewards.sum(dim=-1)
+    B = scores.shape[0]
+    count = torch.zeros(B).index_add_(0, ids, torch.ones_like(scores))[ids]
+    mean = torch.zeros(B).index_add_(0, ids, scores)[ids] / count
+    d = scores - mean
+    std = torch.sqrt(torch.zeros(B).index_add_(0, ids, d * d)[ids] / (count - 1).clamp_min(1))
+    one = count <= 1
+    seq = torch.where(one, scores, d) / (torch.where(one, torch.ones_like(std), std) + eps)
+    return torch.where(response_mask, seq[:, None], torch.zeros((), dtype=seq.dtype))
+
+
+def grpo_torch(token_level_rewards, response_mask, index, eps=1e-6):
+    return grpo_torch_core(token_level_rewards, uid_ids(index), response_mask, eps)
+
+
+TORCH_FNS = {"pooling": pooling_torch, "bt": bt_torch, "pair": pair_torch, "gae": gae_torch, "grpo": grpo_torch_core}
+HF_FNS = {"pooling": pooling_hf, "bt": bt_hf, "pair": pair_hf, "gae": gae_hf, "grpo": grpo_hf}
 
 
 def compiled(op):

@@ -6,9 +6,9 @@ import os
 from benchmarks.common import FIELDS
 
 PROVIDER_ORDER = ["hf", "torch", "compile", "rmk-cpu", "rmk-cuda", "rmk-triton", "floor-write-grad"]
-OP_ORDER = ["pooling", "bt", "pair", "gae", "e2e", "floor"]
+OP_ORDER = ["pooling", "bt", "pair", "gae", "grpo", "e2e", "floor"]
 MODE_ORDER = ["forward", "backward", "full", "step", "check"]
-SHAPE_ORDER = ["pool-s", "pool-l", "bt-s", "bt-l", "pair-l", "gae-s", "gae-l", "gae-xl"]
+SHAPE_ORDER = ["pool-s", "pool-l", "bt-s", "bt-l", "pair-l", "gae-s", "gae-l", "gae-xl", "grpo-l", "grpo-xl"]
 
 
 def _key(r):

@@ -28,7 +28,7 @@ import torch
 
 from benchmarks import common, report, timing
 
-ALL_OPS = ("pooling", "bt", "pair", "gae", "e2e")
+ALL_OPS = ("pooling", "bt", "pair", "gae", "grpo", "e2e")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED_DIR = os.path.join(ROOT, "benchmarks", "results")
 SCRATCH_DIR = os.path.join(ROOT, "runs", "benchmarks")
@@ -111,6 +111,8 @@ def main(argv=None):
             from benchmarks import bench_bt_loss as mod
         elif op == "gae":
             from benchmarks import bench_gae as mod
+        elif op == "grpo":
+            from benchmarks import bench_group_adv as mod
         else:
             from benchmarks import bench_e2e_reward as mod
         rows += mod.run(op, device=device, shapes=args.shapes, quick=args.quick, tiny=args.tiny,

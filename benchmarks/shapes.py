@@ -16,7 +16,7 @@ import torch
 @dataclass(frozen=True)
 class Shape:
     name: str
-    op: str              # "pooling", "bt", "pair", "gae"
+    op: str              # "pooling", "bt", "pair", "gae", "grpo"
     dims: Dict[str, int] = field(default_factory=dict)
     dtype: str = "fp32"  # element type of the big inputs (hidden states / log-probs)
     opts: Dict[str, object] = field(default_factory=dict)  # op options (kl estimator, ...)
@@ -42,6 +42,8 @@ GPU_SHAPES = {
     "gae-s": Shape("gae-s", "gae", dict(B=64, T=1024), "fp32", dict(kl_estimator="k1")),
     "gae-l": Shape("gae-l", "gae", dict(B=256, T=4096), "fp32", dict(kl_estimator="k3")),
     "gae-xl": Shape("gae-xl", "gae", dict(B=32, T=32768), "fp32", dict(kl_estimator="k1")),
+    "grpo-l": Shape("grpo-l", "grpo", dict(B=65536, T=128, G=8), "fp32", note="8192 groups of 8, uid strings"),
+    "grpo-xl": Shape("grpo-xl", "grpo", dict(B=1048576, T=1, G=8), "fp32", note="per-sequence, uid strings"),
 }
 
 # On the CPU: fp32 everywhere (BENCHMARKS.md: pool-s is fp32 on the CPU), and the two giant
@@ -60,10 +62,11 @@ TINY_SHAPES = {
     "bt-t": Shape("bt-t", "bt", dict(B=7), "fp32", note="smoke test"),
     "pair-t": Shape("pair-t", "pair", dict(B=3, T=17, H=32, K=1), "fp32", note="smoke test"),
     "gae-t": Shape("gae-t", "gae", dict(B=3, T=37), "fp32", dict(kl_estimator="k1"), note="smoke test"),
+    "grpo-t": Shape("grpo-t", "grpo", dict(B=37, T=9, G=4), "fp32", note="smoke test"),
 }
 
 NAMED = tuple(GPU_SHAPES)   # the BENCHMARKS.md order
-OPS = ("pooling", "bt", "pair", "gae")
+OPS = ("pooling", "bt", "pair", "gae", "grpo")
 
 
 def get(name: str, device: str) -> Shape:

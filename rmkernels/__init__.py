@@ -6,17 +6,20 @@
 Every public function takes ``backend=None`` (``"reference"``, ``"cpu"``, ``"cuda"``,
 ``"triton"`` or auto) and is backed by a ``torch.ops.rmkernels.*`` op.
 """
-from rmkernels._version import __version__
 from rmkernels import _ext  # noqa: F401  (loads the compiled kernels, warns once if absent)
 from rmkernels._backend import BACKENDS, available_backends, backend_report, use_backend
 from rmkernels._checks import checks
-from rmkernels.ops.pooling import last_token_index, last_token_reward
-from rmkernels.modules import LastTokenRewardHead
-from rmkernels.ops.bt_loss import bradley_terry_loss, pairwise_reward_loss, ranking_loss
-from rmkernels.modules import BradleyTerryLoss, PairwiseRewardLoss, RankingLoss
-from rmkernels.ops.ppo import PPOAdvantages, masked_whiten, ppo_advantages
-from rmkernels.kl_control import AdaptiveKLController, FixedKLController
+from rmkernels._version import __version__
 from rmkernels.integrations.hf import patch_hf_reward_model, unpatch_hf_reward_model
+from rmkernels.kl_control import AdaptiveKLController, FixedKLController
+from rmkernels.modules import BradleyTerryLoss, LastTokenRewardHead, PairwiseRewardLoss, RankingLoss
+from rmkernels.ops.bt_loss import bradley_terry_loss
+from rmkernels.ops.gae import gae, kl_estimate
+from rmkernels.ops.group_adv import GroupAdvantages, group_advantages, group_ids, reinforce_pp_returns
+from rmkernels.ops.pairwise import pairwise_reward_loss
+from rmkernels.ops.pooling import last_token_index, last_token_reward
+from rmkernels.ops.ppo import PPOAdvantages, masked_whiten, ppo_advantages
+from rmkernels.ops.ranking import ranking_loss
 
 __all__ = [
     "__version__",
@@ -37,6 +40,12 @@ __all__ = [
     "PPOAdvantages",
     "ppo_advantages",
     "masked_whiten",
+    "gae",
+    "kl_estimate",
+    "GroupAdvantages",
+    "group_advantages",
+    "group_ids",
+    "reinforce_pp_returns",
     "AdaptiveKLController",
     "FixedKLController",
     "patch_hf_reward_model",

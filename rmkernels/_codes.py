@@ -34,13 +34,19 @@ class GaeSegmentMode(enum.IntEnum):
 
 
 class GroupEstimator(enum.IntEnum):
-    """Critic-free group advantage estimators (SPEC section 5)."""
+    """Critic-free group advantage estimators (docs/ops.md, critic-free advantages)."""
     GRPO = 0  # (r - mean) / (std + eps)
     DR_GRPO = 1  # r - mean
     RLOO = 2  # (n r - sum r) / (n - 1)
     OPO = 3  # r - sum(len r) / sum(len)
     GPG = 4  # (B / count_nonzero(r)) (r - mean) / f_norm
     REINFORCE_PP_BASELINE = 5  # r - mean, whitened over all valid tokens afterwards
+
+
+class GroupSingle(enum.IntEnum):
+    """What a group of one response gets (SPEC section 5, ``single=``)."""
+    ZERO = 0  # mean 0, std 1, leave-one-out / length baseline 0: the response keeps its score (verl's loops)
+    SELF = 1  # the response is its own baseline: advantage 0 (verl's rloo_vectorized, OpenRLHF's r - mean)
 
 
 REDUCTIONS = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
@@ -55,6 +61,7 @@ LOW_VAR_KL_CLAMP = 10.0
 GROUP_ESTIMATORS = {"grpo": GroupEstimator.GRPO, "dr_grpo": GroupEstimator.DR_GRPO, "rloo": GroupEstimator.RLOO,
                     "opo": GroupEstimator.OPO, "gpg": GroupEstimator.GPG,
                     "reinforce_pp_baseline": GroupEstimator.REINFORCE_PP_BASELINE}
+GROUP_SINGLES = {"zero": GroupSingle.ZERO, "self": GroupSingle.SELF}
 
 # Segment policy of the GPU GAE kernels (CUDA and Triton): rows of at least 2 * SEGMENT_T
 # positions are split into segments of SEGMENT_T when the batch has fewer than 2 rows per SM.

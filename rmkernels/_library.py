@@ -1,7 +1,8 @@
-"""The ``rmkernels`` op namespace.
+"""The ``rmkernels`` op namespace (``lib``), the accumulation-dtype rule and the eager fast path.
 
-Two layers of ops, each schema written once, here in Python (so every op exists even when
-the compiled extension is absent):
+The ops themselves are built by :mod:`rmkernels._registry` from one declaration each, their
+schemas all in ``rmkernels/ops/_schemas.py`` (in Python, so every op exists even when the
+compiled extension is absent):
 
 * kernel ops, ``rmkernels::<name>_kernel``: one per compiled kernel, implemented in C++ for
   the CPU and CUDA dispatch keys (``csrc/cpu/*.cpp``, ``csrc/cuda/*_binding.cpp``);
@@ -26,15 +27,9 @@ from rmkernels import _ext  # noqa: F401  (loads _C, which registers the kernel 
 lib = torch.library.Library("rmkernels", "FRAGMENT")
 
 
-def define_kernel_op(schema):
-    """Define ``rmkernels::<schema>``; its CPU/CUDA implementations come from ``_C``."""
-    lib.define(schema)
-    name = schema.split("(", 1)[0]
-    return getattr(torch.ops.rmkernels, name).default
-
-
 def acc_dtype(dtype):
-    """Arithmetic dtype of the kernels: float64 for float64 inputs, float32 otherwise."""
+    """Arithmetic dtype of the kernels: float64 for float64 inputs, float32 otherwise (the one
+    definition in Python; ``csrc/include/rmkernels`` has the C++ one)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

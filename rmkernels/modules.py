@@ -33,9 +33,10 @@ class LastTokenRewardHead(nn.Module):
         return f"hidden_size={self.hidden_size}, num_labels={self.num_labels}, bias={self.bias is not None}"
 
 
-# The loss modules (SPEC section 2).
-from rmkernels.ops.bt_loss import (  # noqa: E402
-    _loss_options, bradley_terry_loss, pairwise_reward_loss, ranking_loss)
+# The loss modules (docs/ops.md, "Pairwise Bradley-Terry loss").
+from rmkernels.ops.bt_loss import bradley_terry_loss, loss_options  # noqa: E402
+from rmkernels.ops.pairwise import pairwise_reward_loss  # noqa: E402
+from rmkernels.ops.ranking import ranking_loss  # noqa: E402
 
 
 class BradleyTerryLoss(nn.Module):
@@ -54,7 +55,7 @@ class BradleyTerryLoss(nn.Module):
                  backend=None):
         super().__init__()
         # validate the options once, at construction
-        _loss_options(None, None, label_smoothing, center_rewards_coefficient, reduction, 0, None, torch.float32)
+        loss_options(None, None, label_smoothing, center_rewards_coefficient, reduction, 0, None, torch.float32)
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
             raise TypeError(f"margin must be a float at construction (pass a [B] tensor per call), "
                             f"got {type(margin).__name__}")
@@ -87,7 +88,7 @@ class PairwiseRewardLoss(LastTokenRewardHead):
     def __init__(self, hidden_size, bias=False, *, label_smoothing=0.0, center_rewards_coefficient=None,
                  reduction="mean", backend=None, device=None, dtype=None):
         super().__init__(hidden_size, 1, bias, backend=backend, device=device, dtype=dtype)
-        _loss_options(None, None, label_smoothing, center_rewards_coefficient, reduction, 0, None, torch.float32)
+        loss_options(None, None, label_smoothing, center_rewards_coefficient, reduction, 0, None, torch.float32)
         self.label_smoothing, self.reduction = label_smoothing, reduction
         self.center_rewards_coefficient = center_rewards_coefficient
 

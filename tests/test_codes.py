@@ -19,6 +19,7 @@ _MIRROR = {
     _codes.GroupEstimator: ("GroupEstimator", {"GRPO": "kGrpo", "DR_GRPO": "kDrGrpo", "RLOO": "kRloo",
                                                "OPO": "kOpo", "GPG": "kGpg",
                                                "REINFORCE_PP_BASELINE": "kReinforcePPBaseline"}),
+    _codes.GroupSingle: ("GroupSingle", {"ZERO": "kSingleZero", "SELF": "kSingleSelf"}),
 }
 
 
@@ -55,3 +56,4 @@ def test_string_maps_cover_the_enums():
     assert set(_codes.REDUCTIONS.values()) == set(_codes.Reduction)
     assert set(_codes.KL_ESTIMATORS.values()) == set(_codes.KLEstimator)
     assert set(_codes.GROUP_ESTIMATORS.values()) == set(_codes.GroupEstimator)
+    assert set(_codes.GROUP_SINGLES.values()) == set(_codes.GroupSingle)

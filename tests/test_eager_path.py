@@ -14,14 +14,14 @@ import sys
 import pytest
 import torch
 from torch.autograd.profiler import profile
+from utils import backend_params, skip_unless_available
 
 import rmkernels as rmk
 from rmkernels import _library
-from utils import backend_params, skip_unless_available
 
 REDUCTIONS = ["mean", "sum", "none"]
-PUBLIC_OPS = {"last_token_index", "last_token_reward", "bradley_terry_loss", "pairwise_reward_loss", "ranking_loss",
-              "ppo_advantages", "masked_whiten"}
+PUBLIC_OPS = {"last_token_index", "check_mask_index", "last_token_reward", "bradley_terry_loss", "pairwise_reward_loss",
+              "ranking_loss", "ppo_advantages", "masked_whiten"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -437,12 +437,13 @@ def test_backward_gets_the_same_need_flags(backend, monkeypatch):
     skip_unless_available(backend, "cpu")
     from rmkernels.ops import bt_loss, pooling
 
-    targets = {"pool": (pooling, "_reference_bwd" if backend == "reference" else "_bwd_kernel", 3),
-               "bt": (bt_loss, "_reference_bt_bwd" if backend == "reference" else "_bt_bwd_kernel", 2)}
+    # the backward kernels' implementation of this backend (the reference function, or the kernel op)
+    attr = "reference" if backend == "reference" else "op"
+    targets = {"pool": (pooling.bwd_kernel, 3), "bt": (bt_loss.bwd_kernel, 2)}
     flags = []
-    for module, name, n in targets.values():
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, real=real, n=n: flags.append(a[-n:]) or real(*a))
+    for kernel, n in targets.values():
+        real = getattr(kernel, attr)
+        monkeypatch.setattr(kernel, attr, lambda *a, real=real, n=n: flags.append(a[-n:]) or real(*a))
     mask = _ragged_mask(4, 6, "cpu")
     for needs in POOL_NEEDS:
         h, w, b = torch.randn(4, 6, 8), torch.randn(1, 8), torch.randn(1)

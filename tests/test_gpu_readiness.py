@@ -184,6 +184,23 @@ def _drive_ppo(rmk):
         rmk.masked_whiten(torch.randn(2, 5, 7, dtype=dt), torch.ones(2, 5, 7), backend="triton")
 
 
+def _drive_group_adv(rmk):
+    """Every launch configuration of rmkernels/triton/group_adv.py: each estimator (grpo's
+    centred-squares pass, opo's lengths, gpg's count), both single rules, biased/unbiased,
+    scores [B] and token rewards [B, T], a strided mask; reinforce_pp_returns."""
+    B, T = 11, 40
+    ids = torch.arange(B) // 3
+    mask = torch.rand(B, T) > 0.3
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for est, single, unbiased in itertools.product(
+                ("grpo", "dr_grpo", "rloo", "opo", "gpg", "reinforce_pp_baseline"), ("zero", "self"), (True, False)):
+            rmk.group_advantages(torch.randn(B, dtype=dt), ids, mask, estimator=est, single=single,
+                                 unbiased=unbiased, backend="triton")
+        rmk.group_advantages(torch.randn(B, T, dtype=dt), ids, mask.t().contiguous().t(), backend="triton")
+        wide = torch.randn(B, 2 * T, dtype=dt)
+        rmk.reinforce_pp_returns(wide[:, :T], mask, gamma=0.99, backend="triton")
+
+
 def _drive(module, rmk):
     driver = globals().get(f"_drive_{module}")
     assert driver is not None, (

@@ -144,3 +144,4 @@ def get_kl_controller(kl_ctrl):
     if kl_ctrl.type == "adaptive":
         return AdaptiveKLController(init_kl_coef=kl_ctrl.kl_coef, target_kl=kl_ctrl.target_kl, horizon=kl_ctrl.horizon)
     raise NotImplementedError(f"kl_ctrl.type must be 'fixed' or 'adaptive', got {kl_ctrl.type!r}")
+from rmkernels.integrations.verl_critic_free import *  # noqa: F401,F403  (critic-free estimators)

@@ -1,4 +1,4 @@
-"""Last-token value-head pooling (SPEC section 1).
+"""Last-token value-head pooling (docs/ops.md, "Last-token value-head pooling").
 
 ``rmk.last_token_reward`` applies a linear value head to the last valid token of each
 sequence: B rows, never all B*T tokens (which is what HF ``*ForSequenceClassification``
@@ -10,49 +10,22 @@ Ops (``torch.ops.rmkernels.*``):
 ``last_token_index(mask, backend)``  rightmost non-zero of each mask row, -1 if none
 ``last_token_reward(hidden, weight, bias, index, backend)``  rewards [B, K]
 ``last_token_reward_backward(...)``  (grad_hidden, grad_weight, grad_bias)
+``lengths_index(lengths, n_tokens)``  ``length - 1`` of each row, checked
+``cu_seqlens_index(cu_seqlens, n)``   ``cu_seqlens[b + 1] - 1`` of each row, checked
+``check_mask_index(index, T, name)``  the index of a mask, checked (rows with no token)
 ``*_kernel``                         the C++ CPU / CUDA kernels behind ``cpu``/``cuda``
 =================================  ======================================================
-"""
-from functools import partial
-from typing import Optional, Tuple
 
+The ``*_index`` ops hold the data checks (rows with no valid token, out-of-range lengths,
+malformed ``cu_seqlens``): they run inside the op, so in every mode (eager,
+``torch.compile``, export) for CPU tensors, and for GPU tensors with ``rmk.checks(True)``.
+"""
 import torch
 from torch import Tensor
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype, define_kernel_op, eager_fast_path
-
-# ---------------------------------------------------------------------------------------
-# Kernel ops (C++ CPU / CUDA implementations in csrc/)
-# ---------------------------------------------------------------------------------------
-_index_kernel = define_kernel_op("last_token_index_kernel(Tensor mask) -> Tensor")
-_fwd_kernel = define_kernel_op(
-    "last_token_reward_fwd_kernel(Tensor hidden, Tensor weight, Tensor? bias, Tensor index) -> Tensor")
-_bwd_kernel = define_kernel_op(
-    "last_token_reward_bwd_kernel(Tensor grad, Tensor hidden, Tensor weight, Tensor index, "
-    "bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)")
-
-
-@torch.library.register_fake("rmkernels::last_token_index_kernel")
-def _index_kernel_fake(mask):
-    return mask.new_empty(mask.shape[0], dtype=torch.int64)
-
-
-@torch.library.register_fake("rmkernels::last_token_reward_fwd_kernel")
-def _fwd_kernel_fake(hidden, weight, bias, index):
-    return hidden.new_empty(index.shape[0], weight.shape[0], dtype=weight.dtype)
-
-
-def _bwd_fake_impl(hidden, weight, need_hidden, need_weight, need_bias):
-    g_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    g_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
-    g_bias = weight.new_empty(weight.shape[0]) if need_bias else weight.new_empty(0)
-    return g_hidden, g_weight, g_bias
-
-
-@torch.library.register_fake("rmkernels::last_token_reward_bwd_kernel")
-def _bwd_kernel_fake(grad, hidden, weight, index, need_hidden, need_weight, need_bias):
-    return _bwd_fake_impl(hidden, weight, need_hidden, need_weight, need_bias)
+from rmkernels._library import acc_dtype
+from rmkernels._registry import Autograd, Kernel, Op
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,7 +68,7 @@ def _reference_fwd(hidden, weight, bias, index):
 def _reference_bwd(grad, hidden, weight, index, need_hidden, need_weight, need_bias):
     rows, valid = _gather_rows(hidden, index)
     g = torch.where(valid[:, None], grad, torch.zeros_like(grad))  # invalid rows give nothing
-    g_hidden, g_weight, g_bias = _bwd_fake_impl(hidden, weight, False, False, False)
+    g_hidden, g_weight, g_bias = grads_fake(hidden, weight, False, False, False)
     if need_hidden:
         g_hidden = torch.zeros_like(hidden)
         g_rows = (g @ weight).to(hidden.dtype)
@@ -111,33 +84,59 @@ def _reference_bwd(grad, hidden, weight, index, need_hidden, need_weight, need_b
     return g_hidden, g_weight, g_bias
 
 
+def grads_fake(hidden, weight, need_hidden, need_weight, need_bias):
+    """(grad_hidden, grad_weight, grad_bias) of the backward, each empty when not needed."""
+    g_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    g_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
+    g_bias = weight.new_empty(weight.shape[0]) if need_bias else weight.new_empty(0)
+    return g_hidden, g_weight, g_bias
+
+
 # ---------------------------------------------------------------------------------------
-# Public ops: route to the backend
+# Kernels and ops
 # ---------------------------------------------------------------------------------------
-def _triton():
-    from rmkernels.triton import pooling
-
-    return pooling
-
-
-def _index_forward(mask, backend):
-    if backend == "reference":
-        return _reference_index(mask)
-    if backend == "triton":
-        return _triton().last_token_index(mask)
-    return _index_kernel(mask)
-
-
-@torch.library.custom_op("rmkernels::last_token_index", mutates_args=())
-def last_token_index_op(mask: Tensor, backend: str) -> Tensor:
-    """Rightmost position of each row of ``mask`` [B, T] (bool/int) that is non-zero; -1 if
-    none. int64 [B]."""
-    return _index_forward(mask, backend)
-
-
-@last_token_index_op.register_fake
-def _(mask, backend):
+def _index_fake(mask, *_):
     return mask.new_empty(mask.shape[0], dtype=torch.int64)
+
+
+index_kernel = Kernel("last_token_index_kernel", reference=_reference_index, triton="pooling:last_token_index",
+                      fake=_index_fake)
+fwd_kernel = Kernel("last_token_reward_fwd_kernel", reference=_reference_fwd, triton="pooling:last_token_reward_fwd",
+                    fake=lambda hidden, weight, bias, index: hidden.new_empty(index.shape[0], weight.shape[0],
+                                                                              dtype=weight.dtype))
+bwd_kernel = Kernel("last_token_reward_bwd_kernel", reference=_reference_bwd, triton="pooling:last_token_reward_bwd",
+                    fake=lambda grad, hidden, weight, index, nh, nw, nb: grads_fake(hidden, weight, nh, nw, nb))
+
+
+def _check_mask_arg(mask, backend):
+    _checks.check_tensor("mask", mask, ndims=2)
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask must be bool, integer or float, got {mask.dtype}")
+
+
+def _check_index_arg(index, device):
+    _checks.check_tensor("index", index, ndims=1, dtypes=(torch.int64,), device=device)
+
+
+def check_pool_args(hidden, weight, bias, index):
+    """The direct-call checks of the pooling ops' (hidden, weight, bias, index)."""
+    hidden = check_head(hidden, weight, bias, contiguous=False)
+    _check_index_arg(index, hidden.device)
+    if hidden.dim() == 3 and index.shape[0] != hidden.shape[0]:
+        raise ValueError(f"index must have shape [B] = [{hidden.shape[0]}] (from hidden), got {tuple(index.shape)}")
+    if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
+        raise ValueError(f"hidden must have a unit stride on its last dim H, got strides {hidden.stride()}")
+
+
+def _check_grad(name, grad, shape, device):
+    _checks.check_tensor(name, grad, dtypes=_checks.FLOAT_DTYPES, device=device)
+    if tuple(grad.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(grad.shape)}")
+
+
+def _check_reward_backward(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend):
+    check_pool_args(hidden, weight, None, index)
+    _check_grad("grad", grad, (index.shape[0], weight.shape[0]), hidden.device)
 
 
 def _head_params(hidden, weight, bias):
@@ -147,52 +146,14 @@ def _head_params(hidden, weight, bias):
     return w, b
 
 
-def _pool_forward(hidden, weight, bias, index, backend):
+def _prepare_forward(hidden, weight, bias, index):
     w, b = _head_params(hidden, weight, bias)
-    if backend == "reference":
-        return _reference_fwd(hidden, w, b, index)
-    if backend == "triton":
-        return _triton().last_token_reward_fwd(hidden, w, b, index)
-    return _fwd_kernel(hidden, w, b, index)
+    return hidden, w, b, index
 
 
-def _pool_backward(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend):
+def _prepare_backward(grad, hidden, weight, index, need_hidden, need_weight, need_bias):
     w, _ = _head_params(hidden, weight, None)
-    g = grad.to(w.dtype).contiguous()
-    if backend == "reference":
-        return _reference_bwd(g, hidden, w, index, need_hidden, need_weight, need_bias)
-    if backend == "triton":
-        return _triton().last_token_reward_bwd(g, hidden, w, index, need_hidden, need_weight, need_bias)
-    return _bwd_kernel(g, hidden, w, index, need_hidden, need_weight, need_bias)
-
-
-@torch.library.custom_op("rmkernels::last_token_reward", mutates_args=())
-def last_token_reward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], index: Tensor,
-                         backend: str) -> Tensor:
-    """rewards[b, k] = hidden[b, index[b]] . weight[k] + bias[k] (NaN where index[b] is not a
-    valid token). hidden [B, T, H] or packed [N, H] (index then holds global rows)."""
-    return _pool_forward(hidden, weight, bias, index, backend)
-
-
-@last_token_reward_op.register_fake
-def _(hidden, weight, bias, index, backend):
-    return hidden.new_empty(index.shape[0], weight.shape[0], dtype=acc_dtype(hidden.dtype))
-
-
-@torch.library.custom_op("rmkernels::last_token_reward_backward", mutates_args=())
-def last_token_reward_backward_op(grad: Tensor, hidden: Tensor, weight: Tensor, index: Tensor,
-                                  need_hidden: bool, need_weight: bool, need_bias: bool,
-                                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad_hidden in hidden's dtype and layout, zero but at the picked rows; grad_weight
-    [K, H] and grad_bias [K] in the arithmetic dtype). A gradient that is not needed comes
-    back as an empty tensor."""
-    return _pool_backward(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend)
-
-
-@last_token_reward_backward_op.register_fake
-def _(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend):
-    return _bwd_fake_impl(hidden, weight.new_empty(weight.shape, dtype=acc_dtype(hidden.dtype)),
-                          need_hidden, need_weight, need_bias)
+    return grad.to(w.dtype).contiguous(), hidden, w, index, need_hidden, need_weight, need_bias
 
 
 def _setup_context(ctx, inputs, output):
@@ -212,13 +173,101 @@ def _backward(pool_backward, ctx, grad):
             g_b.to(ctx.bias_dtype) if need_b else None, None, None)
 
 
-last_token_reward_op.register_autograd(partial(_backward, torch.ops.rmkernels.last_token_reward_backward),
-                                       setup_context=_setup_context)
+def _reward_fake(hidden, weight, bias, index, backend):
+    return hidden.new_empty(index.shape[0], weight.shape[0], dtype=acc_dtype(hidden.dtype))
+
+
+def _reward_backward_fake(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend):
+    return grads_fake(hidden, weight.new_empty(weight.shape, dtype=acc_dtype(hidden.dtype)), need_hidden,
+                      need_weight, need_bias)
+
 
 # What the public functions call: the public ops, or their bodies in plain eager mode
-_last_token_index = eager_fast_path(torch.ops.rmkernels.last_token_index, _index_forward)
-_last_token_reward = eager_fast_path(torch.ops.rmkernels.last_token_reward, _pool_forward, _setup_context,
-                                     partial(_backward, _pool_backward))
+_last_token_index = Op("last_token_index", kernel=index_kernel, fake=_index_fake, check=_check_mask_arg)
+_last_token_reward_backward = Op("last_token_reward_backward", kernel=bwd_kernel, prepare=_prepare_backward,
+                                 fake=_reward_backward_fake, check=_check_reward_backward)
+_last_token_reward = Op("last_token_reward", kernel=fwd_kernel, prepare=_prepare_forward, fake=_reward_fake,
+                        check=lambda hidden, weight, bias, index, backend: check_pool_args(hidden, weight, bias, index),
+                        autograd=Autograd("last_token_reward_backward", _setup_context, _backward))
+
+
+def pool_forward(hidden, weight, bias, index, backend):
+    """The routing of ``last_token_reward``: rewards [B, K] in the arithmetic dtype (for ops
+    composed of it)."""
+    return _last_token_reward.body(hidden, weight, bias, index, backend)
+
+
+def pool_backward(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend):
+    """The routing of ``last_token_reward_backward`` (for ops composed of it)."""
+    return _last_token_reward_backward.body(grad, hidden, weight, index, need_hidden, need_weight, need_bias, backend)
+
+
+# ---------------------------------------------------------------------------------------
+# Index ops: the position arguments -> the index of each row's last valid token, with the
+# data checks (in the op, so they run in every mode)
+# ---------------------------------------------------------------------------------------
+def _lengths_index_body(lengths, n_tokens):
+    lengths = lengths.long()
+    ok = lengths >= 1
+    if n_tokens >= 0:
+        ok &= lengths <= n_tokens
+    if _checks.data_checks_enabled(lengths.device):
+        bad = torch.nonzero(~ok).flatten()
+        if bad.numel():
+            limit = f"[1, {n_tokens}]" if n_tokens >= 0 else ">= 1"
+            vals = ", ".join(str(int(lengths[i])) for i in bad[:10])
+            raise ValueError(f"lengths must be in {limit}: rows {_checks.rows_str(bad)} have {vals}")
+    return torch.where(ok, lengths - 1, torch.full_like(lengths, -1))
+
+
+def _cu_seqlens_index_body(cu_seqlens, n_tokens):
+    cu = cu_seqlens.long()
+    start, end = cu[:-1], cu[1:]
+    ok = (end > start) & (start >= 0)
+    if n_tokens >= 0:
+        ok &= end <= n_tokens
+    if _checks.data_checks_enabled(cu.device):
+        if int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])}")
+        if n_tokens >= 0 and int(cu[-1]) != n_tokens:
+            raise ValueError(f"cu_seqlens must end at N = {n_tokens} (hidden_states rows), got {int(cu[-1])}")
+        bad = torch.nonzero(end < start).flatten()
+        if bad.numel():
+            raise ValueError(f"cu_seqlens must be non-decreasing: rows {_checks.rows_str(bad)} end before they start")
+        bad = torch.nonzero(~ok).flatten()
+        if bad.numel():
+            raise ValueError(f"cu_seqlens: rows {_checks.rows_str(bad)} have no valid token (empty sequences)")
+    return torch.where(ok, end - 1, torch.full_like(end, -1))
+
+
+def _check_mask_index_body(index, n_tokens, name):
+    if n_tokens > 0 and _checks.data_checks_enabled(index.device):
+        bad = torch.nonzero(index < 0).flatten()
+        if bad.numel():
+            raise ValueError(f"{name}: rows {_checks.rows_str(bad)} have no valid token (all zero)")
+    return index.clone()  # an op's output never aliases its input
+
+
+def _check_lengths_arg(lengths, n_tokens):
+    _checks.check_tensor("lengths", lengths, ndims=1, dtypes=_checks.INDEX_DTYPES)
+
+
+def _check_cu_seqlens_arg(cu_seqlens, n_tokens):
+    _checks.check_tensor("cu_seqlens", cu_seqlens, ndims=1, dtypes=_checks.INDEX_DTYPES)
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError("cu_seqlens must have shape [B + 1] (starting at 0), got shape (0,)")
+
+
+def _check_index_of_mask(index, n_tokens, name):
+    _check_index_arg(index, None)
+
+
+_lengths_index = Op("lengths_index", body=_lengths_index_body, check=_check_lengths_arg,
+                    fake=lambda lengths, n_tokens: lengths.new_empty(lengths.shape, dtype=torch.int64))
+_cu_seqlens_index = Op("cu_seqlens_index", body=_cu_seqlens_index_body, check=_check_cu_seqlens_arg,
+                       fake=lambda cu, n_tokens: cu.new_empty(cu.shape[0] - 1, dtype=torch.int64))
+_check_mask_index = Op("check_mask_index", body=_check_mask_index_body, check=_check_index_of_mask,
+                       fake=lambda index, n_tokens, name: torch.empty_like(index))
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,65 +281,33 @@ def _count_given(**sources):
     return given[0]
 
 
-def _mask_index(mask, name, n_rows, n_tokens, device, backend, strict):
+def _mask_index(mask, name, n_rows, n_tokens, device, backend):
     _checks.check_tensor(name, mask, ndims=2, device=device)
     if mask.shape[0] != n_rows or mask.shape[1] != n_tokens:
         raise ValueError(f"{name} must have shape [B, T] = [{n_rows}, {n_tokens}] (from hidden_states), "
                          f"got {tuple(mask.shape)}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         mask = mask != 0  # the kernels test integer/bool elements against zero
-    index = _last_token_index(mask, backend)
-    if strict and n_tokens > 0 and _checks.data_checks_enabled(index.device):
-        bad = torch.nonzero(index < 0).flatten()
-        if bad.numel():
-            raise ValueError(f"{name}: rows {_checks.rows_str(bad)} have no valid token (all zero)")
-    return index
+    return _check_mask_index(_last_token_index(mask, backend), n_tokens, name)
 
 
-def _lengths_index(lengths, n_rows, n_tokens, device, strict):
+def _lengths_arg_index(lengths, n_rows, n_tokens, device):
     _checks.check_tensor("lengths", lengths, ndims=1, dtypes=_checks.INDEX_DTYPES, device=device)
     if n_rows is not None and lengths.shape[0] != n_rows:
         raise ValueError(f"lengths must have shape [B] = [{n_rows}] (from hidden_states), got {tuple(lengths.shape)}")
-    lengths = lengths.long()
-    ok = lengths >= 1
-    if n_tokens is not None:
-        ok &= lengths <= n_tokens
-    if strict and _checks.data_checks_enabled(lengths.device):
-        bad = torch.nonzero(~ok).flatten()
-        if bad.numel():
-            limit = f"[1, {n_tokens}]" if n_tokens is not None else ">= 1"
-            vals = ", ".join(str(int(lengths[i])) for i in bad[:10])
-            raise ValueError(f"lengths must be in {limit}: rows {_checks.rows_str(bad)} have {vals}")
-    return torch.where(ok, lengths - 1, torch.full_like(lengths, -1))
+    return _lengths_index(lengths, -1 if n_tokens is None else n_tokens)
 
 
-def _cu_seqlens_index(cu_seqlens, n_rows, n_tokens, device, strict):
+def _cu_seqlens_arg_index(cu_seqlens, n_rows, n_tokens, device):
     _checks.check_tensor("cu_seqlens", cu_seqlens, ndims=1, dtypes=_checks.INDEX_DTYPES, device=device)
     if cu_seqlens.shape[0] < 1:
         raise ValueError("cu_seqlens must have shape [B + 1] (starting at 0), got shape (0,)")
     if n_rows is not None and cu_seqlens.shape[0] != n_rows + 1:
         raise ValueError(f"cu_seqlens must have shape [B + 1] = [{n_rows + 1}], got {tuple(cu_seqlens.shape)}")
-    cu = cu_seqlens.long()
-    start, end = cu[:-1], cu[1:]
-    ok = (end > start) & (start >= 0)
-    if n_tokens is not None:
-        ok &= end <= n_tokens
-    if strict and _checks.data_checks_enabled(cu.device):
-        if int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])}")
-        if n_tokens is not None and int(cu[-1]) != n_tokens:
-            raise ValueError(f"cu_seqlens must end at N = {n_tokens} (hidden_states rows), got {int(cu[-1])}")
-        bad = torch.nonzero(end < start).flatten()
-        if bad.numel():
-            raise ValueError(f"cu_seqlens must be non-decreasing: rows {_checks.rows_str(bad)} end before they start")
-        bad = torch.nonzero(~ok).flatten()
-        if bad.numel():
-            raise ValueError(f"cu_seqlens: rows {_checks.rows_str(bad)} have no valid token (empty sequences)")
-    return torch.where(ok, end - 1, torch.full_like(end, -1))
+    return _cu_seqlens_index(cu_seqlens, -1 if n_tokens is None else n_tokens)
 
 
-def resolve_index(hidden_states, *, attention_mask=None, lengths=None, cu_seqlens=None, backend="reference",
-                  strict=True):
+def resolve_index(hidden_states, *, attention_mask=None, lengths=None, cu_seqlens=None, backend="reference"):
     """Validate the pooling inputs' position arguments against ``hidden_states`` and return
     the int64 [B] index of each row's last valid token (global rows for packed input).
 
@@ -300,17 +317,18 @@ def resolve_index(hidden_states, *, attention_mask=None, lengths=None, cu_seqlen
     if hidden_states.dim() == 2:
         if source != "cu_seqlens":
             raise ValueError(f"packed hidden_states [N, H] needs cu_seqlens, got {source}")
-        return _cu_seqlens_index(cu_seqlens, None, hidden_states.shape[0], dev, strict)
+        return _cu_seqlens_arg_index(cu_seqlens, None, hidden_states.shape[0], dev)
     if source == "cu_seqlens":
         raise ValueError(f"cu_seqlens goes with packed hidden_states [N, H], got shape {tuple(hidden_states.shape)}")
     B, T = hidden_states.shape[:2]
     if source == "lengths":
-        return _lengths_index(lengths, B, T, dev, strict)
-    return _mask_index(attention_mask, "attention_mask", B, T, dev, backend, strict)
+        return _lengths_arg_index(lengths, B, T, dev)
+    return _mask_index(attention_mask, "attention_mask", B, T, dev, backend)
 
 
-def check_head(hidden_states, weight, bias):
-    """Checks of a value head (weight [K, H], bias [K] or None) against hidden_states."""
+def check_head(hidden_states, weight, bias, contiguous=True):
+    """Checks of a value head (weight [K, H], bias [K] or None) against hidden_states; with
+    ``contiguous``, a hidden_states without a unit stride on H comes back as a copy that has one."""
     _checks.check_tensor("hidden_states", hidden_states, ndims=(2, 3), dtypes=_checks.FLOAT_DTYPES)
     dev = hidden_states.device
     _checks.check_tensor("weight", weight, ndims=2, dtypes=_checks.FLOAT_DTYPES, device=dev)
@@ -322,7 +340,7 @@ def check_head(hidden_states, weight, bias):
     _checks.check_tensor("bias", bias, ndims=1, dtypes=_checks.FLOAT_DTYPES, device=dev, allow_none=True)
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias must be [K] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if hidden_states.shape[-1] > 1 and hidden_states.stride(-1) != 1:
+    if contiguous and hidden_states.shape[-1] > 1 and hidden_states.stride(-1) != 1:
         hidden_states = hidden_states.contiguous()  # the kernels need a unit stride on H
     return hidden_states
 
@@ -368,10 +386,10 @@ def last_token_index(attention_mask=None, *, input_ids=None, pad_token_id=None, 
     source = _count_given(attention_mask=attention_mask, input_ids=input_ids, lengths=lengths,
                           cu_seqlens=cu_seqlens)
     if source == "lengths":
-        return _lengths_index(lengths, None, None, lengths.device if isinstance(lengths, Tensor) else None, True)
+        return _lengths_arg_index(lengths, None, None, lengths.device if isinstance(lengths, Tensor) else None)
     if source == "cu_seqlens":
         dev = cu_seqlens.device if isinstance(cu_seqlens, Tensor) else None
-        return _cu_seqlens_index(cu_seqlens, None, None, dev, True)
+        return _cu_seqlens_arg_index(cu_seqlens, None, None, dev)
     if source == "input_ids":
         if pad_token_id is None:
             raise ValueError("input_ids needs pad_token_id (the rightmost non-pad token is picked)")
@@ -381,4 +399,4 @@ def last_token_index(attention_mask=None, *, input_ids=None, pad_token_id=None, 
         _checks.check_tensor("attention_mask", attention_mask, ndims=2)
         mask, name = attention_mask, "attention_mask"
     be = _backend.resolve(backend, mask.device)
-    return _mask_index(mask, name, mask.shape[0], mask.shape[1], mask.device, be, True)
+    return _mask_index(mask, name, mask.shape[0], mask.shape[1], mask.device, be)

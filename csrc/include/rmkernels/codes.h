@@ -22,6 +22,8 @@ enum GroupEstimator : int64_t {
   kReinforcePPBaseline = 5,
 };
 
+enum GroupSingle : int64_t { kSingleZero = 0, kSingleSelf = 1 };
+
 // Segment policy of the GPU GAE kernels (rmkernels/_codes.py: SEGMENT_T).
 constexpr int64_t kSegmentT = 4096;
 

@@ -1,0 +1,116 @@
+"""Benchmark critic-free GRPO advantages (``rmk.group_ids`` + ``rmk.group_advantages``) against
+verl's loop (``hf``: the default ``compute_grpo_outcome_advantage``), verl's vectorized GRPO
+(``verl-vec``), plain torch and its torch.compile, on grpo-l / grpo-xl.
+
+    python benchmarks/bench_group_adv.py [--shapes grpo-l grpo-xl] [--quick] [--threads 1]
+
+Every provider gets what verl passes: ``token_level_rewards`` [B, T] fp32 (the score at the
+last valid token), a bool ``response_mask`` [B, T] and ``index``, a numpy object array of uid
+strings (one uuid4-style string per prompt, repeated for its G consecutive responses), and
+the full call is timed, the uid -> group-id mapping included. One more row, ``write-once``,
+times allocating and writing the float32 [B, T] output once (``torch.empty(...).fill_``):
+the floor of BENCHMARKS.md's "<= 1.3x writing [B, T] once" target. ``rmk-<backend>-op`` is
+the op alone (group ids and summed scores given), to compare with that floor. verl's loop is left out
+above 100k responses (it takes ~15 s a call at 1M).
+"""
+try:
+    from benchmarks import _path  # noqa: F401
+except ImportError:
+    import _path  # noqa: F401
+
+import uuid
+
+import numpy as np
+import torch
+
+from benchmarks import baselines, common, shapes, timing
+
+OPS = ("grpo",)
+EPS = 1e-6
+LOOP_MAX_B = 100_000
+
+
+def make_inputs(shape, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, T, G = shape.dims["B"], shape.dims["T"], shape.dims["G"]
+    P = -(-B // G)
+    labels = [str(uuid.UUID(int=int(x))) for x in torch.randint(0, 2**62, (P, 2), generator=g).prod(1).abs()]
+    index = np.array([labels[i // G] for i in range(B)], dtype=object)
+    lengths = torch.randint(max(T // 2, 1), T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).to(device)
+    scores = (torch.rand(B, generator=g) < 0.5).float() + 0.1 * torch.randn(B, generator=g)
+    tlr = torch.zeros(B, T)
+    tlr[torch.arange(B), lengths - 1] = scores
+    return (tlr.to(device), mask, index)
+
+
+def bytes_moved(shape):
+    """The [B, T] token rewards read once (verl sums them), the bool mask read once, the
+    float32 [B, T] advantages written once."""
+    B, T = shape.dims["B"], shape.dims["T"]
+    return {"forward": B * T * 4 + B * T + B * T * 4}
+
+
+def providers(device, B):
+    p = {"verl-vec": lambda r, m, i: baselines.grpo_verl_vectorized(r, m, i, EPS),
+         "torch": lambda r, m, i: baselines.grpo_torch(r, m, i, EPS)}
+    if B <= LOOP_MAX_B:
+        p = {"hf": lambda r, m, i: baselines.grpo_hf(r, m, i, EPS), **p}
+    comp = baselines.compiled("grpo")
+    p["compile"] = lambda r, m, i: comp(r, baselines.uid_ids(i), m, EPS)
+    reference = None
+    if common.has_op("group_advantages"):
+        import rmkernels as rmk
+
+        def rmk_fn(be):
+            def f(r, m, i):
+                ids = rmk.group_ids(i).to(r.device)
+                return rmk.group_advantages(r, ids, m, estimator="grpo", eps=EPS, backend=be).advantages
+            return f
+        def op_only(be):
+            cache = {}
+
+            def f(r, m, i):  # the op alone: ids and summed scores computed once, outside the timing
+                key = (id(r), id(i))
+                if key not in cache:
+                    cache[key] = (rmk.group_ids(i).to(r.device), r.sum(-1))
+                ids, s = cache[key]
+                return rmk.group_advantages(s, ids, m, estimator="grpo", eps=EPS, backend=be).advantages
+            return f
+        for be in common.rmk_backends(device):
+            p[f"rmk-{be}"] = rmk_fn(be)
+            p[f"rmk-{be}-op"] = op_only(be)
+        reference = rmk_fn("reference")
+    return p, reference or p["torch"]
+
+
+def floor_rows(shape, device, quick, log):
+    """``write-once``: allocate the float32 [B, T] output and write it once."""
+    B, T = shape.dims["B"], shape.dims["T"]
+    res = timing.measure_interleaved({"write-once": lambda: torch.empty(B, T, device=device).fill_(1.0)},
+                                     device=device, reps=3 if quick else 15, warmup=1 if quick else 3,
+                                     max_time_s=1.0 if quick else 10.0)
+    env = common.env_fields(device)
+    med, p20, p80 = res["write-once"]
+    log(f"  grpo     {shape.name:7s} forward  ms/call: write-once {med:.4g}")
+    return [dict(op="grpo", shape=shape.name, dims=shape.dims_str(), dtype=shape.dtype, provider="write-once",
+                 mode="forward", metric="call_ms", median=med, p20=p20, p80=p80, unit="ms", bytes=B * T * 4,
+                 note="floor: torch.empty(B, T).fill_(1.0)", **env)]
+
+
+def run(op="grpo", device="cpu", shapes=None, quick=False, tiny=False, only=None, log=common.log):
+    rows = []
+    for shape in shapes_mod.for_op(op, device, shapes, tiny):
+        prov, ref = providers(device, shape.dims["B"])
+        prov = common.select(prov, only)
+        inputs = make_inputs(shape, device)
+        rows += common.bench_shape(op, shape, prov, inputs, grad_idx=(), reference=ref, device=device,
+                                   bytes_per_mode=bytes_moved(shape), quick=quick, log=log)
+        rows += floor_rows(shape, device, quick, log)
+    return rows
+
+
+shapes_mod = shapes
+
+if __name__ == "__main__":
+    common.standalone_main(__import__(__name__))

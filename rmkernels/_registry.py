@@ -1,0 +1,167 @@
+"""The op registry: every ``torch.ops.rmkernels`` op built from one declaration.
+
+An op family declares (in ``rmkernels/ops/<family>.py``):
+
+* its kernels, ``Kernel(name, reference=..., triton="module:function", fake=...)``: one
+  computation with one implementation per backend, all with the kernel op's signature (its
+  schema is ``ops/_schemas.py``'s ``KERNEL_OPS[name]``). The registry defines the kernel op
+  ``rmkernels::<name>`` (whose CPU/CUDA implementations ``_C`` registers) and its fake;
+  calling ``kernel(backend, *args)`` runs the reference, the Triton host function
+  (``rmkernels.triton.<module>.<function>``, imported on first use) or the kernel op.
+* its public ops, ``Op(name, fake=..., kernel=..., prepare=..., check=..., autograd=...)``
+  (or ``body=`` for an op composed of others' routing): the registry defines the
+  ``torch.library.custom_op`` ``rmkernels::<name>`` with the schema ``PUBLIC_OPS[name]`` plus a
+  trailing ``str backend``, its fake, its autograd (``Autograd``: the backward op's name, a
+  ``setup_context`` and a backward that calls the backward op), and the eager fast path
+  (``rmkernels._library.eager_fast_path``). The op is then called as ``op(*args, backend)``.
+
+The custom op's body checks ``backend`` and runs the declaration's ``check`` hook (argument
+sizes, dtypes, devices, and the data checks of CPU tensors) before routing, for every
+backend: a direct ``torch.ops.rmkernels.<name>(...)`` call with bad arguments raises a clear
+``ValueError``/``TypeError`` naming the argument, and the data checks run in every mode
+(eager, ``torch.compile``, export). The eager fast path skips the hook: the public function
+has already checked the same arguments.
+"""
+import importlib
+import inspect
+from functools import partial
+
+import torch
+
+from rmkernels._library import eager_fast_path, lib
+from rmkernels.ops._schemas import KERNEL_OPS, NO_BACKEND, PUBLIC_OPS
+
+ROUTED_BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+KERNELS = {}  # name -> Kernel
+OPS = {}  # name -> Op
+
+_triton_modules = {}
+
+
+def triton_function(spec):
+    """The Triton host function ``"module:function"`` of ``rmkernels.triton``, its module
+    imported on first use (importing triton costs seconds; ``import rmkernels`` never does)."""
+    module, function = spec.split(":")
+    mod = _triton_modules.get(module)
+    if mod is None:
+        mod = _triton_modules[module] = importlib.import_module(f"rmkernels.triton.{module}")
+    return getattr(mod, function)
+
+
+def _arg_names(schema):
+    return [a.name for a in torch._C.parse_schema(f"x{schema}").arguments]
+
+
+def _with_backend(schema):
+    args, ret = schema.split(") -> ", 1)
+    return f"{args}, str backend) -> {ret}" if args != "(" else f"(str backend) -> {ret}"
+
+
+class Kernel:
+    """One computation, one implementation per backend (see the module docstring)."""
+
+    def __init__(self, name, *, reference, triton, fake):
+        lib.define(name + KERNEL_OPS[name])
+        torch.library.register_fake(f"rmkernels::{name}", fake, lib=lib)
+        self.name = name
+        self.reference = reference
+        self.triton = triton
+        self.op = getattr(torch.ops.rmkernels, name).default
+        KERNELS[name] = self
+
+    def __call__(self, backend, *args):
+        if backend == "reference":
+            return self.reference(*args)
+        if backend == "triton":
+            return triton_function(self.triton)(*args)
+        return self.op(*args)  # cpu / cuda: the dispatcher picks the tensors' device
+
+    def __repr__(self):
+        return f"Kernel({self.name!r}, triton={self.triton!r})"
+
+
+class Autograd:
+    """The autograd of a public op: ``backward_op`` (the public op of the backward),
+    ``setup_context(ctx, inputs, output)`` as ``register_autograd`` takes it, and
+    ``backward(call_backward, ctx, *grads)``, where ``call_backward`` is the backward op (the
+    op path) or its body (the eager fast path)."""
+
+    def __init__(self, backward_op, setup_context, backward):
+        self.backward_op = backward_op
+        self.setup_context = setup_context
+        self.backward = backward
+
+
+def check_backend(backend):
+    if backend not in ROUTED_BACKENDS:
+        raise ValueError(f"backend must be one of {ROUTED_BACKENDS} when an op is called directly, got {backend!r}")
+
+
+class Op:
+    """A public op ``rmkernels::<name>`` (see the module docstring).
+
+    ``kernel`` with ``prepare(*args) -> kernel args`` (default: the op's own arguments) makes
+    the body ``kernel(backend, *prepare(*args))``; ``body(*args, backend)`` replaces that for
+    ops composed of other ops' routing (``OPS[name].body``). ``check(*args, backend)`` is the
+    argument-check hook of direct calls.
+    """
+
+    def __init__(self, name, *, fake, kernel=None, prepare=None, body=None, check=None, autograd=None):
+        self.name = name
+        has_backend = name not in NO_BACKEND
+        schema = _with_backend(PUBLIC_OPS[name]) if has_backend else PUBLIC_OPS[name]
+        names = _arg_names(schema)
+        if body is None:
+            if prepare is None:
+                def body(*args):
+                    return kernel(args[-1], *args[:-1])
+            else:
+                def body(*args):
+                    return kernel(args[-1], *prepare(*args[:-1]))
+        self.body = body
+        self.kernel = kernel
+
+        def op_body(*args, **kwargs):
+            if kwargs:
+                args = _bind(name, names, args, kwargs)
+            if has_backend:
+                check_backend(args[-1])
+            if check is not None:
+                check(*args)
+            return body(*args)
+
+        op_body.__name__ = name
+        op_body.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+        custom = torch.library.custom_op(f"rmkernels::{name}", op_body, mutates_args=(), schema=schema)
+        custom.register_fake(fake)
+        self.custom_op = custom
+        self.op = getattr(torch.ops.rmkernels, name)
+        if autograd is None:
+            self._call = eager_fast_path(self.op, body)
+        else:
+            backward_op = OPS[autograd.backward_op]
+            custom.register_autograd(partial(autograd.backward, getattr(torch.ops.rmkernels, backward_op.name)),
+                                     setup_context=autograd.setup_context)
+            self._call = eager_fast_path(self.op, body, autograd.setup_context,
+                                         partial(autograd.backward, backward_op.body))
+        OPS[name] = self
+
+    def __call__(self, *args):
+        """The op, or its body in plain eager mode (``rmkernels._library.eager_fast_path``)."""
+        return self._call(*args)
+
+    def __repr__(self):
+        return f"Op({self.name!r})"
+
+
+def _bind(name, names, args, kwargs):
+    out = list(args)
+    for n in names[len(args):]:
+        if n not in kwargs:
+            raise TypeError(f"rmkernels::{name}() missing argument {n!r}")
+        out.append(kwargs.pop(n))
+    if kwargs:
+        raise TypeError(f"rmkernels::{name}() got unexpected arguments {sorted(kwargs)}")
+    return tuple(out)

@@ -1,0 +1,63 @@
+"""OpenRLHF's critic-free reward shaping (``--advantage_estimator rloo | reinforce_baseline |
+dr_grpo | group_norm``), on :func:`rmkernels.group_advantages`.
+
+OpenRLHF (0.11, ``experience_maker.py``) shapes the sequence rewards before the returns: it
+reshapes the batch's rewards (in prompt order) to ``[-1, n_samples_per_prompt]`` and, per row
+of that view,
+
+* ``rloo``: ``r - (sum - r) / (n - 1)`` (= the leave-one-out advantage ``(n r - sum) / (n - 1)``);
+* ``reinforce_baseline``, ``dr_grpo``: ``r - mean``;
+* ``group_norm``: ``(r - mean) / (std + 1e-9)`` (unbiased std).
+
+:func:`shape_rewards` returns those shaped rewards, flat, in the same order. Conventions kept:
+groups are consecutive blocks of ``n_samples_per_prompt`` (group ids ``arange(N) // n``, no
+labels); eps 1e-9 added to the unbiased std; rewards in at least float32. The returns and the
+global whitening that follow in OpenRLHF (``get_cumulative_returns``, the population-variance
+normalisation of ``reinforce_baseline``) are :mod:`rmkernels.integrations.openrlhf`'s.
+
+Where the numbers differ: with ``n_samples_per_prompt == 1`` every shaped reward is 0 (groups
+of one are their own baseline, ``single="self"``); OpenRLHF's ``rloo`` and ``group_norm``
+divide 0 by 0 there (NaN). Estimators without shaping (``gae``, ``reinforce``) return the
+rewards unchanged, as OpenRLHF does.
+"""
+import torch
+
+import rmkernels as rmk
+
+__all__ = ["SHAPED_ESTIMATORS", "shape_rewards"]
+
+# OpenRLHF's estimator -> (group_advantages estimator, eps)
+_SHAPING = {"rloo": ("rloo", 0.0), "reinforce_baseline": ("dr_grpo", 0.0), "dr_grpo": ("dr_grpo", 0.0),
+            "group_norm": ("grpo", 1e-9)}
+SHAPED_ESTIMATORS = tuple(_SHAPING)
+_UNSHAPED = ("gae", "reinforce")
+
+
+def shape_rewards(rewards, n_samples_per_prompt, advantage_estimator):
+    """The shaped sequence rewards of OpenRLHF's ``advantage_estimator`` (module docstring).
+
+    Args:
+        rewards: ``[N]`` (or ``[N, 1]``) sequence rewards, prompt-major: responses ``i * n ..
+            (i + 1) * n - 1`` answer prompt ``i``. N must be a multiple of n.
+        n_samples_per_prompt: n, the responses per prompt.
+        advantage_estimator: ``"rloo"``, ``"reinforce_baseline"``, ``"dr_grpo"``,
+            ``"group_norm"`` (or ``"gae"`` / ``"reinforce"``: no shaping).
+
+    Returns: ``[N]`` shaped rewards, float32 (float64 for float64 rewards).
+    """
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if isinstance(n_samples_per_prompt, bool) or not isinstance(n_samples_per_prompt, int) or n_samples_per_prompt < 1:
+        raise ValueError(f"n_samples_per_prompt must be a positive int, got {n_samples_per_prompt!r}")
+    r = rewards.reshape(-1)
+    if r.shape[0] % n_samples_per_prompt:
+        raise ValueError(f"rewards must hold a multiple of n_samples_per_prompt = {n_samples_per_prompt} rewards, "
+                         f"got {r.shape[0]}")
+    if advantage_estimator in _UNSHAPED:
+        return r.to(torch.promote_types(r.dtype, torch.float32))
+    if advantage_estimator not in _SHAPING:
+        raise ValueError(f"advantage_estimator must be one of {SHAPED_ESTIMATORS + _UNSHAPED}, "
+                         f"got {advantage_estimator!r}")
+    est, eps = _SHAPING[advantage_estimator]
+    ids = torch.arange(r.shape[0], device=r.device) // n_samples_per_prompt
+    return rmk.group_advantages(r, ids, estimator=est, eps=eps, single="self").seq_advantages

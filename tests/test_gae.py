@@ -1,0 +1,245 @@
+"""The building blocks (docs/ops.md, "Building blocks"): ``rmk.gae`` over given token rewards
+and ``rmk.kl_estimate``.
+
+The reference against plain per-row loops written from the formulas; every backend against
+the reference (ragged sizes, every mask kind, strided and mixed-dtype inputs); both against
+``rmk.ppo_advantages`` (which is KL + score + GAE + whitening); opcheck, torch.compile, bad
+inputs. Triton tests run under TRITON_INTERPRET=1 in their own process (``-m triton``).
+"""
+import math
+
+import pytest
+import torch
+from test_ppo import ESTIMATORS, MASK_KINDS, make_mask
+from utils import assert_close, backend_params, skip_unless_available, tolerance
+
+import rmkernels as rmk
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def sample_inputs(B, T, dtype=torch.float32, device="cpu", kind="holes"):
+    """(token_rewards, values, mask, logprobs, ref_logprobs) of one test case."""
+    g = torch.Generator().manual_seed(B * 1000 + T)
+    rewards = torch.randn(B, T, generator=g).to(device, dtype)
+    values = torch.randn(B, T, generator=g).to(device, dtype)
+    lp = (-torch.rand(B, T, generator=g) * 3).to(device, dtype)
+    ref = (lp.float().cpu() + 0.7 * torch.randn(B, T, generator=g)).to(device, dtype)
+    return rewards, values, make_mask(kind, B, T, device), lp, ref
+
+
+def _shape(backend):
+    return [(4, 45), (3, 17)] if backend == "triton" else [(9, 97), (5, 1025), (7, 59), (1, 1)]
+
+
+def loop_gae(rewards, values, mask, gamma, lam):
+    """verl's mask-aware GAE, one row and one position at a time, in float64."""
+    r, v, m = rewards.double().cpu(), values.double().cpu(), mask.cpu()
+    adv = torch.zeros_like(r)
+    for b in range(r.shape[0]):
+        next_v = next_a = 0.0
+        for t in reversed(range(r.shape[1])):
+            if not m[b, t]:
+                continue
+            a = float(r[b, t]) + gamma * next_v - float(v[b, t]) + gamma * lam * next_a
+            adv[b, t] = a
+            next_v, next_a = float(v[b, t]), a
+    return adv, torch.where(m, adv + v, torch.zeros(()).double())
+
+
+def loop_kl(lp, ref, estimator, clamp=None):
+    x = (lp.double() - ref.double()).cpu()
+    if estimator == "low_var_kl":
+        x = x.clamp(-20, 20)
+        clamp = 10.0 if clamp is None else min(clamp, 10.0)
+    out = torch.empty_like(x)
+    for i, xi in enumerate(x.flatten().tolist()):
+        out.view(-1)[i] = {"k1": xi, "kl": xi, "abs": abs(xi), "k2": 0.5 * xi * xi, "mse": 0.5 * xi * xi,
+                           "k3": math.exp(-xi) - 1 + xi, "low_var_kl": math.exp(-xi) - 1 + xi}[estimator]
+    return out.clamp(-clamp, clamp) if clamp is not None else out
+
+
+# ---------------------------------------------------------------------------------------
+# The reference is the formula
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0)])
+def test_reference_gae_is_the_loop(kind, gamma, lam):
+    rewards, values, mask, _, _ = sample_inputs(6, 23, torch.float64, kind=kind)
+    adv, ret = rmk.gae(rewards, values, mask, gamma=gamma, lam=lam, backend="reference")
+    exp_adv, exp_ret = loop_gae(rewards, values, mask, gamma, lam)
+    assert_close(adv, exp_adv, rtol=1e-12, atol=1e-12, name="advantages")
+    assert_close(ret, exp_ret, rtol=1e-12, atol=1e-12, name="returns")
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("clamp", [None, 0.3])
+def test_reference_kl_is_the_formula(estimator, clamp):
+    _, _, mask, lp, ref = sample_inputs(5, 31, torch.float64)
+    ref = ref * 10  # big log-ratios: the low_var_kl clamps are active
+    out = rmk.kl_estimate(lp, ref, mask, estimator=estimator, clamp=clamp, backend="reference")
+    exp = torch.where(mask, loop_kl(lp, ref, estimator, clamp), torch.zeros(()).double())
+    assert_close(out, exp, rtol=1e-12, atol=1e-12)
+    unmasked = rmk.kl_estimate(lp, ref, estimator=estimator, clamp=clamp, backend="reference")
+    assert_close(unmasked, loop_kl(lp, ref, estimator, clamp), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_ppo_advantages_is_kl_score_gae_whitening(backend, device):
+    """ppo_advantages = kl_estimate + the score at the last valid token + gae (+ whitening)."""
+    skip_unless_available(backend, device)
+    rewards, values, mask, lp, ref = sample_inputs(6, 40, torch.float64, device)
+    scores = torch.randn(6, dtype=torch.float64, device=device)
+    out = rmk.ppo_advantages(lp, ref, values, scores, mask, kl_coef=0.1, gamma=0.9, lam=0.8, kl_estimator="k3",
+                             whiten=False, backend=backend)
+    kl = rmk.kl_estimate(lp, ref, mask, estimator="k3", backend=backend)
+    assert_close(out.kl, kl, rtol=1e-12, atol=1e-12, name="kl")
+    adv, ret = rmk.gae(out.rewards, values, mask, gamma=0.9, lam=0.8, backend=backend)
+    assert_close(out.advantages, adv, rtol=1e-12, atol=1e-12, name="advantages")
+    assert_close(out.returns, ret, rtol=1e-12, atol=1e-12, name="returns")
+
+
+# ---------------------------------------------------------------------------------------
+# Every backend against the reference
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_gae_matches_reference(backend, device, dtype, kind):
+    skip_unless_available(backend, device)
+    rtol, atol = tolerance(dtype)
+    for B, T in _shape(backend):
+        rewards, values, mask, _, _ = sample_inputs(B, T, dtype, device, kind)
+        for gamma, lam in ((1.0, 0.95), (0.97, 1.0)):
+            out = rmk.gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
+            exp = rmk.gae(rewards.double(), values.double(), mask, gamma=gamma, lam=lam, backend="reference")
+            for o, e, name in zip(out, exp, ("advantages", "returns")):
+                assert o.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+                assert o.is_contiguous()
+                # the recurrence sums up to T terms: the tolerance grows with sqrt(T)
+                assert_close(o, e, rtol=rtol * 4, atol=atol * math.sqrt(T) * 4, name=f"{name} {B}x{T}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_kl_estimate_matches_reference(backend, device, dtype, estimator):
+    skip_unless_available(backend, device)
+    rtol, atol = tolerance(dtype)
+    for B, T in _shape(backend):
+        _, _, mask, lp, ref = sample_inputs(B, T, dtype, device)
+        for clamp, m in ((None, mask), (0.5, None)):
+            out = rmk.kl_estimate(lp, ref, m, estimator=estimator, clamp=clamp, backend=backend)
+            exp = rmk.kl_estimate(lp.double(), ref.double(), m, estimator=estimator, clamp=clamp,
+                                  backend="reference")
+            assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert_close(out, exp, rtol=rtol, atol=atol, name=f"{estimator} {B}x{T} clamp={clamp}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_strided_and_mixed_inputs(backend, device):
+    """Transposed / sliced inputs and int/float masks give what contiguous ones do; mixed
+    dtypes are brought to one."""
+    skip_unless_available(backend, device)
+    B, T = (4, 33) if backend == "triton" else (7, 70)
+    rewards, values, mask, lp, ref = sample_inputs(B, T, torch.float32, device)
+    wide = torch.randn(T, 2 * B, device=device)
+    r_t = wide[:, ::2].t()  # [B, T], neither stride is 1
+    r_t.copy_(rewards)
+    exp = rmk.gae(rewards, values, mask, backend=backend)
+    for got in (rmk.gae(r_t, values, mask.int(), backend=backend),
+                rmk.gae(rewards, values.t().contiguous().t(), mask.float(), backend=backend)):
+        for g, e in zip(got, exp):
+            assert torch.equal(g, e)
+    mixed = rmk.gae(rewards.bfloat16(), values, mask, backend=backend)
+    expm = rmk.gae(rewards.bfloat16().float(), values, mask, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(mixed, expm))
+    kl = rmk.kl_estimate(lp.t().contiguous().t(), ref, mask, estimator="k3", backend=backend)
+    assert torch.equal(kl, rmk.kl_estimate(lp, ref, mask, estimator="k3", backend=backend))
+    # any rank >= 1: rows of the last dim
+    kl3 = rmk.kl_estimate(lp.reshape(B, 1, T), ref.reshape(B, 1, T), estimator="k2", backend=backend)
+    assert kl3.shape == (B, 1, T)
+    assert torch.equal(kl3.reshape(B, T), rmk.kl_estimate(lp, ref, estimator="k2", backend=backend))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_empty_and_no_gradient(backend, device):
+    skip_unless_available(backend, device)
+    for B, T in ((0, 5), (3, 0)):
+        r = torch.randn(B, T, device=device, requires_grad=True)
+        adv, ret = rmk.gae(r, r, torch.ones(B, T, dtype=torch.bool, device=device), backend=backend)
+        assert adv.shape == ret.shape == (B, T) and not adv.requires_grad
+        kl = rmk.kl_estimate(r, r, backend=backend)
+        assert kl.shape == (B, T) and not kl.requires_grad
+
+
+# ---------------------------------------------------------------------------------------
+# opcheck, compile, errors
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck(backend):
+    skip_unless_available(backend, "cpu")
+    rewards, values, mask, lp, ref = sample_inputs(3, 11)
+    torch.library.opcheck(torch.ops.rmkernels.gae.default, (rewards, values, mask, 0.9, 0.95, backend))
+    for m in (mask, None):
+        torch.library.opcheck(torch.ops.rmkernels.kl_estimate.default, (lp, ref, m, "low_var_kl", 3.0, backend))
+        torch.library.opcheck(torch.ops.rmkernels.kl_estimate.default, (lp, ref, m, "k1", None, backend))
+    if backend == "cpu":
+        torch.library.opcheck(torch.ops.rmkernels.gae_kernel.default, (rewards, values, mask, 0.9, 0.95))
+        torch.library.opcheck(torch.ops.rmkernels.kl_estimate_kernel.default, (lp, ref, mask, 3, 20.0, 10.0))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compile_fullgraph(backend):
+    skip_unless_available(backend, "cpu")
+    torch._dynamo.reset()
+    rewards, values, mask, lp, ref = sample_inputs(4, 19)
+
+    def f(r, v, m, lp, ref):
+        adv, ret = rmk.gae(r, v, m, gamma=0.9, backend=backend)
+        return adv, ret, rmk.kl_estimate(lp, ref, m, estimator="k3", clamp=2.0, backend=backend)
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(rewards, values, mask, lp, ref)
+    for g, e in zip(got, f(rewards, values, mask, lp, ref)):
+        assert torch.equal(g, e)
+
+
+BAD = [
+    (lambda r, v, m: rmk.gae(r[0], v, m), ValueError, "token_rewards must be 2-D"),
+    (lambda r, v, m: rmk.gae(r, v[:, 1:], m), ValueError, "values must have shape"),
+    (lambda r, v, m: rmk.gae(r, v, m[:, 1:]), ValueError, "mask must have shape"),
+    (lambda r, v, m: rmk.gae(r.long(), v, m), TypeError, "token_rewards must have dtype"),
+    (lambda r, v, m: rmk.gae(r, v, m, gamma=-1.0), ValueError, "gamma must be in"),
+    (lambda r, v, m: rmk.gae(r, v, m, lam=1.5), ValueError, "lam must be in"),
+    (lambda r, v, m: rmk.gae(r, v, m, lam="0.9"), TypeError, "lam must be a float"),
+    (lambda r, v, m: rmk.gae(r, v, m, backend="fast"), ValueError, "backend must be one of"),
+    (lambda r, v, m: rmk.kl_estimate(r, v[:, 1:]), ValueError, "ref_logprobs must have shape"),
+    (lambda r, v, m: rmk.kl_estimate(r, v, m[:1]), ValueError, "mask must have shape"),
+    (lambda r, v, m: rmk.kl_estimate(r, v, estimator="k4"), ValueError, "estimator must be one of"),
+    (lambda r, v, m: rmk.kl_estimate(r, v, estimator=3), TypeError, "estimator must be a str"),
+    (lambda r, v, m: rmk.kl_estimate(r, v, clamp=0.0), ValueError, "clamp must be in"),
+    (lambda r, v, m: rmk.kl_estimate(r[0, 0], v[0, 0]), ValueError, "logprobs must be at least 1-D"),
+    (lambda r, v, m: rmk.kl_estimate(r, v.double()[None]), ValueError, "ref_logprobs must have shape"),
+]
+
+
+@pytest.mark.parametrize("fn,exc,match", BAD)
+def test_bad_inputs(fn, exc, match):
+    r, v = torch.randn(3, 8), torch.randn(3, 8)
+    with pytest.raises(exc, match=match):
+        fn(r, v, torch.ones(3, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_direct_op_calls_check_their_arguments(backend):
+    """torch.ops.rmkernels.gae / kl_estimate called directly: a clear error naming the
+    argument, before any kernel, on every backend."""
+    r, v, m = torch.randn(3, 8), torch.randn(3, 8), torch.ones(3, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="values must have shape"):
+        torch.ops.rmkernels.gae(r, v[:2], m, 1.0, 0.95, backend)
+    with pytest.raises(TypeError, match="mask must have dtype"):
+        torch.ops.rmkernels.gae(r, v, m.int(), 1.0, 0.95, backend)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        torch.ops.rmkernels.kl_estimate(r, v, m, "k9", None, backend)
+    with pytest.raises(TypeError, match="ref_logprobs must have dtype"):
+        torch.ops.rmkernels.kl_estimate(r, v.double(), None, "k1", None, backend)

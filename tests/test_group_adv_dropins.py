@@ -1,0 +1,154 @@
+"""The critic-free drop-ins (rmkernels.integrations.verl / openrlhf_critic_free /
+trl_critic_free) against the frameworks' published formulas, written here as the frameworks
+write them (verl 0.9 core_algos.py, OpenRLHF 0.11 experience_maker.py, TRL 1.x GRPOTrainer /
+RLOOTrainer). The same drop-ins were compared against the real verl 0.9.1 functions outside
+CI (see the group-advantages section of the README)."""
+import types
+
+import numpy as np
+import pytest
+import torch
+from test_group_advantages import (
+    make_groups,
+    make_mask,
+    verl_loop,
+    verl_reinforce_pp_returns,
+)
+from utils import assert_close
+
+from rmkernels.integrations import openrlhf_critic_free as orl
+from rmkernels.integrations import trl_critic_free as trl
+from rmkernels.integrations import verl as rv
+
+
+def _batch(B=83, T=21):
+    ids = make_groups(B)
+    index = np.array([f"{int(i):08x}-uid" for i in ids], dtype=object)
+    mask = make_mask(B, T)
+    mask[:, 0] = True  # every response has a token (verl's opo would give 0/0 otherwise)
+    tlr = torch.zeros(B, T)
+    tlr[:, -1] = (torch.rand(B) < 0.5).float() + 0.3 * torch.randn(B) * (torch.rand(B) < 0.5)
+    tlr += 0.01 * torch.randn(B, T) * mask
+    return tlr, mask.float(), index
+
+
+VERL = [("compute_grpo_outcome_advantage", "grpo", {}),
+        ("compute_grpo_vectorized_outcome_advantage", "grpo", {}),
+        ("compute_rloo_outcome_advantage", "rloo", {}),
+        ("compute_opo_outcome_advantage", "opo", {}),
+        ("compute_gpg_outcome_advantage", "gpg", {"f_norm": 2.0}),
+        ("compute_reinforce_plus_plus_baseline_outcome_advantage", "reinforce_pp_baseline", {})]
+
+
+@pytest.mark.parametrize("name,estimator,kw", VERL, ids=[v[0] for v in VERL])
+def test_verl_group_estimators(name, estimator, kw):
+    tlr, mask, index = _batch()
+    adv, ret = getattr(rv, name)(tlr, mask, index, **kw)
+    expect = verl_loop(tlr, mask, index, estimator, **kw)
+    tol = 2e-4 if estimator in ("grpo", "reinforce_pp_baseline") else 2e-6  # float32 std of small groups
+    assert_close(adv, expect, rtol=tol, atol=tol, name=name)
+    assert adv is ret
+
+
+def test_verl_dr_grpo_and_rloo_vectorized():
+    tlr, mask, index = _batch()
+    adv, _ = rv.compute_grpo_outcome_advantage(tlr, mask, index, norm_adv_by_std_in_grpo=False)
+    assert_close(adv, verl_loop(tlr, mask, index, "dr_grpo"), rtol=2e-6, atol=2e-6, name="dr_grpo")
+    # verl's rloo_vectorized: ((c * s - sum) / (c - 1).clamp_min(1)) * (c > 1): groups of one get 0
+    scores = tlr.sum(-1)
+    inv = torch.from_numpy(np.unique(index, return_inverse=True)[1])
+    c = torch.bincount(inv)[inv].float()
+    expect = ((c * scores - torch.bincount(inv, weights=scores)[inv]) / (c - 1).clamp_min(1)) * (c > 1)
+    adv, _ = rv.compute_rloo_vectorized_outcome_advantage(tlr, mask, index)
+    assert_close(adv, expect.unsqueeze(-1) * mask, rtol=2e-6, atol=2e-6, name="rloo_vectorized")
+
+
+def test_verl_reinforce_pp_and_remax():
+    tlr, mask, _ = _batch()
+    cfg = types.SimpleNamespace(gamma=0.97)
+    adv, ret = rv.compute_reinforce_plus_plus_outcome_advantage(tlr, mask, config=cfg)
+    want_ret = verl_reinforce_pp_returns(tlr, mask, 0.97)
+    assert_close(ret, want_ret, rtol=1e-6, atol=1e-6, name="returns")
+    n = mask.sum()
+    mean = (want_ret * mask).sum() / n
+    var = (((want_ret - mean) ** 2) * mask).sum() / (n - 1)
+    assert_close(adv, (want_ret - mean) * torch.rsqrt(var + 1e-8) * mask, rtol=1e-5, atol=1e-5, name="whitened")
+    with pytest.raises(TypeError, match="config"):
+        rv.compute_reinforce_plus_plus_outcome_advantage(tlr, mask)
+    base = torch.randn(tlr.shape[0])
+    adv, ret = rv.compute_remax_outcome_advantage(tlr, base, mask)
+    want_ret = (tlr * mask).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+    assert_close(ret, want_ret, rtol=1e-6, atol=1e-6, name="remax returns")
+    assert_close(adv, want_ret - base.unsqueeze(-1) * mask, rtol=1e-6, atol=1e-6, name="remax advantages")
+
+
+def test_verl_errors():
+    tlr, mask, index = _batch(B=6)
+    with pytest.raises(TypeError, match="index"):
+        rv.compute_grpo_outcome_advantage(tlr, mask, None)
+    with pytest.raises(ValueError, match="index"):
+        rv.compute_grpo_outcome_advantage(tlr, mask, index[:5])
+    with pytest.raises(ValueError, match="response_mask"):
+        rv.compute_rloo_outcome_advantage(tlr, mask[:, :3], index)
+
+
+@pytest.mark.parametrize("mode", ["rloo", "reinforce_baseline", "dr_grpo", "group_norm", "gae"])
+@pytest.mark.parametrize("n", [1, 4])
+def test_openrlhf_shaping(mode, n):
+    P = 13
+    raw = torch.randn(n * P)
+    rewards = raw.reshape(-1, n)
+    if mode == "rloo":  # OpenRLHF experience_maker.py, as written there
+        baseline = (rewards.sum(-1, keepdim=True) - rewards) / (n - 1) if n > 1 else None
+        expect = rewards - baseline if n > 1 else torch.zeros_like(rewards)
+    elif mode in ("reinforce_baseline", "dr_grpo"):
+        expect = rewards - rewards.mean(-1, keepdim=True)
+    elif mode == "group_norm":
+        expect = (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9) if n > 1 \
+            else torch.zeros_like(rewards)  # OpenRLHF: 0/0 NaN; here 0 (documented)
+    else:
+        expect = rewards
+    got = orl.shape_rewards(raw, n, mode)
+    assert_close(got, expect.reshape(-1), rtol=1e-5, atol=1e-5, name=mode)
+    with pytest.raises(ValueError, match="n_samples_per_prompt"):
+        orl.shape_rewards(torch.randn(7), 2, mode)
+    with pytest.raises(ValueError, match="advantage_estimator"):
+        orl.shape_rewards(raw, n, "ppo")
+
+
+def _nanstd(t, dim=None):  # TRL's nanstd for finite input: the unbiased std
+    return t.std() if dim is None else t.std(dim)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none", True, False])
+@pytest.mark.parametrize("G", [1, 8])
+def test_trl_grpo(scale, G):
+    rewards = torch.randn(G * 7)
+    mean = rewards.view(-1, G).mean(1).repeat_interleave(G)  # TRL GRPOTrainer, as written there
+    mode = {True: "group", False: "none"}.get(scale, scale)
+    if mode == "batch":
+        std = _nanstd(rewards).expand_as(rewards)
+    elif G > 1:
+        std = _nanstd(rewards.view(-1, G), 1).repeat_interleave(G)
+    else:
+        std = torch.zeros_like(rewards)
+    expect = rewards - mean
+    if mode != "none":
+        expect = expect / (std + 1e-4)
+    assert_close(trl.grpo_advantages(rewards, G, scale), expect, rtol=1e-5, atol=1e-5, name=str(scale))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("G", [1, 4])
+def test_trl_rloo(normalize, G):
+    rewards = torch.randn(G * 9)
+    grouped = rewards.view(-1, G)  # TRL RLOOTrainer, as written there (finite rewards)
+    if G > 1:
+        adv = rewards - ((grouped.sum(1, keepdim=True) - grouped) / (G - 1)).view(-1)
+    else:
+        adv = torch.zeros_like(rewards)
+    if normalize:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-4)
+    assert_close(trl.rloo_advantages(rewards, G, normalize), adv, rtol=1e-5, atol=1e-5, name="rloo")
+    with pytest.raises(ValueError, match="num_generations"):
+        trl.rloo_advantages(rewards, 0)

@@ -1,0 +1,435 @@
+"""Critic-free group advantages and REINFORCE++ returns (SPEC section 5).
+
+The reference is checked against the frameworks' published formulas, written here as they
+are written there (verl 0.9's per-response loops with uid dictionaries, OpenRLHF's
+``reshape(-1, n)`` group statistics); each backend is checked against the reference on
+ragged batches (random group sizes in any order, groups of one, scores [B] or token rewards
+[B, T], masks with holes, empty rows, non-contiguous masks), every estimator and option,
+fp32/fp64/bf16; NaN isolation, empty batches, opcheck, torch.compile, the eager path, bad
+inputs, and ``rmk.group_ids``.
+
+Triton tests run under TRITON_INTERPRET=1 in their own process (``-m triton``).
+"""
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from utils import assert_close, backend_params, skip_unless_available, tolerance
+
+import rmkernels as rmk
+from rmkernels.ops import group_adv as gops
+
+ESTIMATORS = ["grpo", "dr_grpo", "rloo", "opo", "gpg", "reinforce_pp_baseline"]
+SINGLES = ["zero", "self"]
+
+
+def make_groups(B, *, max_size=6, shuffle=True):
+    """int64 ids in [0, B): random group sizes (groups of one included), ids drawn sparse
+    (not 0..G-1) and rows in random order."""
+    sizes = []
+    while sum(sizes) < B:
+        sizes.append(int(torch.randint(1, max_size + 1, ()).item()))
+    sizes[-1] -= sum(sizes) - B
+    labels = torch.randperm(B)[:len(sizes)]  # sparse ids in [0, B)
+    ids = torch.cat([torch.full((s,), int(lab)) for s, lab in zip(sizes, labels) if s > 0]) if B else \
+        torch.zeros(0, dtype=torch.int64)
+    if shuffle and B:
+        ids = ids[torch.randperm(B)]
+    return ids
+
+
+def make_mask(B, T, kind="holes"):
+    if T == 0:
+        return torch.zeros(B, 0, dtype=torch.bool)
+    pos = torch.arange(T).expand(B, T)
+    lengths = torch.randint(0, T + 1, (B,))
+    if kind == "right":
+        m = pos < lengths[:, None]
+    elif kind == "left":
+        m = pos >= (T - lengths)[:, None]
+    else:
+        m = (torch.rand(B, T) < 0.7) & (pos < lengths[:, None])
+    if B >= 2:
+        m[0] = False  # an empty row
+        m[1] = True  # a full row
+    return m
+
+
+def make_scores(B, T=None, dtype=torch.float32):
+    """Scores with ties and exact zeros (gpg counts nonzeros, groups with zero variance)."""
+    base = torch.randint(-2, 3, (B,)).float() * 0.5 + (torch.rand(B) < 0.5) * torch.randn(B)
+    if T is None:
+        return base.to(dtype)
+    tok = torch.zeros(B, T)
+    if T:
+        tok[:, -1] = base
+        tok += (torch.rand(B, T) < 0.1) * 0.1 * torch.randn(B, T)
+    return tok.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The frameworks' published formulas (verl 0.9 core_algos.py loops, OpenRLHF, TRL)
+# ---------------------------------------------------------------------------------------
+def verl_loop(token_level_rewards, response_mask, index, estimator, epsilon=1e-6, f_norm=1.0):
+    """verl's compute_{grpo,rloo,opo,gpg,reinforce_plus_plus_baseline}_outcome_advantage."""
+    scores = token_level_rewards.sum(dim=-1)
+    response_length = response_mask.sum(dim=-1)
+    id2score, id2len = defaultdict(list), defaultdict(list)
+    bsz = scores.shape[0]
+    m = torch.count_nonzero(scores)
+    alpha = bsz / m.clamp(min=1).to(scores.dtype)  # verl's int / int tensor is float32; here scores' dtype
+    for i in range(bsz):
+        id2score[index[i]].append(scores[i])
+        id2len[index[i]].append(response_length[i])
+    mean, std, bsl = {}, {}, {}
+    for idx in id2score:
+        if len(id2score[idx]) == 1:  # verl's torch.tensor(1.0) is float32: 1 + eps rounds; here in scores' dtype
+            mean[idx], std[idx], bsl[idx] = (torch.tensor(v, dtype=scores.dtype) for v in (0.0, 1.0, 0.0))
+        else:
+            st = torch.stack(id2score[idx])
+            mean[idx], std[idx] = torch.mean(st), torch.std(st)
+            ln = torch.stack(id2len[idx])
+            bsl[idx] = (ln * st).sum() / ln.sum()
+    out = scores.clone()
+    for i in range(bsz):
+        k = index[i]
+        n = len(id2score[k])
+        if estimator == "grpo":
+            out[i] = (scores[i] - mean[k]) / (std[k] + epsilon)
+        elif estimator in ("dr_grpo", "reinforce_pp_baseline"):
+            out[i] = scores[i] - mean[k]
+        elif estimator == "rloo":
+            if n > 1:
+                out[i] = scores[i] * n / (n - 1) - mean[k] * n / (n - 1)
+        elif estimator == "opo":
+            out[i] = scores[i] - bsl[k]
+        elif estimator == "gpg":
+            out[i] = alpha * (scores[i] - mean[k]) / f_norm
+    adv = out.unsqueeze(-1) * response_mask
+    if estimator == "reinforce_pp_baseline":  # verl_F.masked_whiten, unbiased, eps 1e-8
+        mk = response_mask.to(adv.dtype)
+        mu = (adv * mk).sum() / (mk.sum() + 1e-8)
+        var = (((adv - mu) ** 2) * mk).sum() / (mk.sum() + 1e-8) * (mk.sum() / (mk.sum() - 1))
+        adv = (adv - mu) * torch.rsqrt(var + 1e-8) * mk
+    return adv
+
+
+def verl_reinforce_pp_returns(token_level_rewards, response_mask, gamma):
+    returns = torch.zeros_like(token_level_rewards)
+    running = 0
+    for t in reversed(range(token_level_rewards.shape[1])):
+        new = token_level_rewards[:, t] + gamma * running
+        returns[:, t] = new * response_mask[:, t]
+        running = new * response_mask[:, t] + running * (1 - response_mask[:, t])
+    return returns
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("B", [1, 59, 97])
+def test_reference_matches_verl_loops(estimator, B):
+    T = 13
+    tok = make_scores(B, T, torch.float64)
+    mask = make_mask(B, T)
+    mask[:, -1] |= torch.rand(B) < 0.5
+    ids = make_groups(B)
+    index = np.array([f"uid-{int(i)}" for i in ids], dtype=object)
+    expect = verl_loop(tok, mask.double(), index, estimator)
+    seq, adv = rmk.group_advantages(tok, rmk.group_ids(index), mask, estimator=estimator, backend="reference")
+    if estimator == "opo":  # a group whose rows have no valid token: verl's 0/0 NaN times the mask
+        expect = torch.where(mask, expect, torch.zeros(()))
+    # verl's masked_mean divides by (count + 1e-8): a constant batch (B = 1) whitens its ~1e-10
+    # mean error times rsqrt(0 + 1e-8) = 1e4; the op's mean is exact
+    tol = 1e-4 if estimator == "reinforce_pp_baseline" else 1e-10
+    assert_close(adv, expect, rtol=tol, atol=tol, name=estimator)
+    if estimator not in ("reinforce_pp_baseline", "opo"):  # opo: lengths from the mask
+        assert_close(seq, verl_loop(tok, torch.ones(B, 1, dtype=torch.float64), index, estimator)[:, 0],
+                     rtol=1e-10, atol=1e-10, name="seq")
+
+
+@pytest.mark.parametrize("mode", ["rloo", "reinforce_baseline", "dr_grpo", "group_norm"])
+def test_reference_matches_openrlhf(mode):
+    n, P = 4, 23
+    r = make_scores(n * P, dtype=torch.float64)
+    rewards = r.reshape(-1, n)
+    if mode == "rloo":
+        expect = rewards - (rewards.sum(-1, keepdim=True) - rewards) / (n - 1)
+        est, eps = "rloo", 0.0
+    elif mode == "group_norm":
+        expect = (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9)
+        est, eps = "grpo", 1e-9
+    else:
+        expect = rewards - rewards.mean(-1, keepdim=True)
+        est, eps = "dr_grpo", 0.0
+    ids = torch.arange(n * P) // n
+    seq, _ = rmk.group_advantages(r, ids, estimator=est, eps=eps, backend="reference")
+    assert_close(seq, expect.reshape(-1), rtol=1e-10, atol=1e-10, name=mode)
+
+
+def test_reference_matches_trl_grpo_scaling():
+    G, P = 8, 9
+    r = make_scores(G * P, dtype=torch.float64)
+    grouped = r.view(-1, G)
+    mean = grouped.mean(1).repeat_interleave(G)
+    std = grouped.std(1).repeat_interleave(G)
+    seq, _ = rmk.group_advantages(r, torch.arange(G * P) // G, estimator="grpo", eps=1e-4, backend="reference")
+    assert_close(seq, (r - mean) / (std + 1e-4), rtol=1e-10, atol=1e-10, name="trl group")
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
+def test_reference_returns_match_verl(gamma):
+    B, T = 7, 31
+    r = torch.randn(B, T, dtype=torch.float64)
+    mask = make_mask(B, T)
+    got = rmk.reinforce_pp_returns(r, mask, gamma=gamma, backend="reference")
+    assert_close(got, verl_reinforce_pp_returns(r, mask.double(), gamma), rtol=1e-12, atol=1e-12, name="returns")
+    # ReMax's return: the plain reverse cumulative sum of r * mask (mask=None: every position valid)
+    if gamma == 1.0:
+        remax = (r * mask).flip(-1).cumsum(-1).flip(-1)
+        assert_close(rmk.reinforce_pp_returns(r * mask, gamma=1.0, backend="reference"), remax, rtol=1e-12,
+                     atol=1e-12, name="remax")
+
+
+# ---------------------------------------------------------------------------------------
+# Every backend against the reference
+# ---------------------------------------------------------------------------------------
+def _sizes(backend):
+    return [(1, 5), (7, 16), (33, 45)] if backend == "triton" else [(1, 5), (59, 33), (97, 130), (1025, 7)]
+
+
+def _dtypes(backend):
+    return [torch.float32, torch.float64] if backend == "triton" else [torch.float32, torch.float64, torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_backend_matches_reference(backend, device, estimator):
+    skip_unless_available(backend, device)
+    for B, T in _sizes(backend):
+        for dtype in _dtypes(backend):
+            for single in SINGLES:
+                token = bool(torch.rand(()) < 0.5)
+                scores = make_scores(B, T if token else None, dtype).to(device)
+                mask = make_mask(B, T, ["right", "left", "holes"][B % 3]).to(device)
+                if B % 2:
+                    mask = mask.t().contiguous().t()  # column-major strides
+                ids = make_groups(B).to(device)
+                kw = dict(estimator=estimator, single=single, unbiased=bool(B % 2), eps=1e-6, f_norm=2.0)
+                got = rmk.group_advantages(scores, ids, mask, backend=backend, **kw)
+                exp = rmk.group_advantages(scores, ids, mask, backend="reference", **kw)
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                rtol, atol = tolerance(torch.float64 if dtype == torch.float64 else torch.float32)
+                rtol, atol = max(rtol, 1e-6), max(atol, 1e-6)  # float64 sums in another order
+                where = f"{estimator} B={B} T={T} {dtype} single={single}"
+                assert got.seq_advantages.dtype == acc and got.advantages.dtype == acc
+                assert got.advantages.is_contiguous()
+                assert_close(got.seq_advantages, exp.seq_advantages, rtol=rtol, atol=atol, name=f"seq {where}")
+                assert_close(got.advantages, exp.advantages, rtol=rtol, atol=atol, name=f"adv {where}")
+                assert torch.all(got.advantages[~mask] == 0), where
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_returns_match_reference(backend, device):
+    skip_unless_available(backend, device)
+    for B, T in _sizes(backend):
+        for dtype in _dtypes(backend):
+            for gamma in (1.0, 0.95):
+                r = torch.randn(B, T + 3, device=device).to(dtype)[:, 3:]  # non-contiguous rows
+                mask = make_mask(B, T).to(device)
+                got = rmk.reinforce_pp_returns(r, mask, gamma=gamma, backend=backend)
+                exp = rmk.reinforce_pp_returns(r, mask, gamma=gamma, backend="reference")
+                rtol, atol = tolerance(torch.float64 if dtype == torch.float64 else torch.float32)
+                assert_close(got, exp, rtol=max(rtol, 1e-5), atol=max(atol, 1e-5), name=f"returns {B}x{T} {dtype}")
+            got = rmk.reinforce_pp_returns(r, None, backend=backend)
+            assert_close(got, rmk.reinforce_pp_returns(r, None, backend="reference"), rtol=1e-5, atol=1e-5,
+                         name="mask=None")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_nan_stays_in_its_group(backend, device):
+    skip_unless_available(backend, device)
+    B, T = 40, 9
+    ids = (torch.arange(B) // 4)[torch.randperm(B)].to(device)
+    scores = torch.randn(B, device=device)
+    victim = int(torch.randint(0, B, ()).item())
+    scores[victim] = float("nan")
+    mask = make_mask(B, T).to(device)
+    for est in ESTIMATORS[:-1]:  # reinforce_pp_baseline whitens over the batch
+        seq, adv = rmk.group_advantages(scores, ids, mask, estimator=est, backend=backend)
+        same = ids == ids[victim]
+        assert torch.isnan(seq[same]).all(), est
+        assert not torch.isnan(seq[~same]).any(), est
+        assert not torch.isnan(adv[~same]).any() and torch.all(adv[~mask] == 0), est
+        clean = scores.clone()
+        clean[victim] = 0.0
+        if est != "gpg":  # gpg's batch count of nonzeros: NaN counts as nonzero, 0 does not
+            ref = rmk.group_advantages(clean, ids, mask, estimator=est, backend=backend).seq_advantages
+            assert_close(seq[~same], ref[~same], rtol=1e-6, atol=1e-6, name=est)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_empty_batches(backend, device):
+    skip_unless_available(backend, device)
+    for B, T in [(0, 5), (0, 0), (3, 0)]:
+        ids = torch.zeros(B, dtype=torch.int64, device=device)
+        for est in ESTIMATORS:
+            seq, adv = rmk.group_advantages(torch.randn(B, device=device), ids,
+                                            torch.ones(B, T, dtype=torch.bool, device=device), estimator=est,
+                                            backend=backend)
+            assert seq.shape == (B,) and adv.shape == (B, T)
+        out = rmk.reinforce_pp_returns(torch.randn(B, T, device=device), torch.ones(B, T, device=device),
+                                       backend=backend)
+        assert out.shape == (B, T)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_single_rules_and_mask_none(backend, device):
+    skip_unless_available(backend, device)
+    scores = torch.tensor([1.5, -2.0, 3.0, 0.5], device=device)
+    ids = torch.tensor([0, 1, 1, 3], device=device)  # two groups of one
+    zero = rmk.group_advantages(scores, ids, estimator="rloo", backend=backend)
+    assert zero.advantages.shape == (4, 1)
+    assert_close(zero.seq_advantages[[0, 3]], scores[[0, 3]], rtol=0, atol=0, name="zero keeps the score")
+    selfr = rmk.group_advantages(scores, ids, estimator="grpo", single="self", backend=backend)
+    assert torch.all(selfr.seq_advantages[[0, 3]] == 0)
+    grpo = rmk.group_advantages(scores, ids, estimator="grpo", backend=backend).seq_advantages
+    assert_close(grpo[[0, 3]], scores[[0, 3]] / (1 + 1e-6), rtol=1e-6, atol=1e-7, name="zero: sigma 1")
+    tok = torch.randn(4, 6, device=device)
+    out = rmk.group_advantages(tok, ids, backend=backend)  # mask None: every token valid
+    assert_close(out.advantages, out.seq_advantages[:, None].expand(4, 6), rtol=0, atol=0, name="broadcast")
+
+
+# ---------------------------------------------------------------------------------------
+# opcheck, torch.compile, the eager path
+# ---------------------------------------------------------------------------------------
+def _op_samples(device):
+    B, T = 11, 7
+    scores = make_scores(B).to(device)
+    ids = make_groups(B).to(device)
+    mask = make_mask(B, T)
+    mask[:, 0] = True  # no NaN outputs (opo's 0/0 of a group without tokens): opcheck compares without equal_nan
+    mask = mask.to(device)
+    r = torch.randn(B, T, device=device)
+    samples = {"reinforce_pp_returns_kernel": [(r, mask, 0.9)], "reinforce_pp_returns": [(r, mask, 0.9)]}
+    samples["group_advantages_kernel"] = [(scores, ids, mask, int(gops.GROUP_ESTIMATORS[e]), 1e-6, True, s, 2.0)
+                                          for e, s in zip(ESTIMATORS, [0, 1, 0, 1, 0, 1])]
+    samples["group_advantages"] = [(scores, ids, mask, e, 1e-6, True, s, 2.0, 1e-8)
+                                   for e, s in zip(ESTIMATORS, ["zero", "self"] * 3)]
+    return samples
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_opcheck(backend, device):
+    skip_unless_available(backend, device)
+    for name, samples in _op_samples(device).items():
+        op = getattr(torch.ops.rmkernels, name).default
+        for args in samples:
+            if name.endswith("_kernel"):
+                if backend in ("cpu", "cuda"):
+                    torch.library.opcheck(op, args)
+            else:
+                torch.library.opcheck(op, args + (backend,))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_torch_compile_fullgraph(backend):
+    skip_unless_available(backend, "cpu")
+    torch._dynamo.reset()
+    B, T = 12, 10
+    tok = make_scores(B, T)
+    ids = make_groups(B)
+    mask = make_mask(B, T)
+
+    def f(tok, ids, mask):
+        seq, adv = rmk.group_advantages(tok, ids, mask, estimator="grpo", backend=backend)
+        _, adv2 = rmk.group_advantages(tok.sum(-1), ids, mask, estimator="reinforce_pp_baseline", backend=backend)
+        return seq, adv, adv2, rmk.reinforce_pp_returns(tok, mask, gamma=0.99, backend=backend)
+
+    got = torch.compile(f, fullgraph=True)(tok, ids, mask)
+    expect = f(tok, ids, mask)
+    for g, e in zip(got, expect):
+        assert_close(g, e, rtol=1e-6, atol=1e-6, name="compiled")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_eager_path_same_bits_as_the_op(backend, monkeypatch):
+    skip_unless_available(backend, "cpu")
+    B, T = 30, 17
+    tok, ids, mask = make_scores(B, T), make_groups(B), make_mask(B, T)
+    fast = [rmk.group_advantages(tok, ids, mask, estimator=e, backend=backend) for e in ESTIMATORS]
+    fast.append(rmk.reinforce_pp_returns(tok, mask, backend=backend))
+    monkeypatch.setattr(rmk._library, "EAGER_FAST_PATH", False)
+    slow = [rmk.group_advantages(tok, ids, mask, estimator=e, backend=backend) for e in ESTIMATORS]
+    slow.append(rmk.reinforce_pp_returns(tok, mask, backend=backend))
+    for a, b in zip(fast, slow):
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------
+# rmk.group_ids
+# ---------------------------------------------------------------------------------------
+def test_group_ids():
+    uids = np.array(["b", "a", "b", "c", "a"], dtype=object)
+    assert rmk.group_ids(uids).tolist() == [0, 1, 0, 2, 1]  # first-seen order
+    # runs of equal neighbours (verl's layout) and any order give the dict pass's ids
+    labels = np.array([f"u{int(i)}" for i in torch.randint(0, 30, (200,)).sort().values], dtype=object)
+    for arr in (labels, labels[np.random.permutation(200)], labels[::-1]):
+        expect = {}
+        assert rmk.group_ids(arr).tolist() == [expect.setdefault(u, len(expect)) for u in arr]
+        assert rmk.group_ids(list(arr)).tolist() == rmk.group_ids(arr).tolist()
+    assert rmk.group_ids(["x", ("t", 1), "x", ("t", 1)]).tolist() == [0, 1, 0, 1]
+    assert rmk.group_ids(np.array([7, 3, 7])).tolist() == [1, 0, 1]
+    assert rmk.group_ids(torch.tensor([9, 2, 9, 4])).tolist() == [2, 0, 2, 1]
+    assert rmk.group_ids([]).shape == (0,)
+    assert rmk.group_ids(np.array([], dtype=object)).dtype == torch.int64
+    # labels given straight to group_advantages are mapped the same way
+    s = torch.randn(5)
+    assert torch.equal(rmk.group_advantages(s, uids, backend="reference").seq_advantages,
+                       rmk.group_advantages(s, rmk.group_ids(uids), backend="reference").seq_advantages)
+    with pytest.raises(TypeError, match="hashable"):
+        rmk.group_ids([[1], [2]])
+    with pytest.raises(TypeError, match="uids"):
+        rmk.group_ids("abc")
+    with pytest.raises(ValueError, match="uids"):
+        rmk.group_ids(torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+BAD = [
+    (dict(scores=torch.zeros(4, 2, 1)), ValueError, "scores"),
+    (dict(scores=torch.zeros(4, dtype=torch.int64)), TypeError, "scores"),
+    (dict(group_ids=torch.zeros(3, dtype=torch.int64)), ValueError, "group_ids"),
+    (dict(group_ids=torch.zeros(4)), TypeError, "group_ids"),
+    (dict(group_ids=torch.tensor([0, 1, 4, 1])), ValueError, "group_ids"),
+    (dict(group_ids=torch.tensor([0, -1, 2, 1])), ValueError, "group_ids"),
+    (dict(mask=torch.ones(3, 5)), ValueError, "mask"),
+    (dict(mask=torch.ones(4)), ValueError, "mask"),
+    (dict(estimator="ppo"), ValueError, "estimator"),
+    (dict(single="drop"), ValueError, "single"),
+    (dict(eps=-1.0), ValueError, "eps"),
+    (dict(unbiased=1), TypeError, "unbiased"),
+    (dict(f_norm=0.0), ValueError, "f_norm"),
+    (dict(backend="tpu"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("bad,exc,name", BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
+def test_bad_inputs(bad, exc, name):
+    args = dict(scores=torch.zeros(4), group_ids=torch.tensor([0, 0, 1, 1]), mask=torch.ones(4, 5))
+    kw = {}
+    for k, v in bad.items():
+        (args if k in args else kw)[k] = v
+    with pytest.raises(exc, match=name):
+        rmk.group_advantages(args["scores"], args["group_ids"], args["mask"], **kw)
+
+
+def test_bad_returns_inputs():
+    with pytest.raises(ValueError, match="token_rewards"):
+        rmk.reinforce_pp_returns(torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="mask"):
+        rmk.reinforce_pp_returns(torch.zeros(3, 4), torch.ones(3, 5))
+    with pytest.raises(ValueError, match="gamma"):
+        rmk.reinforce_pp_returns(torch.zeros(3, 4), torch.ones(3, 4), gamma=-0.5)

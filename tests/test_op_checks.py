@@ -1,0 +1,198 @@
+"""Checks that hold in every mode and on every call path (issue 12, items 3 and 4).
+
+* Data checks (rows with no valid token, out-of-range lengths, malformed ``cu_seqlens``,
+  out-of-range ``num_candidates``) raise for CPU tensors in eager mode and under
+  ``torch.compile(fullgraph=True)`` alike: they run inside the ops (``rmkernels/ops/pooling.py``'s
+  index ops, the ops' check hooks), not in the traced Python around them.
+* A public op called directly (``torch.ops.rmkernels.<op>(..., backend)``) with inconsistent
+  arguments raises a ``ValueError``/``TypeError`` naming the argument before any kernel runs,
+  on every backend (the registry runs the op's check hook in the op body).
+"""
+import pytest
+import torch
+
+import rmkernels as rmk
+
+COMPILE_BACKENDS = ["eager", "aot_eager"]
+
+
+def _compiled(fn, backend):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=backend)
+
+
+def _pool_inputs():
+    h, w = torch.randn(3, 6, 8), torch.randn(1, 8)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    return h, w, mask
+
+
+DATA_CASES = {
+    "mask row with no token": (
+        lambda h, w, m: rmk.last_token_reward(h, w, attention_mask=m * torch.tensor([[1], [0], [1]])),
+        "attention_mask: rows 1 have no valid token"),
+    "negative length": (
+        lambda h, w, m: rmk.last_token_reward(h, w, lengths=torch.tensor([5, 6, -1])),
+        r"lengths must be in \[1, 6\]: rows 2 have -1"),
+    "length past T": (
+        lambda h, w, m: rmk.last_token_reward(h, w, lengths=torch.tensor([5, 9, 1])),
+        r"lengths must be in \[1, 6\]: rows 1 have 9"),
+    "cu_seqlens not from 0": (
+        lambda h, w, m: rmk.last_token_reward(h.reshape(18, 8)[:10], w, cu_seqlens=torch.tensor([2, 5, 3, 10])),
+        "cu_seqlens must start at 0"),
+    "cu_seqlens decreasing": (
+        lambda h, w, m: rmk.last_token_reward(h.reshape(18, 8)[:10], w, cu_seqlens=torch.tensor([0, 5, 3, 10])),
+        "cu_seqlens must be non-decreasing"),
+    "cu_seqlens short of N": (
+        lambda h, w, m: rmk.last_token_reward(h.reshape(18, 8)[:10], w, cu_seqlens=torch.tensor([0, 5, 7, 9])),
+        "cu_seqlens must end at N = 10"),
+    "pairwise mask row with no token": (
+        lambda h, w, m: rmk.pairwise_reward_loss(h[:2], w, attention_mask=m[:2] * torch.tensor([[1], [0]])),
+        "attention_mask: rows 1 have no valid token"),
+    "last_token_index lengths": (
+        lambda h, w, m: rmk.last_token_index(lengths=torch.tensor([0, 2])), r"lengths must be in >= 1: rows 0"),
+    "last_token_index input_ids": (
+        lambda h, w, m: rmk.last_token_index(input_ids=torch.zeros(2, 4, dtype=torch.long), pad_token_id=0),
+        "input_ids: rows 0, 1 have no valid token"),
+    "ranking num_candidates": (
+        lambda h, w, m: rmk.ranking_loss(h[:, :, 0], num_candidates=torch.tensor([2, 7, 3])),
+        r"num_candidates must be in \[0, K = 6\]: rows 1 have 7"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+@pytest.mark.parametrize("mode", ["eager"] + COMPILE_BACKENDS)
+def test_data_checks_in_every_mode(case, mode):
+    fn, match = DATA_CASES[case]
+    h, w, m = _pool_inputs()
+    run = fn if mode == "eager" else _compiled(fn, mode)
+    with pytest.raises(ValueError, match=match):
+        run(h, w, m)
+
+
+@pytest.mark.parametrize("mode", COMPILE_BACKENDS)
+def test_compiled_valid_inputs_still_run(mode):
+    """The checks do not reject good inputs under compile, and give eager's numbers."""
+    h, w, m = _pool_inputs()
+    m[0, 4:] = 0
+
+    def fn(h, w, m):
+        return (rmk.last_token_reward(h, w, attention_mask=m), rmk.last_token_reward(h, w, lengths=m.sum(1)),
+                rmk.last_token_reward(h.reshape(18, 8), w, cu_seqlens=torch.tensor([0, 4, 10, 18])))
+
+    for got, exp in zip(_compiled(fn, mode)(h, w, m), fn(h, w, m)):
+        assert torch.equal(got, exp)
+
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+def _direct_cases():
+    h, w = torch.randn(2, 5, 8), torch.randn(1, 8)
+    idx = torch.tensor([4, 2])
+    c, r = torch.randn(4), torch.randn(4)
+    x, mask = torch.randn(3, 7), torch.ones(3, 7, dtype=torch.bool)
+    ops = torch.ops.rmkernels
+    return {
+        # issue 12's repro: an index far longer than B (a SIGSEGV in the kernel before)
+        "index longer than B": (lambda be: ops.last_token_reward(h, w, None, torch.full((200000,), 4), be),
+                                ValueError, r"index must have shape \[B\] = \[2\]"),
+        "index dtype": (lambda be: ops.last_token_reward(h, w, None, idx.int(), be), TypeError,
+                        "index must have dtype"),
+        "weight shorter than H": (lambda be: ops.last_token_reward(h, w[:, :4], None, idx, be), ValueError,
+                                  "weight must be"),
+        "bias of wrong K": (lambda be: ops.last_token_reward(h, w, torch.randn(3), idx, be), ValueError,
+                            r"bias must be \[K\]"),
+        "hidden without unit stride": (lambda be: ops.last_token_reward(h.transpose(1, 2), w[:, :5], None, idx, be),
+                                       ValueError, "unit stride"),
+        "backward grad shape": (
+            lambda be: ops.last_token_reward_backward(torch.randn(3, 1), h, w, idx, True, True, True, be),
+            ValueError, r"grad must have shape \[2, 1\]"),
+        "last_token_index mask rank": (lambda be: ops.last_token_index(mask[0], be), ValueError, "mask must be 2-D"),
+        "bt margin shorter than B": (
+            lambda be: ops.bradley_terry_loss(c, r, torch.randn(2), None, 0.0, 1.0, 0.0, 0.0, "mean", be),
+            ValueError, r"margin must have shape \[B\] = \[4\]"),
+        "bt weights dtype": (
+            lambda be: ops.bradley_terry_loss(c, r, None, torch.rand(4).double(), 0.0, 1.0, 0.0, 0.0, "mean", be),
+            TypeError, "weights must have dtype"),
+        "bt reduction": (lambda be: ops.bradley_terry_loss(c, r, None, None, 0.0, 1.0, 0.0, 0.0, "avg", be),
+                         ValueError, "reduction must be one of"),
+        "bt rejected length": (lambda be: ops.bradley_terry_loss(c, r[:3], None, None, 0.0, 1.0, 0.0, 0.0, "sum", be),
+                               ValueError, "rejected must have the shape of chosen"),
+        "bt backward grad": (
+            lambda be: ops.bradley_terry_loss_backward(torch.ones(4), c, r, None, None, 0.0, 1.0, 0.0, 0.0, "mean",
+                                                       True, True, be),
+            ValueError, r"grad must have shape \[\]"),
+        "pairwise odd rows": (
+            lambda be: ops.pairwise_reward_loss(torch.randn(3, 5, 8), w, None, torch.tensor([1, 2, 3]), None, None,
+                                                0.0, 1.0, 0.0, 0.0, "mean", be),
+            ValueError, "index must hold 2B rows"),
+        "pairwise backward rewards": (
+            lambda be: ops.pairwise_reward_loss_backward(torch.ones(()), None, torch.randn(5), h, w, idx, None, None,
+                                                         0.0, 1.0, 0.0, 0.0, "mean", True, True, True, be),
+            ValueError, r"rewards must have shape \[2B\] = \[2\]"),
+        "ranking num_candidates": (
+            lambda be: ops.ranking_loss(torch.randn(3, 4), torch.tensor([1, 2]), "mean", be), ValueError,
+            r"num_candidates must be \[B\] = \[3\]"),
+        "ranking num_candidates range": (
+            lambda be: ops.ranking_loss(torch.randn(2, 4), torch.tensor([1, 9]), "mean", be), ValueError,
+            r"num_candidates must be in \[0, K = 4\]"),
+        "ppo values shape": (
+            lambda be: ops.ppo_advantages(x, x, x[:2], x[:, 0], mask, 0.1, 1.0, 0.95, "k1", None, None, True, True,
+                                          True, 1e-8, be),
+            ValueError, r"values must have shape \[B, T\] = \[3, 7\]"),
+        "ppo mask dtype": (
+            lambda be: ops.ppo_gae(x, x, x, x[:, 0], mask.int(), 0.1, 1.0, 0.95, "k1", None, None, be),
+            TypeError, "mask must have dtype"),
+        "ppo estimator": (
+            lambda be: ops.ppo_gae(x, x, x, x[:, 0], mask, 0.1, 1.0, 0.95, "k7", None, None, be),
+            ValueError, "kl_estimator must be one of"),
+        "whiten totals": (
+            lambda be: ops.masked_centered_sq(x, mask, torch.zeros(3, dtype=torch.float64), be), ValueError,
+            r"totals must be float64 \[2\]"),
+        "whiten mask shape": (lambda be: ops.masked_whiten(x, mask[:, :3], True, True, 1e-8, be), ValueError,
+                              "mask must have the shape of x"),
+        "unknown backend": (lambda be: ops.masked_whiten(x, mask, True, True, 1e-8, "fast"), ValueError,
+                            "backend must be one of"),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_direct_cases()))
+def test_direct_calls_check_arguments(case, backend):
+    """The check runs in the op body before the backend is used: the same error on every
+    backend (also "triton" and "cpu" where they could not run these tensors)."""
+    fn, exc, match = _direct_cases()[case]
+    with pytest.raises(exc, match=match):
+        fn(backend)
+
+
+def test_direct_index_ops_check_data():
+    ops = torch.ops.rmkernels
+    with pytest.raises(ValueError, match="lengths must be in"):
+        ops.lengths_index(torch.tensor([1, 0]), 4)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        ops.cu_seqlens_index(torch.tensor([1, 3]), 3)
+    with pytest.raises(ValueError, match="mask: rows 1 have no valid token"):
+        ops.check_mask_index(torch.tensor([0, -1]), 4, "mask")
+    with pytest.raises(TypeError, match="lengths must have dtype"):
+        ops.lengths_index(torch.tensor([1.0]), 4)
+    assert torch.equal(ops.lengths_index(torch.tensor([1, 4]), 4), torch.tensor([0, 3]))
+    assert torch.equal(ops.cu_seqlens_index(torch.tensor([0, 1, 3]), 3), torch.tensor([0, 2]))
+
+
+def test_gpu_data_checks_need_no_sync_unless_enabled(monkeypatch):
+    """The data checks of non-CPU tensors run only with rmk.checks(True) (a host sync): the
+    index ops ask ``data_checks_enabled`` for the tensors' device."""
+    from rmkernels import _checks
+
+    seen = []
+    real = _checks.data_checks_enabled
+    monkeypatch.setattr(_checks, "data_checks_enabled", lambda device: seen.append(device.type) or real(device))
+    h, w, m = _pool_inputs()
+    rmk.last_token_reward(h, w, attention_mask=m)
+    rmk.last_token_reward(h, w, lengths=m.sum(1))
+    assert seen == ["cpu", "cpu"]
+    assert real(torch.device("cuda")) is False  # no checks (no sync) for GPU tensors by default
+    with rmk.checks(True):
+        assert real(torch.device("cuda")) is True

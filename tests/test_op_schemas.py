@@ -1,0 +1,124 @@
+"""Every ``torch.ops.rmkernels.*`` op and its schema, pinned.
+
+The op schemas are public (compile, export and dispatch modes call the ops directly): a
+restructure of the Python op layer must not change one silently. Adding an op means adding
+its schema to ``SCHEMAS`` here (and to ``rmkernels/ops/_schemas.py``).
+"""
+import torch
+
+import rmkernels  # noqa: F401  (defines every op)
+
+SCHEMAS = {
+    "bradley_terry_loss": (
+        "bradley_terry_loss(Tensor chosen, Tensor rejected, Tensor? margin, Tensor? weights, float margin_value, "
+        "float weight_value, float label_smoothing, float center_coef, str reduction, str backend) -> Tensor"),
+    "bradley_terry_loss_backward": (
+        "bradley_terry_loss_backward(Tensor grad, Tensor chosen, Tensor rejected, Tensor? margin, "
+        "Tensor? weights, float margin_value, float weight_value, float label_smoothing, float center_coef, "
+        "str reduction, bool need_chosen, bool need_rejected, str backend) -> (Tensor, Tensor)"),
+    "bt_loss_bwd_kernel": (
+        "bt_loss_bwd_kernel(Tensor grad, Tensor chosen, Tensor rejected, Tensor? margin, Tensor? weights, "
+        "float margin_value, float weight_value, float label_smoothing, float center_coef, int reduction, "
+        "bool need_chosen, bool need_rejected) -> (Tensor, Tensor)"),
+    "bt_loss_fwd_kernel": (
+        "bt_loss_fwd_kernel(Tensor chosen, Tensor rejected, Tensor? margin, Tensor? weights, float margin_value, "
+        "float weight_value, float label_smoothing, float center_coef, int reduction) -> Tensor"),
+    "last_token_index": "last_token_index(Tensor mask, str backend) -> Tensor",
+    "last_token_index_kernel": "last_token_index_kernel(Tensor mask) -> Tensor",
+    "last_token_reward": (
+        "last_token_reward(Tensor hidden, Tensor weight, Tensor? bias, Tensor index, str backend) -> Tensor"),
+    "last_token_reward_backward": (
+        "last_token_reward_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor index, bool need_hidden, "
+        "bool need_weight, bool need_bias, str backend) -> (Tensor, Tensor, Tensor)"),
+    "last_token_reward_bwd_kernel": (
+        "last_token_reward_bwd_kernel(Tensor grad, Tensor hidden, Tensor weight, Tensor index, bool need_hidden, "
+        "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)"),
+    "last_token_reward_fwd_kernel": (
+        "last_token_reward_fwd_kernel(Tensor hidden, Tensor weight, Tensor? bias, Tensor index) -> Tensor"),
+    "masked_centered_sq": "masked_centered_sq(Tensor x, Tensor mask, Tensor totals, str backend) -> Tensor",
+    "masked_centered_sq_kernel": "masked_centered_sq_kernel(Tensor x, Tensor mask, Tensor totals) -> Tensor",
+    "masked_row_stats": "masked_row_stats(Tensor x, Tensor mask, str backend) -> Tensor",
+    "masked_row_stats_kernel": "masked_row_stats_kernel(Tensor x, Tensor mask) -> Tensor",
+    "masked_whiten": (
+        "masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps, str backend) -> Tensor"),
+    "masked_whiten_apply": (
+        "masked_whiten_apply(Tensor x, Tensor mask, Tensor totals, Tensor sq, bool shift_mean, bool unbiased, "
+        "float eps, str backend) -> Tensor"),
+    "masked_whiten_apply_kernel": (
+        "masked_whiten_apply_kernel(Tensor x, Tensor mask, Tensor totals, Tensor sq, bool shift_mean, "
+        "bool unbiased, float eps) -> Tensor"),
+    "pairwise_reward_loss": (
+        "pairwise_reward_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor index, Tensor? margin, "
+        "Tensor? weights, float margin_value, float weight_value, float label_smoothing, float center_coef, "
+        "str reduction, str backend) -> (Tensor, Tensor)"),
+    "pairwise_reward_loss_backward": (
+        "pairwise_reward_loss_backward(Tensor grad_loss, Tensor? grad_rewards, Tensor rewards, Tensor hidden, "
+        "Tensor weight, Tensor index, Tensor? margin, Tensor? weights, float margin_value, float weight_value, "
+        "float label_smoothing, float center_coef, str reduction, bool need_hidden, bool need_weight, "
+        "bool need_bias, str backend) -> (Tensor, Tensor, Tensor)"),
+    "ppo_advantages": (
+        "ppo_advantages(Tensor logprobs, Tensor ref_logprobs, Tensor values, Tensor scores, Tensor mask, "
+        "float kl_coef, float gamma, float lam, str kl_estimator, float? kl_clamp, float? score_clip, "
+        "bool whiten, bool shift_mean, bool unbiased, float eps, str backend) -> (Tensor, Tensor, Tensor, Tensor)"),
+    "ppo_gae": (
+        "ppo_gae(Tensor logprobs, Tensor ref_logprobs, Tensor values, Tensor scores, Tensor mask, float kl_coef, "
+        "float gamma, float lam, str kl_estimator, float? kl_clamp, float? score_clip, str backend) -> (Tensor, "
+        "Tensor, Tensor, Tensor, Tensor)"),
+    "ppo_gae_kernel": (
+        "ppo_gae_kernel(Tensor logprobs, Tensor ref_logprobs, Tensor values, Tensor scores, Tensor mask, "
+        "float kl_coef, float gamma, float lam, int estimator, float x_clamp, float kl_clamp, "
+        "float score_clip) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"),
+    "ranking_loss": "ranking_loss(Tensor rewards, Tensor? num_candidates, str reduction, str backend) -> Tensor",
+    "ranking_loss_backward": (
+        "ranking_loss_backward(Tensor grad, Tensor rewards, Tensor? num_candidates, str reduction, "
+        "str backend) -> Tensor"),
+    "ranking_loss_bwd_kernel": (
+        "ranking_loss_bwd_kernel(Tensor grad_rows, Tensor rewards, Tensor? num_candidates) -> Tensor"),
+    "ranking_loss_fwd_kernel": "ranking_loss_fwd_kernel(Tensor rewards, Tensor? num_candidates) -> Tensor",
+    # added with the op registry: the building blocks (docs/ops.md) and the index ops that hold
+    # the data checks of the pooling inputs
+    "check_mask_index": "check_mask_index(Tensor index, int n_tokens, str name) -> Tensor",
+    "cu_seqlens_index": "cu_seqlens_index(Tensor cu_seqlens, int n_tokens) -> Tensor",
+    "lengths_index": "lengths_index(Tensor lengths, int n_tokens) -> Tensor",
+    "gae": "gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, str backend) -> (Tensor, Tensor)",
+    "gae_kernel": "gae_kernel(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)",
+    "kl_estimate": (
+        "kl_estimate(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, str estimator, float? clamp, "
+        "str backend) -> Tensor"),
+    "kl_estimate_kernel": (
+        "kl_estimate_kernel(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, int estimator, float x_clamp, "
+        "float kl_clamp) -> Tensor"),
+    # critic-free group advantages (ops/group_adv.py)
+    "group_advantages": (
+        "group_advantages(Tensor scores, Tensor group_ids, Tensor mask, str estimator, float eps, bool unbiased, "
+        "str single, float f_norm, float whiten_eps, str backend) -> (Tensor, Tensor)"),
+    "group_advantages_kernel": (
+        "group_advantages_kernel(Tensor scores, Tensor group_ids, Tensor mask, int estimator, float eps, "
+        "bool unbiased, int single, float f_norm) -> (Tensor, Tensor)"),
+    "reinforce_pp_returns": (
+        "reinforce_pp_returns(Tensor token_rewards, Tensor mask, float gamma, str backend) -> Tensor"),
+    "reinforce_pp_returns_kernel": "reinforce_pp_returns_kernel(Tensor rewards, Tensor mask, float gamma) -> Tensor",
+}
+
+
+def _namespace_ops():
+    ns = torch.ops.rmkernels
+    return {n: getattr(ns, n) for n in dir(ns)
+            if not n.startswith("_") and isinstance(getattr(ns, n), torch._ops.OpOverloadPacket)}
+
+
+def test_every_op_is_pinned():
+    """No op appears or disappears without this table saying so."""
+    ops = _namespace_ops()
+    assert sorted(ops) == sorted(SCHEMAS), (
+        f"new ops (add their schema here): {sorted(set(ops) - set(SCHEMAS))}; "
+        f"missing ops: {sorted(set(SCHEMAS) - set(ops))}")
+
+
+def test_schemas_unchanged():
+    ops = _namespace_ops()
+    for name, schema in SCHEMAS.items():
+        assert name in ops, f"rmkernels::{name} is not defined"
+        packet = ops[name]
+        assert packet.overloads() == ["default"], f"rmkernels::{name} has overloads {packet.overloads()}"
+        assert str(packet.default._schema) == f"rmkernels::{schema}", name
