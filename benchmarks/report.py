@@ -308,19 +308,3 @@ def summary(rows):
                f"rmkernels {r0['rmkernels']}, {r0['date']}. Median of interleaved samples; "
                "ratios are same-run ratios.")
     return "\n".join(out)
-
-
-README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
-
-
-def update_readme(path, rows, results_md):
-    """Rewrite the block between the README markers with `summary(rows)`."""
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{README_START}\n{summary(rows)}\n\nFull table, peak memory and plots: [{results_md}]({results_md}).\n{README_END}"
-    if README_START in text and README_END in text:
-        a, b = text.index(README_START), text.index(README_END) + len(README_END)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip() + "\n\n## Benchmarks\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)

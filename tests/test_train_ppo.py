@@ -16,7 +16,8 @@ from rmkernels_train import ppo_core as core  # noqa: E402
 from rmkernels_train.ppo import main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--threads", "1", "--no-progress", "--no-plot"]
+GAE = ["--advantage", "gae"]  # these tests are about PPO with GAE (the default is critic-free: test_train_rl.py)
+FAST = GAE + ["--threads", "1", "--no-progress", "--no-plot"]
 
 
 def _records(path):
@@ -84,7 +85,7 @@ def test_generate_masks_stop_at_first_eos():
 def test_short_run_raises_the_score(reward_model, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["--reward-model", reward_model, "--output-dir", str(out), "--steps", "30", "--batch-size", "24",
-               "--adaptive-kl", "--kl-target", "4", "--kl-horizon", "500", "--threads", "1", "--no-progress"])
+               "--adaptive-kl", "--kl-target", "4", "--kl-horizon", "500", "--threads", "1", "--no-progress"] + GAE)
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     recs = _records(out / "metrics.jsonl")

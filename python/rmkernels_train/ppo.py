@@ -61,16 +61,21 @@ def build_parser():
     g.add_argument("--policy-layers", type=int, default=2, help="layers of the default tiny policy")
     g.add_argument("--policy-hidden", type=int, default=64, help="hidden size of the default tiny policy")
     g = p.add_argument_group("rollouts")
-    g.add_argument("--steps", type=int, default=80, help="PPO steps (rollout + update)")
-    g.add_argument("--batch-size", type=int, default=32, help="rollouts per step per process")
+    g.add_argument("--steps", type=int, default=None,
+                   help="RL steps (rollout + update); default 1000 critic-free, 80 with --advantage gae")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="critic-free: prompts per step (each sampled --num-generations times), default 16; "
+                        "--advantage gae: rollouts per step per process, default 32")
     g.add_argument("--max-new-tokens", type=int, default=8, help="longest response (tokens)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     g.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtracted from the score of a response with no EOS (TRL's option)")
     g = p.add_argument_group("advantages (rmk.ppo_advantages)")
-    g.add_argument("--kl-estimator", choices=tuple(KL_ESTIMATORS), default="k1",
-                   help="per-token KL estimator of the penalty (k1 = kl, abs, k2 = mse, k3, low_var_kl)")
-    g.add_argument("--kl-coef", type=float, default=0.05, help="initial KL coefficient")
+    g.add_argument("--kl-estimator", choices=tuple(KL_ESTIMATORS), default=None,
+                   help="per-token KL estimator (k1 = kl, abs, k2 = mse, k3, low_var_kl); default k3 critic-free "
+                        "(a loss term: k1, k2 or k3), k1 with --advantage gae (the penalty in the reward)")
+    g.add_argument("--kl-coef", type=float, default=None,
+                   help="(initial) KL coefficient; default 0.5 critic-free, 0.05 with --advantage gae")
     g.add_argument("--adaptive-kl", action="store_true", help="adapt the KL coefficient (Ziegler et al.)")
     g.add_argument("--kl-target", type=float, default=1.0, help="target KL (nats per response) of --adaptive-kl")
     g.add_argument("--kl-horizon", type=float, default=2000.0, help="horizon (samples) of --adaptive-kl")
@@ -86,17 +91,33 @@ def build_parser():
     g = p.add_argument_group("PPO update")
     g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each step's rollouts")
     g.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the policy")
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the policy; default 3e-4 critic-free, 1e-3 with --advantage gae")
     g.add_argument("--value-lr", type=float, default=1e-3, help="learning rate of the value model")
     g.add_argument("--clip-range", type=float, default=0.2, help="PPO ratio clip epsilon")
     g.add_argument("--clip-range-value", type=float, default=0.2, help="value clip range")
     g.add_argument("--vf-coef", type=float, default=0.5, help="weight of the value loss")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this")
+    from rmkernels_train import rl
+
+    rl.add_arguments(p)
     T.add_run_args(p, output_dir="runs/ppo", save_every=20)
     return p
 
 
+# PPO-with-GAE defaults of the options whose default depends on --advantage
+GAE_DEFAULTS = {"steps": 80, "lr": 1e-3, "kl_coef": 0.05, "kl_estimator": "k1", "batch_size": 32}
+
+
 def check_args(a):
+    from rmkernels_train import rl
+
+    rl.resolve_defaults(a)
+    for k, v in GAE_DEFAULTS.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    rl.check_args(a)
+
     def positive(name, v):
         if not v > 0:
             raise TrainingError(f"--{name} must be > 0, got {v}")
@@ -532,6 +553,10 @@ class PPOTrainer:
 
 
 def train(args, dist, log):
+    if args.advantage != "gae":  # critic-free: the default RL run (rmkernels_train.rl)
+        from rmkernels_train.rl import CriticFreeTrainer
+
+        return CriticFreeTrainer(args, dist, log).run()
     return PPOTrainer(args, dist, log).run()
 
 

@@ -1,0 +1,176 @@
+"""The critic-free RL loop of the default run (GRPO and its relatives), and the task evaluation.
+
+Each step:
+
+1. ``prompts_per_step`` prompts, each sampled ``num_generations`` times from the policy;
+2. the reward of each response: the reward model's score (``rmk.last_token_reward`` on the
+   last valid token), or the checker's 0/1 with ``--reward checker``; a response that never
+   ended (no EOS) gets a reward below the batch's lowest -- the reward model never saw one and
+   would score it at random;
+3. ``rmk.group_advantages``: each response's reward against the other responses to the same
+   prompt (``grpo``: minus the group mean, over the group std); no value model;
+4. one on-policy gradient step: the policy-gradient loss with those advantages on every
+   response token, plus ``kl_coef`` times the KL to the warm-start policy (k3 by default, as a
+   loss term) -- or, with ``kl_mode="reward"``, the k1 KL of each response subtracted from its
+   reward before the advantages.
+
+The task evaluation (:func:`evaluate`) runs on the held-out prompts: the fraction solved by the
+greedy response (``task_success``) and by one sampled response (``task_success_sampled``), the
+reward model's mean score of the sampled responses and their KL to the reference, and how well
+the reward model separates correct from wrong responses (``rm_auc``).
+"""
+import time
+
+import torch
+
+from rmkernels_train import ppo_core as core
+from rmkernels_train.task import ResponseDecoder, checker_scores
+
+# Estimators that need no value model (rmk.group_advantages); "gae" is PPO with a critic.
+CRITIC_FREE = ("grpo", "dr_grpo", "rloo")
+# --kl-estimator -> the name of rmkernels.integrations.verl.kl_penalty (value from the fused op,
+# gradient of the estimator's formula); verl's "low_var_kl" is k3 with its log ratio clamped to
+# +-20 and its value to +-10, which never binds at the KL of these runs.
+KL_LOSS_ESTIMATORS = {"k1": "k1", "k2": "k2", "k3": "low_var_kl"}
+
+
+def group_advantages(scores, group_ids, estimator):
+    """Per-response advantages ``[B]`` of the critic-free ``estimator`` (SPEC section 5)."""
+    import rmkernels as rmk
+
+    if hasattr(rmk, "group_advantages"):
+        seq, _ = rmk.group_advantages(scores, group_ids, estimator=estimator)
+        return seq
+    return _group_advantages_standin(scores, group_ids, estimator)
+
+
+def _group_advantages_standin(scores, group_ids, estimator, eps=1e-6):
+    # TEMPORARY stand-in for rmk.group_advantages (branch groupadv) until it is merged:
+    # equal-size groups only, unbiased std, the SPEC's formulas.
+    n_groups = int(group_ids.max()) + 1
+    r = scores.float().reshape(n_groups, -1)
+    n = r.shape[1]
+    mu = r.mean(1, keepdim=True)
+    if estimator == "grpo":
+        out = (r - mu) / (r.std(1, keepdim=True, unbiased=True) + eps)
+    elif estimator == "dr_grpo":
+        out = r - mu
+    elif estimator == "rloo":
+        out = (n * r - r.sum(1, keepdim=True)) / (n - 1)
+    else:
+        raise ValueError(f"estimator {estimator!r}")
+    return out.reshape(-1)
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator):
+    from rmkernels.integrations.verl import kl_penalty
+
+    return kl_penalty(logprobs, ref_logprobs, KL_LOSS_ESTIMATORS[estimator])
+
+
+def sample(policy, prompt_ids, tokenizer, *, max_new_tokens, temperature=1.0, greedy=False):
+    p_ids, p_mask = core.left_pad(prompt_ids, tokenizer.pad_token_id, next(policy.parameters()).device)
+    # top_k=1 is greedy decoding through the same generate call
+    return core.generate(policy, p_ids, p_mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=1 if greedy else 0)
+
+
+def rm_scores(reward_model, roll, backend=None):
+    head = reward_model.score
+    return core.reward_scores(reward_model.base_model, head.weight, getattr(head, "bias", None), roll,
+                              backend=backend)
+
+
+def ended(roll, eos_token_id):
+    return (roll.sequences[:, roll.prompt_len:] == eos_token_id).any(dim=1)
+
+
+def penalise_unended(rewards, has_eos):
+    """Rewards of responses with no EOS set to the batch's lowest reward minus 1."""
+    if bool(has_eos.all()):
+        return rewards
+    floor = rewards.min() - 1.0
+    return torch.where(has_eos, rewards, floor)
+
+
+def auc(scores, correct):
+    """P(score of a correct response > score of a wrong one), ties 1/2; None without both kinds."""
+    pos, neg = scores[correct], scores[~correct]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+@torch.no_grad()
+def evaluate(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_new_tokens, temperature,
+             seed, backend=None):
+    """Task success (greedy and sampled) on ``prompts``, with the reward model's view of the
+    same responses. Deterministic for a given ``seed`` (it restores the torch RNG after)."""
+    decoder = ResponseDecoder(tokenizer)
+    rng = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        greedy = sample(policy, prompt_ids, tokenizer, max_new_tokens=max_new_tokens, greedy=True)
+        sampled = sample(policy, prompt_ids, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
+    finally:
+        torch.set_rng_state(rng)
+    ok_g = checker_scores(prompts, greedy.sequences[:, greedy.prompt_len:], decoder).bool()
+    ok_s = checker_scores(prompts, sampled.sequences[:, sampled.prompt_len:], decoder).bool()
+    s_greedy, s_sampled = rm_scores(reward_model, greedy, backend), rm_scores(reward_model, sampled, backend)
+    logp = core.policy_logprobs(policy, sampled, temperature)
+    ref_logp = core.policy_logprobs(ref, sampled, temperature)
+    m = sampled.response_mask.float()
+    kl = ((logp - ref_logp) * m).sum(1).mean()  # k1 per response: unbiased for KL(policy || ref)
+    n = len(prompts)
+    return {"task_success": int(ok_g.sum()) / n, "task_success_sampled": int(ok_s.sum()) / n,
+            "score": s_sampled.mean().item(), "score_greedy": s_greedy.mean().item(), "kl": kl.item(),
+            "ended_sampled": ended(sampled, tokenizer.eos_token_id).float().mean().item(),
+            "rm_auc": auc(s_sampled, ok_s),
+            "score_correct": s_sampled[ok_s].mean().item() if ok_s.any() else None,
+            "score_wrong": s_sampled[~ok_s].mean().item() if (~ok_s).any() else None,
+            "prompts": len(prompts)}
+
+
+def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids, *, num_generations, estimator,
+            reward, kl_coef, kl_estimator, kl_mode, max_new_tokens, temperature, max_grad_norm, backend=None):
+    """One critic-free step on ``prompts`` (each sampled ``num_generations`` times). Returns
+    the step's metrics."""
+    t0 = time.time()
+    G = num_generations
+    rep_prompts = [p for p in prompts for _ in range(G)]
+    rep_ids = [p for p in prompt_ids for _ in range(G)]
+    group_ids = torch.arange(len(prompts)).repeat_interleave(G)
+    roll = sample(policy, rep_ids, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
+    mask = roll.response_mask
+    decoder = ResponseDecoder(tokenizer)
+    correct = checker_scores(rep_prompts, roll.sequences[:, roll.prompt_len:], decoder)
+    has_eos = ended(roll, tokenizer.eos_token_id)
+    with torch.no_grad():
+        ref_logp = core.policy_logprobs(ref, roll, temperature)
+        scores = rm_scores(reward_model, roll, backend)
+        rewards = correct.clone() if reward == "checker" else penalise_unended(scores, has_eos)
+    logp = core.policy_logprobs(policy, roll, temperature)
+    kl_tok = kl_per_token(logp, ref_logp, kl_estimator)
+    seq_kl = (kl_tok.detach() * mask).sum(1)
+    if kl_mode == "reward":
+        k1 = ((logp.detach() - ref_logp) * mask).sum(1)
+        rewards = rewards - kl_coef * k1
+    adv = group_advantages(rewards, group_ids, estimator)
+    tok_adv = adv[:, None] * mask
+    pg_loss, _, _ = core.ppo_policy_loss(logp, logp.detach(), tok_adv, mask, 1.0)  # on-policy: ratio 1
+    loss = pg_loss
+    if kl_mode == "loss" and kl_coef > 0:
+        loss = loss + kl_coef * core.masked_mean(kl_tok, mask)
+    if not torch.isfinite(loss):
+        from rmkernels_train.utils import TrainingError
+
+        raise TrainingError(f"the RL loss is {loss.item()}; lower --lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+    optimizer.step()
+    return {"score": scores.mean().item(), "reward": rewards.mean().item(), "kl": seq_kl.mean().item(),
+            "train_success": correct.mean().item(), "ended": has_eos.float().mean().item(),
+            "loss": loss.item(), "pg_loss": pg_loss.item(), "grad_norm": float(grad_norm),
+            "response_length": mask.float().sum(1).mean().item(), "time": time.time() - t0}

@@ -1,0 +1,350 @@
+"""The default RL run of ``rmkernels-train ppo``: reward model, warm start, critic-free RL,
+with the task success measured by a checker before RL and at every evaluation.
+
+    rmkernels-train ppo                         # the default: --advantage grpo
+    rmkernels-train ppo --reward checker        # control: the checker is the reward
+    rmkernels-train ppo --advantage rloo        # another critic-free estimator
+    rmkernels-train ppo --advantage gae         # PPO with a value model and GAE
+
+The pipeline (every piece is cached in ``--output-dir``, so a second run reuses it):
+
+1. the default reward model of ``rmkernels-train reward`` (``<output-dir>/reward_model``),
+   unless ``--reward-model`` is given;
+2. the warm start (:mod:`rmkernels_train.sft`, ``<output-dir>/warm_start``) unless
+   ``--policy`` is given: a tiny Llama trained for a few supervised steps on correct answers,
+   stopped while it solves about a third of the held-out prompts;
+3. critic-free RL (:mod:`rmkernels_train.grpo`) against the reward model, with the KL to the
+   warm-start policy in the loss;
+4. the held-out task success before RL, every ``--eval-every`` steps and at the end, next to
+   the reward model's score: ``metrics.jsonl`` rows with ``"split": "eval"``. The run ends by
+   printing the task success before and after, and whether the reward-model score and the task
+   success moved together (when the score rises and the success does not, the policy is
+   exploiting the reward model: reward hacking).
+"""
+import copy
+import json
+import math
+import os
+import random
+import time
+
+import torch
+
+from rmkernels_train.utils import TrainingError
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "gae")
+REWARDS = ("model", "checker")
+KL_MODES = ("loss", "reward")
+
+# Defaults of the critic-free run (issue 17's measured recipe); `--advantage gae` keeps the
+# PPO defaults of ppo.py.
+CRITIC_FREE_DEFAULTS = {"steps": 1000, "lr": 3e-4, "kl_coef": 0.5, "kl_estimator": "k3", "batch_size": 16}
+
+
+def add_arguments(p):
+    """The options of the default run (added to ``rmkernels-train ppo``'s parser)."""
+    g = p.add_argument_group("the RL run (critic-free estimators, warm start, task success)")
+    g.add_argument("--advantage", choices=ADVANTAGES, default="grpo",
+                   help="grpo/dr_grpo/rloo: critic-free, rewards compared within the --num-generations responses "
+                        "to each prompt (rmk.group_advantages), no value model; gae: PPO with a value model "
+                        "(rmk.ppo_advantages)")
+    g.add_argument("--num-generations", type=int, default=8, metavar="G",
+                   help="responses sampled per prompt (critic-free estimators; --batch-size counts prompts)")
+    g.add_argument("--reward", choices=REWARDS, default="model",
+                   help="model: the reward model's score; checker: 1 if the response is exactly the sorted "
+                        "digits, else 0 (a control: is the reward model the bottleneck?)")
+    g.add_argument("--kl-mode", choices=KL_MODES, default="loss",
+                   help="loss: kl-coef x the --kl-estimator KL to the reference, a loss term; reward: kl-coef x "
+                        "the k1 KL of each response subtracted from its reward")
+    g.add_argument("--warm-start-steps", type=int, default=100,
+                   help="supervised steps of the default policy on correct answers before RL (cached in "
+                        "<output-dir>/warm_start; 0 = RL from a random init)")
+    g.add_argument("--eval-every", type=int, default=100, help="steps between task evaluations")
+    g.add_argument("--eval-prompts", type=int, default=500,
+                   help="held-out prompts of each task evaluation (at most 500)")
+
+
+def resolve_defaults(a):
+    """Fill the options left at None with the defaults of the chosen estimator."""
+    if a.advantage != "gae":
+        for k, v in CRITIC_FREE_DEFAULTS.items():
+            if getattr(a, k, None) is None:
+                setattr(a, k, v)
+
+
+def check_args(a):
+    for name in ("num_generations", "eval_every", "eval_prompts"):
+        if getattr(a, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.advantage != "gae" and a.num_generations < 2:
+        raise TrainingError(f"--num-generations must be >= 2 for --advantage {a.advantage} (the advantages compare "
+                            f"the responses to one prompt), got {a.num_generations}")
+    if a.warm_start_steps < 0:
+        raise TrainingError(f"--warm-start-steps must be >= 0, got {a.warm_start_steps}")
+    if a.reward == "checker" and a.prompts is not None:
+        raise TrainingError("--reward checker checks the built-in sorting task: it cannot be used with --prompts")
+    if a.kl_estimator not in ("k1", "k2", "k3") and a.advantage != "gae":
+        raise TrainingError(f"--kl-estimator {a.kl_estimator}: the critic-free run's KL loss takes k1, k2 or k3")
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+# Options that fix what each step samples and trains on: they must not change on --resume.
+RESUME_FIXED = ("seed", "batch_size", "num_generations", "max_new_tokens", "temperature", "prompts", "policy",
+                "advantage", "reward", "kl_mode", "kl_estimator", "kl_coef", "lr", "warm_start_steps",
+                "policy_layers", "policy_hidden", "eval_every", "eval_prompts", "world_size")
+
+
+class CriticFreeTrainer:
+    """One invocation of ``rmkernels-train ppo --advantage grpo|dr_grpo|rloo`` (one process):
+    :meth:`setup` (reward model, warm start, prompts, optimizer, resume), the task evaluation
+    before RL, then per step :meth:`train_step` and an evaluation every ``--eval-every``
+    steps; checkpoints (``checkpoint-<step>/``, from the shared skeleton) on the way and
+    :meth:`finish` at the end."""
+
+    def __init__(self, args, dist, log):
+        self.a, self.dist, self.log = args, dist, log
+        self.out_dir = args.output_dir
+        self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        self.step, self.steps_this_run, self.last_ckpt, self.evals = 0, 0, None, []
+        self.times = {}
+
+    # -- set-up ---------------------------------------------------------------------------
+    def setup(self):
+        from rmkernels_train import sft, task
+        from rmkernels_train import trainer as T
+        from rmkernels_train.model import load_reward_model, load_tokenizer
+        from rmkernels_train.ppo import (
+            encode_prompts,
+            load_prompts,
+            train_default_reward_model,
+        )
+        from rmkernels_train.utils import MetricsWriter, read_metrics
+
+        a, dist = self.a, self.dist
+        if dist.enabled:
+            raise TrainingError(f"--advantage {a.advantage} runs in one process (use --advantage gae under torchrun)")
+        os.makedirs(self.out_dir, exist_ok=True)
+        T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
+        if not a.resume and T.list_checkpoints(self.out_dir)[0]:
+            raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
+                                f"--output-dir")
+        t = time.time()
+        reward_dir = a.reward_model or train_default_reward_model(self.out_dir, dist, T.threads_for(a, True))
+        self.times["reward_model"] = time.time() - t
+        self.reward_dir = reward_dir
+        self.tokenizer = tok = load_tokenizer(reward_dir)
+        if tok.eos_token_id is None:
+            raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
+        self.reward_model = load_reward_model(reward_dir, what="--reward-model").to(dist.device)
+        self.reward_model.requires_grad_(False)
+        self.reward_model.eval()
+        train_prompts, held = task.task_prompts()
+        self.train_prompts = load_prompts(a.prompts) if a.prompts else train_prompts
+        self.held_prompts = held[:a.eval_prompts]
+        t = time.time()
+        if a.policy is not None:
+            from transformers import AutoModelForCausalLM
+
+            try:
+                policy = AutoModelForCausalLM.from_pretrained(a.policy)
+            except Exception as e:  # noqa: BLE001 (transformers raises many types)
+                raise TrainingError(f"--policy {a.policy}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
+            self.warm_info = {"policy": a.policy}
+        elif a.warm_start_steps > 0:
+            settings = {**sft.DEFAULTS, "steps": a.warm_start_steps, "layers": a.policy_layers,
+                        "hidden": a.policy_hidden, "seed": a.seed}
+            policy, self.warm_info = sft.warm_start(self.out_dir, tok, train_prompts, settings, log=self.log)
+        else:
+            torch.manual_seed(a.seed)
+            policy = sft.build_policy(tok, layers=a.policy_layers, hidden=a.policy_hidden)
+            self.warm_info = {"random_init": True}
+        self.times["warm_start"] = time.time() - t
+        self.policy = policy.to(dist.device)
+        self.ref = copy.deepcopy(self.policy)
+        self.ref.requires_grad_(False)
+        self.ref.eval()
+        self.policy.train()
+        self.train_ids = encode_prompts(self.train_prompts, tok)
+        self.held_ids = encode_prompts(self.held_prompts, tok)
+        if any(len(p) == 0 for p in self.train_ids):
+            raise TrainingError("a prompt tokenizes to no tokens")
+        self.optimizer = self.make_optimizer()
+        if a.resume:
+            self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(self.out_dir, self.load_checkpoint, self.log)
+            T.check_resume_args(loaded[0]["args"], a, RESUME_FIXED, dist.world_size)
+            self.policy.load_state_dict(loaded[1]["policy"], strict=False)
+            self.ref.load_state_dict(loaded[1]["ref_policy"], strict=False)
+            self.optimizer.load_state_dict(loaded[1]["optimizer"])
+            self.log(f"resuming from {self.last_ckpt} (step {self.step})")
+            if os.path.isfile(self.metrics_path):
+                self.evals = [r for r in read_metrics(self.metrics_path)
+                              if r.get("split") == "eval" and r["step"] <= self.step]
+        self.writer = MetricsWriter(self.metrics_path, resume_step=self.step if a.resume else None)
+
+    def make_optimizer(self):
+        return torch.optim.AdamW(self.policy.parameters(), lr=self.a.lr, weight_decay=0.0)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def write_checkpoint(self, tmp):
+        from rmkernels_train import trainer as T
+
+        self.policy.save_pretrained(os.path.join(tmp, "policy"))
+        T.fault_point("checkpoint-write")
+        self.tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+        self.ref.save_pretrained(os.path.join(tmp, "ref_policy"))
+        torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        state = {"step": self.step, "args": {**vars(self.a), "world_size": self.dist.world_size}}
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=1, sort_keys=True)
+
+    def load_checkpoint(self, path):
+        """Read and check every file of a checkpoint (nothing is changed yet)."""
+        from rmkernels_train import trainer as T
+
+        state = T.read_trainer_state(path)
+        tensors = {}
+        for name, module in (("policy", self.policy), ("ref_policy", self.ref)):
+            file = f"{name}/model.safetensors"
+            tensors[name] = T.load_safetensors(os.path.join(path, file))
+            T.check_state_dict(module, tensors[name], file)
+        tensors["optimizer"] = T.load_torch_state(os.path.join(path, "optimizer.pt"))
+        T.check_optimizer_state(self.make_optimizer, tensors["optimizer"])
+        return state, tensors
+
+    def checkpoint(self):
+        from rmkernels_train import trainer as T
+
+        T.save_checkpoint(self.out_dir, self.step, self.write_checkpoint, self.a.save_total_limit)
+        self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
+
+    # -- evaluation and steps -------------------------------------------------------------
+    def evaluate(self):
+        from rmkernels_train import grpo
+
+        a = self.a
+        ev = grpo.evaluate(self.policy, self.ref, self.reward_model, self.tokenizer, self.held_prompts, self.held_ids,
+                           max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed + 1,
+                           backend=a.backend)
+        rec = {"step": self.step, "split": "eval", **ev}
+        if self.evals:  # how the reward-model score and the task success moved since RL began
+            rec["score_change"] = ev["score"] - self.evals[0]["score"]
+            rec["task_success_change"] = ev["task_success"] - self.evals[0]["task_success"]
+        self.writer.write(rec)
+        self.evals.append(rec)
+        self.log(f"eval step {self.step}: task success {ev['task_success']:.3f} greedy, "
+                 f"{ev['task_success_sampled']:.3f} sampled ({ev['prompts']} held-out prompts); reward-model score "
+                 f"{ev['score']:.3f}; KL {ev['kl']:.3f}; reward model ranks right over wrong {_fmt(ev['rm_auc'])}")
+        return rec
+
+    def train_step(self):
+        from rmkernels_train import grpo
+
+        a, step = self.a, self.step
+        # Every step's randomness comes from (seed, step): a resumed run does what the
+        # uninterrupted run would have done.
+        torch.manual_seed(a.seed * 1_000_003 + step)
+        rng = random.Random(a.seed * 1_000_003 + step)
+        idx = rng.sample(range(len(self.train_prompts)), min(a.batch_size, len(self.train_prompts)))
+        r = grpo.rl_step(self.policy, self.ref, self.reward_model, self.optimizer, self.tokenizer,
+                         [self.train_prompts[i] for i in idx], [self.train_ids[i] for i in idx],
+                         num_generations=a.num_generations, estimator=a.advantage, reward=a.reward,
+                         kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, kl_mode=a.kl_mode,
+                         max_new_tokens=a.max_new_tokens, temperature=a.temperature, max_grad_norm=a.max_grad_norm,
+                         backend=a.backend)
+        if not math.isfinite(r["kl"]):
+            raise TrainingError(f"step {step + 1}: the KL to the reference is {r['kl']}; lower --lr")
+        return {"step": step + 1, "split": "train", **r}
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self):
+        from rmkernels_train import trainer as T
+
+        t_all, cpu0 = time.time(), time.process_time()
+        self.setup()
+        a = self.a
+        if not self.evals:
+            self.evaluate()  # the task success before RL
+        t_rl = time.time()
+        bar = self.log.bar = T.progress_bar(a, self.dist, total=a.steps, initial=self.step, desc=f"rl ({a.advantage})")
+        try:
+            while self.step < a.steps and (a.stop_after is None or self.steps_this_run < a.stop_after):
+                rec = self.train_step()
+                self.step += 1
+                self.steps_this_run += 1
+                T.fault_point("step")
+                self.writer.write(rec)
+                if bar is not None:
+                    bar.set_postfix(score=f"{rec['score']:.2f}", ok=f"{rec['train_success']:.2f}",
+                                    kl=f"{rec['kl']:.3f}", refresh=False)
+                    bar.update(1)
+                if self.step % a.eval_every == 0 or self.step == a.steps:
+                    self.evaluate()
+                if self.step % a.save_every == 0 or self.step == a.steps:
+                    self.checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.bar = None
+        self.times["rl"] = time.time() - t_rl
+        self.times["total"] = time.time() - t_all
+        self.times["process_cpu"] = time.process_time() - cpu0
+        return self.finish()
+
+    def finish(self):
+        from rmkernels_train import trainer as T
+        from rmkernels_train.utils import atomic_write_text, plot_curves
+
+        a = self.a
+        if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):  # --stop-after
+            self.checkpoint()
+        with T.atomic_dir(os.path.join(a.output_dir, "policy")) as tmp:
+            self.policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        if a.plot:
+            plot_curves(self.metrics_path, os.path.join(a.output_dir, "curves.png"),
+                        keys=("task_success", "task_success_sampled", "score", "kl"),
+                        title=f"rmkernels-train ppo --advantage {a.advantage} --reward {a.reward}")
+        first, last = self.evals[0], self.evals[-1]
+        d_score, d_ok = last["score"] - first["score"], last["task_success"] - first["task_success"]
+        verdict = together(d_score, d_ok, a.reward, noise(first["task_success"], last["task_success"], last["prompts"]))
+        summary = {"advantage": a.advantage, "reward": a.reward, "seed": a.seed, "steps": self.step,
+                   "done": self.step >= a.steps, "before": first, "after": last, "verdict": verdict,
+                   "warm_start": self.warm_info, "reward_model": self.reward_dir, "checkpoint": self.last_ckpt,
+                   "time_s": {k: round(v, 1) for k, v in self.times.items()}}
+        atomic_write_text(os.path.join(a.output_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
+        status = "" if self.step >= a.steps else \
+            f"stopped after {self.steps_this_run} steps (--stop-after; --resume goes on); "
+        print(f"rmkernels-train ppo: {status}{self.step} {a.advantage} steps (RL {self.times['rl']:.0f} s in this "
+              f"run). Held-out task success (greedy), step {first['step']} -> {last['step']}: "
+              f"{first['task_success']:.3f} -> {last['task_success']:.3f} ({d_ok:+.3f}); sampled "
+              f"{first['task_success_sampled']:.3f} -> {last['task_success_sampled']:.3f}; reward-model score "
+              f"{first['score']:.3f} -> {last['score']:.3f} ({d_score:+.3f}); KL to the warm start {last['kl']:.3f}. "
+              f"{verdict} Outputs in {a.output_dir}", flush=True)
+        return 0
+
+
+def noise(p0, p1, n):
+    """Two standard errors of the difference of two success rates measured on ``n`` prompts:
+    a change of the task success smaller than this is indistinguishable from sampling noise."""
+    return 2.0 * math.sqrt((p0 * (1 - p0) + p1 * (1 - p1)) / max(n, 1))
+
+
+def together(d_score, d_success, reward="model", tol=0.02):
+    """One sentence on how the reward-model score and the task success moved; ``tol`` is the
+    change of the task success below which it counts as unchanged (:func:`noise`)."""
+    if reward == "checker":
+        return "(The checker was the reward: the reward model did not steer this run.)"
+    if d_success > tol:
+        if d_score > 0:
+            return "The reward-model score and the task success rose together."
+        return "The task success rose while the reward-model score did not."
+    if d_score > 0 and d_success < -tol:
+        return ("WARNING: the reward-model score rose while the task success fell: the policy is exploiting the "
+                "reward model (reward hacking); raise --kl-coef or lower --lr.")
+    if d_score > 0:
+        return (f"The reward-model score rose; the task success did not move beyond its noise ({tol:.3f}): if that "
+                f"lasts, the policy is finding what the reward model over-scores (reward hacking).")
+    return "Neither the reward-model score nor the task success rose."

@@ -1,0 +1,231 @@
+"""The default RL run of `rmkernels-train ppo` (critic-free, warm start, task success): the
+checker, the pieces of the loop against their formulas, and short end-to-end runs that must
+not collapse (the held-out task success must not fall), on CPU."""
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from rmkernels_train import grpo, rl, task
+from rmkernels_train.ppo import build_parser, check_args, main
+
+FAST = ["--threads", "1", "--no-progress", "--no-plot"]
+# A fall of the held-out task success (300 prompts) larger than this is a collapse: about two
+# standard errors of the difference of two success rates near 0.35.
+FALL_TOL = 0.05
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from rmkernels_train.data import SORT_ALPHABET
+    from rmkernels_train.tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer(SORT_ALPHABET)
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    """The default reward model of `rmkernels-train reward`, trained for 200 steps instead of
+    500 (~15 s of CPU): it must be a usable judge (held-out accuracy > 0.85), or the runs below
+    test nothing."""
+    from rmkernels_train.reward import main as reward_main
+
+    out = tmp_path_factory.mktemp("rm")
+    rc = reward_main(["--output-dir", str(out), "--default-train-pairs", "6400", "--threads", "1",
+                      "--no-progress", "--no-plot", "--eval-every", "1000"])
+    assert rc == 0
+    with open(out / "final.json") as f:
+        fin = json.load(f)
+    assert fin["eval"]["accuracy"] > 0.85, fin["eval"]
+    return fin["checkpoint"]
+
+
+# ---------------------------------------------------------------------------------------
+# The task and its checker
+# ---------------------------------------------------------------------------------------
+def test_checker_accepts_exactly_the_sorted_digits_with_an_eos():
+    assert task.answer("sort 4180: ") == "0148"
+    assert task.is_correct("sort 4180: ", "0148")
+    for wrong in ("0184", "148", "01488", "0148 ", "", "1048"):
+        assert not task.is_correct("sort 4180: ", wrong), wrong
+    assert not task.is_correct("sort 4180: ", "0148", ended=False)
+    with pytest.raises(ValueError, match="not a built-in"):
+        task.answer("sort these: ")
+
+
+def test_heldout_prompts_never_occur_in_training():
+    train, held = task.task_prompts()
+    assert len(held) == 500 and len(train) > 1000
+    assert not set(train) & set(held)
+
+
+def test_decoder_and_checker_scores(tokenizer):
+    dec = task.ResponseDecoder(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def ids(text, end):
+        row = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if end else [])
+        return row + [pad] * (8 - len(row))
+
+    prompts = ["sort 4180: ", "sort 4180: ", "sort 4180: ", "sort 93: "]
+    resp = torch.tensor([ids("0148", True), ids("0148", False), ids("0184", True), ids("39", True)])
+    texts, ended = dec(resp)
+    assert texts == ["0148", "0148", "0184", "39"] and ended == [True, False, True, True]
+    assert task.checker_scores(prompts, resp, dec).tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------
+# The pieces of the loop
+# ---------------------------------------------------------------------------------------
+def test_unended_responses_get_less_than_the_batch_lowest():
+    r = torch.tensor([0.5, -3.0, 2.0, 7.0])
+    out = grpo.penalise_unended(r, torch.tensor([True, True, False, True]))
+    assert out.tolist() == [0.5, -3.0, -4.0, 7.0]
+    assert torch.equal(grpo.penalise_unended(r, torch.ones(4, dtype=torch.bool)), r)
+
+
+def test_auc_counts_right_over_wrong():
+    s = torch.tensor([3.0, 1.0, 2.0, 0.0])
+    ok = torch.tensor([True, False, True, False])
+    assert grpo.auc(s, ok) == 1.0
+    assert grpo.auc(-s, ok) == 0.0
+    assert grpo.auc(torch.tensor([1.0, 1.0]), torch.tensor([True, False])) == 0.5
+    assert grpo.auc(s, torch.ones(4, dtype=torch.bool)) is None
+
+
+@pytest.mark.parametrize("estimator", grpo.CRITIC_FREE)
+def test_group_advantages_follow_the_spec(estimator):
+    G, n = 8, 5
+    torch.manual_seed(3)
+    scores = torch.randn(n * G) * 3 + 1
+    gids = torch.arange(n).repeat_interleave(G)
+    got = grpo.group_advantages(scores, gids, estimator)
+    for g in range(n):
+        r = scores[g * G:(g + 1) * G].double()
+        if estimator == "grpo":
+            want = (r - r.mean()) / (r.std(unbiased=True) + 1e-6)
+        elif estimator == "dr_grpo":
+            want = r - r.mean()
+        else:
+            want = (G * r - r.sum()) / (G - 1)
+        torch.testing.assert_close(got[g * G:(g + 1) * G].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_loss_term_value_and_gradient_are_k3():
+    torch.manual_seed(0)
+    logp = (torch.randn(4, 6) * 0.3).requires_grad_()
+    ref = torch.randn(4, 6) * 0.3
+    kl = grpo.kl_per_token(logp, ref, "k3")
+    x = ref - logp.detach()
+    torch.testing.assert_close(kl.detach(), torch.exp(x) - x - 1)
+    kl.sum().backward()
+    torch.testing.assert_close(logp.grad, 1 - torch.exp(ref - logp.detach()))
+
+
+def test_defaults_depend_on_the_estimator():
+    a = build_parser().parse_args([])
+    check_args(a)
+    assert (a.advantage, a.lr, a.kl_coef, a.kl_estimator, a.batch_size, a.num_generations) == \
+        ("grpo", 3e-4, 0.5, "k3", 16, 8)
+    a = build_parser().parse_args(["--advantage", "gae"])
+    check_args(a)
+    assert (a.lr, a.kl_coef, a.kl_estimator, a.batch_size, a.steps) == (1e-3, 0.05, "k1", 32, 80)
+    a = build_parser().parse_args(["--lr", "1e-4"])
+    check_args(a)
+    assert a.lr == 1e-4
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num-generations", "1"], "--num-generations must be >= 2"),
+    (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--warm-start-steps", "-1"], "--warm-start-steps must be >= 0"),
+    (["--kl-estimator", "abs"], "takes k1, k2 or k3"),
+])
+def test_bad_rl_options_stop_with_a_message(argv, message, capsys):
+    assert main(argv + FAST) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_together_says_when_score_and_success_part():
+    assert "rose together" in rl.together(1.0, 0.2)
+    assert "WARNING" in rl.together(1.0, -0.1) and "reward hacking" in rl.together(1.0, -0.1)
+    assert "noise" in rl.together(1.0, 0.01) and "WARNING" not in rl.together(1.0, -0.01)
+    assert abs(rl.noise(0.3, 0.3, 500) - 2 * (2 * 0.21 / 500) ** 0.5) < 1e-12
+    assert "checker" in rl.together(1.0, 0.2, reward="checker")
+
+
+# ---------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------
+def _check_run(out, steps, every):
+    recs = _records(out / "metrics.jsonl")
+    train = [r for r in recs if r["split"] == "train"]
+    evals = [r for r in recs if r["split"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    assert [r["step"] for r in evals] == sorted({0, *range(every, steps + 1, every), steps})
+    for r in evals:
+        for k in ("task_success", "task_success_sampled", "score", "kl", "rm_auc"):
+            assert k in r, k
+        assert 0 <= r["task_success"] <= 1 and 0 <= r["task_success_sampled"] <= 1
+    for r in train:
+        assert all(math.isfinite(r[k]) for k in ("score", "kl", "loss", "train_success", "grad_norm"))
+    with open(out / "final.json") as f:
+        fin = json.load(f)
+    assert fin["before"]["task_success"] == evals[0]["task_success"]
+    assert fin["after"]["task_success"] == evals[-1]["task_success"]
+    return evals, fin
+
+
+@pytest.mark.slow
+def test_short_default_run_does_not_collapse(reward_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--reward-model", reward_model, "--output-dir", str(out), "--steps", "40", "--eval-every", "20",
+            "--eval-prompts", "300"] + FAST
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    evals, fin = _check_run(out, 40, 20)
+    before, after = evals[0]["task_success"], evals[-1]["task_success"]
+    assert 0.1 < before < 0.7, f"the warm start should be mediocre, solved {before}"
+    assert after >= before - FALL_TOL, f"the held-out task success fell: {before} -> {after}"
+    assert evals[-1]["kl"] > 0
+    assert "Held-out task success (greedy)" in printed.out and f"{before:.3f} -> {after:.3f}" in printed.out
+    assert fin["warm_start"]["cached"] is False
+    # a second run reuses the cached warm start (same settings): the same policy before RL
+    assert main(argv[:5] + ["--steps", "1", "--eval-every", "1", "--eval-prompts", "300"] + FAST) == 0
+    capsys.readouterr()
+    with open(out / "final.json") as f:
+        again = json.load(f)
+    assert again["warm_start"]["cached"] is True and again["before"] == fin["before"]
+
+
+@pytest.mark.slow
+def test_collapse_is_detected(reward_model, tmp_path, capsys):
+    """The guard of the test above can fail: a reckless run (lr 1e-2, no KL term) collapses."""
+    out = tmp_path / "reckless"
+    assert main(["--reward-model", reward_model, "--output-dir", str(out), "--steps", "40", "--eval-every", "40",
+                 "--eval-prompts", "300", "--lr", "1e-2", "--kl-coef", "0"] + FAST) == 0
+    capsys.readouterr()
+    evals, _ = _check_run(out, 40, 40)
+    before, after = evals[0]["task_success"], evals[-1]["task_success"]
+    assert after < before - FALL_TOL, f"the reckless run did not collapse: {before} -> {after}"
+
+
+@pytest.mark.slow
+def test_checker_reward_control(reward_model, tmp_path, capsys):
+    out = tmp_path / "checker"
+    assert main(["--reward-model", reward_model, "--output-dir", str(out), "--steps", "40", "--eval-every", "40",
+                 "--eval-prompts", "300", "--reward", "checker"] + FAST) == 0
+    assert "checker was the reward" in capsys.readouterr().out
+    evals, fin = _check_run(out, 40, 40)
+    assert fin["reward"] == "checker"
+    before, after = evals[0]["task_success_sampled"], evals[-1]["task_success_sampled"]
+    assert after >= before - FALL_TOL, f"the sampled task success fell with the checker as reward: {before} -> {after}"
