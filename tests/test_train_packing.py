@@ -13,11 +13,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from rmkernels_train import data as D  # noqa: E402
-from rmkernels_train import model as M  # noqa: E402
-from rmkernels_train import packing as P  # noqa: E402
-from rmkernels_train.reward import main  # noqa: E402
-from rmkernels_train.tokenizer import build_char_tokenizer  # noqa: E402
+from rmkernels_train import data as D
+from rmkernels_train import model as M
+from rmkernels_train import packing as P
+from rmkernels_train.reward import main
+from rmkernels_train.tokenizer import build_char_tokenizer
 
 TINY = ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "640", "--batch-size", "16",
         "--threads", "1", "--no-progress", "--no-plot"]
@@ -135,6 +135,8 @@ def test_packing_run_equals_padded_run(tmp_path, capsys):
         assert rb["accuracy"] == pytest.approx(ra["accuracy"], abs=0.05)  # a near-tie may flip
     final = json.loads((tmp_path / "packed" / "final.json").read_text())
     assert final["packing"] is True
-    from transformers import AutoModelForSequenceClassification  # the checkpoint is a plain HF one
+    from transformers import (
+        AutoModelForSequenceClassification,  # the checkpoint is a plain HF one
+    )
 
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "packed" / "checkpoint-3")

@@ -112,7 +112,10 @@ def load_sharded(path, model, optimizer):
 
 def full_state_dict(model):
     """The whole model's state dict on rank 0 (CPU tensors; ``{}`` on other ranks). Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

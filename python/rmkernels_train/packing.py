@@ -19,6 +19,8 @@ The decoder's last hidden states ``[N, H]`` then go through
 tokens only, and the Bradley-Terry loss in the same op. All of it happens inside the root
 module's forward (:func:`enable_packing` installs it), so DDP and FSDP hooks see one forward.
 """
+import itertools
+
 import torch
 
 ATTN_IMPLEMENTATION = "rmk_packed_sdpa"
@@ -61,7 +63,7 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
         kwargs.pop(k, None)
     bounds = cu.tolist()
     outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         o, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
                                       dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
         outs.append(o)  # [1, L, heads, d]
