@@ -3,6 +3,7 @@
     rmkernels-train reward                                 # built-in default, no network
     rmkernels-train reward --model DIR --data train.jsonl --eval-data test.jsonl --bf16
     torchrun --nproc_per_node 2 -m rmkernels_train reward  # DDP (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node 8 -m rmkernels_train reward --model DIR --fsdp --packing --bf16
 
 The model is an HF ``*ForSequenceClassification`` (``num_labels=1``) patched with
 ``rmk.patch_hf_reward_model``; each batch (rows ``0..B-1`` chosen, ``B..2B-1`` rejected)
@@ -16,6 +17,15 @@ Output directory: ``metrics.jsonl``, ``curves.png``, ``final.json`` and
 tokenizer; plus ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` -- read back with
 ``weights_only=True`` -- and ``trainer_state.json``), written atomically (see
 :mod:`rmkernels_train.trainer`, the skeleton this command is built on).
+
+``--packing`` (:mod:`rmkernels_train.packing`) packs each micro-batch's sequences into one
+row without pad tokens (``cu_seqlens``, position ids restarting per sequence, attention
+within each sequence only); the losses are those of the padded batches. ``--fsdp``
+(:mod:`rmkernels_train.fsdp`) shards the model with FSDP2 under torchrun; its checkpoints
+hold the model and optimizer as a sharded ``torch.distributed.checkpoint`` directory
+(``sharded/``) instead of ``model.safetensors`` / ``optimizer.pt``, and the last checkpoint
+of each invocation also gets ``model.safetensors``, gathered on rank 0 (an HF checkpoint).
+See docs/reward-training.md.
 """
 import argparse
 import contextlib
@@ -28,7 +38,9 @@ import time
 import torch
 
 from rmkernels_train import data as D
+from rmkernels_train import fsdp as F
 from rmkernels_train import model as M
+from rmkernels_train import packing as P
 from rmkernels_train import trainer as T
 from rmkernels_train.tokenizer import build_char_tokenizer
 from rmkernels_train.utils import (
@@ -94,7 +106,13 @@ def build_parser():
     g = p.add_argument_group("evaluation and precision")
     g.add_argument("--eval-every", type=int, default=100, metavar="N", help="optimizer steps between evaluations")
     g.add_argument("--eval-batch-size", type=int, default=100, help="held-out pairs per device per batch")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights); meant for GPUs")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights); with --fsdp a mixed-precision "
+                   "policy (bf16 compute, fp32 gradient reduction); meant for GPUs")
+    g = p.add_argument_group("scale (docs/reward-training.md)")
+    g.add_argument("--packing", action="store_true", help="pack each micro-batch's sequences into one row without "
+                   "pad tokens (attention stays within each sequence; same losses as padded batches)")
+    g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
+                   "torchrun ranks (FSDP2, per decoder layer and the root); sharded checkpoints")
     T.add_run_args(p, output_dir="runs/reward", save_every=250)
     return p
 
@@ -119,6 +137,9 @@ def check_args(args):
         raise TrainingError(f"--model {args.model}: not a directory (give a local HF checkpoint directory)")
     if args.eval_data is None and args.data is not None and not 0 < args.eval_fraction < 1:
         raise TrainingError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise TrainingError("--fsdp shards the model over the ranks of a torchrun job: launch it with torchrun "
+                            "--nproc_per_node N (N >= 2)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,21 +161,30 @@ def write_checkpoint(tmp, model, tokenizer, optimizer, scheduler, state):
         json.dump(state, f, indent=1)
 
 
-def load_checkpoint(path, args):
-    """Read every file a resume uses and check it; a damaged or missing one raises
-    :class:`~rmkernels_train.trainer.CheckpointError`. Returns a dict: ``state`` (the trainer
-    state), ``model``, ``tokenizer``, ``optimizer`` (an AdamW over the model with its saved
-    state), ``scheduler`` (the scheduler's state dict) and ``rng``."""
-    state = T.read_trainer_state(path, int_keys=("epoch", "batch_in_epoch"))
-    T.read_json(os.path.join(path, "config.json"))
-    T.load_safetensors(os.path.join(path, "model.safetensors"), tensors=False)  # complete? (read below)
-    try:
-        tokenizer = M.load_tokenizer(path)
-        model = M.load_reward_model(path, what="checkpoint", use_safetensors=True)
-    except TrainingError as e:
-        raise T.CheckpointError(str(e)) from None
-    optimizer_state = T.load_torch_state(os.path.join(path, "optimizer.pt"))
-    T.check_optimizer_state(lambda: make_optimizer(model, args), optimizer_state)
+def write_sharded_checkpoint(tmp, trainer, hf_state):
+    """The rank-0 files of an --fsdp checkpoint (the shards are already in ``tmp/sharded``):
+    config, tokenizer, scheduler, RNG and trainer state, and with ``hf_state`` (the gathered
+    model) ``model.safetensors``."""
+    if hf_state is not None:
+        F.save_hf(tmp, trainer.model, hf_state)
+    else:
+        cfg = trainer.model.config
+        archs = cfg.architectures
+        cfg.architectures = [F.original_class(trainer.model).__name__]
+        try:
+            cfg.save_pretrained(tmp)
+        finally:
+            cfg.architectures = archs
+    T.fault_point("checkpoint-write")
+    trainer.tokenizer.save_pretrained(tmp)
+    torch.save(trainer.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    torch.save(rng_state(), os.path.join(tmp, "rng_state.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(trainer.run_state(), f, indent=1)
+
+
+def _load_small_state(path):
+    """Scheduler and RNG state of a checkpoint, checked."""
     scheduler = T.load_torch_state(os.path.join(path, "scheduler.pt"))
     if not (isinstance(scheduler, dict) and isinstance(scheduler.get("last_epoch"), int)
             and isinstance(scheduler.get("base_lrs"), list)):
@@ -165,6 +195,52 @@ def load_checkpoint(path, args):
         torch.Generator().set_state(rng["torch"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise T.CheckpointError(f"rng_state.pt is not a saved RNG state ({T.first_line(e)})") from None
+    return scheduler, rng
+
+
+def load_sharded_checkpoint(path, args):
+    """:func:`load_checkpoint` for an --fsdp checkpoint: everything but the shards is read and
+    checked here (the shards are loaded into the sharded model and optimizer once they exist:
+    ``model`` is the checkpoint's config, ``optimizer`` the shard directory)."""
+    from transformers import AutoConfig
+
+    state = T.read_trainer_state(path, int_keys=("epoch", "batch_in_epoch"))
+    if not state["args"].get("fsdp"):
+        raise T.CheckpointError("written without --fsdp (it has no sharded state); resume it without --fsdp")
+    T.read_json(os.path.join(path, "config.json"))
+    shards = os.path.join(path, F.DCP_DIR)
+    if not os.path.isfile(os.path.join(shards, ".metadata")):
+        raise T.CheckpointError(f"{F.DCP_DIR}/.metadata is missing (an incomplete sharded state)")
+    try:
+        tokenizer = M.load_tokenizer(path)
+        cfg = AutoConfig.from_pretrained(path)
+    except (TrainingError, OSError, ValueError) as e:
+        raise T.CheckpointError(str(e).splitlines()[0]) from None
+    scheduler, rng = _load_small_state(path)
+    return {"state": state, "model": cfg, "tokenizer": tokenizer, "optimizer": shards, "scheduler": scheduler,
+            "rng": rng, "sharded": True}
+
+
+def load_checkpoint(path, args):
+    """Read every file a resume uses and check it; a damaged or missing one raises
+    :class:`~rmkernels_train.trainer.CheckpointError`. Returns a dict: ``state`` (the trainer
+    state), ``model``, ``tokenizer``, ``optimizer`` (an AdamW over the model with its saved
+    state), ``scheduler`` (the scheduler's state dict) and ``rng``."""
+    if args.fsdp:
+        return load_sharded_checkpoint(path, args)
+    state = T.read_trainer_state(path, int_keys=("epoch", "batch_in_epoch"))
+    if state["args"].get("fsdp"):
+        raise T.CheckpointError("written with --fsdp (a sharded state); resume it with --fsdp")
+    T.read_json(os.path.join(path, "config.json"))
+    T.load_safetensors(os.path.join(path, "model.safetensors"), tensors=False)  # complete? (read below)
+    try:
+        tokenizer = M.load_tokenizer(path)
+        model = M.load_reward_model(path, what="checkpoint", use_safetensors=True)
+    except TrainingError as e:
+        raise T.CheckpointError(str(e)) from None
+    optimizer_state = T.load_torch_state(os.path.join(path, "optimizer.pt"))
+    T.check_optimizer_state(lambda: make_optimizer(model, args), optimizer_state)
+    scheduler, rng = _load_small_state(path)
     return {"state": state, "model": model, "tokenizer": tokenizer, "optimizer": optimizer_state,
             "scheduler": scheduler, "rng": rng}
 
@@ -246,18 +322,34 @@ def lr_lambda(warmup, total):
 # ---------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------
+def forward_pairs(model, pairs, args, pad_id, device):
+    """``(loss, chosen_rewards, rejected_rewards)`` of a micro-batch of pairs: packed with
+    --packing (:mod:`rmkernels_train.packing`), else padded (TRL's layout)."""
+    kw = {"label_smoothing": args.label_smoothing, "center_coef": args.center_coef, "device": device}
+    if args.packing:
+        return P.packed_forward(model, P.pack(pairs), **kw)
+    return M.pairwise_forward(model, D.collate(pairs, pad_id), **kw)
+
+
 @torch.no_grad()
 def evaluate(model, pairs, args, dist, pad_id, autocast):
-    """Loss, accuracy and margin over all held-out pairs (every rank takes a share)."""
+    """Loss, accuracy and margin over all held-out pairs (every rank takes a share). Under
+    --fsdp every forward is collective: a rank without a share of the last batch runs one
+    pair again and does not count it."""
     was_training = model.training
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, correct, margin sum, n
-    for bt in D.batches(pairs, args.eval_batch_size, seed=0, epoch=0, rank=dist.rank,
-                        world_size=dist.world_size, shuffle=False, drop_last=False):
-        batch = D.collate(bt, pad_id)
+    mine = list(D.batches(pairs, args.eval_batch_size, seed=0, epoch=0, rank=dist.rank,
+                          world_size=dist.world_size, shuffle=False, drop_last=False))
+    rounds = len(mine)
+    if args.fsdp:
+        rounds = -(-len(pairs) // (args.eval_batch_size * dist.world_size))
+    for i in range(rounds):
+        bt = mine[i] if i < len(mine) else None
         with autocast():
-            loss, c, r = M.pairwise_forward(model, batch, label_smoothing=args.label_smoothing,
-                                            center_coef=args.center_coef, device=dist.device)
+            loss, c, r = forward_pairs(model, bt or pairs[:1], args, pad_id, dist.device)
+        if bt is None:
+            continue
         n = len(bt)
         sums[0] += float(loss) * n
         sums[1] += float((c > r).sum())
@@ -303,8 +395,9 @@ class RewardTrainer:
         self.log(f"model: {type(self.model).__name__}, {n_params / 1e6:.2f}M parameters; {self.total} optimizer "
                  f"steps of {args.batch_size * args.grad_accum * dist.world_size} pairs ({dist.world_size} rank(s), "
                  f"device {dist.device}); output in {self.out_dir}")
-        self.autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16)) if args.bf16 else \
-            (lambda: torch.autocast(dist.device.type, enabled=False))
+        # --bf16: autocast, or under --fsdp the mixed-precision policy (F.shard) instead
+        self.autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16)) \
+            if args.bf16 and not args.fsdp else (lambda: torch.autocast(dist.device.type, enabled=False))
 
     def find_resume(self):
         """With --resume the newest intact checkpoint, read and checked (:func:`load_checkpoint`);
@@ -342,7 +435,13 @@ class RewardTrainer:
         """The checkpoint's model, --model, or the built-in tiny Llama; patched, on the device,
         wrapped in DDP under torchrun."""
         args, dist = self.args, self.dist
-        if resumed is not None:
+        if resumed is not None and resumed.get("sharded"):
+            from transformers import AutoModelForSequenceClassification
+
+            # the architecture only: the weights come from the shards (build_optimizer)
+            model = AutoModelForSequenceClassification.from_config(resumed["model"], dtype=torch.float32)
+            self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']}, sharded)")
+        elif resumed is not None:
             model = resumed["model"]
             self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']})")
         elif args.model is not None:
@@ -353,10 +452,14 @@ class RewardTrainer:
                                               num_hidden_layers=args.layers, intermediate_size=2 * args.hidden_size,
                                               max_position_embeddings=max(128, longest))
         M.prepare_reward_model(model, self.tokenizer, backend=args.backend)
+        if args.packing:
+            P.enable_packing(model)
         model.to(dist.device)
         model.train()
         self.model = self.ddp_model = model
-        if dist.enabled:
+        if args.fsdp:
+            F.shard(model, dist, bf16=args.bf16)  # in place: the root's forward stays the patched one
+        elif dist.enabled:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
 
@@ -367,7 +470,10 @@ class RewardTrainer:
         self.optimizer = make_optimizer(self.model, args)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args.warmup_steps, self.total))
         if resumed is not None:
-            self.optimizer.load_state_dict(resumed["optimizer"])
+            if resumed.get("sharded"):
+                F.load_sharded(resumed["optimizer"], self.model, self.optimizer)
+            else:
+                self.optimizer.load_state_dict(resumed["optimizer"])
             self.scheduler.load_state_dict(resumed["scheduler"])
             set_rng_state(resumed["rng"])
             st = resumed["state"]
@@ -411,6 +517,8 @@ class RewardTrainer:
                 "args": {**vars(self.args), "world_size": self.dist.world_size}}
 
     def checkpoint(self):
+        if self.args.fsdp:
+            return self.sharded_checkpoint()
         if self.dist.is_main:
             T.save_checkpoint(self.out_dir, self.step,
                               lambda tmp: write_checkpoint(tmp, self.model, self.tokenizer, self.optimizer,
@@ -418,6 +526,30 @@ class RewardTrainer:
                               self.args.save_total_limit)
         self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
         self.dist.barrier()
+
+    def sharded_checkpoint(self):
+        """An --fsdp checkpoint: every rank writes its shards into the temporary directory rank 0
+        made; rank 0 adds the rest and renames it into place. The last checkpoint of the
+        invocation also gets the whole model gathered on rank 0 (``model.safetensors``)."""
+        dist = self.dist
+        hf_state = None
+        if not self.may_continue():
+            hf_state = F.full_state_dict(self.model)  # collective
+            if dist.is_main:
+                names = [n for n, _ in self.model.named_parameters()]
+                self.final_digest = F.state_digest(hf_state, names)
+
+        def write(tmp):
+            dist.broadcast_object(tmp)
+            F.save_sharded(os.path.join(tmp, F.DCP_DIR), self.model, self.optimizer)
+            write_sharded_checkpoint(tmp, self, hf_state)
+
+        if dist.is_main:
+            T.save_checkpoint(self.out_dir, self.step, write, self.args.save_total_limit)
+        else:
+            F.save_sharded(os.path.join(dist.broadcast_object(None), F.DCP_DIR), self.model, self.optimizer)
+        self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
+        dist.barrier()
 
     def evaluate(self):
         ev = evaluate(self.model, self.held_pairs, self.args, self.dist, self.tokenizer.pad_token_id, self.autocast)
@@ -436,12 +568,12 @@ class RewardTrainer:
         args, dist = self.args, self.dist
         sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, correct, margin sum, n
         for i, bt in enumerate(group):
-            batch = D.collate(bt, self.tokenizer.pad_token_id)
             sync = i == len(group) - 1 or not dist.enabled
-            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+            if args.fsdp:  # reduce-scatter the gradients after the last micro-batch only
+                self.model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or args.fsdp else self.ddp_model.no_sync():
                 with self.autocast():
-                    loss, c, r = M.pairwise_forward(self.ddp_model, batch, label_smoothing=args.label_smoothing,
-                                                    center_coef=args.center_coef, device=dist.device)
+                    loss, c, r = forward_pairs(self.ddp_model, bt, args, self.tokenizer.pad_token_id, dist.device)
                 (loss / len(group)).backward()
             c, r = c.detach(), r.detach()
             sums[0] += float(loss.detach()) * len(bt)
@@ -451,9 +583,9 @@ class RewardTrainer:
         loss_sum, correct, margin_sum, n = dist.sum(sums)
         rec = {"split": "train", "step": self.step + 1, "loss": loss_sum / n, "accuracy": correct / n,
                "margin": margin_sum / n, "lr": self.scheduler.get_last_lr()[0]}
-        # The gradient norm (after DDP's all-reduce: the same on every rank), clipped if asked.
-        rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                args.max_grad_norm or float("inf")))
+        # The gradient norm (after DDP's all-reduce, or over FSDP's shards: the same on every
+        # rank), clipped if asked.
+        rec["grad_norm"] = F.clip_grad_norm(self.model.parameters(), args.max_grad_norm or float("inf"))
         for key in ("loss", "grad_norm"):
             if not math.isfinite(rec[key]):
                 where = (f"the last good checkpoint is {self.last_ckpt} (resume with --resume)" if self.last_ckpt
@@ -522,12 +654,15 @@ class RewardTrainer:
             self.evaluate()
         if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):
             self.checkpoint()
-        digests = dist.gather_object(param_digest(self.model))
+        if args.fsdp:  # one model, sharded: the digest of the whole model gathered for the HF checkpoint
+            digests = [dist.broadcast_object(getattr(self, "final_digest", None))]
+        else:
+            digests = dist.gather_object(param_digest(self.model))
         if len(set(digests)) != 1:
             raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
         ev = self.ev
         summary = {"step": self.step, "total_steps": self.total, "done": self.step >= self.total, "eval": ev,
-                   "world_size": dist.world_size, "param_digests": digests, "checkpoint": self.last_ckpt,
+                   "world_size": dist.world_size, "fsdp": args.fsdp, "packing": args.packing, "param_digests": digests, "checkpoint": self.last_ckpt,
                    "train_time_s": round(self.elapsed(), 1)}
         if dist.is_main:
             atomic_write_text(os.path.join(self.out_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
