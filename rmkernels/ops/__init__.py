@@ -1,2 +1,2 @@
-"""The ops of rmkernels, one module per op family (schemas, reference, fakes, autograd,
-public functions)."""
+"""The ops of rmkernels, one module per op family (declarations, reference, checks, public
+functions); every schema in ``_schemas.py``, the ops built by ``rmkernels/_registry.py``."""

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from rmkernels import _backend, _checks
+from rmkernels._layout import grad_buffer
 from rmkernels._library import acc_dtype
 from rmkernels._registry import Autograd, Kernel, Op
 
@@ -70,7 +71,7 @@ def _reference_bwd(grad, hidden, weight, index, need_hidden, need_weight, need_b
     g = torch.where(valid[:, None], grad, torch.zeros_like(grad))  # invalid rows give nothing
     g_hidden, g_weight, g_bias = grads_fake(hidden, weight, False, False, False)
     if need_hidden:
-        g_hidden = torch.zeros_like(hidden)
+        g_hidden = grad_buffer(hidden)
         g_rows = (g @ weight).to(hidden.dtype)
         b_idx = torch.nonzero(valid).flatten()
         if hidden.dim() == 3:
@@ -86,7 +87,7 @@ def _reference_bwd(grad, hidden, weight, index, need_hidden, need_weight, need_b
 
 def grads_fake(hidden, weight, need_hidden, need_weight, need_bias):
     """(grad_hidden, grad_weight, grad_bias) of the backward, each empty when not needed."""
-    g_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    g_hidden = grad_buffer(hidden, zero=False) if need_hidden else hidden.new_empty(0)
     g_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
     g_bias = weight.new_empty(weight.shape[0]) if need_bias else weight.new_empty(0)
     return g_hidden, g_weight, g_bias
