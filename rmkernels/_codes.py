@@ -57,5 +57,17 @@ GROUP_ESTIMATORS = {"grpo": GroupEstimator.GRPO, "dr_grpo": GroupEstimator.DR_GR
                     "reinforce_pp_baseline": GroupEstimator.REINFORCE_PP_BASELINE}
 
 # Segment policy of the GPU GAE kernels (CUDA and Triton): rows of at least 2 * SEGMENT_T
-# positions are split into segments of SEGMENT_T when the batch has fewer than 2 rows per SM.
+# positions are split into segments of SEGMENT_T when the batch has fewer than
+# SEGMENT_MIN_ROWS_PER_SM rows per SM. 4096 positions = 4 steps of a row walk of 1024, enough
+# work per program to amortise the 3 launches of the segmented scan; with fewer than 2 rows per
+# SM the GPU would otherwise idle (gae-xl: B = 32, T = 32768 then runs 256 programs, not 32).
 SEGMENT_T = 4096
+SEGMENT_MIN_ROWS_PER_SM = 2
+
+
+def num_gae_segments(B, T, sms, segment_t=SEGMENT_T):
+    """Programs per row of the GPU GAE kernels for a [B, T] batch on a GPU with ``sms`` SMs
+    (the C++ mirror: ``codes::num_gae_segments``)."""
+    if T < 2 * segment_t or B >= SEGMENT_MIN_ROWS_PER_SM * sms:
+        return 1
+    return -(-T // segment_t)

@@ -49,6 +49,7 @@ def test_every_header_enum_is_mirrored():
 def test_segment_policy_mirrored():
     _, consts = _header_enums()
     assert consts["kSegmentT"] == _codes.SEGMENT_T
+    assert consts["kSegmentMinRowsPerSm"] == _codes.SEGMENT_MIN_ROWS_PER_SM
 
 
 def test_string_maps_cover_the_enums():

@@ -10,35 +10,27 @@
 // or contiguous [B] in the arithmetic dtype (the Python layer converts them), else the
 // scalars margin_value / weight_value hold for every pair. num_candidates is int64 [B].
 // The sums over B are taken in fixed chunks, in a fixed order: deterministic, whatever the
-// number of threads.
+// number of threads. Every argument is checked before anything runs; the formulas are those of
+// rmkernels/scalar_math.h, shared with the CUDA kernels.
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 
+#include "rmkernels/codes.h"
 #include "rmkernels/cpu_common.h"
 #include "rmkernels/cpu_simd.h"
 #include "rmkernels/cpu_vec_math.h"
+#include "rmkernels/op_checks.h"
+#include "rmkernels/scalar_math.h"
 
 namespace rmkernels {
 namespace {
 
-// Reduction codes (rmkernels/ops/bt_loss.py: REDUCTIONS).
-constexpr int64_t kReduceNone = 0;
-constexpr int64_t kReduceMean = 1;
-
-
-// logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)): no overflow for any x (finite at |x| = 1e30).
-template <typename A> inline A log_sigmoid(A x) {
-  return (x < A(0) ? x : A(0)) - std::log1p(std::exp(-std::abs(x)));
-}
-
-// sigmoid(x) without overflow: exp of a non-positive number only.
-template <typename A> inline A sigmoid(A x) {
-  const A z = std::exp(-std::abs(x));
-  return x >= A(0) ? A(1) / (A(1) + z) : z / (A(1) + z);
-}
+using codes::kReduceMean;
+using codes::kReduceNone;
+using codes::kReduceSum;
 
 template <typename A> struct BTParams {
   const A* margin;   // [B] or null: margin_value
@@ -51,9 +43,10 @@ template <typename A> struct BTParams {
 // themselves when they already are: fp32 with unit stride), then one `#pragma omp simd`
 // loop (bt_loss_loops.h, in the CPU's variant: RMK_SIMD) computes the block with the
 // branch-free exp / log1p of cpu_vec_math.h (libm for fp64), so the transcendental part is
-// vectorised. Sums are taken per block in 8 fixed lanes, then over blocks in order:
-// deterministic whatever the number of threads or the vector width, and the rounding error
-// of a sum grows with kBlock + B / kBlock instead of B.
+// vectorised. Sums are taken per block in 8 fixed lanes, then over blocks in order in float64:
+// deterministic whatever the number of threads or the vector width, and the relative error of
+// the "mean" / "sum" stays at the float32 rounding of the block sums (~1e-7 at 2^22 pairs and
+// beyond, where a float32 sum over 4096 blocks loses 5e-5).
 constexpr int64_t kBlock = 1024;
 
 // n elements of p (stride s) as a contiguous array in the arithmetic dtype: p itself when it
@@ -90,10 +83,11 @@ template <typename A, typename F> void with_mw(const BTParams<A>& p, F&& f) {
   }
 }
 
-template <typename A> A weight_sum(const BTParams<A>& p, int64_t B) {
-  if (!p.weights) return static_cast<A>(B) * p.weight_value;
+// sum of the weights, in float64 (blocks of lane sums, as the losses).
+template <typename A> double weight_sum(const BTParams<A>& p, int64_t B) {
+  if (!p.weights) return static_cast<double>(B) * static_cast<double>(p.weight_value);
   const int64_t n_blocks = (B + kBlock - 1) / kBlock;
-  A s = 0;
+  double s = 0;
   for (int64_t k = 0; k < n_blocks; ++k) s += lane_sum(p.weights + k * kBlock, std::min(kBlock, B - k * kBlock));
   return s;
 }
@@ -120,37 +114,41 @@ void bt_fwd_impl(const S* c, int64_t sc, const S* r, int64_t sr, const BTParams<
     }
   });
   if (reduction == kReduceNone) return;
-  A total = 0;
-  for (A s : partial) total += s;
-  out[0] = reduction == kReduceMean ? total / weight_sum(p, B) : total;  // B = 0, mean: 0 / 0 = NaN
+  double total = 0;
+  for (A s : partial) total += static_cast<double>(s);
+  out[0] = static_cast<A>(reduction == kReduceMean ? total / weight_sum(p, B) : total);  // B = 0, mean: 0 / 0 = NaN
 }
 
 template <typename A> BTParams<A> bt_params(const std::optional<at::Tensor>& margin,
                                             const std::optional<at::Tensor>& weights, double margin_value,
                                             double weight_value, double e, double coef) {
-  for (const auto* t : {&margin, &weights}) {
-    TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == c10::CppTypeToScalarType<A>::value &&
-                                    (*t)->is_contiguous()),
-                "margin / weights must be contiguous in the arithmetic dtype");
-  }
   return {margin.has_value() ? margin->data_ptr<A>() : nullptr,
           weights.has_value() ? weights->data_ptr<A>() : nullptr,
           static_cast<A>(margin_value), static_cast<A>(weight_value), static_cast<A>(e), static_cast<A>(coef)};
 }
 
-void check_pair(const at::Tensor& chosen, const at::Tensor& rejected) {
-  TORCH_CHECK(chosen.dim() == 1 && rejected.dim() == 1 && chosen.size(0) == rejected.size(0),
-              "chosen and rejected must be [B] tensors of one B");
-  TORCH_CHECK(chosen.scalar_type() == rejected.scalar_type(), "chosen and rejected must have one dtype");
+// The arguments every Bradley-Terry kernel op shares (as the CUDA binding's bt_pairs).
+void check_pair(const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& margin,
+                const std::optional<at::Tensor>& weights, int64_t reduction) {
+  check_dim(chosen, "chosen", 1);
+  check_float_input(chosen, "chosen");
+  check_shape(rejected, "rejected", chosen.sizes());
+  check_same_dtype(rejected, "rejected", chosen, "chosen");
+  const auto dev = chosen.device();
+  check_device(rejected, "rejected", dev);
+  const auto acc = acc_scalar_type(chosen.scalar_type());
+  check_dense(margin, "margin", {chosen.size(0)}, acc, dev);
+  check_dense(weights, "weights", {chosen.size(0)}, acc, dev);
+  check_code(reduction, "reduction", kReduceNone, kReduceSum);
 }
 
 at::Tensor bt_loss_fwd_cpu(const at::Tensor& chosen, const at::Tensor& rejected,
                            const std::optional<at::Tensor>& margin, const std::optional<at::Tensor>& weights,
                            double margin_value, double weight_value, double label_smoothing, double center_coef,
                            int64_t reduction) {
-  check_pair(chosen, rejected);
+  check_pair(chosen, rejected, margin, weights, reduction);
   const int64_t B = chosen.size(0);
-  const auto acc_type = chosen.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_scalar_type(chosen.scalar_type());
   auto out = reduction == kReduceNone ? at::empty({B}, chosen.options().dtype(acc_type))
                                       : at::empty({}, chosen.options().dtype(acc_type));
   RMK_DISPATCH_FLOATS(chosen.scalar_type(), "bt_loss_fwd_cpu", [&] {
@@ -168,7 +166,7 @@ void bt_bwd_impl(const acc_t<S>* grad, const S* c, int64_t sc, const S* r, int64
   using A = acc_t<S>;
   constexpr bool kDirect = std::is_same_v<S, A>;  // gradients written in place, no conversion
   A scale = reduction == kReduceNone ? A(1) : grad[0];
-  if (reduction == kReduceMean) scale /= weight_sum(p, B);
+  if (reduction == kReduceMean) scale = static_cast<A>(static_cast<double>(scale) / weight_sum(p, B));
   const int64_t n_blocks = (B + kBlock - 1) / kBlock;
   at::parallel_for(0, n_blocks, 1, [&](int64_t lo, int64_t hi) {
     A cb[kBlock], rb[kBlock], gcb[kBlock], grb[kBlock];
@@ -207,16 +205,20 @@ std::tuple<at::Tensor, at::Tensor> bt_loss_bwd_cpu(const at::Tensor& grad, const
                                                    const std::optional<at::Tensor>& weights, double margin_value,
                                                    double weight_value, double label_smoothing, double center_coef,
                                                    int64_t reduction, bool need_chosen, bool need_rejected) {
-  check_pair(chosen, rejected);
+  check_pair(chosen, rejected, margin, weights, reduction);
   const int64_t B = chosen.size(0);
-  TORCH_CHECK(grad.is_contiguous() && grad.numel() == (reduction == kReduceNone ? B : 1),
-              "grad must be contiguous with one element per loss element");
+  if (reduction == kReduceNone) {
+    check_dense(grad, "grad", {B}, acc_scalar_type(chosen.scalar_type()), chosen.device());
+  } else {
+    TORCH_CHECK(grad.numel() == 1, "grad of a reduced loss must have one element, got shape ", grad.sizes());
+    check_dtype(grad, "grad", acc_scalar_type(chosen.scalar_type()));
+    check_device(grad, "grad", chosen.device());
+  }
   auto g_c = at::empty({need_chosen ? B : 0}, chosen.options());
   auto g_r = at::empty({need_rejected ? B : 0}, chosen.options());
   if (B == 0 || !(need_chosen || need_rejected)) return {g_c, g_r};
   RMK_DISPATCH_FLOATS(chosen.scalar_type(), "bt_loss_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
-    TORCH_CHECK(grad.scalar_type() == c10::CppTypeToScalarType<A>::value, "grad must be in the arithmetic dtype");
     const auto p = bt_params<A>(margin, weights, margin_value, weight_value, label_smoothing, center_coef);
     bt_bwd_impl<scalar_t>(grad.data_ptr<A>(), chosen.data_ptr<scalar_t>(), chosen.stride(0),
                           rejected.data_ptr<scalar_t>(), rejected.stride(0), p, B, reduction,
@@ -244,7 +246,7 @@ void ranking_fwd_impl(const S* x, int64_t sB, int64_t sK, const int64_t* nc, int
       A total = 0;
       for (int64_t i = 0; i < n; ++i) {
         const A ri = static_cast<A>(row[i * sK]);
-        for (int64_t j = i + 1; j < n; ++j) total -= log_sigmoid(ri - static_cast<A>(row[j * sK]));
+        for (int64_t j = i + 1; j < n; ++j) total -= math::log_sigmoid(ri - static_cast<A>(row[j * sK]));
       }
       out[b] = n >= 2 ? total / static_cast<A>(n * (n - 1) / 2) : A(0);
     }
@@ -266,8 +268,8 @@ void ranking_bwd_impl(const acc_t<S>* grad, const S* x, int64_t sB, int64_t sK, 
           const A ri = static_cast<A>(row[i * sK]);
           // pairs (j, i) with j < i: d/dr_i -logsigmoid(r_j - r_i) = sigmoid(r_i - r_j);
           // pairs (i, j) with j > i: d/dr_i -logsigmoid(r_i - r_j) = -sigmoid(r_j - r_i).
-          for (int64_t j = 0; j < i; ++j) g += sigmoid(ri - static_cast<A>(row[j * sK]));
-          for (int64_t j = i + 1; j < n; ++j) g -= sigmoid(static_cast<A>(row[j * sK]) - ri);
+          for (int64_t j = 0; j < i; ++j) g += math::sigmoid(ri - static_cast<A>(row[j * sK]));
+          for (int64_t j = i + 1; j < n; ++j) g -= math::sigmoid(static_cast<A>(row[j * sK]) - ri);
         }
         out[b * K + i] = static_cast<S>(scale * g);
       }
@@ -275,19 +277,22 @@ void ranking_bwd_impl(const acc_t<S>* grad, const S* x, int64_t sB, int64_t sK, 
   });
 }
 
-const int64_t* candidates_ptr(const std::optional<at::Tensor>& nc, int64_t B) {
+void check_rewards(const at::Tensor& rewards) {
+  check_dim(rewards, "rewards", 2);
+  check_float_input(rewards, "rewards");
+}
+
+const int64_t* candidates_ptr(const std::optional<at::Tensor>& nc, int64_t B, const at::Device& dev) {
   if (!nc.has_value()) return nullptr;
-  TORCH_CHECK(nc->scalar_type() == at::kLong && nc->is_contiguous() && nc->dim() == 1 && nc->size(0) == B,
-              "num_candidates must be a contiguous int64 [B] tensor");
+  check_dense(*nc, "num_candidates", {B}, at::kLong, dev);
   return nc->data_ptr<int64_t>();
 }
 
 at::Tensor ranking_loss_fwd_cpu(const at::Tensor& rewards, const std::optional<at::Tensor>& num_candidates) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, K]");
+  check_rewards(rewards);
   const int64_t B = rewards.size(0), K = rewards.size(1);
-  const auto acc_type = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty({B}, rewards.options().dtype(acc_type));
-  const int64_t* nc = candidates_ptr(num_candidates, B);
+  const int64_t* nc = candidates_ptr(num_candidates, B, rewards.device());
+  auto out = at::empty({B}, rewards.options().dtype(acc_scalar_type(rewards.scalar_type())));
   if (B == 0) return out;
   RMK_DISPATCH_FLOATS(rewards.scalar_type(), "ranking_loss_fwd_cpu", [&] {
     ranking_fwd_impl<scalar_t>(rewards.data_ptr<scalar_t>(), rewards.stride(0), rewards.stride(1), nc, B, K,
@@ -298,17 +303,14 @@ at::Tensor ranking_loss_fwd_cpu(const at::Tensor& rewards, const std::optional<a
 
 at::Tensor ranking_loss_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& rewards,
                                 const std::optional<at::Tensor>& num_candidates) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, K]");
+  check_rewards(rewards);
   const int64_t B = rewards.size(0), K = rewards.size(1);
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B && grad_rows.is_contiguous(),
-              "grad_rows must be a contiguous [B] tensor");
+  check_dense(grad_rows, "grad_rows", {B}, acc_scalar_type(rewards.scalar_type()), rewards.device());
+  const int64_t* nc = candidates_ptr(num_candidates, B, rewards.device());
   auto out = at::empty({B, K}, rewards.options());
-  const int64_t* nc = candidates_ptr(num_candidates, B);
   if (B == 0 || K == 0) return out;
   RMK_DISPATCH_FLOATS(rewards.scalar_type(), "ranking_loss_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
-    TORCH_CHECK(grad_rows.scalar_type() == c10::CppTypeToScalarType<A>::value,
-                "grad_rows must be in the arithmetic dtype");
     ranking_bwd_impl<scalar_t>(grad_rows.data_ptr<A>(), rewards.data_ptr<scalar_t>(), rewards.stride(0),
                                rewards.stride(1), nc, B, K, out.data_ptr<scalar_t>());
   });

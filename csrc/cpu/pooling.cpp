@@ -7,10 +7,13 @@
 // hidden is [B, T, H] (any strides, unit stride on H) or packed [N, H]; for packed input
 // `index` holds global rows, which is the same as a [B, N, H] view with batch stride 0.
 // weight / bias arrive as contiguous float32 (float64 for double hidden): the Python layer
-// converts the small [K, H] head once, so only the hidden dtype is dispatched here.
+// converts the small [K, H] head once, so only the hidden dtype is dispatched here. Every
+// argument is checked before anything runs (check_head_args); an index value outside [0, T)
+// (N for packed input) is "no valid token": NaN rewards, no read, no gradient.
 #include <torch/library.h>
 
 #include "rmkernels/cpu_common.h"
+#include "rmkernels/op_checks.h"
 
 namespace rmkernels {
 namespace {
@@ -41,7 +44,8 @@ void index_rows(const mask_t* mask, int64_t B, int64_t T, int64_t s0, int64_t s1
 }
 
 at::Tensor last_token_index_cpu(const at::Tensor& mask) {
-  TORCH_CHECK(mask.dim() == 2, "attention_mask must be [B, T]");
+  check_dim(mask, "attention_mask", 2);
+  TORCH_CHECK(!mask.is_complex(), "attention_mask must be bool, integer or float, got ", mask.scalar_type());
   const int64_t B = mask.size(0), T = mask.size(1);
   auto out = at::empty({B}, mask.options().dtype(at::kLong));
   if (B == 0) return out;
@@ -59,8 +63,6 @@ template <typename scalar_t>
 void reward_fwd_impl(const at::Tensor& hidden, const HiddenView& v, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, const int64_t* idx, at::Tensor& out) {
   using acc = acc_t<scalar_t>;
-  TORCH_CHECK(weight.scalar_type() == c10::CppTypeToScalarType<acc>::value,
-              "weight must be in the accumulation dtype");
   const int64_t B = out.size(0), K = out.size(1);
   const scalar_t* x = hidden.data_ptr<scalar_t>();
   const acc* w = weight.data_ptr<acc>();
@@ -87,9 +89,9 @@ void reward_fwd_impl(const at::Tensor& hidden, const HiddenView& v, const at::Te
 
 at::Tensor last_token_reward_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, const at::Tensor& index) {
+  check_last_token_args(hidden, weight, bias, index);
   const int64_t B = index.size(0), K = weight.size(0);
   const HiddenView v = hidden_view(hidden, B);
-  TORCH_CHECK(hidden.stride(-1) == 1 || v.H <= 1, "hidden_states needs a unit stride on H");
   auto out = at::empty({B, K}, weight.options());
   if (B == 0 || K == 0) return out;
   RMK_DISPATCH_FLOATS(hidden.scalar_type(), "last_token_reward_fwd_cpu", [&] {
@@ -108,7 +110,8 @@ void reward_bwd_impl(const at::Tensor& grad, const at::Tensor& hidden, const Hid
   const acc* g = grad.data_ptr<acc>();
   auto valid = [&](int64_t b) { return idx[b] >= 0 && idx[b] < v.T; };
   if (g_hidden) {
-    // grad_hidden[b, idx_b, :] = sum_k g[b, k] * W[k, :]; zero elsewhere. Rows of a packed
+    // grad_hidden[b, idx_b, :] = sum_k g[b, k] * W[k, :]; zero elsewhere, in g_hidden's own
+    // strides (grad_buffer: hidden's, or contiguous for an overlapping view). Rows of a packed
     // batch never share a token, so the writes of different b never overlap.
     const int64_t gsB = hidden.dim() == 3 ? g_hidden->stride(0) : 0;
     const int64_t gsT = hidden.dim() == 3 ? g_hidden->stride(1) : g_hidden->stride(0);
@@ -159,9 +162,11 @@ void reward_bwd_impl(const at::Tensor& grad, const at::Tensor& hidden, const Hid
 std::tuple<at::Tensor, at::Tensor, at::Tensor> last_token_reward_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& index,
     bool need_hidden, bool need_weight, bool need_bias) {
+  check_last_token_args(hidden, weight, std::nullopt, index);
   const int64_t B = index.size(0), K = weight.size(0);
+  check_dense(grad, "grad", {B, K}, weight.scalar_type(), hidden.device());
   const HiddenView v = hidden_view(hidden, B);
-  at::Tensor g_hidden = need_hidden ? at::zeros_like(hidden) : at::empty({0}, hidden.options());
+  at::Tensor g_hidden = need_hidden ? grad_buffer(hidden) : at::empty({0}, hidden.options());
   at::Tensor g_weight = need_weight ? at::zeros({K, v.H}, weight.options()) : at::empty({0}, weight.options());
   at::Tensor g_bias = need_bias ? at::zeros({K}, weight.options()) : at::empty({0}, weight.options());
   if (B == 0 || K == 0) return {g_hidden, g_weight, g_bias};

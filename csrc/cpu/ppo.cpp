@@ -1,31 +1,36 @@
-// C++ CPU kernels of the PPO rewards / GAE / whitening (SPEC section 3).
+// C++ CPU kernels of the PPO rewards / GAE / KL / whitening (SPEC sections 3 and 4).
 //
 //   ppo_gae_kernel(lp, ref, values, scores, mask, kl_coef, gamma, lam, estimator, x_clamp,
 //                  kl_clamp, score_clip)  -> (advantages, returns, rewards, kl, row_stats)
+//   gae_kernel(rewards, values, mask, gamma, lam)      -> (advantages, returns)
+//   kl_estimate_kernel(lp, ref, mask?, estimator, x_clamp, kl_clamp) -> kl
 //   masked_row_stats_kernel(x, mask)                   -> [B, 2] float64 (count, sum)
 //   masked_centered_sq_kernel(x, mask, totals)         -> [B] float64 sum (x - mean)^2
 //   masked_whiten_apply_kernel(x, mask, totals, sq, shift_mean, unbiased, eps) -> whitened x
 //
-// lp / ref / values share one floating dtype (the Python layer converts mixed inputs) and
-// may have any strides; mask is bool [B, T] (any strides); scores arrive as a contiguous
-// [B] tensor in the arithmetic dtype. Outputs are contiguous [B, T] in the arithmetic dtype
-// (float32, float64 for double input). A clamp of 0 means no clamp. The recurrence over T is
-// one sequential pass per row from the right (rows in parallel); the element-wise parts are
-// vectorised loops (ppo_loops.h, in the CPU's variant: RMK_SIMD).
+// The [B, T] float inputs of one op share one floating dtype (the Python layer converts mixed
+// inputs) and may have any strides; mask is bool [B, T] (any strides); scores arrive as a
+// contiguous [B] tensor in the arithmetic dtype. Outputs are contiguous [B, T] in the
+// arithmetic dtype (float32, float64 for double input). A clamp of 0 means no clamp. The
+// recurrence over T is one sequential pass per row from the right (rows in parallel); the
+// element-wise parts are vectorised loops (ppo_loops.h, in the CPU's variant: RMK_SIMD).
+// gae_kernel is the recurrence of ppo_gae_kernel over given token rewards, kl_estimate_kernel
+// its KL pass: the same loops.
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 
+#include "rmkernels/codes.h"
 #include "rmkernels/cpu_common.h"
 #include "rmkernels/cpu_simd.h"
 #include "rmkernels/cpu_vec_math.h"
+#include "rmkernels/op_checks.h"
+#include "rmkernels/scalar_math.h"
 
 namespace rmkernels {
 namespace {
-
-enum Estimator : int64_t { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
 
 struct GaeParams {
   double kl_coef, gamma, lam;
@@ -33,44 +38,19 @@ struct GaeParams {
   double x_clamp, kl_clamp, score_clip;
 };
 
-template <typename acc>
-inline acc clamp_sym(acc v, acc c) {
-  return c > 0 ? std::min(std::max(v, -c), c) : v;  // NaN stays NaN (min/max keep the first)
-}
-
-template <int64_t kEst, typename acc>
-inline acc kl_of(acc x, acc x_clamp, acc kl_clamp) {
-  x = clamp_sym(x, x_clamp);
-  acc k;
-  if constexpr (kEst == kK1) {
-    k = x;
-  } else if constexpr (kEst == kAbs) {
-    k = std::abs(x);
-  } else if constexpr (kEst == kK2) {
-    k = acc(0.5) * x * x;
-  } else {
-    k = vecmath::exp_any(-x) - acc(1) + x;
-  }
-  return clamp_sym(k, kl_clamp);
-}
-
 struct Strides2 {
   int64_t s0, s1;
 };
 
-// Per group of kLanes rows: pass 1, per row, the element-wise part (KL and rewards; no
-// dependence between positions: vectorised), then the score at the last valid position;
-// pass 2, the recurrence over T from the right, the kLanes rows interleaved position by
-// position: A_t = delta_t + gamma * lam * A_next is a chain of dependent multiply-adds
-// within a row, so one row at a time is bound by their latency, while independent rows
-// overlap; pass 3, per row, the whitening partials (count, sum of A) over the row just
-// written (still in cache; vectorised). Each row gets exactly the sequential arithmetic
-// (masked positions compute a value that is selected away), so results do not depend on
-// grouping.
+// Rows are processed in groups of kLanes: the recurrence over T from the right is a chain of
+// dependent multiply-adds within a row (A_t = delta_t + gamma * lam * A_next), so one row at a
+// time is bound by their latency, while kLanes independent rows interleaved position by
+// position overlap. Each row gets exactly the sequential arithmetic (masked positions compute
+// a value that is selected away), so results do not depend on grouping.
 constexpr int64_t kLanes = 4;
 
 #define RMK_LOOPS_HEADER "ppo_loops.h"
-#include "simd_variants.h"  // kl_rewards_row, gae_recurrence, masked_count_sum, centered_sq_row, whiten_row
+#include "simd_variants.h"  // kl_row, gae_recurrence, masked_count_sum, centered_sq_row, whiten_row
 
 template <typename scalar_t>
 void row_count_sum(const scalar_t* x, int64_t sx, const uint8_t* m, int64_t sm, int64_t T, double* out) {
@@ -81,6 +61,48 @@ void row_count_sum(const scalar_t* x, int64_t sx, const uint8_t* m, int64_t sm, 
   }
 }
 
+// The recurrence of the nl (<= kLanes) rows b0 .. b0 + nl - 1 over the token rewards rew
+// (strides sr): all lanes interleaved when the group is full, else row by row.
+template <typename scalar_t, typename rew_t>
+void gae_group(const scalar_t* val, Strides2 sv, const uint8_t* mask, Strides2 sm, const rew_t* rew, Strides2 sr,
+               int64_t b0, int64_t nl, int64_t T, acc_t<scalar_t> gamma, acc_t<scalar_t> gl, acc_t<scalar_t>* adv,
+               acc_t<scalar_t>* ret) {
+  if (nl == kLanes) {
+    if (sv.s1 == 1 && sm.s1 == 1 && sr.s1 == 1) {
+      RMK_SIMD(gae_recurrence<kLanes, true, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b0, T, gamma, gl, adv,
+                                                              ret);
+    } else {
+      RMK_SIMD(gae_recurrence<kLanes, false, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b0, T, gamma, gl, adv,
+                                                               ret);
+    }
+  } else {
+    for (int64_t b = b0; b < b0 + nl; ++b) {
+      RMK_SIMD(gae_recurrence<1, false, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b, T, gamma, gl, adv, ret);
+    }
+  }
+}
+
+// KL of row b (and its rewards with kRewards), with the unit-stride loop when it applies.
+template <int64_t kEst, bool kMask, bool kRewards, typename scalar_t>
+void kl_of_row(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf, const uint8_t* mask, Strides2 sm,
+               int64_t b, int64_t T, acc_t<scalar_t> kl_coef, acc_t<scalar_t> x_clamp, acc_t<scalar_t> kl_clamp,
+               acc_t<scalar_t>* kl, acc_t<scalar_t>* rew) {
+  const scalar_t* lpr = lp + b * slp.s0;
+  const scalar_t* rfr = rf + b * srf.s0;
+  const uint8_t* mr = kMask ? mask + b * sm.s0 : nullptr;
+  acc_t<scalar_t>* o_rew = kRewards ? rew + b * T : nullptr;
+  if (slp.s1 == 1 && srf.s1 == 1 && (!kMask || sm.s1 == 1)) {
+    RMK_SIMD(kl_row<kEst, true, kMask, kRewards, scalar_t>)(lpr, 1, rfr, 1, mr, 1, T, kl_coef, x_clamp, kl_clamp,
+                                                            kl + b * T, o_rew);
+  } else {
+    RMK_SIMD(kl_row<kEst, false, kMask, kRewards, scalar_t>)(lpr, slp.s1, rfr, srf.s1, mr, kMask ? sm.s1 : 0, T,
+                                                             kl_coef, x_clamp, kl_clamp, kl + b * T, o_rew);
+  }
+}
+
+// Per group of kLanes rows: pass 1, per row, the KL and the rewards (vectorised), then the
+// score at the row's last valid position; pass 2, the recurrence (gae_group); pass 3, per
+// row, the whitening partials (count, sum of A) over the row just written (still in cache).
 template <int64_t kEst, typename scalar_t>
 void gae_rows(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf, const scalar_t* val, Strides2 sv,
               const acc_t<scalar_t>* scores, const uint8_t* mask, Strides2 sm, int64_t B, int64_t T, const GaeParams& p,
@@ -90,45 +112,22 @@ void gae_rows(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf
   const acc gl = static_cast<acc>(p.gamma * p.lam);
   const acc x_clamp = static_cast<acc>(p.x_clamp), kl_clamp = static_cast<acc>(p.kl_clamp);
   const acc score_clip = static_cast<acc>(p.score_clip);
-  const bool unit = slp.s1 == 1 && srf.s1 == 1 && sm.s1 == 1;
-  const bool unit2 = sv.s1 == 1 && sm.s1 == 1;
   const int64_t n_groups = (B + kLanes - 1) / kLanes;
   at::parallel_for(0, n_groups, 1, [&](int64_t g_lo, int64_t g_hi) {
     for (int64_t g = g_lo; g < g_hi; ++g) {
       const int64_t b0 = g * kLanes;
       const int64_t nl = std::min(kLanes, B - b0);
-      // Pass 1: kl and rewards of each row, then the score at its last valid position.
       for (int64_t b = b0; b < b0 + nl; ++b) {
-        const scalar_t* lpr = lp + b * slp.s0;
-        const scalar_t* rfr = rf + b * srf.s0;
+        kl_of_row<kEst, true, true, scalar_t>(lp, slp, rf, srf, mask, sm, b, T, kl_coef, x_clamp, kl_clamp, kl, rew);
         const uint8_t* mr = mask + b * sm.s0;
-        if (unit) {
-          RMK_SIMD(kl_rewards_row<kEst, true, scalar_t>)(lpr, 1, rfr, 1, mr, 1, T, kl_coef, x_clamp, kl_clamp,
-                                                         kl + b * T, rew + b * T);
-        } else {
-          RMK_SIMD(kl_rewards_row<kEst, false, scalar_t>)(lpr, slp.s1, rfr, srf.s1, mr, sm.s1, T, kl_coef,
-                                                          x_clamp, kl_clamp, kl + b * T, rew + b * T);
-        }
         for (int64_t t = T - 1; t >= 0; --t) {
           if (mr[t * sm.s1]) {
-            rew[b * T + t] = rew[b * T + t] + clamp_sym(scores[b], score_clip);
+            rew[b * T + t] = rew[b * T + t] + math::clamp_sym(scores[b], score_clip);
             break;
           }
         }
       }
-      // Pass 2: the recurrence, rows interleaved.
-      if (nl == kLanes) {
-        if (unit2) {
-          RMK_SIMD(gae_recurrence<kLanes, true, scalar_t>)(val, sv, mask, sm, b0, T, gamma, gl, rew, adv, ret);
-        } else {
-          RMK_SIMD(gae_recurrence<kLanes, false, scalar_t>)(val, sv, mask, sm, b0, T, gamma, gl, rew, adv, ret);
-        }
-      } else {
-        for (int64_t b = b0; b < b0 + nl; ++b) {
-          RMK_SIMD(gae_recurrence<1, false, scalar_t>)(val, sv, mask, sm, b, T, gamma, gl, rew, adv, ret);
-        }
-      }
-      // Pass 3: the whitening partials of each row.
+      gae_group<scalar_t, acc>(val, sv, mask, sm, rew, Strides2{T, 1}, b0, nl, T, gamma, gl, adv, ret);
       for (int64_t b = b0; b < b0 + nl; ++b) {
         row_count_sum<acc>(adv + b * T, 1, mask + b * sm.s0, sm.s1, T, stats + 2 * b);
       }
@@ -142,27 +141,53 @@ Strides2 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
 // (a select on a loaded `bool` it does not).
 const uint8_t* mask_bytes(const at::Tensor& mask) { return reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()); }
 
-void check_bt(const at::Tensor& t, const char* name, int64_t B, int64_t T) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == T, name, " must be [B, T] = [", B, ", ", T, "], got ",
-              t.sizes());
+// Calls f(std::integral_constant<int64_t, estimator>) for a checked estimator code.
+template <typename F> void with_estimator(int64_t estimator, F&& f) {
+  switch (estimator) {
+    case codes::kK1: f(std::integral_constant<int64_t, codes::kK1>{}); break;
+    case codes::kAbs: f(std::integral_constant<int64_t, codes::kAbs>{}); break;
+    case codes::kK2: f(std::integral_constant<int64_t, codes::kK2>{}); break;
+    default: f(std::integral_constant<int64_t, codes::kK3>{}); break;
+  }
+}
+
+// The checks every PPO kernel op shares: a float [B, T] main input on the CPU, the others of
+// its shape, dtype and device, a bool [B, T] mask.
+void check_mask(const at::Tensor& mask, const char* name, int64_t B, int64_t T, const at::Device& dev) {
+  check_bt(mask, name, B, T, dev);
+  check_dtype(mask, name, at::kBool);
+}
+
+void check_main(const at::Tensor& t, const char* name) {
+  check_dim(t, name, 2);
+  check_float_input(t, name);
+  check_device(t, name, at::Device(at::kCPU));
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& main, const char* main_name) {
+  check_bt(t, name, main.size(0), main.size(1), main.device());
+  check_same_dtype(t, name, main, main_name);
+}
+
+void check_kl_options(int64_t estimator, double x_clamp, double kl_clamp) {
+  check_code(estimator, "estimator", codes::kK1, codes::kK3);
+  TORCH_CHECK(x_clamp >= 0 && kl_clamp >= 0, "x_clamp and kl_clamp must be >= 0 (0 = no clamp), got ", x_clamp,
+              ", ", kl_clamp);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_cpu(
     const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& values, const at::Tensor& scores,
     const at::Tensor& mask, double kl_coef, double gamma, double lam, int64_t estimator, double x_clamp,
     double kl_clamp, double score_clip) {
-  TORCH_CHECK(values.dim() == 2, "values must be [B, T]");
+  check_main(values, "values");
   const int64_t B = values.size(0), T = values.size(1);
-  check_bt(logprobs, "logprobs", B, T);
-  check_bt(ref_logprobs, "ref_logprobs", B, T);
-  check_bt(mask, "mask", B, T);
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool (the Python layer converts it)");
-  TORCH_CHECK(logprobs.scalar_type() == values.scalar_type() && ref_logprobs.scalar_type() == values.scalar_type(),
-              "logprobs, ref_logprobs and values must share one dtype");
-  TORCH_CHECK(estimator >= 0 && estimator <= 3, "unknown KL estimator code ", estimator);
-  const auto acc_type = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == B && scores.scalar_type() == acc_type && scores.is_contiguous(),
-              "scores must be a contiguous [B] tensor in the arithmetic dtype");
+  check_like(logprobs, "logprobs", values, "values");
+  check_like(ref_logprobs, "ref_logprobs", values, "values");
+  check_mask(mask, "mask", B, T, values.device());
+  check_kl_options(estimator, x_clamp, kl_clamp);
+  TORCH_CHECK(score_clip >= 0, "score_clip must be >= 0 (0 = no clamp), got ", score_clip);
+  const auto acc_type = acc_scalar_type(values.scalar_type());
+  check_dense(scores, "scores", {B}, acc_type, values.device());
   auto opts = values.options().dtype(acc_type);
   auto adv = at::empty({B, T}, opts), ret = at::empty({B, T}, opts);
   auto rew = at::empty({B, T}, opts), kl = at::empty({B, T}, opts);
@@ -171,21 +196,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
   const GaeParams p{kl_coef, gamma, lam, estimator, x_clamp, kl_clamp, score_clip};
   RMK_DISPATCH_FLOATS(values.scalar_type(), "ppo_gae_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    auto run = [&](auto est) {
+    with_estimator(estimator, [&](auto est) {
       gae_rows<decltype(est)::value, scalar_t>(
           logprobs.data_ptr<scalar_t>(), strides_of(logprobs), ref_logprobs.data_ptr<scalar_t>(),
           strides_of(ref_logprobs), values.data_ptr<scalar_t>(), strides_of(values), scores.data_ptr<acc>(),
           mask_bytes(mask), strides_of(mask), B, T, p, adv.data_ptr<acc>(), ret.data_ptr<acc>(),
           rew.data_ptr<acc>(), kl.data_ptr<acc>(), stats.data_ptr<double>());
-    };
-    switch (estimator) {
-      case kK1: run(std::integral_constant<int64_t, kK1>{}); break;
-      case kAbs: run(std::integral_constant<int64_t, kAbs>{}); break;
-      case kK2: run(std::integral_constant<int64_t, kK2>{}); break;
-      default: run(std::integral_constant<int64_t, kK3>{}); break;
-    }
+    });
   });
   return {adv, ret, rew, kl, stats};
+}
+
+// GAE over given token rewards (SPEC section 4): ppo_gae_kernel's recurrence, nothing else.
+std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                           const at::Tensor& mask, double gamma, double lam) {
+  check_main(values, "values");
+  const int64_t B = values.size(0), T = values.size(1);
+  check_like(rewards, "rewards", values, "values");
+  check_mask(mask, "mask", B, T, values.device());
+  auto opts = values.options().dtype(acc_scalar_type(values.scalar_type()));
+  auto adv = at::empty({B, T}, opts), ret = at::empty({B, T}, opts);
+  if (B == 0 || T == 0) return {adv, ret};
+  RMK_DISPATCH_FLOATS(values.scalar_type(), "gae_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc g = static_cast<acc>(gamma), gl = static_cast<acc>(gamma * lam);
+    const scalar_t* val = values.data_ptr<scalar_t>();
+    const scalar_t* rew = rewards.data_ptr<scalar_t>();
+    const uint8_t* m = mask_bytes(mask);
+    const Strides2 sv = strides_of(values), sm = strides_of(mask), sr = strides_of(rewards);
+    acc* a = adv.data_ptr<acc>();
+    acc* r = ret.data_ptr<acc>();
+    at::parallel_for(0, (B + kLanes - 1) / kLanes, 1, [&](int64_t g_lo, int64_t g_hi) {
+      for (int64_t grp = g_lo; grp < g_hi; ++grp) {
+        const int64_t b0 = grp * kLanes;
+        gae_group<scalar_t, scalar_t>(val, sv, m, sm, rew, sr, b0, std::min(kLanes, B - b0), T, g, gl, a, r);
+      }
+    });
+  });
+  return {adv, ret};
+}
+
+// The per-token KL estimate (SPEC section 4): ppo_gae_kernel's KL pass; 0 where mask is 0.
+at::Tensor kl_estimate_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                           const std::optional<at::Tensor>& mask, int64_t estimator, double x_clamp,
+                           double kl_clamp) {
+  check_main(logprobs, "logprobs");
+  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+  check_like(ref_logprobs, "ref_logprobs", logprobs, "logprobs");
+  if (mask.has_value()) check_mask(*mask, "mask", B, T, logprobs.device());
+  check_kl_options(estimator, x_clamp, kl_clamp);
+  auto kl = at::empty({B, T}, logprobs.options().dtype(acc_scalar_type(logprobs.scalar_type())));
+  if (B == 0 || T == 0) return kl;
+  RMK_DISPATCH_FLOATS(logprobs.scalar_type(), "kl_estimate_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc xc = static_cast<acc>(x_clamp), kc = static_cast<acc>(kl_clamp);
+    const scalar_t* lp = logprobs.data_ptr<scalar_t>();
+    const scalar_t* rf = ref_logprobs.data_ptr<scalar_t>();
+    const Strides2 slp = strides_of(logprobs), srf = strides_of(ref_logprobs);
+    const uint8_t* m = mask.has_value() ? mask_bytes(*mask) : nullptr;
+    const Strides2 sm = mask.has_value() ? strides_of(*mask) : Strides2{0, 0};
+    acc* out = kl.data_ptr<acc>();
+    with_estimator(estimator, [&](auto est) {
+      constexpr int64_t kEst = decltype(est)::value;
+      at::parallel_for(0, B, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(T, 1)), [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) {
+          if (m) {
+            kl_of_row<kEst, true, false, scalar_t>(lp, slp, rf, srf, m, sm, b, T, acc(0), xc, kc, out, nullptr);
+          } else {
+            kl_of_row<kEst, false, false, scalar_t>(lp, slp, rf, srf, m, sm, b, T, acc(0), xc, kc, out, nullptr);
+          }
+        }
+      });
+    });
+  });
+  return kl;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -250,14 +334,14 @@ void whiten_apply_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Stri
 }
 
 void check_x_mask(const at::Tensor& x, const at::Tensor& mask) {
-  TORCH_CHECK(x.dim() == 2, "x must be [B, T], got ", x.sizes());
-  TORCH_CHECK(mask.sizes() == x.sizes(), "mask must have x's shape ", x.sizes(), ", got ", mask.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool (the Python layer converts it)");
+  check_main(x, "x");
+  check_mask(mask, "mask", x.size(0), x.size(1), x.device());
 }
 
 void check_totals(const at::Tensor& totals, const char* name, int64_t n) {
-  TORCH_CHECK(totals.dim() == 1 && totals.size(0) == n && totals.scalar_type() == at::kDouble,
-              name, " must be a float64 tensor of shape [", n, "], got ", totals.sizes(), " ", totals.scalar_type());
+  check_shape(totals, name, {n});
+  check_dtype(totals, name, at::kDouble);
+  check_device(totals, name, at::Device(at::kCPU));
 }
 
 at::Tensor masked_row_stats_cpu(const at::Tensor& x, const at::Tensor& mask) {
@@ -293,8 +377,7 @@ at::Tensor masked_whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, 
   check_totals(totals, "totals", 2);
   check_totals(sq, "sq", 1);
   const int64_t B = x.size(0), T = x.size(1);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty({B, T}, x.options().dtype(acc_type));
+  auto out = at::empty({B, T}, x.options().dtype(acc_scalar_type(x.scalar_type())));
   if (B == 0 || T == 0) return out;
   const auto tot = totals.contiguous();
   const auto sqc = sq.contiguous();
@@ -310,6 +393,8 @@ at::Tensor masked_whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, 
 
 TORCH_LIBRARY_IMPL(rmkernels, CPU, m) {
   m.impl("ppo_gae_kernel", &ppo_gae_cpu);
+  m.impl("gae_kernel", &gae_cpu);
+  m.impl("kl_estimate_kernel", &kl_estimate_cpu);
   m.impl("masked_row_stats_kernel", &masked_row_stats_cpu);
   m.impl("masked_centered_sq_kernel", &masked_centered_sq_cpu);
   m.impl("masked_whiten_apply_kernel", &masked_whiten_apply_cpu);

@@ -9,29 +9,16 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "rmkernels/scalar_math.h"
+
 namespace rmkernels {
 namespace cuda {
 namespace {
 
-// Device math in the arithmetic type (float or double).
-__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
-__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
-__device__ __forceinline__ float dev_log1p(float x) { return log1pf(x); }
-__device__ __forceinline__ double dev_log1p(double x) { return log1p(x); }
-__device__ __forceinline__ float dev_abs(float x) { return fabsf(x); }
-__device__ __forceinline__ double dev_abs(double x) { return fabs(x); }
-
-// logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)): no overflow for any x (finite at |x| = 1e30).
-// A NaN x gives NaN through the log1p term.
-template <typename A> __device__ __forceinline__ A log_sigmoid(A x) {
-  return (x < A(0) ? x : A(0)) - dev_log1p(dev_exp(-dev_abs(x)));
-}
-
-// sigmoid(x) from exp of a non-positive number only.
-template <typename A> __device__ __forceinline__ A sigmoid(A x) {
-  const A z = dev_exp(-dev_abs(x));
-  return x >= A(0) ? A(1) / (A(1) + z) : z / (A(1) + z);
-}
+// The formulas (log-sigmoid, sigmoid, the pair loss and its derivative) are those of
+// rmkernels/scalar_math.h, shared with the CPU kernels.
+using math::log_sigmoid;
+using math::sigmoid;
 
 template <typename S, typename A> struct Pairs {
   const S* c;
@@ -49,7 +36,7 @@ template <typename S, typename A> struct Pairs {
   __device__ __forceinline__ A loss(int64_t i) const {
     const A ci = chosen(i), ri = rejected(i);
     const A d = ci - ri - margin(i);
-    A l = -(A(1) - e) * log_sigmoid(d) - e * log_sigmoid(-d);
+    A l = math::bt_pair_loss(d, e);
     if (coef != A(0)) l += coef * (ci + ri) * (ci + ri);  // never 0 * inf when the coefficient is 0
     return l;
   }
@@ -61,50 +48,52 @@ template <typename S, typename A> Pairs<S, A> typed(const BTPairs& p) {
           static_cast<A>(p.weight_value), static_cast<A>(p.label_smoothing), static_cast<A>(p.center_coef), p.B};
 }
 
-// kNone: a grid-stride loop writes w_i l_i. kMean / kSum: launched as one block, which walks
-// B with a fixed thread-to-pair map and a fixed reduction tree (deterministic, no atomics).
+// kReduceNone: a grid-stride loop writes w_i l_i. kReduceMean / kReduceSum: launched as one
+// block, which walks B with a fixed thread-to-pair map and a fixed reduction tree
+// (deterministic, no atomics), summing in float64 (a float32 sum of B / 256 pairs per thread
+// would lose ~1e-4 relative at 2^22 pairs).
 template <typename S, typename A>
 __global__ void bt_fwd_kernel(Pairs<S, A> p, Reduction reduction, A* __restrict__ out) {
-  __shared__ A shared[kThreads / kWarp];
-  if (reduction == Reduction::kNone) {
+  __shared__ double shared[kThreads / kWarp];
+  if (reduction == codes::kReduceNone) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.B; i += (int64_t)gridDim.x * blockDim.x)
       out[i] = p.weight(i) * p.loss(i);
     return;
   }
-  A s = 0, ws = 0;
+  double s = 0, ws = 0;
   for (int64_t i = threadIdx.x; i < p.B; i += blockDim.x) {
     const A w = p.weight(i);
-    s += w * p.loss(i);
-    ws += w;
+    s += static_cast<double>(w * p.loss(i));
+    ws += static_cast<double>(w);
   }
   s = block_sum(s, shared);
   ws = block_sum(ws, shared);
-  if (threadIdx.x == 0) out[0] = reduction == Reduction::kMean ? s / ws : s;  // B = 0 mean: NaN
+  if (threadIdx.x == 0) out[0] = static_cast<A>(reduction == codes::kReduceMean ? s / ws : s);  // B = 0 mean: NaN
 }
 
 template <typename S, typename A>
 __global__ void bt_bwd_kernel(Pairs<S, A> p, Reduction reduction, const A* __restrict__ grad, S* __restrict__ gc,
                               S* __restrict__ gr) {
-  __shared__ A shared[kThreads / kWarp];
-  A scale = reduction == Reduction::kNone ? A(1) : grad[0];
-  if (reduction == Reduction::kMean) {
-    A ws;
-    if (p.w != nullptr) {  // the launcher runs this case as one block: sum(w) once
-      A s = 0;
-      for (int64_t i = threadIdx.x; i < p.B; i += blockDim.x) s += p.w[i];
+  __shared__ double shared[kThreads / kWarp];
+  A scale = reduction == codes::kReduceNone ? A(1) : grad[0];
+  if (reduction == codes::kReduceMean) {
+    double ws;
+    if (p.w != nullptr) {  // the launcher runs this case as one block: sum(w) once, in float64
+      double s = 0;
+      for (int64_t i = threadIdx.x; i < p.B; i += blockDim.x) s += static_cast<double>(p.w[i]);
       ws = block_sum(s, shared);
     } else {
-      ws = static_cast<A>(p.B) * p.wv;
+      ws = static_cast<double>(p.B) * static_cast<double>(p.wv);
     }
-    scale /= ws;
+    scale = static_cast<A>(static_cast<double>(scale) / ws);
   }
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.B; i += (int64_t)gridDim.x * blockDim.x) {
     const A ci = p.chosen(i), ri = p.rejected(i);
     const A d = ci - ri - p.margin(i);
     // dl/dd = -(1 - e) sigmoid(-d) + e sigmoid(d); the centering term adds 2 coef (c + r) to both.
-    const A dl_dd = -(A(1) - p.e) * sigmoid(-d) + p.e * sigmoid(d);
+    const A dl_dd = math::bt_pair_dloss(d, p.e);
     const A center = p.coef != A(0) ? A(2) * p.coef * (ci + ri) : A(0);
-    const A g = (reduction == Reduction::kNone ? grad[i] : scale) * p.weight(i);
+    const A g = (reduction == codes::kReduceNone ? grad[i] : scale) * p.weight(i);
     if (gc) gc[i] = from_acc<S>(g * (dl_dd + center));
     if (gr) gr[i] = from_acc<S>(g * (center - dl_dd));
   }
@@ -170,8 +159,8 @@ unsigned int stride_grid(int64_t n) {
 
 cudaError_t launch_bt_loss_fwd(DType dtype, const BTPairs& pairs, Reduction reduction, void* loss,
                                cudaStream_t stream) {
-  if (reduction == Reduction::kNone && pairs.B == 0) return cudaSuccess;
-  const unsigned int grid = reduction == Reduction::kNone ? stride_grid(pairs.B) : 1u;
+  if (reduction == codes::kReduceNone && pairs.B == 0) return cudaSuccess;
+  const unsigned int grid = reduction == codes::kReduceNone ? stride_grid(pairs.B) : 1u;
   return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
@@ -182,7 +171,7 @@ cudaError_t launch_bt_loss_fwd(DType dtype, const BTPairs& pairs, Reduction redu
 cudaError_t launch_bt_loss_bwd(DType dtype, const BTPairs& pairs, Reduction reduction, const void* grad,
                                void* grad_chosen, void* grad_rejected, cudaStream_t stream) {
   if (pairs.B == 0 || (grad_chosen == nullptr && grad_rejected == nullptr)) return cudaSuccess;
-  const bool single = reduction == Reduction::kMean && pairs.weights != nullptr;
+  const bool single = reduction == codes::kReduceMean && pairs.weights != nullptr;
   const unsigned int grid = single ? 1u : stride_grid(pairs.B);
   return dispatch_dtype(dtype, [&](auto* tp, auto* ap) {
     using S = std::remove_pointer_t<decltype(tp)>;

@@ -10,13 +10,14 @@
 
 #include <cstdint>
 
+#include "rmkernels/codes.h"
 #include "rmkernels/cuda_common.cuh"
 
 namespace rmkernels {
 namespace cuda {
 
-// Reduction codes (rmkernels/ops/bt_loss.py: REDUCTIONS).
-enum class Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
+// Reduction codes: codes::Reduction (rmkernels/_codes.py).
+using codes::Reduction;
 
 // The B pairs of a Bradley-Terry loss and its options. margin / weights may be null: then
 // margin_value / weight_value hold for every pair.
@@ -30,13 +31,13 @@ struct BTPairs {
   int64_t B;
 };
 
-// loss = w_i * l_i per pair ([B], kNone) or its sum / weighted mean (one float, from a single
+// loss = w_i * l_i per pair ([B], kReduceNone) or its sum / weighted mean (one float, from a single
 // block walking B in a fixed order: deterministic). One launch.
 cudaError_t launch_bt_loss_fwd(DType dtype, const BTPairs& pairs, Reduction reduction, void* loss,
                                cudaStream_t stream);
 
-// grad_chosen / grad_rejected (either may be null) from `grad` ([B] for kNone, else one
-// float). One launch; a weighted kMean runs in a single block, which sums the weights first.
+// grad_chosen / grad_rejected (either may be null) from `grad` ([B] for kReduceNone, else one
+// float). One launch; a weighted kReduceMean runs in a single block, which sums the weights first.
 cudaError_t launch_bt_loss_bwd(DType dtype, const BTPairs& pairs, Reduction reduction, const void* grad,
                                void* grad_chosen, void* grad_rejected, cudaStream_t stream);
 

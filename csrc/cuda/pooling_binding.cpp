@@ -3,12 +3,13 @@
 
 #include "pooling.cuh"
 #include "rmkernels/cuda_binding.h"
+#include "rmkernels/op_checks.h"
 
 namespace rmkernels {
 namespace {
 
 at::Tensor last_token_index_cuda(const at::Tensor& mask) {
-  TORCH_CHECK(mask.dim() == 2, "attention_mask must be [B, T]");
+  check_dim(mask, "attention_mask", 2);
   TORCH_CHECK(!at::isFloatingType(mask.scalar_type()), "the CUDA index kernel takes bool/int masks");
   const c10::cuda::CUDAGuard guard(mask.device());
   auto index = at::empty({mask.size(0)}, mask.options().dtype(at::kLong));
@@ -26,29 +27,9 @@ View view_of(const at::Tensor& h) {
   return {h.size(0), h.size(1), 0, h.stride(0)};
 }
 
-// The kernels index weight / bias / index / grad as dense arrays of the arithmetic type (the
-// Python layer converts them): anything else would be read as garbage, so refuse it here,
-// like the CPU kernels do.
-void check_head_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     const at::Tensor& index) {
-  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden_states must be [B, T, H] or packed [N, H]");
-  TORCH_CHECK(hidden.size(-1) <= 1 || hidden.stride(-1) == 1, "hidden_states needs a unit stride on H");
-  const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(-1) && weight.is_contiguous() &&
-                  weight.scalar_type() == acc,
-              "weight must be a contiguous [K, H] tensor in the arithmetic dtype ", acc, ", got ", weight.sizes(), " ",
-              weight.scalar_type());
-  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous() &&
-                                    bias->scalar_type() == acc),
-              "bias must be a contiguous [K] tensor in the arithmetic dtype");
-  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous(),
-              "index must be a contiguous int64 [B] tensor");
-  if (hidden.dim() == 3) TORCH_CHECK(index.size(0) == hidden.size(0), "index must have B = hidden_states.size(0) rows");
-}
-
 at::Tensor last_token_reward_fwd_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, const at::Tensor& index) {
-  check_head_args(hidden, weight, bias, index);
+  check_last_token_args(hidden, weight, bias, index);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t B = index.size(0), K = weight.size(0);
   const View v = view_of(hidden);
@@ -62,15 +43,13 @@ at::Tensor last_token_reward_fwd_cuda(const at::Tensor& hidden, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> last_token_reward_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& index,
     bool need_hidden, bool need_weight, bool need_bias) {
-  check_head_args(hidden, weight, std::nullopt, index);
+  check_last_token_args(hidden, weight, std::nullopt, index);
   const int64_t B = index.size(0), K = weight.size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == K && grad.is_contiguous() &&
-                  grad.scalar_type() == weight.scalar_type(),
-              "grad must be a contiguous [B, K] tensor in the arithmetic dtype");
+  check_dense(grad, "grad", {B, K}, weight.scalar_type(), hidden.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
   const View v = view_of(hidden);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor g_hidden = need_hidden ? at::zeros_like(hidden) : at::empty({0}, hidden.options());
+  at::Tensor g_hidden = need_hidden ? grad_buffer(hidden) : at::empty({0}, hidden.options());
   at::Tensor g_weight = need_weight ? at::empty({K, v.H}, weight.options()) : at::empty({0}, weight.options());
   at::Tensor g_bias = need_bias ? at::empty({K}, weight.options()) : at::empty({0}, weight.options());
   if (need_hidden) {

@@ -1,6 +1,6 @@
-// CUDA kernels of the PPO rewards / GAE / whitening (torch-free; see ppo.cuh).
+// CUDA kernels of the PPO rewards / GAE / KL / whitening (torch-free; see ppo.cuh).
 //
-// GAE: one block per row. The block finds the row's last valid position (a block max over
+// GAE: one block per row (or per segment of a long row, below). The block finds the row's last valid position (a block max over
 // the mask), then walks the row from the right in chunks of kGaeThreads * kGaeItems
 // positions. Each thread owns kGaeItems consecutive positions. Both recurrences are affine
 // maps of a carried state, composed from the right:
@@ -20,14 +20,20 @@
 // of the mask for the last valid position), four [B, T] outputs written once, 16 B of
 // statistics per row. The whitening reads the advantages twice and writes them once.
 //
-// Limits of this version (documented, measured on no GPU yet): one block per row, so a
-// batch of few very long rows (gae-xl: B = 32, T = 32768) uses only B SMs; a multi-block
-// decoupled look-back over T would be the next step. Each thread's kGaeItems consecutive
-// loads are not vectorised (they are served by L1 within a warp's 4 KiB span).
+// A batch of few very long rows (gae-xl: B = 32, T = 32768) would use only B SMs with one
+// block per row: the binding then splits each row into segments (codes::num_gae_segments), one
+// block each, in three launches (the modes codes::GaeSegmentMode: each segment's aggregate, the
+// carries composed per row, each segment with its carries). gae_kernel (token rewards given)
+// runs the same kernels with kTokenRewards: the rewards are read instead of computed from the
+// KL and the score. Each thread's kGaeItems consecutive loads are not vectorised (they are
+// served by L1 within a warp's 4 KiB span). Measured on no GPU yet.
 #include "ppo.cuh"
 
 #include <algorithm>
 #include <type_traits>
+
+#include "rmkernels/codes.h"
+#include "rmkernels/scalar_math.h"
 
 namespace rmkernels {
 namespace cuda {
@@ -110,19 +116,6 @@ __device__ __forceinline__ Affine<A> block_rscan_exclusive(Affine<A> mine, Affin
   return compose<kSelect>(excl, right);
 }
 
-template <typename A>
-__device__ __forceinline__ A clamp_sym(A x, A c) {
-  // NaN stays NaN: comparisons with NaN are false.
-  return c > A(0) ? (x < -c ? -c : (x > c ? c : x)) : x;
-}
-
-template <typename A>
-__device__ __forceinline__ A exp_acc(A x);
-template <>
-__device__ __forceinline__ float exp_acc<float>(float x) { return expf(x); }
-template <>
-__device__ __forceinline__ double exp_acc<double>(double x) { return exp(x); }
-
 // x^n for n >= 0 by squaring (no powf: under --use_fast_math it is exp2(n * log2(x)), which
 // gives 0^0 = NaN).
 template <typename A>
@@ -136,24 +129,7 @@ __device__ __forceinline__ A ipow(A x, int64_t n) {
   return r;
 }
 
-template <typename A>
-__device__ __forceinline__ A kl_value(A x, int est, A x_clamp, A kl_clamp) {
-  x = clamp_sym(x, x_clamp);
-  A k;
-  switch (est) {
-    case 0: k = x; break;
-    case 1: k = x < A(0) ? -x : x; break;
-    case 2: k = A(0.5) * x * x; break;
-    default: k = exp_acc(-x) - A(1) + x; break;
-  }
-  return clamp_sym(k, kl_clamp);
-}
-
-// Modes of the GAE kernel. Grid (B, n_seg): one block per row (kRow, n_seg = 1), or per
-// (row, segment of seg_len positions) for long rows in a batch too small to fill the GPU.
-constexpr int kRow = 0;               // the whole row, carries start at 0: writes everything
-constexpr int kSegmentAggregate = 1;  // a segment with zero carries: writes its aggregate only
-constexpr int kSegmentFinal = 2;      // a segment with the carries of the segments to its right
+using math::clamp_sym;
 
 // What a segment does to the carried state (C, D) entering at its right end, C = A and
 // D = V of the nearest valid position to the right:
@@ -161,7 +137,9 @@ constexpr int kSegmentFinal = 2;      // a segment with the carries of the segme
 //   valid position), D(t_lo) = v_first if it has a valid position, else D_in.
 // alpha = (gamma lam)^k and e = (gamma lam)^(k - 1) for its k valid positions.
 
-template <int kMode, typename S, typename A>
+// kMode: a codes::GaeSegmentMode. kTokenRewards (gae_kernel): `lp` holds the token rewards,
+// `rf`, `scores`, `rew`, `kl` and `stats` are unused (null).
+template <int64_t kMode, bool kTokenRewards, typename S, typename A>
 __global__ void __launch_bounds__(kGaeThreads)
     ppo_gae_kernel(const S* __restrict__ lp, int64_t lp0, int64_t lp1, const S* __restrict__ rf, int64_t rf0,
                    int64_t rf1, const S* __restrict__ val, int64_t v0, int64_t v1, const A* __restrict__ scores,
@@ -181,23 +159,23 @@ __global__ void __launch_bounds__(kGaeThreads)
   int64_t last = -1;  // the position that gets the score (none in an aggregate)
   int64_t seg_last = -1;
   A carry_v = 0, carry_a = 0;  // D and C just right of the current chunk
-  if (kMode == kSegmentFinal) {
+  if (kMode == codes::kSegmentFinal) {
     last = row_last[b];
     carry_a = carry[(b * n_seg + seg) * 2];
     carry_v = carry[(b * n_seg + seg) * 2 + 1];
-  } else {
+  } else if (!(kTokenRewards && kMode == codes::kRow)) {  // token rewards: no score, no last position
     int64_t best = -1;
     for (int64_t t = t_lo + threadIdx.x; t < t_hi; t += blockDim.x) {
       if (mrow[t * m1]) best = t;  // t grows per thread, so the last hit is its max
     }
     seg_last = block_max<int64_t>(best, s_max, -1);
-    if (kMode == kRow) last = seg_last;
+    if (kMode == codes::kRow) last = seg_last;
   }
 
   const A kl_coef = static_cast<A>(p.kl_coef), gamma = static_cast<A>(p.gamma);
   const A gl = static_cast<A>(p.gamma * p.lam);
   const A x_clamp = static_cast<A>(p.x_clamp), kl_clamp = static_cast<A>(p.kl_clamp);
-  const A score = clamp_sym(scores[b], static_cast<A>(p.score_clip));
+  const A score = kTokenRewards ? A(0) : clamp_sym(scores[b], static_cast<A>(p.score_clip));
   const S* lrow = lp + b * lp0;
   const S* rrow = rf + b * rf0;
   const S* vrow = val + b * v0;
@@ -220,11 +198,15 @@ __global__ void __launch_bounds__(kGaeThreads)
       m[j] = t < t_hi && mrow[t * m1];
       v[j] = r[j] = k[j] = A(0);
       if (m[j]) {
-        const A x = to_acc<A>(lrow[t * lp1]) - to_acc<A>(rrow[t * rf1]);
-        k[j] = kl_value(x, p.estimator, x_clamp, kl_clamp);
-        A rr = -kl_coef * k[j];
-        if (t == last) rr = rr + score;
-        r[j] = rr;
+        if (kTokenRewards) {
+          r[j] = to_acc<A>(lrow[t * lp1]);
+        } else {
+          const A x = to_acc<A>(lrow[t * lp1]) - to_acc<A>(rrow[t * rf1]);
+          k[j] = math::kl_estimate(p.estimator, x, x_clamp, kl_clamp);
+          A rr = -kl_coef * k[j];
+          if (t == last) rr = rr + score;
+          r[j] = rr;
+        }
         v[j] = to_acc<A>(vrow[t * v1]);
       }
     }
@@ -266,16 +248,18 @@ __global__ void __launch_bounds__(kGaeThreads)
         cnt += 1.0;
         sum += static_cast<double>(cA);
       }
-      if (kMode != kSegmentAggregate) {
+      if (kMode != codes::kSegmentAggregate) {
         o_adv[t] = a_out;
         o_ret[t] = ret_out;
-        o_rew[t] = r[j];
-        o_kl[t] = k[j];
+        if (!kTokenRewards) {
+          o_rew[t] = r[j];
+          o_kl[t] = k[j];
+        }
       }
     }
   }
   cnt = block_sum(cnt, s_sum);
-  if (kMode == kSegmentAggregate) {
+  if (kMode == codes::kSegmentAggregate) {
     if (threadIdx.x == 0) {
       A* g = agg + (b * n_seg + seg) * 4;
       const int64_t kv = static_cast<int64_t>(cnt);
@@ -287,6 +271,7 @@ __global__ void __launch_bounds__(kGaeThreads)
     }
     return;
   }
+  if (kTokenRewards) return;  // gae_kernel: no whitening partials
   sum = block_sum(sum, s_sum);
   if (threadIdx.x == 0) {
     stats[(b * n_seg + seg) * 2] = cnt;
@@ -295,7 +280,8 @@ __global__ void __launch_bounds__(kGaeThreads)
 }
 
 // One thread per row: the row's last valid position, and from the right the carries (C, D)
-// entering each segment, composed from the segments' aggregates.
+// entering each segment, composed from the segments' aggregates. scores null: no score
+// (gae_kernel's token rewards).
 template <typename A>
 __global__ void gae_carry_kernel(const A* __restrict__ agg, const int64_t* __restrict__ seg_last,
                                  const A* __restrict__ scores, int64_t B, int64_t n_seg, PPOGaeParams p,
@@ -303,7 +289,7 @@ __global__ void gae_carry_kernel(const A* __restrict__ agg, const int64_t* __res
   const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (b >= B) return;
   const A gamma = static_cast<A>(p.gamma);
-  const A score = clamp_sym(scores[b], static_cast<A>(p.score_clip));
+  const A score = scores == nullptr ? A(0) : clamp_sym(scores[b], static_cast<A>(p.score_clip));
   int64_t last = -1;
   for (int64_t s = 0; s < n_seg; ++s) last = seg_last[b * n_seg + s] > last ? seg_last[b * n_seg + s] : last;
   row_last[b] = last;
@@ -392,42 +378,115 @@ constexpr int64_t kApplyBlocksPerRow = 8;
 
 }  // namespace
 
-cudaError_t launch_ppo_gae(DType dtype, Strided2D logprobs, Strided2D ref_logprobs, Strided2D values,
-                           const void* scores, Strided2D mask, int64_t B, int64_t T, PPOGaeParams p,
-                           void* advantages, void* returns, void* rewards, void* kl, double* stats,
-                           PPOSegments segments, cudaStream_t stream) {
-  if (B == 0) return cudaSuccess;
-  if (p.estimator < 0 || p.estimator > 3) return cudaErrorInvalidValue;
+namespace {
+
+bool segments_ok(const PPOSegments& segments) {
   const int64_t n_seg = segments.n_seg;
-  if (n_seg < 1 || n_seg > 65535 || (n_seg > 1 && (segments.seg_len < 1 || segments.agg == nullptr ||
-                                                   segments.seg_last == nullptr || segments.carry == nullptr ||
-                                                   segments.last == nullptr))) {
-    return cudaErrorInvalidValue;
-  }
+  return n_seg >= 1 && n_seg <= 65535 &&
+         (n_seg == 1 || (segments.seg_len >= 1 && segments.agg != nullptr && segments.seg_last != nullptr &&
+                         segments.carry != nullptr && segments.last != nullptr));
+}
+
+// The GAE launches of ppo_gae (kTokenRewards false) and gae (true): one kernel per row, or the
+// three launches of the segmented scan.
+template <bool kTokenRewards>
+cudaError_t launch_gae_scan(DType dtype, Strided2D lp, Strided2D rf, Strided2D values, const void* scores,
+                            Strided2D mask, int64_t B, int64_t T, const PPOGaeParams& p, void* advantages,
+                            void* returns, void* rewards, void* kl, double* stats, const PPOSegments& segments,
+                            cudaStream_t stream) {
+  const int64_t n_seg = segments.n_seg;
   const int64_t seg_len = n_seg > 1 ? segments.seg_len : (T > 0 ? T : 1);
   const dim3 grid(static_cast<unsigned int>(B), static_cast<unsigned int>(n_seg));
   return dispatch_dtype(dtype, [&](auto* sp, auto* ap) {
     using S = std::remove_pointer_t<decltype(sp)>;
     using A = std::remove_pointer_t<decltype(ap)>;
     auto launch = [&](auto mode) {
-      RMK_LAUNCH(grid, kGaeThreads, 0, stream, ppo_gae_kernel<decltype(mode)::value, S, A>)(
-          static_cast<const S*>(logprobs.ptr), logprobs.s0, logprobs.s1, static_cast<const S*>(ref_logprobs.ptr),
-          ref_logprobs.s0, ref_logprobs.s1, static_cast<const S*>(values.ptr), values.s0, values.s1,
-          static_cast<const A*>(scores), static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T, seg_len, p,
-          static_cast<A*>(advantages), static_cast<A*>(returns), static_cast<A*>(rewards), static_cast<A*>(kl),
-          stats, static_cast<A*>(segments.agg), segments.seg_last, static_cast<const A*>(segments.carry),
-          segments.last);
+      RMK_LAUNCH(grid, kGaeThreads, 0, stream, ppo_gae_kernel<decltype(mode)::value, kTokenRewards, S, A>)(
+          static_cast<const S*>(lp.ptr), lp.s0, lp.s1, static_cast<const S*>(rf.ptr), rf.s0, rf.s1,
+          static_cast<const S*>(values.ptr), values.s0, values.s1, static_cast<const A*>(scores),
+          static_cast<const bool*>(mask.ptr), mask.s0, mask.s1, T, seg_len, p, static_cast<A*>(advantages),
+          static_cast<A*>(returns), static_cast<A*>(rewards), static_cast<A*>(kl), stats,
+          static_cast<A*>(segments.agg), segments.seg_last, static_cast<const A*>(segments.carry), segments.last);
     };
     if (n_seg == 1) {
-      launch(std::integral_constant<int, kRow>{});
+      launch(std::integral_constant<int64_t, codes::kRow>{});
       return;
     }
-    launch(std::integral_constant<int, kSegmentAggregate>{});
+    launch(std::integral_constant<int64_t, codes::kSegmentAggregate>{});
     constexpr int kCarryThreads = 128;
     RMK_LAUNCH(ceil_div(B, kCarryThreads), kCarryThreads, 0, stream, gae_carry_kernel<A>)(
         static_cast<const A*>(segments.agg), segments.seg_last, static_cast<const A*>(scores), B, n_seg, p,
         static_cast<A*>(segments.carry), segments.last);
-    launch(std::integral_constant<int, kSegmentFinal>{});
+    launch(std::integral_constant<int64_t, codes::kSegmentFinal>{});
+  });
+}
+
+// Elements per thread of the grid-stride KL kernel's grid cap (a [B, T] batch of any size runs
+// in at most kKlMaxBlocks blocks).
+constexpr int64_t kKlMaxBlocks = 65536;
+
+template <int64_t kEst, typename S, typename A>
+__global__ void kl_estimate_kernel(const S* __restrict__ lp, int64_t lp0, int64_t lp1, const S* __restrict__ rf,
+                                   int64_t rf0, int64_t rf1, const bool* __restrict__ mask, int64_t m0, int64_t m1,
+                                   int64_t B, int64_t T, A x_clamp, A kl_clamp, A* __restrict__ out) {
+  const int64_t n = B * T;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / T, t = i - b * T;
+    A k = A(0);
+    if (mask == nullptr || mask[b * m0 + t * m1]) {
+      k = math::kl_estimate<kEst>(to_acc<A>(lp[b * lp0 + t * lp1]) - to_acc<A>(rf[b * rf0 + t * rf1]), x_clamp,
+                                  kl_clamp);
+    }
+    out[i] = k;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_ppo_gae(DType dtype, Strided2D logprobs, Strided2D ref_logprobs, Strided2D values,
+                           const void* scores, Strided2D mask, int64_t B, int64_t T, PPOGaeParams p,
+                           void* advantages, void* returns, void* rewards, void* kl, double* stats,
+                           PPOSegments segments, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if (p.estimator < codes::kK1 || p.estimator > codes::kK3 || !segments_ok(segments)) return cudaErrorInvalidValue;
+  return launch_gae_scan<false>(dtype, logprobs, ref_logprobs, values, scores, mask, B, T, p, advantages, returns,
+                                rewards, kl, stats, segments, stream);
+}
+
+cudaError_t launch_gae(DType dtype, Strided2D rewards, Strided2D values, Strided2D mask, int64_t B, int64_t T,
+                       double gamma, double lam, void* advantages, void* returns, PPOSegments segments,
+                       cudaStream_t stream) {
+  if (B == 0 || T == 0) return cudaSuccess;
+  if (!segments_ok(segments)) return cudaErrorInvalidValue;
+  const PPOGaeParams p{0.0, gamma, lam, codes::kK1, 0.0, 0.0, 0.0};
+  // The unused pointers (ref_logprobs, rewards and kl outputs) alias live buffers: never read
+  // nor written under kTokenRewards; scores and stats are null.
+  return launch_gae_scan<true>(dtype, rewards, rewards, values, nullptr, mask, B, T, p, advantages, returns,
+                               advantages, advantages, nullptr, segments, stream);
+}
+
+cudaError_t launch_kl_estimate(DType dtype, Strided2D logprobs, Strided2D ref_logprobs, const bool* mask,
+                               int64_t mask_s0, int64_t mask_s1, int64_t B, int64_t T, int estimator, double x_clamp,
+                               double kl_clamp, void* kl, cudaStream_t stream) {
+  if (B == 0 || T == 0) return cudaSuccess;
+  if (estimator < codes::kK1 || estimator > codes::kK3) return cudaErrorInvalidValue;
+  const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(kKlMaxBlocks, ceil_div(B * T, kThreads)));
+  return dispatch_dtype(dtype, [&](auto* sp, auto* ap) {
+    using S = std::remove_pointer_t<decltype(sp)>;
+    using A = std::remove_pointer_t<decltype(ap)>;
+    auto launch = [&](auto est) {
+      RMK_LAUNCH(blocks, kThreads, 0, stream, kl_estimate_kernel<decltype(est)::value, S, A>)(
+          static_cast<const S*>(logprobs.ptr), logprobs.s0, logprobs.s1, static_cast<const S*>(ref_logprobs.ptr),
+          ref_logprobs.s0, ref_logprobs.s1, mask, mask_s0, mask_s1, B, T, static_cast<A>(x_clamp),
+          static_cast<A>(kl_clamp), static_cast<A*>(kl));
+    };
+    switch (estimator) {
+      case codes::kK1: launch(std::integral_constant<int64_t, codes::kK1>{}); break;
+      case codes::kAbs: launch(std::integral_constant<int64_t, codes::kAbs>{}); break;
+      case codes::kK2: launch(std::integral_constant<int64_t, codes::kK2>{}); break;
+      default: launch(std::integral_constant<int64_t, codes::kK3>{}); break;
+    }
   });
 }
 

@@ -1,4 +1,4 @@
-// Torch-free launchers of the PPO rewards / GAE / whitening kernels (SPEC section 3).
+// Torch-free launchers of the PPO rewards / GAE / KL / whitening kernels (SPEC sections 3, 4).
 // Pointers are raw device pointers; sizes and strides are in elements; every launcher runs
 // on `stream`, never synchronises with the host (CUDA-graph capturable) and returns the
 // launch's cudaError_t.
@@ -23,11 +23,11 @@ struct Strided2D {
 
 struct PPOGaeParams {
   double kl_coef, gamma, lam;
-  int estimator;  // 0 = k1 (x), 1 = abs (|x|), 2 = k2 (x^2 / 2), 3 = k3 (exp(-x) - 1 + x)
+  int estimator;  // a codes::KLEstimator (rmkernels/_codes.py)
   double x_clamp, kl_clamp, score_clip;  // clamps to [-c, c]; 0 = none
 };
 
-// Long rows in a batch too small to fill the GPU: split each row into n_seg segments of
+// Long rows in a batch too small to fill the GPU (codes::num_gae_segments): split each row into n_seg segments of
 // seg_len positions, one block each. Three launches: each segment's aggregate (what it does
 // to the carried state, affine in the carries from its right), one thread per row composing
 // them into each segment's carries, each segment with its carries. n_seg = 1: one launch,
@@ -51,6 +51,19 @@ cudaError_t launch_ppo_gae(DType dtype, Strided2D logprobs, Strided2D ref_logpro
                            const void* scores, Strided2D mask, int64_t B, int64_t T, PPOGaeParams p,
                            void* advantages, void* returns, void* rewards, void* kl, double* stats,
                            PPOSegments segments, cudaStream_t stream);
+
+// gae_kernel: the GAE recurrence of launch_ppo_gae over given token rewards (any strides, the
+// dtype of values), advantages and returns only (no score, no KL, no statistics).
+cudaError_t launch_gae(DType dtype, Strided2D rewards, Strided2D values, Strided2D mask, int64_t B, int64_t T,
+                       double gamma, double lam, void* advantages, void* returns, PPOSegments segments,
+                       cudaStream_t stream);
+
+// kl[b, t] (contiguous [B, T], arithmetic dtype) = the KL estimate `estimator` of
+// x = logprobs - ref_logprobs (x clamped to +-x_clamp, the result to +-kl_clamp; 0 = none),
+// 0 where the mask (bool, strides mask_s0 / mask_s1; null: every position valid) is 0.
+cudaError_t launch_kl_estimate(DType dtype, Strided2D logprobs, Strided2D ref_logprobs, const bool* mask,
+                               int64_t mask_s0, int64_t mask_s1, int64_t B, int64_t T, int estimator, double x_clamp,
+                               double kl_clamp, void* kl, cudaStream_t stream);
 
 // stats[b] = (number of valid positions of row b, sum of x over them).
 cudaError_t launch_masked_row_stats(DType dtype, Strided2D x, Strided2D mask, int64_t B, int64_t T, double* stats,

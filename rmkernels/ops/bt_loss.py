@@ -99,7 +99,9 @@ def _reference_bt_fwd(chosen, rejected, margin, weights, margin_value, weight_va
     m, w = _per_pair(margin, margin_value, c), _per_pair(weights, weight_value, c)
     d = c - r - m
     e = label_smoothing
-    loss = -(1 - e) * F.logsigmoid(d) - e * F.logsigmoid(-d)
+    loss = -(1 - e) * F.logsigmoid(d)
+    if e != 0:  # never 0 * logsigmoid(-inf) = NaN: bradley_terry_loss(inf, 0) is the formula's 0
+        loss = loss - e * F.logsigmoid(-d)
     if center_coef != 0:  # (c + r)^2 may be inf where |c| is huge: never multiply it by 0
         loss = loss + center_coef * (c + r) ** 2
     if reduction == REDUCTIONS["none"]:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from rmkernels import _backend, _checks
+from rmkernels._layout import grad_buffer
 from rmkernels._library import acc_dtype, define_kernel_op, eager_fast_path
 
 # ---------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def _fwd_kernel_fake(hidden, weight, bias, index):
 
 
 def _bwd_fake_impl(hidden, weight, need_hidden, need_weight, need_bias):
-    g_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    g_hidden = grad_buffer(hidden, zero=False) if need_hidden else hidden.new_empty(0)
     g_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
     g_bias = weight.new_empty(weight.shape[0]) if need_bias else weight.new_empty(0)
     return g_hidden, g_weight, g_bias
@@ -97,7 +98,7 @@ def _reference_bwd(grad, hidden, weight, index, need_hidden, need_weight, need_b
     g = torch.where(valid[:, None], grad, torch.zeros_like(grad))  # invalid rows give nothing
     g_hidden, g_weight, g_bias = _bwd_fake_impl(hidden, weight, False, False, False)
     if need_hidden:
-        g_hidden = torch.zeros_like(hidden)
+        g_hidden = grad_buffer(hidden)
         g_rows = (g @ weight).to(hidden.dtype)
         b_idx = torch.nonzero(valid).flatten()
         if hidden.dim() == 3:

@@ -18,16 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
+from rmkernels import _codes
+from rmkernels.triton._common import (FLOAT_DTYPES, REDUCE_MEAN, REDUCE_NONE, acc_dtype, block_size, check_code,
+                                      check_tensor, to_store)
+
 # Pairs per step of the Bradley-Terry kernels: 1024 fp32 per operand keeps 4 warps busy
 # with 8 elements each; small batches get a smaller power of two.
 MAX_BLOCK_B = 1024
 # Side of the square tile of the [K, K] pair matrix in the ranking kernels: 32 x 32 = 1024
 # pairs per step, the same register budget as a Bradley-Terry step.
 MAX_BLOCK_K = 32
-
-
-def _block(n, cap, floor=16):
-    return max(floor, min(cap, triton.next_power_of_2(max(int(n), 1))))
 
 
 @triton.jit
@@ -73,9 +73,13 @@ def _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stri
 
 @triton.jit
 def _pair_loss(c, r, m, label_smoothing, center_coef, HAS_CENTER: tl.constexpr):
-    """-(1 - e) logsigmoid(d) - e logsigmoid(-d) (+ coef (c + r)^2), d = c - r - m, per pair."""
+    """-(1 - e) logsigmoid(d) - e logsigmoid(-d) (+ coef (c + r)^2), d = c - r - m, per pair
+    (rmkernels/scalar_math.h: bt_pair_loss). The e term is left out when e = 0, so that
+    d = +inf gives the formula's 0, not 0 * -inf = NaN."""
     d = c - r - m
-    loss = -(1.0 - label_smoothing) * _log_sigmoid(d) - label_smoothing * _log_sigmoid(-d)
+    sp = _log1p(tl.exp(-tl.abs(d)))  # shared by logsigmoid(d) and logsigmoid(-d)
+    pos = -(1.0 - label_smoothing) * (tl.minimum(d, 0.0) - sp)
+    loss = tl.where(label_smoothing != 0, pos - label_smoothing * (tl.minimum(-d, 0.0) - sp), pos)
     if HAS_CENTER:
         loss += center_coef * (c + r) * (c + r)
     return loss
@@ -87,30 +91,31 @@ def _bt_fwd_kernel(
     B, stride_c, stride_r,  # size and the strides of chosen / rejected, in elements
     margin_value, weight_value, label_smoothing, center_coef,  # scalars
     HAS_MARGIN: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CENTER: tl.constexpr,
-    REDUCTION: tl.constexpr,  # 0 none (grid over B), 1 mean, 2 sum (one program)
+    REDUCTION: tl.constexpr,  # a rmkernels._codes.Reduction: none (grid over B), mean / sum (one program)
     BLOCK: tl.constexpr,
 ):
     acc_ty = out_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
-    if REDUCTION == 0:
+    if REDUCTION == REDUCE_NONE:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         in_b, c, r, m, w = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stride_c,
                                        stride_r, margin_value, weight_value, acc_ty, HAS_MARGIN, HAS_WEIGHTS)
         loss = _pair_loss(c, r, m, label_smoothing, center_coef, HAS_CENTER)
         tl.store(out_ptr + offs.to(tl.int64), w * loss, mask=in_b)
     else:
-        acc_l = tl.zeros([BLOCK], dtype=acc_ty)
-        acc_w = tl.zeros([BLOCK], dtype=acc_ty)
+        # float64 sums: a float32 lane summing B / BLOCK pairs loses ~1e-5 relative at 2^22 pairs
+        acc_l = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_w = tl.zeros([BLOCK], dtype=tl.float64)
         for start in range(0, B, BLOCK):  # fixed order: deterministic
             offs = start + tl.arange(0, BLOCK)
             in_b, c, r, m, w = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stride_c,
                                            stride_r, margin_value, weight_value, acc_ty, HAS_MARGIN, HAS_WEIGHTS)
             loss = _pair_loss(c, r, m, label_smoothing, center_coef, HAS_CENTER)
-            acc_l += tl.where(in_b, w * loss, 0.0)
-            acc_w += w
+            acc_l += tl.where(in_b, w * loss, 0.0).to(tl.float64)
+            acc_w += w.to(tl.float64)
         total = tl.sum(acc_l, axis=0)
-        if REDUCTION == 1:
+        if REDUCTION == REDUCE_MEAN:
             total = total / tl.sum(acc_w, axis=0)  # B = 0: 0 / 0 = NaN, as an empty mean
-        tl.store(out_ptr, total)
+        tl.store(out_ptr, total.to(acc_ty))
 
 
 @triton.jit
@@ -125,7 +130,7 @@ def _bt_bwd_block(
     in_b, c, r, m, w = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stride_c, stride_r,
                                    margin_value, weight_value, acc_ty, HAS_MARGIN, HAS_WEIGHTS)
     d = c - r - m
-    dl_dd = -(1.0 - label_smoothing) * _sigmoid(-d) + label_smoothing * _sigmoid(d)
+    dl_dd = -(1.0 - label_smoothing) * _sigmoid(-d) + label_smoothing * _sigmoid(d)  # scalar_math.h: bt_pair_dloss
     if HAS_CENTER:
         center = 2.0 * center_coef * (c + r)
     else:
@@ -135,9 +140,11 @@ def _bt_bwd_block(
     else:
         g = scale * w
     if NEED_C:
-        tl.store(grad_c_ptr + offs.to(tl.int64), (g * (dl_dd + center)).to(grad_c_ptr.dtype.element_ty), mask=in_b)
+        tl.store(grad_c_ptr + offs.to(tl.int64), to_store(g * (dl_dd + center), grad_c_ptr.dtype.element_ty),
+                 mask=in_b)
     if NEED_R:
-        tl.store(grad_r_ptr + offs.to(tl.int64), (g * (center - dl_dd)).to(grad_r_ptr.dtype.element_ty), mask=in_b)
+        tl.store(grad_r_ptr + offs.to(tl.int64), to_store(g * (center - dl_dd), grad_r_ptr.dtype.element_ty),
+                 mask=in_b)
 
 
 @triton.jit
@@ -153,40 +160,53 @@ def _bt_bwd_kernel(
 ):
     acc_ty = grad_ptr.dtype.element_ty
     scale = tl.load(grad_ptr)  # the upstream gradient of a reduced loss (unused for "none")
-    if REDUCTION == 1:
+    if REDUCTION == REDUCE_MEAN:
         if HAS_WEIGHTS:
-            acc_w = tl.zeros([BLOCK], dtype=acc_ty)
+            acc_w = tl.zeros([BLOCK], dtype=tl.float64)
             for start in range(0, B, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
-                acc_w += tl.load(weights_ptr + offs.to(tl.int64), mask=offs < B, other=0.0)
-            scale = scale / tl.sum(acc_w, axis=0)
+                acc_w += tl.load(weights_ptr + offs.to(tl.int64), mask=offs < B, other=0.0).to(tl.float64)
+            scale = (scale.to(tl.float64) / tl.sum(acc_w, axis=0)).to(acc_ty)
         else:
             scale = scale / (B * weight_value)
     if SINGLE_PROGRAM:
         for start in range(0, B, BLOCK):
             _bt_bwd_block(start, grad_ptr, chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, grad_c_ptr, grad_r_ptr,
                           B, stride_c, stride_r, scale, margin_value, weight_value, label_smoothing, center_coef,
-                          HAS_MARGIN, HAS_WEIGHTS, HAS_CENTER, REDUCTION == 0, NEED_C, NEED_R, BLOCK)
+                          HAS_MARGIN, HAS_WEIGHTS, HAS_CENTER, REDUCTION == REDUCE_NONE, NEED_C, NEED_R, BLOCK)
     else:
         _bt_bwd_block(tl.program_id(0) * BLOCK, grad_ptr, chosen_ptr, rejected_ptr, margin_ptr, weights_ptr,
                       grad_c_ptr, grad_r_ptr, B, stride_c, stride_r, scale, margin_value, weight_value,
-                      label_smoothing, center_coef, HAS_MARGIN, HAS_WEIGHTS, HAS_CENTER, REDUCTION == 0, NEED_C,
-                      NEED_R, BLOCK)
+                      label_smoothing, center_coef, HAS_MARGIN, HAS_WEIGHTS, HAS_CENTER, REDUCTION == REDUCE_NONE,
+                      NEED_C, NEED_R, BLOCK)
 
 
 def _flags(margin, weights, center_coef):
     return dict(HAS_MARGIN=margin is not None, HAS_WEIGHTS=weights is not None, HAS_CENTER=center_coef != 0)
 
 
+def _check_pairs(chosen, rejected, margin, weights, reduction):
+    """The kernel ops' checks (csrc/cpu/bt_loss.cpp: check_pair), as ValueError / TypeError."""
+    check_tensor("chosen", chosen, dims=1, dtypes=FLOAT_DTYPES)
+    check_tensor("rejected", rejected, shape=chosen.shape, dtype=chosen.dtype, device=chosen.device)
+    acc = acc_dtype(chosen.dtype)
+    for name, t in (("margin", margin), ("weights", weights)):
+        if t is not None:
+            check_tensor(name, t, shape=chosen.shape, dtype=acc, device=chosen.device, contiguous=True)
+    check_code("reduction", reduction, _codes.Reduction)
+    return acc
+
+
 def bt_loss_fwd(chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing, center_coef,
                 reduction):
+    acc = _check_pairs(chosen, rejected, margin, weights, reduction)
     B = chosen.shape[0]
-    acc = torch.float64 if chosen.dtype == torch.float64 else torch.float32
-    out = torch.empty((B,) if reduction == 0 else (), dtype=acc, device=chosen.device)
-    if reduction == 0 and B == 0:
+    none = reduction == _codes.Reduction.NONE
+    out = torch.empty((B,) if none else (), dtype=acc, device=chosen.device)
+    if none and B == 0:
         return out
-    block = _block(B, MAX_BLOCK_B)
-    grid = (triton.cdiv(B, block),) if reduction == 0 else (1,)
+    block = block_size(B, MAX_BLOCK_B)
+    grid = (triton.cdiv(B, block),) if none else (1,)
     _bt_fwd_kernel[grid](
         chosen, rejected, margin if margin is not None else out, weights if weights is not None else out, out,
         B, chosen.stride(0), rejected.stride(0), float(margin_value), float(weight_value), float(label_smoothing),
@@ -196,13 +216,20 @@ def bt_loss_fwd(chosen, rejected, margin, weights, margin_value, weight_value, l
 
 def bt_loss_bwd(grad, chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing, center_coef,
                 reduction, need_chosen, need_rejected):
+    acc = _check_pairs(chosen, rejected, margin, weights, reduction)
     B = chosen.shape[0]
+    if reduction == _codes.Reduction.NONE:
+        check_tensor("grad", grad, shape=(B,), dtype=acc, device=chosen.device, contiguous=True)
+    else:
+        check_tensor("grad", grad, dtype=acc, device=chosen.device)
+        if grad.numel() != 1:
+            raise ValueError(f"grad of a reduced loss must have one element, got shape {list(grad.shape)}")
     g_c = torch.empty(B if need_chosen else 0, dtype=chosen.dtype, device=chosen.device)
     g_r = torch.empty(B if need_rejected else 0, dtype=chosen.dtype, device=chosen.device)
     if B == 0 or not (need_chosen or need_rejected):
         return g_c, g_r
-    block = _block(B, MAX_BLOCK_B)
-    single = reduction == 1 and weights is not None
+    block = block_size(B, MAX_BLOCK_B)
+    single = reduction == _codes.Reduction.MEAN and weights is not None
     grid = (1,) if single else (triton.cdiv(B, block),)
     _bt_bwd_kernel[grid](
         grad, chosen, rejected, margin if margin is not None else grad, weights if weights is not None else grad,
@@ -271,27 +298,37 @@ def _ranking_bwd_kernel(
             term = tl.where(offs_j[None, :] < offs_i[:, None], _sigmoid(x), -_sigmoid(-x))
             term = tl.where(valid & (offs_j[None, :] != offs_i[:, None]), term, 0.0)
             g += tl.sum(term, axis=1)
-        tl.store(out_ptr + b * K + offs_i, (scale * g).to(out_ptr.dtype.element_ty), mask=offs_i < K)
+        tl.store(out_ptr + b * K + offs_i, to_store(scale * g, out_ptr.dtype.element_ty), mask=offs_i < K)
+
+
+def _check_ranking(rewards, num_candidates):
+    check_tensor("rewards", rewards, dims=2, dtypes=FLOAT_DTYPES)
+    if num_candidates is not None:
+        check_tensor("num_candidates", num_candidates, shape=rewards.shape[:1], dtype=torch.int64,
+                     device=rewards.device, contiguous=True)
+    return acc_dtype(rewards.dtype)
 
 
 def ranking_loss_fwd(rewards, num_candidates):
+    acc = _check_ranking(rewards, num_candidates)
     B, K = rewards.shape
-    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     out = torch.empty(B, dtype=acc, device=rewards.device)
     if B == 0:
         return out
     _ranking_fwd_kernel[(B,)](
         rewards, num_candidates if num_candidates is not None else out, out, K, rewards.stride(0), rewards.stride(1),
-        HAS_NC=num_candidates is not None, BLOCK_K=_block(K, MAX_BLOCK_K, floor=2))
+        HAS_NC=num_candidates is not None, BLOCK_K=block_size(K, MAX_BLOCK_K, floor=2))
     return out
 
 
 def ranking_loss_bwd(grad_rows, rewards, num_candidates):
+    acc = _check_ranking(rewards, num_candidates)
+    check_tensor("grad_rows", grad_rows, shape=rewards.shape[:1], dtype=acc, device=rewards.device, contiguous=True)
     B, K = rewards.shape
     out = torch.empty(B, K, dtype=rewards.dtype, device=rewards.device)
     if B == 0 or K == 0:
         return out
     _ranking_bwd_kernel[(B,)](
         grad_rows, rewards, num_candidates if num_candidates is not None else grad_rows, out, K, rewards.stride(0),
-        rewards.stride(1), HAS_NC=num_candidates is not None, BLOCK_K=_block(K, MAX_BLOCK_K, floor=2))
+        rewards.stride(1), HAS_NC=num_candidates is not None, BLOCK_K=block_size(K, MAX_BLOCK_K, floor=2))
     return out

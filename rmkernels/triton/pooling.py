@@ -8,6 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
+from rmkernels._layout import grad_buffer
+from rmkernels.triton._common import FLOAT_DTYPES, acc_dtype, block_size, check_tensor, to_store
+
 # Elements of H per step: 1024 fp32 = 4 KiB per program and iteration, which keeps 4 warps
 # busy with 8 elements each; smaller rows are covered by a smaller power of two.
 MAX_BLOCK_H = 1024
@@ -18,10 +21,6 @@ MAX_BLOCK_T = 1024
 # vocabulary-sized K must not become one tile: Triton caps a tensor at 2^20 elements).
 MAX_PARAM_TILE = 4096
 MAX_PARAM_BLOCK_K = 64
-
-
-def _block(n, cap):
-    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
 
 
 @triton.jit
@@ -85,7 +84,7 @@ def _reward_bwd_hidden_kernel(
         g = tl.load(grad_ptr + b * K + k64)
         acc += g * tl.load(weight_ptr + k64 * H + offs, mask=in_h, other=0.0)
     out = grad_hidden_ptr + b * gstride_b + tl.where(valid, t, 0) * gstride_t
-    tl.store(out + offs, acc.to(grad_hidden_ptr.dtype.element_ty), mask=in_h & valid)
+    tl.store(out + offs, to_store(acc, grad_hidden_ptr.dtype.element_ty), mask=in_h & valid)
 
 
 @triton.jit
@@ -129,16 +128,38 @@ def _hidden_geometry(hidden):
     return hidden.shape[0], hidden.shape[1], 0, hidden.stride(0)
 
 
+def _check_head(hidden, weight, bias, index):
+    """The kernel ops' checks (op_checks.h: check_last_token_args), as ValueError / TypeError."""
+    check_tensor("hidden_states", hidden, dtypes=FLOAT_DTYPES)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden_states must be [B, T, H] or packed [N, H], got shape {list(hidden.shape)}")
+    if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
+        raise ValueError(f"hidden_states needs a unit stride on H, got strides {list(hidden.stride())}")
+    dev, acc = hidden.device, acc_dtype(hidden.dtype)
+    check_tensor("weight", weight, dims=2, dtype=acc, device=dev, contiguous=True)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [K, H] with H = {hidden.shape[-1]}, got shape {list(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, shape=weight.shape[:1], dtype=acc, device=dev, contiguous=True)
+    check_tensor("index", index, dims=1, dtype=torch.int64, device=dev, contiguous=True)
+    if hidden.dim() == 3 and index.shape[0] != hidden.shape[0]:
+        raise ValueError(f"index must have B = hidden_states.size(0) = {hidden.shape[0]} rows, got {index.shape[0]}")
+
+
 def last_token_index(mask):
+    check_tensor("attention_mask", mask, dims=2)
+    if mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must be bool, integer or float, got {mask.dtype}")
     B, T = mask.shape
     index = torch.empty(B, dtype=torch.int64, device=mask.device)
     if B == 0:
         return index
-    _last_token_index_kernel[(B,)](mask, index, T, mask.stride(0), mask.stride(1), BLOCK_T=_block(T, MAX_BLOCK_T))
+    _last_token_index_kernel[(B,)](mask, index, T, mask.stride(0), mask.stride(1), BLOCK_T=block_size(T, MAX_BLOCK_T))
     return index
 
 
 def last_token_reward_fwd(hidden, weight, bias, index):
+    _check_head(hidden, weight, bias, index)
     B, K = index.shape[0], weight.shape[0]
     T, H, sb, st = _hidden_geometry(hidden)
     out = torch.empty(B, K, dtype=weight.dtype, device=hidden.device)
@@ -146,24 +167,26 @@ def last_token_reward_fwd(hidden, weight, bias, index):
         return out
     _reward_fwd_kernel[(B * K,)](
         hidden, weight, bias if bias is not None else weight, index, out,
-        T, H, K, sb, st, HAS_BIAS=bias is not None, BLOCK_H=_block(H, MAX_BLOCK_H))
+        T, H, K, sb, st, HAS_BIAS=bias is not None, BLOCK_H=block_size(H, MAX_BLOCK_H))
     return out
 
 
 def last_token_reward_bwd(grad, hidden, weight, index, need_hidden, need_weight, need_bias):
+    _check_head(hidden, weight, None, index)
     B, K = index.shape[0], weight.shape[0]
+    check_tensor("grad", grad, shape=(B, K), dtype=weight.dtype, device=hidden.device, contiguous=True)
     T, H, sb, st = _hidden_geometry(hidden)
-    g_hidden = torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0)
+    g_hidden = grad_buffer(hidden) if need_hidden else hidden.new_empty(0)
     g_weight = weight.new_empty(K, H) if need_weight else weight.new_empty(0)
     g_bias = weight.new_empty(K) if need_bias else weight.new_empty(0)
     if need_hidden and B > 0 and H > 0:
         gsb, gst = (g_hidden.stride(0), g_hidden.stride(1)) if hidden.dim() == 3 else (0, g_hidden.stride(0))
-        block_h = _block(H, MAX_BLOCK_H)
+        block_h = block_size(H, MAX_BLOCK_H)
         _reward_bwd_hidden_kernel[(B, triton.cdiv(H, block_h))](
             grad, weight, index, g_hidden, T, H, K, gsb, gst, BLOCK_H=block_h)
     if need_weight or need_bias:
         block_k = min(triton.next_power_of_2(max(K, 1)), MAX_PARAM_BLOCK_K)
-        block_h = _block(min(H, max(MAX_PARAM_TILE // block_k, 16)), MAX_BLOCK_H)
+        block_h = block_size(min(H, max(MAX_PARAM_TILE // block_k, 16)), MAX_BLOCK_H)
         grid = (max(1, triton.cdiv(K, block_k)), max(1, triton.cdiv(H, block_h)))
         _reward_bwd_params_kernel[grid](
             grad, hidden, index, g_weight if need_weight else grad, g_bias if need_bias else grad,

@@ -1,4 +1,4 @@
-"""Triton kernels of the PPO rewards / GAE / whitening (SPEC section 3).
+"""Triton kernels of the PPO rewards / GAE / KL / whitening (SPEC sections 3 and 4).
 
 ``_ppo_gae_kernel``: one program per row. It finds the row's last valid position, then
 walks the row from the right in blocks of BLOCK_T; inside a block the two recurrences are
@@ -10,44 +10,31 @@ parallel scans (``tl.associative_scan(..., reverse=True)``) of affine maps
   the scan gives the value of the next valid position after t, exactly;
 * ``A``: ``(a, b) = (gamma * lam, delta_t)`` at a valid position, identity at a masked one.
 
+``gae`` (token rewards given) runs the same kernel with ``TOKEN_REWARDS``: the rewards are
+read instead of computed from the KL and the score. ``kl_estimate`` is element-wise.
+
 Bytes moved by the GAE kernel: logprobs, ref_logprobs, values once (the shifted re-read of
 values and mask hits the cache), the mask twice, the four [B, T] outputs once, 16 B of
 partials per row. The whitening reads the advantages twice (partials, then the apply) and
 writes them once.
 """
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from rmkernels import _codes
+from rmkernels.triton._common import (FLOAT_DTYPES, KL_ABS, KL_K1, KL_K2, MODE_ROW, MODE_SEGMENT_AGGREGATE,
+                                      MODE_SEGMENT_FINAL, acc_dtype, block_size, check_code, check_tensor,
+                                      clamp_sym, scalar, split_float)
+
 # Positions per step of the row walk: 1024 fp32 per array keeps 4 warps busy with 8
 # elements each and the scans in registers; short rows use a smaller power of two.
 MAX_BLOCK_T = 1024
-# Long rows in a batch too small to fill the GPU are split into segments of this many
-# positions, one program each (aggregate, carry, final: three launches instead of one);
-# 4096 positions = 4 steps of the walk, enough work per program to hide the extra launches.
-SEGMENT_T = 4096
-FORCE_SEGMENT_T = None  # tests: segment every row with this length
-# Elements per program of the element-wise whitening apply.
+# Long rows in a batch too small to fill the GPU are split into segments (the policy:
+# rmkernels._codes.num_gae_segments, shared with the CUDA binding).
+FORCE_SEGMENT_T = None  # tests: segment every row with this length (any device)
+# Elements per program of the element-wise whitening apply and of the KL estimate.
 APPLY_BLOCK = 1024
-
-
-def _block(n, cap):
-    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
-
-
-@triton.jit
-def _clamp_sym(x, c):
-    """x clamped to [-c, c] when c > 0; NaN stays NaN (comparisons with NaN are false)."""
-    y = tl.where(x < -c, -c, tl.where(x > c, c, x))
-    return tl.where(c > 0, y, x)
-
-
-@triton.jit
-def _scalar(hi, lo, ty):
-    """A host float passed as two fp32 scalars (Triton passes Python floats as fp32): hi + lo
-    carries ~48 bits, enough for float64 inputs."""
-    return (tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)).to(ty)
 
 
 @triton.jit
@@ -76,12 +63,25 @@ def _affine2_rcombine(a1, b1, c1, a2, b2, c2):
     return a1 * a2, a2 * b1 + b2, a2 * c1 + c2
 
 
-# Modes of _ppo_gae_kernel (one program per row, or per (row, segment) for long rows).
-MODE_ROW = 0  # the whole row, carries start at 0: writes everything
-MODE_SEGMENT_AGGREGATE = 1  # a segment with zero carries: writes its aggregate only
-MODE_SEGMENT_FINAL = 2  # a segment with the carries of the segments to its right: writes everything
+@triton.jit
+def _kl_value(x, x_clamp, kl_clamp, EST: tl.constexpr):
+    """The KL estimator EST (a rmkernels._codes.KLEstimator) of x, x clamped to +-x_clamp first,
+    the result to +-kl_clamp (0 = no clamp)."""
+    x = clamp_sym(x, x_clamp)
+    if EST == KL_K1:
+        k = x
+    elif EST == KL_ABS:
+        k = tl.abs(x)
+    elif EST == KL_K2:
+        k = 0.5 * x * x
+    else:  # KL_K3
+        k = tl.exp(-x) - 1.0 + x
+    return clamp_sym(k.to(x.dtype), kl_clamp)
 
 
+# _ppo_gae_kernel's MODE: a rmkernels._codes.GaeSegmentMode (one program per row, or per (row,
+# segment) for long rows). TOKEN_REWARDS (gae): lp_ptr holds the token rewards; ref_ptr,
+# scores_ptr, rew_ptr, kl_ptr and stats_ptr are not read nor written.
 @triton.jit
 def _ppo_gae_kernel(
     lp_ptr, ref_ptr, v_ptr, scores_ptr, mask_ptr,  # inputs: [B, T] x3 (any strides), [B], bool [B, T]
@@ -90,7 +90,7 @@ def _ppo_gae_kernel(
     T, SEG, s_lp0, s_lp1, s_rf0, s_rf1, s_v0, s_v1, s_m0, s_m1,  # sizes (SEG: positions per segment), strides
     kl_coef, kl_coef_lo, gamma, gamma_lo, gl, gl_lo,  # scalars as (hi, lo) fp32 pairs; gl = gamma * lam
     x_clamp, x_clamp_lo, kl_clamp, kl_clamp_lo, score_clip, score_clip_lo,  # clamps (0 = none)
-    EST: tl.constexpr, MODE: tl.constexpr, BLOCK_T: tl.constexpr,
+    EST: tl.constexpr, MODE: tl.constexpr, TOKEN_REWARDS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1).to(tl.int64)
@@ -99,26 +99,32 @@ def _ppo_gae_kernel(
     lane = tl.arange(0, BLOCK_T)
     t_lo = seg * SEG
     t_hi = tl.minimum(t_lo + SEG, T)  # this program covers [t_lo, t_hi)
-    kl_coef = _scalar(kl_coef, kl_coef_lo, acc_ty)
-    gamma = _scalar(gamma, gamma_lo, acc_ty)
-    gl = _scalar(gl, gl_lo, acc_ty)
-    x_clamp = _scalar(x_clamp, x_clamp_lo, acc_ty)
-    kl_clamp = _scalar(kl_clamp, kl_clamp_lo, acc_ty)
-    score = _clamp_sym(tl.load(scores_ptr + b).to(acc_ty), _scalar(score_clip, score_clip_lo, acc_ty))
+    kl_coef = scalar(kl_coef, kl_coef_lo, acc_ty)
+    gamma = scalar(gamma, gamma_lo, acc_ty)
+    gl = scalar(gl, gl_lo, acc_ty)
+    x_clamp = scalar(x_clamp, x_clamp_lo, acc_ty)
+    kl_clamp = scalar(kl_clamp, kl_clamp_lo, acc_ty)
+    if TOKEN_REWARDS:
+        score = tl.zeros([], acc_ty)
+    else:
+        score = clamp_sym(tl.load(scores_ptr + b).to(acc_ty), scalar(score_clip, score_clip_lo, acc_ty))
     # The last valid position of the row gets the score (of the segment, for an aggregate,
     # which leaves the score out: the carry kernel adds it).
-    if MODE == 2:
+    if MODE == MODE_SEGMENT_FINAL:
         last = tl.load(last_ptr + b)
         carry_a = tl.load(carry_ptr + (b * n_seg + seg) * 2).to(acc_ty)
         carry_v = tl.load(carry_ptr + (b * n_seg + seg) * 2 + 1).to(acc_ty)
     else:
-        best = tl.full([BLOCK_T], -1, tl.int64)
-        for start in range(t_lo, t_hi, BLOCK_T):
-            offs = start + lane.to(tl.int64)
-            m = tl.load(mask_ptr + b * s_m0 + offs * s_m1, mask=offs < t_hi, other=0)
-            best = tl.maximum(best, tl.where(m != 0, offs, -1))
-        seg_last = tl.max(best, axis=0)
-        if MODE == 0:
+        if TOKEN_REWARDS and MODE == MODE_ROW:  # no score: the last valid position is not needed
+            seg_last = tl.full([], -1, tl.int64)
+        else:
+            best = tl.full([BLOCK_T], -1, tl.int64)
+            for start in range(t_lo, t_hi, BLOCK_T):
+                offs = start + lane.to(tl.int64)
+                m = tl.load(mask_ptr + b * s_m0 + offs * s_m1, mask=offs < t_hi, other=0)
+                best = tl.maximum(best, tl.where(m != 0, offs, -1))
+            seg_last = tl.max(best, axis=0)
+        if MODE == MODE_ROW:
             last = seg_last
         else:
             last = tl.full([], -1, tl.int64)
@@ -146,28 +152,23 @@ def _ppo_gae_kernel(
         sa, sb = tl.associative_scan((tl.where(m1, zero, one), tl.where(m1, v1, zero)), 0, _select_rcombine,
                                      reverse=True)
         v_next = _select_apply(sa, sb, carry_v)
-        # KL and rewards.
-        lp = tl.load(lp_ptr + b * s_lp0 + offs * s_lp1, mask=m, other=0.0).to(acc_ty)
-        rf = tl.load(ref_ptr + b * s_rf0 + offs * s_rf1, mask=m, other=0.0).to(acc_ty)
+        # KL and rewards (or the given token rewards).
         v = tl.load(v_ptr + b * s_v0 + offs * s_v1, mask=m, other=0.0).to(acc_ty)
-        x = _clamp_sym(lp - rf, x_clamp)
-        if EST == 0:
-            k = x
-        elif EST == 1:
-            k = tl.abs(x)
-        elif EST == 2:
-            k = 0.5 * x * x
+        if TOKEN_REWARDS:
+            k = zero
+            r = tl.load(lp_ptr + b * s_lp0 + offs * s_lp1, mask=m, other=0.0).to(acc_ty)
         else:
-            k = tl.exp(-x) - 1.0 + x
-        k = tl.where(m, _clamp_sym(k.to(acc_ty), kl_clamp), zero)
-        r = -kl_coef * k
-        r = tl.where(offs == last, r + score, r)
+            lp = tl.load(lp_ptr + b * s_lp0 + offs * s_lp1, mask=m, other=0.0).to(acc_ty)
+            rf = tl.load(ref_ptr + b * s_rf0 + offs * s_rf1, mask=m, other=0.0).to(acc_ty)
+            k = tl.where(m, _kl_value(lp - rf, x_clamp, kl_clamp, EST), zero)
+            r = -kl_coef * k
+            r = tl.where(offs == last, r + score, r)
         r = tl.where(m, r, zero)
         # A_t = delta_t + gamma * lam * A_next over valid positions.
         delta = r + gamma * v_next - v
         qm = tl.where(m, zero + gl, one)
         qd = tl.where(m, delta, zero)
-        if MODE == 1:
+        if MODE == MODE_SEGMENT_AGGREGATE:
             qe_in = tl.where(offs == seg_last, one, zero)
             qa, qb, qe = tl.associative_scan((qm, qd, qe_in), 0, _affine2_rcombine, reverse=True)
             e = qa * carry_e + qe
@@ -179,16 +180,17 @@ def _ppo_gae_kernel(
         a = qa * carry_a + qb
         carry_v = tl.sum(tl.where(lane == 0, v_next, zero), axis=0)
         carry_a = tl.sum(tl.where(lane == 0, a, zero), axis=0)
-        if MODE != 1:
+        if MODE != MODE_SEGMENT_AGGREGATE:
             adv = tl.where(m, a, zero)
             out = b * T + offs
-            tl.store(kl_ptr + out, k, mask=inb)
-            tl.store(rew_ptr + out, r, mask=inb)
+            if not TOKEN_REWARDS:
+                tl.store(kl_ptr + out, k, mask=inb)
+                tl.store(rew_ptr + out, r, mask=inb)
             tl.store(adv_ptr + out, adv, mask=inb)
             tl.store(ret_ptr + out, tl.where(m, a + v, zero), mask=inb)
             cnt += tl.where(m, 1.0, 0.0).to(tl.float64)
             tot += adv.to(tl.float64)
-    if MODE == 1:
+    if MODE == MODE_SEGMENT_AGGREGATE:
         # C(t_lo) = alpha * C_in + gamma * e * D_in + c0 (+ e * score if the row's last valid
         # position is here); D(t_lo) = v_first if the segment has a valid position, else D_in.
         agg = agg_ptr + (b * n_seg + seg) * 4
@@ -197,7 +199,7 @@ def _ppo_gae_kernel(
         tl.store(agg + 2, carry_a)
         tl.store(agg + 3, v_first)
         tl.store(seg_last_ptr + b * n_seg + seg, seg_last)
-    else:
+    elif not TOKEN_REWARDS:
         tl.store(stats_ptr + (b * n_seg + seg) * 2, tl.sum(cnt, axis=0))
         tl.store(stats_ptr + (b * n_seg + seg) * 2 + 1, tl.sum(tot, axis=0))
 
@@ -206,13 +208,17 @@ def _ppo_gae_kernel(
 def _gae_carry_kernel(
     agg_ptr, seg_last_ptr, scores_ptr, carry_ptr, last_ptr,  # [B, S, 4], [B, S], [B], out [B, S, 2], out [B]
     S, gamma, gamma_lo, score_clip, score_clip_lo,
+    TOKEN_REWARDS: tl.constexpr,  # gae: no score (scores_ptr is not read)
 ):
     """One program per row: the row's last valid position, and from the right the carries
     (C, D) that enter each segment, composed from the segments' aggregates."""
     b = tl.program_id(0).to(tl.int64)
     acc_ty = agg_ptr.dtype.element_ty
-    gamma = _scalar(gamma, gamma_lo, acc_ty)
-    score = _clamp_sym(tl.load(scores_ptr + b).to(acc_ty), _scalar(score_clip, score_clip_lo, acc_ty))
+    gamma = scalar(gamma, gamma_lo, acc_ty)
+    if TOKEN_REWARDS:
+        score = tl.zeros([], acc_ty)
+    else:
+        score = clamp_sym(tl.load(scores_ptr + b).to(acc_ty), scalar(score_clip, score_clip_lo, acc_ty))
     last = tl.full([], -1, tl.int64)
     for i in range(0, S):
         last = tl.maximum(last, tl.load(seg_last_ptr + b * S + i))
@@ -295,7 +301,7 @@ def _whiten_apply_kernel(
     else:
         den = n
     var = tl.load(sq_ptr) / tl.where(ok, den, 1.0)
-    rstd = (1.0 / tl.sqrt(var + _scalar(eps, eps_lo, tl.float64))).to(acc_ty)
+    rstd = (1.0 / tl.sqrt(var + scalar(eps, eps_lo, tl.float64))).to(acc_ty)
     mean_a = mean.to(acc_ty)
     inb = offs < T
     m = tl.load(mask_ptr + b * s_m0 + offs * s_m1, mask=inb, other=0) != 0
@@ -307,89 +313,198 @@ def _whiten_apply_kernel(
     tl.store(out_ptr + b * T + offs, y.to(acc_ty), mask=inb)
 
 
-def _split(v):
-    """(hi, lo) fp32 pair of a host float (see _scalar)."""
-    hi = float(np.float32(v))
-    return hi, float(np.float32(float(v) - hi))
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+@triton.jit
+def _kl_estimate_kernel(
+    lp_ptr, ref_ptr, mask_ptr, out_ptr,  # [B, T] x2 (any strides), bool [B, T] (any strides), out contiguous
+    T, s_lp0, s_lp1, s_rf0, s_rf1, s_m0, s_m1,  # size, strides
+    x_clamp, x_clamp_lo, kl_clamp, kl_clamp_lo,  # clamps as (hi, lo) fp32 pairs (0 = none)
+    EST: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid (B, cdiv(T, BLOCK)): kl[b, t] = the estimate EST of logprobs - ref_logprobs, 0 where
+    the mask is 0. Bytes moved: both inputs (and the mask) read once, kl written once."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    acc_ty = out_ptr.dtype.element_ty
+    inb = offs < T
+    if HAS_MASK:
+        m = (tl.load(mask_ptr + b * s_m0 + offs * s_m1, mask=inb, other=0) != 0) & inb
+    else:
+        m = inb
+    lp = tl.load(lp_ptr + b * s_lp0 + offs * s_lp1, mask=m, other=0.0).to(acc_ty)
+    rf = tl.load(ref_ptr + b * s_rf0 + offs * s_rf1, mask=m, other=0.0).to(acc_ty)
+    k = _kl_value(lp - rf, scalar(x_clamp, x_clamp_lo, acc_ty), scalar(kl_clamp, kl_clamp_lo, acc_ty), EST)
+    tl.store(out_ptr + b * T + offs, tl.where(m, k, tl.zeros([BLOCK], acc_ty)), mask=inb)
 
 
 def _num_segments(B, T, device):
-    """Programs per row: 1, or cdiv(T, SEGMENT_T) when the batch has too few rows to fill the
-    GPU (fewer than 2 per SM) and the rows are long."""
+    """Programs per row (rmkernels._codes.num_gae_segments, the policy the CUDA binding uses
+    too); FORCE_SEGMENT_T (tests) segments every row with that length on any device."""
     if FORCE_SEGMENT_T is not None:
-        return max(1, triton.cdiv(T, FORCE_SEGMENT_T))
-    if device.type != "cuda" or T < 2 * SEGMENT_T:
-        return 1
-    if B >= 2 * torch.cuda.get_device_properties(device).multi_processor_count:
-        return 1
-    return triton.cdiv(T, SEGMENT_T)
+        return max(1, triton.cdiv(T, FORCE_SEGMENT_T)), FORCE_SEGMENT_T
+    if device.type != "cuda" or T < 2 * _codes.SEGMENT_T:
+        return 1, _codes.SEGMENT_T
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return _codes.num_gae_segments(B, T, sms), _codes.SEGMENT_T
 
 
-def ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, estimator, x_clamp, kl_clamp,
-            score_clip):
-    B, T = values.shape
+def _check_main(name, t):
+    check_tensor(name, t, dims=2, dtypes=FLOAT_DTYPES)
+
+
+def _check_like(name, t, main, main_name):
+    check_tensor(name, t, shape=main.shape, device=main.device)
+    if t.dtype != main.dtype:
+        raise TypeError(f"{name} must have the dtype of {main_name} ({main.dtype}), got {t.dtype}")
+
+
+def _check_mask(name, mask, main):
+    check_tensor(name, mask, shape=main.shape, dtype=torch.bool, device=main.device)
+
+
+def _check_clamps(**clamps):
+    for name, c in clamps.items():
+        if not c >= 0:
+            raise ValueError(f"{name} must be >= 0 (0 = no clamp), got {c}")
+
+
+def _gae_launch(lp, rf, values, scores, mask, B, T, scalars, est, token_rewards, adv, ret, rew, kl, stats_shape):
+    """The GAE launches of ppo_gae and gae: one program per row, or the three launches of the
+    segmented scan. Returns the stats tensor ([B, S, 2] float64) or None for token rewards."""
     dev = values.device
-    acc = _acc(values.dtype)
-    adv, ret, rew, kl = (torch.empty(B, T, dtype=acc, device=dev) for _ in range(4))
-    if B == 0:
-        return adv, ret, rew, kl, torch.empty(B, 2, dtype=torch.float64, device=dev)
-    S = _num_segments(B, T, dev)
-    seg_len = T if S == 1 else (FORCE_SEGMENT_T or SEGMENT_T)
-    block_t = _block(min(T, seg_len), MAX_BLOCK_T)
-    strides = (logprobs.stride(0), logprobs.stride(1), ref_logprobs.stride(0), ref_logprobs.stride(1),
-               values.stride(0), values.stride(1), mask.stride(0), mask.stride(1))
-    scalars = (*_split(kl_coef), *_split(gamma), *_split(gamma * lam), *_split(x_clamp), *_split(kl_clamp),
-               *_split(score_clip))
-    stats = torch.empty(B, S, 2, dtype=torch.float64, device=dev)
+    acc = adv.dtype
+    S, seg_t = _num_segments(B, T, dev)
+    seg_len = max(T, 1) if S == 1 else seg_t
+    block_t = block_size(min(T, seg_len), MAX_BLOCK_T)
+    strides = (lp.stride(0), lp.stride(1), rf.stride(0), rf.stride(1), values.stride(0), values.stride(1),
+               mask.stride(0), mask.stride(1))
+    stats = None if token_rewards else torch.empty(B, S, 2, dtype=torch.float64, device=dev)
+    any_buf = adv  # a live buffer for the pointers a launch does not use
+    st = stats if stats is not None else any_buf
+    sc = scores if scores is not None else any_buf
     if S == 1:
         _ppo_gae_kernel[(B, 1)](
-            logprobs, ref_logprobs, values, scores, mask, adv, ret, rew, kl, stats, adv, stats, adv, stats,
-            T, max(T, 1), *strides, *scalars, EST=int(estimator), MODE=MODE_ROW, BLOCK_T=block_t)
-        return adv, ret, rew, kl, stats.view(B, 2)
+            lp, rf, values, sc, mask, adv, ret, rew, kl, st, any_buf, st, any_buf, st,
+            T, seg_len, *strides, *scalars, EST=est, MODE=int(_codes.GaeSegmentMode.ROW), TOKEN_REWARDS=token_rewards,
+            BLOCK_T=block_t)
+        return stats
     agg = torch.empty(B, S, 4, dtype=acc, device=dev)
     seg_last = torch.empty(B, S, dtype=torch.int64, device=dev)
     carry = torch.empty(B, S, 2, dtype=acc, device=dev)
     last = torch.empty(B, dtype=torch.int64, device=dev)
-    for mode in (MODE_SEGMENT_AGGREGATE, MODE_SEGMENT_FINAL):
+    for mode in (int(_codes.GaeSegmentMode.SEGMENT_AGGREGATE), int(_codes.GaeSegmentMode.SEGMENT_FINAL)):
         _ppo_gae_kernel[(B, S)](
-            logprobs, ref_logprobs, values, scores, mask, adv, ret, rew, kl, stats, agg, seg_last, carry, last,
-            T, seg_len, *strides, *scalars, EST=int(estimator), MODE=mode, BLOCK_T=block_t)
-        if mode == MODE_SEGMENT_AGGREGATE:
-            _gae_carry_kernel[(B,)](agg, seg_last, scores, carry, last, S, *_split(gamma), *_split(score_clip))
-    return adv, ret, rew, kl, stats.sum(1)
+            lp, rf, values, sc, mask, adv, ret, rew, kl, st, agg, seg_last, carry, last,
+            T, seg_len, *strides, *scalars, EST=est, MODE=mode, TOKEN_REWARDS=token_rewards, BLOCK_T=block_t)
+        if mode == _codes.GaeSegmentMode.SEGMENT_AGGREGATE:
+            _gae_carry_kernel[(B,)](agg, seg_last, sc, carry, last, S, *scalars[2:4], *scalars[10:12],
+                                    TOKEN_REWARDS=token_rewards)
+    return stats
+
+
+def ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, estimator, x_clamp, kl_clamp,
+            score_clip):
+    _check_main("values", values)
+    _check_like("logprobs", logprobs, values, "values")
+    _check_like("ref_logprobs", ref_logprobs, values, "values")
+    _check_mask("mask", mask, values)
+    check_code("estimator", estimator, _codes.KLEstimator)
+    _check_clamps(x_clamp=x_clamp, kl_clamp=kl_clamp, score_clip=score_clip)
+    B, T = values.shape
+    dev = values.device
+    acc = acc_dtype(values.dtype)
+    check_tensor("scores", scores, shape=(B,), dtype=acc, device=dev, contiguous=True)
+    adv, ret, rew, kl = (torch.empty(B, T, dtype=acc, device=dev) for _ in range(4))
+    if B == 0:
+        return adv, ret, rew, kl, torch.empty(B, 2, dtype=torch.float64, device=dev)
+    scalars = (*split_float(kl_coef), *split_float(gamma), *split_float(gamma * lam), *split_float(x_clamp),
+               *split_float(kl_clamp), *split_float(score_clip))
+    stats = _gae_launch(logprobs, ref_logprobs, values, scores, mask, B, T, scalars, int(estimator), False, adv, ret,
+                        rew, kl, None)
+    return adv, ret, rew, kl, stats.sum(1) if stats.shape[1] > 1 else stats.view(B, 2)
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """GAE over given token rewards (SPEC section 4): (advantages, returns), contiguous [B, T] in
+    the arithmetic dtype, 0 at masked positions. ppo_gae's kernel with TOKEN_REWARDS."""
+    _check_main("values", values)
+    _check_like("rewards", rewards, values, "values")
+    _check_mask("mask", mask, values)
+    B, T = values.shape
+    acc = acc_dtype(values.dtype)
+    adv, ret = (torch.empty(B, T, dtype=acc, device=values.device) for _ in range(2))
+    if B == 0 or T == 0:
+        return adv, ret
+    scalars = (*split_float(0.0), *split_float(gamma), *split_float(gamma * lam), *split_float(0.0),
+               *split_float(0.0), *split_float(0.0))
+    _gae_launch(rewards, rewards, values, None, mask, B, T, scalars, int(_codes.KLEstimator.K1), True, adv, ret,
+                adv, adv, None)
+    return adv, ret
+
+
+def kl_estimate(logprobs, ref_logprobs, mask, estimator, x_clamp, kl_clamp):
+    """The per-token KL estimate (SPEC section 4): contiguous [B, T] in the arithmetic dtype, 0
+    where mask (bool [B, T] or None) is 0."""
+    _check_main("logprobs", logprobs)
+    _check_like("ref_logprobs", ref_logprobs, logprobs, "logprobs")
+    if mask is not None:
+        _check_mask("mask", mask, logprobs)
+    check_code("estimator", estimator, _codes.KLEstimator)
+    _check_clamps(x_clamp=x_clamp, kl_clamp=kl_clamp)
+    B, T = logprobs.shape
+    out = torch.empty(B, T, dtype=acc_dtype(logprobs.dtype), device=logprobs.device)
+    if B == 0 or T == 0:
+        return out
+    block = block_size(T, APPLY_BLOCK)
+    ms = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    _kl_estimate_kernel[(B, triton.cdiv(T, block))](
+        logprobs, ref_logprobs, mask if mask is not None else logprobs, out, T, logprobs.stride(0),
+        logprobs.stride(1), ref_logprobs.stride(0), ref_logprobs.stride(1), *ms, *split_float(x_clamp),
+        *split_float(kl_clamp), EST=int(estimator), HAS_MASK=mask is not None, BLOCK=block)
+    return out
+
+
+def _check_x_mask(x, mask):
+    _check_main("x", x)
+    _check_mask("mask", mask, x)
+
+
+def _check_totals(name, t, n, device):
+    check_tensor(name, t, shape=(n,), dtype=torch.float64, device=device)
 
 
 def masked_row_stats(x, mask):
+    _check_x_mask(x, mask)
     B, T = x.shape
     stats = torch.empty(B, 2, dtype=torch.float64, device=x.device)
     if B == 0:
         return stats
     _row_stats_kernel[(B,)](x, mask, stats, T, x.stride(0), x.stride(1), mask.stride(0), mask.stride(1),
-                            BLOCK_T=_block(T, MAX_BLOCK_T))
+                            BLOCK_T=block_size(T, MAX_BLOCK_T))
     return stats
 
 
 def masked_centered_sq(x, mask, totals):
+    _check_x_mask(x, mask)
+    _check_totals("totals", totals, 2, x.device)
     B, T = x.shape
     out = torch.empty(B, dtype=torch.float64, device=x.device)
     if B == 0:
         return out
     _centered_sq_kernel[(B,)](x, mask, totals.contiguous(), out, T, x.stride(0), x.stride(1), mask.stride(0),
-                              mask.stride(1), BLOCK_T=_block(T, MAX_BLOCK_T))
+                              mask.stride(1), BLOCK_T=block_size(T, MAX_BLOCK_T))
     return out
 
 
 def masked_whiten_apply(x, mask, totals, sq, shift_mean, unbiased, eps):
+    _check_x_mask(x, mask)
+    _check_totals("totals", totals, 2, x.device)
+    _check_totals("sq", sq, 1, x.device)
     B, T = x.shape
-    out = torch.empty(B, T, dtype=_acc(x.dtype), device=x.device)
+    out = torch.empty(B, T, dtype=acc_dtype(x.dtype), device=x.device)
     if B == 0 or T == 0:
         return out
-    block = _block(T, APPLY_BLOCK)
+    block = block_size(T, APPLY_BLOCK)
     _whiten_apply_kernel[(B, triton.cdiv(T, block))](
         x, mask, totals.contiguous(), sq.contiguous(), out, T, x.stride(0), x.stride(1), mask.stride(0),
-        mask.stride(1), *_split(eps), SHIFT_MEAN=bool(shift_mean), UNBIASED=bool(unbiased), BLOCK=block)
+        mask.stride(1), *split_float(eps), SHIFT_MEAN=bool(shift_mean), UNBIASED=bool(unbiased), BLOCK=block)
     return out

@@ -22,8 +22,16 @@ enum GroupEstimator : int64_t {
   kReinforcePPBaseline = 5,
 };
 
-// Segment policy of the GPU GAE kernels (rmkernels/_codes.py: SEGMENT_T).
+// Segment policy of the GPU GAE kernels (rmkernels/_codes.py: SEGMENT_T,
+// SEGMENT_MIN_ROWS_PER_SM, num_gae_segments): rows of at least 2 * kSegmentT positions are split
+// into segments of kSegmentT when the batch has fewer than kSegmentMinRowsPerSm rows per SM.
 constexpr int64_t kSegmentT = 4096;
+constexpr int64_t kSegmentMinRowsPerSm = 2;
+
+// Programs (blocks) per row of the GAE kernels for a [B, T] batch on a GPU with `sms` SMs.
+constexpr int64_t num_gae_segments(int64_t B, int64_t T, int64_t sms, int64_t segment_t = kSegmentT) {
+  return (T < 2 * segment_t || B >= kSegmentMinRowsPerSm * sms) ? 1 : (T + segment_t - 1) / segment_t;
+}
 
 }  // namespace codes
 }  // namespace rmkernels

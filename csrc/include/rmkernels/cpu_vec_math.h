@@ -4,7 +4,7 @@
 // (~10-30 ns per element for the Bradley-Terry loss). These are straight-line float
 // arithmetic (selects, one float -> int conversion, one shift), so GCC and Clang vectorise a
 // `#pragma omp simd` loop that uses them, at the vector width the function is compiled for
-// (RMK_SIMD_CLONES in cpu_common.h: AVX-512 / AVX2 / baseline). float64 keeps the libm
+// (simd_variants.h and cpu_simd.h: AVX-512 / AVX2 / baseline). float64 keeps the libm
 // functions (the fp64 path exists for gradcheck, where the last ulp matters more than speed).
 //
 // Accuracy (float32, measured against the fp64 functions over 2e7 points each): exp_nonpos /

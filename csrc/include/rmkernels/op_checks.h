@@ -1,0 +1,120 @@
+// Argument checks and gradient allocation of the kernel ops (torch side: the C++ CPU
+// implementations and the CUDA bindings). `torch.ops.rmkernels.*_kernel` is public: compile, export and dispatch modes call
+// it, and so can anyone, so every implementation checks every argument it indexes (rank,
+// sizes against the others, dtype, device, contiguity it assumes, option codes) with a
+// TORCH_CHECK that names the argument, before it allocates or launches anything. Index
+// *values* (last-token indices) are never trusted: the kernels treat an index outside
+// [0, T) as "no valid token".
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+namespace rmkernels {
+
+// The arithmetic (accumulation) dtype of the kernels for an input dtype: float64 for
+// float64, float32 for fp32 / bf16 / fp16. The one definition on the torch side (acc_t<T> is
+// its template form for the CPU loops, cuda::Acc<T> for the CUDA kernels).
+inline at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A dtype as Python spells it (float32, bool, bfloat16...), for the messages.
+inline std::string dtype_name(at::ScalarType t) { return std::string(c10::getDtypeNames(t).first); }
+
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_kernel_float(t.scalar_type()), name, " must be float32, float64, bfloat16 or float16, got ",
+              dtype_name(t.scalar_type()));
+}
+
+inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), ", got ", dtype_name(t.scalar_type()));
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
+              dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+}
+
+inline void check_device(const at::Tensor& t, const char* name, const at::Device& dev) {
+  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (the Python layer makes it so), got strides ",
+              t.strides());
+}
+
+// A dense operand the kernels index as a contiguous array: shape, dtype, device, contiguity.
+inline void check_dense(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
+                        const at::Device& dev) {
+  check_shape(t, name, shape);
+  check_dtype(t, name, dtype);
+  check_device(t, name, dev);
+  check_contiguous(t, name);
+}
+
+inline void check_dense(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape,
+                        at::ScalarType dtype, const at::Device& dev) {
+  if (t.has_value()) check_dense(*t, name, shape, dtype, dev);
+}
+
+// An option code in [lo, hi] (rmkernels/_codes.py, codes.h).
+inline void check_code(int64_t code, const char* name, int64_t lo, int64_t hi) {
+  TORCH_CHECK(code >= lo && code <= hi, name, " code must be in [", lo, ", ", hi, "], got ", code);
+}
+
+// A [B, T] operand with any strides (negative strides cannot occur in a torch tensor).
+inline void check_bt(const at::Tensor& t, const char* name, int64_t B, int64_t T, const at::Device& dev) {
+  check_dim(t, name, 2);
+  TORCH_CHECK(t.size(0) == B && t.size(1) == T, name, " must be [B, T] = [", B, ", ", T, "], got ", t.sizes());
+  check_device(t, name, dev);
+}
+
+// The arguments of the last-token head kernels (last_token_reward_fwd/bwd_kernel, CPU and
+// CUDA): hidden [B, T, H] or packed [N, H] (unit stride on H), weight [K, H] and bias [K]
+// contiguous in the arithmetic dtype, index int64 [B] contiguous, all on hidden's device.
+inline void check_last_token_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& index) {
+  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden_states must be [B, T, H] or packed [N, H], got ",
+              hidden.sizes());
+  check_float_input(hidden, "hidden_states");
+  TORCH_CHECK(hidden.size(-1) <= 1 || hidden.stride(-1) == 1, "hidden_states needs a unit stride on H, got strides ",
+              hidden.strides());
+  const auto dev = hidden.device();
+  const auto acc = acc_scalar_type(hidden.scalar_type());
+  check_dim(weight, "weight", 2);
+  check_dense(weight, "weight", {weight.size(0), hidden.size(-1)}, acc, dev);
+  check_dense(bias, "bias", {weight.size(0)}, acc, dev);
+  check_dim(index, "index", 1);
+  check_dtype(index, "index", at::kLong);
+  check_device(index, "index", dev);
+  check_contiguous(index, "index");
+  if (hidden.dim() == 3) {
+    TORCH_CHECK(index.size(0) == hidden.size(0), "index must have B = hidden_states.size(0) = ", hidden.size(0),
+                " rows, got ", index.size(0));
+  }
+}
+
+// A fresh tensor of t's shape and dtype for t's gradient (rmkernels/_layout.py: grad_buffer, the
+// same rule): t's strides when t is non-overlapping and dense, else contiguous. An overlapping
+// view (x.unfold(1, 8, 1)) has no layout a fresh tensor can share, and empty_like would invent
+// one from the sorted strides, with the last dimension possibly not innermost.
+inline at::Tensor grad_buffer(const at::Tensor& t) {
+  at::Tensor g = at::empty_like(t);
+  if (g.strides() != t.strides()) g = at::empty(t.sizes(), t.options());
+  return g.zero_();
+}
+
+}  // namespace rmkernels

@@ -1,0 +1,252 @@
+"""Every kernel op checks every argument before it runs (issue 12 item 3).
+
+``torch.ops.rmkernels.*`` is public: compile, export and dispatch modes call it, and so can
+anyone. A bad direct call (sizes that disagree, a weight shorter than H, a margin shorter than B,
+a gradient of the wrong shape, a wrong dtype or option code) must be a clear error naming the
+argument, never an out-of-bounds read or write. Index *values* out of range are "no valid
+token" (NaN rewards, no gradient), never an access.
+
+The calls run in a subprocess, so that a crash (SIGSEGV) is a failure of the case that was
+running, not a dead pytest: the C++ kernel ops (CPU) and the public ops routed to them raise
+RuntimeError; the Triton host functions (interpreter, in their own subprocess) raise
+ValueError / TypeError.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> expression; `ops` is torch.ops.rmkernels, `r`/`f`/`i` make float32 / float64 / int64 tensors.
+KERNEL_CASES = {
+    # last-token pooling
+    "fwd: index rows != B (the issue's repro)":
+        "ops.last_token_reward_fwd_kernel(r(2, 5, 8), r(1, 8), None, full((200000,), 4))",
+    "fwd: weight shorter than H": "ops.last_token_reward_fwd_kernel(r(2, 5, 8), r(1, 4), None, full((2,), 4))",
+    "fwd: weight longer than H": "ops.last_token_reward_fwd_kernel(r(2, 5, 8), r(1, 800), None, full((2,), 4))",
+    "fwd: bias of the wrong size": "ops.last_token_reward_fwd_kernel(r(2, 5, 8), r(1, 8), r(3), full((2,), 4))",
+    "fwd: weight 1-D": "ops.last_token_reward_fwd_kernel(r(2, 5, 8), r(8), None, full((2,), 4))",
+    "fwd: weight in another dtype": "ops.last_token_reward_fwd_kernel(r(2, 5, 8), f(1, 8), None, full((2,), 4))",
+    "fwd: weight not contiguous": "ops.last_token_reward_fwd_kernel(r(2, 5, 8), r(8, 2).t(), None, full((2,), 4))",
+    "fwd: index int32": "ops.last_token_reward_fwd_kernel(r(2, 5, 8), r(1, 8), None, full((2,), 4, torch.int32))",
+    "fwd: index 2-D": "ops.last_token_reward_fwd_kernel(r(2, 5, 8), r(1, 8), None, full((2, 1), 4))",
+    "fwd: hidden 4-D": "ops.last_token_reward_fwd_kernel(r(2, 5, 8, 1), r(1, 1), None, full((2,), 4))",
+    "fwd: hidden integer": "ops.last_token_reward_fwd_kernel(i(2, 5, 8), r(1, 8), None, full((2,), 4))",
+    "fwd: hidden without unit stride on H":
+        "ops.last_token_reward_fwd_kernel(r(2, 5, 16)[:, :, ::2], r(1, 8), None, full((2,), 4))",
+    "bwd: index rows != B":
+        "ops.last_token_reward_bwd_kernel(r(200000, 1), r(2, 5, 8), r(1, 8), full((200000,), 4), True, True, True)",
+    "bwd: grad of the wrong shape":
+        "ops.last_token_reward_bwd_kernel(r(3, 1), r(2, 5, 8), r(1, 8), full((2,), 4), True, True, True)",
+    "bwd: grad with too few columns":
+        "ops.last_token_reward_bwd_kernel(r(2, 1), r(2, 5, 8), r(3, 8), full((2,), 4), True, True, True)",
+    "bwd: grad in another dtype":
+        "ops.last_token_reward_bwd_kernel(f(2, 1), r(2, 5, 8), r(1, 8), full((2,), 4), True, True, True)",
+    "bwd: weight shorter than H":
+        "ops.last_token_reward_bwd_kernel(r(2, 1), r(2, 5, 8), r(1, 4), full((2,), 4), True, True, True)",
+    "index: 1-D mask": "ops.last_token_index_kernel(r(5))",
+    # Bradley-Terry / ranking
+    "bt fwd: rejected shorter": "ops.bt_loss_fwd_kernel(r(4), r(3), None, None, 0.0, 1.0, 0.0, 0.0, 1)",
+    "bt fwd: margin shorter than B": "ops.bt_loss_fwd_kernel(r(400), r(400), r(2), None, 0.0, 1.0, 0.0, 0.0, 0)",
+    "bt fwd: weights shorter than B": "ops.bt_loss_fwd_kernel(r(400), r(400), None, r(2), 0.0, 1.0, 0.0, 0.0, 1)",
+    "bt fwd: margin in another dtype": "ops.bt_loss_fwd_kernel(r(4), r(4), f(4), None, 0.0, 1.0, 0.0, 0.0, 1)",
+    "bt fwd: margin not contiguous": "ops.bt_loss_fwd_kernel(r(4), r(4), r(8)[::2], None, 0.0, 1.0, 0.0, 0.0, 1)",
+    "bt fwd: reduction code 5": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, 0.0, 1.0, 0.0, 0.0, 5)",
+    "bt fwd: reduction code -1": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, 0.0, 1.0, 0.0, 0.0, -1)",
+    "bt fwd: chosen 2-D": "ops.bt_loss_fwd_kernel(r(4, 2), r(4, 2), None, None, 0.0, 1.0, 0.0, 0.0, 1)",
+    "bt fwd: rejected in another dtype": "ops.bt_loss_fwd_kernel(r(4), f(4), None, None, 0.0, 1.0, 0.0, 0.0, 1)",
+    "bt bwd: grad shorter than B (none)":
+        "ops.bt_loss_bwd_kernel(r(3), r(400), r(400), None, None, 0.0, 1.0, 0.0, 0.0, 0, True, True)",
+    "bt bwd: grad of two elements (mean)":
+        "ops.bt_loss_bwd_kernel(r(2), r(4), r(4), None, None, 0.0, 1.0, 0.0, 0.0, 1, True, True)",
+    "bt bwd: weights shorter than B":
+        "ops.bt_loss_bwd_kernel(r(()), r(400), r(400), None, r(3), 0.0, 1.0, 0.0, 0.0, 1, True, True)",
+    "bt bwd: grad in another dtype":
+        "ops.bt_loss_bwd_kernel(f(()), r(4), r(4), None, None, 0.0, 1.0, 0.0, 0.0, 1, True, True)",
+    "ranking fwd: rewards 1-D": "ops.ranking_loss_fwd_kernel(r(4), None)",
+    "ranking fwd: num_candidates shorter than B": "ops.ranking_loss_fwd_kernel(r(400, 3), full((2,), 3))",
+    "ranking fwd: num_candidates int32": "ops.ranking_loss_fwd_kernel(r(4, 3), full((4,), 3, torch.int32))",
+    "ranking bwd: grad_rows shorter than B": "ops.ranking_loss_bwd_kernel(r(3), r(400, 3), None)",
+    "ranking bwd: grad_rows in another dtype": "ops.ranking_loss_bwd_kernel(f(4), r(4, 3), None)",
+    # PPO
+    "ppo_gae: scores shorter than B":
+        "ops.ppo_gae_kernel(r(400, 5), r(400, 5), r(400, 5), r(2), b(400, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: scores in another dtype":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), f(4), b(4, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: logprobs of another shape":
+        "ops.ppo_gae_kernel(r(4, 3), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: mask of another shape":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 3), 0.1, 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: mask not bool":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), r(4, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: estimator code 9":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, 1.0, 0.95, 9, 0.0, 0.0, 0.0)",
+    "ppo_gae: values in another dtype":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), f(4, 5), r(4), b(4, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "gae: rewards of another shape": "ops.gae_kernel(r(4, 3), r(4, 5), b(4, 5), 1.0, 0.95)",
+    "gae: mask of another shape": "ops.gae_kernel(r(4, 5), r(4, 5), b(3, 5), 1.0, 0.95)",
+    "gae: values 3-D": "ops.gae_kernel(r(4, 5, 1), r(4, 5, 1), b(4, 5, 1), 1.0, 0.95)",
+    "kl_estimate: estimator code 4": "ops.kl_estimate_kernel(r(4, 5), r(4, 5), None, 4, 0.0, 0.0)",
+    "kl_estimate: ref of another shape": "ops.kl_estimate_kernel(r(4, 5), r(5, 4), None, 0, 0.0, 0.0)",
+    "kl_estimate: mask of another shape": "ops.kl_estimate_kernel(r(4, 5), r(4, 5), b(4, 4), 0, 0.0, 0.0)",
+    "row_stats: mask of another shape": "ops.masked_row_stats_kernel(r(4, 5), b(4, 50))",
+    "centered_sq: totals of 3": "ops.masked_centered_sq_kernel(r(4, 5), b(4, 5), f(3))",
+    "centered_sq: totals float32": "ops.masked_centered_sq_kernel(r(4, 5), b(4, 5), r(2))",
+    "whiten_apply: sq of 2": "ops.masked_whiten_apply_kernel(r(4, 5), b(4, 5), f(2), f(2), True, True, 1e-8)",
+}
+
+# Public ops routed to the C++ kernels: the same checks hold behind them.
+PUBLIC_CASES = {
+    "last_token_reward, cpu (the issue's repro)":
+        'ops.last_token_reward(r(2, 5, 8), r(1, 8), None, full((200000,), 4), "cpu")',
+    "last_token_reward, cpu: weight shorter than H":
+        'ops.last_token_reward(r(2, 5, 8), r(1, 4), None, full((2,), 4), "cpu")',
+    "last_token_reward_backward, cpu: index rows != B":
+        'ops.last_token_reward_backward(r(200000, 1), r(2, 5, 8), r(1, 8), full((200000,), 4), True, True, True, '
+        '"cpu")',
+    "bradley_terry_loss, cpu: margin shorter than B":
+        'ops.bradley_terry_loss(r(400), r(400), r(2), None, 0.0, 1.0, 0.0, 0.0, "mean", "cpu")',
+    "bradley_terry_loss, cpu: weights shorter than B":
+        'ops.bradley_terry_loss(r(400), r(400), None, r(2), 0.0, 1.0, 0.0, 0.0, "none", "cpu")',
+}
+
+# Index values out of range: no access, and NaN rewards / no gradient for those rows.
+INDEX_VALUE_CASES = {
+    "fwd: index past T and negative": "ops.last_token_reward_fwd_kernel(r(2, 5, 8), r(1, 8), None, i64([5, -3]))",
+    "fwd: packed index past N": "ops.last_token_reward_fwd_kernel(r(6, 8), r(1, 8), None, i64([2, 6, 10**12]))",
+    "bwd: index past T": "ops.last_token_reward_bwd_kernel(r(2, 1), r(2, 5, 8), r(1, 8), i64([5, 10**15]), "
+                         "True, True, True)",
+    "bwd: packed index past N": "ops.last_token_reward_bwd_kernel(r(3, 1), r(6, 8), r(1, 8), i64([-2, 6, 1]), "
+                                "True, True, True)",
+}
+
+TRITON_CASES = {
+    "fwd: index rows != B": "tp.last_token_reward_fwd(r(2, 5, 8), r(1, 8), None, full((200000,), 4))",
+    "fwd: weight shorter than H": "tp.last_token_reward_fwd(r(2, 5, 8), r(1, 4), None, full((2,), 4))",
+    "fwd: bias of the wrong size": "tp.last_token_reward_fwd(r(2, 5, 8), r(1, 8), r(3), full((2,), 4))",
+    "bwd: grad of the wrong shape": "tp.last_token_reward_bwd(r(3, 1), r(2, 5, 8), r(1, 8), full((2,), 4), True, "
+                                    "True, True)",
+    "bwd: index rows != B": "tp.last_token_reward_bwd(r(200000, 1), r(2, 5, 8), r(1, 8), full((200000,), 4), True, "
+                            "True, True)",
+    "index: 1-D mask": "tp.last_token_index(r(5))",
+    "bt fwd: margin shorter than B": "tb.bt_loss_fwd(r(400), r(400), r(2), None, 0.0, 1.0, 0.0, 0.0, 0)",
+    "bt fwd: weights shorter than B": "tb.bt_loss_fwd(r(400), r(400), None, r(2), 0.0, 1.0, 0.0, 0.0, 1)",
+    "bt fwd: reduction code 5": "tb.bt_loss_fwd(r(4), r(4), None, None, 0.0, 1.0, 0.0, 0.0, 5)",
+    "bt bwd: grad shorter than B": "tb.bt_loss_bwd(r(3), r(400), r(400), None, None, 0.0, 1.0, 0.0, 0.0, 0, True, "
+                                   "True)",
+    "ranking fwd: num_candidates shorter than B": "tb.ranking_loss_fwd(r(400, 3), full((2,), 3))",
+    "ranking bwd: grad_rows shorter than B": "tb.ranking_loss_bwd(r(3), r(400, 3), None)",
+    "ppo_gae: scores shorter than B":
+        "tq.ppo_gae(r(400, 5), r(400, 5), r(400, 5), r(2), b(400, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: estimator code 9":
+        "tq.ppo_gae(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, 1.0, 0.95, 9, 0.0, 0.0, 0.0)",
+    "gae: rewards of another shape": "tq.gae(r(4, 3), r(4, 5), b(4, 5), 1.0, 0.95)",
+    "kl_estimate: estimator code 4": "tq.kl_estimate(r(4, 5), r(4, 5), None, 4, 0.0, 0.0)",
+    "centered_sq: totals of 3": "tq.masked_centered_sq(r(4, 5), b(4, 5), f(3))",
+    "whiten_apply: sq of 2": "tq.masked_whiten_apply(r(4, 5), b(4, 5), f(2), f(2), True, True, 1e-8)",
+}
+
+_RUNNER = textwrap.dedent("""
+    import json, sys, torch
+    import rmkernels
+    ops = torch.ops.rmkernels
+    r = lambda *s: torch.randn(*s)
+    f = lambda *s: torch.randn(*s, dtype=torch.float64)
+    i = lambda *s: torch.randint(0, 5, s)
+    b = lambda *s: torch.rand(*s) > 0.3
+    i64 = lambda v: torch.tensor(v, dtype=torch.int64)
+    full = lambda shape, v, dtype=torch.int64: torch.full(shape, v, dtype=dtype)
+    if {triton}:
+        from rmkernels.triton import bt_loss as tb, pooling as tp, ppo as tq
+    for name, expr in json.loads(sys.stdin.read()):
+        print("START " + json.dumps(name), flush=True)
+        try:
+            out = eval(expr)
+        except Exception as e:
+            print("RAISED " + json.dumps([type(e).__name__, str(e).splitlines()[0] if str(e) else ""]), flush=True)
+        else:
+            outs = out if isinstance(out, tuple) else (out,)
+            nan_rows = [t.isnan().all(dim=-1).tolist() if t.dim() == 2 else None for t in outs]
+            print("RETURNED " + json.dumps(nan_rows), flush=True)
+""")
+
+
+def _run(cases, triton=False):
+    """{name: ("RAISED", [type, message]) | ("RETURNED", info) | ("CRASHED", detail)} for every case."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if triton:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _RUNNER.format(triton=triton)], input=json.dumps(list(cases.items())),
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    results, current = {}, None
+    for line in proc.stdout.splitlines():
+        kind, _, payload = line.partition(" ")
+        if kind == "START":
+            current = json.loads(payload)
+        elif kind in ("RAISED", "RETURNED"):
+            results[current] = (kind, json.loads(payload))
+            current = None
+    if current is not None or proc.returncode != 0:
+        results[current] = ("CRASHED", f"exit code {proc.returncode}; stderr: {proc.stderr[-2000:]}")
+    return results
+
+
+@pytest.fixture(scope="module")
+def cpu_results():
+    return _run({**KERNEL_CASES, **PUBLIC_CASES, **INDEX_VALUE_CASES})
+
+
+@pytest.mark.parametrize("name", list(KERNEL_CASES) + list(PUBLIC_CASES))
+def test_bad_call_raises(cpu_results, name):
+    assert name in cpu_results, f"{name}: never ran (a previous case crashed the process?) {cpu_results.get(None)}"
+    kind, info = cpu_results[name]
+    assert kind != "CRASHED", f"{name}: the process crashed: {info}"
+    assert kind == "RAISED", f"{name}: the bad call returned instead of raising"
+    assert info[0] in ("RuntimeError", "ValueError", "TypeError", "IndexError"), f"{name}: {info}"
+
+
+@pytest.mark.parametrize("name", list(INDEX_VALUE_CASES))
+def test_index_values_out_of_range_are_no_valid_token(cpu_results, name):
+    assert name in cpu_results, f"{name}: never ran {cpu_results.get(None)}"
+    kind, info = cpu_results[name]
+    assert kind != "CRASHED", f"{name}: the process crashed: {info}"
+    if kind == "RETURNED" and name.startswith("fwd"):
+        rows = info[0]
+        expect = {"fwd: index past T and negative": [True, True], "fwd: packed index past N": [False, True, True]}
+        assert rows == expect[name], f"{name}: rows with NaN rewards {rows}, expected {expect[name]}"
+
+
+def test_bwd_ignores_out_of_range_indices():
+    """In process (the subprocess above shows it cannot crash): rows with an index out of range
+    get no gradient and add nothing to grad_weight / grad_bias."""
+    import torch
+
+    hidden, w = torch.randn(3, 5, 8), torch.randn(2, 8)
+    grad = torch.randn(3, 2)
+    idx = torch.tensor([5, 2, -1])
+    g_h, g_w, g_b = torch.ops.rmkernels.last_token_reward_bwd_kernel(grad, hidden, w, idx, True, True, True)
+    assert g_h[0].abs().sum() == 0 and g_h[2].abs().sum() == 0
+    torch.testing.assert_close(g_h[1, 2], grad[1] @ w)
+    torch.testing.assert_close(g_w, grad[1:2].t() @ hidden[1, 2:3])
+    torch.testing.assert_close(g_b, grad[1])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_host_functions_raise(name, triton_results):
+    assert name in triton_results, f"{name}: never ran {triton_results.get(None)}"
+    kind, info = triton_results[name]
+    assert kind != "CRASHED", f"{name}: the process crashed: {info}"
+    assert kind == "RAISED", f"{name}: the bad call returned instead of raising"
+    assert info[0] in ("ValueError", "TypeError"), f"{name}: {info}"
+
+
+@pytest.fixture(scope="module")
+def triton_results():
+    pytest.importorskip("triton")
+    return _run(TRITON_CASES, triton=True)
