@@ -1,8 +1,9 @@
 """csrc/cuda/ppo.cu's launchers run on the CPU (AddressSanitizer), against the reference
-backend: GAE with every KL estimator and option, mask kinds (empty, single-token, full rows,
-holes), dtypes, strided inputs, rows over several 1024-position chunks, the long-row segment
-mode (3 launches) at the bindings' segment length and scaled down, B = 0 / T = 0; and the
-three whitening launchers chained as the bindings chain them."""
+backend: PPO GAE with every KL estimator and option, mask kinds (empty, single-token, full
+rows, holes), dtypes, strided inputs, rows over several 1024-position chunks, the long-row
+segment mode (3 launches) at the bindings' segment length and scaled down, B = 0 / T = 0; the
+three whitening launchers chained as the bindings chain them; the plain GAE (gae_kernel) and
+KL estimate (kl_estimate_kernel) launchers against SPEC section 3's loop and formulas."""
 import pytest
 import torch
 from utils import assert_close, tolerance
@@ -282,3 +283,134 @@ def test_whiten_strided_small_n_and_empty():
 def test_whiten_race_free_under_thread_sanitizer():
     B, T = 3, 600
     check_whiten(torch.randn(B, T), make_mask("holes", B, T), variant="tsan")
+
+
+# ---- gae_kernel / kl_estimate_kernel launchers (SPEC section 4) --------------------------
+def gae_loop(rewards, values, mask, gamma, lam):
+    """SPEC section 3's mask-aware recurrence written as the plain loop over valid positions
+    from the right (fp64): V_next and A_next are those of the next valid position (0 past the
+    last); 0 at masked positions."""
+    r, v, m = rewards.double(), values.double(), mask.bool()
+    B, T = v.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        a_next = v_next = 0.0
+        for t in reversed(range(T)):
+            if not m[b, t]:
+                continue
+            delta = r[b, t].item() + gamma * v_next - v[b, t].item()
+            a_next = delta + gamma * lam * a_next
+            v_next = v[b, t].item()
+            adv[b, t] = a_next
+    return adv, (adv + v) * m
+
+
+def launch_plain_gae(rewards, values, mask, gamma, lam, seg_len=None, variant="asan"):
+    dtype = values.dtype
+    acc = _acc(dtype)
+    B, T = values.shape
+    n_seg = 1 if seg_len is None else max(1, -(-T // seg_len))
+    prog = Program()
+    adv, ret = prog.out((B, T), acc), prog.out((B, T), acc)
+    if seg_len is None:
+        scratch = [None, None, None, None]
+    else:
+        scratch = [prog.out((B, n_seg, 4), acc), prog.out((B, n_seg), torch.int64, fill=0x5A),
+                   prog.out((B, n_seg, 2), acc), prog.out((B,), torch.int64, fill=0x5A)]
+    prog.call("rmk_gae", DTYPE_CODE[dtype], prog.inp(rewards), rewards.stride(0), rewards.stride(1),
+              prog.inp(values), values.stride(0), values.stride(1), prog.inp(mask), mask.stride(0), mask.stride(1),
+              B, T, gamma, lam, adv, ret, n_seg, seg_len or 0, *scratch)
+    res = prog.run(variant)
+    assert res.rcs == [0], res.rcs
+    return res[adv], res[ret]
+
+
+def check_plain_gae(rewards, values, mask, gamma=0.99, lam=0.95, what="", **kw):
+    got = launch_plain_gae(rewards, values, mask, gamma, lam, **kw)
+    want = gae_loop(rewards, values, mask, gamma, lam)
+    if hasattr(rmk, "gae"):  # the library's reference, when this checkout has the public op
+        ref = rmk.gae(rewards, values, mask, gamma=gamma, lam=lam, backend="reference")
+        for a, e in zip(ref, want):
+            assert_close(a, e, rtol=1e-5, atol=1e-5, name=f"reference vs loop {what}")
+    dtype = values.dtype
+    rtol, atol = tolerance(dtype) if dtype in (torch.float32, torch.float64) else tolerance(torch.float32)
+    for name, a, e in zip(("advantages", "returns"), got, want):
+        assert a.dtype == _acc(dtype)
+        assert_close(a, e, rtol=rtol, atol=atol, name=f"{name} {what}")
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("T", [0, 1, 45, 1025])
+def test_plain_gae(kind, T):
+    B = 5
+    rewards, values = torch.randn(B, T), torch.randn(B, T)
+    check_plain_gae(rewards, values, make_mask(kind, B, T), what=f"{kind} T={T}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_plain_gae_dtypes_strided(dtype):
+    B, T = 4, 130
+    big = torch.randn(B, 2 * T).to(dtype)
+    values = torch.randn(T, B).to(dtype).t()
+    check_plain_gae(big[:, ::2], values, make_mask("holes", T, B).t(), gamma=1.0, lam=1.0, what=str(dtype))
+
+
+@pytest.mark.parametrize("seg_len,T", [(300, 1025), (1, 19), (4096, 2 * 4096 + 5)])
+def test_plain_gae_segment_mode(seg_len, T):
+    B = 3
+    check_plain_gae(torch.randn(B, T), torch.randn(B, T), make_mask("mixed", B, T), seg_len=seg_len,
+                    what=f"seg_len={seg_len}")
+
+
+def test_plain_gae_race_free_under_thread_sanitizer():
+    B, T = 3, 300
+    check_plain_gae(torch.randn(B, T), torch.randn(B, T), make_mask("holes", B, T), seg_len=100, variant="tsan")
+
+
+def kl_formula(lp, ref, mask, est, x_clamp, kl_clamp):
+    x = lp.double() - ref.double()
+    if x_clamp > 0:
+        x = x.clamp(-x_clamp, x_clamp)
+    k = {0: x, 1: x.abs(), 2: 0.5 * x * x, 3: torch.exp(-x) - 1 + x}[est]
+    if kl_clamp > 0:
+        k = k.clamp(-kl_clamp, kl_clamp)
+    return k if mask is None else k * mask
+
+
+def launch_kl(lp, ref, mask, est, x_clamp=0.0, kl_clamp=0.0, variant="asan"):
+    B, T = lp.shape
+    prog = Program()
+    kl = prog.out((B, T), _acc(lp.dtype))
+    mbuf = prog.inp(mask) if mask is not None else None
+    m0, m1 = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    prog.call("rmk_kl_estimate", DTYPE_CODE[lp.dtype], prog.inp(lp), lp.stride(0), lp.stride(1), prog.inp(ref),
+              ref.stride(0), ref.stride(1), mbuf, m0, m1, B, T, est, x_clamp, kl_clamp, kl)
+    res = prog.run(variant)
+    assert res.rcs == [0], res.rcs
+    return res[kl]
+
+
+@pytest.mark.parametrize("est", ESTIMATORS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_kl_estimate(est, dtype):
+    code, x_clamp, kc, _ = _estimator_args(est, 0.4 if est == "k2" else None, None)
+    for B, T in ((5, 97), (2, 1025), (0, 7), (3, 0)):
+        lp = (-torch.rand(B, T) * 3).to(dtype)
+        ref = (lp.float() + torch.randn(B, T)).to(dtype)
+        for mask in (make_mask("holes", B, T), None):
+            got = launch_kl(lp, ref, mask, code, x_clamp, kc)
+            want = kl_formula(lp, ref, mask, code, x_clamp, kc)
+            if hasattr(rmk, "kl_estimate") and B and T and est != "low_var_kl" and not kc:
+                lib = rmk.kl_estimate(lp, ref, mask=mask, estimator=est, backend="reference")
+                assert_close(lib, want, rtol=1e-5, atol=1e-5, name="reference vs formula")
+            r, a = tolerance(dtype) if dtype in (torch.float32, torch.float64) else tolerance(torch.float32)
+            assert got.dtype == _acc(dtype)
+            assert_close(got, want, rtol=r, atol=a, name=f"kl {est} {dtype}")
+
+
+def test_kl_estimate_strided_and_tsan():
+    B, T = 4, 600
+    lp, ref = torch.randn(T, B).t(), torch.randn(B, 2 * T)[:, ::2]
+    mask = make_mask("left", B, T)
+    got = launch_kl(lp, ref, mask, 3, variant="tsan")
+    assert_close(got, kl_formula(lp, ref, mask, 3, 0.0, 0.0), rtol=2e-5, atol=2e-5, name="kl strided")
