@@ -38,7 +38,15 @@ def info():
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m rmkernels.info",
+        description="Print what this rmkernels installation was built with (setup.py's build config, the C++ "
+                    "extension, its CPU loop variants and CUDA archs) and which backends can run here, for CPU "
+                    "and (when there is a GPU) CUDA tensors, with the reason for each one that cannot.")
+    parser.parse_args(argv)
     print(info())
     return 0
 

@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("transformers")
 
 from rmkernels_train import trainer as T  # noqa: E402
+from rmkernels_train.ppo import build_parser as ppo_parser  # noqa: E402
 from rmkernels_train.ppo import main as ppo_main  # noqa: E402
 from rmkernels_train.reward import main as reward_main  # noqa: E402
 
@@ -30,6 +31,10 @@ REWARD_RUN = [*TINY, "--max-steps", "4", "--save-every", "2", "--eval-every", "2
               "--seed", "3"]
 PPO_FAST = ["--threads", "1", "--no-progress", "--no-plot", "--batch-size", "4", "--max-new-tokens", "4",
             "--ppo-epochs", "1", "--save-every", "1", "--save-total-limit", "3"]
+# These tests are about PPO with GAE and a value model; once `rmkernels-train ppo` has an
+# --advantage option (the critic-free default of issue 17), they ask for GAE explicitly.
+if "--advantage" in ppo_parser()._option_string_actions:
+    PPO_FAST += ["--advantage", "gae"]
 
 
 class Payload:
@@ -194,6 +199,17 @@ def test_reward_resume_with_no_intact_checkpoint_is_one_line(run_copy, capsys, c
     assert f"checkpoint-4: {reason}" in last and f"checkpoint-2: {reason}" in last
 
 
+def test_rotation_never_keeps_a_damaged_newer_checkpoint_instead_of_the_new_one(run_copy, capsys):
+    """--save-total-limit 1 after resuming from checkpoint-2 past a damaged checkpoint-4: the
+    new checkpoint-3 is kept, the abandoned checkpoint-4 goes."""
+    _truncate(run_copy / "checkpoint-4" / "model.safetensors")
+    rc, err = _reward(capsys, *REWARD_RUN[:-4], "--save-total-limit", 1, "--save-every", 1, "--seed", 3,
+                      "--stop-after", 1, "--output-dir", run_copy, "--resume")
+    assert rc == 0, err
+    assert [s for s, _ in T.list_checkpoints(str(run_copy))[0]] == [3]
+    _weights(run_copy / "checkpoint-3")
+
+
 def test_bad_checkpoint_names_and_leftovers(run_copy, capsys):
     """checkpoint-abc / checkpoint--3 / checkpoint-007 are refused with a message (never
     read); .tmp-checkpoint-* and .old-checkpoint-* leftovers are removed at start."""
@@ -354,3 +370,29 @@ def test_killed_at_random_moments_then_resumed_equals_an_uninterrupted_run(tmp_p
 
     assert train_curve(out) == train_curve(tmp_path / "straight"), log
     assert not [n for n in os.listdir(out) if n.startswith(".")], log
+
+
+
+def test_ppo_default_reward_model_dir_never_unpickles_code(ppo_run, tmp_path, capsys):
+    """Without --reward-model the PPO run reads <output-dir>/reward_model/final.json and the
+    checkpoint it names: a payload planted there (or a pickled pytorch_model.bin beside a
+    missing model.safetensors) never runs; the run stops with one line."""
+    rm, _ = ppo_run
+    for name in ("final.json", "checkpoint-3/config.json", "checkpoint-3/model.safetensors",
+                 "checkpoint-3/tokenizer.json", "checkpoint-3/pytorch_model.bin"):
+        out = tmp_path / name.replace("/", "_")
+        shutil.copytree(os.path.dirname(rm), out / "reward_model")
+        (out / "reward_model" / "final.json").write_text(json.dumps({"checkpoint": str(out / "reward_model" /
+                                                                                       "checkpoint-3")}))
+        marker = str(tmp_path / f"PWNED-{name.replace('/', '_')}")
+        if name.endswith(".bin"):
+            os.remove(out / "reward_model" / "checkpoint-3" / "model.safetensors")
+            torch.save({"score.weight": Payload(marker)}, out / "reward_model" / name)
+        else:
+            plant(str(out / "reward_model" / name), marker)
+        rc, err = _ppo(capsys, "--output-dir", out, "--steps", 1, *PPO_FAST)
+        assert not os.path.exists(marker), f"loading reward_model/{name} ran code"
+        assert rc == 1 and "Traceback" not in err, (name, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("rmkernels-train ppo: error: "), (name, err)
+        assert "reward_model" in last and "--model" not in last and "--reward-model " not in last, last

@@ -119,6 +119,29 @@ BAD_FILES = {
     "not an object": ('[1, 2]\n', ":1: expected a JSON object"),
     "empty chosen": ('{"chosen": "", "rejected": "y"}\n', ":1: field 'chosen' is an empty string"),
     "empty file": ("\n\n", ": no preference pairs"),
+    # issue 12.6: the field that is wrong is the one named
+    "chosen not text": ('{"prompt": "a", "chosen": 5, "rejected": "c"}\n',
+                        ":1: field 'chosen' must be a string or a list of messages, got int 5"),
+    "chosen null": ('{"prompt": "a", "chosen": null, "rejected": "c"}\n',
+                    ":1: field 'chosen' must be a string or a list of messages, got NoneType null"),
+    "rejected not a message list": ('{"chosen": [{"role": "user", "content": "x"}], "rejected": "y"}\n',
+                                    ":1: field 'rejected' must be a non-empty list of messages like 'chosen' is"),
+    "prompt not text": ('{"prompt": 3, "chosen": "b", "rejected": "c"}\n',
+                        ":1: field 'prompt' must be a string like 'chosen' is"),
+    # FILE:LINE, no traceback, for what Python's json cannot hold
+    "lone surrogate": ('{"chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "\\ud800", "rejected": "c"}\n',
+                       ":2: field 'chosen' is not valid Unicode text (a lone surrogate '\\ud800' at character 0)"),
+    "lone surrogate in a message": ('{"chosen": [{"role": "user", "content": "x\\udfff"}], '
+                                    '"rejected": [{"role": "user", "content": "y"}]}\n',
+                                    ":1: field 'chosen[0].content' is not valid Unicode text"),
+    "deep nesting": ('{"chosen": "b", "rejected": "c"}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
+                     ":2: not valid JSON here (nested too deeply to parse)"),
+    "400-digit margin": ('{"chosen": "b", "rejected": "c", "margin": ' + "9" * 400 + '}\n',
+                         ":1: field 'margin' must be a finite number (a float64), got int 999"),
+    "5000-digit margin": ('{"chosen": "b", "rejected": "c", "margin": ' + "9" * 5000 + '}\n',
+                          ":1: not valid JSON here (Exceeds the limit"),
+    "infinite margin": ('{"chosen": "b", "rejected": "c", "margin": 1e999}\n',
+                        ":1: field 'margin' must be a finite number"),
 }
 
 
@@ -289,16 +312,19 @@ def test_model_dir_causal_lm_and_jsonl(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ddp_two_processes_agree(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo): the ranks end with identical parameters, and the
-    run matches one process that takes both ranks' pairs in each batch."""
+    """torchrun --nproc_per_node 2 (gloo), stopped after 3 steps and resumed (every rank
+    picks the same checkpoint): the ranks end with identical parameters, and the run matches
+    one process that takes both ranks' pairs in each batch."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
                                                          os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     steps = ["--max-steps", "6", "--eval-every", "3", "--save-every", "6", "--seed", "5"]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "rmkernels_train", "reward", "--output-dir", str(tmp_path / "ddp"), *TINY, *steps],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "rmkernels_train", "reward", "--output-dir", str(tmp_path / "ddp"), *TINY, *steps]
+    for extra in (["--stop-after", "3"], ["--resume"]):
+        ddp = subprocess.run(torchrun + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "resuming from" in ddp.stderr and "checkpoint-3 (step 3)" in ddp.stderr, ddp.stderr[-3000:]
     final = json.loads((tmp_path / "ddp" / "final.json").read_text())
     assert final["world_size"] == 2 and len(final["param_digests"]) == 2
     assert final["param_digests"][0] == final["param_digests"][1]

@@ -238,7 +238,10 @@ def load_models(a, dist, reward_dir):
     tokenizer = load_tokenizer(reward_dir)
     if tokenizer.eos_token_id is None:
         raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-    reward_model = load_reward_model(reward_dir, what="--reward-model")
+    if a.reward_model is not None:
+        reward_model = load_reward_model(reward_dir, what="--reward-model")
+    else:  # the default one lives in the output directory: safetensors only, nothing there can run code
+        reward_model = load_reward_model(reward_dir, what="the default reward model", use_safetensors=True)
     backbone_rm = reward_model.base_model
     head = getattr(reward_model, "score", None)
     if head is None or not hasattr(head, "weight"):
@@ -367,7 +370,7 @@ class PPOTrainer:
         if a.resume:
             self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(
                 self.out_dir, lambda p: load_checkpoint(p, self.policy, self.ref, self.value_model,
-                                                        self.make_optimizer), self.log)
+                                                        self.make_optimizer), self.log, dist)
             T.check_resume_args(loaded[0]["args"], a, RESUME_FIXED, dist.world_size)
             apply_checkpoint(loaded, self.policy, self.ref, self.value_model, self.optimizer)
             kl_coef = loaded[0]["kl_coef"]

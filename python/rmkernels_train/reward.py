@@ -290,51 +290,81 @@ class RewardTrainer:
 
     # -- set-up ---------------------------------------------------------------------------
     def setup(self):
-        args, dist, log = self.args, self.dist, self.log
+        """Everything before the first step, in an order that keeps the random streams of
+        earlier versions (the same seed trains the same model)."""
+        resumed = self.find_resume()
+        seed_everything(self.args.seed)
+        self.load_data(resumed)
+        self.build_model(resumed)
+        self.build_optimizer(resumed)
+        self.open_metrics(resumed)
+        args, dist = self.args, self.dist
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"model: {type(self.model).__name__}, {n_params / 1e6:.2f}M parameters; {self.total} optimizer "
+                 f"steps of {args.batch_size * args.grad_accum * dist.world_size} pairs ({dist.world_size} rank(s), "
+                 f"device {dist.device}); output in {self.out_dir}")
+        self.autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16)) if args.bf16 else \
+            (lambda: torch.autocast(dist.device.type, enabled=False))
+
+    def find_resume(self):
+        """With --resume the newest intact checkpoint, read and checked (:func:`load_checkpoint`);
+        without, None (and an output directory with checkpoints is refused)."""
+        args, dist = self.args, self.dist
         if dist.is_main:
-            T.remove_stale_checkpoint_dirs(self.out_dir, log)
+            T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
         resumed = None
         if args.resume:
             _, self.last_ckpt, resumed = T.find_resume_checkpoint(self.out_dir, lambda p: load_checkpoint(p, args),
-                                                                  log)
+                                                                  self.log, dist)
             T.check_resume_args(resumed["state"]["args"], args, RESUME_FIXED, dist.world_size)
         elif T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
         dist.barrier()
+        return resumed
 
-        seed_everything(args.seed)
+    def load_data(self, resumed):
+        """The train and held-out pairs, tokenized (the checkpoint's tokenizer on resume)."""
+        args, log = self.args, self.log
         train_recs, held_recs, self.what = load_records(args, log)
         log(self.what)
         if resumed is not None:
-            tokenizer = resumed["tokenizer"]
+            self.tokenizer = resumed["tokenizer"]
             limit, limit_text = max_length(args, self.last_ckpt)
         else:
-            tokenizer = make_tokenizer(args, train_recs, held_recs)
+            self.tokenizer = make_tokenizer(args, train_recs, held_recs)
             limit, limit_text = max_length(args, args.model)
-        self.train_pairs = tokenize(train_recs, tokenizer, limit, limit_text, "train", log)
-        self.held_pairs = tokenize(held_recs, tokenizer, limit, limit_text, "eval", log)
-        self.tokenizer = tokenizer
+        self.train_pairs = tokenize(train_recs, self.tokenizer, limit, limit_text, "train", log)
+        self.held_pairs = tokenize(held_recs, self.tokenizer, limit, limit_text, "eval", log)
+        self._setup_schedule()
+
+    def build_model(self, resumed):
+        """The checkpoint's model, --model, or the built-in tiny Llama; patched, on the device,
+        wrapped in DDP under torchrun."""
+        args, dist = self.args, self.dist
         if resumed is not None:
             model = resumed["model"]
-            log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']})")
+            self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']})")
         elif args.model is not None:
             model = M.load_reward_model(args.model)
         else:
             longest = max(len(p[k]) for p in self.train_pairs + self.held_pairs for k in ("chosen_ids", "rejected_ids"))
-            model = M.build_tiny_reward_model(tokenizer, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                                              intermediate_size=2 * args.hidden_size,
+            model = M.build_tiny_reward_model(self.tokenizer, hidden_size=args.hidden_size,
+                                              num_hidden_layers=args.layers, intermediate_size=2 * args.hidden_size,
                                               max_position_embeddings=max(128, longest))
-        M.prepare_reward_model(model, tokenizer, backend=args.backend)
+        M.prepare_reward_model(model, self.tokenizer, backend=args.backend)
         model.to(dist.device)
         model.train()
-        self.model = model
-        self._setup_schedule()
-        self.ddp_model = model
+        self.model = self.ddp_model = model
         if dist.enabled:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-        self.optimizer = make_optimizer(model, args)
+
+    def build_optimizer(self, resumed):
+        """AdamW and the warm-up + cosine schedule; on resume their states, the RNG state and
+        the position in the data."""
+        args = self.args
+        self.optimizer = make_optimizer(self.model, args)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args.warmup_steps, self.total))
         if resumed is not None:
             self.optimizer.load_state_dict(resumed["optimizer"])
@@ -343,23 +373,21 @@ class RewardTrainer:
             st = resumed["state"]
             self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
             self.elapsed_before = float(st.get("elapsed_s", 0.0))
+
+    def open_metrics(self, resumed):
+        """metrics.jsonl (rank 0): new, or on resume cut back to the checkpoint's step; the
+        resumed run's evaluation at that step is not repeated."""
+        dist = self.dist
         if dist.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             self.metrics = MetricsWriter(os.path.join(self.out_dir, "metrics.jsonl"),
                                          resume_step=self.step if resumed is not None else None)
         if resumed is not None:
-            # The resumed run's evaluation at this step is in metrics.jsonl already: not again.
             kept = dist.broadcast_object(self.metrics.records if dist.is_main else None)
             evals = [r for r in kept if r.get("split") == "eval" and r.get("step") == self.step]
             if evals:
                 self.last_eval_step = self.step
                 self.ev = {k: evals[-1][k] for k in ("loss", "accuracy", "margin", "pairs") if k in evals[-1]}
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters; {self.total} optimizer steps of "
-            f"{args.batch_size * args.grad_accum * dist.world_size} pairs ({dist.world_size} rank(s), device "
-            f"{dist.device}); output in {self.out_dir}")
-        self.autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16)) if args.bf16 else \
-            (lambda: torch.autocast(dist.device.type, enabled=False))
 
     def _setup_schedule(self):
         args, dist = self.args, self.dist

@@ -44,7 +44,7 @@ import torch
 from rmkernels_train.utils import TrainingError, setup_distributed, teardown_distributed
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
-STALE_PREFIXES = (".tmp-checkpoint-", ".old-checkpoint-")
+STALE_PREFIXES = (".tmp-checkpoint-", ".old-checkpoint-", ".tmp-policy-", ".old-policy-")
 # Files a trainer writes at the top of its output directory: each must be a file if it exists.
 OUTPUT_FILES = ("metrics.jsonl", "final.json", "curves.png")
 TRAIN_EXTRA = "pip install 'rmkernels[train]'"
@@ -257,8 +257,9 @@ def list_checkpoints(output_dir):
 
 
 def remove_stale_checkpoint_dirs(output_dir, log):
-    """Remove what a killed checkpoint write leaves behind (``.tmp-checkpoint-*`` and
-    ``.old-checkpoint-*``): with large models they would fill the disk."""
+    """Remove what a killed write of a checkpoint (or of PPO's final ``policy/``) leaves
+    behind (``.tmp-checkpoint-*``, ``.old-checkpoint-*``, ...): with large models they would
+    fill the disk."""
     if not os.path.isdir(output_dir):
         return
     for name in sorted(os.listdir(output_dir)):
@@ -315,13 +316,17 @@ def atomic_dir(final_path):
 
 def save_checkpoint(output_dir, step, write, keep):
     """Write ``checkpoint-<step>/`` atomically (:func:`atomic_dir`): ``write(tmp_dir)`` fills
-    the temporary directory; then all but the newest ``keep`` checkpoints are deleted. A
-    reader never sees a half-written checkpoint. Returns the path."""
+    the temporary directory; then all but the newest ``keep`` checkpoints up to ``step`` are
+    deleted, and any past ``step``. A reader never sees a half-written checkpoint. Returns
+    the path."""
     final = checkpoint_path(output_dir, step)
     with atomic_dir(final) as tmp:
         write(tmp)
     good, _ = list_checkpoints(output_dir)
-    for _, path in good[:-keep]:
+    # Checkpoints past this step belong to a history this run left (a resume from an older
+    # checkpoint when the newer ones were damaged): never keep them instead of this one.
+    older = [path for s, path in good if s <= step]
+    for path in older[:-keep] + [path for s, path in good if s > step]:
         shutil.rmtree(path, ignore_errors=True)
     return final
 
@@ -430,12 +435,33 @@ def first_line(e):
     return s.splitlines()[0][:200] if s else type(e).__name__
 
 
-def find_resume_checkpoint(output_dir, load, log):
+def find_resume_checkpoint(output_dir, load, log, dist=None):
     """The newest checkpoint of ``output_dir`` that ``load(path)`` reads completely:
     returns ``(step, path, loaded)`` with what ``load`` returned. ``load`` must read every
     file a resume uses (so that a damaged one is found before anything is changed) and raise
     :class:`CheckpointError` for a damaged one; each skipped checkpoint is logged with the
-    reason. No intact checkpoint: :class:`TrainingError` listing the reasons."""
+    reason. No intact checkpoint: :class:`TrainingError` listing the reasons. With ``dist``
+    (a torchrun job) every rank looks, and all must find the same step (else every rank stops
+    with the reason, e.g. an output directory that is not shared by every node)."""
+    try:
+        found, error = _find_resume_checkpoint(output_dir, load, log), None
+    except TrainingError as e:
+        found, error = None, e
+    if dist is None or not dist.enabled:
+        if error is not None:
+            raise error
+        return found
+    views = dist.gather_object((found[0] if found else None, None if error is None else str(error)))
+    errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(views) if e is not None]
+    if errors:
+        raise TrainingError("; ".join(errors))
+    if len({step for step, _ in views}) > 1:
+        raise TrainingError(f"--resume: the ranks found different newest intact checkpoints (steps "
+                            f"{[step for step, _ in views]}); every rank must see the same --output-dir")
+    return found
+
+
+def _find_resume_checkpoint(output_dir, load, log):
     good, refused = list_checkpoints(output_dir)
     skipped = [f"{name}: {why}" for name, why in refused]
     for name_why in skipped:

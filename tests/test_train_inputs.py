@@ -1,0 +1,205 @@
+"""Bad places, missing dependencies, long and degenerate data, and --help, for both
+trainers (issue 12.6, issue 17's --help list): each stops or warns with a clear message,
+before any data is read or model built where the issue says so."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from rmkernels_train import trainer as T  # noqa: E402
+from rmkernels_train.ppo import build_parser as ppo_parser  # noqa: E402
+from rmkernels_train.ppo import load_prompts  # noqa: E402
+from rmkernels_train.ppo import main as ppo_main  # noqa: E402
+from rmkernels_train.reward import DEFAULT_MAX_LENGTH  # noqa: E402
+from rmkernels_train.reward import build_parser as reward_parser  # noqa: E402
+from rmkernels_train.reward import main as reward_main  # noqa: E402
+from rmkernels_train.tokenizer import build_char_tokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--hidden-size", "32", "--layers", "2", "--batch-size", "8", "--threads", "1", "--no-progress", "--no-plot"]
+
+
+def _run(main, capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.err + out.out
+
+
+# ---------------------------------------------------------------------------------------
+# --output-dir that cannot work: refused before data loading and model building
+# ---------------------------------------------------------------------------------------
+def _place(tmp_path, case):
+    if case == "a file":
+        (tmp_path / "f").write_text("x")
+        return tmp_path / "f", "exists and is not a directory"
+    if case == "under a file":
+        (tmp_path / "f").write_text("x")
+        return tmp_path / "f" / "sub" / "out", f"cannot be created, {tmp_path / 'f'} is a file"
+    if case == "unwritable":  # even root cannot create a directory in /proc
+        return "/proc/rmkernels-test-out", "cannot write in /proc"
+    if case in ("metrics.jsonl is a directory", "final.json is a directory"):
+        name = case.split()[0]
+        (tmp_path / "o" / name).mkdir(parents=True)
+        return tmp_path / "o", f"{name} is there and is not a regular file"
+    raise AssertionError(case)
+
+
+PLACES = ["a file", "under a file", "unwritable", "metrics.jsonl is a directory", "final.json is a directory"]
+
+
+@pytest.mark.parametrize("case", PLACES)
+def test_reward_refuses_a_bad_output_dir_before_reading_data(tmp_path, capsys, case):
+    out, message = _place(tmp_path, case)
+    # --data names a file that does not exist: had the data been read first, the error would say so
+    rc, err = _run(reward_main, capsys, "--data", tmp_path / "missing.jsonl", "--output-dir", out, *TINY)
+    assert rc == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.strip().startswith(f"rmkernels-train reward: error: --output-dir {out}: {message}"), err
+
+
+@pytest.mark.parametrize("case", PLACES)
+def test_ppo_refuses_a_bad_output_dir_before_loading_models(tmp_path, capsys, case):
+    out, message = _place(tmp_path, case)
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    rc, err = _run(ppo_main, capsys, "--reward-model", not_a_model, "--output-dir", out, "--threads", "1")
+    assert rc == 1 and "Traceback" not in err
+    assert err.strip().startswith(f"rmkernels-train ppo: error: --output-dir {out}: {message}"), err
+
+
+def test_checks_create_nothing(tmp_path):
+    T.check_output_dir(str(tmp_path / "a" / "b"))
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Optional dependencies (the [train] extra), checked at start
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module,flag", [("matplotlib", "--no-plot"), ("tqdm", "--no-progress"),
+                                         ("safetensors", None)])
+@pytest.mark.parametrize("main,prog", [(reward_main, "reward"), (ppo_main, "ppo")])
+def test_missing_optional_dependency_is_named_at_start(tmp_path, capsys, monkeypatch, module, flag, main, prog):
+    real = T.importlib.util.find_spec
+    monkeypatch.setattr(T.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    rc, err = _run(main, capsys, "--output-dir", tmp_path / "o", "--threads", "1")
+    assert rc == 1 and "Traceback" not in err
+    line = err.strip()
+    assert line.startswith(f"rmkernels-train {prog}: error: the Python package {module!r} is not installed: "
+                           f"pip install 'rmkernels[train]'"), line
+    assert (f"or run with {flag}" in line) if flag else "or run with" not in line
+    assert not (tmp_path / "o").exists()  # nothing was started
+    if flag:  # the flag that does without it works
+        monkeypatch.setattr(T.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+        args = (reward_parser() if prog == "reward" else ppo_parser()).parse_args([flag])
+        T.check_optional_deps(args)
+
+
+# ---------------------------------------------------------------------------------------
+# Long pairs (a safe --max-length by default) and pairs that cannot be ranked
+# ---------------------------------------------------------------------------------------
+def _prefs(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _save_tiny_hf(path, max_positions):
+    import transformers
+
+    tok = build_char_tokenizer("abcdefgh ")
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, num_labels=1,
+                                   pad_token_id=tok.pad_token_id, max_position_embeddings=max_positions)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+@pytest.mark.parametrize("model_positions", [None, 64])
+def test_long_pairs_are_dropped_by_default_and_counted(tmp_path, capsys, model_positions):
+    """No --max-length: pairs longer than the default (1024, or the model's max positions
+    when smaller) are dropped as TRL does, and the log says how many and why."""
+    long_len = 3 * DEFAULT_MAX_LENGTH if model_positions is None else 100
+    rows = [{"prompt": "ab ", "chosen": "cd" * (1 + i % 3), "rejected": "ef"} for i in range(30)]
+    rows[4]["chosen"] = "a" * long_len
+    rows[9]["rejected"] = "b" * long_len
+    _prefs(tmp_path / "train.jsonl", rows)
+    _prefs(tmp_path / "eval.jsonl", rows[:3])
+    model = []
+    if model_positions is not None:
+        _save_tiny_hf(tmp_path / "m", model_positions)
+        model = ["--model", tmp_path / "m"]
+    rc, err = _run(reward_main, capsys, *model, "--data", tmp_path / "train.jsonl", "--eval-data",
+                   tmp_path / "eval.jsonl", "--output-dir", tmp_path / "o", "--max-steps", 1, *TINY)
+    assert rc == 0, err
+    why = (f"the default --max-length {DEFAULT_MAX_LENGTH}" if model_positions is None else
+           "the model's max_position_embeddings (64; set --max-length to change)")
+    limit = DEFAULT_MAX_LENGTH if model_positions is None else 64
+    assert f"train: dropped 2 of 30 pairs with a sequence longer than {limit} tokens ({why})" in err, err
+    # an explicit --max-length wins
+    rc, err = _run(reward_main, capsys, *model, "--data", tmp_path / "train.jsonl", "--eval-data",
+                   tmp_path / "eval.jsonl", "--output-dir", tmp_path / "o2", "--max-steps", 1, "--max-length", 8,
+                   *TINY)
+    assert rc == 0, err
+    assert "with a sequence longer than 8 tokens (--max-length 8)" in err
+
+
+def test_identical_pairs_are_warned_with_the_count(tmp_path, capsys):
+    rows = [{"prompt": "ab ", "chosen": "cd" * (1 + i % 3), "rejected": "ef"} for i in range(30)]
+    for i in (1, 5, 7):
+        rows[i]["rejected"] = rows[i]["chosen"]
+    _prefs(tmp_path / "train.jsonl", rows)
+    _prefs(tmp_path / "eval.jsonl", rows[:3])
+    rc, err = _run(reward_main, capsys, "--data", tmp_path / "train.jsonl", "--eval-data", tmp_path / "eval.jsonl",
+                   "--output-dir", tmp_path / "o", "--max-steps", 1, *TINY)
+    assert rc == 0, err
+    assert "warning: train: 3 of 30 pairs have chosen == rejected" in err
+    assert "warning: eval: 1 of 3 pairs have chosen == rejected" in err
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"prompt": "\\ud800x"}\n', ":1: field 'prompt' is not valid Unicode text"),
+    ("[" * 100_000 + "]" * 100_000 + "\n", ":1: not valid JSON here (nested too deeply to parse)"),
+    ('{"prompt": 12}\n', ':1: each line needs a non-empty string field "prompt"'),
+])
+def test_ppo_bad_prompt_files(tmp_path, capsys, text, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(text)
+    with pytest.raises(T.TrainingError, match="^" + re.escape(f"{path}{message}")):
+        load_prompts(str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# --help
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("parser", [reward_parser, ppo_parser], ids=["reward", "ppo"])
+def test_help_says_what_each_option_does_and_each_default_once(parser):
+    p = parser()
+    fmt = T.HelpFormatter(p.prog)
+    for action in p._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help and len(action.help) > 8, f"{action.option_strings} has no help line"
+        text = fmt._get_help_string(action)
+        if action.nargs == 0:  # a flag: its help says what it does, no "(default: True)"
+            assert "(default:" not in text, action.option_strings
+        assert text.lower().count("(default:") <= 1, action.option_strings
+        if "(default: %(default)s)" in text:
+            assert "default" not in action.help.lower(), f"{action.option_strings}: default printed twice"
+    out = p.format_help()
+    for bad in ("(default: True)", "(default: False)", "(default: None)"):
+        assert bad not in out
+    assert "--no-progress         do not show a progress bar" in out
+    assert "--no-plot             do not write curves.png" in out
+
+
+@pytest.mark.parametrize("argv", [["rmkernels_train", "reward", "--help"], ["rmkernels_train", "ppo", "--help"],
+                                  ["rmkernels.info", "--help"]])
+def test_help_commands_answer(argv):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: ") and "--help" in proc.stdout
