@@ -101,13 +101,18 @@ def test_auc_counts_right_over_wrong():
     assert grpo.auc(s, torch.ones(4, dtype=torch.bool)) is None
 
 
-@pytest.mark.parametrize("estimator", grpo.CRITIC_FREE)
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
 def test_group_advantages_follow_the_spec(estimator):
-    G, n = 8, 5
+    """The loop's advantages: rmk.group_advantages of the rewards grouped by prompt, on every
+    valid token of the response, 0 after its end."""
+    G, n, T = 8, 5, 6
     torch.manual_seed(3)
     scores = torch.randn(n * G) * 3 + 1
     gids = torch.arange(n).repeat_interleave(G)
-    got = grpo.group_advantages(scores, gids, estimator)
+    lengths = torch.randint(1, T + 1, (n * G,))
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    got = grpo.group_advantages(scores, gids, mask, estimator)
+    assert got.shape == (n * G, T)
     for g in range(n):
         r = scores[g * G:(g + 1) * G].double()
         if estimator == "grpo":
@@ -116,7 +121,8 @@ def test_group_advantages_follow_the_spec(estimator):
             want = r - r.mean()
         else:
             want = (G * r - r.sum()) / (G - 1)
-        torch.testing.assert_close(got[g * G:(g + 1) * G].double(), want, rtol=1e-5, atol=1e-5)
+        rows = slice(g * G, (g + 1) * G)
+        torch.testing.assert_close(got[rows].double(), want[:, None] * mask[rows], rtol=1e-5, atol=1e-5)
 
 
 def test_kl_loss_term_value_and_gradient_are_k3():
@@ -148,6 +154,7 @@ def test_defaults_depend_on_the_estimator():
     (["--eval-every", "0"], "--eval-every must be >= 1"),
     (["--warm-start-steps", "-1"], "--warm-start-steps must be >= 0"),
     (["--kl-estimator", "abs"], "takes k1, k2 or k3"),
+    (["--advantage", "gae", "--reward", "checker"], "options of the critic-free run"),
 ])
 def test_bad_rl_options_stop_with_a_message(argv, message, capsys):
     assert main(argv + FAST) == 1

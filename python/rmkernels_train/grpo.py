@@ -8,7 +8,8 @@ Each step:
    ended (no EOS) gets a reward below the batch's lowest -- the reward model never saw one and
    would score it at random;
 3. ``rmk.group_advantages``: each response's reward against the other responses to the same
-   prompt (``grpo``: minus the group mean, over the group std); no value model;
+   prompt (``grpo``: minus the group mean, over the group std; also ``dr_grpo``, ``rloo``,
+   ``opo``, ``gpg``, ``reinforce_pp_baseline``); no value model;
 4. one on-policy gradient step: the policy-gradient loss with those advantages on every
    response token, plus ``kl_coef`` times the KL to the warm-start policy (k3 by default, as a
    loss term) -- or, with ``kl_mode="reward"``, the k1 KL of each response subtracted from its
@@ -23,43 +24,24 @@ import time
 
 import torch
 
+from rmkernels._codes import GROUP_ESTIMATORS
 from rmkernels_train import ppo_core as core
 from rmkernels_train.task import ResponseDecoder, checker_scores
 
 # Estimators that need no value model (rmk.group_advantages); "gae" is PPO with a critic.
-CRITIC_FREE = ("grpo", "dr_grpo", "rloo")
+CRITIC_FREE = tuple(GROUP_ESTIMATORS)
 # --kl-estimator -> the name of rmkernels.integrations.verl.kl_penalty (value from the fused op,
 # gradient of the estimator's formula); verl's "low_var_kl" is k3 with its log ratio clamped to
 # +-20 and its value to +-10, which never binds at the KL of these runs.
 KL_LOSS_ESTIMATORS = {"k1": "k1", "k2": "k2", "k3": "low_var_kl"}
 
 
-def group_advantages(scores, group_ids, estimator):
-    """Per-response advantages ``[B]`` of the critic-free ``estimator`` (SPEC section 5)."""
+def group_advantages(scores, group_ids, mask, estimator, backend=None):
+    """Token advantages ``[B, T]`` of the critic-free ``estimator``: ``rmk.group_advantages``
+    (SPEC section 5) of the responses' rewards grouped by prompt, 0 at masked positions."""
     import rmkernels as rmk
 
-    if hasattr(rmk, "group_advantages"):
-        seq, _ = rmk.group_advantages(scores, group_ids, estimator=estimator)
-        return seq
-    return _group_advantages_standin(scores, group_ids, estimator)
-
-
-def _group_advantages_standin(scores, group_ids, estimator, eps=1e-6):
-    # TEMPORARY stand-in for rmk.group_advantages (branch groupadv) until it is merged:
-    # equal-size groups only, unbiased std, the SPEC's formulas.
-    n_groups = int(group_ids.max()) + 1
-    r = scores.float().reshape(n_groups, -1)
-    n = r.shape[1]
-    mu = r.mean(1, keepdim=True)
-    if estimator == "grpo":
-        out = (r - mu) / (r.std(1, keepdim=True, unbiased=True) + eps)
-    elif estimator == "dr_grpo":
-        out = r - mu
-    elif estimator == "rloo":
-        out = (n * r - r.sum(1, keepdim=True)) / (n - 1)
-    else:
-        raise ValueError(f"estimator {estimator!r}")
-    return out.reshape(-1)
+    return rmk.group_advantages(scores, group_ids, mask, estimator=estimator, backend=backend).advantages
 
 
 def kl_per_token(logprobs, ref_logprobs, estimator):
@@ -156,8 +138,7 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     if kl_mode == "reward":
         k1 = ((logp.detach() - ref_logp) * mask).sum(1)
         rewards = rewards - kl_coef * k1
-    adv = group_advantages(rewards, group_ids, estimator)
-    tok_adv = adv[:, None] * mask
+    tok_adv = group_advantages(rewards, group_ids, mask, estimator, backend)
     pg_loss, _, _ = core.ppo_policy_loss(logp, logp.detach(), tok_adv, mask, 1.0)  # on-policy: ratio 1
     loss = pg_loss
     if kl_mode == "loss" and kl_coef > 0:

@@ -3,7 +3,7 @@ with the task success measured by a checker before RL and at every evaluation.
 
     rmkernels-train ppo                         # the default: --advantage grpo
     rmkernels-train ppo --reward checker        # control: the checker is the reward
-    rmkernels-train ppo --advantage rloo        # another critic-free estimator
+    rmkernels-train ppo --advantage rloo        # another critic-free estimator (dr_grpo, opo, gpg, ...)
     rmkernels-train ppo --advantage gae         # PPO with a value model and GAE
 
 The pipeline (every piece is cached in ``--output-dir``, so a second run reuses it):
@@ -32,7 +32,9 @@ import torch
 
 from rmkernels_train.utils import TrainingError
 
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "gae")
+from rmkernels._codes import GROUP_ESTIMATORS
+
+ADVANTAGES = (*GROUP_ESTIMATORS, "gae")
 REWARDS = ("model", "checker")
 KL_MODES = ("loss", "reward")
 
@@ -43,11 +45,12 @@ CRITIC_FREE_DEFAULTS = {"steps": 1000, "lr": 3e-4, "kl_coef": 0.5, "kl_estimator
 
 def add_arguments(p):
     """The options of the default run (added to ``rmkernels-train ppo``'s parser)."""
-    g = p.add_argument_group("the RL run (critic-free estimators, warm start, task success)")
+    g = p.add_argument_group("the RL run (critic-free estimators, warm start, task success; --advantage gae: PPO "
+                             "as configured above, from --policy or a random init)")
     g.add_argument("--advantage", choices=ADVANTAGES, default="grpo",
-                   help="grpo/dr_grpo/rloo: critic-free, rewards compared within the --num-generations responses "
-                        "to each prompt (rmk.group_advantages), no value model; gae: PPO with a value model "
-                        "(rmk.ppo_advantages)")
+                   help="grpo, dr_grpo, rloo, opo, gpg, reinforce_pp_baseline: critic-free, the rewards compared "
+                        "within the --num-generations responses to each prompt (rmk.group_advantages), no value "
+                        "model; gae: PPO with a value model (rmk.ppo_advantages)")
     g.add_argument("--num-generations", type=int, default=8, metavar="G",
                    help="responses sampled per prompt (critic-free estimators; --batch-size counts prompts)")
     g.add_argument("--reward", choices=REWARDS, default="model",
@@ -56,11 +59,11 @@ def add_arguments(p):
     g.add_argument("--kl-mode", choices=KL_MODES, default="loss",
                    help="loss: kl-coef x the --kl-estimator KL to the reference, a loss term; reward: kl-coef x "
                         "the k1 KL of each response subtracted from its reward")
-    g.add_argument("--warm-start-steps", type=int, default=100,
-                   help="supervised steps of the default policy on correct answers before RL (cached in "
+    g.add_argument("--warm-start-steps", type=int, default=100, metavar="N",
+                   help="supervised steps of the built-in policy on correct answers before RL (cached in "
                         "<output-dir>/warm_start; 0 = RL from a random init)")
-    g.add_argument("--eval-every", type=int, default=100, help="steps between task evaluations")
-    g.add_argument("--eval-prompts", type=int, default=500,
+    g.add_argument("--eval-every", type=int, default=100, metavar="N", help="steps between task evaluations")
+    g.add_argument("--eval-prompts", type=int, default=500, metavar="N",
                    help="held-out prompts of each task evaluation (at most 500)")
 
 
@@ -81,6 +84,9 @@ def check_args(a):
                             f"the responses to one prompt), got {a.num_generations}")
     if a.warm_start_steps < 0:
         raise TrainingError(f"--warm-start-steps must be >= 0, got {a.warm_start_steps}")
+    if a.advantage == "gae" and (a.reward != "model" or a.kl_mode != "loss"):
+        raise TrainingError("--reward and --kl-mode are options of the critic-free run; --advantage gae scores with "
+                            "the reward model and puts the KL penalty in the reward (rmk.ppo_advantages)")
     if a.reward == "checker" and a.prompts is not None:
         raise TrainingError("--reward checker checks the built-in sorting task: it cannot be used with --prompts")
     if a.kl_estimator not in ("k1", "k2", "k3") and a.advantage != "gae":
@@ -98,7 +104,7 @@ RESUME_FIXED = ("seed", "batch_size", "num_generations", "max_new_tokens", "temp
 
 
 class CriticFreeTrainer:
-    """One invocation of ``rmkernels-train ppo --advantage grpo|dr_grpo|rloo`` (one process):
+    """One invocation of ``rmkernels-train ppo --advantage <a critic-free estimator>`` (one process):
     :meth:`setup` (reward model, warm start, prompts, optimizer, resume), the task evaluation
     before RL, then per step :meth:`train_step` and an evaluation every ``--eval-every``
     steps; checkpoints (``checkpoint-<step>/``, from the shared skeleton) on the way and
