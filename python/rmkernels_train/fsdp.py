@@ -153,3 +153,26 @@ def state_digest(state_dict, names):
         h.update(name.encode())
         h.update(state_dict[name].detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def memory_report(model, optimizer, device):
+    """What this rank holds, in MiB: ``model_state`` = its parameters (its shards under FSDP)
+    counted twice (weights and their gradients during a step) plus the optimizer's state
+    tensors; ``peak_rss`` = the process's peak resident memory; on a GPU ``peak_cuda`` = the
+    peak memory torch allocated."""
+    import resource
+
+    from torch.distributed.tensor import DTensor
+
+    def nbytes(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    params = local_param_bytes(model)
+    opt = sum(nbytes(v) for st in optimizer.state.values() for v in st.values()
+              if isinstance(v, torch.Tensor) and v.dim() > 0)
+    out = {"model_state_MiB": round((2 * params + opt) / 2**20, 2),
+           "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["peak_cuda_MiB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out

@@ -81,11 +81,20 @@ def uses_flash(model):
     return getattr(model.config, "_attn_implementation", None) in FLASH_IMPLEMENTATIONS
 
 
-def enable_packing(model):
+def flash_available(device, bf16):
+    """Whether --packing can use flash-attention's varlen kernel: a CUDA device, bf16 compute
+    (flash-attention has no float32 kernel) and the ``flash_attn`` package installed."""
+    import importlib.util
+
+    return device.type == "cuda" and bf16 and importlib.util.find_spec("flash_attn") is not None
+
+
+def enable_packing(model, *, flash=False):
     """Give a model prepared by :func:`rmkernels_train.model.prepare_reward_model` (patched with
     ``rmk.patch_hf_reward_model``) a packed forward: ``model(input_ids=[1, N],
     position_ids=[1, N], cu_seqlens=[2B + 1], max_seqlen=L, pairwise_loss={...})`` returns the
-    fused loss and the 2B rewards as ``logits`` ``[2B, 1]``. Unless the model runs
+    fused loss and the 2B rewards as ``logits`` ``[2B, 1]``. ``flash=True`` switches the model
+    to ``flash_attention_2`` (see :func:`flash_available`); otherwise, unless it already runs
     flash-attention, its attention implementation becomes :data:`ATTN_IMPLEMENTATION` (all its
     forwards must then be packed ones). Returns the model."""
     from transformers.modeling_outputs import SequenceClassifierOutputWithPast
@@ -94,6 +103,8 @@ def enable_packing(model):
 
     if getattr(model, "_rmk_packed", False):
         return model
+    if flash and not uses_flash(model):
+        model.set_attn_implementation("flash_attention_2")
     if not uses_flash(model):
         _register()
         model.set_attn_implementation(ATTN_IMPLEMENTATION)

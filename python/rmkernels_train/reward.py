@@ -10,7 +10,9 @@ The model is an HF ``*ForSequenceClassification`` (``num_labels=1``) patched wit
 goes through ``rmk.pairwise_reward_loss``: the ``score`` head at each sequence's last token
 and the Bradley-Terry loss in one op. Per step the progress bar and ``metrics.jsonl`` get
 the loss, the pairwise accuracy (chosen reward > rejected reward) and the mean reward margin
-(chosen - rejected); so does every evaluation on the held-out pairs.
+(chosen - rejected); so does every evaluation on the held-out pairs. Training records also
+carry the step's gradient norm, learning rate and ``tokens`` (the real, non-pad tokens of the
+step's pairs over all ranks); ``final.json`` has each rank's memory (``memory_per_rank``).
 
 Output directory: ``metrics.jsonl``, ``curves.png``, ``final.json`` and
 ``checkpoint-<step>/`` (an HF checkpoint: ``config.json``, ``model.safetensors``, the
@@ -453,7 +455,10 @@ class RewardTrainer:
                                               max_position_embeddings=max(128, longest))
         M.prepare_reward_model(model, self.tokenizer, backend=args.backend)
         if args.packing:
-            P.enable_packing(model)
+            flash = P.flash_available(dist.device, args.bf16)
+            P.enable_packing(model, flash=flash)
+            self.log("--packing: attention through " + ("flash-attention's varlen kernel" if flash else
+                     "torch SDPA once per sequence (flash-attention needs a GPU, --bf16 and flash_attn)"))
         model.to(dist.device)
         model.train()
         self.model = self.ddp_model = model
@@ -566,7 +571,7 @@ class RewardTrainer:
         step. Returns the step's metrics record. A non-finite loss or gradient norm stops the
         run before the optimizer step (weights and checkpoints stay good)."""
         args, dist = self.args, self.dist
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, correct, margin sum, n
+        sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss * n, correct, margin sum, n, tokens
         for i, bt in enumerate(group):
             sync = i == len(group) - 1 or not dist.enabled
             if args.fsdp:  # reduce-scatter the gradients after the last micro-batch only
@@ -580,9 +585,10 @@ class RewardTrainer:
             sums[1] += float((c > r).sum())
             sums[2] += float((c - r).sum())
             sums[3] += len(bt)
-        loss_sum, correct, margin_sum, n = dist.sum(sums)
+            sums[4] += sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in bt)
+        loss_sum, correct, margin_sum, n, tokens = dist.sum(sums)
         rec = {"split": "train", "step": self.step + 1, "loss": loss_sum / n, "accuracy": correct / n,
-               "margin": margin_sum / n, "lr": self.scheduler.get_last_lr()[0]}
+               "margin": margin_sum / n, "lr": self.scheduler.get_last_lr()[0], "tokens": int(tokens)}
         # The gradient norm (after DDP's all-reduce, or over FSDP's shards: the same on every
         # rank), clipped if asked.
         rec["grad_norm"] = F.clip_grad_norm(self.model.parameters(), args.max_grad_norm or float("inf"))
@@ -663,7 +669,8 @@ class RewardTrainer:
         ev = self.ev
         summary = {"step": self.step, "total_steps": self.total, "done": self.step >= self.total, "eval": ev,
                    "world_size": dist.world_size, "fsdp": args.fsdp, "packing": args.packing, "param_digests": digests, "checkpoint": self.last_ckpt,
-                   "train_time_s": round(self.elapsed(), 1)}
+                   "train_time_s": round(self.elapsed(), 1),
+                   "memory_per_rank": dist.gather_object(F.memory_report(self.model, self.optimizer, dist.device))}
         if dist.is_main:
             atomic_write_text(os.path.join(self.out_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
             if args.plot:
