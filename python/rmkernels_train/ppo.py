@@ -105,17 +105,10 @@ def build_parser():
     return p
 
 
-# PPO-with-GAE defaults of the options whose default depends on --advantage
-GAE_DEFAULTS = {"steps": 80, "lr": 1e-3, "kl_coef": 0.05, "kl_estimator": "k1", "batch_size": 32}
-
-
 def check_args(a):
     from rmkernels_train import rl
 
-    rl.resolve_defaults(a)
-    for k, v in GAE_DEFAULTS.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    rl.resolve_defaults(a)  # the defaults that depend on --advantage
     rl.check_args(a)
 
     def positive(name, v):
