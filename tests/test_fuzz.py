@@ -16,7 +16,11 @@ example database) and ``long`` (many more examples, random), selected with
 
 Adding an op: write an ``OpSpec`` (a strategy drawing its inputs, and a function that runs
 the op on a backend and returns its output tensors) and add it to ``SPECS``; ops that have
-not landed yet are listed only when ``rmkernels`` has them.
+not landed yet are listed only when ``rmkernels`` has them. An ``OpSpec`` may name its own
+tolerance (``tol``: the one the op's own tests use, e.g. fp32 arithmetic on bf16 inputs) and a
+``context`` held around both backends' forward and backward (``token_logprobs`` patches its
+chunk sizes so that small vocabularies span several chunks). ``rmk.group_ids`` is not a custom
+op; it has property tests of its own (ids by first appearance / sorted value).
 """
 import contextlib
 import dataclasses
