@@ -16,12 +16,19 @@ example database) and ``long`` (many more examples, random), selected with
 
 Adding an op: write an ``OpSpec`` (a strategy drawing its inputs, and a function that runs
 the op on a backend and returns its output tensors) and add it to ``SPECS``; ops that have
-not landed yet are listed only when ``rmkernels`` has them.
+not landed yet are listed only when ``rmkernels`` has them. An ``OpSpec`` may name its own
+tolerance (``tol``: the one the op's own tests use, e.g. fp32 arithmetic on bf16 inputs) and a
+``context`` held around both backends' forward and backward (``token_logprobs`` patches its
+chunk sizes so that small vocabularies span several chunks). ``rmk.group_ids`` is not a custom
+op; it has property tests of its own (ids by first appearance / sorted value).
 """
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +38,8 @@ from hypothesis import strategies as st
 from utils import assert_close, tolerance
 
 import rmkernels as rmk
+from rmkernels._codes import GROUP_ESTIMATORS, GROUP_SINGLES
+from rmkernels.ops import token_logprobs as tlp
 
 _COMMON = {"deadline": None, "database": None, "print_blob": True,
            "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -117,6 +126,10 @@ class OpSpec:
     run: Callable  # (case, tensors: name -> tensor, backend) -> tuple of output tensors
     layouts: tuple = tuple(LAYOUTS)
     differentiable: bool = True
+    # (input dtype, "output" | "grad") -> (rtol, atol); default: tests/utils.tolerance(dtype)
+    tol: Callable = lambda dtype, what: tolerance(dtype)
+    # case -> context manager held around both backends' forward and backward (e.g. a chunk policy)
+    context: Callable = lambda case: contextlib.nullcontext()
 
 
 def _index_kwargs(data, gen, B, T, allow_packed=True):
@@ -329,10 +342,157 @@ if hasattr(rmk, "kl_estimate"):
                                   differentiable=False)
 
 
+# Critic-free group advantages (SPEC section 5). No gradient flows through either op. The
+# cpu backend computes in float64 and rounds once (float32, float64 for float64 inputs), so the
+# bar is the float32/float64 tolerance, floored at 1e-6 (float64 sums in another order; the
+# reinforce_pp_baseline whitening runs in float32): tests/test_group_advantages.py's.
+def _acc_tol(floor):
+    def tol(dtype, what):
+        rtol, atol = tolerance(torch.float64 if dtype == torch.float64 else torch.float32)
+        return max(rtol, floor), max(atol, floor)
+    return tol
+
+
+def _draw_group_ids(data, gen, B):
+    """Group ids of B rows in any order, ids anywhere in [0, B) (not dense), as a tensor, an
+    int32 tensor, ``rmk.group_ids`` of string labels, or the labels themselves."""
+    kind = data.draw(st.sampled_from(["random", "singletons", "one group", "pairs"]), label="groups")
+    if kind == "singletons":
+        g = torch.arange(B)
+    elif kind == "one group":
+        g = torch.zeros(B, dtype=torch.int64)
+    elif kind == "pairs":  # groups of two, one group of one when B is odd
+        g = torch.arange(B) // 2
+    else:
+        g = torch.randint(0, max(data.draw(_ragged(1, max(B, 1)), label="G"), 1), (B,), generator=gen)
+    g = torch.randperm(max(B, 1), generator=gen)[g]  # relabel: any ids in [0, B)
+    g = g[torch.randperm(B, generator=gen)]  # any row order
+    given = data.draw(st.sampled_from(["int64", "int32", "group_ids", "labels"]), label="ids as")
+    if given == "int32":
+        return g.to(torch.int32)
+    if given in ("group_ids", "labels"):
+        labels = [f"prompt-{i}" for i in g.tolist()]
+        return rmk.group_ids(labels) if given == "group_ids" else labels
+    return g
+
+
+def _draw_group_adv(data, gen, layout):
+    token = data.draw(st.booleans(), label="token rewards")
+    B = data.draw(_ragged(0, 12), label="B")
+    if token:  # scores [B, T], summed over T; the mask has scores' shape
+        dtype, B, T, args, mask = _draw_ppo_inputs(data, gen, layout, ["scores"], B=B)
+    else:
+        dtype, B, T, _, mask = _draw_ppo_inputs(data, gen, layout, [], B=B)
+        args = {"scores": _layout_arg(gen, (B,), layout, dtype, 2.0)}
+    if data.draw(st.booleans(), label="zero scores"):  # gpg counts the nonzero scores
+        base = args["scores"].base
+        base[torch.rand(base.shape, generator=gen) < 0.4] = 0.0
+    if data.draw(st.booleans(), label="mask=None"):
+        mask = None
+    opts = {"single": data.draw(st.sampled_from(sorted(GROUP_SINGLES)), label="single"),
+            "unbiased": data.draw(st.booleans(), label="unbiased"),
+            "eps": data.draw(st.sampled_from([1e-6, 1e-9, 1e-4, 0.1]), label="eps"),
+            "f_norm": data.draw(st.sampled_from([1.0, 2.5]), label="f_norm"),
+            "whiten_eps": data.draw(st.sampled_from([1e-8, 1e-3]), label="whiten_eps")}
+    return {"args": args, "ids": _draw_group_ids(data, gen, B), "mask": mask, "opts": opts}
+
+
+def _run_group_adv(case, t, backend):
+    """Every estimator on each drawn input (cheap at these sizes, and no estimator is left to
+    chance): outputs 2 i, 2 i + 1 are (seq_advantages, advantages) of GROUP_ESTIMATOR_NAMES[i]."""
+    return tuple(out for est in GROUP_ESTIMATOR_NAMES
+                 for out in rmk.group_advantages(t["scores"], case["ids"], case["mask"], estimator=est,
+                                                 **case["opts"], backend=backend))
+
+
+GROUP_ESTIMATOR_NAMES = sorted(GROUP_ESTIMATORS)
+
+
+def _draw_rpp_returns(data, gen, layout):
+    _, _, _, args, mask = _draw_ppo_inputs(data, gen, layout, ["token_rewards"])
+    return {"args": args, "mask": None if data.draw(st.booleans(), label="mask=None") else mask,
+            "gamma": data.draw(st.sampled_from([1.0, 0.99, 0.5, 0.0]), label="gamma")}
+
+
+def _run_rpp_returns(case, t, backend):
+    return (rmk.reinforce_pp_returns(t["token_rewards"], case["mask"], gamma=case["gamma"], backend=backend),)
+
+
+SPECS["group_advantages"] = OpSpec(_draw_group_adv, _run_group_adv, differentiable=False, tol=_acc_tol(1e-6))
+SPECS["reinforce_pp_returns"] = OpSpec(_draw_rpp_returns, _run_rpp_returns, differentiable=False,
+                                       tol=_acc_tol(1e-5))
+
+
+# Token log-probs from hidden states (SPEC section 6): forward and the gradients of hidden,
+# weight and bias from both outputs. The chunk policy is drawn too: the default one (one
+# vocabulary chunk at these sizes) or a tiny one (VOCAB_CHUNK / TILE_ELEMS patched), so V spans
+# several vocabulary chunks (a ragged last one) and N several token chunks.
+def _token_logprobs_tol(dtype, what):
+    """tests/test_token_logprobs.py's bars: fp32 outputs 10x, gradients 50x the fp32 atol
+    (V-long sums); fp16/bf16 inputs are computed in fp32 on the rounded values, so the outputs
+    meet a fp32-like bar and the gradients (fp32, rounded once to the input dtype) the dtype's."""
+    if dtype == torch.float64:
+        return (1e-10, 1e-10) if what == "output" else (1e-10, 5e-10)
+    if dtype == torch.float32:
+        return (2e-5, 2e-4) if what == "output" else (2e-5, 1e-3)
+    return (5e-4, 5e-4) if what == "output" else tolerance(dtype)
+
+
+@contextlib.contextmanager
+def _chunk_policy(case):
+    chunks = case["chunks"]
+    if chunks is None:
+        yield
+        return
+    vocab_chunk, token_chunk = chunks
+    with mock.patch.dict(tlp.VOCAB_CHUNK, {"cpu": vocab_chunk}), \
+            mock.patch.dict(tlp.TILE_ELEMS, {"cpu": vocab_chunk * token_chunk}):
+        assert tlp.chunk_sizes(10**6, 10**6, "cpu") == (token_chunk, vocab_chunk)  # the patch is what runs
+        yield
+
+
+def _draw_token_logprobs(data, gen, layout):
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES), label="dtype")
+    if data.draw(st.sampled_from([2, 3]), label="hidden rank") == 2:
+        lead = (data.draw(_ragged(0, 13), label="N"),)
+    else:
+        lead = (data.draw(_ragged(0, 3), label="B"), data.draw(_ragged(0, 7), label="T"))
+    H = data.draw(st.sampled_from([1, 2, 5, 17, 33]), label="H")
+    V = data.draw(_ragged(1, 37), label="V")
+    args = {"hidden": _layout_arg(gen, (*lead, H), layout, dtype),
+            "weight": _layout_arg(gen, (V, H), data.draw(st.sampled_from(["contiguous", "sliced"]), label="weight"),
+                                  dtype, 0.5)}
+    if data.draw(st.booleans(), label="bias"):
+        args["bias"] = _layout_arg(gen, (V,), "contiguous", dtype)
+    ignore_index = data.draw(st.sampled_from([-100, -1, 0, 2]), label="ignore_index")
+    targets = torch.randint(0, V, lead, generator=gen)
+    targets[torch.rand(lead, generator=gen) < 0.25] = ignore_index
+    return {"args": args, "targets": targets, "ignore_index": ignore_index,
+            "temperature": data.draw(st.sampled_from([1.0, 0.7, 2.5]), label="temperature"),
+            "return_entropy": data.draw(st.booleans(), label="return_entropy"),
+            "chunks": data.draw(st.sampled_from([None, (3, 2), (7, 5), (16, 1)]), label="(vocab, token) chunk")}
+
+
+def _run_token_logprobs(case, t, backend):
+    out = rmk.token_logprobs(t["hidden"], t["weight"], case["targets"], bias=t.get("bias"),
+                             temperature=case["temperature"], return_entropy=case["return_entropy"],
+                             ignore_index=case["ignore_index"], backend=backend)
+    return tuple(out) if case["return_entropy"] else (out,)
+
+
+SPECS["token_logprobs"] = OpSpec(_draw_token_logprobs, _run_token_logprobs, tol=_token_logprobs_tol,
+                                 context=_chunk_policy)
+
+
 # ---------------------------------------------------------------------------------------
 # The property: cpu == reference, forward and backward
 # ---------------------------------------------------------------------------------------
 def _check(spec, case):
+    with spec.context(case):
+        _check_in_context(spec, case)
+
+
+def _check_in_context(spec, case):
     args = case["args"]
     grads = spec.differentiable and bool(args)
     out = {}
@@ -352,7 +512,7 @@ def _check(spec, case):
                 g_bases = dict(zip(bases, g))
         out[backend] = (res, g_bases)
     dtype = next(iter(args.values())).dtype if args else torch.float32
-    rtol, atol = tolerance(dtype)
+    rtol, atol = spec.tol(dtype, "output")
     (got, got_g), (exp, exp_g) = out["cpu"], out["reference"]
     assert len(got) == len(exp)
     for i, (a, e) in enumerate(zip(got, exp)):
@@ -362,6 +522,7 @@ def _check(spec, case):
         else:
             assert a.dtype == e.dtype and torch.equal(a, e), f"output {i}: {a} != {e}"
     assert (got_g is None) == (exp_g is None)
+    rtol, atol = spec.tol(dtype, "grad")
     for name in got_g or {}:
         a, e = got_g[name], exp_g[name]
         assert (a is None) == (e is None), f"grad {name}: one backend gives none"
@@ -392,9 +553,51 @@ def test_cpu_matches_reference_overlapping_views(op, layout, data, seed):
     _check(spec, spec.draw(data, torch.Generator().manual_seed(seed), layout))
 
 
+_LABELS = st.one_of(st.integers(-3, 3), st.sampled_from(["a", "b", "prompt-7", ""]),
+                   st.tuples(st.sampled_from(["t", "u"]), st.integers(0, 1)))
+
+
+@FUZZ
+@given(labels=st.lists(_LABELS, max_size=12), container=st.sampled_from(["list", "tuple", "object array"]))
+def test_group_ids_of_labels(labels, container):
+    """rmk.group_ids of hashable labels: int64 ids 0 .. G-1 numbered by first appearance, so equal
+    labels <-> equal ids (the first row of each new label gets the next id)."""
+    uids = {"list": labels, "tuple": tuple(labels)}.get(container)
+    if container == "object array":
+        uids = np.empty(len(labels), dtype=object)
+        for i, label in enumerate(labels):  # element by element: a tuple label stays one element
+            uids[i] = label
+    ids = rmk.group_ids(uids)
+    assert ids.dtype == torch.int64 and ids.shape == (len(labels),)
+    first_seen = {}
+    assert ids.tolist() == [first_seen.setdefault(u, len(first_seen)) for u in labels]
+
+
+@FUZZ
+@given(values=st.lists(st.integers(-2**40, 2**40) | st.sampled_from([0, 1, 5]), max_size=12),
+       container=st.sampled_from(["int64 tensor", "int32 tensor", "int64 numpy", "float numpy"]))
+def test_group_ids_of_numbers(values, container):
+    """Numeric numpy arrays and integer tensors: ids numbered in sorted order of the values
+    (np.unique / torch.unique), so again equal values <-> equal ids, dense 0 .. G-1."""
+    if container == "int32 tensor":
+        values = [v % 2**31 for v in values]
+    uids = {"int64 tensor": lambda: torch.tensor(values, dtype=torch.int64),
+            "int32 tensor": lambda: torch.tensor(values, dtype=torch.int32),
+            "int64 numpy": lambda: np.array(values, dtype=np.int64),
+            "float numpy": lambda: np.array(values, dtype=np.float64)}[container]()
+    ids = rmk.group_ids(uids)
+    rank = {v: i for i, v in enumerate(sorted(set(uids.tolist())))}
+    assert ids.dtype == torch.int64 and ids.shape == (len(values),)
+    assert ids.tolist() == [rank[v] for v in uids.tolist()]
+
+
 def test_every_public_op_is_fuzzed():
     """A new public op (a function of rmkernels.__all__ backed by a custom op) needs an OpSpec."""
     not_ops = {"available_backends", "backend_report", "use_backend", "checks", "patch_hf_reward_model",
-               "unpatch_hf_reward_model"}
+               "unpatch_hf_reward_model",
+               # not custom ops: group_ids factorises labels on the host (its own property tests
+               # above); causal_lm_logprobs runs a model and hands its hidden states to
+               # token_logprobs, which has an OpSpec
+               "group_ids", "causal_lm_logprobs"}
     public = {n for n in rmk.__all__ if callable(getattr(rmk, n)) and n[0].islower() and n not in not_ops}
     assert public <= set(SPECS), f"public ops without a fuzz spec: {sorted(public - set(SPECS))}"
