@@ -316,7 +316,7 @@ __global__ void row_stats_kernel(const S* __restrict__ x, int64_t x0, int64_t x1
   for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
     if (mask[b * m0 + t * m1]) {
       cnt += 1.0;
-      sum += static_cast<double>(to_acc<typename Acc<S>::type>(x[b * x0 + t * x1]));
+      sum += static_cast<double>(to_acc<acc_t<S>>(x[b * x0 + t * x1]));
     }
   }
   cnt = block_sum(cnt, shared);
@@ -342,7 +342,7 @@ __global__ void centered_sq_kernel(const S* __restrict__ x, int64_t x0, int64_t 
   double s = 0;
   for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
     if (mask[b * m0 + t * m1]) {
-      const double d = static_cast<double>(to_acc<typename Acc<S>::type>(x[b * x0 + t * x1])) - mean;
+      const double d = static_cast<double>(to_acc<acc_t<S>>(x[b * x0 + t * x1])) - mean;
       s += d * d;
     }
   }

@@ -9,13 +9,12 @@
 #include <limits>
 #include <vector>
 
+#include "rmkernels/scalar_math.h"
+
 namespace rmkernels {
 
 // Arithmetic is float32 for fp32/bf16/fp16 inputs and float64 for fp64 inputs (so that
-// gradcheck in double precision is meaningful).
-template <typename T> struct acc_type { using type = float; };
-template <> struct acc_type<double> { using type = double; };
-template <typename T> using acc_t = typename acc_type<T>::type;
+// gradcheck in double precision is meaningful): acc_t<T>, defined in scalar_math.h.
 
 // Grain sizes for at::parallel_for: rows are cheap to split; these are large enough that
 // the thread-pool overhead (~us) stays under the work of a chunk.

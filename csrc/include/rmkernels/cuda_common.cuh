@@ -1,5 +1,6 @@
 // Torch-free helpers shared by the CUDA kernels: dtype tags, conversions, block reductions.
-// Only CUDA headers here, so every kernel file compiles with plain nvcc (no torch).
+// Only CUDA headers and torch-free rmkernels headers here, so every kernel file compiles with
+// plain nvcc (no torch).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -13,6 +14,7 @@
 #ifndef RMK_LAUNCH
 #define RMK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif
+#include "rmkernels/scalar_math.h"
 
 namespace rmkernels {
 namespace cuda {
@@ -21,8 +23,7 @@ namespace cuda {
 // fp32/bf16/fp16 and float64 for fp64.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
+// The arithmetic type of a storage type: rmkernels::acc_t (scalar_math.h).
 
 // Device code only where nvcc compiles (the torch bindings are .cpp files built by the host
 // compiler and include this header for DType).

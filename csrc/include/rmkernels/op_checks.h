@@ -14,8 +14,7 @@
 namespace rmkernels {
 
 // The arithmetic (accumulation) dtype of the kernels for an input dtype: float64 for
-// float64, float32 for fp32 / bf16 / fp16. The one definition on the torch side (acc_t<T> is
-// its template form for the CPU loops, cuda::Acc<T> for the CUDA kernels).
+// float64, float32 for fp32 / bf16 / fp16: the dtype form of acc_t<T> (scalar_math.h).
 inline at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // A dtype as Python spells it (float32, bool, bfloat16...), for the messages.

@@ -23,6 +23,15 @@
 #endif
 
 namespace rmkernels {
+
+// The arithmetic (accumulation) type of an input type T: double for double, float for float and
+// the 16-bit types (c10::BFloat16 / c10::Half on the CPU, __nv_bfloat16 / __half on the GPU).
+// The one definition of the rule in C++: the CPU loops and the CUDA kernels use acc_t, the torch
+// side its dtype form acc_scalar_type (op_checks.h), Python rmkernels._library.acc_dtype.
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <typename T> using acc_t = typename AccType<T>::type;
+
 namespace math {
 
 // exp(x) for any x (0 far below, inf far above, NaN for NaN).
