@@ -11,10 +11,14 @@ lengths (median 70 characters = tokens under the character tokenizer, sigma 1.0,
 - ``pack``: one process; tokens/s = the real (non-pad) tokens of the timed steps / their
   wall time, from ``metrics.jsonl`` (the first step is warm-up and not counted); the two
   runs alternate ``reps`` times and the median is kept. Their first losses must agree.
-- ``fsdp``: ``torchrun --nproc_per_node 2`` (gloo on the CPU) with DDP and with ``--fsdp``;
-  from ``final.json``'s ``memory_per_rank``: the model state a rank holds (parameters +
-  gradients + AdamW state) and its peak resident memory (which includes the Python/torch
-  process itself, about the same in both).
+- ``fsdp``: ``torchrun --nproc_per_node 2`` (gloo on the CPU) with DDP and with ``--fsdp``
+  (both ``--packing``, sequences <= 256 tokens: a model whose state outweighs the
+  activations); from ``final.json``'s ``memory_per_rank``, the largest over the ranks: the
+  model state a rank holds (parameters + gradients + AdamW state), its resident memory's peak
+  by the last training step above what it was at the start (the training's own memory), and
+  the process's whole peak RSS (with the Python/torch process itself, and under --fsdp the
+  final HF checkpoint's whole model gathered on rank 0's CPU; on GPUs that copy is in host
+  memory, not on the device).
 
 Results (the markdown table and a CSV) go to /tmp/rm_pack/. The machine may be shared:
 compare the ratios of one run, and report ``uptime`` with them.
@@ -44,9 +48,12 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 # name: model size, data, steps
 CONFIGS = {
     "pack": {"hidden": 128, "layers": 2, "pairs": 2048, "batch": 8, "steps": 12, "reps": 2},
-    "fsdp": {"hidden": 768, "layers": 8, "pairs": 256, "batch": 4, "steps": 2, "reps": 1},
+    # memory: a model whose state outweighs the activations (packed, sequences <= 256 tokens)
+    "fsdp": {"hidden": 1024, "layers": 8, "pairs": 256, "batch": 2, "steps": 2, "reps": 1,
+             "extra": ["--packing", "--max-length", "256"]},
     "pack-t": {"hidden": 32, "layers": 1, "pairs": 64, "batch": 4, "steps": 3, "reps": 1},
-    "fsdp-t": {"hidden": 64, "layers": 2, "pairs": 64, "batch": 4, "steps": 1, "reps": 1},
+    "fsdp-t": {"hidden": 64, "layers": 2, "pairs": 64, "batch": 4, "steps": 1, "reps": 1,
+               "extra": ["--packing", "--max-length", "256"]},
 }
 
 
@@ -76,7 +83,7 @@ def _train(out, data, c, *extra, torchrun=False):
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "rmkernels_train", "reward"]
-    cmd += ["--data", data, "--eval-fraction", "0.02", "--max-length", "2048", "--output-dir", out,
+    cmd += ["--data", data, "--eval-fraction", "0.02", "--max-length", "2048", *c.get("extra", ()), "--output-dir", out,
             "--hidden-size", str(c["hidden"]), "--layers", str(c["layers"]), "--batch-size", str(c["batch"]),
             "--max-steps", str(c["steps"]), "--eval-every", "100000", "--save-every", "100000", "--threads", "1",
             "--no-progress", "--no-plot", "--seed", "0", *extra]
@@ -119,7 +126,8 @@ def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=N
         data = os.path.join(OUT, f"prefs-{c['pairs']}.jsonl")
         lens = write_data(data, c["pairs"])
         dims = (f"H={c['hidden']},L={c['layers']},pairs/batch={c['batch']},steps={c['steps']},"
-                f"len median={lens['median']},p99={lens['p99']},max={lens['max']}")
+                f"len median={lens['median']},p99={lens['p99']},max={lens['max']}"
+                + (f",{' '.join(c['extra'])}" if c.get("extra") else ""))
         base = dict(op="rm-pack", shape=name, dims=dims, dtype="fp32", mode="train", bytes=0, **env)
         note = f"loadavg {load[0]:.1f}"
         if name.startswith("pack"):
@@ -150,16 +158,19 @@ def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=N
                     continue
                 _, final = _train(os.path.join(OUT, f"run-{name}-{prov}"), data, c, *extra, torchrun=True)
                 per_rank = final["memory_per_rank"]
-                mem[prov] = {k: max(r[k] for r in per_rank) for k in ("model_state_MiB", "peak_rss_MiB")}
+                for r in per_rank:  # the training's own memory: the peak by the last step above the start
+                    r["train_rss_above_start_MiB"] = r["train_peak_rss_MiB"] - r["start_rss_MiB"]
+                keys = ("model_state_MiB", "train_rss_above_start_MiB", "peak_rss_MiB")
+                mem[prov] = {k: max(r[k] for r in per_rank) for k in keys}
                 for k, v in mem[prov].items():
-                    rows.append(_row(base, prov, k, v, "MiB", note + "; max over the 2 ranks"))
+                    ranks = ", ".join(f"{r[k]:.0f}" for r in per_rank)
+                    rows.append(_row(base, prov, k, v, "MiB", f"{note}; max over the ranks ({ranks})"))
             if len(mem) == 2:
-                for k in ("model_state_MiB", "peak_rss_MiB"):
+                for k in keys:
                     rows.append(_row(base, "fsdp/ddp", k.replace("_MiB", "_ratio"), mem["fsdp"][k] / mem["ddp"][k],
                                      "x", note))
-                log(f"  rm-pack {name}: per rank, DDP vs FSDP: model state {mem['ddp']['model_state_MiB']:.0f} vs "
-                    f"{mem['fsdp']['model_state_MiB']:.0f} MiB, peak RSS {mem['ddp']['peak_rss_MiB']:.0f} vs "
-                    f"{mem['fsdp']['peak_rss_MiB']:.0f} MiB")
+                log(f"  rm-pack {name}: per rank, DDP vs FSDP (MiB): " + ", ".join(
+                    f"{k} {mem['ddp'][k]:.0f} vs {mem['fsdp'][k]:.0f}" for k in keys))
     _save(rows)
     return rows
 

@@ -1,8 +1,10 @@
-"""`rmkernels-train reward --fsdp` on CPU (gloo, 2 ranks under torchrun): the losses and
+"""`rmkernels-train reward --fsdp` on CPU (gloo, 2 ranks under torchrun, 2 micro-batches a
+step): the losses and
 gradient norms of every step and the final weights equal DDP's and a single process's; a run
 stopped after 2 steps and resumed from its sharded checkpoint equals an uninterrupted one;
---fsdp --packing too; the last checkpoint is an HF one that from_pretrained loads. The bf16
-mixed-precision policy and NCCL need a GPU and are not run here."""
+--fsdp --packing and DDP --packing too; --fsdp --bf16 (the mixed-precision policy, run on gloo here) stays close
+and keeps float32 weights; the last checkpoint is an HF one that from_pretrained loads. NCCL
+and flash-attention need GPUs and are not run here."""
 import json
 import os
 import subprocess
@@ -21,7 +23,7 @@ from rmkernels_train.tokenizer import build_char_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "640", "--threads", "1", "--no-progress",
         "--no-plot", "--max-steps", "4", "--eval-every", "2", "--save-every", "2", "--seed", "5",
-        "--eval-batch-size", "64"]
+        "--eval-batch-size", "64", "--grad-accum", "2"]
 
 
 def _records(path):
@@ -72,12 +74,14 @@ def test_fsdp_equals_ddp_and_one_process_and_resumes(tmp_path, capsys):
     err = _torchrun(tmp_path, "fsdp", "--fsdp", "--resume")
     assert "resuming from" in err and "checkpoint-2 (step 2, sharded)" in err, err[-3000:]
     _torchrun(tmp_path, "fsdp_packed", "--fsdp", "--packing")
+    _torchrun(tmp_path, "ddp_packed", "--packing")
+    _torchrun(tmp_path, "fsdp_bf16", "--fsdp", "--packing", "--bf16")  # the mixed-precision policy
     rc = main([*TINY, "--batch-size", "32", "--output-dir", str(tmp_path / "one")])  # both ranks' pairs
     assert rc == 0, capsys.readouterr().err[-3000:]
 
     ref = _records(tmp_path / "ddp" / "metrics.jsonl")
     assert len([r for r in ref if r["split"] == "train"]) == 4
-    for other in ("fsdp", "fsdp_packed", "one"):
+    for other in ("fsdp", "fsdp_packed", "ddp_packed", "one"):
         recs = _records(tmp_path / other / "metrics.jsonl")
         assert [(r["split"], r["step"]) for r in recs] == [(r["split"], r["step"]) for r in ref], other
         for ra, rb in zip(ref, recs):
@@ -85,8 +89,12 @@ def test_fsdp_equals_ddp_and_one_process_and_resumes(tmp_path, capsys):
                 if key in ra:
                     assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (other, key, ra, rb)
             assert rb["accuracy"] == pytest.approx(ra["accuracy"], abs=0.05)  # a near-tie may flip
+    for ra, rb in zip(ref, _records(tmp_path / "fsdp_bf16" / "metrics.jsonl")):  # bf16 compute: close
+        assert (ra["split"], ra["step"]) == (rb["split"], rb["step"])
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=2e-3), (ra, rb)
+    assert all(v.dtype == torch.float32 for v in _weights(tmp_path / "fsdp_bf16" / "checkpoint-4").values())
     w_ddp = _weights(tmp_path / "ddp" / "checkpoint-4")
-    for other in ("fsdp", "fsdp_packed", "one"):
+    for other in ("fsdp", "fsdp_packed", "ddp_packed", "one"):
         w = _weights(tmp_path / other / "checkpoint-4")
         assert w.keys() == w_ddp.keys()
         for k in w:

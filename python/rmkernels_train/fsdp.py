@@ -155,13 +155,20 @@ def state_digest(state_dict, names):
     return h.hexdigest()
 
 
-def memory_report(model, optimizer, device):
-    """What this rank holds, in MiB: ``model_state`` = its parameters (its shards under FSDP)
-    counted twice (weights and their gradients during a step) plus the optimizer's state
-    tensors; ``peak_rss`` = the process's peak resident memory; on a GPU ``peak_cuda`` = the
-    peak memory torch allocated."""
+def peak_rss_mib():
+    """The process's peak resident memory so far, MiB."""
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None):
+    """What this rank holds, in MiB: ``model_state`` = its parameters (its shards under FSDP)
+    counted twice (weights and their gradients during a step) plus the optimizer's state
+    tensors; ``peak_rss`` = the process's peak resident memory (with the end's checkpoint
+    writing, which under --fsdp gathers the whole model on rank 0's CPU); ``start_rss`` (before
+    the data and model) and ``train_peak_rss`` (by the end of the last training step) when
+    given; on a GPU ``peak_cuda`` = the peak memory torch allocated."""
     from torch.distributed.tensor import DTensor
 
     def nbytes(t):
@@ -172,7 +179,11 @@ def memory_report(model, optimizer, device):
     opt = sum(nbytes(v) for st in optimizer.state.values() for v in st.values()
               if isinstance(v, torch.Tensor) and v.dim() > 0)
     out = {"model_state_MiB": round((2 * params + opt) / 2**20, 2),
-           "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+           "peak_rss_MiB": round(peak_rss_mib(), 1)}
+    if start_rss is not None:
+        out["start_rss_MiB"] = round(start_rss, 1)
+    if train_rss is not None:
+        out["train_peak_rss_MiB"] = round(train_rss, 1)
     if device.type == "cuda":
         out["peak_cuda_MiB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out

@@ -381,6 +381,8 @@ class RewardTrainer:
         self.last_ckpt = None  # known on every rank (only rank 0 writes)
         self.metrics = None
         self.bar = None
+        self.start_rss = F.peak_rss_mib()  # memory_per_rank in final.json
+        self.train_rss = None
 
     # -- set-up ---------------------------------------------------------------------------
     def setup(self):
@@ -607,6 +609,7 @@ class RewardTrainer:
         self.batch_in_epoch += 1
         rec["epoch"] = round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4)
         rec["time_s"] = round(self.elapsed(), 2)
+        self.train_rss = F.peak_rss_mib()
         T.fault_point("step")
         return rec
 
@@ -670,7 +673,8 @@ class RewardTrainer:
         summary = {"step": self.step, "total_steps": self.total, "done": self.step >= self.total, "eval": ev,
                    "world_size": dist.world_size, "fsdp": args.fsdp, "packing": args.packing, "param_digests": digests, "checkpoint": self.last_ckpt,
                    "train_time_s": round(self.elapsed(), 1),
-                   "memory_per_rank": dist.gather_object(F.memory_report(self.model, self.optimizer, dist.device))}
+                   "memory_per_rank": dist.gather_object(F.memory_report(
+                       self.model, self.optimizer, dist.device, start_rss=self.start_rss, train_rss=self.train_rss))}
         if dist.is_main:
             atomic_write_text(os.path.join(self.out_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
             if args.plot:
