@@ -8,8 +8,7 @@
 // scheduler releases what CUDA would release: a warp whose lanes (those of the mask) all wait
 // at the same warp operation, or the block when every thread waits at the same __syncthreads.
 // __activemask is a warp operation without a mask: it returns the lanes parked at the same
-// call (a lane that has exited is not in the mask; one parked at another warp operation is a
-// divergent warp and fails).
+// call (not those that have exited or wait elsewhere, e.g. in the other side of a branch).
 // If nothing can be released (a barrier not every thread reaches, a shuffle with an exited
 // lane, threads at different barriers) the process stops with a report naming the kernel,
 // the block and what each thread waits at, instead of hanging.
@@ -338,16 +337,12 @@ bool release_warps() {
     const Fiber& f0 = g_fibers[first];
     if (f0.what == kActiveMask) {
       // __activemask: the lanes that wait at this same call once the whole block is parked
-      // (the others have exited, or wait at a __syncthreads). Each reads the mask from its
-      // exchange slot.
+      // (the others have exited or wait elsewhere: a divergent branch). Each reads the mask
+      // from its exchange slot.
       unsigned active = 0;
       for (int t = lo; t < hi; ++t) {
         const Fiber& f = g_fibers[t];
-        if (f.state != kWaitWarp) continue;
-        if (!same_site(f, f0)) {
-          fail("lanes of one warp wait at different warp operations (divergent warp; the GPU result is undefined)");
-        }
-        active |= 1u << (t - lo);
+        if (f.state == kWaitWarp && same_site(f, f0)) active |= 1u << (t - lo);
       }
       for (int t = lo; t < hi; ++t) {
         Fiber& f = g_fibers[t];

@@ -142,10 +142,14 @@ def _case(lead, H, V, dtype, bias, layout="contig", bad_targets=False):
     return hidden, weight, b, targets
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+CASES = [(d, p) for d in DTYPES for p in POLICIES if p == "binding" or d in (torch.float32, torch.float64)]
+
+
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,policy", CASES, ids=lambda x: str(x))
 def test_forward_and_backward(dtype, bias, policy):
+    """The tiny policy (11 vocabulary chunks of the 1025 vocabulary: 11x the blocks) runs the
+    two arithmetic dtypes; bf16 / fp16 differ from float32 only in the GEMM inputs."""
     for i, (lead, H, V) in enumerate(_shapes()):
         temperature = (1.0, 0.7)[i % 2]
         layout = ("contig", "strided")[i % 2]
