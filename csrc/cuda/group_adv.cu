@@ -132,18 +132,18 @@ cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64
     using A = std::remove_pointer_t<decltype(a)>;
     const A* r = static_cast<const A*>(scores);
     if (estimator == codes::kOpo) {
-      group_stats_kernel<A, true><<<ceil_div(B * kWarp, kThreads), kThreads, 0, stream>>>(r, group_ids, mask, B, T,
-                                                                                        ms0, ms1, estimator, stats);
+      RMK_LAUNCH(ceil_div(B * kWarp, kThreads), kThreads, 0, stream, group_stats_kernel<A, true>)(
+          r, group_ids, mask, B, T, ms0, ms1, estimator, stats);
     } else {
-      group_stats_kernel<A, false><<<ceil_div(B, kThreads), kThreads, 0, stream>>>(r, group_ids, mask, B, T, ms0,
-                                                                                 ms1, estimator, stats);
+      RMK_LAUNCH(ceil_div(B, kThreads), kThreads, 0, stream, group_stats_kernel<A, false>)(
+          r, group_ids, mask, B, T, ms0, ms1, estimator, stats);
     }
     if (estimator == codes::kGrpo) {
-      group_sq_kernel<A><<<ceil_div(B, kThreads), kThreads, 0, stream>>>(r, group_ids, B, stats);
+      RMK_LAUNCH(ceil_div(B, kThreads), kThreads, 0, stream, group_sq_kernel<A>)(r, group_ids, B, stats);
     }
     const int64_t n = B * (T > 0 ? T : 1);
     const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20);  // grid-stride
-    group_write_kernel<A><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+    RMK_LAUNCH(static_cast<unsigned int>(blocks), kThreads, 0, stream, group_write_kernel<A>)(
         r, group_ids, mask, B, T, ms0, ms1, estimator, eps, unbiased, single, f_norm, stats, static_cast<A*>(seq),
         static_cast<A*>(adv));
   };
@@ -162,8 +162,8 @@ cudaError_t launch_reinforce_pp_returns(DType dtype, const void* rewards, int64_
   return dispatch_dtype(dtype, [&](auto* s, auto* a) {
     using S = std::remove_pointer_t<decltype(s)>;
     using A = std::remove_pointer_t<decltype(a)>;
-    returns_kernel<S, A><<<ceil_div(B, 128), 128, 0, stream>>>(static_cast<const S*>(rewards), rs0, rs1, mask, ms0,
-                                                               ms1, B, T, static_cast<A>(gamma), static_cast<A*>(out));
+    RMK_LAUNCH(ceil_div(B, 128), 128, 0, stream, returns_kernel<S, A>)(
+        static_cast<const S*>(rewards), rs0, rs1, mask, ms0, ms1, B, T, static_cast<A>(gamma), static_cast<A*>(out));
   });
 }
 

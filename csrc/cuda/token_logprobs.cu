@@ -84,10 +84,9 @@ cudaError_t launch_lp_stats(DType acc, const void* tile, int64_t rows, int64_t c
   const unsigned int grid = static_cast<unsigned int>(rows < (1LL << 30) ? rows : (1LL << 30));
   return dispatch_dtype(acc, [&](auto* /*storage*/, auto* acc_tag) {
     using A = std::remove_pointer_t<decltype(acc_tag)>;
-    lp_stats_kernel<A><<<grid, kThreads, 0, stream>>>(static_cast<const A*>(tile), rows, cols,
-                                                       static_cast<const A*>(bias), static_cast<A>(inv_temp), targets,
-                                                       v0, first, static_cast<A*>(m), static_cast<A*>(s),
-                                                       static_cast<A*>(u), static_cast<A*>(zt));
+    RMK_LAUNCH(grid, kThreads, 0, stream, lp_stats_kernel<A>)(
+        static_cast<const A*>(tile), rows, cols, static_cast<const A*>(bias), static_cast<A>(inv_temp), targets, v0,
+        first, static_cast<A*>(m), static_cast<A*>(s), static_cast<A*>(u), static_cast<A*>(zt));
   });
 }
 
@@ -99,10 +98,10 @@ cudaError_t launch_lp_grad_logits(DType acc, void* tile, int64_t rows, int64_t c
   const dim3 grid(ceil_div(cols, kThreads), static_cast<unsigned int>(rows < kMaxGridY ? rows : kMaxGridY));
   return dispatch_dtype(acc, [&](auto* /*storage*/, auto* acc_tag) {
     using A = std::remove_pointer_t<decltype(acc_tag)>;
-    lp_grad_kernel<A><<<grid, kThreads, 0, stream>>>(static_cast<A*>(tile), rows, cols, static_cast<const A*>(bias),
-                                                      static_cast<A>(inv_temp), targets, v0, vocab, ignore_index,
-                                                      static_cast<const A*>(lse), static_cast<const A*>(entropy),
-                                                      static_cast<const A*>(gl), static_cast<const A*>(ge));
+    RMK_LAUNCH(grid, kThreads, 0, stream, lp_grad_kernel<A>)(
+        static_cast<A*>(tile), rows, cols, static_cast<const A*>(bias), static_cast<A>(inv_temp), targets, v0, vocab,
+        ignore_index, static_cast<const A*>(lse), static_cast<const A*>(entropy), static_cast<const A*>(gl),
+        static_cast<const A*>(ge));
   });
 }
 

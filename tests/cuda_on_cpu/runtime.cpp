@@ -7,6 +7,8 @@
 // the kernel, then hand over to the next fiber. When every fiber of the block is parked, the
 // scheduler releases what CUDA would release: a warp whose lanes (those of the mask) all wait
 // at the same warp operation, or the block when every thread waits at the same __syncthreads.
+// __activemask is a warp operation without a mask: it returns the lanes parked at the same
+// call (not those that have exited or wait elsewhere, e.g. in the other side of a branch).
 // If nothing can be released (a barrier not every thread reaches, a shuffle with an exited
 // lane, threads at different barriers) the process stops with a report naming the kernel,
 // the block and what each thread waits at, instead of hanging.
@@ -99,6 +101,7 @@ constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 256 * 1024;
 
 enum State { kRunnable, kWaitBlock, kWaitWarp, kDone };
+const char* const kActiveMask = "__activemask";  // Fiber::what of a lane parked in __activemask
 
 struct Fiber {
 #ifdef RMK_EMU_ASM_SWITCH
@@ -332,6 +335,26 @@ bool release_warps() {
     }
     if (first < 0) continue;
     const Fiber& f0 = g_fibers[first];
+    if (f0.what == kActiveMask) {
+      // __activemask: the lanes that wait at this same call once the whole block is parked
+      // (the others have exited or wait elsewhere: a divergent branch). Each reads the mask
+      // from its exchange slot.
+      unsigned active = 0;
+      for (int t = lo; t < hi; ++t) {
+        const Fiber& f = g_fibers[t];
+        if (f.state == kWaitWarp && same_site(f, f0)) active |= 1u << (t - lo);
+      }
+      for (int t = lo; t < hi; ++t) {
+        Fiber& f = g_fibers[t];
+        if (!((active >> (t - lo)) & 1u)) continue;
+        g_slots[w][g_warp_buf[w]][t - lo] = active;
+        f.state = kRunnable;
+        f.read_buf = g_warp_buf[w];
+      }
+      g_warp_buf[w] ^= 1;
+      progressed = true;
+      continue;
+    }
     bool ready = true;
     for (int t = lo; t < hi; ++t) {
       const Fiber& f = g_fibers[t];
@@ -506,6 +529,17 @@ void warp_publish(uint64_t value, unsigned mask, const char* what, const char* f
   to_scheduler(false);
 }
 
+unsigned active_mask(const char* file, int line) {
+  Fiber& f = g_fibers[g_current];
+  f.file = file;
+  f.line = line;
+  f.what = kActiveMask;
+  f.mask = 0;
+  f.state = kWaitWarp;
+  to_scheduler(false);
+  return static_cast<unsigned>(g_slots[f.linear / 32][f.read_buf][f.linear % 32]);
+}
+
 uint64_t warp_slot(int lane, unsigned mask, const char* what) {
   const Fiber& f = g_fibers[g_current];
   if (lane < 0 || lane >= 32 || !((mask >> lane) & 1u)) {
@@ -523,6 +557,15 @@ extern "C" cudaError_t cudaGetLastError(void) {
 }
 
 extern "C" cudaError_t cudaPeekAtLastError(void) { return rmk_emu::g_last; }
+
+// Streams run in issue order (see launch): the memset is done when the next launch starts.
+// Instrumented under AddressSanitizer: a count past the buffer is reported.
+extern "C" cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t stream) {
+  (void)stream;
+  if (count != 0 && ptr == nullptr) return cudaErrorInvalidValue;
+  std::memset(ptr, value, count);
+  return cudaSuccess;
+}
 
 extern "C" const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {

@@ -23,6 +23,18 @@ __global__ void shuffles_kernel(int64_t* out) {
   o[5] = __ballot_sync(0xffffffffu, t & 1);
 }
 
+// __activemask after lanes exited: threads t % 3 != 0 write it to out[t]; then, after a
+// shuffle of the whole warp, only lane 0 stays and writes it to out[n + warp].
+__global__ void activemask_kernel(int64_t* out) {
+  const int t = threadIdx.x, lane = t % 32;
+  const int v = __shfl_xor_sync(0xffffffffu, t, 1);
+  if (lane == 0) {
+    out[blockDim.x + t / 32] = __activemask() + 0 * v;
+  }
+  if (t % 3 == 0) return;
+  out[t] = __activemask();
+}
+
 // out[b] = block sum of (b * blockDim + t) through cuda_common.cuh's block_sum.
 __global__ void block_sum_kernel(double* out) {
   __shared__ double shared[1024 / rmkernels::cuda::kWarp];  // block_sum needs one slot per warp
@@ -61,6 +73,10 @@ __global__ void global_race_kernel(float* out) { out[threadIdx.x / 2] = static_c
 extern "C" {
 int64_t rmk_selftest_shuffles(int64_t* out, int64_t threads) {
   RMK_LAUNCH(1, static_cast<unsigned>(threads), 0, nullptr, shuffles_kernel)(out);
+  return cudaGetLastError();
+}
+int64_t rmk_selftest_activemask(int64_t* out, int64_t threads) {
+  RMK_LAUNCH(1, static_cast<unsigned>(threads), 0, nullptr, activemask_kernel)(out);
   return cudaGetLastError();
 }
 int64_t rmk_selftest_block_sum(double* out, int64_t blocks, int64_t threads) {

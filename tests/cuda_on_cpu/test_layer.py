@@ -24,6 +24,22 @@ def test_warp_shuffles_and_ballot():
         assert o[t].tolist() == want, (t, o[t].tolist(), want)
 
 
+def test_activemask_is_the_converged_lanes():
+    """__activemask: lanes that exited are not in it; lane 0 alone in a branch sees itself."""
+    n = 64
+    prog = Program()
+    out = prog.out((n + 2,), torch.int64, fill=0)
+    prog.call("rmk_selftest_activemask", out, n)
+    res = prog.run()
+    assert res.rcs == [0]
+    o = res[out].tolist()
+    for t in range(n):
+        w = t - t % 32
+        want = 0 if t % 3 == 0 else sum(1 << (u - w) for u in range(w, w + 32) if u % 3 != 0)
+        assert o[t] == want, (t, hex(o[t]), hex(want))
+    assert o[n:] == [1, 1], o[n:]
+
+
 @pytest.mark.parametrize("threads", [256, 96, 1024])
 def test_block_sum_over_blocks(threads):
     blocks = 5

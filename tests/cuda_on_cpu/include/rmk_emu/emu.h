@@ -54,8 +54,8 @@
 // ---- runtime API --------------------------------------------------------------------------
 // cudaError_t, cudaStream_t and the API's declarations come from the toolkit's
 // cuda_runtime_api.h (pulled in by cuda_fp16.h); runtime.cpp defines the few functions the
-// launchers call (cudaGetLastError, cudaPeekAtLastError, cudaGetErrorString). No CUDA
-// runtime library is linked.
+// launchers call (cudaGetLastError, cudaPeekAtLastError, cudaGetErrorString,
+// cudaMemsetAsync). No CUDA runtime library is linked.
 
 // Built-in variables: the running fiber's values (set by the runtime at every switch).
 extern uint3 threadIdx;
@@ -76,6 +76,9 @@ void syncthreads(const char* file, int line);
 // warp_slot(l) reads lane l's value (until the lane's next warp operation).
 void warp_publish(uint64_t value, unsigned mask, const char* what, const char* file, int line);
 uint64_t warp_slot(int lane, unsigned mask, const char* what);
+// __activemask: parks the lane until every thread of the block is parked or done, then
+// returns the mask of the warp's lanes parked at the same call (those converged with it).
+unsigned active_mask(const char* file, int line);
 int lane_id();
 
 template <typename T> inline uint64_t to_bits(T v) {
@@ -158,6 +161,9 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = warpSize
   const int src = seg_lane >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane;
   return rmk_emu::from_bits<T>(rmk_emu::warp_slot(src, mask, "__shfl_up_sync"));
 }
+inline unsigned __activemask(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return rmk_emu::active_mask(file, line);
+}
 inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   rmk_emu::warp_publish(pred != 0, mask, "__ballot_sync", file, line);
   unsigned r = 0;
@@ -218,3 +224,7 @@ inline float __fdividef(float x, float y) { return x / y; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }

@@ -1,0 +1,216 @@
+"""csrc/cuda/group_adv.cu's launchers run on the CPU (AddressSanitizer), against the reference
+backend of the kernel ops: the group advantages with every estimator, single rule and std
+flavour on tests/test_group_advantages.py's groups (ragged sizes, groups of one, sparse
+shuffled ids), masks (empty, full, right/left/holes, column-major strides) and scores (ties,
+exact zeros); float32/float64 scores (the launcher's dtypes; bf16/fp16 scores reach it
+converted by the Python layer, and the launcher refuses them); B = 0 / T = 0; the statistics
+over several blocks (B > 256 responses, opo's warp per response over 256 threads) and the
+broadcast over many blocks; ids out of range and NaN scores. REINFORCE++ returns: every dtype,
+strided rewards and masks, rows over several 128-thread blocks. ThreadSanitizer runs of the
+atomics, ballots and warp sums."""
+import pytest
+import torch
+from test_group_advantages import make_groups, make_mask, make_scores
+from utils import assert_close, tolerance
+
+from rmkernels import _codes
+from rmkernels.ops import group_adv as gops
+
+from .emu import DTYPE_CODE, Program
+
+pytestmark = pytest.mark.cuda_on_cpu
+
+ESTIMATORS = list(_codes.GROUP_ESTIMATORS)
+SINGLES = list(_codes.GROUP_SINGLES)
+N_STATS = 5  # group_adv.cu's kStats: the workspace is B * 5 + 1 float64 (group_adv.cuh)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _args(estimator, single, unbiased, eps, f_norm):
+    return (int(_codes.GROUP_ESTIMATORS[estimator]), float(eps), bool(unbiased), int(_codes.GROUP_SINGLES[single]),
+            float(f_norm))
+
+
+def launch_group(scores, ids, mask, estimator="grpo", single="zero", unbiased=True, eps=1e-6, f_norm=2.0,
+                 variant="asan", dtype_code=None):
+    """(rcs, seq [B], adv [B, T]) of launch_group_advantages as the binding calls it (scores
+    contiguous float32/float64, mask with its own strides, a NaN-filled workspace: the
+    launcher zeroes it)."""
+    B, T = mask.shape
+    prog = Program()
+    stats = prog.out((B * N_STATS + 1,), torch.float64)
+    seq, adv = prog.out((B,), scores.dtype), prog.out((B, T), scores.dtype)
+    est, e, unb, sgl, fn = _args(estimator, single, unbiased, eps, f_norm)
+    code = DTYPE_CODE[scores.dtype] if dtype_code is None else dtype_code
+    prog.call("rmk_group_advantages", code, prog.inp(scores), prog.inp(ids), prog.inp(mask), B, T, mask.stride(0),
+              mask.stride(1), est, e, unb, sgl, fn, stats, seq, adv)
+    res = prog.run(variant)
+    return res.rcs, res[seq], res[adv]
+
+
+def reference_group(scores, ids, mask, estimator="grpo", single="zero", unbiased=True, eps=1e-6, f_norm=2.0):
+    est, e, unb, sgl, fn = _args(estimator, single, unbiased, eps, f_norm)
+    return gops.group_advantages_kernel("reference", scores, ids, mask, est, e, unb, sgl, fn)
+
+
+def check_group(scores, ids, mask, what="", variant="asan", **kw):
+    rcs, seq, adv = launch_group(scores, ids, mask, variant=variant, **kw)
+    assert rcs == [0], rcs
+    e_seq, e_adv = reference_group(scores, ids, mask, **kw)
+    # tests/test_group_advantages.py's tolerances (float64 sums in another order)
+    rtol, atol = tolerance(scores.dtype)
+    rtol, atol = max(rtol, 1e-6), max(atol, 1e-6)
+    assert seq.dtype == e_seq.dtype and adv.dtype == e_adv.dtype
+    assert_close(seq, e_seq, rtol=rtol, atol=atol, name=f"seq {what}")
+    assert_close(adv, e_adv, rtol=rtol, atol=atol, name=f"adv {what}")
+    assert torch.all(adv[~mask] == 0), f"masked positions not 0 {what}"
+
+
+def _case(B, T, dtype=torch.float32, kind="holes", col_major=False, token=False):
+    scores = make_scores(B, T if token else None, torch.float32)
+    if token:  # the Python layer sums token rewards into scores before the kernel
+        scores = scores.sum(-1)
+    mask = make_mask(B, T, kind)
+    if col_major:
+        mask = mask.t().contiguous().t()
+    return scores.to(dtype), make_groups(B), mask
+
+
+@pytest.mark.parametrize("single", SINGLES)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_group_estimators(estimator, single):
+    """Every estimator and single rule, both std flavours, ragged sizes, mask kinds and
+    layouts (B = 97 and 300: the one-thread-per-response statistics over 1 and 2 blocks, opo's
+    warp per response over 4 and 38 blocks)."""
+    for i, (B, T) in enumerate([(1, 5), (59, 37), (97, 1), (300, 13)]):
+        kind = ["right", "left", "holes"][i % 3]
+        scores, ids, mask = _case(B, T, kind=kind, col_major=bool(i % 2), token=bool(i % 2))
+        check_group(scores, ids, mask, f"{estimator} {single} B={B} T={T}", estimator=estimator, single=single,
+                    unbiased=bool(i % 2 == 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_group_dtypes(dtype):
+    """float32/float64 scores run in their own dtype; bf16/fp16 scores reach the launcher as
+    float32 (rmkernels/ops/group_adv.py converts them), as the binding requires."""
+    B, T = 97, 59
+    scores, ids, mask = _case(B, T)
+    scores = scores.to(dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        scores = scores.float()
+    for est in ("grpo", "opo", "gpg"):
+        check_group(scores, ids, mask, f"{est} {dtype}", estimator=est, eps=1e-4, f_norm=1.0)
+
+
+def test_group_low_precision_dtype_codes_are_refused():
+    scores, ids, mask = _case(5, 3)
+    for dtype in (torch.bfloat16, torch.float16):
+        rcs, _, _ = launch_group(scores, ids, mask, dtype_code=DTYPE_CODE[dtype])
+        assert rcs[0] != 0, f"{dtype} scores must be refused (cudaErrorInvalidValue), got {rcs}"
+
+
+def test_group_empty_batch_and_empty_rows():
+    """B = 0: nothing launched, success. T = 0: seq is written, adv is empty."""
+    for est in ESTIMATORS:
+        rcs, seq, adv = launch_group(torch.zeros(0), torch.zeros(0, dtype=torch.int64),
+                                     torch.zeros(0, 7, dtype=torch.bool), estimator=est)
+        assert rcs == [0] and seq.shape == (0,) and adv.shape == (0, 7)
+        scores, ids, mask = _case(59, 0)
+        check_group(scores, ids, mask, f"{est} T=0", estimator=est)
+
+
+def test_group_many_blocks_and_one_group():
+    """The broadcast over many blocks (B * T = 300 * 257 elements, 302 blocks), one group of
+    all B rows (every atomic on one group's slots) and all-distinct groups of one."""
+    B, T = 300, 257
+    scores, _, mask = _case(B, T, kind="holes", col_major=True)
+    for ids, name in ((torch.full((B,), 7, dtype=torch.int64), "one group"),
+                      (torch.randperm(B), "groups of one")):
+        for est in ("grpo", "opo", "gpg", "rloo"):
+            check_group(scores, ids, mask, f"{est} {name}", estimator=est, single="self")
+
+
+def test_group_ids_out_of_range_and_nan_scores():
+    """An id outside [0, B) gives a NaN row (group_adv.cuh) and touches no other group; a NaN
+    score makes its own group NaN only."""
+    B, T = 40, 9
+    scores, ids, mask = _case(B, T)
+    mask[3] = True
+    for est in ESTIMATORS:
+        bad = ids.clone()
+        bad[3], bad[5] = -1, B
+        rcs, seq, adv = launch_group(scores, bad, mask, estimator=est)
+        assert rcs == [0]
+        assert torch.isnan(seq[[3, 5]]).all() and torch.isnan(adv[3]).all(), est
+        if est == "gpg":  # alpha counts every nonzero score of the batch: not a subset's
+            continue
+        keep = (ids != ids[3]) & (ids != ids[5])  # the other groups, as a batch of their own
+        sub_ids = torch.unique(ids[keep], return_inverse=True)[1]
+        e_seq, e_adv = reference_group(scores[keep], sub_ids, mask[keep], estimator=est)
+        assert_close(seq[keep], e_seq, rtol=1e-6, atol=1e-6, name=f"{est} other groups")
+        assert_close(adv[keep], e_adv, rtol=1e-6, atol=1e-6, name=f"{est} other groups")
+    nan_scores = scores.clone()
+    nan_scores[7] = float("nan")
+    for est in ("grpo", "opo", "gpg", "rloo", "dr_grpo"):
+        check_group(nan_scores, ids, mask, f"{est} NaN score", estimator=est)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "opo", "gpg"])
+def test_group_race_free_under_thread_sanitizer(estimator):
+    """The atomics, gpg's ballot and opo's warp sums of the statistics, the separate
+    centred-squares pass and the broadcast, under ThreadSanitizer."""
+    B, T = 300, 11
+    scores, ids, mask = _case(B, T, col_major=True)
+    check_group(scores, ids, mask, f"tsan {estimator}", variant="tsan", estimator=estimator)
+
+
+# ---------------------------------------------------------------------------------------
+# REINFORCE++ returns
+# ---------------------------------------------------------------------------------------
+def launch_returns(rewards, mask, gamma, variant="asan"):
+    B, T = rewards.shape
+    prog = Program()
+    out = prog.out((B, T), _acc(rewards.dtype))
+    prog.call("rmk_reinforce_pp_returns", DTYPE_CODE[rewards.dtype], prog.inp(rewards), rewards.stride(0),
+              rewards.stride(1), prog.inp(mask), mask.stride(0), mask.stride(1), B, T, float(gamma), out)
+    res = prog.run(variant)
+    return res.rcs, res[out]
+
+
+def check_returns(rewards, mask, gamma, what="", variant="asan"):
+    rcs, got = launch_returns(rewards, mask, gamma, variant)
+    assert rcs == [0], rcs
+    exp = gops.reinforce_pp_returns_kernel("reference", rewards, mask, float(gamma))
+    assert got.dtype == exp.dtype
+    # tests/test_group_advantages.py's tolerances
+    rtol, atol = tolerance(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+    assert_close(got, exp, rtol=max(rtol, 1e-5), atol=max(atol, 1e-5), name=f"returns {what}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_returns(dtype):
+    """Strided rewards (rows of a wider tensor), column-major masks, rows over 1 and 3
+    128-thread blocks, ragged T, both gammas."""
+    for i, (B, T) in enumerate([(1, 1), (59, 97), (300, 17)]):
+        for gamma in (1.0, 0.95):
+            r = torch.randn(B, T + 3).to(dtype)[:, 3:]
+            mask = make_mask(B, T, ["right", "left", "holes"][i % 3])
+            if i % 2:
+                mask = mask.t().contiguous().t()
+            check_returns(r, mask, gamma, f"{B}x{T} {dtype} gamma={gamma}")
+    r = torch.randn(23, 40).to(dtype).t()  # column-major rewards
+    check_returns(r, make_mask(40, 23), 0.9, f"column-major {dtype}")
+
+
+def test_returns_empty():
+    for B, T in ((0, 5), (5, 0), (0, 0)):
+        rcs, out = launch_returns(torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool), 1.0)
+        assert rcs == [0] and out.shape == (B, T)
+
+
+def test_returns_race_free_under_thread_sanitizer():
+    B, T = 200, 19
+    check_returns(torch.randn(B, T), make_mask(B, T), 0.9, "tsan", variant="tsan")
