@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from rmkernels._codes import GroupEstimator, GroupSingle
-from rmkernels.triton.ppo import _acc, _scalar, _split
+from rmkernels.triton._common import acc_dtype, scalar, split_float
 
 _GRPO = tl.constexpr(int(GroupEstimator.GRPO))
 _RLOO = tl.constexpr(int(GroupEstimator.RLOO))
@@ -133,8 +133,8 @@ def _group_write_kernel(
     ls = tl.load(st + 3, mask=ok, other=nan)
     lrs = tl.load(st + 4, mask=ok, other=nan)
     alpha = B / tl.maximum(tl.load(nz_ptr), 1.0)
-    v = _group_value(r, n, s, sq, ls, lrs, alpha, _scalar(eps, eps_lo, tl.float64),
-                     _scalar(f_norm, f_norm_lo, tl.float64), EST, UNBIASED, SINGLE)
+    v = _group_value(r, n, s, sq, ls, lrs, alpha, scalar(eps, eps_lo, tl.float64),
+                     scalar(f_norm, f_norm_lo, tl.float64), EST, UNBIASED, SINGLE)
     v = tl.where(ok, v, nan).to(acc_ty)
     if pid_t == 0:
         tl.store(seq_ptr + offs, v, mask=inb)
@@ -149,7 +149,7 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
     """Host function with the kernel op's signature (rmkernels::group_advantages_kernel)."""
     B, T = mask.shape
     dev = scores.device
-    acc = _acc(scores.dtype)
+    acc = acc_dtype(scores.dtype)
     seq = torch.empty(B, dtype=acc, device=dev)
     adv = torch.empty(B, T, dtype=acc, device=dev)
     if B == 0:
@@ -167,7 +167,8 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
         _group_sq_kernel[grid](r, ids, stats, B, BLOCK_B=BLOCK_B)
     wgrid = (triton.cdiv(B, WRITE_BLOCK_B), max(1, triton.cdiv(T, block_t)))
     _group_write_kernel[wgrid](r, ids, mask, stats, nz, seq, adv, B, T, mask.stride(0), mask.stride(1),
-                               *_split(eps), *_split(f_norm), EST=est, UNBIASED=bool(unbiased), SINGLE=int(single),
+                               *split_float(eps), *split_float(f_norm), EST=est, UNBIASED=bool(unbiased),
+                               SINGLE=int(single),
                                BLOCK_B=WRITE_BLOCK_B, BLOCK_T=block_t)
     return seq, adv
 
@@ -181,7 +182,7 @@ def _returns_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     inb = offs < B
     acc_ty = out_ptr.dtype.element_ty
-    g = _scalar(gamma, gamma_lo, acc_ty)
+    g = scalar(gamma, gamma_lo, acc_ty)
     run = tl.zeros([BLOCK_B], acc_ty)
     for i in range(T):
         t = T - 1 - (tl.zeros([], tl.int64) + i)
@@ -195,10 +196,10 @@ def _returns_kernel(
 def reinforce_pp_returns(rewards, mask, gamma):
     """Host function with the kernel op's signature (rmkernels::reinforce_pp_returns_kernel)."""
     B, T = rewards.shape
-    out = torch.empty(B, T, dtype=_acc(rewards.dtype), device=rewards.device)
+    out = torch.empty(B, T, dtype=acc_dtype(rewards.dtype), device=rewards.device)
     if B == 0 or T == 0:
         return out
     _returns_kernel[(triton.cdiv(B, RETURNS_BLOCK_B),)](
         rewards, mask, out, B, T, rewards.stride(0), rewards.stride(1), mask.stride(0), mask.stride(1),
-        *_split(gamma), BLOCK_B=RETURNS_BLOCK_B)
+        *split_float(gamma), BLOCK_B=RETURNS_BLOCK_B)
     return out

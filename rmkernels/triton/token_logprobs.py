@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rmkernels.triton._common import acc_dtype, block_size
+
 # Tokens per program of the forward and of the gradient tile: 64 rows x 64 vocabulary entries
 # is 4096 fp32 accumulators (32 registers a thread at 4 warps); H is walked 64 at a time.
 BLOCK_N = 64
@@ -24,8 +26,7 @@ BLOCK_H = 64
 
 
 def _block(n, cap):
-    # tl.dot needs every block dimension >= 16
-    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
+    return block_size(n, cap, floor=16)  # tl.dot needs every block dimension >= 16
 
 
 @triton.jit
@@ -120,10 +121,6 @@ def _acc_tl(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _acc_torch(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _mm(a, b, acc):
     """a @ b in the arithmetic dtype: bf16/fp16 operands go to cuBLAS as they are, with float32
     output (tensor cores); CPU tensors (the interpreter) have no such GEMM and are upcast."""
@@ -144,7 +141,7 @@ def token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index,
     ``token_logprobs_fwd_kernel`` op (one fused pass: the chunk sizes are not used)."""
     H = hidden.shape[-1]
     N, V = targets.numel(), weight.shape[0]
-    acc = _acc_torch(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     outs = [torch.empty(targets.shape, dtype=acc, device=hidden.device) for _ in range(3)]
     if N == 0:
         return tuple(outs)
@@ -165,7 +162,7 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
     op: [token_chunk, vocab_chunk] tiles of dz from the Triton kernel, GEMMs by torch.mm."""
     H = hidden.shape[-1]
     N, V = targets.numel(), weight.shape[0]
-    acc = _acc_torch(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     dev = hidden.device
     g_h = torch.zeros(N, H, dtype=acc, device=dev) if need_hidden else hidden.new_empty(0)
     g_w = torch.zeros(V, H, dtype=weight.dtype, device=dev) if need_weight else weight.new_empty(0)
