@@ -168,6 +168,13 @@ def test_full_vocabulary_chunk_rows(V):
     check_backward(hidden, weight, b, targets, 0.7, None, f"V={V}")
 
 
+def test_gradient_rows_beyond_the_grid_y_limit():
+    """lp_grad_logits' grid has min(rows, 65535) rows of blocks: a tile of 65535 + 37 rows
+    (the binding's token chunk for a 3-logit vocabulary) runs its grid-stride loop over rows."""
+    hidden, weight, b, targets = _case((65535 + 37,), 4, 3, torch.float32, True)
+    check_backward(hidden, weight, b, targets, 0.7, None, "rows > 65535")
+
+
 def test_empty_tiles():
     for rows, cols in ((0, 5), (5, 0), (0, 0)):
         prog = Program()
