@@ -141,8 +141,9 @@ def main(argv=None):
               "command": " ".join(["rmkernels-train ppo --seed S", *a.extra]), "clock": "wall time start to end (time.time) and the "
               "CPU time (user + system) of the process and of the processes it waited for (os.wait4)"}
     if a.build:
+        load0 = load()
         result["build"] = {**measure_build(a.scratch), "generated_by": command, "date": result["date"],
-                           "load_before": load()}
+                           "load_before": load0, "load_after": load()}
         print(f"build: {result['build']['wall_s']} s wall", file=sys.stderr, flush=True)
     if a.ci:
         result["ci"] = {**measure_ci(), "generated_by": command, "date": result["date"]}
