@@ -137,7 +137,8 @@ def markdown(rows, title=None):
                 c = cr[0]
                 desc = f"{shape} [{c['dims']}, {c['dtype']}]"
                 line = (f"| {op} | {desc} | {mode} | {p} | {_fmt_ms(ms)} | {_fmt_ms(c['p20'])}-{_fmt_ms(c['p80'])} | "
-                        f"{_fmt_x(hf / ms)} | {_fmt_x(comp / ms)} | {_fmt_f(_val(g, provider=p, metric='peak_MiB'), 1)} | "
+                        f"{_fmt_x(hf / ms)} | {_fmt_x(comp / ms)} | "
+                        f"{_fmt_f(_val(g, provider=p, metric='peak_MiB'), 1)} | "
                         f"{_fmt_f(_val(g, provider=p, metric='call_GBps'), 2)} |")
                 if gpu:
                     dms = _val(g, provider=p, metric="device_ms")

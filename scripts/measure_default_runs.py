@@ -138,7 +138,8 @@ def main(argv=None):
     result = {"generated_by": command,
               "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "torch": torch.__version__, "python": platform.python_version(),
-              "command": " ".join(["rmkernels-train ppo --seed S", *a.extra]), "clock": "wall time start to end (time.time) and the "
+              "command": " ".join(["rmkernels-train ppo --seed S", *a.extra]),
+              "clock": "wall time start to end (time.time) and the "
               "CPU time (user + system) of the process and of the processes it waited for (os.wait4)"}
     if a.build:
         load0 = load()

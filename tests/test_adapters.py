@@ -585,7 +585,8 @@ def test_trl_utils_agree_with_installed_trl():
 def test_empty_batches_give_empty_results(B, T):
     z, m = torch.zeros(B, T), torch.ones(B, T)
     for out in (*verl.compute_gae_advantage_return(z, z, m, 1.0, 0.95), verl.kl_penalty(z, z, "k3+"),
-                openrlhf.compute_approx_kl(z, z, kl_estimator="k3"), *openrlhf.get_advantages_and_returns(z, z, m, 1.0, 0.95),
+                openrlhf.compute_approx_kl(z, z, kl_estimator="k3"),
+                *openrlhf.get_advantages_and_returns(z, z, m, 1.0, 0.95),
                 openrlhf.normalize_advantages(z, m), openrlhf.compute_reward(torch.zeros(B), 0.1, z, action_mask=m),
                 *trl_ppo.compute_rewards_and_advantages(z, z, z, torch.zeros(B), torch.zeros(B, dtype=torch.long),
                                                         kl_coef=0.1)[:5]):

@@ -58,7 +58,10 @@ def _grads(model):
 def _run(model, **inputs):
     model.zero_grad(set_to_none=True)
     out = model(**inputs)
-    target = out.loss if out.loss is not None else (out.logits.float() * torch.linspace(-1, 2, out.logits.numel()).view_as(out.logits)).sum()
+    if out.loss is not None:
+        target = out.loss
+    else:
+        target = (out.logits.float() * torch.linspace(-1, 2, out.logits.numel()).view_as(out.logits)).sum()
     target.backward()
     return out, _grads(model)
 
@@ -301,7 +304,8 @@ def test_every_decoder_class_is_covered():
         if cls is None or model_type in covered:
             continue
         src = inspect.getsource(cls.forward)
-        if "last_non_pad_token" in src and "decoder_input_ids" not in src:  # encoder-decoders (T5Gemma) pool decoder ids
+        # encoder-decoders (T5Gemma) pool decoder ids
+        if "last_non_pad_token" in src and "decoder_input_ids" not in src:
             missed.append(model_type)
     assert not missed, f"decoder *ForSequenceClassification classes patch_hf_reward_model refuses: {missed}"
     if transformers.__version__.startswith("5.24."):

@@ -142,7 +142,8 @@ def test_readme_trl_snippet_runs_on_cpu(tmp_path, monkeypatch):
     model_dir = tmp_path / "tiny-rm"
     _tiny_model(tok).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    code = code.replace(f'"{name}"', repr(str(model_dir))).replace('output_dir="rm"', f"output_dir={str(tmp_path / 'rm')!r}")
+    code = code.replace(f'"{name}"', repr(str(model_dir)))
+    code = code.replace('output_dir="rm"', f"output_dir={str(tmp_path / 'rm')!r}")
     code = code.replace("max_steps=10", "max_steps=2")
     monkeypatch.chdir(tmp_path)
     scope = {}

@@ -101,8 +101,9 @@ def test_fsdp_equals_ddp_and_one_process_and_resumes(tmp_path, capsys):
             torch.testing.assert_close(w[k], w_ddp[k], rtol=1e-3, atol=1e-5, msg=f"{other}: {k}")
     final = json.loads((tmp_path / "fsdp" / "final.json").read_text())
     assert final["fsdp"] is True and final["step"] == 4 and final["world_size"] == 2
-    from rmkernels_train.utils import param_digest
     from transformers import AutoModelForSequenceClassification
+
+    from rmkernels_train.utils import param_digest
 
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "fsdp" / "checkpoint-4")
     assert type(hf).__name__ == "LlamaForSequenceClassification"

@@ -154,7 +154,8 @@ def test_bad_options_stop_with_a_message(argv, message, capsys):
 def test_bad_prompts_and_resume_without_checkpoint(reward_model, tmp_path, capsys):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "sort 12: "}\n{"text": "x"}\n')
-    assert main(["--reward-model", reward_model, "--prompts", str(bad), "--output-dir", str(tmp_path / "o")] + FAST) == 1
+    args = ["--reward-model", reward_model, "--prompts", str(bad), "--output-dir", str(tmp_path / "o")]
+    assert main(args + FAST) == 1
     assert f"{bad}:2: each line needs" in capsys.readouterr().err
     assert main(["--reward-model", reward_model, "--output-dir", str(tmp_path / "none"), "--resume"] + FAST) == 1
     assert "--resume: no checkpoint" in capsys.readouterr().err

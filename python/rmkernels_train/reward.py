@@ -671,7 +671,8 @@ class RewardTrainer:
             raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
         ev = self.ev
         summary = {"step": self.step, "total_steps": self.total, "done": self.step >= self.total, "eval": ev,
-                   "world_size": dist.world_size, "fsdp": args.fsdp, "packing": args.packing, "param_digests": digests, "checkpoint": self.last_ckpt,
+                   "world_size": dist.world_size, "fsdp": args.fsdp, "packing": args.packing,
+                   "param_digests": digests, "checkpoint": self.last_ckpt,
                    "train_time_s": round(self.elapsed(), 1),
                    "memory_per_rank": dist.gather_object(F.memory_report(
                        self.model, self.optimizer, dist.device, start_rss=self.start_rss, train_rss=self.train_rss))}

@@ -132,8 +132,9 @@ def is_finite(x):
 class Dist:
     """The process's place in a torchrun job (a single process when not under torchrun)."""
 
-    def __init__(self, rank=0, world_size=1, local_rank=0, device=torch.device("cpu")):
-        self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
+    def __init__(self, rank=0, world_size=1, local_rank=0, device=None):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = torch.device("cpu") if device is None else device
 
     @property
     def enabled(self):

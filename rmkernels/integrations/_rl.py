@@ -10,9 +10,8 @@ value``: the value of the fused op, the gradient of ``g``, the framework's own d
 formula (or k2's, for verl's ``"+"`` forms). ``g`` is only built when autograd is recording
 and an input requires grad.
 """
-from collections import namedtuple
-import math
 import numbers
+from collections import namedtuple
 
 import torch
 

@@ -19,8 +19,16 @@ import triton
 import triton.language as tl
 
 from rmkernels import _codes
-from rmkernels.triton._common import (FLOAT_DTYPES, REDUCE_MEAN, REDUCE_NONE, acc_dtype, block_size, check_code,
-                                      check_tensor, to_store)
+from rmkernels.triton._common import (
+    FLOAT_DTYPES,
+    REDUCE_MEAN,
+    REDUCE_NONE,
+    acc_dtype,
+    block_size,
+    check_code,
+    check_tensor,
+    to_store,
+)
 
 # Pairs per step of the Bradley-Terry kernels: 1024 fp32 per operand keeps 4 warps busy
 # with 8 elements each; small batches get a smaller power of two.

@@ -23,9 +23,22 @@ import triton
 import triton.language as tl
 
 from rmkernels import _codes
-from rmkernels.triton._common import (FLOAT_DTYPES, KL_ABS, KL_K1, KL_K2, MODE_ROW, MODE_SEGMENT_AGGREGATE,
-                                      MODE_SEGMENT_FINAL, acc_dtype, block_size, check_code, check_tensor,
-                                      clamp_sym, scalar, split_float)
+from rmkernels.triton._common import (
+    FLOAT_DTYPES,
+    KL_ABS,
+    KL_K1,
+    KL_K2,
+    MODE_ROW,
+    MODE_SEGMENT_AGGREGATE,
+    MODE_SEGMENT_FINAL,
+    acc_dtype,
+    block_size,
+    check_code,
+    check_tensor,
+    clamp_sym,
+    scalar,
+    split_float,
+)
 
 # Positions per step of the row walk: 1024 fp32 per array keeps 4 warps busy with 8
 # elements each and the scans in registers; short rows use a smaller power of two.
