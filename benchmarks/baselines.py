@@ -16,7 +16,7 @@ For every op three providers that do not use rmkernels:
             (gather B rows before the head; a chunked, O(B*T)-work linear scan for GAE).
 ``compile`` the ``torch`` version under ``torch.compile`` (built per shape, see ``compiled``).
 
-All of them follow SPEC.md's contract (fp32 results, the rightmost non-zero mask position,
+All of them follow docs/ops.md's contract (fp32 results, the rightmost non-zero mask position,
 GAE over valid positions only, zeros at masked positions), so every benchmark can check a
 provider's output against ``backend="reference"`` before it times it.
 """

@@ -44,7 +44,7 @@ class GroupEstimator(enum.IntEnum):
 
 
 class GroupSingle(enum.IntEnum):
-    """What a group of one response gets (SPEC section 5, ``single=``)."""
+    """What a group of one response gets (docs/ops.md section 5, ``single=``)."""
     ZERO = 0  # mean 0, std 1, leave-one-out / length baseline 0: the response keeps its score (verl's loops)
     SELF = 1  # the response is its own baseline: advantage 0 (verl's rloo_vectorized, OpenRLHF's r - mean)
 

@@ -1,4 +1,4 @@
-"""The kernel ops of SPEC section 4: ``gae_kernel`` (GAE over given token rewards) and
+"""The kernel ops of docs/ops.md section 4: ``gae_kernel`` (GAE over given token rewards) and
 ``kl_estimate_kernel`` (the per-token KL estimate), on every backend that runs here.
 
 They are ppo_gae's recurrence and KL pass on their own, so each must equal
@@ -88,7 +88,7 @@ def strided(x, layout):
 
 
 def gae_plain(rewards, values, mask, gamma, lam):
-    """The mask-aware recurrence (SPEC section 3), one row at a time, in the arithmetic dtype."""
+    """The mask-aware recurrence (docs/ops.md section 3), one row at a time, in the arithmetic dtype."""
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
     r, v = rewards.to(acc), values.to(acc)
     adv = torch.zeros(r.shape, dtype=acc)

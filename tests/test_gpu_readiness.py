@@ -182,7 +182,7 @@ def _drive_ppo(rmk):
             rmk.masked_whiten(torch.randn(B, T, dtype=dt), mask, shift_mean=shift, unbiased=unbiased,
                               backend="triton")
         rmk.masked_whiten(torch.randn(2, 5, 7, dtype=dt), torch.ones(2, 5, 7), backend="triton")
-        # The SPEC section 4 kernels (their public functions come with the op registry): GAE over
+        # The docs/ops.md section 4 kernels (their public functions come with the op registry): GAE over
         # token rewards, row and segmented, and every KL estimator with and without a mask.
         for seg in (None, 16):
             with pytest.MonkeyPatch.context() as mp:

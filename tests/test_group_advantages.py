@@ -1,4 +1,4 @@
-"""Critic-free group advantages and REINFORCE++ returns (SPEC section 5).
+"""Critic-free group advantages and REINFORCE++ returns (docs/ops.md section 5).
 
 The reference is checked against the frameworks' published formulas, written here as they
 are written there (verl 0.9's per-response loops with uid dictionaries, OpenRLHF's

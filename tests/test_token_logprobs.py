@@ -1,4 +1,4 @@
-"""Token log-probs / entropy from hidden states (SPEC section 6): every backend against an
+"""Token log-probs / entropy from hidden states (docs/ops.md section 6): every backend against an
 independent fp64 full-logits computation and against the reference, forward and backward."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-// C++ CPU kernels of the Bradley-Terry and K-wise ranking losses (SPEC section 2).
+// C++ CPU kernels of the Bradley-Terry and K-wise ranking losses (docs/ops.md section 2).
 //
 //   bt_loss_fwd_kernel(chosen, rejected, margin?, weights?, margin_value, weight_value,
 //                      label_smoothing, center_coef, reduction)     -> loss ([] or [B])

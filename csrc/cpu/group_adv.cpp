@@ -1,4 +1,4 @@
-// C++ CPU kernels of the critic-free group advantages (SPEC section 5).
+// C++ CPU kernels of the critic-free group advantages (docs/ops.md section 5).
 //
 //   group_advantages_kernel(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm)
 //       -> (seq_advantages [B], advantages [B, T])

@@ -1,4 +1,4 @@
-// C++ CPU kernels of the last-token value-head pooling (SPEC section 1).
+// C++ CPU kernels of the last-token value-head pooling (docs/ops.md section 1).
 //
 //   last_token_index_kernel(mask[B, T])                      -> index[B] int64 (-1: none)
 //   last_token_reward_fwd_kernel(hidden, weight, bias, index) -> rewards[B, K]

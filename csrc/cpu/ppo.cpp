@@ -1,4 +1,4 @@
-// C++ CPU kernels of the PPO rewards / GAE / KL / whitening (SPEC sections 3 and 4).
+// C++ CPU kernels of the PPO rewards / GAE / KL / whitening (docs/ops.md sections 3 and 4).
 //
 //   ppo_gae_kernel(lp, ref, values, scores, mask, kl_coef, gamma, lam, estimator, x_clamp,
 //                  kl_clamp, score_clip)  -> (advantages, returns, rewards, kl, row_stats)
@@ -207,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
   return {adv, ret, rew, kl, stats};
 }
 
-// GAE over given token rewards (SPEC section 4): ppo_gae_kernel's recurrence, nothing else.
+// GAE over given token rewards (docs/ops.md section 4): ppo_gae_kernel's recurrence, nothing else.
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam) {
   check_main(values, "values");
@@ -236,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   return {adv, ret};
 }
 
-// The per-token KL estimate (SPEC section 4): ppo_gae_kernel's KL pass; 0 where mask is 0.
+// The per-token KL estimate (docs/ops.md section 4): ppo_gae_kernel's KL pass; 0 where mask is 0.
 at::Tensor kl_estimate_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
                            const std::optional<at::Tensor>& mask, int64_t estimator, double x_clamp,
                            double kl_clamp) {

@@ -1,4 +1,4 @@
-// C++ CPU kernels of the token log-probs / entropy from hidden states (SPEC section 6).
+// C++ CPU kernels of the token log-probs / entropy from hidden states (docs/ops.md section 6).
 //
 //   token_logprobs_fwd_kernel(hidden, weight, bias, targets, temperature, ignore_index, tc, vc)
 //       -> (logprobs, entropy, lse) [B, T]

@@ -1,4 +1,4 @@
-// Torch-free launchers of the Bradley-Terry and K-wise ranking loss kernels (SPEC section 2).
+// Torch-free launchers of the Bradley-Terry and K-wise ranking loss kernels (docs/ops.md section 2).
 // Pointers are raw device pointers; sizes and strides are in elements; every launcher runs
 // on `stream` and returns the launch's cudaError_t.
 //

@@ -1,4 +1,4 @@
-// Torch-free launchers of the last-token pooling kernels (SPEC section 1).
+// Torch-free launchers of the last-token pooling kernels (docs/ops.md section 1).
 // Pointers are raw device pointers; sizes and strides are in elements; every launcher
 // runs on `stream` and returns the launch's cudaError_t.
 //

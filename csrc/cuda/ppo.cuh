@@ -1,4 +1,4 @@
-// Torch-free launchers of the PPO rewards / GAE / KL / whitening kernels (SPEC sections 3, 4).
+// Torch-free launchers of the PPO rewards / GAE / KL / whitening kernels (docs/ops.md sections 3, 4).
 // Pointers are raw device pointers; sizes and strides are in elements; every launcher runs
 // on `stream`, never synchronises with the host (CUDA-graph capturable) and returns the
 // launch's cudaError_t.

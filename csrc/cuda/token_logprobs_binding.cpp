@@ -1,4 +1,4 @@
-// Torch binding of the CUDA token log-probs / entropy (SPEC section 6): the chunk driver
+// Torch binding of the CUDA token log-probs / entropy (docs/ops.md section 6): the chunk driver
 // (rmkernels/token_logprobs_chunks.h) with cuBLAS GEMMs through ATen (bf16/fp16 operands on
 // tensor cores with float32 output: at::mm's out_dtype) and the element-wise passes of
 // token_logprobs.cu, on the current stream. Targets are not checked here (that would need a

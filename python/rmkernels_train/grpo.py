@@ -38,7 +38,7 @@ KL_LOSS_ESTIMATORS = {"k1": "k1", "k2": "k2", "k3": "low_var_kl"}
 
 def group_advantages(scores, group_ids, mask, estimator, backend=None):
     """Token advantages ``[B, T]`` of the critic-free ``estimator``: ``rmk.group_advantages``
-    (SPEC section 5) of the responses' rewards grouped by prompt, 0 at masked positions."""
+    (docs/ops.md section 5) of the responses' rewards grouped by prompt, 0 at masked positions."""
     import rmkernels as rmk
 
     return rmk.group_advantages(scores, group_ids, mask, estimator=estimator, backend=backend).advantages

@@ -227,7 +227,7 @@ def _patched_forward(self, *args, **kwargs):
     weight, bias = head.weight, head.bias
     if pairwise is not None:
         from rmkernels import (
-            pairwise_reward_loss,  # the fused Bradley-Terry op (SPEC section 2)
+            pairwise_reward_loss,  # the fused Bradley-Terry op (docs/ops.md section 2)
         )
 
         unknown = set(pairwise) - set(_PAIRWISE_KEYS)

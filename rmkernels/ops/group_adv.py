@@ -1,5 +1,5 @@
 """Critic-free group advantages: GRPO, Dr. GRPO, RLOO, OPO, GPG, REINFORCE++(-baseline)
-(SPEC section 5).
+(docs/ops.md section 5).
 
 ``rmk.group_advantages`` compares the responses sampled for the same prompt: per group g
 (the responses with the same group id) with n members, sum s, mean mu = s / n and std sigma,

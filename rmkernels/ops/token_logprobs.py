@@ -1,4 +1,4 @@
-"""Token log-probabilities and entropy straight from hidden states (SPEC section 6).
+"""Token log-probabilities and entropy straight from hidden states (docs/ops.md section 6).
 
 ``rmk.token_logprobs(hidden, weight, targets)`` is ``log_softmax((hidden @ weight.T + bias) /
 temperature)`` gathered at ``targets`` (and, with ``return_entropy=True``, the entropy of the

@@ -1,4 +1,4 @@
-"""Triton kernels of the Bradley-Terry and K-wise ranking losses (SPEC section 2).
+"""Triton kernels of the Bradley-Terry and K-wise ranking losses (docs/ops.md section 2).
 
 Host functions have the signatures of the kernel ops in ``rmkernels/ops/bt_loss.py``.
 

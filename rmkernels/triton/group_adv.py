@@ -1,4 +1,4 @@
-"""Triton kernels of the critic-free group advantages and REINFORCE++ returns (SPEC section 5).
+"""Triton kernels of the critic-free group advantages and REINFORCE++ returns (docs/ops.md section 5).
 
 ``group_advantages``: three launches, no host synchronisation.
 

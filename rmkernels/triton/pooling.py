@@ -1,4 +1,4 @@
-"""Triton kernels of the last-token pooling (SPEC section 1).
+"""Triton kernels of the last-token pooling (docs/ops.md section 1).
 
 Bytes moved: forward reads B*H hidden elements (one row per sequence) + K*H weights + B
 indices and writes B*K floats; backward writes the B picked rows of grad_hidden (the zero

@@ -1,4 +1,4 @@
-"""Triton kernels of the PPO rewards / GAE / KL / whitening (SPEC sections 3 and 4).
+"""Triton kernels of the PPO rewards / GAE / KL / whitening (docs/ops.md sections 3 and 4).
 
 ``_ppo_gae_kernel``: one program per row. It finds the row's last valid position, then
 walks the row from the right in blocks of BLOCK_T; inside a block the two recurrences are
@@ -437,7 +437,7 @@ def ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, e
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """GAE over given token rewards (SPEC section 4): (advantages, returns), contiguous [B, T] in
+    """GAE over given token rewards (docs/ops.md section 4): (advantages, returns), contiguous [B, T] in
     the arithmetic dtype, 0 at masked positions. ppo_gae's kernel with TOKEN_REWARDS."""
     _check_main("values", values)
     _check_like("rewards", rewards, values, "values")
@@ -455,7 +455,7 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def kl_estimate(logprobs, ref_logprobs, mask, estimator, x_clamp, kl_clamp):
-    """The per-token KL estimate (SPEC section 4): contiguous [B, T] in the arithmetic dtype, 0
+    """The per-token KL estimate (docs/ops.md section 4): contiguous [B, T] in the arithmetic dtype, 0
     where mask (bool [B, T] or None) is 0."""
     _check_main("logprobs", logprobs)
     _check_like("ref_logprobs", ref_logprobs, logprobs, "logprobs")

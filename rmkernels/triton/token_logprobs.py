@@ -1,4 +1,4 @@
-"""Triton kernels of the token log-probs / entropy from hidden states (SPEC section 6).
+"""Triton kernels of the token log-probs / entropy from hidden states (docs/ops.md section 6).
 
 Forward: one program per BLOCK_N tokens walks the whole vocabulary in BLOCK_V steps; each
 step's [BLOCK_N, BLOCK_V] logits come from ``tl.dot`` over H (fp32 accumulation, bf16/fp16

@@ -3,7 +3,7 @@ backend: PPO GAE with every KL estimator and option, mask kinds (empty, single-t
 rows, holes), dtypes, strided inputs, rows over several 1024-position chunks, the long-row
 segment mode (3 launches) at the bindings' segment length and scaled down, B = 0 / T = 0; the
 three whitening launchers chained as the bindings chain them; the plain GAE (gae_kernel) and
-KL estimate (kl_estimate_kernel) launchers against SPEC section 3's loop and formulas."""
+KL estimate (kl_estimate_kernel) launchers against docs/ops.md section 3's loop and formulas."""
 import pytest
 import torch
 from utils import assert_close, tolerance
@@ -285,9 +285,9 @@ def test_whiten_race_free_under_thread_sanitizer():
     check_whiten(torch.randn(B, T), make_mask("holes", B, T), variant="tsan")
 
 
-# ---- gae_kernel / kl_estimate_kernel launchers (SPEC section 4) --------------------------
+# ---- gae_kernel / kl_estimate_kernel launchers (docs/ops.md section 4) --------------------------
 def gae_loop(rewards, values, mask, gamma, lam):
-    """SPEC section 3's mask-aware recurrence written as the plain loop over valid positions
+    """docs/ops.md section 3's mask-aware recurrence written as the plain loop over valid positions
     from the right (fp64): V_next and A_next are those of the next valid position (0 past the
     last); 0 at masked positions."""
     r, v, m = rewards.double(), values.double(), mask.bool()

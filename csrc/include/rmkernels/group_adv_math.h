@@ -1,4 +1,4 @@
-// The per-sequence formula of the critic-free group advantages (SPEC section 5), shared by the
+// The per-sequence formula of the critic-free group advantages (docs/ops.md section 5), shared by the
 // C++ CPU kernel (csrc/cpu/group_adv.cpp) and the CUDA kernel (csrc/cuda/group_adv.cu): one
 // definition of the rule for both. The Python reference (rmkernels/ops/group_adv.py) and the
 // Triton kernel (rmkernels/triton/group_adv.py) write the same arithmetic. Plain C++ (no torch,

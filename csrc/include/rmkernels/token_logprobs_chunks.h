@@ -1,4 +1,4 @@
-// The chunk driver of the token log-probs / entropy kernels (SPEC section 6), shared by the
+// The chunk driver of the token log-probs / entropy kernels (docs/ops.md section 6), shared by the
 // C++ CPU kernels (csrc/cpu/token_logprobs.cpp) and the CUDA binding
 // (csrc/cuda/token_logprobs_binding.cpp). Torch side: the GEMMs are ATen's (MKL / cuBLAS) on
 // [token_chunk, vocab_chunk] tiles of raw logits h . W^T; the element-wise work on each tile
