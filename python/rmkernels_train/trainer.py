@@ -216,6 +216,10 @@ def cli_main(prog, parser, check_args, run, argv, *, built_in):
 
         hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars inside ours
         rc = run(args, dist, Log(prog, dist))
+        # Every rank that finished reaches this point before any tears its process group down:
+        # a rank that destroys gloo's group while its peer still uses it can abort at exit
+        # ("terminate called without an active exception", seen once in the 2-rank PPO test).
+        dist.barrier()
         return rc if isinstance(rc, int) else 0
     except TrainingError as e:
         rank = f" (rank {dist.rank})" if dist is not None and dist.enabled else ""
