@@ -126,6 +126,32 @@ def test_group_advantages_follow_the_spec(estimator):
         torch.testing.assert_close(got[rows].double(), want[:, None] * mask[rows], rtol=1e-5, atol=1e-5)
 
 
+def test_fused_logprobs_equal_the_logits_path():
+    """The critic-free loop takes the policy's and the reference's log-probs through
+    rmk.causal_lm_logprobs (no [B, T, V] logits): the same numbers as log_softmax of the model's
+    logits at the response tokens, 0 after the EOS, and the same gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rmkernels_train import ppo_core as core
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=64))
+    seq = torch.randint(4, 40, (5, 13))
+    am = torch.ones(5, 13, dtype=torch.long)
+    am[1, 10:] = 0
+    am[2, 8:] = 0
+    roll = core.Rollout(seq, am, am[:, 6:], 6)
+    valid = roll.response_mask.bool()
+    ref = core.policy_logprobs(model, roll, 0.9)
+    got = core.fused_policy_logprobs(model, roll, 0.9)
+    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    assert (got[~valid] == 0).all()
+    g_ref = torch.autograd.grad((ref * valid).sum(), list(model.parameters()))
+    g_got = torch.autograd.grad((got * valid).sum(), list(model.parameters()))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_kl_loss_term_value_and_gradient_are_k3():
     torch.manual_seed(0)
     logp = (torch.randn(4, 6) * 0.3).requires_grad_()

@@ -100,8 +100,8 @@ def evaluate(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_n
     ok_g = checker_scores(prompts, greedy.sequences[:, greedy.prompt_len:], decoder).bool()
     ok_s = checker_scores(prompts, sampled.sequences[:, sampled.prompt_len:], decoder).bool()
     s_greedy, s_sampled = rm_scores(reward_model, greedy, backend), rm_scores(reward_model, sampled, backend)
-    logp = core.policy_logprobs(policy, sampled, temperature)
-    ref_logp = core.policy_logprobs(ref, sampled, temperature)
+    logp = core.fused_policy_logprobs(policy, sampled, temperature)
+    ref_logp = core.fused_policy_logprobs(ref, sampled, temperature)
     m = sampled.response_mask.float()
     kl = ((logp - ref_logp) * m).sum(1).mean()  # k1 per response: unbiased for KL(policy || ref)
     n = len(prompts)
@@ -129,10 +129,10 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     correct = checker_scores(rep_prompts, roll.sequences[:, roll.prompt_len:], decoder)
     has_eos = ended(roll, tokenizer.eos_token_id)
     with torch.no_grad():
-        ref_logp = core.policy_logprobs(ref, roll, temperature)
+        ref_logp = core.fused_policy_logprobs(ref, roll, temperature)
         scores = rm_scores(reward_model, roll, backend)
         rewards = correct.clone() if reward == "checker" else penalise_unended(scores, has_eos)
-    logp = core.policy_logprobs(policy, roll, temperature)
+    logp = core.fused_policy_logprobs(policy, roll, temperature)
     kl_tok = kl_per_token(logp, ref_logp, kl_estimator)
     seq_kl = (kl_tok.detach() * mask).sum(1)
     if kl_mode == "reward":

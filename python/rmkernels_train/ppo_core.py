@@ -82,9 +82,20 @@ def response_logprobs(logits, sequences, prompt_len, temperature=1.0):
 
 
 def policy_logprobs(policy, rollout, temperature=1.0):
+    """log pi(token_t) of the response tokens [B, R] through the model's ``forward`` and its
+    logits. For a policy wrapped in DDP: its forward is what syncs the gradients."""
     out = policy(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
                  position_ids=position_ids(rollout.attention_mask), use_cache=False)
     return response_logprobs(out.logits, rollout.sequences, rollout.prompt_len, temperature)
+
+
+def fused_policy_logprobs(policy, rollout, temperature=1.0):
+    """log pi(token_t) of the response tokens [B, R] (0 after the EOS) with
+    ``rmk.causal_lm_logprobs``: the backbone's final hidden states and the LM head through the
+    fused ``rmk.token_logprobs``, never the [B, T, V] logits. For an unwrapped HF causal LM."""
+    R = rollout.sequences.shape[1] - rollout.prompt_len
+    return rmk.causal_lm_logprobs(policy, rollout.sequences, rollout.attention_mask, response_length=R,
+                                  temperature=temperature, position_ids=position_ids(rollout.attention_mask))
 
 
 class ValueModel(nn.Module):
