@@ -3,22 +3,31 @@ step): the losses and
 gradient norms of every step and the final weights equal DDP's and a single process's; a run
 stopped after 2 steps and resumed from its sharded checkpoint equals an uninterrupted one;
 --fsdp --packing and DDP --packing too; --fsdp --bf16 (the mixed-precision policy, run on gloo here) stays close
-and keeps float32 weights; the last checkpoint is an HF one that from_pretrained loads. NCCL
-and flash-attention need GPUs and are not run here."""
+and keeps float32 weights; the last checkpoint is an HF one that from_pretrained loads; --fsdp --model
+(a causal-LM checkpoint: new score head) equals a single process.
+
+In one process, over a 1-rank gloo group: the sharded build never registers a real (non-meta)
+parameter of the whole model (the built-in model, --packing, --model), its values, buffers
+and the torch RNG state after it equal the eager build's exactly, and a forward and backward
+raises no FSDP2 "returned a view tensor" warning with no warning filter installed.
+NCCL and flash-attention need GPUs and are not run here."""
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
+from rmkernels_train import data as D
 from rmkernels_train import fsdp as F
 from rmkernels_train import model as M
 from rmkernels_train.reward import main
 from rmkernels_train.tokenizer import build_char_tokenizer
+from rmkernels_train.utils import Dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "640", "--threads", "1", "--no-progress",
@@ -108,3 +117,135 @@ def test_fsdp_equals_ddp_and_one_process_and_resumes(tmp_path, capsys):
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "fsdp" / "checkpoint-4")
     assert type(hf).__name__ == "LlamaForSequenceClassification"
     assert final["param_digests"] == [param_digest(hf)]  # the digest is of the gathered weights
+
+
+def _save_causal_lm(path):
+    """A tiny Llama causal LM over the built-in data's tokenizer, saved in bf16 (--model loads
+    it as float32 master weights; its score head is new)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_char_tokenizer(D.SORT_ALPHABET)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    torch.manual_seed(11)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_fsdp_from_a_causal_lm_checkpoint_equals_one_process(tmp_path, capsys):
+    model_dir = _save_causal_lm(tmp_path / "lm")
+    _torchrun(tmp_path, "fsdp", "--fsdp", "--model", model_dir, "--lr", "1e-3")
+    rc = main([*TINY, "--batch-size", "32", "--model", model_dir, "--lr", "1e-3",
+               "--output-dir", str(tmp_path / "one")])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    ref, recs = (_records(tmp_path / d / "metrics.jsonl") for d in ("one", "fsdp"))
+    assert [(r["split"], r["step"]) for r in recs] == [(r["split"], r["step"]) for r in ref]
+    for ra, rb in zip(ref, recs):
+        for key in ("loss", "margin", "grad_norm"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (key, ra, rb)
+    w1, w2 = (_weights(tmp_path / d / "checkpoint-4") for d in ("one", "fsdp"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+# ---------------------------------------------------------------------------------------
+# The sharded build in one process (a 1-rank gloo group: each shard is the whole tensor, so
+# the values can be compared with the eager build's directly)
+# ---------------------------------------------------------------------------------------
+class _OneRank(Dist):
+    enabled = True  # --fsdp's own check wants torchrun's N >= 2 ranks; the code path is the same
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    import torch.distributed as td
+
+    assert not td.is_initialized()
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield _OneRank(0, 1, 0, torch.device("cpu"))
+    finally:
+        td.destroy_process_group()
+
+
+def _trainer(argv, dist):
+    from rmkernels_train import reward as R
+    from rmkernels_train import trainer as T
+
+    args = R.build_parser().parse_args([*TINY, "--lr", "1e-3", *argv])
+    tr = R.RewardTrainer(args, dist, T.Log(R.PROG, dist))
+    tr.setup()
+    return tr
+
+
+def _full(tensors):
+    from torch.distributed.tensor import DTensor
+
+    return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() for n, t in tensors}
+
+
+@pytest.mark.parametrize("case", ["built-in", "packing", "model"])
+def test_sharded_build_never_holds_the_model_and_equals_the_eager_build(tmp_path, one_rank, case):
+    from torch.distributed.tensor import DTensor
+
+    extra = {"built-in": [], "packing": ["--packing"], "model": ["--model", str(tmp_path / "lm")]}[case]
+    if case == "model":
+        _save_causal_lm(tmp_path / "lm")
+    real = []  # every real (not meta, not sharded) parameter registered while the --fsdp trainer is set up
+
+    def spy(module, name, param):
+        if param is not None and not param.is_meta and not isinstance(param, DTensor):
+            real.append((name, tuple(param.shape)))
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(spy)
+    try:
+        sharded = _trainer(["--fsdp", "--output-dir", str(tmp_path / "fsdp"), *extra], one_rank)
+    finally:
+        handle.remove()
+    rng_sharded = torch.get_rng_state()
+    assert real == [], f"the --fsdp build made real parameters of the whole model: {real[:5]}"
+    assert all(isinstance(p, DTensor) for p in sharded.model.parameters())
+
+    eager = _trainer(["--output-dir", str(tmp_path / "eager"), *extra], Dist(0, 1, 0, torch.device("cpu")))
+    assert torch.equal(rng_sharded, torch.get_rng_state())  # the same RNG draws, in the same order
+    got, want = _full(sharded.model.named_parameters()), _full(eager.model.named_parameters())
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    got, want = _full(sharded.model.named_buffers()), _full(eager.model.named_buffers())
+    assert got.keys() == want.keys() and got  # RoPE's inv_freq: the constructed values, not to_empty's
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+    # a forward and backward: no FSDP2 view warning, and none filtered process-wide
+    from rmkernels_train.reward import forward_pairs
+
+    assert not [f for f in warnings.filters if f[1] is not None and "FSDP2" in f[1].pattern]
+    pairs = sharded.train_pairs[:4]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, _, _ = forward_pairs(sharded.ddp_model, pairs, sharded.args, sharded.tokenizer.pad_token_id,
+                                   one_rank.device)
+        loss.backward()
+    assert not [w for w in caught if "view tensor" in str(w.message)], [str(w.message) for w in caught]
+    ref, _, _ = forward_pairs(eager.ddp_model, pairs, eager.args, eager.tokenizer.pad_token_id, one_rank.device)
+    assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_checkpoint_index_refuses_missing_backbone_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = _save_causal_lm(tmp_path / "lm")
+    w = load_file(os.path.join(model_dir, "model.safetensors"))
+    del w["model.layers.0.mlp.up_proj.weight"]
+    save_file(w, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
+    model, _ = F.build_on_meta(lambda: M.reward_model_from_config(model_dir))
+    with pytest.raises(Exception, match=r"lacks 1 backbone weights \(\['model.layers.0.mlp.up_proj.weight'\]\)"):
+        F.checkpoint_index(model_dir, model)
+    os.remove(os.path.join(model_dir, "model.safetensors"))
+    with pytest.raises(Exception, match="reads safetensors checkpoints"):
+        F.checkpoint_index(model_dir, model)

@@ -1,23 +1,44 @@
-"""``--fsdp``: the reward model sharded with PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``).
+"""``--fsdp``: the reward model sharded with PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``),
+built and loaded shard by shard: no rank ever holds the whole model.
 
+- :func:`build_on_meta`: the model's constructor runs with every parameter on the ``meta``
+  device (no memory; buffers such as RoPE's ``inv_freq`` are made for real, they are small).
+  With ``record_init=True`` every in-place operation the constructor applies to a parameter
+  (torch's default init at construction, then HF's ``post_init``) is recorded in order, as an
+  :class:`InitPlan`; the torch RNG is left untouched.
 - :func:`shard`: ``fully_shard`` on every decoder layer (the classes the HF model lists in
   ``_no_split_modules``) and on the root, over a 1-D mesh of all ranks (NCCL on GPUs, gloo on
-  CPU). Parameters stay float32 (the optimizer's master copy); ``--bf16`` is a
-  ``MixedPrecisionPolicy`` (bf16 compute, float32 gradient reduction) instead of autocast.
-  The root's forward is the patched one (``rmk.patch_hf_reward_model``, or the packed
-  forward of :mod:`rmkernels_train.packing`), so the fused ``rmk.pairwise_reward_loss`` runs
-  inside it while the root's parameters (embeddings, final norm, ``score``) are gathered.
+  CPU); a meta model is then materialised on the device (``to_empty``: each rank allocates
+  its shards only) and its buffers get back their constructed values. Parameters stay float32
+  (the optimizer's master copy); ``--bf16`` is a ``MixedPrecisionPolicy`` (bf16 compute,
+  float32 gradient reduction) instead of autocast. The root's forward is the patched one
+  (``rmk.patch_hf_reward_model``, or the packed forward of :mod:`rmkernels_train.packing`),
+  so the fused ``rmk.pairwise_reward_loss`` runs inside it while the root's parameters
+  (embeddings, final norm, ``score``) are gathered.
+- :func:`init_shards`: replays an :class:`InitPlan` on the CPU one tensor at a time, in the
+  constructor's order (so the torch RNG produces exactly the values, and ends in exactly the
+  state, of the eager constructor: the same seed gives the same model as DDP or one
+  process), and copies this rank's rows of each parameter into its shard.
+- :func:`checkpoint_index` / :func:`load_shards`: an HF safetensors checkpoint read tensor by
+  tensor, each rank reading only its rows (``safe_open(...).get_slice``);
+  :func:`record_missing_init` records what ``from_pretrained`` would initialise (a causal-LM
+  checkpoint's new ``score`` head), for :func:`init_shards`.
 - :func:`clip_grad_norm`: the total gradient norm over the sharded (DTensor) gradients, the
   same on every rank, and the clipping.
 - :func:`save_sharded` / :func:`load_sharded`: model and optimizer state as a
   ``torch.distributed.checkpoint`` directory (every rank writes and reads its own shards;
   no pickled objects are executed).
 - :func:`full_state_dict`: the whole model gathered on rank 0 (CPU), for the HF checkpoint
-  that ``from_pretrained`` loads (:func:`save_hf`).
+  that ``from_pretrained`` loads (:func:`save_hf`): the one time the whole model is in one
+  process's (host) memory.
+
+Peak host memory of a rank while the model is built: its shards plus the largest single
+parameter (one full tensor at a time).
 """
+import contextlib
 import copy
+import json
 import os
-import warnings
 
 import torch
 
@@ -45,21 +66,327 @@ def mixed_precision(bf16):
     return MixedPrecisionPolicy()
 
 
+# ---------------------------------------------------------------------------------------
+# Building the model without holding it: parameters on the meta device, their values
+# replayed or read one tensor at a time
+# ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def params_on_meta():
+    """Inside, every parameter a module registers is moved to the ``meta`` device before it is
+    registered (a constructor's ``torch.empty`` is never written, so it costs no resident
+    memory); buffers stay where they are made. Unlike a ``torch.device("meta")`` context, HF's
+    ``post_init`` still runs its weight initialisation (on the meta parameters), so that
+    :class:`_InitRecorder` sees it."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            meta = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            param = meta
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _storage_key(t):
+    return t.untyped_storage()._cdata
+
+
+def _seeded(func):
+    return torch.Tag.nondeterministic_seeded in func.tags
+
+
+class _InitRecorder:
+    """A dispatch mode that records, in order, every in-place op on a meta tensor (what a
+    constructor does to its parameters), and refuses a random op on a real tensor (it would
+    draw from the RNG now, out of the order the replay keeps)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                if target is not None and target.is_meta and func._schema.is_mutable:
+                    ops.append((func, args, kwargs))
+                elif _seeded(func):
+                    raise TrainingError(f"--fsdp: the model's constructor draws random numbers for a tensor "
+                                        f"that is not a parameter ({func}); building it shard by shard cannot "
+                                        f"reproduce that")
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+class InitPlan:
+    """The recorded initialisation of some parameters of a meta model (:func:`build_on_meta`,
+    :func:`record_missing_init`): ``ops`` in the order they ran, ``names`` the parameter
+    names of each meta storage (recorded before sharding renames nothing but replaces the
+    tensors)."""
+
+    def __init__(self, ops, model, only=None):
+        self.ops = ops
+        self.names, self.layout = {}, {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if only is None or name in only:
+                self.names.setdefault(_storage_key(p), []).append(name)
+                self.layout[_storage_key(p)] = (p.size(), p.stride(), p.storage_offset())
+        self._keep = [p for _, p in model.named_parameters()]  # the meta storages stay alive (unique keys)
+
+    def param_names(self):
+        return sorted(n for names in self.names.values() for n in names)
+
+
+_FULL_WRITES = {"normal_", "uniform_", "fill_", "zero_", "copy_", "random_", "bernoulli_", "exponential_",
+                "geometric_", "cauchy_", "log_normal_"}
+
+
+def _covers(t):
+    """Whether the in-place target ``t`` is its whole storage (a full overwrite)."""
+    return (t.storage_offset() == 0 and t.is_contiguous()
+            and t.numel() * t.element_size() == t.untyped_storage().nbytes())
+
+
+def _real_args(args, kwargs, what):
+    def check(x):
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            raise TrainingError(f"--fsdp: {what} reads another meta tensor; building the model shard by shard "
+                                f"cannot replay it")
+        return x
+
+    return tuple(check(a) for a in args), {k: check(v) for k, v in kwargs.items()}
+
+
+def replay(plan, sink):
+    """Replay ``plan`` on the CPU and call ``sink(names, tensor)`` with each planned parameter's
+    final value as soon as it is known (then it is freed): at most the parameters whose
+    initialisation is in progress are alive, one or two tensors. Every random op runs, on a
+    scratch tensor of the same shape and strides when its result is overwritten later, so the
+    torch RNG draws exactly what the eager constructor drew."""
+    ops = plan.ops
+    last_full, last_op = {}, {}
+    for i, (func, args, _) in enumerate(ops):
+        key = _storage_key(args[0])
+        if key in plan.names:
+            last_op[key] = i
+            if func.__name__.split(".")[0] in _FULL_WRITES and _covers(args[0]):
+                last_full[key] = i
+    never = [n for key, names in plan.names.items() if key not in last_full for n in names]
+    if never:
+        raise TrainingError(f"--fsdp: the constructor never initialises {never[:5]}; cannot build the model shard "
+                            f"by shard")
+    live = {}
+    with torch.no_grad():
+        for i, (func, args, kwargs) in enumerate(ops):
+            target = args[0]
+            key = _storage_key(target)
+            if key in last_full and i >= last_full[key]:
+                if i == last_full[key]:
+                    live[key] = torch.empty(target.untyped_storage().nbytes() // target.element_size(),
+                                            dtype=target.dtype)
+                real = live[key].as_strided(target.size(), target.stride(), target.storage_offset())
+                rest, kw = _real_args(args[1:], kwargs, f"{func} on {plan.names[key][0]}")
+                func(real, *rest, **kw)
+                if i == last_op[key]:
+                    sink(plan.names[key], live.pop(key).as_strided(*plan.layout[key]))
+            elif _seeded(func):  # overwritten later (or not a planned parameter): only the draws count
+                scratch = torch.empty_strided(target.size(), target.stride(), dtype=target.dtype)
+                rest, kw = _real_args(args[1:], kwargs, str(func))
+                func(scratch, *rest, **kw)
+
+
+def build_on_meta(build, *, record_init=False):
+    """``build()`` under :func:`params_on_meta`. Returns ``(model, plan)``: ``plan`` is the
+    :class:`InitPlan` of every parameter with ``record_init`` (else None). The torch RNG is
+    not advanced (the plan draws when it is replayed)."""
+    rng = torch.get_rng_state()
+    recorder = _InitRecorder() if record_init else contextlib.nullcontext()
+    with params_on_meta(), recorder:
+        model = build()
+    if not torch.equal(rng, torch.get_rng_state()):
+        raise TrainingError("--fsdp: building the model on the meta device drew random numbers")
+    return model, (InitPlan(recorder.ops, model) if record_init else None)
+
+
+def record_missing_init(model, loaded):
+    """The :class:`InitPlan` of what ``from_pretrained`` initialises after loading the
+    parameters ``loaded`` of a meta ``model``: HF's ``initialize_weights`` with the loaded
+    parameters marked as initialised (transformers' rule for missing keys)."""
+    for m in model.modules():
+        m.__dict__.pop("_is_hf_initialized", None)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in loaded:
+        params[name]._is_hf_initialized = True
+    recorder = _InitRecorder()
+    rng = torch.get_rng_state()
+    with recorder:
+        model.initialize_weights()
+    if not torch.equal(rng, torch.get_rng_state()):
+        raise TrainingError("--fsdp: recording the new weights' initialisation drew random numbers")
+    for name in loaded:
+        del params[name]._is_hf_initialized
+    return InitPlan(recorder.ops, model, only=set(params) - set(loaded))
+
+
+def _rows(p):
+    """``(start, stop)``: the rows of the full tensor that the FSDP2 parameter ``p`` (a DTensor
+    sharded on dim 0, ``torch.chunk``'s split) holds on this rank."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(p.placements) != (Shard(0),):
+        raise TrainingError(f"--fsdp: a parameter is placed {p.placements}, expected Shard(0)")
+    n, ranks = p.shape[0], p.device_mesh.size()
+    chunk = -(-n // ranks) if n else 0
+    start = min(n, p.device_mesh.get_local_rank() * chunk)
+    stop = min(n, start + chunk)
+    if stop - start != p.to_local().shape[0]:
+        raise TrainingError(f"--fsdp: shard of {tuple(p.shape)} has {p.to_local().shape[0]} rows on this rank, "
+                            f"expected {stop - start}")
+    return start, stop
+
+
+def _fill(p, get_rows, name):
+    """Copy rows ``get_rows(start, stop)`` of the full tensor into ``p``'s local shard (or the
+    whole tensor into a plain parameter or buffer)."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        if isinstance(p, DTensor):
+            local = p.to_local()
+            start, stop = _rows(p)
+            part = get_rows(start, stop)
+        else:
+            local, part = p, get_rows(0, p.shape[0] if p.dim() else None)
+        if tuple(part.shape) != tuple(local.shape):
+            raise TrainingError(f"--fsdp: {name}: got {tuple(part.shape)} for a shard of {tuple(local.shape)}")
+        local.copy_(part)
+
+
+def _tensors(model):
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
+def init_shards(model, plan):
+    """Fill the shards of ``plan``'s parameters in the sharded, materialised ``model`` with the
+    values the eager constructor gives them (:func:`replay`)."""
+    tensors = _tensors(model)
+
+    def sink(names, full):
+        for name in names:
+            _fill(tensors[name], lambda a, b: full if b is None else full[a:b], name)
+
+    replay(plan, sink)
+
+
+def checkpoint_index(path, model, *, what="--model"):
+    """Where each of ``model``'s tensors is in the HF safetensors checkpoint ``path``
+    (``model.safetensors`` or a sharded ``model.safetensors.index.json``): ``{name: (file,
+    key)}``. A checkpoint key is matched as is, or with the model's base-model prefix added
+    (a backbone-only checkpoint); other keys (a causal LM's ``lm_head``) are not used, as
+    ``from_pretrained`` does. Parameters the checkpoint lacks must be in the head (they are
+    initialised, :func:`record_missing_init`); anything else is an error."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(single):
+        files = ["model.safetensors"]
+    else:
+        raise TrainingError(f"{what} {path}: --fsdp reads safetensors checkpoints (model.safetensors or "
+                            f"model.safetensors.index.json) and finds neither")
+    names = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    found = {}
+    for fname in files:
+        with safe_open(os.path.join(path, fname), framework="pt") as f:
+            for key in f.keys():
+                for name in (key, f"{prefix}.{key}" if prefix else None):
+                    if name in names and name not in found:
+                        found[name] = (os.path.join(path, fname), key)
+                        break
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in found]
+    backbone = [n for n in missing if not prefix or n.startswith(prefix + ".")]
+    if backbone:
+        raise TrainingError(f"{what} {path}: the checkpoint lacks {len(backbone)} backbone weights ({backbone[:3]}) "
+                            f"under the names the model uses; --fsdp loads tensors by name without transformers' "
+                            f"key conversions (load it once without --fsdp and save it with save_pretrained)")
+    return found
+
+
+def load_shards(model, index):
+    """Copy each rank's rows of the checkpoint tensors named in ``index``
+    (:func:`checkpoint_index`) into the sharded, materialised ``model``, one tensor at a time
+    and as float32 (the master weights); buffers the checkpoint has are copied whole."""
+    from safetensors import safe_open
+
+    tensors = _tensors(model)
+    by_file = {}
+    for name, (fname, key) in index.items():
+        by_file.setdefault(fname, []).append((name, key))
+    for fname, items in sorted(by_file.items()):
+        with safe_open(fname, framework="pt") as f:
+            for name, key in items:
+                t = tensors[name]
+                sl = f.get_slice(key)
+                if tuple(sl.get_shape()) != tuple(t.shape):
+                    raise TrainingError(f"{fname}: {key} has shape {tuple(sl.get_shape())}, the model's {name} "
+                                        f"{tuple(t.shape)}")
+
+                def rows(a, b, sl=sl, key=key, dtype=t.dtype):
+                    return (sl[a:b] if b is not None else f.get_tensor(key)).to(dtype)
+
+                _fill(t, rows, name)
+
+
 def shard(model, dist, *, bf16=False):
-    """Shard ``model`` (already on ``dist.device``) in place over all ranks. Returns it."""
+    """Shard ``model`` in place over all ranks. Returns it. A model built by
+    :func:`build_on_meta` is materialised on ``dist.device`` after ``fully_shard``: each rank
+    allocates its shards only (uninitialised: fill them with :func:`init_shards`,
+    :func:`load_shards` or :func:`load_sharded`), and the buffers get back the values the
+    constructor gave them. A model already on ``dist.device`` keeps its values."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if not dist.enabled:
         raise TrainingError("--fsdp shards the model over the ranks of a torchrun job: launch it with "
                             "torchrun --nproc_per_node N (N >= 2)")
-    # The root returns the rewards as a view ([2B, 1]); nothing here changes it in place.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     mp = mixed_precision(bf16)
+    on_meta = any(p.is_meta for p in model.parameters())
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if on_meta:
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        if any(b.is_meta for b in buffers.values()):
+            raise TrainingError("--fsdp: the model's buffers were built on the meta device (build it with "
+                                "rmkernels_train.fsdp.build_on_meta)")
+        model.to_empty(device=dist.device)
+        with torch.no_grad():
+            for name, b in model.named_buffers(remove_duplicate=False):
+                b.copy_(buffers[name])
     return model
 
 
@@ -162,13 +489,26 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None):
+def rss_mib():
+    """``{"now": current, "peak": peak so far}`` resident memory of the process, MiB (``now``
+    from /proc/self/statm: None where there is none)."""
+    now = None
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"now": None if now is None else round(now, 1), "peak": round(peak_rss_mib(), 1)}
+
+
+def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None, marks=None):
     """What this rank holds, in MiB: ``model_state`` = its parameters (its shards under FSDP)
     counted twice (weights and their gradients during a step) plus the optimizer's state
     tensors; ``peak_rss`` = the process's peak resident memory (with the end's checkpoint
     writing, which under --fsdp gathers the whole model on rank 0's CPU); ``start_rss`` (before
     the data and model) and ``train_peak_rss`` (by the end of the last training step) when
-    given; on a GPU ``peak_cuda`` = the peak memory torch allocated."""
+    given; ``rss_marks`` (``marks``: :func:`rss_mib` at named points of the run, in order);
+    on a GPU ``peak_cuda`` = the peak memory torch allocated."""
     from torch.distributed.tensor import DTensor
 
     def nbytes(t):
@@ -178,12 +518,14 @@ def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None):
     params = local_param_bytes(model)
     opt = sum(nbytes(v) for st in optimizer.state.values() for v in st.values()
               if isinstance(v, torch.Tensor) and v.dim() > 0)
-    out = {"model_state_MiB": round((2 * params + opt) / 2**20, 2),
-           "peak_rss_MiB": round(peak_rss_mib(), 1)}
+    out = {"model_state_MiB": round((2 * params + opt) / 2**20, 2), "params_MiB": round(params / 2**20, 2),
+           "optimizer_state_MiB": round(opt / 2**20, 2), "peak_rss_MiB": round(peak_rss_mib(), 1)}
     if start_rss is not None:
         out["start_rss_MiB"] = round(start_rss, 1)
     if train_rss is not None:
         out["train_peak_rss_MiB"] = round(train_rss, 1)
+    if marks:
+        out["rss_marks_MiB"] = {**marks, "end": rss_mib()}
     if device.type == "cuda":
         out["peak_cuda_MiB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out

@@ -69,14 +69,12 @@ def max_positions(path):
     return None
 
 
-def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetensors=None):
-    """An HF checkpoint directory as a reward model: a ``*ForSequenceClassification``
-    checkpoint loads as is (it must have one label); a causal-LM checkpoint gets a new,
-    randomly initialised ``score`` head (transformers says which weights are new). The
-    weights are loaded in float32 (the optimizer's master copy; ``--bf16`` is autocast).
-    ``what`` names the directory in error messages (``--model``, ``checkpoint``, ...);
-    ``use_safetensors=True`` loads ``model.safetensors`` only."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def reward_config(path, *, what="--model"):
+    """``(config, kwargs)`` of the HF checkpoint directory ``path`` as a reward model: a
+    ``*ForSequenceClassification`` checkpoint as is (it must have one label), another one
+    (a causal LM) with ``num_labels=1`` in ``kwargs`` (its ``score`` head is new).
+    ``what`` names the directory in error messages."""
+    from transformers import AutoConfig
 
     if not os.path.isdir(path):
         raise TrainingError(f"{what} {path}: not a directory (give a local HF checkpoint directory)")
@@ -89,7 +87,21 @@ def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetens
     if is_seq_cls and cfg.num_labels != 1:
         raise TrainingError(f"{what} {path}: a reward model has one output, this checkpoint has num_labels="
                             f"{cfg.num_labels}")
-    kwargs = {} if is_seq_cls else {"num_labels": 1}
+    return cfg, ({} if is_seq_cls else {"num_labels": 1})
+
+
+def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetensors=None):
+    """An HF checkpoint directory as a reward model: a ``*ForSequenceClassification``
+    checkpoint loads as is (it must have one label); a causal-LM checkpoint gets a new,
+    randomly initialised ``score`` head (transformers says which weights are new). The
+    weights are loaded in float32 (the optimizer's master copy; ``--bf16`` is autocast).
+    ``what`` names the directory in error messages (``--model``, ``checkpoint``, ...);
+    ``use_safetensors=True`` loads ``model.safetensors`` only. (``--fsdp`` builds the model
+    on the meta device and loads it shard by shard instead: :func:`reward_model_from_config`
+    and :mod:`rmkernels_train.fsdp`.)"""
+    from transformers import AutoModelForSequenceClassification
+
+    _, kwargs = reward_config(path, what=what)
     if use_safetensors is not None:
         kwargs["use_safetensors"] = use_safetensors
     try:
@@ -98,6 +110,22 @@ def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetens
         raise TrainingError(f"{what} {path}: cannot load it as a sequence-classification model: "
                             f"{str(e).splitlines()[0]}") from None
     return model
+
+
+def reward_model_from_config(path, *, dtype=torch.float32, what="--model"):
+    """The architecture of :func:`load_reward_model`'s model, without its weights (randomly
+    initialised by the constructor; under :func:`rmkernels_train.fsdp.params_on_meta`, on
+    the meta device)."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg, kwargs = reward_config(path, what=what)
+    for k, v in kwargs.items():
+        setattr(cfg, k, v)
+    try:
+        return AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
+    except Exception as e:
+        raise TrainingError(f"{what} {path}: cannot build it as a sequence-classification model: "
+                            f"{str(e).splitlines()[0]}") from None
 
 
 def prepare_reward_model(model, tokenizer, *, backend=None):

@@ -128,7 +128,8 @@ def enable_packing(model, *, flash=False):
         loss, chosen, rejected = rmk.pairwise_reward_loss(hidden, model.score.weight, model.score.bias,
                                                           cu_seqlens=cu, backend=backend,
                                                           **{k: v for k, v in pairwise.items() if v is not None})
-        return SequenceClassifierOutputWithPast(loss=loss, logits=torch.cat([chosen, rejected]).unsqueeze(-1))
+        # logits [2B, 1] made by cat, not a view (FSDP2 warns when a module returns a view)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=torch.cat([chosen[:, None], rejected[:, None]]))
 
     model.forward = forward
     model._rmk_packed = True

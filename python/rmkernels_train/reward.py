@@ -383,6 +383,9 @@ class RewardTrainer:
         self.bar = None
         self.start_rss = F.peak_rss_mib()  # memory_per_rank in final.json
         self.train_rss = None
+        # resident memory at points of the run (memory_per_rank's rss_marks_MiB): what the model
+        # build, DDP's wrapper, the first step's activations and the steps add
+        self.rss_marks = {"start": F.rss_mib()}
 
     # -- set-up ---------------------------------------------------------------------------
     def setup(self):
@@ -392,6 +395,7 @@ class RewardTrainer:
         seed_everything(self.args.seed)
         self.load_data(resumed)
         self.build_model(resumed)
+        self.rss_marks["model"] = F.rss_mib()
         self.build_optimizer(resumed)
         self.open_metrics(resumed)
         args, dist = self.args, self.dist
@@ -437,38 +441,76 @@ class RewardTrainer:
 
     def build_model(self, resumed):
         """The checkpoint's model, --model, or the built-in tiny Llama; patched, on the device,
-        wrapped in DDP under torchrun."""
+        wrapped in DDP under torchrun (or sharded with --fsdp: :meth:`build_sharded_model`)."""
         args, dist = self.args, self.dist
-        if resumed is not None and resumed.get("sharded"):
-            from transformers import AutoModelForSequenceClassification
-
-            # the architecture only: the weights come from the shards (build_optimizer)
-            model = AutoModelForSequenceClassification.from_config(resumed["model"], dtype=torch.float32)
-            self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']}, sharded)")
-        elif resumed is not None:
+        if args.fsdp:
+            return self.build_sharded_model(resumed)
+        if resumed is not None:
             model = resumed["model"]
             self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']})")
         elif args.model is not None:
             model = M.load_reward_model(args.model)
         else:
-            longest = max(len(p[k]) for p in self.train_pairs + self.held_pairs for k in ("chosen_ids", "rejected_ids"))
-            model = M.build_tiny_reward_model(self.tokenizer, hidden_size=args.hidden_size,
-                                              num_hidden_layers=args.layers, intermediate_size=2 * args.hidden_size,
-                                              max_position_embeddings=max(128, longest))
-        M.prepare_reward_model(model, self.tokenizer, backend=args.backend)
-        if args.packing:
-            flash = P.flash_available(dist.device, args.bf16)
-            P.enable_packing(model, flash=flash)
-            self.log("--packing: attention through " + ("flash-attention's varlen kernel" if flash else
-                     "torch SDPA once per sequence (flash-attention needs a GPU, --bf16 and flash_attn)"))
+            model = self.build_default_model()
+        self.prepare_model(model)
         model.to(dist.device)
         model.train()
         self.model = self.ddp_model = model
-        if args.fsdp:
-            F.shard(model, dist, bf16=args.bf16)  # in place: the root's forward stays the patched one
-        elif dist.enabled:
+        if dist.enabled:
+            self.rss_marks["model_before_ddp"] = F.rss_mib()
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+
+    def build_default_model(self):
+        """The built-in tiny Llama (random init from the torch RNG), sized for the data."""
+        args = self.args
+        longest = max(len(p[k]) for p in self.train_pairs + self.held_pairs for k in ("chosen_ids", "rejected_ids"))
+        return M.build_tiny_reward_model(self.tokenizer, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                                         intermediate_size=2 * args.hidden_size,
+                                         max_position_embeddings=max(128, longest))
+
+    def prepare_model(self, model):
+        """Patch the model for the fused loss (and the packed forward with --packing)."""
+        args = self.args
+        M.prepare_reward_model(model, self.tokenizer, backend=args.backend)
+        if args.packing:
+            flash = P.flash_available(self.dist.device, args.bf16)
+            P.enable_packing(model, flash=flash)
+            self.log("--packing: attention through " + ("flash-attention's varlen kernel" if flash else
+                     "torch SDPA once per sequence (flash-attention needs a GPU, --bf16 and flash_attn)"))
+
+    def build_sharded_model(self, resumed):
+        """--fsdp: the model is built on the meta device, sharded, and only then given memory
+        (each rank its shards) and values: the built-in model's by replaying its constructor's
+        initialisation tensor by tensor (the same values and RNG draws as the DDP run),
+        --model's by reading each rank's rows of the safetensors checkpoint (and initialising a
+        new ``score`` head as ``from_pretrained`` does), a resumed run's from the sharded
+        checkpoint (in :meth:`build_optimizer`). No rank holds the whole model."""
+        args, dist = self.args, self.dist
+        index = plan = None
+        if resumed is not None:
+            from transformers import AutoModelForSequenceClassification
+
+            # the architecture only: the weights come from the shards (build_optimizer)
+            model, _ = F.build_on_meta(lambda: AutoModelForSequenceClassification.from_config(
+                resumed["model"], dtype=torch.float32))
+            self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']}, sharded)")
+        elif args.model is not None:
+            model, _ = F.build_on_meta(lambda: M.reward_model_from_config(args.model))
+            index = F.checkpoint_index(args.model, model)
+            plan = F.record_missing_init(model, set(index) & {n for n, _ in model.named_parameters()})
+            if plan.param_names():
+                self.log(f"--model {args.model}: new weights, initialised: {', '.join(plan.param_names())}")
+        else:
+            model, plan = F.build_on_meta(self.build_default_model, record_init=True)
+        self.prepare_model(model)
+        model.train()
+        self.model = self.ddp_model = model
+        F.shard(model, dist, bf16=args.bf16)  # in place: the root's forward stays the patched one
+        if index is not None:
+            F.load_shards(model, index)
+        if plan is not None:
+            F.init_shards(model, plan)
 
     def build_optimizer(self, resumed):
         """AdamW and the warm-up + cosine schedule; on resume their states, the RNG state and
@@ -579,8 +621,13 @@ class RewardTrainer:
             if args.fsdp:  # reduce-scatter the gradients after the last micro-batch only
                 self.model.set_requires_gradient_sync(sync)
             with contextlib.nullcontext() if sync or args.fsdp else self.ddp_model.no_sync():
+                first = i == 0 and self.steps_this_run == 0
+                if first:
+                    self.rss_marks["step1_before_forward"] = F.rss_mib()
                 with self.autocast():
                     loss, c, r = forward_pairs(self.ddp_model, bt, args, self.tokenizer.pad_token_id, dist.device)
+                if first:  # the activations autograd keeps (and under FSDP the root's gathered parameters)
+                    self.rss_marks["step1_after_forward"] = F.rss_mib()
                 (loss / len(group)).backward()
             c, r = c.detach(), r.detach()
             sums[0] += float(loss.detach()) * len(bt)
@@ -610,6 +657,7 @@ class RewardTrainer:
         rec["epoch"] = round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4)
         rec["time_s"] = round(self.elapsed(), 2)
         self.train_rss = F.peak_rss_mib()
+        self.rss_marks["step1" if self.steps_this_run == 1 else "last_step"] = F.rss_mib()
         T.fault_point("step")
         return rec
 
@@ -675,7 +723,8 @@ class RewardTrainer:
                    "param_digests": digests, "checkpoint": self.last_ckpt,
                    "train_time_s": round(self.elapsed(), 1),
                    "memory_per_rank": dist.gather_object(F.memory_report(
-                       self.model, self.optimizer, dist.device, start_rss=self.start_rss, train_rss=self.train_rss))}
+                       self.model, self.optimizer, dist.device, start_rss=self.start_rss, train_rss=self.train_rss,
+                       marks=self.rss_marks))}
         if dist.is_main:
             atomic_write_text(os.path.join(self.out_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
             if args.plot:

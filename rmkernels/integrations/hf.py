@@ -238,7 +238,7 @@ def _patched_forward(self, *args, **kwargs):
                              f"{batch_size} rows")
         loss, chosen, rejected = pairwise_reward_loss(hidden, weight, bias, backend=opts["backend"], **pool,
                                                       **{k: v for k, v in pairwise.items() if v is not None})
-        logits = torch.cat([chosen, rejected]).unsqueeze(-1)
+        logits = torch.cat([chosen[:, None], rejected[:, None]])  # [2B, 1], not a view (FSDP2 warns on views)
     else:
         logits = last_token_reward(hidden, weight, bias, backend=opts["backend"], **pool)
         logits = logits.to(_logits_dtype(hidden, weight))
