@@ -1,7 +1,8 @@
 """rm-pack: end-to-end reward training (``rmkernels-train reward``), padded vs ``--packing``
 in tokens/s, and ``--fsdp`` vs DDP memory per rank with 2 ranks.
 
-    python benchmarks/bench_rm_pack.py [--quick] [--tiny] [--shapes pack fsdp]
+    python benchmarks/run.py --ops rm-pack         # the committed results (minutes; opt-in)
+    python benchmarks/bench_rm_pack.py [--quick] [--tiny] [--shapes pack fsdp]   # scratch
 
 The preference data is generated: each pair's chosen and rejected texts have log-normal
 lengths (median 70 characters = tokens under the character tokenizer, sigma 1.0, cut at
@@ -12,23 +13,26 @@ lengths (median 70 characters = tokens under the character tokenizer, sigma 1.0,
   wall time, from ``metrics.jsonl`` (the first step is warm-up and not counted); the two
   runs alternate ``reps`` times and the median is kept. Their first losses must agree.
 - ``fsdp``: ``torchrun --nproc_per_node 2`` (gloo on the CPU) with DDP and with ``--fsdp``
-  (both ``--packing``, sequences <= 256 tokens: a model whose state outweighs the
-  activations); from ``final.json``'s ``memory_per_rank``, the largest over the ranks: the
-  model state a rank holds (parameters + gradients + AdamW state), its resident memory's peak
-  by the last training step above what it was at the start (the training's own memory), and
-  the process's whole peak RSS (with the Python/torch process itself, and under --fsdp the
-  final HF checkpoint's whole model gathered on rank 0's CPU; on GPUs that copy is in host
-  memory, not on the device).
+  (both ``--packing``, sequences <= 256 tokens), from ``final.json``'s ``memory_per_rank``,
+  each figure the largest over the ranks: the model state a rank holds (parameters +
+  gradients + AdamW state); its resident memory by the last training step above what it was
+  at the start (the training's own memory: on a CPU the stand-in for "memory per device");
+  the process's whole peak RSS (with the Python/torch process itself, and the end's final
+  checkpoint: under --fsdp rank 0 gathers the whole model on its CPU for
+  ``model.safetensors``). Then what makes up the resident memory, from the RSS marks the
+  trainer records (:func:`components`). Both runs use glibc's fixed mmap threshold
+  (``MALLOC_ENV``): a freed tensor leaves the resident memory, as it leaves a GPU's
+  allocated memory, instead of staying in malloc's heap.
 
-Results (the markdown table and a CSV) go to /tmp/rm_pack/. The machine may be shared:
-compare the ratios of one run, and report ``uptime`` with them.
+:func:`write_results` writes ``rm-pack-<machine>.json`` (date, machine, command, load
+average, every row with both sides of each ratio) and ``.md`` (:func:`summary`, the table
+docs/reward-training.md shows: ``scripts/readme_figures.py`` generates it from the JSON).
 """
 try:
     from benchmarks import _path
 except ImportError:
     import _path  # noqa: F401
 
-import csv
 import json
 import math
 import os
@@ -44,6 +48,12 @@ OPS = ("rm-pack",)
 OUT = "/tmp/rm_pack"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+# The memory runs: glibc malloc serves every block above 128 KiB with mmap and returns it to the
+# system when it is freed (a fixed threshold: glibc otherwise raises it to 32 MiB after the
+# first large free and keeps later tensors' memory in its heap), so that the resident memory
+# follows the live tensors. The same for DDP and FSDP; the tokens/s runs do not set it.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+RESULTS = "rm-pack-{slug}"  # benchmarks/results/rm-pack-<machine>.json / .md
 
 # name: model size, data, steps
 CONFIGS = {
@@ -73,12 +83,12 @@ def write_data(path, n_pairs, seed=0):
     return {"median": s[len(s) // 2], "p99": s[int(0.99 * (len(s) - 1))], "max": s[-1]}
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1",
+def _env(extra=None):
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {}),
             "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")])}
 
 
-def _train(out, data, c, *extra, torchrun=False):
+def _train(out, data, c, *extra, torchrun=False, env=None):
     cmd = [sys.executable, "-m", "rmkernels_train", "reward"]
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
@@ -91,7 +101,7 @@ def _train(out, data, c, *extra, torchrun=False):
         import shutil
 
         shutil.rmtree(out)
-    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False, timeout=3600)
+    run = subprocess.run(cmd, env=_env(env), capture_output=True, text=True, check=False, timeout=3600)
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -156,36 +166,116 @@ def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=N
             for prov, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
                 if only and prov not in only:
                     continue
-                _, final = _train(os.path.join(OUT, f"run-{name}-{prov}"), data, c, *extra, torchrun=True)
-                per_rank = final["memory_per_rank"]
-                for r in per_rank:  # the training's own memory: the peak by the last step above the start
-                    r["train_rss_above_start_MiB"] = r["train_peak_rss_MiB"] - r["start_rss_MiB"]
-                keys = ("model_state_MiB", "train_rss_above_start_MiB", "peak_rss_MiB")
-                mem[prov] = {k: max(r[k] for r in per_rank) for k in keys}
+                _, final = _train(os.path.join(OUT, f"run-{name}-{prov}"), data, c, *extra, torchrun=True,
+                                  env=MALLOC_ENV)
+                per_rank = [{**r, **components(r)} for r in final["memory_per_rank"]]
+                mem[prov] = {k: max(r[k] for r in per_rank) for k in HEADLINE + COMPONENTS}
                 for k, v in mem[prov].items():
                     ranks = ", ".join(f"{r[k]:.0f}" for r in per_rank)
                     rows.append(_row(base, prov, k, v, "MiB", f"{note}; max over the ranks ({ranks})"))
             if len(mem) == 2:
-                for k in keys:
+                for k in HEADLINE:
                     rows.append(_row(base, "fsdp/ddp", k.replace("_MiB", "_ratio"), mem["fsdp"][k] / mem["ddp"][k],
                                      "x", note))
                 log(f"  rm-pack {name}: per rank, DDP vs FSDP (MiB): " + ", ".join(
-                    f"{k} {mem['ddp'][k]:.0f} vs {mem['fsdp'][k]:.0f}" for k in keys))
-    _save(rows)
+                    f"{k} {mem['ddp'][k]:.0f} vs {mem['fsdp'][k]:.0f}" for k in HEADLINE))
     return rows
 
 
-def _save(rows):
-    if not rows:
-        return
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(os.path.join(OUT, f"rm_pack-{stamp}.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    with open(os.path.join(OUT, f"rm_pack-{stamp}.md"), "w") as f:
-        f.write(markdown(rows) + "\n")
+# The memory figures of a run (from final.json's memory_per_rank), MiB, each the largest over the ranks.
+HEADLINE = ("model_state_MiB", "train_rss_above_start_MiB", "peak_rss_MiB")
+COMPONENTS = ("params_MiB", "optimizer_state_MiB", "start_rss_MiB", "model_build_MiB", "model_build_peak_MiB",
+              "first_forward_MiB", "between_steps_MiB", "step_peak_over_steady_MiB", "end_peak_over_train_MiB")
+LABELS = {
+    "model_state_MiB": "model state: parameters + gradients + AdamW state",
+    "train_rss_above_start_MiB": "resident memory by the last step, above the start",
+    "peak_rss_MiB": "peak resident memory of the process (the end's checkpoint included)",
+    "params_MiB": "parameters held (float32)",
+    "optimizer_state_MiB": "AdamW state held",
+    "start_rss_MiB": "the process at the start (Python, torch, transformers; before data and model)",
+    "model_build_MiB": "the built model, resident (parameters held, modules imported; DDP: and its wrapper)",
+    "model_build_peak_MiB": "the build's peak above the data (DDP: its first broadcast of the weights)",
+    "first_forward_MiB": "the first micro-batch's forward (the activations autograd keeps)",
+    "between_steps_MiB": "resident after the last step, above the data (weights, AdamW, DDP's gradient buckets, "
+                         "modules)",
+    "step_peak_over_steady_MiB": "a step's peak above that (gradients, activations, FSDP's gathered layers)",
+    "end_peak_over_train_MiB": "the end's peak above the training's (final evaluation, checkpoint; FSDP rank 0: "
+                               "the gathered model)",
+}
+
+
+def components(r):
+    """What makes up a rank's resident memory, MiB, from its RSS marks (``rss_marks_MiB``:
+    ``now`` = resident at the mark, ``peak`` = the process's peak so far) and report."""
+    m = r["rss_marks_MiB"]
+    last = m.get("last_step") or m["step1"]
+    return {"train_rss_above_start_MiB": r["train_peak_rss_MiB"] - r["start_rss_MiB"],
+            "params_MiB": r["params_MiB"], "optimizer_state_MiB": r["optimizer_state_MiB"],
+            "start_rss_MiB": m["start"]["now"],
+            "model_build_MiB": m["model"]["now"] - m["data"]["now"],
+            "model_build_peak_MiB": m["model"]["peak"] - m["data"]["peak"],
+            "first_forward_MiB": m["step1_after_forward"]["now"] - m["step1_before_forward"]["now"],
+            "between_steps_MiB": last["now"] - m["data"]["now"],
+            "step_peak_over_steady_MiB": r["train_peak_rss_MiB"] - last["now"],
+            "end_peak_over_train_MiB": r["peak_rss_MiB"] - r["train_peak_rss_MiB"]}
+
+
+def _value(rows, shape, provider, metric):
+    for r in rows:
+        if r["shape"] == shape and r["provider"] == provider and r["metric"] == metric:
+            return float(r["median"])
+    return None
+
+
+def summary(doc):
+    """The markdown tables of a results document (:func:`write_results`): the targets with
+    both sides of each ratio, then what the resident memory is made of."""
+    rows = doc["rows"]
+    lines = ["| what (2 ranks: max over the ranks) | padded / DDP | packed / FSDP | ratio | target |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        a, b = _value(rows, shape, "padded", "tokens_per_s"), _value(rows, shape, "packed", "tokens_per_s")
+        if a is not None and b is not None:
+            lines.append(f"| tokens/s (`{shape}`) | {a:.0f} | {b:.0f} | {b / a:.2f}x | >= 1.3x |")
+        for k in HEADLINE:
+            a, b = _value(rows, shape, "ddp", k), _value(rows, shape, "fsdp", k)
+            if a is not None and b is not None:
+                target = "<= 0.6x" if k != "peak_rss_MiB" else ""
+                lines.append(f"| {LABELS[k]} (`{shape}`) | {a:.0f} MiB | {b:.0f} MiB | {b / a:.2f}x | {target} |")
+    parts = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        if _value(rows, shape, "ddp", "params_MiB") is None or _value(rows, shape, "fsdp", "params_MiB") is None:
+            continue
+        parts += [f"\n`{shape}`, what the resident memory is made of (MiB, from the trainer's RSS marks, max over "
+                  f"the ranks):\n", "| part | DDP | FSDP |", "| --- | ---: | ---: |"]
+        for k in COMPONENTS:
+            a, b = _value(rows, shape, "ddp", k), _value(rows, shape, "fsdp", k)
+            parts.append(f"| {LABELS[k]} | {a:.0f} | {b:.0f} |")
+    dims = "; ".join(f"`{s}`: {d}" for s, d in dict.fromkeys((r["shape"], r["dims"]) for r in rows))
+    return "\n".join(lines + parts) + (
+        f"\n\n{doc['machine']}, torch {doc['torch']}, {doc['date']}, 1-minute load average {doc['load_before']:.1f} "
+        f"before and {doc['load_after']:.1f} after (the cores are shared: compare the ratios of one run); {dims}; "
+        f"memory runs with {' '.join(f'{k}={v}' for k, v in doc['malloc_env'].items())}. `{doc['command']}`, file "
+        f"`{doc['file']}`.")
+
+
+def write_results(rows, out_dir, slug, *, command, load_before):
+    """``<out_dir>/rm-pack-<slug>.json`` (the rows with the run's date, machine, command and load
+    average) and ``.md`` (:func:`summary`). Returns the two paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, RESULTS.format(slug=slug))
+    rel = os.path.relpath(base + ".json", ROOT) if os.path.realpath(base).startswith(ROOT + os.sep) else base + ".json"
+    first = rows[0] if rows else {}
+    doc = {"date": first.get("date", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
+           "machine": first.get("device_name", ""), "torch": first.get("torch", ""),
+           "rmkernels": first.get("rmkernels", ""), "command": command, "file": rel.replace(os.sep, "/"),
+           "load_before": load_before, "load_after": os.getloadavg()[0], "malloc_env": MALLOC_ENV, "rows": rows}
+    with open(base + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    with open(base + ".md", "w") as f:
+        f.write(f"# rm-pack: reward training, padded vs --packing, DDP vs --fsdp ({slug})\n\n{summary(doc)}\n")
+    return [base + ".json", base + ".md"]
 
 
 def markdown(rows):
@@ -205,10 +295,15 @@ def main(argv=None):
     ap.add_argument("--providers", nargs="*", help="only these (padded, packed, ddp, fsdp)")
     ap.add_argument("--quick", action="store_true", help="one repetition")
     ap.add_argument("--tiny", action="store_true", help="the *-t smoke-test configs")
+    ap.add_argument("--out", default=OUT, help=f"where the results go (default {OUT}; the committed ones: "
+                    f"python benchmarks/run.py --ops rm-pack)")
     args = ap.parse_args(argv)
+    load = os.getloadavg()[0]
     rows = run(shapes=args.shapes, quick=args.quick, tiny=args.tiny, only=args.providers)
-    print(f"uptime: {os.getloadavg()}")
+    cmd = " ".join(["python benchmarks/bench_rm_pack.py"] + list(sys.argv[1:] if argv is None else argv))
+    paths = write_results(rows, args.out, common.device_slug("cpu"), command=cmd, load_before=load)
     print(markdown(rows))
+    common.log("written: " + ", ".join(paths))
     return rows
 
 

@@ -394,6 +394,7 @@ class RewardTrainer:
         resumed = self.find_resume()
         seed_everything(self.args.seed)
         self.load_data(resumed)
+        self.rss_marks["data"] = F.rss_mib()
         self.build_model(resumed)
         self.rss_marks["model"] = F.rss_mib()
         self.build_optimizer(resumed)
