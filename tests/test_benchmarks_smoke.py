@@ -2,9 +2,12 @@
 torch.compile, a few samples; well under 30 s). Asserts on the output's form, never on a
 timing."""
 import csv
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -13,7 +16,7 @@ def test_benchmark_modules_import(monkeypatch):
     monkeypatch.syspath_prepend(ROOT)
     import importlib
     for m in ("run", "bench_pooling", "bench_bt_loss", "bench_gae", "bench_group_adv", "bench_e2e_reward", "report",
-              "test_bench"):
+              "test_bench", "bench_rm_pack"):
         importlib.import_module(f"benchmarks.{m}")
 
 
@@ -35,3 +38,25 @@ def test_runner_quick_tiny(tmp_path):
         assert (op, "hf", "forward") in timed and (op, "torch", "forward") in timed
     for r in rows:
         assert r["device"] and r["torch"] and r["rmkernels"] and r["date"] and r["dims"]
+
+
+@pytest.mark.slow
+def test_runner_rm_pack_tiny(tmp_path):
+    """``--ops rm-pack`` (opt-in) runs bench_rm_pack's tiny configs through the runner: the
+    result JSON has both sides of each ratio, and its summary the tables."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--tiny", "--quick", "--ops", "rm-pack",
+           "--threads", "1", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (js,) = tmp_path.glob("rm-pack-*.json")
+    doc = json.loads(js.read_text())
+    assert doc["command"].startswith("python benchmarks/run.py") and doc["date"] and doc["machine"]
+    got = {(r["shape"], r["provider"], r["metric"]) for r in doc["rows"]}
+    for prov in ("padded", "packed"):
+        assert ("pack-t", prov, "tokens_per_s") in got
+    for prov in ("ddp", "fsdp"):
+        for metric in ("model_state_MiB", "train_rss_above_start_MiB", "peak_rss_MiB", "first_forward_MiB"):
+            assert ("fsdp-t", prov, metric) in got
+    assert ("fsdp-t", "fsdp/ddp", "model_state_ratio") in got
+    md = js.with_suffix(".md").read_text()
+    assert "| tokens/s (`pack-t`) |" in md and "| model state: parameters + gradients + AdamW state (`fsdp-t`) |" in md

@@ -43,7 +43,7 @@ def test_every_block_in_the_readme_has_a_generator(figures):
 def test_check_fails_when_a_figure_is_edited_by_hand(figures, tmp_path, capsys):
     """A copy of the repository's README and result files: editing a number inside a block,
     or changing the result file, makes --check fail; regenerating fixes it."""
-    for rel in (*figures.FILES, figures.RUNS_JSON, figures.BENCH_CSV):
+    for rel in (*figures.FILES, figures.RUNS_JSON, figures.BENCH_CSV, figures.RM_PACK_JSON):
         os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
         shutil.copy(os.path.join(ROOT, rel), tmp_path / rel)
     shutil.copytree(os.path.join(ROOT, "benchmarks"), tmp_path / "benchmarks", dirs_exist_ok=True,
@@ -99,3 +99,19 @@ def test_only_a_full_run_writes_the_committed_results(bench_run, tmp_path):
         out, committed = bench_run.resolve_out(_args(bench_run, out=str(tmp_path), **kw))
         assert out == str(tmp_path) and not committed
     assert bench_run.SCRATCH_DIR.startswith(os.path.join(ROOT, "runs"))  # runs/ is ignored by git
+
+
+def test_rm_pack_is_opt_in_and_writes_the_committed_results_only_when_complete(bench_run, tmp_path):
+    """bench_rm_pack (minutes of training runs) is never part of the default ops; its own
+    complete run writes benchmarks/results/rm-pack-*, a partial one the scratch directory."""
+    assert "rm-pack" in bench_run.OPT_IN_OPS and "rm-pack" not in bench_run.ALL_OPS
+    out, committed = bench_run.resolve_out(_args(bench_run, ops=["rm-pack"]), bench_run.OPT_IN_OPS)
+    assert committed and out == bench_run.COMMITTED_DIR
+    out, committed = bench_run.resolve_out(_args(bench_run, ops=["rm-pack"]))  # the main ops': partial
+    assert not committed
+    for kw in ({"quick": True}, {"tiny": True}, {"shapes": ["fsdp"]}, {"providers": ["ddp"]}):
+        out, committed = bench_run.resolve_out(_args(bench_run, ops=["rm-pack"], **kw), bench_run.OPT_IN_OPS)
+        assert not committed and out == bench_run.SCRATCH_DIR, kw
+        with pytest.raises(SystemExit, match="never writes the committed results"):
+            bench_run.resolve_out(_args(bench_run, ops=["rm-pack"], out=bench_run.COMMITTED_DIR, **kw),
+                                  bench_run.OPT_IN_OPS)
