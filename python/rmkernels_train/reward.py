@@ -23,7 +23,8 @@ tokenizer; plus ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` -- read bac
 ``--packing`` (:mod:`rmkernels_train.packing`) packs each micro-batch's sequences into one
 row without pad tokens (``cu_seqlens``, position ids restarting per sequence, attention
 within each sequence only); the losses are those of the padded batches. ``--fsdp``
-(:mod:`rmkernels_train.fsdp`) shards the model with FSDP2 under torchrun; its checkpoints
+(:mod:`rmkernels_train.fsdp`) shards the model with FSDP2 under torchrun, built on the meta
+device and filled shard by shard (no rank holds the whole model); its checkpoints
 hold the model and optimizer as a sharded ``torch.distributed.checkpoint`` directory
 (``sharded/``) instead of ``model.safetensors`` / ``optimizer.pt``, and the last checkpoint
 of each invocation also gets ``model.safetensors``, gathered on rank 0 (an HF checkpoint).
