@@ -184,14 +184,16 @@ def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=N
 
 # The memory figures of a run (from final.json's memory_per_rank), MiB, each the largest over the ranks.
 HEADLINE = ("model_state_MiB", "train_rss_above_start_MiB", "peak_rss_MiB")
-COMPONENTS = ("params_MiB", "optimizer_state_MiB", "start_rss_MiB", "model_build_MiB", "model_build_peak_MiB",
-              "first_forward_MiB", "between_steps_MiB", "step_peak_over_steady_MiB", "end_peak_over_train_MiB")
+COMPONENTS = ("params_MiB", "optimizer_state_MiB", "ddp_buckets_MiB", "start_rss_MiB", "model_build_MiB",
+              "model_build_peak_MiB", "first_forward_MiB", "between_steps_MiB", "step_peak_over_steady_MiB",
+              "end_peak_over_train_MiB")
 LABELS = {
     "model_state_MiB": "model state: parameters + gradients + AdamW state",
     "train_rss_above_start_MiB": "resident memory by the last step, above the start",
     "peak_rss_MiB": "peak resident memory of the process (the end's checkpoint included)",
     "params_MiB": "parameters held (float32)",
     "optimizer_state_MiB": "AdamW state held",
+    "ddp_buckets_MiB": "DDP's gradient buckets (its own copy of the gradients, kept between steps)",
     "start_rss_MiB": "the process at the start (Python, torch, transformers; before data and model)",
     "model_build_MiB": "the built model, resident (parameters held, modules imported; DDP: and its wrapper)",
     "model_build_peak_MiB": "the build's peak above the data (DDP: its first broadcast of the weights)",
@@ -211,6 +213,7 @@ def components(r):
     last = m.get("last_step") or m["step1"]
     return {"train_rss_above_start_MiB": r["train_peak_rss_MiB"] - r["start_rss_MiB"],
             "params_MiB": r["params_MiB"], "optimizer_state_MiB": r["optimizer_state_MiB"],
+            "ddp_buckets_MiB": r.get("ddp_buckets_MiB", 0.0),
             "start_rss_MiB": m["start"]["now"],
             "model_build_MiB": m["model"]["now"] - m["data"]["now"],
             "model_build_peak_MiB": m["model"]["peak"] - m["data"]["peak"],

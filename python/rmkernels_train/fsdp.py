@@ -501,14 +501,26 @@ def rss_mib():
     return {"now": None if now is None else round(now, 1), "peak": round(peak_rss_mib(), 1)}
 
 
-def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None, marks=None):
+def ddp_bucket_bytes(ddp_model):
+    """Bytes of the gradient buckets of a ``DistributedDataParallel`` wrapper (its own copy of
+    the gradients, unless ``gradient_as_bucket_view``), as DDP reports them; None if it does
+    not."""
+    try:
+        sizes = str(ddp_model._get_ddp_logging_data().get("bucket_sizes", ""))
+        return sum(int(x) for x in sizes.replace(" ", "").split(",") if x)
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None, marks=None, ddp_model=None):
     """What this rank holds, in MiB: ``model_state`` = its parameters (its shards under FSDP)
     counted twice (weights and their gradients during a step) plus the optimizer's state
     tensors; ``peak_rss`` = the process's peak resident memory (with the end's checkpoint
     writing, which under --fsdp gathers the whole model on rank 0's CPU); ``start_rss`` (before
     the data and model) and ``train_peak_rss`` (by the end of the last training step) when
     given; ``rss_marks`` (``marks``: :func:`rss_mib` at named points of the run, in order);
-    on a GPU ``peak_cuda`` = the peak memory torch allocated."""
+    ``ddp_buckets`` (with ``ddp_model``, :func:`ddp_bucket_bytes`); on a GPU ``peak_cuda`` =
+    the peak memory torch allocated."""
     from torch.distributed.tensor import DTensor
 
     def nbytes(t):
@@ -526,6 +538,9 @@ def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None, m
         out["train_peak_rss_MiB"] = round(train_rss, 1)
     if marks:
         out["rss_marks_MiB"] = {**marks, "end": rss_mib()}
+    buckets = ddp_bucket_bytes(ddp_model) if ddp_model is not None else None
+    if buckets is not None:
+        out["ddp_buckets_MiB"] = round(buckets / 2**20, 2)
     if device.type == "cuda":
         out["peak_cuda_MiB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out

@@ -726,7 +726,7 @@ class RewardTrainer:
                    "train_time_s": round(self.elapsed(), 1),
                    "memory_per_rank": dist.gather_object(F.memory_report(
                        self.model, self.optimizer, dist.device, start_rss=self.start_rss, train_rss=self.train_rss,
-                       marks=self.rss_marks))}
+                       marks=self.rss_marks, ddp_model=self.ddp_model if self.ddp_model is not self.model else None))}
         if dist.is_main:
             atomic_write_text(os.path.join(self.out_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
             if args.plot:
