@@ -6,7 +6,9 @@ in tokens/s, and ``--fsdp`` vs DDP memory per rank with 2 ranks.
 
 The preference data is generated: each pair's chosen and rejected texts have log-normal
 lengths (median 70 characters = tokens under the character tokenizer, sigma 1.0, cut at
-2000), written as JSONL under /tmp/rm_pack/. Each measurement runs the real command on it
+2000), written as JSONL into a new temporary directory ``/tmp/rm_pack-*`` (logged: it also
+holds each run's output directory, and no two benchmark processes share it). Each measurement
+runs the real command on it
 (the built-in Llama over a character tokenizer, the same seed and pairs for both providers):
 
 - ``pack``: one process; tokens/s = the real (non-pad) tokens of the timed steps / their
@@ -121,8 +123,13 @@ def _row(base, provider, metric, value, unit, note=""):
     return dict(base, provider=provider, metric=metric, median=value, p20=value, p80=value, unit=unit, note=note)
 
 
-def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=None, log=common.log):
-    os.makedirs(OUT, exist_ok=True)
+def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=None, log=common.log, work=None):
+    """The rows of the named configs (default ``pack`` and ``fsdp``); data and runs go to
+    ``work`` (default: a new temporary directory)."""
+    import tempfile
+
+    work = work or tempfile.mkdtemp(prefix="rm_pack-")
+    log(f"  rm-pack: data and runs in {work}")
     names = shapes or ["pack", "fsdp"]
     if tiny:
         names = [n if n.endswith("-t") else n + "-t" for n in names]
@@ -133,7 +140,7 @@ def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=N
         c = dict(CONFIGS[name])
         if quick:
             c["reps"] = 1
-        data = os.path.join(OUT, f"prefs-{c['pairs']}.jsonl")
+        data = os.path.join(work, f"prefs-{c['pairs']}.jsonl")
         lens = write_data(data, c["pairs"])
         dims = (f"H={c['hidden']},L={c['layers']},pairs/batch={c['batch']},steps={c['steps']},"
                 f"len median={lens['median']},p99={lens['p99']},max={lens['max']}"
@@ -147,7 +154,7 @@ def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=N
                 for prov, extra in (("padded", []), ("packed", ["--packing"])):
                     if only and prov not in only:
                         continue
-                    recs, _ = _train(os.path.join(OUT, f"run-{name}-{prov}"), data, c, *extra)
+                    recs, _ = _train(os.path.join(work, f"run-{name}-{prov}"), data, c, *extra)
                     tps[prov].append(_tokens_per_s(recs))
                     first[prov] = recs[0]["loss"]
             ok = len(first) < 2 or abs(first["padded"] - first["packed"]) <= 1e-4 * max(1.0, abs(first["padded"]))
@@ -166,7 +173,7 @@ def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=N
             for prov, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
                 if only and prov not in only:
                     continue
-                _, final = _train(os.path.join(OUT, f"run-{name}-{prov}"), data, c, *extra, torchrun=True,
+                _, final = _train(os.path.join(work, f"run-{name}-{prov}"), data, c, *extra, torchrun=True,
                                   env=MALLOC_ENV)
                 per_rank = [{**r, **components(r)} for r in final["memory_per_rank"]]
                 mem[prov] = {k: max(r[k] for r in per_rank) for k in HEADLINE + COMPONENTS}
