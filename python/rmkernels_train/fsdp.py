@@ -136,8 +136,8 @@ class _InitRecorder:
 class InitPlan:
     """The recorded initialisation of some parameters of a meta model (:func:`build_on_meta`,
     :func:`record_missing_init`): ``ops`` in the order they ran, ``names`` the parameter
-    names of each meta storage (recorded before sharding renames nothing but replaces the
-    tensors)."""
+    names of each meta storage and ``layout`` its parameter's size, strides and offset (taken
+    before sharding, which keeps the names but replaces the tensors)."""
 
     def __init__(self, ops, model, only=None):
         self.ops = ops
