@@ -184,20 +184,11 @@ def empty_launch_ms():
 # Peak memory
 # ---------------------------------------------------------------------------------------
 def _cpu_peak_bytes(fn):
-    """Peak of the bytes torch's CPU allocator holds during `fn()` above what it held before,
-    from the profiler's allocation events (every alloc and free, in order)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
-    evs = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    evs.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in evs:
-        if str(e.device_type()).endswith("CPU"):
-            cur += e.nbytes()
-            peak = max(peak, cur)
-    return peak
+    """Peak of the bytes torch's CPU allocator holds during `fn()` above what it held before
+    (``rmkernels_train.memory.cpu_peak_bytes``: the profiler's allocation events)."""
+    from rmkernels_train.memory import cpu_peak_bytes
+
+    return cpu_peak_bytes(fn)
 
 
 def peak_memory_mib(fn, device="cpu"):

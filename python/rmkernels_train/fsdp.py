@@ -512,7 +512,28 @@ def ddp_bucket_bytes(ddp_model):
         return None
 
 
-def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None, marks=None, ddp_model=None):
+def held_bytes(model, optimizer, ddp_model=None):
+    """Bytes of the tensors this rank's training state holds now, by kind: ``params`` (its
+    shards under FSDP), ``grads`` (the ``.grad`` tensors alive), ``optimizer_state`` (AdamW's
+    state tensors), ``buffers`` (e.g. RoPE's ``inv_freq``), ``ddp_buckets``
+    (:func:`ddp_bucket_bytes`, 0 without DDP)."""
+    from torch.distributed.tensor import DTensor
+
+    def nbytes(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    return {"params": sum(nbytes(p) for p in params),
+            "grads": sum(nbytes(p.grad) for p in params if p.grad is not None),
+            "optimizer_state": sum(nbytes(v) for st in optimizer.state.values() for v in st.values()
+                                   if isinstance(v, torch.Tensor) and v.dim() > 0),
+            "buffers": sum(nbytes(b) for b in model.buffers()),
+            "ddp_buckets": (ddp_bucket_bytes(ddp_model) or 0) if ddp_model is not None else 0}
+
+
+def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None, marks=None, ddp_model=None,
+                  live=None):
     """What this rank holds, in MiB: ``model_state`` = its parameters (its shards under FSDP)
     counted twice (weights and their gradients during a step) plus the optimizer's state
     tensors; ``peak_rss`` = the process's peak resident memory (with the end's checkpoint
@@ -520,16 +541,12 @@ def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None, m
     the data and model) and ``train_peak_rss`` (by the end of the last training step) when
     given; ``rss_marks`` (``marks``: :func:`rss_mib` at named points of the run, in order);
     ``ddp_buckets`` (with ``ddp_model``, :func:`ddp_bucket_bytes`); on a GPU ``peak_cuda`` =
-    the peak memory torch allocated."""
-    from torch.distributed.tensor import DTensor
-
-    def nbytes(t):
-        t = t.to_local() if isinstance(t, DTensor) else t
-        return t.numel() * t.element_size()
-
-    params = local_param_bytes(model)
-    opt = sum(nbytes(v) for st in optimizer.state.values() for v in st.values()
-              if isinstance(v, torch.Tensor) and v.dim() > 0)
+    the peak memory torch allocated. With ``live`` (``--profile-memory``: the figures of
+    :class:`rmkernels_train.memory.LiveTensorProfile`, plus ``held_at_first_step_MiB``)
+    ``live_tensors`` = those figures and ``peak_live_tensors`` = their ``peak_MiB``, the CPU
+    analogue of ``peak_cuda``."""
+    held = held_bytes(model, optimizer)
+    params, opt = held["params"], held["optimizer_state"]
     out = {"model_state_MiB": round((2 * params + opt) / 2**20, 2), "params_MiB": round(params / 2**20, 2),
            "optimizer_state_MiB": round(opt / 2**20, 2), "peak_rss_MiB": round(peak_rss_mib(), 1)}
     if start_rss is not None:
@@ -541,6 +558,9 @@ def memory_report(model, optimizer, device, *, start_rss=None, train_rss=None, m
     buckets = ddp_bucket_bytes(ddp_model) if ddp_model is not None else None
     if buckets is not None:
         out["ddp_buckets_MiB"] = round(buckets / 2**20, 2)
+    if live is not None:
+        out["live_tensors"] = live
+        out["peak_live_tensors_MiB"] = live["peak_MiB"]
     if device.type == "cuda":
         out["peak_cuda_MiB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out

@@ -12,7 +12,9 @@ and the Bradley-Terry loss in one op. Per step the progress bar and ``metrics.js
 the loss, the pairwise accuracy (chosen reward > rejected reward) and the mean reward margin
 (chosen - rejected); so does every evaluation on the held-out pairs. Training records also
 carry the step's gradient norm, learning rate and ``tokens`` (the real, non-pad tokens of the
-step's pairs over all ranks); ``final.json`` has each rank's memory (``memory_per_rank``).
+step's pairs over all ranks); ``final.json`` has each rank's memory (``memory_per_rank``;
+with ``--profile-memory N`` on the CPU also the peak of the live tensor bytes over the first N
+steps, ``peak_live_tensors_MiB``: :mod:`rmkernels_train.memory`).
 
 Output directory: ``metrics.jsonl``, ``curves.png``, ``final.json`` and
 ``checkpoint-<step>/`` (an HF checkpoint: ``config.json``, ``model.safetensors``, the
@@ -45,6 +47,7 @@ from rmkernels_train import fsdp as F
 from rmkernels_train import model as M
 from rmkernels_train import packing as P
 from rmkernels_train import trainer as T
+from rmkernels_train.memory import LiveTensorProfile
 from rmkernels_train.tokenizer import build_char_tokenizer
 from rmkernels_train.utils import (
     MetricsWriter,
@@ -116,6 +119,11 @@ def build_parser():
                    "pad tokens (attention stays within each sequence; same losses as padded batches)")
     g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
                    "torchrun ranks (FSDP2, per decoder layer and the root); sharded checkpoints")
+    g.add_argument("--profile-memory", type=int, default=None, metavar="STEPS",
+                   help="CPU: record torch's tensor allocations (torch.profiler, profile_memory) from the start to "
+                        "the end of the STEPS-th step of this invocation and put the peak of the live tensor bytes "
+                        "over those steps, per rank, in final.json's memory_per_rank (peak_live_tensors_MiB: the "
+                        "CPU analogue of a GPU's max_memory_allocated; slows those steps; for benchmarks)")
     T.add_run_args(p, output_dir="runs/reward", save_every=250)
     return p
 
@@ -124,7 +132,7 @@ def check_args(args):
     for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "max_length"):
+    for name in ("max_steps", "max_length", "profile_memory"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -387,6 +395,12 @@ class RewardTrainer:
         # resident memory at points of the run (memory_per_rank's rss_marks_MiB): what the model
         # build, DDP's wrapper, the first step's activations and the steps add
         self.rss_marks = {"start": F.rss_mib()}
+        # --profile-memory: the live tensor bytes (rmkernels_train.memory), started in run()
+        self.live = LiveTensorProfile() if args.profile_memory else None
+        self.held_at_first_step = None
+        if self.live is not None and dist.device.type != "cpu":
+            raise TrainingError(f"--profile-memory measures CPU tensors; on {dist.device.type} final.json's "
+                                f"memory_per_rank has the allocator's own peak (peak_cuda_MiB)")
 
     # -- set-up ---------------------------------------------------------------------------
     def setup(self):
@@ -626,6 +640,9 @@ class RewardTrainer:
                 first = i == 0 and self.steps_this_run == 0
                 if first:
                     self.rss_marks["step1_before_forward"] = F.rss_mib()
+                    if self.live is not None:  # what the live bytes at the first step's start are made of
+                        self.held_at_first_step = F.held_bytes(self.model, self.optimizer, self.ddp_model if
+                                                               self.ddp_model is not self.model else None)
                 with self.autocast():
                     loss, c, r = forward_pairs(self.ddp_model, bt, args, self.tokenizer.pad_token_id, dist.device)
                 if first:  # the activations autograd keeps (and under FSDP the root's gathered parameters)
@@ -685,16 +702,34 @@ class RewardTrainer:
 
     # -- the run ----------------------------------------------------------------------------
     def run(self):
+        if self.live is not None:
+            try:
+                self.live.enable()
+            except RuntimeError as e:
+                raise TrainingError(f"--profile-memory: {e}") from None
+        try:
+            return self._run()
+        finally:
+            if self.live is not None:
+                self.live.stop()  # (done already unless the run failed)
+
+    def _run(self):
         self.setup()
         args = self.args
         if self.step == 0 and self.last_eval_step is None:  # the untrained model: the curves start at chance
             self.evaluate()
         self.bar = self.log.bar = T.progress_bar(args, self.dist, total=self.total, initial=self.step, desc="reward")
+        if self.live is not None:
+            self.live.begin()
         try:
             while self.may_continue():
                 groups = self.epoch_groups()
                 while self.batch_in_epoch < self.steps_per_epoch and self.may_continue():
-                    self.record(self.train_step(groups[self.batch_in_epoch]))
+                    with self.live.step(self.step + 1) if self.live is not None else contextlib.nullcontext():
+                        rec = self.train_step(groups[self.batch_in_epoch])
+                    if self.live is not None and self.live.active and self.steps_this_run >= args.profile_memory:
+                        self.live.stop()
+                    self.record(rec)
                     if self.step % args.eval_every == 0 or self.step == self.total:
                         self.evaluate()
                     if self.step % args.save_every == 0 or self.step == self.total:
@@ -720,13 +755,18 @@ class RewardTrainer:
         if len(set(digests)) != 1:
             raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
         ev = self.ev
+        live = None
+        if self.live is not None:
+            live = {**self.live.stop(), "held_at_first_step_MiB": {
+                k: round(v / 2**20, 2) for k, v in (self.held_at_first_step or {}).items()}}
         summary = {"step": self.step, "total_steps": self.total, "done": self.step >= self.total, "eval": ev,
                    "world_size": dist.world_size, "fsdp": args.fsdp, "packing": args.packing,
                    "param_digests": digests, "checkpoint": self.last_ckpt,
                    "train_time_s": round(self.elapsed(), 1),
                    "memory_per_rank": dist.gather_object(F.memory_report(
                        self.model, self.optimizer, dist.device, start_rss=self.start_rss, train_rss=self.train_rss,
-                       marks=self.rss_marks, ddp_model=self.ddp_model if self.ddp_model is not self.model else None))}
+                       marks=self.rss_marks, ddp_model=self.ddp_model if self.ddp_model is not self.model else None,
+                       live=live))}
         if dist.is_main:
             atomic_write_text(os.path.join(self.out_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
             if args.plot:
