@@ -55,8 +55,11 @@ def test_runner_rm_pack_tiny(tmp_path):
     for prov in ("padded", "packed"):
         assert ("pack-t", prov, "tokens_per_s") in got
     for prov in ("ddp", "fsdp"):
-        for metric in ("model_state_MiB", "train_rss_above_start_MiB", "peak_rss_MiB", "first_forward_MiB"):
+        for metric in ("model_state_MiB", "train_rss_above_start_MiB", "peak_rss_MiB", "first_forward_MiB",
+                       "peak_live_tensors_MiB", "live_at_first_step_MiB", "held_at_first_step_MiB"):
             assert ("fsdp-t", prov, metric) in got
-    assert ("fsdp-t", "fsdp/ddp", "model_state_ratio") in got
+    for metric in ("model_state_ratio", "peak_live_tensors_ratio"):
+        assert ("fsdp-t", "fsdp/ddp", metric) in got
     md = js.with_suffix(".md").read_text()
     assert "| tokens/s (`pack-t`) |" in md and "| model state: parameters + gradients + AdamW state (`fsdp-t`) |" in md
+    assert "| peak live tensor memory per rank, the device-memory measure" in md and "(judged on this row)" in md
