@@ -209,8 +209,7 @@ COMPONENTS = ("params_MiB", "optimizer_state_MiB", "ddp_buckets_MiB", "start_rss
               "model_build_peak_MiB", "first_forward_MiB", "between_steps_MiB", "step_peak_over_steady_MiB",
               "end_peak_over_train_MiB")
 LABELS = {
-    "peak_live_tensors_MiB": "peak live tensor memory per rank, the device-memory measure (torch's CPU allocator "
-                             "over the training steps: what a GPU's max_memory_allocated counts)",
+    "peak_live_tensors_MiB": "peak live tensor memory per rank, the device-memory measure",
     "live_at_first_step_MiB": "live as the first step begins (all tensors allocated since the start and alive)",
     "held_at_first_step_MiB": "of which the training state: parameters held, buffers, DDP's gradient buckets",
     "live_between_steps_MiB": "live as the last step begins (that state and AdamW's)",
@@ -294,6 +293,10 @@ def summary(doc):
                 target = "<= 0.6x (judged on this row)" if k == "peak_live_tensors_MiB" else ""
                 lines.append(f"| {LABELS[k]} (`{shape}`) | {a:.0f} MiB | {b:.0f} MiB | {b / a:.2f}x | {target} |")
     parts = []
+    if any(r["metric"] == "peak_live_tensors_MiB" for r in rows):
+        parts.append("\nThe device-memory measure: the peak, over the training steps, of the bytes of the tensors "
+                     "alive in torch's CPU allocator (what a GPU's `torch.cuda.max_memory_allocated` counts), "
+                     "from a `--profile-memory` run per side.")
     for shape in dict.fromkeys(r["shape"] for r in rows):
         if _value(rows, shape, "ddp", "params_MiB") is None or _value(rows, shape, "fsdp", "params_MiB") is None:
             continue

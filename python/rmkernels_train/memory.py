@@ -9,13 +9,16 @@ finished profiler, in time order.
 - :func:`cpu_peak_bytes` (``benchmarks/timing.py``: one op call): the running sum of the
   events, its maximum above what was live before.
 - :class:`LiveTensorProfile` (``rmkernels-train reward --profile-memory``): absolute live
-  bytes. The per-thread sum misses what another thread frees (gloo's worker threads drop the
-  last reference to FSDP's collective buffers now and then), and a block allocated before the
-  profiler started is not known at all. So :meth:`LiveTensorProfile.enable` turns on the
-  allocator's own accounting (the c10 flag ``caffe2_report_cpu_memory_usage``, set through
-  ctypes; it stays on for the rest of the process): from then on every block allocated on any
-  thread is known and every free of it, on any thread, is subtracted; the profiler then runs
-  over the training steps only, and its events' ``total_allocated`` is the live bytes.
+  bytes. The per-thread sum misses what another thread frees (measured: under 2-rank
+  ``--fsdp`` on gloo its live bytes at each step's start grew step after step, by about a
+  decoder layer's gradients, on some ranks: blocks whose last reference a gloo worker thread
+  dropped), and a block allocated before the profiler started is not known at all. So
+  :meth:`LiveTensorProfile.enable` turns on the allocator's own accounting (the c10 flag
+  ``caffe2_report_cpu_memory_usage``, set through ctypes; it stays on for the rest of the
+  process, since a block freed after it were turned off would stay in its count): from then on
+  every block allocated on any thread is known and every free of it, on any thread, is
+  subtracted (the same run's live bytes at each step's start then stay equal); the profiler
+  runs over the training steps only, and its events' ``total_allocated`` is the live bytes.
 """
 import contextlib
 import ctypes
@@ -68,8 +71,12 @@ def cpu_peak_bytes(fn):
 
 
 def _accounting_flag():
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-    return ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage")
+    """The c10 flag that makes the CPU allocator keep its count of live bytes (every thread)."""
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    names = [n for n in ("libc10.so", "libc10.dylib", "c10.dll") if os.path.exists(os.path.join(libdir, n))]
+    if not names:
+        raise OSError(f"no c10 library in {libdir}")
+    return ctypes.c_bool.in_dll(ctypes.CDLL(os.path.join(libdir, names[0])), "FLAGS_caffe2_report_cpu_memory_usage")
 
 
 class LiveTensorProfile:

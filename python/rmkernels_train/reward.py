@@ -120,10 +120,10 @@ def build_parser():
     g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
                    "torchrun ranks (FSDP2, per decoder layer and the root); sharded checkpoints")
     g.add_argument("--profile-memory", type=int, default=None, metavar="STEPS",
-                   help="CPU: record torch's tensor allocations (torch.profiler, profile_memory) from the start to "
-                        "the end of the STEPS-th step of this invocation and put the peak of the live tensor bytes "
-                        "over those steps, per rank, in final.json's memory_per_rank (peak_live_tensors_MiB: the "
-                        "CPU analogue of a GPU's max_memory_allocated; slows those steps; for benchmarks)")
+                   help="CPU: count the live bytes of torch's CPU allocator from the start, record them "
+                        "(torch.profiler, profile_memory) over the first STEPS steps of this invocation, and put "
+                        "their peak per rank in final.json's memory_per_rank (peak_live_tensors_MiB: the CPU "
+                        "analogue of a GPU's max_memory_allocated; slows those steps; for benchmarks)")
     T.add_run_args(p, output_dir="runs/reward", save_every=250)
     return p
 
