@@ -22,7 +22,7 @@ runs the real command on it
   :mod:`rmkernels_train.memory`; what it is made of: :func:`live_components`); the model
   state a rank holds (parameters +
   gradients + AdamW state); its resident memory by the last training step above what it was
-  at the start (the training's own memory: on a CPU the stand-in for "memory per device");
+  at the start (the training's own memory, with the runtime's and the modules' share);
   the process's whole peak RSS (with the Python/torch process itself, and the end's final
   checkpoint: under --fsdp rank 0 gathers the whole model on its CPU for
   ``model.safetensors``). Then what makes up the resident memory, from the RSS marks the
@@ -279,7 +279,8 @@ def _steps(rows, shape):
 
 def summary(doc):
     """The markdown tables of a results document (:func:`write_results`): the targets with
-    both sides of each ratio, then what the resident memory is made of."""
+    both sides of each ratio, then what the live tensor memory and the resident memory are
+    made of."""
     rows = doc["rows"]
     lines = ["| what (2 ranks: max over the ranks) | padded / DDP | packed / FSDP | ratio | target |",
              "| --- | ---: | ---: | ---: | --- |"]
