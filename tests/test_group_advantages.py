@@ -26,17 +26,18 @@ SINGLES = ["zero", "self"]
 
 def make_groups(B, *, max_size=6, shuffle=True):
     """int64 ids in [0, B): random group sizes (groups of one included), ids drawn sparse
-    (not 0..G-1) and rows in random order."""
-    sizes = []
-    while sum(sizes) < B:
-        sizes.append(int(torch.randint(1, max_size + 1, ()).item()))
-    sizes[-1] -= sum(sizes) - B
-    labels = torch.randperm(B)[:len(sizes)]  # sparse ids in [0, B)
-    ids = torch.cat([torch.full((s,), int(lab)) for s, lab in zip(sizes, labels) if s > 0]) if B else \
-        torch.zeros(0, dtype=torch.int64)
-    if shuffle and B:
-        ids = ids[torch.randperm(B)]
-    return ids
+    (not 0..G-1) and rows in random order (shuffle=False: each group's rows together, verl's
+    layout)."""
+    if B == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    sizes = torch.randint(1, max_size + 1, (B,))
+    ends = sizes.cumsum(0)
+    n = int(torch.searchsorted(ends, B)) + 1  # the groups that cover B rows
+    sizes = sizes[:n].clone()
+    sizes[-1] -= int(ends[n - 1]) - B
+    labels = torch.randperm(B)[:n]  # sparse ids in [0, B)
+    ids = labels.repeat_interleave(sizes)
+    return ids[torch.randperm(B)] if shuffle else ids
 
 
 def make_mask(B, T, kind="holes"):
@@ -226,6 +227,33 @@ def test_backend_matches_reference(backend, device, estimator):
                 assert_close(got.seq_advantages, exp.seq_advantages, rtol=rtol, atol=atol, name=f"seq {where}")
                 assert_close(got.advantages, exp.advantages, rtol=rtol, atol=atol, name=f"adv {where}")
                 assert torch.all(got.advantages[~mask] == 0), where
+
+
+@pytest.mark.parametrize("layout", ["verl", "shuffled"])
+def test_cpu_streamed_outputs_and_run_layouts(layout):
+    """The C++ CPU kernel's paths by size and layout: [B, T] outputs over its streaming-store
+    threshold (8 MiB: built in 8 KiB tiles, so rows of odd length split across tiles and start
+    unaligned; a column-major mask), one column with a million rows (the flat loop), and ids in
+    runs of equal neighbours (verl's layout: the statistics add one run at a time) or shuffled
+    (runs of one). float32 outputs equal the reference bit for bit (same float64 sums, same
+    order); float64 to its last bits."""
+    skip_unless_available("cpu", "cpu")
+    for B, T, dtype in [(4099, 517, torch.float32), (2100, 501, torch.float64), (2**20 + 3, 1, torch.float64)]:
+        assert B * T * (4 if dtype == torch.float32 else 8) > 8 * 2**20  # over the streaming threshold
+        ids = make_groups(B, max_size=9, shuffle=layout == "shuffled")
+        scores = make_scores(B, dtype=dtype)
+        mask = make_mask(B, T)
+        if dtype == torch.float64 and T > 1:
+            mask = mask.t().contiguous().t()
+        for estimator in ESTIMATORS if T > 1 else ["grpo", "rloo"]:  # T = 1: the layout is what is tested
+            for single in SINGLES:
+                kw = dict(estimator=estimator, single=single, f_norm=2.0)
+                got = rmk.group_advantages(scores, ids, mask, backend="cpu", **kw)
+                exp = rmk.group_advantages(scores, ids, mask, backend="reference", **kw)
+                tol = 0.0 if dtype == torch.float32 else 1e-12
+                where = f"{layout} {estimator} B={B} T={T} {dtype} single={single}"
+                assert_close(got.seq_advantages, exp.seq_advantages, rtol=tol, atol=tol, name=f"seq {where}")
+                assert_close(got.advantages, exp.advantages, rtol=tol, atol=tol, name=f"adv {where}")
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

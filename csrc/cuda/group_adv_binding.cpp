@@ -5,6 +5,7 @@
 #include "group_adv.cuh"
 #include "rmkernels/codes.h"
 #include "rmkernels/cuda_binding.h"
+#include "rmkernels/op_checks.h"
 
 namespace rmkernels {
 namespace {
@@ -12,19 +13,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
                                                          const at::Tensor& mask, int64_t estimator, double eps,
                                                          bool unbiased, int64_t single, double f_norm) {
-  TORCH_CHECK(scores.dim() == 1 && (scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble),
-              "scores must be a float32/float64 [B] tensor (the Python layer sums and converts), got ",
-              scores.scalar_type(), " ", scores.sizes());
+  check_group_advantages_args(scores, group_ids, mask, estimator, single);
   const int64_t B = scores.size(0);
-  TORCH_CHECK(group_ids.dim() == 1 && group_ids.size(0) == B && group_ids.scalar_type() == at::kLong,
-              "group_ids must be int64 [B] = [", B, "], got ", group_ids.scalar_type(), " ", group_ids.sizes());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.scalar_type() == at::kBool,
-              "mask must be bool [B, T] with B = ", B, ", got ", mask.scalar_type(), " ", mask.sizes());
-  TORCH_CHECK(estimator >= codes::kGrpo && estimator <= codes::kReinforcePPBaseline, "unknown estimator code ",
-              estimator);
-  TORCH_CHECK(single == codes::kSingleZero || single == codes::kSingleSelf, "unknown single code ", single);
-  TORCH_CHECK(group_ids.device() == scores.device() && mask.device() == scores.device(),
-              "scores, group_ids and mask must be on one device");
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t T = mask.size(1);
   const auto s = scores.contiguous();
