@@ -423,6 +423,77 @@ def test_group_ids():
         rmk.group_ids(torch.zeros(3))
 
 
+class _Label:
+    """A label with its own __hash__ / __eq__ (Python code runs inside the compiled pass)."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def __hash__(self):
+        return hash(self.k % 3)  # collisions on purpose
+
+    def __eq__(self, other):
+        return isinstance(other, _Label) and self.k == other.k
+
+
+def _label_pool(rng):
+    nan = float("nan")
+    s = "uid-shared"
+    return [s, "uid-shared"[:3] + "-shared", "a", "b", "", None, 0, 1, 1.0, True, False, 2**70, -1.5, nan,
+            float("nan"), (1, "t"), ("x",), b"bytes", frozenset({1}), _Label(1), _Label(4), _Label(1)] + \
+        [f"u{int(i)}" for i in rng.integers(0, 40, 8)]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_group_ids_compiled_and_fallback_equal_the_dict_pass(seed, monkeypatch):
+    """rmk.group_ids of numpy object arrays (the compiled neighbour-then-hash pass, and the
+    numpy/dict fallback without the extension) gives the ids of a plain dict pass over the
+    labels, whatever the order, the runs, the label types (str, None, int, float, NaN objects,
+    1 == 1.0 == True, tuples, objects whose __eq__ is Python code) and the array's strides."""
+    rng = np.random.default_rng(seed)
+    pool = _label_pool(rng)
+    n = int(rng.integers(0, 300))
+    picks = rng.integers(0, len(pool), n)
+    if seed % 2:  # verl's layout: runs of the same object
+        picks = np.repeat(picks[: max(n // 4, 1)], 4)[:n]
+    arr = np.empty(len(picks), dtype=object)
+    arr[:] = [pool[i] for i in picks]
+    views = [arr, arr[::-1], arr[::2], arr[1:]]
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(gops, "_ids_from_objects", None)
+        for v in views:
+            expect = {}
+            want = [expect.setdefault(k, len(expect)) for k in v.tolist()]
+            assert rmk.group_ids(v).tolist() == want, (seed, fallback)
+
+
+def test_group_ids_compiled_errors():
+    skip_unless_available("cpu", "cpu")
+    for bad in ([1, 2], {"a": 1}, np.zeros(2)):
+        arr = np.empty(3, dtype=object)
+        arr[:] = ["a", "a", None]
+        arr[1] = bad
+        with pytest.raises(TypeError, match="hashable"):
+            rmk.group_ids(arr)
+
+    class Boom:
+        def __hash__(self):
+            return 0
+
+        def __eq__(self, other):
+            raise RuntimeError("eq failed")
+
+    arr = np.empty(2, dtype=object)
+    arr[:] = [Boom(), Boom()]
+    with pytest.raises(RuntimeError, match="eq failed"):  # the label's own error, as a dict raises it
+        rmk.group_ids(arr)
+    with pytest.raises(RuntimeError, match="eq failed"):
+        dict.fromkeys(arr.tolist())
+    with pytest.raises(TypeError, match="numpy object array"):
+        gops._ids_from_objects(np.zeros(3))
+
+
 # ---------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------
