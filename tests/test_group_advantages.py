@@ -273,6 +273,27 @@ def test_returns_match_reference(backend, device):
                          name="mask=None")
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_returns_are_gae_with_zero_values(backend, device):
+    """REINFORCE++'s return is GAE's advantage with values 0 and lam 1 (the same rule over
+    holes: R_next carried over masked positions, 0 there), the route every backend takes:
+    bit for bit equal to rmk.gae's advantages with explicit zero values, on masks with holes,
+    empty and full rows, gamma 0 (signed zeros included) to 1, and equal to verl's loop."""
+    skip_unless_available(backend, device)
+    for dtype in (torch.float32, torch.float64):
+        for B, T in ((1, 1), (59, 33), (97, 130)):
+            r = torch.randn(B, T, dtype=dtype, device=device)
+            r[torch.rand(B, T, device=device) < 0.1] = -0.0
+            mask = make_mask(B, T).to(device)
+            for gamma in (1.0, 0.95, 0.5, 0.0):
+                got = rmk.reinforce_pp_returns(r, mask, gamma=gamma, backend=backend)
+                adv, _ = rmk.gae(r, torch.zeros_like(r), mask, gamma=gamma, lam=1.0, backend=backend)
+                bits = torch.int64 if dtype == torch.float64 else torch.int32
+                assert torch.equal(got.view(bits), adv.view(bits)), f"{backend} {dtype} {B}x{T} gamma={gamma}"
+                assert_close(got, verl_reinforce_pp_returns(r.double(), mask.double(), gamma), rtol=1e-5, atol=1e-5,
+                             name=f"verl {dtype} {B}x{T} gamma={gamma}")
+
+
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_nan_stays_in_its_group(backend, device):
     skip_unless_available(backend, device)
@@ -338,7 +359,7 @@ def _op_samples(device):
     mask[:, 0] = True  # no NaN outputs (opo's 0/0 of a group without tokens): opcheck compares without equal_nan
     mask = mask.to(device)
     r = torch.randn(B, T, device=device)
-    samples = {"reinforce_pp_returns_kernel": [(r, mask, 0.9)], "reinforce_pp_returns": [(r, mask, 0.9)]}
+    samples = {"reinforce_pp_returns": [(r, mask, 0.9)]}
     samples["group_advantages_kernel"] = [(scores, ids, mask, int(gops.GROUP_ESTIMATORS[e]), 1e-6, True, s, 2.0)
                                           for e, s in zip(ESTIMATORS, [0, 1, 0, 1, 0, 1])]
     samples["group_advantages"] = [(scores, ids, mask, e, 1e-6, True, s, 2.0, 1e-8)

@@ -1,8 +1,9 @@
-// C++ CPU kernels of the critic-free group advantages (docs/ops.md section 5).
+// C++ CPU kernel of the critic-free group advantages (docs/ops.md section 5).
 //
 //   group_advantages_kernel(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm)
 //       -> (seq_advantages [B], advantages [B, T])
-//   reinforce_pp_returns_kernel(rewards, mask, gamma) -> returns [B, T]
+//
+// (REINFORCE++'s return is gae_kernel with values 0 and lam 1: rmkernels/ops/group_adv.py.)
 //
 // group_advantages: scores arrive as a contiguous [B] tensor in the arithmetic dtype (float32,
 // float64 for double input: the Python layer sums token rewards), group_ids as contiguous int64
@@ -20,9 +21,6 @@
 //      written with streaming stores when the output is larger than kStreamBytes.
 // Passes 1-2 touch 8-40 bytes per response (~0.15 ms at B = 65536 on one core); the [B, T]
 // write is the cost.
-//
-// reinforce_pp_returns: R_t = r_t + gamma R_next over the valid positions of a row from the
-// right, R_next carried unchanged over masked positions, 0 written there; rows in parallel.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -241,48 +239,10 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
   return {seq, adv};
 }
 
-template <typename scalar_t>
-void returns_impl(const scalar_t* r, int64_t sr0, int64_t sr1, const uint8_t* mask, int64_t sm0, int64_t sm1,
-                  int64_t B, int64_t T, double gamma, acc_t<scalar_t>* out) {
-  using acc = acc_t<scalar_t>;
-  const acc g = static_cast<acc>(gamma);
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      const scalar_t* rr = r + b * sr0;
-      const uint8_t* mr = mask + b * sm0;
-      acc* o = out + b * T;
-      acc run = 0;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const acc next = static_cast<acc>(rr[t * sr1]) + g * run;
-        const bool valid = mr[t * sm1] != 0;
-        o[t] = valid ? next : acc(0);
-        run = valid ? next : run;
-      }
-    }
-  });
-}
-
-at::Tensor reinforce_pp_returns_cpu(const at::Tensor& rewards, const at::Tensor& mask, double gamma) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T], got ", rewards.sizes());
-  TORCH_CHECK(mask.sizes() == rewards.sizes() && mask.scalar_type() == at::kBool,
-              "mask must be bool with rewards' shape ", rewards.sizes(), ", got ", mask.scalar_type(), " ",
-              mask.sizes());
-  const int64_t B = rewards.size(0), T = rewards.size(1);
-  const auto acc_type = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty({B, T}, rewards.options().dtype(acc_type));
-  if (B == 0 || T == 0) return out;
-  RMK_DISPATCH_FLOATS(rewards.scalar_type(), "reinforce_pp_returns_cpu", [&] {
-    returns_impl<scalar_t>(rewards.data_ptr<scalar_t>(), rewards.stride(0), rewards.stride(1), mask_bytes(mask),
-                           mask.stride(0), mask.stride(1), B, T, gamma, out.data_ptr<acc_t<scalar_t>>());
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmkernels, CPU, m) {
   m.impl("group_advantages_kernel", &group_advantages_cpu);
-  m.impl("reinforce_pp_returns_kernel", &reinforce_pp_returns_cpu);
 }
 
 }  // namespace rmkernels

@@ -1,4 +1,4 @@
-// Torch bindings of the CUDA group-advantage kernels: checks, allocation, the current stream,
+// Torch binding of the CUDA group-advantage kernels: checks, allocation, the current stream,
 // launch (no host synchronisation: the workspace is zeroed on the stream).
 #include <torch/library.h>
 
@@ -29,26 +29,10 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& score
   return {seq, adv};
 }
 
-at::Tensor reinforce_pp_returns_cuda(const at::Tensor& rewards, const at::Tensor& mask, double gamma) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T], got ", rewards.sizes());
-  TORCH_CHECK(mask.sizes() == rewards.sizes() && mask.scalar_type() == at::kBool,
-              "mask must be bool with rewards' shape ", rewards.sizes(), ", got ", mask.scalar_type(), " ",
-              mask.sizes());
-  const c10::cuda::CUDAGuard guard(rewards.device());
-  const auto acc = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty(rewards.sizes(), rewards.options().dtype(acc));
-  RMK_CUDA_CHECK(cuda::launch_reinforce_pp_returns(cuda_dtype(rewards), rewards.data_ptr(), rewards.stride(0),
-                                                   rewards.stride(1), mask.data_ptr<bool>(), mask.stride(0),
-                                                   mask.stride(1), rewards.size(0), rewards.size(1), gamma,
-                                                   out.data_ptr(), c10::cuda::getCurrentCUDAStream()));
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmkernels, CUDA, m) {
   m.impl("group_advantages_kernel", &group_advantages_cuda);
-  m.impl("reinforce_pp_returns_kernel", &reinforce_pp_returns_cuda);
 }
 
 }  // namespace rmkernels

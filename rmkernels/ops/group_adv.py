@@ -19,8 +19,9 @@ leave-one-out / length baseline, so the response keeps its score (``grpo``: r / 
 ``gpg``: alpha r / f_norm); ``"self"`` makes the response its own baseline (mu = r), so its
 advantage is 0 (verl's ``rloo_vectorized``; OpenRLHF's ``r - mean`` of a group of one).
 ``rmk.reinforce_pp_returns`` is REINFORCE++'s masked discounted return: the GAE recurrence of
-``ops/gae.py`` with V = 0 and lam = 1 (its reference calls ``gae_recurrence``; its kernels write
-the one output instead of GAE's two, and may route to ``gae_kernel`` once those are built).
+``ops/gae.py`` with V = 0 and lam = 1, the same hole rule (carried over masked positions, 0
+there), so it runs ``gae_kernel`` on every backend (values a stride-0 zero tensor, no memory)
+and returns its advantages; GAE's second output (returns = advantages + 0) is written too.
 
 Ops (``torch.ops.rmkernels.*``):
 
@@ -29,8 +30,7 @@ Ops (``torch.ops.rmkernels.*``):
                                                public op (``scores`` already [B] float32/64)
 ``group_advantages_kernel(...)``               the C++ CPU / CUDA kernel (Triton:
                                                ``rmkernels.triton.group_adv``)
-``reinforce_pp_returns(rewards, mask, ...)``   returns [B, T], the public op
-``reinforce_pp_returns_kernel(...)``           its C++ CPU / CUDA kernel
+``reinforce_pp_returns(rewards, mask, ...)``   returns [B, T], the public op (``gae_kernel``)
 =============================================  =============================================
 
 Every backend computes the group statistics in float64 (count, sum, then the centred sum
@@ -52,7 +52,7 @@ from rmkernels import _backend, _checks, _ext
 from rmkernels._codes import GROUP_ESTIMATORS, GROUP_SINGLES, GroupEstimator, GroupSingle
 from rmkernels._library import acc_dtype
 from rmkernels._registry import Kernel, Op
-from rmkernels.ops.gae import check_2d, check_mask, gae_recurrence
+from rmkernels.ops.gae import check_2d, check_mask, gae_kernel
 from rmkernels.ops.ppo import centered_sq_kernel, row_stats_kernel, whiten_apply_kernel
 
 GroupAdvantages = namedtuple("GroupAdvantages", ["seq_advantages", "advantages"])
@@ -100,14 +100,6 @@ def _reference_group(scores, group_ids, mask, code, eps, unbiased, single, f_nor
     return seq, adv
 
 
-def _reference_returns(rewards, mask, gamma):
-    """REINFORCE++'s return: the GAE recurrence of ops/gae.py with V = 0 and lam = 1
-    (``R_t = r_t + gamma R_next`` over the valid positions, carried over masked ones)."""
-    acc = acc_dtype(rewards.dtype)
-    r = rewards.to(acc)
-    return gae_recurrence(r, torch.zeros_like(r), mask, gamma, 1.0)[0]
-
-
 # ---------------------------------------------------------------------------------------
 # Kernels and ops (C++ CPU / CUDA: csrc/cpu/group_adv.cpp, csrc/cuda/group_adv*; Triton:
 # rmkernels/triton/group_adv.py)
@@ -124,8 +116,6 @@ def _returns_fake(rewards, *_):
 
 group_advantages_kernel = Kernel("group_advantages_kernel", reference=_reference_group,
                                  triton="group_adv:group_advantages", fake=_group_fake)
-reinforce_pp_returns_kernel = Kernel("reinforce_pp_returns_kernel", reference=_reference_returns,
-                                     triton="group_adv:reinforce_pp_returns", fake=_returns_fake)
 
 
 def _whiten_rows(seq, adv, mask, unbiased, eps, backend):
@@ -173,6 +163,13 @@ def _check_group_op(scores, group_ids, mask, estimator, eps, unbiased, single, f
     _check_ids_range(group_ids, B)
 
 
+def _returns_body(token_rewards, mask, gamma, backend):
+    """REINFORCE++'s return ``R_t = r_t + gamma R_next`` over the valid positions, carried over
+    masked ones: GAE's advantages with values 0 and lam 1 (ops/gae.py, the same hole rule)."""
+    zeros = torch.zeros((), dtype=token_rewards.dtype, device=token_rewards.device).expand(token_rewards.shape)
+    return gae_kernel(backend, token_rewards, zeros, mask, float(gamma), 1.0)[0]
+
+
 def _check_returns_op(token_rewards, mask, gamma, backend):
     check_2d("token_rewards", token_rewards)
     check_2d("mask", mask, token_rewards.shape, token_rewards.device, (torch.bool,))
@@ -181,9 +178,7 @@ def _check_returns_op(token_rewards, mask, gamma, backend):
 # What the public functions call: the public ops, or their bodies in plain eager mode (no
 # gradients: the inputs are used detached)
 _group_advantages = Op("group_advantages", body=_group_advantages_body, fake=_group_fake, check=_check_group_op)
-_reinforce_pp_returns = Op("reinforce_pp_returns", kernel=reinforce_pp_returns_kernel,
-                           prepare=lambda r, m, gamma: (r, m, float(gamma)), fake=_returns_fake,
-                           check=_check_returns_op)
+_reinforce_pp_returns = Op("reinforce_pp_returns", body=_returns_body, fake=_returns_fake, check=_check_returns_op)
 
 
 # ---------------------------------------------------------------------------------------
