@@ -141,6 +141,7 @@ def write_results(argv=None):
     torch.set_num_threads(1)
     timing.enable_cpu_peak_memory()
     device = "cpu"
+    load0 = os.getloadavg()[0]
     rows = run("grpo", device=device, shapes=list(RESULTS_SHAPES))
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     for r in rows:
@@ -151,7 +152,8 @@ def write_results(argv=None):
     cmd = "python benchmarks/bench_group_adv.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = report.markdown(rows, title=f"rmkernels benchmarks: grpo on {slug}")
     md += (f"\n\nWritten by `{cmd.strip()}` ({rows[0]['date']}, {common.device_name(device)}, 1 torch thread, clock "
-           f"{timing.clock(device)[1]}; the 1-minute load average was {os.getloadavg()[0]:.1f} at the end). "
+           f"{timing.clock(device)[1]}; 1-minute load average {load0:.1f} at the start, "
+           f"{os.getloadavg()[0]:.1f} at the end: the cores were shared with other jobs). "
            "`write-once` and the `(vs floor)` rows are timed interleaved, one sample of each in turn.\n")
     with open(os.path.join(COMMITTED_DIR, f"{slug}-grpo.md"), "w") as f:
         f.write(md)

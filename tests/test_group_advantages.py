@@ -236,7 +236,7 @@ def test_cpu_streamed_outputs_and_run_layouts(layout):
     unaligned; a column-major mask), one column with a million rows (the flat loop), and ids in
     runs of equal neighbours (verl's layout: the statistics add one run at a time) or shuffled
     (runs of one). float32 outputs equal the reference bit for bit (same float64 sums, same
-    order); float64 to its last bits."""
+    order; reinforce_pp_baseline's whitening to float32 rounding); float64 to its last bits."""
     skip_unless_available("cpu", "cpu")
     for B, T, dtype in [(4099, 517, torch.float32), (2100, 501, torch.float64), (2**20 + 3, 1, torch.float64)]:
         assert B * T * (4 if dtype == torch.float32 else 8) > 8 * 2**20  # over the streaming threshold
@@ -250,7 +250,10 @@ def test_cpu_streamed_outputs_and_run_layouts(layout):
                 kw = dict(estimator=estimator, single=single, f_norm=2.0)
                 got = rmk.group_advantages(scores, ids, mask, backend="cpu", **kw)
                 exp = rmk.group_advantages(scores, ids, mask, backend="reference", **kw)
-                tol = 0.0 if dtype == torch.float32 else 1e-12
+                # float32: the same float64 statistics in the same order, rounded once; the
+                # reinforce_pp_baseline whitening's float64 sums are split over vector lanes
+                tol = 1e-12 if dtype == torch.float64 or estimator == "reinforce_pp_baseline" else 0.0
+                tol = 1e-6 if estimator == "reinforce_pp_baseline" and dtype == torch.float32 else tol
                 where = f"{layout} {estimator} B={B} T={T} {dtype} single={single}"
                 assert_close(got.seq_advantages, exp.seq_advantages, rtol=tol, atol=tol, name=f"seq {where}")
                 assert_close(got.advantages, exp.advantages, rtol=tol, atol=tol, name=f"adv {where}")
