@@ -3,15 +3,16 @@ verl's loop (``hf``: the default ``compute_grpo_outcome_advantage``), verl's vec
 (``verl-vec``), plain torch and its torch.compile, on grpo-l / grpo-xl.
 
     python benchmarks/bench_group_adv.py [--shapes grpo-l grpo-xl] [--quick] [--threads 1]
+    python benchmarks/bench_group_adv.py --results   # the committed results/<device>-grpo.{csv,md}
 
 Every provider gets what verl passes: ``token_level_rewards`` [B, T] fp32 (the score at the
 last valid token), a bool ``response_mask`` [B, T] and ``index``, a numpy object array of uid
 strings (one uuid4-style string per prompt, repeated for its G consecutive responses), and
 the full call is timed, the uid -> group-id mapping included. One more row, ``write-once``,
 times allocating and writing the float32 [B, T] output once (``torch.empty(...).fill_``):
-the floor of BENCHMARKS.md's "<= 1.3x writing [B, T] once" target. ``rmk-<backend>-op`` is
-the op alone (group ids and summed scores given), to compare with that floor. verl's loop is left out
-above 100k responses (it takes ~15 s a call at 1M).
+the floor of BENCHMARKS.md's "<= 1.3x writing [B, T] once" target, timed interleaved with the
+full call and with ``rmk-<backend>-op``, the op alone (group ids and summed scores given).
+verl's loop is left out above 100k responses (it takes ~15 s a call at 1M).
 """
 try:
     from benchmarks import _path  # noqa: F401
@@ -86,11 +87,12 @@ def providers(device, B):
 
 def floor_rows(shape, device, prov, inputs, quick, log):
     """``write-once``: allocate the float32 [B, T] output and write it once, timed interleaved
-    with the ``rmk-*-op`` providers (the allocator's state decides whether a 32 MiB output is
-    recycled or freshly page-faulted, so the floor and the op are measured side by side)."""
+    with the ``rmk-*`` providers, full call and op alone (the allocator's state decides whether
+    a 32 MiB output is recycled or freshly page-faulted, so the floor and the calls are measured
+    side by side, one sample of each in turn)."""
     B, T = shape.dims["B"], shape.dims["T"]
     calls = {"write-once": lambda: torch.empty(B, T, device=device).fill_(1.0)}
-    calls.update({k: (lambda f=f: f(*inputs)) for k, f in prov.items() if k.endswith("-op")})
+    calls.update({k: (lambda f=f: f(*inputs)) for k, f in prov.items() if k.startswith("rmk-")})
     res = timing.measure_interleaved(calls, device=device, reps=3 if quick else 15, warmup=1 if quick else 3,
                                      max_time_s=1.0 if quick else 15.0)
     env = common.env_fields(device)
@@ -120,5 +122,49 @@ def run(op="grpo", device="cpu", shapes=None, quick=False, tiny=False, only=None
 
 shapes_mod = shapes
 
+RESULTS_SHAPES = ("grpo-l", "grpo-xl")
+
+
+def write_results(argv=None):
+    """``python benchmarks/bench_group_adv.py --results``: grpo-l and grpo-xl on one CPU thread,
+    every provider (verl's loop left out at grpo-xl), the full method (not --quick), written to
+    the committed ``benchmarks/results/<device>-grpo.csv`` and ``.md`` (the report's tidy rows,
+    table and targets), with the date, machine and command. A full ``benchmarks/run.py`` also
+    measures grpo into the main ``<device>.csv``; this file holds the grpo figures until then."""
+    import os
+    import sys
+    import time
+
+    from benchmarks import report
+    from benchmarks.run import COMMITTED_DIR
+
+    torch.set_num_threads(1)
+    timing.enable_cpu_peak_memory()
+    device = "cpu"
+    load0 = os.getloadavg()[0]
+    rows = run("grpo", device=device, shapes=list(RESULTS_SHAPES))
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for r in rows:
+        r["run_id"] = run_id
+    slug = common.device_slug(device)
+    csv_path = os.path.join(COMMITTED_DIR, f"{slug}-grpo.csv")
+    report.write_csv(rows, csv_path, merge=False)
+    cmd = "python benchmarks/bench_group_adv.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = report.markdown(rows, title=f"rmkernels benchmarks: grpo on {slug}")
+    md += (f"\n\nWritten by `{cmd.strip()}` ({rows[0]['date']}, {common.device_name(device)}, 1 torch thread, clock "
+           f"{timing.clock(device)[1]}; 1-minute load average {load0:.1f} at the start, "
+           f"{os.getloadavg()[0]:.1f} at the end: the cores were shared with other jobs). "
+           "`write-once` and the `(vs floor)` rows are timed interleaved, one sample of each in turn.\n")
+    with open(os.path.join(COMMITTED_DIR, f"{slug}-grpo.md"), "w") as f:
+        f.write(md)
+    common.log(f"wrote {csv_path} and {slug}-grpo.md")
+    return rows
+
+
 if __name__ == "__main__":
-    common.standalone_main(__import__(__name__))
+    import sys as _sys
+
+    if "--results" in _sys.argv[1:]:
+        write_results()
+    else:
+        common.standalone_main(__import__(__name__))

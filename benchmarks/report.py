@@ -194,11 +194,13 @@ def targets(rows):
         if math.isnan(comp):
             continue
         for r in _get(rows, op=op, shape=shape, mode=mode, metric="call_ms"):
-            if not r["provider"].startswith("rmk-"):
-                continue
+            if not r["provider"].startswith("rmk-") or r["provider"].endswith(" (vs floor)"):
+                continue  # (vs floor): timed with write-once, not with compile
             x = comp / r["median"]
             lines.append(f"| faster than compile: {op} {shape} {mode} | {r['provider']} | {_fmt_x(x)} | "
                          f"{'met' if x > 1 else 'MISSED'} |")
+    if dev == "cpu":
+        lines += _grpo_targets(rows)
     if dev == "cuda":
         copy_gbps, launch_ms = floors(rows)
         for shape in ("gae-l", "gae-xl"):
@@ -229,6 +231,29 @@ def targets(rows):
         out += ["## Targets (BENCHMARKS.md) judged by this run", "",
                 "| target | provider | measured | |", "|---|---|---:|---|"] + lines + [""]
     return out
+
+
+def _grpo_targets(rows):
+    """grpo-l on the CPU (BENCHMARKS.md; one thread): the full call (uid mapping included)
+    >= 30x verl's loop, >= 1.5x verl's vectorized GRPO, <= 1.3x writing [B, T] once (the
+    ``(vs floor)`` rows, timed interleaved with ``write-once``; the op alone is shown too)."""
+    q = dict(op="grpo", shape="grpo-l", mode="forward", metric="call_ms")
+    loop, vec, floor = (_val(rows, provider=p, **q) for p in ("hf", "verl-vec", "write-once"))
+    lines = []
+    for r in _get(rows, **q):
+        p = r["provider"]
+        if p.startswith("rmk-") and not p.endswith(("-op", " (vs floor)")):  # the full call, timed with them
+            for name, base, want in (("verl's loop", loop, 30), ("verl's vectorized GRPO", vec, 1.5)):
+                if not math.isnan(base):
+                    x = base / r["median"]
+                    lines.append(f"| grpo-l full call >= {want}x {name} | {p} | {_fmt_x(x)} | "
+                                 f"{'met' if x >= want else 'MISSED'} |")
+        if p.endswith(" (vs floor)") and not math.isnan(floor):
+            x = r["median"] / floor
+            what = "the op alone (ids, summed scores given)" if "-op " in p else "full call"
+            lines.append(f"| grpo-l {what} <= 1.3x writing [B, T] once | {p} | {x:.2f}x | "
+                         f"{'met' if x <= 1.3 else 'MISSED'} |")
+    return lines
 
 
 def plots(rows, outdir, slug):

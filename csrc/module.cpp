@@ -2,8 +2,9 @@
 //
 // The op schemas are defined from Python (rmkernels/_library.py), so the ops exist even
 // when this library is absent; the C++ files only register implementations with
-// TORCH_LIBRARY_IMPL(rmkernels, CPU/CUDA, m). This file only makes the .so importable and
-// says what it was built with and which CPU variant of the loop kernels it runs.
+// TORCH_LIBRARY_IMPL(rmkernels, CPU/CUDA, m). This file only makes the .so importable, says
+// what it was built with and which CPU variant of the loop kernels it runs, and carries one
+// plain Python function (group_ids_from_objects).
 #include <Python.h>
 
 #include "rmkernels/cpu_simd.h"
@@ -12,8 +13,16 @@
 #define RMKERNELS_CUDA_ARCHS ""
 #endif
 
+// rmk.group_ids' fast path for numpy object arrays (csrc/cpu/group_adv_ids.cpp)
+extern "C" PyObject* rmk_group_ids_from_objects(PyObject* self, PyObject* uids);
+
+static PyMethodDef rmkernels_methods[] = {
+    {"group_ids_from_objects", rmk_group_ids_from_objects, METH_O,
+     "group_ids_from_objects(uids) -> bytearray of int64 first-seen ids of a 1-D numpy object array"},
+    {nullptr, nullptr, 0, nullptr}};
+
 static struct PyModuleDef rmkernels_module = {PyModuleDef_HEAD_INIT, "_C",
-                                              "rmkernels compiled kernels", -1, nullptr};
+                                              "rmkernels compiled kernels", -1, rmkernels_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&rmkernels_module);

@@ -47,6 +47,16 @@ for est in ("k1", "abs", "k2", "k3", "low_var_kl"):
         for name, t in res._asdict().items():
             out[f"ppo_{est}_{whiten}_{name}"] = t
 out["whiten"] = rmk.masked_whiten(v.t(), mask.t(), backend="cpu")  # strided rows
+# Group advantages: a [B, T] output over the streaming-store threshold (base: plain stores, v3:
+# 32-byte, v4: 64-byte streaming stores), ids in runs; a strided mask (written in place).
+Bg = 4099
+ids = torch.randint(0, Bg // 4, (Bg,), generator=g).sort().values
+gs = torch.randn(Bg, generator=g)
+gm = torch.rand(Bg, 517, generator=g) > 0.3
+for est in ("grpo", "dr_grpo", "rloo", "opo", "gpg"):
+    out[f"group_{est}_seq"], out[f"group_{est}_adv"] = rmk.group_advantages(gs, ids, gm, estimator=est, backend="cpu")
+    out[f"group_{est}_strided"] = rmk.group_advantages(gs[:97], ids[:97] % 97, gm[:97, ::3], estimator=est,
+                                                       backend="cpu").advantages
 torch.save(out, sys.argv[1])
 """
 

@@ -152,3 +152,17 @@ def test_trl_rloo(normalize, G):
     assert_close(trl.rloo_advantages(rewards, G, normalize), adv, rtol=1e-5, atol=1e-5, name="rloo")
     with pytest.raises(ValueError, match="num_generations"):
         trl.rloo_advantages(rewards, 0)
+
+
+def test_verl_exports_every_estimator():
+    """`from rmkernels.integrations.verl import *` gives verl's PPO functions and every
+    critic-free estimator (its __all__ names them all, and each resolves)."""
+    from rmkernels.integrations import verl_critic_free
+
+    names = {"compute_gae_advantage_return", "kl_penalty", *(n for n, _, _ in VERL),
+             "compute_reinforce_plus_plus_outcome_advantage", "compute_remax_outcome_advantage"}
+    assert names <= set(rv.__all__) and set(verl_critic_free.__all__) <= set(rv.__all__)
+    ns = {}
+    exec("from rmkernels.integrations.verl import *", ns)
+    for name in rv.__all__:
+        assert ns[name] is getattr(rv, name), name

@@ -26,17 +26,18 @@ SINGLES = ["zero", "self"]
 
 def make_groups(B, *, max_size=6, shuffle=True):
     """int64 ids in [0, B): random group sizes (groups of one included), ids drawn sparse
-    (not 0..G-1) and rows in random order."""
-    sizes = []
-    while sum(sizes) < B:
-        sizes.append(int(torch.randint(1, max_size + 1, ()).item()))
-    sizes[-1] -= sum(sizes) - B
-    labels = torch.randperm(B)[:len(sizes)]  # sparse ids in [0, B)
-    ids = torch.cat([torch.full((s,), int(lab)) for s, lab in zip(sizes, labels) if s > 0]) if B else \
-        torch.zeros(0, dtype=torch.int64)
-    if shuffle and B:
-        ids = ids[torch.randperm(B)]
-    return ids
+    (not 0..G-1) and rows in random order (shuffle=False: each group's rows together, verl's
+    layout)."""
+    if B == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    sizes = torch.randint(1, max_size + 1, (B,))
+    ends = sizes.cumsum(0)
+    n = int(torch.searchsorted(ends, B)) + 1  # the groups that cover B rows
+    sizes = sizes[:n].clone()
+    sizes[-1] -= int(ends[n - 1]) - B
+    labels = torch.randperm(B)[:n]  # sparse ids in [0, B)
+    ids = labels.repeat_interleave(sizes)
+    return ids[torch.randperm(B)] if shuffle else ids
 
 
 def make_mask(B, T, kind="holes"):
@@ -228,6 +229,36 @@ def test_backend_matches_reference(backend, device, estimator):
                 assert torch.all(got.advantages[~mask] == 0), where
 
 
+@pytest.mark.parametrize("layout", ["verl", "shuffled"])
+def test_cpu_streamed_outputs_and_run_layouts(layout):
+    """The C++ CPU kernel's paths by size and layout: [B, T] outputs over its streaming-store
+    threshold (8 MiB: built in 8 KiB tiles, so rows of odd length split across tiles and start
+    unaligned; a column-major mask), one column with a million rows (the flat loop), and ids in
+    runs of equal neighbours (verl's layout: the statistics add one run at a time) or shuffled
+    (runs of one). float32 outputs equal the reference bit for bit (same float64 sums, same
+    order; reinforce_pp_baseline's whitening to float32 rounding); float64 to its last bits."""
+    skip_unless_available("cpu", "cpu")
+    for B, T, dtype in [(4099, 517, torch.float32), (2100, 501, torch.float64), (2**20 + 3, 1, torch.float64)]:
+        assert B * T * (4 if dtype == torch.float32 else 8) > 8 * 2**20  # over the streaming threshold
+        ids = make_groups(B, max_size=9, shuffle=layout == "shuffled")
+        scores = make_scores(B, dtype=dtype)
+        mask = make_mask(B, T)
+        if dtype == torch.float64 and T > 1:
+            mask = mask.t().contiguous().t()
+        for estimator in ESTIMATORS if T > 1 else ["grpo", "rloo"]:  # T = 1: the layout is what is tested
+            for single in SINGLES:
+                kw = dict(estimator=estimator, single=single, f_norm=2.0)
+                got = rmk.group_advantages(scores, ids, mask, backend="cpu", **kw)
+                exp = rmk.group_advantages(scores, ids, mask, backend="reference", **kw)
+                # float32: the same float64 statistics in the same order, rounded once; the
+                # reinforce_pp_baseline whitening's float64 sums are split over vector lanes
+                tol = 1e-12 if dtype == torch.float64 or estimator == "reinforce_pp_baseline" else 0.0
+                tol = 1e-6 if estimator == "reinforce_pp_baseline" and dtype == torch.float32 else tol
+                where = f"{layout} {estimator} B={B} T={T} {dtype} single={single}"
+                assert_close(got.seq_advantages, exp.seq_advantages, rtol=tol, atol=tol, name=f"seq {where}")
+                assert_close(got.advantages, exp.advantages, rtol=tol, atol=tol, name=f"adv {where}")
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_returns_match_reference(backend, device):
     skip_unless_available(backend, device)
@@ -243,6 +274,27 @@ def test_returns_match_reference(backend, device):
             got = rmk.reinforce_pp_returns(r, None, backend=backend)
             assert_close(got, rmk.reinforce_pp_returns(r, None, backend="reference"), rtol=1e-5, atol=1e-5,
                          name="mask=None")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_returns_are_gae_with_zero_values(backend, device):
+    """REINFORCE++'s return is GAE's advantage with values 0 and lam 1 (the same rule over
+    holes: R_next carried over masked positions, 0 there), the route every backend takes:
+    bit for bit equal to rmk.gae's advantages with explicit zero values, on masks with holes,
+    empty and full rows, gamma 0 (signed zeros included) to 1, and equal to verl's loop."""
+    skip_unless_available(backend, device)
+    for dtype in (torch.float32, torch.float64):
+        for B, T in ((1, 1), (59, 33), (97, 130)):
+            r = torch.randn(B, T, dtype=dtype, device=device)
+            r[torch.rand(B, T, device=device) < 0.1] = -0.0
+            mask = make_mask(B, T).to(device)
+            for gamma in (1.0, 0.95, 0.5, 0.0):
+                got = rmk.reinforce_pp_returns(r, mask, gamma=gamma, backend=backend)
+                adv, _ = rmk.gae(r, torch.zeros_like(r), mask, gamma=gamma, lam=1.0, backend=backend)
+                bits = torch.int64 if dtype == torch.float64 else torch.int32
+                assert torch.equal(got.view(bits), adv.view(bits)), f"{backend} {dtype} {B}x{T} gamma={gamma}"
+                assert_close(got, verl_reinforce_pp_returns(r.double(), mask.double(), gamma), rtol=1e-5, atol=1e-5,
+                             name=f"verl {dtype} {B}x{T} gamma={gamma}")
 
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
@@ -310,7 +362,7 @@ def _op_samples(device):
     mask[:, 0] = True  # no NaN outputs (opo's 0/0 of a group without tokens): opcheck compares without equal_nan
     mask = mask.to(device)
     r = torch.randn(B, T, device=device)
-    samples = {"reinforce_pp_returns_kernel": [(r, mask, 0.9)], "reinforce_pp_returns": [(r, mask, 0.9)]}
+    samples = {"reinforce_pp_returns": [(r, mask, 0.9)]}
     samples["group_advantages_kernel"] = [(scores, ids, mask, int(gops.GROUP_ESTIMATORS[e]), 1e-6, True, s, 2.0)
                                           for e, s in zip(ESTIMATORS, [0, 1, 0, 1, 0, 1])]
     samples["group_advantages"] = [(scores, ids, mask, e, 1e-6, True, s, 2.0, 1e-8)
@@ -393,6 +445,77 @@ def test_group_ids():
         rmk.group_ids("abc")
     with pytest.raises(ValueError, match="uids"):
         rmk.group_ids(torch.zeros(3))
+
+
+class _Label:
+    """A label with its own __hash__ / __eq__ (Python code runs inside the compiled pass)."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def __hash__(self):
+        return hash(self.k % 3)  # collisions on purpose
+
+    def __eq__(self, other):
+        return isinstance(other, _Label) and self.k == other.k
+
+
+def _label_pool(rng):
+    nan = float("nan")
+    s = "uid-shared"
+    return [s, "uid-shared"[:3] + "-shared", "a", "b", "", None, 0, 1, 1.0, True, False, 2**70, -1.5, nan,
+            float("nan"), (1, "t"), ("x",), b"bytes", frozenset({1}), _Label(1), _Label(4), _Label(1)] + \
+        [f"u{int(i)}" for i in rng.integers(0, 40, 8)]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_group_ids_compiled_and_fallback_equal_the_dict_pass(seed, monkeypatch):
+    """rmk.group_ids of numpy object arrays (the compiled neighbour-then-hash pass, and the
+    numpy/dict fallback without the extension) gives the ids of a plain dict pass over the
+    labels, whatever the order, the runs, the label types (str, None, int, float, NaN objects,
+    1 == 1.0 == True, tuples, objects whose __eq__ is Python code) and the array's strides."""
+    rng = np.random.default_rng(seed)
+    pool = _label_pool(rng)
+    n = int(rng.integers(0, 300))
+    picks = rng.integers(0, len(pool), n)
+    if seed % 2:  # verl's layout: runs of the same object
+        picks = np.repeat(picks[: max(n // 4, 1)], 4)[:n]
+    arr = np.empty(len(picks), dtype=object)
+    arr[:] = [pool[i] for i in picks]
+    views = [arr, arr[::-1], arr[::2], arr[1:]]
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(gops, "_ids_from_objects", None)
+        for v in views:
+            expect = {}
+            want = [expect.setdefault(k, len(expect)) for k in v.tolist()]
+            assert rmk.group_ids(v).tolist() == want, (seed, fallback)
+
+
+def test_group_ids_compiled_errors():
+    skip_unless_available("cpu", "cpu")
+    for bad in ([1, 2], {"a": 1}, np.zeros(2)):
+        arr = np.empty(3, dtype=object)
+        arr[:] = ["a", "a", None]
+        arr[1] = bad
+        with pytest.raises(TypeError, match="hashable"):
+            rmk.group_ids(arr)
+
+    class Boom:
+        def __hash__(self):
+            return 0
+
+        def __eq__(self, other):
+            raise RuntimeError("eq failed")
+
+    arr = np.empty(2, dtype=object)
+    arr[:] = [Boom(), Boom()]
+    with pytest.raises(RuntimeError, match="eq failed"):  # the label's own error, as a dict raises it
+        rmk.group_ids(arr)
+    with pytest.raises(RuntimeError, match="eq failed"):
+        dict.fromkeys(arr.tolist())
+    with pytest.raises(TypeError, match="numpy object array"):
+        gops._ids_from_objects(np.zeros(3))
 
 
 # ---------------------------------------------------------------------------------------

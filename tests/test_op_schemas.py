@@ -97,7 +97,6 @@ SCHEMAS = {
         "bool unbiased, int single, float f_norm) -> (Tensor, Tensor)"),
     "reinforce_pp_returns": (
         "reinforce_pp_returns(Tensor token_rewards, Tensor mask, float gamma, str backend) -> Tensor"),
-    "reinforce_pp_returns_kernel": "reinforce_pp_returns_kernel(Tensor rewards, Tensor mask, float gamma) -> Tensor",
     # token log-probs / entropy from hidden states (ops/token_logprobs.py)
     "token_logprobs": (
         "token_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "

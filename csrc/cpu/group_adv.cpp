@@ -1,117 +1,260 @@
-// C++ CPU kernels of the critic-free group advantages (docs/ops.md section 5).
+// C++ CPU kernel of the critic-free group advantages (docs/ops.md section 5).
 //
 //   group_advantages_kernel(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm)
 //       -> (seq_advantages [B], advantages [B, T])
-//   reinforce_pp_returns_kernel(rewards, mask, gamma) -> returns [B, T]
+//
+// (REINFORCE++'s return is gae_kernel with values 0 and lam 1: rmkernels/ops/group_adv.py.)
 //
 // group_advantages: scores arrive as a contiguous [B] tensor in the arithmetic dtype (float32,
 // float64 for double input: the Python layer sums token rewards), group_ids as contiguous int64
-// [B] with ids in [0, B) (checked here), mask as bool [B, T] with any strides. Sequential passes
-// over the B scores gather the float64 group statistics into buffers indexed by group id (count
-// and sum; opo's lengths; grpo's centred squares from the mean, turned into the std once per
-// group; gpg's nonzero count), a pass writes the per-sequence values (the formula of
-// rmkernels/group_adv_math.h, shared with CUDA), and the [B, T] broadcast runs over rows in
-// parallel, vectorised (group_adv_loops.h).
-// The passes over B touch 8-40 bytes per response; the [B, T] write is the cost.
-//
-// reinforce_pp_returns: R_t = r_t + gamma R_next over the valid positions of a row from the
-// right, R_next carried unchanged over masked positions, 0 written there; rows in parallel.
+// [B] with ids in [0, B) (checked here: one vectorised min/max), mask as bool [B, T] with any
+// strides. One workspace: 3 float64 arrays (4 for opo) over the ids up to the largest (not B):
+//   1. sequential passes over the scores gather each group's float64 statistics (count and sum;
+//      opo's sums of len and len r; grpo: the centred squares from the mean, a second pass),
+//      one run of equal neighbouring ids at a time: a run's sums stay in registers and are
+//      loaded and stored once (verl lists a prompt's responses together), in the same order
+//      of additions as the reference's index_add_;
+//   2. once per group: the coefficients of the formula (group_adv::coef_of, with the std),
+//      in place of the statistics;
+//   3. rows in parallel (at::parallel_for), vectorised (group_adv_loops.h): seq[b] =
+//      group_adv::apply(r[b], the coefficients of its group), then the [B, T] broadcast,
+//      written with streaming stores when the output is larger than kStreamBytes and resident.
+// Passes 1-2 touch 8-40 bytes per response (~0.15 ms at B = 65536 on one core); the [B, T]
+// write is the cost.
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <cstring>
+#include <memory>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #include "rmkernels/codes.h"
 #include "rmkernels/cpu_common.h"
 #include "rmkernels/cpu_simd.h"
 #include "rmkernels/group_adv_math.h"
+#include "rmkernels/op_checks.h"
+
+#if RMK_SIMD_MULTIVERSION
+#include <immintrin.h>  // the streaming stores (AVX, AVX-512), behind target attributes
+#endif
 
 namespace rmkernels {
 namespace {
 
+// What the loops need to evaluate the rows' values: the scores, the group ids, the coefficients
+// a, c, d of each group id (group_adv::apply), k (gpg's alpha, else 1), and where seq goes.
+template <typename acc>
+struct GroupRows {
+  const acc* r;
+  const int64_t* ids;
+  const double *a, *c, *d;
+  double k;
+  acc* seq;
+};
+
 #define RMK_LOOPS_HEADER "group_adv_loops.h"
-#include "simd_variants.h"  // broadcast_row, count_row
+#include "simd_variants.h"  // id_range, count_nonzero, seq_values, broadcast_span, count_rows
 
 const uint8_t* mask_bytes(const at::Tensor& mask) { return reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()); }
+
+// Outputs above this size are written with non-temporal (streaming) stores on CPUs with AVX
+// or AVX-512, when their memory is resident (recycled by the allocator): they do not fit the
+// caches anyway, and a streaming store of a whole line skips the read of the line a normal
+// store does first. A fresh mmapped output (glibc's blocks over 32 MiB, and smaller ones
+// until its threshold has grown) is written with plain stores: each first store faults a page
+// in, the kernel zeroes it through the cache, and plain stores then hit it (streaming ones
+// measured 1.43x write-once there, plain ones 1.08x). Rows are built in an L1 tile of
+// kTileBytes by the vectorised loop (group_adv_loops.h), then streamed out with 32 or 64-byte
+// stores (16-byte SSE2 streaming measured slower than plain stores: the baseline variant
+// writes in place).
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+constexpr int64_t kTileBytes = int64_t(8) << 10;
+
+#if RMK_SIMD_MULTIVERSION
+// dst[0, n) = src[0, n), n a multiple of the vector, dst aligned to it.
+__attribute__((target("avx512f"))) void stream_v4(const char* src, char* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
+}
+__attribute__((target("avx"))) void stream_v3(const char* src, char* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+  }
+}
+#endif
+
+// The vector width of the streaming stores this process uses (0: none, plain stores).
+int64_t stream_width() {
+#if RMK_SIMD_MULTIVERSION
+  return cpu_isa() == Isa::kV4 ? 64 : cpu_isa() == Isa::kV3 ? 32 : 0;
+#else
+  return 0;
+#endif
+}
+
+// dst[0, n) = src[0, n) (bytes): streaming stores of `width` bytes where dst is aligned to
+// them, plain copies at the unaligned ends. The caller fences (_mm_sfence) before the data
+// is read elsewhere.
+void stream_copy(const char* src, char* dst, int64_t n, int64_t width) {
+  const int64_t head = std::min<int64_t>(n, (width - static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % width)) % width);
+  const int64_t body = (n - head) / width * width;
+  std::memcpy(dst, src, head);
+#if RMK_SIMD_MULTIVERSION
+  (width == 64 ? stream_v4 : stream_v3)(src + head, dst + head, body);
+#endif
+  std::memcpy(dst + head + body, src + head + body, n - head - body);
+}
+
+// Whether the first and the last page of [p, p + n) are resident (mincore): a fresh mmapped
+// allocation is not; its first store faults each page in and the kernel zeroes it through the
+// cache, where plain stores then hit and streaming stores would write every line twice.
+bool resident(const void* p, int64_t n) {
+#if defined(__linux__)
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  unsigned char v = 0, w = 0;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) / page * page;
+  const uintptr_t z = (reinterpret_cast<uintptr_t>(p) + n - 1) / page * page;
+  return mincore(reinterpret_cast<void*>(a), page, &v) == 0 && mincore(reinterpret_cast<void*>(z), page, &w) == 0 &&
+         (v & 1) && (w & 1);
+#else
+  (void)p;
+  (void)n;
+  return true;
+#endif
+}
+
+// The [B, T] broadcast of rows [lo, hi) into adv (contiguous [B, T]): out[b, t] = mask[b, t] ?
+// the row's value : 0, and seq[b]. stream: the streaming-store width (0: write in place).
+template <typename acc>
+void broadcast_rows(const GroupRows<acc>& v, const uint8_t* mask, int64_t sm0, int64_t sm1, int64_t T, int64_t lo,
+                    int64_t hi, int64_t stream, acc* adv) {
+  RMK_SIMD(seq_values<acc>)(v, lo, hi);
+  const auto span = sm1 == 1 ? RMK_SIMD(broadcast_span<true, acc>) : RMK_SIMD(broadcast_span<false, acc>);
+  if (stream == 0) {
+    span(v.seq, mask, sm0, sm1, T, lo * T, hi * T, adv + lo * T);
+    return;
+  }
+  constexpr int64_t kTile = kTileBytes / sizeof(acc);
+  alignas(64) acc tile[kTile];
+  for (int64_t i = lo * T; i < hi * T; i += kTile) {
+    const int64_t n = std::min(kTile, hi * T - i);
+    span(v.seq, mask, sm0, sm1, T, i, i + n, tile);
+    stream_copy(reinterpret_cast<const char*>(tile), reinterpret_cast<char*>(adv + i), n * int64_t(sizeof(acc)), stream);
+  }
+#if RMK_SIMD_MULTIVERSION
+  _mm_sfence();  // the streamed lines are visible before parallel_for returns
+#endif
+}
+
+// The float64 statistics of each group id, in one workspace: n (count), s (sum), x (grpo: the
+// centred sum of squares; opo: the sum of lengths), y (opo: the sum of length x score); then
+// the coefficients a, c, d of group_adv::apply replace n, s, x.
+struct Stats {
+  double *n, *s, *x, *y;
+};
+
+// Adds each response's count and score (opo: length and length x score) into its group's
+// slots, one run of equal neighbouring ids at a time: a run's sums stay in registers.
+template <typename acc, bool kOpo>
+void add_stats(const acc* r, const int64_t* ids, const double* len, int64_t B, Stats st) {
+  for (int64_t b = 0; b < B;) {
+    const int64_t g = ids[b];
+    double n = st.n[g], s = st.s[g], ls = kOpo ? st.x[g] : 0, lrs = kOpo ? st.y[g] : 0;
+    do {
+      const double x = static_cast<double>(r[b]);
+      n += 1;
+      s += x;
+      if (kOpo) {
+        ls += len[b];
+        lrs += len[b] * x;
+      }
+    } while (++b < B && ids[b] == g);
+    st.n[g] = n;
+    st.s[g] = s;
+    if (kOpo) {
+      st.x[g] = ls;
+      st.y[g] = lrs;
+    }
+  }
+}
+
+// grpo: the centred squares from each group's mean into x, one run at a time.
+template <typename acc>
+void add_centred_squares(const acc* r, const int64_t* ids, int64_t B, Stats st) {
+  for (int64_t b = 0; b < B;) {
+    const int64_t g = ids[b];
+    const double mu = st.s[g] / st.n[g];
+    double sq = st.x[g];
+    do {
+      const double d = static_cast<double>(r[b]) - mu;
+      sq += d * d;
+    } while (++b < B && ids[b] == g);
+    st.x[g] = sq;
+  }
+}
 
 template <typename acc>
 void group_impl(const acc* r, const int64_t* ids, const uint8_t* mask, int64_t sm0, int64_t sm1, int64_t B,
                 int64_t T, int64_t est, double eps, bool unbiased, int64_t single, double f_norm, acc* seq, acc* adv) {
-  using group_adv::GroupStats;
-  const bool unit = sm1 == 1;
   const bool grpo = est == codes::kGrpo, opo = est == codes::kOpo;
-  // Per group slot: count, sum; grpo: the centred squares, then the std; opo: sums of len, len r.
-  std::vector<double> n(static_cast<size_t>(B), 0.0), s(static_cast<size_t>(B), 0.0);
-  std::vector<double> sq(grpo ? static_cast<size_t>(B) : 0, 0.0);
-  std::vector<double> ls(opo ? static_cast<size_t>(B) : 0, 0.0), lrs(opo ? static_cast<size_t>(B) : 0, 0.0);
-  std::vector<double> len(opo ? static_cast<size_t>(B) : 0);
+  int64_t lo = 0, hi = 0;
+  RMK_SIMD(id_range)(ids, B, &lo, &hi);
+  if (lo < 0 || hi >= B) {
+    const int64_t b = std::find_if(ids, ids + B, [B](int64_t g) { return g < 0 || g >= B; }) - ids;
+    TORCH_CHECK(false, "group_ids must lie in [0, B) = [0, ", B, "), got ", ids[b], " at row ", b);
+  }
+  // One workspace: the statistics of the ids [0, hi] (n, s, x, y: 3 arrays, 4 for opo), then
+  // opo's row lengths.
+  const int64_t G = hi + 1, arrays = opo ? 4 : 3;
+  std::unique_ptr<double[]> ws(new double[arrays * G + (opo ? B : 0)]);
+  std::fill(ws.get(), ws.get() + arrays * G, 0.0);
+  const Stats st{ws.get(), ws.get() + G, ws.get() + 2 * G, opo ? ws.get() + 3 * G : nullptr};
   if (opo) {
-    at::parallel_for(0, B, 256, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) {
-        const uint8_t* mr = mask + b * sm0;
-        len[b] = static_cast<double>(unit ? RMK_SIMD(count_row<true>)(mr, 1, T) : RMK_SIMD(count_row<false>)(mr, sm1, T));
+    double* len = ws.get() + arrays * G;
+    at::parallel_for(0, B, kElemGrain / std::max<int64_t>(T, 1) + 1, [&](int64_t b0, int64_t b1) {
+      if (sm1 == 1) {
+        RMK_SIMD(count_rows<true>)(mask, sm0, sm1, T, b0, b1, len);
+      } else {
+        RMK_SIMD(count_rows<false>)(mask, sm0, sm1, T, b0, b1, len);
       }
     });
+    add_stats<acc, true>(r, ids, len, B, st);
+  } else {
+    add_stats<acc, false>(r, ids, nullptr, B, st);
   }
-  int64_t nonzero = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t g = ids[b];
-    TORCH_CHECK(g >= 0 && g < B, "group_ids must lie in [0, B) = [0, ", B, "), got ", g, " at row ", b);
-    const double x = static_cast<double>(r[b]);
-    n[g] += 1;
-    s[g] += x;
-    if (opo) {
-      ls[g] += len[b];
-      lrs[g] += len[b] * x;
-    }
-    nonzero += x != 0;  // NaN counts, as torch.count_nonzero
+  if (grpo) add_centred_squares(r, ids, B, st);
+  for (int64_t g = 0; g < G; ++g) {  // once per group (ids no row carries keep n = 0: skipped)
+    if (!(st.n[g] > 0)) continue;
+    const group_adv::GroupStats gs{st.n[g], st.s[g], grpo ? st.x[g] : 0, opo ? st.x[g] : 0, opo ? st.y[g] : 0};
+    const double sigma = grpo ? group_adv::sigma_of(gs, unbiased) : 1.0;
+    const group_adv::GroupCoef c = group_adv::coef_of(gs, sigma, est, eps, single, f_norm);
+    st.n[g] = c.a;
+    st.s[g] = c.c;
+    st.x[g] = c.d;
   }
-  if (grpo) {
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t g = ids[b];
-      const double d = static_cast<double>(r[b]) - s[g] / n[g];
-      sq[g] += d * d;
-    }
-    for (int64_t g = 0; g < B; ++g) {  // once per group: sq becomes the std
-      if (n[g] > 0) sq[g] = group_adv::sigma_of(GroupStats{n[g], s[g], sq[g], 0, 0}, unbiased);
-    }
+  const int64_t nonzero = est == codes::kGpg ? RMK_SIMD(count_nonzero<acc>)(r, B) : 0;
+  const double k = est == codes::kGpg ? static_cast<double>(B) / static_cast<double>(std::max<int64_t>(nonzero, 1)) : 1.0;
+  const GroupRows<acc> rows{r, ids, st.n, st.s, st.x, k, seq};
+  if (T == 0) {
+    RMK_SIMD(seq_values<acc>)(rows, 0, B);
+    return;
   }
-  const double alpha = static_cast<double>(B) / static_cast<double>(std::max<int64_t>(nonzero, 1));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t g = ids[b];
-    const GroupStats gs{n[g], s[g], 0, opo ? ls[g] : 0, opo ? lrs[g] : 0};
-    seq[b] = static_cast<acc>(group_adv::value(static_cast<double>(r[b]), gs, grpo ? sq[g] : 1.0, est, eps, single,
-                                               f_norm, alpha));
-  }
-  if (T == 0) return;
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      const uint8_t* mr = mask + b * sm0;
-      if (unit) {
-        RMK_SIMD(broadcast_row<true, acc>)(mr, 1, T, seq[b], adv + b * T);
-      } else {
-        RMK_SIMD(broadcast_row<false, acc>)(mr, sm1, T, seq[b], adv + b * T);
-      }
-    }
+  const int64_t bytes = B * T * int64_t(sizeof(acc));
+  const int64_t stream = bytes > kStreamBytes && resident(adv, bytes) ? stream_width() : 0;
+  at::parallel_for(0, B, kElemGrain / T + 1, [&](int64_t b0, int64_t b1) {
+    broadcast_rows(rows, mask, sm0, sm1, T, b0, b1, stream, adv);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores, const at::Tensor& group_ids,
                                                         const at::Tensor& mask, int64_t estimator, double eps,
                                                         bool unbiased, int64_t single, double f_norm) {
-  TORCH_CHECK(scores.dim() == 1 && (scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble),
-              "scores must be a float32/float64 [B] tensor (the Python layer sums and converts), got ",
-              scores.scalar_type(), " ", scores.sizes());
-  const int64_t B = scores.size(0);
-  TORCH_CHECK(group_ids.dim() == 1 && group_ids.size(0) == B && group_ids.scalar_type() == at::kLong,
-              "group_ids must be int64 [B] = [", B, "], got ", group_ids.scalar_type(), " ", group_ids.sizes());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.scalar_type() == at::kBool,
-              "mask must be bool [B, T] with B = ", B, ", got ", mask.scalar_type(), " ", mask.sizes());
-  TORCH_CHECK(estimator >= codes::kGrpo && estimator <= codes::kReinforcePPBaseline, "unknown estimator code ",
-              estimator);
-  TORCH_CHECK(single == codes::kSingleZero || single == codes::kSingleSelf, "unknown single code ", single);
-  const int64_t T = mask.size(1);
+  check_group_advantages_args(scores, group_ids, mask, estimator, single);
+  const int64_t B = scores.size(0), T = mask.size(1);
   const auto s = scores.contiguous();
   const auto ids = group_ids.contiguous();
   auto seq = at::empty({B}, s.options());
@@ -125,48 +268,10 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
   return {seq, adv};
 }
 
-template <typename scalar_t>
-void returns_impl(const scalar_t* r, int64_t sr0, int64_t sr1, const uint8_t* mask, int64_t sm0, int64_t sm1,
-                  int64_t B, int64_t T, double gamma, acc_t<scalar_t>* out) {
-  using acc = acc_t<scalar_t>;
-  const acc g = static_cast<acc>(gamma);
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      const scalar_t* rr = r + b * sr0;
-      const uint8_t* mr = mask + b * sm0;
-      acc* o = out + b * T;
-      acc run = 0;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const acc next = static_cast<acc>(rr[t * sr1]) + g * run;
-        const bool valid = mr[t * sm1] != 0;
-        o[t] = valid ? next : acc(0);
-        run = valid ? next : run;
-      }
-    }
-  });
-}
-
-at::Tensor reinforce_pp_returns_cpu(const at::Tensor& rewards, const at::Tensor& mask, double gamma) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T], got ", rewards.sizes());
-  TORCH_CHECK(mask.sizes() == rewards.sizes() && mask.scalar_type() == at::kBool,
-              "mask must be bool with rewards' shape ", rewards.sizes(), ", got ", mask.scalar_type(), " ",
-              mask.sizes());
-  const int64_t B = rewards.size(0), T = rewards.size(1);
-  const auto acc_type = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty({B, T}, rewards.options().dtype(acc_type));
-  if (B == 0 || T == 0) return out;
-  RMK_DISPATCH_FLOATS(rewards.scalar_type(), "reinforce_pp_returns_cpu", [&] {
-    returns_impl<scalar_t>(rewards.data_ptr<scalar_t>(), rewards.stride(0), rewards.stride(1), mask_bytes(mask),
-                           mask.stride(0), mask.stride(1), B, T, gamma, out.data_ptr<acc_t<scalar_t>>());
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmkernels, CPU, m) {
   m.impl("group_advantages_kernel", &group_advantages_cpu);
-  m.impl("reinforce_pp_returns_kernel", &reinforce_pp_returns_cpu);
 }
 
 }  // namespace rmkernels

@@ -1,4 +1,4 @@
-// CUDA kernels of the critic-free group advantages and REINFORCE++ returns (torch-free; see
+// CUDA kernels of the critic-free group advantages (torch-free; see
 // group_adv.cuh for the contract).
 //
 // group_advantages: (1) one thread per response adds 1 and its score (opo: a warp per response,
@@ -10,8 +10,7 @@
 // complete before any value is written, and no launch waits on the host. Bytes moved: 16-24 B per response in (1)-(2),
 // the mask once (twice for opo) and the [B, T] output once in (3).
 //
-// reinforce_pp_returns: one thread per row walks T from the right (rows are independent; the
-// recurrence is sequential within a row).
+// (REINFORCE++'s return is gae_kernel with values 0 and lam 1: rmkernels/ops/group_adv.py.)
 #include "group_adv.cuh"
 
 #include <algorithm>
@@ -104,20 +103,6 @@ __global__ void group_write_kernel(const A* __restrict__ r, const int64_t* __res
   }
 }
 
-template <typename S, typename A>
-__global__ void returns_kernel(const S* __restrict__ rew, int64_t rs0, int64_t rs1, const bool* __restrict__ mask,
-                               int64_t ms0, int64_t ms1, int64_t B, int64_t T, A gamma, A* __restrict__ out) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  A run = 0;
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const A next = to_acc<A>(rew[b * rs0 + t * rs1]) + gamma * run;
-    const bool valid = mask[b * ms0 + t * ms1];
-    out[b * T + t] = valid ? next : A(0);
-    run = valid ? next : run;
-  }
-}
-
 }  // namespace
 
 cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64_t* group_ids, const bool* mask,
@@ -153,18 +138,6 @@ cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64
     run(static_cast<float*>(nullptr));
   }
   return cudaGetLastError();
-}
-
-cudaError_t launch_reinforce_pp_returns(DType dtype, const void* rewards, int64_t rs0, int64_t rs1, const bool* mask,
-                                        int64_t ms0, int64_t ms1, int64_t B, int64_t T, double gamma, void* out,
-                                        cudaStream_t stream) {
-  if (B == 0 || T == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto* s, auto* a) {
-    using S = std::remove_pointer_t<decltype(s)>;
-    using A = std::remove_pointer_t<decltype(a)>;
-    RMK_LAUNCH(ceil_div(B, 128), 128, 0, stream, returns_kernel<S, A>)(
-        static_cast<const S*>(rewards), rs0, rs1, mask, ms0, ms1, B, T, static_cast<A>(gamma), static_cast<A*>(out));
-  });
 }
 
 }  // namespace cuda

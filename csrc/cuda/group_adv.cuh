@@ -1,5 +1,5 @@
-// Torch-free launchers of the critic-free group advantages and REINFORCE++ returns (SPEC
-// section 5). Pointers are raw device pointers; sizes and strides are in elements; every
+// Torch-free launcher of the critic-free group advantages (SPEC section 5; REINFORCE++'s
+// return is gae_kernel's, see rmkernels/ops/group_adv.py). Pointers are raw device pointers; sizes and strides are in elements; every
 // launcher runs on `stream` and returns the launch's cudaError_t.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -21,13 +21,6 @@ cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64
                                     int64_t B, int64_t T, int64_t ms0, int64_t ms1, int64_t estimator, double eps,
                                     bool unbiased, int64_t single, double f_norm, double* stats, void* seq, void* adv,
                                     cudaStream_t stream);
-
-// out[b, t] = R_t over the valid positions from the right (R_t = r_t + gamma R_next, carried
-// over masked positions), 0 at masked ones. rewards in `dtype` with strides (rs0, rs1), out
-// contiguous in the arithmetic type.
-cudaError_t launch_reinforce_pp_returns(DType dtype, const void* rewards, int64_t rs0, int64_t rs1, const bool* mask,
-                                        int64_t ms0, int64_t ms1, int64_t B, int64_t T, double gamma, void* out,
-                                        cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace rmkernels

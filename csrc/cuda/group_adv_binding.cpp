@@ -1,10 +1,11 @@
-// Torch bindings of the CUDA group-advantage kernels: checks, allocation, the current stream,
+// Torch binding of the CUDA group-advantage kernels: checks, allocation, the current stream,
 // launch (no host synchronisation: the workspace is zeroed on the stream).
 #include <torch/library.h>
 
 #include "group_adv.cuh"
 #include "rmkernels/codes.h"
 #include "rmkernels/cuda_binding.h"
+#include "rmkernels/op_checks.h"
 
 namespace rmkernels {
 namespace {
@@ -12,19 +13,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
                                                          const at::Tensor& mask, int64_t estimator, double eps,
                                                          bool unbiased, int64_t single, double f_norm) {
-  TORCH_CHECK(scores.dim() == 1 && (scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble),
-              "scores must be a float32/float64 [B] tensor (the Python layer sums and converts), got ",
-              scores.scalar_type(), " ", scores.sizes());
+  check_group_advantages_args(scores, group_ids, mask, estimator, single);
   const int64_t B = scores.size(0);
-  TORCH_CHECK(group_ids.dim() == 1 && group_ids.size(0) == B && group_ids.scalar_type() == at::kLong,
-              "group_ids must be int64 [B] = [", B, "], got ", group_ids.scalar_type(), " ", group_ids.sizes());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.scalar_type() == at::kBool,
-              "mask must be bool [B, T] with B = ", B, ", got ", mask.scalar_type(), " ", mask.sizes());
-  TORCH_CHECK(estimator >= codes::kGrpo && estimator <= codes::kReinforcePPBaseline, "unknown estimator code ",
-              estimator);
-  TORCH_CHECK(single == codes::kSingleZero || single == codes::kSingleSelf, "unknown single code ", single);
-  TORCH_CHECK(group_ids.device() == scores.device() && mask.device() == scores.device(),
-              "scores, group_ids and mask must be on one device");
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t T = mask.size(1);
   const auto s = scores.contiguous();
@@ -39,26 +29,10 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& score
   return {seq, adv};
 }
 
-at::Tensor reinforce_pp_returns_cuda(const at::Tensor& rewards, const at::Tensor& mask, double gamma) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T], got ", rewards.sizes());
-  TORCH_CHECK(mask.sizes() == rewards.sizes() && mask.scalar_type() == at::kBool,
-              "mask must be bool with rewards' shape ", rewards.sizes(), ", got ", mask.scalar_type(), " ",
-              mask.sizes());
-  const c10::cuda::CUDAGuard guard(rewards.device());
-  const auto acc = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty(rewards.sizes(), rewards.options().dtype(acc));
-  RMK_CUDA_CHECK(cuda::launch_reinforce_pp_returns(cuda_dtype(rewards), rewards.data_ptr(), rewards.stride(0),
-                                                   rewards.stride(1), mask.data_ptr<bool>(), mask.stride(0),
-                                                   mask.stride(1), rewards.size(0), rewards.size(1), gamma,
-                                                   out.data_ptr(), c10::cuda::getCurrentCUDAStream()));
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmkernels, CUDA, m) {
   m.impl("group_advantages_kernel", &group_advantages_cuda);
-  m.impl("reinforce_pp_returns_kernel", &reinforce_pp_returns_cuda);
 }
 
 }  // namespace rmkernels

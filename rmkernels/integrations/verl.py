@@ -5,6 +5,9 @@ Replace the import and keep the calls::
     # from verl.trainer.ppo.core_algos import compute_gae_advantage_return, kl_penalty
     from rmkernels.integrations.verl import compute_gae_advantage_return, kl_penalty
 
+(and the critic-free estimators, ``compute_grpo_outcome_advantage`` and the others of
+:mod:`rmkernels.integrations.verl_critic_free`, all in ``__all__``).
+
 Same names, arguments (positional and keyword, same defaults) and numbers as
 ``verl.trainer.ppo.core_algos`` of **verl 0.9.1** (the version compared, function by function,
 on random inputs with holes, empty rows, infinities and every option), computed by
@@ -38,6 +41,7 @@ import math
 import torch
 
 import rmkernels as rmk
+from rmkernels.integrations import verl_critic_free as _critic_free
 from rmkernels.integrations._rl import (
     as_float,
     fused_kl,
@@ -49,7 +53,7 @@ from rmkernels.integrations.verl_critic_free import *  # noqa: F403  (the critic
 from rmkernels.kl_control import _number
 
 __all__ = ["compute_gae_advantage_return", "kl_penalty", "kl_penalty_forward", "KL_PENALTIES",
-           "AdaptiveKLController", "FixedKLController", "get_kl_controller"]
+           "AdaptiveKLController", "FixedKLController", "get_kl_controller", *_critic_free.__all__]
 
 VERL_VERSION_CHECKED = "0.9.1"
 

@@ -9,7 +9,8 @@ Replace the import and keep the calls::
 names, arguments and numbers as verl 0.9.x, computed by :func:`rmkernels.group_advantages`
 / :func:`rmkernels.reinforce_pp_returns` in one call: ``index`` (verl's ``uid`` column, a
 numpy object array of strings, or any labels) is mapped to group ids with
-:func:`rmkernels.group_ids` (one dict pass, no sort), no Python loop over responses or groups.
+:func:`rmkernels.group_ids` (one compiled pass, a hash lookup per run of equal uids, no sort), no
+Python loop over responses or groups.
 
 Conventions kept from verl: scores are ``token_level_rewards.sum(-1)`` over every position;
 the GRPO std is unbiased with ``epsilon`` (1e-6) added to it; a group of one response has

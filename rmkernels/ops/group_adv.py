@@ -19,8 +19,9 @@ leave-one-out / length baseline, so the response keeps its score (``grpo``: r / 
 ``gpg``: alpha r / f_norm); ``"self"`` makes the response its own baseline (mu = r), so its
 advantage is 0 (verl's ``rloo_vectorized``; OpenRLHF's ``r - mean`` of a group of one).
 ``rmk.reinforce_pp_returns`` is REINFORCE++'s masked discounted return: the GAE recurrence of
-``ops/gae.py`` with V = 0 and lam = 1 (its reference calls ``gae_recurrence``; its kernels write
-the one output instead of GAE's two, and may route to ``gae_kernel`` once those are built).
+``ops/gae.py`` with V = 0 and lam = 1, the same hole rule (carried over masked positions, 0
+there), so it runs ``gae_kernel`` on every backend (values a stride-0 zero tensor, no memory)
+and returns its advantages; GAE's second output (returns = advantages + 0) is written too.
 
 Ops (``torch.ops.rmkernels.*``):
 
@@ -29,8 +30,7 @@ Ops (``torch.ops.rmkernels.*``):
                                                public op (``scores`` already [B] float32/64)
 ``group_advantages_kernel(...)``               the C++ CPU / CUDA kernel (Triton:
                                                ``rmkernels.triton.group_adv``)
-``reinforce_pp_returns(rewards, mask, ...)``   returns [B, T], the public op
-``reinforce_pp_returns_kernel(...)``           its C++ CPU / CUDA kernel
+``reinforce_pp_returns(rewards, mask, ...)``   returns [B, T], the public op (``gae_kernel``)
 =============================================  =============================================
 
 Every backend computes the group statistics in float64 (count, sum, then the centred sum
@@ -48,11 +48,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rmkernels import _backend, _checks
+from rmkernels import _backend, _checks, _ext
 from rmkernels._codes import GROUP_ESTIMATORS, GROUP_SINGLES, GroupEstimator, GroupSingle
 from rmkernels._library import acc_dtype
 from rmkernels._registry import Kernel, Op
-from rmkernels.ops.gae import check_2d, check_mask, gae_recurrence
+from rmkernels.ops.gae import check_2d, check_mask, gae_kernel
 from rmkernels.ops.ppo import centered_sq_kernel, row_stats_kernel, whiten_apply_kernel
 
 GroupAdvantages = namedtuple("GroupAdvantages", ["seq_advantages", "advantages"])
@@ -100,14 +100,6 @@ def _reference_group(scores, group_ids, mask, code, eps, unbiased, single, f_nor
     return seq, adv
 
 
-def _reference_returns(rewards, mask, gamma):
-    """REINFORCE++'s return: the GAE recurrence of ops/gae.py with V = 0 and lam = 1
-    (``R_t = r_t + gamma R_next`` over the valid positions, carried over masked ones)."""
-    acc = acc_dtype(rewards.dtype)
-    r = rewards.to(acc)
-    return gae_recurrence(r, torch.zeros_like(r), mask, gamma, 1.0)[0]
-
-
 # ---------------------------------------------------------------------------------------
 # Kernels and ops (C++ CPU / CUDA: csrc/cpu/group_adv.cpp, csrc/cuda/group_adv*; Triton:
 # rmkernels/triton/group_adv.py)
@@ -124,8 +116,6 @@ def _returns_fake(rewards, *_):
 
 group_advantages_kernel = Kernel("group_advantages_kernel", reference=_reference_group,
                                  triton="group_adv:group_advantages", fake=_group_fake)
-reinforce_pp_returns_kernel = Kernel("reinforce_pp_returns_kernel", reference=_reference_returns,
-                                     triton="group_adv:reinforce_pp_returns", fake=_returns_fake)
 
 
 def _whiten_rows(seq, adv, mask, unbiased, eps, backend):
@@ -153,9 +143,9 @@ def _group_advantages_body(scores, group_ids, mask, estimator, eps, unbiased, si
 def _check_ids_range(group_ids, B):
     """The data check of the ids (CPU tensors; GPU tensors with rmk.checks(True))."""
     if B > 0 and _checks.data_checks_enabled(group_ids.device):
-        bad = (group_ids < 0) | (group_ids >= B)
-        if bool(bad.any()):
-            rows = torch.nonzero(bad).flatten().tolist()
+        lo, hi = (int(v) for v in torch.aminmax(group_ids))  # one pass; the rows only on failure
+        if lo < 0 or hi >= B:
+            rows = torch.nonzero((group_ids < 0) | (group_ids >= B)).flatten().tolist()
             raise ValueError(f"group_ids must lie in [0, B) = [0, {B}) (rmk.group_ids makes such ids from any "
                              f"labels); rows {_checks.rows_str(rows)} are out of range")
 
@@ -173,6 +163,13 @@ def _check_group_op(scores, group_ids, mask, estimator, eps, unbiased, single, f
     _check_ids_range(group_ids, B)
 
 
+def _returns_body(token_rewards, mask, gamma, backend):
+    """REINFORCE++'s return ``R_t = r_t + gamma R_next`` over the valid positions, carried over
+    masked ones: GAE's advantages with values 0 and lam 1 (ops/gae.py, the same hole rule)."""
+    zeros = torch.zeros((), dtype=token_rewards.dtype, device=token_rewards.device).expand(token_rewards.shape)
+    return gae_kernel(backend, token_rewards, zeros, mask, float(gamma), 1.0)[0]
+
+
 def _check_returns_op(token_rewards, mask, gamma, backend):
     check_2d("token_rewards", token_rewards)
     check_2d("mask", mask, token_rewards.shape, token_rewards.device, (torch.bool,))
@@ -181,9 +178,7 @@ def _check_returns_op(token_rewards, mask, gamma, backend):
 # What the public functions call: the public ops, or their bodies in plain eager mode (no
 # gradients: the inputs are used detached)
 _group_advantages = Op("group_advantages", body=_group_advantages_body, fake=_group_fake, check=_check_group_op)
-_reinforce_pp_returns = Op("reinforce_pp_returns", kernel=reinforce_pp_returns_kernel,
-                           prepare=lambda r, m, gamma: (r, m, float(gamma)), fake=_returns_fake,
-                           check=_check_returns_op)
+_reinforce_pp_returns = Op("reinforce_pp_returns", body=_returns_body, fake=_returns_fake, check=_check_returns_op)
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,14 +189,16 @@ def group_ids(uids):
 
     ``uids``: a numpy array (object array of strings as verl passes its ``uid`` column, or
     any dtype), a list/tuple of hashables, or a 1-D integer tensor. Labels get ids in the
-    order they first appear, from a dict pass (no sort: ``np.unique`` sorts the strings, the
-    most expensive part of verl's vectorized estimators). For a numpy object array the dict
-    pass runs over the runs of equal neighbours only (one vectorised ``!=`` of neighbours
-    first): verl lists a prompt's responses next to each other, so that is one dict entry per
-    prompt, ~4x faster at 65,536 uids; any order gives the same ids. Numeric numpy arrays and
+    order they first appear, with Python dict semantics (the same object, or equal hashes and
+    ``==``; no sort: ``np.unique`` sorts the strings, the most expensive part of verl's
+    vectorized estimators). A numpy object array goes through the compiled
+    ``rmkernels._C.group_ids_from_objects``: each label is compared with its neighbour by
+    pointer first (verl repeats one str object for a prompt's responses), so a run of equal
+    neighbours costs one hash-table lookup (~0.3 ms at 65,536 uids); without the extension, a
+    dict pass over the runs of equal neighbours gives the same ids. Numeric numpy arrays and
     tensors are factorised with ``np.unique`` / ``torch.unique`` (sorted order; on a GPU
-    ``torch.unique`` synchronises). Returns a CPU int64 tensor (the tensor's device for a
-    tensor).
+    ``torch.unique`` synchronises). Unhashable labels raise ``TypeError``. Returns a CPU int64
+    tensor (the tensor's device for a tensor).
     """
     if isinstance(uids, Tensor):
         if uids.dim() != 1 or uids.dtype.is_floating_point or uids.dtype.is_complex:
@@ -213,11 +210,15 @@ def group_ids(uids):
         if uids.dtype != object and uids.dtype.kind in "biuf":
             return torch.from_numpy(np.unique(uids, return_inverse=True)[1].astype(np.int64).reshape(-1))
         if uids.dtype == object and uids.shape[0] > 1:
-            return _ids_by_runs(uids)
+            return _ids_of_objects(uids)
     elif not isinstance(uids, (list, tuple)):
         raise TypeError(f"uids must be a numpy array, a list/tuple of hashables or an integer tensor, "
                         f"got {type(uids).__name__}")
     return torch.from_numpy(_dict_ids(uids))
+
+
+def _hashable_error(e):
+    return TypeError(f"uids must hold hashable labels: {e}")
 
 
 def _dict_ids(labels):
@@ -225,9 +226,24 @@ def _dict_ids(labels):
     try:
         first = dict.fromkeys(labels)
     except TypeError as e:
-        raise TypeError(f"uids must hold hashable labels: {e}") from None
+        raise _hashable_error(e) from None
     code = dict(zip(first, range(len(first))))
     return np.fromiter(map(code.__getitem__, labels), dtype=np.int64, count=len(labels))
+
+
+# rmkernels._C.group_ids_from_objects (csrc/cpu/group_adv_ids.cpp), None without the extension
+_ids_from_objects = getattr(_ext._C, "group_ids_from_objects", None) if _ext.CPP_AVAILABLE else None
+
+
+def _ids_of_objects(uids):
+    """``_dict_ids`` of a 1-D numpy object array with more than one label: the compiled pass when
+    the extension is built, else ``_ids_by_runs``."""
+    if _ids_from_objects is None:
+        return _ids_by_runs(uids)
+    try:
+        return torch.frombuffer(_ids_from_objects(uids), dtype=torch.int64)  # shares the bytearray
+    except TypeError as e:
+        raise _hashable_error(e) from None
 
 
 def _ids_by_runs(uids):

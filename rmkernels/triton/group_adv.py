@@ -1,4 +1,4 @@
-"""Triton kernels of the critic-free group advantages and REINFORCE++ returns (docs/ops.md section 5).
+"""Triton kernels of the critic-free group advantages (docs/ops.md section 5).
 
 ``group_advantages``: three launches, no host synchronisation.
 
@@ -15,7 +15,7 @@ Bytes moved: 16 B per response in passes 1-2 (24 B with the opo lengths, which r
 mask once more), the mask once and the [B, T] output once in pass 3. Atomics make the float64
 sums' order vary between runs in their last bits (float32 outputs are unaffected in practice).
 
-``reinforce_pp_returns``: BLOCK_B rows a program walk T from the right, one column at a time.
+``reinforce_pp_returns`` runs ``rmkernels.triton.ppo.gae`` (values 0, lam 1; ops/group_adv.py).
 """
 import torch
 import triton
@@ -33,7 +33,6 @@ _SELF = tl.constexpr(int(GroupSingle.SELF))
 BLOCK_B = 128  # rows per program of the statistics passes
 WRITE_BLOCK_B = 16  # rows x ...
 WRITE_BLOCK_T = 256  # ... positions per program of the broadcast
-RETURNS_BLOCK_B = 64  # rows per program of the returns walk
 NSTATS = 5  # count, sum, centred squares, sum of lengths, sum of length x score
 
 
@@ -171,35 +170,3 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
                                SINGLE=int(single),
                                BLOCK_B=WRITE_BLOCK_B, BLOCK_T=block_t)
     return seq, adv
-
-
-@triton.jit
-def _returns_kernel(
-    r_ptr, mask_ptr, out_ptr,  # rewards [B, T] (any strides), bool mask [B, T], out [B, T] acc
-    B, T, s_r0, s_r1, s_m0, s_m1, gamma, gamma_lo,
-    BLOCK_B: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    inb = offs < B
-    acc_ty = out_ptr.dtype.element_ty
-    g = scalar(gamma, gamma_lo, acc_ty)
-    run = tl.zeros([BLOCK_B], acc_ty)
-    for i in range(T):
-        t = T - 1 - (tl.zeros([], tl.int64) + i)
-        m = tl.load(mask_ptr + offs * s_m0 + t * s_m1, mask=inb, other=0) != 0
-        x = tl.load(r_ptr + offs * s_r0 + t * s_r1, mask=inb, other=0.0).to(acc_ty)
-        nxt = x + g * run
-        tl.store(out_ptr + offs * T + t, tl.where(m, nxt, 0.0).to(acc_ty), mask=inb)
-        run = tl.where(m, nxt, run)
-
-
-def reinforce_pp_returns(rewards, mask, gamma):
-    """Host function with the kernel op's signature (rmkernels::reinforce_pp_returns_kernel)."""
-    B, T = rewards.shape
-    out = torch.empty(B, T, dtype=acc_dtype(rewards.dtype), device=rewards.device)
-    if B == 0 or T == 0:
-        return out
-    _returns_kernel[(triton.cdiv(B, RETURNS_BLOCK_B),)](
-        rewards, mask, out, B, T, rewards.stride(0), rewards.stride(1), mask.stride(0), mask.stride(1),
-        *split_float(gamma), BLOCK_B=RETURNS_BLOCK_B)
-    return out

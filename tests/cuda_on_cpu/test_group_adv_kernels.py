@@ -5,9 +5,9 @@ shuffled ids), masks (empty, full, right/left/holes, column-major strides) and s
 exact zeros); float32/float64 scores (the launcher's dtypes; bf16/fp16 scores reach it
 converted by the Python layer, and the launcher refuses them); B = 0 / T = 0; the statistics
 over several blocks (B > 256 responses, opo's warp per response over 256 threads) and the
-broadcast over many blocks; ids out of range and NaN scores. REINFORCE++ returns: every dtype,
-strided rewards and masks, rows over several 128-thread blocks. ThreadSanitizer runs of the
-atomics, ballots and warp sums."""
+broadcast over many blocks; ids out of range and NaN scores. ThreadSanitizer runs of the
+atomics, ballots and warp sums. (REINFORCE++'s return runs gae_kernel: tests/cuda_on_cpu's PPO
+kernel tests cover it.)"""
 import pytest
 import torch
 from test_group_advantages import make_groups, make_mask, make_scores
@@ -165,52 +165,3 @@ def test_group_race_free_under_thread_sanitizer(estimator):
     B, T = 300, 11
     scores, ids, mask = _case(B, T, col_major=True)
     check_group(scores, ids, mask, f"tsan {estimator}", variant="tsan", estimator=estimator)
-
-
-# ---------------------------------------------------------------------------------------
-# REINFORCE++ returns
-# ---------------------------------------------------------------------------------------
-def launch_returns(rewards, mask, gamma, variant="asan"):
-    B, T = rewards.shape
-    prog = Program()
-    out = prog.out((B, T), _acc(rewards.dtype))
-    prog.call("rmk_reinforce_pp_returns", DTYPE_CODE[rewards.dtype], prog.inp(rewards), rewards.stride(0),
-              rewards.stride(1), prog.inp(mask), mask.stride(0), mask.stride(1), B, T, float(gamma), out)
-    res = prog.run(variant)
-    return res.rcs, res[out]
-
-
-def check_returns(rewards, mask, gamma, what="", variant="asan"):
-    rcs, got = launch_returns(rewards, mask, gamma, variant)
-    assert rcs == [0], rcs
-    exp = gops.reinforce_pp_returns_kernel("reference", rewards, mask, float(gamma))
-    assert got.dtype == exp.dtype
-    # tests/test_group_advantages.py's tolerances
-    rtol, atol = tolerance(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
-    assert_close(got, exp, rtol=max(rtol, 1e-5), atol=max(atol, 1e-5), name=f"returns {what}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
-def test_returns(dtype):
-    """Strided rewards (rows of a wider tensor), column-major masks, rows over 1 and 3
-    128-thread blocks, ragged T, both gammas."""
-    for i, (B, T) in enumerate([(1, 1), (59, 97), (300, 17)]):
-        for gamma in (1.0, 0.95):
-            r = torch.randn(B, T + 3).to(dtype)[:, 3:]
-            mask = make_mask(B, T, ["right", "left", "holes"][i % 3])
-            if i % 2:
-                mask = mask.t().contiguous().t()
-            check_returns(r, mask, gamma, f"{B}x{T} {dtype} gamma={gamma}")
-    r = torch.randn(23, 40).to(dtype).t()  # column-major rewards
-    check_returns(r, make_mask(40, 23), 0.9, f"column-major {dtype}")
-
-
-def test_returns_empty():
-    for B, T in ((0, 5), (5, 0), (0, 0)):
-        rcs, out = launch_returns(torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool), 1.0)
-        assert rcs == [0] and out.shape == (B, T)
-
-
-def test_returns_race_free_under_thread_sanitizer():
-    B, T = 200, 19
-    check_returns(torch.randn(B, T), make_mask(B, T), 0.9, "tsan", variant="tsan")

@@ -11,6 +11,8 @@
 #include <optional>
 #include <string>
 
+#include "rmkernels/codes.h"
+
 namespace rmkernels {
 
 // The arithmetic (accumulation) dtype of the kernels for an input dtype: float64 for
@@ -104,6 +106,31 @@ inline void check_last_token_args(const at::Tensor& hidden, const at::Tensor& we
     TORCH_CHECK(index.size(0) == hidden.size(0), "index must have B = hidden_states.size(0) = ", hidden.size(0),
                 " rows, got ", index.size(0));
   }
+}
+
+// The arguments of group_advantages_kernel (CPU and CUDA): scores float32/float64 [B] (the
+// Python layer sums token rewards and converts), group_ids int64 [B], mask bool [B, T] with any
+// strides, all on scores' device, and the estimator and single codes. The id *values* are the
+// kernels' business (CPU: an error; CUDA: NaN rows for ids outside [0, B)).
+inline void check_group_advantages_args(const at::Tensor& scores, const at::Tensor& group_ids,
+                                        const at::Tensor& mask, int64_t estimator, int64_t single) {
+  check_dim(scores, "scores", 1);
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+              "scores must be float32 or float64 (the Python layer sums and converts), got ",
+              dtype_name(scores.scalar_type()));
+  const int64_t B = scores.size(0);
+  const auto dev = scores.device();
+  check_dim(group_ids, "group_ids", 1);
+  TORCH_CHECK(group_ids.size(0) == B, "group_ids must have B = scores.size(0) = ", B, " rows, got ",
+              group_ids.size(0));
+  check_dtype(group_ids, "group_ids", at::kLong);
+  check_device(group_ids, "group_ids", dev);
+  check_dim(mask, "mask", 2);
+  TORCH_CHECK(mask.size(0) == B, "mask must be [B, T] with B = scores.size(0) = ", B, ", got ", mask.sizes());
+  check_dtype(mask, "mask", at::kBool);
+  check_device(mask, "mask", dev);
+  check_code(estimator, "estimator", codes::kGrpo, codes::kReinforcePPBaseline);
+  check_code(single, "single", codes::kSingleZero, codes::kSingleSelf);
 }
 
 // A fresh tensor of t's shape and dtype for t's gradient (rmkernels/_layout.py: grad_buffer, the

@@ -11,9 +11,4 @@ int64_t rmk_group_advantages(int64_t dtype, const void* scores, const int64_t* g
   return launch_group_advantages(static_cast<DType>(dtype), scores, group_ids, mask, B, T, ms0, ms1, estimator, eps,
                                  unbiased != 0, single, f_norm, stats, seq, adv, nullptr);
 }
-int64_t rmk_reinforce_pp_returns(int64_t dtype, const void* rewards, int64_t rs0, int64_t rs1, const bool* mask,
-                                 int64_t ms0, int64_t ms1, int64_t B, int64_t T, double gamma, void* out) {
-  return launch_reinforce_pp_returns(static_cast<DType>(dtype), rewards, rs0, rs1, mask, ms0, ms1, B, T, gamma, out,
-                                     nullptr);
-}
 }

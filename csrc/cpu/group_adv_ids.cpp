@@ -1,0 +1,162 @@
+// rmkernels._C.group_ids_from_objects(uids) -> bytearray of int64 ids: the fast path of
+// rmk.group_ids (rmkernels/ops/group_adv.py) for a 1-D numpy object array, verl's uid column.
+//
+// Labels get ids 0, 1, ... in the order they first appear, with Python dict semantics: two
+// labels are the same key when they are the same object, or have equal hashes and compare
+// equal (so the ids equal those of the pure-Python dict pass, the fallback and the reference of
+// the tests). verl repeats the same str object for the G responses of a prompt (np.repeat of an
+// object array), so each label is compared with its neighbour first, by pointer: a run of
+// equal neighbours costs one pointer comparison per label and one hash-table lookup per run.
+// The table is open addressing over (hash, label, id), keyed like a dict (labels whose hash or
+// == raises propagate that error: unhashable labels give Python's TypeError).
+//
+// The array's element pointers are read through __array_interface__ (typestr "|O", 1-D, any
+// stride); the labels are held (incref) while compared, since a label's __eq__ is Python code.
+#include <Python.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct Entry {
+  Py_hash_t hash;
+  PyObject* key;  // a new reference, or nullptr (empty slot)
+  int64_t id;
+};
+
+// First-seen ids of labels: a hash table with Python dict's key equality.
+class IdTable {
+ public:
+  ~IdTable() {
+    for (const Entry& e : slots_) Py_XDECREF(e.key);
+  }
+
+  // The id of `key` (hash `h`), a new one when it is not there yet; -1 with a Python error set.
+  int64_t id_of(PyObject* key, Py_hash_t h) {
+    if (2 * (count_ + 1) > static_cast<int64_t>(slots_.size())) grow();
+    const size_t mask = slots_.size() - 1;
+    for (size_t i = static_cast<size_t>(h) & mask;; i = (i + 1) & mask) {
+      Entry& e = slots_[i];
+      if (e.key == nullptr) {
+        Py_INCREF(key);
+        e = Entry{h, key, count_};
+        return count_++;
+      }
+      if (e.key == key) return e.id;
+      if (e.hash == h) {
+        const int eq = PyObject_RichCompareBool(e.key, key, Py_EQ);
+        if (eq < 0) return -1;
+        if (eq) return e.id;
+      }
+    }
+  }
+
+ private:
+  void grow() {
+    std::vector<Entry> old(slots_.size() < 1024 ? 1024 : 2 * slots_.size(), Entry{0, nullptr, 0});
+    old.swap(slots_);
+    const size_t mask = slots_.size() - 1;
+    for (const Entry& e : old) {
+      if (e.key == nullptr) continue;
+      size_t i = static_cast<size_t>(e.hash) & mask;
+      while (slots_[i].key != nullptr) i = (i + 1) & mask;
+      slots_[i] = e;
+    }
+  }
+
+  std::vector<Entry> slots_;
+  int64_t count_ = 0;
+};
+
+// (data pointer, length, stride in bytes) of a 1-D object array from its __array_interface__;
+// false with a TypeError set otherwise.
+bool object_array_view(PyObject* arr, PyObject* iface, char** data, Py_ssize_t* n, Py_ssize_t* stride) {
+  PyObject* typestr = PyDict_GetItemString(iface, "typestr");
+  PyObject* shape = PyDict_GetItemString(iface, "shape");
+  PyObject* strides = PyDict_GetItemString(iface, "strides");
+  PyObject* ptr = PyDict_GetItemString(iface, "data");
+  if (typestr == nullptr || !PyUnicode_Check(typestr) || PyUnicode_CompareWithASCIIString(typestr, "|O") != 0 ||
+      shape == nullptr || !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) != 1 || ptr == nullptr ||
+      !PyTuple_Check(ptr) || PyTuple_GET_SIZE(ptr) < 1) {
+    PyErr_Format(PyExc_TypeError, "group_ids_from_objects: expected a 1-D numpy object array, got %R", arr);
+    return false;
+  }
+  *n = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, 0));
+  *stride = static_cast<Py_ssize_t>(sizeof(PyObject*));
+  if (strides != nullptr && strides != Py_None) {
+    if (!PyTuple_Check(strides) || PyTuple_GET_SIZE(strides) != 1) {
+      PyErr_SetString(PyExc_TypeError, "group_ids_from_objects: malformed strides");
+      return false;
+    }
+    *stride = PyLong_AsSsize_t(PyTuple_GET_ITEM(strides, 0));
+  }
+  *data = static_cast<char*>(PyLong_AsVoidPtr(PyTuple_GET_ITEM(ptr, 0)));
+  return !PyErr_Occurred();
+}
+
+}  // namespace
+
+// METH_O: uids -> bytearray of len(uids) int64 ids (native byte order).
+extern "C" PyObject* rmk_group_ids_from_objects(PyObject* /*self*/, PyObject* arr) {
+  PyObject* iface = PyObject_GetAttrString(arr, "__array_interface__");
+  if (iface == nullptr || !PyDict_Check(iface)) {
+    Py_XDECREF(iface);
+    PyErr_Clear();
+    PyErr_Format(PyExc_TypeError, "group_ids_from_objects: expected a 1-D numpy object array, got %R", arr);
+    return nullptr;
+  }
+  char* data = nullptr;
+  Py_ssize_t n = 0, stride = 0;
+  if (!object_array_view(arr, iface, &data, &n, &stride)) {
+    Py_DECREF(iface);
+    return nullptr;
+  }
+  PyObject* out = PyByteArray_FromStringAndSize(nullptr, n * static_cast<Py_ssize_t>(sizeof(int64_t)));
+  if (out == nullptr) {
+    Py_DECREF(iface);
+    return nullptr;
+  }
+  int64_t* ids = reinterpret_cast<int64_t*>(PyByteArray_AS_STRING(out));
+  IdTable table;
+  PyObject* prev = nullptr;  // the previous label (a new reference) and its hash and id
+  Py_hash_t prev_hash = 0;
+  int64_t prev_id = -1;
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < n && ok; ++i) {
+    PyObject* label = *reinterpret_cast<PyObject**>(data + i * stride);
+    if (label == prev) {  // verl's layout: the same object as the neighbour
+      ids[i] = prev_id;
+      continue;
+    }
+    Py_INCREF(label);
+    const Py_hash_t h = PyObject_Hash(label);
+    int64_t id = -1;
+    if (h == -1 && PyErr_Occurred()) {
+      ok = false;
+    } else {
+      int eq = 0;
+      if (prev != nullptr && h == prev_hash) {
+        eq = PyObject_RichCompareBool(prev, label, Py_EQ);
+        ok = eq >= 0;
+      }
+      if (ok) {
+        id = eq ? prev_id : table.id_of(label, h);
+        ok = id >= 0;
+      }
+    }
+    Py_XDECREF(prev);
+    prev = label;
+    prev_hash = h;
+    prev_id = id;
+    ids[i] = id;
+  }
+  Py_XDECREF(prev);
+  Py_DECREF(iface);
+  if (!ok) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
