@@ -127,7 +127,8 @@ def block_readme_cost(root):
         parts.append(f"`rmkernels-train reward` takes {_rng(rm)} s start to end (the build is not measured in this "
                      f"file yet: `python scripts/measure_default_runs.py --build`)")
     if "ci" in d:
-        parts.append(f"the second, `bash .ci/run`, {d['ci']['wall_s'] / 60:.1f} minutes")
+        c = d["ci"]
+        parts.append(f"the second, `bash .ci/run`, {c['wall_s'] / 60:.1f} minutes ({c['date']}, run in place)")
     else:
         parts.append("the second, `bash .ci/run` (the whole test suite), is not timed in this file yet "
                      "(`python scripts/measure_default_runs.py --ci`)")
