@@ -34,6 +34,19 @@ BLOCK_B = 128  # rows per program of the statistics passes
 WRITE_BLOCK_B = 16  # rows x ...
 WRITE_BLOCK_T = 256  # ... positions per program of the broadcast
 NSTATS = 5  # count, sum, centred squares, sum of lengths, sum of length x score
+_NSTATS = tl.constexpr(NSTATS)
+
+
+@triton.jit
+def _group_rows(r_ptr, ids_ptr, stats_ptr, B, BLOCK_B: tl.constexpr):
+    """The program's BLOCK_B rows (axis 0): their offsets, which are in bounds, the scores in
+    float64, which ids lie in [0, B), and each row's group slot in the [B, NSTATS] statistics."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    inb = offs < B
+    r = tl.load(r_ptr + offs, mask=inb, other=0.0).to(tl.float64)
+    g = tl.load(ids_ptr + offs, mask=inb, other=0)
+    ok = inb & (g >= 0) & (g < B)
+    return offs, inb, r, ok, stats_ptr + g * _NSTATS
 
 
 @triton.jit
@@ -42,12 +55,7 @@ def _group_stats_kernel(
     B, T, s_m0, s_m1,
     EST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    inb = offs < B
-    r = tl.load(r_ptr + offs, mask=inb, other=0.0).to(tl.float64)
-    g = tl.load(ids_ptr + offs, mask=inb, other=0)
-    ok = inb & (g >= 0) & (g < B)
-    st = stats_ptr + g * 5
+    offs, inb, r, ok, st = _group_rows(r_ptr, ids_ptr, stats_ptr, B, BLOCK_B)
     tl.atomic_add(st, tl.where(ok, 1.0, 0.0).to(tl.float64), mask=ok)
     tl.atomic_add(st + 1, r, mask=ok)
     if EST == _OPO:
@@ -69,12 +77,7 @@ def _group_sq_kernel(
     r_ptr, ids_ptr, stats_ptr,
     B, BLOCK_B: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    inb = offs < B
-    r = tl.load(r_ptr + offs, mask=inb, other=0.0).to(tl.float64)
-    g = tl.load(ids_ptr + offs, mask=inb, other=0)
-    ok = inb & (g >= 0) & (g < B)
-    st = stats_ptr + g * 5
+    _, _, r, ok, st = _group_rows(r_ptr, ids_ptr, stats_ptr, B, BLOCK_B)
     n = tl.load(st, mask=ok, other=1.0)
     s = tl.load(st + 1, mask=ok, other=0.0)
     d = r - s / n
@@ -117,14 +120,10 @@ def _group_write_kernel(
     EST: tl.constexpr, UNBIASED: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    # an id out of range: NaN (checked on the host for CPU tensors)
+    offs, inb, r, ok, st = _group_rows(r_ptr, ids_ptr, stats_ptr, B, BLOCK_B)
     pid_t = tl.program_id(1)
     acc_ty = seq_ptr.dtype.element_ty
-    inb = offs < B
-    r = tl.load(r_ptr + offs, mask=inb, other=0.0).to(tl.float64)
-    g = tl.load(ids_ptr + offs, mask=inb, other=0)
-    ok = inb & (g >= 0) & (g < B)  # an id out of range: NaN (checked on the host for CPU tensors)
-    st = stats_ptr + g * 5
     nan = float("nan")
     n = tl.load(st, mask=ok, other=nan)
     s = tl.load(st + 1, mask=ok, other=nan)
