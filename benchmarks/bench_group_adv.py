@@ -8,10 +8,12 @@ verl's loop (``hf``: the default ``compute_grpo_outcome_advantage``), verl's vec
 Every provider gets what verl passes: ``token_level_rewards`` [B, T] fp32 (the score at the
 last valid token), a bool ``response_mask`` [B, T] and ``index``, a numpy object array of uid
 strings (one uuid4-style string per prompt, repeated for its G consecutive responses), and
-the full call is timed, the uid -> group-id mapping included. One more row, ``write-once``,
-times allocating and writing the float32 [B, T] output once (``torch.empty(...).fill_``):
-the floor of BENCHMARKS.md's "<= 1.3x writing [B, T] once" target, timed interleaved with the
-full call and with ``rmk-<backend>-op``, the op alone (group ids and summed scores given).
+the full call is timed, the uid -> group-id mapping included. Two more rows, ``write-once``
+(allocating and writing the float32 [B, T] output once: BENCHMARKS.md's "<= 1.3x writing
+[B, T] once") and ``read-inputs`` (reading the token rewards and the mask once), are timed
+interleaved with the full call and with ``rmk-<backend>-op``, the op alone (group ids and
+summed scores given); on the CPU once with the outputs in recycled memory and once in fresh
+pages (``floor_rows``).
 verl's loop is left out above 100k responses (it takes ~15 s a call at 1M).
 """
 try:
@@ -20,6 +22,7 @@ except ImportError:
     import _path  # noqa: F401
 
 import uuid
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -86,26 +89,46 @@ def providers(device, B):
 
 
 def floor_rows(shape, device, prov, inputs, quick, log):
-    """``write-once``: allocate the float32 [B, T] output and write it once, timed interleaved
-    with the ``rmk-*`` providers, full call and op alone (the allocator's state decides whether
-    a 32 MiB output is recycled or freshly page-faulted, so the floor and the calls are measured
-    side by side, one sample of each in turn)."""
+    """The floors, timed interleaved with the ``rmk-*`` providers (full call and op alone), one
+    sample of each in turn: ``write-once`` allocates the float32 [B, T] output and writes it
+    once (``torch.empty(B, T).fill_(1.0)``, BENCHMARKS.md's "<= 1.3x writing [B, T] once");
+    ``read-inputs`` reads what the full call must read, once (the [B, T] token rewards and the
+    mask, each by a vectorised ``amax``); their sum is the full call's memory floor. On the CPU
+    everything is measured twice, with the outputs in recycled memory and in fresh pages
+    (``timing.output_memory``): which one a call meets otherwise depends on the allocation
+    history of the process, and the page faults of a fresh 32 MiB output cost ~10x its write."""
     B, T = shape.dims["B"], shape.dims["T"]
-    calls = {"write-once": lambda: torch.empty(B, T, device=device).fill_(1.0)}
-    calls.update({k: (lambda f=f: f(*inputs)) for k, f in prov.items() if k.startswith("rmk-")})
-    res = timing.measure_interleaved(calls, device=device, reps=3 if quick else 15, warmup=1 if quick else 3,
-                                     max_time_s=1.0 if quick else 15.0)
+    r, m, _ = inputs
+    fns = {"write-once": lambda: torch.empty(B, T, device=device).fill_(1.0),
+           "read-inputs": lambda: (r.amax(), m.view(torch.uint8).amax())}
+    fns.update({k: (lambda f=f: f(*inputs)) for k, f in prov.items() if k.startswith("rmk-")})
     env = common.env_fields(device)
-    w = res["write-once"][0]
-    log(f"  grpo     {shape.name:7s} forward  ms/call, side by side: "
-        + "  ".join(f"{k} {v[0]:.4g} ({v[0] / w:.2f}x write-once)" for k, v in res.items()))
     rows = []
-    for k, (med, p20, p80) in res.items():
-        rows.append(dict(op="grpo", shape=shape.name, dims=shape.dims_str(), dtype=shape.dtype,
-                         provider=k if k == "write-once" else f"{k} (vs floor)", mode="forward", metric="call_ms",
-                         median=med, p20=p20, p80=p80, unit="ms", bytes=B * T * 4,
-                         note="floor: torch.empty(B, T).fill_(1.0), interleaved with the op alone", **env))
+    for state in timing.OUTPUT_MEMORY if device == "cpu" else (None,):
+        with timing.output_memory(state, reserve_bytes=8 * B * T * 4 + 2**26) if state else nullcontext() as om:
+            res = timing.measure_interleaved(om.calls(fns) if state else fns, device=device,
+                                             reps=3 if quick else 15, warmup=1 if quick else 3,
+                                             max_time_s=1.0 if quick else 15.0)
+        w = res["write-once"][0]
+        log(f"  grpo     {shape.name:7s} forward  ms/call, {state or device}: "
+            + "  ".join(f"{k} {v[0]:.4g} ({v[0] / w:.2f}x write-once)" for k, v in res.items()))
+        for k, (med, p20, p80) in res.items():
+            rows.append(dict(op="grpo", shape=shape.name, dims=shape.dims_str(), dtype=shape.dtype,
+                             provider=floor_provider(k, state), mode="forward", metric="call_ms", median=med,
+                             p20=p20, p80=p80, unit="ms", bytes=B * T * 4,
+                             note=f"timed interleaved with the floors ({state or device})", **env))
     return rows
+
+
+FLOORS = ("write-once", "read-inputs")
+
+
+def floor_provider(name, state):
+    """The provider name of a ``floor_rows`` row: ``write-once (fresh pages)``,
+    ``rmk-cpu (vs floor, fresh pages)``; without a state (GPU) ``write-once``, ``rmk-cuda (vs floor)``."""
+    if name in FLOORS:
+        return f"{name} ({state})" if state else name
+    return f"{name} (vs floor, {state})" if state else f"{name} (vs floor)"
 
 
 def run(op="grpo", device="cpu", shapes=None, quick=False, tiny=False, only=None, log=common.log):
@@ -154,7 +177,8 @@ def write_results(argv=None):
     md += (f"\n\nWritten by `{cmd.strip()}` ({rows[0]['date']}, {common.device_name(device)}, 1 torch thread, clock "
            f"{timing.clock(device)[1]}; 1-minute load average {load0:.1f} at the start, "
            f"{os.getloadavg()[0]:.1f} at the end: the cores were shared with other jobs). "
-           "`write-once` and the `(vs floor)` rows are timed interleaved, one sample of each in turn.\n")
+           "`write-once`, `read-inputs` and the `(vs floor, ...)` rows are timed interleaved, one sample of each "
+           "in turn, once with the outputs in recycled memory and once in fresh pages.\n")
     with open(os.path.join(COMMITTED_DIR, f"{slug}-grpo.md"), "w") as f:
         f.write(md)
     common.log(f"wrote {csv_path} and {slug}-grpo.md")

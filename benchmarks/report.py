@@ -137,7 +137,8 @@ def markdown(rows, title=None):
                 c = cr[0]
                 desc = f"{shape} [{c['dims']}, {c['dtype']}]"
                 line = (f"| {op} | {desc} | {mode} | {p} | {_fmt_ms(ms)} | {_fmt_ms(c['p20'])}-{_fmt_ms(c['p80'])} | "
-                        f"{_fmt_x(hf / ms)} | {_fmt_x(comp / ms)} | "
+                        f"{_fmt_x(math.nan if _timed_with_floors(p) else hf / ms)} | "
+                        f"{_fmt_x(math.nan if _timed_with_floors(p) else comp / ms)} | "
                         f"{_fmt_f(_val(g, provider=p, metric='peak_MiB'), 1)} | "
                         f"{_fmt_f(_val(g, provider=p, metric='call_GBps'), 2)} |")
                 if gpu:
@@ -194,8 +195,8 @@ def targets(rows):
         if math.isnan(comp):
             continue
         for r in _get(rows, op=op, shape=shape, mode=mode, metric="call_ms"):
-            if not r["provider"].startswith("rmk-") or r["provider"].endswith(" (vs floor)"):
-                continue  # (vs floor): timed with write-once, not with compile
+            if not r["provider"].startswith("rmk-") or _timed_with_floors(r["provider"]):
+                continue  # timed with the floors, not with compile
             x = comp / r["median"]
             lines.append(f"| faster than compile: {op} {shape} {mode} | {r['provider']} | {_fmt_x(x)} | "
                          f"{'met' if x > 1 else 'MISSED'} |")
@@ -233,26 +234,47 @@ def targets(rows):
     return out
 
 
+GRPO_FLOORS = ("write-once", "read-inputs")  # benchmarks/bench_group_adv.floor_rows
+
+
+def _timed_with_floors(provider):
+    """A row of bench_group_adv.floor_rows (a floor, or an rmk call timed interleaved with the
+    floors, not with hf / compile)."""
+    return "(vs floor" in provider or provider.split(" (")[0] in GRPO_FLOORS
+
+
 def _grpo_targets(rows):
     """grpo-l on the CPU (BENCHMARKS.md; one thread): the full call (uid mapping included)
     >= 30x verl's loop, >= 1.5x verl's vectorized GRPO, <= 1.3x writing [B, T] once (the
-    ``(vs floor)`` rows, timed interleaved with ``write-once``; the op alone is shown too)."""
+    ``(vs floor, <state>)`` rows, timed interleaved with ``write-once (<state>)``, per state of
+    the output memory; the op alone is shown too), and, as information, the full call against
+    its memory floor (``write-once`` + ``read-inputs`` of the same state)."""
     q = dict(op="grpo", shape="grpo-l", mode="forward", metric="call_ms")
-    loop, vec, floor = (_val(rows, provider=p, **q) for p in ("hf", "verl-vec", "write-once"))
+    loop, vec = (_val(rows, provider=p, **q) for p in ("hf", "verl-vec"))
     lines = []
     for r in _get(rows, **q):
         p = r["provider"]
-        if p.startswith("rmk-") and not p.endswith(("-op", " (vs floor)")):  # the full call, timed with them
+        if p.startswith("rmk-") and not p.endswith("-op") and not _timed_with_floors(p):
             for name, base, want in (("verl's loop", loop, 30), ("verl's vectorized GRPO", vec, 1.5)):
                 if not math.isnan(base):
                     x = base / r["median"]
                     lines.append(f"| grpo-l full call >= {want}x {name} | {p} | {_fmt_x(x)} | "
                                  f"{'met' if x >= want else 'MISSED'} |")
-        if p.endswith(" (vs floor)") and not math.isnan(floor):
-            x = r["median"] / floor
-            what = "the op alone (ids, summed scores given)" if "-op " in p else "full call"
-            lines.append(f"| grpo-l {what} <= 1.3x writing [B, T] once | {p} | {x:.2f}x | "
-                         f"{'met' if x <= 1.3 else 'MISSED'} |")
+        if "(vs floor" not in p:
+            continue
+        state = p.split("(vs floor", 1)[1].strip(", )")
+        of = f" ({state})" if state else ""
+        write, read = (_val(rows, provider=f + of, **q) for f in GRPO_FLOORS)
+        op_alone = p.split(" (")[0].endswith("-op")
+        what = "the op alone (ids, summed scores given)" if op_alone else "full call"
+        if not math.isnan(write):
+            x = r["median"] / write
+            lines.append(f"| grpo-l {what} <= 1.3x writing [B, T] once{', ' + state if state else ''} | {p} | "
+                         f"{x:.2f}x | {'met' if x <= 1.3 else 'MISSED'} |")
+        if not op_alone and not math.isnan(write + read):
+            x = r["median"] / (write + read)
+            lines.append(f"| (information) grpo-l full call / its memory floor (token rewards and mask read once, "
+                         f"[B, T] written once){', ' + state if state else ''} | {p} | {x:.2f}x | - |")
     return lines
 
 

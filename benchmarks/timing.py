@@ -216,6 +216,14 @@ def peak_memory_mib(fn, device="cpu"):
 
 
 _ALLOCATOR_SET = None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_STEADY_MMAP = 32 * 2**20  # glibc's own ceiling for its dynamic mmap threshold
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6")
 
 
 def steady_allocator():
@@ -230,14 +238,59 @@ def steady_allocator():
     global _ALLOCATOR_SET
     if _ALLOCATOR_SET is None:
         try:
-            import ctypes
-            libc = ctypes.CDLL("libc.so.6")
-            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-            _ALLOCATOR_SET = bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and \
-                bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+            libc = _libc()
+            _ALLOCATOR_SET = bool(libc.mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP)) and \
+                bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**30))
         except (OSError, AttributeError):
             _ALLOCATOR_SET = False
     return _ALLOCATOR_SET
+
+
+OUTPUT_MEMORY = ("recycled", "fresh pages")
+
+
+class output_memory:
+    """Context in which every call's large CPU outputs land in memory of a given state, for
+    every provider alike (glibc; ``ok`` is False and nothing changes elsewhere):
+
+    - ``"recycled"``: blocks up to 1 GiB come from the heap (``M_MMAP_THRESHOLD`` raised until
+      exit) and ``reserve_bytes`` of it are touched and freed on entry (kept: the steady trim
+      threshold), so an output is carved from pages the process already touched from the first
+      call on, as a warmed-up caching allocator gives (without the reserve the heap grows by a
+      fresh block per call until its free blocks happen to coalesce into one large enough);
+    - ``"fresh pages"``: before each call (untimed, ``calls``) ``malloc_trim(0)`` returns every
+      free page to the kernel, so each output is faulted in and zeroed page by page as it is
+      first written: what a plain glibc process pays for a block over 32 MiB on every call.
+
+    Outside it, which of the two a call meets depends on the allocation history of the
+    process (a free heap block big enough is reused whatever the mmap threshold), so a
+    comparison with a floor (writing the output once) is made in each state, both sides alike.
+    ``calls(fns)`` turns {name: callable} into what ``measure_interleaved`` takes."""
+
+    def __init__(self, state, reserve_bytes=256 * 2**20):
+        if state not in OUTPUT_MEMORY:
+            raise ValueError(f"state must be one of {OUTPUT_MEMORY}, got {state!r}")
+        self.state = state
+        self.reserve_bytes = reserve_bytes
+        self.ok = False
+
+    def __enter__(self):
+        self.ok = bool(steady_allocator())
+        if self.ok and self.state == "recycled":
+            self.ok = bool(_libc().mallopt(_M_MMAP_THRESHOLD, 2**30))
+            if self.ok:
+                torch.empty(self.reserve_bytes, dtype=torch.uint8).fill_(0)  # touched, freed, kept
+        return self
+
+    def __exit__(self, *exc):
+        if self.ok and self.state == "recycled":
+            _libc().mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP)
+
+    def calls(self, fns):
+        if not (self.ok and self.state == "fresh pages"):
+            return dict(fns)
+        trim = _libc().malloc_trim
+        return {k: (lambda: trim(0), (lambda _, f=f: f())) for k, f in fns.items()}
 
 
 def enable_cpu_peak_memory():

@@ -38,6 +38,66 @@ def test_runner_quick_tiny(tmp_path):
         assert (op, "hf", "forward") in timed and (op, "torch", "forward") in timed
     for r in rows:
         assert r["device"] and r["torch"] and r["rmkernels"] and r["date"] and r["dims"]
+    for state in ("recycled", "fresh pages"):  # bench_group_adv.floor_rows, both states of the output memory
+        for prov in (f"write-once ({state})", f"read-inputs ({state})", f"rmk-cpu (vs floor, {state})"):
+            assert ("grpo", prov, "forward") in timed
+
+
+def test_output_memory_states():
+    """``timing.output_memory``: a 48 MiB output (over glibc's 32 MiB mmap ceiling) reuses
+    touched pages in ``recycled`` (almost no page faults from the second call on) and is
+    faulted in on every call in ``fresh pages``. In a subprocess: the states
+    change the process's malloc settings."""
+    code = (
+        "import resource, torch\n"
+        "from benchmarks import timing\n"
+        "n = 48 * 2**20 // 4\n"
+        "out = {}\n"
+        "for state in timing.OUTPUT_MEMORY:\n"
+        "    with timing.output_memory(state) as om:\n"
+        "        assert om.ok, state\n"
+        "        f = om.calls({'f': lambda: torch.empty(n).fill_(1.0)})['f']\n"
+        "        setup, fn = f if isinstance(f, tuple) else (None, lambda _: f())\n"
+        "        got = []\n"
+        "        for _ in range(3):\n"
+        "            arg = setup() if setup else None\n"
+        "            f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt\n"
+        "            fn(arg)\n"
+        "            got.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0)\n"
+        "        out[state] = got\n"
+        "print(out['recycled'][-1], out['fresh pages'][-1], n * 4 // resource.getpagesize())\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recycled, fresh, pages = (int(x) for x in res.stdout.split())
+    assert recycled < pages // 100, (recycled, pages)
+    assert fresh > pages // 4, (fresh, pages)  # one fault maps one page or a few, by the kernel's settings
+
+
+def test_grpo_targets_per_state(monkeypatch):
+    """report._grpo_targets judges each rmk row timed with the floors against the floors of
+    its own state: the full call against write-once and against write-once + read-inputs."""
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import report
+
+    def row(provider, ms):
+        return dict(op="grpo", shape="grpo-l", mode="forward", metric="call_ms", provider=provider, median=ms)
+    rows = [row("hf", 1000.0), row("verl-vec", 60.0), row("rmk-cpu", 20.0),
+            row("write-once (recycled)", 2.0), row("read-inputs (recycled)", 2.0),
+            row("rmk-cpu (vs floor, recycled)", 5.0), row("rmk-cpu-op (vs floor, recycled)", 2.5),
+            row("write-once (fresh pages)", 16.0), row("read-inputs (fresh pages)", 2.0),
+            row("rmk-cpu (vs floor, fresh pages)", 20.0)]
+    lines = report._grpo_targets(rows)
+    assert "| grpo-l full call >= 30x verl's loop | rmk-cpu | 50.0x | met |" in lines
+    assert "| grpo-l full call >= 1.5x verl's vectorized GRPO | rmk-cpu | 3.00x | met |" in lines
+    assert ("| grpo-l full call <= 1.3x writing [B, T] once, recycled | rmk-cpu (vs floor, recycled) | 2.50x "
+            "| MISSED |") in lines
+    assert ("| grpo-l full call <= 1.3x writing [B, T] once, fresh pages | rmk-cpu (vs floor, fresh pages) "
+            "| 1.25x | met |") in lines
+    assert ("| grpo-l the op alone (ids, summed scores given) <= 1.3x writing [B, T] once, recycled "
+            "| rmk-cpu-op (vs floor, recycled) | 1.25x | met |") in lines
+    floor = [ln for ln in lines if ln.startswith("| (information)")]
+    assert len(floor) == 2 and "| rmk-cpu (vs floor, recycled) | 1.25x | - |" in floor[0] + floor[1]
+    assert "| rmk-cpu (vs floor, fresh pages) | 1.11x | - |" in floor[0] + floor[1]
 
 
 @pytest.mark.slow
