@@ -185,7 +185,8 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.rmkernels.kl_estimate.default, (lp, ref, m, "low_var_kl", 3.0, backend))
         torch.library.opcheck(torch.ops.rmkernels.kl_estimate.default, (lp, ref, m, "k1", None, backend))
     if backend == "cpu":
-        torch.library.opcheck(torch.ops.rmkernels.gae_kernel.default, (rewards, values, mask, 0.9, 0.95))
+        for returns in (True, False):
+            torch.library.opcheck(torch.ops.rmkernels.gae_kernel.default, (rewards, values, mask, 0.9, 0.95, returns))
         torch.library.opcheck(torch.ops.rmkernels.kl_estimate_kernel.default, (lp, ref, mask, 3, 20.0, 10.0))
 
 

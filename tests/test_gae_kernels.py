@@ -30,10 +30,10 @@ def _small_triton_blocks(monkeypatch):
         monkeypatch.setattr(_triton_ppo(), "APPLY_BLOCK", 16)
 
 
-def gae_kernel(backend, rewards, values, mask, gamma, lam):
+def gae_kernel(backend, rewards, values, mask, gamma, lam, returns=True):
     if backend == "triton":
-        return _triton_ppo().gae(rewards, values, mask, gamma, lam)
-    return torch.ops.rmkernels.gae_kernel(rewards, values, mask, gamma, lam)
+        return _triton_ppo().gae(rewards, values, mask, gamma, lam, returns)
+    return torch.ops.rmkernels.gae_kernel(rewards, values, mask, gamma, lam, returns)
 
 
 def kl_kernel(backend, lp, ref, mask, code, x_clamp, kl_clamp):
@@ -134,6 +134,9 @@ def test_gae_kernel_equals_ppo_advantages(backend, device, dtype, kind, layout):
     adv, ret = gae_kernel(backend, rewards, vals, m, gamma, lam)
     _exact(adv, out.advantages, f"advantages ({dtype}, {kind}, {layout})")
     _exact(ret, out.returns, f"returns ({dtype}, {kind}, {layout})")
+    adv_only, none = gae_kernel(backend, rewards, vals, m, gamma, lam, returns=False)  # REINFORCE++'s use
+    _exact(adv_only, out.advantages, f"advantages without returns ({dtype}, {kind}, {layout})")
+    assert none.shape == (0,) and none.dtype == acc
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -186,6 +189,8 @@ def test_empty_shapes(backend, device):
         x = torch.randn(B, T, device=device)
         m = torch.ones(B, T, dtype=torch.bool, device=device)
         adv, ret = gae_kernel(backend, x, x, m, 1.0, 0.95)
+        adv_only, none = gae_kernel(backend, x, x, m, 1.0, 0.95, returns=False)
+        assert adv_only.shape == (B, T) and none.shape == (0,)
         kl = kl_kernel(backend, x, x, m, int(_codes.KLEstimator.K3), 0.0, 0.0)
         kl2 = kl_kernel(backend, x, x, None, int(_codes.KLEstimator.K1), 0.0, 0.0)
         for t in (adv, ret, kl, kl2):
@@ -228,6 +233,8 @@ def test_long_rows(backend, device, monkeypatch):
         out = rmk.ppo_advantages(lp, ref, values, torch.randn(B, device=device), mask, kl_coef=0.05, gamma=0.999,
                                  lam=0.95, whiten=False, backend=backend)
         adv, ret = gae_kernel(backend, out.rewards, values, mask, 0.999, 0.95)
+        adv_only, _ = gae_kernel(backend, out.rewards, values, mask, 0.999, 0.95, returns=False)
+        assert torch.equal(adv_only, adv), f"advantages without returns (long rows, {kind})"
         # Segmented (Triton), ppo_gae adds the score through the segments' carries, gae reads it
         # in the rewards: the same numbers up to float32 rounding, not bit for bit.
         assert_close(adv, out.advantages, rtol=2e-5, atol=2e-5, name=f"advantages (long rows, {kind})")
@@ -241,15 +248,18 @@ def test_outputs_are_fresh_and_fully_written():
     rewards = poison_(torch.empty(B, T))
     values = poison_(torch.empty(B, T))
     mask = torch.zeros(B, T, dtype=torch.bool)
-    adv, ret = torch.ops.rmkernels.gae_kernel(rewards, values, mask, 1.0, 1.0)
+    adv, ret = torch.ops.rmkernels.gae_kernel(rewards, values, mask, 1.0, 1.0, True)
     assert (adv == 0).all() and (ret == 0).all()
+    adv, _ = torch.ops.rmkernels.gae_kernel(rewards, values, mask, 1.0, 1.0, False)
+    assert (adv == 0).all()
 
 
 def test_opcheck():
     B, T = 3, 17
     x, y = torch.randn(B, T), torch.randn(B, T)
     m = torch.rand(B, T) > 0.3
-    torch.library.opcheck(torch.ops.rmkernels.gae_kernel.default, (x, y, m, 0.99, 0.95))
+    for returns in (True, False):
+        torch.library.opcheck(torch.ops.rmkernels.gae_kernel.default, (x, y, m, 0.99, 0.95, returns))
     torch.library.opcheck(torch.ops.rmkernels.kl_estimate_kernel.default, (x, y, m, 3, 0.0, 2.0))
     torch.library.opcheck(torch.ops.rmkernels.kl_estimate_kernel.default, (x, y, None, 1, 20.0, 0.0))
 
@@ -260,8 +270,9 @@ def test_compile_fullgraph():
     m = torch.rand(B, T) > 0.3
 
     def f(x, y, m):
-        adv, ret = torch.ops.rmkernels.gae_kernel(x, y, m, 0.99, 0.95)
-        return adv, ret, torch.ops.rmkernels.kl_estimate_kernel(x, y, m, 2, 0.0, 0.0)
+        adv, ret = torch.ops.rmkernels.gae_kernel(x, y, m, 0.99, 0.95, True)
+        adv_only, _ = torch.ops.rmkernels.gae_kernel(x, y, m, 0.99, 0.95, False)
+        return adv, ret, adv_only, torch.ops.rmkernels.kl_estimate_kernel(x, y, m, 2, 0.0, 0.0)
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y, m)
     for g, e in zip(got, f(x, y, m)):

@@ -184,10 +184,10 @@ def _drive_ppo(rmk):
         rmk.masked_whiten(torch.randn(2, 5, 7, dtype=dt), torch.ones(2, 5, 7), backend="triton")
         # The docs/ops.md section 4 kernels (their public functions come with the op registry): GAE over
         # token rewards, row and segmented, and every KL estimator with and without a mask.
-        for seg in (None, 16):
+        for seg, returns in itertools.product((None, 16), (True, False)):
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(tppo, "FORCE_SEGMENT_T", seg)
-                tppo.gae(lp, v, mask, 0.99, 0.95)
+                tppo.gae(lp, v, mask, 0.99, 0.95, returns)
         for est, m in itertools.product(range(4), (mask, None)):
             tppo.kl_estimate(lp, wide[:, :T], m, est, 20.0 if est == 3 else 0.0, 10.0)
 

@@ -87,9 +87,9 @@ KERNEL_CASES = {
         "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, 1.0, 0.95, 9, 0.0, 0.0, 0.0)",
     "ppo_gae: values in another dtype":
         "ops.ppo_gae_kernel(r(4, 5), r(4, 5), f(4, 5), r(4), b(4, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
-    "gae: rewards of another shape": "ops.gae_kernel(r(4, 3), r(4, 5), b(4, 5), 1.0, 0.95)",
-    "gae: mask of another shape": "ops.gae_kernel(r(4, 5), r(4, 5), b(3, 5), 1.0, 0.95)",
-    "gae: values 3-D": "ops.gae_kernel(r(4, 5, 1), r(4, 5, 1), b(4, 5, 1), 1.0, 0.95)",
+    "gae: rewards of another shape": "ops.gae_kernel(r(4, 3), r(4, 5), b(4, 5), 1.0, 0.95, True)",
+    "gae: mask of another shape": "ops.gae_kernel(r(4, 5), r(4, 5), b(3, 5), 1.0, 0.95, True)",
+    "gae: values 3-D": "ops.gae_kernel(r(4, 5, 1), r(4, 5, 1), b(4, 5, 1), 1.0, 0.95, False)",
     "kl_estimate: estimator code 4": "ops.kl_estimate_kernel(r(4, 5), r(4, 5), None, 4, 0.0, 0.0)",
     "kl_estimate: ref of another shape": "ops.kl_estimate_kernel(r(4, 5), r(5, 4), None, 0, 0.0, 0.0)",
     "kl_estimate: mask of another shape": "ops.kl_estimate_kernel(r(4, 5), r(4, 5), b(4, 4), 0, 0.0, 0.0)",

@@ -81,7 +81,8 @@ SCHEMAS = {
     "cu_seqlens_index": "cu_seqlens_index(Tensor cu_seqlens, int n_tokens) -> Tensor",
     "lengths_index": "lengths_index(Tensor lengths, int n_tokens) -> Tensor",
     "gae": "gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, str backend) -> (Tensor, Tensor)",
-    "gae_kernel": "gae_kernel(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)",
+    "gae_kernel": ("gae_kernel(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, bool returns) "
+                   "-> (Tensor, Tensor)"),
     "kl_estimate": (
         "kl_estimate(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, str estimator, float? clamp, "
         "str backend) -> Tensor"),

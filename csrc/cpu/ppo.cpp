@@ -2,7 +2,7 @@
 //
 //   ppo_gae_kernel(lp, ref, values, scores, mask, kl_coef, gamma, lam, estimator, x_clamp,
 //                  kl_clamp, score_clip)  -> (advantages, returns, rewards, kl, row_stats)
-//   gae_kernel(rewards, values, mask, gamma, lam)      -> (advantages, returns)
+//   gae_kernel(rewards, values, mask, gamma, lam, returns) -> (advantages, returns or [0])
 //   kl_estimate_kernel(lp, ref, mask?, estimator, x_clamp, kl_clamp) -> kl
 //   masked_row_stats_kernel(x, mask)                   -> [B, 2] float64 (count, sum)
 //   masked_centered_sq_kernel(x, mask, totals)         -> [B] float64 sum (x - mean)^2
@@ -82,8 +82,9 @@ inline bool interleave_rows(std::initializer_list<int64_t> row_bytes) {
 
 // The recurrence of the nl (<= kLanes) rows b0 .. b0 + nl - 1 over the token rewards rew
 // (strides sr): all lanes interleaved when the group is full and the rows are short
-// (interleave_rows), else row by row.
-template <typename scalar_t, typename rew_t>
+// (interleave_rows), else row by row. kRet: the returns are written too (ret may be null
+// otherwise).
+template <bool kRet, typename scalar_t, typename rew_t>
 void gae_group(const scalar_t* val, Strides2 sv, const uint8_t* mask, Strides2 sm, const rew_t* rew, Strides2 sr,
                int64_t b0, int64_t nl, int64_t T, acc_t<scalar_t> gamma, acc_t<scalar_t> gl, acc_t<scalar_t>* adv,
                acc_t<scalar_t>* ret) {
@@ -91,15 +92,16 @@ void gae_group(const scalar_t* val, Strides2 sv, const uint8_t* mask, Strides2 s
                                            T * int64_t(sizeof(acc_t<scalar_t>))});
   if (nl == kLanes && short_rows) {
     if (sv.s1 == 1 && sm.s1 == 1 && sr.s1 == 1) {
-      RMK_SIMD(gae_recurrence<kLanes, true, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b0, T, gamma, gl, adv,
-                                                              ret);
+      RMK_SIMD(gae_recurrence<kLanes, true, kRet, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b0, T, gamma, gl,
+                                                                    adv, ret);
     } else {
-      RMK_SIMD(gae_recurrence<kLanes, false, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b0, T, gamma, gl, adv,
-                                                               ret);
+      RMK_SIMD(gae_recurrence<kLanes, false, kRet, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b0, T, gamma, gl,
+                                                                     adv, ret);
     }
   } else {
     for (int64_t b = b0; b < b0 + nl; ++b) {
-      RMK_SIMD(gae_recurrence<1, false, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b, T, gamma, gl, adv, ret);
+      RMK_SIMD(gae_recurrence<1, false, kRet, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b, T, gamma, gl, adv,
+                                                                ret);
     }
   }
 }
@@ -149,7 +151,7 @@ void gae_rows(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf
           }
         }
       }
-      gae_group<scalar_t, acc>(val, sv, mask, sm, rew, Strides2{T, 1}, b0, nl, T, gamma, gl, adv, ret);
+      gae_group<true, scalar_t, acc>(val, sv, mask, sm, rew, Strides2{T, 1}, b0, nl, T, gamma, gl, adv, ret);
       for (int64_t b = b0; b < b0 + nl; ++b) {
         row_count_sum<acc>(adv + b * T, 1, mask + b * sm.s0, sm.s1, T, stats + 2 * b);
       }
@@ -230,14 +232,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
 }
 
 // GAE over given token rewards (docs/ops.md section 4): ppo_gae_kernel's recurrence, nothing else.
+// Without `returns` the second output is an empty [0] tensor and only the advantages are
+// written (REINFORCE++'s return: values 0, lam 1).
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
-                                           const at::Tensor& mask, double gamma, double lam) {
+                                           const at::Tensor& mask, double gamma, double lam, bool returns) {
   check_main(values, "values");
   const int64_t B = values.size(0), T = values.size(1);
   check_like(rewards, "rewards", values, "values");
   check_mask(mask, "mask", B, T, values.device());
   auto opts = values.options().dtype(acc_scalar_type(values.scalar_type()));
-  auto adv = at::empty({B, T}, opts), ret = at::empty({B, T}, opts);
+  auto adv = at::empty({B, T}, opts);
+  auto ret = returns ? at::empty({B, T}, opts) : at::empty({0}, opts);
   if (B == 0 || T == 0) return {adv, ret};
   RMK_DISPATCH_FLOATS(values.scalar_type(), "gae_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -247,11 +252,15 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     const uint8_t* m = mask_bytes(mask);
     const Strides2 sv = strides_of(values), sm = strides_of(mask), sr = strides_of(rewards);
     acc* a = adv.data_ptr<acc>();
-    acc* r = ret.data_ptr<acc>();
+    acc* r = returns ? ret.data_ptr<acc>() : nullptr;
     at::parallel_for(0, (B + kLanes - 1) / kLanes, 1, [&](int64_t g_lo, int64_t g_hi) {
       for (int64_t grp = g_lo; grp < g_hi; ++grp) {
-        const int64_t b0 = grp * kLanes;
-        gae_group<scalar_t, scalar_t>(val, sv, m, sm, rew, sr, b0, std::min(kLanes, B - b0), T, g, gl, a, r);
+        const int64_t b0 = grp * kLanes, nl = std::min(kLanes, B - b0);
+        if (returns) {
+          gae_group<true, scalar_t, scalar_t>(val, sv, m, sm, rew, sr, b0, nl, T, g, gl, a, r);
+        } else {
+          gae_group<false, scalar_t, scalar_t>(val, sv, m, sm, rew, sr, b0, nl, T, g, gl, a, r);
+        }
       }
     });
   });

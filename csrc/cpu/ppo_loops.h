@@ -27,8 +27,9 @@ void kl_row(const scalar_t* lpr, int64_t slp, const scalar_t* rfr, int64_t srf, 
 // registers): the GAE recurrence over the token rewards `rew` (rew_t: the arithmetic type for
 // the rewards of pass 1, the input dtype for gae_kernel's; strides sr). Masked positions
 // compute a value that is selected away (their rewards and values never reach a valid one).
-// kUnit: unit position strides of values, mask and rewards.
-template <int L, bool kUnit, typename scalar_t, typename rew_t>
+// kUnit: unit position strides of values, mask and rewards. kRet: the returns are written
+// (`ret` is not touched otherwise: REINFORCE++'s return is the advantages alone).
+template <int L, bool kUnit, bool kRet, typename scalar_t, typename rew_t>
 void gae_recurrence(const scalar_t* val, Strides2 sv, const uint8_t* mask, Strides2 sm, const rew_t* rew,
                     Strides2 sr, int64_t b0, int64_t T, acc_t<scalar_t> gamma, acc_t<scalar_t> gl,
                     acc_t<scalar_t>* adv, acc_t<scalar_t>* ret) {
@@ -46,7 +47,7 @@ void gae_recurrence(const scalar_t* val, Strides2 sv, const uint8_t* mask, Strid
     mr[l] = mask + (b0 + l) * sm.s0;
     rr[l] = rew + (b0 + l) * sr.s0;
     ar[l] = adv + (b0 + l) * T;
-    tr[l] = ret + (b0 + l) * T;
+    tr[l] = kRet ? ret + (b0 + l) * T : nullptr;
     next_v[l] = next_a[l] = acc(0);
   }
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -57,7 +58,7 @@ void gae_recurrence(const scalar_t* val, Strides2 sv, const uint8_t* mask, Strid
       const acc delta = static_cast<acc>(rr[l][t * sr1]) + gamma * next_v[l] - v;
       const acc a = delta + gl * next_a[l];
       ar[l][t] = valid ? a : acc(0);
-      tr[l][t] = valid ? a + v : acc(0);
+      if (kRet) tr[l][t] = valid ? a + v : acc(0);
       next_v[l] = valid ? v : next_v[l];
       next_a[l] = valid ? a : next_a[l];
     }

@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kGaeThreads)
   const S* rrow = rf + b * rf0;
   const S* vrow = val + b * v0;
   A* o_adv = adv + b * T;
-  A* o_ret = ret + b * T;
+  A* o_ret = ret == nullptr ? nullptr : ret + b * T;  // gae_kernel without returns: null
   A* o_rew = rew + b * T;
   A* o_kl = kl + b * T;
 
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(kGaeThreads)
       }
       if (kMode != codes::kSegmentAggregate) {
         o_adv[t] = a_out;
-        o_ret[t] = ret_out;
+        if (o_ret != nullptr) o_ret[t] = ret_out;
         if (!kTokenRewards) {
           o_rew[t] = r[j];
           o_kl[t] = k[j];

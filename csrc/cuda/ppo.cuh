@@ -53,7 +53,8 @@ cudaError_t launch_ppo_gae(DType dtype, Strided2D logprobs, Strided2D ref_logpro
                            PPOSegments segments, cudaStream_t stream);
 
 // gae_kernel: the GAE recurrence of launch_ppo_gae over given token rewards (any strides, the
-// dtype of values), advantages and returns only (no score, no KL, no statistics).
+// dtype of values), advantages and returns only (no score, no KL, no statistics); `returns`
+// may be null: the advantages alone are written.
 cudaError_t launch_gae(DType dtype, Strided2D rewards, Strided2D values, Strided2D mask, int64_t B, int64_t T,
                        double gamma, double lam, void* advantages, void* returns, PPOSegments segments,
                        cudaStream_t stream);

@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
-                                            const at::Tensor& mask, double gamma, double lam) {
+                                            const at::Tensor& mask, double gamma, double lam, bool returns) {
   check_main(values, "values");
   const int64_t B = values.size(0), T = values.size(1);
   const auto dev = values.device();
@@ -104,11 +104,12 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   check_mask(mask, "mask", B, T, dev);
   const c10::cuda::CUDAGuard guard(dev);
   auto opts = values.options().dtype(acc_scalar_type(values.scalar_type()));
-  auto adv = at::empty({B, T}, opts), ret = at::empty({B, T}, opts);
+  auto adv = at::empty({B, T}, opts);
+  auto ret = returns ? at::empty({B, T}, opts) : at::empty({0}, opts);  // without returns: [0], not written
   const int64_t n_seg = num_segments(B, T, dev);
   SegmentScratch scratch(B, n_seg, opts);
   RMK_CUDA_CHECK(cuda::launch_gae(cuda_dtype(values), strided(rewards), strided(values), strided(mask), B, T, gamma,
-                                  lam, adv.data_ptr(), ret.data_ptr(), scratch.seg,
+                                  lam, adv.data_ptr(), returns ? ret.data_ptr() : nullptr, scratch.seg,
                                   c10::cuda::getCurrentCUDAStream()));
   return {adv, ret};
 }

@@ -37,7 +37,8 @@ KERNEL_OPS = {
     "masked_whiten_apply_kernel": ("(Tensor x, Tensor mask, Tensor totals, Tensor sq, bool shift_mean, "
                                    "bool unbiased, float eps) -> Tensor"),
     # building blocks (ops/gae.py)
-    "gae_kernel": "(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)",
+    "gae_kernel": ("(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, bool returns) "
+                   "-> (Tensor, Tensor)"),
     "kl_estimate_kernel": ("(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, int estimator, float x_clamp, "
                            "float kl_clamp) -> Tensor"),
     # critic-free group advantages (ops/group_adv.py)

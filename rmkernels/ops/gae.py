@@ -67,9 +67,10 @@ def gae_recurrence(rewards, values, valid, gamma, lam):
     return adv, returns
 
 
-def _reference_gae(rewards, values, mask, gamma, lam):
+def _reference_gae(rewards, values, mask, gamma, lam, returns):
     acc = acc_dtype(values.dtype)
-    return gae_recurrence(rewards.to(acc), values.to(acc), mask != 0, gamma, lam)
+    adv, ret = gae_recurrence(rewards.to(acc), values.to(acc), mask != 0, gamma, lam)
+    return adv, ret if returns else ret.new_empty(0)
 
 
 def _reference_kl(logprobs, ref_logprobs, mask, estimator, x_clamp, kl_clamp):
@@ -96,15 +97,21 @@ def estimator_args(estimator, clamp):
 # Kernels and ops
 # ---------------------------------------------------------------------------------------
 def _gae_fake(rewards, values, mask, gamma, lam, *_):
+    """The public gae's (advantages, returns)."""
     acc = acc_dtype(values.dtype)
     return tuple(values.new_empty(values.shape, dtype=acc) for _ in range(2))
+
+
+def _gae_kernel_fake(rewards, values, mask, gamma, lam, returns):
+    adv = values.new_empty(values.shape, dtype=acc_dtype(values.dtype))
+    return adv, adv.new_empty(values.shape if returns else (0,))
 
 
 def _kl_fake(logprobs, *_):
     return logprobs.new_empty(logprobs.shape, dtype=acc_dtype(logprobs.dtype))
 
 
-gae_kernel = Kernel("gae_kernel", reference=_reference_gae, triton="ppo:gae", fake=_gae_fake)
+gae_kernel = Kernel("gae_kernel", reference=_reference_gae, triton="ppo:gae", fake=_gae_kernel_fake)
 kl_estimate_kernel = Kernel("kl_estimate_kernel", reference=_reference_kl, triton="ppo:kl_estimate", fake=_kl_fake)
 
 
@@ -135,7 +142,7 @@ def _prepare_kl(logprobs, ref_logprobs, mask, estimator, clamp):
 
 # What the public functions call: the public ops, or their bodies in plain eager mode (no
 # gradients: the inputs are used detached)
-_gae = Op("gae", kernel=gae_kernel, prepare=lambda r, v, m, gamma, lam: (r, v, m, float(gamma), float(lam)),
+_gae = Op("gae", kernel=gae_kernel, prepare=lambda r, v, m, gamma, lam: (r, v, m, float(gamma), float(lam), True),
           fake=_gae_fake, check=_check_gae)
 _kl_estimate = Op("kl_estimate", kernel=kl_estimate_kernel, prepare=_prepare_kl, fake=_kl_fake, check=_check_kl)
 

@@ -21,7 +21,8 @@ advantage is 0 (verl's ``rloo_vectorized``; OpenRLHF's ``r - mean`` of a group o
 ``rmk.reinforce_pp_returns`` is REINFORCE++'s masked discounted return: the GAE recurrence of
 ``ops/gae.py`` with V = 0 and lam = 1, the same hole rule (carried over masked positions, 0
 there), so it runs ``gae_kernel`` on every backend (values a stride-0 zero tensor, no memory)
-and returns its advantages; GAE's second output (returns = advantages + 0) is written too.
+with ``returns=False``: only its advantages are written (GAE's returns would be the same
+numbers again).
 
 Ops (``torch.ops.rmkernels.*``):
 
@@ -167,7 +168,7 @@ def _returns_body(token_rewards, mask, gamma, backend):
     """REINFORCE++'s return ``R_t = r_t + gamma R_next`` over the valid positions, carried over
     masked ones: GAE's advantages with values 0 and lam 1 (ops/gae.py, the same hole rule)."""
     zeros = torch.zeros((), dtype=token_rewards.dtype, device=token_rewards.device).expand(token_rewards.shape)
-    return gae_kernel(backend, token_rewards, zeros, mask, float(gamma), 1.0)[0]
+    return gae_kernel(backend, token_rewards, zeros, mask, float(gamma), 1.0, False)[0]
 
 
 def _check_returns_op(token_rewards, mask, gamma, backend):

@@ -94,7 +94,8 @@ def _kl_value(x, x_clamp, kl_clamp, EST: tl.constexpr):
 
 # _ppo_gae_kernel's MODE: a rmkernels._codes.GaeSegmentMode (one program per row, or per (row,
 # segment) for long rows). TOKEN_REWARDS (gae): lp_ptr holds the token rewards; ref_ptr,
-# scores_ptr, rew_ptr, kl_ptr and stats_ptr are not read nor written.
+# scores_ptr, rew_ptr, kl_ptr and stats_ptr are not read nor written. WRITE_RET: the returns
+# are written to ret_ptr (gae without returns: not touched).
 @triton.jit
 def _ppo_gae_kernel(
     lp_ptr, ref_ptr, v_ptr, scores_ptr, mask_ptr,  # inputs: [B, T] x3 (any strides), [B], bool [B, T]
@@ -103,7 +104,8 @@ def _ppo_gae_kernel(
     T, SEG, s_lp0, s_lp1, s_rf0, s_rf1, s_v0, s_v1, s_m0, s_m1,  # sizes (SEG: positions per segment), strides
     kl_coef, kl_coef_lo, gamma, gamma_lo, gl, gl_lo,  # scalars as (hi, lo) fp32 pairs; gl = gamma * lam
     x_clamp, x_clamp_lo, kl_clamp, kl_clamp_lo, score_clip, score_clip_lo,  # clamps (0 = none)
-    EST: tl.constexpr, MODE: tl.constexpr, TOKEN_REWARDS: tl.constexpr, BLOCK_T: tl.constexpr,
+    EST: tl.constexpr, MODE: tl.constexpr, TOKEN_REWARDS: tl.constexpr, WRITE_RET: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1).to(tl.int64)
@@ -200,7 +202,8 @@ def _ppo_gae_kernel(
                 tl.store(kl_ptr + out, k, mask=inb)
                 tl.store(rew_ptr + out, r, mask=inb)
             tl.store(adv_ptr + out, adv, mask=inb)
-            tl.store(ret_ptr + out, tl.where(m, a + v, zero), mask=inb)
+            if WRITE_RET:
+                tl.store(ret_ptr + out, tl.where(m, a + v, zero), mask=inb)
             cnt += tl.where(m, 1.0, 0.0).to(tl.float64)
             tot += adv.to(tl.float64)
     if MODE == MODE_SEGMENT_AGGREGATE:
@@ -382,7 +385,8 @@ def _check_clamps(**clamps):
 
 def _gae_launch(lp, rf, values, scores, mask, B, T, scalars, est, token_rewards, adv, ret, rew, kl, stats_shape):
     """The GAE launches of ppo_gae and gae: one program per row, or the three launches of the
-    segmented scan. Returns the stats tensor ([B, S, 2] float64) or None for token rewards."""
+    segmented scan. ``ret`` None: the returns are not written. Returns the stats tensor
+    ([B, S, 2] float64) or None for token rewards."""
     dev = values.device
     acc = adv.dtype
     S, seg_t = _num_segments(B, T, dev)
@@ -394,11 +398,13 @@ def _gae_launch(lp, rf, values, scores, mask, B, T, scalars, est, token_rewards,
     any_buf = adv  # a live buffer for the pointers a launch does not use
     st = stats if stats is not None else any_buf
     sc = scores if scores is not None else any_buf
+    write_ret = ret is not None
+    ret = ret if write_ret else any_buf
     if S == 1:
         _ppo_gae_kernel[(B, 1)](
             lp, rf, values, sc, mask, adv, ret, rew, kl, st, any_buf, st, any_buf, st,
             T, seg_len, *strides, *scalars, EST=est, MODE=int(_codes.GaeSegmentMode.ROW), TOKEN_REWARDS=token_rewards,
-            BLOCK_T=block_t)
+            WRITE_RET=write_ret, BLOCK_T=block_t)
         return stats
     agg = torch.empty(B, S, 4, dtype=acc, device=dev)
     seg_last = torch.empty(B, S, dtype=torch.int64, device=dev)
@@ -407,7 +413,8 @@ def _gae_launch(lp, rf, values, scores, mask, B, T, scalars, est, token_rewards,
     for mode in (int(_codes.GaeSegmentMode.SEGMENT_AGGREGATE), int(_codes.GaeSegmentMode.SEGMENT_FINAL)):
         _ppo_gae_kernel[(B, S)](
             lp, rf, values, sc, mask, adv, ret, rew, kl, st, agg, seg_last, carry, last,
-            T, seg_len, *strides, *scalars, EST=est, MODE=mode, TOKEN_REWARDS=token_rewards, BLOCK_T=block_t)
+            T, seg_len, *strides, *scalars, EST=est, MODE=mode, TOKEN_REWARDS=token_rewards, WRITE_RET=write_ret,
+            BLOCK_T=block_t)
         if mode == _codes.GaeSegmentMode.SEGMENT_AGGREGATE:
             _gae_carry_kernel[(B,)](agg, seg_last, sc, carry, last, S, *scalars[2:4], *scalars[10:12],
                                     TOKEN_REWARDS=token_rewards)
@@ -436,21 +443,23 @@ def ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, e
     return adv, ret, rew, kl, stats.sum(1) if stats.shape[1] > 1 else stats.view(B, 2)
 
 
-def gae(rewards, values, mask, gamma, lam):
+def gae(rewards, values, mask, gamma, lam, returns):
     """GAE over given token rewards (docs/ops.md section 4): (advantages, returns), contiguous [B, T] in
-    the arithmetic dtype, 0 at masked positions. ppo_gae's kernel with TOKEN_REWARDS."""
+    the arithmetic dtype, 0 at masked positions; without ``returns`` the second output is an empty
+    [0] tensor and only the advantages are written. ppo_gae's kernel with TOKEN_REWARDS."""
     _check_main("values", values)
     _check_like("rewards", rewards, values, "values")
     _check_mask("mask", mask, values)
     B, T = values.shape
     acc = acc_dtype(values.dtype)
-    adv, ret = (torch.empty(B, T, dtype=acc, device=values.device) for _ in range(2))
+    adv = torch.empty(B, T, dtype=acc, device=values.device)
+    ret = torch.empty((B, T) if returns else (0,), dtype=acc, device=values.device)
     if B == 0 or T == 0:
         return adv, ret
     scalars = (*split_float(0.0), *split_float(gamma), *split_float(gamma * lam), *split_float(0.0),
                *split_float(0.0), *split_float(0.0))
-    _gae_launch(rewards, rewards, values, None, mask, B, T, scalars, int(_codes.KLEstimator.K1), True, adv, ret,
-                adv, adv, None)
+    _gae_launch(rewards, rewards, values, None, mask, B, T, scalars, int(_codes.KLEstimator.K1), True, adv,
+                ret if returns else None, adv, adv, None)
     return adv, ret
 
 

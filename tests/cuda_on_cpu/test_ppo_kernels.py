@@ -305,13 +305,15 @@ def gae_loop(rewards, values, mask, gamma, lam):
     return adv, (adv + v) * m
 
 
-def launch_plain_gae(rewards, values, mask, gamma, lam, seg_len=None, variant="asan"):
+def launch_plain_gae(rewards, values, mask, gamma, lam, seg_len=None, variant="asan", returns=True):
+    """(advantages, returns) of launch_gae; without ``returns`` a null returns pointer (REINFORCE++'s
+    use): (advantages, None)."""
     dtype = values.dtype
     acc = _acc(dtype)
     B, T = values.shape
     n_seg = 1 if seg_len is None else max(1, -(-T // seg_len))
     prog = Program()
-    adv, ret = prog.out((B, T), acc), prog.out((B, T), acc)
+    adv, ret = prog.out((B, T), acc), (prog.out((B, T), acc) if returns else None)
     if seg_len is None:
         scratch = [None, None, None, None]
     else:
@@ -322,7 +324,7 @@ def launch_plain_gae(rewards, values, mask, gamma, lam, seg_len=None, variant="a
               B, T, gamma, lam, adv, ret, n_seg, seg_len or 0, *scratch)
     res = prog.run(variant)
     assert res.rcs == [0], res.rcs
-    return res[adv], res[ret]
+    return res[adv], (res[ret] if returns else None)
 
 
 def check_plain_gae(rewards, values, mask, gamma=0.99, lam=0.95, what="", **kw):
@@ -360,6 +362,17 @@ def test_plain_gae_segment_mode(seg_len, T):
     B = 3
     check_plain_gae(torch.randn(B, T), torch.randn(B, T), make_mask("mixed", B, T), seg_len=seg_len,
                     what=f"seg_len={seg_len}")
+
+
+@pytest.mark.parametrize("seg_len,T", [(None, 97), (300, 1025)])
+def test_plain_gae_without_returns(seg_len, T):
+    """A null returns pointer: only the advantages are written, the same as with returns (bit for
+    bit; a write through the null pointer would stop the worker)."""
+    B = 4
+    rewards, values, mask = torch.randn(B, T), torch.randn(B, T), make_mask("holes", B, T)
+    adv, _ = launch_plain_gae(rewards, values, mask, 0.99, 1.0, seg_len=seg_len)
+    adv_only, none = launch_plain_gae(rewards, values, mask, 0.99, 1.0, seg_len=seg_len, returns=False)
+    assert none is None and torch.equal(adv_only, adv)
 
 
 def test_plain_gae_race_free_under_thread_sanitizer():
