@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import TRITON_INTERPRET, assert_close, assert_close_vs_lowp, backend_params, skip_unless_available, tolerance
+from utils import (
+    TRITON_INTERPRET,
+    assert_close,
+    assert_close_vs_lowp,
+    backend_params,
+    opcheck_test,
+    skip_unless_available,
+    tolerance,
+)
 
 import rmkernels as rmk
 from rmkernels.ops import bt_loss as bt
@@ -33,13 +41,13 @@ OPTION_SETS = {
 }
 
 
-def _options(name, B, device):
-    """Materialize an OPTION_SETS entry: "tensor" becomes a fresh [B] tensor."""
+def loss_options(name, B, device="cpu", dtype=torch.float32):
+    """Materialize an OPTION_SETS entry: "tensor" becomes a fresh [B] tensor of ``dtype``."""
     opts = dict(OPTION_SETS[name])
     if opts.get("margin") == "tensor":
-        opts["margin"] = torch.rand(B, device=device)
+        opts["margin"] = torch.rand(B, device=device, dtype=dtype)
     if opts.get("weights") == "tensor":
-        opts["weights"] = torch.rand(B, device=device) + 0.1
+        opts["weights"] = torch.rand(B, device=device, dtype=dtype) + 0.1
     return opts
 
 
@@ -63,7 +71,7 @@ def sample_inputs(B, dtype, device, opt="plain", scale=2.0):
     """(chosen, rejected, options) of one case: [B] rewards requiring grad and the loss options
     of OPTION_SETS[opt] (tensors materialized)."""
     c, r = _pair(B, dtype, device, scale)
-    return c, r, _options(opt, B, device)
+    return c, r, loss_options(opt, B, device)
 
 # ---------------------------------------------------------------------------------------
 # The reference itself against the contract's formula written out independently (autograd of the
@@ -88,7 +96,7 @@ def _spec_formula(c, r, margin=None, label_smoothing=0.0, center_coef=0.0, weigh
 def test_reference_is_the_spec_formula(opt, reduction):
     B = 53
     c, r = _pair(B, torch.float64, "cpu")
-    opts = _options(opt, B, "cpu")
+    opts = loss_options(opt, B, "cpu")
     opts = {k: v.double() if torch.is_tensor(v) else v for k, v in opts.items()}
     out, grads, proj = _loss_and_grads(rmk.bradley_terry_loss, (c, r), reduction=reduction, backend="reference",
                                        **opts)
@@ -113,7 +121,7 @@ def test_mean_equals_trl_loss():
 # ---------------------------------------------------------------------------------------
 def _check_bt_vs_reference(backend, device, B, dtype, reduction, opt):
     c, r = _pair(B, dtype, device)
-    opts = _options(opt, B, device)
+    opts = loss_options(opt, B, device)
     out, grads, proj = _loss_and_grads(rmk.bradley_terry_loss, (c, r), reduction=reduction, backend=backend,
                                        **opts)
     exp = rmk.bradley_terry_loss(c, r, reduction=reduction, backend="reference", **opts)
@@ -318,53 +326,52 @@ def test_gradcheck(backend, reduction):
                                             reduction=reduction, backend=backend), (c, r))
 
 
-def _opcheck_cases(device, backend):
+def _opcheck_cases(device):
+    """(op name, arguments but the backend) of each public op of this file."""
     B = 5
     c, r, _ = sample_inputs(B, torch.float32, device)
     m, w = torch.rand(B, device=device), torch.rand(B, device=device)
-    ops = torch.ops.rmkernels
     cases = []
     for red in REDUCTIONS:
         grad = torch.randn(B if red == "none" else (), device=device)
         cases += [
-            (ops.bradley_terry_loss.default, (c, r, m, w, 0.0, 1.0, 0.1, 0.01, red, backend)),
-            (ops.bradley_terry_loss_backward.default,
-             (grad, c.detach(), r.detach(), m, w, 0.0, 1.0, 0.1, 0.01, red, True, True, backend)),
+            ("bradley_terry_loss", (c, r, m, w, 0.0, 1.0, 0.1, 0.01, red)),
+            ("bradley_terry_loss_backward",
+             (grad, c.detach(), r.detach(), m, w, 0.0, 1.0, 0.1, 0.01, red, True, True)),
         ]
     grad = torch.randn((), device=device)
     cases += [
-        (ops.bradley_terry_loss.default, (c, r, None, None, 0.3, 2.0, 0.0, 0.0, "sum", backend)),
-        (ops.bradley_terry_loss_backward.default,
-         (grad, c.detach(), r.detach(), None, None, 0.5, 1.0, 0.0, 0.0, "mean", False, True, backend)),
+        ("bradley_terry_loss", (c, r, None, None, 0.3, 2.0, 0.0, 0.0, "sum")),
+        ("bradley_terry_loss_backward",
+         (grad, c.detach(), r.detach(), None, None, 0.5, 1.0, 0.0, 0.0, "mean", False, True)),
     ]
     return cases
 
 
-@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
-def test_opcheck_public_ops(backend, device):
-    skip_unless_available(backend, device)
-    for op, args in _opcheck_cases(device, backend):
-        torch.library.opcheck(op, args)
+test_opcheck_public_ops = opcheck_test(_opcheck_cases)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_opcheck_kernel_ops(device):
-    skip_unless_available("cpu" if device == "cpu" else "cuda", device)
+def _kernel_opcheck_cases(device):
+    """(op name, arguments) of the kernel ops: every reduction code, bf16 inputs, strided
+    chosen / rejected views with only one gradient wanted."""
     B = 7
     c, r = torch.randn(B, device=device), torch.randn(B, device=device)
     m, w = torch.rand(B, device=device), torch.rand(B, device=device)
-    ops = torch.ops.rmkernels
+    cases = []
     for red in range(3):
         grad = torch.randn(B if red == 0 else (), device=device)
-        torch.library.opcheck(ops.bt_loss_fwd_kernel.default, (c, r, m, w, 0.0, 1.0, 0.1, 0.01, red))
-        torch.library.opcheck(ops.bt_loss_fwd_kernel.default, (c.bfloat16(), r.bfloat16(), None, None, 0.5, 2.0,
-                                                               0.0, 0.0, red))
-        torch.library.opcheck(ops.bt_loss_bwd_kernel.default, (grad, c, r, m, w, 0.0, 1.0, 0.1, 0.01, red, True,
-                                                               True))
-        # strided chosen / rejected views, only one gradient wanted
         g4 = grad[:4] if red == 0 else grad
-        torch.library.opcheck(ops.bt_loss_bwd_kernel.default, (g4, c[::2], torch.randn(8, device=device)[::2],
-                                                               None, None, 0.0, 1.0, 0.0, 0.0, red, True, False))
+        cases += [
+            ("bt_loss_fwd_kernel", (c, r, m, w, 0.0, 1.0, 0.1, 0.01, red)),
+            ("bt_loss_fwd_kernel", (c.bfloat16(), r.bfloat16(), None, None, 0.5, 2.0, 0.0, 0.0, red)),
+            ("bt_loss_bwd_kernel", (grad, c, r, m, w, 0.0, 1.0, 0.1, 0.01, red, True, True)),
+            ("bt_loss_bwd_kernel", (g4, c[::2], torch.randn(8, device=device)[::2], None, None, 0.0, 1.0, 0.0, 0.0,
+                                    red, True, False)),
+        ]
+    return cases
+
+
+test_opcheck_kernel_ops = opcheck_test(_kernel_opcheck_cases, kernel_ops=True)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

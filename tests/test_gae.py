@@ -10,8 +10,16 @@ import math
 
 import pytest
 import torch
-from test_ppo import ESTIMATORS, MASK_KINDS, make_mask
-from utils import assert_close, backend_params, skip_unless_available, tolerance
+from test_ppo import ESTIMATORS
+from utils import (
+    MASK_KINDS,
+    assert_close,
+    assert_compiled_matches,
+    backend_params,
+    make_mask,
+    skip_unless_available,
+    tolerance,
+)
 
 import rmkernels as rmk
 
@@ -28,8 +36,12 @@ def sample_inputs(B, T, dtype=torch.float32, device="cpu", kind="holes"):
     return rewards, values, make_mask(kind, B, T, device), lp, ref
 
 
-def _shape(backend):
-    return [(4, 45), (3, 17)] if backend == "triton" else [(9, 97), (5, 1025), (7, 59), (1, 1)]
+def _cases(backend, device, dtype, kind="holes"):
+    """The (B, T, sample_inputs) cases of a backend-against-reference test: ragged sizes, the
+    interpreter's short ones for triton. Skips first when the backend cannot run here."""
+    skip_unless_available(backend, device)
+    sizes = [(4, 45), (3, 17)] if backend == "triton" else [(9, 97), (5, 1025), (7, 59), (1, 1)]
+    return [(B, T, sample_inputs(B, T, dtype, device, kind)) for B, T in sizes]
 
 
 def loop_gae(rewards, values, mask, gamma, lam):
@@ -106,10 +118,8 @@ def test_ppo_advantages_is_kl_score_gae_whitening(backend, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_gae_matches_reference(backend, device, dtype, kind):
-    skip_unless_available(backend, device)
     rtol, atol = tolerance(dtype)
-    for B, T in _shape(backend):
-        rewards, values, mask, _, _ = sample_inputs(B, T, dtype, device, kind)
+    for B, T, (rewards, values, mask, _, _) in _cases(backend, device, dtype, kind):
         for gamma, lam in ((1.0, 0.95), (0.97, 1.0)):
             out = rmk.gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
             exp = rmk.gae(rewards.double(), values.double(), mask, gamma=gamma, lam=lam, backend="reference")
@@ -124,10 +134,8 @@ def test_gae_matches_reference(backend, device, dtype, kind):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_kl_estimate_matches_reference(backend, device, dtype, estimator):
-    skip_unless_available(backend, device)
     rtol, atol = tolerance(dtype)
-    for B, T in _shape(backend):
-        _, _, mask, lp, ref = sample_inputs(B, T, dtype, device)
+    for B, T, (_, _, mask, lp, ref) in _cases(backend, device, dtype):
         for clamp, m in ((None, mask), (0.5, None)):
             out = rmk.kl_estimate(lp, ref, m, estimator=estimator, clamp=clamp, backend=backend)
             exp = rmk.kl_estimate(lp.double(), ref.double(), m, estimator=estimator, clamp=clamp,
@@ -193,16 +201,13 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_compile_fullgraph(backend):
     skip_unless_available(backend, "cpu")
-    torch._dynamo.reset()
     rewards, values, mask, lp, ref = sample_inputs(4, 19)
 
     def f(r, v, m, lp, ref):
         adv, ret = rmk.gae(r, v, m, gamma=0.9, backend=backend)
         return adv, ret, rmk.kl_estimate(lp, ref, m, estimator="k3", clamp=2.0, backend=backend)
 
-    got = torch.compile(f, fullgraph=True, backend="aot_eager")(rewards, values, mask, lp, ref)
-    for g, e in zip(got, f(rewards, values, mask, lp, ref)):
-        assert torch.equal(g, e)
+    assert_compiled_matches(f, rewards, values, mask, lp, ref, rtol=0, atol=0, backend="aot_eager")
 
 
 BAD = [

@@ -10,11 +10,10 @@ import pytest
 import torch
 from test_group_advantages import (
     make_groups,
-    make_mask,
     verl_loop,
     verl_reinforce_pp_returns,
 )
-from utils import assert_close
+from utils import assert_close, make_mask
 
 from rmkernels.integrations import openrlhf_critic_free as orl
 from rmkernels.integrations import trl_critic_free as trl
@@ -24,7 +23,7 @@ from rmkernels.integrations import verl as rv
 def _batch(B=83, T=21):
     ids = make_groups(B)
     index = np.array([f"{int(i):08x}-uid" for i in ids], dtype=object)
-    mask = make_mask(B, T)
+    mask = make_mask("holes", B, T)
     mask[:, 0] = True  # every response has a token (verl's opo would give 0/0 otherwise)
     tlr = torch.zeros(B, T)
     tlr[:, -1] = (torch.rand(B) < 0.5).float() + 0.3 * torch.randn(B) * (torch.rand(B) < 0.5)

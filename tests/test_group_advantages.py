@@ -15,7 +15,15 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-from utils import assert_close, backend_params, skip_unless_available, tolerance
+from utils import (
+    assert_close,
+    assert_compiled_matches,
+    backend_params,
+    make_mask,
+    opcheck_test,
+    skip_unless_available,
+    tolerance,
+)
 
 import rmkernels as rmk
 from rmkernels.ops import group_adv as gops
@@ -38,23 +46,6 @@ def make_groups(B, *, max_size=6, shuffle=True):
     labels = torch.randperm(B)[:n]  # sparse ids in [0, B)
     ids = labels.repeat_interleave(sizes)
     return ids[torch.randperm(B)] if shuffle else ids
-
-
-def make_mask(B, T, kind="holes"):
-    if T == 0:
-        return torch.zeros(B, 0, dtype=torch.bool)
-    pos = torch.arange(T).expand(B, T)
-    lengths = torch.randint(0, T + 1, (B,))
-    if kind == "right":
-        m = pos < lengths[:, None]
-    elif kind == "left":
-        m = pos >= (T - lengths)[:, None]
-    else:
-        m = (torch.rand(B, T) < 0.7) & (pos < lengths[:, None])
-    if B >= 2:
-        m[0] = False  # an empty row
-        m[1] = True  # a full row
-    return m
 
 
 def make_scores(B, T=None, dtype=torch.float32):
@@ -131,7 +122,7 @@ def verl_reinforce_pp_returns(token_level_rewards, response_mask, gamma):
 def test_reference_matches_verl_loops(estimator, B):
     T = 13
     tok = make_scores(B, T, torch.float64)
-    mask = make_mask(B, T)
+    mask = make_mask("holes", B, T)
     mask[:, -1] |= torch.rand(B) < 0.5
     ids = make_groups(B)
     index = np.array([f"uid-{int(i)}" for i in ids], dtype=object)
@@ -181,7 +172,7 @@ def test_reference_matches_trl_grpo_scaling():
 def test_reference_returns_match_verl(gamma):
     B, T = 7, 31
     r = torch.randn(B, T, dtype=torch.float64)
-    mask = make_mask(B, T)
+    mask = make_mask("holes", B, T)
     got = rmk.reinforce_pp_returns(r, mask, gamma=gamma, backend="reference")
     assert_close(got, verl_reinforce_pp_returns(r, mask.double(), gamma), rtol=1e-12, atol=1e-12, name="returns")
     # ReMax's return: the plain reverse cumulative sum of r * mask (mask=None: every position valid)
@@ -211,7 +202,7 @@ def test_backend_matches_reference(backend, device, estimator):
             for single in SINGLES:
                 token = bool(torch.rand(()) < 0.5)
                 scores = make_scores(B, T if token else None, dtype).to(device)
-                mask = make_mask(B, T, ["right", "left", "holes"][B % 3]).to(device)
+                mask = make_mask(["right", "left", "holes"][B % 3], B, T, device)
                 if B % 2:
                     mask = mask.t().contiguous().t()  # column-major strides
                 ids = make_groups(B).to(device)
@@ -243,7 +234,7 @@ def test_cpu_streamed_outputs_and_run_layouts(layout):
         assert B * T * (4 if dtype == torch.float32 else 8) > 8 * 2**20  # over the streaming threshold
         ids = make_groups(B, max_size=9, shuffle=layout == "shuffled")
         scores = make_scores(B, dtype=dtype)
-        mask = make_mask(B, T)
+        mask = make_mask("holes", B, T)
         if dtype == torch.float64 and T > 1:
             mask = mask.t().contiguous().t()
         for estimator in ESTIMATORS if T > 1 else ["grpo", "rloo"]:  # T = 1: the layout is what is tested
@@ -272,7 +263,7 @@ def test_returns_match_reference(backend, device):
         for dtype in _dtypes(backend):
             for gamma in (1.0, 0.95):
                 r = torch.randn(B, T + 3, device=device).to(dtype)[:, 3:]  # non-contiguous rows
-                mask = make_mask(B, T).to(device)
+                mask = make_mask("holes", B, T, device)
                 got = rmk.reinforce_pp_returns(r, mask, gamma=gamma, backend=backend)
                 exp = rmk.reinforce_pp_returns(r, mask, gamma=gamma, backend="reference")
                 rtol, atol = tolerance(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -293,7 +284,7 @@ def test_returns_are_gae_with_zero_values(backend, device):
         for B, T in ((1, 1), (59, 33), (97, 130)):
             r = torch.randn(B, T, dtype=dtype, device=device)
             r[torch.rand(B, T, device=device) < 0.1] = -0.0
-            mask = make_mask(B, T).to(device)
+            mask = make_mask("holes", B, T, device)
             for gamma in (1.0, 0.95, 0.5, 0.0):
                 got = rmk.reinforce_pp_returns(r, mask, gamma=gamma, backend=backend)
                 adv, _ = rmk.gae(r, torch.zeros_like(r), mask, gamma=gamma, lam=1.0, backend=backend)
@@ -311,7 +302,7 @@ def test_nan_stays_in_its_group(backend, device):
     scores = torch.randn(B, device=device)
     victim = int(torch.randint(0, B, ()).item())
     scores[victim] = float("nan")
-    mask = make_mask(B, T).to(device)
+    mask = make_mask("holes", B, T, device)
     for est in ESTIMATORS[:-1]:  # reinforce_pp_baseline whitens over the batch
         seq, adv = rmk.group_advantages(scores, ids, mask, estimator=est, backend=backend)
         same = ids == ids[victim]
@@ -361,59 +352,45 @@ def test_single_rules_and_mask_none(backend, device):
 # opcheck, torch.compile, the eager path
 # ---------------------------------------------------------------------------------------
 def _op_samples(device):
+    """(op name, arguments but the backend) of each op of this file."""
     B, T = 11, 7
     scores = make_scores(B).to(device)
     ids = make_groups(B).to(device)
-    mask = make_mask(B, T)
+    mask = make_mask("holes", B, T)
     mask[:, 0] = True  # no NaN outputs (opo's 0/0 of a group without tokens): opcheck compares without equal_nan
     mask = mask.to(device)
     r = torch.randn(B, T, device=device)
-    samples = {"reinforce_pp_returns": [(r, mask, 0.9)]}
-    samples["group_advantages_kernel"] = [(scores, ids, mask, int(gops.GROUP_ESTIMATORS[e]), 1e-6, True, s, 2.0)
-                                          for e, s in zip(ESTIMATORS, [0, 1, 0, 1, 0, 1])]
-    samples["group_advantages"] = [(scores, ids, mask, e, 1e-6, True, s, 2.0, 1e-8)
-                                   for e, s in zip(ESTIMATORS, ["zero", "self"] * 3)]
-    return samples
+    return [("reinforce_pp_returns", (r, mask, 0.9))] + [
+        ("group_advantages_kernel", (scores, ids, mask, int(gops.GROUP_ESTIMATORS[e]), 1e-6, True, s, 2.0))
+        for e, s in zip(ESTIMATORS, [0, 1, 0, 1, 0, 1])] + [
+        ("group_advantages", (scores, ids, mask, e, 1e-6, True, s, 2.0, 1e-8))
+        for e, s in zip(ESTIMATORS, ["zero", "self"] * 3)]
 
 
-@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
-def test_opcheck(backend, device):
-    skip_unless_available(backend, device)
-    for name, samples in _op_samples(device).items():
-        op = getattr(torch.ops.rmkernels, name).default
-        for args in samples:
-            if name.endswith("_kernel"):
-                if backend in ("cpu", "cuda"):
-                    torch.library.opcheck(op, args)
-            else:
-                torch.library.opcheck(op, args + (backend,))
+test_opcheck = opcheck_test(_op_samples)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_torch_compile_fullgraph(backend):
     skip_unless_available(backend, "cpu")
-    torch._dynamo.reset()
     B, T = 12, 10
     tok = make_scores(B, T)
     ids = make_groups(B)
-    mask = make_mask(B, T)
+    mask = make_mask("holes", B, T)
 
     def f(tok, ids, mask):
         seq, adv = rmk.group_advantages(tok, ids, mask, estimator="grpo", backend=backend)
         _, adv2 = rmk.group_advantages(tok.sum(-1), ids, mask, estimator="reinforce_pp_baseline", backend=backend)
         return seq, adv, adv2, rmk.reinforce_pp_returns(tok, mask, gamma=0.99, backend=backend)
 
-    got = torch.compile(f, fullgraph=True)(tok, ids, mask)
-    expect = f(tok, ids, mask)
-    for g, e in zip(got, expect):
-        assert_close(g, e, rtol=1e-6, atol=1e-6, name="compiled")
+    assert_compiled_matches(f, tok, ids, mask)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_eager_path_same_bits_as_the_op(backend, monkeypatch):
     skip_unless_available(backend, "cpu")
     B, T = 30, 17
-    tok, ids, mask = make_scores(B, T), make_groups(B), make_mask(B, T)
+    tok, ids, mask = make_scores(B, T), make_groups(B), make_mask("holes", B, T)
     fast = [rmk.group_advantages(tok, ids, mask, estimator=e, backend=backend) for e in ESTIMATORS]
     fast.append(rmk.reinforce_pp_returns(tok, mask, backend=backend))
     monkeypatch.setattr(rmk._library, "EAGER_FAST_PATH", False)

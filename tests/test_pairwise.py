@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_bt_loss import REDUCTIONS
-from utils import TRITON_INTERPRET, assert_close, backend_params, skip_unless_available, tolerance
+from utils import TRITON_INTERPRET, assert_close, backend_params, opcheck_test, skip_unless_available, tolerance
 
 import rmkernels as rmk
 
@@ -186,30 +186,26 @@ def test_gradcheck(backend, reduction):
         (h, W, b))
 
 
-def _opcheck_cases(device, backend):
+def _opcheck_cases(device):
+    """(op name, arguments but the backend) of each public op of this file."""
     B = 5
     m, w = torch.rand(B, device=device), torch.rand(B, device=device)
     h, W, bias, _, _ = sample_inputs(B, 4, 8, torch.float32, device)
     index = torch.tensor([3, 1, 0, 2, 3, 3, 2, 1, 0, 3], device=device)
-    ops = torch.ops.rmkernels
     grad = torch.randn((), device=device)
     return [
-        (ops.pairwise_reward_loss.default, (h, W, bias, index, m, w, 0.0, 1.0, 0.1, 0.01, "mean", backend)),
-        (ops.pairwise_reward_loss.default, (h, W, None, index, None, None, 0.2, 1.0, 0.0, 0.0, "none", backend)),
-        (ops.pairwise_reward_loss_backward.default,
+        ("pairwise_reward_loss", (h, W, bias, index, m, w, 0.0, 1.0, 0.1, 0.01, "mean")),
+        ("pairwise_reward_loss", (h, W, None, index, None, None, 0.2, 1.0, 0.0, 0.0, "none")),
+        ("pairwise_reward_loss_backward",
          (grad, torch.randn(2 * B, device=device), torch.randn(2 * B, device=device), h.detach(), W.detach(),
-          index, m, w, 0.0, 1.0, 0.1, 0.01, "mean", True, True, True, backend)),
-        (ops.pairwise_reward_loss_backward.default,
+          index, m, w, 0.0, 1.0, 0.1, 0.01, "mean", True, True, True)),
+        ("pairwise_reward_loss_backward",
          (torch.randn(B, device=device), None, torch.randn(2 * B, device=device), h.detach(), W.detach(), index,
-          None, None, 0.0, 1.0, 0.0, 0.0, "none", True, False, False, backend)),
+          None, None, 0.0, 1.0, 0.0, 0.0, "none", True, False, False)),
     ]
 
 
-@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
-def test_opcheck_public_ops(backend, device):
-    skip_unless_available(backend, device)
-    for op, args in _opcheck_cases(device, backend):
-        torch.library.opcheck(op, args)
+test_opcheck_public_ops = opcheck_test(_opcheck_cases)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -11,12 +11,22 @@ block of the row walk is shrunk so that short rows still cross several blocks.
 
 import pytest
 import torch
-from utils import TRITON_INTERPRET, assert_close, backend_params, poison_, skip_unless_available, tolerance
+from utils import (
+    MASK_KINDS,
+    TRITON_INTERPRET,
+    assert_close,
+    assert_compiled_matches,
+    backend_params,
+    make_mask,
+    opcheck_test,
+    poison_,
+    skip_unless_available,
+    tolerance,
+)
 
 import rmkernels as rmk
 
 ESTIMATORS = ["k1", "abs", "k2", "k3", "kl", "mse", "low_var_kl"]
-MASK_KINDS = ["right", "left", "holes", "mixed"]
 
 
 @pytest.fixture(autouse=True)
@@ -35,33 +45,6 @@ def _shape(backend, T_cpu):
     if backend == "triton":
         return 4, min(T_cpu, 45)
     return 9, T_cpu
-
-
-def make_mask(kind, B, T, device="cpu"):
-    """A [B, T] bool mask of the given kind, always with an empty row and a single-token row
-    when B >= 3 and T >= 1."""
-    if T == 0:
-        return torch.zeros(B, 0, dtype=torch.bool, device=device)
-    pos = torch.arange(T).expand(B, T)
-    lengths = torch.randint(0, T + 1, (B,))
-    if kind == "right":
-        m = pos < lengths[:, None]
-    elif kind == "left":
-        m = pos >= (T - lengths)[:, None]
-    elif kind == "holes":  # multi-turn: tool/observation tokens inside the response
-        m = (torch.rand(B, T) < 0.6) & (pos < lengths[:, None])
-    else:  # each row its own kind
-        m = torch.zeros(B, T, dtype=torch.bool)
-        for b in range(B):
-            k = ["right", "left", "holes"][b % 3]
-            m[b] = make_mask(k, 1, T)[0]
-    if B >= 3:
-        m[0] = False  # a row with no valid token
-        m[1] = False
-        m[1, torch.randint(0, T, ()).item()] = True  # a single-token row
-    if B >= 4 and T >= 1:
-        m[2] = True  # a full row
-    return m.to(device)
 
 
 def make_inputs(B, T, dtype=torch.float32, device="cpu"):
@@ -463,6 +446,7 @@ def test_masked_whiten_shapes_and_small_n(backend, device):
 # opcheck, torch.compile
 # ---------------------------------------------------------------------------------------
 def _op_samples(device):
+    """(op name, arguments but the backend) of each op of this file."""
     B, T = 3, 19
     lp, ref, values, scores = make_inputs(B, T, device=device)
     mask = make_mask("holes", B, T, device)
@@ -470,7 +454,7 @@ def _op_samples(device):
     x = torch.randn(B, T, device=device)
     totals = torch.tensor([7.0, 1.5], dtype=torch.float64, device=device)
     sq = torch.tensor([3.0], dtype=torch.float64, device=device)
-    return dict(
+    return list(dict(
         ppo_gae=(lp, ref, values, scores, mask, 0.1, 1.0, 0.95, "k3", 5.0, None),
         ppo_advantages=(lp, ref, values, scores, mask, 0.1, 0.99, 0.95, "k1", None, 2.0, True, False, True, 1e-8),
         masked_whiten=(x, mask, True, False, 1e-8),
@@ -481,26 +465,15 @@ def _op_samples(device):
         masked_row_stats_kernel=(x, mask),
         masked_centered_sq_kernel=(x, mask, totals),
         masked_whiten_apply_kernel=(x, mask, totals, sq, True, True, 1e-8),
-    )
+    ).items())
 
 
-@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
-def test_opcheck(backend, device):
-    skip_unless_available(backend, device)
-    for name, args in _op_samples(device).items():
-        op = getattr(torch.ops.rmkernels, name).default
-        if name.endswith("_kernel"):
-            if backend not in ("cpu", "cuda"):
-                continue
-            torch.library.opcheck(op, args)
-        else:
-            torch.library.opcheck(op, args + (backend,))
+test_opcheck = opcheck_test(_op_samples)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_torch_compile_fullgraph(backend):
     skip_unless_available(backend, "cpu")
-    torch._dynamo.reset()
     B, T = 4, 33
     lp, ref, values, scores = make_inputs(B, T)
     mask = make_mask("holes", B, T)
@@ -510,10 +483,7 @@ def test_torch_compile_fullgraph(backend):
                                  score_clip=1.0, backend=backend)
         return out.advantages, out.returns, rmk.masked_whiten(out.rewards, mask, shift_mean=False, backend=backend)
 
-    got = torch.compile(f, fullgraph=True)(lp, ref, values, scores, mask)
-    expect = f(lp, ref, values, scores, mask)
-    for g, e in zip(got, expect):
-        assert_close(g, e, rtol=1e-6, atol=1e-6, name="compiled")
+    assert_compiled_matches(f, lp, ref, values, scores, mask)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_bt_loss import DTYPES, REDUCTIONS, _loss_and_grads
-from utils import TRITON_INTERPRET, assert_close, backend_params, skip_unless_available, tolerance
+from utils import TRITON_INTERPRET, assert_close, backend_params, opcheck_test, skip_unless_available, tolerance
 
 import rmkernels as rmk
 
@@ -134,37 +134,34 @@ def test_gradcheck(backend, reduction):
         lambda x: rmk.ranking_loss(x, num_candidates=nc, reduction=reduction, backend=backend), (x,))
 
 
-def _opcheck_cases(device, backend):
+def _opcheck_cases(device):
+    """(op name, arguments but the backend) of each public op of this file."""
     B = 5
     x, _ = sample_inputs(B, 4, torch.float32, device, False, scale=1.0)
     nc = torch.tensor([4, 1, 3, 2, 0], device=device)
-    ops = torch.ops.rmkernels
     grad = torch.randn((), device=device)
-    return [(ops.ranking_loss.default, (x, nc, red, backend)) for red in REDUCTIONS] + [
-        (ops.ranking_loss.default, (x, None, "mean", backend)),
-        (ops.ranking_loss_backward.default, (grad, x.detach(), nc, "mean", backend)),
-        (ops.ranking_loss_backward.default, (torch.randn(B, device=device), x.detach(), None, "none", backend)),
+    return [("ranking_loss", (x, nc, red)) for red in REDUCTIONS] + [
+        ("ranking_loss", (x, None, "mean")),
+        ("ranking_loss_backward", (grad, x.detach(), nc, "mean")),
+        ("ranking_loss_backward", (torch.randn(B, device=device), x.detach(), None, "none")),
     ]
 
 
-@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
-def test_opcheck_public_ops(backend, device):
-    skip_unless_available(backend, device)
-    for op, args in _opcheck_cases(device, backend):
-        torch.library.opcheck(op, args)
+test_opcheck_public_ops = opcheck_test(_opcheck_cases)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_opcheck_kernel_ops(device):
-    skip_unless_available("cpu" if device == "cpu" else "cuda", device)
+def _kernel_opcheck_cases(device):
+    """(op name, arguments) of the kernel ops, a column-major x included."""
     B = 7
     x, _ = sample_inputs(B, 3, torch.float32, device, False)
     x = x.detach()
     nc = torch.tensor([3, 2, 1, 0, 3, 2, 3], device=device)
-    ops = torch.ops.rmkernels
-    torch.library.opcheck(ops.ranking_loss_fwd_kernel.default, (x, nc))
-    torch.library.opcheck(ops.ranking_loss_fwd_kernel.default, (x.t().contiguous().t(), None))
-    torch.library.opcheck(ops.ranking_loss_bwd_kernel.default, (torch.randn(B, device=device), x, nc))
+    return [("ranking_loss_fwd_kernel", (x, nc)),
+            ("ranking_loss_fwd_kernel", (x.t().contiguous().t(), None)),
+            ("ranking_loss_bwd_kernel", (torch.randn(B, device=device), x, nc))]
+
+
+test_opcheck_kernel_ops = opcheck_test(_kernel_opcheck_cases, kernel_ops=True)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -61,6 +61,20 @@ def _files(ckpt):
     return sorted(os.path.relpath(os.path.join(d, f), ckpt) for d, _, fs in os.walk(ckpt) for f in fs)
 
 
+def _planted_copies(src, ckpt, tmp_path, read):
+    """For each file of ``src/ckpt`` (``read``, the files a resume reads, among them): a copy
+    of the run ``src`` in which that file is a pickle payload (:func:`plant`). Yields
+    (file name, the copy, the marker the payload would create)."""
+    files = _files(src / ckpt)
+    assert set(read) <= set(files), files
+    for name in files:
+        run = tmp_path / name.replace("/", "_")
+        shutil.copytree(src, run)
+        marker = str(tmp_path / f"PWNED-{name.replace('/', '_')}")
+        plant(str(run / ckpt / name), marker)
+        yield name, run, marker
+
+
 def _weights(ckpt, name="model.safetensors"):
     from safetensors.torch import load_file
 
@@ -105,13 +119,7 @@ def test_reward_resume_never_unpickles_code(reward_run, tmp_path, capsys):
     """A pickle payload planted into each file of the newest checkpoint in turn: the payload
     never runs; the checkpoint is skipped for the older intact one (or, for a file resume
     does not need, resume goes on from it). With no older checkpoint: a one-line error."""
-    files = _files(reward_run / "checkpoint-4")
-    assert set(REWARD_READ) <= set(files), files
-    for name in files:
-        run = tmp_path / name.replace("/", "_")
-        shutil.copytree(reward_run, run)
-        marker = str(tmp_path / f"PWNED-{name.replace('/', '_')}")
-        plant(str(run / "checkpoint-4" / name), marker)
+    for name, run, marker in _planted_copies(reward_run, "checkpoint-4", tmp_path, REWARD_READ):
         rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run, "--resume")
         assert not os.path.exists(marker), f"loading {name} ran code"
         assert rc == 0, (name, err)
@@ -275,13 +283,7 @@ PPO_READ = ("trainer_state.json", "optimizer.pt", "value_model.safetensors", "po
 
 def test_ppo_resume_never_unpickles_code(ppo_run, tmp_path, capsys):
     rm, src = ppo_run
-    files = _files(src / "checkpoint-2")
-    assert set(PPO_READ) <= set(files), files
-    for name in files:
-        run = tmp_path / name.replace("/", "_")
-        shutil.copytree(src, run)
-        marker = str(tmp_path / f"PWNED-{name.replace('/', '_')}")
-        plant(str(run / "checkpoint-2" / name), marker)
+    for name, run, marker in _planted_copies(src, "checkpoint-2", tmp_path, PPO_READ):
         rc, err = _ppo(capsys, "--reward-model", rm, "--output-dir", run, "--steps", 2, *PPO_FAST, "--resume")
         assert not os.path.exists(marker), f"loading {name} ran code"
         assert rc == 0 and "Traceback" not in err, (name, err)

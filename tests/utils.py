@@ -83,6 +83,17 @@ def assert_close(actual, expected, *, rtol, atol, name="output", equal_nan=True)
     assert not msgs, f"{name}: " + "; ".join(msgs)
 
 
+def assert_compiled_matches(f, *args, rtol=1e-6, atol=1e-6, backend="inductor"):
+    """``torch.compile(f, fullgraph=True, backend=backend)`` (from a fresh dynamo cache) gives
+    what ``f`` gives eagerly, output by output, within (rtol, atol)."""
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend=backend)(*args)
+    expect = f(*args)
+    assert len(got) == len(expect), f"compiled: {len(got)} outputs, eager: {len(expect)}"
+    for i, (g, e) in enumerate(zip(got, expect)):
+        assert_close(g, e, rtol=rtol, atol=atol, name=f"compiled output {i}")
+
+
 def assert_close_vs_lowp(actual, expected64, lowp_torch, *, name="output", factor=2.0, floor=1e-6):
     """flash-attention's rule: the kernel's error against the fp64 reference may be at most
     `factor` times the error of plain PyTorch at the same low precision (plus a small floor)."""
@@ -90,6 +101,81 @@ def assert_close_vs_lowp(actual, expected64, lowp_torch, *, name="output", facto
     base = (lowp_torch.double() - expected64.double()).abs().nan_to_num(0).max().item()
     assert err <= factor * base + floor, (
         f"{name}: max error {err:.3e} vs fp64 reference exceeds {factor}x plain PyTorch's {base:.3e} (+{floor})")
+
+
+MASK_KINDS = ["right", "left", "holes", "mixed"]  # the kinds of make_mask
+
+
+def make_mask(kind, B, T, device="cpu"):
+    """A random [B, T] bool mask, the one of every PPO, GAE and group-advantage test.
+
+    ``kind``: "right" (a valid prefix of random length, 0 to T), "left" (left-padded: a valid
+    suffix of random length), "holes" (a random-length prefix of which each position is valid
+    with probability 0.6: multi-turn tool/observation tokens inside the response) or "mixed"
+    (row b of the kind ``("right", "left", "holes")[b % 3]``). Whatever the kind, row 0 has no
+    valid token and row 1 a single one when B >= 3, and row 2 is full when B >= 4 (so that at
+    least one row stays random)."""
+    if T == 0:
+        return torch.zeros(B, 0, dtype=torch.bool, device=device)
+    pos = torch.arange(T).expand(B, T)
+    lengths = torch.randint(0, T + 1, (B,))
+    if kind == "right":
+        m = pos < lengths[:, None]
+    elif kind == "left":
+        m = pos >= (T - lengths)[:, None]
+    elif kind == "holes":
+        m = (torch.rand(B, T) < 0.6) & (pos < lengths[:, None])
+    elif kind == "mixed":
+        m = torch.zeros(B, T, dtype=torch.bool)
+        for b in range(B):
+            m[b] = make_mask(("right", "left", "holes")[b % 3], 1, T)[0]
+    else:
+        raise ValueError(f"make_mask: kind must be right, left, holes or mixed, got {kind!r}")
+    if B >= 3:
+        m[0] = False  # a row with no valid token
+        m[1] = False
+        m[1, torch.randint(0, T, ()).item()] = True  # a single-token row
+    if B >= 4:
+        m[2] = True  # a full row
+    return m.to(device)
+
+
+# The backends whose kernels are the kernel ops (rmkernels::*_kernel) themselves: the C++ CPU
+# and CUDA kernels. A kernel op takes no backend argument; it runs the kernel of its tensors'
+# device.
+COMPILED_BACKENDS = ("cpu", "cuda")
+
+
+def opcheck_ops(samples, backend):
+    """torch.library.opcheck on each (name, args) of ``samples``, ``name`` an op of
+    torch.ops.rmkernels: a public op with ``backend`` appended to ``args``; a kernel op
+    (``*_kernel``) as it is, and only when ``backend`` is one of COMPILED_BACKENDS."""
+    for name, args in samples:
+        op = getattr(torch.ops.rmkernels, name).default
+        if not name.endswith("_kernel"):
+            torch.library.opcheck(op, (*args, backend))
+        elif backend in COMPILED_BACKENDS:
+            torch.library.opcheck(op, args)
+
+
+def opcheck_test(samples, *, kernel_ops=False):
+    """The opcheck test of an op family, for its test module to bind to a ``test_*`` name
+    (``test_opcheck = opcheck_test(_op_samples)``): for each (backend, device) of
+    ``backend_params(include_reference=True)``, skip_unless_available, then
+    ``opcheck_ops(samples(device), backend)``. ``kernel_ops=True``: for the COMPILED_BACKENDS
+    only (``samples`` gives kernel ops alone)."""
+    import pytest
+
+    params = [p for p in backend_params(include_reference=not kernel_ops)
+              if not kernel_ops or p.values[0] in COMPILED_BACKENDS]
+
+    @pytest.mark.parametrize("backend,device", params)
+    def test(backend, device):
+        skip_unless_available(backend, device)
+        opcheck_ops(samples(device), backend)
+
+    test.__doc__ = f"torch.library.opcheck of the ops of {samples.__module__}.{samples.__name__}(device)."
+    return test
 
 
 def poison_(t):

@@ -535,8 +535,7 @@ class PPOTrainer:
         k = max(1, min(10, len(recs) // 4))
         first = sum(r["score"] for r in recs[:k]) / k
         last = sum(r["score"] for r in recs[-k:]) / k
-        status = ("" if self.step >= a.steps else
-                  f"stopped after {self.steps_this_run} steps (--stop-after; --resume goes on); ")
+        status = "" if self.step >= a.steps else f"{T.stopped_early(self.steps_this_run)}; "
         print(f"{PROG}: {status}{len(recs)} steps (PPO {time.time() - self.t_start:.0f}s in this run); mean "
               f"reward-model score of the policy's responses: first {k} steps {first:.3f} -> last {k} steps "
               f"{last:.3f} ({last - first:+.3f}); KL to the reference {recs[-1]['kl']:.3f}, kl_coef "

@@ -772,8 +772,7 @@ class RewardTrainer:
             if args.plot:
                 plot_curves(os.path.join(self.out_dir, "metrics.jsonl"), os.path.join(self.out_dir, "curves.png"),
                             title=f"reward model: {self.what.split(':')[0]}")
-            status = ("done" if self.step >= self.total else
-                      f"stopped after {self.steps_this_run} steps (--stop-after); --resume goes on")
+            status = "done" if self.step >= self.total else T.stopped_early(self.steps_this_run)
             self.log(f"{status}: step {self.step}/{self.total} in {summary['train_time_s']:.0f} s; held-out pairwise "
                      f"accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}, margin {ev['margin']:.3f} "
                      f"({ev['pairs']} pairs); checkpoint {self.last_ckpt}")

@@ -320,8 +320,7 @@ class CriticFreeTrainer:
                    "warm_start": self.warm_info, "reward_model": self.reward_dir, "checkpoint": self.last_ckpt,
                    "time_s": {k: round(v, 1) for k, v in self.times.items()}}
         atomic_write_text(os.path.join(a.output_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
-        status = "" if self.step >= a.steps else \
-            f"stopped after {self.steps_this_run} steps (--stop-after; --resume goes on); "
+        status = "" if self.step >= a.steps else f"{T.stopped_early(self.steps_this_run)}; "
         print(f"rmkernels-train ppo: {status}{self.step} {a.advantage} steps (RL {self.times['rl']:.0f} s in this "
               f"run). Held-out task success (greedy), step {first['step']} -> {last['step']}: "
               f"{first['task_success']:.3f} -> {last['task_success']:.3f} ({d_ok:+.3f}); sampled "

@@ -18,7 +18,8 @@
   (:func:`check_resume_args`);
 - nothing under an output directory can run code when it is read: JSON, safetensors, and
   :func:`load_torch_state` (``torch.load(..., weights_only=True)``) only;
-- the progress bar (:func:`progress_bar`) and the log (:class:`Log`).
+- the progress bar (:func:`progress_bar`), the log (:class:`Log`) and the words of a run
+  that ``--stop-after`` ended early (:func:`stopped_early`).
 
 A fault-injection hook for tests, :func:`fault_point`: with ``RMKERNELS_TRAIN_FAULT=NAME:N``
 in the environment the process kills itself (SIGKILL) the N-th time it reaches the point
@@ -187,6 +188,11 @@ class Log:
             self.bar.write(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)
+
+
+def stopped_early(steps_this_run):
+    """How a trainer's last line says that ``--stop-after`` ended this invocation early."""
+    return f"stopped after {steps_this_run} steps (--stop-after; --resume goes on)"
 
 
 def progress_bar(args, dist, *, total, initial, desc):

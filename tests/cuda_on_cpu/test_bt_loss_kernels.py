@@ -5,6 +5,7 @@ grid cap (grid-stride loop); the ranking loss for ragged (B, K), candidate count
 rewards; forward and backward."""
 import pytest
 import torch
+from test_bt_loss import OPTION_SETS, loss_options
 from utils import assert_close, tolerance
 
 import rmkernels as rmk
@@ -16,16 +17,6 @@ pytestmark = pytest.mark.cuda_on_cpu
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SIZES = [1, 7, 97, 1025]
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # bt_loss.cuh Reduction
-OPTION_SETS = {
-    "plain": {},
-    "margin_float": {"margin": 0.37},
-    "margin_tensor": {"margin": "tensor"},
-    "smoothing": {"label_smoothing": 0.2},
-    "center": {"center_coef": 0.05},
-    "weights_tensor": {"weights": "tensor"},
-    "weights_float": {"weights": 2.5},
-    "all": {"margin": "tensor", "label_smoothing": 0.1, "center_coef": 0.01, "weights": "tensor"},
-}
 
 
 def _acc(dtype):
@@ -33,12 +24,8 @@ def _acc(dtype):
 
 
 def _options(name, B, dtype):
-    opts = dict(OPTION_SETS[name])
-    if opts.get("margin") == "tensor":
-        opts["margin"] = torch.rand(B, dtype=_acc(dtype))
-    if opts.get("weights") == "tensor":
-        opts["weights"] = torch.rand(B, dtype=_acc(dtype)) + 0.1
-    return opts
+    """test_bt_loss.py's option set ``name``, its tensors in the launcher's dtype."""
+    return loss_options(name, B, dtype=_acc(dtype))
 
 
 def _bt_launch(c, r, opts, reduction, grad, variant="asan", need=(True, True)):

@@ -10,8 +10,8 @@ atomics, ballots and warp sums. (REINFORCE++'s return runs gae_kernel: tests/cud
 kernel tests cover it.)"""
 import pytest
 import torch
-from test_group_advantages import make_groups, make_mask, make_scores
-from utils import assert_close, tolerance
+from test_group_advantages import make_groups, make_scores
+from utils import assert_close, make_mask, tolerance
 
 from rmkernels import _codes
 from rmkernels.ops import group_adv as gops
@@ -73,7 +73,7 @@ def _case(B, T, dtype=torch.float32, kind="holes", col_major=False, token=False)
     scores = make_scores(B, T if token else None, torch.float32)
     if token:  # the Python layer sums token rewards into scores before the kernel
         scores = scores.sum(-1)
-    mask = make_mask(B, T, kind)
+    mask = make_mask(kind, B, T)
     if col_major:
         mask = mask.t().contiguous().t()
     return scores.to(dtype), make_groups(B), mask

@@ -9,6 +9,13 @@ from .emu import EmuFailure, Program
 pytestmark = pytest.mark.cuda_on_cpu
 
 
+def _failure(prog, variant, **kw):
+    """The report of the EmuFailure that running ``prog`` must end in."""
+    with pytest.raises(EmuFailure) as e:
+        prog.run(variant, **kw)
+    return str(e.value)
+
+
 def test_warp_shuffles_and_ballot():
     n = 64
     prog = Program()
@@ -67,9 +74,7 @@ def test_out_of_bounds_read_fails_naming_the_kernel():
     x = prog.inp(torch.randn(n))
     y = prog.out((n,), torch.float32)
     prog.call("rmk_selftest_oob_read", x, y, n)
-    with pytest.raises(EmuFailure) as e:
-        prog.run("asan")
-    msg = str(e.value)
+    msg = _failure(prog, "asan")
     assert "heap-buffer-overflow" in msg and "oob_read_kernel" in msg, msg
 
 
@@ -86,9 +91,7 @@ def test_shared_memory_race_fails_naming_the_kernel():
     prog = Program()
     out = prog.out((128,), torch.float32)
     prog.call("rmk_selftest_neighbour", out, 1, 128, 0)
-    with pytest.raises(EmuFailure) as e:
-        prog.run("tsan")
-    msg = str(e.value)
+    msg = _failure(prog, "tsan")
     assert "data race" in msg and "neighbour_kernel" in msg, msg
 
 
@@ -96,9 +99,8 @@ def test_global_write_race_fails():
     prog = Program()
     out = prog.out((64,), torch.float32)
     prog.call("rmk_selftest_global_race", out, 64)
-    with pytest.raises(EmuFailure) as e:
-        prog.run("tsan")
-    assert "data race" in str(e.value) and "global_race_kernel" in str(e.value)
+    msg = _failure(prog, "tsan")
+    assert "data race" in msg and "global_race_kernel" in msg, msg
 
 
 @pytest.mark.parametrize("variant", ["asan", "tsan"])
@@ -106,9 +108,7 @@ def test_divergent_barrier_fails_not_hangs(variant):
     prog = Program()
     out = prog.out((64,), torch.float32)
     prog.call("rmk_selftest_divergent_barrier", out, 64)
-    with pytest.raises(EmuFailure) as e:
-        prog.run(variant, timeout=120)
-    msg = str(e.value)
+    msg = _failure(prog, variant, timeout=120)
     assert "divergent_barrier_kernel" in msg and "__syncthreads is not reached by every thread" in msg, msg
     assert "threads 0-31: waiting at __syncthreads" in msg and "threads 32-63: exited" in msg, msg
 

@@ -6,7 +6,7 @@ three whitening launchers chained as the bindings chain them; the plain GAE (gae
 KL estimate (kl_estimate_kernel) launchers against docs/ops.md section 3's loop and formulas."""
 import pytest
 import torch
-from utils import assert_close, tolerance
+from utils import MASK_KINDS, assert_close, make_mask, tolerance
 
 import rmkernels as rmk
 from rmkernels import _codes
@@ -16,34 +16,7 @@ from .emu import DTYPE_CODE, Program
 pytestmark = pytest.mark.cuda_on_cpu
 
 ESTIMATORS = ["k1", "abs", "k2", "k3", "kl", "mse", "low_var_kl"]
-MASK_KINDS = ["right", "left", "holes", "mixed"]
 FIELDS = ("advantages", "returns", "rewards", "kl")
-
-
-def make_mask(kind, B, T):
-    """tests/test_ppo.py's masks: with B >= 3 an empty row and a single-token row, with
-    B >= 4 a full row."""
-    if T == 0:
-        return torch.zeros(B, 0, dtype=torch.bool)
-    pos = torch.arange(T).expand(B, T)
-    lengths = torch.randint(0, T + 1, (B,))
-    if kind == "right":
-        m = pos < lengths[:, None]
-    elif kind == "left":
-        m = pos >= (T - lengths)[:, None]
-    elif kind == "holes":
-        m = (torch.rand(B, T) < 0.6) & (pos < lengths[:, None])
-    else:
-        m = torch.zeros(B, T, dtype=torch.bool)
-        for b in range(B):
-            m[b] = make_mask(["right", "left", "holes"][b % 3], 1, T)[0]
-    if B >= 3:
-        m[0] = False
-        m[1] = False
-        m[1, torch.randint(0, T, ()).item()] = True
-    if B >= 4:
-        m[2] = True
-    return m
 
 
 def make_inputs(B, T, dtype=torch.float32):
