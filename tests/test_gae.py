@@ -27,12 +27,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 def sample_inputs(B, T, dtype=torch.float32, device="cpu", kind="holes"):
-    """(token_rewards, values, mask, logprobs, ref_logprobs) of one test case."""
-    g = torch.Generator().manual_seed(B * 1000 + T)
-    rewards = torch.randn(B, T, generator=g).to(device, dtype)
-    values = torch.randn(B, T, generator=g).to(device, dtype)
-    lp = (-torch.rand(B, T, generator=g) * 3).to(device, dtype)
-    ref = (lp.float().cpu() + 0.7 * torch.randn(B, T, generator=g)).to(device, dtype)
+    """(token_rewards, values, mask, logprobs, ref_logprobs) of one test case: fresh random numbers
+    (the per-test seed of conftest.py)."""
+    rewards = torch.randn(B, T).to(device, dtype)
+    values = torch.randn(B, T).to(device, dtype)
+    lp = (-torch.rand(B, T) * 3).to(device, dtype)
+    ref = (lp.float().cpu() + 0.7 * torch.randn(B, T)).to(device, dtype)
     return rewards, values, make_mask(kind, B, T, device), lp, ref
 
 

@@ -12,7 +12,7 @@ import torch
 
 import rmkernels as rmk
 from rmkernels import _codes
-from tests.utils import TRITON_INTERPRET, assert_close, backend_params, poison_, skip_unless_available
+from tests.utils import TRITON_INTERPRET, assert_close, backend_params, make_mask, poison_, skip_unless_available
 
 
 def _triton_ppo():
@@ -50,27 +50,6 @@ def _kl_args(name, clamp):
         return code, _codes.LOW_VAR_X_CLAMP, (_codes.LOW_VAR_KL_CLAMP if clamp is None
                                               else min(kc, _codes.LOW_VAR_KL_CLAMP))
     return code, 0.0, kc
-
-
-def make_mask(kind, B, T, device):
-    """bool [B, T]: right padding, left padding, holes (multi-turn), empty rows, all valid."""
-    if kind == "full":
-        return torch.ones(B, T, dtype=torch.bool, device=device)
-    if kind == "holes":
-        m = torch.rand(B, T, device=device) > 0.35
-    else:  # mixed: ragged right/left padding, a hole, an empty row
-        m = torch.zeros(B, T, dtype=torch.bool, device=device)
-        for b in range(B):
-            n = int(torch.randint(0, T + 1, ()))
-            if b % 2:
-                m[b, T - n:] = True
-            else:
-                m[b, :n] = True
-        if T > 4:
-            m[0, T // 2] = False
-    if B > 1:
-        m[B - 1] = False  # an empty row
-    return m
 
 
 def strided(x, layout):

@@ -114,9 +114,11 @@ def make_mask(kind, B, T, device="cpu"):
     with probability 0.6: multi-turn tool/observation tokens inside the response) or "mixed"
     (row b of the kind ``("right", "left", "holes")[b % 3]``). Whatever the kind, row 0 has no
     valid token and row 1 a single one when B >= 3, and row 2 is full when B >= 4 (so that at
-    least one row stays random)."""
+    least one row stays random). ``"full"``: every position valid, no special rows."""
     if T == 0:
         return torch.zeros(B, 0, dtype=torch.bool, device=device)
+    if kind == "full":
+        return torch.ones(B, T, dtype=torch.bool, device=device)
     pos = torch.arange(T).expand(B, T)
     lengths = torch.randint(0, T + 1, (B,))
     if kind == "right":
@@ -130,7 +132,7 @@ def make_mask(kind, B, T, device="cpu"):
         for b in range(B):
             m[b] = make_mask(("right", "left", "holes")[b % 3], 1, T)[0]
     else:
-        raise ValueError(f"make_mask: kind must be right, left, holes or mixed, got {kind!r}")
+        raise ValueError(f"make_mask: kind must be right, left, holes, mixed or full, got {kind!r}")
     if B >= 3:
         m[0] = False  # a row with no valid token
         m[1] = False
