@@ -9,7 +9,10 @@ Ops (``torch.ops.rmkernels.*``):
 ==========================================  ===============================================
 ``gae(rewards, values, mask, gamma, lam)``  (advantages, returns), unwhitened
 ``kl_estimate(lp, ref, mask, estimator, clamp)``  the per-token KL estimate
-``gae_kernel`` / ``kl_estimate_kernel``     the C++ CPU / CUDA kernels behind cpu/cuda
+``gae_kernel`` / ``kl_estimate_kernel``     the C++ CPU / CUDA kernels behind cpu/cuda;
+                                            ``gae_kernel(..., returns)``: without returns
+                                            only the advantages are written (the second
+                                            output is an empty [0] tensor: REINFORCE++)
 ==========================================  ===============================================
 """
 import torch
