@@ -69,8 +69,9 @@ void row_count_sum(const scalar_t* x, int64_t sx, const uint8_t* m, int64_t sm, 
 // overflow the set's ways and the loop thrashes. Measured on one thread of the 2-core AMD EPYC
 // runner: a stand-alone copy of the loop over arrays at the same page offset, one row at a
 // time vs 4 interleaved, 1.4-2.1 vs 7.5-8.5 ns per element at T = 1024 .. 32768 (float32),
-// equal at T = 512, 3.6 vs 3.8 at T = 256, 4.9 vs 3.8 at T = 128 (interleaving wins); gae_kernel
-// at [2048, 4096] with rewards and values at the same page offset 13.3 -> 7.3 ns per element.
+// equal at T = 512, 3.6 vs 3.8 at T = 256, 4.9 vs 3.8 at T = 128 (interleaving wins). This
+// kernel (before -> after, rewards and values at one page offset, outputs recycled): 5-20%
+// faster at T = 256 .. 32768, unchanged at T = 128 (benchmarks/NOTES.md, CPU tuning log 8).
 constexpr int64_t kInterleaveRowBytes = 1024;
 
 inline bool interleave_rows(std::initializer_list<int64_t> row_bytes) {
