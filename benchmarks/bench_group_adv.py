@@ -27,7 +27,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from benchmarks import baselines, common, shapes, timing
+from benchmarks import baselines, common, report, shapes, timing
 
 OPS = ("grpo",)
 EPS = 1e-6
@@ -99,8 +99,9 @@ def floor_rows(shape, device, prov, inputs, quick, log):
     history of the process, and the page faults of a fresh 32 MiB output cost ~10x its write."""
     B, T = shape.dims["B"], shape.dims["T"]
     r, m, _ = inputs
-    fns = {"write-once": lambda: torch.empty(B, T, device=device).fill_(1.0),
-           "read-inputs": lambda: (r.amax(), m.view(torch.uint8).amax())}
+    write_once, read_inputs = report.GRPO_FLOORS
+    fns = {write_once: lambda: torch.empty(B, T, device=device).fill_(1.0),
+           read_inputs: lambda: (r.amax(), m.view(torch.uint8).amax())}
     fns.update({k: (lambda f=f: f(*inputs)) for k, f in prov.items() if k.startswith("rmk-")})
     env = common.env_fields(device)
     rows = []
@@ -112,26 +113,15 @@ def floor_rows(shape, device, prov, inputs, quick, log):
             res = timing.measure_interleaved(om.calls(fns) if state else fns, device=device,
                                              reps=3 if quick else 15, warmup=1 if quick else 3,
                                              max_time_s=1.0 if quick else 15.0)
-        w = res["write-once"][0]
+        w = res[write_once][0]
         log(f"  grpo     {shape.name:7s} forward  ms/call, {state or device}: "
             + "  ".join(f"{k} {v[0]:.4g} ({v[0] / w:.2f}x write-once)" for k, v in res.items()))
         for k, (med, p20, p80) in res.items():
             rows.append(dict(op="grpo", shape=shape.name, dims=shape.dims_str(), dtype=shape.dtype,
-                             provider=floor_provider(k, state), mode="forward", metric="call_ms", median=med,
+                             provider=report.floor_provider(k, state), mode="forward", metric="call_ms", median=med,
                              p20=p20, p80=p80, unit="ms", bytes=B * T * 4,
                              note=f"timed interleaved with the floors ({state or device})", **env))
     return rows
-
-
-FLOORS = ("write-once", "read-inputs")
-
-
-def floor_provider(name, state):
-    """The provider name of a ``floor_rows`` row: ``write-once (fresh pages)``,
-    ``rmk-cpu (vs floor, fresh pages)``; without a state (GPU) ``write-once``, ``rmk-cuda (vs floor)``."""
-    if name in FLOORS:
-        return f"{name} ({state})" if state else name
-    return f"{name} (vs floor, {state})" if state else f"{name} (vs floor)"
 
 
 def run(op="grpo", device="cpu", shapes=None, quick=False, tiny=False, only=None, log=common.log):
@@ -161,7 +151,6 @@ def write_results(argv=None):
     import sys
     import time
 
-    from benchmarks import report
     from benchmarks.run import COMMITTED_DIR
 
     torch.set_num_threads(1)

@@ -234,7 +234,16 @@ def targets(rows):
     return out
 
 
-GRPO_FLOORS = ("write-once", "read-inputs")  # benchmarks/bench_group_adv.floor_rows
+GRPO_FLOORS = ("write-once", "read-inputs")  # the floors of benchmarks/bench_group_adv.floor_rows
+
+
+def floor_provider(name, state):
+    """The provider name of a row of bench_group_adv.floor_rows: ``write-once (fresh pages)``,
+    ``rmk-cpu (vs floor, fresh pages)``; without a state (GPU) ``write-once``, ``rmk-cuda (vs
+    floor)``. (``_timed_with_floors`` and ``_grpo_targets`` read these names back.)"""
+    if name in GRPO_FLOORS:
+        return f"{name} ({state})" if state else name
+    return f"{name} (vs floor, {state})" if state else f"{name} (vs floor)"
 
 
 def _timed_with_floors(provider):
