@@ -99,15 +99,14 @@ def estimator_args(estimator, clamp):
 # ---------------------------------------------------------------------------------------
 # Kernels and ops
 # ---------------------------------------------------------------------------------------
-def _gae_fake(rewards, values, mask, gamma, lam, *_):
-    """The public gae's (advantages, returns)."""
-    acc = acc_dtype(values.dtype)
-    return tuple(values.new_empty(values.shape, dtype=acc) for _ in range(2))
-
-
 def _gae_kernel_fake(rewards, values, mask, gamma, lam, returns):
     adv = values.new_empty(values.shape, dtype=acc_dtype(values.dtype))
     return adv, adv.new_empty(values.shape if returns else (0,))
+
+
+def _gae_fake(rewards, values, mask, gamma, lam, *_):
+    """The public gae's (advantages, returns): the kernel's with returns."""
+    return _gae_kernel_fake(rewards, values, mask, gamma, lam, True)
 
 
 def _kl_fake(logprobs, *_):
