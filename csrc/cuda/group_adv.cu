@@ -1,14 +1,20 @@
-// CUDA kernels of the critic-free group advantages (torch-free; see
-// group_adv.cuh for the contract).
+// CUDA kernel of the critic-free group advantages (torch-free; see group_adv.cuh for the
+// contract).
 //
-// group_advantages: (1) one thread per response adds 1 and its score (opo: a warp per response,
-// which also adds its length and length x score) into its group's float64 slots with atomics, and
-// counts nonzero scores (gpg, one atomic per warp); (2) grpo only: the centred squares from the
-// group means; (3) the broadcast: one thread per [B, T] element evaluates the formula of
-// rmkernels/group_adv_math.h (shared with the CPU kernel) for its row and writes it under the
-// mask. Three launches (two without grpo) plus the workspace memset: the statistics must be
-// complete before any value is written, and no launch waits on the host. Bytes moved: 16-24 B per response in (1)-(2),
-// the mask once (twice for opo) and the [B, T] output once in (3).
+// One cooperative launch per call: the grid is as large as the device holds at once
+// (cooperative_grid), every loop is grid-stride, and the phases are separated by grid syncs:
+//   (0) the workspace is zeroed (so no memset before the launch);
+//   (1) one thread per response adds 1 and its score into its group's float64 slots with
+//       atomics (opo: a warp per response, which also adds its length and length x score), and
+//       gpg counts nonzero scores (one atomic per warp);
+//   (2) grpo only: the centred squares from the group means;
+//   (3) the broadcast: one thread per [B, T] element evaluates the formula of
+//       rmkernels/group_adv_math.h (shared with the CPU kernel) for its row and writes it under
+//       the mask.
+// No launch waits on the host. Bytes moved: 16-24 B per response in (1)-(2), the mask once
+// (twice for opo) and the [B, T] output once in (3). The workspace is written in the launch,
+// so it is read with __ldcg (at L2, never through a multiprocessor's L1 that may hold a line
+// from before a grid sync) and never through a const __restrict__ (read-only cache) pointer.
 //
 // (REINFORCE++'s return is gae_kernel with values 0 and lam 1: rmkernels/ops/group_adv.py.)
 #include "group_adv.cuh"
@@ -25,74 +31,81 @@ namespace {
 
 constexpr int kStats = 5;  // n, s, sq, ls, lrs per group; stats[B * kStats] = gpg's nonzero count
 
-// kLen (opo): one warp per response, which counts its row's valid tokens; otherwise one thread
-// per response. gpg's nonzero count is summed over the warp before its one atomic.
+// kLen: opo's phase (1), a warp per response that counts its row's valid tokens.
 template <typename A, bool kLen>
-__global__ void group_stats_kernel(const A* __restrict__ r, const int64_t* __restrict__ ids,
-                                   const bool* __restrict__ mask, int64_t B, int64_t T, int64_t ms0, int64_t ms1,
-                                   int64_t est, double* __restrict__ stats) {
+__global__ void __launch_bounds__(kThreads)
+    group_advantages_kernel(const A* __restrict__ r, const int64_t* __restrict__ ids, const bool* __restrict__ mask,
+                            int64_t B, int64_t T, int64_t ms0, int64_t ms1, int64_t est, double eps, bool unbiased,
+                            int64_t single, double f_norm, double* stats, A* __restrict__ seq, A* __restrict__ adv) {
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;  // a multiple of kWarp
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int lane = threadIdx.x % kWarp;
-  int64_t b;
-  double len = 0;
+
+  // (0) the workspace
+  for (int64_t i = tid; i < B * kStats + 1; i += nthreads) stats[i] = 0.0;
+  RMK_GRID_SYNC();
+
+  // (1) counts and sums per group
   if (kLen) {
-    b = tid / kWarp;  // uniform over the warp
-    if (b >= B) return;
-    for (int64_t t = lane; t < T; t += kWarp) len += mask[b * ms0 + t * ms1] ? 1.0 : 0.0;
-    len = warp_sum(len);
-    if (lane != 0) return;
+    for (int64_t b = tid / kWarp; b < B; b += nthreads / kWarp) {  // uniform over the warp
+      double len = 0;
+      for (int64_t t = lane; t < T; t += kWarp) len += mask[b * ms0 + t * ms1] ? 1.0 : 0.0;
+      len = warp_sum(len);
+      const int64_t g = ids[b];
+      if (lane == 0 && g >= 0 && g < B) {
+        const double x = static_cast<double>(r[b]);
+        double* st = stats + g * kStats;
+        atomicAdd(st, 1.0);
+        atomicAdd(st + 1, x);
+        atomicAdd(st + 3, len);
+        atomicAdd(st + 4, len * x);
+      }
+    }
   } else {
-    b = tid;
-    if (b >= B) return;
+    // The warp's base is uniform, so every lane runs the same trips and the ballot names all 32.
+    for (int64_t base = tid - lane; base < B; base += nthreads) {
+      const int64_t b = base + lane;
+      const bool valid = b < B;
+      const double x = valid ? static_cast<double>(r[b]) : 0.0;
+      if (est == codes::kGpg) {
+        const unsigned nz = __ballot_sync(0xffffffffu, valid && x != 0);  // NaN counts, as torch.count_nonzero
+        if (lane == 0 && nz != 0) atomicAdd(stats + B * kStats, static_cast<double>(__popc(nz)));
+      }
+      const int64_t g = valid ? ids[b] : -1;
+      if (g >= 0 && g < B) {
+        double* st = stats + g * kStats;
+        atomicAdd(st, 1.0);
+        atomicAdd(st + 1, x);
+      }
+    }
   }
-  const int64_t g = ids[b];
-  const double x = static_cast<double>(r[b]);
-  if (est == codes::kGpg) {
-    const unsigned active = __activemask();
-    const unsigned nz = __ballot_sync(active, x != 0);  // NaN counts, as torch.count_nonzero
-    if (lane == __ffs(active) - 1 && nz != 0) atomicAdd(stats + B * kStats, static_cast<double>(__popc(nz)));
-  }
-  if (g < 0 || g >= B) return;
-  double* st = stats + g * kStats;
-  atomicAdd(st, 1.0);
-  atomicAdd(st + 1, x);
-  if (kLen) {
-    atomicAdd(st + 3, len);
-    atomicAdd(st + 4, len * x);
-  }
-}
+  RMK_GRID_SYNC();
 
-template <typename A>
-__global__ void group_sq_kernel(const A* __restrict__ r, const int64_t* __restrict__ ids, int64_t B,
-                                double* __restrict__ stats) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  const int64_t g = ids[b];
-  if (g < 0 || g >= B) return;
-  double* st = stats + g * kStats;
-  const double d = static_cast<double>(r[b]) - st[1] / st[0];
-  atomicAdd(st + 2, d * d);
-}
+  // (2) grpo: centred squares from the complete means
+  if (est == codes::kGrpo) {
+    for (int64_t b = tid; b < B; b += nthreads) {
+      const int64_t g = ids[b];
+      if (g < 0 || g >= B) continue;
+      double* st = stats + g * kStats;
+      const double d = static_cast<double>(r[b]) - __ldcg(st + 1) / __ldcg(st);
+      atomicAdd(st + 2, d * d);
+    }
+    RMK_GRID_SYNC();  // est is uniform over the grid: every thread takes this sync or none does
+  }
 
-// One thread per output element of the flattened [B, max(T, 1)]: the element's row value (the
-// stats of its group are a few cached loads; the formula is a handful of float64 operations),
-// written under the mask; the thread of t = 0 also writes seq[b].
-template <typename A>
-__global__ void group_write_kernel(const A* __restrict__ r, const int64_t* __restrict__ ids,
-                                   const bool* __restrict__ mask, int64_t B, int64_t T, int64_t ms0, int64_t ms1,
-                                   int64_t est, double eps, bool unbiased, int64_t single, double f_norm,
-                                   const double* __restrict__ stats, A* __restrict__ seq, A* __restrict__ adv) {
+  // (3) one thread per element of the flattened [B, max(T, 1)]: the element's row value (its
+  // group's stats are a few loads, shared by the warp's lanes of the same row; the formula is a
+  // handful of float64 operations), written under the mask; the thread of t = 0 writes seq[b].
   const int64_t Tn = T > 0 ? T : 1;
   const int64_t n = B * Tn;
-  const double alpha = static_cast<double>(B) / fmax(stats[B * kStats], 1.0);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const double alpha = static_cast<double>(B) / fmax(__ldcg(stats + B * kStats), 1.0);
+  for (int64_t i = tid; i < n; i += nthreads) {
     const int64_t b = i / Tn, t = i - b * Tn;
     const int64_t g = ids[b];
     A v;
     if (g >= 0 && g < B) {
       const double* st = stats + g * kStats;
-      const group_adv::GroupStats gs{st[0], st[1], st[2], st[3], st[4]};
+      const group_adv::GroupStats gs{__ldcg(st), __ldcg(st + 1), __ldcg(st + 2), __ldcg(st + 3), __ldcg(st + 4)};
       const double sigma = est == codes::kGrpo ? group_adv::sigma_of(gs, unbiased) : 1.0;
       v = static_cast<A>(group_adv::value(static_cast<double>(r[b]), gs, sigma, est, eps, single, f_norm, alpha));
     } else {
@@ -103,6 +116,19 @@ __global__ void group_write_kernel(const A* __restrict__ r, const int64_t* __res
   }
 }
 
+template <typename A, bool kLen>
+cudaError_t launch(const A* r, const int64_t* ids, const bool* mask, int64_t B, int64_t T, int64_t ms0, int64_t ms1,
+                   int64_t est, double eps, bool unbiased, int64_t single, double f_norm, double* stats, A* seq,
+                   A* adv, cudaStream_t stream) {
+  // As many blocks as the largest phase has work for, up to what the device holds at once.
+  const int64_t work = std::max<int64_t>({B * kStats + 1, kLen ? B * kWarp : B, B * (T > 0 ? T : 1)});
+  unsigned int blocks = 0;
+  cudaError_t err = cooperative_grid<group_advantages_kernel<A, kLen>, kThreads>(ceil_div(work, kThreads), &blocks);
+  if (err != cudaSuccess) return err;
+  return RMK_LAUNCH_COOPERATIVE(blocks, kThreads, 0, stream, group_advantages_kernel<A, kLen>)(
+      r, ids, mask, B, T, ms0, ms1, est, eps, unbiased, single, f_norm, stats, seq, adv);
+}
+
 }  // namespace
 
 cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64_t* group_ids, const bool* mask,
@@ -111,33 +137,17 @@ cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64
                                     cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (dtype != DType::kFloat32 && dtype != DType::kFloat64) return cudaErrorInvalidValue;
-  cudaError_t err = cudaMemsetAsync(stats, 0, sizeof(double) * (B * kStats + 1), stream);
-  if (err != cudaSuccess) return err;
   auto run = [&](auto* a) {
     using A = std::remove_pointer_t<decltype(a)>;
     const A* r = static_cast<const A*>(scores);
-    if (estimator == codes::kOpo) {
-      RMK_LAUNCH(ceil_div(B * kWarp, kThreads), kThreads, 0, stream, group_stats_kernel<A, true>)(
-          r, group_ids, mask, B, T, ms0, ms1, estimator, stats);
-    } else {
-      RMK_LAUNCH(ceil_div(B, kThreads), kThreads, 0, stream, group_stats_kernel<A, false>)(
-          r, group_ids, mask, B, T, ms0, ms1, estimator, stats);
-    }
-    if (estimator == codes::kGrpo) {
-      RMK_LAUNCH(ceil_div(B, kThreads), kThreads, 0, stream, group_sq_kernel<A>)(r, group_ids, B, stats);
-    }
-    const int64_t n = B * (T > 0 ? T : 1);
-    const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20);  // grid-stride
-    RMK_LAUNCH(static_cast<unsigned int>(blocks), kThreads, 0, stream, group_write_kernel<A>)(
-        r, group_ids, mask, B, T, ms0, ms1, estimator, eps, unbiased, single, f_norm, stats, static_cast<A*>(seq),
-        static_cast<A*>(adv));
+    auto go = [&](auto len) {
+      return launch<A, decltype(len)::value>(r, group_ids, mask, B, T, ms0, ms1, estimator, eps, unbiased, single,
+                                             f_norm, stats, static_cast<A*>(seq), static_cast<A*>(adv), stream);
+    };
+    return estimator == codes::kOpo ? go(std::true_type{}) : go(std::false_type{});
   };
-  if (dtype == DType::kFloat64) {
-    run(static_cast<double*>(nullptr));
-  } else {
-    run(static_cast<float*>(nullptr));
-  }
-  return cudaGetLastError();
+  const cudaError_t err = dtype == DType::kFloat64 ? run(static_cast<double*>(nullptr)) : run(static_cast<float*>(nullptr));
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 }  // namespace cuda

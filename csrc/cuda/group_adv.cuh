@@ -15,8 +15,9 @@ namespace cuda {
 // (codes::GroupEstimator) over the groups of group_ids (int64 [B], ids in [0, B); an id out of
 // range gives a NaN row). scores, seq and adv are float32, or float64 when `dtype` is
 // kFloat64 (only those two). mask is bool [B, T] with strides (ms0, ms1). `stats` is a
-// float64 workspace of B * 5 + 1 elements that the launcher zeroes on `stream`. Three kernels
-// (two without grpo's centred squares), no host synchronisation.
+// float64 workspace of B * 5 + 1 elements that the kernel zeroes itself. One cooperative
+// launch (its grid what the current device holds at once), no host synchronisation;
+// cudaErrorNotSupported on a device without cooperative launches.
 cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64_t* group_ids, const bool* mask,
                                     int64_t B, int64_t T, int64_t ms0, int64_t ms1, int64_t estimator, double eps,
                                     bool unbiased, int64_t single, double f_norm, double* stats, void* seq, void* adv,

@@ -1,5 +1,5 @@
 // Torch binding of the CUDA group-advantage kernels: checks, allocation, the current stream,
-// launch (no host synchronisation: the workspace is zeroed on the stream).
+// launch (no host synchronisation: the kernel zeroes its workspace itself; one cooperative launch).
 #include <torch/library.h>
 
 #include "group_adv.cuh"

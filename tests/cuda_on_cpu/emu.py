@@ -134,6 +134,11 @@ class Worker:
         key, opts = SANITIZER_OPTIONS[self.variant]
         env[key] = opts
         env["OPENBLAS_NUM_THREADS"] = "1"
+        # The layer's per-thread state uses initial-exec TLS (emu.h, RMK_EMU_TLS), so the
+        # library's whole TLS segment (with the kernels' __shared__ arrays) must fit in the static
+        # TLS space glibc keeps for libraries loaded later: 1 MiB of it (default: a few KiB).
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+        env["GLIBC_TUNABLES"] = ":".join(tunables + ["glibc.rtld.optional_static_tls=1048576"])
         env["OMP_NUM_THREADS"] = "1"
         self.log_path = os.path.join(self.tmp, f"stderr-{time.time_ns()}.log")
         self.log = open(self.log_path, "w")

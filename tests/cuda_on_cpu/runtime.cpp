@@ -29,17 +29,22 @@
 #endif
 #include <unistd.h>
 
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "rmk_emu/emu.h"
 
-uint3 threadIdx;
-uint3 blockIdx;
-dim3 blockDim;
-dim3 gridDim;
+// Per OS thread: a cooperative launch runs each block on its own OS thread (see
+// launch_cooperative); every other launch runs on the calling thread.
+RMK_EMU_TLS uint3 threadIdx;
+RMK_EMU_TLS uint3 blockIdx;
+RMK_EMU_TLS dim3 blockDim;
+RMK_EMU_TLS dim3 gridDim;
 
 #if defined(RMK_EMU_ASAN) || defined(RMK_EMU_TSAN)
 extern "C" void __sanitizer_set_death_callback(void (*callback)(void));
@@ -95,12 +100,14 @@ rmk_emu_switch:
 
 namespace rmk_emu {
 cudaError_t g_last = cudaSuccess;
+// What the host has issued (rmk_emu_counts): launches, cooperative launches, memsets.
+int64_t g_issued[3] = {0, 0, 0};
 namespace {
 
 constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 256 * 1024;
 
-enum State { kRunnable, kWaitBlock, kWaitWarp, kDone };
+enum State { kRunnable, kWaitBlock, kWaitWarp, kWaitGrid, kDone };
 const char* const kActiveMask = "__activemask";  // Fiber::what of a lane parked in __activemask
 
 struct Fiber {
@@ -123,32 +130,32 @@ struct Fiber {
   void* tsan = nullptr;
 };
 
-Fiber* g_fibers = nullptr;
-int g_nfibers = 0;  // created
-int g_n = 0;        // threads of the running block
-int g_current = -1;
+RMK_EMU_TLS Fiber* g_fibers = nullptr;
+RMK_EMU_TLS int g_nfibers = 0;  // created
+RMK_EMU_TLS int g_n = 0;        // threads of the running block
+RMK_EMU_TLS int g_current = -1;
 #ifdef RMK_EMU_ASM_SWITCH
-void* g_sched_sp = nullptr;
+RMK_EMU_TLS void* g_sched_sp = nullptr;
 #else
-ucontext_t g_sched;
+RMK_EMU_TLS ucontext_t g_sched;
 #endif
-const char* g_kernel = "";
-Body g_body = nullptr;
-void* g_ctx = nullptr;
-uint64_t g_slots[kMaxThreads / 32][2][32];
-int g_warp_buf[kMaxThreads / 32];
-int g_epoch = 0;
-bool g_in_launch = false;
+RMK_EMU_TLS const char* g_kernel = "";
+RMK_EMU_TLS Body g_body = nullptr;
+RMK_EMU_TLS void* g_ctx = nullptr;
+RMK_EMU_TLS uint64_t g_slots[kMaxThreads / 32][2][32];
+RMK_EMU_TLS int g_warp_buf[kMaxThreads / 32];
+RMK_EMU_TLS int g_epoch = 0;
+RMK_EMU_TLS bool g_in_launch = false;
 
 #ifdef RMK_EMU_ASAN
-const void* g_main_bottom = nullptr;
-size_t g_main_size = 0;
-void* g_main_fake = nullptr;
+RMK_EMU_TLS const void* g_main_bottom = nullptr;
+RMK_EMU_TLS size_t g_main_size = 0;
+RMK_EMU_TLS void* g_main_fake = nullptr;
 #endif
 #ifdef RMK_EMU_TSAN
-void* g_tsan_main = nullptr;
-char g_sync_boundary[2];  // by block parity: what block k releases, block k + 1 acquires
-char g_sync_barrier[2];
+RMK_EMU_TLS void* g_tsan_main = nullptr;
+RMK_EMU_TLS char g_sync_boundary[2];  // by block parity: what block k releases, block k + 1 acquires
+RMK_EMU_TLS char g_sync_barrier[2];
 #endif
 
 void tsan_acquire(void* p) {
@@ -165,7 +172,20 @@ void tsan_release(void* p) {
   (void)p;
 #endif
 }
-int g_block_parity = 0;
+RMK_EMU_TLS int g_block_parity = 0;
+
+// The grid barrier of a cooperative launch: every block (one OS thread each) arrives when all
+// its threads wait at the same grid sync; the last arrival releases them all. A block that
+// exits while others wait (or arrives after one exited) is a grid sync that not every thread
+// of the grid reaches: reported, not a hang.
+struct GridBarrier {
+  std::mutex m;
+  std::condition_variable cv;
+  uint64_t blocks = 0, arrived = 0, finished = 0, generation = 0;
+  char tsan_sync[2];  // by grid-sync parity: what every thread releases before it, acquires after
+};
+RMK_EMU_TLS GridBarrier* g_grid = nullptr;  // null outside a cooperative launch
+RMK_EMU_TLS int g_grid_syncs = 0;           // grid syncs this block has passed
 // Each fiber acquires the previous block's object when it starts and releases its block's
 // object when it ends; one object for both would order a block's threads among themselves.
 void* boundary_sync(int parity) {
@@ -198,6 +218,7 @@ const char* state_name(State s) {
     case kRunnable: return "running";
     case kWaitBlock: return "waiting at __syncthreads";
     case kWaitWarp: return "waiting at";
+    case kWaitGrid: return "waiting at the grid sync";
     default: return "exited";
   }
 }
@@ -403,6 +424,42 @@ bool release_block() {
   return true;
 }
 
+// When every thread of the block waits at the same grid sync: this block arrives at the grid
+// barrier (the OS thread blocks until every block of the grid has), then they all run on.
+bool release_grid() {
+  int waiting = 0, done = 0;
+  for (int t = 0; t < g_n; ++t) {
+    waiting += g_fibers[t].state == kWaitGrid;
+    done += g_fibers[t].state == kDone;
+  }
+  if (waiting == 0) return false;
+  if (waiting + done == g_n && done > 0) {
+    fail("the grid sync is not reached by every thread of the block (some exited): a divergent grid barrier");
+  }
+  if (waiting != g_n) return false;
+  for (int t = 1; t < g_n; ++t) {
+    if (!same_site(g_fibers[t], g_fibers[0])) fail("threads of the block wait at different grid syncs");
+  }
+  {
+    std::unique_lock<std::mutex> lock(g_grid->m);
+    if (g_grid->finished > 0) fail("the grid sync is not reached by every block (a block of the grid has exited)");
+    const uint64_t gen = g_grid->generation;
+    if (++g_grid->arrived == g_grid->blocks) {
+      g_grid->arrived = 0;
+      ++g_grid->generation;
+      g_grid->cv.notify_all();
+    } else {
+      while (gen == g_grid->generation) {
+        if (g_grid->finished > 0) fail("the grid sync is not reached by every block (a block of the grid has exited)");
+        g_grid->cv.wait(lock);
+      }
+    }
+  }
+  ++g_grid_syncs;
+  for (int t = 0; t < g_n; ++t) g_fibers[t].state = kRunnable;
+  return true;
+}
+
 void run_block() {
   for (int t = 0; t < g_n; ++t) {
     Fiber& f = g_fibers[t];
@@ -445,21 +502,61 @@ void run_block() {
     if (all_done) return;
     if (release_warps()) continue;
     if (release_block()) continue;
+    if (release_grid()) continue;
     fail("deadlock: no barrier or warp operation can complete");
   }
 }
 
-}  // namespace
+// Fiber sets of the blocks of cooperative launches (one OS thread each), kept for the next
+// cooperative launch: a fiber stack is mapped once and reused, as the calling thread's are.
+struct FiberSet {
+  Fiber* fibers;
+  int n;
+};
+std::mutex g_pool_mutex;
+std::vector<FiberSet> g_pool;
 
-cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const char* kernel, Body body, void* ctx) {
-  (void)stream;  // launches run in issue order: every stream is the same queue here
-  const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
-  if (grid.x < 1 || grid.x > 0x7fffffffu || grid.y < 1 || grid.y > 65535 || grid.z < 1 || grid.z > 65535 ||
-      block.x < 1 || block.x > 1024 || block.y < 1 || block.y > 1024 || block.z < 1 || block.z > 64 ||
-      nthreads > 1024 || smem > 48 * 1024) {
-    g_last = cudaErrorInvalidConfiguration;
-    return g_last;
+void borrow_fibers() {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  if (g_pool.empty()) {
+    g_fibers = nullptr;
+    g_nfibers = 0;
+  } else {
+    g_fibers = g_pool.back().fibers;
+    g_nfibers = g_pool.back().n;
+    g_pool.pop_back();
   }
+}
+
+void return_fibers() {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  if (g_fibers != nullptr) g_pool.push_back(FiberSet{g_fibers, g_nfibers});
+  g_fibers = nullptr;
+  g_nfibers = 0;
+}
+
+// The emulated device: RMK_EMU_SMS multiprocessors (default 2), each holding 2048 threads in
+// at most 32 blocks. Only the cooperative launch's size limit and the occupancy query see it.
+int device_sms() {
+  static const int sms = [] {
+    const char* e = std::getenv("RMK_EMU_SMS");
+    const int v = e ? std::atoi(e) : 2;
+    return v > 0 ? v : 2;
+  }();
+  return sms;
+}
+int blocks_per_sm(uint64_t threads) {
+  return static_cast<int>(std::max<uint64_t>(1, std::min<uint64_t>(32, 2048 / std::max<uint64_t>(threads, 1))));
+}
+
+bool valid_config(dim3 grid, dim3 block, size_t smem) {
+  const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
+  return !(grid.x < 1 || grid.x > 0x7fffffffu || grid.y < 1 || grid.y > 65535 || grid.z < 1 || grid.z > 65535 ||
+           block.x < 1 || block.x > 1024 || block.y < 1 || block.y > 1024 || block.z < 1 || block.z > 64 ||
+           nthreads > 1024 || smem > 48 * 1024);
+}
+
+void enter_launch() {
   if (g_in_launch) {
     std::fprintf(stderr, "rmk_emu: a launch from inside kernel %s (dynamic parallelism is not modelled)\n", g_kernel);
     std::abort();
@@ -471,9 +568,22 @@ cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, cons
     hooked = true;
   }
 #endif
+}
+
+}  // namespace
+
+cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const char* kernel, Body body, void* ctx) {
+  (void)stream;  // launches run in issue order: every stream is the same queue here
+  if (!valid_config(grid, block, smem)) {
+    g_last = cudaErrorInvalidConfiguration;
+    return g_last;
+  }
+  enter_launch();
+  ++g_issued[0];
+  const int nthreads = static_cast<int>(uint64_t(block.x) * block.y * block.z);
   g_in_launch = true;
-  ensure_fibers(static_cast<int>(nthreads));
-  g_n = static_cast<int>(nthreads);
+  ensure_fibers(nthreads);
+  g_n = nthreads;
   g_kernel = kernel;
   g_body = body;
   g_ctx = ctx;
@@ -495,6 +605,85 @@ cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, cons
   return cudaSuccess;
 }
 
+// A cooperative launch: every block of the grid is resident at once, as the CUDA runtime
+// guarantees (a grid larger than the device holds is cudaErrorCooperativeLaunchTooLarge). Each
+// block runs on its own OS thread with its own fibers and its own copy of the kernel's
+// __shared__ variables (thread_local: see emu.h), so the blocks meet at the grid sync. The
+// host's writes before the launch and the blocks' writes before its end are ordered by the
+// threads' creation and join; a grid sync orders everything before it in every block before
+// everything after it (the barrier's mutex for the OS threads; for ThreadSanitizer's fibers, a
+// release before and an acquire after on the sync object of its parity).
+cudaError_t launch_cooperative(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const char* kernel, Body body,
+                               void* ctx) {
+  (void)stream;
+  if (!valid_config(grid, block, smem)) {
+    g_last = cudaErrorInvalidConfiguration;
+    return g_last;
+  }
+  const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
+  const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  if (nblocks > uint64_t(device_sms()) * blocks_per_sm(nthreads)) {
+    g_last = cudaErrorCooperativeLaunchTooLarge;
+    return g_last;
+  }
+  enter_launch();
+  ++g_issued[1];
+  GridBarrier bar;
+  bar.blocks = nblocks;
+  std::vector<std::thread> threads;
+  threads.reserve(nblocks);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        threads.emplace_back([&, x, y, z] {
+          g_in_launch = true;
+          borrow_fibers();
+          ensure_fibers(static_cast<int>(nthreads));
+          g_n = static_cast<int>(nthreads);
+          g_kernel = kernel;
+          g_body = body;
+          g_ctx = ctx;
+          gridDim = grid;
+          blockDim = block;
+          blockIdx = uint3{x, y, z};
+          g_grid = &bar;
+          g_grid_syncs = 0;
+          g_block_parity = 0;
+          tsan_release(boundary_sync(1));  // this thread's view of the host's writes, to its fibers
+          run_block();
+          tsan_acquire(boundary_sync(0));  // its fibers' writes, to the join
+          {
+            std::lock_guard<std::mutex> lock(bar.m);
+            if (bar.arrived > 0) {
+              fail("the grid sync is not reached by every block (this block exits while others wait at it)");
+            }
+            ++bar.finished;
+            bar.cv.notify_all();
+          }
+          g_grid = nullptr;
+          return_fibers();
+          g_in_launch = false;
+        });
+      }
+  for (auto& t : threads) t.join();
+  return cudaSuccess;
+}
+
+void grid_sync(const char* file, int line) {
+  if (g_grid == nullptr) {
+    fail(std::string("a grid sync at ") + file + ":" + std::to_string(line) +
+         " in a kernel not launched cooperatively (RMK_LAUNCH_COOPERATIVE)");
+  }
+  Fiber& f = g_fibers[g_current];
+  f.state = kWaitGrid;
+  f.file = file;
+  f.line = line;
+  f.what = "grid sync";
+  void* sync = &g_grid->tsan_sync[g_grid_syncs & 1];
+  tsan_release(sync);
+  to_scheduler(false);
+  tsan_acquire(sync);
+}
 
 int lane_id() {
   if (g_current < 0) {
@@ -563,6 +752,7 @@ extern "C" cudaError_t cudaPeekAtLastError(void) { return rmk_emu::g_last; }
 extern "C" cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t stream) {
   (void)stream;
   if (count != 0 && ptr == nullptr) return cudaErrorInvalidValue;
+  ++rmk_emu::g_issued[2];
   std::memset(ptr, value, count);
   return cudaSuccess;
 }
@@ -572,6 +762,37 @@ extern "C" const char* cudaGetErrorString(cudaError_t e) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorCooperativeLaunchTooLarge: return "too many blocks in cooperative launch";
     default: return "unknown error (CUDA-on-CPU layer)";
   }
+}
+
+// The emulated device (see device_sms): device 0 only.
+extern "C" cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = rmk_emu::device_sms(); return cudaSuccess;
+    case cudaDevAttrCooperativeLaunch: *value = 1; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, const void* func, int block_size,
+                                                                     size_t smem) {
+  if (func == nullptr || block_size < 1 || block_size > 1024 || smem > 48 * 1024) return cudaErrorInvalidValue;
+  *num_blocks = rmk_emu::blocks_per_sm(static_cast<uint64_t>(block_size));
+  return cudaSuccess;
+}
+
+// For the tests (called like a shim): out[0..2] = the kernel launches, cooperative launches
+// and memsets issued so far by this process.
+extern "C" int64_t rmk_emu_counts(int64_t* out) {
+  for (int i = 0; i < 3; ++i) out[i] = rmk_emu::g_issued[i];
+  return 0;
 }

@@ -1,6 +1,7 @@
 // Kernels that test the CUDA-on-CPU layer itself (tests/cuda_on_cpu/test_layer.py): warp
-// operations with known answers, and one planted defect each (an out-of-bounds read, a
-// shared-memory race, a divergent barrier) that the layer must report. Not a kernel of the
+// operations and a cooperative launch with known answers, and one planted defect each (an
+// out-of-bounds read, a shared-memory race, a divergent barrier, a missing or divergent grid
+// sync) that the layer must report. Not a kernel of the
 // package; compiled only into the test libraries.
 #include <cuda_runtime_api.h>
 
@@ -68,9 +69,54 @@ __global__ void divergent_barrier_kernel(float* out) {
 // Planted: pairs of threads of one block write the same element.
 __global__ void global_race_kernel(float* out) { out[threadIdx.x / 2] = static_cast<float>(threadIdx.x); }
 
+// Cooperative: each block sums its threads' values in its own __shared__ array and publishes
+// the sum; after the grid sync every block reads all the sums (wrong without per-block
+// shared memory or without the sync). out[b] = sum over blocks of their sums, out[nb + b] =
+// block b's own sum. mode 1 (planted): no grid sync, so the reads race with other blocks'
+// writes. mode 2 (planted): block 0 skips the grid sync and exits.
+__global__ void grid_sum_kernel(double* partial, double* out, int64_t mode) {
+  __shared__ double shared[1024 / rmkernels::cuda::kWarp];
+  const unsigned nb = gridDim.x;
+  const double v = static_cast<double>(blockIdx.x * blockDim.x + threadIdx.x);
+  const double s = rmkernels::cuda::block_sum(v, shared);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+  if (mode == 2 && blockIdx.x == 0) return;
+  if (mode != 1) RMK_GRID_SYNC();
+  if (threadIdx.x == 0) {
+    double tot = 0;
+    for (unsigned b = 0; b < nb; ++b) tot += partial[b];
+    out[blockIdx.x] = tot;
+    out[nb + blockIdx.x] = s;
+  }
+}
+
+// Planted: a grid sync in a kernel launched without RMK_LAUNCH_COOPERATIVE.
+__global__ void plain_grid_sync_kernel(float* out) {
+  RMK_GRID_SYNC();
+  out[threadIdx.x] = 1.0f;
+}
+
 }  // namespace
 
 extern "C" {
+int64_t rmk_selftest_grid_sum(double* partial, double* out, int64_t blocks, int64_t threads, int64_t mode) {
+  return RMK_LAUNCH_COOPERATIVE(static_cast<unsigned>(blocks), static_cast<unsigned>(threads), 0, nullptr,
+                                grid_sum_kernel)(partial, out, mode);
+}
+// The grid rmkernels::cuda::cooperative_grid gives grid_sum_kernel for `wanted` blocks of
+// `threads` (256 or 1024) threads.
+int64_t rmk_selftest_cooperative_grid(int64_t* blocks, int64_t threads, int64_t wanted) {
+  using rmkernels::cuda::cooperative_grid;
+  unsigned int b = 0;
+  const cudaError_t err = threads == 1024 ? cooperative_grid<grid_sum_kernel, 1024>(wanted, &b)
+                                          : cooperative_grid<grid_sum_kernel, 256>(wanted, &b);
+  *blocks = b;
+  return err;
+}
+int64_t rmk_selftest_plain_grid_sync(float* out, int64_t threads) {
+  RMK_LAUNCH(1, static_cast<unsigned>(threads), 0, nullptr, plain_grid_sync_kernel)(out);
+  return cudaGetLastError();
+}
 int64_t rmk_selftest_shuffles(int64_t* out, int64_t threads) {
   RMK_LAUNCH(1, static_cast<unsigned>(threads), 0, nullptr, shuffles_kernel)(out);
   return cudaGetLastError();

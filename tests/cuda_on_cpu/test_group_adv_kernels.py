@@ -3,11 +3,12 @@ backend of the kernel ops: the group advantages with every estimator, single rul
 flavour on tests/test_group_advantages.py's groups (ragged sizes, groups of one, sparse
 shuffled ids), masks (empty, full, right/left/holes, column-major strides) and scores (ties,
 exact zeros); float32/float64 scores (the launcher's dtypes; bf16/fp16 scores reach it
-converted by the Python layer, and the launcher refuses them); B = 0 / T = 0; the statistics
-over several blocks (B > 256 responses, opo's warp per response over 256 threads) and the
-broadcast over many blocks; ids out of range and NaN scores. ThreadSanitizer runs of the
-atomics, ballots and warp sums. (REINFORCE++'s return runs gae_kernel: tests/cuda_on_cpu's PPO
-kernel tests cover it.)"""
+converted by the Python layer, and the launcher refuses them); B = 0 / T = 0; one
+cooperative launch per call (its grid the emulated device's 16 resident blocks, grid-stride
+loops over more responses and elements than it has threads); ids out of range and NaN
+scores. ThreadSanitizer runs of the zeroing, atomics, ballots and warp sums across the
+concurrent blocks and their grid syncs. (REINFORCE++'s return runs gae_kernel:
+tests/cuda_on_cpu's PPO kernel tests cover it.)"""
 import pytest
 import torch
 from test_group_advantages import make_groups, make_scores
@@ -83,8 +84,9 @@ def _case(B, T, dtype=torch.float32, kind="holes", col_major=False, token=False)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_group_estimators(estimator, single):
     """Every estimator and single rule, both std flavours, ragged sizes, mask kinds and
-    layouts (B = 97 and 300: the one-thread-per-response statistics over 1 and 2 blocks, opo's
-    warp per response over 4 and 38 blocks)."""
+    layouts (B = 97 and 300: the one-thread-per-response statistics within one or two blocks'
+    threads and the partial warp at the end; opo's warp per response for 300 rows over the
+    128 warps of the 16-block grid, so a warp takes 2-3 rows)."""
     for i, (B, T) in enumerate([(1, 5), (59, 37), (97, 1), (300, 13)]):
         kind = ["right", "left", "holes"][i % 3]
         scores, ids, mask = _case(B, T, kind=kind, col_major=bool(i % 2), token=bool(i % 2))
@@ -123,8 +125,9 @@ def test_group_empty_batch_and_empty_rows():
 
 
 def test_group_many_blocks_and_one_group():
-    """The broadcast over many blocks (B * T = 300 * 257 elements, 302 blocks), one group of
-    all B rows (every atomic on one group's slots) and all-distinct groups of one."""
+    """The broadcast over many more elements than the grid has threads (B * T = 300 * 257
+    elements, 16 blocks of 256 threads: each thread loops 19 times), one group of all B rows
+    (every atomic on one group's slots) and all-distinct groups of one."""
     B, T = 300, 257
     scores, _, mask = _case(B, T, kind="holes", col_major=True)
     for ids, name in ((torch.full((B,), 7, dtype=torch.int64), "one group"),
@@ -158,10 +161,34 @@ def test_group_ids_out_of_range_and_nan_scores():
         check_group(nan_scores, ids, mask, f"{est} NaN score", estimator=est)
 
 
+def test_group_is_one_cooperative_launch_per_call():
+    """Each estimator: one cooperative launch and nothing else on the stream (no memset: the
+    kernel zeroes its workspace, which the test fills with NaN), whatever B and T."""
+    for B, T in ((5, 3), (300, 257)):
+        scores, ids, mask = _case(B, T)
+        for est in ESTIMATORS:
+            prog = Program()
+            before, after = prog.out((3,), torch.int64), prog.out((3,), torch.int64)
+            stats = prog.out((B * N_STATS + 1,), torch.float64)
+            seq, adv = prog.out((B,), scores.dtype), prog.out((B, T), scores.dtype)
+            e, ep, unb, sgl, fn = _args(est, "zero", True, 1e-6, 2.0)
+            prog.call("rmk_emu_counts", before)
+            prog.call("rmk_group_advantages", DTYPE_CODE[scores.dtype], prog.inp(scores), prog.inp(ids),
+                      prog.inp(mask), B, T, mask.stride(0), mask.stride(1), e, ep, unb, sgl, fn, stats, seq, adv)
+            prog.call("rmk_emu_counts", after)
+            res = prog.run()
+            assert res.rcs == [0, 0, 0]
+            issued = (res[after] - res[before]).tolist()
+            assert issued == [0, 1, 0], f"{est} B={B} T={T}: launches, cooperative launches, memsets = {issued}"
+            e_seq, e_adv = reference_group(scores, ids, mask, estimator=est)
+            assert_close(res[adv], e_adv, rtol=1e-6, atol=1e-6, name=f"adv {est} B={B} T={T}")
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "opo", "gpg"])
 def test_group_race_free_under_thread_sanitizer(estimator):
-    """The atomics, gpg's ballot and opo's warp sums of the statistics, the separate
-    centred-squares pass and the broadcast, under ThreadSanitizer."""
+    """The workspace zeroing, the atomics, gpg's ballot and opo's warp sums of the
+    statistics, the centred-squares pass and the broadcast, each after a grid sync, across
+    the 16 concurrent blocks of the cooperative launch, under ThreadSanitizer."""
     B, T = 300, 11
     scores, ids, mask = _case(B, T, col_major=True)
     check_group(scores, ids, mask, f"tsan {estimator}", variant="tsan", estimator=estimator)

@@ -1,6 +1,8 @@
-"""The CUDA-on-CPU layer itself: CUDA's warp and block semantics, and that an out-of-bounds
-read, a shared-memory race, a global write race and a divergent barrier are failures that
-name the kernel (each planted in selftest.cu)."""
+"""The CUDA-on-CPU layer itself: CUDA's warp and block semantics, cooperative launches (every
+block resident, per-block shared memory, the grid sync), and that an out-of-bounds read, a
+shared-memory race, a global write race, a divergent barrier, a cross-block race without a
+grid sync and a grid sync not every block reaches are failures that name the kernel (each
+planted in selftest.cu)."""
 import pytest
 import torch
 
@@ -111,6 +113,65 @@ def test_divergent_barrier_fails_not_hangs(variant):
     msg = _failure(prog, variant, timeout=120)
     assert "divergent_barrier_kernel" in msg and "__syncthreads is not reached by every thread" in msg, msg
     assert "threads 0-31: waiting at __syncthreads" in msg and "threads 32-63: exited" in msg, msg
+
+
+# ---- cooperative launches ------------------------------------------------------------------
+# The emulated device: RMK_EMU_SMS (default 2) multiprocessors of 2048 threads, at most 32
+# blocks each (runtime.cpp), so 256-thread blocks: 16 resident at once.
+def _grid_sum(blocks, threads, mode, variant="asan", **kw):
+    prog = Program()
+    partial = prog.out((blocks,), torch.float64)
+    out = prog.out((2 * blocks,), torch.float64)
+    prog.call("rmk_selftest_grid_sum", partial, out, blocks, threads, mode)
+    return prog, out
+
+
+@pytest.mark.parametrize("variant", ["asan", "tsan"])
+@pytest.mark.parametrize("blocks,threads", [(16, 256), (3, 96), (1, 1024)])
+def test_cooperative_launch_meets_at_the_grid_sync(variant, blocks, threads):
+    """Every block sums in its own __shared__ array, and after the grid sync reads every
+    block's sum: all blocks resident at once, per-block shared memory, the sync ordering
+    the blocks' global writes (ThreadSanitizer finds no race)."""
+    prog, out = _grid_sum(blocks, threads, 0)
+    res = prog.run(variant)
+    assert res.rcs == [0]
+    own = [float(sum(range(b * threads, (b + 1) * threads))) for b in range(blocks)]
+    assert res[out].tolist() == [sum(own)] * blocks + own
+
+
+def test_cooperative_grid_is_what_the_device_holds():
+    """cooperative_grid: min(wanted, multiprocessors x resident blocks), at least 1; a larger
+    cooperative grid is cudaErrorCooperativeLaunchTooLarge (720), not a hang."""
+    prog = Program()
+    got = [prog.out((1,), torch.int64) for _ in range(4)]
+    for g, (threads, wanted) in zip(got, [(256, 1000), (256, 5), (1024, 1000), (256, 0)]):
+        prog.call("rmk_selftest_cooperative_grid", g, threads, wanted)
+    partial, out = prog.out((17,), torch.float64), prog.out((34,), torch.float64)
+    prog.call("rmk_selftest_grid_sum", partial, out, 17, 256, 0)
+    res = prog.run()
+    assert res.rcs == [0, 0, 0, 0, 720]
+    assert [res[g].item() for g in got] == [16, 5, 4, 1]
+
+
+def test_cross_block_race_without_the_grid_sync_fails():
+    prog, _ = _grid_sum(4, 64, 1)
+    msg = _failure(prog, "tsan")
+    assert "data race" in msg and "grid_sum_kernel" in msg, msg
+
+
+@pytest.mark.parametrize("variant", ["asan", "tsan"])
+def test_grid_sync_not_reached_by_every_block_fails_not_hangs(variant):
+    prog, _ = _grid_sum(4, 64, 2)
+    msg = _failure(prog, variant, timeout=120)
+    assert "grid_sum_kernel" in msg and "not reached by every block" in msg, msg
+
+
+def test_grid_sync_outside_a_cooperative_launch_fails():
+    prog = Program()
+    out = prog.out((32,), torch.float32)
+    prog.call("rmk_selftest_plain_grid_sync", out, 32)
+    msg = _failure(prog, "asan", timeout=120)
+    assert "plain_grid_sync_kernel" in msg and "not launched cooperatively" in msg, msg
 
 
 # ---- every kernel file is covered ----------------------------------------------------------

@@ -7,12 +7,26 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 // Every kernel launch is written RMK_LAUNCH(grid, block, smem, stream, kernel)(args...). With
 // nvcc it is kernel<<<grid, block, smem, stream>>>(args...); the CUDA-on-CPU test layer
 // (tests/cuda_on_cpu) defines it first, to run the same kernel on the CPU.
 #ifndef RMK_LAUNCH
 #define RMK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+// A cooperative launch is written RMK_LAUNCH_COOPERATIVE(grid, block, smem, stream, kernel)(args...)
+// and returns the launch's cudaError_t; only such a kernel may call RMK_GRID_SYNC() (every
+// thread of the grid, the same number of times), and its grid must fit on the device at once
+// (cooperative_grid below). The CUDA-on-CPU layer defines both first.
+#ifndef RMK_LAUNCH_COOPERATIVE
+#define RMK_NVCC_COOPERATIVE 1
+#ifdef __CUDACC__
+#include <cooperative_groups.h>
+#endif
+#define RMK_LAUNCH_COOPERATIVE(grid, block, smem, stream, ...) \
+  ::rmkernels::cuda::CooperativeLaunch<decltype(&__VA_ARGS__)>{&__VA_ARGS__, dim3(grid), dim3(block), smem, stream}
+#define RMK_GRID_SYNC() ::cooperative_groups::this_grid().sync()
 #endif
 #include "rmkernels/scalar_math.h"
 
@@ -105,6 +119,57 @@ template <typename F> cudaError_t dispatch_dtype(DType dtype, F&& f) {
 #endif  // __CUDACC__
 
 inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
+
+#if defined(__CUDACC__) && defined(RMK_NVCC_COOPERATIVE)
+// nvcc's RMK_LAUNCH_COOPERATIVE: cudaLaunchKernelEx with the cooperative attribute (the
+// runtime converts the arguments to the kernel's parameter types; valid in CUDA-graph capture).
+template <typename K> struct CooperativeLaunch {
+  K kernel;
+  dim3 grid, block;
+  size_t smem;
+  cudaStream_t stream;
+  template <typename... Args> cudaError_t operator()(Args&&... args) const {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  }
+};
+#endif
+
+// The grid of a cooperative launch of Kernel with Threads threads per block and no dynamic
+// shared memory: the blocks the current device holds at once (multiprocessors x resident
+// blocks per multiprocessor, queried once per device, kernel and block size), at most
+// `wanted`, at least 1. Errors of the queries are returned (no cooperative support:
+// cudaErrorNotSupported).
+template <auto Kernel, int Threads> cudaError_t cooperative_grid(int64_t wanted, unsigned int* blocks) {
+  constexpr int kMaxDevices = 64;
+  static int capacity[kMaxDevices] = {};  // 0: not queried yet (a benign race: every writer stores the same value)
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  int cap = dev >= 0 && dev < kMaxDevices ? capacity[dev] : 0;
+  if (cap == 0) {
+    int coop = 0, sms = 0, per_sm = 0;
+    if ((err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev)) != cudaSuccess) return err;
+    if (!coop) return cudaErrorNotSupported;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return err;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(Kernel), Threads, 0);
+    if (err != cudaSuccess) return err;
+    cap = sms * per_sm;
+    if (cap < 1) return cudaErrorInvalidConfiguration;
+    if (dev >= 0 && dev < kMaxDevices) capacity[dev] = cap;
+  }
+  *blocks = static_cast<unsigned int>(wanted < 1 ? 1 : (wanted < cap ? wanted : cap));
+  return cudaSuccess;
+}
 
 }  // namespace cuda
 }  // namespace rmkernels

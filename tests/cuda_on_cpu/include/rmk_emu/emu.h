@@ -17,6 +17,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <math.h>
@@ -38,9 +41,11 @@
 #define __host__
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
-// One copy per kernel instantiation; blocks run one at a time, so it is per-block memory.
-// The runtime orders one block's accesses before the next block's (for ThreadSanitizer).
-#define __shared__ static
+// One copy per kernel instantiation and OS thread: blocks of an ordinary launch run one at a
+// time on the calling thread, so it is per-block memory (the runtime orders one block's
+// accesses before the next block's, for ThreadSanitizer); each block of a cooperative launch
+// runs on its own OS thread, with its own copy.
+#define __shared__ static thread_local __attribute__((tls_model("initial-exec")))
 #define __constant__ static
 #define __launch_bounds__(...)
 
@@ -57,11 +62,16 @@
 // launchers call (cudaGetLastError, cudaPeekAtLastError, cudaGetErrorString,
 // cudaMemsetAsync). No CUDA runtime library is linked.
 
-// Built-in variables: the running fiber's values (set by the runtime at every switch).
-extern uint3 threadIdx;
-extern uint3 blockIdx;
-extern dim3 blockDim;
-extern dim3 gridDim;
+// Built-in variables: the running fiber's values (set by the runtime at every switch; per OS
+// thread, for the blocks of a cooperative launch). Every per-thread variable of the layer
+// (these, the runtime's, the kernels' __shared__ arrays) uses the initial-exec TLS model: a
+// fixed offset from the thread pointer, not a __tls_get_addr call per access. The library's
+// TLS segment then goes in glibc's static TLS space, which emu.py's worker enlarges.
+#define RMK_EMU_TLS thread_local __attribute__((tls_model("initial-exec")))
+extern RMK_EMU_TLS uint3 threadIdx;
+extern RMK_EMU_TLS uint3 blockIdx;
+extern RMK_EMU_TLS dim3 blockDim;
+extern RMK_EMU_TLS dim3 gridDim;
 constexpr int warpSize = 32;
 
 namespace rmk_emu {
@@ -71,6 +81,14 @@ using Body = void (*)(void*);
 // report naming the kernel on a divergent barrier or shuffle.
 cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const char* kernel, Body body,
                    void* ctx);
+// A cooperative launch (cudaLaunchKernelEx with cudaLaunchAttributeCooperative): every block
+// resident at once, each on its own OS thread, so that grid_sync (cooperative_groups'
+// this_grid().sync()) can hold them all. A grid larger than the emulated device holds (see
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor in runtime.cpp) is
+// cudaErrorCooperativeLaunchTooLarge, as on the GPU.
+cudaError_t launch_cooperative(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const char* kernel, Body body,
+                               void* ctx);
+void grid_sync(const char* file, int line);
 void syncthreads(const char* file, int line);
 // Warp exchange: every lane of `mask` publishes `value`; returns once all of them have; then
 // warp_slot(l) reads lane l's value (until the lane's next warp operation).
@@ -113,11 +131,25 @@ template <auto Kernel> struct Launch {
     launch(grid, block, smem, stream, kernel_name<Kernel>(), [](void* c) { (*static_cast<Call*>(c))(); }, &call);
   }
 };
+template <auto Kernel> struct CooperativeLaunch {
+  dim3 grid, block;
+  size_t smem;
+  cudaStream_t stream;
+  template <typename... Args> cudaError_t operator()(Args&&... args) const {
+    auto call = [&]() { Kernel(args...); };
+    using Call = decltype(call);
+    return launch_cooperative(grid, block, smem, stream, kernel_name<Kernel>(),
+                              [](void* c) { (*static_cast<Call*>(c))(); }, &call);
+  }
+};
 }  // namespace rmk_emu
 
-// The launch hook of csrc/include/rmkernels/cuda_common.cuh, CPU version.
+// The launch hooks of csrc/include/rmkernels/cuda_common.cuh, CPU versions.
 #define RMK_LAUNCH(grid, block, smem, stream, ...) \
   ::rmk_emu::Launch<&__VA_ARGS__>{dim3(grid), dim3(block), static_cast<size_t>(smem), stream}
+#define RMK_LAUNCH_COOPERATIVE(grid, block, smem, stream, ...) \
+  ::rmk_emu::CooperativeLaunch<&__VA_ARGS__>{dim3(grid), dim3(block), static_cast<size_t>(smem), stream}
+#define RMK_GRID_SYNC() ::rmk_emu::grid_sync(__FILE__, __LINE__)
 
 // ---- barriers, warp operations ------------------------------------------------------------
 inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
@@ -224,6 +256,7 @@ inline float __fdividef(float x, float y) { return x / y; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __ffsll(long long x) { return __builtin_ffsll(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
