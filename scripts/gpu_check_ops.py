@@ -46,6 +46,7 @@ def _cases(dev):
     ref = lp + 0.3 * rnd(B, T)
     vals = rnd(B, T)
     scores = rnd(B)
+    gids = torch.tensor([1, 0, 1, 2]).to(dev)  # two responses to prompt 1, one each to 0 and 2
     cases = {
         "last_token_index": (lambda be: (rmk.last_token_index(mask),), []),
         "last_token_reward": (lambda be: (rmk.last_token_reward(hidden, w, b, attention_mask=mask, backend=be),),
@@ -58,6 +59,11 @@ def _cases(dev):
         "ppo_advantages": (lambda be: tuple(rmk.ppo_advantages(lp, ref, vals, scores, mask, kl_coef=0.05,
                                                                kl_estimator="k3", backend=be)), []),
         "masked_whiten": (lambda be: (rmk.masked_whiten(vals, mask, backend=be),), []),
+        # the critic-free advantages (SPEC 5): the CUDA kernel is one cooperative launch
+        "group_advantages": (lambda be: tuple(t for est in ("grpo", "rloo", "opo", "gpg", "reinforce_pp_baseline")
+                                              for t in rmk.group_advantages(scores, gids, mask, estimator=est,
+                                                                            backend=be)), []),
+        "reinforce_pp_returns": (lambda be: (rmk.reinforce_pp_returns(vals, mask, gamma=0.99, backend=be),), []),
     }
     # Ops other branches add: covered here once they exist.
     if hasattr(rmk, "gae"):
