@@ -211,6 +211,7 @@ def targets(rows):
                 x = r["median"] / (r["bytes"] / (copy_gbps * 1e6))
                 lines.append(f"| {shape} device time <= 1.25x memory floor | {r['provider']} | {x:.2f}x | "
                              f"{'met' if x <= 1.25 else 'MISSED'} |")
+        lines += _grpo_gpu_targets(rows, copy_gbps, launch_ms)
         for r in _get(rows, op="pooling", shape="pool-l", mode="forward", metric="device_ms"):
             if r["provider"].startswith("rmk-"):
                 hf = _val(rows, op="pooling", shape="pool-l", mode="forward", metric="device_ms", provider="hf")
@@ -284,6 +285,32 @@ def _grpo_targets(rows):
             x = r["median"] / (write + read)
             lines.append(f"| (information) grpo-l full call / its memory floor (token rewards and mask read once, "
                          f"[B, T] written once){', ' + state if state else ''} | {p} | {x:.2f}x | - |")
+    return lines
+
+
+def grpo_op_bytes(dims):
+    """What the group-advantages op alone must move, from a row's ``dims`` ("B=..,T=..,G=.."):
+    the bool mask, float32 scores and int64 ids read once, the float32 [B, T] advantages and [B]
+    per-sequence values written once (the token rewards' sum and the uid mapping are the full
+    call's, outside the op)."""
+    d = dict(kv.split("=") for kv in dims.split(","))
+    B, T = int(d["B"]), int(d["T"])
+    return B * T + B * (4 + 8) + B * T * 4 + B * 4
+
+
+def _grpo_gpu_targets(rows, copy_gbps, launch_ms):
+    """The critic-free estimators on a GPU (issue 14): the op alone (``rmk-<backend>-op``: ids
+    and summed scores given) within 1.25x of its memory floor, max(bytes / copy bandwidth,
+    one empty launch). That it is one launch is tests/test_group_advantages.py's
+    test_cuda_kernel_is_one_launch_at_scale."""
+    lines = []
+    for shape in ("grpo-l", "grpo-xl"):
+        for r in _get(rows, op="grpo", shape=shape, mode="forward", metric="device_ms"):
+            if not r["provider"].endswith("-op") or math.isnan(copy_gbps):
+                continue
+            x = r["median"] / max(grpo_op_bytes(r["dims"]) / (copy_gbps * 1e6), launch_ms)
+            lines.append(f"| {shape} op alone device time <= 1.25x memory floor | {r['provider']} | {x:.2f}x | "
+                         f"{'met' if x <= 1.25 else 'MISSED'} |")
     return lines
 
 

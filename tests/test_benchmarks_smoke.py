@@ -100,6 +100,28 @@ def test_grpo_targets_per_state(monkeypatch):
     assert "| rmk-cpu (vs floor, fresh pages) | 1.11x | - |" in floor[0] + floor[1]
 
 
+def test_grpo_gpu_target_is_the_op_alone_against_its_memory_floor(monkeypatch):
+    """report._grpo_gpu_targets: the device time of the op alone (``rmk-*-op``) over max(its
+    bytes / the run's copy bandwidth, one empty launch); full-call rows are not judged there."""
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import report
+
+    B, T = 65536, 128
+    nbytes = B * T + 12 * B + 4 * B * T + 4 * B
+    assert report.grpo_op_bytes(f"B={B},T={T},G=8") == nbytes
+
+    def row(provider, ms, shape="grpo-l", dims=f"B={B},T={T},G=8"):
+        return dict(op="grpo", shape=shape, dims=dims, mode="forward", metric="device_ms", provider=provider,
+                    median=ms)
+    floor_ms = nbytes / (4000.0 * 1e6)  # at 4000 GB/s
+    rows = [row("rmk-cuda-op", 1.2 * floor_ms), row("rmk-triton-op", 1.3 * floor_ms), row("rmk-cuda", 1.0),
+            row("rmk-cuda-op", 0.004, shape="grpo-xl", dims="B=64,T=1,G=8")]  # tiny: the launch floor rules
+    lines = report._grpo_gpu_targets(rows, 4000.0, 0.002)
+    assert lines == ["| grpo-l op alone device time <= 1.25x memory floor | rmk-cuda-op | 1.20x | met |",
+                     "| grpo-l op alone device time <= 1.25x memory floor | rmk-triton-op | 1.30x | MISSED |",
+                     "| grpo-xl op alone device time <= 1.25x memory floor | rmk-cuda-op | 2.00x | MISSED |"]
+
+
 @pytest.mark.slow
 def test_runner_rm_pack_tiny(tmp_path):
     """``--ops rm-pack`` (opt-in) runs bench_rm_pack's tiny configs through the runner: the
