@@ -221,6 +221,37 @@ def test_backend_matches_reference(backend, device, estimator):
                 assert torch.all(got.advantages[~mask] == 0), where
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_reinforce_pp_baseline_whitening_edges(backend, device):
+    """The kernels whiten reinforce_pp_baseline from the rows' values and lengths (C++ CPU,
+    CUDA) or over [B, T] (Triton), the reference over [B, T]: rows without a valid token get 0
+    (seq too), a batch with at most one valid token is all 0, never NaN; ragged lengths."""
+    skip_unless_available(backend, device)
+    B, T = 37, 11
+    scores = make_scores(B, None, torch.float32).to(device)
+    ids = make_groups(B).to(device)
+    cases = {"ragged, empty rows": make_mask("holes", B, T), "one valid token": torch.zeros(B, T, dtype=torch.bool),
+             "no valid token": torch.zeros(B, T, dtype=torch.bool), "T = 0": torch.zeros(B, 0, dtype=torch.bool)}
+    cases["ragged, empty rows"][::5] = False
+    cases["one valid token"][3, 4] = True
+    for name, mask in cases.items():
+        mask = mask.to(device)
+        for unbiased in (True, False):
+            kw = dict(estimator="reinforce_pp_baseline", unbiased=unbiased)
+            got = rmk.group_advantages(scores, ids, mask, backend=backend, **kw)
+            exp = rmk.group_advantages(scores, ids, mask, backend="reference", **kw)
+            where = f"{name} unbiased={unbiased}"
+            assert_close(got.seq_advantages, exp.seq_advantages, rtol=1e-5, atol=1e-6, name=f"seq {where}")
+            assert_close(got.advantages, exp.advantages, rtol=1e-5, atol=1e-6, name=f"adv {where}")
+            assert not got.advantages.isnan().any() and not got.seq_advantages.isnan().any(), where
+            empty = ~mask.any(1)
+            assert torch.all(got.seq_advantages[empty] == 0), where
+            if int(mask.sum()) <= 1:
+                assert torch.all(got.seq_advantages == 0) and torch.all(got.advantages == 0), where
+            else:
+                assert got.seq_advantages[~empty].abs().sum() > 0, where
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_cuda_kernel_is_one_launch_at_scale(estimator):
@@ -235,7 +266,7 @@ def test_cuda_kernel_is_one_launch_at_scale(estimator):
     ids = make_groups(B).cuda()
     mask = make_mask("holes", B, T, "cuda")
     code = _codes.GROUP_ESTIMATORS[estimator]
-    args = (scores, ids, mask, int(code), 1e-6, True, int(_codes.GROUP_SINGLES["zero"]), 2.0)
+    args = (scores, ids, mask, int(code), 1e-6, True, int(_codes.GROUP_SINGLES["zero"]), 2.0, 1e-8)
     torch.ops.rmkernels.group_advantages_kernel(*args)  # warm: the occupancy query is cached
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -389,7 +420,7 @@ def _op_samples(device):
     mask = mask.to(device)
     r = torch.randn(B, T, device=device)
     return [("reinforce_pp_returns", (r, mask, 0.9))] + [
-        ("group_advantages_kernel", (scores, ids, mask, int(gops.GROUP_ESTIMATORS[e]), 1e-6, True, s, 2.0))
+        ("group_advantages_kernel", (scores, ids, mask, int(gops.GROUP_ESTIMATORS[e]), 1e-6, True, s, 2.0, 1e-8))
         for e, s in zip(ESTIMATORS, [0, 1, 0, 1, 0, 1])] + [
         ("group_advantages", (scores, ids, mask, e, 1e-6, True, s, 2.0, 1e-8))
         for e, s in zip(ESTIMATORS, ["zero", "self"] * 3)]

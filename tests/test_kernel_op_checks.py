@@ -98,15 +98,18 @@ KERNEL_CASES = {
     "centered_sq: totals float32": "ops.masked_centered_sq_kernel(r(4, 5), b(4, 5), r(2))",
     "whiten_apply: sq of 2": "ops.masked_whiten_apply_kernel(r(4, 5), b(4, 5), f(2), f(2), True, True, 1e-8)",
     # critic-free group advantages (op_checks.h: check_group_advantages_args; ids in [0, B))
-    "group: ids shorter than B": "ops.group_advantages_kernel(r(400), full((2,), 0), b(400, 5), 0, 1e-6, True, 0, 1.0)",
-    "group: ids int32": "ops.group_advantages_kernel(r(4), full((4,), 0, torch.int32), b(4, 5), 0, 1e-6, True, 0, 1.0)",
-    "group: mask of 3 rows": "ops.group_advantages_kernel(r(4), full((4,), 0), b(3, 5), 0, 1e-6, True, 0, 1.0)",
-    "group: mask not bool": "ops.group_advantages_kernel(r(4), full((4,), 0), r(4, 5), 0, 1e-6, True, 0, 1.0)",
-    "group: scores 2-D": "ops.group_advantages_kernel(r(4, 5), full((4,), 0), b(4, 5), 0, 1e-6, True, 0, 1.0)",
-    "group: estimator code 6": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 6, 1e-6, True, 0, 1.0)",
-    "group: single code 2": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 0, 1e-6, True, 2, 1.0)",
-    "group: id out of range": "ops.group_advantages_kernel(r(4), full((4,), 400000), b(4, 5), 0, 1e-6, True, 0, 1.0)",
-    "group: id negative": "ops.group_advantages_kernel(r(4), full((4,), -1), b(4, 5), 0, 1e-6, True, 0, 1.0)",
+    "group: ids shorter than B": "ops.group_advantages_kernel(r(400), full((2,), 0), b(400, 5)"
+            ", 0, 1e-6, True, 0, 1.0, 1e-8)",
+    "group: ids int32": "ops.group_advantages_kernel(r(4), full((4,), 0, torch.int32), b(4, 5)"
+            ", 0, 1e-6, True, 0, 1.0, 1e-8)",
+    "group: mask of 3 rows": "ops.group_advantages_kernel(r(4), full((4,), 0), b(3, 5), 0, 1e-6, True, 0, 1.0, 1e-8)",
+    "group: mask not bool": "ops.group_advantages_kernel(r(4), full((4,), 0), r(4, 5), 0, 1e-6, True, 0, 1.0, 1e-8)",
+    "group: scores 2-D": "ops.group_advantages_kernel(r(4, 5), full((4,), 0), b(4, 5), 0, 1e-6, True, 0, 1.0, 1e-8)",
+    "group: estimator code 6": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 6, 1e-6, True, 0, 1.0, 1e-8)",
+    "group: single code 2": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 0, 1e-6, True, 2, 1.0, 1e-8)",
+    "group: id out of range": "ops.group_advantages_kernel(r(4), full((4,), 400000), b(4, 5)"
+            ", 0, 1e-6, True, 0, 1.0, 1e-8)",
+    "group: id negative": "ops.group_advantages_kernel(r(4), full((4,), -1), b(4, 5), 0, 1e-6, True, 0, 1.0, 1e-8)",
 }
 
 # Public ops routed to the C++ kernels: the same checks hold behind them.

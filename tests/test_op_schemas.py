@@ -95,7 +95,7 @@ SCHEMAS = {
         "str single, float f_norm, float whiten_eps, str backend) -> (Tensor, Tensor)"),
     "group_advantages_kernel": (
         "group_advantages_kernel(Tensor scores, Tensor group_ids, Tensor mask, int estimator, float eps, "
-        "bool unbiased, int single, float f_norm) -> (Tensor, Tensor)"),
+        "bool unbiased, int single, float f_norm, float whiten_eps) -> (Tensor, Tensor)"),
     "reinforce_pp_returns": (
         "reinforce_pp_returns(Tensor token_rewards, Tensor mask, float gamma, str backend) -> Tensor"),
     # token log-probs / entropy from hidden states (ops/token_logprobs.py)

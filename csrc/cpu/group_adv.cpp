@@ -1,7 +1,7 @@
 // C++ CPU kernel of the critic-free group advantages (docs/ops.md section 5).
 //
-//   group_advantages_kernel(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm)
-//       -> (seq_advantages [B], advantages [B, T])
+//   group_advantages_kernel(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm,
+//                           whiten_eps) -> (seq_advantages [B], advantages [B, T])
 //
 // (REINFORCE++'s return is gae_kernel with values 0 and lam 1: rmkernels/ops/group_adv.py.)
 //
@@ -19,6 +19,9 @@
 //   3. rows in parallel (at::parallel_for), vectorised (group_adv_loops.h): seq[b] =
 //      group_adv::apply(r[b], the coefficients of its group), then the [B, T] broadcast,
 //      written with streaming stores when the output is larger than kStreamBytes and resident.
+//   reinforce_pp_baseline: between 2 and 3, the rows' values (r - mu) whitened over the valid
+//      tokens of the batch from the row lengths (whiten_seq: no pass over [B, T] but the
+//      mask's count), then broadcast as they are.
 // Passes 1-2 touch 8-40 bytes per response (~0.15 ms at B = 65536 on one core); the [B, T]
 // write is the cost.
 #include <torch/library.h>
@@ -38,6 +41,7 @@
 #include "rmkernels/cpu_simd.h"
 #include "rmkernels/group_adv_math.h"
 #include "rmkernels/op_checks.h"
+#include "rmkernels/scalar_math.h"
 
 #if RMK_SIMD_MULTIVERSION
 #include <immintrin.h>  // the streaming stores (AVX, AVX-512), behind target attributes
@@ -131,8 +135,8 @@ bool resident(const void* p, int64_t n) {
 // the row's value : 0, and seq[b]. stream: the streaming-store width (0: write in place).
 template <typename acc>
 void broadcast_rows(const GroupRows<acc>& v, const uint8_t* mask, int64_t sm0, int64_t sm1, int64_t T, int64_t lo,
-                    int64_t hi, int64_t stream, acc* adv) {
-  RMK_SIMD(seq_values<acc>)(v, lo, hi);
+                    int64_t hi, int64_t stream, bool seq_ready, acc* adv) {
+  if (!seq_ready) RMK_SIMD(seq_values<acc>)(v, lo, hi);
   const auto span = sm1 == 1 ? RMK_SIMD(broadcast_span<true, acc>) : RMK_SIMD(broadcast_span<false, acc>);
   if (stream == 0) {
     span(v.seq, mask, sm0, sm1, T, lo * T, hi * T, adv + lo * T);
@@ -197,10 +201,33 @@ void add_centred_squares(const acc* r, const int64_t* ids, int64_t B, Stats st) 
   }
 }
 
+// reinforce_pp_baseline: seq[b] (r - mu, rounded to acc) whitened over the valid tokens of the
+// batch, in place. Row b holds len[b] valid copies of seq[b], so the batch's count, sum and
+// centred squares are per-row products (float64; seq[b] is a float of at most 53 bits and
+// len[b] an integer: len[b] * seq[b] is exact): no pass over [B, T]. Rows without a valid token
+// get 0, as all rows when the batch has at most one valid token (math::whiten_of).
+template <typename acc>
+void whiten_seq(acc* seq, const double* len, int64_t B, bool unbiased, double eps) {
+  double n = 0, s = 0, sq = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    n += len[b];
+    s += len[b] * static_cast<double>(seq[b]);
+  }
+  const double mean = math::whiten_mean(n, s);
+  for (int64_t b = 0; b < B; ++b) {
+    const double d = static_cast<double>(seq[b]) - mean;
+    sq += len[b] * (d * d);
+  }
+  const math::Whiten w = math::whiten_of(n, s, sq, unbiased, eps);
+  const acc mean_a = static_cast<acc>(w.mean), rstd = static_cast<acc>(w.rstd);
+  for (int64_t b = 0; b < B; ++b) seq[b] = w.ok && len[b] > 0 ? (seq[b] - mean_a) * rstd : acc(0);
+}
+
 template <typename acc>
 void group_impl(const acc* r, const int64_t* ids, const uint8_t* mask, int64_t sm0, int64_t sm1, int64_t B,
-                int64_t T, int64_t est, double eps, bool unbiased, int64_t single, double f_norm, acc* seq, acc* adv) {
-  const bool grpo = est == codes::kGrpo, opo = est == codes::kOpo;
+                int64_t T, int64_t est, double eps, bool unbiased, int64_t single, double f_norm, double whiten_eps,
+                acc* seq, acc* adv) {
+  const bool grpo = est == codes::kGrpo, opo = est == codes::kOpo, rppb = est == codes::kReinforcePPBaseline;
   int64_t lo = 0, hi = 0;
   RMK_SIMD(id_range)(ids, B, &lo, &hi);
   if (lo < 0 || hi >= B) {
@@ -208,13 +235,14 @@ void group_impl(const acc* r, const int64_t* ids, const uint8_t* mask, int64_t s
     TORCH_CHECK(false, "group_ids must lie in [0, B) = [0, ", B, "), got ", ids[b], " at row ", b);
   }
   // One workspace: the statistics of the ids [0, hi] (n, s, x, y: 3 arrays, 4 for opo), then
-  // opo's row lengths.
+  // the row lengths (opo, reinforce_pp_baseline).
   const int64_t G = hi + 1, arrays = opo ? 4 : 3;
-  std::unique_ptr<double[]> ws(new double[arrays * G + (opo ? B : 0)]);
+  const bool lengths = opo || rppb;
+  std::unique_ptr<double[]> ws(new double[arrays * G + (lengths ? B : 0)]);
   std::fill(ws.get(), ws.get() + arrays * G, 0.0);
   const Stats st{ws.get(), ws.get() + G, ws.get() + 2 * G, opo ? ws.get() + 3 * G : nullptr};
-  if (opo) {
-    double* len = ws.get() + arrays * G;
+  double* len = lengths ? ws.get() + arrays * G : nullptr;
+  if (lengths) {
     at::parallel_for(0, B, kElemGrain / std::max<int64_t>(T, 1) + 1, [&](int64_t b0, int64_t b1) {
       if (sm1 == 1) {
         RMK_SIMD(count_rows<true>)(mask, sm0, sm1, T, b0, b1, len);
@@ -222,6 +250,8 @@ void group_impl(const acc* r, const int64_t* ids, const uint8_t* mask, int64_t s
         RMK_SIMD(count_rows<false>)(mask, sm0, sm1, T, b0, b1, len);
       }
     });
+  }
+  if (opo) {
     add_stats<acc, true>(r, ids, len, B, st);
   } else {
     add_stats<acc, false>(r, ids, nullptr, B, st);
@@ -239,20 +269,22 @@ void group_impl(const acc* r, const int64_t* ids, const uint8_t* mask, int64_t s
   const int64_t nonzero = est == codes::kGpg ? RMK_SIMD(count_nonzero<acc>)(r, B) : 0;
   const double k = est == codes::kGpg ? static_cast<double>(B) / static_cast<double>(std::max<int64_t>(nonzero, 1)) : 1.0;
   const GroupRows<acc> rows{r, ids, st.n, st.s, st.x, k, seq};
-  if (T == 0) {
+  if (T == 0 || rppb) {
     RMK_SIMD(seq_values<acc>)(rows, 0, B);
-    return;
+    if (rppb) whiten_seq(seq, len, B, unbiased, whiten_eps);
+    if (T == 0) return;
   }
   const int64_t bytes = B * T * int64_t(sizeof(acc));
   const int64_t stream = bytes > kStreamBytes && resident(adv, bytes) ? stream_width() : 0;
   at::parallel_for(0, B, kElemGrain / T + 1, [&](int64_t b0, int64_t b1) {
-    broadcast_rows(rows, mask, sm0, sm1, T, b0, b1, stream, adv);
+    broadcast_rows(rows, mask, sm0, sm1, T, b0, b1, stream, rppb, adv);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores, const at::Tensor& group_ids,
                                                         const at::Tensor& mask, int64_t estimator, double eps,
-                                                        bool unbiased, int64_t single, double f_norm) {
+                                                        bool unbiased, int64_t single, double f_norm,
+                                                        double whiten_eps) {
   check_group_advantages_args(scores, group_ids, mask, estimator, single);
   const int64_t B = scores.size(0), T = mask.size(1);
   const auto s = scores.contiguous();
@@ -262,8 +294,8 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
   if (B == 0) return {seq, adv};
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "group_advantages_cpu", [&] {
     group_impl<scalar_t>(s.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(), mask_bytes(mask), mask.stride(0),
-                         mask.stride(1), B, T, estimator, eps, unbiased, single, f_norm, seq.data_ptr<scalar_t>(),
-                         adv.data_ptr<scalar_t>());
+                         mask.stride(1), B, T, estimator, eps, unbiased, single, f_norm, whiten_eps,
+                         seq.data_ptr<scalar_t>(), adv.data_ptr<scalar_t>());
   });
   return {seq, adv};
 }

@@ -322,7 +322,7 @@ void row_stats_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Strides
 }
 
 // mean of totals = (n, sum): 0 when n is 0.
-inline double mean_of(const double* totals) { return totals[0] > 0 ? totals[1] / totals[0] : 0.0; }
+inline double mean_of(const double* totals) { return math::whiten_mean(totals[0], totals[1]); }
 
 template <typename scalar_t>
 void centered_sq_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Strides2 sm, int64_t B, int64_t T,
@@ -342,14 +342,13 @@ void whiten_apply_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Stri
                        const double* totals, const double* sq, bool shift_mean, bool unbiased, double eps,
                        acc_t<scalar_t>* out) {
   using acc = acc_t<scalar_t>;
-  const double n = totals[0];
-  if (!(n > 1)) {  // n <= 1: all zeros, never NaN
+  const math::Whiten w = math::whiten_of(totals[0], totals[1], sq[0], unbiased, eps);
+  if (!w.ok) {  // n <= 1: all zeros, never NaN
     std::fill(out, out + B * T, acc(0));
     return;
   }
-  const double var = sq[0] / (unbiased ? n - 1 : n);
-  const acc rstd = static_cast<acc>(1.0 / std::sqrt(var + eps));
-  const acc mean_a = static_cast<acc>(mean_of(totals));
+  const acc rstd = static_cast<acc>(w.rstd);
+  const acc mean_a = static_cast<acc>(w.mean);
   const acc add_back = shift_mean ? acc(0) : mean_a;
   const bool unit = sx.s1 == 1 && sm.s1 == 1;
   at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {

@@ -5,12 +5,15 @@
 // (cooperative_grid), every loop is grid-stride, and the phases are separated by grid syncs:
 //   (0) the workspace is zeroed (so no memset before the launch);
 //   (1) one thread per response adds 1 and its score into its group's float64 slots with
-//       atomics (opo: a warp per response, which also adds its length and length x score), and
+//       atomics (opo: a warp per response, which also adds its length and length x score;
+//       reinforce_pp_baseline: a warp per response, which stores its row's length), and
 //       gpg counts nonzero scores (one atomic per warp);
-//   (2) grpo only: the centred squares from the group means;
+//   (2) grpo only: the centred squares from the group means; reinforce_pp_baseline only: the
+//       whitening statistics of the valid tokens from the rows' values and lengths (two
+//       passes over B, a grid sync after each);
 //   (3) the broadcast: one thread per [B, T] element evaluates the formula of
-//       rmkernels/group_adv_math.h (shared with the CPU kernel) for its row and writes it under
-//       the mask.
+//       rmkernels/group_adv_math.h (shared with the CPU kernel) for its row (whitened for
+//       reinforce_pp_baseline, math::whiten_of) and writes it under the mask.
 // No launch waits on the host. Bytes moved: 16-24 B per response in (1)-(2), the mask once
 // (twice for opo) and the [B, T] output once in (3). The workspace is written in the launch,
 // so it is read with __ldcg (at L2, never through a multiprocessor's L1 that may hold a line
@@ -24,25 +27,48 @@
 
 #include "rmkernels/codes.h"
 #include "rmkernels/group_adv_math.h"
+#include "rmkernels/scalar_math.h"
 
 namespace rmkernels {
 namespace cuda {
 namespace {
 
-constexpr int kStats = 5;  // n, s, sq, ls, lrs per group; stats[B * kStats] = gpg's nonzero count
+constexpr int kStats = 5;  // n, s, sq, ls, lrs per group
+// The workspace (group_adv.cuh: group_advantages_workspace(B) float64): the groups' stats
+// [0, 5B), gpg's nonzero count at 5B, reinforce_pp_baseline's whitening count, sum and centred
+// squares at 5B + 1..3, its row lengths from 5B + 4.
+constexpr int64_t kNonzero = 0, kWhiten = 1, kRowLen = 4;  // offsets after the groups' stats
 
-// kLen: opo's phase (1), a warp per response that counts its row's valid tokens.
+// The value of row b from its group's statistics (NaN for an id outside [0, B)), rounded to A.
+template <typename A>
+__device__ __forceinline__ A row_value(const A* __restrict__ r, const int64_t* __restrict__ ids, const double* stats,
+                                       int64_t b, int64_t B, int64_t est, double eps, bool unbiased, int64_t single,
+                                       double f_norm, double alpha) {
+  const int64_t g = ids[b];
+  if (g < 0 || g >= B) return quiet_nan<A>();
+  const double* st = stats + g * kStats;
+  const group_adv::GroupStats gs{__ldcg(st), __ldcg(st + 1), __ldcg(st + 2), __ldcg(st + 3), __ldcg(st + 4)};
+  const double sigma = est == codes::kGrpo ? group_adv::sigma_of(gs, unbiased) : 1.0;
+  return static_cast<A>(group_adv::value(static_cast<double>(r[b]), gs, sigma, est, eps, single, f_norm, alpha));
+}
+
+// kLen (opo, reinforce_pp_baseline): phase (1) is a warp per response, which counts its row's
+// valid tokens.
 template <typename A, bool kLen>
 __global__ void __launch_bounds__(kThreads)
     group_advantages_kernel(const A* __restrict__ r, const int64_t* __restrict__ ids, const bool* __restrict__ mask,
                             int64_t B, int64_t T, int64_t ms0, int64_t ms1, int64_t est, double eps, bool unbiased,
-                            int64_t single, double f_norm, double* stats, A* __restrict__ seq, A* __restrict__ adv) {
+                            int64_t single, double f_norm, double whiten_eps, double* stats, A* __restrict__ seq,
+                            A* __restrict__ adv) {
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;  // a multiple of kWarp
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int lane = threadIdx.x % kWarp;
+  const bool rppb = est == codes::kReinforcePPBaseline;  // uniform over the grid, as est
+  double* extra = stats + B * kStats;
+  double* row_len = extra + kRowLen;
 
   // (0) the workspace
-  for (int64_t i = tid; i < B * kStats + 1; i += nthreads) stats[i] = 0.0;
+  for (int64_t i = tid; i < B * kStats + kRowLen; i += nthreads) stats[i] = 0.0;
   RMK_GRID_SYNC();
 
   // (1) counts and sums per group
@@ -52,13 +78,18 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t t = lane; t < T; t += kWarp) len += mask[b * ms0 + t * ms1] ? 1.0 : 0.0;
       len = warp_sum(len);
       const int64_t g = ids[b];
-      if (lane == 0 && g >= 0 && g < B) {
-        const double x = static_cast<double>(r[b]);
-        double* st = stats + g * kStats;
-        atomicAdd(st, 1.0);
-        atomicAdd(st + 1, x);
-        atomicAdd(st + 3, len);
-        atomicAdd(st + 4, len * x);
+      if (lane == 0) {
+        if (rppb) row_len[b] = len;
+        if (g >= 0 && g < B) {
+          const double x = static_cast<double>(r[b]);
+          double* st = stats + g * kStats;
+          atomicAdd(st, 1.0);
+          atomicAdd(st + 1, x);
+          if (!rppb) {  // opo
+            atomicAdd(st + 3, len);
+            atomicAdd(st + 4, len * x);
+          }
+        }
       }
     }
   } else {
@@ -69,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
       const double x = valid ? static_cast<double>(r[b]) : 0.0;
       if (est == codes::kGpg) {
         const unsigned nz = __ballot_sync(0xffffffffu, valid && x != 0);  // NaN counts, as torch.count_nonzero
-        if (lane == 0 && nz != 0) atomicAdd(stats + B * kStats, static_cast<double>(__popc(nz)));
+        if (lane == 0 && nz != 0) atomicAdd(extra + kNonzero, static_cast<double>(__popc(nz)));
       }
       const int64_t g = valid ? ids[b] : -1;
       if (g >= 0 && g < B) {
@@ -92,25 +123,55 @@ __global__ void __launch_bounds__(kThreads)
     }
     RMK_GRID_SYNC();  // est is uniform over the grid: every thread takes this sync or none does
   }
+  const double alpha = static_cast<double>(B) / fmax(__ldcg(extra + kNonzero), 1.0);
+
+  // (2w) reinforce_pp_baseline: the whitening statistics of the valid tokens. Row b holds
+  // row_len[b] copies of its value (r - mu, rounded to A), so the batch's count, sum and centred
+  // squares are per-row products (the CPU kernel's whiten_seq), summed over each warp before one
+  // atomic: two passes over B, no pass over [B, T].
+  if (rppb) {
+    double cnt = 0, sum = 0;
+    for (int64_t base = tid - lane; base < B; base += nthreads) {  // uniform over the warp
+      const int64_t b = base + lane;
+      if (b < B) {
+        const double l = __ldcg(row_len + b);
+        cnt += l;
+        sum += l * static_cast<double>(row_value(r, ids, stats, b, B, est, eps, unbiased, single, f_norm, alpha));
+      }
+    }
+    cnt = warp_sum(cnt);
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      atomicAdd(extra + kWhiten, cnt);
+      atomicAdd(extra + kWhiten + 1, sum);
+    }
+    RMK_GRID_SYNC();
+    const double mean = math::whiten_mean(__ldcg(extra + kWhiten), __ldcg(extra + kWhiten + 1));
+    double sq = 0;
+    for (int64_t b = tid; b < B; b += nthreads) {
+      const double d =
+          static_cast<double>(row_value(r, ids, stats, b, B, est, eps, unbiased, single, f_norm, alpha)) - mean;
+      sq += __ldcg(row_len + b) * (d * d);
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) atomicAdd(extra + kWhiten + 2, sq);
+    RMK_GRID_SYNC();
+  }
+  math::Whiten w{false, 0.0, 1.0};
+  if (rppb) w = math::whiten_of(__ldcg(extra + kWhiten), __ldcg(extra + kWhiten + 1), __ldcg(extra + kWhiten + 2),
+                                unbiased, whiten_eps);
+  const A mean_a = static_cast<A>(w.mean), rstd = static_cast<A>(w.rstd);
 
   // (3) one thread per element of the flattened [B, max(T, 1)]: the element's row value (its
   // group's stats are a few loads, shared by the warp's lanes of the same row; the formula is a
-  // handful of float64 operations), written under the mask; the thread of t = 0 writes seq[b].
+  // handful of float64 operations; reinforce_pp_baseline's whitening after it), written under
+  // the mask; the thread of t = 0 writes seq[b].
   const int64_t Tn = T > 0 ? T : 1;
   const int64_t n = B * Tn;
-  const double alpha = static_cast<double>(B) / fmax(__ldcg(stats + B * kStats), 1.0);
   for (int64_t i = tid; i < n; i += nthreads) {
     const int64_t b = i / Tn, t = i - b * Tn;
-    const int64_t g = ids[b];
-    A v;
-    if (g >= 0 && g < B) {
-      const double* st = stats + g * kStats;
-      const group_adv::GroupStats gs{__ldcg(st), __ldcg(st + 1), __ldcg(st + 2), __ldcg(st + 3), __ldcg(st + 4)};
-      const double sigma = est == codes::kGrpo ? group_adv::sigma_of(gs, unbiased) : 1.0;
-      v = static_cast<A>(group_adv::value(static_cast<double>(r[b]), gs, sigma, est, eps, single, f_norm, alpha));
-    } else {
-      v = quiet_nan<A>();
-    }
+    A v = row_value(r, ids, stats, b, B, est, eps, unbiased, single, f_norm, alpha);
+    if (rppb) v = w.ok && __ldcg(row_len + b) > 0 ? (v - mean_a) * rstd : A(0);
     if (t == 0) seq[b] = v;
     if (T > 0) adv[i] = mask[b * ms0 + t * ms1] ? v : A(0);
   }
@@ -118,23 +179,23 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename A, bool kLen>
 cudaError_t launch(const A* r, const int64_t* ids, const bool* mask, int64_t B, int64_t T, int64_t ms0, int64_t ms1,
-                   int64_t est, double eps, bool unbiased, int64_t single, double f_norm, double* stats, A* seq,
-                   A* adv, cudaStream_t stream) {
+                   int64_t est, double eps, bool unbiased, int64_t single, double f_norm, double whiten_eps,
+                   double* stats, A* seq, A* adv, cudaStream_t stream) {
   // As many blocks as the largest phase has work for, up to what the device holds at once.
-  const int64_t work = std::max<int64_t>({B * kStats + 1, kLen ? B * kWarp : B, B * (T > 0 ? T : 1)});
+  const int64_t work = std::max<int64_t>({B * kStats + kRowLen, kLen ? B * kWarp : B, B * (T > 0 ? T : 1)});
   unsigned int blocks = 0;
   cudaError_t err = cooperative_grid<group_advantages_kernel<A, kLen>, kThreads>(ceil_div(work, kThreads), &blocks);
   if (err != cudaSuccess) return err;
   return RMK_LAUNCH_COOPERATIVE(blocks, kThreads, 0, stream, group_advantages_kernel<A, kLen>)(
-      r, ids, mask, B, T, ms0, ms1, est, eps, unbiased, single, f_norm, stats, seq, adv);
+      r, ids, mask, B, T, ms0, ms1, est, eps, unbiased, single, f_norm, whiten_eps, stats, seq, adv);
 }
 
 }  // namespace
 
 cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64_t* group_ids, const bool* mask,
                                     int64_t B, int64_t T, int64_t ms0, int64_t ms1, int64_t estimator, double eps,
-                                    bool unbiased, int64_t single, double f_norm, double* stats, void* seq, void* adv,
-                                    cudaStream_t stream) {
+                                    bool unbiased, int64_t single, double f_norm, double whiten_eps, double* stats,
+                                    void* seq, void* adv, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (dtype != DType::kFloat32 && dtype != DType::kFloat64) return cudaErrorInvalidValue;
   auto run = [&](auto* a) {
@@ -142,9 +203,11 @@ cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64
     const A* r = static_cast<const A*>(scores);
     auto go = [&](auto len) {
       return launch<A, decltype(len)::value>(r, group_ids, mask, B, T, ms0, ms1, estimator, eps, unbiased, single,
-                                             f_norm, stats, static_cast<A*>(seq), static_cast<A*>(adv), stream);
+                                             f_norm, whiten_eps, stats, static_cast<A*>(seq), static_cast<A*>(adv),
+                                             stream);
     };
-    return estimator == codes::kOpo ? go(std::true_type{}) : go(std::false_type{});
+    const bool lengths = estimator == codes::kOpo || estimator == codes::kReinforcePPBaseline;
+    return lengths ? go(std::true_type{}) : go(std::false_type{});
   };
   const cudaError_t err = dtype == DType::kFloat64 ? run(static_cast<double*>(nullptr)) : run(static_cast<float*>(nullptr));
   return err != cudaSuccess ? err : cudaGetLastError();

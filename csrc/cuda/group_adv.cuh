@@ -13,15 +13,17 @@ namespace cuda {
 
 // seq[b] and adv[b, t] = mask[b, t] ? seq[b] : 0 (adv contiguous [B, T]) of the estimator
 // (codes::GroupEstimator) over the groups of group_ids (int64 [B], ids in [0, B); an id out of
-// range gives a NaN row). scores, seq and adv are float32, or float64 when `dtype` is
-// kFloat64 (only those two). mask is bool [B, T] with strides (ms0, ms1). `stats` is a
-// float64 workspace of B * 5 + 1 elements that the kernel zeroes itself. One cooperative
-// launch (its grid what the current device holds at once), no host synchronisation;
-// cudaErrorNotSupported on a device without cooperative launches.
+// range gives a NaN row); reinforce_pp_baseline whitened over the valid tokens (whiten_eps,
+// unbiased: math::whiten_of). scores, seq and adv are float32, or float64 when `dtype` is
+// kFloat64 (only those two). mask is bool [B, T] with strides (ms0, ms1). `stats` is a float64
+// workspace of group_advantages_workspace(B) elements that the kernel zeroes itself. One
+// cooperative launch (its grid what the current device holds at once), no host
+// synchronisation; cudaErrorNotSupported on a device without cooperative launches.
+inline int64_t group_advantages_workspace(int64_t B) { return B * 6 + 4; }
 cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64_t* group_ids, const bool* mask,
                                     int64_t B, int64_t T, int64_t ms0, int64_t ms1, int64_t estimator, double eps,
-                                    bool unbiased, int64_t single, double f_norm, double* stats, void* seq, void* adv,
-                                    cudaStream_t stream);
+                                    bool unbiased, int64_t single, double f_norm, double whiten_eps, double* stats,
+                                    void* seq, void* adv, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace rmkernels

@@ -12,7 +12,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
                                                          const at::Tensor& mask, int64_t estimator, double eps,
-                                                         bool unbiased, int64_t single, double f_norm) {
+                                                         bool unbiased, int64_t single, double f_norm,
+                                                         double whiten_eps) {
   check_group_advantages_args(scores, group_ids, mask, estimator, single);
   const int64_t B = scores.size(0);
   const c10::cuda::CUDAGuard guard(scores.device());
@@ -21,10 +22,11 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& score
   const auto ids = group_ids.contiguous();
   auto seq = at::empty({B}, s.options());
   auto adv = at::empty({B, T}, s.options());
-  auto stats = at::empty({B * 5 + 1}, s.options().dtype(at::kDouble));
+  auto stats = at::empty({cuda::group_advantages_workspace(B)}, s.options().dtype(at::kDouble));
   RMK_CUDA_CHECK(cuda::launch_group_advantages(cuda_dtype(s), s.data_ptr(), ids.data_ptr<int64_t>(),
                                                mask.data_ptr<bool>(), B, T, mask.stride(0), mask.stride(1), estimator,
-                                               eps, unbiased, single, f_norm, stats.data_ptr<double>(), seq.data_ptr(),
+                                               eps, unbiased, single, f_norm, whiten_eps, stats.data_ptr<double>(),
+                                               seq.data_ptr(),
                                                adv.data_ptr(), c10::cuda::getCurrentCUDAStream()));
   return {seq, adv};
 }

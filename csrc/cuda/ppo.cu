@@ -327,10 +327,7 @@ __global__ void row_stats_kernel(const S* __restrict__ x, int64_t x0, int64_t x1
   }
 }
 
-__device__ __forceinline__ double mean_of(const double* totals) {
-  const double n = totals[0];
-  return n > 0 ? totals[1] / n : 0.0;
-}
+__device__ __forceinline__ double mean_of(const double* totals) { return math::whiten_mean(totals[0], totals[1]); }
 
 template <typename S>
 __global__ void centered_sq_kernel(const S* __restrict__ x, int64_t x0, int64_t x1, const bool* __restrict__ mask,
@@ -356,11 +353,10 @@ __global__ void whiten_apply_kernel(const S* __restrict__ x, int64_t x0, int64_t
                                     const double* __restrict__ sq, bool shift_mean, bool unbiased, double eps,
                                     A* __restrict__ out) {
   const int64_t b = blockIdx.x;
-  const double n = totals[0];
-  const bool ok = n > 1;  // n <= 1: all zeros, never NaN
-  const double var = ok ? sq[0] / (unbiased ? n - 1 : n) : 0.0;
-  const A rstd = static_cast<A>(1.0 / sqrt(var + eps));
-  const A mean = static_cast<A>(mean_of(totals));
+  const math::Whiten w = math::whiten_of(totals[0], totals[1], sq[0], unbiased, eps);
+  const bool ok = w.ok;  // n <= 1: all zeros, never NaN
+  const A rstd = static_cast<A>(w.rstd);
+  const A mean = static_cast<A>(w.mean);
   for (int64_t t = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < T;
        t += static_cast<int64_t>(gridDim.y) * blockDim.x) {
     A y = A(0);

@@ -43,7 +43,7 @@ KERNEL_OPS = {
                            "float kl_clamp) -> Tensor"),
     # critic-free group advantages (ops/group_adv.py)
     "group_advantages_kernel": ("(Tensor scores, Tensor group_ids, Tensor mask, int estimator, float eps, "
-                                "bool unbiased, int single, float f_norm) -> (Tensor, Tensor)"),
+                                "bool unbiased, int single, float f_norm, float whiten_eps) -> (Tensor, Tensor)"),
     # token log-probs / entropy (ops/token_logprobs.py)
     "token_logprobs_fwd_kernel": ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
                                   "int ignore_index, int token_chunk, int vocab_chunk) -> (Tensor, Tensor, Tensor)"),

@@ -64,8 +64,9 @@ DEFAULT_WHITEN_EPS = 1e-8  # verl's masked_whiten (reinforce_pp_baseline)
 # ---------------------------------------------------------------------------------------
 # Reference implementation (pure PyTorch, vectorised over groups: index_add_ by group id)
 # ---------------------------------------------------------------------------------------
-def _reference_group(scores, group_ids, mask, code, eps, unbiased, single, f_norm):
-    """The ground truth. scores [B] (float32/64), group_ids int [B] in [0, B), mask bool [B, T]."""
+def _reference_group(scores, group_ids, mask, code, eps, unbiased, single, f_norm, whiten_eps):
+    """The ground truth. scores [B] (float32/64), group_ids int [B] in [0, B), mask bool [B, T];
+    reinforce_pp_baseline whitened over the [B, T] advantages (``_whiten_rows``)."""
     acc = acc_dtype(scores.dtype)
     B, T = mask.shape
     f64 = torch.float64
@@ -94,10 +95,12 @@ def _reference_group(scores, group_ids, mask, code, eps, unbiased, single, f_nor
     elif code == GroupEstimator.GPG:
         alpha = B / torch.count_nonzero(r).clamp_min(1).to(f64)
         seq = alpha * base / f_norm
-    else:  # DR_GRPO, REINFORCE_PP_BASELINE (whitened by the caller)
+    else:  # DR_GRPO, REINFORCE_PP_BASELINE (whitened below)
         seq = base
     seq = seq.to(acc)
     adv = torch.where(mask, seq[:, None], torch.zeros((), dtype=acc, device=dev))
+    if code == GroupEstimator.REINFORCE_PP_BASELINE:
+        seq, adv = _whiten_rows(seq, adv, mask, unbiased, whiten_eps, "reference")
     return seq, adv
 
 
@@ -120,9 +123,11 @@ group_advantages_kernel = Kernel("group_advantages_kernel", reference=_reference
 
 
 def _whiten_rows(seq, adv, mask, unbiased, eps, backend):
-    """reinforce_pp_baseline: masked_whiten's statistics over the valid tokens of ``adv`` (its
-    kernels in ops/ppo.py: row partials, centred squares, apply), applied to the [B, T]
-    advantages and to the per-sequence values (0 for rows with no valid token)."""
+    """reinforce_pp_baseline's whitening as the reference and the Triton kernel do it:
+    masked_whiten's statistics over the valid tokens of ``adv`` (its kernels in ops/ppo.py: row
+    partials, centred squares, apply), applied to the [B, T] advantages and to the per-sequence
+    values (0 for rows with no valid token). (The C++ CPU and CUDA kernels get the same
+    statistics from the rows' values and lengths, without a pass over [B, T].)"""
     rows = row_stats_kernel(backend, adv, mask)
     totals = rows.sum(0)
     sq = centered_sq_kernel(backend, adv, mask, totals).sum(0, keepdim=True)
@@ -134,11 +139,8 @@ def _whiten_rows(seq, adv, mask, unbiased, eps, backend):
 
 def _group_advantages_body(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, backend):
     code = GROUP_ESTIMATORS[estimator]
-    seq, adv = group_advantages_kernel(backend, scores, group_ids, mask, int(code), float(eps), bool(unbiased),
-                                       int(GROUP_SINGLES[single]), float(f_norm))
-    if code == GroupEstimator.REINFORCE_PP_BASELINE:
-        seq, adv = _whiten_rows(seq, adv, mask, unbiased, float(whiten_eps), backend)
-    return seq, adv
+    return group_advantages_kernel(backend, scores, group_ids, mask, int(code), float(eps), bool(unbiased),
+                                   int(GROUP_SINGLES[single]), float(f_norm), float(whiten_eps))
 
 
 def _check_ids_range(group_ids, B):

@@ -12,7 +12,9 @@
    mask; the first T block also writes ``seq_advantages``.
 
 Bytes moved: 16 B per response in passes 1-2 (24 B with the opo lengths, which read the
-mask once more), the mask once and the [B, T] output once in pass 3. Atomics make the float64
+mask once more), the mask once and the [B, T] output once in pass 3. ``reinforce_pp_baseline``
+is then whitened by ops/ppo.py's Triton whitening kernels (three more passes over [B, T]; the
+C++ CPU and CUDA kernels whiten from the rows' values and lengths instead). Atomics make the float64
 sums' order vary between runs in their last bits (float32 outputs are unaffected in practice).
 
 ``reinforce_pp_returns`` runs ``rmkernels.triton.ppo.gae`` (values 0, lam 1; ops/group_adv.py).
@@ -143,8 +145,9 @@ def _group_write_kernel(
     tl.store(adv_ptr + offs[:, None] * T + t[None, :], out, mask=inside)
 
 
-def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm):
-    """Host function with the kernel op's signature (rmkernels::group_advantages_kernel)."""
+def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps):
+    """Host function with the kernel op's signature (rmkernels::group_advantages_kernel);
+    reinforce_pp_baseline is then whitened by the Triton whitening kernels of ops/ppo.py."""
     B, T = mask.shape
     dev = scores.device
     acc = acc_dtype(scores.dtype)
@@ -168,4 +171,8 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
                                *split_float(eps), *split_float(f_norm), EST=est, UNBIASED=bool(unbiased),
                                SINGLE=int(single),
                                BLOCK_B=WRITE_BLOCK_B, BLOCK_T=block_t)
+    if est == int(GroupEstimator.REINFORCE_PP_BASELINE):
+        from rmkernels.ops.group_adv import _whiten_rows  # (ops imports this module lazily)
+
+        seq, adv = _whiten_rows(seq, adv, mask, unbiased, float(whiten_eps), "triton")
     return seq, adv

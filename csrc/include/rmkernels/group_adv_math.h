@@ -58,7 +58,7 @@ RMK_HD GroupCoef coef_of(GroupStats g, double sigma, int64_t estimator, double e
       return one ? mean : GroupCoef{1.0, g.lrs / g.ls, 1.0};
     case kGpg:
       return GroupCoef{mean.a, mean.c, f_norm};
-    default:  // kDrGrpo, kReinforcePPBaseline (whitened afterwards by the Python layer)
+    default:  // kDrGrpo, kReinforcePPBaseline (whitened afterwards by the kernels: math::whiten_of)
       return mean;
   }
 }

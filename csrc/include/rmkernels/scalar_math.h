@@ -148,5 +148,22 @@ template <typename A> RMK_HOST_DEVICE A bt_pair_dloss(A d, A e) {
   return -(A(1) - e) * s.neg + e * s.pos;
 }
 
+// Whitening over the valid positions of a batch (masked_whiten, and reinforce_pp_baseline's
+// advantages): from the count n of valid positions, the sum s of their values and their sum of
+// squares sq centred on whiten_mean(n, s), a value x becomes (x - mean) * rstd, with mean and
+// rstd rounded to the arithmetic type first (+ mean again without shift_mean); every value is 0
+// when !ok (n <= 1: never NaN). The CPU and CUDA kernels of ppo and group_adv use these; the
+// Python reference (ops/ppo.py) and the Triton kernels write the same arithmetic.
+struct Whiten {
+  bool ok;
+  double mean, rstd;
+};
+RMK_HOST_DEVICE double whiten_mean(double n, double s) { return n > 0 ? s / n : 0.0; }
+RMK_HOST_DEVICE Whiten whiten_of(double n, double s, double sq, bool unbiased, double eps) {
+  const bool ok = n > 1;
+  const double var = ok ? sq / (unbiased ? n - 1 : n) : 0.0;
+  return Whiten{ok, whiten_mean(n, s), 1.0 / sqrt(var + eps)};
+}
+
 }  // namespace math
 }  // namespace rmkernels
