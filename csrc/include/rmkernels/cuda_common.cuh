@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <utility>
 
@@ -151,11 +152,11 @@ template <typename K> struct CooperativeLaunch {
 // cudaErrorNotSupported).
 template <auto Kernel, int Threads> cudaError_t cooperative_grid(int64_t wanted, unsigned int* blocks) {
   constexpr int kMaxDevices = 64;
-  static int capacity[kMaxDevices] = {};  // 0: not queried yet (a benign race: every writer stores the same value)
+  static std::atomic<int> capacity[kMaxDevices];  // 0: not queried yet (every writer stores the same value)
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  int cap = dev >= 0 && dev < kMaxDevices ? capacity[dev] : 0;
+  int cap = dev >= 0 && dev < kMaxDevices ? capacity[dev].load(std::memory_order_relaxed) : 0;
   if (cap == 0) {
     int coop = 0, sms = 0, per_sm = 0;
     if ((err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev)) != cudaSuccess) return err;
@@ -165,7 +166,7 @@ template <auto Kernel, int Threads> cudaError_t cooperative_grid(int64_t wanted,
     if (err != cudaSuccess) return err;
     cap = sms * per_sm;
     if (cap < 1) return cudaErrorInvalidConfiguration;
-    if (dev >= 0 && dev < kMaxDevices) capacity[dev] = cap;
+    if (dev >= 0 && dev < kMaxDevices) capacity[dev].store(cap, std::memory_order_relaxed);
   }
   *blocks = static_cast<unsigned int>(wanted < 1 ? 1 : (wanted < cap ? wanted : cap));
   return cudaSuccess;

@@ -16,6 +16,7 @@
 #include <vector_types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <mutex>
