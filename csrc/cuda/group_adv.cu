@@ -165,11 +165,21 @@ __global__ void __launch_bounds__(kThreads)
   // (3) one thread per element of the flattened [B, max(T, 1)]: the element's row value (its
   // group's stats are a few loads, shared by the warp's lanes of the same row; the formula is a
   // handful of float64 operations; reinforce_pp_baseline's whitening after it), written under
-  // the mask; the thread of t = 0 writes seq[b].
+  // the mask; the thread of t = 0 writes seq[b]. The element's (b, t) advances by the grid's
+  // stride with a carry: one 64-bit division per thread, not one per element.
   const int64_t Tn = T > 0 ? T : 1;
   const int64_t n = B * Tn;
+  const int64_t step_b = nthreads / Tn, step_t = nthreads - step_b * Tn;
+  int64_t b = tid / Tn, t = tid - b * Tn;
   for (int64_t i = tid; i < n; i += nthreads) {
-    const int64_t b = i / Tn, t = i - b * Tn;
+    if (i != tid) {
+      b += step_b;
+      t += step_t;
+      if (t >= Tn) {
+        t -= Tn;
+        ++b;
+      }
+    }
     A v = row_value(r, ids, stats, b, B, est, eps, unbiased, single, f_norm, alpha);
     if (rppb) v = w.ok && __ldcg(row_len + b) > 0 ? (v - mean_a) * rstd : A(0);
     if (t == 0) seq[b] = v;
