@@ -535,16 +535,10 @@ void return_fibers() {
   g_nfibers = 0;
 }
 
-// The emulated device: RMK_EMU_SMS multiprocessors (default 2), each holding 2048 threads in
-// at most 32 blocks. Only the cooperative launch's size limit and the occupancy query see it.
-int device_sms() {
-  static const int sms = [] {
-    const char* e = std::getenv("RMK_EMU_SMS");
-    const int v = e ? std::atoi(e) : 2;
-    return v > 0 ? v : 2;
-  }();
-  return sms;
-}
+// The emulated device: 2 multiprocessors, each holding 2048 threads in at most 32 blocks
+// (test_layer.py's cooperative tests expect these numbers). Only the cooperative launch's size
+// limit and the occupancy query see it.
+int device_sms() { return 2; }
 int blocks_per_sm(uint64_t threads) {
   return static_cast<int>(std::max<uint64_t>(1, std::min<uint64_t>(32, 2048 / std::max<uint64_t>(threads, 1))));
 }

@@ -116,8 +116,8 @@ def test_divergent_barrier_fails_not_hangs(variant):
 
 
 # ---- cooperative launches ------------------------------------------------------------------
-# The emulated device: RMK_EMU_SMS (default 2) multiprocessors of 2048 threads, at most 32
-# blocks each (runtime.cpp), so 256-thread blocks: 16 resident at once.
+# The emulated device: 2 multiprocessors of 2048 threads, at most 32 blocks each (runtime.cpp),
+# so 256-thread blocks: 16 resident at once.
 def _grid_sum(blocks, threads, mode, variant="asan", **kw):
     prog = Program()
     partial = prog.out((blocks,), torch.float64)
