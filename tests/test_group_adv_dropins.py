@@ -75,10 +75,11 @@ def test_verl_reinforce_pp_and_remax():
     with pytest.raises(TypeError, match="config"):
         rv.compute_reinforce_plus_plus_outcome_advantage(tlr, mask)
     base = torch.randn(tlr.shape[0])
-    adv, ret = rv.compute_remax_outcome_advantage(tlr, base, mask)
-    want_ret = (tlr * mask).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
-    assert_close(ret, want_ret, rtol=1e-6, atol=1e-6, name="remax returns")
-    assert_close(adv, want_ret - base.unsqueeze(-1) * mask, rtol=1e-6, atol=1e-6, name="remax advantages")
+    for m in (mask, mask.bool(), mask.long(), mask.float()):  # the mask dtypes verl's callers pass
+        adv, ret = rv.compute_remax_outcome_advantage(tlr, base, m)
+        want_ret = (tlr * m).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+        assert_close(ret, want_ret, rtol=1e-6, atol=1e-6, name=f"remax returns, {m.dtype} mask")
+        assert_close(adv, want_ret - base.unsqueeze(-1) * m, rtol=1e-6, atol=1e-6, name=f"remax advantages, {m.dtype}")
 
 
 def test_verl_errors():

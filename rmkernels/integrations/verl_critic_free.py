@@ -142,4 +142,6 @@ def compute_remax_outcome_advantage(token_level_rewards, reward_baselines, respo
     if not isinstance(reward_baselines, torch.Tensor) or reward_baselines.shape != token_level_rewards.shape[:1]:
         raise ValueError(f"reward_baselines must be a [bs] = [{token_level_rewards.shape[0]}] tensor")
     returns = rmk.reinforce_pp_returns(token_level_rewards * response_mask, None, gamma=1.0)
-    return returns - reward_baselines.to(returns.dtype).unsqueeze(-1) * response_mask, returns
+    # returns - baseline * mask in one pass and one [B, T] allocation (the mask is 0/1: the
+    # product is exact, one rounding as verl's)
+    return torch.addcmul(returns, reward_baselines.to(returns.dtype).unsqueeze(-1), response_mask, value=-1), returns
