@@ -141,7 +141,11 @@ def compute_remax_outcome_advantage(token_level_rewards, reward_baselines, respo
     check_same_shape("token_level_rewards", token_level_rewards, response_mask=response_mask)
     if not isinstance(reward_baselines, torch.Tensor) or reward_baselines.shape != token_level_rewards.shape[:1]:
         raise ValueError(f"reward_baselines must be a [bs] = [{token_level_rewards.shape[0]}] tensor")
-    returns = rmk.reinforce_pp_returns(token_level_rewards * response_mask, None, gamma=1.0)
-    # returns - baseline * mask in one pass and one [B, T] allocation (the mask is 0/1: the
-    # product is exact, one rounding as verl's)
-    return torch.addcmul(returns, reward_baselines.to(returns.dtype).unsqueeze(-1), response_mask, value=-1), returns
+    masked = token_level_rewards * response_mask
+    returns = rmk.reinforce_pp_returns(masked, None, gamma=1.0)
+    # returns - baseline * mask in one pass, into the buffer of the masked rewards when it has
+    # the returns' dtype (no third [B, T] allocation); the mask is 0/1, so the product is exact:
+    # one rounding, as verl's
+    b = reward_baselines.to(returns.dtype).unsqueeze(-1)
+    out = masked if masked.dtype == returns.dtype and masked.is_contiguous() else None
+    return torch.addcmul(returns, b, response_mask, value=-1, out=out), returns
