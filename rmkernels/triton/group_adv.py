@@ -1,6 +1,7 @@
 """Triton kernels of the critic-free group advantages (docs/ops.md section 5).
 
-``group_advantages``: three launches, no host synchronisation.
+``group_advantages``: three launches after one zero fill of the float64 workspace, no host
+synchronisation.
 
 1. ``_group_stats_kernel`` (BLOCK_B rows a program): float64 atomics into a zeroed [B, 5]
    buffer indexed by group id: count, sum (and, for ``opo``, the rows' lengths and length x
@@ -157,8 +158,8 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
         return seq, adv
     r = scores.to(acc).contiguous()
     ids = group_ids.to(torch.int64).contiguous()
-    stats = torch.zeros(B, NSTATS, dtype=torch.float64, device=dev)
-    nz = torch.zeros(1, dtype=torch.float64, device=dev)
+    work = torch.zeros(B * NSTATS + 1, dtype=torch.float64, device=dev)  # one fill: the [B, 5] stats, gpg's count
+    stats, nz = work[: B * NSTATS].view(B, NSTATS), work[B * NSTATS:]
     est = int(estimator)
     block_t = max(16, min(WRITE_BLOCK_T, triton.next_power_of_2(max(T, 1))))
     grid = (triton.cdiv(B, BLOCK_B),)
