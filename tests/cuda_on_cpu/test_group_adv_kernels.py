@@ -140,8 +140,9 @@ def test_group_many_blocks_and_one_group():
 
 
 def test_group_ids_out_of_range_and_nan_scores():
-    """An id outside [0, B) gives a NaN row (group_adv.cuh) and touches no other group; a NaN
-    score makes its own group NaN only."""
+    """An id outside [0, B) gives a NaN row (group_adv.cuh) and touches no other group
+    (reinforce_pp_baseline: the whitening spreads the NaN to every row with a valid token, and
+    rows without one are 0); a NaN score makes its own group NaN only."""
     B, T = 40, 9
     scores, ids, mask = _case(B, T)
     mask[3] = True
@@ -150,9 +151,14 @@ def test_group_ids_out_of_range_and_nan_scores():
         bad[3], bad[5] = -1, B
         rcs, seq, adv = launch_group(scores, bad, mask, estimator=est)
         assert rcs == [0]
+        if est == "reinforce_pp_baseline":  # batch-wide statistics, as SPEC allows; a row without a
+            has = mask.any(1)                # valid token is 0 even with a bad id (row 5 may be one)
+            assert torch.isnan(seq[has]).all() and torch.all(seq[~has] == 0), est
+            assert torch.isnan(adv[mask]).all() and torch.all(adv[~mask] == 0), est
+            continue
         assert torch.isnan(seq[[3, 5]]).all() and torch.isnan(adv[3]).all(), est
-        if est in ("gpg", "reinforce_pp_baseline"):  # batch-wide: gpg's nonzero count, the whitening (NaN
-            continue                                # from the bad rows spreads over the batch, as SPEC allows)
+        if est == "gpg":  # alpha counts every nonzero score of the batch: not a subset's
+            continue
         keep = (ids != ids[3]) & (ids != ids[5])  # the other groups, as a batch of their own
         sub_ids = torch.unique(ids[keep], return_inverse=True)[1]
         e_seq, e_adv = reference_group(scores[keep], sub_ids, mask[keep], estimator=est)
