@@ -15,9 +15,10 @@
 //       rmkernels/group_adv_math.h (shared with the CPU kernel) for its row (whitened for
 //       reinforce_pp_baseline, math::whiten_of) and writes it under the mask.
 // No launch waits on the host. Bytes moved: 16-24 B per response in (1)-(2), the mask once
-// (twice for opo and reinforce_pp_baseline) and the [B, T] output once in (3). The workspace is written in the launch,
-// so it is read with __ldcg (at L2, never through a multiprocessor's L1 that may hold a line
-// from before a grid sync) and never through a const __restrict__ (read-only cache) pointer.
+// (twice for opo and reinforce_pp_baseline) and the [B, T] output once in (3). The workspace is
+// written in the launch, so it is read with __ldcg (at L2, never through a multiprocessor's L1
+// that may hold a line from before a grid sync) and never through a const __restrict__
+// (read-only cache) pointer.
 //
 // (REINFORCE++'s return is gae_kernel with values 0 and lam 1: rmkernels/ops/group_adv.py.)
 #include "group_adv.cuh"

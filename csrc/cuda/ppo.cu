@@ -353,14 +353,13 @@ __global__ void whiten_apply_kernel(const S* __restrict__ x, int64_t x0, int64_t
                                     const double* __restrict__ sq, bool shift_mean, bool unbiased, double eps,
                                     A* __restrict__ out) {
   const int64_t b = blockIdx.x;
-  const math::Whiten w = math::whiten_of(totals[0], totals[1], sq[0], unbiased, eps);
-  const bool ok = w.ok;  // n <= 1: all zeros, never NaN
+  const math::Whiten w = math::whiten_of(totals[0], totals[1], sq[0], unbiased, eps);  // !w.ok: all zeros
   const A rstd = static_cast<A>(w.rstd);
   const A mean = static_cast<A>(w.mean);
   for (int64_t t = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < T;
        t += static_cast<int64_t>(gridDim.y) * blockDim.x) {
     A y = A(0);
-    if (ok && mask[b * m0 + t * m1]) {
+    if (w.ok && mask[b * m0 + t * m1]) {
       y = (to_acc<A>(x[b * x0 + t * x1]) - mean) * rstd;
       if (!shift_mean) y = y + mean;
     }

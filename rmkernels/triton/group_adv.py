@@ -15,8 +15,9 @@ synchronisation.
 Bytes moved: 16 B per response in passes 1-2 (24 B with the opo lengths, which read the
 mask once more), the mask once and the [B, T] output once in pass 3. ``reinforce_pp_baseline``
 is then whitened by ops/ppo.py's Triton whitening kernels (three more passes over [B, T]; the
-C++ CPU and CUDA kernels whiten from the rows' values and lengths instead). Atomics make the float64
-sums' order vary between runs in their last bits (float32 outputs are unaffected in practice).
+C++ CPU and CUDA kernels whiten from the rows' values and lengths instead). Atomics make the
+float64 sums' order vary between runs in their last bits (float32 outputs are unaffected in
+practice).
 
 ``reinforce_pp_returns`` runs ``rmkernels.triton.ppo.gae`` (values 0, lam 1; ops/group_adv.py).
 """
