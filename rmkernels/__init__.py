@@ -16,7 +16,15 @@ from rmkernels.kl_control import AdaptiveKLController, FixedKLController
 from rmkernels.modules import BradleyTerryLoss, LastTokenRewardHead, PairwiseRewardLoss, RankingLoss
 from rmkernels.ops.bt_loss import bradley_terry_loss
 from rmkernels.ops.gae import gae, kl_estimate
-from rmkernels.ops.group_adv import GroupAdvantages, group_advantages, group_ids, reinforce_pp_returns
+from rmkernels.ops.group_adv import (
+    GroupAdvantages,
+    ReinforceAdvantages,
+    group_advantages,
+    group_ids,
+    reinforce_pp_advantages,
+    reinforce_pp_returns,
+    remax_advantages,
+)
 from rmkernels.ops.pairwise import pairwise_reward_loss
 from rmkernels.ops.pooling import last_token_index, last_token_reward
 from rmkernels.ops.ppo import PPOAdvantages, masked_whiten, ppo_advantages
@@ -48,6 +56,9 @@ __all__ = [
     "group_advantages",
     "group_ids",
     "reinforce_pp_returns",
+    "reinforce_pp_advantages",
+    "remax_advantages",
+    "ReinforceAdvantages",
     "token_logprobs",
     "causal_lm_logprobs",
     "AdaptiveKLController",

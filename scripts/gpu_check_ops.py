@@ -64,6 +64,10 @@ def _cases(dev):
                                               for t in rmk.group_advantages(scores, gids, mask, estimator=est,
                                                                             backend=be)), []),
         "reinforce_pp_returns": (lambda be: (rmk.reinforce_pp_returns(vals, mask, gamma=0.99, backend=be),), []),
+        # REINFORCE++ / ReMax in one op: the CUDA kernel is one cooperative launch
+        "reinforce_pp_advantages": (lambda be: tuple(rmk.reinforce_pp_advantages(vals, mask, gamma=0.99,
+                                                                                 backend=be)), []),
+        "remax_advantages": (lambda be: tuple(rmk.remax_advantages(vals, scores, mask, backend=be)), []),
     }
     # Ops other branches add: covered here once they exist.
     if hasattr(rmk, "gae"):

@@ -416,9 +416,30 @@ def _run_rpp_returns(case, t, backend):
     return (rmk.reinforce_pp_returns(t["token_rewards"], case["mask"], gamma=case["gamma"], backend=backend),)
 
 
+def _draw_reinforce(data, gen, layout):
+    dtype, B, _, args, mask = _draw_ppo_inputs(data, gen, layout, ["token_rewards"])
+    args["baselines"] = _layout_arg(gen, (B,), "sliced" if layout == "sliced" else "contiguous", dtype, 2.0)
+    return {"args": args, "mask": None if data.draw(st.booleans(), label="mask=None") else mask,
+            "gamma": data.draw(st.sampled_from([1.0, 0.99, 0.5, 0.0]), label="gamma"),
+            "unbiased": data.draw(st.booleans(), label="unbiased"),
+            "eps": data.draw(st.sampled_from([1e-8, 1e-3]), label="eps")}
+
+
+def _run_reinforce_pp(case, t, backend):
+    return tuple(rmk.reinforce_pp_advantages(t["token_rewards"], case["mask"], gamma=case["gamma"],
+                                             unbiased=case["unbiased"], eps=case["eps"], backend=backend))
+
+
+def _run_remax(case, t, backend):
+    return tuple(rmk.remax_advantages(t["token_rewards"], t["baselines"], case["mask"], backend=backend))
+
+
 SPECS["group_advantages"] = OpSpec(_draw_group_adv, _run_group_adv, differentiable=False, tol=_acc_tol(1e-6))
 SPECS["reinforce_pp_returns"] = OpSpec(_draw_rpp_returns, _run_rpp_returns, differentiable=False,
                                        tol=_acc_tol(1e-5))
+SPECS["reinforce_pp_advantages"] = OpSpec(_draw_reinforce, _run_reinforce_pp, differentiable=False,
+                                          tol=_acc_tol(1e-5))
+SPECS["remax_advantages"] = OpSpec(_draw_reinforce, _run_remax, differentiable=False, tol=_acc_tol(1e-5))
 
 
 # Token log-probs from hidden states (docs/ops.md section 6): forward and the gradients of hidden,

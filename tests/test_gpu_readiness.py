@@ -160,7 +160,7 @@ def _drive_bt_loss(rmk):
 def _drive_ppo(rmk):
     """Every launch configuration of rmkernels/triton/ppo.py: each KL estimator, whitening
     options, the segmented long-row path (FORCE_SEGMENT_T, which on a GPU short batches of
-    long rows take), 2-D and 3-D masked_whiten."""
+    long rows take), 2-D and 3-D masked_whiten, REINFORCE++ and ReMax."""
     from rmkernels.triton import ppo as tppo
 
     B, T = 3, 40
@@ -178,6 +178,10 @@ def _drive_ppo(rmk):
         # Strided inputs (columns of a wider tensor), an int mask.
         wide = torch.randn(B, 2 * T, dtype=dt)
         rmk.ppo_advantages(wide[:, :T], wide[:, T:], v, scores, mask.long(), kl_coef=0.1, backend="triton")
+        # REINFORCE++ (the row kernel, then the whitening kernels) and ReMax, strided rewards.
+        for unbiased in (True, False):
+            rmk.reinforce_pp_advantages(wide[:, :T], mask, gamma=0.99, unbiased=unbiased, backend="triton")
+        rmk.remax_advantages(wide[:, :T], scores, mask, backend="triton")
         for shift, unbiased in itertools.product((True, False), (True, False)):
             rmk.masked_whiten(torch.randn(B, T, dtype=dt), mask, shift_mean=shift, unbiased=unbiased,
                               backend="triton")

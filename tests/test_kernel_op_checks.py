@@ -110,6 +110,16 @@ KERNEL_CASES = {
     "group: id out of range": "ops.group_advantages_kernel(r(4), full((4,), 400000), b(4, 5)"
             ", 0, 1e-6, True, 0, 1.0, 1e-8)",
     "group: id negative": "ops.group_advantages_kernel(r(4), full((4,), -1), b(4, 5), 0, 1e-6, True, 0, 1.0, 1e-8)",
+    # REINFORCE++ / ReMax (op_checks.h: check_reinforce_args)
+    "reinforce: mask of 3 rows": "ops.reinforce_kernel(r(400, 5), b(3, 5), None, 1.0, True, 1e-8)",
+    "reinforce: mask shorter than T": "ops.reinforce_kernel(r(4, 500), b(4, 5), None, 1.0, True, 1e-8)",
+    "reinforce: mask not bool": "ops.reinforce_kernel(r(4, 5), r(4, 5), None, 1.0, True, 1e-8)",
+    "reinforce: rewards 1-D": "ops.reinforce_kernel(r(20), b(4, 5), None, 1.0, True, 1e-8)",
+    "reinforce: baselines shorter than B": "ops.reinforce_kernel(r(400, 5), b(400, 5), r(2), 1.0, True, 1e-8)",
+    "reinforce: baselines float64 for float32 rewards": "ops.reinforce_kernel(r(4, 5), b(4, 5), f(4), 1.0, True, 1e-8)",
+    "reinforce: baselines not contiguous": "ops.reinforce_kernel(r(4, 5), b(4, 5), r(8)[::2], 1.0, True, 1e-8)",
+    "reinforce: gamma negative": "ops.reinforce_kernel(r(4, 5), b(4, 5), None, -1.0, True, 1e-8)",
+    "reinforce: eps NaN": "ops.reinforce_kernel(r(4, 5), b(4, 5), None, 1.0, True, float('nan'))",
 }
 
 # Public ops routed to the C++ kernels: the same checks hold behind them.
@@ -125,6 +135,8 @@ PUBLIC_CASES = {
         'ops.bradley_terry_loss(r(400), r(400), r(2), None, 0.0, 1.0, 0.0, 0.0, "mean", "cpu")',
     "bradley_terry_loss, cpu: weights shorter than B":
         'ops.bradley_terry_loss(r(400), r(400), None, r(2), 0.0, 1.0, 0.0, 0.0, "none", "cpu")',
+    "reinforce_advantages, cpu: baselines shorter than B":
+        'ops.reinforce_advantages(r(400, 5), b(400, 5), r(2), 1.0, True, 1e-8, "cpu")',
 }
 
 # Index values out of range: no access, and NaN rewards / no gradient for those rows.
@@ -161,6 +173,9 @@ TRITON_CASES = {
     "kl_estimate: estimator code 4": "tq.kl_estimate(r(4, 5), r(4, 5), None, 4, 0.0, 0.0)",
     "centered_sq: totals of 3": "tq.masked_centered_sq(r(4, 5), b(4, 5), f(3))",
     "whiten_apply: sq of 2": "tq.masked_whiten_apply(r(4, 5), b(4, 5), f(2), f(2), True, True, 1e-8)",
+    "reinforce: mask of 3 rows": "tq.reinforce(r(400, 5), b(3, 5), None, 1.0, True, 1e-8)",
+    "reinforce: baselines shorter than B": "tq.reinforce(r(400, 5), b(400, 5), r(2), 1.0, True, 1e-8)",
+    "reinforce: gamma negative": "tq.reinforce(r(4, 5), b(4, 5), None, -1.0, True, 1e-8)",
 }
 
 _RUNNER = textwrap.dedent("""

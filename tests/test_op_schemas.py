@@ -98,6 +98,12 @@ SCHEMAS = {
         "bool unbiased, int single, float f_norm, float whiten_eps) -> (Tensor, Tensor)"),
     "reinforce_pp_returns": (
         "reinforce_pp_returns(Tensor token_rewards, Tensor mask, float gamma, str backend) -> Tensor"),
+    "reinforce_advantages": (
+        "reinforce_advantages(Tensor token_rewards, Tensor mask, Tensor? baselines, float gamma, bool unbiased, "
+        "float eps, str backend) -> (Tensor, Tensor)"),
+    "reinforce_kernel": (
+        "reinforce_kernel(Tensor token_rewards, Tensor mask, Tensor? baselines, float gamma, bool unbiased, "
+        "float eps) -> (Tensor, Tensor)"),
     # token log-probs / entropy from hidden states (ops/token_logprobs.py)
     "token_logprobs": (
         "token_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "

@@ -7,8 +7,9 @@ Replace the import and keep the calls::
 
 (re-exported by :mod:`rmkernels.integrations.verl`; ``import`` does not import verl). Same
 names, arguments and numbers as verl 0.9.x, computed by :func:`rmkernels.group_advantages`
-/ :func:`rmkernels.reinforce_pp_returns` in one call: ``index`` (verl's ``uid`` column, a
-numpy object array of strings, or any labels) is mapped to group ids with
+/ :func:`rmkernels.reinforce_pp_advantages` / :func:`rmkernels.remax_advantages` in one call:
+``index`` (verl's ``uid`` column, a numpy object array of strings, or any labels) is mapped to
+group ids with
 :func:`rmkernels.group_ids` (one compiled pass, a hash lookup per run of equal uids, no sort), no
 Python loop over responses or groups.
 
@@ -126,26 +127,22 @@ def _gamma(config):
 def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_mask, config=None, **kwargs):
     """verl's REINFORCE++: the discounted return ``R_t = r_t + gamma R_next`` from the right over
     the valid tokens (carried unchanged over tokens whose mask is 0, 0 written there;
-    ``gamma = config.gamma``), whitened over all valid tokens (unbiased, eps 1e-8).
+    ``gamma = config.gamma``), whitened over all valid tokens (unbiased, eps 1e-8):
+    :func:`rmkernels.reinforce_pp_advantages`, one op (one launch on CUDA).
     Returns ``(advantages, returns)``."""
     check_2d("token_level_rewards", token_level_rewards)
     check_same_shape("token_level_rewards", token_level_rewards, response_mask=response_mask)
-    returns = rmk.reinforce_pp_returns(token_level_rewards, response_mask, gamma=_gamma(config))
-    return rmk.masked_whiten(returns, response_mask), returns
+    return tuple(rmk.reinforce_pp_advantages(token_level_rewards, response_mask, gamma=_gamma(config)))
 
 
 def compute_remax_outcome_advantage(token_level_rewards, reward_baselines, response_mask, config=None, **kwargs):
     """verl's ReMax: ``returns`` = reverse cumulative sum of ``token_level_rewards * response_mask``
-    (on every position, as verl), ``advantages = returns - reward_baselines[:, None] * response_mask``."""
+    (on every position, as verl), ``advantages = returns - reward_baselines[:, None] * response_mask``:
+    :func:`rmkernels.remax_advantages`, one op (one launch on CUDA). The mask is read as 0 / 1
+    (non-zero = valid, as verl's masks are); rewards at masked positions are ignored (verl's
+    ``NaN * 0`` would spread a NaN there)."""
     check_2d("token_level_rewards", token_level_rewards)
     check_same_shape("token_level_rewards", token_level_rewards, response_mask=response_mask)
     if not isinstance(reward_baselines, torch.Tensor) or reward_baselines.shape != token_level_rewards.shape[:1]:
         raise ValueError(f"reward_baselines must be a [bs] = [{token_level_rewards.shape[0]}] tensor")
-    masked = token_level_rewards * response_mask
-    returns = rmk.reinforce_pp_returns(masked, None, gamma=1.0)
-    # returns - baseline * mask in one pass, into the buffer of the masked rewards when it has
-    # the returns' dtype (no third [B, T] allocation); the mask is 0/1, so the product is exact:
-    # one rounding, as verl's
-    b = reward_baselines.to(returns.dtype).unsqueeze(-1)
-    out = masked if masked.dtype == returns.dtype and masked.is_contiguous() else None
-    return torch.addcmul(returns, b, response_mask, value=-1, out=out), returns
+    return tuple(rmk.remax_advantages(token_level_rewards, reward_baselines, response_mask))

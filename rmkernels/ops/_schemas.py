@@ -44,6 +44,8 @@ KERNEL_OPS = {
     # critic-free group advantages (ops/group_adv.py)
     "group_advantages_kernel": ("(Tensor scores, Tensor group_ids, Tensor mask, int estimator, float eps, "
                                 "bool unbiased, int single, float f_norm, float whiten_eps) -> (Tensor, Tensor)"),
+    "reinforce_kernel": ("(Tensor token_rewards, Tensor mask, Tensor? baselines, float gamma, bool unbiased, "
+                         "float eps) -> (Tensor, Tensor)"),
     # token log-probs / entropy (ops/token_logprobs.py)
     "token_logprobs_fwd_kernel": ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
                                   "int ignore_index, int token_chunk, int vocab_chunk) -> (Tensor, Tensor, Tensor)"),
@@ -102,6 +104,8 @@ PUBLIC_OPS = {
     "group_advantages": ("(Tensor scores, Tensor group_ids, Tensor mask, str estimator, float eps, bool unbiased, "
                          "str single, float f_norm, float whiten_eps) -> (Tensor, Tensor)"),
     "reinforce_pp_returns": "(Tensor token_rewards, Tensor mask, float gamma) -> Tensor",
+    "reinforce_advantages": ("(Tensor token_rewards, Tensor mask, Tensor? baselines, float gamma, bool unbiased, "
+                             "float eps) -> (Tensor, Tensor)"),
     # token log-probs / entropy (ops/token_logprobs.py)
     "token_logprobs": ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
                        "int ignore_index) -> (Tensor, Tensor, Tensor)"),

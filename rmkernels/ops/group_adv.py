@@ -22,7 +22,9 @@ advantage is 0 (verl's ``rloo_vectorized``; OpenRLHF's ``r - mean`` of a group o
 ``ops/gae.py`` with V = 0 and lam = 1, the same hole rule (carried over masked positions, 0
 there), so it runs ``gae_kernel`` on every backend (values a stride-0 zero tensor, no memory)
 with ``returns=False``: only its advantages are written (GAE's returns would be the same
-numbers again).
+numbers again). ``rmk.reinforce_pp_advantages`` adds REINFORCE++'s whitening of those returns and
+``rmk.remax_advantages`` ReMax's baseline, each one op (``reinforce_kernel``: one cooperative
+launch on CUDA, ``csrc/cuda/reinforce.cu``).
 
 Ops (``torch.ops.rmkernels.*``):
 
@@ -32,6 +34,10 @@ Ops (``torch.ops.rmkernels.*``):
 ``group_advantages_kernel(...)``               the C++ CPU / CUDA kernel (Triton:
                                                ``rmkernels.triton.group_adv``)
 ``reinforce_pp_returns(rewards, mask, ...)``   returns [B, T], the public op (``gae_kernel``)
+``reinforce_advantages(rewards, mask, base,     (advantages, returns) [B, T]: REINFORCE++ (no
+...)``                                          baselines: the returns whitened) or ReMax
+``reinforce_kernel(...)``                       its C++ CPU / CUDA kernel (Triton:
+                                               ``rmkernels.triton.ppo.reinforce``)
 =============================================  =============================================
 
 Every backend computes the group statistics in float64 (count, sum, then the centred sum
@@ -53,10 +59,11 @@ from rmkernels import _backend, _checks, _ext
 from rmkernels._codes import GROUP_ESTIMATORS, GROUP_SINGLES, GroupEstimator, GroupSingle
 from rmkernels._library import acc_dtype
 from rmkernels._registry import Kernel, Op
-from rmkernels.ops.gae import check_2d, check_mask, gae_kernel
+from rmkernels.ops.gae import check_2d, check_mask, gae_kernel, gae_recurrence
 from rmkernels.ops.ppo import centered_sq_kernel, row_stats_kernel, whiten_apply_kernel
 
 GroupAdvantages = namedtuple("GroupAdvantages", ["seq_advantages", "advantages"])
+ReinforceAdvantages = namedtuple("ReinforceAdvantages", ["advantages", "returns"])
 
 DEFAULT_EPS = 1e-6  # verl's epsilon of the GRPO std
 DEFAULT_WHITEN_EPS = 1e-8  # verl's masked_whiten (reinforce_pp_baseline)
@@ -104,6 +111,26 @@ def _reference_group(scores, group_ids, mask, code, eps, unbiased, single, f_nor
     return seq, adv
 
 
+def _reference_reinforce(token_rewards, mask, baselines, gamma, unbiased, eps):
+    """REINFORCE++ (no baselines: gae_recurrence's return, whitened with ops/ppo.py's reference
+    kernels) or ReMax (the return at every position, minus the baseline where valid)."""
+    acc = acc_dtype(token_rewards.dtype)
+    r = token_rewards.to(acc)
+    valid = mask != 0
+    if baselines is None:
+        ret, _ = gae_recurrence(r, torch.zeros_like(r), valid, gamma, 1.0)
+        totals = row_stats_kernel("reference", ret, mask).sum(0)
+        sq = centered_sq_kernel("reference", ret, mask, totals).sum(0, keepdim=True)
+        return whiten_apply_kernel("reference", ret, mask, totals, sq, True, unbiased, eps), ret
+    B, T = r.shape
+    ret = torch.empty_like(r)
+    R = torch.zeros(B, dtype=acc, device=r.device)
+    for t in reversed(range(T)):
+        R = torch.where(valid[:, t], r[:, t] + gamma * R, R)
+        ret[:, t] = R
+    return torch.where(valid, ret - baselines.to(acc)[:, None], ret), ret
+
+
 # ---------------------------------------------------------------------------------------
 # Kernels and ops (C++ CPU / CUDA: csrc/cpu/group_adv.cpp, csrc/cuda/group_adv*; Triton:
 # rmkernels/triton/group_adv.py)
@@ -120,6 +147,16 @@ def _returns_fake(rewards, *_):
 
 group_advantages_kernel = Kernel("group_advantages_kernel", reference=_reference_group,
                                  triton="group_adv:group_advantages", fake=_group_fake)
+
+
+def _reinforce_fake(token_rewards, *_):
+    acc = acc_dtype(token_rewards.dtype)
+    return (token_rewards.new_empty(token_rewards.shape, dtype=acc),
+            token_rewards.new_empty(token_rewards.shape, dtype=acc))
+
+
+reinforce_kernel = Kernel("reinforce_kernel", reference=_reference_reinforce, triton="ppo:reinforce",
+                          fake=_reinforce_fake)
 
 
 def _whiten_rows(seq, adv, mask, unbiased, eps, backend):
@@ -178,10 +215,32 @@ def _check_returns_op(token_rewards, mask, gamma, backend):
     check_2d("mask", mask, token_rewards.shape, token_rewards.device, (torch.bool,))
 
 
+def _check_reinforce_op(token_rewards, mask, baselines, gamma, unbiased, eps, backend):
+    check_2d("token_rewards", token_rewards)
+    check_2d("mask", mask, token_rewards.shape, token_rewards.device, (torch.bool,))
+    if baselines is not None:
+        B = token_rewards.shape[0]
+        _checks.check_tensor("baselines", baselines, ndims=1, dtypes=(acc_dtype(token_rewards.dtype),),
+                             device=token_rewards.device)
+        if baselines.shape[0] != B:
+            raise ValueError(f"baselines must have shape [B] = [{B}] (from token_rewards), got "
+                             f"{list(baselines.shape)}")
+    _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
+    _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True)
+
+
+def _prepare_reinforce(token_rewards, mask, baselines, gamma, unbiased, eps):
+    if baselines is not None:
+        baselines = baselines.contiguous()
+    return token_rewards, mask, baselines, float(gamma), bool(unbiased), float(eps)
+
+
 # What the public functions call: the public ops, or their bodies in plain eager mode (no
 # gradients: the inputs are used detached)
 _group_advantages = Op("group_advantages", body=_group_advantages_body, fake=_group_fake, check=_check_group_op)
 _reinforce_pp_returns = Op("reinforce_pp_returns", body=_returns_body, fake=_returns_fake, check=_check_returns_op)
+_reinforce_advantages = Op("reinforce_advantages", kernel=reinforce_kernel, prepare=_prepare_reinforce,
+                           fake=_reinforce_fake, check=_check_reinforce_op)
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,3 +416,58 @@ def reinforce_pp_returns(token_rewards, mask=None, *, gamma=1.0, backend=None):
     gamma = _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
     be = _backend.resolve(backend, dev)
     return _reinforce_pp_returns(token_rewards.detach(), mask, gamma, be)
+
+
+def _reinforce_inputs(token_rewards, mask):
+    _checks.check_tensor("token_rewards", token_rewards, ndims=2, dtypes=_checks.FLOAT_DTYPES)
+    dev = token_rewards.device
+    if mask is None:
+        return torch.ones((), dtype=torch.bool, device=dev).expand(token_rewards.shape)
+    return check_mask("mask", mask, token_rewards.shape, dev)
+
+
+def reinforce_pp_advantages(token_rewards, mask=None, *, gamma=1.0, unbiased=True, eps=DEFAULT_WHITEN_EPS,
+                            backend=None):
+    """REINFORCE++'s advantages and returns in one op (verl's
+    ``compute_reinforce_plus_plus_outcome_advantage``; one cooperative launch on CUDA).
+
+    ``returns`` is :func:`reinforce_pp_returns` (the discounted return over the valid positions,
+    carried over masked ones, 0 there); ``advantages`` are the returns whitened over all valid
+    positions of the batch: ``(R - mean) * rsqrt(var + eps)`` with the variance unbiased (verl;
+    ``unbiased=False``: OpenRLHF's population variance), 0 at masked positions and everywhere
+    when the batch has at most one valid position (``masked_whiten``'s rule, never NaN).
+    ``token_rewards``: ``[B, T]`` any float dtype and strides; ``mask``: ``[B, T]``
+    bool/int/float (non-zero = valid) or None (all valid). Returns
+    ``ReinforceAdvantages(advantages, returns)``, float32 (float64 for float64 rewards). No
+    gradient, no host synchronisation.
+    """
+    mask = _reinforce_inputs(token_rewards, mask)
+    gamma = _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
+    unbiased = _checks.check_bool("unbiased", unbiased)
+    eps = _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True)
+    be = _backend.resolve(backend, token_rewards.device)
+    return ReinforceAdvantages(*_reinforce_advantages(token_rewards.detach(), mask, None, gamma, unbiased, eps, be))
+
+
+def remax_advantages(token_rewards, baselines, mask=None, *, backend=None):
+    """ReMax's advantages and returns in one op (verl's ``compute_remax_outcome_advantage``;
+    one launch on CUDA).
+
+    ``returns[b, t]`` is the sum of the rewards at the valid positions ``>= t`` (verl's reverse
+    cumulative sum of ``token_level_rewards * response_mask``, written at every position, masked
+    ones included); ``advantages = returns - baselines[b]`` where the mask is non-zero and
+    ``returns`` elsewhere (verl's ``returns - baselines * mask``). Rewards at masked positions
+    are ignored (verl multiplies them by the mask: a NaN there would spread). ``baselines``:
+    ``[B]`` (the reward of the greedy response), any float dtype. Returns
+    ``ReinforceAdvantages(advantages, returns)``, float32 (float64 for float64 rewards). No
+    gradient, no host synchronisation.
+    """
+    mask = _reinforce_inputs(token_rewards, mask)
+    B = token_rewards.shape[0]
+    _checks.check_tensor("baselines", baselines, ndims=1, dtypes=_checks.FLOAT_DTYPES, device=token_rewards.device)
+    if baselines.shape[0] != B:
+        raise ValueError(f"baselines must have shape [B] = [{B}] (from token_rewards), got {list(baselines.shape)}")
+    base = baselines.detach().to(acc_dtype(token_rewards.dtype)).contiguous()
+    be = _backend.resolve(backend, token_rewards.device)
+    return ReinforceAdvantages(*_reinforce_advantages(token_rewards.detach(), mask, base, 1.0, True,
+                                                      DEFAULT_WHITEN_EPS, be))

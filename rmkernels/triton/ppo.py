@@ -18,6 +18,8 @@ values and mask hits the cache), the mask twice, the four [B, T] outputs once, 1
 partials per row. The whitening reads the advantages twice (partials, then the apply) and
 writes them once.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -352,6 +354,53 @@ def _kl_estimate_kernel(
     tl.store(out_ptr + b * T + offs, tl.where(m, k, tl.zeros([BLOCK], acc_ty)), mask=inb)
 
 
+# REINFORCE++ / ReMax (reinforce_kernel, ops/group_adv.py): one program per row walks it from the
+# right in blocks of BLOCK_T, the return a reverse scan of the maps (gamma, r) at valid positions
+# and the identity at masked ones. REMAX: the return at every position and return - baseline where
+# valid; else the return under the mask and the row's whitening partials (count, sum).
+@triton.jit
+def _reinforce_kernel(
+    rew_ptr, mask_ptr, base_ptr,  # inputs: [B, T] (any strides), bool [B, T], [B] (REMAX)
+    adv_ptr, ret_ptr, stats_ptr,  # outputs: contiguous [B, T] x2 (REMAX), float64 [B, 2] (else)
+    T, s_r0, s_r1, s_m0, s_m1, gamma, gamma_lo,
+    REMAX: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    acc_ty = ret_ptr.dtype.element_ty
+    lane = tl.arange(0, BLOCK_T)
+    gamma = scalar(gamma, gamma_lo, acc_ty)
+    if REMAX:
+        base = tl.load(base_ptr + b).to(acc_ty)
+    carry = tl.zeros([], acc_ty)  # the return just right of the block
+    cnt = tl.zeros([BLOCK_T], tl.float64)
+    tot = tl.zeros([BLOCK_T], tl.float64)
+    n_blocks = tl.cdiv(T, BLOCK_T)
+    for i in range(0, n_blocks):
+        start = (tl.zeros([], tl.int64) + n_blocks - 1 - i) * BLOCK_T  # right to left, 64-bit
+        offs = start + lane
+        inb = offs < T
+        m = tl.load(mask_ptr + b * s_m0 + offs * s_m1, mask=inb, other=0) != 0
+        r = tl.load(rew_ptr + b * s_r0 + offs * s_r1, mask=m, other=0.0).to(acc_ty)
+        one = tl.full([BLOCK_T], 1.0, acc_ty)
+        zero = tl.zeros([BLOCK_T], acc_ty)
+        qa, qb = tl.associative_scan((tl.where(m, zero + gamma, one), tl.where(m, r, zero)), 0, _affine_rcombine,
+                                     reverse=True)
+        R = qa * carry + qb
+        carry = tl.sum(tl.where(lane == 0, R, zero), axis=0)
+        out = b * T + offs
+        if REMAX:
+            tl.store(ret_ptr + out, R, mask=inb)
+            tl.store(adv_ptr + out, tl.where(m, R - base, R), mask=inb)
+        else:
+            ret = tl.where(m, R, zero)
+            tl.store(ret_ptr + out, ret, mask=inb)
+            cnt += tl.where(m, 1.0, 0.0).to(tl.float64)
+            tot += ret.to(tl.float64)
+    if not REMAX:
+        tl.store(stats_ptr + b * 2, tl.sum(cnt, axis=0))
+        tl.store(stats_ptr + b * 2 + 1, tl.sum(tot, axis=0))
+
+
 def _num_segments(B, T, device):
     """Programs per row (rmkernels._codes.num_gae_segments, the policy the CUDA binding uses
     too); FORCE_SEGMENT_T (tests) segments every row with that length on any device."""
@@ -530,3 +579,34 @@ def masked_whiten_apply(x, mask, totals, sq, shift_mean, unbiased, eps):
         x, mask, totals.contiguous(), sq.contiguous(), out, T, x.stride(0), x.stride(1), mask.stride(0),
         mask.stride(1), *split_float(eps), SHIFT_MEAN=bool(shift_mean), UNBIASED=bool(unbiased), BLOCK=block)
     return out
+
+
+def reinforce(rewards, mask, baselines, gamma, unbiased, eps):
+    """REINFORCE++ (``baselines`` None: the returns whitened over the valid positions) or ReMax
+    (the returns at every position, minus ``baselines`` where valid): (advantages, returns),
+    contiguous [B, T] in the arithmetic dtype. ``_reinforce_kernel``, then for REINFORCE++ the
+    whitening kernels of masked_whiten (three launches)."""
+    _check_main("token_rewards", rewards)
+    _check_mask("mask", mask, rewards)
+    B, T = rewards.shape
+    dev = rewards.device
+    acc = acc_dtype(rewards.dtype)
+    if baselines is not None:
+        check_tensor("baselines", baselines, shape=(B,), dtype=acc, device=dev, contiguous=True)
+    for name, v in (("gamma", gamma), ("eps", eps)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    adv = torch.empty(B, T, dtype=acc, device=dev)
+    ret = torch.empty(B, T, dtype=acc, device=dev)
+    if B == 0 or T == 0:
+        return adv, ret
+    remax = baselines is not None
+    stats = adv if remax else torch.empty(B, 2, dtype=torch.float64, device=dev)
+    _reinforce_kernel[(B,)](rewards, mask, baselines if remax else adv, adv, ret, stats, T, rewards.stride(0),
+                            rewards.stride(1), mask.stride(0), mask.stride(1), *split_float(gamma), REMAX=remax,
+                            BLOCK_T=block_size(T, MAX_BLOCK_T))
+    if remax:
+        return adv, ret
+    totals = stats.sum(0)
+    sq = masked_centered_sq(ret, mask, totals).sum(0, keepdim=True)
+    return masked_whiten_apply(ret, mask, totals, sq, True, unbiased, eps), ret

@@ -8,6 +8,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 
@@ -131,6 +132,21 @@ inline void check_group_advantages_args(const at::Tensor& scores, const at::Tens
   check_device(mask, "mask", dev);
   check_code(estimator, "estimator", codes::kGrpo, codes::kReinforcePPBaseline);
   check_code(single, "single", codes::kSingleZero, codes::kSingleSelf);
+}
+
+// The arguments of reinforce_kernel (CPU and CUDA): rewards float [B, T] with any strides, mask
+// bool [B, T] with any strides, baselines (ReMax) [B] contiguous in the arithmetic dtype or
+// absent (REINFORCE++), all on rewards' device; gamma finite and >= 0, eps finite and >= 0.
+inline void check_reinforce_args(const at::Tensor& rewards, const at::Tensor& mask,
+                                 const std::optional<at::Tensor>& baselines, double gamma, double eps) {
+  check_dim(rewards, "token_rewards", 2);
+  check_float_input(rewards, "token_rewards");
+  const int64_t B = rewards.size(0), T = rewards.size(1);
+  check_bt(mask, "mask", B, T, rewards.device());
+  check_dtype(mask, "mask", at::kBool);
+  check_dense(baselines, "baselines", {B}, acc_scalar_type(rewards.scalar_type()), rewards.device());
+  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0, "gamma must be finite and >= 0, got ", gamma);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
 }
 
 // A fresh tensor of t's shape and dtype for t's gradient (rmkernels/_layout.py: grad_buffer, the

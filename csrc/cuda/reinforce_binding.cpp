@@ -1,0 +1,38 @@
+// Torch binding of the CUDA REINFORCE-family kernel: checks, allocation, the current stream,
+// launch (no host synchronisation: the kernel zeroes its workspace itself; one cooperative launch).
+#include <torch/library.h>
+
+#include "reinforce.cuh"
+#include "rmkernels/cuda_binding.h"
+#include "rmkernels/op_checks.h"
+
+namespace rmkernels {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> reinforce_cuda(const at::Tensor& rewards, const at::Tensor& mask,
+                                                  const std::optional<at::Tensor>& baselines, double gamma,
+                                                  bool unbiased, double eps) {
+  check_reinforce_args(rewards, mask, baselines, gamma, eps);
+  TORCH_CHECK(rewards.is_cuda(), "token_rewards must be a CUDA tensor, got ", rewards.device());
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  const int64_t B = rewards.size(0), T = rewards.size(1);
+  const auto opts = rewards.options().dtype(acc_scalar_type(rewards.scalar_type()));
+  auto adv = at::empty({B, T}, opts);
+  auto ret = at::empty({B, T}, opts);
+  at::Tensor ws;
+  if (!baselines.has_value()) ws = at::empty({cuda::reinforce_workspace(B)}, opts.dtype(at::kDouble));
+  RMK_CUDA_CHECK(cuda::launch_reinforce(
+      cuda_dtype(rewards), {rewards.data_ptr(), rewards.stride(0), rewards.stride(1)},
+      {mask.data_ptr(), mask.stride(0), mask.stride(1)}, baselines.has_value() ? baselines->data_ptr() : nullptr, B,
+      T, gamma, unbiased, eps, ws.defined() ? ws.data_ptr<double>() : nullptr, adv.data_ptr(), ret.data_ptr(),
+      c10::cuda::getCurrentCUDAStream()));
+  return {adv, ret};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rmkernels, CUDA, m) {
+  m.impl("reinforce_kernel", &reinforce_cuda);
+}
+
+}  // namespace rmkernels
