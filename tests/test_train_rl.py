@@ -126,6 +126,37 @@ def test_group_advantages_follow_the_spec(estimator):
         torch.testing.assert_close(got[rows].double(), want[:, None] * mask[rows], rtol=1e-5, atol=1e-5)
 
 
+def test_token_rewards_and_reinforce_family_advantages():
+    """reinforce_pp / remax in the loop: each response's reward at its last valid token (none for
+    a response without one), minus kl_coef x the per-token k1 KL at valid tokens with --kl-mode
+    reward; REINFORCE++'s advantages are that return, whitened over every valid token of the batch
+    (verl's masked_whiten); ReMax's are the return minus the greedy response's reward."""
+    torch.manual_seed(5)
+    B, T = 7, 9
+    lengths = torch.tensor([9, 1, 0, 4, 9, 6, 2])
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    rewards = torch.randn(B)
+    tok = grpo.token_rewards(rewards, mask)
+    for b in range(B):
+        want = torch.zeros(T)
+        if lengths[b] > 0:
+            want[lengths[b] - 1] = rewards[b]
+        torch.testing.assert_close(tok[b], want, rtol=0, atol=0)
+    k1 = torch.randn(B, T)
+    tok_kl = grpo.token_rewards(rewards, mask, k1, 0.1)
+    torch.testing.assert_close(tok_kl, tok - 0.1 * k1 * mask, rtol=1e-6, atol=1e-6)
+    adv = grpo.token_advantages(rewards, mask, "reinforce_pp", kl_k1=k1, kl_coef=0.1)
+    m = mask.double()
+    ret = tok_kl.double().flip(1).cumsum(1).flip(1) * m  # gamma 1, right-padded rows
+    mean = (ret * m).sum() / m.sum()
+    var = (((ret - mean) ** 2) * m).sum() / (m.sum() - 1)
+    torch.testing.assert_close(adv.double(), (ret - mean) * torch.rsqrt(var + 1e-8) * m, rtol=1e-5, atol=1e-5)
+    base = torch.randn(B)
+    adv = grpo.token_advantages(rewards, mask, "remax", baselines=base)
+    want = tok.double().flip(1).cumsum(1).flip(1) - base.double()[:, None] * m
+    torch.testing.assert_close(adv.double(), want, rtol=1e-6, atol=1e-6)
+
+
 def test_fused_logprobs_equal_the_logits_path():
     """The critic-free loop takes the policy's and the reference's log-probs through
     rmk.causal_lm_logprobs (no [B, T, V] logits): the same numbers as log_softmax of the model's
@@ -267,3 +298,18 @@ def test_checker_reward_control(reward_model, tmp_path, capsys):
     assert fin["reward"] == "checker"
     before, after = evals[0]["task_success_sampled"], evals[-1]["task_success_sampled"]
     assert after >= before - FALL_TOL, f"the sampled task success fell with the checker as reward: {before} -> {after}"
+
+
+@pytest.mark.parametrize("estimator", ["reinforce_pp", "remax"])
+def test_reinforce_family_runs(estimator, reward_model, tmp_path, capsys):
+    """--advantage reinforce_pp / remax (one response per prompt allowed) run the loop end to end:
+    every train row finite, the evaluations written; with --kl-mode reward for remax (the KL per
+    token in the token rewards)."""
+    out = tmp_path / estimator
+    extra = ["--kl-mode", "reward"] if estimator == "remax" else []
+    assert main(["--reward-model", reward_model, "--output-dir", str(out), "--advantage", estimator, "--steps", "2",
+                 "--eval-every", "2", "--eval-prompts", "20", "--batch-size", "4", "--num-generations", "1",
+                 "--warm-start-steps", "3"] + extra + FAST) == 0
+    capsys.readouterr()
+    _, fin = _check_run(out, 2, 2)
+    assert fin["advantage"] == estimator

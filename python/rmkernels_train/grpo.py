@@ -9,11 +9,14 @@ Each step:
    would score it at random;
 3. ``rmk.group_advantages``: each response's reward against the other responses to the same
    prompt (``grpo``: minus the group mean, over the group std; also ``dr_grpo``, ``rloo``,
-   ``opo``, ``gpg``, ``reinforce_pp_baseline``); no value model;
+   ``opo``, ``gpg``, ``reinforce_pp_baseline``); or the REINFORCE-family token advantages of
+   each response's reward at its last token (``reinforce_pp``: ``rmk.reinforce_pp_advantages``,
+   the return whitened over the batch; ``remax``: ``rmk.remax_advantages``, minus the reward of
+   the prompt's greedy response, sampled each step); no value model;
 4. one on-policy gradient step: the policy-gradient loss with those advantages on every
    response token, plus ``kl_coef`` times the KL to the warm-start policy (k3 by default, as a
    loss term) -- or, with ``kl_mode="reward"``, the k1 KL of each response subtracted from its
-   reward before the advantages.
+   reward before the advantages (per token for ``reinforce_pp`` and ``remax``).
 
 The task evaluation (:func:`evaluate`) runs on the held-out prompts: the fraction solved by the
 greedy response (``task_success``) and by one sampled response (``task_success_sampled``), the
@@ -28,8 +31,13 @@ from rmkernels._codes import GROUP_ESTIMATORS
 from rmkernels_train import ppo_core as core
 from rmkernels_train.task import ResponseDecoder, checker_scores
 
-# Estimators that need no value model (rmk.group_advantages); "gae" is PPO with a critic.
-CRITIC_FREE = tuple(GROUP_ESTIMATORS)
+# The REINFORCE-family estimators: token-level returns of each response on its own
+# (rmk.reinforce_pp_advantages: the returns whitened over the batch; rmk.remax_advantages: the
+# returns minus the reward of the prompt's greedy response, sampled for it each step).
+TOKEN_ESTIMATORS = ("reinforce_pp", "remax")
+# Estimators that need no value model (rmk.group_advantages, then the two above); "gae" is PPO
+# with a critic.
+CRITIC_FREE = (*GROUP_ESTIMATORS, *TOKEN_ESTIMATORS)
 # --kl-estimator -> the name of rmkernels.integrations.verl.kl_penalty (value from the fused op,
 # gradient of the estimator's formula); verl's "low_var_kl" is k3 with its log ratio clamped to
 # +-20 and its value to +-10, which never binds at the KL of these runs.
@@ -42,6 +50,35 @@ def group_advantages(scores, group_ids, mask, estimator, backend=None):
     import rmkernels as rmk
 
     return rmk.group_advantages(scores, group_ids, mask, estimator=estimator, backend=backend).advantages
+
+
+def token_rewards(rewards, mask, kl_k1=None, kl_coef=0.0):
+    """``[B, T]`` float32 token rewards of the REINFORCE-family estimators: each response's reward
+    at its last valid token (none for a response without one), minus ``kl_coef`` times the
+    per-token k1 KL ``kl_k1`` at every valid token when given (``--kl-mode reward``: REINFORCE++'s
+    KL in the reward, as verl and OpenRLHF put it)."""
+    m = mask.bool()
+    B, T = m.shape
+    has = m.any(1)
+    last = (T - 1) - m.flip(1).to(torch.uint8).argmax(1)  # the last valid position (any row with one)
+    tok = torch.zeros(B, T, dtype=torch.float32, device=m.device)
+    tok[torch.arange(B, device=m.device), last] = torch.where(has, rewards.float(), torch.zeros_like(rewards.float()))
+    if kl_k1 is not None:
+        tok = tok - kl_coef * torch.where(m, kl_k1.float(), torch.zeros_like(tok))
+    return tok
+
+
+def token_advantages(rewards, mask, estimator, *, baselines=None, kl_k1=None, kl_coef=0.0, backend=None):
+    """Token advantages ``[B, T]`` of ``reinforce_pp`` (``rmk.reinforce_pp_advantages`` of
+    :func:`token_rewards`, gamma 1: the return whitened over every valid token of the batch) or
+    ``remax`` (``rmk.remax_advantages``: the return minus ``baselines``, the reward of each
+    response's greedy counterpart)."""
+    import rmkernels as rmk
+
+    tok = token_rewards(rewards, mask, kl_k1, kl_coef)
+    if estimator == "remax":
+        return rmk.remax_advantages(tok, baselines, mask, backend=backend).advantages
+    return rmk.reinforce_pp_advantages(tok, mask, gamma=1.0, backend=backend).advantages
 
 
 def kl_per_token(logprobs, ref_logprobs, estimator):
@@ -132,13 +169,25 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
         ref_logp = core.fused_policy_logprobs(ref, roll, temperature)
         scores = rm_scores(reward_model, roll, backend)
         rewards = correct.clone() if reward == "checker" else penalise_unended(scores, has_eos)
+        baselines = None
+        if estimator == "remax":  # the reward of each prompt's greedy response, for its G samples
+            greedy = sample(policy, prompt_ids, tokenizer, max_new_tokens=max_new_tokens, greedy=True)
+            if reward == "checker":
+                base = checker_scores(prompts, greedy.sequences[:, greedy.prompt_len:], decoder)
+            else:
+                base = penalise_unended(rm_scores(reward_model, greedy, backend), ended(greedy, tokenizer.eos_token_id))
+            baselines = base.float().repeat_interleave(G)
     logp = core.fused_policy_logprobs(policy, roll, temperature)
     kl_tok = kl_per_token(logp, ref_logp, kl_estimator)
     seq_kl = (kl_tok.detach() * mask).sum(1)
-    if kl_mode == "reward":
-        k1 = ((logp.detach() - ref_logp) * mask).sum(1)
-        rewards = rewards - kl_coef * k1
-    tok_adv = group_advantages(rewards, group_ids, mask, estimator, backend)
+    k1_tok = (logp.detach() - ref_logp) * mask if kl_mode == "reward" else None
+    if estimator in TOKEN_ESTIMATORS:  # the KL (kl_mode "reward") per token in the token rewards
+        tok_adv = token_advantages(rewards, mask, estimator, baselines=baselines, kl_k1=k1_tok, kl_coef=kl_coef,
+                                   backend=backend)
+    if k1_tok is not None:  # each response's reward less its KL: what the group estimators compare
+        rewards = rewards - kl_coef * k1_tok.sum(1)
+    if estimator not in TOKEN_ESTIMATORS:
+        tok_adv = group_advantages(rewards, group_ids, mask, estimator, backend)
     pg_loss, _, _ = core.ppo_policy_loss(logp, logp.detach(), tok_adv, mask, 1.0)  # on-policy: ratio 1
     loss = pg_loss
     if kl_mode == "loss" and kl_coef > 0:

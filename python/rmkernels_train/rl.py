@@ -4,6 +4,7 @@ with the task success measured by a checker before RL and at every evaluation.
     rmkernels-train ppo                         # the default: --advantage grpo
     rmkernels-train ppo --reward checker        # control: the checker is the reward
     rmkernels-train ppo --advantage rloo        # another critic-free estimator (dr_grpo, opo, gpg, ...)
+    rmkernels-train ppo --advantage reinforce_pp  # REINFORCE++ (or remax: the greedy response as baseline)
     rmkernels-train ppo --advantage gae         # PPO with a value model and GAE
 
 The pipeline (every piece is cached in ``--output-dir``, so a second run reuses it):
@@ -33,7 +34,7 @@ import torch
 from rmkernels._codes import GROUP_ESTIMATORS
 from rmkernels_train.utils import TrainingError
 
-ADVANTAGES = (*GROUP_ESTIMATORS, "gae")
+ADVANTAGES = (*GROUP_ESTIMATORS, "reinforce_pp", "remax", "gae")
 REWARDS = ("model", "checker")
 KL_MODES = ("loss", "reward")
 
@@ -50,15 +51,19 @@ def add_arguments(p):
     g.add_argument("--advantage", choices=ADVANTAGES, default="grpo",
                    help="grpo, dr_grpo, rloo, opo, gpg, reinforce_pp_baseline: critic-free, the rewards compared "
                         "within the --num-generations responses to each prompt (rmk.group_advantages), no value "
-                        "model; gae: PPO with a value model (rmk.ppo_advantages)")
+                        "model; reinforce_pp: each response's token returns whitened over the batch "
+                        "(rmk.reinforce_pp_advantages); remax: its returns minus the reward of the prompt's greedy "
+                        "response (rmk.remax_advantages); gae: PPO with a value model (rmk.ppo_advantages)")
     g.add_argument("--num-generations", type=int, default=8, metavar="G",
-                   help="responses sampled per prompt (critic-free estimators; --batch-size counts prompts)")
+                   help="responses sampled per prompt (critic-free estimators; --batch-size counts prompts; 1 is "
+                        "allowed for reinforce_pp and remax)")
     g.add_argument("--reward", choices=REWARDS, default="model",
                    help="model: the reward model's score; checker: 1 if the response is exactly the sorted "
                         "digits, else 0 (a control: is the reward model the bottleneck?)")
     g.add_argument("--kl-mode", choices=KL_MODES, default="loss",
                    help="loss: kl-coef x the --kl-estimator KL to the reference, a loss term; reward: kl-coef x "
-                        "the k1 KL of each response subtracted from its reward")
+                        "the k1 KL of each response subtracted from its reward (per token for reinforce_pp and "
+                        "remax)")
     g.add_argument("--warm-start-steps", type=int, default=100, metavar="N",
                    help="supervised steps of the built-in policy on correct answers before RL (cached in "
                         "<output-dir>/warm_start; 0 = RL from a random init)")
@@ -78,7 +83,7 @@ def check_args(a):
     for name in ("num_generations", "eval_every", "eval_prompts"):
         if getattr(a, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.advantage != "gae" and a.num_generations < 2:
+    if a.advantage in GROUP_ESTIMATORS and a.num_generations < 2:
         raise TrainingError(f"--num-generations must be >= 2 for --advantage {a.advantage} (the advantages compare "
                             f"the responses to one prompt), got {a.num_generations}")
     if a.warm_start_steps < 0:
