@@ -308,8 +308,40 @@ def grpo_torch(token_level_rewards, response_mask, index, eps=1e-6):
     return grpo_torch_core(token_level_rewards, uid_ids(index), response_mask, eps)
 
 
-TORCH_FNS = {"pooling": pooling_torch, "bt": bt_torch, "pair": pair_torch, "gae": gae_torch, "grpo": grpo_torch_core}
-HF_FNS = {"pooling": pooling_hf, "bt": bt_hf, "pair": pair_hf, "gae": gae_hf, "grpo": grpo_hf}
+def rpp_hf(token_level_rewards, response_mask, gamma=1.0, eps=1e-8):
+    """verl 0.9's compute_reinforce_plus_plus_outcome_advantage as verl writes it: a Python loop
+    over the time steps (the return carried over positions whose mask is 0), then masked_whiten
+    and ``* response_mask``. Returns (advantages, returns)."""
+    m = response_mask.to(token_level_rewards.dtype)
+    returns = torch.zeros_like(token_level_rewards)
+    running = 0
+    for t in reversed(range(token_level_rewards.shape[1])):
+        new = token_level_rewards[:, t] + gamma * running
+        returns[:, t] = new * m[:, t]
+        running = new * m[:, t] + running * (1 - m[:, t])
+    return _verl_masked_whiten(returns, m, eps) * m, returns
+
+
+def rpp_torch(token_level_rewards, response_mask, gamma=1.0, eps=1e-8):
+    """The same, vectorized: the carried return as a linear scan (a = gamma at valid positions, 1
+    at masked ones; u = the masked rewards), then the masked whitening."""
+    m = response_mask.to(token_level_rewards.dtype)
+    a = torch.where(response_mask, torch.full_like(m, gamma), torch.ones_like(m))
+    returns = linear_scan_rev(a, token_level_rewards * m) * m
+    return _verl_masked_whiten(returns, m, eps) * m, returns
+
+
+def remax_hf(token_level_rewards, reward_baselines, response_mask):
+    """verl 0.9's compute_remax_outcome_advantage as verl writes it. Returns (advantages, returns)."""
+    m = response_mask.to(token_level_rewards.dtype)
+    returns = (token_level_rewards * m).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+    return returns - reward_baselines.unsqueeze(-1) * m, returns
+
+
+TORCH_FNS = {"pooling": pooling_torch, "bt": bt_torch, "pair": pair_torch, "gae": gae_torch, "grpo": grpo_torch_core,
+             "rpp": rpp_torch, "remax": remax_hf}
+HF_FNS = {"pooling": pooling_hf, "bt": bt_hf, "pair": pair_hf, "gae": gae_hf, "grpo": grpo_hf, "rpp": rpp_hf,
+          "remax": remax_hf}
 
 
 def compiled(op):

@@ -36,7 +36,7 @@ import torch
 
 from benchmarks import common, report, timing
 
-ALL_OPS = ("pooling", "bt", "pair", "gae", "grpo", "e2e")
+ALL_OPS = ("pooling", "bt", "pair", "gae", "grpo", "rpp", "remax", "e2e")
 OPT_IN_OPS = ("rm-pack",)  # minutes each: only when --ops names them
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED_DIR = os.path.join(ROOT, "benchmarks", "results")
@@ -142,6 +142,8 @@ def main(argv=None):
             from benchmarks import bench_gae as mod
         elif op == "grpo":
             from benchmarks import bench_group_adv as mod
+        elif op in ("rpp", "remax"):
+            from benchmarks import bench_reinforce as mod
         else:
             from benchmarks import bench_e2e_reward as mod
         rows += mod.run(op, device=device, shapes=args.shapes, quick=args.quick, tiny=args.tiny,

@@ -16,7 +16,7 @@ import torch
 @dataclass(frozen=True)
 class Shape:
     name: str
-    op: str              # "pooling", "bt", "pair", "gae", "grpo"
+    op: str              # "pooling", "bt", "pair", "gae", "grpo", "rpp", "remax"
     dims: Dict[str, int] = field(default_factory=dict)
     dtype: str = "fp32"  # element type of the big inputs (hidden states / log-probs)
     opts: Dict[str, object] = field(default_factory=dict)  # op options (kl estimator, ...)
@@ -44,6 +44,9 @@ GPU_SHAPES = {
     "gae-xl": Shape("gae-xl", "gae", dict(B=32, T=32768), "fp32", dict(kl_estimator="k1")),
     "grpo-l": Shape("grpo-l", "grpo", dict(B=65536, T=128, G=8), "fp32", note="8192 groups of 8, uid strings"),
     "grpo-xl": Shape("grpo-xl", "grpo", dict(B=1048576, T=1, G=8), "fp32", note="per-sequence, uid strings"),
+    # REINFORCE++ and ReMax (issue 14; not in BENCHMARKS.md): grpo-l's batch
+    "rpp-l": Shape("rpp-l", "rpp", dict(B=65536, T=128), "fp32", note="REINFORCE++, gamma 1"),
+    "remax-l": Shape("remax-l", "remax", dict(B=65536, T=128), "fp32", note="ReMax"),
 }
 
 # On the CPU: fp32 everywhere (BENCHMARKS.md: pool-s is fp32 on the CPU), and the two giant
@@ -63,10 +66,12 @@ TINY_SHAPES = {
     "pair-t": Shape("pair-t", "pair", dict(B=3, T=17, H=32, K=1), "fp32", note="smoke test"),
     "gae-t": Shape("gae-t", "gae", dict(B=3, T=37), "fp32", dict(kl_estimator="k1"), note="smoke test"),
     "grpo-t": Shape("grpo-t", "grpo", dict(B=37, T=9, G=4), "fp32", note="smoke test"),
+    "rpp-t": Shape("rpp-t", "rpp", dict(B=37, T=9), "fp32", note="smoke test"),
+    "remax-t": Shape("remax-t", "remax", dict(B=37, T=9), "fp32", note="smoke test"),
 }
 
 NAMED = tuple(GPU_SHAPES)   # the BENCHMARKS.md order
-OPS = ("pooling", "bt", "pair", "gae", "grpo")
+OPS = ("pooling", "bt", "pair", "gae", "grpo", "rpp", "remax")
 
 
 def get(name: str, device: str) -> Shape:

@@ -12,7 +12,8 @@
 #   4. graphs  CUDA-graph capture + replay of every public op, compared with eager
 #   5. bench   benchmarks/run.py at the named shapes of BENCHMARKS.md (--quick): the critic-free
 #              group advantages first in a stage of their own (issue 14's GPU target: one
-#              launch, within 1.25x of the memory floor), then op by op
+#              launch, within 1.25x of the memory floor), then op by op (REINFORCE++ and ReMax
+#              first, judged against the same floor)
 #   6. suite   the rest of the test suite (not GPU, not CUDA-on-CPU, not slow) in the time left;
 #              reaching its cap is reported, not a failure (CI runs these on CPU)
 # Every log and result goes to OUT_DIR; OUT_DIR/summary.md is the table of stages.
@@ -145,7 +146,7 @@ run_stage graphs "$CAP_GRAPHS" graphs.log $PY scripts/gpu_check_ops.py graphs "$
 run_stage "bench grpo" "$CAP_BENCH_GRPO" bench-grpo.log $PY benchmarks/run.py --device cuda --quick --ops grpo \
   --out "$OUT/bench-grpo"
 BENCH_END=$(( $(date +%s) + CAP_BENCH ))
-for op in gae bt pooling pair e2e; do
+for op in rpp remax gae bt pooling pair e2e; do
   left=$(( BENCH_END - $(date +%s) ))
   if [ $left -le 5 ]; then
     record "bench $op" "skipped: the bench stage's ${CAP_BENCH} s were used up" 0 "-"

@@ -15,13 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_benchmark_modules_import(monkeypatch):
     monkeypatch.syspath_prepend(ROOT)
     import importlib
-    for m in ("run", "bench_pooling", "bench_bt_loss", "bench_gae", "bench_group_adv", "bench_e2e_reward", "report",
-              "test_bench", "bench_rm_pack"):
+    for m in ("run", "bench_pooling", "bench_bt_loss", "bench_gae", "bench_group_adv", "bench_reinforce",
+              "bench_e2e_reward", "report", "test_bench", "bench_rm_pack"):
         importlib.import_module(f"benchmarks.{m}")
 
 
 def test_runner_quick_tiny(tmp_path):
-    ops = ["bt", "gae", "grpo"]
+    ops = ["bt", "gae", "grpo", "rpp", "remax"]
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--tiny", "--quick", "--ops", *ops,
            "--providers", "hf", "torch", "rmk-cpu", "--threads", "1", "--out", str(tmp_path), "--no-merge"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -35,7 +35,9 @@ def test_runner_quick_tiny(tmp_path):
     assert checks and all(r["median"] == "1" for r in checks), [r["note"] for r in checks]
     timed = {(r["op"], r["provider"], r["mode"]) for r in rows if r["metric"] == "call_ms"}
     for op in ops:
-        assert (op, "hf", "forward") in timed and (op, "torch", "forward") in timed
+        assert (op, "hf", "forward") in timed and (op, "rmk-cpu", "forward") in timed
+        if op != "remax":  # ReMax's verl formula is plain torch already: no separate torch row
+            assert (op, "torch", "forward") in timed
     for r in rows:
         assert r["device"] and r["torch"] and r["rmkernels"] and r["date"] and r["dims"]
     for state in ("recycled", "fresh pages"):  # bench_group_adv.floor_rows, both states of the output memory
