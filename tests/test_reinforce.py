@@ -91,6 +91,14 @@ def _dtypes(backend):
     return [torch.float32, torch.float64] if backend == "triton" else [torch.float32, torch.float64, torch.bfloat16]
 
 
+def scan_atol(T):
+    """The absolute tolerance of float32 returns over T positions between two summation orders
+    (the backends' parallel scans against the reference's sequential recurrence): the rounding
+    of a sum of T terms grows with T (about 6e-8 * T for these unit-variance rewards, whose
+    returns are about sqrt(T)); 4e-7 * T leaves a factor ~6, and never below 1e-5."""
+    return max(1e-5, 4e-7 * T)
+
+
 def _mask_layouts(mask, i):
     """The mask as bool, column-major bool, int64 or float32 (the public ops accept any)."""
     return [mask, mask.t().contiguous().t(), mask.long(), mask.float()][i % 4]
@@ -116,7 +124,7 @@ def test_backend_matches_reference(backend, device, remax):
                     got = rmk.reinforce_pp_advantages(r, mask, gamma=gamma, unbiased=unbiased, backend=backend)
                     exp = rmk.reinforce_pp_advantages(r, mask, gamma=gamma, unbiased=unbiased, backend="reference")
                 rtol, atol = tolerance(torch.float64 if dtype == torch.float64 else torch.float32)
-                rtol, atol = max(rtol, 1e-5), max(atol, 1e-5)
+                rtol, atol = max(rtol, 1e-5), max(atol, scan_atol(T) if dtype != torch.float64 else 1e-10)
                 where = f"{B}x{T} {dtype} gamma={gamma} mask {mask.dtype} {mask.stride()}"
                 for name, a, e in zip(("advantages", "returns"), got, exp):
                     assert a.dtype == e.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -129,7 +137,7 @@ def test_backend_matches_reference(backend, device, remax):
                          (rmk.remax_advantages(r, r[:, 0], None, backend=backend),
                           rmk.remax_advantages(r, r[:, 0], None, backend="reference"))):
             for a, e in zip(got, exp):
-                assert_close(a, e, rtol=1e-5, atol=1e-5, name="mask=None")
+                assert_close(a, e, rtol=1e-5, atol=scan_atol(T), name="mask=None")
 
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
@@ -296,5 +304,5 @@ def test_cuda_kernel_is_one_launch_at_scale(remax):
         on_gpu = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         assert len(on_gpu) == 1 and "reinforce_kernel" in on_gpu[0], on_gpu
         e_adv, e_ret = gops.reinforce_kernel("reference", *args)
-        assert_close(ret, e_ret, rtol=1e-5, atol=1e-4, name=f"returns {B}x{T}")
-        assert_close(adv, e_adv, rtol=1e-5, atol=1e-4, name=f"advantages {B}x{T}")
+        assert_close(ret, e_ret, rtol=1e-5, atol=scan_atol(T), name=f"returns {B}x{T}")
+        assert_close(adv, e_adv, rtol=1e-5, atol=scan_atol(T), name=f"advantages {B}x{T}")
