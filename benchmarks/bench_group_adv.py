@@ -147,34 +147,12 @@ def write_results(argv=None):
     the committed ``benchmarks/results/<device>-grpo.csv`` and ``.md`` (the report's tidy rows,
     table and targets), with the date, machine and command. A full ``benchmarks/run.py`` also
     measures grpo into the main ``<device>.csv``; this file holds the grpo figures until then."""
-    import os
-    import sys
-    import time
-
-    from benchmarks.run import COMMITTED_DIR
-
-    torch.set_num_threads(1)
-    timing.enable_cpu_peak_memory()
-    device = "cpu"
-    load0 = os.getloadavg()[0]
-    rows = run("grpo", device=device, shapes=list(RESULTS_SHAPES))
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for r in rows:
-        r["run_id"] = run_id
-    slug = common.device_slug(device)
-    csv_path = os.path.join(COMMITTED_DIR, f"{slug}-grpo.csv")
-    report.write_csv(rows, csv_path, merge=False)
-    cmd = "python benchmarks/bench_group_adv.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = report.markdown(rows, title=f"rmkernels benchmarks: grpo on {slug}")
-    md += (f"\n\nWritten by `{cmd.strip()}` ({rows[0]['date']}, {common.device_name(device)}, 1 torch thread, clock "
-           f"{timing.clock(device)[1]}; 1-minute load average {load0:.1f} at the start, "
-           f"{os.getloadavg()[0]:.1f} at the end: the cores were shared with other jobs). "
-           "`write-once`, `read-inputs` and the `(vs floor, ...)` rows are timed interleaved, one sample of each "
-           "in turn, once with the outputs in recycled memory and once in fresh pages.\n")
-    with open(os.path.join(COMMITTED_DIR, f"{slug}-grpo.md"), "w") as f:
-        f.write(md)
-    common.log(f"wrote {csv_path} and {slug}-grpo.md")
-    return rows
+    return common.write_op_results(
+        lambda device: run("grpo", device=device, shapes=list(RESULTS_SHAPES)), name="grpo", title="grpo",
+        script="bench_group_adv.py", argv=argv,
+        method="The cores may be shared with other jobs. `write-once`, `read-inputs` and the `(vs floor, ...)` rows "
+               "are timed interleaved, one sample of each in turn, once with the outputs in recycled memory and once "
+               "in fresh pages.")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ except ImportError:
 
 import torch
 
-from benchmarks import baselines, common, report, shapes, timing
+from benchmarks import baselines, common, shapes
 
 OPS = ("rpp", "remax")
 GAMMA = 1.0
@@ -88,35 +88,14 @@ def write_results(argv=None):
     """``python benchmarks/bench_reinforce.py --results``: rpp-l and remax-l on one CPU thread,
     every provider, the full method (not --quick), written to the committed
     ``benchmarks/results/<device>-reinforce.csv`` and ``.md`` with the date, machine and command."""
-    import os
-    import sys
-    import time
+    def measure(device):
+        return [row for op, shape in zip(OPS, RESULTS_SHAPES) for row in run(op, device=device, shapes=[shape])]
 
-    from benchmarks.run import COMMITTED_DIR
-
-    torch.set_num_threads(1)
-    timing.enable_cpu_peak_memory()
-    device = "cpu"
-    load0 = os.getloadavg()[0]
-    rows = []
-    for op, shape in zip(OPS, RESULTS_SHAPES):
-        rows += run(op, device=device, shapes=[shape])
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for r in rows:
-        r["run_id"] = run_id
-    slug = common.device_slug(device)
-    csv_path = os.path.join(COMMITTED_DIR, f"{slug}-reinforce.csv")
-    report.write_csv(rows, csv_path, merge=False)
-    cmd = "python benchmarks/bench_reinforce.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = report.markdown(rows, title=f"rmkernels benchmarks: REINFORCE++ and ReMax on {slug}")
-    md += (f"\n\nWritten by `{cmd.strip()}` ({rows[0]['date']}, {common.device_name(device)}, 1 torch thread, clock "
-           f"{timing.clock(device)[1]}; 1-minute load average {load0:.1f} at the start, "
-           f"{os.getloadavg()[0]:.1f} at the end). Outputs in whatever memory the allocator hands out (fresh "
-           "pages for outputs over glibc's mmap threshold), the same for every provider.\n")
-    with open(os.path.join(COMMITTED_DIR, f"{slug}-reinforce.md"), "w") as f:
-        f.write(md)
-    common.log(f"wrote {csv_path} and {slug}-reinforce.md")
-    return rows
+    return common.write_op_results(
+        measure,
+        name="reinforce", title="REINFORCE++ and ReMax", script="bench_reinforce.py", argv=argv,
+        method="Outputs in whatever memory the allocator hands out (fresh pages for outputs over glibc's mmap "
+               "threshold), the same for every provider.")
 
 
 if __name__ == "__main__":

@@ -265,3 +265,35 @@ def select(providers, only):
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
+
+
+def write_op_results(measure, *, name, title, script, argv=None, method=""):
+    """A one-op ``--results`` run (``bench_group_adv.py``, ``bench_reinforce.py``): one CPU thread,
+    ``measure(device)`` -> tidy rows, written to the committed ``benchmarks/results/<device>-<name>.csv``
+    and ``.md`` (the report's rows, table and targets) with the date, machine, command, the load
+    average before and after, and ``method`` (how the rows were timed). Returns the rows."""
+    import time
+
+    from benchmarks import report
+    from benchmarks.run import COMMITTED_DIR
+
+    torch.set_num_threads(1)
+    timing.enable_cpu_peak_memory()
+    device = "cpu"
+    load0 = os.getloadavg()[0]
+    rows = measure(device)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for r in rows:
+        r["run_id"] = run_id
+    slug = device_slug(device)
+    csv_path = os.path.join(COMMITTED_DIR, f"{slug}-{name}.csv")
+    report.write_csv(rows, csv_path, merge=False)
+    cmd = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = report.markdown(rows, title=f"rmkernels benchmarks: {title} on {slug}")
+    md += (f"\n\nWritten by `{cmd.strip()}` ({rows[0]['date']}, {device_name(device)}, 1 torch thread, clock "
+           f"{timing.clock(device)[1]}; 1-minute load average {load0:.1f} at the start, "
+           f"{os.getloadavg()[0]:.1f} at the end). {method}\n")
+    with open(os.path.join(COMMITTED_DIR, f"{slug}-{name}.md"), "w") as f:
+        f.write(md)
+    log(f"wrote {csv_path} and {slug}-{name}.md")
+    return rows

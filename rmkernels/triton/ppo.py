@@ -585,7 +585,7 @@ def reinforce(rewards, mask, baselines, gamma, unbiased, eps):
     """REINFORCE++ (``baselines`` None: the returns whitened over the valid positions) or ReMax
     (the returns at every position, minus ``baselines`` where valid): (advantages, returns),
     contiguous [B, T] in the arithmetic dtype. ``_reinforce_kernel``, then for REINFORCE++ the
-    whitening kernels of masked_whiten (three launches)."""
+    whitening kernels of masked_whiten (three Triton launches and two torch sums of the partials)."""
     _check_main("token_rewards", rewards)
     _check_mask("mask", mask, rewards)
     B, T = rewards.shape
