@@ -153,6 +153,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "transformers>=4.56.2", "safetensors", "tqdm",
                  "matplotlib", "pandas", "trl==1.16.0"],
     },
-    entry_points={"console_scripts": ["rmkernels-train=rmkernels_train.cli:main"]},
+    entry_points={"console_scripts": ["rmkernels-train=rmkernels_train.cli:entry"]},
     zip_safe=False,
 )

@@ -1,5 +1,3 @@
-import sys
+from rmkernels_train.cli import entry
 
-from rmkernels_train.cli import main
-
-sys.exit(main())
+entry()

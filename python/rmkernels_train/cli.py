@@ -26,5 +26,14 @@ def main(argv=None):
     return run(rest)
 
 
+def entry():
+    """The process entry point (``rmkernels-train``, ``python -m rmkernels_train``): :func:`main`,
+    then :func:`rmkernels_train.utils.exit_process` (a torchrun worker skips the interpreter's
+    finalization)."""
+    from rmkernels_train.utils import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

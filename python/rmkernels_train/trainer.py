@@ -224,7 +224,9 @@ def cli_main(prog, parser, check_args, run, argv, *, built_in):
         rc = run(args, dist, Log(prog, dist))
         # Every rank that finished reaches this point before any tears its process group down:
         # a rank that destroys gloo's group while its peer still uses it can abort at exit
-        # ("terminate called without an active exception", seen once in the 2-rank PPO test).
+        # ("terminate called without an active exception", seen once in the 2-rank PPO test; it
+        # recurred at interpreter finalization, which the entry points now skip for torchrun
+        # workers: utils.exit_process).
         dist.barrier()
         return rc if isinstance(rc, int) else 0
     except TrainingError as e:

@@ -434,8 +434,10 @@ def reinforce_pp_advantages(token_rewards, mask=None, *, gamma=1.0, unbiased=Tru
     ``returns`` is :func:`reinforce_pp_returns` (the discounted return over the valid positions,
     carried over masked ones, 0 there); ``advantages`` are the returns whitened over all valid
     positions of the batch: ``(R - mean) * rsqrt(var + eps)`` with the variance unbiased (verl;
-    ``unbiased=False``: OpenRLHF's population variance), 0 at masked positions and everywhere
-    when the batch has at most one valid position (``masked_whiten``'s rule, never NaN).
+    ``unbiased=False``: the population variance of OpenRLHF 0.11's ``reinforce``, which clamps it
+    at 1e-8 instead of adding eps and leaves masked positions unzeroed), 0 at masked positions
+    and everywhere when the batch has at most one valid position (``masked_whiten``'s rule,
+    never NaN).
     ``token_rewards``: ``[B, T]`` any float dtype and strides; ``mask``: ``[B, T]``
     bool/int/float (non-zero = valid) or None (all valid). Returns
     ``ReinforceAdvantages(advantages, returns)``, float32 (float64 for float64 rewards). No
