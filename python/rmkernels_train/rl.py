@@ -32,9 +32,10 @@ import time
 import torch
 
 from rmkernels._codes import GROUP_ESTIMATORS
+from rmkernels_train.grpo import CRITIC_FREE
 from rmkernels_train.utils import TrainingError
 
-ADVANTAGES = (*GROUP_ESTIMATORS, "reinforce_pp", "remax", "gae")
+ADVANTAGES = (*CRITIC_FREE, "gae")
 REWARDS = ("model", "checker")
 KL_MODES = ("loss", "reward")
 
