@@ -167,20 +167,11 @@ __global__ void __launch_bounds__(kThreads)
   // group's stats are a few loads, shared by the warp's lanes of the same row; the formula is a
   // handful of float64 operations; reinforce_pp_baseline's whitening after it), written under
   // the mask; the thread of t = 0 writes seq[b]. The element's (b, t) advances by the grid's
-  // stride with a carry: one 64-bit division per thread, not one per element.
+  // stride with a carry (GridStride2D): one 64-bit division per thread, not one per element.
   const int64_t Tn = T > 0 ? T : 1;
-  const int64_t n = B * Tn;
-  const int64_t step_b = nthreads / Tn, step_t = nthreads - step_b * Tn;
-  int64_t b = tid / Tn, t = tid - b * Tn;
-  for (int64_t i = tid; i < n; i += nthreads) {
-    if (i != tid) {
-      b += step_b;
-      t += step_t;
-      if (t >= Tn) {
-        t -= Tn;
-        ++b;
-      }
-    }
+  GridStride2D p(tid, nthreads, Tn);
+  for (int64_t i = tid; i < B * Tn; i += nthreads, p.advance()) {
+    const int64_t b = p.row, t = p.col;
     A v = row_value(r, ids, stats, b, B, est, eps, unbiased, single, f_norm, alpha);
     if (rppb) v = w.ok && __ldcg(row_len + b) > 0 ? (v - mean_a) * rstd : A(0);
     if (t == 0) seq[b] = v;

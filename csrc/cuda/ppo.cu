@@ -29,6 +29,8 @@
 // served by L1 within a warp's 4 KiB span). Measured on no GPU yet.
 #include "ppo.cuh"
 
+#include "affine_scan.cuh"
+
 #include <algorithm>
 #include <type_traits>
 
@@ -46,62 +48,15 @@ constexpr int kGaeThreads = 256;
 constexpr int kGaeItems = 4;
 constexpr int kGaeWarps = kGaeThreads / kWarp;
 
-template <typename A>
-struct Affine {
-  A a, b;  // x -> a * x + b
-};
-
-template <typename A>
-__device__ __forceinline__ Affine<A> identity() {
-  return {A(1), A(0)};
-}
-
-// l after r: x -> l(r(x)). r is the part to the right (applied first). Plain IEEE
-// arithmetic, like the sequential recurrence (gamma * lam = 0 times a NaN A_next is NaN).
-template <typename A>
-__device__ __forceinline__ Affine<A> after(Affine<A> l, Affine<A> r) {
-  return {l.a * r.a, l.a * r.b + l.b};
-}
-
-// The V_next scan selects a value rather than computing one: a valid position (a = 0)
-// forgets everything to its right exactly, so an inf V there cannot turn into 0 * inf = NaN.
-template <typename A>
-__device__ __forceinline__ Affine<A> after_select(Affine<A> l, Affine<A> r) {
-  return l.a == A(0) ? l : Affine<A>{l.a * r.a, l.a * r.b + l.b};
-}
-
-template <typename A>
-__device__ __forceinline__ A apply(Affine<A> f, A x) {
-  return f.a * x + f.b;
-}
-
-template <typename A>
-__device__ __forceinline__ A apply_select(Affine<A> f, A x) {
-  return f.a == A(0) ? f.b : f.a * x + f.b;
-}
-
 // Reverse exclusive scan of the threads' maps over the block (kSelect: the V_next scan):
 // thread i gets the composition of the maps of threads i+1 .. blockDim-1 (identity for the
 // last thread); `total` is the composition of all of them (the same in every thread).
 // Every thread of the block must call it; `warp_tot` holds kGaeWarps maps in shared memory.
 template <bool kSelect, typename A>
-__device__ __forceinline__ Affine<A> compose(Affine<A> l, Affine<A> r) {
-  return kSelect ? after_select(l, r) : after(l, r);
-}
-
-template <bool kSelect, typename A>
 __device__ __forceinline__ Affine<A> block_rscan_exclusive(Affine<A> mine, Affine<A>* warp_tot, Affine<A>& total) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  Affine<A> inc = mine;  // inclusive over lanes lane .. 31 of this warp
-#pragma unroll
-  for (int o = 1; o < kWarp; o <<= 1) {
-    const A oa = __shfl_down_sync(0xffffffffu, inc.a, o);
-    const A ob = __shfl_down_sync(0xffffffffu, inc.b, o);
-    if (lane + o < kWarp) inc = compose<kSelect>(inc, Affine<A>{oa, ob});
-  }
-  const A ea = __shfl_down_sync(0xffffffffu, inc.a, 1);
-  const A eb = __shfl_down_sync(0xffffffffu, inc.b, 1);
-  const Affine<A> excl = lane == kWarp - 1 ? identity<A>() : Affine<A>{ea, eb};
+  Affine<A> excl;
+  const Affine<A> inc = warp_rscan<kSelect>(mine, excl);  // over lanes lane .. 31 of this warp
   __syncthreads();  // warp_tot may still be read by the previous scan
   if (lane == 0) warp_tot[warp] = inc;
   __syncthreads();

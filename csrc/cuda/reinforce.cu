@@ -6,8 +6,9 @@
 //   (1) each warp walks its rows from the right in chunks of kWarp * kItems positions, each lane
 //       owning kItems consecutive ones. The return is an affine map of the carried state
 //       (valid: R -> r + gamma R; masked: R -> R), so a lane composes the maps of its items, a
-//       reverse warp scan (shuffles) gives every lane the composition of the lanes to its right,
-//       applied to the carry of the chunk to the right, and the lane walks its items. ReMax
+//       reverse warp scan (affine_scan.cuh's warp_rscan, shared with the GAE kernel) gives every
+//       lane the composition of the lanes to its right, applied to the carry of the chunk to
+//       the right, and the lane walks its items. ReMax
 //       writes both outputs here and is done. REINFORCE++ writes the returns and keeps each
 //       row's count, mean and centred sum of squares (M2), chunk by chunk from the values in
 //       registers (Chan et al.'s pairwise update), in the workspace; each warp adds its rows'
@@ -22,6 +23,8 @@
 // a batch of few very long rows (B = 32, T = 32768) keeps only B warps busy in (1).
 #include "reinforce.cuh"
 
+#include "affine_scan.cuh"
+
 #include <algorithm>
 #include <type_traits>
 
@@ -34,17 +37,6 @@ namespace {
 constexpr int kItems = 4;  // consecutive positions per lane
 constexpr int64_t kChunk = static_cast<int64_t>(kWarp) * kItems;
 constexpr int64_t kTotals = 3;  // workspace: the batch's count, sum, centred squares; then (n, mean, M2) per row
-
-template <typename A>
-struct Map {
-  A a, b;  // R -> a * R + b
-};
-
-// l after r (r applied first): plain IEEE arithmetic.
-template <typename A>
-__device__ __forceinline__ Map<A> after(Map<A> l, Map<A> r) {
-  return {l.a * r.a, l.a * r.b + l.b};
-}
 
 template <typename S, typename A, bool kRemax>
 __global__ void __launch_bounds__(kThreads)
@@ -84,21 +76,14 @@ __global__ void __launch_bounds__(kThreads)
         m[j] = t < T && mr[t * m1];
         x[j] = m[j] ? to_acc<A>(rr[t * r1]) : A(0);
       }
-      Map<A> f{A(1), A(0)};  // this lane's items, the rightmost applied first
+      Affine<A> f = identity<A>();  // this lane's items (valid: R -> gamma R + r), the rightmost first
 #pragma unroll
       for (int j = kItems - 1; j >= 0; --j) {
-        if (m[j]) f = after(Map<A>{gamma, x[j]}, f);
+        if (m[j]) f = after(Affine<A>{gamma, x[j]}, f);
       }
-      Map<A> inc = f;  // lanes lane .. kWarp - 1
-#pragma unroll
-      for (int o = 1; o < kWarp; o <<= 1) {
-        const A oa = __shfl_down_sync(0xffffffffu, inc.a, o);
-        const A ob = __shfl_down_sync(0xffffffffu, inc.b, o);
-        if (lane + o < kWarp) inc = after(inc, Map<A>{oa, ob});
-      }
-      const A ea = __shfl_down_sync(0xffffffffu, inc.a, 1);
-      const A eb = __shfl_down_sync(0xffffffffu, inc.b, 1);
-      A R = lane == kWarp - 1 ? carry : ea * carry + eb;  // R at t0 + kItems
+      Affine<A> right;  // the lanes to the right of this one
+      warp_rscan<false>(f, right);
+      A R = apply(right, carry);  // R at t0 + kItems
       A rv[kItems];
 #pragma unroll
       for (int j = kItems - 1; j >= 0; --j) {
@@ -176,19 +161,9 @@ __global__ void __launch_bounds__(kThreads)
   const math::Whiten w = math::whiten_of(__ldcg(ws), __ldcg(ws + 1), __ldcg(ws + 2), unbiased, eps);
   const A mean_a = static_cast<A>(w.mean), rstd = static_cast<A>(w.rstd);
   if (T == 0) return;
-  const int64_t n_el = B * T;
-  const int64_t step_b = nthreads / T, step_t = nthreads - step_b * T;
-  int64_t b = tid / T, t = tid - b * T;
-  for (int64_t i = tid; i < n_el; i += nthreads) {
-    if (i != tid) {
-      b += step_b;
-      t += step_t;
-      if (t >= T) {
-        t -= T;
-        ++b;
-      }
-    }
-    adv[i] = w.ok && mask[b * m0 + t * m1] ? (__ldcg(ret + i) - mean_a) * rstd : A(0);
+  GridStride2D p(tid, nthreads, T);
+  for (int64_t i = tid; i < B * T; i += nthreads, p.advance()) {
+    adv[i] = w.ok && mask[p.row * m0 + p.col * m1] ? (__ldcg(ret + i) - mean_a) * rstd : A(0);
   }
 }
 

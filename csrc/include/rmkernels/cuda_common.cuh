@@ -104,6 +104,24 @@ template <typename T> __device__ __forceinline__ T block_max(T v, T* shared, T l
   return warp_max(v);
 }
 
+// The (row, column) of the flattened index of a [rows, cols] array (cols >= 1) in a grid-stride
+// loop that starts at `start` and advances by `stride`: one 64-bit division at the start, then
+// a carry per step (advance()), not a division per element.
+struct GridStride2D {
+  int64_t row, col, step_row, step_col, cols;
+  __device__ __forceinline__ GridStride2D(int64_t start, int64_t stride, int64_t n_cols)
+      : row(start / n_cols), col(start % n_cols), step_row(stride / n_cols), step_col(stride % n_cols),
+        cols(n_cols) {}
+  __device__ __forceinline__ void advance() {
+    row += step_row;
+    col += step_col;
+    if (col >= cols) {
+      col -= cols;
+      ++row;
+    }
+  }
+};
+
 // Calls f with a typed null pointer of the storage type of `dtype` and one of its
 // accumulator type (float, double for kFloat64), then returns the launch's error.
 template <typename F> cudaError_t dispatch_dtype(DType dtype, F&& f) {
