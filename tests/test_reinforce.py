@@ -13,6 +13,7 @@ Triton tests run under TRITON_INTERPRET=1 in their own process (``-m triton``).
 """
 import pytest
 import torch
+from test_group_advantages import verl_reinforce_pp_returns
 from utils import (
     assert_close,
     assert_compiled_matches,
@@ -27,14 +28,10 @@ import rmkernels as rmk
 
 
 def verl_reinforce_pp(token_level_rewards, response_mask, gamma):
-    """verl 0.9 compute_reinforce_plus_plus_outcome_advantage: the loop over time steps, then
-    verl_F.masked_whiten (unbiased variance, eps 1e-8) and ``* response_mask``."""
-    returns = torch.zeros_like(token_level_rewards)
-    running = 0
-    for t in reversed(range(token_level_rewards.shape[1])):
-        new = token_level_rewards[:, t] + gamma * running
-        returns[:, t] = new * response_mask[:, t]
-        running = new * response_mask[:, t] + running * (1 - response_mask[:, t])
+    """verl 0.9 compute_reinforce_plus_plus_outcome_advantage: the loop over time steps
+    (test_group_advantages.verl_reinforce_pp_returns), then verl_F.masked_whiten (unbiased
+    variance, eps 1e-8) and ``* response_mask``."""
+    returns = verl_reinforce_pp_returns(token_level_rewards, response_mask, gamma)
     mean = (returns * response_mask).sum() / response_mask.sum()
     var = (((returns - mean) ** 2) * response_mask).sum() / response_mask.sum()
     var = var * response_mask.sum() / (response_mask.sum() - 1)

@@ -60,7 +60,7 @@ from rmkernels._codes import GROUP_ESTIMATORS, GROUP_SINGLES, GroupEstimator, Gr
 from rmkernels._library import acc_dtype
 from rmkernels._registry import Kernel, Op
 from rmkernels.ops.gae import check_2d, check_mask, gae_kernel, gae_recurrence
-from rmkernels.ops.ppo import centered_sq_kernel, row_stats_kernel, whiten_apply_kernel
+from rmkernels.ops.ppo import centered_sq_kernel, masked_whiten_body, row_stats_kernel, whiten_apply_kernel
 
 GroupAdvantages = namedtuple("GroupAdvantages", ["seq_advantages", "advantages"])
 ReinforceAdvantages = namedtuple("ReinforceAdvantages", ["advantages", "returns"])
@@ -112,16 +112,14 @@ def _reference_group(scores, group_ids, mask, code, eps, unbiased, single, f_nor
 
 
 def _reference_reinforce(token_rewards, mask, baselines, gamma, unbiased, eps):
-    """REINFORCE++ (no baselines: gae_recurrence's return, whitened with ops/ppo.py's reference
-    kernels) or ReMax (the return at every position, minus the baseline where valid)."""
+    """REINFORCE++ (no baselines: gae_recurrence's return, whitened by masked_whiten's body on the
+    reference kernels) or ReMax (the return at every position, minus the baseline where valid)."""
     acc = acc_dtype(token_rewards.dtype)
     r = token_rewards.to(acc)
     valid = mask != 0
     if baselines is None:
         ret, _ = gae_recurrence(r, torch.zeros_like(r), valid, gamma, 1.0)
-        totals = row_stats_kernel("reference", ret, mask).sum(0)
-        sq = centered_sq_kernel("reference", ret, mask, totals).sum(0, keepdim=True)
-        return whiten_apply_kernel("reference", ret, mask, totals, sq, True, unbiased, eps), ret
+        return masked_whiten_body(ret, mask, True, unbiased, eps, "reference"), ret
     B, T = r.shape
     ret = torch.empty_like(r)
     R = torch.zeros(B, dtype=acc, device=r.device)

@@ -162,7 +162,7 @@ def _ppo_advantages_body(logprobs, ref_logprobs, values, scores, mask, kl_coef, 
     return adv, ret, rew, kl
 
 
-def _masked_whiten_body(x, mask, shift_mean, unbiased, eps, backend):
+def masked_whiten_body(x, mask, shift_mean, unbiased, eps, backend):
     rows = row_stats_kernel(backend, x, mask)
     return _whiten_local(x, mask, rows, shift_mean, unbiased, eps, backend)
 
@@ -209,7 +209,7 @@ _masked_whiten_apply = Op(
                                            _check_stats("sq", sq, 1, x.device)))
 _ppo_advantages = Op("ppo_advantages", body=_ppo_advantages_body, fake=lambda *a: _gae_fake(*a)[:4],
                      check=_check_ppo_gae)
-_masked_whiten = Op("masked_whiten", body=_masked_whiten_body, fake=_whitened_fake,
+_masked_whiten = Op("masked_whiten", body=masked_whiten_body, fake=_whitened_fake,
                     check=lambda x, mask, *_: _check_x_mask(x, mask))
 
 
