@@ -207,19 +207,19 @@ def test_help_commands_answer(argv):
 
 @pytest.mark.parametrize("joined", [False, True])
 def test_exit_process_flushes_and_keeps_the_status(joined):
-    """The entry points end with utils.exit_process: a process that joined a process group (a
-    torchrun worker) ends with os._exit after flushing stdout and stderr (no interpreter
-    finalization, where gloo's threads could abort a finished run); any other with sys.exit. Both
-    keep the status and every printed byte (unterminated lines included)."""
+    """The entry points end with utils.exit_process: a torchrun worker (WORLD_SIZE > 1) ends with
+    os._exit after flushing stdout and stderr (no interpreter finalization, where gloo's threads
+    could abort a finished run); any other process with sys.exit. Both keep the status and every
+    printed byte (unterminated lines included)."""
     code = ("import sys\n"
             "from rmkernels_train import utils\n"
-            f"utils._JOINED_PROCESS_GROUP[0] = {joined}\n"
             "import atexit\n"
             "atexit.register(lambda: print('finalized', file=sys.stderr))\n"
             "print('out', end='')\n"
             "print('err', end='', file=sys.stderr)\n"
             "utils.exit_process(3)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"), ROOT])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"), ROOT]),
+           "WORLD_SIZE": "2" if joined else "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 3 and res.stdout == "out"
     assert res.stderr == ("err" if joined else "errfinalized\n"), res.stderr

@@ -112,6 +112,17 @@ def penalise_unended(rewards, has_eos):
     return torch.where(has_eos, rewards, floor)
 
 
+def rollout_rewards(roll, prompts, reward, reward_model, tokenizer, decoder, backend=None):
+    """(rewards, reward-model scores, checker 0/1, ended) of the responses of ``roll`` to
+    ``prompts``: the rewards are the checker's 0/1 with ``reward="checker"``, else the scores
+    with the no-EOS floor (:func:`penalise_unended`)."""
+    correct = checker_scores(prompts, roll.sequences[:, roll.prompt_len:], decoder)
+    has_eos = ended(roll, tokenizer.eos_token_id)
+    scores = rm_scores(reward_model, roll, backend)
+    rewards = correct.clone() if reward == "checker" else penalise_unended(scores, has_eos)
+    return rewards, scores, correct, has_eos
+
+
 def auc(scores, correct):
     """P(score of a correct response > score of a wrong one), ties 1/2; None without both kinds."""
     pos, neg = scores[correct], scores[~correct]
@@ -163,31 +174,26 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     roll = sample(policy, rep_ids, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
     mask = roll.response_mask
     decoder = ResponseDecoder(tokenizer)
-    correct = checker_scores(rep_prompts, roll.sequences[:, roll.prompt_len:], decoder)
-    has_eos = ended(roll, tokenizer.eos_token_id)
     with torch.no_grad():
         ref_logp = core.fused_policy_logprobs(ref, roll, temperature)
-        scores = rm_scores(reward_model, roll, backend)
-        rewards = correct.clone() if reward == "checker" else penalise_unended(scores, has_eos)
+        rewards, scores, correct, has_eos = rollout_rewards(roll, rep_prompts, reward, reward_model, tokenizer,
+                                                            decoder, backend)
         baselines = None
         if estimator == "remax":  # the reward of each prompt's greedy response, for its G samples
             greedy = sample(policy, prompt_ids, tokenizer, max_new_tokens=max_new_tokens, greedy=True)
-            if reward == "checker":
-                base = checker_scores(prompts, greedy.sequences[:, greedy.prompt_len:], decoder)
-            else:
-                base = penalise_unended(rm_scores(reward_model, greedy, backend), ended(greedy, tokenizer.eos_token_id))
+            base = rollout_rewards(greedy, prompts, reward, reward_model, tokenizer, decoder, backend)[0]
             baselines = base.float().repeat_interleave(G)
     logp = core.fused_policy_logprobs(policy, roll, temperature)
     kl_tok = kl_per_token(logp, ref_logp, kl_estimator)
     seq_kl = (kl_tok.detach() * mask).sum(1)
     k1_tok = (logp.detach() - ref_logp) * mask if kl_mode == "reward" else None
-    if estimator in TOKEN_ESTIMATORS:  # the KL (kl_mode "reward") per token in the token rewards
+    # each response's reward less its KL (kl_mode "reward"): what the group estimators compare
+    seq_rewards = rewards if k1_tok is None else rewards - kl_coef * k1_tok.sum(1)
+    if estimator in TOKEN_ESTIMATORS:  # the KL per token in the token rewards instead
         tok_adv = token_advantages(rewards, mask, estimator, baselines=baselines, kl_k1=k1_tok, kl_coef=kl_coef,
                                    backend=backend)
-    if k1_tok is not None:  # each response's reward less its KL: what the group estimators compare
-        rewards = rewards - kl_coef * k1_tok.sum(1)
-    if estimator not in TOKEN_ESTIMATORS:
-        tok_adv = group_advantages(rewards, group_ids, mask, estimator, backend)
+    else:
+        tok_adv = group_advantages(seq_rewards, group_ids, mask, estimator, backend)
     pg_loss, _, _ = core.ppo_policy_loss(logp, logp.detach(), tok_adv, mask, 1.0)  # on-policy: ratio 1
     loss = pg_loss
     if kl_mode == "loss" and kl_coef > 0:
@@ -200,7 +206,7 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
     optimizer.step()
-    return {"score": scores.mean().item(), "reward": rewards.mean().item(), "kl": seq_kl.mean().item(),
+    return {"score": scores.mean().item(), "reward": seq_rewards.mean().item(), "kl": seq_kl.mean().item(),
             "train_success": correct.mean().item(), "ended": has_eos.float().mean().item(),
             "loss": loss.item(), "pg_loss": pg_loss.item(), "grad_norm": float(grad_norm),
             "response_length": mask.float().sum(1).mean().item(), "time": time.time() - t0}

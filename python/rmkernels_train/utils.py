@@ -195,11 +195,7 @@ def setup_distributed(device=None):
         dev = torch.device("cpu")
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-        _JOINED_PROCESS_GROUP[0] = True
     return Dist(rank, world, local_rank, dev)
-
-
-_JOINED_PROCESS_GROUP = [False]  # setup_distributed initialised a process group in this process
 
 
 def teardown_distributed():
@@ -208,15 +204,16 @@ def teardown_distributed():
 
 
 def exit_process(rc):
-    """End the process with status ``rc`` (the command-line entry points). A torchrun worker (it
-    joined a process group) flushes stdout and stderr and ends with ``os._exit``: no interpreter
+    """End the process with status ``rc`` (the command-line entry points). A torchrun worker
+    (``WORLD_SIZE`` > 1: setup_distributed joins a process group) flushes stdout and stderr and
+    ends with ``os._exit``: no interpreter
     finalization. There, gloo's C++ worker threads, still referenced by the wrapped model's
     process group after ``destroy_process_group``, could abort a finished run with SIGABRT
     ("terminate called without an active exception"; three times in 2-rank CI runs, each after
     ``final.json`` was written) and torchrun then reports the run as failed. Every file of a run
     is closed by then (written in ``with`` blocks, checkpoints renamed into place). Any other
     process exits normally (``sys.exit``)."""
-    if _JOINED_PROCESS_GROUP[0]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
