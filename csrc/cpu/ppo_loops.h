@@ -1,5 +1,5 @@
-// Loop kernels of the PPO rewards / GAE / KL / whitening (ppo.cpp), compiled once per variant of
-// cpu_simd.h (simd_variants.h): no include guard, no includes; ppo.cpp includes what they
+// Loop kernels of the PPO rewards / GAE / KL / whitening (ppo_common.h), compiled once per variant of
+// cpu_simd.h (simd_variants.h): no include guard, no includes; ppo_common.h includes what they
 // use first. Masks arrive as bytes (0 / 1) and are tested with `!= 0`: GCC vectorises a
 // select on a loaded byte, not on a loaded `bool`.
 

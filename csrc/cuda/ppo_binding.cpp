@@ -40,29 +40,8 @@ void check_stats(const at::Tensor& t, const char* name, int64_t n, const at::Dev
   check_dense(t, name, {n}, at::kDouble, dev);
 }
 
-// The checks every PPO kernel op shares (as csrc/cpu/ppo.cpp's): a float [B, T] main input on
-// a CUDA device, the others of its shape, dtype and device, a bool [B, T] mask.
-void check_main(const at::Tensor& t, const char* name) {
-  check_dim(t, name, 2);
-  check_float_input(t, name);
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
-}
-
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& main, const char* main_name) {
-  check_bt(t, name, main.size(0), main.size(1), main.device());
-  check_same_dtype(t, name, main, main_name);
-}
-
-void check_mask(const at::Tensor& mask, const char* name, int64_t B, int64_t T, const at::Device& dev) {
-  check_bt(mask, name, B, T, dev);
-  check_dtype(mask, name, at::kBool);
-}
-
-void check_kl_options(int64_t estimator, double x_clamp, double kl_clamp) {
-  check_code(estimator, "estimator", codes::kK1, codes::kK3);
-  TORCH_CHECK(x_clamp >= 0 && kl_clamp >= 0, "x_clamp and kl_clamp must be >= 0 (0 = no clamp), got ", x_clamp,
-              ", ", kl_clamp);
-}
+// The checks of the PPO family's CUDA kernel ops (op_checks.h): the main input on a CUDA device.
+void check_main(const at::Tensor& t, const char* name) { check_ppo_main(t, name, /*cuda=*/true); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_cuda(
     const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& values, const at::Tensor& scores,
@@ -71,9 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
   check_main(values, "values");
   const int64_t B = values.size(0), T = values.size(1);
   const auto dev = values.device();
-  check_like(logprobs, "logprobs", values, "values");
-  check_like(ref_logprobs, "ref_logprobs", values, "values");
-  check_mask(mask, "mask", B, T, dev);
+  check_ppo_like(logprobs, "logprobs", values, "values");
+  check_ppo_like(ref_logprobs, "ref_logprobs", values, "values");
+  check_bool_mask(mask, "mask", B, T, dev);
   check_kl_options(estimator, x_clamp, kl_clamp);
   TORCH_CHECK(score_clip >= 0, "score_clip must be >= 0 (0 = no clamp), got ", score_clip);
   const auto acc = acc_scalar_type(values.scalar_type());
@@ -100,8 +79,8 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   check_main(values, "values");
   const int64_t B = values.size(0), T = values.size(1);
   const auto dev = values.device();
-  check_like(rewards, "rewards", values, "values");
-  check_mask(mask, "mask", B, T, dev);
+  check_ppo_like(rewards, "rewards", values, "values");
+  check_bool_mask(mask, "mask", B, T, dev);
   const c10::cuda::CUDAGuard guard(dev);
   auto opts = values.options().dtype(acc_scalar_type(values.scalar_type()));
   auto adv = at::empty({B, T}, opts);
@@ -120,8 +99,8 @@ at::Tensor kl_estimate_cuda(const at::Tensor& logprobs, const at::Tensor& ref_lo
   check_main(logprobs, "logprobs");
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   const auto dev = logprobs.device();
-  check_like(ref_logprobs, "ref_logprobs", logprobs, "logprobs");
-  if (mask.has_value()) check_mask(*mask, "mask", B, T, dev);
+  check_ppo_like(ref_logprobs, "ref_logprobs", logprobs, "logprobs");
+  if (mask.has_value()) check_bool_mask(*mask, "mask", B, T, dev);
   check_kl_options(estimator, x_clamp, kl_clamp);
   const c10::cuda::CUDAGuard guard(dev);
   auto kl = at::empty({B, T}, logprobs.options().dtype(acc_scalar_type(logprobs.scalar_type())));
@@ -135,7 +114,7 @@ at::Tensor kl_estimate_cuda(const at::Tensor& logprobs, const at::Tensor& ref_lo
 
 void check_x_mask(const at::Tensor& x, const at::Tensor& mask) {
   check_main(x, "x");
-  check_mask(mask, "mask", x.size(0), x.size(1), x.device());
+  check_bool_mask(mask, "mask", x.size(0), x.size(1), x.device());
 }
 
 at::Tensor masked_row_stats_cuda(const at::Tensor& x, const at::Tensor& mask) {

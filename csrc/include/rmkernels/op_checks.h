@@ -134,6 +134,34 @@ inline void check_group_advantages_args(const at::Tensor& scores, const at::Tens
   check_code(single, "single", codes::kSingleZero, codes::kSingleSelf);
 }
 
+// The checks every PPO-family kernel op shares (CPU and CUDA): a float [B, T] main input on the
+// backend's device, the others of its shape, dtype and device, a bool [B, T] mask, the KL options.
+inline void check_ppo_main(const at::Tensor& t, const char* name, bool cuda) {
+  check_dim(t, name, 2);
+  check_float_input(t, name);
+  if (cuda) {
+    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  } else {
+    check_device(t, name, at::Device(at::kCPU));
+  }
+}
+
+inline void check_ppo_like(const at::Tensor& t, const char* name, const at::Tensor& main, const char* main_name) {
+  check_bt(t, name, main.size(0), main.size(1), main.device());
+  check_same_dtype(t, name, main, main_name);
+}
+
+inline void check_bool_mask(const at::Tensor& mask, const char* name, int64_t B, int64_t T, const at::Device& dev) {
+  check_bt(mask, name, B, T, dev);
+  check_dtype(mask, name, at::kBool);
+}
+
+inline void check_kl_options(int64_t estimator, double x_clamp, double kl_clamp) {
+  check_code(estimator, "estimator", codes::kK1, codes::kK3);
+  TORCH_CHECK(x_clamp >= 0 && kl_clamp >= 0, "x_clamp and kl_clamp must be >= 0 (0 = no clamp), got ", x_clamp,
+              ", ", kl_clamp);
+}
+
 // The arguments of reinforce_kernel (CPU and CUDA): rewards float [B, T] with any strides, mask
 // bool [B, T] with any strides, baselines (ReMax) [B] contiguous in the arithmetic dtype or
 // absent (REINFORCE++), all on rewards' device; gamma finite and >= 0, eps finite and >= 0.
@@ -142,8 +170,7 @@ inline void check_reinforce_args(const at::Tensor& rewards, const at::Tensor& ma
   check_dim(rewards, "token_rewards", 2);
   check_float_input(rewards, "token_rewards");
   const int64_t B = rewards.size(0), T = rewards.size(1);
-  check_bt(mask, "mask", B, T, rewards.device());
-  check_dtype(mask, "mask", at::kBool);
+  check_bool_mask(mask, "mask", B, T, rewards.device());
   check_dense(baselines, "baselines", {B}, acc_scalar_type(rewards.scalar_type()), rewards.device());
   TORCH_CHECK(std::isfinite(gamma) && gamma >= 0, "gamma must be finite and >= 0, got ", gamma);
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
