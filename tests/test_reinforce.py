@@ -137,6 +137,27 @@ def test_backend_matches_reference(backend, device, remax):
                 assert_close(a, e, rtol=1e-5, atol=scan_atol(T), name="mask=None")
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_triton_batch_statistics_span_row_blocks(monkeypatch, unbiased):
+    """Triton's REINFORCE++ takes the batch's statistics from the rows' (count, sum, M2) in one
+    program that loops over the rows TOTALS_BLOCK at a time; at 16 per block, 75 rows are five
+    blocks, the last partial. Rows of different means (the between-row term of the centred
+    squares matters) and rows with no valid position (they add nothing)."""
+    skip_unless_available("triton", "cpu")
+    from rmkernels.triton import ppo as triton_ppo
+
+    monkeypatch.setattr(triton_ppo, "TOTALS_BLOCK", 16)
+    B, T = 75, 40
+    r = torch.randn(B, T) + 4 * torch.randn(B, 1)
+    mask = make_mask("mixed", B, T)
+    mask[::7] = False
+    got = rmk.reinforce_pp_advantages(r, mask, gamma=0.95, unbiased=unbiased, backend="triton")
+    exp = rmk.reinforce_pp_advantages(r, mask, gamma=0.95, unbiased=unbiased, backend="reference")
+    for name, a, e in zip(("advantages", "returns"), got, exp):
+        assert_close(a, e, rtol=1e-5, atol=scan_atol(T), name=name)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_edges(backend, device):
     """B = 0 and T = 0 give empty outputs of the right shapes; a batch with no valid token or a

@@ -50,6 +50,8 @@ MAX_BLOCK_T = 1024
 FORCE_SEGMENT_T = None  # tests: segment every row with this length (any device)
 # Elements per program of the element-wise whitening apply and of the KL estimate.
 APPLY_BLOCK = 1024
+# Rows per step of _reinforce_totals_kernel's loop over the [B, 3] row statistics.
+TOTALS_BLOCK = 1024
 
 
 @triton.jit
@@ -357,11 +359,14 @@ def _kl_estimate_kernel(
 # REINFORCE++ / ReMax (reinforce_kernel, ops/group_adv.py): one program per row walks it from the
 # right in blocks of BLOCK_T, the return a reverse scan of the maps (gamma, r) at valid positions
 # and the identity at masked ones. REMAX: the return at every position and return - baseline where
-# valid; else the return under the mask and the row's whitening partials (count, sum).
+# valid; else the return under the mask and the row's whitening partials (count, sum and the
+# centred squares about the row's mean, M2: each block's from its values in registers, combined
+# from block to block by Chan et al.'s pairwise update), so that the batch's centred squares need
+# no second pass over [B, T] (_reinforce_totals_kernel).
 @triton.jit
 def _reinforce_kernel(
     rew_ptr, mask_ptr, base_ptr,  # inputs: [B, T] (any strides), bool [B, T], [B] (REMAX)
-    adv_ptr, ret_ptr, stats_ptr,  # outputs: contiguous [B, T] x2 (REMAX), float64 [B, 2] (else)
+    adv_ptr, ret_ptr, stats_ptr,  # outputs: contiguous [B, T] x2 (REMAX), float64 [B, 3] (else)
     T, s_r0, s_r1, s_m0, s_m1, gamma, gamma_lo,
     REMAX: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -372,8 +377,10 @@ def _reinforce_kernel(
     if REMAX:
         base = tl.load(base_ptr + b).to(acc_ty)
     carry = tl.zeros([], acc_ty)  # the return just right of the block
-    cnt = tl.zeros([BLOCK_T], tl.float64)
-    tot = tl.zeros([BLOCK_T], tl.float64)
+    n = tl.zeros([], tl.float64)  # the row's count, sum, mean and M2 so far (not REMAX)
+    tot = tl.zeros([], tl.float64)
+    mean = tl.zeros([], tl.float64)
+    m2 = tl.zeros([], tl.float64)
     n_blocks = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_blocks):
         start = (tl.zeros([], tl.int64) + n_blocks - 1 - i) * BLOCK_T  # right to left, 64-bit
@@ -394,11 +401,56 @@ def _reinforce_kernel(
         else:
             ret = tl.where(m, R, zero)
             tl.store(ret_ptr + out, ret, mask=inb)
-            cnt += tl.where(m, 1.0, 0.0).to(tl.float64)
-            tot += ret.to(tl.float64)
+            x = ret.to(tl.float64)
+            c = tl.sum(tl.where(m, 1.0, 0.0).to(tl.float64), axis=0)
+            s_blk = tl.sum(x, axis=0)
+            mean_blk = s_blk / tl.maximum(c, 1.0)
+            dev = tl.where(m, x - mean_blk, 0.0)
+            q = tl.sum(dev * dev, axis=0)
+            nn = n + c
+            d = mean_blk - mean
+            w = c / tl.maximum(nn, 1.0)
+            m2 = m2 + q + d * d * (n * w)
+            mean = mean + d * w
+            n = nn
+            tot = tot + s_blk
     if not REMAX:
-        tl.store(stats_ptr + b * 2, tl.sum(cnt, axis=0))
-        tl.store(stats_ptr + b * 2 + 1, tl.sum(tot, axis=0))
+        tl.store(stats_ptr + b * 3, n)
+        tl.store(stats_ptr + b * 3 + 1, tot)
+        tl.store(stats_ptr + b * 3 + 2, m2)
+
+
+@triton.jit
+def _reinforce_totals_kernel(
+    stats_ptr, totals_ptr, sq_ptr,  # float64 [B, 3] (n, sum, M2 per row) -> [2] (n, sum), [1]
+    B, BLOCK: tl.constexpr,
+):
+    """One program: the batch's count and sum, then its centred squares
+    sum_b M2_b + n_b (mean_b - mean)^2 (rows without a valid position add 0): a pass over [B, 3],
+    the input format of _whiten_apply_kernel."""
+    lane = tl.arange(0, BLOCK)
+    n_acc = tl.zeros([BLOCK], tl.float64)
+    s_acc = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, B, BLOCK):
+        rows = start + lane
+        inb = rows < B
+        n_acc += tl.load(stats_ptr + 3 * rows, mask=inb, other=0.0)
+        s_acc += tl.load(stats_ptr + 3 * rows + 1, mask=inb, other=0.0)
+    n = tl.sum(n_acc, axis=0)
+    total = tl.sum(s_acc, axis=0)
+    mean = tl.where(n > 0, total / tl.maximum(n, 1.0), 0.0)
+    q_acc = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, B, BLOCK):
+        rows = start + lane
+        inb = rows < B
+        nb = tl.load(stats_ptr + 3 * rows, mask=inb, other=0.0)
+        sb = tl.load(stats_ptr + 3 * rows + 1, mask=inb, other=0.0)
+        m2b = tl.load(stats_ptr + 3 * rows + 2, mask=inb, other=0.0)
+        d = sb / tl.maximum(nb, 1.0) - mean
+        q_acc += tl.where(nb > 0, m2b + nb * d * d, 0.0)
+    tl.store(totals_ptr, n)
+    tl.store(totals_ptr + 1, total)
+    tl.store(sq_ptr, tl.sum(q_acc, axis=0))
 
 
 def _num_segments(B, T, device):
@@ -584,8 +636,9 @@ def masked_whiten_apply(x, mask, totals, sq, shift_mean, unbiased, eps):
 def reinforce(rewards, mask, baselines, gamma, unbiased, eps):
     """REINFORCE++ (``baselines`` None: the returns whitened over the valid positions) or ReMax
     (the returns at every position, minus ``baselines`` where valid): (advantages, returns),
-    contiguous [B, T] in the arithmetic dtype. ``_reinforce_kernel``, then for REINFORCE++ the
-    whitening kernels of masked_whiten (three Triton launches and two torch sums of the partials)."""
+    contiguous [B, T] in the arithmetic dtype. ``_reinforce_kernel`` (ReMax: one launch); for
+    REINFORCE++ then ``_reinforce_totals_kernel`` (the batch's statistics from the rows') and
+    masked_whiten's apply kernel: three launches, the returns re-read once."""
     _check_main("token_rewards", rewards)
     _check_mask("mask", mask, rewards)
     B, T = rewards.shape
@@ -601,12 +654,13 @@ def reinforce(rewards, mask, baselines, gamma, unbiased, eps):
     if B == 0 or T == 0:
         return adv, ret
     remax = baselines is not None
-    stats = adv if remax else torch.empty(B, 2, dtype=torch.float64, device=dev)
+    stats = adv if remax else torch.empty(B, 3, dtype=torch.float64, device=dev)
     _reinforce_kernel[(B,)](rewards, mask, baselines if remax else adv, adv, ret, stats, T, rewards.stride(0),
                             rewards.stride(1), mask.stride(0), mask.stride(1), *split_float(gamma), REMAX=remax,
                             BLOCK_T=block_size(T, MAX_BLOCK_T))
     if remax:
         return adv, ret
-    totals = stats.sum(0)
-    sq = masked_centered_sq(ret, mask, totals).sum(0, keepdim=True)
+    totals = torch.empty(2, dtype=torch.float64, device=dev)
+    sq = torch.empty(1, dtype=torch.float64, device=dev)
+    _reinforce_totals_kernel[(1,)](stats, totals, sq, B, BLOCK=block_size(B, TOTALS_BLOCK))
     return masked_whiten_apply(ret, mask, totals, sq, True, unbiased, eps), ret
