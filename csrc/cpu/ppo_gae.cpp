@@ -50,15 +50,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
     const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& values, const at::Tensor& scores,
     const at::Tensor& mask, double kl_coef, double gamma, double lam, int64_t estimator, double x_clamp,
     double kl_clamp, double score_clip) {
-  check_main(values, "values");
+  check_ppo_gae_args(logprobs, ref_logprobs, values, scores, mask, estimator, x_clamp, kl_clamp, score_clip,
+                     /*cuda=*/false);
   const int64_t B = values.size(0), T = values.size(1);
-  check_ppo_like(logprobs, "logprobs", values, "values");
-  check_ppo_like(ref_logprobs, "ref_logprobs", values, "values");
-  check_bool_mask(mask, "mask", B, T, values.device());
-  check_kl_options(estimator, x_clamp, kl_clamp);
-  TORCH_CHECK(score_clip >= 0, "score_clip must be >= 0 (0 = no clamp), got ", score_clip);
   const auto acc_type = acc_scalar_type(values.scalar_type());
-  check_dense(scores, "scores", {B}, acc_type, values.device());
   auto opts = values.options().dtype(acc_type);
   auto adv = at::empty({B, T}, opts), ret = at::empty({B, T}, opts);
   auto rew = at::empty({B, T}, opts), kl = at::empty({B, T}, opts);

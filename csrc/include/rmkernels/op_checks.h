@@ -162,6 +162,22 @@ inline void check_kl_options(int64_t estimator, double x_clamp, double kl_clamp)
               ", ", kl_clamp);
 }
 
+// The arguments of ppo_gae_kernel (CPU and CUDA): values, logprobs, ref_logprobs float [B, T] of
+// one dtype on the backend's device (any strides), mask bool [B, T], scores [B] contiguous in the
+// arithmetic dtype; the KL options and score_clip >= 0.
+inline void check_ppo_gae_args(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& values,
+                               const at::Tensor& scores, const at::Tensor& mask, int64_t estimator, double x_clamp,
+                               double kl_clamp, double score_clip, bool cuda) {
+  check_ppo_main(values, "values", cuda);
+  const int64_t B = values.size(0), T = values.size(1);
+  check_ppo_like(logprobs, "logprobs", values, "values");
+  check_ppo_like(ref_logprobs, "ref_logprobs", values, "values");
+  check_bool_mask(mask, "mask", B, T, values.device());
+  check_kl_options(estimator, x_clamp, kl_clamp);
+  TORCH_CHECK(score_clip >= 0, "score_clip must be >= 0 (0 = no clamp), got ", score_clip);
+  check_dense(scores, "scores", {B}, acc_scalar_type(values.scalar_type()), values.device());
+}
+
 // The arguments of reinforce_kernel (CPU and CUDA): rewards float [B, T] with any strides, mask
 // bool [B, T] with any strides, baselines (ReMax) [B] contiguous in the arithmetic dtype or
 // absent (REINFORCE++), all on rewards' device; gamma finite and >= 0, eps finite and >= 0.
