@@ -25,13 +25,38 @@ namespace cuda {
 // * baselines [B] contiguous in the arithmetic dtype (ReMax): returns = R at every position
 //   (the reverse cumulative sum of the masked rewards, verl's), advantages = returns -
 //   baselines[b] at valid positions and returns elsewhere. `unbiased` and `eps` are unused.
-// `workspace`: reinforce_workspace(B) float64, zeroed by the kernel itself. One cooperative
-// launch (its grid what the current device holds at once), no host synchronisation;
-// cudaErrorNotSupported on a device without cooperative launches.
-inline int64_t reinforce_workspace(int64_t B) { return 3 * B + 3; }
+// One cooperative launch (its grid what the current device holds at once), no host
+// synchronisation; cudaErrorNotSupported on a device without cooperative launches.
+//
+// A row is walked by one warp, or, when the batch has too few rows for the grid's warps, split
+// into `segments` pieces of seg_len positions (a multiple of the warp's 128-position chunk), one
+// warp each: every piece first composes what it does to the carried return (its aggregate map),
+// a grid sync, then each piece walks again from the carry the pieces to its right hand it
+// (REINFORCE++ statistics are kept per piece). The policy (reinforce_plan): rows of at least
+// 2 * segment_t positions are split into pieces of at least segment_t positions, as far as the
+// grid's warps go around (B * segments <= warps); the binding passes kReinforceSegmentT, tests a
+// smaller one.
+constexpr int64_t kReinforceSegmentT = 1024;
+
+struct ReinforcePlan {
+  unsigned int blocks;       // of the cooperative grid
+  int64_t segments, seg_len;  // pieces per row (1: a warp per row) and their length
+};
+
+// The plan of a [B, T] call on the current device (remax: baselines are given).
+cudaError_t reinforce_plan(DType dtype, bool remax, int64_t B, int64_t T, int64_t segment_t, ReinforcePlan* plan);
+
+// float64 elements of the call's workspace (caller-owned, zeroed by the kernel where it sums):
+// REINFORCE++ the batch's 3 totals and (count, mean, M2) per piece; split rows 2 more per piece
+// (its aggregate map); 0 for ReMax on unsplit rows (workspace may be null then).
+inline int64_t reinforce_workspace(int64_t B, const ReinforcePlan& plan, bool remax) {
+  const int64_t pieces = B * plan.segments;
+  return (remax ? 0 : 3 + 3 * pieces) + (plan.segments > 1 ? 2 * pieces : 0);
+}
+
 cudaError_t launch_reinforce(DType dtype, Strided2D rewards, Strided2D mask, const void* baselines, int64_t B,
-                             int64_t T, double gamma, bool unbiased, double eps, double* workspace, void* advantages,
-                             void* returns, cudaStream_t stream);
+                             int64_t T, double gamma, bool unbiased, double eps, const ReinforcePlan& plan,
+                             double* workspace, void* advantages, void* returns, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace rmkernels

@@ -1,5 +1,6 @@
 // Torch binding of the CUDA REINFORCE-family kernel: checks, allocation, the current stream,
-// launch (no host synchronisation: the kernel zeroes its workspace itself; one cooperative launch).
+// launch (no host synchronisation: the kernel zeroes its workspace itself; one cooperative launch;
+// the plan splits the rows of a batch of few long rows, reinforce.cuh).
 #include <torch/library.h>
 
 #include "reinforce.cuh"
@@ -19,12 +20,16 @@ std::tuple<at::Tensor, at::Tensor> reinforce_cuda(const at::Tensor& rewards, con
   const auto opts = rewards.options().dtype(acc_scalar_type(rewards.scalar_type()));
   auto adv = at::empty({B, T}, opts);
   auto ret = at::empty({B, T}, opts);
+  const bool remax = baselines.has_value();
+  cuda::ReinforcePlan plan;
+  RMK_CUDA_CHECK(cuda::reinforce_plan(cuda_dtype(rewards), remax, B, T, cuda::kReinforceSegmentT, &plan));
+  const int64_t n_ws = cuda::reinforce_workspace(B, plan, remax);
   at::Tensor ws;
-  if (!baselines.has_value()) ws = at::empty({cuda::reinforce_workspace(B)}, opts.dtype(at::kDouble));
+  if (n_ws > 0) ws = at::empty({n_ws}, opts.dtype(at::kDouble));
   RMK_CUDA_CHECK(cuda::launch_reinforce(
       cuda_dtype(rewards), {rewards.data_ptr(), rewards.stride(0), rewards.stride(1)},
-      {mask.data_ptr(), mask.stride(0), mask.stride(1)}, baselines.has_value() ? baselines->data_ptr() : nullptr, B,
-      T, gamma, unbiased, eps, ws.defined() ? ws.data_ptr<double>() : nullptr, adv.data_ptr(), ret.data_ptr(),
+      {mask.data_ptr(), mask.stride(0), mask.stride(1)}, remax ? baselines->data_ptr() : nullptr, B, T, gamma,
+      unbiased, eps, plan, ws.defined() ? ws.data_ptr<double>() : nullptr, adv.data_ptr(), ret.data_ptr(),
       c10::cuda::getCurrentCUDAStream()));
   return {adv, ret};
 }

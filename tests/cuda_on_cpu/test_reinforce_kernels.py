@@ -4,8 +4,9 @@ returns minus a baseline) with ragged sizes (rows shorter and longer than a warp
 chunk, T = 0 and 1, B = 0), every mask kind (empty rows, single-token rows, holes, left padding,
 column-major strides), strided rewards, every rewards dtype the launcher takes, gamma 0 / 0.9 /
 1; one cooperative launch per call (the emulated device's 16 resident blocks, so a warp takes
-several rows and each thread several elements); NaN rewards; the workspace written in the launch
-across concurrent blocks under ThreadSanitizer."""
+several rows and each thread several elements); rows split into pieces (a batch of few long
+rows: reinforce_plan, at the binding's segment length and scaled down); NaN rewards; the
+workspace written in the launch across concurrent blocks under ThreadSanitizer."""
 import pytest
 import torch
 from test_reinforce import scan_atol
@@ -18,31 +19,52 @@ from .emu import DTYPE_CODE, Program
 pytestmark = pytest.mark.cuda_on_cpu
 
 
-def _workspace(B):
-    """reinforce.cuh's reinforce_workspace(B) float64 (AddressSanitizer reports a launcher that
+SEGMENT_T = 1024  # reinforce.cuh's kReinforceSegmentT, what the binding passes
+
+
+def plan_of(dtype, remax, B, T, segment_t=SEGMENT_T):
+    """(blocks, segments, seg_len) of reinforce_plan on the emulated device (16 resident blocks
+    of 8 warps)."""
+    prog = Program()
+    out = prog.out((3,), torch.int64)
+    prog.call("rmk_reinforce_plan", DTYPE_CODE[dtype], int(remax), B, T, segment_t, out)
+    res = prog.run()
+    assert res.rcs == [0], res.rcs
+    return tuple(res[out].tolist())
+
+
+def _workspace(B, plan, remax):
+    """reinforce.cuh's reinforce_workspace float64 (AddressSanitizer reports a launcher that
     writes past it)."""
-    return 3 * B + 3
+    pieces = B * plan[1]
+    return (0 if remax else 3 + 3 * pieces) + (2 * pieces if plan[1] > 1 else 0)
 
 
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def launch(rewards, mask, baselines=None, gamma=1.0, unbiased=True, eps=1e-8, variant="asan", counts=False):
+def launch(rewards, mask, baselines=None, gamma=1.0, unbiased=True, eps=1e-8, variant="asan", counts=False,
+           segment_t=SEGMENT_T, plan=None):
     """(rcs, advantages, returns[, issued]) of launch_reinforce as the binding calls it (rewards and
-    mask with their own strides, baselines contiguous in the arithmetic dtype or None, a
-    NaN-filled workspace: the kernel zeroes what it sums into)."""
+    mask with their own strides, baselines contiguous in the arithmetic dtype or None, the plan of
+    reinforce_plan with segment_t unless given, a NaN-filled workspace: the kernel zeroes what it
+    sums into)."""
     B, T = rewards.shape
     acc = _acc(rewards.dtype)
+    remax = baselines is not None
+    if plan is None:
+        plan = plan_of(rewards.dtype, remax, B, T, segment_t)
     prog = Program()
-    ws = prog.out((_workspace(B),), torch.float64)
+    n_ws = _workspace(B, plan, remax)
+    ws = prog.out((n_ws,), torch.float64) if n_ws else None
     adv, ret = prog.out((B, T), acc), prog.out((B, T), acc)
     if counts:
         before, after = prog.out((3,), torch.int64), prog.out((3,), torch.int64)
         prog.call("rmk_emu_counts", before)
     prog.call("rmk_reinforce", DTYPE_CODE[rewards.dtype], prog.inp(rewards), rewards.stride(0), rewards.stride(1),
               prog.inp(mask), mask.stride(0), mask.stride(1), None if baselines is None else prog.inp(baselines), B, T,
-              float(gamma), bool(unbiased), float(eps), None if baselines is not None else ws, adv, ret)
+              float(gamma), bool(unbiased), float(eps), *plan, ws, adv, ret)
     if counts:
         prog.call("rmk_emu_counts", after)
     res = prog.run(variant)
@@ -52,8 +74,8 @@ def launch(rewards, mask, baselines=None, gamma=1.0, unbiased=True, eps=1e-8, va
     return out
 
 
-def check(rewards, mask, baselines=None, what="", gamma=1.0, unbiased=True, variant="asan"):
-    rcs, adv, ret = launch(rewards, mask, baselines, gamma, unbiased, variant=variant)
+def check(rewards, mask, baselines=None, what="", gamma=1.0, unbiased=True, variant="asan", segment_t=SEGMENT_T):
+    rcs, adv, ret = launch(rewards, mask, baselines, gamma, unbiased, variant=variant, segment_t=segment_t)
     assert rcs == [0], rcs
     e_adv, e_ret = gops.reinforce_kernel("reference", rewards, mask, baselines, float(gamma), bool(unbiased), 1e-8)
     # the warp scan composes the maps in another order than the sequential recurrence, and the
@@ -90,6 +112,48 @@ def test_reinforce_matches_reference(remax):
         base = torch.randn(B) if remax else None
         for gamma in (0.0, 0.9, 1.0):
             check(r, mask, base, f"B={B} T={T} {kind} gamma={gamma}", gamma=gamma, unbiased=bool(i % 2 == 0))
+
+
+def test_reinforce_plan_splits_only_few_long_rows():
+    """reinforce_plan: rows shorter than 2 * segment_t, or more rows than half the grid's warps
+    (16 blocks x 8 warps here), are one warp each; otherwise a row is split into pieces of at least
+    segment_t positions (a multiple of the 128-position chunk) as far as the warps go around; the
+    grid is what the largest phase needs, at most the 16 resident blocks."""
+    f32 = torch.float32
+    assert plan_of(f32, False, 4, 2047) == (16, 1, 2047)
+    assert plan_of(f32, False, 2, 9000) == (16, 9, 1024)          # ceil(9000 / 1024) pieces
+    assert plan_of(f32, True, 40, 4096) == (16, 3, 1408)           # 128 warps // 40 rows = 3 pieces
+    assert plan_of(f32, False, 65, 4096) == (16, 1, 4096)          # 128 // 65 = 1: no split
+    assert plan_of(f32, False, 3, 1000, segment_t=128) == (12, 8, 128)  # 3000 elements: 12 blocks
+    assert plan_of(f32, False, 50, 300, segment_t=128) == (16, 2, 256)  # the last piece 44 positions
+    assert plan_of(f32, False, 2, 5) == (1, 1, 5)                  # 2 * 5 elements: one block
+    assert plan_of(f32, False, 0, 5) == (1, 1, 5)
+
+
+@pytest.mark.parametrize("remax", [False, True], ids=["reinforce_pp", "remax"])
+def test_reinforce_split_rows_match_reference(remax):
+    """Rows split into pieces, one warp each, with the carries of the pieces to the right from
+    their aggregates: at the binding's segment length (2 x 9000) and scaled down to 128 (pieces of
+    one chunk, of two with a partial last, every mask kind and layout, strided rewards, rows with
+    no valid position, gamma 0 / 0.9 / 1)."""
+    check(torch.randn(2, 9000), make_mask("holes", 2, 9000), torch.randn(2) if remax else None, "2x9000",
+          gamma=1.0)
+    for i, (B, T) in enumerate([(3, 1000), (20, 700), (50, 300), (1, 257)]):
+        kind = ["right", "left", "holes", "mixed"][i % 4]
+        r, mask = _case(B, T, kind, col_major=bool(i % 2), strided=bool(i % 2 == 0))
+        base = torch.randn(B) if remax else None
+        for gamma in (0.0, 0.9, 1.0):
+            check(r, mask, base, f"B={B} T={T} {kind} gamma={gamma} split", gamma=gamma, unbiased=bool(i % 2),
+                  segment_t=128)
+
+
+def test_reinforce_rejects_a_malformed_plan():
+    """A plan whose pieces are not whole chunks, or with no blocks, is cudaErrorInvalidValue (1)
+    before anything runs."""
+    r, mask = _case(3, 600)
+    for plan in ((16, 3, 200), (0, 1, 600), (16, 0, 600)):
+        rcs, _, _ = launch(r, mask, plan=plan)
+        assert rcs == [1], (plan, rcs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
@@ -141,10 +205,10 @@ def test_reinforce_nan_reward():
 def test_reinforce_is_one_cooperative_launch_per_call():
     """One cooperative launch and nothing else on the stream (no memset: the kernel zeroes the
     NaN-filled workspace), for rows shorter and longer than a chunk and more rows than warps."""
-    for B, T in ((5, 3), (300, 257)):
+    for B, T, seg in ((5, 3, SEGMENT_T), (300, 257, SEGMENT_T), (6, 1000, 128)):  # the last: split rows
         r, mask = _case(B, T)
         for base in (None, torch.randn(B)):
-            rcs, adv, ret, issued = launch(r, mask, base, gamma=0.9, counts=True)
+            rcs, adv, ret, issued = launch(r, mask, base, gamma=0.9, counts=True, segment_t=seg)
             assert rcs == [0, 0, 0]
             assert issued == [0, 1, 0], f"B={B} T={T}: launches, cooperative launches, memsets = {issued}"
             e_adv, _ = gops.reinforce_kernel("reference", r, mask, base, 0.9, True, 1e-8)
@@ -158,3 +222,6 @@ def test_reinforce_race_free_under_thread_sanitizer(remax):
     B, T = 300, 140
     r, mask = _case(B, T, col_major=True)
     check(r, mask, torch.randn(B) if remax else None, f"tsan remax={remax}", gamma=0.9, variant="tsan")
+    r, mask = _case(10, 600, col_major=True)  # split rows: the aggregates, a grid sync, the carries
+    check(r, mask, torch.randn(10) if remax else None, f"tsan split remax={remax}", gamma=0.9, variant="tsan",
+          segment_t=128)
