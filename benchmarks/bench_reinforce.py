@@ -2,9 +2,10 @@
 and ReMax (``rmk.remax_advantages``: the return minus a baseline) against verl 0.9's formulas as
 verl writes them (``hf``: REINFORCE++'s Python loop over the time steps + ``masked_whiten``;
 ReMax's flip-cumsum-flip), a vectorized torch version (REINFORCE++: a chunked linear scan) and
-its torch.compile, on rpp-l / remax-l (65,536 responses x 128 tokens, as grpo-l).
+its torch.compile, on rpp-l / remax-l (65,536 responses x 128 tokens, as grpo-l) and rpp-xl /
+remax-xl (32 x 32,768, as gae-xl: few long rows, which the CUDA kernel splits into pieces).
 
-    python benchmarks/bench_reinforce.py [--shapes rpp-l remax-l] [--quick] [--threads 1]
+    python benchmarks/bench_reinforce.py [--shapes rpp-l remax-l rpp-xl remax-xl] [--quick] [--threads 1]
     python benchmarks/bench_reinforce.py --results   # the committed results/<device>-reinforce.{csv,md}
 
 Every provider gets what verl passes: ``token_level_rewards`` [B, T] fp32 (a small per-token

@@ -47,6 +47,9 @@ GPU_SHAPES = {
     # REINFORCE++ and ReMax (issue 14; not in BENCHMARKS.md): grpo-l's batch
     "rpp-l": Shape("rpp-l", "rpp", dict(B=65536, T=128), "fp32", note="REINFORCE++, gamma 1"),
     "remax-l": Shape("remax-l", "remax", dict(B=65536, T=128), "fp32", note="ReMax"),
+    # ... and gae-xl's few long rows (on a GPU the CUDA kernel splits them into pieces)
+    "rpp-xl": Shape("rpp-xl", "rpp", dict(B=32, T=32768), "fp32", note="REINFORCE++, gamma 1, few long rows"),
+    "remax-xl": Shape("remax-xl", "remax", dict(B=32, T=32768), "fp32", note="ReMax, few long rows"),
 }
 
 # On the CPU: fp32 everywhere (BENCHMARKS.md: pool-s is fp32 on the CPU), and the two giant
