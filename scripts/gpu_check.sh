@@ -15,7 +15,8 @@
 #   5. bench   benchmarks/run.py at the named shapes of BENCHMARKS.md (--quick): the critic-free
 #              group advantages first in a stage of their own (issue 14's GPU target: one
 #              launch, within 1.25x of the memory floor), then op by op (REINFORCE++ and ReMax
-#              first, judged against the same floor)
+#              first, at rpp-l / remax-l and at the few long rows of rpp-xl / remax-xl, judged
+#              against the same floor)
 #   6. suite   the rest of the test suite (not GPU, not CUDA-on-CPU, not slow) in the time left;
 #              reaching its cap is reported, not a failure (CI runs these on CPU)
 # Every log and result goes to OUT_DIR; OUT_DIR/summary.md is the table of stages.
@@ -155,14 +156,26 @@ run_stage graphs "$CAP_GRAPHS" graphs.log $PY scripts/gpu_check_ops.py graphs "$
 # ---- 5. benchmarks, op by op (what finishes is kept) -----------------------------------------
 run_stage "bench grpo" "$CAP_BENCH_GRPO" bench-grpo.log $PY benchmarks/run.py --device cuda --quick --ops grpo \
   --out "$OUT/bench-grpo"
+# name|run.py arguments: REINFORCE++ / ReMax at the many-row shapes (every provider), then at the
+# few-long-row shapes the CUDA kernel splits (the rmk providers only: verl's loop over 32768 time
+# steps and a torch.compile at that length would eat the stage), then the other ops.
+BENCH_RUNS=(
+  "rpp|--ops rpp --shapes rpp-l"
+  "remax|--ops remax --shapes remax-l"
+  "rpp-xl|--ops rpp --shapes rpp-xl --providers rmk-cuda rmk-triton"
+  "remax-xl|--ops remax --shapes remax-xl --providers rmk-cuda rmk-triton"
+  "gae|--ops gae" "bt|--ops bt" "pooling|--ops pooling" "pair|--ops pair" "e2e|--ops e2e"
+)
 BENCH_END=$(( $(date +%s) + CAP_BENCH ))
-for op in rpp remax gae bt pooling pair e2e; do
+for item in "${BENCH_RUNS[@]}"; do
+  name=${item%%|*}
+  read -r -a bench_args <<< "${item#*|}"
   left=$(( BENCH_END - $(date +%s) ))
   if [ $left -le 5 ]; then
-    record "bench $op" "skipped: the bench stage's ${CAP_BENCH} s were used up" 0 "-"
+    record "bench $name" "skipped: the bench stage's ${CAP_BENCH} s were used up" 0 "-"
     continue
   fi
-  run_stage "bench $op" "$left" "bench-$op.log" $PY benchmarks/run.py --device cuda --quick --ops "$op" \
+  run_stage "bench $name" "$left" "bench-$name.log" $PY benchmarks/run.py --device cuda --quick "${bench_args[@]}" \
     --out "$OUT/bench"
 done
 
