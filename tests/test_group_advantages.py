@@ -224,7 +224,7 @@ def test_backend_matches_reference(backend, device, estimator):
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_reinforce_pp_baseline_whitening_edges(backend, device):
     """The kernels whiten reinforce_pp_baseline from the rows' values and lengths (C++ CPU,
-    CUDA) or over [B, T] (Triton), the reference over [B, T]: rows without a valid token get 0
+    CUDA, Triton), the reference over [B, T]: rows without a valid token get 0
     (seq too), a batch with at most one valid token is all 0, never NaN; ragged lengths."""
     skip_unless_available(backend, device)
     B, T = 37, 11
@@ -250,6 +250,28 @@ def test_reinforce_pp_baseline_whitening_edges(backend, device):
                 assert torch.all(got.seq_advantages == 0) and torch.all(got.advantages == 0), where
             else:
                 assert got.seq_advantages[~empty].abs().sum() > 0, where
+
+
+@pytest.mark.triton
+def test_triton_reinforce_pp_baseline_whitening_spans_row_blocks(monkeypatch):
+    """Triton whitens reinforce_pp_baseline in one program that loops over the rows WHITEN_BLOCK at
+    a time; at 16 per block, 75 rows are five blocks, the last partial, with empty rows and ragged
+    lengths (the lengths weight each row's value)."""
+    skip_unless_available("triton", "cpu")
+    from rmkernels.triton import group_adv as triton_group_adv
+
+    monkeypatch.setattr(triton_group_adv, "WHITEN_BLOCK", 16)
+    B, T = 75, 13
+    scores = make_scores(B, None, torch.float32) + 3.0
+    ids = make_groups(B)
+    mask = make_mask("holes", B, T)
+    mask[::6] = False
+    for unbiased in (True, False):
+        kw = dict(estimator="reinforce_pp_baseline", unbiased=unbiased)
+        got = rmk.group_advantages(scores, ids, mask, backend="triton", **kw)
+        exp = rmk.group_advantages(scores, ids, mask, backend="reference", **kw)
+        assert_close(got.seq_advantages, exp.seq_advantages, rtol=1e-5, atol=1e-6, name=f"seq unbiased={unbiased}")
+        assert_close(got.advantages, exp.advantages, rtol=1e-5, atol=1e-6, name=f"adv unbiased={unbiased}")
 
 
 @pytest.mark.cuda

@@ -158,11 +158,11 @@ reinforce_kernel = Kernel("reinforce_kernel", reference=_reference_reinforce, tr
 
 
 def _whiten_rows(seq, adv, mask, unbiased, eps, backend):
-    """reinforce_pp_baseline's whitening as the reference and the Triton kernel do it:
-    masked_whiten's statistics over the valid tokens of ``adv`` (its kernels in ops/ppo.py: row
-    partials, centred squares, apply), applied to the [B, T] advantages and to the per-sequence
-    values (0 for rows with no valid token). (The C++ CPU and CUDA kernels get the same
-    statistics from the rows' values and lengths, without a pass over [B, T].)"""
+    """reinforce_pp_baseline's whitening as the reference does it: masked_whiten's statistics
+    over the valid tokens of ``adv`` (its kernels in ops/ppo.py: row partials, centred squares,
+    apply), applied to the [B, T] advantages and to the per-sequence values (0 for rows with no
+    valid token). (The C++ CPU, CUDA and Triton kernels get the same statistics from the rows'
+    values and lengths, without a pass over [B, T].)"""
     rows = row_stats_kernel(backend, adv, mask)
     totals = rows.sum(0)
     sq = centered_sq_kernel(backend, adv, mask, totals).sum(0, keepdim=True)

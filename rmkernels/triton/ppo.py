@@ -306,6 +306,19 @@ def _centered_sq_kernel(
 
 
 @triton.jit
+def _whiten_params(n, mean, sq, eps, UNBIASED: tl.constexpr):
+    """math::whiten_of (scalar_math.h) in float64, from a batch's count, mean and centred squares:
+    (ok, rstd); ok = n > 1 (else every whitened value is 0, never NaN)."""
+    ok = n > 1
+    if UNBIASED:
+        den = n - 1.0
+    else:
+        den = n
+    var = sq / tl.where(ok, den, 1.0)
+    return ok, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
 def _whiten_apply_kernel(
     x_ptr, mask_ptr, totals_ptr, sq_ptr, out_ptr,  # x [B, T], bool mask, float64 [2], [1], out [B, T]
     T, s_x0, s_x1, s_m0, s_m1, eps, eps_lo,
@@ -315,13 +328,8 @@ def _whiten_apply_kernel(
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     acc_ty = out_ptr.dtype.element_ty
     n, mean = _mean_of(totals_ptr)
-    ok = n > 1  # n <= 1: all zeros, never NaN
-    if UNBIASED:
-        den = n - 1.0
-    else:
-        den = n
-    var = tl.load(sq_ptr) / tl.where(ok, den, 1.0)
-    rstd = (1.0 / tl.sqrt(var + scalar(eps, eps_lo, tl.float64))).to(acc_ty)
+    ok, rstd = _whiten_params(n, mean, tl.load(sq_ptr), scalar(eps, eps_lo, tl.float64), UNBIASED)
+    rstd = rstd.to(acc_ty)
     mean_a = mean.to(acc_ty)
     inb = offs < T
     m = tl.load(mask_ptr + b * s_m0 + offs * s_m1, mask=inb, other=0) != 0
