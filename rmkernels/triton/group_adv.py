@@ -29,7 +29,7 @@ import triton.language as tl
 
 from rmkernels._codes import GroupEstimator, GroupSingle
 from rmkernels.triton._common import acc_dtype, block_size, scalar, split_float
-from rmkernels.triton.ppo import _whiten_params
+from rmkernels.triton.ppo import _moments_of_rows, _whiten_mean, _whiten_params
 
 _GRPO = tl.constexpr(int(GroupEstimator.GRPO))
 _RLOO = tl.constexpr(int(GroupEstimator.RLOO))
@@ -177,23 +177,9 @@ def _rppb_whiten_kernel(
     without a valid token get 0, as every row when the batch has at most one valid token."""
     acc_ty = seq_ptr.dtype.element_ty
     lane = tl.arange(0, BLOCK)
-    n_acc = tl.zeros([BLOCK], tl.float64)
-    s_acc = tl.zeros([BLOCK], tl.float64)
-    for start in range(0, B, BLOCK):
-        rows = start + lane
-        inb = rows < B
-        ln = tl.load(len_ptr + rows, mask=inb, other=0.0)
-        n_acc += ln
-        s_acc += ln * tl.load(seq_ptr + rows, mask=inb, other=0.0).to(tl.float64)
-    n = tl.sum(n_acc, axis=0)
-    mean = tl.where(n > 0, tl.sum(s_acc, axis=0) / tl.maximum(n, 1.0), 0.0)
-    q_acc = tl.zeros([BLOCK], tl.float64)
-    for start in range(0, B, BLOCK):
-        rows = start + lane
-        inb = rows < B
-        d = tl.load(seq_ptr + rows, mask=inb, other=0.0).to(tl.float64) - mean
-        q_acc += tl.load(len_ptr + rows, mask=inb, other=0.0) * (d * d)
-    ok, rstd = _whiten_params(n, mean, tl.sum(q_acc, axis=0), scalar(eps, eps_lo, tl.float64), UNBIASED)
+    n, total, sq = _moments_of_rows(len_ptr, seq_ptr, len_ptr, 1, B, False, False, BLOCK)
+    mean = _whiten_mean(n, total)
+    ok, rstd = _whiten_params(n, mean, sq, scalar(eps, eps_lo, tl.float64), UNBIASED)
     mean_a = mean.to(acc_ty)
     rstd_a = rstd.to(acc_ty)
     for start in range(0, B, BLOCK):

@@ -281,10 +281,15 @@ def _row_stats_kernel(
 
 
 @triton.jit
+def _whiten_mean(n, s):
+    """math::whiten_mean: the mean of n values of sum s, 0 when n is 0."""
+    return tl.where(n > 0, s / tl.maximum(n, 1.0), 0.0)
+
+
+@triton.jit
 def _mean_of(totals_ptr):
     n = tl.load(totals_ptr)
-    s = tl.load(totals_ptr + 1)
-    return n, tl.where(n > 0, s / tl.maximum(n, 1.0), 0.0)
+    return n, _whiten_mean(n, tl.load(totals_ptr + 1))
 
 
 @triton.jit
@@ -429,36 +434,57 @@ def _reinforce_kernel(
 
 
 @triton.jit
-def _reinforce_totals_kernel(
-    stats_ptr, totals_ptr, sq_ptr,  # float64 [B, 3] (n, sum, M2 per row) -> [2] (n, sum), [1]
-    B, BLOCK: tl.constexpr,
-):
-    """One program: the batch's count and sum, then its centred squares
-    sum_b M2_b + n_b (mean_b - mean)^2 (rows without a valid position add 0): a pass over [B, 3],
-    the input format of _whiten_apply_kernel."""
+def _moments_of_rows(n_ptr, x_ptr, m2_ptr, stride, B,
+                     X_IS_SUM: tl.constexpr, HAS_M2: tl.constexpr, BLOCK: tl.constexpr):
+    """(n, total, sq) of a batch whose row b holds n_b values (n_ptr[b * stride]) with sum x_b
+    (X_IS_SUM) or mean x_b (else), and centred sum of squares M2_b (HAS_M2; else 0: n_b copies of
+    one value): the count sum_b n_b, the sum of the values, and their centred squares
+    sum_b M2_b + n_b (mean_b - mean)^2 (rows with n_b = 0 add nothing). Float64, loops of BLOCK
+    rows: a pass over B, not over [B, T] (REINFORCE++'s and reinforce_pp_baseline's whitening)."""
     lane = tl.arange(0, BLOCK)
     n_acc = tl.zeros([BLOCK], tl.float64)
     s_acc = tl.zeros([BLOCK], tl.float64)
     for start in range(0, B, BLOCK):
         rows = start + lane
         inb = rows < B
-        n_acc += tl.load(stats_ptr + 3 * rows, mask=inb, other=0.0)
-        s_acc += tl.load(stats_ptr + 3 * rows + 1, mask=inb, other=0.0)
+        nb = tl.load(n_ptr + rows * stride, mask=inb, other=0.0).to(tl.float64)
+        xb = tl.load(x_ptr + rows * stride, mask=inb, other=0.0).to(tl.float64)
+        n_acc += nb
+        if X_IS_SUM:
+            s_acc += xb
+        else:
+            s_acc += nb * xb
     n = tl.sum(n_acc, axis=0)
     total = tl.sum(s_acc, axis=0)
-    mean = tl.where(n > 0, total / tl.maximum(n, 1.0), 0.0)
+    mean = _whiten_mean(n, total)
     q_acc = tl.zeros([BLOCK], tl.float64)
     for start in range(0, B, BLOCK):
         rows = start + lane
         inb = rows < B
-        nb = tl.load(stats_ptr + 3 * rows, mask=inb, other=0.0)
-        sb = tl.load(stats_ptr + 3 * rows + 1, mask=inb, other=0.0)
-        m2b = tl.load(stats_ptr + 3 * rows + 2, mask=inb, other=0.0)
-        d = sb / tl.maximum(nb, 1.0) - mean
-        q_acc += tl.where(nb > 0, m2b + nb * d * d, 0.0)
+        nb = tl.load(n_ptr + rows * stride, mask=inb, other=0.0).to(tl.float64)
+        xb = tl.load(x_ptr + rows * stride, mask=inb, other=0.0).to(tl.float64)
+        if X_IS_SUM:
+            d = xb / tl.maximum(nb, 1.0) - mean
+        else:
+            d = xb - mean
+        q = nb * (d * d)
+        if HAS_M2:
+            q += tl.load(m2_ptr + rows * stride, mask=inb, other=0.0)
+        q_acc += tl.where(nb > 0, q, 0.0)
+    return n, total, tl.sum(q_acc, axis=0)
+
+
+@triton.jit
+def _reinforce_totals_kernel(
+    stats_ptr, totals_ptr, sq_ptr,  # float64 [B, 3] (n, sum, M2 per row) -> [2] (n, sum), [1]
+    B, BLOCK: tl.constexpr,
+):
+    """One program: the batch's count, sum and centred squares from the rows' (_moments_of_rows),
+    in the input format of _whiten_apply_kernel."""
+    n, total, sq = _moments_of_rows(stats_ptr, stats_ptr + 1, stats_ptr + 2, 3, B, True, True, BLOCK)
     tl.store(totals_ptr, n)
     tl.store(totals_ptr + 1, total)
-    tl.store(sq_ptr, tl.sum(q_acc, axis=0))
+    tl.store(sq_ptr, sq)
 
 
 def _num_segments(B, T, device):
