@@ -47,6 +47,8 @@ def _cases(dev):
     vals = rnd(B, T)
     scores = rnd(B)
     gids = torch.tensor([1, 0, 1, 2]).to(dev)  # two responses to prompt 1, one each to 0 and 2
+    long_vals = rnd(3, 2300)
+    long_mask = (torch.arange(2300)[None] < torch.tensor([2300, 1500, 2100])[:, None]).to(dev)
     cases = {
         "last_token_index": (lambda be: (rmk.last_token_index(mask),), []),
         "last_token_reward": (lambda be: (rmk.last_token_reward(hidden, w, b, attention_mask=mask, backend=be),),
@@ -68,6 +70,11 @@ def _cases(dev):
         "reinforce_pp_advantages": (lambda be: tuple(rmk.reinforce_pp_advantages(vals, mask, gamma=0.99,
                                                                                  backend=be)), []),
         "remax_advantages": (lambda be: tuple(rmk.remax_advantages(vals, scores, mask, backend=be)), []),
+        # ... with rows long enough (>= 2 x 1024) for the CUDA kernel to split them into pieces
+        "reinforce_pp_advantages (split rows)": (lambda be: tuple(rmk.reinforce_pp_advantages(
+            long_vals, long_mask, gamma=0.99, backend=be)), []),
+        "remax_advantages (split rows)": (lambda be: tuple(rmk.remax_advantages(long_vals, scores[:3], long_mask,
+                                                                                backend=be)), []),
     }
     # Ops other branches add: covered here once they exist.
     if hasattr(rmk, "gae"):
