@@ -79,7 +79,7 @@ def floor_rows(device):
             dict(base, metric="launch_ms", median=l50, p20=l20, p80=l80, unit="ms", note="empty kernel launch")]
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", nargs="*", default=list(ALL_OPS), choices=ALL_OPS + OPT_IN_OPS,
                     help=f"default: {' '.join(ALL_OPS)}; opt-in: {' '.join(OPT_IN_OPS)}")
@@ -93,7 +93,11 @@ def main(argv=None):
                     "runs/benchmarks for a partial one)")
     ap.add_argument("--no-merge", action="store_true", help="overwrite the CSV instead of merging groups")
     ap.add_argument("--no-plots", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     main_ops = [op for op in args.ops if op in ALL_OPS]
     rm_pack = "rm-pack" in args.ops
     if rm_pack:

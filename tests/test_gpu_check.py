@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh (the one GPU check, issue 13) runs to completion on a CPU-only
 machine, says that its GPU stages were skipped, and writes its summary to OUT_DIR."""
 import os
+import re
 import subprocess
 import sys
 
@@ -23,3 +24,24 @@ def test_gpu_check_cpu_mode(tmp_path):
                "masked_whiten"):
         assert op in ops, ops
     assert "cuda available: False" in (out / "env.txt").read_text()
+
+
+def test_gpu_check_bench_runs_are_valid():
+    """Each benchmarks/run.py call of the bench stage (BENCH_RUNS in the script) parses, names
+    shapes of its own op and providers that exist: a typo there would only show on a lent GPU,
+    and cost its minutes."""
+    from benchmarks import run, shapes
+    from rmkernels._backend import BACKENDS
+
+    text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    block = re.search(r"BENCH_RUNS=\((.*?)\n\)", text, re.S)
+    assert block, "BENCH_RUNS not found in scripts/gpu_check.sh"
+    items = re.findall(r'"([^"|]+)\|([^"]*)"', block.group(1))
+    assert len(items) >= 5, items
+    known = {"hf", "torch", "compile"} | {f"rmk-{b}" for b in BACKENDS}
+    for name, args in items:
+        a = run.build_parser().parse_args(args.split() + ["--device", "cuda", "--quick"])
+        assert a.ops, name
+        for shape in a.shapes or []:
+            assert shapes.get(shape, "cuda").op in a.ops, f"{name}: shape {shape} is not an op of {a.ops}"
+        assert set(a.providers or []) <= known, f"{name}: unknown providers {set(a.providers) - known}"
