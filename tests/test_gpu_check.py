@@ -46,3 +46,13 @@ def test_gpu_check_bench_runs_are_valid():
         for shape in a.shapes or []:
             assert shapes.get(shape, "cuda").op in a.ops, f"{name}: shape {shape} is not an op of {a.ops}"
         assert set(a.providers or []) <= known, f"{name}: unknown providers {set(a.providers) - known}"
+
+
+def test_gpu_check_caps_fit_one_device_command():
+    """The stage caps add up to less than the 600 s the device tool gives one command (the
+    sanitizer's cap counts twice: memcheck and racecheck), so that a run which reaches every cap
+    still writes its summary."""
+    text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    caps = {k: int(v) for k, v in re.findall(r"^(CAP_\w+)=\$\{CAP_\w+:-(\d+)\}", text, re.M)}
+    assert {"CAP_BUILD", "CAP_GPU_CUDA", "CAP_SANITIZER", "CAP_SUITE"} <= set(caps), caps
+    assert sum(caps.values()) + caps["CAP_SANITIZER"] <= 580, caps
