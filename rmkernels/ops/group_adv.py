@@ -107,7 +107,7 @@ def _reference_group(scores, group_ids, mask, code, eps, unbiased, single, f_nor
     seq = seq.to(acc)
     adv = torch.where(mask, seq[:, None], torch.zeros((), dtype=acc, device=dev))
     if code == GroupEstimator.REINFORCE_PP_BASELINE:
-        seq, adv = _whiten_rows(seq, adv, mask, unbiased, whiten_eps, "reference")
+        seq, adv = _whiten_rows(seq, adv, mask, unbiased, whiten_eps)
     return seq, adv
 
 
@@ -157,18 +157,18 @@ reinforce_kernel = Kernel("reinforce_kernel", reference=_reference_reinforce, tr
                           fake=_reinforce_fake)
 
 
-def _whiten_rows(seq, adv, mask, unbiased, eps, backend):
+def _whiten_rows(seq, adv, mask, unbiased, eps):
     """reinforce_pp_baseline's whitening as the reference does it: masked_whiten's statistics
     over the valid tokens of ``adv`` (its kernels in ops/ppo.py: row partials, centred squares,
     apply), applied to the [B, T] advantages and to the per-sequence values (0 for rows with no
     valid token). (The C++ CPU, CUDA and Triton kernels get the same statistics from the rows'
     values and lengths, without a pass over [B, T].)"""
-    rows = row_stats_kernel(backend, adv, mask)
+    rows = row_stats_kernel("reference", adv, mask)
     totals = rows.sum(0)
-    sq = centered_sq_kernel(backend, adv, mask, totals).sum(0, keepdim=True)
-    adv_w = whiten_apply_kernel(backend, adv, mask, totals, sq, True, unbiased, eps)
+    sq = centered_sq_kernel("reference", adv, mask, totals).sum(0, keepdim=True)
+    adv_w = whiten_apply_kernel("reference", adv, mask, totals, sq, True, unbiased, eps)
     has = (rows[:, 0] > 0)[:, None]
-    seq_w = whiten_apply_kernel(backend, seq[:, None], has, totals, sq, True, unbiased, eps)[:, 0]
+    seq_w = whiten_apply_kernel("reference", seq[:, None], has, totals, sq, True, unbiased, eps)[:, 0]
     return seq_w, adv_w
 
 
