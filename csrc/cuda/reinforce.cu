@@ -64,6 +64,16 @@ __device__ __forceinline__ Affine<A> load_items(const S* rr, int64_t r1, const b
   return f;
 }
 
+// Piece p of the rows (n_seg per row, seg_len positions each, the last one cut at T): its row,
+// its index in the row, its positions [lo, hi) and the first position of its last chunk (where the
+// walk from the right starts; below lo when the piece is empty).
+struct Piece {
+  int64_t b, s, lo, hi, last_chunk;
+  __device__ __forceinline__ Piece(int64_t p, int64_t n_seg, int64_t seg_len, int64_t T)
+      : b(p / n_seg), s(p % n_seg), lo(s * seg_len), hi(lo + seg_len < T ? lo + seg_len : T),
+        last_chunk(lo + ((hi - lo + kChunk - 1) / kChunk - 1) * kChunk) {}
+};
+
 template <typename S, typename A, bool kRemax>
 __global__ void __launch_bounds__(kThreads)
     reinforce_kernel(const S* __restrict__ rew, int64_t r0, int64_t r1, const bool* __restrict__ mask, int64_t m0,
@@ -86,13 +96,13 @@ __global__ void __launch_bounds__(kThreads)
   // (A) each piece's aggregate (the piece index is uniform over the warp: shuffles name all lanes)
   if (n_seg > 1) {
     for (int64_t p = tid / kWarp; p < pieces; p += nthreads / kWarp) {
-      const int64_t b = p / n_seg, lo = (p % n_seg) * seg_len, hi = lo + seg_len < T ? lo + seg_len : T;
+      const Piece pc(p, n_seg, seg_len, T);
       Affine<A> g = identity<A>();  // the piece's chunks to the right of the current one
-      for (int64_t c0 = lo + ((hi - lo + kChunk - 1) / kChunk - 1) * kChunk; c0 >= lo; c0 -= kChunk) {
+      for (int64_t c0 = pc.last_chunk; c0 >= pc.lo; c0 -= kChunk) {
         bool m[kItems];
         A x[kItems];
-        const Affine<A> f = load_items(rew + b * r0, r1, mask + b * m0, m1, c0 + int64_t(lane) * kItems, hi, gamma,
-                                       m, x);
+        const Affine<A> f = load_items(rew + pc.b * r0, r1, mask + pc.b * m0, m1, c0 + int64_t(lane) * kItems, pc.hi,
+                                       gamma, m, x);
         Affine<A> right;
         const Affine<A> inc = warp_rscan<false>(f, right);
         const Affine<A> chunk{__shfl_sync(0xffffffffu, inc.a, 0), __shfl_sync(0xffffffffu, inc.b, 0)};
@@ -109,7 +119,8 @@ __global__ void __launch_bounds__(kThreads)
   // (1) a warp per piece
   double w_cnt = 0, w_sum = 0;  // this warp's pieces, the same in every lane
   for (int64_t p = tid / kWarp; p < pieces; p += nthreads / kWarp) {
-    const int64_t b = p / n_seg, s = p % n_seg, lo = s * seg_len, hi = lo + seg_len < T ? lo + seg_len : T;
+    const Piece pc(p, n_seg, seg_len, T);
+    const int64_t b = pc.b, s = pc.s, hi = pc.hi;
     const S* rr = rew + b * r0;
     const bool* mr = mask + b * m0;
     A* o_ret = ret + b * T;
@@ -121,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
                               static_cast<A>(__ldcg(agg + 2 * (b * n_seg + k) + 1))}, carry);
     }
     double n = 0, mean = 0, m2 = 0, sum = 0;  // the piece's statistics so far (REINFORCE++)
-    for (int64_t c0 = lo + ((hi - lo + kChunk - 1) / kChunk - 1) * kChunk; c0 >= lo; c0 -= kChunk) {
+    for (int64_t c0 = pc.last_chunk; c0 >= pc.lo; c0 -= kChunk) {
       const int64_t t0 = c0 + static_cast<int64_t>(lane) * kItems;
       bool m[kItems];
       A x[kItems];
@@ -212,13 +223,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Blocks for `work` threads, at most what the device holds of this kernel at once.
-template <typename S, typename A, bool kRemax>
-cudaError_t grid_for(int64_t work, unsigned int* blocks) {
-  return cooperative_grid<reinforce_kernel<S, A, kRemax>, kThreads>(ceil_div(std::max<int64_t>(work, 1), kThreads),
-                                                                   blocks);
-}
-
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename S, typename A, bool kRemax>
@@ -235,8 +239,11 @@ cudaError_t plan_of(int64_t B, int64_t T, int64_t segment_t, ReinforcePlan* plan
   const int64_t seg_len = div_up(div_up(T, n_seg), kChunk) * kChunk;
   plan->segments = n_seg > 1 ? div_up(T, seg_len) : 1;
   plan->seg_len = plan->segments > 1 ? seg_len : T;
-  // As many blocks as the largest phase has work for (a warp per piece, a thread per element).
-  return grid_for<S, A, kRemax>(std::max<int64_t>({B * plan->segments * kWarp, B * T, kTotals}), &plan->blocks);
+  // As many blocks as the largest phase has work for (a warp per piece, a thread per element),
+  // at most the capacity.
+  const int64_t work = std::max<int64_t>({B * plan->segments * kWarp, B * T, kTotals});
+  plan->blocks = static_cast<unsigned int>(std::min<int64_t>(div_up(work, kThreads), cap));
+  return cudaSuccess;
 }
 
 template <typename S, typename A, bool kRemax>
