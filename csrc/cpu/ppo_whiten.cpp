@@ -19,11 +19,6 @@ void row_stats_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Strides
   });
 }
 
-void check_x_mask(const at::Tensor& x, const at::Tensor& mask) {
-  check_main(x, "x");
-  check_bool_mask(mask, "mask", x.size(0), x.size(1), x.device());
-}
-
 void check_totals(const at::Tensor& totals, const char* name, int64_t n) {
   check_shape(totals, name, {n});
   check_dtype(totals, name, at::kDouble);
@@ -31,7 +26,7 @@ void check_totals(const at::Tensor& totals, const char* name, int64_t n) {
 }
 
 at::Tensor masked_row_stats_cpu(const at::Tensor& x, const at::Tensor& mask) {
-  check_x_mask(x, mask);
+  check_ppo_x_mask(x, mask, /*cuda=*/false);
   const int64_t B = x.size(0), T = x.size(1);
   auto stats = at::empty({B, 2}, x.options().dtype(at::kDouble));
   if (B == 0) return stats;
@@ -43,7 +38,7 @@ at::Tensor masked_row_stats_cpu(const at::Tensor& x, const at::Tensor& mask) {
 }
 
 at::Tensor masked_centered_sq_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& totals) {
-  check_x_mask(x, mask);
+  check_ppo_x_mask(x, mask, /*cuda=*/false);
   check_totals(totals, "totals", 2);
   const int64_t B = x.size(0), T = x.size(1);
   auto out = at::empty({B}, x.options().dtype(at::kDouble));
@@ -59,7 +54,7 @@ at::Tensor masked_centered_sq_cpu(const at::Tensor& x, const at::Tensor& mask, c
 
 at::Tensor masked_whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& totals,
                                    const at::Tensor& sq, bool shift_mean, bool unbiased, double eps) {
-  check_x_mask(x, mask);
+  check_ppo_x_mask(x, mask, /*cuda=*/false);
   check_totals(totals, "totals", 2);
   check_totals(sq, "sq", 1);
   const int64_t B = x.size(0), T = x.size(1);

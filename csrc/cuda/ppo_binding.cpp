@@ -107,13 +107,8 @@ at::Tensor kl_estimate_cuda(const at::Tensor& logprobs, const at::Tensor& ref_lo
   return kl;
 }
 
-void check_x_mask(const at::Tensor& x, const at::Tensor& mask) {
-  check_main(x, "x");
-  check_bool_mask(mask, "mask", x.size(0), x.size(1), x.device());
-}
-
 at::Tensor masked_row_stats_cuda(const at::Tensor& x, const at::Tensor& mask) {
-  check_x_mask(x, mask);
+  check_ppo_x_mask(x, mask, /*cuda=*/true);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stats = at::empty({x.size(0), 2}, x.options().dtype(at::kDouble));
   RMK_CUDA_CHECK(cuda::launch_masked_row_stats(cuda_dtype(x), strided(x), strided(mask), x.size(0), x.size(1),
@@ -122,7 +117,7 @@ at::Tensor masked_row_stats_cuda(const at::Tensor& x, const at::Tensor& mask) {
 }
 
 at::Tensor masked_centered_sq_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& totals) {
-  check_x_mask(x, mask);
+  check_ppo_x_mask(x, mask, /*cuda=*/true);
   check_stats(totals, "totals", 2, x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({x.size(0)}, x.options().dtype(at::kDouble));
@@ -134,7 +129,7 @@ at::Tensor masked_centered_sq_cuda(const at::Tensor& x, const at::Tensor& mask, 
 
 at::Tensor masked_whiten_apply_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& totals,
                                     const at::Tensor& sq, bool shift_mean, bool unbiased, double eps) {
-  check_x_mask(x, mask);
+  check_ppo_x_mask(x, mask, /*cuda=*/true);
   check_stats(totals, "totals", 2, x.device());
   check_stats(sq, "sq", 1, x.device());
   const c10::cuda::CUDAGuard guard(x.device());

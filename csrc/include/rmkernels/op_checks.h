@@ -156,6 +156,12 @@ inline void check_bool_mask(const at::Tensor& mask, const char* name, int64_t B,
   check_dtype(mask, name, at::kBool);
 }
 
+// masked_whiten's kernel ops: x float [B, T] on the backend's device, mask bool [B, T] beside it.
+inline void check_ppo_x_mask(const at::Tensor& x, const at::Tensor& mask, bool cuda) {
+  check_ppo_main(x, "x", cuda);
+  check_bool_mask(mask, "mask", x.size(0), x.size(1), x.device());
+}
+
 inline void check_kl_options(int64_t estimator, double x_clamp, double kl_clamp) {
   check_code(estimator, "estimator", codes::kK1, codes::kK3);
   TORCH_CHECK(x_clamp >= 0 && kl_clamp >= 0, "x_clamp and kl_clamp must be >= 0 (0 = no clamp), got ", x_clamp,
