@@ -259,21 +259,23 @@ def grpo_hf(token_level_rewards, response_mask, index, eps=1e-6):
 def grpo_verl_vectorized(token_level_rewards, response_mask, index, eps=1e-6):
     """verl 0.9 ``compute_grpo_vectorized_outcome_advantage``: ``as_torch_index`` (a failed
     numeric coercion of the strings, then ``np.unique(..., return_inverse=True)``, a sort of
-    the uid strings) and ``group_mean_std`` (index_add_ sums, singletons mean 0 / std 1,
-    variance floor 0 since verl PR 6348)."""
+    the uid strings, then the ids copied to the scores' device) and ``group_mean_std``
+    (index_add_ sums on that device, singletons mean 0 / std 1, variance floor 0 since verl
+    PR 6348)."""
     with torch.no_grad():
         scores = token_level_rewards.sum(dim=-1)
+        dev = scores.device
         arr = np.asarray(index, dtype=object).reshape(-1)
         try:
-            g = torch.from_numpy(arr.astype(np.int64))
+            g = torch.from_numpy(arr.astype(np.int64)).to(dev)
         except (ValueError, TypeError):
-            g = torch.from_numpy(np.unique(arr, return_inverse=True)[1].astype(np.int64, copy=False))
+            g = torch.from_numpy(np.unique(arr, return_inverse=True)[1].astype(np.int64, copy=False)).to(dev)
         G = int(torch.max(g).item()) + 1 if g.numel() else 0
-        count = torch.zeros(G).index_add_(0, g, torch.ones_like(scores))
-        s1 = torch.zeros(G).index_add_(0, g, scores)
+        count = torch.zeros(G, device=dev).index_add_(0, g, torch.ones_like(scores))
+        s1 = torch.zeros(G, device=dev).index_add_(0, g, scores)
         mean = s1 / count.clamp_min(1.0)
         centered = scores - mean[g]
-        var = torch.zeros(G).index_add_(0, g, centered * centered) / (count - 1.0).clamp_min(1.0)
+        var = torch.zeros(G, device=dev).index_add_(0, g, centered * centered) / (count - 1.0).clamp_min(1.0)
         std = torch.sqrt(torch.clamp(var, min=0.0))
         single = count <= 1.0
         if torch.any(single):
@@ -294,18 +296,18 @@ def grpo_torch_core(token_level_rewards, ids, response_mask, eps=1e-6):
     """The tensor part of the best eager GRPO we could write: index_add_ statistics over ids
     in [0, B) (no host sync for G), two-pass variance, one ``where`` for the [B, T] write."""
     scores = token_level_rewards.sum(dim=-1)
-    B = scores.shape[0]
-    count = torch.zeros(B).index_add_(0, ids, torch.ones_like(scores))[ids]
-    mean = torch.zeros(B).index_add_(0, ids, scores)[ids] / count
+    zeros = scores.new_zeros(scores.shape[0])
+    count = zeros.index_add(0, ids, torch.ones_like(scores))[ids]
+    mean = zeros.index_add(0, ids, scores)[ids] / count
     d = scores - mean
-    std = torch.sqrt(torch.zeros(B).index_add_(0, ids, d * d)[ids] / (count - 1).clamp_min(1))
+    std = torch.sqrt(zeros.index_add(0, ids, d * d)[ids] / (count - 1).clamp_min(1))
     one = count <= 1
     seq = torch.where(one, scores, d) / (torch.where(one, torch.ones_like(std), std) + eps)
     return torch.where(response_mask, seq[:, None], torch.zeros((), dtype=seq.dtype))
 
 
 def grpo_torch(token_level_rewards, response_mask, index, eps=1e-6):
-    return grpo_torch_core(token_level_rewards, uid_ids(index), response_mask, eps)
+    return grpo_torch_core(token_level_rewards, uid_ids(index).to(token_level_rewards.device), response_mask, eps)
 
 
 def rpp_hf(token_level_rewards, response_mask, gamma=1.0, eps=1e-8):

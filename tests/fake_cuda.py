@@ -1,0 +1,180 @@
+"""A stand-in CUDA device for CPU-only machines: which tensors a piece of Python puts on the
+CPU when its inputs are on the GPU.
+
+    with fake_cuda():
+        x = torch.randn(4, 3).to("cuda")      # x.device == cuda:0, its data on the CPU
+        x + torch.ones(3)                       # RuntimeError: ... two devices, cuda:0 and cpu
+        torch.zeros(4, device=x.device)         # fine: on the (fake) GPU
+
+A tensor "on the GPU" is a ``FakeCudaTensor``: its data is a real CPU tensor, so values,
+``.item()`` and data-dependent Python all work, while ``.device`` says ``cuda:0``. Every aten
+op is first run on fake tensors with the devices the real ones would have (torch's own
+``FakeTensorMode`` with its own device rules: CPU scalars mix with GPU tensors, ``index_add_``
+wants one device, ...) and raises as the real GPU run would; then it runs on the CPU data and
+its outputs go to the device the fake run gave them. Factories asked for ``device="cuda"``
+make fake GPU tensors. Inside the C++ layer the stand-in is the ``meta`` device (no CUDA
+runtime is asked for streams or guards), so autograd works.
+
+Not covered: CUDA kernels themselves (``rmkernels``' cuda and triton backends need a GPU) and
+the CUDA runtime API (streams, events, ``torch.cuda.*``). What it is for: the benchmark
+baselines and the Python glue that run on a lent GPU for minutes at most.
+"""
+import contextlib
+import copy
+
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+)
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+CUDA = torch.device("cuda", 0)
+_STANDIN = torch.device("meta")  # what the C++ layer sees
+
+
+class FakeCudaTensor(torch.Tensor):
+    """A tensor that says it is on ``cuda:0``; ``.elem`` holds its data on the CPU."""
+
+    elem: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, elem):
+        r = torch.Tensor._make_wrapper_subclass(
+            cls, elem.shape, strides=elem.stride(), storage_offset=elem.storage_offset(), dtype=elem.dtype,
+            layout=elem.layout, device=_STANDIN, requires_grad=elem.requires_grad)
+        r.elem = elem
+        return r
+
+    @property
+    def device(self):
+        return CUDA
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def is_meta(self):
+        return False
+
+    def get_device(self):
+        return 0
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy`` (of a model on the stand-in): a copy of the data, still on it."""
+        if id(self) not in memo:
+            out = FakeCudaTensor(self.elem.detach().clone()).requires_grad_(self.requires_grad)
+            out.__dict__.update((k, copy.deepcopy(v, memo)) for k, v in self.__dict__.items() if k != "elem")
+            memo[id(self)] = out
+        return memo[id(self)]
+
+    def __repr__(self):
+        return f"FakeCudaTensor({self.elem!r}, device='cuda:0')"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError("a FakeCudaTensor was used outside `with fake_cuda():`")
+
+
+def _unwrap(x):
+    return x.elem if isinstance(x, FakeCudaTensor) else x
+
+
+def _is_cuda(d):
+    return (isinstance(d, torch.device) and d.type == "cuda") or (isinstance(d, str) and d.startswith("cuda"))
+
+
+def _swap_devices(kwargs, to):
+    """``device=`` of a factory: cuda, or meta, which is what the C++ layer (autograd's
+    zero-filled gradients, ``new_*`` of a stand-in tensor) asks for on the stand-in's behalf."""
+    def gpu(v):
+        return _is_cuda(v) or (isinstance(v, torch.device) and v.type == "meta") or v == "meta"
+    return {k: (to if gpu(v) else v) for k, v in kwargs.items()}
+
+
+class _Dispatch(TorchDispatchMode):
+    """Every aten op: a fake run for the device rules and output devices, then the CPU run."""
+
+    def __init__(self):
+        super().__init__()
+        self.fake = FakeTensorMode()
+
+    def _fake(self, x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if isinstance(x, FakeCudaTensor):
+            meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+            return FakeTensor(self.fake, meta, _STANDIN)
+        return self.fake.from_tensor(x)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out_devices = None
+        try:
+            with self.fake:
+                fout = func(*tree_map(self._fake, args), **tree_map(self._fake, _swap_devices(kwargs, _STANDIN)))
+            out_devices = [CUDA if t.device == _STANDIN else t.device
+                           for t in tree_flatten(fout)[0] if isinstance(t, torch.Tensor)]
+        except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException):
+            pass  # no fake run for this op: its outputs go where its inputs are (below)
+        except RuntimeError as e:
+            raise RuntimeError(str(e).replace("meta", "cuda:0")) from None
+        out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, _swap_devices(kwargs, "cpu")))
+        flat = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if out_devices is None:
+            on_gpu = any(isinstance(t, FakeCudaTensor) for t in tree_flatten((args, kwargs))[0]) or any(
+                v is _STANDIN for v in _swap_devices(kwargs, _STANDIN).values())
+            out_devices = [CUDA if on_gpu else torch.device("cpu")] * len(flat)
+        wrapped = {id(t): (FakeCudaTensor(t) if d == CUDA else t) for t, d in zip(flat, out_devices)}
+        # an in-place op returns its (wrapped) self
+        for a in tree_flatten(args)[0]:
+            if isinstance(a, FakeCudaTensor) and id(a.elem) in wrapped:
+                wrapped[id(a.elem)] = a
+        return tree_map(lambda t: wrapped.get(id(t), t) if isinstance(t, torch.Tensor) else t, out)
+
+
+class _Function(TorchFunctionMode):
+    """What does not reach the dispatcher as a GPU op: ``.to("cuda")`` / ``.cuda()`` of a CPU
+    tensor (the binding asks the CUDA runtime first), ``torch.tensor(..., device="cuda")``
+    (its binding skips the modes) and ``.tolist()``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.to, torch.Tensor.cuda):
+            if func is torch.Tensor.cuda:
+                device, dtype, copy = CUDA, None, False
+            else:
+                device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+                copy = kwargs.get("copy", False)
+            if _is_cuda(device):
+                x = args[0]
+                if dtype is not None and dtype != x.dtype:
+                    x = x.to(dtype)
+                if isinstance(x, FakeCudaTensor) and not copy:
+                    return x
+                return torch.ops.aten._to_copy.default(x, device=CUDA)
+        if func in (torch.tensor, torch.as_tensor) and _is_cuda(kwargs.get("device")):
+            # built from Python data on the host, then copied (the binding skips the modes)
+            x = func(*args, **dict(kwargs, device="cpu"))
+            return torch.ops.aten._to_copy.default(x, device=CUDA).requires_grad_(x.requires_grad)
+        if func is torch.Tensor.tolist and isinstance(args[0], FakeCudaTensor):
+            return args[0].elem.tolist()  # a copy to the host, as on a GPU
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def fake_cuda():
+    """Inside: ``"cuda"`` is a stand-in GPU whose tensors live on the CPU (module docstring)."""
+    saved = torch.cuda._lazy_init
+    torch.cuda._lazy_init = lambda: None
+    try:
+        with _Dispatch(), _Function():
+            yield
+    finally:
+        torch.cuda._lazy_init = saved

@@ -1,0 +1,96 @@
+"""The benchmark runner as a lent GPU runs it (``benchmarks/run.py --device cuda``), here, on a
+stand-in CUDA device (tests/fake_cuda.py): every provider but rmkernels' cuda and triton
+backends runs on tensors that say ``cuda:0``, and must not mix in CPU tensors.
+
+Why: on the H200 lent on 2026-11-30 three of the grpo baselines (verl's vectorized GRPO, the
+torch version and its torch.compile) stopped at their first call, ``index_add_`` of a CPU
+``torch.zeros(G)`` with GPU scores; the stage's minutes went by with no baseline measured.
+The timings are stubbed (each call made once): what is checked is that each provider runs on
+the GPU's tensors and matches the reference there, the check ``benchmarks/run.py`` makes
+before timing anything.
+"""
+import csv
+
+import pytest
+import torch
+from fake_cuda import FakeCudaTensor, fake_cuda
+
+from benchmarks import run, timing
+from rmkernels import _backend
+
+# the baselines each op must have checked on the GPU (rmkernels' own cuda/triton providers need one)
+BASELINES = {
+    "pooling": {"hf", "torch", "compile"},
+    "bt": {"hf", "torch", "compile"},
+    "pair": {"hf", "torch", "compile"},
+    "gae": {"hf", "torch", "compile"},
+    "grpo": {"verl-vec", "torch", "compile"},
+    "rpp": {"hf", "torch", "compile"},
+    "remax": {"hf", "compile"},
+    "e2e": {"hf", "rmk"},
+}
+
+
+def _once(f):
+    setup, fn = timing._as_pair(f)
+    if setup is None:
+        fn()
+    else:
+        fn(setup())
+
+
+@pytest.fixture
+def standin_gpu(monkeypatch):
+    """The runner's GPU-only calls stubbed: timings call each function once, the floors are
+    fixed numbers, the device is named; rmkernels' cuda and triton backends are unavailable
+    (the reference runs in their place); compile runs eagerly (Dynamo does not trace the
+    stand-in's tensor subclass)."""
+    def measure(fns, device="cpu", **kw):
+        for f in fns.values():
+            _once(f)
+        return {k: (1.0, 1.0, 1.0) for k in fns}
+
+    monkeypatch.setattr(timing, "measure_interleaved", measure)
+    monkeypatch.setattr(timing, "device_time", lambda f, **kw: (_once(f), (1.0, 1.0, 1.0))[1])
+    monkeypatch.setattr(timing, "peak_memory_mib", lambda f, device="cpu": (_once(f), float("nan"))[1])
+    monkeypatch.setattr(timing, "copy_bandwidth_gbps", lambda: ((4000.0,) * 3, (0.5,) * 3))
+    monkeypatch.setattr(timing, "empty_launch_ms", lambda: (0.003,) * 3)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Stand-in GPU")
+    why_not = _backend._why_not
+    monkeypatch.setattr(_backend, "_why_not", lambda name, dt: "it needs a real GPU (this is a stand-in)"
+                        if dt == "cuda" and name in ("cuda", "triton") else why_not(name, dt))
+    with torch.compiler.set_stance("force_eager"), fake_cuda():
+        yield
+
+
+def test_standin_device_rules():
+    """The stand-in raises where a GPU raises and runs what a GPU runs (else the test below
+    could not fail, or fail for nothing)."""
+    with fake_cuda():
+        x = torch.randn(6).to("cuda")
+        assert isinstance(x, FakeCudaTensor) and x.device == torch.device("cuda", 0) and x.is_cuda
+        for bad in (lambda: x + torch.ones(6), lambda: torch.zeros(6).index_add_(0, torch.arange(6), x),
+                    lambda: torch.where(x > 0, x, torch.ones(6)), lambda: torch.cat([x, torch.ones(2)])):
+            with pytest.raises(RuntimeError, match="device"):
+                bad()
+        # what a GPU allows: CPU scalars, CPU indices, factories on x.device, .item(), autograd
+        y = torch.where(x > 0, x, torch.zeros(())) + x[torch.tensor([1, 0, 2, 3, 4, 5])]
+        z = torch.zeros(6, device=x.device).index_add_(0, torch.arange(6, device=x.device), y)
+        assert z.device == x.device and isinstance(z.sum().item(), float)
+        w = torch.ones(6, device="cuda", requires_grad=True)
+        (g,) = torch.autograd.grad((w * x).sum(), w)
+        assert g.device == x.device and torch.equal(g.elem, x.elem)
+        assert x.cpu().device.type == "cpu" and torch.equal(x.cpu(), x.elem)
+
+
+@pytest.mark.parametrize("op", run.ALL_OPS)
+def test_runner_on_a_gpu(op, standin_gpu, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert run.main(["--device", "cuda", "--tiny", "--quick", "--ops", op, "--out", str(out), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "!!" not in err, f"a provider failed on the GPU's tensors:\n{err}"
+    with open(out / "stand-in-gpu.csv") as f:
+        checks = {r["provider"]: float(r["median"]) for r in csv.DictReader(f)
+                  if r["op"] == op and r["metric"] == "correct"}
+    assert BASELINES[op] <= set(checks), f"{op}: checked {sorted(checks)}, expected at least {sorted(BASELINES[op])}"
+    assert all(v == 1.0 for v in checks.values()), checks
