@@ -14,7 +14,9 @@ the full call is timed, the uid -> group-id mapping included. Two more rows, ``w
 interleaved with the full call and with ``rmk-<backend>-op``, the op alone (group ids and
 summed scores given); on the CPU once with the outputs in recycled memory and once in fresh
 pages (``floor_rows``).
-verl's loop is left out above 100k responses (it takes ~15 s a call at 1M).
+verl's loop is left out above 100k responses (it takes ~15 s a call at 1M) and on a GPU: verl
+runs it on the driver's CPU tensors, and on GPU tensors its ~4 small launches per response
+(seconds a call at grpo-l) would take the GPU check's whole stage.
 """
 try:
     from benchmarks import _path  # noqa: F401
@@ -58,10 +60,10 @@ def bytes_moved(shape):
 def providers(device, B):
     p = {"verl-vec": lambda r, m, i: baselines.grpo_verl_vectorized(r, m, i, EPS),
          "torch": lambda r, m, i: baselines.grpo_torch(r, m, i, EPS)}
-    if B <= LOOP_MAX_B:
+    if B <= LOOP_MAX_B and device == "cpu":
         p = {"hf": lambda r, m, i: baselines.grpo_hf(r, m, i, EPS), **p}
     comp = baselines.compiled("grpo")
-    p["compile"] = lambda r, m, i: comp(r, baselines.uid_ids(i), m, EPS)
+    p["compile"] = lambda r, m, i: comp(r, baselines.uid_ids(i).to(r.device), m, EPS)
     reference = None
     if common.has_op("group_advantages"):
         import rmkernels as rmk

@@ -14,8 +14,8 @@
 #              op on the cuda and triton backends (scripts/gpu_check_ops.py sanitize)
 #   4. graphs  CUDA-graph capture + replay of every public op, compared with eager
 #   5. bench   benchmarks/run.py at the named shapes of BENCHMARKS.md (--quick): the critic-free
-#              group advantages first in a stage of their own (issue 14's GPU target: one
-#              launch, within 1.25x of the memory floor), then op by op (REINFORCE++ and ReMax
+#              group advantages' own kernels first in a stage of their own (issue 14's GPU
+#              target: one launch, within 1.25x of the memory floor), then op by op (REINFORCE++ and ReMax
 #              first, at rpp-l / remax-l and at the few long rows of rpp-xl / remax-xl, judged
 #              against the same floor)
 #   6. suite   the rest of the test suite (not GPU, not CUDA-on-CPU, not slow) in the time left;
@@ -161,16 +161,22 @@ fi
 run_stage graphs "$CAP_GRAPHS" graphs.log $PY scripts/gpu_check_ops.py graphs "$OUT/graphs.json"
 
 # ---- 5. benchmarks, op by op (what finishes is kept) -----------------------------------------
-run_stage "bench grpo" "$CAP_BENCH_GRPO" bench-grpo.log $PY benchmarks/run.py --device cuda --quick --ops grpo \
+# The group advantages' own kernels at grpo-l / grpo-xl, judged against the floors timed with
+# them; the baselines come later, in the bench stage (their torch.compile alone can take the cap).
+BENCH_GRPO="--ops grpo --providers rmk-cuda rmk-cuda-op rmk-triton rmk-triton-op"
+read -r -a grpo_args <<< "$BENCH_GRPO"
+run_stage "bench grpo" "$CAP_BENCH_GRPO" bench-grpo.log $PY benchmarks/run.py --device cuda --quick "${grpo_args[@]}" \
   --out "$OUT/bench-grpo"
 # name|run.py arguments: REINFORCE++ / ReMax at the many-row shapes (every provider), then at the
 # few-long-row shapes the CUDA kernel splits (the rmk providers only: verl's loop over 32768 time
-# steps and a torch.compile at that length would eat the stage), then the other ops.
+# steps and a torch.compile at that length would eat the stage), then grpo-l's baselines (verl's
+# vectorized GRPO, torch, torch.compile; verl's loop is a CPU-only baseline), then the other ops.
 BENCH_RUNS=(
   "rpp|--ops rpp --shapes rpp-l"
   "remax|--ops remax --shapes remax-l"
   "rpp-xl|--ops rpp --shapes rpp-xl --providers rmk-cuda rmk-triton"
   "remax-xl|--ops remax --shapes remax-xl --providers rmk-cuda rmk-triton"
+  "grpo-base|--ops grpo --shapes grpo-l --providers verl-vec torch compile"
   "gae|--ops gae" "bt|--ops bt" "pooling|--ops pooling" "pair|--ops pair" "e2e|--ops e2e"
 )
 BENCH_END=$(( $(date +%s) + CAP_BENCH ))

@@ -28,9 +28,10 @@ def test_gpu_check_cpu_mode(tmp_path):
 
 
 def test_gpu_check_bench_runs_are_valid():
-    """Each benchmarks/run.py call of the bench stage (BENCH_RUNS in the script) parses, names
-    shapes of its own op and providers that exist: a typo there would only show on a lent GPU,
-    and cost its minutes."""
+    """Each benchmarks/run.py call of the bench stages (BENCH_GRPO and BENCH_RUNS in the script)
+    parses, names shapes of its own op and providers that exist: a typo there would only show
+    on a lent GPU, and cost its minutes. (tests/test_bench_fake_cuda.py runs the runner itself
+    on a stand-in GPU.)"""
     from benchmarks import run, shapes
     from rmkernels._backend import BACKENDS
 
@@ -39,7 +40,11 @@ def test_gpu_check_bench_runs_are_valid():
     assert block, "BENCH_RUNS not found in scripts/gpu_check.sh"
     items = re.findall(r'"([^"|]+)\|([^"]*)"', block.group(1))
     assert len(items) >= 5, items
-    known = {"hf", "torch", "compile"} | {f"rmk-{b}" for b in BACKENDS}
+    grpo = re.search(r'^BENCH_GRPO="([^"]*)"', text, re.M)
+    assert grpo, "BENCH_GRPO not found in scripts/gpu_check.sh"
+    items.append(("bench grpo", grpo.group(1)))
+    rmk = {f"rmk-{b}" for b in BACKENDS}
+    known = {"hf", "torch", "compile", "verl-vec"} | rmk | {f"{p}-op" for p in rmk}
     for name, args in items:
         a = run.build_parser().parse_args(args.split() + ["--device", "cuda", "--quick"])
         assert a.ops, name
