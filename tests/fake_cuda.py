@@ -66,6 +66,17 @@ class FakeCudaTensor(torch.Tensor):
     def get_device(self):
         return 0
 
+    # storage identity (which tensors share memory: safetensors, HF's tied weights) is the data's
+    def data_ptr(self):
+        return self.elem.data_ptr()
+
+    def untyped_storage(self):
+        return self.elem.untyped_storage()
+
+    def __reduce_ex__(self, proto):
+        """``torch.save`` writes the data (as a GPU tensor's would be), as a plain tensor."""
+        return self.elem.detach().__reduce_ex__(proto)
+
     def __deepcopy__(self, memo):
         """``copy.deepcopy`` (of a model on the stand-in): a copy of the data, still on it."""
         if id(self) not in memo:
@@ -115,22 +126,25 @@ class _Dispatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        gpu_kwargs = _swap_devices(kwargs, _STANDIN)
+        on_gpu = any(isinstance(t, FakeCudaTensor) for t in tree_flatten((args, kwargs))[0]) or any(
+            v is _STANDIN for v in gpu_kwargs.values())
+        if not on_gpu:  # CPU only: nothing to check, the op as it is
+            return func(*args, **kwargs)
         out_devices = None
         try:
             with self.fake:
-                fout = func(*tree_map(self._fake, args), **tree_map(self._fake, _swap_devices(kwargs, _STANDIN)))
+                fout = func(*tree_map(self._fake, args), **tree_map(self._fake, gpu_kwargs))
             out_devices = [CUDA if t.device == _STANDIN else t.device
                            for t in tree_flatten(fout)[0] if isinstance(t, torch.Tensor)]
         except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException):
-            pass  # no fake run for this op: its outputs go where its inputs are (below)
+            pass  # no fake run for this op: its outputs go to the GPU (below)
         except RuntimeError as e:
             raise RuntimeError(str(e).replace("meta", "cuda:0")) from None
         out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, _swap_devices(kwargs, "cpu")))
         flat = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if out_devices is None:
-            on_gpu = any(isinstance(t, FakeCudaTensor) for t in tree_flatten((args, kwargs))[0]) or any(
-                v is _STANDIN for v in _swap_devices(kwargs, _STANDIN).values())
-            out_devices = [CUDA if on_gpu else torch.device("cpu")] * len(flat)
+            out_devices = [CUDA] * len(flat)
         wrapped = {id(t): (FakeCudaTensor(t) if d == CUDA else t) for t, d in zip(flat, out_devices)}
         # an in-place op returns its (wrapped) self
         for a in tree_flatten(args)[0]:
@@ -150,8 +164,9 @@ class _Function(TorchFunctionMode):
             if func is torch.Tensor.cuda:
                 device, dtype, copy = CUDA, None, False
             else:
-                device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
                 copy = kwargs.get("copy", False)
+                device, dtype, _, _ = torch._C._nn._parse_to(
+                    *args[1:], **{k: v for k, v in kwargs.items() if k != "copy"})
             if _is_cuda(device):
                 x = args[0]
                 if dtype is not None and dtype != x.dtype:
@@ -163,6 +178,8 @@ class _Function(TorchFunctionMode):
             # built from Python data on the host, then copied (the binding skips the modes)
             x = func(*args, **dict(kwargs, device="cpu"))
             return torch.ops.aten._to_copy.default(x, device=CUDA).requires_grad_(x.requires_grad)
+        if func is torch.Tensor.__deepcopy__ and isinstance(args[0], FakeCudaTensor):
+            return FakeCudaTensor.__deepcopy__(*args)
         if func is torch.Tensor.tolist and isinstance(args[0], FakeCudaTensor):
             return args[0].elem.tolist()  # a copy to the host, as on a GPU
         return func(*args, **kwargs)
@@ -178,3 +195,23 @@ def fake_cuda():
             yield
     finally:
         torch.cuda._lazy_init = saved
+
+
+def patch_runtime(monkeypatch):
+    """What a GPU program asks of ``torch.cuda`` and of rmkernels, answered as on a one-GPU
+    machine: ``is_available()`` is True, device 0 is current, named "Stand-in GPU", supports
+    bf16, has no RNG state of its own to save and has allocated nothing; rmkernels' cuda and
+    triton backends are unavailable (they run kernels: the reference runs in their place)."""
+    from rmkernels import _backend
+
+    c = torch.cuda
+    for name, value in (("is_available", lambda: True), ("device_count", lambda: 1), ("current_device", lambda: 0),
+                        ("set_device", lambda *a: None), ("get_device_name", lambda *a: "Stand-in GPU"),
+                        ("is_bf16_supported", lambda *a, **k: True), ("synchronize", lambda *a, **k: None),
+                        ("get_rng_state_all", lambda: []), ("set_rng_state_all", lambda states: None),
+                        ("max_memory_allocated", lambda *a, **k: 0), ("memory_allocated", lambda *a, **k: 0),
+                        ("reset_peak_memory_stats", lambda *a, **k: None)):
+        monkeypatch.setattr(c, name, value)
+    why_not = _backend._why_not
+    monkeypatch.setattr(_backend, "_why_not", lambda name, dt: "it runs kernels on a real GPU (this is a stand-in)"
+                        if dt == "cuda" and name in ("cuda", "triton") else why_not(name, dt))

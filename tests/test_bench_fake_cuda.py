@@ -11,12 +11,12 @@ before timing anything.
 """
 import csv
 
+import fake_cuda as fake_cuda_mod
 import pytest
 import torch
 from fake_cuda import FakeCudaTensor, fake_cuda
 
 from benchmarks import run, timing
-from rmkernels import _backend
 
 # the baselines each op must have checked on the GPU (rmkernels' own cuda/triton providers need one)
 BASELINES = {
@@ -55,10 +55,7 @@ def standin_gpu(monkeypatch):
     monkeypatch.setattr(timing, "peak_memory_mib", lambda f, device="cpu": (_once(f), float("nan"))[1])
     monkeypatch.setattr(timing, "copy_bandwidth_gbps", lambda: ((4000.0,) * 3, (0.5,) * 3))
     monkeypatch.setattr(timing, "empty_launch_ms", lambda: (0.003,) * 3)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Stand-in GPU")
-    why_not = _backend._why_not
-    monkeypatch.setattr(_backend, "_why_not", lambda name, dt: "it needs a real GPU (this is a stand-in)"
-                        if dt == "cuda" and name in ("cuda", "triton") else why_not(name, dt))
+    fake_cuda_mod.patch_runtime(monkeypatch)
     with torch.compiler.set_stance("force_eager"), fake_cuda():
         yield
 

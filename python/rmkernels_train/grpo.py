@@ -170,9 +170,9 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     G = num_generations
     rep_prompts = [p for p in prompts for _ in range(G)]
     rep_ids = [p for p in prompt_ids for _ in range(G)]
-    group_ids = torch.arange(len(prompts)).repeat_interleave(G)
     roll = sample(policy, rep_ids, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
     mask = roll.response_mask
+    group_ids = torch.arange(len(prompts), device=mask.device).repeat_interleave(G)
     decoder = ResponseDecoder(tokenizer)
     with torch.no_grad():
         ref_logp = core.fused_policy_logprobs(ref, roll, temperature)

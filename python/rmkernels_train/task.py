@@ -69,6 +69,7 @@ class ResponseDecoder:
 
 
 def checker_scores(prompts, response_ids, decoder):
-    """1.0 for each correct response, 0.0 otherwise (float32 ``[B]``)."""
+    """1.0 for each correct response, 0.0 otherwise (float32 ``[B]``, on the responses' device)."""
     texts, ended = decoder(response_ids)
-    return torch.tensor([float(is_correct(p, t, e)) for p, t, e in zip(prompts, texts, ended)])
+    return torch.tensor([float(is_correct(p, t, e)) for p, t, e in zip(prompts, texts, ended)],
+                        device=response_ids.device)
