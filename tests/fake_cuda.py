@@ -109,6 +109,14 @@ def _swap_devices(kwargs, to):
     return {k: (to if gpu(v) else v) for k, v in kwargs.items()}
 
 
+def _custom_op_body(func):
+    """The Python function of a ``torch.library.custom_op`` (None for other ops)."""
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(func._schema.name) if hasattr(func, "_schema") else None
+    return None if opdef is None else opdef._init_fn
+
+
 class _Dispatch(TorchDispatchMode):
     """Every aten op: a fake run for the device rules and output devices, then the CPU run."""
 
@@ -141,6 +149,14 @@ class _Dispatch(TorchDispatchMode):
             pass  # no fake run for this op: its outputs go to the GPU (below)
         except RuntimeError as e:
             raise RuntimeError(str(e).replace("meta", "cuda:0")) from None
+        body = _custom_op_body(func)
+        if body is not None:  # a Python custom op: its body's ops on the stand-in too, one by one
+            with self, torch.no_grad():
+                out = body(*args, **kwargs)
+            got = [t.device for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if out_devices is not None and got != out_devices:
+                raise RuntimeError(f"{func}: outputs on {got}, its fake says {out_devices}")
+            return out
         out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, _swap_devices(kwargs, "cpu")))
         flat = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if out_devices is None:
