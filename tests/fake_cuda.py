@@ -213,11 +213,13 @@ def fake_cuda():
         torch.cuda._lazy_init = saved
 
 
-def patch_runtime(monkeypatch):
+def patch_runtime(monkeypatch, *, triton=False):
     """What a GPU program asks of ``torch.cuda`` and of rmkernels, answered as on a one-GPU
     machine: ``is_available()`` is True, device 0 is current, named "Stand-in GPU", supports
-    bf16, has no RNG state of its own to save and has allocated nothing; rmkernels' cuda and
-    triton backends are unavailable (they run kernels: the reference runs in their place)."""
+    bf16, has no RNG state of its own to save and has allocated nothing; rmkernels' cuda
+    backend is unavailable (its kernels need a GPU: the reference runs in its place), and so
+    is the triton backend unless ``triton`` (its kernels then run in Triton's interpreter, on
+    the stand-in's CPU data: TRITON_INTERPRET=1 must be set before triton is imported)."""
     from rmkernels import _backend
 
     c = torch.cuda
@@ -229,5 +231,18 @@ def patch_runtime(monkeypatch):
                         ("reset_peak_memory_stats", lambda *a, **k: None)):
         monkeypatch.setattr(c, name, value)
     why_not = _backend._why_not
+    if triton:  # a kernel launch takes GPU tensors only, as Triton's launcher on a GPU does
+        from triton.runtime import interpreter
+
+        launch = interpreter.GridExecutor.__call__
+
+        def checked_launch(self, *args, **kwargs):
+            for i, a in enumerate(list(args) + list(kwargs.values())):
+                if isinstance(a, torch.Tensor) and not isinstance(a, FakeCudaTensor):
+                    raise ValueError(f"Pointer argument (at {i}) cannot be accessed from Triton (cpu tensor?)")
+            return launch(self, *args, **kwargs)
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", checked_launch)
+    gpu_only = ("cuda",) if triton else ("cuda", "triton")
     monkeypatch.setattr(_backend, "_why_not", lambda name, dt: "it runs kernels on a real GPU (this is a stand-in)"
-                        if dt == "cuda" and name in ("cuda", "triton") else why_not(name, dt))
+                        if dt == "cuda" and name in gpu_only else why_not(name, dt))

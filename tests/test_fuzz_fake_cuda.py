@@ -10,9 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_fuzz import _COMMON, SPECS, _params
-from utils import assert_close
+from utils import TRITON_INTERPRET, assert_close
 
 GPU_FUZZ = settings(max_examples=3, derandomize=True, **_COMMON)
+TRITON_GPU_FUZZ = settings(max_examples=2, derandomize=True, **_COMMON)
 
 
 def _to_gpu(x):
@@ -25,15 +26,15 @@ def _to_gpu(x):
     return x
 
 
-def _run(spec, case, grads):
+def _run(spec, case, grads, backend="reference", dtype=None):
     bases, views = {}, {}
     for name, a in case["args"].items():
-        base = a.base.to(a.dtype)
+        base = a.base.to(dtype or a.dtype)
         if base.device != case["device"]:
             base = base.to(case["device"])
         bases[name] = base.requires_grad_(grads)
         views[name] = a.view(bases[name])
-    res = spec.run(case, views, "reference")
+    res = spec.run(case, views, backend)
     g = None
     if grads:
         diff = [r for r in res if r.requires_grad]
@@ -68,3 +69,39 @@ def test_reference_on_a_gpu(op, layout, data, seed):
             assert_close(a, e, rtol=1e-6, atol=1e-6, name=f"{op} output/grad {i}")
         else:
             assert torch.equal(a, e), f"{op} output {i}"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op,layout", _params())
+@TRITON_GPU_FUZZ
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_triton_on_a_gpu(op, layout, data, seed):
+    """The Triton backend's host code (grids, workspaces, the size policies, the autograd
+    wrappers) on stand-in GPU tensors, its kernels run by the interpreter, against the float64
+    reference on the CPU with the spec's tolerance: what the backend allocates or reads is on
+    the GPU."""
+    if not TRITON_INTERPRET:
+        pytest.skip("the Triton kernels run here only under TRITON_INTERPRET=1 (no GPU here); "
+                    ".ci/run runs the triton tests in their own process with it set")
+    spec = SPECS[op]
+    case = spec.draw(data, torch.Generator().manual_seed(seed), layout)
+    grads = spec.differentiable and bool(case["args"])
+    dtype = next(iter(case["args"].values())).dtype if case["args"] else torch.float32
+    with spec.context(case):
+        want, want_g = _run(spec, dict(case, device=torch.device("cpu")), grads, dtype=torch.float64)
+        with pytest.MonkeyPatch.context() as mp:
+            fake_cuda.patch_runtime(mp, triton=True)
+            with fake_cuda.fake_cuda():
+                gpu_case = {k: (v if k == "args" else _to_gpu(v)) for k, v in case.items()}
+                got, got_g = _run(spec, dict(gpu_case, device=torch.device("cuda")), grads, backend="triton")
+                where = [t.device.type for t in got + got_g]
+                got, got_g = [t.cpu() for t in got], [t.cpu() for t in got_g]
+    assert where == ["cuda"] * len(where), f"{op}: outputs/gradients on {where}"
+    assert len(got) == len(want) and len(got_g) == len(want_g)
+    for what, pairs in (("output", zip(got, want)), ("grad", zip(got_g, want_g))):
+        rtol, atol = spec.tol(dtype, what)
+        for i, (a, e) in enumerate(pairs):
+            if a.is_floating_point():
+                assert_close(a, e.to(a.dtype), rtol=rtol, atol=atol, name=f"{op} {what} {i}")
+            else:
+                assert torch.equal(a, e), f"{op} {what} {i}"
