@@ -15,6 +15,7 @@ import fake_cuda as fake_cuda_mod
 import pytest
 import torch
 from fake_cuda import FakeCudaTensor, fake_cuda
+from utils import TRITON_INTERPRET
 
 from benchmarks import run, timing
 
@@ -91,3 +92,32 @@ def test_runner_on_a_gpu(op, standin_gpu, tmp_path, capsys):
                   if r["op"] == op and r["metric"] == "correct"}
     assert BASELINES[op] <= set(checks), f"{op}: checked {sorted(checks)}, expected at least {sorted(BASELINES[op])}"
     assert all(v == 1.0 for v in checks.values()), checks
+
+
+def _gpu_check_ops():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gpu_check_ops.py")
+    spec = importlib.util.spec_from_file_location("gpu_check_ops", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_gpu_check_ops_on_a_gpu(backend, monkeypatch, capsys):
+    """scripts/gpu_check_ops.py's sanitize stage (every public op, forward and backward, the
+    calls the sanitizers and the CUDA-graph stage make) on the stand-in GPU: the reference
+    backend here, and the Triton backend in the interpreter (the triton pass of .ci/run)."""
+    if backend == "triton" and not TRITON_INTERPRET:
+        pytest.skip("the Triton kernels run here only under TRITON_INTERPRET=1 (no GPU here); "
+                    ".ci/run runs the triton tests in their own process with it set")
+    mod = _gpu_check_ops()
+    monkeypatch.setattr(mod, "BACKENDS", (backend,))
+    fake_cuda_mod.patch_runtime(monkeypatch, triton=backend == "triton")
+    with fake_cuda():
+        rc = mod.cmd_sanitize()
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("ok ") == len(mod._cases("cpu")), out
