@@ -83,3 +83,24 @@ def test_kl_controller_takes_a_gpu_kl():
         ctl = rmk.AdaptiveKLController(0.1, target=6.0, horizon=10_000)
         value = ctl.update(torch.tensor(8.0, device="cuda"), 256)
     assert isinstance(value, float) and value > 0.1
+
+
+def test_trl_reward_trainer_compute_loss(tmp_path):
+    """rmkernels.integrations.trl.RewardTrainer.compute_loss on a GPU model and batch (what
+    Trainer.train passes it on a GPU): the loss, the gradients and the logged metrics of the
+    CPU call."""
+    pytest.importorskip("trl")
+    from test_integrations_trl import _dataset, _trainers
+
+    ref, ours = _trainers(tmp_path, _dataset(12, True, False), center_rewards_coefficient=0.01)
+    batch = next(iter(ref.get_train_dataloader()))
+    keys = ("accuracy", "margin", "min_reward", "mean_reward", "max_reward")
+
+    def call(m, b):
+        loss = ours.compute_loss(m, b)
+        return (loss, *(torch.tensor(ours._metrics["train"][k][-1], device=loss.device) for k in keys))
+
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    names = list(tensors)
+    _check(*_on_gpu(lambda m, *vals: call(m, dict(batch, **dict(zip(names, vals)))), ours.model,
+                    *tensors.values()), "trl RewardTrainer.compute_loss")
