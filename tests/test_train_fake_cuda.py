@@ -12,6 +12,7 @@ import json
 import fake_cuda
 import pytest
 import torch
+from utils import TRITON_INTERPRET
 
 from rmkernels_train.ppo import main as ppo_main
 from rmkernels_train.reward import main as reward_main
@@ -91,3 +92,26 @@ def test_checker_scores_follow_the_responses_device(gpu):
     ids = torch.tensor([right, wrong], device="cuda")
     out = checker_scores(["sort 21: "] * 2, ids, ResponseDecoder(tok))
     assert out.device == ids.device and out.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("extra", [["--advantage", "grpo", "--kl-mode", "reward"],
+                                   ["--advantage", "reinforce_pp", "--num-generations", "1"],
+                                   ["--advantage", "gae"]], ids=lambda e: e[1])
+def test_ppo_on_a_gpu_with_triton(extra, reward_model, monkeypatch, tmp_path, capsys):
+    """The loop with ``--backend triton`` (what a GPU without the CUDA build runs): the Triton
+    host code inside training (fused log-probs, advantages, KL), kernels in the interpreter,
+    launches refusing CPU tensors."""
+    if not TRITON_INTERPRET:
+        pytest.skip("the Triton kernels run here only under TRITON_INTERPRET=1 (no GPU here); "
+                    ".ci/run runs the triton tests in their own process with it set")
+    fake_cuda.patch_runtime(monkeypatch, triton=True)
+    out = tmp_path / "ppo"
+    with fake_cuda.fake_cuda():
+        rc = ppo_main(["--reward-model", reward_model, "--output-dir", str(out), "--eval-every", "1",
+                       "--eval-prompts", "4", "--batch-size", "2", "--warm-start-steps", "2", "--steps", "1",
+                       "--backend", "triton"] + extra + FAST)
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f if '"train"' in line] == [1]
