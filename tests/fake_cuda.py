@@ -11,13 +11,17 @@ A tensor "on the GPU" is a ``FakeCudaTensor``: its data is a real CPU tensor, so
 op is first run on fake tensors with the devices the real ones would have (torch's own
 ``FakeTensorMode`` with its own device rules: CPU scalars mix with GPU tensors, ``index_add_``
 wants one device, ...) and raises as the real GPU run would; then it runs on the CPU data and
-its outputs go to the device the fake run gave them. Factories asked for ``device="cuda"``
-make fake GPU tensors. Inside the C++ layer the stand-in is the ``meta`` device (no CUDA
-runtime is asked for streams or guards), so autograd works.
+its outputs go to the device the fake run gave them. A Python custom op
+(``torch.ops.rmkernels.*``) runs its body op by op, so its insides are checked too. Factories
+asked for ``device="cuda"`` make fake GPU tensors. Inside the C++ layer the stand-in is the
+``meta`` device (no CUDA runtime is asked for streams or guards), so autograd works.
+:func:`patch_runtime` answers the ``torch.cuda`` queries of a one-GPU machine.
 
-Not covered: CUDA kernels themselves (``rmkernels``' cuda and triton backends need a GPU) and
-the CUDA runtime API (streams, events, ``torch.cuda.*``). What it is for: the benchmark
-baselines and the Python glue that run on a lent GPU for minutes at most.
+Not covered: CUDA kernels (rmkernels' cuda backend: tests/cuda_on_cpu runs them), the C++
+bindings, streams, events and graphs. Triton kernels run in Triton's interpreter when
+TRITON_INTERPRET=1 (``patch_runtime(..., triton=True)``). What it is for: the Python that runs
+on a GPU -- the ops' Python layer, the Triton host code, the drop-ins, the training loops, the
+benchmark runner -- checked here before a lent GPU's minutes are spent on it.
 """
 import contextlib
 import copy
