@@ -15,9 +15,10 @@
 #   4. graphs  CUDA-graph capture + replay of every public op, compared with eager
 #   5. bench   benchmarks/run.py at the named shapes of BENCHMARKS.md (--quick): the critic-free
 #              group advantages' own kernels first in a stage of their own (issue 14's GPU
-#              target: one launch, within 1.25x of the memory floor), then op by op (REINFORCE++ and ReMax
-#              first, at rpp-l / remax-l and at the few long rows of rpp-xl / remax-xl, judged
-#              against the same floor)
+#              target: one launch, within 1.25x of the memory floor), then run by run, each
+#              into OUT_DIR/bench-<name>: REINFORCE++ and ReMax's own kernels at rpp-l / remax-l
+#              and at the few long rows of rpp-xl / remax-xl (judged against the same floor),
+#              the critic-free baselines, then the other ops
 #   6. suite   the rest of the test suite (not GPU, not CUDA-on-CPU, not slow) in the time left;
 #              reaching its cap is reported, not a failure (CI runs these on CPU)
 # Every log and result goes to OUT_DIR; OUT_DIR/summary.md is the table of stages.
@@ -167,16 +168,21 @@ BENCH_GRPO="--ops grpo --providers rmk-cuda rmk-cuda-op rmk-triton rmk-triton-op
 read -r -a grpo_args <<< "$BENCH_GRPO"
 run_stage "bench grpo" "$CAP_BENCH_GRPO" bench-grpo.log $PY benchmarks/run.py --device cuda --quick "${grpo_args[@]}" \
   --out "$OUT/bench-grpo"
-# name|run.py arguments: REINFORCE++ / ReMax at the many-row shapes (every provider), then at the
-# few-long-row shapes the CUDA kernel splits (the rmk providers only: verl's loop over 32768 time
-# steps and a torch.compile at that length would eat the stage), then grpo-l's baselines (verl's
-# vectorized GRPO, torch, torch.compile; verl's loop is a CPU-only baseline), then the other ops.
+# name|run.py arguments, each run into its own directory OUT/bench-<name> (a run replaces the
+# (op, shape) groups it measures in its directory's CSV, so the baselines' runs must not share
+# one with the rmk runs). REINFORCE++ / ReMax first, the rmk providers only (judged against the
+# memory floor): at the many-row shapes, then at the few-long-row shapes the CUDA kernel splits;
+# then the baselines (verl's vectorized GRPO, verl's REINFORCE++ loop over 128 time steps and
+# ReMax formula, torch, torch.compile: compiling can take tens of seconds, so they come after
+# what issue 14 measures; verl's GRPO loop is a CPU-only baseline); then the other ops.
 BENCH_RUNS=(
-  "rpp|--ops rpp --shapes rpp-l"
-  "remax|--ops remax --shapes remax-l"
+  "rpp|--ops rpp --shapes rpp-l --providers rmk-cuda rmk-triton"
+  "remax|--ops remax --shapes remax-l --providers rmk-cuda rmk-triton"
   "rpp-xl|--ops rpp --shapes rpp-xl --providers rmk-cuda rmk-triton"
   "remax-xl|--ops remax --shapes remax-xl --providers rmk-cuda rmk-triton"
   "grpo-base|--ops grpo --shapes grpo-l --providers verl-vec torch compile"
+  "rpp-base|--ops rpp --shapes rpp-l --providers hf torch compile"
+  "remax-base|--ops remax --shapes remax-l --providers hf compile"
   "gae|--ops gae" "bt|--ops bt" "pooling|--ops pooling" "pair|--ops pair" "e2e|--ops e2e"
 )
 BENCH_END=$(( $(date +%s) + CAP_BENCH ))
@@ -189,7 +195,7 @@ for item in "${BENCH_RUNS[@]}"; do
     continue
   fi
   run_stage "bench $name" "$left" "bench-$name.log" $PY benchmarks/run.py --device cuda --quick "${bench_args[@]}" \
-    --out "$OUT/bench"
+    --out "$OUT/bench-$name"
 done
 
 # ---- 6. the rest of the suite --------------------------------------------------------------

@@ -40,6 +40,8 @@ def test_gpu_check_bench_runs_are_valid():
     assert block, "BENCH_RUNS not found in scripts/gpu_check.sh"
     items = re.findall(r'"([^"|]+)\|([^"]*)"', block.group(1))
     assert len(items) >= 5, items
+    names = [name for name, _ in items]  # each run's own output directory, OUT/bench-<name>
+    assert len(set(names)) == len(names) and "grpo" not in names, names
     grpo = re.search(r'^BENCH_GRPO="([^"]*)"', text, re.M)
     assert grpo, "BENCH_GRPO not found in scripts/gpu_check.sh"
     items.append(("bench grpo", grpo.group(1)))
