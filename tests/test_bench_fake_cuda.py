@@ -40,12 +40,9 @@ def _once(f):
         fn(setup())
 
 
-@pytest.fixture
-def standin_gpu(monkeypatch):
+def _stub_timing(monkeypatch):
     """The runner's GPU-only calls stubbed: timings call each function once, the floors are
-    fixed numbers, the device is named; rmkernels' cuda and triton backends are unavailable
-    (the reference runs in their place); compile runs eagerly (Dynamo does not trace the
-    stand-in's tensor subclass)."""
+    fixed numbers."""
     def measure(fns, device="cpu", **kw):
         for f in fns.values():
             _once(f)
@@ -56,6 +53,14 @@ def standin_gpu(monkeypatch):
     monkeypatch.setattr(timing, "peak_memory_mib", lambda f, device="cpu": (_once(f), float("nan"))[1])
     monkeypatch.setattr(timing, "copy_bandwidth_gbps", lambda: ((4000.0,) * 3, (0.5,) * 3))
     monkeypatch.setattr(timing, "empty_launch_ms", lambda: (0.003,) * 3)
+
+
+@pytest.fixture
+def standin_gpu(monkeypatch):
+    """The stubbed timings on the stand-in GPU, rmkernels' cuda and triton backends
+    unavailable (the reference runs in their place); compile runs eagerly (Dynamo does not
+    trace the stand-in's tensor subclass)."""
+    _stub_timing(monkeypatch)
     fake_cuda_mod.patch_runtime(monkeypatch)
     with torch.compiler.set_stance("force_eager"), fake_cuda():
         yield
@@ -92,6 +97,30 @@ def test_runner_on_a_gpu(op, standin_gpu, tmp_path, capsys):
                   if r["op"] == op and r["metric"] == "correct"}
     assert BASELINES[op] <= set(checks), f"{op}: checked {sorted(checks)}, expected at least {sorted(BASELINES[op])}"
     assert all(v == 1.0 for v in checks.values()), checks
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op", ["grpo", "rpp", "remax"])
+def test_runner_rmk_triton_on_a_gpu(op, monkeypatch, tmp_path, capsys):
+    """The GPU check's rmk-only bench calls (``--providers rmk-triton ...``, the floors of grpo
+    timed with them) with the Triton backend on the stand-in GPU, kernels in the interpreter."""
+    if not TRITON_INTERPRET:
+        pytest.skip("the Triton kernels run here only under TRITON_INTERPRET=1 (no GPU here); "
+                    ".ci/run runs the triton tests in their own process with it set")
+    _stub_timing(monkeypatch)
+    fake_cuda_mod.patch_runtime(monkeypatch, triton=True)
+    out = tmp_path / "bench"
+    with fake_cuda():
+        rc = run.main(["--device", "cuda", "--tiny", "--quick", "--ops", op, "--out", str(out), "--no-plots",
+                       "--providers", "rmk-cuda", "rmk-cuda-op", "rmk-triton", "rmk-triton-op"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "!!" not in err, err
+    with open(out / "stand-in-gpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    checked = {r["provider"] for r in rows if r["op"] == op and r["metric"] == "correct" and r["median"] == "1"}
+    assert checked == ({"rmk-triton", "rmk-triton-op"} if op == "grpo" else {"rmk-triton"}), checked
+    if op == "grpo":
+        assert {"write-once", "read-inputs"} <= {r["provider"] for r in rows}, sorted({r["provider"] for r in rows})
 
 
 def _gpu_check_ops():
