@@ -344,7 +344,8 @@ def group_advantages(scores, group_ids, mask=None, *, estimator="grpo", eps=DEFA
             every position of ``[B, T]`` token rewards is valid, or, for ``[B]`` scores,
             ``advantages`` is ``[B, 1]``.
         estimator: ``"grpo"``, ``"dr_grpo"``, ``"rloo"``, ``"opo"``, ``"gpg"`` or
-            ``"reinforce_pp_baseline"`` (formulas in the module docstring).
+            ``"reinforce_pp_baseline"`` (formulas in the module docstring). ``opo`` of a group
+            none of whose responses has a valid token is 0 / 0: NaN (verl's formula).
         eps: added to the group std (``grpo``; verl 1e-6, OpenRLHF 1e-9, TRL 1e-4).
         unbiased: the std (and the ``reinforce_pp_baseline`` whitening variance) divides by
             n - 1 (verl, OpenRLHF, TRL) or by n.
