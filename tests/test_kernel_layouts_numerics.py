@@ -37,9 +37,9 @@ LAYOUTS = list(_layouts(2, 2, 2))
 def _plain_last_token(hidden, weight, bias, mask):
     """The formula with plain autograd: the head on each row's rightmost valid token."""
     T = hidden.shape[1]
-    pos = torch.arange(T).expand_as(mask)
+    pos = torch.arange(T, device=mask.device).expand_as(mask)
     idx = torch.where(mask != 0, pos, torch.full_like(pos, -1)).amax(1)
-    rows = hidden[torch.arange(hidden.shape[0]), idx]
+    rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     out = rows.to(weight.dtype) @ weight.t()
     return out + bias if bias is not None else out
 
