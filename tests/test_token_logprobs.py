@@ -11,8 +11,9 @@ LOWP = (torch.bfloat16, torch.float16)
 
 
 def _dtypes(backend, device):
-    # numpy (the Triton interpreter's engine) has no bfloat16: the interpreter runs fp32/fp64.
-    if backend == "triton" and device == "cpu":
+    # numpy (the Triton interpreter's engine) has no bfloat16: the interpreter runs fp32/fp64
+    # (on CPU tensors, and on tests/fake_cuda.py's stand-in GPU).
+    if backend == "triton" and TRITON_INTERPRET:
         return (torch.float32, torch.float64)
     return (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
