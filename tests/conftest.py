@@ -25,3 +25,41 @@ def pytest_runtest_makereport(item, call):
         for k, v in item.user_properties:
             if k == "seed":
                 item.add_report_section("call", "seed", f"RMKERNELS_TEST_SEED={v} reproduces this test's inputs")
+
+
+# ---------------------------------------------------------------------------------------
+# --standin-gpu: the GPU tests (-m cuda) on tests/fake_cuda.py's stand-in GPU
+# ---------------------------------------------------------------------------------------
+STANDIN_UNSUPPORTED = {
+    "test_eager_path": "the stand-in's dispatch modes turn the eager fast path off",
+    "opcheck": "torch.library.opcheck does not take the stand-in's tensor subclass",
+    "compile": "torch.compile does not trace the stand-in's tensor subclass",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--standin-gpu", action="store_true",
+                     help="run the GPU tests (-m cuda) on the stand-in GPU of tests/fake_cuda.py: GPU tensors "
+                          "whose data is on the CPU, torch's device rules checked op by op; the cuda backend is "
+                          "unavailable, the triton backend runs in the interpreter under TRITON_INTERPRET=1")
+
+
+def pytest_configure(config):
+    if config.getoption("--standin-gpu"):
+        torch.cuda.is_available = lambda: True  # before the test modules read it (tests/utils.HAS_CUDA)
+
+
+@pytest.fixture(autouse=True)
+def _standin_gpu(request):
+    if not request.config.getoption("--standin-gpu"):
+        yield
+        return
+    for key, why in STANDIN_UNSUPPORTED.items():
+        if key in request.node.nodeid:
+            pytest.skip(f"needs a real GPU: {why}")
+    import fake_cuda
+
+    with pytest.MonkeyPatch.context() as mp:
+        fake_cuda.patch_runtime(mp, triton=os.environ.get("TRITON_INTERPRET", "0") == "1")
+        with fake_cuda.fake_cuda():
+            yield

@@ -113,6 +113,13 @@ def _swap_devices(kwargs, to):
     return {k: (to if gpu(v) else v) for k, v in kwargs.items()}
 
 
+# ops that torch has for CUDA tensors only, run on the CPU data in their arithmetic
+_CUDA_ONLY = {
+    # bf16/fp16 GEMM with float32 output (cuBLAS): the float32 products of the operands' values
+    torch.ops.aten.mm.dtype: lambda a, b, out_dtype: torch.mm(a.to(out_dtype), b.to(out_dtype)),
+}
+
+
 def _custom_op_body(func):
     """The Python function of a ``torch.library.custom_op`` (None for other ops)."""
     from torch._library.custom_ops import OPDEFS
@@ -161,7 +168,13 @@ class _Dispatch(TorchDispatchMode):
             if out_devices is not None and got != out_devices:
                 raise RuntimeError(f"{func}: outputs on {got}, its fake says {out_devices}")
             return out
-        out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, _swap_devices(kwargs, "cpu")))
+        cpu_args, cpu_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, _swap_devices(kwargs, "cpu"))
+        if any(isinstance(t, torch.Tensor) and t.is_meta for t in tree_flatten((cpu_args, cpu_kwargs))[0]):
+            # made by the C++ layer on the stand-in's behalf from Python data (which it dropped):
+            # never compute on it (its "values" are whatever memory holds)
+            raise RuntimeError(f"fake_cuda: {func} got a meta tensor the C++ layer made for the stand-in; "
+                               f"handle the call that made it in fake_cuda._Function")
+        out = _CUDA_ONLY.get(func, func)(*cpu_args, **cpu_kwargs)
         flat = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if out_devices is None:
             out_devices = [CUDA] * len(flat)
@@ -175,8 +188,9 @@ class _Dispatch(TorchDispatchMode):
 
 class _Function(TorchFunctionMode):
     """What does not reach the dispatcher as a GPU op: ``.to("cuda")`` / ``.cuda()`` of a CPU
-    tensor (the binding asks the CUDA runtime first), ``torch.tensor(..., device="cuda")``
-    (its binding skips the modes) and ``.tolist()``."""
+    tensor (the binding asks the CUDA runtime first), tensors the bindings build from Python
+    data (``torch.tensor(..., device="cuda")``, ``x.new_tensor(data)``, list indices), which
+    skip the modes, and ``.tolist()``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -197,6 +211,19 @@ class _Function(TorchFunctionMode):
         if func in (torch.tensor, torch.as_tensor) and _is_cuda(kwargs.get("device")):
             # built from Python data on the host, then copied (the binding skips the modes)
             x = func(*args, **dict(kwargs, device="cpu"))
+            return torch.ops.aten._to_copy.default(x, device=CUDA).requires_grad_(x.requires_grad)
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and isinstance(args[0], FakeCudaTensor):
+            # Python lists among the indices become index tensors on the CPU here, as torch
+            # builds them (on the GPU) from the list: the C++ layer would build them on the
+            # stand-in's meta device, without their values
+            index = args[1]
+            if isinstance(index, list) or (isinstance(index, tuple) and any(isinstance(i, list) for i in index)):
+                as_tensor = (lambda i: torch.tensor(i) if isinstance(i, list) else i)
+                index = as_tensor(index) if isinstance(index, list) else tuple(map(as_tensor, index))
+                return func(args[0], index, *args[2:], **kwargs)
+        if func is torch.Tensor.new_tensor and isinstance(args[0], FakeCudaTensor):
+            kw = {k: v for k, v in kwargs.items() if k != "device"}
+            x = torch.tensor(args[1], dtype=kw.pop("dtype", args[0].dtype), **kw)
             return torch.ops.aten._to_copy.default(x, device=CUDA).requires_grad_(x.requires_grad)
         if func is torch.Tensor.__deepcopy__ and isinstance(args[0], FakeCudaTensor):
             return FakeCudaTensor.__deepcopy__(*args)
