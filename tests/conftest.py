@@ -59,7 +59,5 @@ def _standin_gpu(request):
             pytest.skip(f"needs a real GPU: {why}")
     import fake_cuda
 
-    with pytest.MonkeyPatch.context() as mp:
-        fake_cuda.patch_runtime(mp, triton=os.environ.get("TRITON_INTERPRET", "0") == "1")
-        with fake_cuda.fake_cuda():
-            yield
+    with fake_cuda.gpu(triton=os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        yield

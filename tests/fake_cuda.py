@@ -244,6 +244,29 @@ def fake_cuda():
         torch.cuda._lazy_init = saved
 
 
+@contextlib.contextmanager
+def gpu(*, triton=False):
+    """:func:`patch_runtime` and :func:`fake_cuda` together, undone at exit: inside, a one-GPU
+    machine stood in for."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        patch_runtime(mp, triton=triton)
+        with fake_cuda():
+            yield
+
+
+def require_interpreter():
+    """Skip the calling test unless the Triton kernels can run here: in the interpreter."""
+    import os
+
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("the Triton kernels run here only under TRITON_INTERPRET=1 (no GPU here); "
+                    ".ci/run runs the triton tests in their own process with it set")
+
+
 def patch_runtime(monkeypatch, *, triton=False):
     """What a GPU program asks of ``torch.cuda`` and of rmkernels, answered as on a one-GPU
     machine: ``is_available()`` is True, device 0 is current, named "Stand-in GPU", supports

@@ -15,7 +15,6 @@ import fake_cuda as fake_cuda_mod
 import pytest
 import torch
 from fake_cuda import FakeCudaTensor, fake_cuda
-from utils import TRITON_INTERPRET
 
 from benchmarks import run, timing
 
@@ -61,8 +60,7 @@ def standin_gpu(monkeypatch):
     unavailable (the reference runs in their place); compile runs eagerly (Dynamo does not
     trace the stand-in's tensor subclass)."""
     _stub_timing(monkeypatch)
-    fake_cuda_mod.patch_runtime(monkeypatch)
-    with torch.compiler.set_stance("force_eager"), fake_cuda():
+    with torch.compiler.set_stance("force_eager"), fake_cuda_mod.gpu():
         yield
 
 
@@ -104,13 +102,10 @@ def test_runner_on_a_gpu(op, standin_gpu, tmp_path, capsys):
 def test_runner_rmk_triton_on_a_gpu(op, monkeypatch, tmp_path, capsys):
     """The GPU check's rmk-only bench calls (``--providers rmk-triton ...``, the floors of grpo
     timed with them) with the Triton backend on the stand-in GPU, kernels in the interpreter."""
-    if not TRITON_INTERPRET:
-        pytest.skip("the Triton kernels run here only under TRITON_INTERPRET=1 (no GPU here); "
-                    ".ci/run runs the triton tests in their own process with it set")
+    fake_cuda_mod.require_interpreter()
     _stub_timing(monkeypatch)
-    fake_cuda_mod.patch_runtime(monkeypatch, triton=True)
     out = tmp_path / "bench"
-    with fake_cuda():
+    with fake_cuda_mod.gpu(triton=True):
         rc = run.main(["--device", "cuda", "--tiny", "--quick", "--ops", op, "--out", str(out), "--no-plots",
                        "--providers", "rmk-cuda", "rmk-cuda-op", "rmk-triton", "rmk-triton-op"])
     err = capsys.readouterr().err
@@ -139,13 +134,11 @@ def test_gpu_check_ops_on_a_gpu(backend, monkeypatch, capsys):
     """scripts/gpu_check_ops.py's sanitize stage (every public op, forward and backward, the
     calls the sanitizers and the CUDA-graph stage make) on the stand-in GPU: the reference
     backend here, and the Triton backend in the interpreter (the triton pass of .ci/run)."""
-    if backend == "triton" and not TRITON_INTERPRET:
-        pytest.skip("the Triton kernels run here only under TRITON_INTERPRET=1 (no GPU here); "
-                    ".ci/run runs the triton tests in their own process with it set")
+    if backend == "triton":
+        fake_cuda_mod.require_interpreter()
     mod = _gpu_check_ops()
     monkeypatch.setattr(mod, "BACKENDS", (backend,))
-    fake_cuda_mod.patch_runtime(monkeypatch, triton=backend == "triton")
-    with fake_cuda():
+    with fake_cuda_mod.gpu(triton=backend == "triton"):
         rc = mod.cmd_sanitize()
     out = capsys.readouterr().out
     assert rc == 0, out

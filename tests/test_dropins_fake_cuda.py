@@ -82,12 +82,11 @@ def _tensors(out):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_dropin_on_a_gpu(name, monkeypatch):
+def test_dropin_on_a_gpu(name):
     fn, args = CASES[name]()
     want = _tensors(fn(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
     assert want, f"{name}: no tensor output"
-    fake_cuda.patch_runtime(monkeypatch)
-    with fake_cuda.fake_cuda():
+    with fake_cuda.gpu():
         got = _tensors(fn(*[a.to("cuda") if isinstance(a, torch.Tensor) else a for a in args]))
         assert [t.device.type for t in got] == ["cuda"] * len(want), f"{name}: outputs on {[t.device for t in got]}"
         got = [t.cpu() for t in got]

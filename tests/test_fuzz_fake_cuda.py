@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_fuzz import _COMMON, SPECS, _params
-from utils import TRITON_INTERPRET, assert_close
+from utils import assert_close
 
 GPU_FUZZ = settings(max_examples=3, derandomize=True, **_COMMON)
 TRITON_GPU_FUZZ = settings(max_examples=2, derandomize=True, **_COMMON)
@@ -46,6 +46,16 @@ def _run(spec, case, grads, backend="reference", dtype=None):
     return list(res), [x for x in (g or ()) if x is not None]
 
 
+def _run_on_gpu(spec, case, grads, backend="reference"):
+    """_run with every tensor of the case on the stand-in GPU: (outputs and gradients back on
+    the CPU, the devices they had)."""
+    with fake_cuda.gpu(triton=backend == "triton"):
+        gpu_case = {k: (v if k == "args" else _to_gpu(v)) for k, v in case.items()}
+        got, got_g = _run(spec, dict(gpu_case, device=torch.device("cuda")), grads, backend=backend)
+        where = [t.device.type for t in got + got_g]
+        return [t.cpu() for t in got], [t.cpu() for t in got_g], where
+
+
 @pytest.mark.parametrize("op,layout", _params())
 @GPU_FUZZ
 @given(data=st.data(), seed=st.integers(0, 2**31 - 1))
@@ -55,13 +65,7 @@ def test_reference_on_a_gpu(op, layout, data, seed):
     grads = spec.differentiable and bool(case["args"])
     with spec.context(case):
         want, want_g = _run(spec, dict(case, device=torch.device("cpu")), grads)
-        with pytest.MonkeyPatch.context() as mp:
-            fake_cuda.patch_runtime(mp)
-            with fake_cuda.fake_cuda():
-                gpu_case = {k: (v if k == "args" else _to_gpu(v)) for k, v in case.items()}
-                got, got_g = _run(spec, dict(gpu_case, device=torch.device("cuda")), grads)
-                where = [t.device.type for t in got + got_g]
-                got, got_g = [t.cpu() for t in got], [t.cpu() for t in got_g]
+        got, got_g, where = _run_on_gpu(spec, case, grads)
     assert where == ["cuda"] * len(where), f"{op}: outputs/gradients on {where}"
     assert len(got) == len(want) and len(got_g) == len(want_g)
     for i, (a, e) in enumerate(zip(got + got_g, want + want_g)):
@@ -80,22 +84,14 @@ def test_triton_on_a_gpu(op, layout, data, seed):
     wrappers) on stand-in GPU tensors, its kernels run by the interpreter, against the float64
     reference on the CPU with the spec's tolerance: what the backend allocates or reads is on
     the GPU."""
-    if not TRITON_INTERPRET:
-        pytest.skip("the Triton kernels run here only under TRITON_INTERPRET=1 (no GPU here); "
-                    ".ci/run runs the triton tests in their own process with it set")
+    fake_cuda.require_interpreter()
     spec = SPECS[op]
     case = spec.draw(data, torch.Generator().manual_seed(seed), layout)
     grads = spec.differentiable and bool(case["args"])
     dtype = next(iter(case["args"].values())).dtype if case["args"] else torch.float32
     with spec.context(case):
         want, want_g = _run(spec, dict(case, device=torch.device("cpu")), grads, dtype=torch.float64)
-        with pytest.MonkeyPatch.context() as mp:
-            fake_cuda.patch_runtime(mp, triton=True)
-            with fake_cuda.fake_cuda():
-                gpu_case = {k: (v if k == "args" else _to_gpu(v)) for k, v in case.items()}
-                got, got_g = _run(spec, dict(gpu_case, device=torch.device("cuda")), grads, backend="triton")
-                where = [t.device.type for t in got + got_g]
-                got, got_g = [t.cpu() for t in got], [t.cpu() for t in got_g]
+        got, got_g, where = _run_on_gpu(spec, case, grads, backend="triton")
     assert where == ["cuda"] * len(where), f"{op}: outputs/gradients on {where}"
     assert len(got) == len(want) and len(got_g) == len(want_g)
     for what, pairs in (("output", zip(got, want)), ("grad", zip(got_g, want_g))):

@@ -3,7 +3,6 @@ reference backend in place of its kernels): an HF reward model patched by
 ``rmk.patch_hf_reward_model``, ``rmk.causal_lm_logprobs`` of an HF causal LM, the ``rmk``
 modules and the KL controllers, on a model and inputs moved to the GPU. Outputs and
 gradients must be on the GPU and equal the same calls on the CPU."""
-import contextlib
 import copy
 
 import fake_cuda
@@ -15,14 +14,6 @@ from utils import assert_close
 import rmkernels as rmk
 
 transformers = pytest.importorskip("transformers")
-
-
-@contextlib.contextmanager
-def _gpu():
-    with pytest.MonkeyPatch.context() as mp:
-        fake_cuda.patch_runtime(mp)
-        with fake_cuda.fake_cuda():
-            yield
 
 
 def _on_gpu(fn, model, *args):
@@ -38,7 +29,7 @@ def _on_gpu(fn, model, *args):
         return list(outs) + [p.grad for p in m.parameters() if p.grad is not None]
 
     want = run(model, args)
-    with _gpu():
+    with fake_cuda.gpu():
         got = run(copy.deepcopy(model).to("cuda"), [a.to("cuda") if isinstance(a, torch.Tensor) else a for a in args])
         devices = {t.device.type for t in got}
         got = [t.cpu() for t in got]
@@ -79,7 +70,7 @@ def test_modules():
 
 
 def test_kl_controller_takes_a_gpu_kl():
-    with _gpu():
+    with fake_cuda.gpu():
         ctl = rmk.AdaptiveKLController(0.1, target=6.0, horizon=10_000)
         value = ctl.update(torch.tensor(8.0, device="cuda"), 256)
     assert isinstance(value, float) and value > 0.1

@@ -12,7 +12,6 @@ import json
 import fake_cuda
 import pytest
 import torch
-from utils import TRITON_INTERPRET
 
 from rmkernels_train.ppo import main as ppo_main
 from rmkernels_train.reward import main as reward_main
@@ -23,9 +22,8 @@ FAST = ["--threads", "1", "--no-progress", "--no-plot", "--device", "cuda"]
 
 
 @pytest.fixture
-def gpu(monkeypatch):
-    fake_cuda.patch_runtime(monkeypatch)
-    with fake_cuda.fake_cuda():
+def gpu():
+    with fake_cuda.gpu():
         yield
 
 
@@ -40,15 +38,10 @@ def reward_model(tmp_path_factory):
     below load it. (Not ``--packing``: its 500 held-out pairs take ~2 minutes on the stand-in,
     which dispatches every op twice.)"""
     out = tmp_path_factory.mktemp("rm")
-    mp = pytest.MonkeyPatch()
-    try:
-        fake_cuda.patch_runtime(mp)
-        with fake_cuda.fake_cuda():
-            args = ["--output-dir", str(out), "--default-train-pairs", "64", "--eval-every", "100"] + FAST
-            assert reward_main(args + ["--max-steps", "2"]) == 0
-            assert reward_main(args + ["--max-steps", "4", "--resume"]) == 0
-    finally:
-        mp.undo()
+    with fake_cuda.gpu():
+        args = ["--output-dir", str(out), "--default-train-pairs", "64", "--eval-every", "100"] + FAST
+        assert reward_main(args + ["--max-steps", "2"]) == 0
+        assert reward_main(args + ["--max-steps", "4", "--resume"]) == 0
     fin = _final(out)
     assert fin["checkpoint"].endswith("checkpoint-4"), fin["checkpoint"]
     return fin["checkpoint"]
@@ -98,16 +91,13 @@ def test_checker_scores_follow_the_responses_device(gpu):
 @pytest.mark.parametrize("extra", [["--advantage", "grpo", "--kl-mode", "reward"],
                                    ["--advantage", "reinforce_pp", "--num-generations", "1"],
                                    ["--advantage", "gae"]], ids=lambda e: e[1])
-def test_ppo_on_a_gpu_with_triton(extra, reward_model, monkeypatch, tmp_path, capsys):
+def test_ppo_on_a_gpu_with_triton(extra, reward_model, tmp_path, capsys):
     """The loop with ``--backend triton`` (what a GPU without the CUDA build runs): the Triton
     host code inside training (fused log-probs, advantages, KL), kernels in the interpreter,
     launches refusing CPU tensors."""
-    if not TRITON_INTERPRET:
-        pytest.skip("the Triton kernels run here only under TRITON_INTERPRET=1 (no GPU here); "
-                    ".ci/run runs the triton tests in their own process with it set")
-    fake_cuda.patch_runtime(monkeypatch, triton=True)
+    fake_cuda.require_interpreter()
     out = tmp_path / "ppo"
-    with fake_cuda.fake_cuda():
+    with fake_cuda.gpu(triton=True):
         rc = ppo_main(["--reward-model", reward_model, "--output-dir", str(out), "--eval-every", "1",
                        "--eval-prompts", "4", "--batch-size", "2", "--warm-start-steps", "2", "--steps", "1",
                        "--backend", "triton"] + extra + FAST)
