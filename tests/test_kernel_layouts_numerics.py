@@ -163,7 +163,12 @@ def test_bt_loss_reduction_precision_at_large_batch(backend, device, reduction):
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_bf16_grad_hidden_rounds_to_nearest(backend, device):
     """grad_hidden in bf16 is the fp32 gradient rounded to nearest (what `.to(torch.bfloat16)`
-    gives), on every backend: under the Triton interpreter a plain cast truncates."""
+    gives), on every backend: under the Triton interpreter a plain cast truncates.
+
+    The backends sum the K products in their own order, so their fp32 row may differ from any
+    one fp32 reference by the fp32 rounding bound; an element whose exact value lies within that
+    bound of a bf16 rounding midpoint may round either way (seen once in ~150 draws on the cpu
+    backend). Every other element must equal the exact value rounded to nearest."""
     skip_unless_available(backend, device)
     B, T, H, K = 4, 6, 64, 3
     hidden = torch.randn(B, T, H, device=device).to(torch.bfloat16)
@@ -171,11 +176,18 @@ def test_bf16_grad_hidden_rounds_to_nearest(backend, device):
     idx = torch.tensor([5, 0, 3, 2], device=device)
     g = torch.randn(B, K, device=device)
     g_h, _, _ = torch.ops.rmkernels.last_token_reward_backward(g, hidden, w, idx, True, False, False, backend)
-    rows = (g @ w)  # fp32
-    expect = torch.zeros(B, T, H, dtype=torch.bfloat16, device=device)
-    expect[torch.arange(B), idx] = rows.to(torch.bfloat16)
-    assert torch.equal(g_h, expect), (
-        f"{int((g_h != expect).sum())} bf16 elements differ from the fp32 gradient rounded to nearest")
+    rows = g.double() @ w.double()  # exact enough: float64
+    bound = 2 * K * torch.finfo(torch.float32).eps * (g.double().abs() @ w.double().abs())
+    lo, hi = (rows - bound).to(torch.bfloat16), (rows + bound).to(torch.bfloat16)
+    zero_elsewhere = torch.ones(B, T, dtype=torch.bool, device=device)
+    zero_elsewhere[torch.arange(B, device=device), idx] = False
+    assert not g_h[zero_elsewhere].any(), "grad_hidden is nonzero off the pooled positions"
+    got = g_h[torch.arange(B, device=device), idx]
+    within = (got >= lo) & (got <= hi)
+    assert within.all(), (
+        f"{int((~within).sum())} bf16 elements are not the fp32 gradient rounded to nearest")
+    # the test has teeth: most elements are unambiguous (lo == hi), so truncation fails it
+    assert (lo == hi).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
