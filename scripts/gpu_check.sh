@@ -6,10 +6,11 @@
 # On a CUDA machine, in at most ~10 minutes on an H100/H200 (each stage has a time cap, so the
 # script always finishes and says which stage ran out of time):
 #   1. build   the extension for the GPU's own architecture only (RMKERNELS_CUDA_ARCHS=<cc>)
-#   2. gpu cuda issue 14 / gpu cuda / gpu triton   the GPU tests of the suite (pytest -m cuda),
-#              the cuda backend's first (the kernels that never ran on a device; the critic-free
-#              advantages' files before the rest), then the triton backend's; -v, so a stage
-#              stopped at its cap still names every test it finished
+#   2. gpu cuda issue 14 / gpu cuda / gpu triton issue 14 / gpu triton   the GPU tests of the
+#              suite (pytest -m cuda), the cuda backend's first (the kernels that never ran on a
+#              device; the critic-free advantages' files before the rest), then the triton
+#              backend's (its group advantages first); -v, so a stage stopped at its cap still
+#              names every test it finished
 #   3. memcheck / racecheck   compute-sanitizer on a small forward+backward of every public
 #              op on the cuda and triton backends (scripts/gpu_check_ops.py sanitize)
 #   4. graphs  CUDA-graph capture + replay of every public op, compared with eager
@@ -49,7 +50,7 @@ unset TRITON_INTERPRET
 # reinforce), built without -g: the largest compiles in 34 s on the runner's core.
 CAP_BUILD=${CAP_BUILD:-200}
 CAP_GPU_CUDA=${CAP_GPU_CUDA:-90}  # 30 s of it for issue 14's tests first
-CAP_GPU_TRITON=${CAP_GPU_TRITON:-60}
+CAP_GPU_TRITON=${CAP_GPU_TRITON:-60}  # 25 s of it for issue 14's tests first
 CAP_SANITIZER=${CAP_SANITIZER:-45}
 CAP_GRAPHS=${CAP_GRAPHS:-30}
 CAP_BENCH_GRPO=${CAP_BENCH_GRPO:-40}
@@ -119,7 +120,7 @@ NATIVE_ARCH=$(sed -n 's/^native arch: \([0-9][0-9.]*\)$/\1/p' "$OUT/env.txt")
 
 if [ -z "$NATIVE_ARCH" ]; then
   SKIP="skipped: no CUDA GPU (torch.cuda.is_available() is False)"
-  for s in build "gpu cuda issue 14" "gpu cuda" "gpu triton" memcheck racecheck graphs "bench grpo" bench suite; do record "$s" "$SKIP" 0 "-"; done
+  for s in build "gpu cuda issue 14" "gpu cuda" "gpu triton issue 14" "gpu triton" memcheck racecheck graphs "bench grpo" bench suite; do record "$s" "$SKIP" 0 "-"; done
   # The cheap part that runs anywhere: the op list the GPU stages cover imports and resolves.
   run_stage "ops-list (cpu)" 60 ops-list.txt $PY scripts/gpu_check_ops.py list
   echo >> "$SUMMARY"
@@ -144,8 +145,13 @@ run_stage "gpu cuda issue 14" 30 pytest-gpu-cuda-14.log $PY -m pytest "${FIRST_T
 run_stage "gpu cuda" $(( CAP_GPU_CUDA - 30 )) pytest-gpu-cuda.log $PY -m pytest tests -v -p no:cacheprovider \
   "${FIRST_TESTS[@]/#/--ignore=}" -m "cuda and not cuda_on_cpu and not triton" -rfEs --durations=15 \
   --junitxml="$OUT/pytest-gpu-cuda.xml"
-run_stage "gpu triton" "$CAP_GPU_TRITON" pytest-gpu-triton.log $PY -m pytest tests -v -p no:cacheprovider \
-  -m "cuda and triton and not cuda_on_cpu" -rfEs --durations=15 --junitxml="$OUT/pytest-gpu-triton.xml"
+# The Triton group advantages first too: one launch with grid barriers, never run on a GPU (a
+# barrier that never opens would stop at this stage's cap, not the next stage's).
+run_stage "gpu triton issue 14" 25 pytest-gpu-triton-14.log $PY -m pytest tests/test_group_advantages.py -v \
+  -p no:cacheprovider -m "cuda and triton and not cuda_on_cpu" -rfEs --junitxml="$OUT/pytest-gpu-triton-14.xml"
+run_stage "gpu triton" $(( CAP_GPU_TRITON - 25 )) pytest-gpu-triton.log $PY -m pytest tests -v -p no:cacheprovider \
+  --ignore=tests/test_group_advantages.py -m "cuda and triton and not cuda_on_cpu" -rfEs --durations=15 \
+  --junitxml="$OUT/pytest-gpu-triton.xml"
 
 # ---- 3. compute-sanitizer ------------------------------------------------------------------
 if command -v compute-sanitizer > /dev/null; then

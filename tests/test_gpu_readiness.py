@@ -198,8 +198,13 @@ def _drive_ppo(rmk):
 
 def _drive_group_adv(rmk):
     """Every launch configuration of rmkernels/triton/group_adv.py: each estimator (grpo's
-    centred-squares pass, opo's lengths, gpg's count), both single rules, biased/unbiased,
-    scores [B] and token rewards [B, T], a strided mask; reinforce_pp_returns."""
+    centred-squares pass, opo's lengths, gpg's count, reinforce_pp_baseline's whitening), both
+    single rules, biased/unbiased, scores [B] and token rewards [B, T], a strided mask; the
+    kernel as one launch of many programs with its grid barriers (a GPU's), as one launch a
+    phase, and at B = T = 1 (ints equal to 1 become constants when compiled); reinforce_pp_returns."""
+    from rmkernels._codes import GROUP_ESTIMATORS
+    from rmkernels.triton import group_adv as tga
+
     B, T = 11, 40
     ids = torch.arange(B) // 3
     mask = torch.rand(B, T) > 0.3
@@ -208,6 +213,10 @@ def _drive_group_adv(rmk):
                 ("grpo", "dr_grpo", "rloo", "opo", "gpg", "reinforce_pp_baseline"), ("zero", "self"), (True, False)):
             rmk.group_advantages(torch.randn(B, dtype=dt), ids, mask, estimator=est, single=single,
                                  unbiased=unbiased, backend="triton")
+    for code, dt in itertools.product(GROUP_ESTIMATORS.values(), (torch.float32, torch.float64)):
+        for b, t, programs, fused in ((300, 40, 132, True), (300, 40, 7, False), (1, 1, 1, True)):
+            tga.group_advantages(torch.randn(b, dtype=dt), torch.arange(b) // 3, torch.ones(b, t, dtype=torch.bool),
+                                 int(code), 1e-6, True, 0, 2.0, 1e-8, programs=programs, fused=fused)
         rmk.group_advantages(torch.randn(B, T, dtype=dt), ids, mask.t().contiguous().t(), backend="triton")
         wide = torch.randn(B, 2 * T, dtype=dt)
         rmk.reinforce_pp_returns(wide[:, :T], mask, gamma=0.99, backend="triton")

@@ -252,26 +252,40 @@ def test_reinforce_pp_baseline_whitening_edges(backend, device):
                 assert got.seq_advantages[~empty].abs().sum() > 0, where
 
 
-@pytest.mark.triton
-def test_triton_reinforce_pp_baseline_whitening_spans_row_blocks(monkeypatch):
-    """Triton whitens reinforce_pp_baseline in one program that loops over the rows WHITEN_BLOCK at
-    a time; at 16 per block, 75 rows are five blocks, the last partial, with empty rows and ragged
-    lengths (the lengths weight each row's value)."""
-    skip_unless_available("triton", "cpu")
-    from rmkernels.triton import group_adv as triton_group_adv
-
-    monkeypatch.setattr(triton_group_adv, "WHITEN_BLOCK", 16)
-    B, T = 75, 13
-    scores = make_scores(B, None, torch.float32) + 3.0
-    ids = make_groups(B)
-    mask = make_mask("holes", B, T)
+def _kernel_args(B, T, estimator, device="cpu", *, unbiased=True, single="zero"):
+    """Arguments of the kernel op group_advantages_kernel: [B] scores (+3: a nonzero mean),
+    ragged groups in any order, a mask with holes and empty rows."""
+    scores = (make_scores(B, None, torch.float32) + 3.0).to(device)
+    ids = make_groups(B).to(device)
+    mask = make_mask("holes", B, T, device)
     mask[::6] = False
-    for unbiased in (True, False):
-        kw = dict(estimator="reinforce_pp_baseline", unbiased=unbiased)
-        got = rmk.group_advantages(scores, ids, mask, backend="triton", **kw)
-        exp = rmk.group_advantages(scores, ids, mask, backend="reference", **kw)
-        assert_close(got.seq_advantages, exp.seq_advantages, rtol=1e-5, atol=1e-6, name=f"seq unbiased={unbiased}")
-        assert_close(got.advantages, exp.advantages, rtol=1e-5, atol=1e-6, name=f"adv unbiased={unbiased}")
+    code = _codes.GROUP_ESTIMATORS[estimator]
+    return (scores, ids, mask, int(code), 1e-6, unbiased, int(_codes.GROUP_SINGLES[single]), 2.0, 1e-8)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_triton_phases_over_many_programs(estimator):
+    """The Triton kernel's phases are loops strided by the grid. On a GPU they run in one launch
+    of one program per multiprocessor with grid barriers between them; the interpreter runs
+    programs one after the other (a barrier would wait forever), so here the single launch has
+    one program and the phases also run one launch each over 2, 3 and 7 programs: 600 rows are
+    3 steps of the 256-row loops, and 600 x 40 is 10 tiles of 64 x 64 (phase 5). Every way
+    matches the reference."""
+    skip_unless_available("triton", "cpu")
+    from rmkernels.triton import group_adv as tga
+
+    B, T = 600, 40
+    for unbiased, single in ((True, "zero"), (False, "self")):
+        args = _kernel_args(B, T, estimator, unbiased=unbiased, single=single)
+        e_seq, e_adv = gops.group_advantages_kernel("reference", *args)
+        for programs, fused in ((None, True), (2, False), (3, False), (7, False)):
+            seq, adv = tga.group_advantages(*args, programs=programs, fused=fused)
+            where = f"{estimator} unbiased={unbiased} single={single} programs={programs} fused={fused}"
+            assert_close(seq, e_seq, rtol=1e-6, atol=1e-6, name=f"seq {where}")
+            assert_close(adv, e_adv, rtol=1e-6, atol=1e-6, name=f"adv {where}")
+    with pytest.raises(ValueError, match="wait forever at its first barrier"):
+        tga.group_advantages(*args, programs=2, fused=True)
 
 
 @pytest.mark.cuda
@@ -299,6 +313,38 @@ def test_cuda_kernel_is_one_launch_at_scale(estimator):
     e_seq, e_adv = gops.group_advantages_kernel("reference", *args)
     assert_close(seq, e_seq, rtol=1e-6, atol=1e-6, name=f"seq {estimator}")
     assert_close(adv, e_adv, rtol=1e-6, atol=1e-6, name=f"adv {estimator}")
+
+
+@pytest.mark.cuda
+@pytest.mark.triton
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_triton_kernel_is_one_launch_at_scale(estimator):
+    """The Triton kernel is one cooperative launch of one program per multiprocessor and nothing
+    else on the GPU (no memset), its phases separated by grid barriers, on a batch larger than
+    one pass of the grid (70,001 x 67: every phase loops), and matches the reference there; so
+    do its phases launched one by one (the way the interpreter tests them)."""
+    skip_unless_available("triton", "cuda")
+    from torch.profiler import ProfilerActivity, profile
+
+    from rmkernels.triton import group_adv as tga
+
+    args = _kernel_args(70_001, 67, estimator, "cuda")
+    gops.group_advantages_kernel("triton", *args)  # compiled and warm
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        seq, adv = gops.group_advantages_kernel("triton", *args)
+        torch.cuda.synchronize()
+    on_gpu = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(on_gpu) == 1 and "_group_adv_kernel" in on_gpu[0], on_gpu
+    e_seq, e_adv = gops.group_advantages_kernel("reference", *args)
+    assert_close(seq, e_seq, rtol=1e-6, atol=1e-6, name=f"seq {estimator}")
+    assert_close(adv, e_adv, rtol=1e-6, atol=1e-6, name=f"adv {estimator}")
+    for _ in range(3):  # again: the barrier's state is where the last call left it
+        seq, adv = tga.group_advantages(*args)
+    assert_close(adv, e_adv, rtol=1e-6, atol=1e-6, name=f"adv {estimator}, 4th call")
+    seq, adv = tga.group_advantages(*args, programs=7, fused=False)
+    assert_close(seq, e_seq, rtol=1e-6, atol=1e-6, name=f"seq {estimator}, one launch a phase")
+    assert_close(adv, e_adv, rtol=1e-6, atol=1e-6, name=f"adv {estimator}, one launch a phase")
 
 
 @pytest.mark.parametrize("layout", ["verl", "shuffled"])

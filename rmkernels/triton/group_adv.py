@@ -1,35 +1,48 @@
-"""Triton kernels of the critic-free group advantages (docs/ops.md section 5).
+"""Triton kernel of the critic-free group advantages (docs/ops.md section 5).
 
-``group_advantages``: three launches after one zero fill of the float64 workspace (four for
-``reinforce_pp_baseline``), no host synchronisation.
+``group_advantages`` is one launch on a GPU, no memset before it and no host synchronisation:
+``_group_adv_kernel`` runs the phases of ``csrc/cuda/group_adv.cu`` in order, each a loop over
+its work strided by the grid, with a grid barrier (``_grid_barrier``) between them:
 
-1. ``_group_stats_kernel`` (BLOCK_B rows a program): float64 atomics into a zeroed [B, 5]
-   buffer indexed by group id: count, sum (and, for ``opo``, the rows' lengths and length x
-   score; for ``gpg``, the batch's nonzero count into one more float64; for
-   ``reinforce_pp_baseline``, the rows' lengths into their own [B]);
-2. ``_group_sq_kernel`` (``grpo`` only): the centred squares (r - mean)^2 of each group, from
-   the mean of pass 1 (two passes: no cancellation);
-3. ``_group_write_kernel`` ([row block, T block] programs): the per-sequence formula (the
-   arithmetic of ``rmkernels/group_adv_math.h``, float64) and the [B, T] broadcast under the
-   mask; the first T block also writes ``seq_advantages``. ``reinforce_pp_baseline`` splits it:
-   the values first, then ``_rppb_whiten_kernel`` (one program) whitens them over the batch's
-   valid tokens from the rows' lengths (as the C++ CPU and CUDA kernels: a pass over B, not over
-   [B, T]), then the broadcast of the whitened values.
+0. the float64 workspace is zeroed ([B, 5] group statistics, gpg's nonzero count,
+   reinforce_pp_baseline's whitening count, sum and centred squares, then its row lengths);
+1. float64 atomics into the statistics slot of each row's group id: count, sum (``opo``: the
+   rows' lengths and length x score; ``gpg``: the batch's nonzero count; ``reinforce_pp_baseline``:
+   each row's length stored);
+2. ``grpo`` only: the centred squares (r - mean)^2 of each group from the complete means (two
+   passes: no cancellation);
+3. 4. ``reinforce_pp_baseline`` only: the whitening count and sum of the valid tokens, then their
+   centred squares, from the rows' values and lengths (a row holds len copies of its value, as
+   the C++ kernels' whitening: passes over B, not over [B, T]);
+5. the [B, T] broadcast in [row block, T block] tiles: the per-sequence formula (the arithmetic
+   of ``rmkernels/group_adv_math.h``, float64, rounded once; ``reinforce_pp_baseline`` then
+   whitened), written under the mask; the tiles of the first T block also write
+   ``seq_advantages``.
 
-Bytes moved: 16 B per response in passes 1-2 (24 B with the opo / reinforce_pp_baseline
-lengths, which read the mask once more), the mask once and the [B, T] output once in pass 3.
-Atomics make the float64 sums' order vary between runs in their last bits (float32 outputs are
-unaffected in practice).
+The barrier needs every program resident at once: the launch is cooperative
+(``launch_cooperative_grid``) with one program per multiprocessor at most (a compiled Triton
+kernel always fits one block per multiprocessor, so the grid is always resident). Its state is a
+uint32 per device and stream that every barrier returns to where it was (``_semaphore``), so it
+needs no reset between calls (in a CUDA-graph capture: a fresh one, its zero fill captured).
+Under the interpreter (``TRITON_INTERPRET=1``) programs run one after the other, so the single
+launch has one program; ``programs=`` / ``fused=False`` (tests) run each phase as its own
+launch of many programs instead, with no barrier: the same code.
+
+Bytes moved: 16-24 B per response in phases 1-4, the mask once (twice for ``opo`` and
+``reinforce_pp_baseline``) and the [B, T] output once in phase 5. Atomics make the float64 sums'
+order vary between runs in their last bits (float32 outputs are unaffected in practice).
 
 ``reinforce_pp_returns`` runs ``rmkernels.triton.ppo.gae`` (values 0, lam 1; ops/group_adv.py).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from rmkernels._codes import GroupEstimator, GroupSingle
-from rmkernels.triton._common import acc_dtype, block_size, scalar, split_float
-from rmkernels.triton.ppo import _moments_of_rows, _whiten_mean, _whiten_params
+from rmkernels.triton._common import acc_dtype, scalar, split_float
+from rmkernels.triton.ppo import _whiten_mean, _whiten_params
 
 _GRPO = tl.constexpr(int(GroupEstimator.GRPO))
 _RLOO = tl.constexpr(int(GroupEstimator.RLOO))
@@ -38,65 +51,65 @@ _GPG = tl.constexpr(int(GroupEstimator.GPG))
 _RPPB = tl.constexpr(int(GroupEstimator.REINFORCE_PP_BASELINE))
 _SELF = tl.constexpr(int(GroupSingle.SELF))
 
-BLOCK_B = 128  # rows per program of the statistics passes
-WRITE_BLOCK_B = 16  # rows x ...
-WRITE_BLOCK_T = 256  # ... positions per program of the broadcast
 NSTATS = 5  # count, sum, centred squares, sum of lengths, sum of length x score
-WHITEN_BLOCK = 1024  # rows per step of _rppb_whiten_kernel's loops
-# _group_write_kernel's modes: the value and its [B, T] broadcast; the value only; the broadcast
-# of the values in seq (reinforce_pp_baseline, whitened in between)
-_WRITE_ALL, _WRITE_SEQ, _WRITE_FROM_SEQ = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _NSTATS = tl.constexpr(NSTATS)
+# after the [B, 5] statistics: gpg's nonzero count, reinforce_pp_baseline's whitening count,
+# sum and centred squares, then (reinforce_pp_baseline) the rows' lengths [B]
+_NONZERO, _WHITEN, _ROW_LEN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(4)
+EXTRA = 4
+# the phases (module docstring); a launch runs phases FIRST..LAST
+ZERO, SUMS, SQUARES, WHITEN_SUMS, WHITEN_SQUARES, WRITE = range(6)
+_ZERO, _SUMS, _SQUARES = tl.constexpr(ZERO), tl.constexpr(SUMS), tl.constexpr(SQUARES)
+_WHITEN_SUMS, _WHITEN_SQUARES, _WRITE = tl.constexpr(WHITEN_SUMS), tl.constexpr(WHITEN_SQUARES), tl.constexpr(WRITE)
+
+NUM_WARPS = 8
+BLOCK_B = 256  # rows a step of phases 0-4
+TILE = 4096  # elements of a phase-5 tile: (TILE // BLOCK_T) rows x BLOCK_T positions
+MAX_BLOCK_T = 256
+
+
+def phases(estimator):
+    """The phases an estimator runs (code of rmkernels._codes.GroupEstimator)."""
+    est = int(estimator)
+    extra = {int(GroupEstimator.GRPO): [SQUARES],
+             int(GroupEstimator.REINFORCE_PP_BASELINE): [WHITEN_SUMS, WHITEN_SQUARES]}.get(est, [])
+    return [ZERO, SUMS, *extra, WRITE]
+
+
+def workspace_size(B, estimator):
+    """float64 elements of the workspace: [B, 5] statistics, 4 scalars, the rows' lengths
+    (reinforce_pp_baseline)."""
+    rppb = int(estimator) == int(GroupEstimator.REINFORCE_PP_BASELINE)
+    return B * NSTATS + EXTRA + (B if rppb else 0)
 
 
 @triton.jit
-def _group_rows(r_ptr, ids_ptr, stats_ptr, B, BLOCK_B: tl.constexpr):
-    """The program's BLOCK_B rows (axis 0): their offsets, which are in bounds, the scores in
-    float64, which ids lie in [0, B), and each row's group slot in the [B, NSTATS] statistics."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    inb = offs < B
-    r = tl.load(r_ptr + offs, mask=inb, other=0.0).to(tl.float64)
-    g = tl.load(ids_ptr + offs, mask=inb, other=0)
-    ok = inb & (g >= 0) & (g < B)
-    return offs, inb, r, ok, stats_ptr + g * _NSTATS
+def _grid_barrier(sem_ptr):
+    """Every program of the launch waits here until all have arrived, their earlier stores and
+    atomics visible to all after it. A sense-reversing barrier on one uint32: program 0 adds
+    2^31 - (P - 1), the P - 1 others add 1, so the top bit flips when the last one arrives and
+    the low bits come back to what they were (no reset between barriers or calls). Only with
+    every program resident at once (a cooperative launch)."""
+    tl.debug_barrier()  # the program's threads are done with the phase before its release
+    sem = sem_ptr.to(tl.pointer_type(tl.uint32))
+    one = tl.full([], 1, tl.uint32)
+    if tl.program_id(0) == 0:
+        nb = tl.full([], 0x80000000, tl.uint32) - (tl.num_programs(0).to(tl.uint32) - one)
+    else:
+        nb = one
+    old = tl.atomic_add(sem, nb, sem="release")
+    flipped = False
+    while not flipped:
+        cur = tl.atomic_add(sem, 0, sem="acquire")  # compiled to an acquire load
+        flipped = ((old ^ cur) & 0x80000000) != 0
+    tl.debug_barrier()
 
 
 @triton.jit
-def _group_stats_kernel(
-    r_ptr, ids_ptr, mask_ptr, stats_ptr, nz_ptr, len_ptr,  # r [B] acc, ids int64 [B], bool mask [B, T],
-    B, T, s_m0, s_m1,                                      # float64 [B, 5], [1], [B] (reinforce_pp_baseline)
-    EST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    offs, inb, r, ok, st = _group_rows(r_ptr, ids_ptr, stats_ptr, B, BLOCK_B)
-    tl.atomic_add(st, tl.where(ok, 1.0, 0.0).to(tl.float64), mask=ok)
-    tl.atomic_add(st + 1, r, mask=ok)
-    if EST == _OPO or EST == _RPPB:  # the rows' lengths
-        length = tl.zeros([BLOCK_B], tl.float64)
-        for start in range(0, T, BLOCK_T):
-            t = start + tl.arange(0, BLOCK_T).to(tl.int64)
-            m = tl.load(mask_ptr + offs[:, None] * s_m0 + t[None, :] * s_m1, mask=inb[:, None] & (t < T)[None, :],
-                        other=0) != 0
-            length += tl.sum(tl.where(m, 1.0, 0.0).to(tl.float64), axis=1)
-        if EST == _OPO:
-            tl.atomic_add(st + 3, length, mask=ok)
-            tl.atomic_add(st + 4, length * r, mask=ok)
-        else:
-            tl.store(len_ptr + offs, length, mask=inb)
-    if EST == _GPG:
-        nz = tl.sum(tl.where(inb & (r != 0), 1.0, 0.0).to(tl.float64), axis=0)  # NaN counts, as count_nonzero
-        tl.atomic_add(nz_ptr, nz)
-
-
-@triton.jit
-def _group_sq_kernel(
-    r_ptr, ids_ptr, stats_ptr,
-    B, BLOCK_B: tl.constexpr,
-):
-    _, _, r, ok, st = _group_rows(r_ptr, ids_ptr, stats_ptr, B, BLOCK_B)
-    n = tl.load(st, mask=ok, other=1.0)
-    s = tl.load(st + 1, mask=ok, other=0.0)
-    d = r - s / n
-    tl.atomic_add(st + 2, d * d, mask=ok)
+def _after(phase, sem_ptr, LAST: tl.constexpr, BARRIER: tl.constexpr):
+    """The barrier that ends phase `phase`, if the launch runs on past it."""
+    if BARRIER and phase < LAST:
+        _grid_barrier(sem_ptr)
 
 
 @triton.jit
@@ -128,71 +141,213 @@ def _group_value(r, n, s, sq, ls, lrs, alpha, eps, f_norm,
     return v
 
 
+
 @triton.jit
-def _group_write_kernel(
-    r_ptr, ids_ptr, mask_ptr, stats_ptr, nz_ptr, seq_ptr, adv_ptr,
-    B, T, s_m0, s_m1, eps, eps_lo, f_norm, f_norm_lo,
-    EST: tl.constexpr, UNBIASED: tl.constexpr, SINGLE: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """MODE _WRITE_ALL: each row's value into seq (first T block) and its broadcast under the mask
-    into adv; _WRITE_SEQ: the values only (grid (row blocks, 1)); _WRITE_FROM_SEQ: the broadcast
-    of the values already in seq."""
-    # an id out of range: NaN (checked on the host for CPU tensors)
-    offs, inb, r, ok, st = _group_rows(r_ptr, ids_ptr, stats_ptr, B, BLOCK_B)
-    pid_t = tl.program_id(1)
-    acc_ty = seq_ptr.dtype.element_ty
-    if MODE == _WRITE_FROM_SEQ:
-        v = tl.load(seq_ptr + offs, mask=inb, other=0.0)
-    else:
-        nan = float("nan")
-        n = tl.load(st, mask=ok, other=nan)
-        s = tl.load(st + 1, mask=ok, other=nan)
-        sq = tl.load(st + 2, mask=ok, other=nan)
-        ls = tl.load(st + 3, mask=ok, other=nan)
-        lrs = tl.load(st + 4, mask=ok, other=nan)
-        alpha = B / tl.maximum(tl.load(nz_ptr), 1.0)
-        v = _group_value(r, n, s, sq, ls, lrs, alpha, scalar(eps, eps_lo, tl.float64),
-                         scalar(f_norm, f_norm_lo, tl.float64), EST, UNBIASED, SINGLE)
-        v = tl.where(ok, v, nan).to(acc_ty)
-        if pid_t == 0:
-            tl.store(seq_ptr + offs, v, mask=inb)
-    if MODE != _WRITE_SEQ:
-        t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-        inside = inb[:, None] & (t < T)[None, :]
-        m = tl.load(mask_ptr + offs[:, None] * s_m0 + t[None, :] * s_m1, mask=inside, other=0) != 0
-        out = tl.where(m, v[:, None], tl.zeros([BLOCK_B, BLOCK_T], acc_ty))
-        tl.store(adv_ptr + offs[:, None] * T + t[None, :], out, mask=inside)
+def _row_value(r_ptr, ids_ptr, stats_ptr, rows, inb, B, alpha, eps, f_norm,
+               EST: tl.constexpr, UNBIASED: tl.constexpr, SINGLE: tl.constexpr, ACC: tl.constexpr):
+    """The per-sequence values of rows (int64) from their groups' statistics, rounded to ACC;
+    NaN for a row whose id lies outside [0, B) (checked on the host for CPU tensors). The
+    statistics were written in this launch by other programs: loaded at L2 (.cg), never
+    through a multiprocessor's L1 that may hold a line from before a barrier."""
+    nan = float("nan")
+    r = tl.load(r_ptr + rows, mask=inb, other=0.0).to(tl.float64)
+    g = tl.load(ids_ptr + rows, mask=inb, other=0)
+    ok = inb & (g >= 0) & (g < B)
+    st = stats_ptr + g * _NSTATS
+    n = tl.load(st, mask=ok, other=nan, cache_modifier=".cg")
+    s = tl.load(st + 1, mask=ok, other=nan, cache_modifier=".cg")
+    sq = tl.load(st + 2, mask=ok, other=nan, cache_modifier=".cg")
+    ls = tl.load(st + 3, mask=ok, other=nan, cache_modifier=".cg")
+    lrs = tl.load(st + 4, mask=ok, other=nan, cache_modifier=".cg")
+    v = _group_value(r, n, s, sq, ls, lrs, alpha, eps, f_norm, EST, UNBIASED, SINGLE)
+    return tl.where(ok, v, nan).to(ACC)
 
 
 @triton.jit
-def _rppb_whiten_kernel(
-    seq_ptr, len_ptr,  # acc [B] (the rows' values, whitened in place), float64 [B] (their lengths)
-    B, eps, eps_lo,
-    UNBIASED: tl.constexpr, BLOCK: tl.constexpr,
+def _sums_step(r_ptr, ids_ptr, mask_ptr, stats, extra, row_len, rows, B, T, s_m0, s_m1,
+               EST: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Phase 1 for rows (int64): count and sum into their groups' slots (opo: lengths and
+    length x score; reinforce_pp_baseline: the rows' lengths stored; gpg: the nonzero count)."""
+    inb = rows < B
+    r = tl.load(r_ptr + rows, mask=inb, other=0.0).to(tl.float64)
+    g = tl.load(ids_ptr + rows, mask=inb, other=0)
+    ok = inb & (g >= 0) & (g < B)
+    st = stats + g * _NSTATS
+    tl.atomic_add(st, tl.where(ok, 1.0, 0.0).to(tl.float64), mask=ok)
+    tl.atomic_add(st + 1, r, mask=ok)
+    if EST == _OPO or EST == _RPPB:
+        length = tl.zeros(rows.shape, tl.float64)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            m = tl.load(mask_ptr + rows[:, None] * s_m0 + t[None, :] * s_m1,
+                        mask=inb[:, None] & (t < T)[None, :], other=0) != 0
+            length += tl.sum(tl.where(m, 1.0, 0.0).to(tl.float64), axis=1)
+        if EST == _OPO:
+            tl.atomic_add(st + 3, length, mask=ok)
+            tl.atomic_add(st + 4, length * r, mask=ok)
+        else:
+            tl.store(row_len + rows, length, mask=inb)
+    if EST == _GPG:  # NaN counts as nonzero, as torch.count_nonzero
+        nz = tl.sum(tl.where(inb & (r != 0), 1.0, 0.0).to(tl.float64), axis=0)
+        tl.atomic_add(extra + _NONZERO, nz)
+
+
+@triton.jit
+def _group_adv_kernel(
+    r_ptr, ids_ptr, mask_ptr, work_ptr, sem_ptr, seq_ptr, adv_ptr,  # r [B] acc, ids int64 [B], bool mask [B, T],
+    B, T, s_m0, s_m1,                                               # float64 workspace, uint32 semaphore,
+    eps, eps_lo, f_norm, f_norm_lo, weps, weps_lo,                  # seq [B], adv [B, T] (acc)
+    EST: tl.constexpr, UNBIASED: tl.constexpr, SINGLE: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, BARRIER: tl.constexpr,
+    BLOCK_B: tl.constexpr, TILE_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One program: reinforce_pp_baseline's values whitened over the valid tokens of the batch
-    (csrc/cpu/group_adv.cpp's whiten_seq): row b holds len[b] valid copies of seq[b], so the count,
-    sum and centred squares are sums over the rows of len[b] * ..., no pass over [B, T]; rows
-    without a valid token get 0, as every row when the batch has at most one valid token."""
+    """Phases FIRST..LAST of the module docstring, each a loop strided by the grid; BARRIER: a
+    grid barrier between them (a cooperative launch), else FIRST == LAST (one launch a phase)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     acc_ty = seq_ptr.dtype.element_ty
-    lane = tl.arange(0, BLOCK)
-    n, total, sq = _moments_of_rows(len_ptr, seq_ptr, len_ptr, 1, B, False, False, BLOCK)
-    mean = _whiten_mean(n, total)
-    ok, rstd = _whiten_params(n, mean, sq, scalar(eps, eps_lo, tl.float64), UNBIASED)
-    mean_a = mean.to(acc_ty)
-    rstd_a = rstd.to(acc_ty)
-    for start in range(0, B, BLOCK):
-        rows = start + lane
-        inb = rows < B
-        x = tl.load(seq_ptr + rows, mask=inb, other=0.0)
-        has = tl.load(len_ptr + rows, mask=inb, other=0.0) > 0
-        y = tl.where(has, (x - mean_a) * rstd_a, tl.zeros([BLOCK], acc_ty))
-        tl.store(seq_ptr + rows, tl.where(ok, y, tl.zeros([BLOCK], acc_ty)), mask=inb)
+    stats = work_ptr
+    extra = work_ptr + tl.cast(B, tl.int64) * _NSTATS
+    row_len = extra + _ROW_LEN
+    lane = tl.arange(0, BLOCK_B).to(tl.int64)
+    eps_v = scalar(eps, eps_lo, tl.float64)
+    f_norm_v = scalar(f_norm, f_norm_lo, tl.float64)
+
+    if FIRST <= _ZERO and _ZERO <= LAST:
+        n_work = tl.cast(B, tl.int64) * _NSTATS + 4
+        for start in range(pid * BLOCK_B, n_work, nprog * BLOCK_B):
+            offs = start + lane
+            tl.store(work_ptr + offs, tl.zeros([BLOCK_B], tl.float64), mask=offs < n_work)
+        _after(_ZERO, sem_ptr, LAST, BARRIER)
+
+    if FIRST <= _SUMS and _SUMS <= LAST:
+        if EST == _OPO or EST == _RPPB:  # in phase 5's tiles: the rows' lengths read from the mask
+            for start in range(pid * TILE_B, B, nprog * TILE_B):
+                rows = start + tl.arange(0, TILE_B).to(tl.int64)
+                _sums_step(r_ptr, ids_ptr, mask_ptr, stats, extra, row_len, rows, B, T, s_m0, s_m1, EST, BLOCK_T)
+        else:
+            for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
+                _sums_step(r_ptr, ids_ptr, mask_ptr, stats, extra, row_len, start + lane, B, T, s_m0, s_m1, EST,
+                           BLOCK_T)
+        _after(_SUMS, sem_ptr, LAST, BARRIER)
+
+    if EST == _GRPO and FIRST <= _SQUARES and _SQUARES <= LAST:
+        for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
+            rows = start + lane
+            inb = rows < B
+            r = tl.load(r_ptr + rows, mask=inb, other=0.0).to(tl.float64)
+            g = tl.load(ids_ptr + rows, mask=inb, other=0)
+            ok = inb & (g >= 0) & (g < B)
+            st = stats + g * _NSTATS
+            n = tl.load(st, mask=ok, other=1.0, cache_modifier=".cg")
+            s = tl.load(st + 1, mask=ok, other=0.0, cache_modifier=".cg")
+            d = r - s / n
+            tl.atomic_add(st + 2, d * d, mask=ok)
+        _after(_SQUARES, sem_ptr, LAST, BARRIER)
+
+    alpha = B / tl.maximum(tl.load(extra + _NONZERO, cache_modifier=".cg"), 1.0)
+    if EST == _RPPB and FIRST <= _WHITEN_SUMS and _WHITEN_SUMS <= LAST:
+        cnt = tl.zeros([BLOCK_B], tl.float64)
+        tot = tl.zeros([BLOCK_B], tl.float64)
+        for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
+            rows = start + lane
+            inb = rows < B
+            v = _row_value(r_ptr, ids_ptr, stats, rows, inb, B, alpha, eps_v, f_norm_v, EST, UNBIASED, SINGLE,
+                           acc_ty).to(tl.float64)
+            length = tl.load(row_len + rows, mask=inb, other=0.0, cache_modifier=".cg")
+            cnt += length
+            tot += tl.where(inb, length * v, 0.0)
+        tl.atomic_add(extra + _WHITEN, tl.sum(cnt, axis=0))
+        tl.atomic_add(extra + _WHITEN + 1, tl.sum(tot, axis=0))
+        _after(_WHITEN_SUMS, sem_ptr, LAST, BARRIER)
+
+    if EST == _RPPB and FIRST <= _WHITEN_SQUARES and _WHITEN_SQUARES <= LAST:
+        mean = _whiten_mean(tl.load(extra + _WHITEN, cache_modifier=".cg"),
+                            tl.load(extra + _WHITEN + 1, cache_modifier=".cg"))
+        sq = tl.zeros([BLOCK_B], tl.float64)
+        for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
+            rows = start + lane
+            inb = rows < B
+            v = _row_value(r_ptr, ids_ptr, stats, rows, inb, B, alpha, eps_v, f_norm_v, EST, UNBIASED, SINGLE,
+                           acc_ty).to(tl.float64)
+            length = tl.load(row_len + rows, mask=inb, other=0.0, cache_modifier=".cg")
+            d = v - mean
+            sq += tl.where(inb, length * (d * d), 0.0)
+        tl.atomic_add(extra + _WHITEN + 2, tl.sum(sq, axis=0))
+        _after(_WHITEN_SQUARES, sem_ptr, LAST, BARRIER)
+
+    if FIRST <= _WRITE and _WRITE <= LAST:
+        if EST == _RPPB:
+            n_w = tl.load(extra + _WHITEN, cache_modifier=".cg")
+            w_mean = _whiten_mean(n_w, tl.load(extra + _WHITEN + 1, cache_modifier=".cg"))
+            w_ok, w_rstd = _whiten_params(n_w, w_mean, tl.load(extra + _WHITEN + 2, cache_modifier=".cg"),
+                                          scalar(weps, weps_lo, tl.float64), UNBIASED)
+            mean_a = w_mean.to(acc_ty)
+            rstd_a = w_rstd.to(acc_ty)
+        t_blocks = tl.maximum(tl.cdiv(T, BLOCK_T), 1)
+        n_tiles = tl.cdiv(B, TILE_B) * t_blocks
+        row_lane = tl.arange(0, TILE_B).to(tl.int64)
+        for tile in range(pid, n_tiles, nprog):
+            tb = tile % t_blocks
+            rows = (tile // t_blocks).to(tl.int64) * TILE_B + row_lane
+            inb = rows < B
+            v = _row_value(r_ptr, ids_ptr, stats, rows, inb, B, alpha, eps_v, f_norm_v, EST, UNBIASED, SINGLE,
+                           acc_ty)
+            if EST == _RPPB:
+                has = tl.load(row_len + rows, mask=inb, other=0.0, cache_modifier=".cg") > 0
+                zero = tl.zeros([TILE_B], acc_ty)
+                v = tl.where(w_ok, tl.where(has, (v - mean_a) * rstd_a, zero), zero)
+            if tb == 0:
+                tl.store(seq_ptr + rows, v, mask=inb)
+            t = tb.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+            inside = inb[:, None] & (t < T)[None, :]
+            m = tl.load(mask_ptr + rows[:, None] * s_m0 + t[None, :] * s_m1, mask=inside, other=0) != 0
+            out = tl.where(m, v[:, None], tl.zeros([TILE_B, BLOCK_T], acc_ty))
+            tl.store(adv_ptr + rows[:, None] * T + t[None, :], out, mask=inside)
 
 
-def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps):
-    """Host function with the kernel op's signature (rmkernels::group_advantages_kernel)."""
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_SEMAPHORES = {}  # (device index, stream) -> int32 [1], the barrier's uint32
+_SM_COUNT = {}
+
+
+def _semaphore(device):
+    """The barrier's state for launches on the current stream of device (a persistent zeroed
+    int32: every barrier leaves its low bits as it found them, so it is never reset). One per
+    stream: launches on one stream run one after the other, launches on two streams may run at
+    once and must not share it. While a CUDA graph is captured, a fresh one (its zero fill is
+    captured and runs before the kernel at each replay; memory first made in a capture holds
+    nothing until a replay, so it is never kept for eager launches)."""
+    if device.type != "cuda" or interpreting() or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    sem = _SEMAPHORES.get(key)
+    if sem is None:
+        sem = _SEMAPHORES[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return sem
+
+
+def resident_programs(device):
+    """Programs a cooperative launch may have on device: one per multiprocessor (ptxas sizes a
+    Triton kernel for one block of its num_warps, so one always fits); 1 under the interpreter,
+    which runs the programs one after the other."""
+    if device.type != "cuda" or interpreting():
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, *,
+                     programs=None, fused=True):
+    """Host function with the kernel op's signature (rmkernels::group_advantages_kernel): one
+    launch of at most ``resident_programs`` programs. Tests only: ``programs`` sets the grid;
+    ``fused=False`` launches each phase on its own (no barrier, any number of programs: how the
+    interpreter runs a grid of many programs through the phases)."""
     B, T = mask.shape
     dev = scores.device
     acc = acc_dtype(scores.dtype)
@@ -203,32 +358,30 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
     r = scores.to(acc).contiguous()
     ids = group_ids.to(torch.int64).contiguous()
     est = int(estimator)
-    rppb = est == int(GroupEstimator.REINFORCE_PP_BASELINE)
-    # one fill: the [B, 5] stats, gpg's count (reinforce_pp_baseline: then the rows' lengths, written whole)
-    work = torch.zeros(B * NSTATS + 1 + (B if rppb else 0), dtype=torch.float64, device=dev)
-    stats, nz = work[: B * NSTATS].view(B, NSTATS), work[B * NSTATS: B * NSTATS + 1]
-    lengths = work[B * NSTATS + 1:] if rppb else nz
-    block_t = max(16, min(WRITE_BLOCK_T, triton.next_power_of_2(max(T, 1))))
-    grid = (triton.cdiv(B, BLOCK_B),)
-    _group_stats_kernel[grid](r, ids, mask, stats, nz, lengths, B, T, mask.stride(0), mask.stride(1), EST=est,
-                              BLOCK_B=BLOCK_B, BLOCK_T=block_t)
-    if est == int(GroupEstimator.GRPO):
-        _group_sq_kernel[grid](r, ids, stats, B, BLOCK_B=BLOCK_B)
+    work = torch.empty(workspace_size(B, est), dtype=torch.float64, device=dev)  # zeroed by phase 0
+    block_t = max(16, min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 1))))
+    tile_b = TILE // block_t
+    # the most programs any phase has work for: row blocks of phases 0-4, tiles of phase 5
+    work_items = max(triton.cdiv(B * NSTATS + EXTRA, BLOCK_B),
+                     triton.cdiv(B, tile_b) * max(1, triton.cdiv(T, block_t)))
+    if programs is None:
+        programs = resident_programs(dev)
+    programs = max(1, min(int(programs), work_items))
+    if fused and programs > 1 and interpreting():
+        raise ValueError(f"a fused launch of {programs} programs would wait forever at its first barrier under "
+                         "the Triton interpreter (it runs programs one after the other): programs=1 or fused=False")
 
-    def write(mode, t_blocks):
-        _group_write_kernel[(triton.cdiv(B, WRITE_BLOCK_B), t_blocks)](
-            r, ids, mask, stats, nz, seq, adv, B, T, mask.stride(0), mask.stride(1), *split_float(eps),
-            *split_float(f_norm), EST=est, UNBIASED=bool(unbiased), SINGLE=int(single), MODE=mode,
-            BLOCK_B=WRITE_BLOCK_B, BLOCK_T=block_t)
+    def launch(first, last, barrier, sem):
+        kw = dict(launch_cooperative_grid=True) if barrier and not interpreting() else {}
+        _group_adv_kernel[(programs,)](
+            r, ids, mask, work, sem, seq, adv, B, T, mask.stride(0), mask.stride(1), *split_float(eps),
+            *split_float(f_norm), *split_float(whiten_eps), EST=est, UNBIASED=bool(unbiased), SINGLE=int(single),
+            FIRST=first, LAST=last, BARRIER=barrier, BLOCK_B=BLOCK_B, TILE_B=tile_b, BLOCK_T=block_t,
+            num_warps=NUM_WARPS, **kw)
 
-    t_blocks = max(1, triton.cdiv(T, block_t))
-    if not rppb:
-        write(_WRITE_ALL, t_blocks)
-        return seq, adv
-    # reinforce_pp_baseline: the values, their whitening from the rows' lengths, the broadcast
-    write(_WRITE_SEQ, 1)
-    _rppb_whiten_kernel[(1,)](seq, lengths, B, *split_float(whiten_eps), UNBIASED=bool(unbiased),
-                              BLOCK=block_size(B, WHITEN_BLOCK))
-    if T > 0:
-        write(_WRITE_FROM_SEQ, t_blocks)
+    if fused:
+        launch(ZERO, WRITE, True, _semaphore(dev))
+    else:
+        for ph in phases(est):
+            launch(ph, ph, False, work)
     return seq, adv
