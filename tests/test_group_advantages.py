@@ -288,6 +288,19 @@ def test_triton_phases_over_many_programs(estimator):
         tga.group_advantages(*args, programs=2, fused=True)
 
 
+def _profiled(call):
+    """call()'s outputs and the names of the kernels the GPU ran for it, called once before
+    (compiled, warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = call()
+        torch.cuda.synchronize()
+    return out, [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_cuda_kernel_is_one_launch_at_scale(estimator):
@@ -295,20 +308,9 @@ def test_cuda_kernel_is_one_launch_at_scale(estimator):
     batch larger than the grid the device holds at once (70,001 x 67 = 4.7M elements: every
     phase loops grid-stride), and matches the reference there."""
     skip_unless_available("cuda", "cuda")
-    from torch.profiler import ProfilerActivity, profile
-
-    B, T = 70_001, 67
-    scores = make_scores(B, None, torch.float32).cuda()
-    ids = make_groups(B).cuda()
-    mask = make_mask("holes", B, T, "cuda")
-    code = _codes.GROUP_ESTIMATORS[estimator]
-    args = (scores, ids, mask, int(code), 1e-6, True, int(_codes.GROUP_SINGLES["zero"]), 2.0, 1e-8)
-    torch.ops.rmkernels.group_advantages_kernel(*args)  # warm: the occupancy query is cached
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        seq, adv = torch.ops.rmkernels.group_advantages_kernel(*args)
-        torch.cuda.synchronize()
-    on_gpu = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    args = _kernel_args(70_001, 67, estimator, "cuda")
+    # warm first: the occupancy query is cached
+    (seq, adv), on_gpu = _profiled(lambda: torch.ops.rmkernels.group_advantages_kernel(*args))
     assert len(on_gpu) == 1 and "group_advantages_kernel" in on_gpu[0], on_gpu
     e_seq, e_adv = gops.group_advantages_kernel("reference", *args)
     assert_close(seq, e_seq, rtol=1e-6, atol=1e-6, name=f"seq {estimator}")
@@ -324,17 +326,10 @@ def test_triton_kernel_is_one_launch_at_scale(estimator):
     one pass of the grid (70,001 x 67: every phase loops), and matches the reference there; so
     do its phases launched one by one (the way the interpreter tests them)."""
     skip_unless_available("triton", "cuda")
-    from torch.profiler import ProfilerActivity, profile
-
     from rmkernels.triton import group_adv as tga
 
     args = _kernel_args(70_001, 67, estimator, "cuda")
-    gops.group_advantages_kernel("triton", *args)  # compiled and warm
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        seq, adv = gops.group_advantages_kernel("triton", *args)
-        torch.cuda.synchronize()
-    on_gpu = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    (seq, adv), on_gpu = _profiled(lambda: gops.group_advantages_kernel("triton", *args))  # compiled first
     assert len(on_gpu) == 1 and "_group_adv_kernel" in on_gpu[0], on_gpu
     e_seq, e_adv = gops.group_advantages_kernel("reference", *args)
     assert_close(seq, e_seq, rtol=1e-6, atol=1e-6, name=f"seq {estimator}")

@@ -164,6 +164,30 @@ def _row_value(r_ptr, ids_ptr, stats_ptr, rows, inb, B, alpha, eps, f_norm,
 
 
 @triton.jit
+def _whiten_moments(r_ptr, ids_ptr, stats, row_len, pid, nprog, B, alpha, eps, f_norm, mean,
+                    EST: tl.constexpr, UNBIASED: tl.constexpr, SINGLE: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_B: tl.constexpr, CENTRED: tl.constexpr):
+    """reinforce_pp_baseline's whitening moments over this program's rows, row b holding len[b]
+    valid copies of its value (rounded to ACC, as written): (sum of len, sum of len x value), or
+    with CENTRED (sum of len x (value - mean)^2, 0)."""
+    a = tl.zeros([BLOCK_B], tl.float64)
+    b = tl.zeros([BLOCK_B], tl.float64)
+    for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B).to(tl.int64)
+        inb = rows < B
+        v = _row_value(r_ptr, ids_ptr, stats, rows, inb, B, alpha, eps, f_norm, EST, UNBIASED, SINGLE,
+                       ACC).to(tl.float64)
+        length = tl.load(row_len + rows, mask=inb, other=0.0, cache_modifier=".cg")
+        if CENTRED:
+            d = v - mean
+            a += tl.where(inb, length * (d * d), 0.0)
+        else:
+            a += length
+            b += tl.where(inb, length * v, 0.0)
+    return tl.sum(a, axis=0), tl.sum(b, axis=0)
+
+
+@triton.jit
 def _sums_step(r_ptr, ids_ptr, mask_ptr, stats, extra, row_len, rows, B, T, s_m0, s_m1,
                EST: tl.constexpr, BLOCK_T: tl.constexpr):
     """Phase 1 for rows (int64): count and sum into their groups' slots (opo: lengths and
@@ -247,33 +271,18 @@ def _group_adv_kernel(
 
     alpha = B / tl.maximum(tl.load(extra + _NONZERO, cache_modifier=".cg"), 1.0)
     if EST == _RPPB and FIRST <= _WHITEN_SUMS and _WHITEN_SUMS <= LAST:
-        cnt = tl.zeros([BLOCK_B], tl.float64)
-        tot = tl.zeros([BLOCK_B], tl.float64)
-        for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
-            rows = start + lane
-            inb = rows < B
-            v = _row_value(r_ptr, ids_ptr, stats, rows, inb, B, alpha, eps_v, f_norm_v, EST, UNBIASED, SINGLE,
-                           acc_ty).to(tl.float64)
-            length = tl.load(row_len + rows, mask=inb, other=0.0, cache_modifier=".cg")
-            cnt += length
-            tot += tl.where(inb, length * v, 0.0)
-        tl.atomic_add(extra + _WHITEN, tl.sum(cnt, axis=0))
-        tl.atomic_add(extra + _WHITEN + 1, tl.sum(tot, axis=0))
+        cnt, tot = _whiten_moments(r_ptr, ids_ptr, stats, row_len, pid, nprog, B, alpha, eps_v, f_norm_v, 0.0,
+                                   EST, UNBIASED, SINGLE, acc_ty, BLOCK_B, False)
+        tl.atomic_add(extra + _WHITEN, cnt)
+        tl.atomic_add(extra + _WHITEN + 1, tot)
         _after(_WHITEN_SUMS, sem_ptr, LAST, BARRIER)
 
     if EST == _RPPB and FIRST <= _WHITEN_SQUARES and _WHITEN_SQUARES <= LAST:
         mean = _whiten_mean(tl.load(extra + _WHITEN, cache_modifier=".cg"),
                             tl.load(extra + _WHITEN + 1, cache_modifier=".cg"))
-        sq = tl.zeros([BLOCK_B], tl.float64)
-        for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
-            rows = start + lane
-            inb = rows < B
-            v = _row_value(r_ptr, ids_ptr, stats, rows, inb, B, alpha, eps_v, f_norm_v, EST, UNBIASED, SINGLE,
-                           acc_ty).to(tl.float64)
-            length = tl.load(row_len + rows, mask=inb, other=0.0, cache_modifier=".cg")
-            d = v - mean
-            sq += tl.where(inb, length * (d * d), 0.0)
-        tl.atomic_add(extra + _WHITEN + 2, tl.sum(sq, axis=0))
+        sq, _ = _whiten_moments(r_ptr, ids_ptr, stats, row_len, pid, nprog, B, alpha, eps_v, f_norm_v, mean,
+                                EST, UNBIASED, SINGLE, acc_ty, BLOCK_B, True)
+        tl.atomic_add(extra + _WHITEN + 2, sq)
         _after(_WHITEN_SQUARES, sem_ptr, LAST, BARRIER)
 
     if FIRST <= _WRITE and _WRITE <= LAST:
