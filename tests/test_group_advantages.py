@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from utils import (
+    TRITON_INTERPRET,
     assert_close,
     assert_compiled_matches,
     backend_params,
@@ -402,8 +403,10 @@ def test_returns_are_gae_with_zero_values(backend, device):
     bit for bit equal to rmk.gae's advantages with explicit zero values, on masks with holes,
     empty and full rows, gamma 0 (signed zeros included) to 1, and equal to verl's loop."""
     skip_unless_available(backend, device)
+    # the interpreter steps every program through every position in Python: fewer rows there
+    sizes = ((1, 1), (9, 33), (11, 130)) if backend == "triton" and TRITON_INTERPRET else ((1, 1), (59, 33), (97, 130))
     for dtype in (torch.float32, torch.float64):
-        for B, T in ((1, 1), (59, 33), (97, 130)):
+        for B, T in sizes:
             r = torch.randn(B, T, dtype=dtype, device=device)
             r[torch.rand(B, T, device=device) < 0.1] = -0.0
             mask = make_mask("holes", B, T, device)
