@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from rmkernels._codes import GroupEstimator, GroupSingle
-from rmkernels.triton._common import acc_dtype, scalar, split_float
+from rmkernels.triton._common import acc_dtype, block_size, scalar, split_float
 from rmkernels.triton.ppo import _whiten_mean, _whiten_params
 
 _GRPO = tl.constexpr(int(GroupEstimator.GRPO))
@@ -57,6 +57,7 @@ _NSTATS = tl.constexpr(NSTATS)
 # sum and centred squares, then (reinforce_pp_baseline) the rows' lengths [B]
 _NONZERO, _WHITEN, _ROW_LEN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(4)
 EXTRA = 4
+_EXTRA = tl.constexpr(EXTRA)
 # the phases (module docstring); a launch runs phases FIRST..LAST
 ZERO, SUMS, SQUARES, WHITEN_SUMS, WHITEN_SQUARES, WRITE = range(6)
 _ZERO, _SUMS, _SQUARES = tl.constexpr(ZERO), tl.constexpr(SUMS), tl.constexpr(SQUARES)
@@ -238,7 +239,7 @@ def _group_adv_kernel(
     f_norm_v = scalar(f_norm, f_norm_lo, tl.float64)
 
     if FIRST <= _ZERO and _ZERO <= LAST:
-        n_work = tl.cast(B, tl.int64) * _NSTATS + 4
+        n_work = tl.cast(B, tl.int64) * _NSTATS + _EXTRA
         for start in range(pid * BLOCK_B, n_work, nprog * BLOCK_B):
             offs = start + lane
             tl.store(work_ptr + offs, tl.zeros([BLOCK_B], tl.float64), mask=offs < n_work)
@@ -368,7 +369,7 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
     ids = group_ids.to(torch.int64).contiguous()
     est = int(estimator)
     work = torch.empty(workspace_size(B, est), dtype=torch.float64, device=dev)  # zeroed by phase 0
-    block_t = max(16, min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 1))))
+    block_t = block_size(T, MAX_BLOCK_T)
     tile_b = TILE // block_t
     # the most programs any phase has work for: row blocks of phases 0-4, tiles of phase 5
     work_items = max(triton.cdiv(B * NSTATS + EXTRA, BLOCK_B),
