@@ -11,9 +11,10 @@
 //   (2) grpo only: the centred squares from the group means; reinforce_pp_baseline only: the
 //       whitening statistics of the valid tokens from the rows' values and lengths (two
 //       passes over B, a grid sync after each);
-//   (3) the broadcast: one thread per [B, T] element evaluates the formula of
+//   (3) the broadcast: (3a) one thread per row evaluates the formula of
 //       rmkernels/group_adv_math.h (shared with the CPU kernel) for its row (whitened for
-//       reinforce_pp_baseline, math::whiten_of) and writes it under the mask.
+//       reinforce_pp_baseline, math::whiten_of) into seq; a grid sync; (3b) one thread per
+//       [B, T] element writes its row's value from seq under the mask.
 // No launch waits on the host. Bytes moved: 16-24 B per response in (1)-(2), the mask once
 // (twice for opo and reinforce_pp_baseline) and the [B, T] output once in (3). The workspace is
 // written in the launch, so it is read with __ldcg (at L2, never through a multiprocessor's L1
@@ -59,7 +60,7 @@ template <typename A, bool kLen>
 __global__ void __launch_bounds__(kThreads)
     group_advantages_kernel(const A* __restrict__ r, const int64_t* __restrict__ ids, const bool* __restrict__ mask,
                             int64_t B, int64_t T, int64_t ms0, int64_t ms1, int64_t est, double eps, bool unbiased,
-                            int64_t single, double f_norm, double whiten_eps, double* stats, A* __restrict__ seq,
+                            int64_t single, double f_norm, double whiten_eps, double* stats, A* seq,
                             A* __restrict__ adv) {
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;  // a multiple of kWarp
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -163,19 +164,26 @@ __global__ void __launch_bounds__(kThreads)
                                 unbiased, whiten_eps);
   const A mean_a = static_cast<A>(w.mean), rstd = static_cast<A>(w.rstd);
 
-  // (3) one thread per element of the flattened [B, max(T, 1)]: the element's row value (its
-  // group's stats are a few loads, shared by the warp's lanes of the same row; the formula is a
-  // handful of float64 operations; reinforce_pp_baseline's whitening after it), written under
-  // the mask; the thread of t = 0 writes seq[b]. The element's (b, t) advances by the grid's
-  // stride with a carry (GridStride2D): one 64-bit division per thread, not one per element.
-  const int64_t Tn = T > 0 ? T : 1;
-  GridStride2D p(tid, nthreads, Tn);
-  for (int64_t i = tid; i < B * Tn; i += nthreads, p.advance()) {
-    const int64_t b = p.row, t = p.col;
+  // (3a) one thread per row: the row's value (its group's statistics and the float64 formula of
+  // rmkernels/group_adv_math.h, shared with the CPU kernel; reinforce_pp_baseline's whitening
+  // after it), rounded to A, into seq.
+  for (int64_t b = tid; b < B; b += nthreads) {
     A v = row_value(r, ids, stats, b, B, est, eps, unbiased, single, f_norm, alpha);
     if (rppb) v = w.ok && __ldcg(row_len + b) > 0 ? (v - mean_a) * rstd : A(0);
-    if (t == 0) seq[b] = v;
-    if (T > 0) adv[i] = mask[b * ms0 + t * ms1] ? v : A(0);
+    seq[b] = v;
+  }
+  if (T == 0) return;  // T is uniform over the grid: no thread waits at the sync below
+  RMK_GRID_SYNC();
+
+  // (3b) one thread per element of the flattened [B, T]: its row's value from seq (written in
+  // this launch: __ldcg; the lanes of a warp share a few rows, so a few L2 reads a warp), written
+  // under the mask. The formula ran once per row in (3a), not once per element. The element's
+  // (b, t) advances by the grid's stride with a carry (GridStride2D): one 64-bit division per
+  // thread, not one per element.
+  GridStride2D p(tid, nthreads, T);
+  for (int64_t i = tid; i < B * T; i += nthreads, p.advance()) {
+    const int64_t b = p.row, t = p.col;
+    adv[i] = mask[b * ms0 + t * ms1] ? __ldcg(seq + b) : A(0);
   }
 }
 
