@@ -14,10 +14,11 @@ its work strided by the grid, with a grid barrier (``_grid_barrier``) between th
 3. 4. ``reinforce_pp_baseline`` only: the whitening count and sum of the valid tokens, then their
    centred squares, from the rows' values and lengths (a row holds len copies of its value, as
    the C++ kernels' whitening: passes over B, not over [B, T]);
-5. the [B, T] broadcast in [row block, T block] tiles: the per-sequence formula (the arithmetic
-   of ``rmkernels/group_adv_math.h``, float64, rounded once; ``reinforce_pp_baseline`` then
-   whitened), written under the mask; the tiles of the first T block also write
-   ``seq_advantages``.
+5. the rows' values: the per-sequence formula (the arithmetic of ``rmkernels/group_adv_math.h``,
+   float64, rounded once; ``reinforce_pp_baseline`` then whitened) into ``seq_advantages``;
+6. the [B, T] broadcast in [row block, T block] tiles: each row's value read back from
+   ``seq_advantages``, written under the mask (the formula and its gathers of the groups'
+   statistics run once per row, in phase 5, not once per tile).
 
 The barrier needs every program resident at once: the launch is cooperative
 (``launch_cooperative_grid``) with one program per multiprocessor at most (a compiled Triton
@@ -28,8 +29,8 @@ Under the interpreter (``TRITON_INTERPRET=1``) programs run one after the other,
 launch has one program; ``programs=`` / ``fused=False`` (tests) run each phase as its own
 launch of many programs instead, with no barrier: the same code.
 
-Bytes moved: 16-24 B per response in phases 1-4, the mask once (twice for ``opo`` and
-``reinforce_pp_baseline``) and the [B, T] output once in phase 5. Atomics make the float64 sums'
+Bytes moved: 16-24 B per response in phases 1-5, the mask once (twice for ``opo`` and
+``reinforce_pp_baseline``) and the [B, T] output once in phase 6. Atomics make the float64 sums'
 order vary between runs in their last bits (float32 outputs are unaffected in practice).
 
 ``reinforce_pp_returns`` runs ``rmkernels.triton.ppo.gae`` (values 0, lam 1; ops/group_adv.py).
@@ -59,13 +60,14 @@ _NONZERO, _WHITEN, _ROW_LEN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(4)
 EXTRA = 4
 _EXTRA = tl.constexpr(EXTRA)
 # the phases (module docstring); a launch runs phases FIRST..LAST
-ZERO, SUMS, SQUARES, WHITEN_SUMS, WHITEN_SQUARES, WRITE = range(6)
+ZERO, SUMS, SQUARES, WHITEN_SUMS, WHITEN_SQUARES, ROWS, WRITE = range(7)
 _ZERO, _SUMS, _SQUARES = tl.constexpr(ZERO), tl.constexpr(SUMS), tl.constexpr(SQUARES)
-_WHITEN_SUMS, _WHITEN_SQUARES, _WRITE = tl.constexpr(WHITEN_SUMS), tl.constexpr(WHITEN_SQUARES), tl.constexpr(WRITE)
+_WHITEN_SUMS, _WHITEN_SQUARES = tl.constexpr(WHITEN_SUMS), tl.constexpr(WHITEN_SQUARES)
+_ROWS, _WRITE = tl.constexpr(ROWS), tl.constexpr(WRITE)
 
 NUM_WARPS = 8
-BLOCK_B = 256  # rows a step of phases 0-4
-TILE = 4096  # elements of a phase-5 tile: (TILE // BLOCK_T) rows x BLOCK_T positions
+BLOCK_B = 256  # rows a step of phases 0-5
+TILE = 4096  # elements of a phase-6 tile: (TILE // BLOCK_T) rows x BLOCK_T positions
 MAX_BLOCK_T = 256
 
 
@@ -74,7 +76,7 @@ def phases(estimator):
     est = int(estimator)
     extra = {int(GroupEstimator.GRPO): [SQUARES],
              int(GroupEstimator.REINFORCE_PP_BASELINE): [WHITEN_SUMS, WHITEN_SQUARES]}.get(est, [])
-    return [ZERO, SUMS, *extra, WRITE]
+    return [ZERO, SUMS, *extra, ROWS, WRITE]
 
 
 def workspace_size(B, estimator):
@@ -246,7 +248,7 @@ def _group_adv_kernel(
         _after(_ZERO, sem_ptr, LAST, BARRIER)
 
     if FIRST <= _SUMS and _SUMS <= LAST:
-        if EST == _OPO or EST == _RPPB:  # in phase 5's tiles: the rows' lengths read from the mask
+        if EST == _OPO or EST == _RPPB:  # in phase 6's tiles: the rows' lengths read from the mask
             for start in range(pid * TILE_B, B, nprog * TILE_B):
                 rows = start + tl.arange(0, TILE_B).to(tl.int64)
                 _sums_step(r_ptr, ids_ptr, mask_ptr, stats, extra, row_len, rows, B, T, s_m0, s_m1, EST, BLOCK_T)
@@ -286,7 +288,7 @@ def _group_adv_kernel(
         tl.atomic_add(extra + _WHITEN + 2, sq)
         _after(_WHITEN_SQUARES, sem_ptr, LAST, BARRIER)
 
-    if FIRST <= _WRITE and _WRITE <= LAST:
+    if FIRST <= _ROWS and _ROWS <= LAST:
         if EST == _RPPB:
             n_w = tl.load(extra + _WHITEN, cache_modifier=".cg")
             w_mean = _whiten_mean(n_w, tl.load(extra + _WHITEN + 1, cache_modifier=".cg"))
@@ -294,21 +296,27 @@ def _group_adv_kernel(
                                           scalar(weps, weps_lo, tl.float64), UNBIASED)
             mean_a = w_mean.to(acc_ty)
             rstd_a = w_rstd.to(acc_ty)
-        t_blocks = tl.maximum(tl.cdiv(T, BLOCK_T), 1)
+        for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
+            rows = start + lane
+            inb = rows < B
+            v = _row_value(r_ptr, ids_ptr, stats, rows, inb, B, alpha, eps_v, f_norm_v, EST, UNBIASED, SINGLE,
+                           acc_ty)
+            if EST == _RPPB:
+                has = tl.load(row_len + rows, mask=inb, other=0.0, cache_modifier=".cg") > 0
+                zero = tl.zeros([BLOCK_B], acc_ty)
+                v = tl.where(w_ok, tl.where(has, (v - mean_a) * rstd_a, zero), zero)
+            tl.store(seq_ptr + rows, v, mask=inb)
+        _after(_ROWS, sem_ptr, LAST, BARRIER)
+
+    if FIRST <= _WRITE and _WRITE <= LAST:
+        t_blocks = tl.cdiv(T, BLOCK_T)  # T = 0: no tiles
         n_tiles = tl.cdiv(B, TILE_B) * t_blocks
         row_lane = tl.arange(0, TILE_B).to(tl.int64)
         for tile in range(pid, n_tiles, nprog):
             tb = tile % t_blocks
             rows = (tile // t_blocks).to(tl.int64) * TILE_B + row_lane
             inb = rows < B
-            v = _row_value(r_ptr, ids_ptr, stats, rows, inb, B, alpha, eps_v, f_norm_v, EST, UNBIASED, SINGLE,
-                           acc_ty)
-            if EST == _RPPB:
-                has = tl.load(row_len + rows, mask=inb, other=0.0, cache_modifier=".cg") > 0
-                zero = tl.zeros([TILE_B], acc_ty)
-                v = tl.where(w_ok, tl.where(has, (v - mean_a) * rstd_a, zero), zero)
-            if tb == 0:
-                tl.store(seq_ptr + rows, v, mask=inb)
+            v = tl.load(seq_ptr + rows, mask=inb, other=0.0, cache_modifier=".cg")  # written in phase 5
             t = tb.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
             inside = inb[:, None] & (t < T)[None, :]
             m = tl.load(mask_ptr + rows[:, None] * s_m0 + t[None, :] * s_m1, mask=inside, other=0) != 0
@@ -371,7 +379,7 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
     work = torch.empty(workspace_size(B, est), dtype=torch.float64, device=dev)  # zeroed by phase 0
     block_t = block_size(T, MAX_BLOCK_T)
     tile_b = TILE // block_t
-    # the most programs any phase has work for: row blocks of phases 0-4, tiles of phase 5
+    # the most programs any phase has work for: row blocks of phases 0-5, tiles of phase 6
     work_items = max(triton.cdiv(B * NSTATS + EXTRA, BLOCK_B),
                      triton.cdiv(B, tile_b) * max(1, triton.cdiv(T, block_t)))
     if programs is None:
