@@ -22,6 +22,7 @@
 import glob
 import importlib
 import itertools
+import math
 import os
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ import sys
 import sysconfig
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,8 +52,9 @@ needs_compiled_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0
 # Recording the launches of the host wrappers
 # ---------------------------------------------------------------------------------------
 class Launch:
-    def __init__(self, fn, signature, constexprs, attrs, kwargs, grid):
+    def __init__(self, fn, signature, constexprs, attrs, kwargs, grid, floats=None):
         self.fn, self.signature, self.constexprs, self.attrs = fn, signature, constexprs, attrs
+        self.floats = floats or {}  # the values of the float (not constexpr) arguments
         # The launch options given (num_warps...): parsed again by each target's backend,
         # since parsed options name the arch (sm90 options would make sm_80 code use sm_90
         # instructions).
@@ -92,7 +95,8 @@ def _recorder(launches):
         if callable(grid):
             grid = grid(bound_args)
         grid = tuple(int(g) for g in grid)
-        launches.append(Launch(self, signature, constexprs, attrs, kwargs, grid))
+        floats = {k: v for k, v in bound_args.items() if signature.get(k) == "fp32" and isinstance(v, float)}
+        launches.append(Launch(self, signature, constexprs, attrs, kwargs, grid, floats))
         return None
 
     return run
@@ -316,6 +320,25 @@ def test_launch_grids_fit_cuda_limits(recorded):
     bad = [la.describe() for ls in recorded.values() for la in ls
            if len(la.grid) > 3 or any(g > m for g, m in zip(la.grid, MAX_GRID)) or any(g < 1 for g in la.grid)]
     assert not bad, "launch grids outside CUDA's limits (x < 2^31, y, z <= 65535, each >= 1):\n" + "\n".join(bad)
+
+
+@needs_compiled_triton
+def test_float_arguments_of_float64_launches_are_exact(recorded):
+    """Compiled Triton passes a Python float argument as float32 (the interpreter keeps the
+    double, so no other CPU test sees it). In a launch on float64 tensors every float argument
+    must be exactly a float32, as the (hi, lo) halves of _common.split_float are; else a float64
+    option (gamma, a margin, eps) is rounded to float32 on a GPU. The Bradley-Terry kernels did
+    that until 2026-11-30: their float64 tests failed on an H200."""
+    bad, checked = [], 0
+    for ls in recorded.values():
+        for la in ls:
+            if "*fp64" not in la.signature.values():
+                continue
+            checked += len(la.floats)
+            bad += [f"{la.name}: {k} = {v!r}" for k, v in la.floats.items()
+                    if math.isfinite(v) and float(np.float32(v)) != v]
+    assert checked, "no float arguments recorded in float64 launches: the recorder lost them"
+    assert not bad, "float arguments rounded to float32 in float64 launches:\n" + "\n".join(sorted(set(bad)))
 
 
 class _Wide(Launch):

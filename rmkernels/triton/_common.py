@@ -1,6 +1,8 @@
 """Helpers shared by the Triton kernels of rmkernels: block sizes, the arithmetic dtype, host
 floats passed at full precision, symmetric clamps, round-to-nearest bf16 stores, and the
 option codes as ``tl.constexpr`` values (``rmkernels/_codes.py`` defines them once)."""
+import math
+
 import numpy as np
 import torch
 import triton
@@ -30,7 +32,10 @@ def block_size(n, cap, floor=16):
 def split_float(v):
     """(hi, lo) fp32 pair of a host float (see ``scalar``): compiled Triton passes Python floats
     as fp32, hi + lo keeps ~48 bits."""
-    hi = float(np.float32(v))
+    with np.errstate(over="ignore"):
+        hi = float(np.float32(v))
+    if not math.isfinite(hi):  # inf, NaN, or beyond float32's range: as float32 had it, lo 0 (not NaN)
+        return hi, 0.0
     return hi, float(np.float32(float(v) - hi))
 
 

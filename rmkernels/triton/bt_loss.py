@@ -10,9 +10,10 @@ atomics), and so is the backward of a weighted ``"mean"``, which needs ``sum(w)`
 The ranking kernels run one program per row over tiles of the [K, K] pair matrix.
 
 The scalar options (margin_value, weight_value, label_smoothing, center_coef) are kernel
-arguments, which compiled Triton passes as float32: with float64 inputs on a GPU they are
-rounded to float32 (the tensors are not). float64 is for gradcheck, which runs on the
-reference and cpu backends.
+arguments. Compiled Triton passes a Python float as float32, so each goes as an (hi, lo) float32
+pair (``_common.split_float``, as the PPO and group-advantage kernels) and is rebuilt in the
+arithmetic dtype: float64 inputs keep ~48 bits of each option (on a GPU, before this, they were
+rounded to float32 and the float64 tests failed there).
 """
 import torch
 import triton
@@ -27,6 +28,8 @@ from rmkernels.triton._common import (
     block_size,
     check_code,
     check_tensor,
+    scalar,
+    split_float,
     to_store,
 )
 
@@ -97,12 +100,17 @@ def _pair_loss(c, r, m, label_smoothing, center_coef, HAS_CENTER: tl.constexpr):
 def _bt_fwd_kernel(
     chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, out_ptr,  # pointers ([B] each; out [] or [B])
     B, stride_c, stride_r,  # size and the strides of chosen / rejected, in elements
-    margin_value, weight_value, label_smoothing, center_coef,  # scalars
+    margin_value, margin_value_lo, weight_value, weight_value_lo,  # scalars as (hi, lo) fp32 pairs
+    label_smoothing, label_smoothing_lo, center_coef, center_coef_lo,  # (_common.split_float)
     HAS_MARGIN: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CENTER: tl.constexpr,
     REDUCTION: tl.constexpr,  # a rmkernels._codes.Reduction: none (grid over B), mean / sum (one program)
     BLOCK: tl.constexpr,
 ):
     acc_ty = out_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
+    margin_value = scalar(margin_value, margin_value_lo, acc_ty)
+    weight_value = scalar(weight_value, weight_value_lo, acc_ty)
+    label_smoothing = scalar(label_smoothing, label_smoothing_lo, acc_ty)
+    center_coef = scalar(center_coef, center_coef_lo, acc_ty)
     if REDUCTION == REDUCE_NONE:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         in_b, c, r, m, w = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, weights_ptr, offs, B, stride_c,
@@ -160,13 +168,18 @@ def _bt_bwd_kernel(
     grad_ptr, chosen_ptr, rejected_ptr, margin_ptr, weights_ptr,  # inputs (grad: [] or [B])
     grad_c_ptr, grad_r_ptr,  # outputs [B], in the dtype of chosen
     B, stride_c, stride_r,  # size and strides of chosen / rejected
-    margin_value, weight_value, label_smoothing, center_coef,  # scalars
+    margin_value, margin_value_lo, weight_value, weight_value_lo,  # scalars as (hi, lo) fp32 pairs
+    label_smoothing, label_smoothing_lo, center_coef, center_coef_lo,  # (_common.split_float)
     HAS_MARGIN: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CENTER: tl.constexpr,
     REDUCTION: tl.constexpr, NEED_C: tl.constexpr, NEED_R: tl.constexpr,
     SINGLE_PROGRAM: tl.constexpr,  # weighted mean: one program computes sum(w), then every pair
     BLOCK: tl.constexpr,
 ):
     acc_ty = grad_ptr.dtype.element_ty
+    margin_value = scalar(margin_value, margin_value_lo, acc_ty)
+    weight_value = scalar(weight_value, weight_value_lo, acc_ty)
+    label_smoothing = scalar(label_smoothing, label_smoothing_lo, acc_ty)
+    center_coef = scalar(center_coef, center_coef_lo, acc_ty)
     scale = tl.load(grad_ptr)  # the upstream gradient of a reduced loss (unused for "none")
     if REDUCTION == REDUCE_MEAN:
         if HAS_WEIGHTS:
@@ -217,8 +230,9 @@ def bt_loss_fwd(chosen, rejected, margin, weights, margin_value, weight_value, l
     grid = (triton.cdiv(B, block),) if none else (1,)
     _bt_fwd_kernel[grid](
         chosen, rejected, margin if margin is not None else out, weights if weights is not None else out, out,
-        B, chosen.stride(0), rejected.stride(0), float(margin_value), float(weight_value), float(label_smoothing),
-        float(center_coef), REDUCTION=reduction, BLOCK=block, **_flags(margin, weights, center_coef))
+        B, chosen.stride(0), rejected.stride(0), *split_float(margin_value), *split_float(weight_value),
+        *split_float(label_smoothing), *split_float(center_coef), REDUCTION=reduction, BLOCK=block,
+        **_flags(margin, weights, center_coef))
     return out
 
 
@@ -242,8 +256,9 @@ def bt_loss_bwd(grad, chosen, rejected, margin, weights, margin_value, weight_va
     _bt_bwd_kernel[grid](
         grad, chosen, rejected, margin if margin is not None else grad, weights if weights is not None else grad,
         g_c if need_chosen else grad, g_r if need_rejected else grad,
-        B, chosen.stride(0), rejected.stride(0), float(margin_value), float(weight_value), float(label_smoothing),
-        float(center_coef), REDUCTION=reduction, NEED_C=need_chosen, NEED_R=need_rejected, SINGLE_PROGRAM=single,
+        B, chosen.stride(0), rejected.stride(0), *split_float(margin_value), *split_float(weight_value),
+        *split_float(label_smoothing), *split_float(center_coef), REDUCTION=reduction, NEED_C=need_chosen,
+        NEED_R=need_rejected, SINGLE_PROGRAM=single,
         BLOCK=block, **_flags(margin, weights, center_coef))
     return g_c, g_r
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rmkernels.triton._common import acc_dtype, block_size
+from rmkernels.triton._common import acc_dtype, block_size, scalar, split_float
 
 # Tokens per program of the forward and of the gradient tile: 64 rows x 64 vocabulary entries
 # is 4096 fp32 accumulators (32 registers a thread at 4 warps); H is walked 64 at a time.
@@ -50,9 +50,10 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, H, s_hn, s_wv,
 def _lp_fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr,  # hidden [N, H] (row stride s_hn), weight [V, H], bias [V], targets [N]
     lp_ptr, ent_ptr, lse_ptr,  # outputs [N] in the arithmetic dtype
-    N, H, V, s_hn, s_wv, inv_temp, ignore_index,  # sizes, strides (elements), options
+    N, H, V, s_hn, s_wv, inv_temp, inv_temp_lo, ignore_index,  # sizes, strides (elements), options
     ACC: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
 ):
+    inv_temp = scalar(inv_temp, inv_temp_lo, ACC)
     offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     n_ok = offs_n < N
     tgt = tl.load(t_ptr + offs_n, mask=n_ok, other=ignore_index)
@@ -89,10 +90,11 @@ def _lp_fwd_kernel(
 def _lp_grad_tile_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr,  # inputs ([N] vectors at token n0)
     out_ptr,  # [rows, cols] tile of dz / temperature (row stride cols)
-    rows, cols, v0, H, V, s_hn, s_wv, inv_temp, ignore_index,
+    rows, cols, v0, H, V, s_hn, s_wv, inv_temp, inv_temp_lo, ignore_index,  # 1 / temperature: split_float
     ACC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GE: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
 ):
+    inv_temp = scalar(inv_temp, inv_temp_lo, ACC)
     offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     offs_c = tl.program_id(1).to(tl.int64) * BV + tl.arange(0, BV)
     offs_v = v0 + offs_c
@@ -151,7 +153,7 @@ def token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index,
     grid = (triton.cdiv(N, bn),)
     _lp_fwd_kernel[grid](
         h, weight, bias if bias is not None else weight, t, outs[0], outs[1], outs[2],
-        N, H, V, h.stride(0), weight.stride(0), 1.0 / temperature, ignore_index,
+        N, H, V, h.stride(0), weight.stride(0), *split_float(1.0 / temperature), ignore_index,
         ACC=_acc_tl(hidden.dtype), HAS_BIAS=bias is not None, BN=bn, BV=_block(V, BLOCK_V), BH=_block(H, BLOCK_H))
     return tuple(outs)
 
@@ -186,7 +188,7 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
                 _lp_grad_tile_kernel[grid](
                     h[n0:], weight, bias if bias is not None else weight, t[n0:], lse1[n0:], ent1[n0:], gl[n0:],
                     ge[n0:] if ge is not None else gl, tile,
-                    rows, vl, v0, H, V, h.stride(0), weight.stride(0), 1.0 / temperature, ignore_index,
+                    rows, vl, v0, H, V, h.stride(0), weight.stride(0), *split_float(1.0 / temperature), ignore_index,
                     ACC=_acc_tl(hidden.dtype), HAS_BIAS=bias is not None, HAS_GE=ge is not None,
                     BN=bn, BV=bv, BH=_block(H, BLOCK_H))
                 op = tile.to(hidden.dtype) if lowp else tile
