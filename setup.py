@@ -100,6 +100,12 @@ def _extensions():
            if sys.platform != "win32"
            else ["/O2", "/std:c++17"])
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    # libstdc++ linked as a shared library, named before the compiler's own: a g++ that links it
+    # statically (the H200 image's /opt/gcc/bin/g++ did) gives the extension its own copy of the
+    # iostreams, and the first integer a TORCH_CHECK message formats (c10::str) crashed the
+    # process on a stream made by torch's libstdc++ (a segfault there; a truncated message here).
+    link = (["-fopenmp", "-lstdc++"] if sys.platform.startswith("linux")
+            else [] if sys.platform == "win32" else ["-fopenmp"])
     if with_cuda:
         print(f"rmkernels: building C++ CPU + CUDA kernels for archs {archs}")
         ext = CUDAExtension(
@@ -113,7 +119,7 @@ def _extensions():
                 # of libdevice, denormals kept), as the README promises.
                 "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + _gencode_flags(archs),
             },
-            extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
+            extra_link_args=link,
         )
     else:
         why = "skipped by RMKERNELS_SKIP_CUDA_BUILD" if not want_cuda else (
@@ -125,7 +131,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=[("RMKERNELS_CUDA_ARCHS", '""')],
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
+            extra_link_args=link,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, {
         "cpp": True, "cuda": with_cuda, "archs": archs if with_cuda else ""}

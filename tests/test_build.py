@@ -83,6 +83,33 @@ def test_info_reports_build():
     assert "torch " in out and "triton " in out
 
 
+def test_extension_error_messages_keep_their_numbers():
+    """A kernel op's check formats the sizes it names (c10::str inside rmkernels._C). Built by
+    a g++ that links libstdc++ statically, the extension has its own iostreams: the message
+    stopped at its first integer here, and the process crashed on an H200 (2026-11-30)."""
+    import torch
+
+    import rmkernels  # noqa: F401  (registers the ops)
+
+    if not hasattr(torch.ops.rmkernels, "gae_kernel"):
+        pytest.fail("rmkernels._C did not load: CI builds it")
+    x, m = torch.randn(3, 8), torch.ones(3, 8, dtype=torch.bool)
+    with pytest.raises(RuntimeError) as err:
+        torch.ops.rmkernels.gae_kernel(torch.randn(3, 9), x, m, 1.0, 0.95, True)
+    assert "rewards must be [B, T] = [3, 8], got [3, 9]" in str(err.value), str(err.value)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("ldd") is None,
+                    reason="the shared-library check reads ldd's output (Linux)")
+def test_extension_links_libstdcxx_as_a_shared_library():
+    """setup.py names -lstdc++ before the compiler's own: one libstdc++ in the process (torch's),
+    whatever the compiler's default."""
+    import rmkernels._C as ext
+
+    out = subprocess.run(["ldd", ext.__file__], capture_output=True, text=True).stdout
+    assert "libstdc++.so" in out, f"{ext.__file__} does not load libstdc++ as a shared library:\n{out}"
+
+
 def test_version():
     import rmkernels
 
