@@ -2,11 +2,13 @@
 floats passed at full precision, symmetric clamps, round-to-nearest bf16 stores, and the
 option codes as ``tl.constexpr`` values (``rmkernels/_codes.py`` defines them once)."""
 import math
+import os
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from rmkernels import _codes
 from rmkernels._library import acc_dtype  # noqa: F401  (the arithmetic dtype rule, one definition)
@@ -44,6 +46,39 @@ def scalar(hi, lo, ty):
     """A host float passed as two fp32 scalars (``split_float``), in the dtype ty: enough for
     float64 inputs."""
     return (tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)).to(ty)
+
+
+def interpreting():
+    """True under the Triton interpreter (TRITON_INTERPRET=1, which must be set before triton
+    is imported): programs run one after the other on CPU tensors, through numpy."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if interpreting():  # no libdevice under the interpreter; its tl.exp / tl.log are numpy's
+    @triton.jit
+    def exp(x):
+        """exp(x) to within a few ulp over the whole range (numpy's, here)."""
+        return tl.exp(x)
+
+    @triton.jit
+    def log1p(z):
+        """log(1 + z) for z >= 0, accurate for tiny z: log(u) * z / (u - 1) with u = 1 + z
+        corrects the rounding of u."""
+        u = 1.0 + z
+        one = u == 1.0
+        return tl.where(one, z, tl.log(u) * (z / tl.where(one, 1.0, u - 1.0)))
+else:
+    @triton.jit
+    def exp(x):
+        """libdevice's exp: a few ulp over the whole range. tl.exp on a GPU is ex2.approx of
+        x * log2(e), whose relative error grows with |x| (the Bradley-Terry losses of confident
+        pairs, exp(-|d|), missed 1e-6 on an H200, 2026-11-30)."""
+        return libdevice.exp(x)
+
+    @triton.jit
+    def log1p(z):
+        """libdevice's log1p (tl.log on a GPU is lg2.approx, coarse near 1)."""
+        return libdevice.log1p(z)
 
 
 @triton.jit

@@ -28,6 +28,8 @@ from rmkernels.triton._common import (
     block_size,
     check_code,
     check_tensor,
+    exp,
+    log1p,
     scalar,
     split_float,
     to_store,
@@ -42,23 +44,14 @@ MAX_BLOCK_K = 32
 
 
 @triton.jit
-def _log1p(z):
-    """log(1 + z) for z >= 0, accurate for tiny z without libdevice (the interpreter has none):
-    log(u) * z / (u - 1) with u = 1 + z corrects the rounding of u."""
-    u = 1.0 + z
-    one = u == 1.0
-    return tl.where(one, z, tl.log(u) * (z / tl.where(one, 1.0, u - 1.0)))
-
-
-@triton.jit
 def _log_sigmoid(x):
     """min(x, 0) - log1p(exp(-|x|)): no overflow for any x."""
-    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
+    return tl.minimum(x, 0.0) - log1p(exp(-tl.abs(x)))
 
 
 @triton.jit
 def _sigmoid(x):
-    z = tl.exp(-tl.abs(x))
+    z = exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
 
 
@@ -88,7 +81,7 @@ def _pair_loss(c, r, m, label_smoothing, center_coef, HAS_CENTER: tl.constexpr):
     (rmkernels/scalar_math.h: bt_pair_loss). The e term is left out when e = 0, so that
     d = +inf gives the formula's 0, not 0 * -inf = NaN."""
     d = c - r - m
-    sp = _log1p(tl.exp(-tl.abs(d)))  # shared by logsigmoid(d) and logsigmoid(-d)
+    sp = log1p(exp(-tl.abs(d)))  # shared by logsigmoid(d) and logsigmoid(-d)
     pos = -(1.0 - label_smoothing) * (tl.minimum(d, 0.0) - sp)
     loss = tl.where(label_smoothing != 0, pos - label_smoothing * (tl.minimum(-d, 0.0) - sp), pos)
     if HAS_CENTER:

@@ -35,14 +35,12 @@ order vary between runs in their last bits (float32 outputs are unaffected in pr
 
 ``reinforce_pp_returns`` runs ``rmkernels.triton.ppo.gae`` (values 0, lam 1; ops/group_adv.py).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from rmkernels._codes import GroupEstimator, GroupSingle
-from rmkernels.triton._common import acc_dtype, block_size, scalar, split_float
+from rmkernels.triton._common import acc_dtype, block_size, interpreting, scalar, split_float
 from rmkernels.triton.ppo import _whiten_mean, _whiten_params
 
 _GRPO = tl.constexpr(int(GroupEstimator.GRPO))
@@ -322,10 +320,6 @@ def _group_adv_kernel(
             m = tl.load(mask_ptr + rows[:, None] * s_m0 + t[None, :] * s_m1, mask=inside, other=0) != 0
             out = tl.where(m, v[:, None], tl.zeros([TILE_B, BLOCK_T], acc_ty))
             tl.store(adv_ptr + rows[:, None] * T + t[None, :], out, mask=inside)
-
-
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _SEMAPHORES = {}  # (device index, stream) -> int32 [1], the barrier's uint32
