@@ -7,8 +7,8 @@
 # script always finishes and says which stage ran out of time):
 #   1. build   the extension for the GPU's own architecture only (RMKERNELS_CUDA_ARCHS=<cc>)
 #   2. gpu cuda issue 14 / gpu cuda / gpu triton issue 14 / gpu triton   the GPU tests of the
-#              suite (pytest -m cuda), the cuda backend's first (the kernels that never ran on a
-#              device; the critic-free advantages' files before the rest), then the triton
+#              suite (pytest -m cuda, in parallel processes), the cuda backend's first (the
+#              critic-free advantages' files of issue 14 before the rest), then the triton
 #              backend's (its group advantages first); -v, so a stage stopped at its cap still
 #              names every test it finished
 #   3. memcheck / racecheck   compute-sanitizer on a small forward+backward of every public
@@ -154,8 +154,8 @@ run_stage "gpu cuda issue 14" "$ISSUE14_CUDA_S" pytest-gpu-cuda-14.log $PY -m py
 run_stage "gpu cuda" $(( CAP_GPU_CUDA - ISSUE14_CUDA_S )) pytest-gpu-cuda.log $PY -m pytest tests -v ${XDIST[@]+"${XDIST[@]}"} -p no:cacheprovider \
   "${FIRST_TESTS[@]/#/--ignore=}" -m "cuda and not cuda_on_cpu and not triton" -rfEs --durations=15 \
   --junitxml="$OUT/pytest-gpu-cuda.xml"
-# The Triton group advantages first too: one launch with grid barriers, never run on a GPU (a
-# barrier that never opens would stop at this stage's cap, not the next stage's).
+# The Triton group advantages first too: one launch with grid barriers (a barrier that never
+# opens would stop at this stage's cap, not the next stage's).
 run_stage "gpu triton issue 14" "$ISSUE14_TRITON_S" pytest-gpu-triton-14.log $PY -m pytest tests/test_group_advantages.py -v ${XDIST[@]+"${XDIST[@]}"} \
   -p no:cacheprovider -m "cuda and triton and not cuda_on_cpu" -rfEs --junitxml="$OUT/pytest-gpu-triton-14.xml"
 run_stage "gpu triton" $(( CAP_GPU_TRITON - ISSUE14_TRITON_S )) pytest-gpu-triton.log $PY -m pytest tests -v ${XDIST[@]+"${XDIST[@]}"} -p no:cacheprovider \
