@@ -16,7 +16,8 @@
 #   4. graphs  CUDA-graph capture + replay of every public op, compared with eager
 #   5. bench   benchmarks/run.py at the named shapes of BENCHMARKS.md (--quick): the critic-free
 #              group advantages' own kernels first in a stage of their own (issue 14's GPU
-#              target: one launch, within 1.25x of the memory floor), then run by run, each
+#              target: one launch, within 1.25x of the memory floor) and Nsight Compute on those
+#              kernels (profile grpo: speed of light, memory, occupancy), then run by run, each
 #              into OUT_DIR/bench-<name>: REINFORCE++ and ReMax's own kernels at rpp-l / remax-l
 #              and at the few long rows of rpp-xl / remax-xl (judged against the same floor),
 #              the critic-free baselines, then the other ops
@@ -47,12 +48,13 @@ unset TRITON_INTERPRET
 # stage took on the H200 lent on 2026-11-30 with room to spare, or what its stage is worth. On
 # an earlier H200 the build ran past 180 s, its last file csrc/cpu/ppo.cpp (85 s on one core of
 # the 2-core runner); that file is now four, built without -g, and the build took 64 s there.
-CAP_BUILD=${CAP_BUILD:-150}  # 64 s on the H200 lent on 2026-11-30 (a third session there)
+CAP_BUILD=${CAP_BUILD:-110}  # 44 and 64 s on the H200 lent on 2026-11-30 (a third session there)
 CAP_GPU_CUDA=${CAP_GPU_CUDA:-90}  # ISSUE14_CUDA_S s of it for issue 14's tests first
 CAP_GPU_TRITON=${CAP_GPU_TRITON:-150}  # ISSUE14_TRITON_S s of it for issue 14's tests first
 CAP_SANITIZER=${CAP_SANITIZER:-35}  # memcheck 21 s, racecheck 9 s there
 CAP_GRAPHS=${CAP_GRAPHS:-20}  # 7 s there
 CAP_BENCH_GRPO=${CAP_BENCH_GRPO:-40}
+CAP_PROFILE=${CAP_PROFILE:-40}
 CAP_BENCH=${CAP_BENCH:-45}
 CAP_SUITE=${CAP_SUITE:-5}
 ISSUE14_CUDA_S=${ISSUE14_CUDA_S:-30}
@@ -127,7 +129,8 @@ NATIVE_ARCH=$(sed -n 's/^native arch: \([0-9][0-9.]*\)$/\1/p' "$OUT/env.txt")
 
 if [ -z "$NATIVE_ARCH" ]; then
   SKIP="skipped: no CUDA GPU (torch.cuda.is_available() is False)"
-  for s in build "gpu cuda issue 14" "gpu cuda" "gpu triton issue 14" "gpu triton" memcheck racecheck graphs "bench grpo" bench suite; do record "$s" "$SKIP" 0 "-"; done
+  for s in build "gpu cuda issue 14" "gpu cuda" "gpu triton issue 14" "gpu triton" memcheck racecheck graphs "bench grpo" \
+           "profile grpo" bench suite; do record "$s" "$SKIP" 0 "-"; done
   # The cheap part that runs anywhere: the op list the GPU stages cover imports and resolves.
   run_stage "ops-list (cpu)" 60 ops-list.txt $PY scripts/gpu_check_ops.py list
   echo >> "$SUMMARY"
@@ -183,6 +186,16 @@ BENCH_GRPO="--ops grpo --providers rmk-cuda rmk-cuda-op rmk-triton rmk-triton-op
 read -r -a grpo_args <<< "$BENCH_GRPO"
 run_stage "bench grpo" "$CAP_BENCH_GRPO" bench-grpo.log $PY benchmarks/run.py --device cuda --quick "${grpo_args[@]}" \
   --out "$OUT/bench-grpo"
+# Nsight Compute on the group-advantage kernels themselves (issue 14: why the op is several times
+# its memory floor): speed of light, memory workload, occupancy and launch statistics of each
+# launch at grpo-l and grpo-xl (grpo, cuda and triton, two calls each: 8 launches).
+if command -v ncu > /dev/null; then
+  run_stage "profile grpo" "$CAP_PROFILE" profile-grpo.log ncu --clock-control none --target-processes all \
+    --kernel-name regex:group_adv --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section SchedulerStats $PY scripts/gpu_check_ops.py profile
+else
+  record "profile grpo" "skipped: ncu not found" 0 "-"
+fi
 # name|run.py arguments, each run into its own directory OUT/bench-<name> (a run replaces the
 # (op, shape) groups it measures in its directory's CSV, so the baselines' runs must not share
 # one with the rmk runs). REINFORCE++ / ReMax first, the rmk providers only (judged against the

@@ -6,6 +6,9 @@
                                                          # each CUDA backend (run under compute-sanitizer)
     python scripts/gpu_check_ops.py graphs OUT.json      # CUDA-graph capture + replay of each op,
                                                          # compared with eager; a table on stdout
+    python scripts/gpu_check_ops.py profile              # the group-advantage kernels (issue 14)
+                                                         # at grpo-l and grpo-xl, twice each, for
+                                                         # a profiler around it (ncu in gpu_check.sh)
 
 Ops that are not in this checkout yet (added by other branches) are listed as absent, not
 failed. Exit status: 0 when every present op passed, 1 otherwise.
@@ -164,6 +167,35 @@ def cmd_graphs(out_json):
     return 1 if failed else 0
 
 
+# grpo-l and grpo-xl of benchmarks/shapes.py, as (B, T, G): what the GPU target is judged at.
+PROFILE_SHAPES = ((65536, 128, 8), (1048576, 1, 8))
+
+
+def cmd_profile(estimators=("grpo",)):
+    """Each estimator's group advantages on each backend at PROFILE_SHAPES, two calls each (the
+    first compiles Triton's), in verl's layout: the G responses of a prompt side by side, random
+    lengths. The kernels are what a profiler wrapped around this process measures."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    failed = 0
+    for B, T, G in PROFILE_SHAPES:
+        ids = (torch.arange(B) // G).to(dev)
+        lengths = torch.randint(max(T // 2, 1), T + 1, (B,), generator=g)
+        mask = (torch.arange(T)[None] < lengths[:, None]).to(dev)
+        scores = ((torch.rand(B, generator=g) < 0.5).float() + 0.1 * torch.randn(B, generator=g)).to(dev)
+        for est in estimators:
+            for be in BACKENDS:
+                try:
+                    for _ in range(2):
+                        rmk.group_advantages(scores, ids, mask, estimator=est, backend=be)
+                    torch.cuda.synchronize()
+                    print(f"ok {est} {be} B={B} T={T}", flush=True)
+                except Exception as e:  # noqa: BLE001 - report every backend
+                    failed += 1
+                    print(f"FAIL {est} {be} B={B} T={T}: {type(e).__name__}: {e}", flush=True)
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else "list"
     if cmd == "list":
@@ -172,4 +204,6 @@ if __name__ == "__main__":
         sys.exit(cmd_sanitize())
     if cmd == "graphs":
         sys.exit(cmd_graphs(sys.argv[2]))
-    sys.exit(f"unknown command {cmd!r}: list, sanitize or graphs OUT.json")
+    if cmd == "profile":
+        sys.exit(cmd_profile())
+    sys.exit(f"unknown command {cmd!r}: list, sanitize, graphs OUT.json or profile")

@@ -143,3 +143,19 @@ def test_gpu_check_ops_on_a_gpu(backend, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert out.count("ok ") == len(mod._cases("cpu")), out
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_gpu_check_profile_runs_on_a_gpu(backend, monkeypatch, capsys):
+    """scripts/gpu_check_ops.py's profile command (what ncu wraps in gpu_check.sh) on the
+    stand-in GPU, at small shapes: every estimator and backend it names runs."""
+    if backend == "triton":
+        fake_cuda_mod.require_interpreter()
+    mod = _gpu_check_ops()
+    monkeypatch.setattr(mod, "BACKENDS", (backend,))
+    monkeypatch.setattr(mod, "PROFILE_SHAPES", ((37, 5, 4), (40, 1, 8)))
+    with fake_cuda_mod.gpu(triton=backend == "triton"):
+        rc = mod.cmd_profile()
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("ok ") == len(mod.PROFILE_SHAPES), out

@@ -17,7 +17,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.md").read_text()
     for stage in ("build", "gpu cuda issue 14", "gpu cuda", "gpu triton issue 14", "gpu triton", "memcheck",
-                  "racecheck", "graphs", "bench grpo", "bench", "suite"):
+                  "racecheck", "graphs", "bench grpo", "profile grpo", "bench", "suite"):
         assert f"| {stage} | skipped: no CUDA GPU" in summary, summary
     assert "| ops-list (cpu) | ok |" in summary, summary
     ops = (out / "ops-list.txt").read_text()
