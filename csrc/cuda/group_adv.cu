@@ -4,13 +4,14 @@
 // One cooperative launch per call: the grid is as large as the device holds at once
 // (cooperative_grid), every loop is grid-stride, and the phases are separated by grid syncs:
 //   (0) the workspace is zeroed (so no memset before the launch);
-//   (1) one thread per response adds 1 and its score into its group's float64 slots with
-//       atomics (opo: a warp per response, which also adds its length and length x score;
+//   (1) one thread per response: a warp sums the count and scores of each run of equal ids
+//       among its lanes, and the run's first lane adds them into the group's float64 slots
+//       with atomics (opo: a warp per response, which also adds its length and length x score;
 //       reinforce_pp_baseline: a warp per response, which stores its row's length), and
 //       gpg counts nonzero scores (one atomic per warp);
-//   (2) grpo only: the centred squares from the group means; reinforce_pp_baseline only: the
-//       whitening statistics of the valid tokens from the rows' values and lengths (two
-//       passes over B, a grid sync after each);
+//   (2) grpo only: the centred squares from the group means (summed over runs as in (1));
+//       reinforce_pp_baseline only: the whitening statistics of the valid tokens from the
+//       rows' values and lengths (two passes over B, a grid sync after each);
 //   (3) the broadcast: (3a) one thread per row evaluates the formula of
 //       rmkernels/group_adv_math.h (shared with the CPU kernel) for its row (whitened for
 //       reinforce_pp_baseline, math::whiten_of) into seq; a grid sync; (3b) one thread per
@@ -40,6 +41,26 @@ constexpr int kStats = 5;  // n, s, sq, ls, lrs per group
 // [0, 5B), gpg's nonzero count at 5B, reinforce_pp_baseline's whitening count, sum and centred
 // squares at 5B + 1..3, its row lengths from 5B + 4.
 constexpr int64_t kNonzero = 0, kWhiten = 1, kRowLen = 4;  // offsets after the groups' stats
+
+// Runs of equal keys in consecutive lanes (verl's layout puts a prompt's G responses side by
+// side): v becomes, in each lane, the sum of v over its lane and the rest of its run, so the
+// run's first lane holds the run's sum; returns whether this lane starts a run, and sets len to
+// the run's length from this lane. Every lane of the warp must call it. One atomic per run then
+// stands for G of them on one address.
+__device__ __forceinline__ bool warp_run_sum(int64_t key, int lane, double& v, int& len) {
+  const int64_t prev = __shfl_up_sync(0xffffffffu, key, 1);
+  const bool head = lane == 0 || prev != key;
+  const unsigned heads = __ballot_sync(0xffffffffu, head);
+  const unsigned later = lane == kWarp - 1 ? 0u : heads & (~0u << (lane + 1));  // runs after this lane
+  const int end = later != 0 ? __ffs(static_cast<int>(later)) - 1 : kWarp;                        // the next run's first lane
+#pragma unroll
+  for (int o = 1; o < kWarp; o <<= 1) {
+    const double y = __shfl_down_sync(0xffffffffu, v, o);
+    if (lane + o < end) v += y;  // lane + o in the same run: its sum so far covers the next lanes
+  }
+  len = end - lane;
+  return head;
+}
 
 // The value of row b from its group's statistics (NaN for an id outside [0, B)), rounded to A.
 template <typename A>
@@ -105,10 +126,13 @@ __global__ void __launch_bounds__(kThreads)
         if (lane == 0 && nz != 0) atomicAdd(extra + kNonzero, static_cast<double>(__popc(nz)));
       }
       const int64_t g = valid ? ids[b] : -1;
-      if (g >= 0 && g < B) {
+      double sum = x;
+      int run = 1;
+      // A run's lanes are all valid or all past B (g = -1), so the count is the run's length.
+      if (warp_run_sum(g, lane, sum, run) && g >= 0 && g < B) {
         double* st = stats + g * kStats;
-        atomicAdd(st, 1.0);
-        atomicAdd(st + 1, x);
+        atomicAdd(st, static_cast<double>(run));
+        atomicAdd(st + 1, sum);
       }
     }
   }
@@ -116,12 +140,18 @@ __global__ void __launch_bounds__(kThreads)
 
   // (2) grpo: centred squares from the complete means
   if (est == codes::kGrpo) {
-    for (int64_t b = tid; b < B; b += nthreads) {
-      const int64_t g = ids[b];
-      if (g < 0 || g >= B) continue;
-      double* st = stats + g * kStats;
-      const double d = static_cast<double>(r[b]) - __ldcg(st + 1) / __ldcg(st);
-      atomicAdd(st + 2, d * d);
+    for (int64_t base = tid - lane; base < B; base += nthreads) {  // uniform over the warp
+      const int64_t b = base + lane;
+      const int64_t g = b < B ? ids[b] : -1;
+      const bool ok = g >= 0 && g < B;
+      double sq = 0.0;
+      if (ok) {
+        const double* st = stats + g * kStats;
+        const double d = static_cast<double>(r[b]) - __ldcg(st + 1) / __ldcg(st);
+        sq = d * d;
+      }
+      int run = 1;
+      if (warp_run_sum(ok ? g : -1, lane, sq, run) && ok) atomicAdd(stats + g * kStats + 2, sq);
     }
     RMK_GRID_SYNC();  // est is uniform over the grid: every thread takes this sync or none does
   }

@@ -139,6 +139,32 @@ def test_group_many_blocks_and_one_group():
             check_group(scores, ids, mask, f"{est} {name}", estimator=est, single="self")
 
 
+def test_group_runs_of_equal_ids():
+    """verl's layout, a prompt's responses side by side: phases (1) and (2) sum each run of
+    equal ids within a warp before one atomic (warp_run_sum). Runs of random sizes (1 to 6,
+    across warp boundaries), of 8 (G = 8), of 45 (longer than a warp), a run of ids outside
+    [0, B) in the middle, and a NaN score inside a run."""
+    B, T = 300, 5
+    scores, _, mask = _case(B, T, kind="holes")
+    bad_run = torch.arange(B) // 8
+    bad_run[20:28] = B + 1  # a whole run of one bad id: NaN rows, no other group touched
+    cases = {"runs of 1-6": make_groups(B, shuffle=False), "runs of 8": torch.arange(B) // 8,
+             "runs of 45": torch.arange(B) // 45}
+    for name, ids in cases.items():
+        for est in ("grpo", "dr_grpo", "rloo", "gpg"):
+            check_group(scores, ids, mask, f"{est} {name}", estimator=est, single="self")
+    rcs, seq, adv = launch_group(scores, bad_run, mask, estimator="grpo")
+    assert rcs == [0] and torch.isnan(seq[20:28]).all()
+    keep = torch.ones(B, dtype=torch.bool)
+    keep[20:28] = False
+    e_seq, e_adv = reference_group(scores[keep], torch.unique(bad_run[keep], return_inverse=True)[1], mask[keep])
+    assert_close(seq[keep], e_seq, rtol=1e-6, atol=1e-6, name="grpo beside a run of bad ids")
+    assert_close(adv[keep], e_adv, rtol=1e-6, atol=1e-6, name="grpo beside a run of bad ids")
+    nan_scores = scores.clone()
+    nan_scores[43] = float("nan")  # inside the run of rows 40-47
+    check_group(nan_scores, torch.arange(B) // 8, mask, "grpo NaN inside a run", estimator="grpo")
+
+
 def test_group_ids_out_of_range_and_nan_scores():
     """An id outside [0, B) gives a NaN row (group_adv.cuh) and touches no other group
     (reinforce_pp_baseline: the whitening spreads the NaN to every row with a valid token, and
