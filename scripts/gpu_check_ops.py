@@ -115,18 +115,25 @@ def cmd_list():
     return 1 if failed else 0
 
 
+def _attempt(label, call):
+    """Runs call() and waits for the device: prints "ok label" and returns 0, or prints the
+    failure and returns 1 (every op and backend is reported, none stops the run)."""
+    try:
+        call()
+        torch.cuda.synchronize()
+        print(f"ok {label}", flush=True)
+        return 0
+    except Exception as e:  # noqa: BLE001 - report every op
+        print(f"FAIL {label}: {type(e).__name__}: {e}", flush=True)
+        return 1
+
+
 def cmd_sanitize():
     dev = torch.device("cuda")
     failed = 0
     for name, (fn, needs) in _cases(dev).items():
         for be in BACKENDS:
-            try:
-                _run(fn, be, needs)
-                torch.cuda.synchronize()
-                print(f"ok {name} {be}", flush=True)
-            except Exception as e:  # noqa: BLE001 - report every op
-                failed += 1
-                print(f"FAIL {name} {be}: {type(e).__name__}: {e}", flush=True)
+            failed += _attempt(f"{name} {be}", lambda fn=fn, be=be, needs=needs: _run(fn, be, needs))
     return 1 if failed else 0
 
 
@@ -185,14 +192,8 @@ def cmd_profile(estimators=("grpo",)):
         scores = ((torch.rand(B, generator=g) < 0.5).float() + 0.1 * torch.randn(B, generator=g)).to(dev)
         for est in estimators:
             for be in BACKENDS:
-                try:
-                    for _ in range(2):
-                        rmk.group_advantages(scores, ids, mask, estimator=est, backend=be)
-                    torch.cuda.synchronize()
-                    print(f"ok {est} {be} B={B} T={T}", flush=True)
-                except Exception as e:  # noqa: BLE001 - report every backend
-                    failed += 1
-                    print(f"FAIL {est} {be} B={B} T={T}: {type(e).__name__}: {e}", flush=True)
+                failed += _attempt(f"{est} {be} B={B} T={T}", lambda s=scores, i=ids, m=mask, e=est, b=be: [
+                    rmk.group_advantages(s, i, m, estimator=e, backend=b) for _ in range(2)])
     return 1 if failed else 0
 
 
