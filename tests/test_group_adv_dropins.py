@@ -116,42 +116,64 @@ def test_openrlhf_shaping(mode, n):
         orl.shape_rewards(raw, n, "ppo")
 
 
-def _nanstd(t, dim=None):  # TRL's nanstd for finite input: the unbiased std
-    return t.std() if dim is None else t.std(dim)
+def _trl_rewards(G, P, unscorable):
+    """P prompts x G rewards; with ``unscorable``, NaN (TRL's unscorable completion) at random
+    places, one prompt with none scorable, one with a single scorable completion and an
+    infinite reward (not unscorable: TRL's nan_to_num makes it 0 or +-float max)."""
+    rewards = torch.randn(P * G)
+    if unscorable and G > 1:
+        rewards[torch.rand(P * G) < 0.2] = float("nan")
+        rewards[:G] = float("nan")
+        rewards[G:2 * G - 1] = float("nan")
+        rewards[2 * G + 1] = float("inf")
+    elif unscorable:
+        rewards[::3] = float("nan")
+        rewards[4] = -float("inf")
+    return rewards
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none", True, False])
 @pytest.mark.parametrize("G", [1, 8])
-def test_trl_grpo(scale, G):
-    rewards = torch.randn(G * 7)
-    mean = rewards.view(-1, G).mean(1).repeat_interleave(G)  # TRL GRPOTrainer, as written there
+@pytest.mark.parametrize("unscorable", [False, True])
+def test_trl_grpo(scale, G, unscorable):
+    from trl.trainer.utils import nanstd  # TRL's own
+
+    rewards = _trl_rewards(G, 7, unscorable)
+    # TRL 1.16 GRPOTrainer._generate_and_score_completions, "sum_then_normalize", as written there
+    mean = torch.nanmean(rewards.view(-1, G), dim=1).repeat_interleave(G, dim=0)
     mode = {True: "group", False: "none"}.get(scale, scale)
-    if mode == "batch":
-        std = _nanstd(rewards).expand_as(rewards)
-    elif G > 1:
-        std = _nanstd(rewards.view(-1, G), 1).repeat_interleave(G)
+    if mode in ("group", "none"):
+        std = nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G, dim=0) if G > 1 else torch.zeros_like(rewards)
     else:
-        std = torch.zeros_like(rewards)
+        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
     expect = rewards - mean
     if mode != "none":
         expect = expect / (std + 1e-4)
+    expect = torch.nan_to_num(expect, nan=0.0)
     assert_close(trl.grpo_advantages(rewards, G, scale), expect, rtol=1e-5, atol=1e-5, name=str(scale))
 
 
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("G", [1, 4])
-def test_trl_rloo(normalize, G):
-    rewards = torch.randn(G * 9)
-    grouped = rewards.view(-1, G)  # TRL RLOOTrainer, as written there (finite rewards)
+@pytest.mark.parametrize("unscorable", [False, True])
+def test_trl_rloo(normalize, G, unscorable):
+    from trl.trainer.utils import nanstd  # TRL's own
+
+    rewards = _trl_rewards(G, 9, unscorable)
+    grouped = rewards.view(-1, G)  # TRL 1.16 RLOOTrainer, as written there
+    counts = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
     if G > 1:
-        adv = rewards - ((grouped.sum(1, keepdim=True) - grouped) / (G - 1)).view(-1)
+        adv = rewards - ((torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (counts - 1)).view(-1)
     else:
         adv = torch.zeros_like(rewards)
     if normalize:
-        adv = (adv - adv.mean()) / (adv.std() + 1e-4)
+        adv = (adv - torch.nanmean(adv)) / (nanstd(adv) + 1e-4)
+    adv = torch.nan_to_num(adv, nan=0.0)
     assert_close(trl.rloo_advantages(rewards, G, normalize), adv, rtol=1e-5, atol=1e-5, name="rloo")
     with pytest.raises(ValueError, match="num_generations"):
         trl.rloo_advantages(rewards, 0)
+    with pytest.raises(TypeError, match="rewards"):
+        trl.rloo_advantages(torch.ones(8, dtype=torch.int64), 4)
 
 
 def test_verl_exports_every_estimator():

@@ -1,5 +1,5 @@
-"""TRL's GRPO and RLOO advantages (TRL 1.x ``GRPOTrainer`` / ``RLOOTrainer``), on
-:func:`rmkernels.group_advantages`.
+"""TRL's GRPO and RLOO advantages (TRL 1.16 ``GRPOTrainer`` / ``RLOOTrainer``,
+``multi_objective_aggregation="sum_then_normalize"``), on :func:`rmkernels.group_advantages`.
 
 Conventions kept from TRL: the rewards are grouped in consecutive blocks of
 ``num_generations`` (TRL's ``rewards.view(-1, num_generations)``); GRPO subtracts the group
@@ -10,9 +10,18 @@ leave-one-out mean ``(sum - r) / (n - 1)`` and, with ``normalize_advantages``, w
 advantages over the batch (``(a - mean) / (std + 1e-4)``, unbiased). ``num_generations == 1``
 gives zero advantages, as TRL does.
 
-Where the numbers differ: TRL marks unscorable completions NaN and leaves them out of the
-group statistics (``nanmean``/``nanstd``) before zeroing their advantage; here a NaN reward
-makes its own group NaN (the other groups are untouched). Pass finite rewards.
+Unscorable completions, as TRL marks them: a NaN reward (every reward function returned
+None). TRL leaves them out of every statistic (``nanmean`` / its ``nanstd``) and gives them
+advantage 0; so do these functions: an unscorable completion becomes a group of its own
+(group ids below), the scorable ones of a prompt keep one group. A prompt with one scorable
+completion gives it advantage 0 (TRL: 0 / 0, then ``nan_to_num``), and RLOO's whitening
+leaves those out too, as TRL's NaN does. An infinite reward is not unscorable: it spoils its
+prompt's statistics (and with ``"batch"`` or RLOO's whitening, the batch's), and TRL's last
+step, ``nan_to_num``, turns what comes out into 0 or +-float max; the same here (tested).
+
+Not covered: ``multi_objective_aggregation="normalize_then_sum"`` (per reward function
+statistics over ``[N, K]`` rewards); pass the weighted sum (TRL's ``nansum`` over the
+functions, NaN where all are NaN), which is ``"sum_then_normalize"``.
 """
 import torch
 
@@ -26,38 +35,71 @@ TRL_EPS = 1e-4
 def _check(rewards, num_generations):
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError("rewards must be a 1-D tensor (one reward per completion)")
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be a floating-point tensor (NaN marks an unscorable completion), "
+                        f"got {rewards.dtype}")
     if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 1:
         raise ValueError(f"num_generations must be a positive int, got {num_generations!r}")
     if rewards.shape[0] % num_generations:
         raise ValueError(f"rewards must hold a multiple of num_generations = {num_generations}, "
                          f"got {rewards.shape[0]}")
-    return torch.arange(rewards.shape[0], device=rewards.device) // num_generations
+
+
+def _group_ids(rewards, num_generations):
+    """Group ids in ``[0, N)``: a scorable completion gets the index of its prompt's first
+    scorable completion, an unscorable (NaN) one its own index. Distinct groups get distinct
+    ids because every index names either itself or the scorable ones of its prompt."""
+    n = rewards.shape[0]
+    index = torch.arange(n, device=rewards.device)
+    nan = torch.isnan(rewards)
+    first = torch.where(nan, n, index).view(-1, num_generations).amin(1).repeat_interleave(num_generations)
+    return torch.where(nan, index, first)
+
+
+def _nanstd(t):
+    """TRL's ``nanstd`` over all of ``t``: the unbiased std of the non-NaN values, NaN for
+    fewer than two."""
+    mean = torch.nanmean(t)
+    count = (~torch.isnan(t)).sum()
+    var = torch.nanmean((t - mean) ** 2) * count / (count - 1)
+    return torch.where(count > 1, var, torch.full_like(var, float("nan"))).sqrt()
 
 
 def grpo_advantages(rewards, num_generations, scale_rewards="group"):
     """TRL ``GRPOTrainer``'s advantages of ``[N]`` rewards (``num_generations`` per prompt,
-    consecutive). Returns ``[N]`` float32 (float64 for float64 rewards)."""
-    ids = _check(rewards, num_generations)
+    consecutive; NaN marks an unscorable completion). Returns ``[N]`` float32 (float64 for
+    float64 rewards)."""
+    _check(rewards, num_generations)
     if scale_rewards is True:
         scale_rewards = "group"
     elif scale_rewards is False:
         scale_rewards = "none"
-    if scale_rewards == "group":
-        return rmk.group_advantages(rewards, ids, estimator="grpo", eps=TRL_EPS, single="self").seq_advantages
-    if scale_rewards not in ("batch", "none"):
+    if scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
-    adv = rmk.group_advantages(rewards, ids, estimator="dr_grpo", single="self").seq_advantages
-    if scale_rewards == "batch":
-        std = rewards.to(adv.dtype).std() if rewards.numel() > 1 else adv.new_zeros(())
-        adv = adv / (std + TRL_EPS)
-    return adv
+    ids = _group_ids(rewards, num_generations)
+    if scale_rewards == "group":
+        adv = rmk.group_advantages(rewards, ids, estimator="grpo", eps=TRL_EPS, single="self").seq_advantages
+    else:
+        adv = rmk.group_advantages(rewards, ids, estimator="dr_grpo", single="self").seq_advantages
+        if scale_rewards == "batch":
+            std = _nanstd(rewards.to(adv.dtype)) if rewards.numel() > 1 else adv.new_zeros(())
+            adv = adv / (std + TRL_EPS)
+    return torch.nan_to_num(adv, nan=0.0)
 
 
 def rloo_advantages(rewards, num_generations, normalize_advantages=False):
     """TRL ``RLOOTrainer``'s advantages of ``[N]`` rewards (KL already subtracted, as TRL does
-    before this step). Returns ``[N]`` float32 (float64 for float64 rewards)."""
-    ids = _check(rewards, num_generations)
+    before this step; NaN marks an unscorable completion). Returns ``[N]`` float32 (float64
+    for float64 rewards)."""
+    _check(rewards, num_generations)
+    if num_generations == 1:  # TRL: zeros, before and after its whitening
+        return torch.zeros_like(rewards, dtype=torch.promote_types(rewards.dtype, torch.float32))
+    ids = _group_ids(rewards, num_generations)
     adv = rmk.group_advantages(rewards, ids, estimator="rloo", single="self").seq_advantages
     if normalize_advantages:
-        adv = (adv - adv.mean()) / (adv.std() + TRL_EPS)
-    return adv
+        # TRL whitens over the advantages that are not NaN: not the unscorable completions,
+        # and not a prompt's only scorable one (its 0 / 0)
+        size = torch.zeros_like(ids).scatter_add_(0, ids, torch.ones_like(ids))[ids]
+        adv = torch.where(size > 1, adv, torch.full_like(adv, float("nan")))
+        adv = (adv - torch.nanmean(adv)) / (_nanstd(adv) + TRL_EPS)
+    return torch.nan_to_num(adv, nan=0.0)
