@@ -51,7 +51,7 @@ def _cases():
     out["openrlhf.get_advantages_and_returns"] = lambda: ((lambda v, r, m: openrlhf.get_advantages_and_returns(
         v, r, m, 0.99, 0.95)), (*_ppo_batch()[1:3], _ppo_batch()[4]))
     out["openrlhf.normalize_advantages"] = lambda: (openrlhf.normalize_advantages, (_ppo_batch()[2], _ppo_batch()[4]))
-    for mode in ("rloo", "reinforce_baseline", "dr_grpo", "group_norm"):
+    for mode in ("rloo", "reinforce_baseline", "dr_grpo", "group_norm", "flash_reinforce"):
         out[f"openrlhf.shape_rewards[{mode}]"] = lambda mode=mode: ((lambda r: orl.shape_rewards(r, 4, mode)),
                                                                     (torch.randn(28),))
     for scale in ("group", "batch", "none"):

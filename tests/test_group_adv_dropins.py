@@ -92,7 +92,7 @@ def test_verl_errors():
         rv.compute_rloo_outcome_advantage(tlr, mask[:, :3], index)
 
 
-@pytest.mark.parametrize("mode", ["rloo", "reinforce_baseline", "dr_grpo", "group_norm", "gae"])
+@pytest.mark.parametrize("mode", ["rloo", "reinforce_baseline", "dr_grpo", "group_norm", "flash_reinforce", "gae"])
 @pytest.mark.parametrize("n", [1, 4])
 def test_openrlhf_shaping(mode, n):
     P = 13
@@ -106,6 +106,8 @@ def test_openrlhf_shaping(mode, n):
     elif mode == "group_norm":
         expect = (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9) if n > 1 \
             else torch.zeros_like(rewards)  # OpenRLHF: 0/0 NaN; here 0 (documented)
+    elif mode == "flash_reinforce":
+        expect = rewards - rewards.mean()
     else:
         expect = rewards
     got = orl.shape_rewards(raw, n, mode)

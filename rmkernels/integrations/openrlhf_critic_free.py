@@ -1,5 +1,5 @@
 """OpenRLHF's critic-free reward shaping (``--advantage_estimator rloo | reinforce_baseline |
-dr_grpo | group_norm``), on :func:`rmkernels.group_advantages`.
+dr_grpo | group_norm | flash_reinforce``), on :func:`rmkernels.group_advantages`.
 
 OpenRLHF (0.11, ``experience_maker.py``) shapes the sequence rewards before the returns: it
 reshapes the batch's rewards (in prompt order) to ``[-1, n_samples_per_prompt]`` and, per row
@@ -7,13 +7,19 @@ of that view,
 
 * ``rloo``: ``r - (sum - r) / (n - 1)`` (= the leave-one-out advantage ``(n r - sum) / (n - 1)``);
 * ``reinforce_baseline``, ``dr_grpo``: ``r - mean``;
-* ``group_norm``: ``(r - mean) / (std + 1e-9)`` (unbiased std).
+* ``group_norm``: ``(r - mean) / (std + 1e-9)`` (unbiased std);
+* ``flash_reinforce`` (0.11.2): ``r - mean`` with the mean of the whole batch (one group).
 
 :func:`shape_rewards` returns those shaped rewards, flat, in the same order. Conventions kept:
 groups are consecutive blocks of ``n_samples_per_prompt`` (group ids ``arange(N) // n``, no
 labels); eps 1e-9 added to the unbiased std; rewards in at least float32. The returns and the
 global whitening that follow in OpenRLHF (``get_cumulative_returns``, the population-variance
 normalisation of ``reinforce_baseline``) are :mod:`rmkernels.integrations.openrlhf`'s.
+Compared with the real ``RemoteExperienceMaker.compute_advantages_and_returns`` of OpenRLHF
+0.11.2 (heavy imports stubbed, outside the repository; 200 random batches, experiences out
+of prompt order): the returns agree to 2.4e-7 relative to max(|x|, 1), except ``group_norm``
+(1.4e-5: OpenRLHF's float32 std of close rewards; against OpenRLHF run on float64 rewards,
+1.2e-7).
 
 Where the numbers differ: with ``n_samples_per_prompt == 1`` every shaped reward is 0 (groups
 of one are their own baseline, ``single="self"``); OpenRLHF's ``rloo`` and ``group_norm``
@@ -28,7 +34,7 @@ __all__ = ["SHAPED_ESTIMATORS", "shape_rewards"]
 
 # OpenRLHF's estimator -> (group_advantages estimator, eps)
 _SHAPING = {"rloo": ("rloo", 0.0), "reinforce_baseline": ("dr_grpo", 0.0), "dr_grpo": ("dr_grpo", 0.0),
-            "group_norm": ("grpo", 1e-9)}
+            "group_norm": ("grpo", 1e-9), "flash_reinforce": ("dr_grpo", 0.0)}
 SHAPED_ESTIMATORS = tuple(_SHAPING)
 _UNSHAPED = ("gae", "reinforce")
 
@@ -41,7 +47,7 @@ def shape_rewards(rewards, n_samples_per_prompt, advantage_estimator):
             (i + 1) * n - 1`` answer prompt ``i``. N must be a multiple of n.
         n_samples_per_prompt: n, the responses per prompt.
         advantage_estimator: ``"rloo"``, ``"reinforce_baseline"``, ``"dr_grpo"``,
-            ``"group_norm"`` (or ``"gae"`` / ``"reinforce"``: no shaping).
+            ``"group_norm"``, ``"flash_reinforce"`` (or ``"gae"`` / ``"reinforce"``: no shaping).
 
     Returns: ``[N]`` shaped rewards, float32 (float64 for float64 rewards).
     """
@@ -59,5 +65,8 @@ def shape_rewards(rewards, n_samples_per_prompt, advantage_estimator):
         raise ValueError(f"advantage_estimator must be one of {SHAPED_ESTIMATORS + _UNSHAPED}, "
                          f"got {advantage_estimator!r}")
     est, eps = _SHAPING[advantage_estimator]
-    ids = torch.arange(r.shape[0], device=r.device) // n_samples_per_prompt
+    if advantage_estimator == "flash_reinforce":  # the batch is the group
+        ids = torch.zeros(r.shape[0], dtype=torch.int64, device=r.device)
+    else:
+        ids = torch.arange(r.shape[0], device=r.device) // n_samples_per_prompt
     return rmk.group_advantages(r, ids, estimator=est, eps=eps, single="self").seq_advantages
