@@ -30,6 +30,12 @@ def _probe_triton():
 _TRITON_INSTALLED, _TRITON_WHY = _probe_triton()
 
 
+def triton_interpreting():
+    """True under the Triton interpreter (TRITON_INTERPRET=1, which must be set before triton
+    is imported): Triton programs run one after the other on CPU tensors, through numpy."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _check_name(name, what):
     if name in _AUTO:
         return None
@@ -78,7 +84,7 @@ def _why_not(name, device_type):
             return _TRITON_WHY
         if device_type == "cuda":
             return None
-        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if device_type == "cpu" and triton_interpreting():
             return None
         return (f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
                 f"the tensors are on {device_type}")

@@ -2,7 +2,6 @@
 floats passed at full precision, symmetric clamps, round-to-nearest bf16 stores, and the
 option codes as ``tl.constexpr`` values (``rmkernels/_codes.py`` defines them once)."""
 import math
-import os
 
 import numpy as np
 import torch
@@ -11,6 +10,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from rmkernels import _codes
+from rmkernels._backend import triton_interpreting
 from rmkernels._library import acc_dtype  # noqa: F401  (the arithmetic dtype rule, one definition)
 
 # Option codes as compile-time constants of the kernels (``if EST == K3:``).
@@ -48,10 +48,7 @@ def scalar(hi, lo, ty):
     return (tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)).to(ty)
 
 
-def interpreting():
-    """True under the Triton interpreter (TRITON_INTERPRET=1, which must be set before triton
-    is imported): programs run one after the other on CPU tensors, through numpy."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+interpreting = triton_interpreting  # the one definition is rmkernels._backend's
 
 
 if interpreting():  # no libdevice under the interpreter; its tl.exp / tl.log are numpy's
