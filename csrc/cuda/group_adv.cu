@@ -14,8 +14,10 @@
 //       rows' values and lengths (two passes over B, a grid sync after each);
 //   (3) the broadcast: (3a) one thread per row evaluates the formula of
 //       rmkernels/group_adv_math.h (shared with the CPU kernel) for its row (whitened for
-//       reinforce_pp_baseline, math::whiten_of) into seq; a grid sync; (3b) one thread per
-//       [B, T] element writes its row's value from seq under the mask.
+//       reinforce_pp_baseline, math::whiten_of) into seq; a grid sync; (3b) the [B, T] output,
+//       its row's value from seq under the mask: 16 bytes per item (4 float32 / 2 float64, the
+//       mask bytes as one word, four items in flight per thread) when the rows allow it, one
+//       element per item otherwise.
 // No launch waits on the host. Bytes moved: 16-24 B per response in (1)-(2), the mask once
 // (twice for opo and reinforce_pp_baseline) and the [B, T] output once in (3). The workspace is
 // written in the launch, so it is read with __ldcg (at L2, never through a multiprocessor's L1
@@ -26,6 +28,7 @@
 #include "group_adv.cuh"
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "rmkernels/codes.h"
@@ -62,6 +65,34 @@ __device__ __forceinline__ bool warp_run_sum(int64_t key, int lane, double& v, i
   return head;
 }
 
+// Phase (3b)'s vector: one 16-byte store of 4 float32 or 2 float64 outputs, their mask bytes
+// (bool: 0 or 1) read as one 4- or 2-byte word, byte j (little-endian) for element j.
+template <typename A> struct Vec16;
+template <> struct Vec16<float> {
+  using V = float4;
+  using Bits = uint32_t;
+  static constexpr int kN = 4;
+  static __device__ __forceinline__ V select(Bits m, float v) {
+    return V{(m & 0xffu) ? v : 0.f, (m & 0xff00u) ? v : 0.f, (m & 0xff0000u) ? v : 0.f, (m & 0xff000000u) ? v : 0.f};
+  }
+};
+template <> struct Vec16<double> {
+  using V = double2;
+  using Bits = uint16_t;
+  static constexpr int kN = 2;
+  static __device__ __forceinline__ V select(Bits m, double v) {
+    return V{(m & 0xffu) ? v : 0.0, (m & 0xff00u) ? v : 0.0};
+  }
+};
+
+// Whether (3b) can use Vec16 (host): rows of whole vectors (T a multiple of kN), the mask's rows
+// contiguous and each starting on a kN-byte boundary, the output on a 16-byte one.
+template <typename A> bool vec16_ok(const bool* mask, int64_t T, int64_t ms0, int64_t ms1, const A* adv) {
+  constexpr int n = Vec16<A>::kN;
+  return T > 0 && T % n == 0 && ms1 == 1 && ms0 % n == 0 &&
+         reinterpret_cast<uintptr_t>(mask) % n == 0 && reinterpret_cast<uintptr_t>(adv) % 16 == 0;
+}
+
 // The value of row b from its group's statistics (NaN for an id outside [0, B)), rounded to A.
 template <typename A>
 __device__ __forceinline__ A row_value(const A* __restrict__ r, const int64_t* __restrict__ ids, const double* stats,
@@ -81,7 +112,7 @@ template <typename A, bool kLen>
 __global__ void __launch_bounds__(kThreads)
     group_advantages_kernel(const A* __restrict__ r, const int64_t* __restrict__ ids, const bool* __restrict__ mask,
                             int64_t B, int64_t T, int64_t ms0, int64_t ms1, int64_t est, double eps, bool unbiased,
-                            int64_t single, double f_norm, double whiten_eps, double* stats, A* seq,
+                            int64_t single, double f_norm, double whiten_eps, bool vec, double* stats, A* seq,
                             A* __restrict__ adv) {
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;  // a multiple of kWarp
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -205,15 +236,42 @@ __global__ void __launch_bounds__(kThreads)
   if (T == 0) return;  // T is uniform over the grid: no thread waits at the sync below
   RMK_GRID_SYNC();
 
-  // (3b) one thread per element of the flattened [B, T]: its row's value from seq (written in
-  // this launch: __ldcg; the lanes of a warp share a few rows, so a few L2 reads a warp), written
-  // under the mask. The formula ran once per row in (3a), not once per element. The element's
-  // (b, t) advances by the grid's stride with a carry (GridStride2D): one 64-bit division per
-  // thread, not one per element.
-  GridStride2D p(tid, nthreads, T);
-  for (int64_t i = tid; i < B * T; i += nthreads, p.advance()) {
-    const int64_t b = p.row, t = p.col;
-    adv[i] = mask[b * ms0 + t * ms1] ? __ldcg(seq + b) : A(0);
+  // (3b) the [B, T] output: each row's value from seq (written in this launch: __ldcg; the lanes
+  // of a warp share a few rows, so a few L2 reads a warp), written under the mask. The formula
+  // ran once per row in (3a), not once per element. The (b, t) of a thread's item advances by
+  // the grid's stride with a carry (GridStride2D): one 64-bit division per thread, not one per
+  // item.
+  if (vec) {
+    // Items of 16 bytes (Vec16: a 4- or 2-byte mask word in, one vector store out), kU of them
+    // loaded before any is stored, so that a thread has kU mask loads in flight rather than
+    // one: at grpo-l a thread has ~8 items, each a dependent load -> store.
+    using W = Vec16<A>;
+    constexpr int kU = 4;
+    const int64_t nv = T / W::kN, mrow = ms0 / W::kN, items = B * nv;
+    const auto* mb = reinterpret_cast<const typename W::Bits*>(mask);
+    auto* out = reinterpret_cast<typename W::V*>(adv);
+    GridStride2D p(tid, nthreads, nv);
+    for (int64_t i = tid; i < items; i += kU * nthreads) {
+      typename W::Bits m[kU];
+      A v[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u, p.advance()) {
+        if (i + u * nthreads < items) {
+          m[u] = mb[p.row * mrow + p.col];
+          v[u] = __ldcg(seq + p.row);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        if (i + u * nthreads < items) out[i + u * nthreads] = W::select(m[u], v[u]);
+      }
+    }
+  } else {  // one element per item (strided or unaligned masks, T not a multiple of kN)
+    GridStride2D p(tid, nthreads, T);
+    for (int64_t i = tid; i < B * T; i += nthreads, p.advance()) {
+      const int64_t b = p.row, t = p.col;
+      adv[i] = mask[b * ms0 + t * ms1] ? __ldcg(seq + b) : A(0);
+    }
   }
 }
 
@@ -226,8 +284,9 @@ cudaError_t launch(const A* r, const int64_t* ids, const bool* mask, int64_t B, 
   unsigned int blocks = 0;
   cudaError_t err = cooperative_grid<group_advantages_kernel<A, kLen>, kThreads>(ceil_div(work, kThreads), &blocks);
   if (err != cudaSuccess) return err;
+  const bool vec = vec16_ok(mask, T, ms0, ms1, adv);
   return RMK_LAUNCH_COOPERATIVE(blocks, kThreads, 0, stream, group_advantages_kernel<A, kLen>)(
-      r, ids, mask, B, T, ms0, ms1, est, eps, unbiased, single, f_norm, whiten_eps, stats, seq, adv);
+      r, ids, mask, B, T, ms0, ms1, est, eps, unbiased, single, f_norm, whiten_eps, vec, stats, seq, adv);
 }
 
 }  // namespace
@@ -250,7 +309,8 @@ cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64
     return lengths ? go(std::true_type{}) : go(std::false_type{});
   };
   const cudaError_t err = dtype == DType::kFloat64 ? run(static_cast<double*>(nullptr)) : run(static_cast<float*>(nullptr));
-  return err != cudaSuccess ? err : cudaGetLastError();
+  const cudaError_t last = cudaGetLastError();  // consumed either way: a failed launch's error is not the next call's
+  return err != cudaSuccess ? err : last;
 }
 
 }  // namespace cuda

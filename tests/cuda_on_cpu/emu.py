@@ -97,6 +97,10 @@ class Program:
         for a in args:
             if isinstance(a, Buf):
                 enc.append(("p", a.name))
+            elif isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], Buf) and isinstance(a[1], int):
+                if not 0 <= a[1] <= a[0].nbytes:
+                    raise ValueError(f"argument {a!r} of {fn}: byte offset outside {a[0].name}'s {a[0].nbytes} bytes")
+                enc.append(("q", [a[0].name, a[1]]))  # (buffer, byte offset): a pointer into it
             elif a is None:
                 enc.append(("p", None))
             elif isinstance(a, (bool, int, np.integer)):
@@ -104,7 +108,7 @@ class Program:
             elif isinstance(a, (float, np.floating)):
                 enc.append(("f", float(a)))
             else:
-                raise TypeError(f"argument {a!r} of {fn}: Buf, None, int or float")
+                raise TypeError(f"argument {a!r} of {fn}: Buf, (Buf, byte offset), None, int or float")
         self.calls.append({"fn": fn, "args": enc})
 
     def run(self, variant="asan", timeout=600):
@@ -160,6 +164,11 @@ class Worker:
             self.proc = None
 
     def run(self, prog, timeout):
+        if self.variant == "tsan":
+            # A fresh process for every ThreadSanitizer program: its state from an earlier
+            # program can hide a race in a later one (test_layer.py's cross-block race went
+            # unreported after a one-block launch of the same kernel in the same process).
+            self.stop()
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         self.n += 1

@@ -39,20 +39,33 @@ def _args(estimator, single, unbiased, eps, f_norm, whiten_eps=1e-8):
 
 
 def launch_group(scores, ids, mask, estimator="grpo", single="zero", unbiased=True, eps=1e-6, f_norm=2.0,
-                 variant="asan", dtype_code=None):
+                 variant="asan", dtype_code=None, mask_at=0):
     """(rcs, seq [B], adv [B, T]) of launch_group_advantages as the binding calls it (scores
     contiguous float32/float64, mask with its own strides, a NaN-filled workspace: the
-    launcher zeroes it)."""
+    launcher zeroes it). ``mask_at``: the mask pointer that many bytes into its buffer, which
+    then holds that many bytes before the mask's first element (a view that starts off a word
+    boundary; the buffer itself is malloc's, 16-byte aligned)."""
     B, T = mask.shape
     prog = Program()
+    if mask_at:
+        pad = torch.zeros(mask_at + _span(mask), dtype=torch.bool)
+        pad[mask_at:] = mask.as_strided((_span(mask),), (1,))
+        mask_arg = (prog.inp(pad), mask_at)
+    else:
+        mask_arg = prog.inp(mask)
     stats = prog.out((_workspace(B),), torch.float64)
     seq, adv = prog.out((B,), scores.dtype), prog.out((B, T), scores.dtype)
     est, e, unb, sgl, fn, we = _args(estimator, single, unbiased, eps, f_norm)
     code = DTYPE_CODE[scores.dtype] if dtype_code is None else dtype_code
-    prog.call("rmk_group_advantages", code, prog.inp(scores), prog.inp(ids), prog.inp(mask), B, T, mask.stride(0),
+    prog.call("rmk_group_advantages", code, prog.inp(scores), prog.inp(ids), mask_arg, B, T, mask.stride(0),
               mask.stride(1), est, e, unb, sgl, fn, we, stats, seq, adv)
     res = prog.run(variant)
     return res.rcs, res[seq], res[adv]
+
+
+def _span(t):
+    """Elements of storage that the view t covers from its first one."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
 
 
 def reference_group(scores, ids, mask, estimator="grpo", single="zero", unbiased=True, eps=1e-6, f_norm=2.0):
@@ -60,8 +73,8 @@ def reference_group(scores, ids, mask, estimator="grpo", single="zero", unbiased
     return gops.group_advantages_kernel("reference", scores, ids, mask, *args)
 
 
-def check_group(scores, ids, mask, what="", variant="asan", **kw):
-    rcs, seq, adv = launch_group(scores, ids, mask, variant=variant, **kw)
+def check_group(scores, ids, mask, what="", variant="asan", mask_at=0, **kw):
+    rcs, seq, adv = launch_group(scores, ids, mask, variant=variant, mask_at=mask_at, **kw)
     assert rcs == [0], rcs
     e_seq, e_adv = reference_group(scores, ids, mask, **kw)
     # tests/test_group_advantages.py's tolerances (float64 sums in another order)
@@ -137,6 +150,25 @@ def test_group_many_blocks_and_one_group():
                       (torch.randperm(B), "groups of one")):
         for est in ("grpo", "opo", "gpg", "rloo"):
             check_group(scores, ids, mask, f"{est} {name}", estimator=est, single="self")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_group_broadcast_layouts(dtype):
+    """Phase (3b) in 16-byte items (Vec16: T a multiple of 4 float32 / 2 float64 outputs, mask
+    rows contiguous and on a word boundary; the items per thread in rounds of kU = 4) and one
+    element per item for every mask that does not allow it: row strides not a multiple of the
+    word, a mask one byte off its word boundary (the same strides), column-major. Masks of
+    every kind, bytes read as words in both byte orders' worth of patterns (holes)."""
+    n = 4 if dtype == torch.float32 else 2
+    for B, T in [(600, 128), (97, n), (300, 3 * n), (41, 16 * n)]:
+        scores, ids, mask = _case(B, T, dtype, kind="holes")
+        wide = make_mask("mixed", B, T + n)
+        layouts = {"contiguous": (mask, 0), "row stride T + n": (wide[:, :T], 0),
+                   "row stride T + 1": (make_mask("left", B, T + 1)[:, 1:], 0),
+                   "one byte off": (wide[:, :T], 1), "column-major": (mask.t().contiguous().t(), 0)}
+        for name, (m, at) in layouts.items():
+            for est in ("grpo", "opo"):
+                check_group(scores, ids, m, f"{est} {dtype} B={B} T={T} {name}", estimator=est, mask_at=at)
 
 
 def test_group_runs_of_equal_ids():

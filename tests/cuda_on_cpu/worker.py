@@ -46,6 +46,9 @@ def main():
             elif n:
                 libc.memset(p, int(spec.get("fill", 0xFF)), n)
             ptrs[name], sizes[name] = p, n
+        # Each program starts with no pending runtime error: a launch error that an earlier
+        # program left unconsumed (a selftest's deliberate one) is not this program's.
+        lib.cudaGetLastError()
         rcs = []
         for call in case["calls"]:
             fn = fns.get(call["fn"])
@@ -57,6 +60,8 @@ def main():
             for kind, v in call["args"]:
                 if kind == "p":
                     args.append(ctypes.c_void_p(None if v is None else ptrs[v]))
+                elif kind == "q":  # a pointer v[1] bytes into buffer v[0]
+                    args.append(ctypes.c_void_p(ptrs[v[0]] + v[1]))
                 elif kind == "i":
                     args.append(ctypes.c_int64(v))
                 elif kind == "f":
