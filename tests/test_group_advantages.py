@@ -188,7 +188,10 @@ def test_reference_returns_match_verl(gamma):
 # Every backend against the reference
 # ---------------------------------------------------------------------------------------
 def _sizes(backend):
-    return [(1, 5), (7, 16), (33, 45)] if backend == "triton" else [(1, 5), (59, 33), (97, 130), (1025, 7)]
+    # odd B: column-major masks (below); even B with T a multiple of 4: row-major masks that the
+    # CUDA kernel writes in 16-byte items
+    return [(1, 5), (7, 16), (33, 45)] if backend == "triton" else [(1, 5), (59, 33), (97, 130), (1025, 7),
+                                                                     (64, 128), (96, 12)]
 
 
 def _dtypes(backend):
@@ -303,13 +306,15 @@ def _profiled(call):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("B,T", [(70_001, 67), (65_537, 128)])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_cuda_kernel_is_one_launch_at_scale(estimator):
+def test_cuda_kernel_is_one_launch_at_scale(estimator, B, T):
     """The CUDA kernel op is one cooperative launch and nothing else on the GPU (no memset), on a
     batch larger than the grid the device holds at once (70,001 x 67 = 4.7M elements: every
-    phase loops grid-stride), and matches the reference there."""
+    phase loops grid-stride; 65,537 x 128: the [B, T] write in 16-byte items), and matches the
+    reference there."""
     skip_unless_available("cuda", "cuda")
-    args = _kernel_args(70_001, 67, estimator, "cuda")
+    args = _kernel_args(B, T, estimator, "cuda")
     # warm first: the occupancy query is cached
     (seq, adv), on_gpu = _profiled(lambda: torch.ops.rmkernels.group_advantages_kernel(*args))
     assert len(on_gpu) == 1 and "group_advantages_kernel" in on_gpu[0], on_gpu
