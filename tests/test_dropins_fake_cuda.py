@@ -58,6 +58,8 @@ def _cases():
         out[f"trl.grpo_advantages[{scale}]"] = lambda scale=scale: ((lambda r: trl.grpo_advantages(r, 4, scale)),
                                                                     (torch.randn(28),))
     out["trl.rloo_advantages"] = lambda: ((lambda r: trl.rloo_advantages(r, 4, True)), (torch.randn(28),))
+    out["trl.grpo_advantages_normalize_then_sum"] = lambda: (
+        (lambda r: trl.grpo_advantages_normalize_then_sum(r, 4, [1.0, 0.5])), (torch.randn(28, 2),))
     out["trl_ppo.masked_whiten"] = lambda: (trl_ppo.masked_whiten, (_ppo_batch()[2], _ppo_batch()[4]))
     out["trl_ppo.compute_rewards_and_advantages"] = lambda: ((
         lambda lp, ref, v, s, n: trl_ppo.compute_rewards_and_advantages(lp, ref, v, s, n, kl_coef=0.07,

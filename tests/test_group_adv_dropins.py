@@ -155,6 +155,34 @@ def test_trl_grpo(scale, G, unscorable):
     assert_close(trl.grpo_advantages(rewards, G, scale), expect, rtol=1e-5, atol=1e-5, name=str(scale))
 
 
+@pytest.mark.parametrize("G", [1, 8])
+@pytest.mark.parametrize("weights", [None, [0.5, -2.0, 1.0]])
+def test_trl_grpo_normalize_then_sum(G, weights):
+    from trl.trainer.utils import nanstd  # TRL's own
+
+    P, K = 7, 3
+    rewards_per_func = torch.stack([_trl_rewards(G, P, True) for _ in range(K)], dim=1)
+    rewards_per_func[3 * G] = float("nan")  # a completion no function scored
+    rewards_per_func[0, 1] = 2.5  # a prompt that one function alone scores once
+    w = torch.ones(K) if weights is None else torch.tensor(weights)
+    # TRL 1.16 GRPOTrainer._generate_and_score_completions, "normalize_then_sum", as written there
+    unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
+    grouped = rewards_per_func.view(-1, G, K)
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+    std_k = nanstd(grouped, dim=1, keepdim=True) if G > 1 else torch.zeros_like(mean_k)
+    reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, K)
+    rewards = (reward_k * w.unsqueeze(0)).nansum(dim=1)
+    rewards[unscorable_mask] = torch.nan
+    std_rewards = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    expect = torch.nan_to_num((rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4), nan=0.0)
+    got = trl.grpo_advantages_normalize_then_sum(rewards_per_func, G, weights)
+    assert_close(got, expect, rtol=1e-5, atol=1e-5, name=f"normalize_then_sum G={G}")
+    with pytest.raises(ValueError, match="reward_weights"):
+        trl.grpo_advantages_normalize_then_sum(rewards_per_func, G, [1.0, 2.0])
+    with pytest.raises(ValueError, match="rewards_per_func"):
+        trl.grpo_advantages_normalize_then_sum(rewards_per_func[:, 0], G)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("unscorable", [False, True])

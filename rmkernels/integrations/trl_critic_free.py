@@ -19,15 +19,18 @@ leaves those out too, as TRL's NaN does. An infinite reward is not unscorable: i
 prompt's statistics (and with ``"batch"`` or RLOO's whitening, the batch's), and TRL's last
 step, ``nan_to_num``, turns what comes out into 0 or +-float max; the same here (tested).
 
-Not covered: ``multi_objective_aggregation="normalize_then_sum"`` (per reward function
-statistics over ``[N, K]`` rewards); pass the weighted sum (TRL's ``nansum`` over the
-functions, NaN where all are NaN), which is ``"sum_then_normalize"``.
+:func:`grpo_advantages` takes the rewards TRL's ``"sum_then_normalize"`` (the default
+``multi_objective_aggregation``) normalises: the weighted ``nansum`` over the reward functions,
+NaN where all of them are NaN. :func:`grpo_advantages_normalize_then_sum` takes the ``[N, K]``
+rewards per function and the weights of ``"normalize_then_sum"``: each function normalised
+within the groups (mean, std + 1e-4, its own NaN left out), the weighted ``nansum``, then
+normalised over the batch (``scale_rewards`` plays no part there, as in TRL).
 """
 import torch
 
 import rmkernels as rmk
 
-__all__ = ["grpo_advantages", "rloo_advantages"]
+__all__ = ["grpo_advantages", "grpo_advantages_normalize_then_sum", "rloo_advantages"]
 
 TRL_EPS = 1e-4
 
@@ -85,6 +88,34 @@ def grpo_advantages(rewards, num_generations, scale_rewards="group"):
             std = _nanstd(rewards.to(adv.dtype)) if rewards.numel() > 1 else adv.new_zeros(())
             adv = adv / (std + TRL_EPS)
     return torch.nan_to_num(adv, nan=0.0)
+
+
+def grpo_advantages_normalize_then_sum(rewards_per_func, num_generations, reward_weights=None):
+    """TRL ``GRPOTrainer``'s advantages with ``multi_objective_aggregation="normalize_then_sum"``
+    of ``[N, K]`` rewards (K reward functions; NaN where a function returned None), with
+    ``reward_weights`` ``[K]`` (default all 1). Returns ``[N]`` float32 (float64 for float64
+    rewards)."""
+    if not isinstance(rewards_per_func, torch.Tensor) or rewards_per_func.dim() != 2 or rewards_per_func.shape[1] < 1:
+        raise ValueError("rewards_per_func must be a 2-D tensor [completions, reward functions] with at least one "
+                         "function")
+    n, k = rewards_per_func.shape
+    _check(rewards_per_func[:, 0], num_generations)
+    acc = torch.promote_types(rewards_per_func.dtype, torch.float32)
+    if reward_weights is None:
+        w = torch.ones(k, dtype=acc, device=rewards_per_func.device)
+    else:
+        w = torch.as_tensor(reward_weights, dtype=acc, device=rewards_per_func.device)
+        if w.shape != (k,):
+            raise ValueError(f"reward_weights must hold one weight per reward function ({k}), got shape "
+                             f"{tuple(w.shape)}")
+    # every function's groups in one call: column j's ids shifted by j * N
+    cols = rewards_per_func.t().reshape(-1)
+    ids = torch.cat([_group_ids(rewards_per_func[:, j], num_generations) + j * n for j in range(k)])
+    per_func = rmk.group_advantages(cols, ids, estimator="grpo", eps=TRL_EPS, single="self").seq_advantages
+    rewards = (per_func.view(k, n).t() * w).nansum(dim=1)
+    rewards = torch.where(torch.isnan(rewards_per_func).all(dim=1), torch.full_like(rewards, float("nan")), rewards)
+    std = _nanstd(rewards) if rewards.numel() > 1 else rewards.new_zeros(())
+    return torch.nan_to_num((rewards - torch.nanmean(rewards)) / (std + TRL_EPS), nan=0.0)
 
 
 def rloo_advantages(rewards, num_generations, normalize_advantages=False):
