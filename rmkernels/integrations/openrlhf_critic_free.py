@@ -16,10 +16,10 @@ labels); eps 1e-9 added to the unbiased std; rewards in at least float32. The re
 global whitening that follow in OpenRLHF (``get_cumulative_returns``, the population-variance
 normalisation of ``reinforce_baseline``) are :mod:`rmkernels.integrations.openrlhf`'s.
 Compared with the real ``RemoteExperienceMaker.compute_advantages_and_returns`` of OpenRLHF
-0.11.2 (heavy imports stubbed, outside the repository; 200 random batches, experiences out
-of prompt order): the returns agree to 2.4e-7 relative to max(|x|, 1), except ``group_norm``
-(1.4e-5: OpenRLHF's float32 std of close rewards; against OpenRLHF run on float64 rewards,
-1.2e-7).
+0.11.2 by ``scripts/compare_frameworks.py`` (its heavy imports stubbed; random batches,
+experiences out of prompt order; output in ``benchmarks/results/framework-comparison.txt``):
+the returns agree to float32 rounding, ``group_norm`` to a few 1e-6 relative (OpenRLHF's
+float32 std of close rewards, where these statistics are float64).
 
 Where the numbers differ: with ``n_samples_per_prompt == 1`` every shaped reward is 0 (groups
 of one are their own baseline, ``single="self"``); OpenRLHF's ``rloo`` and ``group_norm``

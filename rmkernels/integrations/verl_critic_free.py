@@ -27,6 +27,8 @@ verl keeps the input dtype); positions where ``response_mask`` is 0 are exactly 
 group's value is NaN (verl's ``NaN * 0`` is NaN); the whitening of a batch with at most one
 valid token gives zeros where verl's ``masked_whiten`` raises; the group statistics are
 float64 sums (verl: float32 ``torch.mean`` / ``torch.std``; differences are float32 rounding).
+Compared with the real verl 0.9.1 functions by ``scripts/compare_frameworks.py`` (output in
+``benchmarks/results/framework-comparison.txt``).
 """
 import torch
 
