@@ -62,12 +62,15 @@ def _lp_ent(z, targets, temperature, ignore_index=-100):
     return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
 
 
+def _logits64(hidden, weight, bias):
+    """The fp64 logits [..., V] of hidden [..., H], on hidden's device."""
+    z = hidden.double() @ weight.double().t()
+    return z + bias.double() if bias is not None else z
+
+
 def _naive64(hidden, weight, bias, targets, temperature, ignore_index=-100):
     """fp64 full logits, log_softmax, gather; independent of the package."""
-    z = hidden.double() @ weight.double().t()
-    if bias is not None:
-        z = z + bias.double()
-    return _lp_ent(z, targets, temperature, ignore_index)
+    return _lp_ent(_logits64(hidden, weight, bias), targets, temperature, ignore_index)
 
 
 def _dz(z, targets, temperature, g_lp, g_ent):
@@ -85,10 +88,8 @@ def _grads_rounded_dz(hidden, weight, bias, targets, temperature, g_lp, g_ent, r
     With ``round_to=None``, the exact fp64 gradients. Independent of the package."""
     x = hidden.double().reshape(-1, hidden.shape[-1]).cpu()
     w = weight.double().cpu()
-    z = x @ w.t()
-    if bias is not None:
-        z = z + bias.double().cpu()
-    dz = _dz(z, targets.cpu(), temperature, g_lp.cpu(), g_ent.cpu())
+    dz = _dz(_logits64(x, w, bias.cpu() if bias is not None else None), targets.cpu(), temperature, g_lp.cpu(),
+             g_ent.cpu())
     if round_to is not None:
         dz = dz.float().to(round_to).double()
     return (dz @ w).view(hidden.shape), dz.t() @ x
@@ -188,7 +189,7 @@ def test_gpu_low_precision_bar(dtype):
             model = [m.to(dtype) for m in _grads_rounded_dz(hidden, weight, b, targets, temperature, g_lp, g_ent,
                                                             dtype)]
             x, w = hidden.float().reshape(-1, H), weight.float()
-            dz64 = _dz(x.double() @ w.double().t() + b.double(), targets, temperature, g_lp, g_ent)
+            dz64 = _dz(_logits64(x, w, b), targets, temperature, g_lp, g_ent)
             for scale, ok in ((1.0, True), (1.0 + 2.0 ** -5, False)):
                 dz = (dz64.float() * scale).to(dtype).float()  # the GPU: fp32 dz rounded, fp32 products
                 gpu = [(dz @ w).view(hidden.shape).to(dtype), (dz.t() @ x).to(dtype)]

@@ -17,7 +17,7 @@ from utils import assert_close, make_mask, tolerance
 from rmkernels import _codes
 from rmkernels.ops import group_adv as gops
 
-from .emu import DTYPE_CODE, Program
+from .emu import DTYPE_CODE, Program, _span_elems
 
 pytestmark = pytest.mark.cuda_on_cpu
 
@@ -48,8 +48,9 @@ def launch_group(scores, ids, mask, estimator="grpo", single="zero", unbiased=Tr
     B, T = mask.shape
     prog = Program()
     if mask_at:
-        pad = torch.zeros(mask_at + _span(mask), dtype=torch.bool)
-        pad[mask_at:] = mask.as_strided((_span(mask),), (1,))
+        span = _span_elems(mask)
+        pad = torch.zeros(mask_at + span, dtype=torch.bool)
+        pad[mask_at:] = mask.as_strided((span,), (1,))
         mask_arg = (prog.inp(pad), mask_at)
     else:
         mask_arg = prog.inp(mask)
@@ -61,11 +62,6 @@ def launch_group(scores, ids, mask, estimator="grpo", single="zero", unbiased=Tr
               mask.stride(1), est, e, unb, sgl, fn, we, stats, seq, adv)
     res = prog.run(variant)
     return res.rcs, res[seq], res[adv]
-
-
-def _span(t):
-    """Elements of storage that the view t covers from its first one."""
-    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
 
 
 def reference_group(scores, ids, mask, estimator="grpo", single="zero", unbiased=True, eps=1e-6, f_norm=2.0):
