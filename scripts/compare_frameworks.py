@@ -137,13 +137,7 @@ def compare_verl(ca, batches):
                      "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage",
                      "compute_opo_outcome_advantage", "compute_gpg_outcome_advantage",
                      "compute_reinforce_plus_plus_baseline_outcome_advantage"):
-            real = getattr(ca, name)
-            if name == "compute_gpg_outcome_advantage":
-                want = real(tlr, mask, uids, config=cfg)
-            else:
-                want = real(tlr, mask, uids, config=cfg) if "vectorized" in name or "reinforce" in name \
-                    else real(tlr, mask, uids)
-            note(name, getattr(rv, name)(tlr, mask, uids), want)
+            note(name, getattr(rv, name)(tlr, mask, uids), getattr(ca, name)(tlr, mask, uids, config=cfg))
         note("compute_grpo_outcome_advantage[dr_grpo]",
              rv.compute_grpo_outcome_advantage(tlr, mask, uids, norm_adv_by_std_in_grpo=False),
              ca.compute_grpo_outcome_advantage(tlr, mask, uids, norm_adv_by_std_in_grpo=False))
