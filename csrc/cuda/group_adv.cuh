@@ -17,8 +17,8 @@ namespace cuda {
 // unbiased: math::whiten_of; a NaN row then spreads to every row with a valid token, and rows
 // without one are 0). scores, seq and adv are float32, or float64 when `dtype` is
 // kFloat64 (only those two). mask is bool [B, T] with strides (ms0, ms1). `stats` is a float64
-// workspace of group_advantages_workspace(B) elements that the kernel zeroes itself. One
-// cooperative launch (its grid what the current device holds at once), no host
+// workspace of group_advantages_workspace(B) elements, of any contents (the kernel zeroes the
+// slots it reads). One cooperative launch (its grid what the current device holds at once), no host
 // synchronisation; cudaErrorNotSupported on a device without cooperative launches.
 inline int64_t group_advantages_workspace(int64_t B) { return B * 6 + 4; }
 cudaError_t launch_group_advantages(DType dtype, const void* scores, const int64_t* group_ids, const bool* mask,

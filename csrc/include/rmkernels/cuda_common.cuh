@@ -104,6 +104,18 @@ template <typename T> __device__ __forceinline__ T block_max(T v, T* shared, T l
   return warp_max(v);
 }
 
+// A store that may meet other threads' stores of the same value to the same address without a
+// data race (PTX st.relaxed.gpu: a "strong" store in the memory model, compiled to a plain
+// store, not an atomic read-modify-write). The host branch is what the CUDA-on-CPU layer runs
+// (a relaxed C++ atomic store, which ThreadSanitizer sees as such); nvcc's host pass never runs it.
+__device__ __forceinline__ void store_relaxed(double* p, double v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.relaxed.gpu.f64 [%0], %1;" ::"l"(p), "d"(v) : "memory");
+#else
+  __atomic_store(p, &v, __ATOMIC_RELAXED);
+#endif
+}
+
 // The (row, column) of the flattened index of a [rows, cols] array (cols >= 1) in a grid-stride
 // loop that starts at `start` and advances by `stride`: one 64-bit division at the start, then
 // a carry per step (advance()), not a division per element.
