@@ -392,27 +392,68 @@ def _unique(launches):
 
 
 # Runs in a child process: an LLVM error aborts the process (no exception), which must not
-# take pytest down with it. Reads [(module, kernel, signature, constexprs, attrs, kwargs,
-# arch)] pickled on stdin; prints one line per compile.
+# take pytest down with it. Reads ([(module, kernel, signature, constexprs, attrs, kwargs,
+# arch)], registers) pickled on stdin; prints one line per compile ("OK i"; with registers,
+# "OK i <registers a thread> <bytes of spill stores>", from ptxas -v on the kernel's PTX).
 _COMPILE_CHILD = r"""
-import importlib, pickle, sys
+import importlib, os, pickle, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource, make_backend
-for i, (module, name, signature, constexprs, attrs, kwargs, arch) in enumerate(pickle.load(sys.stdin.buffer)):
+jobs, registers = pickle.load(sys.stdin.buffer)
+for i, (module, name, signature, constexprs, attrs, kwargs, arch) in enumerate(jobs):
     print(f"START {i}", flush=True)
     try:
         fn = getattr(importlib.import_module(module), name)
         target = GPUTarget("cuda", arch, 32)
         options = make_backend(target).parse_options(dict(kwargs))
         k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-        assert f".target sm_{arch}" in k.asm["ptx"], "PTX for the wrong target"
+        ptx = k.asm["ptx"]
+        assert f".target sm_{arch}" in ptx, "PTX for the wrong target"
         assert k.asm.get("cubin"), "no cubin"
-        print(f"OK {i}", flush=True)
+        extra = ""
+        if registers:
+            with tempfile.TemporaryDirectory() as d:
+                src = os.path.join(d, "k.ptx")
+                with open(src, "w") as f:
+                    f.write(ptx)
+                sm = re.search(r"[.]target (sm_[0-9a-z]+)", ptx).group(1)
+                log = subprocess.run([get_ptxas(arch).path, "-arch=" + sm, "-v", src, "-o", os.path.join(d, "k.o")],
+                                     capture_output=True, text=True, check=True)
+            text = log.stdout + log.stderr
+            extra = " %s %s" % (re.search(r"Used ([0-9]+) registers", text).group(1),
+                                re.search(r"([0-9]+) bytes spill stores", text).group(1))
+        print(f"OK {i}{extra}", flush=True)
     except Exception as e:
         msg = (type(e).__name__ + ": " + str(e)[:1500]).replace(chr(10), chr(10) + "      ")
         print(f"FAIL {i} {msg}", flush=True)
 """
+
+
+def _aot_compile(plan, tmp_path, registers=False):
+    """Compiles each (Launch, arch) of plan in a child process, with an empty cache and without
+    TRITON_INTERPRET. Returns ({index: (registers, spill bytes)}, or {index: ()} without
+    `registers`, for the compiles that succeeded; the failures, described)."""
+    import pickle
+
+    jobs = [(la.fn.module, la.fn.__name__, la.signature, la.constexprs, la.attrs, la.kwargs, arch) for la, arch in plan]
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))  # compile for real, not from a cache
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHILD], input=pickle.dumps((jobs, registers)),
+                          capture_output=True, cwd=ROOT, env=env)
+    lines = proc.stdout.decode(errors="replace").splitlines()
+    done = {int(line.split()[1]) for line in lines if line.startswith(("OK ", "FAIL "))}
+    ok = {int(line.split()[1]): tuple(int(v) for v in line.split()[2:]) for line in lines if line.startswith("OK ")}
+    failures = [f"sm_{plan[int(line.split()[1])][1]}: {plan[int(line.split()[1])][0].describe()}\n    "
+                + line.split(" ", 2)[2] for line in lines if line.startswith("FAIL ")]
+    if len(done) < len(plan):
+        started = [int(line.split()[1]) for line in lines if line.startswith("START ")]
+        crashed = plan[started[-1]] if started and started[-1] not in done else None
+        failures.append(f"the compiler process died (exit {proc.returncode})"
+                        + (f" compiling sm_{crashed[1]}: {crashed[0].describe()}" if crashed else "")
+                        + "\n    " + proc.stderr.decode(errors="replace")[-3000:])
+    return ok, failures
 
 
 @needs_compiled_triton
@@ -423,8 +464,6 @@ def test_triton_kernels_compile_for_sm80_and_sm90(module, recorded, tmp_path):
     type and every constexpr flag value with each class of pointer dtypes; for sm_80
     every parameter type and constexpr value. RMKERNELS_AOT_ALL=1 compiles every distinct
     launch for both (minutes)."""
-    import pickle
-
     # The launches of this module's kernels, whichever driver made them (pairwise_reward_loss
     # launches the pooling kernels).
     launches = _unique([la for ls in recorded.values() for la in ls if la.fn.module == f"rmkernels.triton.{module}"])
@@ -442,24 +481,38 @@ def test_triton_kernels_compile_for_sm80_and_sm90(module, recorded, tmp_path):
         base = max(ls, key=lambda la: sum(v == "i32" for v in la.signature.values()))
         if any(v == "i32" for v in base.signature.values()):
             plan.append((_Wide(base), 90))
-    jobs = [(la.fn.module, la.fn.__name__, la.signature, la.constexprs, la.attrs, la.kwargs, arch) for la, arch in plan]
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))  # compile for real, not from a cache
-    env.pop("TRITON_INTERPRET", None)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHILD], input=pickle.dumps(jobs), capture_output=True,
-                          cwd=ROOT, env=env)
-    out = proc.stdout.decode(errors="replace")
-    done = {int(line.split()[1]) for line in out.splitlines() if line.startswith(("OK ", "FAIL "))}
-    failures = [f"sm_{plan[int(line.split()[1])][1]}: {plan[int(line.split()[1])][0].describe()}\n    "
-                + line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("FAIL ")]
-    if len(done) < len(plan):
-        started = [int(line.split()[1]) for line in out.splitlines() if line.startswith("START ")]
-        crashed = plan[started[-1]] if started and started[-1] not in done else None
-        failures.append(f"the compiler process died (exit {proc.returncode})"
-                        + (f" compiling sm_{crashed[1]}: {crashed[0].describe()}" if crashed else "")
-                        + "\n    " + proc.stderr.decode(errors="replace")[-3000:])
+    _, failures = _aot_compile(plan, tmp_path)
     assert not failures, f"{len(failures)}/{len(plan)} Triton compiles failed:\n" + "\n".join(failures)
     print(f"{module}: {len(plan)} compiles of {len(launches)} distinct launches in {time.time() - t0:.1f} s")
+
+
+@needs_compiled_triton
+def test_group_adv_kernel_fits_its_programs_per_multiprocessor(recorded, tmp_path):
+    """The Triton group-advantage kernel's cooperative launch puts PROGRAMS_PER_SM programs on each
+    multiprocessor, which must all be resident at once (the driver refuses the launch
+    otherwise). Each of its one-launch (cooperative) launches asks for at most MAX_REGISTERS
+    registers a thread, which fits that many programs in 64K registers (the cap is what makes
+    them resident), and ptxas (from the triton wheel) compiles them within it without spilling
+    (a spill would cost time, not correctness): every distinct one (each estimator, dtype and
+    tile shape the launch driver makes) for sm_90, the covering ones for sm_80."""
+    from rmkernels.triton import group_adv as tga
+
+    assert tga.PROGRAMS_PER_SM * tga.NUM_WARPS * 32 * tga.MAX_REGISTERS <= 65536
+    assert tga.MAX_REGISTERS % 8 == 0  # registers are allocated 8 a thread (256 a warp) at a time
+    fused = _unique([la for la in recorded["group_adv"]
+                     if la.fn.__name__ == "_group_adv_kernel" and la.kwargs.get("launch_cooperative_grid")])
+    assert fused, "no cooperative launch of _group_adv_kernel recorded"
+    wrong = [la.describe() for la in fused if la.kwargs.get("maxnreg") != tga.MAX_REGISTERS]
+    assert not wrong, "cooperative launches without maxnreg=MAX_REGISTERS:\n" + "\n".join(wrong)
+    plan = [(la, 90) for la in fused] + [(la, 80) for la in _covering(fused, False)]
+    ok, failures = _aot_compile(plan, tmp_path, registers=True)
+    assert not failures, "\n".join(failures)
+    over = [f"sm_{arch}: {la.describe()}: {ok[i][0]} registers, {ok[i][1]} bytes spilled"
+            for i, (la, arch) in enumerate(plan) if ok[i][0] > tga.MAX_REGISTERS or ok[i][1] > 0]
+    assert not over, "\n".join(over)
+    print(f"group_adv: {len(plan)} cooperative launches, registers a thread "
+          f"{min(r for r, _ in ok.values())}-{max(r for r, _ in ok.values())} (cap {tga.MAX_REGISTERS})")
 
 
 # ---------------------------------------------------------------------------------------

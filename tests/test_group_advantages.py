@@ -269,16 +269,20 @@ def _kernel_args(B, T, estimator, device="cpu", *, unbiased=True, single="zero")
 
 @pytest.mark.triton
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_triton_phases_over_many_programs(estimator):
+def test_triton_phases_over_many_programs(estimator, monkeypatch):
     """The Triton kernel's phases are loops strided by the grid. On a GPU they run in one launch
-    of one program per multiprocessor with grid barriers between them; the interpreter runs
-    programs one after the other (a barrier would wait forever), so here the single launch has
-    one program and the phases also run one launch each over 2, 3 and 7 programs: 600 rows are
+    of PROGRAMS_PER_SM programs per multiprocessor with grid barriers between them; the
+    interpreter runs programs one after the other (a barrier would wait forever), so here the
+    single launch has one program and the phases also run one launch each over 2, 3 and 7
+    programs: 600 rows are
     3 steps of the 256-row loops, and 600 x 40 is 10 tiles of 64 x 64 (phase 5). Every way
-    matches the reference."""
+    matches the reference. Every buffer the host function allocates starts as NaN (fresh memory
+    is often zeros): the kernel zeroes the workspace's slots it reads itself."""
     skip_unless_available("triton", "cpu")
     from rmkernels.triton import group_adv as tga
 
+    empty = torch.empty
+    monkeypatch.setattr(tga.torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
     B, T = 600, 40
     for unbiased, single in ((True, "zero"), (False, "self")):
         args = _kernel_args(B, T, estimator, unbiased=unbiased, single=single)
@@ -290,6 +294,45 @@ def test_triton_phases_over_many_programs(estimator):
             assert_close(adv, e_adv, rtol=1e-6, atol=1e-6, name=f"adv {where}")
     with pytest.raises(ValueError, match="wait forever at its first barrier"):
         tga.group_advantages(*args, programs=2, fused=True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_triton_runs_of_equal_ids(estimator):
+    """verl's layout, a prompt's responses side by side: the Triton kernel sums each run of equal
+    ids within a step of rows (a segmented scan) before one atomic. Runs of 1-6 rows, of 8, of
+    45 (across the 256-row steps and opo's 512-row tiles), a run of ids outside [0, B) (NaN
+    rows, no other group touched) and a NaN score inside a run, over one program and over 2 and
+    3 programs a phase."""
+    skip_unless_available("triton", "cpu")
+    from rmkernels.triton import group_adv as tga
+
+    B, T = 600, 5
+    base = list(_kernel_args(B, T, estimator))
+    bad = torch.arange(B) // 8
+    bad[252:260] = B + 1  # a run of one bad id across the step boundary at row 256
+    nan_scores = base[0].clone()
+    nan_scores[43] = float("nan")  # inside the run of rows 40-47
+    cases = {"runs of 1-6": (base[0], make_groups(B, shuffle=False)), "runs of 8": (base[0], torch.arange(B) // 8),
+             "runs of 45": (base[0], torch.arange(B) // 45), "NaN inside a run": (nan_scores, torch.arange(B) // 8),
+             "a run of bad ids": (base[0], bad)}
+    for name, (scores, ids) in cases.items():
+        args = (scores, ids, *base[2:])
+        keep = ids < B  # the reference backend has no rule for bad ids: the other rows as a batch
+        sub = (scores[keep], torch.unique(ids[keep], return_inverse=True)[1], args[2][keep], *args[3:])
+        e_seq, e_adv = gops.group_advantages_kernel("reference", *sub)
+        for programs, fused in ((None, True), (2, False), (3, False)):
+            seq, adv = tga.group_advantages(*args, programs=programs, fused=fused)
+            where = f"{estimator} {name} programs={programs} fused={fused}"
+            if not keep.all():
+                if estimator == "reinforce_pp_baseline":  # the whitening spreads the NaN (docs/ops.md)
+                    continue
+                assert torch.isnan(seq[~keep]).all(), where
+                if estimator == "gpg":  # alpha counts every nonzero score of the batch
+                    continue
+                seq, adv = seq[keep], adv[keep]
+            assert_close(seq, e_seq, rtol=1e-6, atol=1e-6, name=f"seq {where}")
+            assert_close(adv, e_adv, rtol=1e-6, atol=1e-6, name=f"adv {where}")
 
 
 def _profiled(call):
@@ -327,8 +370,8 @@ def test_cuda_kernel_is_one_launch_at_scale(estimator, B, T):
 @pytest.mark.triton
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_triton_kernel_is_one_launch_at_scale(estimator):
-    """The Triton kernel is one cooperative launch of one program per multiprocessor and nothing
-    else on the GPU (no memset), its phases separated by grid barriers, on a batch larger than
+    """The Triton kernel is one cooperative launch of PROGRAMS_PER_SM programs per multiprocessor
+    and nothing else on the GPU (no memset), its phases separated by grid barriers, on a batch larger than
     one pass of the grid (70,001 x 67: every phase loops), and matches the reference there; so
     do its phases launched one by one (the way the interpreter tests them)."""
     skip_unless_available("triton", "cuda")

@@ -4,13 +4,16 @@
 ``_group_adv_kernel`` runs the phases of ``csrc/cuda/group_adv.cu`` in order, each a loop over
 its work strided by the grid, with a grid barrier (``_grid_barrier``) between them:
 
-0. the float64 workspace is zeroed ([B, 5] group statistics, gpg's nonzero count,
-   reinforce_pp_baseline's whitening count, sum and centred squares, then its row lengths);
-1. float64 atomics into the statistics slot of each row's group id: count, sum (``opo``: the
-   rows' lengths and length x score; ``gpg``: the batch's nonzero count; ``reinforce_pp_baseline``:
-   each row's length stored);
+0. the float64 workspace's slots that the launch reads are zeroed: the statistics of the groups
+   that rows name (of the [B, 5] slots, each run of equal ids storing its group's once), gpg's
+   nonzero count and reinforce_pp_baseline's whitening count, sum and centred squares (its
+   row lengths are each written in phase 1);
+1. float64 atomics into the statistics slot of each group id: count, sum (``opo``: the rows'
+   lengths and length x score; ``gpg``: the batch's nonzero count; ``reinforce_pp_baseline``:
+   each row's length stored), each run of equal ids within a step of rows (verl's layout: a
+   prompt's responses side by side) summed first (a segmented scan), one atomic a run;
 2. ``grpo`` only: the centred squares (r - mean)^2 of each group from the complete means (two
-   passes: no cancellation);
+   passes: no cancellation), summed over runs as in phase 1;
 3. 4. ``reinforce_pp_baseline`` only: the whitening count and sum of the valid tokens, then their
    centred squares, from the rows' values and lengths (a row holds len copies of its value, as
    the C++ kernels' whitening: passes over B, not over [B, T]);
@@ -21,8 +24,9 @@ its work strided by the grid, with a grid barrier (``_grid_barrier``) between th
    statistics run once per row, in phase 5, not once per tile).
 
 The barrier needs every program resident at once: the launch is cooperative
-(``launch_cooperative_grid``) with one program per multiprocessor at most (a compiled Triton
-kernel always fits one block per multiprocessor, so the grid is always resident). Its state is a
+(``launch_cooperative_grid``) with ``PROGRAMS_PER_SM`` (2) programs of 8 warps per
+multiprocessor at most, the kernel compiled with at most ``MAX_REGISTERS`` (128) registers a
+thread so that they fit (``resident_programs``). Its state is a
 uint32 per device and stream that every barrier returns to where it was (``_semaphore``), so it
 needs no reset between calls (in a CUDA-graph capture: a fresh one, its zero fill captured).
 Under the interpreter (``TRITON_INTERPRET=1``) programs run one after the other, so the single
@@ -64,8 +68,19 @@ _WHITEN_SUMS, _WHITEN_SQUARES = tl.constexpr(WHITEN_SUMS), tl.constexpr(WHITEN_S
 _ROWS, _WRITE = tl.constexpr(ROWS), tl.constexpr(WRITE)
 
 NUM_WARPS = 8
+# Programs a cooperative launch puts on each multiprocessor (all must be resident at once).
+# Registers are what limit a program of NUM_WARPS warps here (its shared memory is a few KiB):
+# every sm_80+ multiprocessor has 64K 32-bit registers, so the kernel is compiled with at most
+# MAX_REGISTERS a thread (128), and PROGRAMS_PER_SM programs fit. Uncapped, ptxas gave the
+# kernel 42-126 registers, 168-249 for opo / reinforce_pp_baseline with a contiguous mask
+# before their length pass counted in int32 over half-tiles (LEN_B); capped, none spills
+# (tests/test_gpu_readiness.py checks every launch configuration for sm_90).
+PROGRAMS_PER_SM = 2
+MAX_REGISTERS = 65536 // (PROGRAMS_PER_SM * NUM_WARPS * 32) // 8 * 8  # allocated 8 a thread at a time
 BLOCK_B = 256  # rows a step of phases 0-5
 TILE = 4096  # elements of a phase-6 tile: (TILE // BLOCK_T) rows x BLOCK_T positions
+# (opo / reinforce_pp_baseline's phase 1 counts the rows' lengths in steps of LEN_B = half a
+# tile's rows, min(TILE // BLOCK_T // 2, BLOCK_B): its mask tile and scans within the cap)
 MAX_BLOCK_T = 256
 
 
@@ -189,31 +204,63 @@ def _whiten_moments(r_ptr, ids_ptr, stats, row_len, pid, nprog, B, alpha, eps, f
 
 
 @triton.jit
-def _sums_step(r_ptr, ids_ptr, mask_ptr, stats, extra, row_len, rows, B, T, s_m0, s_m1,
-               EST: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Phase 1 for rows (int64): count and sum into their groups' slots (opo: lengths and
-    length x score; reinforce_pp_baseline: the rows' lengths stored; gpg: the nonzero count)."""
+def _seg_add(av, a_start, bv, b_start):
+    """The combine of a forward segmented sum: a segment begins where its start flag is set."""
+    return tl.where(b_start, bv, av + bv), a_start | b_start
+
+
+@triton.jit
+def _run_sum(x, start):
+    """x summed from the start of each run (start: a run's first row) to each row: the run's
+    last row holds the run's sum."""
+    total, _ = tl.associative_scan((x, start), 0, _seg_add)
+    return total
+
+
+@triton.jit
+def _runs(ids_ptr, rows, B, BLOCK: tl.constexpr):
+    """The ids of BLOCK consecutive rows (int64; -1 past B), whether each lies in [0, B), and
+    whether each starts / ends a run of equal ids within these rows (verl's layout puts a
+    prompt's responses side by side): a run's sums go to its group in one atomic from its last
+    row, not one a row. A run across two steps is two runs."""
     inb = rows < B
-    r = tl.load(r_ptr + rows, mask=inb, other=0.0).to(tl.float64)
-    g = tl.load(ids_ptr + rows, mask=inb, other=0)
+    g = tl.load(ids_ptr + rows, mask=inb, other=-1)
     ok = inb & (g >= 0) & (g < B)
+    prev = tl.load(ids_ptr + rows - 1, mask=inb & (rows > 0), other=-1)
+    nxt = tl.load(ids_ptr + rows + 1, mask=rows + 1 < B, other=-1)
+    lane = tl.arange(0, BLOCK)
+    return g, ok, prev != g, (lane == BLOCK - 1) | (nxt != g)  # the scan starts a run at lane 0 anyway
+
+
+@triton.jit
+def _sums_step(r_ptr, ids_ptr, mask_ptr, stats, extra, row_len, rows, B, T, s_m0, s_m1,
+               EST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Phase 1 for BLOCK consecutive rows (int64): count and sum of each run of equal ids into
+    its group's slots (opo: lengths and length x score; reinforce_pp_baseline: the rows' lengths
+    stored; gpg: the nonzero count)."""
+    inb = rows < B
+    g, ok, start, end = _runs(ids_ptr, rows, B, BLOCK)
+    score = tl.load(r_ptr + rows, mask=inb, other=0.0).to(tl.float64)
+    r = tl.where(ok, score, 0.0)  # a row outside [0, B) adds to nothing (its run is of its bad id)
     st = stats + g * _NSTATS
-    tl.atomic_add(st, tl.where(ok, 1.0, 0.0).to(tl.float64), mask=ok)
-    tl.atomic_add(st + 1, r, mask=ok)
+    tail = ok & end
+    tl.atomic_add(st, _run_sum(tl.where(ok, 1.0, 0.0).to(tl.float64), start), mask=tail)
+    tl.atomic_add(st + 1, _run_sum(r, start), mask=tail)
     if EST == _OPO or EST == _RPPB:
-        length = tl.zeros(rows.shape, tl.float64)
+        length = tl.zeros(rows.shape, tl.int32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
             m = tl.load(mask_ptr + rows[:, None] * s_m0 + t[None, :] * s_m1,
                         mask=inb[:, None] & (t < T)[None, :], other=0) != 0
-            length += tl.sum(tl.where(m, 1.0, 0.0).to(tl.float64), axis=1)
+            length += tl.sum(m.to(tl.int32), axis=1)
+        length = length.to(tl.float64)  # counted in int32: fewer registers than float64 (T < 2^31)
         if EST == _OPO:
-            tl.atomic_add(st + 3, length, mask=ok)
-            tl.atomic_add(st + 4, length * r, mask=ok)
+            tl.atomic_add(st + 3, _run_sum(length, start), mask=tail)
+            tl.atomic_add(st + 4, _run_sum(length * r, start), mask=tail)
         else:
             tl.store(row_len + rows, length, mask=inb)
     if EST == _GPG:  # NaN counts as nonzero, as torch.count_nonzero
-        nz = tl.sum(tl.where(inb & (r != 0), 1.0, 0.0).to(tl.float64), axis=0)
+        nz = tl.sum(tl.where(inb & (score != 0), 1.0, 0.0).to(tl.float64), axis=0)
         tl.atomic_add(extra + _NONZERO, nz)
 
 
@@ -224,7 +271,7 @@ def _group_adv_kernel(
     eps, eps_lo, f_norm, f_norm_lo, weps, weps_lo,                  # seq [B], adv [B, T] (acc)
     EST: tl.constexpr, UNBIASED: tl.constexpr, SINGLE: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, BARRIER: tl.constexpr,
-    BLOCK_B: tl.constexpr, TILE_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_B: tl.constexpr, TILE_B: tl.constexpr, BLOCK_T: tl.constexpr, LEN_B: tl.constexpr,
 ):
     """Phases FIRST..LAST of the module docstring, each a loop strided by the grid; BARRIER: a
     grid barrier between them (a cooperative launch), else FIRST == LAST (one launch a phase)."""
@@ -239,35 +286,45 @@ def _group_adv_kernel(
     f_norm_v = scalar(f_norm, f_norm_lo, tl.float64)
 
     if FIRST <= _ZERO and _ZERO <= LAST:
-        n_work = tl.cast(B, tl.int64) * _NSTATS + _EXTRA
-        for start in range(pid * BLOCK_B, n_work, nprog * BLOCK_B):
-            offs = start + lane
-            tl.store(work_ptr + offs, tl.zeros([BLOCK_B], tl.float64), mask=offs < n_work)
+        # The scalars, and the statistics of the groups that rows name (not all B slots), each
+        # run of equal ids storing its group's once. A group in several runs has its zeros
+        # stored by each, maybe at once: relaxed atomic exchanges (no data race), on the bits
+        # of 0.0. A slot no row names is never read.
+        if pid == 0:
+            tl.store(extra + tl.arange(0, _EXTRA), tl.zeros([_EXTRA], tl.float64))
+        for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
+            rows = start + lane
+            inb = rows < B
+            g = tl.load(ids_ptr + rows, mask=inb, other=-1)
+            prev = tl.load(ids_ptr + rows - 1, mask=inb & (rows > 0), other=-1)
+            head = inb & (g >= 0) & (g < B) & (prev != g)
+            slot = (stats + g * _NSTATS).to(tl.pointer_type(tl.int64))
+            for k in tl.static_range(_NSTATS):
+                tl.atomic_xchg(slot + k, tl.zeros([BLOCK_B], tl.int64), mask=head, sem="relaxed")
         _after(_ZERO, sem_ptr, LAST, BARRIER)
 
     if FIRST <= _SUMS and _SUMS <= LAST:
-        if EST == _OPO or EST == _RPPB:  # in phase 6's tiles: the rows' lengths read from the mask
-            for start in range(pid * TILE_B, B, nprog * TILE_B):
-                rows = start + tl.arange(0, TILE_B).to(tl.int64)
-                _sums_step(r_ptr, ids_ptr, mask_ptr, stats, extra, row_len, rows, B, T, s_m0, s_m1, EST, BLOCK_T)
+        if EST == _OPO or EST == _RPPB:  # the rows' lengths read from the mask: [LEN_B, BLOCK_T] at a time
+            for start in range(pid * LEN_B, B, nprog * LEN_B):
+                rows = start + tl.arange(0, LEN_B).to(tl.int64)
+                _sums_step(r_ptr, ids_ptr, mask_ptr, stats, extra, row_len, rows, B, T, s_m0, s_m1, EST, LEN_B,
+                           BLOCK_T)
         else:
             for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
                 _sums_step(r_ptr, ids_ptr, mask_ptr, stats, extra, row_len, start + lane, B, T, s_m0, s_m1, EST,
-                           BLOCK_T)
+                           BLOCK_B, BLOCK_T)
         _after(_SUMS, sem_ptr, LAST, BARRIER)
 
     if EST == _GRPO and FIRST <= _SQUARES and _SQUARES <= LAST:
         for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
             rows = start + lane
-            inb = rows < B
-            r = tl.load(r_ptr + rows, mask=inb, other=0.0).to(tl.float64)
-            g = tl.load(ids_ptr + rows, mask=inb, other=0)
-            ok = inb & (g >= 0) & (g < B)
+            g, ok, run_start, end = _runs(ids_ptr, rows, B, BLOCK_B)
+            r = tl.load(r_ptr + rows, mask=ok, other=0.0).to(tl.float64)
             st = stats + g * _NSTATS
             n = tl.load(st, mask=ok, other=1.0, cache_modifier=".cg")
             s = tl.load(st + 1, mask=ok, other=0.0, cache_modifier=".cg")
             d = r - s / n
-            tl.atomic_add(st + 2, d * d, mask=ok)
+            tl.atomic_add(st + 2, _run_sum(tl.where(ok, d * d, 0.0), run_start), mask=ok & end)
         _after(_SQUARES, sem_ptr, LAST, BARRIER)
 
     alpha = B / tl.maximum(tl.load(extra + _NONZERO, cache_modifier=".cg"), 1.0)
@@ -343,15 +400,16 @@ def _semaphore(device):
 
 
 def resident_programs(device):
-    """Programs a cooperative launch may have on device: one per multiprocessor (ptxas sizes a
-    Triton kernel for one block of its num_warps, so one always fits); 1 under the interpreter,
-    which runs the programs one after the other."""
+    """Programs a cooperative launch may have on device: PROGRAMS_PER_SM per multiprocessor (the
+    kernel is compiled with at most MAX_REGISTERS registers a thread, so that many fit at once;
+    the driver refuses a cooperative launch that does not fit, with an error, never a hang); 1
+    under the interpreter, which runs the programs one after the other."""
     if device.type != "cuda" or interpreting():
         return 1
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return _SM_COUNT[idx] * PROGRAMS_PER_SM
 
 
 def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, *,
@@ -370,11 +428,11 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
     r = scores.to(acc).contiguous()
     ids = group_ids.to(torch.int64).contiguous()
     est = int(estimator)
-    work = torch.empty(workspace_size(B, est), dtype=torch.float64, device=dev)  # zeroed by phase 0
+    work = torch.empty(workspace_size(B, est), dtype=torch.float64, device=dev)  # phase 0 zeroes what is read
     block_t = block_size(T, MAX_BLOCK_T)
     tile_b = TILE // block_t
     # the most programs any phase has work for: row blocks of phases 0-5, tiles of phase 6
-    work_items = max(triton.cdiv(B * NSTATS + EXTRA, BLOCK_B),
+    work_items = max(triton.cdiv(B, BLOCK_B),
                      triton.cdiv(B, tile_b) * max(1, triton.cdiv(T, block_t)))
     if programs is None:
         programs = resident_programs(dev)
@@ -384,11 +442,12 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
                          "the Triton interpreter (it runs programs one after the other): programs=1 or fused=False")
 
     def launch(first, last, barrier, sem):
-        kw = dict(launch_cooperative_grid=True) if barrier and not interpreting() else {}
+        kw = {} if interpreting() else dict(maxnreg=MAX_REGISTERS, launch_cooperative_grid=barrier)
         _group_adv_kernel[(programs,)](
             r, ids, mask, work, sem, seq, adv, B, T, mask.stride(0), mask.stride(1), *split_float(eps),
             *split_float(f_norm), *split_float(whiten_eps), EST=est, UNBIASED=bool(unbiased), SINGLE=int(single),
             FIRST=first, LAST=last, BARRIER=barrier, BLOCK_B=BLOCK_B, TILE_B=tile_b, BLOCK_T=block_t,
+            LEN_B=min(tile_b // 2, BLOCK_B),  # opo / reinforce_pp_baseline's length steps (above)
             num_warps=NUM_WARPS, **kw)
 
     if fused:
