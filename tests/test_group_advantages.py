@@ -654,6 +654,39 @@ def test_group_ids_compiled_and_fallback_equal_the_dict_pass(seed, monkeypatch):
             assert rmk.group_ids(v).tolist() == want, (seed, fallback)
 
 
+class _Str(str):
+    """A str subclass with its own hash: not an exact str, so never hashed ahead."""
+
+    def __hash__(self):
+        return hash(str(self)) ^ 1
+
+
+@pytest.mark.parametrize("layout", ["runs", "shuffled"])
+def test_group_ids_compiled_prefetching_pass(layout):
+    """Arrays of 2^19 labels and more take the compiled pass's prefetching path (exact str
+    hashes taken ahead, table slots fetched early): the ids still equal a dict pass's, for uid
+    strings (distinct objects of equal value too), str subclasses with their own hash, ints,
+    objects whose __eq__ is Python code, in runs and shuffled, every stride; and an unhashable
+    label deep in the array still raises."""
+    skip_unless_available("cpu", "cpu")
+    rng = np.random.default_rng(7)
+    n = (1 << 19) + 4099
+    uids = [f"uid-{i:06d}" for i in range(n // 8)]
+    pool = uids + [s + "" for s in uids[:500]] + [_Str(s) for s in uids[:300]] + list(range(200)) + \
+        [_Label(k) for k in range(50)] + [None, float("nan"), 1.0, True]
+    picks = rng.integers(0, len(pool), n // 8 + 1)
+    picks = np.repeat(picks, 8)[:n] if layout == "runs" else rng.integers(0, len(pool), n)
+    arr = np.empty(n, dtype=object)
+    arr[:] = [pool[i] for i in picks]
+    for v in (arr, arr[::-1], arr[1:]):  # each above the prefetch threshold
+        expect = {}
+        want = [expect.setdefault(k, len(expect)) for k in v.tolist()]
+        assert gops._ids_of_objects(v).tolist() == want, (layout, v.strides)
+    arr[n - 20] = [1, 2]
+    with pytest.raises(TypeError, match="hashable"):
+        rmk.group_ids(arr)
+
+
 def test_group_ids_compiled_errors():
     skip_unless_available("cpu", "cpu")
     for bad in ([1, 2], {"a": 1}, np.zeros(2)):
