@@ -7,8 +7,9 @@ verl's loop (``hf``: the default ``compute_grpo_outcome_advantage``), verl's vec
 
 Every provider gets what verl passes: ``token_level_rewards`` [B, T] fp32 (the score at the
 last valid token), a bool ``response_mask`` [B, T] and ``index``, a numpy object array of uid
-strings (one uuid4-style string per prompt, repeated for its G consecutive responses), and
-the full call is timed, the uid -> group-id mapping included. Two more rows, ``write-once``
+strings (one uuid4-style string per prompt, repeated for its G consecutive responses; in the
+``*-bb`` shapes the rows are then randomly permuted, the order verl's default ``balance_batch``
+leaves them in), and the full call is timed, the uid -> group-id mapping included. Two more rows, ``write-once``
 (allocating and writing the float32 [B, T] output once: BENCHMARKS.md's "<= 1.3x writing
 [B, T] once") and ``read-inputs`` (reading the token rewards and the mask once), are timed
 interleaved with the full call and with ``rmk-<backend>-op``, the op alone (group ids and
@@ -47,6 +48,9 @@ def make_inputs(shape, device, seed=0):
     scores = (torch.rand(B, generator=g) < 0.5).float() + 0.1 * torch.randn(B, generator=g)
     tlr = torch.zeros(B, T)
     tlr[torch.arange(B), lengths - 1] = scores
+    if shape.dims.get("perm"):  # verl's default balance_batch reorders the rows (the *-bb shapes)
+        perm = torch.randperm(B, generator=g)
+        tlr, mask, index = tlr[perm], mask[perm.to(mask.device)], index[perm.numpy()]
     return (tlr.to(device), mask, index)
 
 
@@ -140,15 +144,16 @@ def run(op="grpo", device="cpu", shapes=None, quick=False, tiny=False, only=None
 
 shapes_mod = shapes
 
-RESULTS_SHAPES = ("grpo-l", "grpo-xl")
+RESULTS_SHAPES = ("grpo-l", "grpo-xl", "grpo-l-bb", "grpo-xl-bb")
 
 
 def write_results(argv=None):
-    """``python benchmarks/bench_group_adv.py --results``: grpo-l and grpo-xl on one CPU thread,
-    every provider (verl's loop left out at grpo-xl), the full method (not --quick), written to
-    the committed ``benchmarks/results/<device>-grpo.csv`` and ``.md`` (the report's tidy rows,
-    table and targets), with the date, machine and command. A full ``benchmarks/run.py`` also
-    measures grpo into the main ``<device>.csv``; this file holds the grpo figures until then."""
+    """``python benchmarks/bench_group_adv.py --results``: grpo-l and grpo-xl, as they are and in
+    balance_batch order, on one CPU thread, every provider (verl's loop left out at grpo-xl),
+    the full method (not --quick), written to the committed
+    ``benchmarks/results/<device>-grpo.csv`` and ``.md`` (the report's tidy rows, table and
+    targets), with the date, machine and command. A full ``benchmarks/run.py`` also measures
+    grpo into the main ``<device>.csv``; this file holds the grpo figures until then."""
     return common.write_op_results(
         lambda device: run("grpo", device=device, shapes=list(RESULTS_SHAPES)), name="grpo", title="grpo",
         script="bench_group_adv.py", argv=argv,

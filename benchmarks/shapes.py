@@ -44,6 +44,12 @@ GPU_SHAPES = {
     "gae-xl": Shape("gae-xl", "gae", dict(B=32, T=32768), "fp32", dict(kl_estimator="k1")),
     "grpo-l": Shape("grpo-l", "grpo", dict(B=65536, T=128, G=8), "fp32", note="8192 groups of 8, uid strings"),
     "grpo-xl": Shape("grpo-xl", "grpo", dict(B=1048576, T=1, G=8), "fp32", note="per-sequence, uid strings"),
+    # ... and the same batches in the order verl's default balance_batch leaves them (not in
+    # BENCHMARKS.md): rows randomly permuted, so a prompt's responses are seldom side by side
+    "grpo-l-bb": Shape("grpo-l-bb", "grpo", dict(B=65536, T=128, G=8, perm=1), "fp32",
+                       note="grpo-l, rows randomly permuted (verl's balance_batch order)"),
+    "grpo-xl-bb": Shape("grpo-xl-bb", "grpo", dict(B=1048576, T=1, G=8, perm=1), "fp32",
+                        note="grpo-xl, rows randomly permuted (verl's balance_batch order)"),
     # REINFORCE++ and ReMax (issue 14; not in BENCHMARKS.md): grpo-l's batch
     "rpp-l": Shape("rpp-l", "rpp", dict(B=65536, T=128), "fp32", note="REINFORCE++, gamma 1"),
     "remax-l": Shape("remax-l", "remax", dict(B=65536, T=128), "fp32", note="ReMax"),

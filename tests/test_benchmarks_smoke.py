@@ -100,6 +100,14 @@ def test_grpo_targets_per_state(monkeypatch):
     floor = [ln for ln in lines if ln.startswith("| (information)")]
     assert len(floor) == 2 and "| rmk-cpu (vs floor, recycled) | 1.25x | - |" in floor[0] + floor[1]
     assert "| rmk-cpu (vs floor, fresh pages) | 1.11x | - |" in floor[0] + floor[1]
+    # grpo-l-bb (balance_batch order): the same figures, as information only (no target there)
+    bb = [dict(r, shape="grpo-l-bb") for r in rows]
+    bb_lines = report._grpo_targets(rows + bb)
+    assert bb_lines[:len(lines)] == lines
+    extra = bb_lines[len(lines):]
+    assert len(extra) == len(lines) and all(ln.startswith("| (information) grpo-l-bb ") for ln in extra), extra
+    assert "| (information) grpo-l-bb full call >= 30x verl's loop | rmk-cpu | 50.0x | - |" in extra
+    assert all(not ln.endswith(("| met |", "| MISSED |")) for ln in extra)
 
 
 def test_grpo_gpu_target_is_the_op_alone_against_its_memory_floor(monkeypatch):
