@@ -181,8 +181,10 @@ run_stage graphs "$CAP_GRAPHS" graphs.log $PY scripts/gpu_check_ops.py graphs "$
 
 # ---- 5. benchmarks, op by op (what finishes is kept) -----------------------------------------
 # The group advantages' own kernels at grpo-l / grpo-xl, judged against the floors timed with
-# them; the baselines come later, in the bench stage (their torch.compile alone can take the cap).
-BENCH_GRPO="--ops grpo --shapes grpo-l grpo-xl --providers rmk-cuda rmk-cuda-op rmk-triton rmk-triton-op"
+# them, and at grpo-xl-bb (grpo-xl's rows randomly permuted, as verl's default balance_batch
+# leaves them: no runs of equal ids; information); the baselines come later, in the bench stage
+# (their torch.compile alone can take the cap).
+BENCH_GRPO="--ops grpo --shapes grpo-l grpo-xl grpo-xl-bb --providers rmk-cuda rmk-cuda-op rmk-triton rmk-triton-op"
 read -r -a grpo_args <<< "$BENCH_GRPO"
 run_stage "bench grpo" "$CAP_BENCH_GRPO" bench-grpo.log $PY benchmarks/run.py --device cuda --quick "${grpo_args[@]}" \
   --out "$OUT/bench-grpo"
