@@ -63,6 +63,13 @@ GROUP_ESTIMATORS = {"grpo": GroupEstimator.GRPO, "dr_grpo": GroupEstimator.DR_GR
                     "reinforce_pp_baseline": GroupEstimator.REINFORCE_PP_BASELINE}
 GROUP_SINGLES = {"zero": GroupSingle.ZERO, "self": GroupSingle.SELF}
 
+# Workspace zeroing of the GPU group-advantage kernels (the C++ mirror: codes::kGroupZeroSample,
+# codes::kGroupZeroMaxHeads, where the rule is spelled out): when the first GROUP_ZERO_SAMPLE ids
+# hold at most GROUP_ZERO_MAX_HEADS runs of equal ids, each run zeroes its group's statistics;
+# otherwise the whole workspace is zeroed. Either is correct; the sample picks the cheaper.
+GROUP_ZERO_SAMPLE = 32
+GROUP_ZERO_MAX_HEADS = 8
+
 # Segment policy of the GPU GAE kernels (CUDA and Triton): rows of at least 2 * SEGMENT_T
 # positions are split into segments of SEGMENT_T when the batch has fewer than
 # SEGMENT_MIN_ROWS_PER_SM rows per SM. 4096 positions = 4 steps of a row walk of 1024, enough

@@ -53,6 +53,12 @@ def test_segment_policy_mirrored():
     assert consts["kSegmentMinRowsPerSm"] == _codes.SEGMENT_MIN_ROWS_PER_SM
 
 
+def test_group_zero_policy_mirrored():
+    _, consts = _header_enums()
+    assert consts["kGroupZeroSample"] == _codes.GROUP_ZERO_SAMPLE
+    assert consts["kGroupZeroMaxHeads"] == _codes.GROUP_ZERO_MAX_HEADS
+
+
 def test_string_maps_cover_the_enums():
     assert set(_codes.REDUCTIONS.values()) == set(_codes.Reduction)
     assert set(_codes.KL_ESTIMATORS.values()) == set(_codes.KLEstimator)

@@ -298,24 +298,34 @@ def test_triton_phases_over_many_programs(estimator, monkeypatch):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_triton_runs_of_equal_ids(estimator):
+def test_triton_runs_of_equal_ids(estimator, monkeypatch):
     """verl's layout, a prompt's responses side by side: the Triton kernel sums each run of equal
-    ids within a step of rows (a segmented scan) before one atomic. Runs of 1-6 rows, of 8, of
-    45 (across the 256-row steps and opo's 512-row tiles), a run of ids outside [0, B) (NaN
-    rows, no other group touched) and a NaN score inside a run, over one program and over 2 and
-    3 programs a phase."""
+    ids within a step of rows (a segmented scan) before one atomic, and zeroes only the named
+    groups' statistics (the first ids come in runs: rmkernels._codes.GROUP_ZERO_SAMPLE; every
+    buffer the host function allocates starts as NaN). Runs of 1-6 rows, of 8, of 45 (across
+    the 256-row steps and opo's 512-row tiles), runs of 8 then the rest shuffled (the sample
+    sees runs) and the reverse, a run of ids outside [0, B) (NaN rows, no other group touched)
+    and a NaN score inside a run, over one program and over 2 and 3 programs a phase."""
     skip_unless_available("triton", "cpu")
     from rmkernels.triton import group_adv as tga
 
+    empty = torch.empty
+    monkeypatch.setattr(tga.torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
     B, T = 600, 5
     base = list(_kernel_args(B, T, estimator))
     bad = torch.arange(B) // 8
     bad[252:260] = B + 1  # a run of one bad id across the step boundary at row 256
     nan_scores = base[0].clone()
     nan_scores[43] = float("nan")  # inside the run of rows 40-47
+    perm = torch.randperm(B - 64, generator=torch.Generator().manual_seed(3))
+    runs_then_shuffled = torch.arange(B) // 8
+    runs_then_shuffled[64:] = runs_then_shuffled[64:][perm]
+    shuffled_then_runs = torch.arange(B) // 8
+    shuffled_then_runs[:B - 64] = shuffled_then_runs[:B - 64][perm]
     cases = {"runs of 1-6": (base[0], make_groups(B, shuffle=False)), "runs of 8": (base[0], torch.arange(B) // 8),
              "runs of 45": (base[0], torch.arange(B) // 45), "NaN inside a run": (nan_scores, torch.arange(B) // 8),
-             "a run of bad ids": (base[0], bad)}
+             "runs, then shuffled": (base[0], runs_then_shuffled),
+             "shuffled, then runs": (base[0], shuffled_then_runs), "a run of bad ids": (base[0], bad)}
     for name, (scores, ids) in cases.items():
         args = (scores, ids, *base[2:])
         keep = ids < B  # the reference backend has no rule for bad ids: the other rows as a batch

@@ -3,8 +3,9 @@
 //
 // One cooperative launch per call: the grid is as large as the device holds at once
 // (cooperative_grid), every loop is grid-stride, and the phases are separated by grid syncs:
-//   (0) the workspace's slots that the launch reads are zeroed: the statistics of the groups
-//       that rows name, and the scalars (so no memset before the launch);
+//   (0) the workspace's slots that the launch reads are zeroed (so no memset before the
+//       launch): the scalars, and the statistics of the groups that rows name when the ids come
+//       in runs, else all [B, 5] (codes::kGroupZeroSample);
 //   (1) one thread per response: a warp sums the count and scores of each run of equal ids
 //       among its lanes, and the run's first lane adds them into the group's float64 slots
 //       with atomics (opo: a warp per response, which also adds its length and length x score;
@@ -122,20 +123,32 @@ __global__ void __launch_bounds__(kThreads)
   double* extra = stats + B * kStats;
   double* row_len = extra + kRowLen;
 
-  // (0) the workspace: the scalars after the statistics, and the statistics of the groups that
-  // rows name, each run of equal ids among a warp's lanes storing its group's once. Not all B
-  // slots: at 1M rows in groups of 8, 8 MB of ids read and 5 MB of zeros stored rather than
-  // 40 MB (ids may be anything in [0, B)). A group in several runs has its zeros stored by each
-  // of them, at once: relaxed stores (store_relaxed), not a data race. A slot no row names is
-  // never read.
+  // (0) the workspace: the scalars after the statistics, and the groups' statistics, by the rule
+  // of codes::kGroupZeroSample (the same sample of ids, so the same choice, in every warp):
+  //   - the first ids in runs (verl's layout): only the statistics of the groups that rows name,
+  //     each run of equal ids among a warp's lanes storing its group's once. At 1M rows in
+  //     groups of 8, 8 MB of ids read and 5 MB of zeros stored rather than 40 MB. A group in
+  //     several runs has its zeros stored by each of them, at once: relaxed stores
+  //     (store_relaxed), not a data race. A slot no row names is never read;
+  //   - otherwise all [B, 5] slots (ids may be anything in [0, B)), coalesced.
   for (int64_t i = tid; i < kRowLen; i += nthreads) extra[i] = 0.0;
-  for (int64_t base = tid - lane; base < B; base += nthreads) {  // uniform over the warp
-    const int64_t b = base + lane;
-    const int64_t g = b < B ? ids[b] : -1;
-    const int64_t prev = __shfl_up_sync(0xffffffffu, g, 1);
-    if ((lane == 0 || prev != g) && g >= 0 && g < B) {
+  {
+    static_assert(codes::kGroupZeroSample == kWarp, "the sample is one warp's lanes");
+    const int64_t s = lane < B ? ids[lane] : -1;
+    const int64_t s_prev = __shfl_up_sync(0xffffffffu, s, 1);
+    const unsigned sample_heads = __ballot_sync(0xffffffffu, lane < B && (lane == 0 || s_prev != s));
+    if (__popc(sample_heads) <= codes::kGroupZeroMaxHeads) {
+      for (int64_t base = tid - lane; base < B; base += nthreads) {  // uniform over the warp
+        const int64_t b = base + lane;
+        const int64_t g = b < B ? ids[b] : -1;
+        const int64_t prev = __shfl_up_sync(0xffffffffu, g, 1);
+        if ((lane == 0 || prev != g) && g >= 0 && g < B) {
 #pragma unroll
-      for (int k = 0; k < kStats; ++k) store_relaxed(stats + g * kStats + k, 0.0);
+          for (int k = 0; k < kStats; ++k) store_relaxed(stats + g * kStats + k, 0.0);
+        }
+      }
+    } else {
+      for (int64_t i = tid; i < B * kStats; i += nthreads) stats[i] = 0.0;
     }
   }
   RMK_GRID_SYNC();
@@ -295,7 +308,7 @@ cudaError_t launch(const A* r, const int64_t* ids, const bool* mask, int64_t B, 
                    int64_t est, double eps, bool unbiased, int64_t single, double f_norm, double whiten_eps,
                    double* stats, A* seq, A* adv, cudaStream_t stream) {
   // As many blocks as the largest phase has work for, up to what the device holds at once.
-  const int64_t work = std::max<int64_t>({kLen ? B * kWarp : B, B * (T > 0 ? T : 1)});
+  const int64_t work = std::max<int64_t>({B * kStats + kRowLen, kLen ? B * kWarp : B, B * (T > 0 ? T : 1)});
   unsigned int blocks = 0;
   cudaError_t err = cooperative_grid<group_advantages_kernel<A, kLen>, kThreads>(ceil_div(work, kThreads), &blocks);
   if (err != cudaSuccess) return err;

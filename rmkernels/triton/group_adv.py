@@ -4,10 +4,11 @@
 ``_group_adv_kernel`` runs the phases of ``csrc/cuda/group_adv.cu`` in order, each a loop over
 its work strided by the grid, with a grid barrier (``_grid_barrier``) between them:
 
-0. the float64 workspace's slots that the launch reads are zeroed: the statistics of the groups
-   that rows name (of the [B, 5] slots, each run of equal ids storing its group's once), gpg's
-   nonzero count and reinforce_pp_baseline's whitening count, sum and centred squares (its
-   row lengths are each written in phase 1);
+0. the float64 workspace's slots that the launch reads are zeroed: gpg's nonzero count,
+   reinforce_pp_baseline's whitening count, sum and centred squares (its row lengths are each
+   written in phase 1), and the groups' statistics: when the first ids come in runs
+   (``rmkernels._codes.GROUP_ZERO_SAMPLE``) only those of the groups that rows name, each run
+   of equal ids storing its group's once, else all [B, 5];
 1. float64 atomics into the statistics slot of each group id: count, sum (``opo``: the rows'
    lengths and length x score; ``gpg``: the batch's nonzero count; ``reinforce_pp_baseline``:
    each row's length stored), each run of equal ids within a step of rows (verl's layout: a
@@ -43,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rmkernels._codes import GroupEstimator, GroupSingle
+from rmkernels._codes import GROUP_ZERO_MAX_HEADS, GROUP_ZERO_SAMPLE, GroupEstimator, GroupSingle
 from rmkernels.triton._common import acc_dtype, block_size, interpreting, scalar, split_float
 from rmkernels.triton.ppo import _whiten_mean, _whiten_params
 
@@ -53,6 +54,7 @@ _OPO = tl.constexpr(int(GroupEstimator.OPO))
 _GPG = tl.constexpr(int(GroupEstimator.GPG))
 _RPPB = tl.constexpr(int(GroupEstimator.REINFORCE_PP_BASELINE))
 _SELF = tl.constexpr(int(GroupSingle.SELF))
+_ZERO_SAMPLE, _ZERO_MAX_HEADS = tl.constexpr(GROUP_ZERO_SAMPLE), tl.constexpr(GROUP_ZERO_MAX_HEADS)
 
 NSTATS = 5  # count, sum, centred squares, sum of lengths, sum of length x score
 _NSTATS = tl.constexpr(NSTATS)
@@ -286,21 +288,33 @@ def _group_adv_kernel(
     f_norm_v = scalar(f_norm, f_norm_lo, tl.float64)
 
     if FIRST <= _ZERO and _ZERO <= LAST:
-        # The scalars, and the statistics of the groups that rows name (not all B slots), each
-        # run of equal ids storing its group's once. A group in several runs has its zeros
-        # stored by each, maybe at once: relaxed atomic exchanges (no data race), on the bits
-        # of 0.0. A slot no row names is never read.
+        # The scalars, and the groups' statistics by rmkernels._codes.GROUP_ZERO_SAMPLE's rule (the
+        # same sample of ids, so the same choice, in every program): ids in runs: only the
+        # statistics of the groups that rows name, each run of equal ids storing its group's once
+        # (a group in several runs has its zeros stored by each, maybe at once: relaxed atomic
+        # exchanges on the bits of 0.0, no data race; a slot no row names is never read);
+        # otherwise all [B, 5] slots.
         if pid == 0:
             tl.store(extra + tl.arange(0, _EXTRA), tl.zeros([_EXTRA], tl.float64))
-        for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
-            rows = start + lane
-            inb = rows < B
-            g = tl.load(ids_ptr + rows, mask=inb, other=-1)
-            prev = tl.load(ids_ptr + rows - 1, mask=inb & (rows > 0), other=-1)
-            head = inb & (g >= 0) & (g < B) & (prev != g)
-            slot = (stats + g * _NSTATS).to(tl.pointer_type(tl.int64))
-            for k in tl.static_range(_NSTATS):
-                tl.atomic_xchg(slot + k, tl.zeros([BLOCK_B], tl.int64), mask=head, sem="relaxed")
+        smp = tl.arange(0, _ZERO_SAMPLE).to(tl.int64)
+        s_id = tl.load(ids_ptr + smp, mask=smp < B, other=-1)
+        s_prev = tl.load(ids_ptr + smp - 1, mask=(smp > 0) & (smp < B), other=-1)
+        sample_heads = tl.sum(((smp < B) & ((smp == 0) | (s_prev != s_id))).to(tl.int32), axis=0)
+        if sample_heads <= _ZERO_MAX_HEADS:
+            for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
+                rows = start + lane
+                inb = rows < B
+                g = tl.load(ids_ptr + rows, mask=inb, other=-1)
+                prev = tl.load(ids_ptr + rows - 1, mask=inb & (rows > 0), other=-1)
+                head = inb & (g >= 0) & (g < B) & (prev != g)
+                slot = (stats + g * _NSTATS).to(tl.pointer_type(tl.int64))
+                for k in tl.static_range(_NSTATS):
+                    tl.atomic_xchg(slot + k, tl.zeros([BLOCK_B], tl.int64), mask=head, sem="relaxed")
+        else:
+            n_work = tl.cast(B, tl.int64) * _NSTATS
+            for first in range(pid * BLOCK_B, n_work, nprog * BLOCK_B):  # int64 (start is int32 above)
+                offs = first + lane
+                tl.store(stats + offs, tl.zeros([BLOCK_B], tl.float64), mask=offs < n_work)
         _after(_ZERO, sem_ptr, LAST, BARRIER)
 
     if FIRST <= _SUMS and _SUMS <= LAST:
@@ -432,7 +446,7 @@ def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, 
     block_t = block_size(T, MAX_BLOCK_T)
     tile_b = TILE // block_t
     # the most programs any phase has work for: row blocks of phases 0-5, tiles of phase 6
-    work_items = max(triton.cdiv(B, BLOCK_B),
+    work_items = max(triton.cdiv(B * NSTATS, BLOCK_B),
                      triton.cdiv(B, tile_b) * max(1, triton.cdiv(T, block_t)))
     if programs is None:
         programs = resident_programs(dev)

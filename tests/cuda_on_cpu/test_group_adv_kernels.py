@@ -169,17 +169,25 @@ def test_group_broadcast_layouts(dtype):
 
 def test_group_runs_of_equal_ids():
     """verl's layout, a prompt's responses side by side: phases (1) and (2) sum each run of
-    equal ids within a warp before one atomic (warp_run_sum). Runs of random sizes (1 to 6,
-    across warp boundaries), of 8 (G = 8), of 45 (longer than a warp), a run of ids outside
-    [0, B) in the middle, and a NaN score inside a run."""
+    equal ids within a warp before one atomic (warp_run_sum), and phase (0) zeroes only the
+    named groups' statistics when the first ids come in runs (codes::kGroupZeroSample; the
+    workspace starts as NaN). Runs of random sizes (1 to 6, across warp boundaries), of 8
+    (G = 8), of 45 (longer than a warp), runs then the rest shuffled and the reverse, a run of
+    ids outside [0, B) in the middle, and a NaN score inside a run."""
     B, T = 300, 5
     scores, _, mask = _case(B, T, kind="holes")
     bad_run = torch.arange(B) // 8
     bad_run[20:28] = B + 1  # a whole run of one bad id: NaN rows, no other group touched
+    perm = torch.randperm(B - 64, generator=torch.Generator().manual_seed(3))
+    runs_then_shuffled = torch.arange(B) // 8  # the first ids in runs: each run zeroes its group
+    runs_then_shuffled[64:] = runs_then_shuffled[64:][perm]
+    shuffled_then_runs = torch.arange(B) // 8  # they are not: the whole workspace is zeroed
+    shuffled_then_runs[:B - 64] = shuffled_then_runs[:B - 64][perm]
     cases = {"runs of 1-6": make_groups(B, shuffle=False), "runs of 8": torch.arange(B) // 8,
-             "runs of 45": torch.arange(B) // 45}
+             "runs of 45": torch.arange(B) // 45, "runs, then shuffled": runs_then_shuffled,
+             "shuffled, then runs": shuffled_then_runs}
     for name, ids in cases.items():
-        for est in ("grpo", "dr_grpo", "rloo", "gpg"):
+        for est in ("grpo", "dr_grpo", "rloo", "gpg", "opo"):
             check_group(scores, ids, mask, f"{est} {name}", estimator=est, single="self")
     rcs, seq, adv = launch_group(scores, bad_run, mask, estimator="grpo")
     assert rcs == [0] and torch.isnan(seq[20:28]).all()
@@ -245,6 +253,18 @@ def test_group_is_one_cooperative_launch_per_call():
             assert issued == [0, 1, 0], f"{est} B={B} T={T}: launches, cooperative launches, memsets = {issued}"
             e_seq, e_adv = reference_group(scores, ids, mask, estimator=est)
             assert_close(res[adv], e_adv, rtol=1e-6, atol=1e-6, name=f"adv {est} B={B} T={T}")
+
+
+def test_group_run_zeroing_race_free_under_thread_sanitizer():
+    """Phase (0) when the first ids come in runs: each run stores its group's zeros, and a group
+    in several runs (here the ids after the first 64 rows are shuffled, so each group's rows are
+    spread over the 16 concurrent blocks) is stored by each of them at once: relaxed stores,
+    which ThreadSanitizer accepts (plain ones it reports)."""
+    B, T = 300, 11
+    scores, _, mask = _case(B, T, col_major=True)
+    ids = torch.arange(B) // 8
+    ids[64:] = ids[64:][torch.randperm(B - 64, generator=torch.Generator().manual_seed(5))]
+    check_group(scores, ids, mask, "tsan run zeroing", variant="tsan", estimator="grpo")
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "opo", "gpg", "reinforce_pp_baseline"])

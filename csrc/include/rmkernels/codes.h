@@ -30,6 +30,16 @@ enum GroupSingle : int64_t { kSingleZero = 0, kSingleSelf = 1 };
 constexpr int64_t kSegmentT = 4096;
 constexpr int64_t kSegmentMinRowsPerSm = 2;
 
+// Workspace zeroing of the GPU group-advantage kernels (rmkernels/_codes.py: GROUP_ZERO_SAMPLE,
+// GROUP_ZERO_MAX_HEADS). Every warp / program reads the first kGroupZeroSample ids: when they
+// hold at most kGroupZeroMaxHeads runs of equal ids (runs of 4 or longer on average: a prompt's
+// responses side by side), each run of the batch zeroes its own group's statistics; otherwise
+// (ids in another order, as verl's balance_batch leaves them, where that would be a scattered
+// store per row) the whole [B, 5] workspace is zeroed, coalesced. Either is correct whatever
+// the rest of the ids hold: the sample only picks the cheaper.
+constexpr int64_t kGroupZeroSample = 32;
+constexpr int64_t kGroupZeroMaxHeads = 8;
+
 // Programs (blocks) per row of the GAE kernels for a [B, T] batch on a GPU with `sms` SMs.
 constexpr int64_t num_gae_segments(int64_t B, int64_t T, int64_t sms, int64_t segment_t = kSegmentT) {
   return (T < 2 * segment_t || B >= kSegmentMinRowsPerSm * sms) ? 1 : (T + segment_t - 1) / segment_t;
