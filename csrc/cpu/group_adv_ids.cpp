@@ -144,8 +144,15 @@ bool assign_ids(const char* data, Py_ssize_t n, Py_ssize_t stride, int64_t* ids)
   Py_hash_t prev_hash = 0;
   int64_t prev_id = -1;
   bool ok = true;
-  Py_hash_t ahead[kRing];  // kPrefetch: the hashes taken ahead, by index mod kRing (-1: none)
-  std::fill(ahead, ahead + kRing, Py_hash_t(-1));
+  // kPrefetch: the exact str labels whose hashes were taken ahead, by index mod kRing (a label's
+  // __eq__ is Python code that may change the array meanwhile: a hash is used only for the
+  // object it was taken from).
+  struct Ahead {
+    PyObject* label;
+    Py_hash_t hash;
+  };
+  Ahead ahead[kRing];
+  std::fill(ahead, ahead + kRing, Ahead{nullptr, -1});
   for (Py_ssize_t i = 0; i < n && ok; ++i) {
     if constexpr (kPrefetch) {
       if (i + kObjectAhead < n && at(i + kObjectAhead) != at(i + kObjectAhead - 1)) {
@@ -153,12 +160,12 @@ bool assign_ids(const char* data, Py_ssize_t n, Py_ssize_t stride, int64_t* ids)
       }
       if (i + kSlotAhead < n) {
         PyObject* next = at(i + kSlotAhead);
-        Py_hash_t h = -1;  // never a hash
+        Ahead a{nullptr, -1};
         if (next != at(i + kSlotAhead - 1) && PyUnicode_CheckExact(next)) {
-          h = PyObject_Hash(next);
-          table.prefetch(h);
+          a = Ahead{next, PyObject_Hash(next)};
+          table.prefetch(a.hash);
         }
-        ahead[(i + kSlotAhead) & (kRing - 1)] = h;
+        ahead[(i + kSlotAhead) & (kRing - 1)] = a;
       }
     }
     PyObject* label = at(i);
@@ -167,7 +174,8 @@ bool assign_ids(const char* data, Py_ssize_t n, Py_ssize_t stride, int64_t* ids)
       continue;
     }
     Py_INCREF(label);
-    Py_hash_t h = kPrefetch ? ahead[i & (kRing - 1)] : -1;  // an exact str's, taken ahead
+    Py_hash_t h = -1;
+    if (kPrefetch && ahead[i & (kRing - 1)].label == label) h = ahead[i & (kRing - 1)].hash;  // taken ahead
     if (h == -1) h = PyObject_Hash(label);
     int64_t id = -1;
     if (h == -1 && PyErr_Occurred()) {
