@@ -267,6 +267,13 @@ def _kernel_args(B, T, estimator, device="cpu", *, unbiased=True, single="zero")
     return (scores, ids, mask, int(code), 1e-6, unbiased, int(_codes.GROUP_SINGLES[single]), 2.0, 1e-8)
 
 
+def _nan_allocations(module, monkeypatch):
+    """Every torch.empty of `module` (a host function's buffers) starts as NaN: fresh memory is
+    often zeros, which would hide a slot the kernel reads without zeroing it."""
+    empty = torch.empty
+    monkeypatch.setattr(module.torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_triton_phases_over_many_programs(estimator, monkeypatch):
@@ -281,8 +288,7 @@ def test_triton_phases_over_many_programs(estimator, monkeypatch):
     skip_unless_available("triton", "cpu")
     from rmkernels.triton import group_adv as tga
 
-    empty = torch.empty
-    monkeypatch.setattr(tga.torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    _nan_allocations(tga, monkeypatch)
     B, T = 600, 40
     for unbiased, single in ((True, "zero"), (False, "self")):
         args = _kernel_args(B, T, estimator, unbiased=unbiased, single=single)
@@ -309,8 +315,7 @@ def test_triton_runs_of_equal_ids(estimator, monkeypatch):
     skip_unless_available("triton", "cpu")
     from rmkernels.triton import group_adv as tga
 
-    empty = torch.empty
-    monkeypatch.setattr(tga.torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    _nan_allocations(tga, monkeypatch)
     B, T = 600, 5
     base = list(_kernel_args(B, T, estimator))
     bad = torch.arange(B) // 8

@@ -302,11 +302,8 @@ def _group_adv_kernel(
         sample_heads = tl.sum(((smp < B) & ((smp == 0) | (s_prev != s_id))).to(tl.int32), axis=0)
         if sample_heads <= _ZERO_MAX_HEADS:
             for start in range(pid * BLOCK_B, B, nprog * BLOCK_B):
-                rows = start + lane
-                inb = rows < B
-                g = tl.load(ids_ptr + rows, mask=inb, other=-1)
-                prev = tl.load(ids_ptr + rows - 1, mask=inb & (rows > 0), other=-1)
-                head = inb & (g >= 0) & (g < B) & (prev != g)
+                g, ok, run_start, _ = _runs(ids_ptr, start + lane, B, BLOCK_B)
+                head = ok & run_start  # the run's first row in the batch, not only in this step
                 slot = (stats + g * _NSTATS).to(tl.pointer_type(tl.int64))
                 for k in tl.static_range(_NSTATS):
                     tl.atomic_xchg(slot + k, tl.zeros([BLOCK_B], tl.int64), mask=head, sem="relaxed")
