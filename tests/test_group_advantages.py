@@ -50,6 +50,21 @@ def make_groups(B, *, max_size=6, shuffle=True):
     return ids[torch.randperm(B)] if shuffle else ids
 
 
+def run_layouts(B, head=64):
+    """Id layouts of the group-advantage kernels' run paths ({name: ids}, B > head): runs of 1-6,
+    8 and 45 rows; the first ``head`` rows in runs of 8 and the rest shuffled (the zeroing rule's
+    sample sees runs: each run zeroes its group), and the reverse (it does not: the whole
+    workspace is zeroed)."""
+    perm = torch.randperm(B - head, generator=torch.Generator().manual_seed(3))
+    runs_then_shuffled = torch.arange(B) // 8
+    runs_then_shuffled[head:] = runs_then_shuffled[head:][perm]
+    shuffled_then_runs = torch.arange(B) // 8
+    shuffled_then_runs[:B - head] = shuffled_then_runs[:B - head][perm]
+    return {"runs of 1-6": make_groups(B, shuffle=False), "runs of 8": torch.arange(B) // 8,
+            "runs of 45": torch.arange(B) // 45, "runs, then shuffled": runs_then_shuffled,
+            "shuffled, then runs": shuffled_then_runs}
+
+
 def make_scores(B, T=None, dtype=torch.float32):
     """Scores with ties and exact zeros (gpg counts nonzeros, groups with zero variance)."""
     base = torch.randint(-2, 3, (B,)).float() * 0.5 + (torch.rand(B) < 0.5) * torch.randn(B)
@@ -322,15 +337,8 @@ def test_triton_runs_of_equal_ids(estimator, monkeypatch):
     bad[252:260] = B + 1  # a run of one bad id across the step boundary at row 256
     nan_scores = base[0].clone()
     nan_scores[43] = float("nan")  # inside the run of rows 40-47
-    perm = torch.randperm(B - 64, generator=torch.Generator().manual_seed(3))
-    runs_then_shuffled = torch.arange(B) // 8
-    runs_then_shuffled[64:] = runs_then_shuffled[64:][perm]
-    shuffled_then_runs = torch.arange(B) // 8
-    shuffled_then_runs[:B - 64] = shuffled_then_runs[:B - 64][perm]
-    cases = {"runs of 1-6": (base[0], make_groups(B, shuffle=False)), "runs of 8": (base[0], torch.arange(B) // 8),
-             "runs of 45": (base[0], torch.arange(B) // 45), "NaN inside a run": (nan_scores, torch.arange(B) // 8),
-             "runs, then shuffled": (base[0], runs_then_shuffled),
-             "shuffled, then runs": (base[0], shuffled_then_runs), "a run of bad ids": (base[0], bad)}
+    cases = {name: (base[0], ids) for name, ids in run_layouts(B).items()}
+    cases.update({"NaN inside a run": (nan_scores, torch.arange(B) // 8), "a run of bad ids": (base[0], bad)})
     for name, (scores, ids) in cases.items():
         args = (scores, ids, *base[2:])
         keep = ids < B  # the reference backend has no rule for bad ids: the other rows as a batch

@@ -11,7 +11,7 @@ concurrent blocks and their grid syncs. (REINFORCE++'s return runs gae_kernel:
 tests/cuda_on_cpu's PPO kernel tests cover it.)"""
 import pytest
 import torch
-from test_group_advantages import make_groups, make_scores
+from test_group_advantages import make_groups, make_scores, run_layouts
 from utils import assert_close, make_mask, tolerance
 
 from rmkernels import _codes
@@ -178,14 +178,7 @@ def test_group_runs_of_equal_ids():
     scores, _, mask = _case(B, T, kind="holes")
     bad_run = torch.arange(B) // 8
     bad_run[20:28] = B + 1  # a whole run of one bad id: NaN rows, no other group touched
-    perm = torch.randperm(B - 64, generator=torch.Generator().manual_seed(3))
-    runs_then_shuffled = torch.arange(B) // 8  # the first ids in runs: each run zeroes its group
-    runs_then_shuffled[64:] = runs_then_shuffled[64:][perm]
-    shuffled_then_runs = torch.arange(B) // 8  # they are not: the whole workspace is zeroed
-    shuffled_then_runs[:B - 64] = shuffled_then_runs[:B - 64][perm]
-    cases = {"runs of 1-6": make_groups(B, shuffle=False), "runs of 8": torch.arange(B) // 8,
-             "runs of 45": torch.arange(B) // 45, "runs, then shuffled": runs_then_shuffled,
-             "shuffled, then runs": shuffled_then_runs}
+    cases = run_layouts(B)
     for name, ids in cases.items():
         for est in ("grpo", "dr_grpo", "rloo", "gpg", "opo"):
             check_group(scores, ids, mask, f"{est} {name}", estimator=est, single="self")
