@@ -5,7 +5,10 @@ tests/test_group_adv_dropins.py): this runs the real verl 0.9.1 ``core_algos`` a
 functions and OpenRLHF 0.11.2's ``RemoteExperienceMaker.compute_advantages_and_returns``, loaded
 from their installed source files with their heavy imports (ray, deepspeed, tensordict, their
 config classes) replaced by stubs, and prints the largest difference of each drop-in, relative
-to max(|x|, 1). TRL's functions are compared in CI (TRL is a test requirement).
+to max(|x|, 1). Then edge cases where float32 statistics round (groups of equal rewards that
+float32 does not hold exactly, rewards with a large offset, a bfloat16 mask over long
+responses): each side's distance to the framework's own code run in float64. TRL's functions
+are compared in CI (TRL is a test requirement).
 
 In a scratch environment (the frameworks' own dependencies are not needed):
 
@@ -151,9 +154,30 @@ def compare_verl(ca, batches):
     return worst
 
 
-def compare_openrlhf(em, batches):
+def openrlhf_returns(em, est, rewards, mask, n, g):
+    """The returns of OpenRLHF's ``compute_advantages_and_returns`` (gamma 1: the shaped reward on
+    every valid token), the experiences out of prompt order."""
     from openrlhf.trainer.ppo_utils.experience import Experience
 
+    N, T = mask.shape
+    perm = torch.randperm(N, generator=g)
+    k = max(1, N // 3)
+    chunks = [perm[i:i + k] for i in range(0, N, k)]
+    exps = [Experience(index=c.tolist(), rewards=rewards[c].clone(), action_mask=mask[c].clone(),
+                       kl=torch.zeros(len(c), T), values=torch.zeros(len(c), T), info={}) for c in chunks]
+    maker = em.RemoteExperienceMaker.__new__(em.RemoteExperienceMaker)
+    maker.advantage_estimator = est
+    maker.kl_ctl = NS(value=0.0)
+    args = NS(rollout=NS(n_samples_per_prompt=n), reward=NS(clip_range=None),
+              algo=NS(advantage=NS(estimator=est, gamma=1.0, lambd=1.0, no_std_norm=True)))
+    maker.strategy, maker.args = NS(args=args), args
+    real = torch.empty(N, T, dtype=torch.float64)
+    for c, e in zip(chunks, maker.compute_advantages_and_returns(exps)):
+        real[c] = e.returns.double()
+    return real
+
+
+def compare_openrlhf(em, batches):
     worst = {}
     g = torch.Generator().manual_seed(1)
     for seed in range(batches):
@@ -164,23 +188,65 @@ def compare_openrlhf(em, batches):
             N, T = n * (1 + seed % 7), 1 + seed % 9
             rewards = torch.randn(N, generator=g)
             mask = (torch.arange(T)[None] < torch.randint(1, T + 1, (N,), generator=g)[:, None]).float()
-            perm = torch.randperm(N, generator=g)  # experiences out of prompt order
-            k = max(1, N // 3)
-            chunks = [perm[i:i + k] for i in range(0, N, k)]
-            exps = [Experience(index=c.tolist(), rewards=rewards[c].clone(), action_mask=mask[c].clone(),
-                               kl=torch.zeros(len(c), T), values=torch.zeros(len(c), T), info={}) for c in chunks]
-            maker = em.RemoteExperienceMaker.__new__(em.RemoteExperienceMaker)
-            maker.advantage_estimator = est
-            maker.kl_ctl = NS(value=0.0)
-            args = NS(rollout=NS(n_samples_per_prompt=n), reward=NS(clip_range=None),
-                      algo=NS(advantage=NS(estimator=est, gamma=1.0, lambd=1.0, no_std_norm=True)))
-            maker.strategy, maker.args = NS(args=args), args
-            real = torch.empty(N, T)
-            for c, e in zip(chunks, maker.compute_advantages_and_returns(exps)):
-                real[c] = e.returns.float()
+            real = openrlhf_returns(em, est, rewards, mask, n, g)
             ours = orl.shape_rewards(rewards, n, est)[:, None] * mask  # returns at gamma 1: the shaped reward
             worst[est] = max(worst.get(est, 0.0), rel_diff(ours, real))
     return worst
+
+
+def _err(x, exact, mask):
+    """max |x - exact| at the valid positions (NaN where either is NaN there)."""
+    d = (x.double() - exact.double()).abs()[mask != 0]
+    return float(d.max()) if d.numel() else 0.0
+
+
+# verl's vectorized GRPO computes its statistics in float32 whatever the input (group_mean_std):
+# its exact values are those of the loop GRPO in float64 (the same formula).
+_EXACT = {"compute_grpo_vectorized_outcome_advantage": "compute_grpo_outcome_advantage"}
+
+
+def edge_cases(ca, em):
+    """Inputs where float32 statistics round: each side's largest |x - exact| at the valid
+    positions, ``exact`` being the framework's own code on float64 copies of the inputs (for
+    verl's vectorized GRPO, its loop GRPO: ``_EXACT``)."""
+    g = torch.Generator().manual_seed(2)
+    B, T, G = 64, 4, 8
+    uids = np.array([f"uid-{i // G}" for i in range(B)], dtype=object)
+    full = torch.ones(B, T)
+    equal = torch.zeros(B, T)
+    equal[:, -1] = 0.1  # groups of equal rewards that float32 does not hold exactly
+    offset = torch.zeros(B, T)
+    offset[:, -1] = 1000 + 0.01 * torch.randn(B, generator=g)  # a large offset, a small spread
+    T_long = 700  # lengths above 256: a bfloat16 mask's sums round
+    long_mask = (torch.arange(T_long)[None] < torch.randint(300, T_long + 1, (B,), generator=g)[:, None]).float()
+    long_r = torch.zeros(B, T_long)
+    long_r[:, 0] = torch.randn(B, generator=g)
+    cfg = NS(gamma=1.0, norm_adv_by_std_in_grpo=True)
+    rows = []
+    verl_cases = [("equal rewards 0.1, groups of 8", equal, full,
+                   ("compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage",
+                    "compute_reinforce_plus_plus_baseline_outcome_advantage")),
+                  ("rewards 1000 +- 0.01, groups of 8", offset, full,
+                   ("compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage", "compute_opo_outcome_advantage",
+                    "compute_gpg_outcome_advantage", "compute_reinforce_plus_plus_baseline_outcome_advantage")),
+                  ("bfloat16 mask, 300-700 valid tokens", long_r, long_mask,
+                   ("compute_opo_outcome_advantage", "compute_reinforce_plus_plus_baseline_outcome_advantage"))]
+    for case, r, m, names in verl_cases:
+        mk = m.bfloat16() if "bfloat16" in case else m
+        for name in names:
+            exact_fn = _EXACT.get(name, name)
+            exact = getattr(ca, exact_fn)(r.double(), m.double(), uids, config=cfg)[0]
+            ours = getattr(rv, name)(r, mk, uids, config=cfg)[0]
+            theirs = getattr(ca, name)(r, mk, uids, config=cfg)[0]
+            rows.append((case, name, _err(ours, exact, m), _err(theirs, exact, m)))
+    for case, r in (("equal rewards 0.1, groups of 8", equal), ("rewards 1000 +- 0.01, groups of 8", offset)):
+        seq = r[:, -1].clone()
+        for est in ("group_norm", "rloo"):
+            exact = openrlhf_returns(em, est, seq.double(), full.double(), G, torch.Generator().manual_seed(3))
+            theirs = openrlhf_returns(em, est, seq, full, G, torch.Generator().manual_seed(3))
+            ours = orl.shape_rewards(seq, G, est)[:, None] * full
+            rows.append((case, f"OpenRLHF {est}", _err(ours, exact, full), _err(theirs, exact, full)))
+    return rows
 
 
 def main():
@@ -194,6 +260,13 @@ def main():
         print(f"\n{title}")
         for name, d in sorted(compare(load(), a.batches).items()):
             print(f"  {name:58s} {d:.2e}")
+    print("\nEdge cases: largest |x - exact| at the valid positions, exact = the framework's own code on float64 "
+          "copies of the inputs (verl's loop GRPO for its vectorized one, which computes in float32 whatever the "
+          "input)")
+    print(f"  {'case':36s} {'function':58s} {'ours':>9s} {'theirs':>9s}")
+    for case, name, ours, theirs in edge_cases(sys.modules["verl.trainer.ppo.core_algos"],
+                                               sys.modules["openrlhf.trainer.ppo_utils.experience_maker"]):
+        print(f"  {case:36s} {name:58s} {ours:9.2e} {theirs:9.2e}")
 
 
 if __name__ == "__main__":

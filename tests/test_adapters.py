@@ -276,7 +276,10 @@ def test_verl_kl_penalty_shapes_dtypes_errors():
                  rtol=RTOL, atol=ATOL)
     out = verl.kl_penalty(lp.bfloat16(), ref.bfloat16(), "k1")
     assert out.dtype == torch.bfloat16
-    assert verl.kl_penalty_forward(lp, ref, "k2+").shape == lp.shape
+    assert_close(verl.kl_penalty_forward(lp, ref, "k2"), ref_verl_kl(lp.double(), ref.double(), "k2"),
+                 rtol=RTOL, atol=ATOL)
+    with pytest.raises(NotImplementedError, match="kl_penalty='k3\\+'"):  # verl's kl_penalty_forward raises too
+        verl.kl_penalty_forward(lp, ref, "k3+")
     with pytest.raises(NotImplementedError):
         verl.kl_penalty(lp, ref, "full")
     with pytest.raises(NotImplementedError, match="k4"):

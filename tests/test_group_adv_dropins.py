@@ -80,6 +80,12 @@ def test_verl_reinforce_pp_and_remax():
         want_ret = (tlr * m).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
         assert_close(ret, want_ret, rtol=1e-6, atol=1e-6, name=f"remax returns, {m.dtype} mask")
         assert_close(adv, want_ret - base.unsqueeze(-1) * m, rtol=1e-6, atol=1e-6, name=f"remax advantages, {m.dtype}")
+    base0 = torch.tensor(0.37)  # 0-d: one baseline for every response (verl's unsqueeze broadcasts it)
+    adv, ret = rv.compute_remax_outcome_advantage(tlr, base0, mask)
+    want_ret = (tlr * mask).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+    assert_close(adv, want_ret - base0.unsqueeze(-1) * mask, rtol=1e-6, atol=1e-6, name="remax, a 0-d baseline")
+    with pytest.raises(ValueError, match=r"reward_baselines must be .* got \(\d+, 1\)"):  # verl: a [bs, bs, T] result
+        rv.compute_remax_outcome_advantage(tlr, base[:, None], mask)
 
 
 def test_verl_errors():

@@ -133,9 +133,14 @@ def _torch_forward(logprob, ref_logprob, base):
 
 
 def kl_penalty_forward(logprob, ref_logprob, kl_penalty):
-    """verl's ``kl_penalty_forward``: the value of the estimator (a ``"+"`` suffix is ignored),
-    with the gradient of that estimator."""
-    base, _ = _parse(kl_penalty)
+    """verl's ``kl_penalty_forward``: the value of the estimator, with the gradient of that
+    estimator. As in verl, only the plain names: a ``"+"`` form (``"k3+"``) raises
+    ``NotImplementedError`` here too (verl's ``kl_penalty`` strips the suffix before calling it)."""
+    base, straight = _parse(kl_penalty)
+    if straight:
+        raise NotImplementedError(f"kl_penalty_forward: kl_penalty={kl_penalty!r} is a straight-through form; "
+                                  f"kl_penalty_forward takes the plain name ({base!r}), as verl's does, and "
+                                  f"kl_penalty takes both")
     return _kl(logprob, ref_logprob, base, straight=False)
 
 

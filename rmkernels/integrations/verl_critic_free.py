@@ -140,11 +140,16 @@ def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_
 def compute_remax_outcome_advantage(token_level_rewards, reward_baselines, response_mask, config=None, **kwargs):
     """verl's ReMax: ``returns`` = reverse cumulative sum of ``token_level_rewards * response_mask``
     (on every position, as verl), ``advantages = returns - reward_baselines[:, None] * response_mask``:
-    :func:`rmkernels.remax_advantages`, one op (one launch on CUDA). The mask is read as 0 / 1
-    (non-zero = valid, as verl's masks are); rewards at masked positions are ignored (verl's
-    ``NaN * 0`` would spread a NaN there)."""
+    :func:`rmkernels.remax_advantages`, one op (one launch on CUDA). ``reward_baselines`` is
+    ``[bs]``, or 0-d (one baseline for every response, as verl's broadcast takes it). The mask is
+    read as 0 / 1 (non-zero = valid, as verl's masks are); rewards at masked positions are ignored
+    (verl's ``NaN * 0`` would spread a NaN there)."""
     check_2d("token_level_rewards", token_level_rewards)
     check_same_shape("token_level_rewards", token_level_rewards, response_mask=response_mask)
-    if not isinstance(reward_baselines, torch.Tensor) or reward_baselines.shape != token_level_rewards.shape[:1]:
-        raise ValueError(f"reward_baselines must be a [bs] = [{token_level_rewards.shape[0]}] tensor")
+    bs = token_level_rewards.shape[0]
+    if isinstance(reward_baselines, torch.Tensor) and reward_baselines.dim() == 0:
+        reward_baselines = reward_baselines.expand(bs)  # one baseline for every response, as verl's broadcast
+    if not isinstance(reward_baselines, torch.Tensor) or reward_baselines.shape != (bs,):
+        got = tuple(reward_baselines.shape) if isinstance(reward_baselines, torch.Tensor) else type(reward_baselines)
+        raise ValueError(f"reward_baselines must be a [bs] = [{bs}] tensor (or 0-d), got {got}")
     return tuple(rmk.remax_advantages(token_level_rewards, reward_baselines, response_mask))
