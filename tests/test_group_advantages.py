@@ -518,6 +518,36 @@ def test_nan_stays_in_its_group(backend, device):
             assert_close(seq[~same], ref[~same], rtol=1e-6, atol=1e-6, name=est)
 
 
+def equal_reward_groups(device="cpu"):
+    """(scores, ids): groups of 16, 7, 8, 9 and 2 responses, each of one reward that float32 does
+    not hold exactly (0.1, 0.7, 1/3, 1000.01, -2.3; the first four are groups whose float32 mean
+    is not the reward, so float32 statistics give a std of ~1e-8 to ~1e-4), rows shuffled."""
+    values = [0.1, 0.7, 1 / 3, 1000.01, -2.3]
+    sizes = [16, 7, 8, 9, 2]
+    scores = torch.cat([torch.full((n,), v) for v, n in zip(values, sizes)])
+    ids = torch.repeat_interleave(torch.arange(len(sizes)) * 7, torch.tensor(sizes))
+    perm = torch.randperm(len(ids))
+    return scores[perm].to(device), ids[perm].to(device)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_equal_rewards_give_exact_zeros(backend, device):
+    """A group of equal rewards has advantage exactly 0 by every estimator (float64 sums of
+    float32 values are exact, so the mean is the reward), where the frameworks' float32
+    statistics give noise divided by std + eps (docs: verl_critic_free, openrlhf_critic_free)."""
+    skip_unless_available(backend, device)
+    scores, ids = equal_reward_groups(device)
+    mask = torch.ones(len(ids), 5, dtype=torch.bool, device=device)  # opo: every group has tokens
+    for est in ESTIMATORS:
+        for eps in (1e-6, 0.0):
+            seq, adv = rmk.group_advantages(scores, ids, mask, estimator=est, eps=eps, backend=backend)
+            if est == "grpo" and eps == 0.0:
+                assert torch.isnan(seq).all(), "grpo, eps 0: 0 / 0"
+                continue
+            assert torch.equal(seq, torch.zeros_like(seq)), (est, eps, seq)
+            assert torch.equal(adv, torch.zeros_like(adv)), (est, eps)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_empty_batches(backend, device):
     skip_unless_available(backend, device)

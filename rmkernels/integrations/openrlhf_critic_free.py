@@ -18,8 +18,12 @@ normalisation of ``reinforce_baseline``) are :mod:`rmkernels.integrations.openrl
 Compared with the real ``RemoteExperienceMaker.compute_advantages_and_returns`` of OpenRLHF
 0.11.2 by ``scripts/compare_frameworks.py`` (its heavy imports stubbed; random batches,
 experiences out of prompt order; output in ``benchmarks/results/framework-comparison.txt``):
-the returns agree to float32 rounding, ``group_norm`` to a few 1e-6 relative (OpenRLHF's
-float32 std of close rewards, where these statistics are float64).
+on random batches the returns agree to float32 rounding (``group_norm`` to a few 1e-6
+relative). These statistics are float64, OpenRLHF's float32: where float32 rounds they are the
+exact ones. A group of equal rewards that float32 does not hold exactly (0.1) gives 0 here and,
+in OpenRLHF's ``group_norm``, float32 noise divided by ``std + 1e-9``: up to +-119 in groups of
+8-16; rewards 1000 +- 0.01 differ by up to ~2e-2 (an audit of 2026-12-01; the script's edge
+cases show one seed).
 
 Where the numbers differ: with ``n_samples_per_prompt == 1`` every shaped reward is 0 (groups
 of one are their own baseline, ``single="self"``); OpenRLHF's ``rloo`` and ``group_norm``

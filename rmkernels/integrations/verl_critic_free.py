@@ -22,13 +22,32 @@ REINFORCE++(-baseline) whiten with verl's ``masked_whiten`` (unbiased variance, 
 all valid tokens; REINFORCE++'s return is carried over positions whose mask is 0 (multi-turn
 observation tokens); ReMax's return is the reverse cumulative sum of ``rewards * mask``.
 
-Where the numbers differ, on purpose: outputs are float32 (float64 for float64 rewards;
-verl keeps the input dtype); positions where ``response_mask`` is 0 are exactly 0 even when a
-group's value is NaN (verl's ``NaN * 0`` is NaN); the whitening of a batch with at most one
-valid token gives zeros where verl's ``masked_whiten`` raises; the group statistics are
-float64 sums (verl: float32 ``torch.mean`` / ``torch.std``; differences are float32 rounding).
-Compared with the real verl 0.9.1 functions by ``scripts/compare_frameworks.py`` (output in
-``benchmarks/results/framework-comparison.txt``).
+Where the numbers differ, on purpose:
+
+* outputs are float32 (float64 for float64 rewards); verl's dtype follows its ops' type
+  promotion (mostly the rewards' dtype; float64 from ``compute_rloo_vectorized_outcome_advantage``
+  for bfloat16 rewards; ReMax promotes the rewards with the baselines);
+* positions where ``response_mask`` is 0 are exactly 0 even when a group's value is NaN
+  (verl's ``NaN * 0`` is NaN), and a reward at such a position enters no return (a NaN or inf
+  there spreads through verl's ``rewards * mask``);
+* the whitening of a batch with at most one valid token gives zeros where verl's
+  ``masked_whiten`` raises;
+* the group statistics are float64 sums (verl: float32 ``torch.mean`` / ``torch.std``, and
+  float32 whatever the input in its vectorized GRPO), lengths are exact counts (verl sums a
+  bfloat16 mask in bfloat16: rounded above 256 tokens). On random batches the two agree to
+  float32 rounding. Where float32 statistics round, these are the exact ones: a group of equal
+  rewards that float32 does not hold exactly (0.1, 0.7) gives advantage 0 here and float32
+  noise divided by ``std + epsilon`` in verl's GRPO (up to ~0.1 at ``epsilon`` 1e-6 in groups
+  of 8-16; with ``epsilon`` 0, +-0.9 in verl, 0 / 0 = NaN here, as for rewards float32 does
+  hold); rewards with a large offset (1000 +- 0.01) differ by up to ~1e-2;
+* labels: rows are grouped by equal labels (Python ``==`` and ``hash``, as verl's loop
+  estimators do); verl's ``compute_grpo_vectorized_outcome_advantage`` factorises with
+  ``as_torch_index``, which puts ``"1"`` and ``"01"`` or ``1.0`` and ``1.0000001`` in one
+  group and truncates float labels. A ``torch.Tensor`` index is grouped by value (verl's loop
+  estimators raise ``KeyError`` on one, and its loop RLOO uses no baseline).
+
+Compared with the real verl 0.9.1 functions by ``scripts/compare_frameworks.py``, edge cases
+included (output in ``benchmarks/results/framework-comparison.txt``).
 """
 import torch
 

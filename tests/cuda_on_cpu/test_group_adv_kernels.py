@@ -11,7 +11,7 @@ concurrent blocks and their grid syncs. (REINFORCE++'s return runs gae_kernel:
 tests/cuda_on_cpu's PPO kernel tests cover it.)"""
 import pytest
 import torch
-from test_group_advantages import make_groups, make_scores, run_layouts
+from test_group_advantages import equal_reward_groups, make_groups, make_scores, run_layouts
 from utils import assert_close, make_mask, tolerance
 
 from rmkernels import _codes
@@ -192,6 +192,20 @@ def test_group_runs_of_equal_ids():
     nan_scores = scores.clone()
     nan_scores[43] = float("nan")  # inside the run of rows 40-47
     check_group(nan_scores, torch.arange(B) // 8, mask, "grpo NaN inside a run", estimator="grpo")
+
+
+def test_equal_rewards_give_exact_zeros():
+    """tests/test_group_advantages.py's equal-reward groups through the CUDA kernel: advantage
+    exactly 0 by every estimator (float64 atomics of float32 values add exactly in any order),
+    in both of phase (0)'s ways (rows shuffled, and sorted into runs)."""
+    scores, ids = equal_reward_groups()
+    mask = torch.ones(len(ids), 8, dtype=torch.bool)
+    order = torch.argsort(ids, stable=True)
+    for layout, (s, i) in {"shuffled": (scores, ids), "runs": (scores[order], ids[order])}.items():
+        for est in ESTIMATORS:
+            rcs, seq, adv = launch_group(s, i, mask, estimator=est)
+            assert rcs == [0] and torch.equal(seq, torch.zeros_like(seq)), (est, layout, seq)
+            assert torch.equal(adv, torch.zeros_like(adv)), (est, layout)
 
 
 def test_group_ids_out_of_range_and_nan_scores():
