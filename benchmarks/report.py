@@ -9,7 +9,7 @@ PROVIDER_ORDER = ["hf", "torch", "compile", "rmk-cpu", "rmk-cuda", "rmk-triton",
 OP_ORDER = ["pooling", "bt", "pair", "gae", "grpo", "rpp", "remax", "e2e", "floor"]
 MODE_ORDER = ["forward", "backward", "full", "step", "check"]
 SHAPE_ORDER = ["pool-s", "pool-l", "bt-s", "bt-l", "pair-l", "gae-s", "gae-l", "gae-xl", "grpo-l", "grpo-xl",
-               "grpo-l-bb", "grpo-xl-bb", "rpp-l", "rpp-xl", "remax-l", "remax-xl"]
+               "grpo-l-bb", "grpo-xl-bb", "grpo-l-t1", "rpp-l", "rpp-xl", "remax-l", "remax-xl"]
 
 
 def _key(r):
@@ -328,8 +328,8 @@ def _grpo_gpu_targets(rows, copy_gbps, launch_ms):
     one empty launch). That it is one launch is tests/test_group_advantages.py's
     test_cuda_kernel_is_one_launch_at_scale."""
     lines = []
-    for shape in ("grpo-l", "grpo-xl", "grpo-l-bb", "grpo-xl-bb"):
-        judged = not shape.endswith("-bb")  # the balance_batch-order shapes: information
+    for shape in ("grpo-l", "grpo-xl", "grpo-l-bb", "grpo-xl-bb", "grpo-l-t1"):
+        judged = shape in ("grpo-l", "grpo-xl")  # BENCHMARKS.md's; the balance_batch order and T = 1: information
         for r in _get(rows, op="grpo", shape=shape, mode="forward", metric="device_ms"):
             if not r["provider"].endswith("-op") or math.isnan(copy_gbps):
                 continue

@@ -50,6 +50,10 @@ GPU_SHAPES = {
                        note="grpo-l, rows randomly permuted (verl's balance_batch order)"),
     "grpo-xl-bb": Shape("grpo-xl-bb", "grpo", dict(B=1048576, T=1, G=8, perm=1), "fp32",
                         note="grpo-xl, rows randomly permuted (verl's balance_batch order)"),
+    # ... and grpo-l's rows with T = 1 (not in BENCHMARKS.md; the GPU check, information): the
+    # statistics phases and grid syncs of grpo-l's batch without its [B, T] write
+    "grpo-l-t1": Shape("grpo-l-t1", "grpo", dict(B=65536, T=1, G=8), "fp32",
+                       note="grpo-l's batch with T = 1: the op's fixed cost at B = 65536"),
     # REINFORCE++ and ReMax (issue 14; not in BENCHMARKS.md): grpo-l's batch
     "rpp-l": Shape("rpp-l", "rpp", dict(B=65536, T=128), "fp32", note="REINFORCE++, gamma 1"),
     "remax-l": Shape("remax-l", "remax", dict(B=65536, T=128), "fp32", note="ReMax"),

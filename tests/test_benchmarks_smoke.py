@@ -126,13 +126,16 @@ def test_grpo_gpu_target_is_the_op_alone_against_its_memory_floor(monkeypatch):
     floor_ms = nbytes / (4000.0 * 1e6)  # at 4000 GB/s
     rows = [row("rmk-cuda-op", 1.2 * floor_ms), row("rmk-triton-op", 1.3 * floor_ms), row("rmk-cuda", 1.0),
             row("rmk-cuda-op", 0.004, shape="grpo-xl", dims="B=64,T=1,G=8"),  # tiny: the launch floor rules
-            row("rmk-cuda-op", 0.004, shape="grpo-xl-bb", dims="B=64,T=1,G=8,perm=1")]  # information only
+            row("rmk-cuda-op", 0.004, shape="grpo-xl-bb", dims="B=64,T=1,G=8,perm=1"),  # information only
+            row("rmk-triton-op", 0.006, shape="grpo-l-t1", dims="B=64,T=1,G=8")]  # information only
     lines = report._grpo_gpu_targets(rows, 4000.0, 0.002)
     assert lines == ["| grpo-l op alone device time <= 1.25x memory floor | rmk-cuda-op | 1.20x | met |",
                      "| grpo-l op alone device time <= 1.25x memory floor | rmk-triton-op | 1.30x | MISSED |",
                      "| grpo-xl op alone device time <= 1.25x memory floor | rmk-cuda-op | 2.00x | MISSED |",
                      "| (information) grpo-xl-bb op alone device time <= 1.25x memory floor | rmk-cuda-op "
-                     "| 2.00x | - |"]
+                     "| 2.00x | - |",
+                     "| (information) grpo-l-t1 op alone device time <= 1.25x memory floor | rmk-triton-op "
+                     "| 3.00x | - |"]
 
 
 @pytest.mark.slow
