@@ -32,9 +32,26 @@ class checks:
         return False
 
 
+_shape_only = []  # non-empty while an op's fake runs its check hook: no data to read
+
+
+class shape_checks_only:
+    """Context in which the data-dependent checks are off: an op's fake (meta tensors,
+    FakeTensorMode under ``torch.compile`` / export) runs its check hook in it, so the
+    argument checks that need no data (sizes, dtypes, devices, options) run there too."""
+
+    def __enter__(self):
+        _shape_only.append(True)
+        return self
+
+    def __exit__(self, *exc):
+        _shape_only.pop()
+        return False
+
+
 def data_checks_enabled(device):
     """Whether the data-dependent checks run for tensors on `device`."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _shape_only or device.type == "meta":
         return False
     if device.type == "cpu":
         return True

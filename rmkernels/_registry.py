@@ -20,7 +20,10 @@ sizes, dtypes, devices, and the data checks of CPU tensors) before routing, for 
 backend: a direct ``torch.ops.rmkernels.<name>(...)`` call with bad arguments raises a clear
 ``ValueError``/``TypeError`` naming the argument, and the data checks run in every mode
 (eager, ``torch.compile``, export). The eager fast path skips the hook: the public function
-has already checked the same arguments.
+has already checked the same arguments. The fakes (``_checked_fake``: meta tensors, and
+FakeTensorMode while ``torch.compile`` / export trace) run the hook too, with the data checks
+off, after checking that every tensor is on one device (a meta tensor among CPU ones reaches the
+fake); the kernel ops' fakes check the one device.
 """
 import importlib
 import inspect
@@ -63,7 +66,7 @@ class Kernel:
 
     def __init__(self, name, *, reference, triton, fake):
         lib.define(name + KERNEL_OPS[name])
-        torch.library.register_fake(f"rmkernels::{name}", fake, lib=lib)
+        torch.library.register_fake(f"rmkernels::{name}", _checked_fake(name, fake), lib=lib)
         self.name = name
         self.reference = reference
         self.triton = triton
@@ -91,6 +94,36 @@ class Autograd:
         self.backward_op = backward_op
         self.setup_context = setup_context
         self.backward = backward
+
+
+def check_one_device(name, args):
+    """Every tensor argument on one device (a meta tensor among CPU ones sends the call to the
+    op's fake, which would otherwise return uninitialised tensors of the other device)."""
+    devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+    devices |= {t.device for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"rmkernels::{name}: the tensor arguments must be on one device, got "
+                         f"{sorted(str(d) for d in devices)}")
+
+
+def _checked_fake(name, fake, check=None, has_backend=False):
+    """The fake of op ``name`` (meta tensors, FakeTensorMode while torch.compile / export
+    trace): first the checks that need no data, those of the op's body: one device for the
+    tensors, the backend name, and the ``check`` hook with the data checks off
+    (``_checks.shape_checks_only``), so a bad call fails there as it does in eager mode."""
+    from rmkernels import _checks
+
+    def checked(*args, **kwargs):
+        check_one_device(name, list(args) + list(kwargs.values()))
+        if has_backend:
+            check_backend(args[-1] if args else kwargs.get("backend"))
+        if check is not None:
+            with _checks.shape_checks_only():
+                check(*args, **kwargs)
+        return fake(*args, **kwargs)
+
+    checked.__name__ = getattr(fake, "__name__", "fake")
+    return checked
 
 
 def check_backend(backend):
@@ -138,7 +171,7 @@ class Op:
         op_body.__signature__ = inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
         custom = torch.library.custom_op(f"rmkernels::{name}", op_body, mutates_args=(), schema=schema)
-        custom.register_fake(fake)
+        custom.register_fake(_checked_fake(name, fake, check, has_backend))
         self.custom_op = custom
         self.op = getattr(torch.ops.rmkernels, name)
         if autograd is None:

@@ -731,10 +731,14 @@ def test_group_ids_compiled_prefetching_pass(layout):
     picks = np.repeat(picks, 8)[:n] if layout == "runs" else rng.integers(0, len(pool), n)
     arr = np.empty(n, dtype=object)
     arr[:] = [pool[i] for i in picks]
-    for v in (arr, arr[::-1], arr[1:]):  # each above the prefetch threshold
+    c_only = np.array([x if type(x) in (str, int, float, bool, type(None)) else "c" for x in arr], dtype=object)
+    for v in (arr, arr[::-1], arr[1:], c_only, c_only[::-1]):  # each above the prefetch threshold
         expect = {}
         want = [expect.setdefault(k, len(expect)) for k in v.tolist()]
         assert gops._ids_of_objects(v).tolist() == want, (layout, v.strides)
+    # labels whose hash and == are C code (str, int, float, bool, None) stay in the compiled pass;
+    # the others (str subclasses, _Label) hand the array to the Python pass over a copy
+    assert gops._ids_from_objects(c_only) is not None and gops._ids_from_objects(arr) is None
     arr[n - 20] = [1, 2]
     with pytest.raises(TypeError, match="hashable"):
         rmk.group_ids(arr)
@@ -764,6 +768,57 @@ def test_group_ids_compiled_errors():
         dict.fromkeys(arr.tolist())
     with pytest.raises(TypeError, match="numpy object array"):
         gops._ids_from_objects(np.zeros(3))
+
+
+_HOSTILE_LABELS = {
+    # a label whose __eq__ frees the buffer the compiled pass reads (numpy's resize without its
+    # reference check): a segfault when the pass read it by raw pointer
+    "resize": """
+class L:
+    def __init__(self, k): self.k = k
+    def __hash__(self): return 7
+    def __eq__(self, o):
+        A.resize(1, refcheck=False)
+        return False
+A = np.array([L(i) for i in range(2000)], dtype=object)
+want = list(range(2000))
+""",
+    # an ndarray subclass whose __array_interface__ describes more memory than it holds
+    "subclass": """
+class Fake(np.ndarray):
+    @property
+    def __array_interface__(self):
+        d = dict(np.ndarray.__array_interface__.__get__(self)); d["shape"] = (10**6,); return d
+A = np.array(["a", "b", "a"], dtype=object).view(Fake)
+want = [0, 1, 0]
+""",
+}
+
+
+@pytest.mark.parametrize("case", list(_HOSTILE_LABELS))
+def test_group_ids_hostile_labels_and_arrays(case):
+    """rmk.group_ids survives labels and arrays that lie (in a subprocess: a crash would be a
+    segfault): the compiled pass reads exact numpy.ndarray objects only and hands arrays with
+    labels whose == is Python code to the Python pass over a copy."""
+    import subprocess
+    import sys
+
+    code = "import numpy as np, rmkernels as rmk\n" + _HOSTILE_LABELS[case] + \
+        "got = rmk.group_ids(A).tolist()\nassert got == want, got\nprint('ok')\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
+def test_group_ids_raw_pass_refuses_other_objects():
+    skip_unless_available("cpu", "cpu")
+
+    class X:
+        __array_interface__ = {"typestr": "|O", "shape": (3,), "data": (0, False), "strides": None}
+
+    with pytest.raises(TypeError, match=r"numpy.ndarray \(not a subclass\)"):
+        gops._ids_from_objects(X())
+    with pytest.raises(ValueError, match="meta tensor"):
+        rmk.group_ids(torch.tensor([1, 2, 1], device="meta"))
 
 
 # ---------------------------------------------------------------------------------------

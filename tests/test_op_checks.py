@@ -92,6 +92,7 @@ def _direct_cases():
     idx = torch.tensor([4, 2])
     c, r = torch.randn(4), torch.randn(4)
     x, mask = torch.randn(3, 7), torch.ones(3, 7, dtype=torch.bool)
+    gid = torch.tensor([0, 0, 1])
     ops = torch.ops.rmkernels
     return {
         # issue 12's repro: an index far longer than B (a SIGSEGV in the kernel before)
@@ -154,7 +155,48 @@ def _direct_cases():
                               "mask must have the shape of x"),
         "unknown backend": (lambda be: ops.masked_whiten(x, mask, True, True, 1e-8, "fast"), ValueError,
                             "backend must be one of"),
+        # the options the public functions check, checked by the ops' hooks too (one function each)
+        "group eps": (lambda be: ops.group_advantages(x[:, 0], gid, mask, "grpo", -1.0, True, "zero", 1.0, 1e-8, be),
+                      ValueError, "eps must be in"),
+        "group f_norm": (lambda be: ops.group_advantages(x[:, 0], gid, mask, "gpg", 1e-6, True, "zero", 0.0, 1e-8, be),
+                         ValueError, "f_norm must be in"),
+        "group whiten_eps": (
+            lambda be: ops.group_advantages(x[:, 0], gid, mask, "reinforce_pp_baseline", 1e-6, True, "zero", 1.0,
+                                            float("nan"), be),
+            ValueError, "whiten_eps must be in"),
+        "returns gamma": (lambda be: ops.reinforce_pp_returns(x, mask, -1.0, be), ValueError, "gamma must be in"),
+        "gae lam": (lambda be: ops.gae(x, x, mask, 1.0, 2.0, be), ValueError, "lam must be in"),
+        "kl clamp": (lambda be: ops.kl_estimate(x, x, mask, "k1", -1.0, be), ValueError, "clamp must be in"),
+        "ppo kl_coef": (
+            lambda be: ops.ppo_gae(x, x, x, x[:, 0], mask, float("nan"), 1.0, 0.95, "k1", None, None, be),
+            ValueError, "kl_coef must be in"),
+        "ppo whiten eps": (
+            lambda be: ops.ppo_advantages(x, x, x, x[:, 0], mask, 0.1, 1.0, 0.95, "k1", None, None, True, True,
+                                          True, -1.0, be),
+            ValueError, "eps must be in"),
+        "whiten eps": (lambda be: ops.masked_whiten(x, mask, True, True, float("nan"), be), ValueError,
+                       "eps must be in"),
+        "bt label_smoothing": (
+            lambda be: ops.bradley_terry_loss(c, r, None, None, 0.0, 1.0, 0.7, 0.0, "mean", be),
+            ValueError, "label_smoothing must be in"),
+        "pairwise center_coef": (
+            lambda be: ops.pairwise_reward_loss(torch.randn(4, 5, 8), w, None, torch.tensor([1, 2, 3, 4]), None, None,
+                                                0.0, 1.0, 0.0, -1.0, "mean", be),
+            ValueError, "center_coef must be in"),
+        "logprobs weight stride": (
+            lambda be: ops.token_logprobs(torch.randn(5, 4), torch.randn(4, 7).t(), None, torch.zeros(5).long(), 1.0,
+                                          -100, be),
+            ValueError, "weight needs a unit stride on H"),
+        "logprobs no features": (
+            lambda be: ops.token_logprobs(torch.randn(5, 0), torch.randn(7, 0), None, torch.zeros(5).long(), 1.0,
+                                          -100, be),
+            ValueError, "hidden must have H >= 1"),
     }
+
+
+# _direct_cases whose error comes from the data (not raised where there is none: meta tensors,
+# FakeTensorMode)
+DATA_DEPENDENT = {"ranking num_candidates range"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -165,6 +207,64 @@ def test_direct_calls_check_arguments(case, backend):
     fn, exc, match = _direct_cases()[case]
     with pytest.raises(exc, match=match):
         fn(backend)
+
+
+@pytest.mark.parametrize("case", sorted(set(_direct_cases()) - DATA_DEPENDENT))
+def test_fake_calls_check_arguments(case):
+    """The ops' fakes run the same checks (those that need no data) before returning shapes:
+    under FakeTensorMode, what torch.compile and export trace with, a bad call raises the error
+    of an eager call, not an output shaped from a wrong argument."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fn, exc, match = _direct_cases()[case]
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(exc, match=match):
+        fn("cpu")
+
+
+def test_meta_inputs_are_checked():
+    """A meta tensor among CPU ones sends a call to the op's fake: it raises instead of returning
+    uninitialised CPU tensors; all-meta calls get the argument checks; the kernel ops' fakes
+    check that their tensors share a device."""
+    ops = torch.ops.rmkernels
+    s, ids, m = torch.randn(4), torch.tensor([0, 0, 1, 1]), torch.ones(4, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"must be on one device, got \['cpu', 'meta'\]"):
+        ops.group_advantages(s, ids.to("meta"), m, "grpo", 1e-6, True, "zero", 1.0, 1e-8, "cpu")
+    with pytest.raises(ValueError, match="one device"):
+        ops.group_advantages_kernel(s, ids, m.to("meta"), 0, 1e-6, True, 0, 1.0, 1e-8)
+    with pytest.raises(ValueError, match="one device"):
+        ops.reinforce_kernel(torch.randn(2, 3, device="meta"), torch.ones(2, 3, dtype=torch.bool), None, 1.0, True,
+                             1e-8)
+    meta = [t.to("meta") for t in (s, ids, m)]
+    with pytest.raises(ValueError, match=r"group_ids \[B\] and mask \[B, T\] must have B = 4"):
+        ops.group_advantages(meta[0], meta[1][:3], meta[2], "grpo", 1e-6, True, "zero", 1.0, 1e-8, "cpu")
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        ops.group_advantages(*meta, "nope", 1e-6, True, "zero", 1.0, 1e-8, "cpu")
+    seq, adv = ops.group_advantages(*meta, "grpo", 1e-6, True, "zero", 1.0, 1e-8, "cpu")  # a good call: shapes
+    assert seq.shape == (4,) and adv.shape == (4, 3) and seq.device.type == "meta"
+
+
+def test_per_pair_tensors_of_any_stride_in_direct_calls():
+    """bradley_terry_loss called directly with strided [B] margin / weights: every backend gives
+    the reference's loss (the op makes them contiguous; the C++ kernel refused them before)."""
+    ops = torch.ops.rmkernels
+    c, r = torch.randn(6), torch.randn(6)
+    margin, weights = torch.randn(12)[::2], torch.rand(12)[1::2]
+    want = ops.bradley_terry_loss(c, r, margin.contiguous(), weights.contiguous(), 0.0, 1.0, 0.1, 0.0, "sum",
+                                  "reference")
+    for be in ("reference", "cpu"):
+        got = ops.bradley_terry_loss(c, r, margin, weights, 0.0, 1.0, 0.1, 0.0, "sum", be)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_last_token_index_pad_token_id():
+    ids = torch.tensor([[1, 2, 0], [3, 0, 0]])
+    assert rmk.last_token_index(input_ids=ids, pad_token_id=0).tolist() == [1, 0]
+    import numpy as np
+
+    assert rmk.last_token_index(input_ids=ids, pad_token_id=np.int64(0)).tolist() == [1, 0]
+    for bad in (0.5, "0", torch.tensor([0, 1]), True):
+        with pytest.raises(TypeError, match="pad_token_id must be an int"):
+            rmk.last_token_index(input_ids=ids, pad_token_id=bad)
 
 
 def test_direct_index_ops_check_data():

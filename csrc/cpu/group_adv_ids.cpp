@@ -11,8 +11,12 @@
 // == raises propagate that error: unhashable labels give Python's TypeError). Arrays of 2^19
 // labels and more are read with prefetching (below).
 //
-// The array's element pointers are read through __array_interface__ (typestr "|O", 1-D, any
-// stride); the labels are held (incref) while compared, since a label's __eq__ is Python code.
+// The array (exactly numpy.ndarray: a subclass's __array_interface__ could describe other memory)
+// has its element pointers read through __array_interface__ (typestr "|O", 1-D, any stride). The
+// pass takes labels whose hash and == are C code and run no Python: exact str, int, float, bool
+// and None (verl's uids are exact str; bytes are left out: == with a str may warn, in Python). At the first label of another type it stops and
+// returns None, and rmk.group_ids takes its Python pass over a copy of the array: a label's
+// __eq__ is Python code, which may resize or free the array this pass reads by raw pointer.
 #include <Python.h>
 
 #include <algorithm>
@@ -107,6 +111,11 @@ class IdTable {
 // (data pointer, length, stride in bytes) of a 1-D object array from its __array_interface__;
 // false with a TypeError set otherwise.
 bool object_array_view(PyObject* arr, PyObject* iface, char** data, Py_ssize_t* n, Py_ssize_t* stride) {
+  if (std::strcmp(Py_TYPE(arr)->tp_name, "numpy.ndarray") != 0) {
+    PyErr_Format(PyExc_TypeError, "group_ids_from_objects: expected a numpy.ndarray (not a subclass), got %R",
+                 reinterpret_cast<PyObject*>(Py_TYPE(arr)));
+    return false;
+  }
   PyObject* typestr = PyDict_GetItemString(iface, "typestr");
   PyObject* shape = PyDict_GetItemString(iface, "shape");
   PyObject* strides = PyDict_GetItemString(iface, "strides");
@@ -130,14 +139,23 @@ bool object_array_view(PyObject* arr, PyObject* iface, char** data, Py_ssize_t* 
   return !PyErr_Occurred();
 }
 
-// The ids of the n labels at data (stride bytes apart) into ids; false with a Python error set.
+// Whether a label's hash and == (with any other such label) are C code, which runs no Python.
+inline bool c_label(PyObject* o) {
+  return PyUnicode_CheckExact(o) || PyLong_CheckExact(o) || PyFloat_CheckExact(o) || PyBool_Check(o) ||
+         o == Py_None;
+}
+
+enum class Pass { kDone, kError, kPythonLabel };
+
+// The ids of the n labels at data (stride bytes apart) into ids: kError with a Python error set,
+// kPythonLabel (no error) at the first label that is not a c_label.
 // kPrefetch (arrays of kPrefetchMinLabels labels and more): the object kObjectAhead labels ahead
 // is prefetched; kSlotAhead labels ahead (its object in cache by then) an exact str's hash (pure
 // C, cached in the object, so taking it early changes nothing) is taken, kept for its turn, and
 // its table slot prefetched; both only for a label that differs from its neighbour (a run's
 // first).
 template <bool kPrefetch>
-bool assign_ids(const char* data, Py_ssize_t n, Py_ssize_t stride, int64_t* ids) {
+Pass assign_ids(const char* data, Py_ssize_t n, Py_ssize_t stride, int64_t* ids) {
   auto at = [&](Py_ssize_t i) { return *reinterpret_cast<PyObject* const*>(data + i * stride); };
   IdTable<kPrefetch> table;
   PyObject* prev = nullptr;  // the previous label (a new reference) and its hash and id
@@ -173,6 +191,10 @@ bool assign_ids(const char* data, Py_ssize_t n, Py_ssize_t stride, int64_t* ids)
       ids[i] = prev_id;
       continue;
     }
+    if (!c_label(label)) {
+      Py_XDECREF(prev);
+      return Pass::kPythonLabel;
+    }
     Py_INCREF(label);
     Py_hash_t h = -1;
     if (kPrefetch && ahead[i & (kRing - 1)].label == label) h = ahead[i & (kRing - 1)].hash;  // taken ahead
@@ -198,12 +220,13 @@ bool assign_ids(const char* data, Py_ssize_t n, Py_ssize_t stride, int64_t* ids)
     ids[i] = id;
   }
   Py_XDECREF(prev);
-  return ok;
+  return ok ? Pass::kDone : Pass::kError;
 }
 
 }  // namespace
 
-// METH_O: uids -> bytearray of len(uids) int64 ids (native byte order).
+// METH_O: uids -> bytearray of len(uids) int64 ids (native byte order), or None at a label whose
+// hash or == may be Python code (c_label).
 extern "C" PyObject* rmk_group_ids_from_objects(PyObject* /*self*/, PyObject* arr) {
   PyObject* iface = PyObject_GetAttrString(arr, "__array_interface__");
   if (iface == nullptr || !PyDict_Check(iface)) {
@@ -224,12 +247,13 @@ extern "C" PyObject* rmk_group_ids_from_objects(PyObject* /*self*/, PyObject* ar
     return nullptr;
   }
   int64_t* ids = reinterpret_cast<int64_t*>(PyByteArray_AS_STRING(out));
-  const bool ok =
+  const Pass done =
       n >= kPrefetchMinLabels ? assign_ids<true>(data, n, stride, ids) : assign_ids<false>(data, n, stride, ids);
   Py_DECREF(iface);
-  if (!ok) {
+  if (done != Pass::kDone) {
     Py_DECREF(out);
-    return nullptr;
+    if (done == Pass::kError) return nullptr;
+    Py_RETURN_NONE;
   }
   return out;
 }

@@ -101,16 +101,35 @@ bwd_kernel = Kernel("bt_loss_bwd_kernel", reference=_reference_bt_bwd, triton="b
                     fake=lambda grad, chosen, *args: grads_fake(chosen, *args[-2:]))
 
 
+def _contiguous(t):
+    return None if t is None else t.contiguous()  # per-pair tensors: the kernels read them densely
+
+
 def _prepare_forward(chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing, center_coef,
                      reduction):
-    return (chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing, center_coef,
-            int(REDUCTIONS[reduction]))
+    return (chosen, rejected, _contiguous(margin), _contiguous(weights), margin_value, weight_value, label_smoothing,
+            center_coef, int(REDUCTIONS[reduction]))
 
 
 def _prepare_backward(grad, chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing,
                       center_coef, reduction, need_chosen, need_rejected):
-    return (grad.to(acc_dtype(chosen.dtype)).contiguous(), chosen, rejected, margin, weights, margin_value,
-            weight_value, label_smoothing, center_coef, int(REDUCTIONS[reduction]), need_chosen, need_rejected)
+    return (grad.to(acc_dtype(chosen.dtype)).contiguous(), chosen, rejected, _contiguous(margin),
+            _contiguous(weights), margin_value, weight_value, label_smoothing, center_coef, int(REDUCTIONS[reduction]),
+            need_chosen, need_rejected)
+
+
+_FINITE = dict(lo=float("-inf"), hi=float("inf"), lo_open=True, hi_open=True)
+
+
+def check_loss_scalars(margin_value, weight_value, label_smoothing, center_coef):
+    """The scalar options of a BT loss, checked by the public functions (``loss_options``) and
+    by the ops' check hooks alike: a finite margin and weight, ``label_smoothing`` in
+    [0, 0.5), ``center_coef`` >= 0 (None: 0). Returns them as floats."""
+    return (_checks.check_float("margin", margin_value, **_FINITE),
+            _checks.check_float("weights", weight_value, **_FINITE),
+            _checks.check_float("label_smoothing", label_smoothing, lo=0.0, hi=0.5, hi_open=True),
+            _checks.check_float("center_coef", 0.0 if center_coef is None else center_coef, lo=0.0, hi=float("inf"),
+                                hi_open=True))
 
 
 def check_loss_args(B, device, acc, margin, weights, reduction):
@@ -129,6 +148,7 @@ def _check_forward(chosen, rejected, margin, weights, margin_value, weight_value
     if rejected.shape != chosen.shape:
         raise ValueError(f"rejected must have the shape of chosen {tuple(chosen.shape)}, got {tuple(rejected.shape)}")
     check_loss_args(chosen.shape[0], chosen.device, acc_dtype(chosen.dtype), margin, weights, reduction)
+    check_loss_scalars(margin_value, weight_value, label_smoothing, center_coef)
 
 
 def _check_backward(grad, chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing,
@@ -214,17 +234,15 @@ def _per_pair_arg(name, value, B, device, acc, default):
         return value.detach().to(acc).contiguous(), default  # data: no gradient flows to it
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
-    return None, _checks.check_float(name, value, lo=float("-inf"), hi=float("inf"), lo_open=True, hi_open=True)
+    return None, _checks.check_float(name, value, **_FINITE)
 
 
 def loss_options(margin, weights, label_smoothing, center_coef, reduction, B, device, acc):
     """Checked (margin, weights, margin_value, weight_value, label_smoothing, center_coef, reduction)."""
-    e = _checks.check_float("label_smoothing", label_smoothing, lo=0.0, hi=0.5, hi_open=True)
-    coef = _checks.check_float("center_coef", 0.0 if center_coef is None else center_coef, lo=0.0, hi=float("inf"),
-                               hi_open=True)
-    _checks.check_choice("reduction", reduction, tuple(REDUCTIONS))
     m, m_value = _per_pair_arg("margin", margin, B, device, acc, 0.0)
     w, w_value = _per_pair_arg("weights", weights, B, device, acc, 1.0)
+    m_value, w_value, e, coef = check_loss_scalars(m_value, w_value, label_smoothing, center_coef)
+    _checks.check_choice("reduction", reduction, tuple(REDUCTIONS))
     return m, w, m_value, w_value, e, coef, reduction
 
 

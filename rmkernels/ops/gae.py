@@ -124,10 +124,25 @@ def check_2d(name, t, shape=None, device=None, dtypes=_checks.FLOAT_DTYPES):
         raise ValueError(f"{name} must have shape {list(shape)} (like the other inputs), got {list(t.shape)}")
 
 
+def check_discount(gamma, lam=None):
+    """``gamma`` >= 0 (finite) and ``lam`` in [0, 1] (when given), as floats: the one check of
+    the discount options, in the public functions and the ops' check hooks alike."""
+    gamma = _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
+    return gamma if lam is None else (gamma, _checks.check_float("lam", lam, lo=0.0, hi=1.0))
+
+
+def check_clamp(name, value):
+    """A clamp option: None (no clamp) or a finite value > 0."""
+    if value is None:
+        return None
+    return _checks.check_float(name, value, lo=0.0, lo_open=True, hi=float("inf"), hi_open=True)
+
+
 def _check_gae(rewards, values, mask, gamma, lam, backend):
     check_2d("rewards", rewards)
     check_2d("values", values, rewards.shape, rewards.device, (rewards.dtype,))
     check_2d("mask", mask, rewards.shape, rewards.device, (torch.bool,))
+    check_discount(gamma, lam)
 
 
 def _check_kl(logprobs, ref_logprobs, mask, estimator, clamp, backend):
@@ -136,6 +151,7 @@ def _check_kl(logprobs, ref_logprobs, mask, estimator, clamp, backend):
     if mask is not None:
         check_2d("mask", mask, logprobs.shape, logprobs.device, (torch.bool,))
     check_estimator("estimator", estimator)
+    check_clamp("clamp", clamp)
 
 
 def _prepare_kl(logprobs, ref_logprobs, mask, estimator, clamp):
@@ -201,8 +217,7 @@ def gae(token_rewards, values, mask, *, gamma=1.0, lam=0.95, backend=None):
     dev = token_rewards.device
     check_2d("values", values, (B, T), dev)
     mask = check_mask("mask", mask, (B, T), dev)
-    gamma = _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
-    lam = _checks.check_float("lam", lam, lo=0.0, hi=1.0)
+    gamma, lam = check_discount(gamma, lam)
     be = _backend.resolve(backend, dev)
     rewards, values = token_rewards.detach(), values.detach()
     common = common_float_dtype(rewards, values)
@@ -238,8 +253,7 @@ def kl_estimate(logprobs, ref_logprobs, mask=None, *, estimator="k1", clamp=None
     if mask is not None:
         mask = check_mask("mask", mask, shape, dev)
     check_estimator("estimator", estimator)
-    if clamp is not None:
-        clamp = _checks.check_float("clamp", clamp, lo=0.0, lo_open=True, hi=float("inf"), hi_open=True)
+    clamp = check_clamp("clamp", clamp)
     be = _backend.resolve(backend, dev)
     lp, ref = logprobs.detach(), ref_logprobs.detach()
     common = common_float_dtype(lp, ref)

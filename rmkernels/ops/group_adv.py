@@ -59,7 +59,7 @@ from rmkernels import _backend, _checks, _ext
 from rmkernels._codes import GROUP_ESTIMATORS, GROUP_SINGLES, GroupEstimator, GroupSingle
 from rmkernels._library import acc_dtype
 from rmkernels._registry import Kernel, Op
-from rmkernels.ops.gae import check_2d, check_mask, gae_kernel, gae_recurrence
+from rmkernels.ops.gae import check_2d, check_discount, check_mask, gae_kernel, gae_recurrence
 from rmkernels.ops.ppo import centered_sq_kernel, masked_whiten_body, row_stats_kernel, whiten_apply_kernel
 
 GroupAdvantages = namedtuple("GroupAdvantages", ["seq_advantages", "advantages"])
@@ -188,6 +188,19 @@ def _check_ids_range(group_ids, B):
                              f"labels); rows {_checks.rows_str(rows)} are out of range")
 
 
+def check_group_options(estimator, eps, unbiased, single, f_norm, whiten_eps):
+    """The options of the group advantages (public function and check hook alike): returns
+    eps, unbiased, f_norm and whiten_eps checked."""
+    if not isinstance(estimator, str) or estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {tuple(GROUP_ESTIMATORS)}, got {estimator!r}")
+    if not isinstance(single, str) or single not in GROUP_SINGLES:
+        raise ValueError(f"single must be one of {tuple(GROUP_SINGLES)}, got {single!r}")
+    return (_checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True),
+            _checks.check_bool("unbiased", unbiased),
+            _checks.check_float("f_norm", f_norm, lo=0.0, lo_open=True, hi=float("inf"), hi_open=True),
+            _checks.check_float("whiten_eps", whiten_eps, lo=0.0, hi=float("inf"), hi_open=True))
+
+
 def _check_group_op(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, backend):
     _checks.check_tensor("scores", scores, ndims=1, dtypes=(torch.float32, torch.float64))
     B = scores.shape[0]
@@ -196,8 +209,7 @@ def _check_group_op(scores, group_ids, mask, estimator, eps, unbiased, single, f
     if group_ids.shape[0] != B or mask.shape[0] != B:
         raise ValueError(f"group_ids [B] and mask [B, T] must have B = {B} rows (from scores), got "
                          f"{list(group_ids.shape)} and {list(mask.shape)}")
-    _checks.check_choice("estimator", estimator, tuple(GROUP_ESTIMATORS))
-    _checks.check_choice("single", single, tuple(GROUP_SINGLES))
+    check_group_options(estimator, eps, unbiased, single, f_norm, whiten_eps)
     _check_ids_range(group_ids, B)
 
 
@@ -211,6 +223,7 @@ def _returns_body(token_rewards, mask, gamma, backend):
 def _check_returns_op(token_rewards, mask, gamma, backend):
     check_2d("token_rewards", token_rewards)
     check_2d("mask", mask, token_rewards.shape, token_rewards.device, (torch.bool,))
+    check_discount(gamma)
 
 
 def _check_reinforce_op(token_rewards, mask, baselines, gamma, unbiased, eps, backend):
@@ -223,8 +236,13 @@ def _check_reinforce_op(token_rewards, mask, baselines, gamma, unbiased, eps, ba
         if baselines.shape[0] != B:
             raise ValueError(f"baselines must have shape [B] = [{B}] (from token_rewards), got "
                              f"{list(baselines.shape)}")
-    _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
-    _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True)
+    check_reinforce_options(gamma, unbiased, eps)
+
+
+def check_reinforce_options(gamma, unbiased, eps):
+    """REINFORCE++ / ReMax's options (public functions and check hook alike), checked."""
+    return (check_discount(gamma), _checks.check_bool("unbiased", unbiased),
+            _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True))
 
 
 def _prepare_reinforce(token_rewards, mask, baselines, gamma, unbiased, eps):
@@ -254,8 +272,10 @@ def group_ids(uids):
     vectorized estimators). A numpy object array goes through the compiled
     ``rmkernels._C.group_ids_from_objects``: each label is compared with its neighbour by
     pointer first (verl repeats one str object for a prompt's responses), so a run of equal
-    neighbours costs one hash-table lookup (~0.3 ms at 65,536 uids); without the extension, a
-    dict pass over the runs of equal neighbours gives the same ids. Numeric numpy arrays and
+    neighbours costs one hash-table lookup (~0.3 ms at 65,536 uids). It takes labels whose hash
+    and ``==`` run no Python code (exact str, int, float, bool, None: verl's uids); with any
+    other label (a str subclass, an object with its own ``__eq__``), and without the extension, a
+    dict pass over the runs of equal neighbours of a copy of the array gives the same ids. Numeric numpy arrays and
     tensors are factorised with ``np.unique`` / ``torch.unique`` (sorted order; on a GPU
     ``torch.unique`` synchronises). Unhashable labels raise ``TypeError``. Returns a CPU int64
     tensor (the tensor's device for a tensor).
@@ -263,6 +283,8 @@ def group_ids(uids):
     if isinstance(uids, Tensor):
         if uids.dim() != 1 or uids.dtype.is_floating_point or uids.dtype.is_complex:
             raise ValueError(f"uids as a tensor must be 1-D integer, got {uids.dtype} of shape {list(uids.shape)}")
+        if uids.device.type == "meta":
+            raise ValueError("uids as a tensor must hold data (a meta tensor has none): its ids depend on its values")
         return torch.unique(uids, return_inverse=True)[1].long()
     if isinstance(uids, np.ndarray):
         if uids.ndim != 1:
@@ -297,20 +319,29 @@ _ids_from_objects = getattr(_ext._C, "group_ids_from_objects", None) if _ext.CPP
 
 def _ids_of_objects(uids):
     """``_dict_ids`` of a 1-D numpy object array with more than one label: the compiled pass when
-    the extension is built, else ``_ids_by_runs``."""
+    the extension is built and every label is one whose hash and == run no Python code (exact
+    str, int, float, bool, None: csrc/cpu/group_adv_ids.cpp), else ``_ids_by_runs`` over a copy
+    of the array (the copy holds its labels: their ``__eq__`` may change the caller's array)."""
+    uids = uids.view(np.ndarray)  # numpy's own __array_interface__, not a subclass's
     if _ids_from_objects is None:
-        return _ids_by_runs(uids)
+        return _ids_by_runs(uids.copy())
     try:
-        return torch.frombuffer(_ids_from_objects(uids), dtype=torch.int64)  # shares the bytearray
+        ids = _ids_from_objects(uids)
     except TypeError as e:
         raise _hashable_error(e) from None
+    if ids is None:  # a label whose hash or == is Python code
+        return _ids_by_runs(uids.copy())
+    return torch.frombuffer(ids, dtype=torch.int64)  # shares the bytearray
 
 
 def _ids_by_runs(uids):
     """``_dict_ids`` of a numpy object array, computed over its runs of equal neighbours."""
     n = uids.shape[0]
-    new_run = uids[1:] != uids[:-1]
-    if new_run.dtype != np.bool_:  # labels whose != is not a bool (arrays, ...): the plain dict pass
+    try:
+        new_run = uids[1:] != uids[:-1]
+    except (TypeError, ValueError):  # labels whose != raises or is not a truth value (arrays, ...)
+        new_run = None
+    if new_run is None or new_run.dtype != np.bool_:  # ... or is not a bool: the plain dict pass
         return torch.from_numpy(_dict_ids(uids))
     starts = np.flatnonzero(np.concatenate(([True], new_run)))
     run_ids = _dict_ids(uids[starts])
@@ -369,14 +400,7 @@ def group_advantages(scores, group_ids, mask=None, *, estimator="grpo", eps=DEFA
     _checks.check_tensor("scores", scores, ndims=(1, 2), dtypes=_checks.FLOAT_DTYPES)
     dev = scores.device
     B = scores.shape[0]
-    if not isinstance(estimator, str) or estimator not in GROUP_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {tuple(GROUP_ESTIMATORS)}, got {estimator!r}")
-    if not isinstance(single, str) or single not in GROUP_SINGLES:
-        raise ValueError(f"single must be one of {tuple(GROUP_SINGLES)}, got {single!r}")
-    eps = _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True)
-    unbiased = _checks.check_bool("unbiased", unbiased)
-    f_norm = _checks.check_float("f_norm", f_norm, lo=0.0, lo_open=True, hi=float("inf"), hi_open=True)
-    whiten_eps = _checks.check_float("whiten_eps", whiten_eps, lo=0.0, hi=float("inf"), hi_open=True)
+    eps, unbiased, f_norm, whiten_eps = check_group_options(estimator, eps, unbiased, single, f_norm, whiten_eps)
     if mask is None:
         T = scores.shape[1] if scores.dim() == 2 else 1
         mask = torch.ones((), dtype=torch.bool, device=dev).expand(B, T)  # no copy: stride 0
@@ -412,7 +436,7 @@ def reinforce_pp_returns(token_rewards, mask=None, *, gamma=1.0, backend=None):
         mask = torch.ones((), dtype=torch.bool, device=dev).expand(token_rewards.shape)
     else:
         mask = check_mask("mask", mask, token_rewards.shape, dev)
-    gamma = _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
+    gamma = check_discount(gamma)
     be = _backend.resolve(backend, dev)
     return _reinforce_pp_returns(token_rewards.detach(), mask, gamma, be)
 
@@ -443,9 +467,7 @@ def reinforce_pp_advantages(token_rewards, mask=None, *, gamma=1.0, unbiased=Tru
     gradient, no host synchronisation.
     """
     mask = _reinforce_inputs(token_rewards, mask)
-    gamma = _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
-    unbiased = _checks.check_bool("unbiased", unbiased)
-    eps = _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True)
+    gamma, unbiased, eps = check_reinforce_options(gamma, unbiased, eps)
     be = _backend.resolve(backend, token_rewards.device)
     return ReinforceAdvantages(*_reinforce_advantages(token_rewards.detach(), mask, None, gamma, unbiased, eps, be))
 

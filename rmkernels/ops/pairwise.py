@@ -19,7 +19,7 @@ from rmkernels._codes import REDUCTIONS
 from rmkernels._library import acc_dtype
 from rmkernels._registry import Autograd, Op
 from rmkernels.ops import pooling
-from rmkernels.ops.bt_loss import bt_backward, bt_forward, check_loss_args, loss_options, loss_shape
+from rmkernels.ops.bt_loss import bt_backward, bt_forward, check_loss_args, check_loss_scalars, loss_options, loss_shape
 
 
 def _forward(hidden, weight, bias, index, margin, weights, margin_value, weight_value, label_smoothing, center_coef,
@@ -55,12 +55,14 @@ def _check_pairs(hidden, weight, bias, index, margin, weights, reduction):
 def _check_forward(hidden, weight, bias, index, margin, weights, margin_value, weight_value, label_smoothing,
                    center_coef, reduction, backend):
     _check_pairs(hidden, weight, bias, index, margin, weights, reduction)
+    check_loss_scalars(margin_value, weight_value, label_smoothing, center_coef)
 
 
 def _check_backward(grad_loss, grad_rewards, rewards, hidden, weight, index, margin, weights, margin_value,
                     weight_value, label_smoothing, center_coef, reduction, need_hidden, need_weight, need_bias,
                     backend):
     _check_pairs(hidden, weight, None, index, margin, weights, reduction)
+    check_loss_scalars(margin_value, weight_value, label_smoothing, center_coef)
     acc = acc_dtype(hidden.dtype)
     n = index.shape[0]
     _checks.check_tensor("rewards", rewards, ndims=1, dtypes=(acc,), device=hidden.device)

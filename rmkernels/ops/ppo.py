@@ -37,6 +37,8 @@ from rmkernels import _backend, _checks
 from rmkernels._library import acc_dtype
 from rmkernels._registry import Kernel, Op
 from rmkernels.ops.gae import (
+    check_clamp,
+    check_discount,
     check_estimator,
     check_mask,
     common_float_dtype,
@@ -180,6 +182,20 @@ def _check_stats(name, t, n, device):
         raise ValueError(f"{name} must be float64 [{n}], got shape {list(t.shape)}")
 
 
+def check_ppo_options(kl_coef, gamma, lam, kl_estimator, kl_clamp, score_clip):
+    """The options of the PPO advantages (public function and check hooks alike), as floats."""
+    kl_coef = _checks.check_float("kl_coef", kl_coef, lo=float("-inf"), hi=float("inf"), lo_open=True, hi_open=True)
+    gamma, lam = check_discount(gamma, lam)
+    check_estimator("kl_estimator", kl_estimator)
+    return kl_coef, gamma, lam, check_clamp("kl_clamp", kl_clamp), check_clamp("score_clip", score_clip)
+
+
+def check_whiten_options(shift_mean, unbiased, eps):
+    """The whitening options (public functions and check hooks alike)."""
+    return (_checks.check_bool("shift_mean", shift_mean), _checks.check_bool("unbiased", unbiased),
+            _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True))
+
+
 def _check_ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, kl_estimator, kl_clamp,
                    score_clip, *_):
     _checks.check_tensor("logprobs", logprobs, ndims=2, dtypes=_checks.FLOAT_DTYPES)
@@ -192,7 +208,13 @@ def _check_ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma,
     if scores.shape[0] != B:
         raise ValueError(f"scores must have shape [B] = [{B}] (from logprobs), got {list(scores.shape)}")
     _check_x_mask(logprobs, mask)
-    check_estimator("kl_estimator", kl_estimator)
+    check_ppo_options(kl_coef, gamma, lam, kl_estimator, kl_clamp, score_clip)
+
+
+def _check_ppo_advantages(*args):
+    _check_ppo_gae(*args[:11])
+    _checks.check_bool("whiten", args[11])
+    check_whiten_options(*args[12:15])
 
 
 # What the public functions call: the public ops, or their bodies in plain eager mode (no
@@ -205,23 +227,19 @@ _masked_centered_sq = Op(
     check=lambda x, mask, totals, backend: (_check_x_mask(x, mask), _check_stats("totals", totals, 2, x.device)))
 _masked_whiten_apply = Op(
     "masked_whiten_apply", kernel=whiten_apply_kernel, fake=_whitened_fake,
-    check=lambda x, mask, totals, sq, *_: (_check_x_mask(x, mask), _check_stats("totals", totals, 2, x.device),
-                                           _check_stats("sq", sq, 1, x.device)))
+    check=lambda x, mask, totals, sq, shift_mean, unbiased, eps, backend: (
+        _check_x_mask(x, mask), _check_stats("totals", totals, 2, x.device), _check_stats("sq", sq, 1, x.device),
+        check_whiten_options(shift_mean, unbiased, eps)))
 _ppo_advantages = Op("ppo_advantages", body=_ppo_advantages_body, fake=lambda *a: _gae_fake(*a)[:4],
-                     check=_check_ppo_gae)
+                     check=_check_ppo_advantages)
 _masked_whiten = Op("masked_whiten", body=masked_whiten_body, fake=_whitened_fake,
-                    check=lambda x, mask, *_: _check_x_mask(x, mask))
+                    check=lambda x, mask, shift_mean, unbiased, eps, backend: (
+                        _check_x_mask(x, mask), check_whiten_options(shift_mean, unbiased, eps)))
 
 
 # ---------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------
-def _check_optional_positive(name, value):
-    if value is None:
-        return None
-    return _checks.check_float(name, value, lo=0.0, lo_open=True, hi=float("inf"), hi_open=True)
-
-
 def _check_process_group(process_group):
     if process_group is None:
         return None
@@ -301,17 +319,10 @@ def ppo_advantages(logprobs, ref_logprobs, values, scores, mask, *, kl_coef, gam
     if scores.shape[0] != B:
         raise ValueError(f"scores must have shape [B] = [{B}] (from logprobs), got {list(scores.shape)}")
     mask = check_mask("mask", mask, (B, T), dev)
-    kl_coef = _checks.check_float("kl_coef", kl_coef, lo=float("-inf"), hi=float("inf"), lo_open=True,
-                                  hi_open=True)
-    gamma = _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
-    lam = _checks.check_float("lam", lam, lo=0.0, hi=1.0)
-    check_estimator("kl_estimator", kl_estimator)
-    kl_clamp = _check_optional_positive("kl_clamp", kl_clamp)
-    score_clip = _check_optional_positive("score_clip", score_clip)
+    kl_coef, gamma, lam, kl_clamp, score_clip = check_ppo_options(kl_coef, gamma, lam, kl_estimator, kl_clamp,
+                                                                  score_clip)
     whiten = _checks.check_bool("whiten", whiten)
-    shift_mean = _checks.check_bool("shift_mean", shift_mean)
-    unbiased = _checks.check_bool("unbiased", unbiased)
-    eps = _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True)
+    shift_mean, unbiased, eps = check_whiten_options(shift_mean, unbiased, eps)
     process_group = _check_process_group(process_group)
     be = _backend.resolve(backend, dev)
 
@@ -347,9 +358,7 @@ def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=DEFAULT_WHITEN
     if x.dim() < 1:
         raise ValueError(f"x must be at least 1-D, got shape {list(x.shape)}")
     mask = check_mask("mask", mask, x.shape, x.device)
-    shift_mean = _checks.check_bool("shift_mean", shift_mean)
-    unbiased = _checks.check_bool("unbiased", unbiased)
-    eps = _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True)
+    shift_mean, unbiased, eps = check_whiten_options(shift_mean, unbiased, eps)
     process_group = _check_process_group(process_group)
     be = _backend.resolve(backend, x.device)
     shape = x.shape

@@ -182,9 +182,12 @@ def _prepare_backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets
 
 
 def _check_forward_args(hidden, weight, bias, targets, temperature, ignore_index, backend):
-    """The check hook of direct op calls: the same checks as the public function."""
-    if hidden.dim() in (2, 3) and hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
-        raise ValueError(f"hidden needs a unit stride on H, got strides {hidden.stride()}")
+    """The check hook of direct op calls: the same checks as the public function, and the unit
+    stride on H that the public function makes (by a copy) and every backend's kernel reads."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if isinstance(t, torch.Tensor) and t.dim() in (2, 3) and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a unit stride on H when the op is called directly, got strides "
+                             f"{t.stride()} (rmk.token_logprobs makes a copy)")
     check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
     if targets.dtype != torch.int64:
         raise TypeError(f"targets must have dtype int64, got {_checks._dtype_name(targets.dtype)}")
@@ -256,6 +259,8 @@ def check_inputs(hidden, weight, targets, bias, temperature, ignore_index):
         raise TypeError(f"weight must have hidden's dtype {_checks._dtype_name(hidden.dtype)}, "
                         f"got {_checks._dtype_name(weight.dtype)}")
     H = hidden.shape[-1]
+    if H < 1:
+        raise ValueError(f"hidden must have H >= 1 features (its last dim), got shape {tuple(hidden.shape)}")
     if weight.shape[1] != H:
         raise ValueError(f"weight must be [V, H] with H = {H} (hidden's last dim), got {tuple(weight.shape)}")
     if weight.shape[0] < 1:
