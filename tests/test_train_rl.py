@@ -49,6 +49,38 @@ def reward_model(tmp_path_factory):
     return fin["checkpoint"]
 
 
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    """A 3-step, 1-layer reward model (a few seconds): for runs that test messages and options,
+    not learning."""
+    from rmkernels_train.reward import main as reward_main
+
+    out = tmp_path_factory.mktemp("tiny_rm")
+    assert reward_main(["--output-dir", str(out), "--max-steps", "3", "--hidden-size", "16", "--layers", "1",
+                        "--default-train-pairs", "64", "--threads", "1", "--no-progress", "--no-plot"]) == 0
+    return str(out / "checkpoint-3")
+
+
+def tiny(rm, out, *extra):
+    """A critic-free run of a few seconds (one layer, hidden 16, 2 x 2 responses of 4 tokens)."""
+    return ["--reward-model", rm, "--output-dir", str(out), "--warm-start-steps", "0", "--policy-layers", "1",
+            "--policy-hidden", "16", "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "4",
+            "--eval-prompts", "4", "--eval-every", "100", *extra] + FAST
+
+
+def tiny_gae(rm, out, *extra):
+    """The same with --advantage gae (PPO's options instead of the critic-free ones)."""
+    return ["--reward-model", rm, "--output-dir", str(out), "--advantage", "gae", "--policy-layers", "1",
+            "--policy-hidden", "16", "--batch-size", "2", "--minibatches", "1", "--ppo-epochs", "1",
+            "--max-new-tokens", "4", *extra] + FAST
+
+
+def _err(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
+
+
 # ---------------------------------------------------------------------------------------
 # The task and its checker
 # ---------------------------------------------------------------------------------------
@@ -313,3 +345,40 @@ def test_reinforce_family_runs(estimator, reward_model, tmp_path, capsys):
     capsys.readouterr()
     _, fin = _check_run(out, 2, 2)
     assert fin["advantage"] == estimator
+
+
+def test_custom_prompts_run_with_the_reward_model_and_no_checker(tiny_rm, tmp_path, capsys):
+    """--prompts with a critic-free estimator: the checker of the built-in task does not run on
+    the file's prompts (train_success is null), whatever the responses (EOS sampled or not)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "sort: 3 1 2"}\n{"prompt": "sort: 9 8"}\n')
+    out = tmp_path / "run"
+    assert main(tiny(tiny_rm, out, "--prompts", str(prompts), "--steps", "2", "--num-generations", "4")) == 0
+    _err(capsys)
+    train = [r for r in _records(out / "metrics.jsonl") if r["split"] == "train"]
+    assert len(train) == 2 and all(r["train_success"] is None for r in train)
+
+
+def test_rollout_rewards_skip_the_checker_on_custom_prompts(tokenizer, monkeypatch):
+    """The responses end with an EOS: the checker would be asked about a prompt it cannot judge."""
+    from types import SimpleNamespace
+
+    eos = tokenizer.eos_token_id
+    seq = torch.tensor([[tokenizer.bos_token_id, 5, 6, eos, eos]] * 2)
+    roll = SimpleNamespace(sequences=seq, prompt_len=3)
+    monkeypatch.setattr(grpo, "rm_scores", lambda model, r, backend=None: torch.zeros(2))
+    rewards, _, correct, has_eos = grpo.rollout_rewards(roll, ["sort: 3 1 2"] * 2, "model", None, tokenizer,
+                                                        task.ResponseDecoder(tokenizer), check=False)
+    assert correct is None and bool(has_eos.all()) and rewards.tolist() == [0.0, 0.0]
+
+
+def test_policy_with_a_smaller_vocabulary_stops_with_a_message(tiny_rm, tmp_path, capsys):
+    """One check for both paths: a --policy whose embedding table cannot hold the tokenizer's ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    pol = tmp_path / "pol"
+    LlamaForCausalLM(LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4)).save_pretrained(pol)
+    for run in (tiny, tiny_gae):
+        assert main(run(tiny_rm, tmp_path / run.__name__, "--policy", str(pol), "--steps", "1")) == 1
+        assert "its vocabulary (5) is smaller than the reward model's tokenizer" in _err(capsys)

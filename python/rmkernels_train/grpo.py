@@ -112,11 +112,13 @@ def penalise_unended(rewards, has_eos):
     return torch.where(has_eos, rewards, floor)
 
 
-def rollout_rewards(roll, prompts, reward, reward_model, tokenizer, decoder, backend=None):
+def rollout_rewards(roll, prompts, reward, reward_model, tokenizer, decoder, backend=None, check=True):
     """(rewards, reward-model scores, checker 0/1, ended) of the responses of ``roll`` to
     ``prompts``: the rewards are the checker's 0/1 with ``reward="checker"``, else the scores
-    with the no-EOS floor (:func:`penalise_unended`)."""
-    correct = checker_scores(prompts, roll.sequences[:, roll.prompt_len:], decoder)
+    with the no-EOS floor (:func:`penalise_unended`). ``check=False`` (prompts of a ``--prompts``
+    file, which the checker of the built-in task cannot judge): no checker, its 0/1 is None."""
+    correct = checker_scores(prompts, roll.sequences[:, roll.prompt_len:], decoder) \
+        if check or reward == "checker" else None
     has_eos = ended(roll, tokenizer.eos_token_id)
     scores = rm_scores(reward_model, roll, backend)
     rewards = correct.clone() if reward == "checker" else penalise_unended(scores, has_eos)
@@ -163,9 +165,11 @@ def evaluate(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_n
 
 
 def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids, *, num_generations, estimator,
-            reward, kl_coef, kl_estimator, kl_mode, max_new_tokens, temperature, max_grad_norm, backend=None):
+            reward, kl_coef, kl_estimator, kl_mode, max_new_tokens, temperature, max_grad_norm, backend=None,
+            check=True):
     """One critic-free step on ``prompts`` (each sampled ``num_generations`` times). Returns
-    the step's metrics."""
+    the step's metrics. ``check=False``: the prompts are not the built-in task's (``--prompts``),
+    the checker does not run and ``train_success`` is None."""
     t0 = time.time()
     G = num_generations
     rep_prompts = [p for p in prompts for _ in range(G)]
@@ -177,11 +181,11 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     with torch.no_grad():
         ref_logp = core.fused_policy_logprobs(ref, roll, temperature)
         rewards, scores, correct, has_eos = rollout_rewards(roll, rep_prompts, reward, reward_model, tokenizer,
-                                                            decoder, backend)
+                                                            decoder, backend, check)
         baselines = None
         if estimator == "remax":  # the reward of each prompt's greedy response, for its G samples
             greedy = sample(policy, prompt_ids, tokenizer, max_new_tokens=max_new_tokens, greedy=True)
-            base = rollout_rewards(greedy, prompts, reward, reward_model, tokenizer, decoder, backend)[0]
+            base = rollout_rewards(greedy, prompts, reward, reward_model, tokenizer, decoder, backend, check)[0]
             baselines = base.float().repeat_interleave(G)
     logp = core.fused_policy_logprobs(policy, roll, temperature)
     kl_tok = kl_per_token(logp, ref_logp, kl_estimator)
@@ -207,6 +211,7 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
     optimizer.step()
     return {"score": scores.mean().item(), "reward": seq_rewards.mean().item(), "kl": seq_kl.mean().item(),
-            "train_success": correct.mean().item(), "ended": has_eos.float().mean().item(),
-            "loss": loss.item(), "pg_loss": pg_loss.item(), "grad_norm": float(grad_norm),
-            "response_length": mask.float().sum(1).mean().item(), "time": time.time() - t0}
+            "train_success": None if correct is None else correct.mean().item(),
+            "ended": has_eos.float().mean().item(), "loss": loss.item(), "pg_loss": pg_loss.item(),
+            "grad_norm": float(grad_norm), "response_length": mask.float().sum(1).mean().item(),
+            "time": time.time() - t0}
