@@ -57,7 +57,9 @@ def build_parser():
                    help="initial policy (HF causal-LM checkpoint sharing the reward model's tokenizer); "
                         "default: a random-init tiny Llama")
     g.add_argument("--prompts", metavar="FILE", default=None,
-                   help='JSONL file with a "prompt" string per line; default: the built-in sorting prompts')
+                   help='JSONL file with a "prompt" string per line; default: the built-in sorting prompts (with a '
+                        'file, the critic-free run trains on the reward model alone: the checker only judges the '
+                        'built-in task, train_success is null; the task evaluations stay on the built-in prompts)')
     g.add_argument("--policy-layers", type=int, default=2, help="layers of the default tiny policy")
     g.add_argument("--policy-hidden", type=int, default=64, help="hidden size of the default tiny policy")
     g = p.add_argument_group("rollouts")
@@ -218,37 +220,53 @@ def train_default_reward_model(out_dir, dist, threads):
     return ckpt
 
 
-def load_models(a, dist, reward_dir):
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+def load_run_reward_model(a, reward_dir):
+    """The reward model of a ``rmkernels-train ppo`` run (both paths): ``--reward-model``, or the
+    default one in ``<output-dir>/reward_model`` (safetensors only: nothing in an output
+    directory can run code), with the linear ``score`` head the rewards come from."""
+    from rmkernels_train.model import load_reward_model
 
-    from rmkernels_train.model import (
-        load_reward_model,
-        load_tokenizer,
-        tiny_llama_config,
-    )
+    if a.reward_model is not None:
+        what, model = "--reward-model", load_reward_model(reward_dir, what="--reward-model")
+    else:
+        what = "the default reward model"
+        model = load_reward_model(reward_dir, what=what, use_safetensors=True)
+    head = getattr(model, "score", None)
+    if head is None or not hasattr(head, "weight"):
+        raise TrainingError(f"{what} {reward_dir}: no linear `score` head found on {type(model).__name__}")
+    return model
+
+
+def load_policy(path, tokenizer):
+    """``--policy``: a causal LM whose vocabulary covers the reward model's tokenizer (both paths)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        policy = AutoModelForCausalLM.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 (transformers raises many types)
+        raise TrainingError(f"--policy {path}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
+    n = policy.get_input_embeddings().num_embeddings
+    if n < len(tokenizer):
+        raise TrainingError(f"--policy {path}: its vocabulary ({n}) is smaller than the reward model's tokenizer "
+                            f"({len(tokenizer)})")
+    return policy
+
+
+def load_models(a, dist, reward_dir):
+    from transformers import LlamaForCausalLM
+
+    from rmkernels_train.model import load_tokenizer, tiny_llama_config
     from rmkernels_train.ppo_core import ValueModel
 
     tokenizer = load_tokenizer(reward_dir)
     if tokenizer.eos_token_id is None:
         raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-    if a.reward_model is not None:
-        reward_model = load_reward_model(reward_dir, what="--reward-model")
-    else:  # the default one lives in the output directory: safetensors only, nothing there can run code
-        reward_model = load_reward_model(reward_dir, what="the default reward model", use_safetensors=True)
+    reward_model = load_run_reward_model(a, reward_dir)
     backbone_rm = reward_model.base_model
-    head = getattr(reward_model, "score", None)
-    if head is None or not hasattr(head, "weight"):
-        raise TrainingError(f"--reward-model {reward_dir}: no linear `score` head found on "
-                            f"{type(reward_model).__name__}")
+    head = reward_model.score
     torch.manual_seed(a.seed)  # the same initial weights on every rank
     if a.policy is not None:
-        try:
-            policy = AutoModelForCausalLM.from_pretrained(a.policy)
-        except Exception as e:
-            raise TrainingError(f"--policy {a.policy}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
-        if policy.get_input_embeddings().num_embeddings < len(tokenizer):
-            raise TrainingError(f"--policy {a.policy}: its vocabulary ({policy.get_input_embeddings().num_embeddings})"
-                                f" is smaller than the reward model's tokenizer ({len(tokenizer)})")
+        policy = load_policy(a.policy, tokenizer)
     else:
         cfg = tiny_llama_config(tokenizer, hidden_size=a.policy_hidden, num_hidden_layers=a.policy_layers,
                                 num_attention_heads=4, intermediate_size=2 * a.policy_hidden)

@@ -98,8 +98,8 @@ def check_args(a):
         raise TrainingError(f"--kl-estimator {a.kl_estimator}: the critic-free run's KL loss takes k1, k2 or k3")
 
 
-def _fmt(v):
-    return "n/a" if v is None else f"{v:.3f}"
+def _fmt(v, digits=3):
+    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 # Options that fix what each step samples and trains on: they must not change on --resume.
@@ -126,10 +126,12 @@ class CriticFreeTrainer:
     def setup(self):
         from rmkernels_train import sft, task
         from rmkernels_train import trainer as T
-        from rmkernels_train.model import load_reward_model, load_tokenizer
+        from rmkernels_train.model import load_tokenizer
         from rmkernels_train.ppo import (
             encode_prompts,
+            load_policy,
             load_prompts,
+            load_run_reward_model,
             train_default_reward_model,
         )
         from rmkernels_train.utils import MetricsWriter, read_metrics
@@ -149,7 +151,7 @@ class CriticFreeTrainer:
         self.tokenizer = tok = load_tokenizer(reward_dir)
         if tok.eos_token_id is None:
             raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-        self.reward_model = load_reward_model(reward_dir, what="--reward-model").to(dist.device)
+        self.reward_model = load_run_reward_model(a, reward_dir).to(dist.device)
         self.reward_model.requires_grad_(False)
         self.reward_model.eval()
         train_prompts, held = task.task_prompts()
@@ -157,12 +159,7 @@ class CriticFreeTrainer:
         self.held_prompts = held[:a.eval_prompts]
         t = time.time()
         if a.policy is not None:
-            from transformers import AutoModelForCausalLM
-
-            try:
-                policy = AutoModelForCausalLM.from_pretrained(a.policy)
-            except Exception as e:  # noqa: BLE001 (transformers raises many types)
-                raise TrainingError(f"--policy {a.policy}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
+            policy = load_policy(a.policy, tok)
             self.warm_info = {"policy": a.policy}
         elif a.warm_start_steps > 0:
             settings = {**sft.DEFAULTS, "steps": a.warm_start_steps, "layers": a.policy_layers,
@@ -264,7 +261,7 @@ class CriticFreeTrainer:
                          num_generations=a.num_generations, estimator=a.advantage, reward=a.reward,
                          kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, kl_mode=a.kl_mode,
                          max_new_tokens=a.max_new_tokens, temperature=a.temperature, max_grad_norm=a.max_grad_norm,
-                         backend=a.backend)
+                         backend=a.backend, check=a.prompts is None)
         if not math.isfinite(r["kl"]):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {r['kl']}; lower --lr")
         return {"step": step + 1, "split": "train", **r}
@@ -288,7 +285,7 @@ class CriticFreeTrainer:
                 T.fault_point("step")
                 self.writer.write(rec)
                 if bar is not None:
-                    bar.set_postfix(score=f"{rec['score']:.2f}", ok=f"{rec['train_success']:.2f}",
+                    bar.set_postfix(score=f"{rec['score']:.2f}", ok=_fmt(rec["train_success"], 2),
                                     kl=f"{rec['kl']:.3f}", refresh=False)
                     bar.update(1)
                 if self.step % a.eval_every == 0 or self.step == a.steps:
