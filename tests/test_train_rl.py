@@ -382,3 +382,57 @@ def test_policy_with_a_smaller_vocabulary_stops_with_a_message(tiny_rm, tmp_path
     for run in (tiny, tiny_gae):
         assert main(run(tiny_rm, tmp_path / run.__name__, "--policy", str(pol), "--steps", "1")) == 1
         assert "its vocabulary (5) is smaller than the reward model's tokenizer" in _err(capsys)
+
+
+@pytest.fixture(scope="module")
+def warm_run(tiny_rm, tmp_path_factory):
+    """A 2-step run from a 2-step warm start: <out>/warm_start and checkpoint-2."""
+    out = tmp_path_factory.mktemp("warm") / "run"
+    assert main(tiny(tiny_rm, out, "--steps", "2", "--warm-start-steps", "2")) == 0
+    return out
+
+
+def _damage_cache(ws, case):
+    if case == "truncated model":
+        with open(ws / "model.safetensors", "r+b") as f:
+            f.truncate(100)
+    elif case == "missing model":
+        (ws / "model.safetensors").unlink()
+    else:
+        (ws / "warm_start.json").write_text({"malformed json": "{\"settings\": ", "not an object": "[1, 2]",
+                                             "missing json": None}[case] or "")
+        if case == "missing json":
+            (ws / "warm_start.json").unlink()
+
+
+@pytest.mark.parametrize("case", ["truncated model", "missing model", "malformed json", "not an object",
+                                  "missing json"])
+def test_damaged_warm_start_cache_is_trained_again(warm_run, tiny_rm, tmp_path, capsys, case):
+    out = tmp_path / "run"
+    shutil.copytree(warm_run / "warm_start", out / "warm_start")
+    _damage_cache(out / "warm_start", case)
+    (out / ".tmp-warm_start-x1").mkdir()  # left by a killed warm-start write
+    assert main(tiny(tiny_rm, out, "--steps", "1", "--warm-start-steps", "2")) == 0
+    err = _err(capsys)
+    assert "training it again" in err and "removed .tmp-warm_start-x1" in err
+    assert not (out / ".tmp-warm_start-x1").exists()
+    with open(out / "final.json") as f:
+        assert json.load(f)["warm_start"]["cached"] is False
+    # the cache was rewritten whole: the next run loads it
+    shutil.rmtree(out / "checkpoint-1")
+    assert main(tiny(tiny_rm, out, "--steps", "1", "--warm-start-steps", "2")) == 0
+    _err(capsys)
+    with open(out / "final.json") as f:
+        assert json.load(f)["warm_start"]["cached"] is True
+
+
+def test_resume_does_not_read_the_warm_start_cache(warm_run, tiny_rm, tmp_path, capsys):
+    """The checkpoint holds the policy and the reference: a damaged cache is not even read."""
+    out = tmp_path / "run"
+    shutil.copytree(warm_run, out)
+    _damage_cache(out / "warm_start", "truncated model")
+    assert main(tiny(tiny_rm, out, "--steps", "3", "--warm-start-steps", "2", "--resume")) == 0
+    err = _err(capsys)
+    assert "resuming from" in err and "training it again" not in err
+    train = [r for r in _records(out / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]

@@ -161,6 +161,11 @@ class CriticFreeTrainer:
         if a.policy is not None:
             policy = load_policy(a.policy, tok)
             self.warm_info = {"policy": a.policy}
+        elif a.warm_start_steps > 0 and a.resume and T.list_checkpoints(self.out_dir)[0]:
+            # the checkpoint holds the policy and the reference: the warm-start cache is not read
+            # (a run with no intact checkpoint stops below)
+            policy = sft.build_policy(tok, layers=a.policy_layers, hidden=a.policy_hidden)
+            self.warm_info = {**(sft.read_cache_meta(self.out_dir)[0] or {}), "from_checkpoint": True}
         elif a.warm_start_steps > 0:
             settings = {**sft.DEFAULTS, "steps": a.warm_start_steps, "layers": a.policy_layers,
                         "hidden": a.policy_hidden, "seed": a.seed}

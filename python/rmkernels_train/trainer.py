@@ -45,7 +45,8 @@ import torch
 from rmkernels_train.utils import TrainingError, setup_distributed, teardown_distributed
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
-STALE_PREFIXES = (".tmp-checkpoint-", ".old-checkpoint-", ".tmp-policy-", ".old-policy-")
+STALE_PREFIXES = (".tmp-checkpoint-", ".old-checkpoint-", ".tmp-policy-", ".old-policy-", ".tmp-warm_start-",
+                  ".old-warm_start-")
 # Files a trainer writes at the top of its output directory: each must be a file if it exists.
 OUTPUT_FILES = ("metrics.jsonl", "final.json", "curves.png")
 TRAIN_EXTRA = "pip install 'rmkernels[train]'"
