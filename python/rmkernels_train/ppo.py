@@ -167,6 +167,8 @@ def load_prompts(path):
                 prompts.append(rec["prompt"])
     except UnicodeDecodeError as e:
         raise TrainingError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+    except OSError as e:
+        raise TrainingError(f"--prompts {path}: cannot read it ({e.strerror or e})") from None
     if not prompts:
         raise TrainingError(f"{path}: no prompts")
     return prompts

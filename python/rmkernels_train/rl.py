@@ -134,7 +134,7 @@ class CriticFreeTrainer:
             load_run_reward_model,
             train_default_reward_model,
         )
-        from rmkernels_train.utils import MetricsWriter, read_metrics
+        from rmkernels_train.utils import MetricsWriter
 
         a, dist = self.a, self.dist
         if dist.enabled:
@@ -192,10 +192,8 @@ class CriticFreeTrainer:
             self.ref.load_state_dict(loaded[1]["ref_policy"], strict=False)
             self.optimizer.load_state_dict(loaded[1]["optimizer"])
             self.log(f"resuming from {self.last_ckpt} (step {self.step})")
-            if os.path.isfile(self.metrics_path):
-                self.evals = [r for r in read_metrics(self.metrics_path)
-                              if r.get("split") == "eval" and r["step"] <= self.step]
         self.writer = MetricsWriter(self.metrics_path, resume_step=self.step if a.resume else None)
+        self.evals = [r for r in self.writer.records if r.get("split") == "eval" and r.get("step", 0) <= self.step]
 
     def make_optimizer(self):
         return torch.optim.AdamW(self.policy.parameters(), lr=self.a.lr, weight_decay=0.0)
