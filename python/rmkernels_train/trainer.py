@@ -111,6 +111,13 @@ def check_run_args(args):
 
         if args.backend not in tuple(rmk.BACKENDS) + ("auto",):
             raise TrainingError(f"--backend must be one of {', '.join(rmk.BACKENDS)} or auto, got {args.backend!r}")
+        if args.backend != "auto":  # can it run here, on the tensors of this run's device?
+            device = getattr(args, "device", "auto")
+            device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+            why = rmk.backend_report(device).get(args.backend)
+            if why is not None:
+                raise TrainingError(f"--backend {args.backend} cannot run here ({device} tensors): {why}. Available: "
+                                    f"{', '.join(rmk.available_backends(device))}")
 
 
 def threads_for(args, built_in):
