@@ -245,6 +245,8 @@ def test_defaults_depend_on_the_estimator():
     (["--warm-start-steps", "-1"], "--warm-start-steps must be >= 0"),
     (["--kl-estimator", "abs"], "takes k1, k2 or k3"),
     (["--advantage", "gae", "--reward", "checker"], "options of the critic-free run"),
+    (["--policy-hidden", "18"], "--policy-hidden must be a multiple of 4"),
+    (["--policy-hidden", "18", "--advantage", "gae"], "--policy-hidden must be a multiple of 4"),
 ])
 def test_bad_rl_options_stop_with_a_message(argv, message, capsys):
     assert main(argv + FAST) == 1

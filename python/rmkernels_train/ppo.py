@@ -61,7 +61,7 @@ def build_parser():
                         'file, the critic-free run trains on the reward model alone: the checker only judges the '
                         'built-in task, train_success is null; the task evaluations stay on the built-in prompts)')
     g.add_argument("--policy-layers", type=int, default=2, help="layers of the default tiny policy")
-    g.add_argument("--policy-hidden", type=int, default=64, help="hidden size of the default tiny policy")
+    g.add_argument("--policy-hidden", type=int, default=64, help="hidden size of the default tiny policy (a multiple of its 4 attention heads)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--steps", type=int, default=None,
                    help="RL steps (rollout + update); default 1000 critic-free, 80 with --advantage gae")
@@ -137,6 +137,11 @@ def check_args(a):
         v = getattr(a, name)
         if v is not None and not v > 0:
             raise TrainingError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    from rmkernels_train.sft import POLICY_HEADS
+
+    if a.policy_hidden % POLICY_HEADS:
+        raise TrainingError(f"--policy-hidden must be a multiple of {POLICY_HEADS} (the attention heads of the "
+                            f"built-in policy, --policy-layers x {POLICY_HEADS} heads), got {a.policy_hidden}")
     if a.minibatches > a.batch_size:
         raise TrainingError(f"--minibatches ({a.minibatches}) cannot exceed --batch-size ({a.batch_size})")
     for name in ("reward_model", "policy"):
@@ -255,10 +260,9 @@ def load_policy(path, tokenizer):
 
 
 def load_models(a, dist, reward_dir):
-    from transformers import LlamaForCausalLM
-
-    from rmkernels_train.model import load_tokenizer, tiny_llama_config
+    from rmkernels_train.model import load_tokenizer
     from rmkernels_train.ppo_core import ValueModel
+    from rmkernels_train.sft import build_policy
 
     tokenizer = load_tokenizer(reward_dir)
     if tokenizer.eos_token_id is None:
@@ -270,9 +274,7 @@ def load_models(a, dist, reward_dir):
     if a.policy is not None:
         policy = load_policy(a.policy, tokenizer)
     else:
-        cfg = tiny_llama_config(tokenizer, hidden_size=a.policy_hidden, num_hidden_layers=a.policy_layers,
-                                num_attention_heads=4, intermediate_size=2 * a.policy_hidden)
-        policy = LlamaForCausalLM(cfg)
+        policy = build_policy(tokenizer, layers=a.policy_layers, hidden=a.policy_hidden)
     ref = copy.deepcopy(policy)
     # The value model starts from the reward model (as TRL and OpenRLHF do): its backbone, and
     # the score head as the value head.

@@ -26,13 +26,18 @@ from rmkernels_train.utils import TrainingError
 DEFAULTS = {"steps": 100, "batch_size": 32, "lr": 1e-3, "layers": 2, "hidden": 64, "seed": 0}
 
 
+# Attention heads of the built-in policy (both paths, warm start or not): --policy-hidden must
+# be a multiple of it (ppo.check_args).
+POLICY_HEADS = 4
+
+
 def build_policy(tokenizer, *, layers, hidden):
     """A random-init tiny ``LlamaForCausalLM`` over ``tokenizer`` (seed the torch RNG first)."""
     from transformers import LlamaForCausalLM
 
     from rmkernels_train.model import tiny_llama_config
 
-    cfg = tiny_llama_config(tokenizer, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+    cfg = tiny_llama_config(tokenizer, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=POLICY_HEADS,
                             intermediate_size=2 * hidden)
     return LlamaForCausalLM(cfg)
 
