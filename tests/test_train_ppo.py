@@ -139,9 +139,9 @@ def test_default_reward_model_dir_is_reused(reward_model, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--reward-model", "/nonexistent"], "--reward-model /nonexistent: not a directory"),
-    (["--lam", "1.5"], "--lam must be in [0, 1]"),
+    (GAE + ["--lam", "1.5"], "--lam must be in [0, 1]"),
     (["--kl-coef", "-1"], "--kl-coef must be"),
-    (["--minibatches", "64", "--batch-size", "8"], "--minibatches"),
+    (GAE + ["--minibatches", "64", "--batch-size", "8"], "--minibatches (64) cannot exceed --batch-size (8)"),
     (["--prompts", "/nonexistent.jsonl"], "no such file"),
     (["--backend", "fast"], "--backend must be one of"),
 ])

@@ -438,3 +438,86 @@ def test_resume_does_not_read_the_warm_start_cache(warm_run, tiny_rm, tmp_path, 
     assert "resuming from" in err and "training it again" not in err
     train = [r for r in _records(out / "metrics.jsonl") if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
+
+
+# Each option of one path alone, given to the other (they were accepted and ignored).
+GAE_ONLY = [k for k in rl.GAE_DEFAULTS if k not in rl.CRITIC_FREE_DEFAULTS]
+CRITIC_FREE_ONLY = [k for k in rl.CRITIC_FREE_DEFAULTS if k not in rl.GAE_DEFAULTS]
+FLAG_ONLY = ("adaptive_kl", "whiten", "shift_mean", "unbiased")
+VALUES = {"reward": "model", "kl_mode": "loss"}
+
+
+def _given(dest):
+    return [rl.flag(dest)] + ([] if dest in FLAG_ONLY else [VALUES.get(dest, "1")])
+
+
+@pytest.mark.parametrize("dest", GAE_ONLY)
+def test_ppo_options_are_refused_by_the_critic_free_run(dest, capsys):
+    assert set(GAE_ONLY) >= {"value_lr", "vf_coef", "clip_range_value", "ppo_epochs", "minibatches", "clip_range",
+                             "gamma", "lam", "adaptive_kl", "kl_clamp", "score_clip", "whiten", "shift_mean",
+                             "unbiased", "missing_eos_penalty"}
+    assert main(_given(dest) + FAST) == 1
+    assert f"{rl.flag(dest)}: options of --advantage gae" in _err(capsys)
+
+
+@pytest.mark.parametrize("dest", CRITIC_FREE_ONLY)
+def test_critic_free_options_are_refused_by_gae(dest, capsys):
+    assert set(CRITIC_FREE_ONLY) >= {"num_generations", "warm_start_steps", "eval_every", "eval_prompts"}
+    assert main(["--advantage", "gae"] + _given(dest) + FAST) == 1
+    assert f"{rl.flag(dest)}: options of the critic-free run" in _err(capsys)
+
+
+@pytest.mark.parametrize("name,canonical", [("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3"), ("k2", "k2")])
+def test_kl_estimator_aliases_are_taken_by_the_critic_free_run(name, canonical):
+    a = build_parser().parse_args(["--kl-estimator", name])
+    check_args(a)
+    assert a.kl_estimator == canonical
+
+
+def test_kl_estimator_is_refused_with_kl_mode_reward(capsys):
+    assert main(["--kl-mode", "reward", "--kl-estimator", "k3"] + FAST) == 1
+    assert "with --kl-mode reward the critic-free run subtracts the k1 KL" in _err(capsys)
+
+
+def test_critic_free_batch_size_1_and_a_kl_alias_run(tiny_rm, tmp_path, capsys):
+    """--batch-size 1 (no --minibatches check: the critic-free run has none) and --kl-estimator mse."""
+    out = tmp_path / "run"
+    assert main(tiny(tiny_rm, out, "--steps", "1", "--batch-size", "1", "--kl-estimator", "mse")) == 0
+    _err(capsys)
+    with open(out / "checkpoint-1" / "trainer_state.json") as f:
+        args = json.load(f)["args"]
+    assert args["kl_estimator"] == "k2" and args["ppo_epochs"] is None
+
+
+def test_kl_mode_reward_logs_the_k1_it_applies(tokenizer, monkeypatch):
+    """With --kl-mode reward the step's kl metric is the k1 subtracted from the rewards, not the
+    loss estimator's (k3 here, the resolved default): with a policy that differs from the
+    reference, k1 and k3 differ."""
+    from transformers import LlamaForCausalLM
+
+    from rmkernels_train import sft
+
+    torch.manual_seed(0)
+    policy = sft.build_policy(tokenizer, layers=1, hidden=16)
+    ref = sft.build_policy(tokenizer, layers=1, hidden=16)
+    ref.requires_grad_(False)
+    assert isinstance(policy, LlamaForCausalLM)
+    monkeypatch.setattr(grpo, "rm_scores", lambda model, r, backend=None: torch.zeros(r.sequences.shape[0]))
+    ids = [[tokenizer.bos_token_id] + tokenizer("sort 312: ", add_special_tokens=False)["input_ids"]] * 2
+    kls = {}
+    for mode in ("reward", "loss"):
+        torch.manual_seed(1)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+        r = grpo.rl_step(policy, ref, None, opt, tokenizer, ["sort 312: "] * 2, ids, num_generations=2,
+                         estimator="grpo", reward="model", kl_coef=0.1, kl_estimator="k3", kl_mode=mode,
+                         max_new_tokens=4, temperature=1.0, max_grad_norm=1.0)
+        kls[mode] = r["kl"]
+    torch.manual_seed(1)
+    roll = grpo.sample(policy, [i for i in ids for _ in range(2)], tokenizer, max_new_tokens=4)
+    from rmkernels_train import ppo_core as core
+
+    with torch.no_grad():
+        k1 = ((core.fused_policy_logprobs(policy, roll, 1.0) - core.fused_policy_logprobs(ref, roll, 1.0))
+              * roll.response_mask).sum(1).mean().item()
+    assert kls["reward"] == pytest.approx(k1, rel=1e-4, abs=1e-6)
+    assert kls["loss"] != pytest.approx(k1, rel=1e-3)

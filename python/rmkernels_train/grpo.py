@@ -42,6 +42,9 @@ CRITIC_FREE = (*GROUP_ESTIMATORS, *TOKEN_ESTIMATORS)
 # gradient of the estimator's formula); verl's "low_var_kl" is k3 with its log ratio clamped to
 # +-20 and its value to +-10, which never binds at the KL of these runs.
 KL_LOSS_ESTIMATORS = {"k1": "k1", "k2": "k2", "k3": "low_var_kl"}
+# The other names of --kl-estimator the critic-free run takes (rmkernels' names: kl = k1,
+# mse = k2, low_var_kl = k3); rl.resolve_defaults turns them into the names above.
+KL_LOSS_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
 def group_advantages(scores, group_ids, mask, estimator, backend=None):
@@ -84,7 +87,7 @@ def token_advantages(rewards, mask, estimator, *, baselines=None, kl_k1=None, kl
 def kl_per_token(logprobs, ref_logprobs, estimator):
     from rmkernels.integrations.verl import kl_penalty
 
-    return kl_penalty(logprobs, ref_logprobs, KL_LOSS_ESTIMATORS[estimator])
+    return kl_penalty(logprobs, ref_logprobs, KL_LOSS_ESTIMATORS[KL_LOSS_ALIASES.get(estimator, estimator)])
 
 
 def sample(policy, prompt_ids, tokenizer, *, max_new_tokens, temperature=1.0, greedy=False):
@@ -189,8 +192,9 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
             baselines = base.float().repeat_interleave(G)
     logp = core.fused_policy_logprobs(policy, roll, temperature)
     kl_tok = kl_per_token(logp, ref_logp, kl_estimator)
-    seq_kl = (kl_tok.detach() * mask).sum(1)
     k1_tok = (logp.detach() - ref_logp) * mask if kl_mode == "reward" else None
+    # the KL that was applied, per response: the loss term's estimator, or the k1 in the rewards
+    seq_kl = (kl_tok.detach() * mask).sum(1) if k1_tok is None else k1_tok.sum(1)
     # each response's reward less its KL (kl_mode "reward"): what the group estimators compare
     seq_rewards = rewards if k1_tok is None else rewards - kl_coef * k1_tok.sum(1)
     if estimator in TOKEN_ESTIMATORS:  # the KL per token in the token rewards instead

@@ -61,7 +61,8 @@ def build_parser():
                         'file, the critic-free run trains on the reward model alone: the checker only judges the '
                         'built-in task, train_success is null; the task evaluations stay on the built-in prompts)')
     g.add_argument("--policy-layers", type=int, default=2, help="layers of the default tiny policy")
-    g.add_argument("--policy-hidden", type=int, default=64, help="hidden size of the default tiny policy (a multiple of its 4 attention heads)")
+    g.add_argument("--policy-hidden", type=int, default=64,
+                   help="hidden size of the default tiny policy (a multiple of its 4 attention heads)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--steps", type=int, default=None,
                    help="RL steps (rollout + update); default 1000 critic-free, 80 with --advantage gae")
@@ -71,34 +72,44 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=8, help="longest response (tokens)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     g.add_argument("--missing-eos-penalty", type=float, default=None,
-                   help="subtracted from the score of a response with no EOS (TRL's option)")
+                   help="subtracted from the score of a response with no EOS (TRL's option; --advantage gae only: "
+                        "the critic-free run gives such a response a reward below the batch's lowest)")
     g = p.add_argument_group("advantages (rmk.ppo_advantages)")
     g.add_argument("--kl-estimator", choices=tuple(KL_ESTIMATORS), default=None,
                    help="per-token KL estimator (k1 = kl, abs, k2 = mse, k3, low_var_kl); default k3 critic-free "
-                        "(a loss term: k1, k2 or k3), k1 with --advantage gae (the penalty in the reward)")
+                        "(a loss term: k1, k2 or k3 and their aliases; not with --kl-mode reward, which applies k1), "
+                        "k1 with --advantage gae (the penalty in the reward)")
     g.add_argument("--kl-coef", type=float, default=None,
                    help="(initial) KL coefficient; default 0.5 critic-free, 0.05 with --advantage gae")
-    g.add_argument("--adaptive-kl", action="store_true", help="adapt the KL coefficient (Ziegler et al.)")
-    g.add_argument("--kl-target", type=float, default=1.0, help="target KL (nats per response) of --adaptive-kl")
-    g.add_argument("--kl-horizon", type=float, default=2000.0, help="horizon (samples) of --adaptive-kl")
-    g.add_argument("--kl-clamp", type=float, default=None, help="clamp the per-token KL to [-c, c]")
-    g.add_argument("--gamma", type=float, default=1.0, help="discount of GAE")
-    g.add_argument("--lam", type=float, default=0.95, help="lambda of GAE")
-    g.add_argument("--score-clip", type=float, default=None, help="clamp the scores to [-c, c]")
-    g.add_argument("--no-whiten", dest="whiten", action="store_false", help="do not whiten the advantages")
-    g.add_argument("--no-shift-mean", dest="shift_mean", action="store_false",
-                   help="whitening divides by the std but keeps the advantages' mean")
-    g.add_argument("--biased-whiten", dest="unbiased", action="store_false",
-                   help="whitening divides the variance by n, not n - 1")
-    g = p.add_argument_group("PPO update")
-    g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each step's rollouts")
-    g.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
+    g.add_argument("--adaptive-kl", action="store_true", default=None,
+                   help="adapt the KL coefficient (Ziegler et al.; --advantage gae only)")
+    g.add_argument("--kl-target", type=float, default=None,
+                   help="target KL (nats per response) of --adaptive-kl; default 1.0 (--advantage gae only)")
+    g.add_argument("--kl-horizon", type=float, default=None,
+                   help="horizon (samples) of --adaptive-kl; default 2000 (--advantage gae only)")
+    g.add_argument("--kl-clamp", type=float, default=None,
+                   help="clamp the per-token KL to [-c, c] (--advantage gae only)")
+    g.add_argument("--gamma", type=float, default=None, help="discount of GAE; default 1.0 (--advantage gae only)")
+    g.add_argument("--lam", type=float, default=None, help="lambda of GAE; default 0.95 (--advantage gae only)")
+    g.add_argument("--score-clip", type=float, default=None,
+                   help="clamp the scores to [-c, c] (--advantage gae only)")
+    g.add_argument("--no-whiten", dest="whiten", action="store_false", default=None,
+                   help="do not whiten the advantages (--advantage gae only)")
+    g.add_argument("--no-shift-mean", dest="shift_mean", action="store_false", default=None,
+                   help="whitening divides by the std but keeps the advantages' mean (--advantage gae only)")
+    g.add_argument("--biased-whiten", dest="unbiased", action="store_false", default=None,
+                   help="whitening divides the variance by n, not n - 1 (--advantage gae only)")
+    g = p.add_argument_group("PPO update (--advantage gae only, except --lr and --max-grad-norm: the critic-free "
+                             "run refuses the others)")
+    g.add_argument("--ppo-epochs", type=int, default=None, help="passes over each step's rollouts; default 4")
+    g.add_argument("--minibatches", type=int, default=None, help="minibatches per PPO epoch; default 2")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate of the policy; default 3e-4 critic-free, 1e-3 with --advantage gae")
-    g.add_argument("--value-lr", type=float, default=1e-3, help="learning rate of the value model")
-    g.add_argument("--clip-range", type=float, default=0.2, help="PPO ratio clip epsilon")
-    g.add_argument("--clip-range-value", type=float, default=0.2, help="value clip range")
-    g.add_argument("--vf-coef", type=float, default=0.5, help="weight of the value loss")
+    g.add_argument("--value-lr", type=float, default=None, help="learning rate of the value model; default 1e-3")
+    g.add_argument("--clip-range", type=float, default=None,
+                   help="PPO ratio clip epsilon; default 0.2 (the critic-free step is on-policy: ratio 1)")
+    g.add_argument("--clip-range-value", type=float, default=None, help="value clip range; default 0.2")
+    g.add_argument("--vf-coef", type=float, default=None, help="weight of the value loss; default 0.5")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this")
     from rmkernels_train import rl
 
@@ -117,21 +128,23 @@ def check_args(a):
         if not v > 0:
             raise TrainingError(f"--{name} must be > 0, got {v}")
 
+    # the options of the other path are None (rl.resolve_defaults): nothing to check
     for name in ("steps", "batch_size", "max_new_tokens", "ppo_epochs", "minibatches", "policy_layers",
                  "policy_hidden"):
-        positive(name.replace("_", "-"), getattr(a, name))
+        if getattr(a, name) is not None:
+            positive(name.replace("_", "-"), getattr(a, name))
     for name in ("temperature", "lr", "value_lr", "clip_range", "clip_range_value", "kl_target", "kl_horizon",
                  "max_grad_norm"):
         v = getattr(a, name)
-        if not (math.isfinite(v) and v > 0):
+        if v is not None and not (math.isfinite(v) and v > 0):
             raise TrainingError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
     if not (math.isfinite(a.kl_coef) and a.kl_coef >= 0):
         raise TrainingError(f"--kl-coef must be a finite number >= 0, got {a.kl_coef}")
-    if not (math.isfinite(a.vf_coef) and a.vf_coef >= 0):
+    if a.vf_coef is not None and not (math.isfinite(a.vf_coef) and a.vf_coef >= 0):
         raise TrainingError(f"--vf-coef must be a finite number >= 0, got {a.vf_coef}")
-    if not 0.0 <= a.gamma:
+    if a.gamma is not None and not 0.0 <= a.gamma:
         raise TrainingError(f"--gamma must be >= 0, got {a.gamma}")
-    if not 0.0 <= a.lam <= 1.0:
+    if a.lam is not None and not 0.0 <= a.lam <= 1.0:
         raise TrainingError(f"--lam must be in [0, 1], got {a.lam}")
     for name in ("kl_clamp", "score_clip"):
         v = getattr(a, name)
@@ -142,7 +155,7 @@ def check_args(a):
     if a.policy_hidden % POLICY_HEADS:
         raise TrainingError(f"--policy-hidden must be a multiple of {POLICY_HEADS} (the attention heads of the "
                             f"built-in policy, --policy-layers x {POLICY_HEADS} heads), got {a.policy_hidden}")
-    if a.minibatches > a.batch_size:
+    if a.advantage == "gae" and a.minibatches > a.batch_size:  # critic-free has no minibatches
         raise TrainingError(f"--minibatches ({a.minibatches}) cannot exceed --batch-size ({a.batch_size})")
     for name in ("reward_model", "policy"):
         v = getattr(a, name)
