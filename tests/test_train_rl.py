@@ -521,3 +521,40 @@ def test_kl_mode_reward_logs_the_k1_it_applies(tokenizer, monkeypatch):
               * roll.response_mask).sum(1).mean().item()
     assert kls["reward"] == pytest.approx(k1, rel=1e-4, abs=1e-6)
     assert kls["loss"] != pytest.approx(k1, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def gae_run(tiny_rm, tmp_path_factory):
+    """A 1-step --advantage gae run: checkpoint-1."""
+    out = tmp_path_factory.mktemp("gae") / "run"
+    assert main(tiny_gae(tiny_rm, out, "--steps", "1")) == 0
+    return out
+
+
+@pytest.mark.parametrize("run,argv,message", [
+    ("critic_free", ["--advantage", "gae"], "--advantage was 'grpo' in the checkpoint's run and is 'gae' now"),
+    ("critic_free", ["--policy-hidden", "32"], "--policy-hidden was 16 in the checkpoint's run and is 32 now"),
+    ("critic_free", ["--policy-layers", "2"], "--policy-layers was 1 in the checkpoint's run and is 2 now"),
+    ("gae", ["--advantage", "grpo"], "--advantage was 'gae' in the checkpoint's run and is 'grpo' now"),
+    ("gae", ["--policy-hidden", "32"], "--policy-hidden was 16 in the checkpoint's run and is 32 now"),
+    ("gae", ["--kl-coef", "0.3"], "--kl-coef was 0.05 in the checkpoint's run and is 0.3 now"),
+    ("gae", ["--lr", "0.1"], "--lr was 0.001 in the checkpoint's run and is 0.1 now"),
+    ("gae", ["--kl-estimator", "k3"], "--kl-estimator was 'k1' in the checkpoint's run and is 'k3' now"),
+    ("gae", ["--gamma", "0.5"], "--gamma was 1.0 in the checkpoint's run and is 0.5 now"),
+])
+def test_resume_names_the_option_that_changed(warm_run, gae_run, tiny_rm, tmp_path, capsys, run, argv, message):
+    """The checkpoint's options are compared before any weight is loaded: a changed option is
+    named, and no intact checkpoint is reported as damaged (a user could delete good ones)."""
+    out = tmp_path / "run"
+    shutil.copytree(warm_run if run == "critic_free" else gae_run, out)
+    base = {"critic_free": lambda: tiny(tiny_rm, out, "--warm-start-steps", "2", "--steps", "3", "--resume"),
+            "gae": lambda: tiny_gae(tiny_rm, out, "--steps", "3", "--resume")}
+    a = base[run]()
+    if "--advantage" in argv:  # the other path's own command line
+        a = (tiny_gae(tiny_rm, out, "--steps", "3", "--resume") if run == "critic_free"
+             else tiny(tiny_rm, out, "--steps", "3", "--resume"))
+    else:
+        a += argv
+    assert main(a) == 1
+    err = _err(capsys)
+    assert message in err and "skipping" not in err and "not intact" not in err, err

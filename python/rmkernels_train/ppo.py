@@ -305,11 +305,6 @@ def load_models(a, dist, reward_dir):
 # ---------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------
-# Options that fix what each step samples: they must not change on --resume.
-RESUME_FIXED = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy", "world_size",
-                "ppo_epochs", "minibatches")
-
-
 def write_checkpoint(tmp, policy, ref, value_model, optimizer, tokenizer, state):
     """The files of one checkpoint, into the temporary directory ``tmp``."""
     from safetensors.torch import save_file
@@ -325,12 +320,16 @@ def write_checkpoint(tmp, policy, ref, value_model, optimizer, tokenizer, state)
         json.dump(state, f, indent=1, sort_keys=True)
 
 
-def load_checkpoint(path, policy, ref, value_model, make_optimizer):
+def load_checkpoint(path, policy, ref, value_model, make_optimizer, args=None, world_size=1):
     """Read and check every file of the checkpoint ``path`` against the models (nothing is
     changed yet); a damaged or missing file raises
     :class:`~rmkernels_train.trainer.CheckpointError`. Returns ``(state, tensors)`` for
     :func:`apply_checkpoint`."""
     state = T.read_trainer_state(path)
+    if args is not None:  # the options first: a changed one is named, not taken for a damaged file
+        from rmkernels_train.rl import check_resume_options
+
+        check_resume_options(state, args, world_size)
     kl_coef = state.get("kl_coef")
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) \
             or kl_coef < 0:
@@ -398,8 +397,7 @@ class PPOTrainer:
         if a.resume:
             self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(
                 self.out_dir, lambda p: load_checkpoint(p, self.policy, self.ref, self.value_model,
-                                                        self.make_optimizer), self.log, dist)
-            T.check_resume_args(loaded[0]["args"], a, RESUME_FIXED, dist.world_size)
+                                                        self.make_optimizer, a, dist.world_size), self.log, dist)
             apply_checkpoint(loaded, self.policy, self.ref, self.value_model, self.optimizer)
             kl_coef = loaded[0]["kl_coef"]
             self.log(f"resuming from {self.last_ckpt} (step {self.step})")

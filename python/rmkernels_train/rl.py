@@ -139,10 +139,34 @@ def _fmt(v, digits=3):
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-# Options that fix what each step samples and trains on: they must not change on --resume.
-RESUME_FIXED = ("seed", "batch_size", "num_generations", "max_new_tokens", "temperature", "prompts", "policy",
-                "advantage", "reward", "kl_mode", "kl_estimator", "kl_coef", "lr", "warm_start_steps",
-                "policy_layers", "policy_hidden", "eval_every", "eval_prompts", "world_size")
+# Options that fix what each step samples and trains on: they must not change on --resume. One
+# rule for both paths: these, and the options of the path alone (the entries of its table above
+# that the other path does not have).
+RESUME_FIXED_COMMON = ("advantage", "seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy",
+                       "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size")
+
+
+def resume_fixed(advantage):
+    mine, other = (GAE_DEFAULTS, CRITIC_FREE_DEFAULTS) if advantage == "gae" else (CRITIC_FREE_DEFAULTS,
+                                                                                   GAE_DEFAULTS)
+    return RESUME_FIXED_COMMON + tuple(k for k in mine if k not in other)
+
+
+RESUME_FIXED = resume_fixed("grpo")
+
+
+def check_resume_options(state, a, world_size):
+    """The options of the checkpoint's run (``state["args"]`` of its ``trainer_state.json``)
+    against this run's, before any weight is loaded: a changed option is named (a policy of
+    another size or the other path's checkpoint would otherwise look like a damaged file)."""
+    from rmkernels_train import trainer as T
+
+    saved = state["args"]
+    if saved.get("advantage", "gae") != a.advantage:  # older gae checkpoints may lack the option
+        raise TrainingError(f"--resume: --advantage was {saved.get('advantage')!r} in the checkpoint's run and is "
+                            f"{a.advantage!r} now: a checkpoint of one estimator cannot continue as another (use "
+                            f"another --output-dir)")
+    T.check_resume_args(saved, a, resume_fixed(a.advantage), world_size)
 
 
 class CriticFreeTrainer:
@@ -224,7 +248,6 @@ class CriticFreeTrainer:
         self.optimizer = self.make_optimizer()
         if a.resume:
             self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(self.out_dir, self.load_checkpoint, self.log)
-            T.check_resume_args(loaded[0]["args"], a, RESUME_FIXED, dist.world_size)
             self.policy.load_state_dict(loaded[1]["policy"], strict=False)
             self.ref.load_state_dict(loaded[1]["ref_policy"], strict=False)
             self.optimizer.load_state_dict(loaded[1]["optimizer"])
@@ -253,6 +276,7 @@ class CriticFreeTrainer:
         from rmkernels_train import trainer as T
 
         state = T.read_trainer_state(path)
+        check_resume_options(state, self.a, self.dist.world_size)
         tensors = {}
         for name, module in (("policy", self.policy), ("ref_policy", self.ref)):
             file = f"{name}/model.safetensors"
