@@ -558,3 +558,20 @@ def test_resume_names_the_option_that_changed(warm_run, gae_run, tiny_rm, tmp_pa
     assert main(a) == 1
     err = _err(capsys)
     assert message in err and "skipping" not in err and "not intact" not in err, err
+
+
+def test_default_reward_model_is_found_from_another_working_directory(tiny_rm, tmp_path, capsys, monkeypatch):
+    """reward_model/final.json records the checkpoint relative to the directory the reward run
+    ran in ("sim/reward_model/checkpoint-3"): a run started elsewhere finds it in its
+    <output-dir>/reward_model."""
+    out = tmp_path / "sim"
+    shutil.copytree(tiny_rm, out / "reward_model" / "checkpoint-3")
+    (out / "reward_model" / "final.json").write_text(json.dumps({"checkpoint": "sim/reward_model/checkpoint-3"}))
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    argv = tiny(tiny_rm, out, "--steps", "1")
+    argv = argv[2:]  # no --reward-model
+    assert main(argv) == 0
+    _err(capsys)
+    with open(out / "final.json") as f:
+        assert json.load(f)["reward_model"] == str(out / "reward_model" / "checkpoint-3")

@@ -210,7 +210,9 @@ def encode_prompts(prompts, tokenizer):
 def train_default_reward_model(out_dir, dist, threads):
     """``rmkernels-train reward`` with its defaults, into ``<out_dir>/reward_model``, run once
     (rank 0, in a single-process subprocess; the other ranks wait). Returns the final
-    checkpoint directory it reports in ``final.json``. An earlier finished run is reused."""
+    checkpoint directory it reports in ``final.json`` (a relative one is taken as the
+    ``checkpoint-<step>`` in ``<out_dir>/reward_model``, so a run resumes from any working
+    directory). An earlier finished run is reused."""
     rm_dir = os.path.join(out_dir, "reward_model")
     summary_path = os.path.join(rm_dir, "final.json")
     if dist.is_main and not os.path.isfile(summary_path):
@@ -237,6 +239,10 @@ def train_default_reward_model(out_dir, dist, threads):
             raise ValueError(f"'checkpoint' is {ckpt!r}, not a path")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TrainingError(f"cannot read the default reward model's summary {summary_path}: {e}") from None
+    if not os.path.isabs(ckpt):
+        # the reward run records its checkpoint as <its --output-dir>/checkpoint-<step>, relative to
+        # the directory it ran in: the checkpoint is in rm_dir, wherever this run starts from
+        ckpt = os.path.join(rm_dir, os.path.basename(os.path.normpath(ckpt)))
     return ckpt
 
 
