@@ -575,3 +575,36 @@ def test_default_reward_model_is_found_from_another_working_directory(tiny_rm, t
     _err(capsys)
     with open(out / "final.json") as f:
         assert json.load(f)["reward_model"] == str(out / "reward_model" / "checkpoint-3")
+
+
+def test_damaged_checkpoint_message_names_the_file(warm_run, tiny_rm, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(warm_run, out)
+    with open(out / "checkpoint-2" / "ref_policy" / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert main(tiny(tiny_rm, out, "--warm-start-steps", "2", "--steps", "3", "--resume")) == 1
+    assert "checkpoint-2: ref_policy/model.safetensors is damaged" in _err(capsys)
+
+
+@pytest.mark.parametrize("file", ["trainer_state.json", "policy/model.safetensors", "optimizer.pt"])
+def test_checkpoint_file_without_permission_stops_instead_of_being_skipped(warm_run, tiny_rm, tmp_path, capsys,
+                                                                           monkeypatch, file):
+    """A file that cannot be read for lack of permission is not damage: skipping the checkpoint
+    would resume from an older one and later overwrite this intact one."""
+    import builtins
+
+    out = tmp_path / "run"
+    shutil.copytree(warm_run, out)
+    denied = str(out / "checkpoint-2" / file)
+    real = builtins.open
+
+    def fake(path, *a, **kw):
+        if str(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", fake)
+    assert main(tiny(tiny_rm, out, "--warm-start-steps", "2", "--steps", "3", "--resume")) == 1
+    err = _err(capsys)
+    assert f"--resume: cannot read {denied} (Permission denied)" in err and "skipping" not in err
+    assert (out / "checkpoint-2").is_dir()

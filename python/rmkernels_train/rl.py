@@ -280,7 +280,7 @@ class CriticFreeTrainer:
         tensors = {}
         for name, module in (("policy", self.policy), ("ref_policy", self.ref)):
             file = f"{name}/model.safetensors"
-            tensors[name] = T.load_safetensors(os.path.join(path, file))
+            tensors[name] = T.load_safetensors(os.path.join(path, file), name=file)
             T.check_state_dict(module, tensors[name], file)
         tensors["optimizer"] = T.load_torch_state(os.path.join(path, "optimizer.pt"))
         T.check_optimizer_state(self.make_optimizer, tensors["optimizer"])
