@@ -608,3 +608,11 @@ def test_checkpoint_file_without_permission_stops_instead_of_being_skipped(warm_
     err = _err(capsys)
     assert f"--resume: cannot read {denied} (Permission denied)" in err and "skipping" not in err
     assert (out / "checkpoint-2").is_dir()
+
+
+def test_batch_size_above_the_prompt_count_is_warned(tiny_rm, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "sort 31: "}\n{"prompt": "sort 98: "}\n')
+    assert main(tiny(tiny_rm, tmp_path / "run", "--prompts", str(prompts), "--steps", "1", "--batch-size", "5")) == 0
+    assert (f"warning: --batch-size 5 is more than the 2 prompts of {prompts}: each step uses all 2 prompts once"
+            in _err(capsys))

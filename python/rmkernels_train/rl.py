@@ -218,6 +218,9 @@ class CriticFreeTrainer:
         train_prompts, held = task.task_prompts()
         self.train_prompts = load_prompts(a.prompts) if a.prompts else train_prompts
         self.held_prompts = held[:a.eval_prompts]
+        if a.batch_size > len(self.train_prompts):  # each step samples prompts without replacement
+            self.log(f"warning: --batch-size {a.batch_size} is more than the {len(self.train_prompts)} prompts of "
+                     f"{a.prompts}: each step uses all {len(self.train_prompts)} prompts once")
         t = time.time()
         if a.policy is not None:
             policy = load_policy(a.policy, tok)
