@@ -140,9 +140,9 @@ def _fmt(v, digits=3):
 
 
 # Options that fix what each step samples and trains on: they must not change on --resume. One
-# rule for both paths: these, and the options of the path alone (the entries of its table above
-# that the other path does not have).
-RESUME_FIXED_COMMON = ("advantage", "seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy",
+# rule for both paths (check_resume_options): --advantage first, then these and the options of
+# the path alone (the entries of its table above that the other path does not have).
+RESUME_FIXED_COMMON = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy",
                        "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size")
 
 
@@ -150,9 +150,6 @@ def resume_fixed(advantage):
     mine, other = (GAE_DEFAULTS, CRITIC_FREE_DEFAULTS) if advantage == "gae" else (CRITIC_FREE_DEFAULTS,
                                                                                    GAE_DEFAULTS)
     return RESUME_FIXED_COMMON + tuple(k for k in mine if k not in other)
-
-
-RESUME_FIXED = resume_fixed("grpo")
 
 
 def check_resume_options(state, a, world_size):
