@@ -43,7 +43,7 @@ KL_MODES = ("loss", "reward")
 # critic-free run (issue 17's measured recipe, 1000 steps) and PPO with GAE. Each of these
 # options defaults to None in the parser, so that "given on the command line" is known: an
 # option in only one table belongs to that path alone, and the other path refuses it when it is
-# given (check_args) instead of ignoring it. Options whose default is None here are off unless
+# given (resolve_defaults) instead of ignoring it. Options whose default is None here are off unless
 # given (--kl-clamp, --score-clip, --missing-eos-penalty).
 CRITIC_FREE_DEFAULTS = {"steps": 1000, "lr": 3e-4, "kl_coef": 0.5, "kl_estimator": "k3", "batch_size": 16,
                         "num_generations": 8, "reward": "model", "kl_mode": "loss", "warm_start_steps": 100,
