@@ -171,6 +171,40 @@ def test_ppo_bad_prompt_files(tmp_path, capsys, text, message):
         load_prompts(str(path))
 
 
+def _deny(monkeypatch, path):
+    """Opening ``path`` raises PermissionError, as for a file without read or write permission
+    (chmod cannot show it: the tests may run as root)."""
+    import builtins
+
+    real = builtins.open
+
+    def fake(file, *a, **kw):
+        if os.path.abspath(str(file)) == os.path.abspath(str(path)):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", fake)
+
+
+def test_unreadable_prompt_file_is_a_message(tmp_path, monkeypatch):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "sort 123: "}\n')
+    _deny(monkeypatch, path)
+    with pytest.raises(T.TrainingError, match=re.escape(f"--prompts {path}: cannot read it (Permission denied)")):
+        load_prompts(str(path))
+
+
+@pytest.mark.parametrize("resume", [None, 3])
+def test_metrics_file_the_run_cannot_write_is_a_message(tmp_path, monkeypatch, resume):
+    from rmkernels_train.utils import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n')
+    _deny(monkeypatch, path)
+    with pytest.raises(T.TrainingError, match=re.escape(f"cannot write {path} (Permission denied)")):
+        MetricsWriter(str(path), resume_step=resume)
+
+
 # ---------------------------------------------------------------------------------------
 # --help
 # ---------------------------------------------------------------------------------------

@@ -139,9 +139,9 @@ def test_default_reward_model_dir_is_reused(reward_model, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--reward-model", "/nonexistent"], "--reward-model /nonexistent: not a directory"),
-    (["--lam", "1.5"], "--lam must be in [0, 1]"),
+    (GAE + ["--lam", "1.5"], "--lam must be in [0, 1]"),
     (["--kl-coef", "-1"], "--kl-coef must be"),
-    (["--minibatches", "64", "--batch-size", "8"], "--minibatches"),
+    (GAE + ["--minibatches", "64", "--batch-size", "8"], "--minibatches (64) cannot exceed --batch-size (8)"),
     (["--prompts", "/nonexistent.jsonl"], "no such file"),
     (["--backend", "fast"], "--backend must be one of"),
 ])
@@ -149,6 +149,23 @@ def test_bad_options_stop_with_a_message(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_unavailable_backend_is_refused_up_front(advantage, tmp_path, capsys):
+    """A backend that cannot run on this machine's tensors (cuda or triton without a GPU) is
+    refused with the reason by the check of --backend, before any model is built."""
+    import rmkernels as rmk
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    missing = [b for b, why in rmk.backend_report(device).items() if why is not None]
+    if not missing:
+        pytest.skip("every backend runs here")
+    for b in missing:
+        assert main(["--backend", b, "--advantage", advantage, "--output-dir", str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err
+        assert f"--backend {b} cannot run here" in err and "Available: " in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_prompts_and_resume_without_checkpoint(reward_model, tmp_path, capsys):

@@ -49,6 +49,38 @@ def reward_model(tmp_path_factory):
     return fin["checkpoint"]
 
 
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    """A 3-step, 1-layer reward model (a few seconds): for runs that test messages and options,
+    not learning."""
+    from rmkernels_train.reward import main as reward_main
+
+    out = tmp_path_factory.mktemp("tiny_rm")
+    assert reward_main(["--output-dir", str(out), "--max-steps", "3", "--hidden-size", "16", "--layers", "1",
+                        "--default-train-pairs", "64", "--threads", "1", "--no-progress", "--no-plot"]) == 0
+    return str(out / "checkpoint-3")
+
+
+def tiny(rm, out, *extra):
+    """A critic-free run of a few seconds (one layer, hidden 16, 2 x 2 responses of 4 tokens)."""
+    return ["--reward-model", rm, "--output-dir", str(out), "--warm-start-steps", "0", "--policy-layers", "1",
+            "--policy-hidden", "16", "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "4",
+            "--eval-prompts", "4", "--eval-every", "100", *extra] + FAST
+
+
+def tiny_gae(rm, out, *extra):
+    """The same with --advantage gae (PPO's options instead of the critic-free ones)."""
+    return ["--reward-model", rm, "--output-dir", str(out), "--advantage", "gae", "--policy-layers", "1",
+            "--policy-hidden", "16", "--batch-size", "2", "--minibatches", "1", "--ppo-epochs", "1",
+            "--max-new-tokens", "4", *extra] + FAST
+
+
+def _err(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
+
+
 # ---------------------------------------------------------------------------------------
 # The task and its checker
 # ---------------------------------------------------------------------------------------
@@ -213,6 +245,8 @@ def test_defaults_depend_on_the_estimator():
     (["--warm-start-steps", "-1"], "--warm-start-steps must be >= 0"),
     (["--kl-estimator", "abs"], "takes k1, k2 or k3"),
     (["--advantage", "gae", "--reward", "checker"], "options of the critic-free run"),
+    (["--policy-hidden", "18"], "--policy-hidden must be a multiple of 4"),
+    (["--policy-hidden", "18", "--advantage", "gae"], "--policy-hidden must be a multiple of 4"),
 ])
 def test_bad_rl_options_stop_with_a_message(argv, message, capsys):
     assert main(argv + FAST) == 1
@@ -313,3 +347,272 @@ def test_reinforce_family_runs(estimator, reward_model, tmp_path, capsys):
     capsys.readouterr()
     _, fin = _check_run(out, 2, 2)
     assert fin["advantage"] == estimator
+
+
+def test_custom_prompts_run_with_the_reward_model_and_no_checker(tiny_rm, tmp_path, capsys):
+    """--prompts with a critic-free estimator: the checker of the built-in task does not run on
+    the file's prompts (train_success is null), whatever the responses (EOS sampled or not)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "sort: 3 1 2"}\n{"prompt": "sort: 9 8"}\n')
+    out = tmp_path / "run"
+    assert main(tiny(tiny_rm, out, "--prompts", str(prompts), "--steps", "2", "--num-generations", "4")) == 0
+    _err(capsys)
+    train = [r for r in _records(out / "metrics.jsonl") if r["split"] == "train"]
+    assert len(train) == 2 and all(r["train_success"] is None for r in train)
+
+
+def test_rollout_rewards_skip_the_checker_on_custom_prompts(tokenizer, monkeypatch):
+    """The responses end with an EOS: the checker would be asked about a prompt it cannot judge."""
+    from types import SimpleNamespace
+
+    eos = tokenizer.eos_token_id
+    seq = torch.tensor([[tokenizer.bos_token_id, 5, 6, eos, eos]] * 2)
+    roll = SimpleNamespace(sequences=seq, prompt_len=3)
+    monkeypatch.setattr(grpo, "rm_scores", lambda model, r, backend=None: torch.zeros(2))
+    rewards, _, correct, has_eos = grpo.rollout_rewards(roll, ["sort: 3 1 2"] * 2, "model", None, tokenizer,
+                                                        task.ResponseDecoder(tokenizer), check=False)
+    assert correct is None and bool(has_eos.all()) and rewards.tolist() == [0.0, 0.0]
+
+
+def test_policy_with_a_smaller_vocabulary_stops_with_a_message(tiny_rm, tmp_path, capsys):
+    """One check for both paths: a --policy whose embedding table cannot hold the tokenizer's ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    pol = tmp_path / "pol"
+    LlamaForCausalLM(LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4)).save_pretrained(pol)
+    for run in (tiny, tiny_gae):
+        assert main(run(tiny_rm, tmp_path / run.__name__, "--policy", str(pol), "--steps", "1")) == 1
+        assert "its vocabulary (5) is smaller than the reward model's tokenizer" in _err(capsys)
+
+
+@pytest.fixture(scope="module")
+def warm_run(tiny_rm, tmp_path_factory):
+    """A 2-step run from a 2-step warm start: <out>/warm_start and checkpoint-2."""
+    out = tmp_path_factory.mktemp("warm") / "run"
+    assert main(tiny(tiny_rm, out, "--steps", "2", "--warm-start-steps", "2")) == 0
+    return out
+
+
+def _damage_cache(ws, case):
+    if case == "truncated model":
+        with open(ws / "model.safetensors", "r+b") as f:
+            f.truncate(100)
+    elif case == "missing model":
+        (ws / "model.safetensors").unlink()
+    else:
+        (ws / "warm_start.json").write_text({"malformed json": "{\"settings\": ", "not an object": "[1, 2]",
+                                             "missing json": None}[case] or "")
+        if case == "missing json":
+            (ws / "warm_start.json").unlink()
+
+
+@pytest.mark.parametrize("case", ["truncated model", "missing model", "malformed json", "not an object",
+                                  "missing json"])
+def test_damaged_warm_start_cache_is_trained_again(warm_run, tiny_rm, tmp_path, capsys, case):
+    out = tmp_path / "run"
+    shutil.copytree(warm_run / "warm_start", out / "warm_start")
+    _damage_cache(out / "warm_start", case)
+    (out / ".tmp-warm_start-x1").mkdir()  # left by a killed warm-start write
+    assert main(tiny(tiny_rm, out, "--steps", "1", "--warm-start-steps", "2")) == 0
+    err = _err(capsys)
+    assert "training it again" in err and "removed .tmp-warm_start-x1" in err
+    assert not (out / ".tmp-warm_start-x1").exists()
+    with open(out / "final.json") as f:
+        assert json.load(f)["warm_start"]["cached"] is False
+    # the cache was rewritten whole: the next run loads it
+    shutil.rmtree(out / "checkpoint-1")
+    assert main(tiny(tiny_rm, out, "--steps", "1", "--warm-start-steps", "2")) == 0
+    _err(capsys)
+    with open(out / "final.json") as f:
+        assert json.load(f)["warm_start"]["cached"] is True
+
+
+def test_resume_does_not_read_the_warm_start_cache(warm_run, tiny_rm, tmp_path, capsys):
+    """The checkpoint holds the policy and the reference: a damaged cache is not even read."""
+    out = tmp_path / "run"
+    shutil.copytree(warm_run, out)
+    _damage_cache(out / "warm_start", "truncated model")
+    assert main(tiny(tiny_rm, out, "--steps", "3", "--warm-start-steps", "2", "--resume")) == 0
+    err = _err(capsys)
+    assert "resuming from" in err and "training it again" not in err
+    train = [r for r in _records(out / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+
+
+# Each option of one path alone, given to the other (they were accepted and ignored).
+GAE_ONLY = [k for k in rl.GAE_DEFAULTS if k not in rl.CRITIC_FREE_DEFAULTS]
+CRITIC_FREE_ONLY = [k for k in rl.CRITIC_FREE_DEFAULTS if k not in rl.GAE_DEFAULTS]
+FLAG_ONLY = ("adaptive_kl", "whiten", "shift_mean", "unbiased")
+VALUES = {"reward": "model", "kl_mode": "loss"}
+
+
+def _given(dest):
+    return [rl.flag(dest)] + ([] if dest in FLAG_ONLY else [VALUES.get(dest, "1")])
+
+
+@pytest.mark.parametrize("dest", GAE_ONLY)
+def test_ppo_options_are_refused_by_the_critic_free_run(dest, capsys):
+    assert set(GAE_ONLY) >= {"value_lr", "vf_coef", "clip_range_value", "ppo_epochs", "minibatches", "clip_range",
+                             "gamma", "lam", "adaptive_kl", "kl_clamp", "score_clip", "whiten", "shift_mean",
+                             "unbiased", "missing_eos_penalty"}
+    assert main(_given(dest) + FAST) == 1
+    assert f"{rl.flag(dest)}: options of --advantage gae" in _err(capsys)
+
+
+@pytest.mark.parametrize("dest", CRITIC_FREE_ONLY)
+def test_critic_free_options_are_refused_by_gae(dest, capsys):
+    assert set(CRITIC_FREE_ONLY) >= {"num_generations", "warm_start_steps", "eval_every", "eval_prompts"}
+    assert main(["--advantage", "gae"] + _given(dest) + FAST) == 1
+    assert f"{rl.flag(dest)}: options of the critic-free run" in _err(capsys)
+
+
+@pytest.mark.parametrize("name,canonical", [("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3"), ("k2", "k2")])
+def test_kl_estimator_aliases_are_taken_by_the_critic_free_run(name, canonical):
+    a = build_parser().parse_args(["--kl-estimator", name])
+    check_args(a)
+    assert a.kl_estimator == canonical
+
+
+def test_kl_estimator_is_refused_with_kl_mode_reward(capsys):
+    assert main(["--kl-mode", "reward", "--kl-estimator", "k3"] + FAST) == 1
+    assert "with --kl-mode reward the critic-free run subtracts the k1 KL" in _err(capsys)
+
+
+def test_critic_free_batch_size_1_and_a_kl_alias_run(tiny_rm, tmp_path, capsys):
+    """--batch-size 1 (no --minibatches check: the critic-free run has none) and --kl-estimator mse."""
+    out = tmp_path / "run"
+    assert main(tiny(tiny_rm, out, "--steps", "1", "--batch-size", "1", "--kl-estimator", "mse")) == 0
+    _err(capsys)
+    with open(out / "checkpoint-1" / "trainer_state.json") as f:
+        args = json.load(f)["args"]
+    assert args["kl_estimator"] == "k2" and args["ppo_epochs"] is None
+
+
+def test_kl_mode_reward_logs_the_k1_it_applies(tokenizer, monkeypatch):
+    """With --kl-mode reward the step's kl metric is the k1 subtracted from the rewards, not the
+    loss estimator's (k3 here, the resolved default): with a policy that differs from the
+    reference, k1 and k3 differ."""
+    from transformers import LlamaForCausalLM
+
+    from rmkernels_train import sft
+
+    torch.manual_seed(0)
+    policy = sft.build_policy(tokenizer, layers=1, hidden=16)
+    ref = sft.build_policy(tokenizer, layers=1, hidden=16)
+    ref.requires_grad_(False)
+    assert isinstance(policy, LlamaForCausalLM)
+    monkeypatch.setattr(grpo, "rm_scores", lambda model, r, backend=None: torch.zeros(r.sequences.shape[0]))
+    ids = [[tokenizer.bos_token_id] + tokenizer("sort 312: ", add_special_tokens=False)["input_ids"]] * 2
+    kls = {}
+    for mode in ("reward", "loss"):
+        torch.manual_seed(1)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+        r = grpo.rl_step(policy, ref, None, opt, tokenizer, ["sort 312: "] * 2, ids, num_generations=2,
+                         estimator="grpo", reward="model", kl_coef=0.1, kl_estimator="k3", kl_mode=mode,
+                         max_new_tokens=4, temperature=1.0, max_grad_norm=1.0)
+        kls[mode] = r["kl"]
+    torch.manual_seed(1)
+    roll = grpo.sample(policy, [i for i in ids for _ in range(2)], tokenizer, max_new_tokens=4)
+    from rmkernels_train import ppo_core as core
+
+    with torch.no_grad():
+        k1 = ((core.fused_policy_logprobs(policy, roll, 1.0) - core.fused_policy_logprobs(ref, roll, 1.0))
+              * roll.response_mask).sum(1).mean().item()
+    assert kls["reward"] == pytest.approx(k1, rel=1e-4, abs=1e-6)
+    assert kls["loss"] != pytest.approx(k1, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def gae_run(tiny_rm, tmp_path_factory):
+    """A 1-step --advantage gae run: checkpoint-1."""
+    out = tmp_path_factory.mktemp("gae") / "run"
+    assert main(tiny_gae(tiny_rm, out, "--steps", "1")) == 0
+    return out
+
+
+@pytest.mark.parametrize("run,argv,message", [
+    ("critic_free", ["--advantage", "gae"], "--advantage was 'grpo' in the checkpoint's run and is 'gae' now"),
+    ("critic_free", ["--policy-hidden", "32"], "--policy-hidden was 16 in the checkpoint's run and is 32 now"),
+    ("critic_free", ["--policy-layers", "2"], "--policy-layers was 1 in the checkpoint's run and is 2 now"),
+    ("gae", ["--advantage", "grpo"], "--advantage was 'gae' in the checkpoint's run and is 'grpo' now"),
+    ("gae", ["--policy-hidden", "32"], "--policy-hidden was 16 in the checkpoint's run and is 32 now"),
+    ("gae", ["--kl-coef", "0.3"], "--kl-coef was 0.05 in the checkpoint's run and is 0.3 now"),
+    ("gae", ["--lr", "0.1"], "--lr was 0.001 in the checkpoint's run and is 0.1 now"),
+    ("gae", ["--kl-estimator", "k3"], "--kl-estimator was 'k1' in the checkpoint's run and is 'k3' now"),
+    ("gae", ["--gamma", "0.5"], "--gamma was 1.0 in the checkpoint's run and is 0.5 now"),
+])
+def test_resume_names_the_option_that_changed(warm_run, gae_run, tiny_rm, tmp_path, capsys, run, argv, message):
+    """The checkpoint's options are compared before any weight is loaded: a changed option is
+    named, and no intact checkpoint is reported as damaged (a user could delete good ones)."""
+    out = tmp_path / "run"
+    shutil.copytree(warm_run if run == "critic_free" else gae_run, out)
+    base = {"critic_free": lambda: tiny(tiny_rm, out, "--warm-start-steps", "2", "--steps", "3", "--resume"),
+            "gae": lambda: tiny_gae(tiny_rm, out, "--steps", "3", "--resume")}
+    a = base[run]()
+    if "--advantage" in argv:  # the other path's own command line
+        a = (tiny_gae(tiny_rm, out, "--steps", "3", "--resume") if run == "critic_free"
+             else tiny(tiny_rm, out, "--steps", "3", "--resume"))
+    else:
+        a += argv
+    assert main(a) == 1
+    err = _err(capsys)
+    assert message in err and "skipping" not in err and "not intact" not in err, err
+
+
+def test_default_reward_model_is_found_from_another_working_directory(tiny_rm, tmp_path, capsys, monkeypatch):
+    """reward_model/final.json records the checkpoint relative to the directory the reward run
+    ran in ("sim/reward_model/checkpoint-3"): a run started elsewhere finds it in its
+    <output-dir>/reward_model."""
+    out = tmp_path / "sim"
+    shutil.copytree(tiny_rm, out / "reward_model" / "checkpoint-3")
+    (out / "reward_model" / "final.json").write_text(json.dumps({"checkpoint": "sim/reward_model/checkpoint-3"}))
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    argv = tiny(tiny_rm, out, "--steps", "1")
+    argv = argv[2:]  # no --reward-model
+    assert main(argv) == 0
+    _err(capsys)
+    with open(out / "final.json") as f:
+        assert json.load(f)["reward_model"] == str(out / "reward_model" / "checkpoint-3")
+
+
+def test_damaged_checkpoint_message_names_the_file(warm_run, tiny_rm, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(warm_run, out)
+    with open(out / "checkpoint-2" / "ref_policy" / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert main(tiny(tiny_rm, out, "--warm-start-steps", "2", "--steps", "3", "--resume")) == 1
+    assert "checkpoint-2: ref_policy/model.safetensors is damaged" in _err(capsys)
+
+
+@pytest.mark.parametrize("file", ["trainer_state.json", "policy/model.safetensors", "optimizer.pt"])
+def test_checkpoint_file_without_permission_stops_instead_of_being_skipped(warm_run, tiny_rm, tmp_path, capsys,
+                                                                           monkeypatch, file):
+    """A file that cannot be read for lack of permission is not damage: skipping the checkpoint
+    would resume from an older one and later overwrite this intact one."""
+    import builtins
+
+    out = tmp_path / "run"
+    shutil.copytree(warm_run, out)
+    denied = str(out / "checkpoint-2" / file)
+    real = builtins.open
+
+    def fake(path, *a, **kw):
+        if str(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", fake)
+    assert main(tiny(tiny_rm, out, "--warm-start-steps", "2", "--steps", "3", "--resume")) == 1
+    err = _err(capsys)
+    assert f"--resume: cannot read {denied} (Permission denied)" in err and "skipping" not in err
+    assert (out / "checkpoint-2").is_dir()
+
+
+def test_batch_size_above_the_prompt_count_is_warned(tiny_rm, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "sort 31: "}\n{"prompt": "sort 98: "}\n')
+    assert main(tiny(tiny_rm, tmp_path / "run", "--prompts", str(prompts), "--steps", "1", "--batch-size", "5")) == 0
+    assert (f"warning: --batch-size 5 is more than the 2 prompts of {prompts}: each step uses all 2 prompts once"
+            in _err(capsys))

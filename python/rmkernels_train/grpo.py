@@ -42,6 +42,9 @@ CRITIC_FREE = (*GROUP_ESTIMATORS, *TOKEN_ESTIMATORS)
 # gradient of the estimator's formula); verl's "low_var_kl" is k3 with its log ratio clamped to
 # +-20 and its value to +-10, which never binds at the KL of these runs.
 KL_LOSS_ESTIMATORS = {"k1": "k1", "k2": "k2", "k3": "low_var_kl"}
+# The other names of --kl-estimator the critic-free run takes (rmkernels' names: kl = k1,
+# mse = k2, low_var_kl = k3); rl.resolve_defaults turns them into the names above.
+KL_LOSS_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
 def group_advantages(scores, group_ids, mask, estimator, backend=None):
@@ -84,7 +87,7 @@ def token_advantages(rewards, mask, estimator, *, baselines=None, kl_k1=None, kl
 def kl_per_token(logprobs, ref_logprobs, estimator):
     from rmkernels.integrations.verl import kl_penalty
 
-    return kl_penalty(logprobs, ref_logprobs, KL_LOSS_ESTIMATORS[estimator])
+    return kl_penalty(logprobs, ref_logprobs, KL_LOSS_ESTIMATORS[KL_LOSS_ALIASES.get(estimator, estimator)])
 
 
 def sample(policy, prompt_ids, tokenizer, *, max_new_tokens, temperature=1.0, greedy=False):
@@ -112,11 +115,13 @@ def penalise_unended(rewards, has_eos):
     return torch.where(has_eos, rewards, floor)
 
 
-def rollout_rewards(roll, prompts, reward, reward_model, tokenizer, decoder, backend=None):
+def rollout_rewards(roll, prompts, reward, reward_model, tokenizer, decoder, backend=None, check=True):
     """(rewards, reward-model scores, checker 0/1, ended) of the responses of ``roll`` to
     ``prompts``: the rewards are the checker's 0/1 with ``reward="checker"``, else the scores
-    with the no-EOS floor (:func:`penalise_unended`)."""
-    correct = checker_scores(prompts, roll.sequences[:, roll.prompt_len:], decoder)
+    with the no-EOS floor (:func:`penalise_unended`). ``check=False`` (prompts of a ``--prompts``
+    file, which the checker of the built-in task cannot judge): no checker, its 0/1 is None."""
+    correct = checker_scores(prompts, roll.sequences[:, roll.prompt_len:], decoder) \
+        if check or reward == "checker" else None
     has_eos = ended(roll, tokenizer.eos_token_id)
     scores = rm_scores(reward_model, roll, backend)
     rewards = correct.clone() if reward == "checker" else penalise_unended(scores, has_eos)
@@ -163,9 +168,11 @@ def evaluate(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_n
 
 
 def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids, *, num_generations, estimator,
-            reward, kl_coef, kl_estimator, kl_mode, max_new_tokens, temperature, max_grad_norm, backend=None):
+            reward, kl_coef, kl_estimator, kl_mode, max_new_tokens, temperature, max_grad_norm, backend=None,
+            check=True):
     """One critic-free step on ``prompts`` (each sampled ``num_generations`` times). Returns
-    the step's metrics."""
+    the step's metrics. ``check=False``: the prompts are not the built-in task's (``--prompts``),
+    the checker does not run and ``train_success`` is None."""
     t0 = time.time()
     G = num_generations
     rep_prompts = [p for p in prompts for _ in range(G)]
@@ -177,16 +184,17 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     with torch.no_grad():
         ref_logp = core.fused_policy_logprobs(ref, roll, temperature)
         rewards, scores, correct, has_eos = rollout_rewards(roll, rep_prompts, reward, reward_model, tokenizer,
-                                                            decoder, backend)
+                                                            decoder, backend, check)
         baselines = None
         if estimator == "remax":  # the reward of each prompt's greedy response, for its G samples
             greedy = sample(policy, prompt_ids, tokenizer, max_new_tokens=max_new_tokens, greedy=True)
-            base = rollout_rewards(greedy, prompts, reward, reward_model, tokenizer, decoder, backend)[0]
+            base = rollout_rewards(greedy, prompts, reward, reward_model, tokenizer, decoder, backend, check)[0]
             baselines = base.float().repeat_interleave(G)
     logp = core.fused_policy_logprobs(policy, roll, temperature)
     kl_tok = kl_per_token(logp, ref_logp, kl_estimator)
-    seq_kl = (kl_tok.detach() * mask).sum(1)
     k1_tok = (logp.detach() - ref_logp) * mask if kl_mode == "reward" else None
+    # the KL that was applied, per response: the loss term's estimator, or the k1 in the rewards
+    seq_kl = (kl_tok.detach() * mask).sum(1) if k1_tok is None else k1_tok.sum(1)
     # each response's reward less its KL (kl_mode "reward"): what the group estimators compare
     seq_rewards = rewards if k1_tok is None else rewards - kl_coef * k1_tok.sum(1)
     if estimator in TOKEN_ESTIMATORS:  # the KL per token in the token rewards instead
@@ -207,6 +215,7 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
     optimizer.step()
     return {"score": scores.mean().item(), "reward": seq_rewards.mean().item(), "kl": seq_kl.mean().item(),
-            "train_success": correct.mean().item(), "ended": has_eos.float().mean().item(),
-            "loss": loss.item(), "pg_loss": pg_loss.item(), "grad_norm": float(grad_norm),
-            "response_length": mask.float().sum(1).mean().item(), "time": time.time() - t0}
+            "train_success": None if correct is None else correct.mean().item(),
+            "ended": has_eos.float().mean().item(), "loss": loss.item(), "pg_loss": pg_loss.item(),
+            "grad_norm": float(grad_norm), "response_length": mask.float().sum(1).mean().item(),
+            "time": time.time() - t0}

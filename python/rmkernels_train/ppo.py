@@ -57,9 +57,12 @@ def build_parser():
                    help="initial policy (HF causal-LM checkpoint sharing the reward model's tokenizer); "
                         "default: a random-init tiny Llama")
     g.add_argument("--prompts", metavar="FILE", default=None,
-                   help='JSONL file with a "prompt" string per line; default: the built-in sorting prompts')
+                   help='JSONL file with a "prompt" string per line; default: the built-in sorting prompts (with a '
+                        'file, the critic-free run trains on the reward model alone: the checker only judges the '
+                        'built-in task, train_success is null; the task evaluations stay on the built-in prompts)')
     g.add_argument("--policy-layers", type=int, default=2, help="layers of the default tiny policy")
-    g.add_argument("--policy-hidden", type=int, default=64, help="hidden size of the default tiny policy")
+    g.add_argument("--policy-hidden", type=int, default=64,
+                   help="hidden size of the default tiny policy (a multiple of its 4 attention heads)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--steps", type=int, default=None,
                    help="RL steps (rollout + update); default 1000 critic-free, 80 with --advantage gae")
@@ -69,34 +72,44 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=8, help="longest response (tokens)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     g.add_argument("--missing-eos-penalty", type=float, default=None,
-                   help="subtracted from the score of a response with no EOS (TRL's option)")
+                   help="subtracted from the score of a response with no EOS (TRL's option; --advantage gae only: "
+                        "the critic-free run gives such a response a reward below the batch's lowest)")
     g = p.add_argument_group("advantages (rmk.ppo_advantages)")
     g.add_argument("--kl-estimator", choices=tuple(KL_ESTIMATORS), default=None,
                    help="per-token KL estimator (k1 = kl, abs, k2 = mse, k3, low_var_kl); default k3 critic-free "
-                        "(a loss term: k1, k2 or k3), k1 with --advantage gae (the penalty in the reward)")
+                        "(a loss term: k1, k2 or k3 and their aliases; not with --kl-mode reward, which applies k1), "
+                        "k1 with --advantage gae (the penalty in the reward)")
     g.add_argument("--kl-coef", type=float, default=None,
                    help="(initial) KL coefficient; default 0.5 critic-free, 0.05 with --advantage gae")
-    g.add_argument("--adaptive-kl", action="store_true", help="adapt the KL coefficient (Ziegler et al.)")
-    g.add_argument("--kl-target", type=float, default=1.0, help="target KL (nats per response) of --adaptive-kl")
-    g.add_argument("--kl-horizon", type=float, default=2000.0, help="horizon (samples) of --adaptive-kl")
-    g.add_argument("--kl-clamp", type=float, default=None, help="clamp the per-token KL to [-c, c]")
-    g.add_argument("--gamma", type=float, default=1.0, help="discount of GAE")
-    g.add_argument("--lam", type=float, default=0.95, help="lambda of GAE")
-    g.add_argument("--score-clip", type=float, default=None, help="clamp the scores to [-c, c]")
-    g.add_argument("--no-whiten", dest="whiten", action="store_false", help="do not whiten the advantages")
-    g.add_argument("--no-shift-mean", dest="shift_mean", action="store_false",
-                   help="whitening divides by the std but keeps the advantages' mean")
-    g.add_argument("--biased-whiten", dest="unbiased", action="store_false",
-                   help="whitening divides the variance by n, not n - 1")
-    g = p.add_argument_group("PPO update")
-    g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each step's rollouts")
-    g.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
+    g.add_argument("--adaptive-kl", action="store_true", default=None,
+                   help="adapt the KL coefficient (Ziegler et al.; --advantage gae only)")
+    g.add_argument("--kl-target", type=float, default=None,
+                   help="target KL (nats per response) of --adaptive-kl; default 1.0 (--advantage gae only)")
+    g.add_argument("--kl-horizon", type=float, default=None,
+                   help="horizon (samples) of --adaptive-kl; default 2000 (--advantage gae only)")
+    g.add_argument("--kl-clamp", type=float, default=None,
+                   help="clamp the per-token KL to [-c, c] (--advantage gae only)")
+    g.add_argument("--gamma", type=float, default=None, help="discount of GAE; default 1.0 (--advantage gae only)")
+    g.add_argument("--lam", type=float, default=None, help="lambda of GAE; default 0.95 (--advantage gae only)")
+    g.add_argument("--score-clip", type=float, default=None,
+                   help="clamp the scores to [-c, c] (--advantage gae only)")
+    g.add_argument("--no-whiten", dest="whiten", action="store_false", default=None,
+                   help="do not whiten the advantages (--advantage gae only)")
+    g.add_argument("--no-shift-mean", dest="shift_mean", action="store_false", default=None,
+                   help="whitening divides by the std but keeps the advantages' mean (--advantage gae only)")
+    g.add_argument("--biased-whiten", dest="unbiased", action="store_false", default=None,
+                   help="whitening divides the variance by n, not n - 1 (--advantage gae only)")
+    g = p.add_argument_group("PPO update (--advantage gae only, except --lr and --max-grad-norm: the critic-free "
+                             "run refuses the others)")
+    g.add_argument("--ppo-epochs", type=int, default=None, help="passes over each step's rollouts; default 4")
+    g.add_argument("--minibatches", type=int, default=None, help="minibatches per PPO epoch; default 2")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate of the policy; default 3e-4 critic-free, 1e-3 with --advantage gae")
-    g.add_argument("--value-lr", type=float, default=1e-3, help="learning rate of the value model")
-    g.add_argument("--clip-range", type=float, default=0.2, help="PPO ratio clip epsilon")
-    g.add_argument("--clip-range-value", type=float, default=0.2, help="value clip range")
-    g.add_argument("--vf-coef", type=float, default=0.5, help="weight of the value loss")
+    g.add_argument("--value-lr", type=float, default=None, help="learning rate of the value model; default 1e-3")
+    g.add_argument("--clip-range", type=float, default=None,
+                   help="PPO ratio clip epsilon; default 0.2 (the critic-free step is on-policy: ratio 1)")
+    g.add_argument("--clip-range-value", type=float, default=None, help="value clip range; default 0.2")
+    g.add_argument("--vf-coef", type=float, default=None, help="weight of the value loss; default 0.5")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this")
     from rmkernels_train import rl
 
@@ -115,27 +128,34 @@ def check_args(a):
         if not v > 0:
             raise TrainingError(f"--{name} must be > 0, got {v}")
 
+    # the options of the other path are None (rl.resolve_defaults): nothing to check
     for name in ("steps", "batch_size", "max_new_tokens", "ppo_epochs", "minibatches", "policy_layers",
                  "policy_hidden"):
-        positive(name.replace("_", "-"), getattr(a, name))
+        if getattr(a, name) is not None:
+            positive(name.replace("_", "-"), getattr(a, name))
     for name in ("temperature", "lr", "value_lr", "clip_range", "clip_range_value", "kl_target", "kl_horizon",
                  "max_grad_norm"):
         v = getattr(a, name)
-        if not (math.isfinite(v) and v > 0):
+        if v is not None and not (math.isfinite(v) and v > 0):
             raise TrainingError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
     if not (math.isfinite(a.kl_coef) and a.kl_coef >= 0):
         raise TrainingError(f"--kl-coef must be a finite number >= 0, got {a.kl_coef}")
-    if not (math.isfinite(a.vf_coef) and a.vf_coef >= 0):
+    if a.vf_coef is not None and not (math.isfinite(a.vf_coef) and a.vf_coef >= 0):
         raise TrainingError(f"--vf-coef must be a finite number >= 0, got {a.vf_coef}")
-    if not 0.0 <= a.gamma:
+    if a.gamma is not None and not 0.0 <= a.gamma:
         raise TrainingError(f"--gamma must be >= 0, got {a.gamma}")
-    if not 0.0 <= a.lam <= 1.0:
+    if a.lam is not None and not 0.0 <= a.lam <= 1.0:
         raise TrainingError(f"--lam must be in [0, 1], got {a.lam}")
     for name in ("kl_clamp", "score_clip"):
         v = getattr(a, name)
         if v is not None and not v > 0:
             raise TrainingError(f"--{name.replace('_', '-')} must be > 0, got {v}")
-    if a.minibatches > a.batch_size:
+    from rmkernels_train.sft import POLICY_HEADS
+
+    if a.policy_hidden % POLICY_HEADS:
+        raise TrainingError(f"--policy-hidden must be a multiple of {POLICY_HEADS} (the attention heads of the "
+                            f"built-in policy, --policy-layers x {POLICY_HEADS} heads), got {a.policy_hidden}")
+    if a.advantage == "gae" and a.minibatches > a.batch_size:  # critic-free has no minibatches
         raise TrainingError(f"--minibatches ({a.minibatches}) cannot exceed --batch-size ({a.batch_size})")
     for name in ("reward_model", "policy"):
         v = getattr(a, name)
@@ -165,6 +185,8 @@ def load_prompts(path):
                 prompts.append(rec["prompt"])
     except UnicodeDecodeError as e:
         raise TrainingError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+    except OSError as e:
+        raise TrainingError(f"--prompts {path}: cannot read it ({e.strerror or e})") from None
     if not prompts:
         raise TrainingError(f"{path}: no prompts")
     return prompts
@@ -188,7 +210,9 @@ def encode_prompts(prompts, tokenizer):
 def train_default_reward_model(out_dir, dist, threads):
     """``rmkernels-train reward`` with its defaults, into ``<out_dir>/reward_model``, run once
     (rank 0, in a single-process subprocess; the other ranks wait). Returns the final
-    checkpoint directory it reports in ``final.json``. An earlier finished run is reused."""
+    checkpoint directory it reports in ``final.json`` (a relative one is taken as the
+    ``checkpoint-<step>`` in ``<out_dir>/reward_model``, so a run resumes from any working
+    directory). An earlier finished run is reused."""
     rm_dir = os.path.join(out_dir, "reward_model")
     summary_path = os.path.join(rm_dir, "final.json")
     if dist.is_main and not os.path.isfile(summary_path):
@@ -215,44 +239,61 @@ def train_default_reward_model(out_dir, dist, threads):
             raise ValueError(f"'checkpoint' is {ckpt!r}, not a path")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TrainingError(f"cannot read the default reward model's summary {summary_path}: {e}") from None
+    if not os.path.isabs(ckpt):
+        # the reward run records its checkpoint as <its --output-dir>/checkpoint-<step>, relative to
+        # the directory it ran in: the checkpoint is in rm_dir, wherever this run starts from
+        ckpt = os.path.join(rm_dir, os.path.basename(os.path.normpath(ckpt)))
     return ckpt
 
 
-def load_models(a, dist, reward_dir):
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+def load_run_reward_model(a, reward_dir):
+    """The reward model of a ``rmkernels-train ppo`` run (both paths): ``--reward-model``, or the
+    default one in ``<output-dir>/reward_model`` (safetensors only: nothing in an output
+    directory can run code), with the linear ``score`` head the rewards come from."""
+    from rmkernels_train.model import load_reward_model
 
-    from rmkernels_train.model import (
-        load_reward_model,
-        load_tokenizer,
-        tiny_llama_config,
-    )
+    if a.reward_model is not None:
+        what, model = "--reward-model", load_reward_model(reward_dir, what="--reward-model")
+    else:
+        what = "the default reward model"
+        model = load_reward_model(reward_dir, what=what, use_safetensors=True)
+    head = getattr(model, "score", None)
+    if head is None or not hasattr(head, "weight"):
+        raise TrainingError(f"{what} {reward_dir}: no linear `score` head found on {type(model).__name__}")
+    return model
+
+
+def load_policy(path, tokenizer):
+    """``--policy``: a causal LM whose vocabulary covers the reward model's tokenizer (both paths)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        policy = AutoModelForCausalLM.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 (transformers raises many types)
+        raise TrainingError(f"--policy {path}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
+    n = policy.get_input_embeddings().num_embeddings
+    if n < len(tokenizer):
+        raise TrainingError(f"--policy {path}: its vocabulary ({n}) is smaller than the reward model's tokenizer "
+                            f"({len(tokenizer)})")
+    return policy
+
+
+def load_models(a, dist, reward_dir):
+    from rmkernels_train.model import load_tokenizer
     from rmkernels_train.ppo_core import ValueModel
+    from rmkernels_train.sft import build_policy
 
     tokenizer = load_tokenizer(reward_dir)
     if tokenizer.eos_token_id is None:
         raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-    if a.reward_model is not None:
-        reward_model = load_reward_model(reward_dir, what="--reward-model")
-    else:  # the default one lives in the output directory: safetensors only, nothing there can run code
-        reward_model = load_reward_model(reward_dir, what="the default reward model", use_safetensors=True)
+    reward_model = load_run_reward_model(a, reward_dir)
     backbone_rm = reward_model.base_model
-    head = getattr(reward_model, "score", None)
-    if head is None or not hasattr(head, "weight"):
-        raise TrainingError(f"--reward-model {reward_dir}: no linear `score` head found on "
-                            f"{type(reward_model).__name__}")
+    head = reward_model.score
     torch.manual_seed(a.seed)  # the same initial weights on every rank
     if a.policy is not None:
-        try:
-            policy = AutoModelForCausalLM.from_pretrained(a.policy)
-        except Exception as e:
-            raise TrainingError(f"--policy {a.policy}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
-        if policy.get_input_embeddings().num_embeddings < len(tokenizer):
-            raise TrainingError(f"--policy {a.policy}: its vocabulary ({policy.get_input_embeddings().num_embeddings})"
-                                f" is smaller than the reward model's tokenizer ({len(tokenizer)})")
+        policy = load_policy(a.policy, tokenizer)
     else:
-        cfg = tiny_llama_config(tokenizer, hidden_size=a.policy_hidden, num_hidden_layers=a.policy_layers,
-                                num_attention_heads=4, intermediate_size=2 * a.policy_hidden)
-        policy = LlamaForCausalLM(cfg)
+        policy = build_policy(tokenizer, layers=a.policy_layers, hidden=a.policy_hidden)
     ref = copy.deepcopy(policy)
     # The value model starts from the reward model (as TRL and OpenRLHF do): its backbone, and
     # the score head as the value head.
@@ -270,11 +311,6 @@ def load_models(a, dist, reward_dir):
 # ---------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------
-# Options that fix what each step samples: they must not change on --resume.
-RESUME_FIXED = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy", "world_size",
-                "ppo_epochs", "minibatches")
-
-
 def write_checkpoint(tmp, policy, ref, value_model, optimizer, tokenizer, state):
     """The files of one checkpoint, into the temporary directory ``tmp``."""
     from safetensors.torch import save_file
@@ -290,12 +326,16 @@ def write_checkpoint(tmp, policy, ref, value_model, optimizer, tokenizer, state)
         json.dump(state, f, indent=1, sort_keys=True)
 
 
-def load_checkpoint(path, policy, ref, value_model, make_optimizer):
+def load_checkpoint(path, policy, ref, value_model, make_optimizer, args=None, world_size=1):
     """Read and check every file of the checkpoint ``path`` against the models (nothing is
     changed yet); a damaged or missing file raises
     :class:`~rmkernels_train.trainer.CheckpointError`. Returns ``(state, tensors)`` for
     :func:`apply_checkpoint`."""
     state = T.read_trainer_state(path)
+    if args is not None:  # the options first: a changed one is named, not taken for a damaged file
+        from rmkernels_train.rl import check_resume_options
+
+        check_resume_options(state, args, world_size)
     kl_coef = state.get("kl_coef")
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) \
             or kl_coef < 0:
@@ -363,8 +403,7 @@ class PPOTrainer:
         if a.resume:
             self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(
                 self.out_dir, lambda p: load_checkpoint(p, self.policy, self.ref, self.value_model,
-                                                        self.make_optimizer), self.log, dist)
-            T.check_resume_args(loaded[0]["args"], a, RESUME_FIXED, dist.world_size)
+                                                        self.make_optimizer, a, dist.world_size), self.log, dist)
             apply_checkpoint(loaded, self.policy, self.ref, self.value_model, self.optimizer)
             kl_coef = loaded[0]["kl_coef"]
             self.log(f"resuming from {self.last_ckpt} (step {self.step})")

@@ -32,7 +32,7 @@ import time
 import torch
 
 from rmkernels._codes import GROUP_ESTIMATORS
-from rmkernels_train.grpo import CRITIC_FREE
+from rmkernels_train.grpo import CRITIC_FREE, KL_LOSS_ALIASES, KL_LOSS_ESTIMATORS
 from rmkernels_train.utils import TrainingError
 
 ADVANTAGES = (*CRITIC_FREE, "gae")
@@ -40,47 +40,86 @@ REWARDS = ("model", "checker")
 KL_MODES = ("loss", "reward")
 
 # The defaults of the options of `rmkernels-train ppo` that depend on --advantage: the
-# critic-free run (issue 17's measured recipe, 1000 steps) and PPO with GAE.
-CRITIC_FREE_DEFAULTS = {"steps": 1000, "lr": 3e-4, "kl_coef": 0.5, "kl_estimator": "k3", "batch_size": 16}
-GAE_DEFAULTS = {"steps": 80, "lr": 1e-3, "kl_coef": 0.05, "kl_estimator": "k1", "batch_size": 32}
+# critic-free run (issue 17's measured recipe, 1000 steps) and PPO with GAE. Each of these
+# options defaults to None in the parser, so that "given on the command line" is known: an
+# option in only one table belongs to that path alone, and the other path refuses it when it is
+# given (resolve_defaults) instead of ignoring it. Options whose default is None here are off unless
+# given (--kl-clamp, --score-clip, --missing-eos-penalty).
+CRITIC_FREE_DEFAULTS = {"steps": 1000, "lr": 3e-4, "kl_coef": 0.5, "kl_estimator": "k3", "batch_size": 16,
+                        "num_generations": 8, "reward": "model", "kl_mode": "loss", "warm_start_steps": 100,
+                        "eval_every": 100, "eval_prompts": 500}
+GAE_DEFAULTS = {"steps": 80, "lr": 1e-3, "kl_coef": 0.05, "kl_estimator": "k1", "batch_size": 32,
+                "ppo_epochs": 4, "minibatches": 2, "value_lr": 1e-3, "clip_range": 0.2, "clip_range_value": 0.2,
+                "vf_coef": 0.5, "gamma": 1.0, "lam": 0.95, "adaptive_kl": False, "kl_target": 1.0,
+                "kl_horizon": 2000.0, "kl_clamp": None, "score_clip": None, "whiten": True, "shift_mean": True,
+                "unbiased": True, "missing_eos_penalty": None}
+# The command-line spelling of the options whose flag is not --<dest>.
+FLAGS = {"whiten": "--no-whiten", "shift_mean": "--no-shift-mean", "unbiased": "--biased-whiten"}
+
+
+def flag(dest):
+    return FLAGS.get(dest, "--" + dest.replace("_", "-"))
 
 
 def add_arguments(p):
     """The options of the default run (added to ``rmkernels-train ppo``'s parser)."""
     g = p.add_argument_group("the RL run (critic-free estimators, warm start, task success; --advantage gae: PPO "
-                             "as configured above, from --policy or a random init)")
+                             "as configured above, from --policy or a random init, and it refuses the options "
+                             "below but --advantage)")
     g.add_argument("--advantage", choices=ADVANTAGES, default="grpo",
                    help="grpo, dr_grpo, rloo, opo, gpg, reinforce_pp_baseline: critic-free, the rewards compared "
                         "within the --num-generations responses to each prompt (rmk.group_advantages), no value "
                         "model; reinforce_pp: each response's token returns whitened over the batch "
                         "(rmk.reinforce_pp_advantages); remax: its returns minus the reward of the prompt's greedy "
                         "response (rmk.remax_advantages); gae: PPO with a value model (rmk.ppo_advantages)")
-    g.add_argument("--num-generations", type=int, default=8, metavar="G",
-                   help="responses sampled per prompt (critic-free estimators; --batch-size counts prompts; 1 is "
-                        "allowed for reinforce_pp and remax)")
-    g.add_argument("--reward", choices=REWARDS, default="model",
-                   help="model: the reward model's score; checker: 1 if the response is exactly the sorted "
-                        "digits, else 0 (a control: is the reward model the bottleneck?)")
-    g.add_argument("--kl-mode", choices=KL_MODES, default="loss",
-                   help="loss: kl-coef x the --kl-estimator KL to the reference, a loss term; reward: kl-coef x "
-                        "the k1 KL of each response subtracted from its reward (per token for reinforce_pp and "
-                        "remax)")
-    g.add_argument("--warm-start-steps", type=int, default=100, metavar="N",
-                   help="supervised steps of the built-in policy on correct answers before RL (cached in "
-                        "<output-dir>/warm_start; 0 = RL from a random init)")
-    g.add_argument("--eval-every", type=int, default=100, metavar="N", help="steps between task evaluations")
-    g.add_argument("--eval-prompts", type=int, default=500, metavar="N",
-                   help="held-out prompts of each task evaluation (at most 500)")
+    g.add_argument("--num-generations", type=int, default=None, metavar="G",
+                   help="responses sampled per prompt; default 8 (--batch-size counts prompts; 1 is allowed for "
+                        "reinforce_pp and remax)")
+    g.add_argument("--reward", choices=REWARDS, default=None,
+                   help="model (the default): the reward model's score; checker: 1 if the response is exactly the "
+                        "sorted digits, else 0 (a control: is the reward model the bottleneck?)")
+    g.add_argument("--kl-mode", choices=KL_MODES, default=None,
+                   help="loss (the default): kl-coef x the --kl-estimator KL to the reference, a loss term; reward: "
+                        "kl-coef x the k1 KL of each response subtracted from its reward (per token for "
+                        "reinforce_pp and remax; the logged kl is that k1, and --kl-estimator is refused)")
+    g.add_argument("--warm-start-steps", type=int, default=None, metavar="N",
+                   help="supervised steps of the built-in policy on correct answers before RL, default 100 (cached "
+                        "in <output-dir>/warm_start; 0 = RL from a random init)")
+    g.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="steps between task evaluations; default 100")
+    g.add_argument("--eval-prompts", type=int, default=None, metavar="N",
+                   help="held-out prompts of each task evaluation (at most 500, the default)")
 
 
 def resolve_defaults(a):
-    """Fill the options left at None with the defaults of the chosen estimator."""
-    for k, v in (GAE_DEFAULTS if a.advantage == "gae" else CRITIC_FREE_DEFAULTS).items():
+    """Refuse the options of the other path given on the command line (they would be ignored),
+    then fill the options left at None with the defaults of the chosen estimator. The other
+    path's own options stay None."""
+    gae = a.advantage == "gae"
+    mine, other = (GAE_DEFAULTS, CRITIC_FREE_DEFAULTS) if gae else (CRITIC_FREE_DEFAULTS, GAE_DEFAULTS)
+    given = [k for k in other if k not in mine and getattr(a, k, None) is not None]
+    if given:
+        names = ", ".join(flag(k) for k in given)
+        if gae:
+            raise TrainingError(f"{names}: options of the critic-free run (--advantage "
+                                f"{'|'.join(CRITIC_FREE)}), which --advantage gae does not use: it scores each "
+                                f"rollout with the reward model, puts the KL penalty in the reward "
+                                f"(rmk.ppo_advantages) and has no warm start or task evaluations")
+        raise TrainingError(f"{names}: options of --advantage gae (PPO with a value model and GAE), which the "
+                            f"critic-free --advantage {a.advantage} does not use")
+    if not gae and a.kl_mode == "reward" and a.kl_estimator is not None:
+        raise TrainingError("--kl-estimator: with --kl-mode reward the critic-free run subtracts the k1 KL from "
+                            "the rewards (and logs it as kl); --kl-estimator is the estimator of --kl-mode loss")
+    for k, v in mine.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
+    if not gae:
+        a.kl_estimator = KL_LOSS_ALIASES.get(a.kl_estimator, a.kl_estimator)
 
 
 def check_args(a):
+    if a.advantage == "gae":
+        return
     for name in ("num_generations", "eval_every", "eval_prompts"):
         if getattr(a, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -89,23 +128,42 @@ def check_args(a):
                             f"the responses to one prompt), got {a.num_generations}")
     if a.warm_start_steps < 0:
         raise TrainingError(f"--warm-start-steps must be >= 0, got {a.warm_start_steps}")
-    if a.advantage == "gae" and (a.reward != "model" or a.kl_mode != "loss"):
-        raise TrainingError("--reward and --kl-mode are options of the critic-free run; --advantage gae scores with "
-                            "the reward model and puts the KL penalty in the reward (rmk.ppo_advantages)")
     if a.reward == "checker" and a.prompts is not None:
         raise TrainingError("--reward checker checks the built-in sorting task: it cannot be used with --prompts")
-    if a.kl_estimator not in ("k1", "k2", "k3") and a.advantage != "gae":
-        raise TrainingError(f"--kl-estimator {a.kl_estimator}: the critic-free run's KL loss takes k1, k2 or k3")
+    if a.kl_estimator not in KL_LOSS_ESTIMATORS:
+        raise TrainingError(f"--kl-estimator {a.kl_estimator}: the critic-free run's KL loss takes k1, k2 or k3 "
+                            f"(or their aliases {', '.join(f'{k} = {v}' for k, v in KL_LOSS_ALIASES.items())})")
 
 
-def _fmt(v):
-    return "n/a" if v is None else f"{v:.3f}"
+def _fmt(v, digits=3):
+    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-# Options that fix what each step samples and trains on: they must not change on --resume.
-RESUME_FIXED = ("seed", "batch_size", "num_generations", "max_new_tokens", "temperature", "prompts", "policy",
-                "advantage", "reward", "kl_mode", "kl_estimator", "kl_coef", "lr", "warm_start_steps",
-                "policy_layers", "policy_hidden", "eval_every", "eval_prompts", "world_size")
+# Options that fix what each step samples and trains on: they must not change on --resume. One
+# rule for both paths (check_resume_options): --advantage first, then these and the options of
+# the path alone (the entries of its table above that the other path does not have).
+RESUME_FIXED_COMMON = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy",
+                       "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size")
+
+
+def resume_fixed(advantage):
+    mine, other = (GAE_DEFAULTS, CRITIC_FREE_DEFAULTS) if advantage == "gae" else (CRITIC_FREE_DEFAULTS,
+                                                                                   GAE_DEFAULTS)
+    return RESUME_FIXED_COMMON + tuple(k for k in mine if k not in other)
+
+
+def check_resume_options(state, a, world_size):
+    """The options of the checkpoint's run (``state["args"]`` of its ``trainer_state.json``)
+    against this run's, before any weight is loaded: a changed option is named (a policy of
+    another size or the other path's checkpoint would otherwise look like a damaged file)."""
+    from rmkernels_train import trainer as T
+
+    saved = state["args"]
+    if saved.get("advantage", "gae") != a.advantage:  # older gae checkpoints may lack the option
+        raise TrainingError(f"--resume: --advantage was {saved.get('advantage')!r} in the checkpoint's run and is "
+                            f"{a.advantage!r} now: a checkpoint of one estimator cannot continue as another (use "
+                            f"another --output-dir)")
+    T.check_resume_args(saved, a, resume_fixed(a.advantage), world_size)
 
 
 class CriticFreeTrainer:
@@ -126,13 +184,15 @@ class CriticFreeTrainer:
     def setup(self):
         from rmkernels_train import sft, task
         from rmkernels_train import trainer as T
-        from rmkernels_train.model import load_reward_model, load_tokenizer
+        from rmkernels_train.model import load_tokenizer
         from rmkernels_train.ppo import (
             encode_prompts,
+            load_policy,
             load_prompts,
+            load_run_reward_model,
             train_default_reward_model,
         )
-        from rmkernels_train.utils import MetricsWriter, read_metrics
+        from rmkernels_train.utils import MetricsWriter
 
         a, dist = self.a, self.dist
         if dist.enabled:
@@ -149,21 +209,24 @@ class CriticFreeTrainer:
         self.tokenizer = tok = load_tokenizer(reward_dir)
         if tok.eos_token_id is None:
             raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-        self.reward_model = load_reward_model(reward_dir, what="--reward-model").to(dist.device)
+        self.reward_model = load_run_reward_model(a, reward_dir).to(dist.device)
         self.reward_model.requires_grad_(False)
         self.reward_model.eval()
         train_prompts, held = task.task_prompts()
         self.train_prompts = load_prompts(a.prompts) if a.prompts else train_prompts
         self.held_prompts = held[:a.eval_prompts]
+        if a.batch_size > len(self.train_prompts):  # each step samples prompts without replacement
+            self.log(f"warning: --batch-size {a.batch_size} is more than the {len(self.train_prompts)} prompts of "
+                     f"{a.prompts}: each step uses all {len(self.train_prompts)} prompts once")
         t = time.time()
         if a.policy is not None:
-            from transformers import AutoModelForCausalLM
-
-            try:
-                policy = AutoModelForCausalLM.from_pretrained(a.policy)
-            except Exception as e:  # noqa: BLE001 (transformers raises many types)
-                raise TrainingError(f"--policy {a.policy}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
+            policy = load_policy(a.policy, tok)
             self.warm_info = {"policy": a.policy}
+        elif a.warm_start_steps > 0 and a.resume and T.list_checkpoints(self.out_dir)[0]:
+            # the checkpoint holds the policy and the reference: the warm-start cache is not read
+            # (a run with no intact checkpoint stops below)
+            policy = sft.build_policy(tok, layers=a.policy_layers, hidden=a.policy_hidden)
+            self.warm_info = {**(sft.read_cache_meta(self.out_dir)[0] or {}), "from_checkpoint": True}
         elif a.warm_start_steps > 0:
             settings = {**sft.DEFAULTS, "steps": a.warm_start_steps, "layers": a.policy_layers,
                         "hidden": a.policy_hidden, "seed": a.seed}
@@ -185,15 +248,12 @@ class CriticFreeTrainer:
         self.optimizer = self.make_optimizer()
         if a.resume:
             self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(self.out_dir, self.load_checkpoint, self.log)
-            T.check_resume_args(loaded[0]["args"], a, RESUME_FIXED, dist.world_size)
             self.policy.load_state_dict(loaded[1]["policy"], strict=False)
             self.ref.load_state_dict(loaded[1]["ref_policy"], strict=False)
             self.optimizer.load_state_dict(loaded[1]["optimizer"])
             self.log(f"resuming from {self.last_ckpt} (step {self.step})")
-            if os.path.isfile(self.metrics_path):
-                self.evals = [r for r in read_metrics(self.metrics_path)
-                              if r.get("split") == "eval" and r["step"] <= self.step]
         self.writer = MetricsWriter(self.metrics_path, resume_step=self.step if a.resume else None)
+        self.evals = [r for r in self.writer.records if r.get("split") == "eval" and r.get("step", 0) <= self.step]
 
     def make_optimizer(self):
         return torch.optim.AdamW(self.policy.parameters(), lr=self.a.lr, weight_decay=0.0)
@@ -216,10 +276,11 @@ class CriticFreeTrainer:
         from rmkernels_train import trainer as T
 
         state = T.read_trainer_state(path)
+        check_resume_options(state, self.a, self.dist.world_size)
         tensors = {}
         for name, module in (("policy", self.policy), ("ref_policy", self.ref)):
             file = f"{name}/model.safetensors"
-            tensors[name] = T.load_safetensors(os.path.join(path, file))
+            tensors[name] = T.load_safetensors(os.path.join(path, file), name=file)
             T.check_state_dict(module, tensors[name], file)
         tensors["optimizer"] = T.load_torch_state(os.path.join(path, "optimizer.pt"))
         T.check_optimizer_state(self.make_optimizer, tensors["optimizer"])
@@ -264,7 +325,7 @@ class CriticFreeTrainer:
                          num_generations=a.num_generations, estimator=a.advantage, reward=a.reward,
                          kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, kl_mode=a.kl_mode,
                          max_new_tokens=a.max_new_tokens, temperature=a.temperature, max_grad_norm=a.max_grad_norm,
-                         backend=a.backend)
+                         backend=a.backend, check=a.prompts is None)
         if not math.isfinite(r["kl"]):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {r['kl']}; lower --lr")
         return {"step": step + 1, "split": "train", **r}
@@ -288,7 +349,7 @@ class CriticFreeTrainer:
                 T.fault_point("step")
                 self.writer.write(rec)
                 if bar is not None:
-                    bar.set_postfix(score=f"{rec['score']:.2f}", ok=f"{rec['train_success']:.2f}",
+                    bar.set_postfix(score=f"{rec['score']:.2f}", ok=_fmt(rec["train_success"], 2),
                                     kl=f"{rec['kl']:.3f}", refresh=False)
                     bar.update(1)
                 if self.step % a.eval_every == 0 or self.step == a.steps:

@@ -9,7 +9,7 @@ prompts solved greedily), so that RL has something to improve.
 
 The result is cached in ``<output-dir>/warm_start/`` (an HF checkpoint with the tokenizer and
 ``warm_start.json``, which records the settings): a later run with the same settings loads
-it instead of training again.
+it (safetensors only) instead of training again; a damaged cache is logged and trained again.
 """
 import json
 import os
@@ -26,13 +26,18 @@ from rmkernels_train.utils import TrainingError
 DEFAULTS = {"steps": 100, "batch_size": 32, "lr": 1e-3, "layers": 2, "hidden": 64, "seed": 0}
 
 
+# Attention heads of the built-in policy (both paths, warm start or not): --policy-hidden must
+# be a multiple of it (ppo.check_args).
+POLICY_HEADS = 4
+
+
 def build_policy(tokenizer, *, layers, hidden):
     """A random-init tiny ``LlamaForCausalLM`` over ``tokenizer`` (seed the torch RNG first)."""
     from transformers import LlamaForCausalLM
 
     from rmkernels_train.model import tiny_llama_config
 
-    cfg = tiny_llama_config(tokenizer, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+    cfg = tiny_llama_config(tokenizer, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=POLICY_HEADS,
                             intermediate_size=2 * hidden)
     return LlamaForCausalLM(cfg)
 
@@ -85,6 +90,24 @@ def train_warm_start(tokenizer, prompts, *, steps, batch_size, lr, layers, hidde
     return policy, time.time() - t0
 
 
+def read_cache_meta(out_dir):
+    """``(meta, None)``: the ``warm_start.json`` object of the cache in ``<out_dir>/warm_start``;
+    ``(None, why)`` when it is damaged; ``(None, None)`` when there is no cache."""
+    path = os.path.join(out_dir, "warm_start", "warm_start.json")
+    if not os.path.lexists(os.path.join(out_dir, "warm_start")):
+        return None, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return None, "warm_start.json is missing"
+    except (OSError, ValueError, RecursionError) as e:
+        return None, f"warm_start.json is not readable JSON ({type(e).__name__})"
+    if not isinstance(meta, dict):
+        return None, "warm_start.json is not a JSON object"
+    return meta, None
+
+
 def warm_start(out_dir, tokenizer, prompts, settings, *, device="cpu", log=None):
     """The warm-start policy of ``settings`` (keys of :data:`DEFAULTS`), loaded from
     ``<out_dir>/warm_start`` when it was trained there with the same settings, else trained
@@ -93,17 +116,21 @@ def warm_start(out_dir, tokenizer, prompts, settings, *, device="cpu", log=None)
     from transformers import LlamaForCausalLM
 
     path = os.path.join(out_dir, "warm_start")
-    meta_path = os.path.join(path, "warm_start.json")
     settings = {k: settings[k] for k in DEFAULTS}
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+    meta, why = read_cache_meta(out_dir)
+    if meta is not None:
         if meta.get("settings") == settings and meta.get("vocab_size") == len(tokenizer):
-            policy = LlamaForCausalLM.from_pretrained(path).to(device)
-            policy.eval()
-            return policy, {**meta, "cached": True}
-        if log is not None:
-            log(f"{path} was trained with other settings ({meta.get('settings')}): training it again")
+            try:  # safetensors only: nothing in an output directory can run code
+                policy = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
+            except Exception as e:  # noqa: BLE001 (a truncated or missing file: SafetensorError, OSError, ...)
+                why = f"its model cannot be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})"
+            else:
+                policy.eval()
+                return policy, {**meta, "cached": True}
+        else:
+            why = f"it was trained with other settings ({meta.get('settings')})"
+    if why is not None and log is not None:
+        log(f"{path}: {why}: training it again")
     if log is not None:
         log(f"warm start: {settings['steps']} supervised steps of {settings['batch_size']} correct answers "
             f"(a {settings['layers']}-layer, hidden-{settings['hidden']} Llama) into {path}")

@@ -14,7 +14,8 @@
   the last ``--save-total-limit`` kept (:func:`save_checkpoint`); leftovers of a killed
   write removed at start (:func:`remove_stale_checkpoint_dirs`); ``--resume`` takes the newest
   checkpoint whose every file loads (:func:`find_resume_checkpoint`), saying which ones it
-  skipped and why; the options that must not change checked once
+  skipped and why (a file that exists and cannot be read, e.g. for lack of permission, is not
+  damage: the run stops, naming it, :func:`unreadable`); the options that must not change checked once
   (:func:`check_resume_args`);
 - nothing under an output directory can run code when it is read: JSON, safetensors, and
   :func:`load_torch_state` (``torch.load(..., weights_only=True)``) only;
@@ -45,7 +46,8 @@ import torch
 from rmkernels_train.utils import TrainingError, setup_distributed, teardown_distributed
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
-STALE_PREFIXES = (".tmp-checkpoint-", ".old-checkpoint-", ".tmp-policy-", ".old-policy-")
+STALE_PREFIXES = (".tmp-checkpoint-", ".old-checkpoint-", ".tmp-policy-", ".old-policy-", ".tmp-warm_start-",
+                  ".old-warm_start-")
 # Files a trainer writes at the top of its output directory: each must be a file if it exists.
 OUTPUT_FILES = ("metrics.jsonl", "final.json", "curves.png")
 TRAIN_EXTRA = "pip install 'rmkernels[train]'"
@@ -110,6 +112,13 @@ def check_run_args(args):
 
         if args.backend not in tuple(rmk.BACKENDS) + ("auto",):
             raise TrainingError(f"--backend must be one of {', '.join(rmk.BACKENDS)} or auto, got {args.backend!r}")
+        if args.backend != "auto":  # can it run here, on the tensors of this run's device?
+            device = getattr(args, "device", "auto")
+            device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+            why = rmk.backend_report(device).get(args.backend)
+            if why is not None:
+                raise TrainingError(f"--backend {args.backend} cannot run here ({device} tensors): {why}. Available: "
+                                    f"{', '.join(rmk.available_backends(device))}")
 
 
 def threads_for(args, built_in):
@@ -347,9 +356,32 @@ class CheckpointError(Exception):
     """A checkpoint file is missing or damaged (the message says which and how)."""
 
 
+def unreadable(path, e):
+    """A checkpoint file that exists and cannot be read for another reason than damage (no
+    permission, an I/O error): a :class:`TrainingError` that stops the run. Skipping the
+    checkpoint as damaged would resume from an older one and overwrite the newer, intact one."""
+    return TrainingError(f"--resume: cannot read {path} ({e.strerror or type(e).__name__}); fix that and run "
+                         f"again (the checkpoint is not skipped: it may be intact)")
+
+
+def _check_readable(path, name):
+    """:class:`CheckpointError` if ``path`` is missing, :func:`unreadable` if it cannot be opened."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise CheckpointError(f"{name} is missing") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{name} is a directory, not a file") from None
+    except OSError as e:
+        raise unreadable(path, e) from None
+
+
 def read_json(path, what=None):
-    """A JSON file's content, or :class:`CheckpointError` naming the file."""
+    """A JSON file's content, or :class:`CheckpointError` naming the file (a file that exists
+    and cannot be read: :func:`unreadable`)."""
     name = what or os.path.basename(path)
+    _check_readable(path, name)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -366,6 +398,7 @@ def load_torch_state(path):
     name = os.path.basename(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{name} is missing")
+    _check_readable(path, name)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError (refused object), RuntimeError / EOFError (truncated), ...
@@ -383,6 +416,7 @@ def load_safetensors(path, *, tensors=True, name=None):
     name = name or os.path.basename(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{name} is missing")
+    _check_readable(path, name)
     try:
         if tensors:
             return load_file(path)

@@ -66,15 +66,23 @@ class MetricsWriter:
     def __init__(self, path, resume_step=None):
         self.path = path
         self.records = []
-        if resume_step is None:
-            open(path, "w").close()
-        elif os.path.exists(path):
-            self.records = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        try:
+            if resume_step is None:
+                open(path, "w").close()
+            elif os.path.exists(path):
+                self.records = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+            open(path, "a").close()  # a file the run cannot append to stops it now, not after a step
+        except OSError as e:
+            raise TrainingError(f"cannot write {path} ({e.strerror or e}): make it writable or choose another "
+                                f"--output-dir") from None
 
     def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise TrainingError(f"cannot write {self.path} ({e.strerror or e})") from None
 
 
 def read_metrics(path):
