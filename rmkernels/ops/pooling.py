@@ -357,7 +357,7 @@ def last_token_reward(hidden_states, weight, bias=None, *, attention_mask=None, 
             ``[N, H]`` with ``cu_seqlens``. fp32/bf16/fp16 (fp64 computes in fp64 and returns
             fp64, for gradcheck).
         weight: ``[K, H]`` (an ``nn.Linear(H, K)`` weight); bias: ``[K]`` or None.
-        attention_mask: ``[B, T]`` bool/int; the picked token is the rightmost non-zero
+        attention_mask: ``[B, T]`` bool/int/float; the picked token is the rightmost non-zero
             position (right or left padding, pad == eos, masks with holes).
         lengths: ``[B]`` int, right padding: the picked token is ``length - 1``.
         cu_seqlens: ``[B + 1]`` int32/int64 offsets into packed ``[N, H]`` hidden states.
