@@ -257,7 +257,12 @@ def test_bt_layouts(backend, device):
                                  reduction="none", backend="reference")
     assert_close(out, exp, rtol=2e-5, atol=2e-5)
     (g,) = torch.autograd.grad(out.sum(), both)
+    both_ref = both.detach().clone().requires_grad_(True)  # the reference's gradients, contiguous views
+    exp_out = rmk.bradley_terry_loss(both_ref[:, 0].contiguous(), both_ref[:, 1].contiguous(), reduction="none",
+                                     backend="reference")
+    (g_exp,) = torch.autograd.grad(exp_out.sum(), both_ref)
     assert g.shape == both.shape
+    assert_close(g, g_exp, rtol=2e-5, atol=2e-5, name="grad of strided [B] views")
     out = rmk.bradley_terry_loss(c1, r_bf, reduction="none", backend=backend)
     assert out.shape == (B,)
     exp = rmk.bradley_terry_loss(c1.detach()[:, 0], r_bf.detach().float(), reduction="none", backend="reference")
@@ -265,6 +270,11 @@ def test_bt_layouts(backend, device):
     gc, gr = torch.autograd.grad(out.sum(), (c1, r_bf))
     assert gc.shape == (B, 1) and gc.dtype == torch.float32
     assert gr.shape == (B,) and gr.dtype == torch.bfloat16
+    c_ref, r_ref = c1.detach()[:, 0].clone().requires_grad_(True), r_bf.detach().float().requires_grad_(True)
+    gc_exp, gr_exp = torch.autograd.grad(rmk.bradley_terry_loss(c_ref, r_ref, reduction="none",
+                                                                backend="reference").sum(), (c_ref, r_ref))
+    assert_close(gc[:, 0], gc_exp, rtol=2e-5, atol=2e-5, name="grad of [B, 1] chosen")
+    assert_close(gr.float(), gr_exp.bfloat16().float(), rtol=0, atol=0, name="bf16 grad of rejected")
 
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))

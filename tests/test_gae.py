@@ -17,6 +17,7 @@ from utils import (
     assert_compiled_matches,
     backend_params,
     make_mask,
+    opcheck_test,
     skip_unless_available,
     tolerance,
 )
@@ -184,24 +185,22 @@ def test_empty_and_no_gradient(backend, device):
 # ---------------------------------------------------------------------------------------
 # opcheck, compile, errors
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_opcheck(backend):
-    skip_unless_available(backend, "cpu")
-    rewards, values, mask, lp, ref = sample_inputs(3, 11)
-    torch.library.opcheck(torch.ops.rmkernels.gae.default, (rewards, values, mask, 0.9, 0.95, backend))
+def _op_samples(device):
+    rewards, values, mask, lp, ref = sample_inputs(3, 11, device=device)
+    samples = [("gae", (rewards, values, mask, 0.9, 0.95))]
     for m in (mask, None):
-        torch.library.opcheck(torch.ops.rmkernels.kl_estimate.default, (lp, ref, m, "low_var_kl", 3.0, backend))
-        torch.library.opcheck(torch.ops.rmkernels.kl_estimate.default, (lp, ref, m, "k1", None, backend))
-    if backend == "cpu":
-        for returns in (True, False):
-            torch.library.opcheck(torch.ops.rmkernels.gae_kernel.default, (rewards, values, mask, 0.9, 0.95, returns))
-        torch.library.opcheck(torch.ops.rmkernels.kl_estimate_kernel.default, (lp, ref, mask, 3, 20.0, 10.0))
+        samples += [("kl_estimate", (lp, ref, m, "low_var_kl", 3.0)), ("kl_estimate", (lp, ref, m, "k1", None))]
+    samples += [("gae_kernel", (rewards, values, mask, 0.9, 0.95, returns)) for returns in (True, False)]
+    return samples + [("kl_estimate_kernel", (lp, ref, mask, 3, 20.0, 10.0))]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_compile_fullgraph(backend):
-    skip_unless_available(backend, "cpu")
-    rewards, values, mask, lp, ref = sample_inputs(4, 19)
+test_opcheck = opcheck_test(_op_samples)  # every backend (the kernel ops: cpu / cuda)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_compile_fullgraph(backend, device):
+    skip_unless_available(backend, device)
+    rewards, values, mask, lp, ref = sample_inputs(4, 19, device=device)
 
     def f(r, v, m, lp, ref):
         adv, ret = rmk.gae(r, v, m, gamma=0.9, backend=backend)

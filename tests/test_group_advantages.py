@@ -553,11 +553,19 @@ def test_empty_batches(backend, device):
     skip_unless_available(backend, device)
     for B, T in [(0, 5), (0, 0), (3, 0)]:
         ids = torch.zeros(B, dtype=torch.int64, device=device)
+        scores = torch.randn(B, device=device)
+        mask = torch.ones(B, T, dtype=torch.bool, device=device)
         for est in ESTIMATORS:
-            seq, adv = rmk.group_advantages(torch.randn(B, device=device), ids,
-                                            torch.ones(B, T, dtype=torch.bool, device=device), estimator=est,
-                                            backend=backend)
+            seq, adv = rmk.group_advantages(scores, ids, mask, estimator=est, backend=backend)
             assert seq.shape == (B,) and adv.shape == (B, T)
+            # T = 0: the per-sequence values still exist (opo: no valid token, 0 / 0; the
+            # reinforce_pp_baseline whitening of no token: 0), as the reference gives them
+            want = rmk.group_advantages(scores, ids, mask, estimator=est, backend="reference").seq_advantages
+            assert_close(seq, want, rtol=1e-6, atol=1e-6, name=f"{est} seq, B={B} T={T}")
+        if B:
+            r = scores.double()
+            grpo = rmk.group_advantages(scores, ids, mask, backend=backend).seq_advantages
+            assert_close(grpo, ((r - r.mean()) / (r.std() + 1e-6)).float(), rtol=1e-6, atol=1e-6, name="grpo, T=0")
         out = rmk.reinforce_pp_returns(torch.randn(B, T, device=device), torch.ones(B, T, device=device),
                                        backend=backend)
         assert out.shape == (B, T)

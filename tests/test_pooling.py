@@ -293,18 +293,27 @@ def test_torch_compile_fullgraph(backend, device):
     assert_close(gw, gw_e, rtol=1e-5, atol=1e-5)
 
 
-def test_empty_batch_and_empty_time():
-    w, b = _head(2, 8, "cpu")
-    r = rmk.last_token_reward(torch.randn(0, 5, 8), w, b, attention_mask=torch.zeros(0, 5, dtype=torch.long))
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_empty_batch_and_empty_time(backend, device):
+    """B = 0 gives [0, K] and zero head gradients; T = 0 (every row empty by shape) gives NaN
+    rewards, an empty grad_hidden and zero head gradients (the NaN rows pick no token)."""
+    skip_unless_available(backend, device)
+    w, b = (t.detach().requires_grad_(True) for t in _head(2, 8, device))
+    r = rmk.last_token_reward(torch.randn(0, 5, 8, device=device), w, b,
+                              attention_mask=torch.zeros(0, 5, dtype=torch.long, device=device), backend=backend)
     assert r.shape == (0, 2)
-    r = rmk.last_token_reward(torch.randn(0, 8), w, b, cu_seqlens=torch.zeros(1, dtype=torch.long))
+    gw, gb = torch.autograd.grad(r.sum(), (w, b))
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+    r = rmk.last_token_reward(torch.randn(0, 8, device=device), w, b,
+                              cu_seqlens=torch.zeros(1, dtype=torch.long, device=device), backend=backend)
     assert r.shape == (0, 2)
-    h = torch.randn(3, 0, 8, requires_grad=True)
-    r = rmk.last_token_reward(h, w, b, attention_mask=torch.zeros(3, 0, dtype=torch.long))
+    h = torch.randn(3, 0, 8, device=device, requires_grad=True)
+    r = rmk.last_token_reward(h, w, b, attention_mask=torch.zeros(3, 0, dtype=torch.long, device=device),
+                              backend=backend)
     assert r.shape == (3, 2) and torch.isnan(r).all()
-    r.sum().backward()
-    assert h.grad.shape == (3, 0, 8)
-    assert rmk.last_token_index(torch.zeros(0, 4)).shape == (0,)
+    gh, gw = torch.autograd.grad(r.sum(), (h, w))
+    assert gh.shape == (3, 0, 8) and torch.equal(gw, torch.zeros_like(w))
+    assert rmk.last_token_index(torch.zeros(0, 4, device=device), backend=backend).shape == (0,)
 
 
 @pytest.mark.parametrize("call,exc,match", [

@@ -96,9 +96,20 @@ def assert_compiled_matches(f, *args, rtol=1e-6, atol=1e-6, backend="inductor"):
 
 def assert_close_vs_lowp(actual, expected64, lowp_torch, *, name="output", factor=2.0, floor=1e-6):
     """flash-attention's rule: the kernel's error against the fp64 reference may be at most
-    `factor` times the error of plain PyTorch at the same low precision (plus a small floor)."""
-    err = (actual.double() - expected64.double()).abs().nan_to_num(0).max().item()
-    base = (lowp_torch.double() - expected64.double()).abs().nan_to_num(0).max().item()
+    `factor` times the error of plain PyTorch at the same low precision (plus a small floor).
+    Non-finite values must match the reference's exactly (NaN where it is NaN, the same inf);
+    the errors are taken over the reference's finite entries, plain PyTorch's over those where
+    it is finite too (an overflow of plain PyTorch's must not widen the bar to inf)."""
+    a, e, low = actual.double(), expected64.double(), lowp_torch.double()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+    fin = torch.isfinite(e)
+    same_nonfinite = torch.equal(torch.isnan(a), torch.isnan(e)) and torch.equal(a[torch.isinf(e)], e[torch.isinf(e)])
+    assert same_nonfinite and bool(torch.isfinite(a[fin]).all()), (
+        f"{name}: non-finite values differ from the fp64 reference ({int(torch.isnan(a).sum())} NaN against "
+        f"{int(torch.isnan(e).sum())}, {int((~torch.isfinite(a[fin])).sum())} non-finite where it is finite)")
+    err = (a - e)[fin].abs().max().item() if bool(fin.any()) else 0.0
+    both = fin & torch.isfinite(low)
+    base = (low - e)[both].abs().max().item() if bool(both.any()) else 0.0
     assert err <= factor * base + floor, (
         f"{name}: max error {err:.3e} vs fp64 reference exceeds {factor}x plain PyTorch's {base:.3e} (+{floor})")
 
