@@ -12,6 +12,7 @@ from utils import (
     assert_close,
     assert_close_vs_lowp,
     backend_params,
+    cpu_backend_params,
     opcheck_test,
     skip_unless_available,
     tolerance,
@@ -384,7 +385,7 @@ def _kernel_opcheck_cases(device):
 test_opcheck_kernel_ops = opcheck_test(_kernel_opcheck_cases, kernel_ops=True)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", cpu_backend_params())
 def test_torch_compile_fullgraph(backend):
     skip_unless_available(backend, "cpu")
     B = 4

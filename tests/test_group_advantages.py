@@ -20,6 +20,7 @@ from utils import (
     assert_close,
     assert_compiled_matches,
     backend_params,
+    cpu_backend_params,
     make_mask,
     opcheck_test,
     skip_unless_available,
@@ -610,7 +611,7 @@ def _op_samples(device):
 test_opcheck = opcheck_test(_op_samples)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", cpu_backend_params())
 def test_torch_compile_fullgraph(backend):
     skip_unless_available(backend, "cpu")
     B, T = 12, 10

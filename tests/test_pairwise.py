@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_bt_loss import REDUCTIONS
-from utils import TRITON_INTERPRET, assert_close, backend_params, opcheck_test, skip_unless_available, tolerance
+from utils import (
+    TRITON_INTERPRET,
+    assert_close,
+    backend_params,
+    cpu_backend_params,
+    opcheck_test,
+    skip_unless_available,
+    tolerance,
+)
 
 import rmkernels as rmk
 
@@ -208,7 +216,7 @@ def _opcheck_cases(device):
 test_opcheck_public_ops = opcheck_test(_opcheck_cases)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", cpu_backend_params())
 def test_torch_compile_fullgraph(backend):
     skip_unless_available(backend, "cpu")
     B, T, H = 4, 6, 8

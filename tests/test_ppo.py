@@ -17,6 +17,7 @@ from utils import (
     assert_close,
     assert_compiled_matches,
     backend_params,
+    cpu_backend_params,
     make_mask,
     opcheck_test,
     poison_,
@@ -471,7 +472,7 @@ def _op_samples(device):
 test_opcheck = opcheck_test(_op_samples)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", cpu_backend_params())
 def test_torch_compile_fullgraph(backend):
     skip_unless_available(backend, "cpu")
     B, T = 4, 33

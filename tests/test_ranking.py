@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_bt_loss import DTYPES, REDUCTIONS, _loss_and_grads
-from utils import TRITON_INTERPRET, assert_close, backend_params, opcheck_test, skip_unless_available, tolerance
+from utils import (
+    TRITON_INTERPRET,
+    assert_close,
+    backend_params,
+    cpu_backend_params,
+    opcheck_test,
+    skip_unless_available,
+    tolerance,
+)
 
 import rmkernels as rmk
 
@@ -164,7 +172,7 @@ def _kernel_opcheck_cases(device):
 test_opcheck_kernel_ops = opcheck_test(_kernel_opcheck_cases, kernel_ops=True)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", cpu_backend_params())
 def test_torch_compile_fullgraph(backend):
     skip_unless_available(backend, "cpu")
 

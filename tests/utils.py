@@ -32,6 +32,15 @@ def skip_unless_available(backend, device):
     pytest.skip(f"{backend} backend needs a GPU: {why}")
 
 
+def cpu_backend_params():
+    """The backends that run on CPU tensors here, for pytest.mark.parametrize("backend", ...):
+    reference, cpu, and triton (under TRITON_INTERPRET=1: marked triton, so it runs in the
+    interpreter's pytest process)."""
+    import pytest
+
+    return ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
+
+
 def backend_params(include_reference=False):
     """(backend, device) pairs for pytest.mark.parametrize, with readable ids."""
     import pytest
