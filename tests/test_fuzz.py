@@ -1,5 +1,7 @@
 """Property-based tests (hypothesis) of every public op: the ``cpu`` backend against the
-``reference`` backend, forward and backward, on generated inputs.
+``reference`` backend, forward and backward, on generated inputs; and the ``triton`` backend
+the same way under the interpreter (``-m triton``, fewer examples, bfloat16 left out: numpy has
+none). ``test_every_custom_op_is_fuzzed``: every custom op is run by some spec.
 
 What is generated, per op: sizes with 0 and 1 and ragged values, dtypes (fp32, bf16, fp16,
 fp64), every option of the op, and the memory layout of the tensor inputs: contiguous,
@@ -506,16 +508,16 @@ SPECS["token_logprobs"] = OpSpec(_draw_token_logprobs, _run_token_logprobs, tol=
 # ---------------------------------------------------------------------------------------
 # The property: cpu == reference, forward and backward
 # ---------------------------------------------------------------------------------------
-def _check(spec, case):
+def _check(spec, case, backend="cpu"):
     with spec.context(case):
-        _check_in_context(spec, case)
+        _check_in_context(spec, case, backend)
 
 
-def _check_in_context(spec, case):
+def _check_in_context(spec, case, backend_under_test="cpu"):
     args = case["args"]
     grads = spec.differentiable and bool(args)
     out = {}
-    for backend, dtype in (("cpu", None), ("reference", torch.float64)):
+    for backend, dtype in ((backend_under_test, None), ("reference", torch.float64)):
         bases, views = {}, {}
         for name, a in args.items():
             bases[name], views[name] = a.make(dtype, requires_grad=grads)
@@ -532,7 +534,7 @@ def _check_in_context(spec, case):
         out[backend] = (res, g_bases)
     dtype = next(iter(args.values())).dtype if args else torch.float32
     rtol, atol = spec.tol(dtype, "output")
-    (got, got_g), (exp, exp_g) = out["cpu"], out["reference"]
+    (got, got_g), (exp, exp_g) = out[backend_under_test], out["reference"]
     assert len(got) == len(exp)
     for i, (a, e) in enumerate(zip(got, exp)):
         if a.is_floating_point():
@@ -560,6 +562,28 @@ def _params():
 def test_cpu_matches_reference(op, layout, data, seed):
     spec = SPECS[op]
     _check(spec, spec.draw(data, torch.Generator().manual_seed(seed), layout))
+
+
+# Under the Triton interpreter a call costs ~10-100x a compiled one: fewer examples, the same
+# derandomized draws (CI) or random ones (long profile).
+FUZZ_TRITON = settings(FUZZ, max_examples=6 if PROFILE == "ci" else 100)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op,layout", _params())
+@FUZZ_TRITON
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_triton_matches_reference(op, layout, data, seed):
+    """The same property for the Triton backend on CPU tensors (TRITON_INTERPRET=1). bfloat16
+    inputs are left out: the interpreter runs on numpy, which has no bfloat16."""
+    from utils import TRITON_INTERPRET
+
+    if not TRITON_INTERPRET:
+        pytest.skip("triton on CPU tensors runs only under TRITON_INTERPRET=1 (no GPU here)")
+    spec = SPECS[op]
+    case = spec.draw(data, torch.Generator().manual_seed(seed), layout)
+    hypothesis.assume(all(a.dtype != torch.bfloat16 for a in case["args"].values()))
+    _check(spec, case, "triton")
 
 
 _LABELS = st.one_of(st.integers(-3, 3), st.sampled_from(["a", "b", "prompt-7", ""]),
@@ -610,3 +634,26 @@ def test_every_public_op_is_fuzzed():
                "group_ids", "causal_lm_logprobs"}
     public = {n for n in rmk.__all__ if callable(getattr(rmk, n)) and n[0].islower() and n not in not_ops}
     assert public <= set(SPECS), f"public ops without a fuzz spec: {sorted(public - set(SPECS))}"
+
+
+# The torch.ops.rmkernels public ops that no function of rmkernels.__all__ is named after, and
+# the OpSpec whose run goes through them (backwards: the differentiable specs take gradients;
+# the index ops: last_token_reward / last_token_index by attention_mask, lengths, cu_seqlens;
+# the whitening building blocks: masked_whiten; ppo_gae: ppo_advantages).
+FUZZED_THROUGH = {
+    "bradley_terry_loss_backward": "bradley_terry_loss", "last_token_reward_backward": "last_token_reward",
+    "pairwise_reward_loss_backward": "pairwise_reward_loss", "ranking_loss_backward": "ranking_loss",
+    "token_logprobs_backward": "token_logprobs", "check_mask_index": "last_token_index",
+    "cu_seqlens_index": "last_token_index", "lengths_index": "last_token_index", "masked_row_stats": "masked_whiten",
+    "masked_centered_sq": "masked_whiten", "masked_whiten_apply": "masked_whiten", "ppo_gae": "ppo_advantages",
+    "reinforce_advantages": "reinforce_pp_advantages",
+}
+
+
+def test_every_custom_op_is_fuzzed():
+    """Every public custom op (ops/_schemas.py's PUBLIC_OPS) has an OpSpec of its own or is run
+    by one (FUZZED_THROUGH); a new op in neither fails here."""
+    from rmkernels.ops._schemas import PUBLIC_OPS
+
+    missing = sorted(n for n in PUBLIC_OPS if n not in SPECS and FUZZED_THROUGH.get(n) not in SPECS)
+    assert not missing, f"custom ops no fuzz spec runs: {missing}"
