@@ -11,9 +11,9 @@ LOWP = (torch.bfloat16, torch.float16)
 
 
 def _dtypes(backend, device):
-    # numpy (the Triton interpreter's engine) has no bfloat16: the interpreter runs fp32.
+    # numpy (the Triton interpreter's engine) has no bfloat16: the interpreter runs fp32 and fp16.
     if backend == "triton" and device == "cpu":
-        return (torch.float32,)
+        return (torch.float32, torch.float16)
     return (torch.float32, torch.bfloat16, torch.float16)
 
 
