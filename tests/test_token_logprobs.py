@@ -12,11 +12,9 @@ LOWP = (torch.bfloat16, torch.float16)
 
 def _dtypes(backend, device):
     # numpy (the Triton interpreter's engine) has no bfloat16: the interpreter runs fp32/fp64
-    # (on CPU tensors, and on tests/fake_cuda.py's stand-in GPU). Not fp16 either: numpy's fp16
-    # dot products do not round as a GPU's tl.dot (fp32 accumulation) does, so the low-precision
-    # bar (2x plain PyTorch's error) fails there for the interpreter's reasons (seen: 2.4x).
+    # and fp16 (on CPU tensors, and on tests/fake_cuda.py's stand-in GPU).
     if backend == "triton" and TRITON_INTERPRET:
-        return (torch.float32, torch.float64)
+        return (torch.float32, torch.float64, torch.float16)
     return (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -98,9 +96,10 @@ def _grads_rounded_dz(hidden, weight, bias, targets, temperature, g_lp, g_ent, r
 
 
 def _gpu_rounds_dz(backend, device, dtype):
-    """Whether this backend's backward multiplies dz rounded to the input dtype (cuda and
-    triton on a GPU, bf16/fp16); the CPU backends (and the interpreter) multiply in fp32."""
-    return backend in ("cuda", "triton") and device == "cuda" and dtype in LOWP
+    """Whether this backend's backward multiplies dz rounded to the input dtype (bf16/fp16): the
+    cuda kernels on a GPU, and the Triton kernels wherever they run (the interpreter runs the same
+    kernel code, whose tl.dot takes dz in the input dtype); the C++ CPU backend multiplies in fp32."""
+    return (backend == "triton" or (backend == "cuda" and device == "cuda")) and dtype in LOWP
 
 
 def _run(backend, hidden, weight, bias, targets, temperature, g_lp, g_ent, **kw):
