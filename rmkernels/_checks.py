@@ -99,6 +99,11 @@ def check_float(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False):
     return v
 
 
+def check_nonneg(name, value):
+    """A finite Python number >= 0 (an eps added to a std or variance, a discount)."""
+    return check_float(name, value, lo=0.0, hi=float("inf"), hi_open=True)
+
+
 def check_bool(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -98,9 +98,9 @@ class Autograd:
 
 def check_one_device(name, args):
     """Every tensor argument on one device (a meta tensor among CPU ones sends the call to the
-    op's fake, which would otherwise return uninitialised tensors of the other device)."""
+    op's fake, which would otherwise return uninitialised tensors of the other device). No op's
+    schema takes a Tensor[]."""
     devices = {a.device for a in args if isinstance(a, torch.Tensor)}
-    devices |= {t.device for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(f"rmkernels::{name}: the tensor arguments must be on one device, got "
                          f"{sorted(str(d) for d in devices)}")

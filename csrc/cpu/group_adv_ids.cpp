@@ -14,9 +14,10 @@
 // The array (exactly numpy.ndarray: a subclass's __array_interface__ could describe other memory)
 // has its element pointers read through __array_interface__ (typestr "|O", 1-D, any stride). The
 // pass takes labels whose hash and == are C code and run no Python: exact str, int, float, bool
-// and None (verl's uids are exact str; bytes are left out: == with a str may warn, in Python). At the first label of another type it stops and
-// returns None, and rmk.group_ids takes its Python pass over a copy of the array: a label's
-// __eq__ is Python code, which may resize or free the array this pass reads by raw pointer.
+// and None (verl's uids are exact str; bytes are left out: == with a str may warn, in Python).
+// At the first label of another type it stops and returns None, and rmk.group_ids takes its
+// Python pass over a copy of the array: a label's __eq__ is Python code, which may resize or
+// free the array this pass reads by raw pointer.
 #include <Python.h>
 
 #include <algorithm>

@@ -128,8 +128,7 @@ def check_loss_scalars(margin_value, weight_value, label_smoothing, center_coef)
     return (_checks.check_float("margin", margin_value, **_FINITE),
             _checks.check_float("weights", weight_value, **_FINITE),
             _checks.check_float("label_smoothing", label_smoothing, lo=0.0, hi=0.5, hi_open=True),
-            _checks.check_float("center_coef", 0.0 if center_coef is None else center_coef, lo=0.0, hi=float("inf"),
-                                hi_open=True))
+            _checks.check_nonneg("center_coef", 0.0 if center_coef is None else center_coef))
 
 
 def check_loss_args(B, device, acc, margin, weights, reduction):

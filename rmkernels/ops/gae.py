@@ -127,7 +127,7 @@ def check_2d(name, t, shape=None, device=None, dtypes=_checks.FLOAT_DTYPES):
 def check_discount(gamma, lam=None):
     """``gamma`` >= 0 (finite) and ``lam`` in [0, 1] (when given), as floats: the one check of
     the discount options, in the public functions and the ops' check hooks alike."""
-    gamma = _checks.check_float("gamma", gamma, lo=0.0, hi=float("inf"), hi_open=True)
+    gamma = _checks.check_nonneg("gamma", gamma)
     return gamma if lam is None else (gamma, _checks.check_float("lam", lam, lo=0.0, hi=1.0))
 
 

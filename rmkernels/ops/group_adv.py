@@ -195,10 +195,10 @@ def check_group_options(estimator, eps, unbiased, single, f_norm, whiten_eps):
         raise ValueError(f"estimator must be one of {tuple(GROUP_ESTIMATORS)}, got {estimator!r}")
     if not isinstance(single, str) or single not in GROUP_SINGLES:
         raise ValueError(f"single must be one of {tuple(GROUP_SINGLES)}, got {single!r}")
-    return (_checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True),
+    return (_checks.check_nonneg("eps", eps),
             _checks.check_bool("unbiased", unbiased),
             _checks.check_float("f_norm", f_norm, lo=0.0, lo_open=True, hi=float("inf"), hi_open=True),
-            _checks.check_float("whiten_eps", whiten_eps, lo=0.0, hi=float("inf"), hi_open=True))
+            _checks.check_nonneg("whiten_eps", whiten_eps))
 
 
 def _check_group_op(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, backend):
@@ -242,7 +242,7 @@ def _check_reinforce_op(token_rewards, mask, baselines, gamma, unbiased, eps, ba
 def check_reinforce_options(gamma, unbiased, eps):
     """REINFORCE++ / ReMax's options (public functions and check hook alike), checked."""
     return (check_discount(gamma), _checks.check_bool("unbiased", unbiased),
-            _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True))
+            _checks.check_nonneg("eps", eps))
 
 
 def _prepare_reinforce(token_rewards, mask, baselines, gamma, unbiased, eps):

@@ -193,7 +193,7 @@ def check_ppo_options(kl_coef, gamma, lam, kl_estimator, kl_clamp, score_clip):
 def check_whiten_options(shift_mean, unbiased, eps):
     """The whitening options (public functions and check hooks alike)."""
     return (_checks.check_bool("shift_mean", shift_mean), _checks.check_bool("unbiased", unbiased),
-            _checks.check_float("eps", eps, lo=0.0, hi=float("inf"), hi_open=True))
+            _checks.check_nonneg("eps", eps))
 
 
 def _check_ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, kl_estimator, kl_clamp,
