@@ -153,6 +153,87 @@ def test_kl_estimate_matches_reference(backend, device, dtype, estimator):
             assert_close(out, exp, rtol=rtol, atol=atol, name=f"{estimator} {B}x{T} clamp={clamp}")
 
 
+def assert_overflows_as_the_loop(actual, exact, name):
+    """``actual`` (float32) against the float64 loop's ``exact``: no NaN; inf with the loop's sign
+    where ``exact`` is beyond float32's range by more than 1e-3; close (rtol 1e-4: float32 over
+    a thousand steps) where it is within it by more than 1e-3. Between the two either is right."""
+    a, e = actual.double().cpu(), exact.double().cpu()
+    top = torch.finfo(torch.float32).max
+    assert not a.isnan().any(), f"{name}: NaN at {a.isnan().nonzero()[:5].tolist()} where the loop has none"
+    over, under = e.abs() > top * (1 + 1e-3), e.abs() < top * (1 - 1e-3)
+    assert over.any() and under.any(), f"{name}: the case should overflow somewhere, not everywhere"
+    assert torch.equal(a[over], e[over].sign() * math.inf), f"{name}: not inf where the loop overflows"
+    assert_close(a[under], e[under], rtol=1e-4, atol=0.0, name=name)
+
+
+def _overflow_params():
+    """backend_params plus Triton's forced long-row segments (the CUDA kernel's segments are
+    its binding's choice; tests/cuda_on_cpu runs both of its paths)."""
+    out = []
+    for p in backend_params(include_reference=True):
+        be, dev = p.values
+        out.append(pytest.param(be, dev, False, id=p.id, marks=p.marks))
+        if be == "triton":
+            out.append(pytest.param(be, dev, True, id=p.id + "-segments", marks=p.marks))
+    return out
+
+
+@pytest.mark.parametrize("backend,device,segmented", _overflow_params())
+@pytest.mark.parametrize("gamma,T", [(1.1, 1500), (2.0, 200), (1e30, 40)])
+def test_discount_above_one_overflows_as_the_loop_does(backend, device, segmented, gamma, T, monkeypatch):
+    """gamma > 1 (accepted, like the frameworks) makes the returns grow as gamma^k. The scan
+    kernels compose products of discounts, which overflow to inf long before the returns do
+    (1.1^1024); an inf times a state of 0 gave NaN (Triton, and CUDA in its chunk carries and
+    long rows) where the loop gives 0, finite values or inf. Rewards of one sign and of order 1
+    here (a spike, uniform ones, uniform ones over holes), values 0, so that every return has
+    the rewards' sign and an overflowed product of discounts only ever multiplies a state that
+    overflows with it. Outside these, a scan can differ from the loop: rewards of both signs can
+    meet as inf - inf (NaN where the loop keeps one inf), and a tiny state times an overflowed
+    product gives inf where the loop's value is finite (docs/ops.md section 3)."""
+    skip_unless_available(backend, device)
+    if segmented:
+        from rmkernels.triton import ppo as tppo
+
+        monkeypatch.setattr(tppo, "FORCE_SEGMENT_T", 32 if device == "cpu" else 1024)
+    r, mask = overflow_inputs(T)
+    B = r.shape[0]
+    values = torch.zeros(B, T)
+    exact_adv, _ = loop_gae(r, values, mask, gamma, 1.0)
+    dev = lambda x: x.to(device)  # noqa: E731
+    adv, ret = rmk.gae(dev(r), dev(values), dev(mask), gamma=gamma, lam=1.0, backend=backend)
+    assert_overflows_as_the_loop(adv, exact_adv, f"gae advantages ({backend})")
+    assert_overflows_as_the_loop(ret, exact_adv, f"gae returns ({backend})")
+    rpp = rmk.reinforce_pp_returns(dev(r), dev(mask), gamma=gamma, backend=backend)
+    assert_overflows_as_the_loop(rpp, exact_adv, f"reinforce++ returns ({backend})")
+    # ppo_advantages: the score at the last valid position is the only reward (kl_coef 0)
+    scores = torch.rand(B) + 0.5
+    lp = torch.randn(B, T)
+    exact, _ = loop_gae(torch.zeros(B, T).index_put_((torch.arange(B), last_valid(mask)), scores), values, mask,
+                        gamma, 1.0)
+    out = rmk.ppo_advantages(dev(lp), dev(lp), dev(values), dev(scores), dev(mask), kl_coef=0.0, gamma=gamma, lam=1.0,
+                             whiten=False, backend=backend)
+    assert_overflows_as_the_loop(out.advantages, exact, f"ppo_advantages ({backend})")
+
+
+def overflow_inputs(T):
+    """(rewards, mask) [4, T] of the gamma > 1 tests: of one sign per row and of order 1 (a
+    spike; uniform ones; uniform ones, negated, over holes and a masked tail)."""
+    r = torch.zeros(4, T)
+    r[0, T // 3] = 1.0
+    r[1:] = torch.rand(3, T)
+    r[3] = -r[3]
+    mask = torch.ones(4, T, dtype=torch.bool)
+    mask[2:, ::3] = False
+    mask[2:, -5:] = False
+    return r, mask
+
+
+def last_valid(mask):
+    """Each row's last valid position (every row here has one)."""
+    T = mask.shape[1]
+    return T - 1 - mask.flip(1).int().argmax(1)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_strided_and_mixed_inputs(backend, device):
     """Transposed / sliced inputs and int/float masks give what contiguous ones do; mixed

@@ -17,11 +17,21 @@ __device__ __forceinline__ Affine<A> identity() {
   return {A(1), A(0)};
 }
 
+// a * x, except that x = 0 gives 0 * x whatever a is: a composed map's a is a product of
+// discounts, which overflows to inf for gamma > 1 over long rows, and inf * 0 would be NaN where
+// the sequential recurrence (a finite gamma times a state of 0, step by step) gives 0. For a
+// finite a >= 0 it is a * x bit for bit, signed zeros included.
+template <typename A>
+__device__ __forceinline__ A scale(A a, A x) {
+  return (x == A(0) ? A(0) : a) * x;
+}
+
 // l after r: x -> l(r(x)). r is the part to the right (applied first). Plain IEEE
-// arithmetic, like the sequential recurrence (gamma * lam = 0 times a NaN A_next is NaN).
+// arithmetic, like the sequential recurrence (gamma * lam = 0 times a NaN A_next is NaN),
+// but for the zero state of scale().
 template <typename A>
 __device__ __forceinline__ Affine<A> after(Affine<A> l, Affine<A> r) {
-  return {l.a * r.a, l.a * r.b + l.b};
+  return {l.a * r.a, scale(l.a, r.b) + l.b};
 }
 
 // The V_next scan selects a value rather than computing one: a valid position (a = 0)
@@ -33,7 +43,7 @@ __device__ __forceinline__ Affine<A> after_select(Affine<A> l, Affine<A> r) {
 
 template <typename A>
 __device__ __forceinline__ A apply(Affine<A> f, A x) {
-  return f.a * x + f.b;
+  return scale(f.a, x) + f.b;
 }
 
 template <typename A>

@@ -256,8 +256,8 @@ __global__ void gae_carry_kernel(const A* __restrict__ agg, const int64_t* __res
     if (sl < 0) continue;  // no valid position: the state passes through
     const A* g = agg + (b * n_seg + s) * 4;
     A c0 = g[2];
-    if (sl == last) c0 = c0 + g[1] * score;
-    c = g[0] * c + gamma * g[1] * d + c0;
+    if (sl == last) c0 = c0 + scale(g[1], score);
+    c = scale(g[0], c) + scale(gamma * g[1], d) + c0;  // alpha and e may have overflowed (gamma > 1)
     d = g[3];
   }
 }

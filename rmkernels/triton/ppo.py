@@ -55,11 +55,20 @@ TOTALS_BLOCK = 1024
 
 
 @triton.jit
+def _scale(a, x):
+    # a * x, except that x = 0 gives 0 * x whatever a is: a composed map's a is a product of
+    # discounts, which overflows to inf for gamma > 1 over long rows, and inf * 0 would be NaN
+    # where the sequential recurrence (a finite gamma times a state of 0, step by step) gives 0.
+    # For a finite a >= 0 it is a * x bit for bit (csrc/cuda/affine_scan.cuh's scale).
+    return tl.where(x == 0, 0.0, a).to(x.dtype) * x
+
+
+@triton.jit
 def _affine_rcombine(a1, b1, a2, b2):
     # Reverse scan: (a1, b1) is the map accumulated from the right, (a2, b2) the element to
     # its left; the result applies the right part first: x -> a2 * (a1 * x + b1) + b2.
-    # Plain IEEE arithmetic, like the sequential recurrence.
-    return a1 * a2, a2 * b1 + b2
+    # Plain IEEE arithmetic, like the sequential recurrence, but for the zero state of _scale.
+    return a1 * a2, _scale(a2, b1) + b2
 
 
 @triton.jit
@@ -77,7 +86,7 @@ def _select_apply(a, b, x):
 @triton.jit
 def _affine2_rcombine(a1, b1, c1, a2, b2, c2):
     # Two right-hand sides of the same affine maps (see _affine_rcombine).
-    return a1 * a2, a2 * b1 + b2, a2 * c1 + c2
+    return a1 * a2, _scale(a2, b1) + b2, _scale(a2, c1) + c2
 
 
 @triton.jit
@@ -190,13 +199,13 @@ def _ppo_gae_kernel(
         if MODE == MODE_SEGMENT_AGGREGATE:
             qe_in = tl.where(offs == seg_last, one, zero)
             qa, qb, qe = tl.associative_scan((qm, qd, qe_in), 0, _affine2_rcombine, reverse=True)
-            e = qa * carry_e + qe
+            e = _scale(qa, carry_e) + qe
             carry_e = tl.sum(tl.where(lane == 0, e, zero), axis=0)
             alpha = alpha * tl.sum(tl.where(lane == 0, qa, zero), axis=0)
             v_first = tl.sum(tl.where(lane == 0, tl.where(m, v, v_next), zero), axis=0)  # D(start)
         else:
             qa, qb = tl.associative_scan((qm, qd), 0, _affine_rcombine, reverse=True)
-        a = qa * carry_a + qb
+        a = _scale(qa, carry_a) + qb
         carry_v = tl.sum(tl.where(lane == 0, v_next, zero), axis=0)
         carry_a = tl.sum(tl.where(lane == 0, a, zero), axis=0)
         if MODE != MODE_SEGMENT_AGGREGATE:
@@ -256,8 +265,9 @@ def _gae_carry_kernel(
         c0 = tl.load(agg + 2)
         vf = tl.load(agg + 3)
         has = sl >= 0
-        c0 = tl.where(has, tl.where(sl == last, c0 + e * score, c0), c0)
-        c = tl.where(has, alpha * c + gamma * e * d + c0, c)  # a segment with no valid position passes through
+        c0 = tl.where(has, tl.where(sl == last, c0 + _scale(e, score), c0), c0)
+        # a segment with no valid position passes through; alpha and e may have overflowed (gamma > 1)
+        c = tl.where(has, _scale(alpha, c) + _scale(gamma * e, d) + c0, c)
         d = tl.where(has, vf, d)
 
 
@@ -405,7 +415,7 @@ def _reinforce_kernel(
         zero = tl.zeros([BLOCK_T], acc_ty)
         qa, qb = tl.associative_scan((tl.where(m, zero + gamma, one), tl.where(m, r, zero)), 0, _affine_rcombine,
                                      reverse=True)
-        R = qa * carry + qb
+        R = _scale(qa, carry) + qb
         carry = tl.sum(tl.where(lane == 0, R, zero), axis=0)
         out = b * T + offs
         if REMAX:

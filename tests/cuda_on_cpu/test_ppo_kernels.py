@@ -6,6 +6,7 @@ three whitening launchers chained as the bindings chain them; the plain GAE (gae
 KL estimate (kl_estimate_kernel) launchers against docs/ops.md section 3's loop and formulas."""
 import pytest
 import torch
+from test_gae import assert_overflows_as_the_loop, last_valid, loop_gae, overflow_inputs
 from utils import MASK_KINDS, assert_close, make_mask, tolerance
 
 import rmkernels as rmk
@@ -154,6 +155,28 @@ def test_gae_wide_batch():
     """Many one-block rows (the binding's launch for wide batches, scaled down from 4096)."""
     B, T = 200, 33
     check_gae(make_inputs(B, T), make_mask("mixed", B, T), "wide")
+
+
+@pytest.mark.parametrize("gamma,T", [(1.1, 1500), (2.0, 200), (1e30, 40)])
+def test_gae_discount_above_one_overflows_as_the_loop_does(gamma, T):
+    """gamma > 1 (tests/test_gae.py's test of the same name): the chunk and block scans and the
+    segments' carries compose overflowed products of discounts (alpha = (gamma lam)^k); inf times
+    a state of 0 gave NaN where the loop gives 0, a finite value or inf. ppo_gae with the score
+    (the only reward: kl_coef 0) and plain GAE, by rows and in segments."""
+    r, mask = overflow_inputs(T)
+    B = r.shape[0]
+    values = torch.zeros(B, T)
+    exact, _ = loop_gae(r, values, mask, gamma, 1.0)
+    scores = torch.rand(B) + 0.5
+    exact_s, _ = loop_gae(torch.zeros(B, T).index_put_((torch.arange(B), last_valid(mask)), scores), values, mask,
+                          gamma, 1.0)
+    lp = torch.randn(B, T)
+    for seg_len in (None, 256, 32):
+        adv, ret = launch_plain_gae(r, values, mask, gamma, 1.0, seg_len=seg_len)
+        assert_overflows_as_the_loop(adv, exact, f"gae advantages seg_len={seg_len}")
+        assert_overflows_as_the_loop(ret, exact, f"gae returns seg_len={seg_len}")
+        adv = launch_gae(lp, lp, values, scores, mask, kl_coef=0.0, gamma=gamma, lam=1.0, seg_len=seg_len)[0]
+        assert_overflows_as_the_loop(adv, exact_s, f"ppo_gae advantages seg_len={seg_len}")
 
 
 def test_gae_empty_batch_and_bad_arguments():

@@ -9,6 +9,7 @@ rows: reinforce_plan, at the binding's segment length and scaled down); NaN rewa
 workspace written in the launch across concurrent blocks under ThreadSanitizer."""
 import pytest
 import torch
+from test_gae import assert_overflows_as_the_loop, loop_gae, overflow_inputs
 from test_reinforce import scan_atol
 from utils import assert_close, make_mask, tolerance
 
@@ -112,6 +113,19 @@ def test_reinforce_matches_reference(remax):
         base = torch.randn(B) if remax else None
         for gamma in (0.0, 0.9, 1.0):
             check(r, mask, base, f"B={B} T={T} {kind} gamma={gamma}", gamma=gamma, unbiased=bool(i % 2 == 0))
+
+
+@pytest.mark.parametrize("gamma,T", [(1.1, 1500), (2.0, 200), (1e30, 40)])
+def test_discount_above_one_overflows_as_the_loop_does(gamma, T):
+    """gamma > 1 (tests/test_gae.py's test of the same name): the lanes' and the pieces'
+    aggregates are overflowed products of discounts; inf times the row end's carry of 0 gave
+    NaN where the loop gives 0, a finite value or inf. One warp a row, and rows in pieces."""
+    r, mask = overflow_inputs(T)
+    exact, _ = loop_gae(r, torch.zeros_like(r), mask, gamma, 1.0)
+    for segment_t in (SEGMENT_T, 128):
+        rcs, _, ret = launch(r, mask, gamma=gamma, segment_t=segment_t)
+        assert rcs == [0], rcs
+        assert_overflows_as_the_loop(ret, exact, f"returns, plan {plan_of(r.dtype, False, *r.shape, segment_t)}")
 
 
 def test_reinforce_plan_splits_only_few_long_rows():
