@@ -299,6 +299,7 @@ def test_verl_kl_controllers():
         assert ctl.value == pytest.approx(value, rel=1e-12)
     fixed = verl.get_kl_controller(SimpleNamespace(type="fixed", kl_coef=0.05))
     fixed.update(50.0, 100)
+    fixed.update(None, None)  # verl's update takes anything and does nothing
     assert fixed.value == 0.05
     with pytest.raises(NotImplementedError):
         verl.get_kl_controller(SimpleNamespace(type="pid", kl_coef=0.05))
@@ -477,6 +478,33 @@ def test_openrlhf_compute_reward(kl_coef, clip):
     assert_close(out, exp, rtol=RTOL, atol=ATOL, name="rewards")
     # OpenRLHF 0.11.2's positional order: (r, kl_coef, kl, action_mask, reward_clip_range)
     assert torch.equal(openrlhf.compute_reward(scores.float(), kl_coef, kl, mask, clip), out)
+
+
+@pytest.mark.parametrize("clip", [None, (-0.5, 0.5)])
+def test_openrlhf_compute_reward_gradient(clip):
+    """OpenRLHF's rewards are a differentiable sum: -kl_coef for every token of kl, 1 for r at
+    the position that gets it (0 where the clip holds r; the last column of a row with no
+    action). The fused op's rewards carry no graph: the adapter passed none (grad 0)."""
+    lp, ref, values, scores, mask = batch(6, 13)
+    mask[2] = 0
+    kl = torch.randn(6, 13, requires_grad=True)
+    r = scores.float().clone().requires_grad_()
+    out = openrlhf.compute_reward(r, 0.1, kl, mask, clip)
+    w = torch.randn(out.shape)
+    gk, gr = torch.autograd.grad((out * w).sum(), (kl, r))
+    kl64, r64 = kl.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    ek, er = torch.autograd.grad((ref_openrlhf_reward(r64, 0.1, kl64, mask, clip) * w.double()).sum(), (kl64, r64))
+    assert_close(gk, ek, rtol=RTOL, atol=ATOL, name="d/dkl")
+    assert_close(gr, er, rtol=RTOL, atol=ATOL, name="d/dr")
+    # packed lists, with a float score broadcast (the docstring's "a float is broadcast")
+    kls = [torch.randn(n, requires_grad=True) for n in (4, 1, 6)]
+    rows = openrlhf.compute_reward(1.5, 0.1, kls, num_actions=[4, 1, 3])
+    for i, (k, n) in enumerate(zip(kls, [4, 1, 3])):
+        exp = -0.1 * k.detach().double()
+        exp[n - 1] += 1.5
+        assert_close(rows[i], exp, rtol=RTOL, atol=ATOL, name=f"packed row {i}")
+    grads = torch.autograd.grad(sum(x.sum() for x in rows), kls)
+    assert all(torch.allclose(g, torch.full_like(g, -0.1)) for g in grads)
 
 
 def test_openrlhf_compute_reward_packed_list():

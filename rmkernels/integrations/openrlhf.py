@@ -30,6 +30,9 @@ OpenRLHF's conventions, kept:
   zero-value, zero-reward step). Returns are ``A + mask * V``.
 * the batch normalisation of the advantages divides by the biased standard deviation,
   ``rsqrt(max(var, 1e-8))``.
+* ``compute_reward`` is differentiable as OpenRLHF's sum is: ``-kl_coef`` for ``kl``, 1 for
+  ``r`` at the position that gets it (the fused op's rewards carry no graph; the gradient is
+  passed straight through).
 
 Where the numbers differ, on purpose: ``normalize_advantages`` returns 0 at masked positions
 (OpenRLHF shifts and scales them too; its losses mask them), and ignores whatever value a
@@ -38,7 +41,11 @@ everywhere). ``compute_approx_kl`` where ``log_probs - log_probs_base`` is infin
 ``unbiased_gradient=True``: OpenRLHF's straight-through ``v + s - s.detach()`` gives NaN
 (``inf - inf``), the adapter the clamped value. ``normalize_advantages`` adds ``eps = 1e-8`` to the variance
 where OpenRLHF clamps it at 1e-8 (relative difference ``5e-9 / var``; up to a factor sqrt(2)
-for a batch whose variance is below 1e-8).
+for a batch whose variance is below 1e-8). ``compute_reward`` takes a position as an action where
+``action_mask`` is non-zero (OpenRLHF's ``.long()`` makes 0.3 a non-action; it builds 0/1 masks).
+Refused with an error that names them, where OpenRLHF computes: integer ``r`` or ``kl``
+tensors, ``lambd`` outside [0, 1], a negative or non-finite ``gamma``, values that broadcast
+(``[1, A]`` for ``[B, A]``), a packed sample with ``num_actions[i] = 0``.
 """
 import math
 
@@ -146,6 +153,13 @@ def _eos_score_rows(r, kl, action_mask, kl_coef):
     if kl.shape[1] > 0:  # a row with no valid action: OpenRLHF's argmax(all zeros) puts r at the end
         empty = ~valid.any(dim=1)
         rewards[:, -1] += torch.where(empty, r.reshape(-1).float(), torch.zeros_like(rewards[:, -1]))
+    if needs_grad(kl, r) and kl.shape[1] > 0:
+        # the fused op's outputs are targets, without a graph; OpenRLHF's sum is differentiable:
+        # -kl_coef per token of kl, 1 for r at the position that gets it
+        T = kl.shape[1]
+        last = T - 1 - valid.flip(1).to(torch.uint8).argmax(1, keepdim=True)  # T - 1 for an empty row too
+        score = torch.zeros_like(rewards).scatter(1, last, r.reshape(-1, 1).float())
+        rewards = straight_through(rewards, -kl_coef * kl.float() + score)
     return rewards.to(kl.dtype)
 
 
@@ -168,11 +182,14 @@ def compute_reward(r, kl_coef, kl, action_mask=None, reward_clip_range=None, *, 
     kl_coef = as_float("kl_coef", kl_coef)
     if kl_coef <= 0.0:
         kl_coef = 0.0
-    if isinstance(kl, (list, tuple)):
-        return _compute_reward_packed(r, kl_coef, kl, num_actions, reward_clip_range)
-    check_2d("kl", kl)
+    packed = isinstance(kl, (list, tuple))
+    if not packed:
+        check_2d("kl", kl)
     if not isinstance(r, torch.Tensor):
-        r = torch.full((kl.shape[0],), float(r), dtype=torch.float32, device=kl.device)
+        n, dev = (len(kl), kl[0].device if kl else None) if packed else (kl.shape[0], kl.device)
+        r = torch.full((n,), as_float("r", r), dtype=torch.float32, device=dev)
+    if packed:
+        return _compute_reward_packed(r, kl_coef, kl, num_actions, reward_clip_range)
     if reward_clip_range:
         r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
     if action_mask is None:
@@ -210,7 +227,8 @@ def get_advantages_and_returns(values, rewards, action_mask, gamma, lambd):
     ``values``, ``rewards``, ``action_mask``: ``[B, A]`` (or, packed samples, lists of 1-D
     tensors, the mask then unused as in OpenRLHF). Values and rewards are multiplied by the
     mask, then ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lambd *
-    A_{t+1}`` over every position. Returns ``(advantages, returns)`` float32, ``returns = A + V``.
+    A_{t+1}`` over every position. Returns ``(advantages, returns)`` float32 (float64 for float64
+inputs), ``returns = A + V``.
     """
     gamma, lambd = as_float("gamma", gamma), as_float("lambd", lambd)
     if isinstance(values, (list, tuple)):

@@ -24,6 +24,12 @@ TRL's conventions, kept (they differ from verl's and OpenRLHF's):
   over the real tokens with the **unbiased** variance, then set to 0 at padding.
 * ``kl_estimator``: ``"k1"`` = log p - log q, ``"k3"`` = exp(log q - log p) - 1 - (log q - log p).
 
+Where the numbers differ, on purpose: a batch with at most one real token gets advantages 0
+(TRL's unbiased variance divides by 0 there: NaN, and a ``ValueError`` when every response is
+empty; the fused op never looks at the count on the host). ``masked_whiten`` takes a position
+where ``mask`` is non-zero (TRL weights by the mask's value; its masks are 0/1), returns 0 where
+it is 0, and refuses a mask that broadcasts (``[1, T]`` for ``[B, T]`` values).
+
 ``import rmkernels.integrations.trl_ppo`` does not import trl.
 """
 from collections import namedtuple
@@ -44,8 +50,8 @@ TRLPPOTargets = namedtuple("TRLPPOTargets", [
 
 def masked_whiten(values, mask, shift_mean=True):
     """TRL's ``masked_whiten``: ``(x - mean) * rsqrt(var + 1e-8)`` over ``mask`` (unbiased var),
-    ``+ mean`` if not ``shift_mean``; float32, and 0 where ``mask`` is 0 (TRL leaves shifted
-    values there and fills them with 0 itself right after)."""
+    ``+ mean`` if not ``shift_mean``; float32 (float64 for float64 values), and 0 where ``mask``
+    is 0 (TRL leaves shifted values there and fills them with 0 itself right after)."""
     return rmk.masked_whiten(values, mask, shift_mean=shift_mean, unbiased=True, eps=1e-8)
 
 

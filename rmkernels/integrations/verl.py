@@ -24,9 +24,14 @@ Where the numbers differ from verl's, on purpose:
 * a batch with at most one valid token gets zero advantages, where verl's
   ``masked_whiten`` raises ``ValueError`` (the fused op never synchronises with the host
   to look at the count).
-* outputs are float32 whatever the input dtype (verl keeps the input dtype); ``kl_penalty``
-  returns the inputs' dtype, as verl does (bf16/fp16 inputs: computed in float32 and rounded
-  once, where verl rounds after every step).
+* outputs are float32 for float32, bf16 and fp16 inputs and float64 for float64 ones (verl
+  keeps the input dtype); ``kl_penalty`` returns the inputs' dtype, as verl does (bf16/fp16
+  inputs: computed in float32 and rounded once, where verl rounds after every step).
+* ``response_mask`` marks a position valid where it is non-zero: a fractional value (0.5)
+  counts as 1 here, where verl's ``* response_mask`` weights by it (verl builds 0/1 masks).
+* settings verl computes with but the fused op refuses, with a ``ValueError`` / ``TypeError``
+  that names them: ``lam`` outside [0, 1], a negative or non-finite ``gamma``, integer
+  tensors of rewards, values or log-probs.
 * a ``response_mask`` that broadcasts (``[1, T]`` for ``[B, T]`` rewards): verl's whitening
   divides by the un-broadcast mask's count (``mask.sum()``), so its mean and variance are off
   by the broadcast factor; the adapter counts every valid position of the broadcast batch.
@@ -199,13 +204,17 @@ class AdaptiveKLController(rmk.AdaptiveKLController):
 
 
 class FixedKLController(rmk.FixedKLController):
-    """verl's ``FixedKLController(kl_coef)``: any finite real coefficient (verl checks none)."""
+    """verl's ``FixedKLController(kl_coef)``: any finite real coefficient (verl checks none);
+    ``update`` takes anything and does nothing, as verl's."""
 
     def __init__(self, kl_coef):
         kl_coef = _number("kl_coef", kl_coef)
         if not math.isfinite(kl_coef):
             raise ValueError(f"kl_coef must be a finite number, got {kl_coef!r}")
         self.value = kl_coef
+
+    def update(self, current_kl, n_steps):
+        pass
 
 
 def get_kl_controller(kl_ctrl):

@@ -9,9 +9,12 @@ reduction="none", dist_process_group=None``) and the same results: per-token log
 (``-cross_entropy``, so never positive here; verl #2656) and entropies of
 ``softmax(hidden @ weight.T / temperature)``, flattened to ``[num_tokens]``, with gradients
 from both. Computed by ``rmk.token_logprobs`` (any backend: also on CPU tensors, bf16/fp16 with
-float32 arithmetic). Differences: labels outside ``[0, V)`` raise ``ValueError`` (verl reads out
-of bounds, #5349); a label of -100 gives 0 and no gradient (verl has no ignore index);
-``dist_process_group`` (a vocabulary-sharded head) is not supported yet and raises
+float32 arithmetic). Differences: labels outside ``[0, V)`` raise ``ValueError`` where data
+checks run (always for CPU tensors; on a GPU with ``RMKERNELS_CHECK=1`` or ``rmk.checks(True)``,
+docs/ops.md "Conventions"; without them such a label gives NaN, never an out-of-bounds read,
+where verl reads out of bounds, #5349); a label of -100 gives a log-prob of 0 **and an entropy
+of 0**, neither with a gradient (verl has no ignore index and computes the entropy whatever the
+label); ``dist_process_group`` (a vocabulary-sharded head) is not supported yet and raises
 ``NotImplementedError``. ``reduction`` "sum" / "mean" reduce the log-probs over the tokens (the
 entropy stays per token, as in verl).
 """
