@@ -100,6 +100,12 @@ def test_short_run_raises_the_score(reward_model, tmp_path, capsys):
     assert len({round(r["kl_coef"], 8) for r in recs}) > 1  # the adaptive controller moved
     assert "mean reward-model score" in printed.out and "->" in printed.out
     assert (out / "curves.png").stat().st_size > 0
+    with open(out / "final.json") as f:  # the --output-dir help lists it for both paths
+        final = json.load(f)
+    assert final["advantage"] == "gae" and final["steps"] == 30 and final["done"]
+    assert final["score_first"] == pytest.approx(statistics.mean(r["score"] for r in recs[:7]))
+    assert final["score_last"] == pytest.approx(statistics.mean(r["score"] for r in recs[-7:]))
+    assert final["kl"] == recs[-1]["kl"] and final["checkpoint"].endswith("checkpoint-30")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoModelForCausalLM.from_pretrained(out / "policy")

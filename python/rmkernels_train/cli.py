@@ -4,7 +4,9 @@ import sys
 USAGE = """usage: rmkernels-train {reward,ppo} [options]
 
   reward   train a reward model with the fused Bradley-Terry head (rmk.pairwise_reward_loss)
-  ppo      PPO against a reward model with the fused advantages (rmk.ppo_advantages)
+  ppo      RL against a reward model with the fused advantages: GRPO and the other critic-free
+           estimators (rmk.group_advantages, the default), or PPO with a value model
+           (--advantage gae: rmk.ppo_advantages)
 
 With no options each runs on a built-in default (generated data, a small random-init
 model) that needs no network. `rmkernels-train reward --help` lists the options."""

@@ -11,13 +11,15 @@ Each step:
 4. PPO epochs over minibatches: the clipped policy loss and the clipped value loss;
 5. the KL coefficient follows ``rmk.AdaptiveKLController`` (or stays fixed).
 
-With no options it runs the built-in default: prompts of the "sort these digits" task of
-``rmkernels-train reward``, the reward model that command trains by default (trained first,
-into ``<output-dir>/reward_model``, unless ``--reward-model`` is given), a random-init tiny
-Llama policy, all on CPU in a few minutes; the mean score of the policy's responses rises,
-and the run prints it.
+This is the ``--advantage gae`` path; the default, critic-free run (GRPO and its relatives) is
+:mod:`rmkernels_train.rl`. With ``--advantage gae`` and no other option it runs on prompts of
+the "sort these digits" task of ``rmkernels-train reward``, the reward model that command trains
+by default (trained first, into ``<output-dir>/reward_model``, unless ``--reward-model`` is
+given) and a random-init tiny Llama policy, all on CPU in a few minutes; the mean score of the
+policy's responses rises, and the run prints it.
 
-Outputs in ``--output-dir``: ``metrics.jsonl`` (one line per step), ``curves.png``,
+Outputs in ``--output-dir``: ``metrics.jsonl`` (one line per step), ``curves.png``, ``final.json``
+(the run's summary: steps, the mean score of the first and last steps, the last KL and kl_coef),
 ``checkpoint-<step>/`` (written atomically every ``--save-every`` steps and at the end, the
 last ``--save-total-limit`` kept; ``--resume`` continues from the newest intact one exactly:
 the sampling of each step is seeded from (seed, step, rank)), and ``policy/`` (the final
@@ -46,8 +48,10 @@ PROG = "rmkernels-train ppo"
 def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="PPO against a reward model with the fused advantages (rmk.ppo_advantages). With no options: "
-                    "the built-in default (the default reward model, trained first; a tiny random-init policy).",
+        description="RL against a reward model with the fused advantages: critic-free (--advantage grpo, the "
+                    "default, and its relatives: rmk.group_advantages and friends, no value model) or PPO with a "
+                    "value model (--advantage gae: rmk.ppo_advantages). With no options: the built-in default (the "
+                    "default reward model, trained first; a tiny Llama policy, warm-started on the task; GRPO).",
         formatter_class=T.HelpFormatter)
     g = p.add_argument_group("models and data")
     g.add_argument("--reward-model", metavar="DIR", default=None,
@@ -55,7 +59,7 @@ def build_parser():
                         "checkpoint with its tokenizer); default: train the built-in one first")
     g.add_argument("--policy", metavar="DIR", default=None,
                    help="initial policy (HF causal-LM checkpoint sharing the reward model's tokenizer); "
-                        "default: a random-init tiny Llama")
+                        "default: a tiny Llama, warm-started on the task (critic-free) or random-init (gae)")
     g.add_argument("--prompts", metavar="FILE", default=None,
                    help='JSONL file with a "prompt" string per line; default: the built-in sorting prompts (with a '
                         'file, the critic-free run trains on the reward model alone: the checker only judges the '
@@ -392,7 +396,8 @@ class PPOTrainer:
         if not a.resume and T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
-        reward_dir = a.reward_model or train_default_reward_model(self.out_dir, dist, T.threads_for(a, True))
+        reward_dir = self.reward_dir = a.reward_model or train_default_reward_model(self.out_dir, dist,
+                                                                                     T.threads_for(a, True))
         self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir)
         prompts = load_prompts(a.prompts) if a.prompts else default_prompts()
         self.prompt_ids = encode_prompts(prompts, self.tokenizer)
@@ -552,7 +557,7 @@ class PPOTrainer:
         return self.finish()
 
     def finish(self):
-        from rmkernels_train.utils import param_digest, plot_curves, read_metrics
+        from rmkernels_train.utils import atomic_write_text, param_digest, plot_curves, read_metrics
 
         a, dist = self.a, self.dist
         if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):  # --stop-after
@@ -575,6 +580,11 @@ class PPOTrainer:
         first = sum(r["score"] for r in recs[:k]) / k
         last = sum(r["score"] for r in recs[-k:]) / k
         status = "" if self.step >= a.steps else f"{T.stopped_early(self.steps_this_run)}; "
+        summary = {"advantage": "gae", "seed": a.seed, "steps": self.step, "done": self.step >= a.steps,
+                   "steps_averaged": k, "score_first": first, "score_last": last, "kl": recs[-1]["kl"],
+                   "kl_coef": recs[-1]["kl_coef"], "world_size": dist.world_size, "reward_model": self.reward_dir,
+                   "checkpoint": self.last_ckpt}
+        atomic_write_text(os.path.join(a.output_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
         print(f"{PROG}: {status}{len(recs)} steps (PPO {time.time() - self.t_start:.0f}s in this run); mean "
               f"reward-model score of the policy's responses: first {k} steps {first:.3f} -> last {k} steps "
               f"{last:.3f} ({last - first:+.3f}); KL to the reference {recs[-1]['kl']:.3f}, kl_coef "
