@@ -163,9 +163,4 @@ def write_results(argv=None):
 
 
 if __name__ == "__main__":
-    import sys as _sys
-
-    if "--results" in _sys.argv[1:]:
-        write_results()
-    else:
-        common.standalone_main(__import__(__name__))
+    common.standalone_main(__import__(__name__))

@@ -243,7 +243,13 @@ def standalone_main(module, argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="the *-t smoke-test shapes")
     ap.add_argument("--threads", type=int)
+    if hasattr(module, "write_results"):
+        ap.add_argument("--results", action="store_true",
+                        help="write this op's committed benchmarks/results/<device>-*.csv and .md (every named shape "
+                             "and provider, the full method, one thread; the other options do not apply)")
     args = ap.parse_args(argv)
+    if getattr(args, "results", False):
+        return module.write_results(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
