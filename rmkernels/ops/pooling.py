@@ -247,7 +247,8 @@ def _check_mask_index_body(index, n_tokens, name):
     if n_tokens > 0 and _checks.data_checks_enabled(index.device):
         bad = torch.nonzero(index < 0).flatten()
         if bad.numel():
-            raise ValueError(f"{name}: rows {_checks.rows_str(bad)} have no valid token (all zero)")
+            what = "every token is pad_token_id" if name == "input_ids" else "all zero"
+            raise ValueError(f"{name}: rows {_checks.rows_str(bad)} have no valid token ({what})")
     return index  # the op path clones it (an op's output never aliases an input)
 
 
