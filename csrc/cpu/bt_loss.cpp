@@ -98,7 +98,7 @@ void bt_fwd_impl(const S* c, int64_t sc, const S* r, int64_t sr, const BTParams<
   using A = acc_t<S>;
   const int64_t n_blocks = (B + kBlock - 1) / kBlock;
   std::vector<A> partial(reduction == kReduceNone ? 0 : n_blocks);
-  at::parallel_for(0, n_blocks, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, n_blocks, grain_of(kBlock), [&](int64_t lo, int64_t hi) {
     A cb[kBlock], rb[kBlock], lb[kBlock];
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t i0 = k * kBlock, n = std::min(kBlock, B - i0);
@@ -168,7 +168,7 @@ void bt_bwd_impl(const acc_t<S>* grad, const S* c, int64_t sc, const S* r, int64
   A scale = reduction == kReduceNone ? A(1) : grad[0];
   if (reduction == kReduceMean) scale = static_cast<A>(static_cast<double>(scale) / weight_sum(p, B));
   const int64_t n_blocks = (B + kBlock - 1) / kBlock;
-  at::parallel_for(0, n_blocks, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, n_blocks, grain_of(kBlock), [&](int64_t lo, int64_t hi) {
     A cb[kBlock], rb[kBlock], gcb[kBlock], grb[kBlock];
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t i0 = k * kBlock, n = std::min(kBlock, B - i0);
@@ -239,7 +239,7 @@ template <typename S>
 void ranking_fwd_impl(const S* x, int64_t sB, int64_t sK, const int64_t* nc, int64_t B, int64_t K,
                       acc_t<S>* out) {
   using A = acc_t<S>;
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, grain_of(K * K), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const S* row = x + b * sB;
       const int64_t n = candidates(nc, b, K);
@@ -257,7 +257,7 @@ template <typename S>
 void ranking_bwd_impl(const acc_t<S>* grad, const S* x, int64_t sB, int64_t sK, const int64_t* nc, int64_t B,
                       int64_t K, S* out) {
   using A = acc_t<S>;
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, grain_of(K * K), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const S* row = x + b * sB;
       const int64_t n = candidates(nc, b, K);

@@ -243,7 +243,7 @@ void group_impl(const acc* r, const int64_t* ids, const uint8_t* mask, int64_t s
   const Stats st{ws.get(), ws.get() + G, ws.get() + 2 * G, opo ? ws.get() + 3 * G : nullptr};
   double* len = lengths ? ws.get() + arrays * G : nullptr;
   if (lengths) {
-    at::parallel_for(0, B, kElemGrain / std::max<int64_t>(T, 1) + 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, grain_of(T), [&](int64_t b0, int64_t b1) {
       if (sm1 == 1) {
         RMK_SIMD(count_rows<true>)(mask, sm0, sm1, T, b0, b1, len);
       } else {
@@ -276,7 +276,7 @@ void group_impl(const acc* r, const int64_t* ids, const uint8_t* mask, int64_t s
   }
   const int64_t bytes = B * T * int64_t(sizeof(acc));
   const int64_t stream = bytes > kStreamBytes && resident(adv, bytes) ? stream_width() : 0;
-  at::parallel_for(0, B, kElemGrain / T + 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_of(T), [&](int64_t b0, int64_t b1) {
     broadcast_rows(rows, mask, sm0, sm1, T, b0, b1, stream, rppb, adv);
   });
 }

@@ -31,7 +31,7 @@ HiddenView hidden_view(const at::Tensor& hidden, int64_t B) {
 
 template <typename mask_t>
 void index_rows(const mask_t* mask, int64_t B, int64_t T, int64_t s0, int64_t s1, int64_t* out) {
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, grain_of(T), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const mask_t* row = mask + b * s0;
       int64_t idx = -1;
@@ -68,7 +68,7 @@ void reward_fwd_impl(const at::Tensor& hidden, const HiddenView& v, const at::Te
   const acc* w = weight.data_ptr<acc>();
   const acc* bptr = bias.has_value() ? bias->data_ptr<acc>() : nullptr;
   acc* o = out.data_ptr<acc>();
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, grain_of(K * v.H), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const int64_t t = idx[b];
       if (t < 0 || t >= v.T) {  // no valid token: NaN, and no read
@@ -116,7 +116,7 @@ void reward_bwd_impl(const at::Tensor& grad, const at::Tensor& hidden, const Hid
     const int64_t gsB = hidden.dim() == 3 ? g_hidden->stride(0) : 0;
     const int64_t gsT = hidden.dim() == 3 ? g_hidden->stride(1) : g_hidden->stride(0);
     scalar_t* gx = g_hidden->data_ptr<scalar_t>();
-    at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B, grain_of(K * v.H), [&](int64_t lo, int64_t hi) {
       std::vector<acc> tmp(v.H);
       for (int64_t b = lo; b < hi; ++b) {
         if (!valid(b)) continue;

@@ -158,7 +158,7 @@ inline double mean_of(const double* totals) { return math::whiten_mean(totals[0]
 template <typename scalar_t>
 void centered_sq_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Strides2 sm, int64_t B, int64_t T,
                       double mean, double* out) {
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, grain_of(T), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const scalar_t* xr = x + b * sx.s0;
       const uint8_t* mr = mask + b * sm.s0;
@@ -182,7 +182,7 @@ void whiten_apply_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Stri
   const acc mean_a = static_cast<acc>(w.mean);
   const acc add_back = shift_mean ? acc(0) : mean_a;
   const bool unit = sx.s1 == 1 && sm.s1 == 1;
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, grain_of(T), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const scalar_t* xr = x + b * sx.s0;
       const uint8_t* mr = mask + b * sm.s0;

@@ -24,7 +24,7 @@ void gae_rows(const scalar_t* lp, Strides2 slp, const scalar_t* rf, Strides2 srf
   const acc x_clamp = static_cast<acc>(p.x_clamp), kl_clamp = static_cast<acc>(p.kl_clamp);
   const acc score_clip = static_cast<acc>(p.score_clip);
   const int64_t n_groups = (B + kLanes - 1) / kLanes;
-  at::parallel_for(0, n_groups, 1, [&](int64_t g_lo, int64_t g_hi) {
+  at::parallel_for(0, n_groups, grain_of(kLanes * T), [&](int64_t g_lo, int64_t g_hi) {
     for (int64_t g = g_lo; g < g_hi; ++g) {
       const int64_t b0 = g * kLanes;
       const int64_t nl = std::min(kLanes, B - b0);
@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     const Strides2 sv = strides_of(values), sm = strides_of(mask), sr = strides_of(rewards);
     acc* a = adv.data_ptr<acc>();
     acc* r = returns ? ret.data_ptr<acc>() : nullptr;
-    at::parallel_for(0, (B + kLanes - 1) / kLanes, 1, [&](int64_t g_lo, int64_t g_hi) {
+    at::parallel_for(0, (B + kLanes - 1) / kLanes, grain_of(kLanes * T), [&](int64_t g_lo, int64_t g_hi) {
       for (int64_t grp = g_lo; grp < g_hi; ++grp) {
         const int64_t b0 = grp * kLanes, nl = std::min(kLanes, B - b0);
         if (returns) {

@@ -28,7 +28,7 @@ at::Tensor kl_estimate_cpu(const at::Tensor& logprobs, const at::Tensor& ref_log
     acc* out = kl.data_ptr<acc>();
     with_estimator(estimator, [&](auto est) {
       constexpr int64_t kEst = decltype(est)::value;
-      at::parallel_for(0, B, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(T, 1)), [&](int64_t lo, int64_t hi) {
+      at::parallel_for(0, B, grain_of(T), [&](int64_t lo, int64_t hi) {
         for (int64_t b = lo; b < hi; ++b) {
           if (m) {
             kl_of_row<kEst, true, false, scalar_t>(lp, slp, rf, srf, m, sm, b, T, acc(0), xc, kc, out, nullptr);

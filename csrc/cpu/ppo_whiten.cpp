@@ -12,7 +12,7 @@ namespace {
 template <typename scalar_t>
 void row_stats_impl(const scalar_t* x, Strides2 sx, const uint8_t* mask, Strides2 sm, int64_t B, int64_t T,
                     double* stats) {
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, grain_of(T), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       row_count_sum<scalar_t>(x + b * sx.s0, sx.s1, mask + b * sm.s0, sm.s1, T, stats + 2 * b);
     }

@@ -15,7 +15,7 @@ template <typename scalar_t>
 void remax_rows(const scalar_t* rew, Strides2 sr, const uint8_t* mask, Strides2 sm, const acc_t<scalar_t>* base,
                 int64_t B, int64_t T, acc_t<scalar_t> gamma, acc_t<scalar_t>* adv, acc_t<scalar_t>* ret) {
   using acc = acc_t<scalar_t>;
-  at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, grain_of(T), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const scalar_t* rr = rew + b * sr.s0;
       const uint8_t* mr = mask + b * sm.s0;
@@ -43,7 +43,7 @@ void reinforce_pp_rows(const scalar_t* rew, Strides2 sr, const uint8_t* mask, St
   using acc = acc_t<scalar_t>;
   const scalar_t zero = scalar_t(0);
   std::vector<double> rows(static_cast<size_t>(2 * B)), sq_rows(static_cast<size_t>(B));
-  at::parallel_for(0, (B + kLanes - 1) / kLanes, 1, [&](int64_t g_lo, int64_t g_hi) {
+  at::parallel_for(0, (B + kLanes - 1) / kLanes, grain_of(kLanes * T), [&](int64_t g_lo, int64_t g_hi) {
     for (int64_t grp = g_lo; grp < g_hi; ++grp) {
       const int64_t b0 = grp * kLanes, nl = std::min(kLanes, B - b0);
       gae_group<false, scalar_t, scalar_t>(&zero, Strides2{0, 0}, mask, sm, rew, sr, b0, nl, T, gamma, gamma, ret,

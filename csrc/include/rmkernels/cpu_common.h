@@ -6,6 +6,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -16,10 +17,17 @@ namespace rmkernels {
 // Arithmetic is float32 for fp32/bf16/fp16 inputs and float64 for fp64 inputs (so that
 // gradcheck in double precision is meaningful): acc_t<T>, defined in scalar_math.h.
 
-// Grain sizes for at::parallel_for: rows are cheap to split; these are large enough that
-// the thread-pool overhead (~us) stays under the work of a chunk.
-constexpr int64_t kRowGrain = 1;
+// Grain sizes for at::parallel_for, one policy for every loop: a chunk holds at least
+// kElemGrain elements of work, so that a small batch runs on the calling thread. Waking the
+// pool costs microseconds, and while another process holds the other cores a parallel region
+// can wait a scheduler slice for its workers: rmk.masked_whiten of a [37, 9] batch on 2
+// threads, one core busy, took 0.027 ms at the median and 15.6 ms on average with rows split
+// one by one (scratch measurement, 2026-12-01).
 constexpr int64_t kElemGrain = 4096;
+
+// The grain, in items (rows, groups of rows, blocks), of a loop whose items hold `work`
+// elements each.
+inline int64_t grain_of(int64_t work) { return std::max<int64_t>(1, kElemGrain / std::max<int64_t>(work, 1)); }
 
 }  // namespace rmkernels
 
