@@ -227,8 +227,8 @@ def get_advantages_and_returns(values, rewards, action_mask, gamma, lambd):
     ``values``, ``rewards``, ``action_mask``: ``[B, A]`` (or, packed samples, lists of 1-D
     tensors, the mask then unused as in OpenRLHF). Values and rewards are multiplied by the
     mask, then ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lambd *
-    A_{t+1}`` over every position. Returns ``(advantages, returns)`` float32 (float64 for float64
-inputs), ``returns = A + V``.
+    A_{t+1}`` over every position. Returns ``(advantages, returns)`` float32 (float64 for
+    float64 inputs), ``returns = A + V``.
     """
     gamma, lambd = as_float("gamma", gamma), as_float("lambd", lambd)
     if isinstance(values, (list, tuple)):
