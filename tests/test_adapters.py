@@ -232,6 +232,14 @@ def test_verl_gae_tensor_gamma_and_degenerate_batches():
         assert torch.isfinite(ret).all()
     with pytest.raises(ValueError, match="values"):
         verl.compute_gae_advantage_return(r.float(), values[:, :5].float(), mask, 1.0, 0.95)
+    # NaN / inf rewards and values at masked positions are never read (verl's whitening sums them)
+    holes = mask.clone()
+    holes[:, 4] = False
+    r2, v2 = r.clone(), values.clone()
+    r2[:, 4], v2[:, 4] = math.nan, math.inf
+    a_bad, ret_bad = verl.compute_gae_advantage_return(*f32(r2, v2), holes, 0.95, 0.9)
+    a_ok, ret_ok = verl.compute_gae_advantage_return(*f32(r, values), holes, 0.95, 0.9)
+    assert torch.equal(a_bad, a_ok) and torch.equal(ret_bad, ret_ok)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -20,7 +20,9 @@ Where the numbers differ from verl's, on purpose:
 
 * positions where ``response_mask`` is 0 get advantage 0 and return 0. verl leaves
   don't-care values there (the whitened advantage carried over from the next valid
-  token, and that advantage plus the value); every verl loss masks those positions.
+  token, and that advantage plus the value); every verl loss masks those positions. What
+  they hold is never read: a NaN or inf reward or value there leaves the others as they are,
+  where verl's whitening sums it (``x * mask``) and every output becomes NaN.
 * a batch with at most one valid token gets zero advantages, where verl's
   ``masked_whiten`` raises ``ValueError`` (the fused op never synchronises with the host
   to look at the count).
