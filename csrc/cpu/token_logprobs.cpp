@@ -24,15 +24,13 @@ namespace rmkernels {
 
 namespace {
 
-// Rows of a tile per thread-pool task: a row is `cols` (up to 4096) exps.
-constexpr int64_t kTileRowGrain = 16;
 
 struct CpuTiles {
   static constexpr bool kNativeLowpGemm = false;
 
   template <typename acc>
   static void stats(const lp::StatsArgs<acc>& a) {
-    at::parallel_for(0, a.rows, kTileRowGrain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, a.rows, grain_of(a.cols), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const acc* raw = a.tile + i * a.cols;
         RMK_SIMD(lp_stats_row<acc>)(raw, a.bias, a.cols, a.inv_temp, a.first, a.m + i, a.s + i, a.u + i);
@@ -46,7 +44,7 @@ struct CpuTiles {
   static void grad_logits(const lp::GradArgs<acc>& a) {
     const std::vector<acc> no_bias(a.bias ? 0 : a.cols, acc(0));
     const acc* bias = a.bias ? a.bias : no_bias.data();
-    at::parallel_for(0, a.rows, kTileRowGrain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, a.rows, grain_of(a.cols), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         acc* row = a.tile + i * a.cols;
         const int64_t t = a.targets[i];
