@@ -142,8 +142,11 @@ def _fmt(v, digits=3):
 # Options that fix what each step samples and trains on: they must not change on --resume. One
 # rule for both paths (check_resume_options): --advantage first, then these and the options of
 # the path alone (the entries of its table above that the other path does not have).
+# (--reward-model too: the objective; with another vocabulary the checkpoint's policy would not
+# even fit. Paths compare as real paths: trainer.check_resume_args.)
 RESUME_FIXED_COMMON = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy",
-                       "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size")
+                       "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size",
+                       "reward_model")
 
 
 def resume_fixed(advantage):
