@@ -17,7 +17,9 @@ pytest.importorskip("transformers")
 
 from rmkernels_train import rl  # noqa: E402
 from rmkernels_train import trainer as T  # noqa: E402
+from rmkernels_train.ppo import main as ppo_main  # noqa: E402
 from rmkernels_train.reward import main as reward_main  # noqa: E402
+from rmkernels_train.tokenizer import build_char_tokenizer  # noqa: E402
 from rmkernels_train.utils import TrainingError  # noqa: E402
 
 TINY = ["--hidden-size", "16", "--layers", "1", "--batch-size", "4", "--default-train-pairs", "100",
@@ -195,6 +197,37 @@ def test_reward_refuses_options_it_would_ignore(tmp_path, capsys):
         assert message in _one_line_error(rc, err), (argv, err)
 
 
+PPO_BAD = [
+    (["--gamma", "inf"], "--gamma must be a finite number >= 0"),
+    (["--score-clip", "inf"], "--score-clip must be a finite number > 0"),
+    (["--missing-eos-penalty", "nan"], "--missing-eos-penalty must be a finite number"),
+    (["--missing-eos-penalty", "inf"], "--missing-eos-penalty must be a finite number"),
+    (["--seed", "99999999999999999999"], "--seed must be in"),
+    (["--output-dir", ""], "--output-dir is empty"),
+    (["--kl-target", "2"], "--kl-target would be ignored: they set --adaptive-kl, which is off"),
+    (["--kl-horizon", "2"], "--kl-horizon would be ignored"),
+    (["--no-whiten", "--no-shift-mean"], "--no-shift-mean would be ignored: --no-whiten turns whitening off"),
+    (["--no-whiten", "--biased-whiten"], "--biased-whiten would be ignored"),
+]
+
+
+@pytest.mark.parametrize("argv, message", PPO_BAD, ids=[" ".join(a) for a, _ in PPO_BAD])
+def test_ppo_refuses_bad_values(tmp_path, capsys, argv, message):
+    out = ["--output-dir", tmp_path / "o"] if "--output-dir" not in argv else []
+    rc, err = _run(ppo_main, capsys, *PPO, *out, *argv)
+    assert message in _one_line_error(rc, err, "ppo"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ppo_refuses_policy_size_with_policy_and_a_prompt_directory(tmp_path, capsys):
+    os.makedirs(tmp_path / "p")
+    rc, err = _run(ppo_main, capsys, *PPO, "--policy", tmp_path / "p", "--output-dir", tmp_path / "o")
+    assert "--policy-layers, --policy-hidden would be ignored: --policy gives the policy" in \
+        _one_line_error(rc, err, "ppo")
+    rc, err = _run(ppo_main, capsys, *PPO, "--prompts", tmp_path / "p", "--output-dir", tmp_path / "o")
+    assert f"--prompts {tmp_path / 'p'}: is a directory" in _one_line_error(rc, err, "ppo")
+
+
 # ---------------------------------------------------------------------------------------
 # 4. Non-finite parameters are never saved (nor called a good checkpoint)
 # ---------------------------------------------------------------------------------------
@@ -233,6 +266,51 @@ def test_a_failed_checkpoint_write_is_one_line(tmp_path, error):
     with pytest.raises(TrainingError, match=f"cannot write {out / 'checkpoint-4'}"):
         T.save_checkpoint(str(out), 4, write, keep=1)
     assert sorted(os.listdir(out)) == ["checkpoint-2"]
+
+
+# ---------------------------------------------------------------------------------------
+# 8, 11. PPO: no random heads; prompts and responses must fit the models
+# ---------------------------------------------------------------------------------------
+def _save(path, kind, positions=64):
+    import transformers
+
+    tok = build_char_tokenizer("0123456789 sortabcdefghijklmnopqrstuvwxyz:")
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   bos_token_id=tok.bos_token_id, max_position_embeddings=positions,
+                                   tie_word_embeddings=False)
+    cls = transformers.LlamaForCausalLM if kind == "lm" else transformers.LlamaForSequenceClassification
+    torch.manual_seed(0)
+    cls(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_ppo_refuses_models_that_would_get_a_random_head(tmp_path, capsys):
+    lm, rm = _save(tmp_path / "lm", "lm"), _save(tmp_path / "rm", "rm")
+    rc, err = _run(ppo_main, capsys, *PPO, "--reward-model", lm, "--output-dir", tmp_path / "o")
+    assert f"--reward-model {lm}: not a trained reward model" in _one_line_error(rc, err, "ppo")
+    argv = PPO[:2] + PPO[6:]  # without --policy-layers / --policy-hidden
+    rc, err = _run(ppo_main, capsys, *argv, "--reward-model", rm, "--policy", rm, "--output-dir", tmp_path / "o2")
+    assert f"--policy {rm}: not a causal-LM checkpoint" in _one_line_error(rc, err, "ppo")
+
+
+def test_ppo_prompts_must_fit_the_models(tmp_path, capsys):
+    rm = _save(tmp_path / "rm", "rm", positions=32)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "sort: 123"}) + "\n" +
+                                      json.dumps({"prompt": "1" * 40}) + "\n")
+    rc, err = _run(ppo_main, capsys, *PPO, "--reward-model", rm, "--prompts", tmp_path / "p.jsonl",
+                   "--output-dir", tmp_path / "o")
+    assert f"{tmp_path / 'p.jsonl'}:2: the prompt has 41 tokens; with --max-new-tokens 4 that is more than the " \
+           f"models' 32 positions" in _one_line_error(rc, err, "ppo")
+    (tmp_path / "huge.jsonl").write_text(json.dumps({"prompt": "1" * 2_000_000}) + "\n")
+    rc, err = _run(ppo_main, capsys, *PPO, "--reward-model", rm, "--prompts", tmp_path / "huge.jsonl",
+                   "--output-dir", tmp_path / "o")
+    assert f"{tmp_path / 'huge.jsonl'}:1: the prompt has 2000000 characters" in _one_line_error(rc, err, "ppo")
+    rc, err = _run(ppo_main, capsys, *PPO[:-8], "--max-new-tokens", 100000, *PPO[-6:], "--reward-model", rm,
+                   "--output-dir", tmp_path / "o")
+    assert "--max-new-tokens 100000: the models take at most 32 positions" in _one_line_error(rc, err, "ppo")
 
 
 # ---------------------------------------------------------------------------------------
