@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from rmkernels_train import data as D  # noqa: E402
 from rmkernels_train import rl  # noqa: E402
 from rmkernels_train import trainer as T  # noqa: E402
 from rmkernels_train.ppo import main as ppo_main  # noqa: E402
@@ -322,3 +323,54 @@ def test_resume_past_max_steps_says_so(run_copy, capsys):
     assert "nothing to train: the checkpoint is at step 4, past the 3 steps this run asks for" in err
     assert "4/3" not in err
 
+
+def test_a_huge_line_is_dropped_without_tokenizing_it(monkeypatch):
+    tok = build_char_tokenizer("abc ")
+    seen = []
+    real = D._encode
+
+    def spy(tokenizer, texts, add_special_tokens):
+        seen.extend(len(t) for t in texts)
+        return real(tokenizer, texts, add_special_tokens)
+
+    monkeypatch.setattr(D, "_encode", spy)
+    recs = [{"prompt": "a ", "chosen": "b", "rejected": "c", "margin": None},
+            {"prompt": "a ", "chosen": "b" * 1_000_000, "rejected": "c", "margin": None}]
+    pairs, dropped = D.tokenize_pairs(recs, tok, 16)
+    assert len(pairs) == 1 and dropped == 1
+    assert max(seen) < 100
+
+
+# ---------------------------------------------------------------------------------------
+# 9. pad == eos (a tokenizer without a pad token) and eos appended: the saved model, loaded
+# with AutoModelForSequenceClassification and run by HF's forward, scores as the trainer did
+# ---------------------------------------------------------------------------------------
+def test_saved_reward_model_scores_like_the_trainer_when_pad_is_eos(tmp_path, capsys):
+    import transformers
+
+    lm = _save(tmp_path / "lm", "lm", positions=64)
+    cfg = json.loads((lm / "tokenizer_config.json").read_text())
+    cfg.pop("pad_token", None)
+    (lm / "tokenizer_config.json").write_text(json.dumps(cfg))
+    c = json.loads((lm / "config.json").read_text())
+    c["pad_token_id"] = None
+    (lm / "config.json").write_text(json.dumps(c))
+    rc, err = _run(reward_main, capsys, "--model", lm, "--lr", 3e-3, "--batch-size", 8, "--max-steps", 6,
+                   "--eval-every", 6, "--default-train-pairs", 200, "--eval-batch-size", 50, "--threads", 1,
+                   "--no-progress", "--no-plot", "--output-dir", tmp_path / "o")
+    assert rc == 0, err
+    ev = json.loads((tmp_path / "o" / "final.json").read_text())["eval"]
+    ck = tmp_path / "o" / "checkpoint-6"
+    tok = transformers.AutoTokenizer.from_pretrained(ck)
+    assert tok.pad_token_id == tok.eos_token_id  # the case of the defect
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(ck).eval()
+    _, held = D.default_datasets(n_train=200)
+    with torch.no_grad():
+        def score(texts):  # HF's own forward, HF's own padding of the tokenizer's output (eos appended)
+            enc = tok(texts, return_tensors="pt", padding=True)
+            return model(**enc).logits.squeeze(-1)
+
+        ch = score([p["prompt"] + p["chosen"] for p in held])
+        rj = score([p["prompt"] + p["rejected"] for p in held])
+    assert int((ch > rj).sum()) == round(ev["accuracy"] * len(held))
+    assert (ch - rj).mean().item() == pytest.approx(ev["margin"], rel=1e-4, abs=1e-6)

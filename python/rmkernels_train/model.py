@@ -48,7 +48,9 @@ def load_tokenizer(path):
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise TrainingError(f"the tokenizer in {path} has neither a pad nor an eos token; add a pad token")
-        tok.pad_token = tok.eos_token  # pooling follows the attention mask, so pad == eos is fine
+        # pad == eos: data.tokenize_pairs drops a trailing eos, so that the trainer pools where HF's
+        # *ForSequenceClassification does (the last token that is not the pad token)
+        tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
 
