@@ -374,3 +374,15 @@ def test_saved_reward_model_scores_like_the_trainer_when_pad_is_eos(tmp_path, ca
         rj = score([p["prompt"] + p["rejected"] for p in held])
     assert int((ch > rj).sum()) == round(ev["accuracy"] * len(held))
     assert (ch - rj).mean().item() == pytest.approx(ev["margin"], rel=1e-4, abs=1e-6)
+
+
+def test_a_checkpoint_of_the_previous_version_still_resumes(run_copy, capsys):
+    """The previous version recorded the defaults of options its run did not use
+    (--eval-fraction and --margin-column without --data): they are not compared."""
+    p = run_copy / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(p.read_text())
+    state["args"].update(eval_fraction=0.05, margin_column="margin")
+    p.write_text(json.dumps(state))
+    rc, err = _run(reward_main, capsys, *RUN, "--max-steps", 5, "--output-dir", run_copy, "--resume")
+    assert rc == 0, err
+    assert f"resuming from {run_copy / 'checkpoint-4'} (step 4)" in err

@@ -66,8 +66,11 @@ PROG = "rmkernels-train reward"
 # --hidden-size and --layers, checked when it is the built-in one) must not change either: a new
 # value would be ignored (the checkpoint's model and optimizer state win) or not fit. Each
 # changed one is named (trainer.check_resume_args); paths compare as real paths.
-RESUME_FIXED = ("data", "eval_data", "batch_size", "grad_accum", "seed", "world_size", "max_length",
-                "default_train_pairs", "model", "fsdp", "lr", "weight_decay", "eval_fraction", "margin_column")
+RESUME_FIXED = ("data", "eval_data", "batch_size", "grad_accum", "seed", "world_size", "max_length", "model",
+                "fsdp", "lr", "weight_decay")
+# ... and those of them that only count in some runs (checked only there, so that a checkpoint
+# whose run recorded an unused default still resumes): the built-in model's sizes, the
+# built-in data's size, --data's margin field and held-out share.
 BUILT_IN_FIXED = ("hidden_size", "layers")
 # The built-in model's defaults (the options default to None in the parser, so that "given on
 # the command line" is known: with --model they are refused, not ignored).
@@ -285,8 +288,12 @@ def load_sharded_checkpoint(path, args):
 def check_resume_options(state, args, world_size):
     """The options of the checkpoint's run against this run's (:data:`RESUME_FIXED`, and
     :data:`BUILT_IN_FIXED` with the built-in model): a changed one stops the run, named."""
-    T.check_resume_args(state["args"], args, RESUME_FIXED + (BUILT_IN_FIXED if args.model is None else ()),
-                        world_size)
+    fixed = RESUME_FIXED + (BUILT_IN_FIXED if args.model is None else ())
+    if args.data is None:
+        fixed += ("default_train_pairs",)
+    else:
+        fixed += ("margin_column",) + (("eval_fraction",) if args.eval_data is None else ())
+    T.check_resume_args(state["args"], args, fixed, world_size)
 
 
 def load_checkpoint(path, args, world_size=1):

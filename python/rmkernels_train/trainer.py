@@ -89,7 +89,8 @@ def add_run_args(parser, *, output_dir, save_every, save_total_limit=2):
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: a CUDA GPU when there is one")
     g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads per process; 0 = torch's default (one per core). Default: 1 with the "
+                   help="torch CPU threads per process (at most 4 per core); 0 = torch's default (one per core). "
+                        "Default: 1 with the "
                         "built-in tiny models (too small to gain from threads, and they lose much to OpenMP "
                         "contention on a shared CPU), 0 with a model of your own")
     g.add_argument("--backend", default=None,
