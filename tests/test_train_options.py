@@ -312,6 +312,13 @@ def test_ppo_prompts_must_fit_the_models(tmp_path, capsys):
     rc, err = _run(ppo_main, capsys, *PPO[:-8], "--max-new-tokens", 100000, *PPO[-6:], "--reward-model", rm,
                    "--output-dir", tmp_path / "o")
     assert "--max-new-tokens 100000: the models take at most 32 positions" in _one_line_error(rc, err, "ppo")
+    # the critic-free path: the same rule
+    critic_free = ["--warm-start-steps", 0, "--policy-layers", 1, "--policy-hidden", 16, "--batch-size", 2,
+                   "--num-generations", 2, "--max-new-tokens", 4, "--eval-prompts", 4, "--threads", 1,
+                   "--no-progress", "--no-plot"]
+    rc, err = _run(ppo_main, capsys, *critic_free, "--reward-model", rm, "--prompts", tmp_path / "p.jsonl",
+                   "--output-dir", tmp_path / "cf")
+    assert f"{tmp_path / 'p.jsonl'}:2: the prompt has 41 tokens" in _one_line_error(rc, err, "ppo")
 
 
 # ---------------------------------------------------------------------------------------
