@@ -393,3 +393,29 @@ def test_a_checkpoint_of_the_previous_version_still_resumes(run_copy, capsys):
     rc, err = _run(reward_main, capsys, *RUN, "--max-steps", 5, "--output-dir", run_copy, "--resume")
     assert rc == 0, err
     assert f"resuming from {run_copy / 'checkpoint-4'} (step 4)" in err
+
+
+def test_ppo_resume_with_another_reward_model_names_it(tmp_path, capsys):
+    """Another --reward-model (here with another vocabulary: every checkpoint used to be
+    reported as damaged, 'wrong shape') stops the resume naming --reward-model; the same
+    directory spelled another way resumes."""
+    import transformers
+
+    rm = _save(tmp_path / "rm", "rm")
+    other = tmp_path / "other"
+    tok = build_char_tokenizer("0123456789 sort:")
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                                   pad_token_id=tok.pad_token_id, max_position_embeddings=64)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(other)
+    tok.save_pretrained(other)
+    common = [*PPO[:-8], "--max-new-tokens", 4, "--ppo-epochs", 1, "--minibatches", 1, *PPO[-6:],
+              "--output-dir", tmp_path / "o"]
+    rc, err = _run(ppo_main, capsys, *common, "--reward-model", rm, "--stop-after", 1)
+    assert rc == 0, err
+    rc, err = _run(ppo_main, capsys, *common, "--reward-model", other, "--resume")
+    last = _one_line_error(rc, err, "ppo")
+    assert f"--reward-model was {str(rm)!r} in the checkpoint's run and is {str(other)!r} now" in last, last
+    assert "skipping" not in err and _steps(tmp_path / "o") == [1]
+    rc, err = _run(ppo_main, capsys, *common, "--reward-model", f"{tmp_path}/./rm/", "--resume")
+    assert rc == 0, err
