@@ -16,7 +16,12 @@
   checkpoint whose every file loads (:func:`find_resume_checkpoint`), saying which ones it
   skipped and why (a file that exists and cannot be read, e.g. for lack of permission, is not
   damage: the run stops, naming it, :func:`unreadable`); the options that must not change checked once
-  (:func:`check_resume_args`);
+  (:func:`check_resume_args`, paths compared as real paths: a changed option stops the run, it
+  never makes a checkpoint look damaged); rotation never deletes a checkpoint newer than the one
+  written unless ``--resume`` found it damaged; a failed write (disk full) is one line naming
+  the path; no checkpoint holds non-finite parameters (:func:`check_finite_before_saving`);
+- option checks shared by the trainers: :func:`check_finite` (nan / inf refused, ranges),
+  :func:`check_int`, ``--seed`` in [0, 2^32-1], ``--threads`` at most 4 per core;
 - nothing under an output directory can run code when it is read: JSON, safetensors, and
   :func:`load_torch_state` (``torch.load(..., weights_only=True)``) only;
 - the progress bar (:func:`progress_bar`), the log (:class:`Log`) and the words of a run
