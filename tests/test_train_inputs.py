@@ -127,12 +127,12 @@ def test_long_pairs_are_dropped_by_default_and_counted(tmp_path, capsys, model_p
     rows[9]["rejected"] = "b" * long_len
     _prefs(tmp_path / "train.jsonl", rows)
     _prefs(tmp_path / "eval.jsonl", rows[:3])
-    model = []
+    model, tiny = [], TINY
     if model_positions is not None:
         _save_tiny_hf(tmp_path / "m", model_positions)
-        model = ["--model", tmp_path / "m"]
+        model, tiny = ["--model", tmp_path / "m"], TINY[4:]  # the built-in model's sizes are refused with --model
     rc, err = _run(reward_main, capsys, *model, "--data", tmp_path / "train.jsonl", "--eval-data",
-                   tmp_path / "eval.jsonl", "--output-dir", tmp_path / "o", "--max-steps", 1, *TINY)
+                   tmp_path / "eval.jsonl", "--output-dir", tmp_path / "o", "--max-steps", 1, *tiny)
     assert rc == 0, err
     why = (f"the default --max-length {DEFAULT_MAX_LENGTH}" if model_positions is None else
            "the model's max_position_embeddings (64; set --max-length to change)")
@@ -141,7 +141,7 @@ def test_long_pairs_are_dropped_by_default_and_counted(tmp_path, capsys, model_p
     # an explicit --max-length wins
     rc, err = _run(reward_main, capsys, *model, "--data", tmp_path / "train.jsonl", "--eval-data",
                    tmp_path / "eval.jsonl", "--output-dir", tmp_path / "o2", "--max-steps", 1, "--max-length", 8,
-                   *TINY)
+                   *tiny)
     assert rc == 0, err
     assert "with a sequence longer than 8 tokens (--max-length 8)" in err
 

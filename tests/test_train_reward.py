@@ -150,7 +150,7 @@ def test_bad_jsonl_stops_with_file_line_field(tmp_path, capsys, case):
     text, expected = BAD_FILES[case]
     path = tmp_path / "prefs.jsonl"
     path.write_text(text)
-    rc, err = _run(capsys, "--data", path, "--output-dir", tmp_path / "out", *TINY)
+    rc, err = _run(capsys, "--data", path, "--output-dir", tmp_path / "out", *TINY[:4], *TINY[6:])
     assert rc == 1
     assert "Traceback" not in err
     assert f"rmkernels-train reward: error: {path}{expected}" in err, err
@@ -285,7 +285,7 @@ def test_nan_loss_from_the_first_step(tmp_path, capsys):
     _save_tiny_hf(tmp_path / "m", causal=False, nan_head=True)
     _write_prefs(tmp_path / "p.jsonl", 40)
     rc, err = _run(capsys, "--model", tmp_path / "m", "--data", tmp_path / "p.jsonl", "--output-dir",
-                   tmp_path / "o", *TINY[4:], "--max-steps", 3)
+                   tmp_path / "o", *TINY[6:], "--max-steps", 3)
     assert rc == 1 and "Traceback" not in err
     assert "loss is nan at step 1 (epoch 0); stopped before the optimizer step; no checkpoint had been written" in err
 

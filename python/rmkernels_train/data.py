@@ -236,6 +236,13 @@ def _encode(tokenizer, texts, add_special_tokens):
     return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
 
 
+def _strip_trailing(ids, pad):
+    end = len(ids)
+    while end and ids[end - 1] == pad:
+        end -= 1
+    return ids if end == len(ids) else ids[:end]
+
+
 def tokenize_pairs(records, tokenizer, max_length=None):
     """Token ids of each pair: a list of ``{"chosen_ids", "rejected_ids", "margin"}``. Pairs
     whose chosen or rejected sequence is longer than ``max_length`` are dropped (as TRL's
@@ -243,9 +250,33 @@ def tokenize_pairs(records, tokenizer, max_length=None):
     texts_c = [render(r, "chosen", tokenizer) for r in records]
     texts_r = [render(r, "rejected", tokenizer) for r in records]
     add_special = not any(isinstance(r["chosen"], list) for r in records)  # the template has them
+    dropped = 0
+    if max_length is not None:
+        # A cheap pre-check before tokenizing (a 20 MB line takes minutes to tokenize): no token
+        # is longer than the vocabulary's longest entry, so a text of more characters than
+        # max_length such tokens is surely too long.
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+        keep = [i for i, (c, r) in enumerate(zip(texts_c, texts_r))
+                if len(c) <= max_length * longest and len(r) <= max_length * longest]
+        dropped = len(records) - len(keep)
+        if dropped:
+            records = [records[i] for i in keep]
+            texts_c = [texts_c[i] for i in keep]
+            texts_r = [texts_r[i] for i in keep]
     ids_c = _encode(tokenizer, texts_c, add_special)
     ids_r = _encode(tokenizer, texts_r, add_special)
-    pairs, dropped = [], 0
+    pad = tokenizer.pad_token_id
+    if pad is not None:
+        # HF's *ForSequenceClassification pools at the rightmost token that is not the pad token.
+        # When pad == eos and the tokenizer appends eos, that is the token before the eos: a
+        # trailing pad-id token is dropped here, so that the trainer (which pools at the last
+        # token of each sequence) scores where the saved model, loaded with
+        # AutoModelForSequenceClassification, scores (a causal model's hidden state there does
+        # not depend on the token after it). Tokenizers with a pad token of their own never
+        # produce one: nothing changes for them.
+        ids_c = [_strip_trailing(x, pad) for x in ids_c]
+        ids_r = [_strip_trailing(x, pad) for x in ids_r]
+    pairs = []
     for rec, c, r in zip(records, ids_c, ids_r):
         if max_length is not None and (len(c) > max_length or len(r) > max_length):
             dropped += 1

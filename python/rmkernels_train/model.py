@@ -48,7 +48,9 @@ def load_tokenizer(path):
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise TrainingError(f"the tokenizer in {path} has neither a pad nor an eos token; add a pad token")
-        tok.pad_token = tok.eos_token  # pooling follows the attention mask, so pad == eos is fine
+        # pad == eos: data.tokenize_pairs drops a trailing eos, so that the trainer pools where HF's
+        # *ForSequenceClassification does (the last token that is not the pad token)
+        tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
 
@@ -90,7 +92,7 @@ def reward_config(path, *, what="--model"):
     return cfg, ({} if is_seq_cls else {"num_labels": 1})
 
 
-def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetensors=None):
+def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetensors=None, trained=False):
     """An HF checkpoint directory as a reward model: a ``*ForSequenceClassification``
     checkpoint loads as is (it must have one label); a causal-LM checkpoint gets a new,
     randomly initialised ``score`` head (transformers says which weights are new). The
@@ -98,17 +100,28 @@ def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetens
     ``what`` names the directory in error messages (``--model``, ``checkpoint``, ...);
     ``use_safetensors=True`` loads ``model.safetensors`` only. (``--fsdp`` builds the model
     on the meta device and loads it shard by shard instead: :func:`reward_model_from_config`
-    and :mod:`rmkernels_train.fsdp`.)"""
+    and :mod:`rmkernels_train.fsdp`.) ``trained=True`` (a reward model to score with, not to
+    train): the checkpoint must hold every weight, the ``score`` head too; a causal LM, or
+    any checkpoint whose weights would be initialised randomly, is refused."""
     from transformers import AutoModelForSequenceClassification
 
     _, kwargs = reward_config(path, what=what)
+    if trained and kwargs.get("num_labels") == 1:
+        raise TrainingError(f"{what} {path}: not a trained reward model (a *ForSequenceClassification "
+                            f"checkpoint); it would get a randomly initialised score head (train one with "
+                            f"`rmkernels-train reward --model {path}`)")
     if use_safetensors is not None:
         kwargs["use_safetensors"] = use_safetensors
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kwargs)
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                                         **kwargs)
     except Exception as e:
         raise TrainingError(f"{what} {path}: cannot load it as a sequence-classification model: "
                             f"{str(e).splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if trained and missing:
+        raise TrainingError(f"{what} {path}: not a trained reward model: the checkpoint lacks {len(missing)} "
+                            f"weight(s), which would be initialised randomly ({', '.join(missing[:3])})")
     return model
 
 

@@ -43,6 +43,8 @@ from rmkernels_train import trainer as T
 from rmkernels_train.utils import TrainingError
 
 PROG = "rmkernels-train ppo"
+# The built-in policy's size (None in the parser: with --policy they are refused, not ignored).
+POLICY_DEFAULTS = {"policy_layers": 2, "policy_hidden": 64}
 
 
 def build_parser():
@@ -64,16 +66,20 @@ def build_parser():
                    help='JSONL file with a "prompt" string per line; default: the built-in sorting prompts (with a '
                         'file, the critic-free run trains on the reward model alone: the checker only judges the '
                         'built-in task, train_success is null; the task evaluations stay on the built-in prompts)')
-    g.add_argument("--policy-layers", type=int, default=2, help="layers of the default tiny policy")
-    g.add_argument("--policy-hidden", type=int, default=64,
-                   help="hidden size of the default tiny policy (a multiple of its 4 attention heads)")
+    g.add_argument("--policy-layers", type=int, default=None,
+                   help=f"layers of the default tiny policy; default {POLICY_DEFAULTS['policy_layers']} (refused "
+                        f"with --policy)")
+    g.add_argument("--policy-hidden", type=int, default=None,
+                   help=f"hidden size of the default tiny policy (a multiple of its 4 attention heads); default "
+                        f"{POLICY_DEFAULTS['policy_hidden']} (refused with --policy)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--steps", type=int, default=None,
                    help="RL steps (rollout + update); default 1000 critic-free, 80 with --advantage gae")
     g.add_argument("--batch-size", type=int, default=None,
                    help="critic-free: prompts per step (each sampled --num-generations times), default 16; "
                         "--advantage gae: rollouts per step per process, default 32")
-    g.add_argument("--max-new-tokens", type=int, default=8, help="longest response (tokens)")
+    g.add_argument("--max-new-tokens", type=int, default=8, help="longest response (tokens); each prompt's tokens "
+                   "plus this must fit the models' max_position_embeddings")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     g.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtracted from the score of a response with no EOS (TRL's option; --advantage gae only: "
@@ -122,9 +128,32 @@ def build_parser():
     return p
 
 
+def refuse_ignored(a):
+    """Options given on the command line that this run would ignore are refused (before the
+    defaults are filled in): the built-in policy's size with --policy; with --advantage gae,
+    --adaptive-kl's options without it and the whitening variants with --no-whiten."""
+    ignored = []
+    if a.policy is not None:
+        ignored += [(k, "--policy gives the policy") for k in POLICY_DEFAULTS]
+    if a.advantage == "gae":
+        if not a.adaptive_kl:
+            ignored += [(k, "they set --adaptive-kl, which is off") for k in ("kl_target", "kl_horizon")]
+        if a.whiten is False:
+            ignored += [(k, "--no-whiten turns whitening off") for k in ("shift_mean", "unbiased")]
+    from rmkernels_train.rl import flag
+
+    given = [(k, why) for k, why in ignored if getattr(a, k, None) is not None]
+    if given:
+        raise TrainingError(f"{', '.join(flag(k) for k, _ in given)} would be ignored: {given[0][1]}")
+    for k, v in POLICY_DEFAULTS.items():
+        if a.policy is None and getattr(a, k) is None:
+            setattr(a, k, v)
+
+
 def check_args(a):
     from rmkernels_train import rl
 
+    refuse_ignored(a)
     rl.resolve_defaults(a)  # the defaults that depend on --advantage
     rl.check_args(a)
 
@@ -146,17 +175,15 @@ def check_args(a):
         raise TrainingError(f"--kl-coef must be a finite number >= 0, got {a.kl_coef}")
     if a.vf_coef is not None and not (math.isfinite(a.vf_coef) and a.vf_coef >= 0):
         raise TrainingError(f"--vf-coef must be a finite number >= 0, got {a.vf_coef}")
-    if a.gamma is not None and not 0.0 <= a.gamma:
-        raise TrainingError(f"--gamma must be >= 0, got {a.gamma}")
-    if a.lam is not None and not 0.0 <= a.lam <= 1.0:
+    T.check_finite("gamma", a.gamma, low=0)
+    if a.lam is not None and not 0.0 <= a.lam <= 1.0:  # (nan fails too)
         raise TrainingError(f"--lam must be in [0, 1], got {a.lam}")
     for name in ("kl_clamp", "score_clip"):
-        v = getattr(a, name)
-        if v is not None and not v > 0:
-            raise TrainingError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+        T.check_finite(name, getattr(a, name), low=0, low_open=True)
+    T.check_finite("missing_eos_penalty", a.missing_eos_penalty)
     from rmkernels_train.sft import POLICY_HEADS
 
-    if a.policy_hidden % POLICY_HEADS:
+    if a.policy_hidden is not None and a.policy_hidden % POLICY_HEADS:
         raise TrainingError(f"--policy-hidden must be a multiple of {POLICY_HEADS} (the attention heads of the "
                             f"built-in policy, --policy-layers x {POLICY_HEADS} heads), got {a.policy_hidden}")
     if a.advantage == "gae" and a.minibatches > a.batch_size:  # critic-free has no minibatches
@@ -165,6 +192,8 @@ def check_args(a):
         v = getattr(a, name)
         if v is not None and not os.path.isdir(v):
             raise TrainingError(f"--{name.replace('_', '-')} {v}: not a directory")
+    if a.prompts is not None and os.path.isdir(a.prompts):
+        raise TrainingError(f"--prompts {a.prompts}: is a directory (give a JSONL file)")
     if a.prompts is not None and not os.path.isfile(a.prompts):
         raise TrainingError(f"--prompts {a.prompts}: no such file")
 
@@ -172,11 +201,13 @@ def check_args(a):
 # ---------------------------------------------------------------------------------------
 # Data and models
 # ---------------------------------------------------------------------------------------
-def load_prompts(path):
-    """Prompt strings of a JSONL file (``{"prompt": str}`` per line, blank lines skipped)."""
+def load_prompts(path, max_chars=None, with_lines=False):
+    """Prompt strings of a JSONL file (``{"prompt": str}`` per line, blank lines skipped).
+    A prompt longer than ``max_chars`` characters is refused (FILE:LINE) before any
+    tokenization. ``with_lines``: returns ``(prompts, line numbers)``."""
     from rmkernels_train.data import check_text, parse_json_line
 
-    prompts = []
+    prompts, lines = [], []
     try:
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
@@ -186,14 +217,62 @@ def load_prompts(path):
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
                     raise TrainingError(f"{path}:{i}: each line needs a non-empty string field \"prompt\"")
                 check_text(rec["prompt"], f"{path}:{i}", "prompt")
+                if max_chars is not None and len(rec["prompt"]) > max_chars:
+                    raise TrainingError(f"{path}:{i}: the prompt has {len(rec['prompt'])} characters, more than the "
+                                        f"models' positions can hold (at most {max_chars} characters: the response "
+                                        f"needs room too)")
                 prompts.append(rec["prompt"])
+                lines.append(i)
     except UnicodeDecodeError as e:
         raise TrainingError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
     except OSError as e:
         raise TrainingError(f"--prompts {path}: cannot read it ({e.strerror or e})") from None
     if not prompts:
         raise TrainingError(f"{path}: no prompts")
-    return prompts
+    return (prompts, lines) if with_lines else prompts
+
+
+def model_positions(*models):
+    """The fewest positions (``max_position_embeddings`` or its other names) of ``models``'
+    configs, or None when none says."""
+    found = []
+    for m in models:
+        cfg = getattr(m, "config", None)
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            v = getattr(cfg, name, None)
+            if isinstance(v, int) and v > 0:
+                found.append(v)
+                break
+    return min(found) if found else None
+
+
+def fitting_prompts(a, tokenizer, models, default):
+    """The prompts of the run (``--prompts``, else ``default``) as token ids
+    (:func:`encode_prompts`), each checked to fit the models with ``--max-new-tokens`` of
+    response: a prompt whose tokens plus --max-new-tokens exceed the fewest positions of
+    ``models`` is refused with FILE:LINE (its character length first, so that a huge line
+    is refused without tokenizing it), and so is a --max-new-tokens that leaves no room.
+    Returns ``(prompts, ids)``."""
+    positions = model_positions(*models)
+    if positions is not None and a.max_new_tokens >= positions:
+        raise TrainingError(f"--max-new-tokens {a.max_new_tokens}: the models take at most {positions} positions "
+                            f"(prompt + response); give at most {positions - 2}")
+    room = None if positions is None else positions - a.max_new_tokens
+    if a.prompts:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+        prompts, lines = load_prompts(a.prompts, max_chars=None if room is None else room * longest, with_lines=True)
+        wheres = [f"{a.prompts}:{i}" for i in lines]
+    else:
+        prompts = default
+        wheres = [f"built-in prompt {i + 1}" for i in range(len(prompts))]
+    ids = encode_prompts(prompts, tokenizer)
+    for where, x in zip(wheres, ids):
+        if len(x) == 0:
+            raise TrainingError(f"{where}: the prompt tokenizes to no tokens")
+        if room is not None and len(x) > room:
+            raise TrainingError(f"{where}: the prompt has {len(x)} tokens; with --max-new-tokens {a.max_new_tokens} "
+                                f"that is more than the models' {positions} positions")
+    return prompts, ids
 
 
 def default_prompts():
@@ -257,10 +336,10 @@ def load_run_reward_model(a, reward_dir):
     from rmkernels_train.model import load_reward_model
 
     if a.reward_model is not None:
-        what, model = "--reward-model", load_reward_model(reward_dir, what="--reward-model")
+        what, model = "--reward-model", load_reward_model(reward_dir, what="--reward-model", trained=True)
     else:
         what = "the default reward model"
-        model = load_reward_model(reward_dir, what=what, use_safetensors=True)
+        model = load_reward_model(reward_dir, what=what, use_safetensors=True, trained=True)
     head = getattr(model, "score", None)
     if head is None or not hasattr(head, "weight"):
         raise TrainingError(f"{what} {reward_dir}: no linear `score` head found on {type(model).__name__}")
@@ -272,9 +351,13 @@ def load_policy(path, tokenizer):
     from transformers import AutoModelForCausalLM
 
     try:
-        policy = AutoModelForCausalLM.from_pretrained(path)
+        policy, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 (transformers raises many types)
         raise TrainingError(f"--policy {path}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # e.g. a *ForSequenceClassification checkpoint: its LM head would be random
+        raise TrainingError(f"--policy {path}: not a causal-LM checkpoint: it lacks {len(missing)} weight(s), "
+                            f"which would be initialised randomly ({', '.join(missing[:3])})")
     n = policy.get_input_embeddings().num_embeddings
     if n < len(tokenizer):
         raise TrainingError(f"--policy {path}: its vocabulary ({n}) is smaller than the reward model's tokenizer "
@@ -399,10 +482,8 @@ class PPOTrainer:
         reward_dir = self.reward_dir = a.reward_model or train_default_reward_model(self.out_dir, dist,
                                                                                      T.threads_for(a, True))
         self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir)
-        prompts = load_prompts(a.prompts) if a.prompts else default_prompts()
-        self.prompt_ids = encode_prompts(prompts, self.tokenizer)
-        if any(len(p) == 0 for p in self.prompt_ids):
-            raise TrainingError("a prompt tokenizes to no tokens")
+        _, self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model),
+                                             None if a.prompts else default_prompts())
         self.optimizer = self.make_optimizer()
         kl_coef = a.kl_coef
         if a.resume:
@@ -517,6 +598,9 @@ class PPOTrainer:
 
     def checkpoint(self):
         a = self.a
+        # never a checkpoint of NaN / infinite weights (so last_ckpt is always a good one)
+        T.check_finite_before_saving(self.dist, self.step, self.last_ckpt, ("policy", self.policy),
+                                     ("value_model", self.value_model))
         state = {"step": self.step, "kl_coef": self.kl_ctl.value,
                  "args": {**vars(a), "world_size": self.dist.world_size}}
         if self.dist.is_main:

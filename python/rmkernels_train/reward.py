@@ -62,8 +62,22 @@ from rmkernels_train.utils import (
 
 PROG = "rmkernels-train reward"
 # Arguments that must not change on --resume: they fix which pairs each step sees.
-RESUME_FIXED = ("data", "eval_data", "batch_size", "grad_accum", "seed", "world_size", "max_length",
-                "default_train_pairs")
+# The model and its optimizer (--model, --fsdp, --lr, --weight-decay; the built-in model's
+# --hidden-size and --layers, checked when it is the built-in one) must not change either: a new
+# value would be ignored (the checkpoint's model and optimizer state win) or not fit. Each
+# changed one is named (trainer.check_resume_args); paths compare as real paths.
+RESUME_FIXED = ("data", "eval_data", "batch_size", "grad_accum", "seed", "world_size", "max_length", "model",
+                "fsdp", "lr", "weight_decay")
+# ... and those of them that only count in some runs (checked only there, so that a checkpoint
+# whose run recorded an unused default still resumes): the built-in model's sizes, the
+# built-in data's size, --data's margin field and held-out share.
+BUILT_IN_FIXED = ("hidden_size", "layers")
+# The built-in model's defaults (the options default to None in the parser, so that "given on
+# the command line" is known: with --model they are refused, not ignored).
+BUILT_IN_DEFAULTS = {"hidden_size": M.DEFAULT_SIZE["hidden_size"], "layers": M.DEFAULT_SIZE["num_hidden_layers"],
+                     "default_train_pairs": 16000}
+# --data's defaults (None in the parser for the same reason: without --data they are refused).
+DATA_DEFAULTS = {"eval_fraction": 0.05, "margin_column": "margin"}
 # --max-length when not given: TRL's RewardConfig default, lowered to the model's maximum
 # position count when that is smaller. One very long line must not make a batch allocate
 # gigabytes: longer pairs are dropped (and counted), as TRL does.
@@ -82,19 +96,21 @@ def build_parser():
                    "conversational format); default: the built-in 'sort the digits' pairs")
     g.add_argument("--eval-data", metavar="FILE", help="held-out preference JSONL (default: --eval-fraction of "
                    "--data, or the built-in held-out pairs)")
-    g.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out when there is no "
-                   "--eval-data")
+    g.add_argument("--eval-fraction", type=float, default=None, help="share of --data held out when there is no "
+                   "--eval-data; default 0.05 (refused without --data or with --eval-data)")
     g.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
                    help=f"drop pairs with a sequence longer than this, and say how many (default: "
                         f"{DEFAULT_MAX_LENGTH}, or the model's max_position_embeddings when smaller)")
-    g.add_argument("--margin-column", default="margin", metavar="FIELD",
-                   help="JSONL field with each pair's BT margin (used when present)")
-    g.add_argument("--default-train-pairs", type=int, default=16000, metavar="N",
-                   help="size of the built-in training set")
-    g.add_argument("--hidden-size", type=int, default=M.DEFAULT_SIZE["hidden_size"],
-                   help="built-in model: hidden size")
-    g.add_argument("--layers", type=int, default=M.DEFAULT_SIZE["num_hidden_layers"],
-                   help="built-in model: layers")
+    g.add_argument("--margin-column", default=None, metavar="FIELD",
+                   help="JSONL field of --data with each pair's BT margin (used when present); default 'margin' "
+                        "(refused without --data)")
+    g.add_argument("--default-train-pairs", type=int, default=None, metavar="N",
+                   help="size of the built-in training set; default 16000 (refused with --data)")
+    g.add_argument("--hidden-size", type=int, default=None,
+                   help=f"built-in model: hidden size, a multiple of {2 * M.DEFAULT_SIZE['num_attention_heads']}; "
+                        f"default {BUILT_IN_DEFAULTS['hidden_size']} (refused with --model)")
+    g.add_argument("--layers", type=int, default=None,
+                   help=f"built-in model: layers; default {BUILT_IN_DEFAULTS['layers']} (refused with --model)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=32, help="preference pairs per device per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -102,7 +118,8 @@ def build_parser():
                    "model, 1e-5 with --model)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up steps (then cosine to 10%% of --lr)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping; "
+                   "negative values are refused)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
     g.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps (overrides --epochs)")
     g = p.add_argument_group("loss (rmk.pairwise_reward_loss)")
@@ -128,26 +145,64 @@ def build_parser():
     return p
 
 
+def resolve_defaults(args):
+    """Refuse the options that this run would ignore when given on the command line (the
+    built-in model's with --model, the built-in data's with --data, --data's without it,
+    --eval-fraction with --eval-data), then fill the options left at None that the run uses."""
+    ignored = []
+    if args.model is not None:
+        ignored += [("hidden_size", "--model gives the model"), ("layers", "--model gives the model")]
+    if args.data is not None:
+        ignored.append(("default_train_pairs", "--data gives the training pairs"))
+    else:
+        ignored += [("eval_fraction", "it is a share of --data, and there is no --data"),
+                    ("margin_column", "it names a field of --data, and there is no --data")]
+    if args.eval_data is not None:
+        ignored.append(("eval_fraction", "--eval-data gives the held-out pairs"))
+    for name, why in ignored:
+        if getattr(args, name) is not None:
+            raise TrainingError(f"--{name.replace('_', '-')} would be ignored: {why}")
+    if args.model is None:
+        for k in ("hidden_size", "layers"):
+            if getattr(args, k) is None:
+                setattr(args, k, BUILT_IN_DEFAULTS[k])
+    if args.data is None and args.default_train_pairs is None:
+        args.default_train_pairs = BUILT_IN_DEFAULTS["default_train_pairs"]
+    if args.data is not None:
+        if args.margin_column is None:
+            args.margin_column = DATA_DEFAULTS["margin_column"]
+        if args.eval_data is None and args.eval_fraction is None:
+            args.eval_fraction = DATA_DEFAULTS["eval_fraction"]
+
+
 def check_args(args):
-    for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size"):
-        if getattr(args, name) < 1:
+    resolve_defaults(args)
+    for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size", "layers", "default_train_pairs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    heads = M.DEFAULT_SIZE["num_attention_heads"]
+    if args.hidden_size is not None and (args.hidden_size < 1 or args.hidden_size % (2 * heads)):
+        raise TrainingError(f"--hidden-size must be a positive multiple of {2 * heads} (the built-in model's "
+                            f"{heads} attention heads, each of an even size for the rotary embedding), got "
+                            f"{args.hidden_size}")
+    T.check_int("warmup_steps", args.warmup_steps, low=0)
     for name in ("max_steps", "max_length", "profile_memory"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if not 0 <= args.label_smoothing < 0.5:
+    if not 0 <= args.label_smoothing < 0.5:  # (nan fails too)
         raise TrainingError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    if args.center_coef < 0:
-        raise TrainingError(f"--center-coef must be >= 0, got {args.center_coef}")
+    T.check_finite("center_coef", args.center_coef, low=0)
     if args.lr is None:
         args.lr = 1e-3 if args.model is None else 1e-5
-    if not args.lr > 0 or not args.epochs > 0:
-        raise TrainingError("--lr and --epochs must be > 0")
+    T.check_finite("lr", args.lr, low=0, low_open=True)
+    T.check_finite("epochs", args.epochs, low=0, low_open=True)
+    T.check_finite("weight_decay", args.weight_decay, low=0)
+    T.check_finite("max_grad_norm", args.max_grad_norm, low=0)  # 0: no clipping
     if args.model is not None and not os.path.isdir(args.model):
         raise TrainingError(f"--model {args.model}: not a directory (give a local HF checkpoint directory)")
-    if args.eval_data is None and args.data is not None and not 0 < args.eval_fraction < 1:
-        raise TrainingError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    if args.eval_fraction is not None:
+        T.check_finite("eval_fraction", args.eval_fraction, low=0, low_open=True, high=1, high_open=True)
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise TrainingError("--fsdp shards the model over the ranks of a torchrun job: launch it with torchrun "
                             "--nproc_per_node N (N >= 2)")
@@ -216,8 +271,6 @@ def load_sharded_checkpoint(path, args):
     from transformers import AutoConfig
 
     state = T.read_trainer_state(path, int_keys=("epoch", "batch_in_epoch"))
-    if not state["args"].get("fsdp"):
-        raise T.CheckpointError("written without --fsdp (it has no sharded state); resume it without --fsdp")
     T.read_json(os.path.join(path, "config.json"))
     shards = os.path.join(path, F.DCP_DIR)
     if not os.path.isfile(os.path.join(shards, ".metadata")):
@@ -232,16 +285,28 @@ def load_sharded_checkpoint(path, args):
             "rng": rng, "sharded": True}
 
 
-def load_checkpoint(path, args):
+def check_resume_options(state, args, world_size):
+    """The options of the checkpoint's run against this run's (:data:`RESUME_FIXED`, and
+    :data:`BUILT_IN_FIXED` with the built-in model): a changed one stops the run, named."""
+    fixed = RESUME_FIXED + (BUILT_IN_FIXED if args.model is None else ())
+    if args.data is None:
+        fixed += ("default_train_pairs",)
+    else:
+        fixed += ("margin_column",) + (("eval_fraction",) if args.eval_data is None else ())
+    T.check_resume_args(state["args"], args, fixed, world_size)
+
+
+def load_checkpoint(path, args, world_size=1):
     """Read every file a resume uses and check it; a damaged or missing one raises
     :class:`~rmkernels_train.trainer.CheckpointError`. Returns a dict: ``state`` (the trainer
     state), ``model``, ``tokenizer``, ``optimizer`` (an AdamW over the model with its saved
     state), ``scheduler`` (the scheduler's state dict) and ``rng``."""
+    # the options first: a changed one (--fsdp, --hidden-size, ...) is named and stops the run,
+    # never taken for damage (which would skip this checkpoint for an older one)
+    check_resume_options(T.read_trainer_state(path, int_keys=("epoch", "batch_in_epoch")), args, world_size)
     if args.fsdp:
         return load_sharded_checkpoint(path, args)
     state = T.read_trainer_state(path, int_keys=("epoch", "batch_in_epoch"))
-    if state["args"].get("fsdp"):
-        raise T.CheckpointError("written with --fsdp (a sharded state); resume it with --fsdp")
     T.read_json(os.path.join(path, "config.json"))
     T.load_safetensors(os.path.join(path, "model.safetensors"), tensors=False)  # complete? (read below)
     try:
@@ -431,9 +496,8 @@ class RewardTrainer:
             T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
         resumed = None
         if args.resume:
-            _, self.last_ckpt, resumed = T.find_resume_checkpoint(self.out_dir, lambda p: load_checkpoint(p, args),
-                                                                  self.log, dist)
-            T.check_resume_args(resumed["state"]["args"], args, RESUME_FIXED, dist.world_size)
+            _, self.last_ckpt, resumed = T.find_resume_checkpoint(
+                self.out_dir, lambda p: load_checkpoint(p, args, dist.world_size), self.log, dist)
         elif T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
@@ -582,6 +646,13 @@ class RewardTrainer:
                 "args": {**vars(self.args), "world_size": self.dist.world_size}}
 
     def checkpoint(self):
+        # never a checkpoint of NaN / infinite weights (so last_ckpt is always a good one)
+        T.check_finite_before_saving(self.dist, self.step, self.last_ckpt, ("", self.model))
+        if self.last_eval_step == self.step and not all(math.isfinite(self.ev[k]) for k in ("loss", "margin")):
+            where = (f"the last good checkpoint is {self.last_ckpt} (resume with --resume)" if self.last_ckpt
+                     else "no checkpoint had been written")
+            raise TrainingError(f"the evaluation at step {self.step} gives a {self.ev['loss']} loss (the weights "
+                                f"overflow the forward); not saved; {where}. Try a lower --lr.")
         if self.args.fsdp:
             return self.sharded_checkpoint()
         if self.dist.is_main:
@@ -667,7 +738,13 @@ class RewardTrainer:
                 what = "loss" if key == "loss" else f"gradient norm (loss {rec['loss']:.4g})"
                 raise TrainingError(f"{what} is {rec[key]} at step {self.step + 1} (epoch {self.epoch}); stopped "
                                     f"before the optimizer step; {where}. Try a lower --lr.")
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) beyond float32
+            if "overflow" not in str(e):
+                raise
+            raise TrainingError(f"the optimizer step {self.step + 1} overflows ({T.first_line(e)}): --lr {args.lr} "
+                                f"is far too large") from None
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -773,7 +850,11 @@ class RewardTrainer:
                 plot_curves(os.path.join(self.out_dir, "metrics.jsonl"), os.path.join(self.out_dir, "curves.png"),
                             title=f"reward model: {self.what.split(':')[0]}")
             status = "done" if self.step >= self.total else T.stopped_early(self.steps_this_run)
-            self.log(f"{status}: step {self.step}/{self.total} in {summary['train_time_s']:.0f} s; held-out pairwise "
+            where = f"step {self.step}/{self.total}"
+            if self.step > self.total:  # resumed with a smaller --max-steps / --epochs
+                status, where = "nothing to train", (f"the checkpoint is at step {self.step}, past the {self.total} "
+                                                     f"steps this run asks for (--max-steps / --epochs)")
+            self.log(f"{status}: {where} in {summary['train_time_s']:.0f} s; held-out pairwise "
                      f"accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}, margin {ev['margin']:.3f} "
                      f"({ev['pairs']} pairs); checkpoint {self.last_ckpt}")
         return summary

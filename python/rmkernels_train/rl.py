@@ -142,8 +142,11 @@ def _fmt(v, digits=3):
 # Options that fix what each step samples and trains on: they must not change on --resume. One
 # rule for both paths (check_resume_options): --advantage first, then these and the options of
 # the path alone (the entries of its table above that the other path does not have).
+# (--reward-model too: the objective; with another vocabulary the checkpoint's policy would not
+# even fit. Paths compare as real paths: trainer.check_resume_args.)
 RESUME_FIXED_COMMON = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy",
-                       "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size")
+                       "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size",
+                       "reward_model")
 
 
 def resume_fixed(advantage):
@@ -187,6 +190,7 @@ class CriticFreeTrainer:
         from rmkernels_train.model import load_tokenizer
         from rmkernels_train.ppo import (
             encode_prompts,
+            fitting_prompts,
             load_policy,
             load_prompts,
             load_run_reward_model,
@@ -241,10 +245,10 @@ class CriticFreeTrainer:
         self.ref.requires_grad_(False)
         self.ref.eval()
         self.policy.train()
-        self.train_ids = encode_prompts(self.train_prompts, tok)
+        # each prompt + --max-new-tokens must fit the models (one rule for both paths)
+        self.train_prompts, self.train_ids = fitting_prompts(a, tok, (self.policy, self.reward_model),
+                                                             None if a.prompts else self.train_prompts)
         self.held_ids = encode_prompts(self.held_prompts, tok)
-        if any(len(p) == 0 for p in self.train_ids):
-            raise TrainingError("a prompt tokenizes to no tokens")
         self.optimizer = self.make_optimizer()
         if a.resume:
             self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(self.out_dir, self.load_checkpoint, self.log)
@@ -289,6 +293,8 @@ class CriticFreeTrainer:
     def checkpoint(self):
         from rmkernels_train import trainer as T
 
+        # never a checkpoint of NaN / infinite weights (one rule for both paths)
+        T.check_finite_before_saving(None, self.step, self.last_ckpt, ("policy", self.policy))
         T.save_checkpoint(self.out_dir, self.step, self.write_checkpoint, self.a.save_total_limit)
         self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
 

@@ -16,7 +16,12 @@
   checkpoint whose every file loads (:func:`find_resume_checkpoint`), saying which ones it
   skipped and why (a file that exists and cannot be read, e.g. for lack of permission, is not
   damage: the run stops, naming it, :func:`unreadable`); the options that must not change checked once
-  (:func:`check_resume_args`);
+  (:func:`check_resume_args`, paths compared as real paths: a changed option stops the run, it
+  never makes a checkpoint look damaged); rotation never deletes a checkpoint newer than the one
+  written unless ``--resume`` found it damaged; a failed write (disk full) is one line naming
+  the path; no checkpoint holds non-finite parameters (:func:`check_finite_before_saving`);
+- option checks shared by the trainers: :func:`check_finite` (nan / inf refused, ranges),
+  :func:`check_int`, ``--seed`` in [0, 2^32-1], ``--threads`` at most 4 per core;
 - nothing under an output directory can run code when it is read: JSON, safetensors, and
   :func:`load_torch_state` (``torch.load(..., weights_only=True)``) only;
 - the progress bar (:func:`progress_bar`), the log (:class:`Log`) and the words of a run
@@ -33,6 +38,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -88,7 +94,8 @@ def add_run_args(parser, *, output_dir, save_every, save_total_limit=2):
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: a CUDA GPU when there is one")
     g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads per process; 0 = torch's default (one per core). Default: 1 with the "
+                   help="torch CPU threads per process (at most 4 per core); 0 = torch's default (one per core). "
+                        "Default: 1 with the "
                         "built-in tiny models (too small to gain from threads, and they lose much to OpenMP "
                         "contention on a shared CPU), 0 with a model of your own")
     g.add_argument("--backend", default=None,
@@ -98,8 +105,50 @@ def add_run_args(parser, *, output_dir, save_every, save_total_limit=2):
     return g
 
 
+# --seed: what every random generator of the trainers takes (numpy's legacy seed is < 2**32).
+MAX_SEED = 2**32 - 1
+
+
+def max_threads():
+    """The most ``--threads`` accepted: 4 per core (more only thrashes, and OpenMP crashes
+    when asked for a very large team)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_finite(name, v, *, low=None, low_open=False, high=None, high_open=False):
+    """A float option's value must be finite (nan/inf are refused) and within the bounds:
+    ``low`` (``low_open``: excluded), ``high`` (``high_open``: excluded). None passes (unset)."""
+    if v is None:
+        return
+    flag = "--" + name.replace("_", "-")
+    lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+    hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
+    want = " and ".join(x for x in (lo, hi) if x)
+    bad = (not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low))
+           or (high is not None and (v >= high if high_open else v > high)))
+    if bad:
+        raise TrainingError(f"{flag} must be a finite number{' ' + want if want else ''}, got {v}")
+
+
+def check_int(name, v, *, low=None, high=None):
+    """An integer option's value must be within ``[low, high]``. None passes (unset)."""
+    if v is None:
+        return
+    flag = "--" + name.replace("_", "-")
+    if low is not None and v < low:
+        raise TrainingError(f"{flag} must be >= {low}, got {v}")
+    if high is not None and v > high:
+        raise TrainingError(f"{flag} must be <= {high}, got {v}")
+
+
 def check_run_args(args):
     """Checks of the shared options (no side effects)."""
+    if not args.output_dir or not args.output_dir.strip():
+        raise TrainingError("--output-dir is empty: give a directory")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise TrainingError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    if args.threads is not None and args.threads > max_threads():
+        raise TrainingError(f"--threads must be <= {max_threads()} (4 per core of this machine), got {args.threads}")
     for name in ("save_every", "save_total_limit"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -281,6 +330,7 @@ def remove_stale_checkpoint_dirs(output_dir, log):
     """Remove what a killed write of a checkpoint (or of PPO's final ``policy/``) leaves
     behind (``.tmp-checkpoint-*``, ``.old-checkpoint-*``, ...): with large models they would
     fill the disk."""
+    _DAMAGED.pop(os.path.abspath(output_dir), None)  # a new run: nothing found damaged yet
     if not os.path.isdir(output_dir):
         return
     for name in sorted(os.listdir(output_dir)):
@@ -330,25 +380,50 @@ def atomic_dir(final_path):
         os.replace(tmp, final_path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _is_write_error(e):
+            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+            raise TrainingError(f"cannot write {final_path} ({why}); the checkpoints already written are "
+                                f"intact (free some space and resume with --resume)") from None
         raise
+
+
+# The checkpoints that --resume found damaged and skipped, per output directory (absolute
+# paths; set by find_resume_checkpoint, cleared at the start of every run by
+# remove_stale_checkpoint_dirs). Rotation (save_checkpoint) deletes a checkpoint newer than
+# the one being written only when it is in this set: never an intact one.
+_DAMAGED = {}
+
+
+def _is_write_error(e):
+    """An error of writing a file (disk full, quota, I/O): OSError, or torch.save's
+    RuntimeError from its stream writer."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(
+        w in str(e) for w in ("write", "writing", "No space", "file")))
 
 
 def save_checkpoint(output_dir, step, write, keep):
     """Write ``checkpoint-<step>/`` atomically (:func:`atomic_dir`): ``write(tmp_dir)`` fills
-    the temporary directory; then all but the newest ``keep`` checkpoints up to ``step`` are
-    deleted, and any past ``step``. A reader never sees a half-written checkpoint. Returns
-    the path."""
+    the temporary directory; then all but the newest ``keep`` intact checkpoints up to
+    ``step`` are deleted (with those up to ``step`` that ``--resume`` found damaged), and the
+    damaged ones past ``step``. A checkpoint past ``step`` that was not found damaged is
+    never deleted. A reader never sees a half-written checkpoint. A failed write (disk full)
+    is a :class:`TrainingError` naming the path; the older checkpoints stay. Returns the
+    path."""
     final = checkpoint_path(output_dir, step)
     with atomic_dir(final) as tmp:
         write(tmp)
     good, _ = list_checkpoints(output_dir)
-    # Checkpoints past this step belong to a history this run left (a resume from an older
-    # checkpoint when the newer ones were damaged): never keep them instead of this one.
-    older = [path for s, path in good if s <= step]
-    for path in older[:-keep] + [path for s, path in good if s > step]:
+    damaged = _DAMAGED.get(os.path.abspath(output_dir), set())
+    damaged.discard(os.path.abspath(final))  # rewritten: intact now
+    # Damaged checkpoints past this step belong to a history this run left (a resume from an
+    # older checkpoint when the newer ones were damaged): never keep them instead of this one.
+    older = [path for s, path in good if s <= step and os.path.abspath(path) not in damaged]
+    doomed = older[:-keep] + [path for s, path in good if os.path.abspath(path) in damaged]
+    for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
+        damaged.discard(os.path.abspath(path))
     return final
 
 
@@ -512,6 +587,11 @@ def _find_resume_checkpoint(output_dir, load, log):
     skipped = [f"{name}: {why}" for name, why in refused]
     for name_why in skipped:
         log(f"--resume: skipping {name_why}")
+    damaged = _DAMAGED.setdefault(os.path.abspath(output_dir), set())
+    damaged.clear()
+    # A checkpoint that cannot be used for another reason than damage (an option changed,
+    # an unreadable file) stops the run with a TrainingError from load(): skipping it would
+    # resume from an older one, and rotation would then delete the newer, intact one.
     for step, path in reversed(good):
         try:
             loaded = load(path)
@@ -519,6 +599,7 @@ def _find_resume_checkpoint(output_dir, load, log):
             msg = f"{os.path.basename(path)}: {e}"
             log(f"--resume: skipping {msg}")
             skipped.append(msg)
+            damaged.add(os.path.abspath(path))
             continue
         return step, path, loaded
     if not skipped:
@@ -526,15 +607,55 @@ def _find_resume_checkpoint(output_dir, load, log):
     raise TrainingError(f"--resume: no intact checkpoint in {output_dir} ({'; '.join(skipped)})")
 
 
+# Options that name a file or directory: on --resume they are compared as resolved real paths
+# (./data/x.jsonl, data/x.jsonl and /abs/data/x.jsonl are the same option).
+PATH_OPTIONS = ("data", "eval_data", "model", "prompts", "policy", "reward_model")
+
+
+def _same_option(key, a, b):
+    if key in PATH_OPTIONS and isinstance(a, str) and isinstance(b, str):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
 def check_resume_args(saved, args, fixed, world_size):
-    """The options in ``fixed`` (which decide what each step sees) must be those of the
-    checkpoint's run (``saved``: its ``args`` dict, with ``world_size``)."""
+    """The options in ``fixed`` (which decide what each step sees, or the model and its
+    optimizer) must be those of the checkpoint's run (``saved``: its ``args`` dict, with
+    ``world_size``); paths (:data:`PATH_OPTIONS`) compare as real paths. A changed one is a
+    :class:`TrainingError` naming it (never a reason to skip the checkpoint)."""
     now = {**vars(args), "world_size": world_size}
     changed = [f"--{k.replace('_', '-')} was {saved.get(k)!r} in the checkpoint's run and is {now.get(k)!r} now"
-               for k in fixed if saved.get(k) != now.get(k)]
+               for k in fixed if not _same_option(k, saved.get(k), now.get(k))]
     if changed:
-        raise TrainingError("--resume: " + "; ".join(changed) + " (these options must stay the same: they decide "
-                            "what each step sees)")
+        raise TrainingError("--resume: " + "; ".join(changed) + " (these options must stay the same on --resume: "
+                            "they decide what each step sees, or the model and its optimizer; use another "
+                            "--output-dir to change them)")
+
+
+def nonfinite_parameter(*modules):
+    """The name of the first parameter of ``modules`` (``(name, module)`` pairs) with a NaN
+    or infinite value (a sharded DTensor: this rank's shard), or None."""
+    for name, module in modules:
+        for pname, p in module.named_parameters():
+            t = p.to_local() if hasattr(p, "to_local") else p
+            if not bool(torch.isfinite(t.detach()).all()):
+                return f"{name}.{pname}" if name else pname
+    return None
+
+
+def check_finite_before_saving(dist, step, last_ckpt, *modules):
+    """Called before writing a checkpoint (on every rank): parameters that are not finite
+    stop the run instead of being saved, naming the last checkpoint written (every written
+    checkpoint passed this check)."""
+    bad = nonfinite_parameter(*modules)
+    if dist is not None and dist.enabled:
+        bads = dist.gather_object(bad)
+        bad = next((b for b in bads if b is not None), None)
+    if bad is not None:
+        where = (f"the last checkpoint (finite parameters) is {last_ckpt} (resume with --resume)" if last_ckpt
+                 else "no checkpoint had been written")
+        raise TrainingError(f"parameters are not finite after step {step} ({bad}); not saved; {where}. Try a "
+                            f"lower --lr (or check --max-grad-norm, --weight-decay)")
 
 
 def fault_point(name):

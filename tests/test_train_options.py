@@ -1,0 +1,421 @@
+"""Options, resume and checkpoint rules found by the third trainer audit: a checkpoint that
+cannot be used for another reason than damage stops the run (never skipped, never deleted by
+rotation); a changed option is named on --resume (paths compare as real paths); nonsense and
+non-finite option values, and options the run would ignore, are refused with one line; no
+checkpoint holds non-finite parameters; a failed checkpoint write (disk full) is one line;
+PPO refuses models that would get a random head and prompts that do not fit the models."""
+import argparse
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from rmkernels_train import data as D  # noqa: E402
+from rmkernels_train import rl  # noqa: E402
+from rmkernels_train import trainer as T  # noqa: E402
+from rmkernels_train.ppo import main as ppo_main  # noqa: E402
+from rmkernels_train.reward import main as reward_main  # noqa: E402
+from rmkernels_train.tokenizer import build_char_tokenizer  # noqa: E402
+from rmkernels_train.utils import TrainingError  # noqa: E402
+
+TINY = ["--hidden-size", "16", "--layers", "1", "--batch-size", "4", "--default-train-pairs", "100",
+        "--threads", "1", "--no-progress", "--no-plot"]
+RUN = [*TINY, "--max-steps", "4", "--save-every", "2", "--eval-every", "4", "--seed", "3"]
+PPO = ["--advantage", "gae", "--policy-layers", "1", "--policy-hidden", "16", "--batch-size", "4",
+       "--max-new-tokens", "4", "--steps", "2", "--threads", "1", "--no-progress", "--no-plot"]
+
+
+def _run(main, capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.err + out.out
+
+
+def _one_line_error(rc, err, prog="reward"):
+    assert rc == 1, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"rmkernels-train {prog}: error: "), err
+    return last
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny reward run: checkpoint-2 and checkpoint-4."""
+    out = tmp_path_factory.mktemp("opts") / "run"
+    assert reward_main([*RUN, "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(finished, dst)
+    return dst
+
+
+def _steps(out):
+    return [s for s, _ in T.list_checkpoints(str(out))[0]]
+
+
+# ---------------------------------------------------------------------------------------
+# 1. A checkpoint of the other --fsdp kind: the run stops naming --fsdp; nothing is deleted
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fsdp_in_checkpoint", [True])
+def test_resume_with_fsdp_changed_stops_and_deletes_nothing(run_copy, capsys, fsdp_in_checkpoint):
+    p = run_copy / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(p.read_text())
+    state["args"]["fsdp"] = fsdp_in_checkpoint
+    p.write_text(json.dumps(state))
+    rc, err = _run(reward_main, capsys, *RUN[:-6], "--max-steps", 8, "--save-every", 1, "--seed", 3,
+                   "--save-total-limit", 1, "--stop-after", 1, "--output-dir", run_copy, "--resume")
+    last = _one_line_error(rc, err)
+    assert "--fsdp was True in the checkpoint's run and is False now" in last, last
+    assert "skipping" not in err
+    assert _steps(run_copy) == [2, 4]
+
+
+def test_rotation_never_deletes_a_newer_checkpoint_not_found_damaged(tmp_path):
+    out = tmp_path / "o"
+    for s in (2, 6):
+        (out / f"checkpoint-{s}").mkdir(parents=True)
+    T.remove_stale_checkpoint_dirs(str(out), lambda m: None)  # a new run: nothing found damaged
+
+    def write(tmp):
+        (open(os.path.join(tmp, "x"), "w")).close()
+
+    T.save_checkpoint(str(out), 4, write, keep=1)
+    assert _steps(out) == [4, 6]  # checkpoint-6 was never found damaged: it stays
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Changed options on --resume are named; a path spelled differently is the same path
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "0.01", "--lr was 0.001 in the checkpoint's run and is 0.01 now"),
+    ("--weight-decay", "0.1", "--weight-decay was 0.0 in the checkpoint's run and is 0.1 now"),
+    ("--hidden-size", "32", "--hidden-size was 16 in the checkpoint's run and is 32 now"),
+    ("--layers", "2", "--layers was 1 in the checkpoint's run and is 2 now"),
+])
+def test_reward_resume_names_a_changed_option(run_copy, capsys, option, value, message):
+    argv = list(RUN)
+    if option in argv:
+        i = argv.index(option)
+        argv[i + 1] = value
+    else:
+        argv += [option, value]
+    rc, err = _run(reward_main, capsys, *argv, "--max-steps", 6, "--output-dir", run_copy, "--resume")
+    assert message in _one_line_error(rc, err), err
+    assert _steps(run_copy) == [2, 4]
+
+
+def _prefs(path, n=40):
+    rows = [{"prompt": "ab ", "chosen": "cd" * (1 + i % 3), "rejected": "ef", "margin": 1.0} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_reward_resume_data_paths_compare_as_real_paths(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    _prefs(tmp_path / "data" / "good.jsonl")
+    common = [*TINY[:4], "--batch-size", 4, "--threads", 1, "--no-progress", "--no-plot", "--save-every", 1,
+              "--max-steps", 3, "--output-dir", "o"]
+    rc, err = _run(reward_main, capsys, *common, "--data", "./data/good.jsonl", "--stop-after", 1)
+    assert rc == 0, err
+    for spelling in ("data/good.jsonl", str(tmp_path / "data" / "good.jsonl")):
+        rc, err = _run(reward_main, capsys, *common, "--data", spelling, "--resume", "--stop-after", 1)
+        assert rc == 0, err
+    rc, err = _run(reward_main, capsys, *common, "--data", "data/good.jsonl", "--resume", "--eval-fraction", 0.2)
+    assert "--eval-fraction was 0.05 in the checkpoint's run and is 0.2 now" in _one_line_error(rc, err)
+
+
+def test_ppo_resume_fixes_the_reward_model_compared_as_real_paths(tmp_path):
+    fixed = rl.resume_fixed("gae")
+    saved = {k: None for k in fixed}
+    (tmp_path / "rm").mkdir()
+    saved["reward_model"] = str(tmp_path / "rm")
+    now = argparse.Namespace(**{**saved, "reward_model": str(tmp_path / "other")})
+    with pytest.raises(TrainingError, match="--reward-model was"):
+        T.check_resume_args({**saved, "world_size": 1}, now, fixed, 1)
+    now = argparse.Namespace(**{**saved, "reward_model": str(tmp_path / "." / "rm") + "/"})
+    T.check_resume_args({**saved, "world_size": 1}, now, fixed, 1)  # the same directory
+
+
+# ---------------------------------------------------------------------------------------
+# 3-6, 10. Bad values and ignored options: one line, before any work
+# ---------------------------------------------------------------------------------------
+REWARD_BAD = [
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be a finite number >= 0, got -1.0"),
+    (["--max-grad-norm", "inf"], "--max-grad-norm must be a finite number >= 0, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--center-coef", "nan"], "--center-coef must be a finite number >= 0"),
+    (["--center-coef", "inf"], "--center-coef must be a finite number >= 0"),
+    (["--hidden-size", "0"], "--hidden-size must be a positive multiple of 8"),
+    (["--hidden-size", "15"], "--hidden-size must be a positive multiple of 8"),
+    (["--hidden-size", "-4"], "--hidden-size must be a positive multiple of 8"),
+    (["--epochs", "inf"], "--epochs must be a finite number > 0"),
+    (["--seed", "99999999999999999999"], "--seed must be in [0, 4294967295]"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
+    (["--output-dir", ""], "--output-dir is empty"),
+    (["--threads", "100000"], "--threads must be <= "),
+    (["--layers", "0"], "--layers must be >= 1"),
+    (["--layers", "-1"], "--layers must be >= 1"),
+    (["--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
+    (["--default-train-pairs", "0"], "--default-train-pairs must be >= 1"),
+    (["--eval-fraction", "0.1"], "--eval-fraction would be ignored"),
+    (["--margin-column", "m"], "--margin-column would be ignored"),
+]
+
+
+@pytest.mark.parametrize("argv, message", REWARD_BAD, ids=[" ".join(a) for a, _ in REWARD_BAD])
+def test_reward_refuses_bad_values(tmp_path, capsys, argv, message):
+    out = ["--output-dir", tmp_path / "o"] if "--output-dir" not in argv else []
+    rc, err = _run(reward_main, capsys, *TINY, "--max-steps", 1, *out, *argv)
+    assert message in _one_line_error(rc, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_reward_refuses_options_it_would_ignore(tmp_path, capsys):
+    _prefs(tmp_path / "p.jsonl")
+    os.makedirs(tmp_path / "m")
+    cases = [
+        (["--data", tmp_path / "p.jsonl", "--default-train-pairs", 10], "--default-train-pairs would be ignored"),
+        (["--data", tmp_path / "p.jsonl", "--eval-data", tmp_path / "p.jsonl", "--eval-fraction", 0.1],
+         "--eval-fraction would be ignored: --eval-data gives the held-out pairs"),
+        (["--model", tmp_path / "m", "--hidden-size", 16], "--hidden-size would be ignored: --model gives the model"),
+        (["--model", tmp_path / "m", "--layers", 1], "--layers would be ignored: --model gives the model"),
+    ]
+    for argv, message in cases:
+        rc, err = _run(reward_main, capsys, *argv, "--output-dir", tmp_path / "o", "--no-progress", "--no-plot")
+        assert message in _one_line_error(rc, err), (argv, err)
+
+
+PPO_BAD = [
+    (["--gamma", "inf"], "--gamma must be a finite number >= 0"),
+    (["--score-clip", "inf"], "--score-clip must be a finite number > 0"),
+    (["--missing-eos-penalty", "nan"], "--missing-eos-penalty must be a finite number"),
+    (["--missing-eos-penalty", "inf"], "--missing-eos-penalty must be a finite number"),
+    (["--seed", "99999999999999999999"], "--seed must be in"),
+    (["--output-dir", ""], "--output-dir is empty"),
+    (["--kl-target", "2"], "--kl-target would be ignored: they set --adaptive-kl, which is off"),
+    (["--kl-horizon", "2"], "--kl-horizon would be ignored"),
+    (["--no-whiten", "--no-shift-mean"], "--no-shift-mean would be ignored: --no-whiten turns whitening off"),
+    (["--no-whiten", "--biased-whiten"], "--biased-whiten would be ignored"),
+]
+
+
+@pytest.mark.parametrize("argv, message", PPO_BAD, ids=[" ".join(a) for a, _ in PPO_BAD])
+def test_ppo_refuses_bad_values(tmp_path, capsys, argv, message):
+    out = ["--output-dir", tmp_path / "o"] if "--output-dir" not in argv else []
+    rc, err = _run(ppo_main, capsys, *PPO, *out, *argv)
+    assert message in _one_line_error(rc, err, "ppo"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ppo_refuses_policy_size_with_policy_and_a_prompt_directory(tmp_path, capsys):
+    os.makedirs(tmp_path / "p")
+    rc, err = _run(ppo_main, capsys, *PPO, "--policy", tmp_path / "p", "--output-dir", tmp_path / "o")
+    assert "--policy-layers, --policy-hidden would be ignored: --policy gives the policy" in \
+        _one_line_error(rc, err, "ppo")
+    rc, err = _run(ppo_main, capsys, *PPO, "--prompts", tmp_path / "p", "--output-dir", tmp_path / "o")
+    assert f"--prompts {tmp_path / 'p'}: is a directory" in _one_line_error(rc, err, "ppo")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Non-finite parameters are never saved (nor called a good checkpoint)
+# ---------------------------------------------------------------------------------------
+def test_nonfinite_parameters_are_never_saved(tmp_path, capsys):
+    m = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        m.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"parameters are not finite after step 3 \(model.weight\); not saved; "
+                                            r"the last checkpoint \(finite parameters\) is X"):
+        T.check_finite_before_saving(None, 3, "X", ("model", m))
+    # an lr that overflows the forward after one step: no checkpoint of those weights
+    rc, err = _run(reward_main, capsys, *TINY, "--max-steps", 3, "--save-every", 1, "--eval-every", 1, "--lr", 1e30,
+                   "--warmup-steps", 0, "--output-dir", tmp_path / "o")
+    _one_line_error(rc, err)
+    assert _steps(tmp_path / "o") == [], err
+    for lr in ("1e38",):  # AdamW's step size overflows float32: one line, not a traceback
+        rc, err = _run(reward_main, capsys, *TINY, "--max-steps", 2, "--lr", lr, "--warmup-steps", 0,
+                       "--output-dir", tmp_path / "o2")
+        assert "overflows" in _one_line_error(rc, err), err
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Disk full while writing a checkpoint: one line naming the path; older ones survive
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs "
+                                                "0: PytorchStreamWriter failed writing file data/0: file write "
+                                                "failed")])
+def test_a_failed_checkpoint_write_is_one_line(tmp_path, error):
+    out = tmp_path / "o"
+    (out / "checkpoint-2").mkdir(parents=True)
+
+    def write(tmp):
+        raise error
+
+    with pytest.raises(TrainingError, match=f"cannot write {out / 'checkpoint-4'}"):
+        T.save_checkpoint(str(out), 4, write, keep=1)
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]
+
+
+# ---------------------------------------------------------------------------------------
+# 8, 11. PPO: no random heads; prompts and responses must fit the models
+# ---------------------------------------------------------------------------------------
+def _save(path, kind, positions=64):
+    import transformers
+
+    tok = build_char_tokenizer("0123456789 sortabcdefghijklmnopqrstuvwxyz:")
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   bos_token_id=tok.bos_token_id, max_position_embeddings=positions,
+                                   tie_word_embeddings=False)
+    cls = transformers.LlamaForCausalLM if kind == "lm" else transformers.LlamaForSequenceClassification
+    torch.manual_seed(0)
+    cls(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_ppo_refuses_models_that_would_get_a_random_head(tmp_path, capsys):
+    lm, rm = _save(tmp_path / "lm", "lm"), _save(tmp_path / "rm", "rm")
+    rc, err = _run(ppo_main, capsys, *PPO, "--reward-model", lm, "--output-dir", tmp_path / "o")
+    assert f"--reward-model {lm}: not a trained reward model" in _one_line_error(rc, err, "ppo")
+    argv = PPO[:2] + PPO[6:]  # without --policy-layers / --policy-hidden
+    rc, err = _run(ppo_main, capsys, *argv, "--reward-model", rm, "--policy", rm, "--output-dir", tmp_path / "o2")
+    assert f"--policy {rm}: not a causal-LM checkpoint" in _one_line_error(rc, err, "ppo")
+
+
+def test_ppo_prompts_must_fit_the_models(tmp_path, capsys):
+    rm = _save(tmp_path / "rm", "rm", positions=32)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "sort: 123"}) + "\n" +
+                                      json.dumps({"prompt": "1" * 40}) + "\n")
+    rc, err = _run(ppo_main, capsys, *PPO, "--reward-model", rm, "--prompts", tmp_path / "p.jsonl",
+                   "--output-dir", tmp_path / "o")
+    assert f"{tmp_path / 'p.jsonl'}:2: the prompt has 41 tokens; with --max-new-tokens 4 that is more than the " \
+           f"models' 32 positions" in _one_line_error(rc, err, "ppo")
+    (tmp_path / "huge.jsonl").write_text(json.dumps({"prompt": "1" * 2_000_000}) + "\n")
+    rc, err = _run(ppo_main, capsys, *PPO, "--reward-model", rm, "--prompts", tmp_path / "huge.jsonl",
+                   "--output-dir", tmp_path / "o")
+    assert f"{tmp_path / 'huge.jsonl'}:1: the prompt has 2000000 characters" in _one_line_error(rc, err, "ppo")
+    rc, err = _run(ppo_main, capsys, *PPO[:-8], "--max-new-tokens", 100000, *PPO[-6:], "--reward-model", rm,
+                   "--output-dir", tmp_path / "o")
+    assert "--max-new-tokens 100000: the models take at most 32 positions" in _one_line_error(rc, err, "ppo")
+    # the critic-free path: the same rule
+    critic_free = ["--warm-start-steps", 0, "--policy-layers", 1, "--policy-hidden", 16, "--batch-size", 2,
+                   "--num-generations", 2, "--max-new-tokens", 4, "--eval-prompts", 4, "--threads", 1,
+                   "--no-progress", "--no-plot"]
+    rc, err = _run(ppo_main, capsys, *critic_free, "--reward-model", rm, "--prompts", tmp_path / "p.jsonl",
+                   "--output-dir", tmp_path / "cf")
+    assert f"{tmp_path / 'p.jsonl'}:2: the prompt has 41 tokens" in _one_line_error(rc, err, "ppo")
+
+
+# ---------------------------------------------------------------------------------------
+# 12. Smaller: a resume past --max-steps says so; huge lines are dropped before tokenizing
+# ---------------------------------------------------------------------------------------
+def test_resume_past_max_steps_says_so(run_copy, capsys):
+    rc, err = _run(reward_main, capsys, *RUN, "--max-steps", 3, "--output-dir", run_copy, "--resume")
+    assert rc == 0, err
+    assert "nothing to train: the checkpoint is at step 4, past the 3 steps this run asks for" in err
+    assert "4/3" not in err
+
+
+def test_a_huge_line_is_dropped_without_tokenizing_it(monkeypatch):
+    tok = build_char_tokenizer("abc ")
+    seen = []
+    real = D._encode
+
+    def spy(tokenizer, texts, add_special_tokens):
+        seen.extend(len(t) for t in texts)
+        return real(tokenizer, texts, add_special_tokens)
+
+    monkeypatch.setattr(D, "_encode", spy)
+    recs = [{"prompt": "a ", "chosen": "b", "rejected": "c", "margin": None},
+            {"prompt": "a ", "chosen": "b" * 1_000_000, "rejected": "c", "margin": None}]
+    pairs, dropped = D.tokenize_pairs(recs, tok, 16)
+    assert len(pairs) == 1 and dropped == 1
+    assert max(seen) < 100
+
+
+# ---------------------------------------------------------------------------------------
+# 9. pad == eos (a tokenizer without a pad token) and eos appended: the saved model, loaded
+# with AutoModelForSequenceClassification and run by HF's forward, scores as the trainer did
+# ---------------------------------------------------------------------------------------
+def test_saved_reward_model_scores_like_the_trainer_when_pad_is_eos(tmp_path, capsys):
+    import transformers
+
+    lm = _save(tmp_path / "lm", "lm", positions=64)
+    cfg = json.loads((lm / "tokenizer_config.json").read_text())
+    cfg.pop("pad_token", None)
+    (lm / "tokenizer_config.json").write_text(json.dumps(cfg))
+    c = json.loads((lm / "config.json").read_text())
+    c["pad_token_id"] = None
+    (lm / "config.json").write_text(json.dumps(c))
+    rc, err = _run(reward_main, capsys, "--model", lm, "--lr", 3e-3, "--batch-size", 8, "--max-steps", 6,
+                   "--eval-every", 6, "--default-train-pairs", 200, "--eval-batch-size", 50, "--threads", 1,
+                   "--no-progress", "--no-plot", "--output-dir", tmp_path / "o")
+    assert rc == 0, err
+    ev = json.loads((tmp_path / "o" / "final.json").read_text())["eval"]
+    ck = tmp_path / "o" / "checkpoint-6"
+    tok = transformers.AutoTokenizer.from_pretrained(ck)
+    assert tok.pad_token_id == tok.eos_token_id  # the case of the defect
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(ck).eval()
+    _, held = D.default_datasets(n_train=200)
+    with torch.no_grad():
+        def score(texts):  # HF's own forward, HF's own padding of the tokenizer's output (eos appended)
+            enc = tok(texts, return_tensors="pt", padding=True)
+            return model(**enc).logits.squeeze(-1)
+
+        ch = score([p["prompt"] + p["chosen"] for p in held])
+        rj = score([p["prompt"] + p["rejected"] for p in held])
+    assert int((ch > rj).sum()) == round(ev["accuracy"] * len(held))
+    assert (ch - rj).mean().item() == pytest.approx(ev["margin"], rel=1e-4, abs=1e-6)
+
+
+def test_a_checkpoint_of_the_previous_version_still_resumes(run_copy, capsys):
+    """The previous version recorded the defaults of options its run did not use
+    (--eval-fraction and --margin-column without --data): they are not compared."""
+    p = run_copy / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(p.read_text())
+    state["args"].update(eval_fraction=0.05, margin_column="margin")
+    p.write_text(json.dumps(state))
+    rc, err = _run(reward_main, capsys, *RUN, "--max-steps", 5, "--output-dir", run_copy, "--resume")
+    assert rc == 0, err
+    assert f"resuming from {run_copy / 'checkpoint-4'} (step 4)" in err
+
+
+def test_ppo_resume_with_another_reward_model_names_it(tmp_path, capsys):
+    """Another --reward-model (here with another vocabulary: every checkpoint used to be
+    reported as damaged, 'wrong shape') stops the resume naming --reward-model; the same
+    directory spelled another way resumes."""
+    import transformers
+
+    rm = _save(tmp_path / "rm", "rm")
+    other = tmp_path / "other"
+    tok = build_char_tokenizer("0123456789 sort:")
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                                   pad_token_id=tok.pad_token_id, max_position_embeddings=64)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(other)
+    tok.save_pretrained(other)
+    common = [*PPO[:-8], "--max-new-tokens", 4, "--ppo-epochs", 1, "--minibatches", 1, *PPO[-6:],
+              "--output-dir", tmp_path / "o"]
+    rc, err = _run(ppo_main, capsys, *common, "--reward-model", rm, "--stop-after", 1)
+    assert rc == 0, err
+    rc, err = _run(ppo_main, capsys, *common, "--reward-model", other, "--resume")
+    last = _one_line_error(rc, err, "ppo")
+    assert f"--reward-model was {str(rm)!r} in the checkpoint's run and is {str(other)!r} now" in last, last
+    assert "skipping" not in err and _steps(tmp_path / "o") == [1]
+    rc, err = _run(ppo_main, capsys, *common, "--reward-model", f"{tmp_path}/./rm/", "--resume")
+    assert rc == 0, err
