@@ -56,6 +56,32 @@ def test_ppo_losses_match_their_formulas():
     assert torch.allclose(vloss, 0.5 * torch.maximum((v - ret) ** 2, (vc - ret) ** 2)[mask].mean())
 
 
+def test_reward_scores_pool_as_hf_when_pad_is_eos():
+    """A pad == eos tokenizer: the reward trainer drops the trailing EOS (HF's pad-id rule), so
+    the rollouts' scores are read before the EOS too, where HF's *ForSequenceClassification
+    reads them; with a pad token of its own, at the last valid token (the EOS)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    eos = 3
+    cfg = LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, num_labels=1, pad_token_id=eos)
+    rm = LlamaForSequenceClassification(cfg).eval()
+    seq = torch.tensor([[5, 6, 7, 8, eos, eos, eos], [5, 9, 10, 11, 12, 13, eos], [5, 6, 7, 8, 9, 10, 11]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    roll = core.Rollout(sequences=seq, attention_mask=mask, response_mask=mask[:, 2:], prompt_len=2)
+    pad_is_eos = SimpleNamespace(pad_token_id=eos, eos_token_id=eos)
+    got = core.reward_scores(rm.model, rm.score.weight, None, roll, pad_token_id=core.scoring_pad_id(pad_is_eos))
+    with torch.no_grad():
+        hf = rm(input_ids=seq, attention_mask=mask).logits[:, 0]
+    assert torch.allclose(got, hf, atol=1e-6), (got, hf)
+    own_pad = SimpleNamespace(pad_token_id=0, eos_token_id=eos)
+    assert core.scoring_pad_id(own_pad) is None
+    at_eos = core.reward_scores(rm.model, rm.score.weight, None, roll)
+    assert not torch.allclose(at_eos[:2], hf[:2]) and torch.allclose(at_eos[2], hf[2], atol=1e-6)
+
+
 def test_generate_masks_stop_at_first_eos():
     from transformers import LlamaConfig, LlamaForCausalLM
 

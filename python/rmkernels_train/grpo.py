@@ -97,10 +97,10 @@ def sample(policy, prompt_ids, tokenizer, *, max_new_tokens, temperature=1.0, gr
                          pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=1 if greedy else 0)
 
 
-def rm_scores(reward_model, roll, backend=None):
+def rm_scores(reward_model, roll, tokenizer, backend=None):
     head = reward_model.score
     return core.reward_scores(reward_model.base_model, head.weight, getattr(head, "bias", None), roll,
-                              backend=backend)
+                              backend=backend, pad_token_id=core.scoring_pad_id(tokenizer))
 
 
 def ended(roll, eos_token_id):
@@ -123,7 +123,7 @@ def rollout_rewards(roll, prompts, reward, reward_model, tokenizer, decoder, bac
     correct = checker_scores(prompts, roll.sequences[:, roll.prompt_len:], decoder) \
         if check or reward == "checker" else None
     has_eos = ended(roll, tokenizer.eos_token_id)
-    scores = rm_scores(reward_model, roll, backend)
+    scores = rm_scores(reward_model, roll, tokenizer, backend)
     rewards = correct.clone() if reward == "checker" else penalise_unended(scores, has_eos)
     return rewards, scores, correct, has_eos
 
@@ -152,7 +152,8 @@ def evaluate(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_n
         torch.set_rng_state(rng)
     ok_g = checker_scores(prompts, greedy.sequences[:, greedy.prompt_len:], decoder).bool()
     ok_s = checker_scores(prompts, sampled.sequences[:, sampled.prompt_len:], decoder).bool()
-    s_greedy, s_sampled = rm_scores(reward_model, greedy, backend), rm_scores(reward_model, sampled, backend)
+    s_greedy = rm_scores(reward_model, greedy, tokenizer, backend)
+    s_sampled = rm_scores(reward_model, sampled, tokenizer, backend)
     logp = core.fused_policy_logprobs(policy, sampled, temperature)
     ref_logp = core.fused_policy_logprobs(ref, sampled, temperature)
     m = sampled.response_mask.float()

@@ -524,7 +524,7 @@ class PPOTrainer:
             ref_logprobs = core.policy_logprobs(self.ref, roll, a.temperature)
             old_values = self.value_model(roll)
             raw_scores = core.reward_scores(self.reward_model.base_model, head.weight, getattr(head, "bias", None),
-                                            roll, backend=a.backend)
+                                            roll, backend=a.backend, pad_token_id=core.scoring_pad_id(tok))
             scores = raw_scores
             if a.missing_eos_penalty is not None:
                 has_eos = (roll.sequences[:, roll.prompt_len:] == tok.eos_token_id).any(dim=1)

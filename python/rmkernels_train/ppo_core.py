@@ -114,15 +114,29 @@ class ValueModel(nn.Module):
         return self.value_head(h[:, P - 1:-1].float()).squeeze(-1)
 
 
+def scoring_pad_id(tokenizer):
+    """The ``pad_token_id`` of :func:`reward_scores` for ``tokenizer``: its pad token when that is
+    also its EOS (the reward model then scores before the EOS, as HF does), else None (the last
+    valid token, the EOS itself)."""
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None and pad == tokenizer.eos_token_id else None
+
+
 @torch.no_grad()
-def reward_scores(backbone, head_weight, head_bias, rollout, backend=None):
+def reward_scores(backbone, head_weight, head_bias, rollout, backend=None, pad_token_id=None):
     """The reward model's score of each full sequence: its value head on the hidden state of the
     last valid token (the EOS, or the last generated token when there is none), with
-    ``rmk.last_token_reward`` -- B rows, never the head on every token. Float32 [B]."""
+    ``rmk.last_token_reward`` -- B rows, never the head on every token. Float32 [B].
+    ``pad_token_id`` (:func:`scoring_pad_id`): the last valid token that is not it, HF's
+    *ForSequenceClassification rule, which the reward trainer follows for a pad == eos tokenizer
+    (``data.tokenize_pairs`` drops a trailing pad-id token): the token before the EOS, where the
+    reward model was trained to score."""
     h = backbone(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
                  position_ids=position_ids(rollout.attention_mask), use_cache=False).last_hidden_state
-    return rmk.last_token_reward(h, head_weight, head_bias, attention_mask=rollout.attention_mask,
-                                 backend=backend)[:, 0]
+    mask = rollout.attention_mask
+    if pad_token_id is not None:
+        mask = mask.bool() & (rollout.sequences != pad_token_id)
+    return rmk.last_token_reward(h, head_weight, head_bias, attention_mask=mask, backend=backend)[:, 0]
 
 
 def masked_mean(x, mask):
