@@ -368,7 +368,7 @@ def test_rollout_rewards_skip_the_checker_on_custom_prompts(tokenizer, monkeypat
     eos = tokenizer.eos_token_id
     seq = torch.tensor([[tokenizer.bos_token_id, 5, 6, eos, eos]] * 2)
     roll = SimpleNamespace(sequences=seq, prompt_len=3)
-    monkeypatch.setattr(grpo, "rm_scores", lambda model, r, backend=None: torch.zeros(2))
+    monkeypatch.setattr(grpo, "rm_scores", lambda model, r, tokenizer, backend=None: torch.zeros(2))
     rewards, _, correct, has_eos = grpo.rollout_rewards(roll, ["sort: 3 1 2"] * 2, "model", None, tokenizer,
                                                         task.ResponseDecoder(tokenizer), check=False)
     assert correct is None and bool(has_eos.all()) and rewards.tolist() == [0.0, 0.0]
@@ -506,7 +506,7 @@ def test_kl_mode_reward_logs_the_k1_it_applies(tokenizer, monkeypatch):
     ref = sft.build_policy(tokenizer, layers=1, hidden=16)
     ref.requires_grad_(False)
     assert isinstance(policy, LlamaForCausalLM)
-    monkeypatch.setattr(grpo, "rm_scores", lambda model, r, backend=None: torch.zeros(r.sequences.shape[0]))
+    monkeypatch.setattr(grpo, "rm_scores", lambda model, r, tokenizer, backend=None: torch.zeros(r.sequences.shape[0]))
     ids = [[tokenizer.bos_token_id] + tokenizer("sort 312: ", add_special_tokens=False)["input_ids"]] * 2
     kls = {}
     for mode in ("reward", "loss"):
