@@ -44,6 +44,11 @@ def ragged_mask(B, T, *, holes=True, empty_rows=True, left_pad=False):
         mask = mask & (torch.rand(B, T) > 0.25)
     if empty_rows and B >= 3:
         mask[1] = False
+    if int(mask.sum()) < 2 and T >= 2:
+        # at most one valid token in the batch is the degenerate case (whitening's variance
+        # 0 / 0: verl raises, the fused op gives zeros), which has tests of its own; left
+        # padding with holes drew it in 144 of 20,000 seeds of a [9, 31] batch
+        mask[0, -2:] = True
     return mask
 
 
