@@ -236,6 +236,12 @@ def _encode(tokenizer, texts, add_special_tokens):
     return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
 
 
+def longest_token_chars(tokenizer):
+    """The most characters of one vocabulary entry: a text longer than n times this has more
+    than n tokens, which is known without tokenizing it (a 20 MB line takes minutes)."""
+    return max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+
+
 def _strip_trailing(ids, pad):
     end = len(ids)
     while end and ids[end - 1] == pad:
@@ -252,10 +258,9 @@ def tokenize_pairs(records, tokenizer, max_length=None):
     add_special = not any(isinstance(r["chosen"], list) for r in records)  # the template has them
     dropped = 0
     if max_length is not None:
-        # A cheap pre-check before tokenizing (a 20 MB line takes minutes to tokenize): no token
-        # is longer than the vocabulary's longest entry, so a text of more characters than
-        # max_length such tokens is surely too long.
-        longest = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+        # A cheap pre-check before tokenizing: a text of more characters than max_length of the
+        # vocabulary's longest entries is surely too long.
+        longest = longest_token_chars(tokenizer)
         keep = [i for i, (c, r) in enumerate(zip(texts_c, texts_r))
                 if len(c) <= max_length * longest and len(r) <= max_length * longest]
         dropped = len(records) - len(keep)

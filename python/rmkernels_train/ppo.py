@@ -168,14 +168,9 @@ def check_args(a):
             positive(name.replace("_", "-"), getattr(a, name))
     for name in ("temperature", "lr", "value_lr", "clip_range", "clip_range_value", "kl_target", "kl_horizon",
                  "max_grad_norm"):
-        v = getattr(a, name)
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise TrainingError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
-    if not (math.isfinite(a.kl_coef) and a.kl_coef >= 0):
-        raise TrainingError(f"--kl-coef must be a finite number >= 0, got {a.kl_coef}")
-    if a.vf_coef is not None and not (math.isfinite(a.vf_coef) and a.vf_coef >= 0):
-        raise TrainingError(f"--vf-coef must be a finite number >= 0, got {a.vf_coef}")
-    T.check_finite("gamma", a.gamma, low=0)
+        T.check_finite(name, getattr(a, name), low=0, low_open=True)
+    for name in ("kl_coef", "vf_coef", "gamma"):
+        T.check_finite(name, getattr(a, name), low=0)
     if a.lam is not None and not 0.0 <= a.lam <= 1.0:  # (nan fails too)
         raise TrainingError(f"--lam must be in [0, 1], got {a.lam}")
     for name in ("kl_clamp", "score_clip"):
@@ -201,10 +196,9 @@ def check_args(a):
 # ---------------------------------------------------------------------------------------
 # Data and models
 # ---------------------------------------------------------------------------------------
-def load_prompts(path, max_chars=None, with_lines=False):
+def load_prompts(path, with_lines=False):
     """Prompt strings of a JSONL file (``{"prompt": str}`` per line, blank lines skipped).
-    A prompt longer than ``max_chars`` characters is refused (FILE:LINE) before any
-    tokenization. ``with_lines``: returns ``(prompts, line numbers)``."""
+    ``with_lines``: returns ``(prompts, line numbers)`` (for :func:`fitting_prompts`' messages)."""
     from rmkernels_train.data import check_text, parse_json_line
 
     prompts, lines = [], []
@@ -217,10 +211,6 @@ def load_prompts(path, max_chars=None, with_lines=False):
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
                     raise TrainingError(f"{path}:{i}: each line needs a non-empty string field \"prompt\"")
                 check_text(rec["prompt"], f"{path}:{i}", "prompt")
-                if max_chars is not None and len(rec["prompt"]) > max_chars:
-                    raise TrainingError(f"{path}:{i}: the prompt has {len(rec['prompt'])} characters, more than the "
-                                        f"models' positions can hold (at most {max_chars} characters: the response "
-                                        f"needs room too)")
                 prompts.append(rec["prompt"])
                 lines.append(i)
     except UnicodeDecodeError as e:
@@ -246,25 +236,33 @@ def model_positions(*models):
     return min(found) if found else None
 
 
-def fitting_prompts(a, tokenizer, models, default):
-    """The prompts of the run (``--prompts``, else ``default``) as token ids
-    (:func:`encode_prompts`), each checked to fit the models with ``--max-new-tokens`` of
-    response: a prompt whose tokens plus --max-new-tokens exceed the fewest positions of
-    ``models`` is refused with FILE:LINE (its character length first, so that a huge line
-    is refused without tokenizing it), and so is a --max-new-tokens that leaves no room.
-    Returns ``(prompts, ids)``."""
+def run_prompts(a, default):
+    """``(prompts, line numbers)`` of the run: ``--prompts`` read once, else ``default`` (its
+    line numbers None)."""
+    return load_prompts(a.prompts, with_lines=True) if a.prompts else (default, None)
+
+
+def fitting_prompts(a, tokenizer, models, prompts, lines):
+    """``prompts`` (:func:`run_prompts`) as token ids (:func:`encode_prompts`), each checked to
+    fit the models with ``--max-new-tokens`` of response: a prompt whose tokens plus
+    --max-new-tokens exceed the fewest positions of ``models`` is refused with FILE:LINE (its
+    character length first, so that a huge line is refused without tokenizing it), and so is a
+    --max-new-tokens that leaves no room."""
+    from rmkernels_train.data import longest_token_chars
+
     positions = model_positions(*models)
     if positions is not None and a.max_new_tokens >= positions:
         raise TrainingError(f"--max-new-tokens {a.max_new_tokens}: the models take at most {positions} positions "
                             f"(prompt + response); give at most {positions - 2}")
     room = None if positions is None else positions - a.max_new_tokens
-    if a.prompts:
-        longest = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
-        prompts, lines = load_prompts(a.prompts, max_chars=None if room is None else room * longest, with_lines=True)
-        wheres = [f"{a.prompts}:{i}" for i in lines]
-    else:
-        prompts = default
-        wheres = [f"built-in prompt {i + 1}" for i in range(len(prompts))]
+    wheres = ([f"{a.prompts}:{i}" for i in lines] if lines is not None
+              else [f"built-in prompt {i + 1}" for i in range(len(prompts))])
+    if room is not None:
+        max_chars = room * longest_token_chars(tokenizer)
+        for where, p in zip(wheres, prompts):
+            if len(p) > max_chars:
+                raise TrainingError(f"{where}: the prompt has {len(p)} characters, more than the models' positions "
+                                    f"can hold (at most {max_chars} characters: the response needs room too)")
     ids = encode_prompts(prompts, tokenizer)
     for where, x in zip(wheres, ids):
         if len(x) == 0:
@@ -272,7 +270,7 @@ def fitting_prompts(a, tokenizer, models, default):
         if room is not None and len(x) > room:
             raise TrainingError(f"{where}: the prompt has {len(x)} tokens; with --max-new-tokens {a.max_new_tokens} "
                                 f"that is more than the models' {positions} positions")
-    return prompts, ids
+    return ids
 
 
 def default_prompts():
@@ -482,8 +480,8 @@ class PPOTrainer:
         reward_dir = self.reward_dir = a.reward_model or train_default_reward_model(self.out_dir, dist,
                                                                                      T.threads_for(a, True))
         self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir)
-        _, self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model),
-                                             None if a.prompts else default_prompts())
+        prompts, lines = run_prompts(a, None if a.prompts else default_prompts())
+        self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model), prompts, lines)
         self.optimizer = self.make_optimizer()
         kl_coef = a.kl_coef
         if a.resume:

@@ -192,8 +192,8 @@ class CriticFreeTrainer:
             encode_prompts,
             fitting_prompts,
             load_policy,
-            load_prompts,
             load_run_reward_model,
+            run_prompts,
             train_default_reward_model,
         )
         from rmkernels_train.utils import MetricsWriter
@@ -217,7 +217,7 @@ class CriticFreeTrainer:
         self.reward_model.requires_grad_(False)
         self.reward_model.eval()
         train_prompts, held = task.task_prompts()
-        self.train_prompts = load_prompts(a.prompts) if a.prompts else train_prompts
+        self.train_prompts, prompt_lines = run_prompts(a, train_prompts)
         self.held_prompts = held[:a.eval_prompts]
         if a.batch_size > len(self.train_prompts):  # each step samples prompts without replacement
             self.log(f"warning: --batch-size {a.batch_size} is more than the {len(self.train_prompts)} prompts of "
@@ -246,8 +246,7 @@ class CriticFreeTrainer:
         self.ref.eval()
         self.policy.train()
         # each prompt + --max-new-tokens must fit the models (one rule for both paths)
-        self.train_prompts, self.train_ids = fitting_prompts(a, tok, (self.policy, self.reward_model),
-                                                             None if a.prompts else self.train_prompts)
+        self.train_ids = fitting_prompts(a, tok, (self.policy, self.reward_model), self.train_prompts, prompt_lines)
         self.held_ids = encode_prompts(self.held_prompts, tok)
         self.optimizer = self.make_optimizer()
         if a.resume:
