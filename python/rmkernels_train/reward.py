@@ -177,19 +177,15 @@ def resolve_defaults(args):
 
 def check_args(args):
     resolve_defaults(args)
-    for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size", "layers", "default_train_pairs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size", "layers", "default_train_pairs",
+                 "max_steps", "max_length", "profile_memory"):
+        T.check_int(name, getattr(args, name), low=1)
     heads = M.DEFAULT_SIZE["num_attention_heads"]
     if args.hidden_size is not None and (args.hidden_size < 1 or args.hidden_size % (2 * heads)):
         raise TrainingError(f"--hidden-size must be a positive multiple of {2 * heads} (the built-in model's "
                             f"{heads} attention heads, each of an even size for the rotary embedding), got "
                             f"{args.hidden_size}")
     T.check_int("warmup_steps", args.warmup_steps, low=0)
-    for name in ("max_steps", "max_length", "profile_memory"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if not 0 <= args.label_smoothing < 0.5:  # (nan fails too)
         raise TrainingError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     T.check_finite("center_coef", args.center_coef, low=0)

@@ -120,14 +120,14 @@ def resolve_defaults(a):
 def check_args(a):
     if a.advantage == "gae":
         return
+    from rmkernels_train import trainer as T
+
     for name in ("num_generations", "eval_every", "eval_prompts"):
-        if getattr(a, name) < 1:
-            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+        T.check_int(name, getattr(a, name), low=1)
     if a.advantage in GROUP_ESTIMATORS and a.num_generations < 2:
         raise TrainingError(f"--num-generations must be >= 2 for --advantage {a.advantage} (the advantages compare "
                             f"the responses to one prompt), got {a.num_generations}")
-    if a.warm_start_steps < 0:
-        raise TrainingError(f"--warm-start-steps must be >= 0, got {a.warm_start_steps}")
+    T.check_int("warm_start_steps", a.warm_start_steps, low=0)
     if a.reward == "checker" and a.prompts is not None:
         raise TrainingError("--reward checker checks the built-in sorting task: it cannot be used with --prompts")
     if a.kl_estimator not in KL_LOSS_ESTIMATORS:

@@ -149,11 +149,8 @@ def check_run_args(args):
         raise TrainingError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if args.threads is not None and args.threads > max_threads():
         raise TrainingError(f"--threads must be <= {max_threads()} (4 per core of this machine), got {args.threads}")
-    for name in ("save_every", "save_total_limit"):
-        if getattr(args, name) < 1:
-            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise TrainingError(f"--stop-after must be >= 1, got {args.stop_after}")
+    for name in ("save_every", "save_total_limit", "stop_after"):
+        check_int(name, getattr(args, name), low=1)
     if args.threads is not None and args.threads < 0:
         raise TrainingError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
     if args.backend is not None:
