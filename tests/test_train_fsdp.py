@@ -27,7 +27,7 @@ from rmkernels_train import fsdp as F
 from rmkernels_train import model as M
 from rmkernels_train.reward import main
 from rmkernels_train.tokenizer import build_char_tokenizer
-from rmkernels_train.utils import Dist
+from rmkernels_train.utils import Dist, TrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "640", "--threads", "1", "--no-progress",
@@ -255,3 +255,98 @@ def test_checkpoint_index_refuses_missing_backbone_weights(tmp_path):
     os.remove(os.path.join(model_dir, "model.safetensors"))
     with pytest.raises(Exception, match="reads safetensors checkpoints"):
         F.checkpoint_index(model_dir, model)
+
+
+class _Planted:
+    """Unpickling it would write ``hit`` (what a planted checkpoint file could do)."""
+
+    def __init__(self, hit):
+        self.hit = hit
+
+    def __reduce__(self):
+        return (open, (self.hit, "w"))
+
+
+def _sharded(tmp_path):
+    """A plain model + AdamW (one step taken) saved by F.save_sharded in one process, and a
+    fresh model + optimizer of the same shapes to load it into."""
+    def build(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = build(0)
+    path = str(tmp_path / F.DCP_DIR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... a single process"
+        F.save_sharded(path, model, opt)
+    return path, model, opt, build(1)
+
+
+def test_sharded_checkpoint_round_trip_reads_nothing_unsafe(tmp_path):
+    path, model, opt, (fresh, fresh_opt) = _sharded(tmp_path)
+    assert F.read_sharded_metadata(path).state_dict_metadata
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        F.load_sharded(path, fresh, fresh_opt)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fresh_opt.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+
+
+def test_planted_sharded_metadata_is_refused_and_never_run(tmp_path):
+    import pickle
+
+    path, _, _, (fresh, fresh_opt) = _sharded(tmp_path)
+    hit = tmp_path / "hit"
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(_Planted(str(hit)), f)
+    with pytest.raises(F.UnsafeCheckpointError, match=r"names \S*open, which is not part"):
+        F.read_sharded_metadata(path)
+    with pytest.raises(TrainingError, match="refused, never run"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        F.load_sharded(path, fresh, fresh_opt)
+    assert not hit.exists()
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(ValueError, match="not a checkpoint's metadata"):
+        F.read_sharded_metadata(path)
+
+
+def test_planted_non_tensor_item_is_never_run(tmp_path):
+    """torch's load planner reads the non-tensor items (the optimizer's param_groups) with
+    torch.load(weights_only=False); load_sharded's does not."""
+    import io
+    import pickle
+
+    path, _, _, (fresh, fresh_opt) = _sharded(tmp_path)
+    md = F.read_sharded_metadata(path)
+    key = next(k for k, v in md.state_dict_metadata.items() if type(v).__name__ == "BytesStorageMetadata")
+    info = next(v for k, v in md.storage_data.items() if k.fqn == key)
+    hit = tmp_path / "hit"
+    buf = io.BytesIO()
+    torch.save(_Planted(str(hit)), buf, pickle_protocol=2)
+    blob = buf.getvalue()
+    data = os.path.join(path, info.relative_path)
+    with open(data, "rb") as f:
+        raw = f.read()
+    # the planted item goes at the end of the data file, and the metadata points there
+    with open(data, "wb") as f:
+        f.write(raw + blob)
+    info.offset, info.length = len(raw), len(blob)
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(md, f)
+    with pytest.raises(TrainingError, match="cannot read the sharded state"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        F.load_sharded(path, fresh, fresh_opt)
+    assert not hit.exists()
+    # the test's plant works: torch's own reader and planner run it
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(F._state(fresh, fresh_opt), checkpoint_id=path)
+    assert hit.exists()

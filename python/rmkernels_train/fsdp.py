@@ -26,8 +26,11 @@ built and loaded shard by shard: no rank ever holds the whole model.
 - :func:`clip_grad_norm`: the total gradient norm over the sharded (DTensor) gradients, the
   same on every rank, and the clipping.
 - :func:`save_sharded` / :func:`load_sharded`: model and optimizer state as a
-  ``torch.distributed.checkpoint`` directory (every rank writes and reads its own shards;
-  no pickled objects are executed).
+  ``torch.distributed.checkpoint`` directory (every rank writes and reads its own shards).
+  torch reads its ``.metadata`` with a plain ``pickle.load`` and its non-tensor items with
+  ``torch.load(weights_only=False)``; :func:`load_sharded` replaces both
+  (:func:`read_sharded_metadata`: only the classes such a file holds; ``weights_only=True``),
+  so a planted checkpoint cannot run code.
 - :func:`full_state_dict`: the whole model gathered on rank 0 (CPU), for the HF checkpoint
   that ``from_pretrained`` loads (:func:`save_hf`): the one time the whole model is in one
   process's (host) memory.
@@ -418,22 +421,130 @@ def _state(model, optimizer):
     return {"model": msd, "optimizer": osd}
 
 
+# What a torch.distributed.checkpoint ``.metadata`` pickle may name (recorded from torch 2.13's
+# own files of model + AdamW states): the metadata module's own dataclasses and enums, the
+# storage record, torch.Size, dtypes, layouts and the checkpoint path. Anything else is refused
+# before it is built (torch's FileSystemReader reads the file with a plain ``pickle.load``, which
+# would run whatever a planted file names).
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                     ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+class UnsafeCheckpointError(ValueError):
+    """A sharded checkpoint file names a Python object that a checkpoint does not hold."""
+
+
+def _metadata_unpickler(f):
+    import importlib
+    import pickle
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            ok = (module, name) in _METADATA_GLOBALS
+            if module == "torch":
+                ok = ok or isinstance(getattr(torch, name, None), torch.dtype)
+            elif module == _METADATA_MODULE:
+                obj = getattr(importlib.import_module(module), name, None)
+                ok = isinstance(obj, type) and obj.__module__ == module
+            if not ok:
+                raise UnsafeCheckpointError(f"it names {module}.{name}, which is not part of a checkpoint's "
+                                            f"metadata (refused, never run)")
+            return super().find_class(module, name)
+
+    return Unpickler(f)
+
+
+def read_sharded_metadata(path):
+    """The ``.metadata`` of :func:`save_sharded`'s directory ``path``, unpickled with only the
+    classes such a file holds (:data:`_METADATA_GLOBALS`): a planted file that names anything
+    else is an :class:`UnsafeCheckpointError` and nothing of it runs. A file that is not such a
+    pickle: ``ValueError``."""
+    import pickle
+
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        try:
+            md = _metadata_unpickler(f).load()
+        except UnsafeCheckpointError:
+            raise
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
+                ValueError, KeyError) as e:
+            raise ValueError(f"not a checkpoint's metadata ({type(e).__name__}: {e})") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(md, Metadata):
+        raise ValueError(f"not a checkpoint's metadata (it holds a {type(md).__name__})")
+    return md
+
+
+def _safe_dcp_io(path):
+    """torch.distributed.checkpoint's file reader and load planner with nothing unpickled that
+    could run code: the metadata through :func:`read_sharded_metadata`, the non-tensor items
+    (the optimizer's param_groups) through ``torch.load(weights_only=True)`` (torch's planner
+    uses ``weights_only=False``; the tensors are already read with ``weights_only=True``)."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:  # per-rank metadata files: not what save_sharded writes
+                raise ValueError("per-rank checkpoint metadata is not supported")
+            md = read_sharded_metadata(path)
+            if getattr(md, "storage_meta", None) is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+            buf = io.BytesIO()
+            torch.save(obj, buf)  # only what weights_only admits: safe for torch's own load below
+            buf.seek(0)
+            super().load_bytes(read_item, buf)
+
+    return Reader(path), Planner()
+
+
+def _unwrapped(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` (torch.distributed.checkpoint's save or load) with its
+    ``CheckpointException`` (a ``BaseException``, which no ``except Exception`` sees) replaced by
+    the first rank's own exception: a disk full while saving stays an ``OSError``."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return fn(*args, **kwargs)
+    except CheckpointException as e:
+        excs = [pair[0] for pair in e.failures.values() if pair and isinstance(pair[0], Exception)]
+        raise (excs[0] if excs else RuntimeError(str(e).strip().splitlines()[-1])) from None
+
+
 def save_sharded(path, model, optimizer):
     """Every rank writes its shards of the model and the optimizer state into ``path``
     (collective)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(_state(model, optimizer), checkpoint_id=path)
+    _unwrapped(dcp.save, _state(model, optimizer), checkpoint_id=path)
 
 
 def load_sharded(path, model, optimizer):
     """Read :func:`save_sharded`'s directory into the sharded ``model`` and ``optimizer``
-    (collective; the shapes must match)."""
+    (collective; the shapes must match). Nothing read can run code (:func:`_safe_dcp_io`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    reader, planner = _safe_dcp_io(path)
+    try:
+        _unwrapped(dcp.load, state, storage_reader=reader, planner=planner)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"--resume: cannot read the sharded state in {path} ({msg}); remove that "
+                            f"checkpoint to resume from an older one") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -272,6 +272,12 @@ def load_sharded_checkpoint(path, args):
     if not os.path.isfile(os.path.join(shards, ".metadata")):
         raise T.CheckpointError(f"{F.DCP_DIR}/.metadata is missing (an incomplete sharded state)")
     try:
+        F.read_sharded_metadata(shards)
+    except ValueError as e:
+        raise T.CheckpointError(f"{F.DCP_DIR}/.metadata: {e}") from None
+    except OSError as e:
+        raise T.unreadable(os.path.join(shards, ".metadata"), e) from None
+    try:
         tokenizer = M.load_tokenizer(path)
         cfg = AutoConfig.from_pretrained(path)
     except (TrainingError, OSError, ValueError) as e:

@@ -23,7 +23,9 @@
 - option checks shared by the trainers: :func:`check_finite` (nan / inf refused, ranges),
   :func:`check_int`, ``--seed`` in [0, 2^32-1], ``--threads`` at most 4 per core;
 - nothing under an output directory can run code when it is read: JSON, safetensors, and
-  :func:`load_torch_state` (``torch.load(..., weights_only=True)``) only;
+  :func:`load_torch_state` (``torch.load(..., weights_only=True)``) only, and ``--fsdp``'s
+  sharded state through :func:`rmkernels_train.fsdp.load_sharded` (which replaces the plain
+  unpickling of torch's own checkpoint reader);
 - the progress bar (:func:`progress_bar`), the log (:class:`Log`) and the words of a run
   that ``--stop-after`` ended early (:func:`stopped_early`).
 
