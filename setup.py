@@ -31,6 +31,13 @@ def _read_version():
     return about["__version__"]
 
 
+def _requirements(name):
+    """The requirement lines of ``name`` (comments and blank lines dropped): the test extra is
+    requirements-test.txt, the one list of what the tests need."""
+    with open(os.path.join(ROOT, name)) as f:
+        return [line.split("#", 1)[0].strip() for line in f if line.split("#", 1)[0].strip()]
+
+
 def _env_flag(name, default="0"):
     return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
 
@@ -133,7 +140,21 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, {
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class Build(base):
+        """torch's BuildExtension; a failed compile ends with what to do about it."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # a compile or link error, no compiler, no ninja...
+                sys.exit(f"rmkernels: building the C++ extension rmkernels._C failed ({type(e).__name__}: {e}). "
+                         "It needs a C++17 compiler with OpenMP (g++ >= 9) and the torch it builds against; "
+                         "or set RMKERNELS_BUILD_EXT=0 to install without it (the 'reference' and 'triton' "
+                         "backends only).")
+
+    return [ext], {"build_ext": Build}, {
         "cpp": True, "cuda": with_cuda, "archs": archs if with_cuda else ""}
 
 
@@ -147,7 +168,18 @@ with open(os.path.join(ROOT, "rmkernels", "_build_config.py"), "w") as f:
 setup(
     name="rmkernels",
     version=_read_version(),
-    description="Fused, exact kernels for RLHF: last-token reward pooling, Bradley-Terry loss, PPO GAE",
+    description="Fused, exact kernels for RLHF: reward-model pooling and losses, PPO and critic-free advantages",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: C++",
+        "Operating System :: POSIX :: Linux",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["rmkernels", "rmkernels.*"])
     + find_packages("python", include=["rmkernels_train", "rmkernels_train.*"]),
     package_dir={"rmkernels_train": "python/rmkernels_train"},
@@ -156,11 +188,13 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "triton": ["triton==3.6.0"],
-        "train": ["transformers>=4.56.2", "safetensors", "tqdm", "matplotlib"],
+        # numpy < 2.4: triton 3.6's interpreter (TRITON_INTERPRET=1, Triton on CPU tensors) calls
+        # int() on 1-element arrays, which numpy 2.4 refuses
+        "triton": ["triton==3.6.0", "numpy<2.4"],
+        # rmkernels-train (rmkernels_train.cli checks these and names the missing ones)
+        "train": ["transformers>=4.56.2", "tokenizers", "safetensors", "tqdm", "matplotlib"],
         "trl": ["trl>=1.16"],
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.56.2", "safetensors", "tqdm",
-                 "matplotlib", "pandas", "trl==1.16.0"],
+        "test": _requirements("requirements-test.txt"),
     },
     entry_points={"console_scripts": ["rmkernels-train=rmkernels_train.cli:entry"]},
     zip_safe=False,

@@ -7,6 +7,7 @@ for the fastest available one for the tensors' device. The default comes from
 variable, else ``"auto"``.
 """
 import contextlib
+import functools
 import importlib.util
 import os
 
@@ -25,6 +26,23 @@ def _probe_triton():
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install triton==3.6.0)"
     return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem():
+    """Why the Triton interpreter cannot run here, or None: triton 3.6's interpreter calls
+    int() on 1-element numpy arrays, which numpy >= 2.4 refuses (every kernel fails)."""
+    from importlib import metadata
+
+    try:
+        triton_v, numpy_v = metadata.version("triton"), metadata.version("numpy")
+    except metadata.PackageNotFoundError:
+        return None
+    major_minor = lambda v: tuple(int(x) for x in v.split(".")[:2] if x.isdigit())
+    if major_minor(triton_v) == (3, 6) and major_minor(numpy_v) >= (2, 4):
+        return (f"triton {triton_v}'s interpreter (TRITON_INTERPRET=1) needs numpy < 2.4, numpy {numpy_v} is "
+                f"installed (pip install 'numpy<2.4')")
+    return None
 
 
 _TRITON_INSTALLED, _TRITON_WHY = _probe_triton()
@@ -85,7 +103,7 @@ def _why_not(name, device_type):
         if device_type == "cuda":
             return None
         if device_type == "cpu" and triton_interpreting():
-            return None
+            return _interpreter_problem()
         return (f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
                 f"the tensors are on {device_type}")
     return f"unknown backend {name!r}"

@@ -23,12 +23,31 @@ try:
     CUDA_ARCHS = _C.CUDA_ARCHS
     CPU_ISA = _C.CPU_ISA
 except ImportError as e:  # not built (no compiler, RMKERNELS_BUILD_EXT=0) or a failed load
-    LOAD_ERROR = f"{type(e).__name__}: {e}"
+    import importlib.util
+
+    try:
+        no_file = importlib.util.find_spec("rmkernels._C") is None
+    except (ImportError, ValueError):  # a finder refused it: its message is the reason
+        no_file = False
+    if no_file:
+        # No file to load: Python's own message would be "cannot import name '_C' from
+        # partially initialized module ... (most likely due to a circular import)".
+        try:
+            from rmkernels._build_config import BUILD_CONFIG
+
+            built = BUILD_CONFIG.get("cpp", True)
+        except ImportError:
+            built = True
+        LOAD_ERROR = ("rmkernels was installed without it (RMKERNELS_BUILD_EXT=0)" if not built else
+                      "no rmkernels._C file is installed next to the package")
+    else:
+        LOAD_ERROR = f"{type(e).__name__}: {e}"
+    triton_here = importlib.util.find_spec("triton") is not None
     warnings.warn(
         "rmkernels: the compiled extension rmkernels._C could not be loaded "
         f"({LOAD_ERROR}); the 'cpu' and 'cuda' backends are unavailable, the 'reference' "
-        "and 'triton' backends work. Rebuild with `pip install --no-build-isolation .` "
-        "to get them.",
+        + ("and 'triton' backends work" if triton_here else "backend works ('triton' too once triton is installed)")
+        + ". Rebuild with `pip install --no-build-isolation .` to get them.",
         RuntimeWarning,
         stacklevel=2,
     )

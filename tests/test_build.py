@@ -122,3 +122,88 @@ def test_nvcc_flags_are_exact():
     text = open(os.path.join(ROOT, "setup.py")).read()
     for flag in ("--use_fast_math", "-use_fast_math", "-ftz=true", "-prec-div=false", "-prec-sqrt=false"):
         assert f'"{flag}"' not in text, f"setup.py passes {flag} to nvcc"
+
+
+def _tracked_files():
+    proc = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        pytest.skip(f"not a git checkout ({proc.stderr.strip()[:200]}): the sdist check lists the tracked files")
+    return [f for f in proc.stdout.splitlines() if os.path.isfile(os.path.join(ROOT, f))]
+
+
+def test_sdist_holds_what_a_build_from_it_needs(tmp_path):
+    """The source distribution (MANIFEST.in) holds every tracked file under csrc/ (the headers
+    and the CUDA sources: without them an install from the sdist failed on
+    `rmkernels/codes.h: No such file`), tests/ (their helpers too) and docs/, the package's
+    Python files, the license and the README, whatever the build configuration of the machine
+    that makes it (here RMKERNELS_BUILD_EXT=0, which used to leave out all of csrc/)."""
+    import tarfile
+
+    tracked = _tracked_files()
+    src = tmp_path / "src"
+    for f in tracked:
+        os.makedirs(src / os.path.dirname(f), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, f), src / f)
+    env = {**os.environ, "RMKERNELS_BUILD_EXT": "0"}
+    code = "from setuptools import build_meta; print(build_meta.build_sdist('dist'))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=src, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    name = proc.stdout.strip().splitlines()[-1]
+    with tarfile.open(src / "dist" / name) as tar:
+        members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
+    want = [f for f in tracked if f.startswith(("csrc/", "tests/", "docs/", "rmkernels/", "python/"))
+            and not f.startswith("rmkernels/_build_config")]
+    want += ["LICENSE", "README.md", "setup.py", "pyproject.toml", "MANIFEST.in", "requirements-test.txt"]
+    missing = sorted(set(want) - members)
+    assert not missing, f"{len(missing)} files not in the sdist: {missing[:20]}"
+    assert not [m for m in members if m.endswith((".so", ".o", ".pyc"))]
+
+
+def test_info_says_when_installed_without_the_extension(tmp_path):
+    """A package installed with RMKERNELS_BUILD_EXT=0 has no _C file: the one warning says so
+    (it said Python's "cannot import name '_C' from partially initialized module ... circular
+    import"), and names triton as working only where it is installed."""
+    pkg = tmp_path / "rmkernels"
+    shutil.copytree(os.path.join(ROOT, "rmkernels"), pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (pkg / "_build_config.py").write_text("BUILD_CONFIG = {'cpp': False, 'cuda': False, 'archs': ''}\n")
+    code = r"""
+import warnings
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import rmkernels
+msgs = [str(x.message) for x in w if "rmkernels" in str(x.message)]
+print(len(msgs)); print(msgs[0])
+"""
+    import sysconfig
+
+    # -S: no .pth files, so an editable install's import hook does not map `rmkernels` to the
+    # checkout (which has its _C); site-packages stay importable through PYTHONPATH.
+    paths = [str(tmp_path), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    count, msg = proc.stdout.split("\n", 1)
+    assert count == "1", proc.stdout
+    assert "installed without it (RMKERNELS_BUILD_EXT=0)" in msg and "circular" not in msg, msg
+    import importlib.util
+
+    has_triton = importlib.util.find_spec("triton") is not None
+    assert ("'reference' and 'triton' backends work" in msg) == has_triton, msg
+
+
+def test_triton_interpreter_needs_numpy_below_2_4(monkeypatch):
+    """triton 3.6's interpreter fails on every kernel with numpy >= 2.4: the backend is then
+    not available on CPU tensors, with the reason (it was listed as available)."""
+    from importlib import metadata
+
+    from rmkernels import _backend
+
+    versions = {"triton": "3.6.0", "numpy": "2.4.6"}
+    monkeypatch.setattr(metadata, "version", lambda name: versions[name])
+    assert "needs numpy < 2.4, numpy 2.4.6 is installed" in _backend._interpreter_problem.__wrapped__()
+    versions["numpy"] = "2.3.5"
+    assert _backend._interpreter_problem.__wrapped__() is None
+    versions.update(triton="3.7.0", numpy="2.4.6")
+    assert _backend._interpreter_problem.__wrapped__() is None
