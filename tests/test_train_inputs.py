@@ -257,3 +257,46 @@ def test_exit_process_flushes_and_keeps_the_status(joined):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 3 and res.stdout == "out"
     assert res.stderr == ("err" if joined else "errfinalized\n"), res.stderr
+
+
+def test_missing_training_extras_are_named_not_a_traceback(monkeypatch, capsys):
+    """`pip install rmkernels` without [train]: `rmkernels-train reward` names what is missing
+    (the train extra's list from the installed metadata) instead of a ModuleNotFoundError."""
+    import importlib.util
+    from importlib import metadata
+
+    from rmkernels_train import cli
+
+    monkeypatch.setattr(metadata, "requires", lambda name: ['torch>=2.4', 'transformers>=4.56.2; extra == "train"',
+                                                             'tokenizers; extra == "train"', 'pytest; extra == "test"'])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tokenizers" else real(n, *a))
+    assert cli.missing_train_extras() == ["tokenizers"]
+    for cmd in ("reward", "ppo"):
+        assert cli.main([cmd, "--help"]) == 2
+        err = capsys.readouterr().err
+        assert f"rmkernels-train {cmd}: needs the training extras, not installed: tokenizers" in err
+        assert "rmkernels[train]" in err
+
+
+def test_train_extra_lists_every_third_party_module_the_trainers_import():
+    """setup.py's train extra (what missing_train_extras checks) names every third-party
+    package python/rmkernels_train imports (tokenizers was missing: it came in through
+    transformers)."""
+    import ast
+
+    src = open(os.path.join(ROOT, "setup.py")).read()
+    extra = ast.literal_eval(re.search(r'"train": (\[[^\]]*\])', src).group(1))
+    names = {re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in extra}
+    pkg = os.path.join(ROOT, "python", "rmkernels_train")
+    imported = set()
+    for f in os.listdir(pkg):
+        if f.endswith(".py"):
+            for node in ast.walk(ast.parse(open(os.path.join(pkg, f)).read())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported - set(sys.stdlib_module_names)
+                   if m not in ("torch", "numpy", "rmkernels", "rmkernels_train")}
+    assert third_party <= names, f"imported by rmkernels_train, not in the train extra: {third_party - names}"

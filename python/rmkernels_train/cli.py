@@ -12,12 +12,33 @@ With no options each runs on a built-in default (generated data, a small random-
 model) that needs no network. `rmkernels-train reward --help` lists the options."""
 
 
+def missing_train_extras():
+    """The requirements of rmkernels' ``train`` extra (setup.py's list, read from the installed
+    package's metadata) whose module is not installed; [] when the metadata is not there (run
+    from a source tree)."""
+    import importlib.util
+    import re
+    from importlib import metadata
+
+    try:
+        reqs = metadata.requires("rmkernels") or []
+    except metadata.PackageNotFoundError:
+        return []
+    names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in reqs if re.search(r"extra\s*==\s*['\"]train['\"]", r)]
+    return [n for n in names if importlib.util.find_spec(n.replace("-", "_")) is None]
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    missing = missing_train_extras() if cmd in ("reward", "ppo") else []
+    if missing:
+        print(f"rmkernels-train {cmd}: needs the training extras, not installed: {', '.join(missing)} "
+              f"(pip install 'rmkernels[train]', or \".[train]\" from a checkout)", file=sys.stderr)
+        return 2
     if cmd == "reward":
         from rmkernels_train.reward import main as run
     elif cmd == "ppo":
