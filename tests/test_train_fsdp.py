@@ -350,3 +350,14 @@ def test_planted_non_tensor_item_is_never_run(tmp_path):
         warnings.simplefilter("ignore")
         dcp.load(F._state(fresh, fresh_opt), checkpoint_id=path)
     assert hit.exists()
+
+
+def test_fsdp_on_a_torch_without_fsdp2_is_a_message(monkeypatch):
+    """The package needs torch >= 2.4, --fsdp FSDP2's public fully_shard (torch >= 2.6): an
+    older torch is named before anything is built, not an ImportError traceback."""
+    import torch.distributed.fsdp as fsdp_mod
+
+    F.check_torch()
+    monkeypatch.delattr(fsdp_mod, "fully_shard")
+    with pytest.raises(TrainingError, match=r"--fsdp needs torch >= 2.6 .* torch \S+ is installed"):
+        F.check_torch()

@@ -50,6 +50,18 @@ from rmkernels_train.utils import TrainingError
 DCP_DIR = "sharded"  # the torch.distributed.checkpoint directory inside checkpoint-<step>/
 
 
+def check_torch():
+    """--fsdp uses FSDP2 and DTensor as public APIs (``torch.distributed.fsdp.fully_shard``,
+    ``torch.distributed.tensor``: torch >= 2.6; the package itself needs torch >= 2.4): a
+    :class:`TrainingError` naming the torch installed, before anything is built."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401
+        from torch.distributed.tensor import DTensor, Shard  # noqa: F401
+    except ImportError as e:
+        raise TrainingError(f"--fsdp needs torch >= 2.6 (FSDP2's fully_shard and DTensor as public APIs); "
+                            f"torch {torch.__version__} is installed ({e})") from None
+
+
 def decoder_layers(model):
     """The modules to shard one by one: those whose class is in the model's
     ``_no_split_modules`` (HF's list of blocks that must stay whole: the decoder layers)."""

@@ -202,6 +202,8 @@ def check_args(args):
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise TrainingError("--fsdp shards the model over the ranks of a torchrun job: launch it with torchrun "
                             "--nproc_per_node N (N >= 2)")
+    if args.fsdp:
+        F.check_torch()
 
 
 # ---------------------------------------------------------------------------------------
