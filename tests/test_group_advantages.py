@@ -519,6 +519,35 @@ def test_nan_stays_in_its_group(backend, device):
             assert_close(seq[~same], ref[~same], rtol=1e-6, atol=1e-6, name=est)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_reinforce_pp_baseline_non_finite_score_in_empty_row(backend, device):
+    """reinforce_pp_baseline whitens over the valid tokens of the batch: a NaN or inf score alone
+    in its group, in a row with no valid token, takes part in nothing. The kernels summed the
+    statistics as len * value, 0 * NaN = NaN, which made every row of the batch NaN (C++ CPU,
+    CUDA and Triton; the reference was right): every output must be that of a 0 score there."""
+    skip_unless_available(backend, device)
+    B, T = 23, 7
+    for dtype in (torch.float32, torch.float64):
+        scores = torch.randn(B, dtype=dtype, device=device)
+        ids = (torch.arange(B, device=device) // 3).clamp(max=6)
+        mask = make_mask("holes", B, T, device)
+        mask[0] = True
+        victim = B - 2
+        ids[victim] = B - 1  # a group of one (in a bigger group the NaN is the group's: documented)
+        mask[victim] = False
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for single in ("zero", "self"):
+                kw = dict(estimator="reinforce_pp_baseline", single=single, backend=backend)
+                dirty = scores.clone()
+                dirty[victim] = bad
+                seq, adv = rmk.group_advantages(dirty, ids, mask, **kw)
+                clean = rmk.group_advantages(scores, ids, mask, **kw)
+                where = f"{dtype} score {bad} single={single}"
+                assert torch.isfinite(seq).all() and torch.isfinite(adv).all(), where
+                assert torch.equal(seq, clean.seq_advantages) and torch.equal(adv, clean.advantages), where
+                assert seq[victim] == 0 and seq[~mask.any(1)].eq(0).all(), where
+
+
 def equal_reward_groups(device="cpu"):
     """(scores, ids): groups of 16, 7, 8, 9 and 2 responses, each of one reward that float32 does
     not hold exactly (0.1, 0.7, 1/3, 1000.01, -2.3; the first four are groups whose float32 mean

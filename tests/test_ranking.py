@@ -79,6 +79,32 @@ def test_ranking_matches_reference(backend, device, B, K, dtype, reduction, ragg
 
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_ranking_large_k_keeps_precision(backend, device):
+    """A row's K(K-1)/2 pair terms are summed in float64 by every kernel (the cpu kernel summed
+    them one by one in float32: equal rewards gave 0.6899 for log 2 at K = 1000, 0.3356 at
+    K = 10000). Equal rewards give log 2 and the gradients k - (n - 1) / 2 over the pairs to
+    float32 rounding; random rewards match float64 to 1e-6."""
+    skip_unless_available(backend, device)
+    K = 1000 if TRITON_INTERPRET else 3000
+    n = torch.tensor([K, K - 1], device=device)
+    x = torch.zeros(2, K, device=device, requires_grad=True)
+    out, (g,), proj = _loss_and_grads(rmk.ranking_loss, (x,), num_candidates=n, reduction="none", backend=backend)
+    assert_close(out, torch.full((2,), math.log(2), dtype=torch.float64), rtol=1e-6, atol=0, name="equal rewards")
+    k = torch.arange(K, dtype=torch.float64)
+    n64 = n.double().cpu()[:, None]
+    exp_g = torch.where(k < n64, (k - (n64 - 1) / 2) / (n64 * (n64 - 1) / 2), 0.0) * proj.double().cpu()[:, None]
+    # (atol: a reward's K - 1 terms cancel near the middle of the row; float32 terms there)
+    assert_close(g, exp_g, rtol=1e-5, atol=1e-5 * exp_g.abs().max().item(), name="equal rewards grad")
+    x = (torch.randn(2, K, device=device) * 2).requires_grad_()
+    out, (g,), proj = _loss_and_grads(rmk.ranking_loss, (x,), num_candidates=n, reduction="none", backend=backend)
+    x64 = x.detach().double().requires_grad_()
+    exp = rmk.ranking_loss(x64, num_candidates=n, reduction="none", backend="reference")
+    (exp_g,) = torch.autograd.grad((exp * proj.double()).sum(), x64)
+    assert_close(out, exp, rtol=1e-6, atol=0, name="random rewards")
+    assert_close(g, exp_g, rtol=1e-5, atol=1e-5 * exp_g.abs().max().item(), name="random rewards grad")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_ranking_k2_equals_bradley_terry(backend, device):
     skip_unless_available(backend, device)
     x = torch.randn(31, 2, device=device, requires_grad=True)

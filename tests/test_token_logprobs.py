@@ -250,6 +250,44 @@ def test_never_positive_never_nan(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_non_finite_hidden_of_ignored_tokens_reaches_nothing(backend, device, chunks):
+    """An ignored target's hidden state takes part in nothing (docs/ops.md section 6; a padded
+    position's may be NaN after a fully masked attention row): with NaN / inf there every output
+    and gradient is that of the same tokens with a finite hidden state there, its log-prob and
+    entropy 0 and its grad_hidden row exactly 0. Before, the reference's backward gave NaN in
+    that row and in all of grad_weight and grad_bias (0 * NaN in dz), and the cpu and triton
+    backends NaN in the bad feature's column of grad_weight (dz^T @ hidden with dz = 0 there)."""
+    skip_unless_available(backend, device)
+    for dtype in (torch.float32, torch.float64):
+        for layout in ("contig", "strided"):
+            hidden, weight, b, targets = _inputs((3, 11), 24, 131, dtype, device, True, layout)
+            targets[0, 2] = targets[1, 5] = targets[2, 10] = -100
+            targets[0, 3] = 7  # a valid token next to them
+            dirty = hidden.clone() if layout == "contig" else hidden.new_zeros(3, 12, 27)[:, 1:, :24]
+            dirty.copy_(hidden)  # (strided: a view of a larger tensor, as hidden)
+            dirty[0, 2, 5] = float("nan")
+            dirty[1, 5] = float("inf")
+            dirty[2, 10, 0] = float("-inf")
+            ign = targets == -100
+            g_lp, g_ent = torch.randn(targets.shape, device=device), torch.randn(targets.shape, device=device)
+            outs = {}
+            for name, h0 in (("dirty", dirty), ("clean", hidden.masked_fill(ign[..., None], 0))):
+                h = h0.detach().requires_grad_(True)  # (keeps a strided layout)
+                w, bb = (x.detach().clone().requires_grad_(True) for x in (weight, b))
+                lp, ent = rmk.token_logprobs(h, w, targets, bias=bb, return_entropy=True, backend=backend)
+                (lp * g_lp + ent * g_ent).sum().backward()
+                outs[name] = (lp, ent, h.grad, w.grad, bb.grad)
+            what = f"{backend} {dtype} {layout}"
+            rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-10, 1e-12)  # GEMM operands' layouts
+            for got, exp, name in zip(outs["dirty"], outs["clean"], ("lp", "ent", "grad_h", "grad_w", "grad_b")):
+                assert torch.isfinite(got).all(), f"{what} {name}: {torch.isnan(got).sum()} NaN"
+                assert_close(got, exp, rtol=rtol, atol=atol, name=f"{what} {name}")
+            lp, ent, g_h = outs["dirty"][:3]
+            assert bool((lp[ign] == 0).all()) and bool((ent[ign] == 0).all()), what
+            assert bool((g_h[ign] == 0).all()), what
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_custom_ignore_index_and_empty(backend, device):
     skip_unless_available(backend, device)
     hidden, weight, _, targets = _inputs((2, 6), 16, 50, torch.float32, device, False, "contig")

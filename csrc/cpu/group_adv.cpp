@@ -205,18 +205,19 @@ void add_centred_squares(const acc* r, const int64_t* ids, int64_t B, Stats st) 
 // batch, in place. Row b holds len[b] valid copies of seq[b], so the batch's count, sum and
 // centred squares are per-row products (float64; seq[b] is a float of at most 53 bits and
 // len[b] an integer: len[b] * seq[b] is exact): no pass over [B, T]. Rows without a valid token
+// add nothing to the statistics (group_adv::row_copies: not 0 * NaN for a NaN score there) and
 // get 0, as all rows when the batch has at most one valid token (math::whiten_of).
 template <typename acc>
 void whiten_seq(acc* seq, const double* len, int64_t B, bool unbiased, double eps) {
   double n = 0, s = 0, sq = 0;
   for (int64_t b = 0; b < B; ++b) {
     n += len[b];
-    s += len[b] * static_cast<double>(seq[b]);
+    s += group_adv::row_copies(len[b], static_cast<double>(seq[b]));
   }
   const double mean = math::whiten_mean(n, s);
   for (int64_t b = 0; b < B; ++b) {
     const double d = static_cast<double>(seq[b]) - mean;
-    sq += len[b] * (d * d);
+    sq += group_adv::row_copies(len[b], d * d);
   }
   const math::Whiten w = math::whiten_of(n, s, sq, unbiased, eps);
   const acc mean_a = static_cast<acc>(w.mean), rstd = static_cast<acc>(w.rstd);

@@ -10,6 +10,7 @@
 // (vectorised rows, rows split over threads) and the targets' range check.
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 
 #include "rmkernels/cpu_common.h"
@@ -58,6 +59,22 @@ struct CpuTiles {
         if (j >= 0 && j < a.cols) row[j] += gl * a.inv_temp;
       }
     });
+  }
+
+  // Looks at the rows of the chunk that take no part (few, or cheap next to the GEMMs): a copy
+  // of the chunk with them zeroed only when one of them holds a NaN or inf.
+  static bool dropped_rows_finite(const at::Tensor& x, const at::Tensor& keep) {
+    const bool* k = keep.data_ptr<bool>();
+    const int64_t rows = x.size(0), H = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+    bool ok = true;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "token_logprobs_dropped_rows", [&] {
+      const scalar_t* p = x.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows && ok; ++i) {
+        if (k[i * keep.stride(0)]) continue;
+        for (int64_t j = 0; j < H && ok; ++j) ok = std::isfinite(p[i * s0 + j * s1]);
+      }
+    });
+    return ok;
   }
 };
 

@@ -99,7 +99,9 @@ __global__ void bt_bwd_kernel(Pairs<S, A> p, Reduction reduction, const A* __res
   }
 }
 
-// Rows per block of the ranking kernels: one warp per row (K is small: 2..16 in practice).
+// Rows per block of the ranking kernels: one warp per row (K is small: 2..16 in practice). Each
+// pair term is computed in A; a row's sums of them accumulate in double (each lane's, then the
+// warp's), as in the CPU and Triton kernels: float32 sums of K(K-1)/2 terms drift for large K.
 constexpr int kRowsPerBlock = kThreads / kWarp;
 
 __device__ __forceinline__ int64_t candidates(const int64_t* nc, int64_t b, int64_t K) {
@@ -116,13 +118,13 @@ __global__ void ranking_fwd_kernel(const S* __restrict__ x, const int64_t* __res
   if (b >= B) return;  // b is uniform over a warp: whole warps leave, warp_sum stays full
   const S* row = x + b * sB;
   const int64_t n = candidates(nc, b, K);
-  A total = 0;
+  double total = 0;
   for (int64_t i = lane; i < n; i += kWarp) {
     const A ri = to_acc<A>(row[i * sK]);
     for (int64_t j = i + 1; j < n; ++j) total -= log_sigmoid(ri - to_acc<A>(row[j * sK]));
   }
   total = warp_sum(total);
-  if (lane == 0) out[b] = n >= 2 ? total / static_cast<A>(n * (n - 1) / 2) : A(0);
+  if (lane == 0) out[b] = n >= 2 ? static_cast<A>(total / static_cast<double>(n * (n - 1) / 2)) : A(0);
 }
 
 template <typename S, typename A>
@@ -136,14 +138,14 @@ __global__ void ranking_bwd_kernel(const A* __restrict__ grad, const S* __restri
   const int64_t n = candidates(nc, b, K);
   const A scale = n >= 2 ? grad[b] / static_cast<A>(n * (n - 1) / 2) : A(0);
   for (int64_t i = lane; i < K; i += kWarp) {
-    A g = 0;
+    double g = 0;
     if (i < n) {
       const A ri = to_acc<A>(row[i * sK]);
       // j < i: d/dr_i -logsigmoid(r_j - r_i) = sigmoid(r_i - r_j); j > i: -sigmoid(r_j - r_i).
       for (int64_t j = 0; j < i; ++j) g += sigmoid(ri - to_acc<A>(row[j * sK]));
       for (int64_t j = i + 1; j < n; ++j) g -= sigmoid(to_acc<A>(row[j * sK]) - ri);
     }
-    out[b * K + i] = from_acc<S>(scale * g);
+    out[b * K + i] = from_acc<S>(scale * static_cast<A>(g));
   }
 }
 

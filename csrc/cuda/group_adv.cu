@@ -218,8 +218,9 @@ __global__ void __launch_bounds__(kThreads)
 
   // (2w) reinforce_pp_baseline: the whitening statistics of the valid tokens. Row b holds
   // row_len[b] copies of its value (r - mu, rounded to A), so the batch's count, sum and centred
-  // squares are per-row products (the CPU kernel's whiten_seq), summed over each warp before one
-  // atomic: two passes over B, no pass over [B, T].
+  // squares are per-row products (group_adv::row_copies, as the CPU kernel's whiten_seq: a row
+  // without a valid token adds exactly 0, even with a NaN value), summed over each warp before
+  // one atomic: two passes over B, no pass over [B, T].
   if (rppb) {
     double cnt = 0, sum = 0;
     for (int64_t base = tid - lane; base < B; base += nthreads) {  // uniform over the warp
@@ -227,7 +228,8 @@ __global__ void __launch_bounds__(kThreads)
       if (b < B) {
         const double l = __ldcg(row_len + b);
         cnt += l;
-        sum += l * static_cast<double>(row_value(r, ids, stats, b, B, est, eps, unbiased, single, f_norm, alpha));
+        sum += group_adv::row_copies(
+            l, static_cast<double>(row_value(r, ids, stats, b, B, est, eps, unbiased, single, f_norm, alpha)));
       }
     }
     cnt = warp_sum(cnt);
@@ -242,7 +244,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t b = tid; b < B; b += nthreads) {
       const double d =
           static_cast<double>(row_value(r, ids, stats, b, B, est, eps, unbiased, single, f_norm, alpha)) - mean;
-      sq += __ldcg(row_len + b) * (d * d);
+      sq += group_adv::row_copies(__ldcg(row_len + b), d * d);
     }
     sq = warp_sum(sq);
     if (lane == 0) atomicAdd(extra + kWhiten + 2, sq);

@@ -14,8 +14,8 @@ namespace cuda {
 // seq[b] and adv[b, t] = mask[b, t] ? seq[b] : 0 (adv contiguous [B, T]) of the estimator
 // (codes::GroupEstimator) over the groups of group_ids (int64 [B], ids in [0, B); an id out of
 // range gives a NaN row); reinforce_pp_baseline whitened over the valid tokens (whiten_eps,
-// unbiased: math::whiten_of; a NaN row then spreads to every row with a valid token, and rows
-// without one are 0). scores, seq and adv are float32, or float64 when `dtype` is
+// unbiased: math::whiten_of; a NaN row with a valid token then spreads to every row with a valid
+// token; rows without one add nothing to the statistics, whatever their value, and are 0). scores, seq and adv are float32, or float64 when `dtype` is
 // kFloat64 (only those two). mask is bool [B, T] with strides (ms0, ms1). `stats` is a float64
 // workspace of group_advantages_workspace(B) elements, of any contents (the kernel zeroes the
 // slots it reads). One cooperative launch (its grid what the current device holds at once), no host

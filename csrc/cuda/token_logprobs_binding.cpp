@@ -32,6 +32,9 @@ struct CudaTiles {
                                                a.v0, a.vocab, a.ignore_index, a.lse, a.entropy, a.gl, a.ge,
                                                c10::cuda::getCurrentCUDAStream()));
   }
+
+  // Unknown without a device-to-host copy: the driver masks every chunk's dropped rows.
+  static bool dropped_rows_finite(const at::Tensor&, const at::Tensor&) { return false; }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(const at::Tensor& hidden,

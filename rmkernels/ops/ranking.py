@@ -170,7 +170,9 @@ def ranking_loss(rewards, *, num_candidates=None, reduction="mean", backend=None
     num_candidates[b]``. A row with fewer than two candidates has no pair: its loss is 0 and it
     is left out of the ``"mean"`` over rows (so such padding rows do not dilute the loss); a
     batch with no such row (or B = 0) gives NaN for "mean", as an empty ``torch.mean``. With
-    K = 2 this equals ``bradley_terry_loss(rewards[:, 0], rewards[:, 1])``.
+    K = 2 this equals ``bradley_terry_loss(rewards[:, 0], rewards[:, 1])``. The kernels sum a
+    row's pair terms in float64 (each term in float32, or float64 for float64 inputs), so large K
+    keeps float32 precision.
     """
     _checks.check_tensor("rewards", rewards, ndims=2, dtypes=_checks.FLOAT_DTYPES)
     B, K = rewards.shape

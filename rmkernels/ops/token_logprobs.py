@@ -138,12 +138,16 @@ def _reference_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, targets, l
     if grad_entropy is not None:
         g_ent = torch.where(valid, grad_entropy, zero)
         dz = dz - g_ent[..., None] * p * (logp + entropy[..., None])
-    dz = dz / temperature
+    # A token that takes no part gets no gradient and gives none, whatever its hidden state (a
+    # padded position's may be NaN): its dz row is 0 by a select (its p may be NaN, 0 * NaN), and
+    # its hidden row is read as 0 in grad_weight's product.
+    dz = torch.where(valid[..., None], dz, zero) / temperature
     g_hidden, g_weight, g_bias = _grads_fake(hidden, weight, False, False, False)
     if need_hidden:
         g_hidden = (dz @ weight.to(z.dtype)).to(hidden.dtype)
     if need_weight:
-        g_weight = (dz.reshape(-1, V).t() @ hidden.reshape(-1, hidden.shape[-1]).to(z.dtype)).to(weight.dtype)
+        x = hidden.to(z.dtype).masked_fill(~valid[..., None], 0)
+        g_weight = (dz.reshape(-1, V).t() @ x.reshape(-1, hidden.shape[-1])).to(weight.dtype)
     if need_bias:
         g_bias = dz.reshape(-1, V).sum(0)
     return g_hidden, g_weight, g_bias
@@ -302,7 +306,8 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retur
         temperature: > 0; the logits are divided by it (verl / OpenRLHF sampling temperature).
         return_entropy: also return the per-token entropy ``-sum_v p_v log p_v``.
         ignore_index: targets equal to it give log-prob 0 and entropy 0 and no gradient (the
-            positions of prompt / padding tokens).
+            positions of prompt / padding tokens); their hidden states take part in nothing, so
+            a NaN or inf there reaches no output and no gradient.
         backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None/``"auto"``.
 
     Returns:

@@ -275,7 +275,9 @@ def _ranking_fwd_kernel(
     acc_ty = out_ptr.dtype.element_ty
     n = _candidates(nc_ptr, b, K, HAS_NC)
     row = rewards_ptr + b * stride_b
-    acc = tl.zeros([BLOCK_K, BLOCK_K], dtype=acc_ty)
+    # each pair term in acc_ty, their sums in float64 (the C++ kernels' rule: a float32 sum of
+    # K(K-1)/2 terms drifts for large K)
+    acc = tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float64)
     for i0 in range(0, n, BLOCK_K):
         offs_i = i0 + tl.arange(0, BLOCK_K)
         ri = tl.load(row + offs_i.to(tl.int64) * stride_k, mask=offs_i < n, other=0.0).to(acc_ty)
@@ -283,10 +285,10 @@ def _ranking_fwd_kernel(
             offs_j = j0 + tl.arange(0, BLOCK_K)
             rj = tl.load(row + offs_j.to(tl.int64) * stride_k, mask=offs_j < n, other=0.0).to(acc_ty)
             pair = (offs_i[:, None] < offs_j[None, :]) & (offs_j[None, :] < n)
-            acc += tl.where(pair, -_log_sigmoid(ri[:, None] - rj[None, :]), 0.0)
+            acc += tl.where(pair, -_log_sigmoid(ri[:, None] - rj[None, :]), 0.0).to(tl.float64)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
-    n_pairs = (n * (n - 1) // 2).to(acc_ty)
-    tl.store(out_ptr + b, tl.where(n >= 2, total / tl.maximum(n_pairs, 1.0), 0.0))
+    n_pairs = (n * (n - 1) // 2).to(tl.float64)
+    tl.store(out_ptr + b, tl.where(n >= 2, total / tl.maximum(n_pairs, 1.0), 0.0).to(acc_ty))
 
 
 @triton.jit
@@ -304,7 +306,7 @@ def _ranking_bwd_kernel(
     for i0 in range(0, K, BLOCK_K):
         offs_i = i0 + tl.arange(0, BLOCK_K)
         ri = tl.load(row + offs_i.to(tl.int64) * stride_k, mask=offs_i < n, other=0.0).to(acc_ty)
-        g = tl.zeros([BLOCK_K], dtype=acc_ty)
+        g = tl.zeros([BLOCK_K], dtype=tl.float64)  # float64 sums, as the forward's
         for j0 in range(0, n, BLOCK_K):
             offs_j = j0 + tl.arange(0, BLOCK_K)
             rj = tl.load(row + offs_j.to(tl.int64) * stride_k, mask=offs_j < n, other=0.0).to(acc_ty)
@@ -313,8 +315,8 @@ def _ranking_bwd_kernel(
             # j < i: d/dr_i -logsigmoid(r_j - r_i) = sigmoid(x); j > i: -sigmoid(-x)
             term = tl.where(offs_j[None, :] < offs_i[:, None], _sigmoid(x), -_sigmoid(-x))
             term = tl.where(valid & (offs_j[None, :] != offs_i[:, None]), term, 0.0)
-            g += tl.sum(term, axis=1)
-        tl.store(out_ptr + b * K + offs_i, to_store(scale * g, out_ptr.dtype.element_ty), mask=offs_i < K)
+            g += tl.sum(term.to(tl.float64), axis=1)
+        tl.store(out_ptr + b * K + offs_i, to_store(scale * g.to(acc_ty), out_ptr.dtype.element_ty), mask=offs_i < K)
 
 
 def _check_ranking(rewards, num_candidates):

@@ -196,12 +196,15 @@ def _whiten_moments(r_ptr, ids_ptr, stats, row_len, pid, nprog, B, alpha, eps, f
         v = _row_value(r_ptr, ids_ptr, stats, rows, inb, B, alpha, eps, f_norm, EST, UNBIASED, SINGLE,
                        ACC).to(tl.float64)
         length = tl.load(row_len + rows, mask=inb, other=0.0, cache_modifier=".cg")
+        # a row without a valid token (and a row past B: length 0) adds exactly 0, whatever its
+        # value: a select, not 0 * NaN (the C++ kernels' group_adv::row_copies)
+        has = length > 0
         if CENTRED:
             d = v - mean
-            a += tl.where(inb, length * (d * d), 0.0)
+            a += tl.where(has, length * (d * d), 0.0)
         else:
             a += length
-            b += tl.where(inb, length * v, 0.0)
+            b += tl.where(has, length * v, 0.0)
     return tl.sum(a, axis=0), tl.sum(b, axis=0)
 
 

@@ -8,7 +8,8 @@ size V is stored. Bytes moved: N*H hidden elements once, V*H weights once per to
 
 Backward: a Triton kernel recomputes one [token_chunk, vocab_chunk] tile of logits (same
 ``tl.dot``) and writes dz / temperature into it; the two products with it (grad_hidden +=
-tile @ W_chunk, grad_W_chunk += tile^T @ hidden) are cuBLAS GEMMs through ``torch.mm``. The
+tile @ W_chunk, grad_W_chunk += tile^T @ hidden, the rows of tokens that take no part read as
+0) are cuBLAS GEMMs through ``torch.mm``. The
 chunk sizes are ``rmkernels.ops.token_logprobs.chunk_sizes`` (the policy every chunked backend
 uses; the host passes them in).
 """
@@ -176,6 +177,12 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
         lowp = hidden.dtype != acc  # bf16/fp16: the GEMMs take the tile rounded to that dtype
         tc, vc = token_chunk, vocab_chunk
         buf = torch.empty(min(tc, N) * min(vc, V), dtype=acc, device=dev)
+        # grad_weight's hidden operand: the rows of tokens that take no part read as 0. Their dz
+        # is 0, but 0 * NaN = NaN in the GEMM: a NaN or inf hidden state there (a padded
+        # position's) would reach a whole column of grad_weight. One torch.where per chunk and
+        # vocabulary chunk (no host sync to skip it), small next to the GEMMs; once for one chunk.
+        keep = ((t != ignore_index) & (t >= 0) & (t < V))[:, None] if need_weight else None
+        xw, xw_for = None, None
         for v0 in range(0, V, vc):
             vl = min(vc, V - v0)
             w = weight[v0:v0 + vl]
@@ -195,8 +202,9 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
                 if need_hidden:
                     g_h[n0:n0 + rows] += _mm(op, w, acc)
                 if need_weight:
-                    x = h[n0:n0 + rows]
-                    g_wc += _mm(op.t(), x, acc)
+                    if xw_for != n0:
+                        xw, xw_for = torch.where(keep[n0:n0 + rows], h[n0:n0 + rows], 0.0), n0
+                    g_wc += _mm(op.t(), xw, acc)
                 if need_bias:
                     g_b[v0:v0 + vl] += tile.sum(0)
             if need_weight:

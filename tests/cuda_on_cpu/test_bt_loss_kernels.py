@@ -3,6 +3,8 @@ backend: the Bradley-Terry loss for every dtype, reduction and option set (margi
 as tensors or floats, label smoothing, centering), strided inputs, B = 0, a batch past the
 grid cap (grid-stride loop); the ranking loss for ragged (B, K), candidate counts, strided
 rewards; forward and backward."""
+import math
+
 import pytest
 import torch
 from test_bt_loss import OPTION_SETS, loss_options
@@ -197,6 +199,21 @@ def test_ranking_matches_reference(dtype):
         _check_rank(x, None)
         nc = torch.randint(-1, K + 2, (B,))  # out-of-range counts are clamped to [0, K]
         _check_rank(x, nc)
+
+
+def test_ranking_large_k_keeps_precision():
+    """A row's pair terms are summed in double (each lane's, then the warp's): a float32 lane
+    summed ~K^2/64 of them one by one. Equal rewards give log 2; random ones match float64."""
+    K = 2048
+    x = torch.zeros(2, K)
+    x[1] = torch.randn(K) * 2
+    nc = torch.tensor([K, K - 1])
+    grad_rows = torch.randn(2)
+    rows, g = _rank_launch(x, nc, grad_rows)
+    want_rows, want_g = _rank_reference(x, nc, grad_rows)
+    assert abs(rows[0].item() - math.log(2)) <= 1e-6 * math.log(2), rows[0].item()
+    assert_close(rows, want_rows, rtol=1e-6, atol=0, name="row losses")
+    assert_close(g, want_g, rtol=1e-5, atol=1e-5 * want_g.abs().max().item(), name="grad_rewards")
 
 
 def test_ranking_strided_rewards():

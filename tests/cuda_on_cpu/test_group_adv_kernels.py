@@ -239,6 +239,31 @@ def test_group_ids_out_of_range_and_nan_scores():
         check_group(nan_scores, ids, mask, f"{est} NaN score", estimator=est)
 
 
+def test_reinforce_pp_baseline_non_finite_score_in_empty_row():
+    """A NaN or inf score alone in its group, in a row with no valid token, takes part in nothing
+    (group_adv::row_copies: the whitening sums were len * value, 0 * NaN = NaN, which made every
+    row of the batch NaN): the outputs are those of a 0 score there, and match the reference."""
+    B, T = 23, 7
+    for dtype in (torch.float32, torch.float64):
+        scores, ids, mask = _case(B, T, dtype)
+        mask[0] = True
+        free = sorted(set(range(B)) - set(ids.tolist()))
+        if free:  # (no free id: every row is a group of its own)
+            ids[B - 2] = free[0]  # a group of one
+        mask[B - 2] = False
+        for single in ("zero", "self"):
+            kw = dict(estimator="reinforce_pp_baseline", single=single)
+            _, c_seq, c_adv = launch_group(scores, ids, mask, **kw)
+            for bad in (float("nan"), float("inf")):
+                dirty = scores.clone()
+                dirty[B - 2] = bad
+                rcs, seq, adv = launch_group(dirty, ids, mask, **kw)
+                assert rcs == [0]
+                assert torch.isfinite(seq).all() and torch.isfinite(adv).all(), (dtype, bad, single)
+                assert torch.equal(seq, c_seq) and torch.equal(adv, c_adv), (dtype, bad, single)
+                check_group(dirty, ids, mask, f"{dtype} score {bad} single={single}", **kw)
+
+
 def test_group_is_one_cooperative_launch_per_call():
     """Each estimator: one cooperative launch and nothing else on the stream (no memset: the
     kernel zeroes its workspace, which the test fills with NaN), whatever B and T."""

@@ -111,7 +111,10 @@ def launch_grads(hidden, weight, bias, targets, temperature, lse, entropy, g_lp,
     for n0, n, v0, vl, tile in tiles:
         dz[n0:n0 + n, v0:v0 + vl] = res[tile].view(n, vl).double()
     assert not torch.isnan(dz).any(), "a logit gradient was not written"
-    return dz @ w.double(), dz.t() @ x.double(), dz.sum(0)
+    # the driver's grad_weight operand: the hidden rows of tokens that take no part read as 0
+    # (token_logprobs_chunks.h: at::where, as 0 * NaN = NaN in the GEMM)
+    keep = (t != IGNORE) & (t >= 0) & (t < V)
+    return dz @ w.double(), dz.t() @ torch.where(keep[:, None], x, 0).double(), dz.sum(0)
 
 
 def check_backward(hidden, weight, bias, targets, temperature, policy, what, with_entropy=True, variant="asan"):
@@ -157,6 +160,19 @@ def test_forward_and_backward(dtype, bias, policy):
         what = f"{dtype} {lead}x{H}x{V} bias={bias} T={temperature} {policy}"
         check_forward(hidden, weight, b, targets, temperature, POLICIES[policy], what)
         check_backward(hidden, weight, b, targets, temperature, POLICIES[policy], what, with_entropy=i != 2)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_non_finite_hidden_of_ignored_tokens(policy):
+    """NaN / inf hidden states at ignored targets (a padded position's): lp_grad_logits writes an
+    exact 0 row there (it reads neither the NaN logits nor the NaN lse of the row) and the
+    gradients match the reference's, finite (the hidden row read as 0 in grad_weight's product)."""
+    for dtype in (torch.float32, torch.float64):
+        hidden, weight, b, targets = _case((5, 7), 16, 300, dtype, True)
+        flat_t, flat_h = targets.view(-1), hidden.view(-1, 16)
+        flat_t[[3, 17, 30]] = IGNORE
+        flat_h[3, 2], flat_h[17], flat_h[30, 0] = float("nan"), float("inf"), -float("inf")
+        check_backward(hidden, weight, b, targets, 0.7, POLICIES[policy], f"{dtype} non-finite ignored {policy}")
 
 
 @pytest.mark.parametrize("V", [8192, 8193])

@@ -79,5 +79,13 @@ RMK_HD double value(double r, GroupStats g, double sigma, int64_t estimator, dou
   return apply(r, c.a, c.c, c.d, estimator == codes::kGpg ? alpha : 1.0);
 }
 
+// A row's part in reinforce_pp_baseline's whitening over the valid tokens of the batch: row b
+// holds len valid copies of its value x, so it adds len * x to the batch's sums (x: the value or
+// its centred square). A row without a valid token (len = 0) adds exactly 0, whatever x is: a
+// product would give 0 * NaN = NaN for a NaN or inf score there and spread it to every row of
+// the batch (docs/ops.md section 5: a NaN score changes only its own group). The CPU kernel
+// (whiten_seq) and the CUDA kernel sum through it; the Triton kernel writes the same select.
+RMK_HD double row_copies(double len, double x) { return len > 0 ? len * x : 0.0; }
+
 }  // namespace group_adv
 }  // namespace rmkernels

@@ -10,6 +10,10 @@
 //                                             // false: bf16/fp16 chunks are upcast (CPU)
 //     template <typename acc> static void stats(const StatsArgs<acc>&);
 //     template <typename acc> static void grad_logits(const GradArgs<acc>&);
+//     // true when every row of the token chunk x ([len, H]) that takes no part (keep [len, 1]
+//     // false) is finite, so that x can enter the grad_weight GEMM as it is; false when unknown
+//     // (a GPU would need a host synchronisation to look)
+//     static bool dropped_rows_finite(const at::Tensor& x, const at::Tensor& keep);
 //   };
 //
 // Never an [N, V] buffer: the forward keeps per-token running statistics (max m, sum of
@@ -92,6 +96,13 @@ inline std::vector<TokenChunk> token_chunks(const at::Tensor& h3, int64_t tc) {
 
 inline at::ScalarType acc_scalar(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The tokens that take part ([N] bool): a target in [0, V) other than ignore_index. The others get
+// no gradient, and their hidden rows take part in nothing (forward: log-prob 0 for ignore_index,
+// NaN for a target out of range; entropy 0 for ignore_index).
+inline at::Tensor valid_targets(const at::Tensor& t, int64_t V, int64_t ignore_index) {
+  return t.ge(0).logical_and_(t.lt(V)).logical_and_(t.ne(ignore_index));
+}
+
 // hidden [N, H] as a [1, N, H] view; [B, T, H] as it is.
 inline at::Tensor as_3d(const at::Tensor& hidden) { return hidden.dim() == 2 ? hidden.unsqueeze(0) : hidden; }
 
@@ -170,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
   // Per token: [N] vectors, a few ATen ops (the same on every device).
   const at::Tensor t = targets.view({N});
   const at::Tensor ignored = t.eq(ignore_index);
-  const at::Tensor valid = t.ge(0).logical_and_(t.lt(V)).logical_and_(ignored.logical_not());
+  const at::Tensor valid = valid_targets(t, V, ignore_index);
   const at::Tensor log_s = s.log();
   const at::Tensor lse = m + log_s;
   const at::Tensor zero = at::zeros({}, opts);
@@ -210,6 +221,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor gx2 = need_hidden ? gx.view({N, H}) : gx;
     at::Tensor buf = at::empty({std::min(tc, N) * std::min(vc, V)}, opts);
     at::Tensor gw_buf = need_weight && !gw_direct ? at::empty({std::min(vc, V), H}, opts) : at::Tensor();
+    // The grad_weight GEMM's hidden operand. A token that takes no part has dz = 0 (grad_logits),
+    // but its hidden row still enters tile^T @ x, where 0 * NaN = NaN: a NaN or inf there (the
+    // hidden state of a padded position after a fully masked attention row) would reach a whole
+    // column of grad_weight. So those rows are read as 0: the chunk goes through at::where into a
+    // [tc, H] scratch, unless Tiles::dropped_rows_finite says they are all finite (the CPU looks
+    // at them; on a GPU the chunk is always masked: one more read and write of the chunk per
+    // vocabulary chunk, small next to the GEMMs; made once when there is one token chunk).
+    at::Tensor keep, xw_buf;
+    int64_t xw_for = -1;  // the token chunk xw_buf holds
+    if (need_weight) keep = valid_targets(targets.view({N}), V, ignore_index).view({N, 1});
+    auto weight_operand = [&](int64_t ci, const TokenChunk& c) -> at::Tensor {
+      const at::Tensor k = keep.narrow(0, c.n0, c.len);
+      if (Tiles::dropped_rows_finite(c.x, k)) return c.x;
+      if (!xw_buf.defined()) xw_buf = at::empty({std::min(tc, N) * H}, c.x.options());
+      at::Tensor xw = xw_buf.narrow(0, 0, c.len * H).view({c.len, H});
+      if (xw_for != ci) {
+        at::where_out(xw, k, c.x, at::zeros({}, c.x.options()));
+        xw_for = ci;
+      }
+      return xw;
+    };
     for (int64_t v0 = 0; v0 < V; v0 += vc) {
       const int64_t vl = std::min(vc, V - v0);
       const at::Tensor w = g.operand(weight.narrow(0, v0, vl));
@@ -218,7 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         gwc = gw_direct ? gw.narrow(0, v0, vl) : gw_buf.narrow(0, 0, vl);
         gwc.zero_();
       }
-      for (const auto& c : chunks) {
+      for (int64_t ci = 0; ci < static_cast<int64_t>(chunks.size()); ++ci) {
+        const TokenChunk& c = chunks[ci];
         at::Tensor tile = buf.narrow(0, 0, c.len * vl).view({c.len, vl});
         g.mm(tile, c.x, w.t());
         AT_DISPATCH_FLOATING_TYPES(g.acc, "token_logprobs_grad_logits", [&] {
@@ -231,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                                  grad_lp.data_ptr<scalar_t>() + c.n0, ge});
         });
         if (need_hidden) g.addmm(gx2.narrow(0, c.n0, c.len), tile, w);
-        if (need_weight) g.addmm(gwc, tile.t(), c.x);
+        if (need_weight) g.addmm(gwc, tile.t(), weight_operand(ci, c));
         if (need_bias) gb.narrow(0, v0, vl).add_(tile.sum(0));
       }
       if (need_weight && !gw_direct) gw.narrow(0, v0, vl).copy_(gwc);
