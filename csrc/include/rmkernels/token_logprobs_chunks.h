@@ -230,10 +230,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     // vocabulary chunk, small next to the GEMMs; made once when there is one token chunk).
     at::Tensor keep, xw_buf;
     int64_t xw_for = -1;  // the token chunk xw_buf holds
+    std::vector<int8_t> as_is(chunks.size(), -1);  // per token chunk: dropped_rows_finite, looked at once
     if (need_weight) keep = valid_targets(targets.view({N}), V, ignore_index).view({N, 1});
     auto weight_operand = [&](int64_t ci, const TokenChunk& c) -> at::Tensor {
       const at::Tensor k = keep.narrow(0, c.n0, c.len);
-      if (Tiles::dropped_rows_finite(c.x, k)) return c.x;
+      if (as_is[ci] < 0) as_is[ci] = Tiles::dropped_rows_finite(c.x, k) ? 1 : 0;
+      if (as_is[ci]) return c.x;
       if (!xw_buf.defined()) xw_buf = at::empty({std::min(tc, N) * H}, c.x.options());
       at::Tensor xw = xw_buf.narrow(0, 0, c.len * H).view({c.len, H});
       if (xw_for != ci) {
