@@ -13,6 +13,7 @@ ValueError / TypeError.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -120,6 +121,61 @@ KERNEL_CASES = {
     "reinforce: baselines not contiguous": "ops.reinforce_kernel(r(4, 5), b(4, 5), r(8)[::2], 1.0, True, 1e-8)",
     "reinforce: gamma negative": "ops.reinforce_kernel(r(4, 5), b(4, 5), None, -1.0, True, 1e-8)",
     "reinforce: eps NaN": "ops.reinforce_kernel(r(4, 5), b(4, 5), None, 1.0, True, float('nan'))",
+    # float options, the public functions' ranges (op_checks.h: check_discount, check_bt_options,
+    # check_group_options, check_nonneg_option)
+    "gae: gamma NaN": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), float('nan'), 0.95, True)",
+    "gae: gamma negative": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), -1.0, 0.95, True)",
+    "gae: gamma inf": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), float('inf'), 0.95, True)",
+    "gae: lam negative": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), 1.0, -3.0, True)",
+    "gae: lam above 1": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), 1.0, 1.5, False)",
+    "ppo_gae: lam NaN":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, 1.0, float('nan'), 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: kl_coef inf":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), float('inf'), 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: gamma negative":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, -1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "bt fwd: label_smoothing 0.7": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, 0.0, 1.0, 0.7, 0.0, 1)",
+    "bt fwd: label_smoothing NaN": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, 0.0, 1.0, float('nan'), 0.0, 1)",
+    "bt fwd: center_coef negative": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, 0.0, 1.0, 0.0, -1.0, 1)",
+    "bt fwd: margin_value inf": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, float('inf'), 1.0, 0.0, 0.0, 1)",
+    "bt fwd: weight_value NaN": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, 0.0, float('nan'), 0.0, 0.0, 1)",
+    "bt bwd: label_smoothing 0.5":
+        "ops.bt_loss_bwd_kernel(r(()), r(4), r(4), None, None, 0.0, 1.0, 0.5, 0.0, 1, True, True)",
+    "bt bwd: center_coef NaN":
+        "ops.bt_loss_bwd_kernel(r(()), r(4), r(4), None, None, 0.0, 1.0, 0.0, float('nan'), 1, True, True)",
+    "group: eps NaN": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 0, float('nan'), True, 0, 1.0, 1e-8)",
+    "group: eps negative": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 0, -1.0, True, 0, 1.0, 1e-8)",
+    "group: f_norm 0": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 4, 1e-6, True, 0, 0.0, 1e-8)",
+    "group: whiten_eps negative": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 5, 1e-6, True, 0, 1.0, "
+                                  "-1.0)",
+    "whiten_apply: eps negative": "ops.masked_whiten_apply_kernel(r(4, 5), b(4, 5), f(2), f(1), True, True, -1.0)",
+    "whiten_apply: eps NaN": "ops.masked_whiten_apply_kernel(r(4, 5), b(4, 5), f(2), f(1), True, True, float('nan'))",
+}
+
+# What the message of a case above must say (the argument named, and what was given where the
+# case is about a dtype); cases not listed: any clear error of the allowed types.
+KERNEL_MESSAGES = {
+    "gae: gamma NaN": "gamma must be finite and >= 0, got nan",
+    "gae: gamma negative": "gamma must be finite and >= 0, got -1",
+    "gae: gamma inf": "gamma must be finite and >= 0, got inf",
+    "gae: lam negative": r"lam must be in \[0, 1\], got -3",
+    "gae: lam above 1": r"lam must be in \[0, 1\], got 1.5",
+    "ppo_gae: lam NaN": r"lam must be in \[0, 1\], got nan",
+    "ppo_gae: kl_coef inf": "kl_coef must be finite, got inf",
+    "ppo_gae: gamma negative": "gamma must be finite and >= 0",
+    "bt fwd: label_smoothing 0.7": r"label_smoothing must be in \[0, 0.5\), got 0.7",
+    "bt fwd: label_smoothing NaN": r"label_smoothing must be in \[0, 0.5\), got nan",
+    "bt fwd: center_coef negative": "center_coef must be finite and >= 0, got -1",
+    "bt fwd: margin_value inf": "margin_value must be finite, got inf",
+    "bt fwd: weight_value NaN": "weight_value must be finite, got nan",
+    "bt bwd: label_smoothing 0.5": r"label_smoothing must be in \[0, 0.5\), got 0.5",
+    "bt bwd: center_coef NaN": "center_coef must be finite and >= 0, got nan",
+    "group: eps NaN": "eps must be finite and >= 0, got nan",
+    "group: eps negative": "eps must be finite and >= 0, got -1",
+    "group: f_norm 0": "f_norm must be finite and > 0, got 0",
+    "group: whiten_eps negative": "whiten_eps must be finite and >= 0, got -1",
+    "whiten_apply: eps negative": "eps must be finite and >= 0, got -1",
+    "whiten_apply: eps NaN": "eps must be finite and >= 0, got nan",
 }
 
 # Public ops routed to the C++ kernels: the same checks hold behind them.
@@ -176,6 +232,27 @@ TRITON_CASES = {
     "reinforce: mask of 3 rows": "tq.reinforce(r(400, 5), b(3, 5), None, 1.0, True, 1e-8)",
     "reinforce: baselines shorter than B": "tq.reinforce(r(400, 5), b(400, 5), r(2), 1.0, True, 1e-8)",
     "reinforce: gamma negative": "tq.reinforce(r(4, 5), b(4, 5), None, -1.0, True, 1e-8)",
+    # float options (the public functions' rules: ops/gae.py check_discount, ...)
+    "gae: gamma NaN": "tq.gae(r(4, 5), r(4, 5), b(4, 5), float('nan'), 0.95, True)",
+    "gae: lam negative": "tq.gae(r(4, 5), r(4, 5), b(4, 5), 1.0, -3.0, True)",
+    "ppo_gae: gamma NaN":
+        "tq.ppo_gae(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, float('nan'), 0.95, 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: kl_coef inf":
+        "tq.ppo_gae(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), float('inf'), 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "whiten_apply: eps negative": "tq.masked_whiten_apply(r(4, 5), b(4, 5), f(2), f(1), True, True, -1.0)",
+    "bt fwd: label_smoothing NaN": "tb.bt_loss_fwd(r(4), r(4), None, None, 0.0, 1.0, float('nan'), 0.0, 1)",
+    "bt bwd: center_coef negative": "tb.bt_loss_bwd(r(()), r(4), r(4), None, None, 0.0, 1.0, 0.0, -1.0, 1, True, "
+                                    "True)",
+}
+
+TRITON_MESSAGES = {
+    "gae: gamma NaN": "gamma must be in .*got nan",
+    "gae: lam negative": "lam must be in .*got -3.0",
+    "ppo_gae: gamma NaN": "gamma must be in .*got nan",
+    "ppo_gae: kl_coef inf": "kl_coef must be in .*got inf",
+    "whiten_apply: eps negative": "eps must be in .*got -1.0",
+    "bt fwd: label_smoothing NaN": "label_smoothing must be in .*got nan",
+    "bt bwd: center_coef negative": "center_coef must be in .*got -1.0",
 }
 
 _RUNNER = textwrap.dedent("""
@@ -236,6 +313,9 @@ def test_bad_call_raises(cpu_results, name):
     assert kind != "CRASHED", f"{name}: the process crashed: {info}"
     assert kind == "RAISED", f"{name}: the bad call returned instead of raising"
     assert info[0] in ("RuntimeError", "ValueError", "TypeError", "IndexError"), f"{name}: {info}"
+    if name in KERNEL_MESSAGES:
+        want = KERNEL_MESSAGES[name]
+        assert re.search(want, info[1]), f"{name}: the message does not say {want!r}: {info}"
 
 
 @pytest.mark.parametrize("name", list(INDEX_VALUE_CASES))
@@ -272,9 +352,13 @@ def test_triton_host_functions_raise(name, triton_results):
     assert kind != "CRASHED", f"{name}: the process crashed: {info}"
     assert kind == "RAISED", f"{name}: the bad call returned instead of raising"
     assert info[0] in ("ValueError", "TypeError"), f"{name}: {info}"
+    if name in TRITON_MESSAGES:
+        want = TRITON_MESSAGES[name]
+        assert re.search(want, info[1]), f"{name}: the message does not say {want!r}: {info}"
 
 
 @pytest.fixture(scope="module")
 def triton_results():
     pytest.importorskip("triton")
     return _run(TRITON_CASES, triton=True)
+
