@@ -121,6 +121,35 @@ KERNEL_CASES = {
     "reinforce: baselines not contiguous": "ops.reinforce_kernel(r(4, 5), b(4, 5), r(8)[::2], 1.0, True, 1e-8)",
     "reinforce: gamma negative": "ops.reinforce_kernel(r(4, 5), b(4, 5), None, -1.0, True, 1e-8)",
     "reinforce: eps NaN": "ops.reinforce_kernel(r(4, 5), b(4, 5), None, 1.0, True, float('nan'))",
+    # token log-probs (token_logprobs_chunks.h: check_args): float inputs only, messages naming the argument
+    "logprobs fwd: hidden int64": "ops.token_logprobs_fwd_kernel(i(2, 3, 4), i(5, 4), None, full((2, 3), 1), 1.0, "
+                                  "-100, 64, 64)",
+    "logprobs fwd: hidden bool": "ops.token_logprobs_fwd_kernel(b(2, 3, 4), b(5, 4), None, full((2, 3), 1), 1.0, "
+                                 "-100, 64, 64)",
+    "logprobs fwd: hidden complex64": "ops.token_logprobs_fwd_kernel(c(2, 3, 4), c(5, 4), None, full((2, 3), 1), "
+                                      "1.0, -100, 64, 64)",
+    "logprobs bwd: hidden int64": "ops.token_logprobs_bwd_kernel(r(2, 3), None, i(2, 3, 4), i(5, 4), None, "
+                                  "full((2, 3), 1), r(2, 3), r(2, 3), 1.0, -100, 64, 64, True, True, True)",
+    "logprobs fwd: targets int32": "ops.token_logprobs_fwd_kernel(r(2, 3, 4), r(5, 4), None, "
+                                   "full((2, 3), 1, torch.int32), 1.0, -100, 64, 64)",
+    "logprobs fwd: targets longer than N": "ops.token_logprobs_fwd_kernel(r(2, 4), r(5, 4), None, full((20000,), 1), "
+                                           "1.0, -100, 64, 64)",
+    "logprobs fwd: bias float64": "ops.token_logprobs_fwd_kernel(r(2, 3, 4), r(5, 4), f(5), full((2, 3), 1), 1.0, "
+                                  "-100, 64, 64)",
+    "logprobs fwd: bias of the wrong size": "ops.token_logprobs_fwd_kernel(r(2, 3, 4), r(500, 4), r(2), "
+                                            "full((2, 3), 1), 1.0, -100, 64, 64)",
+    "logprobs fwd: weight shorter than H": "ops.token_logprobs_fwd_kernel(r(2, 3, 64), r(5, 4), None, "
+                                           "full((2, 3), 1), 1.0, -100, 64, 64)",
+    "logprobs fwd: temperature 1e-300": "ops.token_logprobs_fwd_kernel(r(2, 3, 4), r(5, 4), None, full((2, 3), 1), "
+                                        "1e-300, -100, 64, 64)",
+    "logprobs fwd: temperature 1e-39": "ops.token_logprobs_fwd_kernel(r(2, 3, 4), r(5, 4), None, full((2, 3), 1), "
+                                       "1e-39, -100, 64, 64)",
+    "logprobs bwd: lse float64": "ops.token_logprobs_bwd_kernel(r(2, 3), None, r(2, 3, 4), r(5, 4), None, "
+                                 "full((2, 3), 1), f(2, 3), r(2, 3), 1.0, -100, 64, 64, True, True, True)",
+    "logprobs bwd: entropy float16": "ops.token_logprobs_bwd_kernel(r(2, 3), None, r(2, 3, 4), r(5, 4), None, "
+                                     "full((2, 3), 1), r(2, 3), r(2, 3).half(), 1.0, -100, 64, 64, True, True, True)",
+    "logprobs bwd: lse shorter than N": "ops.token_logprobs_bwd_kernel(r(200), None, r(200, 4), r(5, 4), None, "
+                                        "full((200,), 1), r(2), r(200), 1.0, -100, 64, 64, True, True, True)",
     # float options, the public functions' ranges (op_checks.h: check_discount, check_bt_options,
     # check_group_options, check_nonneg_option)
     "gae: gamma NaN": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), float('nan'), 0.95, True)",
@@ -155,6 +184,20 @@ KERNEL_CASES = {
 # What the message of a case above must say (the argument named, and what was given where the
 # case is about a dtype); cases not listed: any clear error of the allowed types.
 KERNEL_MESSAGES = {
+    "logprobs fwd: hidden int64": "hidden must be float32, float64, bfloat16 or float16, got int64",
+    "logprobs fwd: hidden bool": "hidden must be float32, float64, bfloat16 or float16, got bool",
+    "logprobs fwd: hidden complex64": "hidden must be float32, float64, bfloat16 or float16, got complex64",
+    "logprobs bwd: hidden int64": "hidden must be float32, float64, bfloat16 or float16, got int64",
+    "logprobs fwd: targets int32": "targets must be int64, got int32",
+    "logprobs fwd: targets longer than N": r"targets must have shape \[2\], got \[20000\]",
+    "logprobs fwd: bias float64": "bias must be float32, got float64",
+    "logprobs fwd: bias of the wrong size": r"bias must have shape \[500\], got \[2\]",
+    "logprobs fwd: weight shorter than H": r"weight must be \[V, H\] with V >= 1 and H = 64",
+    "logprobs fwd: temperature 1e-300": "temperature must be finite and > 0 with 1 / temperature finite in float32",
+    "logprobs fwd: temperature 1e-39": "temperature must be .*got 1e-39",
+    "logprobs bwd: lse float64": "lse must be float32, got float64",
+    "logprobs bwd: entropy float16": "entropy must be float32, got float16",
+    "logprobs bwd: lse shorter than N": r"lse must have shape \[200\], got \[2\]",
     "gae: gamma NaN": "gamma must be finite and >= 0, got nan",
     "gae: gamma negative": "gamma must be finite and >= 0, got -1",
     "gae: gamma inf": "gamma must be finite and >= 0, got inf",
@@ -263,6 +306,7 @@ _RUNNER = textwrap.dedent("""
     f = lambda *s: torch.randn(*s, dtype=torch.float64)
     i = lambda *s: torch.randint(0, 5, s)
     b = lambda *s: torch.rand(*s) > 0.3
+    c = lambda *s: torch.randn(*s, dtype=torch.complex64)
     i64 = lambda v: torch.tensor(v, dtype=torch.int64)
     full = lambda shape, v, dtype=torch.int64: torch.full(shape, v, dtype=dtype)
     if {triton}:
@@ -362,3 +406,28 @@ def triton_results():
     pytest.importorskip("triton")
     return _run(TRITON_CASES, triton=True)
 
+
+def test_token_logprobs_kernels_take_inputs_that_require_grad():
+    """Like every other kernel op, the token log-probs kernels read inputs that require grad as
+    data (they have no autograd; before, ATen's mm out= refused them with an error naming no
+    argument)."""
+    import torch
+
+    import rmkernels  # noqa: F401  (defines the ops)
+
+    ops = torch.ops.rmkernels
+    hidden, weight, bias = torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(5)
+    targets = torch.tensor([[1, 4, -100], [0, 2, 3]])
+    args = (targets, 1.3, -100, 2, 3)
+    want = ops.token_logprobs_fwd_kernel(hidden, weight, bias, *args)
+    got = ops.token_logprobs_fwd_kernel(hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), *args)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    lp, ent, lse = want
+    g_lp, g_ent = torch.randn(2, 3), torch.randn(2, 3)
+    bwd = (hidden, weight, bias, targets, lse, ent, 1.3, -100, 2, 3, True, True, True)
+    got = ops.token_logprobs_bwd_kernel(g_lp.requires_grad_(), g_ent, *bwd)
+    want = ops.token_logprobs_bwd_kernel(g_lp.detach(), g_ent, *(t.detach() if isinstance(t, torch.Tensor) else t
+                                                                 for t in bwd))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -113,6 +114,16 @@ inline void check_group_options(double eps, double f_norm, double whiten_eps) {
   check_nonneg_option(eps, "eps");
   check_positive_option(f_norm, "f_norm");
   check_nonneg_option(whiten_eps, "whiten_eps");
+}
+
+// The sampling temperature of the token log-probs kernels (ops/token_logprobs.py:
+// check_temperature): finite and > 0 with 1 / temperature finite in float32 (the logits are
+// scaled by it in the arithmetic dtype).
+inline void check_temperature(double temperature) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0 &&
+                  1.0 / temperature <= static_cast<double>(std::numeric_limits<float>::max()),
+              "temperature must be finite and > 0 with 1 / temperature finite in float32 (temperature >= ",
+              1.0 / static_cast<double>(std::numeric_limits<float>::max()), "), got ", temperature);
 }
 
 // A [B, T] operand with any strides (negative strides cannot occur in a torch tensor).
