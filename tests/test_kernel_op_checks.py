@@ -275,6 +275,46 @@ TRITON_CASES = {
     "reinforce: mask of 3 rows": "tq.reinforce(r(400, 5), b(3, 5), None, 1.0, True, 1e-8)",
     "reinforce: baselines shorter than B": "tq.reinforce(r(400, 5), b(400, 5), r(2), 1.0, True, 1e-8)",
     "reinforce: gamma negative": "tq.reinforce(r(4, 5), b(4, 5), None, -1.0, True, 1e-8)",
+    # token log-probs (rmkernels/triton/token_logprobs.py: _check_args, the C++ check_args' checks)
+    "logprobs fwd: targets longer than N": "tt.token_logprobs_fwd(r(2, 4), r(5, 4), None, full((20000,), 1), 1.0, "
+                                           "-100, 64, 64)",
+    "logprobs fwd: weight shorter than H": "tt.token_logprobs_fwd(r(2, 3, 64), r(5, 4), None, full((2, 3), 1), 1.0, "
+                                           "-100, 64, 64)",
+    "logprobs fwd: bias of the wrong size": "tt.token_logprobs_fwd(r(2, 3, 4), r(500, 4), r(2), full((2, 3), 1), "
+                                            "1.0, -100, 64, 64)",
+    "logprobs fwd: bias float64": "tt.token_logprobs_fwd(r(2, 3, 4), r(5, 4), f(5), full((2, 3), 1), 1.0, -100, 64, "
+                                  "64)",
+    "logprobs fwd: hidden int64": "tt.token_logprobs_fwd(i(2, 3, 4), i(5, 4), None, full((2, 3), 1), 1.0, -100, 64, "
+                                  "64)",
+    "logprobs fwd: targets int32": "tt.token_logprobs_fwd(r(2, 3, 4), r(5, 4), None, full((2, 3), 1, torch.int32), "
+                                   "1.0, -100, 64, 64)",
+    "logprobs fwd: weight without unit stride on H": "tt.token_logprobs_fwd(r(2, 3, 4), r(4, 5).t(), None, "
+                                                     "full((2, 3), 1), 1.0, -100, 64, 64)",
+    "logprobs fwd: temperature 0": "tt.token_logprobs_fwd(r(2, 3, 4), r(5, 4), None, full((2, 3), 1), 0.0, -100, 64, "
+                                   "64)",
+    "logprobs fwd: temperature 1e-300": "tt.token_logprobs_fwd(r(2, 3, 4), r(5, 4), None, full((2, 3), 1), 1e-300, "
+                                        "-100, 64, 64)",
+    "logprobs bwd: lse shorter than N": "tt.token_logprobs_bwd(r(200), None, r(200, 4), r(5, 4), None, "
+                                        "full((200,), 1), r(2), r(200), 1.0, -100, 64, 64, True, True, True)",
+    "logprobs bwd: lse float64": "tt.token_logprobs_bwd(r(2, 3), None, r(2, 3, 4), r(5, 4), None, full((2, 3), 1), "
+                                 "f(2, 3), r(2, 3), 1.0, -100, 64, 64, True, True, True)",
+    "logprobs bwd: token_chunk 0": "tt.token_logprobs_bwd(r(2), None, r(2, 4), r(5, 4), None, full((2,), 1), r(2), "
+                                   "r(2), 1.0, -100, 0, 64, True, True, True)",
+    # group advantages (rmkernels/triton/group_adv.py: _check_args)
+    "group: scores shorter than B": "tg.group_advantages(r(2), full((400,), 0), b(400, 5), 0, 1e-6, True, 0, 1.0, "
+                                    "1e-8, programs=1)",
+    "group: ids shorter than B": "tg.group_advantages(r(400), full((2,), 0), b(400, 5), 0, 1e-6, True, 0, 1.0, 1e-8, "
+                                 "programs=1)",
+    "group: estimator code 99": "tg.group_advantages(r(4), full((4,), 0), b(4, 5), 99, 1e-6, True, 0, 1.0, 1e-8, "
+                                "programs=1)",
+    "group: single code 7": "tg.group_advantages(r(4), full((4,), 0), b(4, 5), 0, 1e-6, True, 7, 1.0, 1e-8, "
+                            "programs=1)",
+    "group: mask 1-D": "tg.group_advantages(r(4), full((4,), 0), b(4), 0, 1e-6, True, 0, 1.0, 1e-8, programs=1)",
+    "group: eps NaN": "tg.group_advantages(r(4), full((4,), 0), b(4, 5), 0, float('nan'), True, 0, 1.0, 1e-8, "
+                      "programs=1)",
+    "group: f_norm 0": "tg.group_advantages(r(4), full((4,), 0), b(4, 5), 4, 1e-6, True, 0, 0.0, 1e-8, programs=1)",
+    "group: whiten_eps negative": "tg.group_advantages(r(4), full((4,), 0), b(4, 5), 5, 1e-6, True, 0, 1.0, -1.0, "
+                                  "programs=1)",
     # float options (the public functions' rules: ops/gae.py check_discount, ...)
     "gae: gamma NaN": "tq.gae(r(4, 5), r(4, 5), b(4, 5), float('nan'), 0.95, True)",
     "gae: lam negative": "tq.gae(r(4, 5), r(4, 5), b(4, 5), 1.0, -3.0, True)",
@@ -289,6 +329,26 @@ TRITON_CASES = {
 }
 
 TRITON_MESSAGES = {
+    "logprobs fwd: targets longer than N": r"targets must have shape \[2\], got \[20000\]",
+    "logprobs fwd: weight shorter than H": r"weight must be \[V, H\] with V >= 1 and H = 64",
+    "logprobs fwd: bias of the wrong size": r"bias must have shape \[500\], got \[2\]",
+    "logprobs fwd: bias float64": "bias must be torch.float32, got torch.float64",
+    "logprobs fwd: hidden int64": "hidden must be one of .*, got torch.int64",
+    "logprobs fwd: targets int32": "targets must be torch.int64, got torch.int32",
+    "logprobs fwd: weight without unit stride on H": "weight needs a unit stride on H",
+    "logprobs fwd: temperature 0": "temperature must be in",
+    "logprobs fwd: temperature 1e-300": "temperature must be >= .*got 1e-300",
+    "logprobs bwd: lse shorter than N": r"lse must have shape \[200\], got \[2\]",
+    "logprobs bwd: lse float64": "lse must be torch.float32, got torch.float64",
+    "logprobs bwd: token_chunk 0": "token_chunk must be an int >= 1, got 0",
+    "group: scores shorter than B": r"group_ids must have shape \[2\], got \[400\]",
+    "group: ids shorter than B": r"group_ids must have shape \[400\], got \[2\]",
+    "group: estimator code 99": "estimator must be a GroupEstimator code .*got 99",
+    "group: single code 7": "single must be a GroupSingle code .*got 7",
+    "group: mask 1-D": r"mask must have 2 dimensions, got shape \[4\]",
+    "group: eps NaN": "eps must be in .*got nan",
+    "group: f_norm 0": "f_norm must be in .*got 0.0",
+    "group: whiten_eps negative": "whiten_eps must be in .*got -1.0",
     "gae: gamma NaN": "gamma must be in .*got nan",
     "gae: lam negative": "lam must be in .*got -3.0",
     "ppo_gae: gamma NaN": "gamma must be in .*got nan",
@@ -310,7 +370,7 @@ _RUNNER = textwrap.dedent("""
     i64 = lambda v: torch.tensor(v, dtype=torch.int64)
     full = lambda shape, v, dtype=torch.int64: torch.full(shape, v, dtype=dtype)
     if {triton}:
-        from rmkernels.triton import bt_loss as tb, pooling as tp, ppo as tq
+        from rmkernels.triton import bt_loss as tb, group_adv as tg, pooling as tp, ppo as tq, token_logprobs as tt
     for name, expr in json.loads(sys.stdin.read()):
         print("START " + json.dumps(name), flush=True)
         try:
