@@ -272,6 +272,29 @@ def test_per_pair_tensors_of_any_stride_in_direct_calls():
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
+def test_index_of_any_stride_in_direct_calls(backend):
+    """last_token_reward(_backward) and pairwise_reward_loss called directly with a strided or
+    expanded index: every backend gives the reference's numbers with a contiguous copy (the op
+    makes it contiguous; the C++ kernel refused it with a message blaming the Python layer, the
+    Triton host function with another error)."""
+    skip_unless_available(backend, "cpu")
+    ops = torch.ops.rmkernels
+    h, w = torch.randn(4, 5, 8), torch.randn(1, 8)
+    g = torch.randn(4, 1)
+    for index in (torch.tensor([1, 0, 2, 0, 3, 0, 4, 0])[::2], torch.tensor([3]).expand(4)):
+        dense = index.contiguous()
+        torch.testing.assert_close(ops.last_token_reward(h, w, None, index, backend),
+                                   ops.last_token_reward(h, w, None, dense, "reference"))
+        for got, want in zip(ops.last_token_reward_backward(g, h, w, index, True, True, True, backend),
+                             ops.last_token_reward_backward(g, h, w, dense, True, True, True, "reference")):
+            torch.testing.assert_close(got, want)
+        bt = (None, None, 0.0, 1.0, 0.1, 0.0, "mean")
+        for got, want in zip(ops.pairwise_reward_loss(h, w, None, index, *bt, backend),
+                             ops.pairwise_reward_loss(h, w, None, dense, *bt, "reference")):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
 def test_token_logprobs_temperature_range(backend):
     """rmk.token_logprobs refuses a temperature whose 1 / temperature overflows float32 (it gave
     NaN log-probs and entropies); the smallest allowed one gives finite numbers for finite
