@@ -13,6 +13,7 @@ ValueError / TypeError.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -120,6 +121,104 @@ KERNEL_CASES = {
     "reinforce: baselines not contiguous": "ops.reinforce_kernel(r(4, 5), b(4, 5), r(8)[::2], 1.0, True, 1e-8)",
     "reinforce: gamma negative": "ops.reinforce_kernel(r(4, 5), b(4, 5), None, -1.0, True, 1e-8)",
     "reinforce: eps NaN": "ops.reinforce_kernel(r(4, 5), b(4, 5), None, 1.0, True, float('nan'))",
+    # token log-probs (token_logprobs_chunks.h: check_args): float inputs only, messages naming the argument
+    "logprobs fwd: hidden int64": "ops.token_logprobs_fwd_kernel(i(2, 3, 4), i(5, 4), None, full((2, 3), 1), 1.0, "
+                                  "-100, 64, 64)",
+    "logprobs fwd: hidden bool": "ops.token_logprobs_fwd_kernel(b(2, 3, 4), b(5, 4), None, full((2, 3), 1), 1.0, "
+                                 "-100, 64, 64)",
+    "logprobs fwd: hidden complex64": "ops.token_logprobs_fwd_kernel(c(2, 3, 4), c(5, 4), None, full((2, 3), 1), "
+                                      "1.0, -100, 64, 64)",
+    "logprobs bwd: hidden int64": "ops.token_logprobs_bwd_kernel(r(2, 3), None, i(2, 3, 4), i(5, 4), None, "
+                                  "full((2, 3), 1), r(2, 3), r(2, 3), 1.0, -100, 64, 64, True, True, True)",
+    "logprobs fwd: targets int32": "ops.token_logprobs_fwd_kernel(r(2, 3, 4), r(5, 4), None, "
+                                   "full((2, 3), 1, torch.int32), 1.0, -100, 64, 64)",
+    "logprobs fwd: targets longer than N": "ops.token_logprobs_fwd_kernel(r(2, 4), r(5, 4), None, full((20000,), 1), "
+                                           "1.0, -100, 64, 64)",
+    "logprobs fwd: bias float64": "ops.token_logprobs_fwd_kernel(r(2, 3, 4), r(5, 4), f(5), full((2, 3), 1), 1.0, "
+                                  "-100, 64, 64)",
+    "logprobs fwd: bias of the wrong size": "ops.token_logprobs_fwd_kernel(r(2, 3, 4), r(500, 4), r(2), "
+                                            "full((2, 3), 1), 1.0, -100, 64, 64)",
+    "logprobs fwd: weight shorter than H": "ops.token_logprobs_fwd_kernel(r(2, 3, 64), r(5, 4), None, "
+                                           "full((2, 3), 1), 1.0, -100, 64, 64)",
+    "logprobs fwd: temperature 1e-300": "ops.token_logprobs_fwd_kernel(r(2, 3, 4), r(5, 4), None, full((2, 3), 1), "
+                                        "1e-300, -100, 64, 64)",
+    "logprobs fwd: temperature 1e-39": "ops.token_logprobs_fwd_kernel(r(2, 3, 4), r(5, 4), None, full((2, 3), 1), "
+                                       "1e-39, -100, 64, 64)",
+    "logprobs bwd: lse float64": "ops.token_logprobs_bwd_kernel(r(2, 3), None, r(2, 3, 4), r(5, 4), None, "
+                                 "full((2, 3), 1), f(2, 3), r(2, 3), 1.0, -100, 64, 64, True, True, True)",
+    "logprobs bwd: entropy float16": "ops.token_logprobs_bwd_kernel(r(2, 3), None, r(2, 3, 4), r(5, 4), None, "
+                                     "full((2, 3), 1), r(2, 3), r(2, 3).half(), 1.0, -100, 64, 64, True, True, True)",
+    "logprobs bwd: lse shorter than N": "ops.token_logprobs_bwd_kernel(r(200), None, r(200, 4), r(5, 4), None, "
+                                        "full((200,), 1), r(2), r(200), 1.0, -100, 64, 64, True, True, True)",
+    # float options, the public functions' ranges (op_checks.h: check_discount, check_bt_options,
+    # check_group_options, check_nonneg_option)
+    "gae: gamma NaN": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), float('nan'), 0.95, True)",
+    "gae: gamma negative": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), -1.0, 0.95, True)",
+    "gae: gamma inf": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), float('inf'), 0.95, True)",
+    "gae: lam negative": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), 1.0, -3.0, True)",
+    "gae: lam above 1": "ops.gae_kernel(r(4, 5), r(4, 5), b(4, 5), 1.0, 1.5, False)",
+    "ppo_gae: lam NaN":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, 1.0, float('nan'), 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: kl_coef inf":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), float('inf'), 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: gamma negative":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, -1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "bt fwd: label_smoothing 0.7": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, 0.0, 1.0, 0.7, 0.0, 1)",
+    "bt fwd: label_smoothing NaN": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, 0.0, 1.0, float('nan'), 0.0, 1)",
+    "bt fwd: center_coef negative": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, 0.0, 1.0, 0.0, -1.0, 1)",
+    "bt fwd: margin_value inf": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, float('inf'), 1.0, 0.0, 0.0, 1)",
+    "bt fwd: weight_value NaN": "ops.bt_loss_fwd_kernel(r(4), r(4), None, None, 0.0, float('nan'), 0.0, 0.0, 1)",
+    "bt bwd: label_smoothing 0.5":
+        "ops.bt_loss_bwd_kernel(r(()), r(4), r(4), None, None, 0.0, 1.0, 0.5, 0.0, 1, True, True)",
+    "bt bwd: center_coef NaN":
+        "ops.bt_loss_bwd_kernel(r(()), r(4), r(4), None, None, 0.0, 1.0, 0.0, float('nan'), 1, True, True)",
+    "group: eps NaN": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 0, float('nan'), True, 0, 1.0, 1e-8)",
+    "group: eps negative": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 0, -1.0, True, 0, 1.0, 1e-8)",
+    "group: f_norm 0": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 4, 1e-6, True, 0, 0.0, 1e-8)",
+    "group: whiten_eps negative": "ops.group_advantages_kernel(r(4), full((4,), 0), b(4, 5), 5, 1e-6, True, 0, 1.0, "
+                                  "-1.0)",
+    "whiten_apply: eps negative": "ops.masked_whiten_apply_kernel(r(4, 5), b(4, 5), f(2), f(1), True, True, -1.0)",
+    "whiten_apply: eps NaN": "ops.masked_whiten_apply_kernel(r(4, 5), b(4, 5), f(2), f(1), True, True, float('nan'))",
+}
+
+# What the message of a case above must say (the argument named, and what was given where the
+# case is about a dtype); cases not listed: any clear error of the allowed types.
+KERNEL_MESSAGES = {
+    "logprobs fwd: hidden int64": "hidden must be float32, float64, bfloat16 or float16, got int64",
+    "logprobs fwd: hidden bool": "hidden must be float32, float64, bfloat16 or float16, got bool",
+    "logprobs fwd: hidden complex64": "hidden must be float32, float64, bfloat16 or float16, got complex64",
+    "logprobs bwd: hidden int64": "hidden must be float32, float64, bfloat16 or float16, got int64",
+    "logprobs fwd: targets int32": "targets must be int64, got int32",
+    "logprobs fwd: targets longer than N": r"targets must have shape \[2\], got \[20000\]",
+    "logprobs fwd: bias float64": "bias must be float32, got float64",
+    "logprobs fwd: bias of the wrong size": r"bias must have shape \[500\], got \[2\]",
+    "logprobs fwd: weight shorter than H": r"weight must be \[V, H\] with V >= 1 and H = 64",
+    "logprobs fwd: temperature 1e-300": "temperature must be finite and > 0 with 1 / temperature finite in float32",
+    "logprobs fwd: temperature 1e-39": "temperature must be .*got 1e-39",
+    "logprobs bwd: lse float64": "lse must be float32, got float64",
+    "logprobs bwd: entropy float16": "entropy must be float32, got float16",
+    "logprobs bwd: lse shorter than N": r"lse must have shape \[200\], got \[2\]",
+    "gae: gamma NaN": "gamma must be finite and >= 0, got nan",
+    "gae: gamma negative": "gamma must be finite and >= 0, got -1",
+    "gae: gamma inf": "gamma must be finite and >= 0, got inf",
+    "gae: lam negative": r"lam must be in \[0, 1\], got -3",
+    "gae: lam above 1": r"lam must be in \[0, 1\], got 1.5",
+    "ppo_gae: lam NaN": r"lam must be in \[0, 1\], got nan",
+    "ppo_gae: kl_coef inf": "kl_coef must be finite, got inf",
+    "ppo_gae: gamma negative": "gamma must be finite and >= 0",
+    "bt fwd: label_smoothing 0.7": r"label_smoothing must be in \[0, 0.5\), got 0.7",
+    "bt fwd: label_smoothing NaN": r"label_smoothing must be in \[0, 0.5\), got nan",
+    "bt fwd: center_coef negative": "center_coef must be finite and >= 0, got -1",
+    "bt fwd: margin_value inf": "margin_value must be finite, got inf",
+    "bt fwd: weight_value NaN": "weight_value must be finite, got nan",
+    "bt bwd: label_smoothing 0.5": r"label_smoothing must be in \[0, 0.5\), got 0.5",
+    "bt bwd: center_coef NaN": "center_coef must be finite and >= 0, got nan",
+    "group: eps NaN": "eps must be finite and >= 0, got nan",
+    "group: eps negative": "eps must be finite and >= 0, got -1",
+    "group: f_norm 0": "f_norm must be finite and > 0, got 0",
+    "group: whiten_eps negative": "whiten_eps must be finite and >= 0, got -1",
+    "whiten_apply: eps negative": "eps must be finite and >= 0, got -1",
+    "whiten_apply: eps NaN": "eps must be finite and >= 0, got nan",
 }
 
 # Public ops routed to the C++ kernels: the same checks hold behind them.
@@ -176,6 +275,87 @@ TRITON_CASES = {
     "reinforce: mask of 3 rows": "tq.reinforce(r(400, 5), b(3, 5), None, 1.0, True, 1e-8)",
     "reinforce: baselines shorter than B": "tq.reinforce(r(400, 5), b(400, 5), r(2), 1.0, True, 1e-8)",
     "reinforce: gamma negative": "tq.reinforce(r(4, 5), b(4, 5), None, -1.0, True, 1e-8)",
+    # token log-probs (rmkernels/triton/token_logprobs.py: _check_args, the C++ check_args' checks)
+    "logprobs fwd: targets longer than N": "tt.token_logprobs_fwd(r(2, 4), r(5, 4), None, full((20000,), 1), 1.0, "
+                                           "-100, 64, 64)",
+    "logprobs fwd: weight shorter than H": "tt.token_logprobs_fwd(r(2, 3, 64), r(5, 4), None, full((2, 3), 1), 1.0, "
+                                           "-100, 64, 64)",
+    "logprobs fwd: bias of the wrong size": "tt.token_logprobs_fwd(r(2, 3, 4), r(500, 4), r(2), full((2, 3), 1), "
+                                            "1.0, -100, 64, 64)",
+    "logprobs fwd: bias float64": "tt.token_logprobs_fwd(r(2, 3, 4), r(5, 4), f(5), full((2, 3), 1), 1.0, -100, 64, "
+                                  "64)",
+    "logprobs fwd: hidden int64": "tt.token_logprobs_fwd(i(2, 3, 4), i(5, 4), None, full((2, 3), 1), 1.0, -100, 64, "
+                                  "64)",
+    "logprobs fwd: targets int32": "tt.token_logprobs_fwd(r(2, 3, 4), r(5, 4), None, full((2, 3), 1, torch.int32), "
+                                   "1.0, -100, 64, 64)",
+    "logprobs fwd: weight without unit stride on H": "tt.token_logprobs_fwd(r(2, 3, 4), r(4, 5).t(), None, "
+                                                     "full((2, 3), 1), 1.0, -100, 64, 64)",
+    "logprobs fwd: temperature 0": "tt.token_logprobs_fwd(r(2, 3, 4), r(5, 4), None, full((2, 3), 1), 0.0, -100, 64, "
+                                   "64)",
+    "logprobs fwd: temperature 1e-300": "tt.token_logprobs_fwd(r(2, 3, 4), r(5, 4), None, full((2, 3), 1), 1e-300, "
+                                        "-100, 64, 64)",
+    "logprobs bwd: lse shorter than N": "tt.token_logprobs_bwd(r(200), None, r(200, 4), r(5, 4), None, "
+                                        "full((200,), 1), r(2), r(200), 1.0, -100, 64, 64, True, True, True)",
+    "logprobs bwd: lse float64": "tt.token_logprobs_bwd(r(2, 3), None, r(2, 3, 4), r(5, 4), None, full((2, 3), 1), "
+                                 "f(2, 3), r(2, 3), 1.0, -100, 64, 64, True, True, True)",
+    "logprobs bwd: token_chunk 0": "tt.token_logprobs_bwd(r(2), None, r(2, 4), r(5, 4), None, full((2,), 1), r(2), "
+                                   "r(2), 1.0, -100, 0, 64, True, True, True)",
+    # group advantages (rmkernels/triton/group_adv.py: _check_args)
+    "group: scores shorter than B": "tg.group_advantages(r(2), full((400,), 0), b(400, 5), 0, 1e-6, True, 0, 1.0, "
+                                    "1e-8, programs=1)",
+    "group: ids shorter than B": "tg.group_advantages(r(400), full((2,), 0), b(400, 5), 0, 1e-6, True, 0, 1.0, 1e-8, "
+                                 "programs=1)",
+    "group: estimator code 99": "tg.group_advantages(r(4), full((4,), 0), b(4, 5), 99, 1e-6, True, 0, 1.0, 1e-8, "
+                                "programs=1)",
+    "group: single code 7": "tg.group_advantages(r(4), full((4,), 0), b(4, 5), 0, 1e-6, True, 7, 1.0, 1e-8, "
+                            "programs=1)",
+    "group: mask 1-D": "tg.group_advantages(r(4), full((4,), 0), b(4), 0, 1e-6, True, 0, 1.0, 1e-8, programs=1)",
+    "group: eps NaN": "tg.group_advantages(r(4), full((4,), 0), b(4, 5), 0, float('nan'), True, 0, 1.0, 1e-8, "
+                      "programs=1)",
+    "group: f_norm 0": "tg.group_advantages(r(4), full((4,), 0), b(4, 5), 4, 1e-6, True, 0, 0.0, 1e-8, programs=1)",
+    "group: whiten_eps negative": "tg.group_advantages(r(4), full((4,), 0), b(4, 5), 5, 1e-6, True, 0, 1.0, -1.0, "
+                                  "programs=1)",
+    # float options (the public functions' rules: ops/gae.py check_discount, ...)
+    "gae: gamma NaN": "tq.gae(r(4, 5), r(4, 5), b(4, 5), float('nan'), 0.95, True)",
+    "gae: lam negative": "tq.gae(r(4, 5), r(4, 5), b(4, 5), 1.0, -3.0, True)",
+    "ppo_gae: gamma NaN":
+        "tq.ppo_gae(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, float('nan'), 0.95, 0, 0.0, 0.0, 0.0)",
+    "ppo_gae: kl_coef inf":
+        "tq.ppo_gae(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), float('inf'), 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
+    "whiten_apply: eps negative": "tq.masked_whiten_apply(r(4, 5), b(4, 5), f(2), f(1), True, True, -1.0)",
+    "bt fwd: label_smoothing NaN": "tb.bt_loss_fwd(r(4), r(4), None, None, 0.0, 1.0, float('nan'), 0.0, 1)",
+    "bt bwd: center_coef negative": "tb.bt_loss_bwd(r(()), r(4), r(4), None, None, 0.0, 1.0, 0.0, -1.0, 1, True, "
+                                    "True)",
+}
+
+TRITON_MESSAGES = {
+    "logprobs fwd: targets longer than N": r"targets must have shape \[2\], got \[20000\]",
+    "logprobs fwd: weight shorter than H": r"weight must be \[V, H\] with V >= 1 and H = 64",
+    "logprobs fwd: bias of the wrong size": r"bias must have shape \[500\], got \[2\]",
+    "logprobs fwd: bias float64": "bias must be torch.float32, got torch.float64",
+    "logprobs fwd: hidden int64": "hidden must be one of .*, got torch.int64",
+    "logprobs fwd: targets int32": "targets must be torch.int64, got torch.int32",
+    "logprobs fwd: weight without unit stride on H": "weight needs a unit stride on H",
+    "logprobs fwd: temperature 0": "temperature must be in",
+    "logprobs fwd: temperature 1e-300": "temperature must be >= .*got 1e-300",
+    "logprobs bwd: lse shorter than N": r"lse must have shape \[200\], got \[2\]",
+    "logprobs bwd: lse float64": "lse must be torch.float32, got torch.float64",
+    "logprobs bwd: token_chunk 0": "token_chunk must be an int >= 1, got 0",
+    "group: scores shorter than B": r"group_ids must have shape \[2\], got \[400\]",
+    "group: ids shorter than B": r"group_ids must have shape \[400\], got \[2\]",
+    "group: estimator code 99": "estimator must be a GroupEstimator code .*got 99",
+    "group: single code 7": "single must be a GroupSingle code .*got 7",
+    "group: mask 1-D": r"mask must have 2 dimensions, got shape \[4\]",
+    "group: eps NaN": "eps must be in .*got nan",
+    "group: f_norm 0": "f_norm must be in .*got 0.0",
+    "group: whiten_eps negative": "whiten_eps must be in .*got -1.0",
+    "gae: gamma NaN": "gamma must be in .*got nan",
+    "gae: lam negative": "lam must be in .*got -3.0",
+    "ppo_gae: gamma NaN": "gamma must be in .*got nan",
+    "ppo_gae: kl_coef inf": "kl_coef must be in .*got inf",
+    "whiten_apply: eps negative": "eps must be in .*got -1.0",
+    "bt fwd: label_smoothing NaN": "label_smoothing must be in .*got nan",
+    "bt bwd: center_coef negative": "center_coef must be in .*got -1.0",
 }
 
 _RUNNER = textwrap.dedent("""
@@ -186,10 +366,11 @@ _RUNNER = textwrap.dedent("""
     f = lambda *s: torch.randn(*s, dtype=torch.float64)
     i = lambda *s: torch.randint(0, 5, s)
     b = lambda *s: torch.rand(*s) > 0.3
+    c = lambda *s: torch.randn(*s, dtype=torch.complex64)
     i64 = lambda v: torch.tensor(v, dtype=torch.int64)
     full = lambda shape, v, dtype=torch.int64: torch.full(shape, v, dtype=dtype)
     if {triton}:
-        from rmkernels.triton import bt_loss as tb, pooling as tp, ppo as tq
+        from rmkernels.triton import bt_loss as tb, group_adv as tg, pooling as tp, ppo as tq, token_logprobs as tt
     for name, expr in json.loads(sys.stdin.read()):
         print("START " + json.dumps(name), flush=True)
         try:
@@ -236,6 +417,9 @@ def test_bad_call_raises(cpu_results, name):
     assert kind != "CRASHED", f"{name}: the process crashed: {info}"
     assert kind == "RAISED", f"{name}: the bad call returned instead of raising"
     assert info[0] in ("RuntimeError", "ValueError", "TypeError", "IndexError"), f"{name}: {info}"
+    if name in KERNEL_MESSAGES:
+        want = KERNEL_MESSAGES[name]
+        assert re.search(want, info[1]), f"{name}: the message does not say {want!r}: {info}"
 
 
 @pytest.mark.parametrize("name", list(INDEX_VALUE_CASES))
@@ -272,9 +456,38 @@ def test_triton_host_functions_raise(name, triton_results):
     assert kind != "CRASHED", f"{name}: the process crashed: {info}"
     assert kind == "RAISED", f"{name}: the bad call returned instead of raising"
     assert info[0] in ("ValueError", "TypeError"), f"{name}: {info}"
+    if name in TRITON_MESSAGES:
+        want = TRITON_MESSAGES[name]
+        assert re.search(want, info[1]), f"{name}: the message does not say {want!r}: {info}"
 
 
 @pytest.fixture(scope="module")
 def triton_results():
     pytest.importorskip("triton")
     return _run(TRITON_CASES, triton=True)
+
+
+def test_token_logprobs_kernels_take_inputs_that_require_grad():
+    """Like every other kernel op, the token log-probs kernels read inputs that require grad as
+    data (they have no autograd; before, ATen's mm out= refused them with an error naming no
+    argument)."""
+    import torch
+
+    import rmkernels  # noqa: F401  (defines the ops)
+
+    ops = torch.ops.rmkernels
+    hidden, weight, bias = torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(5)
+    targets = torch.tensor([[1, 4, -100], [0, 2, 3]])
+    args = (targets, 1.3, -100, 2, 3)
+    want = ops.token_logprobs_fwd_kernel(hidden, weight, bias, *args)
+    got = ops.token_logprobs_fwd_kernel(hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), *args)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    lp, ent, lse = want
+    g_lp, g_ent = torch.randn(2, 3), torch.randn(2, 3)
+    bwd = (hidden, weight, bias, targets, lse, ent, 1.3, -100, 2, 3, True, True, True)
+    got = ops.token_logprobs_bwd_kernel(g_lp.requires_grad_(), g_ent, *bwd)
+    want = ops.token_logprobs_bwd_kernel(g_lp.detach(), g_ent, *(t.detach() if isinstance(t, torch.Tensor) else t
+                                                                 for t in bwd))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -10,6 +10,7 @@
 """
 import pytest
 import torch
+from utils import cpu_backend_params, skip_unless_available
 
 import rmkernels as rmk
 
@@ -187,6 +188,20 @@ def _direct_cases():
             lambda be: ops.token_logprobs(torch.randn(5, 4), torch.randn(4, 7).t(), None, torch.zeros(5).long(), 1.0,
                                           -100, be),
             ValueError, "weight needs a unit stride on H"),
+        "logprobs backward lse dtype": (
+            lambda be: ops.token_logprobs_backward(torch.randn(2, 3), None, torch.randn(2, 3, 4), torch.randn(5, 4),
+                                                   None, torch.ones(2, 3).long(), torch.randn(2, 3).double(),
+                                                   torch.randn(2, 3), 1.0, -100, True, True, True, be),
+            TypeError, r"lse must have dtype in \(float32\), got float64"),
+        "logprobs backward entropy dtype": (
+            lambda be: ops.token_logprobs_backward(torch.randn(2, 3), None, torch.randn(2, 3, 4), torch.randn(5, 4),
+                                                   None, torch.ones(2, 3).long(), torch.randn(2, 3),
+                                                   torch.randn(2, 3).half(), 1.0, -100, True, True, True, be),
+            TypeError, r"entropy must have dtype in \(float32\), got float16"),
+        "logprobs temperature tiny": (
+            lambda be: ops.token_logprobs(torch.randn(5, 4), torch.randn(7, 4), None, torch.zeros(5).long(), 1e-300,
+                                          -100, be),
+            ValueError, "temperature must be >= 2.93874e-39"),
         "logprobs no features": (
             lambda be: ops.token_logprobs(torch.randn(5, 0), torch.randn(7, 0), None, torch.zeros(5).long(), 1.0,
                                           -100, be),
@@ -254,6 +269,45 @@ def test_per_pair_tensors_of_any_stride_in_direct_calls():
     for be in ("reference", "cpu"):
         got = ops.bradley_terry_loss(c, r, margin, weights, 0.0, 1.0, 0.1, 0.0, "sum", be)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_index_of_any_stride_in_direct_calls(backend):
+    """last_token_reward(_backward) and pairwise_reward_loss called directly with a strided or
+    expanded index: every backend gives the reference's numbers with a contiguous copy (the op
+    makes it contiguous; the C++ kernel refused it with a message blaming the Python layer, the
+    Triton host function with another error)."""
+    skip_unless_available(backend, "cpu")
+    ops = torch.ops.rmkernels
+    h, w = torch.randn(4, 5, 8), torch.randn(1, 8)
+    g = torch.randn(4, 1)
+    for index in (torch.tensor([1, 0, 2, 0, 3, 0, 4, 0])[::2], torch.tensor([3]).expand(4)):
+        dense = index.contiguous()
+        torch.testing.assert_close(ops.last_token_reward(h, w, None, index, backend),
+                                   ops.last_token_reward(h, w, None, dense, "reference"))
+        for got, want in zip(ops.last_token_reward_backward(g, h, w, index, True, True, True, backend),
+                             ops.last_token_reward_backward(g, h, w, dense, True, True, True, "reference")):
+            torch.testing.assert_close(got, want)
+        bt = (None, None, 0.0, 1.0, 0.1, 0.0, "mean")
+        for got, want in zip(ops.pairwise_reward_loss(h, w, None, index, *bt, backend),
+                             ops.pairwise_reward_loss(h, w, None, dense, *bt, "reference")):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_token_logprobs_temperature_range(backend):
+    """rmk.token_logprobs refuses a temperature whose 1 / temperature overflows float32 (it gave
+    NaN log-probs and entropies); the smallest allowed one gives finite numbers for finite
+    scaled logits."""
+    from rmkernels.ops.token_logprobs import MIN_TEMPERATURE
+
+    skip_unless_available(backend, "cpu")
+    h, w, t = torch.randn(2, 3, 4) * 1e-39, torch.randn(5, 4), torch.tensor([[1, 4, 0], [0, 2, 3]])
+    for bad in (1e-300, 1e-39, MIN_TEMPERATURE / 2):
+        with pytest.raises(ValueError, match="temperature must be >= 2.93874e-39"):
+            rmk.token_logprobs(h, w, t, temperature=bad, backend=backend)
+    lp, ent = rmk.token_logprobs(h, w, t, temperature=MIN_TEMPERATURE, return_entropy=True, backend=backend)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
 
 
 def test_last_token_index_pad_token_id():

@@ -129,7 +129,8 @@ template <typename A> BTParams<A> bt_params(const std::optional<at::Tensor>& mar
 
 // The arguments every Bradley-Terry kernel op shares (as the CUDA binding's bt_pairs).
 void check_pair(const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& margin,
-                const std::optional<at::Tensor>& weights, int64_t reduction) {
+                const std::optional<at::Tensor>& weights, int64_t reduction, double margin_value, double weight_value,
+                double label_smoothing, double center_coef) {
   check_dim(chosen, "chosen", 1);
   check_float_input(chosen, "chosen");
   check_shape(rejected, "rejected", chosen.sizes());
@@ -140,13 +141,14 @@ void check_pair(const at::Tensor& chosen, const at::Tensor& rejected, const std:
   check_dense(margin, "margin", {chosen.size(0)}, acc, dev);
   check_dense(weights, "weights", {chosen.size(0)}, acc, dev);
   check_code(reduction, "reduction", kReduceNone, kReduceSum);
+  check_bt_options(margin_value, weight_value, label_smoothing, center_coef);
 }
 
 at::Tensor bt_loss_fwd_cpu(const at::Tensor& chosen, const at::Tensor& rejected,
                            const std::optional<at::Tensor>& margin, const std::optional<at::Tensor>& weights,
                            double margin_value, double weight_value, double label_smoothing, double center_coef,
                            int64_t reduction) {
-  check_pair(chosen, rejected, margin, weights, reduction);
+  check_pair(chosen, rejected, margin, weights, reduction, margin_value, weight_value, label_smoothing, center_coef);
   const int64_t B = chosen.size(0);
   const auto acc_type = acc_scalar_type(chosen.scalar_type());
   auto out = reduction == kReduceNone ? at::empty({B}, chosen.options().dtype(acc_type))
@@ -205,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> bt_loss_bwd_cpu(const at::Tensor& grad, const
                                                    const std::optional<at::Tensor>& weights, double margin_value,
                                                    double weight_value, double label_smoothing, double center_coef,
                                                    int64_t reduction, bool need_chosen, bool need_rejected) {
-  check_pair(chosen, rejected, margin, weights, reduction);
+  check_pair(chosen, rejected, margin, weights, reduction, margin_value, weight_value, label_smoothing, center_coef);
   const int64_t B = chosen.size(0);
   if (reduction == kReduceNone) {
     check_dense(grad, "grad", {B}, acc_scalar_type(chosen.scalar_type()), chosen.device());

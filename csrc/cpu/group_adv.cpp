@@ -286,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
                                                         const at::Tensor& mask, int64_t estimator, double eps,
                                                         bool unbiased, int64_t single, double f_norm,
                                                         double whiten_eps) {
-  check_group_advantages_args(scores, group_ids, mask, estimator, single);
+  check_group_advantages_args(scores, group_ids, mask, estimator, single, eps, f_norm, whiten_eps);
   const int64_t B = scores.size(0), T = mask.size(1);
   const auto s = scores.contiguous();
   const auto ids = group_ids.contiguous();

@@ -50,8 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
     const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& values, const at::Tensor& scores,
     const at::Tensor& mask, double kl_coef, double gamma, double lam, int64_t estimator, double x_clamp,
     double kl_clamp, double score_clip) {
-  check_ppo_gae_args(logprobs, ref_logprobs, values, scores, mask, estimator, x_clamp, kl_clamp, score_clip,
-                     /*cuda=*/false);
+  check_ppo_gae_args(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, estimator, x_clamp, kl_clamp,
+                     score_clip, /*cuda=*/false);
   const int64_t B = values.size(0), T = values.size(1);
   const auto acc_type = acc_scalar_type(values.scalar_type());
   auto opts = values.options().dtype(acc_type);
@@ -78,10 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
 // written (REINFORCE++'s return: values 0, lam 1).
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam, bool returns) {
-  check_main(values, "values");
+  check_gae_args(rewards, values, mask, gamma, lam, /*cuda=*/false);
   const int64_t B = values.size(0), T = values.size(1);
-  check_ppo_like(rewards, "rewards", values, "values");
-  check_bool_mask(mask, "mask", B, T, values.device());
   auto opts = values.options().dtype(acc_scalar_type(values.scalar_type()));
   auto adv = at::empty({B, T}, opts);
   auto ret = returns ? at::empty({B, T}, opts) : at::empty({0}, opts);

@@ -21,6 +21,7 @@ cuda::BTPairs bt_pairs(const at::Tensor& chosen, const at::Tensor& rejected, con
   check_device(rejected, "rejected", chosen.device());
   check_dense(margin, "margin", {chosen.size(0)}, acc_type(chosen), chosen.device());
   check_dense(weights, "weights", {chosen.size(0)}, acc_type(chosen), chosen.device());
+  check_bt_options(margin_value, weight_value, label_smoothing, center_coef);
   return {chosen.data_ptr(), rejected.data_ptr(), chosen.stride(0), rejected.stride(0), ptr_or_null(margin),
           ptr_or_null(weights), margin_value, weight_value, label_smoothing, center_coef, chosen.size(0)};
 }

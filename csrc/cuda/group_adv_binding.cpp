@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& score
                                                          const at::Tensor& mask, int64_t estimator, double eps,
                                                          bool unbiased, int64_t single, double f_norm,
                                                          double whiten_eps) {
-  check_group_advantages_args(scores, group_ids, mask, estimator, single);
+  check_group_advantages_args(scores, group_ids, mask, estimator, single, eps, f_norm, whiten_eps);
   const int64_t B = scores.size(0);
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t T = mask.size(1);

@@ -47,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
     const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& values, const at::Tensor& scores,
     const at::Tensor& mask, double kl_coef, double gamma, double lam, int64_t estimator, double x_clamp,
     double kl_clamp, double score_clip) {
-  check_ppo_gae_args(logprobs, ref_logprobs, values, scores, mask, estimator, x_clamp, kl_clamp, score_clip,
-                     /*cuda=*/true);
+  check_ppo_gae_args(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, estimator, x_clamp, kl_clamp,
+                     score_clip, /*cuda=*/true);
   const int64_t B = values.size(0), T = values.size(1);
   const auto dev = values.device();
   const auto acc = acc_scalar_type(values.scalar_type());
@@ -71,11 +71,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask, double gamma, double lam, bool returns) {
-  check_main(values, "values");
+  check_gae_args(rewards, values, mask, gamma, lam, /*cuda=*/true);
   const int64_t B = values.size(0), T = values.size(1);
   const auto dev = values.device();
-  check_ppo_like(rewards, "rewards", values, "values");
-  check_bool_mask(mask, "mask", B, T, dev);
   const c10::cuda::CUDAGuard guard(dev);
   auto opts = values.options().dtype(acc_scalar_type(values.scalar_type()));
   auto adv = at::empty({B, T}, opts);
@@ -132,6 +130,7 @@ at::Tensor masked_whiten_apply_cuda(const at::Tensor& x, const at::Tensor& mask,
   check_ppo_x_mask(x, mask, /*cuda=*/true);
   check_stats(totals, "totals", 2, x.device());
   check_stats(sq, "sq", 1, x.device());
+  check_nonneg_option(eps, "eps");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_scalar_type(x.scalar_type())));
   RMK_CUDA_CHECK(cuda::launch_masked_whiten_apply(cuda_dtype(x), strided(x), strided(mask), x.size(0), x.size(1),

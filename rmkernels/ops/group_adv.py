@@ -195,8 +195,16 @@ def check_group_options(estimator, eps, unbiased, single, f_norm, whiten_eps):
         raise ValueError(f"estimator must be one of {tuple(GROUP_ESTIMATORS)}, got {estimator!r}")
     if not isinstance(single, str) or single not in GROUP_SINGLES:
         raise ValueError(f"single must be one of {tuple(GROUP_SINGLES)}, got {single!r}")
+    unbiased = _checks.check_bool("unbiased", unbiased)
+    eps, f_norm, whiten_eps = check_group_scalars(eps, f_norm, whiten_eps)
+    return eps, unbiased, f_norm, whiten_eps
+
+
+def check_group_scalars(eps, f_norm, whiten_eps):
+    """The float options of the group advantages: ``eps`` and ``whiten_eps`` finite and >= 0,
+    ``f_norm`` finite and > 0, as floats (the public function, the check hook and the Triton
+    host function; the C++ kernels: op_checks.h, check_group_options)."""
     return (_checks.check_nonneg("eps", eps),
-            _checks.check_bool("unbiased", unbiased),
             _checks.check_float("f_norm", f_norm, lo=0.0, lo_open=True, hi=float("inf"), hi_open=True),
             _checks.check_nonneg("whiten_eps", whiten_eps))
 

@@ -151,12 +151,12 @@ def _head_params(hidden, weight, bias):
 
 def _prepare_forward(hidden, weight, bias, index):
     w, b = _head_params(hidden, weight, bias)
-    return hidden, w, b, index
+    return hidden, w, b, index.contiguous()  # a direct call may pass a strided / expanded index
 
 
 def _prepare_backward(grad, hidden, weight, index, need_hidden, need_weight, need_bias):
     w, _ = _head_params(hidden, weight, None)
-    return grad.to(w.dtype).contiguous(), hidden, w, index, need_hidden, need_weight, need_bias
+    return grad.to(w.dtype).contiguous(), hidden, w, index.contiguous(), need_hidden, need_weight, need_bias
 
 
 def _setup_context(ctx, inputs, output):

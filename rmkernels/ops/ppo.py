@@ -184,10 +184,15 @@ def _check_stats(name, t, n, device):
 
 def check_ppo_options(kl_coef, gamma, lam, kl_estimator, kl_clamp, score_clip):
     """The options of the PPO advantages (public function and check hooks alike), as floats."""
-    kl_coef = _checks.check_float("kl_coef", kl_coef, lo=float("-inf"), hi=float("inf"), lo_open=True, hi_open=True)
+    kl_coef = check_kl_coef(kl_coef)
     gamma, lam = check_discount(gamma, lam)
     check_estimator("kl_estimator", kl_estimator)
     return kl_coef, gamma, lam, check_clamp("kl_clamp", kl_clamp), check_clamp("score_clip", score_clip)
+
+
+def check_kl_coef(kl_coef):
+    """``kl_coef`` finite (any sign), as a float (also the Triton host function's rule)."""
+    return _checks.check_float("kl_coef", kl_coef, lo=float("-inf"), hi=float("inf"), lo_open=True, hi_open=True)
 
 
 def check_whiten_options(shift_mean, unbiased, eps):

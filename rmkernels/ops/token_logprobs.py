@@ -200,10 +200,11 @@ def _check_forward_args(hidden, weight, bias, targets, temperature, ignore_index
 def _check_backward_args(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
                          ignore_index, need_hidden, need_weight, need_bias, backend):
     _check_forward_args(hidden, weight, bias, targets, temperature, ignore_index, backend)
+    acc = (acc_dtype(hidden.dtype),)  # lse and entropy: the forward's outputs, in the arithmetic dtype
     for name, t in (("grad_logprobs", grad_logprobs), ("grad_entropy", grad_entropy), ("lse", lse),
                     ("entropy", entropy)):
-        _checks.check_tensor(name, t, dtypes=_checks.FLOAT_DTYPES, device=hidden.device,
-                             allow_none=name == "grad_entropy")
+        _checks.check_tensor(name, t, dtypes=_checks.FLOAT_DTYPES if name.startswith("grad") else acc,
+                             device=hidden.device, allow_none=name == "grad_entropy")
         if t is not None and tuple(t.shape) != tuple(targets.shape):
             raise ValueError(f"{name} must have targets' shape {tuple(targets.shape)}, got {tuple(t.shape)}")
 
@@ -253,6 +254,22 @@ def _check_targets(targets, vocab, ignore_index):
                          f"{int(bad.sum())} are not, first at {vals}")
 
 
+# The smallest temperature whose 1 / temperature is finite in float32 (~2.94e-39): every
+# backend scales the logits by 1 / temperature in the arithmetic dtype.
+MIN_TEMPERATURE = 1.0 / float(torch.finfo(torch.float32).max)
+
+
+def check_temperature(temperature):
+    """``temperature`` finite and > 0 with ``1 / temperature`` finite in float32 (>=
+    ``MIN_TEMPERATURE``), as a float: the one rule of the public function, the ops' check hooks
+    and the Triton host functions (the C++ kernels: op_checks.h, check_temperature)."""
+    t = _checks.check_float("temperature", temperature, lo=0.0, lo_open=True, hi=float("inf"), hi_open=True)
+    if t < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.6g} (1 / temperature finite in float32: the "
+                         f"logits are scaled by it), got {temperature!r}")
+    return t
+
+
 def check_inputs(hidden, weight, targets, bias, temperature, ignore_index):
     """Validate the arguments of ``token_logprobs``; returns (hidden, weight, targets,
     temperature) ready for the ops (unit stride on H, int64 targets)."""
@@ -277,9 +294,7 @@ def check_inputs(hidden, weight, targets, bias, temperature, ignore_index):
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
-    temperature = _checks.check_float("temperature", temperature, lo=0.0, lo_open=True)
-    if temperature == float("inf"):
-        raise ValueError("temperature must be finite, got inf")
+    temperature = check_temperature(temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if H > 1 and hidden.stride(-1) != 1:
@@ -303,7 +318,9 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retur
         targets: int64 (or int32) with hidden's leading shape: the token whose log-prob is
             taken at each position (for a causal LM: the next token).
         bias: ``[V]`` or None.
-        temperature: > 0; the logits are divided by it (verl / OpenRLHF sampling temperature).
+        temperature: > 0 and finite, with ``1 / temperature`` finite in float32 (>= ~2.94e-39,
+            ``MIN_TEMPERATURE``); the logits are divided by it (verl / OpenRLHF sampling
+            temperature).
         return_entropy: also return the per-token entropy ``-sum_v p_v log p_v``.
         ignore_index: targets equal to it give log-prob 0 and entropy 0 and no gradient (the
             positions of prompt / padding tokens); their hidden states take part in nothing, so
@@ -313,7 +330,8 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retur
     Returns:
         ``logprobs`` (or ``(logprobs, entropy)``) shaped like ``targets``, float32 (float64 for
         float64 inputs). A log-prob is never positive and the entropy never negative (both
-        clamped where rounding would cross 0); for finite inputs neither is NaN.
+        clamped where rounding would cross 0); neither is NaN for finite inputs whose scaled
+        logits ``(hidden @ weight.T + bias) / temperature`` are finite in the arithmetic dtype.
 
     Arithmetic is float32 whatever the input dtype (the CPU backend upcasts each bf16/fp16
     chunk; the CUDA one runs bf16/fp16 GEMMs with float32 output). Gradients flow to hidden,

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from rmkernels import _codes
+from rmkernels.ops.bt_loss import check_loss_scalars
 from rmkernels.triton._common import (
     FLOAT_DTYPES,
     REDUCE_MEAN,
@@ -199,8 +200,10 @@ def _flags(margin, weights, center_coef):
     return dict(HAS_MARGIN=margin is not None, HAS_WEIGHTS=weights is not None, HAS_CENTER=center_coef != 0)
 
 
-def _check_pairs(chosen, rejected, margin, weights, reduction):
-    """The kernel ops' checks (csrc/cpu/bt_loss.cpp: check_pair), as ValueError / TypeError."""
+def _check_pairs(chosen, rejected, margin, weights, reduction, margin_value, weight_value, label_smoothing,
+                 center_coef):
+    """The kernel ops' checks (csrc/cpu/bt_loss.cpp: check_pair; op_checks.h: check_bt_options),
+    as ValueError / TypeError."""
     check_tensor("chosen", chosen, dims=1, dtypes=FLOAT_DTYPES)
     check_tensor("rejected", rejected, shape=chosen.shape, dtype=chosen.dtype, device=chosen.device)
     acc = acc_dtype(chosen.dtype)
@@ -208,12 +211,14 @@ def _check_pairs(chosen, rejected, margin, weights, reduction):
         if t is not None:
             check_tensor(name, t, shape=chosen.shape, dtype=acc, device=chosen.device, contiguous=True)
     check_code("reduction", reduction, _codes.Reduction)
+    check_loss_scalars(margin_value, weight_value, label_smoothing, center_coef)
     return acc
 
 
 def bt_loss_fwd(chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing, center_coef,
                 reduction):
-    acc = _check_pairs(chosen, rejected, margin, weights, reduction)
+    acc = _check_pairs(chosen, rejected, margin, weights, reduction, margin_value, weight_value, label_smoothing,
+                       center_coef)
     B = chosen.shape[0]
     none = reduction == _codes.Reduction.NONE
     out = torch.empty((B,) if none else (), dtype=acc, device=chosen.device)
@@ -231,7 +236,8 @@ def bt_loss_fwd(chosen, rejected, margin, weights, margin_value, weight_value, l
 
 def bt_loss_bwd(grad, chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing, center_coef,
                 reduction, need_chosen, need_rejected):
-    acc = _check_pairs(chosen, rejected, margin, weights, reduction)
+    acc = _check_pairs(chosen, rejected, margin, weights, reduction, margin_value, weight_value, label_smoothing,
+                       center_coef)
     B = chosen.shape[0]
     if reduction == _codes.Reduction.NONE:
         check_tensor("grad", grad, shape=(B,), dtype=acc, device=chosen.device, contiguous=True)

@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from rmkernels._codes import GROUP_ZERO_MAX_HEADS, GROUP_ZERO_SAMPLE, GroupEstimator, GroupSingle
-from rmkernels.triton._common import acc_dtype, block_size, interpreting, scalar, split_float
+from rmkernels.ops.group_adv import check_group_scalars
+from rmkernels.triton._common import acc_dtype, block_size, check_code, check_tensor, interpreting, scalar, split_float
 from rmkernels.triton.ppo import _whiten_mean, _whiten_params
 
 _GRPO = tl.constexpr(int(GroupEstimator.GRPO))
@@ -426,12 +427,28 @@ def resident_programs(device):
     return _SM_COUNT[idx] * PROGRAMS_PER_SM
 
 
+def _check_args(scores, group_ids, mask, estimator, single, eps, f_norm, whiten_eps):
+    """The kernel op's checks (op_checks.h: check_group_advantages_args, check_group_options), as
+    ValueError / TypeError naming the argument. The id *values* are not checked (no host sync):
+    an id outside [0, B) gives its row NaN."""
+    check_tensor("scores", scores, dims=1, dtypes=(torch.float32, torch.float64))
+    B, dev = scores.shape[0], scores.device
+    check_tensor("group_ids", group_ids, shape=(B,), dtype=torch.int64, device=dev)
+    check_tensor("mask", mask, dims=2, dtype=torch.bool, device=dev)
+    if mask.shape[0] != B:
+        raise ValueError(f"mask must be [B, T] with B = scores.size(0) = {B}, got {list(mask.shape)}")
+    check_code("estimator", estimator, GroupEstimator)
+    check_code("single", single, GroupSingle)
+    check_group_scalars(eps, f_norm, whiten_eps)
+
+
 def group_advantages(scores, group_ids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, *,
                      programs=None, fused=True):
     """Host function with the kernel op's signature (rmkernels::group_advantages_kernel): one
     launch of at most ``resident_programs`` programs. Tests only: ``programs`` sets the grid;
     ``fused=False`` launches each phase on its own (no barrier, any number of programs: how the
     interpreter runs a grid of many programs through the phases)."""
+    _check_args(scores, group_ids, mask, estimator, single, eps, f_norm, whiten_eps)
     B, T = mask.shape
     dev = scores.device
     acc = acc_dtype(scores.dtype)

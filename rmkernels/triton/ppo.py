@@ -18,13 +18,14 @@ values and mask hits the cache), the mask twice, the four [B, T] outputs once, 1
 partials per row. The whitening reads the advantages twice (partials, then the apply) and
 writes them once.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from rmkernels import _codes
+from rmkernels.ops.gae import check_discount
+from rmkernels.ops.group_adv import check_reinforce_options
+from rmkernels.ops.ppo import check_kl_coef, check_whiten_options
 from rmkernels.triton._common import (
     FLOAT_DTYPES,
     KL_ABS,
@@ -574,6 +575,8 @@ def ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, e
     _check_mask("mask", mask, values)
     check_code("estimator", estimator, _codes.KLEstimator)
     _check_clamps(x_clamp=x_clamp, kl_clamp=kl_clamp, score_clip=score_clip)
+    check_kl_coef(kl_coef)
+    check_discount(gamma, lam)
     B, T = values.shape
     dev = values.device
     acc = acc_dtype(values.dtype)
@@ -595,6 +598,7 @@ def gae(rewards, values, mask, gamma, lam, returns):
     _check_main("values", values)
     _check_like("rewards", rewards, values, "values")
     _check_mask("mask", mask, values)
+    check_discount(gamma, lam)
     B, T = values.shape
     acc = acc_dtype(values.dtype)
     adv = torch.empty(B, T, dtype=acc, device=values.device)
@@ -666,6 +670,7 @@ def masked_whiten_apply(x, mask, totals, sq, shift_mean, unbiased, eps):
     _check_x_mask(x, mask)
     _check_totals("totals", totals, 2, x.device)
     _check_totals("sq", sq, 1, x.device)
+    check_whiten_options(shift_mean, unbiased, eps)
     B, T = x.shape
     out = torch.empty(B, T, dtype=acc_dtype(x.dtype), device=x.device)
     if B == 0 or T == 0:
@@ -690,9 +695,7 @@ def reinforce(rewards, mask, baselines, gamma, unbiased, eps):
     acc = acc_dtype(rewards.dtype)
     if baselines is not None:
         check_tensor("baselines", baselines, shape=(B,), dtype=acc, device=dev, contiguous=True)
-    for name, v in (("gamma", gamma), ("eps", eps)):
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    check_reinforce_options(gamma, unbiased, eps)
     adv = torch.empty(B, T, dtype=acc, device=dev)
     ret = torch.empty(B, T, dtype=acc, device=dev)
     if B == 0 or T == 0:

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rmkernels.triton._common import acc_dtype, block_size, scalar, split_float
+from rmkernels.ops.token_logprobs import check_temperature
+from rmkernels.triton._common import FLOAT_DTYPES, acc_dtype, block_size, check_tensor, scalar, split_float
 
 # Tokens per program of the forward and of the gradient tile: 64 rows x 64 vocabulary entries
 # is 4096 fp32 accumulators (32 registers a thread at 4 warps); H is walked 64 at a time.
@@ -139,9 +140,37 @@ def _flat(hidden):
     return hidden.reshape(-1, hidden.shape[-1])
 
 
+def _check_args(hidden, weight, bias, targets, temperature, token_chunk, vocab_chunk):
+    """The kernel ops' checks (csrc/include/rmkernels/token_logprobs_chunks.h: check_args), as
+    ValueError / TypeError naming the argument, before anything is allocated or launched."""
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {list(hidden.shape)}")
+    H = hidden.shape[-1]
+    if H > 1 and hidden.stride(-1) != 1:
+        raise ValueError(f"hidden needs a unit stride on H, got strides {list(hidden.stride())}")
+    dev = hidden.device
+    check_tensor("weight", weight, dims=2, dtype=hidden.dtype, device=dev)
+    if weight.shape[1] != H or weight.shape[0] < 1:
+        raise ValueError(f"weight must be [V, H] with V >= 1 and H = {H} (hidden's last dim), got "
+                         f"{list(weight.shape)}")
+    if H > 1 and weight.stride(1) != 1:
+        raise ValueError(f"weight needs a unit stride on H, got strides {list(weight.stride())}")
+    acc = acc_dtype(hidden.dtype)
+    if bias is not None:
+        check_tensor("bias", bias, shape=weight.shape[:1], dtype=acc, device=dev, contiguous=True)
+    check_tensor("targets", targets, shape=hidden.shape[:-1], dtype=torch.int64, device=dev, contiguous=True)
+    check_temperature(temperature)
+    for name, c in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {c!r}")
+    return acc
+
+
 def token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, token_chunk, vocab_chunk):
     """(logprobs, entropy, lse) shaped like targets; same contract as the
-    ``token_logprobs_fwd_kernel`` op (one fused pass: the chunk sizes are not used)."""
+    ``token_logprobs_fwd_kernel`` op (one fused pass: the chunk sizes are checked, not used)."""
+    _check_args(hidden, weight, bias, targets, temperature, token_chunk, vocab_chunk)
     H = hidden.shape[-1]
     N, V = targets.numel(), weight.shape[0]
     acc = acc_dtype(hidden.dtype)
@@ -163,6 +192,10 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
                        token_chunk, vocab_chunk, need_hidden, need_weight, need_bias):
     """(grad_hidden, grad_weight, grad_bias); same contract as the ``token_logprobs_bwd_kernel``
     op: [token_chunk, vocab_chunk] tiles of dz from the Triton kernel, GEMMs by torch.mm."""
+    acc = _check_args(hidden, weight, bias, targets, temperature, token_chunk, vocab_chunk)
+    for name, t in (("grad_logprobs", grad_lp), ("lse", lse), ("entropy", entropy), ("grad_entropy", grad_ent)):
+        if t is not None or name != "grad_entropy":
+            check_tensor(name, t, shape=targets.shape, dtype=acc, device=hidden.device, contiguous=True)
     H = hidden.shape[-1]
     N, V = targets.numel(), weight.shape[0]
     acc = acc_dtype(hidden.dtype)

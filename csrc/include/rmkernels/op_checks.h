@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -77,6 +78,54 @@ inline void check_code(int64_t code, const char* name, int64_t lo, int64_t hi) {
   TORCH_CHECK(code >= lo && code <= hi, name, " code must be in [", lo, ", ", hi, "], got ", code);
 }
 
+// Float options, one rule each: the ranges of the public functions (rmkernels/ops/*.py, docs/ops.md;
+// the Triton host functions call those Python rules). NaN fails every check.
+inline void check_finite_option(double v, const char* name) {
+  TORCH_CHECK(std::isfinite(v), name, " must be finite, got ", v);
+}
+
+inline void check_nonneg_option(double v, const char* name) {
+  TORCH_CHECK(std::isfinite(v) && v >= 0, name, " must be finite and >= 0, got ", v);
+}
+
+inline void check_positive_option(double v, const char* name) {
+  TORCH_CHECK(std::isfinite(v) && v > 0, name, " must be finite and > 0, got ", v);
+}
+
+// The discount options of the GAE-family kernels: gamma finite and >= 0, lam in [0, 1]
+// (ops/gae.py: check_discount).
+inline void check_discount(double gamma, double lam) {
+  check_nonneg_option(gamma, "gamma");
+  TORCH_CHECK(lam >= 0 && lam <= 1, "lam must be in [0, 1], got ", lam);
+}
+
+// The scalar options of the Bradley-Terry kernels (ops/bt_loss.py: check_loss_scalars): a finite
+// margin and weight, label_smoothing in [0, 0.5), center_coef finite and >= 0.
+inline void check_bt_options(double margin_value, double weight_value, double label_smoothing, double center_coef) {
+  check_finite_option(margin_value, "margin_value");
+  check_finite_option(weight_value, "weight_value");
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing < 0.5, "label_smoothing must be in [0, 0.5), got ",
+              label_smoothing);
+  check_nonneg_option(center_coef, "center_coef");
+}
+
+// The float options of group_advantages_kernel (ops/group_adv.py: check_group_scalars).
+inline void check_group_options(double eps, double f_norm, double whiten_eps) {
+  check_nonneg_option(eps, "eps");
+  check_positive_option(f_norm, "f_norm");
+  check_nonneg_option(whiten_eps, "whiten_eps");
+}
+
+// The sampling temperature of the token log-probs kernels (ops/token_logprobs.py:
+// check_temperature): finite and > 0 with 1 / temperature finite in float32 (the logits are
+// scaled by it in the arithmetic dtype).
+inline void check_temperature(double temperature) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0 &&
+                  1.0 / temperature <= static_cast<double>(std::numeric_limits<float>::max()),
+              "temperature must be finite and > 0 with 1 / temperature finite in float32 (temperature >= ",
+              1.0 / static_cast<double>(std::numeric_limits<float>::max()), "), got ", temperature);
+}
+
 // A [B, T] operand with any strides (negative strides cannot occur in a torch tensor).
 inline void check_bt(const at::Tensor& t, const char* name, int64_t B, int64_t T, const at::Device& dev) {
   check_dim(t, name, 2);
@@ -111,10 +160,11 @@ inline void check_last_token_args(const at::Tensor& hidden, const at::Tensor& we
 
 // The arguments of group_advantages_kernel (CPU and CUDA): scores float32/float64 [B] (the
 // Python layer sums token rewards and converts), group_ids int64 [B], mask bool [B, T] with any
-// strides, all on scores' device, and the estimator and single codes. The id *values* are the
+// strides, all on scores' device, the estimator and single codes and the float options. The id *values* are the
 // kernels' business (CPU: an error; CUDA: NaN rows for ids outside [0, B)).
 inline void check_group_advantages_args(const at::Tensor& scores, const at::Tensor& group_ids,
-                                        const at::Tensor& mask, int64_t estimator, int64_t single) {
+                                        const at::Tensor& mask, int64_t estimator, int64_t single, double eps,
+                                        double f_norm, double whiten_eps) {
   check_dim(scores, "scores", 1);
   TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
               "scores must be float32 or float64 (the Python layer sums and converts), got ",
@@ -132,6 +182,7 @@ inline void check_group_advantages_args(const at::Tensor& scores, const at::Tens
   check_device(mask, "mask", dev);
   check_code(estimator, "estimator", codes::kGrpo, codes::kReinforcePPBaseline);
   check_code(single, "single", codes::kSingleZero, codes::kSingleSelf);
+  check_group_options(eps, f_norm, whiten_eps);
 }
 
 // The checks every PPO-family kernel op shares (CPU and CUDA): a float [B, T] main input on the
@@ -170,18 +221,31 @@ inline void check_kl_options(int64_t estimator, double x_clamp, double kl_clamp)
 
 // The arguments of ppo_gae_kernel (CPU and CUDA): values, logprobs, ref_logprobs float [B, T] of
 // one dtype on the backend's device (any strides), mask bool [B, T], scores [B] contiguous in the
-// arithmetic dtype; the KL options and score_clip >= 0.
+// arithmetic dtype; kl_coef finite, the discount options, the KL options and score_clip >= 0.
 inline void check_ppo_gae_args(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& values,
-                               const at::Tensor& scores, const at::Tensor& mask, int64_t estimator, double x_clamp,
-                               double kl_clamp, double score_clip, bool cuda) {
+                               const at::Tensor& scores, const at::Tensor& mask, double kl_coef, double gamma,
+                               double lam, int64_t estimator, double x_clamp, double kl_clamp, double score_clip,
+                               bool cuda) {
   check_ppo_main(values, "values", cuda);
   const int64_t B = values.size(0), T = values.size(1);
   check_ppo_like(logprobs, "logprobs", values, "values");
   check_ppo_like(ref_logprobs, "ref_logprobs", values, "values");
   check_bool_mask(mask, "mask", B, T, values.device());
+  check_finite_option(kl_coef, "kl_coef");
+  check_discount(gamma, lam);
   check_kl_options(estimator, x_clamp, kl_clamp);
   TORCH_CHECK(score_clip >= 0, "score_clip must be >= 0 (0 = no clamp), got ", score_clip);
   check_dense(scores, "scores", {B}, acc_scalar_type(values.scalar_type()), values.device());
+}
+
+// The arguments of gae_kernel (CPU and CUDA): values float [B, T] on the backend's device, rewards
+// of its shape and dtype, mask bool [B, T] (any strides), and the discount options.
+inline void check_gae_args(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma,
+                           double lam, bool cuda) {
+  check_ppo_main(values, "values", cuda);
+  check_ppo_like(rewards, "rewards", values, "values");
+  check_bool_mask(mask, "mask", values.size(0), values.size(1), values.device());
+  check_discount(gamma, lam);
 }
 
 // The arguments of reinforce_kernel (CPU and CUDA): rewards float [B, T] with any strides, mask
@@ -194,8 +258,8 @@ inline void check_reinforce_args(const at::Tensor& rewards, const at::Tensor& ma
   const int64_t B = rewards.size(0), T = rewards.size(1);
   check_bool_mask(mask, "mask", B, T, rewards.device());
   check_dense(baselines, "baselines", {B}, acc_scalar_type(rewards.scalar_type()), rewards.device());
-  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0, "gamma must be finite and >= 0, got ", gamma);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+  check_nonneg_option(gamma, "gamma");
+  check_nonneg_option(eps, "eps");
 }
 
 // A fresh tensor of t's shape and dtype for t's gradient (rmkernels/_layout.py: grad_buffer, the

@@ -30,6 +30,8 @@
 #include <optional>
 #include <vector>
 
+#include "rmkernels/op_checks.h"
+
 namespace rmkernels {
 namespace lp {
 
@@ -106,26 +108,33 @@ inline at::Tensor valid_targets(const at::Tensor& t, int64_t V, int64_t ignore_i
 // hidden [N, H] as a [1, N, H] view; [B, T, H] as it is.
 inline at::Tensor as_3d(const at::Tensor& hidden) { return hidden.dim() == 2 ? hidden.unsqueeze(0) : hidden; }
 
+// The kernel ops' argument checks (op_checks.h's helpers: each message names the argument,
+// what was expected and what was given): hidden [N, H] or [B, T, H] float with a unit stride on
+// H, weight [V, H] (V >= 1) in hidden's dtype, bias [V] contiguous in the arithmetic dtype,
+// targets int64 contiguous with hidden's leading shape, all on hidden's device; the temperature
+// (check_temperature) and the chunk sizes. The Triton host functions run the same checks
+// (rmkernels/triton/token_logprobs.py: _check_args).
 inline void check_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& targets, double temperature, int64_t tc, int64_t vc) {
-  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "token_logprobs kernels: hidden must be [N, H] or [B, T, H], got ",
+  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden must be [N, H] or [B, T, H], got shape ",
               hidden.sizes());
+  check_float_input(hidden, "hidden");
   const int64_t H = hidden.size(-1);
-  TORCH_CHECK(H <= 1 || hidden.stride(-1) == 1, "token_logprobs kernels: hidden needs a unit stride on H");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == H && weight.scalar_type() == hidden.scalar_type(),
-              "token_logprobs kernels: weight must be [V, H] in hidden's dtype, got ", weight.sizes(), " ",
-              weight.scalar_type());
-  TORCH_CHECK(weight.size(0) >= 1, "token_logprobs kernels: weight must have V >= 1 rows");
+  TORCH_CHECK(H <= 1 || hidden.stride(-1) == 1, "hidden needs a unit stride on H, got strides ", hidden.strides());
+  const auto dev = hidden.device();
+  check_dim(weight, "weight", 2);
+  TORCH_CHECK(weight.size(1) == H && weight.size(0) >= 1, "weight must be [V, H] with V >= 1 and H = ", H,
+              " (hidden's last dim), got ", weight.sizes());
+  check_same_dtype(weight, "weight", hidden, "hidden");
+  check_device(weight, "weight", dev);
   const auto acc = acc_scalar(hidden.scalar_type());
-  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous() &&
-                                    bias->scalar_type() == acc),
-              "token_logprobs kernels: bias must be a contiguous [V] tensor in the arithmetic dtype");
-  TORCH_CHECK(targets.sizes() == hidden.sizes().slice(0, hidden.dim() - 1) && targets.scalar_type() == at::kLong &&
-                  targets.is_contiguous(),
-              "token_logprobs kernels: targets must be a contiguous int64 tensor of hidden's leading shape, got ",
-              targets.sizes());
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "token_logprobs kernels: temperature must be > 0");
-  TORCH_CHECK(tc >= 1 && vc >= 1, "token_logprobs kernels: chunk sizes must be >= 1");
+  check_dense(bias, "bias", {weight.size(0)}, acc, dev);
+  check_shape(targets, "targets", hidden.sizes().slice(0, hidden.dim() - 1));
+  check_dtype(targets, "targets", at::kLong);
+  check_device(targets, "targets", dev);
+  check_contiguous(targets, "targets");
+  check_temperature(temperature);
+  TORCH_CHECK(tc >= 1 && vc >= 1, "token_chunk and vocab_chunk must be >= 1, got ", tc, " and ", vc);
 }
 
 // The GEMM operands and products of one backend.
@@ -152,6 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
                                                        double temperature, int64_t ignore_index, int64_t tc,
                                                        int64_t vc) {
   check_args(hidden, weight, bias, targets, temperature, tc, vc);
+  // A kernel op has no autograd: inputs that require grad are read as data (the ATen GEMMs'
+  // out= forms would refuse them with grad mode on), as every other kernel op reads them.
+  const at::NoGradGuard no_grad;
   const Gemm<Tiles> g(hidden.scalar_type());
   const auto opts = hidden.options().dtype(g.acc);
   const int64_t N = targets.numel(), V = weight.size(0);
@@ -198,17 +210,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t tc, int64_t vc, bool need_hidden,
     bool need_weight, bool need_bias) {
   check_args(hidden, weight, bias, targets, temperature, tc, vc);
+  const at::NoGradGuard no_grad;  // as in forward
   const Gemm<Tiles> g(hidden.scalar_type());
   const auto opts = hidden.options().dtype(g.acc);
   const int64_t H = hidden.size(-1), N = targets.numel(), V = weight.size(0);
-  for (const at::Tensor* a : {&grad_lp, &lse, &entropy}) {
-    TORCH_CHECK(a->sizes() == targets.sizes() && a->is_contiguous() && a->scalar_type() == g.acc,
-                "token_logprobs_bwd_kernel: grad_logprobs / lse / entropy must be contiguous, shaped like targets, "
-                "in the arithmetic dtype");
-  }
-  TORCH_CHECK(!grad_ent.has_value() || (grad_ent->sizes() == grad_lp.sizes() && grad_ent->is_contiguous() &&
-                                        grad_ent->scalar_type() == g.acc),
-              "token_logprobs_bwd_kernel: grad_entropy must be contiguous, shaped like targets, in the arithmetic dtype");
+  // shaped like targets, contiguous, in the arithmetic dtype, on hidden's device
+  check_dense(grad_lp, "grad_logprobs", targets.sizes(), g.acc, hidden.device());
+  check_dense(grad_ent, "grad_entropy", targets.sizes(), g.acc, hidden.device());
+  check_dense(lse, "lse", targets.sizes(), g.acc, hidden.device());
+  check_dense(entropy, "entropy", targets.sizes(), g.acc, hidden.device());
   // grad_hidden accumulates over the vocabulary chunks in the arithmetic dtype.
   at::Tensor gx = need_hidden ? at::zeros(hidden.sizes(), opts) : at::empty({0}, hidden.options());
   at::Tensor gw = need_weight ? at::empty({V, H}, weight.options()) : at::empty({0}, weight.options());
