@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "rmkernels/codes.h"
 #include "rmkernels/cpu_common.h"
@@ -235,6 +236,9 @@ std::tuple<at::Tensor, at::Tensor> bt_loss_bwd_cpu(const at::Tensor& grad, const
 // Each pair term is computed in acc_t; a row's sums of them (n(n-1)/2 terms in the forward, n - 1
 // per column in the backward) accumulate in float64, as in the CUDA and Triton kernels: a float32
 // sum of K(K-1)/2 terms drifts (equal rewards gave 0.6899 for log 2 at K = 1000, 0.3356 at 10000).
+// The terms of one candidate's pairs go through a [K] buffer first: that loop vectorises in
+// acc_t, and the float64 sum runs over the buffer (with the float64 sum in the term loop itself
+// nothing vectorised: 2.3-2.7x the time at K = 16 and 64). Same bits as summing in that loop.
 // ---------------------------------------------------------------------------------------
 inline int64_t candidates(const int64_t* nc, int64_t b, int64_t K) {
   return nc ? std::min(std::max(nc[b], int64_t(0)), K) : K;
@@ -245,13 +249,16 @@ void ranking_fwd_impl(const S* x, int64_t sB, int64_t sK, const int64_t* nc, int
                       acc_t<S>* out) {
   using A = acc_t<S>;
   at::parallel_for(0, B, grain_of(K * K), [&](int64_t lo, int64_t hi) {
+    std::vector<A> buf(static_cast<size_t>(K));
+    A* t = buf.data();
     for (int64_t b = lo; b < hi; ++b) {
       const S* row = x + b * sB;
       const int64_t n = candidates(nc, b, K);
       double total = 0;
       for (int64_t i = 0; i < n; ++i) {
         const A ri = static_cast<A>(row[i * sK]);
-        for (int64_t j = i + 1; j < n; ++j) total -= math::log_sigmoid(ri - static_cast<A>(row[j * sK]));
+        for (int64_t j = i + 1; j < n; ++j) t[j] = math::log_sigmoid(ri - static_cast<A>(row[j * sK]));
+        for (int64_t j = i + 1; j < n; ++j) total -= t[j];
       }
       out[b] = n >= 2 ? static_cast<A>(total / static_cast<double>(n * (n - 1) / 2)) : A(0);
     }
@@ -263,6 +270,8 @@ void ranking_bwd_impl(const acc_t<S>* grad, const S* x, int64_t sB, int64_t sK, 
                       int64_t K, S* out) {
   using A = acc_t<S>;
   at::parallel_for(0, B, grain_of(K * K), [&](int64_t lo, int64_t hi) {
+    std::vector<A> buf(static_cast<size_t>(K));
+    A* t = buf.data();
     for (int64_t b = lo; b < hi; ++b) {
       const S* row = x + b * sB;
       const int64_t n = candidates(nc, b, K);
@@ -273,8 +282,10 @@ void ranking_bwd_impl(const acc_t<S>* grad, const S* x, int64_t sB, int64_t sK, 
           const A ri = static_cast<A>(row[i * sK]);
           // pairs (j, i) with j < i: d/dr_i -logsigmoid(r_j - r_i) = sigmoid(r_i - r_j);
           // pairs (i, j) with j > i: d/dr_i -logsigmoid(r_i - r_j) = -sigmoid(r_j - r_i).
-          for (int64_t j = 0; j < i; ++j) g += math::sigmoid(ri - static_cast<A>(row[j * sK]));
-          for (int64_t j = i + 1; j < n; ++j) g -= math::sigmoid(static_cast<A>(row[j * sK]) - ri);
+          for (int64_t j = 0; j < i; ++j) t[j] = math::sigmoid(ri - static_cast<A>(row[j * sK]));
+          for (int64_t j = 0; j < i; ++j) g += t[j];
+          for (int64_t j = i + 1; j < n; ++j) t[j] = math::sigmoid(static_cast<A>(row[j * sK]) - ri);
+          for (int64_t j = i + 1; j < n; ++j) g -= t[j];
         }
         out[b * K + i] = static_cast<S>(scale * static_cast<A>(g));
       }
