@@ -351,3 +351,38 @@ def test_every_decoder_model_type(model_type):
     for name, g in exp_grads.items():
         assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, name=f"{model_type} grad {name}")
 
+
+
+def test_inputs_embeds_warning_goes_through_transformers_logging():
+    """HF's "will not detect padding tokens in `inputs_embeds`" warning comes from transformers'
+    logging (its verbosity controls it, once per class); the patched forward's too (it used a
+    logger of its own, which `transformers.logging.set_verbosity_error()` did not silence)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    root = hf_logging.get_logger()  # the library's root logger ("transformers")
+    handler, level = Keep(), hf_logging.get_verbosity()
+    logging.Logger.warning_once.cache_clear()  # what earlier tests warned once is said again
+    root.addHandler(handler)
+    try:
+        embeds = torch.randn(2, 5, 32)
+        hf_logging.set_verbosity_error()
+        rmk.patch_hf_reward_model(_tiny("mistral"))(inputs_embeds=embeds)
+        assert not [m for m in records if "inputs_embeds" in m]
+        hf_logging.set_verbosity_warning()
+        model = rmk.patch_hf_reward_model(_tiny("qwen2"))
+        model(inputs_embeds=embeds)
+        model(inputs_embeds=embeds)
+        assert [m for m in records if "inputs_embeds" in m] == [
+            "Qwen2ForSequenceClassification will not detect padding tokens in `inputs_embeds`. Results may be "
+            "unexpected if using padding tokens in conjunction with `inputs_embeds.`"]
+    finally:
+        root.removeHandler(handler)
+        hf_logging.set_verbosity(level)

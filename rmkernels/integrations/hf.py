@@ -14,8 +14,9 @@ token with HF's own rule and applies ``score`` to those ``B`` rows only through
 ``rmk.last_token_reward``. The patched forward also takes an optional ``pairwise_loss=``
 dict; with it, the batch is read in TRL's layout (rows ``0..B-1`` chosen, ``B..2B-1``
 rejected) and the returned ``loss`` is ``rmk.pairwise_reward_loss`` (the fused
-Bradley-Terry op), ``logits`` the ``[2B, 1]`` rewards. Going through ``model(...)`` keeps DDP
-and accelerate wrappers working.
+Bradley-Terry op), ``logits`` the ``[2B, 1]`` rewards, float32 whatever the weights' dtype (the
+loss is computed from them; TRL rounds a bf16 / fp16 model's rewards to its dtype before its
+loss). Going through ``model(...)`` keeps DDP and accelerate wrappers working.
 
 Supported: every decoder ``*ForSequenceClassification`` of transformers 5.24 (checked over
 all 64 of them, tiny random configs: logits and gradients equal the unpatched model's): those
@@ -26,17 +27,13 @@ Zamba, Zamba2, ModernBERT-decoder).
 """
 import functools
 import inspect
-import logging
 
 import torch
 from torch import nn
 
 from rmkernels.ops.pooling import last_token_reward
 
-logger = logging.getLogger(__name__)
-
 LAST_TOKEN_RULES = ("pad_id", "attention_mask")
-_warned_embeds = []  # HF warns once about padding it cannot see in inputs_embeds; so do we
 _PAIRWISE_KEYS = ("margin", "label_smoothing", "center_coef", "weights", "reduction")
 
 
@@ -204,10 +201,15 @@ def _patched_forward(self, *args, **kwargs):
     # HF's own checks and rule (transformers' GenericForSequenceClassification.forward).
     if pad_id is None and batch_size != 1:
         raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
-    if pad_id is not None and input_ids is None and inputs_embeds is not None and not _warned_embeds:
-        _warned_embeds.append(True)
-        logger.warning("%s will not detect padding tokens in `inputs_embeds`. Results may be unexpected if using "
-                       "padding tokens in conjunction with `inputs_embeds.`", type(self).__name__)
+    if pad_id is not None and input_ids is None and inputs_embeds is not None:
+        # HF's warning, through the logger HF sends it from (that of the module defining the class's
+        # forward; transformers' verbosity controls it; once per message, i.e. per class: warning_once)
+        from transformers.utils import logging as hf_logging
+
+        module = getattr(type(self).forward, "__module__", None) or ""
+        hf_logging.get_logger(module if module.startswith("transformers.") else "transformers.modeling_layers") \
+            .warning_once(f"{type(self).__name__} will not detect padding tokens in `inputs_embeds`. Results may be "
+                          "unexpected if using padding tokens in conjunction with `inputs_embeds.`")
     mask = named.get("attention_mask")
     pool = {}
     if opts["last_token"] == "attention_mask" and isinstance(mask, torch.Tensor) and mask.dim() == 2:
