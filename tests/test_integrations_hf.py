@@ -1,5 +1,6 @@
 """rmk.patch_hf_reward_model: the patched HF *ForSequenceClassification model gives the
 outputs and gradients of the unpatched one, with the head applied to B rows only."""
+import contextlib
 import copy
 import subprocess
 import sys
@@ -386,3 +387,32 @@ def test_inputs_embeds_warning_goes_through_transformers_logging():
     finally:
         root.removeHandler(handler)
         hf_logging.set_verbosity(level)
+
+
+def test_peft_seq_cls_adapter_head():
+    """A PEFT SEQ_CLS LoRA model (TRL's RewardTrainer with peft_config) wraps ``score`` in a
+    ModulesToSaveWrapper (a trained copy of the head): the patch applies the copy PEFT's forward
+    applies (the active adapter's; the original head with the adapters disabled), with the same
+    logits and gradients as the unpatched PEFT model. It was refused ("must be an nn.Linear")."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        m = peft.get_peft_model(_tiny("llama"), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj"]))
+        with torch.no_grad():  # the trained copy differs from the original head
+            m.get_base_model().score.modules_to_save["default"].weight.add_(1.0)
+        models.append(m)
+    ref, model = models
+    rmk.patch_hf_reward_model(model.get_base_model())
+    ids, mask = _batch(B=4, T=7)
+    for disabled in (False, True):
+        with (model.disable_adapter() if disabled else contextlib.nullcontext()), \
+                (ref.disable_adapter() if disabled else contextlib.nullcontext()):
+            r, g = ref(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+            assert_close(g, r, rtol=1e-5, atol=1e-6, name=f"logits (adapters disabled: {disabled})")
+    ref(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+        if p.requires_grad:
+            assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, name=f"grad {n}")

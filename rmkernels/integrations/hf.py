@@ -71,6 +71,23 @@ def _head_name(model):
     return _OWN_CLASS_HEADS[model_type] if cls is not None and isinstance(model, cls) else None
 
 
+def head_linear(head):
+    """The ``nn.Linear`` that the head module ``head`` applies, or None: the head itself, or, for
+    PEFT's ``ModulesToSaveWrapper`` (a ``task_type="SEQ_CLS"`` adapter trains a copy of the
+    head: TRL's RewardTrainer with ``peft_config``), the copy its forward applies now: the first
+    active adapter's, or the original head when adapters are disabled or an active one has no
+    copy."""
+    if isinstance(head, nn.Linear):
+        return head
+    copies, original = getattr(head, "modules_to_save", None), getattr(head, "original_module", None)
+    if not isinstance(copies, nn.ModuleDict) or not isinstance(original, nn.Module):
+        return None
+    active = list(getattr(head, "active_adapters", None) or [])
+    use_copy = not getattr(head, "disable_adapters", False) and active and all(a in copies for a in active)
+    lin = copies[active[0]] if use_copy else original
+    return lin if isinstance(lin, nn.Linear) else None
+
+
 @functools.cache
 def _signature(cls):
     return inspect.signature(cls.forward)
@@ -97,7 +114,9 @@ def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
         model: a decoder ``*ForSequenceClassification`` of transformers (every
             ``GenericForSequenceClassification`` subclass -- Llama, Qwen2, Mistral, ... --,
             GPT-2, and the 13 own-class decoders listed in the module docstring), whose head
-            (``score``, or ``classifier``) is an ``nn.Linear``.
+            (``score``, or ``classifier``) is an ``nn.Linear``, or PEFT's
+            ``ModulesToSaveWrapper`` of one (a ``SEQ_CLS`` LoRA / adapter model: the copy the
+            wrapper applies, :func:`head_linear`; patch ``peft_model.get_base_model()``).
         last_token: ``"pad_id"`` (default) reproduces HF exactly: the rightmost token that is
             not ``config.pad_token_id``; a row of pads only picks position 0; with no pad id
             (batch size 1 only) or with ``inputs_embeds`` the last position. ``"attention_mask"``
@@ -118,8 +137,9 @@ def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
         raise TypeError(f"patch_hf_reward_model supports the decoder *ForSequenceClassification models of transformers "
                         f"(GenericForSequenceClassification: Llama, Qwen2, Mistral, ...; GPT-2; "
                         f"{', '.join(sorted(_OWN_CLASS_HEADS))}), got {type(model).__name__}")
-    if not isinstance(getattr(model, head, None), nn.Linear):
-        raise TypeError(f"{type(model).__name__}.{head} must be an nn.Linear, got {type(getattr(model, head, None))}")
+    if head_linear(getattr(model, head, None)) is None:
+        raise TypeError(f"{type(model).__name__}.{head} must be an nn.Linear (or PEFT's ModulesToSaveWrapper of "
+                        f"one), got {type(getattr(model, head, None))}")
     if is_patched(model):
         model._rmk_options = {"last_token": last_token, "backend": backend, "head": head}
         return model
@@ -217,7 +237,10 @@ def _patched_forward(self, *args, **kwargs):
     else:
         pool["lengths"] = hf_last_token_index(input_ids, pad_id, batch_size, seq_len, hidden.device) + 1
 
-    head = getattr(self, opts["head"])
+    head = head_linear(getattr(self, opts["head"]))
+    if head is None:
+        raise TypeError(f"{type(self).__name__}.{opts['head']} is no longer an nn.Linear (or PEFT's "
+                        f"ModulesToSaveWrapper of one): got {type(getattr(self, opts['head']))}")
     pre_head = _PRE_HEAD.get(getattr(self.config, "model_type", None))
     if pre_head is not None:
         # a per-token MLP before the linear head: pick the rows first, run it on B rows only
