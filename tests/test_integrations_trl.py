@@ -52,13 +52,16 @@ def _config(tmp_path, **kw):
     return trl.RewardConfig(**base)
 
 
-def _trainers(tmp_path, dataset, trainer_kw=None, **config_kw):
+def _trainers(tmp_path, dataset, trainer_kw=None, peft_config=None, **config_kw):
     tok = build_char_tokenizer("0123456789 sort:assistantuser\n")
     model = _tiny_model(tok)
+    peft = {} if peft_config is None else {"peft_config": peft_config}
+    torch.manual_seed(0)  # the same adapter weights for both
     ref = trl.RewardTrainer(model=copy.deepcopy(model), args=_config(tmp_path / "trl", **config_kw),
-                            train_dataset=dataset, processing_class=tok)
+                            train_dataset=dataset, processing_class=tok, **peft)
+    torch.manual_seed(0)
     ours = RewardTrainer(model=copy.deepcopy(model), args=_config(tmp_path / "rmk", **config_kw),
-                         train_dataset=dataset, processing_class=tok, **(trainer_kw or {}))
+                         train_dataset=dataset, processing_class=tok, **peft, **(trainer_kw or {}))
     return ref, ours
 
 
@@ -154,3 +157,18 @@ def test_readme_trl_snippet_runs_on_cpu(tmp_path, monkeypatch):
     assert trainer.args.bf16 == torch.cuda.is_available()
     losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
     assert len(losses) == 1 and math.isfinite(losses[0])
+
+
+def test_same_loss_and_grads_as_trl_with_a_peft_adapter(tmp_path):
+    """peft_config (a SEQ_CLS LoRA: PEFT wraps the trained copy of score in a
+    ModulesToSaveWrapper): the same loss and gradients as TRL's RewardTrainer (refused before)."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    ref, ours = _trainers(tmp_path, _dataset(12, True), peft_config=cfg)
+    batch = next(iter(ref.get_train_dataloader()))
+    ref_loss, ref_grads = _loss_and_grads(ref, batch)
+    loss, grads = _loss_and_grads(ours, batch)
+    assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, name="loss")
+    assert set(grads) == set(ref_grads) and any("modules_to_save" in n for n in grads)
+    for n in ref_grads:
+        assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, name=f"grad {n}")
