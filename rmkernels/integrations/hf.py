@@ -122,7 +122,8 @@ def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
             (batch size 1 only) or with ``inputs_embeds`` the last position. ``"attention_mask"``
             picks the rightmost position whose ``attention_mask`` is non-zero instead, which is
             right when pad == eos (HF's rule then skips a trailing eos); without a mask it
-            falls back to the HF rule.
+            falls back to the HF rule. A row whose mask is all zero is then a ``ValueError``
+            naming the rows (HF's rule, which ignores the mask, gives it a value).
         backend: the rmkernels backend (None = fastest available).
 
     The outputs are those of the original forward (logits in the dtype ``score`` would give,
