@@ -104,8 +104,15 @@ def _reference_logits(hidden, weight, bias, temperature):
     return z / temperature
 
 
+def valid_targets(targets, vocab, ignore_index):
+    """The tokens that take part: a target in ``[0, vocab)`` other than ``ignore_index`` (the
+    reference's and the Triton host's rule; the C++ driver's: token_logprobs_chunks.h,
+    valid_targets)."""
+    return (targets != ignore_index) & (targets >= 0) & (targets < vocab)
+
+
 def _valid_targets(targets, vocab, ignore_index):
-    valid = (targets != ignore_index) & (targets >= 0) & (targets < vocab)
+    valid = valid_targets(targets, vocab, ignore_index)
     return valid, torch.where(valid, targets, torch.zeros_like(targets))
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rmkernels.ops.token_logprobs import check_temperature
+from rmkernels.ops.token_logprobs import check_temperature, valid_targets
 from rmkernels.triton._common import FLOAT_DTYPES, acc_dtype, block_size, check_tensor, scalar, split_float
 
 # Tokens per program of the forward and of the gradient tile: 64 rows x 64 vocabulary entries
@@ -170,10 +170,9 @@ def _check_args(hidden, weight, bias, targets, temperature, token_chunk, vocab_c
 def token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, token_chunk, vocab_chunk):
     """(logprobs, entropy, lse) shaped like targets; same contract as the
     ``token_logprobs_fwd_kernel`` op (one fused pass: the chunk sizes are checked, not used)."""
-    _check_args(hidden, weight, bias, targets, temperature, token_chunk, vocab_chunk)
+    acc = _check_args(hidden, weight, bias, targets, temperature, token_chunk, vocab_chunk)
     H = hidden.shape[-1]
     N, V = targets.numel(), weight.shape[0]
-    acc = acc_dtype(hidden.dtype)
     outs = [torch.empty(targets.shape, dtype=acc, device=hidden.device) for _ in range(3)]
     if N == 0:
         return tuple(outs)
@@ -198,7 +197,6 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
             check_tensor(name, t, shape=targets.shape, dtype=acc, device=hidden.device, contiguous=True)
     H = hidden.shape[-1]
     N, V = targets.numel(), weight.shape[0]
-    acc = acc_dtype(hidden.dtype)
     dev = hidden.device
     g_h = torch.zeros(N, H, dtype=acc, device=dev) if need_hidden else hidden.new_empty(0)
     g_w = torch.zeros(V, H, dtype=weight.dtype, device=dev) if need_weight else weight.new_empty(0)
@@ -214,7 +212,7 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
         # is 0, but 0 * NaN = NaN in the GEMM: a NaN or inf hidden state there (a padded
         # position's) would reach a whole column of grad_weight. One torch.where per chunk and
         # vocabulary chunk (no host sync to skip it), small next to the GEMMs; once for one chunk.
-        keep = ((t != ignore_index) & (t >= 0) & (t < V))[:, None] if need_weight else None
+        keep = valid_targets(t, V, ignore_index)[:, None] if need_weight else None
         xw, xw_for = None, None
         for v0 in range(0, V, vc):
             vl = min(vc, V - v0)
