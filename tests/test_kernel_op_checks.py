@@ -179,6 +179,11 @@ KERNEL_CASES = {
                                   "-1.0)",
     "whiten_apply: eps negative": "ops.masked_whiten_apply_kernel(r(4, 5), b(4, 5), f(2), f(1), True, True, -1.0)",
     "whiten_apply: eps NaN": "ops.masked_whiten_apply_kernel(r(4, 5), b(4, 5), f(2), f(1), True, True, float('nan'))",
+    # clamps: finite and >= 0, 0 = no clamp (the public functions refuse inf too)
+    "kl_estimate: x_clamp inf": "ops.kl_estimate_kernel(r(4, 5), r(4, 5), None, 0, float('inf'), 0.0)",
+    "kl_estimate: kl_clamp negative": "ops.kl_estimate_kernel(r(4, 5), r(4, 5), None, 0, 0.0, -1.0)",
+    "ppo_gae: score_clip inf":
+        "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, float('inf'))",
 }
 
 # What the message of a case above must say (the argument named, and what was given where the
@@ -219,6 +224,9 @@ KERNEL_MESSAGES = {
     "group: whiten_eps negative": "whiten_eps must be finite and >= 0, got -1",
     "whiten_apply: eps negative": "eps must be finite and >= 0, got -1",
     "whiten_apply: eps NaN": "eps must be finite and >= 0, got nan",
+    "kl_estimate: x_clamp inf": r"x_clamp must be finite and >= 0 \(0 = no clamp\), got inf",
+    "kl_estimate: kl_clamp negative": r"kl_clamp must be finite and >= 0 \(0 = no clamp\), got -1",
+    "ppo_gae: score_clip inf": r"score_clip must be finite and >= 0 \(0 = no clamp\), got inf",
 }
 
 # Public ops routed to the C++ kernels: the same checks hold behind them.
@@ -326,6 +334,11 @@ TRITON_CASES = {
     "bt fwd: label_smoothing NaN": "tb.bt_loss_fwd(r(4), r(4), None, None, 0.0, 1.0, float('nan'), 0.0, 1)",
     "bt bwd: center_coef negative": "tb.bt_loss_bwd(r(()), r(4), r(4), None, None, 0.0, 1.0, 0.0, -1.0, 1, True, "
                                     "True)",
+    "kl_estimate: x_clamp inf": "tq.kl_estimate(r(4, 5), r(4, 5), None, 0, float('inf'), 0.0)",
+    "ppo_gae: score_clip inf":
+        "tq.ppo_gae(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, float('inf'))",
+    "bt fwd: margin_value inf": "tb.bt_loss_fwd(r(4), r(4), None, None, float('inf'), 1.0, 0.0, 0.0, 1)",
+    "bt fwd: weight_value NaN": "tb.bt_loss_fwd(r(4), r(4), None, None, 0.0, float('nan'), 0.0, 0.0, 1)",
 }
 
 TRITON_MESSAGES = {
@@ -356,6 +369,10 @@ TRITON_MESSAGES = {
     "whiten_apply: eps negative": "eps must be in .*got -1.0",
     "bt fwd: label_smoothing NaN": "label_smoothing must be in .*got nan",
     "bt bwd: center_coef negative": "center_coef must be in .*got -1.0",
+    "kl_estimate: x_clamp inf": "x_clamp must be in .*got inf",
+    "ppo_gae: score_clip inf": "score_clip must be in .*got inf",
+    "bt fwd: margin_value inf": "margin_value must be in .*got inf",
+    "bt fwd: weight_value NaN": "weight_value must be in .*got nan",
 }
 
 _RUNNER = textwrap.dedent("""
@@ -437,6 +454,8 @@ def test_bwd_ignores_out_of_range_indices():
     """In process (the subprocess above shows it cannot crash): rows with an index out of range
     get no gradient and add nothing to grad_weight / grad_bias."""
     import torch
+
+    import rmkernels  # noqa: F401  (registers torch.ops.rmkernels: the test must pass on its own)
 
     hidden, w = torch.randn(3, 5, 8), torch.randn(2, 8)
     grad = torch.randn(3, 2)

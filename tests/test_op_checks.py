@@ -117,6 +117,13 @@ def _direct_cases():
         "bt weights dtype": (
             lambda be: ops.bradley_terry_loss(c, r, None, torch.rand(4).double(), 0.0, 1.0, 0.0, 0.0, "mean", be),
             TypeError, "weights must have dtype"),
+        "bt margin_value inf": (
+            lambda be: ops.bradley_terry_loss(c, r, None, None, float("inf"), 1.0, 0.0, 0.0, "mean", be),
+            ValueError, "margin_value must be in .*got inf"),
+        "pairwise weight_value NaN": (
+            lambda be: ops.pairwise_reward_loss(h, w, None, torch.tensor([4, 2]), None, None, 0.0, float("nan"),
+                                                0.0, 0.0, "mean", be),
+            ValueError, "weight_value must be in .*got nan"),
         "bt reduction": (lambda be: ops.bradley_terry_loss(c, r, None, None, 0.0, 1.0, 0.0, 0.0, "avg", be),
                          ValueError, "reduction must be one of"),
         "bt rejected length": (lambda be: ops.bradley_terry_loss(c, r[:3], None, None, 0.0, 1.0, 0.0, 0.0, "sum", be),

@@ -123,10 +123,13 @@ _FINITE = dict(lo=float("-inf"), hi=float("inf"), lo_open=True, hi_open=True)
 
 def check_loss_scalars(margin_value, weight_value, label_smoothing, center_coef):
     """The scalar options of a BT loss, checked by the public functions (``loss_options``) and
-    by the ops' check hooks alike: a finite margin and weight, ``label_smoothing`` in
-    [0, 0.5), ``center_coef`` >= 0 (None: 0). Returns them as floats."""
-    return (_checks.check_float("margin", margin_value, **_FINITE),
-            _checks.check_float("weights", weight_value, **_FINITE),
+    by the ops' check hooks and the Triton host functions alike: a finite margin and weight,
+    ``label_smoothing`` in [0, 0.5), ``center_coef`` >= 0 (None: 0). Returns them as floats.
+    The messages name the ops' arguments (``margin_value``, ``weight_value``), as the C++
+    kernels' checks do; the public functions name ``margin`` / ``weights`` in their own check
+    (``_per_pair_arg``) before this one runs."""
+    return (_checks.check_float("margin_value", margin_value, **_FINITE),
+            _checks.check_float("weight_value", weight_value, **_FINITE),
             _checks.check_float("label_smoothing", label_smoothing, lo=0.0, hi=0.5, hi_open=True),
             _checks.check_nonneg("center_coef", 0.0 if center_coef is None else center_coef))
 

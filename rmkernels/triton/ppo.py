@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rmkernels import _codes
+from rmkernels import _checks, _codes
 from rmkernels.ops.gae import check_discount
 from rmkernels.ops.group_adv import check_reinforce_options
 from rmkernels.ops.ppo import check_kl_coef, check_whiten_options
@@ -524,9 +524,9 @@ def _check_mask(name, mask, main):
 
 
 def _check_clamps(**clamps):
+    """The kernels' clamps: finite and >= 0, 0 = no clamp (op_checks.h check_clamp_option)."""
     for name, c in clamps.items():
-        if not c >= 0:
-            raise ValueError(f"{name} must be >= 0 (0 = no clamp), got {c}")
+        _checks.check_nonneg(name, c)
 
 
 def _gae_launch(lp, rf, values, scores, mask, B, T, scalars, est, token_rewards, adv, ret, rew, kl, stats_shape):

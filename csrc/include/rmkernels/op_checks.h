@@ -213,15 +213,21 @@ inline void check_ppo_x_mask(const at::Tensor& x, const at::Tensor& mask, bool c
   check_bool_mask(mask, "mask", x.size(0), x.size(1), x.device());
 }
 
+// A clamp of the kernels: finite and >= 0, 0 = no clamp (the public functions' None; they take a
+// finite value > 0 otherwise: ops/gae.py check_clamp).
+inline void check_clamp_option(double v, const char* name) {
+  TORCH_CHECK(std::isfinite(v) && v >= 0, name, " must be finite and >= 0 (0 = no clamp), got ", v);
+}
+
 inline void check_kl_options(int64_t estimator, double x_clamp, double kl_clamp) {
   check_code(estimator, "estimator", codes::kK1, codes::kK3);
-  TORCH_CHECK(x_clamp >= 0 && kl_clamp >= 0, "x_clamp and kl_clamp must be >= 0 (0 = no clamp), got ", x_clamp,
-              ", ", kl_clamp);
+  check_clamp_option(x_clamp, "x_clamp");
+  check_clamp_option(kl_clamp, "kl_clamp");
 }
 
 // The arguments of ppo_gae_kernel (CPU and CUDA): values, logprobs, ref_logprobs float [B, T] of
 // one dtype on the backend's device (any strides), mask bool [B, T], scores [B] contiguous in the
-// arithmetic dtype; kl_coef finite, the discount options, the KL options and score_clip >= 0.
+// arithmetic dtype; kl_coef finite, the discount options, the KL options and the score_clip clamp.
 inline void check_ppo_gae_args(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& values,
                                const at::Tensor& scores, const at::Tensor& mask, double kl_coef, double gamma,
                                double lam, int64_t estimator, double x_clamp, double kl_clamp, double score_clip,
@@ -234,7 +240,7 @@ inline void check_ppo_gae_args(const at::Tensor& logprobs, const at::Tensor& ref
   check_finite_option(kl_coef, "kl_coef");
   check_discount(gamma, lam);
   check_kl_options(estimator, x_clamp, kl_clamp);
-  TORCH_CHECK(score_clip >= 0, "score_clip must be >= 0 (0 = no clamp), got ", score_clip);
+  check_clamp_option(score_clip, "score_clip");
   check_dense(scores, "scores", {B}, acc_scalar_type(values.scalar_type()), values.device());
 }
 
