@@ -222,6 +222,34 @@ def test_short_run_raises_the_score(reward_model, tmp_path, capsys):
     AutoTokenizer.from_pretrained(out / "policy")
 
 
+def test_clip_range_high_and_loss_agg_reach_the_gae_update(reward_model, tmp_path, capsys, monkeypatch):
+    """--advantage gae passes --clip-range-high and --loss-agg (horizon --max-new-tokens) to the
+    policy loss and --loss-agg to the value loss; --clip-range-high defaults to --clip-range."""
+    calls = {"policy": [], "value": []}
+    real_p, real_v = core.ppo_policy_loss, core.ppo_value_loss
+
+    def policy_loss(*args):
+        calls["policy"].append(args[4:])
+        return real_p(*args)
+
+    def value_loss(*args):
+        calls["value"].append(args[4:])
+        return real_v(*args)
+
+    monkeypatch.setattr(core, "ppo_policy_loss", policy_loss)
+    monkeypatch.setattr(core, "ppo_value_loss", value_loss)
+    common = ["--reward-model", reward_model, "--batch-size", "4", "--max-new-tokens", "5", "--ppo-epochs", "1",
+              "--minibatches", "2", "--steps", "1", "--clip-range", "0.1"] + FAST
+    assert main(common + ["--output-dir", str(tmp_path / "a"), "--clip-range-high", "0.3", "--loss-agg",
+                          "seq-mean-token-mean"]) == 0
+    assert calls["policy"] == [(0.1, 0.3, "seq-mean-token-mean", 5)] * 2
+    assert calls["value"] == [(0.2, "seq-mean-token-mean", 5)] * 2
+    calls["policy"].clear()
+    assert main(common + ["--output-dir", str(tmp_path / "b")]) == 0
+    assert calls["policy"] == [(0.1, 0.1, "token-mean", 5)] * 2
+    capsys.readouterr()
+
+
 def test_resume_continues_exactly(reward_model, tmp_path, capsys):
     common = ["--reward-model", reward_model, "--batch-size", "8", "--max-new-tokens", "5", "--ppo-epochs", "2",
               "--save-every", "100"] + FAST
