@@ -52,6 +52,8 @@ def reward_model(tmp_path_factory):
     (["--advantage", "dr_grpo", "--reward", "checker"], False),
     (["--advantage", "remax", "--num-generations", "2", "--kl-mode", "loss"], False),
     (["--advantage", "reinforce_pp", "--num-generations", "1", "--reward", "checker"], False),
+    (["--advantage", "rloo", "--ppo-epochs", "2", "--minibatches", "2", "--clip-range-high", "0.28", "--loss-agg",
+      "seq-mean-token-mean"], False),
     (["--advantage", "gae", "--adaptive-kl", "--ppo-epochs", "2", "--minibatches", "2"], True),
 ], ids=lambda e: "-".join(a.lstrip("-") for a in e) if isinstance(e, list) else ("resume" if e else "1-step"))
 def test_ppo_on_a_gpu(extra, resume, reward_model, gpu, tmp_path, capsys):

@@ -56,6 +56,90 @@ def test_ppo_losses_match_their_formulas():
     assert torch.allclose(vloss, 0.5 * torch.maximum((v - ret) ** 2, (vc - ret) ** 2)[mask].mean())
 
 
+def _ragged_mask(B, T, g):
+    """Right-padded responses of random lengths, row 0 with no valid token, the last with one
+    at least."""
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    lengths[0], lengths[-1] = 0, max(int(lengths[-1]), 1)
+    return torch.arange(T)[None] < lengths[:, None]
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long, torch.float32])
+def test_agg_loss_follows_verls_formulas(mask_dtype):
+    """verl 0.9.1's ``agg_loss`` (trainer/ppo/core_algos.py) with dp_size 1, written out:
+    token-mean = sum(x m) / sum(m); the seq-mean modes average over the responses with a valid
+    token (a fully masked one counts in no mean) each response's token sum (seq-mean-token-sum),
+    that sum over its token count + 1e-8 (seq-mean-token-mean), or the token sum over the horizon
+    (seq-mean-token-sum-norm: the mask's width unless given). Values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        B, T = int(torch.randint(2, 9, (1,), generator=g)), int(torch.randint(1, 13, (1,), generator=g))
+        x = torch.randn(B, T, generator=g, dtype=torch.float64)
+        mask = _ragged_mask(B, T, g).to(mask_dtype)
+        for mode in core.LOSS_AGG_MODES:
+            xg = x.clone().requires_grad_()
+            got = core.agg_loss(xg, mask, mode)
+            want = _verl_agg(x, mask, mode)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=mode)
+            # the gradient of the same formula: 0 at masked positions and in the empty row
+            xw = x.clone().requires_grad_()
+            _verl_agg(xw, mask, mode).backward()
+            got.backward()
+            torch.testing.assert_close(xg.grad, xw.grad, rtol=1e-12, atol=1e-12, msg=mode)
+            assert (xg.grad[~mask.bool()] == 0).all()
+        sums = (x * mask.double()).sum(-1)
+        torch.testing.assert_close(core.agg_loss(x, mask, "seq-mean-token-sum-norm", horizon=32),
+                                   sums[mask.bool().any(-1)].mean() / 32, rtol=1e-12, atol=1e-12)
+    # token-mean is the masked mean the loops used before --loss-agg, bit for bit
+    x, mask = torch.randn(6, 5), torch.rand(6, 5) > 0.4
+    assert torch.equal(core.agg_loss(x, mask), core.masked_mean(x, mask))
+    # a batch without any valid token: 0 (verl: NaN)
+    for mode in core.LOSS_AGG_MODES:
+        assert core.agg_loss(x, torch.zeros_like(mask), mode).item() == 0.0
+
+
+def _verl_agg(x, mask, mode):
+    """verl 0.9.1's agg_loss, dp_size 1, for float64 ``x``: its 1e-8 is added to the token
+    count in the mask's dtype (a bool or integer count becomes float32, torch's default)."""
+    m = mask.double()
+    rows = m.sum(-1) > 0  # the responses with a valid token: the seq-mean modes average over them
+    sums = (x * m).sum(-1)
+    if mode == "token-mean":
+        return (x * m).sum() / m.sum()
+    if mode == "seq-mean-token-sum":
+        return sums[rows].mean()
+    if mode == "seq-mean-token-mean":
+        return (sums / (mask.sum(-1) + 1e-8).double())[rows].mean()
+    assert mode == "seq-mean-token-sum-norm"
+    return sums[rows].mean() / mask.shape[-1]
+
+
+def test_policy_loss_clips_higher_and_aggregates():
+    """clip_range below, clip_range_high above (DAPO): the clipped surrogate with (1 - 0.1, 1 +
+    0.3), aggregated by --loss-agg; the clip fraction stays a token mean; the value loss
+    aggregates with the same mode."""
+    g = torch.Generator().manual_seed(1)
+    B, T = 6, 7
+    lp, old = torch.randn(B, T, generator=g) * 0.3, torch.randn(B, T, generator=g) * 0.3
+    adv, mask = torch.randn(B, T, generator=g), _ragged_mask(B, T, g)
+    r = (lp - old).exp()
+    l1, l2 = -adv * r, -adv * r.clamp(0.9, 1.3)
+    per = torch.maximum(l1, l2)
+    assert bool(((r > 1.2) & (r < 1.3) & mask & (adv > 0)).any())  # where 0.2 would clip and 0.3 does not
+    for mode in core.LOSS_AGG_MODES:
+        loss, clipfrac, _ = core.ppo_policy_loss(lp, old, adv, mask, 0.1, 0.3, mode, horizon=9)
+        torch.testing.assert_close(loss, core.agg_loss(per, mask, mode, horizon=9))
+        torch.testing.assert_close(clipfrac, (l2 > l1)[mask].float().mean())
+    sym, _, _ = core.ppo_policy_loss(lp, old, adv, mask, 0.2)
+    assert torch.equal(sym, core.ppo_policy_loss(lp, old, adv, mask, 0.2, 0.2)[0])
+    assert not torch.allclose(sym, core.ppo_policy_loss(lp, old, adv, mask, 0.2, 0.3)[0])
+    v, v_old, ret = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    vc = v_old + (v - v_old).clamp(-0.1, 0.1)
+    vper = torch.maximum((v - ret) ** 2, (vc - ret) ** 2)
+    vloss, _ = core.ppo_value_loss(v, v_old, ret, mask, 0.1, "seq-mean-token-mean")
+    torch.testing.assert_close(vloss, 0.5 * core.agg_loss(vper, mask, "seq-mean-token-mean"))
+
+
 def test_reward_scores_pool_as_hf_when_pad_is_eos():
     """A pad == eos tokenizer: the reward trainer drops the trailing EOS (HF's pad-id rule), so
     the rollouts' scores are read before the EOS too, where HF's *ForSequenceClassification
@@ -136,6 +220,34 @@ def test_short_run_raises_the_score(reward_model, tmp_path, capsys):
 
     AutoModelForCausalLM.from_pretrained(out / "policy")
     AutoTokenizer.from_pretrained(out / "policy")
+
+
+def test_clip_range_high_and_loss_agg_reach_the_gae_update(reward_model, tmp_path, capsys, monkeypatch):
+    """--advantage gae passes --clip-range-high and --loss-agg (horizon --max-new-tokens) to the
+    policy loss and --loss-agg to the value loss; --clip-range-high defaults to --clip-range."""
+    calls = {"policy": [], "value": []}
+    real_p, real_v = core.ppo_policy_loss, core.ppo_value_loss
+
+    def policy_loss(*args):
+        calls["policy"].append(args[4:])
+        return real_p(*args)
+
+    def value_loss(*args):
+        calls["value"].append(args[4:])
+        return real_v(*args)
+
+    monkeypatch.setattr(core, "ppo_policy_loss", policy_loss)
+    monkeypatch.setattr(core, "ppo_value_loss", value_loss)
+    common = ["--reward-model", reward_model, "--batch-size", "4", "--max-new-tokens", "5", "--ppo-epochs", "1",
+              "--minibatches", "2", "--steps", "1", "--clip-range", "0.1"] + FAST
+    assert main(common + ["--output-dir", str(tmp_path / "a"), "--clip-range-high", "0.3", "--loss-agg",
+                          "seq-mean-token-mean"]) == 0
+    assert calls["policy"] == [(0.1, 0.3, "seq-mean-token-mean", 5)] * 2
+    assert calls["value"] == [(0.2, "seq-mean-token-mean", 5)] * 2
+    calls["policy"].clear()
+    assert main(common + ["--output-dir", str(tmp_path / "b")]) == 0
+    assert calls["policy"] == [(0.1, 0.1, "token-mean", 5)] * 2
+    capsys.readouterr()
 
 
 def test_resume_continues_exactly(reward_model, tmp_path, capsys):

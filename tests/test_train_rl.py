@@ -457,9 +457,8 @@ def _given(dest):
 
 @pytest.mark.parametrize("dest", GAE_ONLY)
 def test_ppo_options_are_refused_by_the_critic_free_run(dest, capsys):
-    assert set(GAE_ONLY) >= {"value_lr", "vf_coef", "clip_range_value", "ppo_epochs", "minibatches", "clip_range",
-                             "gamma", "lam", "adaptive_kl", "kl_clamp", "score_clip", "whiten", "shift_mean",
-                             "unbiased", "missing_eos_penalty"}
+    assert set(GAE_ONLY) >= {"value_lr", "vf_coef", "clip_range_value", "gamma", "lam", "adaptive_kl", "kl_clamp",
+                             "score_clip", "whiten", "shift_mean", "unbiased", "missing_eos_penalty"}
     assert main(_given(dest) + FAST) == 1
     assert f"{rl.flag(dest)}: options of --advantage gae" in _err(capsys)
 
@@ -469,6 +468,76 @@ def test_critic_free_options_are_refused_by_gae(dest, capsys):
     assert set(CRITIC_FREE_ONLY) >= {"num_generations", "warm_start_steps", "eval_every", "eval_prompts"}
     assert main(["--advantage", "gae"] + _given(dest) + FAST) == 1
     assert f"{rl.flag(dest)}: options of the critic-free run" in _err(capsys)
+
+
+def test_the_update_options_belong_to_both_paths():
+    """--ppo-epochs and --minibatches have a default on each path (one table each), --clip-range,
+    --clip-range-high (default: --clip-range) and --loss-agg one for both; none is refused."""
+    assert {"ppo_epochs", "minibatches"} <= set(rl.CRITIC_FREE_DEFAULTS) & set(rl.GAE_DEFAULTS)
+    for argv, want in [([], (1, 1, 0.2, 0.2, "token-mean")),
+                       (["--advantage", "gae"], (4, 2, 0.2, 0.2, "token-mean")),
+                       (["--clip-range", "0.3"], (1, 1, 0.3, 0.3, "token-mean")),
+                       (["--advantage", "gae", "--clip-range-high", "0.28", "--loss-agg", "seq-mean-token-sum"],
+                        (4, 2, 0.2, 0.28, "seq-mean-token-sum")),
+                       (["--ppo-epochs", "2", "--minibatches", "4", "--clip-range-high", "0.28", "--loss-agg",
+                         "seq-mean-token-mean"], (2, 4, 0.2, 0.28, "seq-mean-token-mean"))]:
+        a = build_parser().parse_args(argv)
+        check_args(a)
+        assert (a.ppo_epochs, a.minibatches, a.clip_range, a.clip_range_high, a.loss_agg) == want, argv
+    for advantage in ("grpo", "gae"):
+        assert {"ppo_epochs", "minibatches", "clip_range", "clip_range_high", "loss_agg"} <= \
+            set(rl.resume_fixed(advantage))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--minibatches", "3"], "--minibatches 3: the 128 responses of each step (16 prompts x --num-generations 8) "
+                             "do not split into 3 equal minibatches"),
+    (["--minibatches", "0"], "--minibatches must be > 0"),
+    (["--ppo-epochs", "0"], "--ppo-epochs must be > 0"),
+    (["--clip-range-high", "0"], "--clip-range-high must be a finite number > 0"),
+    (["--clip-range-high", "nan", "--advantage", "gae"], "--clip-range-high must be a finite number > 0"),
+])
+def test_bad_update_options_stop_with_a_message(argv, message, capsys):
+    assert main(argv + FAST) == 1
+    assert message in _err(capsys)
+    with pytest.raises(SystemExit):  # argparse's usage and one line
+        main(["--loss-agg", "seq-sum"])
+    assert "argument --loss-agg: invalid choice: 'seq-sum'" in _err(capsys)
+
+
+def test_minibatches_must_split_the_responses_of_a_short_prompt_file(tiny_rm, tmp_path, capsys):
+    """--batch-size 5 x 2 responses split into 5 minibatches, but a 2-prompt file makes 4 a step."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "sort 31: "}\n{"prompt": "sort 98: "}\n')
+    assert main(tiny(tiny_rm, tmp_path / "run", "--prompts", str(prompts), "--steps", "1", "--batch-size", "5",
+                     "--minibatches", "5")) == 1
+    assert ("--minibatches 5: the 4 responses of each step (2 prompts x --num-generations 2) do not split into 5 "
+            "equal minibatches") in _err(capsys)
+
+
+def test_several_updates_train_and_resume_exactly(tiny_rm, tmp_path, capsys):
+    """A short run with --ppo-epochs 2 --minibatches 2 (and clip-higher, seq-mean-token-mean):
+    4 updates a step, finite losses, the clip fraction > 0 once the policy has moved; stopped
+    after one step and resumed, it ends with the metrics and weights of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    opts = ("--ppo-epochs", "2", "--minibatches", "2", "--lr", "1e-2", "--clip-range", "0.1", "--clip-range-high",
+            "0.15", "--loss-agg", "seq-mean-token-mean", "--save-every", "100")
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    assert main(tiny(tiny_rm, a, "--steps", "3", *opts)) == 0
+    assert main(tiny(tiny_rm, b, "--steps", "3", "--stop-after", "1", *opts)) == 0
+    assert main(tiny(tiny_rm, b, "--steps", "3", "--resume", *opts)) == 0
+    _err(capsys)
+    ta = [r for r in _records(a / "metrics.jsonl") if r["split"] == "train"]
+    tb = [r for r in _records(b / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["updates"] for r in ta] == [4, 4, 4]
+    assert all(math.isfinite(r[k]) for r in ta for k in ("loss", "pg_loss", "clipfrac", "policy_kl"))
+    assert max(r["clipfrac"] for r in ta) > 0 and ta[0]["policy_kl"] > 0
+    for x, y in zip(ta, tb):
+        assert {k: v for k, v in x.items() if k != "time"} == {k: v for k, v in y.items() if k != "time"}
+    wa = load_file(a / "checkpoint-3" / "policy" / "model.safetensors")
+    wb = load_file(b / "checkpoint-3" / "policy" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.parametrize("name,canonical", [("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3"), ("k2", "k2")])
@@ -484,13 +553,14 @@ def test_kl_estimator_is_refused_with_kl_mode_reward(capsys):
 
 
 def test_critic_free_batch_size_1_and_a_kl_alias_run(tiny_rm, tmp_path, capsys):
-    """--batch-size 1 (no --minibatches check: the critic-free run has none) and --kl-estimator mse."""
+    """--batch-size 1 (not GAE's --minibatches <= --batch-size: the critic-free minibatches split the
+    responses) and --kl-estimator mse; the checkpoint records GAE's own options as None."""
     out = tmp_path / "run"
     assert main(tiny(tiny_rm, out, "--steps", "1", "--batch-size", "1", "--kl-estimator", "mse")) == 0
     _err(capsys)
     with open(out / "checkpoint-1" / "trainer_state.json") as f:
         args = json.load(f)["args"]
-    assert args["kl_estimator"] == "k2" and args["ppo_epochs"] is None
+    assert args["kl_estimator"] == "k2" and args["value_lr"] is None and args["ppo_epochs"] == 1
 
 
 def test_kl_mode_reward_logs_the_k1_it_applies(tokenizer, monkeypatch):
@@ -527,6 +597,159 @@ def test_kl_mode_reward_logs_the_k1_it_applies(tokenizer, monkeypatch):
     assert kls["loss"] != pytest.approx(k1, rel=1e-3)
 
 
+# ---------------------------------------------------------------------------------------
+# Several updates per rollout batch, --clip-range-high, --loss-agg
+# ---------------------------------------------------------------------------------------
+def _fake_scores(model, roll, tokenizer, backend=None):
+    """A stand-in reward model: a fixed function of each response's tokens (groups disagree)."""
+    resp = roll.sequences[:, roll.prompt_len:].float() * roll.response_mask
+    return (resp * torch.arange(1, resp.shape[1] + 1)).sum(1) % 7 - 3.0
+
+
+def _tiny_step_setup(tokenizer, seed=0):
+    from rmkernels_train import sft
+
+    torch.manual_seed(seed)
+    policy = sft.build_policy(tokenizer, layers=1, hidden=16)
+    ref = sft.build_policy(tokenizer, layers=1, hidden=16)
+    ref.load_state_dict(policy.state_dict())
+    with torch.no_grad():  # a reference that differs from the policy: a KL term with a gradient
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.requires_grad_(False)
+    prompts = ["sort 312: ", "sort 9071: ", "sort 55: "]
+    ids = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return policy, ref, prompts, ids
+
+
+def _old_rl_step(policy, ref, optimizer, tokenizer, prompts, prompt_ids, *, num_generations, estimator, kl_coef,
+                 kl_estimator, kl_mode, max_new_tokens, temperature, max_grad_norm):
+    """The critic-free step before --ppo-epochs / --minibatches / --loss-agg (commit 6667218's
+    grpo.rl_step, reward "model", group and token estimators but not remax): one on-policy step,
+    the token-mean losses."""
+    from rmkernels_train import ppo_core as core
+
+    G = num_generations
+    rep_ids = [p for p in prompt_ids for _ in range(G)]
+    roll = grpo.sample(policy, rep_ids, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
+    mask = roll.response_mask
+    group_ids = torch.arange(len(prompts), device=mask.device).repeat_interleave(G)
+    with torch.no_grad():
+        ref_logp = core.fused_policy_logprobs(ref, roll, temperature)
+        has_eos = grpo.ended(roll, tokenizer.eos_token_id)
+        rewards = grpo.penalise_unended(grpo.rm_scores(None, roll, tokenizer), has_eos)
+    logp = core.fused_policy_logprobs(policy, roll, temperature)
+    kl_tok = grpo.kl_per_token(logp, ref_logp, kl_estimator)
+    k1_tok = (logp.detach() - ref_logp) * mask if kl_mode == "reward" else None
+    seq_kl = (kl_tok.detach() * mask).sum(1) if k1_tok is None else k1_tok.sum(1)
+    seq_rewards = rewards if k1_tok is None else rewards - kl_coef * k1_tok.sum(1)
+    if estimator in grpo.TOKEN_ESTIMATORS:
+        tok_adv = grpo.token_advantages(rewards, mask, estimator, kl_k1=k1_tok, kl_coef=kl_coef)
+    else:
+        tok_adv = grpo.group_advantages(seq_rewards, group_ids, mask, estimator)
+    pg_loss, _, _ = core.ppo_policy_loss(logp, logp.detach(), tok_adv, mask, 1.0)
+    loss = pg_loss
+    if kl_mode == "loss" and kl_coef > 0:
+        loss = loss + kl_coef * core.masked_mean(kl_tok, mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+    optimizer.step()
+    return {"reward": seq_rewards.mean().item(), "kl": seq_kl.mean().item(), "loss": loss.item(),
+            "pg_loss": pg_loss.item(), "grad_norm": float(grad_norm)}
+
+
+STEP = dict(num_generations=4, kl_coef=0.3, kl_estimator="k3", max_new_tokens=5, temperature=1.0,
+            max_grad_norm=0.5)
+
+
+@pytest.mark.parametrize("estimator,kl_mode", [("grpo", "loss"), ("rloo", "reward"), ("reinforce_pp", "loss")])
+def test_default_step_is_the_one_on_policy_step_of_before(tokenizer, monkeypatch, estimator, kl_mode):
+    """With the defaults (1 epoch, 1 minibatch, token-mean) rl_step computes what it computed
+    before the options existed, bit for bit: the metrics, the gradient step (two AdamW steps:
+    the parameters and the optimizer state), and the torch RNG it leaves behind."""
+    monkeypatch.setattr(grpo, "rm_scores", _fake_scores)
+    runs = {}
+    for which in ("old", "new"):
+        policy, ref, prompts, ids = _tiny_step_setup(tokenizer)
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=0.0)
+        recs = []
+        for step in range(2):
+            torch.manual_seed(100 + step)
+            if which == "old":
+                recs.append(_old_rl_step(policy, ref, opt, tokenizer, prompts, ids, estimator=estimator,
+                                         kl_mode=kl_mode, **STEP))
+            else:
+                recs.append(grpo.rl_step(policy, ref, None, opt, tokenizer, prompts, ids, estimator=estimator,
+                                         reward="model", kl_mode=kl_mode, check=False, **STEP))
+            recs[-1]["rng"] = torch.rand(1).item()
+        runs[which] = (recs, {k: v.clone() for k, v in policy.state_dict().items()}, opt.state_dict())
+    (old, w_old, o_old), (new, w_new, o_new) = runs["old"], runs["new"]
+    for a, b in zip(old, new):
+        assert {k: b[k] for k in a} == a
+        assert b["updates"] == 1 and b["clipfrac"] == 0.0 and b["policy_kl"] == 0.0
+    assert old[0]["loss"] != old[1]["loss"]
+    for k in w_old:
+        assert torch.equal(w_old[k], w_new[k]), k
+    for i, st in o_old["state"].items():
+        assert all(torch.equal(st[k], o_new["state"][i][k]) for k in st)
+
+
+def test_more_updates_per_batch_clip_against_the_rollout_policy(tokenizer, monkeypatch):
+    """--ppo-epochs 2 --minibatches 2: 4 optimizer steps on the one batch; with lr 0 the policy
+    never moves, every ratio is 1 (the log-probs of the rollout are recomputed exactly: nothing
+    clipped, policy_kl 0); with a large lr it moves and the later updates clip. The minibatch
+    permutations come from the generator given: the same generator seed, the same step."""
+    monkeypatch.setattr(grpo, "rm_scores", _fake_scores)
+    out = {}
+    for lr, gseed in ((0.0, 0), (5e-2, 0), (5e-2, 0), (5e-2, 1)):
+        policy, ref, prompts, ids = _tiny_step_setup(tokenizer)
+        opt = torch.optim.Adam(policy.parameters(), lr=lr)
+        torch.manual_seed(7)
+        r = grpo.rl_step(policy, ref, None, opt, tokenizer, prompts, ids, estimator="grpo", reward="model",
+                         kl_mode="loss", check=False, ppo_epochs=2, minibatches=2, clip_range=0.1,
+                         generator=torch.Generator().manual_seed(gseed), **STEP)
+        out.setdefault((lr, gseed), []).append((r, [p.detach().clone() for p in policy.parameters()]))
+    r0 = out[(0.0, 0)][0][0]
+    assert r0["updates"] == 4 and r0["clipfrac"] == 0.0 and r0["policy_kl"] == 0.0
+    (r1, w1), (r2, w2) = out[(5e-2, 0)]
+    assert r1["updates"] == 4 and r1["clipfrac"] > 0 and r1["policy_kl"] > 0
+    assert r1 == {**r2, "time": r1["time"]} and all(torch.equal(a, b) for a, b in zip(w1, w2))
+    r3, w3 = out[(5e-2, 1)][0]
+    assert r3["loss"] != r1["loss"] and not all(torch.equal(a, b) for a, b in zip(w1, w3))
+    with pytest.raises(ValueError, match="minibatches"):
+        grpo.rl_step(policy, ref, None, opt, tokenizer, prompts, ids, estimator="grpo", reward="model",
+                     kl_mode="loss", check=False, minibatches=5, **STEP)
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_loss_agg_aggregates_the_policy_and_kl_losses(tokenizer, monkeypatch, loss_agg):
+    """--loss-agg reaches the step's loss: its pg_loss and loss are those of ppo_core.agg_loss of
+    the token losses (horizon --max-new-tokens), not the token mean."""
+    from rmkernels_train import ppo_core as core
+
+    monkeypatch.setattr(grpo, "rm_scores", _fake_scores)
+    seen = []
+    real = core.agg_loss
+
+    def spy(loss_mat, mask, mode="token-mean", horizon=None):
+        seen.append((mode, horizon))
+        return real(loss_mat, mask, mode, horizon)
+
+    monkeypatch.setattr(core, "agg_loss", spy)
+    res = {}
+    for mode in ("token-mean", loss_agg):
+        policy, ref, prompts, ids = _tiny_step_setup(tokenizer)
+        torch.manual_seed(3)
+        res[mode] = grpo.rl_step(policy, ref, None, torch.optim.SGD(policy.parameters(), lr=0.0), tokenizer,
+                                 prompts, ids, estimator="grpo", reward="model", kl_mode="loss", check=False,
+                                 loss_agg=mode, **STEP)
+    assert seen[-2:] == [(loss_agg, STEP["max_new_tokens"])] * 2  # the policy loss, then the KL term
+    assert res[loss_agg]["pg_loss"] != res["token-mean"]["pg_loss"]
+    assert res[loss_agg]["loss"] - res[loss_agg]["pg_loss"] != pytest.approx(
+        res["token-mean"]["loss"] - res["token-mean"]["pg_loss"], rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def gae_run(tiny_rm, tmp_path_factory):
     """A 1-step --advantage gae run: checkpoint-1."""
@@ -545,6 +768,15 @@ def gae_run(tiny_rm, tmp_path_factory):
     ("gae", ["--lr", "0.1"], "--lr was 0.001 in the checkpoint's run and is 0.1 now"),
     ("gae", ["--kl-estimator", "k3"], "--kl-estimator was 'k1' in the checkpoint's run and is 'k3' now"),
     ("gae", ["--gamma", "0.5"], "--gamma was 1.0 in the checkpoint's run and is 0.5 now"),
+    ("critic_free", ["--loss-agg", "seq-mean-token-mean"],
+     "--loss-agg was 'token-mean' in the checkpoint's run and is 'seq-mean-token-mean' now"),
+    ("critic_free", ["--ppo-epochs", "2"], "--ppo-epochs was 1 in the checkpoint's run and is 2 now"),
+    ("critic_free", ["--minibatches", "2"], "--minibatches was 1 in the checkpoint's run and is 2 now"),
+    ("critic_free", ["--clip-range-high", "0.3"], "--clip-range-high was 0.2 in the checkpoint's run and is 0.3 now"),
+    ("gae", ["--loss-agg", "seq-mean-token-sum-norm"],
+     "--loss-agg was 'token-mean' in the checkpoint's run and is 'seq-mean-token-sum-norm' now"),
+    ("gae", ["--ppo-epochs", "2"], "--ppo-epochs was 1 in the checkpoint's run and is 2 now"),
+    ("gae", ["--clip-range-high", "0.3"], "--clip-range-high was 0.2 in the checkpoint's run and is 0.3 now"),
 ])
 def test_resume_names_the_option_that_changed(warm_run, gae_run, tiny_rm, tmp_path, capsys, run, argv, message):
     """The checkpoint's options are compared before any weight is loaded: a changed option is
@@ -562,6 +794,39 @@ def test_resume_names_the_option_that_changed(warm_run, gae_run, tiny_rm, tmp_pa
     assert main(a) == 1
     err = _err(capsys)
     assert message in err and "skipping" not in err and "not intact" not in err, err
+
+
+def _as_older_checkpoint(out, advantage):
+    """Make the checkpoints' trainer_state.json as the version before --clip-range-high and
+    --loss-agg wrote them (a critic-free run also stored None for PPO's update options)."""
+    for p in out.glob("checkpoint-*/trainer_state.json"):
+        state = json.loads(p.read_text())
+        for k in ("clip_range_high", "loss_agg"):
+            del state["args"][k]
+        if advantage != "gae":
+            state["args"].update(ppo_epochs=None, minibatches=None, clip_range=None)
+        p.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("run", ["critic_free", "gae"])
+def test_an_older_checkpoint_resumes_at_the_defaults(warm_run, gae_run, tiny_rm, tmp_path, capsys, run):
+    """A checkpoint without the new options resumes with them at the values its run had (one
+    on-policy update for the critic-free run, the clip at --clip-range on both sides,
+    token-mean), and refuses others, naming the value its run had."""
+    out = tmp_path / "run"
+    shutil.copytree(warm_run if run == "critic_free" else gae_run, out)
+    _as_older_checkpoint(out, "grpo" if run == "critic_free" else "gae")
+    argv = (tiny(tiny_rm, out, "--warm-start-steps", "2", "--steps", "3", "--resume") if run == "critic_free"
+            else tiny_gae(tiny_rm, out, "--steps", "3", "--resume"))
+    assert main(argv + ["--loss-agg", "seq-mean-token-sum"]) == 1
+    assert "--loss-agg was 'token-mean' in the checkpoint's run and is 'seq-mean-token-sum' now" in _err(capsys)
+    assert main(argv + ["--clip-range-high", "0.25"]) == 1
+    assert "--clip-range-high was 0.2 in the checkpoint's run and is 0.25 now" in _err(capsys)
+    if run == "critic_free":
+        assert main(argv + ["--ppo-epochs", "2"]) == 1
+        assert "--ppo-epochs was 1 in the checkpoint's run and is 2 now" in _err(capsys)
+    assert main(argv) == 0
+    assert "resuming from" in _err(capsys)
 
 
 def test_default_reward_model_is_found_from_another_working_directory(tiny_rm, tmp_path, capsys, monkeypatch):

@@ -13,10 +13,18 @@ Each step:
    each response's reward at its last token (``reinforce_pp``: ``rmk.reinforce_pp_advantages``,
    the return whitened over the batch; ``remax``: ``rmk.remax_advantages``, minus the reward of
    the prompt's greedy response, sampled each step); no value model;
-4. one on-policy gradient step: the policy-gradient loss with those advantages on every
-   response token, plus ``kl_coef`` times the KL to the warm-start policy (k3 by default, as a
-   loss term) -- or, with ``kl_mode="reward"``, the k1 KL of each response subtracted from its
-   reward before the advantages (per token for ``reinforce_pp`` and ``remax``).
+4. the update: by default one on-policy gradient step (ratio 1): the policy-gradient loss with
+   those advantages on every response token, plus ``kl_coef`` times the KL to the warm-start
+   policy (k3 by default, as a loss term) -- or, with ``kl_mode="reward"``, the k1 KL of each
+   response subtracted from its reward before the advantages (per token for ``reinforce_pp`` and
+   ``remax``). With ``ppo_epochs`` > 1 or ``minibatches`` > 1 (``--ppo-epochs``,
+   ``--minibatches``: verl's ppo_epochs and mini-batches, TRL's num_iterations) the log-probs of
+   the sampling policy are computed once, then each epoch cuts a random permutation of the
+   responses into minibatches, one optimizer step each, on PPO's clipped surrogate against those
+   log-probs (``1 - clip_range``, ``1 + clip_range_high``: DAPO's clip-higher) plus the KL term.
+   The advantages are the whole batch's, computed before, so a minibatch may hold part of a
+   prompt's group (as in verl). The policy loss and the KL term are aggregated by
+   ``ppo_core.agg_loss`` (``--loss-agg``, verl's loss_agg_mode; token-mean by default).
 
 The task evaluation (:func:`evaluate`) runs on the held-out prompts: the fraction solved by the
 greedy response (``task_success``) and by one sampled response (``task_success_sampled``), the
@@ -168,18 +176,36 @@ def evaluate(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_n
             "prompts": len(prompts)}
 
 
+def _rows(t, rows):
+    return t if rows is None else t[rows]
+
+
 def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids, *, num_generations, estimator,
             reward, kl_coef, kl_estimator, kl_mode, max_new_tokens, temperature, max_grad_norm, backend=None,
-            check=True):
+            check=True, ppo_epochs=1, minibatches=1, clip_range=0.2, clip_range_high=None, loss_agg="token-mean",
+            generator=None):
     """One critic-free step on ``prompts`` (each sampled ``num_generations`` times). Returns
     the step's metrics. ``check=False``: the prompts are not the built-in task's (``--prompts``),
-    the checker does not run and ``train_success`` is None."""
+    the checker does not run and ``train_success`` is None.
+
+    The rollouts are sampled, scored and given advantages once; then ``ppo_epochs`` passes, each
+    over ``minibatches`` minibatches of the responses (a random permutation from ``generator``,
+    torch's global RNG when None, cut by ``ppo_core.minibatch_indices``: ``minibatches`` must
+    divide the responses; one minibatch is the whole batch in its order), one optimizer step per
+    minibatch on the clipped surrogate (``clip_range`` below, ``clip_range_high`` above, default
+    ``clip_range``) against the log-probs of the policy that sampled them, plus the KL loss term,
+    both aggregated by ``ppo_core.agg_loss`` (``loss_agg``; the horizon of
+    ``seq-mean-token-sum-norm`` is ``max_new_tokens``). With one update (the defaults) the step
+    is on-policy (ratio 1) and its one forward pass gives the rollout-time log-probs too."""
     t0 = time.time()
     G = num_generations
     rep_prompts = [p for p in prompts for _ in range(G)]
     rep_ids = [p for p in prompt_ids for _ in range(G)]
     roll = sample(policy, rep_ids, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
     mask = roll.response_mask
+    n = mask.shape[0]
+    if n % minibatches:
+        raise ValueError(f"rl_step: minibatches ({minibatches}) must divide the {n} responses")
     group_ids = torch.arange(len(prompts), device=mask.device).repeat_interleave(G)
     decoder = ResponseDecoder(tokenizer)
     with torch.no_grad():
@@ -191,11 +217,18 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
             greedy = sample(policy, prompt_ids, tokenizer, max_new_tokens=max_new_tokens, greedy=True)
             base = rollout_rewards(greedy, prompts, reward, reward_model, tokenizer, decoder, backend, check)[0]
             baselines = base.float().repeat_interleave(G)
-    logp = core.fused_policy_logprobs(policy, roll, temperature)
-    kl_tok = kl_per_token(logp, ref_logp, kl_estimator)
-    k1_tok = (logp.detach() - ref_logp) * mask if kl_mode == "reward" else None
+    single = ppo_epochs == 1 and minibatches == 1
+    if single:  # the one update's forward pass: its log-probs (detached) are the rollout's
+        logp = core.fused_policy_logprobs(policy, roll, temperature)
+        kl_tok = kl_per_token(logp, ref_logp, kl_estimator)
+        old_logp, old_kl = logp.detach(), kl_tok.detach()
+    else:
+        with torch.no_grad():
+            old_logp = core.fused_policy_logprobs(policy, roll, temperature)
+            old_kl = kl_per_token(old_logp, ref_logp, kl_estimator)
+    k1_tok = (old_logp - ref_logp) * mask if kl_mode == "reward" else None
     # the KL that was applied, per response: the loss term's estimator, or the k1 in the rewards
-    seq_kl = (kl_tok.detach() * mask).sum(1) if k1_tok is None else k1_tok.sum(1)
+    seq_kl = (old_kl * mask).sum(1) if k1_tok is None else k1_tok.sum(1)
     # each response's reward less its KL (kl_mode "reward"): what the group estimators compare
     seq_rewards = rewards if k1_tok is None else rewards - kl_coef * k1_tok.sum(1)
     if estimator in TOKEN_ESTIMATORS:  # the KL per token in the token rewards instead
@@ -203,20 +236,35 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
                                    backend=backend)
     else:
         tok_adv = group_advantages(seq_rewards, group_ids, mask, estimator, backend)
-    pg_loss, _, _ = core.ppo_policy_loss(logp, logp.detach(), tok_adv, mask, 1.0)  # on-policy: ratio 1
-    loss = pg_loss
-    if kl_mode == "loss" and kl_coef > 0:
-        loss = loss + kl_coef * core.masked_mean(kl_tok, mask)
-    if not torch.isfinite(loss):
-        from rmkernels_train.utils import TrainingError
+    kl_loss = kl_mode == "loss" and kl_coef > 0
+    stats = {"loss": 0.0, "pg_loss": 0.0, "grad_norm": 0.0, "clipfrac": 0.0, "policy_kl": 0.0}
+    updates = 0
+    for _ in range(ppo_epochs):
+        # the advantages are the whole batch's: a minibatch may hold part of a group (as in verl)
+        for rows in ([None] if minibatches == 1 else core.minibatch_indices(n, minibatches, generator)):
+            m = _rows(mask, rows)
+            if not single:
+                logp = core.fused_policy_logprobs(policy, roll if rows is None else core.select(roll, rows),
+                                                  temperature)
+                kl_tok = kl_per_token(logp, _rows(ref_logp, rows), kl_estimator) if kl_loss else None
+            pg_loss, clipfrac, approx_kl = core.ppo_policy_loss(logp, _rows(old_logp, rows), _rows(tok_adv, rows), m,
+                                                                clip_range, clip_range_high, loss_agg, max_new_tokens)
+            loss = pg_loss
+            if kl_loss:
+                loss = loss + kl_coef * core.agg_loss(kl_tok, m, loss_agg, max_new_tokens)
+            if not torch.isfinite(loss):
+                from rmkernels_train.utils import TrainingError
 
-        raise TrainingError(f"the RL loss is {loss.item()}; lower --lr")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-    optimizer.step()
+                raise TrainingError(f"the RL loss is {loss.item()}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+            optimizer.step()
+            for k, v in (("loss", loss), ("pg_loss", pg_loss), ("grad_norm", grad_norm), ("clipfrac", clipfrac),
+                         ("policy_kl", approx_kl)):
+                stats[k] += v.item()
+            updates += 1
     return {"score": scores.mean().item(), "reward": seq_rewards.mean().item(), "kl": seq_kl.mean().item(),
             "train_success": None if correct is None else correct.mean().item(),
-            "ended": has_eos.float().mean().item(), "loss": loss.item(), "pg_loss": pg_loss.item(),
-            "grad_norm": float(grad_norm), "response_length": mask.float().sum(1).mean().item(),
-            "time": time.time() - t0}
+            "ended": has_eos.float().mean().item(), **{k: v / updates for k, v in stats.items()},
+            "updates": updates, "response_length": mask.float().sum(1).mean().item(), "time": time.time() - t0}

@@ -8,7 +8,9 @@ Each step:
    last valid token);
 3. ``rmk.ppo_advantages``: the KL-penalised rewards, GAE advantages (whitened over the whole
    batch -- of every rank under torchrun, through ``process_group``) and returns, in one op;
-4. PPO epochs over minibatches: the clipped policy loss and the clipped value loss;
+4. PPO epochs over minibatches: the clipped policy loss (``--clip-range`` below,
+   ``--clip-range-high`` above) and the clipped value loss, both aggregated as ``--loss-agg``
+   says (``ppo_core.agg_loss``, verl's loss_agg_mode; token-mean by default);
 5. the KL coefficient follows ``rmk.AdaptiveKLController`` (or stays fixed).
 
 This is the ``--advantage gae`` path; the default, critic-free run (GRPO and its relatives) is
@@ -109,20 +111,41 @@ def build_parser():
                    help="whitening divides by the std but keeps the advantages' mean (--advantage gae only)")
     g.add_argument("--biased-whiten", dest="unbiased", action="store_false", default=None,
                    help="whitening divides the variance by n, not n - 1 (--advantage gae only)")
-    g = p.add_argument_group("PPO update (--advantage gae only, except --lr and --max-grad-norm: the critic-free "
-                             "run refuses the others)")
-    g.add_argument("--ppo-epochs", type=int, default=None, help="passes over each step's rollouts; default 4")
-    g.add_argument("--minibatches", type=int, default=None, help="minibatches per PPO epoch; default 2")
+    from rmkernels_train import rl
+    from rmkernels_train.ppo_core import LOSS_AGG_MODES
+
+    g = p.add_argument_group("PPO update (both paths, except --value-lr, --clip-range-value and --vf-coef: "
+                             "--advantage gae only, the critic-free run refuses them)")
+    g.add_argument("--ppo-epochs", type=int, default=None,
+                   help="passes over each step's rollouts (sampled, scored and given advantages once); default 4 "
+                        "with --advantage gae, 1 critic-free (verl's ppo_epochs, TRL's num_iterations)")
+    g.add_argument("--minibatches", type=int, default=None,
+                   help="minibatches per epoch, one optimizer step each: each epoch cuts a random permutation "
+                        "of the rollouts into this many; default 2 with --advantage gae, 1 critic-free (there it "
+                        "must divide --batch-size x --num-generations; the advantages are the whole batch's, "
+                        "computed first, so a minibatch may hold part of a prompt's group, as in verl). "
+                        "Critic-free with one epoch and one minibatch: one on-policy step (ratio 1)")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate of the policy; default 3e-4 critic-free, 1e-3 with --advantage gae")
     g.add_argument("--value-lr", type=float, default=None, help="learning rate of the value model; default 1e-3")
-    g.add_argument("--clip-range", type=float, default=None,
-                   help="PPO ratio clip epsilon; default 0.2 (the critic-free step is on-policy: ratio 1)")
+    g.add_argument("--clip-range", type=float, default=rl.CLIP_RANGE,
+                   help="the ratio's clip below: 1 - this (verl's clip_ratio_low, TRL's epsilon), and above unless "
+                        "--clip-range-high is given; the clipped surrogate's ratio is against the log-probs of the "
+                        "policy that sampled the rollouts")
+    g.add_argument("--clip-range-high", type=float, default=None,
+                   help="the ratio's clip above: 1 + this (DAPO's clip-higher: verl's clip_ratio_high, TRL's "
+                        "epsilon_high); default --clip-range")
     g.add_argument("--clip-range-value", type=float, default=None, help="value clip range; default 0.2")
     g.add_argument("--vf-coef", type=float, default=None, help="weight of the value loss; default 0.5")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this")
-    from rmkernels_train import rl
-
+    g.add_argument("--loss-agg", choices=LOSS_AGG_MODES, default=LOSS_AGG_MODES[0],
+                   help="how the token losses of a minibatch become its loss (verl's loss_agg_mode): token-mean "
+                        "(the default: over every response token), seq-mean-token-sum (each response's sum, "
+                        "averaged over the responses), seq-mean-token-mean (each response's mean, averaged: the "
+                        "original GRPO), seq-mean-token-sum-norm (Dr. GRPO: seq-mean-token-sum over the constant "
+                        "--max-new-tokens). It aggregates the policy loss, and the KL loss term (critic-free) or "
+                        "the value loss (gae), as verl does (TRL's loss_type grpo, bnpo / dapo, dr_grpo are close to "
+                        "seq-mean-token-mean, token-mean, seq-mean-token-sum-norm: docs/rl.md)")
     rl.add_arguments(p)
     T.add_run_args(p, output_dir="runs/ppo", save_every=20)
     return p
@@ -166,8 +189,8 @@ def check_args(a):
                  "policy_hidden"):
         if getattr(a, name) is not None:
             positive(name.replace("_", "-"), getattr(a, name))
-    for name in ("temperature", "lr", "value_lr", "clip_range", "clip_range_value", "kl_target", "kl_horizon",
-                 "max_grad_norm"):
+    for name in ("temperature", "lr", "value_lr", "clip_range", "clip_range_high", "clip_range_value", "kl_target",
+                 "kl_horizon", "max_grad_norm"):
         T.check_finite(name, getattr(a, name), low=0, low_open=True)
     for name in ("kl_coef", "vf_coef", "gamma"):
         T.check_finite(name, getattr(a, name), low=0)
@@ -181,8 +204,10 @@ def check_args(a):
     if a.policy_hidden is not None and a.policy_hidden % POLICY_HEADS:
         raise TrainingError(f"--policy-hidden must be a multiple of {POLICY_HEADS} (the attention heads of the "
                             f"built-in policy, --policy-layers x {POLICY_HEADS} heads), got {a.policy_hidden}")
-    if a.advantage == "gae" and a.minibatches > a.batch_size:  # critic-free has no minibatches
+    if a.advantage == "gae" and a.minibatches > a.batch_size:
         raise TrainingError(f"--minibatches ({a.minibatches}) cannot exceed --batch-size ({a.batch_size})")
+    if a.advantage != "gae":
+        rl.check_minibatches(a, a.batch_size)
     for name in ("reward_model", "policy"):
         v = getattr(a, name)
         if v is not None and not os.path.isdir(v):
@@ -549,9 +574,10 @@ class PPOTrainer:
                 new_logprobs = core.policy_logprobs(self.policy_ddp, sub, a.temperature)
                 new_values = self.value_ddp(sub)
                 pg_loss, clipfrac, approx_kl = core.ppo_policy_loss(new_logprobs, r["old_logprobs"][mb],
-                                                                    adv.advantages[mb], mask[mb], a.clip_range)
+                                                                    adv.advantages[mb], mask[mb], a.clip_range,
+                                                                    a.clip_range_high, a.loss_agg, a.max_new_tokens)
                 vf_loss, _ = core.ppo_value_loss(new_values, r["old_values"][mb], adv.returns[mb], mask[mb],
-                                                 a.clip_range_value)
+                                                 a.clip_range_value, a.loss_agg, a.max_new_tokens)
                 loss = pg_loss + a.vf_coef * vf_loss
                 finite = torch.isfinite(loss.detach()).double().reshape(1)
                 if dist.enabled:  # every rank stops together (no rank left waiting in an all-reduce)

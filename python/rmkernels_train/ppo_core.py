@@ -1,5 +1,7 @@
 """PPO building blocks: rollouts with ``generate``, per-token log-probs and values, the
-reward model's score through ``rmk.last_token_reward``, and the clipped PPO losses.
+reward model's score through ``rmk.last_token_reward``, the clipped PPO losses (the policy's
+with DAPO's clip-higher, ``clip_range_high``) and how token losses are aggregated into one
+(:func:`agg_loss`, ``--loss-agg``: verl's ``loss_agg_mode``), shared by both RL paths.
 
 Layout of a rollout batch (``B`` sequences)::
 
@@ -144,32 +146,79 @@ def masked_mean(x, mask):
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
-    """The clipped surrogate: ``max(-A r, -A clip(r, 1 - eps, 1 + eps))`` with ``r = exp(logp -
-    logp_old)``, masked mean. Returns (loss, clip fraction, approx KL(old || new))."""
+# --loss-agg: how the token losses [B, T] become the loss (verl's loss_agg_mode; the first is
+# the default).
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def agg_loss(loss_mat, mask, mode="token-mean", horizon=None):
+    """The loss of the token losses ``loss_mat`` [B, T] at the valid positions of ``mask``,
+    aggregated as verl 0.9.1's ``agg_loss`` with one data-parallel rank (``loss_agg_mode``):
+
+    - ``token-mean`` (the default): the mean over every valid token of the batch
+      (:func:`masked_mean`; a long response weighs more than a short one);
+    - ``seq-mean-token-sum``: each response's token sum, averaged over the responses;
+    - ``seq-mean-token-mean`` (the original GRPO): each response's token mean (its sum over its
+      token count + 1e-8, verl's, which keeps a response with no valid token finite), averaged
+      over the responses;
+    - ``seq-mean-token-sum-norm`` (Dr. GRPO): ``seq-mean-token-sum`` divided by the constant
+      ``horizon``, default ``T`` (verl's: the response-length dimension, i.e. the run's
+      ``--max-new-tokens``).
+
+    The seq-mean modes leave out the responses with no valid token (they count in no mean, as
+    in verl). A batch without any valid token gives 0 (verl: NaN, its 0 / 0)."""
+    if mode == "token-mean":
+        return masked_mean(loss_mat, mask)
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"agg_loss: mode must be one of {', '.join(LOSS_AGG_MODES)}, got {mode!r}")
+    m = mask.to(loss_mat.dtype)
+    tokens = m.sum(-1)
+    seq = (loss_mat * m).sum(-1)
+    if mode == "seq-mean-token-mean":  # verl adds its 1e-8 in the mask's dtype (bool: float32)
+        seq = seq / (mask.sum(-1) + 1e-8).to(loss_mat.dtype)
+    has = (tokens > 0).to(loss_mat.dtype)
+    loss = (seq * has).sum() / has.sum().clamp(min=1.0)
+    if mode == "seq-mean-token-sum-norm":
+        loss = loss / (mask.shape[-1] if horizon is None else horizon)
+    return loss
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, clip_range_high=None,
+                    loss_agg="token-mean", horizon=None):
+    """The clipped surrogate: ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))`` with ``r =
+    exp(logp - logp_old)``, ``eps_low = clip_range`` and ``eps_high = clip_range_high`` (default
+    ``clip_range``; larger: DAPO's clip-higher), aggregated by :func:`agg_loss` (``loss_agg``,
+    ``horizon``). Returns (loss, clip fraction, approx KL(old || new)); the last two are token
+    means whatever ``loss_agg`` is (metrics)."""
+    high = clip_range if clip_range_high is None else clip_range_high
     ratio = torch.exp(logprobs - old_logprobs)
     loss1 = -advantages * ratio
-    loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(loss1, loss2), mask)
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    loss = agg_loss(torch.maximum(loss1, loss2), mask, loss_agg, horizon)
     with torch.no_grad():
         clipfrac = masked_mean((loss2 > loss1).float(), mask)
         approx_kl = masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask)
     return loss, clipfrac, approx_kl
 
 
-def ppo_value_loss(values, old_values, returns, mask, clip_range_value):
+def ppo_value_loss(values, old_values, returns, mask, clip_range_value, loss_agg="token-mean", horizon=None):
     """The clipped value loss: ``0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``,
-    masked mean. Returns (loss, clip fraction)."""
+    aggregated by :func:`agg_loss` (as verl aggregates its value loss: with the policy loss's
+    ``loss_agg_mode``). Returns (loss, clip fraction: a token mean)."""
     clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     l1 = (values - returns) ** 2
     l2 = (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
+    loss = 0.5 * agg_loss(torch.maximum(l1, l2), mask, loss_agg, horizon)
     with torch.no_grad():
         clipfrac = masked_mean((l2 > l1).float(), mask)
     return loss, clipfrac
 
 
 def minibatch_indices(n, n_minibatches, generator):
+    """The rows of each minibatch of one epoch: a random permutation of ``range(n)`` (from
+    ``generator``) cut into slices of ``n // n_minibatches`` rows -- ``n_minibatches`` of them
+    covering every row when it divides ``n`` (otherwise the last ``n % size`` rows of the
+    permutation are left out of the epoch, or more slices come out)."""
     perm = torch.randperm(n, generator=generator)
     size = max(1, n // n_minibatches)
     return [perm[i:i + size] for i in range(0, n - size + 1, size)]

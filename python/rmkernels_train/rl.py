@@ -15,7 +15,9 @@ The pipeline (every piece is cached in ``--output-dir``, so a second run reuses 
    ``--policy`` is given: a tiny Llama trained for a few supervised steps on correct answers,
    stopped while it solves about a third of the held-out prompts;
 3. critic-free RL (:mod:`rmkernels_train.grpo`) against the reward model, with the KL to the
-   warm-start policy in the loss;
+   warm-start policy in the loss: one on-policy step per rollout batch by default, or
+   ``--ppo-epochs`` x ``--minibatches`` clipped updates (``--clip-range``, ``--clip-range-high``),
+   the token losses aggregated as ``--loss-agg`` says;
 4. the held-out task success before RL, every ``--eval-every`` steps and at the end, next to
    the reward model's score: ``metrics.jsonl`` rows with ``"split": "eval"``. The run ends by
    printing the task success before and after, and whether the reward-model score and the task
@@ -45,11 +47,14 @@ KL_MODES = ("loss", "reward")
 # option in only one table belongs to that path alone, and the other path refuses it when it is
 # given (resolve_defaults) instead of ignoring it. Options whose default is None here are off unless
 # given (--kl-clamp, --score-clip, --missing-eos-penalty).
+# --clip-range (CLIP_RANGE), --clip-range-high (default: --clip-range) and --loss-agg
+# (token-mean) are both paths' with one default (in the parser).
+CLIP_RANGE = 0.2
 CRITIC_FREE_DEFAULTS = {"steps": 1000, "lr": 3e-4, "kl_coef": 0.5, "kl_estimator": "k3", "batch_size": 16,
-                        "num_generations": 8, "reward": "model", "kl_mode": "loss", "warm_start_steps": 100,
-                        "eval_every": 100, "eval_prompts": 500}
+                        "ppo_epochs": 1, "minibatches": 1, "num_generations": 8, "reward": "model",
+                        "kl_mode": "loss", "warm_start_steps": 100, "eval_every": 100, "eval_prompts": 500}
 GAE_DEFAULTS = {"steps": 80, "lr": 1e-3, "kl_coef": 0.05, "kl_estimator": "k1", "batch_size": 32,
-                "ppo_epochs": 4, "minibatches": 2, "value_lr": 1e-3, "clip_range": 0.2, "clip_range_value": 0.2,
+                "ppo_epochs": 4, "minibatches": 2, "value_lr": 1e-3, "clip_range_value": 0.2,
                 "vf_coef": 0.5, "gamma": 1.0, "lam": 0.95, "adaptive_kl": False, "kl_target": 1.0,
                 "kl_horizon": 2000.0, "kl_clamp": None, "score_clip": None, "whiten": True, "shift_mean": True,
                 "unbiased": True, "missing_eos_penalty": None}
@@ -113,6 +118,8 @@ def resolve_defaults(a):
     for k, v in mine.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
+    if a.clip_range_high is None:
+        a.clip_range_high = a.clip_range
     if not gae:
         a.kl_estimator = KL_LOSS_ALIASES.get(a.kl_estimator, a.kl_estimator)
 
@@ -135,6 +142,16 @@ def check_args(a):
                             f"(or their aliases {', '.join(f'{k} = {v}' for k, v in KL_LOSS_ALIASES.items())})")
 
 
+def check_minibatches(a, prompts):
+    """The critic-free run cuts each step's responses (``prompts`` x --num-generations) into
+    --minibatches equal minibatches (``ppo_core.minibatch_indices``)."""
+    n = prompts * a.num_generations
+    if n % a.minibatches:
+        raise TrainingError(f"--minibatches {a.minibatches}: the {n} responses of each step ({prompts} prompts x "
+                            f"--num-generations {a.num_generations}) do not split into {a.minibatches} equal "
+                            f"minibatches")
+
+
 def _fmt(v, digits=3):
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -146,7 +163,28 @@ def _fmt(v, digits=3):
 # even fit. Paths compare as real paths: trainer.check_resume_args.)
 RESUME_FIXED_COMMON = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy",
                        "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size",
-                       "reward_model")
+                       "reward_model", "ppo_epochs", "minibatches", "clip_range", "clip_range_high", "loss_agg")
+
+
+def saved_options(saved):
+    """The options of a checkpoint's run (its ``args``) as this version names them: an older
+    checkpoint lacks --clip-range-high (it clipped at --clip-range on both sides) and --loss-agg
+    (token-mean), and an older critic-free one holds None for --ppo-epochs, --minibatches and
+    --clip-range (it made one on-policy update: the defaults of CRITIC_FREE_DEFAULTS and the
+    parser)."""
+    from rmkernels_train.ppo_core import LOSS_AGG_MODES
+
+    s = dict(saved)
+    if s.get("advantage", "gae") != "gae":
+        for k in ("ppo_epochs", "minibatches"):
+            if s.get(k) is None:
+                s[k] = CRITIC_FREE_DEFAULTS[k]
+        if s.get("clip_range") is None:
+            s["clip_range"] = CLIP_RANGE
+    if s.get("clip_range_high") is None:
+        s["clip_range_high"] = s.get("clip_range")
+    s.setdefault("loss_agg", LOSS_AGG_MODES[0])
+    return s
 
 
 def resume_fixed(advantage):
@@ -166,7 +204,7 @@ def check_resume_options(state, a, world_size):
         raise TrainingError(f"--resume: --advantage was {saved.get('advantage')!r} in the checkpoint's run and is "
                             f"{a.advantage!r} now: a checkpoint of one estimator cannot continue as another (use "
                             f"another --output-dir)")
-    T.check_resume_args(saved, a, resume_fixed(a.advantage), world_size)
+    T.check_resume_args(saved_options(saved), a, resume_fixed(a.advantage), world_size)
 
 
 class CriticFreeTrainer:
@@ -220,6 +258,7 @@ class CriticFreeTrainer:
         self.train_prompts, prompt_lines = run_prompts(a, train_prompts)
         self.held_prompts = held[:a.eval_prompts]
         if a.batch_size > len(self.train_prompts):  # each step samples prompts without replacement
+            check_minibatches(a, len(self.train_prompts))
             self.log(f"warning: --batch-size {a.batch_size} is more than the {len(self.train_prompts)} prompts of "
                      f"{a.prompts}: each step uses all {len(self.train_prompts)} prompts once")
         t = time.time()
@@ -325,12 +364,16 @@ class CriticFreeTrainer:
         torch.manual_seed(a.seed * 1_000_003 + step)
         rng = random.Random(a.seed * 1_000_003 + step)
         idx = rng.sample(range(len(self.train_prompts)), min(a.batch_size, len(self.train_prompts)))
+        # the minibatches' permutations: their own generator, seeded from (seed, step) too
+        gen = torch.Generator().manual_seed(a.seed * 7919 + step)
         r = grpo.rl_step(self.policy, self.ref, self.reward_model, self.optimizer, self.tokenizer,
                          [self.train_prompts[i] for i in idx], [self.train_ids[i] for i in idx],
                          num_generations=a.num_generations, estimator=a.advantage, reward=a.reward,
                          kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, kl_mode=a.kl_mode,
                          max_new_tokens=a.max_new_tokens, temperature=a.temperature, max_grad_norm=a.max_grad_norm,
-                         backend=a.backend, check=a.prompts is None)
+                         backend=a.backend, check=a.prompts is None, ppo_epochs=a.ppo_epochs,
+                         minibatches=a.minibatches, clip_range=a.clip_range, clip_range_high=a.clip_range_high,
+                         loss_agg=a.loss_agg, generator=gen)
         if not math.isfinite(r["kl"]):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {r['kl']}; lower --lr")
         return {"step": step + 1, "split": "train", **r}
