@@ -64,6 +64,20 @@ def _ragged_mask(B, T, g):
     return torch.arange(T)[None] < lengths[:, None]
 
 
+def test_minibatch_indices_cover_every_row_once():
+    """Each epoch's minibatches are equal slices of one permutation; a count that does not divide
+    the rows is refused (before, 6 rows in 4 minibatches gave 6 slices of 1, and 32 in 3 left 2
+    rows out of every epoch)."""
+    gen = torch.Generator().manual_seed(0)
+    for n, k in ((8, 1), (8, 2), (12, 3), (6, 6)):
+        parts = core.minibatch_indices(n, k, gen)
+        assert len(parts) == k and all(len(p) == n // k for p in parts)
+        assert sorted(torch.cat(parts).tolist()) == list(range(n))
+    for n, k in ((6, 4), (32, 3), (4, 0)):
+        with pytest.raises(ValueError, match="must divide"):
+            core.minibatch_indices(n, k, gen)
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long, torch.float32])
 def test_agg_loss_follows_verls_formulas(mask_dtype):
     """verl 0.9.1's ``agg_loss`` (trainer/ppo/core_algos.py) with dp_size 1, written out:
@@ -285,7 +299,8 @@ def test_default_reward_model_dir_is_reused(reward_model, tmp_path, capsys):
     (["--reward-model", "/nonexistent"], "--reward-model /nonexistent: not a directory"),
     (GAE + ["--lam", "1.5"], "--lam must be in [0, 1]"),
     (["--kl-coef", "-1"], "--kl-coef must be"),
-    (GAE + ["--minibatches", "64", "--batch-size", "8"], "--minibatches (64) cannot exceed --batch-size (8)"),
+    (GAE + ["--minibatches", "64", "--batch-size", "8"], "--minibatches 64 must divide --batch-size 8"),
+    (GAE + ["--minibatches", "3", "--batch-size", "8"], "--minibatches 3 must divide --batch-size 8"),
     (["--prompts", "/nonexistent.jsonl"], "no such file"),
     (["--backend", "fast"], "--backend must be one of"),
 ])

@@ -121,8 +121,9 @@ def build_parser():
                         "with --advantage gae, 1 critic-free (verl's ppo_epochs, TRL's num_iterations)")
     g.add_argument("--minibatches", type=int, default=None,
                    help="minibatches per epoch, one optimizer step each: each epoch cuts a random permutation "
-                        "of the rollouts into this many; default 2 with --advantage gae, 1 critic-free (there it "
-                        "must divide --batch-size x --num-generations; the advantages are the whole batch's, "
+                        "of the rollouts into this many equal ones (it must divide the rollouts of a step: "
+                        "--batch-size with --advantage gae, --batch-size x --num-generations critic-free); default 2 "
+                        "with --advantage gae, 1 critic-free (there the advantages are the whole batch's, "
                         "computed first, so a minibatch may hold part of a prompt's group, as in verl). "
                         "Critic-free with one epoch and one minibatch: one on-policy step (ratio 1)")
     g.add_argument("--lr", type=float, default=None,
@@ -204,8 +205,9 @@ def check_args(a):
     if a.policy_hidden is not None and a.policy_hidden % POLICY_HEADS:
         raise TrainingError(f"--policy-hidden must be a multiple of {POLICY_HEADS} (the attention heads of the "
                             f"built-in policy, --policy-layers x {POLICY_HEADS} heads), got {a.policy_hidden}")
-    if a.advantage == "gae" and a.minibatches > a.batch_size:
-        raise TrainingError(f"--minibatches ({a.minibatches}) cannot exceed --batch-size ({a.batch_size})")
+    if a.advantage == "gae" and a.batch_size % a.minibatches:
+        raise TrainingError(f"--minibatches {a.minibatches} must divide --batch-size {a.batch_size} (each epoch cuts "
+                            f"the rollouts into equal minibatches, as verl requires)")
     if a.advantage != "gae":
         rl.check_minibatches(a, a.batch_size)
     for name in ("reward_model", "policy"):

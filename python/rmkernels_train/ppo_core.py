@@ -216,9 +216,10 @@ def ppo_value_loss(values, old_values, returns, mask, clip_range_value, loss_agg
 
 def minibatch_indices(n, n_minibatches, generator):
     """The rows of each minibatch of one epoch: a random permutation of ``range(n)`` (from
-    ``generator``) cut into slices of ``n // n_minibatches`` rows -- ``n_minibatches`` of them
-    covering every row when it divides ``n`` (otherwise the last ``n % size`` rows of the
-    permutation are left out of the epoch, or more slices come out)."""
+    ``generator``) cut into ``n_minibatches`` slices of ``n // n_minibatches`` rows, which must
+    divide ``n`` (both RL paths check ``--minibatches`` so at start-up): every row once."""
+    if n_minibatches < 1 or n % n_minibatches:
+        raise ValueError(f"minibatch_indices: n_minibatches ({n_minibatches}) must divide the {n} rows")
     perm = torch.randperm(n, generator=generator)
     size = max(1, n // n_minibatches)
     return [perm[i:i + size] for i in range(0, n - size + 1, size)]
