@@ -85,6 +85,39 @@ def test_compiled_valid_inputs_still_run(mode):
         assert torch.equal(got, exp)
 
 
+@pytest.mark.parametrize("source", ["attention_mask", "lengths", "cu_seqlens"])
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiled_pooling_does_not_recompile_per_length(source, backend):
+    """A new sequence length is a new value of a dynamic dimension, not a new graph: the index
+    ops take the token count as a SymInt (an int in their schemas guarded T to each value, so a
+    patched HF reward model compiled once per padded length and, past torch's recompile limit
+    of 8, silently ran eagerly)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+
+    def fn(h, w, m):
+        if source == "attention_mask":
+            return rmk.last_token_reward(h, w, attention_mask=m)
+        if source == "lengths":
+            return rmk.last_token_reward(h, w, lengths=m.sum(1))
+        lens = m.sum(1)
+        cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        return rmk.last_token_reward(h[m.bool()], w, cu_seqlens=cu)
+
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    for T in (5, 7, 9, 11, 13, 6):
+        h, w = torch.randn(3, T, 8), torch.randn(1, 8)
+        m = torch.ones(3, T, dtype=torch.long)
+        m[0, T - 2:] = 0
+        m[2, 1:] = 0
+        if source == "cu_seqlens":  # every packed sequence ends at the last of its tokens
+            m = torch.ones(3, T, dtype=torch.long)
+        torch.testing.assert_close(compiled(h, w, m), fn(h, w, m), rtol=0, atol=0)
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 6 sequence lengths"
+
+
 BACKENDS = ["reference", "cpu", "triton"]
 
 

@@ -77,9 +77,9 @@ SCHEMAS = {
     "ranking_loss_fwd_kernel": "ranking_loss_fwd_kernel(Tensor rewards, Tensor? num_candidates) -> Tensor",
     # added with the op registry: the building blocks (docs/ops.md) and the index ops that hold
     # the data checks of the pooling inputs
-    "check_mask_index": "check_mask_index(Tensor index, int n_tokens, str name) -> Tensor",
-    "cu_seqlens_index": "cu_seqlens_index(Tensor cu_seqlens, int n_tokens) -> Tensor",
-    "lengths_index": "lengths_index(Tensor lengths, int n_tokens) -> Tensor",
+    "check_mask_index": "check_mask_index(Tensor index, SymInt n_tokens, str name) -> Tensor",
+    "cu_seqlens_index": "cu_seqlens_index(Tensor cu_seqlens, SymInt n_tokens) -> Tensor",
+    "lengths_index": "lengths_index(Tensor lengths, SymInt n_tokens) -> Tensor",
     "gae": "gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, str backend) -> (Tensor, Tensor)",
     "gae_kernel": ("gae_kernel(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, bool returns) "
                    "-> (Tensor, Tensor)"),

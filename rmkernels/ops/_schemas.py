@@ -58,9 +58,9 @@ KERNEL_OPS = {
 PUBLIC_OPS = {
     # pooling (ops/pooling.py)
     "last_token_index": "(Tensor mask) -> Tensor",
-    "lengths_index": "(Tensor lengths, int n_tokens) -> Tensor",
-    "cu_seqlens_index": "(Tensor cu_seqlens, int n_tokens) -> Tensor",
-    "check_mask_index": "(Tensor index, int n_tokens, str name) -> Tensor",
+    "lengths_index": "(Tensor lengths, SymInt n_tokens) -> Tensor",
+    "cu_seqlens_index": "(Tensor cu_seqlens, SymInt n_tokens) -> Tensor",
+    "check_mask_index": "(Tensor index, SymInt n_tokens, str name) -> Tensor",
     "last_token_reward": "(Tensor hidden, Tensor weight, Tensor? bias, Tensor index) -> Tensor",
     "last_token_reward_backward": ("(Tensor grad, Tensor hidden, Tensor weight, Tensor index, bool need_hidden, "
                                    "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)"),
