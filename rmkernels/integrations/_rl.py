@@ -71,6 +71,25 @@ def fused_kl(logprob, ref_logprob, estimator, mask=None, kl_clamp=None):
     return rmk.kl_estimate(logprob, ref_logprob, mask, estimator=estimator, clamp=kl_clamp)
 
 
+def _category(dtype):
+    return 3 if dtype.is_complex else 2 if dtype.is_floating_point else 0 if dtype == torch.bool else 1
+
+
+def result_dtype(a, b):
+    """``torch.result_type(a, b)`` for two tensors, spelled with ``torch.promote_types`` so that
+    ``torch.compile(fullgraph=True)`` traces it (``result_type`` returns a dtype, which dynamo
+    cannot put in a graph: a graph break). Torch's rule: a 0-d tensor beside a dimensioned one
+    counts only when its category (bool < integer < floating < complex) is higher."""
+    if (a.dim() == 0) != (b.dim() == 0):
+        zero, dimmed = (a, b) if a.dim() == 0 else (b, a)
+        if _category(zero.dtype) <= _category(dimmed.dtype):
+            return dimmed.dtype
+        if zero.dtype.is_complex and dimmed.dtype.is_floating_point:  # the float's complex twin
+            return torch.promote_types(dimmed.dtype, torch.complex32)
+        return zero.dtype
+    return torch.promote_types(a.dtype, b.dtype)
+
+
 def needs_grad(*tensors):
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 

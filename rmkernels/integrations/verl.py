@@ -53,6 +53,7 @@ from rmkernels.integrations._rl import (
     as_float,
     fused_kl,
     needs_grad,
+    result_dtype,
     straight_through,
     token_reward_gae,
 )
@@ -172,7 +173,7 @@ def kl_penalty(logprob, ref_logprob, kl_penalty):
 
 def _kl(logprob, ref_logprob, base, *, straight):
     lp, ref = _broadcast(logprob=logprob, ref_logprob=ref_logprob)
-    dtype = torch.result_type(logprob, ref_logprob)
+    dtype = result_dtype(logprob, ref_logprob)
     shape = lp.shape
     flat = (1, 1) if lp.dim() == 0 else (math.prod(shape[:-1]), shape[-1])
     value = fused_kl(lp.reshape(flat), ref.reshape(flat), _FUSED_ESTIMATOR[base]).reshape(shape).to(dtype)
