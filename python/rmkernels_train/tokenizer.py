@@ -6,6 +6,12 @@ Every character of the alphabet is one token; ``<bos>`` / ``<eos>`` are added ar
 text, ``<pad>`` is a separate id (never equal to ``<eos>``), and characters outside the
 alphabet map to ``<unk>``. A small chat template (``role: content`` lines) lets it render
 TRL's conversational preference format.
+
+Unlike most LLM tokenizers it adds ``<eos>`` itself. TRL's reward data path (and so
+``rmkernels.integrations.trl.RewardTrainer``) appends the EOS text to plain-text pairs too, so
+there each sequence ends ``<eos> <eos>`` where ``rmkernels-train reward`` gives one ``<eos>``: the
+two score a text at different tokens (conversational data, rendered by the chat template
+without special tokens, tokenizes the same both ways).
 """
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 

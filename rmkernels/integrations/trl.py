@@ -11,13 +11,16 @@ the Bradley-Terry loss, forward and backward in one op) instead of the head on a
 tokens followed by ``-logsigmoid(chosen - rejected - margin).mean()``. Data handling,
 collator, metrics and logging are TRL's.
 
-Same numbers as TRL with float32 weights: the token each sequence is pooled at is the one TRL's
+Same numbers as TRL with float32 weights and no autocast: the token each sequence is pooled at is the one TRL's
 model picks (HF's rule: the rightmost token that is not ``pad_token_id``), the optional
 ``margin`` column and ``center_rewards_coefficient`` enter the loss as in TRL, and the logged
 ``accuracy``, ``margin``, ``min/mean/max_reward`` are computed from the same rewards. With
 bf16 / fp16 weights the rewards and the loss stay float32, where TRL rounds the rewards to the
 weights' dtype and computes its loss from those: the loss, its gradients and the metrics then
-differ by that rounding (a tiny bf16 Llama: loss 0.70670 here, 0.70703 in TRL). Extra: the
+differ by that rounding (a tiny bf16 Llama: loss 0.70670 here, 0.70703 in TRL). The same holds
+for float32 weights under bf16 / fp16 autocast, which is what ``RewardConfig``'s default
+``bf16=True`` does: HF's head then rounds the hidden state and the head weight to bf16 before
+its product; the fused op computes it in float32 and keeps the rewards float32. Extra: the
 ``label_smoothing=`` argument (0 = TRL's loss).
 
 The model is patched with :func:`rmkernels.integrations.hf.patch_hf_reward_model` (any
