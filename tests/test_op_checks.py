@@ -118,6 +118,34 @@ def test_compiled_pooling_does_not_recompile_per_length(source, backend):
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 6 sequence lengths"
 
 
+@pytest.mark.parametrize("source", ["attention_mask", "cu_seqlens"])
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiled_pairwise_loss_does_not_recompile_per_batch_size(source, backend):
+    """A new batch size is not a new graph either (the odd-rows message was formatted before the
+    check, which guarded the row count to its value: a compilation per batch size)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+
+    def fn(h, w, m):
+        if source == "attention_mask":
+            return rmk.pairwise_reward_loss(h, w, attention_mask=m, label_smoothing=0.1)
+        lens = m.sum(1)
+        cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        return rmk.pairwise_reward_loss(h.reshape(-1, h.shape[-1]), w, cu_seqlens=cu, label_smoothing=0.1)
+
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    for B in (2, 3, 4, 6, 5, 7):
+        h, w = torch.randn(2 * B, 6, 8), torch.randn(1, 8)
+        m = torch.ones(2 * B, 6, dtype=torch.long)
+        if source == "attention_mask":
+            m[0, 3:] = 0
+        for got, want in zip(compiled(h, w, m), fn(h, w, m)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 6 batch sizes"
+
+
 BACKENDS = ["reference", "cpu", "triton"]
 
 
