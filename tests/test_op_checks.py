@@ -146,6 +146,58 @@ def test_compiled_pairwise_loss_does_not_recompile_per_batch_size(source, backen
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 6 batch sizes"
 
 
+def _bool_mask(b, t):
+    return torch.ones(b, t, dtype=torch.bool)
+
+
+# public op -> (inputs of size n, the call): n runs over 5 values; under compile the varying
+# dimension must stay dynamic (a guard on its value would compile a graph per size).
+SIZE_CASES = {
+    "token_logprobs N": (lambda n: (torch.randn(n, 8), torch.randn(11, 8), torch.randint(0, 11, (n,))),
+                         lambda h, w, t: rmk.token_logprobs(h, w, t, return_entropy=True)),
+    "token_logprobs V": (lambda n: (torch.randn(6, 8), torch.randn(n, 8), torch.randint(0, 3, (6,))),
+                         lambda h, w, t: rmk.token_logprobs(h, w, t)),
+    "bradley_terry_loss B": (lambda n: (torch.randn(n), torch.randn(n), torch.rand(n)),
+                             lambda c, r, m: rmk.bradley_terry_loss(c, r, margin=m)),
+    "ranking_loss B": (lambda n: (torch.randn(n, 4),), lambda r: rmk.ranking_loss(r)),
+    "ranking_loss K": (lambda n: (torch.randn(3, n),), lambda r: rmk.ranking_loss(r)),
+    "group_advantages B": (lambda n: (torch.randn(4 * n), torch.arange(n).repeat_interleave(4), torch.ones(4 * n, 6)),
+                           lambda s, g, m: rmk.group_advantages(s, g, m, estimator="rloo").advantages),
+    "group_advantages T": (lambda n: (torch.randn(8), torch.arange(2).repeat_interleave(4), torch.ones(8, n)),
+                           lambda s, g, m: rmk.group_advantages(s, g, m).advantages),
+    "ppo_advantages T": (lambda n: (torch.randn(4, n), torch.randn(4, n), torch.randn(4, n), torch.randn(4),
+                                    _bool_mask(4, n)),
+                         lambda lp, ref, v, sc, m: rmk.ppo_advantages(lp, ref, v, sc, m, kl_coef=0.1)[0]),
+    "ppo_advantages B": (lambda n: (torch.randn(n, 5), torch.randn(n, 5), torch.randn(n, 5), torch.randn(n),
+                                    _bool_mask(n, 5)),
+                         lambda lp, ref, v, sc, m: rmk.ppo_advantages(lp, ref, v, sc, m, kl_coef=0.1)[0]),
+    "gae T": (lambda n: (torch.randn(4, n), torch.randn(4, n), _bool_mask(4, n)), lambda r, v, m: rmk.gae(r, v, m)[0]),
+    "kl_estimate T": (lambda n: (torch.randn(4, n), torch.randn(4, n), _bool_mask(4, n)),
+                      lambda a, b, m: rmk.kl_estimate(a, b, m, estimator="k3")),
+    "masked_whiten T": (lambda n: (torch.randn(4, n), _bool_mask(4, n)), lambda x, m: rmk.masked_whiten(x, m)),
+    "reinforce_pp_advantages T": (lambda n: (torch.randn(4, n), torch.ones(4, n)),
+                                  lambda r, m: rmk.reinforce_pp_advantages(r, m).advantages),
+    "remax_advantages T": (lambda n: (torch.randn(4, n), torch.randn(4), torch.ones(4, n)),
+                           lambda r, b, m: rmk.remax_advantages(r, b, m).advantages),
+    "last_token_index input_ids T": (lambda n: (torch.randint(1, 5, (4, n)),),
+                                     lambda ids: rmk.last_token_index(input_ids=ids, pad_token_id=0)),
+}
+
+
+@pytest.mark.parametrize("case", list(SIZE_CASES))
+def test_compiled_public_ops_do_not_recompile_per_size(case):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    make, fn = SIZE_CASES[case]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    for n in (3, 5, 7, 9, 6):
+        args = make(n)
+        torch.testing.assert_close(compiled(*args), fn(*args), rtol=0, atol=0, equal_nan=True)
+    assert counter.frame_count <= 2, f"{case}: {counter.frame_count} compilations for 5 sizes"
+
+
 BACKENDS = ["reference", "cpu", "triton"]
 
 
