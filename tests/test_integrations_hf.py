@@ -416,3 +416,38 @@ def test_peft_seq_cls_adapter_head():
     for (n, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
         if p.requires_grad:
             assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, name=f"grad {n}")
+
+
+@pytest.mark.parametrize("pairwise", [False, True])
+def test_compiled_patched_model_compiles_no_more_graphs_than_hf(pairwise):
+    """Under torch.compile a patched model keeps the sequence length and the batch size dynamic
+    as HF's model does: padded batches of new sizes compile no more graphs than the unpatched
+    model (the pooling ops guarded T, the pairwise loss the batch size: a graph per size, then
+    eager past dynamo's recompile limit). Values equal eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _tiny("llama")
+    sizes = [(4, 9), (4, 12), (6, 12), (6, 7), (8, 10)]
+
+    def frames(m, patched):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("eager")
+        compiled = torch.compile(m, backend=counter)
+        for B, T in sizes:
+            torch.manual_seed(B * 100 + T)
+            ids, mask = _batch(B, T)
+            mask[-1] = 1  # no all-pad row: the pairwise loss needs a token in every row
+            ids[-1] = torch.randint(1, VOCAB, (T,))
+            kw = {"pairwise_loss": {}} if pairwise and patched else {}
+            with torch.no_grad():
+                got, want = compiled(input_ids=ids, attention_mask=mask, **kw), m(input_ids=ids, attention_mask=mask,
+                                                                                   **kw)
+            assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+            if kw:
+                assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+        return counter.frame_count
+
+    hf = frames(model, False)
+    patched = copy.deepcopy(model)
+    rmk.patch_hf_reward_model(patched)
+    assert frames(patched, True) <= hf, f"the patched model compiled more graphs than HF's ({hf})"
