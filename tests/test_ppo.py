@@ -552,8 +552,8 @@ def test_kernel_op_rejects_bad_arguments():
     if not rmk._ext.CPP_AVAILABLE:
         pytest.fail("the C++ extension is not built")
     lp, ref, values, scores = make_inputs(2, 3)
-    with pytest.raises(RuntimeError, match="mask must be bool"):
+    with pytest.raises(TypeError, match="mask must be bool"):
         torch.ops.rmkernels.ppo_gae_kernel(lp, ref, values, scores, torch.ones(2, 3), 0.1, 1.0, 0.9, 0, 0.0, 0.0, 0.0)
-    with pytest.raises(RuntimeError, match="estimator"):
+    with pytest.raises(ValueError, match="estimator"):
         torch.ops.rmkernels.ppo_gae_kernel(lp, ref, values, scores, torch.ones(2, 3, dtype=torch.bool), 0.1, 1.0, 0.9,
                                            7, 0.0, 0.0, 0.0)

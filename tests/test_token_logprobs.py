@@ -345,7 +345,7 @@ def test_cpu_kernel_op_refuses_out_of_range_targets():
     h, w = torch.randn(1, 3, 8), torch.randn(10, 8)
     for bad in (10, -5):
         t = torch.tensor([[0, bad, 2]])
-        with pytest.raises(RuntimeError, match="targets must be in"):
+        with pytest.raises(ValueError, match="targets must be in"):
             torch.ops.rmkernels.token_logprobs_fwd_kernel(h, w, None, t, 1.0, -100, 4, 4)
 
 

@@ -233,7 +233,7 @@ void group_impl(const acc* r, const int64_t* ids, const uint8_t* mask, int64_t s
   RMK_SIMD(id_range)(ids, B, &lo, &hi);
   if (lo < 0 || hi >= B) {
     const int64_t b = std::find_if(ids, ids + B, [B](int64_t g) { return g < 0 || g >= B; }) - ids;
-    TORCH_CHECK(false, "group_ids must lie in [0, B) = [0, ", B, "), got ", ids[b], " at row ", b);
+    TORCH_CHECK_VALUE(false, "group_ids must lie in [0, B) = [0, ", B, "), got ", ids[b], " at row ", b);
   }
   // One workspace: the statistics of the ids [0, hi] (n, s, x, y: 3 arrays, 4 for opo), then
   // the row lengths (opo, reinforce_pp_baseline).

@@ -45,7 +45,7 @@ void index_rows(const mask_t* mask, int64_t B, int64_t T, int64_t s0, int64_t s1
 
 at::Tensor last_token_index_cpu(const at::Tensor& mask) {
   check_dim(mask, "attention_mask", 2);
-  TORCH_CHECK(!mask.is_complex(), "attention_mask must be bool, integer or float, got ", mask.scalar_type());
+  TORCH_CHECK_TYPE(!mask.is_complex(), "attention_mask must be bool, integer or float, got ", mask.scalar_type());
   const int64_t B = mask.size(0), T = mask.size(1);
   auto out = at::empty({B}, mask.options().dtype(at::kLong));
   if (B == 0) return out;

@@ -10,7 +10,7 @@ namespace {
 
 at::Tensor last_token_index_cuda(const at::Tensor& mask) {
   check_dim(mask, "attention_mask", 2);
-  TORCH_CHECK(!at::isFloatingType(mask.scalar_type()), "the CUDA index kernel takes bool/int masks");
+  TORCH_CHECK_TYPE(!at::isFloatingType(mask.scalar_type()), "the CUDA index kernel takes bool/int masks");
   const c10::cuda::CUDAGuard guard(mask.device());
   auto index = at::empty({mask.size(0)}, mask.options().dtype(at::kLong));
   RMK_CUDA_CHECK(cuda::launch_last_token_index(mask.data_ptr(), static_cast<int>(mask.element_size()),

@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor> reinforce_cuda(const at::Tensor& rewards, con
                                                   const std::optional<at::Tensor>& baselines, double gamma,
                                                   bool unbiased, double eps) {
   check_reinforce_args(rewards, mask, baselines, gamma, eps);
-  TORCH_CHECK(rewards.is_cuda(), "token_rewards must be a CUDA tensor, got ", rewards.device());
+  TORCH_CHECK_VALUE(rewards.is_cuda(), "token_rewards must be a CUDA tensor, got ", rewards.device());
   const c10::cuda::CUDAGuard guard(rewards.device());
   const int64_t B = rewards.size(0), T = rewards.size(1);
   const auto opts = rewards.options().dtype(acc_scalar_type(rewards.scalar_type()));

@@ -15,7 +15,7 @@ inline cuda::DType cuda_dtype(const at::Tensor& t) {
     case at::kDouble: return cuda::DType::kFloat64;
     case at::kBFloat16: return cuda::DType::kBFloat16;
     case at::kHalf: return cuda::DType::kFloat16;
-    default: TORCH_CHECK(false, "rmkernels CUDA kernels take fp32/fp64/bf16/fp16, got ", t.scalar_type());
+    default: TORCH_CHECK_TYPE(false, "rmkernels CUDA kernels take fp32/fp64/bf16/fp16, got ", t.scalar_type());
   }
 }
 

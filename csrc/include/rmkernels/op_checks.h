@@ -2,7 +2,8 @@
 // implementations and the CUDA bindings). `torch.ops.rmkernels.*_kernel` is public: compile, export and dispatch modes call
 // it, and so can anyone, so every implementation checks every argument it indexes (rank,
 // sizes against the others, dtype, device, contiguity it assumes, option codes) with a
-// TORCH_CHECK that names the argument, before it allocates or launches anything. Index
+// TORCH_CHECK_VALUE / TORCH_CHECK_TYPE (Python sees ValueError / TypeError, as from the public
+// functions) that names the argument, before it allocates or launches anything. Index
 // *values* (last-token indices) are never trusted: the kernels treat an index outside
 // [0, T) as "no valid token".
 #pragma once
@@ -29,33 +30,33 @@ inline bool is_kernel_float(at::ScalarType t) {
 }
 
 inline void check_float_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_kernel_float(t.scalar_type()), name, " must be float32, float64, bfloat16 or float16, got ",
+  TORCH_CHECK_TYPE(is_kernel_float(t.scalar_type()), name, " must be float32, float64, bfloat16 or float16, got ",
               dtype_name(t.scalar_type()));
 }
 
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), ", got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), ", got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
               dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_device(const at::Tensor& t, const char* name, const at::Device& dev) {
-  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
 }
 
 inline void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (the Python layer makes it so), got strides ",
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (the Python layer makes it so), got strides ",
               t.strides());
 }
 
@@ -75,28 +76,28 @@ inline void check_dense(const std::optional<at::Tensor>& t, const char* name, at
 
 // An option code in [lo, hi] (rmkernels/_codes.py, codes.h).
 inline void check_code(int64_t code, const char* name, int64_t lo, int64_t hi) {
-  TORCH_CHECK(code >= lo && code <= hi, name, " code must be in [", lo, ", ", hi, "], got ", code);
+  TORCH_CHECK_VALUE(code >= lo && code <= hi, name, " code must be in [", lo, ", ", hi, "], got ", code);
 }
 
 // Float options, one rule each: the ranges of the public functions (rmkernels/ops/*.py, docs/ops.md;
 // the Triton host functions call those Python rules). NaN fails every check.
 inline void check_finite_option(double v, const char* name) {
-  TORCH_CHECK(std::isfinite(v), name, " must be finite, got ", v);
+  TORCH_CHECK_VALUE(std::isfinite(v), name, " must be finite, got ", v);
 }
 
 inline void check_nonneg_option(double v, const char* name) {
-  TORCH_CHECK(std::isfinite(v) && v >= 0, name, " must be finite and >= 0, got ", v);
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, name, " must be finite and >= 0, got ", v);
 }
 
 inline void check_positive_option(double v, const char* name) {
-  TORCH_CHECK(std::isfinite(v) && v > 0, name, " must be finite and > 0, got ", v);
+  TORCH_CHECK_VALUE(std::isfinite(v) && v > 0, name, " must be finite and > 0, got ", v);
 }
 
 // The discount options of the GAE-family kernels: gamma finite and >= 0, lam in [0, 1]
 // (ops/gae.py: check_discount).
 inline void check_discount(double gamma, double lam) {
   check_nonneg_option(gamma, "gamma");
-  TORCH_CHECK(lam >= 0 && lam <= 1, "lam must be in [0, 1], got ", lam);
+  TORCH_CHECK_VALUE(lam >= 0 && lam <= 1, "lam must be in [0, 1], got ", lam);
 }
 
 // The scalar options of the Bradley-Terry kernels (ops/bt_loss.py: check_loss_scalars): a finite
@@ -104,7 +105,7 @@ inline void check_discount(double gamma, double lam) {
 inline void check_bt_options(double margin_value, double weight_value, double label_smoothing, double center_coef) {
   check_finite_option(margin_value, "margin_value");
   check_finite_option(weight_value, "weight_value");
-  TORCH_CHECK(label_smoothing >= 0 && label_smoothing < 0.5, "label_smoothing must be in [0, 0.5), got ",
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 0.5, "label_smoothing must be in [0, 0.5), got ",
               label_smoothing);
   check_nonneg_option(center_coef, "center_coef");
 }
@@ -120,7 +121,7 @@ inline void check_group_options(double eps, double f_norm, double whiten_eps) {
 // check_temperature): finite and > 0 with 1 / temperature finite in float32 (the logits are
 // scaled by it in the arithmetic dtype).
 inline void check_temperature(double temperature) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0 &&
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0 &&
                   1.0 / temperature <= static_cast<double>(std::numeric_limits<float>::max()),
               "temperature must be finite and > 0 with 1 / temperature finite in float32 (temperature >= ",
               1.0 / static_cast<double>(std::numeric_limits<float>::max()), "), got ", temperature);
@@ -129,7 +130,7 @@ inline void check_temperature(double temperature) {
 // A [B, T] operand with any strides (negative strides cannot occur in a torch tensor).
 inline void check_bt(const at::Tensor& t, const char* name, int64_t B, int64_t T, const at::Device& dev) {
   check_dim(t, name, 2);
-  TORCH_CHECK(t.size(0) == B && t.size(1) == T, name, " must be [B, T] = [", B, ", ", T, "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(0) == B && t.size(1) == T, name, " must be [B, T] = [", B, ", ", T, "], got ", t.sizes());
   check_device(t, name, dev);
 }
 
@@ -138,10 +139,10 @@ inline void check_bt(const at::Tensor& t, const char* name, int64_t B, int64_t T
 // contiguous in the arithmetic dtype, index int64 [B] contiguous, all on hidden's device.
 inline void check_last_token_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      const at::Tensor& index) {
-  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden_states must be [B, T, H] or packed [N, H], got ",
+  TORCH_CHECK_VALUE(hidden.dim() == 2 || hidden.dim() == 3, "hidden_states must be [B, T, H] or packed [N, H], got ",
               hidden.sizes());
   check_float_input(hidden, "hidden_states");
-  TORCH_CHECK(hidden.size(-1) <= 1 || hidden.stride(-1) == 1, "hidden_states needs a unit stride on H, got strides ",
+  TORCH_CHECK_VALUE(hidden.size(-1) <= 1 || hidden.stride(-1) == 1, "hidden_states needs a unit stride on H, got strides ",
               hidden.strides());
   const auto dev = hidden.device();
   const auto acc = acc_scalar_type(hidden.scalar_type());
@@ -153,7 +154,7 @@ inline void check_last_token_args(const at::Tensor& hidden, const at::Tensor& we
   check_device(index, "index", dev);
   check_contiguous(index, "index");
   if (hidden.dim() == 3) {
-    TORCH_CHECK(index.size(0) == hidden.size(0), "index must have B = hidden_states.size(0) = ", hidden.size(0),
+    TORCH_CHECK_VALUE(index.size(0) == hidden.size(0), "index must have B = hidden_states.size(0) = ", hidden.size(0),
                 " rows, got ", index.size(0));
   }
 }
@@ -166,18 +167,18 @@ inline void check_group_advantages_args(const at::Tensor& scores, const at::Tens
                                         const at::Tensor& mask, int64_t estimator, int64_t single, double eps,
                                         double f_norm, double whiten_eps) {
   check_dim(scores, "scores", 1);
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
               "scores must be float32 or float64 (the Python layer sums and converts), got ",
               dtype_name(scores.scalar_type()));
   const int64_t B = scores.size(0);
   const auto dev = scores.device();
   check_dim(group_ids, "group_ids", 1);
-  TORCH_CHECK(group_ids.size(0) == B, "group_ids must have B = scores.size(0) = ", B, " rows, got ",
+  TORCH_CHECK_VALUE(group_ids.size(0) == B, "group_ids must have B = scores.size(0) = ", B, " rows, got ",
               group_ids.size(0));
   check_dtype(group_ids, "group_ids", at::kLong);
   check_device(group_ids, "group_ids", dev);
   check_dim(mask, "mask", 2);
-  TORCH_CHECK(mask.size(0) == B, "mask must be [B, T] with B = scores.size(0) = ", B, ", got ", mask.sizes());
+  TORCH_CHECK_VALUE(mask.size(0) == B, "mask must be [B, T] with B = scores.size(0) = ", B, ", got ", mask.sizes());
   check_dtype(mask, "mask", at::kBool);
   check_device(mask, "mask", dev);
   check_code(estimator, "estimator", codes::kGrpo, codes::kReinforcePPBaseline);
@@ -191,7 +192,7 @@ inline void check_ppo_main(const at::Tensor& t, const char* name, bool cuda) {
   check_dim(t, name, 2);
   check_float_input(t, name);
   if (cuda) {
-    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+    TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
   } else {
     check_device(t, name, at::Device(at::kCPU));
   }
@@ -216,7 +217,7 @@ inline void check_ppo_x_mask(const at::Tensor& x, const at::Tensor& mask, bool c
 // A clamp of the kernels: finite and >= 0, 0 = no clamp (the public functions' None; they take a
 // finite value > 0 otherwise: ops/gae.py check_clamp).
 inline void check_clamp_option(double v, const char* name) {
-  TORCH_CHECK(std::isfinite(v) && v >= 0, name, " must be finite and >= 0 (0 = no clamp), got ", v);
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, name, " must be finite and >= 0 (0 = no clamp), got ", v);
 }
 
 inline void check_kl_options(int64_t estimator, double x_clamp, double kl_clamp) {
