@@ -329,7 +329,7 @@ def _grpo_gpu_targets(rows, copy_gbps, launch_ms):
     test_cuda_kernel_is_one_launch_at_scale."""
     lines = []
     for shape in ("grpo-l", "grpo-xl", "grpo-l-bb", "grpo-xl-bb", "grpo-l-t1"):
-        judged = shape in ("grpo-l", "grpo-xl")  # BENCHMARKS.md's; the balance_batch order and T = 1: information
+        judged = shape in ("grpo-l", "grpo-xl")  # issue 14's shapes; the balance_batch order and T = 1: information
         for r in _get(rows, op="grpo", shape=shape, mode="forward", metric="device_ms"):
             if not r["provider"].endswith("-op") or math.isnan(copy_gbps):
                 continue

@@ -301,6 +301,8 @@ def test_default_reward_model_dir_is_reused(reward_model, tmp_path, capsys):
     (["--kl-coef", "-1"], "--kl-coef must be"),
     (GAE + ["--minibatches", "64", "--batch-size", "8"], "--minibatches 64 must divide --batch-size 8"),
     (GAE + ["--minibatches", "3", "--batch-size", "8"], "--minibatches 3 must divide --batch-size 8"),
+    (["--temperature", "1e-40"], "--temperature must be >= 2.93874e-39 (1 / temperature finite in float32"),
+    (GAE + ["--temperature", "1e-40"], "--temperature must be >= 2.93874e-39"),
     (["--prompts", "/nonexistent.jsonl"], "no such file"),
     (["--backend", "fast"], "--backend must be one of"),
 ])

@@ -48,7 +48,8 @@ TOKEN_ESTIMATORS = ("reinforce_pp", "remax")
 CRITIC_FREE = (*GROUP_ESTIMATORS, *TOKEN_ESTIMATORS)
 # --kl-estimator -> the name of rmkernels.integrations.verl.kl_penalty (value from the fused op,
 # gradient of the estimator's formula); verl's "low_var_kl" is k3 with its log ratio clamped to
-# +-20 and its value to +-10, which never binds at the KL of these runs.
+# +-20 and its value to +-10 (the value clamp binds, and the term's gradient is 0, where a token's
+# log-prob under the policy is more than ~2.6 below the reference's).
 KL_LOSS_ESTIMATORS = {"k1": "k1", "k2": "k2", "k3": "low_var_kl"}
 # The other names of --kl-estimator the critic-free run takes (rmkernels' names: kl = k1,
 # mse = k2, low_var_kl = k3); rl.resolve_defaults turns them into the names above.

@@ -89,8 +89,10 @@ def build_parser():
     g = p.add_argument_group("advantages (rmk.ppo_advantages)")
     g.add_argument("--kl-estimator", choices=tuple(KL_ESTIMATORS), default=None,
                    help="per-token KL estimator (k1 = kl, abs, k2 = mse, k3, low_var_kl); default k3 critic-free "
-                        "(a loss term: k1, k2 or k3 and their aliases; not with --kl-mode reward, which applies k1), "
-                        "k1 with --advantage gae (the penalty in the reward)")
+                        "(a loss term: k1, k2 or k3 and their aliases; k3 = low_var_kl there, computed as verl's KL "
+                        "loss does: the log ratio clamped to +-20, the value to +-10; not with --kl-mode reward, "
+                        "which applies k1), k1 with --advantage gae (the penalty in the reward; k3 unclamped, "
+                        "low_var_kl clamped)")
     g.add_argument("--kl-coef", type=float, default=None,
                    help="(initial) KL coefficient; default 0.5 critic-free, 0.05 with --advantage gae")
     g.add_argument("--adaptive-kl", action="store_true", default=None,
@@ -193,6 +195,12 @@ def check_args(a):
     for name in ("temperature", "lr", "value_lr", "clip_range", "clip_range_high", "clip_range_value", "kl_target",
                  "kl_horizon", "max_grad_norm"):
         T.check_finite(name, getattr(a, name), low=0, low_open=True)
+    from rmkernels.ops.token_logprobs import check_temperature
+
+    try:  # the log-probs' own rule (rmk.token_logprobs), checked before any model is trained
+        check_temperature(a.temperature)
+    except ValueError as e:
+        raise TrainingError(f"--{e}") from None
     for name in ("kl_coef", "vf_coef", "gamma"):
         T.check_finite(name, getattr(a, name), low=0)
     if a.lam is not None and not 0.0 <= a.lam <= 1.0:  # (nan fails too)

@@ -1,11 +1,12 @@
 """TRL's PPO reward and advantage computation (``PPOTrainer.train``, steps 3-6), backed by
-the fused ops.
+the fused ops. TRL's PPO trainer lived in ``trl.trainer`` and then ``trl.experimental.ppo``
+up to TRL 1.12 (1.13 removed it); the numbers here are those of 1.12.0's code.
 
 TRL computes the rewards, advantages and returns inline in ``PPOTrainer.train`` with a
 Python loop over the response length; this module gives that block as one function, and
 TRL's ``masked_whiten``::
 
-    # from trl.trainer.utils import masked_whiten
+    # from trl.experimental.ppo.ppo_trainer import masked_whiten   (trl.trainer.utils in older TRL)
     from rmkernels.integrations.trl_ppo import masked_whiten, compute_rewards_and_advantages
 
     out = compute_rewards_and_advantages(logprobs, ref_logprobs, values, scores, sequence_lengths,
