@@ -116,12 +116,24 @@ def _valid_targets(targets, vocab, ignore_index):
     return valid, torch.where(valid, targets, torch.zeros_like(targets))
 
 
+def _finite_where_p0(p, logp):
+    """log p read as 0 where p == 0 (a -inf logit: log p = -inf, and 0 * -inf would be NaN; such
+    an entry adds nothing to the entropy or to a gradient, lim p log p = 0). A select on p == 0,
+    so a NaN p (a NaN input) keeps its NaN."""
+    return torch.where(p == 0, torch.zeros((), dtype=logp.dtype, device=logp.device), logp)
+
+
+def _p_logp(p, logp):
+    """p log p, 0 where p == 0 (-inf logits)."""
+    return p * _finite_where_p0(p, logp)
+
+
 def _reference_fwd(hidden, weight, bias, targets, temperature, ignore_index, token_chunk=0, vocab_chunk=0):
     z = _reference_logits(hidden, weight, bias, temperature)  # [..., V]
     V = weight.shape[0]
     lse = torch.logsumexp(z, dim=-1)
     logp = z - lse[..., None]
-    entropy = -(logp.exp() * logp).sum(-1)
+    entropy = -_p_logp(logp.exp(), logp).sum(-1)
     valid, safe = _valid_targets(targets, V, ignore_index)
     lp = logp.gather(-1, safe[..., None]).squeeze(-1)
     bad = (targets != ignore_index) & ~valid  # out of range: NaN, as the GPU kernels give
@@ -144,7 +156,7 @@ def _reference_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, targets, l
     dz.scatter_add_(-1, safe[..., None], g_lp[..., None])
     if grad_entropy is not None:
         g_ent = torch.where(valid, grad_entropy, zero)
-        dz = dz - g_ent[..., None] * p * (logp + entropy[..., None])
+        dz = dz - g_ent[..., None] * p * (_finite_where_p0(p, logp) + entropy[..., None])
     # A token that takes no part gets no gradient and gives none, whatever its hidden state (a
     # padded position's may be NaN): its dz row is 0 by a select (its p may be NaN, 0 * NaN), and
     # its hidden row is read as 0 in grad_weight's product.
