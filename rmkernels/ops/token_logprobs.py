@@ -12,6 +12,12 @@ Per token, with ``z = (h . W^T + b) / temperature`` and ``p = softmax(z)``::
     entropy = lse(z) - sum_v p_v z_v      (clamped at 0)
     dz_v    = g_lp (1[v = target] - p_v) - g_ent p_v (log p_v + entropy)
 
+A logit of -inf (a banned or padded vocabulary entry) has p_v = 0, and its terms p_v z_v and
+p_v log p_v are 0 (their limit), not 0 * -inf = NaN: every backend reads log p_v as 0 where
+p_v == 0 (a select that a NaN never passes), and the online log-sum-exp shifts a chunk with no
+finite logit yet by 0 instead of its max -inf. A row whose logits are all -inf: lse -inf, NaN
+log-prob, entropy and logit gradient (docs/ops.md section 6).
+
 and the gradients of ``h``, ``W``, ``b`` are ``dz / temperature`` pushed through the linear
 map (three GEMMs of ``[N, V]`` by ``[V, H]`` in all, plus the logits' recomputation).
 
@@ -350,7 +356,15 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retur
         ``logprobs`` (or ``(logprobs, entropy)``) shaped like ``targets``, float32 (float64 for
         float64 inputs). A log-prob is never positive and the entropy never negative (both
         clamped where rounding would cross 0); neither is NaN for finite inputs whose scaled
-        logits ``(hidden @ weight.T + bias) / temperature`` are finite in the arithmetic dtype.
+        logits ``(hidden @ weight.T + bias) / temperature`` are finite in the arithmetic dtype,
+        or -inf with at least one finite logit per row.
+
+    -inf logits (a bias of -inf on banned or padded vocabulary entries) are allowed: such an
+    entry has probability 0 and adds nothing to the entropy or to any gradient. A target whose
+    own logit is -inf gets log-prob -inf and a finite gradient (that of ``z[target] - lse``). A
+    row whose logits are all -inf has no distribution: NaN log-prob and entropy (as
+    ``torch.log_softmax``), and a NaN gradient that reaches its hidden row and all of the weight
+    and bias gradients (as torch's autograd); give it ``ignore_index``. NaN inputs still give NaN.
 
     Arithmetic is float32 whatever the input dtype (the CPU backend upcasts each bf16/fp16
     chunk; the CUDA one runs bf16/fp16 GEMMs with float32 output). Gradients flow to hidden,
