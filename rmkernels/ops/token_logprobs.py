@@ -13,9 +13,10 @@ Per token, with ``z = (h . W^T + b) / temperature`` and ``p = softmax(z)``::
     dz_v    = g_lp (1[v = target] - p_v) - g_ent p_v (log p_v + entropy)
 
 A logit of -inf (a banned or padded vocabulary entry) has p_v = 0, and its terms p_v z_v and
-p_v log p_v are 0 (their limit), not 0 * -inf = NaN: every backend reads log p_v as 0 where
-p_v == 0 (a select that a NaN never passes), and the online log-sum-exp shifts a chunk with no
-finite logit yet by 0 instead of its max -inf. A row whose logits are all -inf: lse -inf, NaN
+p_v log p_v are 0 (their limit), not 0 * -inf = NaN: every backend drops them where p_v is 0
+(the reference and the GPU kernels by a select on p_v == 0, the CPU loops by clamping the exp's
+argument; both let a NaN through), and the online log-sum-exp shifts a chunk with no finite
+logit yet by 0 instead of its max -inf. A row whose logits are all -inf: lse -inf, NaN
 log-prob, entropy and logit gradient (docs/ops.md section 6).
 
 and the gradients of ``h``, ``W``, ``b`` are ``dz / temperature`` pushed through the linear
