@@ -451,3 +451,219 @@ def test_direct_op_call_checks(backend):
         op(h, w, None, torch.zeros(2, 3, dtype=torch.long), 0.0, -100, backend)
     with pytest.raises(ValueError, match="backend"):
         op(h, w, None, torch.zeros(2, 3, dtype=torch.long), 1.0, -100, "nope")
+
+
+# ---------------------------------------------------------------------------------------
+# -inf logits (a banned or padded vocabulary entry: vLLM / Megatron pad the vocabulary)
+# ---------------------------------------------------------------------------------------
+NEG_INF = float("-inf")
+
+
+def _neg_inf_bias(V, device, dtype):
+    """A bias with -inf on [0, 96) and [192, 288) (whole vocabulary chunks of the 'small'
+    policy, 96 wide, the first one among them; whole 64-wide blocks of the Triton forward) and
+    on about 10% of the other entries; the rest random. Returns (bias, the -inf entries)."""
+    b = torch.randn(V, device=device)
+    neg = torch.rand(V, device=device) < 0.1
+    neg[:96] = True
+    neg[192:288] = True
+    b[neg] = NEG_INF
+    return b.to(dtype), neg
+
+
+def _neg_inf_case(lead, H, V, dtype, device):
+    """hidden, weight, bias with -inf entries, targets: finite entries, 20% ignored, and two
+    valid targets at -inf entries (log-prob -inf)."""
+    hidden, weight, _, targets = _inputs(lead, H, V, dtype, device, False, "contig")
+    b, neg = _neg_inf_bias(V, device, dtype)
+    finite = torch.nonzero(~neg).view(-1)
+    targets = torch.where(targets == -100, targets, finite[torch.randint(0, finite.numel(), targets.shape,
+                                                                         device=device)])
+    flat = targets.view(-1)
+    flat[1], flat[-2] = 5, int(torch.nonzero(neg).view(-1)[-1])
+    return hidden, weight, b, targets
+
+
+def _expected64(hidden, weight, bias, targets, temperature, g_lp, g_ent, ignore_index=-100):
+    """(logprobs, entropy, lse, grad_hidden, grad_weight, grad_bias) in float64 on the CPU,
+    written from the formulas with -inf logits allowed: p log p = 0 where p = 0 (its limit), so
+    an entry with p = 0 adds nothing to the entropy or to any gradient; dz_v = g_lp (1[v = t]
+    - p_v) - g_ent (p_v log p_v + p_v entropy). Ignored targets: 0 and no gradient. A row
+    whose logits are all -inf: lse -inf, log-prob, entropy and gradient NaN (torch's
+    log_softmax). Independent of the package."""
+    H = hidden.shape[-1]
+    x = hidden.detach().double().reshape(-1, H).cpu()
+    w = weight.detach().double().cpu()
+    t = targets.reshape(-1).cpu()
+    z = x @ w.t()
+    if bias is not None:
+        z = z + bias.detach().double().cpu()
+    z = z / temperature
+    keep = t != ignore_index
+    safe = torch.where(keep, t, 0)
+    lse = torch.logsumexp(z, -1)
+    logp = z - lse[:, None]
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, 0.0)
+    plogp = torch.where(torch.isnan(p), p, plogp)  # a NaN row stays NaN
+    ent = -plogp.sum(-1)
+    lp = logp.gather(-1, safe[:, None]).squeeze(-1)
+    gl = torch.where(keep, g_lp.reshape(-1).double().cpu(), 0.0)
+    ge = torch.where(keep, g_ent.reshape(-1).double().cpu(), 0.0)
+    dz = -gl[:, None] * p - ge[:, None] * (plogp + p * ent[:, None])
+    dz = dz.scatter_add(-1, safe[:, None], gl[:, None])
+    dz = torch.where(keep[:, None], dz, 0.0) / temperature
+    xk = torch.where(keep[:, None], x, 0.0)
+    shape = targets.shape
+    return (torch.where(keep, lp, 0.0).view(shape), torch.where(keep, ent, 0.0).view(shape), lse.view(shape),
+            (dz @ w).view(hidden.shape), dz.t() @ xk, dz.sum(0))
+
+
+def _neg_inf_shapes():
+    # V = 300: the 'small' policy's chunks [0, 96) and [192, 288) all -inf; V = 131: only its
+    # first chunk; ragged token counts
+    if TRITON_INTERPRET:
+        return [((2, 9), 16, 300)]
+    return [((3, 37), 24, 300), ((41,), 16, 131)]
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_neg_inf_logits(backend, device, chunks):
+    """-inf logits through the bias (whole vocabulary chunks of them and scattered entries),
+    temperature != 1, ignored targets, two targets at -inf entries: log-probs (-inf at those
+    two), entropies and the gradients of hidden / weight / bias from the log-probs alone, the
+    entropy alone and both, against _expected64. Before, the entropy was NaN on every backend,
+    the cpu and triton gradients NaN from the log-probs alone, and the cpu lse of a row NaN
+    when a whole vocabulary chunk of it was -inf."""
+    skip_unless_available(backend, device)
+    for i, (lead, H, V) in enumerate(_neg_inf_shapes()):
+        for dtype in (torch.float32, torch.float64):
+            temperature = (0.7, 1.3)[i % 2]
+            hidden, weight, b, targets = _neg_inf_case(lead, H, V, dtype, device)
+            g_lp, g_ent = torch.randn(targets.shape, device=device), torch.randn(targets.shape, device=device)
+            zero = torch.zeros_like(g_lp)
+            rtol, atol = tolerance(dtype)
+            atol = atol * 10 if dtype == torch.float32 else atol
+            tag = f"{backend} {dtype} {lead}x{H}x{V} T={temperature}"
+            lp, ent, lse = torch.ops.rmkernels.token_logprobs(hidden, weight, b, targets, temperature, -100, backend)
+            e = _expected64(hidden, weight, b, targets, temperature, g_lp, g_ent)
+            assert_close(lp, e[0], rtol=rtol, atol=atol, name=f"{tag} logprobs")
+            assert_close(ent, e[1], rtol=rtol, atol=atol, name=f"{tag} entropy")
+            assert_close(lse, e[2], rtol=rtol, atol=atol, name=f"{tag} lse")
+            flat = lp.view(-1)
+            assert flat[1] == NEG_INF and flat[-2] == NEG_INF, tag
+            assert bool((lp <= 0).all()) and bool((ent >= 0).all()), tag
+            for which, gl, ge in (("logprobs", g_lp, zero), ("entropy", zero, g_ent), ("both", g_lp, g_ent)):
+                leaves = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, b)]
+                if which == "logprobs":  # the entropy output not asked for: no entropy gradient at all
+                    out = rmk.token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=temperature,
+                                             backend=backend) * gl
+                else:
+                    lp, ent = rmk.token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2],
+                                                 temperature=temperature, return_entropy=True, backend=backend)
+                    out = ent * ge if which == "entropy" else lp * gl + ent * ge
+                # lp * gl is -inf or NaN at the -inf targets: the gradient is taken of a finite sum
+                grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+                exp = _expected64(hidden, weight, b, targets, temperature, gl, ge)[3:]
+                for g, eg, name in zip(grads, exp, ("hidden", "weight", "bias")):
+                    assert torch.isfinite(g).all(), f"{tag} grad_{name} from {which}: {torch.isnan(g).sum()} NaN"
+                    assert_close(g, eg, rtol=rtol, atol=atol * 5, name=f"{tag} grad_{name} from {which}")
+
+
+def _neg_inf_rows_case(device, dtype, lead, H, V):
+    """-inf bias entries, and rows 0 (valid target) and 2 (ignored) whose logits are all -inf:
+    their hidden state [+inf, 0, ...] against a weight whose first column is < 0."""
+    hidden, weight, b, targets = _neg_inf_case(lead, H, V, dtype, device)
+    weight[:, 0] = -weight[:, 0].abs() - 0.1
+    flat_h, flat_t = hidden.view(-1, H), targets.view(-1)
+    flat_h[[0, 2]] = 0
+    flat_h[[0, 2], 0] = float("inf")
+    flat_t[0], flat_t[2] = 7 + 96, -100
+    return hidden, weight, b, targets
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_rows_of_only_neg_inf_logits(backend, device, chunks):
+    """A row whose logits are all -inf has no distribution: lse -inf, log-prob and entropy NaN
+    (torch's log_softmax gives NaN), and its NaN gradient reaches its own hidden row and, as in
+    the reference and torch's autograd, every column of grad_weight / grad_bias; the other rows'
+    outputs and grad_hidden rows are those of _expected64. The same row with ignore_index: 0,
+    and every output and gradient finite and right (the documented way to drop such a row).
+    Before, the cpu and triton kernels gave that row's lse NaN (the online log-sum-exp of a
+    chunk whose max is -inf) and every entropy NaN."""
+    skip_unless_available(backend, device)
+    lead, H, V = _neg_inf_shapes()[0]
+    for dtype in (torch.float32, torch.float64):
+        for drop in (False, True):
+            hidden, weight, b, targets = _neg_inf_rows_case(device, dtype, lead, H, V)
+            if drop:
+                targets.view(-1)[0] = -100
+            g_lp, g_ent = torch.randn(targets.shape, device=device), torch.randn(targets.shape, device=device)
+            rtol, atol = tolerance(dtype)
+            atol = atol * 10 if dtype == torch.float32 else atol
+            tag = f"{backend} {dtype} drop={drop}"
+            e = _expected64(hidden, weight, b, targets, 0.7, g_lp, g_ent)
+            lp, ent, lse = torch.ops.rmkernels.token_logprobs(hidden, weight, b, targets, 0.7, -100, backend)
+            assert lse.view(-1)[0] == NEG_INF and lse.view(-1)[2] == NEG_INF, f"{tag}: lse {lse.view(-1)[:3]}"
+            assert_close(lse, e[2], rtol=rtol, atol=atol, name=f"{tag} lse")
+            assert lp.view(-1)[2] == 0 and ent.view(-1)[2] == 0, tag
+            if not drop:
+                assert torch.isnan(lp.view(-1)[0]) and torch.isnan(ent.view(-1)[0]), tag
+            assert_close(lp, e[0], rtol=rtol, atol=atol, name=f"{tag} logprobs")
+            assert_close(ent, e[1], rtol=rtol, atol=atol, name=f"{tag} entropy")
+            leaves = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, b)]
+            lp, ent = rmk.token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=0.7,
+                                         return_entropy=True, backend=backend)
+            out = lp * g_lp + ent * g_ent
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+            g_h = grads[0].view(-1, H)
+            assert bool((g_h[2] == 0).all()), tag  # ignored: no gradient
+            if drop:
+                for g, eg, name in zip(grads, e[3:], ("hidden", "weight", "bias")):
+                    assert torch.isfinite(g).all(), f"{tag} grad_{name}: {torch.isnan(g).sum()} NaN"
+                    assert_close(g, eg, rtol=rtol, atol=atol * 5, name=f"{tag} grad_{name}")
+            else:
+                assert torch.isnan(g_h[0]).all(), tag
+                rest = torch.ones(g_h.shape[0], dtype=torch.bool)
+                rest[0] = False
+                assert torch.isfinite(g_h[rest]).all(), f"{tag}: NaN in other rows' grad_hidden"
+                assert_close(g_h[rest], e[3].view(-1, H)[rest], rtol=rtol, atol=atol * 5, name=f"{tag} grad_hidden")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_nan_still_propagates_next_to_neg_inf_logits(backend, device, chunks):
+    """With -inf logits in the row, a NaN input at a valid target still gives NaN: a NaN hidden
+    state (that row's log-prob, entropy and grad_hidden row NaN, the other rows' log-probs and
+    entropies finite), a NaN bias entry or a NaN weight row (every valid row's log-prob and
+    entropy NaN). A guard on the -inf handling: a select that tested p > 0 would give that
+    grad_hidden row a finite value (a reference so changed fails here). Before the fix only its
+    check of the other rows' entropies failed (NaN next to a -inf logit)."""
+    skip_unless_available(backend, device)
+    lead, H, V = _neg_inf_shapes()[0]
+    hidden, weight, b, targets = _neg_inf_case(lead, H, V, torch.float32, device)
+    valid = targets.view(-1) != -100
+    k = int(torch.nonzero(valid).view(-1)[2])
+    for what in ("hidden", "bias", "weight"):
+        h, w, bb = (x.detach().clone() for x in (hidden, weight, b))
+        if what == "hidden":
+            h.view(-1, H)[k, 3] = float("nan")
+        elif what == "bias":
+            bb[120] = float("nan")
+        else:
+            w[130] = float("nan")
+        leaves = [x.requires_grad_(True) for x in (h, w, bb)]
+        lp, ent = rmk.token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=0.7,
+                                     return_entropy=True, backend=backend)
+        lp, ent = lp.view(-1), ent.view(-1)
+        tag = f"{backend} NaN {what}"
+        if what == "hidden":
+            assert torch.isnan(lp[k]) and torch.isnan(ent[k]), tag
+            others = valid.clone()
+            others[k] = False
+            assert torch.isfinite(ent[others]).all(), tag
+            assert not torch.isnan(lp[others]).any(), tag
+            for gl, ge in ((1.0, 0.0), (0.0, 1.0)):
+                g_h = torch.autograd.grad((lp[k] * gl + ent[k] * ge), leaves[0], retain_graph=True)[0]
+                assert torch.isnan(g_h.view(-1, H)[k]).all(), f"{tag} grad_hidden row (g_lp={gl}, g_ent={ge})"
+        else:
+            assert torch.isnan(lp[valid]).all() and torch.isnan(ent[valid]).all(), tag

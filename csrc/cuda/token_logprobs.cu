@@ -23,17 +23,21 @@ __global__ void lp_stats_kernel(const A* __restrict__ tile, int64_t rows, int64_
     mx = block_max(mx, shared, A(-INFINITY));
     const A m_old = m[i];
     const A m_new = first ? mx : (m_old > mx ? m_old : mx);
+    // -inf logits (banned / padded vocabulary entries) add nothing: e = 0, e * d read as 0 where
+    // e == 0 (d = -inf, 0 * -inf = NaN; a NaN e keeps its NaN). No finite logit yet (m_new = -inf):
+    // shifted by 0 (-inf - -inf = NaN), s and u stay 0 and the next finite chunk starts them.
+    const A shift = m_new == A(-INFINITY) ? A(0) : m_new;
     A se = 0, su = 0;
     for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-      const A d = (row[j] + (bias ? bias[j] : A(0))) * inv_temp - m_new;
+      const A d = (row[j] + (bias ? bias[j] : A(0))) * inv_temp - shift;
       const A e = exp(d);
       se += e;
-      su += e * d;
+      su += e == A(0) ? A(0) : e * d;
     }
     se = block_sum(se, shared);
     su = block_sum(su, shared);
     if (threadIdx.x == 0) {
-      if (first) {
+      if (first || s[i] == A(0)) {  // nothing to rescale (s == 0: only -inf logits so far)
         s[i] = se;
         u[i] = su;
       } else {
@@ -67,7 +71,8 @@ __global__ void lp_grad_kernel(A* __restrict__ tile, int64_t rows, int64_t cols,
     const A g_lp = gl[i], g_ent = ge ? ge[i] : A(0);
     const A lp = (*p_out + (bias ? bias[j] : A(0))) * inv_temp - lse[i];
     const A p = exp(lp);
-    A dz = -(p * (g_lp + g_ent * (lp + entropy[i])));
+    const A l = p == A(0) ? A(0) : lp;  // a -inf logit adds 0 (0 * -inf = NaN); NaN stays NaN
+    A dz = -(p * (g_lp + g_ent * (l + entropy[i])));
     if (t - v0 == j) dz += g_lp;
     *p_out = dz * inv_temp;
   }

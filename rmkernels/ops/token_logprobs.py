@@ -12,6 +12,13 @@ Per token, with ``z = (h . W^T + b) / temperature`` and ``p = softmax(z)``::
     entropy = lse(z) - sum_v p_v z_v      (clamped at 0)
     dz_v    = g_lp (1[v = target] - p_v) - g_ent p_v (log p_v + entropy)
 
+A logit of -inf (a banned or padded vocabulary entry) has p_v = 0, and its terms p_v z_v and
+p_v log p_v are 0 (their limit), not 0 * -inf = NaN: every backend drops them where p_v is 0
+(the reference and the GPU kernels by a select on p_v == 0, the CPU loops by clamping the exp's
+argument; both let a NaN through), and the online log-sum-exp shifts a chunk with no finite
+logit yet by 0 instead of its max -inf. A row whose logits are all -inf: lse -inf, NaN
+log-prob, entropy and logit gradient (docs/ops.md section 6).
+
 and the gradients of ``h``, ``W``, ``b`` are ``dz / temperature`` pushed through the linear
 map (three GEMMs of ``[N, V]`` by ``[V, H]`` in all, plus the logits' recomputation).
 
@@ -116,12 +123,24 @@ def _valid_targets(targets, vocab, ignore_index):
     return valid, torch.where(valid, targets, torch.zeros_like(targets))
 
 
+def _finite_where_p0(p, logp):
+    """log p read as 0 where p == 0 (a -inf logit: log p = -inf, and 0 * -inf would be NaN; such
+    an entry adds nothing to the entropy or to a gradient, lim p log p = 0). A select on p == 0,
+    so a NaN p (a NaN input) keeps its NaN."""
+    return torch.where(p == 0, torch.zeros((), dtype=logp.dtype, device=logp.device), logp)
+
+
+def _p_logp(p, logp):
+    """p log p, 0 where p == 0 (-inf logits)."""
+    return p * _finite_where_p0(p, logp)
+
+
 def _reference_fwd(hidden, weight, bias, targets, temperature, ignore_index, token_chunk=0, vocab_chunk=0):
     z = _reference_logits(hidden, weight, bias, temperature)  # [..., V]
     V = weight.shape[0]
     lse = torch.logsumexp(z, dim=-1)
     logp = z - lse[..., None]
-    entropy = -(logp.exp() * logp).sum(-1)
+    entropy = -_p_logp(logp.exp(), logp).sum(-1)
     valid, safe = _valid_targets(targets, V, ignore_index)
     lp = logp.gather(-1, safe[..., None]).squeeze(-1)
     bad = (targets != ignore_index) & ~valid  # out of range: NaN, as the GPU kernels give
@@ -144,7 +163,7 @@ def _reference_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, targets, l
     dz.scatter_add_(-1, safe[..., None], g_lp[..., None])
     if grad_entropy is not None:
         g_ent = torch.where(valid, grad_entropy, zero)
-        dz = dz - g_ent[..., None] * p * (logp + entropy[..., None])
+        dz = dz - g_ent[..., None] * p * (_finite_where_p0(p, logp) + entropy[..., None])
     # A token that takes no part gets no gradient and gives none, whatever its hidden state (a
     # padded position's may be NaN): its dz row is 0 by a select (its p may be NaN, 0 * NaN), and
     # its hidden row is read as 0 in grad_weight's product.
@@ -338,7 +357,15 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retur
         ``logprobs`` (or ``(logprobs, entropy)``) shaped like ``targets``, float32 (float64 for
         float64 inputs). A log-prob is never positive and the entropy never negative (both
         clamped where rounding would cross 0); neither is NaN for finite inputs whose scaled
-        logits ``(hidden @ weight.T + bias) / temperature`` are finite in the arithmetic dtype.
+        logits ``(hidden @ weight.T + bias) / temperature`` are finite in the arithmetic dtype,
+        or -inf with at least one finite logit per row.
+
+    -inf logits (a bias of -inf on banned or padded vocabulary entries) are allowed: such an
+    entry has probability 0 and adds nothing to the entropy or to any gradient. A target whose
+    own logit is -inf gets log-prob -inf and a finite gradient (that of ``z[target] - lse``). A
+    row whose logits are all -inf has no distribution: NaN log-prob and entropy (as
+    ``torch.log_softmax``), and a NaN gradient that reaches its hidden row and all of the weight
+    and bias gradients (as torch's autograd); give it ``ignore_index``. NaN inputs still give NaN.
 
     Arithmetic is float32 whatever the input dtype (the CPU backend upcasts each bf16/fp16
     chunk; the CUDA one runs bf16/fp16 GEMMs with float32 output). Gradients flow to hidden,

@@ -69,11 +69,15 @@ def _lp_fwd_kernel(
         z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, H, s_hn, s_wv, inv_temp,
                          ACC, HAS_BIAS, BN, BV, BH)
         m_new = tl.maximum(m, tl.max(tl.where(v_ok[None, :], z, float("-inf")), axis=1))
-        d = tl.where(v_ok[None, :], z - m_new[:, None], 0.0)  # columns past V count nothing
+        # -inf logits (banned / padded entries) add nothing: e = 0, e * d read as 0 where e == 0
+        # (d = -inf; a NaN e keeps its NaN); no finite logit yet (m_new = -inf): shifted by 0
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = tl.where(v_ok[None, :], z - shift[:, None], 0.0)  # columns past V count nothing
         e = tl.where(v_ok[None, :], tl.exp(d), 0.0)
-        dm = tl.where(s > 0, m - m_new, 0.0)  # the first step (m = -inf, s = 0) rescales nothing
+        # the first step, and any while s = 0 (only -inf logits so far, m = -inf), rescale nothing
+        dm = tl.where(s > 0, m - m_new, 0.0)
         a = tl.exp(dm)
-        u = a * (u + dm * s) + tl.sum(e * d, axis=1)
+        u = a * (u + dm * s) + tl.sum(tl.where(e == 0.0, 0.0, e * d), axis=1)
         s = a * s + tl.sum(e, axis=1)
         m = m_new
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
@@ -115,6 +119,7 @@ def _lp_grad_tile_kernel(
         ge = tl.zeros([BN], ACC)
     logp = z - lse[:, None]
     p = tl.exp(logp)
+    logp = tl.where(p == 0.0, 0.0, logp)  # a -inf logit adds 0 (0 * -inf = NaN); a NaN p stays NaN
     dz = p * (gl[:, None] + ge[:, None] * (logp + ent[:, None]))
     dz = tl.where(offs_v[None, :] == tgt[:, None], gl[:, None], 0.0) - dz
     dz = tl.where(valid[:, None], dz, 0.0) * inv_temp

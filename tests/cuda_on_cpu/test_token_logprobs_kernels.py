@@ -11,7 +11,7 @@ ragged tiles, the online merge over up to 11 vocabulary chunks); rows of a full 
 vocabulary chunk and one past it; empty tiles; ThreadSanitizer runs of the block reductions."""
 import pytest
 import torch
-from test_token_logprobs import _inputs, _shapes
+from test_token_logprobs import _expected64, _inputs, _neg_inf_rows_case, _shapes
 from utils import assert_close, tolerance
 
 from rmkernels.ops import token_logprobs as tlp
@@ -210,3 +210,50 @@ def test_race_free_under_thread_sanitizer(policy):
     hidden, weight, b, targets = _case((5, 7), 16, 300, torch.float32, True)
     check_forward(hidden, weight, b, targets, 0.7, POLICIES[policy], "tsan", variant="tsan")
     check_backward(hidden, weight, b, targets, 0.7, POLICIES[policy], "tsan", variant="tsan")
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_neg_inf_logits(policy):
+    """-inf logits through the bias (tests/test_token_logprobs.py's case: the 'small' policy's
+    vocabulary chunks [0, 96) and [192, 288) all -inf, the first among them, and scattered
+    entries; two valid targets at -inf entries), and a row whose logits are all -inf (hidden [+inf,
+    0, ...] against a weight whose first column is < 0), temperature 0.7. The running statistics
+    against the float64 formula of _expected64: m the row max (-inf for the all -inf row), s and u
+    finite (0 and 0 for that row, not NaN), lse, entropy = -sum_{p > 0} p log p, the log-prob (-inf
+    at the -inf targets); the logit gradients, from lse / entropy / upstream gradients of the
+    formula, through grad_hidden / grad_weight / grad_bias with the all -inf row ignored. Before,
+    s and u were NaN after a chunk whose max was -inf, u NaN for any -inf logit, and the
+    gradients NaN."""
+    for dtype in (torch.float32, torch.float64):
+        hidden, weight, b, targets = _neg_inf_rows_case("cpu", dtype, (3, 37), 24, 300)
+        targets.view(-1)[0] = IGNORE  # the all -inf rows take no part in the backward
+        b = b.to(_acc(dtype))
+        what = f"{dtype} -inf logits {policy}"
+        x, w, bb, t = _flat(hidden, weight, b, targets)
+        m, s, u, zt = launch_stats(hidden, weight, b, targets, 0.7, POLICIES[policy])
+        g_lp, g_ent = torch.randn(t.shape, dtype=torch.float64), torch.randn(t.shape, dtype=torch.float64)
+        # every row's entropy: no target ignored (-12345 is none of them; ignored ones read as 0)
+        keep = t != IGNORE
+        e = _expected64(x, w, bb, torch.where(keep, t, 0), 0.7, g_lp, g_ent, ignore_index=-12345)
+        rtol, atol = _tol(dtype)
+        z = (x.double() @ w.double().t() + bb.double()) / 0.7
+        assert_close(m, z.amax(-1), rtol=rtol, atol=atol, name=f"row max m {what}")
+        assert m[0] == -float("inf") and m[2] == -float("inf"), what
+        assert s[0] == 0 and u[0] == 0 and s[2] == 0 and u[2] == 0, f"{what}: s {s[:3]}, u {u[:3]}"
+        assert torch.isfinite(s).all() and torch.isfinite(u).all(), what
+        assert_close(m + s.log(), e[2], rtol=rtol, atol=atol, name=f"lse {what}")
+        live = torch.ones_like(t, dtype=torch.bool)
+        live[[0, 2]] = False
+        assert_close((s.log() - u / s)[live], e[1][live], rtol=rtol, atol=atol, name=f"entropy {what}")
+        lp = zt - (m + s.log())
+        assert_close(lp[live & keep], e[0][live & keep], rtol=rtol, atol=atol, name=f"logprob {what}")
+        assert lp[1] == -float("inf") and lp[-2] == -float("inf"), what
+        # backward: lse / entropy of the formula (0 at the ignored rows: never read)
+        lse = torch.where(keep, e[2], 0.0).to(_acc(dtype))
+        ent = torch.where(keep, e[1], 0.0).to(_acc(dtype))
+        exp = _expected64(x, w, bb, t, 0.7, g_lp, g_ent, ignore_index=IGNORE)[3:]
+        got = launch_grads(hidden, weight, b, targets, 0.7, lse, ent, g_lp.to(_acc(dtype)), g_ent.to(_acc(dtype)),
+                           POLICIES[policy])
+        for g, ex, name in zip(got, exp, ("hidden", "weight", "bias")):
+            assert torch.isfinite(g).all(), f"grad_{name} {what}: {torch.isnan(g).sum()} NaN"
+            assert_close(g, ex, rtol=rtol, atol=atol * 5, name=f"grad_{name} {what}")
