@@ -11,10 +11,9 @@ LOWP = (torch.bfloat16, torch.float16)
 
 
 def _dtypes(backend, device):
-    # numpy (the Triton interpreter's engine) has no bfloat16: the interpreter runs fp32/fp64
-    # and fp16 (on CPU tensors, and on tests/fake_cuda.py's stand-in GPU).
-    if backend == "triton" and TRITON_INTERPRET:
-        return (torch.float32, torch.float64, torch.float16)
+    # Every dtype on every backend: under the Triton interpreter too (its tl.dot of bf16 tiles
+    # is wrong, so the host gives the kernels bf16 operands as float32: triton/token_logprobs.py
+    # _kernel_operands).
     return (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 

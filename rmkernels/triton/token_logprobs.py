@@ -18,7 +18,15 @@ import triton
 import triton.language as tl
 
 from rmkernels.ops.token_logprobs import check_temperature, valid_targets
-from rmkernels.triton._common import FLOAT_DTYPES, acc_dtype, block_size, check_tensor, scalar, split_float
+from rmkernels.triton._common import (
+    FLOAT_DTYPES,
+    acc_dtype,
+    block_size,
+    check_tensor,
+    interpreting,
+    scalar,
+    split_float,
+)
 
 # Tokens per program of the forward and of the gradient tile: 64 rows x 64 vocabulary entries
 # is 4096 fp32 accumulators (32 registers a thread at 4 warps); H is walked 64 at a time.
@@ -172,6 +180,17 @@ def _check_args(hidden, weight, bias, targets, temperature, token_chunk, vocab_c
     return acc
 
 
+def _kernel_operands(hidden, weight):
+    """The hidden states and the weight as the kernels' ``tl.dot`` reads them. Triton 3.6's
+    interpreter (``TRITON_INTERPRET=1``) computes ``tl.dot`` of bfloat16 tiles wrong (log-probs
+    off by ~1e10 on a CPU tensor, where fp16 and fp32 are right): under it, bfloat16 operands go
+    to the kernels as float32. The values are the same (bf16 is exact in float32), and so are the
+    products and their float32 ("ieee") accumulation; compiled kernels take them as they are."""
+    if hidden.dtype == torch.bfloat16 and interpreting():
+        return hidden.float(), weight.float()
+    return hidden, weight
+
+
 def token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, token_chunk, vocab_chunk):
     """(logprobs, entropy, lse) shaped like targets; same contract as the
     ``token_logprobs_fwd_kernel`` op (one fused pass: the chunk sizes are checked, not used)."""
@@ -181,13 +200,14 @@ def token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index,
     outs = [torch.empty(targets.shape, dtype=acc, device=hidden.device) for _ in range(3)]
     if N == 0:
         return tuple(outs)
-    h = _flat(hidden)
+    hk, wk = _kernel_operands(hidden, weight)
+    h = _flat(hk)
     t = targets.reshape(N)
     bn = _block(N, BLOCK_N)
     grid = (triton.cdiv(N, bn),)
     _lp_fwd_kernel[grid](
-        h, weight, bias if bias is not None else weight, t, outs[0], outs[1], outs[2],
-        N, H, V, h.stride(0), weight.stride(0), *split_float(1.0 / temperature), ignore_index,
+        h, wk, bias if bias is not None else wk, t, outs[0], outs[1], outs[2],
+        N, H, V, h.stride(0), wk.stride(0), *split_float(1.0 / temperature), ignore_index,
         ACC=_acc_tl(hidden.dtype), HAS_BIAS=bias is not None, BN=bn, BV=_block(V, BLOCK_V), BH=_block(H, BLOCK_H))
     return tuple(outs)
 
@@ -208,6 +228,7 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
     g_b = torch.zeros(V, dtype=acc, device=dev) if need_bias else weight.new_empty(0, dtype=acc)
     if N > 0 and (need_hidden or need_weight or need_bias):
         h = _flat(hidden)
+        hk, wk = _kernel_operands(h, weight)
         t, lse1, ent1, gl = targets.reshape(N), lse.reshape(N), entropy.reshape(N), grad_lp.reshape(N)
         ge = grad_ent.reshape(N) if grad_ent is not None else None
         lowp = hidden.dtype != acc  # bf16/fp16: the GEMMs take the tile rounded to that dtype
@@ -229,9 +250,9 @@ def token_logprobs_bwd(grad_lp, grad_ent, hidden, weight, bias, targets, lse, en
                 bn, bv = _block(rows, BLOCK_N), _block(vl, BLOCK_V)
                 grid = (triton.cdiv(rows, bn), triton.cdiv(vl, bv))
                 _lp_grad_tile_kernel[grid](
-                    h[n0:], weight, bias if bias is not None else weight, t[n0:], lse1[n0:], ent1[n0:], gl[n0:],
+                    hk[n0:], wk, bias if bias is not None else wk, t[n0:], lse1[n0:], ent1[n0:], gl[n0:],
                     ge[n0:] if ge is not None else gl, tile,
-                    rows, vl, v0, H, V, h.stride(0), weight.stride(0), *split_float(1.0 / temperature), ignore_index,
+                    rows, vl, v0, H, V, hk.stride(0), wk.stride(0), *split_float(1.0 / temperature), ignore_index,
                     ACC=_acc_tl(hidden.dtype), HAS_BIAS=bias is not None, HAS_GE=ge is not None,
                     BN=bn, BV=bv, BH=_block(H, BLOCK_H))
                 op = tile.to(hidden.dtype) if lowp else tile
