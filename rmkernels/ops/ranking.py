@@ -37,9 +37,10 @@ def _reference_ranking_fwd(rewards, num_candidates):
     pos = torch.arange(K, device=r.device)
     pair = (pos[:, None] < pos[None, :]) & (pos[None, None, :] < n[:, None, None])  # [B, K(i), K(j)]
     nll = -F.logsigmoid(r[:, :, None] - r[:, None, :])
-    total = torch.where(pair, nll, torch.zeros((), dtype=r.dtype, device=r.device)).sum((1, 2))
-    n_pairs = (n * (n - 1) // 2).to(r.dtype)
-    return torch.where(n >= 2, total / n_pairs.clamp(min=1), torch.zeros_like(total))
+    # the row sums in float64, as every kernel's (each term in the arithmetic dtype)
+    total = torch.where(pair, nll, torch.zeros((), dtype=r.dtype, device=r.device)).sum((1, 2), dtype=torch.float64)
+    n_pairs = (n * (n - 1) // 2).to(torch.float64)
+    return torch.where(n >= 2, total / n_pairs.clamp(min=1), torch.zeros_like(total)).to(r.dtype)
 
 
 def _reference_ranking_bwd(grad_rows, rewards, num_candidates):
@@ -55,7 +56,7 @@ def _reference_ranking_bwd(grad_rows, rewards, num_candidates):
     s = torch.where(pair, -torch.sigmoid(r[:, None, :] - r[:, :, None]), torch.zeros((), dtype=r.dtype,
                                                                                         device=r.device))
     s = s * scale[:, None, None]
-    return (s.sum(2) - s.sum(1)).to(rewards.dtype)
+    return (s.sum(2, dtype=torch.float64) - s.sum(1, dtype=torch.float64)).to(rewards.dtype)
 
 
 # ---------------------------------------------------------------------------------------
