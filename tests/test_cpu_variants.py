@@ -57,6 +57,19 @@ for est in ("grpo", "dr_grpo", "rloo", "opo", "gpg"):
     out[f"group_{est}_seq"], out[f"group_{est}_adv"] = rmk.group_advantages(gs, ids, gm, estimator=est, backend="cpu")
     out[f"group_{est}_strided"] = rmk.group_advantages(gs[:97], ids[:97] % 97, gm[:97, ::3], estimator=est,
                                                        backend="cpu").advantages
+# Token log-probs: the loops of the online log-sum-exp and of the logit gradients, with a bias
+# holding -inf entries (a whole small-chunk's worth too), temperature, ignored targets, entropy.
+N, H, V = 203, 24, 517
+h = torch.randn(N, H, generator=g).requires_grad_()
+wv = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+bias = torch.randn(V, generator=g)
+bias[torch.randint(0, V, (40,), generator=g)] = float("-inf")
+bias[128:192] = float("-inf")
+tg = torch.randint(0, V, (N,), generator=g)
+tg[::17] = -100
+lp, ent = rmk.token_logprobs(h, wv, tg, bias=bias, temperature=0.7, return_entropy=True, backend="cpu")
+gh, gw = torch.autograd.grad((lp * 0.3 + ent).sum(), (h, wv))
+out["lp_logprobs"], out["lp_entropy"], out["lp_grad_hidden"], out["lp_grad_weight"] = lp.detach(), ent.detach(), gh, gw
 torch.save(out, sys.argv[1])
 """
 
@@ -78,6 +91,11 @@ def results(tmp_path_factory):
     return got
 
 
+def test_token_logprobs_with_neg_inf_logits_are_not_nan(results):
+    for key in ("lp_logprobs", "lp_entropy", "lp_grad_hidden", "lp_grad_weight"):
+        assert not results["base"][key].isnan().any(), key
+
+
 def test_isa_cap_takes_effect(results):
     assert results["base"]["isa"] == "baseline"
     assert results["v3"]["isa"] in ("baseline", "x86-64-v3 (AVX2)")  # v3 when the CPU has it
@@ -93,6 +111,9 @@ def test_variants_agree(results, isa):
         whitened = key == "whiten" or (key.startswith("ppo_") and "_True_advantages" in key)
         if whitened:  # mean / variance are float64 sums split over the vector lanes
             assert_close(actual, expected, rtol=1e-6, atol=1e-6, name=f"{key} ({isa} vs base)")
+        elif key.startswith("lp_"):  # float32 sums over the vocabulary, split over the vector lanes
+            assert torch.equal(actual.isinf(), expected.isinf()), f"{key}: inf positions differ ({isa} vs base)"
+            assert_close(actual, expected, rtol=2e-5, atol=2e-5, name=f"{key} ({isa} vs base)")
         else:
             assert torch.equal(actual.isnan(), expected.isnan()), f"{key}: NaN positions differ ({isa} vs base)"
             assert torch.equal(actual.nan_to_num(), expected.nan_to_num()), \
