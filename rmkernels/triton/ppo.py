@@ -39,6 +39,7 @@ from rmkernels.triton._common import (
     check_code,
     check_tensor,
     clamp_sym,
+    exp,
     scalar,
     split_float,
 )
@@ -102,7 +103,7 @@ def _kl_value(x, x_clamp, kl_clamp, EST: tl.constexpr):
     elif EST == KL_K2:
         k = 0.5 * x * x
     else:  # KL_K3
-        k = tl.exp(-x) - 1.0 + x
+        k = exp(-x) - 1.0 + x  # libdevice's on a GPU (tl.exp's ex2.approx loses precision with |x|)
     return clamp_sym(k.to(x.dtype), kl_clamp)
 
 

@@ -81,6 +81,10 @@ def _lp_fwd_kernel(
         # (d = -inf; a NaN e keeps its NaN); no finite logit yet (m_new = -inf): shifted by 0
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         d = tl.where(v_ok[None, :], z - shift[:, None], 0.0)  # columns past V count nothing
+        # tl.exp / tl.log here, not _common's libdevice helpers (CONTRIBUTING's rule), on purpose:
+        # this is the op's inner loop (one exp per logit, beside tensor-core GEMMs); every argument
+        # is <= 0, and ex2.approx's relative error, a few ulp near 0, grows with |d| only where
+        # exp(d) is negligible next to the row's sum (>= 1); log(s) has s in [1, V]
         e = tl.where(v_ok[None, :], tl.exp(d), 0.0)
         # the first step, and any while s = 0 (only -inf logits so far, m = -inf), rescale nothing
         dm = tl.where(s > 0, m - m_new, 0.0)
