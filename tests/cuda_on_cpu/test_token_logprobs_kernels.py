@@ -107,10 +107,13 @@ def launch_grads(hidden, weight, bias, targets, temperature, lse, entropy, g_lp,
             tiles.append((n0, n, v0, vl, tile))
     res = prog.run(variant)
     assert res.rcs == [0] * len(prog.calls), res.rcs
-    dz = torch.full((N, V), float("nan"), dtype=torch.float64)
+    dz = torch.zeros((N, V), dtype=torch.float64)
+    written = torch.zeros((N, V), dtype=torch.bool)
     for n0, n, v0, vl, tile in tiles:
         dz[n0:n0 + n, v0:v0 + vl] = res[tile].view(n, vl).double()
-    assert not torch.isnan(dz).any(), "a logit gradient was not written"
+        written[n0:n0 + n, v0:v0 + vl] = True
+    assert written.all(), "a logit gradient was not written (the tiles do not cover [N, V])"
+    assert not torch.isnan(dz).any(), "a logit gradient is NaN"
     # the driver's grad_weight operand: the hidden rows of tokens that take no part read as 0
     # (token_logprobs_chunks.h: at::where, as 0 * NaN = NaN in the GEMM)
     keep = (t != IGNORE) & (t >= 0) & (t < V)
