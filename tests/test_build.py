@@ -94,7 +94,7 @@ def test_extension_error_messages_keep_their_numbers():
     if not hasattr(torch.ops.rmkernels, "gae_kernel"):
         pytest.fail("rmkernels._C did not load: CI builds it")
     x, m = torch.randn(3, 8), torch.ones(3, 8, dtype=torch.bool)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ValueError) as err:  # TORCH_CHECK_VALUE
         torch.ops.rmkernels.gae_kernel(torch.randn(3, 9), x, m, 1.0, 0.95, True)
     assert "rewards must be [B, T] = [3, 8], got [3, 9]" in str(err.value), str(err.value)
 
