@@ -204,9 +204,7 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     rep_ids = [p for p in prompt_ids for _ in range(G)]
     roll = sample(policy, rep_ids, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
     mask = roll.response_mask
-    n = mask.shape[0]
-    if n % minibatches:
-        raise ValueError(f"rl_step: minibatches ({minibatches}) must divide the {n} responses")
+    n = mask.shape[0]  # minibatch_indices refuses a count of minibatches that does not divide it
     group_ids = torch.arange(len(prompts), device=mask.device).repeat_interleave(G)
     decoder = ResponseDecoder(tokenizer)
     with torch.no_grad():

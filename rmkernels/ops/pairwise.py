@@ -142,20 +142,17 @@ def pairwise_reward_loss(hidden_states, weight, bias=None, *, attention_mask=Non
     if weight.shape[0] != 1:
         raise ValueError(f"weight must be [1, H] (one reward per sequence) for the pairwise loss, "
                          f"got {tuple(weight.shape)}")
-    # (the messages are formatted only on the error path: formatting a size under torch.compile
-    # guards it to its value, a recompilation per batch size)
     if hidden_states.dim() == 3:
         n_rows = hidden_states.shape[0]
-        if n_rows % 2:
-            raise ValueError(f"hidden_states must hold 2B sequences (B chosen, then B rejected); hidden_states has "
-                             f"{n_rows} rows, an odd number")
     else:
         _checks.check_tensor("cu_seqlens", cu_seqlens, ndims=1, dtypes=_checks.INDEX_DTYPES,
                              device=hidden_states.device)
         n_rows = max(cu_seqlens.shape[0] - 1, 0)
-        if n_rows % 2:
-            raise ValueError(f"hidden_states must hold 2B sequences (B chosen, then B rejected); cu_seqlens has "
-                             f"{cu_seqlens.shape[0]} entries = {n_rows} sequences + 1, an odd number")
+    if n_rows % 2:  # (the message is formatted here only: formatting a size under torch.compile
+        # guards it to its value, a recompilation per batch size)
+        what = (f"hidden_states has {n_rows} rows" if hidden_states.dim() == 3 else
+                f"cu_seqlens has {cu_seqlens.shape[0]} entries = {n_rows} sequences + 1")
+        raise ValueError(f"hidden_states must hold 2B sequences (B chosen, then B rejected); {what}, an odd number")
     B, device = n_rows // 2, hidden_states.device
     opts = loss_options(margin, weights, label_smoothing, center_coef, reduction, B, device,
                          acc_dtype(hidden_states.dtype))
