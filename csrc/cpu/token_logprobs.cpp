@@ -85,7 +85,7 @@ void check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore_inde
   const int64_t n = targets.numel();
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(t[i] == ignore_index || (t[i] >= 0 && t[i] < vocab), "token_logprobs: targets must be in [0, ",
-                vocab, ") or ignore_index = ", ignore_index, "; targets[", i, "] = ", t[i]);
+                      vocab, ") or ignore_index = ", ignore_index, "; targets[", i, "] = ", t[i]);
   }
 }
 

@@ -31,7 +31,7 @@ inline bool is_kernel_float(at::ScalarType t) {
 
 inline void check_float_input(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(is_kernel_float(t.scalar_type()), name, " must be float32, float64, bfloat16 or float16, got ",
-              dtype_name(t.scalar_type()));
+                   dtype_name(t.scalar_type()));
 }
 
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
@@ -43,12 +43,13 @@ inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef s
 }
 
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), ", got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), ", got ",
+                   dtype_name(t.scalar_type()));
 }
 
 inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
-              dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+                   dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_device(const at::Tensor& t, const char* name, const at::Device& dev) {
@@ -57,7 +58,7 @@ inline void check_device(const at::Tensor& t, const char* name, const at::Device
 
 inline void check_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (the Python layer makes it so), got strides ",
-              t.strides());
+                    t.strides());
 }
 
 // A dense operand the kernels index as a contiguous array: shape, dtype, device, contiguity.
@@ -106,7 +107,7 @@ inline void check_bt_options(double margin_value, double weight_value, double la
   check_finite_option(margin_value, "margin_value");
   check_finite_option(weight_value, "weight_value");
   TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 0.5, "label_smoothing must be in [0, 0.5), got ",
-              label_smoothing);
+                    label_smoothing);
   check_nonneg_option(center_coef, "center_coef");
 }
 
@@ -122,9 +123,9 @@ inline void check_group_options(double eps, double f_norm, double whiten_eps) {
 // scaled by it in the arithmetic dtype).
 inline void check_temperature(double temperature) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0 &&
-                  1.0 / temperature <= static_cast<double>(std::numeric_limits<float>::max()),
-              "temperature must be finite and > 0 with 1 / temperature finite in float32 (temperature >= ",
-              1.0 / static_cast<double>(std::numeric_limits<float>::max()), "), got ", temperature);
+                        1.0 / temperature <= static_cast<double>(std::numeric_limits<float>::max()),
+                    "temperature must be finite and > 0 with 1 / temperature finite in float32 (temperature >= ",
+                    1.0 / static_cast<double>(std::numeric_limits<float>::max()), "), got ", temperature);
 }
 
 // A [B, T] operand with any strides (negative strides cannot occur in a torch tensor).
@@ -140,10 +141,10 @@ inline void check_bt(const at::Tensor& t, const char* name, int64_t B, int64_t T
 inline void check_last_token_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      const at::Tensor& index) {
   TORCH_CHECK_VALUE(hidden.dim() == 2 || hidden.dim() == 3, "hidden_states must be [B, T, H] or packed [N, H], got ",
-              hidden.sizes());
+                    hidden.sizes());
   check_float_input(hidden, "hidden_states");
-  TORCH_CHECK_VALUE(hidden.size(-1) <= 1 || hidden.stride(-1) == 1, "hidden_states needs a unit stride on H, got strides ",
-              hidden.strides());
+  TORCH_CHECK_VALUE(hidden.size(-1) <= 1 || hidden.stride(-1) == 1,
+                    "hidden_states needs a unit stride on H, got strides ", hidden.strides());
   const auto dev = hidden.device();
   const auto acc = acc_scalar_type(hidden.scalar_type());
   check_dim(weight, "weight", 2);
@@ -155,7 +156,7 @@ inline void check_last_token_args(const at::Tensor& hidden, const at::Tensor& we
   check_contiguous(index, "index");
   if (hidden.dim() == 3) {
     TORCH_CHECK_VALUE(index.size(0) == hidden.size(0), "index must have B = hidden_states.size(0) = ", hidden.size(0),
-                " rows, got ", index.size(0));
+                      " rows, got ", index.size(0));
   }
 }
 
@@ -168,13 +169,13 @@ inline void check_group_advantages_args(const at::Tensor& scores, const at::Tens
                                         double f_norm, double whiten_eps) {
   check_dim(scores, "scores", 1);
   TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
-              "scores must be float32 or float64 (the Python layer sums and converts), got ",
-              dtype_name(scores.scalar_type()));
+                   "scores must be float32 or float64 (the Python layer sums and converts), got ",
+                   dtype_name(scores.scalar_type()));
   const int64_t B = scores.size(0);
   const auto dev = scores.device();
   check_dim(group_ids, "group_ids", 1);
   TORCH_CHECK_VALUE(group_ids.size(0) == B, "group_ids must have B = scores.size(0) = ", B, " rows, got ",
-              group_ids.size(0));
+                    group_ids.size(0));
   check_dtype(group_ids, "group_ids", at::kLong);
   check_device(group_ids, "group_ids", dev);
   check_dim(mask, "mask", 2);

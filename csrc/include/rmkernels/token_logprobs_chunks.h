@@ -117,14 +117,15 @@ inline at::Tensor as_3d(const at::Tensor& hidden) { return hidden.dim() == 2 ? h
 inline void check_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& targets, double temperature, int64_t tc, int64_t vc) {
   TORCH_CHECK_VALUE(hidden.dim() == 2 || hidden.dim() == 3, "hidden must be [N, H] or [B, T, H], got shape ",
-              hidden.sizes());
+                    hidden.sizes());
   check_float_input(hidden, "hidden");
   const int64_t H = hidden.size(-1);
-  TORCH_CHECK_VALUE(H <= 1 || hidden.stride(-1) == 1, "hidden needs a unit stride on H, got strides ", hidden.strides());
+  TORCH_CHECK_VALUE(H <= 1 || hidden.stride(-1) == 1, "hidden needs a unit stride on H, got strides ",
+                    hidden.strides());
   const auto dev = hidden.device();
   check_dim(weight, "weight", 2);
   TORCH_CHECK_VALUE(weight.size(1) == H && weight.size(0) >= 1, "weight must be [V, H] with V >= 1 and H = ", H,
-              " (hidden's last dim), got ", weight.sizes());
+                    " (hidden's last dim), got ", weight.sizes());
   check_same_dtype(weight, "weight", hidden, "hidden");
   check_device(weight, "weight", dev);
   const auto acc = acc_scalar(hidden.scalar_type());
