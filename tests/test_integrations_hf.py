@@ -451,3 +451,21 @@ def test_compiled_patched_model_compiles_no_more_graphs_than_hf(pairwise):
     patched = copy.deepcopy(model)
     rmk.patch_hf_reward_model(patched)
     assert frames(patched, True) <= hf, f"the patched model compiled more graphs than HF's ({hf})"
+
+
+def test_compiled_patched_forward_warns_nothing_of_its_own():
+    """The patched forward reads the model's signature and its backbone's keyword names from
+    the patch (computed once), not from functools caches, which dynamo traces through with a
+    UserWarning per call site (four of them, each compile)."""
+    import warnings
+
+    model = rmk.patch_hf_reward_model(_tiny("llama"))
+    ids, mask = _batch(B=3, T=7)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = compiled(input_ids=ids, attention_mask=mask).logits
+    assert_close(got, model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
+    ours = [str(w.message) for w in caught if "lru_cache" in str(w.message) and "hf.py" in str(w.message)]
+    assert not ours, ours

@@ -25,7 +25,6 @@ GPT-2, and the 13 with their own class and the same pooling rule (``_OWN_CLASS_H
 GPT-NeoX/Pythia, OPT, BLOOM, Falcon, GPT-BigCode, GPT-Neo, MPT, BioGPT, CTRL, OpenAI-GPT,
 Zamba, Zamba2, ModernBERT-decoder).
 """
-import functools
 import inspect
 
 import torch
@@ -88,18 +87,20 @@ def head_linear(head):
     return lin if isinstance(lin, nn.Linear) else None
 
 
-@functools.cache
-def _signature(cls):
-    return inspect.signature(cls.forward)
-
-
-@functools.cache
 def _base_accepts(cls):
     """The keyword names the backbone's forward takes (None: any, it has ``**kwargs``)."""
-    params = _signature(cls).parameters.values()
+    params = inspect.signature(cls.forward).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return frozenset(p.name for p in params)
+
+
+def _options(model, last_token, backend, head):
+    """What the patched forward reads on each call: the patch's options, the model's forward
+    signature and the keyword names its backbone takes, computed here once (not in the forward,
+    which ``torch.compile`` traces: no cache for dynamo to see through and warn about)."""
+    return {"last_token": last_token, "backend": backend, "head": head,
+            "signature": inspect.signature(type(model).forward), "base_accepts": _base_accepts(type(model.base_model))}
 
 
 def is_patched(model):
@@ -142,10 +143,10 @@ def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
         raise TypeError(f"{type(model).__name__}.{head} must be an nn.Linear (or PEFT's ModulesToSaveWrapper of "
                         f"one), got {type(getattr(model, head, None))}")
     if is_patched(model):
-        model._rmk_options = {"last_token": last_token, "backend": backend, "head": head}
+        model._rmk_options = _options(model, last_token, backend, head)
         return model
     model._rmk_original_forward = model.__dict__.get("forward")  # None: the class's forward
-    model._rmk_options = {"last_token": last_token, "backend": backend, "head": head}
+    model._rmk_options = _options(model, last_token, backend, head)
     model.forward = _patched_forward.__get__(model, type(model))
     return model
 
@@ -174,10 +175,11 @@ def hf_last_token_index(input_ids, pad_token_id, batch_size, seq_len, device):
 
 
 def _bind(model, args, kwargs):
-    bound = _signature(type(model)).bind(model, *args, **kwargs)
+    signature = model._rmk_options["signature"]
+    bound = signature.bind(model, *args, **kwargs)
     named = dict(bound.arguments)
     named.pop("self", None)
-    for p in _signature(type(model)).parameters.values():
+    for p in signature.parameters.values():
         if p.kind is inspect.Parameter.VAR_KEYWORD:
             named.update(named.pop(p.name, {}))
         elif p.kind is inspect.Parameter.VAR_POSITIONAL and named.get(p.name):
@@ -209,7 +211,7 @@ def _patched_forward(self, *args, **kwargs):
     opts = self._rmk_options
 
     base = self.base_model
-    accepts = _base_accepts(type(base))
+    accepts = opts["base_accepts"]
     if accepts is not None:  # the own-class models' forwards take a few arguments their backbone does not
         named = {k: v for k, v in named.items() if k in accepts}
         if "return_dict" in accepts:
