@@ -485,7 +485,7 @@ def test_the_update_options_belong_to_both_paths():
         check_args(a)
         assert (a.ppo_epochs, a.minibatches, a.clip_range, a.clip_range_high, a.loss_agg) == want, argv
     for advantage in ("grpo", "gae"):
-        assert {"ppo_epochs", "minibatches", "clip_range", "clip_range_high", "loss_agg"} <= \
+        assert {"ppo_epochs", "minibatches", "clip_range", "clip_range_high", "loss_agg", "entropy_coef"} <= \
             set(rl.resume_fixed(advantage))
 
 
@@ -496,6 +496,8 @@ def test_the_update_options_belong_to_both_paths():
     (["--ppo-epochs", "0"], "--ppo-epochs must be > 0"),
     (["--clip-range-high", "0"], "--clip-range-high must be a finite number > 0"),
     (["--clip-range-high", "nan", "--advantage", "gae"], "--clip-range-high must be a finite number > 0"),
+    (["--entropy-coef", "-0.01"], "--entropy-coef must be a finite number >= 0"),
+    (["--entropy-coef", "inf", "--advantage", "gae"], "--entropy-coef must be a finite number >= 0"),
 ])
 def test_bad_update_options_stop_with_a_message(argv, message, capsys):
     assert main(argv + FAST) == 1
@@ -777,6 +779,8 @@ def gae_run(tiny_rm, tmp_path_factory):
      "--loss-agg was 'token-mean' in the checkpoint's run and is 'seq-mean-token-sum-norm' now"),
     ("gae", ["--ppo-epochs", "2"], "--ppo-epochs was 1 in the checkpoint's run and is 2 now"),
     ("gae", ["--clip-range-high", "0.3"], "--clip-range-high was 0.2 in the checkpoint's run and is 0.3 now"),
+    ("critic_free", ["--entropy-coef", "0.01"], "--entropy-coef was 0.0 in the checkpoint's run and is 0.01 now"),
+    ("gae", ["--entropy-coef", "0.01"], "--entropy-coef was 0.0 in the checkpoint's run and is 0.01 now"),
 ])
 def test_resume_names_the_option_that_changed(warm_run, gae_run, tiny_rm, tmp_path, capsys, run, argv, message):
     """The checkpoint's options are compared before any weight is loaded: a changed option is
@@ -801,7 +805,7 @@ def _as_older_checkpoint(out, advantage):
     --loss-agg wrote them (a critic-free run also stored None for PPO's update options)."""
     for p in out.glob("checkpoint-*/trainer_state.json"):
         state = json.loads(p.read_text())
-        for k in ("clip_range_high", "loss_agg"):
+        for k in ("clip_range_high", "loss_agg", "entropy_coef"):
             del state["args"][k]
         if advantage != "gae":
             state["args"].update(ppo_epochs=None, minibatches=None, clip_range=None)
@@ -822,6 +826,8 @@ def test_an_older_checkpoint_resumes_at_the_defaults(warm_run, gae_run, tiny_rm,
     assert "--loss-agg was 'token-mean' in the checkpoint's run and is 'seq-mean-token-sum' now" in _err(capsys)
     assert main(argv + ["--clip-range-high", "0.25"]) == 1
     assert "--clip-range-high was 0.2 in the checkpoint's run and is 0.25 now" in _err(capsys)
+    assert main(argv + ["--entropy-coef", "0.1"]) == 1
+    assert "--entropy-coef was 0.0 in the checkpoint's run and is 0.1 now" in _err(capsys)
     if run == "critic_free":
         assert main(argv + ["--ppo-epochs", "2"]) == 1
         assert "--ppo-epochs was 1 in the checkpoint's run and is 2 now" in _err(capsys)
@@ -885,3 +891,105 @@ def test_batch_size_above_the_prompt_count_is_warned(tiny_rm, tmp_path, capsys):
     assert main(tiny(tiny_rm, tmp_path / "run", "--prompts", str(prompts), "--steps", "1", "--batch-size", "5")) == 0
     assert (f"warning: --batch-size 5 is more than the 2 prompts of {prompts}: each step uses all 2 prompts once"
             in _err(capsys))
+
+
+# ---------------------------------------------------------------------------------------
+# --entropy-coef: the entropy bonus (verl's entropy_coeff)
+# ---------------------------------------------------------------------------------------
+def test_response_entropy_is_the_entropy_of_the_softmax(tokenizer):
+    """ppo_core.response_logprobs' entropy against float64 -sum p log p, -inf logits included
+    (p = 0 adds 0), and the fused path (rmk.causal_lm_logprobs) against the logits path."""
+    from rmkernels_train import ppo_core as core
+
+    g = torch.Generator().manual_seed(3)
+    B, P, R, V = 3, 2, 5, 11
+    logits = torch.randn(B, P + R, V, generator=g) * 3
+    logits[0, P, 4] = float("-inf")
+    seqs = torch.randint(0, V, (B, P + R), generator=g)
+    seqs[0, P + 1] = 7
+    for temperature in (1.0, 0.7):
+        logp, ent = core.response_logprobs(logits, seqs, P, temperature, return_entropy=True)
+        ref = torch.log_softmax(logits[:, P - 1:-1].double() / temperature, -1)
+        want = -(ref.exp() * torch.where(ref.isinf(), 0.0, ref)).sum(-1)
+        torch.testing.assert_close(ent.double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logp, core.response_logprobs(logits, seqs, P, temperature))
+        assert torch.isfinite(ent).all()
+    policy, _, _, ids = _tiny_step_setup(tokenizer)
+    torch.manual_seed(0)
+    roll = grpo.sample(policy, ids, tokenizer, max_new_tokens=6, temperature=1.0)
+    lp_f, ent_f = core.fused_policy_logprobs(policy, roll, 0.8, return_entropy=True)
+    lp_l, ent_l = core.policy_logprobs(policy, roll, 0.8, return_entropy=True)
+    m = roll.response_mask.bool()
+    torch.testing.assert_close(lp_f[m], lp_l[m], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent_f[m], ent_l[m], rtol=1e-5, atol=1e-5)
+    assert (ent_f[~m] == 0).all() and (ent_f[m] > 0).all()
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_entropy_coef_adds_minus_coef_times_the_entropy_to_the_loss(tokenizer, monkeypatch, loss_agg):
+    """rl_step with --entropy-coef c against the same step with 0 (same rollouts): the loss is
+    lower by c times the aggregated entropy of the rollout policy, and with plain SGD (lr 1, no
+    clipping) the parameters differ by c times that entropy's gradient (the sign that raises the
+    entropy); the token-mean entropy is logged."""
+    from rmkernels_train import ppo_core as core
+
+    monkeypatch.setattr(grpo, "rm_scores", _fake_scores)
+    c = 0.5
+    step = {**STEP, "max_grad_norm": 1e9}
+    runs = {}
+    for coef in (0.0, c):
+        policy, ref, prompts, ids = _tiny_step_setup(tokenizer)
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        torch.manual_seed(100)
+        rec = grpo.rl_step(policy, ref, None, opt, tokenizer, prompts, ids, estimator="grpo", reward="model",
+                           kl_mode="loss", check=False, loss_agg=loss_agg, entropy_coef=coef, **step)
+        runs[coef] = rec, {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    # the rollout of that step, and the entropy's gradient at the starting policy
+    policy, _, prompts, ids = _tiny_step_setup(tokenizer)
+    torch.manual_seed(100)
+    roll = grpo.sample(policy, [p for p in ids for _ in range(STEP["num_generations"])], tokenizer,
+                       max_new_tokens=STEP["max_new_tokens"], temperature=1.0)
+    _, ent = core.fused_policy_logprobs(policy, roll, 1.0, return_entropy=True)
+    agg = core.agg_loss(ent, roll.response_mask, loss_agg, STEP["max_new_tokens"])
+    grads = torch.autograd.grad(agg, [p for p in policy.parameters()], allow_unused=True)
+    (r0, w0), (rc, wc) = runs[0.0], runs[c]
+    assert "entropy" not in r0
+    assert rc["entropy"] == pytest.approx(core.masked_mean(ent, roll.response_mask).item(), rel=1e-5)
+    assert rc["pg_loss"] == pytest.approx(r0["pg_loss"], rel=1e-6, abs=1e-7)
+    assert rc["loss"] - r0["loss"] == pytest.approx(-c * agg.item(), rel=1e-4, abs=1e-6)
+    moved = 0
+    for (name, p), gr in zip(policy.named_parameters(), grads):
+        want = torch.zeros_like(p) if gr is None else c * gr
+        torch.testing.assert_close(wc[name] - w0[name], want, rtol=1e-3, atol=1e-6)
+        moved += int(gr is not None and gr.abs().max() > 1e-6)
+    assert moved > 0
+
+
+def test_gae_update_takes_the_entropy_bonus(tiny_rm, tmp_path, capsys, monkeypatch):
+    """--advantage gae --entropy-coef: every minibatch's loss gets ppo_core.entropy_bonus of the
+    policy's entropy (its mask, --loss-agg, --max-new-tokens), and the step logs its entropy; a
+    default run logs none."""
+    from rmkernels_train import ppo_core as core
+
+    calls = []
+    real = core.entropy_bonus
+
+    def spy(entropy, mask, coef, loss_agg, horizon):
+        calls.append((entropy.shape == mask.shape, entropy.requires_grad, coef, loss_agg, horizon))
+        return real(entropy, mask, coef, loss_agg, horizon)
+
+    monkeypatch.setattr(core, "entropy_bonus", spy)
+    assert main(tiny_gae(tiny_rm, tmp_path / "e", "--steps", "2", "--entropy-coef", "0.05", "--loss-agg",
+                         "seq-mean-token-sum")) == 0
+    assert calls == [(True, True, 0.05, "seq-mean-token-sum", 4)] * 2
+    recs = [r for r in _records(tmp_path / "e" / "metrics.jsonl") if r.get("split") == "train"]
+    assert len(recs) == 2 and all(0 < r["entropy"] < math.log(len(tokenizer_vocab(tiny_rm))) + 1e-6 for r in recs)
+    assert main(tiny_gae(tiny_rm, tmp_path / "d", "--steps", "1")) == 0
+    assert all("entropy" not in r for r in _records(tmp_path / "d" / "metrics.jsonl"))
+    _err(capsys)
+
+
+def tokenizer_vocab(checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint).get_vocab()

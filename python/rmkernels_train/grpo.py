@@ -24,7 +24,8 @@ Each step:
    log-probs (``1 - clip_range``, ``1 + clip_range_high``: DAPO's clip-higher) plus the KL term.
    The advantages are the whole batch's, computed before, so a minibatch may hold part of a
    prompt's group (as in verl). The policy loss and the KL term are aggregated by
-   ``ppo_core.agg_loss`` (``--loss-agg``, verl's loss_agg_mode; token-mean by default).
+   ``ppo_core.agg_loss`` (``--loss-agg``, verl's loss_agg_mode; token-mean by default), and
+   ``--entropy-coef`` > 0 subtracts that times the policy's entropy, aggregated the same way.
 
 The task evaluation (:func:`evaluate`) runs on the held-out prompts: the fraction solved by the
 greedy response (``task_success``) and by one sampled response (``task_success_sampled``), the
@@ -177,6 +178,12 @@ def evaluate(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_n
             "prompts": len(prompts)}
 
 
+def _logprobs(policy, roll, temperature, entropy):
+    """(log-probs, entropy or None) of the policy on the rollout's responses."""
+    out = core.fused_policy_logprobs(policy, roll, temperature, return_entropy=entropy)
+    return out if entropy else (out, None)
+
+
 def _rows(t, rows):
     return t if rows is None else t[rows]
 
@@ -184,7 +191,7 @@ def _rows(t, rows):
 def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids, *, num_generations, estimator,
             reward, kl_coef, kl_estimator, kl_mode, max_new_tokens, temperature, max_grad_norm, backend=None,
             check=True, ppo_epochs=1, minibatches=1, clip_range=0.2, clip_range_high=None, loss_agg="token-mean",
-            generator=None):
+            entropy_coef=0.0, generator=None):
     """One critic-free step on ``prompts`` (each sampled ``num_generations`` times). Returns
     the step's metrics. ``check=False``: the prompts are not the built-in task's (``--prompts``),
     the checker does not run and ``train_success`` is None.
@@ -196,8 +203,11 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     minibatch on the clipped surrogate (``clip_range`` below, ``clip_range_high`` above, default
     ``clip_range``) against the log-probs of the policy that sampled them, plus the KL loss term,
     both aggregated by ``ppo_core.agg_loss`` (``loss_agg``; the horizon of
-    ``seq-mean-token-sum-norm`` is ``max_new_tokens``). With one update (the defaults) the step
-    is on-policy (ratio 1) and its one forward pass gives the rollout-time log-probs too."""
+    ``seq-mean-token-sum-norm`` is ``max_new_tokens``). ``entropy_coef`` > 0 subtracts that
+    times the policy's token entropy, aggregated the same way, from the loss
+    (``ppo_core.entropy_bonus``, verl's entropy_coeff) and logs its token mean as ``entropy``.
+    With one update (the defaults) the step is on-policy (ratio 1) and its one forward pass gives
+    the rollout-time log-probs too."""
     t0 = time.time()
     G = num_generations
     rep_prompts = [p for p in prompts for _ in range(G)]
@@ -217,8 +227,9 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
             base = rollout_rewards(greedy, prompts, reward, reward_model, tokenizer, decoder, backend, check)[0]
             baselines = base.float().repeat_interleave(G)
     single = ppo_epochs == 1 and minibatches == 1
+    bonus = entropy_coef > 0
     if single:  # the one update's forward pass: its log-probs (detached) are the rollout's
-        logp = core.fused_policy_logprobs(policy, roll, temperature)
+        logp, ent = _logprobs(policy, roll, temperature, bonus)
         kl_tok = kl_per_token(logp, ref_logp, kl_estimator)
         old_logp, old_kl = logp.detach(), kl_tok.detach()
     else:
@@ -236,21 +247,26 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     else:
         tok_adv = group_advantages(seq_rewards, group_ids, mask, estimator, backend)
     kl_loss = kl_mode == "loss" and kl_coef > 0
-    stats = {"loss": 0.0, "pg_loss": 0.0, "grad_norm": 0.0, "clipfrac": 0.0, "policy_kl": 0.0}
+    stats = {"loss": 0.0, "pg_loss": 0.0, "grad_norm": 0.0, "clipfrac": 0.0, "policy_kl": 0.0,
+             **({"entropy": 0.0} if bonus else {})}
     updates = 0
     for _ in range(ppo_epochs):
         # the advantages are the whole batch's: a minibatch may hold part of a group (as in verl)
         for rows in ([None] if minibatches == 1 else core.minibatch_indices(n, minibatches, generator)):
             m = _rows(mask, rows)
             if not single:
-                logp = core.fused_policy_logprobs(policy, roll if rows is None else core.select(roll, rows),
-                                                  temperature)
+                logp, ent = _logprobs(policy, roll if rows is None else core.select(roll, rows), temperature,
+                                      bonus)
                 kl_tok = kl_per_token(logp, _rows(ref_logp, rows), kl_estimator) if kl_loss else None
             pg_loss, clipfrac, approx_kl = core.ppo_policy_loss(logp, _rows(old_logp, rows), _rows(tok_adv, rows), m,
                                                                 clip_range, clip_range_high, loss_agg, max_new_tokens)
             loss = pg_loss
             if kl_loss:
                 loss = loss + kl_coef * core.agg_loss(kl_tok, m, loss_agg, max_new_tokens)
+            if bonus:
+                term, entropy = core.entropy_bonus(ent, m, entropy_coef, loss_agg, max_new_tokens)
+                loss = loss + term
+                stats["entropy"] += entropy.item()
             if not torch.isfinite(loss):
                 from rmkernels_train.utils import TrainingError
 

@@ -10,7 +10,8 @@ Each step:
    batch -- of every rank under torchrun, through ``process_group``) and returns, in one op;
 4. PPO epochs over minibatches: the clipped policy loss (``--clip-range`` below,
    ``--clip-range-high`` above) and the clipped value loss, both aggregated as ``--loss-agg``
-   says (``ppo_core.agg_loss``, verl's loss_agg_mode; token-mean by default);
+   says (``ppo_core.agg_loss``, verl's loss_agg_mode; token-mean by default), less
+   ``--entropy-coef`` times the policy's entropy aggregated the same way (default 0);
 5. the KL coefficient follows ``rmk.AdaptiveKLController`` (or stays fixed).
 
 This is the ``--advantage gae`` path; the default, critic-free run (GRPO and its relatives) is
@@ -141,6 +142,10 @@ def build_parser():
     g.add_argument("--clip-range-value", type=float, default=None, help="value clip range; default 0.2")
     g.add_argument("--vf-coef", type=float, default=None, help="weight of the value loss; default 0.5")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this")
+    g.add_argument("--entropy-coef", type=float, default=0.0,
+                   help="weight of the entropy bonus: the loss minus this times the policy's token entropy on the "
+                        "rollouts, aggregated as --loss-agg (verl's entropy_coeff, OpenRLHF's entropy_loss_coef); "
+                        "default 0 (no entropy term; > 0 also logs the token-mean entropy as entropy)")
     g.add_argument("--loss-agg", choices=LOSS_AGG_MODES, default=LOSS_AGG_MODES[0],
                    help="how the token losses of a minibatch become its loss (verl's loss_agg_mode): token-mean "
                         "(the default: over every response token), seq-mean-token-sum (each response's sum, "
@@ -201,7 +206,7 @@ def check_args(a):
         check_temperature(a.temperature)
     except ValueError as e:
         raise TrainingError(f"--{e}") from None
-    for name in ("kl_coef", "vf_coef", "gamma"):
+    for name in ("kl_coef", "vf_coef", "gamma", "entropy_coef"):
         T.check_finite(name, getattr(a, name), low=0)
     if a.lam is not None and not 0.0 <= a.lam <= 1.0:  # (nan fails too)
         raise TrainingError(f"--lam must be in [0, 1], got {a.lam}")
@@ -574,14 +579,17 @@ class PPOTrainer:
         """The PPO epochs over minibatches of the rollouts. Returns the mean losses."""
         a, dist, core = self.a, self.dist, self.core
         roll, adv, mask = r["roll"], r["adv"], r["roll"].response_mask
-        stats = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+        stats = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        bonus = a.entropy_coef > 0
         n_updates = 0
         gen = torch.Generator().manual_seed(a.seed * 7919 + step * dist.world_size + dist.rank)
         params = list(self.policy.parameters()) + list(self.value_model.parameters())
         for _ in range(a.ppo_epochs):
             for mb in core.minibatch_indices(a.batch_size, a.minibatches, gen):
                 sub = core.select(roll, mb)
-                new_logprobs = core.policy_logprobs(self.policy_ddp, sub, a.temperature)
+                new_logprobs = core.policy_logprobs(self.policy_ddp, sub, a.temperature, return_entropy=bonus)
+                if bonus:
+                    new_logprobs, entropy = new_logprobs
                 new_values = self.value_ddp(sub)
                 pg_loss, clipfrac, approx_kl = core.ppo_policy_loss(new_logprobs, r["old_logprobs"][mb],
                                                                     adv.advantages[mb], mask[mb], a.clip_range,
@@ -589,6 +597,11 @@ class PPOTrainer:
                 vf_loss, _ = core.ppo_value_loss(new_values, r["old_values"][mb], adv.returns[mb], mask[mb],
                                                  a.clip_range_value, a.loss_agg, a.max_new_tokens)
                 loss = pg_loss + a.vf_coef * vf_loss
+                if bonus:
+                    term, entropy = core.entropy_bonus(entropy, mask[mb], a.entropy_coef, a.loss_agg,
+                                                       a.max_new_tokens)
+                    loss = loss + term
+                    stats["entropy"] += entropy.item()
                 finite = torch.isfinite(loss.detach()).double().reshape(1)
                 if dist.enabled:  # every rank stops together (no rank left waiting in an all-reduce)
                     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -620,14 +633,15 @@ class PPOTrainer:
         adv_var = (s2_all - n_all * adv_mean ** 2) / max(n_all - 1.0, 1.0)
         rank_means = dist.gather_object(s1_loc / max(n_loc, 1.0))
         local = [r["raw_scores"].mean().item(), seq_kl.mean().item(), mask.float().sum(1).mean().item()] + \
-            [stats[k] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl")]
-        score, kl, resp_len, pg, vf, cf, akl = dist.mean(local)
+            [stats[k] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")]
+        score, kl, resp_len, pg, vf, cf, akl, ent = dist.mean(local)
         if not math.isfinite(kl):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {kl}; lower --lr")
         coef_used = self.kl_ctl.value
         self.kl_ctl.update(kl, a.batch_size * dist.world_size)
         return {"step": step + 1, "split": "train", "score": score, "kl": kl, "kl_coef": coef_used,
-                "pg_loss": pg, "vf_loss": vf, "clipfrac": cf, "policy_kl": akl, "response_length": resp_len,
+                "pg_loss": pg, "vf_loss": vf, "clipfrac": cf, "policy_kl": akl,
+                **({"entropy": ent} if a.entropy_coef > 0 else {}), "response_length": resp_len,
                 "adv_mean": adv_mean, "adv_var": adv_var, "adv_mean_per_rank": rank_means, "time": time.time() - t0}
 
     def checkpoint(self):

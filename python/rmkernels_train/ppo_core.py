@@ -74,30 +74,40 @@ def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, p
     return Rollout(sequences, attention_mask, response_mask, P)
 
 
-def response_logprobs(logits, sequences, prompt_len, temperature=1.0):
-    """log pi(token_t) of the response tokens [B, R] from causal-LM logits [B, P + R, V]."""
+def response_logprobs(logits, sequences, prompt_len, temperature=1.0, return_entropy=False):
+    """log pi(token_t) of the response tokens [B, R] from causal-LM logits [B, P + R, V]; with
+    ``return_entropy``, also the entropy [B, R] of each of those distributions (a -inf logit
+    adds 0 to it)."""
     logits = logits[:, prompt_len - 1:-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     labels = sequences[:, prompt_len:]
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, labels.unsqueeze(-1)).squeeze(-1)
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = torch.gather(logp_all, 2, labels.unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    p = logp_all.exp()
+    return logp, -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
 
 
-def policy_logprobs(policy, rollout, temperature=1.0):
-    """log pi(token_t) of the response tokens [B, R] through the model's ``forward`` and its
-    logits. For a policy wrapped in DDP: its forward is what syncs the gradients."""
+def policy_logprobs(policy, rollout, temperature=1.0, return_entropy=False):
+    """log pi(token_t) of the response tokens [B, R] (and with ``return_entropy`` their entropy)
+    through the model's ``forward`` and its logits. For a policy wrapped in DDP: its forward is
+    what syncs the gradients."""
     out = policy(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
                  position_ids=position_ids(rollout.attention_mask), use_cache=False)
-    return response_logprobs(out.logits, rollout.sequences, rollout.prompt_len, temperature)
+    return response_logprobs(out.logits, rollout.sequences, rollout.prompt_len, temperature, return_entropy)
 
 
-def fused_policy_logprobs(policy, rollout, temperature=1.0):
-    """log pi(token_t) of the response tokens [B, R] (0 after the EOS) with
-    ``rmk.causal_lm_logprobs``: the backbone's final hidden states and the LM head through the
-    fused ``rmk.token_logprobs``, never the [B, T, V] logits. For an unwrapped HF causal LM."""
+def fused_policy_logprobs(policy, rollout, temperature=1.0, return_entropy=False):
+    """log pi(token_t) of the response tokens [B, R] (0 after the EOS; with ``return_entropy``
+    also their entropy, 0 after the EOS) with ``rmk.causal_lm_logprobs``: the backbone's final
+    hidden states and the LM head through the fused ``rmk.token_logprobs``, never the [B, T, V]
+    logits. For an unwrapped HF causal LM."""
     R = rollout.sequences.shape[1] - rollout.prompt_len
     return rmk.causal_lm_logprobs(policy, rollout.sequences, rollout.attention_mask, response_length=R,
-                                  temperature=temperature, position_ids=position_ids(rollout.attention_mask))
+                                  temperature=temperature, return_entropy=return_entropy,
+                                  position_ids=position_ids(rollout.attention_mask))
 
 
 class ValueModel(nn.Module):
@@ -199,6 +209,17 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, clip_r
         clipfrac = masked_mean((loss2 > loss1).float(), mask)
         approx_kl = masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask)
     return loss, clipfrac, approx_kl
+
+
+def entropy_bonus(entropy, mask, entropy_coef, loss_agg="token-mean", horizon=None):
+    """The term added to the policy loss for ``--entropy-coef``: ``-entropy_coef`` times the
+    token entropies ``entropy`` [B, T] aggregated by :func:`agg_loss` (verl's ``entropy_coeff``:
+    ``pg_loss - entropy_coeff * agg_loss(entropy)``). Returns (term, token-mean entropy: a
+    metric, whatever ``loss_agg`` is)."""
+    term = -entropy_coef * agg_loss(entropy, mask, loss_agg, horizon)
+    with torch.no_grad():
+        mean = masked_mean(entropy, mask)
+    return term, mean
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip_range_value, loss_agg="token-mean", horizon=None):

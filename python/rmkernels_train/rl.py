@@ -163,15 +163,16 @@ def _fmt(v, digits=3):
 # even fit. Paths compare as real paths: trainer.check_resume_args.)
 RESUME_FIXED_COMMON = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy",
                        "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size",
-                       "reward_model", "ppo_epochs", "minibatches", "clip_range", "clip_range_high", "loss_agg")
+                       "reward_model", "ppo_epochs", "minibatches", "clip_range", "clip_range_high", "loss_agg",
+                       "entropy_coef")
 
 
 def saved_options(saved):
     """The options of a checkpoint's run (its ``args``) as this version names them: an older
-    checkpoint lacks --clip-range-high (it clipped at --clip-range on both sides) and --loss-agg
-    (token-mean), and an older critic-free one holds None for --ppo-epochs, --minibatches and
-    --clip-range (it made one on-policy update: the defaults of CRITIC_FREE_DEFAULTS and the
-    parser)."""
+    checkpoint lacks --clip-range-high (it clipped at --clip-range on both sides), --loss-agg
+    (token-mean) and --entropy-coef (0: no entropy term), and an older critic-free one holds
+    None for --ppo-epochs, --minibatches and --clip-range (it made one on-policy update: the
+    defaults of CRITIC_FREE_DEFAULTS and the parser)."""
     from rmkernels_train.ppo_core import LOSS_AGG_MODES
 
     s = dict(saved)
@@ -184,6 +185,7 @@ def saved_options(saved):
     if s.get("clip_range_high") is None:
         s["clip_range_high"] = s.get("clip_range")
     s.setdefault("loss_agg", LOSS_AGG_MODES[0])
+    s.setdefault("entropy_coef", 0.0)
     return s
 
 
@@ -373,7 +375,7 @@ class CriticFreeTrainer:
                          max_new_tokens=a.max_new_tokens, temperature=a.temperature, max_grad_norm=a.max_grad_norm,
                          backend=a.backend, check=a.prompts is None, ppo_epochs=a.ppo_epochs,
                          minibatches=a.minibatches, clip_range=a.clip_range, clip_range_high=a.clip_range_high,
-                         loss_agg=a.loss_agg, generator=gen)
+                         loss_agg=a.loss_agg, entropy_coef=a.entropy_coef, generator=gen)
         if not math.isfinite(r["kl"]):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {r['kl']}; lower --lr")
         return {"step": step + 1, "split": "train", **r}
