@@ -2,6 +2,7 @@
 score with a finite KL, resume continues exactly, bad input stops with a message, and a
 2-process torchrun (gloo) run whitens the advantages across ranks and ends in sync."""
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -154,6 +155,103 @@ def test_policy_loss_clips_higher_and_aggregates():
     torch.testing.assert_close(vloss, 0.5 * core.agg_loss(vper, mask, "seq-mean-token-mean"))
 
 
+def _verl_policy_loss(lp, old, adv, mask, low, high, c, mode, horizon=None):
+    """verl 0.9.1's ``compute_policy_loss_vanilla`` (trainer/ppo/core_algos.py), written out with
+    its names, dp_size 1: the log ratio clamped to +-20, the clipped surrogate, then dual-clip's
+    cap ``-A c`` where A < 0. Returns (loss, pg_clipfrac, pg_clipfrac_lower)."""
+    m = mask.double()
+    negative_approx_kl = torch.clamp(lp - old, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    pg_losses1 = -adv * ratio
+    pg_losses2 = -adv * torch.clamp(ratio, 1 - low, 1 + high)
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    pg_clipfrac = (torch.gt(pg_losses2, pg_losses1).double() * m).sum() / m.sum()
+    pg_losses3 = -adv * c
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    pg_clipfrac_lower = (torch.gt(clip_pg_losses1, pg_losses3).double() * (adv < 0).double() * m).sum() / m.sum()
+    pg_losses = torch.where(adv < 0, clip_pg_losses2, clip_pg_losses1)
+    if mode == "seq-mean-token-sum-norm" and horizon is not None:
+        return _verl_agg(pg_losses, mask, "seq-mean-token-sum") / horizon, pg_clipfrac, pg_clipfrac_lower
+    return _verl_agg(pg_losses, mask, mode), pg_clipfrac, pg_clipfrac_lower
+
+
+def test_dual_clip_follows_verls_formula():
+    """clip_ratio_c: verl's dual-clip (``_verl_policy_loss``) on random ragged batches with
+    advantages of both signs (some exactly 0), log ratios up to beyond +-20 (verl's clamp), with and
+    without clip_range_high, every --loss-agg: the loss, its gradients and both clip fractions."""
+    g = torch.Generator().manual_seed(2)
+    binds = clamped = 0
+    for case in range(40):
+        B, T = int(torch.randint(2, 9, (1,), generator=g)), int(torch.randint(1, 13, (1,), generator=g))
+        scale = (0.05, 0.5, 2.0, 15.0)[case % 4]  # 15: some log ratios beyond +-20
+        lp = torch.randn(B, T, generator=g, dtype=torch.float64) * scale
+        old = torch.randn(B, T, generator=g, dtype=torch.float64) * scale
+        adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+        adv[torch.rand(B, T, generator=g) < 0.1] = 0.0
+        mask = _ragged_mask(B, T, g)
+        low, high, c = 0.2, (None, 0.28)[case % 2], (1.5, 3.0, 10.0)[case % 3]
+        binds += int(((adv < 0) & mask & ((lp - old).exp() > c)).sum())
+        clamped += int((((lp - old).abs() > 20) & mask).sum())
+        for mode in core.LOSS_AGG_MODES:
+            for horizon in ((None, 16) if mode == "seq-mean-token-sum-norm" else (None,)):
+                lg, og = lp.clone().requires_grad_(), old.clone().requires_grad_()
+                loss, clipfrac, _, lower = core.ppo_policy_loss(lg, og, adv, mask, low, high, mode, horizon,
+                                                                clip_ratio_c=c, return_clipfrac_lower=True)
+                lw, ow = lp.clone().requires_grad_(), old.clone().requires_grad_()
+                want, want_cf, want_lower = _verl_policy_loss(lw, ow, adv, mask, low, low if high is None else high,
+                                                              c, mode, horizon)
+                msg = f"case {case}, {mode}, horizon {horizon}"
+                torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12, msg=msg)
+                (loss + 0.0).backward()
+                want.backward()
+                torch.testing.assert_close(lg.grad, lw.grad, rtol=1e-12, atol=1e-12, msg=msg)
+                torch.testing.assert_close(og.grad, ow.grad, rtol=1e-12, atol=1e-12, msg=msg)
+                torch.testing.assert_close(clipfrac, want_cf.to(clipfrac.dtype), msg=msg)
+                torch.testing.assert_close(lower, want_lower.to(lower.dtype), msg=msg)
+                # where dual-clip binds the token has no gradient through the ratio
+                assert (lg.grad[(adv < 0) & mask & ((lp - old).clamp(-20, 20).exp() * (-adv) > -adv * c)] == 0).all()
+    assert binds > 20 and clamped > 5  # the cases reach dual-clip and the clamp
+
+
+def test_dual_clip_off_is_the_loss_of_before():
+    """clip_ratio_c=None (the default) is the clipped surrogate of before, bit for bit in value and
+    gradient where |log ratio| <= 20 (the clamp is the identity there); its lower clip fraction is 0.
+    Beyond 20 the ratio is exp(+-20): finite, where the unclamped ratio overflows float32."""
+    g = torch.Generator().manual_seed(3)
+    lp, old = torch.randn(7, 9, generator=g) * 3, torch.randn(7, 9, generator=g) * 3
+    adv, mask = torch.randn(7, 9, generator=g), _ragged_mask(7, 9, g)
+    for mode in core.LOSS_AGG_MODES:
+        for high in (None, 0.3):
+            lg, lo = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+            loss, clipfrac, kl, lower = core.ppo_policy_loss(lg, old, adv, mask, 0.2, high, mode,
+                                                             return_clipfrac_lower=True)
+            r = torch.exp(lo - old)  # the loss before dual-clip, as it was written
+            l1, l2 = -adv * r, -adv * torch.clamp(r, 0.8, 1.2 if high is None else 1.3)
+            before = core.agg_loss(torch.maximum(l1, l2), mask, mode)
+            assert torch.equal(loss, before), mode
+            loss.backward()
+            before.backward()
+            assert torch.equal(lg.grad, lo.grad), mode
+            assert lower.item() == 0.0
+            assert core.ppo_policy_loss(lp, old, adv, mask, 0.2, high, mode)[1:] == (clipfrac, kl)
+    # log ratios of +-100: exp overflows float32 unclamped; clamped to +-20 the loss is finite
+    big = torch.tensor([[100.0, 100.0, -100.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, -1.0]])
+    for c, tok1 in ((None, math.exp(20.0)), (3.0, 3.0)):  # token 1: A < 0, ratio e^20, capped at 3 by dual-clip
+        loss, *_ = core.ppo_policy_loss(big, torch.zeros(1, 3), adv, torch.ones(1, 3), 0.2, clip_ratio_c=c)
+        torch.testing.assert_close(loss.item(), (-1.2 + tok1 + 0.8) / 3, rtol=1e-6, atol=0)
+        big.grad = None
+        loss.backward()
+        assert torch.equal(big.grad, torch.zeros(1, 3))  # clipped, capped or beyond the clamp: no gradient
+
+
+@pytest.mark.parametrize("c", [1.0, 0.5, 0.0, -3.0, float("nan"), float("inf")])
+def test_dual_clip_bound_must_be_above_1(c):
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"clip_ratio_c must be a finite number > 1"):
+        core.ppo_policy_loss(x, x, x, x > -1, 0.2, clip_ratio_c=c)
+
+
 def test_reward_scores_pool_as_hf_when_pad_is_eos():
     """A pad == eos tokenizer: the reward trainer drops the trailing EOS (HF's pad-id rule), so
     the rollouts' scores are read before the EOS too, where HF's *ForSequenceClassification
@@ -237,14 +335,15 @@ def test_short_run_raises_the_score(reward_model, tmp_path, capsys):
 
 
 def test_clip_range_high_and_loss_agg_reach_the_gae_update(reward_model, tmp_path, capsys, monkeypatch):
-    """--advantage gae passes --clip-range-high and --loss-agg (horizon --max-new-tokens) to the
-    policy loss and --loss-agg to the value loss; --clip-range-high defaults to --clip-range."""
+    """--advantage gae passes --clip-range-high, --clip-ratio-c and --loss-agg (horizon
+    --max-new-tokens) to the policy loss and --loss-agg to the value loss; --clip-range-high
+    defaults to --clip-range, --clip-ratio-c to None (off); clipfrac_lower is logged with it only."""
     calls = {"policy": [], "value": []}
     real_p, real_v = core.ppo_policy_loss, core.ppo_value_loss
 
-    def policy_loss(*args):
-        calls["policy"].append(args[4:])
-        return real_p(*args)
+    def policy_loss(*args, **kwargs):
+        calls["policy"].append((*args[4:], kwargs.get("clip_ratio_c")))
+        return real_p(*args, **kwargs)
 
     def value_loss(*args):
         calls["value"].append(args[4:])
@@ -255,12 +354,15 @@ def test_clip_range_high_and_loss_agg_reach_the_gae_update(reward_model, tmp_pat
     common = ["--reward-model", reward_model, "--batch-size", "4", "--max-new-tokens", "5", "--ppo-epochs", "1",
               "--minibatches", "2", "--steps", "1", "--clip-range", "0.1"] + FAST
     assert main(common + ["--output-dir", str(tmp_path / "a"), "--clip-range-high", "0.3", "--loss-agg",
-                          "seq-mean-token-mean"]) == 0
-    assert calls["policy"] == [(0.1, 0.3, "seq-mean-token-mean", 5)] * 2
+                          "seq-mean-token-mean", "--clip-ratio-c", "2.5"]) == 0
+    assert calls["policy"] == [(0.1, 0.3, "seq-mean-token-mean", 5, 2.5)] * 2
     assert calls["value"] == [(0.2, "seq-mean-token-mean", 5)] * 2
+    rec, = _records(tmp_path / "a" / "metrics.jsonl")
+    assert 0.0 <= rec["clipfrac_lower"] <= 1.0
     calls["policy"].clear()
     assert main(common + ["--output-dir", str(tmp_path / "b")]) == 0
-    assert calls["policy"] == [(0.1, 0.1, "token-mean", 5)] * 2
+    assert calls["policy"] == [(0.1, 0.1, "token-mean", 5, None)] * 2
+    assert "clipfrac_lower" not in _records(tmp_path / "b" / "metrics.jsonl")[0]
     capsys.readouterr()
 
 

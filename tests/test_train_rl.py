@@ -485,8 +485,15 @@ def test_the_update_options_belong_to_both_paths():
         check_args(a)
         assert (a.ppo_epochs, a.minibatches, a.clip_range, a.clip_range_high, a.loss_agg) == want, argv
     for advantage in ("grpo", "gae"):
-        assert {"ppo_epochs", "minibatches", "clip_range", "clip_range_high", "loss_agg", "entropy_coef"} <= \
+        assert {"ppo_epochs", "minibatches", "clip_range", "clip_range_high", "clip_ratio_c", "loss_agg",
+                "entropy_coef"} <= \
             set(rl.resume_fixed(advantage))
+    # --clip-ratio-c (dual-clip): off unless given, on both paths
+    for argv, want in [([], None), (["--advantage", "gae"], None), (["--clip-ratio-c", "3"], 3.0),
+                       (["--advantage", "gae", "--clip-ratio-c", "1.5"], 1.5)]:
+        a = build_parser().parse_args(argv)
+        check_args(a)
+        assert a.clip_ratio_c == want, argv
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -498,6 +505,11 @@ def test_the_update_options_belong_to_both_paths():
     (["--clip-range-high", "nan", "--advantage", "gae"], "--clip-range-high must be a finite number > 0"),
     (["--entropy-coef", "-0.01"], "--entropy-coef must be a finite number >= 0"),
     (["--entropy-coef", "inf", "--advantage", "gae"], "--entropy-coef must be a finite number >= 0"),
+    (["--clip-ratio-c", "1"], "--clip-ratio-c must be a finite number > 1"),
+    (["--clip-ratio-c", "0.5"], "--clip-ratio-c must be a finite number > 1"),
+    (["--clip-ratio-c", "-3", "--advantage", "gae"], "--clip-ratio-c must be a finite number > 1"),
+    (["--clip-ratio-c", "nan", "--advantage", "gae"], "--clip-ratio-c must be a finite number > 1"),
+    (["--clip-ratio-c", "inf"], "--clip-ratio-c must be a finite number > 1"),
 ])
 def test_bad_update_options_stop_with_a_message(argv, message, capsys):
     assert main(argv + FAST) == 1
@@ -752,6 +764,68 @@ def test_loss_agg_aggregates_the_policy_and_kl_losses(tokenizer, monkeypatch, lo
         res["token-mean"]["loss"] - res["token-mean"]["pg_loss"], rel=1e-6)
 
 
+def test_dual_clip_reaches_the_critic_free_loss(tokenizer, monkeypatch):
+    """clip_ratio_c reaches every update's policy loss; with it the step logs clipfrac_lower (> 0
+    once the policy has moved: a bound just above 1 binds) and trains otherwise; without it the
+    step has no such key. A bound <= 1 is refused before anything is sampled."""
+    from rmkernels_train import ppo_core as core
+
+    monkeypatch.setattr(grpo, "rm_scores", _fake_scores)
+    seen, real = [], core.ppo_policy_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("clip_ratio_c"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "ppo_policy_loss", spy)
+    out = {}
+    for c in (None, 1.05):
+        policy, ref, prompts, ids = _tiny_step_setup(tokenizer)
+        torch.manual_seed(7)
+        out[c] = grpo.rl_step(policy, ref, None, torch.optim.Adam(policy.parameters(), lr=5e-2), tokenizer,
+                              prompts, ids, estimator="grpo", reward="model", kl_mode="loss", check=False,
+                              ppo_epochs=2, minibatches=2, clip_range=0.1, clip_ratio_c=c,
+                              generator=torch.Generator().manual_seed(0), **STEP)
+    assert seen == [None] * 4 + [1.05] * 4
+    assert "clipfrac_lower" not in out[None] and 0 < out[1.05]["clipfrac_lower"] <= 1
+    assert out[1.05]["loss"] != out[None]["loss"]
+    for c in (1.0, float("nan")):
+        torch.manual_seed(7)
+        with pytest.raises(ValueError, match="clip_ratio_c must be a finite number > 1"):
+            grpo.rl_step(policy, ref, None, torch.optim.SGD(policy.parameters(), lr=0.0), tokenizer, prompts, ids,
+                         estimator="grpo", reward="model", kl_mode="loss", check=False, clip_ratio_c=c, **STEP)
+    assert len(seen) == 8
+
+
+def test_dual_clip_run_resumes_exactly_and_fixes_the_option(tiny_rm, tmp_path, capsys):
+    """A critic-free run with --clip-ratio-c logs clipfrac_lower every step and records the option
+    in its checkpoint; stopped and resumed with it, it ends where the straight run ends; resumed
+    without it (or with another value), it is refused, naming the option."""
+    from safetensors.torch import load_file
+
+    opts = ("--ppo-epochs", "2", "--minibatches", "2", "--lr", "1e-2", "--clip-range", "0.1", "--save-every", "100")
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    assert main(tiny(tiny_rm, a, "--steps", "2", "--clip-ratio-c", "2", *opts)) == 0
+    assert main(tiny(tiny_rm, b, "--steps", "2", "--stop-after", "1", "--clip-ratio-c", "2", *opts)) == 0
+    with open(b / "checkpoint-1" / "trainer_state.json") as f:
+        assert json.load(f)["args"]["clip_ratio_c"] == 2.0
+    _err(capsys)
+    assert main(tiny(tiny_rm, b, "--steps", "2", "--resume", *opts)) == 1
+    assert "--clip-ratio-c was 2.0 in the checkpoint's run and is None now" in _err(capsys)
+    assert main(tiny(tiny_rm, b, "--steps", "2", "--resume", "--clip-ratio-c", "3", *opts)) == 1
+    assert "--clip-ratio-c was 2.0 in the checkpoint's run and is 3.0 now" in _err(capsys)
+    assert main(tiny(tiny_rm, b, "--steps", "2", "--resume", "--clip-ratio-c", "2", *opts)) == 0
+    _err(capsys)
+    ta = [r for r in _records(a / "metrics.jsonl") if r["split"] == "train"]
+    tb = [r for r in _records(b / "metrics.jsonl") if r["split"] == "train"]
+    assert len(ta) == 2 and all(0 <= r["clipfrac_lower"] <= 1 for r in ta)
+    for x, y in zip(ta, tb):
+        assert {k: v for k, v in x.items() if k != "time"} == {k: v for k, v in y.items() if k != "time"}
+    wa = load_file(a / "checkpoint-2" / "policy" / "model.safetensors")
+    wb = load_file(b / "checkpoint-2" / "policy" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.fixture(scope="module")
 def gae_run(tiny_rm, tmp_path_factory):
     """A 1-step --advantage gae run: checkpoint-1."""
@@ -781,6 +855,8 @@ def gae_run(tiny_rm, tmp_path_factory):
     ("gae", ["--clip-range-high", "0.3"], "--clip-range-high was 0.2 in the checkpoint's run and is 0.3 now"),
     ("critic_free", ["--entropy-coef", "0.01"], "--entropy-coef was 0.0 in the checkpoint's run and is 0.01 now"),
     ("gae", ["--entropy-coef", "0.01"], "--entropy-coef was 0.0 in the checkpoint's run and is 0.01 now"),
+    ("critic_free", ["--clip-ratio-c", "3"], "--clip-ratio-c was None in the checkpoint's run and is 3.0 now"),
+    ("gae", ["--clip-ratio-c", "3"], "--clip-ratio-c was None in the checkpoint's run and is 3.0 now"),
 ])
 def test_resume_names_the_option_that_changed(warm_run, gae_run, tiny_rm, tmp_path, capsys, run, argv, message):
     """The checkpoint's options are compared before any weight is loaded: a changed option is
@@ -801,11 +877,12 @@ def test_resume_names_the_option_that_changed(warm_run, gae_run, tiny_rm, tmp_pa
 
 
 def _as_older_checkpoint(out, advantage):
-    """Make the checkpoints' trainer_state.json as the version before --clip-range-high and
-    --loss-agg wrote them (a critic-free run also stored None for PPO's update options)."""
+    """Make the checkpoints' trainer_state.json as the version before --clip-range-high,
+    --clip-ratio-c and --loss-agg wrote them (a critic-free run also stored None for PPO's update
+    options)."""
     for p in out.glob("checkpoint-*/trainer_state.json"):
         state = json.loads(p.read_text())
-        for k in ("clip_range_high", "loss_agg", "entropy_coef"):
+        for k in ("clip_range_high", "clip_ratio_c", "loss_agg", "entropy_coef"):
             del state["args"][k]
         if advantage != "gae":
             state["args"].update(ppo_epochs=None, minibatches=None, clip_range=None)
@@ -815,8 +892,8 @@ def _as_older_checkpoint(out, advantage):
 @pytest.mark.parametrize("run", ["critic_free", "gae"])
 def test_an_older_checkpoint_resumes_at_the_defaults(warm_run, gae_run, tiny_rm, tmp_path, capsys, run):
     """A checkpoint without the new options resumes with them at the values its run had (one
-    on-policy update for the critic-free run, the clip at --clip-range on both sides,
-    token-mean), and refuses others, naming the value its run had."""
+    on-policy update for the critic-free run, the clip at --clip-range on both sides, no
+    dual-clip, token-mean), and refuses others, naming the value its run had."""
     out = tmp_path / "run"
     shutil.copytree(warm_run if run == "critic_free" else gae_run, out)
     _as_older_checkpoint(out, "grpo" if run == "critic_free" else "gae")
@@ -828,6 +905,8 @@ def test_an_older_checkpoint_resumes_at_the_defaults(warm_run, gae_run, tiny_rm,
     assert "--clip-range-high was 0.2 in the checkpoint's run and is 0.25 now" in _err(capsys)
     assert main(argv + ["--entropy-coef", "0.1"]) == 1
     assert "--entropy-coef was 0.0 in the checkpoint's run and is 0.1 now" in _err(capsys)
+    assert main(argv + ["--clip-ratio-c", "3"]) == 1
+    assert "--clip-ratio-c was None in the checkpoint's run and is 3.0 now" in _err(capsys)
     if run == "critic_free":
         assert main(argv + ["--ppo-epochs", "2"]) == 1
         assert "--ppo-epochs was 1 in the checkpoint's run and is 2 now" in _err(capsys)

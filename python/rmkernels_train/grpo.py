@@ -21,7 +21,8 @@ Each step:
    ``--minibatches``: verl's ppo_epochs and mini-batches, TRL's num_iterations) the log-probs of
    the sampling policy are computed once, then each epoch cuts a random permutation of the
    responses into minibatches, one optimizer step each, on PPO's clipped surrogate against those
-   log-probs (``1 - clip_range``, ``1 + clip_range_high``: DAPO's clip-higher) plus the KL term.
+   log-probs (``1 - clip_range``, ``1 + clip_range_high``: DAPO's clip-higher; ``clip_ratio_c``:
+   verl's dual-clip, off by default) plus the KL term.
    The advantages are the whole batch's, computed before, so a minibatch may hold part of a
    prompt's group (as in verl). The policy loss and the KL term are aggregated by
    ``ppo_core.agg_loss`` (``--loss-agg``, verl's loss_agg_mode; token-mean by default), and
@@ -191,7 +192,7 @@ def _rows(t, rows):
 def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids, *, num_generations, estimator,
             reward, kl_coef, kl_estimator, kl_mode, max_new_tokens, temperature, max_grad_norm, backend=None,
             check=True, ppo_epochs=1, minibatches=1, clip_range=0.2, clip_range_high=None, loss_agg="token-mean",
-            entropy_coef=0.0, generator=None):
+            entropy_coef=0.0, generator=None, clip_ratio_c=None):
     """One critic-free step on ``prompts`` (each sampled ``num_generations`` times). Returns
     the step's metrics. ``check=False``: the prompts are not the built-in task's (``--prompts``),
     the checker does not run and ``train_success`` is None.
@@ -201,13 +202,16 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     torch's global RNG when None, cut by ``ppo_core.minibatch_indices``: ``minibatches`` must
     divide the responses; one minibatch is the whole batch in its order), one optimizer step per
     minibatch on the clipped surrogate (``clip_range`` below, ``clip_range_high`` above, default
-    ``clip_range``) against the log-probs of the policy that sampled them, plus the KL loss term,
+    ``clip_range``; ``clip_ratio_c``: dual-clip, ``ppo_core.ppo_policy_loss``, None = off) against
+    the log-probs of the policy that sampled them, plus the KL loss term,
     both aggregated by ``ppo_core.agg_loss`` (``loss_agg``; the horizon of
     ``seq-mean-token-sum-norm`` is ``max_new_tokens``). ``entropy_coef`` > 0 subtracts that
     times the policy's token entropy, aggregated the same way, from the loss
     (``ppo_core.entropy_bonus``, verl's entropy_coeff) and logs its token mean as ``entropy``.
     With one update (the defaults) the step is on-policy (ratio 1) and its one forward pass gives
-    the rollout-time log-probs too."""
+    the rollout-time log-probs too. With ``clip_ratio_c`` the metrics hold ``clipfrac_lower`` too
+    (dual-clip's clip fraction)."""
+    core.check_clip_ratio_c(clip_ratio_c)
     t0 = time.time()
     G = num_generations
     rep_prompts = [p for p in prompts for _ in range(G)]
@@ -249,6 +253,8 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     kl_loss = kl_mode == "loss" and kl_coef > 0
     stats = {"loss": 0.0, "pg_loss": 0.0, "grad_norm": 0.0, "clipfrac": 0.0, "policy_kl": 0.0,
              **({"entropy": 0.0} if bonus else {})}
+    if clip_ratio_c is not None:  # dual-clip's own clip fraction, logged only when it is on
+        stats["clipfrac_lower"] = 0.0
     updates = 0
     for _ in range(ppo_epochs):
         # the advantages are the whole batch's: a minibatch may hold part of a group (as in verl)
@@ -258,8 +264,9 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
                 logp, ent = _logprobs(policy, roll if rows is None else core.select(roll, rows), temperature,
                                       bonus)
                 kl_tok = kl_per_token(logp, _rows(ref_logp, rows), kl_estimator) if kl_loss else None
-            pg_loss, clipfrac, approx_kl = core.ppo_policy_loss(logp, _rows(old_logp, rows), _rows(tok_adv, rows), m,
-                                                                clip_range, clip_range_high, loss_agg, max_new_tokens)
+            pg_loss, clipfrac, approx_kl, clipfrac_lower = core.ppo_policy_loss(
+                logp, _rows(old_logp, rows), _rows(tok_adv, rows), m, clip_range, clip_range_high, loss_agg,
+                max_new_tokens, clip_ratio_c=clip_ratio_c, return_clipfrac_lower=True)
             loss = pg_loss
             if kl_loss:
                 loss = loss + kl_coef * core.agg_loss(kl_tok, m, loss_agg, max_new_tokens)
@@ -276,8 +283,9 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
             optimizer.step()
             for k, v in (("loss", loss), ("pg_loss", pg_loss), ("grad_norm", grad_norm), ("clipfrac", clipfrac),
-                         ("policy_kl", approx_kl)):
-                stats[k] += v.item()
+                         ("policy_kl", approx_kl), ("clipfrac_lower", clipfrac_lower)):
+                if k in stats:
+                    stats[k] += v.item()
             updates += 1
     return {"score": scores.mean().item(), "reward": seq_rewards.mean().item(), "kl": seq_kl.mean().item(),
             "train_success": None if correct is None else correct.mean().item(),

@@ -9,9 +9,10 @@ Each step:
 3. ``rmk.ppo_advantages``: the KL-penalised rewards, GAE advantages (whitened over the whole
    batch -- of every rank under torchrun, through ``process_group``) and returns, in one op;
 4. PPO epochs over minibatches: the clipped policy loss (``--clip-range`` below,
-   ``--clip-range-high`` above) and the clipped value loss, both aggregated as ``--loss-agg``
-   says (``ppo_core.agg_loss``, verl's loss_agg_mode; token-mean by default), less
-   ``--entropy-coef`` times the policy's entropy aggregated the same way (default 0);
+   ``--clip-range-high`` above, and ``--clip-ratio-c``'s dual-clip when given) and the clipped
+   value loss, both aggregated as ``--loss-agg`` says (``ppo_core.agg_loss``, verl's
+   loss_agg_mode; token-mean by default), less ``--entropy-coef`` times the policy's entropy
+   aggregated the same way (default 0);
 5. the KL coefficient follows ``rmk.AdaptiveKLController`` (or stays fixed).
 
 This is the ``--advantage gae`` path; the default, critic-free run (GRPO and its relatives) is
@@ -139,6 +140,10 @@ def build_parser():
     g.add_argument("--clip-range-high", type=float, default=None,
                    help="the ratio's clip above: 1 + this (DAPO's clip-higher: verl's clip_ratio_high, TRL's "
                         "epsilon_high); default --clip-range")
+    g.add_argument("--clip-ratio-c", type=float, default=None, metavar="C",
+                   help="dual-clip PPO (verl's clip_ratio_c; verl's default is 3): where an advantage is negative, "
+                        "the policy loss of a token is also capped at -advantage x C, so a ratio far above the clip "
+                        "range cannot make an unbounded loss; must be > 1; default off")
     g.add_argument("--clip-range-value", type=float, default=None, help="value clip range; default 0.2")
     g.add_argument("--vf-coef", type=float, default=None, help="weight of the value loss; default 0.5")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this")
@@ -200,6 +205,12 @@ def check_args(a):
     for name in ("temperature", "lr", "value_lr", "clip_range", "clip_range_high", "clip_range_value", "kl_target",
                  "kl_horizon", "max_grad_norm"):
         T.check_finite(name, getattr(a, name), low=0, low_open=True)
+    from rmkernels_train.ppo_core import check_clip_ratio_c
+
+    try:  # the policy loss's own rule, checked at start-up
+        check_clip_ratio_c(a.clip_ratio_c, "--clip-ratio-c")
+    except ValueError as e:
+        raise TrainingError(f"{e}; leave it out to turn dual-clip off") from None
     from rmkernels.ops.token_logprobs import check_temperature
 
     try:  # the log-probs' own rule (rmk.token_logprobs), checked before any model is trained
@@ -579,8 +590,12 @@ class PPOTrainer:
         """The PPO epochs over minibatches of the rollouts. Returns the mean losses."""
         a, dist, core = self.a, self.dist, self.core
         roll, adv, mask = r["roll"], r["adv"], r["roll"].response_mask
-        stats = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        stats = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
         bonus = a.entropy_coef > 0
+        if bonus:  # the entropy, logged only with --entropy-coef
+            stats["entropy"] = 0.0
+        if a.clip_ratio_c is not None:  # dual-clip's own clip fraction, logged only when it is on
+            stats["clipfrac_lower"] = 0.0
         n_updates = 0
         gen = torch.Generator().manual_seed(a.seed * 7919 + step * dist.world_size + dist.rank)
         params = list(self.policy.parameters()) + list(self.value_model.parameters())
@@ -591,9 +606,10 @@ class PPOTrainer:
                 if bonus:
                     new_logprobs, entropy = new_logprobs
                 new_values = self.value_ddp(sub)
-                pg_loss, clipfrac, approx_kl = core.ppo_policy_loss(new_logprobs, r["old_logprobs"][mb],
-                                                                    adv.advantages[mb], mask[mb], a.clip_range,
-                                                                    a.clip_range_high, a.loss_agg, a.max_new_tokens)
+                pg_loss, clipfrac, approx_kl, clipfrac_lower = core.ppo_policy_loss(
+                    new_logprobs, r["old_logprobs"][mb], adv.advantages[mb], mask[mb], a.clip_range,
+                    a.clip_range_high, a.loss_agg, a.max_new_tokens, clip_ratio_c=a.clip_ratio_c,
+                    return_clipfrac_lower=True)
                 vf_loss, _ = core.ppo_value_loss(new_values, r["old_values"][mb], adv.returns[mb], mask[mb],
                                                  a.clip_range_value, a.loss_agg, a.max_new_tokens)
                 loss = pg_loss + a.vf_coef * vf_loss
@@ -616,6 +632,8 @@ class PPOTrainer:
                 stats["vf_loss"] += vf_loss.item()
                 stats["clipfrac"] += clipfrac.item()
                 stats["approx_kl"] += approx_kl.item()
+                if "clipfrac_lower" in stats:
+                    stats["clipfrac_lower"] += clipfrac_lower.item()
                 n_updates += 1
         return {k: v / max(n_updates, 1) for k, v in stats.items()}
 
@@ -632,17 +650,18 @@ class PPOTrainer:
         adv_mean = s1_all / max(n_all, 1.0)
         adv_var = (s2_all - n_all * adv_mean ** 2) / max(n_all - 1.0, 1.0)
         rank_means = dist.gather_object(s1_loc / max(n_loc, 1.0))
+        extra = [k for k in ("clipfrac_lower", "entropy") if k in stats]  # with --clip-ratio-c, --entropy-coef
         local = [r["raw_scores"].mean().item(), seq_kl.mean().item(), mask.float().sum(1).mean().item()] + \
-            [stats[k] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")]
-        score, kl, resp_len, pg, vf, cf, akl, ent = dist.mean(local)
+            [stats[k] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", *extra)]
+        score, kl, resp_len, pg, vf, cf, akl, *extra_values = dist.mean(local)
         if not math.isfinite(kl):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {kl}; lower --lr")
         coef_used = self.kl_ctl.value
         self.kl_ctl.update(kl, a.batch_size * dist.world_size)
         return {"step": step + 1, "split": "train", "score": score, "kl": kl, "kl_coef": coef_used,
-                "pg_loss": pg, "vf_loss": vf, "clipfrac": cf, "policy_kl": akl,
-                **({"entropy": ent} if a.entropy_coef > 0 else {}), "response_length": resp_len,
-                "adv_mean": adv_mean, "adv_var": adv_var, "adv_mean_per_rank": rank_means, "time": time.time() - t0}
+                "pg_loss": pg, "vf_loss": vf, "clipfrac": cf, "policy_kl": akl, **dict(zip(extra, extra_values)),
+                "response_length": resp_len, "adv_mean": adv_mean, "adv_var": adv_var,
+                "adv_mean_per_rank": rank_means, "time": time.time() - t0}
 
     def checkpoint(self):
         a = self.a

@@ -1,7 +1,8 @@
 """PPO building blocks: rollouts with ``generate``, per-token log-probs and values, the
 reward model's score through ``rmk.last_token_reward``, the clipped PPO losses (the policy's
-with DAPO's clip-higher, ``clip_range_high``) and how token losses are aggregated into one
-(:func:`agg_loss`, ``--loss-agg``: verl's ``loss_agg_mode``), shared by both RL paths.
+with DAPO's clip-higher, ``clip_range_high``, and verl's dual-clip, ``clip_ratio_c``) and how
+token losses are aggregated into one (:func:`agg_loss`, ``--loss-agg``: verl's
+``loss_agg_mode``), shared by both RL paths.
 
 Layout of a rollout batch (``B`` sequences)::
 
@@ -15,6 +16,7 @@ Layout of a rollout batch (``B`` sequences)::
 Positions are ``cumsum(attention_mask) - 1``, as ``generate`` numbers left-padded prompts, so
 a forward pass over the finished sequence sees each token where generation saw it.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -193,22 +195,64 @@ def agg_loss(loss_mat, mask, mode="token-mean", horizon=None):
     return loss
 
 
+# verl clamps the log ratio to +-LOG_RATIO_CLAMP before its exp (compute_policy_loss_vanilla):
+# a finite ratio and loss for any pair of log-probs; where |log ratio| <= 20 it changes nothing.
+LOG_RATIO_CLAMP = 20.0
+
+
+def check_clip_ratio_c(clip_ratio_c, name="clip_ratio_c"):
+    """Dual-clip's bound must be a finite number > 1 (verl asserts > 1: at 1 or below it would cut
+    into the clipped surrogate itself). None (dual-clip off) passes."""
+    if clip_ratio_c is not None and not (math.isfinite(clip_ratio_c) and clip_ratio_c > 1.0):
+        raise ValueError(f"{name} must be a finite number > 1 (dual-clip PPO caps the loss of a token with a "
+                         f"negative advantage at -advantage x {name}), got {clip_ratio_c}")
+
+
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, clip_range_high=None,
-                    loss_agg="token-mean", horizon=None):
+                    loss_agg="token-mean", horizon=None, clip_ratio_c=None, return_clipfrac_lower=False):
     """The clipped surrogate: ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))`` with ``r =
-    exp(logp - logp_old)``, ``eps_low = clip_range`` and ``eps_high = clip_range_high`` (default
-    ``clip_range``; larger: DAPO's clip-higher), aggregated by :func:`agg_loss` (``loss_agg``,
-    ``horizon``). Returns (loss, clip fraction, approx KL(old || new)); the last two are token
-    means whatever ``loss_agg`` is (metrics)."""
+    exp(clamp(logp - logp_old, -20, 20))``, ``eps_low = clip_range`` and ``eps_high =
+    clip_range_high`` (default ``clip_range``; larger: DAPO's clip-higher), aggregated by
+    :func:`agg_loss` (``loss_agg``, ``horizon``): verl 0.9.1's ``compute_policy_loss_vanilla``.
+
+    The log ratio is clamped to [-20, 20] before the exp, as verl does: nothing changes where
+    |log ratio| <= 20 (values and gradients); beyond, the ratio stays finite and the token gets no
+    gradient through it.
+
+    ``clip_ratio_c`` (None: off) turns on dual-clip PPO (Ye et al. 2019, verl's ``clip_ratio_c``):
+    where ``A < 0`` the token loss is also capped at ``-A clip_ratio_c``, i.e. ``min(-A c,
+    max(-A r, -A clip(r, ...)))``, so a ratio far above ``1 + eps_high`` on a token with a negative
+    advantage cannot make an unbounded loss (its gradient is then 0). It must be a finite number
+    > 1 (``ValueError`` otherwise). Tokens with ``A >= 0`` are unchanged.
+
+    Returns (loss, clip fraction, approx KL(old || new)); with ``return_clipfrac_lower``, also the
+    lower clip fraction: the fraction of valid tokens where dual-clip binds (``A < 0`` and the
+    clipped surrogate above ``-A clip_ratio_c``; verl's ``pg_clipfrac_lower``), 0 when
+    ``clip_ratio_c`` is None. The metrics are token means whatever ``loss_agg`` is; the clip
+    fraction counts the tokens where the ratio's clip binds, as before dual-clip; approx KL is
+    ``0.5 (logp - logp_old)^2`` of the unclamped log ratio."""
+    check_clip_ratio_c(clip_ratio_c)
     high = clip_range if clip_range_high is None else clip_range_high
-    ratio = torch.exp(logprobs - old_logprobs)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     loss1 = -advantages * ratio
     loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
-    loss = agg_loss(torch.maximum(loss1, loss2), mask, loss_agg, horizon)
+    clipped = torch.maximum(loss1, loss2)
+    per_token = clipped
+    if clip_ratio_c is not None:
+        loss3 = -advantages * clip_ratio_c
+        per_token = torch.where(advantages < 0, torch.minimum(loss3, clipped), clipped)
+    loss = agg_loss(per_token, mask, loss_agg, horizon)
     with torch.no_grad():
         clipfrac = masked_mean((loss2 > loss1).float(), mask)
-        approx_kl = masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask)
-    return loss, clipfrac, approx_kl
+        approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
+        if not return_clipfrac_lower:
+            return loss, clipfrac, approx_kl
+        if clip_ratio_c is None:
+            clipfrac_lower = torch.zeros_like(clipfrac)
+        else:
+            clipfrac_lower = masked_mean(((clipped > loss3) & (advantages < 0)).float(), mask)
+    return loss, clipfrac, approx_kl, clipfrac_lower
 
 
 def entropy_bonus(entropy, mask, entropy_coef, loss_agg="token-mean", horizon=None):

@@ -16,8 +16,8 @@ The pipeline (every piece is cached in ``--output-dir``, so a second run reuses 
    stopped while it solves about a third of the held-out prompts;
 3. critic-free RL (:mod:`rmkernels_train.grpo`) against the reward model, with the KL to the
    warm-start policy in the loss: one on-policy step per rollout batch by default, or
-   ``--ppo-epochs`` x ``--minibatches`` clipped updates (``--clip-range``, ``--clip-range-high``),
-   the token losses aggregated as ``--loss-agg`` says;
+   ``--ppo-epochs`` x ``--minibatches`` clipped updates (``--clip-range``, ``--clip-range-high``,
+   ``--clip-ratio-c``'s dual-clip), the token losses aggregated as ``--loss-agg`` says;
 4. the held-out task success before RL, every ``--eval-every`` steps and at the end, next to
    the reward model's score: ``metrics.jsonl`` rows with ``"split": "eval"``. The run ends by
    printing the task success before and after, and whether the reward-model score and the task
@@ -47,8 +47,8 @@ KL_MODES = ("loss", "reward")
 # option in only one table belongs to that path alone, and the other path refuses it when it is
 # given (resolve_defaults) instead of ignoring it. Options whose default is None here are off unless
 # given (--kl-clamp, --score-clip, --missing-eos-penalty).
-# --clip-range (CLIP_RANGE), --clip-range-high (default: --clip-range) and --loss-agg
-# (token-mean) are both paths' with one default (in the parser).
+# --clip-range (CLIP_RANGE), --clip-range-high (default: --clip-range), --clip-ratio-c (default
+# off: None) and --loss-agg (token-mean) are both paths' with one default (in the parser).
 CLIP_RANGE = 0.2
 CRITIC_FREE_DEFAULTS = {"steps": 1000, "lr": 3e-4, "kl_coef": 0.5, "kl_estimator": "k3", "batch_size": 16,
                         "ppo_epochs": 1, "minibatches": 1, "num_generations": 8, "reward": "model",
@@ -163,16 +163,16 @@ def _fmt(v, digits=3):
 # even fit. Paths compare as real paths: trainer.check_resume_args.)
 RESUME_FIXED_COMMON = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy",
                        "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size",
-                       "reward_model", "ppo_epochs", "minibatches", "clip_range", "clip_range_high", "loss_agg",
-                       "entropy_coef")
+                       "reward_model", "ppo_epochs", "minibatches", "clip_range", "clip_range_high", "clip_ratio_c",
+                       "loss_agg", "entropy_coef")
 
 
 def saved_options(saved):
     """The options of a checkpoint's run (its ``args``) as this version names them: an older
-    checkpoint lacks --clip-range-high (it clipped at --clip-range on both sides), --loss-agg
-    (token-mean) and --entropy-coef (0: no entropy term), and an older critic-free one holds
-    None for --ppo-epochs, --minibatches and --clip-range (it made one on-policy update: the
-    defaults of CRITIC_FREE_DEFAULTS and the parser)."""
+    checkpoint lacks --clip-range-high (it clipped at --clip-range on both sides), --clip-ratio-c
+    (no dual-clip: None), --loss-agg (token-mean) and --entropy-coef (0: no entropy term), and
+    an older critic-free one holds None for --ppo-epochs, --minibatches and --clip-range (it made
+    one on-policy update: the defaults of CRITIC_FREE_DEFAULTS and the parser)."""
     from rmkernels_train.ppo_core import LOSS_AGG_MODES
 
     s = dict(saved)
@@ -184,6 +184,7 @@ def saved_options(saved):
             s["clip_range"] = CLIP_RANGE
     if s.get("clip_range_high") is None:
         s["clip_range_high"] = s.get("clip_range")
+    s.setdefault("clip_ratio_c", None)
     s.setdefault("loss_agg", LOSS_AGG_MODES[0])
     s.setdefault("entropy_coef", 0.0)
     return s
@@ -375,7 +376,8 @@ class CriticFreeTrainer:
                          max_new_tokens=a.max_new_tokens, temperature=a.temperature, max_grad_norm=a.max_grad_norm,
                          backend=a.backend, check=a.prompts is None, ppo_epochs=a.ppo_epochs,
                          minibatches=a.minibatches, clip_range=a.clip_range, clip_range_high=a.clip_range_high,
-                         loss_agg=a.loss_agg, entropy_coef=a.entropy_coef, generator=gen)
+                         loss_agg=a.loss_agg, entropy_coef=a.entropy_coef, generator=gen,
+                         clip_ratio_c=a.clip_ratio_c)
         if not math.isfinite(r["kl"]):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {r['kl']}; lower --lr")
         return {"step": step + 1, "split": "train", **r}
