@@ -1072,3 +1072,15 @@ def tokenizer_vocab(checkpoint):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(checkpoint).get_vocab()
+
+
+@pytest.mark.parametrize("path", ["critic_free", "gae"])
+def test_dual_clip_and_entropy_bonus_together(tiny_rm, tmp_path, capsys, path):
+    """--clip-ratio-c and --entropy-coef in one run, on each path: both metrics logged, finite."""
+    make = tiny if path == "critic_free" else tiny_gae
+    assert main(make(tiny_rm, tmp_path / "run", "--steps", "2", "--clip-ratio-c", "3", "--entropy-coef", "0.01")) == 0
+    recs = [r for r in _records(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "train"]
+    assert len(recs) == 2
+    for r in recs:
+        assert 0.0 <= r["clipfrac_lower"] <= 1.0 and r["entropy"] > 0 and math.isfinite(r["pg_loss"]), r
+    _err(capsys)
