@@ -33,6 +33,14 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def acc_scalar(value, dtype):
+    """A Python float option as the kernels hold it in ``dtype``: rounded to it, past its range
+    +-inf (a clamp of 1e300 on float32 is no clamp; torch's ``clamp`` / ``full`` would raise)."""
+    if dtype == torch.float64:
+        return float(value)
+    return torch.tensor(float(value), dtype=torch.float64).to(dtype).item()
+
+
 EAGER_FAST_PATH = os.environ.get("RMKERNELS_EAGER_FAST_PATH", "1") != "0"
 _PLAIN_TENSORS = (Tensor, Parameter)
 

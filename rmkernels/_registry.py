@@ -15,7 +15,8 @@ An op family declares (in ``rmkernels/ops/<family>.py``):
   ``setup_context`` and a backward that calls the backward op), and the eager fast path
   (``rmkernels._library.eager_fast_path``). The op is then called as ``op(*args, backend)``.
 
-The custom op's body checks ``backend`` and runs the declaration's ``check`` hook (argument
+The custom op's body checks ``backend`` (one of the four names, able to run on the tensors'
+device: ``_backend.resolve``'s rule and ``RuntimeError``) and runs the declaration's ``check`` hook (argument
 sizes, dtypes, devices, and the data checks of CPU tensors) before routing, for every
 backend: a direct ``torch.ops.rmkernels.<name>(...)`` call with bad arguments raises a clear
 ``ValueError``/``TypeError`` naming the argument, and the data checks run in every mode
@@ -96,14 +97,25 @@ class Autograd:
         self.backward = backward
 
 
-def check_one_device(name, args):
+def check_one_device(name, args, names):
     """Every tensor argument on one device (a meta tensor among CPU ones sends the call to the
-    op's fake, which would otherwise return uninitialised tensors of the other device). No op's
-    schema takes a Tensor[]."""
-    devices = {a.device for a in args if isinstance(a, torch.Tensor)}
-    if len(devices) > 1:
+    op's fake, which would otherwise return uninitialised tensors of the other device); the
+    message names each tensor argument's device. No op's schema takes a Tensor[]."""
+    tensors = [(n, a) for n, a in zip(names, args) if isinstance(a, torch.Tensor)]
+    if len({a.device for _, a in tensors}) > 1:
         raise ValueError(f"rmkernels::{name}: the tensor arguments must be on one device, got "
-                         f"{sorted(str(d) for d in devices)}")
+                         f"{', '.join(f'{n} on {a.device}' for n, a in tensors)}")
+
+
+def check_backend_fits(backend, args):
+    """A direct call's ``backend`` must run on its tensors' device (``_backend.resolve``'s rule
+    and message: ``cuda`` on CPU tensors would run the CPU kernel, ``triton`` on CPU tensors
+    without the interpreter fail inside Triton)."""
+    from rmkernels import _backend
+
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if device is not None and backend != "reference":
+        _backend.resolve(backend, device)
 
 
 def _checked_fake(name, fake, check=None, has_backend=False):
@@ -113,8 +125,11 @@ def _checked_fake(name, fake, check=None, has_backend=False):
     (``_checks.shape_checks_only``), so a bad call fails there as it does in eager mode."""
     from rmkernels import _checks
 
+    schema = _with_backend(PUBLIC_OPS[name]) if has_backend else PUBLIC_OPS.get(name, KERNEL_OPS.get(name))
+    names = _arg_names(schema)
+
     def checked(*args, **kwargs):
-        check_one_device(name, list(args) + list(kwargs.values()))
+        check_one_device(name, list(args) + list(kwargs.values()), names[:len(args)] + list(kwargs))
         if has_backend:
             check_backend(args[-1] if args else kwargs.get("backend"))
         if check is not None:
@@ -162,6 +177,8 @@ class Op:
                 check_backend(args[-1])
             if check is not None:
                 check(*args)
+            if has_backend:  # after the argument checks: a bad argument is named whatever the backend
+                check_backend_fits(args[-1], args)
             out = body(*args)
             if isinstance(out, torch.Tensor) and any(out is a for a in args):
                 out = out.clone()  # an op's output never aliases its input (a body may return one)

@@ -16,8 +16,8 @@ def test_gpu_check_cpu_mode(tmp_path):
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.md").read_text()
-    for stage in ("build", "gpu cuda issue 14", "gpu cuda", "gpu triton issue 14", "gpu triton", "memcheck",
-                  "racecheck", "graphs", "bench grpo", "profile grpo", "bench", "suite"):
+    for stage in ("build", "extension", "gpu cuda issue 14", "gpu cuda", "gpu triton issue 14", "gpu triton",
+                  "memcheck", "racecheck", "graphs", "bench grpo", "profile grpo", "bench", "suite"):
         assert f"| {stage} | skipped: no CUDA GPU" in summary, summary
     assert "| ops-list (cpu) | ok |" in summary, summary
     ops = (out / "ops-list.txt").read_text()
@@ -63,3 +63,22 @@ def test_gpu_check_caps_fit_one_device_command():
     caps = {k: int(v) for k, v in re.findall(r"^(CAP_\w+)=\$\{CAP_\w+:-(\d+)\}", text, re.M)}
     assert {"CAP_BUILD", "CAP_GPU_CUDA", "CAP_SANITIZER", "CAP_SUITE"} <= set(caps), caps
     assert sum(caps.values()) + caps["CAP_SANITIZER"] <= 580, caps
+
+
+def test_gpu_check_test_files_are_those_with_gpu_tests():
+    """The GPU test stages run GPU_TEST_FILES, not tests/: the list must name every file that
+    holds a test pytest marks for the GPU (-m "cuda and not cuda_on_cpu"), or its tests would
+    never run on a lent GPU, and only such files."""
+    text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    block = re.search(r"^GPU_TEST_FILES=\((.*?)\)", text, re.S | re.M)
+    assert block, "GPU_TEST_FILES not found in scripts/gpu_check.sh"
+    listed = set(block.group(1).split())
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", "cuda and not cuda_on_cpu"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert collected, proc.stdout[-3000:]
+    assert listed == collected, f"missing: {sorted(collected - listed)}; not GPU tests: {sorted(listed - collected)}"

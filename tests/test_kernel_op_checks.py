@@ -186,6 +186,56 @@ KERNEL_CASES = {
         "ops.ppo_gae_kernel(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, float('inf'))",
 }
 
+# A valid call of every kernel op (its arguments as expressions): each must run, and with None in
+# place of any one of its required Tensor arguments must raise a TypeError naming it (None reaches
+# the C++ checks as an undefined tensor; it gave "Unimplemented scalar type" or "got shape [0]").
+# last_token_index_kernel takes one tensor: with None the dispatcher has no device to pick and
+# raises its own NotImplementedError before any check of ours.
+VALID_KERNEL_CALLS = {
+    "last_token_reward_fwd_kernel": ["r(2, 5, 8)", "r(1, 8)", "None", "full((2,), 4)"],
+    "last_token_reward_bwd_kernel": ["r(2, 1)", "r(2, 5, 8)", "r(1, 8)", "full((2,), 4)", "True", "True", "True"],
+    "bt_loss_fwd_kernel": ["r(4)", "r(4)", "None", "None", "0.0", "1.0", "0.0", "0.0", "1"],
+    "bt_loss_bwd_kernel": ["r(())", "r(4)", "r(4)", "None", "None", "0.0", "1.0", "0.0", "0.0", "1", "True", "True"],
+    "ranking_loss_fwd_kernel": ["r(4, 3)", "full((4,), 3)"],
+    "ranking_loss_bwd_kernel": ["r(4)", "r(4, 3)", "full((4,), 3)"],
+    "ppo_gae_kernel": ["r(4, 5)", "r(4, 5)", "r(4, 5)", "r(4)", "b(4, 5)", "0.1", "1.0", "0.95", "0", "0.0", "0.0",
+                       "0.0"],
+    "masked_row_stats_kernel": ["r(4, 5)", "b(4, 5)"],
+    "masked_centered_sq_kernel": ["r(4, 5)", "b(4, 5)", "f(2)"],
+    "masked_whiten_apply_kernel": ["r(4, 5)", "b(4, 5)", "f(2)", "f(1)", "True", "True", "1e-8"],
+    "gae_kernel": ["r(4, 5)", "r(4, 5)", "b(4, 5)", "1.0", "0.95", "True"],
+    "kl_estimate_kernel": ["r(4, 5)", "r(4, 5)", "None", "0", "0.0", "0.0"],
+    "group_advantages_kernel": ["r(4)", "full((4,), 0)", "b(4, 5)", "0", "1e-6", "True", "0", "1.0", "1e-8"],
+    "reinforce_kernel": ["r(4, 5)", "b(4, 5)", "None", "1.0", "True", "1e-8"],
+    "token_logprobs_fwd_kernel": ["r(2, 3, 4)", "r(5, 4)", "None", "full((2, 3), 1)", "1.0", "-100", "64", "64"],
+    "token_logprobs_bwd_kernel": ["r(2, 3)", "None", "r(2, 3, 4)", "r(5, 4)", "None", "full((2, 3), 1)", "r(2, 3)",
+                                  "r(2, 3)", "1.0", "-100", "64", "64", "True", "True", "True"],
+}
+
+
+def _none_cases():
+    import torch
+
+    from rmkernels.ops._schemas import KERNEL_OPS
+
+    valid, cases, messages = {}, {}, {}
+    for op, args in VALID_KERNEL_CALLS.items():
+        valid[f"valid: {op}"] = f"ops.{op}({', '.join(args)})"
+        schema = torch._C.parse_schema(f"x{KERNEL_OPS[op]}")
+        assert len(schema.arguments) == len(args), op
+        for k, a in enumerate(schema.arguments):
+            if str(a.type) == "Tensor":
+                name = f"{op}: {a.name} None"
+                cases[name] = f"ops.{op}({', '.join(args[:k] + ['None'] + args[k + 1:])})"
+                messages[name] = f"^{a.name} must be a tensor, got None$"
+    return valid, cases, messages
+
+
+VALID_CASES, NONE_CASES, NONE_MESSAGES = _none_cases()
+assert set(VALID_KERNEL_CALLS) | {"last_token_index_kernel"} == set(__import__(
+    "rmkernels.ops._schemas", fromlist=["KERNEL_OPS"]).KERNEL_OPS), "a kernel op without a valid call above"
+KERNEL_CASES.update(NONE_CASES)
+
 # What the message of a case above must say (the argument named, and what was given where the
 # case is about a dtype); cases not listed: any clear error of the allowed types.
 KERNEL_MESSAGES = {
@@ -424,7 +474,7 @@ def _run(cases, triton=False):
 
 @pytest.fixture(scope="module")
 def cpu_results():
-    return _run({**KERNEL_CASES, **PUBLIC_CASES, **INDEX_VALUE_CASES})
+    return _run({**KERNEL_CASES, **PUBLIC_CASES, **INDEX_VALUE_CASES, **VALID_CASES})
 
 
 @pytest.mark.parametrize("name", list(KERNEL_CASES) + list(PUBLIC_CASES))
@@ -434,9 +484,15 @@ def test_bad_call_raises(cpu_results, name):
     assert kind != "CRASHED", f"{name}: the process crashed: {info}"
     assert kind == "RAISED", f"{name}: the bad call returned instead of raising"
     assert info[0] in ("ValueError", "TypeError"), f"{name}: {info}"
-    if name in KERNEL_MESSAGES:
-        want = KERNEL_MESSAGES[name]
+    if name in KERNEL_MESSAGES or name in NONE_MESSAGES:
+        want = KERNEL_MESSAGES.get(name) or NONE_MESSAGES[name]
         assert re.search(want, info[1]), f"{name}: the message does not say {want!r}: {info}"
+
+
+@pytest.mark.parametrize("name", list(VALID_CASES))
+def test_valid_kernel_calls_run(cpu_results, name):
+    """The calls the None cases start from are valid: each None case changes one argument only."""
+    assert cpu_results.get(name, ("never ran",))[0] == "RETURNED", f"{name}: {cpu_results.get(name)}"
 
 
 @pytest.mark.parametrize("name", list(INDEX_VALUE_CASES))

@@ -362,9 +362,9 @@ def test_meta_inputs_are_checked():
     check that their tensors share a device."""
     ops = torch.ops.rmkernels
     s, ids, m = torch.randn(4), torch.tensor([0, 0, 1, 1]), torch.ones(4, 3, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"must be on one device, got \['cpu', 'meta'\]"):
+    with pytest.raises(ValueError, match=r"must be on one device, got scores on cpu, group_ids on meta, mask on cpu$"):
         ops.group_advantages(s, ids.to("meta"), m, "grpo", 1e-6, True, "zero", 1.0, 1e-8, "cpu")
-    with pytest.raises(ValueError, match="one device"):
+    with pytest.raises(ValueError, match="one device, got scores on cpu, group_ids on cpu, mask on meta$"):
         ops.group_advantages_kernel(s, ids, m.to("meta"), 0, 1e-6, True, 0, 1.0, 1e-8)
     with pytest.raises(ValueError, match="one device"):
         ops.reinforce_kernel(torch.randn(2, 3, device="meta"), torch.ones(2, 3, dtype=torch.bool), None, 1.0, True,
@@ -484,3 +484,61 @@ def test_opcheck_index_ops():
     torch.library.opcheck(ops.check_mask_index.default, (torch.tensor([0, 3, 2]), 4, "attention_mask"))
     index = torch.tensor([0, 3])
     assert ops.check_mask_index(index, 4, "m") is not index
+
+
+def test_direct_call_backend_must_fit_the_tensors():
+    """A direct call's backend must run on its tensors (the public functions' rule and message,
+    ``rmk.backend_report``): "cuda" on CPU tensors ran the C++ CPU kernel, "triton" on CPU tensors
+    without the interpreter failed inside Triton ("0 active drivers")."""
+    ops = torch.ops.rmkernels
+    c, r = torch.randn(4), torch.randn(4)
+    args = (c, r, None, None, 0.0, 1.0, 0.0, 0.0, "mean")
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available for cpu tensors: .*Available: cpu"):
+        ops.bradley_terry_loss(*args, "cuda")
+    if rmk.backend_report("cpu")["triton"] is not None:  # no interpreter in this process
+        with pytest.raises(RuntimeError, match=r"backend 'triton' is not available for cpu tensors"):
+            ops.bradley_terry_loss(*args, "triton")
+    want = ops.bradley_terry_loss(*args, "reference")
+    torch.testing.assert_close(ops.bradley_terry_loss(*args, "cpu"), want)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_ranking_num_candidates_of_any_stride_in_direct_calls(backend):
+    """ranking_loss(_backward) called directly with a strided or expanded num_candidates: the
+    numbers of a contiguous copy (the cpu kernel refused it, blaming the Python layer)."""
+    skip_unless_available(backend, "cpu")
+    ops = torch.ops.rmkernels
+    rw = torch.randn(3, 4)
+    for nc in (torch.tensor([4, 4, 2, 2, 3, 3])[::2], torch.tensor([3]).expand(3)):
+        dense = nc.contiguous()
+        for red in ("mean", "none"):
+            torch.testing.assert_close(ops.ranking_loss(rw, nc, red, backend), ops.ranking_loss(rw, dense, red,
+                                                                                                 "reference"))
+            g = torch.randn(3) if red == "none" else torch.tensor(1.3)
+            torch.testing.assert_close(ops.ranking_loss_backward(g, rw, nc, red, backend),
+                                       ops.ranking_loss_backward(g, rw, dense, red, "reference"))
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_options_past_float32_range(backend, dtype):
+    """Clamps and margins the checks accept but float32 cannot hold (1e39, 1e300): every backend
+    holds them as the kernels do (past float32's range: +-inf, no clamp) and gives the float64
+    reference's numbers; the reference raised torch's overflow error for float32 inputs."""
+    skip_unless_available(backend, "cpu")
+    g = torch.Generator().manual_seed(0)
+    lp, ref = -torch.rand(3, 5, generator=g, dtype=dtype) * 30, -torch.rand(3, 5, generator=g, dtype=dtype)
+    v, sc = torch.randn(3, 5, generator=g, dtype=dtype), torch.randn(3, generator=g, dtype=dtype) * 1e3
+    m = torch.rand(3, 5, generator=g) > 0.2
+    for big in (1e39, 1e300):
+        def run(be, cast, big=big):
+            c = (lambda t: t.to(torch.float64)) if cast else (lambda t: t)
+            return [rmk.kl_estimate(c(lp), c(ref), m, estimator="k3", clamp=big, backend=be),
+                    *rmk.ppo_advantages(c(lp), c(ref), c(v), c(sc), m, kl_coef=0.1, kl_clamp=big, score_clip=big,
+                                        backend=be)[:2],
+                    rmk.bradley_terry_loss(c(sc), c(sc.flip(0)), margin=big / 1e300, backend=be)]
+        for got, want in zip(run(backend, False), run("reference", True)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        if dtype == torch.float32:
+            loss = rmk.bradley_terry_loss(sc, sc.flip(0), margin=big, backend=backend)
+            assert loss.item() == float("inf")  # a margin past float32's range: d = -inf, loss inf

@@ -213,6 +213,7 @@ std::tuple<at::Tensor, at::Tensor> bt_loss_bwd_cpu(const at::Tensor& grad, const
   if (reduction == kReduceNone) {
     check_dense(grad, "grad", {B}, acc_scalar_type(chosen.scalar_type()), chosen.device());
   } else {
+    check_defined(grad, "grad");
     TORCH_CHECK_VALUE(grad.numel() == 1, "grad of a reduced loss must have one element, got shape ", grad.sizes());
     check_dtype(grad, "grad", acc_scalar_type(chosen.scalar_type()));
     check_device(grad, "grad", chosen.device());

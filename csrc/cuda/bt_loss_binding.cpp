@@ -59,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor> bt_loss_bwd_cuda(const at::Tensor& grad, cons
   if (red == codes::kReduceNone) {
     check_dense(grad, "grad", {B}, acc_type(chosen), chosen.device());
   } else {
+    check_defined(grad, "grad");
     TORCH_CHECK_VALUE(grad.numel() == 1, "grad of a reduced loss must have one element, got shape ", grad.sizes());
     check_dtype(grad, "grad", acc_type(chosen));
     check_device(grad, "grad", chosen.device());

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rmkernels import _backend, _checks
 from rmkernels._codes import REDUCTIONS, Reduction
-from rmkernels._library import acc_dtype
+from rmkernels._library import acc_dtype, acc_scalar
 from rmkernels._registry import Autograd, Kernel, Op
 
 
@@ -46,7 +46,7 @@ def grads_fake(chosen, need_chosen, need_rejected):
 
 
 def _per_pair(t, value, like):
-    return t.to(like.dtype) if t is not None else torch.full_like(like, value)
+    return t.to(like.dtype) if t is not None else torch.full_like(like, acc_scalar(value, like.dtype))
 
 
 def _reference_bt_fwd(chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing,

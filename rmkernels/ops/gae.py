@@ -19,7 +19,7 @@ import torch
 
 from rmkernels import _backend, _checks
 from rmkernels._codes import KL_ESTIMATORS, LOW_VAR_KL_CLAMP, LOW_VAR_X_CLAMP, KLEstimator
-from rmkernels._library import acc_dtype
+from rmkernels._library import acc_dtype, acc_scalar
 from rmkernels._registry import Kernel, Op
 
 KL_ESTIMATOR_NAMES = tuple(KL_ESTIMATORS)
@@ -32,7 +32,8 @@ def kl_reference(x, code, x_clamp, kl_clamp):
     """The KL estimator ``code`` (``KLEstimator``) of x = logprobs - ref_logprobs; a clamp of 0
     is none (x_clamp clamps x first, kl_clamp the result)."""
     if x_clamp > 0:
-        x = x.clamp(-x_clamp, x_clamp)
+        c = acc_scalar(x_clamp, x.dtype)
+        x = x.clamp(-c, c)
     if code == KLEstimator.K1:
         kl = x
     elif code == KLEstimator.ABS:
@@ -42,7 +43,8 @@ def kl_reference(x, code, x_clamp, kl_clamp):
     else:
         kl = torch.exp(-x) - 1 + x
     if kl_clamp > 0:
-        kl = kl.clamp(-kl_clamp, kl_clamp)
+        c = acc_scalar(kl_clamp, kl.dtype)
+        kl = kl.clamp(-c, c)
     return kl
 
 

@@ -366,9 +366,11 @@ def last_token_reward(hidden_states, weight, bias=None, *, attention_mask=None, 
 
     A row with no valid token gives NaN rewards (no out-of-bounds read). For CPU tensors, and
     on a GPU with ``rmk.checks(True)``/``RMKERNELS_CHECK=1``, such a row, an out-of-range length
-    or a malformed ``cu_seqlens`` raises ``ValueError`` naming the rows instead. T = 0 gives
-    NaN rewards ``[B, K]`` without raising. Gradients flow to hidden_states (at the picked
-    rows only), weight and bias; rows with no valid token contribute nothing.
+    or a malformed ``cu_seqlens`` raises ``ValueError`` naming the rows instead. T = 0 with
+    ``attention_mask`` gives NaN rewards ``[B, K]`` without raising; with ``lengths`` no length
+    is valid (they must be in [1, T]), so B > 0 rows raise that ``ValueError`` on CPU. Gradients
+    flow to hidden_states (at the picked rows only), weight and bias; rows with no valid token
+    contribute nothing.
     """
     hidden_states = check_head(hidden_states, weight, bias)
     be = _backend.resolve(backend, hidden_states.device)

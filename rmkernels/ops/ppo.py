@@ -34,7 +34,7 @@ from collections import namedtuple
 import torch
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype
+from rmkernels._library import acc_dtype, acc_scalar
 from rmkernels._registry import Kernel, Op
 from rmkernels.ops.gae import (
     check_clamp,
@@ -66,7 +66,8 @@ def _reference_ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, ga
     kl = torch.where(valid, kl, zero)
     s = scores.to(acc)
     if score_clip > 0:
-        s = s.clamp(-score_clip, score_clip)
+        c = acc_scalar(score_clip, s.dtype)
+        s = s.clamp(-c, c)
     rewards = -kl_coef * kl
     pos = torch.arange(T, device=values.device).expand(B, T)
     last = torch.where(valid, pos, torch.full_like(pos, -1)).amax(dim=1) if T > 0 else pos.new_full((B,), -1)

@@ -79,8 +79,14 @@ def _ranked_rows(rewards, num_candidates):
     return (num_candidates.clamp(max=rewards.shape[1]) >= 2).sum()
 
 
+def _dense(num_candidates):
+    """The kernels read ``num_candidates`` as a contiguous int64 [B] (a direct op call may pass a
+    strided or expanded one; the public function passes it contiguous: a no-op)."""
+    return None if num_candidates is None else num_candidates.contiguous()
+
+
 def _forward(rewards, num_candidates, reduction, backend):
-    rows = fwd_kernel(backend, rewards, num_candidates)
+    rows = fwd_kernel(backend, rewards, _dense(num_candidates))
     if reduction == "none":
         return rows
     if reduction == "sum":
@@ -97,7 +103,7 @@ def _backward_body(grad, rewards, num_candidates, reduction, backend):
         if reduction == "mean":
             g = g / _ranked_rows(rewards, num_candidates).to(acc)
         g_rows = g.expand(rewards.shape[0]).contiguous()
-    return bwd_kernel(backend, g_rows, rewards, num_candidates)
+    return bwd_kernel(backend, g_rows, rewards, _dense(num_candidates))
 
 
 def check_num_candidates(num_candidates, B, K, device, dtypes=_checks.INDEX_DTYPES):

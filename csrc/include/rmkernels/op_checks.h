@@ -29,20 +29,30 @@ inline bool is_kernel_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// A Tensor argument given None reaches the kernel op as an undefined tensor: name it before
+// anything reads its dtype or sizes (which would raise "Unimplemented scalar type" or see [0]).
+inline void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.defined(), name, " must be a tensor, got None");
+}
+
 inline void check_float_input(const at::Tensor& t, const char* name) {
+  check_defined(t, name);
   TORCH_CHECK_TYPE(is_kernel_float(t.scalar_type()), name, " must be float32, float64, bfloat16 or float16, got ",
                    dtype_name(t.scalar_type()));
 }
 
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
+  check_defined(t, name);
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  check_defined(t, name);
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  check_defined(t, name);
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), ", got ",
                    dtype_name(t.scalar_type()));
 }
@@ -53,6 +63,7 @@ inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Te
 }
 
 inline void check_device(const at::Tensor& t, const char* name, const at::Device& dev) {
+  check_defined(t, name);
   TORCH_CHECK_VALUE(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
 }
 
@@ -140,6 +151,7 @@ inline void check_bt(const at::Tensor& t, const char* name, int64_t B, int64_t T
 // contiguous in the arithmetic dtype, index int64 [B] contiguous, all on hidden's device.
 inline void check_last_token_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      const at::Tensor& index) {
+  check_defined(hidden, "hidden");
   TORCH_CHECK_VALUE(hidden.dim() == 2 || hidden.dim() == 3, "hidden_states must be [B, T, H] or packed [N, H], got ",
                     hidden.sizes());
   check_float_input(hidden, "hidden_states");

@@ -116,6 +116,7 @@ inline at::Tensor as_3d(const at::Tensor& hidden) { return hidden.dim() == 2 ? h
 // (rmkernels/triton/token_logprobs.py: _check_args).
 inline void check_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& targets, double temperature, int64_t tc, int64_t vc) {
+  check_defined(hidden, "hidden");
   TORCH_CHECK_VALUE(hidden.dim() == 2 || hidden.dim() == 3, "hidden must be [N, H] or [B, T, H], got shape ",
                     hidden.sizes());
   check_float_input(hidden, "hidden");
