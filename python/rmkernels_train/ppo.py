@@ -614,10 +614,10 @@ class PPOTrainer:
                                                  a.clip_range_value, a.loss_agg, a.max_new_tokens)
                 loss = pg_loss + a.vf_coef * vf_loss
                 if bonus:
-                    term, entropy = core.entropy_bonus(entropy, mask[mb], a.entropy_coef, a.loss_agg,
-                                                       a.max_new_tokens)
+                    term, entropy_mean = core.entropy_bonus(entropy, mask[mb], a.entropy_coef, a.loss_agg,
+                                                            a.max_new_tokens)
                     loss = loss + term
-                    stats["entropy"] += entropy.item()
+                    stats["entropy"] += entropy_mean.item()
                 finite = torch.isfinite(loss.detach()).double().reshape(1)
                 if dist.enabled:  # every rank stops together (no rank left waiting in an all-reduce)
                     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
