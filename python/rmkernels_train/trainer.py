@@ -33,11 +33,15 @@ A fault-injection hook for tests, :func:`fault_point`: with ``RMKERNELS_TRAIN_FA
 in the environment the process kills itself (SIGKILL) the N-th time it reaches the point
 ``NAME`` (``checkpoint-write``: inside a checkpoint write, after the model files;
 ``dir-rename``: a checkpoint (or other atomic directory) is complete and not yet renamed
-into place; ``step``: after an optimizer step, before anything about it is saved). Unset, it
-does nothing.
+into place; ``step``: after an optimizer step, before anything about it is saved;
+``shard-write``: a rank is about to write its shards of an ``--fsdp`` checkpoint). With
+``NAME:N:ERRNO`` (an :mod:`errno` name, e.g. ``ENOSPC``) it raises that ``OSError`` there
+instead (a disk full); with ``RMKERNELS_TRAIN_FAULT_RANK=R`` only the torchrun rank R (its
+``RANK``) counts and fails. Unset, it does nothing.
 """
 import argparse
 import contextlib
+import errno
 import importlib.util
 import json
 import math
@@ -662,8 +666,15 @@ def fault_point(name):
     spec = os.environ.get("RMKERNELS_TRAIN_FAULT")
     if not spec or not spec.startswith(name + ":"):
         return
+    rank = os.environ.get("RMKERNELS_TRAIN_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
+    count, *error = spec[len(name) + 1:].split(":")
     _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] == int(spec.rsplit(":", 1)[1]):
+    if _FAULT_COUNTS[name] == int(count):
+        if error:
+            code = getattr(errno, error[0])
+            raise OSError(code, os.strerror(code))
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
