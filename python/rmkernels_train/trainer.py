@@ -385,11 +385,22 @@ def atomic_dir(final_path):
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and _is_write_error(e):
-            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-            raise TrainingError(f"cannot write {final_path} ({why}); the checkpoints already written are "
-                                f"intact (free some space and resume with --resume)") from None
+        failed = write_failed(final_path, e)
+        if failed is not None:
+            raise failed from None
         raise
+
+
+def write_failed(final_path, e):
+    """The :class:`TrainingError` (one line naming ``final_path``) of a checkpoint write that
+    failed with ``e``, if ``e`` is a write error (:func:`_is_write_error`: disk full, ...);
+    else None. Also for a rank that writes its part of rank 0's checkpoint (``--fsdp``'s
+    shards) outside :func:`atomic_dir`."""
+    if not (isinstance(e, Exception) and _is_write_error(e)):
+        return None
+    why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    return TrainingError(f"cannot write {final_path} ({why}); the checkpoints already written are intact (free "
+                         f"some space and resume with --resume)")
 
 
 # The checkpoints that --resume found damaged and skipped, per output directory (absolute
