@@ -4,7 +4,9 @@ gradient norms of every step and the final weights equal DDP's and a single proc
 stopped after 2 steps and resumed from its sharded checkpoint equals an uninterrupted one;
 --fsdp --packing and DDP --packing too; --fsdp --bf16 (the mixed-precision policy, run on gloo here) stays close
 and keeps float32 weights; the last checkpoint is an HF one that from_pretrained loads; --fsdp --model
-(a causal-LM checkpoint: new score head) equals a single process.
+(a causal-LM checkpoint: new score head) equals a single process; a disk full on rank 1 alone while
+it writes its shards stops every rank with one line (no traceback, no hang, no checkpoint left
+under the failed one's name) and --resume goes on from the last intact checkpoint.
 
 In one process, over a 1-rank gloo group: the sharded build never registers a real (non-meta)
 parameter of the whole model (the built-in model, --packing, --model), its values, buffers
