@@ -4,7 +4,9 @@ gradient norms of every step and the final weights equal DDP's and a single proc
 stopped after 2 steps and resumed from its sharded checkpoint equals an uninterrupted one;
 --fsdp --packing and DDP --packing too; --fsdp --bf16 (the mixed-precision policy, run on gloo here) stays close
 and keeps float32 weights; the last checkpoint is an HF one that from_pretrained loads; --fsdp --model
-(a causal-LM checkpoint: new score head) equals a single process.
+(a causal-LM checkpoint: new score head) equals a single process; a disk full on rank 1 alone while
+it writes its shards stops every rank with one line (no traceback, no hang, no checkpoint left
+under the failed one's name) and --resume goes on from the last intact checkpoint.
 
 In one process, over a 1-rank gloo group: the sharded build never registers a real (non-meta)
 parameter of the whole model (the built-in model, --packing, --model), its values, buffers
@@ -61,6 +63,34 @@ def _torchrun(tmp_path, out, *extra):
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stderr
+
+
+def _two_ranks(tmp_path, out, env_extra, *extra, timeout=300):
+    """The 2 ranks of `rmkernels-train reward` started directly (the environment torchrun gives
+    them), so that each rank's exit status and stderr are its own (torchrun stops the other
+    ranks once one fails). Returns ``[(returncode, stderr)]`` by rank; a rank still running
+    after ``timeout`` seconds (a hang) fails the test."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                         os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", **env_extra}
+    cmd = [sys.executable, "-m", "rmkernels_train", "reward", "--output-dir", str(tmp_path / out), *_tiny(extra),
+           "--batch-size", "16", *extra]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errs)]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        errs = [p.communicate()[1][-1500:] for p in procs]
+        pytest.fail(f"a rank hangs (still running after {timeout} s): {errs}")
 
 
 def test_fsdp_needs_torchrun(tmp_path, capsys):
@@ -123,6 +153,29 @@ def test_fsdp_equals_ddp_and_one_process_and_resumes(tmp_path, capsys):
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "fsdp" / "checkpoint-4")
     assert type(hf).__name__ == "LlamaForSequenceClassification"
     assert final["param_digests"] == [param_digest(hf)]  # the digest is of the gathered weights
+
+
+@pytest.mark.slow
+def test_fsdp_disk_full_on_one_rank_is_one_line_and_resumes(tmp_path):
+    """A disk full (ENOSPC) while rank 1 alone writes its shards of the step-4 checkpoint:
+    every rank stops with status 1 and one line naming the checkpoint (no traceback, no hang),
+    no checkpoint-4 is left (nor a temporary directory), and --resume goes on from the intact
+    checkpoint-2 to the end."""
+    fault = {"RMKERNELS_TRAIN_FAULT": "shard-write:2:ENOSPC", "RMKERNELS_TRAIN_FAULT_RANK": "1"}
+    ranks = _two_ranks(tmp_path, "fsdp", fault, "--fsdp")
+    out = tmp_path / "fsdp"
+    for rank, (rc, err) in enumerate(ranks):
+        assert rc == 1 and "Traceback" not in err, (rank, rc, err[-3000:])
+        lines = [ln for ln in err.splitlines() if ": error" in ln]
+        assert lines == [f"rmkernels-train reward: error (rank {rank}): cannot write {out / 'checkpoint-4'} (No "
+                         f"space left on device); the checkpoints already written are intact (free some space "
+                         f"and resume with --resume)"], (rank, err[-3000:])
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"], sorted(os.listdir(out))
+    err = _torchrun(tmp_path, "fsdp", "--fsdp", "--resume")
+    assert "skipping" not in err and "checkpoint-2 (step 2, sharded)" in err, err[-3000:]
+    final = json.loads((out / "final.json").read_text())
+    assert final["done"] and final["step"] == 4 and final["fsdp"] is True
+    assert (out / "checkpoint-4" / "model.safetensors").is_file()
 
 
 def _save_causal_lm(path):

@@ -539,8 +539,16 @@ def save_sharded(path, model, optimizer):
     """Every rank writes its shards of the model and the optimizer state into ``path``
     (collective)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
 
-    _unwrapped(dcp.save, _state(model, optimizer), checkpoint_id=path)
+    from rmkernels_train.trainer import fault_point
+
+    class Writer(FileSystemWriter):
+        def write_data(self, plan, planner):
+            fault_point("shard-write")  # the tests' hook (a disk full on one rank); unset: nothing
+            return super().write_data(plan, planner)
+
+    _unwrapped(dcp.save, _state(model, optimizer), storage_writer=Writer(path))
 
 
 def load_sharded(path, model, optimizer):

@@ -687,7 +687,13 @@ class RewardTrainer:
         if dist.is_main:
             T.save_checkpoint(self.out_dir, self.step, write, self.args.save_total_limit)
         else:
-            F.save_sharded(os.path.join(dist.broadcast_object(None), F.DCP_DIR), self.model, self.optimizer)
+            try:
+                F.save_sharded(os.path.join(dist.broadcast_object(None), F.DCP_DIR), self.model, self.optimizer)
+            except Exception as e:  # a disk full (of any rank: save_sharded is collective): one line, as rank 0's
+                failed = T.write_failed(T.checkpoint_path(self.out_dir, self.step), e)
+                if failed is None:
+                    raise
+                raise failed from None
         self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
         dist.barrier()
 

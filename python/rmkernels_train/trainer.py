@@ -33,11 +33,15 @@ A fault-injection hook for tests, :func:`fault_point`: with ``RMKERNELS_TRAIN_FA
 in the environment the process kills itself (SIGKILL) the N-th time it reaches the point
 ``NAME`` (``checkpoint-write``: inside a checkpoint write, after the model files;
 ``dir-rename``: a checkpoint (or other atomic directory) is complete and not yet renamed
-into place; ``step``: after an optimizer step, before anything about it is saved). Unset, it
-does nothing.
+into place; ``step``: after an optimizer step, before anything about it is saved;
+``shard-write``: a rank is about to write its shards of an ``--fsdp`` checkpoint). With
+``NAME:N:ERRNO`` (an :mod:`errno` name, e.g. ``ENOSPC``) it raises that ``OSError`` there
+instead (a disk full); with ``RMKERNELS_TRAIN_FAULT_RANK=R`` only the torchrun rank R (its
+``RANK``) counts and fails. Unset, it does nothing.
 """
 import argparse
 import contextlib
+import errno
 import importlib.util
 import json
 import math
@@ -381,11 +385,22 @@ def atomic_dir(final_path):
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and _is_write_error(e):
-            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-            raise TrainingError(f"cannot write {final_path} ({why}); the checkpoints already written are "
-                                f"intact (free some space and resume with --resume)") from None
+        failed = write_failed(final_path, e)
+        if failed is not None:
+            raise failed from None
         raise
+
+
+def write_failed(final_path, e):
+    """The :class:`TrainingError` (one line naming ``final_path``) of a checkpoint write that
+    failed with ``e``, if ``e`` is a write error (:func:`_is_write_error`: disk full, ...);
+    else None. Also for a rank that writes its part of rank 0's checkpoint (``--fsdp``'s
+    shards) outside :func:`atomic_dir`."""
+    if not (isinstance(e, Exception) and _is_write_error(e)):
+        return None
+    why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    return TrainingError(f"cannot write {final_path} ({why}); the checkpoints already written are intact (free "
+                         f"some space and resume with --resume)")
 
 
 # The checkpoints that --resume found damaged and skipped, per output directory (absolute
@@ -662,8 +677,15 @@ def fault_point(name):
     spec = os.environ.get("RMKERNELS_TRAIN_FAULT")
     if not spec or not spec.startswith(name + ":"):
         return
+    rank = os.environ.get("RMKERNELS_TRAIN_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
+    count, *error = spec[len(name) + 1:].split(":")
     _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] == int(spec.rsplit(":", 1)[1]):
+    if _FAULT_COUNTS[name] == int(count):
+        if error:
+            code = getattr(errno, error[0])
+            raise OSError(code, os.strerror(code))
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
