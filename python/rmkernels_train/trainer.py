@@ -372,8 +372,11 @@ def atomic_dir(final_path):
     replaced), so a reader never sees a half-written directory. On error it is removed."""
     parent = os.path.dirname(os.path.abspath(final_path))
     name = os.path.basename(final_path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    try:  # a disk full (mkdir needs a block) or a directory gone or replaced by a file: one line too
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    except OSError as e:
+        raise write_failed(final_path, e) from None
     try:
         yield tmp
         apply_umask(tmp)
