@@ -5,8 +5,9 @@ stopped after 2 steps and resumed from its sharded checkpoint equals an uninterr
 --fsdp --packing and DDP --packing too; --fsdp --bf16 (the mixed-precision policy, run on gloo here) stays close
 and keeps float32 weights; the last checkpoint is an HF one that from_pretrained loads; --fsdp --model
 (a causal-LM checkpoint: new score head) equals a single process; a disk full on rank 1 alone while
-it writes its shards stops every rank with one line (no traceback, no hang, no checkpoint left
-under the failed one's name) and --resume goes on from the last intact checkpoint.
+it writes its shards, or on rank 0 alone while it writes its files (--fsdp and DDP), stops every rank
+with one line (no traceback, no hang, no checkpoint left under the failed one's name) and --resume
+goes on from the last intact checkpoint.
 
 In one process, over a 1-rank gloo group: the sharded build never registers a real (non-meta)
 parameter of the whole model (the built-in model, --packing, --model), its values, buffers
@@ -23,6 +24,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+
+from utils import assert_one_line_each, run_two_ranks
 
 from rmkernels_train import data as D
 from rmkernels_train import fsdp as F
@@ -66,31 +69,16 @@ def _torchrun(tmp_path, out, *extra):
 
 
 def _two_ranks(tmp_path, out, env_extra, *extra, timeout=300):
-    """The 2 ranks of `rmkernels-train reward` started directly (the environment torchrun gives
-    them), so that each rank's exit status and stderr are its own (torchrun stops the other
-    ranks once one fails). Returns ``[(returncode, stderr)]`` by rank; a rank still running
-    after ``timeout`` seconds (a hang) fails the test."""
-    import socket
+    """The 2 ranks of `rmkernels-train reward` started directly (:func:`utils.run_two_ranks`):
+    ``[(returncode, stderr)]`` by rank; a hang fails the test."""
+    return run_two_ranks(["reward", "--output-dir", tmp_path / out, *_tiny(extra), "--batch-size", "16", *extra],
+                         tmp_path, env_extra, timeout)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
-                                                         os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", **env_extra}
-    cmd = [sys.executable, "-m", "rmkernels_train", "reward", "--output-dir", str(tmp_path / out), *_tiny(extra),
-           "--batch-size", "16", *extra]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        errs = [p.communicate(timeout=timeout)[1] for p in procs]
-        return [(p.returncode, err) for p, err in zip(procs, errs)]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        errs = [p.communicate()[1][-1500:] for p in procs]
-        pytest.fail(f"a rank hangs (still running after {timeout} s): {errs}")
+
+def _disk_full(ckpt):
+    """The one line of a checkpoint write that found the disk full."""
+    return (f"cannot write {ckpt} (No space left on device); the checkpoints already written are intact (free "
+            f"some space and resume with --resume)")
 
 
 def test_fsdp_needs_torchrun(tmp_path, capsys):
@@ -164,17 +152,35 @@ def test_fsdp_disk_full_on_one_rank_is_one_line_and_resumes(tmp_path):
     fault = {"RMKERNELS_TRAIN_FAULT": "shard-write:2:ENOSPC", "RMKERNELS_TRAIN_FAULT_RANK": "1"}
     ranks = _two_ranks(tmp_path, "fsdp", fault, "--fsdp")
     out = tmp_path / "fsdp"
-    for rank, (rc, err) in enumerate(ranks):
-        assert rc == 1 and "Traceback" not in err, (rank, rc, err[-3000:])
-        lines = [ln for ln in err.splitlines() if ": error" in ln]
-        assert lines == [f"rmkernels-train reward: error (rank {rank}): cannot write {out / 'checkpoint-4'} (No "
-                         f"space left on device); the checkpoints already written are intact (free some space "
-                         f"and resume with --resume)"], (rank, err[-3000:])
+    assert_one_line_each(ranks, "rmkernels-train reward", [_disk_full(out / "checkpoint-4")] * 2)
     assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"], sorted(os.listdir(out))
     err = _torchrun(tmp_path, "fsdp", "--fsdp", "--resume")
     assert "skipping" not in err and "checkpoint-2 (step 2, sharded)" in err, err[-3000:]
     final = json.loads((out / "final.json").read_text())
     assert final["done"] and final["step"] == 4 and final["fsdp"] is True
+    assert (out / "checkpoint-4" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_disk_full_on_rank_0_alone_is_one_line_and_resumes(tmp_path, fsdp):
+    """A disk full (ENOSPC) while rank 0 alone writes its files of the step-4 checkpoint (DDP:
+    the whole checkpoint; --fsdp: the files besides the shards, which every rank wrote): rank 0
+    stops with the one line naming the checkpoint, and rank 1 (which was waiting for rank 0 to
+    finish the checkpoint: gloo closed the connection under it, with a traceback) stops with the
+    same line prefixed "rank 0: "; no hang, no checkpoint-4 left (nor a temporary directory), and
+    --resume goes on from the intact checkpoint-2 to the end."""
+    fault = {"RMKERNELS_TRAIN_FAULT": "checkpoint-write:2:ENOSPC", "RMKERNELS_TRAIN_FAULT_RANK": "0"}
+    extra = ["--fsdp"] if fsdp else []
+    ranks = _two_ranks(tmp_path, "o", fault, *extra)
+    out = tmp_path / "o"
+    line = _disk_full(out / "checkpoint-4")
+    assert_one_line_each(ranks, "rmkernels-train reward", [line, f"rank 0: {line}"])
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"], sorted(os.listdir(out))
+    err = _torchrun(tmp_path, "o", *extra, "--resume")
+    assert "skipping" not in err and "resuming from" in err and "checkpoint-2 (step 2" in err, err[-3000:]
+    final = json.loads((out / "final.json").read_text())
+    assert final["done"] and final["step"] == 4
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
 
 

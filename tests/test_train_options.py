@@ -8,6 +8,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -267,6 +268,67 @@ def test_a_failed_checkpoint_write_is_one_line(tmp_path, error):
     with pytest.raises(TrainingError, match=f"cannot write {out / 'checkpoint-4'}"):
         T.save_checkpoint(str(out), 4, write, keep=1)
     assert sorted(os.listdir(out)) == ["checkpoint-2"]
+
+
+class _TwoRanks:
+    """A torchrun rank (``rank`` of 2) in one process: it records its collectives and gets
+    the other rank's part from ``tmp`` (rank 0's temporary directory, seen by rank 1) and
+    ``peer_line`` (the other rank's error line, or None)."""
+    enabled, world_size = True, 2
+
+    def __init__(self, rank, tmp=None, peer_line=None):
+        self.rank, self.tmp, self.peer_line, self.calls = rank, tmp, peer_line, []
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def broadcast_object(self, obj):
+        self.calls.append("broadcast")
+        return obj if self.is_main else self.tmp
+
+    def gather_object(self, obj):
+        self.calls.append(("gather", obj))
+        return [obj, self.peer_line] if self.is_main else [self.peer_line, obj]
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["ddp", "fsdp"])
+def test_every_rank_takes_the_same_collectives_whether_the_checkpoint_is_written_or_not(tmp_path, shards):
+    """save_checkpoint_on_main: rank 0's write fails (inside the directory, or before it exists:
+    the output directory became a file) or succeeds, and rank 1 takes the same collectives in
+    the same order (so none waits for one its peer never reaches); every rank raises one line."""
+    out, blocked = tmp_path / "o", tmp_path / "f" / "o"
+    (tmp_path / "f").write_text("")
+    final, line = out / "checkpoint-4", f"cannot write {out / 'checkpoint-4'} (No space left on device)"
+    seen = []
+    every_rank = seen.append if shards else None
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    want = ["broadcast"] if shards else []
+    for where, write in ((out, full), (blocked, lambda tmp: None)):
+        rank0 = _TwoRanks(0)
+        with pytest.raises(TrainingError, match="cannot write") as e:
+            T.save_checkpoint_on_main(rank0, str(where), 4, write, 1, every_rank=every_rank)
+        assert rank0.calls == [*want, ("gather", str(e.value))]
+    assert not final.exists() and os.listdir(out) == []
+    rank0 = _TwoRanks(0)
+    assert T.save_checkpoint_on_main(rank0, str(out), 4, lambda tmp: None, 1, every_rank=every_rank) == str(final)
+    assert rank0.calls == [*want, ("gather", None)] and final.is_dir()
+    for tmp in ("/x/.tmp-checkpoint-4-y", None):  # rank 0 made its temporary directory, or failed before
+        rank1 = _TwoRanks(1, tmp=tmp, peer_line=f"{line}; ...")
+        with pytest.raises(TrainingError, match="^" + re.escape(f"rank 0: {line}")):
+            T.save_checkpoint_on_main(rank1, str(out), 4, None, 1, every_rank=every_rank)
+        assert rank1.calls == [*want, ("gather", None)]
+    rank1 = _TwoRanks(1, tmp="/x/.tmp-checkpoint-4-y")
+    assert T.save_checkpoint_on_main(rank1, str(out), 4, None, 1, every_rank=every_rank) == str(final)
+    assert rank1.calls == [*want, ("gather", None)]
+    if shards:  # rank 0's own temporary directory (written, then failed; written), then rank 0's as rank 1 sees it
+        assert [os.path.basename(p)[:18] for p in seen] == [".tmp-checkpoint-4-"] * 4, seen
+        assert seen[2:] == ["/x/.tmp-checkpoint-4-y"] * 2
+    else:
+        assert seen == []
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """End-to-end tests of `rmkernels-train ppo` on CPU: a short run raises the reward model's
 score with a finite KL, resume continues exactly, bad input stops with a message, and a
-2-process torchrun (gloo) run whitens the advantages across ranks and ends in sync."""
+2-process torchrun (gloo) run whitens the advantages across ranks and ends in sync; a disk full
+on rank 0 alone while it writes a checkpoint stops both ranks with one line (no traceback, no
+hang) and --resume goes on from the last intact checkpoint."""
 import json
 import math
 import os
@@ -12,6 +14,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+
+from utils import assert_one_line_each, run_two_ranks  # noqa: E402
 
 from rmkernels_train import ppo_core as core  # noqa: E402
 from rmkernels_train.ppo import main  # noqa: E402
@@ -461,3 +465,28 @@ def test_two_processes_whiten_across_ranks(reward_model, tmp_path):
         assert abs(r["adv_mean"]) < 1e-4 and abs(r["adv_var"] - 1) < 1e-3, r
         assert len(r["adv_mean_per_rank"]) == 2
     assert max(abs(m) for r in recs for m in r["adv_mean_per_rank"]) > 1e-3
+
+
+def test_disk_full_on_rank_0_alone_is_one_line_and_resumes(reward_model, tmp_path):
+    """ENOSPC while rank 0 alone writes the step-4 checkpoint of a 2-rank run: rank 0 stops with
+    the one line naming it, rank 1 (waiting for rank 0 to finish the checkpoint: gloo closed the
+    connection under it, with a traceback) with the same line prefixed "rank 0: "; no
+    checkpoint-4 (nor a temporary directory) is left and --resume goes on from checkpoint-2."""
+    out = tmp_path / "ddp"
+    argv = ["ppo", "--reward-model", reward_model, "--output-dir", out, "--steps", "4", "--save-every", "2",
+            "--batch-size", "6", "--max-new-tokens", "5", "--ppo-epochs", "1"] + FAST
+    fault = {"RMKERNELS_TRAIN_FAULT": "checkpoint-write:2:ENOSPC", "RMKERNELS_TRAIN_FAULT_RANK": "0"}
+    ranks = run_two_ranks(argv, tmp_path, fault, timeout=300)
+    line = (f"cannot write {out / 'checkpoint-4'} (No space left on device); the checkpoints already written are "
+            f"intact (free some space and resume with --resume)")
+    assert_one_line_each(ranks, "rmkernels-train ppo", [line, f"rank 0: {line}"])
+    assert sorted(d for d in os.listdir(out) if d != "metrics.jsonl") == ["checkpoint-2"], os.listdir(out)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "rmkernels_train", *map(str, argv), "--resume"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "skipping" not in proc.stderr and "resuming from" in proc.stderr, proc.stderr[-3000:]
+    assert [r["step"] for r in _records(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert (out / "checkpoint-4" / "policy" / "model.safetensors").is_file()

@@ -205,3 +205,45 @@ def poison_(t):
     if t.dtype.is_floating_point:
         return t.fill_(float("nan"))
     return t.fill_(-12345)
+
+
+def run_two_ranks(argv, cwd, env_extra=None, timeout=300):
+    """The 2 ranks of ``python -m rmkernels_train *argv`` started directly, with the
+    environment torchrun gives them (gloo on CPU), so that each rank's exit status and stderr
+    are its own (torchrun stops the other ranks once one fails). Returns
+    ``[(returncode, stderr)]`` by rank; a rank still running after ``timeout`` seconds (a hang)
+    fails the test."""
+    import socket
+    import subprocess
+    import sys
+
+    import pytest
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "python"),
+                                                         os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "rmkernels_train", *map(str, argv)]
+    procs = [subprocess.Popen(cmd, cwd=cwd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errs)]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        errs = [p.communicate()[1][-1500:] for p in procs]
+        pytest.fail(f"a rank hangs (still running after {timeout} s): {errs}")
+
+
+def assert_one_line_each(ranks, prog, lines):
+    """Every rank of ``ranks`` (:func:`run_two_ranks`) exited with status 1 without a traceback,
+    its only error line being ``f"{prog}: error (rank R): {lines[R]}"``."""
+    for rank, (rc, err) in enumerate(ranks):
+        assert rc == 1 and "Traceback" not in err, (rank, rc, err[-3000:])
+        got = [ln for ln in err.splitlines() if ": error" in ln]
+        assert got == [f"{prog}: error (rank {rank}): {lines[rank]}"], (rank, err[-3000:])

@@ -670,13 +670,12 @@ class PPOTrainer:
                                      ("value_model", self.value_model))
         state = {"step": self.step, "kl_coef": self.kl_ctl.value,
                  "args": {**vars(a), "world_size": self.dist.world_size}}
-        if self.dist.is_main:
-            T.save_checkpoint(self.out_dir, self.step,
-                              lambda tmp: write_checkpoint(tmp, self.policy, self.ref, self.value_model, self.optimizer,
-                                                           self.tokenizer, state),
-                              a.save_total_limit)
-        self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
-        self.dist.barrier()
+        # rank 0 writes; every rank learns whether it could (a disk full stops every rank with one line)
+        self.last_ckpt = T.save_checkpoint_on_main(
+            self.dist, self.out_dir, self.step,
+            lambda tmp: write_checkpoint(tmp, self.policy, self.ref, self.value_model, self.optimizer,
+                                         self.tokenizer, state),
+            a.save_total_limit)
 
     # -- the run ----------------------------------------------------------------------------
     def run(self):

@@ -659,13 +659,12 @@ class RewardTrainer:
                                 f"overflow the forward); not saved; {where}. Try a lower --lr.")
         if self.args.fsdp:
             return self.sharded_checkpoint()
-        if self.dist.is_main:
-            T.save_checkpoint(self.out_dir, self.step,
-                              lambda tmp: write_checkpoint(tmp, self.model, self.tokenizer, self.optimizer,
-                                                           self.scheduler, self.run_state()),
-                              self.args.save_total_limit)
-        self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
-        self.dist.barrier()
+        # rank 0 writes; every rank learns whether it could (a disk full stops every rank with one line)
+        self.last_ckpt = T.save_checkpoint_on_main(
+            self.dist, self.out_dir, self.step,
+            lambda tmp: write_checkpoint(tmp, self.model, self.tokenizer, self.optimizer, self.scheduler,
+                                         self.run_state()),
+            self.args.save_total_limit)
 
     def sharded_checkpoint(self):
         """An --fsdp checkpoint: every rank writes its shards into the temporary directory rank 0
@@ -679,23 +678,12 @@ class RewardTrainer:
                 names = [n for n, _ in self.model.named_parameters()]
                 self.final_digest = F.state_digest(hf_state, names)
 
-        def write(tmp):
-            dist.broadcast_object(tmp)
-            F.save_sharded(os.path.join(tmp, F.DCP_DIR), self.model, self.optimizer)
-            write_sharded_checkpoint(tmp, self, hf_state)
-
-        if dist.is_main:
-            T.save_checkpoint(self.out_dir, self.step, write, self.args.save_total_limit)
-        else:
-            try:
-                F.save_sharded(os.path.join(dist.broadcast_object(None), F.DCP_DIR), self.model, self.optimizer)
-            except Exception as e:  # a disk full (of any rank: save_sharded is collective): one line, as rank 0's
-                failed = T.write_failed(T.checkpoint_path(self.out_dir, self.step), e)
-                if failed is None:
-                    raise
-                raise failed from None
-        self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
-        dist.barrier()
+        # every rank writes its shards into rank 0's temporary directory, then rank 0 the rest; a
+        # disk full on any rank (save_sharded is collective) stops every rank with one line
+        self.last_ckpt = T.save_checkpoint_on_main(
+            dist, self.out_dir, self.step, lambda tmp: write_sharded_checkpoint(tmp, self, hf_state),
+            self.args.save_total_limit,
+            every_rank=lambda tmp: F.save_sharded(os.path.join(tmp, F.DCP_DIR), self.model, self.optimizer))
 
     def evaluate(self):
         ev = evaluate(self.model, self.held_pairs, self.args, self.dist, self.tokenizer.pad_token_id, self.autocast)

@@ -19,7 +19,9 @@
   (:func:`check_resume_args`, paths compared as real paths: a changed option stops the run, it
   never makes a checkpoint look damaged); rotation never deletes a checkpoint newer than the one
   written unless ``--resume`` found it damaged; a failed write (disk full) is one line naming
-  the path; no checkpoint holds non-finite parameters (:func:`check_finite_before_saving`);
+  the path, under torchrun on every rank whichever rank failed (:func:`save_checkpoint_on_main`,
+  used by every trainer's checkpoint there); no checkpoint holds non-finite parameters
+  (:func:`check_finite_before_saving`);
 - option checks shared by the trainers: :func:`check_finite` (nan / inf refused, ranges),
   :func:`check_int`, ``--seed`` in [0, 2^32-1], ``--threads`` at most 4 per core;
 - nothing under an output directory can run code when it is read: JSON, safetensors, and
@@ -370,8 +372,11 @@ def atomic_dir(final_path):
     replaced), so a reader never sees a half-written directory. On error it is removed."""
     parent = os.path.dirname(os.path.abspath(final_path))
     name = os.path.basename(final_path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    try:  # a disk full (mkdir needs a block) or a directory gone or replaced by a file: one line too
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    except OSError as e:
+        raise write_failed(final_path, e) from None
     try:
         yield tmp
         apply_umask(tmp)
@@ -438,6 +443,54 @@ def save_checkpoint(output_dir, step, write, keep):
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
         damaged.discard(os.path.abspath(path))
+    return final
+
+
+def save_checkpoint_on_main(dist, output_dir, step, write, keep, every_rank=None):
+    """A torchrun job's checkpoint (collective: every rank calls it, in the same order on
+    success and failure): rank 0 writes ``checkpoint-<step>`` (:func:`save_checkpoint` with
+    ``write``); with ``every_rank``, each rank first calls ``every_rank(tmp)`` with rank 0's
+    temporary directory (``--fsdp``'s shards; itself collective). Then every rank learns
+    whether every rank succeeded, and on a failure of any rank every rank raises a
+    :class:`TrainingError`: its own one line (:func:`write_failed`), or the failed rank's
+    (``rank R: ...``). So a rank whose peer could not write (a disk full on rank 0 alone) stops
+    with one line instead of waiting in a collective that rank 0 never reaches (gloo:
+    "Connection closed by peer"; NCCL: a hang until the timeout). Returns the path."""
+    final = checkpoint_path(output_dir, step)
+    error = None
+    announced = False
+
+    def write_all(tmp):
+        nonlocal announced
+        if every_rank is not None:
+            announced = True
+            dist.broadcast_object(tmp)
+            every_rank(tmp)
+        write(tmp)
+
+    if not dist.enabled:
+        return save_checkpoint(output_dir, step, write_all, keep)
+    if dist.is_main:
+        try:
+            save_checkpoint(output_dir, step, write_all, keep)
+        except Exception as e:  # told to every rank, then raised
+            error = e
+        if every_rank is not None and not announced:  # failed before the directory existed
+            dist.broadcast_object(None)
+    elif every_rank is not None:
+        tmp = dist.broadcast_object(None)
+        if tmp is not None:
+            try:
+                every_rank(tmp)
+            except Exception as e:  # told to every rank, then raised
+                error = write_failed(final, e) or e
+    lines = dist.gather_object(None if error is None else
+                               str(error) if isinstance(error, TrainingError) else first_line(error))
+    if error is not None:
+        raise error
+    failed = next(((r, line) for r, line in enumerate(lines) if line is not None), None)
+    if failed is not None:
+        raise TrainingError(f"rank {failed[0]}: {failed[1]}")
     return final
 
 
