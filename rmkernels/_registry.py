@@ -111,14 +111,11 @@ def check_backend_fits(backend, args):
     """A direct call's ``backend`` must run on its tensors' device (``_backend.resolve``'s rule
     and message: ``cuda`` on CPU tensors would run the CPU kernel, ``triton`` on CPU tensors
     without the interpreter fail inside Triton)."""
-    from rmkernels import _backend, _ext
+    from rmkernels import _backend
 
     device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    if device is None or backend == "reference":
-        return
-    if backend == device.type and _ext.CPP_AVAILABLE and (backend == "cpu" or _ext.CUDA_BUILT):
-        return  # the C++ backend of the tensors' own device, built: the common case, without resolve's cost
-    _backend.resolve(backend, device)
+    if device is not None and backend != "reference":
+        _backend.resolve(backend, device)
 
 
 def _checked_fake(name, fake, check=None, has_backend=False):
