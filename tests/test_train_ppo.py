@@ -86,7 +86,7 @@ def test_minibatch_indices_cover_every_row_once():
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long, torch.float32])
 def test_agg_loss_follows_verls_formulas(mask_dtype):
     """verl 0.9.1's ``agg_loss`` (trainer/ppo/core_algos.py) with dp_size 1, written out:
-    token-mean = sum(x m) / sum(m); the seq-mean modes average over the responses with a valid
+    token-mean = sum(x m) / sum(m); token-sum = sum(x m); the seq-mean modes average over the responses with a valid
     token (a fully masked one counts in no mean) each response's token sum (seq-mean-token-sum),
     that sum over its token count + 1e-8 (seq-mean-token-mean), or the token sum over the horizon
     (seq-mean-token-sum-norm: the mask's width unless given). Values and gradients."""
@@ -117,20 +117,74 @@ def test_agg_loss_follows_verls_formulas(mask_dtype):
         assert core.agg_loss(x, torch.zeros_like(mask), mode).item() == 0.0
 
 
-def _verl_agg(x, mask, mode):
-    """verl 0.9.1's agg_loss, dp_size 1, for float64 ``x``: its 1e-8 is added to the token
-    count in the mask's dtype (a bool or integer count becomes float32, torch's default)."""
+def _verl_agg(x, mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None):
+    """verl 0.9.1's agg_loss for float64 ``x``, written out: its 1e-8 is added to the token count
+    in the mask's dtype (a bool or integer count becomes float32, torch's default)."""
     m = mask.double()
-    rows = m.sum(-1) > 0  # the responses with a valid token: the seq-mean modes average over them
     sums = (x * m).sum(-1)
     if mode == "token-mean":
-        return (x * m).sum() / m.sum()
-    if mode == "seq-mean-token-sum":
-        return sums[rows].mean()
-    if mode == "seq-mean-token-mean":
-        return (sums / (mask.sum(-1) + 1e-8).double())[rows].mean()
-    assert mode == "seq-mean-token-sum-norm"
-    return sums[rows].mean() / mask.shape[-1]
+        return (x * m).sum() / (m.sum() if batch_num_tokens is None else batch_num_tokens) * dp_size
+    if mode == "token-sum":
+        return (x * m).sum() * dp_size
+    seq_mask = (m.sum(-1) > 0).double()  # the responses with a valid token
+    if global_batch_size is None:
+        global_batch_size = seq_mask.sum()
+    if mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        loss = (sums * seq_mask).sum() / global_batch_size * dp_size
+        return loss / mask.shape[-1] if mode == "seq-mean-token-sum-norm" else loss
+    assert mode == "seq-mean-token-mean"
+    return (sums / (mask.sum(-1) + 1e-8).double() * seq_mask).sum() / global_batch_size * dp_size
+
+
+def test_agg_loss_across_ranks():
+    """``dp`` (``DataParallelAgg``): a minibatch cut into shares of unequal response lengths, one
+    per rank; each rank's loss is verl's agg_loss with dp_size and the whole minibatch's counts,
+    the mean of the ranks' losses is the whole minibatch's loss and the mean of their gradients
+    (what DDP applies) its gradient, in every mode. Without ``dp`` (each rank's own mean) the
+    token-mean and seq-mean gradients differ: the data tells the two apart."""
+    g = torch.Generator().manual_seed(3)
+    for case in range(12):
+        ranks = (2, 3)[case % 2]
+        B, T = 3 * ranks + int(torch.randint(0, 4, (1,), generator=g)), int(torch.randint(2, 14, (1,), generator=g))
+        x = torch.randn(B, T, generator=g, dtype=torch.float64)
+        mask = _ragged_mask(B, T, g)
+        mask[: B // ranks, T // 2:] = False  # the first rank's responses are shorter
+        cuts = [B * r // ranks for r in range(ranks + 1)]
+        shares = [slice(cuts[r], cuts[r + 1]) for r in range(ranks)]
+        m = mask.double()
+        dp = core.DataParallelAgg(ranks, m.sum().item(), (m.sum(-1) > 0).sum().item())
+        for mode in core.LOSS_AGG_MODES:
+            whole = x.clone().requires_grad_()
+            want = core.agg_loss(whole, mask, mode)
+            want.backward()
+            torch.testing.assert_close(want, _verl_agg(x, mask, mode), rtol=1e-12, atol=1e-12, msg=mode)
+            losses, grads, local_grads = [], [], []
+            for s in shares:
+                xs = x[s].clone().requires_grad_()
+                loss = core.agg_loss(xs, mask[s], mode, dp=dp)
+                torch.testing.assert_close(loss, _verl_agg(x[s], mask[s], mode, ranks, dp.batch_num_tokens,
+                                                           dp.global_batch_size), rtol=1e-12, atol=1e-12, msg=mode)
+                loss.backward()
+                losses.append(loss.detach())
+                grads.append(xs.grad)
+                xl = x[s].clone().requires_grad_()
+                core.agg_loss(xl, mask[s], mode).backward()
+                local_grads.append(xl.grad)
+            torch.testing.assert_close(torch.stack(losses).mean(), want.detach(), rtol=1e-12, atol=1e-12, msg=mode)
+            torch.testing.assert_close(torch.cat(grads) / ranks, whole.grad, rtol=1e-12, atol=1e-12, msg=mode)
+            if mode != "token-sum":  # the per-rank means weigh the ranks' tokens / responses unequally
+                assert not torch.allclose(torch.cat(local_grads) / ranks, whole.grad, rtol=1e-6, atol=1e-9), mode
+    # no valid token anywhere: 0, as in one process
+    empty = torch.zeros(4, 3, dtype=torch.bool)
+    for mode in core.LOSS_AGG_MODES:
+        assert core.agg_loss(torch.ones(4, 3), empty, mode, dp=core.DataParallelAgg(2, 0.0, 0.0)).item() == 0.0
+
+
+def test_data_parallel_agg_in_one_process():
+    """One process (no torchrun): no data-parallel scaling, the losses stay those of one rank."""
+    from rmkernels_train.utils import Dist
+    assert core.data_parallel_agg(torch.ones(2, 3, dtype=torch.bool), Dist()) is None
+    assert core.data_parallel_agg(torch.ones(2, 3, dtype=torch.bool), None) is None
 
 
 def test_policy_loss_clips_higher_and_aggregates():
@@ -340,18 +394,19 @@ def test_short_run_raises_the_score(reward_model, tmp_path, capsys):
 
 def test_clip_range_high_and_loss_agg_reach_the_gae_update(reward_model, tmp_path, capsys, monkeypatch):
     """--advantage gae passes --clip-range-high, --clip-ratio-c and --loss-agg (horizon
-    --max-new-tokens) to the policy loss and --loss-agg to the value loss; --clip-range-high
+    --max-new-tokens; no data-parallel counts in one process) to the policy loss and --loss-agg
+    to the value loss; --clip-range-high
     defaults to --clip-range, --clip-ratio-c to None (off); clipfrac_lower is logged with it only."""
     calls = {"policy": [], "value": []}
     real_p, real_v = core.ppo_policy_loss, core.ppo_value_loss
 
     def policy_loss(*args, **kwargs):
-        calls["policy"].append((*args[4:], kwargs.get("clip_ratio_c")))
+        calls["policy"].append((*args[4:], kwargs.get("clip_ratio_c"), kwargs["dp"]))
         return real_p(*args, **kwargs)
 
-    def value_loss(*args):
-        calls["value"].append(args[4:])
-        return real_v(*args)
+    def value_loss(*args, **kwargs):
+        calls["value"].append((*args[4:], kwargs["dp"]))
+        return real_v(*args, **kwargs)
 
     monkeypatch.setattr(core, "ppo_policy_loss", policy_loss)
     monkeypatch.setattr(core, "ppo_value_loss", value_loss)
@@ -359,13 +414,13 @@ def test_clip_range_high_and_loss_agg_reach_the_gae_update(reward_model, tmp_pat
               "--minibatches", "2", "--steps", "1", "--clip-range", "0.1"] + FAST
     assert main(common + ["--output-dir", str(tmp_path / "a"), "--clip-range-high", "0.3", "--loss-agg",
                           "seq-mean-token-mean", "--clip-ratio-c", "2.5"]) == 0
-    assert calls["policy"] == [(0.1, 0.3, "seq-mean-token-mean", 5, 2.5)] * 2
-    assert calls["value"] == [(0.2, "seq-mean-token-mean", 5)] * 2
+    assert calls["policy"] == [(0.1, 0.3, "seq-mean-token-mean", 5, 2.5, None)] * 2  # one process: no dp
+    assert calls["value"] == [(0.2, "seq-mean-token-mean", 5, None)] * 2
     rec, = _records(tmp_path / "a" / "metrics.jsonl")
     assert 0.0 <= rec["clipfrac_lower"] <= 1.0
     calls["policy"].clear()
     assert main(common + ["--output-dir", str(tmp_path / "b")]) == 0
-    assert calls["policy"] == [(0.1, 0.1, "token-mean", 5, None)] * 2
+    assert calls["policy"] == [(0.1, 0.1, "token-mean", 5, None, None)] * 2
     assert "clipfrac_lower" not in _records(tmp_path / "b" / "metrics.jsonl")[0]
     capsys.readouterr()
 

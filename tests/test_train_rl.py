@@ -746,9 +746,9 @@ def test_loss_agg_aggregates_the_policy_and_kl_losses(tokenizer, monkeypatch, lo
     seen = []
     real = core.agg_loss
 
-    def spy(loss_mat, mask, mode="token-mean", horizon=None):
-        seen.append((mode, horizon))
-        return real(loss_mat, mask, mode, horizon)
+    def spy(loss_mat, mask, mode="token-mean", horizon=None, dp=None):
+        seen.append((mode, horizon, dp))
+        return real(loss_mat, mask, mode, horizon, dp)
 
     monkeypatch.setattr(core, "agg_loss", spy)
     res = {}
@@ -758,7 +758,7 @@ def test_loss_agg_aggregates_the_policy_and_kl_losses(tokenizer, monkeypatch, lo
         res[mode] = grpo.rl_step(policy, ref, None, torch.optim.SGD(policy.parameters(), lr=0.0), tokenizer,
                                  prompts, ids, estimator="grpo", reward="model", kl_mode="loss", check=False,
                                  loss_agg=mode, **STEP)
-    assert seen[-2:] == [(loss_agg, STEP["max_new_tokens"])] * 2  # the policy loss, then the KL term
+    assert seen[-2:] == [(loss_agg, STEP["max_new_tokens"], None)] * 2  # the policy loss, then the KL term
     assert res[loss_agg]["pg_loss"] != res["token-mean"]["pg_loss"]
     assert res[loss_agg]["loss"] - res[loss_agg]["pg_loss"] != pytest.approx(
         res["token-mean"]["loss"] - res["token-mean"]["pg_loss"], rel=1e-6)
@@ -1053,14 +1053,14 @@ def test_gae_update_takes_the_entropy_bonus(tiny_rm, tmp_path, capsys, monkeypat
     calls = []
     real = core.entropy_bonus
 
-    def spy(entropy, mask, coef, loss_agg, horizon):
-        calls.append((entropy.shape == mask.shape, entropy.requires_grad, coef, loss_agg, horizon))
-        return real(entropy, mask, coef, loss_agg, horizon)
+    def spy(entropy, mask, coef, loss_agg, horizon, dp):
+        calls.append((entropy.shape == mask.shape, entropy.requires_grad, coef, loss_agg, horizon, dp))
+        return real(entropy, mask, coef, loss_agg, horizon, dp)
 
     monkeypatch.setattr(core, "entropy_bonus", spy)
     assert main(tiny_gae(tiny_rm, tmp_path / "e", "--steps", "2", "--entropy-coef", "0.05", "--loss-agg",
                          "seq-mean-token-sum")) == 0
-    assert calls == [(True, True, 0.05, "seq-mean-token-sum", 4)] * 2
+    assert calls == [(True, True, 0.05, "seq-mean-token-sum", 4, None)] * 2  # one process: no dp
     recs = [r for r in _records(tmp_path / "e" / "metrics.jsonl") if r.get("split") == "train"]
     assert len(recs) == 2 and all(0 < r["entropy"] < math.log(len(tokenizer_vocab(tiny_rm))) + 1e-6 for r in recs)
     assert main(tiny_gae(tiny_rm, tmp_path / "d", "--steps", "1")) == 0

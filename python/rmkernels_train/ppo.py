@@ -153,12 +153,14 @@ def build_parser():
                         "default 0 (no entropy term; > 0 also logs the token-mean entropy as entropy)")
     g.add_argument("--loss-agg", choices=LOSS_AGG_MODES, default=LOSS_AGG_MODES[0],
                    help="how the token losses of a minibatch become its loss (verl's loss_agg_mode): token-mean "
-                        "(the default: over every response token), seq-mean-token-sum (each response's sum, "
-                        "averaged over the responses), seq-mean-token-mean (each response's mean, averaged: the "
-                        "original GRPO), seq-mean-token-sum-norm (Dr. GRPO: seq-mean-token-sum over the constant "
-                        "--max-new-tokens). It aggregates the policy loss, and the KL loss term (critic-free) or "
-                        "the value loss (gae), as verl does (TRL's loss_type grpo, bnpo / dapo, dr_grpo are close to "
-                        "seq-mean-token-mean, token-mean, seq-mean-token-sum-norm: docs/rl.md)")
+                        "(the default: over every response token), token-sum (their sum), seq-mean-token-sum "
+                        "(each response's sum, averaged over the responses), seq-mean-token-mean (each response's "
+                        "mean, averaged: the original GRPO), seq-mean-token-sum-norm (Dr. GRPO: seq-mean-token-sum "
+                        "over the constant --max-new-tokens). It aggregates the policy loss, and the KL loss term "
+                        "(critic-free) or the value loss (gae), as verl does (TRL's loss_type grpo, bnpo / dapo, "
+                        "dr_grpo are close to seq-mean-token-mean, token-mean, seq-mean-token-sum-norm: docs/rl.md). "
+                        "Under torchrun (gae) the counts are those of the whole minibatch over every rank, as in "
+                        "verl")
     rl.add_arguments(p)
     T.add_run_args(p, output_dir="runs/ppo", save_every=20)
     return p
@@ -606,16 +608,17 @@ class PPOTrainer:
                 if bonus:
                     new_logprobs, entropy = new_logprobs
                 new_values = self.value_ddp(sub)
+                dp = core.data_parallel_agg(mask[mb], dist)  # under torchrun: the whole minibatch's counts
                 pg_loss, clipfrac, approx_kl, clipfrac_lower = core.ppo_policy_loss(
                     new_logprobs, r["old_logprobs"][mb], adv.advantages[mb], mask[mb], a.clip_range,
                     a.clip_range_high, a.loss_agg, a.max_new_tokens, clip_ratio_c=a.clip_ratio_c,
-                    return_clipfrac_lower=True)
+                    return_clipfrac_lower=True, dp=dp)
                 vf_loss, _ = core.ppo_value_loss(new_values, r["old_values"][mb], adv.returns[mb], mask[mb],
-                                                 a.clip_range_value, a.loss_agg, a.max_new_tokens)
+                                                 a.clip_range_value, a.loss_agg, a.max_new_tokens, dp=dp)
                 loss = pg_loss + a.vf_coef * vf_loss
                 if bonus:
                     term, entropy_mean = core.entropy_bonus(entropy, mask[mb], a.entropy_coef, a.loss_agg,
-                                                            a.max_new_tokens)
+                                                            a.max_new_tokens, dp=dp)
                     loss = loss + term
                     stats["entropy"] += entropy_mean.item()
                 finite = torch.isfinite(loss.detach()).double().reshape(1)

@@ -160,15 +160,38 @@ def masked_mean(x, mask):
 
 # --loss-agg: how the token losses [B, T] become the loss (verl's loss_agg_mode; the first is
 # the default).
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def agg_loss(loss_mat, mask, mode="token-mean", horizon=None):
+@dataclass(frozen=True)
+class DataParallelAgg:
+    """A minibatch's share of a data-parallel one (verl 0.9.1's ``dp_size``, ``batch_num_tokens``,
+    ``global_batch_size``): ``dp_size`` ranks whose gradients DDP averages, ``batch_num_tokens``
+    valid tokens and ``global_batch_size`` responses with a valid token over every rank's
+    minibatch. :func:`agg_loss` then scales each rank's loss so that the averaged gradient is that
+    of the whole minibatch aggregated in one process."""
+    dp_size: int
+    batch_num_tokens: float
+    global_batch_size: float
+
+
+def data_parallel_agg(mask, dist):
+    """The :class:`DataParallelAgg` of this rank's minibatch ``mask`` [B, T] (a sum over the ranks:
+    collective, every rank calls it), None in one process (``dist.enabled`` False)."""
+    if dist is None or not dist.enabled:
+        return None
+    m = mask.to(torch.float64)
+    tokens, rows = dist.sum([m.sum().item(), (m.sum(-1) > 0).sum().item()])
+    return DataParallelAgg(dist.world_size, tokens, rows)
+
+
+def agg_loss(loss_mat, mask, mode="token-mean", horizon=None, dp=None):
     """The loss of the token losses ``loss_mat`` [B, T] at the valid positions of ``mask``,
-    aggregated as verl 0.9.1's ``agg_loss`` with one data-parallel rank (``loss_agg_mode``):
+    aggregated as verl 0.9.1's ``agg_loss`` (``loss_agg_mode``):
 
     - ``token-mean`` (the default): the mean over every valid token of the batch
       (:func:`masked_mean`; a long response weighs more than a short one);
+    - ``token-sum``: the sum over every valid token of the batch;
     - ``seq-mean-token-sum``: each response's token sum, averaged over the responses;
     - ``seq-mean-token-mean`` (the original GRPO): each response's token mean (its sum over its
       token count + 1e-8, verl's, which keeps a response with no valid token finite), averaged
@@ -178,18 +201,31 @@ def agg_loss(loss_mat, mask, mode="token-mean", horizon=None):
       ``--max-new-tokens``).
 
     The seq-mean modes leave out the responses with no valid token (they count in no mean, as
-    in verl). A batch without any valid token gives 0 (verl: NaN, its 0 / 0)."""
-    if mode == "token-mean":
-        return masked_mean(loss_mat, mask)
+    in verl). A batch without any valid token gives 0 (verl: NaN, its 0 / 0).
+
+    ``dp`` (a :class:`DataParallelAgg`, from :func:`data_parallel_agg`; None: one process) makes
+    this rank's loss verl's with ``dp_size`` ranks: the token mean divides by the valid tokens of
+    every rank's minibatch, the seq-mean modes by their responses, and the loss is multiplied by
+    ``dp_size``, so that DDP's average of the ranks' gradients is the gradient of the whole
+    minibatch's loss (for ``token-sum``: its sum over every rank)."""
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"agg_loss: mode must be one of {', '.join(LOSS_AGG_MODES)}, got {mode!r}")
+    if mode == "token-mean" and dp is None:
+        return masked_mean(loss_mat, mask)
     m = mask.to(loss_mat.dtype)
+    scale = 1 if dp is None else dp.dp_size
+    if mode in ("token-mean", "token-sum"):
+        total = (loss_mat * m).sum()
+        if mode == "token-mean":
+            total = total / max(dp.batch_num_tokens, 1.0)
+        return total * scale
     tokens = m.sum(-1)
     seq = (loss_mat * m).sum(-1)
     if mode == "seq-mean-token-mean":  # verl adds its 1e-8 in the mask's dtype (bool: float32)
         seq = seq / (mask.sum(-1) + 1e-8).to(loss_mat.dtype)
     has = (tokens > 0).to(loss_mat.dtype)
-    loss = (seq * has).sum() / has.sum().clamp(min=1.0)
+    rows = has.sum().clamp(min=1.0) if dp is None else max(dp.global_batch_size, 1.0)
+    loss = (seq * has).sum() / rows * scale
     if mode == "seq-mean-token-sum-norm":
         loss = loss / (mask.shape[-1] if horizon is None else horizon)
     return loss
@@ -209,11 +245,11 @@ def check_clip_ratio_c(clip_ratio_c, name="clip_ratio_c"):
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, clip_range_high=None,
-                    loss_agg="token-mean", horizon=None, clip_ratio_c=None, return_clipfrac_lower=False):
+                    loss_agg="token-mean", horizon=None, clip_ratio_c=None, return_clipfrac_lower=False, dp=None):
     """The clipped surrogate: ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))`` with ``r =
     exp(clamp(logp - logp_old, -20, 20))``, ``eps_low = clip_range`` and ``eps_high =
     clip_range_high`` (default ``clip_range``; larger: DAPO's clip-higher), aggregated by
-    :func:`agg_loss` (``loss_agg``, ``horizon``): verl 0.9.1's ``compute_policy_loss_vanilla``.
+    :func:`agg_loss` (``loss_agg``, ``horizon``, ``dp``): verl 0.9.1's ``compute_policy_loss_vanilla``.
 
     The log ratio is clamped to [-20, 20] before the exp, as verl does: nothing changes where
     |log ratio| <= 20 (values and gradients); beyond, the ratio stays finite and the token gets no
@@ -242,7 +278,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, clip_r
     if clip_ratio_c is not None:
         loss3 = -advantages * clip_ratio_c
         per_token = torch.where(advantages < 0, torch.minimum(loss3, clipped), clipped)
-    loss = agg_loss(per_token, mask, loss_agg, horizon)
+    loss = agg_loss(per_token, mask, loss_agg, horizon, dp)
     with torch.no_grad():
         clipfrac = masked_mean((loss2 > loss1).float(), mask)
         approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
@@ -255,25 +291,26 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, clip_r
     return loss, clipfrac, approx_kl, clipfrac_lower
 
 
-def entropy_bonus(entropy, mask, entropy_coef, loss_agg="token-mean", horizon=None):
+def entropy_bonus(entropy, mask, entropy_coef, loss_agg="token-mean", horizon=None, dp=None):
     """The term added to the policy loss for ``--entropy-coef``: ``-entropy_coef`` times the
     token entropies ``entropy`` [B, T] aggregated by :func:`agg_loss` (verl's ``entropy_coeff``:
     ``pg_loss - entropy_coeff * agg_loss(entropy)``). Returns (term, token-mean entropy: a
     metric, whatever ``loss_agg`` is)."""
-    term = -entropy_coef * agg_loss(entropy, mask, loss_agg, horizon)
+    term = -entropy_coef * agg_loss(entropy, mask, loss_agg, horizon, dp)
     with torch.no_grad():
         mean = masked_mean(entropy, mask)
     return term, mean
 
 
-def ppo_value_loss(values, old_values, returns, mask, clip_range_value, loss_agg="token-mean", horizon=None):
+def ppo_value_loss(values, old_values, returns, mask, clip_range_value, loss_agg="token-mean", horizon=None,
+                   dp=None):
     """The clipped value loss: ``0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``,
     aggregated by :func:`agg_loss` (as verl aggregates its value loss: with the policy loss's
     ``loss_agg_mode``). Returns (loss, clip fraction: a token mean)."""
     clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     l1 = (values - returns) ** 2
     l2 = (clipped - returns) ** 2
-    loss = 0.5 * agg_loss(torch.maximum(l1, l2), mask, loss_agg, horizon)
+    loss = 0.5 * agg_loss(torch.maximum(l1, l2), mask, loss_agg, horizon, dp)
     with torch.no_grad():
         clipfrac = masked_mean((l2 > l1).float(), mask)
     return loss, clipfrac
