@@ -213,6 +213,34 @@ def test_policy_loss_clips_higher_and_aggregates():
     torch.testing.assert_close(vloss, 0.5 * core.agg_loss(vper, mask, "seq-mean-token-mean"))
 
 
+def test_value_loss_follows_verls_formula():
+    """verl 0.9.1's ``compute_value_loss`` written out (``clip_by_value(V, V_old - c, V_old + c)``):
+    the loss in every --loss-agg mode, its gradient, and the clip fraction, exactly; with a clip
+    range nothing reaches, the clip fraction is 0 (V_old + clip(V - V_old) rounds away from V for
+    about a third of the tokens, which a comparison of the two squares would count)."""
+    g = torch.Generator().manual_seed(4)
+    for case in range(20):
+        B, T = int(torch.randint(2, 9, (1,), generator=g)), int(torch.randint(1, 13, (1,), generator=g))
+        v, v_old, ret = (torch.randn(B, T, generator=g) * 3 for _ in range(3))
+        mask = _ragged_mask(B, T, g)
+        c = (0.1, 0.5, 100.0)[case % 3]
+        for mode in core.LOSS_AGG_MODES:
+            vg = v.clone().requires_grad_()
+            loss, clipfrac = core.ppo_value_loss(vg, v_old, ret, mask, c, mode)
+            vw = v.clone().requires_grad_()
+            clipped = torch.max(torch.min(vw, v_old + c), v_old - c)
+            l1, l2 = (vw - ret) ** 2, (clipped - ret) ** 2
+            want = 0.5 * _verl_agg(torch.max(l1, l2).double(), mask, mode).float()
+            torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6, msg=mode)
+            loss.backward()
+            want.backward()
+            torch.testing.assert_close(vg.grad, vw.grad, rtol=1e-6, atol=1e-6, msg=mode)
+            m = mask.float()
+            assert torch.equal(clipfrac, ((l2 > l1).float() * m).sum() / m.sum())  # verl's masked_mean
+            if c == 100.0:
+                assert clipfrac.item() == 0.0
+
+
 def _verl_policy_loss(lp, old, adv, mask, low, high, c, mode, horizon=None):
     """verl 0.9.1's ``compute_policy_loss_vanilla`` (trainer/ppo/core_algos.py), written out with
     its names, dp_size 1: the log ratio clamped to +-20, the clipped surrogate, then dual-clip's

@@ -304,10 +304,14 @@ def entropy_bonus(entropy, mask, entropy_coef, loss_agg="token-mean", horizon=No
 
 def ppo_value_loss(values, old_values, returns, mask, clip_range_value, loss_agg="token-mean", horizon=None,
                    dp=None):
-    """The clipped value loss: ``0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``,
+    """The clipped value loss: ``0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``,
     aggregated by :func:`agg_loss` (as verl aggregates its value loss: with the policy loss's
-    ``loss_agg_mode``). Returns (loss, clip fraction: a token mean)."""
-    clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    ``loss_agg_mode``). Returns (loss, clip fraction: the token mean of where the clipped term is
+    the larger, verl's ``vf_clipfrac``). ``V`` itself is clipped, as verl's ``compute_value_loss``
+    and TRL's PPO do: a value inside the range is its own clipped value, so the clip fraction
+    counts no unclipped token (``V_old + clip(V - V_old, -c, c)`` rounds to another number for
+    about a third of them)."""
+    clipped = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
     l1 = (values - returns) ** 2
     l2 = (clipped - returns) ** 2
     loss = 0.5 * agg_loss(torch.maximum(l1, l2), mask, loss_agg, horizon, dp)
