@@ -527,21 +527,27 @@ def test_openrlhf_compute_reward(kl_coef, clip):
 
 
 @pytest.mark.parametrize("clip", [None, (-0.5, 0.5)])
-def test_openrlhf_compute_reward_gradient(clip):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_openrlhf_compute_reward_gradient(clip, dtype):
     """OpenRLHF's rewards are a differentiable sum: -kl_coef for every token of kl, 1 for r at
     the position that gets it (0 where the clip holds r; the last column of a row with no
-    action). The fused op's rewards carry no graph: the adapter passed none (grad 0)."""
+    action). The fused op's rewards carry no graph: the adapter passed none (grad 0). float64
+    inputs give float64 rewards, exact to float64 rounding (they raised a scatter dtype error)."""
     lp, ref, values, scores, mask = batch(6, 13)
     mask[2] = 0
-    kl = torch.randn(6, 13, requires_grad=True)
-    r = scores.float().clone().requires_grad_()
+    kl = torch.randn(6, 13, dtype=dtype, requires_grad=True)
+    r = scores.to(dtype).clone().requires_grad_()
     out = openrlhf.compute_reward(r, 0.1, kl, mask, clip)
-    w = torch.randn(out.shape)
-    gk, gr = torch.autograd.grad((out * w).sum(), (kl, r))
+    assert out.dtype == dtype
+    w = torch.randn(out.shape, dtype=torch.float64)
+    gk, gr = torch.autograd.grad((out * w.to(dtype)).sum(), (kl, r))
     kl64, r64 = kl.detach().double().requires_grad_(), r.detach().double().requires_grad_()
-    ek, er = torch.autograd.grad((ref_openrlhf_reward(r64, 0.1, kl64, mask, clip) * w.double()).sum(), (kl64, r64))
-    assert_close(gk, ek, rtol=RTOL, atol=ATOL, name="d/dkl")
-    assert_close(gr, er, rtol=RTOL, atol=ATOL, name="d/dr")
+    want = ref_openrlhf_reward(r64, 0.1, kl64, mask, clip)
+    ek, er = torch.autograd.grad((want * w).sum(), (kl64, r64))
+    tol = RTOL if dtype == torch.float32 else 1e-12
+    assert_close(out, want, rtol=tol, atol=tol, name="rewards")
+    assert_close(gk, ek, rtol=tol, atol=tol, name="d/dkl")
+    assert_close(gr, er, rtol=tol, atol=tol, name="d/dr")
     # packed lists, with a float score broadcast (the docstring's "a float is broadcast")
     kls = [torch.randn(n, requires_grad=True) for n in (4, 1, 6)]
     rows = openrlhf.compute_reward(1.5, 0.1, kls, num_actions=[4, 1, 3])

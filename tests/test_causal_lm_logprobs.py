@@ -105,3 +105,9 @@ def test_verl_linear_cross_entropy(reduction):
         assert_close(a, e, rtol=0, atol=1e-5 * e.abs().max().item(), name="grad")
     with pytest.raises(NotImplementedError):
         linear_cross_entropy(hidden, weight, labels, 1.0, "none", dist_process_group=object())
+    # verl lowercases the reduction
+    up = linear_cross_entropy(hidden, weight, labels, 0.8, reduction.upper())
+    assert torch.equal(up[0], lp) and torch.equal(up[1], ent)
+    for bad in ("avg", None, 1):
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            linear_cross_entropy(hidden, weight, labels, 0.8, bad)

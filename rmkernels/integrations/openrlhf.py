@@ -149,17 +149,18 @@ def _eos_score_rows(r, kl, action_mask, kl_coef):
                              r.reshape(-1), action_mask, kl_coef=kl_coef, gamma=1.0, lam=1.0,
                              kl_estimator="k1", whiten=False)
     valid = action_mask != 0
-    rewards = torch.where(valid, out.rewards, -kl_coef * kl.float())
+    acc = out.rewards.dtype  # the op's arithmetic dtype: float32, float64 for a float64 kl
+    rewards = torch.where(valid, out.rewards, -kl_coef * kl.to(acc))
     if kl.shape[1] > 0:  # a row with no valid action: OpenRLHF's argmax(all zeros) puts r at the end
         empty = ~valid.any(dim=1)
-        rewards[:, -1] += torch.where(empty, r.reshape(-1).float(), torch.zeros_like(rewards[:, -1]))
+        rewards[:, -1] += torch.where(empty, r.reshape(-1).to(acc), torch.zeros_like(rewards[:, -1]))
     if needs_grad(kl, r) and kl.shape[1] > 0:
         # the fused op's outputs are targets, without a graph; OpenRLHF's sum is differentiable:
         # -kl_coef per token of kl, 1 for r at the position that gets it
         T = kl.shape[1]
         last = T - 1 - valid.flip(1).to(torch.uint8).argmax(1, keepdim=True)  # T - 1 for an empty row too
-        score = torch.zeros_like(rewards).scatter(1, last, r.reshape(-1, 1).float())
-        rewards = straight_through(rewards, -kl_coef * kl.float() + score)
+        score = torch.zeros_like(rewards).scatter(1, last, r.reshape(-1, 1).to(acc))
+        rewards = straight_through(rewards, -kl_coef * kl.to(acc) + score)
     return rewards.to(kl.dtype)
 
 

@@ -52,7 +52,9 @@ TRLPPOTargets = namedtuple("TRLPPOTargets", [
 def masked_whiten(values, mask, shift_mean=True):
     """TRL's ``masked_whiten``: ``(x - mean) * rsqrt(var + 1e-8)`` over ``mask`` (unbiased var),
     ``+ mean`` if not ``shift_mean``; float32 (float64 for float64 values), and 0 where ``mask``
-    is 0 (TRL leaves shifted values there and fills them with 0 itself right after)."""
+    is 0 (TRL leaves shifted values there and fills them with 0 itself right after). No gradient
+    flows (``rmk.masked_whiten``: advantages are targets): TRL's PPO calls it under
+    ``torch.no_grad()``; TRL's own function is differentiable, so do not put this one in a loss."""
     return rmk.masked_whiten(values, mask, shift_mean=shift_mean, unbiased=True, eps=1e-8)
 
 

@@ -162,7 +162,8 @@ def kl_penalty(logprob, ref_logprob, kl_penalty):
     ``"abs+"``, ...) is verl's straight-through form: the value of the estimator, the gradient
     of k2 (unbiased for the KL's gradient) -- for use as a loss (``use_kl_loss``). Where
     ``logprob - ref_logprob`` is infinite, verl's ``"+"`` forms give NaN (its ``inf - inf``);
-    the adapter gives the estimator's value.
+    the adapter gives the estimator's value. Both must be tensors (verl's annotation; a Python
+    number, which verl's arithmetic would take, is a ``TypeError`` here).
 
     The value comes from the fused op; when an input requires grad, the gradient is that of
     verl's formula (of k2 for the ``"+"`` forms), so the KL loss trains as in verl.
@@ -192,7 +193,10 @@ class AdaptiveKLController(rmk.AdaptiveKLController):
     coefficient. Accepts the settings verl's accepts (any finite real numbers; a negative
     coefficient or target included) except those that make verl's ``update`` divide by zero
     (``target_kl == 0``, ``horizon == 0``), refused here with a ``ValueError``. A NaN
-    ``current_kl`` is skipped with a warning (verl's coefficient would become NaN)."""
+    ``current_kl`` is skipped with a warning (verl's coefficient would become NaN). ``update``
+    returns the new coefficient (verl's returns None) and keeps ``.value`` a Python float (verl's
+    becomes a numpy float after an update); it takes what ``rmk.AdaptiveKLController.update``
+    takes, so a negative ``n_steps``, which verl would apply, is a ``ValueError``."""
 
     def __init__(self, init_kl_coef, target_kl, horizon):
         values = {"init_kl_coef": init_kl_coef, "target_kl": target_kl, "horizon": horizon}

@@ -28,8 +28,10 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
     if dist_process_group is not None:
         raise NotImplementedError("dist_process_group (a vocabulary-parallel lm_head) is not supported by "
                                   "rmkernels' linear_cross_entropy yet; gather the head or use verl's kernel")
-    if reduction not in ("none", "sum", "mean"):
-        raise ValueError(f"reduction must be one of ('none', 'sum', 'mean'), got {reduction!r}")
+    if not isinstance(reduction, str) or reduction.lower() not in ("none", "sum", "mean"):
+        raise ValueError(f"reduction must be one of ('none', 'sum', 'mean') in any case (verl lowercases it), "
+                         f"got {reduction!r}")
+    reduction = reduction.lower()
     hidden2 = hidden.reshape(-1, hidden.shape[-1]) if hidden.dim() != 2 else hidden
     lp, ent = token_logprobs(hidden2, weight, labels.reshape(-1), temperature=float(temperature),
                              return_entropy=True, backend=backend)
