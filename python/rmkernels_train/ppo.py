@@ -707,7 +707,7 @@ class PPOTrainer:
         return self.finish()
 
     def finish(self):
-        from rmkernels_train.utils import atomic_write_text, param_digest, plot_curves, read_metrics
+        from rmkernels_train.utils import param_digest, plot_curves, read_metrics
 
         a, dist = self.a, self.dist
         if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):  # --stop-after
@@ -734,7 +734,7 @@ class PPOTrainer:
                    "steps_averaged": k, "score_first": first, "score_last": last, "kl": recs[-1]["kl"],
                    "kl_coef": recs[-1]["kl_coef"], "world_size": dist.world_size, "reward_model": self.reward_dir,
                    "checkpoint": self.last_ckpt}
-        atomic_write_text(os.path.join(a.output_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
+        T.write_final(a.output_dir, summary)
         print(f"{PROG}: {status}{len(recs)} steps (PPO {time.time() - self.t_start:.0f}s in this run); mean "
               f"reward-model score of the policy's responses: first {k} steps {first:.3f} -> last {k} steps "
               f"{last:.3f} ({last - first:+.3f}); KL to the reference {recs[-1]['kl']:.3f}, kl_coef "

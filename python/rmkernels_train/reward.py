@@ -52,7 +52,6 @@ from rmkernels_train.tokenizer import build_char_tokenizer
 from rmkernels_train.utils import (
     MetricsWriter,
     TrainingError,
-    atomic_write_text,
     param_digest,
     plot_curves,
     rng_state,
@@ -843,7 +842,7 @@ class RewardTrainer:
                        marks=self.rss_marks, ddp_model=self.ddp_model if self.ddp_model is not self.model else None,
                        live=live))}
         if dist.is_main:
-            atomic_write_text(os.path.join(self.out_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
+            T.write_final(self.out_dir, summary)
             if args.plot:
                 plot_curves(os.path.join(self.out_dir, "metrics.jsonl"), os.path.join(self.out_dir, "curves.png"),
                             title=f"reward model: {self.what.split(':')[0]}")

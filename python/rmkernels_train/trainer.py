@@ -36,7 +36,10 @@ in the environment the process kills itself (SIGKILL) the N-th time it reaches t
 ``NAME`` (``checkpoint-write``: inside a checkpoint write, after the model files;
 ``dir-rename``: a checkpoint (or other atomic directory) is complete and not yet renamed
 into place; ``step``: after an optimizer step, before anything about it is saved;
-``shard-write``: a rank is about to write its shards of an ``--fsdp`` checkpoint). With
+``shard-write``: a rank is about to write its shards of an ``--fsdp`` checkpoint;
+``metrics-write``: a line of ``metrics.jsonl`` is about to be appended; ``final-write``:
+``final.json`` is about to be written; ``plot-write``: ``curves.png`` is about to be
+written). With
 ``NAME:N:ERRNO`` (an :mod:`errno` name, e.g. ``ENOSPC``) it raises that ``OSError`` there
 instead (a disk full); with ``RMKERNELS_TRAIN_FAULT_RANK=R`` only the torchrun rank R (its
 ``RANK``) counts and fails. Unset, it does nothing.
@@ -492,6 +495,14 @@ def save_checkpoint_on_main(dist, output_dir, step, write, keep, every_rank=None
     if failed is not None:
         raise TrainingError(f"rank {failed[0]}: {failed[1]}")
     return final
+
+
+def write_final(output_dir, summary):
+    """``<output_dir>/final.json``: the run's summary, written atomically."""
+    from rmkernels_train.utils import atomic_write_text
+
+    fault_point("final-write")  # the tests' hook (a disk full); unset: nothing
+    atomic_write_text(os.path.join(output_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
 
 
 class CheckpointError(Exception):
