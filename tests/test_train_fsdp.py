@@ -7,7 +7,8 @@ and keeps float32 weights; the last checkpoint is an HF one that from_pretrained
 (a causal-LM checkpoint: new score head) equals a single process; a disk full on rank 1 alone while
 it writes its shards, or on rank 0 alone while it writes its files (--fsdp and DDP), stops every rank
 with one line (no traceback, no hang, no checkpoint left under the failed one's name) and --resume
-goes on from the last intact checkpoint.
+goes on from the last intact checkpoint; so does a disk full while rank 0 alone writes a line of
+metrics.jsonl, final.json or curves.png.
 
 In one process, over a 1-rank gloo group: the sharded build never registers a real (non-meta)
 parameter of the whole model (the built-in model, --packing, --model), its values, buffers
@@ -182,6 +183,36 @@ def test_disk_full_on_rank_0_alone_is_one_line_and_resumes(tmp_path, fsdp):
     final = json.loads((out / "final.json").read_text())
     assert final["done"] and final["step"] == 4
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
+
+
+# (fault, the file it names, files left): a disk full while rank 0 alone appends a line of
+# metrics.jsonl (the step-1 line: every rank stops at step 2's all-reduce, before its optimizer
+# step; the step-2 line: at the check before checkpoint-2), or writes final.json or curves.png
+# at the end (the last checkpoint is written by then)
+RANK0_WRITES = [("metrics-write:2:ENOSPC", "metrics.jsonl", ["metrics.jsonl"]),
+                ("metrics-write:3:ENOSPC", "metrics.jsonl", ["metrics.jsonl"]),
+                ("final-write:1:ENOSPC", "final.json", ["checkpoint-2", "checkpoint-4", "metrics.jsonl"]),
+                ("plot-write:1:ENOSPC", "curves.png", ["checkpoint-2", "checkpoint-4", "final.json",
+                                                       "metrics.jsonl"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,name,left", RANK0_WRITES, ids=[f[0].split(":")[0] + f[0].split(":")[1]
+                                                                for f in RANK0_WRITES])
+def test_a_failed_write_of_rank_0_alone_stops_every_rank_with_one_line(tmp_path, fault, name, left):
+    """A disk full while rank 0 alone writes a file besides the checkpoints (metrics.jsonl each
+    step, final.json and curves.png at the end): rank 0 stops with the one line naming it, and
+    rank 1 with the same line prefixed "rank 0: " (before: rank 0 stopped alone, with a traceback
+    for final.json and curves.png, and rank 1 died in its next collective with gloo's
+    "Connection closed by peer" traceback); no hang, and no checkpoint written after the failed
+    line of metrics.jsonl."""
+    out = tmp_path / "o"
+    tiny = [a for a in TINY if a != "--no-plot" or name != "curves.png"]
+    ranks = run_two_ranks(["reward", "--output-dir", out, *tiny, "--batch-size", "16"], tmp_path,
+                          {"RMKERNELS_TRAIN_FAULT": fault, "RMKERNELS_TRAIN_FAULT_RANK": "0"})
+    line = f"cannot write {out / name} (No space left on device)"
+    assert_one_line_each(ranks, "rmkernels-train reward", [line, f"rank 0: {line}"])
+    assert sorted(os.listdir(out)) == left, sorted(os.listdir(out))
 
 
 def _save_causal_lm(path):

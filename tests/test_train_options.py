@@ -22,7 +22,7 @@ from rmkernels_train import trainer as T  # noqa: E402
 from rmkernels_train.ppo import main as ppo_main  # noqa: E402
 from rmkernels_train.reward import main as reward_main  # noqa: E402
 from rmkernels_train.tokenizer import build_char_tokenizer  # noqa: E402
-from rmkernels_train.utils import TrainingError  # noqa: E402
+from rmkernels_train.utils import Dist, TrainingError  # noqa: E402
 
 TINY = ["--hidden-size", "16", "--layers", "1", "--batch-size", "4", "--default-train-pairs", "100",
         "--threads", "1", "--no-progress", "--no-plot"]
@@ -329,6 +329,42 @@ def test_every_rank_takes_the_same_collectives_whether_the_checkpoint_is_written
         assert seen[2:] == ["/x/.tmp-checkpoint-4-y"] * 2
     else:
         assert seen == []
+
+
+def test_a_failed_write_of_rank_0_is_kept_for_the_next_check_and_stops_every_rank():
+    """MainWrites (rank 0's files besides checkpoints): under torchrun rank 0's failed write is
+    kept, not raised (rank 0 goes on to the collectives the other ranks are in), its later writes
+    are skipped, and the next check raises on every rank: rank 0 its line, rank 1 "rank 0: ...".
+    A check told (by a sum all-reduced with another collective) that no rank failed takes no
+    collective. A single process raises at once."""
+    line = "cannot write /o/metrics.jsonl (No space left on device)"
+    done = []
+
+    def full(*args):
+        raise TrainingError(line)
+
+    rank0 = _TwoRanks(0)
+    writes = T.MainWrites(rank0)
+    assert writes(full) is None and writes.failed == 1.0
+    assert writes(done.append, 1) is None and done == [] and rank0.calls == []
+    with pytest.raises(TrainingError, match="^" + re.escape(line) + "$"):
+        writes.check(failed=1.0)
+    assert rank0.calls == [("gather", line)]
+    rank1 = _TwoRanks(1, peer_line=line)
+    writes = T.MainWrites(rank1)
+    assert writes(full) is None and writes.failed == 0.0  # not rank 0: nothing written, nothing failed
+    writes.check(failed=0.0)
+    assert rank1.calls == []
+    with pytest.raises(TrainingError, match="^" + re.escape(f"rank 0: {line}") + "$"):
+        writes.check()
+    assert rank1.calls == [("gather", None)]
+    rank0 = _TwoRanks(0)
+    assert T.MainWrites(rank0).now(lambda x: x + 1, 4) == 5 and rank0.calls == [("gather", None)]
+    single = T.MainWrites(Dist())
+    with pytest.raises(TrainingError, match="^" + re.escape(line) + "$"):
+        single(full)
+    single.check()
+    assert single.now(done.append, 2) is None and done == [2]
 
 
 # ---------------------------------------------------------------------------------------

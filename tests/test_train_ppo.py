@@ -2,7 +2,9 @@
 score with a finite KL, resume continues exactly, bad input stops with a message, and a
 2-process torchrun (gloo) run whitens the advantages across ranks and ends in sync; a disk full
 on rank 0 alone while it writes a checkpoint stops both ranks with one line (no traceback, no
-hang) and --resume goes on from the last intact checkpoint."""
+hang) and --resume goes on from the last intact checkpoint; so does a disk full while rank 0 alone
+writes a line of metrics.jsonl, final.json or curves.png, or a failed default reward model run
+(trained on rank 0 alone)."""
 import json
 import math
 import os
@@ -573,3 +575,54 @@ def test_disk_full_on_rank_0_alone_is_one_line_and_resumes(reward_model, tmp_pat
     assert "skipping" not in proc.stderr and "resuming from" in proc.stderr, proc.stderr[-3000:]
     assert [r["step"] for r in _records(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert (out / "checkpoint-4" / "policy" / "model.safetensors").is_file()
+
+
+# (fault, the file it names, files left): a disk full while rank 0 alone appends the step-1 line of
+# metrics.jsonl (every rank stops at step 2's all-reduce), the step-2 line (at the check before
+# checkpoint-2), or writes final.json or curves.png at the end (the last checkpoint is written by then)
+RANK0_WRITES = [("metrics-write:1:ENOSPC", "metrics.jsonl", ["metrics.jsonl"]),
+                ("metrics-write:2:ENOSPC", "metrics.jsonl", ["metrics.jsonl"]),
+                ("final-write:1:ENOSPC", "final.json", ["checkpoint-2", "checkpoint-4", "metrics.jsonl", "policy"]),
+                ("plot-write:1:ENOSPC", "curves.png", ["checkpoint-2", "checkpoint-4", "metrics.jsonl", "policy"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,name,left", RANK0_WRITES, ids=[f[0].split(":")[0] + f[0].split(":")[1]
+                                                                for f in RANK0_WRITES])
+def test_a_failed_write_of_rank_0_alone_stops_every_rank_with_one_line(reward_model, tmp_path, fault, name, left):
+    """A disk full while rank 0 alone writes a file besides the checkpoints (metrics.jsonl each
+    step, curves.png and final.json at the end): rank 0 stops with the one line naming it, rank 1
+    with the same line prefixed "rank 0: " (before: rank 0 stopped alone, with a traceback for
+    final.json and curves.png, and rank 1 died in its next collective with gloo's "Connection
+    closed by peer" traceback); no hang, and no checkpoint written after the failed line."""
+    out = tmp_path / "o"
+    fast = [a for a in FAST if a != "--no-plot" or name != "curves.png"]
+    argv = ["ppo", "--reward-model", reward_model, "--output-dir", out, "--steps", "4", "--save-every", "2",
+            "--batch-size", "6", "--max-new-tokens", "5", "--ppo-epochs", "1"] + fast
+    ranks = run_two_ranks(argv, tmp_path, {"RMKERNELS_TRAIN_FAULT": fault, "RMKERNELS_TRAIN_FAULT_RANK": "0"})
+    line = f"cannot write {out / name} (No space left on device)"
+    assert_one_line_each(ranks, "rmkernels-train ppo", [line, f"rank 0: {line}"])
+    assert sorted(os.listdir(out)) == left, sorted(os.listdir(out))
+
+
+@pytest.mark.slow
+def test_a_failed_default_reward_model_stops_every_rank_with_one_line(tmp_path):
+    """Without --reward-model rank 0 trains the default reward model while rank 1 waits: when
+    that run fails (here its first line of metrics.jsonl finds the disk full), rank 0 stops with
+    its line after the run's own, rank 1 with rank 0's prefixed "rank 0: " (before: rank 1 died
+    in the barrier it waited in, with gloo's "Connection closed by peer" traceback)."""
+    out = tmp_path / "o"
+    argv = ["ppo", "--output-dir", out, "--steps", "2", "--batch-size", "6", "--max-new-tokens", "5"] + FAST
+    ranks = run_two_ranks(argv, tmp_path, {"RMKERNELS_TRAIN_FAULT": "metrics-write:1:ENOSPC",
+                                           "RMKERNELS_TRAIN_FAULT_RANK": "0"})
+    line = ("training the default reward model failed (exit status 1); see the messages above, or pass "
+            "--reward-model DIR")
+    (rc0, err0), (rc1, err1) = ranks
+    metrics = out / "reward_model" / "metrics.jsonl"
+    assert rc0 == 1 and "Traceback" not in err0, err0[-3000:]
+    assert [ln for ln in err0.splitlines() if ": error" in ln] == [
+        f"rmkernels-train reward: error: cannot write {metrics} (No space left on device)",
+        f"rmkernels-train ppo: error (rank 0): {line}"], err0[-3000:]
+    assert rc1 == 1 and "Traceback" not in err1, err1[-3000:]
+    assert [ln for ln in err1.splitlines() if ": error" in ln] == [
+        f"rmkernels-train ppo: error (rank 1): rank 0: {line}"], err1[-3000:]

@@ -349,7 +349,10 @@ def train_default_reward_model(out_dir, dist, threads):
     directory). An earlier finished run is reused."""
     rm_dir = os.path.join(out_dir, "reward_model")
     summary_path = os.path.join(rm_dir, "final.json")
-    if dist.is_main and not os.path.isfile(summary_path):
+
+    def train_it():
+        if os.path.isfile(summary_path):
+            return
         import subprocess
 
         print(f"rmkernels-train ppo: no --reward-model given: training the default reward model "
@@ -365,7 +368,10 @@ def train_default_reward_model(out_dir, dist, threads):
         if rc != 0:
             raise TrainingError(f"training the default reward model failed (exit status {rc}); see the messages "
                                 f"above, or pass --reward-model DIR")
-    dist.barrier()
+
+    # rank 0 trains it while the others wait; a failure (of the run, or its disk) stops every
+    # rank with one line, not rank 0 alone (the others would die in the collective after)
+    T.MainWrites(dist).now(train_it)
     try:
         with open(summary_path) as f:
             ckpt = json.load(f)["checkpoint"]
@@ -516,6 +522,8 @@ class PPOTrainer:
         self.step = 0
         self.steps_this_run = 0
         self.last_ckpt = None
+        # rank 0's files besides checkpoints: a failed write stops every rank with one line
+        self.writes = T.MainWrites(dist)
 
     # -- set-up ---------------------------------------------------------------------------
     def setup(self):
@@ -524,9 +532,7 @@ class PPOTrainer:
         from rmkernels_train.utils import MetricsWriter
 
         a, dist = self.a, self.dist
-        if dist.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-            T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
+        self.writes.now(self.prepare_output_dir)
         if not a.resume and T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
@@ -549,8 +555,15 @@ class PPOTrainer:
         self.group = torch.distributed.group.WORLD if dist.enabled else None
         self.policy_ddp = DDP(self.policy) if dist.enabled else self.policy
         self.value_ddp = DDP(self.value_model) if dist.enabled else self.value_model
-        self.writer = MetricsWriter(self.metrics_path, resume_step=self.step if a.resume else None) \
-            if dist.is_main else None
+        self.writer = self.writes.now(MetricsWriter, self.metrics_path, self.step if a.resume else None)
+
+    def prepare_output_dir(self):
+        """The output directory (rank 0), without what killed checkpoint writes left in it."""
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"cannot create --output-dir {self.out_dir} ({e.strerror or e})") from None
+        T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
 
     def make_optimizer(self):
         params = [{"params": list(self.policy.parameters()), "lr": self.a.lr},
@@ -649,7 +662,11 @@ class PPOTrainer:
         # 0 and variance 1; one rank's share alone does not, when the statistics were all-reduced.
         m = mask.double()
         n_loc, s1_loc = m.sum().item(), (adv.advantages.double() * m).sum().item()
-        n_all, s1_all, s2_all = dist.sum([n_loc, s1_loc, (adv.advantages.double() ** 2 * m).sum().item()])
+        # with the step's sums, whether rank 0's last write failed (the previous step's line of
+        # metrics.jsonl): every rank stops here with one line (no collective of its own)
+        n_all, s1_all, s2_all, failed = dist.sum([n_loc, s1_loc, (adv.advantages.double() ** 2 * m).sum().item(),
+                                                  self.writes.failed])
+        self.writes.check(failed)
         adv_mean = s1_all / max(n_all, 1.0)
         adv_var = (s2_all - n_all * adv_mean ** 2) / max(n_all - 1.0, 1.0)
         rank_means = dist.gather_object(s1_loc / max(n_loc, 1.0))
@@ -668,6 +685,7 @@ class PPOTrainer:
 
     def checkpoint(self):
         a = self.a
+        self.writes.check()  # not after a failed metrics.jsonl line (every rank stops here with its line)
         # never a checkpoint of NaN / infinite weights (so last_ckpt is always a good one)
         T.check_finite_before_saving(self.dist, self.step, self.last_ckpt, ("policy", self.policy),
                                      ("value_model", self.value_model))
@@ -695,8 +713,8 @@ class PPOTrainer:
                 self.step += 1
                 self.steps_this_run += 1
                 T.fault_point("step")
-                if self.writer is not None:
-                    self.writer.write(rec)
+                # rank 0 (self.writer: None on the others); a failure stops every rank at the next check
+                self.writes(lambda r: self.writer.write(r), rec)
                 if bar is not None:
                     bar.set_postfix(score=f"{rec['score']:.3f}", kl=f"{rec['kl']:.3f}",
                                     kl_coef=f"{rec['kl_coef']:.4f}")
@@ -710,16 +728,24 @@ class PPOTrainer:
         return self.finish()
 
     def finish(self):
-        from rmkernels_train.utils import atomic_write_text, param_digest, plot_curves, read_metrics
+        from rmkernels_train.utils import param_digest
 
-        a, dist = self.a, self.dist
+        dist = self.dist
         if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):  # --stop-after
             self.checkpoint()
         digests = dist.gather_object((param_digest(self.policy), param_digest(self.value_model)))
         if len(set(digests)) != 1:
             raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
-        if not dist.is_main:
-            return 0
+        # rank 0's files, then every rank learns whether they were written (cli_main's barrier,
+        # a collective, follows: a rank 0 that stopped alone would leave the others in it)
+        self.writes.now(self.write_outputs)
+        return 0
+
+    def write_outputs(self):
+        """The final policy, the plot, final.json and the last line (rank 0)."""
+        from rmkernels_train.utils import plot_curves, read_metrics
+
+        a, dist = self.a, self.dist
         with T.atomic_dir(os.path.join(a.output_dir, "policy")) as tmp:
             self.policy.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -737,7 +763,7 @@ class PPOTrainer:
                    "steps_averaged": k, "score_first": first, "score_last": last, "kl": recs[-1]["kl"],
                    "kl_coef": recs[-1]["kl_coef"], "world_size": dist.world_size, "reward_model": self.reward_dir,
                    "checkpoint": self.last_ckpt}
-        atomic_write_text(os.path.join(a.output_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
+        T.write_final(a.output_dir, summary)
         print(f"{PROG}: {status}{len(recs)} steps (PPO {time.time() - self.t_start:.0f}s in this run); mean "
               f"reward-model score of the policy's responses: first {k} steps {first:.3f} -> last {k} steps "
               f"{last:.3f} ({last - first:+.3f}); KL to the reference {recs[-1]['kl']:.3f}, kl_coef "

@@ -52,7 +52,6 @@ from rmkernels_train.tokenizer import build_char_tokenizer
 from rmkernels_train.utils import (
     MetricsWriter,
     TrainingError,
-    atomic_write_text,
     param_digest,
     plot_curves,
     rng_state,
@@ -458,6 +457,8 @@ class RewardTrainer:
         self.last_eval_step, self.ev = None, None
         self.last_ckpt = None  # known on every rank (only rank 0 writes)
         self.metrics = None
+        # rank 0's files besides checkpoints: a failed write stops every rank with one line
+        self.writes = T.MainWrites(dist)
         self.bar = None
         self.start_rss = F.peak_rss_mib()  # memory_per_rank in final.json
         self.train_rss = None
@@ -617,10 +618,8 @@ class RewardTrainer:
         """metrics.jsonl (rank 0): new, or on resume cut back to the checkpoint's step; the
         resumed run's evaluation at that step is not repeated."""
         dist = self.dist
-        if dist.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-            self.metrics = MetricsWriter(os.path.join(self.out_dir, "metrics.jsonl"),
-                                         resume_step=self.step if resumed is not None else None)
+        self.metrics = self.writes.now(MetricsWriter, os.path.join(self.out_dir, "metrics.jsonl"),
+                                       self.step if resumed is not None else None)
         if resumed is not None:
             kept = dist.broadcast_object(self.metrics.records if dist.is_main else None)
             evals = [r for r in kept if r.get("split") == "eval" and r.get("step") == self.step]
@@ -650,6 +649,7 @@ class RewardTrainer:
                 "args": {**vars(self.args), "world_size": self.dist.world_size}}
 
     def checkpoint(self):
+        self.writes.check()  # not after a failed metrics.jsonl line (every rank stops here with its line)
         # never a checkpoint of NaN / infinite weights (so last_ckpt is always a good one)
         T.check_finite_before_saving(self.dist, self.step, self.last_ckpt, ("", self.model))
         if self.last_eval_step == self.step and not all(math.isfinite(self.ev[k]) for k in ("loss", "margin")):
@@ -689,7 +689,7 @@ class RewardTrainer:
         ev = evaluate(self.model, self.held_pairs, self.args, self.dist, self.tokenizer.pad_token_id, self.autocast)
         if self.dist.is_main:
             epoch = round(self.epoch + self.batch_in_epoch / max(1, self.steps_per_epoch), 4)
-            self.metrics.write({"split": "eval", "step": self.step, "epoch": epoch, **ev})
+            self.writes(self.metrics.write, {"split": "eval", "step": self.step, "epoch": epoch, **ev})
             self.log(f"eval step {self.step}: loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}  "
                      f"margin {ev['margin']:.3f}  ({ev['pairs']} held-out pairs)")
         self.ev, self.last_eval_step = ev, self.step
@@ -723,7 +723,10 @@ class RewardTrainer:
             sums[2] += float((c - r).sum())
             sums[3] += len(bt)
             sums[4] += sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in bt)
-        loss_sum, correct, margin_sum, n, tokens = dist.sum(sums)
+        # with the step's sums, whether rank 0's last write failed (metrics.jsonl): every rank stops
+        # here, before the optimizer step, with one line (no collective of its own)
+        loss_sum, correct, margin_sum, n, tokens, failed = dist.sum(sums + [self.writes.failed])
+        self.writes.check(failed)
         rec = {"split": "train", "step": self.step + 1, "loss": loss_sum / n, "accuracy": correct / n,
                "margin": margin_sum / n, "lr": self.scheduler.get_last_lr()[0], "tokens": int(tokens)}
         # The gradient norm (after DDP's all-reduce, or over FSDP's shards: the same on every
@@ -758,7 +761,7 @@ class RewardTrainer:
     def record(self, rec):
         if not self.dist.is_main:
             return
-        self.metrics.write(rec)
+        self.writes(self.metrics.write, rec)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
                                  margin=f"{rec['margin']:.2f}", refresh=False)
@@ -842,20 +845,26 @@ class RewardTrainer:
                        self.model, self.optimizer, dist.device, start_rss=self.start_rss, train_rss=self.train_rss,
                        marks=self.rss_marks, ddp_model=self.ddp_model if self.ddp_model is not self.model else None,
                        live=live))}
-        if dist.is_main:
-            atomic_write_text(os.path.join(self.out_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
-            if args.plot:
-                plot_curves(os.path.join(self.out_dir, "metrics.jsonl"), os.path.join(self.out_dir, "curves.png"),
-                            title=f"reward model: {self.what.split(':')[0]}")
-            status = "done" if self.step >= self.total else T.stopped_early(self.steps_this_run)
-            where = f"step {self.step}/{self.total}"
-            if self.step > self.total:  # resumed with a smaller --max-steps / --epochs
-                status, where = "nothing to train", (f"the checkpoint is at step {self.step}, past the {self.total} "
-                                                     f"steps this run asks for (--max-steps / --epochs)")
-            self.log(f"{status}: {where} in {summary['train_time_s']:.0f} s; held-out pairwise "
-                     f"accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}, margin {ev['margin']:.3f} "
-                     f"({ev['pairs']} pairs); checkpoint {self.last_ckpt}")
+        # rank 0's files, then every rank learns whether they were written (cli_main's barrier,
+        # a collective, follows: a rank 0 that stopped alone would leave the others in it)
+        self.writes.now(self.write_outputs, summary)
         return summary
+
+    def write_outputs(self, summary):
+        """final.json, the plot and the last line (rank 0)."""
+        args, ev = self.args, self.ev
+        T.write_final(self.out_dir, summary)
+        if args.plot:
+            plot_curves(os.path.join(self.out_dir, "metrics.jsonl"), os.path.join(self.out_dir, "curves.png"),
+                        title=f"reward model: {self.what.split(':')[0]}")
+        status = "done" if self.step >= self.total else T.stopped_early(self.steps_this_run)
+        where = f"step {self.step}/{self.total}"
+        if self.step > self.total:  # resumed with a smaller --max-steps / --epochs
+            status, where = "nothing to train", (f"the checkpoint is at step {self.step}, past the {self.total} "
+                                                 f"steps this run asks for (--max-steps / --epochs)")
+        self.log(f"{status}: {where} in {summary['train_time_s']:.0f} s; held-out pairwise "
+                 f"accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}, margin {ev['margin']:.3f} "
+                 f"({ev['pairs']} pairs); checkpoint {self.last_ckpt}")
 
 
 def train(args, dist, log):

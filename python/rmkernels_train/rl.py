@@ -419,7 +419,7 @@ class CriticFreeTrainer:
 
     def finish(self):
         from rmkernels_train import trainer as T
-        from rmkernels_train.utils import atomic_write_text, plot_curves
+        from rmkernels_train.utils import plot_curves
 
         a = self.a
         if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):  # --stop-after
@@ -438,7 +438,7 @@ class CriticFreeTrainer:
                    "done": self.step >= a.steps, "before": first, "after": last, "verdict": verdict,
                    "warm_start": self.warm_info, "reward_model": self.reward_dir, "checkpoint": self.last_ckpt,
                    "time_s": {k: round(v, 1) for k, v in self.times.items()}}
-        atomic_write_text(os.path.join(a.output_dir, "final.json"), json.dumps(summary, indent=1) + "\n")
+        T.write_final(a.output_dir, summary)
         status = "" if self.step >= a.steps else f"{T.stopped_early(self.steps_this_run)}; "
         print(f"rmkernels-train ppo: {status}{self.step} {a.advantage} steps (RL {self.times['rl']:.0f} s in this "
               f"run). Held-out task success (greedy), step {first['step']} -> {last['step']}: "

@@ -22,6 +22,11 @@
   the path, under torchrun on every rank whichever rank failed (:func:`save_checkpoint_on_main`,
   used by every trainer's checkpoint there); no checkpoint holds non-finite parameters
   (:func:`check_finite_before_saving`);
+- rank 0's other files (``metrics.jsonl``, ``final.json``, ``curves.png``, PPO's ``policy/``
+  and its default reward model): under torchrun a failed write stops every rank with one line
+  too (:class:`MainWrites`; a line of ``metrics.jsonl`` is checked with the step's own
+  all-reduce, no collective of its own), through the same exchange as the checkpoints
+  (:func:`share_outcome`);
 - option checks shared by the trainers: :func:`check_finite` (nan / inf refused, ranges),
   :func:`check_int`, ``--seed`` in [0, 2^32-1], ``--threads`` at most 4 per core;
 - nothing under an output directory can run code when it is read: JSON, safetensors, and
@@ -36,7 +41,10 @@ in the environment the process kills itself (SIGKILL) the N-th time it reaches t
 ``NAME`` (``checkpoint-write``: inside a checkpoint write, after the model files;
 ``dir-rename``: a checkpoint (or other atomic directory) is complete and not yet renamed
 into place; ``step``: after an optimizer step, before anything about it is saved;
-``shard-write``: a rank is about to write its shards of an ``--fsdp`` checkpoint). With
+``shard-write``: a rank is about to write its shards of an ``--fsdp`` checkpoint;
+``metrics-write``: a line of ``metrics.jsonl`` is about to be appended; ``final-write``:
+``final.json`` is about to be written; ``plot-write``: ``curves.png`` is about to be
+written). With
 ``NAME:N:ERRNO`` (an :mod:`errno` name, e.g. ``ENOSPC``) it raises that ``OSError`` there
 instead (a disk full); with ``RMKERNELS_TRAIN_FAULT_RANK=R`` only the torchrun rank R (its
 ``RANK``) counts and fails. Unset, it does nothing.
@@ -484,6 +492,23 @@ def save_checkpoint_on_main(dist, output_dir, step, write, keep, every_rank=None
                 every_rank(tmp)
             except Exception as e:  # told to every rank, then raised
                 error = write_failed(final, e) or e
+    share_outcome(dist, error)
+    return final
+
+
+def share_outcome(dist, error):
+    """The exchange behind every write that one rank makes while the others have collectives
+    ahead (collective under torchrun: every rank calls it at the same point, whatever happened):
+    every rank passes its own outcome, ``error`` (an exception, or None), and learns every
+    rank's. On a failure of any rank every rank raises: its own ``error``, or else a
+    :class:`TrainingError` ``rank R: <line>`` with the first failed rank's line. So no rank goes
+    on to a collective that a failed rank never reaches (gloo: "Connection closed by peer";
+    NCCL: a hang until the timeout). One small all-gather of None or one line per rank. A
+    single process raises ``error`` if there is one."""
+    if not dist.enabled:
+        if error is not None:
+            raise error
+        return
     lines = dist.gather_object(None if error is None else
                                str(error) if isinstance(error, TrainingError) else first_line(error))
     if error is not None:
@@ -491,7 +516,72 @@ def save_checkpoint_on_main(dist, output_dir, step, write, keep, every_rank=None
     failed = next(((r, line) for r, line in enumerate(lines) if line is not None), None)
     if failed is not None:
         raise TrainingError(f"rank {failed[0]}: {failed[1]}")
-    return final
+
+
+class MainWrites:
+    """The files rank 0 alone writes besides checkpoints (``metrics.jsonl``, ``final.json``,
+    ``curves.png``, PPO's ``policy/``, ...), so that a failed write (a disk full, the output
+    directory gone) stops every rank with one line, through :func:`share_outcome`.
+
+    ``writes(fn, *args)`` calls ``fn(*args)`` on rank 0 (the other ranks: nothing; None). In a
+    single process a failure is raised at once, as a plain call would. Under torchrun it is
+    kept instead, later calls are skipped, and rank 0 goes on with the others to the next
+    :meth:`check` (a collective), where every rank raises. A per-step write (a line of
+    ``metrics.jsonl``) costs no collective of its own: the trainer adds :attr:`failed` to the
+    all-reduce it makes every step anyway and passes the sum to :meth:`check`, which exchanges
+    the lines only when it is not 0. Rank 0 keeps taking every collective the other ranks take
+    until that check (it may compute a step that is never applied: the check comes before the
+    optimizer step, and before every checkpoint). :meth:`now` is a write checked at once (the
+    start's and the end's files)."""
+
+    def __init__(self, dist):
+        self.dist, self.error = dist, None
+
+    def __call__(self, fn, *args):
+        dist = self.dist
+        if not dist.is_main:
+            return None
+        if not dist.enabled:
+            return fn(*args)
+        if self.error is None:
+            try:
+                return fn(*args)
+            except Exception as e:  # kept for the next check (every rank raises there)
+                self.error = e
+        return None
+
+    @property
+    def failed(self):
+        """1.0 when a write of this rank failed, else 0.0: a value to add to a sum all-reduced
+        by every rank (:meth:`check`'s ``failed``)."""
+        return 0.0 if self.error is None else 1.0
+
+    def check(self, failed=None):
+        """Collective under torchrun (every rank at the same point): raise on every rank if a
+        write failed. ``failed``: the sum over the ranks of :attr:`failed`, all-reduced by the
+        caller with its own values (the exchange is made only when it is not 0); None: exchange
+        now (a small all-gather)."""
+        if self.dist.enabled and (failed is None or failed):
+            share_outcome(self.dist, self.error)
+
+    def now(self, fn, *args):
+        """``self(fn, *args)`` then :meth:`check`: rank 0's result, None on the other ranks."""
+        result = self(fn, *args)
+        self.check()
+        return result
+
+
+def write_final(output_dir, summary):
+    """``<output_dir>/final.json``: the run's summary, written atomically; a failed write (disk
+    full) is one line naming it (:class:`TrainingError`)."""
+    from rmkernels_train.utils import atomic_write_text, cannot_write
+
+    path = os.path.join(output_dir, "final.json")
+    try:
+        fault_point("final-write")  # the tests' hook (a disk full); unset: nothing
+        atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
+    except OSError as e:
+        raise cannot_write(path, e) from None
 
 
 class CheckpointError(Exception):

@@ -1,4 +1,5 @@
 """Pieces shared by the training loops: errors, seeding, atomic saves, metrics, plots, DDP."""
+import contextlib
 import hashlib
 import json
 import math
@@ -47,11 +48,22 @@ def set_rng_state(state):
 # ---------------------------------------------------------------------------------------
 def atomic_write_text(path, text):
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # no half-written temporary file left behind
+            os.remove(tmp)
+        raise
+
+
+def cannot_write(path, e):
+    """The :class:`TrainingError` (one line) of a write of ``path`` that failed with the
+    OSError ``e``."""
+    return TrainingError(f"cannot write {path} ({e.strerror or e})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -61,12 +73,14 @@ class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl``. When resuming, lines from
     steps after the checkpoint (written by the run that is being resumed) are dropped first,
     so the file describes one consistent history; ``records`` holds the lines kept (a line
-    cut short by a killed process is dropped too)."""
+    cut short by a killed process is dropped too). A failed write (disk full, the directory
+    gone) is one line naming the file (:class:`TrainingError`)."""
 
     def __init__(self, path, resume_step=None):
         self.path = path
         self.records = []
         try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             if resume_step is None:
                 open(path, "w").close()
             elif os.path.exists(path):
@@ -78,11 +92,14 @@ class MetricsWriter:
                                 f"--output-dir") from None
 
     def write(self, record):
+        from rmkernels_train.trainer import fault_point
+
         try:
+            fault_point("metrics-write")  # the tests' hook (a disk full); unset: nothing
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise TrainingError(f"cannot write {self.path} ({e.strerror or e})") from None
+            raise cannot_write(self.path, e) from None
 
 
 def read_metrics(path):
@@ -104,7 +121,8 @@ def read_metrics(path):
 
 def plot_curves(metrics_path, png_path, keys=("loss", "accuracy", "margin"), title=None):
     """One panel per key: the train curve (records with ``split == "train"``) and the eval
-    points (``split == "eval"``) against the optimizer step. Written atomically."""
+    points (``split == "eval"``) against the optimizer step. Written atomically; a failed write
+    (disk full) is one line naming it (:class:`TrainingError`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,9 +144,18 @@ def plot_curves(metrics_path, png_path, keys=("loss", "accuracy", "margin"), tit
         fig.suptitle(title)
     fig.tight_layout()
     tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    from rmkernels_train.trainer import fault_point
+
+    try:  # a failed write (disk full) is one line naming the plot
+        fault_point("plot-write")  # the tests' hook (a disk full); unset: nothing
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, png_path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise cannot_write(png_path, e) from None
+    finally:
+        plt.close(fig)
 
 
 def is_finite(x):
