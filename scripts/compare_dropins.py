@@ -20,10 +20,10 @@ side's distance to the framework's own code on float64 copies of the inputs ("ex
   ``get_advantages_and_returns``, and ``normalize_advantages`` end to end through the real
   ``compute_advantages_and_returns`` (estimator ``gae``);
 - TRL 1.12.0's PPO trainer file (TRL >= 1.13 has none), from a path given with
-  ``--trl-ppo-file`` (skipped otherwise; nothing is downloaded): ``masked_whiten`` and
-  ``PPOTrainer.train``'s steps 3-6 (the lines from ``response_idxs = torch.arange`` to
-  ``advantages = torch.masked_fill(advantages, padding_mask, 0)``, executed as they are in the
-  file) against ``trl_ppo.compute_rewards_and_advantages``;
+  ``--trl-ppo-file`` (skipped otherwise; nothing is downloaded), loaded by compare_trl_ppo.py's
+  ``load``: ``masked_whiten`` and ``PPOTrainer.train``'s steps 3-6 executed as they are in the
+  file, against ``trl_ppo.masked_whiten`` / ``compute_rewards_and_advantages`` (here on ragged
+  batches with empty and length-1 responses, every output, float32 / float64 / bfloat16);
 - TRL 1.16 ``trl.RewardTrainer`` against ``integrations.trl.RewardTrainer`` and unpatched
   transformers ``*ForSequenceClassification`` against ``integrations.hf.patch_hf_reward_model``,
   on tiny random models (skipped when trl / datasets / accelerate are not installed).
@@ -39,7 +39,6 @@ is a test requirement, against TRL). In a scratch environment:
     python scripts/compare_dropins.py --trl-ppo-file /tmp/trl112/src/trl/experimental/ppo/ppo_trainer.py
 """
 import argparse
-import ast
 import contextlib
 import copy
 import importlib.util
@@ -427,40 +426,22 @@ def compare_openrlhf(em, n):
 
 # ---------------------------------------------------------------- TRL 1.12.0's PPO trainer file
 
-TRL_FIRST = "response_idxs = torch.arange(responses.shape[1]"
-TRL_LAST = "advantages = torch.masked_fill(advantages, padding_mask, 0)"
-
-
-def load_trl_ppo(path):
-    """masked_mean / masked_var / masked_whiten of TRL 1.12.0's ppo_trainer.py as they are, and
-    PPOTrainer.train's steps 3-6 (TRL_FIRST to TRL_LAST) compiled as they are in the file."""
-    src = open(path).read()
-    ns = {"torch": torch, "INVALID_LOGPROB": 1.0}
-    for node in ast.parse(src).body:
-        if isinstance(node, ast.FunctionDef) and node.name in ("masked_mean", "masked_var", "masked_whiten"):
-            exec(compile(ast.Module([node], []), path, "exec"), ns)
-    lines = src.split("\n")
-    start = next(i for i, line in enumerate(lines) if TRL_FIRST in line)
-    end = next(i for i, line in enumerate(lines) if TRL_LAST in line)
-    indent = len(lines[start]) - len(lines[start].lstrip())
-    return ns, compile("\n".join(line[indent:] for line in lines[start:end + 1]), path, "exec"), (start + 1, end + 1)
-
-
-def compare_trl_ppo(path, n):
+def compare_trl_ppo(load, path, n):
     from rmkernels.integrations import trl_ppo
 
-    ns, block, lines = load_trl_ppo(path)
+    ns, block = load(path)
 
     def trl_block(lp, ref, values, scores, seq, est, kl_coef, whiten, gamma, lam):
         args = NS(kl_estimator=est, kl_coef=kl_coef, whiten_rewards=whiten, gamma=gamma, lam=lam)
         env = dict(ns, responses=torch.zeros(lp.shape), sequence_lengths=seq.clone(), logprobs=lp.clone(),
                    ref_logprobs=ref.clone(), values=values.clone(), scores=scores.clone(), args=args,
-                   empty_cache=lambda: None)
+                   INVALID_LOGPROB=trl_ppo.INVALID_LOGPROB, empty_cache=lambda: None)
         with torch.no_grad():
             exec(block, env)
         return env
 
-    t = Table(f"TRL 1.12.0 ppo_trainer.py ({path}, steps 3-6 = lines {lines[0]}-{lines[1]})")
+    t = Table("TRL 1.12.0 ppo_trainer.py (masked_whiten; PPOTrainer.train's steps 3-6, as compare_trl_ppo.py loads "
+              "them)")
     g = torch.Generator().manual_seed(30)
     for i in range(n):
         B, T = _size(g, 1, 8), _size(g, 1, 15)
@@ -693,6 +674,7 @@ def main():
     a = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import compare_frameworks as cf  # the frameworks' loaders, shared with compare_frameworks.py
+    import compare_trl_ppo as cp  # and TRL 1.12.0's PPO code, shared with compare_trl_ppo.py
 
     torch.manual_seed(0)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -702,7 +684,7 @@ def main():
     compare_verl(cf.load_verl(), a.cases)
     compare_openrlhf(cf.load_openrlhf(), a.cases)
     if a.trl_ppo_file:
-        compare_trl_ppo(a.trl_ppo_file, a.cases)
+        compare_trl_ppo(cp.load, a.trl_ppo_file, a.cases)
     else:
         print("\nTRL 1.12.0 ppo_trainer.py: skipped (no --trl-ppo-file)")
     missing = _have("trl", "datasets", "accelerate", "transformers")
