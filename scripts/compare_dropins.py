@@ -1,8 +1,9 @@
 """Compare the other drop-ins with the frameworks' own functions, on random ragged inputs.
 
-The critic-free advantage drop-ins are scripts/compare_frameworks.py's; this script takes every
-other function of rmkernels/integrations/ (and the rmkernels_train.ppo_core losses that docs/rl.md
-gives as verl's) and runs it against the real function of the framework on random inputs: masks
+The critic-free advantage drop-ins are scripts/compare_frameworks.py's; this script takes the
+other functions of rmkernels/integrations/ listed below (not verl_linear_ce, whose counterpart is
+verl's Triton kernel) and the rmkernels_train.ppo_core losses that docs/rl.md gives as verl's,
+and runs each against the real function of the framework on random inputs: masks
 with holes, all-masked rows, length-1 rows, left and right padding, float32 and float64
 (bfloat16 where the drop-in takes it), values and gradients. It prints one line per function and
 dtype: the number of cases and the largest difference relative to max(|theirs|, 1) (NaN == NaN
