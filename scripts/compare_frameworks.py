@@ -62,7 +62,8 @@ def load_verl():
     root = _package_dir("verl")
     for pkg in ("verl", "verl.utils", "verl.trainer", "verl.trainer.ppo", "verl.workers"):
         _stub_package(pkg)
-    sys.modules["verl.trainer.config"] = NS(AlgoConfig=object)
+    # a class of its own: compute_policy_loss_vanilla asserts its config is no AlgoConfig
+    sys.modules["verl.trainer.config"] = NS(AlgoConfig=type("AlgoConfig", (), {}))
     sys.modules["verl.workers.config"] = NS(ActorConfig=object)
     sys.modules["verl.utils.import_utils"] = NS(deprecated=lambda *a, **k: (lambda f: f))
     sys.modules["verl.utils.device"] = NS(get_device_name=lambda: "cpu", get_torch_device=lambda: torch.cuda)

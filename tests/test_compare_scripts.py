@@ -1,0 +1,67 @@
+"""scripts/compare_frameworks.py, compare_dropins.py and compare_trl_ppo.py (the drop-ins against
+the real verl / OpenRLHF / TRL functions) run in a scratch environment, not here: CI checks that
+they load and answer --help without the frameworks, that the first two stop with the install
+line where verl is missing, and that each committed result file's header names a commit of this
+repository."""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("compare_frameworks.py", "compare_dropins.py")
+RESULTS = {"framework-comparison.txt": "compare_frameworks.py", "dropin-comparison.txt": "compare_dropins.py",
+           "trl-ppo-comparison.txt": "compare_trl_ppo.py"}
+
+
+def _run(*args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ("compare_trl_ppo.py",))
+def test_help_without_the_frameworks(script):
+    proc = _run(os.path.join("scripts", script), "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage:" in proc.stdout and "--" in proc.stdout
+
+
+def test_compare_dropins_options():
+    out = _run(os.path.join("scripts", "compare_dropins.py"), "--help").stdout
+    for option in ("--cases", "--trl-ppo-file", "--quick"):
+        assert option in out, option
+
+
+@pytest.mark.skipif(importlib.util.find_spec("verl") is not None, reason="verl is installed here")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_stops_with_the_install_line_without_verl(script):
+    proc = _run(os.path.join("scripts", script), "--cases" if script == "compare_dropins.py" else "--batches", "1")
+    assert proc.returncode != 0
+    assert "verl is not installed: pip install --no-deps verl==0.9.1" in proc.stderr, proc.stderr[-3000:]
+
+
+def _git(*args):
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("name", RESULTS)
+def test_result_header_names_a_commit(name):
+    with open(os.path.join(ROOT, "benchmarks", "results", name)) as f:
+        first, second = f.readline(), f.readline()
+    assert first.startswith(f"# python scripts/{RESULTS[name]}"), first
+    m = re.search(r"\b(?:commit|rmkernels at) ([0-9a-f]{7,40})\b", second)
+    assert m, f"no 'commit <sha>' in the header of {name}: {second!r}"
+    try:
+        inside = _git("rev-parse", "--is-inside-work-tree")
+    except FileNotFoundError:
+        pytest.skip("git is not installed")
+    if inside.returncode != 0 or inside.stdout.strip() != "true":
+        pytest.skip("not a git checkout")
+    if _git("rev-parse", "--is-shallow-repository").stdout.strip() == "true":
+        pytest.skip("a shallow clone: older commits are not here")
+    assert _git("cat-file", "-e", f"{m.group(1)}^{{commit}}").returncode == 0, \
+        f"{name}'s header names commit {m.group(1)}, which is not in this repository"
