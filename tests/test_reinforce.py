@@ -138,6 +138,23 @@ def test_backend_matches_reference(backend, device, remax):
                 assert_close(a, e, rtol=1e-5, atol=scan_atol(T), name="mask=None")
 
 
+def test_cpu_remax_rows_do_not_depend_on_grouping():
+    """The CPU kernel runs ReMax 16 short rows at a time, interleaved (csrc/cpu/reinforce.cpp:
+    remax_group), and a lone row (the batch's remainder, a batch of one, long rows) by itself:
+    every row gets the same bits either way, for every dtype and mask layout."""
+    if not rmk._ext.CPP_AVAILABLE:
+        pytest.fail("the C++ extension is not built")
+    for i, (B, T) in enumerate([(37, 9), (48, 100), (33, 300)]):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            r = torch.randn(B, T + 2).to(dtype)[:, 2:]
+            base = torch.randn(B).to(dtype)
+            mask = _mask_layouts(make_mask(["holes", "mixed", "left"][i], B, T, "cpu"), i)
+            adv, ret = rmk.remax_advantages(r, base, mask, backend="cpu")
+            for b in range(B):
+                a1, r1 = rmk.remax_advantages(r[b:b + 1], base[b:b + 1], mask[b:b + 1], backend="cpu")
+                assert torch.equal(adv[b:b + 1], a1) and torch.equal(ret[b:b + 1], r1), (B, T, dtype, b)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("unbiased", [True, False])
 def test_triton_batch_statistics_span_row_blocks(monkeypatch, unbiased):

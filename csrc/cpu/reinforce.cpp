@@ -7,27 +7,70 @@
 namespace rmkernels {
 namespace {
 
-// ReMax, rows in parallel: the return written at every position (carried over masked ones, as
-// verl's reverse cumulative sum of the masked rewards), the baseline subtracted where valid. (Four
-// rows interleaved, as gae_group, measured no faster here: 60 vs 57-59 ms at [65536, 128], where
-// the fresh output pages dominate.)
+// ReMax of the L rows b0 .. b0 + L - 1, interleaved position by position (fully unrolled: the
+// carries stay in registers): the return written at every position (carried over masked ones, as
+// verl's reverse cumulative sum of the masked rewards), the baseline subtracted where valid. Each
+// row gets exactly the one-row arithmetic, so results do not depend on grouping. kUnit: unit
+// position strides of rewards and mask.
+template <int L, bool kUnit, typename scalar_t>
+void remax_group(const scalar_t* rew, Strides2 sr, const uint8_t* mask, Strides2 sm, const acc_t<scalar_t>* base,
+                 int64_t b0, int64_t T, acc_t<scalar_t> gamma, acc_t<scalar_t>* adv, acc_t<scalar_t>* ret) {
+  using acc = acc_t<scalar_t>;
+  const int64_t sr1 = kUnit ? 1 : sr.s1, sm1 = kUnit ? 1 : sm.s1;
+  const scalar_t* rr[L];
+  const uint8_t* mr[L];
+  acc* ar[L];
+  acc* tr[L];
+  acc R[L], bl[L];
+#pragma GCC unroll 16
+  for (int l = 0; l < L; ++l) {
+    rr[l] = rew + (b0 + l) * sr.s0;
+    mr[l] = mask + (b0 + l) * sm.s0;
+    ar[l] = adv + (b0 + l) * T;
+    tr[l] = ret + (b0 + l) * T;
+    bl[l] = base[b0 + l];
+    R[l] = acc(0);
+  }
+  for (int64_t t = T - 1; t >= 0; --t) {
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) {
+      const bool valid = mr[l][t * sm1] != 0;
+      const acc r = static_cast<acc>(rr[l][t * sr1]) + gamma * R[l];
+      R[l] = valid ? r : R[l];
+      tr[l][t] = R[l];
+      ar[l][t] = valid ? R[l] - bl[l] : R[l];
+    }
+  }
+}
+
+// Rows per remax_group. One row at a time the loop is bound by the latency of its chain of
+// multiply-adds (one per position); 16 independent rows overlap. Measured (2026-12-02, one thread
+// of the 2-core AMD EPYC runner, [65536, 128] float32, outputs in recycled memory; benchmarks/
+// NOTES.md, CPU tuning log): a stand-alone copy of the loop, one row 29 ms, 4 rows 28, 8 rows 21,
+// 16 rows 19; this kernel 27.7 -> 19.5 ms. Interleaved only for short rows (interleave_rows: rows
+// >= 1 KiB apart put the L rows' lines at one position into the same L1 sets).
+constexpr int kRemaxLanes = 16;
+
+// ReMax, groups of kRemaxLanes rows in parallel (remax_group).
 template <typename scalar_t>
 void remax_rows(const scalar_t* rew, Strides2 sr, const uint8_t* mask, Strides2 sm, const acc_t<scalar_t>* base,
                 int64_t B, int64_t T, acc_t<scalar_t> gamma, acc_t<scalar_t>* adv, acc_t<scalar_t>* ret) {
-  using acc = acc_t<scalar_t>;
-  at::parallel_for(0, B, grain_of(T), [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      const scalar_t* rr = rew + b * sr.s0;
-      const uint8_t* mr = mask + b * sm.s0;
-      acc* o_ret = ret + b * T;
-      acc* o_adv = adv + b * T;
-      const acc bl = base[b];
-      acc R = acc(0);
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const bool valid = mr[t * sm.s1] != 0;
-        if (valid) R = static_cast<acc>(rr[t * sr.s1]) + gamma * R;
-        o_ret[t] = R;
-        o_adv[t] = valid ? R - bl : R;
+  const bool unit = sr.s1 == 1 && sm.s1 == 1;
+  const bool short_rows = interleave_rows({sr.s0 * int64_t(sizeof(scalar_t)), sm.s0,
+                                           T * int64_t(sizeof(acc_t<scalar_t>))});
+  at::parallel_for(0, (B + kRemaxLanes - 1) / kRemaxLanes, grain_of(kRemaxLanes * T), [&](int64_t g_lo, int64_t g_hi) {
+    for (int64_t grp = g_lo; grp < g_hi; ++grp) {
+      const int64_t b0 = grp * kRemaxLanes, nl = std::min<int64_t>(kRemaxLanes, B - b0);
+      if (nl == kRemaxLanes && short_rows) {
+        if (unit) {
+          remax_group<kRemaxLanes, true, scalar_t>(rew, sr, mask, sm, base, b0, T, gamma, adv, ret);
+        } else {
+          remax_group<kRemaxLanes, false, scalar_t>(rew, sr, mask, sm, base, b0, T, gamma, adv, ret);
+        }
+      } else {
+        for (int64_t b = b0; b < b0 + nl; ++b) {
+          remax_group<1, false, scalar_t>(rew, sr, mask, sm, base, b, T, gamma, adv, ret);
+        }
       }
     }
   });
