@@ -1,7 +1,7 @@
-"""scripts/compare_frameworks.py, compare_dropins.py and compare_trl_ppo.py (the drop-ins against
-the real verl / OpenRLHF / TRL functions) run in a scratch environment, not here: CI checks that
-they load and answer --help without the frameworks, that the first two stop with the install
-line where verl is missing, and that each committed result file's header names a commit of this
+"""scripts/compare_frameworks.py, compare_dropins.py, compare_trl_ppo.py and compare_patch_verl.py
+(the drop-ins against the real verl / OpenRLHF / TRL functions) run in a scratch environment, not
+here: CI checks that they load and answer --help without the frameworks, that those that need
+verl stop with the install line where it is missing, and that each committed result file's header names a commit of this
 repository."""
 import importlib.util
 import os
@@ -12,9 +12,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("compare_frameworks.py", "compare_dropins.py")
+SCRIPTS = ("compare_frameworks.py", "compare_dropins.py", "compare_patch_verl.py")
 RESULTS = {"framework-comparison.txt": "compare_frameworks.py", "dropin-comparison.txt": "compare_dropins.py",
-           "trl-ppo-comparison.txt": "compare_trl_ppo.py"}
+           "trl-ppo-comparison.txt": "compare_trl_ppo.py", "patch-verl-comparison.txt": "compare_patch_verl.py"}
 
 
 def _run(*args):
@@ -42,6 +42,7 @@ def test_stops_with_the_install_line_without_verl(script):
     proc = _run(os.path.join("scripts", script), "--cases" if script == "compare_dropins.py" else "--batches", "1")
     assert proc.returncode != 0
     assert "verl is not installed: pip install --no-deps verl==0.9.1" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def _git(*args):

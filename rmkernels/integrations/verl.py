@@ -7,6 +7,8 @@ Replace the import and keep the calls::
 
 (and the critic-free estimators, ``compute_grpo_outcome_advantage`` and the others of
 :mod:`rmkernels.integrations.verl_critic_free`, all in ``__all__``).
+To make verl's own trainer use them without editing verl, call :func:`patch_verl` in its
+driver process (it replaces them in ``verl.trainer.ppo.core_algos`` and its estimator registry).
 
 Same names, arguments (positional and keyword, same defaults) and numbers as
 ``verl.trainer.ppo.core_algos`` of **verl 0.9.1** (the version compared, function by function,
@@ -44,6 +46,7 @@ Where the numbers differ from verl's, on purpose:
   was (with a ``RuntimeWarning``); verl's becomes NaN for the rest of the run.
 """
 import math
+import warnings
 
 import torch
 
@@ -61,7 +64,8 @@ from rmkernels.integrations.verl_critic_free import *  # noqa: F403  (the critic
 from rmkernels.kl_control import _number
 
 __all__ = ["compute_gae_advantage_return", "kl_penalty", "kl_penalty_forward", "KL_PENALTIES",
-           "AdaptiveKLController", "FixedKLController", "get_kl_controller", *_critic_free.__all__]
+           "AdaptiveKLController", "FixedKLController", "get_kl_controller", "patch_verl", "unpatch_verl",
+           "PATCHED_ESTIMATORS", *_critic_free.__all__]
 
 VERL_VERSION_CHECKED = "0.9.1"
 
@@ -235,3 +239,93 @@ def get_kl_controller(kl_ctrl):
             raise ValueError(f"kl_ctrl.horizon must be > 0, got {kl_ctrl.horizon!r}")
         return AdaptiveKLController(init_kl_coef=kl_ctrl.kl_coef, target_kl=kl_ctrl.target_kl, horizon=kl_ctrl.horizon)
     raise NotImplementedError(f"kl_ctrl.type must be 'fixed' or 'adaptive', got {kl_ctrl.type!r}")
+
+
+# verl's advantage-estimator registry names (``AdvantageEstimator`` values) -> the drop-in of the
+# same name here; verl 0.9.1 registers its function of that name under each of them. Not here:
+# gdpo, grpo_passk, optimal_token_baseline, tir_optimal_token_baseline (verl's own stay).
+PATCHED_ESTIMATORS = {
+    "gae": "compute_gae_advantage_return",
+    "grpo": "compute_grpo_outcome_advantage",
+    "grpo_vectorized": "compute_grpo_vectorized_outcome_advantage",
+    "rloo": "compute_rloo_outcome_advantage",
+    "rloo_vectorized": "compute_rloo_vectorized_outcome_advantage",
+    "opo": "compute_opo_outcome_advantage",
+    "gpg": "compute_gpg_outcome_advantage",
+    "reinforce_plus_plus": "compute_reinforce_plus_plus_outcome_advantage",
+    "reinforce_plus_plus_baseline": "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "remax": "compute_remax_outcome_advantage",
+}
+# core_algos attributes replaced besides the estimators: the in-reward KL of apply_kl_penalty
+_PATCHED_FUNCTIONS = ("kl_penalty",)
+_ORIGINALS = {}  # ("attr" | "registry", name) -> verl's object, while patched
+
+
+def _core_algos():
+    try:
+        from verl.trainer.ppo import core_algos
+    except ImportError as e:
+        raise ImportError(f"patch_verl needs verl (checked against verl {VERL_VERSION_CHECKED}: "
+                          f"pip install verl=={VERL_VERSION_CHECKED}); importing it failed: {e}") from e
+    return core_algos
+
+
+def patch_verl():
+    """Make a running verl trainer compute its advantages with these drop-ins, without editing
+    verl: in ``verl.trainer.ppo.core_algos``, the functions of :data:`PATCHED_ESTIMATORS` (which
+    ``ray_trainer.compute_advantage`` calls by module attribute for GAE and GRPO) and their
+    entries in ``ADV_ESTIMATOR_REGISTRY`` (which it reads for every other estimator) become
+    this module's functions of the same names, and ``core_algos.kl_penalty`` (``apply_kl_penalty``,
+    the KL in the reward) this module's ``kl_penalty``. ::
+
+        import rmkernels.integrations.verl as rmk_verl
+        rmk_verl.patch_verl()      # in the driver, before the trainer's fit()
+
+    In verl the advantages are computed in the driver (the single controller), so patching the
+    driver process is enough; Ray workers are other processes and keep verl's functions (the
+    KL loss of ``use_kl_loss`` runs there). Modules that imported a name from ``core_algos``
+    before the patch keep the object they imported, as with any monkeypatch. A registry entry
+    that is not verl's own function (a user's ``register_adv_est`` override) is left as it is.
+    Patching twice is a no-op; :func:`unpatch_verl` restores verl's functions. Returns the
+    registry names now served by rmkernels. A verl other than 0.9.x gets a ``UserWarning`` (the
+    drop-ins follow 0.9.1's signatures and numbers)."""
+    core_algos = _core_algos()
+    import verl
+
+    version = getattr(verl, "__version__", "unknown")
+    if not str(version).startswith("0.9."):
+        warnings.warn(f"rmkernels' verl drop-ins follow verl {VERL_VERSION_CHECKED}; this is verl {version}: "
+                      "check their signatures against it", UserWarning, stacklevel=2)
+    this = globals()
+    registry = core_algos.ADV_ESTIMATOR_REGISTRY
+    for name in (*PATCHED_ESTIMATORS.values(), *_PATCHED_FUNCTIONS):
+        current = getattr(core_algos, name)
+        if current is not this[name]:
+            _ORIGINALS[("attr", name)] = current
+            setattr(core_algos, name, this[name])
+    served = []
+    for key, name in PATCHED_ESTIMATORS.items():
+        current = registry.get(key)
+        if current is this[name]:
+            served.append(key)
+        elif current is not None and current is _ORIGINALS.get(("attr", name)):
+            _ORIGINALS[("registry", key)] = current
+            registry[key] = this[name]
+            served.append(key)
+    return served
+
+
+def unpatch_verl():
+    """Undo :func:`patch_verl`: verl's own functions back in ``core_algos`` and its registry
+    (an entry changed since the patch is left as it is). A no-op when not patched."""
+    if not _ORIGINALS:
+        return
+    core_algos = _core_algos()
+    this = globals()
+    for (kind, name), original in list(_ORIGINALS.items()):
+        if kind == "attr":
+            if getattr(core_algos, name, None) is this[name]:
+                setattr(core_algos, name, original)
+        elif core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is this[PATCHED_ESTIMATORS[name]]:
+            core_algos.ADV_ESTIMATOR_REGISTRY[name] = original
+    _ORIGINALS.clear()
