@@ -129,7 +129,7 @@ def resolve(backend, device):
     requested one cannot run.
     """
     name = _check_name(backend, "backend")
-    if name is None and backend is None:
+    if name is None:  # None and "auto" alike: the default, itself auto unless set
         name = _check_name(default_backend(), "the default backend (use_backend / RMKERNELS_BACKEND)")
     device_type = device.type
     if name is None:  # auto: the fastest available; triton under the interpreter is never auto

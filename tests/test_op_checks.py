@@ -51,7 +51,7 @@ DATA_CASES = {
         lambda h, w, m: rmk.pairwise_reward_loss(h[:2], w, attention_mask=m[:2] * torch.tensor([[1], [0]])),
         "attention_mask: rows 1 have no valid token"),
     "last_token_index lengths": (
-        lambda h, w, m: rmk.last_token_index(lengths=torch.tensor([0, 2])), r"lengths must be in >= 1: rows 0"),
+        lambda h, w, m: rmk.last_token_index(lengths=torch.tensor([0, 2])), r"lengths must be >= 1: rows 0 have 0"),
     "last_token_index input_ids": (
         lambda h, w, m: rmk.last_token_index(input_ids=torch.zeros(2, 4, dtype=torch.long), pad_token_id=0),
         "input_ids: rows 0, 1 have no valid token"),

@@ -365,11 +365,14 @@ def test_backend_selection(monkeypatch):
     from rmkernels import _backend
 
     assert _backend.resolve(None, h.device) == "cpu"  # auto on CPU: the C++ kernels
+    assert _backend.resolve("auto", h.device) == "cpu"
     with rmk.use_backend("reference"):
         assert _backend.resolve(None, h.device) == "reference"
+        assert _backend.resolve("auto", h.device) == "reference"  # "auto" is None: the default
         assert _backend.resolve("cpu", h.device) == "cpu"  # an explicit argument wins
     monkeypatch.setenv("RMKERNELS_BACKEND", "reference")
     assert _backend.resolve(None, h.device) == "reference"
+    assert _backend.resolve("auto", h.device) == "reference"
     monkeypatch.setenv("RMKERNELS_BACKEND", "nope")
     with pytest.raises(ValueError, match="RMKERNELS_BACKEND"):
         rmk.last_token_reward(h, w, b, attention_mask=m)

@@ -37,7 +37,7 @@ namespace {
 //   - side by side (runs): 1M 14.1-14.4 -> 14.8-15.1 ms, 524,288 6.0-6.5 -> 6.8-7.3 ms (the
 //     lookahead's per-label compares, with little latency left to hide).
 // Below kPrefetchMinLabels the labels mostly fit the caches and the loop does not prefetch
-// (65,536: 0.24-0.25 ms in runs, 0.90-0.92 shuffled, either way).
+// (65,536: 0.23-0.25 ms in runs, 0.90-0.92 shuffled, either way; benchmarks/NOTES.md).
 constexpr Py_ssize_t kObjectAhead = 24;  // a label's object (its reference count is written)
 constexpr Py_ssize_t kSlotAhead = 12;    // an exact str's hash is taken and its table slot fetched
 constexpr size_t kReleaseAhead = 16;     // the table's keys, released at the end

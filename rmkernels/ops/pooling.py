@@ -217,9 +217,9 @@ def _lengths_index_body(lengths, n_tokens):
     if _checks.data_checks_enabled(lengths.device):
         bad = torch.nonzero(~ok).flatten()
         if bad.numel():
-            limit = f"[1, {n_tokens}]" if n_tokens >= 0 else ">= 1"
+            limit = f"in [1, {n_tokens}]" if n_tokens >= 0 else ">= 1"
             vals = ", ".join(str(int(lengths[i])) for i in bad[:10])
-            raise ValueError(f"lengths must be in {limit}: rows {_checks.rows_str(bad)} have {vals}")
+            raise ValueError(f"lengths must be {limit}: rows {_checks.rows_str(bad)} have {vals}")
     return torch.where(ok, lengths - 1, torch.full_like(lengths, -1))
 
 

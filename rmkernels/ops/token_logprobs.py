@@ -367,8 +367,10 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retur
     ``torch.log_softmax``), and a NaN gradient that reaches its hidden row and all of the weight
     and bias gradients (as torch's autograd); give it ``ignore_index``. NaN inputs still give NaN.
 
-    Arithmetic is float32 whatever the input dtype (the CPU backend upcasts each bf16/fp16
-    chunk; the CUDA one runs bf16/fp16 GEMMs with float32 output). Gradients flow to hidden,
+    Arithmetic is float32 whatever the input dtype, except in the GEMMs on a GPU: the CPU
+    backend upcasts each bf16/fp16 chunk; the cuda and triton ones run bf16/fp16 GEMMs with
+    float32 output, and their backward rounds dz (the logits' gradient) to the input dtype for
+    its two products (docs/ops.md section 6). Gradients flow to hidden,
     weight and bias from both outputs, in their dtypes. A target outside ``[0, V)`` other than
     ``ignore_index`` is a ``ValueError`` before any kernel runs (for CPU tensors always, on a GPU
     with ``rmk.checks(True)``; unchecked on a GPU, such a position gives NaN and is never read).
