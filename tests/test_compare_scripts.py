@@ -1,8 +1,8 @@
-"""scripts/compare_frameworks.py, compare_dropins.py, compare_trl_ppo.py and compare_patch_verl.py
-(the drop-ins against the real verl / OpenRLHF / TRL functions) run in a scratch environment, not
-here: CI checks that they load and answer --help without the frameworks, that those that need
-verl stop with the install line where it is missing, and that each committed result file's header names a commit of this
-repository."""
+"""scripts/compare_frameworks.py, compare_dropins.py, compare_trl_ppo.py, compare_patch_verl.py and
+compare_patch_openrlhf.py (the drop-ins against the real verl / OpenRLHF / TRL functions) run in
+a scratch environment, not here: CI checks that they load and answer --help without the
+frameworks, that those that need verl or OpenRLHF stop with the install line where it is
+missing, and that each committed result file's header names a commit of this repository."""
 import importlib.util
 import os
 import re
@@ -13,8 +13,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("compare_frameworks.py", "compare_dropins.py", "compare_patch_verl.py")
+NEEDS_OPENRLHF = ("compare_patch_openrlhf.py",)
 RESULTS = {"framework-comparison.txt": "compare_frameworks.py", "dropin-comparison.txt": "compare_dropins.py",
-           "trl-ppo-comparison.txt": "compare_trl_ppo.py", "patch-verl-comparison.txt": "compare_patch_verl.py"}
+           "trl-ppo-comparison.txt": "compare_trl_ppo.py", "patch-verl-comparison.txt": "compare_patch_verl.py",
+           "patch-openrlhf-comparison.txt": "compare_patch_openrlhf.py"}
 
 
 def _run(*args):
@@ -23,7 +25,7 @@ def _run(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("script", SCRIPTS + ("compare_trl_ppo.py",))
+@pytest.mark.parametrize("script", SCRIPTS + NEEDS_OPENRLHF + ("compare_trl_ppo.py",))
 def test_help_without_the_frameworks(script):
     proc = _run(os.path.join("scripts", script), "--help")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,6 +44,15 @@ def test_stops_with_the_install_line_without_verl(script):
     proc = _run(os.path.join("scripts", script), "--cases" if script == "compare_dropins.py" else "--batches", "1")
     assert proc.returncode != 0
     assert "verl is not installed: pip install --no-deps verl==0.9.1" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openrlhf") is not None, reason="openrlhf is installed here")
+@pytest.mark.parametrize("script", NEEDS_OPENRLHF)
+def test_stops_with_the_install_line_without_openrlhf(script):
+    proc = _run(os.path.join("scripts", script), "--batches", "1")
+    assert proc.returncode != 0
+    assert "openrlhf is not installed: pip install --no-deps" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 

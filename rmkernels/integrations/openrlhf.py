@@ -5,10 +5,14 @@ Replace the import and keep the calls::
     # from openrlhf.models.utils import compute_approx_kl, compute_reward
     from rmkernels.integrations.openrlhf import compute_approx_kl, compute_reward
 
-and for the experience maker's GAE and its batch normalisation of the advantages::
+and for the experience maker's GAE, its REINFORCE returns and its batch normalisation of the
+advantages::
 
-    from rmkernels.integrations.openrlhf import get_advantages_and_returns, normalize_advantages
-    RemoteExperienceMaker.get_advantages_and_returns = staticmethod(get_advantages_and_returns)
+    from rmkernels.integrations.openrlhf import get_advantages_and_returns, get_cumulative_returns
+    from rmkernels.integrations.openrlhf import normalize_advantages
+
+To make OpenRLHF's own trainer use them without editing OpenRLHF, call :func:`patch_openrlhf`
+in its driver process (the experience maker's KL, reward, GAE and returns).
 
 Same names, arguments (positional and keyword, same defaults) and numbers as **OpenRLHF
 0.11.2** (``openrlhf.models.utils``, ``openrlhf.trainer.ppo_utils.experience_maker``; the
@@ -51,6 +55,7 @@ tensors, ``lambd`` outside [0, 1], a negative or non-finite ``gamma``, values th
 (``[1, A]`` for ``[B, A]``), a packed sample with ``num_actions[i] = 0``.
 """
 import math
+import warnings
 
 import torch
 
@@ -65,7 +70,8 @@ from rmkernels.integrations._rl import (
     token_reward_gae,
 )
 
-__all__ = ["compute_approx_kl", "compute_reward", "get_advantages_and_returns", "normalize_advantages"]
+__all__ = ["compute_approx_kl", "compute_reward", "get_advantages_and_returns", "get_cumulative_returns",
+           "normalize_advantages", "patch_openrlhf", "unpatch_openrlhf"]
 
 OPENRLHF_VERSION_CHECKED = "0.11.2"
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -263,6 +269,26 @@ def get_advantages_and_returns(values, rewards, action_mask, gamma, lambd):
     return out.advantages, out.returns
 
 
+def get_cumulative_returns(rewards, action_mask, gamma):
+    """OpenRLHF's REINFORCE returns (``RemoteExperienceMaker.get_cumulative_returns``: the
+    estimators ``reinforce``, ``rloo``, ``reinforce_baseline``, ``group_norm``, ``dr_grpo``,
+    ``flash_reinforce``), one fused op instead of its loop over the positions.
+
+    ``rewards``, ``action_mask``: ``[B, A]`` (the mask may be None). As in OpenRLHF the rewards
+    are multiplied by the mask, then ``R_t = r_t + gamma * R_{t+1}`` over **every** position
+    (not mask-aware: a hole in the mask is a zero-reward step that is discounted, and gets its
+    return written). Returns ``R``, float32 (float64 for float64 rewards).
+    """
+    gamma = as_float("gamma", gamma)
+    check_2d("rewards", rewards)
+    check_same_shape("rewards", rewards, action_mask=action_mask)
+    if action_mask is not None:
+        rewards = action_mask * rewards
+    zeros = torch.zeros((), dtype=rewards.dtype, device=rewards.device).expand(rewards.shape)
+    everywhere = torch.ones((), dtype=torch.bool, device=rewards.device).expand(rewards.shape)
+    return token_reward_gae(rewards, zeros, everywhere, gamma=gamma, lam=1.0, whiten=False).advantages
+
+
 def normalize_advantages(advantages, action_mask, *, no_advantage_std_norm=False, eps=1e-8, process_group=None):
     """OpenRLHF's normalisation of the GAE/REINFORCE advantages over the whole rollout batch.
 
@@ -299,3 +325,97 @@ def normalize_advantages(advantages, action_mask, *, no_advantage_std_norm=False
         pieces.append(out[start:start + a.numel()].reshape(a.shape))
         start += a.numel()
     return pieces if is_list else pieces[0]
+
+
+def _experience_maker_method(fn):
+    """``fn`` as a method of OpenRLHF's ``RemoteExperienceMaker`` (``self`` unused; no grad, as
+    OpenRLHF's methods)."""
+    @torch.no_grad()
+    def method(self, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = fn.__name__
+    method.__doc__ = fn.__doc__
+    method.__wrapped__ = fn
+    return method
+
+
+# (module attribute, module-level replacement) and (RemoteExperienceMaker method, replacement)
+_PATCHED_FUNCTIONS = {"compute_approx_kl": compute_approx_kl, "compute_reward": compute_reward}
+_PATCHED_METHODS = {"get_advantages_and_returns": _experience_maker_method(get_advantages_and_returns),
+                    "get_cumulative_returns": _experience_maker_method(get_cumulative_returns)}
+_ORIGINALS = {}  # ("attr" | "method", name) -> OpenRLHF's object, while patched
+
+
+def _experience_maker():
+    try:
+        from openrlhf.trainer.ppo_utils import experience_maker
+    except ImportError as e:
+        raise ImportError(f"patch_openrlhf needs OpenRLHF (checked against OpenRLHF {OPENRLHF_VERSION_CHECKED}: "
+                          f"pip install openrlhf=={OPENRLHF_VERSION_CHECKED}); importing its experience maker "
+                          f"failed: {e}") from e
+    return experience_maker
+
+
+def patch_openrlhf():
+    """Make a running OpenRLHF trainer use these drop-ins, without editing OpenRLHF: in
+    ``openrlhf.trainer.ppo_utils.experience_maker``, ``compute_approx_kl`` and ``compute_reward``
+    (module attributes, looked up at each call by ``make_experience`` /
+    ``compute_advantages_and_returns``) and ``RemoteExperienceMaker``'s
+    ``get_advantages_and_returns`` (GAE) and ``get_cumulative_returns`` (the REINFORCE family),
+    OpenRLHF's loops over the response positions, become the fused ones here. ::
+
+        import rmkernels.integrations.openrlhf as rmk_openrlhf
+        rmk_openrlhf.patch_openrlhf()    # in the driver, before the trainer is built
+
+    The experience maker runs in the driver, so that process is the one to patch (Ray workers
+    keep OpenRLHF's functions; the KL loss of ``use_kl_loss`` runs there). What stays
+    OpenRLHF's: the critic-free reward shaping and the advantages' normalisation (vectorised
+    already; their drop-ins are ``openrlhf_critic_free.shape_rewards`` and
+    :func:`normalize_advantages`). Modules that imported a name before keep the object they
+    imported; a method or attribute already replaced by someone else is left as it is.
+    Patching twice is a no-op; :func:`unpatch_openrlhf` restores OpenRLHF's. Returns the names
+    now served by rmkernels. An OpenRLHF other than 0.11.x gets a ``UserWarning``."""
+    em = _experience_maker()
+    try:
+        from importlib.metadata import version
+        installed = version("openrlhf")
+    except Exception:  # a source checkout without metadata: nothing to compare
+        installed = None
+    if installed is not None and not installed.startswith("0.11."):
+        warnings.warn(f"rmkernels' OpenRLHF drop-ins follow OpenRLHF {OPENRLHF_VERSION_CHECKED}; this is "
+                      f"OpenRLHF {installed}: check their signatures against it", UserWarning, stacklevel=2)
+    served = []
+    for name, fn in _PATCHED_FUNCTIONS.items():
+        current = getattr(em, name, None)
+        if current is fn:
+            served.append(name)
+        elif current is not None and getattr(current, "__module__", "").startswith("openrlhf"):
+            _ORIGINALS[("attr", name)] = current
+            setattr(em, name, fn)
+            served.append(name)
+    cls = em.RemoteExperienceMaker
+    for name, method in _PATCHED_METHODS.items():
+        current = cls.__dict__.get(name)
+        if current is method:
+            served.append(name)
+        elif current is not None and getattr(current, "__module__", "").startswith("openrlhf"):
+            _ORIGINALS[("method", name)] = current
+            setattr(cls, name, method)
+            served.append(name)
+    return served
+
+
+def unpatch_openrlhf():
+    """Undo :func:`patch_openrlhf` (what was changed since by someone else is left as it is). A
+    no-op when not patched."""
+    if not _ORIGINALS:
+        return
+    em = _experience_maker()
+    for (kind, name), original in list(_ORIGINALS.items()):
+        if kind == "attr":
+            if getattr(em, name, None) is _PATCHED_FUNCTIONS[name]:
+                setattr(em, name, original)
+        elif em.RemoteExperienceMaker.__dict__.get(name) is _PATCHED_METHODS[name]:
+            setattr(em.RemoteExperienceMaker, name, original)
+    _ORIGINALS.clear()

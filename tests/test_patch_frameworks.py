@@ -1,4 +1,6 @@
-"""rmkernels.integrations.verl.patch_verl / unpatch_verl on a stand-in verl package.
+"""patch_verl / unpatch_verl (rmkernels.integrations.verl) and patch_openrlhf / unpatch_openrlhf
+(rmkernels.integrations.openrlhf) on stand-in framework modules, and get_cumulative_returns against
+OpenRLHF's published loop.
 
 verl is not installed in CI; the stand-in has what patch_verl touches in verl 0.9.1's
 ``verl.trainer.ppo.core_algos``: the estimator functions (module attributes), the
@@ -7,7 +9,8 @@ verl is not installed in CI; the stand-in has what patch_verl touches in verl 0.
 ``compute_advantage`` below dispatches as ``verl.trainer.ppo.ray_trainer.compute_advantage`` does
 (GAE and GRPO through the module attribute, the others through the registry). The real
 ray_trainer ran with and without the patch outside CI (scripts/compare_patch_verl.py,
-benchmarks/results/patch-verl-comparison.txt)."""
+benchmarks/results/patch-verl-comparison.txt); OpenRLHF's experience maker likewise
+(scripts/compare_patch_openrlhf.py, benchmarks/results/patch-openrlhf-comparison.txt)."""
 import sys
 import types
 import warnings
@@ -18,6 +21,7 @@ import torch
 from test_group_advantages import make_groups
 from utils import make_mask
 
+from rmkernels.integrations import openrlhf as ro
 from rmkernels.integrations import verl as rv
 
 VERL_ONLY = ("compute_gdpo_outcome_advantage", "compute_grpo_passk_outcome_advantage")
@@ -166,3 +170,127 @@ def test_without_verl_the_error_names_the_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "verl.trainer.ppo", raising=False)
     with pytest.raises(ImportError, match=r"pip install verl==0\.9\.1"):
         rv.patch_verl()
+
+
+# --- OpenRLHF ------------------------------------------------------------------------------
+
+def openrlhf_cumulative_returns(rewards, action_mask, gamma):
+    """OpenRLHF 0.11.2 RemoteExperienceMaker.get_cumulative_returns, as published."""
+    response_length = rewards.size(1)
+    returns = torch.zeros_like(rewards)
+    cumulative_return = torch.zeros(rewards.size(0), device=rewards.device)
+    if action_mask is not None:
+        rewards = action_mask * rewards
+    for t in reversed(range(response_length)):
+        cumulative_return = rewards[:, t] + gamma * cumulative_return
+        returns[:, t] = cumulative_return
+    return returns
+
+
+@pytest.mark.parametrize("kind", ["holes", "right", "left", "mixed", "full"])
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
+def test_get_cumulative_returns_is_openrlhfs(kind, gamma):
+    for B, T in ((13, 17), (1, 1), (6, 40)):
+        mask = make_mask(kind, B, T).float()
+        rewards = torch.randn(B, T)
+        got = ro.get_cumulative_returns(rewards, mask, gamma)
+        want = openrlhf_cumulative_returns(rewards, mask, gamma)
+        assert got.dtype == torch.float32 and got.shape == (B, T)
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)  # every position, holes included
+        got64 = ro.get_cumulative_returns(rewards.double(), mask.double(), gamma)
+        want64 = openrlhf_cumulative_returns(rewards.double(), mask.double(), gamma)
+        assert got64.dtype == torch.float64
+        torch.testing.assert_close(got64, want64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ro.get_cumulative_returns(rewards, None, gamma),
+                               openrlhf_cumulative_returns(rewards, None, gamma), rtol=2e-6, atol=2e-6)
+
+
+def test_get_cumulative_returns_checks_its_arguments():
+    with pytest.raises(ValueError, match="rewards"):
+        ro.get_cumulative_returns(torch.randn(5), None, 1.0)
+    with pytest.raises(ValueError, match="action_mask"):
+        ro.get_cumulative_returns(torch.randn(2, 5), torch.ones(2, 4), 1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        ro.get_cumulative_returns(torch.randn(2, 5), torch.ones(2, 5), -1.0)
+
+
+@pytest.fixture
+def openrlhf(monkeypatch):
+    """A stand-in openrlhf.trainer.ppo_utils.experience_maker: the module attributes and the
+    RemoteExperienceMaker methods patch_openrlhf replaces, each raising if called."""
+    mod_name = "openrlhf.trainer.ppo_utils.experience_maker"
+    em = types.ModuleType(mod_name)
+    for name in ("compute_approx_kl", "compute_reward"):
+        fn = _never(name)
+        fn.__module__ = "openrlhf.models.utils"
+        setattr(em, name, fn)
+
+    def method(name):
+        def m(self, *args, **kwargs):
+            raise AssertionError(f"OpenRLHF's {name} was called")
+        m.__name__, m.__module__ = name, mod_name
+        return m
+
+    em.RemoteExperienceMaker = type("RemoteExperienceMaker", (), {
+        "__module__": mod_name, "get_advantages_and_returns": method("get_advantages_and_returns"),
+        "get_cumulative_returns": method("get_cumulative_returns"), "other": method("other")})
+    parents = {}
+    for name in ("openrlhf", "openrlhf.trainer", "openrlhf.trainer.ppo_utils"):
+        parents[name] = types.ModuleType(name)
+        parents[name].__path__ = []
+        monkeypatch.setitem(sys.modules, name, parents[name])
+    parents["openrlhf.trainer.ppo_utils"].experience_maker = em
+    monkeypatch.setitem(sys.modules, mod_name, em)
+    yield em
+    ro.unpatch_openrlhf()
+
+
+def test_patch_openrlhf_serves_the_experience_maker(openrlhf):
+    em = openrlhf
+    cls = em.RemoteExperienceMaker
+    before = {k: cls.__dict__[k] for k in ("get_advantages_and_returns", "get_cumulative_returns", "other")}
+    funcs = {k: getattr(em, k) for k in ("compute_approx_kl", "compute_reward")}
+    maker = cls()
+    B, T = 9, 12
+    mask = make_mask("holes", B, T).float()
+    rewards, values = torch.randn(B, T), torch.randn(B, T)
+    with pytest.raises(AssertionError, match="was called"):
+        maker.get_cumulative_returns(rewards, mask, 0.9)
+    served = ro.patch_openrlhf()
+    assert served == ["compute_approx_kl", "compute_reward", "get_advantages_and_returns", "get_cumulative_returns"]
+    assert em.compute_approx_kl is ro.compute_approx_kl and em.compute_reward is ro.compute_reward
+    got = maker.get_cumulative_returns(rewards, mask, 0.9)  # the experience maker's call
+    torch.testing.assert_close(got, openrlhf_cumulative_returns(rewards, mask, 0.9), rtol=2e-6, atol=2e-6)
+    adv, ret = maker.get_advantages_and_returns(values, rewards, mask, 0.99, 0.95)
+    want_adv, want_ret = ro.get_advantages_and_returns(values, rewards, mask, 0.99, 0.95)
+    torch.testing.assert_close(adv, want_adv, rtol=0, atol=0)
+    torch.testing.assert_close(ret, want_ret, rtol=0, atol=0)
+    leaf = rewards.clone().requires_grad_(True)
+    assert not maker.get_cumulative_returns(leaf, mask, 1.0).requires_grad  # no grad, as OpenRLHF's method
+    with pytest.raises(AssertionError, match="other was called"):
+        maker.other()  # untouched
+    assert ro.patch_openrlhf() == served  # twice: a no-op
+    ro.unpatch_openrlhf()
+    assert all(cls.__dict__[k] is v for k, v in before.items())
+    assert all(getattr(em, k) is v for k, v in funcs.items())
+    ro.unpatch_openrlhf()  # not patched: a no-op
+
+
+def test_patch_openrlhf_leaves_someone_elses_replacement(openrlhf):
+    em = openrlhf
+
+    def mine(self, *args):
+        return "mine"
+
+    em.RemoteExperienceMaker.get_cumulative_returns = mine
+    served = ro.patch_openrlhf()
+    assert "get_cumulative_returns" not in served
+    assert em.RemoteExperienceMaker.__dict__["get_cumulative_returns"] is mine
+    ro.unpatch_openrlhf()
+    assert em.RemoteExperienceMaker.__dict__["get_cumulative_returns"] is mine
+
+
+def test_without_openrlhf_the_error_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openrlhf", None)
+    with pytest.raises(ImportError, match=r"pip install openrlhf==0\.11\.2"):
+        ro.patch_openrlhf()
