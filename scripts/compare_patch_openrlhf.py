@@ -9,9 +9,10 @@ file itself as published) and, on random batches of experiences (out of prompt o
 with holes, KL terms, values), calls the real
 ``RemoteExperienceMaker.compute_advantages_and_returns`` for every advantage estimator, once
 unpatched and once patched, and prints per estimator the largest difference of the advantages
-and returns (valid positions, relative to max(|OpenRLHF's|, 1)), and the calls that went to
-rmkernels. Not part of the test suite (CI tests patch_openrlhf on a stand-in module). In a
-scratch environment with the packages of compare_frameworks.py's docstring:
+and returns (valid positions, relative to max(|OpenRLHF's|, 1)), the names served by rmkernels
+and how many times the fused GAE / returns op (``token_reward_gae``) ran in each mode. Not
+part of the test suite (CI tests patch_openrlhf on a stand-in module). In a scratch environment
+with the packages of compare_frameworks.py's docstring:
 
     python scripts/compare_patch_openrlhf.py
 """
@@ -70,10 +71,19 @@ def main():
           f"{args.batches} random batches each (1-8 prompts x 1-8 samples, T 1-24, rows shuffled over 1-4 "
           "experiences, KL coefficient 0.05, gamma 0.99 / lambd 0.95 for gae, 1.0 otherwise); largest "
           "|patched - OpenRLHF| / max(|OpenRLHF|, 1) at the valid positions")
-    print(f"\n  {'estimator':<20} {'advantages':>11} {'returns':>11}  served by rmkernels when patched")
+    print(f"\n  {'estimator':<20} {'advantages':>11} {'returns':>11}  fused calls unpatched / patched; "
+          "served by rmkernels when patched")
+    fused = ro.token_reward_gae
+    calls = [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return fused(*a, **k)
+
+    ro.token_reward_gae = counted
     g = torch.Generator().manual_seed(args.seed)
     for est in ESTIMATORS:
-        worst, served = [0.0, 0.0], set()
+        worst, served, ncalls = [0.0, 0.0], set(), [0, 0]
         for _ in range(args.batches):
             n = int(torch.randint(2 if est in ("rloo", "group_norm") else 1, 9, (1,), generator=g))
             exps = _experiences(Experience, g, n)
@@ -82,6 +92,7 @@ def main():
             for patched in (False, True):
                 if patched:
                     served.update(ro.patch_openrlhf())
+                calls[0] = 0
                 maker = em.RemoteExperienceMaker.__new__(em.RemoteExperienceMaker)
                 maker.advantage_estimator = est
                 maker.kl_ctl = NS(value=0.05)
@@ -89,12 +100,13 @@ def main():
                        algo=NS(advantage=NS(estimator=est, gamma=gamma, lambd=lambd, no_std_norm=False)))
                 maker.strategy, maker.args = NS(args=a), a
                 outs.append(maker.compute_advantages_and_returns(_copy(Experience, exps)))
+                ncalls[patched] += calls[0]
                 ro.unpatch_openrlhf()
             for theirs, ours in zip(*outs):
                 m = theirs.action_mask
                 worst = [max(worst[0], _rel(theirs.advantages, ours.advantages, m)),
                          max(worst[1], _rel(theirs.returns, ours.returns, m))]
-        print(f"  {est:<20} {worst[0]:11.2e} {worst[1]:11.2e}  {', '.join(sorted(served))}")
+        print(f"  {est:<20} {worst[0]:11.2e} {worst[1]:11.2e}  {ncalls[0]} / {ncalls[1]}; {', '.join(sorted(served))}")
     print(f"\nnames served by rmkernels after patch_openrlhf(): {', '.join(ro.patch_openrlhf())}")
     ro.unpatch_openrlhf()
 
