@@ -24,13 +24,79 @@ def _backbone(model):
     return base
 
 
-def _check_head_config(model):
+# What transformers' *ForCausalLM models (5.24) do between the backbone's last hidden state and
+# the softmax, by model type (of the config or its text config): ("hidden" | "logits", the config
+# attribute, "mul" | "div"). The same attribute means different things in different models
+# (Granite divides its logits by ``logits_scaling``, HyperCLOVA X multiplies them, MiniCPM3
+# divides its hidden states), so the attributes are read for these model types only.
+HEAD_RULES = {
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"),
+                    ("logits", "logit_scale", "mul")),
+    **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared",
+                     "granite4_vision", "granite4_vision_text", "granite_docling", "granite_docling_text"),
+                    ("logits", "logits_scaling", "div")),
+    **dict.fromkeys(("hyperclovax", "hyperclovax_vision_v2"), ("logits", "logits_scaling", "mul")),
+    "minicpm3": ("hidden", "logits_scaling", "div"),
+    "falcon_h1": ("logits", "lm_head_multiplier", "mul"),
+    **dict.fromkeys(("inkling_text", "inkling_mm_model"), ("hidden", "logits_mup_width_multiplier", "div")),
+}
+# model type -> the attribute N of "logits[..., :N]" (the softmax over the head's first N rows)
+VOCAB_LIMITS = dict.fromkeys(("inkling_text", "inkling_mm_model"), "unpadded_vocab_size")
+# tanh soft-capping, any model type: not a linear map of the hidden state, refused
+LOGIT_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
+# attributes that rescale the logits in some model: set (not 1) on a model type without a rule,
+# refused rather than guessed
+SCALING_ATTRIBUTES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "logits_mup_width_multiplier",
+                      "output_multiplier", "unpadded_vocab_size")
+
+
+def _configs(model):
     cfg = getattr(model, "config", None)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    if softcap:
-        raise NotImplementedError(f"{type(model).__name__} soft-caps its logits (final_logit_softcapping="
-                                  f"{softcap}); causal_lm_logprobs computes plain softmax log-probs")
-    return float(getattr(cfg, "logit_scale", 1.0) or 1.0)  # Cohere multiplies its logits by logit_scale
+    if cfg is None:
+        return []
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return [text] if text is cfg else [text, cfg]
+
+
+def _config_value(configs, name):
+    for cfg in configs:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _check_head_config(model):
+    """(hidden_op, logit_scale, vocab): what the model's forward does to the last hidden state
+    (None, or ("mul" | "div", value)), the factor it applies to the LM head's output, the number
+    of vocabulary rows its softmax covers (None: all); ``NotImplementedError`` for soft-capped
+    logits and for a scaling attribute on a model type without a rule."""
+    configs = _configs(model)
+    name = type(model).__name__
+    for attr in LOGIT_SOFTCAPS:
+        cap = _config_value(configs, attr)
+        if cap:
+            raise NotImplementedError(f"{name} soft-caps its logits ({attr}={cap}); causal_lm_logprobs computes "
+                                      "plain softmax log-probs")
+    types = [getattr(c, "model_type", None) for c in configs]
+    rule = next((HEAD_RULES[t] for t in types if t in HEAD_RULES), None)
+    limit = next((VOCAB_LIMITS[t] for t in types if t in VOCAB_LIMITS), None)
+    for attr in SCALING_ATTRIBUTES:
+        value = _config_value(configs, attr)
+        if value is not None and value != 1 and (rule is None or attr != rule[1]) and attr != limit:
+            raise NotImplementedError(f"{name} (model type {types[0]!r}) has {attr}={value}, which rescales the "
+                                      "logits in some models; causal_lm_logprobs knows no rule for this model type "
+                                      "(rmkernels.causal_lm.HEAD_RULES)")
+    hidden_op, logit_scale = None, 1.0
+    if rule is not None:
+        where, attr, op = rule
+        value = float(_config_value(configs, attr) or 1.0)
+        if where == "hidden":
+            hidden_op = (op, value)
+        else:
+            logit_scale = value if op == "mul" else 1.0 / value
+    vocab = _config_value(configs, limit) if limit is not None else None
+    return hidden_op, logit_scale, (int(vocab) if vocab is not None else None)
 
 
 def causal_lm_logprobs(model, input_ids, attention_mask=None, *, response_length=None, temperature=1.0,
@@ -54,9 +120,14 @@ def causal_lm_logprobs(model, input_ids, attention_mask=None, *, response_length
 
     Returns ``logprobs`` (or ``(logprobs, entropy)``), float32, equal to
     ``log_softmax(model(input_ids, attention_mask).logits / temperature)`` at the next token,
-    with autograd to the model's parameters (LM head included). Models whose logits are not a
-    plain linear map of the last hidden state (``final_logit_softcapping``) raise
-    ``NotImplementedError``; Cohere's ``logit_scale`` is folded into the temperature.
+    with autograd to the model's parameters (LM head included). What a model's forward does
+    between its last hidden state and the softmax follows ``HEAD_RULES`` by model type (Cohere's
+    ``logit_scale``, Granite's and HyperCLOVA X's ``logits_scaling``, FalconH1's
+    ``lm_head_multiplier``: folded into the temperature; MiniCPM3's and Inkling's scaling of the
+    hidden states: applied to them; Inkling's ``unpadded_vocab_size``: the head's first rows).
+    ``NotImplementedError`` for models that soft-cap their logits (``LOGIT_SOFTCAPS``: Gemma
+    2-4's ``final_logit_softcapping``, ...) and for a model type without a rule whose config
+    sets one of the ``SCALING_ATTRIBUTES`` (not guessed: the same name means different things).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -66,7 +137,7 @@ def causal_lm_logprobs(model, input_ids, attention_mask=None, *, response_length
     R = T - 1 if response_length is None else int(response_length)
     if not 0 <= R <= T - 1:
         raise ValueError(f"response_length must be in [0, T - 1] = [0, {T - 1}], got {response_length}")
-    scale = _check_head_config(model)
+    hidden_op, scale, vocab = _check_head_config(model)
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"model ({type(model).__name__}) has no output embeddings (LM head)")
@@ -79,6 +150,11 @@ def causal_lm_logprobs(model, input_ids, attention_mask=None, *, response_length
         targets = torch.where(attention_mask[:, T - R:] != 0, targets, torch.full_like(targets, _IGNORE))
     weight = head.weight
     bias = getattr(head, "bias", None)
+    if vocab is not None and vocab < weight.shape[0]:  # the forward keeps the first `vocab` logits
+        weight = weight[:vocab]
+        bias = bias[:vocab] if bias is not None else None
+    if hidden_op is not None:  # the forward's own op, in its dtype (MiniCPM3, Inkling)
+        hidden = hidden * hidden_op[1] if hidden_op[0] == "mul" else hidden / hidden_op[1]
     if hidden.dtype != weight.dtype:  # e.g. an fp32 norm output with a bf16 head
         hidden = hidden.to(weight.dtype)
     return token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature / scale,

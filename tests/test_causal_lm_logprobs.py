@@ -55,6 +55,64 @@ def test_matches_model_logits(backend, tie):
         assert_close(ent, exp_ent, rtol=1e-4, atol=1e-4, name="causal_lm entropy")
 
 
+def _scaled_model(model_type):
+    """A tiny random *ForCausalLM of a model type whose forward rescales the hidden states or the
+    logits, or keeps part of the vocabulary (rmkernels.causal_lm.HEAD_RULES), with that scaling
+    away from 1."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = dict(vocab_size=211, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2)
+    extra = {"cohere": dict(logit_scale=0.25), "granite": dict(logits_scaling=4.0),
+             "granitemoe": dict(logits_scaling=3.0, num_local_experts=2, num_experts_per_tok=1),
+             "hyperclovax": dict(logits_scaling=0.5),
+             "minicpm3": dict(dim_model_base=8, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                              qk_rope_head_dim=8, v_head_dim=8),  # hidden states / (32 / 8)
+             "falcon_h1": dict(lm_head_multiplier=3.0, head_dim=16, mamba_d_ssm=32, mamba_n_heads=2, mamba_d_head=16,
+                               mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=4)}
+    torch.manual_seed(0)
+    if model_type == "inkling":  # hidden states / logits_mup_width_multiplier, logits[..., :unpadded_vocab_size]
+        from transformers.models.inkling import configuration_inkling, modeling_inkling
+
+        cfg = configuration_inkling.InklingTextConfig(**base, unpadded_vocab_size=190, logits_mup_width_multiplier=2.5)
+        return modeling_inkling.InklingForCausalLM(cfg).eval()
+    cfg = CONFIG_MAPPING[model_type](**base, **extra[model_type])
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(cfg).eval()
+
+
+@pytest.mark.parametrize("model_type", ["cohere", "granite", "granitemoe", "hyperclovax", "minicpm3", "falcon_h1",
+                                        "inkling"])
+def test_models_that_rescale_their_logits(model_type):
+    """Granite divides its logits by logits_scaling and HyperCLOVA X multiplies them by it,
+    MiniCPM3 divides its hidden states, FalconH1 multiplies by lm_head_multiplier, Cohere by
+    logit_scale, Inkling divides its hidden states and keeps the first unpadded_vocab_size
+    logits: each against log_softmax of the model's own logits."""
+    model = _scaled_model(model_type)
+    ids, mask = _batch(left=True, V=190)
+    with torch.no_grad():
+        for R, temperature in ((None, 1.0), (5, 0.7)):
+            lp, ent = rmk.causal_lm_logprobs(model, ids, mask, response_length=R, temperature=temperature,
+                                             return_entropy=True, backend="cpu")
+            exp_lp, exp_ent = _expected(model, ids, mask, temperature, ids.shape[1] - 1 if R is None else R)
+            assert_close(lp, exp_lp, rtol=1e-4, atol=1e-4, name=f"{model_type} logprobs")
+            assert_close(ent, exp_ent, rtol=1e-4, atol=1e-4, name=f"{model_type} entropy")
+
+
+def test_models_it_cannot_follow_are_refused():
+    cfg = transformers.Gemma2Config(vocab_size=211, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    ids, mask = _batch()
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        rmk.causal_lm_logprobs(transformers.Gemma2ForCausalLM(cfg), ids, mask)
+    model = _model()
+    model.config.logits_scaling = 2.0  # a scaling attribute on a model type without a rule: not guessed
+    with pytest.raises(NotImplementedError, match="logits_scaling=2.0.*no rule"):
+        rmk.causal_lm_logprobs(model, ids, mask)
+    model.config.logits_scaling = 1.0  # no effect whatever it would mean
+    rmk.causal_lm_logprobs(model, ids, mask)
+
+
 def test_gradients_reach_the_model():
     model = _model()
     ids, mask = _batch(left=False)
