@@ -26,6 +26,7 @@ FakeTensorMode while ``torch.compile`` / export trace) run the hook too, with th
 off, after checking that every tensor is on one device (a meta tensor among CPU ones reaches the
 fake); the kernel ops' fakes check the one device.
 """
+import contextlib
 import importlib
 import inspect
 from functools import partial
@@ -167,6 +168,7 @@ class Op:
             else:
                 def body(*args):
                     return kernel(args[-1], *prepare(*args[:-1]))
+        body = _without_autocast(body)
         self.body = body
         self.kernel = kernel
 
@@ -207,6 +209,25 @@ class Op:
 
     def __repr__(self):
         return f"Op({self.name!r})"
+
+
+def _without_autocast(body):
+    """``body`` run with autocast off: an op computes in its arithmetic dtype (float32 for
+    float32, bf16 and fp16 inputs, float64 for float64) whatever autocast region it is called
+    in, on every backend: under ``torch.autocast`` the reference's matmuls and the host
+    functions' torch ops would otherwise run in autocast's dtype (the reference's log-probs came
+    back bf16, 7.5e-2 off). One check when autocast is off (~0.1 us)."""
+    def run(*args):
+        if not torch._C._is_any_autocast_enabled():
+            return body(*args)
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return body(*args)
+
+    run.__name__ = getattr(body, "__name__", "body")
+    return run
 
 
 def _bind(name, names, args, kwargs):

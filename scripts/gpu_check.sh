@@ -71,10 +71,10 @@ GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-8}
 # The files that hold GPU tests (pytest -m "cuda and not cuda_on_cpu"; tests/test_gpu_check.py
 # checks the list against pytest's collection): each worker collects only these, not the whole
 # of tests/, whose imports (transformers, trl, datasets) cost every worker seconds of the cap.
-GPU_TEST_FILES=(tests/test_adapters.py tests/test_bt_loss.py tests/test_eager_path.py tests/test_gae.py
-                tests/test_gae_kernels.py tests/test_group_advantages.py tests/test_kernel_layouts_numerics.py
-                tests/test_pairwise.py tests/test_pooling.py tests/test_ppo.py tests/test_ranking.py
-                tests/test_reinforce.py tests/test_token_logprobs.py)
+GPU_TEST_FILES=(tests/test_adapters.py tests/test_autocast.py tests/test_bt_loss.py tests/test_eager_path.py
+                tests/test_gae.py tests/test_gae_kernels.py tests/test_group_advantages.py
+                tests/test_kernel_layouts_numerics.py tests/test_pairwise.py tests/test_pooling.py tests/test_ppo.py
+                tests/test_ranking.py tests/test_reinforce.py tests/test_token_logprobs.py)
 
 {
   echo "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC')"
