@@ -274,6 +274,8 @@ def _direct_cases():
             r"totals must be float64 \[2\]"),
         "whiten mask shape": (lambda be: ops.masked_whiten(x, mask[:, :3], True, True, 1e-8, be), ValueError,
                               "mask must have the shape of x"),
+        "ppo mask shape": (lambda be: ops.ppo_gae(x, x, x, x[:, 0], mask[:, :3], 0.1, 1.0, 0.95, "k1", None, None, be),
+                           ValueError, r"mask must have the shape of logprobs \["),
         "unknown backend": (lambda be: ops.masked_whiten(x, mask, True, True, 1e-8, "fast"), ValueError,
                             "backend must be one of"),
         # the options the public functions check, checked by the ops' hooks too (one function each)

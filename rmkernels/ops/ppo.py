@@ -170,11 +170,11 @@ def masked_whiten_body(x, mask, shift_mean, unbiased, eps, backend):
     return _whiten_local(x, mask, rows, shift_mean, unbiased, eps, backend)
 
 
-def _check_x_mask(x, mask):
-    _checks.check_tensor("x", x, ndims=2, dtypes=_checks.FLOAT_DTYPES)
+def _check_x_mask(x, mask, x_name="x"):
+    _checks.check_tensor(x_name, x, ndims=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.check_tensor("mask", mask, ndims=2, dtypes=(torch.bool,), device=x.device)
     if mask.shape != x.shape:
-        raise ValueError(f"mask must have the shape of x {list(x.shape)}, got {list(mask.shape)}")
+        raise ValueError(f"mask must have the shape of {x_name} {list(x.shape)}, got {list(mask.shape)}")
 
 
 def _check_stats(name, t, n, device):
@@ -213,7 +213,7 @@ def _check_ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma,
     _checks.check_tensor("scores", scores, ndims=1, dtypes=_checks.FLOAT_DTYPES, device=logprobs.device)
     if scores.shape[0] != B:
         raise ValueError(f"scores must have shape [B] = [{B}] (from logprobs), got {list(scores.shape)}")
-    _check_x_mask(logprobs, mask)
+    _check_x_mask(logprobs, mask, "logprobs")
     check_ppo_options(kl_coef, gamma, lam, kl_estimator, kl_clamp, score_clip)
 
 
