@@ -386,24 +386,20 @@ def patch_openrlhf():
         warnings.warn(f"rmkernels' OpenRLHF drop-ins follow OpenRLHF {OPENRLHF_VERSION_CHECKED}; this is "
                       f"OpenRLHF {installed}: check their signatures against it", UserWarning, stacklevel=2)
     served = []
-    for name, fn in _PATCHED_FUNCTIONS.items():
-        current = getattr(em, name, None)
-        if current is fn:
-            served.append(name)
-        elif current is not None and getattr(current, "__module__", "").startswith("openrlhf"):
-            _ORIGINALS[("attr", name)] = current
-            setattr(em, name, fn)
-            served.append(name)
-    cls = em.RemoteExperienceMaker
-    for name, method in _PATCHED_METHODS.items():
-        current = cls.__dict__.get(name)
-        if current is method:
-            served.append(name)
-        elif current is not None and getattr(current, "__module__", "").startswith("openrlhf"):
-            _ORIGINALS[("method", name)] = current
-            setattr(cls, name, method)
-            served.append(name)
+    for kind, holder, table in _patch_sites(em):
+        for name, new in table.items():
+            current = vars(holder).get(name)
+            if current is new:
+                served.append(name)
+            elif current is not None and getattr(current, "__module__", "").startswith("openrlhf"):
+                _ORIGINALS[(kind, name)] = current
+                setattr(holder, name, new)
+                served.append(name)
     return served
+
+
+def _patch_sites(em):
+    return (("attr", em, _PATCHED_FUNCTIONS), ("method", em.RemoteExperienceMaker, _PATCHED_METHODS))
 
 
 def unpatch_openrlhf():
@@ -411,11 +407,9 @@ def unpatch_openrlhf():
     no-op when not patched."""
     if not _ORIGINALS:
         return
-    em = _experience_maker()
+    sites = {kind: (holder, table) for kind, holder, table in _patch_sites(_experience_maker())}
     for (kind, name), original in list(_ORIGINALS.items()):
-        if kind == "attr":
-            if getattr(em, name, None) is _PATCHED_FUNCTIONS[name]:
-                setattr(em, name, original)
-        elif em.RemoteExperienceMaker.__dict__.get(name) is _PATCHED_METHODS[name]:
-            setattr(em.RemoteExperienceMaker, name, original)
+        holder, table = sites[kind]
+        if vars(holder).get(name) is table[name]:
+            setattr(holder, name, original)
     _ORIGINALS.clear()
