@@ -157,7 +157,34 @@ def _garbage(path):
         f.write(b"\x00garbage\xff" * 10)
 
 
+def _edit_weights(path, edit):
+    """Rewrite the safetensors file ``path`` with ``edit(tensors)`` applied (a file that is
+    complete and loads, with other weights)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _poison(name, value=float("nan")):
+    def edit(t):
+        t[name][0] = value
+    return edit
+
+
 DAMAGE = {
+    "missing weights": (lambda c: _edit_weights(c / "model.safetensors", lambda t: [
+        t.pop("score.weight"), t.pop("model.layers.0.mlp.down_proj.weight")]),
+        "model.safetensors does not fit the model (missing ['model.layers.0.mlp.down_proj.weight', 'score.weight']"),
+    "unexpected weight": (lambda c: _edit_weights(c / "model.safetensors", lambda t: t.update(extra=torch.zeros(2))),
+                          "model.safetensors does not fit the model (missing [], unexpected ['extra'])"),
+    "wrongly-shaped weight": (lambda c: _edit_weights(c / "model.safetensors", lambda t: t.update(
+        {"score.weight": torch.zeros(1, 33)})), "model.safetensors does not fit the model (score.weight has the wrong"),
+    "nan weights": (lambda c: _edit_weights(c / "model.safetensors", _poison("score.weight")),
+                    "model.safetensors holds non-finite values (score.weight has NaN or inf)"),
+    "inf weights": (lambda c: _edit_weights(c / "model.safetensors", _poison("model.norm.weight", float("inf"))),
+                    "model.safetensors holds non-finite values (model.norm.weight has NaN or inf)"),
     "truncated weights": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors is damaged"),
     "missing optimizer": (lambda c: os.remove(c / "optimizer.pt"), "optimizer.pt is missing"),
     "truncated optimizer": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt cannot be loaded"),
@@ -291,21 +318,30 @@ def test_ppo_resume_never_unpickles_code(ppo_run, tmp_path, capsys):
             assert "skipping checkpoint-2: " in err and f"resuming from {run / 'checkpoint-1'} (step 1)" in err, err
 
 
-@pytest.mark.parametrize("case", ["truncated policy", "garbage trainer state", "truncated value model"])
+@pytest.mark.parametrize("case", ["truncated policy", "garbage trainer state", "truncated value model", "nan policy",
+                                  "inf reference", "nan value model"])
 def test_ppo_resume_skips_a_damaged_checkpoint(ppo_run, tmp_path, capsys, case):
     rm, src = ppo_run
     run = tmp_path / "run"
     shutil.copytree(src, run)
     file, reason = {"truncated policy": ("policy/model.safetensors", "policy/model.safetensors is damaged"),
                     "garbage trainer state": ("trainer_state.json", "trainer_state.json is not readable JSON"),
-                    "truncated value model": ("value_model.safetensors", "value_model.safetensors is damaged")}[case]
-    (_garbage if case == "garbage trainer state" else _truncate)(run / "checkpoint-2" / file)
+                    "truncated value model": ("value_model.safetensors", "value_model.safetensors is damaged"),
+                    "nan policy": ("policy/model.safetensors", "policy/model.safetensors holds non-finite values"),
+                    "inf reference": ("ref_policy/model.safetensors",
+                                      "ref_policy/model.safetensors holds non-finite values"),
+                    "nan value model": ("value_model.safetensors", "value_model.safetensors holds non-finite "
+                                                                   "values (value_head.weight")}[case]
+    damage = {"garbage trainer state": _garbage, "nan policy": lambda p: _edit_weights(p, _poison("lm_head.weight")),
+              "inf reference": lambda p: _edit_weights(p, _poison("lm_head.weight", float("-inf"))),
+              "nan value model": lambda p: _edit_weights(p, _poison("value_head.weight"))}.get(case, _truncate)
+    damage(run / "checkpoint-2" / file)
     rc, err = _ppo(capsys, "--reward-model", rm, "--output-dir", run, "--steps", 3, *PPO_FAST, "--resume")
     assert rc == 0 and "Traceback" not in err, err
     assert f"--resume: skipping checkpoint-2: {reason}" in err, err
     assert f"resuming from {run / 'checkpoint-1'} (step 1)" in err
     # none intact: one line
-    (_garbage if case == "garbage trainer state" else _truncate)(run / "checkpoint-1" / file)
+    damage(run / "checkpoint-1" / file)
     for c in ("checkpoint-2", "checkpoint-3"):
         shutil.rmtree(run / c, ignore_errors=True)
     rc, err = _ppo(capsys, "--reward-model", rm, "--output-dir", run, "--steps", 3, *PPO_FAST, "--resume")

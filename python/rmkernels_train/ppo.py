@@ -400,6 +400,9 @@ def load_run_reward_model(a, reward_dir):
     head = getattr(model, "score", None)
     if head is None or not hasattr(head, "weight"):
         raise TrainingError(f"{what} {reward_dir}: no linear `score` head found on {type(model).__name__}")
+    bad = T.nonfinite_parameter(("", model))
+    if bad is not None:  # every score (and the value model it starts) would be NaN
+        raise TrainingError(f"{what} {reward_dir}: its weights are not finite ({bad} has NaN or inf)")
     return model
 
 

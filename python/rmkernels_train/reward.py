@@ -312,11 +312,24 @@ def load_checkpoint(path, args, world_size=1):
     state = T.read_trainer_state(path, int_keys=("epoch", "batch_in_epoch"))
     T.read_json(os.path.join(path, "config.json"))
     T.load_safetensors(os.path.join(path, "model.safetensors"), tensors=False)  # complete? (read below)
+    # every weight in the file, with its shape, and nothing else: checked on the architecture
+    # (built on the meta device, no memory) before loading, which would initialise a missing
+    # weight randomly and go on
+    try:
+        with torch.device("meta"):
+            skeleton = M.reward_model_from_config(path, what="checkpoint")
+    except TrainingError as e:
+        raise T.CheckpointError(str(e)) from None
+    T.check_safetensors_fit(skeleton, os.path.join(path, "model.safetensors"))
+    del skeleton
     try:
         tokenizer = M.load_tokenizer(path)
         model = M.load_reward_model(path, what="checkpoint", use_safetensors=True)
     except TrainingError as e:
         raise T.CheckpointError(str(e)) from None
+    bad = T.nonfinite_parameter(("", model))
+    if bad is not None:  # resuming would train from NaN (and call this checkpoint the last good one)
+        raise T.CheckpointError(f"model.safetensors holds non-finite values ({bad} has NaN or inf)")
     optimizer_state = T.load_torch_state(os.path.join(path, "optimizer.pt"))
     T.check_optimizer_state(lambda: make_optimizer(model, args), optimizer_state)
     scheduler, rng = _load_small_state(path)

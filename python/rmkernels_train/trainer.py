@@ -14,8 +14,10 @@
   the last ``--save-total-limit`` kept (:func:`save_checkpoint`); leftovers of a killed
   write removed at start (:func:`remove_stale_checkpoint_dirs`); ``--resume`` takes the newest
   checkpoint whose every file loads (:func:`find_resume_checkpoint`), saying which ones it
-  skipped and why (a file that exists and cannot be read, e.g. for lack of permission, is not
-  damage: the run stops, naming it, :func:`unreadable`); the options that must not change checked once
+  skipped and why (weights that do not fit the model, :func:`check_state_dict` /
+  :func:`check_safetensors_fit`, or hold NaN / inf, :func:`check_finite_tensors`, are
+  damage; a file that exists and cannot be read, e.g. for lack of permission, is not damage:
+  the run stops, naming it, :func:`unreadable`); the options that must not change checked once
   (:func:`check_resume_args`, paths compared as real paths: a changed option stops the run, it
   never makes a checkpoint look damaged); rotation never deletes a checkpoint newer than the one
   written unless ``--resume`` found it damaged; a failed write (disk full) is one line naming
@@ -678,18 +680,56 @@ def read_trainer_state(path, int_keys=("step",)):
     return state
 
 
-def check_state_dict(module, tensors, name):
-    """``tensors`` (a loaded state dict) must hold every parameter of ``module`` (a tied
-    weight, saved once, counts once) with its shape, and nothing the module does not have."""
+def _check_fit(module, shapes, name):
+    """``shapes`` (tensor name -> shape, or None for what is not a tensor) must cover every
+    parameter of ``module`` (a tied weight, saved once, counts once) with its shape, and name
+    nothing the module does not have."""
     allowed = module.state_dict()
     required = dict(module.named_parameters())
-    missing = sorted(set(required) - set(tensors))
-    unexpected = sorted(set(tensors) - set(allowed))
+    missing = sorted(set(required) - set(shapes))
+    unexpected = sorted(set(shapes) - set(allowed))
     if missing or unexpected:
         raise CheckpointError(f"{name} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in tensors.items():
-        if not isinstance(v, torch.Tensor) or v.shape != allowed[k].shape:
+    for k, shape in shapes.items():
+        if shape is None or tuple(shape) != tuple(allowed[k].shape):
             raise CheckpointError(f"{name} does not fit the model ({k} has the wrong shape)")
+
+
+def check_state_dict(module, tensors, name, *, finite=True):
+    """``tensors`` (a loaded state dict) must hold every parameter of ``module`` (a tied
+    weight, saved once, counts once) with its shape, and nothing the module does not have;
+    with ``finite`` (the default) every floating-point tensor must be finite (a checkpoint of
+    NaN / infinite weights is damaged: :func:`check_finite_tensors`)."""
+    _check_fit(module, {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else None) for k, v in tensors.items()},
+               name)
+    if finite:
+        check_finite_tensors(tensors, name)
+
+
+def check_finite_tensors(tensors, name):
+    """:class:`CheckpointError` if a floating-point tensor of ``tensors`` (a state dict) holds
+    a NaN or an infinite value: such a checkpoint is damaged (resuming from it would train
+    from NaN)."""
+    for k, v in tensors.items():
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) \
+                and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{name} holds non-finite values ({k} has NaN or inf)")
+
+
+def check_safetensors_fit(module, path, name=None):
+    """The safetensors file ``path`` must hold every parameter of ``module`` with its shape
+    and nothing else (:func:`check_state_dict`'s rule), read from its header only (no tensor
+    is loaded). A file that does not fit is damaged (:class:`CheckpointError`): a loader such
+    as ``from_pretrained`` would initialise the missing weights randomly and go on."""
+    from safetensors import safe_open
+
+    name = name or os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError, OSError
+        raise CheckpointError(f"{name} is damaged ({type(e).__name__}: {first_line(e)})") from None
+    _check_fit(module, shapes, name)
 
 
 def check_optimizer_state(make_optimizer, state):
