@@ -206,6 +206,9 @@ DAMAGE = {
     "scheduler garbage": (lambda c: torch.save({"a": 1}, c / "scheduler.pt"), "scheduler.pt is not"),
     "missing config": (lambda c: os.remove(c / "config.json"), "config.json is missing"),
     "tokenizer garbage": (lambda c: _garbage(c / "tokenizer.json"), "cannot load a tokenizer"),
+    "chat template that does not parse": (
+        lambda c: (c / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content "),
+        "chat_template.jinja: the chat template does not parse (TemplateSyntaxError"),
 }
 
 
