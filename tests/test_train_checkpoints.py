@@ -237,6 +237,50 @@ def test_reward_resume_with_no_intact_checkpoint_is_one_line(run_copy, capsys, c
     assert f"checkpoint-4: {reason}" in last and f"checkpoint-2: {reason}" in last
 
 
+def test_resume_skips_metrics_lines_of_the_wrong_shape(run_copy, capsys):
+    """Well-formed JSON lines of the wrong types in metrics.jsonl (a null or text step, a split
+    that is not a string, an eval row without its numbers) are dropped like a line cut short:
+    the resume neither crashes nor takes them for the checkpoint's evaluation."""
+    before = (run_copy / "metrics.jsonl").read_text()
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": null}\n{"step": "1", "split": "eval"}\n{"step": true}\n{"step": 2, "split": 7}\n'
+                '{"split": "train"}\n{"step": 4, "split": "eval"}\n{"step": 4, "split": "eval", "loss": "x", '
+                '"accuracy": 1, "margin": 0, "pairs": 3}\n')
+    rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")
+    assert rc == 0 and "Traceback" not in err, err
+    assert "eval step" not in err  # the checkpoint's evaluation is the intact row: not made again
+    assert (run_copy / "metrics.jsonl").read_text() == before
+    final = json.loads((run_copy / "final.json").read_text())
+    assert final["eval"]["loss"] == [json.loads(x) for x in before.splitlines()][-1]["loss"]
+    # an eval row of the checkpoint's step without its numbers only: that evaluation is made again
+    rows = [json.loads(x) for x in before.splitlines()]
+    last = rows[-1]
+    assert last["split"] == "eval" and last["step"] == 4
+    (run_copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]) +
+                                            json.dumps({"step": 4, "split": "eval"}) + "\n")
+    rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")
+    assert rc == 0 and "Traceback" not in err, err
+    assert "eval step 4" in err
+
+
+def test_read_metrics_keeps_only_records_of_the_right_shape(tmp_path):
+    from rmkernels_train.utils import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = [{"step": 0, "split": "eval", "score": 1.5}, {"step": 3, "split": "train", "loss": "x"}, {"step": 2}]
+    wrong_type = ['{"step": null}', '{"step": "1", "split": "eval"}', '{"step": -1}', '{"step": 1.0}',
+                  '{"step": false}', '{"step": 1, "split": ["eval"]}', '{"split": "train"}', '[1, 2]', '"text"',
+                  '{"step": 4, "sp']
+    # rows of the right types without what the reader requires (a number "score" in an eval row)
+    incomplete = [{"step": 1, "split": "eval"}, {"step": 1, "split": "eval", "score": "high"},
+                  {"step": 1, "split": "eval", "score": True}]
+    lines = [json.dumps(good[0]), *wrong_type[:5], *map(json.dumps, incomplete), json.dumps(good[1]),
+             *wrong_type[5:], "", json.dumps(good[2])]
+    path.write_text("\n".join(lines) + "\n")
+    assert read_metrics(str(path), {"eval": ("score",)}) == good
+    assert read_metrics(str(path)) == [good[0], *incomplete, *good[1:]]
+
+
 def test_rotation_never_keeps_a_damaged_newer_checkpoint_instead_of_the_new_one(run_copy, capsys):
     """--save-total-limit 1 after resuming from checkpoint-2 past a damaged checkpoint-4: the
     new checkpoint-3 is kept, the abandoned checkpoint-4 goes."""

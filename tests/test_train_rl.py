@@ -1128,3 +1128,26 @@ def test_a_reward_model_of_non_finite_weights_stops_with_one_line(tiny_rm, tmp_p
         assert line == (f"rmkernels-train ppo: error: --reward-model {rm}: its weights are not finite (score.weight "
                         f"has NaN or inf)"), line
 
+
+def test_resume_skips_metrics_lines_of_the_wrong_shape(cf_run, tiny_rm, tmp_path, capsys):
+    """Well-formed lines of the wrong types (a text step, an eval row without its numbers) are
+    dropped like a line cut short, not a TypeError / KeyError."""
+    out = tmp_path / "run"
+    shutil.copytree(cf_run, out)
+    kept = (out / "metrics.jsonl").read_text()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": null}\n{"step": "1", "split": "eval"}\n{"step": 2, "split": "eval", "kl": 0.1}\n'
+                '{"step": 1, "split": 3}\n')
+    assert main(tiny(tiny_rm, out, "--steps", "3", "--save-every", "1", "--save-total-limit", "3", "--resume")) == 0
+    _err(capsys)
+    rows = _records(out / "metrics.jsonl")
+    assert rows[:len(kept.splitlines())] == [json.loads(x) for x in kept.splitlines()]
+    assert [(r["split"], r["step"]) for r in rows[len(kept.splitlines()):]] == [("train", 3), ("eval", 3)]
+    final = json.loads((out / "final.json").read_text())
+    assert final["before"]["step"] == 0 and final["after"]["step"] == 3
+    # every eval row unusable: the run evaluates again where it resumes, and goes on
+    (out / "metrics.jsonl").write_text('{"step": 0, "split": "eval", "score": "x"}\n')
+    assert main(tiny(tiny_rm, out, "--steps", "4", "--save-every", "1", "--save-total-limit", "3", "--resume")) == 0
+    _err(capsys)
+    assert [(r["split"], r["step"]) for r in _records(out / "metrics.jsonl")] == [("eval", 3), ("train", 4),
+                                                                                   ("eval", 4)]

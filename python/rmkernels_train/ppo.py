@@ -473,6 +473,10 @@ def write_checkpoint(tmp, policy, ref, value_model, optimizer, tokenizer, state)
         json.dump(state, f, indent=1, sort_keys=True)
 
 
+# What write_outputs reads of each train row of metrics.jsonl (a row without them is skipped)
+TRAIN_METRICS = {"train": ("score", "kl", "kl_coef")}
+
+
 def load_checkpoint(path, policy, ref, value_model, make_optimizer, args=None, world_size=1):
     """Read and check every file of the checkpoint ``path`` against the models (nothing is
     changed yet); a damaged or missing file raises
@@ -755,7 +759,7 @@ class PPOTrainer:
         if a.plot:
             plot_curves(self.metrics_path, os.path.join(a.output_dir, "curves.png"),
                         keys=("score", "kl", "kl_coef", "vf_loss"), title=PROG)
-        recs = [r for r in read_metrics(self.metrics_path) if r.get("split") == "train"]
+        recs = [r for r in read_metrics(self.metrics_path, required=TRAIN_METRICS) if r.get("split") == "train"]
         if not recs:
             return 0
         k = max(1, min(10, len(recs) // 4))

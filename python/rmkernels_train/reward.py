@@ -208,6 +208,11 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------
+# What a resumed run takes of an eval row of metrics.jsonl (a row without these numbers is
+# skipped by read_metrics, and the evaluation at the checkpoint's step is then made again)
+EVAL_METRICS = {"eval": ("loss", "accuracy", "margin", "pairs")}
+
+
 def make_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
@@ -632,13 +637,13 @@ class RewardTrainer:
         resumed run's evaluation at that step is not repeated."""
         dist = self.dist
         self.metrics = self.writes.now(MetricsWriter, os.path.join(self.out_dir, "metrics.jsonl"),
-                                       self.step if resumed is not None else None)
+                                       self.step if resumed is not None else None, EVAL_METRICS)
         if resumed is not None:
             kept = dist.broadcast_object(self.metrics.records if dist.is_main else None)
             evals = [r for r in kept if r.get("split") == "eval" and r.get("step") == self.step]
             if evals:
                 self.last_eval_step = self.step
-                self.ev = {k: evals[-1][k] for k in ("loss", "accuracy", "margin", "pairs") if k in evals[-1]}
+                self.ev = {k: evals[-1][k] for k in EVAL_METRICS["eval"]}
 
     def _setup_schedule(self):
         args, dist = self.args, self.dist
