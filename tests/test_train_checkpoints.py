@@ -281,6 +281,52 @@ def test_read_metrics_keeps_only_records_of_the_right_shape(tmp_path):
     assert read_metrics(str(path)) == [good[0], *incomplete, *good[1:]]
 
 
+# ---------------------------------------------------------------------------------------
+# One run at a time in an output directory
+# ---------------------------------------------------------------------------------------
+LOCK = ".rmkernels-train.lock"
+
+
+def test_a_second_run_in_the_same_output_dir_stops_with_one_line(run_copy, capsys):
+    """A run holding the output directory (its lock file flock'ed): a second run there stops
+    at start with one line, and writes nothing; the first run's checkpoints stay."""
+    import fcntl
+
+    before = {p: (run_copy / p).read_bytes() for p in ("metrics.jsonl", "checkpoint-4/model.safetensors")}
+    fd = os.open(run_copy / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        for resume in ((), ("--resume",)):
+            rc, err = _reward(capsys, *REWARD_RUN[:-2], "--max-steps", 6, "--seed", 3, "--output-dir", run_copy,
+                              *resume)
+            assert rc == 1 and "Traceback" not in err, err
+            assert err.strip() == (f"rmkernels-train reward: error: --output-dir {run_copy}: another run is using it "
+                                   f"(it holds {run_copy / LOCK}); wait for that run to end, or choose another "
+                                   f"--output-dir"), err
+        rc, err = _ppo(capsys, "--output-dir", run_copy, "--steps", 1, *PPO_FAST)
+        assert rc == 1 and "another run is using it" in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        os.close(fd)
+    assert {p: (run_copy / p).read_bytes() for p in before} == before
+    assert [s for s, _ in T.list_checkpoints(str(run_copy))[0]] == [2, 4]
+
+
+def test_the_lock_file_of_a_killed_run_does_not_block(run_copy, tmp_path, capsys):
+    """A run killed (SIGKILL) while it held the lock leaves the file: the kernel released the
+    lock, so the next run goes on (and removes the file at its end)."""
+    holder = ("import fcntl, os, signal, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); os.kill(os.getpid(), signal.SIGKILL)")
+    r = subprocess.run([sys.executable, "-c", holder, str(run_copy / LOCK)])
+    assert r.returncode == -signal.SIGKILL and (run_copy / LOCK).exists()
+    rc, err = _reward(capsys, *REWARD_RUN[:-2], "--max-steps", 6, "--seed", 3, "--output-dir", run_copy, "--resume")
+    assert rc == 0 and "another run" not in err, err
+    assert not (run_copy / LOCK).exists()
+    # a new directory, refused at start (here: bad data): the lock leaves no directory behind
+    rc, err = _reward(capsys, *TINY, "--max-steps", 1, "--data", tmp_path / "none.jsonl", "--output-dir",
+                      tmp_path / "new")
+    assert rc == 1 and not (tmp_path / "new").exists(), err
+
+
 def test_rotation_never_keeps_a_damaged_newer_checkpoint_instead_of_the_new_one(run_copy, capsys):
     """--save-total-limit 1 after resuming from checkpoint-2 past a damaged checkpoint-4: the
     new checkpoint-3 is kept, the abandoned checkpoint-4 goes."""

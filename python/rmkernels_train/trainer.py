@@ -7,6 +7,8 @@
 - start-up checks made before any data is read or model built: the output directory is a
   usable place (:func:`check_output_dir`) and the optional dependencies of the ``[train]``
   extra are installed (:func:`check_optional_deps`); the thread count (:func:`setup_threads`);
+  then the output directory is locked for the run (:class:`OutputDirLock`: a second run there
+  stops with one line);
 - :func:`cli_main`: option parsing, the distributed set-up and tear-down, and user errors
   (:class:`TrainingError`) printed on one line with exit status 1, never a traceback;
 - checkpoints: ``<output-dir>/checkpoint-<step>/`` written atomically (a temporary
@@ -243,6 +245,70 @@ def check_output_dir(path, files=OUTPUT_FILES):
         raise TrainingError(f"--output-dir {path}: cannot write in {probe_in} ({e.strerror})") from None
 
 
+LOCK_FILE = ".rmkernels-train.lock"
+
+
+class OutputDirLock:
+    """An exclusive lock on an output directory for the length of a run: ``fcntl.flock`` on
+    ``<dir>/.rmkernels-train.lock`` (:data:`LOCK_FILE`), taken before the run writes anything
+    (:func:`lock_output_dir`). A second run in the same directory stops with one line instead
+    of replacing the first one's checkpoints and metrics. The kernel drops the lock when its
+    process dies, so the file a killed run leaves never blocks the next run. :meth:`release`
+    (at the end of the run) removes the file while still holding the lock, and a run that
+    locked a file since removed locks the new one instead; it also removes the directory when
+    the lock created it and the run wrote nothing there (a run refused at start leaves no
+    directory behind)."""
+
+    def __init__(self, path):
+        import fcntl
+
+        self.path = path
+        self.file = os.path.join(path, LOCK_FILE)
+        self.created = not os.path.exists(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+            while True:
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise TrainingError(f"--output-dir {path}: another run is using it (it holds {self.file}); "
+                                        f"wait for that run to end, or choose another --output-dir") from None
+                except BaseException:
+                    os.close(fd)
+                    raise
+                try:  # the file this run locked is still the one at the path (not removed by a release)
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.file))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self.fd = fd
+                    return
+                os.close(fd)
+        except OSError as e:
+            raise TrainingError(f"--output-dir {path}: cannot lock {self.file} ({e.strerror or e})") from None
+
+    def release(self):
+        if getattr(self, "fd", None) is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.file)
+        os.close(self.fd)  # closing the last descriptor of the file releases the lock
+        self.fd = None
+        if self.created:
+            with contextlib.suppress(OSError):  # only an empty directory: nothing else was written
+                os.rmdir(self.path)
+
+
+def lock_output_dir(path):
+    """:class:`OutputDirLock` of ``path`` for the process that writes the run's files (under
+    torchrun the rank 0 of ``RANK``, before the process group exists); None for the others."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    return OutputDirLock(path)
+
+
 # ---------------------------------------------------------------------------------------
 # The command around a trainer
 # ---------------------------------------------------------------------------------------
@@ -283,12 +349,13 @@ def cli_main(prog, parser, check_args, run, argv, *, built_in):
     call ``run(args, dist, log)``. A :class:`TrainingError` becomes one line on stderr and exit
     status 1. ``built_in(args)`` says whether the run uses the built-in tiny models."""
     args = parser.parse_args(argv)
-    dist = None
+    dist = lock = None
     try:
         check_run_args(args)
         check_args(args)
         check_output_dir(args.output_dir)
         check_optional_deps(args)
+        lock = lock_output_dir(args.output_dir)  # before anything is written there; held until the end
         setup_threads(args, built_in(args))
         dist = setup_distributed(args.device)
         from transformers.utils import logging as hf_logging
@@ -311,6 +378,8 @@ def cli_main(prog, parser, check_args, run, argv, *, built_in):
         return 130
     finally:
         teardown_distributed()
+        if lock is not None:
+            lock.release()
 
 
 # ---------------------------------------------------------------------------------------
