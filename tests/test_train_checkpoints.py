@@ -225,6 +225,26 @@ def test_reward_resume_skips_a_damaged_checkpoint(run_copy, capsys, case):
     assert json.loads((run_copy / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
 
 
+def test_conversational_resume_skips_a_checkpoint_whose_chat_template_does_not_parse(tmp_path, capsys):
+    """With conversational --data the newest checkpoint's template renders every pair: one
+    that does not parse is damage (it was jinja2's TemplateSyntaxError traceback)."""
+    data = tmp_path / "conv.jsonl"
+    pair = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "x"}],
+            "rejected": [{"role": "assistant", "content": "y"}]}
+    data.write_text("".join(json.dumps(pair) + "\n" for _ in range(12)))
+    out = tmp_path / "run"
+    argv = ["--data", data, "--hidden-size", 16, "--layers", 1, "--batch-size", 2, "--threads", 1, "--no-progress",
+            "--no-plot", "--save-every", 2, "--save-total-limit", 5, "--output-dir", out]
+    rc, err = _reward(capsys, *argv, "--max-steps", 4)
+    assert rc == 0, err
+    (out / "checkpoint-4" / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content ")
+    rc, err = _reward(capsys, *argv, "--max-steps", 5, "--resume")
+    assert rc == 0 and "Traceback" not in err, err
+    assert (f"--resume: skipping checkpoint-4: {out / 'checkpoint-4' / 'chat_template.jinja'}: the chat template "
+            f"does not parse (TemplateSyntaxError") in err, err
+    assert f"resuming from {out / 'checkpoint-2'} (step 2)" in err
+
+
 @pytest.mark.parametrize("case", ["truncated weights", "garbage trainer state", "missing optimizer"])
 def test_reward_resume_with_no_intact_checkpoint_is_one_line(run_copy, capsys, case):
     damage, reason = DAMAGE[case]
