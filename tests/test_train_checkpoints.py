@@ -157,7 +157,34 @@ def _garbage(path):
         f.write(b"\x00garbage\xff" * 10)
 
 
+def _edit_weights(path, edit):
+    """Rewrite the safetensors file ``path`` with ``edit(tensors)`` applied (a file that is
+    complete and loads, with other weights)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _poison(name, value=float("nan")):
+    def edit(t):
+        t[name][0] = value
+    return edit
+
+
 DAMAGE = {
+    "missing weights": (lambda c: _edit_weights(c / "model.safetensors", lambda t: [
+        t.pop("score.weight"), t.pop("model.layers.0.mlp.down_proj.weight")]),
+        "model.safetensors does not fit the model (missing ['model.layers.0.mlp.down_proj.weight', 'score.weight']"),
+    "unexpected weight": (lambda c: _edit_weights(c / "model.safetensors", lambda t: t.update(extra=torch.zeros(2))),
+                          "model.safetensors does not fit the model (missing [], unexpected ['extra'])"),
+    "wrongly-shaped weight": (lambda c: _edit_weights(c / "model.safetensors", lambda t: t.update(
+        {"score.weight": torch.zeros(1, 33)})), "model.safetensors does not fit the model (score.weight has the wrong"),
+    "nan weights": (lambda c: _edit_weights(c / "model.safetensors", _poison("score.weight")),
+                    "model.safetensors holds non-finite values (score.weight has NaN or inf)"),
+    "inf weights": (lambda c: _edit_weights(c / "model.safetensors", _poison("model.norm.weight", float("inf"))),
+                    "model.safetensors holds non-finite values (model.norm.weight has NaN or inf)"),
     "truncated weights": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors is damaged"),
     "missing optimizer": (lambda c: os.remove(c / "optimizer.pt"), "optimizer.pt is missing"),
     "truncated optimizer": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt cannot be loaded"),
@@ -179,6 +206,9 @@ DAMAGE = {
     "scheduler garbage": (lambda c: torch.save({"a": 1}, c / "scheduler.pt"), "scheduler.pt is not"),
     "missing config": (lambda c: os.remove(c / "config.json"), "config.json is missing"),
     "tokenizer garbage": (lambda c: _garbage(c / "tokenizer.json"), "cannot load a tokenizer"),
+    "chat template that does not parse": (
+        lambda c: (c / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content "),
+        "chat_template.jinja: the chat template does not parse (TemplateSyntaxError"),
 }
 
 
@@ -195,6 +225,26 @@ def test_reward_resume_skips_a_damaged_checkpoint(run_copy, capsys, case):
     assert json.loads((run_copy / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
 
 
+def test_conversational_resume_skips_a_checkpoint_whose_chat_template_does_not_parse(tmp_path, capsys):
+    """With conversational --data the newest checkpoint's template renders every pair: one
+    that does not parse is damage (it was jinja2's TemplateSyntaxError traceback)."""
+    data = tmp_path / "conv.jsonl"
+    pair = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "x"}],
+            "rejected": [{"role": "assistant", "content": "y"}]}
+    data.write_text("".join(json.dumps(pair) + "\n" for _ in range(12)))
+    out = tmp_path / "run"
+    argv = ["--data", data, "--hidden-size", 16, "--layers", 1, "--batch-size", 2, "--threads", 1, "--no-progress",
+            "--no-plot", "--save-every", 2, "--save-total-limit", 5, "--output-dir", out]
+    rc, err = _reward(capsys, *argv, "--max-steps", 4)
+    assert rc == 0, err
+    (out / "checkpoint-4" / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content ")
+    rc, err = _reward(capsys, *argv, "--max-steps", 5, "--resume")
+    assert rc == 0 and "Traceback" not in err, err
+    assert (f"--resume: skipping checkpoint-4: {out / 'checkpoint-4' / 'chat_template.jinja'}: the chat template "
+            f"does not parse (TemplateSyntaxError") in err, err
+    assert f"resuming from {out / 'checkpoint-2'} (step 2)" in err
+
+
 @pytest.mark.parametrize("case", ["truncated weights", "garbage trainer state", "missing optimizer"])
 def test_reward_resume_with_no_intact_checkpoint_is_one_line(run_copy, capsys, case):
     damage, reason = DAMAGE[case]
@@ -205,6 +255,96 @@ def test_reward_resume_with_no_intact_checkpoint_is_one_line(run_copy, capsys, c
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"rmkernels-train reward: error: --resume: no intact checkpoint in {run_copy}")
     assert f"checkpoint-4: {reason}" in last and f"checkpoint-2: {reason}" in last
+
+
+def test_resume_skips_metrics_lines_of_the_wrong_shape(run_copy, capsys):
+    """Well-formed JSON lines of the wrong types in metrics.jsonl (a null or text step, a split
+    that is not a string, an eval row without its numbers) are dropped like a line cut short:
+    the resume neither crashes nor takes them for the checkpoint's evaluation."""
+    before = (run_copy / "metrics.jsonl").read_text()
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": null}\n{"step": "1", "split": "eval"}\n{"step": true}\n{"step": 2, "split": 7}\n'
+                '{"split": "train"}\n{"step": 4, "split": "eval"}\n{"step": 4, "split": "eval", "loss": "x", '
+                '"accuracy": 1, "margin": 0, "pairs": 3}\n')
+    rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")
+    assert rc == 0 and "Traceback" not in err, err
+    assert "eval step" not in err  # the checkpoint's evaluation is the intact row: not made again
+    assert (run_copy / "metrics.jsonl").read_text() == before
+    final = json.loads((run_copy / "final.json").read_text())
+    assert final["eval"]["loss"] == [json.loads(x) for x in before.splitlines()][-1]["loss"]
+    # an eval row of the checkpoint's step without its numbers only: that evaluation is made again
+    rows = [json.loads(x) for x in before.splitlines()]
+    last = rows[-1]
+    assert last["split"] == "eval" and last["step"] == 4
+    (run_copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]) +
+                                            json.dumps({"step": 4, "split": "eval"}) + "\n")
+    rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")
+    assert rc == 0 and "Traceback" not in err, err
+    assert "eval step 4" in err
+
+
+def test_read_metrics_keeps_only_records_of_the_right_shape(tmp_path):
+    from rmkernels_train.utils import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = [{"step": 0, "split": "eval", "score": 1.5}, {"step": 3, "split": "train", "loss": "x"}, {"step": 2}]
+    wrong_type = ['{"step": null}', '{"step": "1", "split": "eval"}', '{"step": -1}', '{"step": 1.0}',
+                  '{"step": false}', '{"step": 1, "split": ["eval"]}', '{"split": "train"}', '[1, 2]', '"text"',
+                  '{"step": 4, "sp']
+    # rows of the right types without what the reader requires (a number "score" in an eval row)
+    incomplete = [{"step": 1, "split": "eval"}, {"step": 1, "split": "eval", "score": "high"},
+                  {"step": 1, "split": "eval", "score": True}]
+    lines = [json.dumps(good[0]), *wrong_type[:5], *map(json.dumps, incomplete), json.dumps(good[1]),
+             *wrong_type[5:], "", json.dumps(good[2])]
+    path.write_text("\n".join(lines) + "\n")
+    assert read_metrics(str(path), {"eval": ("score",)}) == good
+    assert read_metrics(str(path)) == [good[0], *incomplete, *good[1:]]
+
+
+# ---------------------------------------------------------------------------------------
+# One run at a time in an output directory
+# ---------------------------------------------------------------------------------------
+LOCK = ".rmkernels-train.lock"
+
+
+def test_a_second_run_in_the_same_output_dir_stops_with_one_line(run_copy, capsys):
+    """A run holding the output directory (its lock file flock'ed): a second run there stops
+    at start with one line, and writes nothing; the first run's checkpoints stay."""
+    import fcntl
+
+    before = {p: (run_copy / p).read_bytes() for p in ("metrics.jsonl", "checkpoint-4/model.safetensors")}
+    fd = os.open(run_copy / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        for resume in ((), ("--resume",)):
+            rc, err = _reward(capsys, *REWARD_RUN[:-2], "--max-steps", 6, "--seed", 3, "--output-dir", run_copy,
+                              *resume)
+            assert rc == 1 and "Traceback" not in err, err
+            assert err.strip() == (f"rmkernels-train reward: error: --output-dir {run_copy}: another run is using it "
+                                   f"(it holds {run_copy / LOCK}); wait for that run to end, or choose another "
+                                   f"--output-dir"), err
+        rc, err = _ppo(capsys, "--output-dir", run_copy, "--steps", 1, *PPO_FAST)
+        assert rc == 1 and "another run is using it" in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        os.close(fd)
+    assert {p: (run_copy / p).read_bytes() for p in before} == before
+    assert [s for s, _ in T.list_checkpoints(str(run_copy))[0]] == [2, 4]
+
+
+def test_the_lock_file_of_a_killed_run_does_not_block(run_copy, tmp_path, capsys):
+    """A run killed (SIGKILL) while it held the lock leaves the file: the kernel released the
+    lock, so the next run goes on (and removes the file at its end)."""
+    holder = ("import fcntl, os, signal, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); os.kill(os.getpid(), signal.SIGKILL)")
+    r = subprocess.run([sys.executable, "-c", holder, str(run_copy / LOCK)])
+    assert r.returncode == -signal.SIGKILL and (run_copy / LOCK).exists()
+    rc, err = _reward(capsys, *REWARD_RUN[:-2], "--max-steps", 6, "--seed", 3, "--output-dir", run_copy, "--resume")
+    assert rc == 0 and "another run" not in err, err
+    assert not (run_copy / LOCK).exists()
+    # a new directory, refused at start (here: bad data): the lock leaves no directory behind
+    rc, err = _reward(capsys, *TINY, "--max-steps", 1, "--data", tmp_path / "none.jsonl", "--output-dir",
+                      tmp_path / "new")
+    assert rc == 1 and not (tmp_path / "new").exists(), err
 
 
 def test_rotation_never_keeps_a_damaged_newer_checkpoint_instead_of_the_new_one(run_copy, capsys):
@@ -291,21 +431,30 @@ def test_ppo_resume_never_unpickles_code(ppo_run, tmp_path, capsys):
             assert "skipping checkpoint-2: " in err and f"resuming from {run / 'checkpoint-1'} (step 1)" in err, err
 
 
-@pytest.mark.parametrize("case", ["truncated policy", "garbage trainer state", "truncated value model"])
+@pytest.mark.parametrize("case", ["truncated policy", "garbage trainer state", "truncated value model", "nan policy",
+                                  "inf reference", "nan value model"])
 def test_ppo_resume_skips_a_damaged_checkpoint(ppo_run, tmp_path, capsys, case):
     rm, src = ppo_run
     run = tmp_path / "run"
     shutil.copytree(src, run)
     file, reason = {"truncated policy": ("policy/model.safetensors", "policy/model.safetensors is damaged"),
                     "garbage trainer state": ("trainer_state.json", "trainer_state.json is not readable JSON"),
-                    "truncated value model": ("value_model.safetensors", "value_model.safetensors is damaged")}[case]
-    (_garbage if case == "garbage trainer state" else _truncate)(run / "checkpoint-2" / file)
+                    "truncated value model": ("value_model.safetensors", "value_model.safetensors is damaged"),
+                    "nan policy": ("policy/model.safetensors", "policy/model.safetensors holds non-finite values"),
+                    "inf reference": ("ref_policy/model.safetensors",
+                                      "ref_policy/model.safetensors holds non-finite values"),
+                    "nan value model": ("value_model.safetensors", "value_model.safetensors holds non-finite "
+                                                                   "values (value_head.weight")}[case]
+    damage = {"garbage trainer state": _garbage, "nan policy": lambda p: _edit_weights(p, _poison("lm_head.weight")),
+              "inf reference": lambda p: _edit_weights(p, _poison("lm_head.weight", float("-inf"))),
+              "nan value model": lambda p: _edit_weights(p, _poison("value_head.weight"))}.get(case, _truncate)
+    damage(run / "checkpoint-2" / file)
     rc, err = _ppo(capsys, "--reward-model", rm, "--output-dir", run, "--steps", 3, *PPO_FAST, "--resume")
     assert rc == 0 and "Traceback" not in err, err
     assert f"--resume: skipping checkpoint-2: {reason}" in err, err
     assert f"resuming from {run / 'checkpoint-1'} (step 1)" in err
     # none intact: one line
-    (_garbage if case == "garbage trainer state" else _truncate)(run / "checkpoint-1" / file)
+    damage(run / "checkpoint-1" / file)
     for c in ("checkpoint-2", "checkpoint-3"):
         shutil.rmtree(run / c, ignore_errors=True)
     rc, err = _ppo(capsys, "--reward-model", rm, "--output-dir", run, "--steps", 3, *PPO_FAST, "--resume")

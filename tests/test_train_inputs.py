@@ -300,3 +300,29 @@ def test_train_extra_lists_every_third_party_module_the_trainers_import():
     third_party = {m for m in imported - set(sys.stdlib_module_names)
                    if m not in ("torch", "numpy", "rmkernels", "rmkernels_train")}
     assert third_party <= names, f"imported by rmkernels_train, not in the train extra: {third_party - names}"
+
+
+# ---------------------------------------------------------------------------------------
+# A chat template that does not parse, in a model directory
+# ---------------------------------------------------------------------------------------
+def test_a_chat_template_that_does_not_parse_is_one_line_naming_the_file(tmp_path, capsys):
+    """--model (reward) and --reward-model (ppo) whose chat_template.jinja does not compile:
+    one line naming the file, not jinja2's TemplateSyntaxError traceback."""
+    from rmkernels_train import model as M
+
+    tok = build_char_tokenizer("0123456789 :")
+    d = tmp_path / "m"
+    M.build_tiny_reward_model(tok, hidden_size=16, num_hidden_layers=1, intermediate_size=32).save_pretrained(d)
+    tok.save_pretrained(d)
+    assert (d / "chat_template.jinja").is_file()
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content ")
+    want = (f"{d / 'chat_template.jinja'}: the chat template does not parse (TemplateSyntaxError at line 1: "
+            f"unexpected end of template")
+    rc, err = _run(reward_main, capsys, "--model", d, "--max-steps", 1, "--batch-size", 4, "--default-train-pairs",
+                   8, "--threads", 1, "--no-progress", "--no-plot", "--output-dir", tmp_path / "o")
+    assert rc == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"rmkernels-train reward: error: {want}"), err
+    rc, err = _run(ppo_main, capsys, "--reward-model", d, "--steps", 1, "--threads", 1, "--no-progress", "--no-plot",
+                   "--output-dir", tmp_path / "p")
+    assert rc == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"rmkernels-train ppo: error: {want}"), err

@@ -1084,3 +1084,70 @@ def test_dual_clip_and_entropy_bonus_together(tiny_rm, tmp_path, capsys, path):
     for r in recs:
         assert 0.0 <= r["clipfrac_lower"] <= 1.0 and r["entropy"] > 0 and math.isfinite(r["pg_loss"]), r
     _err(capsys)
+
+
+# ---------------------------------------------------------------------------------------
+# Resume: non-finite weights, metrics.jsonl lines of the wrong shape
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cf_run(tiny_rm, tmp_path_factory):
+    """A 2-step critic-free run with checkpoint-1 and checkpoint-2."""
+    out = tmp_path_factory.mktemp("cf") / "run"
+    assert main(tiny(tiny_rm, out, "--steps", "2", "--save-every", "1", "--save-total-limit", "3")) == 0
+    return out
+
+
+def _poison(path, name, value=float("nan")):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(path)
+    t[name][0] = value
+    save_file(t, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("file", ["policy/model.safetensors", "ref_policy/model.safetensors"])
+def test_resume_skips_a_checkpoint_of_non_finite_weights(cf_run, tiny_rm, tmp_path, capsys, file):
+    """A checkpoint whose policy (or reference) holds NaN / inf is damaged: skipped for the
+    older intact one (it was taken as intact: sampling from it crashed in torch.multinomial)."""
+    out = tmp_path / "run"
+    shutil.copytree(cf_run, out)
+    _poison(out / "checkpoint-2" / file, "lm_head.weight", float("nan") if "ref" not in file else float("inf"))
+    assert main(tiny(tiny_rm, out, "--steps", "3", "--save-every", "1", "--save-total-limit", "3", "--resume")) == 0
+    err = _err(capsys)
+    assert f"--resume: skipping checkpoint-2: {file} holds non-finite values (lm_head.weight has NaN or inf)" in err
+    assert f"resuming from {out / 'checkpoint-1'} (step 1)" in err
+
+
+def test_a_reward_model_of_non_finite_weights_stops_with_one_line(tiny_rm, tmp_path, capsys):
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_rm, rm)
+    _poison(rm / "model.safetensors", "score.weight")
+    for run in (tiny, tiny_gae):
+        assert main(run(str(rm), tmp_path / run.__name__, "--steps", "1")) == 1
+        line = _err(capsys).strip().splitlines()[-1]
+        assert line == (f"rmkernels-train ppo: error: --reward-model {rm}: its weights are not finite (score.weight "
+                        f"has NaN or inf)"), line
+
+
+def test_resume_skips_metrics_lines_of_the_wrong_shape(cf_run, tiny_rm, tmp_path, capsys):
+    """Well-formed lines of the wrong types (a text step, an eval row without its numbers) are
+    dropped like a line cut short, not a TypeError / KeyError."""
+    out = tmp_path / "run"
+    shutil.copytree(cf_run, out)
+    kept = (out / "metrics.jsonl").read_text()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": null}\n{"step": "1", "split": "eval"}\n{"step": 2, "split": "eval", "kl": 0.1}\n'
+                '{"step": 1, "split": 3}\n')
+    assert main(tiny(tiny_rm, out, "--steps", "3", "--save-every", "1", "--save-total-limit", "3", "--resume")) == 0
+    _err(capsys)
+    rows = _records(out / "metrics.jsonl")
+    assert rows[:len(kept.splitlines())] == [json.loads(x) for x in kept.splitlines()]
+    assert [(r["split"], r["step"]) for r in rows[len(kept.splitlines()):]] == [("train", 3), ("eval", 3)]
+    final = json.loads((out / "final.json").read_text())
+    assert final["before"]["step"] == 0 and final["after"]["step"] == 3
+    # every eval row unusable: the run evaluates again where it resumes, and goes on
+    (out / "metrics.jsonl").write_text('{"step": 0, "split": "eval", "score": "x"}\n')
+    assert main(tiny(tiny_rm, out, "--steps", "4", "--save-every", "1", "--save-total-limit", "3", "--resume")) == 0
+    _err(capsys)
+    assert [(r["split"], r["step"]) for r in _records(out / "metrics.jsonl")] == [("eval", 3), ("train", 4),
+                                                                                   ("eval", 4)]

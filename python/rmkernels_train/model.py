@@ -12,6 +12,7 @@ import os
 import torch
 
 import rmkernels as rmk
+from rmkernels_train.tokenizer import check_chat_template
 from rmkernels_train.utils import TrainingError
 
 # The built-in default: a Llama-style model, random init, small enough for a 2-core CPU.
@@ -45,6 +46,7 @@ def load_tokenizer(path):
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many types (OSError, ValueError, ...)
         raise TrainingError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    check_chat_template(tok, path)  # a template that does not parse: one line naming its file
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise TrainingError(f"the tokenizer in {path} has neither a pad nor an eos token; add a pad token")

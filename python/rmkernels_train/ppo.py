@@ -400,6 +400,9 @@ def load_run_reward_model(a, reward_dir):
     head = getattr(model, "score", None)
     if head is None or not hasattr(head, "weight"):
         raise TrainingError(f"{what} {reward_dir}: no linear `score` head found on {type(model).__name__}")
+    bad = T.nonfinite_parameter(("", model))
+    if bad is not None:  # every score (and the value model it starts) would be NaN
+        raise TrainingError(f"{what} {reward_dir}: its weights are not finite ({bad} has NaN or inf)")
     return model
 
 
@@ -468,6 +471,10 @@ def write_checkpoint(tmp, policy, ref, value_model, optimizer, tokenizer, state)
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump(state, f, indent=1, sort_keys=True)
+
+
+# What write_outputs reads of each train row of metrics.jsonl (a row without them is skipped)
+TRAIN_METRICS = {"train": ("score", "kl", "kl_coef")}
 
 
 def load_checkpoint(path, policy, ref, value_model, make_optimizer, args=None, world_size=1):
@@ -752,7 +759,7 @@ class PPOTrainer:
         if a.plot:
             plot_curves(self.metrics_path, os.path.join(a.output_dir, "curves.png"),
                         keys=("score", "kl", "kl_coef", "vf_loss"), title=PROG)
-        recs = [r for r in read_metrics(self.metrics_path) if r.get("split") == "train"]
+        recs = [r for r in read_metrics(self.metrics_path, required=TRAIN_METRICS) if r.get("split") == "train"]
         if not recs:
             return 0
         k = max(1, min(10, len(recs) // 4))

@@ -208,6 +208,11 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------
+# What a resumed run takes of an eval row of metrics.jsonl (a row without these numbers is
+# skipped by read_metrics, and the evaluation at the checkpoint's step is then made again)
+EVAL_METRICS = {"eval": ("loss", "accuracy", "margin", "pairs")}
+
+
 def make_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
@@ -312,11 +317,24 @@ def load_checkpoint(path, args, world_size=1):
     state = T.read_trainer_state(path, int_keys=("epoch", "batch_in_epoch"))
     T.read_json(os.path.join(path, "config.json"))
     T.load_safetensors(os.path.join(path, "model.safetensors"), tensors=False)  # complete? (read below)
+    # every weight in the file, with its shape, and nothing else: checked on the architecture
+    # (built on the meta device, no memory) before loading, which would initialise a missing
+    # weight randomly and go on
+    try:
+        with torch.device("meta"):
+            skeleton = M.reward_model_from_config(path, what="checkpoint")
+    except TrainingError as e:
+        raise T.CheckpointError(str(e)) from None
+    T.check_safetensors_fit(skeleton, os.path.join(path, "model.safetensors"))
+    del skeleton
     try:
         tokenizer = M.load_tokenizer(path)
         model = M.load_reward_model(path, what="checkpoint", use_safetensors=True)
     except TrainingError as e:
         raise T.CheckpointError(str(e)) from None
+    bad = T.nonfinite_parameter(("", model))
+    if bad is not None:  # resuming would train from NaN (and call this checkpoint the last good one)
+        raise T.CheckpointError(f"model.safetensors holds non-finite values ({bad} has NaN or inf)")
     optimizer_state = T.load_torch_state(os.path.join(path, "optimizer.pt"))
     T.check_optimizer_state(lambda: make_optimizer(model, args), optimizer_state)
     scheduler, rng = _load_small_state(path)
@@ -619,13 +637,13 @@ class RewardTrainer:
         resumed run's evaluation at that step is not repeated."""
         dist = self.dist
         self.metrics = self.writes.now(MetricsWriter, os.path.join(self.out_dir, "metrics.jsonl"),
-                                       self.step if resumed is not None else None)
+                                       self.step if resumed is not None else None, EVAL_METRICS)
         if resumed is not None:
             kept = dist.broadcast_object(self.metrics.records if dist.is_main else None)
             evals = [r for r in kept if r.get("split") == "eval" and r.get("step") == self.step]
             if evals:
                 self.last_eval_step = self.step
-                self.ev = {k: evals[-1][k] for k in ("loss", "accuracy", "margin", "pairs") if k in evals[-1]}
+                self.ev = {k: evals[-1][k] for k in EVAL_METRICS["eval"]}
 
     def _setup_schedule(self):
         args, dist = self.args, self.dist

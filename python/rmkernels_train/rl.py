@@ -210,6 +210,11 @@ def check_resume_options(state, a, world_size):
     T.check_resume_args(saved_options(saved), a, resume_fixed(a.advantage), world_size)
 
 
+# What a resumed run reads of an eval row of metrics.jsonl (evaluate's changes, finish's
+# summary): a row without these numbers is skipped by read_metrics
+EVAL_METRICS = {"eval": ("score", "task_success", "task_success_sampled", "kl", "prompts")}
+
+
 class CriticFreeTrainer:
     """One invocation of ``rmkernels-train ppo --advantage <a critic-free estimator>`` (one process):
     :meth:`setup` (reward model, warm start, prompts, optimizer, resume), the task evaluation
@@ -297,8 +302,9 @@ class CriticFreeTrainer:
             self.ref.load_state_dict(loaded[1]["ref_policy"], strict=False)
             self.optimizer.load_state_dict(loaded[1]["optimizer"])
             self.log(f"resuming from {self.last_ckpt} (step {self.step})")
-        self.writer = MetricsWriter(self.metrics_path, resume_step=self.step if a.resume else None)
-        self.evals = [r for r in self.writer.records if r.get("split") == "eval" and r.get("step", 0) <= self.step]
+        self.writer = MetricsWriter(self.metrics_path, resume_step=self.step if a.resume else None,
+                                    required=EVAL_METRICS)
+        self.evals = [r for r in self.writer.records if r.get("split") == "eval" and r["step"] <= self.step]
 
     def make_optimizer(self):
         return torch.optim.AdamW(self.policy.parameters(), lr=self.a.lr, weight_decay=0.0)

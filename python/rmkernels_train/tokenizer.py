@@ -13,6 +13,8 @@ there each sequence ends ``<eos> <eos>`` where ``rmkernels-train reward`` gives 
 two score a text at different tokens (conversational data, rendered by the chat template
 without special tokens, tokenizes the same both ways).
 """
+import os
+
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -42,3 +44,33 @@ def build_char_tokenizer(alphabet):
                                    model_max_length=1 << 20)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def check_chat_template(tokenizer, path):
+    """The chat template(s) of a tokenizer loaded from the directory ``path`` must compile
+    (as ``apply_chat_template`` compiles them): else a :class:`TrainingError` naming the file
+    (``chat_template.jinja``, or ``tokenizer_config.json``'s ``chat_template``), not jinja2's
+    traceback at the first conversational record."""
+    from rmkernels_train.utils import TrainingError
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # another transformers: apply_chat_template reports it
+        return
+    templates = template.values() if isinstance(template, dict) else [template]
+    for t in templates:
+        try:
+            _compile_jinja_template(t)
+        except ImportError:  # no jinja2: apply_chat_template says so when it is needed
+            return
+        except Exception as e:  # jinja2.TemplateSyntaxError (and what a broken template raises)
+            names = [n for n in ("chat_template.jinja", "chat_template.json") if os.path.isfile(os.path.join(path, n))]
+            where = (os.path.join(path, names[0]) if names
+                     else f"{os.path.join(path, 'tokenizer_config.json')}'s chat_template")
+            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            lineno = getattr(e, "lineno", None)
+            raise TrainingError(f"{where}: the chat template does not parse ({type(e).__name__}"
+                                f"{f' at line {lineno}' if lineno else ''}: {line})") from None

@@ -7,6 +7,8 @@
 - start-up checks made before any data is read or model built: the output directory is a
   usable place (:func:`check_output_dir`) and the optional dependencies of the ``[train]``
   extra are installed (:func:`check_optional_deps`); the thread count (:func:`setup_threads`);
+  then the output directory is locked for the run (:class:`OutputDirLock`: a second run there
+  stops with one line);
 - :func:`cli_main`: option parsing, the distributed set-up and tear-down, and user errors
   (:class:`TrainingError`) printed on one line with exit status 1, never a traceback;
 - checkpoints: ``<output-dir>/checkpoint-<step>/`` written atomically (a temporary
@@ -14,8 +16,10 @@
   the last ``--save-total-limit`` kept (:func:`save_checkpoint`); leftovers of a killed
   write removed at start (:func:`remove_stale_checkpoint_dirs`); ``--resume`` takes the newest
   checkpoint whose every file loads (:func:`find_resume_checkpoint`), saying which ones it
-  skipped and why (a file that exists and cannot be read, e.g. for lack of permission, is not
-  damage: the run stops, naming it, :func:`unreadable`); the options that must not change checked once
+  skipped and why (weights that do not fit the model, :func:`check_state_dict` /
+  :func:`check_safetensors_fit`, or hold NaN / inf, :func:`check_finite_tensors`, are
+  damage; a file that exists and cannot be read, e.g. for lack of permission, is not damage:
+  the run stops, naming it, :func:`unreadable`); the options that must not change checked once
   (:func:`check_resume_args`, paths compared as real paths: a changed option stops the run, it
   never makes a checkpoint look damaged); rotation never deletes a checkpoint newer than the one
   written unless ``--resume`` found it damaged; a failed write (disk full) is one line naming
@@ -241,6 +245,70 @@ def check_output_dir(path, files=OUTPUT_FILES):
         raise TrainingError(f"--output-dir {path}: cannot write in {probe_in} ({e.strerror})") from None
 
 
+LOCK_FILE = ".rmkernels-train.lock"
+
+
+class OutputDirLock:
+    """An exclusive lock on an output directory for the length of a run: ``fcntl.flock`` on
+    ``<dir>/.rmkernels-train.lock`` (:data:`LOCK_FILE`), taken before the run writes anything
+    (:func:`lock_output_dir`). A second run in the same directory stops with one line instead
+    of replacing the first one's checkpoints and metrics. The kernel drops the lock when its
+    process dies, so the file a killed run leaves never blocks the next run. :meth:`release`
+    (at the end of the run) removes the file while still holding the lock, and a run that
+    locked a file since removed locks the new one instead; it also removes the directory when
+    the lock created it and the run wrote nothing there (a run refused at start leaves no
+    directory behind)."""
+
+    def __init__(self, path):
+        import fcntl
+
+        self.path = path
+        self.file = os.path.join(path, LOCK_FILE)
+        self.created = not os.path.exists(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+            while True:
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise TrainingError(f"--output-dir {path}: another run is using it (it holds {self.file}); "
+                                        f"wait for that run to end, or choose another --output-dir") from None
+                except BaseException:
+                    os.close(fd)
+                    raise
+                try:  # the file this run locked is still the one at the path (not removed by a release)
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.file))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self.fd = fd
+                    return
+                os.close(fd)
+        except OSError as e:
+            raise TrainingError(f"--output-dir {path}: cannot lock {self.file} ({e.strerror or e})") from None
+
+    def release(self):
+        if getattr(self, "fd", None) is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.file)
+        os.close(self.fd)  # closing the last descriptor of the file releases the lock
+        self.fd = None
+        if self.created:
+            with contextlib.suppress(OSError):  # only an empty directory: nothing else was written
+                os.rmdir(self.path)
+
+
+def lock_output_dir(path):
+    """:class:`OutputDirLock` of ``path`` for the process that writes the run's files (under
+    torchrun the rank 0 of ``RANK``, before the process group exists); None for the others."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    return OutputDirLock(path)
+
+
 # ---------------------------------------------------------------------------------------
 # The command around a trainer
 # ---------------------------------------------------------------------------------------
@@ -281,12 +349,13 @@ def cli_main(prog, parser, check_args, run, argv, *, built_in):
     call ``run(args, dist, log)``. A :class:`TrainingError` becomes one line on stderr and exit
     status 1. ``built_in(args)`` says whether the run uses the built-in tiny models."""
     args = parser.parse_args(argv)
-    dist = None
+    dist = lock = None
     try:
         check_run_args(args)
         check_args(args)
         check_output_dir(args.output_dir)
         check_optional_deps(args)
+        lock = lock_output_dir(args.output_dir)  # before anything is written there; held until the end
         setup_threads(args, built_in(args))
         dist = setup_distributed(args.device)
         from transformers.utils import logging as hf_logging
@@ -309,6 +378,8 @@ def cli_main(prog, parser, check_args, run, argv, *, built_in):
         return 130
     finally:
         teardown_distributed()
+        if lock is not None:
+            lock.release()
 
 
 # ---------------------------------------------------------------------------------------
@@ -678,18 +749,56 @@ def read_trainer_state(path, int_keys=("step",)):
     return state
 
 
-def check_state_dict(module, tensors, name):
-    """``tensors`` (a loaded state dict) must hold every parameter of ``module`` (a tied
-    weight, saved once, counts once) with its shape, and nothing the module does not have."""
+def _check_fit(module, shapes, name):
+    """``shapes`` (tensor name -> shape, or None for what is not a tensor) must cover every
+    parameter of ``module`` (a tied weight, saved once, counts once) with its shape, and name
+    nothing the module does not have."""
     allowed = module.state_dict()
     required = dict(module.named_parameters())
-    missing = sorted(set(required) - set(tensors))
-    unexpected = sorted(set(tensors) - set(allowed))
+    missing = sorted(set(required) - set(shapes))
+    unexpected = sorted(set(shapes) - set(allowed))
     if missing or unexpected:
         raise CheckpointError(f"{name} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in tensors.items():
-        if not isinstance(v, torch.Tensor) or v.shape != allowed[k].shape:
+    for k, shape in shapes.items():
+        if shape is None or tuple(shape) != tuple(allowed[k].shape):
             raise CheckpointError(f"{name} does not fit the model ({k} has the wrong shape)")
+
+
+def check_state_dict(module, tensors, name, *, finite=True):
+    """``tensors`` (a loaded state dict) must hold every parameter of ``module`` (a tied
+    weight, saved once, counts once) with its shape, and nothing the module does not have;
+    with ``finite`` (the default) every floating-point tensor must be finite (a checkpoint of
+    NaN / infinite weights is damaged: :func:`check_finite_tensors`)."""
+    _check_fit(module, {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else None) for k, v in tensors.items()},
+               name)
+    if finite:
+        check_finite_tensors(tensors, name)
+
+
+def check_finite_tensors(tensors, name):
+    """:class:`CheckpointError` if a floating-point tensor of ``tensors`` (a state dict) holds
+    a NaN or an infinite value: such a checkpoint is damaged (resuming from it would train
+    from NaN)."""
+    for k, v in tensors.items():
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) \
+                and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{name} holds non-finite values ({k} has NaN or inf)")
+
+
+def check_safetensors_fit(module, path, name=None):
+    """The safetensors file ``path`` must hold every parameter of ``module`` with its shape
+    and nothing else (:func:`check_state_dict`'s rule), read from its header only (no tensor
+    is loaded). A file that does not fit is damaged (:class:`CheckpointError`): a loader such
+    as ``from_pretrained`` would initialise the missing weights randomly and go on."""
+    from safetensors import safe_open
+
+    name = name or os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError, OSError
+        raise CheckpointError(f"{name} is damaged ({type(e).__name__}: {first_line(e)})") from None
+    _check_fit(module, shapes, name)
 
 
 def check_optimizer_state(make_optimizer, state):

@@ -73,10 +73,11 @@ class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl``. When resuming, lines from
     steps after the checkpoint (written by the run that is being resumed) are dropped first,
     so the file describes one consistent history; ``records`` holds the lines kept (a line
-    cut short by a killed process is dropped too). A failed write (disk full, the directory
+    cut short by a killed process, or one :func:`read_metrics` skips with ``required``, is
+    dropped too). A failed write (disk full, the directory
     gone) is one line naming the file (:class:`TrainingError`)."""
 
-    def __init__(self, path, resume_step=None):
+    def __init__(self, path, resume_step=None, required=None):
         self.path = path
         self.records = []
         try:
@@ -84,7 +85,7 @@ class MetricsWriter:
             if resume_step is None:
                 open(path, "w").close()
             elif os.path.exists(path):
-                self.records = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
+                self.records = [r for r in read_metrics(path, required) if r["step"] <= resume_step]
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
             open(path, "a").close()  # a file the run cannot append to stops it now, not after a step
         except OSError as e:
@@ -102,10 +103,18 @@ class MetricsWriter:
             raise cannot_write(self.path, e) from None
 
 
-def read_metrics(path):
-    """The JSON objects of a metrics file, one a line; a line that is not one (the last line
-    of a killed run, cut short) is skipped."""
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_metrics(path, required=None):
+    """The records of a metrics file, one JSON object a line. A line is skipped when it is not
+    one (the last line of a killed run, cut short), and when it is one of the wrong shape:
+    its ``step`` is not an integer >= 0, its ``split`` (if any) is not a string, or, with
+    ``required`` (``{split: (key, ...)}``), a key its split needs is missing or not a number.
+    So every record returned has an integer ``step`` and what its reader asked for."""
     out = []
+    required = required or {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
@@ -114,8 +123,16 @@ def read_metrics(path):
                 rec = json.loads(line)
             except (ValueError, RecursionError):
                 continue
-            if isinstance(rec, dict):
-                out.append(rec)
+            if not isinstance(rec, dict):
+                continue
+            step, split = rec.get("step"), rec.get("split")
+            if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+                continue
+            if split is not None and not isinstance(split, str):
+                continue
+            if not all(_is_number(rec.get(k)) for k in required.get(split, ())):
+                continue
+            out.append(rec)
     return out
 
 
@@ -132,7 +149,7 @@ def plot_curves(metrics_path, png_path, keys=("loss", "accuracy", "margin"), tit
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
     for ax, key in zip(axes, keys):
         for split, style in (("train", "-"), ("eval", "o-")):
-            pts = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+            pts = [(r["step"], r[key]) for r in records if r.get("split") == split and _is_number(r.get(key))]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, style, label=split, markersize=3)
