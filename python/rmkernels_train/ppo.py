@@ -559,10 +559,7 @@ class PPOTrainer:
 
     def prepare_output_dir(self):
         """The output directory (rank 0), without what killed checkpoint writes left in it."""
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)
-        except OSError as e:
-            raise TrainingError(f"cannot create --output-dir {self.out_dir} ({e.strerror or e})") from None
+        T.make_output_dir(self.out_dir)
         T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
 
     def make_optimizer(self):

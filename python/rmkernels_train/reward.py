@@ -497,6 +497,7 @@ class RewardTrainer:
         """With --resume the newest intact checkpoint, read and checked (:func:`load_checkpoint`);
         without, None (and an output directory with checkpoints is refused)."""
         args, dist = self.args, self.dist
+        self.writes.now(T.make_output_dir, self.out_dir)  # before the data is read
         if dist.is_main:
             T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
         resumed = None

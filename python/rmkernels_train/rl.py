@@ -242,7 +242,7 @@ class CriticFreeTrainer:
         a, dist = self.a, self.dist
         if dist.enabled:
             raise TrainingError(f"--advantage {a.advantage} runs in one process (use --advantage gae under torchrun)")
-        os.makedirs(self.out_dir, exist_ok=True)
+        T.make_output_dir(self.out_dir)
         T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
         if not a.resume and T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "

@@ -219,6 +219,9 @@ def check_output_dir(path, files=OUTPUT_FILES):
     file, a path under a file, a place that cannot be written, or one where an output file
     name (``metrics.jsonl``, ...) is taken by something that is not a file. Creates nothing."""
     p = os.path.abspath(path)
+    if os.path.lexists(p) and not os.path.exists(p):  # makedirs would fail with "File exists"
+        raise TrainingError(f"--output-dir {path}: a symbolic link to nothing (its target does not exist, or the "
+                            f"links loop); remove it or choose another --output-dir")
     if os.path.exists(p):
         if not os.path.isdir(p):
             raise TrainingError(f"--output-dir {path}: exists and is not a directory")
@@ -239,6 +242,17 @@ def check_output_dir(path, files=OUTPUT_FILES):
         os.rmdir(probe)
     except OSError as e:
         raise TrainingError(f"--output-dir {path}: cannot write in {probe_in} ({e.strerror})") from None
+
+
+def make_output_dir(path):
+    """Create the output directory (and its parents) if it is not there: the one place every
+    subcommand does it, early (rank 0). A failure (a link that went dangling since
+    :func:`check_output_dir`, a disk error) is one line naming --output-dir."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        why = "a symbolic link to nothing" if os.path.islink(path) else (e.strerror or str(e))
+        raise TrainingError(f"--output-dir {path}: cannot create it ({why})") from None
 
 
 # ---------------------------------------------------------------------------------------
