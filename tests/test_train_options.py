@@ -370,11 +370,12 @@ def test_a_failed_write_of_rank_0_is_kept_for_the_next_check_and_stops_every_ran
 # ---------------------------------------------------------------------------------------
 # 8, 11. PPO: no random heads; prompts and responses must fit the models
 # ---------------------------------------------------------------------------------------
-def _save(path, kind, positions=64):
+def _save(path, kind, positions=64, vocab=None):
     import transformers
 
     tok = build_char_tokenizer("0123456789 sortabcdefghijklmnopqrstuvwxyz:")
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    cfg = transformers.LlamaConfig(vocab_size=vocab or len(tok), hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=2, num_labels=1,
                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                    bos_token_id=tok.bos_token_id, max_position_embeddings=positions,
@@ -517,3 +518,33 @@ def test_ppo_resume_with_another_reward_model_names_it(tmp_path, capsys):
     assert "skipping" not in err and _steps(tmp_path / "o") == [1]
     rc, err = _run(ppo_main, capsys, *common, "--reward-model", f"{tmp_path}/./rm/", "--resume")
     assert rc == 0, err
+
+
+# ---------------------------------------------------------------------------------------
+# Fifth audit: --kl-horizon, vocabularies, float32 options, a diverged policy
+# ---------------------------------------------------------------------------------------
+CRITIC_FREE = ["--warm-start-steps", 0, "--policy-layers", 1, "--policy-hidden", 16, "--batch-size", 2,
+               "--num-generations", 2, "--max-new-tokens", 4, "--eval-prompts", 4, "--threads", 1, "--no-progress",
+               "--no-plot"]
+
+
+def test_a_vocabulary_that_does_not_fit_the_tokenizer_is_one_line(tmp_path, capsys):
+    """Models whose embedding does not cover the tokenizer, or a policy that could sample ids the
+    tokenizer does not have: one line naming the option and both sizes (audit: IndexError)."""
+    small, rm = _save(tmp_path / "small", "rm", vocab=8), _save(tmp_path / "rm", "rm")
+    big = _save(tmp_path / "big", "lm", vocab=64)
+    n = 42  # the tokenizer of _save
+    _prefs(tmp_path / "p.jsonl")
+    rc, err = _run(reward_main, capsys, "--model", small, "--data", tmp_path / "p.jsonl", "--max-steps", 1,
+                   "--batch-size", 2, "--threads", 1, "--no-progress", "--no-plot", "--output-dir", tmp_path / "r")
+    assert f"--model {small}: its vocabulary (8 token embeddings) is smaller than the tokenizer's ({n} tokens)" in \
+        _one_line_error(rc, err), err
+    no_size = PPO[:2] + PPO[6:]  # without --policy-layers / --policy-hidden
+    for argv in (PPO, CRITIC_FREE):
+        rc, err = _run(ppo_main, capsys, *argv, "--reward-model", small, "--output-dir", tmp_path / "o")
+        assert f"--reward-model {small}: its vocabulary (8 token embeddings) is smaller than the tokenizer's " \
+               f"({n} tokens)" in _one_line_error(rc, err, "ppo"), err
+    for argv in (no_size, CRITIC_FREE[:2] + CRITIC_FREE[6:]):
+        rc, err = _run(ppo_main, capsys, *argv, "--reward-model", rm, "--policy", big, "--output-dir", tmp_path / "o")
+        assert f"--policy {big}: its vocabulary (64 tokens) is larger than the tokenizer's ({n} tokens)" in \
+            _one_line_error(rc, err, "ppo"), err

@@ -386,11 +386,12 @@ def train_default_reward_model(out_dir, dist, threads):
     return ckpt
 
 
-def load_run_reward_model(a, reward_dir):
+def load_run_reward_model(a, reward_dir, tokenizer):
     """The reward model of a ``rmkernels-train ppo`` run (both paths): ``--reward-model``, or the
     default one in ``<output-dir>/reward_model`` (safetensors only: nothing in an output
-    directory can run code), with the linear ``score`` head the rewards come from."""
-    from rmkernels_train.model import load_reward_model
+    directory can run code), with the linear ``score`` head the rewards come from and an
+    embedding that covers ``tokenizer`` (the run's, from ``reward_dir``)."""
+    from rmkernels_train.model import check_vocab, load_reward_model
 
     if a.reward_model is not None:
         what, model = "--reward-model", load_reward_model(reward_dir, what="--reward-model", trained=True)
@@ -400,12 +401,15 @@ def load_run_reward_model(a, reward_dir):
     head = getattr(model, "score", None)
     if head is None or not hasattr(head, "weight"):
         raise TrainingError(f"{what} {reward_dir}: no linear `score` head found on {type(model).__name__}")
+    check_vocab(model, tokenizer, what, reward_dir)
     return model
 
 
 def load_policy(path, tokenizer):
-    """``--policy``: a causal LM whose vocabulary covers the reward model's tokenizer (both paths)."""
+    """``--policy``: a causal LM whose vocabulary is the reward model's tokenizer's (both paths)."""
     from transformers import AutoModelForCausalLM
+
+    from rmkernels_train.model import check_vocab
 
     try:
         policy, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
@@ -415,10 +419,7 @@ def load_policy(path, tokenizer):
     if missing:  # e.g. a *ForSequenceClassification checkpoint: its LM head would be random
         raise TrainingError(f"--policy {path}: not a causal-LM checkpoint: it lacks {len(missing)} weight(s), "
                             f"which would be initialised randomly ({', '.join(missing[:3])})")
-    n = policy.get_input_embeddings().num_embeddings
-    if n < len(tokenizer):
-        raise TrainingError(f"--policy {path}: its vocabulary ({n}) is smaller than the reward model's tokenizer "
-                            f"({len(tokenizer)})")
+    check_vocab(policy, tokenizer, "--policy", path, exact=True)  # the reward model's tokenizer
     return policy
 
 
@@ -430,7 +431,7 @@ def load_models(a, dist, reward_dir):
     tokenizer = load_tokenizer(reward_dir)
     if tokenizer.eos_token_id is None:
         raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-    reward_model = load_run_reward_model(a, reward_dir)
+    reward_model = load_run_reward_model(a, reward_dir, tokenizer)
     backbone_rm = reward_model.base_model
     head = reward_model.score
     torch.manual_seed(a.seed)  # the same initial weights on every rank

@@ -536,6 +536,7 @@ class RewardTrainer:
             self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']})")
         elif args.model is not None:
             model = M.load_reward_model(args.model)
+            M.check_vocab(model, self.tokenizer, "--model", args.model)
         else:
             model = self.build_default_model()
         self.prepare_model(model)
@@ -583,6 +584,7 @@ class RewardTrainer:
             self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']}, sharded)")
         elif args.model is not None:
             model, _ = F.build_on_meta(lambda: M.reward_model_from_config(args.model))
+            M.check_vocab(model, self.tokenizer, "--model", args.model)
             index = F.checkpoint_index(args.model, model)
             plan = F.record_missing_init(model, set(index) & {n for n, _ in model.named_parameters()})
             if plan.param_names():

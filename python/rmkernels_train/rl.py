@@ -254,7 +254,7 @@ class CriticFreeTrainer:
         self.tokenizer = tok = load_tokenizer(reward_dir)
         if tok.eos_token_id is None:
             raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-        self.reward_model = load_run_reward_model(a, reward_dir).to(dist.device)
+        self.reward_model = load_run_reward_model(a, reward_dir, tok).to(dist.device)
         self.reward_model.requires_grad_(False)
         self.reward_model.eval()
         train_prompts, held = task.task_prompts()
