@@ -548,3 +548,28 @@ def test_a_vocabulary_that_does_not_fit_the_tokenizer_is_one_line(tmp_path, caps
         rc, err = _run(ppo_main, capsys, *argv, "--reward-model", rm, "--policy", big, "--output-dir", tmp_path / "o")
         assert f"--policy {big}: its vocabulary (64 tokens) is larger than the tokenizer's ({n} tokens)" in \
             _one_line_error(rc, err, "ppo"), err
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_a_diverged_policy_stops_with_one_line(tmp_path, capsys, advantage):
+    """--lr far too large: the policy's logits overflow at the next sampling (finite parameters),
+    or its parameters go NaN: one line naming the step, the last checkpoint and --lr, not
+    torch.multinomial's "probability tensor contains inf/nan" traceback."""
+    rm = _save(tmp_path / "rm", "rm")
+    if advantage == "gae":
+        argv = [*PPO, "--minibatches", 1, "--ppo-epochs", 1, "--lr", "1e30"]  # one update: no NaN loss first
+    else:
+        # (the entropy term: a gradient even when every response of a group scores the same)
+        argv = [*CRITIC_FREE, "--steps", 3, "--lr", "1e12", "--kl-coef", "0", "--entropy-coef", "1"]
+    rc, err = _run(ppo_main, capsys, *argv, "--reward-model", rm, "--output-dir", tmp_path / "o")
+    line = _one_line_error(rc, err, "ppo")
+    assert re.search(r"after \d+ step\(s\) the policy's next-token logits are not finite \(NaN or \+inf\): "
+                     r"training diverged; no checkpoint had been written yet\. Try a lower --lr\.", line), line
+    # parameters that went NaN: stopped after that update, naming the last good checkpoint
+    m = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        m.bias[1] = float("inf")
+    with pytest.raises(TrainingError, match=re.escape("the parameters are not finite after the update of step 4 "
+                                                      "(policy.bias): training diverged; the last good checkpoint "
+                                                      "is X (resume with --resume). Try a lower --lr.")):
+        T.check_finite_after_update(None, 4, "X", ("policy", m))

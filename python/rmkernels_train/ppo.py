@@ -578,8 +578,14 @@ class PPOTrainer:
         torch.manual_seed(a.seed * 1_000_003 + step * dist.world_size + dist.rank)
         idx = torch.randint(0, len(self.prompt_ids), (a.batch_size,)).tolist()
         p_ids, p_mask = core.left_pad([self.prompt_ids[i] for i in idx], tok.pad_token_id, dist.device)
-        roll = core.generate(self.policy, p_ids, p_mask, max_new_tokens=a.max_new_tokens,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=a.temperature)
+        error = None
+        try:
+            roll = core.generate(self.policy, p_ids, p_mask, max_new_tokens=a.max_new_tokens,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 temperature=a.temperature)
+        except core.NonFiniteLogits:  # a diverged policy (its logits overflow on some prompts)
+            error = T.nonfinite_logits(step, self.last_ckpt)
+        T.share_outcome(dist, error)  # every rank stops together (a collective under torchrun)
         head = self.reward_model.score
         with torch.no_grad():
             old_logprobs = core.policy_logprobs(self.policy, roll, a.temperature)
@@ -649,6 +655,9 @@ class PPOTrainer:
                 if "clipfrac_lower" in stats:
                     stats["clipfrac_lower"] += clipfrac_lower.item()
                 n_updates += 1
+        # diverged weights stop every rank here (one line), not the next step's sampling
+        T.check_finite_after_update(dist, step + 1, self.last_ckpt, ("policy", self.policy),
+                                    ("value_model", self.value_model))
         return {k: v / max(n_updates, 1) for k, v in stats.items()}
 
     def step_record(self, step, r, stats, t0):

@@ -360,6 +360,7 @@ class CriticFreeTrainer:
 
     def train_step(self):
         from rmkernels_train import grpo
+        from rmkernels_train import trainer as T
 
         a, step = self.a, self.step
         # Every step's randomness comes from (seed, step): a resumed run does what the
@@ -378,6 +379,8 @@ class CriticFreeTrainer:
                          minibatches=a.minibatches, clip_range=a.clip_range, clip_range_high=a.clip_range_high,
                          loss_agg=a.loss_agg, entropy_coef=a.entropy_coef, generator=gen,
                          clip_ratio_c=a.clip_ratio_c)
+        # diverged weights stop the run here (one line), not the next step's sampling
+        T.check_finite_after_update(None, step + 1, self.last_ckpt, ("policy", self.policy))
         if not math.isfinite(r["kl"]):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {r['kl']}; lower --lr")
         return {"step": step + 1, "split": "train", **r}
@@ -385,9 +388,18 @@ class CriticFreeTrainer:
     # -- the run ----------------------------------------------------------------------------
     def run(self):
         from rmkernels_train import trainer as T
+        from rmkernels_train.ppo_core import NonFiniteLogits
 
         t_all, cpu0 = time.time(), time.process_time()
         self.setup()
+        try:
+            return self._run(t_all, cpu0)
+        except NonFiniteLogits:  # a diverged policy: one line, not multinomial's traceback
+            raise T.nonfinite_logits(self.step, self.last_ckpt) from None
+
+    def _run(self, t_all, cpu0):
+        from rmkernels_train import trainer as T
+
         a = self.a
         if not self.evals:
             self.evaluate()  # the task success before RL

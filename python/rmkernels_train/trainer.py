@@ -829,6 +829,30 @@ def check_finite_before_saving(dist, step, last_ckpt, *modules):
                             f"lower --lr (or check --max-grad-norm, --weight-decay)")
 
 
+def diverged(what, last_ckpt):
+    """The one line that stops an RL run whose policy diverged (``what`` happened), naming the
+    last checkpoint written (every written checkpoint has finite parameters)."""
+    where = (f"the last good checkpoint is {last_ckpt} (resume with --resume)" if last_ckpt
+             else "no checkpoint had been written yet")
+    return TrainingError(f"{what}: training diverged; {where}. Try a lower --lr.")
+
+
+def check_finite_after_update(dist, step, last_ckpt, *modules):
+    """Called after the optimizer steps of RL step ``step`` (on every rank): a policy (or value
+    model) whose parameters went NaN or infinite stops the run now (:func:`diverged`), not with
+    a traceback from sampling the next rollouts."""
+    bad = nonfinite_parameter(*modules)
+    if dist is not None and dist.enabled:
+        bad = next((b for b in dist.gather_object(bad) if b is not None), None)
+    if bad is not None:
+        raise diverged(f"the parameters are not finite after the update of step {step} ({bad})", last_ckpt)
+
+
+def nonfinite_logits(steps, last_ckpt):
+    """:func:`diverged` for ``ppo_core.NonFiniteLogits``: finite parameters whose logits overflow."""
+    return diverged(f"after {steps} step(s) the policy's next-token logits are not finite (NaN or +inf)", last_ckpt)
+
+
 def fault_point(name):
     """The test hook described in the module docstring."""
     spec = os.environ.get("RMKERNELS_TRAIN_FAULT")
