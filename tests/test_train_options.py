@@ -550,6 +550,32 @@ def test_a_vocabulary_that_does_not_fit_the_tokenizer_is_one_line(tmp_path, caps
             _one_line_error(rc, err, "ppo"), err
 
 
+PPO_FLOAT32 = [
+    (["--clip-range", "1e39"], "--clip-range 1e+39: too large, at most 3.403e+38"),
+    (["--clip-range-high", "1e39"], "--clip-range-high 1e+39: too large, at most 3.403e+38"),
+    (["--temperature", "1e39"], "--temperature 1e+39: too large, at most 8.507e+37"),
+    (["--temperature", "1e38"], "--temperature 1e+38: too large"),
+    (["--lr", "1e38"], "--lr 1e+38: too large, at most 3.403e+37"),
+    (["--kl-coef", "1e39"], "--kl-coef 1e+39: too large"),
+    (["--entropy-coef", "1e39"], "--entropy-coef 1e+39: too large"),
+    (["--missing-eos-penalty=-1e39"], "--missing-eos-penalty -1e+39: too large"),
+]
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+@pytest.mark.parametrize("argv, message", PPO_FLOAT32, ids=[" ".join(a) for a, _ in PPO_FLOAT32])
+def test_ppo_float_options_must_fit_float32(tmp_path, capsys, advantage, argv, message):
+    """A float option applied to float32 tensors beyond float32's range is refused at start-up
+    (audit: "value cannot be converted to type float without overflow", multinomial tracebacks)."""
+    if advantage == "grpo" and argv[0].startswith("--missing-eos-penalty"):
+        pytest.skip("an option of --advantage gae")
+    rm = _save(tmp_path / "rm", "rm")
+    base = PPO if advantage == "gae" else CRITIC_FREE
+    rc, err = _run(ppo_main, capsys, *base, "--reward-model", rm, "--output-dir", tmp_path / "o", *argv)
+    assert message in _one_line_error(rc, err, "ppo"), err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_a_diverged_policy_stops_with_one_line(tmp_path, capsys, advantage):
     """--lr far too large: the policy's logits overflow at the next sampling (finite parameters),

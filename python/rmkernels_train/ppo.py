@@ -188,6 +188,33 @@ def refuse_ignored(a):
             setattr(a, k, v)
 
 
+# The float options applied to float32 tensors (a scalar beyond float32's range fails deep
+# inside torch: "value cannot be converted to type float without overflow", or an inf that makes
+# NaN probabilities), with the largest value each may take (above the checks of check_args):
+# float32's largest; the temperature's 1 / temperature must be a normal float32 (the logits are
+# divided by it); the lr's AdamW's first step size, lr / (1 - beta1), must be finite.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_BOUNDS = {
+    **{k: (FLOAT32_MAX, "the largest float32") for k in (
+        "clip_range", "clip_range_high", "clip_ratio_c", "clip_range_value", "kl_coef", "vf_coef", "gamma",
+        "entropy_coef", "kl_clamp", "score_clip", "missing_eos_penalty", "max_grad_norm")},
+    "temperature": (1.0 / float(torch.finfo(torch.float32).tiny), "1 / temperature must be a normal float32"),
+    **{k: (FLOAT32_MAX * (1 - 0.9), "AdamW's first step, lr / (1 - beta1 = 0.9), must be finite in float32")
+       for k in ("lr", "value_lr")},
+}
+
+
+def check_float32_range(a):
+    """Each option of :data:`FLOAT32_BOUNDS` within its bound (in absolute value)."""
+    from rmkernels_train.rl import flag
+
+    for k, (high, why) in FLOAT32_BOUNDS.items():
+        v = getattr(a, k, None)
+        if v is not None and abs(v) > high:
+            raise TrainingError(f"{flag(k)} {v:g}: too large, at most {high:.4g} in absolute value ({why}; it is "
+                                f"applied to float32 tensors)")
+
+
 def check_args(a):
     from rmkernels_train import rl
 
@@ -226,6 +253,7 @@ def check_args(a):
     for name in ("kl_clamp", "score_clip"):
         T.check_finite(name, getattr(a, name), low=0, low_open=True)
     T.check_finite("missing_eos_penalty", a.missing_eos_penalty)
+    check_float32_range(a)
     from rmkernels_train.sft import POLICY_HEADS
 
     if a.policy_hidden is not None and a.policy_hidden % POLICY_HEADS:
