@@ -198,6 +198,26 @@ def test_ppo_bad_prompt_files(tmp_path, capsys, text, message):
         load_prompts(str(path))
 
 
+def test_ppo_prompts_from_a_pipe(tmp_path, capsys):
+    """--prompts takes what reward's --data takes: anything that exists and is not a directory,
+    a pipe (`--prompts <(...)`) too (audit: "no such file"); the messages are unchanged."""
+    _save_tiny_hf(tmp_path / "rm", 64)
+    r, w = os.pipe()
+    os.write(w, b'{"prompt": "abc "}\n{"prompt": "hg "}\n')
+    os.close(w)
+    try:
+        rc, err = _run(ppo_main, capsys, "--advantage", "gae", "--reward-model", tmp_path / "rm", "--prompts",
+                       f"/dev/fd/{r}", "--policy-layers", 1, "--policy-hidden", 16, "--batch-size", 2,
+                       "--minibatches", 1, "--ppo-epochs", 1, "--steps", 1, "--max-new-tokens", 2,
+                       "--output-dir", tmp_path / "o", "--threads", 1, "--no-progress", "--no-plot")
+    finally:
+        os.close(r)
+    assert rc == 0, err
+    rc, err = _run(ppo_main, capsys, "--prompts", tmp_path / "missing.jsonl", "--output-dir", tmp_path / "o2")
+    assert rc == 1 and err.strip() == f"rmkernels-train ppo: error: --prompts {tmp_path / 'missing.jsonl'}: no such " \
+        f"file", err
+
+
 def _deny(monkeypatch, path):
     """Opening ``path`` raises PermissionError, as for a file without read or write permission
     (chmod cannot show it: the tests may run as root)."""

@@ -268,9 +268,10 @@ def check_args(a):
         v = getattr(a, name)
         if v is not None and not os.path.isdir(v):
             raise TrainingError(f"--{name.replace('_', '-')} {v}: not a directory")
+    # what --data takes: anything that exists and is not a directory (a pipe, a FIFO, /dev/stdin)
     if a.prompts is not None and os.path.isdir(a.prompts):
         raise TrainingError(f"--prompts {a.prompts}: is a directory (give a JSONL file)")
-    if a.prompts is not None and not os.path.isfile(a.prompts):
+    if a.prompts is not None and not os.path.exists(a.prompts):
         raise TrainingError(f"--prompts {a.prompts}: no such file")
 
 
