@@ -528,6 +528,36 @@ CRITIC_FREE = ["--warm-start-steps", 0, "--policy-layers", 1, "--policy-hidden",
                "--no-plot"]
 
 
+def test_adaptive_kl_horizon_that_would_make_the_coefficient_negative_is_refused(tmp_path, capsys):
+    """The Ziegler factor 1 + clip(err, -0.2, 0.2) x n / horizon reaches 0 when horizon <= 0.2 n
+    (n: the responses of a step, over every process): refused at start-up, not a run whose
+    checkpoints --resume then calls damaged (kl_coef < 0)."""
+    from rmkernels_train.ppo import check_kl_horizon
+
+    rm = _save(tmp_path / "rm", "rm")
+    for h in ("0.8", "0.5"):  # --batch-size 4: the factor can reach 1 - 0.2 x 4 / 0.8 = 0
+        rc, err = _run(ppo_main, capsys, *PPO, "--reward-model", rm, "--adaptive-kl", "--kl-horizon", h,
+                       "--output-dir", tmp_path / "o")
+        assert f"--kl-horizon {h} must be > 0.2 x the 4 responses of each step (--batch-size 4) = 0.8" in \
+            _one_line_error(rc, err, "ppo"), err
+        assert not (tmp_path / "o").exists()
+    a = argparse.Namespace(adaptive_kl=True, batch_size=4, kl_horizon=1.6)
+    check_kl_horizon(a, 1)
+    with pytest.raises(TrainingError, match=re.escape("(--batch-size 4 x 2 processes) = 1.6")):
+        check_kl_horizon(a, 2)  # under torchrun n counts every process's rollouts
+    check_kl_horizon(argparse.Namespace(adaptive_kl=None, batch_size=4, kl_horizon=None), 8)  # off: no rule
+    # just above the bound: the coefficient stays >= 0 and the run resumes from its checkpoints
+    out = tmp_path / "ok"
+    argv = [*PPO, "--reward-model", rm, "--adaptive-kl", "--kl-target", "100", "--kl-horizon", "0.81",
+            "--save-every", "1", "--output-dir", out]
+    assert _run(ppo_main, capsys, *argv)[0] == 0
+    coefs = [json.loads((out / f"checkpoint-{s}" / "trainer_state.json").read_text())["kl_coef"] for s in (1, 2)]
+    assert all(c >= 0 for c in coefs) and coefs[1] < 0.05, coefs
+    argv[argv.index("--steps") + 1] = "3"
+    rc, err = _run(ppo_main, capsys, *argv, "--resume")
+    assert rc == 0 and "resuming from " + str(out / "checkpoint-2") in err and "skipping" not in err, err
+
+
 def test_a_vocabulary_that_does_not_fit_the_tokenizer_is_one_line(tmp_path, capsys):
     """Models whose embedding does not cover the tokenizer, or a policy that could sample ids the
     tokenizer does not have: one line naming the option and both sizes (audit: IndexError)."""

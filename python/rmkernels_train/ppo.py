@@ -273,6 +273,24 @@ def check_args(a):
         raise TrainingError(f"--prompts {a.prompts}: is a directory (give a JSONL file)")
     if a.prompts is not None and not os.path.exists(a.prompts):
         raise TrainingError(f"--prompts {a.prompts}: no such file")
+    check_kl_horizon(a, int(os.environ.get("WORLD_SIZE", "1")))  # the processes setup_distributed joins
+
+
+def check_kl_horizon(a, world_size):
+    """--adaptive-kl (rmk.AdaptiveKLController, after each step) multiplies the KL coefficient by
+    ``1 + clip(KL / --kl-target - 1, -0.2, 0.2) x n / --kl-horizon``, ``n`` the step's responses
+    over every process (--batch-size x ``world_size``: step_record's update). A horizon of
+    ``0.2 n`` or less lets that factor reach 0 or below: the coefficient would turn negative (a
+    KL bonus), and --resume refuses such a checkpoint. Refused at start-up."""
+    if not a.adaptive_kl:
+        return
+    n = a.batch_size * world_size
+    if 1.0 - 0.2 * n / a.kl_horizon <= 0.0:  # the controller's smallest factor, computed as it does
+        procs = f" x {world_size} processes" if world_size > 1 else ""
+        raise TrainingError(f"--kl-horizon {a.kl_horizon:g} must be > 0.2 x the {n} responses of each step "
+                            f"(--batch-size {a.batch_size}{procs}) = {0.2 * n:g}: --adaptive-kl multiplies the KL "
+                            f"coefficient by 1 + clip(KL / --kl-target - 1, -0.2, 0.2) x {n} / --kl-horizon after "
+                            f"each step, which would reach 0 or below (a negative coefficient)")
 
 
 # ---------------------------------------------------------------------------------------
