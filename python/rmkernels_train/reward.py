@@ -497,7 +497,6 @@ class RewardTrainer:
         """With --resume the newest intact checkpoint, read and checked (:func:`load_checkpoint`);
         without, None (and an output directory with checkpoints is refused)."""
         args, dist = self.args, self.dist
-        self.writes.now(T.make_output_dir, self.out_dir)  # before the data is read
         if dist.is_main:
             T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
         resumed = None
@@ -621,6 +620,8 @@ class RewardTrainer:
         """metrics.jsonl (rank 0): new, or on resume cut back to the checkpoint's step; the
         resumed run's evaluation at that step is not repeated."""
         dist = self.dist
+        # the first file of the run: nothing is created before the data and the model are read
+        self.writes.now(T.make_output_dir, self.out_dir)
         self.metrics = self.writes.now(MetricsWriter, os.path.join(self.out_dir, "metrics.jsonl"),
                                        self.step if resumed is not None else None)
         if resumed is not None:
