@@ -216,8 +216,9 @@ def check_optional_deps(args, extra_modules=()):
 
 def check_output_dir(path, files=OUTPUT_FILES):
     """Refuse an output directory that cannot work, before anything is loaded or built: a
-    file, a path under a file, a place that cannot be written, or one where an output file
-    name (``metrics.jsonl``, ...) is taken by something that is not a file. Creates nothing."""
+    file, a path under a file, a symbolic link to nothing (dangling, or a loop), a place that
+    cannot be written, or one where an output file name (``metrics.jsonl``, ...) is taken by
+    something that is not a file. Creates nothing."""
     p = os.path.abspath(path)
     if os.path.lexists(p) and not os.path.exists(p):  # makedirs would fail with "File exists"
         raise TrainingError(f"--output-dir {path}: a symbolic link to nothing (its target does not exist, or the "
