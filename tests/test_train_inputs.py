@@ -46,10 +46,18 @@ def _place(tmp_path, case):
         name = case.split()[0]
         (tmp_path / "o" / name).mkdir(parents=True)
         return tmp_path / "o", f"{name} is there and is not a regular file"
+    if case == "a dangling symlink":  # os.makedirs(exist_ok=True) fails on it with "File exists"
+        os.symlink(tmp_path / "nowhere", tmp_path / "link")
+        return tmp_path / "link", "a symbolic link to nothing"
+    if case == "a symlink loop":
+        os.symlink(tmp_path / "loop2", tmp_path / "loop1")
+        os.symlink(tmp_path / "loop1", tmp_path / "loop2")
+        return tmp_path / "loop1", "a symbolic link to nothing"
     raise AssertionError(case)
 
 
-PLACES = ["a file", "under a file", "unwritable", "metrics.jsonl is a directory", "final.json is a directory"]
+PLACES = ["a file", "under a file", "unwritable", "metrics.jsonl is a directory", "final.json is a directory",
+          "a dangling symlink", "a symlink loop"]
 
 
 @pytest.mark.parametrize("case", PLACES)
@@ -75,6 +83,25 @@ def test_ppo_refuses_a_bad_output_dir_before_loading_models(tmp_path, capsys, ca
 def test_checks_create_nothing(tmp_path):
     T.check_output_dir(str(tmp_path / "a" / "b"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_ppo_refuses_a_dangling_output_dir_link_on_both_paths(tmp_path, capsys, advantage):
+    """Both RL paths and reward create --output-dir through the one helper (audit: critic-free
+    ppo gave a FileExistsError traceback); a link that goes dangling after the start-up check is
+    one line too."""
+    out, message = _place(tmp_path, "a dangling symlink")
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    rc, err = _run(ppo_main, capsys, "--advantage", advantage, "--reward-model", not_a_model, "--output-dir", out,
+                   "--threads", "1", "--no-progress", "--no-plot")
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"--output-dir {out}: {message}" in err
+    with pytest.raises(T.TrainingError, match=re.escape(f"--output-dir {out}: cannot create it (a symbolic link to "
+                                                        f"nothing)")):
+        T.make_output_dir(str(out))
+    T.make_output_dir(str(tmp_path / "new" / "dir"))
+    assert os.path.isdir(tmp_path / "new" / "dir")
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,6 +196,26 @@ def test_ppo_bad_prompt_files(tmp_path, capsys, text, message):
     path.write_text(text)
     with pytest.raises(T.TrainingError, match="^" + re.escape(f"{path}{message}")):
         load_prompts(str(path))
+
+
+def test_ppo_prompts_from_a_pipe(tmp_path, capsys):
+    """--prompts takes what reward's --data takes: anything that exists and is not a directory,
+    a pipe (`--prompts <(...)`) too (audit: "no such file"); the messages are unchanged."""
+    _save_tiny_hf(tmp_path / "rm", 64)
+    r, w = os.pipe()
+    os.write(w, b'{"prompt": "abc "}\n{"prompt": "hg "}\n')
+    os.close(w)
+    try:
+        rc, err = _run(ppo_main, capsys, "--advantage", "gae", "--reward-model", tmp_path / "rm", "--prompts",
+                       f"/dev/fd/{r}", "--policy-layers", 1, "--policy-hidden", 16, "--batch-size", 2,
+                       "--minibatches", 1, "--ppo-epochs", 1, "--steps", 1, "--max-new-tokens", 2,
+                       "--output-dir", tmp_path / "o", "--threads", 1, "--no-progress", "--no-plot")
+    finally:
+        os.close(r)
+    assert rc == 0, err
+    rc, err = _run(ppo_main, capsys, "--prompts", tmp_path / "missing.jsonl", "--output-dir", tmp_path / "o2")
+    assert rc == 1 and err.strip() == f"rmkernels-train ppo: error: --prompts {tmp_path / 'missing.jsonl'}: no such " \
+        f"file", err
 
 
 def _deny(monkeypatch, path):

@@ -370,11 +370,12 @@ def test_a_failed_write_of_rank_0_is_kept_for_the_next_check_and_stops_every_ran
 # ---------------------------------------------------------------------------------------
 # 8, 11. PPO: no random heads; prompts and responses must fit the models
 # ---------------------------------------------------------------------------------------
-def _save(path, kind, positions=64):
+def _save(path, kind, positions=64, vocab=None):
     import transformers
 
     tok = build_char_tokenizer("0123456789 sortabcdefghijklmnopqrstuvwxyz:")
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    cfg = transformers.LlamaConfig(vocab_size=vocab or len(tok), hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=2, num_labels=1,
                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                    bos_token_id=tok.bos_token_id, max_position_embeddings=positions,
@@ -517,3 +518,114 @@ def test_ppo_resume_with_another_reward_model_names_it(tmp_path, capsys):
     assert "skipping" not in err and _steps(tmp_path / "o") == [1]
     rc, err = _run(ppo_main, capsys, *common, "--reward-model", f"{tmp_path}/./rm/", "--resume")
     assert rc == 0, err
+
+
+# ---------------------------------------------------------------------------------------
+# Fifth audit: --kl-horizon, vocabularies, float32 options, a diverged policy
+# ---------------------------------------------------------------------------------------
+CRITIC_FREE = ["--warm-start-steps", 0, "--policy-layers", 1, "--policy-hidden", 16, "--batch-size", 2,
+               "--num-generations", 2, "--max-new-tokens", 4, "--eval-prompts", 4, "--threads", 1, "--no-progress",
+               "--no-plot"]
+
+
+def test_adaptive_kl_horizon_that_would_make_the_coefficient_negative_is_refused(tmp_path, capsys):
+    """The Ziegler factor 1 + clip(err, -0.2, 0.2) x n / horizon reaches 0 when horizon <= 0.2 n
+    (n: the responses of a step, over every process): refused at start-up, not a run whose
+    checkpoints --resume then calls damaged (kl_coef < 0)."""
+    from rmkernels_train.ppo import check_kl_horizon
+
+    rm = _save(tmp_path / "rm", "rm")
+    for h in ("0.8", "0.5"):  # --batch-size 4: the factor can reach 1 - 0.2 x 4 / 0.8 = 0
+        rc, err = _run(ppo_main, capsys, *PPO, "--reward-model", rm, "--adaptive-kl", "--kl-horizon", h,
+                       "--output-dir", tmp_path / "o")
+        assert f"--kl-horizon {h} must be > 0.2 x the 4 responses of each step (--batch-size 4) = 0.8" in \
+            _one_line_error(rc, err, "ppo"), err
+        assert not (tmp_path / "o").exists()
+    a = argparse.Namespace(adaptive_kl=True, batch_size=4, kl_horizon=1.6)
+    check_kl_horizon(a, 1)
+    with pytest.raises(TrainingError, match=re.escape("(--batch-size 4 x 2 processes) = 1.6")):
+        check_kl_horizon(a, 2)  # under torchrun n counts every process's rollouts
+    check_kl_horizon(argparse.Namespace(adaptive_kl=None, batch_size=4, kl_horizon=None), 8)  # off: no rule
+    # just above the bound: the coefficient stays >= 0 and the run resumes from its checkpoints
+    out = tmp_path / "ok"
+    argv = [*PPO, "--reward-model", rm, "--adaptive-kl", "--kl-target", "100", "--kl-horizon", "0.81",
+            "--save-every", "1", "--output-dir", out]
+    assert _run(ppo_main, capsys, *argv)[0] == 0
+    coefs = [json.loads((out / f"checkpoint-{s}" / "trainer_state.json").read_text())["kl_coef"] for s in (1, 2)]
+    assert all(c >= 0 for c in coefs) and coefs[1] < 0.05, coefs
+    argv[argv.index("--steps") + 1] = "3"
+    rc, err = _run(ppo_main, capsys, *argv, "--resume")
+    assert rc == 0 and "resuming from " + str(out / "checkpoint-2") in err and "skipping" not in err, err
+
+
+def test_a_vocabulary_that_does_not_fit_the_tokenizer_is_one_line(tmp_path, capsys):
+    """Models whose embedding does not cover the tokenizer, or a policy that could sample ids the
+    tokenizer does not have: one line naming the option and both sizes (audit: IndexError)."""
+    small, rm = _save(tmp_path / "small", "rm", vocab=8), _save(tmp_path / "rm", "rm")
+    big = _save(tmp_path / "big", "lm", vocab=64)
+    n = 42  # the tokenizer of _save
+    _prefs(tmp_path / "p.jsonl")
+    rc, err = _run(reward_main, capsys, "--model", small, "--data", tmp_path / "p.jsonl", "--max-steps", 1,
+                   "--batch-size", 2, "--threads", 1, "--no-progress", "--no-plot", "--output-dir", tmp_path / "r")
+    assert f"--model {small}: its vocabulary (8 token embeddings) is smaller than the tokenizer's ({n} tokens)" in \
+        _one_line_error(rc, err), err
+    no_size = PPO[:2] + PPO[6:]  # without --policy-layers / --policy-hidden
+    for argv in (PPO, CRITIC_FREE):
+        rc, err = _run(ppo_main, capsys, *argv, "--reward-model", small, "--output-dir", tmp_path / "o")
+        assert f"--reward-model {small}: its vocabulary (8 token embeddings) is smaller than the tokenizer's " \
+               f"({n} tokens)" in _one_line_error(rc, err, "ppo"), err
+    for argv in (no_size, CRITIC_FREE[:2] + CRITIC_FREE[6:]):
+        rc, err = _run(ppo_main, capsys, *argv, "--reward-model", rm, "--policy", big, "--output-dir", tmp_path / "o")
+        assert f"--policy {big}: its vocabulary (64 tokens) is larger than the tokenizer's ({n} tokens)" in \
+            _one_line_error(rc, err, "ppo"), err
+
+
+PPO_FLOAT32 = [
+    (["--clip-range", "1e39"], "--clip-range 1e+39: too large, at most 3.403e+38"),
+    (["--clip-range-high", "1e39"], "--clip-range-high 1e+39: too large, at most 3.403e+38"),
+    (["--temperature", "1e39"], "--temperature 1e+39: too large, at most 8.507e+37"),
+    (["--temperature", "1e38"], "--temperature 1e+38: too large"),
+    (["--lr", "1e38"], "--lr 1e+38: too large, at most 3.403e+37"),
+    (["--kl-coef", "1e39"], "--kl-coef 1e+39: too large"),
+    (["--entropy-coef", "1e39"], "--entropy-coef 1e+39: too large"),
+    (["--missing-eos-penalty=-1e39"], "--missing-eos-penalty -1e+39: too large"),
+]
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+@pytest.mark.parametrize("argv, message", PPO_FLOAT32, ids=[" ".join(a) for a, _ in PPO_FLOAT32])
+def test_ppo_float_options_must_fit_float32(tmp_path, capsys, advantage, argv, message):
+    """A float option applied to float32 tensors beyond float32's range is refused at start-up
+    (audit: "value cannot be converted to type float without overflow", multinomial tracebacks)."""
+    if advantage == "grpo" and argv[0].startswith("--missing-eos-penalty"):
+        pytest.skip("an option of --advantage gae")
+    rm = _save(tmp_path / "rm", "rm")
+    base = PPO if advantage == "gae" else CRITIC_FREE
+    rc, err = _run(ppo_main, capsys, *base, "--reward-model", rm, "--output-dir", tmp_path / "o", *argv)
+    assert message in _one_line_error(rc, err, "ppo"), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_a_diverged_policy_stops_with_one_line(tmp_path, capsys, advantage):
+    """--lr far too large: the policy's logits overflow at the next sampling (finite parameters),
+    or its parameters go NaN: one line naming the step, the last checkpoint and --lr, not
+    torch.multinomial's "probability tensor contains inf/nan" traceback."""
+    rm = _save(tmp_path / "rm", "rm")
+    if advantage == "gae":
+        argv = [*PPO, "--minibatches", 1, "--ppo-epochs", 1, "--lr", "1e30"]  # one update: no NaN loss first
+    else:
+        # (the entropy term: a gradient even when every response of a group scores the same)
+        argv = [*CRITIC_FREE, "--steps", 3, "--lr", "1e12", "--kl-coef", "0", "--entropy-coef", "1"]
+    rc, err = _run(ppo_main, capsys, *argv, "--reward-model", rm, "--output-dir", tmp_path / "o")
+    line = _one_line_error(rc, err, "ppo")
+    assert re.search(r"after \d+ step\(s\) the policy's next-token logits are not finite \(NaN or \+inf\): "
+                     r"training diverged; no checkpoint had been written yet\. Try a lower --lr\.", line), line
+    # parameters that went NaN: stopped after that update, naming the last good checkpoint
+    m = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        m.bias[1] = float("inf")
+    with pytest.raises(TrainingError, match=re.escape("the parameters are not finite after the update of step 4 "
+                                                      "(policy.bias): training diverged; the last good checkpoint "
+                                                      "is X (resume with --resume). Try a lower --lr.")):
+        T.check_finite_after_update(None, 4, "X", ("policy", m))

@@ -389,6 +389,68 @@ def test_generate_masks_stop_at_first_eos():
     assert lp.shape == (2, 6) and (lp <= 0).all()
 
 
+def _tiny_lm(vocab=20, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return LlamaForCausalLM(cfg)
+
+
+def _sample(policy, ids, mask, seed, **kw):
+    torch.manual_seed(seed)
+    return core.generate(policy, ids, mask, max_new_tokens=8, eos_token_id=1, pad_token_id=0, **kw).sequences
+
+
+def test_generate_ignores_the_policys_generation_config(tmp_path):
+    """Rollouts are sampled from the softmax at --temperature that the PPO log-probs assume: a
+    --policy whose generation_config.json holds a repetition_penalty, top_p, ... samples the same
+    tokens as the same weights without it (audit: a repetition_penalty 5 changed them)."""
+    from rmkernels_train.ppo import load_policy
+    from rmkernels_train.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer("0123456789 sort:")
+    plain = _tiny_lm(vocab=len(tok))
+    plain.config.pad_token_id, plain.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    plain.save_pretrained(tmp_path / "plain")
+    plain.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, top_p=0.5, top_k=3,
+                                   temperature=0.3, do_sample=True)
+    plain.save_pretrained(tmp_path / "reppen")
+    assert json.loads((tmp_path / "reppen" / "generation_config.json").read_text())["repetition_penalty"] == 5.0
+    a, b = load_policy(str(tmp_path / "plain"), tok), load_policy(str(tmp_path / "reppen"), tok)
+    ids, mask = core.left_pad([[tok.bos_token_id, 3, 4, 5], [tok.bos_token_id, 6]] * 4, tok.pad_token_id)
+    for seed in range(3):
+        for kw in ({}, {"temperature": 0.7}, {"top_k": 1}):
+            x = _sample(a, ids, mask, seed, **kw)
+            assert torch.equal(x, _sample(b, ids, mask, seed, **kw)), (seed, kw)
+    assert b.generation_config.repetition_penalty == 5.0  # the policy's own config is left as it was
+
+
+def test_generate_samples_the_whole_vocabulary():
+    """No top-k unless asked: transformers' default top_k (50) is not applied by the back door
+    (a policy of 200 tokens with equal logits samples more than 50 distinct ones)."""
+    policy = _tiny_lm(vocab=200)
+    with torch.no_grad():
+        policy.lm_head.weight.zero_()
+    ids, mask = core.left_pad([[2, 3]] * 32, 0)
+    seen = set(_sample(policy, ids, mask, 0)[:, 2:].flatten().tolist())
+    assert len(seen) > 50, len(seen)
+
+
+def test_generate_stops_on_non_finite_logits():
+    """A diverged policy (NaN or overflowing logits) raises NonFiniteLogits, which the trainers
+    turn into one line; not torch.multinomial's "probability tensor contains inf/nan"."""
+    policy = _tiny_lm()
+    ids, mask = core.left_pad([[2, 3, 4], [2, 5]], 0)
+    for bad in (float("nan"), 1e38):
+        with torch.no_grad():
+            policy.lm_head.weight.fill_(bad)
+        with pytest.raises(core.NonFiniteLogits):
+            _sample(policy, ids, mask, 0, temperature=0.5)
+    assert policy.training  # its mode restored
+
+
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------

@@ -387,7 +387,7 @@ def test_policy_with_a_smaller_vocabulary_stops_with_a_message(tiny_rm, tmp_path
             i = argv.index(opt)
             del argv[i:i + 2]
         assert main(argv) == 1
-        assert "its vocabulary (5) is smaller than the reward model's tokenizer" in _err(capsys)
+        assert "its vocabulary (5 token embeddings) is smaller than the tokenizer's (" in _err(capsys)
 
 
 @pytest.fixture(scope="module")

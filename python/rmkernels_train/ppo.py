@@ -188,6 +188,33 @@ def refuse_ignored(a):
             setattr(a, k, v)
 
 
+# The float options applied to float32 tensors (a scalar beyond float32's range fails deep
+# inside torch: "value cannot be converted to type float without overflow", or an inf that makes
+# NaN probabilities), with the largest value each may take (above the checks of check_args):
+# float32's largest; the temperature's 1 / temperature must be a normal float32 (the logits are
+# divided by it); the lr's AdamW's first step size, lr / (1 - beta1), must be finite.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_BOUNDS = {
+    **{k: (FLOAT32_MAX, "the largest float32") for k in (
+        "clip_range", "clip_range_high", "clip_ratio_c", "clip_range_value", "kl_coef", "vf_coef", "gamma",
+        "entropy_coef", "kl_clamp", "score_clip", "missing_eos_penalty", "max_grad_norm")},
+    "temperature": (1.0 / float(torch.finfo(torch.float32).tiny), "1 / temperature must be a normal float32"),
+    **{k: (FLOAT32_MAX * (1 - 0.9), "AdamW's first step, lr / (1 - beta1 = 0.9), must be finite in float32")
+       for k in ("lr", "value_lr")},
+}
+
+
+def check_float32_range(a):
+    """Each option of :data:`FLOAT32_BOUNDS` within its bound (in absolute value)."""
+    from rmkernels_train.rl import flag
+
+    for k, (high, why) in FLOAT32_BOUNDS.items():
+        v = getattr(a, k, None)
+        if v is not None and abs(v) > high:
+            raise TrainingError(f"{flag(k)} {v:g}: too large, at most {high:.4g} in absolute value ({why}; it is "
+                                f"applied to float32 tensors)")
+
+
 def check_args(a):
     from rmkernels_train import rl
 
@@ -226,6 +253,7 @@ def check_args(a):
     for name in ("kl_clamp", "score_clip"):
         T.check_finite(name, getattr(a, name), low=0, low_open=True)
     T.check_finite("missing_eos_penalty", a.missing_eos_penalty)
+    check_float32_range(a)
     from rmkernels_train.sft import POLICY_HEADS
 
     if a.policy_hidden is not None and a.policy_hidden % POLICY_HEADS:
@@ -240,10 +268,29 @@ def check_args(a):
         v = getattr(a, name)
         if v is not None and not os.path.isdir(v):
             raise TrainingError(f"--{name.replace('_', '-')} {v}: not a directory")
+    # what --data takes: anything that exists and is not a directory (a pipe, a FIFO, /dev/stdin)
     if a.prompts is not None and os.path.isdir(a.prompts):
         raise TrainingError(f"--prompts {a.prompts}: is a directory (give a JSONL file)")
-    if a.prompts is not None and not os.path.isfile(a.prompts):
+    if a.prompts is not None and not os.path.exists(a.prompts):
         raise TrainingError(f"--prompts {a.prompts}: no such file")
+    check_kl_horizon(a, int(os.environ.get("WORLD_SIZE", "1")))  # the processes setup_distributed joins
+
+
+def check_kl_horizon(a, world_size):
+    """--adaptive-kl (rmk.AdaptiveKLController, after each step) multiplies the KL coefficient by
+    ``1 + clip(KL / --kl-target - 1, -0.2, 0.2) x n / --kl-horizon``, ``n`` the step's responses
+    over every process (--batch-size x ``world_size``: step_record's update). A horizon of
+    ``0.2 n`` or less lets that factor reach 0 or below: the coefficient would turn negative (a
+    KL bonus), and --resume refuses such a checkpoint. Refused at start-up."""
+    if not a.adaptive_kl:
+        return
+    n = a.batch_size * world_size
+    if 1.0 - 0.2 * n / a.kl_horizon <= 0.0:  # the controller's smallest factor, computed as it does
+        procs = f" x {world_size} processes" if world_size > 1 else ""
+        raise TrainingError(f"--kl-horizon {a.kl_horizon:g} must be > 0.2 x the {n} responses of each step "
+                            f"(--batch-size {a.batch_size}{procs}) = {0.2 * n:g}: --adaptive-kl multiplies the KL "
+                            f"coefficient by 1 + clip(KL / --kl-target - 1, -0.2, 0.2) x {n} / --kl-horizon after "
+                            f"each step, which would reach 0 or below (a negative coefficient)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,11 +433,12 @@ def train_default_reward_model(out_dir, dist, threads):
     return ckpt
 
 
-def load_run_reward_model(a, reward_dir):
+def load_run_reward_model(a, reward_dir, tokenizer):
     """The reward model of a ``rmkernels-train ppo`` run (both paths): ``--reward-model``, or the
     default one in ``<output-dir>/reward_model`` (safetensors only: nothing in an output
-    directory can run code), with the linear ``score`` head the rewards come from."""
-    from rmkernels_train.model import load_reward_model
+    directory can run code), with the linear ``score`` head the rewards come from and an
+    embedding that covers ``tokenizer`` (the run's, from ``reward_dir``)."""
+    from rmkernels_train.model import check_vocab, load_reward_model
 
     if a.reward_model is not None:
         what, model = "--reward-model", load_reward_model(reward_dir, what="--reward-model", trained=True)
@@ -403,12 +451,15 @@ def load_run_reward_model(a, reward_dir):
     bad = T.nonfinite_parameter(("", model))
     if bad is not None:  # every score (and the value model it starts) would be NaN
         raise TrainingError(f"{what} {reward_dir}: its weights are not finite ({bad} has NaN or inf)")
+    check_vocab(model, tokenizer, what, reward_dir)
     return model
 
 
 def load_policy(path, tokenizer):
-    """``--policy``: a causal LM whose vocabulary covers the reward model's tokenizer (both paths)."""
+    """``--policy``: a causal LM whose vocabulary is the reward model's tokenizer's (both paths)."""
     from transformers import AutoModelForCausalLM
+
+    from rmkernels_train.model import check_vocab
 
     try:
         policy, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
@@ -418,10 +469,7 @@ def load_policy(path, tokenizer):
     if missing:  # e.g. a *ForSequenceClassification checkpoint: its LM head would be random
         raise TrainingError(f"--policy {path}: not a causal-LM checkpoint: it lacks {len(missing)} weight(s), "
                             f"which would be initialised randomly ({', '.join(missing[:3])})")
-    n = policy.get_input_embeddings().num_embeddings
-    if n < len(tokenizer):
-        raise TrainingError(f"--policy {path}: its vocabulary ({n}) is smaller than the reward model's tokenizer "
-                            f"({len(tokenizer)})")
+    check_vocab(policy, tokenizer, "--policy", path, exact=True)  # the reward model's tokenizer
     return policy
 
 
@@ -433,7 +481,7 @@ def load_models(a, dist, reward_dir):
     tokenizer = load_tokenizer(reward_dir)
     if tokenizer.eos_token_id is None:
         raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-    reward_model = load_run_reward_model(a, reward_dir)
+    reward_model = load_run_reward_model(a, reward_dir, tokenizer)
     backbone_rm = reward_model.base_model
     head = reward_model.score
     torch.manual_seed(a.seed)  # the same initial weights on every rank
@@ -566,10 +614,7 @@ class PPOTrainer:
 
     def prepare_output_dir(self):
         """The output directory (rank 0), without what killed checkpoint writes left in it."""
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)
-        except OSError as e:
-            raise TrainingError(f"cannot create --output-dir {self.out_dir} ({e.strerror or e})") from None
+        T.make_output_dir(self.out_dir)
         T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
 
     def make_optimizer(self):
@@ -587,8 +632,14 @@ class PPOTrainer:
         torch.manual_seed(a.seed * 1_000_003 + step * dist.world_size + dist.rank)
         idx = torch.randint(0, len(self.prompt_ids), (a.batch_size,)).tolist()
         p_ids, p_mask = core.left_pad([self.prompt_ids[i] for i in idx], tok.pad_token_id, dist.device)
-        roll = core.generate(self.policy, p_ids, p_mask, max_new_tokens=a.max_new_tokens,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=a.temperature)
+        error = None
+        try:
+            roll = core.generate(self.policy, p_ids, p_mask, max_new_tokens=a.max_new_tokens,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 temperature=a.temperature)
+        except core.NonFiniteLogits:  # a diverged policy (its logits overflow on some prompts)
+            error = T.nonfinite_logits(step, self.last_ckpt)
+        T.share_outcome(dist, error)  # every rank stops together (a collective under torchrun)
         head = self.reward_model.score
         with torch.no_grad():
             old_logprobs = core.policy_logprobs(self.policy, roll, a.temperature)
@@ -658,6 +709,9 @@ class PPOTrainer:
                 if "clipfrac_lower" in stats:
                     stats["clipfrac_lower"] += clipfrac_lower.item()
                 n_updates += 1
+        # diverged weights stop every rank here (one line), not the next step's sampling
+        T.check_finite_after_update(dist, step + 1, self.last_ckpt, ("policy", self.policy),
+                                    ("value_model", self.value_model))
         return {k: v / max(n_updates, 1) for k, v in stats.items()}
 
     def step_record(self, step, r, stats, t0):

@@ -50,18 +50,72 @@ def left_pad(prompts, pad_token_id, device=None):
     return ids.to(device), mask.to(device)
 
 
+class NonFiniteLogits(RuntimeError):
+    """:func:`generate` met next-token logits with a NaN or +inf (a diverged policy): the
+    probabilities of those rows are not a distribution. The trainers turn it into one line."""
+
+
+class _FiniteGuard:
+    """The last logits processor of :func:`generate`: a row whose scores hold a NaN or +inf, or
+    are all -inf (softmax would make NaN probabilities, which ``torch.multinomial`` refuses with a traceback
+    on CPU and a device-side assert on CUDA) is replaced by zeros, and the fact is kept on the
+    device (no synchronisation per token); :func:`generate` raises :class:`NonFiniteLogits`
+    after. Other rows are left as they are (a -inf is a masked token)."""
+
+    def __init__(self):
+        self.bad = None
+
+    def __call__(self, input_ids, scores):
+        # a NaN, a +inf, or no finite score at all (every token at -inf)
+        bad = torch.isnan(scores).any(-1, keepdim=True) | ~torch.isfinite(scores.amax(-1, keepdim=True))
+        self.bad = bad.any() if self.bad is None else self.bad | bad.any()
+        return torch.where(bad, torch.zeros_like(scores), scores)
+
+
+def sampling_config(*, max_new_tokens, eos_token_id, pad_token_id):
+    """The ``GenerationConfig`` of the rollouts: sampling, at least one and at most
+    ``max_new_tokens`` new tokens, and nothing else. Temperature and top-k are not in it: they
+    are :func:`generate`'s own logits processors (top_k 0 is set, not left unset: transformers'
+    default is 50)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                            min_new_tokens=1, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
 @torch.no_grad()
 def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id, temperature=1.0,
-             top_k=0, generator_seed=None):
+             top_k=0):
     """Sample responses with ``policy.generate`` and build the masks. The response ends at the
-    first EOS (included); tokens after it are padding (mask 0)."""
+    first EOS (included); tokens after it are padding (mask 0).
+
+    Sampling is the trainer's alone: :func:`sampling_config` (the EOS is masked at the first
+    token), then the logits divided by ``temperature`` and, with ``top_k`` > 0, cut to the top k
+    (transformers' own warpers), then softmax. The policy's own ``generation_config`` (a
+    checkpoint's ``generation_config.json``: ``repetition_penalty``, ``top_p``, ...) is set
+    aside for the call (transformers fills every setting left unset from it), so that the
+    responses are sampled from the distribution the PPO log-probs assume. Non-finite logits (a
+    diverged policy) raise :class:`NonFiniteLogits`."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+
     was_training = policy.training
     policy.eval()
-    kwargs = dict(do_sample=True, temperature=temperature, top_k=top_k if top_k > 0 else None, top_p=1.0,
-                  max_new_tokens=max_new_tokens, min_new_tokens=1, eos_token_id=eos_token_id,
-                  pad_token_id=pad_token_id)
-    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-    policy.train(was_training)
+    config = sampling_config(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    guard = _FiniteGuard()
+    # custom processors run after generate's own (min_new_tokens) and before its warpers (none
+    # with this config): the guard sees the very scores that softmax will
+    processors = LogitsProcessorList(([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) +
+                                     ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + [guard])
+    own = getattr(policy, "generation_config", None)
+    policy.generation_config = config
+    try:
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                              logits_processor=processors)
+    finally:
+        policy.generation_config = own
+        policy.train(was_training)
+    if guard.bad is not None and bool(guard.bad):
+        raise NonFiniteLogits("the policy's next-token logits are not finite (NaN or +inf)")
     P = prompt_ids.shape[1]
     response = out[:, P:]
     if response.shape[1] < max_new_tokens:  # every row stopped early: pad to a fixed width

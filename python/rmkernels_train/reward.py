@@ -553,6 +553,7 @@ class RewardTrainer:
             self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']})")
         elif args.model is not None:
             model = M.load_reward_model(args.model)
+            M.check_vocab(model, self.tokenizer, "--model", args.model)
         else:
             model = self.build_default_model()
         self.prepare_model(model)
@@ -600,6 +601,7 @@ class RewardTrainer:
             self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']}, sharded)")
         elif args.model is not None:
             model, _ = F.build_on_meta(lambda: M.reward_model_from_config(args.model))
+            M.check_vocab(model, self.tokenizer, "--model", args.model)
             index = F.checkpoint_index(args.model, model)
             plan = F.record_missing_init(model, set(index) & {n for n, _ in model.named_parameters()})
             if plan.param_names():
@@ -636,6 +638,8 @@ class RewardTrainer:
         """metrics.jsonl (rank 0): new, or on resume cut back to the checkpoint's step; the
         resumed run's evaluation at that step is not repeated."""
         dist = self.dist
+        # the first file of the run: nothing is created before the data and the model are read
+        self.writes.now(T.make_output_dir, self.out_dir)
         self.metrics = self.writes.now(MetricsWriter, os.path.join(self.out_dir, "metrics.jsonl"),
                                        self.step if resumed is not None else None, EVAL_METRICS)
         if resumed is not None:

@@ -247,7 +247,7 @@ class CriticFreeTrainer:
         a, dist = self.a, self.dist
         if dist.enabled:
             raise TrainingError(f"--advantage {a.advantage} runs in one process (use --advantage gae under torchrun)")
-        os.makedirs(self.out_dir, exist_ok=True)
+        T.make_output_dir(self.out_dir)
         T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
         if not a.resume and T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
@@ -259,7 +259,7 @@ class CriticFreeTrainer:
         self.tokenizer = tok = load_tokenizer(reward_dir)
         if tok.eos_token_id is None:
             raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
-        self.reward_model = load_run_reward_model(a, reward_dir).to(dist.device)
+        self.reward_model = load_run_reward_model(a, reward_dir, tok).to(dist.device)
         self.reward_model.requires_grad_(False)
         self.reward_model.eval()
         train_prompts, held = task.task_prompts()
@@ -366,6 +366,7 @@ class CriticFreeTrainer:
 
     def train_step(self):
         from rmkernels_train import grpo
+        from rmkernels_train import trainer as T
 
         a, step = self.a, self.step
         # Every step's randomness comes from (seed, step): a resumed run does what the
@@ -384,6 +385,8 @@ class CriticFreeTrainer:
                          minibatches=a.minibatches, clip_range=a.clip_range, clip_range_high=a.clip_range_high,
                          loss_agg=a.loss_agg, entropy_coef=a.entropy_coef, generator=gen,
                          clip_ratio_c=a.clip_ratio_c)
+        # diverged weights stop the run here (one line), not the next step's sampling
+        T.check_finite_after_update(None, step + 1, self.last_ckpt, ("policy", self.policy))
         if not math.isfinite(r["kl"]):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {r['kl']}; lower --lr")
         return {"step": step + 1, "split": "train", **r}
@@ -391,9 +394,18 @@ class CriticFreeTrainer:
     # -- the run ----------------------------------------------------------------------------
     def run(self):
         from rmkernels_train import trainer as T
+        from rmkernels_train.ppo_core import NonFiniteLogits
 
         t_all, cpu0 = time.time(), time.process_time()
         self.setup()
+        try:
+            return self._run(t_all, cpu0)
+        except NonFiniteLogits:  # a diverged policy: one line, not multinomial's traceback
+            raise T.nonfinite_logits(self.step, self.last_ckpt) from None
+
+    def _run(self, t_all, cpu0):
+        from rmkernels_train import trainer as T
+
         a = self.a
         if not self.evals:
             self.evaluate()  # the task success before RL

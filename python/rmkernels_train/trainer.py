@@ -220,9 +220,13 @@ def check_optional_deps(args, extra_modules=()):
 
 def check_output_dir(path, files=OUTPUT_FILES):
     """Refuse an output directory that cannot work, before anything is loaded or built: a
-    file, a path under a file, a place that cannot be written, or one where an output file
-    name (``metrics.jsonl``, ...) is taken by something that is not a file. Creates nothing."""
+    file, a path under a file, a symbolic link to nothing (dangling, or a loop), a place that
+    cannot be written, or one where an output file name (``metrics.jsonl``, ...) is taken by
+    something that is not a file. Creates nothing."""
     p = os.path.abspath(path)
+    if os.path.lexists(p) and not os.path.exists(p):  # makedirs would fail with "File exists"
+        raise TrainingError(f"--output-dir {path}: a symbolic link to nothing (its target does not exist, or the "
+                            f"links loop); remove it or choose another --output-dir")
     if os.path.exists(p):
         if not os.path.isdir(p):
             raise TrainingError(f"--output-dir {path}: exists and is not a directory")
@@ -307,6 +311,17 @@ def lock_output_dir(path):
     if os.environ.get("RANK", "0") != "0":
         return None
     return OutputDirLock(path)
+
+
+def make_output_dir(path):
+    """Create the output directory (and its parents) if it is not there: the one place every
+    subcommand does it, early (rank 0). A failure (a link that went dangling since
+    :func:`check_output_dir`, a disk error) is one line naming --output-dir."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        why = "a symbolic link to nothing" if os.path.islink(path) else (e.strerror or str(e))
+        raise TrainingError(f"--output-dir {path}: cannot create it ({why})") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -922,6 +937,30 @@ def check_finite_before_saving(dist, step, last_ckpt, *modules):
                  else "no checkpoint had been written")
         raise TrainingError(f"parameters are not finite after step {step} ({bad}); not saved; {where}. Try a "
                             f"lower --lr (or check --max-grad-norm, --weight-decay)")
+
+
+def diverged(what, last_ckpt):
+    """The one line that stops an RL run whose policy diverged (``what`` happened), naming the
+    last checkpoint written (every written checkpoint has finite parameters)."""
+    where = (f"the last good checkpoint is {last_ckpt} (resume with --resume)" if last_ckpt
+             else "no checkpoint had been written yet")
+    return TrainingError(f"{what}: training diverged; {where}. Try a lower --lr.")
+
+
+def check_finite_after_update(dist, step, last_ckpt, *modules):
+    """Called after the optimizer steps of RL step ``step`` (on every rank): a policy (or value
+    model) whose parameters went NaN or infinite stops the run now (:func:`diverged`), not with
+    a traceback from sampling the next rollouts."""
+    bad = nonfinite_parameter(*modules)
+    if dist is not None and dist.enabled:
+        bad = next((b for b in dist.gather_object(bad) if b is not None), None)
+    if bad is not None:
+        raise diverged(f"the parameters are not finite after the update of step {step} ({bad})", last_ckpt)
+
+
+def nonfinite_logits(steps, last_ckpt):
+    """:func:`diverged` for ``ppo_core.NonFiniteLogits``: finite parameters whose logits overflow."""
+    return diverged(f"after {steps} step(s) the policy's next-token logits are not finite (NaN or +inf)", last_ckpt)
 
 
 def fault_point(name):
