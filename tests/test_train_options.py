@@ -559,8 +559,9 @@ def test_adaptive_kl_horizon_that_would_make_the_coefficient_negative_is_refused
 
 
 def test_a_vocabulary_that_does_not_fit_the_tokenizer_is_one_line(tmp_path, capsys):
-    """Models whose embedding does not cover the tokenizer, or a policy that could sample ids the
-    tokenizer does not have: one line naming the option and both sizes (audit: IndexError)."""
+    """Models whose embedding does not cover the tokenizer: one line naming the option and both
+    sizes (audit: IndexError); a policy padded past the tokenizer is cut to it (it sampled ids the
+    tokenizer does not have: IndexError)."""
     small, rm = _save(tmp_path / "small", "rm", vocab=8), _save(tmp_path / "rm", "rm")
     big = _save(tmp_path / "big", "lm", vocab=64)
     n = 42  # the tokenizer of _save
@@ -574,10 +575,20 @@ def test_a_vocabulary_that_does_not_fit_the_tokenizer_is_one_line(tmp_path, caps
         rc, err = _run(ppo_main, capsys, *argv, "--reward-model", small, "--output-dir", tmp_path / "o")
         assert f"--reward-model {small}: its vocabulary (8 token embeddings) is smaller than the tokenizer's " \
                f"({n} tokens)" in _one_line_error(rc, err, "ppo"), err
-    for argv in (no_size, CRITIC_FREE[:2] + CRITIC_FREE[6:]):
-        rc, err = _run(ppo_main, capsys, *argv, "--reward-model", rm, "--policy", big, "--output-dir", tmp_path / "o")
-        assert f"--policy {big}: its vocabulary (64 tokens) is larger than the tokenizer's ({n} tokens)" in \
-            _one_line_error(rc, err, "ppo"), err
+    # a policy padded past the tokenizer (as Qwen2.5's 151,936 rows for 151,665 tokens) keeps the
+    # tokenizer's rows: it trains, and never samples an id the tokenizer cannot decode
+    for i, argv in enumerate((no_size, CRITIC_FREE[:2] + CRITIC_FREE[6:])):
+        out = tmp_path / f"padded{i}"
+        rc, err = _run(ppo_main, capsys, *argv, "--reward-model", rm, "--policy", big, "--output-dir", out)
+        assert rc == 0, err
+        assert f"--policy {big}: its vocabulary (64 token embeddings) is padded past the tokenizer's ({n} tokens); " \
+               f"the policy keeps the first {n}" in err, err
+        from safetensors.torch import load_file
+
+        ckpt = sorted(out.glob("checkpoint-*"))[-1]
+        shapes = {k: v.shape[0] for f in ckpt.rglob("*.safetensors") for k, v in load_file(f).items()
+                  if k.endswith(("embed_tokens.weight", "wte.weight", "lm_head.weight"))}
+        assert shapes and set(shapes.values()) == {n}, shapes
 
 
 PPO_FLOAT32 = [

@@ -127,24 +127,21 @@ def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetens
     return model
 
 
-def check_vocab(model, tokenizer, what, path, *, exact=False):
-    """The model's token embeddings must cover ``tokenizer`` (every id it makes indexes a row):
-    refused otherwise with one line naming ``what`` (the option), ``path`` and both sizes.
-    ``exact`` (a policy, which samples from its whole vocabulary): a larger vocabulary is
-    refused too, since it could sample ids that the tokenizer and the reward model do not have."""
+def vocab_rows(model):
+    """The number of token embeddings of ``model`` (None when it has no embedding table)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     n = getattr(emb, "num_embeddings", None)
-    if not isinstance(n, int):
-        return
+    return n if isinstance(n, int) else None
+
+
+def check_vocab(model, tokenizer, what, path):
+    """The model's token embeddings must cover ``tokenizer`` (every id it makes indexes a row):
+    refused otherwise with one line naming ``what`` (the option), ``path`` and both sizes."""
+    n = vocab_rows(model)
     size = len(tokenizer)
-    if n < size:
+    if n is not None and n < size:
         raise TrainingError(f"{what} {path}: its vocabulary ({n} token embeddings) is smaller than the tokenizer's "
                             f"({size} tokens): token ids {n} to {size - 1} would index past its embedding")
-    if exact and n > size:
-        raise TrainingError(f"{what} {path}: its vocabulary ({n} tokens) is larger than the tokenizer's ({size} "
-                            f"tokens): it could sample token ids {size} to {n - 1}, which the tokenizer cannot "
-                            f"decode and the reward model cannot score (give a policy with the reward model's "
-                            f"vocabulary)")
 
 
 def reward_model_from_config(path, *, dtype=torch.float32, what="--model"):

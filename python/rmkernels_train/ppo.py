@@ -455,11 +455,12 @@ def load_run_reward_model(a, reward_dir, tokenizer):
     return model
 
 
-def load_policy(path, tokenizer):
-    """``--policy``: a causal LM whose vocabulary is the reward model's tokenizer's (both paths)."""
+def load_policy(path, tokenizer, log=None):
+    """``--policy``: a causal LM whose vocabulary is the reward model's tokenizer's (both paths);
+    an embedding padded past the tokenizer is cut to it (said through ``log``)."""
     from transformers import AutoModelForCausalLM
 
-    from rmkernels_train.model import check_vocab
+    from rmkernels_train.model import check_vocab, vocab_rows
 
     try:
         policy, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
@@ -469,11 +470,19 @@ def load_policy(path, tokenizer):
     if missing:  # e.g. a *ForSequenceClassification checkpoint: its LM head would be random
         raise TrainingError(f"--policy {path}: not a causal-LM checkpoint: it lacks {len(missing)} weight(s), "
                             f"which would be initialised randomly ({', '.join(missing[:3])})")
-    check_vocab(policy, tokenizer, "--policy", path, exact=True)  # the reward model's tokenizer
+    check_vocab(policy, tokenizer, "--policy", path)  # the reward model's tokenizer
+    rows, size = vocab_rows(policy), len(tokenizer)
+    if rows is not None and rows > size:
+        # an embedding padded past the tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens): the rows
+        # past it are ids the tokenizer cannot decode and the reward model cannot score, so the
+        # policy keeps the tokenizer's rows (LM head and embedding, tied or not) and never samples them
+        policy.resize_token_embeddings(size)
+        (log or print)(f"--policy {path}: its vocabulary ({rows} token embeddings) is padded past the tokenizer's "
+                       f"({size} tokens); the policy keeps the first {size} (the padded ids are never sampled)")
     return policy
 
 
-def load_models(a, dist, reward_dir):
+def load_models(a, dist, reward_dir, log=None):
     from rmkernels_train.model import load_tokenizer
     from rmkernels_train.ppo_core import ValueModel
     from rmkernels_train.sft import build_policy
@@ -486,7 +495,7 @@ def load_models(a, dist, reward_dir):
     head = reward_model.score
     torch.manual_seed(a.seed)  # the same initial weights on every rank
     if a.policy is not None:
-        policy = load_policy(a.policy, tokenizer)
+        policy = load_policy(a.policy, tokenizer, log)
     else:
         policy = build_policy(tokenizer, layers=a.policy_layers, hidden=a.policy_hidden)
     ref = copy.deepcopy(policy)
@@ -593,7 +602,8 @@ class PPOTrainer:
                                 f"--output-dir")
         reward_dir = self.reward_dir = a.reward_model or train_default_reward_model(self.out_dir, dist,
                                                                                      T.threads_for(a, True))
-        self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir)
+        self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir,
+                                                                                                 self.log)
         prompts, lines = run_prompts(a, None if a.prompts else default_prompts())
         self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model), prompts, lines)
         self.optimizer = self.make_optimizer()

@@ -271,7 +271,7 @@ class CriticFreeTrainer:
                      f"{a.prompts}: each step uses all {len(self.train_prompts)} prompts once")
         t = time.time()
         if a.policy is not None:
-            policy = load_policy(a.policy, tok)
+            policy = load_policy(a.policy, tok, self.log)
             self.warm_info = {"policy": a.policy}
         elif a.warm_start_steps > 0 and a.resume and T.list_checkpoints(self.out_dir)[0]:
             # the checkpoint holds the policy and the reference: the warm-start cache is not read
