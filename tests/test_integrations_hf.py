@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rmkernels as rmk
+from rmkernels.integrations import hf
 from rmkernels.ops import pooling
 from tests.utils import assert_close
 
@@ -181,12 +182,37 @@ def test_attention_mask_rule_with_pad_equal_eos():
     assert_close(model(input_ids=ids, attention_mask=mask).logits, before_eos, rtol=1e-5, atol=1e-6)
 
 
+def test_a_patched_model_pickles_patched():
+    """pickle, torch.save of the whole model and deepcopy give a patched model whose forward is
+    bound to the copy (a bound method of a function the class lacks pickled, then failed to load:
+    "no attribute '_patched_forward'")."""
+    import io
+    import pickle
+
+    model = _tiny("llama")
+    rmk.patch_hf_reward_model(model, last_token="attention_mask")
+    ids = torch.randint(1, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    want = model(input_ids=ids, attention_mask=mask).logits
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buf, weights_only=False)]
+    for other in copies:
+        assert hf.is_patched(other) and isinstance(other.forward, hf.PatchedForward)
+        assert other.forward.__self__ is other and other._rmk_options["last_token"] == "attention_mask"
+        assert_close(other(input_ids=ids, attention_mask=mask).logits, want, rtol=0, atol=0)
+        rmk.unpatch_hf_reward_model(other)
+        assert "forward" not in other.__dict__
+
+
 def test_unpatch_and_errors():
     model = _tiny("llama")
     cls_forward = type(model).forward
     rmk.patch_hf_reward_model(model)
     rmk.patch_hf_reward_model(model)  # twice: still one level of patching
-    assert model.forward.__func__ is not cls_forward
+    assert isinstance(model.forward, hf.PatchedForward) and model.forward.__self__ is model
     rmk.unpatch_hf_reward_model(model)
     assert "forward" not in model.__dict__ and model.forward.__func__ is cls_forward
     rmk.unpatch_hf_reward_model(model)  # no-op

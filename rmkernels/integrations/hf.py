@@ -149,7 +149,7 @@ def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
         return model
     model._rmk_original_forward = model.__dict__.get("forward")  # None: the class's forward
     model._rmk_options = _options(model, last_token, backend, head)
-    model.forward = _patched_forward.__get__(model, type(model))
+    model.forward = PatchedForward(model)
     return model
 
 
@@ -194,6 +194,26 @@ def _logits_dtype(hidden, weight):
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class PatchedForward:
+    """``model.forward`` after :func:`patch_hf_reward_model`: calls the patched forward with
+    ``model`` (``__self__``, as a bound method's). Unlike a bound method of a function the
+    model's class does not have, it pickles (as a reference to its model: ``pickle``,
+    ``torch.save`` of the whole model, ``copy.deepcopy``, multiprocessing), so a patched model
+    round-trips patched."""
+
+    def __init__(self, model):
+        self.__self__ = model
+
+    def __call__(self, *args, **kwargs):
+        return _patched_forward(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return PatchedForward, (self.__self__,)
+
+    def __repr__(self):
+        return f"<rmkernels patched forward of {type(self.__self__).__name__}>"
 
 
 def _patched_forward(self, *args, **kwargs):
