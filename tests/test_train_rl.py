@@ -242,6 +242,7 @@ def test_defaults_depend_on_the_estimator():
 @pytest.mark.parametrize("argv,message", [
     (["--num-generations", "1"], "--num-generations must be >= 2"),
     (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--eval-prompts", "501"], "--eval-prompts must be <= 500"),  # the held-out prompts (it was capped silently)
     (["--warm-start-steps", "-1"], "--warm-start-steps must be >= 0"),
     (["--kl-estimator", "abs"], "takes k1, k2 or k3"),
     (["--advantage", "gae", "--reward", "checker"], "options of the critic-free run"),
@@ -1151,3 +1152,21 @@ def test_resume_skips_metrics_lines_of_the_wrong_shape(cf_run, tiny_rm, tmp_path
     _err(capsys)
     assert [(r["split"], r["step"]) for r in _records(out / "metrics.jsonl")] == [("eval", 3), ("train", 4),
                                                                                    ("eval", 4)]
+
+
+def test_resume_past_steps_says_so(cf_run, tiny_rm, tmp_path, capsys):
+    """--resume with a smaller --steps than the checkpoint's: "nothing to train" on both paths, as
+    the reward trainer says (the last line said "2 steps" as if the run had done them)."""
+    out = tmp_path / "cf"
+    shutil.copytree(cf_run, out)
+    assert main(tiny(tiny_rm, out, "--steps", "1", "--save-every", "1", "--save-total-limit", "3", "--resume")) == 0
+    captured = capsys.readouterr()
+    assert "nothing to train: the checkpoint is at step 2, past the 1 steps this run asks for (--steps)" in \
+        captured.out + captured.err
+    gae = tmp_path / "gae"
+    assert main(tiny_gae(tiny_rm, gae, "--steps", "2")) == 0
+    _err(capsys)
+    assert main(tiny_gae(tiny_rm, gae, "--steps", "1", "--resume")) == 0
+    captured = capsys.readouterr()
+    assert "nothing to train: the checkpoint is at step 2, past the 1 steps this run asks for (--steps)" in \
+        captured.out + captured.err

@@ -83,7 +83,10 @@ def make_sort_pairs(n, seed, *, min_digits=4, max_digits=7, exclude=()):
     return out
 
 
-def default_datasets(n_train=6000, n_eval=500, seed=1234, **kw):
+DEFAULT_HELD_OUT = 500  # held-out pairs of the built-in task (and so its held-out prompts)
+
+
+def default_datasets(n_train=6000, n_eval=DEFAULT_HELD_OUT, seed=1234, **kw):
     """(train, held-out) pairs of the built-in task. The held-out prompts are generated
     first from their own seed and excluded from the training set."""
     held = make_sort_pairs(n_eval, seed + 1, **kw)

@@ -829,7 +829,7 @@ class PPOTrainer:
         k = max(1, min(10, len(recs) // 4))
         first = sum(r["score"] for r in recs[:k]) / k
         last = sum(r["score"] for r in recs[-k:]) / k
-        status = "" if self.step >= a.steps else f"{T.stopped_early(self.steps_this_run)}; "
+        status = T.run_status(self.step, a.steps, self.steps_this_run, "--steps")
         summary = {"advantage": "gae", "seed": a.seed, "steps": self.step, "done": self.step >= a.steps,
                    "steps_averaged": k, "score_first": first, "score_last": last, "kl": recs[-1]["kl"],
                    "kl_coef": recs[-1]["kl_coef"], "world_size": dist.world_size, "reward_model": self.reward_dir,

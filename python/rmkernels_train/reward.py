@@ -880,11 +880,10 @@ class RewardTrainer:
             plot_curves(os.path.join(self.out_dir, "metrics.jsonl"), os.path.join(self.out_dir, "curves.png"),
                         title=f"reward model: {self.what.split(':')[0]}")
         status = "done" if self.step >= self.total else T.stopped_early(self.steps_this_run)
-        where = f"step {self.step}/{self.total}"
+        head = f"{status}: step {self.step}/{self.total}"
         if self.step > self.total:  # resumed with a smaller --max-steps / --epochs
-            status, where = "nothing to train", (f"the checkpoint is at step {self.step}, past the {self.total} "
-                                                 f"steps this run asks for (--max-steps / --epochs)")
-        self.log(f"{status}: {where} in {summary['train_time_s']:.0f} s; held-out pairwise "
+            head = T.past_the_end(self.step, self.total, "--max-steps / --epochs")
+        self.log(f"{head} in {summary['train_time_s']:.0f} s; held-out pairwise "
                  f"accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}, margin {ev['margin']:.3f} "
                  f"({ev['pairs']} pairs); checkpoint {self.last_ckpt}")
 

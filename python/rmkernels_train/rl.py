@@ -128,9 +128,12 @@ def check_args(a):
     if a.advantage == "gae":
         return
     from rmkernels_train import trainer as T
+    from rmkernels_train.data import DEFAULT_HELD_OUT
 
     for name in ("num_generations", "eval_every", "eval_prompts"):
         T.check_int(name, getattr(a, name), low=1)
+    # the built-in task's held-out prompts: more would be silently the same 500
+    T.check_int("eval_prompts", a.eval_prompts, high=DEFAULT_HELD_OUT)
     if a.advantage in GROUP_ESTIMATORS and a.num_generations < 2:
         raise TrainingError(f"--num-generations must be >= 2 for --advantage {a.advantage} (the advantages compare "
                             f"the responses to one prompt), got {a.num_generations}")
@@ -457,7 +460,7 @@ class CriticFreeTrainer:
                    "warm_start": self.warm_info, "reward_model": self.reward_dir, "checkpoint": self.last_ckpt,
                    "time_s": {k: round(v, 1) for k, v in self.times.items()}}
         T.write_final(a.output_dir, summary)
-        status = "" if self.step >= a.steps else f"{T.stopped_early(self.steps_this_run)}; "
+        status = T.run_status(self.step, a.steps, self.steps_this_run, "--steps")
         print(f"rmkernels-train ppo: {status}{self.step} {a.advantage} steps (RL {self.times['rl']:.0f} s in this "
               f"run). Held-out task success (greedy), step {first['step']} -> {last['step']}: "
               f"{first['task_success']:.3f} -> {last['task_success']:.3f} ({d_ok:+.3f}); sampled "

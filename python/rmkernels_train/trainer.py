@@ -349,6 +349,20 @@ def stopped_early(steps_this_run):
     return f"stopped after {steps_this_run} steps (--stop-after; --resume goes on)"
 
 
+def past_the_end(step, total, flags):
+    """How a trainer's last line says that ``--resume`` found a checkpoint past the steps this
+    run asks for (``flags``: the options that set them): nothing was trained."""
+    return f"nothing to train: the checkpoint is at step {step}, past the {total} steps this run asks for ({flags})"
+
+
+def run_status(step, total, steps_this_run, flags):
+    """The head of a trainer's last line: "" when the run reached ``total``, the
+    :func:`past_the_end` / :func:`stopped_early` phrase (and "; ") otherwise."""
+    if step > total:
+        return past_the_end(step, total, flags) + "; "
+    return "" if step >= total else stopped_early(steps_this_run) + "; "
+
+
 def progress_bar(args, dist, *, total, initial, desc):
     """A tqdm bar on rank 0 (None with --no-progress and on other ranks)."""
     if not (dist.is_main and args.progress):
