@@ -137,7 +137,10 @@ BAD_FILES = {
     "deep nesting": ('{"chosen": "b", "rejected": "c"}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
                      ":2: not valid JSON here (nested too deeply to parse)"),
     "400-digit margin": ('{"chosen": "b", "rejected": "c", "margin": ' + "9" * 400 + '}\n',
-                         ":1: field 'margin' must be a finite number (a float64), got int 999"),
+                         ":1: field 'margin' must be a finite number within float32's range (|margin| <= "
+                         "3.403e+38), got int 999"),
+    "margin past float32": ('{"chosen": "b", "rejected": "c", "margin": -1e39}\n',
+                            ":1: field 'margin' must be a finite number within float32's range"),
     "5000-digit margin": ('{"chosen": "b", "rejected": "c", "margin": ' + "9" * 5000 + '}\n',
                           ":1: not valid JSON here (Exceeds the limit"),
     "infinite margin": ('{"chosen": "b", "rejected": "c", "margin": 1e999}\n',

@@ -29,7 +29,7 @@ import random
 
 import torch
 
-from rmkernels_train.utils import TrainingError
+from rmkernels_train.utils import FLOAT32_MAX, TrainingError
 
 # ---------------------------------------------------------------------------------------
 # The built-in default data set
@@ -176,9 +176,10 @@ def validate_record(rec, where, margin_field="margin"):
                 margin = float(margin)  # a 400-digit integer overflows here
             except OverflowError:
                 bad = True
-        if bad or not math.isfinite(margin):
-            raise TrainingError(f"{where}: field {margin_field!r} must be a finite number (a float64), got "
-                                f"{_describe(rec.get(margin_field))}")
+        # the margins go to the loss as float32: beyond its range a margin is inf there
+        if bad or not math.isfinite(margin) or abs(margin) > FLOAT32_MAX:
+            raise TrainingError(f"{where}: field {margin_field!r} must be a finite number within float32's range "
+                                f"(|margin| <= {FLOAT32_MAX:.4g}), got {_describe(rec.get(margin_field))}")
     return {"prompt": rec.get("prompt"), "chosen": rec["chosen"], "rejected": rec["rejected"], "margin": margin}
 
 

@@ -44,7 +44,7 @@ import torch
 
 from rmkernels._codes import KL_ESTIMATORS
 from rmkernels_train import trainer as T
-from rmkernels_train.utils import TrainingError
+from rmkernels_train.utils import FLOAT32_MAX, TrainingError
 
 PROG = "rmkernels-train ppo"
 # The built-in policy's size (None in the parser: with --policy they are refused, not ignored).
@@ -193,7 +193,6 @@ def refuse_ignored(a):
 # NaN probabilities), with the largest value each may take (above the checks of check_args):
 # float32's largest; the temperature's 1 / temperature must be a normal float32 (the logits are
 # divided by it); the lr's AdamW's first step size, lr / (1 - beta1), must be finite.
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 FLOAT32_BOUNDS = {
     **{k: (FLOAT32_MAX, "the largest float32") for k in (
         "clip_range", "clip_range_high", "clip_ratio_c", "clip_range_value", "kl_coef", "vf_coef", "gamma",

@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the largest finite float32 (options, data)
+
 
 class TrainingError(Exception):
     """A problem the user can fix (bad data, bad option, NaN loss): the CLI prints the
