@@ -269,8 +269,8 @@ class OutputDirLock:
         self.path = path
         self.file = os.path.join(path, LOCK_FILE)
         self.created = not os.path.exists(path)
+        make_output_dir(path)  # the one place the directory is created, with its message
         try:
-            os.makedirs(path, exist_ok=True)
             while True:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666)
                 try:
@@ -938,14 +938,20 @@ def nonfinite_parameter(*modules):
     return None
 
 
+def nonfinite_parameter_on_any_rank(dist, *modules):
+    """:func:`nonfinite_parameter` of this rank, or under torchrun the first rank's that found
+    one (the same answer on every rank)."""
+    bad = nonfinite_parameter(*modules)
+    if dist is not None and dist.enabled:
+        bad = next((b for b in dist.gather_object(bad) if b is not None), None)
+    return bad
+
+
 def check_finite_before_saving(dist, step, last_ckpt, *modules):
     """Called before writing a checkpoint (on every rank): parameters that are not finite
     stop the run instead of being saved, naming the last checkpoint written (every written
     checkpoint passed this check)."""
-    bad = nonfinite_parameter(*modules)
-    if dist is not None and dist.enabled:
-        bads = dist.gather_object(bad)
-        bad = next((b for b in bads if b is not None), None)
+    bad = nonfinite_parameter_on_any_rank(dist, *modules)
     if bad is not None:
         where = (f"the last checkpoint (finite parameters) is {last_ckpt} (resume with --resume)" if last_ckpt
                  else "no checkpoint had been written")
@@ -965,9 +971,7 @@ def check_finite_after_update(dist, step, last_ckpt, *modules):
     """Called after the optimizer steps of RL step ``step`` (on every rank): a policy (or value
     model) whose parameters went NaN or infinite stops the run now (:func:`diverged`), not with
     a traceback from sampling the next rollouts."""
-    bad = nonfinite_parameter(*modules)
-    if dist is not None and dist.enabled:
-        bad = next((b for b in dist.gather_object(bad) if b is not None), None)
+    bad = nonfinite_parameter_on_any_rank(dist, *modules)
     if bad is not None:
         raise diverged(f"the parameters are not finite after the update of step {step} ({bad})", last_ckpt)
 
