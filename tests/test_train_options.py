@@ -291,6 +291,10 @@ class _TwoRanks:
         self.calls.append(("gather", obj))
         return [obj, self.peer_line] if self.is_main else [self.peer_line, obj]
 
+    def sum(self, values):  # share_outcome's count of failed ranks (the peer failed when it has a line)
+        self.calls.append(("sum", values))
+        return [v + (self.peer_line is not None) for v in values]
+
 
 @pytest.mark.parametrize("shards", [False, True], ids=["ddp", "fsdp"])
 def test_every_rank_takes_the_same_collectives_whether_the_checkpoint_is_written_or_not(tmp_path, shards):
@@ -311,19 +315,19 @@ def test_every_rank_takes_the_same_collectives_whether_the_checkpoint_is_written
         rank0 = _TwoRanks(0)
         with pytest.raises(TrainingError, match="cannot write") as e:
             T.save_checkpoint_on_main(rank0, str(where), 4, write, 1, every_rank=every_rank)
-        assert rank0.calls == [*want, ("gather", str(e.value))]
+        assert rank0.calls == [*want, ("sum", [1.0]), ("gather", str(e.value))]
     assert not final.exists() and os.listdir(out) == []
     rank0 = _TwoRanks(0)
     assert T.save_checkpoint_on_main(rank0, str(out), 4, lambda tmp: None, 1, every_rank=every_rank) == str(final)
-    assert rank0.calls == [*want, ("gather", None)] and final.is_dir()
+    assert rank0.calls == [*want, ("sum", [0.0])] and final.is_dir()  # nobody failed: no lines exchanged
     for tmp in ("/x/.tmp-checkpoint-4-y", None):  # rank 0 made its temporary directory, or failed before
         rank1 = _TwoRanks(1, tmp=tmp, peer_line=f"{line}; ...")
         with pytest.raises(TrainingError, match="^" + re.escape(f"rank 0: {line}")):
             T.save_checkpoint_on_main(rank1, str(out), 4, None, 1, every_rank=every_rank)
-        assert rank1.calls == [*want, ("gather", None)]
+        assert rank1.calls == [*want, ("sum", [0.0]), ("gather", None)]
     rank1 = _TwoRanks(1, tmp="/x/.tmp-checkpoint-4-y")
     assert T.save_checkpoint_on_main(rank1, str(out), 4, None, 1, every_rank=every_rank) == str(final)
-    assert rank1.calls == [*want, ("gather", None)]
+    assert rank1.calls == [*want, ("sum", [0.0])]
     if shards:  # rank 0's own temporary directory (written, then failed; written), then rank 0's as rank 1 sees it
         assert [os.path.basename(p)[:18] for p in seen] == [".tmp-checkpoint-4-"] * 4, seen
         assert seen[2:] == ["/x/.tmp-checkpoint-4-y"] * 2
@@ -349,7 +353,7 @@ def test_a_failed_write_of_rank_0_is_kept_for_the_next_check_and_stops_every_ran
     assert writes(done.append, 1) is None and done == [] and rank0.calls == []
     with pytest.raises(TrainingError, match="^" + re.escape(line) + "$"):
         writes.check(failed=1.0)
-    assert rank0.calls == [("gather", line)]
+    assert rank0.calls == [("sum", [1.0]), ("gather", line)]
     rank1 = _TwoRanks(1, peer_line=line)
     writes = T.MainWrites(rank1)
     assert writes(full) is None and writes.failed == 0.0  # not rank 0: nothing written, nothing failed
@@ -357,9 +361,9 @@ def test_a_failed_write_of_rank_0_is_kept_for_the_next_check_and_stops_every_ran
     assert rank1.calls == []
     with pytest.raises(TrainingError, match="^" + re.escape(f"rank 0: {line}") + "$"):
         writes.check()
-    assert rank1.calls == [("gather", None)]
+    assert rank1.calls == [("sum", [0.0]), ("gather", None)]
     rank0 = _TwoRanks(0)
-    assert T.MainWrites(rank0).now(lambda x: x + 1, 4) == 5 and rank0.calls == [("gather", None)]
+    assert T.MainWrites(rank0).now(lambda x: x + 1, 4) == 5 and rank0.calls == [("sum", [0.0])]
     single = T.MainWrites(Dist())
     with pytest.raises(TrainingError, match="^" + re.escape(line) + "$"):
         single(full)
@@ -640,3 +644,24 @@ def test_a_diverged_policy_stops_with_one_line(tmp_path, capsys, advantage):
                                                       "(policy.bias): training diverged; the last good checkpoint "
                                                       "is X (resume with --resume). Try a lower --lr.")):
         T.check_finite_after_update(None, 4, "X", ("policy", m))
+
+
+def test_the_finiteness_check_exchanges_names_only_when_a_rank_found_one():
+    """nonfinite_parameter_on_any_rank (after every RL update, before every checkpoint): under
+    torchrun one all-reduced count, and the parameter names gathered only when it is not 0;
+    the first non-finite parameter of the modules in order, on every rank."""
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    rank0 = _TwoRanks(0)
+    assert T.nonfinite_parameter_on_any_rank(rank0, ("policy", a), ("value", b)) is None
+    assert rank0.calls == [("sum", [0.0])]
+    rank0 = _TwoRanks(0, peer_line="value.weight")  # only the other rank's shard went NaN
+    assert T.nonfinite_parameter_on_any_rank(rank0, ("policy", a), ("value", b)) == "value.weight"
+    assert rank0.calls == [("sum", [0.0]), ("gather", None)]
+    with torch.no_grad():
+        b.bias[0], a.bias[1], a.weight[1, 0] = float("nan"), float("-inf"), float("inf")
+    assert T.nonfinite_parameter(("policy", a), ("value", b)) == "policy.weight"
+    assert T.nonfinite_parameter(("value", b), ("policy", a)) == "value.bias"
+    rank1 = _TwoRanks(1, peer_line="policy.bias")
+    assert T.nonfinite_parameter_on_any_rank(rank1, ("value", b)) == "policy.bias"  # rank 0's comes first
+    assert rank1.calls == [("sum", [1.0]), ("gather", "value.bias")]
+    assert T.nonfinite_parameter(("empty", torch.nn.ReLU())) is None

@@ -733,13 +733,15 @@ class PPOTrainer:
         m = mask.double()
         n_loc, s1_loc = m.sum().item(), (adv.advantages.double() * m).sum().item()
         # with the step's sums, whether rank 0's last write failed (the previous step's line of
-        # metrics.jsonl): every rank stops here with one line (no collective of its own)
-        n_all, s1_all, s2_all, failed = dist.sum([n_loc, s1_loc, (adv.advantages.double() ** 2 * m).sum().item(),
-                                                  self.writes.failed])
+        # metrics.jsonl): every rank stops here with one line (no collective of its own); and each
+        # rank's mean advantage, at its own index of a world-size vector (the sum gathers them)
+        own_mean = [0.0] * dist.world_size
+        own_mean[dist.rank] = s1_loc / max(n_loc, 1.0)
+        n_all, s1_all, s2_all, failed, *rank_means = dist.sum(
+            [n_loc, s1_loc, (adv.advantages.double() ** 2 * m).sum().item(), self.writes.failed] + own_mean)
         self.writes.check(failed)
         adv_mean = s1_all / max(n_all, 1.0)
         adv_var = (s2_all - n_all * adv_mean ** 2) / max(n_all - 1.0, 1.0)
-        rank_means = dist.gather_object(s1_loc / max(n_loc, 1.0))
         extra = [k for k in ("clipfrac_lower", "entropy") if k in stats]  # with --clip-ratio-c, --entropy-coef
         local = [r["raw_scores"].mean().item(), seq_kl.mean().item(), mask.float().sum(1).mean().item()] + \
             [stats[k] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", *extra)]

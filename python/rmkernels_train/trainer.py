@@ -603,11 +603,15 @@ def share_outcome(dist, error):
     rank's. On a failure of any rank every rank raises: its own ``error``, or else a
     :class:`TrainingError` ``rank R: <line>`` with the first failed rank's line. So no rank goes
     on to a collective that a failed rank never reaches (gloo: "Connection closed by peer";
-    NCCL: a hang until the timeout). One small all-gather of None or one line per rank. A
-    single process raises ``error`` if there is one."""
+    NCCL: a hang until the timeout). One all-reduce of one number (how many ranks failed), and
+    only when it is not 0 an all-gather of each rank's line (None or the line): the exchange of
+    pickled objects costs host copies and two collectives, and the RL trainers make this one
+    every step. A single process raises ``error`` if there is one."""
     if not dist.enabled:
         if error is not None:
             raise error
+        return
+    if not dist.sum([0.0 if error is None else 1.0])[0]:
         return
     lines = dist.gather_object(None if error is None else
                                str(error) if isinstance(error, TrainingError) else first_line(error))
@@ -929,20 +933,24 @@ def check_resume_args(saved, args, fixed, world_size):
 
 def nonfinite_parameter(*modules):
     """The name of the first parameter of ``modules`` (``(name, module)`` pairs) with a NaN
-    or infinite value (a sharded DTensor: this rank's shard), or None."""
-    for name, module in modules:
-        for pname, p in module.named_parameters():
-            t = p.to_local() if hasattr(p, "to_local") else p
-            if not bool(torch.isfinite(t.detach()).all()):
-                return f"{name}.{pname}" if name else pname
-    return None
+    or infinite value (a sharded DTensor: this rank's shard), or None. One host
+    synchronisation for all the parameters (one per parameter only when one is not finite)."""
+    named = [(f"{name}.{pname}" if name else pname, p.to_local() if hasattr(p, "to_local") else p)
+             for name, module in modules for pname, p in module.named_parameters()]
+    if not named:
+        return None
+    flags = [torch.isfinite(t.detach()).all() for _, t in named]
+    if bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+        return None
+    return next(n for n, t in named if not bool(torch.isfinite(t.detach()).all()))
 
 
 def nonfinite_parameter_on_any_rank(dist, *modules):
     """:func:`nonfinite_parameter` of this rank, or under torchrun the first rank's that found
-    one (the same answer on every rank)."""
+    one (the same answer on every rank): one all-reduce of one number, and the names exchanged
+    only when some rank found one."""
     bad = nonfinite_parameter(*modules)
-    if dist is not None and dist.enabled:
+    if dist is not None and dist.enabled and dist.sum([0.0 if bad is None else 1.0])[0]:
         bad = next((b for b in dist.gather_object(bad) if b is not None), None)
     return bad
 
