@@ -8,6 +8,7 @@ writes a line of metrics.jsonl, final.json or curves.png, or a failed default re
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -546,6 +547,28 @@ def test_default_reward_model_dir_is_reused(reward_model, tmp_path, capsys):
     (out / "reward_model" / "final.json").write_text(json.dumps({"checkpoint": reward_model}))
     assert main(["--output-dir", str(out), "--steps", "1", "--batch-size", "4", "--ppo-epochs", "1"] + FAST) == 0
     assert len(_records(out / "metrics.jsonl")) == 1
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_reward_model_may_be_a_reward_runs_output_dir(reward_model, tmp_path, capsys, advantage):
+    """--reward-model <a reward run's --output-dir> (what `rmkernels-train reward --output-dir D`
+    was given) stands for the final checkpoint that run's final.json names, said in the log (it
+    was a tokenizer error naming no file); a relative path there is taken in that directory."""
+    run = tmp_path / "rm_run"
+    shutil.copytree(reward_model, run / "checkpoint-50")
+    (run / "final.json").write_text(json.dumps({"checkpoint": "elsewhere/rm_run/checkpoint-50"}))
+    argv = ["--advantage", advantage, "--reward-model", str(run), "--output-dir", str(tmp_path / "o"),
+            "--steps", "1", "--batch-size", "4", "--threads", "1", "--no-progress", "--no-plot"]
+    argv += ["--ppo-epochs", "1", "--max-new-tokens", "4"] if advantage == "gae" else \
+        ["--num-generations", "2", "--warm-start-steps", "0", "--eval-prompts", "8"]
+    assert main(argv) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--reward-model {run}: the final checkpoint of that reward run, {run / 'checkpoint-50'}" in err, err
+    (run / "final.json").write_text("{")  # a cut summary: one line naming it
+    assert main(argv[:5] + [str(tmp_path / "o2")] + argv[6:]) == 1
+    err = capsys.readouterr().err
+    assert f"--reward-model {run}: a training output directory; its summary {run / 'final.json'}" in err, err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv,message", [

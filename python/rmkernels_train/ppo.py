@@ -62,7 +62,8 @@ def build_parser():
     g = p.add_argument_group("models and data")
     g.add_argument("--reward-model", metavar="DIR", default=None,
                    help="reward model trained by `rmkernels-train reward` (an HF *ForSequenceClassification "
-                        "checkpoint with its tokenizer); default: train the built-in one first")
+                        "checkpoint with its tokenizer, or a reward run's --output-dir: its final checkpoint); "
+                        "default: train the built-in one first")
     g.add_argument("--policy", metavar="DIR", default=None,
                    help="initial policy (HF causal-LM checkpoint sharing the reward model's tokenizer); "
                         "default: a tiny Llama, warm-started on the task (critic-free) or random-init (gae)")
@@ -418,18 +419,39 @@ def train_default_reward_model(out_dir, dist, threads):
     # rank 0 trains it while the others wait; a failure (of the run, or its disk) stops every
     # rank with one line, not rank 0 alone (the others would die in the collective after)
     T.MainWrites(dist).now(train_it)
+    return final_checkpoint(rm_dir, "the default reward model's summary")
+
+
+def final_checkpoint(run_dir, what):
+    """The final checkpoint that a finished ``rmkernels-train reward`` run in ``run_dir`` reports
+    in its ``final.json`` (a relative path there is taken as the ``checkpoint-<step>`` in
+    ``run_dir``: the run recorded it relative to the directory it ran in)."""
+    summary_path = os.path.join(run_dir, "final.json")
     try:
         with open(summary_path) as f:
             ckpt = json.load(f)["checkpoint"]
         if not isinstance(ckpt, str):
             raise ValueError(f"'checkpoint' is {ckpt!r}, not a path")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TrainingError(f"cannot read the default reward model's summary {summary_path}: {e}") from None
+        raise TrainingError(f"cannot read {what} {summary_path}: {e}") from None
     if not os.path.isabs(ckpt):
-        # the reward run records its checkpoint as <its --output-dir>/checkpoint-<step>, relative to
-        # the directory it ran in: the checkpoint is in rm_dir, wherever this run starts from
-        ckpt = os.path.join(rm_dir, os.path.basename(os.path.normpath(ckpt)))
+        ckpt = os.path.join(run_dir, os.path.basename(os.path.normpath(ckpt)))
     return ckpt
+
+
+def run_reward_model(a, out_dir, dist, threads, log):
+    """The reward model directory of a ``rmkernels-train ppo`` run (both paths): ``--reward-model``
+    (a reward run's ``--output-dir`` stands for the final checkpoint its ``final.json`` names,
+    said through ``log``), or the default one, trained first (:func:`train_default_reward_model`)."""
+    path = a.reward_model
+    if path is None:
+        return train_default_reward_model(out_dir, dist, threads)
+    if (os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json"))
+            and os.path.exists(os.path.join(path, "final.json"))):
+        ckpt = final_checkpoint(path, f"--reward-model {path}: a training output directory; its summary")
+        log(f"--reward-model {path}: the final checkpoint of that reward run, {ckpt}")
+        return ckpt
+    return path
 
 
 def load_run_reward_model(a, reward_dir, tokenizer):
@@ -599,8 +621,7 @@ class PPOTrainer:
         if not a.resume and T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
-        reward_dir = self.reward_dir = a.reward_model or train_default_reward_model(self.out_dir, dist,
-                                                                                     T.threads_for(a, True))
+        reward_dir = self.reward_dir = run_reward_model(a, self.out_dir, dist, T.threads_for(a, True), self.log)
         self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir,
                                                                                                  self.log)
         prompts, lines = run_prompts(a, None if a.prompts else default_prompts())

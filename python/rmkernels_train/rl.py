@@ -243,7 +243,7 @@ class CriticFreeTrainer:
             load_policy,
             load_run_reward_model,
             run_prompts,
-            train_default_reward_model,
+            run_reward_model,
         )
         from rmkernels_train.utils import MetricsWriter
 
@@ -256,7 +256,7 @@ class CriticFreeTrainer:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
         t = time.time()
-        reward_dir = a.reward_model or train_default_reward_model(self.out_dir, dist, T.threads_for(a, True))
+        reward_dir = run_reward_model(a, self.out_dir, dist, T.threads_for(a, True), self.log)
         self.times["reward_model"] = time.time() - t
         self.reward_dir = reward_dir
         self.tokenizer = tok = load_tokenizer(reward_dir)
