@@ -373,3 +373,22 @@ def test_a_chat_template_that_does_not_parse_is_one_line_naming_the_file(tmp_pat
                    "--output-dir", tmp_path / "p")
     assert rc == 1 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith(f"rmkernels-train ppo: error: {want}"), err
+
+
+def test_a_directory_without_a_tokenizer_is_one_line_naming_it(tmp_path, capsys):
+    """--model / --reward-model naming a directory with no tokenizer files: one line that says
+    so (transformers' own message, cut at its first line, read "Couldn't instantiate the backend
+    tokenizer from one of:" and then suggested installing sentencepiece), and for a training
+    output directory the checkpoint to pass instead."""
+    empty, run = tmp_path / "empty", tmp_path / "run"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    build_char_tokenizer("0123456789").save_pretrained(str(run / "checkpoint-7"))
+    (run / "checkpoint-12").mkdir()
+    want = "cannot load a tokenizer from {}: it has none of the tokenizer files (tokenizer.json, tokenizer_config.json"
+    rc, err = _run(reward_main, capsys, "--model", empty, "--output-dir", tmp_path / "o", "--no-progress")
+    assert rc == 1 and want.format(empty) in err and "Traceback" not in err, err
+    rc, err = _run(ppo_main, capsys, "--reward-model", run, "--output-dir", tmp_path / "o2")
+    assert rc == 1 and want.format(run) in err and "Traceback" not in err, err
+    assert f"it looks like a training output directory; pass one of its checkpoints, such as " \
+           f"{run / 'checkpoint-12'}" in err, err

@@ -39,13 +39,29 @@ def build_tiny_reward_model(tokenizer, **size):
     return LlamaForSequenceClassification(cfg)
 
 
+# The files a saved HF tokenizer consists of (any one suffices for AutoTokenizer to try).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
+
+
 def load_tokenizer(path):
+    """The tokenizer saved in the directory ``path``; a directory without one (a training run's
+    output directory, say) or one transformers cannot read is a :class:`TrainingError` naming
+    it."""
     from transformers import AutoTokenizer
 
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        from rmkernels_train.trainer import list_checkpoints
+
+        ckpts = list_checkpoints(path)[0]
+        hint = (f": it looks like a training output directory; pass one of its checkpoints, such as "
+                f"{ckpts[-1][1]}" if ckpts else "")
+        raise TrainingError(f"cannot load a tokenizer from {path}: it has none of the tokenizer files "
+                            f"({', '.join(TOKENIZER_FILES[:2])}, ...){hint}")
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # transformers raises many types (OSError, ValueError, ...)
-        raise TrainingError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # transformers raises many types (OSError, ValueError, ...); their lines joined
+        raise TrainingError(f"cannot load a tokenizer from {path}: {' '.join(str(e).split())[:300]}") from None
     check_chat_template(tok, path)  # a template that does not parse: one line naming its file
     if tok.pad_token is None:
         if tok.eos_token is None:
