@@ -13,7 +13,7 @@ import torch
 
 import rmkernels as rmk
 from rmkernels_train.tokenizer import check_chat_template
-from rmkernels_train.utils import TrainingError
+from rmkernels_train.utils import TrainingError, one_line
 
 # The built-in default: a Llama-style model, random init, small enough for a 2-core CPU.
 DEFAULT_SIZE = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128}
@@ -61,7 +61,7 @@ def load_tokenizer(path):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many types (OSError, ValueError, ...); their lines joined
-        raise TrainingError(f"cannot load a tokenizer from {path}: {' '.join(str(e).split())[:300]}") from None
+        raise TrainingError(f"cannot load a tokenizer from {path}: {one_line(e)}") from None
     check_chat_template(tok, path)  # a template that does not parse: one line naming its file
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -101,7 +101,7 @@ def reward_config(path, *, what="--model"):
     try:
         cfg = AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise TrainingError(f"{what} {path}: cannot read its config.json: {str(e).splitlines()[0]}") from None
+        raise TrainingError(f"{what} {path}: cannot read its config.json: {one_line(e)}") from None
     archs = getattr(cfg, "architectures", None) or []
     is_seq_cls = any(a.endswith("ForSequenceClassification") for a in archs)
     if is_seq_cls and cfg.num_labels != 1:
@@ -135,7 +135,7 @@ def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetens
                                                                          **kwargs)
     except Exception as e:
         raise TrainingError(f"{what} {path}: cannot load it as a sequence-classification model: "
-                            f"{str(e).splitlines()[0]}") from None
+                            f"{one_line(e)}") from None
     missing = sorted(info.get("missing_keys") or [])
     if trained and missing:
         raise TrainingError(f"{what} {path}: not a trained reward model: the checkpoint lacks {len(missing)} "
@@ -173,7 +173,7 @@ def reward_model_from_config(path, *, dtype=torch.float32, what="--model"):
         return AutoModelForSequenceClassification.from_config(cfg, dtype=dtype)
     except Exception as e:
         raise TrainingError(f"{what} {path}: cannot build it as a sequence-classification model: "
-                            f"{str(e).splitlines()[0]}") from None
+                            f"{one_line(e)}") from None
 
 
 def prepare_reward_model(model, tokenizer, *, backend=None):

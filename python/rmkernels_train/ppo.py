@@ -44,7 +44,7 @@ import torch
 
 from rmkernels._codes import KL_ESTIMATORS
 from rmkernels_train import trainer as T
-from rmkernels_train.utils import FLOAT32_MAX, TrainingError
+from rmkernels_train.utils import FLOAT32_MAX, TrainingError, one_line
 
 PROG = "rmkernels-train ppo"
 # The built-in policy's size (None in the parser: with --policy they are refused, not ignored).
@@ -486,7 +486,7 @@ def load_policy(path, tokenizer, log=None):
     try:
         policy, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 (transformers raises many types)
-        raise TrainingError(f"--policy {path}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
+        raise TrainingError(f"--policy {path}: cannot load a causal LM: {one_line(e)}") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # e.g. a *ForSequenceClassification checkpoint: its LM head would be random
         raise TrainingError(f"--policy {path}: not a causal-LM checkpoint: it lacks {len(missing)} weight(s), "

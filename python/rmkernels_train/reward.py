@@ -52,6 +52,7 @@ from rmkernels_train.tokenizer import build_char_tokenizer
 from rmkernels_train.utils import (
     MetricsWriter,
     TrainingError,
+    one_line,
     param_digest,
     plot_curves,
     rng_state,
@@ -262,7 +263,7 @@ def _load_small_state(path):
         random.Random().setstate(rng["python"])
         torch.Generator().set_state(rng["torch"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise T.CheckpointError(f"rng_state.pt is not a saved RNG state ({T.first_line(e)})") from None
+        raise T.CheckpointError(f"rng_state.pt is not a saved RNG state ({one_line(e)})") from None
     return scheduler, rng
 
 
@@ -287,7 +288,7 @@ def load_sharded_checkpoint(path, args):
         tokenizer = M.load_tokenizer(path)
         cfg = AutoConfig.from_pretrained(path)
     except (TrainingError, OSError, ValueError) as e:
-        raise T.CheckpointError(str(e).splitlines()[0]) from None
+        raise T.CheckpointError(one_line(e)) from None
     scheduler, rng = _load_small_state(path)
     return {"state": state, "model": cfg, "tokenizer": tokenizer, "optimizer": shards, "scheduler": scheduler,
             "rng": rng, "sharded": True}
@@ -766,7 +767,7 @@ class RewardTrainer:
         except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) beyond float32
             if "overflow" not in str(e):
                 raise
-            raise TrainingError(f"the optimizer step {self.step + 1} overflows ({T.first_line(e)}): --lr {args.lr} "
+            raise TrainingError(f"the optimizer step {self.step + 1} overflows ({one_line(e)}): --lr {args.lr} "
                                 f"is far too large") from None
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

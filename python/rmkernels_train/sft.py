@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rmkernels_train.trainer import atomic_dir
-from rmkernels_train.utils import TrainingError
+from rmkernels_train.utils import TrainingError, one_line
 
 # The warm start of the default run (issue 17's measured recipe).
 DEFAULTS = {"steps": 100, "batch_size": 32, "lr": 1e-3, "layers": 2, "hidden": 64, "seed": 0}
@@ -123,7 +123,7 @@ def warm_start(out_dir, tokenizer, prompts, settings, *, device="cpu", log=None)
             try:  # safetensors only: nothing in an output directory can run code
                 policy = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
             except Exception as e:  # noqa: BLE001 (a truncated or missing file: SafetensorError, OSError, ...)
-                why = f"its model cannot be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})"
+                why = f"its model cannot be loaded ({type(e).__name__}: {one_line(e, 160)})"
             else:
                 policy.eval()
                 return policy, {**meta, "cached": True}

@@ -51,7 +51,7 @@ def check_chat_template(tokenizer, path):
     (as ``apply_chat_template`` compiles them): else a :class:`TrainingError` naming the file
     (``chat_template.jinja``, or ``tokenizer_config.json``'s ``chat_template``), not jinja2's
     traceback at the first conversational record."""
-    from rmkernels_train.utils import TrainingError
+    from rmkernels_train.utils import TrainingError, one_line
 
     template = getattr(tokenizer, "chat_template", None)
     if not template:
@@ -70,7 +70,7 @@ def check_chat_template(tokenizer, path):
             names = [n for n in ("chat_template.jinja", "chat_template.json") if os.path.isfile(os.path.join(path, n))]
             where = (os.path.join(path, names[0]) if names
                      else f"{os.path.join(path, 'tokenizer_config.json')}'s chat_template")
-            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            line = one_line(e)
             lineno = getattr(e, "lineno", None)
             raise TrainingError(f"{where}: the chat template does not parse ({type(e).__name__}"
                                 f"{f' at line {lineno}' if lineno else ''}: {line})") from None

@@ -69,7 +69,7 @@ import tempfile
 
 import torch
 
-from rmkernels_train.utils import TrainingError, setup_distributed, teardown_distributed
+from rmkernels_train.utils import TrainingError, one_line, setup_distributed, teardown_distributed
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
 STALE_PREFIXES = (".tmp-checkpoint-", ".old-checkpoint-", ".tmp-policy-", ".old-policy-", ".tmp-warm_start-",
@@ -511,7 +511,7 @@ def write_failed(final_path, e):
     shards) outside :func:`atomic_dir`."""
     if not (isinstance(e, Exception) and _is_write_error(e)):
         return None
-    why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
     return TrainingError(f"cannot write {final_path} ({why}); the checkpoints already written are intact (free "
                          f"some space and resume with --resume)")
 
@@ -614,7 +614,7 @@ def share_outcome(dist, error):
     if not dist.sum([0.0 if error is None else 1.0])[0]:
         return
     lines = dist.gather_object(None if error is None else
-                               str(error) if isinstance(error, TrainingError) else first_line(error))
+                               str(error) if isinstance(error, TrainingError) else one_line(error))
     if error is not None:
         raise error
     failed = next(((r, line) for r, line in enumerate(lines) if line is not None), None)
@@ -724,7 +724,7 @@ def read_json(path, what=None):
     except FileNotFoundError:
         raise CheckpointError(f"{name} is missing") from None
     except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{name} is not readable JSON ({type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(f"{name} is not readable JSON ({type(e).__name__}: {one_line(e)})") from None
 
 
 def load_torch_state(path):
@@ -738,7 +738,7 @@ def load_torch_state(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError (refused object), RuntimeError / EOFError (truncated), ...
-        raise CheckpointError(f"{name} cannot be loaded safely ({type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(f"{name} cannot be loaded safely ({type(e).__name__}: {one_line(e)})") from None
 
 
 def load_safetensors(path, *, tensors=True, name=None):
@@ -760,7 +760,7 @@ def load_safetensors(path, *, tensors=True, name=None):
             f.keys()
         return None
     except Exception as e:  # SafetensorError, OSError
-        raise CheckpointError(f"{name} is damaged ({type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(f"{name} is damaged ({type(e).__name__}: {one_line(e)})") from None
 
 
 def read_trainer_state(path, int_keys=("step",)):
@@ -830,7 +830,7 @@ def check_safetensors_fit(module, path, name=None):
         with safe_open(path, framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # SafetensorError, OSError
-        raise CheckpointError(f"{name} is damaged ({type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(f"{name} is damaged ({type(e).__name__}: {one_line(e)})") from None
     _check_fit(module, shapes, name)
 
 
@@ -842,17 +842,12 @@ def check_optimizer_state(make_optimizer, state):
     try:
         probe.load_state_dict(state)
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-        raise CheckpointError(f"optimizer.pt does not fit the model ({first_line(e)})") from None
+        raise CheckpointError(f"optimizer.pt does not fit the model ({one_line(e)})") from None
     for group in probe.param_groups:
         for p in group["params"]:
             for k, v in probe.state.get(p, {}).items():
                 if k != "step" and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
                     raise CheckpointError("optimizer.pt does not fit the model (a state tensor has the wrong shape)")
-
-
-def first_line(e):
-    s = str(e).strip()
-    return s.splitlines()[0][:200] if s else type(e).__name__
 
 
 def find_resume_checkpoint(output_dir, load, log, dist=None):

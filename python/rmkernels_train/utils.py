@@ -177,6 +177,14 @@ def plot_curves(metrics_path, png_path, keys=("loss", "accuracy", "margin"), tit
         plt.close(fig)
 
 
+def one_line(e, limit=300):
+    """The message of exception ``e`` on one line for a one-line error: its lines joined
+    (transformers often puts the substance after the first line), at most ``limit``
+    characters; the exception's type name when it has no message."""
+    s = " ".join(str(e).split())
+    return s[:limit] if s else type(e).__name__
+
+
 def is_finite(x):
     return math.isfinite(float(x))
 
