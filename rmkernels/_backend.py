@@ -99,6 +99,8 @@ def _why_not(name, device_type):
         return None
     if name == "triton":
         if not _TRITON_INSTALLED:
+            if device_type != "cuda" and not triton_interpreting():
+                return f"{_TRITON_WHY}, and on {device_type} tensors it runs only under TRITON_INTERPRET=1"
             return _TRITON_WHY
         if device_type == "cuda":
             return None
@@ -144,9 +146,9 @@ def resolve(backend, device):
     if why is not None:
         report = backend_report(device)
         avail = available_backends(device)
-        others = "; ".join(f"{b}: {w}" for b, w in report.items() if w is not None)
+        others = "; ".join(f"{b}: {w}" for b, w in report.items() if w is not None and b != name)
         raise RuntimeError(
             f"rmkernels backend {name!r} is not available for {device_type} tensors: {why}. "
-            f"Available: {', '.join(avail)}. Others: {others}."
+            f"Available: {', '.join(avail)}." + (f" Not available either: {others}." if others else "")
         )
     return name

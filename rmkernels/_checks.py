@@ -5,6 +5,8 @@ expected and what was given, and is raised before any kernel runs.
 a device-to-host copy on a GPU (rows with no valid token, malformed lengths/cu_seqlens).
 Those always run for CPU tensors, and never while ``torch.compile`` traces.
 """
+import numbers
+import operator
 import os
 
 import torch
@@ -57,7 +59,10 @@ def data_checks_enabled(device):
         return True
     if _checks_override:
         return _checks_override[-1]
-    return os.environ.get("RMKERNELS_CHECK", "0") == "1"
+    value = os.environ.get("RMKERNELS_CHECK", "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"RMKERNELS_CHECK must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _dtype_name(t):
@@ -84,10 +89,30 @@ def check_tensor(name, t, *, ndims=None, dtypes=None, device=None, allow_none=Fa
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
 
 
+def is_real(value):
+    """Whether ``value`` is a number option: a Python int or float, or a NumPy scalar
+    (``np.float32(0.1)``; any ``numbers.Real``). Not a bool, and not a tensor (its value would
+    need a host synchronisation)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+def check_int(name, value, what=""):
+    """An integer option as a Python int: an int, a NumPy integer or a 0-d integer tensor
+    (``operator.index``); not a bool, a float or a str. ``what`` says what it is in the message."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int{what}, got {value!r}") from None
+
+
 def check_float(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False):
-    """A Python number in [lo, hi] (open ends where asked)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    """A real number (:func:`is_real`) in [lo, hi] (open ends where asked), returned as a
+    Python float."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number (a Python float or int, or a NumPy scalar), "
+                        f"got {type(value).__name__}")
     v = float(value)
     bad = (v != v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (
         hi is not None and (v >= hi if hi_open else v > hi))

@@ -5,6 +5,7 @@ without the extension; ``_C`` only registers the C++ CPU and CUDA implementation
 missing or broken ``_C`` leaves the ``reference`` and ``triton`` backends working and
 warns once, saying why.
 """
+import os
 import warnings
 
 import torch  # noqa: F401  (_C links against libtorch: load it first)
@@ -51,3 +52,11 @@ except ImportError as e:  # not built (no compiler, RMKERNELS_BUILD_EXT=0) or a 
         RuntimeWarning,
         stacklevel=2,
     )
+
+# RMKERNELS_CPU_ISA's values (csrc/cpu/simd.cpp reads it when the first C++ CPU kernel runs and
+# ignores any other value): said here, once, rather than ignored silently.
+CPU_ISA_CAPS = ("base", "v3", "v4")  # v4: no cap below AVX-512
+_cap = os.environ.get("RMKERNELS_CPU_ISA")
+if _cap and _cap not in CPU_ISA_CAPS:
+    warnings.warn(f"rmkernels: RMKERNELS_CPU_ISA={_cap!r} is not one of {', '.join(CPU_ISA_CAPS)}: ignored (the C++ "
+                  f"CPU kernels use the best variant this CPU runs)", RuntimeWarning, stacklevel=2)

@@ -8,6 +8,7 @@ loop needs for the policy and for the frozen reference model.
 """
 import torch
 
+from rmkernels import _checks
 from rmkernels.ops.token_logprobs import token_logprobs
 
 _IGNORE = -100
@@ -129,12 +130,16 @@ def causal_lm_logprobs(model, input_ids, attention_mask=None, *, response_length
     2-4's ``final_logit_softcapping``, ...) and for a model type without a rule whose config
     sets one of the ``SCALING_ATTRIBUTES`` (not guessed: the same name means different things).
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    if not callable(getattr(model, "get_output_embeddings", None)):
+        raise TypeError(f"model must be an HF *ForCausalLM (with get_output_embeddings()), got "
+                        f"{type(model).__name__}")
+    _checks.check_tensor("input_ids", input_ids, ndims=2, dtypes=_checks.INDEX_DTYPES)
     B, T = input_ids.shape
-    if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
-        raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}], got {tuple(attention_mask.shape)}")
-    R = T - 1 if response_length is None else int(response_length)
+    if attention_mask is not None:
+        _checks.check_tensor("attention_mask", attention_mask, ndims=2, device=input_ids.device)
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}], got {tuple(attention_mask.shape)}")
+    R = T - 1 if response_length is None else _checks.check_int("response_length", response_length)
     if not 0 <= R <= T - 1:
         raise ValueError(f"response_length must be in [0, T - 1] = [0, {T - 1}], got {response_length}")
     hidden_op, scale, vocab = _check_head_config(model)

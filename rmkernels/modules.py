@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from rmkernels import _checks
 from rmkernels.ops.pooling import last_token_reward
 
 
@@ -25,7 +26,15 @@ class LastTokenRewardHead(nn.Module):
         self.bias = linear.bias
         self.hidden_size, self.num_labels, self.backend = hidden_size, num_labels, backend
 
+    def _check_hidden(self, hidden_states):
+        """The head's own size named (the function's message names ``weight``, which the caller
+        of a module never passed)."""
+        H = self.weight.shape[1]
+        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 and hidden_states.shape[-1] != H:
+            raise ValueError(f"hidden_states' last dim is {hidden_states.shape[-1]}, this head's hidden_size is {H}")
+
     def forward(self, hidden_states, *, attention_mask=None, lengths=None, cu_seqlens=None):
+        self._check_hidden(hidden_states)
         return last_token_reward(hidden_states, self.weight, self.bias, attention_mask=attention_mask,
                                  lengths=lengths, cu_seqlens=cu_seqlens, backend=self.backend)
 
@@ -56,7 +65,7 @@ class BradleyTerryLoss(nn.Module):
         super().__init__()
         # validate the options once, at construction
         loss_options(None, None, label_smoothing, center_rewards_coefficient, reduction, 0, None, torch.float32)
-        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        if margin is not None and not _checks.is_real(margin):
             raise TypeError(f"margin must be a float at construction (pass a [B] tensor per call), "
                             f"got {type(margin).__name__}")
         self.margin, self.label_smoothing, self.reduction, self.backend = margin, label_smoothing, reduction, backend
@@ -94,6 +103,7 @@ class PairwiseRewardLoss(LastTokenRewardHead):
 
     def forward(self, hidden_states, *, attention_mask=None, lengths=None, cu_seqlens=None, margin=None,
                 weights=None):
+        self._check_hidden(hidden_states)
         return pairwise_reward_loss(hidden_states, self.weight, self.bias, attention_mask=attention_mask,
                                     lengths=lengths, cu_seqlens=cu_seqlens, margin=margin,
                                     label_smoothing=self.label_smoothing,

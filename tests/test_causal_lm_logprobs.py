@@ -133,6 +133,20 @@ def test_bad_arguments():
         rmk.causal_lm_logprobs(model, ids, mask, response_length=ids.shape[1])
     with pytest.raises(ValueError, match="attention_mask"):
         rmk.causal_lm_logprobs(model, ids, mask[:, 1:])
+    # each named before the model runs (they were errors from inside the embedding, an
+    # AttributeError, or a ValueError for a list)
+    for bad, err, match in ((ids.float(), TypeError, r"input_ids must have dtype in \(int32, int64\), got float32"),
+                            (ids.tolist(), TypeError, "input_ids must be a torch.Tensor, got list"),
+                            (ids[0], ValueError, r"input_ids must be 2-D, got shape")):
+        with pytest.raises(err, match=match):
+            rmk.causal_lm_logprobs(model, bad, None)
+    with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor, got list"):
+        rmk.causal_lm_logprobs(model, ids, mask.tolist())
+    with pytest.raises(TypeError, match=r"model must be an HF \*ForCausalLM \(with get_output_embeddings\(\)\), "
+                                        "got Linear"):
+        rmk.causal_lm_logprobs(torch.nn.Linear(2, 2), ids, mask)
+    with pytest.raises(TypeError, match="response_length must be an int, got 2.5"):
+        rmk.causal_lm_logprobs(model, ids, mask, response_length=2.5)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])

@@ -119,3 +119,16 @@ def test_variants_agree(results, isa):
             assert torch.equal(actual.nan_to_num(), expected.nan_to_num()), \
                 f"{key}: {isa} differs from the baseline variant, max abs diff " \
                 f"{(actual.double() - expected.double()).abs().nan_to_num().max().item():.3e}"
+
+
+def test_an_unknown_isa_cap_is_said_not_ignored():
+    """RMKERNELS_CPU_ISA=<not base, v3 or v4>: one warning at import naming it (the C++ side
+    ignores it, so a typo silently ran the best variant)."""
+    env = dict(os.environ, RMKERNELS_CPU_ISA="avx2", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", "import rmkernels"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("RMKERNELS_CPU_ISA='avx2' is not one of base, v3, v4: ignored") == 1, proc.stderr
+    env["RMKERNELS_CPU_ISA"] = "v3"
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", "import rmkernels"], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+    assert proc.returncode == 0 and "RMKERNELS_CPU_ISA" not in proc.stderr, proc.stderr

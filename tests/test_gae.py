@@ -305,7 +305,7 @@ BAD = [
     (lambda r, v, m: rmk.gae(r.long(), v, m), TypeError, "token_rewards must have dtype"),
     (lambda r, v, m: rmk.gae(r, v, m, gamma=-1.0), ValueError, "gamma must be in"),
     (lambda r, v, m: rmk.gae(r, v, m, lam=1.5), ValueError, "lam must be in"),
-    (lambda r, v, m: rmk.gae(r, v, m, lam="0.9"), TypeError, "lam must be a float"),
+    (lambda r, v, m: rmk.gae(r, v, m, lam="0.9"), TypeError, "lam must be a real number"),
     (lambda r, v, m: rmk.gae(r, v, m, backend="fast"), ValueError, "backend must be one of"),
     (lambda r, v, m: rmk.kl_estimate(r, v[:, 1:]), ValueError, "ref_logprobs must have shape"),
     (lambda r, v, m: rmk.kl_estimate(r, v, m[:1]), ValueError, "mask must have shape"),

@@ -34,3 +34,7 @@ def test_modules():
         rmk.PairwiseRewardLoss(8, reduction="avg")
     with pytest.raises(TypeError, match="margin"):
         rmk.BradleyTerryLoss(margin=torch.zeros(3))
+    # a head given hidden states of another size names its hidden_size (it named `weight`)
+    for module in (rmk.LastTokenRewardHead(9), rmk.PairwiseRewardLoss(9)):
+        with pytest.raises(ValueError, match="hidden_states' last dim is 8, this head's hidden_size is 9"):
+            module(h, lengths=lengths)

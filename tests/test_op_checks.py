@@ -544,3 +544,87 @@ def test_options_past_float32_range(backend, dtype):
         if dtype == torch.float32:
             loss = rmk.bradley_terry_loss(sc, sc.flip(0), margin=big, backend=backend)
             assert loss.item() == float("inf")  # a margin past float32's range: d = -inf, loss inf
+
+
+def test_numpy_scalars_are_options_like_python_numbers():
+    """An option given as a NumPy scalar (``np.float32(0.1)``, a value read from a numpy
+    config or array) is taken as the Python number it holds, on every public function that
+    takes a number: it was refused ("kl_coef must be a float, got float32", while np.float64,
+    a float subclass, passed). Bools, strings and tensors are still refused, naming the option."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 6, 5, 4, 7
+    lp, ref, val = (torch.randn(B, T, generator=g) for _ in range(3))
+    scores, mask = torch.randn(B, generator=g), torch.ones(B, T, dtype=torch.bool)
+    f32 = np.float32(0.1)
+    same = [
+        (lambda x: rmk.ppo_advantages(lp, ref, val, scores, mask, kl_coef=x, gamma=np.float32(0.99), lam=x,
+                                      eps=np.float64(1e-8)).advantages,
+         lambda x: rmk.ppo_advantages(lp, ref, val, scores, mask, kl_coef=x, gamma=float(np.float32(0.99)), lam=x,
+                                      eps=1e-8).advantages),
+        (lambda x: rmk.gae(lp, val, mask, gamma=x, lam=np.float16(0.5))[0],
+         lambda x: rmk.gae(lp, val, mask, gamma=x, lam=0.5)[0]),
+        (lambda x: rmk.bradley_terry_loss(scores, lp[:, 0], margin=x, label_smoothing=x, center_coef=x),
+         None),
+        (lambda x: rmk.group_advantages(scores, torch.arange(B) // 2, eps=x, f_norm=np.int64(3))[0],
+         lambda x: rmk.group_advantages(scores, torch.arange(B) // 2, eps=x, f_norm=3)[0]),
+        (lambda x: rmk.reinforce_pp_returns(lp, mask, gamma=x), None),
+    ]
+    for numpy_call, python_call in same:
+        python_call = python_call or numpy_call
+        torch.testing.assert_close(numpy_call(f32), python_call(float(f32)), rtol=0, atol=0)
+    hidden, weight = torch.randn(B, H, generator=g), torch.randn(V, H, generator=g)
+    targets = torch.randint(0, V, (B,), generator=g)
+    targets[0] = -100
+    torch.testing.assert_close(
+        rmk.token_logprobs(hidden, weight, targets, temperature=np.float32(0.5), ignore_index=np.int64(-100)),
+        rmk.token_logprobs(hidden, weight, targets, temperature=0.5, ignore_index=-100), rtol=0, atol=0)
+    ids = torch.tensor([[3, 4, 0, 0], [5, 0, 0, 0]])
+    assert rmk.last_token_index(input_ids=ids, pad_token_id=np.int64(0)).tolist() == [1, 0]
+    for bad, kind in ((True, "bool"), ("0.1", "str"), (torch.tensor(0.1), "Tensor"), (np.bool_(True), "bool")):
+        with pytest.raises(TypeError, match=f"kl_coef must be a real number .*got {kind}"):
+            rmk.ppo_advantages(lp, ref, val, scores, mask, kl_coef=bad)
+    with pytest.raises(TypeError, match=r"ignore_index must be an int, got -100.0"):
+        rmk.token_logprobs(hidden, weight, targets, ignore_index=-100.0)
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_an_unavailable_backend_is_explained_once(name, monkeypatch):
+    """The error for a backend that cannot run says why once (it was said a second time in the
+    list of the other backends), lists the available ones, and for triton without triton
+    installed, on CPU tensors, says the interpreter is needed too (it said only "pip install
+    triton", after which the call failed again for another reason)."""
+    from rmkernels import _backend
+
+    x = torch.randn(4, 3)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    if name == "triton":
+        monkeypatch.setattr(_backend, "_TRITON_INSTALLED", False)
+        monkeypatch.setattr(_backend, "_TRITON_WHY", "triton is not installed (pip install triton==3.6.0)")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    why = rmk.backend_report("cpu")[name]
+    if why is None:
+        pytest.skip(f"{name} runs on CPU tensors here")
+    with pytest.raises(RuntimeError) as e:
+        rmk.gae(x, x, mask, backend=name)
+    msg = str(e.value)
+    assert msg.startswith(f"rmkernels backend {name!r} is not available for cpu tensors: {why}. Available: "), msg
+    assert msg.count(why) == 1 and f"{name}: " not in msg, msg
+    if name == "triton":
+        assert why == ("triton is not installed (pip install triton==3.6.0), and on cpu tensors it runs only under "
+                       "TRITON_INTERPRET=1"), why
+
+
+def test_rmkernels_check_must_be_0_or_1(monkeypatch):
+    """RMKERNELS_CHECK (the data checks of GPU tensors) other than 0 / 1 is an error naming it,
+    as RMKERNELS_BACKEND's is (it was read as 0: "true" or "yes" turned the checks off)."""
+    from rmkernels import _checks
+
+    gpu = torch.device("cuda")  # only the device's type is read: no GPU needed
+    for value, on in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("RMKERNELS_CHECK", value)
+        assert _checks.data_checks_enabled(gpu) is on
+    monkeypatch.setenv("RMKERNELS_CHECK", "yes")
+    with pytest.raises(ValueError, match="RMKERNELS_CHECK must be 0 or 1, got 'yes'"):
+        _checks.data_checks_enabled(gpu)
+    assert _checks.data_checks_enabled(torch.device("cpu"))  # CPU tensors: always checked

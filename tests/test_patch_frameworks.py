@@ -294,3 +294,16 @@ def test_without_openrlhf_the_error_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "openrlhf", None)
     with pytest.raises(ImportError, match=r"pip install openrlhf==0\.11\.2"):
         ro.patch_openrlhf()
+
+
+def test_the_trl_integration_without_trl_names_the_install(monkeypatch):
+    """``import rmkernels.integrations.trl`` without TRL: an ImportError with the install line (it
+    was a bare "No module named 'trl'"), as patch_verl / patch_openrlhf give."""
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError
+    monkeypatch.delitem(sys.modules, "rmkernels.integrations.trl", raising=False)
+    with pytest.raises(ImportError, match=r"rmkernels.integrations.trl needs TRL \(.*\): pip install trl \(tested "
+                                          r"with trl 1.16.0"):
+        importlib.import_module("rmkernels.integrations.trl")

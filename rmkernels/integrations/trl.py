@@ -27,7 +27,11 @@ The model is patched with :func:`rmkernels.integrations.hf.patch_hf_reward_model
 decoder ``*ForSequenceClassification`` of transformers: Llama, Qwen2, Pythia, OPT, GPT-2, ...). The
 patch goes through ``model(...)``, so accelerate/DDP wrappers keep working.
 """
-import trl
+try:
+    import trl
+except ImportError as e:  # the module is TRL's trainer with the fused head: nothing here works without it
+    raise ImportError(f"rmkernels.integrations.trl needs TRL ({e}): pip install trl (tested with trl 1.16.0; "
+                      f"rmkernels' other integrations do not need it)") from None
 
 from rmkernels.integrations.hf import patch_hf_reward_model
 

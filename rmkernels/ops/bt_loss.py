@@ -234,7 +234,7 @@ def _per_pair_arg(name, value, B, device, acc, default):
             raise ValueError(f"{name} must be a float or a [B] = [{B}] tensor, got shape {tuple(value.shape)}")
         _checks.check_tensor(name, value, dtypes=_checks.FLOAT_DTYPES, device=device)
         return value.detach().to(acc).contiguous(), default  # data: no gradient flows to it
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _checks.is_real(value):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
     return None, _checks.check_float(name, value, **_FINITE)
 

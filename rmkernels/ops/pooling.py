@@ -20,7 +20,6 @@ The ``*_index`` ops hold the data checks (rows with no valid token, out-of-range
 malformed ``cu_seqlens``): they run inside the op, so in every mode (eager,
 ``torch.compile``, export) for CPU tensors, and for GPU tensors with ``rmk.checks(True)``.
 """
-import operator
 
 import torch
 from torch import Tensor
@@ -399,12 +398,7 @@ def last_token_index(attention_mask=None, *, input_ids=None, pad_token_id=None, 
     if source == "input_ids":
         if pad_token_id is None:
             raise ValueError("input_ids needs pad_token_id (the rightmost non-pad token is picked)")
-        try:  # an int, a numpy integer or a 0-d integer tensor; not a float, a str or a bool
-            if isinstance(pad_token_id, bool):
-                raise TypeError
-            pad_token_id = operator.index(pad_token_id)
-        except TypeError:
-            raise TypeError(f"pad_token_id must be an int (a token id), got {pad_token_id!r}") from None
+        pad_token_id = _checks.check_int("pad_token_id", pad_token_id, " (a token id)")
         _checks.check_tensor("input_ids", input_ids, ndims=2)
         mask, name = input_ids != pad_token_id, "input_ids"
     else:

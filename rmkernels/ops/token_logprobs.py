@@ -321,8 +321,7 @@ def check_inputs(hidden, weight, targets, bias, temperature, ignore_index):
         raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
     temperature = check_temperature(temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = _checks.check_int("ignore_index", ignore_index)
     if H > 1 and hidden.stride(-1) != 1:
         hidden = hidden.contiguous()  # the kernels need a unit stride on H
     if H > 1 and weight.stride(-1) != 1:
