@@ -286,6 +286,26 @@ def test_help_commands_answer(argv):
     assert proc.stdout.startswith("usage: ") and "--help" in proc.stdout
 
 
+def test_version_and_a_closed_pipe():
+    """`rmkernels-train --version` names the installed rmkernels; `rmkernels-train --help | head -1`
+    (the reader gone before the help is written) ends with status 141 and no traceback (it was a
+    BrokenPipeError traceback)."""
+    import rmkernels
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "rmkernels_train"]
+    proc = subprocess.run(cmd + ["--version"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == f"rmkernels-train (rmkernels {rmkernels.__version__})\n"
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run(cmd + ["--help"], env=env, stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
 @pytest.mark.parametrize("joined", [False, True])
 def test_exit_process_flushes_and_keeps_the_status(joined):
     """The entry points end with utils.exit_process: a torchrun worker (WORLD_SIZE > 1) ends with

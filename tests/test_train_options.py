@@ -206,7 +206,7 @@ PPO_BAD = [
     (["--missing-eos-penalty", "inf"], "--missing-eos-penalty must be a finite number"),
     (["--seed", "99999999999999999999"], "--seed must be in"),
     (["--output-dir", ""], "--output-dir is empty"),
-    (["--kl-target", "2"], "--kl-target would be ignored: they set --adaptive-kl, which is off"),
+    (["--kl-target", "2"], "--kl-target would be ignored: these options configure --adaptive-kl, which is off"),
     (["--kl-horizon", "2"], "--kl-horizon would be ignored"),
     (["--no-whiten", "--no-shift-mean"], "--no-shift-mean would be ignored: --no-whiten turns whitening off"),
     (["--no-whiten", "--biased-whiten"], "--biased-whiten would be ignored"),

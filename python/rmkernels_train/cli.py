@@ -1,7 +1,8 @@
 """``rmkernels-train {reward,ppo} [options]`` (also ``python -m rmkernels_train``)."""
+import os
 import sys
 
-USAGE = """usage: rmkernels-train {reward,ppo} [options]
+USAGE = """usage: rmkernels-train {reward,ppo} [options]    (--version: the installed rmkernels)
 
   reward   train a reward model with the fused Bradley-Terry head (rmk.pairwise_reward_loss)
   ppo      RL against a reward model with the fused advantages: GRPO and the other critic-free
@@ -33,6 +34,11 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from rmkernels import __version__
+
+        print(f"rmkernels-train (rmkernels {__version__})")
+        return 0
     cmd, rest = argv[0], argv[1:]
     missing = missing_train_extras() if cmd in ("reward", "ppo") else []
     if missing:
@@ -55,7 +61,13 @@ def entry():
     finalization)."""
     from rmkernels_train.utils import exit_process
 
-    exit_process(main())
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `rmkernels-train --help | head -1`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        status = 141  # 128 + SIGPIPE, as a shell tool killed by it
+    exit_process(status)
 
 
 if __name__ == "__main__":

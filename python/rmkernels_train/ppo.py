@@ -176,7 +176,7 @@ def refuse_ignored(a):
         ignored += [(k, "--policy gives the policy") for k in POLICY_DEFAULTS]
     if a.advantage == "gae":
         if not a.adaptive_kl:
-            ignored += [(k, "they set --adaptive-kl, which is off") for k in ("kl_target", "kl_horizon")]
+            ignored += [(k, "these options configure --adaptive-kl, which is off") for k in ("kl_target", "kl_horizon")]
         if a.whiten is False:
             ignored += [(k, "--no-whiten turns whitening off") for k in ("shift_mean", "unbiased")]
     from rmkernels_train.rl import flag
