@@ -134,9 +134,12 @@ def _tracked_files():
 def test_sdist_holds_what_a_build_from_it_needs(tmp_path):
     """The source distribution (MANIFEST.in) holds every tracked file under csrc/ (the headers
     and the CUDA sources: without them an install from the sdist failed on
-    `rmkernels/codes.h: No such file`), tests/ (their helpers too) and docs/, the package's
+    `rmkernels/codes.h: No such file`), tests/ (their helpers too), benchmarks/ and scripts/
+    (the tests import them and read benchmarks/results: without them pytest in the unpacked
+    sdist stopped at collection, `No module named 'benchmarks'`) and docs/, the package's
     Python files, the license and the README, whatever the build configuration of the machine
-    that makes it (here RMKERNELS_BUILD_EXT=0, which used to leave out all of csrc/)."""
+    that makes it (here RMKERNELS_BUILD_EXT=0, which used to leave out all of csrc/). A build
+    config left in the tree by an earlier build is not shipped: an install writes its own."""
     import tarfile
 
     tracked = _tracked_files()
@@ -144,6 +147,7 @@ def test_sdist_holds_what_a_build_from_it_needs(tmp_path):
     for f in tracked:
         os.makedirs(src / os.path.dirname(f), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, f), src / f)
+    (src / "rmkernels" / "_build_config.py").write_text("BUILD_CONFIG = {'cpp': True}\n")  # a stale one
     env = {**os.environ, "RMKERNELS_BUILD_EXT": "0"}
     code = "from setuptools import build_meta; print(build_meta.build_sdist('dist'))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=src, env=env,
@@ -152,12 +156,14 @@ def test_sdist_holds_what_a_build_from_it_needs(tmp_path):
     name = proc.stdout.strip().splitlines()[-1]
     with tarfile.open(src / "dist" / name) as tar:
         members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
-    want = [f for f in tracked if f.startswith(("csrc/", "tests/", "docs/", "rmkernels/", "python/"))
+    want = [f for f in tracked
+            if f.startswith(("csrc/", "tests/", "benchmarks/", "scripts/", "docs/", "rmkernels/", "python/"))
             and not f.startswith("rmkernels/_build_config")]
     want += ["LICENSE", "README.md", "setup.py", "pyproject.toml", "MANIFEST.in", "requirements-test.txt"]
     missing = sorted(set(want) - members)
     assert not missing, f"{len(missing)} files not in the sdist: {missing[:20]}"
     assert not [m for m in members if m.endswith((".so", ".o", ".pyc"))]
+    assert "rmkernels/_build_config.py" not in members
 
 
 def test_info_says_when_installed_without_the_extension(tmp_path):
