@@ -166,6 +166,81 @@ def test_sdist_holds_what_a_build_from_it_needs(tmp_path):
     assert "rmkernels/_build_config.py" not in members
 
 
+def test_sdist_and_metadata_need_no_torch(tmp_path):
+    """setup.py defines the extension only for a command that builds it: the sdist and the
+    metadata steps of a PEP 517 build (egg_info, dist_info: pip runs them before build_wheel)
+    import no torch, so `python -m build --sdist` works in its isolated environment (it stopped
+    with "building the extension needs torch installed"). A wheel build still asks for torch."""
+    tracked = _tracked_files()
+    src = tmp_path / "src"
+    for f in tracked:
+        if f.startswith(("rmkernels/", "python/", "csrc/")) or "/" not in f:
+            os.makedirs(src / os.path.dirname(f), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), src / f)
+    # torch cannot be imported in the build process (as in an isolated build environment)
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "torch.py").write_text("raise ImportError('No module named torch (hidden)')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hide")}
+    env.pop("RMKERNELS_BUILD_EXT", None)
+    (src / "meta").mkdir()
+    code = ("import sys; from setuptools import build_meta as b; hook = sys.argv[1]\n"
+            "print(b.get_requires_for_build_wheel() if hook == 'requires' else\n"
+            "      b.prepare_metadata_for_build_wheel('meta') if hook == 'metadata' else\n"
+            "      b.build_sdist('dist') if hook == 'sdist' else b.build_wheel('dist'))")
+    for hook in ("requires", "metadata", "sdist"):
+        proc = subprocess.run([sys.executable, "-c", code, hook], capture_output=True, text=True, cwd=src,
+                              env=env, timeout=300)
+        assert proc.returncode == 0, hook + ":\n" + proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "needs torch" not in proc.stdout + proc.stderr, hook
+    assert not (src / "rmkernels" / "_build_config.py").exists()  # no build, no build config
+    proc = subprocess.run([sys.executable, "-c", code, "wheel"], capture_output=True, text=True, cwd=src, env=env,
+                          timeout=300)
+    assert proc.returncode != 0
+    msg = proc.stdout + proc.stderr
+    assert "needs torch" in msg and "--no-build-isolation" in msg and "RMKERNELS_BUILD_EXT=0" in msg, msg[-3000:]
+
+
+def test_no_torch_message_names_build_isolation():
+    """`pip install .` without --no-build-isolation, torch installed: pip's isolated build
+    environment cannot see it. The message says so (it said "Install torch first")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rmkernels_setup", os.path.join(ROOT, "setup.py"))
+    text = open(os.path.join(ROOT, "setup.py")).read()
+    # setup.py's functions without its setup() call
+    ns = {"__file__": spec.origin, "__name__": "rmkernels_setup"}
+    head, sep, _ = text.partition("\nif _extension_requested(")
+    assert sep, "setup.py no longer calls setup() under `if _extension_requested(...)`: update this test"
+    exec(compile(head, spec.origin, "exec"), ns)
+    err = ImportError("No module named 'torch'")
+    old_path, old_prefix = list(sys.path), sys.prefix
+    try:
+        sys.path[:] = ["/tmp/pip-build-env-abc123/overlay/lib/python3.11/site-packages"] + old_path
+        assert ns["_isolated_build_env"]()
+        msg = ns["_no_torch_message"](err)
+        assert "isolated environment" in msg and "cannot see" in msg and "--no-build-isolation" in msg, msg
+        assert "RMKERNELS_BUILD_EXT=0" in msg and "No module named 'torch'" in msg
+        assert not msg.startswith("rmkernels: building the extension needs torch installed"), msg
+    finally:
+        sys.path[:] = old_path
+    sys.prefix = "/tmp/build-env-xyz"
+    try:
+        assert ns["_isolated_build_env"]()
+    finally:
+        sys.prefix = old_prefix
+    if not ns["_isolated_build_env"]():  # a plain environment: both causes are named
+        msg = ns["_no_torch_message"](err)
+        assert "install torch first" in msg and "--no-build-isolation" in msg and "isolated" in msg, msg
+    # the commands that build the extension, and those that do not
+    requested = ns["_extension_requested"]
+    for argv in (["bdist_wheel", "--dist-dir", "/tmp/x"], ["build_ext", "--inplace"], ["editable_wheel"],
+                 ["develop"], ["install"], ["egg_info", "build_ext"]):
+        assert requested(argv), argv
+    for argv in (["egg_info"], ["dist_info", "--output-dir", "/tmp/m", "--keep-egg-info"],
+                 ["sdist", "--formats", "gztar", "--dist-dir", "/tmp/d"], ["--version"], []):
+        assert not requested(argv), argv
+
+
 def test_info_says_when_installed_without_the_extension(tmp_path):
     """A package installed with RMKERNELS_BUILD_EXT=0 has no _C file: the one warning says so
     (it said Python's "cannot import name '_C' from partially initialized module ... circular
