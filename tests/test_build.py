@@ -288,3 +288,83 @@ def test_triton_interpreter_needs_numpy_below_2_4(monkeypatch):
     assert _backend._interpreter_problem.__wrapped__() is None
     versions.update(triton="3.7.0", numpy="2.4.6")
     assert _backend._interpreter_problem.__wrapped__() is None
+
+
+def _fake_checkout_and_install(tmp_path, installed_has_c=True):
+    """A source checkout whose rmkernels/ has no _C (what a non-editable `pip install .` leaves:
+    the built _C went to site-packages) and, in another folder, an installed copy."""
+    co = tmp_path / "checkout"
+    shutil.copytree(os.path.join(ROOT, "rmkernels"), co / "rmkernels",
+                    ignore=shutil.ignore_patterns("_C.*", "*.so", "__pycache__"))
+    (co / "rmkernels" / "_build_config.py").write_text("BUILD_CONFIG = {'cpp': True, 'cuda': False, 'archs': ''}\n")
+    (co / "setup.py").write_text("# the checkout's setup.py\n")
+    (co / "csrc").mkdir()
+    site = tmp_path / "site"
+    (site / "rmkernels").mkdir(parents=True)
+    (site / "rmkernels" / "__init__.py").write_text("")
+    if installed_has_c:
+        import importlib.machinery
+
+        (site / "rmkernels" / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"")
+    return co, site
+
+
+@pytest.mark.parametrize("installed_has_c", [True, False])
+def test_checkout_without_c_reason_names_the_shadowed_install(tmp_path, installed_has_c):
+    """The reason for a missing _C in a source checkout: the checkout is what was imported, it
+    shadows the installed copy, and the fix is -e / build_ext --inplace or another directory
+    (not "no _C is installed next to the package ... Rebuild", which the user just did)."""
+    from rmkernels import _ext
+
+    co, site = _fake_checkout_and_install(tmp_path, installed_has_c)
+    pkg = str(co / "rmkernels")
+    assert _ext._source_checkout(pkg) == str(co)
+    assert _ext._source_checkout(str(site / "rmkernels")) is None
+    other_checkout = tmp_path / "other"  # another checkout without _C is no installed copy
+    (other_checkout / "rmkernels").mkdir(parents=True)
+    (other_checkout / "rmkernels" / "__init__.py").write_text("")
+    (other_checkout / "setup.py").write_text("")
+    (other_checkout / "csrc").mkdir()
+    why, todo = _ext._checkout_reason(str(co), pkg, [str(co), str(other_checkout), str(site)])
+    assert f"imported from the source checkout {pkg}, where no rmkernels._C is built" in why, why
+    assert f"it shadows the rmkernels installed in {site}" in why, why
+    assert ("which has its _C" in why) == installed_has_c, why
+    assert "pip install --no-build-isolation -e ." in todo and "build_ext --inplace" in todo, todo
+    assert "another directory" in todo, todo
+    why, todo = _ext._checkout_reason(str(co), pkg, [str(co)])  # nothing installed elsewhere
+    assert "shadows" not in why and "another directory" not in todo and "-e ." in todo, (why, todo)
+
+
+def test_info_in_a_checkout_without_c_says_it_shadows_the_install(tmp_path):
+    """After a non-editable install, `python -m rmkernels.info` run in the checkout imports the
+    checkout's rmkernels/, which has no _C. The one warning and info say so (they said "no
+    rmkernels._C file is installed next to the package ... Rebuild", and info printed the
+    checkout's build config {'cpp': True} beside "_C loaded: False" with no word why)."""
+    import sysconfig
+
+    co, site = _fake_checkout_and_install(tmp_path)
+    code = r"""
+import warnings
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    from rmkernels import info
+msgs = [str(x.message) for x in w if "rmkernels" in str(x.message)]
+print(len(msgs)); print(msgs[0]); print(info.info())
+"""
+    # -S: no .pth files (an editable install's import hook would map `rmkernels` to this
+    # checkout); -c puts the current directory, the fake checkout, first on sys.path.
+    paths = [str(site), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=co, env=env)
+    assert proc.returncode == 0, proc.stderr
+    count, msg, out = proc.stdout.split("\n", 2)
+    assert count == "1", proc.stdout
+    pkg = os.path.join(str(co), "rmkernels")
+    assert f"imported from the source checkout {pkg}, where no rmkernels._C is built" in msg, msg
+    assert f"it shadows the rmkernels installed in {site}, which has its _C" in msg, msg
+    assert "pip install --no-build-isolation -e ." in msg and "another directory" in msg, msg
+    assert "installed next to the package" not in msg and "Rebuild" not in msg, msg
+    assert f"imported from: {pkg} (a source checkout)" in out, out
+    assert "extension _C loaded: False (rmkernels was imported from the source checkout" in out, out
+    assert "setup.py's last build from this checkout; its _C is not here" in out, out
