@@ -92,17 +92,16 @@ def _isolated_build_env():
 
 
 def _no_torch_message(error):
+    head = f"rmkernels: building the extension rmkernels._C needs torch, and this build cannot import it ({error}): "
     if _isolated_build_env():
-        cause = ("this build runs in an isolated environment (pip's or build's default), which cannot see "
-                 "the torch installed in your environment. If torch is installed, build without isolation: "
-                 "`pip install --no-build-isolation .` (or -e .; `python -m build --no-isolation`). "
-                 "Without torch, install torch first, then do that")
-    else:
-        cause = ("install torch first, then `pip install --no-build-isolation .`. (If torch is installed, "
-                 "this build runs in an isolated environment that cannot see it: --no-build-isolation is "
-                 "what makes it use yours)")
-    return (f"rmkernels: building the extension rmkernels._C needs torch, which this build cannot import "
-            f"({error}): {cause}; or set RMKERNELS_BUILD_EXT=0 to install the pure-Python backends only.")
+        return head + ("it runs in an isolated build environment (pip's and build's default), which cannot see the "
+                       "torch installed in your environment. Build without isolation: `pip install "
+                       "--no-build-isolation .` (or -e .; `python -m build --no-isolation`), after installing torch "
+                       "if it is not installed; or set RMKERNELS_BUILD_EXT=0 to install the pure-Python backends "
+                       "only.")
+    return head + ("install torch first, then `pip install --no-build-isolation .`. If torch is installed, this build "
+                   "is likely running in an isolated build environment (pip's default), which cannot see it: add "
+                   "--no-build-isolation. Or set RMKERNELS_BUILD_EXT=0 to install the pure-Python backends only.")
 
 
 def _extensions():

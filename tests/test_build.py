@@ -218,7 +218,7 @@ def test_no_torch_message_names_build_isolation():
         sys.path[:] = ["/tmp/pip-build-env-abc123/overlay/lib/python3.11/site-packages"] + old_path
         assert ns["_isolated_build_env"]()
         msg = ns["_no_torch_message"](err)
-        assert "isolated environment" in msg and "cannot see" in msg and "--no-build-isolation" in msg, msg
+        assert "isolated build environment" in msg and "cannot see" in msg and "--no-build-isolation" in msg, msg
         assert "RMKERNELS_BUILD_EXT=0" in msg and "No module named 'torch'" in msg
         assert not msg.startswith("rmkernels: building the extension needs torch installed"), msg
     finally:
