@@ -23,7 +23,10 @@ def info():
         f"rmkernels {rmk.__version__}",
         f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
         f"triton {triton_version}",
-        f"build config (setup.py): {BUILD_CONFIG}",
+        f"imported from: {_ext.PACKAGE_DIR}" + (" (a source checkout)" if _ext.SOURCE_CHECKOUT else ""),
+        f"build config (setup.py): {BUILD_CONFIG}" + (
+            " (setup.py's last build from this checkout; its _C is not here: a non-editable install puts it in "
+            "site-packages)" if _ext.SOURCE_CHECKOUT and not _ext.CPP_AVAILABLE and BUILD_CONFIG else ""),
         f"extension _C loaded: {_ext.CPP_AVAILABLE}" + (f" ({_ext.LOAD_ERROR})" if _ext.LOAD_ERROR else ""),
         f"C++ CPU loop kernels: {_ext.CPU_ISA or 'none'} (RMKERNELS_CPU_ISA=base|v3 caps it)",
         f"CUDA kernels built: {_ext.CUDA_BUILT}" + (f", archs {_ext.CUDA_ARCHS}" if _ext.CUDA_BUILT else ""),

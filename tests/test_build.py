@@ -134,9 +134,12 @@ def _tracked_files():
 def test_sdist_holds_what_a_build_from_it_needs(tmp_path):
     """The source distribution (MANIFEST.in) holds every tracked file under csrc/ (the headers
     and the CUDA sources: without them an install from the sdist failed on
-    `rmkernels/codes.h: No such file`), tests/ (their helpers too) and docs/, the package's
+    `rmkernels/codes.h: No such file`), tests/ (their helpers too), benchmarks/ and scripts/
+    (the tests import them and read benchmarks/results: without them pytest in the unpacked
+    sdist stopped at collection, `No module named 'benchmarks'`) and docs/, the package's
     Python files, the license and the README, whatever the build configuration of the machine
-    that makes it (here RMKERNELS_BUILD_EXT=0, which used to leave out all of csrc/)."""
+    that makes it (here RMKERNELS_BUILD_EXT=0, which used to leave out all of csrc/). A build
+    config left in the tree by an earlier build is not shipped: an install writes its own."""
     import tarfile
 
     tracked = _tracked_files()
@@ -144,6 +147,7 @@ def test_sdist_holds_what_a_build_from_it_needs(tmp_path):
     for f in tracked:
         os.makedirs(src / os.path.dirname(f), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, f), src / f)
+    (src / "rmkernels" / "_build_config.py").write_text("BUILD_CONFIG = {'cpp': True}\n")  # a stale one
     env = {**os.environ, "RMKERNELS_BUILD_EXT": "0"}
     code = "from setuptools import build_meta; print(build_meta.build_sdist('dist'))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=src, env=env,
@@ -152,12 +156,89 @@ def test_sdist_holds_what_a_build_from_it_needs(tmp_path):
     name = proc.stdout.strip().splitlines()[-1]
     with tarfile.open(src / "dist" / name) as tar:
         members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
-    want = [f for f in tracked if f.startswith(("csrc/", "tests/", "docs/", "rmkernels/", "python/"))
+    want = [f for f in tracked
+            if f.startswith(("csrc/", "tests/", "benchmarks/", "scripts/", "docs/", "rmkernels/", "python/"))
             and not f.startswith("rmkernels/_build_config")]
     want += ["LICENSE", "README.md", "setup.py", "pyproject.toml", "MANIFEST.in", "requirements-test.txt"]
     missing = sorted(set(want) - members)
     assert not missing, f"{len(missing)} files not in the sdist: {missing[:20]}"
     assert not [m for m in members if m.endswith((".so", ".o", ".pyc"))]
+    assert "rmkernels/_build_config.py" not in members
+
+
+def test_sdist_and_metadata_need_no_torch(tmp_path):
+    """setup.py defines the extension only for a command that builds it: the sdist and the
+    metadata steps of a PEP 517 build (egg_info, dist_info: pip runs them before build_wheel)
+    import no torch, so `python -m build --sdist` works in its isolated environment (it stopped
+    with "building the extension needs torch installed"). A wheel build still asks for torch."""
+    tracked = _tracked_files()
+    src = tmp_path / "src"
+    for f in tracked:
+        if f.startswith(("rmkernels/", "python/", "csrc/")) or "/" not in f:
+            os.makedirs(src / os.path.dirname(f), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), src / f)
+    # torch cannot be imported in the build process (as in an isolated build environment)
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "torch.py").write_text("raise ImportError('No module named torch (hidden)')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hide")}
+    env.pop("RMKERNELS_BUILD_EXT", None)
+    (src / "meta").mkdir()
+    code = ("import sys; from setuptools import build_meta as b; hook = sys.argv[1]\n"
+            "print(b.get_requires_for_build_wheel() if hook == 'requires' else\n"
+            "      b.prepare_metadata_for_build_wheel('meta') if hook == 'metadata' else\n"
+            "      b.build_sdist('dist') if hook == 'sdist' else b.build_wheel('dist'))")
+    for hook in ("requires", "metadata", "sdist"):
+        proc = subprocess.run([sys.executable, "-c", code, hook], capture_output=True, text=True, cwd=src,
+                              env=env, timeout=300)
+        assert proc.returncode == 0, hook + ":\n" + proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "needs torch" not in proc.stdout + proc.stderr, hook
+    assert not (src / "rmkernels" / "_build_config.py").exists()  # no build, no build config
+    proc = subprocess.run([sys.executable, "-c", code, "wheel"], capture_output=True, text=True, cwd=src, env=env,
+                          timeout=300)
+    assert proc.returncode != 0
+    msg = proc.stdout + proc.stderr
+    assert "needs torch" in msg and "--no-build-isolation" in msg and "RMKERNELS_BUILD_EXT=0" in msg, msg[-3000:]
+
+
+def test_no_torch_message_names_build_isolation():
+    """`pip install .` without --no-build-isolation, torch installed: pip's isolated build
+    environment cannot see it. The message says so (it said "Install torch first")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rmkernels_setup", os.path.join(ROOT, "setup.py"))
+    text = open(os.path.join(ROOT, "setup.py")).read()
+    # setup.py's functions without its setup() call
+    ns = {"__file__": spec.origin, "__name__": "rmkernels_setup"}
+    head, sep, _ = text.partition("\nif _extension_requested(")
+    assert sep, "setup.py no longer calls setup() under `if _extension_requested(...)`: update this test"
+    exec(compile(head, spec.origin, "exec"), ns)
+    err = ImportError("No module named 'torch'")
+    old_path, old_prefix = list(sys.path), sys.prefix
+    try:
+        sys.path[:] = ["/tmp/pip-build-env-abc123/overlay/lib/python3.11/site-packages"] + old_path
+        assert ns["_isolated_build_env"]()
+        msg = ns["_no_torch_message"](err)
+        assert "isolated build environment" in msg and "cannot see" in msg and "--no-build-isolation" in msg, msg
+        assert "RMKERNELS_BUILD_EXT=0" in msg and "No module named 'torch'" in msg
+        assert not msg.startswith("rmkernels: building the extension needs torch installed"), msg
+    finally:
+        sys.path[:] = old_path
+    sys.prefix = "/tmp/build-env-xyz"
+    try:
+        assert ns["_isolated_build_env"]()
+    finally:
+        sys.prefix = old_prefix
+    if not ns["_isolated_build_env"]():  # a plain environment: both causes are named
+        msg = ns["_no_torch_message"](err)
+        assert "install torch first" in msg and "--no-build-isolation" in msg and "isolated" in msg, msg
+    # the commands that build the extension, and those that do not
+    requested = ns["_extension_requested"]
+    for argv in (["bdist_wheel", "--dist-dir", "/tmp/x"], ["build_ext", "--inplace"], ["editable_wheel"],
+                 ["develop"], ["install"], ["egg_info", "build_ext"]):
+        assert requested(argv), argv
+    for argv in (["egg_info"], ["dist_info", "--output-dir", "/tmp/m", "--keep-egg-info"],
+                 ["sdist", "--formats", "gztar", "--dist-dir", "/tmp/d"], ["--version"], []):
+        assert not requested(argv), argv
 
 
 def test_info_says_when_installed_without_the_extension(tmp_path):
@@ -207,3 +288,83 @@ def test_triton_interpreter_needs_numpy_below_2_4(monkeypatch):
     assert _backend._interpreter_problem.__wrapped__() is None
     versions.update(triton="3.7.0", numpy="2.4.6")
     assert _backend._interpreter_problem.__wrapped__() is None
+
+
+def _fake_checkout_and_install(tmp_path, installed_has_c=True):
+    """A source checkout whose rmkernels/ has no _C (what a non-editable `pip install .` leaves:
+    the built _C went to site-packages) and, in another folder, an installed copy."""
+    co = tmp_path / "checkout"
+    shutil.copytree(os.path.join(ROOT, "rmkernels"), co / "rmkernels",
+                    ignore=shutil.ignore_patterns("_C.*", "*.so", "__pycache__"))
+    (co / "rmkernels" / "_build_config.py").write_text("BUILD_CONFIG = {'cpp': True, 'cuda': False, 'archs': ''}\n")
+    (co / "setup.py").write_text("# the checkout's setup.py\n")
+    (co / "csrc").mkdir()
+    site = tmp_path / "site"
+    (site / "rmkernels").mkdir(parents=True)
+    (site / "rmkernels" / "__init__.py").write_text("")
+    if installed_has_c:
+        import importlib.machinery
+
+        (site / "rmkernels" / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"")
+    return co, site
+
+
+@pytest.mark.parametrize("installed_has_c", [True, False])
+def test_checkout_without_c_reason_names_the_shadowed_install(tmp_path, installed_has_c):
+    """The reason for a missing _C in a source checkout: the checkout is what was imported, it
+    shadows the installed copy, and the fix is -e / build_ext --inplace or another directory
+    (not "no _C is installed next to the package ... Rebuild", which the user just did)."""
+    from rmkernels import _ext
+
+    co, site = _fake_checkout_and_install(tmp_path, installed_has_c)
+    pkg = str(co / "rmkernels")
+    assert _ext._source_checkout(pkg) == str(co)
+    assert _ext._source_checkout(str(site / "rmkernels")) is None
+    other_checkout = tmp_path / "other"  # another checkout without _C is no installed copy
+    (other_checkout / "rmkernels").mkdir(parents=True)
+    (other_checkout / "rmkernels" / "__init__.py").write_text("")
+    (other_checkout / "setup.py").write_text("")
+    (other_checkout / "csrc").mkdir()
+    why, todo = _ext._checkout_reason(str(co), pkg, [str(co), str(other_checkout), str(site)])
+    assert f"imported from the source checkout {pkg}, where no rmkernels._C is built" in why, why
+    assert f"it shadows the rmkernels installed in {site}" in why, why
+    assert ("which has its _C" in why) == installed_has_c, why
+    assert "pip install --no-build-isolation -e ." in todo and "build_ext --inplace" in todo, todo
+    assert "another directory" in todo, todo
+    why, todo = _ext._checkout_reason(str(co), pkg, [str(co)])  # nothing installed elsewhere
+    assert "shadows" not in why and "another directory" not in todo and "-e ." in todo, (why, todo)
+
+
+def test_info_in_a_checkout_without_c_says_it_shadows_the_install(tmp_path):
+    """After a non-editable install, `python -m rmkernels.info` run in the checkout imports the
+    checkout's rmkernels/, which has no _C. The one warning and info say so (they said "no
+    rmkernels._C file is installed next to the package ... Rebuild", and info printed the
+    checkout's build config {'cpp': True} beside "_C loaded: False" with no word why)."""
+    import sysconfig
+
+    co, site = _fake_checkout_and_install(tmp_path)
+    code = r"""
+import warnings
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    from rmkernels import info
+msgs = [str(x.message) for x in w if "rmkernels" in str(x.message)]
+print(len(msgs)); print(msgs[0]); print(info.info())
+"""
+    # -S: no .pth files (an editable install's import hook would map `rmkernels` to this
+    # checkout); -c puts the current directory, the fake checkout, first on sys.path.
+    paths = [str(site), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=co, env=env)
+    assert proc.returncode == 0, proc.stderr
+    count, msg, out = proc.stdout.split("\n", 2)
+    assert count == "1", proc.stdout
+    pkg = os.path.join(str(co), "rmkernels")
+    assert f"imported from the source checkout {pkg}, where no rmkernels._C is built" in msg, msg
+    assert f"it shadows the rmkernels installed in {site}, which has its _C" in msg, msg
+    assert "pip install --no-build-isolation -e ." in msg and "another directory" in msg, msg
+    assert "installed next to the package" not in msg and "Rebuild" not in msg, msg
+    assert f"imported from: {pkg} (a source checkout)" in out, out
+    assert "extension _C loaded: False (rmkernels was imported from the source checkout" in out, out
+    assert "setup.py's last build from this checkout; its _C is not here" in out, out
