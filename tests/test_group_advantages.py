@@ -513,10 +513,9 @@ def test_nan_stays_in_its_group(backend, device):
         assert not torch.isnan(seq[~same]).any(), est
         assert not torch.isnan(adv[~same]).any() and torch.all(adv[~mask] == 0), est
         clean = scores.clone()
-        clean[victim] = 0.0
-        if est != "gpg":  # gpg's batch count of nonzeros: NaN counts as nonzero, 0 does not
-            ref = rmk.group_advantages(clean, ids, mask, estimator=est, backend=backend).seq_advantages
-            assert_close(seq[~same], ref[~same], rtol=1e-6, atol=1e-6, name=est)
+        clean[victim] = 1.0  # nonzero, as NaN is for gpg's batch count of nonzero scores
+        ref = rmk.group_advantages(clean, ids, mask, estimator=est, backend=backend).seq_advantages
+        assert_close(seq[~same], ref[~same], rtol=1e-6, atol=1e-6, name=est)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
@@ -915,3 +914,17 @@ def test_direct_op_calls_check_their_arguments():
             op(*args[:i], bad, *args[i + 1:])
     with pytest.raises(TypeError, match="mask"):
         torch.ops.rmkernels.reinforce_pp_returns(torch.randn(2, 3), torch.ones(2, 3), 1.0, "cpu")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_gpg_counts_a_nan_score_as_nonzero(backend, device):
+    """GPG's alpha = B / (the batch's nonzero scores) counts a NaN score (as verl's
+    ``count_nonzero`` does): scores [1, NaN, 0, 2] in groups {0, 1}, {2, 3} give alpha 4 / 3 and
+    group 1 ±4/3 (a kernel that skipped NaN gave ±2; the NaN test above compared gpg with
+    nothing)."""
+    skip_unless_available(backend, device)
+    s = torch.tensor([1.0, float("nan"), 0.0, 2.0], device=device)
+    ids = torch.tensor([0, 0, 1, 1], device=device)
+    seq = rmk.group_advantages(s, ids, estimator="gpg", backend=backend).seq_advantages
+    assert torch.isnan(seq[:2]).all()
+    assert_close(seq[2:].cpu(), torch.tensor([-4 / 3, 4 / 3]), rtol=1e-6, atol=0, name="gpg")

@@ -155,3 +155,59 @@ def test_every_schema_is_declared_once():
     assert sorted(_registry.KERNELS) == sorted(_schemas.KERNEL_OPS)
     assert sorted(_registry.OPS) == sorted(_schemas.PUBLIC_OPS)
     assert sorted(set(_schemas.KERNEL_OPS) | set(_schemas.PUBLIC_OPS)) == sorted(SCHEMAS)
+
+
+def _documented_signatures():
+    """``{name: [parameter text]}`` of every ``rmk.<name>(...)`` call written at the start of a
+    line in docs/ops.md's python blocks (the contract's signatures)."""
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "ops.md")) as f:
+        text = f.read()
+    found = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        for m in re.finditer(r"(?m)^\s*rmk\.(\w+)\(", block):
+            i, depth = m.end(), 1
+            while depth:
+                depth += {"(": 1, ")": -1}.get(block[i], 0)
+                i += 1
+            found.setdefault(m.group(1), []).append(block[m.end():i - 1])
+    return found
+
+
+def _parameters(params):
+    """[(name, kind)] and {name: default} of a Python parameter list (ast; defaults are literals)."""
+    import ast
+
+    a = ast.parse(f"def f({params}): pass").body[0].args
+    pos = a.posonlyargs + a.args
+    names = ([(x.arg, "positional") for x in pos] + ([("*" + a.vararg.arg, "*")] if a.vararg else [])
+             + [(x.arg, "keyword") for x in a.kwonlyargs] + ([("**" + a.kwarg.arg, "**")] if a.kwarg else []))
+    defaults = {x.arg: ast.literal_eval(d) for x, d in zip(pos[len(pos) - len(a.defaults):], a.defaults)}
+    defaults.update({x.arg: ast.literal_eval(d) for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None})
+    return names, defaults
+
+
+def test_public_signatures_are_those_of_docs_ops_md():
+    """Every public function's parameters, their kinds and their defaults are those written in
+    docs/ops.md (a default changed in the code alone, say ppo_advantages' lam, was caught by no
+    test: every test passed it explicitly)."""
+    import inspect
+
+    import rmkernels as rmk
+
+    kinds = {inspect.Parameter.POSITIONAL_ONLY: "positional", inspect.Parameter.POSITIONAL_OR_KEYWORD: "positional",
+             inspect.Parameter.KEYWORD_ONLY: "keyword", inspect.Parameter.VAR_POSITIONAL: "*",
+             inspect.Parameter.VAR_KEYWORD: "**"}
+    documented = _documented_signatures()
+    assert {"last_token_reward", "bradley_terry_loss", "pairwise_reward_loss", "ranking_loss", "ppo_advantages",
+            "masked_whiten", "gae", "kl_estimate", "group_advantages", "reinforce_pp_returns",
+            "reinforce_pp_advantages", "remax_advantages", "token_logprobs"} <= set(documented)
+    for name, texts in documented.items():
+        sig = inspect.signature(getattr(rmk, name))
+        names = [(("*" if kinds[p.kind] == "*" else "**" if kinds[p.kind] == "**" else "") + p.name, kinds[p.kind])
+                 for p in sig.parameters.values()]
+        defaults = {p.name: p.default for p in sig.parameters.values() if p.default is not p.empty}
+        for text in texts:
+            assert _parameters(text) == (names, defaults), f"rmk.{name}: docs/ops.md says ({text}), the code {sig}"
