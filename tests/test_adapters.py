@@ -503,6 +503,11 @@ def test_openrlhf_compute_approx_kl_signature_and_edges():
         out = openrlhf.compute_approx_kl(x, y, kl_estimator=est)
         assert torch.equal(out.isnan(), torch.tensor([[False, False, False, True]]))
         assert out[0, :3].tolist() == exp[:3], est
+    # k3's log-ratio clamp at -10 holds in the gradient too: without it exp(-x) overflows float32
+    # (x < -88) and the final clamp's zero gradient times inf is NaN
+    x = torch.tensor([[-100.0, 0.5]], requires_grad=True)
+    openrlhf.compute_approx_kl(x, torch.zeros(1, 2), kl_estimator="k3").sum().backward()
+    assert x.grad[0, 0].item() == 0.0 and math.isclose(x.grad[0, 1].item(), 1 - math.exp(-0.5), rel_tol=1e-6)
     # 0-d and broadcast shapes, as OpenRLHF's arithmetic accepts
     assert openrlhf.compute_approx_kl(torch.tensor(-1.0), torch.tensor(-2.0), kl_estimator="k2").item() == 0.5
     assert openrlhf.compute_approx_kl(lp.float(), ref[:1].float()).shape == lp.shape
@@ -634,7 +639,8 @@ def test_trl_ppo_block(est, whiten_rewards, device):
     assert_close(out.non_score_reward, -0.07 * e_kl, rtol=RTOL, atol=ATOL, name="non_score_reward")
     assert_close(out.returns, e_ret, rtol=RTOL, atol=ATOL, name="returns")
     assert_close(out.advantages, e_adv, rtol=RTOL, atol=ATOL, name="advantages")
-    assert (out.logprobs[out.padding_mask] == trl_ppo.INVALID_LOGPROB).all()
+    assert trl_ppo.INVALID_LOGPROB == 1.0  # TRL's (trl.trainer.ppo_trainer.INVALID_LOGPROB, TRL <= 1.12)
+    assert (out.logprobs[out.padding_mask] == 1.0).all()
     assert (out.values[out.padding_mask_p1] == 0).all()
 
 

@@ -86,7 +86,7 @@ def test_reference_gae_is_the_loop(kind, gamma, lam):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-@pytest.mark.parametrize("clamp", [None, 0.3])
+@pytest.mark.parametrize("clamp", [None, 0.3, 50.0])  # 50: low_var_kl stays within its own +-10
 def test_reference_kl_is_the_formula(estimator, clamp):
     _, _, mask, lp, ref = sample_inputs(5, 31, torch.float64)
     ref = ref * 10  # big log-ratios: the low_var_kl clamps are active
@@ -337,3 +337,31 @@ def test_direct_op_calls_check_their_arguments(backend):
         torch.ops.rmkernels.kl_estimate(r, v, m, "k9", None, backend)
     with pytest.raises(TypeError, match="ref_logprobs must have dtype"):
         torch.ops.rmkernels.kl_estimate(r, v.double(), None, "k1", None, backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_any_nonzero_mask_value_is_a_valid_token(backend, device):
+    """An integer mask marks a valid token by any nonzero value, negative ones included (the
+    rule is mask != 0, as for HF attention masks): the same results as its bool mask on every
+    op that takes one. No test had a negative entry, so `> 0` would have passed."""
+    skip_unless_available(backend, device)
+    B, T = 5, 9
+    rewards, values, mask, lp, ref = (t.to(device) for t in sample_inputs(B, T, torch.float32, kind="holes"))
+    mask[:, 0] = True  # a token in every row (the pooling refuses rows without one)
+    signs = (torch.randint(1, 4, (B, T)) * (torch.randint(0, 2, (B, T)) * 2 - 1)).to(device)
+    as_int = mask.to(torch.int64) * signs
+    assert (as_int < 0).any()
+    scores = torch.randn(B, device=device)
+    calls = [lambda m: rmk.gae(rewards, values, m, backend=backend),
+             lambda m: rmk.kl_estimate(lp, ref, m, estimator="k3", backend=backend),
+             lambda m: rmk.masked_whiten(rewards, m, backend=backend),
+             lambda m: rmk.ppo_advantages(lp, ref, values, scores, m, kl_coef=0.1, backend=backend).advantages,
+             lambda m: rmk.reinforce_pp_returns(rewards, m, backend=backend),
+             lambda m: rmk.group_advantages(scores, torch.arange(B, device=device) // 2, m, backend=backend)[1]]
+    for i, call in enumerate(calls):
+        want, got = call(mask), call(as_int)
+        for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+            assert torch.equal(w, g), f"call {i}"
+    hidden, weight = torch.randn(B, T, 4, device=device), torch.randn(1, 4, device=device)
+    assert torch.equal(rmk.last_token_reward(hidden, weight, attention_mask=as_int, backend=backend),
+                       rmk.last_token_reward(hidden, weight, attention_mask=mask, backend=backend))

@@ -224,3 +224,36 @@ def test_verl_exports_every_estimator():
     exec("from rmkernels.integrations.verl import *", ns)
     for name in rv.__all__:
         assert ns[name] is getattr(rv, name), name
+
+
+def test_each_frameworks_eps_and_switches_where_they_matter():
+    """Each framework's own eps, on a group whose spread is of its size (std ~1 elsewhere, where
+    1e-6 against 1e-9 is below every tolerance: a swapped eps went unseen), float64 so that it
+    is the eps that decides; and vectorized GRPO's norm_adv_by_std_in_grpo (tested only on the
+    loop version)."""
+    spread = torch.tensor([0.0, 2e-6], dtype=torch.float64)
+    std = 2e-6 / 2 ** 0.5  # the unbiased std of the pair
+    tlr, mask = spread.reshape(2, 1), torch.ones(2, 1)
+    for name in ("compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage"):
+        adv, _ = getattr(rv, name)(tlr, mask, np.array(["a", "a"], dtype=object))
+        assert_close(adv[:, 0], torch.tensor([-1e-6, 1e-6], dtype=torch.float64) / (std + 1e-6), rtol=1e-9,
+                     atol=0, name=f"verl {name}: epsilon 1e-6")
+        adv, _ = getattr(rv, name)(torch.tensor([[0.0], [2.0]]), mask, np.array(["a", "a"], dtype=object),
+                                   norm_adv_by_std_in_grpo=False)
+        assert_close(adv[:, 0], torch.tensor([-1.0, 1.0]), rtol=0, atol=0, name=f"verl {name}: Dr. GRPO")
+    assert_close(orl.shape_rewards(spread, 2, "group_norm"), torch.tensor([-1e-6, 1e-6], dtype=torch.float64) /
+                 (std + 1e-9), rtol=1e-9, atol=0, name="OpenRLHF group_norm: eps 1e-9")
+    assert_close(trl.grpo_advantages(spread, 2, "group"), torch.tensor([-1e-6, 1e-6], dtype=torch.float64) /
+                 (std + 1e-4), rtol=1e-9, atol=0, name="TRL GRPO: eps 1e-4")
+
+
+def test_trl_rloo_normalize_leaves_a_lone_scorable_completion_out():
+    """TRL's RLOO with normalize_advantages: a prompt with one scorable completion has no
+    leave-one-out baseline (NaN, then 0) and takes no part in the whitening. test_trl_rloo's
+    unscorable batches hold an infinite reward, which makes TRL's whitening NaN everywhere, so
+    that case compared zeros with zeros."""
+    r = torch.tensor([1.0, 2.0, 4.0, 7.0, float("nan"), 3.0])  # prompt 2: one scorable completion
+    adv = torch.tensor([-1.0, 1.0, -3.0, 3.0])  # the others' leave-one-out advantages
+    got = trl.rloo_advantages(r, 2, normalize_advantages=True)
+    assert_close(got[:4], (adv - adv.mean()) / (adv.std() + 1e-4), rtol=1e-6, atol=1e-6, name="rloo")
+    assert got[4] == 0 and got[5] == 0

@@ -172,3 +172,17 @@ def test_same_loss_and_grads_as_trl_with_a_peft_adapter(tmp_path):
     assert set(grads) == set(ref_grads) and any("modules_to_save" in n for n in grads)
     for n in ref_grads:
         assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, name=f"grad {n}")
+
+
+def test_logged_accuracy_counts_a_tie_as_trl_does(tmp_path):
+    """A pair whose chosen and rejected texts are the same scores a tie; the logged accuracy
+    counts it as TRL does (random rewards never tie, so `>=` for TRL's `>` went unseen)."""
+    rows = [{"prompt": "sort 321: ", "chosen": "123", "rejected": "123"},
+            {"prompt": "sort 54: ", "chosen": "45", "rejected": "54"}] * 2
+    ref, ours = _trainers(tmp_path, datasets.Dataset.from_list(rows))
+    batch = next(iter(ref.get_train_dataloader()))
+    _loss_and_grads(ref, batch)
+    _loss_and_grads(ours, batch)
+    assert ref._metrics["train"]["accuracy"] and ref._metrics["train"]["accuracy"][-1] <= 0.5
+    assert_close(torch.tensor(ours._metrics["train"]["accuracy"]), torch.tensor(ref._metrics["train"]["accuracy"]),
+                 rtol=0, atol=0, name="accuracy")

@@ -25,6 +25,9 @@ def test_adaptive_kl_controller():
         rmk.AdaptiveKLController(0.1, 1.0, -5)
     with pytest.raises(TypeError, match="current_kl"):
         ctl.update("big", 1)
+    for bad in (-1, math.nan, math.inf):  # a step count is a finite count
+        with pytest.raises(ValueError, match="n_steps"):
+            ctl.update(1.0, bad)
 
 
 def test_fixed_kl_controller():

@@ -58,6 +58,10 @@ def test_ppo_losses_match_their_formulas():
     per = torch.maximum(-adv * r, -adv * r.clamp(0.8, 1.2))
     assert torch.allclose(loss, per[mask].mean())
     assert torch.allclose(clipfrac, ((-adv * r.clamp(0.8, 1.2)) > (-adv * r))[mask].float().mean())
+    # the approx KL metric is 0.5 (log ratio)^2 of the raw log ratio, also beyond the +-20 that
+    # the ratio's exp is clamped to (no test had a log ratio that large)
+    one = torch.ones(1, 1)
+    assert core.ppo_policy_loss(torch.tensor([[30.0]]), torch.zeros(1, 1), one, one > 0, 0.2)[2].item() == 450.0
     v, v_old, ret = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
     vloss, _ = core.ppo_value_loss(v, v_old, ret, mask, 0.1)
     vc = v_old + (v - v_old).clamp(-0.1, 0.1)

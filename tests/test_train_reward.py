@@ -346,3 +346,85 @@ def test_ddp_two_processes_agree(tmp_path):
     wa, wb = _weights(tmp_path / "ddp" / "checkpoint-6"), _weights(tmp_path / "one" / "checkpoint-6")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+# ---------------------------------------------------------------------------------------
+# The logged numbers are the formulas (from a mutation run: each of these could change unseen)
+# ---------------------------------------------------------------------------------------
+def test_grad_accum_steps_on_the_mean_of_its_micro_batches(tmp_path, capsys):
+    """--grad-accum 2 --batch-size 8 takes the step of --batch-size 16's 16 pairs: the same loss,
+    gradient norm and weights after the step (the loss of each micro-batch divided by their
+    number; without it the gradient doubled, which AdamW's first step hides in the weights but
+    not in the logged norm)."""
+    runs = {}
+    for name, accum in (("one", ["--batch-size", "16"]), ("two", ["--batch-size", "8", "--grad-accum", "2"])):
+        argv = [*TINY[:TINY.index("--batch-size")], *TINY[TINY.index("--batch-size") + 2:], *accum,
+                "--max-steps", 1, "--eval-every", 1000, "--seed", 5, "--output-dir", tmp_path / name]
+        rc, err = _run(capsys, *argv)
+        assert rc == 0, err
+        runs[name] = _records(tmp_path / name / "metrics.jsonl", "train")[0]
+    for key in ("loss", "grad_norm", "accuracy", "margin"):
+        assert runs["two"][key] == pytest.approx(runs["one"][key], rel=1e-5, abs=1e-7), key
+
+
+def _fixed_rewards(monkeypatch):
+    """forward_pairs (training and evaluation) with the model's loss but rewards of a fixed
+    pattern, chosen vs rejected 1 vs 1 (a tie), 0 vs 1, 2 vs 0, ...; returns the accuracy
+    and margin of n such pairs by their formulas (a tie is not correct; the margin is signed)."""
+    from rmkernels_train import reward as R
+
+    real = R.forward_pairs
+
+    def fixed(model, pairs, *args, **kwargs):
+        loss, c, _ = real(model, pairs, *args, **kwargs)
+        pattern = torch.tensor([[1.0, 1.0], [0.0, 1.0], [2.0, 0.0]])[torch.arange(len(pairs)) % 3]
+        return loss, pattern[:, 0].to(c), pattern[:, 1].to(c)
+
+    monkeypatch.setattr(R, "forward_pairs", fixed)
+
+    def expected(n):
+        pattern = torch.tensor([[1.0, 1.0], [0.0, 1.0], [2.0, 0.0]])[torch.arange(n) % 3]
+        return float((pattern[:, 0] > pattern[:, 1]).float().mean()), float((pattern[:, 0] - pattern[:, 1]).mean())
+
+    return expected
+
+
+def test_logged_accuracy_and_margin_are_their_formulas(tmp_path, capsys, monkeypatch):
+    """Train and held-out accuracy count a tie as wrong (chosen > rejected); the margin is the
+    mean of chosen - rejected, signed. No test compared them with a hand computation (random
+    rewards never tie, and `abs` changed only the printed margin)."""
+    expected = _fixed_rewards(monkeypatch)
+    rc, err = _run(capsys, *TINY, "--max-steps", 1, "--eval-every", 1, "--eval-batch-size", 7,
+                   "--output-dir", tmp_path / "o")
+    assert rc == 0, err
+    train = _records(tmp_path / "o" / "metrics.jsonl", "train")[0]
+    held_out = _records(tmp_path / "o" / "metrics.jsonl", "eval")[-1]
+    acc, margin = expected(16)
+    assert (train["accuracy"], train["margin"]) == (pytest.approx(acc), pytest.approx(margin))
+    n = held_out["pairs"]  # batches of 7: the pattern restarts in each, so sum batch by batch
+    sizes = [7] * (n // 7) + ([n % 7] if n % 7 else [])
+    acc = sum(expected(s)[0] * s for s in sizes) / n
+    margin = sum(expected(s)[1] * s for s in sizes) / n
+    assert (held_out["accuracy"], held_out["margin"]) == (pytest.approx(acc), pytest.approx(margin))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_loss_options_reach_the_fused_loss(monkeypatch, packing):
+    """forward_pairs passes --label-smoothing and --center-coef to the fused loss, padded and
+    packed (a run with label smoothing only had to complete: dropping it went unseen)."""
+    import types
+
+    from rmkernels_train import model as M
+    from rmkernels_train import packing as P
+    from rmkernels_train import reward as R
+
+    seen = {}
+    target = (P, "packed_forward") if packing else (M, "pairwise_forward")
+    monkeypatch.setattr(*target, lambda model, batch, **kw: seen.update(kw))
+    if packing:
+        monkeypatch.setattr(P, "pack", lambda pairs: pairs)
+    else:
+        monkeypatch.setattr(D, "collate", lambda pairs, pad_id: pairs)
+    args = types.SimpleNamespace(label_smoothing=0.15, center_coef=0.02, packing=packing)
+    R.forward_pairs(None, [], args, 0, "cpu")
+    assert seen == {"label_smoothing": 0.15, "center_coef": 0.02, "device": "cpu"}

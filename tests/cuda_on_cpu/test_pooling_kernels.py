@@ -126,6 +126,8 @@ def test_forward_backward_vs_reference(dtype, mask_kind):
 def test_index_mask_widths_and_strided_masks(mask_dtype):
     B, T = 5, 1025  # more than one pass of 256 threads over T
     base = _mask("holes", B, 2 * T).to(mask_dtype)
+    if mask_dtype != torch.bool:  # any nonzero value is a valid token, a negative one too (mask != 0)
+        base = base * (torch.randint(1, 4, base.shape) * (torch.randint(0, 2, base.shape) * 2 - 1)).to(mask_dtype)
     for m in (base[:, :T], base[:, ::2], base.t().contiguous().t()[:, :T]):
         prog = Program()
         idx = prog.out((B,), torch.int64, fill=0x5A)
