@@ -49,13 +49,14 @@ def load():
         return None
 
 
-def timed(cmd, cwd=ROOT, env=None):
+def timed(cmd, cwd=ROOT, env=None, log_path=None):
     """(return code, wall s, CPU s, output tail) of a subprocess. The CPU time (user + system)
     is that of the process and of the processes it waited for (``os.wait4``), so runs timed at
-    the same time do not mix."""
+    the same time do not mix. ``log_path``: the whole output is also kept there (to follow a
+    long run)."""
     import tempfile
 
-    with tempfile.TemporaryFile("w+") as log:
+    with (open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+")) as log:
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -95,8 +96,8 @@ def measure_build(scratch):
             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
-def measure_ci():
-    rc, wall, cpu, tail = timed(["bash", os.path.join(ROOT, ".ci", "run")])
+def measure_ci(log_path=None):
+    rc, wall, cpu, tail = timed(["bash", os.path.join(ROOT, ".ci", "run")], log_path=log_path)
     if rc != 0:
         raise SystemExit(f"bash .ci/run failed (exit {rc}):\n{tail}")
     return {"command": "bash .ci/run", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
@@ -138,6 +139,9 @@ def main(argv=None):
                     help="seeds of the default run (none: keep the runs already in --out)")
     ap.add_argument("--build", action="store_true", help="also time the extension build")
     ap.add_argument("--ci", action="store_true", help="also time `bash .ci/run` (the whole test suite)")
+    ap.add_argument("--ci-log", default=None, metavar="FILE", help="with --ci: keep its output in FILE")
+    ap.add_argument("--ci-where", default="run in place", metavar="TEXT",
+                    help="with --ci: where it ran, as the README says it (e.g. 'a fresh clone')")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--scratch", default=os.path.join(ROOT, "runs", "measure"))
     ap.add_argument("--parallel", action="store_true",
@@ -164,7 +168,7 @@ def main(argv=None):
                            "load_before": load0, "load_after": load()}
         print(f"build: {result['build']['wall_s']} s wall", file=sys.stderr, flush=True)
     if a.ci:
-        result["ci"] = {**measure_ci(), "generated_by": command, "date": result["date"]}
+        result["ci"] = {**measure_ci(a.ci_log), "where": a.ci_where, "generated_by": command, "date": result["date"]}
         print(f"bash .ci/run: {result['ci']['wall_s']} s wall", file=sys.stderr, flush=True)
     for key in ("build", "ci"):
         if key not in result and key in old:
