@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -151,7 +152,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import torch
 
-    command = "python scripts/measure_default_runs.py " + " ".join(argv or sys.argv[1:])
+    command = "python scripts/measure_default_runs.py " + shlex.join(argv or sys.argv[1:])
     old = {}
     if os.path.isfile(a.out):  # parts this invocation does not measure are kept
         with open(a.out) as f:

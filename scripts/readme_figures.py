@@ -128,8 +128,9 @@ def block_readme_cost(root):
                      f"file yet: `python scripts/measure_default_runs.py --build`)")
     if "ci" in d:
         c = d["ci"]
+        how = f": `{c['generated_by']}`" if c.get("generated_by") else ""
         parts.append(f"the second, `bash .ci/run`, {c['wall_s'] / 60:.1f} minutes ({c['date']}, "
-                     f"{c.get('where', 'run in place')})")
+                     f"{c.get('where', 'run in place')}{how})")
     else:
         parts.append("the second, `bash .ci/run` (the whole test suite), is not timed in this file yet "
                      "(`python scripts/measure_default_runs.py --ci`)")
