@@ -69,6 +69,7 @@ class Kernel:
     def __init__(self, name, *, reference, triton, fake):
         lib.define(name + KERNEL_OPS[name])
         torch.library.register_fake(f"rmkernels::{name}", _checked_fake(name, fake), lib=lib)
+        lib.impl(name, _no_kernel(name), "CompositeExplicitAutograd")
         self.name = name
         self.reference = reference
         self.triton = triton
@@ -84,6 +85,32 @@ class Kernel:
 
     def __repr__(self):
         return f"Kernel({self.name!r}, triton={self.triton!r})"
+
+
+def _no_kernel(name):
+    """The kernel op ``name``'s fallback (``CompositeExplicitAutograd``): what the dispatcher
+    runs when no kernel of ``_C`` (CPU/CUDA) or fake (meta) fits the call. A call whose tensor
+    arguments are all None has no device to dispatch on (the dispatcher's own error is "There
+    were no tensor arguments to this function"): the first None one is named, as the
+    kernels' checks name it when another tensor is given. Otherwise the tensors are on a
+    device no kernel is built for (or ``_C`` is not loaded): a ``RuntimeError`` saying so."""
+    args = torch._C.parse_schema(f"x{KERNEL_OPS[name]}").arguments
+    tensor_args = [a.name for a in args if str(a.type) == "Tensor"]
+
+    def fallback(*values):
+        given = dict(zip([a.name for a in args], values))
+        missing = next((n for n in tensor_args if given.get(n) is None), None)
+        if missing is not None:
+            raise TypeError(f"{missing} must be a tensor, got None")  # the kernels' own message
+        from rmkernels import _ext
+
+        devices = sorted({str(v.device) for v in values if isinstance(v, torch.Tensor)})
+        why = "" if _ext.CPP_AVAILABLE else f" (the compiled extension is not loaded: {_ext.LOAD_ERROR})"
+        raise RuntimeError(f"rmkernels::{name} has no kernel for tensors on {', '.join(devices)}{why}; the "
+                           f"public ops run on the reference or Triton backends there")
+
+    fallback.__name__ = f"{name}_no_kernel"
+    return fallback
 
 
 class Autograd:

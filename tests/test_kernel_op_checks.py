@@ -189,9 +189,12 @@ KERNEL_CASES = {
 # A valid call of every kernel op (its arguments as expressions): each must run, and with None in
 # place of any one of its required Tensor arguments must raise a TypeError naming it (None reaches
 # the C++ checks as an undefined tensor; it gave "Unimplemented scalar type" or "got shape [0]").
-# last_token_index_kernel takes one tensor: with None the dispatcher has no device to pick and
-# raises its own NotImplementedError before any check of ours.
+# With every Tensor argument None (also Tensor? ones) the dispatcher has no device to pick: it
+# raised its own NotImplementedError ("There were no tensor arguments to this function") before
+# any check of ours; the kernel ops' CompositeExplicitAutograd fallback (_registry._no_kernel)
+# names the first one instead.
 VALID_KERNEL_CALLS = {
+    "last_token_index_kernel": ["b(2, 5)"],
     "last_token_reward_fwd_kernel": ["r(2, 5, 8)", "r(1, 8)", "None", "full((2,), 4)"],
     "last_token_reward_bwd_kernel": ["r(2, 1)", "r(2, 5, 8)", "r(1, 8)", "full((2,), 4)", "True", "True", "True"],
     "bt_loss_fwd_kernel": ["r(4)", "r(4)", "None", "None", "0.0", "1.0", "0.0", "0.0", "1"],
@@ -228,11 +231,16 @@ def _none_cases():
                 name = f"{op}: {a.name} None"
                 cases[name] = f"ops.{op}({', '.join(args[:k] + ['None'] + args[k + 1:])})"
                 messages[name] = f"^{a.name} must be a tensor, got None$"
+        tensors = [k for k, a in enumerate(schema.arguments) if "Tensor" in str(a.type)]
+        name = f"{op}: every tensor None"
+        cases[name] = f"ops.{op}({', '.join('None' if k in tensors else v for k, v in enumerate(args))})"
+        first = next(a.name for a in schema.arguments if str(a.type) == "Tensor")
+        messages[name] = f"^{first} must be a tensor, got None$"
     return valid, cases, messages
 
 
 VALID_CASES, NONE_CASES, NONE_MESSAGES = _none_cases()
-assert set(VALID_KERNEL_CALLS) | {"last_token_index_kernel"} == set(__import__(
+assert set(VALID_KERNEL_CALLS) == set(__import__(
     "rmkernels.ops._schemas", fromlist=["KERNEL_OPS"]).KERNEL_OPS), "a kernel op without a valid call above"
 KERNEL_CASES.update(NONE_CASES)
 
@@ -566,3 +574,26 @@ def test_token_logprobs_kernels_take_inputs_that_require_grad():
                                                                  for t in bwd))
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_kernel_op_without_a_kernel_for_the_device_says_so():
+    """Without ``_C`` (here: its import blocked) no CPU kernel is registered: a direct kernel-op
+    call on CPU tensors reaches the fallback, which says why (it was the dispatcher's
+    NotImplementedError listing dispatch keys)."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["rmkernels._C"] = None
+        warnings.simplefilter("ignore")
+        import torch, rmkernels
+        assert not rmkernels._ext.CPP_AVAILABLE
+        r = torch.randn(2, 3)
+        try:
+            torch.ops.rmkernels.gae_kernel(r, r, r > 0, 1.0, 0.95, True)
+        except RuntimeError as e:
+            print("RAISED", e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"^RAISED rmkernels::gae_kernel has no kernel for tensors on cpu \(the compiled extension is "
+                     r"not loaded: .+\); the public ops run on the reference or Triton backends there",
+                     proc.stdout), proc.stdout
