@@ -135,6 +135,61 @@ def test_reward_resume_data_paths_compare_as_real_paths(tmp_path, capsys, monkey
     assert "--eval-fraction was 0.05 in the checkpoint's run and is 0.2 now" in _one_line_error(rc, err)
 
 
+def test_reward_resume_refuses_data_files_whose_contents_changed(tmp_path, capsys):
+    """The same --data / --eval-data path with other contents would give the resumed steps other
+    pairs, silently: the checkpoint records each file's SHA-256 and --resume names the one that
+    changed; the file restored, it resumes. A checkpoint without the record still resumes."""
+    data, held = tmp_path / "d.jsonl", tmp_path / "e.jsonl"
+    _prefs(data)
+    _prefs(held, 8)
+    common = [*TINY[:4], "--batch-size", 4, "--threads", 1, "--no-progress", "--no-plot", "--save-every", 1,
+              "--max-steps", 4, "--output-dir", tmp_path / "o", "--data", data, "--eval-data", held]
+    rc, err = _run(reward_main, capsys, *common, "--stop-after", 1)
+    assert rc == 0, err
+    state = json.loads((tmp_path / "o" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert set(state["data_sha256"]) == {"data", "eval_data"}, state
+    original = held.read_text()
+    held.write_text(original.replace('"ef"', '"eg"', 1))  # one rejected response edited, same size
+    rc, err = _run(reward_main, capsys, *common, "--resume")
+    assert (f"--resume: the contents of --eval-data {held} changed since the checkpoint's run"
+            in _one_line_error(rc, err)), err
+    assert _steps(tmp_path / "o") == [1]
+    held.write_text(original)
+    _prefs(data, 41)
+    rc, err = _run(reward_main, capsys, *common, "--resume")
+    assert f"the contents of --data {data} changed" in _one_line_error(rc, err), err
+    p = tmp_path / "o" / "checkpoint-1" / "trainer_state.json"
+    p.write_text(json.dumps({k: v for k, v in state.items() if k != "data_sha256"}))  # an older checkpoint
+    rc, err = _run(reward_main, capsys, *common, "--resume", "--stop-after", 1)
+    assert rc == 0, err
+    # checkpoint-2 records the file its run read (41 pairs): the same file resumes, the older one not
+    rc, err = _run(reward_main, capsys, *common, "--resume", "--stop-after", 1)
+    assert rc == 0, err
+    _prefs(data)
+    rc, err = _run(reward_main, capsys, *common, "--resume")
+    assert f"the contents of --data {data} changed" in _one_line_error(rc, err), err
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_rl_resume_refuses_a_prompts_file_whose_contents_changed(tmp_path, capsys, advantage):
+    rm = _save(tmp_path / "rm", "rm")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"sort: {i}3{i}"}) + "\n" for i in range(8)))
+    if advantage == "gae":
+        argv = [*PPO, "--save-every", 1]
+    else:
+        argv = ["--advantage", "grpo", *CRITIC_FREE, "--steps", 2, "--save-every", 1]
+    argv += ["--reward-model", rm, "--prompts", prompts, "--output-dir", tmp_path / "o"]
+    rc, err = _run(ppo_main, capsys, *argv, "--stop-after", 1)
+    assert rc == 0, err
+    prompts.write_text(prompts.read_text().replace("sort: 030", "sort: 031"))
+    rc, err = _run(ppo_main, capsys, *argv, "--resume")
+    assert f"--resume: the contents of --prompts {prompts} changed" in _one_line_error(rc, err, "ppo"), err
+    prompts.write_text(prompts.read_text().replace("sort: 031", "sort: 030"))
+    rc, err = _run(ppo_main, capsys, *argv, "--resume")
+    assert rc == 0, err
+
+
 def test_ppo_resume_fixes_the_reward_model_compared_as_real_paths(tmp_path):
     fixed = rl.resume_fixed("gae")
     saved = {k: None for k in fixed}

@@ -624,6 +624,7 @@ class PPOTrainer:
         reward_dir = self.reward_dir = run_reward_model(a, self.out_dir, dist, T.threads_for(a, True), self.log)
         self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir,
                                                                                                  self.log)
+        self.data_sha256 = T.data_digests(a)  # before reading: a checkpoint records what this run read
         prompts, lines = run_prompts(a, None if a.prompts else default_prompts())
         self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model), prompts, lines)
         self.optimizer = self.make_optimizer()
@@ -782,7 +783,7 @@ class PPOTrainer:
         # never a checkpoint of NaN / infinite weights (so last_ckpt is always a good one)
         T.check_finite_before_saving(self.dist, self.step, self.last_ckpt, ("policy", self.policy),
                                      ("value_model", self.value_model))
-        state = {"step": self.step, "kl_coef": self.kl_ctl.value,
+        state = {"step": self.step, "kl_coef": self.kl_ctl.value, "data_sha256": self.data_sha256,
                  "args": {**vars(a), "world_size": self.dist.world_size}}
         # rank 0 writes; every rank learns whether it could (a disk full stops every rank with one line)
         self.last_ckpt = T.save_checkpoint_on_main(

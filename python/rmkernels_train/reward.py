@@ -303,6 +303,7 @@ def check_resume_options(state, args, world_size):
     else:
         fixed += ("margin_column",) + (("eval_fraction",) if args.eval_data is None else ())
     T.check_resume_args(state["args"], args, fixed, world_size)
+    T.check_resume_data(state, args)
 
 
 def load_checkpoint(path, args, world_size=1):
@@ -531,6 +532,7 @@ class RewardTrainer:
     def load_data(self, resumed):
         """The train and held-out pairs, tokenized (the checkpoint's tokenizer on resume)."""
         args, log = self.args, self.log
+        self.data_sha256 = T.data_digests(args)  # before reading: a checkpoint records what this run read
         train_recs, held_recs, self.what = load_records(args, log)
         log(self.what)
         if resumed is not None:
@@ -668,7 +670,7 @@ class RewardTrainer:
 
     def run_state(self):
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "total_steps": self.total, "elapsed_s": self.elapsed(),
+                "total_steps": self.total, "elapsed_s": self.elapsed(), "data_sha256": self.data_sha256,
                 "args": {**vars(self.args), "world_size": self.dist.world_size}}
 
     def checkpoint(self):

@@ -211,6 +211,7 @@ def check_resume_options(state, a, world_size):
                             f"{a.advantage!r} now: a checkpoint of one estimator cannot continue as another (use "
                             f"another --output-dir)")
     T.check_resume_args(saved_options(saved), a, resume_fixed(a.advantage), world_size)
+    T.check_resume_data(state, a)
 
 
 # What a resumed run reads of an eval row of metrics.jsonl (evaluate's changes, finish's
@@ -266,6 +267,7 @@ class CriticFreeTrainer:
         self.reward_model.requires_grad_(False)
         self.reward_model.eval()
         train_prompts, held = task.task_prompts()
+        self.data_sha256 = T.data_digests(a)  # before reading: a checkpoint records what this run read
         self.train_prompts, prompt_lines = run_prompts(a, train_prompts)
         self.held_prompts = held[:a.eval_prompts]
         if a.batch_size > len(self.train_prompts):  # each step samples prompts without replacement
@@ -321,7 +323,8 @@ class CriticFreeTrainer:
         self.tokenizer.save_pretrained(os.path.join(tmp, "policy"))
         self.ref.save_pretrained(os.path.join(tmp, "ref_policy"))
         torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        state = {"step": self.step, "args": {**vars(self.a), "world_size": self.dist.world_size}}
+        state = {"step": self.step, "data_sha256": self.data_sha256,
+                 "args": {**vars(self.a), "world_size": self.dist.world_size}}
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=1, sort_keys=True)
 

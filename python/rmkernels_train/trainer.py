@@ -21,11 +21,12 @@
   damage; a file that exists and cannot be read, e.g. for lack of permission, is not damage:
   the run stops, naming it, :func:`unreadable`); the options that must not change checked once
   (:func:`check_resume_args`, paths compared as real paths: a changed option stops the run, it
-  never makes a checkpoint look damaged); rotation never deletes a checkpoint newer than the one
-  written unless ``--resume`` found it damaged; a failed write (disk full) is one line naming
-  the path, under torchrun on every rank whichever rank failed (:func:`save_checkpoint_on_main`,
-  used by every trainer's checkpoint there); no checkpoint holds non-finite parameters
-  (:func:`check_finite_before_saving`);
+  never makes a checkpoint look damaged), and the data files' contents (:func:`data_digests`,
+  :func:`check_resume_data`: a file edited or replaced since the checkpoint's run stops it too);
+  rotation never deletes a checkpoint newer than the one written unless ``--resume`` found it
+  damaged; a failed write (disk full) is one line naming the path, under torchrun on every
+  rank whichever rank failed (:func:`save_checkpoint_on_main`, used by every trainer's
+  checkpoint there); no checkpoint holds non-finite parameters (:func:`check_finite_before_saving`);
 - rank 0's other files (``metrics.jsonl``, ``final.json``, ``curves.png``, PPO's ``policy/``
   and its default reward model): under torchrun a failed write stops every rank with one line
   too (:class:`MainWrites`; a line of ``metrics.jsonl`` is checked with the step's own
@@ -56,6 +57,7 @@ instead (a disk full); with ``RMKERNELS_TRAIN_FAULT_RANK=R`` only the torchrun r
 import argparse
 import contextlib
 import errno
+import hashlib
 import importlib.util
 import json
 import math
@@ -924,6 +926,52 @@ def check_resume_args(saved, args, fixed, world_size):
         raise TrainingError("--resume: " + "; ".join(changed) + " (these options must stay the same on --resume: "
                             "they decide what each step sees, or the model and its optimizer; use another "
                             "--output-dir to change them)")
+
+
+# Options that name a data file: a checkpoint records the SHA-256 of each given one's contents
+# (trainer_state.json's "data_sha256"); --resume refuses a file that changed since.
+DATA_OPTIONS = ("data", "eval_data", "prompts")
+_digests = {}  # (real path, size, mtime_ns) -> SHA-256: a file is read once per run
+
+
+def file_sha256(path):
+    """The SHA-256 (hex) of the file ``path``'s contents; an unreadable file is a
+    :class:`TrainingError` naming it."""
+    try:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if key not in _digests:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            _digests[key] = h.hexdigest()
+    except OSError as e:
+        raise TrainingError(f"cannot read data file {path}: {e.strerror or type(e).__name__}") from None
+    return _digests[key]
+
+
+def data_digests(args):
+    """``{option: SHA-256}`` of the data files ``args`` names (:data:`DATA_OPTIONS`, those
+    given), for a checkpoint's ``trainer_state.json``."""
+    return {k: file_sha256(getattr(args, k)) for k in DATA_OPTIONS if getattr(args, k, None)}
+
+
+def check_resume_data(state, args):
+    """The data files of this run hold what they held in the checkpoint's run (its
+    ``data_sha256``; a checkpoint written before it was recorded is not checked): the same path
+    (:func:`check_resume_args`) with other contents would change what each step sees, silently.
+    A changed one is a :class:`TrainingError` naming it."""
+    saved = state.get("data_sha256")
+    if not isinstance(saved, dict):
+        return
+    now = data_digests(args)
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in DATA_OPTIONS
+               if k in saved and k in now and saved[k] != now[k]]
+    if changed:
+        raise TrainingError(f"--resume: the contents of {' and '.join(changed)} changed since the checkpoint's run "
+                            f"(SHA-256 recorded in its trainer_state.json): the resumed steps would see other data "
+                            f"(restore the file, or use another --output-dir)")
 
 
 def nonfinite_parameter(*modules):
