@@ -102,6 +102,10 @@ def test_rotation_never_deletes_a_newer_checkpoint_not_found_damaged(tmp_path):
     ("--weight-decay", "0.1", "--weight-decay was 0.0 in the checkpoint's run and is 0.1 now"),
     ("--hidden-size", "32", "--hidden-size was 16 in the checkpoint's run and is 32 now"),
     ("--layers", "2", "--layers was 1 in the checkpoint's run and is 2 now"),
+    ("--label-smoothing", "0.1", "--label-smoothing was 0.0 in the checkpoint's run and is 0.1 now"),
+    ("--center-coef", "0.01", "--center-coef was 0.0 in the checkpoint's run and is 0.01 now"),
+    ("--warmup-steps", "3", "--warmup-steps was 30 in the checkpoint's run and is 3 now"),
+    ("--max-grad-norm", "0.5", "--max-grad-norm was 1.0 in the checkpoint's run and is 0.5 now"),
 ])
 def test_reward_resume_names_a_changed_option(run_copy, capsys, option, value, message):
     argv = list(RUN)

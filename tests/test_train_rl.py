@@ -858,6 +858,8 @@ def gae_run(tiny_rm, tmp_path_factory):
     ("gae", ["--entropy-coef", "0.01"], "--entropy-coef was 0.0 in the checkpoint's run and is 0.01 now"),
     ("critic_free", ["--clip-ratio-c", "3"], "--clip-ratio-c was None in the checkpoint's run and is 3.0 now"),
     ("gae", ["--clip-ratio-c", "3"], "--clip-ratio-c was None in the checkpoint's run and is 3.0 now"),
+    ("critic_free", ["--max-grad-norm", "0.5"], "--max-grad-norm was 1.0 in the checkpoint's run and is 0.5 now"),
+    ("gae", ["--max-grad-norm", "0.5"], "--max-grad-norm was 1.0 in the checkpoint's run and is 0.5 now"),
 ])
 def test_resume_names_the_option_that_changed(warm_run, gae_run, tiny_rm, tmp_path, capsys, run, argv, message):
     """The checkpoint's options are compared before any weight is loaded: a changed option is

@@ -64,10 +64,13 @@ PROG = "rmkernels-train reward"
 # Arguments that must not change on --resume: they fix which pairs each step sees.
 # The model and its optimizer (--model, --fsdp, --lr, --weight-decay; the built-in model's
 # --hidden-size and --layers, checked when it is the built-in one) must not change either: a new
-# value would be ignored (the checkpoint's model and optimizer state win) or not fit. Each
-# changed one is named (trainer.check_resume_args); paths compare as real paths.
+# value would be ignored (the checkpoint's model and optimizer state win) or not fit. Nor the
+# update each step makes: the loss (--label-smoothing, --center-coef), the schedule
+# (--warmup-steps: the scheduler's lambda is rebuilt from it) and the clipping (--max-grad-norm):
+# a resumed run is one that a single command gives. Each changed one is named
+# (trainer.check_resume_args); paths compare as real paths.
 RESUME_FIXED = ("data", "eval_data", "batch_size", "grad_accum", "seed", "world_size", "max_length", "model",
-                "fsdp", "lr", "weight_decay")
+                "fsdp", "lr", "weight_decay", "label_smoothing", "center_coef", "warmup_steps", "max_grad_norm")
 # ... and those of them that only count in some runs (checked only there, so that a checkpoint
 # whose run recorded an unused default still resumes): the built-in model's sizes, the
 # built-in data's size, --data's margin field and held-out share.

@@ -167,7 +167,7 @@ def _fmt(v, digits=3):
 RESUME_FIXED_COMMON = ("seed", "batch_size", "max_new_tokens", "temperature", "prompts", "policy",
                        "policy_layers", "policy_hidden", "kl_estimator", "kl_coef", "lr", "world_size",
                        "reward_model", "ppo_epochs", "minibatches", "clip_range", "clip_range_high", "clip_ratio_c",
-                       "loss_agg", "entropy_coef")
+                       "loss_agg", "entropy_coef", "max_grad_norm")
 
 
 def saved_options(saved):
