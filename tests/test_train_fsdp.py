@@ -451,3 +451,23 @@ def test_fsdp_on_a_torch_without_fsdp2_is_a_message(monkeypatch):
     monkeypatch.delattr(fsdp_mod, "fully_shard")
     with pytest.raises(TrainingError, match=r"--fsdp needs torch >= 2.6 .* torch \S+ is installed"):
         F.check_torch()
+
+
+def test_sharded_resume_stops_on_non_finite_weights(tmp_path, one_rank, monkeypatch):
+    """A sharded checkpoint whose weights hold NaN (written here past the check that keeps
+    every real checkpoint finite) stops the resume with one message naming it and the
+    parameter: the shards are read after the checkpoint was chosen, so it cannot be skipped
+    as a non-sharded resume skips it; training from it would spread NaN."""
+    from rmkernels_train import trainer as T
+
+    out = ["--fsdp", "--output-dir", str(tmp_path / "o")]
+    tr = _trainer(out, one_rank)
+    p = dict(tr.model.named_parameters())["score.weight"]
+    with torch.no_grad():
+        p.to_local().view(-1)[0] = float("nan")
+    monkeypatch.setattr(T, "check_finite_before_saving", lambda *a, **k: None)
+    tr.checkpoint()
+    monkeypatch.undo()
+    with pytest.raises(TrainingError, match=r"--resume: the sharded weights of .*checkpoint-0 are not finite "
+                                            r"\(score\.weight\): the checkpoint is damaged"):
+        _trainer([*out, "--resume"], one_rank)

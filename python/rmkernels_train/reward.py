@@ -632,6 +632,13 @@ class RewardTrainer:
         if resumed is not None:
             if resumed.get("sharded"):
                 F.load_sharded(resumed["optimizer"], self.model, self.optimizer)
+                # the check a non-sharded resume makes before choosing the checkpoint, made here
+                # (the shards are read only once the model is sharded): a damaged one stops the run
+                bad = T.nonfinite_parameter_on_any_rank(self.dist, ("", self.model))
+                if bad is not None:
+                    raise TrainingError(f"--resume: the sharded weights of {self.last_ckpt} are not finite ({bad}): "
+                                        f"the checkpoint is damaged (every checkpoint is written with finite "
+                                        f"weights); remove it to resume from an older one")
             else:
                 self.optimizer.load_state_dict(resumed["optimizer"])
             self.scheduler.load_state_dict(resumed["scheduler"])
