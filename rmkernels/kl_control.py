@@ -8,7 +8,7 @@ The coefficient ``value`` is the ``kl_coef`` of :func:`rmkernels.ppo_advantages`
     ctl.update(current_kl=mean_kl_of_the_batch, n_steps=batch_size)
 
 They are plain Python (the update is one scalar per PPO step): pass ``current_kl`` as a
-Python float (a 0-d tensor is accepted and read with ``float()``).
+Python float (a NumPy scalar, or a one-element tensor or array, read with ``.item()``, also does).
 
 A NaN ``current_kl`` (a batch whose KL came out NaN) leaves the coefficient unchanged and
 warns (``RuntimeWarning``): one bad batch must not make the coefficient NaN for the rest of
@@ -18,12 +18,21 @@ error is clipped to +-0.2 as for any large KL.
 import math
 import warnings
 
+from rmkernels import _checks
+
 
 def _number(name, value):
-    if hasattr(value, "item") and callable(value.item):  # 0-d tensor / numpy scalar
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    """A number option by the ops' rule (:func:`rmkernels._checks.is_real`: an int, a float or
+    a NumPy scalar; no bool), or here also a one-element tensor or array, read with ``.item()``
+    (a measured KL often is one; the controllers run on the host once a step)."""
+    numel = getattr(value, "numel", None) or getattr(value, "size", None)
+    if not _checks.is_real(value) and hasattr(value, "item"):
+        n = numel() if callable(numel) else numel
+        if n == 1:
+            value = value.item()
+    if not _checks.is_real(value):
+        raise TypeError(f"{name} must be a real number (a Python float or int, a NumPy scalar or a one-element "
+                        f"tensor), got {type(value).__name__}")
     return float(value)
 
 

@@ -23,8 +23,15 @@ def test_adaptive_kl_controller():
         rmk.AdaptiveKLController(0.1, 0.0, 100)
     with pytest.raises(ValueError, match="horizon"):
         rmk.AdaptiveKLController(0.1, 1.0, -5)
-    with pytest.raises(TypeError, match="current_kl"):
-        ctl.update("big", 1)
+    import numpy as np
+
+    for bad in ("big", True, torch.tensor([1.0, 2.0]), torch.tensor(True), np.array([1.0, 2.0]), None):
+        with pytest.raises(TypeError, match="current_kl must be a real number"):
+            ctl.update(bad, 1)
+    v = ctl.value
+    ctl.update(np.float32(0.0), np.int64(512))  # NumPy scalars, a one-element array or tensor: numbers
+    ctl.update(np.array([0.0]), torch.tensor([512]))
+    assert math.isclose(ctl.value, v * (1 - 0.2 * 512 / 10000) ** 2)
     for bad in (-1, math.nan, math.inf):  # a step count is a finite count
         with pytest.raises(ValueError, match="n_steps"):
             ctl.update(1.0, bad)
