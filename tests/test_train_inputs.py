@@ -340,10 +340,30 @@ def test_missing_training_extras_are_named_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tokenizers" else real(n, *a))
     assert cli.missing_train_extras() == ["tokenizers"]
     for cmd in ("reward", "ppo"):
-        assert cli.main([cmd, "--help"]) == 2
+        assert cli.main([cmd, "--output-dir", "x"]) == 2
         err = capsys.readouterr().err
         assert f"rmkernels-train {cmd}: needs the training extras, not installed: tokenizers" in err
         assert "rmkernels[train]" in err
+        assert cli.main([cmd, "--help"]) == 0  # the options are listed all the same, then what a run needs
+        out = capsys.readouterr()
+        assert out.out.startswith(f"usage: rmkernels-train {cmd}") and "--output-dir" in out.out, out.out[:300]
+        assert "needs the training extras, not installed: tokenizers" in out.err
+
+
+def test_help_without_the_training_extras_in_a_process_that_has_none(tmp_path):
+    """`rmkernels-train reward --help` where none of the train extra's modules can be imported
+    (blocked here): the parsers import none of them."""
+    code = ("import sys\n"
+            "for m in ('transformers', 'tokenizers', 'safetensors', 'tqdm', 'matplotlib'):\n"
+            "    sys.modules[m] = None\n"
+            "from rmkernels_train import cli\n"
+            "for cmd in ('reward', 'ppo'):\n"
+            "    assert cli.main([cmd, '--help']) == 0\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"), ROOT])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("usage: rmkernels-train") == 2, res.stdout[:500]
+    assert res.stderr.count("needs the training extras, not installed: transformers, tokenizers") == 2, res.stderr
 
 
 def test_train_extra_lists_every_third_party_module_the_trainers_import():

@@ -1,4 +1,5 @@
 """``rmkernels-train {reward,ppo} [options]`` (also ``python -m rmkernels_train``)."""
+import importlib
 import os
 import sys
 
@@ -42,8 +43,14 @@ def main(argv=None):
     cmd, rest = argv[0], argv[1:]
     missing = missing_train_extras() if cmd in ("reward", "ppo") else []
     if missing:
-        print(f"rmkernels-train {cmd}: needs the training extras, not installed: {', '.join(missing)} "
-              f"(pip install 'rmkernels[train]', or \".[train]\" from a checkout)", file=sys.stderr)
+        line = (f"rmkernels-train {cmd}: needs the training extras, not installed: {', '.join(missing)} "
+                f"(pip install 'rmkernels[train]', or \".[train]\" from a checkout)")
+        if "-h" in rest or "--help" in rest:  # the options need none of them: the help, then what a run needs
+            module = importlib.import_module(f"rmkernels_train.{cmd}")
+            module.build_parser().print_help()
+            print(f"\n{line}", file=sys.stderr)
+            return 0
+        print(line, file=sys.stderr)
         return 2
     if cmd == "reward":
         from rmkernels_train.reward import main as run

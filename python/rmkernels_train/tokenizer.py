@@ -15,8 +15,6 @@ without special tokens, tokenizes the same both ways).
 """
 import os
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
                  "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
@@ -25,6 +23,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message
 def build_char_tokenizer(alphabet):
     """A ``PreTrainedTokenizerFast`` whose vocabulary is the special tokens followed by the
     sorted distinct characters of ``alphabet`` (a string or an iterable of texts)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     if not isinstance(alphabet, str):
