@@ -37,6 +37,8 @@ def info():
         lines.append(f"backends for {dev} tensors (fastest first): {', '.join(_backend.available_backends(dev))}")
         for name, why in _backend.backend_report(dev).items():
             if why is not None:
+                if _ext.LOAD_ERROR and f"({_ext.LOAD_ERROR})" in why:  # said once, on the "_C loaded" line
+                    why = why.replace(f"({_ext.LOAD_ERROR})", "(why: above)")
                 lines.append(f"  {name}: unavailable: {why}")
     return "\n".join(lines)
 

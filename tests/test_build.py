@@ -368,3 +368,5 @@ print(len(msgs)); print(msgs[0]); print(info.info())
     assert f"imported from: {pkg} (a source checkout)" in out, out
     assert "extension _C loaded: False (rmkernels was imported from the source checkout" in out, out
     assert "setup.py's last build from this checkout; its _C is not here" in out, out
+    assert out.count("where no rmkernels._C is built") == 1, out  # the reason once, not on every backend line
+    assert "  cpu: unavailable: the C++ extension is not loaded (why: above)" in out, out
