@@ -583,6 +583,38 @@ def test_ppo_resume_with_another_reward_model_names_it(tmp_path, capsys):
     assert rc == 0, err
 
 
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_rl_resume_refuses_a_reward_model_that_changed(tmp_path, capsys, advantage):
+    """--reward-model as a reward run's output directory stands for the checkpoint its
+    final.json names: after that run went on, the same option named another model, and the
+    resumed steps were scored by it, silently. The checkpoint records the SHA-256 of the reward
+    model's config and weights; --resume names a changed one (also one retrained in place)."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "rm_run"
+    shutil.copytree(_save(tmp_path / "rm", "rm"), run / "checkpoint-1")
+    (run / "final.json").write_text(json.dumps({"checkpoint": "checkpoint-1"}))
+    if advantage == "gae":
+        argv = [*PPO, "--save-every", 1]
+    else:
+        argv = ["--advantage", "grpo", *CRITIC_FREE, "--steps", 2, "--save-every", 1]
+    argv += ["--reward-model", run, "--output-dir", tmp_path / "o"]
+    rc, err = _run(ppo_main, capsys, *argv, "--stop-after", 1)
+    assert rc == 0, err
+    shutil.copytree(run / "checkpoint-1", run / "checkpoint-2")  # the reward run went on
+    weights = load_file(run / "checkpoint-2" / "model.safetensors")
+    weights["score.weight"] = weights["score.weight"] + 0.01
+    save_file(weights, run / "checkpoint-2" / "model.safetensors", metadata={"format": "pt"})
+    (run / "final.json").write_text(json.dumps({"checkpoint": "checkpoint-2"}))
+    rc, err = _run(ppo_main, capsys, *argv, "--resume")
+    assert (f"--resume: the reward model in {run / 'checkpoint-2'} is not the one the checkpoint's run used"
+            in _one_line_error(rc, err, "ppo")), err
+    assert _steps(tmp_path / "o") == [1]
+    (run / "final.json").write_text(json.dumps({"checkpoint": "checkpoint-1"}))
+    rc, err = _run(ppo_main, capsys, *argv, "--resume")
+    assert rc == 0, err
+
+
 # ---------------------------------------------------------------------------------------
 # Fifth audit: --kl-horizon, vocabularies, float32 options, a diverged policy
 # ---------------------------------------------------------------------------------------

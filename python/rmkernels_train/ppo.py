@@ -555,7 +555,7 @@ def write_checkpoint(tmp, policy, ref, value_model, optimizer, tokenizer, state)
 TRAIN_METRICS = {"train": ("score", "kl", "kl_coef")}
 
 
-def load_checkpoint(path, policy, ref, value_model, make_optimizer, args=None, world_size=1):
+def load_checkpoint(path, policy, ref, value_model, make_optimizer, args=None, world_size=1, reward_dir=None):
     """Read and check every file of the checkpoint ``path`` against the models (nothing is
     changed yet); a damaged or missing file raises
     :class:`~rmkernels_train.trainer.CheckpointError`. Returns ``(state, tensors)`` for
@@ -564,7 +564,7 @@ def load_checkpoint(path, policy, ref, value_model, make_optimizer, args=None, w
     if args is not None:  # the options first: a changed one is named, not taken for a damaged file
         from rmkernels_train.rl import check_resume_options
 
-        check_resume_options(state, args, world_size)
+        check_resume_options(state, args, world_size, reward_dir)
     kl_coef = state.get("kl_coef")
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) \
             or kl_coef < 0:
@@ -622,9 +622,10 @@ class PPOTrainer:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
         reward_dir = self.reward_dir = run_reward_model(a, self.out_dir, dist, T.threads_for(a, True), self.log)
+        # before reading: a checkpoint records what this run read (the data files, the reward model)
+        self.data_sha256 = T.data_digests(a, reward_dir)
         self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir,
                                                                                                  self.log)
-        self.data_sha256 = T.data_digests(a)  # before reading: a checkpoint records what this run read
         prompts, lines = run_prompts(a, None if a.prompts else default_prompts())
         self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model), prompts, lines)
         self.optimizer = self.make_optimizer()
@@ -632,7 +633,8 @@ class PPOTrainer:
         if a.resume:
             self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(
                 self.out_dir, lambda p: load_checkpoint(p, self.policy, self.ref, self.value_model,
-                                                        self.make_optimizer, a, dist.world_size), self.log, dist)
+                                                        self.make_optimizer, a, dist.world_size, reward_dir),
+                self.log, dist)
             apply_checkpoint(loaded, self.policy, self.ref, self.value_model, self.optimizer)
             kl_coef = loaded[0]["kl_coef"]
             self.log(f"resuming from {self.last_ckpt} (step {self.step})")

@@ -199,7 +199,7 @@ def resume_fixed(advantage):
     return RESUME_FIXED_COMMON + tuple(k for k in mine if k not in other)
 
 
-def check_resume_options(state, a, world_size):
+def check_resume_options(state, a, world_size, reward_dir=None):
     """The options of the checkpoint's run (``state["args"]`` of its ``trainer_state.json``)
     against this run's, before any weight is loaded: a changed option is named (a policy of
     another size or the other path's checkpoint would otherwise look like a damaged file)."""
@@ -211,7 +211,7 @@ def check_resume_options(state, a, world_size):
                             f"{a.advantage!r} now: a checkpoint of one estimator cannot continue as another (use "
                             f"another --output-dir)")
     T.check_resume_args(saved_options(saved), a, resume_fixed(a.advantage), world_size)
-    T.check_resume_data(state, a)
+    T.check_resume_data(state, a, reward_dir)
 
 
 # What a resumed run reads of an eval row of metrics.jsonl (evaluate's changes, finish's
@@ -260,6 +260,8 @@ class CriticFreeTrainer:
         reward_dir = run_reward_model(a, self.out_dir, dist, T.threads_for(a, True), self.log)
         self.times["reward_model"] = time.time() - t
         self.reward_dir = reward_dir
+        # before reading: a checkpoint records what this run read (the data files, the reward model)
+        self.data_sha256 = T.data_digests(a, reward_dir)
         self.tokenizer = tok = load_tokenizer(reward_dir)
         if tok.eos_token_id is None:
             raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
@@ -267,7 +269,6 @@ class CriticFreeTrainer:
         self.reward_model.requires_grad_(False)
         self.reward_model.eval()
         train_prompts, held = task.task_prompts()
-        self.data_sha256 = T.data_digests(a)  # before reading: a checkpoint records what this run read
         self.train_prompts, prompt_lines = run_prompts(a, train_prompts)
         self.held_prompts = held[:a.eval_prompts]
         if a.batch_size > len(self.train_prompts):  # each step samples prompts without replacement
@@ -333,7 +334,7 @@ class CriticFreeTrainer:
         from rmkernels_train import trainer as T
 
         state = T.read_trainer_state(path)
-        check_resume_options(state, self.a, self.dist.world_size)
+        check_resume_options(state, self.a, self.dist.world_size, self.reward_dir)
         tensors = {}
         for name, module in (("policy", self.policy), ("ref_policy", self.ref)):
             file = f"{name}/model.safetensors"

@@ -951,27 +951,57 @@ def file_sha256(path):
     return _digests[key]
 
 
-def data_digests(args):
+# The files of a model directory that make the model: its config and weights (not its
+# tokenizer, whose vocabulary the runs check against the model, nor a checkpoint's optimizer).
+MODEL_FILE = re.compile(r"config\.json|.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?")
+
+
+def model_dir_sha256(path):
+    """One SHA-256 over the config and weight files of the model directory ``path``
+    (:data:`MODEL_FILE`: names and contents, in name order)."""
+    h = hashlib.sha256()
+    try:
+        names = sorted(n for n in os.listdir(path) if MODEL_FILE.fullmatch(n))
+    except OSError as e:
+        raise TrainingError(f"cannot read model directory {path}: {e.strerror or type(e).__name__}") from None
+    for name in names:
+        h.update(f"{name}\0{file_sha256(os.path.join(path, name))}\0".encode())
+    return h.hexdigest()
+
+
+def data_digests(args, reward_dir=None):
     """``{option: SHA-256}`` of the data files ``args`` names (:data:`DATA_OPTIONS`, those
-    given), for a checkpoint's ``trainer_state.json``."""
-    return {k: file_sha256(getattr(args, k)) for k in DATA_OPTIONS if getattr(args, k, None)}
+    given), and with ``reward_dir`` (an RL run's reward model, the directory --reward-model
+    resolved to) ``"reward_model"``: :func:`model_dir_sha256`; for a checkpoint's
+    ``trainer_state.json``."""
+    out = {k: file_sha256(getattr(args, k)) for k in DATA_OPTIONS if getattr(args, k, None)}
+    if reward_dir is not None:
+        out["reward_model"] = model_dir_sha256(reward_dir)
+    return out
 
 
-def check_resume_data(state, args):
+def check_resume_data(state, args, reward_dir=None):
     """The data files of this run hold what they held in the checkpoint's run (its
     ``data_sha256``; a checkpoint written before it was recorded is not checked): the same path
     (:func:`check_resume_args`) with other contents would change what each step sees, silently.
-    A changed one is a :class:`TrainingError` naming it."""
+    So must an RL run's reward model (``reward_dir``: retrained in place, or a reward run's
+    directory whose ``final.json`` now names a later checkpoint). A changed one is a
+    :class:`TrainingError` naming it."""
     saved = state.get("data_sha256")
     if not isinstance(saved, dict):
         return
-    now = data_digests(args)
+    now = data_digests(args, reward_dir)
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in DATA_OPTIONS
                if k in saved and k in now and saved[k] != now[k]]
     if changed:
         raise TrainingError(f"--resume: the contents of {' and '.join(changed)} changed since the checkpoint's run "
                             f"(SHA-256 recorded in its trainer_state.json): the resumed steps would see other data "
                             f"(restore the file, or use another --output-dir)")
+    if "reward_model" in saved and "reward_model" in now and saved["reward_model"] != now["reward_model"]:
+        raise TrainingError(f"--resume: the reward model in {reward_dir} is not the one the checkpoint's run used "
+                            f"(its config or weights changed since; SHA-256 recorded in its trainer_state.json): "
+                            f"the resumed steps would be scored by another model (restore it, or use another "
+                            f"--output-dir)")
 
 
 def nonfinite_parameter(*modules):
