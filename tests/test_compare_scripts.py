@@ -3,7 +3,6 @@ compare_patch_openrlhf.py (the drop-ins against the real verl / OpenRLHF / TRL f
 a scratch environment, not here: CI checks that they load and answer --help without the
 frameworks, that those that need verl or OpenRLHF stop with the install line where it is
 missing, and that each committed result file's header names a commit of this repository."""
-import importlib.util
 import os
 import re
 import subprocess
@@ -19,9 +18,15 @@ RESULTS = {"framework-comparison.txt": "compare_frameworks.py", "dropin-comparis
            "patch-openrlhf-comparison.txt": "compare_patch_openrlhf.py"}
 
 
-def _run(*args):
+def _run(*args, without=()):
+    """``python *args``; ``without``: modules made unimportable first (a framework installed
+    here is hidden, so that the path taken without it runs wherever the test does)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
                                                        os.environ.get("PYTHONPATH", "")]))
+    if without:
+        code = (f"import runpy, sys\nfor m in {list(without)!r}:\n    sys.modules[m] = None\n"
+                f"sys.argv = {list(args)!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+        args = ("-c", code)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
@@ -38,19 +43,18 @@ def test_compare_dropins_options():
         assert option in out, option
 
 
-@pytest.mark.skipif(importlib.util.find_spec("verl") is not None, reason="verl is installed here")
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_stops_with_the_install_line_without_verl(script):
-    proc = _run(os.path.join("scripts", script), "--cases" if script == "compare_dropins.py" else "--batches", "1")
+    proc = _run(os.path.join("scripts", script), "--cases" if script == "compare_dropins.py" else "--batches", "1",
+                without=("verl",))
     assert proc.returncode != 0
     assert "verl is not installed: pip install --no-deps verl==0.9.1" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("openrlhf") is not None, reason="openrlhf is installed here")
 @pytest.mark.parametrize("script", NEEDS_OPENRLHF)
 def test_stops_with_the_install_line_without_openrlhf(script):
-    proc = _run(os.path.join("scripts", script), "--batches", "1")
+    proc = _run(os.path.join("scripts", script), "--batches", "1", without=("openrlhf",))
     assert proc.returncode != 0
     assert "openrlhf is not installed: pip install --no-deps" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
