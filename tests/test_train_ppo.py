@@ -593,15 +593,20 @@ def test_bad_options_stop_with_a_message(argv, message, capsys):
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
-def test_unavailable_backend_is_refused_up_front(advantage, tmp_path, capsys):
+def test_unavailable_backend_is_refused_up_front(advantage, tmp_path, capsys, monkeypatch):
     """A backend that cannot run on this machine's tensors (cuda or triton without a GPU) is
-    refused with the reason by the check of --backend, before any model is built."""
+    refused with the reason by the check of --backend, before any model is built. Where every
+    backend runs (a GPU with triton), triton is made to look uninstalled."""
     import rmkernels as rmk
+    from rmkernels import _backend
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     missing = [b for b, why in rmk.backend_report(device).items() if why is not None]
     if not missing:
-        pytest.skip("every backend runs here")
+        monkeypatch.setattr(_backend, "_TRITON_INSTALLED", False)
+        monkeypatch.setattr(_backend, "_TRITON_WHY", "triton is not installed (pip install triton==3.6.0)")
+        missing = [b for b, why in rmk.backend_report(device).items() if why is not None]
+        assert missing == ["triton"], missing
     for b in missing:
         assert main(["--backend", b, "--advantage", advantage, "--output-dir", str(tmp_path / "o")]) == 1
         err = capsys.readouterr().err
