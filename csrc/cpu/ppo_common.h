@@ -79,9 +79,26 @@ inline bool interleave_rows(std::initializer_list<int64_t> row_bytes) {
   return true;
 }
 
+// The one rule of the row recurrences (GAE, REINFORCE++, ReMax) for the nl (<= L) rows b0 ..
+// b0 + nl - 1: a full group of short rows (interleave_rows) runs as L interleaved lanes, with
+// the unit-stride loop when `unit`; anything else runs row by row (strided loop). `row_loop` is
+// called as row_loop(lanes, unit_tag, b) with std::integral_constant lanes (L or 1) and
+// std::bool_constant unit_tag, so that each call names its instantiation at compile time.
+template <int L, typename RowLoop>
+inline void lanes_or_rows(int64_t b0, int64_t nl, bool short_rows, bool unit, RowLoop&& row_loop) {
+  if (nl == L && short_rows) {
+    if (unit) {
+      row_loop(std::integral_constant<int, L>{}, std::true_type{}, b0);
+    } else {
+      row_loop(std::integral_constant<int, L>{}, std::false_type{}, b0);
+    }
+  } else {
+    for (int64_t b = b0; b < b0 + nl; ++b) row_loop(std::integral_constant<int, 1>{}, std::false_type{}, b);
+  }
+}
+
 // The recurrence of the nl (<= kLanes) rows b0 .. b0 + nl - 1 over the token rewards rew
-// (strides sr): all lanes interleaved when the group is full and the rows are short
-// (interleave_rows), else row by row. kRet: the returns are written too (ret may be null
+// (strides sr), by lanes_or_rows. kRet: the returns are written too (ret may be null
 // otherwise).
 template <bool kRet, typename scalar_t, typename rew_t>
 void gae_group(const scalar_t* val, Strides2 sv, const uint8_t* mask, Strides2 sm, const rew_t* rew, Strides2 sr,
@@ -89,20 +106,11 @@ void gae_group(const scalar_t* val, Strides2 sv, const uint8_t* mask, Strides2 s
                acc_t<scalar_t>* ret) {
   const bool short_rows = interleave_rows({sv.s0 * int64_t(sizeof(scalar_t)), sm.s0, sr.s0 * int64_t(sizeof(rew_t)),
                                            T * int64_t(sizeof(acc_t<scalar_t>))});
-  if (nl == kLanes && short_rows) {
-    if (sv.s1 == 1 && sm.s1 == 1 && sr.s1 == 1) {
-      RMK_SIMD(gae_recurrence<kLanes, true, kRet, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b0, T, gamma, gl,
-                                                                    adv, ret);
-    } else {
-      RMK_SIMD(gae_recurrence<kLanes, false, kRet, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b0, T, gamma, gl,
-                                                                     adv, ret);
-    }
-  } else {
-    for (int64_t b = b0; b < b0 + nl; ++b) {
-      RMK_SIMD(gae_recurrence<1, false, kRet, scalar_t, rew_t>)(val, sv, mask, sm, rew, sr, b, T, gamma, gl, adv,
-                                                                ret);
-    }
-  }
+  lanes_or_rows<kLanes>(b0, nl, short_rows, sv.s1 == 1 && sm.s1 == 1 && sr.s1 == 1, [&](auto lanes, auto unit,
+                                                                                         int64_t b) {
+    RMK_SIMD(gae_recurrence<decltype(lanes)::value, decltype(unit)::value, kRet, scalar_t, rew_t>)(
+        val, sv, mask, sm, rew, sr, b, T, gamma, gl, adv, ret);
+  });
 }
 
 // KL of row b (and its rewards with kRewards), with the unit-stride loop when it applies.

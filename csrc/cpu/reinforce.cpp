@@ -61,17 +61,10 @@ void remax_rows(const scalar_t* rew, Strides2 sr, const uint8_t* mask, Strides2 
   at::parallel_for(0, (B + kRemaxLanes - 1) / kRemaxLanes, grain_of(kRemaxLanes * T), [&](int64_t g_lo, int64_t g_hi) {
     for (int64_t grp = g_lo; grp < g_hi; ++grp) {
       const int64_t b0 = grp * kRemaxLanes, nl = std::min<int64_t>(kRemaxLanes, B - b0);
-      if (nl == kRemaxLanes && short_rows) {
-        if (unit) {
-          remax_group<kRemaxLanes, true, scalar_t>(rew, sr, mask, sm, base, b0, T, gamma, adv, ret);
-        } else {
-          remax_group<kRemaxLanes, false, scalar_t>(rew, sr, mask, sm, base, b0, T, gamma, adv, ret);
-        }
-      } else {
-        for (int64_t b = b0; b < b0 + nl; ++b) {
-          remax_group<1, false, scalar_t>(rew, sr, mask, sm, base, b, T, gamma, adv, ret);
-        }
-      }
+      lanes_or_rows<kRemaxLanes>(b0, nl, short_rows, unit, [&](auto lanes, auto unit_tag, int64_t b) {
+        remax_group<decltype(lanes)::value, decltype(unit_tag)::value, scalar_t>(rew, sr, mask, sm, base, b, T, gamma,
+                                                                                adv, ret);
+      });
     }
   });
 }
