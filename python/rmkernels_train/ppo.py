@@ -622,11 +622,11 @@ class PPOTrainer:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
         reward_dir = self.reward_dir = run_reward_model(a, self.out_dir, dist, T.threads_for(a, True), self.log)
-        # before reading: a checkpoint records what this run read (the data files, the reward model)
-        self.data_sha256 = T.data_digests(a, reward_dir)
         self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir,
                                                                                                  self.log)
         prompts, lines = run_prompts(a, None if a.prompts else default_prompts())
+        # what this run read (the data files, the reward model), for its checkpoints; once read: its errors first
+        self.data_sha256 = T.data_digests(a, reward_dir)
         self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model), prompts, lines)
         self.optimizer = self.make_optimizer()
         kl_coef = a.kl_coef

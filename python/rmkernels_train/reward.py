@@ -535,8 +535,8 @@ class RewardTrainer:
     def load_data(self, resumed):
         """The train and held-out pairs, tokenized (the checkpoint's tokenizer on resume)."""
         args, log = self.args, self.log
-        self.data_sha256 = T.data_digests(args)  # before reading: a checkpoint records what this run read
         train_recs, held_recs, self.what = load_records(args, log)
+        self.data_sha256 = T.data_digests(args)  # what this run read, for its checkpoints (once read: its errors first)
         log(self.what)
         if resumed is not None:
             self.tokenizer = resumed["tokenizer"]

@@ -260,8 +260,6 @@ class CriticFreeTrainer:
         reward_dir = run_reward_model(a, self.out_dir, dist, T.threads_for(a, True), self.log)
         self.times["reward_model"] = time.time() - t
         self.reward_dir = reward_dir
-        # before reading: a checkpoint records what this run read (the data files, the reward model)
-        self.data_sha256 = T.data_digests(a, reward_dir)
         self.tokenizer = tok = load_tokenizer(reward_dir)
         if tok.eos_token_id is None:
             raise TrainingError(f"the tokenizer in {reward_dir} has no eos token: responses could never end")
@@ -270,6 +268,8 @@ class CriticFreeTrainer:
         self.reward_model.eval()
         train_prompts, held = task.task_prompts()
         self.train_prompts, prompt_lines = run_prompts(a, train_prompts)
+        # what this run read (the data files, the reward model), for its checkpoints; once read: its errors first
+        self.data_sha256 = T.data_digests(a, reward_dir)
         self.held_prompts = held[:a.eval_prompts]
         if a.batch_size > len(self.train_prompts):  # each step samples prompts without replacement
             check_minibatches(a, len(self.train_prompts))

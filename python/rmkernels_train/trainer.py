@@ -21,8 +21,9 @@
   damage; a file that exists and cannot be read, e.g. for lack of permission, is not damage:
   the run stops, naming it, :func:`unreadable`); the options that must not change checked once
   (:func:`check_resume_args`, paths compared as real paths: a changed option stops the run, it
-  never makes a checkpoint look damaged), and the data files' contents (:func:`data_digests`,
-  :func:`check_resume_data`: a file edited or replaced since the checkpoint's run stops it too);
+  never makes a checkpoint look damaged), and the data files' and an RL run's reward model's
+  contents (:func:`data_digests`, :func:`check_resume_data`: a file edited or replaced since the
+  checkpoint's run stops it too);
   rotation never deletes a checkpoint newer than the one written unless ``--resume`` found it
   damaged; a failed write (disk full) is one line naming the path, under torchrun on every
   rank whichever rank failed (:func:`save_checkpoint_on_main`, used by every trainer's
@@ -947,7 +948,7 @@ def file_sha256(path):
                     h.update(chunk)
             _digests[key] = h.hexdigest()
     except OSError as e:
-        raise TrainingError(f"cannot read data file {path}: {e.strerror or type(e).__name__}") from None
+        raise TrainingError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
     return _digests[key]
 
 
@@ -958,7 +959,9 @@ MODEL_FILE = re.compile(r"config\.json|.*\.safetensors(\.index\.json)?|pytorch_m
 
 def model_dir_sha256(path):
     """One SHA-256 over the config and weight files of the model directory ``path``
-    (:data:`MODEL_FILE`: names and contents, in name order)."""
+    (:data:`MODEL_FILE`: names and contents, in name order). It reads the weights once more
+    than loading does: SHA-256 ran at 1.4 GB/s on one core of the 2-core CI machine
+    (2026-12-02), about 10 s for a 7B model in bf16."""
     h = hashlib.sha256()
     try:
         names = sorted(n for n in os.listdir(path) if MODEL_FILE.fullmatch(n))
