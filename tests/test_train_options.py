@@ -162,6 +162,10 @@ def test_reward_resume_refuses_data_files_whose_contents_changed(tmp_path, capsy
     _prefs(data, 41)
     rc, err = _run(reward_main, capsys, *common, "--resume")
     assert f"the contents of --data {data} changed" in _one_line_error(rc, err), err
+    data.rename(tmp_path / "gone.jsonl")  # a file that is not there: the loader's own message
+    rc, err = _run(reward_main, capsys, *common, "--resume")
+    assert f"cannot read data file {data}: No such file or directory" in _one_line_error(rc, err), err
+    (tmp_path / "gone.jsonl").rename(data)
     p = tmp_path / "o" / "checkpoint-1" / "trainer_state.json"
     p.write_text(json.dumps({k: v for k, v in state.items() if k != "data_sha256"}))  # an older checkpoint
     rc, err = _run(reward_main, capsys, *common, "--resume", "--stop-after", 1)
@@ -611,7 +615,15 @@ def test_rl_resume_refuses_a_reward_model_that_changed(tmp_path, capsys, advanta
             in _one_line_error(rc, err, "ppo")), err
     assert _steps(tmp_path / "o") == [1]
     (run / "final.json").write_text(json.dumps({"checkpoint": "checkpoint-1"}))
+    original = (run / "checkpoint-1" / "tokenizer_config.json").read_text()
+    cfg = json.loads(original)
+    cfg["model_max_length"] = 12345  # the tokenizer is part of the reward model (PPO encodes with it)
+    (run / "checkpoint-1" / "tokenizer_config.json").write_text(json.dumps(cfg))
     rc, err = _run(ppo_main, capsys, *argv, "--resume")
+    assert "is not the one the checkpoint's run used" in _one_line_error(rc, err, "ppo"), err
+    (run / "checkpoint-1" / "tokenizer_config.json").write_text(original)
+    shutil.copy(run / "checkpoint-2" / "model.safetensors", run / "checkpoint-1" / "exported.safetensors")
+    rc, err = _run(ppo_main, capsys, *argv, "--resume")  # a file beside the model that loading does not read
     assert rc == 0, err
 
 

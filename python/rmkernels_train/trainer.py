@@ -952,13 +952,16 @@ def file_sha256(path):
     return _digests[key]
 
 
-# The files of a model directory that make the model: its config and weights (not its
-# tokenizer, whose vocabulary the runs check against the model, nor a checkpoint's optimizer).
-MODEL_FILE = re.compile(r"config\.json|.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?")
+# The files of a model directory that make the model as transformers loads it: its config, its
+# weights (one file or the shards an index names, HF's names) and its tokenizer (PPO encodes the
+# prompts with the reward model's); not a checkpoint's optimizer, nor other files beside them.
+MODEL_FILE = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+                        r"|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json"
+                        r"|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|chat_template\.jinja")
 
 
 def model_dir_sha256(path):
-    """One SHA-256 over the config and weight files of the model directory ``path``
+    """One SHA-256 over the config, weight and tokenizer files of the model directory ``path``
     (:data:`MODEL_FILE`: names and contents, in name order). It reads the weights once more
     than loading does: SHA-256 ran at 1.4 GB/s on one core of the 2-core CI machine
     (2026-12-02), about 10 s for a 7B model in bf16."""
@@ -972,12 +975,13 @@ def model_dir_sha256(path):
     return h.hexdigest()
 
 
-def data_digests(args, reward_dir=None):
+def data_digests(args, reward_dir=None, existing_only=False):
     """``{option: SHA-256}`` of the data files ``args`` names (:data:`DATA_OPTIONS`, those
     given), and with ``reward_dir`` (an RL run's reward model, the directory --reward-model
     resolved to) ``"reward_model"``: :func:`model_dir_sha256`; for a checkpoint's
-    ``trainer_state.json``."""
-    out = {k: file_sha256(getattr(args, k)) for k in DATA_OPTIONS if getattr(args, k, None)}
+    ``trainer_state.json``. ``existing_only``: data files that are not there are left out."""
+    out = {k: file_sha256(getattr(args, k)) for k in DATA_OPTIONS
+           if getattr(args, k, None) and not (existing_only and not os.path.isfile(getattr(args, k)))}
     if reward_dir is not None:
         out["reward_model"] = model_dir_sha256(reward_dir)
     return out
@@ -993,7 +997,8 @@ def check_resume_data(state, args, reward_dir=None):
     saved = state.get("data_sha256")
     if not isinstance(saved, dict):
         return
-    now = data_digests(args, reward_dir)
+    # a data file that is gone is left to the loader, whose message names it ("cannot read data file ...")
+    now = data_digests(args, reward_dir, existing_only=True)
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in DATA_OPTIONS
                if k in saved and k in now and saved[k] != now[k]]
     if changed:
@@ -1001,10 +1006,10 @@ def check_resume_data(state, args, reward_dir=None):
                             f"(SHA-256 recorded in its trainer_state.json): the resumed steps would see other data "
                             f"(restore the file, or use another --output-dir)")
     if "reward_model" in saved and "reward_model" in now and saved["reward_model"] != now["reward_model"]:
-        raise TrainingError(f"--resume: the reward model in {reward_dir} is not the one the checkpoint's run used "
-                            f"(its config or weights changed since; SHA-256 recorded in its trainer_state.json): "
-                            f"the resumed steps would be scored by another model (restore it, or use another "
-                            f"--output-dir)")
+        raise TrainingError(f"--resume: the reward model in {reward_dir} is not the one the checkpoint's run "
+                            f"used (its config, weights or tokenizer changed since; SHA-256 recorded in its "
+                            f"trainer_state.json): the resumed steps would be scored by another model (restore it, "
+                            f"or use another --output-dir)")
 
 
 def nonfinite_parameter(*modules):
