@@ -25,10 +25,9 @@ def _number(name, value):
     """A number option by the ops' rule (:func:`rmkernels._checks.is_real`: an int, a float or
     a NumPy scalar; no bool), or here also a one-element tensor or array, read with ``.item()``
     (a measured KL often is one; the controllers run on the host once a step)."""
-    numel = getattr(value, "numel", None) or getattr(value, "size", None)
     if not _checks.is_real(value) and hasattr(value, "item"):
-        n = numel() if callable(numel) else numel
-        if n == 1:
+        numel = getattr(value, "numel", None)  # a tensor's method; a NumPy array's is .size
+        if (numel() if callable(numel) else getattr(value, "size", None)) == 1:
             value = value.item()
     if not _checks.is_real(value):
         raise TypeError(f"{name} must be a real number (a Python float or int, a NumPy scalar or a one-element "

@@ -13,6 +13,8 @@ USAGE = """usage: rmkernels-train {reward,ppo} [options]    (--version: the inst
 With no options each runs on a built-in default (generated data, a small random-init
 model) that needs no network. `rmkernels-train reward --help` lists the options."""
 
+COMMANDS = ("reward", "ppo")  # each is the module rmkernels_train.<command>, with main(argv) and build_parser()
+
 
 def missing_train_extras():
     """The requirements of rmkernels' ``train`` extra (setup.py's list, read from the installed
@@ -41,25 +43,21 @@ def main(argv=None):
         print(f"rmkernels-train (rmkernels {__version__})")
         return 0
     cmd, rest = argv[0], argv[1:]
-    missing = missing_train_extras() if cmd in ("reward", "ppo") else []
+    if cmd not in COMMANDS:
+        print(f"rmkernels-train: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module = f"rmkernels_train.{cmd}"
+    missing = missing_train_extras()
     if missing:
         line = (f"rmkernels-train {cmd}: needs the training extras, not installed: {', '.join(missing)} "
                 f"(pip install 'rmkernels[train]', or \".[train]\" from a checkout)")
         if "-h" in rest or "--help" in rest:  # the options need none of them: the help, then what a run needs
-            module = importlib.import_module(f"rmkernels_train.{cmd}")
-            module.build_parser().print_help()
+            importlib.import_module(module).build_parser().print_help()
             print(f"\n{line}", file=sys.stderr)
             return 0
         print(line, file=sys.stderr)
         return 2
-    if cmd == "reward":
-        from rmkernels_train.reward import main as run
-    elif cmd == "ppo":
-        from rmkernels_train.ppo import main as run
-    else:
-        print(f"rmkernels-train: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    return run(rest)
+    return importlib.import_module(module).main(rest)
 
 
 def entry():
