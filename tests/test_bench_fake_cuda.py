@@ -66,22 +66,26 @@ def standin_gpu(monkeypatch):
 
 def test_standin_device_rules():
     """The stand-in raises where a GPU raises and runs what a GPU runs (else the test below
-    could not fail, or fail for nothing)."""
+    could not fail, or fail for nothing), the second time too (it keeps each op's device rule
+    for the devices, dtypes and shapes it was called with: fake_cuda._rule_key)."""
     with fake_cuda():
         x = torch.randn(6).to("cuda")
         assert isinstance(x, FakeCudaTensor) and x.device == torch.device("cuda", 0) and x.is_cuda
-        for bad in (lambda: x + torch.ones(6), lambda: torch.zeros(6).index_add_(0, torch.arange(6), x),
-                    lambda: torch.where(x > 0, x, torch.ones(6)), lambda: torch.cat([x, torch.ones(2)])):
-            with pytest.raises(RuntimeError, match="device"):
-                bad()
-        # what a GPU allows: CPU scalars, CPU indices, factories on x.device, .item(), autograd
-        y = torch.where(x > 0, x, torch.zeros(())) + x[torch.tensor([1, 0, 2, 3, 4, 5])]
-        z = torch.zeros(6, device=x.device).index_add_(0, torch.arange(6, device=x.device), y)
-        assert z.device == x.device and isinstance(z.sum().item(), float)
-        w = torch.ones(6, device="cuda", requires_grad=True)
-        (g,) = torch.autograd.grad((w * x).sum(), w)
-        assert g.device == x.device and torch.equal(g.elem, x.elem)
-        assert x.cpu().device.type == "cpu" and torch.equal(x.cpu(), x.elem)
+        for _ in range(2):
+            for bad in (lambda: x + torch.ones(6), lambda: torch.zeros(6).index_add_(0, torch.arange(6), x),
+                        lambda: torch.where(x > 0, x, torch.ones(6)), lambda: torch.cat([x, torch.ones(2)]),
+                        lambda: x + torch.ones(1)):
+                with pytest.raises(RuntimeError, match="device"):
+                    bad()
+            # what a GPU allows: CPU scalars, CPU indices, factories on x.device, .item(), autograd
+            y = torch.where(x > 0, x, torch.zeros(())) + x[torch.tensor([1, 0, 2, 3, 4, 5])] + torch.ones(())
+            z = torch.zeros(6, device=x.device).index_add_(0, torch.arange(6, device=x.device), y)
+            assert z.device == x.device and isinstance(z.sum().item(), float)
+            w = torch.ones(6, device="cuda", requires_grad=True)
+            (g,) = torch.autograd.grad((w * x).sum(), w)
+            assert g.device == x.device and torch.equal(g.elem, x.elem)
+            assert x.cpu().device.type == "cpu" and torch.equal(x.cpu(), x.elem)
+            assert [t.device.type for t in x.split(4)] == ["cuda"] * 2 and len(x[:3].split(4)) == 1
 
 
 @pytest.mark.parametrize("op", run.ALL_OPS)
