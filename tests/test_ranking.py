@@ -85,7 +85,9 @@ def test_ranking_large_k_keeps_precision(backend, device):
     K = 10000). Equal rewards give log 2 and the gradients k - (n - 1) / 2 over the pairs to
     float32 rounding; random rewards match float64 to 1e-6."""
     skip_unless_available(backend, device)
-    K = 1000 if TRITON_INTERPRET else 3000
+    # the interpreter steps through every tile pair in Python: 500 there (still 16 tiles of
+    # MAX_BLOCK_K a row, 125K pair terms; a float32 sum of them drifts past rtol 1e-6 too)
+    K = 500 if TRITON_INTERPRET else 3000
     n = torch.tensor([K, K - 1], device=device)
     x = torch.zeros(2, K, device=device, requires_grad=True)
     out, (g,), proj = _loss_and_grads(rmk.ranking_loss, (x,), num_candidates=n, reduction="none", backend=backend)
