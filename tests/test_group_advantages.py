@@ -476,7 +476,7 @@ def test_returns_are_gae_with_zero_values(backend, device):
     empty and full rows, gamma 0 (signed zeros included) to 1, and equal to verl's loop."""
     skip_unless_available(backend, device)
     # the interpreter steps every program through every position in Python: fewer rows there
-    sizes = ((1, 1), (9, 33), (11, 130)) if backend == "triton" and TRITON_INTERPRET else ((1, 1), (59, 33), (97, 130))
+    sizes = ((1, 1), (9, 33), (4, 130)) if backend == "triton" and TRITON_INTERPRET else ((1, 1), (59, 33), (97, 130))
     for dtype in (torch.float32, torch.float64):
         for B, T in sizes:
             r = torch.randn(B, T, dtype=dtype, device=device)
