@@ -684,7 +684,7 @@ def test_a_vocabulary_that_does_not_fit_the_tokenizer_is_one_line(tmp_path, caps
                f"({n} tokens)" in _one_line_error(rc, err, "ppo"), err
     # a policy padded past the tokenizer (as Qwen2.5's 151,936 rows for 151,665 tokens) keeps the
     # tokenizer's rows: it trains, and never samples an id the tokenizer cannot decode
-    for i, argv in enumerate((no_size, CRITIC_FREE[:2] + CRITIC_FREE[6:])):
+    for i, argv in enumerate((no_size, CRITIC_FREE[:2] + CRITIC_FREE[6:] + ["--steps", 2])):
         out = tmp_path / f"padded{i}"
         rc, err = _run(ppo_main, capsys, *argv, "--reward-model", rm, "--policy", big, "--output-dir", out)
         assert rc == 0, err
