@@ -100,7 +100,13 @@ def test_decoder_layers_are_the_no_split_modules():
 
 @pytest.mark.slow
 def test_fsdp_equals_ddp_and_one_process_and_resumes(tmp_path, capsys):
-    _torchrun(tmp_path, "ddp")
+    """DDP and FSDP each stopped after 2 steps and resumed (every rank picks the same
+    checkpoint), against one process that takes both ranks' pairs in each batch."""
+    _torchrun(tmp_path, "ddp", "--stop-after", "2")
+    err = _torchrun(tmp_path, "ddp", "--resume")
+    assert "resuming from" in err and "checkpoint-2 (step 2)" in err, err[-3000:]
+    digests = json.loads((tmp_path / "ddp" / "final.json").read_text())["param_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # the ranks end with the same parameters
     _torchrun(tmp_path, "fsdp", "--fsdp", "--stop-after", "2")
     ck2 = tmp_path / "fsdp" / "checkpoint-2"
     assert (ck2 / F.DCP_DIR / ".metadata").is_file() and not (ck2 / "optimizer.pt").exists()

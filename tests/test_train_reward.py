@@ -1,11 +1,10 @@
 """End-to-end tests of `rmkernels-train reward` on CPU: the default run learns, the checkpoint
-is a plain HF one, resume continues exactly, bad data and NaN losses stop with a message,
-and a 2-process torchrun (DDP, gloo) run agrees across ranks and with one process."""
+is a plain HF one, resume continues exactly, bad data and NaN losses stop with a message. The
+2-process torchrun runs (DDP and FSDP, each resumed, against one process) are in
+tests/test_train_fsdp.py."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -311,41 +310,6 @@ def test_model_dir_causal_lm_and_jsonl(tmp_path, capsys):
     assert final["step"] == 3 and final["eval"]["pairs"] == 10
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "o" / "checkpoint-3")
     assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
-
-
-@pytest.mark.slow
-def test_ddp_two_processes_agree(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo), stopped after 3 steps and resumed (every rank
-    picks the same checkpoint): the ranks end with identical parameters, and the run matches
-    one process that takes both ranks' pairs in each batch."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
-                                                         os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    steps = ["--max-steps", "6", "--eval-every", "3", "--save-every", "6", "--seed", "5"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "rmkernels_train", "reward", "--output-dir", str(tmp_path / "ddp"), *TINY, *steps]
-    for extra in (["--stop-after", "3"], ["--resume"]):
-        ddp = subprocess.run(torchrun + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "resuming from" in ddp.stderr and "checkpoint-3 (step 3)" in ddp.stderr, ddp.stderr[-3000:]
-    final = json.loads((tmp_path / "ddp" / "final.json").read_text())
-    assert final["world_size"] == 2 and len(final["param_digests"]) == 2
-    assert final["param_digests"][0] == final["param_digests"][1]
-
-    tiny_2x = [a if a != "16" else "32" for a in TINY]  # --batch-size 32 = 2 ranks x 16
-    one = subprocess.run([sys.executable, "-m", "rmkernels_train", "reward", "--output-dir", str(tmp_path / "one"),
-                          *tiny_2x, *steps], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    for split in ("train", "eval"):
-        a = _records(tmp_path / "ddp" / "metrics.jsonl", split)
-        b = _records(tmp_path / "one" / "metrics.jsonl", split)
-        assert [r["step"] for r in a] == [r["step"] for r in b]
-        for ra, rb in zip(a, b):
-            assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=0.05)  # a near-tie may flip
-            assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6)
-    wa, wb = _weights(tmp_path / "ddp" / "checkpoint-6"), _weights(tmp_path / "one" / "checkpoint-6")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
 # ---------------------------------------------------------------------------------------
