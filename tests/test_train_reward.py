@@ -15,7 +15,6 @@ from rmkernels_train import data as D  # noqa: E402
 from rmkernels_train.reward import main  # noqa: E402
 from rmkernels_train.tokenizer import build_char_tokenizer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small model and data set for the tests that check mechanics rather than learning.
 TINY = ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "640", "--batch-size", "16",
         "--threads", "1", "--no-progress", "--no-plot"]
