@@ -17,6 +17,7 @@ raises no FSDP2 "returned a view tensor" warning with no warning filter installe
 NCCL and flash-attention need GPUs and are not run here."""
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -459,21 +460,36 @@ def test_fsdp_on_a_torch_without_fsdp2_is_a_message(monkeypatch):
         F.check_torch()
 
 
-def test_sharded_resume_stops_on_non_finite_weights(tmp_path, one_rank, monkeypatch):
+def test_sharded_resume_passes_over_non_finite_weights(tmp_path, one_rank, monkeypatch, capsys):
     """A sharded checkpoint whose weights hold NaN (written here past the check that keeps
-    every real checkpoint finite) stops the resume with one message naming it and the
-    parameter: the shards are read after the checkpoint was chosen, so it cannot be skipped
-    as a non-sharded resume skips it; training from it would spread NaN."""
+    every real checkpoint finite) is passed over as a non-sharded resume passes over a damaged
+    one: its shards are read only into the sharded model, so the set-up starts again from the
+    next older checkpoint, with the reason logged; with no older one the resume stops with one
+    message naming the checkpoint and the parameter."""
+    import shutil
+
     from rmkernels_train import trainer as T
 
     out = ["--fsdp", "--output-dir", str(tmp_path / "o")]
     tr = _trainer(out, one_rank)
+    tr.checkpoint()  # checkpoint-0, finite
+    good = _full(tr.model.named_parameters())
+    tr.step = 2
     p = dict(tr.model.named_parameters())["score.weight"]
     with torch.no_grad():
         p.to_local().view(-1)[0] = float("nan")
     monkeypatch.setattr(T, "check_finite_before_saving", lambda *a, **k: None)
-    tr.checkpoint()
+    tr.checkpoint()  # checkpoint-2, NaN in score.weight
     monkeypatch.undo()
-    with pytest.raises(TrainingError, match=r"--resume: the sharded weights of .*checkpoint-0 are not finite "
-                                            r"\(score\.weight\): the checkpoint is damaged"):
+    capsys.readouterr()
+    back = _trainer([*out, "--resume"], one_rank)
+    err = capsys.readouterr().err
+    why = "sharded holds non-finite values (score.weight has NaN or inf)"
+    assert f"--resume: skipping checkpoint-2: {why}" in err, err[-3000:]
+    assert back.step == 0 and back.last_ckpt.endswith("checkpoint-0"), (back.step, back.last_ckpt)
+    resumed = _full(back.model.named_parameters())
+    assert resumed.keys() == good.keys() and all(torch.equal(resumed[n], good[n]) for n in good)
+    shutil.rmtree(tmp_path / "o" / "checkpoint-0")
+    with pytest.raises(TrainingError, match=rf"--resume: no intact checkpoint in \S+ \(checkpoint-2: "
+                                            rf"{re.escape(why)}\)"):
         _trainer([*out, "--resume"], one_rank)

@@ -270,6 +270,12 @@ def _load_small_state(path):
     return scheduler, rng
 
 
+class DamagedShards(Exception):
+    """An --fsdp checkpoint whose shards, once read into the sharded model, hold non-finite
+    weights (every checkpoint is written with finite ones): :meth:`RewardTrainer.setup` sets
+    up again from the next older checkpoint."""
+
+
 def load_sharded_checkpoint(path, args):
     """:func:`load_checkpoint` for an --fsdp checkpoint: everything but the shards is read and
     checked here (the shards are loaded into the sharded model and optimizer once they exist:
@@ -499,13 +505,20 @@ class RewardTrainer:
     def setup(self):
         """Everything before the first step, in an order that keeps the random streams of
         earlier versions (the same seed trains the same model)."""
-        resumed = self.find_resume()
-        seed_everything(self.args.seed)
-        self.load_data(resumed)
-        self.rss_marks["data"] = F.rss_mib()
-        self.build_model(resumed)
-        self.rss_marks["model"] = F.rss_mib()
-        self.build_optimizer(resumed)
+        damaged = {}
+        while True:
+            resumed = self.find_resume(damaged)
+            seed_everything(self.args.seed)
+            self.load_data(resumed)
+            self.rss_marks["data"] = F.rss_mib()
+            self.build_model(resumed)
+            self.rss_marks["model"] = F.rss_mib()
+            try:
+                self.build_optimizer(resumed)
+            except DamagedShards as e:  # every rank: the check is collective
+                damaged[self.last_ckpt] = str(e)  # set up again from the next older checkpoint
+                continue
+            break
         self.open_metrics(resumed)
         args, dist = self.args, self.dist
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -516,16 +529,17 @@ class RewardTrainer:
         self.autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16)) \
             if args.bf16 and not args.fsdp else (lambda: torch.autocast(dist.device.type, enabled=False))
 
-    def find_resume(self):
-        """With --resume the newest intact checkpoint, read and checked (:func:`load_checkpoint`);
-        without, None (and an output directory with checkpoints is refused)."""
+    def find_resume(self, damaged=None):
+        """With --resume the newest intact checkpoint, read and checked (:func:`load_checkpoint`),
+        passing over those in ``damaged`` ({path: reason}); without, None (and an output
+        directory with checkpoints is refused)."""
         args, dist = self.args, self.dist
         if dist.is_main:
             T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
         resumed = None
         if args.resume:
             _, self.last_ckpt, resumed = T.find_resume_checkpoint(
-                self.out_dir, lambda p: load_checkpoint(p, args, dist.world_size), self.log, dist)
+                self.out_dir, lambda p: load_checkpoint(p, args, dist.world_size), self.log, dist, damaged)
         elif T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
@@ -595,7 +609,8 @@ class RewardTrainer:
         initialisation tensor by tensor (the same values and RNG draws as the DDP run),
         --model's by reading each rank's rows of the safetensors checkpoint (and initialising a
         new ``score`` head as ``from_pretrained`` does), a resumed run's from the sharded
-        checkpoint (in :meth:`build_optimizer`). No rank holds the whole model."""
+        checkpoint (in :meth:`build_optimizer`, which passes over shards with non-finite
+        weights: :class:`DamagedShards`). No rank holds the whole model."""
         args, dist = self.args, self.dist
         index = plan = None
         if resumed is not None:
@@ -604,7 +619,6 @@ class RewardTrainer:
             # the architecture only: the weights come from the shards (build_optimizer)
             model, _ = F.build_on_meta(lambda: AutoModelForSequenceClassification.from_config(
                 resumed["model"], dtype=torch.float32))
-            self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']}, sharded)")
         elif args.model is not None:
             model, _ = F.build_on_meta(lambda: M.reward_model_from_config(args.model))
             M.check_vocab(model, self.tokenizer, "--model", args.model)
@@ -633,12 +647,12 @@ class RewardTrainer:
             if resumed.get("sharded"):
                 F.load_sharded(resumed["optimizer"], self.model, self.optimizer)
                 # the check a non-sharded resume makes before choosing the checkpoint, made here
-                # (the shards are read only once the model is sharded): a damaged one stops the run
+                # (the shards are read only once the model is sharded): setup() passes over a
+                # damaged one to the next older checkpoint, as a non-sharded resume does
                 bad = T.nonfinite_parameter_on_any_rank(self.dist, ("", self.model))
                 if bad is not None:
-                    raise TrainingError(f"--resume: the sharded weights of {self.last_ckpt} are not finite ({bad}): "
-                                        f"the checkpoint is damaged (every checkpoint is written with finite "
-                                        f"weights); remove it to resume from an older one")
+                    raise DamagedShards(f"{F.DCP_DIR} holds non-finite values ({bad} has NaN or inf)")
+                self.log(f"resuming from {self.last_ckpt} (step {resumed['state']['step']}, sharded)")
             else:
                 self.optimizer.load_state_dict(resumed["optimizer"])
             self.scheduler.load_state_dict(resumed["scheduler"])

@@ -853,16 +853,18 @@ def check_optimizer_state(make_optimizer, state):
                     raise CheckpointError("optimizer.pt does not fit the model (a state tensor has the wrong shape)")
 
 
-def find_resume_checkpoint(output_dir, load, log, dist=None):
+def find_resume_checkpoint(output_dir, load, log, dist=None, damaged=None):
     """The newest checkpoint of ``output_dir`` that ``load(path)`` reads completely:
     returns ``(step, path, loaded)`` with what ``load`` returned. ``load`` must read every
     file a resume uses (so that a damaged one is found before anything is changed) and raise
     :class:`CheckpointError` for a damaged one; each skipped checkpoint is logged with the
-    reason. No intact checkpoint: :class:`TrainingError` listing the reasons. With ``dist``
+    reason. ``damaged``: {path: reason} of checkpoints already found damaged after they were
+    chosen (an --fsdp checkpoint's shards are read only into the sharded model), skipped the
+    same way. No intact checkpoint: :class:`TrainingError` listing the reasons. With ``dist``
     (a torchrun job) every rank looks, and all must find the same step (else every rank stops
     with the reason, e.g. an output directory that is not shared by every node)."""
     try:
-        found, error = _find_resume_checkpoint(output_dir, load, log), None
+        found, error = _find_resume_checkpoint(output_dir, load, log, damaged or {}), None
     except TrainingError as e:
         found, error = None, e
     if dist is None or not dist.enabled:
@@ -879,7 +881,7 @@ def find_resume_checkpoint(output_dir, load, log, dist=None):
     return found
 
 
-def _find_resume_checkpoint(output_dir, load, log):
+def _find_resume_checkpoint(output_dir, load, log, known_damaged):
     good, refused = list_checkpoints(output_dir)
     skipped = [f"{name}: {why}" for name, why in refused]
     for name_why in skipped:
@@ -891,6 +893,8 @@ def _find_resume_checkpoint(output_dir, load, log):
     # resume from an older one, and rotation would then delete the newer, intact one.
     for step, path in reversed(good):
         try:
+            if path in known_damaged:
+                raise CheckpointError(known_damaged[path])
             loaded = load(path)
         except CheckpointError as e:
             msg = f"{os.path.basename(path)}: {e}"
