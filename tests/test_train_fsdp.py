@@ -466,8 +466,6 @@ def test_sharded_resume_passes_over_non_finite_weights(tmp_path, one_rank, monke
     one: its shards are read only into the sharded model, so the set-up starts again from the
     next older checkpoint, with the reason logged; with no older one the resume stops with one
     message naming the checkpoint and the parameter."""
-    import shutil
-
     from rmkernels_train import trainer as T
 
     out = ["--fsdp", "--output-dir", str(tmp_path / "o")]
@@ -481,15 +479,20 @@ def test_sharded_resume_passes_over_non_finite_weights(tmp_path, one_rank, monke
     monkeypatch.setattr(T, "check_finite_before_saving", lambda *a, **k: None)
     tr.checkpoint()  # checkpoint-2, NaN in score.weight
     monkeypatch.undo()
+    why = "sharded holds non-finite values (score.weight has NaN or inf)"
+    os.rename(tmp_path / "o" / "checkpoint-0", tmp_path / "aside")
+    with pytest.raises(TrainingError, match=rf"--resume: no intact checkpoint in \S+ \(checkpoint-2: "
+                                            rf"{re.escape(why)}\)"):
+        _trainer([*out, "--resume"], one_rank)
+    os.rename(tmp_path / "aside", tmp_path / "o" / "checkpoint-0")
     capsys.readouterr()
     back = _trainer([*out, "--resume"], one_rank)
     err = capsys.readouterr().err
-    why = "sharded holds non-finite values (score.weight has NaN or inf)"
     assert f"--resume: skipping checkpoint-2: {why}" in err, err[-3000:]
     assert back.step == 0 and back.last_ckpt.endswith("checkpoint-0"), (back.step, back.last_ckpt)
     resumed = _full(back.model.named_parameters())
     assert resumed.keys() == good.keys() and all(torch.equal(resumed[n], good[n]) for n in good)
-    shutil.rmtree(tmp_path / "o" / "checkpoint-0")
-    with pytest.raises(TrainingError, match=rf"--resume: no intact checkpoint in \S+ \(checkpoint-2: "
-                                            rf"{re.escape(why)}\)"):
-        _trainer([*out, "--resume"], one_rank)
+    back.step = 1
+    back.checkpoint()  # the run's next checkpoint: rotation deletes the damaged one past it
+    left = sorted(os.listdir(tmp_path / "o"))
+    assert left == ["checkpoint-0", "checkpoint-1", "metrics.jsonl"], left
