@@ -588,12 +588,16 @@ def test_ppo_resume_with_another_reward_model_names_it(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_rl_resume_refuses_a_reward_model_that_changed(tmp_path, capsys, advantage):
+def test_rl_resume_refuses_a_reward_model_that_changed(tmp_path, capsys, monkeypatch, advantage):
     """--reward-model as a reward run's output directory stands for the checkpoint its
     final.json names: after that run went on, the same option named another model, and the
     resumed steps were scored by it, silently. The checkpoint records the SHA-256 of the reward
-    model's config and weights; --resume names a changed one (also one retrained in place)."""
+    model's config and weights; --resume names a changed one (also one retrained in place). A
+    resume hashes the reward model once (a 7B model is ~14 GB to read), not again for each
+    checkpoint it checks."""
     from safetensors.torch import load_file, save_file
+
+    from rmkernels_train import trainer as T
 
     run = tmp_path / "rm_run"
     shutil.copytree(_save(tmp_path / "rm", "rm"), run / "checkpoint-1")
@@ -623,8 +627,11 @@ def test_rl_resume_refuses_a_reward_model_that_changed(tmp_path, capsys, advanta
     assert "is not the one the checkpoint's run used" in _one_line_error(rc, err, "ppo"), err
     (run / "checkpoint-1" / "tokenizer_config.json").write_text(original)
     shutil.copy(run / "checkpoint-2" / "model.safetensors", run / "checkpoint-1" / "exported.safetensors")
+    hashed = []
+    monkeypatch.setattr(T, "model_dir_sha256", lambda path, f=T.model_dir_sha256: hashed.append(path) or f(path))
     rc, err = _run(ppo_main, capsys, *argv, "--resume")  # a file beside the model that loading does not read
     assert rc == 0, err
+    assert hashed == [str(run / "checkpoint-1")], hashed
 
 
 # ---------------------------------------------------------------------------------------

@@ -555,16 +555,18 @@ def write_checkpoint(tmp, policy, ref, value_model, optimizer, tokenizer, state)
 TRAIN_METRICS = {"train": ("score", "kl", "kl_coef")}
 
 
-def load_checkpoint(path, policy, ref, value_model, make_optimizer, args=None, world_size=1, reward_dir=None):
+def load_checkpoint(path, policy, ref, value_model, make_optimizer, args=None, world_size=1, reward_dir=None,
+                    digests=None):
     """Read and check every file of the checkpoint ``path`` against the models (nothing is
-    changed yet); a damaged or missing file raises
+    changed yet; ``digests``: the run's ``T.data_digests``, for the resume check); a damaged
+    or missing file raises
     :class:`~rmkernels_train.trainer.CheckpointError`. Returns ``(state, tensors)`` for
     :func:`apply_checkpoint`."""
     state = T.read_trainer_state(path)
     if args is not None:  # the options first: a changed one is named, not taken for a damaged file
         from rmkernels_train.rl import check_resume_options
 
-        check_resume_options(state, args, world_size, reward_dir)
+        check_resume_options(state, args, world_size, reward_dir, digests)
     kl_coef = state.get("kl_coef")
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) \
             or kl_coef < 0:
@@ -633,7 +635,8 @@ class PPOTrainer:
         if a.resume:
             self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(
                 self.out_dir, lambda p: load_checkpoint(p, self.policy, self.ref, self.value_model,
-                                                        self.make_optimizer, a, dist.world_size, reward_dir),
+                                                        self.make_optimizer, a, dist.world_size, reward_dir,
+                                                        self.data_sha256),
                 self.log, dist)
             apply_checkpoint(loaded, self.policy, self.ref, self.value_model, self.optimizer)
             kl_coef = loaded[0]["kl_coef"]

@@ -199,10 +199,12 @@ def resume_fixed(advantage):
     return RESUME_FIXED_COMMON + tuple(k for k in mine if k not in other)
 
 
-def check_resume_options(state, a, world_size, reward_dir=None):
+def check_resume_options(state, a, world_size, reward_dir=None, digests=None):
     """The options of the checkpoint's run (``state["args"]`` of its ``trainer_state.json``)
     against this run's, before any weight is loaded: a changed option is named (a policy of
-    another size or the other path's checkpoint would otherwise look like a damaged file)."""
+    another size or the other path's checkpoint would otherwise look like a damaged file);
+    then its data files and reward model (``digests``: this run's ``T.data_digests``, computed
+    once)."""
     from rmkernels_train import trainer as T
 
     saved = state["args"]
@@ -211,7 +213,7 @@ def check_resume_options(state, a, world_size, reward_dir=None):
                             f"{a.advantage!r} now: a checkpoint of one estimator cannot continue as another (use "
                             f"another --output-dir)")
     T.check_resume_args(saved_options(saved), a, resume_fixed(a.advantage), world_size)
-    T.check_resume_data(state, a, reward_dir)
+    T.check_resume_data(state, a, reward_dir, digests)
 
 
 # What a resumed run reads of an eval row of metrics.jsonl (evaluate's changes, finish's
@@ -334,7 +336,7 @@ class CriticFreeTrainer:
         from rmkernels_train import trainer as T
 
         state = T.read_trainer_state(path)
-        check_resume_options(state, self.a, self.dist.world_size, self.reward_dir)
+        check_resume_options(state, self.a, self.dist.world_size, self.reward_dir, self.data_sha256)
         tensors = {}
         for name, module in (("policy", self.policy), ("ref_policy", self.ref)):
             file = f"{name}/model.safetensors"

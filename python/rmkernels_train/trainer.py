@@ -991,18 +991,21 @@ def data_digests(args, reward_dir=None, existing_only=False):
     return out
 
 
-def check_resume_data(state, args, reward_dir=None):
+def check_resume_data(state, args, reward_dir=None, now=None):
     """The data files of this run hold what they held in the checkpoint's run (its
     ``data_sha256``; a checkpoint written before it was recorded is not checked): the same path
     (:func:`check_resume_args`) with other contents would change what each step sees, silently.
     So must an RL run's reward model (``reward_dir``: retrained in place, or a reward run's
-    directory whose ``final.json`` now names a later checkpoint). A changed one is a
-    :class:`TrainingError` naming it."""
+    directory whose ``final.json`` now names a later checkpoint). ``now``: this run's
+    :func:`data_digests`, when it has them (an RL run, before it looks for a checkpoint: each
+    checkpoint tried is then checked without hashing the reward model again). A changed one is
+    a :class:`TrainingError` naming it."""
     saved = state.get("data_sha256")
     if not isinstance(saved, dict):
         return
     # a data file that is gone is left to the loader, whose message names it ("cannot read data file ...")
-    now = data_digests(args, reward_dir, existing_only=True)
+    if now is None:
+        now = data_digests(args, reward_dir, existing_only=True)
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in DATA_OPTIONS
                if k in saved and k in now and saved[k] != now[k]]
     if changed:
