@@ -218,6 +218,26 @@ def test_ppo_prompts_from_a_pipe(tmp_path, capsys):
         f"file", err
 
 
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_bad_prompts_stop_the_run_before_the_default_reward_model_is_trained(tmp_path, capsys, monkeypatch,
+                                                                               advantage):
+    """--prompts is read before anything else of the run: without --reward-model a file that is
+    empty or not JSON lines stopped the run only after the default reward model was trained
+    (~45 s here, minutes at its default size)."""
+    from rmkernels_train import ppo
+
+    def train(*a, **k):
+        raise AssertionError("the reward model was trained before --prompts was read")
+
+    monkeypatch.setattr(ppo, "train_default_reward_model", train)
+    for text, message in (("", "no prompts"), ('{"prompt": "a"}\nnot json\n', ":2: not valid JSON")):
+        (tmp_path / "p.jsonl").write_text(text)
+        rc, err = _run(ppo_main, capsys, "--advantage", advantage, "--prompts", tmp_path / "p.jsonl",
+                       "--output-dir", tmp_path / "o", "--no-progress")
+        assert rc == 1 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "o" / "reward_model").exists()
+
+
 def _deny(monkeypatch, path):
     """Opening ``path`` raises PermissionError, as for a file without read or write permission
     (chmod cannot show it: the tests may run as root)."""

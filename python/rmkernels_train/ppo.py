@@ -623,10 +623,12 @@ class PPOTrainer:
         if not a.resume and T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
+        # --prompts read first: a file that is empty or not JSON lines stops the run before the
+        # default reward model is trained (minutes)
+        prompts, lines = run_prompts(a, None if a.prompts else default_prompts())
         reward_dir = self.reward_dir = run_reward_model(a, self.out_dir, dist, T.threads_for(a, True), self.log)
         self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir,
                                                                                                  self.log)
-        prompts, lines = run_prompts(a, None if a.prompts else default_prompts())
         # what this run read (the data files, the reward model), for its checkpoints; once read: its errors first
         self.data_sha256 = T.data_digests(a, reward_dir)
         self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model), prompts, lines)

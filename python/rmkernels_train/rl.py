@@ -258,6 +258,10 @@ class CriticFreeTrainer:
         if not a.resume and T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
+        # --prompts read first: a file that is empty or not JSON lines stops the run before the
+        # default reward model is trained (minutes)
+        train_prompts, held = task.task_prompts()
+        self.train_prompts, prompt_lines = run_prompts(a, train_prompts)
         t = time.time()
         reward_dir = run_reward_model(a, self.out_dir, dist, T.threads_for(a, True), self.log)
         self.times["reward_model"] = time.time() - t
@@ -268,8 +272,6 @@ class CriticFreeTrainer:
         self.reward_model = load_run_reward_model(a, reward_dir, tok).to(dist.device)
         self.reward_model.requires_grad_(False)
         self.reward_model.eval()
-        train_prompts, held = task.task_prompts()
-        self.train_prompts, prompt_lines = run_prompts(a, train_prompts)
         # what this run read (the data files, the reward model), for its checkpoints; once read: its errors first
         self.data_sha256 = T.data_digests(a, reward_dir)
         self.held_prompts = held[:a.eval_prompts]
