@@ -137,9 +137,13 @@ def _extensions():
     # variants of the loops (csrc/include/rmkernels/cpu_simd.h) give the baseline's bits.
     # -g0: no debug information (Python's own CFLAGS add -g, which made the PPO kernels' CPU file,
     # then one ppo.cpp, take 92 s instead of 67 s on one core of the 2-core AMD EPYC runner).
-    cxx = (["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off", "-g0"]
+    # No -std: torch's BuildExtension adds the standard its headers need when the flags name
+    # none (C++17 in older torch, C++20 since its headers use C++20: torch 2.13's warn under
+    # C++17, later ones refuse it). tests/test_build.py compiles the .cu files (torch-free) as
+    # both; the .cpp files, which include torch's headers, build as the installed torch asks.
+    cxx = (["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off", "-g0"]
            if sys.platform != "win32"
-           else ["/O2", "/std:c++17"])
+           else ["/O2"])
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # libstdc++ linked as a shared library, named before the compiler's own: a g++ that links it
     # statically (the H200 image's /opt/gcc/bin/g++ did) gives the extension its own copy of the
@@ -158,7 +162,7 @@ def _extensions():
                 "cxx": cxx,
                 # No --use_fast_math: the kernels are exact (IEEE division, sqrt, expf/log1pf
                 # of libdevice, denormals kept), as the README promises.
-                "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + _gencode_flags(archs),
+                "nvcc": ["-O3", "-lineinfo"] + _gencode_flags(archs),  # the -std torch adds, as for cxx
             },
             extra_link_args=link,
         )
@@ -184,7 +188,8 @@ def _extensions():
                 super().run()
             except Exception as e:  # a compile or link error, no compiler, no ninja...
                 sys.exit(f"rmkernels: building the C++ extension rmkernels._C failed ({type(e).__name__}: {e}). "
-                         "It needs a C++17 compiler with OpenMP (g++ >= 9) and the torch it builds against; "
+                         "It needs a C++ compiler with OpenMP for the standard torch asks for (C++17, or C++20 for "
+                         "recent torch: g++ >= 10) and the torch it builds against; "
                          "or set RMKERNELS_BUILD_EXT=0 to install without it (the 'reference' and 'triton' "
                          "backends only).")
 

@@ -541,12 +541,23 @@ def _binding_cmd(src, stub_dir):
 
     incs = [stub_dir, *include_paths(), CUDA_INCLUDE, os.path.join(ROOT, "csrc", "include"),
             os.path.join(ROOT, "csrc", "cuda"), sysconfig.get_paths()["include"]]
-    # The flags and macros setup.py gives the .cpp files of the CUDA build (cxx: -O3
-    # -std=c++17 -fopenmp; RMKERNELS_WITH_CUDA, RMKERNELS_CUDA_ARCHS), minus code generation,
-    # plus warnings (reported for our files only: torch's own are not ours).
-    return ([CXX, "-std=c++17", "-fopenmp", "-fsyntax-only", "-Wall", "-DTORCH_API_INCLUDE_EXTENSION_H",
+    # The flags and macros setup.py gives the .cpp files of the CUDA build (cxx: -O3 -fopenmp,
+    # and the -std torch's BuildExtension adds; RMKERNELS_WITH_CUDA, RMKERNELS_CUDA_ARCHS), minus
+    # code generation, plus warnings (reported for our files only: torch's own are not ours).
+    return ([CXX, f"-std={torch_cxx_std()}", "-fopenmp", "-fsyntax-only", "-Wall", "-DTORCH_API_INCLUDE_EXTENSION_H",
              "-DTORCH_EXTENSION_NAME=_C", "-DRMKERNELS_WITH_CUDA=1", '-DRMKERNELS_CUDA_ARCHS="8.0;9.0"']
             + [f"-I{p}" for p in incs] + [src])
+
+
+def torch_cxx_std():
+    """The C++ standard torch's BuildExtension gives a build whose flags name none (setup.py's):
+    read from this torch's cpp_extension, which appends C++20 since torch's headers need it and
+    C++17 before."""
+    import inspect
+
+    from torch.utils import cpp_extension
+
+    return "c++20" if "c++20" in inspect.getsource(cpp_extension) else "c++17"
 
 
 def _our_diagnostics(stderr):
