@@ -130,6 +130,18 @@ def test_nvcc_flags_are_exact():
         assert f'"{flag}"' not in text, f"setup.py passes {flag} to nvcc"
 
 
+def test_build_leaves_the_cxx_standard_to_torch():
+    """setup.py names no C++ standard (-std=, /std:) for the host compiler or nvcc: torch's
+    BuildExtension then adds the one its headers need (C++20 in recent torch, whose headers
+    refuse C++17; a pinned -std=c++17 overrode it)."""
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    named = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+             and n.value.lstrip("-/").startswith("std")]
+    assert not named, f"setup.py passes a C++ standard to the compilers: {named}"
+
+
 def _tracked_files():
     proc = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
