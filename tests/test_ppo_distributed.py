@@ -158,3 +158,129 @@ def test_loss_agg_under_ddp_is_the_whole_minibatchs(tmp_path):
         core.agg_loss((x @ w.T).squeeze(-1), mask, mode, horizon=7).backward()
         for rank in range(WORLD):
             assert_close(got[rank][mode], w.grad, rtol=1e-10, atol=1e-12, name=f"rank {rank} {mode}")
+
+
+# ---------------------------------------------------------------------------------------
+# The critic-free step under torchrun (rmkernels-train ppo --advantage grpo|rloo|...)
+# ---------------------------------------------------------------------------------------
+RL_PROMPTS = ["sort 312: ", "sort 907: ", "sort 551: ", "sort 846: "]  # one length: no left padding
+RL_STEP = dict(num_generations=3, kl_coef=0.3, max_new_tokens=6, temperature=1.0, max_grad_norm=1e9,
+               reward="model", check=False)
+# (estimator, options): every loss aggregation, the KL as a loss and in the reward, the entropy
+# bonus, dual-clip, two epochs (the second update clips against the rollout's log-probs)
+RL_CONFIGS = [("grpo", dict(kl_mode="loss", kl_estimator="k3", loss_agg="token-mean", entropy_coef=0.01,
+                            ppo_epochs=2)),
+              ("rloo", dict(kl_mode="loss", kl_estimator="k1", loss_agg="token-sum", clip_ratio_c=3.0,
+                            ppo_epochs=2)),
+              ("reinforce_pp", dict(kl_mode="reward", kl_estimator="k3", loss_agg="seq-mean-token-mean")),
+              ("remax", dict(kl_mode="loss", kl_estimator="k2", loss_agg="seq-mean-token-sum-norm"))]
+# the metrics that are means over the responses (or the whole batch's loss): the same over 2 ranks
+RL_SAME = ("score", "reward", "kl", "ended", "response_length", "loss", "pg_loss", "grad_norm")
+
+
+def _rl_tokenizer():
+    from rmkernels_train.data import SORT_ALPHABET
+    from rmkernels_train.tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer(SORT_ALPHABET)
+
+
+def _fake_sample(policy, prompt_ids, tokenizer, *, max_new_tokens, temperature=1.0, greedy=False):
+    """A stand-in for grpo.sample: the k-th response to a prompt in a call is a fixed function of
+    (prompt, k, greedy), whatever else the batch holds, so two ranks holding half the prompts
+    each sample exactly the rows one process samples; about a third end without an EOS."""
+    from rmkernels_train.ppo_core import Rollout
+
+    digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+    seen, rows, masks = {}, [], []
+    for p in prompt_ids:
+        k = seen[tuple(p)] = seen.get(tuple(p), -1) + 1
+        key = sum(t * 131 ** i for i, t in enumerate(p)) % (2 ** 31) + 7 * k + (100_003 if greedy else 0)
+        g = torch.Generator().manual_seed(key)
+        resp = torch.tensor(digits)[torch.randint(0, 10, (max_new_tokens,), generator=g)]
+        end = int(torch.randint(1, max_new_tokens + 4, (), generator=g))  # past the end: no EOS
+        m = torch.ones(max_new_tokens, dtype=torch.long)
+        if end <= max_new_tokens:
+            resp[end - 1] = tokenizer.eos_token_id
+            resp[end:] = tokenizer.pad_token_id
+            m[end:] = 0
+        rows.append(torch.cat([torch.tensor(p), resp]))
+        masks.append(m)
+    seq, mask = torch.stack(rows), torch.stack(masks)
+    P = len(prompt_ids[0])
+    return Rollout(seq, torch.cat([torch.ones(len(rows), P, dtype=torch.long), mask], 1), mask, P)
+
+
+def _fake_rm_scores(model, roll, tokenizer, backend=None):
+    resp = roll.sequences[:, roll.prompt_len:].float() * roll.response_mask
+    return (resp * torch.arange(1, resp.shape[1] + 1)).sum(1) % 7 - 3.0
+
+
+def _rl_run(estimator, opts, prompts, dist_=None):
+    """One grpo.rl_step of a fixed policy (SGD: the update is the gradient itself) on ``prompts``;
+    returns (metrics, parameters after)."""
+    from rmkernels_train import grpo, sft
+
+    tok = _rl_tokenizer()
+    torch.manual_seed(0)
+    policy = sft.build_policy(tok, layers=1, hidden=16)
+    ref = sft.build_policy(tok, layers=1, hidden=16)
+    ref.load_state_dict(policy.state_dict())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.requires_grad_(False)
+    ids = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    rec = grpo.rl_step(policy, ref, None, opt, tok, prompts, ids, estimator=estimator, dist=dist_,
+                       generator=torch.Generator().manual_seed(1), **RL_STEP, **opts)
+    return rec, {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+def _rl_worker(rank, port, out_dir):
+    from rmkernels_train import grpo
+    from rmkernels_train.utils import Dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    grpo.sample, grpo.rm_scores = _fake_sample, _fake_rm_scores
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        half = len(RL_PROMPTS) // WORLD
+        mine = RL_PROMPTS[rank * half:(rank + 1) * half]
+        out = {est: _rl_run(est, opts, mine, Dist(rank, WORLD)) for est, opts in RL_CONFIGS}
+        torch.save(out, os.path.join(out_dir, f"rl{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_critic_free_step_on_two_ranks_is_the_whole_batchs(tmp_path, monkeypatch):
+    """rmkernels-train ppo's critic-free step under torchrun: two gloo ranks, each with half the
+    prompts (all their responses), make the update one process makes on the whole batch -- the
+    parameters after it, on both ranks, and the step's metrics -- for every estimator family
+    (group: grpo, rloo; token: reinforce_pp whitened over both ranks, remax), every loss
+    aggregation, both KL modes, the entropy bonus, dual-clip and two epochs. The no-EOS floor is
+    the whole batch's lowest reward. Without the ranks' exchange (each rank on its own half)
+    the parameters differ."""
+    from rmkernels_train import grpo
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    mp.spawn(_rl_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [torch.load(os.path.join(tmp_path, f"rl{rank}.pt")) for rank in range(WORLD)]
+    monkeypatch.setattr(grpo, "sample", _fake_sample)
+    monkeypatch.setattr(grpo, "rm_scores", _fake_rm_scores)
+    for est, opts in RL_CONFIGS:
+        rec, params = _rl_run(est, opts, RL_PROMPTS)
+        _, alone = _rl_run(est, opts, RL_PROMPTS[:len(RL_PROMPTS) // WORLD])
+        assert rec["ended"] < 1.0, "some responses must end without an EOS (the floor)"
+        assert any(not torch.allclose(alone[k], params[k], rtol=1e-4, atol=1e-3) for k in params), est
+        for rank in range(WORLD):
+            r_rec, r_params = got[rank][est]
+            for k in RL_SAME:
+                assert r_rec[k] == pytest.approx(rec[k], rel=1e-4, abs=1e-5), (est, rank, k, r_rec[k], rec[k])
+            assert r_rec["updates"] == rec["updates"]
+            for k in params:
+                # float32 sums in another order, through an update of lr 0.5 and a second epoch
+                assert_close(r_params[k], params[k], rtol=1e-4, atol=1e-5, name=f"{est} rank {rank} {k}")

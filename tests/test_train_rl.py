@@ -1172,3 +1172,81 @@ def test_resume_past_steps_says_so(cf_run, tiny_rm, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "nothing to train: the checkpoint is at step 2, past the 1 steps this run asks for (--steps)" in \
         captured.out + captured.err
+
+
+# ---------------------------------------------------------------------------------------
+# Under torchrun (data parallel)
+# ---------------------------------------------------------------------------------------
+def _torchrun(argv, cwd):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "python"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "rmkernels_train", "ppo", *map(str, argv)]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_train_critic_free_and_resume_exactly(tiny_rm, tmp_path):
+    """`torchrun --nproc_per_node 2 -m rmkernels_train ppo --advantage grpo`: rank 0 trains the
+    warm start and the other rank starts from its weights; the ranks end with identical
+    parameters; every evaluation covers all --eval-prompts (split over the ranks); stopped after
+    2 steps and resumed, the run ends with the metrics and weights of the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    opts = ("--steps", "4", "--save-every", "2", "--eval-every", "2", "--eval-prompts", "5",
+            "--warm-start-steps", "3")
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    proc = _torchrun(tiny(tiny_rm, a, *opts), tmp_path)
+    assert "2 processes, parameters identical on every rank" in proc.stdout, proc.stdout[-2000:]
+    _torchrun(tiny(tiny_rm, b, "--stop-after", "2", *opts), tmp_path)
+    proc = _torchrun(tiny(tiny_rm, b, "--resume", *opts), tmp_path)
+    assert "resuming from" in proc.stderr and "skipping" not in proc.stderr, proc.stderr[-2000:]
+    ra, rb = _records(a / "metrics.jsonl"), _records(b / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in ra] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2),
+                                                     ("train", 3), ("train", 4), ("eval", 4)]
+    assert all(r["prompts"] == 5 for r in ra if r["split"] == "eval")
+    assert all(r["updates"] == 1 and math.isfinite(r["loss"]) for r in ra if r["split"] == "train")
+    for x, y in zip(ra, rb, strict=True):
+        assert {k: v for k, v in x.items() if k != "time"} == {k: v for k, v in y.items() if k != "time"}
+    with open(a / "final.json") as f:
+        fin = json.load(f)
+    assert fin["world_size"] == 2 and fin["warm_start"]["cached"] is False and fin["steps"] == 4
+    wa = load_file(a / "policy" / "model.safetensors")
+    wb = load_file(b / "policy" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_processes_need_a_batch_of_prompts_each(tiny_rm, tmp_path):
+    """Each rank takes --batch-size different prompts a step: 2 x 2 from a 3-prompt file stops
+    both ranks with one line (no traceback, no hang) before any training."""
+    from utils import assert_one_line_each, run_two_ranks
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "sort {n}: "}}\n' for n in (31, 98, 527)))
+    out = tmp_path / "o"
+    ranks = run_two_ranks(["ppo", *tiny(tiny_rm, out, "--prompts", prompts, "--steps", "1")], tmp_path)
+    line = (f"--batch-size 2 x 2 processes is more than the 3 prompts of {prompts}: each step gives every "
+            f"process --batch-size different prompts (lower --batch-size)")
+    assert_one_line_each(ranks, "rmkernels-train ppo", [line, line])
+    assert not out.exists()  # a run that stopped at its start leaves no output directory
+
+
+@pytest.mark.parametrize("fault,name", [("metrics-write:2:ENOSPC", "metrics.jsonl"),
+                                        ("final-write:1:ENOSPC", "final.json")])
+def test_a_failed_write_of_rank_0_stops_both_critic_free_ranks_with_one_line(tiny_rm, tmp_path, fault, name):
+    """A disk full while rank 0 alone writes metrics.jsonl (its second line: the step-1 record) or
+    final.json: rank 0 stops with the line naming it, rank 1 with the same line prefixed "rank 0: "
+    (no hang, no traceback)."""
+    from utils import assert_one_line_each, run_two_ranks
+
+    out = tmp_path / "o"
+    ranks = run_two_ranks(["ppo", *tiny(tiny_rm, out, "--steps", "2")], tmp_path,
+                          {"RMKERNELS_TRAIN_FAULT": fault, "RMKERNELS_TRAIN_FAULT_RANK": "0"})
+    line = f"cannot write {out / name} (No space left on device)"
+    assert_one_line_each(ranks, "rmkernels-train ppo", [line, f"rank 0: {line}"])

@@ -82,16 +82,23 @@ def token_rewards(rewards, mask, kl_k1=None, kl_coef=0.0):
     return tok
 
 
-def token_advantages(rewards, mask, estimator, *, baselines=None, kl_k1=None, kl_coef=0.0, backend=None):
+def token_advantages(rewards, mask, estimator, *, baselines=None, kl_k1=None, kl_coef=0.0, backend=None,
+                     process_group=None):
     """Token advantages ``[B, T]`` of ``reinforce_pp`` (``rmk.reinforce_pp_advantages`` of
     :func:`token_rewards`, gamma 1: the return whitened over every valid token of the batch) or
     ``remax`` (``rmk.remax_advantages``: the return minus ``baselines``, the reward of each
-    response's greedy counterpart)."""
+    response's greedy counterpart). With ``process_group`` (torchrun) ``reinforce_pp`` whitens
+    over every rank's valid tokens: ``rmk.reinforce_pp_returns`` then ``rmk.masked_whiten`` with
+    the group (the same whitening rule: unbiased, its eps, 0 at masked positions and for a batch
+    of at most one valid token); ``remax`` needs no other rank."""
     import rmkernels as rmk
 
     tok = token_rewards(rewards, mask, kl_k1, kl_coef)
     if estimator == "remax":
         return rmk.remax_advantages(tok, baselines, mask, backend=backend).advantages
+    if process_group is not None:
+        returns = rmk.reinforce_pp_returns(tok, mask, gamma=1.0, backend=backend)
+        return rmk.masked_whiten(returns, mask, process_group=process_group, backend=backend)
     return rmk.reinforce_pp_advantages(tok, mask, gamma=1.0, backend=backend).advantages
 
 
@@ -118,24 +125,32 @@ def ended(roll, eos_token_id):
     return (roll.sequences[:, roll.prompt_len:] == eos_token_id).any(dim=1)
 
 
-def penalise_unended(rewards, has_eos):
-    """Rewards of responses with no EOS set to the batch's lowest reward minus 1."""
+def penalise_unended(rewards, has_eos, dist=None):
+    """Rewards of responses with no EOS set to the batch's lowest reward minus 1. ``dist``
+    (torchrun): the lowest over every rank's batch (an all-reduce; collective), as one process
+    would find it on the whole batch."""
+    if dist is not None and dist.enabled:
+        low = rewards.detach().amin().reshape(1).clone() if rewards.numel() else \
+            torch.full((1,), float("inf"), dtype=rewards.dtype, device=rewards.device)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        return torch.where(has_eos, rewards, low[0] - 1.0)
     if bool(has_eos.all()):
         return rewards
     floor = rewards.min() - 1.0
     return torch.where(has_eos, rewards, floor)
 
 
-def rollout_rewards(roll, prompts, reward, reward_model, tokenizer, decoder, backend=None, check=True):
+def rollout_rewards(roll, prompts, reward, reward_model, tokenizer, decoder, backend=None, check=True, dist=None):
     """(rewards, reward-model scores, checker 0/1, ended) of the responses of ``roll`` to
     ``prompts``: the rewards are the checker's 0/1 with ``reward="checker"``, else the scores
-    with the no-EOS floor (:func:`penalise_unended`). ``check=False`` (prompts of a ``--prompts``
-    file, which the checker of the built-in task cannot judge): no checker, its 0/1 is None."""
+    with the no-EOS floor (:func:`penalise_unended`, over every rank's batch with ``dist``).
+    ``check=False`` (prompts of a ``--prompts`` file, which the checker of the built-in task
+    cannot judge): no checker, its 0/1 is None."""
     correct = checker_scores(prompts, roll.sequences[:, roll.prompt_len:], decoder) \
         if check or reward == "checker" else None
     has_eos = ended(roll, tokenizer.eos_token_id)
     scores = rm_scores(reward_model, roll, tokenizer, backend)
-    rewards = correct.clone() if reward == "checker" else penalise_unended(scores, has_eos)
+    rewards = correct.clone() if reward == "checker" else penalise_unended(scores, has_eos, dist)
     return rewards, scores, correct, has_eos
 
 
@@ -148,11 +163,41 @@ def auc(scores, correct):
     return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
 
 
+def shard(n, rank, world_size):
+    """The rows ``[lo, hi)`` of ``n`` that rank ``rank`` of ``world_size`` takes: contiguous
+    shares, the first ``n % world_size`` one row longer (so the ranks' shares, in rank order,
+    are the rows in order)."""
+    q, r = divmod(n, world_size)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (1 if rank < r else 0)
+
+
 @torch.no_grad()
 def evaluate(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_new_tokens, temperature,
-             seed, backend=None):
+             seed, backend=None, dist=None):
     """Task success (greedy and sampled) on ``prompts``, with the reward model's view of the
-    same responses. Deterministic for a given ``seed`` (it restores the torch RNG after)."""
+    same responses. Deterministic for a given ``seed`` (it restores the torch RNG after).
+    ``dist`` (torchrun): each rank evaluates its contiguous share of the prompts (:func:`shard`,
+    sampled with ``seed`` + 7919 x rank) and every rank gets the metrics of all of them
+    (collective: every rank calls it)."""
+    rank, world = (dist.rank, dist.world_size) if dist is not None and dist.enabled else (0, 1)
+    lo, hi = shard(len(prompts), rank, world)
+    rows = _sample_every_rank(dist, lambda: _eval_rows(
+        policy, ref, reward_model, tokenizer, prompts[lo:hi], prompt_ids[lo:hi], max_new_tokens=max_new_tokens,
+        temperature=temperature, seed=seed + 7919 * rank, backend=backend))
+    if world > 1:
+        shares = dist.gather_object(rows)
+        rows = {k: [x for share in shares for x in share[k]] for k in rows}
+    return eval_metrics(rows)
+
+
+def _eval_rows(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_new_tokens, temperature, seed,
+               backend):
+    """Per prompt (lists): greedy and sampled response solved, the reward model's scores of
+    both, the sampled response's k1 KL and whether it ended."""
+    keys = ("ok_greedy", "ok_sampled", "score_greedy", "score_sampled", "kl", "ended")
+    if not prompts:  # a rank with no share (fewer prompts than ranks)
+        return {k: [] for k in keys}
     decoder = ResponseDecoder(tokenizer)
     rng = torch.get_rng_state()
     torch.manual_seed(seed)
@@ -168,15 +213,27 @@ def evaluate(policy, ref, reward_model, tokenizer, prompts, prompt_ids, *, max_n
     logp = core.fused_policy_logprobs(policy, sampled, temperature)
     ref_logp = core.fused_policy_logprobs(ref, sampled, temperature)
     m = sampled.response_mask.float()
-    kl = ((logp - ref_logp) * m).sum(1).mean()  # k1 per response: unbiased for KL(policy || ref)
-    n = len(prompts)
+    kl = ((logp - ref_logp) * m).sum(1)  # k1 per response: unbiased for KL(policy || ref)
+    cols = (ok_g, ok_s, s_greedy, s_sampled, kl, ended(sampled, tokenizer.eos_token_id))
+    return {k: v.cpu().tolist() for k, v in zip(keys, cols)}
+
+
+def eval_metrics(rows):
+    """The evaluation's metrics from :func:`_eval_rows`' lists (one process's, or every rank's
+    joined in rank order)."""
+    ok_g, ok_s = torch.tensor(rows["ok_greedy"], dtype=torch.bool), torch.tensor(rows["ok_sampled"], dtype=torch.bool)
+    s_sampled = torch.tensor(rows["score_sampled"], dtype=torch.float32)
+    n = len(ok_g)
+
+    def mean(key):
+        return torch.tensor(rows[key], dtype=torch.float32).mean().item()
+
     return {"task_success": int(ok_g.sum()) / n, "task_success_sampled": int(ok_s.sum()) / n,
-            "score": s_sampled.mean().item(), "score_greedy": s_greedy.mean().item(), "kl": kl.item(),
-            "ended_sampled": ended(sampled, tokenizer.eos_token_id).float().mean().item(),
-            "rm_auc": auc(s_sampled, ok_s),
+            "score": s_sampled.mean().item(), "score_greedy": mean("score_greedy"), "kl": mean("kl"),
+            "ended_sampled": mean("ended"), "rm_auc": auc(s_sampled, ok_s),
             "score_correct": s_sampled[ok_s].mean().item() if ok_s.any() else None,
             "score_wrong": s_sampled[~ok_s].mean().item() if (~ok_s).any() else None,
-            "prompts": len(prompts)}
+            "prompts": n}
 
 
 def _logprobs(policy, roll, temperature, entropy):
@@ -189,10 +246,34 @@ def _rows(t, rows):
     return t if rows is None else t[rows]
 
 
+def _sample_every_rank(dist, fn):
+    """``fn()`` (sampling); under torchrun every rank learns whether any rank's policy gave
+    non-finite logits and all stop together (``trainer.share_outcome``: that rank raises its
+    :class:`ppo_core.NonFiniteLogits`, the others a one-line error naming it), so that no rank
+    waits in a collective the failed one never reaches."""
+    if dist is None or not dist.enabled:
+        return fn()
+    from rmkernels_train import trainer as T
+
+    out, error = None, None
+    try:
+        out = fn()
+    except core.NonFiniteLogits as e:
+        error = e
+    T.share_outcome(dist, error)
+    return out
+
+
+# The metrics of rl_step that are means over the responses (or over the updates): under torchrun
+# each is the mean of the ranks' means (every rank holds as many responses, and makes as many updates).
+_MEAN_METRICS = ("score", "reward", "kl", "train_success", "ended", "loss", "pg_loss", "grad_norm", "clipfrac",
+                 "policy_kl", "entropy", "clipfrac_lower", "response_length")
+
+
 def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids, *, num_generations, estimator,
             reward, kl_coef, kl_estimator, kl_mode, max_new_tokens, temperature, max_grad_norm, backend=None,
             check=True, ppo_epochs=1, minibatches=1, clip_range=0.2, clip_range_high=None, loss_agg="token-mean",
-            entropy_coef=0.0, generator=None, clip_ratio_c=None):
+            entropy_coef=0.0, generator=None, clip_ratio_c=None, dist=None):
     """One critic-free step on ``prompts`` (each sampled ``num_generations`` times). Returns
     the step's metrics. ``check=False``: the prompts are not the built-in task's (``--prompts``),
     the checker does not run and ``train_success`` is None.
@@ -210,13 +291,23 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     (``ppo_core.entropy_bonus``, verl's entropy_coeff) and logs its token mean as ``entropy``.
     With one update (the defaults) the step is on-policy (ratio 1) and its one forward pass gives
     the rollout-time log-probs too. With ``clip_ratio_c`` the metrics hold ``clipfrac_lower`` too
-    (dual-clip's clip fraction)."""
+    (dual-clip's clip fraction).
+
+    ``dist`` (a ``utils.Dist`` of a torchrun job; None or one process: nothing of this): this
+    rank's ``prompts`` are its share of the step's, each prompt's ``num_generations`` responses
+    on this rank, so the group estimators need no other rank; ``reinforce_pp`` whitens over
+    every rank's tokens (:func:`token_advantages`); each loss is aggregated with the counts of
+    the whole minibatch over the ranks (``ppo_core.data_parallel_agg``) and the gradients are
+    averaged (``ppo_core.average_gradients``), so every rank applies the update one process would
+    make on the whole batch; the metrics are means over the ranks. Collective: every rank calls
+    it with as many prompts."""
     core.check_clip_ratio_c(clip_ratio_c)
     t0 = time.time()
     G = num_generations
     rep_prompts = [p for p in prompts for _ in range(G)]
     rep_ids = [p for p in prompt_ids for _ in range(G)]
-    roll = sample(policy, rep_ids, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
+    roll = _sample_every_rank(dist, lambda: sample(policy, rep_ids, tokenizer, max_new_tokens=max_new_tokens,
+                                                   temperature=temperature))
     mask = roll.response_mask
     n = mask.shape[0]  # minibatch_indices refuses a count of minibatches that does not divide it
     group_ids = torch.arange(len(prompts), device=mask.device).repeat_interleave(G)
@@ -224,11 +315,13 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     with torch.no_grad():
         ref_logp = core.fused_policy_logprobs(ref, roll, temperature)
         rewards, scores, correct, has_eos = rollout_rewards(roll, rep_prompts, reward, reward_model, tokenizer,
-                                                            decoder, backend, check)
+                                                            decoder, backend, check, dist)
         baselines = None
         if estimator == "remax":  # the reward of each prompt's greedy response, for its G samples
-            greedy = sample(policy, prompt_ids, tokenizer, max_new_tokens=max_new_tokens, greedy=True)
-            base = rollout_rewards(greedy, prompts, reward, reward_model, tokenizer, decoder, backend, check)[0]
+            greedy = _sample_every_rank(dist, lambda: sample(policy, prompt_ids, tokenizer,
+                                                             max_new_tokens=max_new_tokens, greedy=True))
+            base = rollout_rewards(greedy, prompts, reward, reward_model, tokenizer, decoder, backend, check,
+                                   dist)[0]
             baselines = base.float().repeat_interleave(G)
     single = ppo_epochs == 1 and minibatches == 1
     bonus = entropy_coef > 0
@@ -246,8 +339,9 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
     # each response's reward less its KL (kl_mode "reward"): what the group estimators compare
     seq_rewards = rewards if k1_tok is None else rewards - kl_coef * k1_tok.sum(1)
     if estimator in TOKEN_ESTIMATORS:  # the KL per token in the token rewards instead
+        group = torch.distributed.group.WORLD if dist is not None and dist.enabled else None
         tok_adv = token_advantages(rewards, mask, estimator, baselines=baselines, kl_k1=k1_tok, kl_coef=kl_coef,
-                                   backend=backend)
+                                   backend=backend, process_group=group)
     else:
         tok_adv = group_advantages(seq_rewards, group_ids, mask, estimator, backend)
     kl_loss = kl_mode == "loss" and kl_coef > 0
@@ -264,22 +358,27 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
                 logp, ent = _logprobs(policy, roll if rows is None else core.select(roll, rows), temperature,
                                       bonus)
                 kl_tok = kl_per_token(logp, _rows(ref_logp, rows), kl_estimator) if kl_loss else None
+            dp = core.data_parallel_agg(m, dist)  # under torchrun: the whole minibatch's counts
             pg_loss, clipfrac, approx_kl, clipfrac_lower = core.ppo_policy_loss(
                 logp, _rows(old_logp, rows), _rows(tok_adv, rows), m, clip_range, clip_range_high, loss_agg,
-                max_new_tokens, clip_ratio_c=clip_ratio_c, return_clipfrac_lower=True)
+                max_new_tokens, clip_ratio_c=clip_ratio_c, return_clipfrac_lower=True, dp=dp)
             loss = pg_loss
             if kl_loss:
-                loss = loss + kl_coef * core.agg_loss(kl_tok, m, loss_agg, max_new_tokens)
+                loss = loss + kl_coef * core.agg_loss(kl_tok, m, loss_agg, max_new_tokens, dp=dp)
             if bonus:
-                term, entropy = core.entropy_bonus(ent, m, entropy_coef, loss_agg, max_new_tokens)
+                term, entropy = core.entropy_bonus(ent, m, entropy_coef, loss_agg, max_new_tokens, dp=dp)
                 loss = loss + term
                 stats["entropy"] += entropy.item()
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss.detach()))
+            if dist is not None and dist.enabled:  # every rank stops together (none left in the all-reduce)
+                finite = dist.sum([0.0 if finite else 1.0])[0] == 0
+            if not finite:
                 from rmkernels_train.utils import TrainingError
 
-                raise TrainingError(f"the RL loss is {loss.item()}; lower --lr")
+                raise TrainingError(f"the RL loss is not finite (here {loss.item()}); lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            core.average_gradients(policy.parameters(), dist)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
             optimizer.step()
             for k, v in (("loss", loss), ("pg_loss", pg_loss), ("grad_norm", grad_norm), ("clipfrac", clipfrac),
@@ -287,7 +386,12 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
                 if k in stats:
                     stats[k] += v.item()
             updates += 1
-    return {"score": scores.mean().item(), "reward": seq_rewards.mean().item(), "kl": seq_kl.mean().item(),
-            "train_success": None if correct is None else correct.mean().item(),
-            "ended": has_eos.float().mean().item(), **{k: v / updates for k, v in stats.items()},
-            "updates": updates, "response_length": mask.float().sum(1).mean().item(), "time": time.time() - t0}
+    rec = {"score": scores.mean().item(), "reward": seq_rewards.mean().item(), "kl": seq_kl.mean().item(),
+           "train_success": None if correct is None else correct.mean().item(),
+           "ended": has_eos.float().mean().item(), **{k: v / updates for k, v in stats.items()},
+           "updates": updates, "response_length": mask.float().sum(1).mean().item()}
+    if dist is not None and dist.enabled:  # one all-reduce: the means over the ranks
+        keys = [k for k in _MEAN_METRICS if rec.get(k) is not None]
+        rec.update(zip(keys, dist.mean([rec[k] for k in keys])))
+    rec["time"] = time.time() - t0
+    return rec

@@ -81,8 +81,8 @@ def build_parser():
     g.add_argument("--steps", type=int, default=None,
                    help="RL steps (rollout + update); default 1000 critic-free, 80 with --advantage gae")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="critic-free: prompts per step (each sampled --num-generations times), default 16; "
-                        "--advantage gae: rollouts per step per process, default 32")
+                   help="critic-free: prompts per step per process (each sampled --num-generations times), "
+                        "default 16; --advantage gae: rollouts per step per process, default 32")
     g.add_argument("--max-new-tokens", type=int, default=8, help="longest response (tokens); each prompt's tokens "
                    "plus this must fit the models' max_position_embeddings")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
@@ -160,8 +160,7 @@ def build_parser():
                         "over the constant --max-new-tokens). It aggregates the policy loss, and the KL loss term "
                         "(critic-free) or the value loss (gae), as verl does (TRL's loss_type grpo, bnpo / dapo, "
                         "dr_grpo are close to seq-mean-token-mean, token-mean, seq-mean-token-sum-norm: docs/rl.md). "
-                        "Under torchrun (gae) the counts are those of the whole minibatch over every rank, as in "
-                        "verl")
+                        "Under torchrun the counts are those of the whole minibatch over every rank, as in verl")
     rl.add_arguments(p)
     T.add_run_args(p, output_dir="runs/ppo", save_every=20)
     return p

@@ -239,6 +239,28 @@ def data_parallel_agg(mask, dist):
     return DataParallelAgg(dist.world_size, tokens, rows)
 
 
+def average_gradients(params, dist):
+    """Under torchrun (``dist.enabled``): replace each parameter's gradient by its mean over the
+    ranks, as DDP does, in one all-reduce of one flat buffer (collective: every rank calls it
+    after its backward; a parameter without a gradient counts as zeros, and has one after).
+    The critic-free path's log-probs go through ``rmk.causal_lm_logprobs`` (the backbone and the
+    LM head's weight, not the model's ``forward``), which a DDP wrapper would not see; with the
+    losses scaled by :func:`agg_loss`'s ``dp``, the averaged gradient is that of the whole
+    batch's loss in one process. One process: nothing."""
+    if dist is None or not dist.enabled:
+        return
+    params = [p for p in params if p.requires_grad]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= dist.world_size
+    i = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[i:i + n].view_as(g).to(g.dtype)
+        i += n
+
+
 def agg_loss(loss_mat, mask, mode="token-mean", horizon=None, dp=None):
     """The loss of the token losses ``loss_mat`` [B, T] at the valid positions of ``mask``,
     aggregated as verl 0.9.1's ``agg_loss`` (``loss_agg_mode``):

@@ -222,18 +222,29 @@ EVAL_METRICS = {"eval": ("score", "task_success", "task_success_sampled", "kl", 
 
 
 class CriticFreeTrainer:
-    """One invocation of ``rmkernels-train ppo --advantage <a critic-free estimator>`` (one process):
+    """One invocation of ``rmkernels-train ppo --advantage <a critic-free estimator>``:
     :meth:`setup` (reward model, warm start, prompts, optimizer, resume), the task evaluation
     before RL, then per step :meth:`train_step` and an evaluation every ``--eval-every``
     steps; checkpoints (``checkpoint-<step>/``, from the shared skeleton) on the way and
-    :meth:`finish` at the end."""
+    :meth:`finish` at the end.
+
+    Under torchrun (data parallel) each step's ``--batch-size`` x ``world_size`` prompts are
+    drawn from (seed, step) as one process would draw that many, and each rank takes its
+    ``--batch-size`` of them with all their ``--num-generations`` responses (a group never spans
+    ranks); the update is the whole batch's (``grpo.rl_step``'s ``dist``) and the parameters stay
+    identical on every rank (checked at the end). Rank 0 trains the warm start (the others
+    receive its weights) and writes the files; each evaluation is split over the ranks."""
 
     def __init__(self, args, dist, log):
+        from rmkernels_train import trainer as T
+
         self.a, self.dist, self.log = args, dist, log
         self.out_dir = args.output_dir
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         self.step, self.steps_this_run, self.last_ckpt, self.evals = 0, 0, None, []
         self.times = {}
+        # rank 0's files besides checkpoints: a failed write stops every rank with one line
+        self.writes = T.MainWrites(dist)
 
     # -- set-up ---------------------------------------------------------------------------
     def setup(self):
@@ -248,13 +259,10 @@ class CriticFreeTrainer:
             run_prompts,
             run_reward_model,
         )
-        from rmkernels_train.utils import MetricsWriter
+        from rmkernels_train.utils import MetricsWriter, broadcast_parameters
 
         a, dist = self.a, self.dist
-        if dist.enabled:
-            raise TrainingError(f"--advantage {a.advantage} runs in one process (use --advantage gae under torchrun)")
-        T.make_output_dir(self.out_dir)
-        T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
+        self.writes.now(self.prepare_output_dir)
         if not a.resume and T.list_checkpoints(self.out_dir)[0]:
             raise TrainingError(f"{self.out_dir} already has checkpoints: pass --resume to continue, or another "
                                 f"--output-dir")
@@ -275,6 +283,10 @@ class CriticFreeTrainer:
         # what this run read (the data files, the reward model), for its checkpoints; once read: its errors first
         self.data_sha256 = T.data_digests(a, reward_dir)
         self.held_prompts = held[:a.eval_prompts]
+        if dist.enabled and a.batch_size * dist.world_size > len(self.train_prompts):
+            raise TrainingError(f"--batch-size {a.batch_size} x {dist.world_size} processes is more than the "
+                                f"{len(self.train_prompts)} prompts of {a.prompts or 'the built-in task'}: each step "
+                                f"gives every process --batch-size different prompts (lower --batch-size)")
         if a.batch_size > len(self.train_prompts):  # each step samples prompts without replacement
             check_minibatches(a, len(self.train_prompts))
             self.log(f"warning: --batch-size {a.batch_size} is more than the {len(self.train_prompts)} prompts of "
@@ -291,13 +303,18 @@ class CriticFreeTrainer:
         elif a.warm_start_steps > 0:
             settings = {**sft.DEFAULTS, "steps": a.warm_start_steps, "layers": a.policy_layers,
                         "hidden": a.policy_hidden, "seed": a.seed}
-            policy, self.warm_info = sft.warm_start(self.out_dir, tok, train_prompts, settings, log=self.log)
+            # rank 0 trains it (or loads its cache) while the others wait; its weights reach them below
+            warm = self.writes.now(lambda: sft.warm_start(self.out_dir, tok, train_prompts, settings, log=self.log))
+            policy, self.warm_info = warm if warm is not None else (
+                sft.build_policy(tok, layers=a.policy_layers, hidden=a.policy_hidden), None)
+            self.warm_info = dist.broadcast_object(self.warm_info)
         else:
             torch.manual_seed(a.seed)
             policy = sft.build_policy(tok, layers=a.policy_layers, hidden=a.policy_hidden)
             self.warm_info = {"random_init": True}
         self.times["warm_start"] = time.time() - t
         self.policy = policy.to(dist.device)
+        broadcast_parameters(self.policy, dist)  # every rank starts from rank 0's weights
         self.ref = copy.deepcopy(self.policy)
         self.ref.requires_grad_(False)
         self.ref.eval()
@@ -307,14 +324,26 @@ class CriticFreeTrainer:
         self.held_ids = encode_prompts(self.held_prompts, tok)
         self.optimizer = self.make_optimizer()
         if a.resume:
-            self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(self.out_dir, self.load_checkpoint, self.log)
+            self.step, self.last_ckpt, loaded = T.find_resume_checkpoint(self.out_dir, self.load_checkpoint, self.log,
+                                                                         dist)
             self.policy.load_state_dict(loaded[1]["policy"], strict=False)
             self.ref.load_state_dict(loaded[1]["ref_policy"], strict=False)
             self.optimizer.load_state_dict(loaded[1]["optimizer"])
             self.log(f"resuming from {self.last_ckpt} (step {self.step})")
-        self.writer = MetricsWriter(self.metrics_path, resume_step=self.step if a.resume else None,
-                                    required=EVAL_METRICS)
-        self.evals = [r for r in self.writer.records if r.get("split") == "eval" and r["step"] <= self.step]
+        self.writer = self.writes.now(lambda: MetricsWriter(self.metrics_path,
+                                                            resume_step=self.step if a.resume else None,
+                                                            required=EVAL_METRICS))
+        # rank 0 read them; every rank decides alike whether to evaluate before RL
+        self.evals = dist.broadcast_object(
+            [r for r in self.writer.records if r.get("split") == "eval" and r["step"] <= self.step]
+            if self.writer is not None else None)
+
+    def prepare_output_dir(self):
+        """The output directory (rank 0), without what killed checkpoint writes left in it."""
+        from rmkernels_train import trainer as T
+
+        T.make_output_dir(self.out_dir)
+        T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
 
     def make_optimizer(self):
         return torch.optim.AdamW(self.policy.parameters(), lr=self.a.lr, weight_decay=0.0)
@@ -351,10 +380,12 @@ class CriticFreeTrainer:
     def checkpoint(self):
         from rmkernels_train import trainer as T
 
+        self.writes.check()  # not after a failed metrics.jsonl line (every rank stops here with its line)
         # never a checkpoint of NaN / infinite weights (one rule for both paths)
-        T.check_finite_before_saving(None, self.step, self.last_ckpt, ("policy", self.policy))
-        T.save_checkpoint(self.out_dir, self.step, self.write_checkpoint, self.a.save_total_limit)
-        self.last_ckpt = T.checkpoint_path(self.out_dir, self.step)
+        T.check_finite_before_saving(self.dist, self.step, self.last_ckpt, ("policy", self.policy))
+        # rank 0 writes; every rank learns whether it could (a disk full stops every rank with one line)
+        self.last_ckpt = T.save_checkpoint_on_main(self.dist, self.out_dir, self.step, self.write_checkpoint,
+                                                   self.a.save_total_limit)
 
     # -- evaluation and steps -------------------------------------------------------------
     def evaluate(self):
@@ -363,12 +394,12 @@ class CriticFreeTrainer:
         a = self.a
         ev = grpo.evaluate(self.policy, self.ref, self.reward_model, self.tokenizer, self.held_prompts, self.held_ids,
                            max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed + 1,
-                           backend=a.backend)
+                           backend=a.backend, dist=self.dist)
         rec = {"step": self.step, "split": "eval", **ev}
         if self.evals:  # how the reward-model score and the task success moved since RL began
             rec["score_change"] = ev["score"] - self.evals[0]["score"]
             rec["task_success_change"] = ev["task_success"] - self.evals[0]["task_success"]
-        self.writer.write(rec)
+        self.writes(lambda r: self.writer.write(r), rec)
         self.evals.append(rec)
         self.log(f"eval step {self.step}: task success {ev['task_success']:.3f} greedy, "
                  f"{ev['task_success_sampled']:.3f} sampled ({ev['prompts']} held-out prompts); reward-model score "
@@ -379,14 +410,19 @@ class CriticFreeTrainer:
         from rmkernels_train import grpo
         from rmkernels_train import trainer as T
 
-        a, step = self.a, self.step
-        # Every step's randomness comes from (seed, step): a resumed run does what the
-        # uninterrupted run would have done.
-        torch.manual_seed(a.seed * 1_000_003 + step)
+        a, step, dist = self.a, self.step, self.dist
+        self.writes.check()  # a failed metrics.jsonl line of rank 0 stops every rank before this step's update
+        # Every step's randomness comes from (seed, step, rank): a resumed run does what the
+        # uninterrupted run would have done. The step's prompts come from (seed, step) alone: one
+        # draw of --batch-size x world_size prompts, of which each rank takes its own --batch-size.
+        world, rank = dist.world_size, dist.rank
+        torch.manual_seed(a.seed * 1_000_003 + step * world + rank)
         rng = random.Random(a.seed * 1_000_003 + step)
-        idx = rng.sample(range(len(self.train_prompts)), min(a.batch_size, len(self.train_prompts)))
-        # the minibatches' permutations: their own generator, seeded from (seed, step) too
-        gen = torch.Generator().manual_seed(a.seed * 7919 + step)
+        idx = rng.sample(range(len(self.train_prompts)), min(a.batch_size * world, len(self.train_prompts)))
+        if dist.enabled:
+            idx = idx[rank * a.batch_size:(rank + 1) * a.batch_size]
+        # the minibatches' permutations: their own generator, seeded from (seed, step, rank) too
+        gen = torch.Generator().manual_seed(a.seed * 7919 + step * world + rank)
         r = grpo.rl_step(self.policy, self.ref, self.reward_model, self.optimizer, self.tokenizer,
                          [self.train_prompts[i] for i in idx], [self.train_ids[i] for i in idx],
                          num_generations=a.num_generations, estimator=a.advantage, reward=a.reward,
@@ -395,9 +431,9 @@ class CriticFreeTrainer:
                          backend=a.backend, check=a.prompts is None, ppo_epochs=a.ppo_epochs,
                          minibatches=a.minibatches, clip_range=a.clip_range, clip_range_high=a.clip_range_high,
                          loss_agg=a.loss_agg, entropy_coef=a.entropy_coef, generator=gen,
-                         clip_ratio_c=a.clip_ratio_c)
+                         clip_ratio_c=a.clip_ratio_c, dist=dist)
         # diverged weights stop the run here (one line), not the next step's sampling
-        T.check_finite_after_update(None, step + 1, self.last_ckpt, ("policy", self.policy))
+        T.check_finite_after_update(dist, step + 1, self.last_ckpt, ("policy", self.policy))
         if not math.isfinite(r["kl"]):
             raise TrainingError(f"step {step + 1}: the KL to the reference is {r['kl']}; lower --lr")
         return {"step": step + 1, "split": "train", **r}
@@ -428,7 +464,8 @@ class CriticFreeTrainer:
                 self.step += 1
                 self.steps_this_run += 1
                 T.fault_point("step")
-                self.writer.write(rec)
+                # rank 0 (self.writer: None on the others); a failure stops every rank at the next check
+                self.writes(lambda r: self.writer.write(r), rec)
                 if bar is not None:
                     bar.set_postfix(score=f"{rec['score']:.2f}", ok=_fmt(rec["train_success"], 2),
                                     kl=f"{rec['kl']:.3f}", refresh=False)
@@ -448,11 +485,23 @@ class CriticFreeTrainer:
 
     def finish(self):
         from rmkernels_train import trainer as T
+        from rmkernels_train.utils import param_digest
+
+        if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):  # --stop-after
+            self.checkpoint()
+        digests = self.dist.gather_object(param_digest(self.policy))
+        if len(set(digests)) != 1:
+            raise TrainingError(f"the ranks ended with different policy parameters: {digests}")
+        # rank 0's files, then every rank learns whether they were written
+        self.writes.now(self.write_outputs)
+        return 0
+
+    def write_outputs(self):
+        """The final policy, the plot, final.json and the last line (rank 0)."""
+        from rmkernels_train import trainer as T
         from rmkernels_train.utils import plot_curves
 
         a = self.a
-        if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):  # --stop-after
-            self.checkpoint()
         with T.atomic_dir(os.path.join(a.output_dir, "policy")) as tmp:
             self.policy.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -466,15 +515,16 @@ class CriticFreeTrainer:
         summary = {"advantage": a.advantage, "reward": a.reward, "seed": a.seed, "steps": self.step,
                    "done": self.step >= a.steps, "before": first, "after": last, "verdict": verdict,
                    "warm_start": self.warm_info, "reward_model": self.reward_dir, "checkpoint": self.last_ckpt,
-                   "time_s": {k: round(v, 1) for k, v in self.times.items()}}
+                   "world_size": self.dist.world_size, "time_s": {k: round(v, 1) for k, v in self.times.items()}}
         T.write_final(a.output_dir, summary)
         status = T.run_status(self.step, a.steps, self.steps_this_run, "--steps")
+        procs = f"{self.dist.world_size} processes, parameters identical on every rank. " if self.dist.enabled else ""
         print(f"rmkernels-train ppo: {status}{self.step} {a.advantage} steps (RL {self.times['rl']:.0f} s in this "
               f"run). Held-out task success (greedy), step {first['step']} -> {last['step']}: "
               f"{first['task_success']:.3f} -> {last['task_success']:.3f} ({d_ok:+.3f}); sampled "
               f"{first['task_success_sampled']:.3f} -> {last['task_success_sampled']:.3f}; reward-model score "
               f"{first['score']:.3f} -> {last['score']:.3f} ({d_score:+.3f}); KL to the warm start {last['kl']:.3f}. "
-              f"{verdict} Outputs in {a.output_dir}", flush=True)
+              f"{verdict} {procs}Outputs in {a.output_dir}", flush=True)
         return 0
 
 

@@ -282,6 +282,16 @@ def exit_process(rc):
     sys.exit(rc)
 
 
+def broadcast_parameters(module, dist):
+    """Under torchrun: every rank's parameters and buffers become rank 0's (collective; what DDP
+    does when it wraps a model). One process: nothing."""
+    if dist is None or not dist.enabled:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(t.data, src=0)
+
+
 def param_digest(model):
     """sha256 of every parameter's name and bytes (as float32): equal digests mean equal
     weights. Used to check that DDP ranks end with identical parameters."""
