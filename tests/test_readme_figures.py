@@ -70,10 +70,17 @@ def test_check_fails_when_a_figure_is_edited_by_hand(figures, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bench_run():
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    from benchmarks import run
-
+    # this repository's benchmarks package: an earlier test in this process (--check on a copy of
+    # the repository) may have imported the copy's, which stays in sys.modules
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        if not (getattr(sys.modules[name], "__file__", None) or "").startswith(os.path.join(ROOT, "benchmarks")):
+            del sys.modules[name]
+    sys.path.insert(0, ROOT)
+    try:
+        from benchmarks import run
+    finally:
+        sys.path.remove(ROOT)
+    assert run.__file__.startswith(os.path.join(ROOT, "benchmarks")), run.__file__
     return run
 
 
