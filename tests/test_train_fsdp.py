@@ -489,6 +489,7 @@ def test_sharded_resume_passes_over_non_finite_weights(tmp_path, one_rank, monke
     back = _trainer([*out, "--resume"], one_rank)
     err = capsys.readouterr().err
     assert f"--resume: skipping checkpoint-2: {why}" in err, err[-3000:]
+    assert err.count(back.what) == 1, err[-3000:]  # the data's description once, not again for checkpoint-0
     assert back.step == 0 and back.last_ckpt.endswith("checkpoint-0"), (back.step, back.last_ckpt)
     resumed = _full(back.model.named_parameters())
     assert resumed.keys() == good.keys() and all(torch.equal(resumed[n], good[n]) for n in good)

@@ -509,7 +509,7 @@ class RewardTrainer:
         while True:
             resumed = self.find_resume(damaged)
             seed_everything(self.args.seed)
-            self.load_data(resumed)
+            self.load_data(resumed, again=bool(damaged))
             self.rss_marks["data"] = F.rss_mib()
             self.build_model(resumed)
             self.rss_marks["model"] = F.rss_mib()
@@ -546,12 +546,15 @@ class RewardTrainer:
         dist.barrier()
         return resumed
 
-    def load_data(self, resumed):
-        """The train and held-out pairs, tokenized (the checkpoint's tokenizer on resume)."""
+    def load_data(self, resumed, again=False):
+        """The train and held-out pairs, tokenized (the checkpoint's tokenizer on resume).
+        ``again``: a second set-up (an --fsdp resume passing over a damaged checkpoint), whose
+        description of the data, the same, is not logged twice."""
         args, log = self.args, self.log
         train_recs, held_recs, self.what = load_records(args, log)
         self.data_sha256 = T.data_digests(args)  # what this run read, for its checkpoints (once read: its errors first)
-        log(self.what)
+        if not again:
+            log(self.what)
         if resumed is not None:
             self.tokenizer = resumed["tokenizer"]
             limit, limit_text = max_length(args, self.last_ckpt)
