@@ -6,6 +6,7 @@ with the task success measured by a checker before RL and at every evaluation.
     rmkernels-train ppo --advantage rloo        # another critic-free estimator (dr_grpo, opo, gpg, ...)
     rmkernels-train ppo --advantage reinforce_pp  # REINFORCE++ (or remax: the greedy response as baseline)
     rmkernels-train ppo --advantage gae         # PPO with a value model and GAE
+    torchrun --nproc_per_node 2 -m rmkernels_train ppo   # data parallel (any estimator; CriticFreeTrainer)
 
 The pipeline (every piece is cached in ``--output-dir``, so a second run reuses it):
 
