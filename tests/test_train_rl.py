@@ -1250,3 +1250,19 @@ def test_a_failed_write_of_rank_0_stops_both_critic_free_ranks_with_one_line(tin
                           {"RMKERNELS_TRAIN_FAULT": fault, "RMKERNELS_TRAIN_FAULT_RANK": "0"})
     line = f"cannot write {out / name} (No space left on device)"
     assert_one_line_each(ranks, "rmkernels-train ppo", [line, f"rank 0: {line}"])
+
+
+def test_a_one_process_checkpoint_resumed_on_two_stops_with_one_line(tiny_rm, tmp_path, capsys):
+    """--resume under torchrun of a one-process run's checkpoint: the number of processes is
+    fixed on resume (each rank's sampling and share of the prompts depend on it); both ranks
+    stop with the same one line, said once (not "rank 0: ...; rank 1: ..." of the same line)."""
+    from utils import assert_one_line_each, run_two_ranks
+
+    out = tmp_path / "o"
+    assert main(tiny(tiny_rm, out, "--steps", "2", "--stop-after", "1")) == 0
+    _err(capsys)
+    ranks = run_two_ranks(["ppo", *tiny(tiny_rm, out, "--steps", "2", "--resume")], tmp_path)
+    line = ("--resume: the number of processes (torchrun's ranks) was 1 in the checkpoint's run and is 2 now (these "
+            "options must stay the same on --resume: they decide what each step sees, or the model and its "
+            "optimizer; use another --output-dir to change them)")
+    assert_one_line_each(ranks, "rmkernels-train ppo", [line, line])

@@ -862,7 +862,8 @@ def find_resume_checkpoint(output_dir, load, log, dist=None, damaged=None):
     chosen (an --fsdp checkpoint's shards are read only into the sharded model), skipped the
     same way. No intact checkpoint: :class:`TrainingError` listing the reasons. With ``dist``
     (a torchrun job) every rank looks, and all must find the same step (else every rank stops
-    with the reason, e.g. an output directory that is not shared by every node)."""
+    with the reason, e.g. an output directory that is not shared by every node; the ranks'
+    errors prefixed "rank R: ", or once when every rank has the same one)."""
     try:
         found, error = _find_resume_checkpoint(output_dir, load, log, damaged or {}), None
     except TrainingError as e:
@@ -872,9 +873,11 @@ def find_resume_checkpoint(output_dir, load, log, dist=None, damaged=None):
             raise error
         return found
     views = dist.gather_object((found[0] if found else None, None if error is None else str(error)))
-    errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(views) if e is not None]
+    errors = [(r, e) for r, (_, e) in enumerate(views) if e is not None]
     if errors:
-        raise TrainingError("; ".join(errors))
+        if len(errors) == len(views) and len({e for _, e in errors}) == 1:  # every rank's the same: said once
+            raise TrainingError(errors[0][1])
+        raise TrainingError("; ".join(f"rank {r}: {e}" for r, e in errors))
     if len({step for step, _ in views}) > 1:
         raise TrainingError(f"--resume: the ranks found different newest intact checkpoints (steps "
                             f"{[step for step, _ in views]}); every rank must see the same --output-dir")
@@ -919,13 +922,20 @@ def _same_option(key, a, b):
     return a == b
 
 
+def _option_name(key):
+    """How a resume message names a fixed option: its flag, or for ``world_size`` (no flag) what it is."""
+    if key == "world_size":
+        return "the number of processes (torchrun's ranks)"
+    return "--" + key.replace("_", "-")
+
+
 def check_resume_args(saved, args, fixed, world_size):
     """The options in ``fixed`` (which decide what each step sees, or the model and its
     optimizer) must be those of the checkpoint's run (``saved``: its ``args`` dict, with
     ``world_size``); paths (:data:`PATH_OPTIONS`) compare as real paths. A changed one is a
     :class:`TrainingError` naming it (never a reason to skip the checkpoint)."""
     now = {**vars(args), "world_size": world_size}
-    changed = [f"--{k.replace('_', '-')} was {saved.get(k)!r} in the checkpoint's run and is {now.get(k)!r} now"
+    changed = [f"{_option_name(k)} was {saved.get(k)!r} in the checkpoint's run and is {now.get(k)!r} now"
                for k in fixed if not _same_option(k, saved.get(k), now.get(k))]
     if changed:
         raise TrainingError("--resume: " + "; ".join(changed) + " (these options must stay the same on --resume: "
