@@ -3,6 +3,7 @@ result file that the README's figures are generated from (scripts/readme_figures
 
     python scripts/measure_default_runs.py --seeds 0 1 2            # -> docs/results/default-runs.json
     python scripts/measure_default_runs.py --seeds 0 --out /tmp/x.json
+    python scripts/measure_default_runs.py --seeds 0 1 2 --nproc 1 2   # -> docs/results/default-runs-ddp.json
 
 Each seed runs ``rmkernels-train ppo --seed S`` from scratch in its own output directory
 (``runs/measure/seed-S``, removed first): the default reward model, the warm start and the RL
@@ -14,6 +15,12 @@ printed (reward-model accuracy, task success before/after, the reward-model scor
 build of the README's first command) on a copy of the tracked files in a scratch directory; with ``--ci`` it times the
 README's second command, ``bash .ci/run`` (the whole test suite: long; run it on a quiet
 machine).
+
+With ``--nproc 1 2`` each seed runs once per number of processes, one run after the other:
+``torchrun --nproc_per_node N -m rmkernels_train ppo --seed S --batch-size 16/N --threads
+cores/N`` (N > 1; the same 16 prompts a step, split over the processes) and the one-process run
+with ``--threads cores``, into ``docs/results/default-runs-ddp.json`` (docs/rl.md's data-parallel
+figures): does the data-parallel run learn as the one-process run does, and in what time.
 """
 import argparse
 import datetime
@@ -28,6 +35,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "docs", "results", "default-runs.json")
+DEFAULT_DDP_OUT = os.path.join(ROOT, "docs", "results", "default-runs-ddp.json")
 
 
 def machine():
@@ -104,11 +112,28 @@ def measure_ci(log_path=None):
     return {"command": "bash .ci/run", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
-def measure_seed(seed, scratch, extra=()):
-    out = os.path.join(scratch, f"seed-{seed}")
+def nproc_options(nproc):
+    """(launcher, options) of a run on ``nproc`` processes: the critic-free default batch split
+    over them, the cores shared out (None: the plain default run)."""
+    if nproc is None:
+        return [], []
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    from rmkernels_train.rl import CRITIC_FREE_DEFAULTS
+
+    batch = CRITIC_FREE_DEFAULTS["batch_size"]
+    if batch % nproc:
+        raise SystemExit(f"--nproc {nproc} must divide the default batch of {batch} prompts")
+    opts = ["--batch-size", str(batch // nproc), "--threads", str(max(1, (os.cpu_count() or 1) // nproc))]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return launch, opts
+
+
+def measure_seed(seed, scratch, extra=(), nproc=None):
+    out = os.path.join(scratch, f"seed-{seed}" + (f"-nproc-{nproc}" if nproc else ""))
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "rmkernels_train", "ppo", "--seed", str(seed), "--output-dir", out, "--no-progress",
-           *extra]
+    launch, opts = nproc_options(nproc)
+    cmd = [sys.executable, *launch, "-m", "rmkernels_train", "ppo", "--seed", str(seed), "--output-dir", out,
+           "--no-progress", *opts, *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"), ROOT,
                                                         os.environ.get("PYTHONPATH", "")])}
     load0 = load()
@@ -123,7 +148,8 @@ def measure_seed(seed, scratch, extra=()):
     with open(os.path.join(rm_dir, "metrics.jsonl")) as f:
         rm_evals = {r["step"]: r["accuracy"] for r in map(json.loads, f) if r.get("split") == "eval"}
     b, a = fin["before"], fin["after"]
-    return {"seed": seed, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_before": load0, "load_after": load(),
+    return {"seed": seed, **({"nproc": nproc, "options": opts} if nproc else {}), "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1), "load_before": load0, "load_after": load(),
             "time_s": fin["time_s"], "steps": fin["steps"],
             "task_success_before": b["task_success"], "task_success_after": a["task_success"],
             "task_success_sampled_before": b["task_success_sampled"],
@@ -143,13 +169,21 @@ def main(argv=None):
     ap.add_argument("--ci-log", default=None, metavar="FILE", help="with --ci: keep its output in FILE")
     ap.add_argument("--ci-where", default="run in place", metavar="TEXT",
                     help="with --ci: where it ran, as the README says it (e.g. 'a fresh clone')")
-    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--nproc", type=int, nargs="+", default=None, metavar="N",
+                    help="run each seed on each of these numbers of processes (torchrun), one run after the other, "
+                         f"into {os.path.relpath(DEFAULT_DDP_OUT, ROOT)} unless --out")
+    ap.add_argument("--out", default=None, help=f"default {os.path.relpath(DEFAULT_OUT, ROOT)}")
     ap.add_argument("--scratch", default=os.path.join(ROOT, "runs", "measure"))
     ap.add_argument("--parallel", action="store_true",
                     help="run the seeds at the same time, one process each (on a machine with a core per seed)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                     help="more options of rmkernels-train ppo (recorded in the command; for trying the script)")
     a = ap.parse_args(argv)
+    if a.nproc:
+        if a.build or a.ci or a.parallel or not a.seeds:
+            ap.error("--nproc measures only the seeds' runs, one after the other (no --build, --ci, --parallel)")
+        return measure_nproc(a, argv)
+    a.out = a.out or DEFAULT_OUT
     import torch
 
     command = "python scripts/measure_default_runs.py " + shlex.join(argv or sys.argv[1:])
@@ -195,6 +229,32 @@ def main(argv=None):
         json.dump(result, f, indent=1)
         f.write("\n")
     print(f"wrote {a.out}; now run: python scripts/readme_figures.py", file=sys.stderr)
+    return 0
+
+
+def measure_nproc(a, argv):
+    import torch
+
+    out = a.out or DEFAULT_DDP_OUT
+    runs = []
+    for seed in a.seeds:
+        for n in a.nproc:
+            r = measure_seed(seed, a.scratch, a.extra, nproc=n)
+            runs.append(r)
+            print(f"seed {seed}, {n} process(es): task success {r['task_success_before']:.3f} -> "
+                  f"{r['task_success_after']:.3f}, RL {r['time_s']['rl']} s, {r['wall_s']} s wall", file=sys.stderr,
+                  flush=True)
+    result = {"generated_by": "python scripts/measure_default_runs.py " + shlex.join(argv or sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": machine(), "torch": torch.__version__, "python": platform.python_version(),
+              "command": " ".join(["rmkernels-train ppo --seed S", *a.extra]),
+              "clock": "wall time start to end (time.time) and the CPU time (user + system) of the process and of "
+                       "the processes it waited for (os.wait4)", "runs": runs}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print(f"wrote {out}; now run: python scripts/readme_figures.py", file=sys.stderr)
     return 0
 
 
