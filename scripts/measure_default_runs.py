@@ -160,6 +160,18 @@ def measure_seed(seed, scratch, extra=(), nproc=None):
                              "accuracy_by_step": {str(k): v for k, v in sorted(rm_evals.items())}}}
 
 
+def _header(argv, extra):
+    """What a result file says of how, when and where it was measured."""
+    import torch
+
+    return {"generated_by": "python scripts/measure_default_runs.py " + shlex.join(argv or sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(), "torch": torch.__version__, "python": platform.python_version(),
+            "command": " ".join(["rmkernels-train ppo --seed S", *extra]),
+            "clock": "wall time start to end (time.time) and the "
+            "CPU time (user + system) of the process and of the processes it waited for (os.wait4)"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
@@ -184,19 +196,12 @@ def main(argv=None):
             ap.error("--nproc measures only the seeds' runs, one after the other (no --build, --ci, --parallel)")
         return measure_nproc(a, argv)
     a.out = a.out or DEFAULT_OUT
-    import torch
-
-    command = "python scripts/measure_default_runs.py " + shlex.join(argv or sys.argv[1:])
+    result = _header(argv, a.extra)
+    command = result["generated_by"]
     old = {}
     if os.path.isfile(a.out):  # parts this invocation does not measure are kept
         with open(a.out) as f:
             old = json.load(f)
-    result = {"generated_by": command,
-              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": machine(), "torch": torch.__version__, "python": platform.python_version(),
-              "command": " ".join(["rmkernels-train ppo --seed S", *a.extra]),
-              "clock": "wall time start to end (time.time) and the "
-              "CPU time (user + system) of the process and of the processes it waited for (os.wait4)"}
     if a.build:
         load0 = load()
         result["build"] = {**measure_build(a.scratch), "generated_by": command, "date": result["date"],
@@ -233,8 +238,6 @@ def main(argv=None):
 
 
 def measure_nproc(a, argv):
-    import torch
-
     out = a.out or DEFAULT_DDP_OUT
     runs = []
     for seed in a.seeds:
@@ -244,12 +247,7 @@ def measure_nproc(a, argv):
             print(f"seed {seed}, {n} process(es): task success {r['task_success_before']:.3f} -> "
                   f"{r['task_success_after']:.3f}, RL {r['time_s']['rl']} s, {r['wall_s']} s wall", file=sys.stderr,
                   flush=True)
-    result = {"generated_by": "python scripts/measure_default_runs.py " + shlex.join(argv or sys.argv[1:]),
-              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": machine(), "torch": torch.__version__, "python": platform.python_version(),
-              "command": " ".join(["rmkernels-train ppo --seed S", *a.extra]),
-              "clock": "wall time start to end (time.time) and the CPU time (user + system) of the process and of "
-                       "the processes it waited for (os.wait4)", "runs": runs}
+    result = {**_header(argv, a.extra), "runs": runs}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -85,6 +85,16 @@ def _sharing(d):
     return f", {len(d['runs'])} at a time" if "--parallel" in d["generated_by"] else ""
 
 
+def _run_cells(r):
+    """The table cells of one default run: task success greedy and sampled, the reward-model
+    score, the KL, wall / CPU / RL seconds."""
+    return (f"{r['task_success_before']:.3f} -> {r['task_success_after']:.3f} "
+            f"({r['task_success_after'] - r['task_success_before']:+.3f}) | "
+            f"{r['task_success_sampled_before']:.3f} -> {r['task_success_sampled_after']:.3f} | "
+            f"{r['score_before']:.2f} -> {r['score_after']:.2f} | {r['kl_after']:.2f} | {r['wall_s']:.0f} | "
+            f"{r['cpu_s']:.0f} | {r['time_s']['rl']:.0f}")
+
+
 def block_default_runs(root):
     d = _load_runs(root)
     runs = d["runs"]
@@ -92,12 +102,7 @@ def block_default_runs(root):
             "wall s (total) | CPU s | RL s | load before |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['seed']} | {r['task_success_before']:.3f} -> {r['task_success_after']:.3f} "
-                     f"({r['task_success_after'] - r['task_success_before']:+.3f}) | "
-                     f"{r['task_success_sampled_before']:.3f} -> {r['task_success_sampled_after']:.3f} | "
-                     f"{r['score_before']:.2f} -> {r['score_after']:.2f} | {r['kl_after']:.2f} | {r['wall_s']:.0f} | "
-                     f"{r['cpu_s']:.0f} | {r['time_s']['rl']:.0f} | "
-                     f"{r['load_before'][0] if r['load_before'] else '-'} |")
+        lines.append(f"| {r['seed']} | {_run_cells(r)} | {r['load_before'][0] if r['load_before'] else '-'} |")
     gains = [r["task_success_after"] - r["task_success_before"] for r in runs]
     out = "\n".join(lines)
     out += (f"\n\n`{d['command']}` ({runs[0]['steps']} RL steps), {len(runs)} seeds, on {d['machine']}, "
@@ -118,11 +123,7 @@ def block_default_runs_ddp(root):
     lines = ["| processes (options) | seed | task success, greedy (before -> after) | sampled | reward-model score | "
              "KL | wall s (total) | CPU s | RL s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['nproc']} (`{' '.join(r['options'])}`) | {r['seed']} | {r['task_success_before']:.3f} -> "
-                     f"{r['task_success_after']:.3f} ({r['task_success_after'] - r['task_success_before']:+.3f}) | "
-                     f"{r['task_success_sampled_before']:.3f} -> {r['task_success_sampled_after']:.3f} | "
-                     f"{r['score_before']:.2f} -> {r['score_after']:.2f} | {r['kl_after']:.2f} | {r['wall_s']:.0f} | "
-                     f"{r['cpu_s']:.0f} | {r['time_s']['rl']:.0f} |")
+        lines.append(f"| {r['nproc']} (`{' '.join(r['options'])}`) | {r['seed']} | {_run_cells(r)} |")
     parts = []
     for n in sorted({r["nproc"] for r in runs}):
         mine = [r for r in runs if r["nproc"] == n]
