@@ -828,14 +828,10 @@ class PPOTrainer:
         return self.finish()
 
     def finish(self):
-        from rmkernels_train.utils import param_digest
-
         dist = self.dist
         if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):  # --stop-after
             self.checkpoint()
-        digests = dist.gather_object((param_digest(self.policy), param_digest(self.value_model)))
-        if len(set(digests)) != 1:
-            raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
+        T.check_ranks_hold_the_same(dist, self.policy, self.value_model)
         # rank 0's files, then every rank learns whether they were written (cli_main's barrier,
         # a collective, follows: a rank 0 that stopped alone would leave the others in it)
         self.writes.now(self.write_outputs)

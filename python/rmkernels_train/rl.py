@@ -486,13 +486,10 @@ class CriticFreeTrainer:
 
     def finish(self):
         from rmkernels_train import trainer as T
-        from rmkernels_train.utils import param_digest
 
         if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):  # --stop-after
             self.checkpoint()
-        digests = self.dist.gather_object(param_digest(self.policy))
-        if len(set(digests)) != 1:
-            raise TrainingError(f"the ranks ended with different policy parameters: {digests}")
+        T.check_ranks_hold_the_same(self.dist, self.policy)
         # rank 0's files, then every rank learns whether they were written
         self.writes.now(self.write_outputs)
         return 0

@@ -1073,6 +1073,16 @@ def diverged(what, last_ckpt):
     return TrainingError(f"{what}: training diverged; {where}. Try a lower --lr.")
 
 
+def check_ranks_hold_the_same(dist, *modules):
+    """At the end of an RL run (collective under torchrun): every rank's parameters of ``modules``
+    are the same (``utils.param_digest``), else every rank stops naming the digests."""
+    from rmkernels_train.utils import param_digest
+
+    digests = dist.gather_object(tuple(param_digest(m) for m in modules))
+    if len(set(digests)) != 1:
+        raise TrainingError(f"DDP ranks ended with different parameters: {digests}")
+
+
 def check_finite_after_update(dist, step, last_ckpt, *modules):
     """Called after the optimizer steps of RL step ``step`` (on every rank): a policy (or value
     model) whose parameters went NaN or infinite stops the run now (:func:`diverged`), not with
