@@ -18,7 +18,8 @@
 //      in place of the statistics;
 //   3. rows in parallel (at::parallel_for), vectorised (group_adv_loops.h): seq[b] =
 //      group_adv::apply(r[b], the coefficients of its group), then the [B, T] broadcast,
-//      written with streaming stores when the output is larger than kStreamBytes and resident.
+//      written with streaming stores when the output is larger than kStreamBytes and resident
+//      (a fresh one is advised for huge pages: OutputPages, rmkernels/cpu_common.h).
 //   reinforce_pp_baseline: between 2 and 3, the rows' values (r - mu) whitened over the valid
 //      tokens of the batch from the row lengths (whiten_seq: no pass over [B, T] but the
 //      mask's count), then broadcast as they are.
@@ -30,11 +31,6 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
 
 #include "rmkernels/codes.h"
 #include "rmkernels/cpu_common.h"
@@ -72,7 +68,9 @@ const uint8_t* mask_bytes(const at::Tensor& mask) { return reinterpret_cast<cons
 // store does first. A fresh mmapped output (glibc's blocks over 32 MiB, and smaller ones
 // until its threshold has grown) is written with plain stores: each first store faults a page
 // in, the kernel zeroes it through the cache, and plain stores then hit it (streaming ones
-// measured 1.43x write-once there, plain ones 1.08x). Rows are built in an L1 tile of
+// measured 1.43x write-once there, plain ones 1.08x; in the huge pages OutputPages advises
+// such an output for, plain stores still measured faster: grpo-l's full call 10.1-10.8 ms
+// against 11.1-12.8 ms streamed, 2026-12-03). Rows are built in an L1 tile of
 // kTileBytes by the vectorised loop (group_adv_loops.h), then streamed out with 32 or 64-byte
 // stores (16-byte SSE2 streaming measured slower than plain stores: the baseline variant
 // writes in place).
@@ -111,24 +109,6 @@ void stream_copy(const char* src, char* dst, int64_t n, int64_t width) {
   (width == 64 ? stream_v4 : stream_v3)(src + head, dst + head, body);
 #endif
   std::memcpy(dst + head + body, src + head + body, n - head - body);
-}
-
-// Whether the first and the last page of [p, p + n) are resident (mincore): a fresh mmapped
-// allocation is not; its first store faults each page in and the kernel zeroes it through the
-// cache, where plain stores then hit and streaming stores would write every line twice.
-bool resident(const void* p, int64_t n) {
-#if defined(__linux__)
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  unsigned char v = 0, w = 0;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p) / page * page;
-  const uintptr_t z = (reinterpret_cast<uintptr_t>(p) + n - 1) / page * page;
-  return mincore(reinterpret_cast<void*>(a), page, &v) == 0 && mincore(reinterpret_cast<void*>(z), page, &w) == 0 &&
-         (v & 1) && (w & 1);
-#else
-  (void)p;
-  (void)n;
-  return true;
-#endif
 }
 
 // The [B, T] broadcast of rows [lo, hi) into adv (contiguous [B, T]): out[b, t] = mask[b, t] ?
@@ -290,8 +270,9 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
   const int64_t B = scores.size(0), T = mask.size(1);
   const auto s = scores.contiguous();
   const auto ids = group_ids.contiguous();
+  OutputPages pages;  // the [B, T] output in huge pages while it is written (cpu_common.h)
   auto seq = at::empty({B}, s.options());
-  auto adv = at::empty({B, T}, s.options());
+  auto adv = pages.empty({B, T}, s.options());
   if (B == 0) return {seq, adv};
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "group_advantages_cpu", [&] {
     group_impl<scalar_t>(s.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(), mask_bytes(mask), mask.stride(0),

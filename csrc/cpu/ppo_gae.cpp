@@ -55,8 +55,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_gae_c
   const int64_t B = values.size(0), T = values.size(1);
   const auto acc_type = acc_scalar_type(values.scalar_type());
   auto opts = values.options().dtype(acc_type);
-  auto adv = at::empty({B, T}, opts), ret = at::empty({B, T}, opts);
-  auto rew = at::empty({B, T}, opts), kl = at::empty({B, T}, opts);
+  OutputPages pages;  // the [B, T] outputs in huge pages while they are written (cpu_common.h)
+  auto adv = pages.empty({B, T}, opts), ret = pages.empty({B, T}, opts);
+  auto rew = pages.empty({B, T}, opts), kl = pages.empty({B, T}, opts);
   auto stats = at::empty({B, 2}, values.options().dtype(at::kDouble));
   if (B == 0) return {adv, ret, rew, kl, stats};
   const GaeParams p{kl_coef, gamma, lam, estimator, x_clamp, kl_clamp, score_clip};
@@ -81,8 +82,9 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   check_gae_args(rewards, values, mask, gamma, lam, /*cuda=*/false);
   const int64_t B = values.size(0), T = values.size(1);
   auto opts = values.options().dtype(acc_scalar_type(values.scalar_type()));
-  auto adv = at::empty({B, T}, opts);
-  auto ret = returns ? at::empty({B, T}, opts) : at::empty({0}, opts);
+  OutputPages pages;  // the [B, T] outputs in huge pages while they are written (cpu_common.h)
+  auto adv = pages.empty({B, T}, opts);
+  auto ret = returns ? pages.empty({B, T}, opts) : at::empty({0}, opts);
   if (B == 0 || T == 0) return {adv, ret};
   RMK_DISPATCH_FLOATS(values.scalar_type(), "gae_cpu", [&] {
     using acc = acc_t<scalar_t>;

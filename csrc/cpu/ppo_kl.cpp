@@ -15,7 +15,8 @@ at::Tensor kl_estimate_cpu(const at::Tensor& logprobs, const at::Tensor& ref_log
   check_ppo_like(ref_logprobs, "ref_logprobs", logprobs, "logprobs");
   if (mask.has_value()) check_bool_mask(*mask, "mask", B, T, logprobs.device());
   check_kl_options(estimator, x_clamp, kl_clamp);
-  auto kl = at::empty({B, T}, logprobs.options().dtype(acc_scalar_type(logprobs.scalar_type())));
+  OutputPages pages;  // the [B, T] outputs in huge pages while they are written (cpu_common.h)
+  auto kl = pages.empty({B, T}, logprobs.options().dtype(acc_scalar_type(logprobs.scalar_type())));
   if (B == 0 || T == 0) return kl;
   RMK_DISPATCH_FLOATS(logprobs.scalar_type(), "kl_estimate_cpu", [&] {
     using acc = acc_t<scalar_t>;

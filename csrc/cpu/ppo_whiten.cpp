@@ -59,7 +59,8 @@ at::Tensor masked_whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, 
   check_totals(sq, "sq", 1);
   check_nonneg_option(eps, "eps");
   const int64_t B = x.size(0), T = x.size(1);
-  auto out = at::empty({B, T}, x.options().dtype(acc_scalar_type(x.scalar_type())));
+  OutputPages pages;  // the [B, T] outputs in huge pages while they are written (cpu_common.h)
+  auto out = pages.empty({B, T}, x.options().dtype(acc_scalar_type(x.scalar_type())));
   if (B == 0 || T == 0) return out;
   const auto tot = totals.contiguous();
   const auto sqc = sq.contiguous();

@@ -107,8 +107,9 @@ std::tuple<at::Tensor, at::Tensor> reinforce_cpu(const at::Tensor& rewards, cons
   check_device(rewards, "token_rewards", at::Device(at::kCPU));
   const int64_t B = rewards.size(0), T = rewards.size(1);
   const auto opts = rewards.options().dtype(acc_scalar_type(rewards.scalar_type()));
-  auto adv = at::empty({B, T}, opts);
-  auto ret = at::empty({B, T}, opts);
+  OutputPages pages;  // the [B, T] outputs in huge pages while they are written (cpu_common.h)
+  auto adv = pages.empty({B, T}, opts);
+  auto ret = pages.empty({B, T}, opts);
   if (B == 0 || T == 0) return {adv, ret};
   RMK_DISPATCH_FLOATS(rewards.scalar_type(), "reinforce_cpu", [&] {
     using acc = acc_t<scalar_t>;

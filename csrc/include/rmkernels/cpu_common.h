@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "rmkernels/scalar_math.h"
@@ -28,6 +29,34 @@ constexpr int64_t kElemGrain = 4096;
 // The grain, in items (rows, groups of rows, blocks), of a loop whose items hold `work`
 // elements each.
 inline int64_t grain_of(int64_t work) { return std::max<int64_t>(1, kElemGrain / std::max<int64_t>(work, 1)); }
+
+// The outputs of one kernel call that writes each of them whole (csrc/cpu/memory.cpp): empty()
+// is at::empty, and an output of at least a transparent huge page that is not resident yet (a
+// fresh block) is advised for huge pages while the call writes it, so that its first stores
+// fault in 2 MiB pages, not 4 KiB ones; the advice is withdrawn when this goes out of scope,
+// after the writes. Every [B, T] output of the CPU kernels is made here:
+//   OutputPages pages;
+//   auto adv = pages.empty({B, T}, opts);
+class OutputPages {
+ public:
+  OutputPages() = default;
+  OutputPages(const OutputPages&) = delete;
+  OutputPages& operator=(const OutputPages&) = delete;
+  ~OutputPages();
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+ private:
+  std::vector<std::pair<void*, int64_t>> advised_;
+};
+
+// OutputPages' advice for the n bytes at p (advise), or its withdrawal (!advise): true when
+// given (at least one huge page inside, not resident, Linux in THP mode madvise, torch's
+// THP_MEM_ALLOC_ENABLE unset).
+bool advise_huge_pages(void* p, int64_t n, bool advise);
+
+// Whether [p, p + n) is resident: the pages at a quarter, half and three quarters of it are
+// (mincore; true off Linux).
+bool resident(const void* p, int64_t n);
 
 }  // namespace rmkernels
 

@@ -1,0 +1,141 @@
+// The memory of the CPU kernels' outputs (declared in rmkernels/cpu_common.h).
+//
+// A kernel's [B, T] output is written once, whole, by the kernel. When it is large and not
+// resident yet (glibc maps every block over its mmap threshold, 32 MiB at most, afresh, and
+// hands out heap pages malloc_trim returned: a plain process meets such a block on every call),
+// each 4 KiB page faults on its first store and the fault, not the write, is the cost: 32 MiB of
+// float32 took ~16 ms to write in fresh pages and ~1 ms in recycled ones on the 2-core CPU
+// machine (benchmarks/results/*-grpo.md). While the kernel writes such an output it is advised
+// for transparent huge pages (madvise MADV_HUGEPAGE), so that its stores fault in 2 MiB pages
+// instead: grpo-l's full call in fresh pages went from 1.23-1.34x to 0.50-0.58x the time of
+// torch.empty(B, T).fill_(1) (scratch measurement, 2026-12-03). Once written, the advice is
+// withdrawn (MADV_NOHUGEPAGE: in the system's `madvise` mode, what unadvised memory gets), so
+// that nothing else the allocator later places there is affected. The pages only change size:
+// the values, the allocator and the freeing are torch's.
+//
+// Only where the system's THP mode is `madvise` (/sys/kernel/mm/transparent_hugepage/enabled):
+// in `always` every such block gets huge pages anyway, in `never` none can; not when torch
+// advises its own allocations (THP_MEM_ALLOC_ENABLE); and not with RMKERNELS_HUGE_PAGES=0 (read
+// once, by the first kernel call): the kernel may compact memory to find a huge page (the
+// system's THP `defrag` setting), which on a fragmented host can stall a call instead of
+// saving it time. Recycled (resident) memory is left alone. Measured alternative:
+// MADV_POPULATE_WRITE (4 KiB pages faulted in by one call) saved nothing here (17.0-18.4 ms
+// against 17.9-18.6 ms to write 32 MiB; huge pages 4.9 ms), the fault being the page's cost.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <utility>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#include "rmkernels/cpu_common.h"
+
+namespace rmkernels {
+
+namespace {
+
+// The size of a transparent huge page where the advice applies (see the top of this file),
+// else 0.
+int64_t huge_page_bytes() {
+  static const int64_t bytes = [] {
+    int64_t n = 0;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const auto set = [](const char* name) {  // the variable is set, and not to 0
+      const char* v = std::getenv(name);
+      return v != nullptr && std::string(v) != "" && std::string(v) != "0";
+    };
+    const char* own = std::getenv("RMKERNELS_HUGE_PAGES");
+    if (set("THP_MEM_ALLOC_ENABLE") || (own != nullptr && std::string(own) == "0")) return n;
+    std::ifstream mode_file("/sys/kernel/mm/transparent_hugepage/enabled");
+    std::string mode((std::istreambuf_iterator<char>(mode_file)), std::istreambuf_iterator<char>());
+    if (mode.find("[madvise]") == std::string::npos) return n;
+    std::ifstream f("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
+    if (!(f >> n) || n <= 0) n = 0;
+#endif
+    return n;
+  }();
+  return bytes;
+}
+
+// The huge pages wholly inside [p, p + n) (its ends share pages with other memory): [lo, hi).
+std::pair<uintptr_t, uintptr_t> huge_span(const void* p, int64_t n, int64_t huge) {
+  const uintptr_t h = static_cast<uintptr_t>(huge), a = reinterpret_cast<uintptr_t>(p);
+  return {(a + h - 1) / h * h, (a + static_cast<uintptr_t>(n)) / h * h};
+}
+
+}  // namespace
+
+bool resident(const void* p, int64_t n) {
+#if defined(__linux__)
+  if (n <= 0) return true;
+  // Pages inside the block, not its ends: those share pages with the allocator's headers (a
+  // heap block's own and the next one's, an mmapped block's), written whatever the state of
+  // the rest. A heap block that malloc_trim emptied is resident at its ends only.
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE)), a = reinterpret_cast<uintptr_t>(p);
+  for (int64_t q = 1; q <= 3; ++q) {
+    const uintptr_t at = (a + static_cast<uintptr_t>(n / 4 * q)) / page * page;
+    unsigned char v = 0;
+    if (mincore(reinterpret_cast<void*>(at), page, &v) != 0 || !(v & 1)) return false;
+  }
+  return true;
+#else
+  (void)p;
+  (void)n;
+  return true;
+#endif
+}
+
+bool advise_huge_pages(void* p, int64_t n, bool advise) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t huge = huge_page_bytes();
+  if (huge <= 0 || n < huge || (advise && resident(p, n))) return false;
+  const auto span = huge_span(p, n, huge);
+  return span.second > span.first &&
+         madvise(reinterpret_cast<void*>(span.first), span.second - span.first,
+                 advise ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) == 0;
+#else
+  (void)p;
+  (void)n;
+  (void)advise;
+  return false;
+#endif
+}
+
+at::Tensor OutputPages::empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  const int64_t n = static_cast<int64_t>(out.nbytes());
+  if (advise_huge_pages(out.data_ptr(), n, true)) advised_.emplace_back(out.data_ptr(), n);
+  return out;
+}
+
+OutputPages::~OutputPages() {
+  for (const auto& block : advised_) (void)advise_huge_pages(block.first, block.second, false);
+}
+
+}  // namespace rmkernels
+
+// rmkernels._C.advise_huge_pages(address, nbytes, advise) -> bool: the rule of OutputPages for
+// memory the caller holds (the benchmarks' floor of writing an output once into the same pages):
+// advise=True gives the advice where it applies, advise=False withdraws it.
+extern "C" PyObject* rmk_advise_huge_pages(PyObject* /*self*/, PyObject* args) {
+  unsigned long long address = 0;
+  long long nbytes = 0;
+  int advise = 1;
+  if (!PyArg_ParseTuple(args, "KL|p", &address, &nbytes, &advise)) return nullptr;
+  if (nbytes < 0) {
+    PyErr_SetString(PyExc_ValueError, "nbytes must be >= 0");
+    return nullptr;
+  }
+  const bool done =
+      rmkernels::advise_huge_pages(reinterpret_cast<void*>(static_cast<uintptr_t>(address)), nbytes, advise != 0);
+  return PyBool_FromLong(done);
+}
