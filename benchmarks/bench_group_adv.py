@@ -99,15 +99,31 @@ def floor_rows(shape, device, prov, inputs, quick, log):
     sample of each in turn: ``write-once`` allocates the float32 [B, T] output and writes it
     once (``torch.empty(B, T).fill_(1.0)``, BENCHMARKS.md's "<= 1.3x writing [B, T] once");
     ``read-inputs`` reads what the full call must read, once (the [B, T] token rewards and the
-    mask, each by a vectorised ``amax``); their sum is the full call's memory floor. On the CPU
+    mask, each by a vectorised ``amax``); their sum is the full call's memory floor. On the CPU,
+    ``write-once, huge pages`` writes the output once into memory given the advice the C++
+    kernels give their fresh outputs while they write them (``_C.advise_huge_pages``,
+    csrc/cpu/memory.cpp): the same
+    pages as ``rmk-cpu``'s output, where ``write-once`` has 4 KiB ones in fresh pages. On the CPU
     everything is measured twice, with the outputs in recycled memory and in fresh pages
     (``timing.output_memory``): which one a call meets otherwise depends on the allocation
     history of the process, and the page faults of a fresh 32 MiB output cost ~10x its write."""
     B, T = shape.dims["B"], shape.dims["T"]
     r, m, _ = inputs
-    write_once, read_inputs = report.GRPO_FLOORS
+    write_once, read_inputs, write_huge = report.GRPO_FLOORS
     fns = {write_once: lambda: torch.empty(B, T, device=device).fill_(1.0),
            read_inputs: lambda: (r.amax(), m.view(torch.uint8).amax())}
+    if device == "cpu" and common.has_op("group_advantages"):
+        from rmkernels import _ext
+
+        def huge():  # the output as the C++ kernels make it (OutputPages), written once
+            out = torch.empty(B, T)
+            if _ext._C.advise_huge_pages(out.data_ptr(), out.nbytes):
+                out.fill_(1.0)
+                _ext._C.advise_huge_pages(out.data_ptr(), out.nbytes, False)
+                return out
+            return out.fill_(1.0)
+        if _ext.CPP_AVAILABLE:
+            fns[write_huge] = huge
     fns.update({k: (lambda f=f: f(*inputs)) for k, f in prov.items() if k.startswith("rmk-")})
     env = common.env_fields(device)
     rows = []

@@ -245,7 +245,10 @@ def targets(rows):
     return out
 
 
-GRPO_FLOORS = ("write-once", "read-inputs")  # the floors of benchmarks/bench_group_adv.floor_rows
+# The floors of benchmarks/bench_group_adv.floor_rows: writing the float32 [B, T] output once,
+# reading the full call's inputs once, and (CPU, information) writing the output once into the
+# huge pages the C++ kernels advise their fresh outputs for (csrc/cpu/memory.cpp).
+GRPO_FLOORS = ("write-once", "read-inputs", "write-once, huge pages")
 
 
 def floor_provider(name, state):
@@ -298,13 +301,17 @@ def _grpo_shape_targets(rows, shape, judged):
             continue
         state = p.split("(vs floor", 1)[1].strip(", )")
         of = f" ({state})" if state else ""
-        write, read = (_val(rows, provider=f + of, **q) for f in GRPO_FLOORS)
+        write, read, write_huge = (_val(rows, provider=f + of, **q) for f in GRPO_FLOORS)
         op_alone = p.split(" (")[0].endswith("-op")
         what = "the op alone (ids, summed scores given)" if op_alone else "full call"
         if not math.isnan(write):
             x = r["median"] / write
             lines.append(f"| {info}{shape} {what} <= 1.3x writing [B, T] once{', ' + state if state else ''} | {p} | "
                          f"{x:.2f}x | {status(x <= 1.3)} |")
+        if not math.isnan(write_huge):
+            x = r["median"] / write_huge
+            lines.append(f"| (information) {shape} {what} / writing [B, T] once into huge pages (the advice of the "
+                         f"CPU kernels' outputs){', ' + state if state else ''} | {p} | {x:.2f}x | - |")
         if not op_alone and not math.isnan(write + read):
             x = r["median"] / (write + read)
             lines.append(f"| (information) {shape} full call / its memory floor (token rewards and mask read once, "
