@@ -116,6 +116,24 @@ def block_default_runs(root):
     return out
 
 
+def _ddp_step_batch(runs):
+    """(prompts, responses a prompt) of one step of the DDP block's runs, all the same: each run's
+    ``--batch-size`` (per process) x its processes, and its ``--num-generations`` (the critic-free
+    default where the run does not set it)."""
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    from rmkernels_train.rl import CRITIC_FREE_DEFAULTS
+
+    def opt(r, name, default):
+        o = r["options"]
+        return int(o[o.index(name) + 1]) if name in o else default
+
+    sizes = {(opt(r, "--batch-size", CRITIC_FREE_DEFAULTS["batch_size"]) * r["nproc"],
+              opt(r, "--num-generations", CRITIC_FREE_DEFAULTS["num_generations"])) for r in runs}
+    if len(sizes) != 1:
+        raise SystemExit(f"{DDP_JSON}: the runs do not share one step's batch (prompts, responses): {sorted(sizes)}")
+    return sizes.pop()
+
+
 def block_default_runs_ddp(root):
     with open(os.path.join(root, DDP_JSON)) as f:
         d = json.load(f)
@@ -132,7 +150,9 @@ def block_default_runs_ddp(root):
                      f"{max(gains):+.3f} (median {statistics.median(gains):+.3f}), RL took "
                      f"{_rng([r['time_s']['rl'] for r in mine])} s (median "
                      f"{statistics.median(r['time_s']['rl'] for r in mine):.0f} s)")
-    return ("\n".join(lines) + f"\n\n`{d['command']}` ({runs[0]['steps']} RL steps, 16 prompts x 8 responses a step "
+    prompts, responses = _ddp_step_batch(runs)
+    return ("\n".join(lines) + f"\n\n`{d['command']}` ({runs[0]['steps']} RL steps, {prompts} prompts x {responses} "
+            "responses a step "
             f"in all), {len({r['seed'] for r in runs})} seeds, one run after the other, on {d['machine']}, torch "
             f"{d['torch']}, {d['date']} (N > 1: `torchrun --nproc_per_node N`): " + "; ".join(parts) +
             f". Each run trains its own default reward model and warm start (in the wall time). Clock: {d['clock']}. "
