@@ -29,6 +29,7 @@ def info():
             "site-packages)" if _ext.SOURCE_CHECKOUT and not _ext.CPP_AVAILABLE and BUILD_CONFIG else ""),
         f"extension _C loaded: {_ext.CPP_AVAILABLE}" + (f" ({_ext.LOAD_ERROR})" if _ext.LOAD_ERROR else ""),
         f"C++ CPU loop kernels: {_ext.CPU_ISA or 'none'} (RMKERNELS_CPU_ISA=base|v3 caps it)",
+        _huge_pages_line(_ext),
         f"CUDA kernels built: {_ext.CUDA_BUILT}" + (f", archs {_ext.CUDA_ARCHS}" if _ext.CUDA_BUILT else ""),
         f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
     ]
@@ -41,6 +42,18 @@ def info():
                     why = why.replace(f"({_ext.LOAD_ERROR})", "(why: above)")
                 lines.append(f"  {name}: unavailable: {why}")
     return "\n".join(lines)
+
+
+def _huge_pages_line(_ext):
+    """Whether the C++ CPU kernels write their fresh [B, T] outputs in huge pages (csrc/cpu/memory.cpp)."""
+    huge = getattr(_ext._C, "huge_pages", None) if _ext.CPP_AVAILABLE else None
+    if huge is None:
+        return "C++ CPU outputs in huge pages: no (no C++ kernels)"
+    size, why = huge()
+    if size:
+        return (f"C++ CPU outputs in huge pages: yes, {size >> 20} MiB pages while a fresh [B, T] output is written "
+                "(RMKERNELS_HUGE_PAGES=0 turns it off)")
+    return f"C++ CPU outputs in huge pages: no ({why})"
 
 
 def main(argv=None):

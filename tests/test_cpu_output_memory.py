@@ -8,7 +8,8 @@ benchmarks' "fresh pages"), from /proc/self/smaps: where the advice applies (Lin
 by huge pages (AnonHugePages) and carries the withdrawal (``nh``, MADV_NOHUGEPAGE), not the
 advice (``hg``); elsewhere, and with RMKERNELS_HUGE_PAGES=0, it carries neither. The values are
 the reference's. ``rmkernels._C.advise_huge_pages`` (the rule, for memory the caller holds)
-advises a fresh block and leaves a resident one alone."""
+advises a fresh block and leaves a resident one alone; ``_C.huge_pages()`` and ``python -m
+rmkernels.info`` say whether the advice is on, and why not."""
 import json
 import os
 import subprocess
@@ -80,6 +81,7 @@ block.fill_(1.0)
 withdrawn = _ext._C.advise_huge_pages(block.data_ptr(), block.nbytes, False)
 out["_C.advise_huge_pages"] = {"fresh": fresh, "hg": "hg" in flags, "withdrawn": withdrawn,
                                "resident": _ext._C.advise_huge_pages(block.data_ptr(), block.nbytes)}
+out["_C.huge_pages"] = _ext._C.huge_pages()
 print(json.dumps(out))
 """
 
@@ -107,4 +109,12 @@ def test_large_fresh_outputs_are_written_in_huge_pages(switch):
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     on = _advice_applies() and switch != "0"
     assert seen.pop("_C.advise_huge_pages") == {"fresh": on, "hg": on, "withdrawn": on, "resident": False}
+    size, why = seen.pop("_C.huge_pages")
+    assert (size > 0) == on and (why == "") == on, (size, why)
+    if switch == "0":
+        assert why == "RMKERNELS_HUGE_PAGES=0"
+    info = subprocess.run([sys.executable, "-m", "rmkernels.info"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    line = next(x for x in info.stdout.splitlines() if x.startswith("C++ CPU outputs in huge pages:"))
+    assert line.startswith("C++ CPU outputs in huge pages: yes" if on else f"C++ CPU outputs in huge pages: no ({why})")
     assert seen == {name: {"hg": False, "nh": on, "huge pages": on} for name in seen}, seen

@@ -1,8 +1,9 @@
 // The memory of the CPU kernels' outputs (declared in rmkernels/cpu_common.h).
 //
 // A kernel's [B, T] output is written once, whole, by the kernel. When it is large and not
-// resident yet (glibc maps every block over its mmap threshold, 32 MiB at most, afresh, and
-// hands out heap pages malloc_trim returned: a plain process meets such a block on every call),
+// resident yet (glibc serves a block over its mmap threshold, 32 MiB at most, from a new
+// mapping unless a free heap block is large enough, and hands out heap pages malloc_trim
+// returned: a plain process usually meets such a block on every call),
 // each 4 KiB page faults on its first store and the fault, not the write, is the cost: 32 MiB of
 // float32 took ~16 ms to write in fresh pages and ~1 ms in recycled ones on the 2-core CPU
 // machine (benchmarks/results/*-grpo.md). While the kernel writes such an output it is advised
@@ -43,28 +44,49 @@ namespace rmkernels {
 
 namespace {
 
-// The size of a transparent huge page where the advice applies (see the top of this file),
-// else 0.
-int64_t huge_page_bytes() {
-  static const int64_t bytes = [] {
-    int64_t n = 0;
+// Whether the advice applies here (see the top of this file): the size of a transparent huge
+// page, or 0 and why not. Decided once, by the first call.
+struct HugePolicy {
+  int64_t bytes = 0;
+  std::string why;
+};
+
+const HugePolicy& huge_policy() {
+  static const HugePolicy policy = [] {
+    HugePolicy p;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    const auto set = [](const char* name) {  // the variable is set, and not to 0
-      const char* v = std::getenv(name);
-      return v != nullptr && std::string(v) != "" && std::string(v) != "0";
-    };
+    const char* torch_thp = std::getenv("THP_MEM_ALLOC_ENABLE");
     const char* own = std::getenv("RMKERNELS_HUGE_PAGES");
-    if (set("THP_MEM_ALLOC_ENABLE") || (own != nullptr && std::string(own) == "0")) return n;
+    if (own != nullptr && std::string(own) == "0") {
+      p.why = "RMKERNELS_HUGE_PAGES=0";
+      return p;
+    }
+    if (torch_thp != nullptr && std::string(torch_thp) != "" && std::string(torch_thp) != "0") {
+      p.why = "torch's THP_MEM_ALLOC_ENABLE is set: torch advises its allocations itself";
+      return p;
+    }
     std::ifstream mode_file("/sys/kernel/mm/transparent_hugepage/enabled");
     std::string mode((std::istreambuf_iterator<char>(mode_file)), std::istreambuf_iterator<char>());
-    if (mode.find("[madvise]") == std::string::npos) return n;
+    while (!mode.empty() && (mode.back() == '\n' || mode.back() == ' ')) mode.pop_back();
+    if (mode.find("[madvise]") == std::string::npos) {
+      p.why = mode.empty() ? "the system has no transparent huge pages"
+                           : "the system's THP mode is not madvise (" + mode + ")";
+      return p;
+    }
     std::ifstream f("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
-    if (!(f >> n) || n <= 0) n = 0;
+    if (!(f >> p.bytes) || p.bytes <= 0) {
+      p.bytes = 0;
+      p.why = "the huge page size is unknown (no hpage_pmd_size)";
+    }
+#else
+    p.why = "not Linux";
 #endif
-    return n;
+    return p;
   }();
-  return bytes;
+  return policy;
 }
+
+int64_t huge_page_bytes() { return huge_policy().bytes; }
 
 // The huge pages wholly inside [p, p + n) (its ends share pages with other memory): [lo, hi).
 std::pair<uintptr_t, uintptr_t> huge_span(const void* p, int64_t n, int64_t huge) {
@@ -138,4 +160,11 @@ extern "C" PyObject* rmk_advise_huge_pages(PyObject* /*self*/, PyObject* args) {
   const bool done =
       rmkernels::advise_huge_pages(reinterpret_cast<void*>(static_cast<uintptr_t>(address)), nbytes, advise != 0);
   return PyBool_FromLong(done);
+}
+
+// rmkernels._C.huge_pages() -> (bytes, why): the huge page size the C++ CPU kernels' fresh
+// outputs are written in, or (0, why not) (python -m rmkernels.info).
+extern "C" PyObject* rmk_huge_pages(PyObject* /*self*/, PyObject* /*unused*/) {
+  const auto& p = rmkernels::huge_policy();
+  return Py_BuildValue("(Ls)", static_cast<long long>(p.bytes), p.why.c_str());
 }
