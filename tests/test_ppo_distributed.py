@@ -239,7 +239,7 @@ def _rl_run(estimator, opts, prompts, dist_=None):
 
 def _rl_worker(rank, port, out_dir):
     from rmkernels_train import grpo
-    from rmkernels_train.utils import Dist
+    from rmkernels_train.utils import Dist, TrainingError
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -250,6 +250,16 @@ def _rl_worker(rank, port, out_dir):
         half = len(RL_PROMPTS) // WORLD
         mine = RL_PROMPTS[rank * half:(rank + 1) * half]
         out = {est: _rl_run(est, opts, mine, Dist(rank, WORLD)) for est, opts in RL_CONFIGS}
+        # A loss that is not finite on rank 1 only: both ranks stop with the error, none is left
+        # in the gradients' all-reduce (gloo would fail it with "Connection closed by peer").
+        if rank == 1:
+            policy_loss = grpo.core.ppo_policy_loss
+            grpo.core.ppo_policy_loss = lambda *a, **k: (lambda o: (o[0] * float("nan"), *o[1:]))(policy_loss(*a, **k))
+        try:
+            _rl_run(*RL_CONFIGS[0], mine, Dist(rank, WORLD))
+            out["nan_stop"] = None
+        except TrainingError as e:
+            out["nan_stop"] = str(e)
         torch.save(out, os.path.join(out_dir, f"rl{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -262,13 +272,15 @@ def test_critic_free_step_on_two_ranks_is_the_whole_batchs(tmp_path, monkeypatch
     (group: grpo, rloo; token: reinforce_pp whitened over both ranks, remax), every loss
     aggregation, both KL modes, the entropy bonus, dual-clip and two epochs. The no-EOS floor is
     the whole batch's lowest reward. Without the ranks' exchange (each rank on its own half)
-    the parameters differ."""
+    the parameters differ. A loss that is not finite on one rank stops both."""
     from rmkernels_train import grpo
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     mp.spawn(_rl_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     got = [torch.load(os.path.join(tmp_path, f"rl{rank}.pt")) for rank in range(WORLD)]
+    for rank in range(WORLD):  # rank 1's loss alone was not finite: both stopped
+        assert "the RL loss is not finite" in (got[rank].pop("nan_stop") or ""), rank
     monkeypatch.setattr(grpo, "sample", _fake_sample)
     monkeypatch.setattr(grpo, "rm_scores", _fake_rm_scores)
     for est, opts in RL_CONFIGS:

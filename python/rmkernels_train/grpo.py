@@ -370,8 +370,8 @@ def rl_step(policy, ref, reward_model, optimizer, tokenizer, prompts, prompt_ids
                 loss = loss + term
                 stats["entropy"] += entropy.item()
             finite = bool(torch.isfinite(loss.detach()))
-            if dist is not None and dist.enabled:  # every rank stops together (none left in the all-reduce)
-                finite = dist.sum([0.0 if finite else 1.0])[0] == 0
+            if dist is not None:  # every rank stops together (none left in the all-reduce)
+                finite = not dist.any(not finite)
             if not finite:
                 from rmkernels_train.utils import TrainingError
 

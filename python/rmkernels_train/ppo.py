@@ -729,10 +729,8 @@ class PPOTrainer:
                                                             a.max_new_tokens, dp=dp)
                     loss = loss + term
                     stats["entropy"] += entropy_mean.item()
-                finite = torch.isfinite(loss.detach()).double().reshape(1)
-                if dist.enabled:  # every rank stops together (no rank left waiting in an all-reduce)
-                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                if not bool(finite.item()):
+                # every rank stops together (no rank left waiting in an all-reduce)
+                if dist.any(not bool(torch.isfinite(loss.detach()))):
                     raise TrainingError(f"step {step + 1}: the PPO loss is not finite (here {loss.item()}); lower "
                                         f"--lr or --kl-coef, or set --score-clip")
                 self.optimizer.zero_grad(set_to_none=True)

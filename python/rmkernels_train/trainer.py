@@ -614,7 +614,7 @@ def share_outcome(dist, error):
         if error is not None:
             raise error
         return
-    if not dist.sum([0.0 if error is None else 1.0])[0]:
+    if not dist.any(error is not None):
         return
     lines = dist.gather_object(None if error is None else
                                str(error) if isinstance(error, TrainingError) else one_line(error))
@@ -1048,7 +1048,7 @@ def nonfinite_parameter_on_any_rank(dist, *modules):
     one (the same answer on every rank): one all-reduce of one number, and the names exchanged
     only when some rank found one."""
     bad = nonfinite_parameter(*modules)
-    if dist is not None and dist.enabled and dist.sum([0.0 if bad is None else 1.0])[0]:
+    if dist is not None and dist.enabled and dist.any(bad is not None):
         bad = next((b for b in dist.gather_object(bad) if b is not None), None)
     return bad
 

@@ -225,6 +225,12 @@ class Dist:
             torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def any(self, flag):
+        """Whether ``flag`` holds on any rank (one all-reduce of one number; one process: ``flag``):
+        the collective stop checks, so that every rank takes the same branch and none is left
+        waiting in a collective the others never reach."""
+        return bool(self.sum([1.0 if flag else 0.0])[0])
+
     def gather_object(self, obj):
         if not self.enabled:
             return [obj]
