@@ -5,7 +5,8 @@ import os
 
 from benchmarks.common import FIELDS
 
-PROVIDER_ORDER = ["hf", "torch", "compile", "rmk-cpu", "rmk-cuda", "rmk-triton", "floor-write-grad"]
+PROVIDER_ORDER = ["hf", "torch", "compile", "rmk-cpu", "rmk-cuda", "rmk-triton", "floor-write-grad",
+                  "floor-write-grad, huge pages"]
 OP_ORDER = ["pooling", "bt", "pair", "gae", "grpo", "rpp", "remax", "e2e", "floor"]
 MODE_ORDER = ["forward", "backward", "full", "step", "check"]
 SHAPE_ORDER = ["pool-s", "pool-l", "bt-s", "bt-l", "pair-l", "gae-s", "gae-l", "gae-xl", "grpo-l", "grpo-xl",

@@ -1,4 +1,5 @@
-"""The C++ CPU kernels make every [B, T] output through ``OutputPages`` (csrc/cpu/memory.cpp):
+"""The C++ CPU kernels make every [B, T] output, and pooling's backward its [B, T, H] gradient of
+the hidden states, through ``OutputPages`` (csrc/cpu/memory.cpp):
 while a call writes a large output that is not resident yet (a fresh block: a new mmap, or heap
 pages malloc_trim returned), the block is advised for transparent huge pages, so that its first
 stores fault in huge pages rather than 4 KiB ones; the advice is withdrawn once it is written.
@@ -25,6 +26,8 @@ import ctypes, json, sys
 import torch
 import rmkernels as rmk
 from rmkernels import _ext
+
+trim = ctypes.CDLL("libc.so.6").malloc_trim
 
 torch.set_num_threads(1)
 B, T = 81920, 128  # 40 MiB of float32
@@ -61,7 +64,19 @@ calls = {
     "masked_whiten": lambda be: rmk.masked_whiten(x, mask, backend=be),
     "ppo_advantages": lambda be: rmk.ppo_advantages(x, y, v, scores, mask, kl_coef=0.05, whiten=False,
                                                     backend=be).advantages,
+    "last_token_reward grad_hidden": lambda be: pooled_grad(be),
 }
+# pooling's backward: grad_hidden [8, 1280, 1024] (40 MiB), zeroed and written at one row a sequence
+hidden = torch.randn(8, 1280, 1024, generator=g)
+head = torch.randn(1, 1024, generator=g)
+lengths = torch.randint(1, 1281, (8,), generator=g)
+
+
+def pooled_grad(be):
+    h = hidden.clone().requires_grad_()  # resident (copied into): only the gradient is fresh
+    trim(0)
+    rmk.last_token_reward(h, head, lengths=lengths, backend=be).sum().backward()
+    return h.grad
 def fallbacks():
     # huge page faults the kernel could not serve with a huge page (no free one): 4 KiB pages
     with open("/proc/vmstat") as f:
@@ -69,12 +84,11 @@ def fallbacks():
 
 
 out = {}
-trim = ctypes.CDLL("libc.so.6").malloc_trim
 for name, call in calls.items():
     trim(0)  # every free page back to the system: the output is fresh (a new mmap, or emptied heap pages)
     before = fallbacks()
     got = call("cpu")
-    assert got.shape == (B, T) and got.is_contiguous(), (name, got.shape)
+    assert got.shape == ((B, T) if got.dim() == 2 else hidden.shape) and got.is_contiguous(), (name, got.shape)
     flags, huge_kb = mapping(got)
     # a host with no free huge page at that moment falls back to 4 KiB pages: counted, not our fault
     out[name] = {"hg": "hg" in flags, "nh": "nh" in flags, "huge pages": huge_kb > 0 or fallbacks() > before}

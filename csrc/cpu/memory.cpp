@@ -1,6 +1,7 @@
 // The memory of the CPU kernels' outputs (declared in rmkernels/cpu_common.h).
 //
-// A kernel's [B, T] output is written once, whole, by the kernel. When it is large and not
+// A kernel's [B, T] output is written once, whole, by the kernel (pooling's [B, T, H] gradient of
+// the hidden states: zeroed, then written at one row a sequence). When it is large and not
 // resident yet (glibc serves a block over its mmap threshold, 32 MiB at most, from a new
 // mapping unless a free heap block is large enough, and hands out heap pages malloc_trim
 // returned: a plain process usually meets such a block on every call),
@@ -133,7 +134,15 @@ bool advise_huge_pages(void* p, int64_t n, bool advise) {
 }
 
 at::Tensor OutputPages::empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
+  return advised(at::empty(sizes, options));
+}
+
+at::Tensor OutputPages::empty_strided(at::IntArrayRef sizes, at::IntArrayRef strides,
+                                      const at::TensorOptions& options) {
+  return advised(at::empty_strided(sizes, strides, options));
+}
+
+at::Tensor OutputPages::advised(at::Tensor out) {
   const int64_t n = static_cast<int64_t>(out.nbytes());
   if (advise_huge_pages(out.data_ptr(), n, true)) advised_.emplace_back(out.data_ptr(), n);
   return out;

@@ -166,7 +166,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> last_token_reward_bwd_cpu(
   const int64_t B = index.size(0), K = weight.size(0);
   check_dense(grad, "grad", {B, K}, weight.scalar_type(), hidden.device());
   const HiddenView v = hidden_view(hidden, B);
-  at::Tensor g_hidden = need_hidden ? grad_buffer(hidden) : at::empty({0}, hidden.options());
+  OutputPages pages;  // grad_hidden zeroed and written in huge pages when fresh (cpu_common.h)
+  at::Tensor g_hidden =
+      need_hidden ? grad_buffer(hidden, [&](at::IntArrayRef sizes, at::IntArrayRef strides,
+                                            const at::TensorOptions& options) {
+        return pages.empty_strided(sizes, strides, options);
+      })
+                  : at::empty({0}, hidden.options());
   at::Tensor g_weight = need_weight ? at::zeros({K, v.H}, weight.options()) : at::empty({0}, weight.options());
   at::Tensor g_bias = need_bias ? at::zeros({K}, weight.options()) : at::empty({0}, weight.options());
   if (B == 0 || K == 0) return {g_hidden, g_weight, g_bias};

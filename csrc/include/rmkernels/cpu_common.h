@@ -34,7 +34,8 @@ inline int64_t grain_of(int64_t work) { return std::max<int64_t>(1, kElemGrain /
 // is at::empty, and an output of at least a transparent huge page that is not resident yet (a
 // fresh block) is advised for huge pages while the call writes it, so that its first stores
 // fault in 2 MiB pages, not 4 KiB ones; the advice is withdrawn when this goes out of scope,
-// after the writes. Every [B, T] output of the CPU kernels is made here:
+// after the writes. Every [B, T] output of the CPU kernels is made here, and pooling's [B, T, H]
+// gradient of the hidden states:
 //   OutputPages pages;
 //   auto adv = pages.empty({B, T}, opts);
 class OutputPages {
@@ -44,8 +45,12 @@ class OutputPages {
   OutputPages& operator=(const OutputPages&) = delete;
   ~OutputPages();
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+  // The same, in the given strides (the gradient of pooling's hidden states: grad_buffer's
+  // layout, op_checks.h, zero-filled and then written at one row per sequence).
+  at::Tensor empty_strided(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options);
 
  private:
+  at::Tensor advised(at::Tensor out);
   std::vector<std::pair<void*, int64_t>> advised_;
 };
 

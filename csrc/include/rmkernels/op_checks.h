@@ -8,6 +8,7 @@
 // [0, T) as "no valid token".
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/util/strides.h>
 
 #include <cmath>
 #include <limits>
@@ -286,10 +287,19 @@ inline void check_reinforce_args(const at::Tensor& rewards, const at::Tensor& ma
 // same rule): t's strides when t is non-overlapping and dense, else contiguous. An overlapping
 // view (x.unfold(1, 8, 1)) has no layout a fresh tensor can share, and empty_like would invent
 // one from the sorted strides, with the last dimension possibly not innermost.
-inline at::Tensor grad_buffer(const at::Tensor& t) {
-  at::Tensor g = at::empty_like(t);
-  if (g.strides() != t.strides()) g = at::empty(t.sizes(), t.options());
+// `empty(sizes, strides, options)` makes the memory (the C++ CPU kernels: OutputPages, which
+// has the zeroing and the kernel's writes done in huge pages); the default is at::empty_strided.
+template <typename Empty>
+inline at::Tensor grad_buffer(const at::Tensor& t, Empty&& empty) {
+  at::Tensor g = t.is_non_overlapping_and_dense() ? empty(t.sizes(), t.strides(), t.options())
+                                                  : empty(t.sizes(), c10::contiguous_strides(t.sizes()), t.options());
   return g.zero_();
+}
+
+inline at::Tensor grad_buffer(const at::Tensor& t) {
+  return grad_buffer(t, [](at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
+    return at::empty_strided(sizes, strides, options);
+  });
 }
 
 }  // namespace rmkernels
