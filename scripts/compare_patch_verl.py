@@ -17,7 +17,7 @@ patched call went to rmkernels and each unpatched one to verl. Not part of the t
 
     python -m venv /tmp/fw && . /tmp/fw/bin/activate
     pip install torch==2.13.0 numpy'<2.4' omegaconf transformers tensordict ray codetiming pillow \\
-        peft cachetools fastapi uvicorn
+        peft cachetools fastapi uvicorn orjson
     pip install --no-deps verl==0.9.1 torchdata
     pip install --no-build-isolation -e .      # from the repository root
     python scripts/compare_patch_verl.py
