@@ -45,13 +45,15 @@ def info():
 
 
 def _huge_pages_line(_ext):
-    """Whether the C++ CPU kernels write their fresh [B, T] outputs in huge pages (csrc/cpu/memory.cpp)."""
+    """Whether the C++ CPU kernels write their fresh [B, T] outputs (and pooling's gradient of the
+    hidden states) in huge pages (csrc/cpu/memory.cpp)."""
     huge = getattr(_ext._C, "huge_pages", None) if _ext.CPP_AVAILABLE else None
     if huge is None:
         return "C++ CPU outputs in huge pages: no (no C++ kernels)"
     size, why = huge()
     if size:
-        return (f"C++ CPU outputs in huge pages: yes, {size >> 20} MiB pages while a fresh [B, T] output is written "
+        return (f"C++ CPU outputs in huge pages: yes, {size >> 20} MiB pages while a fresh [B, T] output "
+                "or pooling's [B, T, H] gradient is written "
                 "(RMKERNELS_HUGE_PAGES=0 turns it off)")
     return f"C++ CPU outputs in huge pages: no ({why})"
 
