@@ -115,6 +115,29 @@ def test_grpo_targets_per_state(monkeypatch):
     assert all(not ln.endswith(("| met |", "| MISSED |")) for ln in extra)
 
 
+def test_pool_targets_on_cpu_and_gpu(monkeypatch):
+    """report._pool_targets: pool-l forward against hf, fwd+bwd against writing grad_hidden once,
+    in the run's own metric (call time on the CPU, device time on a GPU); the huge-page floor
+    (CPU) is information only."""
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import report
+
+    def row(provider, mode, ms, metric="call_ms"):
+        return dict(op="pooling", shape="pool-l", mode=mode, metric=metric, provider=provider, median=ms)
+    rows = [row("hf", "forward", 16.0), row("rmk-cpu", "forward", 0.1), row("rmk-cpu", "full", 40.0),
+            row("floor-write-grad", "full", 120.0), row("floor-write-grad, huge pages", "full", 32.0),
+            row("hf", "forward", 1.0, "device_ms"), row("rmk-cuda", "forward", 0.05, "device_ms"),
+            row("rmk-cuda", "full", 1.3, "device_ms"), row("floor-write-grad", "full", 1.0, "device_ms")]
+    assert report._pool_targets(rows, "call_ms") == [
+        "| pool-l forward >= 50x faster than hf | rmk-cpu | 160x | met |",
+        "| pool-l fwd+bwd within 1.2x of writing grad_hidden once | rmk-cpu | 0.33x | met |",
+        "| (information) pool-l fwd+bwd / writing grad_hidden once into huge pages (the advice of the C++ "
+        "kernel's gradient) | rmk-cpu | 1.25x | - |"]
+    assert report._pool_targets(rows, "device_ms") == [
+        "| pool-l forward >= 50x faster than hf | rmk-cuda | 20.0x | MISSED |",
+        "| pool-l fwd+bwd within 1.2x of writing grad_hidden once | rmk-cuda | 1.30x | MISSED |"]
+
+
 def test_grpo_gpu_target_is_the_op_alone_against_its_memory_floor(monkeypatch):
     """report._grpo_gpu_targets: the device time of the op alone (``rmk-*-op``) over max(its
     bytes / the run's copy bandwidth, one empty launch); full-call rows are not judged there."""
