@@ -3,6 +3,7 @@ naive path (full logits + log_softmax), ``torch.compile`` of it and chunked plai
 forward, backward and full, time and peak memory side by side.
 
     python benchmarks/bench_token_logprobs.py [--shapes lp-s lp-l lp-t] [--quick] [--threads 1]
+    python benchmarks/bench_token_logprobs.py --results   # the committed results/<device>-logprobs.{csv,md}
 
 Every provider returns ``logprobs + entropy`` per token, so the backward carries the upstream
 gradients of both outputs (what the PPO loss + entropy bonus does). The shapes (BENCHMARKS.md)
@@ -95,6 +96,19 @@ def run(op="logprobs", device="cpu", shapes=None, quick=False, tiny=False, only=
                                    bytes_per_mode=bytes_moved(shape), quick=quick, log=log)
         del inputs
     return rows
+
+
+def write_results(argv=None):
+    """``python benchmarks/bench_token_logprobs.py --results``: lp-s on one CPU thread, every
+    provider, the full method (not --quick), written to the committed
+    ``benchmarks/results/<device>-logprobs.csv`` and ``.md`` with the date, machine and command
+    (BENCHMARKS.md's lp-s targets: peak memory and time against the naive path)."""
+    def measure(device):
+        return run(device=device, shapes=["lp-s"])
+
+    return common.write_op_results(
+        measure, name="logprobs", title="token log-probs + entropy", script="bench_token_logprobs.py", argv=argv,
+        method="Peak memory: torch's allocation events above the inputs in one untimed call.")
 
 
 if __name__ == "__main__":

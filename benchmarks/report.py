@@ -205,6 +205,7 @@ def targets(rows):
     lines += _pool_targets(rows, "device_ms" if dev == "cuda" else "call_ms")
     if dev == "cpu":
         lines += _grpo_targets(rows)
+        lines += _lp_targets(rows)
     if dev == "cuda":
         copy_gbps, launch_ms = floors(rows)
         for shape in ("gae-l", "gae-xl"):
@@ -233,6 +234,23 @@ def targets(rows):
         out += ["## Targets (BENCHMARKS.md) judged by this run", "",
                 "| target | provider | measured | |", "|---|---|---:|---|"] + lines + [""]
     return out
+
+
+def _lp_targets(rows):
+    """lp-s (CPU): the full call's peak memory above its inputs <= 160 MiB, and its time no more
+    than the naive path's (full logits, log_softmax)."""
+    lines = []
+    naive = _val(rows, op="logprobs", shape="lp-s", mode="full", metric="call_ms", provider="naive")
+    for r in _get(rows, op="logprobs", shape="lp-s", mode="full", metric="peak_MiB"):
+        if r["provider"].startswith("rmk-"):
+            lines.append(f"| lp-s full call peak memory above inputs <= 160 MiB | {r['provider']} | "
+                         f"{r['median']:.1f} MiB | {'met' if r['median'] <= 160 else 'MISSED'} |")
+    for r in _get(rows, op="logprobs", shape="lp-s", mode="full", metric="call_ms"):
+        if r["provider"].startswith("rmk-") and not math.isnan(naive):
+            x = r["median"] / naive
+            lines.append(f"| lp-s full call time <= naive | {r['provider']} | {x:.2f}x naive | "
+                         f"{'met' if x <= 1 else 'MISSED'} |")
+    return lines
 
 
 def _pool_targets(rows, metric):

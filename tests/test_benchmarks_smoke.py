@@ -138,6 +138,22 @@ def test_pool_targets_on_cpu_and_gpu(monkeypatch):
         "| pool-l fwd+bwd within 1.2x of writing grad_hidden once | rmk-cuda | 1.30x | MISSED |"]
 
 
+def test_lp_targets_peak_memory_and_time_against_naive(monkeypatch):
+    """report._lp_targets (CPU): lp-s's full call, peak memory above the inputs <= 160 MiB and
+    time <= the naive path's; other shapes and modes are not judged."""
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import report
+
+    def row(provider, metric, value, mode="full", shape="lp-s"):
+        return dict(op="logprobs", shape=shape, mode=mode, metric=metric, provider=provider, median=value)
+    rows = [row("naive", "call_ms", 3000.0), row("naive", "peak_MiB", 1250.0), row("rmk-cpu", "call_ms", 3300.0),
+            row("rmk-cpu", "peak_MiB", 82.5), row("rmk-cpu", "call_ms", 1.0, mode="forward"),
+            row("rmk-cpu", "peak_MiB", 500.0, shape="lp-t")]
+    assert report._lp_targets(rows) == [
+        "| lp-s full call peak memory above inputs <= 160 MiB | rmk-cpu | 82.5 MiB | met |",
+        "| lp-s full call time <= naive | rmk-cpu | 1.10x naive | MISSED |"]
+
+
 def test_grpo_gpu_target_is_the_op_alone_against_its_memory_floor(monkeypatch):
     """report._grpo_gpu_targets: the device time of the op alone (``rmk-*-op``) over max(its
     bytes / the run's copy bandwidth, one empty launch); full-call rows are not judged there."""
