@@ -56,7 +56,9 @@ def test_ppo_losses_match_their_formulas():
     loss, clipfrac, _ = core.ppo_policy_loss(lp, old, adv, mask, 0.2)
     r = (lp - old).exp()
     per = torch.maximum(-adv * r, -adv * r.clamp(0.8, 1.2))
-    assert torch.allclose(loss, per[mask].mean())
+    # float32 means of O(1) terms summed in another order: an absolute bar at their scale (a mean
+    # near 0, 3e-4 for RMKERNELS_TEST_SEED=410347413, failed allclose's relative one)
+    torch.testing.assert_close(loss, per[mask].mean(), rtol=1e-5, atol=1e-6)
     assert torch.allclose(clipfrac, ((-adv * r.clamp(0.8, 1.2)) > (-adv * r))[mask].float().mean())
     # the approx KL metric is 0.5 (log ratio)^2 of the raw log ratio, also beyond the +-20 that
     # the ratio's exp is clamped to (no test had a log ratio that large)
@@ -65,7 +67,8 @@ def test_ppo_losses_match_their_formulas():
     v, v_old, ret = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
     vloss, _ = core.ppo_value_loss(v, v_old, ret, mask, 0.1)
     vc = v_old + (v - v_old).clamp(-0.1, 0.1)
-    assert torch.allclose(vloss, 0.5 * torch.maximum((v - ret) ** 2, (vc - ret) ** 2)[mask].mean())
+    torch.testing.assert_close(vloss, 0.5 * torch.maximum((v - ret) ** 2, (vc - ret) ** 2)[mask].mean(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def _ragged_mask(B, T, g):
