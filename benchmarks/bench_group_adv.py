@@ -113,16 +113,9 @@ def floor_rows(shape, device, prov, inputs, quick, log):
     fns = {write_once: lambda: torch.empty(B, T, device=device).fill_(1.0),
            read_inputs: lambda: (r.amax(), m.view(torch.uint8).amax())}
     if device == "cpu" and common.has_op("group_advantages"):
-        from rmkernels import _ext
-
-        def huge():  # the output as the C++ kernels make it (OutputPages), written once
-            out = torch.empty(B, T)
-            if _ext._C.advise_huge_pages(out.data_ptr(), out.nbytes):
-                out.fill_(1.0)
-                _ext._C.advise_huge_pages(out.data_ptr(), out.nbytes, False)
-                return out
-            return out.fill_(1.0)
-        if _ext.CPP_AVAILABLE:
+        # the output as the C++ kernels make it (OutputPages), written once
+        huge = common.cpu_kernel_pages_write(lambda: torch.empty(B, T), lambda out: out.fill_(1.0))
+        if huge is not None:
             fns[write_huge] = huge
     fns.update({k: (lambda f=f: f(*inputs)) for k, f in prov.items() if k.startswith("rmk-")})
     env = common.env_fields(device)

@@ -87,16 +87,9 @@ def write_floor(op, shape, hidden, device, quick):
     from benchmarks import timing
     calls = {FLOOR: lambda: torch.zeros_like(hidden)}
     if device == "cpu" and common.has_op("last_token_reward"):
-        from rmkernels import _ext
-
-        def huge():  # grad_hidden as the C++ kernel makes it (OutputPages), zeroed once
-            g = torch.empty_like(hidden)
-            if _ext._C.advise_huge_pages(g.data_ptr(), g.nbytes):
-                g.zero_()
-                _ext._C.advise_huge_pages(g.data_ptr(), g.nbytes, False)
-                return g
-            return g.zero_()
-        if _ext.CPP_AVAILABLE:
+        # grad_hidden as the C++ kernel makes it (OutputPages), zeroed once
+        huge = common.cpu_kernel_pages_write(lambda: torch.empty_like(hidden), lambda g: g.zero_())
+        if huge is not None:
             calls[FLOOR_HUGE] = huge
     times = timing.measure_interleaved(calls, device=device, reps=3 if quick else 15,
                                        max_time_s=1.0 if quick else 10.0)

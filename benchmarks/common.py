@@ -80,6 +80,26 @@ def has_op(name):
     return hasattr(rmk, name)
 
 
+def cpu_kernel_pages_write(make, write):
+    """A CPU floor in the pages the C++ kernels write a fresh output in (``OutputPages``,
+    csrc/cpu/memory.cpp), or None without the C++ kernels: a callable that makes a block
+    (``make()``), advises it for huge pages where the kernels would (``_C.advise_huge_pages``),
+    writes it (``write(block)``) and withdraws the advice, as the kernels do after their writes."""
+    from rmkernels import _ext
+
+    if not _ext.CPP_AVAILABLE:
+        return None
+
+    def call():
+        out = make()
+        advised = _ext._C.advise_huge_pages(out.data_ptr(), out.nbytes)
+        write(out)
+        if advised:
+            _ext._C.advise_huge_pages(out.data_ptr(), out.nbytes, False)
+        return out
+    return call
+
+
 # ---------------------------------------------------------------------------------------
 # Correctness
 # ---------------------------------------------------------------------------------------

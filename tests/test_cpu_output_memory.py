@@ -77,6 +77,8 @@ def pooled_grad(be):
     trim(0)
     rmk.last_token_reward(h, head, lengths=lengths, backend=be).sum().backward()
     return h.grad
+
+
 def fallbacks():
     # huge page faults the kernel could not serve with a huge page (no free one): 4 KiB pages
     with open("/proc/vmstat") as f:
