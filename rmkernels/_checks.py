@@ -97,14 +97,18 @@ def is_real(value):
 
 
 def check_int(name, value, what=""):
-    """An integer option as a Python int: an int, a NumPy integer or a 0-d integer tensor
-    (``operator.index``); not a bool, a float or a str. ``what`` says what it is in the message."""
+    """An integer option as a Python int in int64's range (what the kernels take): an int or a
+    NumPy integer (``operator.index``); not a bool, a float, a str or a tensor (its value would
+    need a host synchronisation on a GPU). ``what`` says what it is in the message."""
     try:
-        if isinstance(value, bool):
+        if isinstance(value, (bool, torch.Tensor)):
             raise TypeError
-        return operator.index(value)
+        v = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int{what}, got {value!r}") from None
+    if not -(2**63) <= v < 2**63:
+        raise ValueError(f"{name} must fit in int64 ([-2**63, 2**63)), got {v}")
+    return v
 
 
 def check_float(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False):

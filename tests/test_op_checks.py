@@ -438,9 +438,119 @@ def test_last_token_index_pad_token_id():
     import numpy as np
 
     assert rmk.last_token_index(input_ids=ids, pad_token_id=np.int64(0)).tolist() == [1, 0]
-    for bad in (0.5, "0", torch.tensor([0, 1]), True):
+    for bad in (0.5, "0", torch.tensor([0, 1]), torch.tensor(0), True):
         with pytest.raises(TypeError, match="pad_token_id must be an int"):
             rmk.last_token_index(input_ids=ids, pad_token_id=bad)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_integer_options_out_of_range(backend):
+    """An integer option past int64 (what the kernels take) is a ValueError naming it on every
+    backend (``ignore_index=2**63`` was the dispatcher's "Expected a value of type 'int'" on cpu
+    and ran on the reference; 2**64 a bare OverflowError); a ``pad_token_id`` outside the range of
+    the ids' dtype is one too (2**32 against int32 ids compared as 0 and picked the token before
+    the 0s; 256 against uint8 ids the same)."""
+    skip_unless_available(backend, "cpu")
+    h, w, t = torch.randn(2, 3), torch.randn(5, 3), torch.tensor([1, 4])
+    for bad in (2**63, 2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match=rf"ignore_index must fit in int64 .*got {bad}"):
+            rmk.token_logprobs(h, w, t, ignore_index=bad, backend=backend)
+    lp = rmk.token_logprobs(h, w, t, ignore_index=-(2**63), backend=backend)
+    torch.testing.assert_close(lp, rmk.token_logprobs(h, w, t, backend="reference"))
+    for dtype, bad in ((torch.int32, 2**32), (torch.int32, -(2**31) - 1), (torch.uint8, 256), (torch.uint8, -1),
+                       (torch.int16, 2**15)):
+        ids = torch.tensor([[5, 7, 0, 0]], dtype=dtype)
+        with pytest.raises(ValueError, match=rf"pad_token_id must lie in the range of input_ids' dtype .*got {bad}"):
+            rmk.last_token_index(input_ids=ids, pad_token_id=bad, backend=backend)
+        assert rmk.last_token_index(input_ids=ids, pad_token_id=0, backend=backend).tolist() == [1]
+    with pytest.raises(ValueError, match="pad_token_id must fit in int64"):
+        rmk.last_token_index(input_ids=torch.tensor([[5, 0]]), pad_token_id=2**64, backend=backend)
+    ids = torch.tensor([[5, 7, 0, 0]], dtype=torch.int32)
+    assert rmk.last_token_index(input_ids=ids, pad_token_id=2**31 - 1, backend=backend).tolist() == [3]
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clamps_that_round_to_zero_in_float32(backend, dtype):
+    """A clamp the checks took (> 0) but float32 holds as 0 (1e-300): the C++ kernels read 0 as
+    no clamp while the reference clamped to +-0, so cpu and reference disagreed. The public
+    functions refuse it, naming the option; a kernel op given it directly clamps as the kernels
+    hold it (rounded to the arithmetic dtype, 0 = none) on every backend (float64 inputs: the C++
+    kernels and the reference; Triton holds host floats in float32's range)."""
+    from rmkernels._registry import KERNELS
+
+    skip_unless_available(backend, "cpu")
+    g = torch.Generator().manual_seed(0)
+    lp, ref, v = (torch.randn(3, 5, generator=g, dtype=dtype) for _ in range(3))
+    sc, m = torch.tensor([3.0, -2.0, 0.5], dtype=dtype), torch.ones(3, 5, dtype=torch.bool)
+    def ppo(**kw):
+        return rmk.ppo_advantages(lp, ref, v, sc, m, kl_coef=0.1, backend=backend, **kw)
+
+    for name, call in (("score_clip", lambda c: ppo(score_clip=c)), ("kl_clamp", lambda c: ppo(kl_clamp=c)),
+                       ("clamp", lambda c: rmk.kl_estimate(lp, ref, m, clamp=c, backend=backend))):
+        for bad in (1e-300, 1e-46):
+            with pytest.raises(ValueError, match=rf"{name} must be None or > 0 in float32 .*rounds to 0"):
+                call(bad)
+        call(1e-45)  # float32's smallest subnormal: a clamp
+    kl = rmk.kl_estimate(lp, ref, m, clamp=1e-45, backend=backend)
+    assert kl.abs().max().item() <= 1.5e-45
+    tiny = 1e-300
+    if backend == "triton" and dtype == torch.float64:
+        return  # the Triton kernels take host floats as two float32s (_common.scalar): 1e-300 is 0 there
+    for name, args in (("kl_estimate_kernel", (lp, ref, m, 0, tiny, tiny)),
+                       ("ppo_gae_kernel", (lp, ref, v, sc, m, 0.1, 1.0, 0.95, 2, tiny, tiny, tiny))):
+        k = KERNELS[name]
+        want = k.reference(*args)
+        got = k(backend, *args)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    kl = KERNELS["kl_estimate_kernel"].reference(lp, ref, m, 0, tiny, tiny)
+    if dtype == torch.float32:  # no clamp: the k1 values themselves
+        torch.testing.assert_close(kl, lp - ref)
+    else:  # 1e-300 is a clamp in float64
+        assert kl.abs().max().item() <= tiny
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_packed_index_names_distinct_tokens(backend):
+    """A direct call of the pooling ops with packed hidden [N, H] and an index that names one
+    token twice: the forward gathered it twice, the backward wrote that token's gradient once
+    (one row's, not their sum). It is a ValueError naming the rows (a data check, so for CPU
+    tensors always); indices outside [0, N) (no valid token) may repeat, and so may a position
+    in different rows of [B, T, H] hidden states."""
+    skip_unless_available(backend, "cpu")
+    ops = torch.ops.rmkernels
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 3, generator=g), torch.randn(2, 3, generator=g)
+    idx = torch.tensor([4, 1, 4, -1])
+    with pytest.raises(ValueError, match=r"index: rows 0, 2 name the same packed token \(4\)"):
+        ops.last_token_reward(h, w, None, idx, backend)
+    with pytest.raises(ValueError, match=r"index: rows 0, 2 name the same packed token \(4\)"):
+        ops.last_token_reward_backward(torch.ones(4, 2), h, w, idx, True, True, True, backend)
+    with pytest.raises(ValueError, match=r"index: rows 0, 2 name the same packed token \(4\)"):
+        ops.pairwise_reward_loss(h, w[:1], None, idx, None, None, 0.0, 1.0, 0.0, 0.0, "mean", backend)
+    ok = torch.tensor([4, -1, 1, -1, 6])
+    hr = h.clone().requires_grad_()
+    r = ops.last_token_reward(hr, w, None, ok, backend)
+    (gh,) = torch.autograd.grad(r.nan_to_num().sum(), hr)
+    want = torch.zeros_like(h)
+    want[4], want[1] = w.sum(0), w.sum(0)
+    torch.testing.assert_close(gh, want)
+    h3 = torch.randn(3, 4, 3, generator=g)
+    torch.testing.assert_close(ops.last_token_reward(h3, w, None, torch.tensor([2, 2, 2]), backend),
+                               h3[:, 2] @ w.t())
+
+
+def test_packed_index_kernel_op_checks_distinct_tokens():
+    """The C++ CPU kernel op of the backward checks it too (its rows are written by different
+    threads, once each)."""
+    skip_unless_available("cpu", "cpu")
+    ops = torch.ops.rmkernels
+    h, w = torch.randn(6, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"index: rows 1, 3 name the same packed token \(5\)"):
+        ops.last_token_reward_bwd_kernel(torch.ones(4, 2), h, w, torch.tensor([0, 5, -3, 5]), True, False, False)
+    gh = ops.last_token_reward_bwd_kernel(torch.ones(4, 2), h, w, torch.tensor([0, 5, -3, 9]), True, False, False)[0]
+    assert torch.equal(gh[0], w.sum(0)) and torch.equal(gh[5], w.sum(0)) and gh[1:5].abs().sum() == 0
 
 
 def test_direct_index_ops_check_data():

@@ -12,6 +12,10 @@
 // (N for packed input) is "no valid token": NaN rewards, no read, no gradient.
 #include <torch/library.h>
 
+#include <algorithm>
+#include <string>
+#include <vector>
+
 #include "rmkernels/cpu_common.h"
 #include "rmkernels/op_checks.h"
 
@@ -100,6 +104,27 @@ at::Tensor last_token_reward_fwd_cpu(const at::Tensor& hidden, const at::Tensor&
   return out;
 }
 
+// Packed hidden [N, H]: the tokens the index names (those in [0, N)) must be distinct, one last
+// token per sequence; grad_hidden's rows are written once each (by different threads), so a
+// repeated token would get one row's gradient, not their sum. The Python op's data check
+// (pooling.py _check_distinct_tokens) is the same rule; this is the kernel op's, on the CPU.
+void check_distinct_tokens(const int64_t* idx, int64_t B, int64_t N) {
+  std::vector<int64_t> named;
+  named.reserve(B);
+  for (int64_t b = 0; b < B; ++b) {
+    if (idx[b] >= 0 && idx[b] < N) named.push_back(idx[b]);
+  }
+  std::sort(named.begin(), named.end());
+  const auto it = std::adjacent_find(named.begin(), named.end());
+  if (it == named.end()) return;
+  std::string rows;
+  for (int64_t b = 0; b < B; ++b) {
+    if (idx[b] == *it) rows += (rows.empty() ? "" : ", ") + std::to_string(b);
+  }
+  TORCH_CHECK_VALUE(false, "index: rows ", rows, " name the same packed token (", *it,
+                    "); each sequence has its own last token");
+}
+
 template <typename scalar_t>
 void reward_bwd_impl(const at::Tensor& grad, const at::Tensor& hidden, const HiddenView& v,
                      const at::Tensor& weight, const int64_t* idx, int64_t B, int64_t K, at::Tensor* g_hidden,
@@ -112,7 +137,7 @@ void reward_bwd_impl(const at::Tensor& grad, const at::Tensor& hidden, const Hid
   if (g_hidden) {
     // grad_hidden[b, idx_b, :] = sum_k g[b, k] * W[k, :]; zero elsewhere, in g_hidden's own
     // strides (grad_buffer: hidden's, or contiguous for an overlapping view). Rows of a packed
-    // batch never share a token, so the writes of different b never overlap.
+    // batch never share a token (check_distinct_tokens), so the writes of different b never overlap.
     const int64_t gsB = hidden.dim() == 3 ? g_hidden->stride(0) : 0;
     const int64_t gsT = hidden.dim() == 3 ? g_hidden->stride(1) : g_hidden->stride(0);
     scalar_t* gx = g_hidden->data_ptr<scalar_t>();
@@ -166,6 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> last_token_reward_bwd_cpu(
   const int64_t B = index.size(0), K = weight.size(0);
   check_dense(grad, "grad", {B, K}, weight.scalar_type(), hidden.device());
   const HiddenView v = hidden_view(hidden, B);
+  if (need_hidden && hidden.dim() == 2) check_distinct_tokens(index.data_ptr<int64_t>(), B, v.T);
   OutputPages pages;  // grad_hidden zeroed and written in huge pages when fresh (cpu_common.h)
   at::Tensor g_hidden =
       need_hidden ? grad_buffer(hidden, [&](at::IntArrayRef sizes, at::IntArrayRef strides,

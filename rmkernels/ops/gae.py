@@ -29,11 +29,9 @@ KL_ESTIMATOR_NAMES = tuple(KL_ESTIMATORS)
 # Reference implementation (pure PyTorch, the ground truth)
 # ---------------------------------------------------------------------------------------
 def kl_reference(x, code, x_clamp, kl_clamp):
-    """The KL estimator ``code`` (``KLEstimator``) of x = logprobs - ref_logprobs; a clamp of 0
-    is none (x_clamp clamps x first, kl_clamp the result)."""
-    if x_clamp > 0:
-        c = acc_scalar(x_clamp, x.dtype)
-        x = x.clamp(-c, c)
+    """The KL estimator ``code`` (``KLEstimator``) of x = logprobs - ref_logprobs (x_clamp clamps
+    x first, kl_clamp the result; :func:`clamp_sym`)."""
+    x = clamp_sym(x, x_clamp)
     if code == KLEstimator.K1:
         kl = x
     elif code == KLEstimator.ABS:
@@ -42,10 +40,15 @@ def kl_reference(x, code, x_clamp, kl_clamp):
         kl = 0.5 * x * x
     else:
         kl = torch.exp(-x) - 1 + x
-    if kl_clamp > 0:
-        c = acc_scalar(kl_clamp, kl.dtype)
-        kl = kl.clamp(-c, c)
-    return kl
+    return clamp_sym(kl, kl_clamp)
+
+
+def clamp_sym(x, c):
+    """x clamped to [-c, c], the clamp held as the kernels hold it (``acc_scalar``: rounded to
+    x's dtype, the arithmetic dtype); a clamp of 0 there is none (scalar_math.h ``clamp_sym``:
+    a direct kernel-op call's 1e-300 on float32 clamps nothing on every backend)."""
+    c = acc_scalar(c, x.dtype)
+    return x.clamp(-c, c) if c > 0 else x
 
 
 def gae_recurrence(rewards, values, valid, gamma, lam):
@@ -134,10 +137,15 @@ def check_discount(gamma, lam=None):
 
 
 def check_clamp(name, value):
-    """A clamp option: None (no clamp) or a finite value > 0."""
+    """A clamp option: None (no clamp) or a finite value > 0, also in float32 (the kernels'
+    arithmetic for fp32 / bf16 / fp16 inputs, where a clamp that rounds to 0 would be none)."""
     if value is None:
         return None
-    return _checks.check_float(name, value, lo=0.0, lo_open=True, hi=float("inf"), hi_open=True)
+    v = _checks.check_float(name, value, lo=0.0, lo_open=True, hi=float("inf"), hi_open=True)
+    if not acc_scalar(v, torch.float32) > 0:
+        raise ValueError(f"{name} must be None or > 0 in float32 (the kernels' arithmetic), got {v!r}, which "
+                         f"rounds to 0 there")
+    return v
 
 
 def _check_gae(rewards, values, mask, gamma, lam, backend):

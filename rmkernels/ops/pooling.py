@@ -128,6 +128,21 @@ def check_pool_args(hidden, weight, bias, index):
         raise ValueError(f"index must have shape [B] = [{hidden.shape[0]}] (from hidden), got {tuple(index.shape)}")
     if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
         raise ValueError(f"hidden must have a unit stride on its last dim H, got strides {hidden.stride()}")
+    if hidden.dim() == 2 and index.shape[0] > 1 and _checks.data_checks_enabled(index.device):
+        _check_distinct_tokens(index, hidden.shape[0])
+
+
+def _check_distinct_tokens(index, n_tokens):
+    """Packed hidden [N, H]: the tokens ``index`` names (those in [0, N)) are distinct, one last
+    token per sequence (what ``cu_seqlens`` gives); the backward writes each one's gradient
+    once, so a repeated token would get one row's gradient, not their sum (a data check)."""
+    named = index[(index >= 0) & (index < n_tokens)]
+    s = named.sort().values
+    repeated = s[1:][s[1:] == s[:-1]]
+    if repeated.numel():
+        rows = torch.nonzero(torch.isin(index, repeated)).flatten()
+        raise ValueError(f"index: rows {_checks.rows_str(rows)} name the same packed token "
+                         f"({_checks.rows_str(repeated.unique())}); each sequence has its own last token")
 
 
 def _check_grad(name, grad, shape, device):
@@ -400,6 +415,12 @@ def last_token_index(attention_mask=None, *, input_ids=None, pad_token_id=None, 
             raise ValueError("input_ids needs pad_token_id (the rightmost non-pad token is picked)")
         pad_token_id = _checks.check_int("pad_token_id", pad_token_id, " (a token id)")
         _checks.check_tensor("input_ids", input_ids, ndims=2)
+        if not (input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):
+            info = torch.iinfo(input_ids.dtype)  # torch would compare a wrapped value
+            if not info.min <= pad_token_id <= info.max:
+                raise ValueError(f"pad_token_id must lie in the range of input_ids' dtype "
+                                 f"{str(input_ids.dtype).replace('torch.', '')} [{info.min}, {info.max}], "
+                                 f"got {pad_token_id}")
         mask, name = input_ids != pad_token_id, "input_ids"
     else:
         _checks.check_tensor("attention_mask", attention_mask, ndims=2)

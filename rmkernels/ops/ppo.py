@@ -34,13 +34,14 @@ from collections import namedtuple
 import torch
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype, acc_scalar
+from rmkernels._library import acc_dtype
 from rmkernels._registry import Kernel, Op
 from rmkernels.ops.gae import (
     check_clamp,
     check_discount,
     check_estimator,
     check_mask,
+    clamp_sym,
     common_float_dtype,
     estimator_args,
     gae_recurrence,
@@ -64,10 +65,7 @@ def _reference_ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, ga
     zero = torch.zeros((), dtype=acc, device=values.device)
     kl = kl_reference(logprobs.to(acc) - ref_logprobs.to(acc), code, x_clamp, kl_clamp)
     kl = torch.where(valid, kl, zero)
-    s = scores.to(acc)
-    if score_clip > 0:
-        c = acc_scalar(score_clip, s.dtype)
-        s = s.clamp(-c, c)
+    s = clamp_sym(scores.to(acc), score_clip)
     rewards = -kl_coef * kl
     pos = torch.arange(T, device=values.device).expand(B, T)
     last = torch.where(valid, pos, torch.full_like(pos, -1)).amax(dim=1) if T > 0 else pos.new_full((B,), -1)
@@ -352,9 +350,10 @@ def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=DEFAULT_WHITEN
                   backend=None):
     """Whiten ``x`` over the positions where ``mask`` is non-zero (TRL/verl ``masked_whiten``).
 
-    ``mean = sum(m x) / n``, ``var = sum(m (x - mean)^2) / (n - 1 if unbiased else n)``,
-    ``out = (x - mean) * rsqrt(var + eps)`` (``+ mean`` if not ``shift_mean``) at valid
-    positions and 0 at masked ones. With n <= 1 valid positions the output is all zeros
+    With ``m`` the mask as 0 / 1 (non-zero = valid: a float mask's values are not weights) and
+    ``n = sum(m)``: ``mean = sum(m x) / n``, ``var = sum(m (x - mean)^2) / (n - 1 if unbiased
+    else n)``, ``out = (x - mean) * rsqrt(var + eps)`` (``+ mean`` if not ``shift_mean``) at
+    valid positions and 0 at masked ones. With n <= 1 valid positions the output is all zeros
     (never NaN, no error). ``x``: any shape (at least 1-D), any float dtype; ``mask``: the
     same shape, bool/int/float. Returns float32 (fp64 for fp64 ``x``) of ``x``'s shape. With
     ``process_group`` the statistics are those of every rank's elements together. No
