@@ -55,6 +55,20 @@ def plant(path, marker):
     else:
         with open(path, "wb") as f:
             pickle.dump(Payload(marker), f)
+    relist(path)
+
+
+def relist(path):
+    """Rewrite the file list (``T.FILE_LIST``) of the checkpoint that holds ``path``, as one who
+    planted or edited a file could: the list would otherwise find the new size first, and what
+    is tested is the loaders' own refusal."""
+    d = os.path.dirname(path)
+    for _ in range(3):
+        if os.path.exists(os.path.join(d, T.FILE_LIST)):
+            if os.path.basename(path) != T.FILE_LIST:
+                T.write_file_list(d)
+            return
+        d = os.path.dirname(d)
 
 
 def _files(ckpt):
@@ -173,6 +187,12 @@ def _poison(name, value=float("nan")):
     return edit
 
 
+def _nan_moment(path):
+    state = torch.load(path, weights_only=True)
+    next(iter(state["state"].values()))["exp_avg"].view(-1)[0] = float("nan")
+    torch.save(state, path)
+
+
 DAMAGE = {
     "missing weights": (lambda c: _edit_weights(c / "model.safetensors", lambda t: [
         t.pop("score.weight"), t.pop("model.layers.0.mlp.down_proj.weight")]),
@@ -204,6 +224,9 @@ DAMAGE = {
         lambda c: torch.save(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]).state_dict(), c / "optimizer.pt"),
         "optimizer.pt does not fit the model"),
     "scheduler garbage": (lambda c: torch.save({"a": 1}, c / "scheduler.pt"), "scheduler.pt is not"),
+    # a NaN moment: every step after the resume diverged, and the run named this checkpoint the last good one
+    "nan optimizer state": (lambda c: _nan_moment(c / "optimizer.pt"),
+                            "optimizer.pt holds non-finite values (its 'exp_avg' state)"),
     "missing config": (lambda c: os.remove(c / "config.json"), "config.json is missing"),
     "tokenizer garbage": (lambda c: _garbage(c / "tokenizer.json"), "cannot load a tokenizer"),
     "chat template that does not parse": (
@@ -216,6 +239,7 @@ DAMAGE = {
 def test_reward_resume_skips_a_damaged_checkpoint(run_copy, capsys, case):
     damage, reason = DAMAGE[case]
     damage(run_copy / "checkpoint-4")
+    relist(str(run_copy / "checkpoint-4" / "config.json"))  # the checks behind the file list
     rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")
     assert rc == 0, err
     assert "Traceback" not in err
@@ -237,12 +261,48 @@ def test_conversational_resume_skips_a_checkpoint_whose_chat_template_does_not_p
             "--no-plot", "--save-every", 2, "--save-total-limit", 5, "--output-dir", out]
     rc, err = _reward(capsys, *argv, "--max-steps", 4)
     assert rc == 0, err
+    keep = tmp_path / "keep"
+    shutil.copytree(out, keep)
     (out / "checkpoint-4" / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content ")
+    relist(str(out / "checkpoint-4" / "chat_template.jinja"))
     rc, err = _reward(capsys, *argv, "--max-steps", 5, "--resume")
     assert rc == 0 and "Traceback" not in err, err
     assert (f"--resume: skipping checkpoint-4: {out / 'checkpoint-4' / 'chat_template.jinja'}: the chat template "
             f"does not parse (TemplateSyntaxError") in err, err
     assert f"resuming from {out / 'checkpoint-2'} (step 2)" in err
+    # the template deleted: transformers loads the tokenizer without one, and the run blamed the
+    # data ("conversational data needs a tokenizer with a chat template"); the file list finds it
+    os.remove(keep / "checkpoint-4" / "chat_template.jinja")
+    argv[argv.index(out)] = keep
+    rc, err = _reward(capsys, *argv, "--max-steps", 5, "--resume")
+    assert rc == 0 and "Traceback" not in err, err
+    assert ("--resume: skipping checkpoint-4: chat_template.jinja is missing (it was written with the checkpoint)"
+            in err), err
+    assert f"resuming from {keep / 'checkpoint-2'} (step 2)" in err
+
+
+@pytest.mark.parametrize("edit", ["removed", "grown"])
+def test_resume_skips_a_checkpoint_whose_files_differ_from_its_list(run_copy, capsys, edit):
+    """Every checkpoint lists its files with their sizes (``T.FILE_LIST``, written last); a file
+    removed or changed in size afterwards that the loaders take as optional or read without
+    noticing (the chat template of a run on plain-text data; a tokenizer config with a byte more)
+    makes it damaged, named (checked after the loaders, whose own reasons come first)."""
+    files = json.loads((run_copy / "checkpoint-4" / T.FILE_LIST).read_text())
+    assert {"model.safetensors", "optimizer.pt", "config.json", "chat_template.jinja"} <= set(files), files
+    assert T.FILE_LIST not in files and "trainer_state.json" not in files
+    if edit == "removed":
+        os.remove(run_copy / "checkpoint-4" / "chat_template.jinja")
+        reason = "chat_template.jinja is missing (it was written with the checkpoint)"
+    else:
+        path = run_copy / "checkpoint-4" / "tokenizer_config.json"
+        size = files["tokenizer_config.json"]
+        with open(path, "a") as f:
+            f.write("\n")
+        reason = f"tokenizer_config.json has {size + 1} bytes, written with {size}"
+    rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")
+    assert rc == 0 and "Traceback" not in err, err
+    assert f"--resume: skipping checkpoint-4: {reason}" in err, err
+    assert f"resuming from {run_copy / 'checkpoint-2'} (step 2)" in err
 
 
 @pytest.mark.parametrize("case", ["truncated weights", "garbage trainer state", "missing optimizer"])
@@ -250,6 +310,7 @@ def test_reward_resume_with_no_intact_checkpoint_is_one_line(run_copy, capsys, c
     damage, reason = DAMAGE[case]
     for c in ("checkpoint-2", "checkpoint-4"):
         damage(run_copy / c)
+        relist(str(run_copy / c / "config.json"))
     rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")
     assert rc == 1 and "Traceback" not in err and "--model" not in err
     last = err.strip().splitlines()[-1]
@@ -351,6 +412,7 @@ def test_rotation_never_keeps_a_damaged_newer_checkpoint_instead_of_the_new_one(
     """--save-total-limit 1 after resuming from checkpoint-2 past a damaged checkpoint-4: the
     new checkpoint-3 is kept, the abandoned checkpoint-4 goes."""
     _truncate(run_copy / "checkpoint-4" / "model.safetensors")
+    relist(str(run_copy / "checkpoint-4" / "model.safetensors"))
     rc, err = _reward(capsys, *REWARD_RUN[:-4], "--save-total-limit", 1, "--save-every", 1, "--seed", 3,
                       "--stop-after", 1, "--output-dir", run_copy, "--resume")
     assert rc == 0, err
@@ -449,12 +511,14 @@ def test_ppo_resume_skips_a_damaged_checkpoint(ppo_run, tmp_path, capsys, case):
               "inf reference": lambda p: _edit_weights(p, _poison("lm_head.weight", float("-inf"))),
               "nan value model": lambda p: _edit_weights(p, _poison("value_head.weight"))}.get(case, _truncate)
     damage(run / "checkpoint-2" / file)
+    relist(str(run / "checkpoint-2" / file))
     rc, err = _ppo(capsys, "--reward-model", rm, "--output-dir", run, "--steps", 3, *PPO_FAST, "--resume")
     assert rc == 0 and "Traceback" not in err, err
     assert f"--resume: skipping checkpoint-2: {reason}" in err, err
     assert f"resuming from {run / 'checkpoint-1'} (step 1)" in err
     # none intact: one line
     damage(run / "checkpoint-1" / file)
+    relist(str(run / "checkpoint-1" / file))
     for c in ("checkpoint-2", "checkpoint-3"):
         shutil.rmtree(run / c, ignore_errors=True)
     rc, err = _ppo(capsys, "--reward-model", rm, "--output-dir", run, "--steps", 3, *PPO_FAST, "--resume")

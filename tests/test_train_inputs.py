@@ -126,6 +126,26 @@ def test_missing_optional_dependency_is_named_at_start(tmp_path, capsys, monkeyp
         T.check_optional_deps(args)
 
 
+@pytest.mark.parametrize("module,flag", [("matplotlib", "--no-plot"), ("tqdm", "--no-progress")])
+@pytest.mark.parametrize("main,prog", [(reward_main, "reward"), (ppo_main, "ppo")])
+def test_broken_optional_dependency_is_named_at_start(tmp_path, capsys, monkeypatch, module, flag, main, prog):
+    """An optional package that is installed but fails to import (find_spec finds it): the run
+    stopped after training with plot_curves' traceback; now one line at the start."""
+    real = T.importlib.import_module
+
+    def broken(name, *a):
+        if name == module:
+            raise ImportError(f"broken {module} (test)")
+        return real(name, *a)
+
+    monkeypatch.setattr(T.importlib, "import_module", broken)
+    rc, err = _run(main, capsys, "--output-dir", tmp_path / "o", "--threads", "1")
+    assert rc == 1 and "Traceback" not in err
+    assert err.strip() == (f"rmkernels-train {prog}: error: the Python package {module!r} is installed but cannot be "
+                           f"imported (ImportError: broken {module} (test)): reinstall it, or run with {flag}"), err
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Long pairs (a safe --max-length by default) and pairs that cannot be ranked
 # ---------------------------------------------------------------------------------------
@@ -452,3 +472,67 @@ def test_a_directory_without_a_tokenizer_is_one_line_naming_it(tmp_path, capsys)
     assert rc == 1 and want.format(run) in err and "Traceback" not in err, err
     assert f"it looks like a training output directory; pass one of its checkpoints, such as " \
            f"{run / 'checkpoint-12'}" in err, err
+
+
+@pytest.mark.parametrize("drop", ["model.layers.0.mlp.down_proj.weight", "score.weight"])
+def test_model_missing_weights_besides_its_head_is_refused(tmp_path, capsys, drop):
+    """--model whose weights file lacks a weight of the backbone: from_pretrained initialised it
+    randomly and the run trained on (only transformers' load report said so); now one line
+    naming it. The score head alone may be missing (a causal LM's checkpoint gets a new one)."""
+    from safetensors.torch import load_file, save_file
+
+    rows = [{"prompt": "ab ", "chosen": "cd" * (1 + i % 3), "rejected": "ef"} for i in range(12)]
+    _prefs(tmp_path / "train.jsonl", rows)
+    _save_tiny_hf(tmp_path / "m", 64)
+    path = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(path)
+    del tensors[drop]
+    save_file(tensors, path, metadata={"format": "pt"})
+    rc, err = _run(reward_main, capsys, "--model", tmp_path / "m", "--data", tmp_path / "train.jsonl",
+                   "--output-dir", tmp_path / "o", "--max-steps", 1, *TINY[4:])
+    if drop == "score.weight":
+        assert rc == 0, err
+    else:
+        assert rc == 1 and "Traceback" not in err, err
+        assert (f"--model {tmp_path / 'm'}: the checkpoint lacks 1 weight(s) of the model besides its score head, "
+                f"which would be initialised randomly ({drop})") in err, err
+
+
+def test_data_from_a_pipe_is_hashed_as_read(tmp_path, capsys):
+    """--data from a FIFO (a pipe, /dev/stdin): its SHA-256 for --resume's data check was taken
+    by reading it a second time, i.e. of nothing, and a resume fed other data went on. Now the
+    bytes read are hashed: the recorded digest is the data's, and other data on resume is refused."""
+    import contextlib
+    import hashlib
+    import threading
+
+    rows = [{"prompt": "ab ", "chosen": "cd" * (1 + i % 3), "rejected": "ef"} for i in range(12)]
+    _prefs(tmp_path / "a.jsonl", rows)
+    _prefs(tmp_path / "b.jsonl", rows[::-1])
+
+    fifo = tmp_path / "fifo"
+
+    def run(src, *extra):
+        os.mkfifo(fifo)
+
+        def write():
+            with contextlib.suppress(BrokenPipeError):
+                fifo.write_bytes((tmp_path / src).read_bytes())
+
+        feed = threading.Thread(target=write, daemon=True)
+        feed.start()
+        try:
+            return _run(reward_main, capsys, "--data", fifo, "--output-dir", tmp_path / "o", "--max-steps", 4,
+                        "--save-every", 1, *extra, *TINY)
+        finally:
+            if feed.is_alive():  # the run stopped before it read the FIFO: let the writer's open return
+                os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+            feed.join(timeout=30)
+            os.remove(fifo)
+
+    rc, err = run("a.jsonl", "--stop-after", 2)
+    assert rc == 0, err
+    state = json.loads((tmp_path / "o" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["data_sha256"]["data"] == hashlib.sha256((tmp_path / "a.jsonl").read_bytes()).hexdigest()
+    rc, err = run("b.jsonl", "--resume")
+    assert rc == 1 and "the contents of --data" in err and "changed since the checkpoint's run" in err, err

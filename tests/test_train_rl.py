@@ -3,6 +3,7 @@ checker, the pieces of the loop against their formulas, and short end-to-end run
 not collapse (the held-out task success must not fall), on CPU."""
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -246,8 +247,12 @@ def test_defaults_depend_on_the_estimator():
     (["--warm-start-steps", "-1"], "--warm-start-steps must be >= 0"),
     (["--kl-estimator", "abs"], "takes k1, k2 or k3"),
     (["--advantage", "gae", "--reward", "checker"], "options of the critic-free run"),
-    (["--policy-hidden", "18"], "--policy-hidden must be a multiple of 4"),
-    (["--policy-hidden", "18", "--advantage", "gae"], "--policy-hidden must be a multiple of 4"),
+    (["--policy-hidden", "18"], "--policy-hidden must be a multiple of 8"),
+    (["--policy-hidden", "18", "--advantage", "gae"], "--policy-hidden must be a multiple of 8"),
+    (["--policy-hidden", "12"], "each of an even size for the rotary embedding), got 12"),
+    (["--policy-hidden", "4"], "--policy-hidden must be a multiple of 8"),
+    (["--kl-clamp", "1e-300", "--advantage", "gae"], "--kl-clamp: kl_clamp must be None or > 0 in float32"),
+    (["--score-clip", "1e-46", "--advantage", "gae"], "--score-clip: score_clip must be None or > 0 in float32"),
 ])
 def test_bad_rl_options_stop_with_a_message(argv, message, capsys):
     assert main(argv + FAST) == 1
@@ -1266,3 +1271,65 @@ def test_a_one_process_checkpoint_resumed_on_two_stops_with_one_line(tiny_rm, tm
             "options must stay the same on --resume: they decide what each step sees, or the model and its "
             "optimizer; use another --output-dir to change them)")
     assert_one_line_each(ranks, "rmkernels-train ppo", [line, line])
+
+
+@pytest.mark.parametrize("damage", ["missing weight", "nan weight"])
+def test_a_damaged_warm_start_cache_is_trained_again(tiny_rm, tmp_path, capsys, damage):
+    """A warm-start cache whose weights file lost a tensor (from_pretrained initialised it
+    randomly, the run went on with `cached: true`) or holds NaN (the run stopped: "training
+    diverged") is damaged: trained again, saying why."""
+    from safetensors.torch import load_file, save_file
+
+    def argv(out):
+        return tiny(tiny_rm, out, "--steps", "1")[:-len(FAST)] + FAST + ["--warm-start-steps", "2"]
+
+    first = tmp_path / "first"
+    assert main(argv(first)) == 0
+    capsys.readouterr()
+    out = tmp_path / "again"
+    shutil.copytree(first / "warm_start", out / "warm_start")
+    path = out / "warm_start" / "model.safetensors"
+    tensors = load_file(path)
+    name = next(k for k in tensors if "down_proj" in k)
+    if damage == "missing weight":
+        del tensors[name]
+        why = f"model.safetensors does not fit the model (missing ['{name}']"
+    else:
+        tensors[name].view(-1)[0] = float("nan")
+        why = f"model.safetensors holds non-finite values ({name} has NaN or inf)"
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert main(argv(out)) == 0
+    err = capsys.readouterr().err
+    assert f"{out / 'warm_start'}: its model is damaged ({why}" in err and "training it again" in err, err
+    with open(out / "final.json") as f:
+        assert json.load(f)["warm_start"]["cached"] is False
+    assert torch.isfinite(load_file(path)[name]).all() and name in load_file(path)
+
+
+def test_reward_run_whose_final_checkpoint_is_gone(tiny_rm, tmp_path, capsys):
+    """--reward-model a reward run's output directory whose final.json names a checkpoint that
+    was deleted: the message blamed a tokenizer ("Repo id must be in the form ..."); now it
+    says the checkpoint is not there."""
+    run = tmp_path / "rm"
+    shutil.copytree(os.path.dirname(tiny_rm), run)
+    shutil.rmtree(run / os.path.basename(tiny_rm))
+    summary = json.loads((run / "final.json").read_text())
+    (run / "final.json").write_text(json.dumps({**summary, "checkpoint": str(run / os.path.basename(tiny_rm))}))
+    rc = main(tiny(str(run), tmp_path / "o", "--steps", "1"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert (f"--reward-model {run}: a training output directory; its summary {run / 'final.json'} names the final "
+            f"checkpoint {run / os.path.basename(tiny_rm)}, which is not there") in err, err
+
+
+def test_prompts_the_tokenizer_does_not_know_are_warned(tiny_rm, tmp_path, capsys):
+    """--prompts with characters outside the reward model's vocabulary trained on <unk> tokens
+    without a word; now a warning counts them and names the first."""
+    prompts = tmp_path / "p.jsonl"
+    rows = ["sort 0312: "] * 6 + ["日本語", "sort 21日: "]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+    rc = main(tiny(tiny_rm, tmp_path / "o", "--steps", "1", "--prompts", str(prompts)))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert (f"warning: 2 of 8 prompts hold text the tokenizer does not know (read as <unk>; the first: "
+            f"{prompts}:7)") in err, err

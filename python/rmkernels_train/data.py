@@ -29,7 +29,7 @@ import random
 
 import torch
 
-from rmkernels_train.utils import FLOAT32_MAX, TrainingError
+from rmkernels_train.utils import FLOAT32_MAX, TrainingError, open_data_text
 
 # ---------------------------------------------------------------------------------------
 # The built-in default data set
@@ -187,7 +187,7 @@ def load_jsonl(path, margin_field="margin"):
     """Read a preference JSONL file (see the module docstring). Errors name file, line and
     field: ``data.jsonl:7: missing field 'rejected' (keys present: ['chosen', 'prompt'])``."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open_data_text(path)
     except OSError as e:
         raise TrainingError(f"cannot read data file {path}: {e.strerror}") from None
     out = []

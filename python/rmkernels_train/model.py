@@ -140,7 +140,16 @@ def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetens
     if trained and missing:
         raise TrainingError(f"{what} {path}: not a trained reward model: the checkpoint lacks {len(missing)} "
                             f"weight(s), which would be initialised randomly ({', '.join(missing[:3])})")
+    body = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if body:  # only the new score head may be missing (a causal LM's checkpoint)
+        raise TrainingError(f"{what} {path}: the checkpoint lacks {len(body)} weight(s) of the model besides its "
+                            f"score head, which would be initialised randomly ({', '.join(body[:3])})")
     return model
+
+
+# The sequence-classification heads' parameter names in transformers (``score`` of the decoder
+# models, ``classifier`` of the encoders): what a causal LM's checkpoint lacks as a reward model.
+HEAD_PREFIXES = ("score.", "classifier.")
 
 
 def vocab_rows(model):

@@ -43,8 +43,9 @@ import time
 import torch
 
 from rmkernels._codes import KL_ESTIMATORS
+from rmkernels.ops.gae import check_clamp
 from rmkernels_train import trainer as T
-from rmkernels_train.utils import FLOAT32_MAX, TrainingError, one_line
+from rmkernels_train.utils import FLOAT32_MAX, TrainingError, one_line, open_data_text
 
 PROG = "rmkernels-train ppo"
 # The built-in policy's size (None in the parser: with --policy they are refused, not ignored).
@@ -75,7 +76,8 @@ def build_parser():
                    help=f"layers of the default tiny policy; default {POLICY_DEFAULTS['policy_layers']} (refused "
                         f"with --policy)")
     g.add_argument("--policy-hidden", type=int, default=None,
-                   help=f"hidden size of the default tiny policy (a multiple of its 4 attention heads); default "
+                   help=f"hidden size of the default tiny policy (a multiple of 8: its 4 attention heads, each of an "
+                        f"even size); default "
                         f"{POLICY_DEFAULTS['policy_hidden']} (refused with --policy)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--steps", type=int, default=None,
@@ -251,13 +253,19 @@ def check_args(a):
         raise TrainingError(f"--lam must be in [0, 1], got {a.lam}")
     for name in ("kl_clamp", "score_clip"):
         T.check_finite(name, getattr(a, name), low=0, low_open=True)
+        if getattr(a, name) is not None:
+            try:  # the ops' own rule (> 0 in float32 too), as the ops would refuse it at the first step
+                check_clamp(name, getattr(a, name))
+            except ValueError as e:
+                raise TrainingError(f"--{name.replace('_', '-')}: {e}") from None
     T.check_finite("missing_eos_penalty", a.missing_eos_penalty)
     check_float32_range(a)
     from rmkernels_train.sft import POLICY_HEADS
 
-    if a.policy_hidden is not None and a.policy_hidden % POLICY_HEADS:
-        raise TrainingError(f"--policy-hidden must be a multiple of {POLICY_HEADS} (the attention heads of the "
-                            f"built-in policy, --policy-layers x {POLICY_HEADS} heads), got {a.policy_hidden}")
+    if a.policy_hidden is not None and a.policy_hidden % (2 * POLICY_HEADS):
+        raise TrainingError(f"--policy-hidden must be a multiple of {2 * POLICY_HEADS} (the built-in policy's "
+                            f"{POLICY_HEADS} attention heads a layer, each of an even size for the rotary "
+                            f"embedding), got {a.policy_hidden}")
     if a.advantage == "gae" and a.batch_size % a.minibatches:
         raise TrainingError(f"--minibatches {a.minibatches} must divide --batch-size {a.batch_size} (each epoch cuts "
                             f"the rollouts into equal minibatches, as verl requires)")
@@ -302,7 +310,7 @@ def load_prompts(path, with_lines=False):
 
     prompts, lines = [], []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_data_text(path) as f:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -341,12 +349,14 @@ def run_prompts(a, default):
     return load_prompts(a.prompts, with_lines=True) if a.prompts else (default, None)
 
 
-def fitting_prompts(a, tokenizer, models, prompts, lines):
+def fitting_prompts(a, tokenizer, models, prompts, lines, log=None):
     """``prompts`` (:func:`run_prompts`) as token ids (:func:`encode_prompts`), each checked to
     fit the models with ``--max-new-tokens`` of response: a prompt whose tokens plus
     --max-new-tokens exceed the fewest positions of ``models`` is refused with FILE:LINE (its
     character length first, so that a huge line is refused without tokenizing it), and so is a
-    --max-new-tokens that leaves no room."""
+    --max-new-tokens that leaves no room. Prompts with text the tokenizer does not know (its
+    unknown token: the built-in character tokenizer's ``<unk>``) are counted in a warning
+    through ``log``, with the first one's FILE:LINE."""
     from rmkernels_train.data import longest_token_chars
 
     positions = model_positions(*models)
@@ -369,6 +379,11 @@ def fitting_prompts(a, tokenizer, models, prompts, lines):
         if room is not None and len(x) > room:
             raise TrainingError(f"{where}: the prompt has {len(x)} tokens; with --max-new-tokens {a.max_new_tokens} "
                                 f"that is more than the models' {positions} positions")
+    unk = tokenizer.unk_token_id
+    unknown = [where for where, x in zip(wheres, ids) if unk is not None and unk in x]
+    if unknown and log is not None:
+        log(f"warning: {len(unknown)} of {len(ids)} prompts hold text the tokenizer does not know (read as "
+            f"{tokenizer.unk_token}; the first: {unknown[0]}): the policy and the reward model see that token there")
     return ids
 
 
@@ -435,6 +450,10 @@ def final_checkpoint(run_dir, what):
         raise TrainingError(f"cannot read {what} {summary_path}: {e}") from None
     if not os.path.isabs(ckpt):
         ckpt = os.path.join(run_dir, os.path.basename(os.path.normpath(ckpt)))
+    if not os.path.isdir(ckpt):
+        raise TrainingError(f"{what} {summary_path} names the final checkpoint {ckpt}, which is not there (deleted "
+                            f"or moved): pass that reward model's checkpoint directory as --reward-model, or train "
+                            f"it again")
     return ckpt
 
 
@@ -630,7 +649,8 @@ class PPOTrainer:
                                                                                                  self.log)
         # what this run read (the data files, the reward model), for its checkpoints; once read: its errors first
         self.data_sha256 = T.data_digests(a, reward_dir)
-        self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model), prompts, lines)
+        self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model), prompts, lines,
+                                           self.log)
         self.optimizer = self.make_optimizer()
         kl_coef = a.kl_coef
         if a.resume:

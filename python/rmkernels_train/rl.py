@@ -321,7 +321,8 @@ class CriticFreeTrainer:
         self.ref.eval()
         self.policy.train()
         # each prompt + --max-new-tokens must fit the models (one rule for both paths)
-        self.train_ids = fitting_prompts(a, tok, (self.policy, self.reward_model), self.train_prompts, prompt_lines)
+        self.train_ids = fitting_prompts(a, tok, (self.policy, self.reward_model), self.train_prompts, prompt_lines,
+                                         self.log)
         self.held_ids = encode_prompts(self.held_prompts, tok)
         self.optimizer = self.make_optimizer()
         if a.resume:

@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from rmkernels_train import trainer as T
 from rmkernels_train.trainer import atomic_dir
 from rmkernels_train.utils import TrainingError, one_line
 
@@ -27,7 +28,7 @@ DEFAULTS = {"steps": 100, "batch_size": 32, "lr": 1e-3, "layers": 2, "hidden": 6
 
 
 # Attention heads of the built-in policy (both paths, warm start or not): --policy-hidden must
-# be a multiple of it (ppo.check_args).
+# be a multiple of twice it, each head of an even size for the rotary embedding (ppo.check_args).
 POLICY_HEADS = 4
 
 
@@ -122,6 +123,13 @@ def warm_start(out_dir, tokenizer, prompts, settings, *, device="cpu", log=None)
         if meta.get("settings") == settings and meta.get("vocab_size") == len(tokenizer):
             try:  # safetensors only: nothing in an output directory can run code
                 policy = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
+                # from_pretrained initialises a missing weight randomly and goes on; NaN weights load
+                T.check_safetensors_fit(policy, os.path.join(path, "model.safetensors"))
+                bad = T.nonfinite_parameter(("", policy))
+                if bad is not None:
+                    raise T.CheckpointError(f"model.safetensors holds non-finite values ({bad} has NaN or inf)")
+            except T.CheckpointError as e:
+                why = f"its model is damaged ({e})"
             except Exception as e:  # noqa: BLE001 (a truncated or missing file: SafetensorError, OSError, ...)
                 why = f"its model cannot be loaded ({type(e).__name__}: {one_line(e, 160)})"
             else:

@@ -72,7 +72,7 @@ import tempfile
 
 import torch
 
-from rmkernels_train.utils import TrainingError, one_line, setup_distributed, teardown_distributed
+from rmkernels_train.utils import TrainingError, forget_streams, one_line, setup_distributed, teardown_distributed
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
 STALE_PREFIXES = (".tmp-checkpoint-", ".old-checkpoint-", ".tmp-policy-", ".old-policy-", ".tmp-warm_start-",
@@ -215,10 +215,16 @@ def check_optional_deps(args, extra_modules=()):
     if getattr(args, "plot", False):
         need.append(("matplotlib", "--no-plot"))
     for module, flag in need:
+        without = f", or run with {flag}" if flag else ""
         if importlib.util.find_spec(module) is None:
-            without = f", or run with {flag}" if flag else ""
             raise TrainingError(f"the Python package {module!r} is not installed: {TRAIN_EXTRA} "
                                 f"(the extra with the trainers' dependencies){without}")
+        if flag is not None:  # used only at the end (curves.png) or on the way: a broken one stops the run now
+            try:
+                importlib.import_module(module)
+            except Exception as e:  # noqa: BLE001 (ImportError, or whatever its own imports raise)
+                raise TrainingError(f"the Python package {module!r} is installed but cannot be imported "
+                                    f"({type(e).__name__}: {one_line(e)}): reinstall it{without}") from None
 
 
 def check_output_dir(path, files=OUTPUT_FILES):
@@ -382,6 +388,7 @@ def cli_main(prog, parser, check_args, run, argv, *, built_in):
     status 1. ``built_in(args)`` says whether the run uses the built-in tiny models."""
     args = parser.parse_args(argv)
     dist = lock = None
+    forget_streams()  # a data pipe read by an earlier run of this process is not this run's data
     try:
         check_run_args(args)
         check_args(args)
@@ -512,7 +519,7 @@ def write_failed(final_path, e):
     failed with ``e``, if ``e`` is a write error (:func:`_is_write_error`: disk full, ...);
     else None. Also for a rank that writes its part of rank 0's checkpoint (``--fsdp``'s
     shards) outside :func:`atomic_dir`."""
-    if not (isinstance(e, Exception) and _is_write_error(e)):
+    if not (isinstance(e, Exception) and _is_write_error(e, final_path)):
         return None
     why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
     return TrainingError(f"cannot write {final_path} ({why}); the checkpoints already written are intact (free "
@@ -526,11 +533,37 @@ def write_failed(final_path, e):
 _DAMAGED = {}
 
 
-def _is_write_error(e):
-    """An error of writing a file (disk full, quota, I/O): OSError, or torch.save's
-    RuntimeError from its stream writer."""
-    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(
-        w in str(e) for w in ("write", "writing", "No space", "file")))
+# What the writers' own errors say when a write fails (torch.save's stream writer: "unexpected
+# pos N vs M" or "basic_ios::clear: iostream error" on a full disk; safetensors' SafetensorError:
+# "I/O error: No space left on device").
+_WRITE_ERROR_TEXTS = ("write", "writing", "No space", "file", "unexpected pos", "iostream error", "I/O error",
+                      "quota")
+
+
+def _is_write_error(e, path=None):
+    """An error of writing a file (disk full, quota, I/O): OSError; torch.save's RuntimeError or
+    safetensors' SafetensorError saying so (``_WRITE_ERROR_TEXTS``); or, with ``path``, any
+    error while the filesystem of ``path`` has under 1 MiB left (a full disk that the writer
+    reported in its own words)."""
+    if isinstance(e, OSError):
+        return True
+    if (isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError") and any(
+            w in str(e) for w in _WRITE_ERROR_TEXTS):
+        return True
+    return path is not None and _nearly_full(path)
+
+
+def _nearly_full(path):
+    """Whether the filesystem holding ``path`` (or its nearest existing parent) has under
+    1 MiB free for this user."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 2**20
 
 
 def save_checkpoint(output_dir, step, write, keep):
@@ -544,6 +577,7 @@ def save_checkpoint(output_dir, step, write, keep):
     final = checkpoint_path(output_dir, step)
     with atomic_dir(final) as tmp:
         write(tmp)
+        write_file_list(tmp)
     good, _ = list_checkpoints(output_dir)
     damaged = _DAMAGED.get(os.path.abspath(output_dir), set())
     damaged.discard(os.path.abspath(final))  # rewritten: intact now
@@ -555,6 +589,60 @@ def save_checkpoint(output_dir, step, write, keep):
         shutil.rmtree(path, ignore_errors=True)
         damaged.discard(os.path.abspath(path))
     return final
+
+
+# Every file of a checkpoint with its size, written last into it (save_checkpoint) and checked
+# after a resume's loader read it (check_file_list; the loader first: it names a changed option
+# before anything is called damaged, and a damaged file in its own words): a file deleted, cut
+# short or grown afterwards that the loader takes as optional (a tokenizer's chat_template.jinja,
+# whose absence transformers reads as "no template") makes the checkpoint damaged, not silently
+# different. Not listed: trainer_state.json (its reader checks every field) and --fsdp's shards
+# (fsdp.DCP_DIR, which other ranks write; checked by their own metadata).
+FILE_LIST = "checkpoint_files.json"
+UNLISTED = (FILE_LIST, "trainer_state.json")
+
+
+def _checkpoint_files(path):
+    files = {}
+    for root, dirs, names in os.walk(path):
+        if root == path:
+            dirs[:] = [d for d in dirs if d != _dcp_dir()]
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            if rel not in UNLISTED:
+                files[rel] = os.path.getsize(full)
+    return files
+
+
+def _dcp_dir():
+    from rmkernels_train.fsdp import DCP_DIR
+
+    return DCP_DIR
+
+
+def write_file_list(tmp):
+    """:data:`FILE_LIST` of the checkpoint being written in ``tmp``."""
+    with open(os.path.join(tmp, FILE_LIST), "w") as f:
+        json.dump(_checkpoint_files(tmp), f, indent=1, sort_keys=True)
+
+
+def check_file_list(path):
+    """Every file :data:`FILE_LIST` names is in the checkpoint ``path`` with its size, else
+    :class:`CheckpointError` naming it (a checkpoint written before the list existed has none:
+    not checked)."""
+    list_path = os.path.join(path, FILE_LIST)
+    if not os.path.exists(list_path):
+        return
+    listed = read_json(list_path)
+    if not isinstance(listed, dict):
+        raise CheckpointError(f"{FILE_LIST} is not a file list")
+    for rel, size in sorted(listed.items()):
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"{rel} is missing (it was written with the checkpoint)")
+        if os.path.getsize(full) != size:
+            raise CheckpointError(f"{rel} has {os.path.getsize(full)} bytes, written with {size}")
 
 
 def save_checkpoint_on_main(dist, output_dir, step, write, keep, every_rank=None):
@@ -839,8 +927,9 @@ def check_safetensors_fit(module, path, name=None):
 
 def check_optimizer_state(make_optimizer, state):
     """Load a saved optimizer state into a probe optimizer (``make_optimizer()``, over the
-    model's parameters: their values are not touched) and check every state tensor's shape;
-    a state that does not fit raises :class:`CheckpointError`."""
+    model's parameters: their values are not touched) and check every state tensor's shape
+    and that its values are finite (a NaN moment would make every step after the resume
+    diverge); a state that does not fit raises :class:`CheckpointError`."""
     probe = make_optimizer()
     try:
         probe.load_state_dict(state)
@@ -851,6 +940,8 @@ def check_optimizer_state(make_optimizer, state):
             for k, v in probe.state.get(p, {}).items():
                 if k != "step" and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
                     raise CheckpointError("optimizer.pt does not fit the model (a state tensor has the wrong shape)")
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                    raise CheckpointError(f"optimizer.pt holds non-finite values (its {k!r} state)")
 
 
 def find_resume_checkpoint(output_dir, load, log, dist=None, damaged=None):
@@ -899,6 +990,7 @@ def _find_resume_checkpoint(output_dir, load, log, known_damaged):
             if path in known_damaged:
                 raise CheckpointError(known_damaged[path])
             loaded = load(path)
+            check_file_list(path)
         except CheckpointError as e:
             msg = f"{os.path.basename(path)}: {e}"
             log(f"--resume: skipping {msg}")
@@ -951,8 +1043,13 @@ _digests = {}  # (real path, size, mtime_ns) -> SHA-256: a file is read once per
 
 def file_sha256(path):
     """The SHA-256 (hex) of the file ``path``'s contents; an unreadable file is a
-    :class:`TrainingError` naming it."""
+    :class:`TrainingError` naming it. A path that is not a regular file (a pipe) is hashed as
+    the run read it (:func:`~rmkernels_train.utils.data_bytes_sha256`)."""
     try:
+        if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+            from rmkernels_train.utils import data_bytes_sha256
+
+            return data_bytes_sha256(path)
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
         if key not in _digests:
@@ -995,7 +1092,7 @@ def data_digests(args, reward_dir=None, existing_only=False):
     resolved to) ``"reward_model"``: :func:`model_dir_sha256`; for a checkpoint's
     ``trainer_state.json``. ``existing_only``: data files that are not there are left out."""
     out = {k: file_sha256(getattr(args, k)) for k in DATA_OPTIONS
-           if getattr(args, k, None) and not (existing_only and not os.path.isfile(getattr(args, k)))}
+           if getattr(args, k, None) and not (existing_only and not os.path.exists(getattr(args, k)))}
     if reward_dir is not None:
         out["reward_model"] = model_dir_sha256(reward_dir)
     return out

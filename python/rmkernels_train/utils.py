@@ -1,6 +1,7 @@
 """Pieces shared by the training loops: errors, seeding, atomic saves, metrics, plots, DDP."""
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -43,6 +44,38 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------
+# Data files
+# ---------------------------------------------------------------------------------------
+_streams = {}  # absolute path of a data path that is not a regular file -> its bytes, read once
+
+
+def open_data_text(path):
+    """``path`` opened for reading as UTF-8 text. A path that is not a regular file (a pipe, a
+    FIFO, ``/dev/stdin``) is read once and its bytes kept for the process, so reading it again
+    gives the same text and :func:`data_bytes_sha256` hashes what was read (a second read of
+    the pipe would be empty: --resume's data check recorded the SHA-256 of nothing)."""
+    if os.path.isfile(path):
+        return open(path, encoding="utf-8")
+    key = os.path.abspath(path)
+    if key not in _streams:
+        with open(path, "rb") as f:
+            _streams[key] = f.read()
+    return io.TextIOWrapper(io.BytesIO(_streams[key]), encoding="utf-8")
+
+
+def forget_streams():
+    """Drop what :func:`open_data_text` kept (each run reads its pipes anew)."""
+    _streams.clear()
+
+
+def data_bytes_sha256(path):
+    """The SHA-256 (hex) of a data path that is not a regular file, as :func:`open_data_text`
+    read it (read now if it was not yet)."""
+    open_data_text(path).close()
+    return hashlib.sha256(_streams[os.path.abspath(path)]).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
