@@ -343,9 +343,8 @@ def load_checkpoint(path, args, world_size=1):
         model = M.load_reward_model(path, what="checkpoint", use_safetensors=True)
     except TrainingError as e:
         raise T.CheckpointError(str(e)) from None
-    bad = T.nonfinite_parameter(("", model))
-    if bad is not None:  # resuming would train from NaN (and call this checkpoint the last good one)
-        raise T.CheckpointError(f"model.safetensors holds non-finite values ({bad} has NaN or inf)")
+    # resuming would train from NaN (and call this checkpoint the last good one)
+    T.check_finite_parameters(model, "model.safetensors")
     optimizer_state = T.load_torch_state(os.path.join(path, "optimizer.pt"))
     T.check_optimizer_state(lambda: make_optimizer(model, args), optimizer_state)
     scheduler, rng = _load_small_state(path)

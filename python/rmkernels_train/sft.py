@@ -125,9 +125,7 @@ def warm_start(out_dir, tokenizer, prompts, settings, *, device="cpu", log=None)
                 policy = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
                 # from_pretrained initialises a missing weight randomly and goes on; NaN weights load
                 T.check_safetensors_fit(policy, os.path.join(path, "model.safetensors"))
-                bad = T.nonfinite_parameter(("", policy))
-                if bad is not None:
-                    raise T.CheckpointError(f"model.safetensors holds non-finite values ({bad} has NaN or inf)")
+                T.check_finite_parameters(policy, "model.safetensors")
             except T.CheckpointError as e:
                 why = f"its model is damaged ({e})"
             except Exception as e:  # noqa: BLE001 (a truncated or missing file: SafetensorError, OSError, ...)

@@ -909,6 +909,14 @@ def check_finite_tensors(tensors, name):
             raise CheckpointError(f"{name} holds non-finite values ({k} has NaN or inf)")
 
 
+def check_finite_parameters(module, name):
+    """:class:`CheckpointError` naming ``name`` (the file ``module``'s parameters were loaded
+    from) if one of them holds NaN or inf (:func:`nonfinite_parameter`)."""
+    bad = nonfinite_parameter(("", module))
+    if bad is not None:
+        raise CheckpointError(f"{name} holds non-finite values ({bad} has NaN or inf)")
+
+
 def check_safetensors_fit(module, path, name=None):
     """The safetensors file ``path`` must hold every parameter of ``module`` with its shape
     and nothing else (:func:`check_state_dict`'s rule), read from its header only (no tensor

@@ -419,7 +419,7 @@ def last_token_index(attention_mask=None, *, input_ids=None, pad_token_id=None, 
             info = torch.iinfo(input_ids.dtype)  # torch would compare a wrapped value
             if not info.min <= pad_token_id <= info.max:
                 raise ValueError(f"pad_token_id must lie in the range of input_ids' dtype "
-                                 f"{str(input_ids.dtype).replace('torch.', '')} [{info.min}, {info.max}], "
+                                 f"{_checks._dtype_name(input_ids.dtype)} [{info.min}, {info.max}], "
                                  f"got {pad_token_id}")
         mask, name = input_ids != pad_token_id, "input_ids"
     else:
