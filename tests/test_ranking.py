@@ -139,6 +139,25 @@ def test_ranking_edge_cases(backend, device):
     assert (g[1:3] == 0).all() and (g[3, 2] == 0)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_ranking_infinite_upstream_gradient(backend, device):
+    """Every backend multiplies a candidate's summed derivative by the row's upstream gradient
+    (the reference too, which once multiplied every pair term and got inf * 0 = NaN on
+    candidates with a non-zero derivative): +-inf where that sum is not 0, NaN past
+    num_candidates (inf * 0), 0 on rows with < 2 candidates."""
+    skip_unless_available(backend, device)
+    x = torch.tensor([[3.0, 1.0, 0.5, -2.0], [1.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 4.0]], device=device,
+                     requires_grad=True)
+    nc = torch.tensor([4, 2, 1], device=device)
+    rows = rmk.ranking_loss(x, num_candidates=nc, reduction="none", backend=backend)
+    (g,) = torch.autograd.grad(rows, x, torch.full_like(rows, math.inf))
+    (d,) = torch.autograd.grad(rmk.ranking_loss(x, num_candidates=nc, reduction="none", backend="reference"), x,
+                               torch.ones(3, device=device))
+    assert (d[0] != 0).all() and (d[1, :2] != 0).all()
+    want = torch.cat([d[:2].cpu() * math.inf, torch.zeros(1, 4)])  # row 1: [+-inf, +-inf, nan, nan]
+    torch.testing.assert_close(g.cpu(), want, equal_nan=True)
+
+
 def test_ranking_bad_inputs():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="rewards must be 2-D"):

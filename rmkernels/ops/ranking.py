@@ -55,8 +55,11 @@ def _reference_ranking_bwd(grad_rows, rewards, num_candidates):
     # d/dx of -logsigmoid(x) is -sigmoid(-x), with x = r_i - r_j: +1 on r_i, -1 on r_j
     s = torch.where(pair, -torch.sigmoid(r[:, None, :] - r[:, :, None]), torch.zeros((), dtype=r.dtype,
                                                                                         device=r.device))
-    s = s * scale[:, None, None]
-    return (s.sum(2, dtype=torch.float64) - s.sum(1, dtype=torch.float64)).to(rewards.dtype)
+    # each candidate's float64 sum of its terms, then times the row's scale, as every kernel
+    # (so an infinite upstream gradient gives the kernels' +-inf, and inf * 0 = NaN where a
+    # candidate's terms sum to 0, e.g. past num_candidates)
+    d = (s.sum(2, dtype=torch.float64) - s.sum(1, dtype=torch.float64)).to(r.dtype)
+    return (d * scale[:, None]).to(rewards.dtype)
 
 
 # ---------------------------------------------------------------------------------------
