@@ -644,6 +644,25 @@ def test_trl_ppo_block(est, whiten_rewards, device):
     assert (out.values[out.padding_mask_p1] == 0).all()
 
 
+def test_trl_ppo_block_bfloat16_inputs():
+    """bfloat16 inputs: the computed tensors are float32 (the module docstring says so; TRL's
+    stay bfloat16), the numbers those of the inputs' values in float32; the masked inputs keep
+    their dtype."""
+    B, T = 6, 11
+    lp, ref, values, scores, _ = batch(B, T)
+    lp, ref, values, scores = (t.to(torch.bfloat16) for t in f32(lp, ref, values, scores))
+    seq_len = torch.tensor([T - 1, 3, -1, 0, 7, T - 2])
+    out = trl_ppo.compute_rewards_and_advantages(lp, ref, values, scores, seq_len, kl_coef=0.07)
+    for name in ("advantages", "returns", "rewards", "kl", "non_score_reward"):
+        assert getattr(out, name).dtype == torch.float32, name
+    for name in ("logprobs", "ref_logprobs", "values"):
+        assert getattr(out, name).dtype == torch.bfloat16, name
+    e_adv, e_ret, e_rew, e_kl = ref_trl(*(t.double() for t in (lp, ref, values, scores)), seq_len, 0.07, "k1",
+                                        1.0, 0.95, False)
+    assert_close(out.rewards, e_rew, rtol=RTOL, atol=ATOL, name="rewards")
+    assert_close(out.advantages, e_adv, rtol=RTOL, atol=ATOL, name="advantages")
+
+
 def test_trl_masked_whiten_and_errors():
     x = torch.randn(6, 13)
     m = ragged_mask(6, 13)

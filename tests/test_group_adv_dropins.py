@@ -96,6 +96,11 @@ def test_verl_errors():
         rv.compute_grpo_outcome_advantage(tlr, mask, index[:5])
     with pytest.raises(ValueError, match="response_mask"):
         rv.compute_rloo_outcome_advantage(tlr, mask[:, :3], index)
+    # verl computes with these; refused here (the module docstring says so)
+    with pytest.raises(ValueError, match=r"^epsilon must be in \[0.0, inf\)"):
+        rv.compute_grpo_outcome_advantage(tlr, mask, index, epsilon=-1e-3)
+    with pytest.raises(ValueError, match="f_norm"):
+        rv.compute_gpg_outcome_advantage(tlr, mask, index, f_norm=-2.0)
 
 
 @pytest.mark.parametrize("mode", ["rloo", "reinforce_baseline", "dr_grpo", "group_norm", "flash_reinforce", "gae"])

@@ -22,8 +22,9 @@ on random batches the returns agree to float32 rounding (``group_norm`` to a few
 relative). These statistics are float64, OpenRLHF's float32: where float32 rounds they are the
 exact ones. A group of equal rewards that float32 does not hold exactly (0.1) gives 0 here and,
 in OpenRLHF's ``group_norm``, float32 noise divided by ``std + 1e-9``: up to +-119 in groups of
-8-16; rewards 1000 +- 0.01 differ by up to ~2e-2 (an audit of 2026-12-01; the script's edge
-cases show one seed).
+8-16; two rewards one float32 step apart at 1000 give +-0.71 here and [0, 1.0] in
+``group_norm``; rewards 1000 +- 0.01 in groups of 4-16 differ by up to ~4e-2 (audits of
+2026-12-01 and 2026-12-03; the script's edge cases show one seed).
 
 Where the numbers differ: with ``n_samples_per_prompt == 1`` every shaped reward is 0 (groups
 of one are their own baseline, ``single="self"``); OpenRLHF's ``rloo`` and ``group_norm``

@@ -29,10 +29,12 @@ normalised over the batch (``scale_rewards`` plays no part there, as in TRL).
 Where the numbers differ: the statistics are float64 (TRL's float32), so where float32 rounds
 these are the exact ones. A group of equal rewards that float32 does not hold exactly (0.1)
 gives advantage 0 here and float32 noise divided by ``std + 1e-4`` in TRL (7e-5 to 1e-3 with
-one reward function; up to ~0.7 with three bfloat16 reward functions at an offset of 1000);
-rewards 1000 +- 0.01 differ by up to ~1e-2 (seen in an audit of 2026-12-01 against TRL
-1.16.0's advantage code, run in a scratch environment; CI tests these functions against TRL's
-published formulas).
+one reward function and rewards near 0.1, 9.4e-3 for 16 rewards of 6.42: the noise grows with
+the rewards' size; up to ~0.7 with three bfloat16 reward functions at an offset of 1000); two
+rewards one float32 step apart at 1000 give +-0.21 here and [0, 0.38] in TRL; rewards
+1000 +- 0.01 in groups of 4-16 differ by up to ~4e-2 (audits of 2026-12-01 and 2026-12-03
+against TRL 1.16.0's advantage code, run in a scratch environment; CI tests these functions
+against TRL's published formulas).
 """
 import torch
 

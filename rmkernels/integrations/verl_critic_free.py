@@ -34,12 +34,22 @@ Where the numbers differ, on purpose:
   ``masked_whiten`` raises;
 * the group statistics are float64 sums (verl: float32 ``torch.mean`` / ``torch.std``, and
   float32 whatever the input in its vectorized GRPO), lengths are exact counts (verl sums a
-  bfloat16 mask in bfloat16: rounded above 256 tokens). On random batches the two agree to
-  float32 rounding. Where float32 statistics round, these are the exact ones: a group of equal
-  rewards that float32 does not hold exactly (0.1, 0.7) gives advantage 0 here and float32
-  noise divided by ``std + epsilon`` in verl's GRPO (up to ~0.1 at ``epsilon`` 1e-6 in groups
-  of 8-16; with ``epsilon`` 0, +-0.9 in verl, 0 / 0 = NaN here, as for rewards float32 does
-  hold); rewards with a large offset (1000 +- 0.01) differ by up to ~1e-2;
+  bfloat16 mask in bfloat16: rounded above 256 tokens; and with a bfloat16 mask its
+  whitening's n / (n - 1) is a bfloat16 number: 1.0007x the scale at 60 tokens). On random
+  batches the two agree to float32 rounding. Where float32 statistics round, these are the
+  exact ones, and a group whose spread is near the rewards' float32 rounding (|r| * 6e-8) can
+  differ by O(1): a group of equal rewards that float32 does not hold exactly gives advantage
+  0 here and float32 noise divided by ``std + epsilon`` in verl's GRPO (0.64 for 15 rewards of
+  7.16 at ``epsilon`` 1e-6; with ``epsilon`` 0, +-0.9 in verl, 0 / 0 = NaN here, as for
+  rewards float32 does hold), and two rewards one float32 step apart at 1000 give +-0.69 here
+  and [0, 0.98] in verl; rewards 1000 +- 0.01 in groups of 4-16 differ by up to ~4e-2
+  (audits of 2026-12-01 and 2026-12-03 against verl 0.9.1);
+* refused where verl computes: ``epsilon < 0`` (GRPO) and ``f_norm <= 0`` (GPG) are a
+  ``ValueError`` naming the option;
+* a REINFORCE++ return of an infinite reward is inf at every earlier valid position (verl's
+  ``inf * 0`` at the reward's own position makes its return NaN there); the whitening of
+  REINFORCE++-baseline advantages that are all equal (one response) gives exact 0 where verl's
+  float32 gives about -6e-4;
 * labels: rows are grouped by equal labels (Python ``==`` and ``hash``, as verl's loop
   estimators do); verl's ``compute_grpo_vectorized_outcome_advantage`` factorises with
   ``as_torch_index``, which puts ``"1"`` and ``"01"`` or ``1.0`` and ``1.0000001`` in one
@@ -52,6 +62,7 @@ included (output in ``benchmarks/results/framework-comparison.txt``).
 import torch
 
 import rmkernels as rmk
+from rmkernels import _checks
 from rmkernels.integrations._rl import as_float, check_2d, check_same_shape
 
 __all__ = [
@@ -91,7 +102,8 @@ def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, ep
     (unbiased std; ``norm_adv_by_std_in_grpo=False``: Dr. GRPO's ``score - mean``); a group of
     one: mean 0, std 1. Returns ``(advantages, advantages)``, ``[bs, response_length]``."""
     if norm_adv_by_std_in_grpo:
-        return _group(token_level_rewards, response_mask, index, "grpo", eps=as_float("epsilon", epsilon))
+        eps = _checks.check_nonneg("epsilon", as_float("epsilon", epsilon))  # the error names verl's option
+        return _group(token_level_rewards, response_mask, index, "grpo", eps=eps)
     return _group(token_level_rewards, response_mask, index, "dr_grpo")
 
 
