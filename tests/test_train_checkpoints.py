@@ -442,6 +442,25 @@ def test_bad_checkpoint_names_and_leftovers(run_copy, capsys):
     assert f"resuming from {run_copy / 'checkpoint-4'} (step 4)" in err
 
 
+def test_a_checkpoint_moved_aside_by_a_killed_rewrite_is_put_back(tmp_path):
+    """atomic_dir replaces an existing checkpoint in two renames (the old one aside into
+    .old-<name>-*/d, the new one in): a kill between them left neither under the name, and the
+    next start removed both. The old one is put back, then the leftovers removed."""
+    out = tmp_path / "o"
+    (out / ".old-checkpoint-4-ab12cd34" / "d").mkdir(parents=True)
+    (out / ".old-checkpoint-4-ab12cd34" / "d" / "model.safetensors").write_text("old")
+    (out / ".tmp-checkpoint-4-ef56gh78").mkdir()
+    (out / ".old-policy-x9y8z7w6" / "d").mkdir(parents=True)
+    (out / "policy").mkdir()  # replaced already: the moved-aside one is a leftover
+    (out / ".old-checkpoint-6-qq11rr22").mkdir()  # moved nothing yet
+    said = []
+    T.remove_stale_checkpoint_dirs(str(out), said.append)
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "policy"]
+    assert (out / "checkpoint-4" / "model.safetensors").read_text() == "old"
+    assert said[0] == "restored checkpoint-4 (an interrupted rewrite had moved it aside)", said
+    assert len(said) == 5, said  # then the four leftovers, each named
+
+
 def test_resuming_a_finished_run_adds_no_second_evaluation(run_copy, capsys):
     before = (run_copy / "metrics.jsonl").read_text()
     rc, err = _reward(capsys, *REWARD_RUN, "--output-dir", run_copy, "--resume")

@@ -497,3 +497,72 @@ def test_sharded_resume_passes_over_non_finite_weights(tmp_path, one_rank, monke
     back.checkpoint()  # the run's next checkpoint: rotation deletes the damaged one past it
     left = sorted(os.listdir(tmp_path / "o"))
     assert left == ["checkpoint-0", "checkpoint-1", "metrics.jsonl"], left
+
+
+def test_sharded_resume_passes_over_unreadable_shards(tmp_path, one_rank, capsys):
+    """The shard files are in the checkpoint's file list: one deleted (or cut short) after the
+    checkpoint was written is found before anything is loaded, and the resume goes on from the
+    older checkpoint, named; a shard damaged under the list's size (the list rewritten) fails
+    its read into the sharded model, and that checkpoint is passed over as well (it stopped the
+    run, though an older intact checkpoint was there)."""
+    from rmkernels_train import trainer as T
+
+    out = ["--fsdp", "--output-dir", str(tmp_path / "o")]
+    tr = _trainer(out, one_rank)
+    tr.checkpoint()
+    good = _full(tr.model.named_parameters())
+    tr.step = 2
+    tr.checkpoint()
+    listed = json.loads((tmp_path / "o" / "checkpoint-2" / T.FILE_LIST).read_text())
+    shards = sorted(k for k in listed if k.startswith(F.DCP_DIR + "/") and k.endswith(".distcp"))
+    assert shards and f"{F.DCP_DIR}/.metadata" in listed, listed
+    import shutil
+
+    shutil.copytree(tmp_path / "o", tmp_path / "pristine")
+    for damage in ("deleted", "cut short, relisted"):
+        shutil.rmtree(tmp_path / "o")
+        shutil.copytree(tmp_path / "pristine", tmp_path / "o")
+        shard = tmp_path / "o" / "checkpoint-2" / shards[0]
+        if damage == "deleted":
+            shard.unlink()
+            why = f"{shards[0]} is missing (it was written with the checkpoint)"
+        else:
+            with open(shard, "r+b") as f:
+                f.truncate(100)
+            listed[shards[0]] = 100
+            (tmp_path / "o" / "checkpoint-2" / T.FILE_LIST).write_text(json.dumps(listed))
+            why = f"{F.DCP_DIR} cannot be read ("
+        capsys.readouterr()
+        back = _trainer([*out, "--resume"], one_rank)
+        err = capsys.readouterr().err
+        assert f"--resume: skipping checkpoint-2: {why}" in err, (damage, err[-3000:])
+        assert back.step == 0 and back.last_ckpt.endswith("checkpoint-0"), (damage, back.step, back.last_ckpt)
+        resumed = _full(back.model.named_parameters())
+        assert all(torch.equal(resumed[n], good[n]) for n in good), damage
+
+
+def test_sharded_resume_at_the_last_step_writes_the_hf_weights(tmp_path, one_rank, capsys):
+    """An --fsdp run resumed at its last step (--max-steps lowered to a checkpoint written
+    mid-run, or a finished run resumed) trains nothing: it wrote no checkpoint, so the last one
+    lacked model.safetensors (a PPO run could not load it) and final.json's digest was null.
+    That checkpoint is written again with the gathered weights, and the digest is theirs."""
+    from rmkernels_train import reward as R
+    from rmkernels_train import trainer as T
+    from rmkernels_train.utils import param_digest
+
+    out = ["--fsdp", "--output-dir", str(tmp_path / "o")]
+    tr = _trainer(out, one_rank)
+    tr.step = 2
+    tr.checkpoint()  # mid-run (4 steps): no HF weights
+    ckpt = tmp_path / "o" / "checkpoint-2"
+    assert not (ckpt / "model.safetensors").exists()
+    for attempt in ("lowered --max-steps", "finished run resumed"):
+        args = R.build_parser().parse_args([*TINY, "--lr", "1e-3", *out, "--resume", "--max-steps", "2"])
+        R.RewardTrainer(args, one_rank, T.Log(R.PROG, one_rank)).run()
+        final = json.loads((tmp_path / "o" / "final.json").read_text())
+        assert final["done"] and final["checkpoint"].endswith("checkpoint-2"), (attempt, final)
+        weights = _weights(ckpt)
+        model = M.load_reward_model(str(ckpt))
+        assert final["param_digests"] == [param_digest(model)], (attempt, final["param_digests"])
+        assert set(weights) == {n for n, _ in model.named_parameters()}, attempt
+        T.check_file_list(str(ckpt))

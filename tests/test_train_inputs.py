@@ -536,3 +536,69 @@ def test_data_from_a_pipe_is_hashed_as_read(tmp_path, capsys):
     assert state["data_sha256"]["data"] == hashlib.sha256((tmp_path / "a.jsonl").read_bytes()).hexdigest()
     rc, err = run("b.jsonl", "--resume")
     assert rc == 1 and "the contents of --data" in err and "changed since the checkpoint's run" in err, err
+
+
+def test_a_pipe_under_torchrun_is_refused(tmp_path, monkeypatch):
+    """Under torchrun every rank reads --data / --prompts itself: from one pipe each rank got a
+    part (they trained on different data and the run succeeded), and a <(...) path does not
+    exist in torchrun's workers. A path that is not a regular file is one line there; a file
+    opens as in one process."""
+    import contextlib
+    import threading
+
+    from rmkernels_train.utils import TrainingError, open_data_text
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def write():  # a writer, so that a reader's open returns (were the FIFO read, the test fails, not hangs)
+        with contextlib.suppress(OSError):
+            fifo.write_text('{"prompt": "x"}\n')
+
+    feed = threading.Thread(target=write, daemon=True)
+    feed.start()
+    (tmp_path / "a.jsonl").write_text('{"prompt": "x"}\n')
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    try:
+        for path in (str(fifo), "/dev/stdin", "/dev/fd/63"):
+            with pytest.raises(TrainingError, match=rf"^{re.escape(path)} is not a regular file \(a pipe, "
+                                                    rf"/dev/stdin or <\(\.\.\.\)\): under torchrun every rank"):
+                open_data_text(path)
+    finally:
+        if feed.is_alive():  # not read: let the writer's open return
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        feed.join(timeout=30)
+    with open_data_text(str(tmp_path / "a.jsonl")) as f:
+        assert f.read() == '{"prompt": "x"}\n'
+    with pytest.raises(OSError):  # a missing file keeps the loader's "cannot read data file" message
+        open_data_text(str(tmp_path / "missing.jsonl"))
+
+
+class _Ranks:
+    """A torchrun job of two ranks as data_digests sees it: this rank's value, and the other
+    rank's as ``other(value)`` makes it."""
+
+    enabled, world_size = True, 2
+
+    def __init__(self, other):
+        self.other = other
+
+    def gather_object(self, obj):
+        return [obj, self.other(obj)]
+
+
+def test_ranks_that_read_different_data_stop(tmp_path):
+    """Each rank hashes the data it read; ranks that read other contents under the same path
+    (a node with another copy) stop with one line naming the option, and a rank that could not
+    read stops every rank with its message (none waits in a collective)."""
+    from rmkernels_train.utils import TrainingError
+
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    args = reward_parser().parse_args(["--data", str(tmp_path / "a.jsonl")])
+    same = T.data_digests(args, dist=_Ranks(lambda view: view))
+    assert same == T.data_digests(args)
+    with pytest.raises(TrainingError, match=r"^the ranks read different contents for --data \(SHA-256 per rank: "
+                                            r"\['[0-9a-f]{12}', '0{12}'\]\); every rank of a torchrun job"):
+        T.data_digests(args, dist=_Ranks(lambda view: ({"data": "0" * 64}, None)))
+    with pytest.raises(TrainingError, match=r"^rank 1: cannot read x"):
+        T.data_digests(args, dist=_Ranks(lambda view: ({}, "cannot read x")))

@@ -551,9 +551,17 @@ def save_sharded(path, model, optimizer):
     _unwrapped(dcp.save, _state(model, optimizer), storage_writer=Writer(path))
 
 
+class UnreadableShards(TrainingError):
+    """:func:`load_sharded` could not read the shards for a reason that is damage (a file
+    cut short, deleted, or holding what the safe reader refuses), not permissions: the
+    trainer passes over the checkpoint to an older one."""
+
+
 def load_sharded(path, model, optimizer):
     """Read :func:`save_sharded`'s directory into the sharded ``model`` and ``optimizer``
-    (collective; the shapes must match). Nothing read can run code (:func:`_safe_dcp_io`)."""
+    (collective; the shapes must match). Nothing read can run code (:func:`_safe_dcp_io`).
+    A file that cannot be read: :class:`UnreadableShards` (a :class:`TrainingError`), or a
+    plain :class:`TrainingError` when permissions forbid it (not damage: the run stops)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -563,8 +571,9 @@ def load_sharded(path, model, optimizer):
         _unwrapped(dcp.load, state, storage_reader=reader, planner=planner)
     except Exception as e:
         msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
-        raise TrainingError(f"--resume: cannot read the sharded state in {path} ({msg}); remove that "
-                            f"checkpoint to resume from an older one") from None
+        if isinstance(e, PermissionError):
+            raise TrainingError(f"--resume: cannot read the sharded state in {path} ({msg})") from None
+        raise UnreadableShards(f"--resume: cannot read the sharded state in {path} ({msg})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -648,7 +648,7 @@ class PPOTrainer:
         self.tokenizer, self.policy, self.ref, self.value_model, self.reward_model = load_models(a, dist, reward_dir,
                                                                                                  self.log)
         # what this run read (the data files, the reward model), for its checkpoints; once read: its errors first
-        self.data_sha256 = T.data_digests(a, reward_dir)
+        self.data_sha256 = T.data_digests(a, reward_dir, dist=dist)
         self.prompt_ids = fitting_prompts(a, self.tokenizer, (self.policy, self.reward_model), prompts, lines,
                                            self.log)
         self.optimizer = self.make_optimizer()

@@ -535,6 +535,7 @@ class RewardTrainer:
         args, dist = self.args, self.dist
         if dist.is_main:
             T.remove_stale_checkpoint_dirs(self.out_dir, self.log)
+        dist.barrier()  # a checkpoint put back by rank 0 is there before any rank looks
         resumed = None
         if args.resume:
             _, self.last_ckpt, resumed = T.find_resume_checkpoint(
@@ -551,7 +552,8 @@ class RewardTrainer:
         description of the data, the same, is not logged twice."""
         args, log = self.args, self.log
         train_recs, held_recs, self.what = load_records(args, log)
-        self.data_sha256 = T.data_digests(args)  # what this run read, for its checkpoints (once read: its errors first)
+        # what this run read, for its checkpoints (once read: its errors first); the ranks compared
+        self.data_sha256 = T.data_digests(args, dist=self.dist)
         if not again:
             log(self.what)
         if resumed is not None:
@@ -647,7 +649,7 @@ class RewardTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args.warmup_steps, self.total))
         if resumed is not None:
             if resumed.get("sharded"):
-                F.load_sharded(resumed["optimizer"], self.model, self.optimizer)
+                self.load_shards(resumed["optimizer"])
                 # the check a non-sharded resume makes before choosing the checkpoint, made here
                 # (the shards are read only once the model is sharded): setup() passes over a
                 # damaged one to the next older checkpoint, as a non-sharded resume does
@@ -662,6 +664,26 @@ class RewardTrainer:
             st = resumed["state"]
             self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
             self.elapsed_before = float(st.get("elapsed_s", 0.0))
+
+    def load_shards(self, path):
+        """The shards of an --fsdp checkpoint into the sharded model and optimizer; every rank
+        learns whether every rank could read them (one all-reduce): damage on any rank
+        (:class:`~rmkernels_train.fsdp.UnreadableShards`: a shard cut short or deleted after it
+        was listed) is :class:`DamagedShards` on every rank (set-up passes over the checkpoint),
+        another error stops every rank; no rank is left in a collective the others skip."""
+        error = None
+        try:
+            F.load_sharded(path, self.model, self.optimizer)
+        except TrainingError as e:
+            error = e
+        damaged = isinstance(error, F.UnreadableShards)
+        n_damaged, n_other = self.dist.sum([float(damaged), float(error is not None and not damaged)])
+        if n_other:
+            raise error if error is not None and not damaged else TrainingError(
+                f"--resume: another rank could not read the sharded state in {path}")
+        if n_damaged:
+            why = str(error).split(f" in {path} ", 1)[-1] if damaged else "(another rank could not read its part)"
+            raise DamagedShards(f"{F.DCP_DIR} cannot be read {why}")
 
     def open_metrics(self, resumed):
         """metrics.jsonl (rank 0): new, or on resume cut back to the checkpoint's step; the
@@ -735,6 +757,8 @@ class RewardTrainer:
             dist, self.out_dir, self.step, lambda tmp: write_sharded_checkpoint(tmp, self, hf_state),
             self.args.save_total_limit,
             every_rank=lambda tmp: F.save_sharded(os.path.join(tmp, F.DCP_DIR), self.model, self.optimizer))
+        if hf_state is not None:  # every rank (rank 0's hf_state is the model, the others' {})
+            self.hf_step = self.step
 
     def evaluate(self):
         ev = evaluate(self.model, self.held_pairs, self.args, self.dist, self.tokenizer.pad_token_id, self.autocast)
@@ -875,7 +899,11 @@ class RewardTrainer:
         args, dist = self.args, self.dist
         if self.last_eval_step != self.step:
             self.evaluate()
-        if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step):
+        if self.last_ckpt != T.checkpoint_path(self.out_dir, self.step) or (
+                args.fsdp and getattr(self, "hf_step", None) != self.step):
+            # --fsdp resumed at its last step (nothing left to train): that checkpoint is written
+            # again with the gathered model (model.safetensors, which a checkpoint written
+            # mid-run lacks) and final.json's digest; the rewrite replaces it atomically
             self.checkpoint()
         if args.fsdp:  # one model, sharded: the digest of the whole model gathered for the HF checkpoint
             digests = [dist.broadcast_object(getattr(self, "final_digest", None))]

@@ -282,7 +282,7 @@ class CriticFreeTrainer:
         self.reward_model.requires_grad_(False)
         self.reward_model.eval()
         # what this run read (the data files, the reward model), for its checkpoints; once read: its errors first
-        self.data_sha256 = T.data_digests(a, reward_dir)
+        self.data_sha256 = T.data_digests(a, reward_dir, dist=dist)
         self.held_prompts = held[:a.eval_prompts]
         if dist.enabled and a.batch_size * dist.world_size > len(self.train_prompts):
             raise TrainingError(f"--batch-size {a.batch_size} x {dist.world_size} processes is more than the "

@@ -14,7 +14,8 @@
 - checkpoints: ``<output-dir>/checkpoint-<step>/`` written atomically (a temporary
   ``.tmp-checkpoint-*`` directory renamed into place) with the permissions the umask gives,
   the last ``--save-total-limit`` kept (:func:`save_checkpoint`); leftovers of a killed
-  write removed at start (:func:`remove_stale_checkpoint_dirs`); ``--resume`` takes the newest
+  write removed at start, a checkpoint a killed rewrite had moved aside put back
+  (:func:`remove_stale_checkpoint_dirs`); ``--resume`` takes the newest
   checkpoint whose every file loads (:func:`find_resume_checkpoint`), saying which ones it
   skipped and why (weights that do not fit the model, :func:`check_state_dict` /
   :func:`check_safetensors_fit`, or hold NaN / inf, :func:`check_finite_tensors`, are
@@ -23,7 +24,7 @@
   (:func:`check_resume_args`, paths compared as real paths: a changed option stops the run, it
   never makes a checkpoint look damaged), and the data files' and an RL run's reward model's
   contents (:func:`data_digests`, :func:`check_resume_data`: a file edited or replaced since the
-  checkpoint's run stops it too);
+  checkpoint's run stops it too; under torchrun the ranks' digests are compared);
   rotation never deletes a checkpoint newer than the one written unless ``--resume`` found it
   damaged; a failed write (disk full) is one line naming the path, under torchrun on every
   rank whichever rank failed (:func:`save_checkpoint_on_main`, used by every trainer's
@@ -452,10 +453,23 @@ def list_checkpoints(output_dir):
 def remove_stale_checkpoint_dirs(output_dir, log):
     """Remove what a killed write of a checkpoint (or of PPO's final ``policy/``) leaves
     behind (``.tmp-checkpoint-*``, ``.old-checkpoint-*``, ...): with large models they would
-    fill the disk."""
+    fill the disk. A directory that :func:`atomic_dir` had moved aside to replace it
+    (``.old-<name>-*/d``) and whose replacement never landed (a kill between the two renames)
+    is put back as ``<name>`` first: replacing a checkpoint never loses it."""
     _DAMAGED.pop(os.path.abspath(output_dir), None)  # a new run: nothing found damaged yet
     if not os.path.isdir(output_dir):
         return
+    for name in sorted(os.listdir(output_dir)):
+        if name.startswith(".old-") and "-" in name[len(".old-"):]:
+            target = os.path.join(output_dir, name[len(".old-"):].rsplit("-", 1)[0])
+            moved = os.path.join(output_dir, name, "d")
+            if os.path.isdir(moved) and not os.path.lexists(target):
+                try:
+                    os.replace(moved, target)
+                    log(f"restored {os.path.basename(target)} (an interrupted rewrite had moved it aside)")
+                except OSError as e:
+                    raise write_failed(target, e) or TrainingError(
+                        f"cannot restore {target} from {moved}: {e.strerror or one_line(e)}") from None
     for name in sorted(os.listdir(output_dir)):
         if name.startswith(STALE_PREFIXES):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
@@ -596,29 +610,22 @@ def save_checkpoint(output_dir, step, write, keep):
 # before anything is called damaged, and a damaged file in its own words): a file deleted, cut
 # short or grown afterwards that the loader takes as optional (a tokenizer's chat_template.jinja,
 # whose absence transformers reads as "no template") makes the checkpoint damaged, not silently
-# different. Not listed: trainer_state.json (its reader checks every field) and --fsdp's shards
-# (fsdp.DCP_DIR, which other ranks write; checked by their own metadata).
+# different. Not listed: trainer_state.json (its reader checks every field). --fsdp's shards
+# (fsdp.DCP_DIR) are listed: every rank has written its files when rank 0 lists them (the
+# collective save returns after them), so a shard file deleted or cut short is found here.
 FILE_LIST = "checkpoint_files.json"
 UNLISTED = (FILE_LIST, "trainer_state.json")
 
 
 def _checkpoint_files(path):
     files = {}
-    for root, dirs, names in os.walk(path):
-        if root == path:
-            dirs[:] = [d for d in dirs if d != _dcp_dir()]
+    for root, _, names in os.walk(path):
         for name in names:
             full = os.path.join(root, name)
             rel = os.path.relpath(full, path)
             if rel not in UNLISTED:
                 files[rel] = os.path.getsize(full)
     return files
-
-
-def _dcp_dir():
-    from rmkernels_train.fsdp import DCP_DIR
-
-    return DCP_DIR
 
 
 def write_file_list(tmp):
@@ -1094,15 +1101,36 @@ def model_dir_sha256(path):
     return h.hexdigest()
 
 
-def data_digests(args, reward_dir=None, existing_only=False):
+def data_digests(args, reward_dir=None, existing_only=False, dist=None):
     """``{option: SHA-256}`` of the data files ``args`` names (:data:`DATA_OPTIONS`, those
     given), and with ``reward_dir`` (an RL run's reward model, the directory --reward-model
     resolved to) ``"reward_model"``: :func:`model_dir_sha256`; for a checkpoint's
-    ``trainer_state.json``. ``existing_only``: data files that are not there are left out."""
-    out = {k: file_sha256(getattr(args, k)) for k in DATA_OPTIONS
-           if getattr(args, k, None) and not (existing_only and not os.path.exists(getattr(args, k)))}
-    if reward_dir is not None:
-        out["reward_model"] = model_dir_sha256(reward_dir)
+    ``trainer_state.json``. ``existing_only``: data files that are not there are left out.
+    With ``dist`` (a torchrun job; collective) every rank's digests are compared: ranks that
+    read different contents under one path (a node with another copy of the file) stop every
+    rank with one line naming the option, before a step is taken on data that differs."""
+    out, error = {}, None
+    try:
+        out = {k: file_sha256(getattr(args, k)) for k in DATA_OPTIONS
+               if getattr(args, k, None) and not (existing_only and not os.path.exists(getattr(args, k)))}
+        if reward_dir is not None:
+            out["reward_model"] = model_dir_sha256(reward_dir)
+    except TrainingError as e:
+        if dist is None or not dist.enabled:
+            raise
+        error = str(e)
+    if dist is not None and dist.enabled:
+        views = dist.gather_object((out, error))  # every rank, also one that failed: none left waiting
+        errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(views) if e is not None]
+        if errors:
+            raise TrainingError(error if error is not None else "; ".join(errors))
+        differ = sorted({k for d, _ in views for k in d if len({v.get(k) for v, _ in views}) > 1})
+        if differ:
+            names = ", ".join("the reward model" if k == "reward_model" else "--" + k.replace("_", "-")
+                              for k in differ)
+            raise TrainingError(f"the ranks read different contents for {names} (SHA-256 per rank: "
+                                f"{[d.get(differ[0], '-')[:12] for d, _ in views]}); every rank of a torchrun "
+                                f"job must read the same files")
     return out
 
 

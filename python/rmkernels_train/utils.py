@@ -56,9 +56,17 @@ def open_data_text(path):
     """``path`` opened for reading as UTF-8 text. A path that is not a regular file (a pipe, a
     FIFO, ``/dev/stdin``) is read once and its bytes kept for the process, so reading it again
     gives the same text and :func:`data_bytes_sha256` hashes what was read (a second read of
-    the pipe would be empty: --resume's data check recorded the SHA-256 of nothing)."""
+    the pipe would be empty: --resume's data check recorded the SHA-256 of nothing); under
+    torchrun (``WORLD_SIZE`` > 1) it is refused, a :class:`TrainingError`."""
     if os.path.isfile(path):
         return open(path, encoding="utf-8")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not os.path.isdir(path) and (
+            os.path.exists(path) or path.startswith(("/dev/fd/", "/proc/self/fd/", "/dev/stdin"))):
+        # each rank would read its own part of one pipe (or none: torchrun's workers do not
+        # inherit a <(...) descriptor), and train on different data
+        raise TrainingError(f"{path} is not a regular file (a pipe, /dev/stdin or <(...)): under torchrun every "
+                            f"rank reads the data itself, and a pipe can be read only once; write it to a file and "
+                            f"pass that")
     key = os.path.abspath(path)
     if key not in _streams:
         with open(path, "rb") as f:
