@@ -814,3 +814,41 @@ def test_the_finiteness_check_exchanges_names_only_when_a_rank_found_one():
     assert T.nonfinite_parameter_on_any_rank(rank1, ("value", b)) == "policy.bias"  # rank 0's comes first
     assert rank1.calls == [("sum", [1.0]), ("gather", "value.bias")]
     assert T.nonfinite_parameter(("empty", torch.nn.ReLU())) is None
+
+
+GLOO_PEER_GONE = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                  "[127.0.0.1]:41113: Connection reset by peer. This is typically caused by a remote worker hanging "
+                  "or bugs in the application. Check the logs of the remote worker before reporting an error.")
+
+
+@pytest.mark.parametrize("error,lost", [
+    (RuntimeError(GLOO_PEER_GONE), "Read error [127.0.0.1]:41113: Connection reset by peer"),
+    (torch.distributed.DistNetworkError("the store's connection failed. more"), "the store's connection failed"),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), None),  # a bug: its traceback stays
+])
+def test_a_rank_whose_peer_died_says_so_in_one_line(tmp_path, capsys, monkeypatch, error, lost):
+    """kill -9 of one rank: the surviving rank's next collective raises gloo's RuntimeError
+    (seen in an audit of 2026-12-03: a traceback). Under torchrun that is one line naming what
+    happened and what to do; any other exception keeps its traceback; in one process nothing
+    changes."""
+    from rmkernels_train import reward as R
+
+    assert T.lost_peer(error) == lost
+    monkeypatch.setattr(T, "setup_distributed", lambda device=None: Dist(1, 2, 0, torch.device("cpu")))
+
+    def run(args, dist, log):
+        raise error
+
+    argv = [*TINY, "--output-dir", str(tmp_path / "o")]
+    if lost is None:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            T.cli_main(R.PROG, R.build_parser(), R.check_args, run, argv, built_in=lambda a: True)
+        return
+    rc = T.cli_main(R.PROG, R.build_parser(), R.check_args, run, argv, built_in=lambda a: True)
+    err = capsys.readouterr().err
+    assert rc == 1 and err == (f"{R.PROG}: error (rank 1): a collective failed: another rank of the torchrun job "
+                               f"ended or lost its connection ({lost}); the checkpoints written are intact: find why "
+                               f"that rank stopped (its own log), then resume with --resume\n"), err
+    monkeypatch.setattr(T, "setup_distributed", lambda device=None: Dist(0, 1, 0, torch.device("cpu")))
+    with pytest.raises(type(error)):  # one process: no peer to lose, the error is the run's own
+        T.cli_main(R.PROG, R.build_parser(), R.check_args, run, argv, built_in=lambda a: True)

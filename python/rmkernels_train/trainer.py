@@ -413,6 +413,13 @@ def cli_main(prog, parser, check_args, run, argv, *, built_in):
         rank = f" (rank {dist.rank})" if dist is not None and dist.enabled else ""
         print(f"{prog}: error{rank}: {e}", file=sys.stderr, flush=True)
         return 1
+    except Exception as e:
+        if dist is None or not dist.enabled or not lost_peer(e):
+            raise
+        print(f"{prog}: error (rank {dist.rank}): a collective failed: another rank of the torchrun job ended or "
+              f"lost its connection ({lost_peer(e)}); the checkpoints written are intact: find why that rank "
+              f"stopped (its own log), then resume with --resume", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
@@ -420,6 +427,24 @@ def cli_main(prog, parser, check_args, run, argv, *, built_in):
         teardown_distributed()
         if lock is not None:
             lock.release()
+
+
+# What a collective raises on a rank whose peer process died (gloo's words; NCCL's watchdog
+# and torch's own store raise torch.distributed.DistError subclasses).
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def lost_peer(e):
+    """The short reason if ``e`` is a collective's error because another rank is gone (its
+    process killed or crashed), else None: a surviving rank says so in one line instead of a
+    traceback."""
+    text = str(e)
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if not ((dist_error is not None and isinstance(e, dist_error)) or (
+            isinstance(e, RuntimeError) and "gloo" in text and any(w in text for w in PEER_LOST))):
+        return None
+    first = text.split("] ", 1)[-1] if text.startswith("[") else text  # gloo's "[.../pair.cc:537] "
+    return first.split(". ", 1)[0].strip()[:200] or type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------
