@@ -443,9 +443,14 @@ def _bt_bad_cases():
 
 
 @pytest.mark.parametrize("case", range(len(_bt_bad_cases())))
-def test_bt_bad_inputs(case):
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_bt_bad_inputs(case, backend):
+    """Every CPU backend refuses each bad input in the op layer (the C++ kernel's own checks
+    would hide a gap there on the default backend only)."""
+    skip_unless_available(backend, "cpu")
     kwargs, exc, match = _bt_bad_cases()[case]
     chosen, rejected = kwargs.pop("chosen"), kwargs.pop("rejected")
+    kwargs.setdefault("backend", backend)
     with pytest.raises(exc, match=match):
         rmk.bradley_terry_loss(chosen, rejected, **kwargs)
 

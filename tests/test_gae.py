@@ -372,3 +372,30 @@ def test_any_nonzero_mask_value_is_a_valid_token(backend, device):
     hidden, weight = torch.randn(B, T, 4, device=device), torch.randn(1, 4, device=device)
     assert torch.equal(rmk.last_token_reward(hidden, weight, attention_mask=as_int, backend=backend),
                        rmk.last_token_reward(hidden, weight, attention_mask=mask, backend=backend))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_mixed_float64_inputs_compute_in_float64(backend, device):
+    """One float64 input among float32 ones: the op computes and returns float64 (the rule of
+    ops.gae.common_float_dtype), for gae, kl_estimate and ppo_advantages; the numbers are the
+    float64 ones, not float32's (a mutation that sent mixed inputs to float32 passed before)."""
+    skip_unless_available(backend, device)
+    rewards, values, mask, lp, ref = sample_inputs(4, 9, torch.float64, device)
+    rewards = rewards + 1e-9  # float32 cannot hold these
+    f32 = values.float()
+    out = rmk.gae(rewards, f32, mask, gamma=0.99, lam=0.9, backend=backend)
+    want = rmk.gae(rewards, f32.double(), mask, gamma=0.99, lam=0.9, backend="reference")
+    for o, w in zip(out, want):
+        assert o.dtype == torch.float64
+        torch.testing.assert_close(o, w, rtol=1e-12, atol=1e-12)
+    kl = rmk.kl_estimate(lp, ref.float(), mask, estimator="k3", backend=backend)
+    assert kl.dtype == torch.float64
+    torch.testing.assert_close(kl, rmk.kl_estimate(lp, ref.float().double(), mask, estimator="k3",
+                                                   backend="reference"), rtol=1e-12, atol=1e-12)
+    scores = torch.randn(4, dtype=torch.float64, device=device)
+    adv = rmk.ppo_advantages(lp.float(), ref.float(), values, scores, mask, kl_coef=0.1, backend=backend)
+    want = rmk.ppo_advantages(lp.float().double(), ref.float().double(), values, scores, mask, kl_coef=0.1,
+                              backend="reference")
+    for o, w in zip(adv, want):
+        assert o.dtype == torch.float64
+        torch.testing.assert_close(o, w, rtol=1e-10, atol=1e-10)

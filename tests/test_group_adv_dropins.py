@@ -88,6 +88,21 @@ def test_verl_reinforce_pp_and_remax():
         rv.compute_remax_outcome_advantage(tlr, base[:, None], mask)
 
 
+def test_verl_grpo_epsilon_is_used():
+    """A non-default epsilon reaches the op: (s - mean) / (std + epsilon), verl's formula (a
+    mutation that dropped it, so 1e-6 was always used, passed before)."""
+    tlr = torch.zeros(4, 3)
+    tlr[:, -1] = torch.tensor([1.0, 0.0, 3.0, 1.0])
+    mask = torch.ones(4, 3)
+    index = np.array(["a", "a", "b", "b"], dtype=object)
+    for eps in (0.5, 0.0, 1e-6):
+        for fn in (rv.compute_grpo_outcome_advantage, rv.compute_grpo_vectorized_outcome_advantage):
+            adv, _ = fn(tlr, mask, index, epsilon=eps)
+            s = tlr[:, -1].reshape(2, 2)
+            want = ((s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + eps)).reshape(4, 1).expand(4, 3)
+            assert_close(adv, want, rtol=1e-6, atol=1e-6, name=f"{fn.__name__} epsilon={eps}")
+
+
 def test_verl_errors():
     tlr, mask, index = _batch(B=6)
     with pytest.raises(TypeError, match="index"):
@@ -123,6 +138,9 @@ def test_openrlhf_shaping(mode, n):
         expect = rewards
     got = orl.shape_rewards(raw, n, mode)
     assert_close(got, expect.reshape(-1), rtol=1e-5, atol=1e-5, name=mode)
+    # rewards in at least float32, every mode (the unshaped "gae" / "reinforce" too)
+    low = orl.shape_rewards(raw.to(torch.bfloat16), n, mode)
+    assert low.dtype == torch.float32, (mode, low.dtype)
     with pytest.raises(ValueError, match="n_samples_per_prompt"):
         orl.shape_rewards(torch.randn(7), 2, mode)
     with pytest.raises(ValueError, match="advantage_estimator"):

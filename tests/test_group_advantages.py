@@ -928,3 +928,16 @@ def test_gpg_counts_a_nan_score_as_nonzero(backend, device):
     seq = rmk.group_advantages(s, ids, estimator="gpg", backend=backend).seq_advantages
     assert torch.isnan(seq[:2]).all()
     assert_close(seq[2:].cpu(), torch.tensor([-4 / 3, 4 / 3]), rtol=1e-6, atol=0, name="gpg")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_gpg_all_zero_scores_give_zeros(backend, device):
+    """A batch whose scores are all 0 (no response solved anything): alpha = B / max(0, 1) and
+    every advantage 0, never B / 0 * 0 = NaN (verl's clamp; only the fuzz suite caught a
+    mutation that dropped it)."""
+    skip_unless_available(backend, device)
+    s = torch.zeros(6, device=device)
+    ids = torch.tensor([0, 0, 1, 1, 1, 2], device=device)
+    out = rmk.group_advantages(s, ids, torch.ones(6, 3, dtype=torch.bool, device=device), estimator="gpg",
+                               backend=backend)
+    assert (out.seq_advantages == 0).all() and (out.advantages == 0).all()

@@ -43,3 +43,6 @@ def test_fixed_kl_controller():
     assert ctl.value == 0.05
     with pytest.raises(ValueError, match="kl_coef"):
         rmk.FixedKLController(-1.0)
+    assert rmk.FixedKLController(0.0).value == 0.0  # no KL penalty: allowed (the docs' ">= 0")
+    with pytest.raises(ValueError, match="kl_coef"):
+        rmk.FixedKLController(float("nan"))

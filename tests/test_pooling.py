@@ -217,6 +217,24 @@ def test_last_token_index(backend, device):
     assert torch.equal(rmk.last_token_index(input_ids=ids, pad_token_id=pad, backend=backend), hf)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_negative_mask_values_are_valid_tokens(backend, device):
+    """"Non-zero" is the rule (docs/ops.md section 1): a negative mask value marks a valid token
+    in integer and float masks, on every backend, for the index and the pooled reward (a
+    mutation to "> 0" in the reference's index or the float-mask path passed before)."""
+    skip_unless_available(backend, device)
+    mask = torch.tensor([[1, 1, -1, 0], [0, -2, 0, 0], [1, 0, 0, 0]], device=device)
+    want = torch.tensor([2, 1, 0], device=device)
+    for m in (mask, mask.to(torch.int32), mask.to(torch.int8), mask.float(), mask.double()):
+        assert torch.equal(rmk.last_token_index(m, backend=backend), want), m.dtype
+    hidden = torch.randn(3, 4, 5, device=device)
+    w = torch.randn(1, 5, device=device)
+    for m in (mask, mask.float()):
+        got = rmk.last_token_reward(hidden, w, attention_mask=m, backend=backend)
+        exp = hidden[torch.arange(3), want] @ w.t()
+        assert_close(got.reshape(-1), exp.reshape(-1), rtol=1e-5, atol=1e-5, name=f"reward, {m.dtype} mask")
+
+
 def test_last_token_index_lengths_cu_seqlens():
     assert rmk.last_token_index(lengths=torch.tensor([3, 1, 5])).tolist() == [2, 0, 4]
     assert rmk.last_token_index(cu_seqlens=torch.tensor([0, 3, 4, 9], dtype=torch.int32)).tolist() == [2, 3, 8]

@@ -344,3 +344,31 @@ def test_cuda_kernel_is_one_launch_at_scale(remax):
         e_adv, e_ret = gops.reinforce_kernel("reference", *args)
         assert_close(ret, e_ret, rtol=1e-5, atol=scan_atol(T), name=f"returns {B}x{T}")
         assert_close(adv, e_adv, rtol=1e-5, atol=scan_atol(T), name=f"advantages {B}x{T}")
+
+
+@pytest.mark.parametrize("backend", [p for p in cpu_backend_params() if p != "reference"])
+def test_op_with_baselines_and_a_discount_matches_reference(backend):
+    """The op takes a baseline and a discount together (remax_advantages fixes gamma at 1, so
+    only a direct call reaches this): over holes, the return carried unchanged over a masked
+    position, as the kernels do, on the reference too (a mutation that discounted the carry
+    there passed before)."""
+    skip_unless_available(backend, "cpu")
+    op = torch.ops.rmkernels.reinforce_advantages
+    r = torch.tensor([[1.0, 5.0, 2.0]])
+    mask = torch.tensor([[True, False, True]])
+    base = torch.tensor([0.5])
+    for be in ("reference", backend):
+        adv, ret = op(r, mask, base, 0.5, True, 1e-8, be)
+        # 1 + 0.5 * 2 at t=0, the 2 carried over the masked t=1 (ReMax writes returns everywhere;
+        # advantages are returns - baseline at valid positions, the returns elsewhere)
+        torch.testing.assert_close(ret, torch.tensor([[2.0, 2.0, 2.0]]), msg=be)
+        torch.testing.assert_close(adv, torch.tensor([[1.5, 2.0, 1.5]]), msg=be)
+    for gamma in (0.0, 0.5, 0.9):
+        B, T = 9, 17
+        r = torch.randn(B, T)
+        mask = make_mask("holes", B, T)
+        base = torch.randn(B)
+        got = op(r, mask, base, gamma, True, 1e-8, backend)
+        exp = op(r, mask, base, gamma, True, 1e-8, "reference")
+        for name, a, e in zip(("advantages", "returns"), got, exp):
+            assert_close(a, e, rtol=1e-5, atol=scan_atol(T), name=f"{name} gamma={gamma}")

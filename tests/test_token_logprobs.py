@@ -2,7 +2,15 @@
 independent fp64 full-logits computation and against the reference, forward and backward."""
 import pytest
 import torch
-from utils import TRITON_INTERPRET, assert_close, assert_close_vs_lowp, backend_params, skip_unless_available, tolerance
+from utils import (
+    TRITON_INTERPRET,
+    assert_close,
+    assert_close_vs_lowp,
+    backend_params,
+    cpu_backend_params,
+    skip_unless_available,
+    tolerance,
+)
 
 import rmkernels as rmk
 from rmkernels.ops import token_logprobs as tlp
@@ -346,6 +354,29 @@ def test_cpu_kernel_op_refuses_out_of_range_targets():
         t = torch.tensor([[0, bad, 2]])
         with pytest.raises(ValueError, match="targets must be in"):
             torch.ops.rmkernels.token_logprobs_fwd_kernel(h, w, None, t, 1.0, -100, 4, 4)
+
+
+@pytest.mark.parametrize("backend", [p for p in cpu_backend_params() if p != "cpu"])
+def test_unchecked_out_of_range_targets_give_nan_and_no_gradient(backend):
+    """Where no data check runs before the kernel (a GPU without rmk.checks(True); here the
+    kernels called directly): a target outside [0, V) gives a NaN log-prob, as the GPU kernels
+    do, and no gradient, like ignore_index; target == V included (a mutation of the rule to
+    "<= V" passed before: it read the row past the vocabulary)."""
+    skip_unless_available(backend, "cpu")
+    h, w = torch.randn(5, 8), torch.randn(10, 8)
+    t = torch.tensor([3, 10, -5, -100, 9])
+    lp, ent, lse = tlp.fwd_kernel(backend, h, w, None, t, 1.0, -100, 2, 4)
+    assert lp[1].isnan() and lp[2].isnan() and lp[3] == 0 and ent[3] == 0
+    assert lp[[0, 4]].isfinite().all() and ent.isfinite().all()
+    g_h, g_w, _ = tlp.bwd_kernel(backend, torch.ones(5), None, h, w, None, t, lse, ent, 1.0, -100, 2, 4,
+                                 True, True, False)
+    assert (g_h[1:4] == 0).all() and (g_h[[0, 4]] != 0).any(1).all()
+    ignored = torch.tensor([3, -100, -100, -100, 9])  # the same gradient as the out-of-range ones ignored
+    lp2, ent2, lse2 = tlp.fwd_kernel(backend, h, w, None, ignored, 1.0, -100, 2, 4)
+    g_h2, g_w2, _ = tlp.bwd_kernel(backend, torch.ones(5), None, h, w, None, ignored, lse2, ent2, 1.0, -100, 2, 4,
+                                   True, True, False)
+    torch.testing.assert_close(g_w, g_w2)
+    torch.testing.assert_close(g_h, g_h2)
 
 
 def _opcheck_samples(device):
