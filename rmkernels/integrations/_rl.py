@@ -51,15 +51,15 @@ def check_same_shape(ref_name, ref, **others):
 GAEResult = namedtuple("GAEResult", ["advantages", "returns"])
 
 
-def token_reward_gae(rewards, values, mask, *, gamma, lam, whiten, unbiased=True, shift_mean=True,
-                     process_group=None):
+def token_reward_gae(rewards, values, mask, *, gamma, lam, whiten, unbiased=True, process_group=None):
     """GAE of arbitrary per-token ``rewards`` [B, T] (``rmk.gae``: the mask-aware recurrence
     over the positions where ``mask`` is non-zero), the advantages whitened over the valid
-    positions when ``whiten`` (``rmk.masked_whiten``, over every rank of ``process_group``).
+    positions when ``whiten`` (``rmk.masked_whiten`` with the mean shifted, as every caller's
+    framework does, over every rank of ``process_group``).
     Returns ``GAEResult(advantages, returns)``."""
     adv, ret = rmk.gae(rewards, values, mask, gamma=gamma, lam=lam)
     if whiten:
-        adv = rmk.masked_whiten(adv, mask, shift_mean=shift_mean, unbiased=unbiased, process_group=process_group)
+        adv = rmk.masked_whiten(adv, mask, unbiased=unbiased, process_group=process_group)
     return GAEResult(adv, ret)
 
 

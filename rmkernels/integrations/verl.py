@@ -115,7 +115,7 @@ def compute_gae_advantage_return(token_level_rewards, values, response_mask, gam
         raise ValueError(f"token_level_rewards, values and response_mask must broadcast to 2-D [bs, response_length], "
                          f"got {tuple(rewards.shape)}")
     out = token_reward_gae(rewards, values, mask, gamma=as_float("gamma", gamma), lam=as_float("lam", lam),
-                           whiten=True, unbiased=True, shift_mean=True)
+                           whiten=True, unbiased=True)
     return out.advantages, out.returns
 
 
