@@ -554,7 +554,11 @@ def save_sharded(path, model, optimizer):
 class UnreadableShards(TrainingError):
     """:func:`load_sharded` could not read the shards for a reason that is damage (a file
     cut short, deleted, or holding what the safe reader refuses), not permissions: the
-    trainer passes over the checkpoint to an older one."""
+    trainer passes over the checkpoint to an older one. ``reason``: what the reader said."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"--resume: cannot read the sharded state in {path} ({reason})")
+        self.reason = reason
 
 
 def load_sharded(path, model, optimizer):
@@ -573,7 +577,7 @@ def load_sharded(path, model, optimizer):
         msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         if isinstance(e, PermissionError):
             raise TrainingError(f"--resume: cannot read the sharded state in {path} ({msg})") from None
-        raise UnreadableShards(f"--resume: cannot read the sharded state in {path} ({msg})") from None
+        raise UnreadableShards(path, msg) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

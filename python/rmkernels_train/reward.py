@@ -52,6 +52,7 @@ from rmkernels_train.tokenizer import build_char_tokenizer
 from rmkernels_train.utils import (
     MetricsWriter,
     TrainingError,
+    env_world_size,
     one_line,
     param_digest,
     plot_curves,
@@ -202,7 +203,7 @@ def check_args(args):
         raise TrainingError(f"--model {args.model}: not a directory (give a local HF checkpoint directory)")
     if args.eval_fraction is not None:
         T.check_finite("eval_fraction", args.eval_fraction, low=0, low_open=True, high=1, high_open=True)
-    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if args.fsdp and env_world_size() < 2:
         raise TrainingError("--fsdp shards the model over the ranks of a torchrun job: launch it with torchrun "
                             "--nproc_per_node N (N >= 2)")
     if args.fsdp:
@@ -682,8 +683,8 @@ class RewardTrainer:
             raise error if error is not None and not damaged else TrainingError(
                 f"--resume: another rank could not read the sharded state in {path}")
         if n_damaged:
-            why = str(error).split(f" in {path} ", 1)[-1] if damaged else "(another rank could not read its part)"
-            raise DamagedShards(f"{F.DCP_DIR} cannot be read {why}")
+            why = error.reason if damaged else "another rank could not read its part"
+            raise DamagedShards(f"{F.DCP_DIR} cannot be read ({why})")
 
     def open_metrics(self, resumed):
         """metrics.jsonl (rank 0): new, or on resume cut back to the checkpoint's step; the

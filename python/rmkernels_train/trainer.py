@@ -414,10 +414,11 @@ def cli_main(prog, parser, check_args, run, argv, *, built_in):
         print(f"{prog}: error{rank}: {e}", file=sys.stderr, flush=True)
         return 1
     except Exception as e:
-        if dist is None or not dist.enabled or not lost_peer(e):
+        lost = lost_peer(e) if dist is not None and dist.enabled else None
+        if lost is None:
             raise
         print(f"{prog}: error (rank {dist.rank}): a collective failed: another rank of the torchrun job ended or "
-              f"lost its connection ({lost_peer(e)}); the checkpoints written are intact: find why that rank "
+              f"lost its connection ({lost}); the checkpoints written are intact: find why that rank "
               f"stopped (its own log), then resume with --resume", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -52,6 +52,11 @@ def set_rng_state(state):
 _streams = {}  # absolute path of a data path that is not a regular file -> its bytes, read once
 
 
+def env_world_size():
+    """The number of processes torchrun started (its ``WORLD_SIZE``; 1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def open_data_text(path):
     """``path`` opened for reading as UTF-8 text. A path that is not a regular file (a pipe, a
     FIFO, ``/dev/stdin``) is read once and its bytes kept for the process, so reading it again
@@ -60,7 +65,7 @@ def open_data_text(path):
     torchrun (``WORLD_SIZE`` > 1) it is refused, a :class:`TrainingError`."""
     if os.path.isfile(path):
         return open(path, encoding="utf-8")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not os.path.isdir(path) and (
+    if env_world_size() > 1 and not os.path.isdir(path) and (
             os.path.exists(path) or path.startswith(("/dev/fd/", "/proc/self/fd/", "/dev/stdin"))):
         # each rank would read its own part of one pipe (or none: torchrun's workers do not
         # inherit a <(...) descriptor), and train on different data
@@ -291,7 +296,7 @@ def setup_distributed(device=None):
     """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1): NCCL on
     GPUs, gloo on CPU. Returns a :class:`Dist`. ``device``: "cpu", "cuda" or None (a GPU
     when there is one)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device in (None, "auto") else str(device).startswith("cuda")
@@ -322,7 +327,7 @@ def exit_process(rc):
     ``final.json`` was written) and torchrun then reports the run as failed. Every file of a run
     is closed by then (written in ``with`` blocks, checkpoints renamed into place). Any other
     process exits normally (``sys.exit``)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if env_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
