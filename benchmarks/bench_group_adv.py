@@ -94,9 +94,10 @@ def providers(device, B):
     return p, reference or p["torch"]
 
 
-def floor_rows(shape, device, prov, inputs, quick, log):
-    """The floors, timed interleaved with the ``rmk-*`` providers (full call and op alone), one
-    sample of each in turn: ``write-once`` allocates the float32 [B, T] output and writes it
+def floor_rows(shape, device, prov, inputs, quick, log, passed=None):
+    """The floors, timed interleaved with the ``rmk-*`` providers (full call and op alone) that
+    passed the correctness check (``passed``: their names; None: every one), one sample of each
+    in turn: ``write-once`` allocates the float32 [B, T] output and writes it
     once (``torch.empty(B, T).fill_(1.0)``, BENCHMARKS.md's "<= 1.3x writing [B, T] once");
     ``read-inputs`` reads what the full call must read, once (the [B, T] token rewards and the
     mask, each by a vectorised ``amax``); their sum is the full call's memory floor. On the CPU,
@@ -117,7 +118,8 @@ def floor_rows(shape, device, prov, inputs, quick, log):
         huge = common.cpu_kernel_pages_write(lambda: torch.empty(B, T), lambda out: out.fill_(1.0))
         if huge is not None:
             fns[write_huge] = huge
-    fns.update({k: (lambda f=f: f(*inputs)) for k, f in prov.items() if k.startswith("rmk-")})
+    fns.update({k: (lambda f=f: f(*inputs)) for k, f in prov.items()
+                if k.startswith("rmk-") and (passed is None or k in passed)})
     env = common.env_fields(device)
     rows = []
     for state in timing.OUTPUT_MEMORY if device == "cpu" else (None,):
@@ -145,9 +147,10 @@ def run(op="grpo", device="cpu", shapes=None, quick=False, tiny=False, only=None
         prov, ref = providers(device, shape.dims["B"])
         prov = common.select(prov, only)
         inputs = make_inputs(shape, device)
-        rows += common.bench_shape(op, shape, prov, inputs, grad_idx=(), reference=ref, device=device,
-                                   bytes_per_mode=bytes_moved(shape), quick=quick, log=log)
-        rows += floor_rows(shape, device, prov, inputs, quick, log)
+        shape_rows = common.bench_shape(op, shape, prov, inputs, grad_idx=(), reference=ref, device=device,
+                                        bytes_per_mode=bytes_moved(shape), quick=quick, log=log)
+        rows += shape_rows
+        rows += floor_rows(shape, device, prov, inputs, quick, log, passed=common.passed(shape_rows))
     return rows
 
 

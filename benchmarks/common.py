@@ -243,6 +243,12 @@ def bench_shape(op, shape, providers, inputs, *, grad_idx=(), reference=None, de
     return rows
 
 
+def passed(rows):
+    """The providers whose correctness check (a ``mode="check"`` row) in ``rows`` passed: only
+    those are timed, anywhere."""
+    return {r["provider"] for r in rows if r["mode"] == "check" and r["median"] == 1.0}
+
+
 def _no_grad(fn, inputs):
     with torch.no_grad():
         return fn(*inputs)

@@ -205,3 +205,46 @@ def test_runner_rm_pack_tiny(tmp_path):
     md = js.with_suffix(".md").read_text()
     assert "| tokens/s (`pack-t`) |" in md and "| model state: parameters + gradients + AdamW state (`fsdp-t`) |" in md
     assert "| peak live tensor memory per rank, the device-memory measure" in md and "(judged on this row)" in md
+
+
+def test_a_provider_that_fails_its_check_is_never_timed(monkeypatch):
+    """A wrong provider is reported by its check row and timed nowhere: not in the grpo floors'
+    interleaved rows (``floor_rows``, which the grpo-l floor target judges), not in the
+    end-to-end step."""
+    monkeypatch.syspath_prepend(ROOT)
+    import torch
+
+    from benchmarks import bench_e2e_reward, bench_group_adv, report
+
+    providers = bench_group_adv.providers
+
+    def wrong_grpo(device, B):
+        p, ref = providers(device, B)
+        good = p["rmk-cpu"]
+        p["rmk-cpu"] = lambda r, m, i: good(r, m, i) * 0.0 + 1.0
+        return p, ref
+    monkeypatch.setattr(bench_group_adv, "providers", wrong_grpo)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = bench_group_adv.run("grpo", tiny=True, quick=True, only=["hf", "rmk-cpu", "rmk-cpu-op"],
+                                   log=lambda *a: None)
+        checks = {r["provider"]: r["median"] for r in rows if r["mode"] == "check"}
+        assert checks == {"hf": 1.0, "rmk-cpu": 0.0, "rmk-cpu-op": 1.0}, checks
+        timed = {r["provider"] for r in rows if r["metric"] == "call_ms"}
+        assert "rmk-cpu-op (vs floor, recycled)" in timed and "hf" in timed  # the others still are
+        assert not [p for p in timed if p.split(" (")[0] == "rmk-cpu"], sorted(timed)
+        assert not [ln for ln in report.targets([dict(r, shape="grpo-l") for r in rows]) if "| rmk-cpu " in ln]
+
+        rmk_loss_fn = bench_e2e_reward.rmk_loss_fn
+
+        def wrong_loss():
+            f, how = rmk_loss_fn()
+            return (lambda m, i, k: 2.0 * f(m, i, k)), how
+        monkeypatch.setattr(bench_e2e_reward, "rmk_loss_fn", wrong_loss)
+        rows = bench_e2e_reward.run(tiny=True, quick=True, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert {r["provider"]: r["median"] for r in rows if r["mode"] == "check"} == {"hf": 1.0, "rmk": 0.0}
+    assert {r["provider"] for r in rows if r["metric"] == "step_ms"} == {"hf"}
+    assert "Providers that failed the correctness check" in report.markdown(rows)
