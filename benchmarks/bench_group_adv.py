@@ -147,8 +147,10 @@ def run(op="grpo", device="cpu", shapes=None, quick=False, tiny=False, only=None
         prov, ref = providers(device, shape.dims["B"])
         prov = common.select(prov, only)
         inputs = make_inputs(shape, device)
+        op_bytes = {"forward": report.grpo_op_bytes(shape.dims_str())}  # the op alone moves less
         shape_rows = common.bench_shape(op, shape, prov, inputs, grad_idx=(), reference=ref, device=device,
-                                        bytes_per_mode=bytes_moved(shape), quick=quick, log=log)
+                                        bytes_per_mode=bytes_moved(shape), quick=quick, log=log,
+                                        provider_bytes={k: op_bytes for k in prov if report.op_alone(k)})
         rows += shape_rows
         rows += floor_rows(shape, device, prov, inputs, quick, log, passed=common.passed(shape_rows))
     return rows

@@ -159,9 +159,13 @@ def tolerances(dtype, op):
 # The loop
 # ---------------------------------------------------------------------------------------
 def bench_shape(op, shape, providers, inputs, *, grad_idx=(), reference=None, device="cpu",
-                modes=("forward", "backward", "full"), bytes_per_mode=None, quick=False, log=print):
+                modes=("forward", "backward", "full"), bytes_per_mode=None, provider_bytes=None, quick=False,
+                log=print):
     """Check each provider of `providers` ({name: fn(*inputs)}) against `reference`, then
-    time all of them side by side in each mode; return tidy rows (dicts, FIELDS)."""
+    time all of them side by side in each mode; return tidy rows (dicts, FIELDS). The fewest
+    bytes a call must move (GB/s, distance to the memory floor): ``bytes_per_mode`` ({mode:
+    bytes}), or for a provider that makes a smaller call than the others (the op alone)
+    ``provider_bytes[provider]`` ({mode: bytes})."""
     env = env_fields(device)
     base = dict(op=op, shape=shape.name, dims=shape.dims_str(), dtype=shape.dtype, note=shape.note, **env)
     rows = []
@@ -215,10 +219,13 @@ def bench_shape(op, shape, providers, inputs, *, grad_idx=(), reference=None, de
                 calls[name] = (lambda fn=fn: _fwd_bwd(fn, inputs, grad_inputs))
         if not calls:
             continue
-        nbytes = (bytes_per_mode or {}).get(mode, 0)
         res = timing.measure_interleaved(calls, device=device, reps=reps, warmup=1 if quick else 3,
                                          max_time_s=max_time)
+
+        def bytes_of(name, mode=mode):
+            return ((provider_bytes or {}).get(name) or bytes_per_mode or {}).get(mode, 0)
         for name, (med, p20, p80) in res.items():
+            nbytes = bytes_of(name)
             rows.append(dict(base, provider=name, mode=mode, metric="call_ms", median=med, p20=p20, p80=p80,
                              unit="ms", bytes=nbytes))
             if nbytes:
@@ -226,6 +233,7 @@ def bench_shape(op, shape, providers, inputs, *, grad_idx=(), reference=None, de
                                  p20=nbytes / p80 / 1e6, p80=nbytes / p20 / 1e6, unit="GB/s", bytes=nbytes))
         if device == "cuda":
             for name, call in calls.items():
+                nbytes = bytes_of(name)
                 med, p20, p80 = timing.device_time(call)
                 rows.append(dict(base, provider=name, mode=mode, metric="device_ms", median=med, p20=p20, p80=p80,
                                  unit="ms", bytes=nbytes))
@@ -236,7 +244,7 @@ def bench_shape(op, shape, providers, inputs, *, grad_idx=(), reference=None, de
         for name, call in calls.items():
             mib = timing.peak_memory_mib(call, device)
             rows.append(dict(base, provider=name, mode=mode, metric="peak_MiB", median=mib, p20=mib, p80=mib,
-                             unit="MiB", bytes=nbytes))
+                             unit="MiB", bytes=bytes_of(name)))
         line = "  ".join(f"{k} {v[0]:.4g}" for k, v in res.items())
         log(f"  {op:8s} {shape.name:7s} {mode:8s} ms/call: {line}")
         calls.clear()
@@ -320,12 +328,15 @@ def write_op_results(measure, *, name, title, script, argv=None, method=""):
     slug = device_slug(device)
     csv_path = os.path.join(COMMITTED_DIR, f"{slug}-{name}.csv")
     report.write_csv(rows, csv_path, merge=False)
+    table_rows = report.read_csv(csv_path)  # the table and the plots are drawn from the CSV as written
     cmd = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = report.markdown(rows, title=f"rmkernels benchmarks: {title} on {slug}")
+    md = report.markdown(table_rows, title=f"rmkernels benchmarks: {title} on {slug}")
     md += (f"\n\nWritten by `{cmd.strip()}` ({rows[0]['date']}, {device_name(device)}, 1 torch thread, clock "
            f"{timing.clock(device)[1]}; 1-minute load average {load0:.1f} at the start, "
            f"{os.getloadavg()[0]:.1f} at the end). {method}\n")
     with open(os.path.join(COMMITTED_DIR, f"{slug}-{name}.md"), "w") as f:
         f.write(md)
-    log(f"wrote {csv_path} and {slug}-{name}.md")
+    # <slug>-<name>-<op>.png: apart from a full run's <slug>-<op>.png, drawn from the main CSV
+    plots = report.plots(table_rows, COMMITTED_DIR, f"{slug}-{name}")
+    log(f"wrote {csv_path}, {slug}-{name}.md" + "".join(f", {os.path.basename(p)}" for p in plots))
     return rows

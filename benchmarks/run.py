@@ -156,7 +156,8 @@ def main(argv=None):
         r["run_id"] = run_id
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, f"{slug}.csv")
-    allrows = report.write_csv(rows, csv_path, merge=not args.no_merge)
+    report.write_csv(rows, csv_path, merge=not args.no_merge)
+    allrows = report.read_csv(csv_path)  # the table and the plots are drawn from the CSV as written
     md = report.markdown(allrows, title=f"rmkernels benchmarks: {slug}")
     threads, clock = torch.get_num_threads(), timing.clock(device)[1]
     md += (f"\n\nWritten by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "

@@ -24,11 +24,16 @@ between them is generated, never edited by hand:
   ``--fsdp`` memory per rank, from ``benchmarks/results/rm-pack-<device>.json``
   (``python benchmarks/run.py --ops rm-pack`` writes it).
 
-Each block says the date, the machine and the command its figures come from. The test
-``tests/test_readme_figures.py`` runs ``--check``.
+Each block says the date, the machine and the command its figures come from.
+
+The committed result tables are generated too: every ``benchmarks/results/**/<name>.md`` that has
+a ``<name>.csv`` beside it is the report of that CSV (``benchmarks.report.regenerate``: its table
+and the targets as the report judges them, under the title and the "Written by" paragraph of the
+run that wrote both). The test ``tests/test_readme_figures.py`` runs ``--check``.
 """
 import argparse
 import difflib
+import glob
 import json
 import os
 import re
@@ -222,19 +227,43 @@ def render(text, root, cache):
     return BLOCK_RE.sub(sub, text)
 
 
+def result_tables(root):
+    """The committed result tables drawn from a CSV: (md, csv) paths relative to ``root``."""
+    out = []
+    for md in sorted(glob.glob(os.path.join(root, "benchmarks", "results", "**", "*.md"), recursive=True)):
+        if os.path.exists(md[:-3] + ".csv"):
+            out.append((os.path.relpath(md, root), os.path.relpath(md[:-3] + ".csv", root)))
+    return out
+
+
+def _generated(root, cache):
+    """{relative path: (old text, new text)} of every file with generated figures."""
+    out = {}
+    for rel in FILES:
+        path = os.path.join(root, rel)
+        if os.path.exists(path):
+            with open(path) as f:
+                old = f.read()
+            out[rel] = (old, render(old, root, cache))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import report
+
+    for md, csv in result_tables(root):
+        with open(os.path.join(root, md)) as f:
+            old = f.read()
+        out[md] = (old, report.regenerate(os.path.join(root, md), os.path.join(root, csv)))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="do not write; exit 1 when a file's blocks differ")
     ap.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    cache, stale = {}, []
-    for rel in FILES:
+    stale = []
+    for rel, (old, new) in _generated(a.root, {}).items():
         path = os.path.join(a.root, rel)
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            old = f.read()
-        new = render(old, a.root, cache)
         if new == old:
             continue
         if a.check:
@@ -244,7 +273,7 @@ def main(argv=None):
         else:
             with open(path, "w") as f:
                 f.write(new)
-            print(f"rewrote the generated blocks of {rel}", file=sys.stderr)
+            print(f"rewrote the generated figures of {rel}", file=sys.stderr)
     if stale:
         print(f"\nstale figures in {', '.join(stale)}: run `python scripts/readme_figures.py`", file=sys.stderr)
         return 1

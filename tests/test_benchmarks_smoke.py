@@ -81,30 +81,41 @@ def test_output_memory_states():
 
 
 def test_grpo_targets_per_state(monkeypatch):
-    """report._grpo_targets judges each rmk row timed with the floors against the floors of
-    its own state: the full call against write-once and against write-once + read-inputs."""
+    """report._grpo_targets judges each rmk row timed with the floors against the floors of its
+    own state: the full call against the fastest write of [B, T] measured in that state (the
+    huge-page one where it is faster, the other as information) and against that write +
+    read-inputs; at one thread only (more: information)."""
     monkeypatch.syspath_prepend(ROOT)
     from benchmarks import report
 
     def row(provider, ms):
-        return dict(op="grpo", shape="grpo-l", mode="forward", metric="call_ms", provider=provider, median=ms)
-    rows = [row("hf", 1000.0), row("verl-vec", 60.0), row("rmk-cpu", 20.0),
+        return dict(op="grpo", shape="grpo-l", mode="forward", metric="call_ms", provider=provider, median=ms,
+                    threads="1")
+    rows = [row("hf", 1000.0), row("verl-vec", 60.0), row("rmk-cpu", 20.0), row("rmk-cpu-op", 10.0),
             row("write-once (recycled)", 2.0), row("read-inputs (recycled)", 2.0),
+            row("write-once, huge pages (recycled)", 4.0),
             row("rmk-cpu (vs floor, recycled)", 5.0), row("rmk-cpu-op (vs floor, recycled)", 2.5),
             row("write-once (fresh pages)", 16.0), row("read-inputs (fresh pages)", 2.0),
-            row("rmk-cpu (vs floor, fresh pages)", 20.0)]
+            row("write-once, huge pages (fresh pages)", 8.0), row("rmk-cpu (vs floor, fresh pages)", 20.0)]
     lines = report._grpo_targets(rows)
-    assert "| grpo-l full call >= 30x verl's loop | rmk-cpu | 50.0x | met |" in lines
-    assert "| grpo-l full call >= 1.5x verl's vectorized GRPO | rmk-cpu | 3.00x | met |" in lines
-    assert ("| grpo-l full call <= 1.3x writing [B, T] once, recycled | rmk-cpu (vs floor, recycled) | 2.50x "
-            "| MISSED |") in lines
-    assert ("| grpo-l full call <= 1.3x writing [B, T] once, fresh pages | rmk-cpu (vs floor, fresh pages) "
-            "| 1.25x | met |") in lines
-    assert ("| grpo-l the op alone (ids, summed scores given) <= 1.3x writing [B, T] once, recycled "
-            "| rmk-cpu-op (vs floor, recycled) | 1.25x | met |") in lines
-    floor = [ln for ln in lines if ln.startswith("| (information)")]
-    assert len(floor) == 2 and "| rmk-cpu (vs floor, recycled) | 1.25x | - |" in floor[0] + floor[1]
-    assert "| rmk-cpu (vs floor, fresh pages) | 1.11x | - |" in floor[0] + floor[1]
+    assert lines[:2] == ["| grpo-l full call >= 30x verl's loop | rmk-cpu | 50.0x | met |",
+                         "| grpo-l full call >= 1.5x verl's vectorized GRPO | rmk-cpu | 3.00x | met |"]
+    assert not [ln for ln in lines if "| rmk-cpu-op |" in ln]  # the op alone is not the call verl makes
+    assert ("| grpo-l full call <= 1.3x writing [B, T] once (`write-once`, the fastest measured), recycled "
+            "| rmk-cpu (vs floor, recycled) | 2.50x | MISSED |") in lines
+    assert ("| (information) grpo-l full call / `write-once, huge pages`, recycled | rmk-cpu (vs floor, recycled) "
+            "| 1.25x | - |") in lines
+    assert ("| grpo-l full call <= 1.3x writing [B, T] once (`write-once, huge pages`, the fastest measured), "
+            "fresh pages | rmk-cpu (vs floor, fresh pages) | 2.50x | MISSED |") in lines
+    assert ("| (information) grpo-l full call / `write-once`, fresh pages | rmk-cpu (vs floor, fresh pages) "
+            "| 1.25x | - |") in lines
+    assert ("| grpo-l the op alone (ids, summed scores given) <= 1.3x writing [B, T] once (`write-once`, the "
+            "fastest measured), recycled | rmk-cpu-op (vs floor, recycled) | 1.25x | met |") in lines
+    floor = [ln for ln in lines if "its memory floor" in ln]
+    assert floor == ["| (information) grpo-l full call / its memory floor (token rewards and mask read once, [B, T] "
+                     "written once), recycled | rmk-cpu (vs floor, recycled) | 1.25x | - |",
+                     "| (information) grpo-l full call / its memory floor (token rewards and mask read once, [B, T] "
+                     "written once), fresh pages | rmk-cpu (vs floor, fresh pages) | 2.00x | - |"]
     # grpo-l-bb (balance_batch order): the same figures, as information only (no target there)
     bb = [dict(r, shape="grpo-l-bb") for r in rows]
     bb_lines = report._grpo_targets(rows + bb)
@@ -113,12 +124,15 @@ def test_grpo_targets_per_state(monkeypatch):
     assert len(extra) == len(lines) and all(ln.startswith("| (information) grpo-l-bb ") for ln in extra), extra
     assert "| (information) grpo-l-bb full call >= 30x verl's loop | rmk-cpu | 50.0x | - |" in extra
     assert all(not ln.endswith(("| met |", "| MISSED |")) for ln in extra)
+    # two threads: the one-thread target is not judged
+    two = report._grpo_targets([dict(r, threads="2") for r in rows])
+    assert len(two) == len(lines) and all(not ln.endswith(("| met |", "| MISSED |")) for ln in two), two
 
 
 def test_pool_targets_on_cpu_and_gpu(monkeypatch):
-    """report._pool_targets: pool-l forward against hf, fwd+bwd against writing grad_hidden once,
-    in the run's own metric (call time on the CPU, device time on a GPU); the huge-page floor
-    (CPU) is information only."""
+    """report._pool_targets: pool-l forward against hf, fwd+bwd against the fastest write of
+    grad_hidden the run measured (on the CPU the huge-page floor; the other as information), in
+    the run's own metric (call time on the CPU, device time on a GPU)."""
     monkeypatch.syspath_prepend(ROOT)
     from benchmarks import report
 
@@ -130,12 +144,39 @@ def test_pool_targets_on_cpu_and_gpu(monkeypatch):
             row("rmk-cuda", "full", 1.3, "device_ms"), row("floor-write-grad", "full", 1.0, "device_ms")]
     assert report._pool_targets(rows, "call_ms") == [
         "| pool-l forward >= 50x faster than hf | rmk-cpu | 160x | met |",
-        "| pool-l fwd+bwd within 1.2x of writing grad_hidden once | rmk-cpu | 0.33x | met |",
-        "| (information) pool-l fwd+bwd / writing grad_hidden once into huge pages (the advice of the C++ "
-        "kernel's gradient) | rmk-cpu | 1.25x | - |"]
+        "| pool-l fwd+bwd within 1.2x of writing grad_hidden once (`floor-write-grad, huge pages`, the fastest "
+        "measured) | rmk-cpu | 1.25x | MISSED |",
+        "| (information) pool-l fwd+bwd / `floor-write-grad` | rmk-cpu | 0.33x | - |"]
     assert report._pool_targets(rows, "device_ms") == [
         "| pool-l forward >= 50x faster than hf | rmk-cuda | 20.0x | MISSED |",
-        "| pool-l fwd+bwd within 1.2x of writing grad_hidden once | rmk-cuda | 1.30x | MISSED |"]
+        "| pool-l fwd+bwd within 1.2x of writing grad_hidden once (`floor-write-grad`, the fastest measured) "
+        "| rmk-cuda | 1.30x | MISSED |"]
+
+
+def test_op_alone_rows_are_not_compared_with_full_calls(monkeypatch):
+    """``rmk-<backend>-op`` (the op alone, ids and summed scores given) has no hf / compile row
+    of its own: no "faster than compile" target and no speedup in the table; its bytes are the
+    op's (``report.grpo_op_bytes``), not the full call's. ``report.summary`` of rows without
+    hf or compile (the token log-probs run) works."""
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import report
+
+    dims = "B=64,T=8,G=8"
+
+    def row(provider, ms, metric="call_ms", nbytes=0):
+        return dict(op="grpo", shape="grpo-l", dims=dims, dtype="fp32", mode="forward", metric=metric,
+                    provider=provider, median=ms, p20=ms, p80=ms, bytes=nbytes, device="cpu", device_name="x",
+                    threads="1", clock="wall", torch="t", rmkernels="r", date="d")
+    rows = [row("compile", 4.0), row("hf", 8.0), row("rmk-cpu", 2.0), row("rmk-cpu-op", 1.0)]
+    lines = report.targets(rows)
+    assert [ln for ln in lines if "faster than compile" in ln] == [
+        "| faster than compile: grpo grpo-l forward | rmk-cpu | 2.00x | met |"]
+    table = report.markdown(rows)
+    assert "| rmk-cpu | 2.00 | 2.00-2.00 | 4.00x | 2.00x |" in table
+    assert "| rmk-cpu-op | 1.00 | 1.00-1.00 | - | - |" in table
+    assert report.grpo_op_bytes(dims) == 64 * 8 + 64 * 12 + 64 * 8 * 4 + 64 * 4
+    lp = [dict(r, op="logprobs", shape="lp-s", provider=p) for r, p in zip(rows, ("naive", "chunked", "rmk-cpu"))]
+    assert "| logprobs | lp-s [B=64,T=8,G=8, fp32] | forward |" in report.summary(lp)
 
 
 def test_lp_targets_peak_memory_and_time_against_naive(monkeypatch):

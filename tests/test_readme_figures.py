@@ -122,3 +122,30 @@ def test_rm_pack_is_opt_in_and_writes_the_committed_results_only_when_complete(b
         with pytest.raises(SystemExit, match="never writes the committed results"):
             bench_run.resolve_out(_args(bench_run, ops=["rm-pack"], out=bench_run.COMMITTED_DIR, **kw),
                                   bench_run.OPT_IN_OPS)
+
+
+def test_committed_result_tables_are_their_csv(figures, tmp_path, capsys):
+    """Every committed benchmarks/results/**/*.md beside a CSV is that CSV's report (the table
+    and the targets, under the run's own title and "Written by" paragraph): a number edited by
+    hand in the table, or a changed CSV, makes --check fail."""
+    tables = figures.result_tables(ROOT)
+    assert ("benchmarks/results/cpu-amd-epyc-2c.md", "benchmarks/results/cpu-amd-epyc-2c.csv") in tables
+    assert len(tables) >= 8, tables
+    shutil.copytree(os.path.join(ROOT, "benchmarks"), tmp_path / "benchmarks", ignore=shutil.ignore_patterns(
+        "__pycache__"))
+    for rel in figures.FILES:
+        os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
+        shutil.copy(os.path.join(ROOT, rel), tmp_path / rel)
+    shutil.copytree(os.path.join(ROOT, "docs", "results"), tmp_path / "docs" / "results", dirs_exist_ok=True)
+    root = str(tmp_path)
+    assert figures.main(["--check", "--root", root]) == 0
+    md = tmp_path / "benchmarks" / "results" / "cpu-amd-epyc-2c-grpo.md"
+    text = md.read_text()
+    i = text.index("| met |")
+    md.write_text(text[:i] + "| MISSED |" + text[i + len("| met |"):])
+    assert figures.main(["--check", "--root", root]) == 1
+    assert "cpu-amd-epyc-2c-grpo.md" in capsys.readouterr().err
+    assert figures.main(["--root", root]) == 0 and md.read_text() == text  # regenerated: the CSV's figures
+    csv = tmp_path / "benchmarks" / "results" / "cpu-amd-epyc-2c-grpo.csv"
+    csv.write_text(csv.read_text().replace(",call_ms,", ",call_ms,1", 1))  # a time changes
+    assert figures.main(["--check", "--root", root]) == 1
