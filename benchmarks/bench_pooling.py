@@ -62,10 +62,11 @@ def run(op="pooling", device="cpu", shapes=None, quick=False, tiny=False, only=N
         prov, ref = providers(device)  # fresh compile per shape
         prov = common.select(prov, only)
         inputs = make_inputs(shape, device)
+        floors = write_floors(inputs[0], device)
+        if only:
+            floors = {k: v for k, v in floors.items() if k in only}
         rows += common.bench_shape(op, shape, prov, inputs, grad_idx=(0, 1), reference=ref, device=device,
-                                   bytes_per_mode=bytes_moved(shape), quick=quick, log=log)
-        if not only or FLOOR in only or FLOOR_HUGE in only:
-            rows += write_floor(op, shape, inputs[0], device, quick)
+                                   bytes_per_mode=bytes_moved(shape), floors=floors, quick=quick, log=log)
         del inputs
     return rows
 
@@ -75,38 +76,27 @@ FLOOR = "floor-write-grad"
 FLOOR_HUGE = "floor-write-grad, huge pages"
 
 
-def write_floor(op, shape, hidden, device, quick):
-    """The time to allocate and write grad_hidden once (``torch.zeros_like(hidden)``): what
-    every backward must at least do (BENCHMARKS.md: pool-l fwd+bwd within 1.2x of it).
-    Rows with provider ``floor-write-grad``, modes backward and full. On the CPU also
-    ``floor-write-grad, huge pages``: the same, in memory given the advice the C++ kernel gives
+def write_floors(hidden, device):
+    """The floors of the backward and full modes (``common.bench_shape``'s ``floors``: timed in
+    the same interleaved samples as the providers of each mode): ``floor-write-grad``, the time
+    to allocate and write grad_hidden once (``torch.zeros_like(hidden)``), what every backward
+    must at least do (BENCHMARKS.md: pool-l fwd+bwd within 1.2x of it); on the CPU also
+    ``floor-write-grad, huge pages``, the same in memory given the advice the C++ kernel gives
     its fresh gradient while it zeroes and writes it (``_C.advise_huge_pages``,
-    csrc/cpu/memory.cpp), timed in the same interleaved samples: a gradient over glibc's mmap
-    threshold (pool-l's 256 MiB) is a fresh mapping on every call, and its 4 KiB page faults,
-    not the zeroing, are most of ``floor-write-grad``."""
-    from benchmarks import timing
-    calls = {FLOOR: lambda: torch.zeros_like(hidden)}
+    csrc/cpu/memory.cpp): a gradient over glibc's mmap threshold (pool-l's 256 MiB) is a fresh
+    mapping on every call, and its 4 KiB page faults, not the zeroing, are most of
+    ``floor-write-grad``."""
+    nbytes = hidden.numel() * hidden.element_size()
+    modes = ("backward", "full")
+    floors = {FLOOR: (lambda: torch.zeros_like(hidden), modes, nbytes,
+                      "torch.zeros_like(hidden): allocate + write grad_hidden once")}
     if device == "cpu" and common.has_op("last_token_reward"):
         # grad_hidden as the C++ kernel makes it (OutputPages), zeroed once
         huge = common.cpu_kernel_pages_write(lambda: torch.empty_like(hidden), lambda g: g.zero_())
         if huge is not None:
-            calls[FLOOR_HUGE] = huge
-    times = timing.measure_interleaved(calls, device=device, reps=3 if quick else 15,
-                                       max_time_s=1.0 if quick else 10.0)
-    e = hidden.element_size()
-    nbytes = hidden.numel() * e
-    rows = []
-    for name, (med, p20, p80) in times.items():
-        note = ("torch.zeros_like(hidden): allocate + write grad_hidden once" if name == FLOOR else
-                "torch.empty_like(hidden) advised for huge pages as the C++ kernel's gradient, zeroed once")
-        base = dict(op=op, shape=shape.name, dims=shape.dims_str(), dtype=shape.dtype, provider=name, unit="ms",
-                    bytes=nbytes, note=note, **common.env_fields(device))
-        for mode in ("backward", "full"):
-            rows.append(dict(base, mode=mode, metric="call_ms", median=med, p20=p20, p80=p80))
-            if device == "cuda":
-                d = timing.device_time(calls[name])
-                rows.append(dict(base, mode=mode, metric="device_ms", median=d[0], p20=d[1], p80=d[2]))
-    return rows
+            floors[FLOOR_HUGE] = (huge, modes, nbytes, "torch.empty_like(hidden) advised for huge pages as the C++ "
+                                  "kernel's gradient, zeroed once")
+    return floors
 
 if __name__ == "__main__":
     common.standalone_main(__import__(__name__))

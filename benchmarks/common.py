@@ -11,7 +11,13 @@ import torch
 from benchmarks import timing
 
 FIELDS = ["op", "shape", "dims", "dtype", "provider", "mode", "metric", "median", "p20", "p80", "unit",
-          "bytes", "device", "device_name", "threads", "clock", "torch", "rmkernels", "date", "run_id", "note"]
+          "bytes", "device", "device_name", "threads", "clock", "torch", "rmkernels", "date", "run_id", "note",
+          "command", "commit", "cpu_isa", "huge_pages"]
+# What produced a row, besides its date and machine (report.provenance lists them per run): the
+# command (set by the entry point: benchmarks/run.py, a --results run), the checkout's commit
+# (+ "-dirty" with uncommitted changes to tracked files), the variant of the C++ CPU loops the
+# process ran and whether their fresh outputs went into huge pages (both change CPU timings).
+PROVENANCE = ("command", "commit", "cpu_isa", "huge_pages")
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,11 +61,50 @@ def rmk_version():
         return f"unimportable ({e})"
 
 
+def git_commit():
+    """The checkout's commit (short), with "-dirty" when tracked files have uncommitted changes;
+    "" outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=30)
+        if head.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def cpu_kernel_fields():
+    """(variant of the C++ CPU loops, huge pages for their fresh outputs) of this process, as
+    ``python -m rmkernels.info`` says them; ("", "") without the C++ kernels."""
+    try:
+        from rmkernels import _ext
+    except Exception:  # pragma: no cover
+        return "", ""
+    if not _ext.CPP_AVAILABLE:
+        return "", ""
+    huge = getattr(_ext._C, "huge_pages", None)
+    size, why = huge() if huge is not None else (0, "not built")
+    return _ext.CPU_ISA or "", f"{size >> 20} MiB pages" if size else f"off ({why})"
+
+
+_PROCESS_FIELDS = {}
+
+
 def env_fields(device):
     now = datetime.datetime.now(datetime.timezone.utc)
+    if not _PROCESS_FIELDS:
+        isa, huge = cpu_kernel_fields()
+        _PROCESS_FIELDS.update(commit=git_commit(), cpu_isa=isa, huge_pages=huge)
     return dict(device=device, device_name=device_name(device), threads=torch.get_num_threads(),
                 clock=timing.clock(device)[1],
-                torch=torch.__version__, rmkernels=rmk_version(), date=now.strftime("%Y-%m-%d %H:%M UTC"))
+                torch=torch.__version__, rmkernels=rmk_version(), date=now.strftime("%Y-%m-%d %H:%M UTC"),
+                **_PROCESS_FIELDS)
 
 
 def rmk_backends(device):
@@ -159,13 +204,15 @@ def tolerances(dtype, op):
 # The loop
 # ---------------------------------------------------------------------------------------
 def bench_shape(op, shape, providers, inputs, *, grad_idx=(), reference=None, device="cpu",
-                modes=("forward", "backward", "full"), bytes_per_mode=None, provider_bytes=None, quick=False,
-                log=print):
+                modes=("forward", "backward", "full"), bytes_per_mode=None, provider_bytes=None, floors=None,
+                quick=False, log=print):
     """Check each provider of `providers` ({name: fn(*inputs)}) against `reference`, then
     time all of them side by side in each mode; return tidy rows (dicts, FIELDS). The fewest
     bytes a call must move (GB/s, distance to the memory floor): ``bytes_per_mode`` ({mode:
     bytes}), or for a provider that makes a smaller call than the others (the op alone)
-    ``provider_bytes[provider]`` ({mode: bytes})."""
+    ``provider_bytes[provider]`` ({mode: bytes}). ``floors`` ({name: (callable, modes, bytes,
+    note)}): what any call must at least do (no output to check), timed in the same interleaved
+    samples as the providers of each of its modes; rows with the floor's name as provider."""
     env = env_fields(device)
     base = dict(op=op, shape=shape.name, dims=shape.dims_str(), dtype=shape.dtype, note=shape.note, **env)
     rows = []
@@ -219,12 +266,21 @@ def bench_shape(op, shape, providers, inputs, *, grad_idx=(), reference=None, de
                 calls[name] = (lambda fn=fn: _fwd_bwd(fn, inputs, grad_inputs))
         if not calls:
             continue
-        res = timing.measure_interleaved(calls, device=device, reps=reps, warmup=1 if quick else 3,
-                                         max_time_s=max_time)
+        floor_calls = {k: f for k, (f, in_modes, _, _) in (floors or {}).items() if mode in in_modes}
+        res = timing.measure_interleaved({**calls, **floor_calls}, device=device, reps=reps,
+                                         warmup=1 if quick else 3, max_time_s=max_time)
+        for name in floor_calls:
+            _, _, fbytes, fnote = floors[name]
+            fbase = dict(base, provider=name, mode=mode, unit="ms", bytes=fbytes, note=fnote)
+            rows.append(dict(fbase, metric="call_ms", median=res[name][0], p20=res[name][1], p80=res[name][2]))
+            if device == "cuda":
+                d = timing.device_time(floor_calls[name])
+                rows.append(dict(fbase, metric="device_ms", median=d[0], p20=d[1], p80=d[2]))
 
         def bytes_of(name, mode=mode):
             return ((provider_bytes or {}).get(name) or bytes_per_mode or {}).get(mode, 0)
-        for name, (med, p20, p80) in res.items():
+        for name in calls:
+            med, p20, p80 = res[name]
             nbytes = bytes_of(name)
             rows.append(dict(base, provider=name, mode=mode, metric="call_ms", median=med, p20=p20, p80=p80,
                              unit="ms", bytes=nbytes))
@@ -323,13 +379,13 @@ def write_op_results(measure, *, name, title, script, argv=None, method=""):
     load0 = os.getloadavg()[0]
     rows = measure(device)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    cmd = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
     for r in rows:
-        r["run_id"] = run_id
+        r["run_id"], r["command"] = run_id, cmd.strip()
     slug = device_slug(device)
     csv_path = os.path.join(COMMITTED_DIR, f"{slug}-{name}.csv")
     report.write_csv(rows, csv_path, merge=False)
     table_rows = report.read_csv(csv_path)  # the table and the plots are drawn from the CSV as written
-    cmd = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
     md = report.markdown(table_rows, title=f"rmkernels benchmarks: {title} on {slug}")
     md += (f"\n\nWritten by `{cmd.strip()}` ({rows[0]['date']}, {device_name(device)}, 1 torch thread, clock "
            f"{timing.clock(device)[1]}; 1-minute load average {load0:.1f} at the start, "

@@ -168,12 +168,36 @@ def markdown(rows, title=None):
                            f"{_fmt_ms(c['p20'])}-{_fmt_ms(c['p80'])} | {_fmt_x(hf / c['median'])} | "
                            f"{_val(g, provider=p, metric='peak_MiB'):.0f} |")
         out.append("")
+    out += provenance(rows)
     bad = [r for r in rows if r["mode"] == "check" and r["median"] != 1.0]
     if bad:
         out += ["## Providers that failed the correctness check (not timed)", ""]
         out += [f"- {r['op']}/{r['shape']}/{r['provider']}: {r['note']}" for r in bad]
         out.append("")
     return "\n".join(out)
+
+
+def provenance(rows):
+    """A section listing each run whose rows the table holds (a CSV merges runs: a run replaces
+    the groups it measured): its id, date, command, commit, threads and clock, and on the CPU the
+    variant of the C++ loops and the huge-page mode (common.PROVENANCE). Rows written before
+    those were recorded say so."""
+    runs = {}
+    for r in rows:
+        runs.setdefault(r.get("run_id") or "-", r)
+    if not runs:
+        return []
+    out = ["## Runs", "", "| run | date | command | commit | threads, clock | C++ CPU loops | huge pages |",
+           "|---|---|---|---|---|---|---|"]
+    for run_id, r in sorted(runs.items()):
+        def cell(k, r=r):
+            v = r.get(k)
+            return f"`{v}`" if v and k == "command" else (v or "not recorded")
+        cpu = r.get("device") == "cpu"
+        out.append(f"| {run_id} | {r.get('date', '')} | {cell('command')} | {cell('commit')} | "
+                   f"{r.get('threads', '')}, {r.get('clock', 'wall')} | {cell('cpu_isa') if cpu else '-'} | "
+                   f"{cell('huge_pages') if cpu else '-'} |")
+    return out + [""]
 
 
 def targets(rows):
@@ -333,7 +357,8 @@ def _grpo_targets(rows):
     ``(vs floor, <state>)`` rows, timed interleaved with the write floors of the same state of
     the output memory, judged against the fastest of them, :func:`_fastest`; the op alone is
     shown too), and, as information, the full call against its memory floor (that write +
-    ``read-inputs`` of the same state). The same figures at grpo-l-bb (grpo-l's rows in verl's
+    ``read-inputs`` of the same state; the op alone's rows, information: the target is the full
+    call's). The same figures at grpo-l-bb (grpo-l's rows in verl's
     balance_batch order), as information: BENCHMARKS.md sets no target there. Rows measured
     with more than one thread are information only (the target is for one thread)."""
     lines = []
@@ -371,10 +396,11 @@ def _grpo_shape_targets(rows, shape, judged):
         alone = op_alone(p)
         what = "the op alone (ids, summed scores given)" if alone else "full call"
         where = f", {state}" if state else ""
-        if best is not None:
+        if best is not None:  # the target is the full call's; the op alone is information
             x = r["median"] / write
-            lines.append(f"| {info}{shape} {what} <= 1.3x writing [B, T] once (`{best}`, the fastest measured){where} "
-                         f"| {p} | {x:.2f}x | {status(x <= 1.3)} |")
+            head = "(information) " if alone else info
+            lines.append(f"| {head}{shape} {what} <= 1.3x writing [B, T] once (`{best}`, the fastest measured){where} "
+                         f"| {p} | {x:.2f}x | {'-' if alone else status(x <= 1.3)} |")
             for other, v in writes.items():
                 if other != best and not math.isnan(v):
                     lines.append(f"| (information) {shape} {what} / `{other}`{where} | {p} | {r['median'] / v:.2f}x "

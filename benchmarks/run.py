@@ -153,7 +153,7 @@ def main(argv=None):
         rows += mod.run(op, device=device, shapes=args.shapes, quick=args.quick, tiny=args.tiny,
                         only=args.providers)
     for r in rows:
-        r["run_id"] = run_id
+        r["run_id"], r["command"] = run_id, cmd
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, f"{slug}.csv")
     report.write_csv(rows, csv_path, merge=not args.no_merge)

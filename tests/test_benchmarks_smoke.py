@@ -45,6 +45,12 @@ def test_runner_quick_tiny(tmp_path):
             assert (op, "torch", "forward") in timed
     for r in rows:
         assert r["device"] and r["torch"] and r["rmkernels"] and r["date"] and r["dims"]
+        # what produced the row: the command, the checkout's commit, the C++ loops' variant and huge pages
+        assert r["command"] == "python benchmarks/run.py " + " ".join(cmd[2:]), r["command"]
+        assert r["cpu_isa"] and r["huge_pages"], r
+        assert bool(r["commit"]) == os.path.exists(os.path.join(ROOT, ".git")), r  # none outside a checkout
+    md = csvs[0].with_suffix(".md").read_text()
+    assert "## Runs" in md and f"`{rows[0]['command']}` | {rows[0]['commit']} |" in md
     for state in ("recycled", "fresh pages"):  # bench_group_adv.floor_rows, both states of the output memory
         for prov in (f"write-once ({state})", f"read-inputs ({state})", f"rmk-cpu (vs floor, {state})"):
             assert ("grpo", prov, "forward") in timed
@@ -109,8 +115,8 @@ def test_grpo_targets_per_state(monkeypatch):
             "fresh pages | rmk-cpu (vs floor, fresh pages) | 2.50x | MISSED |") in lines
     assert ("| (information) grpo-l full call / `write-once`, fresh pages | rmk-cpu (vs floor, fresh pages) "
             "| 1.25x | - |") in lines
-    assert ("| grpo-l the op alone (ids, summed scores given) <= 1.3x writing [B, T] once (`write-once`, the "
-            "fastest measured), recycled | rmk-cpu-op (vs floor, recycled) | 1.25x | met |") in lines
+    assert ("| (information) grpo-l the op alone (ids, summed scores given) <= 1.3x writing [B, T] once "
+            "(`write-once`, the fastest measured), recycled | rmk-cpu-op (vs floor, recycled) | 1.25x | - |") in lines
     floor = [ln for ln in lines if "its memory floor" in ln]
     assert floor == ["| (information) grpo-l full call / its memory floor (token rewards and mask read once, [B, T] "
                      "written once), recycled | rmk-cpu (vs floor, recycled) | 1.25x | - |",
@@ -289,3 +295,27 @@ def test_a_provider_that_fails_its_check_is_never_timed(monkeypatch):
     assert {r["provider"]: r["median"] for r in rows if r["mode"] == "check"} == {"hf": 1.0, "rmk": 0.0}
     assert {r["provider"] for r in rows if r["metric"] == "step_ms"} == {"hf"}
     assert "Providers that failed the correctness check" in report.markdown(rows)
+
+
+def test_pooling_floors_are_timed_beside_the_providers(monkeypatch):
+    """bench_pooling's floors (writing grad_hidden once, in 4 KiB and in huge pages) are timed in
+    the same interleaved samples as the providers of the backward and full modes (the pool-l
+    target is their ratio), not in a run of their own."""
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import bench_pooling, timing
+
+    groups = []
+
+    def fake(fns, **kw):
+        groups.append(sorted(fns))
+        return {k: (1.0, 1.0, 1.0) for k in fns}
+    monkeypatch.setattr(timing, "measure_interleaved", fake)
+    rows = bench_pooling.run(tiny=True, quick=True, only=["torch", "rmk-cpu", bench_pooling.FLOOR,
+                                                          bench_pooling.FLOOR_HUGE], log=lambda *a: None)
+    floors = sorted({bench_pooling.FLOOR, bench_pooling.FLOOR_HUGE})
+    assert groups and all(g == ["rmk-cpu", "torch"] or g == sorted(["rmk-cpu", "torch", *floors]) for g in groups)
+    assert sum(g == sorted(["rmk-cpu", "torch", *floors]) for g in groups) == 2 * len({r["shape"] for r in rows})
+    floor_rows = [r for r in rows if r["provider"] in floors]
+    assert {(r["provider"], r["mode"], r["metric"]) for r in floor_rows} == {
+        (f, m, "call_ms") for f in floors for m in ("backward", "full")}
+    assert all(r["bytes"] > 0 and r["note"] for r in floor_rows)
