@@ -127,10 +127,13 @@ def run(op="e2e", device="cpu", shapes=None, quick=False, tiny=False, only=None,
             for k in paths]
     if not calls:
         return rows
+    counts = {}
     res = timing.measure_interleaved(calls, device=device, reps=3 if quick else 10, warmup=1 if quick else 2,
+                                     counts=counts,
                                      min_sample_s=0.0, max_time_s=10.0 if quick else 90.0)
     for k, (med, p20, p80) in res.items():
-        rows.append(dict(base, provider=k, metric="step_ms", median=med, p20=p20, p80=p80, unit="ms"))
+        rows.append(dict(base, provider=k, metric="step_ms", median=med, p20=p20, p80=p80, unit="ms",
+                         samples=counts[k]))
     for k, call in calls.items():
         mib = timing.peak_memory_mib(call, device)
         rows.append(dict(base, provider=k, metric="peak_MiB", median=mib, p20=mib, p80=mib, unit="MiB"))

@@ -127,7 +127,8 @@ def floor_rows(shape, device, prov, inputs, quick, log, passed=None):
             if state and not om.ok:
                 log(f"  grpo     {shape.name:7s} floors in {state}: not measured (needs glibc's mallopt)")
                 continue
-            res = timing.measure_interleaved(om.calls(fns) if state else fns, device=device,
+            counts = {}
+            res = timing.measure_interleaved(om.calls(fns) if state else fns, device=device, counts=counts,
                                              reps=3 if quick else 15, warmup=1 if quick else 3,
                                              max_time_s=1.0 if quick else 15.0)
         w = res[write_once][0]
@@ -136,7 +137,7 @@ def floor_rows(shape, device, prov, inputs, quick, log, passed=None):
         for k, (med, p20, p80) in res.items():
             rows.append(dict(op="grpo", shape=shape.name, dims=shape.dims_str(), dtype=shape.dtype,
                              provider=report.floor_provider(k, state), mode="forward", metric="call_ms", median=med,
-                             p20=p20, p80=p80, unit="ms", bytes=B * T * 4,
+                             p20=p20, p80=p80, unit="ms", bytes=B * T * 4, samples=counts[k],
                              note=f"timed interleaved with the floors ({state or device})", **env))
     return rows
 

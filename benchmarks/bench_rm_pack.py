@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks import common
+from benchmarks import common, timing
 
 OPS = ("rm-pack",)
 OUT = "/tmp/rm_pack"
@@ -123,8 +123,11 @@ def _tokens_per_s(recs):
     return sum(r["tokens"] for r in timed) / max(1e-9, timed[-1]["time_s"] - t0)
 
 
-def _row(base, provider, metric, value, unit, note=""):
-    return dict(base, provider=provider, metric=metric, median=value, p20=value, p80=value, unit=unit, note=note)
+def _row(base, provider, metric, value, unit, note="", samples=None):
+    """A tidy row; with ``samples`` (the values of the repeated runs) their median, p20 and p80,
+    else ``value`` for all three (one run, or a ratio of medians)."""
+    med, p20, p80 = timing.quantiles(samples) if samples else (value, value, value)
+    return dict(base, provider=provider, metric=metric, median=med, p20=p20, p80=p80, unit=unit, note=note)
 
 
 def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=None, log=common.log, work=None):
@@ -164,7 +167,7 @@ def run(op="rm-pack", device="cpu", shapes=None, quick=False, tiny=False, only=N
             ok = len(first) < 2 or abs(first["padded"] - first["packed"]) <= 1e-4 * max(1.0, abs(first["padded"]))
             for prov, v in tps.items():
                 if v:
-                    rows.append(_row(base, prov, "tokens_per_s", statistics.median(v), "tok/s", note))
+                    rows.append(_row(base, prov, "tokens_per_s", None, "tok/s", f"{note}; {len(v)} run(s)", samples=v))
                     rows.append(_row(base, prov, "first_loss_matches", float(ok), "bool",
                                      f"first loss {first[prov]:.6f}"))
             if tps["padded"] and tps["packed"]:

@@ -12,7 +12,7 @@ from benchmarks import timing
 
 FIELDS = ["op", "shape", "dims", "dtype", "provider", "mode", "metric", "median", "p20", "p80", "unit",
           "bytes", "device", "device_name", "threads", "clock", "torch", "rmkernels", "date", "run_id", "note",
-          "command", "commit", "cpu_isa", "huge_pages"]
+          "command", "commit", "cpu_isa", "huge_pages", "samples"]
 # What produced a row, besides its date and machine (report.provenance lists them per run): the
 # command (set by the entry point: benchmarks/run.py, a --results run), the checkout's commit
 # (+ "-dirty" with uncommitted changes to tracked files), the variant of the C++ CPU loops the
@@ -267,12 +267,14 @@ def bench_shape(op, shape, providers, inputs, *, grad_idx=(), reference=None, de
         if not calls:
             continue
         floor_calls = {k: f for k, (f, in_modes, _, _) in (floors or {}).items() if mode in in_modes}
+        counts = {}
         res = timing.measure_interleaved({**calls, **floor_calls}, device=device, reps=reps,
-                                         warmup=1 if quick else 3, max_time_s=max_time)
+                                         warmup=1 if quick else 3, max_time_s=max_time, counts=counts)
         for name in floor_calls:
             _, _, fbytes, fnote = floors[name]
             fbase = dict(base, provider=name, mode=mode, unit="ms", bytes=fbytes, note=fnote)
-            rows.append(dict(fbase, metric="call_ms", median=res[name][0], p20=res[name][1], p80=res[name][2]))
+            rows.append(dict(fbase, metric="call_ms", median=res[name][0], p20=res[name][1], p80=res[name][2],
+                             samples=counts[name]))
             if device == "cuda":
                 d = timing.device_time(floor_calls[name])
                 rows.append(dict(fbase, metric="device_ms", median=d[0], p20=d[1], p80=d[2]))
@@ -283,7 +285,7 @@ def bench_shape(op, shape, providers, inputs, *, grad_idx=(), reference=None, de
             med, p20, p80 = res[name]
             nbytes = bytes_of(name)
             rows.append(dict(base, provider=name, mode=mode, metric="call_ms", median=med, p20=p20, p80=p80,
-                             unit="ms", bytes=nbytes))
+                             unit="ms", bytes=nbytes, samples=counts[name]))
             if nbytes:
                 rows.append(dict(base, provider=name, mode=mode, metric="call_GBps", median=nbytes / med / 1e6,
                                  p20=nbytes / p80 / 1e6, p80=nbytes / p20 / 1e6, unit="GB/s", bytes=nbytes))

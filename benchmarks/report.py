@@ -114,7 +114,8 @@ def markdown(rows, title=None):
             groups.append(g)
     if groups:
         out += ["## Per op, shape and mode", "",
-                "Median time per full call (p20-p80), speedups are same-run ratios of medians. "
+                "Median time per full call (p20-p80 of the interleaved samples; n = how many, where recorded), "
+                "speedups are same-run ratios of medians. "
                 "`peak` = MiB allocated by one call above its inputs. GB/s from the fewest bytes the op must move.",
                 ""]
         head = "| op | shape (as run) | mode | provider | ms/call | p20-p80 | vs hf | vs compile | peak MiB | GB/s |"
@@ -138,7 +139,9 @@ def markdown(rows, title=None):
                     continue
                 c = cr[0]
                 desc = f"{shape} [{c['dims']}, {c['dtype']}]"
-                line = (f"| {op} | {desc} | {mode} | {p} | {_fmt_ms(ms)} | {_fmt_ms(c['p20'])}-{_fmt_ms(c['p80'])} | "
+                n = f" (n={c['samples']})" if c.get("samples") not in (None, "") else ""
+                spread = f"{_fmt_ms(c['p20'])}-{_fmt_ms(c['p80'])}{n}"
+                line = (f"| {op} | {desc} | {mode} | {p} | {_fmt_ms(ms)} | {spread} | "
                         f"{_fmt_x(math.nan if _not_vs_baselines(p) else hf / ms)} | "
                         f"{_fmt_x(math.nan if _not_vs_baselines(p) else comp / ms)} | "
                         f"{_fmt_f(_val(g, provider=p, metric='peak_MiB'), 1)} | "

@@ -93,11 +93,12 @@ def calibrate(f, device="cpu", min_sample_s=2e-3, max_n=1000):
     return int(min(max_n, max(1, math.ceil(min_sample_s / dt))))
 
 
-def measure_interleaved(fns, device="cpu", reps=15, warmup=3, min_sample_s=2e-3, max_time_s=20.0):
+def measure_interleaved(fns, device="cpu", reps=15, warmup=3, min_sample_s=2e-3, max_time_s=20.0, counts=None):
     """Full-call time of each of `fns` ({name: callable or (setup, callable)}), in ms per
     call: {name: (median, p20, p80)}. Samples of the providers alternate; each sample is `n`
     calls (calibrated per provider) closed by a device synchronisation. Stops early (with at
-    least 3 samples each) once `max_time_s` is spent."""
+    least 3 samples each) once `max_time_s` is spent. ``counts`` (a dict): filled with the
+    number of samples each quantile was taken over (a row records it: ``samples``)."""
     for f in fns.values():
         _timed_calls(f, warmup, device)
     ns = {k: calibrate(f, device, min_sample_s) for k, f in fns.items()}
@@ -108,6 +109,8 @@ def measure_interleaved(fns, device="cpu", reps=15, warmup=3, min_sample_s=2e-3,
             samples[k].append(_timed_calls(f, ns[k], device) / ns[k] * 1e3)
         if r >= 2 and time.perf_counter() - start > max_time_s:
             break
+    if counts is not None:
+        counts.update({k: len(v) for k, v in samples.items()})
     return {k: quantiles(v) for k, v in samples.items()}
 
 

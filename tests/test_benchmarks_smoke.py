@@ -49,8 +49,9 @@ def test_runner_quick_tiny(tmp_path):
         assert r["command"] == "python benchmarks/run.py " + " ".join(cmd[2:]), r["command"]
         assert r["cpu_isa"] and r["huge_pages"], r
         assert bool(r["commit"]) == os.path.exists(os.path.join(ROOT, ".git")), r  # none outside a checkout
+    assert all(int(r["samples"]) >= 3 for r in rows if r["metric"] == "call_ms"), "the sample count of each time"
     md = csvs[0].with_suffix(".md").read_text()
-    assert "## Runs" in md and f"`{rows[0]['command']}` | {rows[0]['commit']} |" in md
+    assert "## Runs" in md and " (n=" in md and f"`{rows[0]['command']}` | {rows[0]['commit']} |" in md
     for state in ("recycled", "fresh pages"):  # bench_group_adv.floor_rows, both states of the output memory
         for prov in (f"write-once ({state})", f"read-inputs ({state})", f"rmk-cpu (vs floor, {state})"):
             assert ("grpo", prov, "forward") in timed
@@ -306,8 +307,10 @@ def test_pooling_floors_are_timed_beside_the_providers(monkeypatch):
 
     groups = []
 
-    def fake(fns, **kw):
+    def fake(fns, counts=None, **kw):
         groups.append(sorted(fns))
+        if counts is not None:
+            counts.update({k: 3 for k in fns})
         return {k: (1.0, 1.0, 1.0) for k in fns}
     monkeypatch.setattr(timing, "measure_interleaved", fake)
     rows = bench_pooling.run(tiny=True, quick=True, only=["torch", "rmk-cpu", bench_pooling.FLOOR,
