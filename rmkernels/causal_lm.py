@@ -43,8 +43,10 @@ HEAD_RULES = {
 }
 # model type -> the attribute N of "logits[..., :N]" (the softmax over the head's first N rows)
 VOCAB_LIMITS = dict.fromkeys(("inkling_text", "inkling_mm_model"), "unpadded_vocab_size")
-# tanh soft-capping, any model type: not a linear map of the hidden state, refused
-LOGIT_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
+# tanh soft-capping of the output logits, any model type (Gemma 2/3n, nanochat: final_logit_softcapping;
+# RecurrentGemma: logits_soft_cap; xLSTM: output_logit_soft_cap): not a linear map of the hidden state,
+# refused. (attn_/router_ soft-caps act inside the model, before the hidden state: not the head's.)
+LOGIT_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 # attributes that rescale the logits in some model: set (not 1) on a model type without a rule,
 # refused rather than guessed
 SCALING_ATTRIBUTES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "logits_mup_width_multiplier",

@@ -105,6 +105,10 @@ def test_models_it_cannot_follow_are_refused():
     ids, mask = _batch()
     with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
         rmk.causal_lm_logprobs(transformers.Gemma2ForCausalLM(cfg), ids, mask)
+    xcfg = transformers.xLSTMConfig(vocab_size=211, hidden_size=32, embedding_dim=32, num_hidden_layers=1,
+                                    num_blocks=1, num_heads=2, chunk_size=4, mode="inference")
+    with pytest.raises(NotImplementedError, match="output_logit_soft_cap=30"):  # xLSTM's default cap
+        rmk.causal_lm_logprobs(transformers.xLSTMForCausalLM(xcfg), ids, mask)
     model = _model()
     model.config.logits_scaling = 2.0  # a scaling attribute on a model type without a rule: not guessed
     with pytest.raises(NotImplementedError, match="logits_scaling=2.0.*no rule"):
@@ -183,3 +187,27 @@ def test_verl_linear_cross_entropy(reduction):
     for bad in ("avg", None, 1):
         with pytest.raises(ValueError, match="reduction must be one of"):
             linear_cross_entropy(hidden, weight, labels, 0.8, bad)
+
+
+def test_every_logit_soft_cap_of_transformers_is_known():
+    """Every config attribute of a transformers causal LM named like an output-logit soft cap is in
+    ``causal_lm.LOGIT_SOFTCAPS`` (refused): a new name would otherwise pass unseen, its model's
+    log-probs silently wrong (xLSTM's ``output_logit_soft_cap`` did). The caps that act inside the
+    model (attention scores, MoE routers) are not the head's."""
+    import re
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from rmkernels import causal_lm
+
+    names = set()
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        try:
+            keys = CONFIG_MAPPING[model_type]().to_dict()
+        except Exception:  # a config that needs arguments: its class attributes are all we can read
+            keys = vars(CONFIG_MAPPING[model_type])
+        inside = r"(attn|attention|moe|router|gate|mlp)"  # caps inside the model, not on its output logits
+        names |= {k for k in keys if re.search(r"soft_?cap", k) and not re.match(inside, k)}
+    assert {"final_logit_softcapping", "output_logit_soft_cap"} <= names, names  # the scan sees them
+    assert names <= set(causal_lm.LOGIT_SOFTCAPS), names - set(causal_lm.LOGIT_SOFTCAPS)

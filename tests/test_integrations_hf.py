@@ -223,6 +223,83 @@ def test_unpatch_and_errors():
         rmk.patch_hf_reward_model(causal)
 
 
+def test_patch_and_accelerate_autocast_wrapper():
+    """accelerate's Accelerator.prepare (mixed precision) sets an autocast wrapper as the
+    instance's forward. Patched before it: the wrapper calls the patched forward (bf16 inside the
+    backbone, logits as the unpatched prepared model's); unpatched after it: the wrapper stays and
+    runs the class's forward (still bf16); patched again: active again. Patched after it: refused
+    (the patch would bypass the wrapper and its autocast: float32 silently)."""
+    accelerate = pytest.importorskip("accelerate", reason="accelerate comes with trl (requirements-test.txt)")
+    acc = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    base = _tiny("llama")
+    ids, mask = _batch(B=4, T=9)
+    seen = []
+
+    def run(model):
+        seen.clear()
+        handle = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        try:
+            return model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            handle.remove()
+    want = run(acc.prepare(copy.deepcopy(base)))
+    assert seen == [torch.bfloat16]
+    model = acc.prepare(rmk.patch_hf_reward_model(copy.deepcopy(base)))
+    wrapper = model.__dict__["forward"]
+    assert not isinstance(wrapper, hf.PatchedForward)  # accelerate's, around ours
+    with _counting_pooling() as calls:
+        assert_close(run(model), want, rtol=0, atol=1e-2)
+    assert seen == [torch.bfloat16] and calls == [1]
+    rmk.unpatch_hf_reward_model(model)
+    assert model.__dict__["forward"] is wrapper and not hf.is_patched(model)
+    with _counting_pooling() as calls:
+        assert_close(run(model), want, rtol=0, atol=0)  # the class's forward, under the same autocast
+    assert seen == [torch.bfloat16] and calls == []
+    rmk.patch_hf_reward_model(model)
+    with _counting_pooling() as calls:
+        run(model)
+    assert seen == [torch.bfloat16] and calls == [1] and model.__dict__["forward"] is wrapper
+    with pytest.raises(TypeError, match="already replaced on the instance .*Accelerator.prepare"):
+        rmk.patch_hf_reward_model(acc.prepare(copy.deepcopy(base)))
+
+
+@contextlib.contextmanager
+def _counting_pooling():
+    """The calls of the fused pooling op (``rmk.last_token_reward``) in the block: ``[1, ...]``."""
+    calls = []
+    original = hf.last_token_reward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    hf.last_token_reward = counted
+    try:
+        yield calls
+    finally:
+        hf.last_token_reward = original
+
+
+def test_config_return_dict_false_keeps_the_backbone_outputs():
+    """``config.return_dict=False`` (what ``torchscript=True`` also sets): the patched forward still
+    reads the backbone's outputs by name, so hidden states and the cache are there as in HF's
+    (BLOOM: its backbone returns a tuple under that config; the patch dropped them)."""
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, pad_token_id=PAD)
+    ref = transformers.BloomForSequenceClassification(cfg).eval()
+    ref.config.return_dict = False
+    model = rmk.patch_hf_reward_model(copy.deepcopy(ref))
+    ids, mask = _batch(B=3, T=7)
+    for return_dict in (True, False):
+        a, b = (m(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=return_dict)
+                for m in (ref, model))
+        if return_dict:
+            assert len(b.hidden_states) == len(a.hidden_states) == 3 and type(b.cache) is type(a.cache)
+            a, b = a.to_tuple(), b.to_tuple()
+        assert [type(x) for x in b] == [type(x) for x in a]
+        assert_close(b[0], a[0], rtol=1e-5, atol=1e-6, name="logits")
+        for x, y in zip(a[-1], b[-1]):
+            assert_close(y, x, rtol=0, atol=0, name="hidden states")
+
+
 def test_patched_model_saves_and_reloads(tmp_path):
     model = rmk.patch_hf_reward_model(_tiny("llama"))
     model.save_pretrained(tmp_path, safe_serialization=True)

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+import rmkernels as rmk
 from tests.utils import assert_close
 
 trl = pytest.importorskip("trl", reason="trl is in requirements-test.txt; install it to run these tests")
@@ -124,6 +125,27 @@ def test_train_runs_like_trl(tmp_path):
     assert_close(torch.tensor(logs), torch.tensor(ref_logs), rtol=1e-4, atol=1e-6, name="logged loss")
     for (n, p), (_, q) in zip(ref.model.named_parameters(), ours.model.named_parameters()):
         assert_close(q, p, rtol=1e-4, atol=1e-6, name=f"weights {n} after 2 steps")
+
+
+def test_unpatched_after_bf16_training(tmp_path):
+    """After ``train()`` with bf16 (accelerate wraps the model's forward in autocast around the
+    patched one), unpatching leaves a plain HF model that still runs under that autocast, as
+    TRL's own trained model does; the trainer, asked for a loss again, says why it cannot."""
+    ref, ours = _trainers(tmp_path, _dataset(8, False), max_steps=1, bf16=True)
+    ref.train()
+    ours.train()
+    batch = next(iter(ref.get_train_dataloader()))
+    rmk.unpatch_hf_reward_model(ours.model)
+    seen = []
+    for trainer in (ref, ours):
+        layer = trainer.model.model.layers[0].mlp.down_proj
+        handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        with torch.no_grad():
+            trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        handle.remove()
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    with pytest.raises(RuntimeError, match="no longer patched"):
+        ours.compute_loss(ours.model, dict(batch))
 
 
 def _readme_trl_snippet():

@@ -16,7 +16,8 @@ dict; with it, the batch is read in TRL's layout (rows ``0..B-1`` chosen, ``B..2
 rejected) and the returned ``loss`` is ``rmk.pairwise_reward_loss`` (the fused
 Bradley-Terry op), ``logits`` the ``[2B, 1]`` rewards, float32 whatever the weights' dtype (the
 loss is computed from them; TRL rounds a bf16 / fp16 model's rewards to its dtype before its
-loss). Going through ``model(...)`` keeps DDP and accelerate wrappers working.
+loss). Going through ``model(...)`` keeps DDP and accelerate wrappers working; patch before
+``Accelerator.prepare`` (see :func:`patch_hf_reward_model`).
 
 Supported: every decoder ``*ForSequenceClassification`` of transformers 5.24 (checked over
 all 64 of them, tiny random configs: logits and gradients equal the unpatched model's; under
@@ -106,7 +107,7 @@ def _options(model, last_token, backend, head):
 
 
 def is_patched(model):
-    return "_rmk_original_forward" in model.__dict__
+    return "_rmk_options" in model.__dict__
 
 
 def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
@@ -133,6 +134,13 @@ def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
     loss with ``labels``, ``return_dict=False`` tuples, hidden states / attentions when asked)
     and so are the gradients. Patching twice is a no-op; :func:`unpatch_hf_reward_model`
     reverts it.
+
+    Patch before anything wraps the instance's ``forward`` (accelerate's
+    ``Accelerator.prepare`` with mixed precision sets an autocast wrapper there, and a
+    ``transformers.Trainer`` calls it when training starts): a wrapper set on the instance calls the class's
+    forward, which the patch would bypass, dropping the wrapper's autocast; such a model is
+    refused (``TypeError``). Wrapping after the patch keeps both: the wrapper calls the patched
+    forward. (DDP / FSDP wrap the module, not its ``forward``: either order works.)
     """
     if last_token not in LAST_TOKEN_RULES:
         raise ValueError(f"last_token must be one of {LAST_TOKEN_RULES}, got {last_token!r}")
@@ -144,24 +152,32 @@ def patch_hf_reward_model(model, *, last_token="pad_id", backend=None):
     if head_linear(getattr(model, head, None)) is None:
         raise TypeError(f"{type(model).__name__}.{head} must be an nn.Linear (or PEFT's ModulesToSaveWrapper of "
                         f"one), got {type(getattr(model, head, None))}")
-    if is_patched(model):
-        model._rmk_options = _options(model, last_token, backend, head)
-        return model
-    model._rmk_original_forward = model.__dict__.get("forward")  # None: the class's forward
+    ours = model.__dict__.get("_rmk_forward")
+    own = model.__dict__.get("forward")
+    if ours is None and own is not None:
+        what = getattr(getattr(own, "__func__", own), "__qualname__", type(own).__name__)
+        raise TypeError(f"patch_hf_reward_model: this {type(model).__name__}'s forward is already replaced on the "
+                        f"instance (by {what}; accelerate's Accelerator.prepare with mixed precision sets its autocast "
+                        f"wrapper there), which calls the class's forward: the patch would bypass it and its autocast. "
+                        f"Patch the model before wrapping it (before Accelerator.prepare, which a Trainer calls when "
+                        f"training starts)")
     model._rmk_options = _options(model, last_token, backend, head)
-    model.forward = PatchedForward(model)
+    if ours is None:
+        ours = model._rmk_forward = PatchedForward(model)
+    if own is None:  # a first patch, or again after an unpatch that removed it
+        model.forward = ours
     return model
 
 
 def unpatch_hf_reward_model(model):
-    """Undo :func:`patch_hf_reward_model` (a no-op on a model that is not patched)."""
+    """Undo :func:`patch_hf_reward_model` (a no-op on a model that is not patched). A wrapper set
+    on the instance's ``forward`` after the patch (accelerate's autocast wrapper) stays: the
+    patched forward it calls runs the class's forward from then on."""
     if not is_patched(model):
         return model
-    original = model.__dict__.pop("_rmk_original_forward")
-    del model.__dict__["forward"]
-    if original is not None:
-        model.forward = original
-    model.__dict__.pop("_rmk_options", None)
+    del model.__dict__["_rmk_options"]
+    if model.__dict__.get("forward") is model.__dict__["_rmk_forward"]:
+        del model.__dict__["forward"], model.__dict__["_rmk_forward"]
     return model
 
 
@@ -207,7 +223,10 @@ class PatchedForward:
         self.__self__ = model
 
     def __call__(self, *args, **kwargs):
-        return _patched_forward(self.__self__, *args, **kwargs)
+        model = self.__self__
+        if not is_patched(model):  # unpatched while a wrapper set after the patch still calls this
+            return type(model).forward(model, *args, **kwargs)
+        return _patched_forward(model, *args, **kwargs)
 
     def __reduce__(self):
         return PatchedForward, (self.__self__,)
@@ -236,8 +255,9 @@ def _patched_forward(self, *args, **kwargs):
     accepts = opts["base_accepts"]
     if accepts is not None:  # the own-class models' forwards take a few arguments their backbone does not
         named = {k: v for k, v in named.items() if k in accepts}
-        if "return_dict" in accepts:
-            named["return_dict"] = True
+    if accepts is None or "return_dict" in accepts:
+        # the backbone's outputs by name (hidden states, attentions, cache), whatever config.return_dict says
+        named["return_dict"] = True
     outputs = base(**named)
     hidden = outputs[0]
     input_ids, inputs_embeds = named.get("input_ids"), named.get("inputs_embeds")

@@ -33,7 +33,7 @@ except ImportError as e:  # the module is TRL's trainer with the fused head: not
     raise ImportError(f"rmkernels.integrations.trl needs TRL ({e}): pip install trl (tested with trl 1.16.0; "
                       f"rmkernels' other integrations do not need it)") from None
 
-from rmkernels.integrations.hf import patch_hf_reward_model
+from rmkernels.integrations.hf import is_patched, patch_hf_reward_model
 
 
 def _hf_model(model):
@@ -62,6 +62,10 @@ class RewardTrainer(trl.RewardTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
+        if not is_patched(_hf_model(model)):
+            raise RuntimeError("rmkernels RewardTrainer: its model is no longer patched (rmk.unpatch_hf_reward_model "
+                               "while the trainer holds it): its loss is the patched forward's; patch it again "
+                               "(rmk.patch_hf_reward_model) to go on with this trainer")
         inputs = dict(inputs)
         margin = inputs.pop("margin", None)
         coef = self.args.center_rewards_coefficient
