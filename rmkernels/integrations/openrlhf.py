@@ -187,7 +187,10 @@ def compute_reward(r, kl_coef, kl, action_mask=None, reward_clip_range=None, *, 
         reward_clip_range: ``(lo, hi)``: ``r`` is clamped to it first.
         num_actions: keyword only, with a list ``kl``.
 
-    Returns a tensor of ``kl``'s shape and dtype (or a list, for a list ``kl``).
+    Returns a tensor of ``kl``'s shape and dtype (or a list, for a list ``kl``). Computed in
+    float32 and rounded once to that dtype: with a bf16 / fp16 ``kl`` (OpenRLHF's own pipeline
+    passes float32) a value may land one step of that dtype from OpenRLHF's, which rounds
+    ``-kl_coef * kl`` and the sum separately.
     """
     kl_coef = as_float("kl_coef", kl_coef)
     if kl_coef <= 0.0:
