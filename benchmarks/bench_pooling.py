@@ -10,7 +10,7 @@ except ImportError:  # run as a script: benchmarks/ is sys.path[0]
 
 import torch
 
-from benchmarks import baselines, common, shapes
+from benchmarks import baselines, common, report, shapes
 
 OPS = ("pooling",)
 
@@ -72,8 +72,7 @@ def run(op="pooling", device="cpu", shapes=None, quick=False, tiny=False, only=N
 
 
 shapes_mod = shapes
-FLOOR = "floor-write-grad"
-FLOOR_HUGE = "floor-write-grad, huge pages"
+FLOOR, FLOOR_HUGE = report.POOL_FLOORS  # the names report._pool_targets judges
 
 
 def write_floors(hidden, device):
