@@ -5,8 +5,10 @@ import os
 
 from benchmarks.common import FIELDS
 
-PROVIDER_ORDER = ["hf", "torch", "compile", "rmk-cpu", "rmk-cuda", "rmk-triton", "floor-write-grad",
-                  "floor-write-grad, huge pages"]
+# The ways bench_pooling writes pool-l's grad_hidden once: torch.zeros_like, and (CPU) zeroing it
+# in the huge pages the C++ kernel's gradient is advised for.
+POOL_FLOORS = ("floor-write-grad", "floor-write-grad, huge pages")
+PROVIDER_ORDER = ["hf", "torch", "compile", "rmk-cpu", "rmk-cuda", "rmk-triton", *POOL_FLOORS]
 OP_ORDER = ["pooling", "bt", "pair", "gae", "grpo", "rpp", "remax", "e2e", "floor"]
 MODE_ORDER = ["forward", "backward", "full", "step", "check"]
 SHAPE_ORDER = ["pool-s", "pool-l", "bt-s", "bt-l", "pair-l", "gae-s", "gae-l", "gae-xl", "grpo-l", "grpo-xl",
@@ -278,11 +280,6 @@ def _lp_targets(rows):
             lines.append(f"| lp-s full call time <= naive | {r['provider']} | {x:.2f}x naive | "
                          f"{'met' if x <= 1 else 'MISSED'} |")
     return lines
-
-
-# The ways bench_pooling writes pool-l's grad_hidden once: torch.zeros_like, and (CPU) zeroing it
-# in the huge pages the C++ kernel's gradient is advised for.
-POOL_FLOORS = ("floor-write-grad", "floor-write-grad, huge pages")
 
 
 def _fastest(floors):
