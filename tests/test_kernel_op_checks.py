@@ -111,6 +111,8 @@ KERNEL_CASES = {
     "group: id out of range": "ops.group_advantages_kernel(r(4), full((4,), 400000), b(4, 5)"
             ", 0, 1e-6, True, 0, 1.0, 1e-8)",
     "group: id negative": "ops.group_advantages_kernel(r(4), full((4,), -1), b(4, 5), 0, 1e-6, True, 0, 1.0, 1e-8)",
+    "group: id equal to B": "ops.group_advantages_kernel(r(4), torch.tensor([0, 0, 1, 4]), b(4, 5), 0, 1e-6, True, 0, "
+            "1.0, 1e-8)",  # the bound itself (ids lie in [0, B))
     # REINFORCE++ / ReMax (op_checks.h: check_reinforce_args)
     "reinforce: mask of 3 rows": "ops.reinforce_kernel(r(400, 5), b(3, 5), None, 1.0, True, 1e-8)",
     "reinforce: mask shorter than T": "ops.reinforce_kernel(r(4, 500), b(4, 5), None, 1.0, True, 1e-8)",
@@ -414,6 +416,7 @@ TRITON_MESSAGES = {
     "logprobs bwd: token_chunk 0": "token_chunk must be an int >= 1, got 0",
     "group: scores shorter than B": r"group_ids must have shape \[2\], got \[400\]",
     "group: ids shorter than B": r"group_ids must have shape \[400\], got \[2\]",
+    "group: id equal to B": r"group_ids must lie in \[0, B\) = \[0, 4\), got 4 at row 3",
     "group: estimator code 99": "estimator must be a GroupEstimator code .*got 99",
     "group: single code 7": "single must be a GroupSingle code .*got 7",
     "group: mask 1-D": r"mask must have 2 dimensions, got shape \[4\]",

@@ -325,6 +325,27 @@ def test_backend_strided_inputs_and_int_masks(backend, device):
         check_outputs(out, expect, torch.float32, f"mask {m.dtype}")
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_backend_contiguous_inputs_and_a_column_major_mask(backend, device):
+    """The opposite of the test above: row-major log-probs and values with a mask that is not
+    unit-stride along T (built [T, B] and transposed), in every mask dtype, through
+    ``ppo_advantages`` and ``kl_estimate`` (the C++ KL loop's unit-stride path once read such a
+    mask with stride 1: mutation testing)."""
+    skip_unless_available(backend, device)
+    B, T = _shape(backend, 37)
+    lp, ref, values, scores = make_inputs(B, T, device=device)
+    mask = make_mask("holes", B, T, device).t().contiguous().t()
+    assert lp.is_contiguous() and mask.stride(1) != 1
+    for m in (mask, mask.int().t().contiguous().t(), mask.float().t().contiguous().t()):
+        assert m.stride(1) != 1
+        for est in ("k1", "k3"):
+            out, expect = run_both(backend, device, (lp, ref, values, scores), m, kl_coef=0.1, kl_estimator=est)
+            check_outputs(out, expect, torch.float32, f"mask {m.dtype} {m.stride()} {est}")
+            got = rmk.kl_estimate(lp, ref, mask=m, estimator=est, backend=backend)
+            want = rmk.kl_estimate(lp, ref, mask=m, estimator=est, backend="reference")
+            assert_close(got, want, rtol=1e-5, atol=1e-6, name=f"kl_estimate mask {m.dtype} {est}")
+
+
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_nan_stays_in_its_row(backend, device):
     skip_unless_available(backend, device)

@@ -208,6 +208,20 @@ def test_equal_rewards_give_exact_zeros():
             assert torch.equal(adv, torch.zeros_like(adv)), (est, layout)
 
 
+def test_gpg_all_zero_scores_give_zeros():
+    """GPG's alpha = B / max(count of non-zero scores, 1): with every score 0 the count is 0 and
+    the advantages are zeros, as the reference gives (tests/test_group_advantages.py checks the
+    CPU backends; without the max the kernel gave NaN: mutation testing)."""
+    B, T = 6, 5
+    scores, ids = torch.zeros(B), torch.tensor([0, 0, 0, 1, 1, 1])
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[4, 2:] = False
+    rcs, seq, adv = launch_group(scores, ids, mask, estimator="gpg")
+    e_seq, e_adv = reference_group(scores, ids, mask, estimator="gpg")
+    assert rcs == [0] and torch.equal(seq, e_seq) and torch.equal(adv, e_adv), (seq, e_seq)
+    assert torch.equal(seq, torch.zeros(B))
+
+
 def test_group_ids_out_of_range_and_nan_scores():
     """An id outside [0, B) gives a NaN row (group_adv.cuh) and touches no other group
     (reinforce_pp_baseline: the whitening spreads the NaN to every row with a valid token, and
