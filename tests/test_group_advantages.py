@@ -543,7 +543,12 @@ def test_reinforce_pp_baseline_non_finite_score_in_empty_row(backend, device):
                 clean = rmk.group_advantages(scores, ids, mask, **kw)
                 where = f"{dtype} score {bad} single={single}"
                 assert torch.isfinite(seq).all() and torch.isfinite(adv).all(), where
-                assert torch.equal(seq, clean.seq_advantages) and torch.equal(adv, clean.advantages), where
+                if device == "cpu":  # one order of the sums every call: bit for bit
+                    assert torch.equal(seq, clean.seq_advantages) and torch.equal(adv, clean.advantages), where
+                else:  # a GPU kernel's float64 atomics add in the order the warps come: last bits vary by call
+                    tol = 1e-12 if dtype == torch.float64 else 1e-6
+                    assert_close(seq, clean.seq_advantages, rtol=tol, atol=tol, name=where)
+                    assert_close(adv, clean.advantages, rtol=tol, atol=tol, name=where)
                 assert seq[victim] == 0 and seq[~mask.any(1)].eq(0).all(), where
 
 

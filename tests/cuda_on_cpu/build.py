@@ -5,8 +5,9 @@ Every ``csrc/cuda/*.cu`` file is compiled by the host compiler (g++) with
 the C entry points of the launchers (``shims/*.cpp``) and the layer's own test kernels
 (``selftest.cu``), into one shared library per variant:
 
-- ``asan``: AddressSanitizer (global, shared and stack memory bounds; the worker runs with
-  libasan preloaded);
+- ``asan``: AddressSanitizer (the bounds of global, i.e. malloc'd, and stack memory; not of
+  ``__shared__`` arrays, which are ``static thread_local`` here and get no redzones: see
+  CONTRIBUTING.md, "What it does not see"; the worker runs with libasan preloaded);
 - ``tsan``: ThreadSanitizer, each CUDA thread a TSan fiber and ``__syncthreads`` the only
   ordering inside a block (runtime.cpp), so conflicting accesses between barriers are races.
 
