@@ -293,6 +293,12 @@ def _fastest(floors):
     return name, measured[name]
 
 
+def _other_floors(floors, best, median, what, provider, where=""):
+    """The "(information)" rows of a call's ratio to each measured floor but the judged one."""
+    return [f"| (information) {what} / `{other}`{where} | {provider} | {median / v:.2f}x | - |"
+            for other, v in floors.items() if other != best and not math.isnan(v)]
+
+
 def _pool_targets(rows, metric):
     """pool-l: the forward >= 50x faster than hf; fwd+bwd within 1.2x of writing grad_hidden once,
     judged against the fastest floor the run measured (:data:`POOL_FLOORS`: on the CPU the huge-page
@@ -311,10 +317,7 @@ def _pool_targets(rows, metric):
             x = r["median"] / floor
             lines.append(f"| pool-l fwd+bwd within 1.2x of writing grad_hidden once (`{best}`, the fastest measured) "
                          f"| {r['provider']} | {x:.2f}x | {'met' if x <= 1.2 else 'MISSED'} |")
-            for other, v in floors.items():
-                if other != best and not math.isnan(v):
-                    lines.append(f"| (information) pool-l fwd+bwd / `{other}` | {r['provider']} | "
-                                 f"{r['median'] / v:.2f}x | - |")
+            lines += _other_floors(floors, best, r["median"], "pool-l fwd+bwd", r["provider"])
     return lines
 
 
@@ -401,10 +404,7 @@ def _grpo_shape_targets(rows, shape, judged):
             head = "(information) " if alone else info
             lines.append(f"| {head}{shape} {what} <= 1.3x writing [B, T] once (`{best}`, the fastest measured){where} "
                          f"| {p} | {x:.2f}x | {'-' if alone else status(x <= 1.3)} |")
-            for other, v in writes.items():
-                if other != best and not math.isnan(v):
-                    lines.append(f"| (information) {shape} {what} / `{other}`{where} | {p} | {r['median'] / v:.2f}x "
-                                 f"| - |")
+            lines += _other_floors(writes, best, r["median"], f"{shape} {what}", p, where)
         if not alone and best is not None and not math.isnan(read):
             x = r["median"] / (write + read)
             lines.append(f"| (information) {shape} full call / its memory floor (token rewards and mask read once, "
