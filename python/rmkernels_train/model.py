@@ -16,6 +16,12 @@ from rmkernels_train.tokenizer import check_chat_template
 from rmkernels_train.utils import TrainingError, one_line
 
 # The built-in default: a Llama-style model, random init, small enough for a 2-core CPU.
+# What every from_pretrained of a model here passes: no Hub kernels. transformers 5.25 swaps layers
+# for kernels from the Hugging Face Hub by default whenever the `kernels` package is installed (a
+# dependency of it from that version): code fetched at run time, other arithmetic than the model's
+# own, and on a GPU-less process with a stand-in device a crash in its capability query. These runs
+# load local checkpoints and compute with the model's layers and rmkernels' ops only.
+FROM_PRETRAINED = {"use_kernels": False}
 DEFAULT_SIZE = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128}
 
 
@@ -132,7 +138,7 @@ def load_reward_model(path, *, dtype=torch.float32, what="--model", use_safetens
         kwargs["use_safetensors"] = use_safetensors
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                                                         **kwargs)
+                                                                         **kwargs, **FROM_PRETRAINED)
     except Exception as e:
         raise TrainingError(f"{what} {path}: cannot load it as a sequence-classification model: "
                             f"{one_line(e)}") from None

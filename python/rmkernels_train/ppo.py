@@ -499,10 +499,10 @@ def load_policy(path, tokenizer, log=None):
     an embedding padded past the tokenizer is cut to it (said through ``log``)."""
     from transformers import AutoModelForCausalLM
 
-    from rmkernels_train.model import check_vocab, vocab_rows
+    from rmkernels_train.model import FROM_PRETRAINED, check_vocab, vocab_rows
 
     try:
-        policy, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        policy, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **FROM_PRETRAINED)
     except Exception as e:  # noqa: BLE001 (transformers raises many types)
         raise TrainingError(f"--policy {path}: cannot load a causal LM: {one_line(e)}") from None
     missing = sorted(info.get("missing_keys") or [])

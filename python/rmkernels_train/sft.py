@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from rmkernels_train import model as M
 from rmkernels_train import trainer as T
 from rmkernels_train.trainer import atomic_dir
 from rmkernels_train.utils import TrainingError, one_line
@@ -122,7 +123,7 @@ def warm_start(out_dir, tokenizer, prompts, settings, *, device="cpu", log=None)
     if meta is not None:
         if meta.get("settings") == settings and meta.get("vocab_size") == len(tokenizer):
             try:  # safetensors only: nothing in an output directory can run code
-                policy = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
+                policy = LlamaForCausalLM.from_pretrained(path, use_safetensors=True, **M.FROM_PRETRAINED).to(device)
                 # from_pretrained initialises a missing weight randomly and goes on; NaN weights load
                 T.check_safetensors_fit(policy, os.path.join(path, "model.safetensors"))
                 T.check_finite_parameters(policy, "model.safetensors")
