@@ -2,6 +2,9 @@
 --profile-memory``): known tensors move the reported figures by exactly their size, frees on
 other threads are counted, and the trainer's figures match the state it holds."""
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -60,31 +63,47 @@ def test_figures_from_events():
     assert out["peak_MiB"] == 17 and out["events"] == 4 and out["steps"] == 2
 
 
+def _args(out, *extra):
+    return [str(a) for a in ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "64",
+                             "--batch-size", "4", "--threads", "1", "--no-progress", "--no-plot",
+                             "--output-dir", out, "--eval-every", "1000", *extra]]
+
+
 def _train(tmp_path, capsys, *extra):
     out = tmp_path / "out"
-    rc = R.main([str(a) for a in ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "64",
-                                  "--batch-size", "4", "--threads", "1", "--no-progress", "--no-plot",
-                                  "--output-dir", out, "--eval-every", "1000", *extra]])
+    rc = R.main(_args(out, *extra))
     err = capsys.readouterr().err
     assert rc == 0, err
     return json.loads((out / "final.json").read_text())["memory_per_rank"][0]
 
 
-def test_trainer_reports_live_tensor_peak_moving_by_a_known_tensor(tmp_path, capsys, monkeypatch):
+def test_trainer_reports_live_tensor_peak_moving_by_a_known_tensor(tmp_path):
     """Step 3 holds an extra 64 MiB tensor for its whole length: its peak is step 2's plus 64
     MiB (the tiny model's activations differ by well under 1 MiB between batches); the live
     bytes at the first step are the parameters and buffers, at the second also AdamW's state."""
     extra_mib = 64
-    train_step = R.RewardTrainer.train_step
-
-    def with_extra(self, group):
-        held = torch.empty(extra_mib * MIB // 4) if self.step == 2 else None
-        rec = train_step(self, group)
-        del held
-        return rec
-
-    monkeypatch.setattr(R.RewardTrainer, "train_step", with_extra)
-    mem = _train(tmp_path, capsys, "--max-steps", 4, "--profile-memory", 3)
+    # In a process of its own: the allocator's accounting, once on, counts every later allocation
+    # of the process, so a tensor an earlier test of a pytest worker left alive (a library's cache
+    # filled after another test turned the accounting on) would count as live here (seen in CI:
+    # 0.13 MiB at the first step against 0.08 of parameters and buffers).
+    code = ("import sys, torch\n"
+            "from rmkernels_train import reward as R\n"
+            "train_step = R.RewardTrainer.train_step\n"
+            "def with_extra(self, group):\n"
+            f"    held = torch.empty({extra_mib * MIB // 4}) if self.step == 2 else None\n"
+            "    rec = train_step(self, group)\n"
+            "    del held\n"
+            "    return rec\n"
+            "R.RewardTrainer.train_step = with_extra\n"
+            "sys.exit(R.main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "python"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code, *_args(out, "--max-steps", 4, "--profile-memory", 3)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mem = json.loads((out / "final.json").read_text())["memory_per_rank"][0]
     live = mem["live_tensors"]
     assert live["steps"] == 3 and mem["peak_live_tensors_MiB"] == live["peak_MiB"]
     start, peak = live["at_step_start_MiB"], live["step_peak_MiB"]
