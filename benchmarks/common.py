@@ -13,11 +13,11 @@ from benchmarks import timing
 FIELDS = ["op", "shape", "dims", "dtype", "provider", "mode", "metric", "median", "p20", "p80", "unit",
           "bytes", "device", "device_name", "threads", "clock", "torch", "rmkernels", "date", "run_id", "note",
           "command", "commit", "cpu_isa", "huge_pages", "samples"]
-# What produced a row, besides its date and machine (report.provenance lists them per run): the
-# command (set by the entry point: benchmarks/run.py, a --results run), the checkout's commit
-# (+ "-dirty" with uncommitted changes to tracked files), the variant of the C++ CPU loops the
-# process ran and whether their fresh outputs went into huge pages (both change CPU timings).
-PROVENANCE = ("command", "commit", "cpu_isa", "huge_pages")
+# command .. huge_pages: what produced a row, besides its date and machine (report.provenance lists
+# them per run): the command (set by the entry point: benchmarks/run.py, a --results run), the
+# checkout's commit (+ "-dirty" with uncommitted changes to tracked files), the variant of the C++
+# CPU loops the process ran and whether their fresh outputs went into huge pages (both change CPU
+# timings); samples: how many interleaved samples a time is over.
 
 
 # ---------------------------------------------------------------------------------------

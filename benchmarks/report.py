@@ -185,7 +185,7 @@ def markdown(rows, title=None):
 def provenance(rows):
     """A section listing each run whose rows the table holds (a CSV merges runs: a run replaces
     the groups it measured): its id, date, command, commit, threads and clock, and on the CPU the
-    variant of the C++ loops and the huge-page mode (common.PROVENANCE). Rows written before
+    variant of the C++ loops and the huge-page mode (common.FIELDS). Rows written before
     those were recorded say so."""
     runs = {}
     for r in rows:
