@@ -116,6 +116,23 @@ def test_extension_links_libstdcxx_as_a_shared_library():
     assert "libstdc++.so" in out, f"{ext.__file__} does not load libstdc++ as a shared library:\n{out}"
 
 
+def test_cpu_math_is_inlined_into_the_loops():
+    """The float exp / log1p of cpu_vec_math.h and the formulas of scalar_math.h are always
+    inlined (RMK_ALWAYS_INLINE): one left out of line (GCC 12 at -O3 left exp_core so in the token
+    log-probs forward, 6x slower) runs its `#pragma omp simd` loop one element at a time. An
+    out-of-line copy leaves its mangled name (namespaces rmkernels::vecmath / rmkernels::math)
+    in the library's symbol table, which no inlined one does."""
+    try:
+        import rmkernels._C as ext
+    except ImportError:
+        pytest.fail("rmkernels._C did not load: CI builds it")
+    with open(ext.__file__, "rb") as f:
+        data = f.read()
+    for prefix in (b"_ZN9rmkernels7vecmath", b"_ZN9rmkernels4math"):
+        at = data.find(prefix)
+        assert at < 0, f"{ext.__file__} holds an out-of-line {data[at:at + 80].split(bytes(1))[0]!r}"
+
+
 def test_version():
     import rmkernels
 

@@ -16,10 +16,21 @@
 #include <cstring>
 #include <limits>
 
+// Forced inline (also scalar_math.h's host functions): a call left out of line in a
+// `#pragma omp simd` loop runs the loop one element at a time. GCC 12 at -O3 left exp_core out of
+// line in lp_stats_row (token_logprobs_loops.h, two such loops in one function: the token
+// log-probs forward at lp-s with H = 8 took 479 ms, 78 ms inlined) and kl_estimate<k3> in one
+// float16 kl_row. tests/test_build.py checks that no float one is left out of line in _C.
+#if defined(__GNUC__) || defined(__clang__)
+#define RMK_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RMK_ALWAYS_INLINE inline
+#endif
+
 namespace rmkernels {
 namespace vecmath {
 
-inline float bits_to_float(int32_t i) {
+RMK_ALWAYS_INLINE float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
   return f;
@@ -28,7 +39,7 @@ inline float bits_to_float(int32_t i) {
 // exp(x) for x in [-87, 88] (or NaN): x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2
 // split into an exact high part and a low part), exp(r) by the Cephes expf polynomial, 2^n
 // (n in [-126, 127]) built in the exponent bits.
-inline float exp_core(float x) {
+RMK_ALWAYS_INLINE float exp_core(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kRound = 12582912.0f;  // 1.5 * 2^23: x + kRound - kRound rounds x to an integer
   const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
@@ -45,19 +56,19 @@ inline float exp_core(float x) {
 }
 
 // exp(x) for x <= 0 (or NaN). Below -87 (where expf goes subnormal) it returns 0.
-inline float exp_nonpos(float x) {
+RMK_ALWAYS_INLINE float exp_nonpos(float x) {
   return x < -87.0f ? 0.0f : exp_core(x < -87.0f ? -87.0f : x);  // NaN compares false: NaN
 }
 
 // x clamped at -87, below which exp_nonpos(x) is 0: exp_nonpos(x) * exp_nonpos_arg(x) is
 // exp_nonpos(x) * x, but 0 at x = -inf (0 * -inf would be NaN), and NaN for NaN (a -inf logit's
 // p log p, csrc/cpu/token_logprobs_loops.h). A compare and a blend in a vectorised loop.
-inline float exp_nonpos_arg(float x) { return x < -87.0f ? -87.0f : x; }
+RMK_ALWAYS_INLINE float exp_nonpos_arg(float x) { return x < -87.0f ? -87.0f : x; }
 
 // e = exp_nonpos(x) and xe = x * e, 0 where e is 0 (at x = -inf: not 0 * -inf = NaN), NaN for
 // NaN. One compare for both (AVX-512: zero-masked products); in a vectorised loop a little
 // cheaper than exp_nonpos(x) * exp_nonpos_arg(x) (scratch, in L2: ~2% with AVX-512, ~10% baseline).
-inline void exp_nonpos_xexp(float x, float& e, float& xe) {
+RMK_ALWAYS_INLINE void exp_nonpos_xexp(float x, float& e, float& xe) {
   const bool under = x < -87.0f;  // NaN compares false: NaN
   const float y = exp_core(under ? -87.0f : x);
   e = under ? 0.0f : y;
@@ -65,7 +76,7 @@ inline void exp_nonpos_xexp(float x, float& e, float& xe) {
 }
 
 // exp(x) for any x: 0 below -87, exp(x / 2)^2 above 88 (inf past FLT_MAX), NaN for NaN.
-inline float exp_any(float x) {
+RMK_ALWAYS_INLINE float exp_any(float x) {
   const float h = exp_core(0.5f * (x > 89.0f ? 89.0f : x));
   const float y = x > 88.0f ? h * h : exp_core(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
   return x < -87.0f ? 0.0f : y;
@@ -73,7 +84,7 @@ inline float exp_any(float x) {
 
 // log1p(z) for z in [0, 1] (or NaN): 2 atanh(s) with s = z / (2 + z) in [0, 1/3], by its
 // odd series to s^15 (the next term is below 2^-26 relative), so tiny z keep full precision.
-inline float log1p_unit(float z) {
+RMK_ALWAYS_INLINE float log1p_unit(float z) {
   const float s = z / (2.0f + z);
   const float s2 = s * s;
   float p = 1.0f / 15.0f;

@@ -2,8 +2,8 @@
 // that both compute (the KL estimators, the clamps, log-sigmoid / sigmoid and the
 // Bradley-Terry pair loss and its derivative). Plain C++ (no torch): included by .cpp and .cu
 // files alike. Under nvcc the functions are __host__ __device__; for the host compiler they
-// are plain inline functions, which the CPU loops (`#pragma omp simd`, csrc/cpu/*_loops.h)
-// inline and vectorise: only branch-free selects here.
+// are inline functions, always inlined (RMK_ALWAYS_INLINE), which the CPU loops (`#pragma omp
+// simd`, csrc/cpu/*_loops.h) vectorise: only branch-free selects here.
 //
 // The exp / log1p primitives differ by where the code runs, nothing else: in device code the
 // CUDA math library (expf / log1pf, fast-math intrinsics under --use_fast_math); on the host
@@ -19,7 +19,7 @@
 #if defined(__CUDACC__)
 #define RMK_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define RMK_HOST_DEVICE inline
+#define RMK_HOST_DEVICE RMK_ALWAYS_INLINE  // cpu_vec_math.h
 #endif
 
 namespace rmkernels {
