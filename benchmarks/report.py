@@ -402,8 +402,12 @@ def _grpo_shape_targets(rows, shape, judged):
         if best is not None:  # the target is the full call's; the op alone is information
             x = r["median"] / write
             head = "(information) " if alone else info
-            lines.append(f"| {head}{shape} {what} <= 1.3x writing [B, T] once (`{best}`, the fastest measured){where} "
-                         f"| {p} | {x:.2f}x | {'-' if alone else status(x <= 1.3)} |")
+            # the full call's own memory floor against the same write: where the target lies below
+            # it, reading the inputs alone puts the target out of reach
+            reach = "" if alone or math.isnan(read) else \
+                f"; the call's memory floor, inputs read once + that write: {(write + read) / write:.2f}x"
+            lines.append(f"| {head}{shape} {what} <= 1.3x writing [B, T] once (`{best}`, the fastest measured{reach})"
+                         f"{where} | {p} | {x:.2f}x | {'-' if alone else status(x <= 1.3)} |")
             lines += _other_floors(writes, best, r["median"], f"{shape} {what}", p, where)
         if not alone and best is not None and not math.isnan(read):
             x = r["median"] / (write + read)
