@@ -153,6 +153,28 @@ def test_bt_options_match_reference(backend, device, opt, reduction):
     _check_bt_vs_reference(backend, device, 97, torch.float32, reduction, opt)
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("wanted", ["chosen", "rejected"])
+def test_bt_one_gradient_matches_reference(backend, device, wanted, reduction):
+    """Only one side requires grad (the other's rewards come from a frozen model): the backward
+    kernel is asked for that gradient alone and must give the reference's."""
+    skip_unless_available(backend, device)
+    for B in SIZES:
+        c, r = _pair(B, torch.float32, device)
+        c.requires_grad_(wanted == "chosen")
+        r.requires_grad_(wanted == "rejected")
+        opts = loss_options("all", B, device)
+        out = rmk.bradley_terry_loss(c, r, reduction=reduction, backend=backend, **opts)
+        proj = torch.randn_like(out)
+        (g,) = torch.autograd.grad((out * proj).sum(), (c if wanted == "chosen" else r,))
+        c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+        opts64 = {k: v.double() if torch.is_tensor(v) else v for k, v in opts.items()}
+        exp = rmk.bradley_terry_loss(c64, r64, reduction=reduction, backend="reference", **opts64)
+        exp_grads = dict(zip(("chosen", "rejected"), torch.autograd.grad((exp * proj.double()).sum(), (c64, r64))))
+        assert_close(g, exp_grads[wanted], rtol=2e-5, atol=2e-6, name=f"grad_{wanted} alone")
+
+
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_bt_low_precision_error(backend, device, dtype):

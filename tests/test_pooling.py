@@ -102,6 +102,34 @@ def test_forward_backward_vs_reference(backend, device, mask_kind, bias):
             assert grads[0].dtype == dtype and grads[1].dtype == w.dtype
 
 
+GRAD_SUBSETS = [("hidden",), ("weight",), ("bias",), ("weight", "bias"), ("hidden", "bias")]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("wanted", GRAD_SUBSETS, ids="+".join)
+def test_backward_of_some_inputs_vs_reference(backend, device, wanted):
+    """Only some inputs require grad (a frozen backbone training its value head alone, a frozen
+    head): the backward kernel is asked for those alone (need_hidden / need_weight / need_bias)
+    and must give the same gradients as the fp64 reference asked for all of them."""
+    skip_unless_available(backend, device)
+    for B, T, H, K in _shapes()[:4]:
+        hidden = torch.randn(B, T, H, device=device)
+        w, b = _head(K, H, device)
+        mask = _mask("holes", B, T, device)
+        g_out = torch.randn(B, K, device=device)
+        inputs = {"hidden": hidden.clone().requires_grad_("hidden" in wanted),
+                  "weight": w.clone().requires_grad_("weight" in wanted),
+                  "bias": b.clone().requires_grad_("bias" in wanted)}
+        r = rmk.last_token_reward(inputs["hidden"], inputs["weight"], inputs["bias"], attention_mask=mask,
+                                  backend=backend)
+        grads = torch.autograd.grad(r, [inputs[n] for n in wanted], g_out)
+        _, ref_grads, _ = _run("reference", hidden.double(), w.double(), b.double(), g_out.double(),
+                               attention_mask=mask)
+        ref = dict(zip(("hidden", "weight", "bias"), ref_grads))
+        for n, g in zip(wanted, grads):
+            assert_close(g, ref[n], rtol=2e-5, atol=2e-5, name=f"grad_{n} with only {wanted} requiring grad")
+
+
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_lengths_and_packed(backend, device):
     skip_unless_available(backend, device)

@@ -226,6 +226,29 @@ def test_only_logprobs_or_only_entropy_gradient(backend, device, chunks):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+@pytest.mark.parametrize("wanted", [("hidden",), ("weight",), ("bias",), ("weight", "bias"), ("hidden", "bias")],
+                         ids="+".join)
+def test_backward_of_some_inputs(backend, device, chunks, wanted):
+    """Only some inputs require grad (a frozen backbone under a trained head, a frozen head): the
+    backward kernel is asked for those alone (need_hidden / need_weight / need_bias) and must
+    give the gradients of autograd through the package-free fp64 formula (_naive64)."""
+    skip_unless_available(backend, device)
+    hidden, weight, b, targets = _inputs((3, 7), 24, 131, torch.float64, device, True, "strided")
+    base = {"hidden": hidden.detach(), "weight": weight.detach(), "bias": b.detach()}
+    g_lp, g_ent = torch.randn(targets.shape, dtype=torch.float64, device=device), \
+        torch.randn(targets.shape, dtype=torch.float64, device=device)
+    x = {n: t.clone().requires_grad_(n in wanted) for n, t in base.items()}
+    lp, ent = rmk.token_logprobs(x["hidden"], x["weight"], targets, bias=x["bias"], temperature=0.9,
+                                 return_entropy=True, backend=backend)
+    grads = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), [x[n] for n in wanted])
+    y = {n: t.clone().requires_grad_(True) for n, t in base.items()}
+    lp64, ent64 = _naive64(y["hidden"], y["weight"], y["bias"], targets, 0.9)
+    exp = torch.autograd.grad((lp64 * g_lp).sum() + (ent64 * g_ent).sum(), [y[n] for n in wanted])
+    for n, g, e in zip(wanted, grads, exp):
+        assert_close(g, e, rtol=1e-9, atol=1e-9, name=f"grad_{n} with only {wanted} requiring grad")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_gradcheck_fp64(backend, device, chunks):
     skip_unless_available(backend, device)  # (the reference has no chunks: "small" runs it again)
     if chunks == "small":  # several chunks of tokens and of the vocabulary at this size
