@@ -269,6 +269,22 @@ def _direct_cases():
         "ppo estimator": (
             lambda be: ops.ppo_gae(x, x, x, x[:, 0], mask, 0.1, 1.0, 0.95, "k7", None, None, be),
             ValueError, "kl_estimator must be one of"),
+        "ranking backward grad": (
+            lambda be: ops.ranking_loss_backward(torch.ones(3), torch.randn(3, 4), None, "mean", be), ValueError,
+            r"grad must have shape \[\] \(the loss'\), got \[3\]"),
+        "ranking backward num_candidates": (
+            lambda be: ops.ranking_loss_backward(torch.ones(()), torch.randn(3, 4), torch.tensor([1, 2]), "mean", be),
+            ValueError, r"num_candidates must be \[B\] = \[3\]"),
+        "row stats mask shape": (lambda be: ops.masked_row_stats(x, mask[:, :3], be), ValueError,
+                                 r"mask must have the shape of x \[3, 7\], got \[3, 3\]"),
+        "whiten apply sq": (
+            lambda be: ops.masked_whiten_apply(x, mask, torch.zeros(2, dtype=torch.float64),
+                                               torch.zeros(3, dtype=torch.float64), True, True, 1e-8, be),
+            ValueError, r"sq must be float64 \[1\], got shape \[3\]"),
+        "whiten apply eps": (
+            lambda be: ops.masked_whiten_apply(x, mask, torch.zeros(2, dtype=torch.float64),
+                                               torch.zeros(1, dtype=torch.float64), True, True, -1.0, be),
+            ValueError, "eps must be in"),
         "whiten totals": (
             lambda be: ops.masked_centered_sq(x, mask, torch.zeros(3, dtype=torch.float64), be), ValueError,
             r"totals must be float64 \[2\]"),
