@@ -306,6 +306,16 @@ def _run_whiten(case, t, backend):
     return (rmk.masked_whiten(t["x"], case["mask"], **case["opts"], backend=backend),)
 
 
+# Ops that compute in float32 (float64 for float64 inputs) from the inputs as they are, whatever
+# their dtype: the bar is the float32 / float64 tolerance, floored (sums in another order), not the
+# input dtype's (a bf16 input's 2e-2 would accept an output 1% off).
+def _acc_tol(floor):
+    def tol(dtype, what):
+        rtol, atol = tolerance(torch.float64 if dtype == torch.float64 else torch.float32)
+        return max(rtol, floor), max(atol, floor)
+    return tol
+
+
 SPECS = {
     "last_token_reward": OpSpec(lambda d, g, lay: _draw_pooling(d, g, lay, pairwise=False), _run_last_token_reward,
                                 layouts=(*LAYOUTS, "overlapping")),
@@ -315,8 +325,8 @@ SPECS = {
                                differentiable=False),
     "bradley_terry_loss": OpSpec(_draw_bt, _run_bt, layouts=("contiguous", "sliced", "expanded")),
     "ranking_loss": OpSpec(_draw_ranking, _run_ranking),
-    "ppo_advantages": OpSpec(_draw_ppo, _run_ppo, differentiable=False),
-    "masked_whiten": OpSpec(_draw_whiten, _run_whiten, differentiable=False),
+    "ppo_advantages": OpSpec(_draw_ppo, _run_ppo, differentiable=False, tol=_acc_tol(1e-5)),
+    "masked_whiten": OpSpec(_draw_whiten, _run_whiten, differentiable=False, tol=_acc_tol(1e-5)),
 }
 
 # Ops that land later (docs/ops.md sections 4-5): listed once rmkernels has them.
@@ -328,7 +338,7 @@ if hasattr(rmk, "gae"):
 
     SPECS["gae"] = OpSpec(_draw_gae, lambda case, t, be: tuple(rmk.gae(t["token_rewards"], t["values"], case["mask"],
                                                                        **case["opts"], backend=be)),
-                          differentiable=False)
+                          differentiable=False, tol=_acc_tol(1e-5))
 if hasattr(rmk, "kl_estimate"):
     def _draw_kl(data, gen, layout):
         _, _, _, args, mask = _draw_ppo_inputs(data, gen, layout, ["logprobs", "ref_logprobs"])
@@ -339,20 +349,13 @@ if hasattr(rmk, "kl_estimate"):
     SPECS["kl_estimate"] = OpSpec(_draw_kl, lambda case, t, be: (rmk.kl_estimate(t["logprobs"], t["ref_logprobs"],
                                                                                  case["mask"], **case["opts"],
                                                                                  backend=be),),
-                                  differentiable=False)
+                                  differentiable=False, tol=_acc_tol(1e-5))
 
 
 # Critic-free group advantages (docs/ops.md section 5). No gradient flows through either op. The
 # cpu backend computes in float64 and rounds once (float32, float64 for float64 inputs), so the
 # bar is the float32/float64 tolerance, floored at 1e-6 (float64 sums in another order; the
 # reinforce_pp_baseline whitening runs in float32): tests/test_group_advantages.py's.
-def _acc_tol(floor):
-    def tol(dtype, what):
-        rtol, atol = tolerance(torch.float64 if dtype == torch.float64 else torch.float32)
-        return max(rtol, floor), max(atol, floor)
-    return tol
-
-
 def _draw_group_ids(data, gen, B):
     """Group ids of B rows in any order, ids anywhere in [0, B) (not dense), as a tensor, an
     int32 tensor, ``rmk.group_ids`` of string labels, or the labels themselves."""
