@@ -230,7 +230,18 @@ def test_patch_and_accelerate_autocast_wrapper():
     runs the class's forward (still bf16); patched again: active again. Patched after it: refused
     (the patch would bypass the wrapper and its autocast: float32 silently)."""
     accelerate = pytest.importorskip("accelerate", reason="accelerate comes with trl (requirements-test.txt)")
-    acc = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    from accelerate.state import AcceleratorState
+
+    # accelerate's state is process-wide: a trainer of an earlier test in this pytest worker set
+    # another mixed precision (Accelerator(mixed_precision=...) refuses to change it)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        _patch_and_accelerate(accelerate.Accelerator(mixed_precision="bf16", cpu=True))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _patch_and_accelerate(acc):
     base = _tiny("llama")
     ids, mask = _batch(B=4, T=9)
     seen = []
