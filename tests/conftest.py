@@ -29,24 +29,26 @@ def pytest_runtest_makereport(item, call):
 
 # ---------------------------------------------------------------------------------------
 # Every torch.library.opcheck a test runs on an rmkernels op also runs that call under
-# torch.compile(fullgraph=True) (aot_eager: the same kernels) and wants the eager outputs bit
-# for bit: opcheck checks the schema, the fake and the autograd registration, not that dynamo
-# traces the op whole. So every op with opcheck samples (public and kernel ops) is compiled.
+# torch.compile(fullgraph=True) (aot_eager: the same kernels) and wants the eager outputs
+# exactly (utils.assert_compiled_matches with rtol = atol = 0): opcheck checks the schema, the
+# fake and the autograd registration, not that dynamo traces the op whole. So every op with
+# opcheck samples (public and kernel ops) is compiled.
 # ---------------------------------------------------------------------------------------
 _OPCHECK = torch.library.opcheck
 
 
 def _compiled_call_matches_eager(op, args, kwargs):
+    from utils import assert_compiled_matches
+
     tensors = [a.detach() for a in args if isinstance(a, torch.Tensor)]
 
     def call(*ts):
         it = iter(ts)
         return op(*[next(it) if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
 
-    torch.compiler.reset()  # a fresh cache: one code object (call) compiled for every op
-    got = torch.compile(call, fullgraph=True, backend="aot_eager")(*tensors)
-    torch.testing.assert_close(got, call(*tensors), rtol=0, atol=0, equal_nan=True,
-                               msg=lambda m: f"{op} under torch.compile(fullgraph=True) differs from eager: {m}")
+    # a fresh dynamo cache each time (one code object, call, compiled for every op)
+    assert_compiled_matches(call, *tensors, rtol=0, atol=0, backend="aot_eager",
+                            name=f"{op} under torch.compile(fullgraph=True)")
 
 
 def _opcheck_and_compile(op, args, kwargs=None, *a, **kw):

@@ -92,15 +92,18 @@ def assert_close(actual, expected, *, rtol, atol, name="output", equal_nan=True)
     assert not msgs, f"{name}: " + "; ".join(msgs)
 
 
-def assert_compiled_matches(f, *args, rtol=1e-6, atol=1e-6, backend="inductor"):
+def assert_compiled_matches(f, *args, rtol=1e-6, atol=1e-6, backend="inductor", name="compiled"):
     """``torch.compile(f, fullgraph=True, backend=backend)`` (from a fresh dynamo cache) gives
-    what ``f`` gives eagerly, output by output, within (rtol, atol)."""
+    what ``f`` gives eagerly, output by output (a tensor or a tuple / list of them), in the same
+    dtype, within (rtol, atol)."""
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True, backend=backend)(*args)
     expect = f(*args)
-    assert len(got) == len(expect), f"compiled: {len(got)} outputs, eager: {len(expect)}"
+    got, expect = ((o,) if isinstance(o, torch.Tensor) else tuple(o) for o in (got, expect))
+    assert len(got) == len(expect), f"{name}: {len(got)} outputs, eager: {len(expect)}"
     for i, (g, e) in enumerate(zip(got, expect)):
-        assert_close(g, e, rtol=rtol, atol=atol, name=f"compiled output {i}")
+        assert g.dtype == e.dtype, f"{name} output {i}: {g.dtype}, eager: {e.dtype}"
+        assert_close(g, e, rtol=rtol, atol=atol, name=f"{name} output {i}")
 
 
 def assert_close_vs_lowp(actual, expected64, lowp_torch, *, name="output", factor=2.0, floor=1e-6):
