@@ -69,12 +69,17 @@ def _args(out, *extra):
                              "--output-dir", out, "--eval-every", "1000", *extra]]
 
 
+def _memory(out):
+    """The first rank's memory figures of a finished run in ``out``."""
+    return json.loads((out / "final.json").read_text())["memory_per_rank"][0]
+
+
 def _train(tmp_path, capsys, *extra):
     out = tmp_path / "out"
     rc = R.main(_args(out, *extra))
     err = capsys.readouterr().err
     assert rc == 0, err
-    return json.loads((out / "final.json").read_text())["memory_per_rank"][0]
+    return _memory(out)
 
 
 def test_trainer_reports_live_tensor_peak_moving_by_a_known_tensor(tmp_path):
@@ -103,7 +108,7 @@ def test_trainer_reports_live_tensor_peak_moving_by_a_known_tensor(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, *_args(out, "--max-steps", 4, "--profile-memory", 3)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    mem = json.loads((out / "final.json").read_text())["memory_per_rank"][0]
+    mem = _memory(out)
     live = mem["live_tensors"]
     assert live["steps"] == 3 and mem["peak_live_tensors_MiB"] == live["peak_MiB"]
     start, peak = live["at_step_start_MiB"], live["step_peak_MiB"]
