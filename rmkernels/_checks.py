@@ -93,6 +93,9 @@ def is_real(value):
     """Whether ``value`` is a number option: a Python int or float, or a NumPy scalar
     (``np.float32(0.1)``; any ``numbers.Real``). Not a bool, and not a tensor (its value would
     need a host synchronisation)."""
+    t = type(value)
+    if t is float or t is int:  # the common case, without the ABC check (~0.5 us a call)
+        return True
     return not isinstance(value, bool) and isinstance(value, numbers.Real)
 
 

@@ -222,7 +222,7 @@ def _check_pair_rewards(chosen, rejected):
                          f"and rejected {tuple(rejected.shape)}")
     dtype = torch.promote_types(chosen.dtype, rejected.dtype)
     flat = [t.squeeze(1) if t.dim() == 2 else t for t in (chosen, rejected)]  # views both ways
-    return [t.to(dtype) for t in flat]
+    return [t if t.dtype == dtype else t.to(dtype) for t in flat]
 
 
 def _per_pair_arg(name, value, B, device, acc, default):
