@@ -8,7 +8,8 @@ from benchmarks.common import FIELDS
 # The ways bench_pooling writes pool-l's grad_hidden once: torch.zeros_like, and (CPU) zeroing it
 # in the huge pages the C++ kernel's gradient is advised for.
 POOL_FLOORS = ("floor-write-grad", "floor-write-grad, huge pages")
-PROVIDER_ORDER = ["hf", "torch", "compile", "rmk-cpu", "rmk-cuda", "rmk-triton", *POOL_FLOORS]
+PROVIDER_ORDER = ["hf", "torch", "compile", "rmk-cpu", "rmk-cuda", "rmk-triton", *POOL_FLOORS,
+                  "kernels-cpu", "kernels-cuda", "kernels-triton"]
 OP_ORDER = ["pooling", "bt", "pair", "gae", "grpo", "rpp", "remax", "e2e", "floor"]
 MODE_ORDER = ["forward", "backward", "full", "step", "check"]
 SHAPE_ORDER = ["pool-s", "pool-l", "bt-s", "bt-l", "pair-l", "gae-s", "gae-l", "gae-xl", "grpo-l", "grpo-xl",
@@ -235,6 +236,7 @@ def targets(rows):
     if dev == "cpu":
         lines += _grpo_targets(rows)
         lines += _lp_targets(rows)
+    lines += _overhead_targets(rows, judged=dev == "cuda")
     if dev == "cuda":
         copy_gbps, launch_ms = floors(rows)
         for shape in ("gae-l", "gae-xl"):
@@ -279,6 +281,35 @@ def _lp_targets(rows):
             x = r["median"] / naive
             lines.append(f"| lp-s full call time <= naive | {r['provider']} | {x:.2f}x naive | "
                          f"{'met' if x <= 1 else 'MISSED'} |")
+    return lines
+
+
+OVERHEAD_TARGET_US = 15.0  # BENCHMARKS.md: any op, full call, C++ backends, on a GPU machine
+
+
+def _overhead_targets(rows, judged):
+    """bench_overhead.py's rows: a public function's host time per call above that of the kernel
+    ops it reached (``rmk-<be>`` - ``kernels-<be>``, C++ backends), <= 15 us. The call (mode
+    ``forward``) is judged on a GPU machine, the target's, and is information elsewhere;
+    forward + backward (``full``: torch's autograd engine included) is information."""
+    lines = []
+    for r in _get(rows, op="overhead", metric="call_ms"):
+        be = r["provider"][len("rmk-"):] if r["provider"].startswith("rmk-") else None
+        if be not in ("cpu", "cuda"):
+            continue
+        kern = _val(rows, op="overhead", shape=r["shape"], mode=r["mode"], metric="call_ms", provider=f"kernels-{be}")
+        if math.isnan(kern):
+            continue
+        us = (r["median"] - kern) * 1e3
+        call = "the call" if r["mode"] == "forward" else "forward + backward (torch's autograd engine included)"
+        what = (f"{r['shape']}, {call}: host time above its kernel ops' ({kern * 1e3:.1f} us) "
+                f"<= {OVERHEAD_TARGET_US:.0f} us")
+        if judged and r["mode"] == "forward":
+            ok = "met" if us <= OVERHEAD_TARGET_US else "MISSED"
+            lines.append(f"| {what} | {r['provider']} | {us:.1f} us | {ok} |")
+        else:
+            why = "the target is a GPU machine's" if r["mode"] == "forward" else "not the target's call"
+            lines.append(f"| (information: {why}) {what} | {r['provider']} | {us:.1f} us | - |")
     return lines
 
 
@@ -464,7 +495,9 @@ def plots(rows, outdir, slug):
         if not data:
             continue
         modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in data)]
-        fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.8), squeeze=False)
+        wide = len({r["shape"] for r in data}) > 6
+        fig, axes = plt.subplots(1, len(modes), figsize=((7.5 if wide else 4.5) * len(modes), 4.8 if wide else 3.8),
+                                 squeeze=False)
         for ax, mode in zip(axes[0], modes):
             d = [r for r in data if r["mode"] == mode]
             shp = list(dict.fromkeys(r["shape"] for r in sorted(d, key=_key)))
@@ -482,7 +515,9 @@ def plots(rows, outdir, slug):
                         hi.append(m[0]["p80"] - m[0]["median"])
                 ax.bar(xs, ys, w, yerr=[lo, hi], label=p, capsize=2)
             ax.set_xticks(range(len(shp)))
-            ax.set_xticklabels(shp)
+            many = len(shp) > 6  # bench_overhead's functions: long names, slanted
+            ax.set_xticklabels(shp, rotation=40 if many else 0, ha="right" if many else "center",
+                               fontsize=7 if many else None)
             ax.set_yscale("log")
             ax.set_title(f"{op} - {mode}")
             ax.set_ylabel("ms per step" if op == "e2e" else "ms per call (median, p20-p80)")

@@ -325,3 +325,59 @@ def test_pooling_floors_are_timed_beside_the_providers(monkeypatch):
     assert {(r["provider"], r["mode"], r["metric"]) for r in floor_rows} == {
         (f, m, "call_ms") for f in floors for m in ("backward", "full")}
     assert all(r["bytes"] > 0 and r["note"] for r in floor_rows)
+
+
+def test_overhead_bench_reaches_the_kernels_of_every_function(monkeypatch):
+    """bench_overhead: each public function's call reaches at least one kernel op (recorded
+    through ``_registry.Kernel``), forward and, where the op has a gradient, backward; the
+    replay of those calls gives the kernels' outputs again; the runner's rows have both
+    providers and the report's overhead lines. Nothing asserts on a timing."""
+    monkeypatch.syspath_prepend(ROOT)
+    import torch
+
+    from benchmarks import bench_overhead, report
+
+    cases = bench_overhead._cases("cpu")
+    assert len(cases) == 13
+    for name, (_, make) in cases.items():
+        call, grad_inputs = make()
+        _, _, k_fwd = bench_overhead._calls(call, grad_inputs, "forward")
+        assert k_fwd >= 1, name
+        if grad_inputs:
+            _, _, k_full = bench_overhead._calls(call, grad_inputs, "full")
+            assert k_full > k_fwd, name  # the backward's kernel ops too
+    # the replay runs the recorded kernel calls: their outputs equal the call's
+    call, grad_inputs = cases["gae"][1]()
+    recorded = []
+    with bench_overhead._recording(recorded) as run:
+        want = call()
+    with torch.no_grad():
+        got = [run(k, be, *args) for k, be, args in recorded]
+    assert torch.equal(got[-1][0], want[0]) and torch.equal(got[-1][1], want[1])
+    rows = bench_overhead.run(shapes=["bradley_terry_loss", "gae"], quick=True, log=lambda msg: None)
+    got = {(r["shape"], r["mode"], r["provider"]) for r in rows}
+    assert got == {(s, m, p) for s, m in (("bradley_terry_loss", "forward"), ("bradley_terry_loss", "full"),
+                                            ("gae", "forward")) for p in ("rmk-cpu", "kernels-cpu")}
+    lines = report._overhead_targets(rows, judged=False)
+    assert len(lines) == 3 and all(line.startswith("| (information: ") for line in lines)
+
+
+def test_overhead_targets_judge_the_call_on_a_gpu(monkeypatch):
+    """report._overhead_targets: rmk - kernels per (function, mode), <= 15 us; judged for the
+    call on a GPU machine, information for forward + backward and on the CPU; a function
+    without its kernels row is not judged."""
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import report
+
+    def row(shape, mode, provider, ms):
+        return dict(op="overhead", shape=shape, mode=mode, metric="call_ms", provider=provider, median=ms)
+    rows = [row("gae", "forward", "rmk-cuda", 0.020), row("gae", "forward", "kernels-cuda", 0.008),
+            row("bt", "forward", "rmk-cuda", 0.030), row("bt", "forward", "kernels-cuda", 0.010),
+            row("bt", "full", "rmk-cuda", 0.100), row("bt", "full", "kernels-cuda", 0.020),
+            row("ranking", "forward", "rmk-cuda", 0.020), row("gae", "forward", "rmk-triton", 0.050),
+            row("gae", "forward", "kernels-triton", 0.010)]
+    lines = report._overhead_targets(rows, judged=True)
+    assert [line.rsplit("|", 3)[-3:] for line in lines] == [
+        [" 12.0 us ", " met ", ""], [" 20.0 us ", " MISSED ", ""], [" 80.0 us ", " - ", ""]]
+    assert "gae, the call" in lines[0] and "(8.0 us)" in lines[0] and "(information: not the target's call)" in lines[2]
+    assert all(line.endswith("| - |") for line in report._overhead_targets(rows, judged=False))
