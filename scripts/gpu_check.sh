@@ -18,7 +18,9 @@
 #   5. bench   benchmarks/run.py at the named shapes of BENCHMARKS.md (--quick): the critic-free
 #              group advantages' own kernels first in a stage of their own (issue 14's GPU
 #              target: one launch, within 1.25x of the memory floor) and Nsight Compute on those
-#              kernels (profile grpo: speed of light, memory, occupancy), then run by run, each
+#              kernels (profile grpo: speed of light, memory, occupancy), the host overhead of
+#              every public function's call against its kernel ops (overhead: bench_overhead.py,
+#              BENCHMARKS.md's <= 15 us a call), then run by run, each
 #              into OUT_DIR/bench-<name>: REINFORCE++ and ReMax's own kernels at rpp-l / remax-l
 #              and at the few long rows of rpp-xl / remax-xl (judged against the same floor),
 #              the critic-free baselines, then the other ops
@@ -55,9 +57,10 @@ CAP_GPU_CUDA=${CAP_GPU_CUDA:-105}  # ISSUE14_CUDA_S s of it for issue 14's tests
                                    # at c65d26e, 578 of 583 tests reached; 613 now)
 CAP_GPU_TRITON=${CAP_GPU_TRITON:-150}  # ISSUE14_TRITON_S s of it for issue 14's tests first
 CAP_SANITIZER=${CAP_SANITIZER:-35}  # memcheck 21 s, racecheck 9 s there
-CAP_GRAPHS=${CAP_GRAPHS:-20}  # 7 s there
+CAP_GRAPHS=${CAP_GRAPHS:-15}  # 7 s there
 CAP_BENCH_GRPO=${CAP_BENCH_GRPO:-50}
-CAP_PROFILE=${CAP_PROFILE:-40}
+CAP_PROFILE=${CAP_PROFILE:-30}
+CAP_OVERHEAD=${CAP_OVERHEAD:-15}  # bench_overhead.py, cuda backend: 13 functions, ~1 s of timing (not yet run on a GPU)
 CAP_BENCH=${CAP_BENCH:-30}
 CAP_SUITE=${CAP_SUITE:-5}
 ISSUE14_CUDA_S=${ISSUE14_CUDA_S:-35}  # 22 s for 33 tests on the H200; 6 more at 65,537 x 128 since
@@ -140,7 +143,7 @@ NATIVE_ARCH=$(sed -n 's/^native arch: \([0-9][0-9.]*\)$/\1/p' "$OUT/env.txt")
 if [ -z "$NATIVE_ARCH" ]; then
   SKIP="skipped: no CUDA GPU (torch.cuda.is_available() is False)"
   for s in build extension "gpu cuda issue 14" "gpu cuda" "gpu triton issue 14" "gpu triton" memcheck racecheck graphs "bench grpo" \
-           "profile grpo" bench suite; do record "$s" "$SKIP" 0 "-"; done
+           "profile grpo" overhead bench suite; do record "$s" "$SKIP" 0 "-"; done
   # The cheap part that runs anywhere: the op list the GPU stages cover imports and resolves.
   run_stage "ops-list (cpu)" 60 ops-list.txt $PY scripts/gpu_check_ops.py list
   echo >> "$SUMMARY"
@@ -225,6 +228,11 @@ if command -v ncu > /dev/null; then
 else
   record "profile grpo" "skipped: ncu not found" 0 "-"
 fi
+# The host overhead of each public function's call on the cuda backend against its kernel ops
+# called directly (BENCHMARKS.md: <= 15 us CPU overhead per call on a GPU machine; judged in the
+# table the log ends with).
+run_stage overhead "$CAP_OVERHEAD" bench-overhead.log $PY benchmarks/bench_overhead.py --device cuda --quick \
+  --threads 1 --providers rmk-cuda kernels-cuda
 # name|run.py arguments, each run into its own directory OUT/bench-<name> (a run replaces the
 # (op, shape) groups it measures in its directory's CSV, so the baselines' runs must not share
 # one with the rmk runs). REINFORCE++ / ReMax first, the rmk providers only (judged against the

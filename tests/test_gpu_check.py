@@ -17,7 +17,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.md").read_text()
     for stage in ("build", "extension", "gpu cuda issue 14", "gpu cuda", "gpu triton issue 14", "gpu triton",
-                  "memcheck", "racecheck", "graphs", "bench grpo", "profile grpo", "bench", "suite"):
+                  "memcheck", "racecheck", "graphs", "bench grpo", "profile grpo", "overhead", "bench", "suite"):
         assert f"| {stage} | skipped: no CUDA GPU" in summary, summary
     assert "| ops-list (cpu) | ok |" in summary, summary
     ops = (out / "ops-list.txt").read_text()
@@ -53,6 +53,24 @@ def test_gpu_check_bench_runs_are_valid():
         for shape in a.shapes or []:
             assert shapes.get(shape, "cuda").op in a.ops, f"{name}: shape {shape} is not an op of {a.ops}"
         assert set(a.providers or []) <= known, f"{name}: unknown providers {set(a.providers) - known}"
+
+
+def test_gpu_check_overhead_stage_is_valid():
+    """The overhead stage's bench_overhead.py command runs: the same arguments with the CPU's
+    providers for the cuda ones (one function), so a typo shows here, not on a lent GPU."""
+    text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    m = re.search(r"benchmarks/bench_overhead\.py ((?:\\\n|[^\n])*)", text)
+    assert m, "the overhead stage is not in scripts/gpu_check.sh"
+    args = m.group(1).replace("\\\n", " ").split()
+    assert args[:2] == ["--device", "cuda"] and "--providers" in args, args
+    providers = args[args.index("--providers") + 1:]
+    assert providers == ["rmk-cuda", "kernels-cuda"], providers
+    cpu_args = ["--device", "cpu"] + args[2:args.index("--providers")] + ["--providers", "rmk-cpu", "kernels-cpu",
+                                                                        "--shapes", "gae"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_overhead.py"), *cpu_args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| overhead | gae [" in proc.stdout and "kernels-cpu" in proc.stdout, proc.stdout
 
 
 def test_gpu_check_caps_fit_one_device_command():
