@@ -416,7 +416,7 @@ TRITON_CASES = {
         "tq.ppo_gae(r(400, 5), r(400, 5), r(400, 5), r(2), b(400, 5), 0.1, 1.0, 0.95, 0, 0.0, 0.0, 0.0)",
     "ppo_gae: estimator code 9":
         "tq.ppo_gae(r(4, 5), r(4, 5), r(4, 5), r(4), b(4, 5), 0.1, 1.0, 0.95, 9, 0.0, 0.0, 0.0)",
-    "gae: rewards of another shape": "tq.gae(r(4, 3), r(4, 5), b(4, 5), 1.0, 0.95)",
+    "gae: rewards of another shape": "tq.gae(r(4, 3), r(4, 5), b(4, 5), 1.0, 0.95, True)",
     "kl_estimate: estimator code 4": "tq.kl_estimate(r(4, 5), r(4, 5), None, 4, 0.0, 0.0)",
     "centered_sq: totals of 3": "tq.masked_centered_sq(r(4, 5), b(4, 5), f(3))",
     "whiten_apply: sq of 2": "tq.masked_whiten_apply(r(4, 5), b(4, 5), f(2), f(2), True, True, 1e-8)",
@@ -481,40 +481,63 @@ TRITON_CASES = {
     "bt fwd: weight_value NaN": "tb.bt_loss_fwd(r(4), r(4), None, None, 0.0, float('nan'), 0.0, 0.0, 1)",
 }
 
+# What the message of each Triton case must say (the argument named, and what was given); every
+# case has one (test_triton_host_functions_raise).
 TRITON_MESSAGES = {
-    "logprobs fwd: targets longer than N": r"targets must have shape \[2\], got \[20000\]",
-    "logprobs fwd: weight shorter than H": r"weight must be \[V, H\] with V >= 1 and H = 64",
-    "logprobs fwd: bias of the wrong size": r"bias must have shape \[500\], got \[2\]",
-    "logprobs fwd: bias float64": "bias must be torch.float32, got torch.float64",
-    "logprobs fwd: hidden int64": "hidden must be one of .*, got torch.int64",
-    "logprobs fwd: targets int32": "targets must be torch.int64, got torch.int32",
-    "logprobs fwd: weight without unit stride on H": "weight needs a unit stride on H",
-    "logprobs fwd: temperature 0": "temperature must be in",
-    "logprobs fwd: temperature 1e-300": "temperature must be >= .*got 1e-300",
-    "logprobs bwd: lse shorter than N": r"lse must have shape \[200\], got \[2\]",
-    "logprobs bwd: lse float64": "lse must be torch.float32, got torch.float64",
-    "logprobs bwd: token_chunk 0": "token_chunk must be an int >= 1, got 0",
-    "group: scores shorter than B": r"group_ids must have shape \[2\], got \[400\]",
-    "group: ids shorter than B": r"group_ids must have shape \[400\], got \[2\]",
-    "group: id equal to B": r"group_ids must lie in \[0, B\) = \[0, 4\), got 4 at row 3",
-    "group: estimator code 99": "estimator must be a GroupEstimator code .*got 99",
-    "group: single code 7": "single must be a GroupSingle code .*got 7",
-    "group: mask 1-D": r"mask must have 2 dimensions, got shape \[4\]",
-    "group: eps NaN": "eps must be in .*got nan",
-    "group: f_norm 0": "f_norm must be in .*got 0.0",
-    "group: whiten_eps negative": "whiten_eps must be in .*got -1.0",
-    "gae: gamma NaN": "gamma must be in .*got nan",
-    "gae: lam negative": "lam must be in .*got -3.0",
-    "ppo_gae: gamma NaN": "gamma must be in .*got nan",
-    "ppo_gae: kl_coef inf": "kl_coef must be in .*got inf",
-    "whiten_apply: eps negative": "eps must be in .*got -1.0",
-    "bt fwd: label_smoothing NaN": "label_smoothing must be in .*got nan",
-    "bt bwd: center_coef negative": "center_coef must be in .*got -1.0",
-    "kl_estimate: x_clamp inf": "x_clamp must be in .*got inf",
-    "ppo_gae: score_clip inf": "score_clip must be in .*got inf",
-    "bt fwd: margin_value inf": "margin_value must be in .*got inf",
-    "bt fwd: weight_value NaN": "weight_value must be in .*got nan",
+    "fwd: index rows != B": r"^index must have B = hidden_states\.size\(0\) = 2 rows, got 200000",
+    "fwd: weight shorter than H": r"^weight must be \[K, H\] with H = 8, got shape \[1, 4\]",
+    "fwd: bias of the wrong size": r"^bias must have shape \[1\], got \[3\]",
+    "bwd: grad of the wrong shape": r"^grad must have shape \[2, 1\], got \[3, 1\]",
+    "bwd: index rows != B": r"^index must have B = hidden_states\.size\(0\) = 2 rows, got 200000",
+    "index: 1-D mask": r"^attention_mask must have 2 dimensions, got shape \[5\]",
+    "bt fwd: margin shorter than B": r"^margin must have shape \[400\], got \[2\]",
+    "bt fwd: weights shorter than B": r"^weights must have shape \[400\], got \[2\]",
+    "bt fwd: reduction code 5": r"^reduction must be a Reduction code \[0, 1, 2\], got 5",
+    "bt bwd: grad shorter than B": r"^grad must have shape \[400\], got \[3\]",
+    "ranking fwd: num_candidates shorter than B": r"^num_candidates must have shape \[400\], got \[2\]",
+    "ranking bwd: grad_rows shorter than B": r"^grad_rows must have shape \[400\], got \[3\]",
+    "ppo_gae: scores shorter than B": r"^scores must have shape \[400\], got \[2\]",
+    "ppo_gae: estimator code 9": r"^estimator must be a KLEstimator code \[0, 1, 2, 3\], got 9",
+    "gae: rewards of another shape": r"^rewards must have shape \[4, 5\], got \[4, 3\]",
+    "kl_estimate: estimator code 4": r"^estimator must be a KLEstimator code \[0, 1, 2, 3\], got 4",
+    "centered_sq: totals of 3": r"^totals must have shape \[2\], got \[3\]",
+    "whiten_apply: sq of 2": r"^sq must have shape \[1\], got \[2\]",
+    "reinforce: mask of 3 rows": r"^mask must have shape \[400, 5\], got \[3, 5\]",
+    "reinforce: baselines shorter than B": r"^baselines must have shape \[400\], got \[2\]",
+    "reinforce: gamma negative": r"^gamma must be in \[0\.0, inf\), got -1\.0",
+    "logprobs fwd: targets longer than N": r"^targets must have shape \[2\], got \[20000\]",
+    "logprobs fwd: weight shorter than H": r"^weight must be \[V, H\] with V >= 1 and H = 64",
+    "logprobs fwd: bias of the wrong size": r"^bias must have shape \[500\], got \[2\]",
+    "logprobs fwd: bias float64": "^bias must be torch.float32, got torch.float64",
+    "logprobs fwd: hidden int64": "^hidden must be one of .*, got torch.int64",
+    "logprobs fwd: targets int32": "^targets must be torch.int64, got torch.int32",
+    "logprobs fwd: weight without unit stride on H": "^weight needs a unit stride on H",
+    "logprobs fwd: temperature 0": "^temperature must be in",
+    "logprobs fwd: temperature 1e-300": "^temperature must be >= .*got 1e-300",
+    "logprobs bwd: lse shorter than N": r"^lse must have shape \[200\], got \[2\]",
+    "logprobs bwd: lse float64": "^lse must be torch.float32, got torch.float64",
+    "logprobs bwd: token_chunk 0": "^token_chunk must be an int >= 1, got 0",
+    "group: scores shorter than B": r"^group_ids must have shape \[2\], got \[400\]",
+    "group: ids shorter than B": r"^group_ids must have shape \[400\], got \[2\]",
+    "group: estimator code 99": "^estimator must be a GroupEstimator code .*got 99",
+    "group: single code 7": "^single must be a GroupSingle code .*got 7",
+    "group: mask 1-D": r"^mask must have 2 dimensions, got shape \[4\]",
+    "group: eps NaN": "^eps must be in .*got nan",
+    "group: f_norm 0": "^f_norm must be in .*got 0.0",
+    "group: whiten_eps negative": "^whiten_eps must be in .*got -1.0",
+    "gae: gamma NaN": "^gamma must be in .*got nan",
+    "gae: lam negative": "^lam must be in .*got -3.0",
+    "ppo_gae: gamma NaN": "^gamma must be in .*got nan",
+    "ppo_gae: kl_coef inf": "^kl_coef must be in .*got inf",
+    "whiten_apply: eps negative": "^eps must be in .*got -1.0",
+    "bt fwd: label_smoothing NaN": "^label_smoothing must be in .*got nan",
+    "bt bwd: center_coef negative": "^center_coef must be in .*got -1.0",
+    "kl_estimate: x_clamp inf": "^x_clamp must be in .*got inf",
+    "ppo_gae: score_clip inf": "^score_clip must be in .*got inf",
+    "bt fwd: margin_value inf": "^margin_value must be in .*got inf",
+    "bt fwd: weight_value NaN": "^weight_value must be in .*got nan",
 }
+assert set(TRITON_MESSAGES) == set(TRITON_CASES), "a Triton case without its message, or a message without its case"
 
 _RUNNER = textwrap.dedent("""
     import json, sys, torch
@@ -622,9 +645,8 @@ def test_triton_host_functions_raise(name, triton_results):
     assert kind != "CRASHED", f"{name}: the process crashed: {info}"
     assert kind == "RAISED", f"{name}: the bad call returned instead of raising"
     assert info[0] in ("ValueError", "TypeError"), f"{name}: {info}"
-    if name in TRITON_MESSAGES:
-        want = TRITON_MESSAGES[name]
-        assert re.search(want, info[1]), f"{name}: the message does not say {want!r}: {info}"
+    want = TRITON_MESSAGES[name]
+    assert re.search(want, info[1]), f"{name}: the message does not say {want!r}: {info}"
 
 
 @pytest.fixture(scope="module")
