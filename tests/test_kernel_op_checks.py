@@ -485,7 +485,8 @@ TRITON_CASES = {
 # case has one (test_triton_host_functions_raise).
 TRITON_MESSAGES = {
     "fwd: index rows != B": r"^index must have B = hidden_states\.size\(0\) = 2 rows, got 200000",
-    "fwd: weight shorter than H": r"^weight must be \[K, H\] with H = 8, got shape \[1, 4\]",
+    "fwd: weight shorter than H": r"^weight must be \[K, H\] with H = 8 \(hidden_states' last dim\), got shape "
+                                  r"\[1, 4\]",
     "fwd: bias of the wrong size": r"^bias must have shape \[1\], got \[3\]",
     "bwd: grad of the wrong shape": r"^grad must have shape \[2, 1\], got \[3, 1\]",
     "bwd: index rows != B": r"^index must have B = hidden_states\.size\(0\) = 2 rows, got 200000",
@@ -517,8 +518,8 @@ TRITON_MESSAGES = {
     "logprobs bwd: lse shorter than N": r"^lse must have shape \[200\], got \[2\]",
     "logprobs bwd: lse float64": "^lse must be torch.float32, got torch.float64",
     "logprobs bwd: token_chunk 0": "^token_chunk must be an int >= 1, got 0",
-    "group: scores shorter than B": r"^group_ids must have shape \[2\], got \[400\]",
-    "group: ids shorter than B": r"^group_ids must have shape \[400\], got \[2\]",
+    "group: scores shorter than B": r"^group_ids must have B = scores\.size\(0\) = 2 rows, got 400",
+    "group: ids shorter than B": r"^group_ids must have B = scores\.size\(0\) = 400 rows, got 2",
     "group: estimator code 99": "^estimator must be a GroupEstimator code .*got 99",
     "group: single code 7": "^single must be a GroupSingle code .*got 7",
     "group: mask 1-D": r"^mask must have 2 dimensions, got shape \[4\]",

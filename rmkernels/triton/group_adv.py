@@ -433,7 +433,9 @@ def _check_args(scores, group_ids, mask, estimator, single, eps, f_norm, whiten_
     an id outside [0, B) gives its row NaN."""
     check_tensor("scores", scores, dims=1, dtypes=(torch.float32, torch.float64))
     B, dev = scores.shape[0], scores.device
-    check_tensor("group_ids", group_ids, shape=(B,), dtype=torch.int64, device=dev)
+    check_tensor("group_ids", group_ids, dims=1, dtype=torch.int64, device=dev)
+    if group_ids.shape[0] != B:
+        raise ValueError(f"group_ids must have B = scores.size(0) = {B} rows, got {group_ids.shape[0]}")
     check_tensor("mask", mask, dims=2, dtype=torch.bool, device=dev)
     if mask.shape[0] != B:
         raise ValueError(f"mask must be [B, T] with B = scores.size(0) = {B}, got {list(mask.shape)}")

@@ -138,7 +138,8 @@ def _check_head(hidden, weight, bias, index):
     dev, acc = hidden.device, acc_dtype(hidden.dtype)
     check_tensor("weight", weight, dims=2, dtype=acc, device=dev, contiguous=True)
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [K, H] with H = {hidden.shape[-1]}, got shape {list(weight.shape)}")
+        raise ValueError(f"weight must be [K, H] with H = {hidden.shape[-1]} (hidden_states' last dim), got shape "
+                         f"{list(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias, shape=weight.shape[:1], dtype=acc, device=dev, contiguous=True)
     check_tensor("index", index, dims=1, dtype=torch.int64, device=dev, contiguous=True)
