@@ -386,7 +386,12 @@ PUBLIC_CASES = {
         'ops.reinforce_advantages(r(400, 5), b(400, 5), r(2), 1.0, True, 1e-8, "cpu")',
 }
 
-# Index values out of range: no access, and NaN rewards / no gradient for those rows.
+# Index values out of range: no access, and NaN rewards / no gradient for those rows (the module
+# docstring; rmkernels/ops/pooling.py: the data checks - a row with no valid token, a length out of
+# range, a malformed cu_seqlens - are the index ops', which make the index; a kernel takes an index
+# value out of range as no valid token). One outcome per case and backend: the call returns, and each
+# output shows which rows had no valid token (INDEX_VALUE_OUTCOMES). The C++ CPU kernel ops here, the
+# Triton host functions in TRITON_INDEX_VALUE_CASES.
 INDEX_VALUE_CASES = {
     "fwd: index past T and negative": "ops.last_token_reward_fwd_kernel(r(2, 5, 8), r(1, 8), None, i64([5, -3]))",
     "fwd: packed index past N": "ops.last_token_reward_fwd_kernel(r(6, 8), r(1, 8), None, i64([2, 6, 10**12]))",
@@ -394,6 +399,26 @@ INDEX_VALUE_CASES = {
                          "True, True, True)",
     "bwd: packed index past N": "ops.last_token_reward_bwd_kernel(r(3, 1), r(6, 8), r(1, 8), i64([-2, 6, 1]), "
                                 "True, True, True)",
+}
+
+# Per output of each case, ("nan", rows): which rows (dim 0) are all NaN - the rewards of the rows
+# with no valid token, and no other -, or ("zero", rows): which rows are all zero - the gradients:
+# grad_hidden is zero but at the picked token of a valid row, and a row with no valid token adds
+# nothing to grad_weight / grad_bias ([K, H] / [K], K = 1: one row each).
+INDEX_VALUE_OUTCOMES = {
+    "fwd: index past T and negative": [("nan", [True, True])],
+    "fwd: packed index past N": [("nan", [False, True, True])],
+    "bwd: index past T": [("zero", [True, True]), ("zero", [True]), ("zero", [True])],
+    "bwd: packed index past N": [("zero", [True, False, True, True, True, True]), ("zero", [False]),
+                                 ("zero", [False])],
+    # group ids out of [0, B): Triton only. The Triton host does not check id values (that would be a
+    # host synchronisation: rmkernels/triton/group_adv.py, _check_args) and gives those rows NaN
+    # (docs/ops.md section 5); the C++ CPU kernel op checks them and raises (op_checks.h:
+    # check_group_advantages_args; KERNEL_CASES "group: id out of range" / "id negative" / "id equal
+    # to B", with their messages). Outputs: (sequence advantages [B], token advantages [B, T]).
+    "group: id out of range": [("nan", [True] * 4), ("nan", [True] * 4)],
+    "group: id negative": [("nan", [True] * 4), ("nan", [True] * 4)],
+    "group: id equal to B": [("nan", [False, False, False, True]), ("nan", [False, False, False, True])],
 }
 
 TRITON_CASES = {
@@ -481,6 +506,24 @@ TRITON_CASES = {
     "bt fwd: weight_value NaN": "tb.bt_loss_fwd(r(4), r(4), None, None, 0.0, float('nan'), 0.0, 0.0, 1)",
 }
 
+TRITON_INDEX_VALUE_CASES = {
+    "fwd: index past T and negative": "tp.last_token_reward_fwd(r(2, 5, 8), r(1, 8), None, i64([5, -3]))",
+    "fwd: packed index past N": "tp.last_token_reward_fwd(r(6, 8), r(1, 8), None, i64([2, 6, 10**12]))",
+    "bwd: index past T": "tp.last_token_reward_bwd(r(2, 1), r(2, 5, 8), r(1, 8), i64([5, 10**15]), True, True, True)",
+    "bwd: packed index past N": "tp.last_token_reward_bwd(r(3, 1), r(6, 8), r(1, 8), i64([-2, 6, 1]), True, True, "
+                                "True)",
+    "group: id out of range": "tg.group_advantages(r(4), full((4,), 400000), ones(4, 5), 0, 1e-6, True, 0, 1.0, "
+                              "1e-8, programs=1)",
+    "group: id negative": "tg.group_advantages(r(4), full((4,), -1), ones(4, 5), 0, 1e-6, True, 0, 1.0, 1e-8, "
+                          "programs=1)",
+    "group: id equal to B": "tg.group_advantages(r(4), i64([0, 0, 1, 4]), ones(4, 5), 0, 1e-6, True, 0, 1.0, 1e-8, "
+                            "programs=1)",
+}
+assert set(INDEX_VALUE_CASES) | set(TRITON_INDEX_VALUE_CASES) == set(INDEX_VALUE_OUTCOMES)
+assert not set(TRITON_INDEX_VALUE_CASES) & set(TRITON_CASES)
+# the C++ side of the group-id cases: a raise, with its message (test_bad_call_raises)
+assert all(n in KERNEL_CASES and n in KERNEL_MESSAGES for n in TRITON_INDEX_VALUE_CASES if n.startswith("group"))
+
 # What the message of each Triton case must say (the argument named, and what was given); every
 # case has one (test_triton_host_functions_raise).
 TRITON_MESSAGES = {
@@ -551,6 +594,7 @@ _RUNNER = textwrap.dedent("""
     c = lambda *s: torch.randn(*s, dtype=torch.complex64)
     i64 = lambda v: torch.tensor(v, dtype=torch.int64)
     full = lambda shape, v, dtype=torch.int64: torch.full(shape, v, dtype=dtype)
+    ones = lambda *s: torch.ones(*s, dtype=torch.bool)
     if {triton}:
         from rmkernels.triton import bt_loss as tb, group_adv as tg, pooling as tp, ppo as tq, token_logprobs as tt
     for name, expr in json.loads(sys.stdin.read()):
@@ -561,13 +605,14 @@ _RUNNER = textwrap.dedent("""
             print("RAISED " + json.dumps([type(e).__name__, str(e).splitlines()[0] if str(e) else ""]), flush=True)
         else:
             outs = out if isinstance(out, tuple) else (out,)
-            nan_rows = [t.isnan().all(dim=-1).tolist() if t.dim() == 2 else None for t in outs]
-            print("RETURNED " + json.dumps(nan_rows), flush=True)
+            rows = lambda m: (m.flatten(1).all(1) if m.dim() > 1 else m).tolist() if m.dim() else bool(m)
+            print("RETURNED " + json.dumps([[rows(t.isnan()), rows(t == 0)] for t in outs]), flush=True)
 """)
 
 
 def _run(cases, triton=False):
-    """{name: ("RAISED", [type, message]) | ("RETURNED", info) | ("CRASHED", detail)} for every case."""
+    """{name: ("RAISED", [type, message]) | ("RETURNED", info) | ("CRASHED", detail)} for every case;
+    info: [nan rows, zero rows] of each output (which rows, dim 0, are all NaN / all zero)."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     if triton:
@@ -610,15 +655,28 @@ def test_valid_kernel_calls_run(cpu_results, name):
     assert cpu_results.get(name, ("never ran",))[0] == "RETURNED", f"{name}: {cpu_results.get(name)}"
 
 
+def _assert_no_valid_token(results, name):
+    """The case returned, and each output shows INDEX_VALUE_OUTCOMES[name]'s rows."""
+    assert name in results, f"{name}: never ran {results.get(None)}"
+    kind, info = results[name]
+    assert kind != "CRASHED", f"{name}: the process crashed: {info}"
+    assert kind == "RETURNED", f"{name}: an index value out of range must be no valid token, not an error: {info}"
+    want = INDEX_VALUE_OUTCOMES[name]
+    assert len(info) == len(want), f"{name}: {len(info)} outputs, expected {len(want)}"
+    for k, ((nan_rows, zero_rows), (what, rows)) in enumerate(zip(info, want)):
+        got = nan_rows if what == "nan" else zero_rows
+        assert got == rows, f"{name}: output {k}: rows all {what} {got}, expected {rows}"
+
+
 @pytest.mark.parametrize("name", list(INDEX_VALUE_CASES))
 def test_index_values_out_of_range_are_no_valid_token(cpu_results, name):
-    assert name in cpu_results, f"{name}: never ran {cpu_results.get(None)}"
-    kind, info = cpu_results[name]
-    assert kind != "CRASHED", f"{name}: the process crashed: {info}"
-    if kind == "RETURNED" and name.startswith("fwd"):
-        rows = info[0]
-        expect = {"fwd: index past T and negative": [True, True], "fwd: packed index past N": [False, True, True]}
-        assert rows == expect[name], f"{name}: rows with NaN rewards {rows}, expected {expect[name]}"
+    _assert_no_valid_token(cpu_results, name)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", list(TRITON_INDEX_VALUE_CASES))
+def test_triton_index_values_out_of_range_are_no_valid_token(triton_results, name):
+    _assert_no_valid_token(triton_results, name)
 
 
 def test_bwd_ignores_out_of_range_indices():
@@ -653,7 +711,7 @@ def test_triton_host_functions_raise(name, triton_results):
 @pytest.fixture(scope="module")
 def triton_results():
     pytest.importorskip("triton")
-    return _run(TRITON_CASES, triton=True)
+    return _run({**TRITON_CASES, **TRITON_INDEX_VALUE_CASES}, triton=True)
 
 
 def test_token_logprobs_kernels_take_inputs_that_require_grad():
