@@ -35,7 +35,9 @@ def sample_inputs(B, T, H, dtype, device, *, bias=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_pairwise_equals_composed(backend, device, reduction, dtype):
     """pairwise_reward_loss == last_token_reward followed by bradley_terry_loss (loss, rewards
-    and every gradient)."""
+    and every gradient), and both == the float64 reference on float64 copies of the inputs (the
+    fused op and its composition share the pooling and loss routing: a bug of both would pass
+    the first comparison)."""
     skip_unless_available(backend, device)
     B, T, H = (7, 9, 24) if TRITON_INTERPRET else (33, 17, 40)
     h, W, b, _, mask = sample_inputs(B, T, H, dtype, device)
@@ -56,6 +58,24 @@ def test_pairwise_equals_composed(backend, device, reduction, dtype):
     for g, e, n in zip(grads, exp_grads, ("grad_hidden", "grad_weight", "grad_bias")):
         assert g.dtype == dtype and g.shape == e.shape
         assert_close(g, e, rtol=tolerance(dtype)[0], atol=tolerance(dtype)[1], name=n)
+
+    h64, W64, b64 = (t.detach().double().requires_grad_() for t in (h, W, b))
+    opts64 = dict(opts, margin=m.double(), weights=w.double())
+    loss64, rc64, rr64 = rmk.pairwise_reward_loss(h64, W64, b64, attention_mask=mask, backend="reference", **opts64)
+    grads64 = torch.autograd.grad((loss64 * proj.double()).sum() + 0.3 * rc64.sum() - 0.2 * rr64.sum(),
+                                  (h64, W64, b64))
+    # The loss and the rewards are float32 whatever the input dtype (fp32 arithmetic on the same
+    # input values): float32's tolerance. The gradients are rounded to the input dtype: for bf16
+    # one ulp of it, 2^-7 relative (the rounding is at most half of it; measured: 3.9e-3), and an
+    # atol of 1e-5 for fp32's own rounding of sums that cancel (tolerance(bf16)'s atol of 2e-2
+    # would exceed most grad_hidden elements, ~1e-2).
+    rtol, atol = tolerance(torch.float32)
+    g_rtol, g_atol = (2 ** -7, 1e-5) if dtype == torch.bfloat16 else (rtol, atol)
+    assert_close(loss, loss64, rtol=rtol, atol=atol, name="loss vs float64 reference")
+    assert_close(rc, rc64, rtol=rtol, atol=atol, name="chosen_rewards vs float64 reference")
+    assert_close(rr, rr64, rtol=rtol, atol=atol, name="rejected_rewards vs float64 reference")
+    for g, e, n in zip(grads, grads64, ("grad_hidden", "grad_weight", "grad_bias")):
+        assert_close(g, e, rtol=g_rtol, atol=g_atol, name=f"{n} vs float64 reference")
 
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
