@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from utils import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("compare_frameworks.py", "compare_dropins.py", "compare_patch_verl.py")
@@ -21,8 +22,7 @@ RESULTS = {"framework-comparison.txt": "compare_frameworks.py", "dropin-comparis
 def _run(*args, without=()):
     """``python *args``; ``without``: modules made unimportable first (a framework installed
     here is hidden, so that the path taken without it runs wherever the test does)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env()
     if without:
         code = (f"import runpy, sys\nfor m in {list(without)!r}:\n    sys.modules[m] = None\n"
                 f"sys.argv = {list(args)!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")

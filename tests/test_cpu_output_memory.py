@@ -18,8 +18,7 @@ import subprocess
 import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils import subprocess_env
 
 _CHILD = r"""
 import ctypes, json, sys
@@ -124,11 +123,8 @@ def _advice_applies():
 @pytest.mark.parametrize("switch", [None, "1", "0"])
 def test_large_fresh_outputs_are_written_in_huge_pages(switch):
     """RMKERNELS_HUGE_PAGES unset or 1: the advice where it applies; 0: never."""
-    drop = ("THP_MEM_ALLOC_ENABLE", "RMKERNELS_HUGE_PAGES")  # torch's own advice is not ours
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    if switch is not None:
-        env["RMKERNELS_HUGE_PAGES"] = switch
+    # torch's own advice (THP_MEM_ALLOC_ENABLE) is not ours; RMKERNELS_HUGE_PAGES unset for None
+    env = subprocess_env(THP_MEM_ALLOC_ENABLE=None, RMKERNELS_HUGE_PAGES=switch)
     proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from utils import assert_close, skip_unless_available
+from utils import assert_close, skip_unless_available, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +83,7 @@ def results(tmp_path_factory):
     got = {}
     for isa in VARIANTS:
         path = tmp_path_factory.mktemp(isa) / "out.pt"
-        env = dict(os.environ, RMKERNELS_CPU_ISA=isa, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = subprocess_env(RMKERNELS_CPU_ISA=isa)
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(seed)], capture_output=True, text=True,
                               env=env, cwd=ROOT)
         assert proc.returncode == 0, f"RMKERNELS_CPU_ISA={isa} (seed {seed}):\n{proc.stderr[-3000:]}"
@@ -124,7 +124,7 @@ def test_variants_agree(results, isa):
 def test_an_unknown_isa_cap_is_said_not_ignored():
     """RMKERNELS_CPU_ISA=<not base, v3 or v4>: one warning at import naming it (the C++ side
     ignores it, so a typo silently ran the best variant)."""
-    env = dict(os.environ, RMKERNELS_CPU_ISA="avx2", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(RMKERNELS_CPU_ISA="avx2")
     proc = subprocess.run([sys.executable, "-c", "import rmkernels"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("RMKERNELS_CPU_ISA='avx2' is not one of base, v3, v4: ignored") == 1, proc.stderr

@@ -7,14 +7,13 @@ same bits (outputs, gradients, dtypes, strides), on every backend; the public op
 wherever the fast path is not safe (compile, fake tensors, modes, functorch, subclasses,
 ``RMKERNELS_EAGER_FAST_PATH=0``); gradcheck through the fast path.
 """
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 from torch.autograd.profiler import profile
-from utils import backend_params, skip_unless_available
+from utils import backend_params, skip_unless_available, subprocess_env
 
 import rmkernels as rmk
 from rmkernels import _library
@@ -356,16 +355,12 @@ def test_subclasses_use_the_public_ops():
 
 
 def test_env_switch_read_at_import():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(rmk.__file__)))
     code = ("import torch, rmkernels as rmk; from rmkernels import _library; "
             "c = torch.randn(4, requires_grad=True); "
             "print(_library.EAGER_FAST_PATH, type(rmk.bradley_terry_loss(c, c.detach()).grad_fn).__name__)")
     out = {}
     for value in ("0", "1", None):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        env.pop("RMKERNELS_EAGER_FAST_PATH", None)
-        if value is not None:
-            env["RMKERNELS_EAGER_FAST_PATH"] = value
+        env = subprocess_env(RMKERNELS_EAGER_FAST_PATH=value)  # None: unset
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
         out[value] = res.stdout.split()

@@ -18,12 +18,13 @@ import torch
 
 pytest.importorskip("transformers")
 
+from utils import subprocess_env  # noqa: E402
+
 from rmkernels_train import trainer as T  # noqa: E402
 from rmkernels_train.ppo import build_parser as ppo_parser  # noqa: E402
 from rmkernels_train.ppo import main as ppo_main  # noqa: E402
 from rmkernels_train.reward import main as reward_main  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "640", "--batch-size", "16",
         "--threads", "1", "--no-progress", "--no-plot"]
 # checkpoint-2 and checkpoint-4, an evaluation at each
@@ -552,9 +553,7 @@ KILL_RUN = [*TINY, "--max-steps", "6", "--save-every", "2", "--eval-every", "6",
 
 
 def _launch(out, env_extra, resume):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
-                                                         os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", **env_extra}
+    env = subprocess_env(OMP_NUM_THREADS="1", **env_extra)
     cmd = [sys.executable, "-m", "rmkernels_train", "reward", *KILL_RUN, "--output-dir", str(out)]
     return subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -27,7 +27,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from utils import assert_one_line_each, run_two_ranks
+from utils import assert_one_line_each, run_two_ranks, subprocess_env
 
 from rmkernels_train import data as D
 from rmkernels_train import fsdp as F
@@ -36,7 +36,6 @@ from rmkernels_train.reward import main
 from rmkernels_train.tokenizer import build_char_tokenizer
 from rmkernels_train.utils import Dist, TrainingError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden-size", "32", "--layers", "2", "--default-train-pairs", "640", "--threads", "1", "--no-progress",
         "--no-plot", "--max-steps", "4", "--eval-every", "2", "--save-every", "2", "--seed", "5",
         "--eval-batch-size", "64", "--grad-accum", "2"]
@@ -59,9 +58,7 @@ def _tiny(extra):
 
 
 def _torchrun(tmp_path, out, *extra):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
-                                                         os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "rmkernels_train", "reward", "--output-dir", str(tmp_path / out), *_tiny(extra), "--batch-size", "16",
            *extra]

@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from utils import subprocess_env  # noqa: E402
+
 from rmkernels_train import trainer as T  # noqa: E402
 from rmkernels_train.ppo import build_parser as ppo_parser  # noqa: E402
 from rmkernels_train.ppo import load_prompts  # noqa: E402
@@ -319,8 +321,7 @@ def test_help_says_what_each_option_does_and_each_default_once(parser):
 @pytest.mark.parametrize("argv", [["rmkernels_train", "reward", "--help"], ["rmkernels_train", "ppo", "--help"],
                                   ["rmkernels.info", "--help"]])
 def test_help_commands_answer(argv):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", *argv], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: ") and "--help" in proc.stdout
@@ -332,8 +333,7 @@ def test_version_and_a_closed_pipe():
     BrokenPipeError traceback)."""
     import rmkernels
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "rmkernels_train"]
     proc = subprocess.run(cmd + ["--version"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == f"rmkernels-train (rmkernels {rmkernels.__version__})\n"
@@ -359,8 +359,7 @@ def test_exit_process_flushes_and_keeps_the_status(joined):
             "print('out', end='')\n"
             "print('err', end='', file=sys.stderr)\n"
             "utils.exit_process(3)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"), ROOT]),
-           "WORLD_SIZE": "2" if joined else "1"}
+    env = subprocess_env(WORLD_SIZE="2" if joined else "1")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 3 and res.stdout == "out"
     assert res.stderr == ("err" if joined else "errfinalized\n"), res.stderr
@@ -399,7 +398,7 @@ def test_help_without_the_training_extras_in_a_process_that_has_none(tmp_path):
             "from rmkernels_train import cli\n"
             "for cmd in ('reward', 'ppo'):\n"
             "    assert cli.main([cmd, '--help']) == 0\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"), ROOT])}
+    env = subprocess_env()
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("usage: rmkernels-train") == 2, res.stdout[:500]

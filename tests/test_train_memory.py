@@ -2,7 +2,6 @@
 --profile-memory``): known tensors move the reported figures by exactly their size, frees on
 other threads are counted, and the trainer's figures match the state it holds."""
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -11,6 +10,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+
+from utils import subprocess_env  # noqa: E402
 
 from rmkernels_train import memory as MEM  # noqa: E402
 from rmkernels_train import reward as R  # noqa: E402
@@ -102,9 +103,7 @@ def test_trainer_reports_live_tensor_peak_moving_by_a_known_tensor(tmp_path):
             "R.RewardTrainer.train_step = with_extra\n"
             "sys.exit(R.main(sys.argv[1:]))\n")
     out = tmp_path / "out"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "python"),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-c", code, *_args(out, "--max-steps", 4, "--profile-memory", 3)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,12 +18,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from utils import assert_one_line_each, run_two_ranks  # noqa: E402
+from utils import assert_one_line_each, run_two_ranks, subprocess_env  # noqa: E402
 
 from rmkernels_train import ppo_core as core  # noqa: E402
 from rmkernels_train.ppo import main  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GAE = ["--advantage", "gae"]  # these tests are about PPO with GAE (the default is critic-free: test_train_rl.py)
 FAST = GAE + ["--threads", "1", "--no-progress", "--no-plot"]
 
@@ -631,8 +630,7 @@ def test_bad_prompts_and_resume_without_checkpoint(reward_model, tmp_path, capsy
 
 def test_two_processes_whiten_across_ranks(reward_model, tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "rmkernels_train", "ppo", "--reward-model", reward_model, "--output-dir", str(out),
            "--steps", "3", "--batch-size", "6", "--max-new-tokens", "5", "--ppo-epochs", "1"] + FAST
@@ -663,8 +661,7 @@ def test_disk_full_on_rank_0_alone_is_one_line_and_resumes(reward_model, tmp_pat
             f"intact (free some space and resume with --resume)")
     assert_one_line_each(ranks, "rmkernels-train ppo", [line, f"rank 0: {line}"])
     assert sorted(d for d in os.listdir(out) if d != "metrics.jsonl") == ["checkpoint-2"], os.listdir(out)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "rmkernels_train", *map(str, argv), "--resume"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -1183,13 +1183,12 @@ def test_resume_past_steps_says_so(cf_run, tiny_rm, tmp_path, capsys):
 # Under torchrun (data parallel)
 # ---------------------------------------------------------------------------------------
 def _torchrun(argv, cwd):
-    import os
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "python"),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    from utils import subprocess_env
+
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "rmkernels_train", "ppo", *map(str, argv)]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -7,6 +7,23 @@ import rmkernels as rmk
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+
+
+def subprocess_env(**overrides):
+    """The environment of a child Python process that imports this checkout: ``os.environ`` with
+    ``PYTHONPATH`` = the checkout (``rmkernels``), its ``python/`` folder (``rmkernels_train``) and
+    then the ``PYTHONPATH`` already set, if any; then ``overrides``, where a value of None removes
+    the variable (``subprocess_env(TRITON_INTERPRET=None)``)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_ROOT, os.path.join(_ROOT, "python")] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
 
 
 def kernel_backends(device):
@@ -222,14 +239,11 @@ def run_two_ranks(argv, cwd, env_extra=None, timeout=300):
 
     import pytest
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "python"),
-                                                         os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", **(env_extra or {})}
+    env = subprocess_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                         LOCAL_WORLD_SIZE="2", **(env_extra or {}))
     cmd = [sys.executable, "-m", "rmkernels_train", *map(str, argv)]
     procs = [subprocess.Popen(cmd, cwd=cwd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
