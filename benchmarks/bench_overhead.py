@@ -210,7 +210,7 @@ def run(op="overhead", device="cpu", shapes=None, quick=False, tiny=False, only=
         raise SystemExit(f"bench_overhead: unknown function(s) {unknown}; known: {sorted(cases)}")
     env = common.env_fields(device)
     rows = []
-    reps = 3 if quick else 15
+    reps = 3 if quick else 41  # (the two cores drift over seconds: more samples, steadier medians)
     for name, (dims, make) in cases.items():
         if shapes and name not in shapes:
             continue
