@@ -45,7 +45,8 @@ def test_check_fails_when_a_figure_is_edited_by_hand(figures, tmp_path, capsys):
     """A copy of the repository's README and result files: editing a number inside a block,
     or changing the result file, makes --check fail; regenerating fixes it."""
     for rel in (*figures.FILES, figures.RUNS_JSON, figures.DDP_JSON, figures.BENCH_CSV, figures.BENCH_MD,
-                figures.LOGPROBS_CSV, figures.LOGPROBS_CSV[:-4] + ".md", figures.RM_PACK_JSON):
+                figures.LOGPROBS_CSV, figures.LOGPROBS_CSV[:-4] + ".md", figures.OVERHEAD_CSV,
+                figures.OVERHEAD_CSV[:-4] + ".md", figures.RM_PACK_JSON):
         os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
         shutil.copy(os.path.join(ROOT, rel), tmp_path / rel)
     shutil.copytree(os.path.join(ROOT, "benchmarks"), tmp_path / "benchmarks", dirs_exist_ok=True,
