@@ -19,6 +19,7 @@ import sys
 import textwrap
 
 import pytest
+from utils import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -613,10 +614,7 @@ _RUNNER = textwrap.dedent("""
 def _run(cases, triton=False):
     """{name: ("RAISED", [type, message]) | ("RETURNED", info) | ("CRASHED", detail)} for every case;
     info: [nan rows, zero rows] of each output (which rows, dim 0, are all NaN / all zero)."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    if triton:
-        env["TRITON_INTERPRET"] = "1"
+    env = subprocess_env(TRITON_INTERPRET="1" if triton else None)
     proc = subprocess.run([sys.executable, "-c", _RUNNER.format(triton=triton)], input=json.dumps(list(cases.items())),
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     results, current = {}, None
