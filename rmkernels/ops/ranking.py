@@ -75,11 +75,12 @@ bwd_kernel = Kernel("ranking_loss_bwd_kernel", reference=_reference_ranking_bwd,
                     fake=_grad_fake)
 
 
-def _ranked_rows(rewards, num_candidates):
-    """How many rows have at least two candidates (the rows that "mean" averages over)."""
+def _ranked_rows(rewards, num_candidates, dtype):
+    """How many rows have at least two candidates (the rows that "mean" averages over), as a
+    0-dim ``dtype`` tensor (made in ``dtype``: one fill, no cast, when every row has K)."""
     if num_candidates is None:
-        return torch.full((), rewards.shape[0] if rewards.shape[1] >= 2 else 0, device=rewards.device)
-    return (num_candidates.clamp(max=rewards.shape[1]) >= 2).sum()
+        return torch.full((), rewards.shape[0] if rewards.shape[1] >= 2 else 0, dtype=dtype, device=rewards.device)
+    return (num_candidates.clamp(max=rewards.shape[1]) >= 2).sum().to(dtype)
 
 
 def _dense(num_candidates):
@@ -94,7 +95,7 @@ def _forward(rewards, num_candidates, reduction, backend):
         return rows
     if reduction == "sum":
         return rows.sum()
-    return rows.sum() / _ranked_rows(rewards, num_candidates).to(rows.dtype)
+    return rows.sum() / _ranked_rows(rewards, num_candidates, rows.dtype)
 
 
 def _backward_body(grad, rewards, num_candidates, reduction, backend):
@@ -104,7 +105,7 @@ def _backward_body(grad, rewards, num_candidates, reduction, backend):
     else:
         g = grad.to(acc)
         if reduction == "mean":
-            g = g / _ranked_rows(rewards, num_candidates).to(acc)
+            g = g / _ranked_rows(rewards, num_candidates, acc)
         g_rows = g.expand(rewards.shape[0]).contiguous()
     return bwd_kernel(backend, g_rows, rewards, _dense(num_candidates))
 
