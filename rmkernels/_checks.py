@@ -148,6 +148,15 @@ def check_choice(name, value, choices):
     return value
 
 
+def true_rows(flags):
+    """int64 indices of the True entries of the 1-D bool ``flags`` (the rows a data check names),
+    with ``torch.nonzero`` (~10 us a call on the CPU) run only when one is True: a passing
+    check costs one ``any``."""
+    if not bool(flags.any()):
+        return flags.new_zeros(0, dtype=torch.int64)
+    return torch.nonzero(flags).flatten()
+
+
 def rows_str(rows, limit=10):
     rows = [int(r) for r in rows]
     s = ", ".join(str(r) for r in rows[:limit])

@@ -228,8 +228,8 @@ def _lengths_index_body(lengths, n_tokens):
     ok = lengths >= 1
     if n_tokens >= 0:
         ok &= lengths <= n_tokens
-    if _checks.data_checks_enabled(lengths.device) and not bool(ok.all()):  # (nonzero only then: ~10 us)
-        bad = torch.nonzero(~ok).flatten()
+    if _checks.data_checks_enabled(lengths.device):
+        bad = _checks.true_rows(~ok)
         if bad.numel():
             limit = f"in [1, {n_tokens}]" if n_tokens >= 0 else ">= 1"
             vals = ", ".join(str(int(lengths[i])) for i in bad[:10])
@@ -248,11 +248,10 @@ def _cu_seqlens_index_body(cu_seqlens, n_tokens):
             raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])}")
         if n_tokens >= 0 and int(cu[-1]) != n_tokens:
             raise ValueError(f"cu_seqlens must end at N = {n_tokens} (hidden_states rows), got {int(cu[-1])}")
-        back = end < start
-        bad = torch.nonzero(back).flatten() if bool(back.any()) else back[:0]  # (nonzero only then: ~10 us)
+        bad = _checks.true_rows(end < start)
         if bad.numel():
             raise ValueError(f"cu_seqlens must be non-decreasing: rows {_checks.rows_str(bad)} end before they start")
-        bad = torch.nonzero(~ok).flatten() if not bool(ok.all()) else ok[:0]
+        bad = _checks.true_rows(~ok)
         if bad.numel():
             raise ValueError(f"cu_seqlens: rows {_checks.rows_str(bad)} have no valid token (empty sequences)")
     return torch.where(ok, end - 1, torch.full_like(end, -1))
@@ -260,9 +259,8 @@ def _cu_seqlens_index_body(cu_seqlens, n_tokens):
 
 def _check_mask_index_body(index, n_tokens, name):
     if n_tokens > 0 and _checks.data_checks_enabled(index.device):
-        neg = index < 0
-        if bool(neg.any()):  # (nonzero only then: it costs ~10 us a call on the CPU)
-            bad = torch.nonzero(neg).flatten()
+        bad = _checks.true_rows(index < 0)
+        if bad.numel():
             what = "every token is pad_token_id" if name == "input_ids" else "all zero"
             raise ValueError(f"{name}: rows {_checks.rows_str(bad)} have no valid token ({what})")
     return index  # the op path clones it (an op's output never aliases an input)

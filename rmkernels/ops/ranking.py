@@ -117,8 +117,7 @@ def check_num_candidates(num_candidates, B, K, device, dtypes=_checks.INDEX_DTYP
         raise ValueError(f"num_candidates must be [B] = [{B}] (from rewards), got shape "
                          f"{tuple(num_candidates.shape)}")
     if _checks.data_checks_enabled(device):
-        out = (num_candidates < 0) | (num_candidates > K)
-        bad = torch.nonzero(out).flatten() if bool(out.any()) else out[:0]  # (nonzero only then: ~10 us)
+        bad = _checks.true_rows((num_candidates < 0) | (num_candidates > K))
         if bad.numel():
             vals = ", ".join(str(int(num_candidates[i])) for i in bad[:10])
             raise ValueError(f"num_candidates must be in [0, K = {K}]: rows {_checks.rows_str(bad)} have {vals}")
