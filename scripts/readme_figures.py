@@ -265,23 +265,20 @@ def block_readme_cost(root):
 def block_overhead(root):
     """Per public function: its call's host time, that of the kernel ops it reached (called
     directly) and the difference, the call alone and with its backward, as the overhead run
-    measured them (``report._overhead_targets`` computes the same differences)."""
+    measured them (``report.overhead_us``, which the report's targets use too)."""
     if root not in sys.path:
         sys.path.insert(0, root)
     from benchmarks import report
 
     rows = report.read_csv(os.path.join(root, OVERHEAD_CSV))
 
-    def us(shape, mode, provider):
-        return report._val(rows, shape=shape, mode=mode, provider=provider, metric="call_ms") * 1e3
-
     lines = ["| function (tiny shape) | the call, us | its kernel ops, us | overhead, us | "
              "forward + backward: overhead, us |", "|---|---:|---:|---:|---:|"]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         c = report._get(rows, shape=shape)[0]
-        call, kern = us(shape, "forward", "rmk-cpu"), us(shape, "forward", "kernels-cpu")
-        full = us(shape, "full", "rmk-cpu") - us(shape, "full", "kernels-cpu")
-        lines.append(f"| `{shape}` ({c['dims']}) | {call:.1f} | {kern:.1f} | {call - kern:.1f} | "
+        call, kern, over = report.overhead_us(rows, shape, "forward", "cpu")
+        full = report.overhead_us(rows, shape, "full", "cpu")[2]
+        lines.append(f"| `{shape}` ({c['dims']}) | {call:.1f} | {kern:.1f} | {over:.1f} | "
                      f"{'-' if full != full else f'{full:.1f}'} |")
     md = OVERHEAD_CSV[:-4].replace(os.sep, "/") + ".md"
     return ("\n".join(lines) + f"\n\nMedians of thread CPU time per call on {rows[0]['device_name']}, one torch "
