@@ -104,6 +104,17 @@ def _no_torch_message(error):
                    "--no-build-isolation. Or set RMKERNELS_BUILD_EXT=0 to install the pure-Python backends only.")
 
 
+def _libstdcxx_module():
+    """rmkernels/_libstdcxx.py, loaded by path (importing the package would import its ops)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_rmkernels_libstdcxx",
+                                                  os.path.join(ROOT, "rmkernels", "_libstdcxx.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _extensions():
     if not _env_flag("RMKERNELS_BUILD_EXT", "1"):
         print("rmkernels: RMKERNELS_BUILD_EXT=0, building no C++/CUDA extension")
@@ -145,11 +156,12 @@ def _extensions():
            if sys.platform != "win32"
            else ["/O2"])
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    # libstdc++ linked as a shared library, named before the compiler's own: a g++ that links it
-    # statically (the H200 image's /opt/gcc/bin/g++ did) gives the extension its own copy of the
-    # iostreams, and the first integer a TORCH_CHECK message formats (c10::str) crashed the
-    # process on a stream made by torch's libstdc++ (a segfault there; a truncated message here).
-    link = (["-fopenmp", "-lstdc++"] if sys.platform.startswith("linux")
+    # libstdc++ as a shared library, torch's own, named by its path before the compiler's library
+    # (rmkernels/_libstdcxx.py: a g++ that links it statically gave the extension a second copy
+    # of the iostreams, and the process crashed on the H200 image, 2026-11-30 and 2026-12-04).
+    # The build is checked for such a copy after linking (Build.build_extension).
+    libstdcxx = _libstdcxx_module()
+    link = (["-fopenmp"] + libstdcxx.link_args() if sys.platform.startswith("linux")
             else [] if sys.platform == "win32" else ["-fopenmp"])
     if with_cuda:
         print(f"rmkernels: building C++ CPU + CUDA kernels for archs {archs}")
@@ -180,12 +192,30 @@ def _extensions():
         )
     base = BuildExtension.with_options(use_ninja=True)
 
+    class OwnLibstdcxx(Exception):
+        pass
+
     class Build(base):
-        """torch's BuildExtension; a failed compile ends with what to do about it."""
+        """torch's BuildExtension; a failed compile ends with what to do about it, and a library
+        that carries its own libstdc++ is refused."""
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            path = self.get_ext_fullpath(ext.name)
+            own = libstdcxx.own_copy(path) if sys.platform.startswith("linux") and os.path.exists(path) else []
+            if own:
+                raise OwnLibstdcxx(
+                    f"rmkernels: the compiler ({os.environ.get('CXX', 'c++')}) linked a static copy of libstdc++ "
+                    f"into {path} (it defines {', '.join(own)}), beside the shared one torch loads: two copies of "
+                    "the iostreams crash the process at the first error message. Build with a g++ that links "
+                    "libstdc++ as a shared library (CXX=/usr/bin/g++, for example), or set RMKERNELS_BUILD_EXT=0 "
+                    "to install without the extension.")
 
         def run(self):
             try:
                 super().run()
+            except OwnLibstdcxx as e:
+                sys.exit(str(e))
             except Exception as e:  # a compile or link error, no compiler, no ninja...
                 sys.exit(f"rmkernels: building the C++ extension rmkernels._C failed ({type(e).__name__}: {e}). "
                          "It needs a C++ compiler with OpenMP for the standard torch asks for (C++17, or C++20 for "

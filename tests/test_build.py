@@ -105,15 +105,94 @@ def test_extension_error_messages_keep_their_numbers():
     assert "rewards must be [B, T] = [3, 8], got [3, 9]" in str(err.value), str(err.value)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("ldd") is None,
-                    reason="the shared-library check reads ldd's output (Linux)")
-def test_extension_links_libstdcxx_as_a_shared_library():
-    """setup.py names -lstdc++ before the compiler's own: one libstdc++ in the process (torch's),
-    whatever the compiler's default."""
-    import rmkernels._C as ext
+LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="ELF shared libraries and /proc/self/maps: Linux builds only")
+# A library that formats an integer into a stream and reads a file through one: the two uses of
+# the iostreams that crashed on the H200 (c10::str in a TORCH_CHECK message, std::ifstream in
+# rmkernels._C.huge_pages) when the extension carried its own static libstdc++.
+_STREAMS_CPP = """#include <cstring>
+#include <fstream>
+#include <sstream>
+extern "C" int rmk_format(long x, char* out) {
+  std::ostringstream s;
+  s << x;
+  std::ifstream f("/proc/self/stat");
+  std::strcpy(out, s.str().c_str());
+  return f.good();
+}
+"""
+# A g++ like that image's /opt/gcc/bin/g++: libstdc++ linked statically (its specs), and no
+# shared libstdc++ for -lstdc++ to find (there -lstdc++ found the archive: setup.py's earlier fix,
+# "-lstdc++" first, did not take).
+_STATIC_ONLY_GXX = """#!/bin/bash
+args=()
+for a in "$@"; do [ "$a" = "-lstdc++" ] && a="-l:libstdc++.a"; args+=("$a"); done
+exec g++ "${args[@]}" -static-libstdc++
+"""
 
-    out = subprocess.run(["ldd", ext.__file__], capture_output=True, text=True).stdout
-    assert "libstdc++.so" in out, f"{ext.__file__} does not load libstdc++ as a shared library:\n{out}"
+
+def _gxx():
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.fail("g++ not found: the extension's own build needs it (CI has it)")
+    return gxx
+
+
+def _shared_lib(tmp_path, name, compiler, *link):
+    src = tmp_path / "streams.cpp"
+    src.write_text(_STREAMS_CPP)
+    out = tmp_path / name
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", str(src), "-o", str(out), *link], check=True,
+                   capture_output=True, text=True)
+    return str(out)
+
+
+@LINUX_ONLY
+def test_extension_has_no_libstdcxx_of_its_own():
+    """rmkernels._C takes libstdc++ from the shared library torch loads: it defines none of the
+    symbols only libstdc++ defines (setup.py refuses a build that does)."""
+    import rmkernels._C as ext
+    from rmkernels._libstdcxx import own_copy
+
+    assert own_copy(ext.__file__) == [], f"{ext.__file__} carries its own libstdc++"
+
+
+@LINUX_ONLY
+def test_own_copy_finds_a_statically_linked_libstdcxx(tmp_path):
+    """The check setup.py makes after linking can fail: a library linked with -static-libstdc++
+    defines std::locale::classic and ostream::_M_insert<long>; the same code linked the usual
+    way defines neither."""
+    from rmkernels._libstdcxx import SENTINELS, own_copy
+
+    gxx = _gxx()
+    assert own_copy(_shared_lib(tmp_path, "static.so", gxx, "-static-libstdc++")) == sorted(SENTINELS)
+    assert own_copy(_shared_lib(tmp_path, "shared.so", gxx)) == []
+    assert own_copy(__file__) == []  # not ELF
+
+
+@LINUX_ONLY
+def test_link_args_bind_torch_libstdcxx_under_a_static_only_compiler(tmp_path):
+    """setup.py's link arguments (rmkernels._libstdcxx.link_args: the path of the libstdc++ this
+    process loaded, torch's) under a g++ that links libstdc++ statically and has no shared one:
+    the library defines no libstdc++ of its own and works in this process; "-lstdc++" there gives
+    the static copy (what happened on the H200)."""
+    import ctypes
+
+    import torch  # noqa: F401  (maps torch's libstdc++ into the process)
+
+    from rmkernels._libstdcxx import link_args, loaded_libstdcxx, own_copy
+
+    _gxx()
+    assert loaded_libstdcxx() is not None, "torch is imported, yet no libstdc++ is mapped"
+    gxx = tmp_path / "static-only-g++"
+    gxx.write_text(_STATIC_ONLY_GXX)
+    gxx.chmod(0o755)
+    assert own_copy(_shared_lib(tmp_path, "plain.so", str(gxx), "-lstdc++")) != []
+    lib = _shared_lib(tmp_path, "bound.so", str(gxx), *link_args())
+    assert own_copy(lib) == []
+    buf = ctypes.create_string_buffer(32)
+    assert ctypes.CDLL(lib).rmk_format(ctypes.c_long(-1234567890123), buf) == 1
+    assert buf.value == b"-1234567890123"
 
 
 def test_cpu_math_is_inlined_into_the_loops():

@@ -28,9 +28,8 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
-#include <fstream>
-#include <iterator>
 #include <string>
 #include <utility>
 
@@ -66,18 +65,28 @@ const HugePolicy& huge_policy() {
       p.why = "torch's THP_MEM_ALLOC_ENABLE is set: torch advises its allocations itself";
       return p;
     }
-    std::ifstream mode_file("/sys/kernel/mm/transparent_hugepage/enabled");
-    std::string mode((std::istreambuf_iterator<char>(mode_file)), std::istreambuf_iterator<char>());
+    // C stdio, not iostreams: nothing here depends on which libstdc++ the streams would come from
+    std::string mode;
+    if (std::FILE* mode_file = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r")) {
+      char buf[256];
+      const size_t n = std::fread(buf, 1, sizeof(buf) - 1, mode_file);
+      std::fclose(mode_file);
+      mode.assign(buf, n);
+    }
     while (!mode.empty() && (mode.back() == '\n' || mode.back() == ' ')) mode.pop_back();
     if (mode.find("[madvise]") == std::string::npos) {
       p.why = mode.empty() ? "the system has no transparent huge pages"
                            : "the system's THP mode is not madvise (" + mode + ")";
       return p;
     }
-    std::ifstream f("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
-    if (!(f >> p.bytes) || p.bytes <= 0) {
-      p.bytes = 0;
+    long long size = 0;
+    std::FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r");
+    const bool read = f != nullptr && std::fscanf(f, "%lld", &size) == 1;
+    if (f != nullptr) std::fclose(f);
+    if (!read || size <= 0) {
       p.why = "the huge page size is unknown (no hpage_pmd_size)";
+    } else {
+      p.bytes = static_cast<int64_t>(size);
     }
 #else
     p.why = "not Linux";
