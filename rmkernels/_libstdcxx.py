@@ -1,8 +1,9 @@
 """One libstdc++ in the process: how setup.py links rmkernels._C against torch's, and the check
 that it did (no torch import here: setup.py loads this file by path).
 
-A g++ that links libstdc++ statically (the H200 image's /opt/gcc/bin/g++ does, and it has no
-shared libstdc++ of its own for ``-lstdc++`` to find) gives the extension its own copy of the
+A g++ that links libstdc++ statically (the H200 image's /opt/gcc/bin/g++ does; an explicit
+``-lstdc++`` did not change that there, presumably because it finds only the archive: not
+inspected on that machine) gives the extension its own copy of the
 iostreams beside the one torch loaded. Two copies crash the process: on 2026-11-30 and again on
 2026-12-04 every TORCH_CHECK message that formats an integer (c10::str on a stream made by
 torch's copy) and every ``std::ifstream`` read (``rmkernels._C.huge_pages``) segfaulted there.

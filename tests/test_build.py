@@ -122,8 +122,8 @@ extern "C" int rmk_format(long x, char* out) {
 }
 """
 # A g++ like that image's /opt/gcc/bin/g++: libstdc++ linked statically (its specs), and no
-# shared libstdc++ for -lstdc++ to find (there -lstdc++ found the archive: setup.py's earlier fix,
-# "-lstdc++" first, did not take).
+# shared libstdc++ for -lstdc++ to find (setup.py's earlier fix, "-lstdc++" first, did not take
+# there; that this is why is an inference, not inspected on the machine).
 _STATIC_ONLY_GXX = """#!/bin/bash
 args=()
 for a in "$@"; do [ "$a" = "-lstdc++" ] && a="-l:libstdc++.a"; args+=("$a"); done
