@@ -97,8 +97,11 @@ def _lp_fwd_kernel(
     lse = m + log_s
     ignored = tgt == ignore_index
     valid = (tgt >= 0) & (tgt < V) & (~ignored)
-    lp = tl.where(valid, tl.minimum(zt - lse, 0.0), tl.where(ignored, 0.0, float("nan")))
-    ent = tl.where(ignored, 0.0, tl.maximum(log_s - u / s, 0.0))
+    # NaN kept (a row of only -inf logits: -inf - -inf, 0 / 0): on a GPU tl.minimum / tl.maximum
+    # return the other operand of a NaN unless told (the interpreter's numpy keeps it)
+    lp = tl.where(valid, tl.minimum(zt - lse, 0.0, propagate_nan=tl.PropagateNan.ALL),
+                  tl.where(ignored, 0.0, float("nan")))
+    ent = tl.where(ignored, 0.0, tl.maximum(log_s - u / s, 0.0, propagate_nan=tl.PropagateNan.ALL))
     tl.store(lp_ptr + offs_n, lp, mask=n_ok)
     tl.store(ent_ptr + offs_n, ent, mask=n_ok)
     tl.store(lse_ptr + offs_n, lse, mask=n_ok)
