@@ -157,6 +157,17 @@ def true_rows(flags):
     return torch.nonzero(flags).flatten()
 
 
+def min_max(x):
+    """(min, max) of the non-empty integer tensor ``x`` as Python ints, in one pass and, on a
+    GPU, one device-to-host copy (two ``int()`` of ``torch.aminmax``'s results would wait for the
+    device twice; on the CPU they read memory, cheaper than a stack)."""
+    lo, hi = torch.aminmax(x)
+    if x.device.type == "cpu":
+        return int(lo), int(hi)
+    lo, hi = torch.stack((lo, hi)).tolist()
+    return lo, hi
+
+
 def rows_str(rows, limit=10):
     rows = [int(r) for r in rows]
     s = ", ".join(str(r) for r in rows[:limit])

@@ -754,3 +754,16 @@ def test_rmkernels_check_must_be_0_or_1(monkeypatch):
     with pytest.raises(ValueError, match="RMKERNELS_CHECK must be 0 or 1, got 'yes'"):
         _checks.data_checks_enabled(gpu)
     assert _checks.data_checks_enabled(torch.device("cpu"))  # CPU tensors: always checked
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_min_max_of_the_data_checks(dtype):
+    """_checks.min_max: the (min, max) the group-id and target range checks read, as ints."""
+    from rmkernels import _checks
+
+    for _ in range(5):
+        n = int(torch.randint(1, 2000, ()))
+        x = torch.randint(-10**6, 10**6, (n,), dtype=dtype)
+        lo, hi = _checks.min_max(x)
+        assert (lo, hi) == (int(x.min()), int(x.max())) and type(lo) is int and type(hi) is int
+    assert _checks.min_max(torch.tensor([[7]], dtype=dtype)) == (7, 7)

@@ -181,7 +181,7 @@ def _group_advantages_body(scores, group_ids, mask, estimator, eps, unbiased, si
 def _check_ids_range(group_ids, B):
     """The data check of the ids (CPU tensors; GPU tensors with rmk.checks(True))."""
     if B > 0 and _checks.data_checks_enabled(group_ids.device):
-        lo, hi = (int(v) for v in torch.aminmax(group_ids))  # one pass; the rows only on failure
+        lo, hi = _checks.min_max(group_ids)  # one pass; the rows only on failure
         if lo < 0 or hi >= B:
             rows = torch.nonzero((group_ids < 0) | (group_ids >= B)).flatten().tolist()
             raise ValueError(f"group_ids must lie in [0, B) = [0, {B}) (rmk.group_ids makes such ids from any "

@@ -272,7 +272,7 @@ def _check_targets(targets, vocab, ignore_index):
     ignore_index (always for CPU tensors; on a GPU with ``rmk.checks(True)``)."""
     if targets.numel() == 0 or not _checks.data_checks_enabled(targets.device):
         return
-    lo, hi = (int(v) for v in torch.aminmax(targets))  # one pass: all in [0, V) (the rest only otherwise)
+    lo, hi = _checks.min_max(targets)  # one pass: all in [0, V) (the rest only otherwise)
     if lo >= 0 and hi < vocab:
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
