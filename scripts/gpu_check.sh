@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one GPU check (issue 13): run it first whenever a CUDA machine is available.
 #
-#   bash scripts/gpu_check.sh OUT_DIR
+#   bash scripts/gpu_check.sh OUT_DIR [ARCHIVE]
 #
-# It writes ~40 files to OUT_DIR; a device tool that returns only a few files (this project's
-# returns 8) gets them as one archive: OUT_DIR outside the returned folder, then
-# `tar czf "$OUT/gpu_check.tgz" -C /tmp gc` for OUT_DIR=/tmp/gc.
+# It writes ~40 files to OUT_DIR; with ARCHIVE (a .tgz path) it also packs OUT_DIR into that one
+# file at the end, for a device tool that returns only a few files (this project's returns 8):
+# `bash scripts/gpu_check.sh /tmp/gc "$OUT/gc.tgz"`.
 #
 # On a CUDA machine, in at most ~10 minutes on an H100/H200 (each stage has a time cap, so the
 # script always finishes and says which stage ran out of time):
@@ -37,7 +37,9 @@
 # Exit status: 0 when no stage failed (skipped stages do not fail).
 set -uo pipefail
 
-OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
+OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [ARCHIVE]}
+ARCHIVE=${2:-}
+case $ARCHIVE in "" | /*) ;; *) ARCHIVE=$(pwd)/$ARCHIVE ;; esac  # before the cd below
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
@@ -93,6 +95,15 @@ GPU_TEST_FILES=(tests/test_adapters.py tests/test_autocast.py tests/test_bt_loss
   echo "| stage | status | seconds | log |"
   echo "|---|---|---|---|"
 } > "$SUMMARY"
+
+finish() {  # the summary on stdout, OUT_DIR packed into ARCHIVE if given, the exit status
+  cat "$SUMMARY"
+  if [ -n "$ARCHIVE" ]; then
+    mkdir -p "$(dirname "$ARCHIVE")"
+    tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "[gpu_check] packed into $ARCHIVE"
+  fi
+  exit $FAILED
+}
 
 record() {  # stage status seconds log
   echo "| $1 | $2 | $3 | $4 |" >> "$SUMMARY"
@@ -154,8 +165,7 @@ if [ -z "$NATIVE_ARCH" ]; then
   run_stage "ops-list (cpu)" 60 ops-list.txt $PY scripts/gpu_check_ops.py list
   echo >> "$SUMMARY"
   echo "CPU-only machine: the GPU stages did not run. Total $(( $(date +%s) - START )) s." >> "$SUMMARY"
-  cat "$SUMMARY"
-  exit $FAILED
+  finish
 fi
 
 # ---- 1. build for the native architecture ------------------------------------------------
@@ -275,5 +285,4 @@ SOFT_CAP=1 run_stage suite "$CAP_SUITE" pytest-rest.log $PY -m pytest tests -q -
 
 echo >> "$SUMMARY"
 echo "Total $(( $(date +%s) - START )) s on $(grep '^device 0' "$OUT/env.txt" || echo 'an unknown device')." >> "$SUMMARY"
-cat "$SUMMARY"
-exit $FAILED
+finish

@@ -1,9 +1,11 @@
 """scripts/gpu_check.sh (the one GPU check, issue 13) runs to completion on a CPU-only
-machine, says that its GPU stages were skipped, and writes its summary to OUT_DIR."""
+machine, says that its GPU stages were skipped, and writes its summary to OUT_DIR (packed into
+ARCHIVE when one is given)."""
 import os
 import re
 import subprocess
 import sys
+import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -12,9 +14,12 @@ def test_gpu_check_cpu_mode(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
     env.pop("TRITON_INTERPRET", None)
     out = tmp_path / "gpu_check"
-    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(out)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(out), "packed/gc.tgz"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    with tarfile.open(tmp_path / "packed" / "gc.tgz") as tar:  # ARCHIVE, relative to where it was called
+        names = tar.getnames()
+    assert {"gpu_check/summary.md", "gpu_check/env.txt", "gpu_check/ops-list.txt"} <= set(names), names
     summary = (out / "summary.md").read_text()
     for stage in ("build", "extension", "gpu cuda issue 14", "gpu cuda", "gpu triton issue 14", "gpu triton",
                   "memcheck", "racecheck", "graphs", "bench grpo", "profile grpo", "overhead", "bench", "suite"):
