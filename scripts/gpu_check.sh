@@ -10,7 +10,8 @@
 # On a CUDA machine, in at most ~10 minutes on an H100/H200 (each stage has a time cap, so the
 # script always finishes and says which stage ran out of time):
 #   1. build   the extension for the GPU's own architecture only (RMKERNELS_CUDA_ARCHS=<cc>);
-#      extension   it loads, with its CUDA kernels (a failure here is one, not skipped GPU tests)
+#      extension   it loads, with its CUDA kernels and no libstdc++ of its own, its check messages
+#                  keep their numbers (a failure here is one, not skipped or crashed GPU tests)
 #   2. gpu cuda issue 14 / gpu cuda / gpu triton issue 14 / gpu triton   the GPU tests of the
 #              suite (pytest -m cuda, in parallel processes), the cuda backend's first (the
 #              critic-free advantages' files of issue 14 before the rest), then the triton
@@ -174,8 +175,8 @@ if run_stage build "$CAP_BUILD" build.log env RMKERNELS_CUDA_ARCHS="$NATIVE_ARCH
   $PY -m rmkernels.info > "$OUT/info.txt" 2>&1
   # A build that links but does not load (a libstdc++ of another compiler, a missing symbol)
   # would turn every cuda-backend test into a skip and every stage "ok": a stage of its own.
-  run_stage extension "$CAP_EXT" extension.log $PY -c "import sys, rmkernels._ext as e
-sys.exit(0 if e.CPP_AVAILABLE and e.CUDA_BUILT else f'the extension did not load with CUDA: {e.LOAD_ERROR}')"
+  # (and one whose own static libstdc++ crashes its check messages and huge_pages(): 2026-12-04)
+  run_stage extension "$CAP_EXT" extension.log $PY scripts/gpu_check_ops.py extension
 else
   record extension "skipped: the build failed" 0 "-"
   echo "build failed: the GPU stages that need the extension still run (cuda backend unavailable)" >> "$SUMMARY"

@@ -1,5 +1,9 @@
 """GPU parts of scripts/gpu_check.sh that are Python: one small call of every public op.
 
+    python scripts/gpu_check_ops.py extension            # the built extension loads (with CUDA on a
+                                                         # GPU machine), has no libstdc++ of its own,
+                                                         # and its streams work (a check message keeps
+                                                         # its numbers, huge_pages() reads sysfs)
     python scripts/gpu_check_ops.py list                 # the ops and backends it covers (each
                                                          # call checked once on CPU, reference)
     python scripts/gpu_check_ops.py sanitize             # small forward + backward of each op on
@@ -95,6 +99,40 @@ def _run(fn, be, needs_grad):
         loss = sum(o.float().nan_to_num().sum() for o in floats if o.requires_grad)
         grads = torch.autograd.grad(loss, needs_grad, allow_unused=True)
     return tuple(o.detach() for o in outs) + tuple(gr for gr in grads if gr is not None)
+
+
+def cmd_extension():
+    """rmkernels._C as the GPU stages need it, before any of them: loaded (with its CUDA kernels
+    where a GPU is), taking libstdc++ from torch's shared library, and its iostreams working.
+    On the H200 of 2026-12-04 a static libstdc++ in the extension crashed every check message that
+    formats a number and rmkernels._C.huge_pages(): the failures came one test and one benchmark
+    at a time; here they are one stage."""
+    from rmkernels import _ext
+    from rmkernels._libstdcxx import own_copy
+
+    if not _ext.CPP_AVAILABLE:
+        print(f"FAIL the extension did not load: {_ext.LOAD_ERROR}")
+        return 1
+    gpu = torch.cuda.is_available()
+    if gpu and not _ext.CUDA_BUILT:
+        print("FAIL the extension loaded without its CUDA kernels on a GPU machine")
+        return 1
+    own = own_copy(_ext._C.__file__)
+    print(f"{'FAIL' if own else 'ok  '} libstdc++ of its own: {own or 'none'} ({_ext._C.__file__})")
+    print(f"ok   huge_pages() = {_ext._C.huge_pages()}", flush=True)
+    failed = bool(own)
+    for dev in ("cpu", "cuda") if gpu else ("cpu",):
+        x, m = torch.randn(3, 8, device=dev), torch.ones(3, 8, dtype=torch.bool, device=dev)
+        try:
+            torch.ops.rmkernels.gae_kernel(torch.randn(3, 9, device=dev), x, m, 1.0, 0.95, True)
+            msg = "no error raised"
+        except ValueError as err:
+            msg = str(err)
+        ok = "rewards must be [B, T] = [3, 8], got [3, 9]" in msg
+        failed |= not ok
+        first = msg.splitlines()[0] if msg else "(empty)"
+        print(f"{'ok  ' if ok else 'FAIL'} {dev} check message: {first}", flush=True)
+    return 1 if failed else 0
 
 
 def cmd_list():
@@ -199,6 +237,8 @@ def cmd_profile(estimators=("grpo",)):
 
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else "list"
+    if cmd == "extension":
+        sys.exit(cmd_extension())
     if cmd == "list":
         sys.exit(cmd_list())
     if cmd == "sanitize":
@@ -207,4 +247,4 @@ if __name__ == "__main__":
         sys.exit(cmd_graphs(sys.argv[2]))
     if cmd == "profile":
         sys.exit(cmd_profile())
-    sys.exit(f"unknown command {cmd!r}: list, sanitize, graphs OUT.json or profile")
+    sys.exit(f"unknown command {cmd!r}: extension, list, sanitize, graphs OUT.json or profile")

@@ -105,3 +105,17 @@ def test_gpu_check_test_files_are_those_with_gpu_tests():
     collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
     assert collected, proc.stdout[-3000:]
     assert listed == collected, f"missing: {sorted(collected - listed)}; not GPU tests: {sorted(listed - collected)}"
+
+
+def test_gpu_check_extension_stage_on_cpu():
+    """gpu_check_ops.py extension (the gpu_check stage that runs before the GPU tests): here, its
+    CPU half (the extension loaded, no libstdc++ of its own, huge_pages(), a check message with
+    its numbers); on a GPU machine it also needs the CUDA kernels and checks the CUDA binding's
+    message."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check_ops.py"), "extension"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for line in ("ok   libstdc++ of its own: none", "ok   huge_pages() = (",
+                 "ok   cpu check message: rewards must be [B, T] = [3, 8], got [3, 9]"):
+        assert line in proc.stdout, proc.stdout
