@@ -28,6 +28,31 @@ def pytest_runtest_makereport(item, call):
 
 
 # ---------------------------------------------------------------------------------------
+# Under TRITON_INTERPRET=1: tl.minimum / tl.maximum (and the tl.min / tl.max reductions built on
+# them) without propagate_nan=ALL return the other operand of a NaN, as a GPU's min / max
+# instructions do. Triton 3.6's interpreter computes them with np.minimum / np.maximum, which keep
+# the NaN: a kernel that relied on that passed here and failed on an H200 (the token log-probs'
+# rows of only -inf logits, 2026-12-04).
+# ---------------------------------------------------------------------------------------
+def _interpreter_min_max_as_on_a_gpu():
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    builder.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin)
+    builder.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax)
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        _interpreter_min_max_as_on_a_gpu()
+
+
+# ---------------------------------------------------------------------------------------
 # Every torch.library.opcheck a test runs on an rmkernels op also runs that call under
 # torch.compile(fullgraph=True) (aot_eager: the same kernels) and wants the eager outputs
 # exactly (utils.assert_compiled_matches with rtol = atol = 0): opcheck checks the schema, the

@@ -635,6 +635,33 @@ def _neg_inf_rows_case(device, dtype, lead, H, V):
     return hidden, weight, b, targets
 
 
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] == "triton"])
+def test_triton_min_max_drop_a_nan_unless_told(backend, device):
+    """The rule the token log-probs' kernel follows (and tests/conftest.py makes the interpreter
+    keep, as a GPU does): tl.minimum / tl.maximum return the other operand of a NaN unless
+    propagate_nan=ALL. If this fails under TRITON_INTERPRET=1, conftest's patch of the
+    interpreter no longer takes (a Triton upgrade) and the NaN tests above no longer reproduce
+    the GPU's behaviour."""
+    skip_unless_available(backend, device)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _min_max(x_ptr, out_ptr):
+        x = tl.load(x_ptr + tl.arange(0, 2))
+        tl.store(out_ptr + tl.arange(0, 2), tl.minimum(x, 0.0))
+        tl.store(out_ptr + 2 + tl.arange(0, 2), tl.maximum(x, 0.0))
+        tl.store(out_ptr + 4 + tl.arange(0, 2), tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL))
+        tl.store(out_ptr + 6 + tl.arange(0, 2), tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL))
+
+    x = torch.tensor([float("nan"), 1.0], device=device)
+    out = torch.empty(8, device=device)
+    _min_max[(1,)](x, out)
+    got = out.cpu().tolist()
+    assert got[:4] == [0.0, 0.0, 0.0, 1.0], got
+    assert all(v != v for v in (got[4], got[6])) and got[5] == 0.0 and got[7] == 1.0, got
+
+
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_rows_of_only_neg_inf_logits(backend, device, chunks):
     """A row whose logits are all -inf has no distribution: lse -inf, log-prob and entropy NaN
