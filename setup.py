@@ -202,7 +202,7 @@ def _extensions():
         def build_extension(self, ext):
             super().build_extension(ext)
             path = self.get_ext_fullpath(ext.name)
-            own = libstdcxx.own_copy(path) if sys.platform.startswith("linux") and os.path.exists(path) else []
+            own = libstdcxx.own_copy(path) if os.path.exists(path) else []  # [] for a library that is not ELF
             if own:
                 raise OwnLibstdcxx(
                     f"rmkernels: the compiler ({os.environ.get('CXX', 'c++')}) linked a static copy of libstdc++ "
