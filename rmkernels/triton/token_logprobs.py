@@ -98,7 +98,8 @@ def _lp_fwd_kernel(
     ignored = tgt == ignore_index
     valid = (tgt >= 0) & (tgt < V) & (~ignored)
     # NaN kept (a row of only -inf logits: -inf - -inf, 0 / 0): on a GPU tl.minimum / tl.maximum
-    # return the other operand of a NaN unless told (the interpreter's numpy keeps it)
+    # return the other operand of a NaN unless told (triton 3.6's interpreter keeps it; the tests'
+    # interpreter drops it as a GPU does: tests/conftest.py)
     lp = tl.where(valid, tl.minimum(zt - lse, 0.0, propagate_nan=tl.PropagateNan.ALL),
                   tl.where(ignored, 0.0, float("nan")))
     ent = tl.where(ignored, 0.0, tl.maximum(log_s - u / s, 0.0, propagate_nan=tl.PropagateNan.ALL))
