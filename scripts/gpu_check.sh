@@ -155,6 +155,31 @@ if shutil.which("nvidia-smi"):
     print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
 c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 print("native arch:", f"{c[0]}.{c[1]}" if c else "none")
+# The C++ compilers and the libstdc++ torch loaded (setup.py links the extension against that
+# one and refuses a build that carries a copy of its own: rmkernels/_libstdcxx.py). If the build
+# stage says "a static copy of libstdc++", these lines say which other g++ to rebuild with (CXX=).
+import importlib.util, os, re
+spec = importlib.util.spec_from_file_location("_libstdcxx", "rmkernels/_libstdcxx.py")  # not the package: no _C
+_libstdcxx = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(_libstdcxx)
+print("CXX:", os.environ.get("CXX"), "CC:", os.environ.get("CC"))
+for cxx in dict.fromkeys(filter(None, (os.environ.get("CXX"), "c++", "g++", "/usr/bin/g++"))):
+    path = shutil.which(cxx)
+    if path is None:
+        print(f"{cxx}: not found")
+        continue
+    def ask(*args):
+        r = subprocess.run([path, *args], capture_output=True, text=True)
+        return (r.stdout.splitlines() or ["?"])[0]
+    print(f"{cxx}: {os.path.realpath(path)} ({ask('--version')}); libstdc++.so: "
+          f"{ask('-print-file-name=libstdc++.so')}; libstdc++.a: {ask('-print-file-name=libstdc++.a')}")
+lib = _libstdcxx.loaded_libstdcxx()
+if lib:
+    with open(lib, "rb") as f:
+        versions = {int(v) for v in re.findall(rb"GLIBCXX_3\.4\.(\d+)", f.read())}
+    print(f"torch's libstdc++: {os.path.realpath(lib)}, newest GLIBCXX_3.4.{max(versions, default=0)}")
+else:
+    print("torch's libstdc++: none found")
 EOF
 # (not CC: the device machine exports CC as its host compiler, and nvcc would get -ccbin <arch>)
 NATIVE_ARCH=$(sed -n 's/^native arch: \([0-9][0-9.]*\)$/\1/p' "$OUT/env.txt")
@@ -181,6 +206,9 @@ if run_stage build "$CAP_BUILD" build.log env RMKERNELS_CUDA_ARCHS="$NATIVE_ARCH
 else
   record extension "skipped: the build failed" 0 "-"
   echo "build failed: the GPU stages that need the extension still run (cuda backend unavailable)" >> "$SUMMARY"
+  if grep -q "static copy of libstdc++" "$OUT/build.log"; then
+    echo "the build was refused for a static libstdc++: rerun with CXX= another g++ of env.txt" >> "$SUMMARY"
+  fi
 fi
 
 # ---- 2. GPU tests ----------------------------------------------------------------------

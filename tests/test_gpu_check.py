@@ -29,7 +29,12 @@ def test_gpu_check_cpu_mode(tmp_path):
     for op in ("last_token_reward", "bradley_terry_loss", "pairwise_reward_loss", "ranking_loss", "ppo_advantages",
                "masked_whiten"):
         assert op in ops, ops
-    assert "cuda available: False" in (out / "env.txt").read_text()
+    env_txt = (out / "env.txt").read_text()
+    assert "cuda available: False" in env_txt
+    # the compilers and torch's libstdc++, for a build refused for a static libstdc++ (setup.py)
+    assert re.search(r"^g\+\+: \S+ \(.*\); libstdc\+\+\.so: ", env_txt, re.M), env_txt
+    loaded = r"^torch's libstdc\+\+: /\S+libstdc\+\+\.so\.6\S*, newest GLIBCXX_3\.4\.\d+$"
+    assert re.search(loaded, env_txt, re.M), env_txt
 
 
 def test_gpu_check_bench_runs_are_valid():
