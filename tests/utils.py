@@ -80,9 +80,12 @@ def tolerance(dtype):
             torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}[dtype]
 
 
-def assert_close(actual, expected, *, rtol, atol, name="output", equal_nan=True):
+def assert_close(actual, expected, *, rtol, atol, name="output", equal_nan=True, magnitude=None):
     """allclose that says, on failure, how many elements differ, where, and the NaN/inf
-    mismatches."""
+    mismatches. ``magnitude`` (shaped like ``expected``): the size the relative tolerance applies
+    to where it exceeds ``|expected|``, for a value that is a sum of larger terms (the gradient of
+    a base tensor under an expanded or overlapping view: the sum of ``|terms|``), whose rounding
+    error scales with those terms, not with what is left after they cancel."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
@@ -97,7 +100,7 @@ def assert_close(actual, expected, *, rtol, atol, name="output", equal_nan=True)
                     f"first {torch.nonzero(inf_mismatch)[:5].tolist()}")
     both = ~(nan_a | nan_e)
     diff = (a - e).abs()
-    tol = atol + rtol * e.abs()
+    tol = atol + rtol * (e.abs() if magnitude is None else torch.maximum(e.abs(), magnitude.detach().double().cpu()))
     bad = both & ~((diff <= tol) | (a == e))  # equal infinities are equal
     if bad.any():
         where = torch.nonzero(bad)
