@@ -293,6 +293,27 @@ def test_ppo_refuses_policy_size_with_policy_and_a_prompt_directory(tmp_path, ca
     assert f"--prompts {tmp_path / 'p'}: is a directory" in _one_line_error(rc, err, "ppo")
 
 
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+@pytest.mark.parametrize("config,weights,message", [
+    ("{not json", True, "cannot read its config.json: "),
+    ('{"model_type": "llama"}', False, "no weights in it (none of model.safetensors, "),
+    ('{"model_type": "clip"}', True, "transformers has no causal LM for its model_type 'clip'"),
+])
+def test_ppo_refuses_a_policy_directory_before_training_anything(tmp_path, capsys, advantage, config, weights,
+                                                                  message):
+    """A --policy that cannot load stops the run with the argument checks, before the default
+    reward model is trained (minutes; the policy used to be loaded only after it)."""
+    pol = tmp_path / "policy"
+    os.makedirs(pol)
+    (pol / "config.json").write_text(config)
+    if weights:
+        (pol / "model.safetensors").write_bytes(b"")
+    argv = ["--advantage", advantage, *PPO[6:]]  # without --policy-layers / --policy-hidden
+    rc, err = _run(ppo_main, capsys, *argv, "--policy", pol, "--output-dir", tmp_path / "o")
+    assert f"--policy {pol}: {message}" in _one_line_error(rc, err, "ppo"), err
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # 4. Non-finite parameters are never saved (nor called a good checkpoint)
 # ---------------------------------------------------------------------------------------

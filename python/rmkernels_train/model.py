@@ -95,6 +95,33 @@ def max_positions(path):
     return None
 
 
+# The weight files transformers' from_pretrained reads from a local directory (one file, or an
+# index of shards).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_causal_lm_dir(path, what="--policy"):
+    """What can be known of a causal-LM checkpoint directory without loading it: a readable
+    config.json of an architecture transformers has a causal LM for, and a weight file. Run with
+    the argument checks, so that a wrong --policy stops the run before the default reward model
+    is trained (minutes); the load itself (``load_policy``) still checks the weights."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not os.path.isdir(path):
+        raise TrainingError(f"{what} {path}: not a directory (give a local HF checkpoint directory)")
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 (transformers raises many types)
+        raise TrainingError(f"{what} {path}: cannot read its config.json: {one_line(e)}") from None
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise TrainingError(f"{what} {path}: transformers has no causal LM for its model_type {cfg.model_type!r}")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
+        raise TrainingError(f"{what} {path}: no weights in it (none of {', '.join(WEIGHT_FILES)})")
+    return cfg
+
+
 def reward_config(path, *, what="--model"):
     """``(config, kwargs)`` of the HF checkpoint directory ``path`` as a reward model: a
     ``*ForSequenceClassification`` checkpoint as is (it must have one label), another one

@@ -275,6 +275,10 @@ def check_args(a):
         v = getattr(a, name)
         if v is not None and not os.path.isdir(v):
             raise TrainingError(f"--{name.replace('_', '-')} {v}: not a directory")
+    if a.policy is not None:  # before the default reward model is trained (minutes)
+        from rmkernels_train.model import check_causal_lm_dir
+
+        check_causal_lm_dir(a.policy)
     # what --data takes: anything that exists and is not a directory (a pipe, a FIFO, /dev/stdin)
     if a.prompts is not None and os.path.isdir(a.prompts):
         raise TrainingError(f"--prompts {a.prompts}: is a directory (give a JSONL file)")
