@@ -269,6 +269,8 @@ def kl_estimate(logprobs, ref_logprobs, mask=None, *, estimator="k1", clamp=None
     common = common_float_dtype(lp, ref)
     if common is not None:
         lp, ref = lp.to(common), ref.to(common)
+    if lp.dim() == 2:  # already rows: no views (a reshape costs ~1-2 us of host time)
+        return _kl_estimate(lp, ref, mask, estimator, clamp, be)
     rows = (-1, shape[-1]) if shape[-1] > 0 else (int(torch.Size(shape[:-1]).numel()), 0)
     lp, ref = lp.reshape(rows), ref.reshape(rows)
     if mask is not None:
