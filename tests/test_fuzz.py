@@ -10,7 +10,10 @@ into the last dimension), expanded (stride 0 on the first dimension), and, for t
 ops, overlapping tokens (``x.unfold(1, H, 1)``'s layout: token stride 1). Gradients are taken
 with respect to the *base* tensor the view was made from, so a backward that writes a view's
 gradient as if it were contiguous shows up. The reference runs on float64 copies of the
-same values; the comparison uses the input dtype's tolerance (``tests/utils.tolerance``).
+same values; the comparison uses the input dtype's tolerance (``tests/utils.tolerance``),
+relative, for the gradient of a base that a view reads more than once (expanded, overlapping),
+to the sum of |the terms| autograd adds into it (``_grad_magnitudes``: bf16 terms that cancel
+leave a sum far smaller than their rounding errors).
 
 Profiles: ``ci`` (default; a bounded, deterministic example count: ``derandomize=True``, no
 example database) and ``long`` (many more examples, random), selected with
