@@ -95,6 +95,19 @@ def max_positions(path):
     return None
 
 
+def checkpoint_config(path, what):
+    """The config of the local HF checkpoint directory ``path`` (``what`` names it in the
+    errors: not a directory, a config.json that does not read)."""
+    from transformers import AutoConfig
+
+    if not os.path.isdir(path):
+        raise TrainingError(f"{what} {path}: not a directory (give a local HF checkpoint directory)")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 (transformers raises many types)
+        raise TrainingError(f"{what} {path}: cannot read its config.json: {one_line(e)}") from None
+
+
 # The weight files transformers' from_pretrained reads from a local directory (one file, or an
 # index of shards).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -106,15 +119,9 @@ def check_causal_lm_dir(path, what="--policy"):
     config.json of an architecture transformers has a causal LM for, and a weight file. Run with
     the argument checks, so that a wrong --policy stops the run before the default reward model
     is trained (minutes); the load itself (``load_policy``) still checks the weights."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if not os.path.isdir(path):
-        raise TrainingError(f"{what} {path}: not a directory (give a local HF checkpoint directory)")
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 (transformers raises many types)
-        raise TrainingError(f"{what} {path}: cannot read its config.json: {one_line(e)}") from None
+    cfg = checkpoint_config(path, what)
     if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise TrainingError(f"{what} {path}: transformers has no causal LM for its model_type {cfg.model_type!r}")
     if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
@@ -127,14 +134,7 @@ def reward_config(path, *, what="--model"):
     ``*ForSequenceClassification`` checkpoint as is (it must have one label), another one
     (a causal LM) with ``num_labels=1`` in ``kwargs`` (its ``score`` head is new).
     ``what`` names the directory in error messages."""
-    from transformers import AutoConfig
-
-    if not os.path.isdir(path):
-        raise TrainingError(f"{what} {path}: not a directory (give a local HF checkpoint directory)")
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise TrainingError(f"{what} {path}: cannot read its config.json: {one_line(e)}") from None
+    cfg = checkpoint_config(path, what)
     archs = getattr(cfg, "architectures", None) or []
     is_seq_cls = any(a.endswith("ForSequenceClassification") for a in archs)
     if is_seq_cls and cfg.num_labels != 1:
