@@ -371,10 +371,9 @@ def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=DEFAULT_WHITEN
     if x2.dim() != 2:  # rows = all leading dims (a [B, T] x is rows already: no views, ~1-2 us each)
         x2 = x2.reshape(math.prod(shape[:-1]), shape[-1])
         mask = mask.reshape(x2.shape)
-    m2 = mask
     if process_group is None:
-        out = _masked_whiten(x2, m2, shift_mean, unbiased, eps, be)
+        out = _masked_whiten(x2, mask, shift_mean, unbiased, eps, be)
     else:
-        rows = _masked_row_stats(x2, m2, be)
-        out = _whiten_distributed(x2, m2, rows, shift_mean, unbiased, eps, be, process_group)
+        rows = _masked_row_stats(x2, mask, be)
+        out = _whiten_distributed(x2, mask, rows, shift_mean, unbiased, eps, be, process_group)
     return out if out.shape == shape else out.reshape(shape)
