@@ -354,6 +354,31 @@ def test_subclasses_use_the_public_ops():
     assert called == {"bradley_terry_loss"}
 
 
+def test_dead_functorch_wrappers_use_the_public_ops():
+    """A tensor that left a torch.func transform (a "dead" wrapper) is unwrapped by
+    ``autograd.Function.apply``'s Python layer, which the fast path skips (it calls the C apply):
+    such an argument sends the call to the public op, and the result and gradient are those of a
+    plain tensor."""
+    skip_unless_available("cpu", "cpu")
+    leaked = []
+
+    def f(x):
+        leaked.append(x)
+        return x.sum()
+
+    x = torch.randn(6)
+    torch.func.grad(f)(x)
+    dead = leaked[0]
+    assert type(dead) is torch.Tensor and torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    assert not _library.use_eager_path(dead) and _library.use_eager_path(x)
+    r = torch.randn(6, requires_grad=True)
+    called = _public_ops_called(lambda: torch.autograd.grad(rmk.bradley_terry_loss(dead, r), (r,)))
+    assert called == {"bradley_terry_loss"}
+    (want,) = torch.autograd.grad(rmk.bradley_terry_loss(x, r), (r,))
+    (got,) = torch.autograd.grad(rmk.bradley_terry_loss(dead, r), (r,))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_env_switch_read_at_import():
     code = ("import torch, rmkernels as rmk; from rmkernels import _library; "
             "c = torch.randn(4, requires_grad=True); "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rmkernels import _backend, _checks
 from rmkernels._codes import REDUCTIONS, Reduction
-from rmkernels._library import acc_dtype, acc_scalar
+from rmkernels._library import acc_dtype, acc_scalar, as_dtype, detached
 from rmkernels._registry import Autograd, Kernel, Op
 
 
@@ -113,7 +113,7 @@ def _prepare_forward(chosen, rejected, margin, weights, margin_value, weight_val
 
 def _prepare_backward(grad, chosen, rejected, margin, weights, margin_value, weight_value, label_smoothing,
                       center_coef, reduction, need_chosen, need_rejected):
-    return (grad.to(acc_dtype(chosen.dtype)).contiguous(), chosen, rejected, _contiguous(margin),
+    return (as_dtype(grad, acc_dtype(chosen.dtype)).contiguous(), chosen, rejected, _contiguous(margin),
             _contiguous(weights), margin_value, weight_value, label_smoothing, center_coef, int(REDUCTIONS[reduction]),
             need_chosen, need_rejected)
 
@@ -220,9 +220,9 @@ def _check_pair_rewards(chosen, rejected):
     if chosen.shape[0] != rejected.shape[0]:
         raise ValueError(f"rejected must have the same batch size B as chosen, got chosen {tuple(chosen.shape)} "
                          f"and rejected {tuple(rejected.shape)}")
-    dtype = torch.promote_types(chosen.dtype, rejected.dtype)
+    dtype = chosen.dtype if chosen.dtype == rejected.dtype else torch.promote_types(chosen.dtype, rejected.dtype)
     flat = [t.squeeze(1) if t.dim() == 2 else t for t in (chosen, rejected)]  # views both ways
-    return [t if t.dtype == dtype else t.to(dtype) for t in flat]
+    return [as_dtype(t, dtype) for t in flat]
 
 
 def _per_pair_arg(name, value, B, device, acc, default):
@@ -233,7 +233,7 @@ def _per_pair_arg(name, value, B, device, acc, default):
         if value.dim() != 1 or value.shape[0] != B:  # never broadcast a [B, 1] against [B]
             raise ValueError(f"{name} must be a float or a [B] = [{B}] tensor, got shape {tuple(value.shape)}")
         _checks.check_tensor(name, value, dtypes=_checks.FLOAT_DTYPES, device=device)
-        return value.detach().to(acc).contiguous(), default  # data: no gradient flows to it
+        return as_dtype(detached(value), acc).contiguous(), default  # data: no gradient flows to it
     if not _checks.is_real(value):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
     return None, _checks.check_float(name, value, **_FINITE)

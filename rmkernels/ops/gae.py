@@ -19,7 +19,7 @@ import torch
 
 from rmkernels import _backend, _checks
 from rmkernels._codes import KL_ESTIMATORS, LOW_VAR_KL_CLAMP, LOW_VAR_X_CLAMP, KLEstimator
-from rmkernels._library import acc_dtype, acc_scalar
+from rmkernels._library import acc_dtype, acc_scalar, detached
 from rmkernels._registry import Kernel, Op
 
 KL_ESTIMATOR_NAMES = tuple(KL_ESTIMATORS)
@@ -229,7 +229,7 @@ def gae(token_rewards, values, mask, *, gamma=1.0, lam=0.95, backend=None):
     mask = check_mask("mask", mask, (B, T), dev)
     gamma, lam = check_discount(gamma, lam)
     be = _backend.resolve(backend, dev)
-    rewards, values = token_rewards.detach(), values.detach()
+    rewards, values = detached(token_rewards), detached(values)
     common = common_float_dtype(rewards, values)
     if common is not None:  # mixed dtypes: the kernels read one storage dtype
         rewards, values = rewards.to(common), values.to(common)
@@ -265,7 +265,7 @@ def kl_estimate(logprobs, ref_logprobs, mask=None, *, estimator="k1", clamp=None
     check_estimator("estimator", estimator)
     clamp = check_clamp("clamp", clamp)
     be = _backend.resolve(backend, dev)
-    lp, ref = logprobs.detach(), ref_logprobs.detach()
+    lp, ref = detached(logprobs), detached(ref_logprobs)
     common = common_float_dtype(lp, ref)
     if common is not None:
         lp, ref = lp.to(common), ref.to(common)

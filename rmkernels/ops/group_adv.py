@@ -57,7 +57,7 @@ from torch import Tensor
 
 from rmkernels import _backend, _checks, _ext
 from rmkernels._codes import GROUP_ESTIMATORS, GROUP_SINGLES, GroupEstimator, GroupSingle
-from rmkernels._library import acc_dtype
+from rmkernels._library import acc_dtype, as_dtype, detached
 from rmkernels._registry import Kernel, Op
 from rmkernels.ops.gae import check_2d, check_discount, check_mask, gae_kernel, gae_recurrence
 from rmkernels.ops.ppo import centered_sq_kernel, masked_whiten_body, row_stats_kernel, whiten_apply_kernel
@@ -364,7 +364,7 @@ def _check_group_ids(group_ids, B, dev):
     if group_ids.shape[0] != B:
         raise ValueError(f"group_ids must have shape [B] = [{B}] (from scores), got {list(group_ids.shape)}")
     _check_ids_range(group_ids, B)
-    return group_ids.long().contiguous()
+    return as_dtype(group_ids, torch.int64).contiguous()
 
 
 group_ids_fn = group_ids
@@ -421,9 +421,9 @@ def group_advantages(scores, group_ids, mask=None, *, estimator="grpo", eps=DEFA
         mask = check_mask("mask", mask, mask.shape, dev)
     gids = _check_group_ids(group_ids, B, dev)
     be = _backend.resolve(backend, dev)
-    scores = scores.detach()
+    scores = detached(scores)
     acc = acc_dtype(scores.dtype)
-    s = scores.sum(-1, dtype=acc) if scores.dim() == 2 else scores.to(acc)
+    s = scores.sum(-1, dtype=acc) if scores.dim() == 2 else as_dtype(scores, acc)
     out = _group_advantages(s.contiguous(), gids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, be)
     return GroupAdvantages(*out)
 
@@ -447,7 +447,7 @@ def reinforce_pp_returns(token_rewards, mask=None, *, gamma=1.0, backend=None):
         mask = check_mask("mask", mask, token_rewards.shape, dev)
     gamma = check_discount(gamma)
     be = _backend.resolve(backend, dev)
-    return _reinforce_pp_returns(token_rewards.detach(), mask, gamma, be)
+    return _reinforce_pp_returns(detached(token_rewards), mask, gamma, be)
 
 
 def _reinforce_inputs(token_rewards, mask):
@@ -478,7 +478,7 @@ def reinforce_pp_advantages(token_rewards, mask=None, *, gamma=1.0, unbiased=Tru
     mask = _reinforce_inputs(token_rewards, mask)
     gamma, unbiased, eps = check_reinforce_options(gamma, unbiased, eps)
     be = _backend.resolve(backend, token_rewards.device)
-    return ReinforceAdvantages(*_reinforce_advantages(token_rewards.detach(), mask, None, gamma, unbiased, eps, be))
+    return ReinforceAdvantages(*_reinforce_advantages(detached(token_rewards), mask, None, gamma, unbiased, eps, be))
 
 
 def remax_advantages(token_rewards, baselines, mask=None, *, backend=None):
@@ -499,7 +499,7 @@ def remax_advantages(token_rewards, baselines, mask=None, *, backend=None):
     _checks.check_tensor("baselines", baselines, ndims=1, dtypes=_checks.FLOAT_DTYPES, device=token_rewards.device)
     if baselines.shape[0] != B:
         raise ValueError(f"baselines must have shape [B] = [{B}] (from token_rewards), got {list(baselines.shape)}")
-    base = baselines.detach().to(acc_dtype(token_rewards.dtype)).contiguous()
+    base = as_dtype(detached(baselines), acc_dtype(token_rewards.dtype)).contiguous()
     be = _backend.resolve(backend, token_rewards.device)
-    return ReinforceAdvantages(*_reinforce_advantages(token_rewards.detach(), mask, base, 1.0, True,
+    return ReinforceAdvantages(*_reinforce_advantages(detached(token_rewards), mask, base, 1.0, True,
                                                       DEFAULT_WHITEN_EPS, be))

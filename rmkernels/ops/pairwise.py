@@ -16,7 +16,7 @@ import torch
 
 from rmkernels import _backend, _checks
 from rmkernels._codes import REDUCTIONS
-from rmkernels._library import acc_dtype
+from rmkernels._library import acc_dtype, as_dtype
 from rmkernels._registry import Autograd, Op
 from rmkernels.ops import pooling
 from rmkernels.ops.bt_loss import bt_backward, bt_forward, check_loss_args, check_loss_scalars, loss_options, loss_shape
@@ -107,8 +107,8 @@ def _backward(pairwise_backward, ctx, grad_loss, grad_rewards):
         grad_loss = torch.zeros_like(rewards[: rewards.shape[0] // 2] if scalars[-1] == "none" else rewards[0])
     g_h, g_w, g_b = pairwise_backward(grad_loss, grad_rewards, rewards, hidden, weight, index, margin, weights,
                                       *scalars, need_h, need_w, need_b, backend)
-    return (g_h if need_h else None, g_w.to(weight.dtype) if need_w else None,
-            g_b.to(ctx.bias_dtype) if need_b else None) + (None,) * 9
+    return (g_h if need_h else None, as_dtype(g_w, weight.dtype) if need_w else None,
+            as_dtype(g_b, ctx.bias_dtype) if need_b else None) + (None,) * 9
 
 
 # What the public function calls: the public op, or its body in plain eager mode

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from rmkernels import _backend, _checks
 from rmkernels._layout import grad_buffer
-from rmkernels._library import acc_dtype
+from rmkernels._library import acc_dtype, as_dtype
 from rmkernels._registry import Autograd, Kernel, Op
 
 
@@ -158,8 +158,8 @@ def _check_reward_backward(grad, hidden, weight, index, need_hidden, need_weight
 
 def _head_params(hidden, weight, bias):
     acc = acc_dtype(hidden.dtype)
-    w = weight.to(acc).contiguous()
-    b = bias.to(acc).contiguous() if bias is not None else None
+    w = as_dtype(weight, acc).contiguous()
+    b = as_dtype(bias, acc).contiguous() if bias is not None else None
     return w, b
 
 
@@ -170,7 +170,7 @@ def _prepare_forward(hidden, weight, bias, index):
 
 def _prepare_backward(grad, hidden, weight, index, need_hidden, need_weight, need_bias):
     w, _ = _head_params(hidden, weight, None)
-    return grad.to(w.dtype).contiguous(), hidden, w, index.contiguous(), need_hidden, need_weight, need_bias
+    return as_dtype(grad, w.dtype).contiguous(), hidden, w, index.contiguous(), need_hidden, need_weight, need_bias
 
 
 def _setup_context(ctx, inputs, output):
@@ -186,8 +186,8 @@ def _backward(pool_backward, ctx, grad):
     hidden, weight, index = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     g_h, g_w, g_b = pool_backward(grad, hidden, weight, index, need_h, need_w, need_b, ctx.backend)
-    return (g_h if need_h else None, g_w.to(weight.dtype) if need_w else None,
-            g_b.to(ctx.bias_dtype) if need_b else None, None, None)
+    return (g_h if need_h else None, as_dtype(g_w, weight.dtype) if need_w else None,
+            as_dtype(g_b, ctx.bias_dtype) if need_b else None, None, None)
 
 
 def _reward_fake(hidden, weight, bias, index, backend):

@@ -34,7 +34,7 @@ from collections import namedtuple
 import torch
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype
+from rmkernels._library import acc_dtype, as_dtype, detached
 from rmkernels._registry import Kernel, Op
 from rmkernels.ops.gae import (
     check_clamp,
@@ -142,7 +142,7 @@ def _prepare_ppo_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamm
                      score_clip):
     code, x_clamp, kc = estimator_args(kl_estimator, kl_clamp)
     sc = float(score_clip) if score_clip is not None else 0.0
-    scores = scores.to(acc_dtype(values.dtype)).contiguous()
+    scores = as_dtype(scores, acc_dtype(values.dtype)).contiguous()
     return (logprobs, ref_logprobs, values, scores, mask, float(kl_coef), float(gamma), float(lam), code, x_clamp,
             kc, sc)
 
@@ -331,7 +331,7 @@ def ppo_advantages(logprobs, ref_logprobs, values, scores, mask, *, kl_coef, gam
     be = _backend.resolve(backend, dev)
 
     # Targets, not a graph: the op never sees autograd.
-    logprobs, ref_logprobs, values, scores = (t.detach() for t in (logprobs, ref_logprobs, values, scores))
+    logprobs, ref_logprobs, values, scores = map(detached, (logprobs, ref_logprobs, values, scores))
     common = common_float_dtype(logprobs, ref_logprobs, values)
     if common is not None:  # mixed dtypes: the kernels read one storage dtype
         logprobs, ref_logprobs, values = (t.to(common) for t in (logprobs, ref_logprobs, values))
@@ -367,7 +367,7 @@ def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=DEFAULT_WHITEN
     process_group = _check_process_group(process_group)
     be = _backend.resolve(backend, x.device)
     shape = x.shape
-    x2 = x.detach()
+    x2 = detached(x)
     if x2.dim() != 2:  # rows = all leading dims (a [B, T] x is rows already: no views, ~1-2 us each)
         x2 = x2.reshape(math.prod(shape[:-1]), shape[-1])
         mask = mask.reshape(x2.shape)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from rmkernels import _backend, _checks
 from rmkernels._codes import REDUCTIONS
-from rmkernels._library import acc_dtype
+from rmkernels._library import acc_dtype, as_dtype
 from rmkernels._registry import Autograd, Kernel, Op
 
 
@@ -101,9 +101,9 @@ def _forward(rewards, num_candidates, reduction, backend):
 def _backward_body(grad, rewards, num_candidates, reduction, backend):
     acc = acc_dtype(rewards.dtype)
     if reduction == "none":
-        g_rows = grad.to(acc).contiguous()
+        g_rows = as_dtype(grad, acc).contiguous()
     else:
-        g = grad.to(acc)
+        g = as_dtype(grad, acc)
         if reduction == "mean":
             g = g / _ranked_rows(rewards, num_candidates, acc)
         g_rows = g.expand(rewards.shape[0]).contiguous()
@@ -189,7 +189,7 @@ def ranking_loss(rewards, *, num_candidates=None, reduction="mean", backend=None
     B, K = rewards.shape
     if num_candidates is not None:
         check_num_candidates(num_candidates, B, K, rewards.device)
-        num_candidates = num_candidates.to(torch.int64).contiguous()  # the kernels read int64
+        num_candidates = as_dtype(num_candidates, torch.int64).contiguous()  # the kernels read int64
     _checks.check_choice("reduction", reduction, tuple(REDUCTIONS))
     be = _backend.resolve(backend, rewards.device)
     return _ranking_loss(rewards, num_candidates, reduction, be)

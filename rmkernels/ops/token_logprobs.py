@@ -43,7 +43,7 @@ kernels (targets outside the shard contribute nothing) and the two all-reduces h
 import torch
 
 from rmkernels import _backend, _checks
-from rmkernels._library import acc_dtype
+from rmkernels._library import acc_dtype, as_dtype
 from rmkernels._registry import Autograd, Kernel, Op
 
 # ---------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ bwd_kernel = Kernel("token_logprobs_bwd_kernel", reference=_reference_bwd, trito
 # Public ops (declared once: the registry builds the custom ops, autograd and eager path)
 # ---------------------------------------------------------------------------------------
 def _bias_acc(hidden, bias):
-    return bias.to(acc_dtype(hidden.dtype)).contiguous() if bias is not None else None
+    return as_dtype(bias, acc_dtype(hidden.dtype)).contiguous() if bias is not None else None
 
 
 def _chunks(hidden, targets, weight):
@@ -204,8 +204,8 @@ def _prepare_forward(hidden, weight, bias, targets, temperature, ignore_index):
 def _prepare_backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
                       ignore_index, need_hidden, need_weight, need_bias):
     acc = acc_dtype(hidden.dtype)
-    g_lp = grad_logprobs.to(acc).contiguous()
-    g_ent = grad_entropy.to(acc).contiguous() if grad_entropy is not None else None
+    g_lp = as_dtype(grad_logprobs, acc).contiguous()
+    g_ent = as_dtype(grad_entropy, acc).contiguous() if grad_entropy is not None else None
     return (g_lp, g_ent, hidden, weight, _bias_acc(hidden, bias), targets.contiguous(), lse.contiguous(),
             entropy.contiguous(), temperature, ignore_index, *_chunks(hidden, targets, weight), need_hidden,
             need_weight, need_bias)
@@ -253,7 +253,7 @@ def _backward(lp_backward, ctx, grad_logprobs, grad_entropy, _grad_lse):
         grad_logprobs = torch.zeros_like(lse)
     g_h, g_w, g_b = lp_backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
                                 ctx.temperature, ctx.ignore_index, need_h, need_w, need_b, ctx.backend)
-    return (g_h if need_h else None, g_w if need_w else None, g_b.to(ctx.bias_dtype) if need_b else None,
+    return (g_h if need_h else None, g_w if need_w else None, as_dtype(g_b, ctx.bias_dtype) if need_b else None,
             None, None, None, None)
 
 
@@ -329,7 +329,7 @@ def check_inputs(hidden, weight, targets, bias, temperature, ignore_index):
         hidden = hidden.contiguous()  # the kernels need a unit stride on H
     if H > 1 and weight.stride(-1) != 1:
         weight = weight.contiguous()
-    targets = targets.long().contiguous()
+    targets = as_dtype(targets, torch.int64).contiguous()
     _check_targets(targets, V, ignore_index)
     return hidden, weight, targets, temperature
 
