@@ -14,11 +14,15 @@ then replayed in order). The difference is the package's cost above its kernels:
 checks, the routing, the autograd ``Function`` and the small torch ops between kernels (a sum,
 a cast, an index). Modes: ``forward``, and ``full`` (forward + ``torch.autograd.grad`` of the
 first output, for the ops with a gradient; the replay adds the backward's kernel ops, while the
-function's row also pays torch's autograd engine, which any autograd op pays).
+function's row also pays torch's autograd engine, which any autograd op pays). On the CPU a
+third provider, ``rmk-<backend>-nochecks``, times the same call with the data checks off: CPU
+tensors always get them (rows with no valid token, group-id ranges, ...: small torch ops and a
+read of their result), GPU tensors only with ``rmk.checks(True)``, so this row is the Python a
+GPU machine's call runs, the CPU's stand-in for the target.
 
 The clock is the calling thread's CPU time (one torch thread): on a GPU the kernels run
 asynchronously and a sample synchronises the device only after its clock has stopped, so the
-figure is the host's time per call, the CPU overhead of the target. The two providers of a
+figure is the host's time per call, the CPU overhead of the target. The providers of a
 function are sampled in turn (interleaved), medians over the samples. The report
 (``report._overhead_targets``) judges the call (``forward``) on a GPU machine, the target's;
 on the CPU, and for ``full``, its figures are information.
@@ -34,9 +38,10 @@ import time
 
 import torch
 
-from benchmarks import common, timing
+from benchmarks import common, report, timing
 
 OPS = ("overhead",)
+NO_DATA_CHECKS = report.NO_DATA_CHECKS  # the provider suffix of a CPU call timed with the data checks off
 
 
 def _cases(device):
@@ -170,6 +175,18 @@ def _calls(call, grad_inputs, mode):
     return full, replay, len(recorded)
 
 
+def _without_data_checks(fn):
+    """``fn`` with the data checks off (``_checks.shape_checks_only``), as a call on GPU tensors
+    runs by default: on the CPU, where they always run (a device-to-host read each on a GPU), the
+    Python a GPU machine's call runs. The switch itself (a list append and pop) is timed too."""
+    from rmkernels import _checks
+
+    def run():
+        with _checks.shape_checks_only():
+            return fn()
+    return run
+
+
 def _sample(fn, n, device, now):
     """Host seconds per call over ``n`` calls; the device is synchronised after the clock stops."""
     t0 = now()
@@ -221,12 +238,17 @@ def run(op="overhead", device="cpu", shapes=None, quick=False, tiny=False, only=
                 call, grad_inputs = make()
                 for mode in ("forward", "full") if grad_inputs else ("forward",):
                     fn, replay, k = _calls(call, grad_inputs, mode)
-                    fns = common.select({f"rmk-{be}": fn, f"kernels-{be}": replay}, only)
+                    fns = {f"rmk-{be}": fn, f"kernels-{be}": replay}
+                    if device == "cpu":  # (a GPU call runs without them already)
+                        fns[f"rmk-{be}{NO_DATA_CHECKS}"] = _without_data_checks(fn)
+                    fns = common.select(fns, only)
                     res = _measure(fns, device, reps)
                     base = dict(op="overhead", shape=name, dims=dims, dtype="fp32", mode=mode, metric="call_ms",
                                 unit="ms", bytes=0, samples=reps, **env)
                     for p, (med, p20, p80) in res.items():
-                        note = f"{k} kernel call(s)" if p.startswith("kernels-") else "the public function"
+                        note = (f"{k} kernel call(s)" if p.startswith("kernels-") else
+                                "the public function, data checks off" if p.endswith(NO_DATA_CHECKS) else
+                                "the public function")
                         rows.append(dict(base, provider=p, median=med, p20=p20, p80=p80, note=note))
                     line = "  ".join(f"{p} {v[0] * 1e3:.1f} us" for p, v in res.items())
                     log(f"  overhead {name:24s} {mode:8s} {line}")

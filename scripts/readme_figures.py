@@ -273,12 +273,15 @@ def block_overhead(root):
     rows = report.read_csv(os.path.join(root, OVERHEAD_CSV))
 
     lines = ["| function (tiny shape) | the call, us | its kernel ops, us | overhead, us | "
-             "forward + backward: overhead, us |", "|---|---:|---:|---:|---:|"]
+             "overhead, data checks off (a GPU call's Python), us | forward + backward: overhead, us |",
+             "|---|---:|---:|---:|---:|---:|"]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         c = report._get(rows, shape=shape)[0]
         call, kern, over = report.overhead_us(rows, shape, "forward", "cpu")
+        unchecked = report.overhead_us(rows, shape, "forward", "cpu", data_checks=False)[2]
         full = report.overhead_us(rows, shape, "full", "cpu")[2]
         lines.append(f"| `{shape}` ({c['dims']}) | {call:.1f} | {kern:.1f} | {over:.1f} | "
+                     f"{'-' if unchecked != unchecked else f'{unchecked:.1f}'} | "
                      f"{'-' if full != full else f'{full:.1f}'} |")
     md = OVERHEAD_CSV[:-4].replace(os.sep, "/") + ".md"
     return ("\n".join(lines) + f"\n\nMedians of thread CPU time per call on {rows[0]['device_name']}, one torch "

@@ -357,9 +357,31 @@ def test_overhead_bench_reaches_the_kernels_of_every_function(monkeypatch):
     rows = bench_overhead.run(shapes=["bradley_terry_loss", "gae"], quick=True, log=lambda msg: None)
     got = {(r["shape"], r["mode"], r["provider"]) for r in rows}
     assert got == {(s, m, p) for s, m in (("bradley_terry_loss", "forward"), ("bradley_terry_loss", "full"),
-                                            ("gae", "forward")) for p in ("rmk-cpu", "kernels-cpu")}
+                                            ("gae", "forward")) for p in ("rmk-cpu", "kernels-cpu", "rmk-cpu-nochecks")}
     lines = report._overhead_targets(rows, judged=False)
-    assert len(lines) == 3 and all(line.startswith("| (information: ") for line in lines)
+    assert len(lines) == 6 and all(line.startswith("| (information: ") for line in lines)
+    assert sum("with the data checks off (as on a GPU)" in line and "| rmk-cpu-nochecks |" in line
+               for line in lines) == 3
+
+
+def test_overhead_bench_no_data_checks_provider_runs_without_them(monkeypatch):
+    """bench_overhead's ``-nochecks`` provider: the call with the data checks off (what a GPU
+    call runs). Inside it a call with an all-zero mask row gives NaN, as on a GPU; outside, the
+    CPU's data check raises."""
+    monkeypatch.syspath_prepend(ROOT)
+    import torch
+
+    import rmkernels as rmk
+    from benchmarks import bench_overhead
+
+    h, w = torch.randn(2, 3, 4), torch.randn(1, 4)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    with pytest.raises(ValueError, match="no valid token"):
+        rmk.last_token_reward(h, w, attention_mask=mask)
+    out = bench_overhead._without_data_checks(lambda: rmk.last_token_reward(h, w, attention_mask=mask))()
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+    with pytest.raises(ValueError, match="no valid token"):  # and on again after it
+        rmk.last_token_reward(h, w, attention_mask=mask)
 
 
 def test_overhead_targets_judge_the_call_on_a_gpu(monkeypatch):
@@ -379,5 +401,10 @@ def test_overhead_targets_judge_the_call_on_a_gpu(monkeypatch):
     lines = report._overhead_targets(rows, judged=True)
     assert [line.rsplit("|", 3)[-3:] for line in lines] == [
         [" 12.0 us ", " met ", ""], [" 20.0 us ", " MISSED ", ""], [" 80.0 us ", " - ", ""]]
+    # a CPU call with the data checks off is information, judged or not
+    cpu = [row("gae", "forward", "rmk-cpu-nochecks", 0.010), row("gae", "forward", "kernels-cpu", 0.008)]
+    (line,) = report._overhead_targets(cpu, judged=True)
+    assert line.startswith("| (information: the target is a GPU machine's) gae, the call with the data checks off")
+    assert line.endswith("| rmk-cpu-nochecks | 2.0 us | - |")
     assert "gae, the call" in lines[0] and "(8.0 us)" in lines[0] and "(information: not the target's call)" in lines[2]
     assert all(line.endswith("| - |") for line in report._overhead_targets(rows, judged=False))
