@@ -124,3 +124,16 @@ def test_gpu_check_extension_stage_on_cpu():
     for line in ("ok   libstdc++ of its own: none", "ok   huge_pages() = (",
                  "ok   cpu check message: rewards must be [B, T] = [3, 8], got [3, 9]"):
         assert line in proc.stdout, proc.stdout
+
+
+def test_gpu_check_static_libstdcxx_hint_matches_setup_message():
+    """gpu_check.sh tells a build refused for its own libstdc++ from any other failed build by a
+    phrase of setup.py's refusal message (``OwnLibstdcxx``): the phrase it greps build.log for must
+    be in that message, or a rewording there would silence the hint."""
+    script = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    (phrase,) = re.findall(r'grep -q "([^"]+)" "\$OUT/build\.log"', script)
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    m = re.search(r"raise OwnLibstdcxx\((.*?)\)\n", setup, re.S)
+    assert m, "setup.py no longer raises OwnLibstdcxx"
+    message = "".join(re.findall(r'f?"([^"]*)"', m.group(1)))
+    assert phrase in message, (phrase, message)
