@@ -583,6 +583,32 @@ def test_equal_rewards_give_exact_zeros(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+@pytest.mark.parametrize("layout", ["expanded", "transposed"])
+def test_equal_token_reward_rows_give_exact_zeros_in_any_layout(backend, device, layout):
+    """Equal rows of [B, T] token rewards score alike whatever the layout, so a group of them has
+    advantage exactly 0. torch sums the rows of a transposed or expanded float32 [B, T] across
+    rows, where the last rows round differently (B = 5, T = 7 here: the fifth row one ulp off),
+    and grpo divides that ulp by std + eps (found by the long fuzz profile: 0.0228 and -0.091
+    for a group of five equal rows, eps 1e-6)."""
+    skip_unless_available(backend, device)
+    gen = torch.Generator().manual_seed(0)
+    B, T = 5, 7
+    row = torch.randn(1, T, generator=gen) * torch.exp(torch.randn(1, T, generator=gen) * 3)
+    if layout == "expanded":
+        scores = row.to(device).expand(B, T)
+    else:
+        scores = row.repeat(B, 1).t().contiguous().t().to(device)
+    assert scores.stride(0) < scores.stride(1)
+    ids = torch.zeros(B, dtype=torch.int64, device=device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    for est in ESTIMATORS:
+        seq, adv = rmk.group_advantages(scores, ids, mask, estimator=est, eps=1e-6, unbiased=False,
+                                        backend=backend)
+        assert torch.equal(seq, torch.zeros_like(seq)), (est, seq)
+        assert torch.equal(adv, torch.zeros_like(adv)), est
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
 def test_empty_batches(backend, device):
     skip_unless_available(backend, device)
     for B, T in [(0, 5), (0, 0), (3, 0)]:

@@ -376,7 +376,8 @@ def group_advantages(scores, group_ids, mask=None, *, estimator="grpo", eps=DEFA
 
     Args:
         scores: ``[B]`` sequence rewards, or ``[B, T]`` token-level rewards (summed over all
-            T, as verl's ``token_level_rewards.sum(-1)``). Any float dtype.
+            T, as verl's ``token_level_rewards.sum(-1)``, in float32 for float32 / bf16 / fp16;
+            every row the same way in any layout, so equal rows get equal scores). Any float dtype.
         group_ids: ``[B]`` int32/int64 tensor, ids in ``[0, B)`` in any order, any group
             sizes (``rmk.group_ids(uids)`` makes them from labels); a numpy array / list of
             labels is mapped with ``rmk.group_ids`` first.
@@ -423,7 +424,16 @@ def group_advantages(scores, group_ids, mask=None, *, estimator="grpo", eps=DEFA
     be = _backend.resolve(backend, dev)
     scores = detached(scores)
     acc = acc_dtype(scores.dtype)
-    s = scores.sum(-1, dtype=acc) if scores.dim() == 2 else as_dtype(scores, acc)
+    if scores.dim() == 2:
+        if min(scores.shape) > 1 and scores.stride(0) <= scores.stride(1):
+            # Rows not outermost in memory (a transposed or expanded [B, T]): torch's float32 row
+            # sum then runs across rows, and a row's rounding depends on its position, so equal
+            # responses would score an ulp apart, which grpo's division by a group std near 0
+            # turns into advantages of ~0.1. The rows of a row-major copy are summed alike.
+            scores = scores.contiguous()
+        s = scores.sum(-1, dtype=acc)
+    else:
+        s = as_dtype(scores, acc)
     out = _group_advantages(s.contiguous(), gids, mask, estimator, eps, unbiased, single, f_norm, whiten_eps, be)
     return GroupAdvantages(*out)
 
