@@ -264,8 +264,9 @@ def block_readme_cost(root):
 
 def block_overhead(root):
     """Per public function: its call's host time, that of the kernel ops it reached (called
-    directly) and the difference, the call alone and with its backward, as the overhead run
-    measured them (``report.overhead_us``, which the report's targets use too)."""
+    directly) and the difference, the call alone (also with the data checks off, as a GPU call
+    runs) and with its backward, as the overhead run measured them (``report.overhead_us``, which
+    the report's targets use too)."""
     if root not in sys.path:
         sys.path.insert(0, root)
     from benchmarks import report
